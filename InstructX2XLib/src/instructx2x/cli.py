@@ -1,0 +1,200 @@
+"""``instructx2x``: edit, preview and inspect from the command line.
+
+It is also the Slicer module's worker: ``--progress jsonl`` prints one JSON object per line
+(``{"event": "progress", "step": 3, "total": 100}``, then ``done`` or ``error``), which the
+panel reads to drive its progress bar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from diffusers.utils import logging as diffusers_logging
+
+from . import __version__
+from .editor import EditParameters, InstructX2XEditor
+from .guidance import RegionMode
+from .image_io import read_image, read_mask
+from .outputs import UNTRAINED_NOTICE, atomic_output_dir, write_png_result
+from .pipeline import EditCancelled
+from .priors import PriorSet
+from .schedulers import SCHEDULERS
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger("instructx2x")
+
+MODEL_ENV = "INSTRUCTX2X_MODEL"
+EXIT_ERROR = 2
+EXIT_CANCELLED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests)."""
+    parser = argparse.ArgumentParser(prog="instructx2x", description=(
+        "Counterfactual chest X-ray editing with InstructX2X (Region-Specific Editing)."))
+    parser.add_argument("--version", action="version", version=f"instructx2x {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--model", default=os.environ.get(MODEL_ENV), help=(
+        f"diffusers directory, .ckpt/.safetensors file, or 'untrained-tiny' (default: ${MODEL_ENV})"))
+    model.add_argument("--allow-hub", action="store_true",
+                       help="allow downloading a hub model id (off: nothing is fetched)")
+    model.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    model.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    model.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS))
+    model.add_argument("--priors", type=Path, help="directory of exact pseudo masks (from "
+                       "instructx2x-train pseudo-masks); default: the shipped approximation")
+
+    job = argparse.ArgumentParser(add_help=False)
+    job.add_argument("input", type=Path, help="radiograph (PNG or JPEG; DICOM when supported)")
+    job.add_argument("-i", "--instruction", required=True,
+                     help='e.g. "Add the finding of pleural effusion"')
+    job.add_argument("-o", "--output", type=Path, required=True,
+                     help="output folder (must not exist)")
+    job.add_argument("--mode", default="rse", choices=[m.value for m in RegionMode])
+    job.add_argument("--tau", type=float, default=0.1)
+    job.add_argument("--relevance-timestep", type=int, default=800)
+    job.add_argument("--steps", type=int, default=100, dest="num_inference_steps")
+    job.add_argument("--guidance-scale", type=float, default=7.5, help="text guidance s_T")
+    job.add_argument("--image-guidance-scale", type=float, default=1.5, help="image guidance s_I")
+    job.add_argument("--eta", type=float, default=0.0)
+    job.add_argument("--seed", type=int, default=0)
+    job.add_argument("--resolution", type=int, default=512)
+    job.add_argument("--no-lateralize", action="store_true",
+                     help="do not narrow lung priors to the side the instruction names")
+    job.add_argument("--mask", type=Path, help="edit mask image (replaces the prior)")
+    job.add_argument("--keep-mask", type=Path, help="mask of what must never change")
+    job.add_argument("--progress", default="bar", choices=["bar", "jsonl", "none"])
+
+    commands.add_parser("edit", parents=[model, job], help="edit a radiograph")
+    commands.add_parser("preview", parents=[model, job],
+                        help="guidance maps and edit mask only (fast: no denoising)")
+    commands.add_parser("info", parents=[model], help="model, device and versions")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    diffusers_logging.set_verbosity_error()  # dtype-cast notices are noise for CLI users
+    emit = _emitter(getattr(args, "progress", "none"))
+    try:
+        if args.model is None:
+            raise ValueError(f"no model given: pass --model DIR|FILE (or set ${MODEL_ENV}); "
+                             "'--model untrained-tiny' runs a random-weight test model.")
+        editor = InstructX2XEditor.from_model(args.model, device=args.device, dtype=args.dtype,
+                                              scheduler=args.scheduler, allow_hub=args.allow_hub)
+        if args.priors is not None:
+            editor.pipeline.prior_set = PriorSet.from_directory(args.priors)
+        if args.command == "info":
+            print(json.dumps(_info(editor), indent=2))
+            return 0
+        return _run_job(args, editor, emit)
+    except KeyboardInterrupt:
+        emit({"event": "cancelled"})
+        print("cancelled: nothing was written.", file=sys.stderr)
+        return EXIT_CANCELLED
+    except EditCancelled as error:
+        emit({"event": "cancelled"})
+        print(f"cancelled: {error}; nothing was written.", file=sys.stderr)
+        return EXIT_CANCELLED
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotImplementedError) as error:
+        emit({"event": "error", "message": str(error)})
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _run_job(args: argparse.Namespace, editor: InstructX2XEditor, emit) -> int:
+    if args.output.exists():
+        raise FileExistsError(f"output folder {args.output} already exists; choose a new one.")
+    parameters = EditParameters(
+        instruction=args.instruction, region_mode=args.mode, tau=args.tau,
+        relevance_timestep=args.relevance_timestep, num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale,
+        eta=args.eta, seed=args.seed, resolution=args.resolution,
+        lateralize_prior=not args.no_lateralize)
+    image = read_image(args.input)
+    shape = image.pixels.shape
+    mask = None if args.mask is None else read_mask(args.mask, shape)
+    keep = None if args.keep_mask is None else read_mask(args.keep_mask, shape)
+    if not editor.model_info.trained:
+        print(f"WARNING: {UNTRAINED_NOTICE}", file=sys.stderr)
+    emit({"event": "started", "command": args.command, "total": parameters.num_inference_steps})
+    if args.command == "preview":
+        result = editor.preview(image, parameters, mask, keep)
+    else:
+        with _progress_reporter(args.progress, parameters.num_inference_steps, emit) as report:
+            result = editor.edit(image, parameters, mask, keep, progress=report)
+    with atomic_output_dir(args.output) as staging:
+        files = write_png_result(staging, image, result)
+    summary = {"event": "done", "output": str(args.output), "files": [f.name for f in files],
+               "prior": result.manifest["prior"], "edit_fraction": result.manifest["edit_fraction"],
+               "untrained": result.untrained}
+    emit(summary)
+    if args.progress != "jsonl":
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+class _progress_reporter:
+    """A tqdm bar (``bar``), JSON lines (``jsonl``) or nothing, as a step callback."""
+
+    def __init__(self, kind: str, total: int, emit) -> None:
+        self.kind, self.total, self.emit, self.bar = kind, total, emit, None
+
+    def __enter__(self):
+        if self.kind == "bar":
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, desc="denoising", unit="step", file=sys.stderr)
+        return self.report
+
+    def report(self, step: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+        elif self.kind == "jsonl":
+            self.emit({"event": "progress", "step": step, "total": total})
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _emitter(kind: str):
+    if kind != "jsonl":
+        return lambda event: None
+
+    def emit(event: dict) -> None:
+        print(json.dumps(event, default=str), flush=True)
+    return emit
+
+
+def _info(editor: InstructX2XEditor) -> dict:
+    import diffusers
+    import torch
+    import transformers
+
+    prior_set = editor.pipeline.prior_set or PriorSet.default()
+    return {
+        "instructx2x": __version__,
+        "model": editor.model_info.to_dict(),
+        "device": str(editor.device),
+        "dtype": str(editor.dtype).replace("torch.", ""),
+        "cuda_available": torch.cuda.is_available(),
+        "scheduler": type(editor.pipeline.scheduler).__name__,
+        "priors": {"version": prior_set.version, "source": prior_set.source},
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__},
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

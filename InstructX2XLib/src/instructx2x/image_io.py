@@ -1,0 +1,173 @@
+"""Reading radiographs: one front door, ``read_image``, over pluggable readers.
+
+Each reader turns a file into a ``Radiograph``: display-ready grayscale in ``[0, 1]`` plus
+what was done to get there. PNG and JPEG are built in (research use); the DICOM reader
+registers itself the same way, so callers never care which format came in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+__all__ = ["Radiograph", "ImageReadError", "register_reader", "read_image", "read_mask",
+           "MAX_PIXELS"]
+
+# Memory guard: 10^8 pixels is ~10k x 10k, larger than any detector.
+MAX_PIXELS = 100_000_000
+
+
+class ImageReadError(ValueError):
+    """A file exists but is not a readable 2-D radiograph."""
+
+
+@dataclasses.dataclass
+class Radiograph:
+    """A radiograph ready for editing.
+
+    Attributes
+    ----------
+    pixels: numpy.ndarray
+        float32 ``(rows, columns)`` in ``[0, 1]``, brighter = more attenuation.
+    source: str
+        File name (no directories, so that logs never carry a patient's folder names).
+    sha256: str
+        Hash of the file's bytes: the input's identity in manifests.
+    format: str
+        ``png``, ``jpeg`` or ``dicom``.
+    bits: int
+        Bit depth of the stored values (8 or 16 for PNG).
+    transforms: list[str]
+        Every intensity change applied while reading, in order.
+    metadata: dict
+        Format-specific extras (the DICOM reader keeps its dataset here).
+    """
+
+    pixels: np.ndarray
+    source: str
+    sha256: str
+    format: str
+    bits: int
+    transforms: list[str] = dataclasses.field(default_factory=list)
+    metadata: dict = dataclasses.field(default_factory=dict)
+
+    def identity(self) -> dict:
+        """What manifests record about the input (no pixel data, no patient data)."""
+        rows, columns = self.pixels.shape
+        return {"source": self.source, "sha256": self.sha256, "format": self.format,
+                "rows": rows, "columns": columns, "bits": self.bits,
+                "transforms": list(self.transforms)}
+
+
+Reader = Callable[[Path, bytes], Radiograph]
+_READERS: list[tuple[str, Callable[[Path, bytes], bool], Reader]] = []
+
+
+def register_reader(name: str, accepts: Callable[[Path, bytes], bool], reader: Reader) -> None:
+    """Add a reader; ``accepts(path, head)`` sees the path and the file's first 132 bytes."""
+    _READERS.append((name, accepts, reader))
+
+
+def read_image(path: str | Path) -> Radiograph:
+    """Read a radiograph with the first reader that accepts the file.
+
+    Raises
+    ------
+    FileNotFoundError
+        When the file does not exist.
+    ImageReadError
+        When no reader accepts it, or the accepting reader cannot decode it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input image not found: {path.name}")
+    with open(path, "rb") as handle:
+        head = handle.read(132)
+    for _, accepts, reader in _READERS:
+        if accepts(path, head):
+            return reader(path, head)
+    raise ImageReadError(f"{path.name}: not a supported image (PNG, JPEG"
+                         f"{', DICOM' if any(n == 'dicom' for n, _, _ in _READERS) else ''}).")
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_size(rows: int, columns: int, name: str) -> None:
+    """Refuse images too small for the model or too large for memory."""
+    if rows < 8 or columns < 8:
+        raise ImageReadError(f"{name}: {rows}x{columns} pixels is too small (at least 8x8).")
+    if rows * columns > MAX_PIXELS:
+        raise ImageReadError(f"{name}: {rows}x{columns} pixels exceeds the limit of "
+                             f"{MAX_PIXELS} pixels.")
+
+
+def _read_raster(path: Path, head: bytes) -> Radiograph:
+    """PNG / JPEG: 8- or 16-bit grayscale, or RGB(A) converted to luminance."""
+    try:
+        with Image.open(path) as image:
+            check_size(image.height, image.width, path.name)
+            image.load()
+            fmt = image.format.lower()
+            mode = image.mode
+            transforms: list[str] = []
+            if mode in ("I;16", "I;16B", "I;16L", "I"):
+                array = np.asarray(image, dtype=np.float32)
+                bits = 16
+                scale = 65535.0
+            elif mode in ("L", "1", "P", "LA"):
+                array = np.asarray(image.convert("L"), dtype=np.float32)
+                bits, scale = 8, 255.0
+            elif mode in ("RGB", "RGBA"):
+                rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+                if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]):
+                    array = rgb[..., 0]
+                else:
+                    array = np.asarray(image.convert("L"), dtype=np.float32)
+                    transforms.append("RGB converted to luminance (ITU-R 601-2)")
+                bits, scale = 8, 255.0
+            else:
+                raise ImageReadError(f"{path.name}: image mode {mode!r} is not a 2-D grayscale "
+                                     "or RGB image.")
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ImageReadError(f"{path.name}: cannot decode the image ({error}).") from error
+    if array.ndim != 2:
+        raise ImageReadError(f"{path.name}: expected a 2-D image, got shape {array.shape}.")
+    return Radiograph(np.clip(array / scale, 0.0, 1.0).astype(np.float32), path.name,
+                      file_sha256(path), "jpeg" if fmt in ("jpeg", "mpo") else fmt, bits,
+                      transforms)
+
+
+def _is_raster(path: Path, head: bytes) -> bool:
+    return head.startswith(b"\x89PNG\r\n\x1a\n") or head.startswith(b"\xff\xd8\xff")
+
+
+register_reader("raster", _is_raster, _read_raster)
+
+
+def read_mask(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
+    """Read a binary mask image (any non-zero pixel is inside) that must match ``shape``.
+
+    Raises
+    ------
+    FileNotFoundError
+        When the file is missing.
+    ImageReadError
+        When it cannot be decoded, is not 2-D, or its size differs from ``shape``.
+    """
+    radiograph = read_image(path)
+    if radiograph.pixels.shape != tuple(shape):
+        raise ImageReadError(f"mask {radiograph.source} is {radiograph.pixels.shape[0]}x"
+                             f"{radiograph.pixels.shape[1]} but the image is {shape[0]}x{shape[1]}.")
+    return radiograph.pixels > 0

@@ -1,0 +1,479 @@
+"""InstructX2X: InstructPix2Pix with Region-Specific Editing (SPEC section 2).
+
+The whole sampler lives in this file, readable top to bottom: relevance map, prior, guidance
+map, threshold, denoising from the noised input latent with same-noise re-noising outside the
+mask, decode and pixel composite. The numeric helpers are pure functions in ``guidance.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import BaseOutput, logging, replace_example_docstring
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from . import guidance
+from .guidance import RegionMode
+from .instructions import parse_instruction
+from .priors import PriorSelection, PriorSet
+
+__all__ = ["InstructX2XPipeline", "InstructX2XPipelineOutput", "EditCancelled"]
+
+logger = logging.get_logger(__name__)
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from PIL import Image
+        >>> from instructx2x import InstructX2XPipeline
+
+        >>> pipe = InstructX2XPipeline.from_pretrained("path/to/Ix2x_V1_4500")
+        >>> xray = Image.open("chest_pa.png").convert("RGB").resize((512, 512))
+        >>> out = pipe("Add the finding of pleural effusion", image=xray,
+        ...            generator=torch.Generator().manual_seed(0))
+        >>> out.images[0].save("edited.png")
+        >>> out.prior.reason
+        'pseudo mask of Pleural Effusion'
+        ```
+"""
+
+ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
+
+
+class EditCancelled(InterruptedError):
+    """The caller interrupted the denoising loop; nothing was produced."""
+
+
+@dataclasses.dataclass
+class InstructX2XPipelineOutput(BaseOutput):
+    """Output of `InstructX2XPipeline`.
+
+    Args:
+        images (`list[PIL.Image.Image]`, `np.ndarray`, `torch.Tensor` or `None`):
+            The edited images at the input's size, `None` when `guidance_only=True`.
+        edit_masks (`torch.Tensor`):
+            Binary pixel-space edit masks `m_px`, `(B, 1, H, W)`; pixels where it is 0 equal the input.
+        latent_edit_masks (`torch.Tensor`):
+            Binary latent-space edit masks `m`, `(B, 1, H/8, W/8)`.
+        guidance_maps (`torch.Tensor`):
+            Guidance maps `G` in pixel space, `(B, 1, H, W)` in `[0, 1]`.
+        relevance_maps (`torch.Tensor` or `None`):
+            Relevance maps `R` in pixel space; `None` in the `prior` and `none` modes.
+        prior_masks (`torch.Tensor` or `None`):
+            The prior (or user) masks `M` in pixel space; `None` in the `relevance` and `none` modes.
+        prior (`PriorSelection` or `None`):
+            Which prior was used and why (categories, full-image fallback reason).
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None
+    edit_masks: torch.Tensor
+    latent_edit_masks: torch.Tensor
+    guidance_maps: torch.Tensor
+    relevance_maps: torch.Tensor | None
+    prior_masks: torch.Tensor | None
+    prior: PriorSelection | None
+
+
+class InstructX2XPipeline(DiffusionPipeline):
+    r"""
+    Pipeline for local, instruction-driven editing of chest radiographs (InstructX2X).
+
+    Args:
+        vae ([`AutoencoderKL`]):
+            KL-f8 autoencoder; its latent mode conditions the UNet, its samples are the start point.
+        text_encoder ([`~transformers.CLIPTextModel`]):
+            Frozen CLIP ViT-L/14 text encoder.
+        tokenizer ([`~transformers.CLIPTokenizer`]):
+            The CLIP tokenizer.
+        unet ([`UNet2DConditionModel`]):
+            InstructPix2Pix UNet with 8 input channels (4 noisy latent + 4 image latent).
+        scheduler ([`SchedulerMixin`]):
+            Any diffusers scheduler with `add_noise`; the authors use DDIM (`make_scheduler("ddim")`).
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components: list[str] = []
+    # "source_latents" and "noise" let a callback check the re-noising outside the mask.
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "image_latents", "mask", "source_latents", "noise"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+    ):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                              scheduler=scheduler)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.mask_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor,
+                                                do_normalize=False, do_binarize=True,
+                                                do_convert_grayscale=True)
+        self.prior_set: PriorSet | None = None  # loaded on first use; assign to swap sets
+        self._interrupt = False
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` from a step callback to stop the loop."""
+        return self._interrupt
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        prompt: str,
+        image: ImageInput,
+        mask_image: ImageInput | None = None,
+        keep_mask_image: ImageInput | None = None,
+        prior_mask: ImageInput | None = None,
+        region_mode: RegionMode | str = RegionMode.RSE,
+        tau: float = 0.1,
+        lateralize_prior: bool = True,
+        relevance_timestep: int = 800,
+        num_inference_steps: int = 100,
+        guidance_scale: float = 7.5,
+        image_guidance_scale: float = 1.5,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        guidance_only: bool = False,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+    ) -> InstructX2XPipelineOutput | tuple:
+        r"""
+        Edit one radiograph as the instruction says, only inside the guidance mask.
+
+        Args:
+            prompt (`str`):
+                The edit instruction, e.g. "Add the finding of pleural effusion".
+            image (`PIL.Image.Image`, `np.ndarray` or `torch.Tensor`):
+                The radiograph, values in `[0, 1]` (tensor `(1, C, H, W)` or `(H, W)`, C in {1, 3}),
+                height and width multiples of 8. Grayscale is repeated to 3 channels for the VAE.
+            mask_image (*optional*):
+                A user edit mask of the image's size; replaces the anatomical prior `M`.
+            keep_mask_image (*optional*):
+                A mask of what must never change; it wins over every other mask.
+            prior_mask (*optional*):
+                An explicit prior `M`; by default the union of the priors of the findings in `prompt`.
+            region_mode (`str`, defaults to `"rse"`):
+                `"rse"` (relevance x prior), `"relevance"`, `"prior"` or `"none"` (whole image).
+            tau (`float`, defaults to 0.1):
+                Threshold on the guidance map, in `[0, 1]`.
+            lateralize_prior (`bool`, defaults to `True`):
+                Narrow lung priors to the side the instruction names (patient's left = image right on PA).
+            relevance_timestep (`int`, defaults to 800):
+                Timestep `t_rel` at which the relevance map is computed.
+            num_inference_steps (`int`, defaults to 100):
+                Denoising steps.
+            guidance_scale (`float`, defaults to 7.5):
+                Text guidance `s_T`.
+            image_guidance_scale (`float`, defaults to 1.5):
+                Image guidance `s_I`.
+            eta (`float`, defaults to 0.0):
+                DDIM eta; other schedulers ignore it.
+            generator (`torch.Generator`, *optional*):
+                The one source of randomness (VAE sample, noise, stochastic schedulers).
+            guidance_only (`bool`, defaults to `False`):
+                Stop after the guidance map (one UNet call, one VAE encode): a cheap preview for tuning `tau`.
+            output_type (`str`, defaults to `"pil"`):
+                `"pil"`, `"np"` (`(B, H, W, C)` float) or `"pt"` (`(B, C, H, W)` float).
+            return_dict (`bool`, defaults to `True`):
+                Return an [`InstructX2XPipelineOutput`] instead of a tuple.
+            callback_on_step_end (`Callable`, *optional*):
+                Called as `callback(pipe, step, timestep, callback_kwargs)` after every step; it may return
+                modified tensors and set `pipe._interrupt = True` to cancel.
+            callback_on_step_end_tensor_inputs (`list[str]`):
+                Tensors passed to the callback, from `_callback_tensor_inputs`.
+
+        Examples:
+
+        Returns:
+            [`InstructX2XPipelineOutput`] or `tuple`: with `return_dict=False`, the output's fields in order.
+
+        Raises:
+            ValueError: an argument is out of range or masks do not match the image.
+            TypeError: an argument has the wrong type.
+            EditCancelled: the loop was interrupted.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+
+        # 0. Check inputs
+        region_mode = self.check_inputs(
+            prompt, image, region_mode, tau, relevance_timestep, num_inference_steps, guidance_scale,
+            image_guidance_scale, output_type, callback_on_step_end_tensor_inputs,
+        )
+        self._interrupt = False
+
+        # 1. Batch size and device
+        device = self._execution_device
+        model_dtype = self.unet.dtype
+
+        # 2. Encode the instruction. CFG batch order: (text+image, image only, nothing).
+        prompt_embeds = self.encode_prompt(prompt, device)
+
+        # 3. Preprocess the image and the masks (all at the image's size)
+        source = self._to_tensor(image, "image", channels=None).to(device)
+        height, width = source.shape[-2:]
+        pixels = self.image_processor.normalize(source.expand(-1, 3, -1, -1).to(model_dtype))
+        user_mask = self._load_mask(mask_image, "mask_image", (height, width), device)
+        keep_mask = self._load_mask(keep_mask_image, "keep_mask_image", (height, width), device)
+        if user_mask is not None and not user_mask.any():
+            raise ValueError("mask_image is empty: paint the region to edit, or pass no mask.")
+
+        # 4. Timesteps
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+
+        # 5. Image latents: mode for conditioning (unscaled), a scaled sample for the start point.
+        image_latents, source_latents = self.prepare_image_latents(pixels, generator)
+        # Image-conditioning batch [c, c, 0], matching the text batch [emb(T), emb(""), emb("")].
+        image_latents_cfg = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])
+        # One noise draw serves the relevance map, the start point and every re-noising.
+        noise = randn_tensor(source_latents.shape, generator=generator, device=device,
+                             dtype=torch.float32)
+        latent_size = tuple(source_latents.shape[-2:])
+
+        # 6. Relevance map R (one UNet call at t_rel), prior M, guidance map G, masks m.
+        relevance = None
+        if region_mode in (RegionMode.RSE, RegionMode.RELEVANCE):
+            relevance = self.compute_relevance(source_latents, noise, image_latents_cfg,
+                                               prompt_embeds, relevance_timestep)
+        prior, selection = None, None
+        if region_mode in (RegionMode.RSE, RegionMode.PRIOR):
+            prior, selection = self.resolve_prior(prompt, user_mask, prior_mask, (height, width), device,
+                                                  lateralize_prior)
+        relevance_px = None if relevance is None else guidance.resize_map(relevance, (height, width))
+        prior_latent = None if prior is None else guidance.resize_map(prior, latent_size)
+        guidance_latent = guidance.guidance_map(relevance, prior_latent, region_mode) \
+            if region_mode is not RegionMode.NONE else torch.ones(1, 1, *latent_size, device=device)
+        guidance_px = guidance.guidance_map(relevance_px, prior, region_mode) \
+            if region_mode is not RegionMode.NONE else torch.ones(1, 1, height, width, device=device)
+        keep_latent = None if keep_mask is None else guidance.resize_map(keep_mask, latent_size)
+        mask = guidance.combine_masks(guidance.threshold_mask(guidance_latent, tau), keep_latent)
+        mask_px = guidance.combine_masks(guidance.threshold_mask(guidance_px, tau), keep_mask)
+
+        if guidance_only:
+            self.maybe_free_model_hooks()
+            fields = (None, mask_px, mask, guidance_px, relevance_px, prior, selection)
+            return InstructX2XPipelineOutput(*fields) if return_dict else fields
+
+        # 7. Start from the input latent noised to the first timestep (not from pure noise).
+        latents = self.scheduler.add_noise(source_latents, noise, timesteps[:1])
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        blend = not bool(mask.all())
+
+        # 8. Denoising loop
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    raise EditCancelled(f"edit cancelled before step {i + 1} of {len(timesteps)}")
+                latent_model_input = self.scheduler.scale_model_input(torch.cat([latents] * 3), t)
+                latent_model_input = torch.cat([latent_model_input, image_latents_cfg.float()], dim=1)
+                noise_pred = self.unet(latent_model_input.to(model_dtype), t,
+                                       encoder_hidden_states=prompt_embeds, return_dict=False)[0].float()
+                noise_pred_text, noise_pred_image, noise_pred_uncond = noise_pred.chunk(3)
+                # eps = eps_u + s_T (eps_text - eps_img) + s_I (eps_img - eps_u)
+                noise_pred = (noise_pred_uncond
+                              + guidance_scale * (noise_pred_text - noise_pred_image)
+                              + image_guidance_scale * (noise_pred_image - noise_pred_uncond))
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs,
+                                              return_dict=False)[0]
+
+                # Outside the mask, the latents are the input re-noised with the same noise to the
+                # level the latents now have (the next timestep; the clean input after the last).
+                # Adapted from diffusers StableDiffusionInpaintPipeline.__call__ (4-channel branch).
+                if blend:
+                    if i < len(timesteps) - 1:
+                        background = self.scheduler.add_noise(source_latents, noise, timesteps[i + 1:i + 2])
+                    else:
+                        background = source_latents
+                    latents = mask * latents + (1.0 - mask) * background
+
+                if callback_on_step_end is not None:
+                    step_locals = locals()
+                    callback_kwargs = {name: step_locals[name] for name in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    image_latents = callback_outputs.pop("image_latents", image_latents)
+                    mask = callback_outputs.pop("mask", mask)
+                progress_bar.update()
+        if self.interrupt:
+            raise EditCancelled("edit cancelled after the last step")
+
+        # 9. Decode, then composite: pixels outside the mask are the input, bit for bit.
+        decoded = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor,
+                                  return_dict=False)[0]
+        decoded = self.image_processor.denormalize(decoded.float()).clamp(0, 1)
+        if source.shape[1] == 1:
+            decoded = decoded.mean(dim=1, keepdim=True)
+        edited = torch.where(mask_px > 0, decoded, source.float())
+        images = self._postprocess(edited, output_type)
+
+        # 10. Offload all models
+        self.maybe_free_model_hooks()
+
+        fields = (images, mask_px, mask, guidance_px, relevance_px, prior, selection)
+        return InstructX2XPipelineOutput(*fields) if return_dict else fields
+
+    def check_inputs(self, prompt, image, region_mode, tau, relevance_timestep, num_inference_steps,
+                     guidance_scale, image_guidance_scale, output_type,
+                     callback_on_step_end_tensor_inputs) -> RegionMode:
+        """Validate every argument before any model runs; returns the region mode as an enum."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"`prompt` must be a str (one instruction), got {type(prompt).__name__}.")
+        parse_instruction(prompt)  # empty or absurdly long instructions fail here
+        if image is None:
+            raise TypeError("`image` is required.")
+        try:
+            mode = RegionMode(region_mode)
+        except ValueError:
+            raise ValueError(f"`region_mode` must be one of {[m.value for m in RegionMode]}, "
+                             f"got {region_mode!r}.") from None
+        if not 0.0 <= float(tau) <= 1.0:
+            raise ValueError(f"`tau` must lie in [0, 1], got {tau}.")
+        train_steps = self.scheduler.config.num_train_timesteps
+        if not 0 <= int(relevance_timestep) < train_steps:
+            raise ValueError(f"`relevance_timestep` must lie in [0, {train_steps}), got {relevance_timestep}.")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
+        if guidance_scale < 0 or image_guidance_scale < 0:
+            raise ValueError(f"guidance scales must be >= 0, got guidance_scale={guidance_scale}, "
+                             f"image_guidance_scale={image_guidance_scale}.")
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"`output_type` must be 'pil', 'np' or 'pt', got {output_type!r}.")
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` has {unknown}; allowed: "
+                             f"{self._callback_tensor_inputs}.")
+        if self.unet.config.in_channels != 2 * self.vae.config.latent_channels:
+            raise ValueError(f"the UNet takes {self.unet.config.in_channels} input channels; InstructPix2Pix "
+                             f"needs {2 * self.vae.config.latent_channels} (noisy + image latents).")
+        return mode
+
+    def encode_prompt(self, prompt: str, device: torch.device) -> torch.Tensor:
+        """Text embeddings in CFG order ``[emb(prompt), emb(""), emb("")]``."""
+        tokens = self.tokenizer([prompt, ""], padding="max_length", truncation=True,
+                                max_length=self.tokenizer.model_max_length, return_tensors="pt")
+        if len(self.tokenizer(prompt).input_ids) > self.tokenizer.model_max_length:
+            logger.warning("The instruction is longer than %d tokens and was truncated.",
+                           self.tokenizer.model_max_length)
+        embeds = self.text_encoder(tokens.input_ids.to(device))[0].to(self.unet.dtype)
+        return torch.cat([embeds[:1], embeds[1:], embeds[1:]])
+
+    def prepare_image_latents(self, pixels: torch.Tensor, generator: torch.Generator | None):
+        """Encode once: the posterior mode conditions the UNet, a scaled sample is ``z0``."""
+        posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        image_latents = posterior.mode().to(self.unet.dtype)
+        source_latents = posterior.sample(generator).float() * self.vae.config.scaling_factor
+        return image_latents, source_latents
+
+    def compute_relevance(self, source_latents, noise, image_latents_cfg, prompt_embeds,
+                          relevance_timestep: int) -> torch.Tensor:
+        """One UNet call at ``t_rel`` on the CFG batch; ``R`` at latent size (SPEC step 3).
+
+        The noising uses the training schedule directly (``alphas_cumprod``), so it is the same
+        whichever sampler runs the denoising loop.
+        """
+        alphas_cumprod = self.scheduler.alphas_cumprod.to(source_latents.device, torch.float32)
+        alpha = alphas_cumprod[int(relevance_timestep)]
+        noisy = alpha.sqrt() * source_latents + (1 - alpha).sqrt() * noise
+        model_input = torch.cat([torch.cat([noisy] * 3), image_latents_cfg.float()], dim=1)
+        timestep = torch.tensor(int(relevance_timestep), device=source_latents.device)
+        noise_pred = self.unet(model_input.to(self.unet.dtype), timestep,
+                               encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+        noise_pred_text, noise_pred_image, _ = noise_pred.chunk(3)
+        return guidance.relevance_map(noise_pred_text, noise_pred_image)
+
+    def resolve_prior(self, prompt: str, user_mask, prior_mask, size, device, lateralize: bool = True):
+        """``M``: the user's mask, else an explicit prior, else the instruction's pseudo masks."""
+        if user_mask is not None:
+            selection = PriorSelection(user_mask[0, 0].cpu().numpy(), (), False,
+                                       "user-defined edit mask", "user")
+            return user_mask, selection
+        if prior_mask is not None:
+            mask = self._to_tensor(prior_mask, "prior_mask", channels=1).to(device)
+            mask = guidance.resize_map((mask > 0.5).float(), size)
+            return mask, PriorSelection(mask[0, 0].cpu().numpy(), (), False, "explicit prior mask",
+                                        "explicit")
+        if self.prior_set is None:
+            self.prior_set = PriorSet.default()
+        selection = self.prior_set.select(parse_instruction(prompt), lateralize=lateralize)
+        if selection.full_image:
+            logger.warning("No anatomical prior applies (%s): editing with the full-image prior.",
+                           selection.reason)
+        mask = torch.from_numpy(selection.mask)[None, None].to(device)
+        return guidance.resize_map(mask, size), selection
+
+    def prepare_extra_step_kwargs(self, generator: torch.Generator | None, eta: float) -> dict[str, Any]:
+        """Pass ``eta`` and ``generator`` only to schedulers whose ``step`` takes them."""
+        parameters = set(inspect.signature(self.scheduler.step).parameters)
+        kwargs: dict[str, Any] = {}
+        if "eta" in parameters:
+            kwargs["eta"] = eta
+        if "generator" in parameters:
+            kwargs["generator"] = generator
+        return kwargs
+
+    def _load_mask(self, mask, name: str, size: tuple[int, int], device) -> torch.Tensor | None:
+        if mask is None:
+            return None
+        tensor = self._to_tensor(mask, name, channels=1)
+        if tuple(tensor.shape[-2:]) != tuple(size):
+            raise ValueError(f"`{name}` is {tuple(tensor.shape[-2:])} but the image is {tuple(size)}; "
+                             "masks must have the image's size.")
+        return (tensor > 0.5).float().to(device)
+
+    @staticmethod
+    def _to_tensor(value, name: str, channels: int | None) -> torch.Tensor:
+        """An image or mask as a float tensor ``(1, C, H, W)`` in ``[0, 1]``."""
+        if isinstance(value, PIL.Image.Image):
+            value = np.asarray(value.convert("L" if channels == 1 or value.mode in ("L", "I;16", "I", "F")
+                                             else "RGB"), dtype=np.float32) / 255.0
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+            if value.ndim == 3:
+                value = value.permute(2, 0, 1)
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"`{name}` must be a PIL image, numpy array or torch tensor, "
+                            f"got {type(value).__name__}.")
+        tensor = value.float()
+        while tensor.ndim < 4:
+            tensor = tensor.unsqueeze(0)
+        if tensor.ndim != 4 or tensor.shape[0] != 1 or tensor.shape[1] not in (1, 3):
+            raise ValueError(f"`{name}` must be one 2-D grayscale or RGB image, got shape "
+                             f"{tuple(value.shape)}.")
+        if channels == 1 and tensor.shape[1] == 3:
+            tensor = tensor.mean(dim=1, keepdim=True)
+        if not torch.isfinite(tensor).all() or tensor.min() < 0 or tensor.max() > 1:
+            raise ValueError(f"`{name}` values must be finite and lie in [0, 1].")
+        height, width = tensor.shape[-2:]
+        if name == "image" and (height % 8 or width % 8 or height < 8 or width < 8):
+            raise ValueError(f"`image` height and width must be multiples of 8, got {height}x{width}; "
+                             "resize it first (InstructX2XEditor does).")
+        return tensor
+
+    def _postprocess(self, images: torch.Tensor, output_type: str):
+        if output_type == "pt":
+            return images
+        array = images.permute(0, 2, 3, 1).cpu().numpy()
+        if output_type == "np":
+            return array
+        return [PIL.Image.fromarray((a[..., 0] if a.shape[-1] == 1 else a).__mul__(255).round().astype(np.uint8))
+                for a in array]
