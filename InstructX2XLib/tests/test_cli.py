@@ -1,0 +1,125 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from instructx2x.cli import main
+
+
+@pytest.fixture
+def png(tmp_path):
+    yy, xx = np.mgrid[0:72, 0:60]
+    pixels = (127 + 100 * np.sin(yy / 8) * np.cos(xx / 6)).astype(np.uint8)
+    path = tmp_path / "chest.png"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def args(png, out, *extra):
+    return ["edit", str(png), "-i", "Add the finding of right pleural effusion", "-o", str(out),
+            "--model", "untrained-tiny", "--steps", "2", "--resolution", "64",
+            "--progress", "none", *extra]
+
+
+def test_edit_writes_all_files(png, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(args(png, out)) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "edit_mask.png", "edited.png", "guidance.png", "guidance_overlay.png", "manifest.json"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["trained"] is False and "UNTRAINED" in manifest["notice"]
+    assert manifest["prior"]["laterality"] == "right"
+    assert Image.open(out / "edited.png").size == (60, 72)
+    assert Image.open(out / "guidance_overlay.png").mode == "RGB"
+    assert "UNTRAINED MODEL" in capsys.readouterr().err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_preview_writes_maps_only(png, tmp_path):
+    out = tmp_path / "preview"
+    assert main(["preview", *args(png, out)[1:]]) == 0
+    assert not (out / "edited.png").exists() and (out / "edit_mask.png").exists()
+
+
+def test_existing_output_is_never_touched(png, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(args(png, out)) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--tau", "1.5"], "tau"),
+    (["--steps", "0"], "num_inference_steps"),
+    (["--guidance-scale", "-2"], "guidance scales"),
+    (["--mask", "missing.png"], "not found"),
+])
+def test_bad_input_writes_nothing(png, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    assert main(args(png, out, *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [png]
+
+
+def test_unreadable_image_and_missing_model(tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    assert main(args(bad, tmp_path / "out")) == 2
+    assert "cannot decode" in capsys.readouterr().err
+    assert main(["edit", str(bad), "-i", "Add edema", "-o", str(tmp_path / "o"), "--model",
+                 str(tmp_path / "no-model")]) == 2
+    assert "model not found" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.png"]
+
+
+def test_unknown_scheduler_is_rejected(png, tmp_path):
+    with pytest.raises(SystemExit):
+        main(args(png, tmp_path / "out", "--scheduler", "magic"))
+
+
+def test_mask_of_wrong_size(png, tmp_path, capsys):
+    Image.fromarray(np.ones((10, 10), np.uint8) * 255).save(tmp_path / "mask.png")
+    assert main(args(png, tmp_path / "out", "--mask", str(tmp_path / "mask.png"))) == 2
+    assert "but the image is 72x60" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_jsonl_progress_protocol(png, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = args(png, out)
+    argv[argv.index("--progress") + 1] = "jsonl"
+    assert main(argv) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["event"] for e in events] == ["started", "progress", "progress", "done"]
+    assert events[2] == {"event": "progress", "step": 2, "total": 2}
+
+
+def test_info(capsys):
+    assert main(["info", "--model", "untrained-tiny", "--device", "cpu"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model"]["trained"] is False and info["device"] == "cpu"
+    assert info["priors"]["version"] == "approx-v1"
+
+
+def test_ctrl_c_stops_cleanly_and_writes_nothing(png, tmp_path):
+    out = tmp_path / "out"
+    argv = args(png, out, "--steps", "400")
+    argv[argv.index("--progress") + 1] = "jsonl"
+    process = subprocess.Popen([sys.executable, "-m", "instructx2x.cli", *argv],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:
+        if json.loads(line)["event"] == "progress":
+            break
+    process.send_signal(signal.SIGINT)
+    remaining, _ = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert '"cancelled"' in remaining
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chest.png"]

@@ -1,0 +1,108 @@
+import numpy as np
+import pytest
+
+from instructx2x import EditParameters, InstructX2XEditor, Radiograph
+from instructx2x.loading import ModelInfo
+
+INFO = ModelInfo("untrained-tiny", "untrained", "0" * 64, False)
+
+
+@pytest.fixture(scope="module")
+def editor(tiny_pipe):
+    return InstructX2XEditor(tiny_pipe, INFO, device="cpu", dtype="fp32")
+
+
+@pytest.fixture
+def radiograph():
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:90, 0:70]
+    pixels = (0.5 + 0.3 * np.sin(yy / 9) * np.cos(xx / 7) + 0.05 * rng.random((90, 70)))
+    return Radiograph(pixels.astype(np.float32), "phantom.png", "f" * 64, "png", 8)
+
+
+def params(**kwargs):
+    kwargs.setdefault("instruction", "Add the finding of pleural effusion")
+    kwargs.setdefault("num_inference_steps", 3)
+    kwargs.setdefault("resolution", 64)
+    return EditParameters(**kwargs)
+
+
+def test_result_has_input_geometry_and_untouched_outside(editor, radiograph):
+    result = editor.edit(radiograph, params(tau=0.3))
+    assert result.edited.shape == radiograph.pixels.shape == result.edit_mask.shape
+    assert result.guidance_map.shape == result.relevance_map.shape == radiograph.pixels.shape
+    outside = ~result.edit_mask
+    assert outside.any() and result.edit_mask.any()
+    assert np.array_equal(result.edited[outside], radiograph.pixels[outside])
+    assert result.untrained
+
+
+def test_manifest_records_everything_needed_to_reproduce(editor, radiograph):
+    result = editor.edit(radiograph, params(seed=7))
+    manifest = result.manifest
+    assert manifest["parameters"]["seed"] == 7 and manifest["parameters"]["tau"] == 0.1
+    assert manifest["model"]["sha256"] == INFO.sha256
+    assert manifest["input"]["sha256"] == "f" * 64 and manifest["input"]["rows"] == 90
+    assert manifest["prior"]["categories"] == ["Pleural Effusion"]
+    assert manifest["instruction"]["operation"] == "add"
+    assert manifest["scheduler"]["class"] == "DDIMScheduler"
+    assert manifest["timings_s"]["total"] > 0
+    again = editor.edit(radiograph, params(seed=7))
+    assert np.array_equal(result.edited, again.edited)
+
+
+def test_preview_has_maps_but_no_image(editor, radiograph):
+    preview = editor.preview(radiograph, params())
+    assert preview.edited is None and preview.manifest["kind"] == "guidance_preview"
+    assert np.array_equal(preview.edit_mask, editor.edit(radiograph, params()).edit_mask)
+
+
+def test_progress_is_reported_every_step(editor, radiograph):
+    steps = []
+    editor.edit(radiograph, params(num_inference_steps=4), progress=lambda s, t: steps.append((s, t)))
+    assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_user_and_keep_masks_at_input_size(editor, radiograph):
+    mask = np.zeros((90, 70), bool)
+    mask[10:60, 5:40] = True
+    keep = np.zeros((90, 70), bool)
+    keep[30:40, :] = True
+    result = editor.edit(radiograph, params(region_mode="prior"), mask=mask, keep_mask=keep)
+    assert not result.edit_mask[keep].any()
+    assert not result.edit_mask[~mask].any()
+    assert np.array_equal(result.edited[~result.edit_mask], radiograph.pixels[~result.edit_mask])
+
+
+@pytest.mark.parametrize("name,value,match", [
+    ("mask", np.ones((10, 10), bool), "mask"),
+    ("keep_mask", np.ones((90, 71), bool), "keep_mask"),
+    ("mask", np.zeros((90, 70), bool), "empty"),
+])
+def test_bad_masks(editor, radiograph, name, value, match):
+    with pytest.raises(ValueError, match=match):
+        editor.edit(radiograph, params(), **{name: value})
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"tau": 2.0}, "tau"), ({"num_inference_steps": 0}, "num_inference_steps"),
+    ({"guidance_scale": -1.0}, "guidance"), ({"resolution": 100}, "resolution"),
+    ({"region_mode": "all"}, "all"), ({"instruction": ""}, "empty"), ({"seed": -1}, "seed"),
+])
+def test_bad_parameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        params(**kwargs)
+
+
+def test_bf16_cpu_path_runs_and_keeps_outside(tiny_pipe, radiograph):
+    from instructx2x.untrained import build_untrained_pipeline
+
+    bf16 = InstructX2XEditor(build_untrained_pipeline(), INFO, device="cpu", dtype="bf16")
+    result = bf16.edit(radiograph, params(tau=0.3))
+    assert np.isfinite(result.edited).all()
+    assert np.array_equal(result.edited[~result.edit_mask], radiograph.pixels[~result.edit_mask])
+
+
+def test_fp16_on_cpu_is_refused(tiny_pipe):
+    with pytest.raises(ValueError, match="fp16"):
+        InstructX2XEditor(tiny_pipe, INFO, device="cpu", dtype="fp16")

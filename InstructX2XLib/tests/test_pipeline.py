@@ -1,0 +1,234 @@
+import pytest
+import torch
+
+from instructx2x import guidance, make_scheduler
+from instructx2x.pipeline import EditCancelled
+
+from conftest import generator
+
+PROMPT = "Add the finding of pleural effusion"
+
+
+def run(pipe, image, seed=0, **kwargs):
+    kwargs.setdefault("num_inference_steps", 4)
+    kwargs.setdefault("output_type", "pt")
+    return pipe(kwargs.pop("prompt", PROMPT), image, generator=generator(seed), **kwargs)
+
+
+def test_same_seed_same_output_bit_for_bit(tiny_pipe, xray):
+    first, second = run(tiny_pipe, xray), run(tiny_pipe, xray)
+    assert torch.equal(first.images, second.images)
+    assert torch.equal(first.guidance_maps, second.guidance_maps)
+    assert not torch.equal(first.images, run(tiny_pipe, xray, seed=1).images)
+
+
+def test_global_rng_does_not_matter(tiny_pipe, xray):
+    torch.manual_seed(123)
+    first = run(tiny_pipe, xray)
+    torch.manual_seed(456)
+    assert torch.equal(first.images, run(tiny_pipe, xray).images)
+
+
+def test_pixels_outside_mask_equal_input(tiny_pipe, xray):
+    out = run(tiny_pipe, xray, tau=0.3)
+    outside = out.edit_masks == 0
+    assert outside.any() and (~outside).any()
+    assert torch.equal(out.images[outside], xray[outside])
+    assert not torch.equal(out.images[~outside], xray[~outside])
+
+
+def test_latents_outside_mask_are_renoised_input_after_every_step(tiny_pipe, xray):
+    seen = []
+
+    def record(pipe, step, timestep, tensors):
+        seen.append({k: v.clone() for k, v in tensors.items()})
+        return {}
+
+    steps = 5
+    out = run(tiny_pipe, xray, num_inference_steps=steps, tau=0.3, callback_on_step_end=record,
+              callback_on_step_end_tensor_inputs=["latents", "mask", "source_latents", "noise"])
+    timesteps = tiny_pipe.scheduler.timesteps
+    assert len(seen) == steps
+    for i, state in enumerate(seen):
+        outside = state["mask"].expand_as(state["latents"]) == 0
+        if i < steps - 1:
+            expected = tiny_pipe.scheduler.add_noise(state["source_latents"], state["noise"],
+                                                     timesteps[i + 1:i + 2])
+        else:
+            expected = state["source_latents"]
+        assert outside.any()
+        assert torch.allclose(state["latents"][outside], expected[outside], atol=1e-6)
+    assert torch.equal(seen[0]["mask"], out.latent_edit_masks)
+
+
+def test_start_point_is_noised_input_not_pure_noise(tiny_pipe, xray):
+    captured = {}
+
+    def first_input(module, args, kwargs):
+        captured.setdefault("sample", args[0].clone())
+
+    handle = tiny_pipe.unet.register_forward_pre_hook(first_input, with_kwargs=True)
+    try:
+        run(tiny_pipe, xray, region_mode="none", num_inference_steps=3)
+    finally:
+        handle.remove()
+    # With mode "none" there is no relevance call: the first UNet call is step 1, whose noisy
+    # latent (channels 0-3) is add_noise(z0, n, t0) for the same z0 and n as the relevance map.
+    sample = captured["sample"][0, :4]
+    tiny_pipe.scheduler.set_timesteps(3)
+    pixels = tiny_pipe.image_processor.normalize(xray.expand(-1, 3, -1, -1))
+    g = generator(0)
+    z0 = tiny_pipe.vae.encode(pixels).latent_dist.sample(g) * tiny_pipe.vae.config.scaling_factor
+    noise = torch.randn(z0.shape, generator=g)
+    expected = tiny_pipe.scheduler.add_noise(z0, noise, tiny_pipe.scheduler.timesteps[:1])[0]
+    assert torch.allclose(sample, expected, atol=1e-5)
+
+
+def test_relevance_map_comes_from_one_unet_call_at_t_rel(tiny_pipe, xray):
+    calls = []
+    handle = tiny_pipe.unet.register_forward_pre_hook(lambda m, a: calls.append(int(a[1])))
+    try:
+        out = run(tiny_pipe, xray, guidance_only=True, relevance_timestep=777)
+    finally:
+        handle.remove()
+    assert calls == [777]
+    assert out.images is None
+    # min-max normalised at latent size; the bilinear upsampling stays inside [0, 1]
+    assert out.relevance_maps.min() >= 0 and out.relevance_maps.max() <= 1
+    assert out.relevance_maps.max() - out.relevance_maps.min() > 0.5
+
+
+def test_preview_equals_the_edits_guidance(tiny_pipe, xray):
+    preview = run(tiny_pipe, xray, guidance_only=True)
+    edit = run(tiny_pipe, xray)
+    assert torch.equal(preview.edit_masks, edit.edit_masks)
+    assert torch.equal(preview.guidance_maps, edit.guidance_maps)
+
+
+def test_four_ablation_modes(tiny_pipe, xray):
+    tau = 0.2
+    rse = run(tiny_pipe, xray, region_mode="rse", tau=tau, guidance_only=True)
+    relevance = run(tiny_pipe, xray, region_mode="relevance", tau=tau, guidance_only=True)
+    prior = run(tiny_pipe, xray, region_mode="prior", tau=tau, guidance_only=True)
+    none = run(tiny_pipe, xray, region_mode="none", tau=tau)
+    assert torch.equal(relevance.edit_masks, (relevance.relevance_maps >= tau).float())
+    assert torch.equal(prior.edit_masks, (prior.prior_masks >= tau).float())
+    expected_rse = (rse.relevance_maps * rse.prior_masks >= tau).float()
+    assert torch.equal(rse.edit_masks, expected_rse)
+    # G = R x M <= R and <= M, so the RSE region lies inside both ablations' regions
+    assert (rse.edit_masks <= relevance.edit_masks).all() and (rse.edit_masks <= prior.edit_masks).all()
+    assert rse.edit_masks.sum() < relevance.edit_masks.sum()
+    assert none.edit_masks.min() == 1 and none.relevance_maps is None and none.prior_masks is None
+    assert prior.relevance_maps is None and relevance.prior_masks is None
+
+
+def test_tau_zero_edits_everywhere(tiny_pipe, xray):
+    assert run(tiny_pipe, xray, tau=0.0, guidance_only=True).edit_masks.min() == 1
+
+
+def test_prior_comes_from_the_instruction(tiny_pipe, xray):
+    out = run(tiny_pipe, xray, prompt="Add the finding of right pneumothorax", guidance_only=True,
+              region_mode="prior")
+    assert out.prior.categories == ("Pneumothorax",)
+    assert out.prior_masks[..., 33:].sum() == 0  # patient's right = image left
+    fallback = run(tiny_pipe, xray, prompt="Add the finding of scoliosis", guidance_only=True,
+                   region_mode="prior")
+    assert fallback.prior.full_image and "scoliosis" in fallback.prior.reason
+
+
+def test_user_mask_replaces_prior(tiny_pipe, xray):
+    user = torch.zeros(1, 1, 64, 64)
+    user[..., 8:40, 8:24] = 1
+    out = run(tiny_pipe, xray, mask_image=user, region_mode="prior")
+    assert torch.equal(out.edit_masks, user)
+    assert out.prior.reason == "user-defined edit mask"
+    assert torch.equal(out.images[user == 0], xray[user == 0])
+
+
+def test_keep_mask_wins_over_everything(tiny_pipe, xray):
+    keep = torch.zeros(1, 1, 64, 64)
+    keep[..., :, :20] = 1
+    out = run(tiny_pipe, xray, keep_mask_image=keep, region_mode="none")
+    assert out.edit_masks[keep == 1].max() == 0
+    assert torch.equal(out.images[keep == 1], xray[keep == 1])
+    assert out.latent_edit_masks[..., :, :3].max() == 0  # latent cells touching the keep region
+
+
+def test_scheduler_swap_keeps_the_invariants(tiny_pipe, xray):
+    original = tiny_pipe.scheduler
+    tiny_pipe.scheduler = make_scheduler("dpm++")
+    try:
+        out = run(tiny_pipe, xray, num_inference_steps=3)
+    finally:
+        tiny_pipe.scheduler = original
+    outside = out.edit_masks == 0
+    assert torch.equal(out.images[outside], xray[outside])
+    assert torch.isfinite(out.images).all()
+
+
+def test_rgb_and_pil_inputs(tiny_pipe, xray):
+    rgb = xray.expand(-1, 3, -1, -1).contiguous()
+    out = run(tiny_pipe, rgb)
+    assert out.images.shape == (1, 3, 64, 64)
+    pil = tiny_pipe(PROMPT, xray[0, 0].numpy(), num_inference_steps=2, generator=generator())
+    assert pil.images[0].size == (64, 64) and pil.images[0].mode == "L"
+
+
+def test_interrupt_raises_and_returns_nothing(tiny_pipe, xray):
+    def stop(pipe, step, timestep, tensors):
+        pipe._interrupt = True
+        return {}
+
+    with pytest.raises(EditCancelled):
+        run(tiny_pipe, xray, callback_on_step_end=stop)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"tau": 1.5}, ValueError, "tau"),
+    ({"tau": -0.1}, ValueError, "tau"),
+    ({"num_inference_steps": 0}, ValueError, "num_inference_steps"),
+    ({"guidance_scale": -1.0}, ValueError, "guidance scales"),
+    ({"image_guidance_scale": -0.5}, ValueError, "guidance scales"),
+    ({"region_mode": "everywhere"}, ValueError, "region_mode"),
+    ({"relevance_timestep": 1000}, ValueError, "relevance_timestep"),
+    ({"output_type": "latent"}, ValueError, "output_type"),
+    ({"callback_on_step_end_tensor_inputs": ["secret"]}, ValueError, "callback"),
+    ({"prompt": ""}, ValueError, "empty"),
+    ({"prompt": "a" * 1000}, ValueError, "characters"),
+    ({"prompt": ["a", "b"]}, TypeError, "prompt"),
+    ({"mask_image": torch.ones(1, 1, 32, 32)}, ValueError, "mask_image"),
+    ({"mask_image": torch.zeros(1, 1, 64, 64)}, ValueError, "empty"),
+    ({"keep_mask_image": torch.ones(1, 1, 63, 64)}, ValueError, "keep_mask_image"),
+])
+def test_bad_arguments_fail_before_any_model_call(tiny_pipe, xray, kwargs, error, match):
+    calls = []
+    handle = tiny_pipe.vae.register_forward_pre_hook(lambda *a: calls.append(1))
+    handle2 = tiny_pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(error, match=match):
+            run(tiny_pipe, xray, **kwargs)
+    finally:
+        handle.remove()
+        handle2.remove()
+    assert not calls or "mask" in str(kwargs)
+
+
+@pytest.mark.parametrize("image,match", [
+    (torch.rand(1, 1, 60, 64), "multiples of 8"),
+    (torch.rand(1, 4, 64, 64), "grayscale or RGB"),
+    (torch.rand(2, 1, 64, 64), "grayscale or RGB"),
+    (torch.rand(1, 1, 64, 64) * 3, r"\[0, 1\]"),
+    ("image.png", "PIL image"),
+])
+def test_bad_images(tiny_pipe, image, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        run(tiny_pipe, image)
+
+
+def test_wrong_unet_channels_are_refused(xray):
+    from instructx2x.untrained import build_untrained_pipeline
+
+    pipe = build_untrained_pipeline()
+    pipe.unet.register_to_config(in_channels=4)
+    with pytest.raises(ValueError, match="8"):
+        run(pipe, xray)
