@@ -19,7 +19,3 @@ def xray():
     g = torch.Generator().manual_seed(1)
     base = torch.rand(1, 1, 8, 8, generator=g)
     return torch.nn.functional.interpolate(base, size=(64, 64), mode="bilinear").clamp(0, 1)
-
-
-def generator(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)

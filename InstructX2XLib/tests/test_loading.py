@@ -4,7 +4,10 @@ import torch
 from instructx2x.loading import ModelLoadError, hash_modules, load_pipeline
 from instructx2x.untrained import build_untrained_pipeline
 
-from conftest import generator
+
+def generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +88,75 @@ def test_single_file_suffix_checked(tmp_path):
     path.write_bytes(b"x")
     with pytest.raises(ModelLoadError, match=".ckpt"):
         load_pipeline(path)
+
+
+@pytest.fixture(scope="module")
+def single_file_setup(tmp_path_factory):
+    """The tiny model as an original single-file checkpoint, plus its architecture configs."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from original_checkpoint import original_state_dict
+
+    root = tmp_path_factory.mktemp("single")
+    pipe = build_untrained_pipeline(seed=5)
+    state = original_state_dict(pipe)
+    save_file(state, root / "tiny-ip2p.safetensors")
+    torch.save({"state_dict": state, "global_step": 22000}, root / "tiny-ip2p.ckpt")
+    config = root / "config"
+    pipe.save_pretrained(config)
+    for component in ("unet", "vae", "text_encoder"):
+        for weights in (config / component).glob("*.safetensors"):
+            os.remove(weights)
+    return root, config, pipe
+
+
+@pytest.mark.parametrize("name", ["tiny-ip2p.safetensors", "tiny-ip2p.ckpt"])
+def test_single_file_checkpoint_converts_exactly(single_file_setup, xray, name):
+    root, config, reference = single_file_setup
+    loaded, info = load_pipeline(root / name, single_file_config=config)
+    assert info.source == "single_file" and info.name == name
+    for component in ("unet", "vae", "text_encoder"):
+        expected = getattr(reference, component).state_dict()
+        converted = getattr(loaded, component).state_dict()
+        assert expected.keys() == converted.keys()
+        assert all(torch.equal(expected[k], converted[k].reshape(expected[k].shape)) for k in expected)
+    kwargs = dict(num_inference_steps=2, output_type="pt")
+    assert torch.equal(loaded("Add edema", xray, generator=generator(), **kwargs).images,
+                       reference("Add edema", xray, generator=generator(), **kwargs).images)
+
+
+def test_pickled_code_is_never_executed(tmp_path, single_file_setup):
+    import os
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": Payload()}}, path)
+    with pytest.raises(ModelLoadError, match="evil.ckpt"):
+        load_pipeline(path, single_file_config=single_file_setup[1])
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_checkpoint_of_another_architecture(single_file_setup, tmp_path):
+    from safetensors.torch import save_file
+
+    root, config, pipe = single_file_setup
+    from original_checkpoint import original_state_dict
+
+    state = original_state_dict(pipe)
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    state[key] = state[key][:, :4].contiguous()  # a text-to-image SD UNet: 4 input channels
+    save_file(state, tmp_path / "sd.safetensors")
+    with pytest.raises(ModelLoadError, match="sd.safetensors"):
+        load_pipeline(tmp_path / "sd.safetensors", single_file_config=config)
+
+
+def test_truncated_checkpoint(single_file_setup, tmp_path):
+    root, config, _ = single_file_setup
+    (tmp_path / "cut.safetensors").write_bytes((root / "tiny-ip2p.safetensors").read_bytes()[:5000])
+    with pytest.raises(ModelLoadError, match="cut.safetensors"):
+        load_pipeline(tmp_path / "cut.safetensors", single_file_config=config)

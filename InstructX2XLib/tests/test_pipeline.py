@@ -4,7 +4,10 @@ import torch
 from instructx2x import guidance, make_scheduler
 from instructx2x.pipeline import EditCancelled
 
-from conftest import generator
+
+def generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
 
 PROMPT = "Add the finding of pleural effusion"
 

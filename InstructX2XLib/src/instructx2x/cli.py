@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("--model", default=os.environ.get(MODEL_ENV), help=(
         f"diffusers directory, .ckpt/.safetensors file, or 'untrained-tiny' (default: ${MODEL_ENV})"))
+    model.add_argument("--model-config", type=Path, help=(
+        "for a single-file checkpoint: directory with unet/, vae/, text_encoder/ config.json "
+        "(default: the shipped Stable Diffusion 1.x InstructPix2Pix configs)"))
     model.add_argument("--allow-hub", action="store_true",
                        help="allow downloading a hub model id (off: nothing is fetched)")
     model.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -91,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"no model given: pass --model DIR|FILE (or set ${MODEL_ENV}); "
                              "'--model untrained-tiny' runs a random-weight test model.")
         editor = InstructX2XEditor.from_model(args.model, device=args.device, dtype=args.dtype,
-                                              scheduler=args.scheduler, allow_hub=args.allow_hub)
+                                              scheduler=args.scheduler, allow_hub=args.allow_hub,
+                                              single_file_config=args.model_config)
         if args.priors is not None:
             editor.pipeline.prior_set = PriorSet.from_directory(args.priors)
         if args.command == "info":

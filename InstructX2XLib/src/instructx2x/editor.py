@@ -127,9 +127,11 @@ class InstructX2XEditor:
 
     @classmethod
     def from_model(cls, model: str, *, device: str = "auto", dtype: str = "auto",
-                   scheduler: str = "ddim", allow_hub: bool = False) -> "InstructX2XEditor":
+                   scheduler: str = "ddim", allow_hub: bool = False,
+                   single_file_config: str | None = None) -> "InstructX2XEditor":
         """Load weights (see ``loading.load_pipeline``) and place them on the device."""
-        pipeline, info = load_pipeline(model, allow_hub=allow_hub, scheduler=scheduler)
+        pipeline, info = load_pipeline(model, allow_hub=allow_hub, scheduler=scheduler,
+                                       single_file_config=single_file_config)
         if not info.trained:
             logger.warning("Model %s has random weights: its edits are meaningless noise.",
                            info.name)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import pickle
 from importlib import resources
 from pathlib import Path
 
@@ -89,8 +90,9 @@ def hash_modules(*modules: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def load_pipeline(model: str | Path, *, allow_hub: bool = False,
-                  scheduler: str = "ddim") -> tuple[InstructX2XPipeline, ModelInfo]:
+def load_pipeline(model: str | Path, *, allow_hub: bool = False, scheduler: str = "ddim",
+                  single_file_config: str | Path | None = None,
+                  ) -> tuple[InstructX2XPipeline, ModelInfo]:
     """Build the InstructX2X pipeline from weights on disk (or the hub, if allowed).
 
     Parameters
@@ -103,6 +105,10 @@ def load_pipeline(model: str | Path, *, allow_hub: bool = False,
         the user asks.
     scheduler: str
         Short scheduler name (see ``schedulers.SCHEDULERS``); DDIM as the authors run it.
+    single_file_config: str | pathlib.Path | None
+        For single-file checkpoints: a directory with ``unet/``, ``vae/`` and
+        ``text_encoder/`` ``config.json`` files describing the architecture. Default: the
+        Stable Diffusion 1.x InstructPix2Pix configs shipped with the package.
 
     Returns
     -------
@@ -127,7 +133,7 @@ def load_pipeline(model: str | Path, *, allow_hub: bool = False,
     if path.is_dir():
         pipe, info = _load_directory(path, scheduler_instance)
     elif path.is_file():
-        pipe, info = _load_single_file(path, scheduler_instance)
+        pipe, info = _load_single_file(path, scheduler_instance, single_file_config)
     elif allow_hub and not path.is_absolute() and str(model).count("/") == 1:
         pipe, info = _load_hub(str(model), scheduler_instance)
     else:
@@ -147,7 +153,7 @@ def _load_directory(path: Path, scheduler) -> tuple[InstructX2XPipeline, ModelIn
         unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
         vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True)
         text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
-    except (OSError, ValueError, RuntimeError, EnvironmentError) as error:
+    except (OSError, ValueError, RuntimeError) as error:
         raise ModelLoadError(f"cannot load the weights in {path.name}: {error}") from error
     if (path / "tokenizer").is_dir():
         tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
@@ -160,20 +166,25 @@ def _load_directory(path: Path, scheduler) -> tuple[InstructX2XPipeline, ModelIn
     return pipe, ModelInfo(path.name, "directory", hash_files(weight_files, path), True)
 
 
-def _load_single_file(path: Path, scheduler) -> tuple[InstructX2XPipeline, ModelInfo]:
+def _load_single_file(path: Path, scheduler, config: str | Path | None,
+                      ) -> tuple[InstructX2XPipeline, ModelInfo]:
     if path.suffix not in SINGLE_FILE_SUFFIXES:
         raise ModelLoadError(f"{path.name}: a single-file checkpoint must end in "
                              f"{' or '.join(SINGLE_FILE_SUFFIXES)}.")
     from diffusers import StableDiffusionInstructPix2PixPipeline
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     config_root = resources.files("instructx2x") / "resources" / "sd15_ip2p"
+    if config is not None and not Path(config).is_dir():
+        raise FileNotFoundError(f"single-file config directory not found: {config}")
     try:
-        with resources.as_file(config_root) as config_dir:
+        with resources.as_file(config_root if config is None else Path(config)) as config_dir:
             converted = StableDiffusionInstructPix2PixPipeline.from_single_file(
                 str(path), config=str(config_dir), local_files_only=True,
                 tokenizer=load_clip_tokenizer(), scheduler=scheduler, safety_checker=None,
                 feature_extractor=None, requires_safety_checker=False)
-    except (OSError, ValueError, RuntimeError, KeyError, EnvironmentError) as error:
+    except (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError,
+            SingleFileComponentError) as error:
         raise ModelLoadError(f"cannot convert the checkpoint {path.name}: {error}") from error
     pipe = InstructX2XPipeline(vae=converted.vae, text_encoder=converted.text_encoder,
                                tokenizer=converted.tokenizer, unet=converted.unet,

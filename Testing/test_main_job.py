@@ -1,0 +1,33 @@
+"""The README's main command, end to end, as a user runs it (fewer steps for CI time)."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "Resources" / "Samples" / "chest_pa.png"
+
+
+def test_main_command_edits_the_bundled_radiograph(tmp_path):
+    executable = shutil.which("instructx2x")
+    assert executable, "the instructx2x console script is not installed"
+    out = tmp_path / "demo"
+    completed = subprocess.run(
+        [executable, "edit", str(SAMPLE), "--model", "untrained-tiny", "-i",
+         "Add the finding of left pleural effusion", "-o", str(out), "--steps", "5"],
+        capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    assert "UNTRAINED MODEL" in completed.stderr
+    summary = json.loads(completed.stdout)
+    assert summary["prior"]["categories"] == ["Pleural Effusion"]
+    source = np.asarray(Image.open(SAMPLE))
+    edited = np.asarray(Image.open(out / "edited.png"))
+    mask = np.asarray(Image.open(out / "edit_mask.png")) > 0
+    assert edited.shape == source.shape
+    assert np.array_equal(edited[~mask], source[~mask])
+    # the patient's left is the image's right on a PA film
+    assert not mask[:, : source.shape[1] // 2].any() and mask.any()
