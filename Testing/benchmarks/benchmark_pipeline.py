@@ -1,0 +1,231 @@
+"""Speed of the InstructX2X pipeline against baselines run in the same process.
+
+Prints each figure as it is measured; the last line is one JSON object with all of them.
+
+Sections (targets from issue 2):
+  overhead    RSE edit vs diffusers' StableDiffusionInstructPix2PixPipeline, same tiny model,
+              steps and seed (target ratio <= 1.03).
+  preview     guidance preview vs a full 100-step edit (target ratio <= 0.05).
+  equivalence the fast CPU settings vs the paper's, on the tiny model: masks and mean
+              absolute difference of the edits.
+  sd15        an SD-1.5-size InstructPix2Pix (random weights, 859.5 M UNet parameters) at
+              512 px: our fast CPU path, measured end to end, vs the authors' configuration
+              (fp32, attention slicing, DDIM 100 steps), whose per-step time is measured and
+              multiplied out (a full run takes ~30 min on 2 cores). Targets: <= 60 s, >= 15x.
+  gpu         100-step edit seconds and peak memory when CUDA is present.
+
+Usage: python benchmark_pipeline.py [--sections overhead,preview,equivalence,sd15,gpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from importlib import resources
+
+import torch
+
+from instructx2x import make_scheduler
+from instructx2x.pipeline import InstructX2XPipeline
+from instructx2x.untrained import build_untrained_pipeline, load_clip_tokenizer
+
+PROMPT = "Add the finding of pleural effusion"
+FAST = {"scheduler": "dpm++", "num_inference_steps": 10}  # the fast CPU settings
+PAPER = {"scheduler": "ddim", "num_inference_steps": 100}
+
+
+def report(results: dict, key: str, value, unit: str = "") -> None:
+    results[key] = value
+    shown = f"{value:.4g}" if isinstance(value, float) else value
+    print(f"{key:<44} {shown} {unit}".rstrip(), flush=True)
+
+
+def smooth_image(size: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    base = torch.rand(1, 1, 8, 8, generator=g)
+    return torch.nn.functional.interpolate(base, size=(size, size), mode="bilinear").clamp(0, 1)
+
+
+def timed(function, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def section_overhead(results: dict) -> None:
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    ours = build_untrained_pipeline()
+    ours.set_progress_bar_config(disable=True)
+    theirs = StableDiffusionInstructPix2PixPipeline(
+        vae=ours.vae, text_encoder=ours.text_encoder, tokenizer=ours.tokenizer, unet=ours.unet,
+        scheduler=make_scheduler("ddim"), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    theirs.set_progress_bar_config(disable=True)
+    image = smooth_image(256)
+    steps = 100
+
+    def run_ours():
+        ours(PROMPT, image, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+             output_type="pt")
+
+    def run_theirs():
+        theirs(PROMPT, image=image.expand(-1, 3, -1, -1), num_inference_steps=steps,
+               generator=torch.Generator().manual_seed(0), output_type="pt")
+
+    run_ours(), run_theirs()  # warm-up
+    ours_s, theirs_s = [], []
+    for _ in range(3):  # alternate, so drifts of the machine hit both alike
+        ours_s.append(timed(run_ours, 1))
+        theirs_s.append(timed(run_theirs, 1))
+    report(results, "overhead.ours_rse_edit_s", statistics.median(ours_s), "s")
+    report(results, "overhead.diffusers_ip2p_s", statistics.median(theirs_s), "s")
+    report(results, "overhead.ratio", statistics.median(ours_s) / statistics.median(theirs_s),
+           "(target <= 1.03)")
+
+
+def section_preview(results: dict) -> None:
+    pipe = build_untrained_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    image = smooth_image(256)
+    kwargs = dict(num_inference_steps=100, output_type="pt")
+    preview = timed(lambda: pipe(PROMPT, image, guidance_only=True,
+                                 generator=torch.Generator().manual_seed(0), **kwargs), 3)
+    edit = timed(lambda: pipe(PROMPT, image, generator=torch.Generator().manual_seed(0), **kwargs), 3)
+    report(results, "preview.preview_s", preview, "s")
+    report(results, "preview.edit_100_steps_s", edit, "s")
+    report(results, "preview.ratio", preview / edit, "(target <= 0.05)")
+
+
+def section_equivalence(results: dict) -> None:
+    image = smooth_image(256)
+
+    def edit(settings: dict, dtype: torch.dtype):
+        pipe = build_untrained_pipeline()
+        pipe.scheduler = make_scheduler(settings["scheduler"])
+        pipe.set_progress_bar_config(disable=True)
+        pipe.to(dtype=dtype)
+        return pipe(PROMPT, image, num_inference_steps=settings["num_inference_steps"], tau=0.3,
+                    generator=torch.Generator().manual_seed(0), output_type="pt")
+
+    paper = edit(PAPER, torch.bfloat16)
+    fast = edit(FAST, torch.bfloat16)
+    paper_fp32 = edit(PAPER, torch.float32)
+    inside = paper.edit_masks > 0
+    report(results, "equivalence.mask_identical_fast_vs_paper",
+           bool(torch.equal(paper.edit_masks, fast.edit_masks)))
+    report(results, "equivalence.mad_inside_mask_fast_vs_paper",
+           float((paper.images - fast.images).abs()[inside].mean()), "(intensity 0-1)")
+    report(results, "equivalence.mad_inside_mask_bf16_vs_fp32",
+           float((paper.images - paper_fp32.images).abs()[inside].mean()), "(intensity 0-1)")
+    union = (paper.edit_masks + paper_fp32.edit_masks).clamp(max=1).sum()
+    report(results, "equivalence.mask_iou_bf16_vs_fp32",
+           float((paper.edit_masks * paper_fp32.edit_masks).sum() / union))
+
+
+def build_sd15_pipeline() -> InstructX2XPipeline:
+    """SD-1.5-size InstructPix2Pix components with random weights, from the shipped configs."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    root = resources.files("instructx2x") / "resources" / "sd15_ip2p"
+
+    def config(component):
+        return json.loads((root / component / "config.json").read_text())
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel.from_config(config("unet")).eval()
+        vae = AutoencoderKL.from_config(config("vae")).eval()
+        text_encoder = CLIPTextModel(CLIPTextConfig(**config("text_encoder"))).eval()
+    return InstructX2XPipeline(vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(),
+                               unet=unet, scheduler=make_scheduler("ddim"))
+
+
+def section_sd15(results: dict, baseline_steps: int) -> None:
+    pipe = build_sd15_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    report(results, "sd15.unet_parameters_millions",
+           sum(p.numel() for p in pipe.unet.parameters()) / 1e6, "M")
+    image = smooth_image(512)
+    pixels = pipe.image_processor.normalize(image.expand(-1, 3, -1, -1))
+
+    # The authors' configuration: fp32, attention slicing, DDIM. Time the parts of one edit:
+    # VAE encode, `baseline_steps` CFG-batch UNet calls, VAE decode; an edit is 101 UNet calls
+    # (100 steps + the relevance map).
+    pipe.unet.set_attention_slice("auto")
+    embeds = pipe.encode_prompt(PROMPT, torch.device("cpu"))
+    with torch.no_grad():
+        start = time.perf_counter()
+        posterior = pipe.vae.encode(pixels).latent_dist
+        encode_s = time.perf_counter() - start
+        latents = posterior.mode()
+        model_input = torch.cat([torch.cat([latents] * 3), torch.cat([latents] * 3)], dim=1)
+        step_s = []
+        for step in range(baseline_steps):
+            start = time.perf_counter()
+            pipe.unet(model_input, 500 - step, encoder_hidden_states=embeds)
+            step_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        pipe.vae.decode(latents / pipe.vae.config.scaling_factor)
+        decode_s = time.perf_counter() - start
+    per_step = statistics.median(step_s)
+    baseline = encode_s + decode_s + 101 * per_step
+    report(results, "sd15.paper_fp32_sliced_unet_step_s", per_step, "s")
+    report(results, "sd15.paper_fp32_vae_encode_decode_s", encode_s + decode_s, "s")
+    report(results, "sd15.paper_fp32_edit_s_extrapolated", baseline, "s")
+
+    # Our fast CPU path, measured end to end: bf16, SDPA attention (no slicing), DPM-Solver++.
+    pipe.unet.set_default_attn_processor()
+    pipe.scheduler = make_scheduler(FAST["scheduler"])
+    pipe.to(dtype=torch.bfloat16)
+    start = time.perf_counter()
+    pipe(PROMPT, image, num_inference_steps=FAST["num_inference_steps"],
+         generator=torch.Generator().manual_seed(0), output_type="pt")
+    fast = time.perf_counter() - start
+    report(results, "sd15.fast_bf16_dpmpp10_edit_s", fast, "s (target <= 60)")
+    report(results, "sd15.speedup", baseline / fast, "x (target >= 15)")
+
+
+def section_gpu(results: dict) -> None:
+    if not torch.cuda.is_available():
+        report(results, "gpu", "skipped: no CUDA device")
+        return
+    pipe = build_sd15_pipeline().to("cuda", torch.float16)
+    pipe.set_progress_bar_config(disable=True)
+    image = smooth_image(512).cuda()
+    run = lambda: pipe(PROMPT, image, num_inference_steps=100,  # noqa: E731
+                       generator=torch.Generator().manual_seed(0), output_type="pt")
+    run()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    run()
+    torch.cuda.synchronize()
+    report(results, "gpu.device", torch.cuda.get_device_name())
+    report(results, "gpu.edit_100_steps_s", time.perf_counter() - start, "s (target <= 1)")
+    report(results, "gpu.peak_memory_gib", torch.cuda.max_memory_allocated() / 2**30, "GiB (target <= 4)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sections", default="overhead,preview,equivalence,sd15,gpu")
+    parser.add_argument("--baseline-steps", type=int, default=2,
+                        help="UNet steps timed for the fp32 baseline (sd15 section)")
+    args = parser.parse_args()
+    results: dict = {"torch_threads": torch.get_num_threads()}
+    sections = {"overhead": section_overhead, "preview": section_preview,
+                "equivalence": section_equivalence, "gpu": section_gpu,
+                "sd15": lambda r: section_sd15(r, args.baseline_steps)}
+    for name in args.sections.split(","):
+        sections[name](results)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
