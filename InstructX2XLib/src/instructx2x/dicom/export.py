@@ -1,0 +1,72 @@
+"""Export one DICOM edit: composite at native resolution, build, validate, write atomically."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..editor import EditResult
+from ..image_io import Radiograph
+from ..outputs import atomic_output_dir
+from ..overlay import guidance_overlay
+from .native import composite_stored
+from .write import EditObjects, build_edit_objects
+
+__all__ = ["export_dicom_edit"]
+
+
+def export_dicom_edit(image: Radiograph, result: EditResult, output: Path, *,
+                      feather_px: int = 0) -> dict[str, Path]:
+    """Write the edit of a DICOM radiograph as a new series in the same study.
+
+    Parameters
+    ----------
+    image: Radiograph
+        Read by ``read_dicom`` (its metadata holds the dataset, stored values and mapping).
+    result: EditResult
+        ``InstructX2XEditor.edit`` of that image.
+    output: pathlib.Path
+        Folder to create (must not exist): ``counterfactual.dcm``, ``guidance_overlay.dcm``,
+        ``edit_region_seg.dcm`` and ``provenance.json`` appear there together or not at all.
+    feather_px: int
+        Blend band inside the mask, in original pixels.
+
+    Returns
+    -------
+    dict[str, pathlib.Path]
+        File name -> final path.
+
+    Raises
+    ------
+    ValueError
+        When the image is not DICOM, the result is a preview, or shapes disagree.
+    FileExistsError
+        When ``output`` exists.
+    """
+    if image.format != "dicom" or "dataset" not in image.metadata:
+        raise ValueError(f"{image.source} was not read from DICOM; use the PNG writer.")
+    if result.edited is None:
+        raise ValueError("a guidance preview has no counterfactual image to export.")
+    source = image.metadata["dataset"]
+    original = image.metadata["stored"]
+    stored = composite_stored(original, result.edited, result.edit_mask,
+                              image.metadata["mapping"], feather_px)
+    provenance = dict(result.manifest)
+    provenance["input"] = dict(provenance["input"],
+                               sop_instance_uid=image.metadata["sop_instance_uid"],
+                               warnings=list(image.metadata["warnings"]))
+    provenance["native"] = {"rows": int(source.Rows), "columns": int(source.Columns),
+                            "bits_stored": int(source.BitsStored),
+                            "photometric_interpretation": str(source.PhotometricInterpretation),
+                            "feather_px": feather_px,
+                            "outside_mask": "stored values copied from the original"}
+    overlay = guidance_overlay(image.pixels, result.guidance_map, result.edit_mask)
+    objects: EditObjects = build_edit_objects(source, stored, overlay, result.edit_mask, provenance)
+    provenance["objects"] = {name: {"sop_instance_uid": str(ds.SOPInstanceUID),
+                                    "series_instance_uid": str(ds.SeriesInstanceUID)}
+                             for name, ds in objects.named().items()}
+    with atomic_output_dir(output) as staging:
+        for name, dataset in objects.named().items():
+            dataset.save_as(staging / name, enforce_file_format=True)
+        (staging / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n")
+    return {name: Path(output) / name for name in [*objects.named(), "provenance.json"]}

@@ -1,0 +1,219 @@
+"""Build the DICOM objects of one edit with highdicom: strict, synthetic, traceable.
+
+Per edit, in the source's study:
+
+* series A (Modality OT): the counterfactual as a grayscale Secondary Capture at the source's
+  rows, columns, bit depth and photometric interpretation (instance 1), and the guidance map
+  over the image as an RGB Secondary Capture (instance 2);
+* series B (Modality SEG): the binary edit region as a DICOM Segmentation of the source.
+
+A series holds one modality, so the SEG cannot share series A. Every object says it is
+synthetic (ConversionType SYN, SeriesDescription, ImageComments) and carries the provenance
+manifest in a private block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import highdicom as hd
+import numpy as np
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+
+from .. import __version__
+
+__all__ = ["EditObjects", "build_edit_objects", "SERIES_DESCRIPTION", "PRIVATE_CREATOR",
+           "read_provenance"]
+
+SERIES_DESCRIPTION = "SYNTHETIC - NOT FOR DIAGNOSIS - InstructX2X"
+SEG_SERIES_DESCRIPTION = "SYNTHETIC EDIT REGION - InstructX2X"
+PRIVATE_CREATOR = "INSTRUCTX2X"
+PRIVATE_GROUP = 0x0071
+PROVENANCE_ELEMENT = 0x01
+MANUFACTURER = "InstructX2X"
+SC_SERIES_NUMBER = 9001
+SEG_SERIES_NUMBER = 9002
+
+
+@dataclasses.dataclass(frozen=True)
+class EditObjects:
+    """The three datasets of one edit."""
+
+    counterfactual: Dataset
+    overlay: Dataset
+    segmentation: Dataset
+
+    def named(self) -> dict[str, Dataset]:
+        """File name -> dataset, in writing order."""
+        return {"counterfactual.dcm": self.counterfactual, "guidance_overlay.dcm": self.overlay,
+                "edit_region_seg.dcm": self.segmentation}
+
+
+def build_edit_objects(source: Dataset, stored: np.ndarray, overlay_rgb: np.ndarray,
+                       edit_mask: np.ndarray, provenance: dict) -> EditObjects:
+    """Build the counterfactual SC, the overlay SC and the edit-region SEG.
+
+    Parameters
+    ----------
+    source: pydicom.Dataset
+        The original radiograph's dataset (pixel data not needed).
+    stored: numpy.ndarray
+        Counterfactual stored values, the source's shape and dtype (uint8 or uint16).
+    overlay_rgb: numpy.ndarray
+        uint8 ``(rows, columns, 3)``.
+    edit_mask: numpy.ndarray
+        bool ``(rows, columns)``.
+    provenance: dict
+        JSON-ready manifest; stored in every object.
+
+    Returns
+    -------
+    EditObjects
+
+    Raises
+    ------
+    ValueError
+        When shapes or dtypes disagree with the source, or the mask is empty.
+    NotImplementedError
+        For signed stored values, which Secondary Capture in highdicom does not take.
+    """
+    rows, columns = int(source.Rows), int(source.Columns)
+    if stored.shape != (rows, columns):
+        raise ValueError(f"stored pixels {stored.shape} must match the source ({rows}, {columns}).")
+    if overlay_rgb.shape != (rows, columns, 3) or overlay_rgb.dtype != np.uint8:
+        raise ValueError(f"overlay must be uint8 ({rows}, {columns}, 3), got {overlay_rgb.dtype} "
+                         f"{overlay_rgb.shape}.")
+    if edit_mask.shape != (rows, columns):
+        raise ValueError(f"edit mask {edit_mask.shape} must match the source ({rows}, {columns}).")
+    if not edit_mask.any():
+        raise ValueError("the edit mask is empty: there is no edit region to export.")
+    if int(source.get("PixelRepresentation", 0)) == 1:
+        raise NotImplementedError("signed stored values cannot be written as Secondary Capture.")
+    if stored.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"stored pixels must be uint8 or uint16, got {stored.dtype}.")
+
+    reference = _reference_dataset(source)
+    orientation = _patient_orientation(source)
+    coordinates = {"coordinate_system": "PATIENT", "patient_orientation": orientation} \
+        if orientation else {"coordinate_system": None}
+    series_uid = hd.UID()
+    counterfactual = hd.sc.SCImage.from_ref_dataset(
+        reference, stored, str(source.PhotometricInterpretation), stored.dtype.itemsize * 8,
+        series_instance_uid=series_uid, series_number=SC_SERIES_NUMBER, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer=MANUFACTURER, **coordinates)
+    overlay = hd.sc.SCImage.from_ref_dataset(
+        reference, overlay_rgb, "RGB", 8, series_instance_uid=series_uid,
+        series_number=SC_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=2,
+        manufacturer=MANUFACTURER, **coordinates)
+    text = _summary(provenance)
+    _mark_synthetic_derivative(counterfactual, source, provenance, text + " Counterfactual image.")
+    _copy_grayscale_presentation(counterfactual, source)
+    _mark_synthetic_derivative(overlay, source, provenance, text + " Guidance map over the image.")
+
+    segmentation = hd.seg.Segmentation(
+        source_images=[reference], pixel_array=edit_mask[None].astype(bool),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[hd.seg.SegmentDescription(
+            segment_number=1, segment_label="InstructX2X edit region",
+            segmented_property_category=codes.cid7150.SpatialAndRelationalConcept,
+            segmented_property_type=codes.DCM.ImageRegion,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=hd.AlgorithmIdentificationSequence(
+                name="InstructX2X Region-Specific Editing", version=__version__,
+                family=codes.cid7162.ArtificialIntelligence))],
+        series_instance_uid=hd.UID(), series_number=SEG_SERIES_NUMBER, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer=MANUFACTURER, manufacturer_model_name="InstructX2X",
+        software_versions=__version__, device_serial_number="none",
+        series_description=SEG_SERIES_DESCRIPTION)
+    if orientation:
+        segmentation.PatientOrientation = list(orientation)  # General Image, Type 2C
+    segmentation.ContentDescription = "Region the counterfactual edit was allowed to change"
+    _add_provenance(segmentation, provenance)
+    return EditObjects(counterfactual, overlay, segmentation)
+
+
+def read_provenance(dataset: Dataset) -> dict:
+    """The provenance manifest stored in an object written by this module.
+
+    Raises
+    ------
+    ValueError
+        When the dataset has no InstructX2X provenance block.
+    """
+    try:
+        block = dataset.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
+        return json.loads(block[PROVENANCE_ELEMENT].value)
+    except KeyError as error:
+        raise ValueError("the dataset carries no InstructX2X provenance.") from error
+
+
+def _reference_dataset(source: Dataset) -> Dataset:
+    """The source header minus values that would make derived objects invalid.
+
+    Some CR writers put 0\\0 in PixelSpacing (RG1_UNCR.dcm does); a zero spacing is no
+    spacing, so it is dropped rather than copied into the SEG's pixel measures.
+    """
+    reference = source.copy()
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        if keyword in reference and not all(float(v) > 0 for v in reference[keyword].value):
+            del reference[keyword]
+    return reference
+
+
+def _patient_orientation(source: Dataset) -> tuple[str, str] | None:
+    value = source.get("PatientOrientation")
+    if value is None or len(value) != 2 or not all(value):
+        return None
+    return str(value[0]), str(value[1])
+
+
+def _summary(provenance: dict) -> str:
+    parameters = provenance.get("parameters", {})
+    model = provenance.get("model", {})
+    return (f"SYNTHETIC image made by InstructX2X {__version__}, NOT FOR DIAGNOSIS. "
+            f"Instruction: {parameters.get('instruction', '')!s}. Model {model.get('name', '')} "
+            f"sha256 {str(model.get('sha256', ''))[:16]}; seed {parameters.get('seed')}, "
+            f"steps {parameters.get('num_inference_steps')}, tau {parameters.get('tau')}.")
+
+
+def _mark_synthetic_derivative(dataset: Dataset, source: Dataset, provenance: dict,
+                               description: str) -> None:
+    """Attributes highdicom's SCImage leaves out or sets otherwise, by module."""
+    # SC Equipment: a synthetic image, not a digitised one (highdicom writes DI)
+    dataset.ConversionType = hd.sc.ConversionTypeValues.SYN.value
+    dataset.SecondaryCaptureDeviceManufacturer = MANUFACTURER
+    dataset.SecondaryCaptureDeviceManufacturerModelName = "InstructX2X"
+    dataset.SecondaryCaptureDeviceSoftwareVersions = __version__
+    # General Series
+    dataset.SeriesDescription = SERIES_DESCRIPTION
+    dataset.BodyPartExamined = str(source.get("BodyPartExamined", "") or "CHEST")
+    # General Image: derived from the source, synthetic, no burned-in patient text
+    dataset.ImageType = ["DERIVED", "SECONDARY"]
+    dataset.DerivationDescription = description[:1024]
+    dataset.ImageComments = description
+    dataset.BurnedInAnnotation = "NO"
+    dataset.LossyImageCompression = "00"
+    source_item = Dataset()
+    source_item.ReferencedSOPClassUID = source.SOPClassUID
+    source_item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    dataset.SourceImageSequence = [source_item]
+    _add_provenance(dataset, provenance)
+
+
+def _copy_grayscale_presentation(dataset: Dataset, source: Dataset) -> None:
+    """Image Pixel bit depth and VOI LUT of the source, so the result displays alike."""
+    dataset.BitsStored = int(source.BitsStored)
+    dataset.HighBit = int(source.BitsStored) - 1
+    for keyword in ("WindowCenter", "WindowWidth", "VOILUTFunction", "WindowCenterWidthExplanation",
+                    "VOILUTSequence", "RescaleIntercept", "RescaleSlope", "RescaleType"):
+        if keyword in source:
+            dataset[keyword] = source[keyword]
+    if "RescaleSlope" in dataset and "RescaleType" not in dataset:
+        dataset.RescaleType = "US"  # SC Image module: Type 1C when rescale is present
+
+
+def _add_provenance(dataset: Dataset, provenance: dict) -> None:
+    block = dataset.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+    block.add_new(PROVENANCE_ELEMENT, "UT", json.dumps(provenance, sort_keys=True, default=str))
