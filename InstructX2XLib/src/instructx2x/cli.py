@@ -17,9 +17,12 @@ from pathlib import Path
 from diffusers.utils import logging as diffusers_logging
 
 from . import __version__
-from .editor import EditParameters, InstructX2XEditor
+from .dicom.export import write_dicom_edit
+from .dicom.pacs import CStoreTarget, PacsError, push_cstore, push_stow
+from .dicom.read import read_dicom
+from .editor import ASPECT_MODES, EditParameters, InstructX2XEditor
 from .guidance import RegionMode
-from .image_io import read_image, read_mask
+from .image_io import Radiograph, is_dicom_file, read_image, read_mask
 from .outputs import UNTRAINED_NOTICE, atomic_output_dir, write_png_result
 from .pipeline import EditCancelled
 from .priors import PriorSet
@@ -56,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "instructx2x-train pseudo-masks); default: the shipped approximation")
 
     job = argparse.ArgumentParser(add_help=False)
-    job.add_argument("input", type=Path, help="radiograph (PNG or JPEG; DICOM when supported)")
+    job.add_argument("input", type=Path,
+                     help="radiograph: DICOM (CR, DX, SC) file or folder, or PNG/JPEG")
     job.add_argument("-i", "--instruction", required=True,
                      help='e.g. "Add the finding of pleural effusion"')
     job.add_argument("-o", "--output", type=Path, required=True,
@@ -74,7 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="do not narrow lung priors to the side the instruction names")
     job.add_argument("--mask", type=Path, help="edit mask image (replaces the prior)")
     job.add_argument("--keep-mask", type=Path, help="mask of what must never change")
+    job.add_argument("--aspect", default="squash", choices=list(ASPECT_MODES),
+                     help="squash to the square model grid (as trained) or pad to a square")
     job.add_argument("--progress", default="bar", choices=["bar", "jsonl", "none"])
+    dicom = job.add_argument_group("DICOM")
+    dicom.add_argument("--voi", default="first",
+                       help="display transform: first (VOI LUT or window), a window index, "
+                            "minmax or percentile")
+    dicom.add_argument("--allow-non-chest", action="store_true",
+                       help="accept images whose BodyPartExamined is not a chest")
+    dicom.add_argument("--feather", type=int, default=0, metavar="PX",
+                       help="blend band inside the mask at native resolution (pixels)")
+    dicom.add_argument("--push-cstore", metavar="HOST:PORT:AET",
+                       help="send the new series to a PACS with C-STORE")
+    dicom.add_argument("--push-stow", metavar="URL", help="send the new series with STOW-RS")
 
     commands.add_parser("edit", parents=[model, job], help="edit a radiograph")
     commands.add_parser("preview", parents=[model, job],
@@ -86,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Third-party INFO lines (highdicom's) quote source UIDs: keep them out of the log.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logger.setLevel(logging.INFO)
     diffusers_logging.set_verbosity_error()  # dtype-cast notices are noise for CLI users
     emit = _emitter(getattr(args, "progress", "none"))
     try:
@@ -124,28 +143,85 @@ def _run_job(args: argparse.Namespace, editor: InstructX2XEditor, emit) -> int:
         relevance_timestep=args.relevance_timestep, num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale,
         eta=args.eta, seed=args.seed, resolution=args.resolution,
-        lateralize_prior=not args.no_lateralize)
-    image = read_image(args.input)
-    shape = image.pixels.shape
+        lateralize_prior=not args.no_lateralize, aspect=args.aspect)
+    if args.feather < 0:
+        raise ValueError(f"--feather must be >= 0, got {args.feather}.")
+    target = None if args.push_cstore is None else CStoreTarget.parse(args.push_cstore)
+    if args.push_stow is not None and not args.push_stow.startswith(("http://", "https://")):
+        raise ValueError(f"--push-stow must be an http(s) URL, got {args.push_stow!r}.")
+    # Read and check every input before any model work or any file is written.
+    paths = _input_files(args.input)
+    images = [_read(path, args) for path in paths]
+    if (args.mask or args.keep_mask) and len(images) > 1:
+        raise ValueError("--mask and --keep-mask apply to one image; the input is a folder.")
+    shape = images[0].pixels.shape
     mask = None if args.mask is None else read_mask(args.mask, shape)
     keep = None if args.keep_mask is None else read_mask(args.keep_mask, shape)
+    if (target or args.push_stow) and (args.command != "edit" or images[0].format != "dicom"):
+        raise ValueError("pushing to a PACS needs a DICOM input and the edit command.")
     if not editor.model_info.trained:
         print(f"WARNING: {UNTRAINED_NOTICE}", file=sys.stderr)
-    emit({"event": "started", "command": args.command, "total": parameters.num_inference_steps})
-    if args.command == "preview":
-        result = editor.preview(image, parameters, mask, keep)
-    else:
-        with _progress_reporter(args.progress, parameters.num_inference_steps, emit) as report:
-            result = editor.edit(image, parameters, mask, keep, progress=report)
+
+    total = parameters.num_inference_steps * len(images)
+    emit({"event": "started", "command": args.command, "total": total, "images": len(images)})
+    results = []
+    for index, image in enumerate(images):
+        if args.command == "preview":
+            results.append(editor.preview(image, parameters, mask, keep))
+            continue
+        with _progress_reporter(args.progress, total, emit) as report:
+            offset = index * parameters.num_inference_steps
+            results.append(editor.edit(image, parameters, mask, keep,
+                                       progress=lambda step, _: report(offset + step, total)))
     with atomic_output_dir(args.output) as staging:
-        files = write_png_result(staging, image, result)
-    summary = {"event": "done", "output": str(args.output), "files": [f.name for f in files],
-               "prior": result.manifest["prior"], "edit_fraction": result.manifest["edit_fraction"],
-               "untrained": result.untrained}
+        written = []
+        for index, (image, result) in enumerate(zip(images, results)):
+            folder = staging if len(images) == 1 else staging / f"image-{index + 1:03d}"
+            folder.mkdir(exist_ok=True)
+            if image.format == "dicom" and result.edited is not None:
+                names = write_dicom_edit(folder, image, result, feather_px=args.feather)
+            else:
+                names = [p.name for p in write_png_result(folder, image, result)]
+            written += [str((folder / n).relative_to(staging)) for n in names]
+    summary = {"event": "done", "output": str(args.output), "files": written,
+               "prior": results[0].manifest["prior"],
+               "edit_fraction": results[0].manifest["edit_fraction"],
+               "untrained": results[0].untrained}
+    dicom_files = [args.output / name for name in written if name.endswith(".dcm")]
+    try:
+        if target is not None:
+            push_cstore(dicom_files, target)
+            summary["pushed_cstore"] = f"{target.host}:{target.port}:{target.called_ae_title}"
+        if args.push_stow is not None:
+            push_stow(dicom_files, args.push_stow)
+            summary["pushed_stow"] = True
+    except PacsError as error:
+        emit({"event": "error", "message": f"written to {args.output}, but not pushed: {error}"})
+        print(f"error: written to {args.output}, but not pushed: {error}", file=sys.stderr)
+        return EXIT_ERROR
     emit(summary)
     if args.progress != "jsonl":
         print(json.dumps(summary, indent=2))
     return 0
+
+
+def _input_files(path: Path) -> list[Path]:
+    """The file itself, or the DICOM files directly in a folder (sorted by name)."""
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and is_dicom_file(p))
+        if not files:
+            raise FileNotFoundError(f"no DICOM files in folder {path.name}.")
+        return files
+    if not path.is_file():
+        raise FileNotFoundError(f"input image not found: {path.name}")
+    return [path]
+
+
+def _read(path: Path, args: argparse.Namespace) -> Radiograph:
+    if is_dicom_file(path):
+        voi = int(args.voi) if args.voi.isdigit() else args.voi
+        return read_dicom(path, voi=voi, allow_non_chest=args.allow_non_chest)
+    return read_image(path)
 
 
 class _progress_reporter:

@@ -30,6 +30,9 @@ __all__ = ["EditParameters", "EditResult", "InstructX2XEditor"]
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
+# squash: resize to the square grid as the authors trained; pad: keep the aspect ratio by
+# padding to a square with black (air), never edited, and cropping the result back.
+ASPECT_MODES = ("squash", "pad")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +53,7 @@ class EditParameters:
     seed: int = 0
     resolution: int = 512
     lateralize_prior: bool = True
+    aspect: str = "squash"
 
     def __post_init__(self) -> None:
         parse_instruction(self.instruction)
@@ -65,6 +69,8 @@ class EditParameters:
             raise ValueError(f"resolution must be a multiple of 8 and >= 64, got {self.resolution}.")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must lie in [0, 2**63), got {self.seed}.")
+        if self.aspect not in ASPECT_MODES:
+            raise ValueError(f"aspect must be one of {ASPECT_MODES}, got {self.aspect!r}.")
 
 
 @dataclasses.dataclass
@@ -184,10 +190,17 @@ class InstructX2XEditor:
         size = (parameters.resolution, parameters.resolution)
         started = time.perf_counter()
         source = torch.from_numpy(np.ascontiguousarray(image.pixels, dtype=np.float32))[None, None]
-        # Squash to the model's square grid, as the authors trained (aspect ratio not kept).
-        model_input = _resize(source, size).clamp(0, 1)
-        model_mask = None if mask is None else (_resize(_as_float(mask), size) >= 0.5).float()
-        model_keep = None if keep_mask is None else (_resize(_as_float(keep_mask), size) > 0).float()
+        user = None if mask is None else _as_float(mask)
+        keep = None if keep_mask is None else _as_float(keep_mask)
+        crop = (slice(None), slice(None), slice(0, rows), slice(0, columns))
+        canvas, canvas_keep, canvas_user = source, keep, user
+        if parameters.aspect == "pad" and rows != columns:
+            canvas, crop = _pad_square(source, 0.0)
+            canvas_user = None if user is None else _pad_square(user, 0.0)[0]
+            canvas_keep = _pad_square(torch.zeros_like(source) if keep is None else keep, 1.0)[0]
+        model_input = _resize(canvas, size).clamp(0, 1)
+        model_mask = None if canvas_user is None else (_resize(canvas_user, size) >= 0.5).float()
+        model_keep = None if canvas_keep is None else (_resize(canvas_keep, size) > 0).float()
         if model_mask is not None and not model_mask.any():
             raise ValueError("mask vanishes at the model's resolution: paint a larger region.")
         generator = torch.Generator(device="cpu").manual_seed(parameters.seed)
@@ -210,21 +223,22 @@ class InstructX2XEditor:
 
         # Back to the input's grid. The mask is upsampled by nearest neighbour and the keep
         # mask re-applied at full resolution, so every pixel outside it is the input's value.
-        edit_mask = _resize(output.edit_masks.float().cpu(), (rows, columns), mode="nearest") > 0.5
-        if keep_mask is not None:
-            edit_mask &= ~torch.from_numpy(np.asarray(keep_mask, dtype=bool))[None, None]
+        grid = tuple(canvas.shape[-2:])
+        edit_mask = (_resize(output.edit_masks.float().cpu(), grid, mode="nearest") > 0.5)[crop]
+        if keep is not None:
+            edit_mask &= ~(keep > 0)
         edited = None
         if output.images is not None:
-            upsampled = _resize(output.images.float().cpu(), (rows, columns)).clamp(0, 1)
+            upsampled = _resize(output.images.float().cpu(), grid).clamp(0, 1)[crop]
             edited = torch.where(edit_mask, upsampled, source)[0, 0].numpy()
         manifest = self._manifest(image, parameters, output, guidance_only, model_seconds,
                                   time.perf_counter() - started)
         return EditResult(
             edited=edited,
             edit_mask=edit_mask[0, 0].numpy(),
-            guidance_map=_to_input_grid(output.guidance_maps, rows, columns),
-            relevance_map=_to_input_grid(output.relevance_maps, rows, columns),
-            prior_mask=_to_input_grid(output.prior_masks, rows, columns),
+            guidance_map=_to_input_grid(output.guidance_maps, grid, crop),
+            relevance_map=_to_input_grid(output.relevance_maps, grid, crop),
+            prior_mask=_to_input_grid(output.prior_masks, grid, crop),
             manifest=manifest)
 
     def _manifest(self, image: Radiograph, parameters: EditParameters, output, preview: bool,
@@ -244,8 +258,8 @@ class InstructX2XEditor:
             "instruction": parse_instruction(parameters.instruction).to_dict(),
             "prior": None if output.prior is None else output.prior.to_dict(),
             "input": image.identity(),
-            "geometry": {"model_size": [parameters.resolution] * 2, "aspect_ratio": "squashed",
-                         "mask_upsampling": "nearest"},
+            "geometry": {"model_size": [parameters.resolution] * 2,
+                         "aspect_ratio": parameters.aspect, "mask_upsampling": "nearest"},
             "edit_fraction": float(output.edit_masks.float().mean()),
             "timings_s": {"model": round(model_seconds, 3), "total": round(total_seconds, 3)},
         }
@@ -264,7 +278,18 @@ def _resize(tensor: torch.Tensor, size: tuple[int, int], mode: str = "bilinear")
     return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
 
 
-def _to_input_grid(maps: torch.Tensor | None, rows: int, columns: int) -> np.ndarray | None:
+def _pad_square(tensor: torch.Tensor, value: float) -> tuple[torch.Tensor, tuple]:
+    """Centre ``tensor`` on a square canvas; returns it and the slices that crop it back."""
+    rows, columns = tensor.shape[-2:]
+    side = max(rows, columns)
+    top, left = (side - rows) // 2, (side - columns) // 2
+    canvas = torch.full((*tensor.shape[:-2], side, side), value, dtype=tensor.dtype)
+    crop = (slice(None), slice(None), slice(top, top + rows), slice(left, left + columns))
+    canvas[crop] = tensor
+    return canvas, crop
+
+
+def _to_input_grid(maps: torch.Tensor | None, grid: tuple[int, int], crop: tuple) -> np.ndarray | None:
     if maps is None:
         return None
-    return _resize(maps.float().cpu(), (rows, columns))[0, 0].clamp(0, 1).numpy()
+    return _resize(maps.float().cpu(), grid)[crop][0, 0].clamp(0, 1).numpy()

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 __all__ = ["Radiograph", "ImageReadError", "register_reader", "read_image", "read_mask",
-           "MAX_PIXELS"]
+           "is_dicom_file", "MAX_PIXELS"]
 
 # Memory guard: 10^8 pixels is ~10k x 10k, larger than any detector.
 MAX_PIXELS = 100_000_000
@@ -93,6 +93,14 @@ def read_image(path: str | Path) -> Radiograph:
             return reader(path, head)
     raise ImageReadError(f"{path.name}: not a supported image (PNG, JPEG"
                          f"{', DICOM' if any(n == 'dicom' for n, _, _ in _READERS) else ''}).")
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """True for a file with the DICOM preamble ('DICM' at byte 128) or a .dcm suffix."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        head = handle.read(132)
+    return head[128:132] == b"DICM" or path.suffix.lower() in (".dcm", ".dicom")
 
 
 def file_sha256(path: Path) -> str:

@@ -12,12 +12,12 @@ from ..overlay import guidance_overlay
 from .native import composite_stored
 from .write import EditObjects, build_edit_objects
 
-__all__ = ["export_dicom_edit"]
+__all__ = ["export_dicom_edit", "write_dicom_edit"]
 
 
 def export_dicom_edit(image: Radiograph, result: EditResult, output: Path, *,
                       feather_px: int = 0) -> dict[str, Path]:
-    """Write the edit of a DICOM radiograph as a new series in the same study.
+    """Write the edit of a DICOM radiograph as a new series in the same study, atomically.
 
     Parameters
     ----------
@@ -43,6 +43,18 @@ def export_dicom_edit(image: Radiograph, result: EditResult, output: Path, *,
     FileExistsError
         When ``output`` exists.
     """
+    with atomic_output_dir(output) as staging:
+        names = write_dicom_edit(staging, image, result, feather_px=feather_px)
+    return {name: Path(output) / name for name in names}
+
+
+def write_dicom_edit(directory: Path, image: Radiograph, result: EditResult, *,
+                     feather_px: int = 0) -> list[str]:
+    """Build and write the edit's objects and ``provenance.json`` into an existing folder.
+
+    Everything is built and validated before the first file is written. Returns the file
+    names. Raises as ``export_dicom_edit``.
+    """
     if image.format != "dicom" or "dataset" not in image.metadata:
         raise ValueError(f"{image.source} was not read from DICOM; use the PNG writer.")
     if result.edited is None:
@@ -65,8 +77,8 @@ def export_dicom_edit(image: Radiograph, result: EditResult, output: Path, *,
     provenance["objects"] = {name: {"sop_instance_uid": str(ds.SOPInstanceUID),
                                     "series_instance_uid": str(ds.SeriesInstanceUID)}
                              for name, ds in objects.named().items()}
-    with atomic_output_dir(output) as staging:
-        for name, dataset in objects.named().items():
-            dataset.save_as(staging / name, enforce_file_format=True)
-        (staging / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n")
-    return {name: Path(output) / name for name in [*objects.named(), "provenance.json"]}
+    directory = Path(directory)
+    for name, dataset in objects.named().items():
+        dataset.save_as(directory / name, enforce_file_format=True)
+    (directory / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n")
+    return [*objects.named(), "provenance.json"]

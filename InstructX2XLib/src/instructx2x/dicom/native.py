@@ -16,15 +16,13 @@ __all__ = ["feather_weights", "composite_stored"]
 
 def _box_mean(values: np.ndarray, radius: int) -> np.ndarray:
     """Mean over a (2r+1)^2 window with edge replication, by cumulative sums (separable)."""
-    padded = np.pad(values, radius, mode="edge")
     size = 2 * radius + 1
-    for axis in (0, 1):
-        cumulative = np.cumsum(padded, axis=axis, dtype=np.float64)
-        cumulative = np.insert(cumulative, 0, 0.0, axis=axis)
-        upper = np.take(cumulative, np.arange(size, cumulative.shape[axis]), axis=axis)
-        lower = np.take(cumulative, np.arange(0, cumulative.shape[axis] - size), axis=axis)
-        padded = (upper - lower) / size
-    return padded
+    padded = np.pad(values.astype(np.float32), radius, mode="edge")
+    cumulative = np.cumsum(padded, axis=0)
+    rows = np.concatenate([cumulative[size - 1:size], cumulative[size:] - cumulative[:-size]])
+    cumulative = np.cumsum(rows, axis=1)
+    return np.concatenate([cumulative[:, size - 1:size], cumulative[:, size:] - cumulative[:, :-size]],
+                          axis=1) / (size * size)
 
 
 def feather_weights(mask: np.ndarray, feather_px: int) -> np.ndarray:

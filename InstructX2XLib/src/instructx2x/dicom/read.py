@@ -16,7 +16,8 @@ from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
-from ..image_io import MAX_PIXELS, ImageReadError, Radiograph, file_sha256, register_reader
+from ..image_io import (MAX_PIXELS, ImageReadError, Radiograph, file_sha256, is_dicom_file,
+                        register_reader)
 from .intensity import mapping_from_dataset
 
 __all__ = ["DicomReadError", "read_dicom", "SUPPORTED_SOP_CLASSES", "CHEST_BODY_PARTS"]
@@ -164,8 +165,4 @@ def _decode(ds: Dataset, name: str) -> np.ndarray:
     return stored
 
 
-def _is_dicom(path: Path, head: bytes) -> bool:
-    return len(head) >= 132 and head[128:132] == b"DICM" or path.suffix.lower() in (".dcm", ".dicom")
-
-
-register_reader("dicom", _is_dicom, lambda path, head: read_dicom(path))
+register_reader("dicom", lambda path, head: is_dicom_file(path), lambda path, head: read_dicom(path))

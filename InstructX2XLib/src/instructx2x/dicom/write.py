@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import highdicom as hd
 import numpy as np
@@ -99,14 +100,13 @@ def build_edit_objects(source: Dataset, stored: np.ndarray, overlay_rgb: np.ndar
     coordinates = {"coordinate_system": "PATIENT", "patient_orientation": orientation} \
         if orientation else {"coordinate_system": None}
     series_uid = hd.UID()
-    counterfactual = hd.sc.SCImage.from_ref_dataset(
-        reference, stored, str(source.PhotometricInterpretation), stored.dtype.itemsize * 8,
-        series_instance_uid=series_uid, series_number=SC_SERIES_NUMBER, sop_instance_uid=hd.UID(),
-        instance_number=1, manufacturer=MANUFACTURER, **coordinates)
-    overlay = hd.sc.SCImage.from_ref_dataset(
-        reference, overlay_rgb, "RGB", 8, series_instance_uid=series_uid,
-        series_number=SC_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=2,
-        manufacturer=MANUFACTURER, **coordinates)
+    with warnings.catch_warnings():
+        # highdicom's check of the copied person names quotes the name itself in the
+        # warning; patient and physician names must not reach logs.
+        warnings.filterwarnings("ignore", message="The string .* person name", category=UserWarning)
+        counterfactual, overlay = _build_secondary_captures(
+            reference, stored, overlay_rgb, str(source.PhotometricInterpretation), series_uid,
+            coordinates)
     text = _summary(provenance)
     _mark_synthetic_derivative(counterfactual, source, provenance, text + " Counterfactual image.")
     _copy_grayscale_presentation(counterfactual, source)
@@ -132,6 +132,19 @@ def build_edit_objects(source: Dataset, stored: np.ndarray, overlay_rgb: np.ndar
     segmentation.ContentDescription = "Region the counterfactual edit was allowed to change"
     _add_provenance(segmentation, provenance)
     return EditObjects(counterfactual, overlay, segmentation)
+
+
+def _build_secondary_captures(reference: Dataset, stored: np.ndarray, overlay_rgb: np.ndarray,
+                              photometric: str, series_uid: str, coordinates: dict):
+    counterfactual = hd.sc.SCImage.from_ref_dataset(
+        reference, stored, photometric, stored.dtype.itemsize * 8,
+        series_instance_uid=series_uid, series_number=SC_SERIES_NUMBER, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer=MANUFACTURER, **coordinates)
+    overlay = hd.sc.SCImage.from_ref_dataset(
+        reference, overlay_rgb, "RGB", 8, series_instance_uid=series_uid,
+        series_number=SC_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=2,
+        manufacturer=MANUFACTURER, **coordinates)
+    return counterfactual, overlay
 
 
 def read_provenance(dataset: Dataset) -> dict:
