@@ -1,0 +1,127 @@
+import json
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from instructx2x import EditParameters, InstructX2XEditor, read_dicom
+from instructx2x.dicom import export_dicom_edit
+from instructx2x.dicom.write import SERIES_DESCRIPTION, build_edit_objects, read_provenance
+from instructx2x.loading import ModelInfo
+
+from dicom_factory import dciodvfy_errors, make_radiograph, write
+
+INFO = ModelInfo("untrained-tiny", "untrained", "a" * 64, False)
+
+
+@pytest.fixture(scope="module")
+def editor(tiny_pipe):
+    return InstructX2XEditor(tiny_pipe, INFO, device="cpu", dtype="fp32")
+
+
+def params(**kwargs):
+    return EditParameters("Add the finding of left pleural effusion", num_inference_steps=2,
+                          resolution=64, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def real_cr_export(editor, tmp_path_factory):
+    image = read_dicom(get_testdata_file("RG1_UNCR.dcm"))
+    result = editor.edit(image, params(tau=0.2))
+    out = tmp_path_factory.mktemp("export") / "edit"
+    return image, result, export_dicom_edit(image, result, out, feather_px=6)
+
+
+def test_every_object_passes_dciodvfy(real_cr_export):
+    _, _, paths = real_cr_export
+    for name in ("counterfactual.dcm", "guidance_overlay.dcm", "edit_region_seg.dcm"):
+        assert dciodvfy_errors(paths[name]) == [], name
+
+
+def test_counterfactual_keeps_geometry_depth_photometric_and_pixels_outside(real_cr_export):
+    image, result, paths = real_cr_export
+    source = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    sc = pydicom.dcmread(paths["counterfactual.dcm"])
+    assert (sc.Rows, sc.Columns, sc.BitsStored, sc.PhotometricInterpretation) == \
+        (1955, 1841, 15, "MONOCHROME1")
+    out = sc.pixel_array
+    assert np.array_equal(out[~result.edit_mask], source.pixel_array[~result.edit_mask])
+    assert not np.array_equal(out[result.edit_mask], source.pixel_array[result.edit_mask])
+    assert (sc.WindowCenter, sc.WindowWidth) == (source.WindowCenter, source.WindowWidth)
+
+
+def test_series_is_synthetic_in_the_same_study_with_provenance(real_cr_export):
+    image, result, paths = real_cr_export
+    source = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    sc = pydicom.dcmread(paths["counterfactual.dcm"])
+    overlay = pydicom.dcmread(paths["guidance_overlay.dcm"])
+    seg = pydicom.dcmread(paths["edit_region_seg.dcm"])
+    for ds in (sc, overlay, seg):
+        assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.PatientID == source.PatientID
+        assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+        assert ds.SOPInstanceUID != source.SOPInstanceUID
+        provenance = read_provenance(ds)
+        assert provenance["input"]["sop_instance_uid"] == source.SOPInstanceUID
+        assert provenance["model"]["sha256"] == "a" * 64
+        assert provenance["prior"]["categories"] == ["Pleural Effusion"]
+    assert sc.SeriesInstanceUID == overlay.SeriesInstanceUID != seg.SeriesInstanceUID
+    for ds in (sc, overlay):
+        assert ds.ConversionType == "SYN" and list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+        assert ds.SeriesDescription == SERIES_DESCRIPTION and "NOT FOR DIAGNOSIS" in ds.ImageComments
+        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+        assert ds.BurnedInAnnotation == "NO" and ds.BodyPartExamined == "CHEST"
+        assert "left pleural effusion" in ds.DerivationDescription
+    assert overlay.PhotometricInterpretation == "RGB" and overlay.SamplesPerPixel == 3
+    assert seg.Modality == "SEG" and np.array_equal(seg.pixel_array.astype(bool), result.edit_mask)
+    sidecar = json.loads(paths["provenance.json"].read_text())
+    assert sidecar["parameters"]["tau"] == 0.2 and sidecar["native"]["feather_px"] == 6
+    assert set(sidecar["objects"]) == {"counterfactual.dcm", "guidance_overlay.dcm", "edit_region_seg.dcm"}
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"kind": "DX", "photometric": "MONOCHROME2", "bits_stored": 12},
+    {"kind": "CR", "bits_stored": 8, "window": None},
+    {"kind": "SC", "rescale": (1.0, -1024.0), "bits_stored": 16, "window": (0.0, 4000.0)},
+])
+def test_generated_sources_export_valid_objects(editor, tmp_path, kwargs):
+    path = write(make_radiograph(**kwargs), tmp_path / "source.dcm")
+    image = read_dicom(path)
+    result = editor.edit(image, params(aspect="pad"))
+    paths = export_dicom_edit(image, result, tmp_path / "out")
+    for name, file in paths.items():
+        if name.endswith(".dcm"):
+            assert dciodvfy_errors(file) == [], (name, kwargs)
+    sc = pydicom.dcmread(paths["counterfactual.dcm"])
+    original = image.metadata["stored"]
+    assert sc.pixel_array.dtype == original.dtype
+    assert np.array_equal(sc.pixel_array[~result.edit_mask], original[~result.edit_mask])
+    assert json.loads(paths["provenance.json"].read_text())["geometry"]["aspect_ratio"] == "pad"
+
+
+def test_refusals_write_nothing(editor, tmp_path):
+    image = read_dicom(write(make_radiograph(), tmp_path / "s.dcm"))
+    preview = editor.preview(image, params())
+    with pytest.raises(ValueError, match="preview"):
+        export_dicom_edit(image, preview, tmp_path / "a")
+    result = editor.edit(image, params())
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(FileExistsError):
+        export_dicom_edit(image, result, tmp_path / "exists")
+    assert list((tmp_path / "exists").iterdir()) == []
+    signed = read_dicom(write(make_radiograph(signed=True), tmp_path / "signed.dcm"))
+    with pytest.raises(NotImplementedError, match="signed"):
+        export_dicom_edit(signed, editor.edit(signed, params()), tmp_path / "b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists", "s.dcm", "signed.dcm"]
+
+
+def test_builder_checks_its_arguments():
+    source = make_radiograph()
+    good = dict(stored=np.zeros((72, 64), np.uint16), overlay_rgb=np.zeros((72, 64, 3), np.uint8),
+                edit_mask=np.ones((72, 64), bool), provenance={})
+    for key, bad, match in [("stored", np.zeros((10, 10), np.uint16), "stored pixels"),
+                            ("overlay_rgb", np.zeros((72, 64), np.uint8), "overlay"),
+                            ("edit_mask", np.zeros((72, 64), bool), "empty"),
+                            ("stored", np.zeros((72, 64), np.float32), "uint8 or uint16")]:
+        with pytest.raises(ValueError, match=match):
+            build_edit_objects(source, **{**good, key: bad})
