@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
+
+import pytest
 
 import numpy as np
 from pydicom import Dataset
@@ -78,11 +81,24 @@ def write(ds: Dataset, path: Path) -> Path:
     return path
 
 
+# CI sets this: a missing system tool is then a failure, never a silent skip.
+REQUIRE_TOOLS = os.environ.get("INSTRUCTX2X_REQUIRE_SYSTEM_TOOLS") == "1"
+
+
+def require_tool(name: str, package: str) -> str:
+    """Path of a system tool; skips the test (fails it in CI) when it is not installed."""
+    executable = shutil.which(name)
+    if executable is None:
+        message = f"{name} is not installed (Debian package {package})"
+        if REQUIRE_TOOLS:
+            pytest.fail(message)
+        pytest.skip(message)
+    return executable
+
+
 def dcmtk_compress(source: Path, target: Path, tool: str, *options: str) -> Path:
     """Compress with a dcmtk tool (dcmcjpeg, dcmcjpls, dcmcrle)."""
-    executable = shutil.which(tool)
-    if executable is None:
-        raise RuntimeError(f"{tool} (dcmtk) is not installed")
+    executable = require_tool(tool, "dcmtk")
     subprocess.run([executable, *options, str(source), str(target)], check=True,
                    capture_output=True)
     return target
@@ -90,9 +106,7 @@ def dcmtk_compress(source: Path, target: Path, tool: str, *options: str) -> Path
 
 def dciodvfy_errors(path: Path) -> list[str]:
     """dciodvfy's error lines for a file (the validator of Debian's dicom3tools)."""
-    executable = shutil.which("dciodvfy")
-    if executable is None:
-        raise RuntimeError("dciodvfy (dicom3tools) is not installed")
+    executable = require_tool("dciodvfy", "dicom3tools")
     completed = subprocess.run([executable, str(path)], capture_output=True, text=True)
     return [line for line in (completed.stdout + completed.stderr).splitlines()
             if line.startswith("Error")]

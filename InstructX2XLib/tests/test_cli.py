@@ -123,3 +123,54 @@ def test_ctrl_c_stops_cleanly_and_writes_nothing(png, tmp_path):
     assert process.returncode == 130
     assert '"cancelled"' in remaining
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chest.png"]
+
+
+def _dicom_folder(tmp_path, count):
+    from dicom_factory import make_radiograph, write
+
+    folder = tmp_path / "study"
+    folder.mkdir()
+    for index in range(count):
+        write(make_radiograph(rows=64 + 8 * index), folder / f"img{index}.dcm")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_dicom_folder_gives_one_series_per_image(tmp_path, capsys):
+    folder = _dicom_folder(tmp_path, 2)
+    out = tmp_path / "out"
+    assert main(args(folder, out, "--feather", "2")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert sorted(summary["files"]) == sorted(
+        f"image-00{i}/{name}" for i in (1, 2) for name in
+        ("counterfactual.dcm", "guidance_overlay.dcm", "edit_region_seg.dcm", "provenance.json"))
+    import pydicom
+
+    assert pydicom.dcmread(out / "image-002" / "counterfactual.dcm").Rows == 72
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--push-cstore", "nohostport"], "HOST:PORT:AET"),
+    (["--push-stow", "ftp://pacs"], "http"),
+    (["--feather", "-1"], "feather"),
+    (["--voi", "7"], "voi index 7"),
+])
+def test_dicom_option_errors_write_nothing(tmp_path, capsys, extra, message):
+    folder = _dicom_folder(tmp_path, 1)
+    out = tmp_path / "out"
+    assert main(args(folder / "img0.dcm", out, *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_one_bad_file_in_a_folder_stops_everything(tmp_path, capsys):
+    folder = _dicom_folder(tmp_path, 2)
+    (folder / "img1.dcm").write_bytes((folder / "img1.dcm").read_bytes()[:-500])
+    assert main(args(folder, tmp_path / "out")) == 2
+    assert "img1.dcm" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_push_needs_dicom_input(png, tmp_path, capsys):
+    assert main(args(png, tmp_path / "out", "--push-cstore", "127.0.0.1:104:PACS")) == 2
+    assert "DICOM input" in capsys.readouterr().err
