@@ -30,6 +30,7 @@ test: $(STAMP)
 
 benchmark: $(STAMP)
 	$(BIN)/python Testing/benchmarks/benchmark_pipeline.py
+	$(BIN)/python Testing/benchmarks/benchmark_dicom.py
 
 clean:
 	rm -rf $(VENV) out
