@@ -1,20 +1,20 @@
 """The README's main command, end to end, as a user runs it (fewer steps for CI time)."""
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from console import console_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "Resources" / "Samples" / "chest_pa.png"
 
 
 def test_main_command_edits_the_bundled_radiograph(tmp_path):
-    executable = shutil.which("instructx2x")
-    assert executable, "the instructx2x console script is not installed"
+    executable = console_script("instructx2x")
     out = tmp_path / "demo"
     completed = subprocess.run(
         [executable, "edit", str(SAMPLE), "--model", "untrained-tiny", "-i",

@@ -3,9 +3,6 @@
 import io
 import json
 import subprocess
-import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -17,6 +14,7 @@ from instructx2x.dicom import export_dicom_edit
 from instructx2x.dicom.pacs import CStoreTarget, PacsError, push_cstore, push_stow
 from instructx2x.loading import load_pipeline
 
+from console import console_script
 from orthanc import OrthancServer, free_port
 
 RG1 = get_testdata_file("RG1_UNCR.dcm")
@@ -91,7 +89,7 @@ def test_bad_targets(text, match):
 def test_cli_edit_and_push(orthanc, tmp_path):
     out = tmp_path / "out"
     completed = subprocess.run(
-        [shutil.which("instructx2x"), "edit", RG1, "-i", "Remove the finding of pneumothorax",
+        [console_script("instructx2x"), "edit", RG1, "-i", "Remove the finding of pneumothorax",
          "-o", str(out), "--model", "untrained-tiny", "--steps", "2", "--resolution", "64",
          "--progress", "none", "--push-cstore", f"127.0.0.1:{orthanc.dicom_port}:{orthanc.aet}"],
         capture_output=True, text=True, timeout=300)
