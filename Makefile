@@ -11,12 +11,12 @@ SAMPLE ?= Resources/Samples/chest_pa.png
 
 .PHONY: install demo test benchmark clean
 
-$(STAMP): constraints.txt InstructX2XLib/pyproject.toml
+$(STAMP): constraints.txt InstructX2XLib/pyproject.toml Training/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch pulls gigabytes of CUDA packages on CPU machines
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e "InstructX2XLib[test]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e "InstructX2XLib[test]" -e "Training[test]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -26,11 +26,12 @@ demo: $(STAMP)
 		-o out/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q InstructX2XLib/tests Testing
+	$(BIN)/python -m pytest -q InstructX2XLib/tests Training/tests Testing
 
 benchmark: $(STAMP)
 	$(BIN)/python Testing/benchmarks/benchmark_pipeline.py
 	$(BIN)/python Testing/benchmarks/benchmark_dicom.py
+	$(BIN)/python Testing/benchmarks/benchmark_dataset.py
 
 clean:
 	rm -rf $(VENV) out

@@ -1,0 +1,85 @@
+"""``instructx2x-train``: build the training data (synthetic cohort, dataset, pseudo masks)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .answers import MULTI_FINDING_MODES
+from .cohort import CohortConfig, generate_cohort
+from .dataset import BuildConfig, build_dataset
+from .pseudo_masks import build_pseudo_masks
+from .tables import TableError
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser."""
+    parser = argparse.ArgumentParser(prog="instructx2x-train", description=(
+        "Training data for InstructX2X: MIMIC-EDIT-INSTRUCTION, pseudo masks, synthetic cohorts."))
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    cohort = commands.add_parser("synthetic-cohort", help="write a synthetic cohort in the "
+                                 "MIMIC-CXR-JPG / Diff-VQA / MS-CXR file formats")
+    cohort.add_argument("output", type=Path)
+    cohort.add_argument("--patients", type=int, default=20)
+    cohort.add_argument("--seed", type=int, default=0)
+    cohort.add_argument("--rows", type=int, default=576)
+    cohort.add_argument("--columns", type=int, default=512)
+    cohort.add_argument("--dicom", action="store_true", help="also write DICOM CR files")
+    cohort.add_argument("--plain-csv", action="store_true", help="write .csv, not .csv.gz")
+    cohort.add_argument("--workers", type=int, default=1)
+
+    build = commands.add_parser("build-dataset", help="build MIMIC-EDIT-INSTRUCTION")
+    build.add_argument("output", type=Path)
+    build.add_argument("--mimic-cxr", type=Path, required=True, help="MIMIC-CXR-JPG root")
+    build.add_argument("--diff-vqa", type=Path, required=True,
+                       help="folder with mimic_pair_questions.csv and mimic_all.csv")
+    build.add_argument("--resolution", type=int, default=512)
+    build.add_argument("--registration-threshold", type=float, default=0.6)
+    build.add_argument("--no-finding-ratio", type=float, default=0.3)
+    build.add_argument("--multi-finding", default="combined", choices=MULTI_FINDING_MODES)
+    build.add_argument("--image-format", default="jpg", choices=["jpg", "png"])
+    build.add_argument("--workers", type=int, default=1)
+    build.add_argument("--seed", type=int, default=0)
+
+    masks = commands.add_parser("pseudo-masks", help="build the 8 pseudo masks from MS-CXR")
+    masks.add_argument("output", type=Path)
+    masks.add_argument("--ms-cxr", type=Path, required=True,
+                       help="MS_CXR_Local_Alignment_v1.1.0.csv")
+    masks.add_argument("--metadata", type=Path, required=True,
+                       help="mimic-cxr-2.0.0-metadata.csv(.gz)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "synthetic-cohort":
+            result = generate_cohort(args.output, CohortConfig(
+                patients=args.patients, seed=args.seed, rows=args.rows, columns=args.columns,
+                write_dicom=args.dicom, gzip_tables=not args.plain_csv, workers=args.workers))
+        elif args.command == "build-dataset":
+            manifest = build_dataset(BuildConfig(
+                mimic_cxr=args.mimic_cxr, diff_vqa=args.diff_vqa, resolution=args.resolution,
+                registration_threshold=args.registration_threshold,
+                no_finding_ratio=args.no_finding_ratio, multi_finding=args.multi_finding,
+                workers=args.workers, seed=args.seed, image_format=args.image_format), args.output)
+            result = {k: manifest[k] for k in ("kept_pairs", "instructions", "counts", "per_split")}
+        else:
+            result = build_pseudo_masks(args.ms_cxr, args.metadata, args.output)
+    except (ValueError, TableError, FileNotFoundError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
