@@ -15,6 +15,7 @@ from instructx2x.dicom.pacs import CStoreTarget, PacsError, push_cstore, push_st
 from instructx2x.loading import load_pipeline
 
 from console import console_script
+from dicom_factory import dciodvfy_errors
 from orthanc import OrthancServer, free_port
 
 RG1 = get_testdata_file("RG1_UNCR.dcm")
@@ -36,7 +37,9 @@ def exported(tmp_path_factory):
         result = editor.edit(image, EditParameters("Add the finding of edema", num_inference_steps=2,
                                                    resolution=64))
         paths = export_dicom_edit(image, result, tmp_path_factory.mktemp("exports") / name)
-        return [paths[n] for n in ("counterfactual.dcm", "guidance_overlay.dcm", "edit_region_seg.dcm")]
+        files = [paths[n] for n in ("counterfactual.dcm", "guidance_overlay.dcm", "edit_region_seg.dcm")]
+        assert all(dciodvfy_errors(path) == [] for path in files)
+        return files
     return export
 
 

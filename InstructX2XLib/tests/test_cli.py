@@ -146,7 +146,12 @@ def test_dicom_folder_gives_one_series_per_image(tmp_path, capsys):
         ("counterfactual.dcm", "guidance_overlay.dcm", "edit_region_seg.dcm", "provenance.json"))
     import pydicom
 
+    from dicom_factory import dciodvfy_errors
+
     assert pydicom.dcmread(out / "image-002" / "counterfactual.dcm").Rows == 72
+    for name in summary["files"]:
+        if name.endswith(".dcm"):
+            assert dciodvfy_errors(out / name) == [], name
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -96,7 +96,12 @@ def test_generated_sources_export_valid_objects(editor, tmp_path, kwargs):
     original = image.metadata["stored"]
     assert sc.pixel_array.dtype == original.dtype
     assert np.array_equal(sc.pixel_array[~result.edit_mask], original[~result.edit_mask])
-    assert json.loads(paths["provenance.json"].read_text())["geometry"]["aspect_ratio"] == "pad"
+    provenance = json.loads(paths["provenance.json"].read_text())
+    assert provenance["geometry"]["aspect_ratio"] == "pad"
+    if kwargs["kind"] == "DX":  # only ImagerPixelSpacing: recorded and carried to the SC
+        assert provenance["native"]["pixel_spacing"] == {"attribute": "ImagerPixelSpacing",
+                                                         "row_mm": 0.2, "column_mm": 0.2}
+        assert [float(v) for v in sc.PixelSpacing] == [0.2, 0.2]
 
 
 def test_refusals_write_nothing(editor, tmp_path):

@@ -21,6 +21,7 @@ def test_real_cr_monochrome1_is_inverted_and_windowed():
     assert image.pixels.flat[stored.argmax()] == image.pixels.min()
     assert np.array_equal(image.metadata["mapping"].inverse(image.pixels), stored)
     assert "PixelData" not in image.metadata["dataset"]
+    assert image.metadata["pixel_spacing"] is None  # RG1 stores PixelSpacing 0\\0: no spacing
     assert read_image(RG1).format == "dicom"
 
 
@@ -28,6 +29,15 @@ def test_real_cr_monochrome1_is_inverted_and_windowed():
 def test_supported_kinds(tmp_path, kind):
     image = read_dicom(write(make_radiograph(kind), tmp_path / "x.dcm"))
     assert image.pixels.shape == (72, 64) and 0 <= image.pixels.min() < image.pixels.max() <= 1
+
+
+def test_pixel_spacing_prefers_calibrated_values(tmp_path):
+    ds = make_radiograph("DX")
+    assert read_dicom(write(ds, tmp_path / "a.dcm")).metadata["pixel_spacing"]["attribute"] == \
+        "ImagerPixelSpacing"
+    ds.PixelSpacing = [0.18, 0.19]
+    spacing = read_dicom(write(ds, tmp_path / "b.dcm")).metadata["pixel_spacing"]
+    assert spacing == {"attribute": "PixelSpacing", "row_mm": 0.18, "column_mm": 0.19}
 
 
 def test_rescale_window_and_signed_values(tmp_path):

@@ -87,7 +87,13 @@ def test_lesion_masks_match_rendered_intensity(cohort):
 
 
 def test_dicom_option_writes_readable_radiographs(tmp_path):
+    import sys
+    from pathlib import Path
+
     from instructx2x.dicom import read_dicom
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "InstructX2XLib" / "tests"))
+    from dicom_factory import dciodvfy_errors
 
     generate_cohort(tmp_path / "d", CohortConfig(patients=1, rows=96, columns=80, write_dicom=True,
                                                  gzip_tables=False))
@@ -95,6 +101,8 @@ def test_dicom_option_writes_readable_radiographs(tmp_path):
     assert files and (tmp_path / "d" / "mimic-cxr-2.0.0-metadata.csv").exists()
     image = read_dicom(files[0], allow_non_chest=False)
     assert image.pixels.shape == (96, 80)
+    for path in files:
+        assert dciodvfy_errors(path) == [], path.name
 
 
 def test_bad_configs_and_existing_output(tmp_path):

@@ -19,6 +19,7 @@ def test_stage_counts_add_up(built, cohort):
                                              "dropped_no_finding_undersampling",
                                              "skipped_multi_finding", "skipped_unparseable_answer"))
     assert counts["pairs_planned"] + dropped == counts["difference_questions"]
+    assert counts["skipped_no_pa_view"] > 0  # AP-only studies are in the cohort
     after_images = sum(counts.get(k, 0) for k in ("kept", "dropped_low_registration_score",
                                                   "skipped_missing_image", "skipped_corrupt_image"))
     assert after_images == counts["pairs_planned"]

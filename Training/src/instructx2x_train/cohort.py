@@ -13,15 +13,16 @@ import dataclasses
 import datetime
 import gzip
 import logging
-import shutil
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
+
+from instructx2x.outputs import atomic_output_dir
 
 from .answers import Change, ChangeKind, format_answer
 from .phantom import RENDERED_FINDINGS, FindingState, Pose, render_frontal, render_lateral
@@ -238,7 +239,8 @@ def _write_dicom(path: Path, pixels: np.ndarray, subject: int, study: int, dicom
     ds.StudyInstanceUID = generate_uid(entropy_srcs=[str(study)])
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=[str(study), view])
     ds.PatientID, ds.PatientName = str(subject), f"Synthetic^{subject}"
-    ds.PatientSex, ds.PatientAge = sex, f"{age:03d}Y"
+    ds.PatientSex, ds.PatientAge, ds.PatientBirthDate = sex, f"{age:03d}Y", ""
+    ds.Manufacturer = "InstructX2X synthetic cohort"
     ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = date.strftime("%Y%m%d"), "120000", str(study), ""
     ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CR", 1, 1
     ds.BodyPartExamined, ds.ViewPosition = "CHEST", view
@@ -273,26 +275,15 @@ def generate_cohort(output: str | Path, config: CohortConfig) -> dict[str, int]:
     FileExistsError
         When ``output`` exists. A failed run leaves nothing behind.
     """
-    output = Path(output)
-    if output.exists():
-        raise FileExistsError(f"cohort folder {output} already exists; choose a new one.")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        tables: dict[str, list[dict]] = {}
+    tables: dict[str, list[dict]] = {}
+    with atomic_output_dir(Path(output)) as staging:
         jobs = [(config, index, staging) for index in range(config.patients)]
         progress = dict(total=config.patients, desc="patients", unit="patient")
-        if config.workers == 1:
-            results = map(_patient, jobs)
-            iterator = tqdm(results, **progress)
-        else:
-            executor = ProcessPoolExecutor(config.workers)
-            iterator = tqdm(executor.map(_patient, jobs, chunksize=4), **progress)
-        for rows in iterator:
-            for key, value in rows.items():
-                tables.setdefault(key, []).extend(value)
-        if config.workers > 1:
-            executor.shutdown()
+        with ProcessPoolExecutor(config.workers) if config.workers > 1 else nullcontext() as pool:
+            results = pool.map(_patient, jobs, chunksize=4) if pool else map(_patient, jobs)
+            for rows in tqdm(results, **progress):
+                for key, value in rows.items():
+                    tables.setdefault(key, []).extend(value)
         gz = config.gzip_tables
         _write_table(tables["metadata"], staging / "mimic-cxr-2.0.0-metadata.csv", gz)
         _write_table(tables["split"], staging / "mimic-cxr-2.0.0-split.csv", gz)
@@ -300,10 +291,6 @@ def generate_cohort(output: str | Path, config: CohortConfig) -> dict[str, int]:
         _write_table(tables["questions"], staging / "mimic_pair_questions.csv", False)
         _write_table(tables["all"], staging / "mimic_all.csv", False)
         _write_table(tables["ms_cxr"], staging / "MS_CXR_Local_Alignment_v1.1.0.csv", False)
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     counts = {"patients": config.patients, "studies": len(tables["chexpert"]),
               "images": len(tables["metadata"]),
               "difference_questions": sum(q["question_type"] == "difference" for q in tables["questions"]),

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -275,12 +276,9 @@ def build_dataset(config: BuildConfig, output: str | Path) -> dict:
 
     records: list[dict] = []  # small dicts; the images stay on disk
     progress = dict(total=len(jobs), desc="pairs", unit="pair")
-    if config.workers == 1:
-        iterator = map(_process_pair, jobs)
-        records.extend(tqdm(iterator, **progress))
-    else:
-        with ProcessPoolExecutor(config.workers) as executor:
-            records.extend(tqdm(executor.map(_process_pair, jobs, chunksize=8), **progress))
+    with ProcessPoolExecutor(config.workers) if config.workers > 1 else nullcontext() as pool:
+        results = pool.map(_process_pair, jobs, chunksize=8) if pool else map(_process_pair, jobs)
+        records.extend(tqdm(results, **progress))
     manifest = _assemble(config, output, records, counts)
     (output / INCOMPLETE_MARKER).unlink()
     return manifest

@@ -71,9 +71,13 @@ def write_dicom_edit(directory: Path, image: Radiograph, result: EditResult, *,
                             "bits_stored": int(source.BitsStored),
                             "photometric_interpretation": str(source.PhotometricInterpretation),
                             "feather_px": feather_px,
+                            "pixel_spacing": image.metadata["pixel_spacing"],
                             "outside_mask": "stored values copied from the original"}
     overlay = guidance_overlay(image.pixels, result.guidance_map, result.edit_mask)
-    objects: EditObjects = build_edit_objects(source, stored, overlay, result.edit_mask, provenance)
+    spacing = image.metadata["pixel_spacing"]
+    objects: EditObjects = build_edit_objects(
+        source, stored, overlay, result.edit_mask, provenance,
+        None if spacing is None else (spacing["row_mm"], spacing["column_mm"]))
     provenance["objects"] = {name: {"sop_instance_uid": str(ds.SOPInstanceUID),
                                     "series_instance_uid": str(ds.SeriesInstanceUID)}
                              for name, ds in objects.named().items()}

@@ -20,7 +20,8 @@ from ..image_io import (MAX_PIXELS, ImageReadError, Radiograph, file_sha256, is_
                         register_reader)
 from .intensity import mapping_from_dataset
 
-__all__ = ["DicomReadError", "read_dicom", "SUPPORTED_SOP_CLASSES", "CHEST_BODY_PARTS"]
+__all__ = ["DicomReadError", "read_dicom", "pixel_spacing", "SUPPORTED_SOP_CLASSES",
+           "CHEST_BODY_PARTS"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +117,27 @@ def read_dicom(path: str | Path, *, voi: str | int = "first",
         pixels=mapping.forward(stored), source=name, sha256=file_sha256(path), format="dicom",
         bits=int(ds.BitsStored), transforms=list(mapping.description),
         metadata={"dataset": header, "stored": stored, "mapping": mapping, "warnings": warnings,
+                  "pixel_spacing": pixel_spacing(ds),
                   "transfer_syntax": str(ds.file_meta.get("TransferSyntaxUID", "")),
                   "sop_instance_uid": str(ds.get("SOPInstanceUID", ""))})
+
+
+def pixel_spacing(ds: Dataset) -> dict | None:
+    """Row and column spacing in mm, and which attribute gave it.
+
+    PixelSpacing (calibrated to the patient) wins when it is valid; a projection radiograph
+    often has only ImagerPixelSpacing (at the detector, magnification not corrected). Zero or
+    malformed values (some CR writers store 0\\0) count as absent.
+    """
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword)
+        try:
+            spacing = [float(v) for v in value] if value is not None else []
+        except (TypeError, ValueError):
+            continue
+        if len(spacing) == 2 and all(v > 0 for v in spacing):
+            return {"attribute": keyword, "row_mm": spacing[0], "column_mm": spacing[1]}
+    return None
 
 
 def _check_view(ds: Dataset, name: str, allow_non_chest: bool) -> list[str]:

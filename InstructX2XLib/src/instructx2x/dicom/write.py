@@ -53,7 +53,8 @@ class EditObjects:
 
 
 def build_edit_objects(source: Dataset, stored: np.ndarray, overlay_rgb: np.ndarray,
-                       edit_mask: np.ndarray, provenance: dict) -> EditObjects:
+                       edit_mask: np.ndarray, provenance: dict,
+                       pixel_spacing: tuple[float, float] | None = None) -> EditObjects:
     """Build the counterfactual SC, the overlay SC and the edit-region SEG.
 
     Parameters
@@ -68,6 +69,9 @@ def build_edit_objects(source: Dataset, stored: np.ndarray, overlay_rgb: np.ndar
         bool ``(rows, columns)``.
     provenance: dict
         JSON-ready manifest; stored in every object.
+    pixel_spacing: tuple[float, float] | None
+        Row and column spacing (mm) for the Secondary Captures, so that measurements on the
+        counterfactual match the original's.
 
     Returns
     -------
@@ -99,6 +103,8 @@ def build_edit_objects(source: Dataset, stored: np.ndarray, overlay_rgb: np.ndar
     orientation = _patient_orientation(source)
     coordinates = {"coordinate_system": "PATIENT", "patient_orientation": orientation} \
         if orientation else {"coordinate_system": None}
+    if pixel_spacing is not None:
+        coordinates["pixel_spacing"] = tuple(float(v) for v in pixel_spacing)
     series_uid = hd.UID()
     with warnings.catch_warnings():
         # highdicom's check of the copied person names quotes the name itself in the
