@@ -202,6 +202,8 @@ def test_interrupt_raises_and_returns_nothing(tiny_pipe, xray):
     ({"mask_image": torch.ones(1, 1, 32, 32)}, ValueError, "mask_image"),
     ({"mask_image": torch.zeros(1, 1, 64, 64)}, ValueError, "empty"),
     ({"keep_mask_image": torch.ones(1, 1, 63, 64)}, ValueError, "keep_mask_image"),
+    ({"mask_image": torch.ones(1, 1, 64, 64), "region_mode": "none"}, ValueError, "does not use"),
+    ({"prior_mask": torch.ones(1, 1, 64, 64), "region_mode": "relevance"}, ValueError, "does not use"),
 ])
 def test_bad_arguments_fail_before_any_model_call(tiny_pipe, xray, kwargs, error, match):
     calls = []
@@ -235,3 +237,19 @@ def test_wrong_unet_channels_are_refused(xray):
     pipe.unet.register_to_config(in_channels=4)
     with pytest.raises(ValueError, match="8"):
         run(pipe, xray)
+
+
+def test_shipped_ddim_is_the_authors_configuration():
+    import json
+    from importlib import resources
+
+    config = make_scheduler("ddim").config
+    assert (config.beta_start, config.beta_end, config.beta_schedule) == (0.00085, 0.012, "scaled_linear")
+    assert (config.num_train_timesteps, config.steps_offset) == (1000, 1)
+    assert config.set_alpha_to_one is False and config.clip_sample is False
+    shipped = json.loads((resources.files("instructx2x") / "resources" / "sd15_ip2p" / "scheduler"
+                          / "scheduler_config.json").read_text())
+    assert all(config[key] == value for key, value in shipped.items() if key != "_class_name")
+    scheduler = make_scheduler("ddim")
+    scheduler.set_timesteps(100)
+    assert int(scheduler.timesteps[0]) == 991 and int(scheduler.timesteps[-1]) == 1

@@ -165,14 +165,15 @@ def _run_job(args: argparse.Namespace, editor: InstructX2XEditor, emit) -> int:
     total = parameters.num_inference_steps * len(images)
     emit({"event": "started", "command": args.command, "total": total, "images": len(images)})
     results = []
-    for index, image in enumerate(images):
-        if args.command == "preview":
-            results.append(editor.preview(image, parameters, mask, keep))
-            continue
-        with _progress_reporter(args.progress, total, emit) as report:
+    with _progress_reporter(args.progress if args.command == "edit" else "none", total,
+                            emit) as report:
+        for index, image in enumerate(images):
+            if args.command == "preview":
+                results.append(editor.preview(image, parameters, mask, keep))
+                continue
             offset = index * parameters.num_inference_steps
             results.append(editor.edit(image, parameters, mask, keep,
-                                       progress=lambda step, _: report(offset + step, total)))
+                                       progress=lambda step, _, offset=offset: report(offset + step, total)))
     with atomic_output_dir(args.output) as staging:
         written = []
         for index, (image, result) in enumerate(zip(images, results)):

@@ -218,6 +218,10 @@ class InstructX2XPipeline(DiffusionPipeline):
             prompt, image, region_mode, tau, relevance_timestep, num_inference_steps, guidance_scale,
             image_guidance_scale, output_type, callback_on_step_end_tensor_inputs,
         )
+        if (mask_image is not None or prior_mask is not None) and \
+                region_mode in (RegionMode.RELEVANCE, RegionMode.NONE):
+            raise ValueError(f"`mask_image` and `prior_mask` replace the prior, which region_mode "
+                             f"{region_mode.value!r} does not use; choose 'rse' or 'prior'.")
         self._interrupt = False
 
         # 1. Batch size and device
