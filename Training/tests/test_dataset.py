@@ -1,5 +1,5 @@
+import dataclasses
 import gzip
-import json
 import shutil
 
 import pandas as pd
@@ -16,6 +16,7 @@ def test_stage_counts_add_up(built, cohort):
     assert counts["questions_read"] == len(questions)
     assert counts["difference_questions"] == (questions.question_type == "difference").sum()
     dropped = sum(counts.get(k, 0) for k in ("dropped_nothing_changed", "skipped_no_pa_view",
+                                             "skipped_past_image_already_used",
                                              "dropped_no_finding_undersampling",
                                              "skipped_multi_finding", "skipped_unparseable_answer"))
     assert counts["pairs_planned"] + dropped == counts["difference_questions"]
@@ -146,3 +147,23 @@ def test_foreign_folder_and_changed_settings_are_refused(built, cohort, tmp_path
 def test_bad_settings(cohort, kwargs, match):
     with pytest.raises(ValueError, match=match):
         BuildConfig(cohort, cohort, **kwargs)
+
+
+def test_a_past_image_shared_by_two_pairs_is_used_once(cohort, tmp_path, built):
+    config, output, _ = built
+    copy = _copy_cohort(cohort, tmp_path)
+    kept = pd.read_csv(output / "instructions.csv")
+    metadata = pd.read_csv(copy / "mimic-cxr-2.0.0-metadata.csv.gz").set_index("dicom_id")
+    kept["subject"] = kept.current_dicom_id.map(metadata.subject_id)
+    kept["current_study"] = kept.current_dicom_id.map(metadata.study_id)
+    kept["past_study"] = kept.past_dicom_id.map(metadata.study_id)
+    subject = kept.subject.value_counts().index[0]
+    first, second = kept[kept.subject == subject].sort_values("current_study").iloc[:2].itertuples()
+    questions = pd.read_csv(copy / "mimic_pair_questions.csv")
+    row = (questions.question_type == "difference") & (questions.study_id == second.current_study)
+    questions.loc[row, "ref_id"] = first.past_study  # both pairs now start from one past image
+    questions.to_csv(copy / "mimic_pair_questions.csv", index=False)
+    manifest = build_dataset(dataclasses.replace(config, mimic_cxr=copy, diff_vqa=copy),
+                             tmp_path / "out")
+    assert manifest["counts"]["skipped_past_image_already_used"] == 1
+    assert pd.read_csv(tmp_path / "out" / "instructions.csv").past_dicom_id.is_unique

@@ -154,6 +154,7 @@ def _plan(config: BuildConfig, output: Path, counts: collections.Counter) -> lis
     official = split.set_index("dicom_id").split.to_dict()
     no_finding = set(chexpert.loc[chexpert["No Finding"] == 1, "study_id"])
     subject_split: dict[int, str] = {}
+    used_pasts: set[str] = set()
     jobs = []
     for row in difference.itertuples(index=False):
         try:
@@ -177,6 +178,13 @@ def _plan(config: BuildConfig, output: Path, counts: collections.Counter) -> lis
         if not instructions:
             counts["skipped_multi_finding"] += 1
             continue
+        if past_id in used_pasts:
+            # past/{past_dicom_id} holds the past image registered onto one current image; a
+            # second pair with the same past image would overwrite it.
+            counts["skipped_past_image_already_used"] += 1
+            logger.warning("Skipping a pair whose past image is the past of an earlier pair.")
+            continue
+        used_pasts.add(past_id)
         subject = int(row.subject_id)
         if subject not in subject_split:  # one split per subject, decided by its first pair
             subject_split[subject] = "test" if str(subject).startswith(config.held_out_prefix) \
