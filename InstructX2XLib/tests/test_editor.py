@@ -106,3 +106,15 @@ def test_bf16_cpu_path_runs_and_keeps_outside(tiny_pipe, radiograph):
 def test_fp16_on_cpu_is_refused(tiny_pipe):
     with pytest.raises(ValueError, match="fp16"):
         InstructX2XEditor(tiny_pipe, INFO, device="cpu", dtype="fp16")
+
+
+def test_attention_is_sliced_only_when_accelerator_memory_is_short(editor):
+    import torch
+
+    from instructx2x.devices import SLICING_FREE_MEMORY_BYTES, needs_attention_slicing
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not needs_attention_slicing(cpu)
+    assert needs_attention_slicing(cuda, free_bytes=SLICING_FREE_MEMORY_BYTES - 1)
+    assert not needs_attention_slicing(cuda, free_bytes=80 * 2**30)
+    assert editor.attention == "sdpa"

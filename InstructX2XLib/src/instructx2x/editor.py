@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .devices import resolve_device, resolve_dtype
+from .devices import needs_attention_slicing, resolve_device, resolve_dtype
 from .guidance import RegionMode
 from .image_io import Radiograph
 from .instructions import parse_instruction
@@ -130,6 +130,11 @@ class InstructX2XEditor:
         self.model_info = model_info
         self.pipeline = pipeline.to(self.device, self.dtype)
         self.pipeline.set_progress_bar_config(disable=True)
+        self.attention = "sdpa"
+        if needs_attention_slicing(self.device):
+            logger.warning("Little GPU memory is free: slicing attention (slower, smaller).")
+            self.pipeline.unet.set_attention_slice("auto")
+            self.attention = "sliced"
 
     @classmethod
     def from_model(cls, model: str, *, device: str = "auto", dtype: str = "auto",
@@ -253,6 +258,7 @@ class InstructX2XEditor:
             "kind": "guidance_preview" if preview else "edit",
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
+            "attention": self.attention,
             "scheduler": {"class": type(scheduler).__name__, "config": dict(scheduler.config)},
             "parameters": dataclasses.asdict(parameters),
             "instruction": parse_instruction(parameters.instruction).to_dict(),
