@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 __all__ = ["Radiograph", "ImageReadError", "register_reader", "read_image", "read_mask",
-           "is_dicom_file", "MAX_PIXELS"]
+           "is_dicom_file", "looks_like_dicom", "MAX_PIXELS"]
 
 # Memory guard: 10^8 pixels is ~10k x 10k, larger than any detector.
 MAX_PIXELS = 100_000_000
@@ -95,12 +95,16 @@ def read_image(path: str | Path) -> Radiograph:
                          f"{', DICOM' if any(n == 'dicom' for n, _, _ in _READERS) else ''}).")
 
 
+def looks_like_dicom(path: Path, head: bytes) -> bool:
+    """True for the DICOM preamble ('DICM' at byte 128 of ``head``) or a .dcm suffix."""
+    return head[128:132] == b"DICM" or path.suffix.lower() in (".dcm", ".dicom")
+
+
 def is_dicom_file(path: str | Path) -> bool:
-    """True for a file with the DICOM preamble ('DICM' at byte 128) or a .dcm suffix."""
+    """``looks_like_dicom`` for a file on disk."""
     path = Path(path)
     with open(path, "rb") as handle:
-        head = handle.read(132)
-    return head[128:132] == b"DICM" or path.suffix.lower() in (".dcm", ".dicom")
+        return looks_like_dicom(path, handle.read(132))
 
 
 def file_sha256(path: Path) -> str:

@@ -64,10 +64,10 @@ def write_png_result(directory: Path, image: Radiograph, result: EditResult) -> 
     (the map, 8-bit), ``guidance_overlay.png`` (RGB), ``edit_mask.png`` (0/255) and
     ``manifest.json``.
     """
-    written = []
+    images = ["guidance.png", "guidance_overlay.png", "edit_mask.png"]
     if result.edited is not None:
         _save_gray(result.edited, image.bits, directory / "edited.png")
-        written.append(directory / "edited.png")
+        images.insert(0, "edited.png")
     _save_gray(result.guidance_map, 8, directory / "guidance.png")
     overlay = guidance_overlay(image.pixels, result.guidance_map, result.edit_mask)
     Image.fromarray(overlay).save(directory / "guidance_overlay.png")
@@ -75,8 +75,6 @@ def write_png_result(directory: Path, image: Radiograph, result: EditResult) -> 
     manifest = dict(result.manifest)
     if result.untrained:
         manifest["notice"] = UNTRAINED_NOTICE
-    manifest["files"] = [p.name for p in written] + ["guidance.png", "guidance_overlay.png",
-                                                     "edit_mask.png"]
+    manifest["files"] = images
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    return written + [directory / n for n in ("guidance.png", "guidance_overlay.png",
-                                              "edit_mask.png", "manifest.json")]
+    return [directory / name for name in [*images, "manifest.json"]]

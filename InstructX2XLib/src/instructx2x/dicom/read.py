@@ -7,6 +7,8 @@ where possible. Error and log messages name the file, never patient attributes.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 from pathlib import Path
 
@@ -16,8 +18,7 @@ from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
-from ..image_io import (MAX_PIXELS, ImageReadError, Radiograph, file_sha256, is_dicom_file,
-                        register_reader)
+from ..image_io import MAX_PIXELS, ImageReadError, Radiograph, looks_like_dicom, register_reader
 from .intensity import mapping_from_dataset
 
 __all__ = ["DicomReadError", "read_dicom", "pixel_spacing", "SUPPORTED_SOP_CLASSES",
@@ -75,8 +76,9 @@ def read_dicom(path: str | Path, *, voi: str | int = "first",
     if not path.is_file():
         raise FileNotFoundError(f"input image not found: {path.name}")
     name = path.name
+    content = path.read_bytes()  # read once: parsed below and hashed for the manifest
     try:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(io.BytesIO(content))
     except InvalidDicomError as error:
         raise DicomReadError(f"{name}: not a DICOM file ({error}).") from error
     except Exception as error:  # pydicom raises many types on damaged files
@@ -114,7 +116,7 @@ def read_dicom(path: str | Path, *, voi: str | int = "first",
     header = ds.copy()
     del header.PixelData
     return Radiograph(
-        pixels=mapping.forward(stored), source=name, sha256=file_sha256(path), format="dicom",
+        pixels=mapping.forward(stored), source=name, sha256=hashlib.sha256(content).hexdigest(), format="dicom",
         bits=int(ds.BitsStored), transforms=list(mapping.description),
         metadata={"dataset": header, "stored": stored, "mapping": mapping, "warnings": warnings,
                   "pixel_spacing": pixel_spacing(ds),
@@ -185,4 +187,4 @@ def _decode(ds: Dataset, name: str) -> np.ndarray:
     return stored
 
 
-register_reader("dicom", lambda path, head: is_dicom_file(path), lambda path, head: read_dicom(path))
+register_reader("dicom", looks_like_dicom, lambda path, head: read_dicom(path))
