@@ -101,6 +101,25 @@ def test_relevance_map_comes_from_one_unet_call_at_t_rel(tiny_pipe, xray):
     assert out.relevance_maps.max() - out.relevance_maps.min() > 0.5
 
 
+def test_relevance_map_equals_spec_computation_on_the_full_cfg_batch(tiny_pipe, xray):
+    """The call runs on the two CFG members R uses; R must equal SPEC step 3 on all three."""
+    out = run(tiny_pipe, xray, guidance_only=True, region_mode="relevance")
+    pixels = tiny_pipe.image_processor.normalize(xray.expand(-1, 3, -1, -1))
+    g = generator(0)
+    posterior = tiny_pipe.vae.encode(pixels).latent_dist
+    z0 = posterior.sample(g) * tiny_pipe.vae.config.scaling_factor
+    noise = torch.randn(z0.shape, generator=g)
+    alpha = tiny_pipe.scheduler.alphas_cumprod[800]
+    noisy = alpha.sqrt() * z0 + (1 - alpha).sqrt() * noise
+    c = posterior.mode()
+    model_input = torch.cat([torch.cat([noisy] * 3), torch.cat([c, c, torch.zeros_like(c)])], dim=1)
+    embeds = tiny_pipe.encode_prompt(PROMPT, torch.device("cpu"))
+    with torch.no_grad():
+        eps_text, eps_image, _ = tiny_pipe.unet(model_input, 800, encoder_hidden_states=embeds).sample.chunk(3)
+    expected = guidance.relevance_map(eps_text, eps_image)
+    assert torch.allclose(guidance.resize_map(expected, xray.shape[-2:]), out.relevance_maps, atol=1e-5)
+
+
 def test_preview_equals_the_edits_guidance(tiny_pipe, xray):
     preview = run(tiny_pipe, xray, guidance_only=True)
     edit = run(tiny_pipe, xray)
