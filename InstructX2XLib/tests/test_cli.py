@@ -101,6 +101,19 @@ def test_jsonl_progress_protocol(png, tmp_path, capsys):
     assert events[2] == {"event": "progress", "step": 2, "total": 2}
 
 
+def test_default_sampling_on_cpu_is_the_fast_path(png, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = args(png, out, "--device", "cpu")
+    del argv[argv.index("--steps"):argv.index("--steps") + 2]
+    argv[argv.index("--progress") + 1] = "jsonl"
+    assert main(argv) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert events[0]["total"] == 4 and events[-2] == {"event": "progress", "step": 4, "total": 4}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["scheduler"]["class"] == "DPMSolverMultistepScheduler"
+    assert manifest["parameters"]["num_inference_steps"] == 4 and manifest["dtype"] == "bfloat16"
+
+
 def test_info(capsys):
     assert main(["info", "--model", "untrained-tiny", "--device", "cpu"]) == 0
     info = json.loads(capsys.readouterr().out)

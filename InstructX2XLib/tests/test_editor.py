@@ -118,3 +118,40 @@ def test_attention_is_sliced_only_when_accelerator_memory_is_short(editor):
     assert needs_attention_slicing(cuda, free_bytes=SLICING_FREE_MEMORY_BYTES - 1)
     assert not needs_attention_slicing(cuda, free_bytes=80 * 2**30)
     assert editor.attention == "sdpa"
+
+
+def test_steps_follow_the_scheduler_when_not_given(editor, radiograph):
+    import torch
+
+    from instructx2x import make_scheduler
+    from instructx2x.untrained import build_untrained_pipeline
+
+    # DDIM (the tiny model's scheduler): the authors' 100 steps, recorded in the manifest.
+    preview = editor.preview(radiograph, params(num_inference_steps=None))
+    assert preview.manifest["parameters"]["num_inference_steps"] == 100
+    # DPM-Solver++ (the CPU default): 4 steps, each reported.
+    pipe = build_untrained_pipeline()
+    pipe.scheduler = make_scheduler("dpm++")
+    fast = InstructX2XEditor(pipe, INFO, device="cpu", dtype="fp32")
+    steps = []
+    result = fast.edit(radiograph, params(num_inference_steps=None),
+                       progress=lambda step, total: steps.append((step, total)))
+    assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert result.manifest["parameters"]["num_inference_steps"] == 4
+    assert result.manifest["scheduler"]["class"] == "DPMSolverMultistepScheduler"
+    # On CPU the VAE runs channels-last (faster oneDNN convolutions).
+    assert pipe.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_auto_scheduler_follows_the_device():
+    import torch
+
+    from instructx2x.schedulers import default_scheduler
+
+    assert default_scheduler(torch.device("cuda")) == "ddim"  # the authors' sampler on GPUs
+    assert default_scheduler(torch.device("cpu")) == "dpm++"
+    assert default_scheduler(torch.device("mps")) == "dpm++"
+    editor = InstructX2XEditor.from_model("untrained-tiny", device="cpu", dtype="fp32")
+    assert type(editor.pipeline.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    explicit = InstructX2XEditor.from_model("untrained-tiny", device="cpu", scheduler="ddim")
+    assert type(explicit.pipeline.scheduler).__name__ == "DDIMScheduler"

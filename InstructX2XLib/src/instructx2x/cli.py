@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="allow downloading a hub model id (off: nothing is fetched)")
     model.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     model.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    model.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS))
+    model.add_argument("--scheduler", default="auto", choices=["auto", *sorted(SCHEDULERS)],
+                       help="sampler; auto: the authors' DDIM on CUDA, DPM-Solver++ elsewhere")
     model.add_argument("--priors", type=Path, help="directory of exact pseudo masks (from "
                        "instructx2x-train pseudo-masks); default: the shipped approximation")
 
@@ -68,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--mode", default="rse", choices=[m.value for m in RegionMode])
     job.add_argument("--tau", type=float, default=0.1)
     job.add_argument("--relevance-timestep", type=int, default=800)
-    job.add_argument("--steps", type=int, default=100, dest="num_inference_steps")
+    job.add_argument("--steps", type=int, dest="num_inference_steps",
+                     help="denoising steps (default: 4 for dpm++ and unipc, else 100)")
     job.add_argument("--guidance-scale", type=float, default=7.5, help="text guidance s_T")
     job.add_argument("--image-guidance-scale", type=float, default=1.5, help="image guidance s_I")
     job.add_argument("--eta", type=float, default=0.0)
@@ -144,6 +146,7 @@ def _run_job(args: argparse.Namespace, editor: InstructX2XEditor, emit) -> int:
         guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale,
         eta=args.eta, seed=args.seed, resolution=args.resolution,
         lateralize_prior=not args.no_lateralize, aspect=args.aspect)
+    parameters = editor.resolve(parameters)
     if args.feather < 0:
         raise ValueError(f"--feather must be >= 0, got {args.feather}.")
     target = None if args.push_cstore is None else CStoreTarget.parse(args.push_cstore)

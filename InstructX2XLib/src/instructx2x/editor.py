@@ -24,6 +24,7 @@ from .image_io import Radiograph
 from .instructions import parse_instruction
 from .loading import ModelInfo, load_pipeline
 from .pipeline import InstructX2XPipeline
+from .schedulers import default_scheduler, default_steps
 
 __all__ = ["EditParameters", "EditResult", "InstructX2XEditor"]
 
@@ -39,14 +40,15 @@ ASPECT_MODES = ("squash", "pad")
 class EditParameters:
     """Every setting that changes an edit; recorded in full in the manifest.
 
-    Defaults are the authors' (SPEC section 2).
+    Defaults are the authors' (SPEC section 2), except the step count, which follows the
+    sampler (``InstructX2XEditor.resolve`` fills it in).
     """
 
     instruction: str
     region_mode: str = RegionMode.RSE.value
     tau: float = 0.1
     relevance_timestep: int = 800
-    num_inference_steps: int = 100
+    num_inference_steps: int | None = None  # None: the scheduler's default (schedulers.default_steps)
     guidance_scale: float = 7.5
     image_guidance_scale: float = 1.5
     eta: float = 0.0
@@ -60,7 +62,7 @@ class EditParameters:
         RegionMode(self.region_mode)
         if not 0.0 <= self.tau <= 1.0:
             raise ValueError(f"tau must lie in [0, 1], got {self.tau}.")
-        if self.num_inference_steps < 1:
+        if self.num_inference_steps is not None and self.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}.")
         if self.guidance_scale < 0 or self.image_guidance_scale < 0:
             raise ValueError("guidance scales must be >= 0, got "
@@ -135,18 +137,33 @@ class InstructX2XEditor:
             logger.warning("Little GPU memory is free: slicing attention (slower, smaller).")
             self.pipeline.unet.set_attention_slice("auto")
             self.attention = "sliced"
+        if self.device.type == "cpu":
+            # oneDNN runs the VAE's large convolutions ~15 % faster channels-last (benchmarks).
+            self.pipeline.vae.to(memory_format=torch.channels_last)
 
     @classmethod
     def from_model(cls, model: str, *, device: str = "auto", dtype: str = "auto",
-                   scheduler: str = "ddim", allow_hub: bool = False,
+                   scheduler: str = "auto", allow_hub: bool = False,
                    single_file_config: str | None = None) -> "InstructX2XEditor":
-        """Load weights (see ``loading.load_pipeline``) and place them on the device."""
+        """Load weights (see ``loading.load_pipeline``) and place them on the device.
+
+        ``scheduler="auto"`` takes ``schedulers.default_scheduler`` for the device.
+        """
+        if scheduler == "auto":
+            scheduler = default_scheduler(resolve_device(device))
         pipeline, info = load_pipeline(model, allow_hub=allow_hub, scheduler=scheduler,
                                        single_file_config=single_file_config)
         if not info.trained:
             logger.warning("Model %s has random weights: its edits are meaningless noise.",
                            info.name)
         return cls(pipeline, info, device=device, dtype=dtype)
+
+    def resolve(self, parameters: EditParameters) -> EditParameters:
+        """``parameters`` with the step count filled in from the scheduler when it is None."""
+        if parameters.num_inference_steps is not None:
+            return parameters
+        return dataclasses.replace(parameters,
+                                   num_inference_steps=default_steps(self.pipeline.scheduler))
 
     def preview(self, image: Radiograph, parameters: EditParameters,
                 mask: np.ndarray | None = None, keep_mask: np.ndarray | None = None) -> EditResult:
@@ -185,6 +202,7 @@ class InstructX2XEditor:
 
     def _run(self, image: Radiograph, parameters: EditParameters, mask, keep_mask,
              progress: ProgressCallback | None, guidance_only: bool) -> EditResult:
+        parameters = self.resolve(parameters)
         rows, columns = image.pixels.shape
         for name, array in (("mask", mask), ("keep_mask", keep_mask)):
             if array is not None and np.asarray(array).shape != (rows, columns):

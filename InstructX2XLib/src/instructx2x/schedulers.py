@@ -1,11 +1,15 @@
 """Schedulers shipped with the code, so nothing is fetched from a model hub at run time.
 
 The authors sample with DDIM configured as below (SPEC section 2); any diffusers scheduler
-built from the same betas can replace it, e.g. DPM-Solver++ for fewer steps.
+built from the same betas can replace it. Defaults follow the device: on a GPU the authors'
+DDIM with 100 steps, elsewhere DPM-Solver++ with 4 steps, which keeps an
+edit on a 2-core CPU under a minute and stays closer to the 100-step DDIM edit than DDIM with
+10 steps does (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import torch
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -17,7 +21,8 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-__all__ = ["DDIM_CONFIG", "SCHEDULERS", "make_scheduler"]
+__all__ = ["DDIM_CONFIG", "SCHEDULERS", "PAPER_STEPS", "FEW_STEP_SOLVER_STEPS", "make_scheduler",
+           "default_scheduler", "default_steps"]
 
 # Stable Diffusion 1.x betas with the authors' DDIM sampling settings.
 DDIM_CONFIG: dict = {
@@ -40,6 +45,20 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
     "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
     "ddpm": (DDPMScheduler, {}),
 }
+
+PAPER_STEPS = 100  # the authors' DDIM step count
+FEW_STEP_SOLVER_STEPS = 4  # DPM-Solver++ and UniPC: multistep solvers that converge in few steps
+_FEW_STEP_SOLVERS = (DPMSolverMultistepScheduler, UniPCMultistepScheduler)
+
+
+def default_scheduler(device: torch.device) -> str:
+    """The sampler ``auto`` means: the authors' DDIM on CUDA, DPM-Solver++ elsewhere."""
+    return "ddim" if device.type == "cuda" else "dpm++"
+
+
+def default_steps(scheduler: SchedulerMixin) -> int:
+    """Denoising steps when none are given: 4 for the few-step solvers, else the authors' 100."""
+    return FEW_STEP_SOLVER_STEPS if isinstance(scheduler, _FEW_STEP_SOLVERS) else PAPER_STEPS
 
 
 def make_scheduler(name: str = "ddim") -> SchedulerMixin:
