@@ -40,8 +40,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """Pick the compute precision: ``auto`` is fp16/bf16 on GPUs and bf16 on CPU.
 
-    bf16 on CPU runs the UNet about 3x faster than fp32 on CPUs with AMX or AVX-512 bf16
-    (docs/benchmarks.md); fp16 on CPU is refused because it is slower and less stable.
+    bf16 on CPU runs the UNet about 2x faster than fp32 with AVX-512 bf16 and about 3x with
+    AMX (docs/benchmarks.md); fp16 on CPU is refused because it is slower and less stable.
 
     Raises
     ------
