@@ -11,7 +11,7 @@ Sections (targets from issue 2):
   sd15        an SD-1.5-size InstructPix2Pix (random weights, 859.5 M UNet parameters) at
               512 px: our default CPU path, measured end to end, vs the authors' configuration
               (fp32, attention slicing, DDIM 100 steps), whose per-step time is measured and
-              multiplied out (a full run takes ~30 min on 2 cores). Targets: <= 60 s, >= 15x.
+              multiplied out (a full run takes ~40 min on 2 cores). Targets: <= 60 s, >= 15x.
   gpu         100-step edit seconds and peak memory when CUDA is present.
 
 Usage: python benchmark_pipeline.py [--sections overhead,preview,equivalence,sd15,gpu]

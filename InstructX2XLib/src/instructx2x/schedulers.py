@@ -1,10 +1,10 @@
 """Schedulers shipped with the code, so nothing is fetched from a model hub at run time.
 
 The authors sample with DDIM configured as below (SPEC section 2); any diffusers scheduler
-built from the same betas can replace it. Defaults follow the device: on a GPU the authors'
-DDIM with 100 steps, elsewhere DPM-Solver++ with 4 steps, which keeps an
-edit on a 2-core CPU under a minute and stays closer to the 100-step DDIM edit than DDIM with
-10 steps does (docs/benchmarks.md).
+built from the same betas can replace it. Defaults follow the device: on CUDA the authors'
+DDIM with 100 steps, elsewhere DPM-Solver++ with 4 steps, which keeps an SD-1.5-size edit on
+a 2-core CPU under a minute and stays closer to the 100-step DDIM edit than DDIM with 10
+steps does (docs/benchmarks.md).
 """
 
 from __future__ import annotations
