@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from instructx2x.schedulers import FEW_STEP_SOLVER_STEPS
+
 from console import console_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +28,8 @@ def test_main_command_edits_the_bundled_radiograph(tmp_path):
     assert summary["prior"]["categories"] == ["Pleural Effusion"]
     manifest = json.loads((out / "manifest.json").read_text())
     if manifest["device"] == "cpu":  # the default CPU path (docs/benchmarks.md)
-        assert manifest["parameters"]["num_inference_steps"] == 4 and manifest["dtype"] == "bfloat16"
+        assert manifest["parameters"]["num_inference_steps"] == FEW_STEP_SOLVER_STEPS
+        assert manifest["dtype"] == "bfloat16"
     source = np.asarray(Image.open(SAMPLE))
     edited = np.asarray(Image.open(out / "edited.png"))
     mask = np.asarray(Image.open(out / "edit_mask.png")) > 0

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from instructx2x.cli import main
+from instructx2x.schedulers import FEW_STEP_SOLVER_STEPS
 
 
 @pytest.fixture
@@ -108,10 +109,11 @@ def test_default_sampling_on_cpu_is_the_fast_path(png, tmp_path, capsys):
     argv[argv.index("--progress") + 1] = "jsonl"
     assert main(argv) == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert events[0]["total"] == 4 and events[-2] == {"event": "progress", "step": 4, "total": 4}
+    n = FEW_STEP_SOLVER_STEPS
+    assert events[0]["total"] == n and events[-2] == {"event": "progress", "step": n, "total": n}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["scheduler"]["class"] == "DPMSolverMultistepScheduler"
-    assert manifest["parameters"]["num_inference_steps"] == 4 and manifest["dtype"] == "bfloat16"
+    assert manifest["parameters"]["num_inference_steps"] == n and manifest["dtype"] == "bfloat16"
 
 
 def test_info(capsys):

@@ -2,8 +2,8 @@
 
 The authors sample with DDIM configured as below (SPEC section 2); any diffusers scheduler
 built from the same betas can replace it. Defaults follow the device: on CUDA the authors'
-DDIM with 100 steps, elsewhere DPM-Solver++ with 4 steps, which keeps an SD-1.5-size edit on
-a 2-core CPU under a minute and stays closer to the 100-step DDIM edit than DDIM with 10
+DDIM with 100 steps, elsewhere DPM-Solver++ with 3 steps, which keeps an SD-1.5-size edit on
+a 2-core CPU without AMX under a minute and stays closer to the 100-step DDIM edit than DDIM with 10
 steps does (docs/benchmarks.md).
 """
 
@@ -47,7 +47,7 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
 }
 
 PAPER_STEPS = 100  # the authors' DDIM step count
-FEW_STEP_SOLVER_STEPS = 4  # DPM-Solver++ and UniPC: multistep solvers that converge in few steps
+FEW_STEP_SOLVER_STEPS = 3  # DPM-Solver++ and UniPC: multistep solvers that converge in few steps
 _FEW_STEP_SOLVERS = (DPMSolverMultistepScheduler, UniPCMultistepScheduler)
 
 
@@ -57,7 +57,7 @@ def default_scheduler(device: torch.device) -> str:
 
 
 def default_steps(scheduler: SchedulerMixin) -> int:
-    """Denoising steps when none are given: 4 for the few-step solvers, else the authors' 100."""
+    """Denoising steps when none are given: 3 for the few-step solvers, else the authors' 100."""
     return FEW_STEP_SOLVER_STEPS if isinstance(scheduler, _FEW_STEP_SOLVERS) else PAPER_STEPS
 
 
