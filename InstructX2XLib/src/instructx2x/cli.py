@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--mode", default="rse", choices=[m.value for m in RegionMode])
     job.add_argument("--tau", type=float, default=0.1)
     job.add_argument("--relevance-timestep", type=int, default=800)
-    job.add_argument("--steps", type=int, dest="num_inference_steps",
+    job.add_argument("--steps", type=int, dest="num_inference_steps", metavar="N",
                      help="denoising steps (default: 3 for dpm++ and unipc, else 100)")
     job.add_argument("--guidance-scale", type=float, default=7.5, help="text guidance s_T")
     job.add_argument("--image-guidance-scale", type=float, default=1.5, help="image guidance s_I")
