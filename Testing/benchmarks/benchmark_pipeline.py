@@ -214,6 +214,8 @@ def section_sd15(results: dict, baseline_steps: int) -> None:
     # Our default CPU path, measured end to end through the editor as `instructx2x edit` runs
     # it: bf16, SDPA attention, DPM-Solver++ with its default steps, channels-last VAE. The
     # first edit in a process pays oneDNN's one-time kernel setup; the second shows the rest.
+    # A fresh pipeline: undoing the slicing (set_default_attn_processor) would not bring back
+    # SDPA, so reusing the baseline's would time a slower attention than users get.
     del pipe
     editor, radiograph, parameters = default_sd15_editor("cpu")
     report(results, "sd15.default_cpu_settings", describe(editor, parameters))

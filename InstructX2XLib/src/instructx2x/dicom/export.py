@@ -63,6 +63,7 @@ def write_dicom_edit(directory: Path, image: Radiograph, result: EditResult, *,
     original = image.metadata["stored"]
     stored = composite_stored(original, result.edited, result.edit_mask,
                               image.metadata["mapping"], feather_px)
+    spacing = image.metadata["pixel_spacing"]
     provenance = dict(result.manifest)
     provenance["input"] = dict(provenance["input"],
                                sop_instance_uid=image.metadata["sop_instance_uid"],
@@ -71,18 +72,18 @@ def write_dicom_edit(directory: Path, image: Radiograph, result: EditResult, *,
                             "bits_stored": int(source.BitsStored),
                             "photometric_interpretation": str(source.PhotometricInterpretation),
                             "feather_px": feather_px,
-                            "pixel_spacing": image.metadata["pixel_spacing"],
+                            "pixel_spacing": spacing,
                             "outside_mask": "stored values copied from the original"}
     overlay = guidance_overlay(image.pixels, result.guidance_map, result.edit_mask)
-    spacing = image.metadata["pixel_spacing"]
     objects: EditObjects = build_edit_objects(
         source, stored, overlay, result.edit_mask, provenance,
         None if spacing is None else (spacing["row_mm"], spacing["column_mm"]))
+    named = objects.named()
     provenance["objects"] = {name: {"sop_instance_uid": str(ds.SOPInstanceUID),
                                     "series_instance_uid": str(ds.SeriesInstanceUID)}
-                             for name, ds in objects.named().items()}
+                             for name, ds in named.items()}
     directory = Path(directory)
-    for name, dataset in objects.named().items():
+    for name, dataset in named.items():
         dataset.save_as(directory / name, enforce_file_format=True)
     (directory / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n")
-    return [*objects.named(), "provenance.json"]
+    return [*named, "provenance.json"]
