@@ -68,7 +68,7 @@ def test_series_is_synthetic_in_the_same_study_with_provenance(real_cr_export):
     assert sc.SeriesInstanceUID == overlay.SeriesInstanceUID != seg.SeriesInstanceUID
     for ds in (sc, overlay):
         assert ds.ConversionType == "SYN" and list(ds.ImageType) == ["DERIVED", "SECONDARY"]
-        assert ds.SeriesDescription == SERIES_DESCRIPTION and "NOT FOR DIAGNOSIS" in ds.ImageComments
+        assert ds.SeriesDescription.startswith(SERIES_DESCRIPTION) and "NOT FOR DIAGNOSIS" in ds.ImageComments
         assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
         assert ds.BurnedInAnnotation == "NO" and ds.BodyPartExamined == "CHEST"
         assert "left pleural effusion" in ds.DerivationDescription

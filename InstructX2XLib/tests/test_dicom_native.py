@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from instructx2x.dicom.intensity import IntensityMapping, LookupTable, Window
-from instructx2x.dicom.native import composite_stored, feather_weights
+from instructx2x.dicom.native import composite_stored, feather_weights, proposed_stored
 
 
 def mapping(voi, invert=False, bits=12, signed=False, slope=1.0, intercept=0.0, lut=None):
@@ -58,15 +58,31 @@ def test_feather_is_zero_outside_and_one_deep_inside():
 def test_composite_keeps_every_stored_value_outside_the_mask():
     rng = np.random.default_rng(0)
     original = rng.integers(0, 4096, (50, 60)).astype(np.uint16)
-    m = mapping(Window(2048, 4096, "LINEAR"), invert=True)
-    edited = rng.random((50, 60)).astype(np.float32)
+    proposed = rng.uniform(-100, 4200, (50, 60))
     mask = np.zeros((50, 60), bool)
     mask[5:40, 10:50] = True
     for feather in (0, 5):
-        out = composite_stored(original, edited, mask, m, feather)
+        out, _ = composite_stored(original, proposed, mask, (0, 4095), feather)
         assert out.dtype == np.uint16
         assert np.array_equal(out[~mask], original[~mask])
-    hard = composite_stored(original, edited, mask, m, 0)
-    assert np.array_equal(hard[mask], m.inverse(edited)[mask])
+    hard, clipped = composite_stored(original, proposed, mask, (0, 4095), 0)
+    expected = np.clip(np.rint(proposed), 0, 4095)  # hand-computed: round, then clip
+    assert np.array_equal(hard[mask], expected[mask])
+    assert clipped == pytest.approx(((proposed < -0.5) | (proposed > 4095.5))[mask].mean())
     with pytest.raises(ValueError, match="same shape"):
-        composite_stored(original, edited[:10], mask, m)
+        composite_stored(original, proposed[:10], mask, (0, 4095))
+
+
+def test_change_composite_adds_the_models_change_at_the_windows_gain():
+    """A LINEAR window of width w over stored values: a display change d is d * (w - 1)
+    stored units (inverted for MONOCHROME1), added to values the window flattens too."""
+    original = np.array([[0, 1000, 2048, 4000]], dtype=np.uint16)
+    for invert, sign in ((False, 1), (True, -1)):
+        m = mapping(Window(2048, 1025, "LINEAR"), invert=invert)  # 1536..2560 -> [0, 1]
+        model_output = np.full((1, 4), 0.6)
+        reconstruction = np.full((1, 4), 0.5)
+        proposed = proposed_stored(original, m, np.zeros((1, 4)), model_output, reconstruction)
+        assert proposed == pytest.approx(original + sign * 0.1 * 1024)
+    replaced = proposed_stored(original, mapping(Window(2048, 1025, "LINEAR")), np.full((1, 4), 0.5),
+                               None, None)
+    assert replaced == pytest.approx(np.full((1, 4), 2047.5))  # the window's middle, (c - 0.5)

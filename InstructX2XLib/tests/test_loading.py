@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from instructx2x.loading import ModelLoadError, hash_modules, load_pipeline
+import json
+
+from instructx2x.loading import MODEL_CARD_NAME, ModelLoadError, hash_modules, load_pipeline, save_model
 from instructx2x.untrained import build_untrained_pipeline
 
 
@@ -18,10 +20,15 @@ def saved_model(tmp_path_factory):
     return directory
 
 
+CARD = {"name": "tiny-card", "trained": False, "trained_on": "nothing (random weights)",
+        "resolution": 256, "intended_use": "tests"}
+
+
 def test_directory_round_trip_gives_identical_edits(saved_model, xray):
     in_memory = build_untrained_pipeline(seed=3)
     loaded, info = load_pipeline(saved_model)
-    assert info.name == "Ix2x_V1_4500" and info.source == "directory" and info.trained
+    assert info.name == "Ix2x_V1_4500" and info.source == "directory"
+    assert info.trained is None and info.card is None  # no model card: the loader cannot tell
     assert len(info.sha256) == 64
     kwargs = dict(num_inference_steps=3, output_type="pt")
     expected = in_memory("Add edema", xray, generator=generator(), **kwargs).images
@@ -160,3 +167,48 @@ def test_truncated_checkpoint(single_file_setup, tmp_path):
     (tmp_path / "cut.safetensors").write_bytes((root / "tiny-ip2p.safetensors").read_bytes()[:5000])
     with pytest.raises(ModelLoadError, match="cut.safetensors"):
         load_pipeline(tmp_path / "cut.safetensors", single_file_config=config)
+
+
+def test_model_card_says_whether_the_model_is_trained(tmp_path):
+    directory = save_model(build_untrained_pipeline(seed=3), tmp_path / "carded", CARD)
+    _, info = load_pipeline(directory)
+    assert info.trained is False and info.card == CARD
+    card = dict(CARD, trained=True)
+    (directory / MODEL_CARD_NAME).write_text(json.dumps(card))
+    assert load_pipeline(directory)[1].trained is True
+    (directory / MODEL_CARD_NAME).write_text(json.dumps(dict(CARD, trained="yes")))
+    with pytest.raises(ModelLoadError, match="'trained' must be true or false"):
+        load_pipeline(directory)
+    with pytest.raises(ValueError, match="'name'"):
+        save_model(build_untrained_pipeline(), tmp_path / "bad", {"trained": True})
+    assert not (tmp_path / "bad").exists()
+
+
+def test_saved_scheduler_config_sets_the_training_schedule(tmp_path):
+    directory = tmp_path / "vpred"
+    pipe = build_untrained_pipeline(seed=3)
+    pipe.save_pretrained(directory)
+    config_path = directory / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(prediction_type="v_prediction", beta_end=0.02, steps_offset=7)
+    config_path.write_text(json.dumps(config))
+    loaded, info = load_pipeline(directory, scheduler="dpm++")
+    assert info.scheduler_source == "model"
+    assert loaded.scheduler.config.prediction_type == "v_prediction"
+    assert loaded.scheduler.config.beta_end == 0.02
+    assert loaded.scheduler.config.steps_offset == 1  # sampling settings stay the authors'
+    config_path.unlink()
+    shipped, info = load_pipeline(directory)
+    assert info.scheduler_source == "shipped" and shipped.scheduler.config.prediction_type == "epsilon"
+
+
+def test_text_encoder_of_another_width_is_refused_at_load(tmp_path):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    directory = tmp_path / "mixed"
+    build_untrained_pipeline(seed=3).save_pretrained(directory)
+    wide = CLIPTextModel(CLIPTextConfig(hidden_size=48, intermediate_size=37, num_attention_heads=4,
+                                        num_hidden_layers=1, vocab_size=49408))
+    wide.save_pretrained(directory / "text_encoder")
+    with pytest.raises(ModelLoadError, match="text encoder is 48 wide but the UNet's cross-attention expects 32"):
+        load_pipeline(directory)

@@ -209,8 +209,15 @@ def test_interrupt_raises_and_returns_nothing(tiny_pipe, xray):
     ({"tau": 1.5}, ValueError, "tau"),
     ({"tau": -0.1}, ValueError, "tau"),
     ({"num_inference_steps": 0}, ValueError, "num_inference_steps"),
-    ({"guidance_scale": -1.0}, ValueError, "guidance scales"),
-    ({"image_guidance_scale": -0.5}, ValueError, "guidance scales"),
+    ({"guidance_scale": -1.0}, ValueError, "guidance_scale"),
+    ({"image_guidance_scale": -0.5}, ValueError, "image_guidance_scale"),
+    ({"guidance_scale": float("nan")}, ValueError, "guidance_scale must be a finite number"),
+    ({"image_guidance_scale": float("inf")}, ValueError, "finite"),
+    ({"tau": float("nan")}, ValueError, "tau must be a finite number"),
+    ({"keep_mask_image": torch.ones(1, 1, 64, 64)}, ValueError, "keep mask covers the whole image"),
+    ({"latents": [[0.0]]}, TypeError, "latents"),
+    ({"prompt": "Add the finding of\x00 edema"}, ValueError, "control character U\\+0000"),
+    ({"prompt": "Add edema \udcff"}, ValueError, "not valid UTF-8"),
     ({"region_mode": "everywhere"}, ValueError, "region_mode"),
     ({"relevance_timestep": 1000}, ValueError, "relevance_timestep"),
     ({"output_type": "latent"}, ValueError, "output_type"),
@@ -226,15 +233,30 @@ def test_interrupt_raises_and_returns_nothing(tiny_pipe, xray):
 ])
 def test_bad_arguments_fail_before_any_model_call(tiny_pipe, xray, kwargs, error, match):
     calls = []
-    handle = tiny_pipe.vae.register_forward_pre_hook(lambda *a: calls.append(1))
-    handle2 = tiny_pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    # every model the pipeline calls: the text encoder, the UNet, the VAE's encoder and decoder
+    modules = (tiny_pipe.text_encoder, tiny_pipe.unet, tiny_pipe.vae.encoder, tiny_pipe.vae.decoder)
+    handles = [m.register_forward_pre_hook(lambda module, args, name=type(m).__name__: calls.append(name))
+               for m in modules]
     try:
         with pytest.raises(error, match=match):
             run(tiny_pipe, xray, **kwargs)
     finally:
-        handle.remove()
-        handle2.remove()
-    assert not calls or "mask" in str(kwargs)
+        for handle in handles:
+            handle.remove()
+    assert calls == []
+
+
+def test_the_hooks_see_every_model_call(tiny_pipe, xray):
+    """The hooks above would notice a model call: a valid run fires all four."""
+    calls = set()
+    modules = (tiny_pipe.text_encoder, tiny_pipe.unet, tiny_pipe.vae.encoder, tiny_pipe.vae.decoder)
+    handles = [m.register_forward_pre_hook(lambda module, args: calls.add(id(module))) for m in modules]
+    try:
+        run(tiny_pipe, xray, num_inference_steps=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == {id(m) for m in modules}
 
 
 @pytest.mark.parametrize("image,match", [

@@ -2,23 +2,49 @@
 
 InstructPix2Pix fine-tuned on MIMIC-EDIT-INSTRUCTION, with Region-Specific Editing:
 relevance map x anatomical pseudo mask -> guidance map -> thresholded edit mask.
+
+``import instructx2x`` is light: the instruction parser, vocabulary, errors, job schema and
+provenance reader load without torch; the model classes are imported on first use (PEP 562),
+so a Slicer panel or a browser front end can parse and validate before any model is needed.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .editor import EditParameters, EditResult, InstructX2XEditor  # noqa: E402
-from .dicom import DicomReadError, export_dicom_edit, read_dicom  # noqa: E402  (registers the reader)
-from .guidance import RegionMode  # noqa: E402
-from .image_io import Radiograph, read_image  # noqa: E402
-from .instructions import ParsedInstruction, parse_instruction  # noqa: E402
-from .loading import ModelInfo, ModelLoadError, load_pipeline  # noqa: E402
-from .pipeline import EditCancelled, InstructX2XPipeline, InstructX2XPipelineOutput  # noqa: E402
-from .priors import PriorSelection, PriorSet  # noqa: E402
-from .schedulers import make_scheduler  # noqa: E402
+# public name -> module that defines it; imported on first attribute access
+_LAZY = {
+    "EditParameters": "editor", "EditResult": "editor", "InstructX2XEditor": "editor",
+    "DicomReadError": "dicom.read", "read_dicom": "dicom.read",
+    "export_dicom_edit": "dicom.export", "read_provenance": "provenance",
+    "RegionMode": "guidance",
+    "Radiograph": "image_io", "read_image": "image_io",
+    "ParsedInstruction": "instructions", "parse_instruction": "instructions",
+    "ModelInfo": "loading", "load_pipeline": "loading",
+    "InstructX2XPipeline": "pipeline", "InstructX2XPipelineOutput": "pipeline",
+    "PriorSelection": "priors", "PriorSet": "priors",
+    "make_scheduler": "schedulers",
+    "EditJob": "jobs",
+    "InstructX2XError": "errors", "InputError": "errors", "ParameterError": "errors",
+    "EmptyEditRegionError": "errors", "ModelLoadError": "errors", "ResourceError": "errors",
+    "PacsError": "errors", "EditCancelled": "errors",
+}
 
-__all__ = [
-    "DicomReadError", "EditCancelled", "EditParameters", "EditResult", "InstructX2XEditor", "InstructX2XPipeline",
-    "InstructX2XPipelineOutput", "ModelInfo", "ModelLoadError", "ParsedInstruction",
-    "PriorSelection", "PriorSet", "Radiograph", "RegionMode", "load_pipeline", "make_scheduler",
-    "parse_instruction", "read_dicom", "read_image", "export_dicom_edit",
-]
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'instructx2x' has no attribute {name!r}")
+    module = importlib.import_module(f".{_LAZY[name]}", __name__)
+    if _LAZY[name].startswith("dicom") or name == "read_image":
+        importlib.import_module(".dicom.read", __name__)  # registers the DICOM reader
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

@@ -15,64 +15,24 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import __version__
-from .devices import needs_attention_slicing, resolve_device, resolve_dtype
-from .guidance import RegionMode
+from .devices import cpu_description, needs_attention_slicing, resolve_device, resolve_dtype
+from .errors import EmptyEditRegionError
+from .guidance import resize_map
 from .image_io import Radiograph
 from .instructions import parse_instruction
 from .loading import ModelInfo, load_pipeline
+from .parameters import ASPECT_MODES, EditParameters, RegionMode, check_masks
 from .pipeline import InstructX2XPipeline
+from .priors import PriorSet
 from .schedulers import default_scheduler, default_steps
 
-__all__ = ["EditParameters", "EditResult", "InstructX2XEditor"]
+__all__ = ["EditParameters", "EditResult", "InstructX2XEditor", "ASPECT_MODES"]
 
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
-# squash: resize to the square grid as the authors trained; pad: keep the aspect ratio by
-# padding to a square with black (air), never edited, and cropping the result back.
-ASPECT_MODES = ("squash", "pad")
-
-
-@dataclasses.dataclass(frozen=True)
-class EditParameters:
-    """Every setting that changes an edit; recorded in full in the manifest.
-
-    Defaults are the authors' (SPEC section 2), except the step count, which follows the
-    sampler (``InstructX2XEditor.resolve`` fills it in).
-    """
-
-    instruction: str
-    region_mode: str = RegionMode.RSE.value
-    tau: float = 0.1
-    relevance_timestep: int = 800
-    num_inference_steps: int | None = None  # None: the scheduler's default (schedulers.default_steps)
-    guidance_scale: float = 7.5
-    image_guidance_scale: float = 1.5
-    eta: float = 0.0
-    seed: int = 0
-    resolution: int = 512
-    lateralize_prior: bool = True
-    aspect: str = "squash"
-
-    def __post_init__(self) -> None:
-        parse_instruction(self.instruction)
-        RegionMode(self.region_mode)
-        if not 0.0 <= self.tau <= 1.0:
-            raise ValueError(f"tau must lie in [0, 1], got {self.tau}.")
-        if self.num_inference_steps is not None and self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}.")
-        if self.guidance_scale < 0 or self.image_guidance_scale < 0:
-            raise ValueError("guidance scales must be >= 0, got "
-                             f"{self.guidance_scale} and {self.image_guidance_scale}.")
-        if self.resolution < 64 or self.resolution % 8:
-            raise ValueError(f"resolution must be a multiple of 8 and >= 64, got {self.resolution}.")
-        if not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must lie in [0, 2**63), got {self.seed}.")
-        if self.aspect not in ASPECT_MODES:
-            raise ValueError(f"aspect must be one of {ASPECT_MODES}, got {self.aspect!r}.")
 
 
 @dataclasses.dataclass
@@ -94,7 +54,14 @@ class EditResult:
         float32 ``(rows, columns)``; None when the mode does not use it.
     manifest: dict
         Model identity, parameters, instruction as parsed, prior used, input identity,
-        software versions and timings.
+        software versions, composite and timings.
+    model_output: numpy.ndarray | None
+        float32 ``(rows, columns)``: the model's edited image upsampled to the input's grid
+        (None for a preview). ``composite="replace"`` puts it inside the mask as it is.
+    reconstruction: numpy.ndarray | None
+        float32 ``(rows, columns)``: the model's reconstruction of the unedited input,
+        upsampled alike; ``model_output - reconstruction`` is the model's change, which
+        ``composite="change"`` adds to the native input (None for replace and previews).
     """
 
     edited: np.ndarray | None
@@ -103,6 +70,8 @@ class EditResult:
     relevance_map: np.ndarray | None
     prior_mask: np.ndarray | None
     manifest: dict
+    model_output: np.ndarray | None = None
+    reconstruction: np.ndarray | None = None
 
     @property
     def untrained(self) -> bool:
@@ -128,7 +97,10 @@ class InstructX2XEditor:
     def __init__(self, pipeline: InstructX2XPipeline, model_info: ModelInfo,
                  device: str = "auto", dtype: str = "auto") -> None:
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        parameters = sum(p.numel() for p in pipeline.unet.parameters())
+        self.dtype, reason = resolve_dtype(dtype, self.device, parameters)
+        self.precision = {"dtype": str(self.dtype).replace("torch.", ""), "reason": reason,
+                          "cpu": cpu_description() if self.device.type == "cpu" else None}
         self.model_info = model_info
         self.pipeline = pipeline.to(self.device, self.dtype)
         self.pipeline.set_progress_bar_config(disable=True)
@@ -158,12 +130,20 @@ class InstructX2XEditor:
                            info.name)
         return cls(pipeline, info, device=device, dtype=dtype)
 
+    @property
+    def native_resolution(self) -> int:
+        """The model's own grid: UNet sample_size x VAE scale factor (512 for SD 1.x)."""
+        return int(self.pipeline.unet.config.sample_size) * self.pipeline.vae_scale_factor
+
     def resolve(self, parameters: EditParameters) -> EditParameters:
-        """``parameters`` with the step count filled in from the scheduler when it is None."""
-        if parameters.num_inference_steps is not None:
-            return parameters
-        return dataclasses.replace(parameters,
-                                   num_inference_steps=default_steps(self.pipeline.scheduler))
+        """``parameters`` with the step count (from the scheduler) and the resolution (the
+        model's native size) filled in where they are None."""
+        changes = {}
+        if parameters.num_inference_steps is None:
+            changes["num_inference_steps"] = default_steps(self.pipeline.scheduler)
+        if parameters.resolution is None:
+            changes["resolution"] = self.native_resolution
+        return dataclasses.replace(parameters, **changes) if changes else parameters
 
     def preview(self, image: Radiograph, parameters: EditParameters,
                 mask: np.ndarray | None = None, keep_mask: np.ndarray | None = None) -> EditResult:
@@ -195,8 +175,9 @@ class InstructX2XEditor:
 
         Raises
         ------
-        ValueError
-            When a mask does not match the image or is empty.
+        ParameterError
+            When a mask does not match the image, or a mask or mode leaves nothing to edit
+            (``EmptyEditRegionError``); checked before any model call where the inputs tell.
         """
         return self._run(image, parameters, mask, keep_mask, progress, guidance_only=False)
 
@@ -204,71 +185,96 @@ class InstructX2XEditor:
              progress: ProgressCallback | None, guidance_only: bool) -> EditResult:
         parameters = self.resolve(parameters)
         rows, columns = image.pixels.shape
-        for name, array in (("mask", mask), ("keep_mask", keep_mask)):
-            if array is not None and np.asarray(array).shape != (rows, columns):
-                raise ValueError(f"{name} is {np.asarray(array).shape} but the image is "
-                                 f"({rows}, {columns}).")
-        if mask is not None and not np.asarray(mask).any():
-            raise ValueError("mask is empty: paint the region to edit, or pass no mask.")
+        check_masks((rows, columns), parameters, mask, keep_mask)
         size = (parameters.resolution, parameters.resolution)
         started = time.perf_counter()
         source = torch.from_numpy(np.ascontiguousarray(image.pixels, dtype=np.float32))[None, None]
         user = None if mask is None else _as_float(mask)
         keep = None if keep_mask is None else _as_float(keep_mask)
         crop = (slice(None), slice(None), slice(0, rows), slice(0, columns))
-        canvas, canvas_keep, canvas_user = source, keep, user
+        canvas, canvas_keep, canvas_user, canvas_prior, selection = source, keep, user, None, None
         if parameters.aspect == "pad" and rows != columns:
             canvas, crop = _pad_square(source, 0.0)
             canvas_user = None if user is None else _pad_square(user, 0.0)[0]
             canvas_keep = _pad_square(torch.zeros_like(source) if keep is None else keep, 1.0)[0]
-        model_input = _resize(canvas, size).clamp(0, 1)
-        model_mask = None if canvas_user is None else (_resize(canvas_user, size) >= 0.5).float()
-        model_keep = None if canvas_keep is None else (_resize(canvas_keep, size) > 0).float()
+            if user is None and RegionMode(parameters.region_mode) in (RegionMode.RSE, RegionMode.PRIOR):
+                # The priors describe a PA film squashed to a square: put them on the image's
+                # own grid first, then pad them with the image, so they land where it lands.
+                selection = self.prior_set.select(parse_instruction(parameters.instruction),
+                                                  lateralize=parameters.lateralize_prior)
+                prior = resize_map(torch.from_numpy(selection.mask)[None, None], (rows, columns), mode="nearest")
+                canvas_prior = _pad_square(prior, 0.0)[0]
+        model_input = resize_map(canvas, size).clamp(0, 1)
+        model_mask = None if canvas_user is None else (resize_map(canvas_user, size) >= 0.5).float()
+        model_keep = None if canvas_keep is None else (resize_map(canvas_keep, size) > 0).float()
+        model_prior = None if canvas_prior is None else resize_map(canvas_prior, size, mode="nearest")
         if model_mask is not None and not model_mask.any():
-            raise ValueError("mask vanishes at the model's resolution: paint a larger region.")
+            raise EmptyEditRegionError("mask vanishes at the model's resolution: paint a larger region.")
         generator = torch.Generator(device="cpu").manual_seed(parameters.seed)
         callback = None
         if progress is not None:
             def callback(pipe, step, timestep, tensors):
                 progress(step + 1, parameters.num_inference_steps)
                 return {}
+        change = parameters.composite == "change"
         output = self.pipeline(
             parameters.instruction, model_input, mask_image=model_mask, keep_mask_image=model_keep,
-            region_mode=parameters.region_mode, tau=parameters.tau,
+            prior_mask=model_prior, region_mode=parameters.region_mode, tau=parameters.tau,
             lateralize_prior=parameters.lateralize_prior,
             relevance_timestep=parameters.relevance_timestep,
             num_inference_steps=parameters.num_inference_steps,
             guidance_scale=parameters.guidance_scale,
             image_guidance_scale=parameters.image_guidance_scale, eta=parameters.eta,
             generator=generator, guidance_only=guidance_only, output_type="pt",
-            callback_on_step_end=callback)
+            return_reconstruction=change, callback_on_step_end=callback)
         model_seconds = time.perf_counter() - started
 
         # Back to the input's grid. The mask is upsampled by nearest neighbour and the keep
         # mask re-applied at full resolution, so every pixel outside it is the input's value.
         grid = tuple(canvas.shape[-2:])
-        edit_mask = (_resize(output.edit_masks.float().cpu(), grid, mode="nearest") > 0.5)[crop]
+        edit_mask = (resize_map(output.edit_masks.float().cpu(), grid, mode="nearest") > 0.5)[crop]
         if keep is not None:
             edit_mask &= ~(keep > 0)
-        edited = None
+        edited = model_output = reconstruction = None
+        composite = None
         if output.images is not None:
-            upsampled = _resize(output.images.float().cpu(), grid).clamp(0, 1)[crop]
-            edited = torch.where(edit_mask, upsampled, source)[0, 0].numpy()
-        manifest = self._manifest(image, parameters, output, guidance_only, model_seconds,
-                                  time.perf_counter() - started)
+            if not edit_mask.any():
+                raise EmptyEditRegionError("the edit region vanishes on the input's grid (the keep "
+                                           "mask covers all of it).")
+            model_output = _to_input_grid(output.images, grid, crop)
+            if change:
+                reconstruction = _to_input_grid(output.reconstructions, grid, crop)
+                composed = image.pixels + (model_output - reconstruction)
+            else:
+                composed = model_output
+            inside = edit_mask[0, 0].numpy()
+            clipped = float(((composed < 0) | (composed > 1))[inside].mean())
+            edited = np.where(inside, np.clip(composed, 0, 1), image.pixels).astype(np.float32)
+            composite = {"mode": parameters.composite, "clipped_fraction": round(clipped, 6)}
+        manifest = self._manifest(image, parameters, output, selection, composite, guidance_only,
+                                  model_seconds, time.perf_counter() - started)
         return EditResult(
             edited=edited,
             edit_mask=edit_mask[0, 0].numpy(),
             guidance_map=_to_input_grid(output.guidance_maps, grid, crop),
             relevance_map=_to_input_grid(output.relevance_maps, grid, crop),
             prior_mask=_to_input_grid(output.prior_masks, grid, crop),
-            manifest=manifest)
+            manifest=manifest, model_output=model_output, reconstruction=reconstruction)
 
-    def _manifest(self, image: Radiograph, parameters: EditParameters, output, preview: bool,
-                  model_seconds: float, total_seconds: float) -> dict:
+    @property
+    def prior_set(self) -> PriorSet:
+        """The anatomical priors in use (the shipped set unless one was assigned)."""
+        if self.pipeline.prior_set is None:
+            self.pipeline.prior_set = PriorSet.default()
+        return self.pipeline.prior_set
+
+    def _manifest(self, image: Radiograph, parameters: EditParameters, output, selection,
+                  composite: dict | None, preview: bool, model_seconds: float,
+                  total_seconds: float) -> dict:
         import diffusers
 
         scheduler = self.pipeline.scheduler
+        prior = selection if selection is not None else output.prior
         return {
             "software": {"instructx2x": __version__, "torch": torch.__version__,
                          "diffusers": diffusers.__version__, "python": platform.python_version()},
@@ -276,14 +282,17 @@ class InstructX2XEditor:
             "kind": "guidance_preview" if preview else "edit",
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
+            "precision": self.precision,
             "attention": self.attention,
             "scheduler": {"class": type(scheduler).__name__, "config": dict(scheduler.config)},
-            "parameters": dataclasses.asdict(parameters),
+            "parameters": parameters.to_dict(),
             "instruction": parse_instruction(parameters.instruction).to_dict(),
-            "prior": None if output.prior is None else output.prior.to_dict(),
+            "prior": None if prior is None else prior.to_dict(),
             "input": image.identity(),
             "geometry": {"model_size": [parameters.resolution] * 2,
+                         "model_native_size": self.native_resolution,
                          "aspect_ratio": parameters.aspect, "mask_upsampling": "nearest"},
+            "composite": composite,
             "edit_fraction": float(output.edit_masks.float().mean()),
             "timings_s": {"model": round(model_seconds, 3), "total": round(total_seconds, 3)},
         }
@@ -291,15 +300,6 @@ class InstructX2XEditor:
 
 def _as_float(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(array, dtype=np.float32))[None, None]
-
-
-def _resize(tensor: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
-    if tuple(tensor.shape[-2:]) == tuple(size):
-        return tensor
-    if mode == "nearest":
-        return F.interpolate(tensor, size=size, mode="nearest-exact")
-    shrinking = size[0] < tensor.shape[-2] or size[1] < tensor.shape[-1]
-    return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
 
 
 def _pad_square(tensor: torch.Tensor, value: float) -> tuple[torch.Tensor, tuple]:
@@ -316,4 +316,4 @@ def _pad_square(tensor: torch.Tensor, value: float) -> tuple[torch.Tensor, tuple
 def _to_input_grid(maps: torch.Tensor | None, grid: tuple[int, int], crop: tuple) -> np.ndarray | None:
     if maps is None:
         return None
-    return _resize(maps.float().cpu(), grid)[crop][0, 0].clamp(0, 1).numpy()
+    return resize_map(maps.float().cpu(), grid)[crop][0, 0].clamp(0, 1).numpy()

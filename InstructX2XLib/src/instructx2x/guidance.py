@@ -6,10 +6,10 @@ hand-computed values. Tensors are ``(batch, channels, height, width)`` unless st
 
 from __future__ import annotations
 
-import enum
-
 import torch
 import torch.nn.functional as F
+
+from .parameters import RegionMode
 
 __all__ = [
     "RegionMode",
@@ -21,15 +21,6 @@ __all__ = [
     "threshold_mask",
     "combine_masks",
 ]
-
-
-class RegionMode(str, enum.Enum):
-    """Which maps decide the edit region: the four rows of the paper's Table 2."""
-
-    RSE = "rse"  # relevance map x pseudo mask (the paper's method)
-    RELEVANCE = "relevance"  # relevance map alone (ablation b)
-    PRIOR = "prior"  # pseudo mask alone (ablation c)
-    NONE = "none"  # whole image, plain InstructPix2Pix (ablation a)
 
 
 def clip_outliers_iqr(values: torch.Tensor) -> torch.Tensor:
@@ -94,16 +85,20 @@ def relevance_map(noise_pred_text: torch.Tensor, noise_pred_image: torch.Tensor)
     return normalize_min_max(clip_outliers_iqr(raw)).unsqueeze(1)
 
 
-def resize_map(values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinearly resize ``(B, C, H, W)`` maps to ``size`` = (height, width).
+def resize_map(values: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """Resize ``(B, C, H, W)`` maps to ``size`` = (height, width): the library's one resizer.
 
-    Downsampling a binary prior this way gives the fractional coverage of each latent cell
-    (SPEC step 5), upsampling the relevance map gives its pixel-space version (step 3).
+    ``bilinear`` (antialiased whenever either side shrinks): downsampling a binary prior gives
+    the fractional coverage of each latent cell (SPEC step 5), upsampling the relevance map
+    gives its pixel-space version (step 3). ``nearest`` keeps binary masks binary.
     """
     if tuple(values.shape[-2:]) == tuple(size):
         return values
+    if mode == "nearest":
+        return F.interpolate(values, size=size, mode="nearest-exact")
+    shrinking = size[0] < values.shape[-2] or size[1] < values.shape[-1]
     return F.interpolate(values.float(), size=size, mode="bilinear", align_corners=False,
-                         antialias=values.shape[-1] > size[1]).to(values.dtype)
+                         antialias=shrinking).to(values.dtype)
 
 
 def guidance_map(relevance: torch.Tensor | None, prior: torch.Tensor | None,
@@ -153,13 +148,8 @@ def guidance_map(relevance: torch.Tensor | None, prior: torch.Tensor | None,
 def threshold_mask(guidance: torch.Tensor, tau: float) -> torch.Tensor:
     """Binary edit mask ``1(G >= tau)`` as float32 (SPEC step 5).
 
-    Raises
-    ------
-    ValueError
-        When ``tau`` is outside ``[0, 1]``.
+    ``tau`` is checked where parameters enter (``parameters.check_sampling``).
     """
-    if not 0.0 <= tau <= 1.0:
-        raise ValueError(f"tau must lie in [0, 1], got {tau}.")
     return (guidance >= tau).to(torch.float32)
 
 

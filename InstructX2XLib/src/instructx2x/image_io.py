@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from .errors import InputError, InputNotFoundError
 
 __all__ = ["Radiograph", "ImageReadError", "register_reader", "read_image", "read_mask",
            "is_dicom_file", "looks_like_dicom", "MAX_PIXELS"]
@@ -22,7 +25,7 @@ __all__ = ["Radiograph", "ImageReadError", "register_reader", "read_image", "rea
 MAX_PIXELS = 100_000_000
 
 
-class ImageReadError(ValueError):
+class ImageReadError(InputError):
     """A file exists but is not a readable 2-D radiograph."""
 
 
@@ -78,14 +81,14 @@ def read_image(path: str | Path) -> Radiograph:
 
     Raises
     ------
-    FileNotFoundError
+    InputNotFoundError
         When the file does not exist.
     ImageReadError
         When no reader accepts it, or the accepting reader cannot decode it.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"input image not found: {path.name}")
+        raise InputNotFoundError(f"input image not found: {path.name}")
     with open(path, "rb") as handle:
         head = handle.read(132)
     for _, accepts, reader in _READERS:
@@ -107,15 +110,6 @@ def is_dicom_file(path: str | Path) -> bool:
         return looks_like_dicom(path, handle.read(132))
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_size(rows: int, columns: int, name: str) -> None:
     """Refuse images too small for the model or too large for memory."""
     if rows < 8 or columns < 8:
@@ -127,8 +121,9 @@ def check_size(rows: int, columns: int, name: str) -> None:
 
 def _read_raster(path: Path, head: bytes) -> Radiograph:
     """PNG / JPEG: 8- or 16-bit grayscale, or RGB(A) converted to luminance."""
+    content = path.read_bytes()  # decoded from memory: PIL's messages then carry no folder names
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(content)) as image:
             check_size(image.height, image.width, path.name)
             image.load()
             fmt = image.format.lower()
@@ -152,12 +147,15 @@ def _read_raster(path: Path, head: bytes) -> Radiograph:
             else:
                 raise ImageReadError(f"{path.name}: image mode {mode!r} is not a 2-D grayscale "
                                      "or RGB image.")
+    except Image.DecompressionBombError:
+        raise ImageReadError(f"{path.name}: the header declares more than {MAX_PIXELS} pixels "
+                             "(a decompression bomb or a damaged file); refused unread.") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ImageReadError(f"{path.name}: cannot decode the image ({error}).") from error
     if array.ndim != 2:
         raise ImageReadError(f"{path.name}: expected a 2-D image, got shape {array.shape}.")
     return Radiograph(np.clip(array / scale, 0.0, 1.0).astype(np.float32), path.name,
-                      file_sha256(path), "jpeg" if fmt in ("jpeg", "mpo") else fmt, bits,
+                      hashlib.sha256(content).hexdigest(), "jpeg" if fmt in ("jpeg", "mpo") else fmt, bits,
                       transforms)
 
 
@@ -169,17 +167,32 @@ register_reader("raster", _is_raster, _read_raster)
 
 
 def read_mask(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
-    """Read a binary mask image (any non-zero pixel is inside) that must match ``shape``.
+    """Read a binary mask (any non-zero pixel is inside) that must match ``shape``.
+
+    PNG/JPEG images, or ``.npy`` arrays (what the Slicer panel writes from a segment).
 
     Raises
     ------
-    FileNotFoundError
+    InputNotFoundError
         When the file is missing.
     ImageReadError
         When it cannot be decoded, is not 2-D, or its size differs from ``shape``.
     """
-    radiograph = read_image(path)
-    if radiograph.pixels.shape != tuple(shape):
-        raise ImageReadError(f"mask {radiograph.source} is {radiograph.pixels.shape[0]}x"
-                             f"{radiograph.pixels.shape[1]} but the image is {shape[0]}x{shape[1]}.")
-    return radiograph.pixels > 0
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        if not path.is_file():
+            raise InputNotFoundError(f"mask not found: {path.name}")
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as error:
+            raise ImageReadError(f"mask {path.name}: not a numpy array file ({error}).") from error
+        if array.ndim != 2 or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+            raise ImageReadError(f"mask {path.name}: expected a 2-D numeric array, got "
+                                 f"{array.dtype} {array.shape}.")
+        pixels = array
+    else:
+        pixels = read_image(path).pixels
+    if pixels.shape != tuple(shape):
+        raise ImageReadError(f"mask {path.name} is {pixels.shape[0]}x{pixels.shape[1]} but the "
+                             f"image is {shape[0]}x{shape[1]}.")
+    return pixels > 0

@@ -11,11 +11,15 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
+import unicodedata
+
+from .errors import ParameterError
 
 __all__ = [
     "FINDINGS",
     "LEVEL_WORDS",
     "PRIOR_CATEGORIES",
+    "FINDING_TO_PRIOR",
     "MAX_INSTRUCTION_CHARS",
     "Operation",
     "Laterality",
@@ -206,17 +210,27 @@ def parse_instruction(text: str) -> ParsedInstruction:
     ------
     TypeError
         When ``text`` is not a string.
-    ValueError
-        When the instruction is empty or longer than ``MAX_INSTRUCTION_CHARS``.
+    ParameterError
+        When the instruction is empty, longer than ``MAX_INSTRUCTION_CHARS``, or holds a
+        control character or bytes that were not valid UTF-8 (they would reach the model
+        and the DICOM text attributes raw). Line breaks and tabs count as spaces.
     """
     if not isinstance(text, str):
         raise TypeError(f"instruction must be a str, got {type(text).__name__}.")
     normalized = " ".join(text.split())
+    for position, character in enumerate(normalized):
+        category = unicodedata.category(character)
+        if category == "Cs":
+            raise ParameterError(f"instruction holds bytes that are not valid UTF-8 (at character "
+                                 f"{position + 1}); type it again as plain text.")
+        if category in ("Cc", "Cf"):
+            raise ParameterError(f"instruction holds the control character U+{ord(character):04X} "
+                                 f"at character {position + 1}; remove it.")
     if not normalized:
-        raise ValueError("instruction is empty: say what to edit, e.g. "
+        raise ParameterError("instruction is empty: say what to edit, e.g. "
                          "'Add the finding of pleural effusion'.")
     if len(normalized) > MAX_INSTRUCTION_CHARS:
-        raise ValueError(f"instruction has {len(normalized)} characters; at most "
+        raise ParameterError(f"instruction has {len(normalized)} characters; at most "
                          f"{MAX_INSTRUCTION_CHARS} are accepted.")
     lowered = normalized.lower()
 

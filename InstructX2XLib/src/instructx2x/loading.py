@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import pickle
 from importlib import resources
@@ -26,21 +27,25 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from .errors import ModelLoadError, ParameterError
 from .pipeline import InstructX2XPipeline
 from .schedulers import make_scheduler
 from .untrained import UNTRAINED_MODEL_NAME, build_untrained_pipeline, load_clip_tokenizer
 
-__all__ = ["ModelInfo", "ModelLoadError", "load_pipeline", "hash_modules", "hash_files"]
+__all__ = ["ModelInfo", "ModelLoadError", "load_pipeline", "save_model", "hash_modules",
+           "hash_files", "MODEL_CARD_NAME"]
 
 logger = logging.getLogger(__name__)
+
+
+class ModelNotFoundError(ModelLoadError, FileNotFoundError):
+    """The model path does not exist (and is not a hub id the user allowed)."""
 
 SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 COMPONENTS = ("unet", "vae", "text_encoder")
-
-
-class ModelLoadError(ValueError):
-    """A model path exists but does not hold a usable InstructPix2Pix model."""
+MODEL_CARD_NAME = "model_card.json"
+MODEL_CARD_FIELDS = ("name", "trained", "trained_on", "resolution", "intended_use")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,14 +60,21 @@ class ModelInfo:
         ``directory``, ``single_file``, ``hub`` or ``untrained``.
     sha256: str
         Hash of the weight files (or of the tensors for models built in memory).
-    trained: bool
-        False for the random-weight model: its edits mean nothing.
+    trained: bool | None
+        What the model says of itself (its model card's ``trained``): False for random
+        weights, whose edits mean nothing; None when the model carries no card.
+    card: dict | None
+        The model card (``MODEL_CARD_NAME``): name, trained_on, resolution, intended_use.
+    scheduler_source: str
+        ``model`` when the model's own scheduler/ config set the betas, else ``shipped``.
     """
 
     name: str
     source: str
     sha256: str
-    trained: bool
+    trained: bool | None
+    card: dict | None = None
+    scheduler_source: str = "shipped"
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -117,7 +129,7 @@ def load_pipeline(model: str | Path, *, allow_hub: bool = False, scheduler: str 
 
     Raises
     ------
-    FileNotFoundError
+    ModelNotFoundError
         When the path does not exist and hub access is off.
     ModelLoadError
         When the files are incomplete, corrupt, or not an 8-channel InstructPix2Pix model.
@@ -127,27 +139,65 @@ def load_pipeline(model: str | Path, *, allow_hub: bool = False, scheduler: str 
         pipe = build_untrained_pipeline()
         pipe.scheduler = scheduler_instance
         info = ModelInfo(UNTRAINED_MODEL_NAME, "untrained",
-                         hash_modules(pipe.unet, pipe.vae, pipe.text_encoder), False)
+                         hash_modules(pipe.unet, pipe.vae, pipe.text_encoder), False,
+                         {"name": UNTRAINED_MODEL_NAME, "trained": False,
+                          "intended_use": "software tests only"})
         return pipe, info
     path = Path(model).expanduser()
     if path.is_dir():
-        pipe, info = _load_directory(path, scheduler_instance)
+        pipe, info = _load_directory(path, scheduler)
     elif path.is_file():
         pipe, info = _load_single_file(path, scheduler_instance, single_file_config)
     elif allow_hub and not path.is_absolute() and str(model).count("/") == 1:
         pipe, info = _load_hub(str(model), scheduler_instance)
     else:
         hint = "" if allow_hub else " (hub ids need --allow-hub)"
-        raise FileNotFoundError(f"model not found: {model}{hint}.")
-    _check_unet(pipe.unet, info.name)
+        raise ModelNotFoundError(f"model not found: {Path(str(model)).name}{hint}.")
+    _check_components(pipe, info.name)
     return pipe, info
 
 
-def _load_directory(path: Path, scheduler) -> tuple[InstructX2XPipeline, ModelInfo]:
+def save_model(pipe: InstructX2XPipeline, directory: str | Path, card: dict) -> Path:
+    """Save a pipeline as a diffusers folder with its model card, loadable by ``load_pipeline``.
+
+    Parameters
+    ----------
+    pipe: InstructX2XPipeline
+        The components to save (the scheduler config goes to ``scheduler/``).
+    directory: str | pathlib.Path
+        Target folder; must not exist.
+    card: dict
+        Model card; ``name`` and ``trained`` are required, ``trained_on``, ``resolution`` and
+        ``intended_use`` recommended. Travels into every manifest made with the model.
+
+    Raises
+    ------
+    ParameterError
+        When the card lacks a required field or ``trained`` is not a bool.
+    OutputExistsError
+        When the folder exists.
+    """
+    from .outputs import atomic_output_dir
+    from .provenance import to_json
+
+    if not isinstance(card.get("name"), str) or not isinstance(card.get("trained"), bool):
+        raise ParameterError("a model card needs 'name' (str) and 'trained' (bool), got "
+                             f"{sorted(card)}.")
+    directory = Path(directory)
+    with atomic_output_dir(directory) as staging:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        (staging / MODEL_CARD_NAME).write_text(to_json(card) + "\n")
+    return directory
+
+
+def _load_directory(path: Path, scheduler_name: str) -> tuple[InstructX2XPipeline, ModelInfo]:
     missing = [c for c in COMPONENTS if not (path / c).is_dir()]
     if missing:
         raise ModelLoadError(f"{path.name} is not a diffusers InstructPix2Pix directory: missing "
                              f"sub-folder(s) {', '.join(missing)}.")
+    card = _read_json(path / MODEL_CARD_NAME, "model card")
+    saved_scheduler = _read_json(path / "scheduler" / "scheduler_config.json", "scheduler config")
+    scheduler = make_scheduler(scheduler_name, saved_scheduler)
     weight_files = [f for c in COMPONENTS for f in (path / c).iterdir() if f.suffix in WEIGHT_SUFFIXES]
     try:
         unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
@@ -163,7 +213,27 @@ def _load_directory(path: Path, scheduler) -> tuple[InstructX2XPipeline, ModelIn
         tokenizer = load_clip_tokenizer()
     pipe = InstructX2XPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                unet=unet, scheduler=scheduler)
-    return pipe, ModelInfo(path.name, "directory", hash_files(weight_files, path), True)
+    trained = None if card is None else card.get("trained")
+    if card is None:
+        logger.warning("%s has no %s: its name, training data and whether it is trained are "
+                       "unknown to the manifest.", path.name, MODEL_CARD_NAME)
+    elif not isinstance(trained, bool):
+        raise ModelLoadError(f"{path.name}/{MODEL_CARD_NAME}: 'trained' must be true or false.")
+    card = None if card is None else {k: card[k] for k in MODEL_CARD_FIELDS if k in card}
+    return pipe, ModelInfo(path.name, "directory", hash_files(weight_files, path), trained, card,
+                           "model" if saved_scheduler is not None else "shipped")
+
+
+def _read_json(path: Path, what: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelLoadError(f"{path.parent.name}/{path.name}: the {what} is not JSON ({error}).") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path.parent.name}/{path.name}: the {what} must be a JSON object.")
+    return value
 
 
 def _load_single_file(path: Path, scheduler, config: str | Path | None,
@@ -176,7 +246,7 @@ def _load_single_file(path: Path, scheduler, config: str | Path | None,
 
     config_root = resources.files("instructx2x") / "resources" / "sd15_ip2p"
     if config is not None and not Path(config).is_dir():
-        raise FileNotFoundError(f"single-file config directory not found: {config}")
+        raise ModelNotFoundError(f"single-file config directory not found: {Path(config).name}")
     try:
         with resources.as_file(config_root if config is None else Path(config)) as config_dir:
             converted = StableDiffusionInstructPix2PixPipeline.from_single_file(
@@ -203,8 +273,18 @@ def _load_hub(model_id: str, scheduler) -> tuple[InstructX2XPipeline, ModelInfo]
     return pipe, ModelInfo(model_id, "hub", hash_modules(unet, vae, text_encoder), True)
 
 
-def _check_unet(unet: UNet2DConditionModel, name: str) -> None:
+def _check_components(pipe: InstructX2XPipeline, name: str) -> None:
+    """Refuse at load time what would otherwise fail (or run wrongly) at the first edit."""
+    unet = pipe.unet
     in_channels = unet.config.in_channels
     if in_channels != 8 or unet.conv_in.weight.shape[1] != 8:
         raise ModelLoadError(f"{name}: the UNet takes {in_channels} input channels; an "
                              "InstructPix2Pix model needs 8 (4 noisy + 4 image latents).")
+    if pipe.vae.config.latent_channels != 4:
+        raise ModelLoadError(f"{name}: the VAE has {pipe.vae.config.latent_channels} latent "
+                             "channels; the UNet expects 4 + 4.")
+    width = pipe.text_encoder.config.hidden_size
+    if width != unet.config.cross_attention_dim:
+        raise ModelLoadError(f"{name}: the text encoder is {width} wide but the UNet's cross-"
+                             f"attention expects {unet.config.cross_attention_dim}; the components "
+                             "come from different models.")

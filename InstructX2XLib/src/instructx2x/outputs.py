@@ -7,7 +7,7 @@ never overwritten.
 from __future__ import annotations
 
 import contextlib
-import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,8 +17,10 @@ import numpy as np
 from PIL import Image
 
 from .editor import EditResult
+from .errors import InstructX2XError, OutputExistsError, ResourceError
 from .image_io import Radiograph
 from .overlay import guidance_overlay
+from .provenance import to_json
 
 __all__ = ["atomic_output_dir", "write_png_result", "UNTRAINED_NOTICE"]
 
@@ -26,28 +28,49 @@ UNTRAINED_NOTICE = ("UNTRAINED MODEL: random weights, for testing the software o
                     "this image shows no real edit.")
 
 
+def _umask() -> int:
+    """The process umask (read by setting and restoring it; there is no getter)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_output_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder that becomes ``target`` only if the block succeeds.
 
+    The path is normalised first (``a/../out`` is ``out``), so no folder named on the way is
+    created; the result gets the permissions the umask gives a new folder (a temporary
+    folder alone would be 0700). A block that fails or is interrupted leaves nothing.
+
     Raises
     ------
-    FileExistsError
+    OutputExistsError
         When ``target`` already exists (checked before and after the work).
+    ResourceError
+        When the file system refuses the writes (read-only, full, no permission).
     """
-    target = Path(target)
+    target = Path(os.path.abspath(target))
     if target.exists():
-        raise FileExistsError(f"output folder {target} already exists; choose a new one.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        raise OutputExistsError(f"output folder {target.name} already exists; choose a new one.")
+    staging = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        staging.chmod(0o777 & ~_umask())
         yield staging
         if target.exists():
-            raise FileExistsError(f"output folder {target} appeared while working; nothing written.")
+            raise OutputExistsError(f"output folder {target.name} appeared while working; "
+                                    "nothing written.")
         staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    except OSError as error:
+        if isinstance(error, InstructX2XError):
+            raise
+        raise ResourceError(f"cannot write the output folder {target.name}: "
+                            f"{error.strerror or error}.") from error
+    finally:
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _save_gray(array: np.ndarray, bits: int, path: Path) -> None:
@@ -76,5 +99,5 @@ def write_png_result(directory: Path, image: Radiograph, result: EditResult) -> 
     if result.untrained:
         manifest["notice"] = UNTRAINED_NOTICE
     manifest["files"] = images
-    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    (directory / "manifest.json").write_text(to_json(manifest) + "\n")
     return [directory / name for name in [*images, "manifest.json"]]

@@ -23,8 +23,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from . import guidance
-from .guidance import RegionMode
+from .errors import EditCancelled, EmptyEditRegionError, ParameterError
 from .instructions import parse_instruction
+from .parameters import RegionMode, check_sampling
 from .priors import PriorSelection, PriorSet
 
 __all__ = ["InstructX2XPipeline", "InstructX2XPipelineOutput", "EditCancelled"]
@@ -49,11 +50,9 @@ EXAMPLE_DOC_STRING = """
 """
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
-
-
-class EditCancelled(InterruptedError):
-    """The caller interrupted the denoising loop; nothing was produced."""
-
+# Full scale of the PIL modes a radiograph or mask may come in; "F" is taken as [0, 1] already.
+_PIL_FULL_SCALE = {"1": 1.0, "L": 255.0, "LA": 255.0, "P": 255.0, "RGB": 255.0, "RGBA": 255.0,
+                   "I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "F": 1.0}
 
 @dataclasses.dataclass
 class InstructX2XPipelineOutput(BaseOutput):
@@ -74,6 +73,10 @@ class InstructX2XPipelineOutput(BaseOutput):
             The prior (or user) masks `M` in pixel space; `None` in the `relevance` and `none` modes.
         prior (`PriorSelection` or `None`):
             Which prior was used and why (categories, full-image fallback reason).
+        reconstructions (`torch.Tensor` or `None`):
+            The VAE's reconstruction of the input (decode of its latent mode), same layout as
+            `images` in `"pt"`; only with `return_reconstruction=True`. `images - reconstructions`
+            is the model's own change, free of the autoencoder's blur.
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None
@@ -83,6 +86,7 @@ class InstructX2XPipelineOutput(BaseOutput):
     relevance_maps: torch.Tensor | None
     prior_masks: torch.Tensor | None
     prior: PriorSelection | None
+    reconstructions: torch.Tensor | None = None
 
 
 class InstructX2XPipeline(DiffusionPipeline):
@@ -120,9 +124,6 @@ class InstructX2XPipeline(DiffusionPipeline):
                               scheduler=scheduler)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
-        self.mask_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor,
-                                                do_normalize=False, do_binarize=True,
-                                                do_convert_grayscale=True)
         self.prior_set: PriorSet | None = None  # loaded on first use; assign to swap sets
         self._interrupt = False
 
@@ -149,7 +150,9 @@ class InstructX2XPipeline(DiffusionPipeline):
         image_guidance_scale: float = 1.5,
         eta: float = 0.0,
         generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
         guidance_only: bool = False,
+        return_reconstruction: bool = False,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
@@ -188,8 +191,14 @@ class InstructX2XPipeline(DiffusionPipeline):
                 DDIM eta; other schedulers ignore it.
             generator (`torch.Generator`, *optional*):
                 The one source of randomness (VAE sample, noise, stochastic schedulers).
+            latents (`torch.Tensor`, *optional*):
+                Start latents `(1, 4, H/8, W/8)` replacing the noised input latent (as in diffusers'
+                InstructPix2Pix); the noise for the relevance map and the re-noising is still drawn.
             guidance_only (`bool`, defaults to `False`):
                 Stop after the guidance map (one UNet call, one VAE encode): a cheap preview for tuning `tau`.
+            return_reconstruction (`bool`, defaults to `False`):
+                Also decode the input's latent mode (in the same VAE call as the edit), for
+                compositing the model's change onto a higher-resolution original.
             output_type (`str`, defaults to `"pil"`):
                 `"pil"`, `"np"` (`(B, H, W, C)` float) or `"pt"` (`(B, C, H, W)` float).
             return_dict (`bool`, defaults to `True`):
@@ -206,8 +215,9 @@ class InstructX2XPipeline(DiffusionPipeline):
             [`InstructX2XPipelineOutput`] or `tuple`: with `return_dict=False`, the output's fields in order.
 
         Raises:
-            ValueError: an argument is out of range or masks do not match the image.
+            ParameterError: an argument is out of range or masks do not match the image.
             TypeError: an argument has the wrong type.
+            EmptyEditRegionError: the edit mask is empty, so the edit would return the input.
             EditCancelled: the loop was interrupted.
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
@@ -220,7 +230,7 @@ class InstructX2XPipeline(DiffusionPipeline):
         )
         if (mask_image is not None or prior_mask is not None) and \
                 region_mode in (RegionMode.RELEVANCE, RegionMode.NONE):
-            raise ValueError(f"`mask_image` and `prior_mask` replace the prior, which region_mode "
+            raise ParameterError(f"`mask_image` and `prior_mask` replace the prior, which region_mode "
                              f"{region_mode.value!r} does not use; choose 'rse' or 'prior'.")
         self._interrupt = False
 
@@ -228,17 +238,22 @@ class InstructX2XPipeline(DiffusionPipeline):
         device = self._execution_device
         model_dtype = self.unet.dtype
 
-        # 2. Encode the instruction. CFG batch order: (text+image, image only, nothing).
-        prompt_embeds = self.encode_prompt(prompt, device)
-
-        # 3. Preprocess the image and the masks (all at the image's size)
+        # 2. Preprocess and check the image and the masks (all at the image's size), before any
+        # model call.
         source = self._to_tensor(image, "image", channels=None).to(device)
         height, width = source.shape[-2:]
         pixels = self.image_processor.normalize(source.expand(-1, 3, -1, -1).to(model_dtype))
         user_mask = self._load_mask(mask_image, "mask_image", (height, width), device)
         keep_mask = self._load_mask(keep_mask_image, "keep_mask_image", (height, width), device)
         if user_mask is not None and not user_mask.any():
-            raise ValueError("mask_image is empty: paint the region to edit, or pass no mask.")
+            raise EmptyEditRegionError("mask_image is empty: paint the region to edit, or pass no mask.")
+        if keep_mask is not None and keep_mask.all():
+            raise EmptyEditRegionError("the keep mask covers the whole image: nothing may be edited.")
+        if latents is not None and not isinstance(latents, torch.Tensor):
+            raise TypeError(f"`latents` must be a torch.Tensor, got {type(latents).__name__}.")
+
+        # 3. Encode the instruction. CFG batch order: (text+image, image only, nothing).
+        prompt_embeds = self.encode_prompt(prompt, device)
 
         # 4. Timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -274,11 +289,19 @@ class InstructX2XPipeline(DiffusionPipeline):
 
         if guidance_only:
             self.maybe_free_model_hooks()
-            fields = (None, mask_px, mask, guidance_px, relevance_px, prior, selection)
+            fields = (None, mask_px, mask, guidance_px, relevance_px, prior, selection, None)
             return InstructX2XPipelineOutput(*fields) if return_dict else fields
+        if not (mask.any() and mask_px.any()):
+            raise EmptyEditRegionError(_empty_region_reason(relevance, guidance_latent, keep_latent, tau))
 
         # 7. Start from the input latent noised to the first timestep (not from pure noise).
-        latents = self.scheduler.add_noise(source_latents, noise, timesteps[:1])
+        if latents is None:
+            latents = self.scheduler.add_noise(source_latents, noise, timesteps[:1])
+        elif tuple(latents.shape) != tuple(source_latents.shape):
+            raise ParameterError(f"`latents` must have shape {tuple(source_latents.shape)}, got "
+                                 f"{tuple(latents.shape)}.")
+        else:
+            latents = latents.to(device, torch.float32) * self.scheduler.init_noise_sigma
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
         blend = not bool(mask.all())
 
@@ -321,19 +344,24 @@ class InstructX2XPipeline(DiffusionPipeline):
         if self.interrupt:
             raise EditCancelled("edit cancelled after the last step")
 
-        # 9. Decode, then composite: pixels outside the mask are the input, bit for bit.
-        decoded = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor,
-                                  return_dict=False)[0]
+        # 9. Decode (with the input's reconstruction in the same call when asked), then
+        # composite: pixels outside the mask are the input, bit for bit.
+        to_decode = latents / self.vae.config.scaling_factor
+        if return_reconstruction:
+            to_decode = torch.cat([to_decode, image_latents.float()])
+        decoded = self.vae.decode(to_decode.to(self.vae.dtype), return_dict=False)[0]
         decoded = self.image_processor.denormalize(decoded.float()).clamp(0, 1)
         if source.shape[1] == 1:
             decoded = decoded.mean(dim=1, keepdim=True)
-        edited = torch.where(mask_px > 0, decoded, source.float())
-        images = self._postprocess(edited, output_type)
+        reconstruction = decoded[1:] if return_reconstruction else None
+        edited = torch.where(mask_px > 0, decoded[:1], source.float())
+        images = edited if output_type == "pt" else self.image_processor.postprocess(
+            edited, output_type=output_type, do_denormalize=[False])
 
         # 10. Offload all models
         self.maybe_free_model_hooks()
 
-        fields = (images, mask_px, mask, guidance_px, relevance_px, prior, selection)
+        fields = (images, mask_px, mask, guidance_px, relevance_px, prior, selection, reconstruction)
         return InstructX2XPipelineOutput(*fields) if return_dict else fields
 
     def check_inputs(self, prompt, image, region_mode, tau, relevance_timestep, num_inference_steps,
@@ -348,26 +376,20 @@ class InstructX2XPipeline(DiffusionPipeline):
         try:
             mode = RegionMode(region_mode)
         except ValueError:
-            raise ValueError(f"`region_mode` must be one of {[m.value for m in RegionMode]}, "
+            raise ParameterError(f"`region_mode` must be one of {[m.value for m in RegionMode]}, "
                              f"got {region_mode!r}.") from None
-        if not 0.0 <= float(tau) <= 1.0:
-            raise ValueError(f"`tau` must lie in [0, 1], got {tau}.")
-        train_steps = self.scheduler.config.num_train_timesteps
-        if not 0 <= int(relevance_timestep) < train_steps:
-            raise ValueError(f"`relevance_timestep` must lie in [0, {train_steps}), got {relevance_timestep}.")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
-        if guidance_scale < 0 or image_guidance_scale < 0:
-            raise ValueError(f"guidance scales must be >= 0, got guidance_scale={guidance_scale}, "
-                             f"image_guidance_scale={image_guidance_scale}.")
+        check_sampling(tau=tau, relevance_timestep=relevance_timestep,
+                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                       image_guidance_scale=image_guidance_scale,
+                       train_timesteps=self.scheduler.config.num_train_timesteps)
         if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"`output_type` must be 'pil', 'np' or 'pt', got {output_type!r}.")
+            raise ParameterError(f"`output_type` must be 'pil', 'np' or 'pt', got {output_type!r}.")
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` has {unknown}; allowed: "
+            raise ParameterError(f"`callback_on_step_end_tensor_inputs` has {unknown}; allowed: "
                              f"{self._callback_tensor_inputs}.")
         if self.unet.config.in_channels != 2 * self.vae.config.latent_channels:
-            raise ValueError(f"the UNet takes {self.unet.config.in_channels} input channels; InstructPix2Pix "
+            raise ParameterError(f"the UNet takes {self.unet.config.in_channels} input channels; InstructPix2Pix "
                              f"needs {2 * self.vae.config.latent_channels} (noisy + image latents).")
         return mode
 
@@ -415,7 +437,7 @@ class InstructX2XPipeline(DiffusionPipeline):
             return user_mask, selection
         if prior_mask is not None:
             mask = self._to_tensor(prior_mask, "prior_mask", channels=1).to(device)
-            mask = guidance.resize_map((mask > 0.5).float(), size)
+            mask = guidance.resize_map((mask > 0.5).float(), size, mode="nearest")
             return mask, PriorSelection(mask[0, 0].cpu().numpy(), (), False, "explicit prior mask",
                                         "explicit")
         if self.prior_set is None:
@@ -425,7 +447,7 @@ class InstructX2XPipeline(DiffusionPipeline):
             logger.warning("No anatomical prior applies (%s): editing with the full-image prior.",
                            selection.reason)
         mask = torch.from_numpy(selection.mask)[None, None].to(device)
-        return guidance.resize_map(mask, size), selection
+        return guidance.resize_map(mask, size, mode="nearest"), selection  # binary: the side stays exact
 
     def prepare_extra_step_kwargs(self, generator: torch.Generator | None, eta: float) -> dict[str, Any]:
         """Pass ``eta`` and ``generator`` only to schedulers whose ``step`` takes them."""
@@ -442,7 +464,7 @@ class InstructX2XPipeline(DiffusionPipeline):
             return None
         tensor = self._to_tensor(mask, name, channels=1)
         if tuple(tensor.shape[-2:]) != tuple(size):
-            raise ValueError(f"`{name}` is {tuple(tensor.shape[-2:])} but the image is {tuple(size)}; "
+            raise ParameterError(f"`{name}` is {tuple(tensor.shape[-2:])} but the image is {tuple(size)}; "
                              "masks must have the image's size.")
         return (tensor > 0.5).float().to(device)
 
@@ -450,8 +472,7 @@ class InstructX2XPipeline(DiffusionPipeline):
     def _to_tensor(value, name: str, channels: int | None) -> torch.Tensor:
         """An image or mask as a float tensor ``(1, C, H, W)`` in ``[0, 1]``."""
         if isinstance(value, PIL.Image.Image):
-            value = np.asarray(value.convert("L" if channels == 1 or value.mode in ("L", "I;16", "I", "F")
-                                             else "RGB"), dtype=np.float32) / 255.0
+            value = _pil_to_unit_array(value, name)
         if isinstance(value, np.ndarray):
             value = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
             if value.ndim == 3:
@@ -463,23 +484,41 @@ class InstructX2XPipeline(DiffusionPipeline):
         while tensor.ndim < 4:
             tensor = tensor.unsqueeze(0)
         if tensor.ndim != 4 or tensor.shape[0] != 1 or tensor.shape[1] not in (1, 3):
-            raise ValueError(f"`{name}` must be one 2-D grayscale or RGB image, got shape "
+            raise ParameterError(f"`{name}` must be one 2-D grayscale or RGB image, got shape "
                              f"{tuple(value.shape)}.")
         if channels == 1 and tensor.shape[1] == 3:
             tensor = tensor.mean(dim=1, keepdim=True)
         if not torch.isfinite(tensor).all() or tensor.min() < 0 or tensor.max() > 1:
-            raise ValueError(f"`{name}` values must be finite and lie in [0, 1].")
+            raise ParameterError(f"`{name}` values must be finite and lie in [0, 1].")
         height, width = tensor.shape[-2:]
         if name == "image" and (height % 8 or width % 8 or height < 8 or width < 8):
-            raise ValueError(f"`image` height and width must be multiples of 8, got {height}x{width}; "
+            raise ParameterError(f"`image` height and width must be multiples of 8, got {height}x{width}; "
                              "resize it first (InstructX2XEditor does).")
         return tensor
 
-    def _postprocess(self, images: torch.Tensor, output_type: str):
-        if output_type == "pt":
-            return images
-        array = images.permute(0, 2, 3, 1).cpu().numpy()
-        if output_type == "np":
-            return array
-        return [PIL.Image.fromarray((a[..., 0] if a.shape[-1] == 1 else a).__mul__(255).round().astype(np.uint8))
-                for a in array]
+
+def _pil_to_unit_array(image: PIL.Image.Image, name: str) -> np.ndarray:
+    """A PIL image as float32 in [0, 1] at its full bit depth (never through 8-bit "L").
+
+    Raises:
+        ParameterError: for modes whose full scale is unknown (32-bit integer "I", CMYK, ...).
+    """
+    if image.mode not in _PIL_FULL_SCALE:
+        raise ParameterError(f"`{name}` has PIL mode {image.mode!r}; give 8- or 16-bit grayscale, "
+                             "RGB, or float ('F', values in [0, 1]).")
+    scale = _PIL_FULL_SCALE[image.mode]
+    if image.mode in ("LA", "P", "RGBA"):
+        image = image.convert("RGB")
+    return np.asarray(image, dtype=np.float32) / scale
+
+
+def _empty_region_reason(relevance, guidance_latent, keep_latent, tau: float) -> str:
+    """Why the edit mask came out empty, in words a user can act on."""
+    if relevance is not None and not relevance.any():
+        return ("the relevance map is constant: the instruction does not change the model's noise "
+                "prediction anywhere, so no region can be chosen; use region mode 'prior' or a "
+                "painted mask, or check that the model reads the instruction.")
+    if keep_latent is not None and (keep_latent > 0).all():
+        return "the keep mask covers the whole image: nothing may be edited."
+    return (f"no guidance value reaches tau={tau:g} (the largest is "
+            f"{float(guidance_latent.max()):.3g}): lower tau.")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .instructions import PRIOR_CATEGORIES, Laterality, ParsedInstruction
+from .instructions import FINDING_TO_PRIOR, PRIOR_CATEGORIES, Laterality, ParsedInstruction
 
 __all__ = [
     "PRIOR_SIZE",
@@ -260,10 +260,13 @@ class PriorSet:
         if not instruction.findings:
             return PriorSelection(full, (), True, "the instruction names no known finding",
                                   self.version)
-        if not instruction.prior_categories:
+        # SPEC 2.4: a named finding without a prior may appear anywhere, so the union with
+        # it is the full image ("effusion and fracture" must not edit the effusion region only).
+        uncovered = [f for f in instruction.findings if f not in FINDING_TO_PRIOR]
+        if uncovered:
             return PriorSelection(
                 full, (), True,
-                f"no prior covers the finding(s) {', '.join(instruction.findings)}", self.version)
+                f"no prior covers the finding(s) {', '.join(uncovered)}", self.version)
         missing = [c for c in instruction.prior_categories if c not in self.masks]
         if missing:
             return PriorSelection(full, (), True,

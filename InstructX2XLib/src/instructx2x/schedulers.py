@@ -21,7 +21,9 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-__all__ = ["DDIM_CONFIG", "SCHEDULERS", "PAPER_STEPS", "FEW_STEP_SOLVER_STEPS", "make_scheduler",
+from .errors import ParameterError
+
+__all__ = ["DDIM_CONFIG", "TRAINING_KEYS", "SCHEDULERS", "PAPER_STEPS", "FEW_STEP_SOLVER_STEPS", "make_scheduler",
            "default_scheduler", "default_steps"]
 
 # Stable Diffusion 1.x betas with the authors' DDIM sampling settings.
@@ -61,7 +63,13 @@ def default_steps(scheduler: SchedulerMixin) -> int:
     return FEW_STEP_SOLVER_STEPS if isinstance(scheduler, _FEW_STEP_SOLVERS) else PAPER_STEPS
 
 
-def make_scheduler(name: str = "ddim") -> SchedulerMixin:
+# What a model's own scheduler/ folder may set: how it was trained. How to sample (steps
+# offset, alpha-to-one, clipping) stays the authors'.
+TRAINING_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
+                 "trained_betas", "prediction_type")
+
+
+def make_scheduler(name: str = "ddim", model_config: dict | None = None) -> SchedulerMixin:
     """Build a scheduler by short name from the shipped DDIM configuration.
 
     Parameters
@@ -69,6 +77,9 @@ def make_scheduler(name: str = "ddim") -> SchedulerMixin:
     name: str
         One of ``SCHEDULERS`` (``ddim``, ``dpm++``, ``unipc``, ``euler``, ``euler-a``,
         ``pndm``, ``ddpm``).
+    model_config: dict | None
+        A model's saved ``scheduler_config.json``; its training keys (``TRAINING_KEYS``:
+        betas, prediction type) replace the shipped Stable Diffusion ones.
 
     Returns
     -------
@@ -76,10 +87,11 @@ def make_scheduler(name: str = "ddim") -> SchedulerMixin:
 
     Raises
     ------
-    ValueError
+    ParameterError
         When the name is unknown.
     """
     if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}.")
+        raise ParameterError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}.")
     scheduler_class, overrides = SCHEDULERS[name]
-    return scheduler_class.from_config({**DDIM_CONFIG, **overrides})
+    trained = {k: v for k, v in (model_config or {}).items() if k in TRAINING_KEYS and v is not None}
+    return scheduler_class.from_config({**DDIM_CONFIG, **trained, **overrides})

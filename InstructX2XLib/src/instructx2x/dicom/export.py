@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..editor import EditResult
 from ..image_io import Radiograph
 from ..outputs import atomic_output_dir
 from ..overlay import guidance_overlay
-from .native import composite_stored
+from ..provenance import to_json
+from .native import composite_stored, proposed_stored
 from .write import EditObjects, build_edit_objects
 
 __all__ = ["export_dicom_edit", "write_dicom_edit"]
@@ -61,8 +61,11 @@ def write_dicom_edit(directory: Path, image: Radiograph, result: EditResult, *,
         raise ValueError("a guidance preview has no counterfactual image to export.")
     source = image.metadata["dataset"]
     original = image.metadata["stored"]
-    stored = composite_stored(original, result.edited, result.edit_mask,
-                              image.metadata["mapping"], feather_px)
+    mapping = image.metadata["mapping"]
+    proposed = proposed_stored(original, mapping, result.edited, result.model_output,
+                               result.reconstruction)
+    stored, clipped = composite_stored(original, proposed, result.edit_mask, mapping.stored_range,
+                                       feather_px)
     spacing = image.metadata["pixel_spacing"]
     provenance = dict(result.manifest)
     provenance["input"] = dict(provenance["input"],
@@ -72,6 +75,8 @@ def write_dicom_edit(directory: Path, image: Radiograph, result: EditResult, *,
                             "bits_stored": int(source.BitsStored),
                             "photometric_interpretation": str(source.PhotometricInterpretation),
                             "feather_px": feather_px,
+                            "composite": "change" if result.reconstruction is not None else "replace",
+                            "clipped_fraction": round(clipped, 6),
                             "pixel_spacing": spacing,
                             "outside_mask": "stored values copied from the original"}
     overlay = guidance_overlay(image.pixels, result.guidance_map, result.edit_mask)
@@ -85,5 +90,5 @@ def write_dicom_edit(directory: Path, image: Radiograph, result: EditResult, *,
     directory = Path(directory)
     for name, dataset in named.items():
         dataset.save_as(directory / name, enforce_file_format=True)
-    (directory / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n")
+    (directory / "provenance.json").write_text(to_json(provenance) + "\n")
     return [*named, "provenance.json"]

@@ -121,18 +121,25 @@ class IntensityMapping:
         display = np.clip(display, 0.0, 1.0)
         return (1.0 - display if self.invert else display).astype(np.float32)
 
-    def inverse(self, display: np.ndarray) -> np.ndarray:
-        """Stored values (int64, clipped to the stored range) that display as ``display``."""
-        y = np.clip(display.astype(np.float64), 0.0, 1.0)
+    def to_stored(self, display: np.ndarray) -> np.ndarray:
+        """Stored values (float64, neither rounded nor clipped) that display as ``display``.
+
+        Differences of two such values carry a display-domain change into the stored domain
+        at the local gain of the chain, which is how an edit is added to stored values that
+        lie outside the VOI window.
+        """
+        y = np.clip(np.asarray(display, dtype=np.float64), 0.0, 1.0)
         if self.invert:
             y = 1.0 - y
         values = self.voi.inverse(y * self.voi_scale)
         if self.modality_lut is not None:
-            stored = self.modality_lut.inverse(values)
-        else:
-            stored = (values - self.intercept) / self.slope
+            return self.modality_lut.inverse(values)
+        return (values - self.intercept) / self.slope
+
+    def inverse(self, display: np.ndarray) -> np.ndarray:
+        """Stored values (int64, clipped to the stored range) that display as ``display``."""
         low, high = self.stored_range
-        return np.clip(np.rint(stored), low, high).astype(np.int64)
+        return np.clip(np.rint(self.to_stored(display)), low, high).astype(np.int64)
 
 
 def _lut_from_item(item: Dataset, name: str) -> LookupTable:

@@ -12,15 +12,13 @@ from pathlib import Path
 
 import pydicom
 
+from ..errors import PacsError, ParameterError
+
 __all__ = ["PacsError", "CStoreTarget", "push_cstore", "push_stow"]
 
 logger = logging.getLogger(__name__)
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default repertoire, no backslash
-
-
-class PacsError(RuntimeError):
-    """The PACS refused or did not answer; nothing is assumed stored."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +27,7 @@ class CStoreTarget:
 
     Raises
     ------
-    ValueError
+    ParameterError
         On an empty host, a port outside 1-65535 or an invalid AE title.
     """
 
@@ -40,13 +38,13 @@ class CStoreTarget:
 
     def __post_init__(self) -> None:
         if not self.host:
-            raise ValueError("C-STORE host is empty.")
+            raise ParameterError("C-STORE host is empty.")
         if not 0 < int(self.port) < 65536:
-            raise ValueError(f"C-STORE port must lie in 1-65535, got {self.port}.")
+            raise ParameterError(f"C-STORE port must lie in 1-65535, got {self.port}.")
         for name in ("called_ae_title", "calling_ae_title"):
             value = getattr(self, name)
             if not _AE_TITLE.match(value) or not value.strip():
-                raise ValueError(f"{name} {value!r} is not a valid AE title (1-16 characters, "
+                raise ParameterError(f"{name} {value!r} is not a valid AE title (1-16 characters, "
                                  "no backslash).")
 
     @classmethod
@@ -54,7 +52,7 @@ class CStoreTarget:
         """Parse ``HOST:PORT:AET`` (the CLI's ``--push-cstore``)."""
         parts = text.rsplit(":", 2)
         if len(parts) != 3 or not parts[1].isdigit():
-            raise ValueError(f"C-STORE target must read HOST:PORT:AET, got {text!r}.")
+            raise ParameterError(f"C-STORE target must read HOST:PORT:AET, got {text!r}.")
         return cls(parts[0], int(parts[1]), parts[2])
 
 
@@ -96,13 +94,13 @@ def push_stow(paths: list[Path], url: str) -> None:
 
     Raises
     ------
-    ValueError
+    ParameterError
         When the URL is not http(s).
     PacsError
         When the server answers with an error.
     """
     if not url.startswith(("http://", "https://")):
-        raise ValueError(f"STOW-RS URL must start with http:// or https://, got {url!r}.")
+        raise ParameterError(f"STOW-RS URL must start with http:// or https://, got {url!r}.")
     from dicomweb_client.api import DICOMwebClient
     from requests import RequestException
 

@@ -18,6 +18,7 @@ from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from ..errors import InputNotFoundError
 from ..image_io import MAX_PIXELS, ImageReadError, Radiograph, looks_like_dicom, register_reader
 from .intensity import mapping_from_dataset
 
@@ -74,7 +75,7 @@ def read_dicom(path: str | Path, *, voi: str | int = "first",
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"input image not found: {path.name}")
+        raise InputNotFoundError(f"input image not found: {path.name}")
     name = path.name
     content = path.read_bytes()  # read once: parsed below and hashed for the manifest
     try:

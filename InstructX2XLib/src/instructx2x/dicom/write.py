@@ -15,7 +15,7 @@ manifest in a private block.
 from __future__ import annotations
 
 import dataclasses
-import json
+import datetime
 import warnings
 
 import highdicom as hd
@@ -24,18 +24,23 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from .. import __version__
+from ..errors import InputError
+from ..provenance import PRIVATE_CREATOR, PRIVATE_GROUP, PROVENANCE_ELEMENT, read_provenance, to_json
 
-__all__ = ["EditObjects", "build_edit_objects", "SERIES_DESCRIPTION", "PRIVATE_CREATOR",
-           "read_provenance"]
+__all__ = ["EditObjects", "build_edit_objects", "check_exportable", "series_numbers",
+           "SERIES_DESCRIPTION", "PRIVATE_CREATOR", "read_provenance"]
 
 SERIES_DESCRIPTION = "SYNTHETIC - NOT FOR DIAGNOSIS - InstructX2X"
 SEG_SERIES_DESCRIPTION = "SYNTHETIC EDIT REGION - InstructX2X"
-PRIVATE_CREATOR = "INSTRUCTX2X"
-PRIVATE_GROUP = 0x0071
-PROVENANCE_ELEMENT = 0x01
+# Person-name attributes copied from the source into every object (Patient and General Study).
+PERSON_NAME_KEYWORDS = ("PatientName", "ReferringPhysicianName")
+# Transfer syntaxes whose compression loses information (PS3.5 section 8 and 10).
+LOSSY_TRANSFER_SYNTAXES = {
+    "1.2.840.10008.1.2.4.50": "ISO_10918_1", "1.2.840.10008.1.2.4.51": "ISO_10918_1",
+    "1.2.840.10008.1.2.4.81": "ISO_14495_1", "1.2.840.10008.1.2.4.91": "ISO_15444_1",
+    "1.2.840.10008.1.2.4.203": "ISO_15444_15",
+}
 MANUFACTURER = "InstructX2X"
-SC_SERIES_NUMBER = 9001
-SEG_SERIES_NUMBER = 9002
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +104,14 @@ def build_edit_objects(source: Dataset, stored: np.ndarray, overlay_rgb: np.ndar
     if stored.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"stored pixels must be uint8 or uint16, got {stored.dtype}.")
 
+    with warnings.catch_warnings():
+        # highdicom's checks of the copied person names quote the name itself in their
+        # warnings (SC and SEG alike); patient and physician names must not reach logs.
+        warnings.filterwarnings("ignore", message=".*person name", category=UserWarning)
+        return _build(source, stored, overlay_rgb, edit_mask, provenance, pixel_spacing)
+
+
+def _build(source, stored, overlay_rgb, edit_mask, provenance, pixel_spacing) -> EditObjects:
     reference = _reference_dataset(source)
     orientation = _patient_orientation(source)
     coordinates = {"coordinate_system": "PATIENT", "patient_orientation": orientation} \
@@ -106,17 +119,17 @@ def build_edit_objects(source: Dataset, stored: np.ndarray, overlay_rgb: np.ndar
     if pixel_spacing is not None:
         coordinates["pixel_spacing"] = tuple(float(v) for v in pixel_spacing)
     series_uid = hd.UID()
-    with warnings.catch_warnings():
-        # highdicom's check of the copied person names quotes the name itself in the
-        # warning; patient and physician names must not reach logs.
-        warnings.filterwarnings("ignore", message="The string .* person name", category=UserWarning)
-        counterfactual, overlay = _build_secondary_captures(
-            reference, stored, overlay_rgb, str(source.PhotometricInterpretation), series_uid,
-            coordinates)
+    sc_number, seg_number = series_numbers()
+    description = _series_description(SERIES_DESCRIPTION, provenance)
+    counterfactual, overlay = _build_secondary_captures(
+        reference, stored, overlay_rgb, str(source.PhotometricInterpretation), series_uid,
+        sc_number, coordinates)
     text = _summary(provenance)
-    _mark_synthetic_derivative(counterfactual, source, provenance, text + " Counterfactual image.")
+    _mark_synthetic_derivative(counterfactual, source, provenance, description,
+                               text + " Counterfactual image.")
     _copy_grayscale_presentation(counterfactual, source)
-    _mark_synthetic_derivative(overlay, source, provenance, text + " Guidance map over the image.")
+    _mark_synthetic_derivative(overlay, source, provenance, description,
+                               text + " Guidance map over the image.")
 
     segmentation = hd.seg.Segmentation(
         source_images=[reference], pixel_array=edit_mask[None].astype(bool),
@@ -129,10 +142,10 @@ def build_edit_objects(source: Dataset, stored: np.ndarray, overlay_rgb: np.ndar
             algorithm_identification=hd.AlgorithmIdentificationSequence(
                 name="InstructX2X Region-Specific Editing", version=__version__,
                 family=codes.cid7162.ArtificialIntelligence))],
-        series_instance_uid=hd.UID(), series_number=SEG_SERIES_NUMBER, sop_instance_uid=hd.UID(),
+        series_instance_uid=hd.UID(), series_number=seg_number, sop_instance_uid=hd.UID(),
         instance_number=1, manufacturer=MANUFACTURER, manufacturer_model_name="InstructX2X",
         software_versions=__version__, device_serial_number="none",
-        series_description=SEG_SERIES_DESCRIPTION)
+        series_description=_series_description(SEG_SERIES_DESCRIPTION, provenance))
     if orientation:
         segmentation.PatientOrientation = list(orientation)  # General Image, Type 2C
     segmentation.ContentDescription = "Region the counterfactual edit was allowed to change"
@@ -141,31 +154,56 @@ def build_edit_objects(source: Dataset, stored: np.ndarray, overlay_rgb: np.ndar
 
 
 def _build_secondary_captures(reference: Dataset, stored: np.ndarray, overlay_rgb: np.ndarray,
-                              photometric: str, series_uid: str, coordinates: dict):
+                              photometric: str, series_uid: str, series_number: int,
+                              coordinates: dict):
     counterfactual = hd.sc.SCImage.from_ref_dataset(
         reference, stored, photometric, stored.dtype.itemsize * 8,
-        series_instance_uid=series_uid, series_number=SC_SERIES_NUMBER, sop_instance_uid=hd.UID(),
+        series_instance_uid=series_uid, series_number=series_number, sop_instance_uid=hd.UID(),
         instance_number=1, manufacturer=MANUFACTURER, **coordinates)
     overlay = hd.sc.SCImage.from_ref_dataset(
         reference, overlay_rgb, "RGB", 8, series_instance_uid=series_uid,
-        series_number=SC_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=2,
+        series_number=series_number, sop_instance_uid=hd.UID(), instance_number=2,
         manufacturer=MANUFACTURER, **coordinates)
     return counterfactual, overlay
 
 
-def read_provenance(dataset: Dataset) -> dict:
-    """The provenance manifest stored in an object written by this module.
+def series_numbers(now: datetime.datetime | None = None) -> tuple[int, int]:
+    """Series numbers of one edit: day, hour, minute and second, then 1 (images) or 2 (SEG).
+
+    Repeated edits of one study get different numbers (and the instruction in their
+    descriptions), so a viewer's series list tells them apart and sorts them in time.
+    """
+    stamp = int((now or datetime.datetime.now()).strftime("%d%H%M%S"))
+    return stamp * 10 + 1, stamp * 10 + 2
+
+
+def check_exportable(source: Dataset, name: str) -> None:
+    """Refuse, before any edit, a source whose derived objects could not be built.
+
+    Builds the three objects once from a blank image and a full mask (about a second for
+    a large film), so every rule highdicom enforces is checked with the real builder.
 
     Raises
     ------
-    ValueError
-        When the dataset has no InstructX2X provenance block.
+    InputError
+        Naming the file and the attribute (never its value).
     """
+    for keyword in PERSON_NAME_KEYWORDS:
+        element = source.get(keyword)
+        if element is not None and source[keyword].VM > 1:
+            raise InputError(f"{name}: {keyword} holds {source[keyword].VM} values; the derived "
+                             "objects take one person name. Correct the source first.")
+    if int(source.get("PixelRepresentation", 0)) == 1:
+        raise InputError(f"{name}: signed stored values cannot be written as a Secondary "
+                         "Capture; export the radiograph unsigned first.")
+    rows, columns = int(source.Rows), int(source.Columns)
+    dtype = np.uint8 if int(source.BitsAllocated) <= 8 else np.uint16
     try:
-        block = dataset.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
-        return json.loads(block[PROVENANCE_ELEMENT].value)
-    except KeyError as error:
-        raise ValueError("the dataset carries no InstructX2X provenance.") from error
+        build_edit_objects(source, np.zeros((rows, columns), dtype), np.zeros((rows, columns, 3), np.uint8),
+                           np.ones((rows, columns), bool), {})
+    except (ValueError, TypeError, AttributeError, KeyError, NotImplementedError) as error:
+        raise InputError(f"{name}: the derived DICOM objects cannot be built from this "
+                         f"source ({type(error).__name__}: {_without_values(str(error))}).") from None
 
 
 def _reference_dataset(source: Dataset) -> Dataset:
@@ -197,8 +235,20 @@ def _summary(provenance: dict) -> str:
             f"steps {parameters.get('num_inference_steps')}, tau {parameters.get('tau')}.")
 
 
+def _series_description(prefix: str, provenance: dict) -> str:
+    """The fixed synthetic marking plus the instruction, within LO's 64 characters."""
+    instruction = str(provenance.get("parameters", {}).get("instruction", "") or "")
+    text = f"{prefix}: {instruction}" if instruction else prefix
+    return text if len(text) <= 64 else text[:63] + "~"
+
+
+def _without_values(message: str) -> str:
+    """An error message cut before any quoted value, which may be a patient attribute."""
+    return message.split('"')[0].split("'")[0].strip() or "invalid attribute"
+
+
 def _mark_synthetic_derivative(dataset: Dataset, source: Dataset, provenance: dict,
-                               description: str) -> None:
+                               series_description: str, description: str) -> None:
     """Attributes highdicom's SCImage leaves out or sets otherwise, by module."""
     # SC Equipment: a synthetic image, not a digitised one (highdicom writes DI)
     dataset.ConversionType = hd.sc.ConversionTypeValues.SYN.value
@@ -206,14 +256,14 @@ def _mark_synthetic_derivative(dataset: Dataset, source: Dataset, provenance: di
     dataset.SecondaryCaptureDeviceManufacturerModelName = "InstructX2X"
     dataset.SecondaryCaptureDeviceSoftwareVersions = __version__
     # General Series
-    dataset.SeriesDescription = SERIES_DESCRIPTION
+    dataset.SeriesDescription = series_description
     dataset.BodyPartExamined = str(source.get("BodyPartExamined", "") or "CHEST")
     # General Image: derived from the source, synthetic, no burned-in patient text
     dataset.ImageType = ["DERIVED", "SECONDARY"]
     dataset.DerivationDescription = description[:1024]
     dataset.ImageComments = description
     dataset.BurnedInAnnotation = "NO"
-    dataset.LossyImageCompression = "00"
+    _carry_lossy_compression(dataset, source)
     source_item = Dataset()
     source_item.ReferencedSOPClassUID = source.SOPClassUID
     source_item.ReferencedSOPInstanceUID = source.SOPInstanceUID
@@ -221,12 +271,28 @@ def _mark_synthetic_derivative(dataset: Dataset, source: Dataset, provenance: di
     _add_provenance(dataset, provenance)
 
 
+def _carry_lossy_compression(dataset: Dataset, source: Dataset) -> None:
+    """General Image: once lossy, always lossy (PS3.3 C.7.6.1.1.5), with ratio and method."""
+    syntax = str(getattr(getattr(source, "file_meta", None), "TransferSyntaxUID", "") or "")
+    lossy = str(source.get("LossyImageCompression", "") or "") == "01" or syntax in LOSSY_TRANSFER_SYNTAXES
+    dataset.LossyImageCompression = "01" if lossy else "00"
+    if not lossy:
+        return
+    for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+        if keyword in source:
+            dataset[keyword] = source[keyword]
+    if "LossyImageCompressionMethod" not in dataset and syntax in LOSSY_TRANSFER_SYNTAXES:
+        dataset.LossyImageCompressionMethod = LOSSY_TRANSFER_SYNTAXES[syntax]
+
+
 def _copy_grayscale_presentation(dataset: Dataset, source: Dataset) -> None:
-    """Image Pixel bit depth and VOI LUT of the source, so the result displays alike."""
+    """Image Pixel bit depth, modality and VOI LUTs of the source, so the result displays
+    and measures alike (the stored values were composited in the source's stored domain)."""
     dataset.BitsStored = int(source.BitsStored)
     dataset.HighBit = int(source.BitsStored) - 1
     for keyword in ("WindowCenter", "WindowWidth", "VOILUTFunction", "WindowCenterWidthExplanation",
-                    "VOILUTSequence", "RescaleIntercept", "RescaleSlope", "RescaleType"):
+                    "VOILUTSequence", "ModalityLUTSequence", "RescaleIntercept", "RescaleSlope",
+                    "RescaleType"):
         if keyword in source:
             dataset[keyword] = source[keyword]
     if "RescaleSlope" in dataset and "RescaleType" not in dataset:
@@ -235,4 +301,4 @@ def _copy_grayscale_presentation(dataset: Dataset, source: Dataset) -> None:
 
 def _add_provenance(dataset: Dataset, provenance: dict) -> None:
     block = dataset.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
-    block.add_new(PROVENANCE_ELEMENT, "UT", json.dumps(provenance, sort_keys=True, default=str))
+    block.add_new(PROVENANCE_ELEMENT, "UT", to_json(provenance, indent=None, sort_keys=True))

@@ -1,0 +1,154 @@
+"""Edit settings and their checks, in one place and without torch.
+
+``EditParameters`` is what a user, a job file or a panel sets; every range check of the
+library lives here (``check_sampling``), and the pipeline calls the same function, so a
+value that one entry point refuses is refused by all of them before any model runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+
+import numpy as np
+
+from .errors import EmptyEditRegionError, ParameterError
+from .instructions import parse_instruction
+
+__all__ = ["RegionMode", "EditParameters", "ASPECT_MODES", "COMPOSITE_MODES", "MAX_RESOLUTION",
+           "check_sampling", "check_masks"]
+
+# squash: resize to the square grid as the authors trained; pad: keep the aspect ratio by
+# padding to a square with black (air), never edited, and cropping the result back.
+ASPECT_MODES = ("squash", "pad")
+# change: the input at native resolution plus the model's change (edited - reconstructed input)
+# inside the mask, so native detail survives; replace: the model's upsampled output inside it.
+COMPOSITE_MODES = ("change", "replace")
+# 2048 px is four times the authors' grid; an SD-1.5 UNet there needs ~40 GB of activations.
+MAX_RESOLUTION = 2048
+MAX_GUIDANCE_SCALE = 100.0
+
+
+class RegionMode(str, enum.Enum):
+    """Which maps decide the edit region: the four rows of the paper's Table 2."""
+
+    RSE = "rse"  # relevance map x pseudo mask (the paper's method)
+    RELEVANCE = "relevance"  # relevance map alone (ablation b)
+    PRIOR = "prior"  # pseudo mask alone (ablation c)
+    NONE = "none"  # whole image, plain InstructPix2Pix (ablation a)
+
+
+def check_sampling(*, tau: float, relevance_timestep: int, num_inference_steps: int | None,
+                   guidance_scale: float, image_guidance_scale: float, eta: float = 0.0,
+                   train_timesteps: int = 1000) -> None:
+    """Refuse out-of-range or non-finite sampling settings.
+
+    Raises
+    ------
+    ParameterError
+        Naming the setting and the value received.
+    """
+    for name, value in (("tau", tau), ("guidance_scale", guidance_scale),
+                        ("image_guidance_scale", image_guidance_scale), ("eta", eta)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ParameterError(f"{name} must be a finite number, got {value!r}.")
+    if not 0.0 <= tau <= 1.0:
+        raise ParameterError(f"tau must lie in [0, 1], got {tau}.")
+    for name, value in (("guidance_scale", guidance_scale), ("image_guidance_scale", image_guidance_scale)):
+        if not 0.0 <= value <= MAX_GUIDANCE_SCALE:
+            raise ParameterError(f"{name} must lie in [0, {MAX_GUIDANCE_SCALE:g}], got {value}.")
+    if not 0.0 <= eta <= 1.0:
+        raise ParameterError(f"eta must lie in [0, 1], got {eta}.")
+    if isinstance(relevance_timestep, bool) or not isinstance(relevance_timestep, int) \
+            or not 0 <= relevance_timestep < train_timesteps:
+        raise ParameterError(f"relevance_timestep must be an integer in [0, {train_timesteps}), "
+                             f"got {relevance_timestep!r}.")
+    if num_inference_steps is not None and (
+            isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int)
+            or not 1 <= num_inference_steps <= train_timesteps):
+        raise ParameterError(f"num_inference_steps must be an integer in [1, {train_timesteps}], "
+                             f"got {num_inference_steps!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class EditParameters:
+    """Every setting that changes an edit; recorded in full in the manifest.
+
+    Defaults are the authors' (SPEC section 2), except two that follow the model and the
+    device: the step count (``None``: the sampler's default) and the resolution (``None``:
+    the model's native size, UNet sample_size x VAE scale factor). ``InstructX2XEditor.resolve``
+    fills both in. The instruction is stored whitespace-normalised, which is what the model
+    sees and what provenance records.
+
+    Raises
+    ------
+    ParameterError
+        For any out-of-range value (see ``check_sampling``), an unknown mode, or an
+        instruction that is empty, too long or holds control characters.
+    """
+
+    instruction: str
+    region_mode: str = RegionMode.RSE.value
+    tau: float = 0.1
+    relevance_timestep: int = 800
+    num_inference_steps: int | None = None
+    guidance_scale: float = 7.5
+    image_guidance_scale: float = 1.5
+    eta: float = 0.0
+    seed: int = 0
+    resolution: int | None = None
+    lateralize_prior: bool = True
+    aspect: str = "squash"
+    composite: str = "change"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "instruction", parse_instruction(self.instruction).text)
+        try:
+            RegionMode(self.region_mode)
+        except ValueError:
+            raise ParameterError(f"region_mode must be one of {[m.value for m in RegionMode]}, "
+                                 f"got {self.region_mode!r}.") from None
+        check_sampling(tau=self.tau, relevance_timestep=self.relevance_timestep,
+                       num_inference_steps=self.num_inference_steps,
+                       guidance_scale=self.guidance_scale,
+                       image_guidance_scale=self.image_guidance_scale, eta=self.eta)
+        if self.resolution is not None and (
+                not isinstance(self.resolution, int) or self.resolution % 8
+                or not 64 <= self.resolution <= MAX_RESOLUTION):
+            raise ParameterError(f"resolution must be a multiple of 8 in [64, {MAX_RESOLUTION}], "
+                                 f"got {self.resolution!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ParameterError(f"seed must be an integer in [0, 2**63), got {self.seed!r}.")
+        if self.aspect not in ASPECT_MODES:
+            raise ParameterError(f"aspect must be one of {ASPECT_MODES}, got {self.aspect!r}.")
+        if self.composite not in COMPOSITE_MODES:
+            raise ParameterError(f"composite must be one of {COMPOSITE_MODES}, got {self.composite!r}.")
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (the manifest's ``parameters``)."""
+        return dataclasses.asdict(self)
+
+
+def check_masks(shape: tuple[int, int], parameters: EditParameters, mask: np.ndarray | None,
+                keep_mask: np.ndarray | None) -> None:
+    """Refuse masks that cannot work with this image and mode, before any model call.
+
+    Raises
+    ------
+    ParameterError
+        A mask of another size, or a painted mask in a mode without a prior.
+    EmptyEditRegionError
+        An empty edit mask, or a keep mask that covers the whole image.
+    """
+    for name, array in (("mask", mask), ("keep_mask", keep_mask)):
+        if array is not None and np.asarray(array).shape != tuple(shape):
+            raise ParameterError(f"{name} is {np.asarray(array).shape} but the image is "
+                                 f"{tuple(shape)}.")
+    if mask is not None and RegionMode(parameters.region_mode) in (RegionMode.RELEVANCE, RegionMode.NONE):
+        raise ParameterError(f"a painted mask replaces the prior, which region mode "
+                             f"{parameters.region_mode!r} does not use; choose 'rse' or 'prior'.")
+    if mask is not None and not np.asarray(mask).any():
+        raise EmptyEditRegionError("mask is empty: paint the region to edit, or pass no mask.")
+    if keep_mask is not None and np.asarray(keep_mask).all():
+        raise EmptyEditRegionError("the keep mask covers the whole image: nothing may be edited.")
