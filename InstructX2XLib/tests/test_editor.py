@@ -157,3 +157,47 @@ def test_auto_scheduler_follows_the_device():
     assert type(editor.pipeline.scheduler).__name__ == "DPMSolverMultistepScheduler"
     explicit = InstructX2XEditor.from_model("untrained-tiny", device="cpu", scheduler="ddim")
     assert type(explicit.pipeline.scheduler).__name__ == "DDIMScheduler"
+
+
+def test_pad_mode_priors_land_where_the_image_lands(editor):
+    """A wide 200x400 film: the cardiomegaly prior must cover the same rows of the film in
+    pad mode as in squash mode (it used to be applied in the padded square, 44 rows off)."""
+    yy, xx = np.mgrid[0:200, 0:400]
+    film = Radiograph((0.5 + 0.2 * np.sin(yy / 9) * np.cos(xx / 13)).astype(np.float32),
+                      "wide.png", "e" * 64, "png", 8)
+    instruction = "Add the finding of cardiomegaly"
+    squash = editor.preview(film, params(instruction=instruction, region_mode="prior", resolution=128))
+    pad = editor.preview(film, params(instruction=instruction, region_mode="prior", resolution=128,
+                                      aspect="pad"))
+    top = [int(np.argmax(r.prior_mask.max(axis=1) > 0.5)) for r in (squash, pad)]
+    left = [int(np.argmax(r.prior_mask.max(axis=0) > 0.5)) for r in (squash, pad)]
+    assert abs(top[0] - top[1]) <= 2 and abs(left[0] - left[1]) <= 2, (top, left)
+    assert pad.manifest["prior"]["categories"] == ["Cardiomegaly"]
+
+
+def test_change_composite_keeps_native_detail_inside_the_mask(editor):
+    """Inside the mask, 'change' adds the model's change to the native film, so detail finer
+    than the model's grid survives; 'replace' puts the upsampled model output there."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:256, 0:256]
+    film = 0.5 + 0.2 * np.sin(yy / 17) + 0.05 * np.sign(np.sin(xx * 1.3))  # detail at ~5 px
+    image = Radiograph(np.clip(film + 0.01 * rng.standard_normal(film.shape), 0, 1).astype(np.float32),
+                       "detail.png", "d" * 64, "png", 8)
+    mask = np.zeros((256, 256), bool)
+    mask[40:200, 40:200] = True
+
+    def detail(array):  # energy of the finest scale: each pixel minus its 3x3 mean
+        blurred = sum(np.roll(np.roll(array, dy, 0), dx, 1) for dy in (-1, 0, 1) for dx in (-1, 0, 1)) / 9
+        return float(((array - blurred)[50:190, 50:190] ** 2).mean())
+
+    change = editor.edit(image, params(region_mode="prior", composite="change"), mask=mask)
+    replace = editor.edit(image, params(region_mode="prior", composite="replace"), mask=mask)
+    source = detail(image.pixels)
+    assert detail(replace.edited) < 0.2 * source
+    assert detail(change.edited) > 0.8 * source
+    model_change = change.model_output - change.reconstruction
+    inside = change.edit_mask & (change.edited > 0) & (change.edited < 1)
+    assert np.allclose(change.edited[inside], (image.pixels + model_change)[inside], atol=1e-6)
+    assert np.array_equal(replace.edited[replace.edit_mask], replace.model_output[replace.edit_mask])
+    assert change.manifest["composite"]["mode"] == "change"
+    assert 0 <= change.manifest["composite"]["clipped_fraction"] <= 1

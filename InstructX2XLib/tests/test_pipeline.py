@@ -1,8 +1,10 @@
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 
 from instructx2x import guidance, make_scheduler
-from instructx2x.pipeline import EditCancelled
+from instructx2x.errors import EditCancelled, EmptyEditRegionError
 
 
 def generator(seed: int = 0) -> torch.Generator:
@@ -294,3 +296,72 @@ def test_shipped_ddim_is_the_authors_configuration():
     scheduler = make_scheduler("ddim")
     scheduler.set_timesteps(100)
     assert int(scheduler.timesteps[0]) == 991 and int(scheduler.timesteps[-1]) == 1
+
+
+@pytest.mark.parametrize("name", ["dpm++", "unipc"])
+def test_latent_blending_under_the_cpu_default_samplers(tiny_pipe, xray, name):
+    """After every step of a multistep solver, the latents outside the mask are the input
+    re-noised with the same noise to the next timestep (the clean input after the last)."""
+    seen = []
+
+    def record(pipe, step, timestep, tensors):
+        seen.append({k: v.clone() for k, v in tensors.items()})
+        return {}
+
+    original = tiny_pipe.scheduler
+    tiny_pipe.scheduler = make_scheduler(name)
+    try:
+        out = run(tiny_pipe, xray, num_inference_steps=3, tau=0.3, callback_on_step_end=record,
+                  callback_on_step_end_tensor_inputs=["latents", "mask", "source_latents", "noise"])
+        timesteps = tiny_pipe.scheduler.timesteps
+    finally:
+        tiny_pipe.scheduler = original
+    assert len(seen) == 3
+    for i, state in enumerate(seen):
+        outside = state["mask"].expand_as(state["latents"]) == 0
+        # SPEC step 6 from the training schedule itself, independent of the solver's state
+        alpha = tiny_pipe.scheduler.alphas_cumprod[int(timesteps[i + 1])] if i < 2 else torch.tensor(1.0)
+        expected = alpha.sqrt() * state["source_latents"] + (1 - alpha).sqrt() * state["noise"]
+        assert outside.any()
+        assert torch.allclose(state["latents"][outside], expected[outside], atol=1e-6)
+    assert torch.equal(out.images[out.edit_masks == 0], xray[out.edit_masks == 0])
+
+
+@pytest.mark.parametrize("mode,scale,dtype", [("I;16", 65535, np.uint16), ("F", 1.0, np.float32)])
+def test_pil_images_are_read_at_full_depth(tiny_pipe, mode, scale, dtype):
+    """A 16-bit or float PIL image must give the same result as its [0, 1] tensor (it used to
+    go through 8-bit "L": a 16-bit ramp read as ~1, a float one as ~0)."""
+    ramp = np.tile(np.linspace(0.1, 0.9, 64, dtype=np.float32), (64, 1))
+    image = PIL.Image.fromarray((ramp * scale).astype(dtype))
+    assert image.mode == mode
+    from_pil = run(tiny_pipe, image, guidance_only=True)
+    from_tensor = run(tiny_pipe, torch.from_numpy((ramp * scale).astype(dtype).astype(np.float32) / scale),
+                      guidance_only=True)
+    assert torch.allclose(from_pil.relevance_maps, from_tensor.relevance_maps, atol=1e-6)
+    with pytest.raises(ValueError, match="PIL mode 'I'"):
+        run(tiny_pipe, PIL.Image.fromarray(np.zeros((64, 64), np.int32)))
+
+
+def test_constant_relevance_map_is_refused_before_denoising(tiny_pipe, xray):
+    """If the text changes nothing (equal noise predictions), R normalises to zeros and the
+    edit would silently return the input: refuse after the one relevance call."""
+    calls = []
+
+    def same_prediction(module, args, kwargs, output):
+        calls.append(1)
+        sample = output[0] if isinstance(output, tuple) else output.sample
+        sample.copy_(sample[:1].expand_as(sample))
+        return output
+
+    handle = tiny_pipe.unet.register_forward_hook(same_prediction, with_kwargs=True)
+    try:
+        with pytest.raises(EmptyEditRegionError, match="relevance map is constant"):
+            run(tiny_pipe, xray)
+    finally:
+        handle.remove()
+    assert calls == [1]
+
+
+def test_too_high_tau_is_refused_with_the_largest_guidance_value(tiny_pipe, xray):
+    with pytest.raises(EmptyEditRegionError, match="no guidance value reaches tau=1"):
+        run(tiny_pipe, xray, tau=1.0, region_mode="rse", prior_mask=torch.zeros(1, 1, 64, 64).index_fill_(3, torch.tensor([0]), 1.0))

@@ -93,3 +93,13 @@ def test_from_directory_errors(tmp_path):
     (tmp_path / "priors.json").write_text(json.dumps({"version": "v", "files": {"Edema": "edema.png"}}))
     with pytest.raises(FileNotFoundError, match="edema.png"):
         PriorSet.from_directory(tmp_path)
+
+
+def test_a_finding_without_prior_widens_the_union_to_the_full_image():
+    """SPEC 2.4: 'effusion and fracture' may change the ribs too; never only the effusion."""
+    priors = PriorSet.default()
+    mixed = priors.select(parse_instruction("Add the finding of pleural effusion and fracture"))
+    assert mixed.full_image and mixed.mask.min() == 1
+    assert "fracture" in mixed.reason and "pleural effusion" not in mixed.reason
+    covered = priors.select(parse_instruction("Add the finding of pleural effusion and edema"))
+    assert not covered.full_image and covered.categories == ("Pleural Effusion", "Edema")

@@ -1,0 +1,7 @@
+"""Testing/ collects on its own: the DICOM factory lives beside the library's tests."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "InstructX2XLib" / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
