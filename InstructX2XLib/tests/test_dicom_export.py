@@ -130,3 +130,82 @@ def test_builder_checks_its_arguments():
                             ("stored", np.zeros((72, 64), np.float32), "uint8 or uint16")]:
         with pytest.raises(ValueError, match=match):
             build_edit_objects(source, **{**good, key: bad})
+
+
+def export(editor, ds, tmp_path, name="edit", **kwargs):
+    path = write(ds, tmp_path / f"{name}.dcm")
+    image = read_dicom(path)
+    result = editor.edit(image, params(tau=0.0, **kwargs))
+    return image, export_dicom_edit(image, result, tmp_path / name)
+
+
+def test_lossy_source_stays_marked_lossy(editor, tmp_path):
+    ds = make_radiograph()
+    ds.LossyImageCompression = "01"
+    ds.LossyImageCompressionRatio = 8.5
+    ds.LossyImageCompressionMethod = "ISO_10918_1"
+    _, paths = export(editor, ds, tmp_path, "lossy")
+    sc = pydicom.dcmread(paths["counterfactual.dcm"])
+    assert sc.LossyImageCompression == "01" and float(sc.LossyImageCompressionRatio) == 8.5
+    assert sc.LossyImageCompressionMethod == "ISO_10918_1"
+    assert dciodvfy_errors(paths["counterfactual.dcm"]) == []
+    _, clean = export(editor, make_radiograph(), tmp_path, "clean")
+    assert pydicom.dcmread(clean["counterfactual.dcm"]).LossyImageCompression == "00"
+
+
+def test_modality_lut_sequence_is_honoured_in_the_counterfactual(editor, tmp_path):
+    """The SC must map its stored values like the source: same modality LUT, so that
+    values outside the edit mean the same thing."""
+    from pydicom.pixels import apply_modality_lut
+
+    ds = make_radiograph(bits_stored=12)
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    item.ModalityLUTType = "OD"
+    item.add_new(0x00283006, "US", [int(15 * v + 100) for v in range(4096)])  # LUTData
+    ds.ModalityLUTSequence = [item]
+    _, paths = export(editor, ds, tmp_path, "mlut")
+    sc = pydicom.dcmread(paths["counterfactual.dcm"])
+    assert "ModalityLUTSequence" in sc
+    source = pydicom.dcmread(tmp_path / "mlut.dcm")
+    seg = pydicom.dcmread(paths["edit_region_seg.dcm"]).pixel_array.astype(bool)
+    outside = ~seg
+    assert np.array_equal(apply_modality_lut(sc.pixel_array, sc)[outside],
+                          apply_modality_lut(source.pixel_array, source)[outside])
+    assert dciodvfy_errors(paths["counterfactual.dcm"]) == []
+
+
+def test_repeated_edits_in_one_study_are_told_apart(editor, tmp_path, monkeypatch):
+    import datetime
+
+    from instructx2x.dicom import write as writer
+
+    ds = make_radiograph()
+    times = iter([datetime.datetime(2026, 11, 30, 8, 0, 0), datetime.datetime(2026, 11, 30, 8, 0, 5)])
+    real = writer.series_numbers
+    monkeypatch.setattr(writer, "series_numbers", lambda: real(next(times)))
+    _, first = export(editor, ds, tmp_path, "first")
+    image = read_dicom(tmp_path / "first.dcm")
+    result = editor.edit(image, EditParameters("Remove the finding of edema", num_inference_steps=2,
+                                               resolution=64, tau=0.0))
+    second = export_dicom_edit(image, result, tmp_path / "second")
+    a, b = (pydicom.dcmread(p["counterfactual.dcm"]) for p in (first, second))
+    assert a.StudyInstanceUID == b.StudyInstanceUID
+    assert a.SeriesNumber != b.SeriesNumber and a.SeriesDescription != b.SeriesDescription
+    assert "pleural effusion" in a.SeriesDescription and "edema" in b.SeriesDescription
+    assert a.SeriesDescription.startswith("SYNTHETIC - NOT FOR DIAGNOSIS")
+    seg = pydicom.dcmread(first["edit_region_seg.dcm"])
+    assert seg.SeriesNumber == a.SeriesNumber + 1
+
+
+def test_monochrome1_display_matches_pydicoms_reference_chain():
+    """RG1 (MONOCHROME1): our display values are pydicom's modality + VOI output, inverted."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    path = get_testdata_file("RG1_UNCR.dcm")
+    ds = pydicom.dcmread(path)
+    image = read_dicom(path)
+    values = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds).astype(np.float64)
+    reference = values / (2 ** int(ds.BitsStored) - 1)  # pydicom windows onto the stored range
+    assert ds.PhotometricInterpretation == "MONOCHROME1" and "WindowCenter" in ds
+    assert np.abs(image.pixels - (1.0 - reference)).max() < 1e-3

@@ -30,8 +30,8 @@ from ..provenance import PRIVATE_CREATOR, PRIVATE_GROUP, PROVENANCE_ELEMENT, rea
 __all__ = ["EditObjects", "build_edit_objects", "check_exportable", "series_numbers",
            "SERIES_DESCRIPTION", "PRIVATE_CREATOR", "read_provenance"]
 
-SERIES_DESCRIPTION = "SYNTHETIC - NOT FOR DIAGNOSIS - InstructX2X"
-SEG_SERIES_DESCRIPTION = "SYNTHETIC EDIT REGION - InstructX2X"
+SERIES_DESCRIPTION = "SYNTHETIC - NOT FOR DIAGNOSIS"
+SEG_SERIES_DESCRIPTION = "SYNTHETIC EDIT REGION"
 # Person-name attributes copied from the source into every object (Patient and General Study).
 PERSON_NAME_KEYWORDS = ("PatientName", "ReferringPhysicianName")
 # Transfer syntaxes whose compression loses information (PS3.5 section 8 and 10).
@@ -236,9 +236,15 @@ def _summary(provenance: dict) -> str:
 
 
 def _series_description(prefix: str, provenance: dict) -> str:
-    """The fixed synthetic marking plus the instruction, within LO's 64 characters."""
+    """The fixed synthetic marking plus the instruction, within LO's 64 characters.
+
+    The template words ("the finding of", "the level of") are dropped so that the finding
+    itself fits: "SYNTHETIC - NOT FOR DIAGNOSIS - Add left pleural effusion".
+    """
     instruction = str(provenance.get("parameters", {}).get("instruction", "") or "")
-    text = f"{prefix}: {instruction}" if instruction else prefix
+    for words in ("the finding of ", "the findings of ", "the level of "):
+        instruction = instruction.replace(words, "")
+    text = f"{prefix} - {instruction}" if instruction else prefix
     return text if len(text) <= 64 else text[:63] + "~"
 
 
