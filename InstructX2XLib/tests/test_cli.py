@@ -202,3 +202,146 @@ def test_one_bad_file_in_a_folder_stops_everything(tmp_path, capsys):
 def test_push_needs_dicom_input(png, tmp_path, capsys):
     assert main(args(png, tmp_path / "out", "--push-cstore", "127.0.0.1:104:PACS")) == 2
     assert "DICOM input" in capsys.readouterr().err
+
+
+def test_decompression_bomb_is_refused_unread(tmp_path, capsys):
+    """A PNG whose header declares 70000x70000 pixels: a specific error, no traceback."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 70000, 70000, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b""))
+    assert main(args(bomb, tmp_path / "out")) == 2
+    assert "declares more than" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.png"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--guidance-scale", "nan"], "guidance_scale must be a finite number"),
+    (["--image-guidance-scale", "inf"], "image_guidance_scale must be a finite number"),
+    (["--resolution", "65536"], "resolution must be a multiple of 8 in [64, 2048]"),
+    (["--device", "tpu:7"], "device"),
+    (["--mode", "relevance", "--mask", "MASK"], "does not use"),
+])
+def test_hostile_settings_fail_before_the_model_with_exit_2(png, tmp_path, capsys, extra, message):
+    Image.fromarray(np.full((72, 60), 255, np.uint8)).save(tmp_path / "mask.png")
+    extra = [str(tmp_path / "mask.png") if e == "MASK" else e for e in extra]
+    assert main(args(png, tmp_path / "out", *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chest.png", "mask.png"]
+
+
+def test_keep_mask_over_everything_is_one_rule_before_the_model(png, tmp_path, capsys):
+    keep = tmp_path / "keep.npy"
+    np.save(keep, np.ones((72, 60), bool))
+    assert main(args(png, tmp_path / "out", "--keep-mask", str(keep))) == 2
+    assert "keep mask covers the whole image" in capsys.readouterr().err
+    folder = _dicom_folder(tmp_path, 1)
+    assert main(args(folder / "img0.dcm", tmp_path / "sub" / "out", "--keep-mask", str(keep))) == 2
+    assert not (tmp_path / "sub").exists()
+
+
+def test_output_path_is_normalised_and_gets_the_umask(png, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    old = os.umask(0o022)
+    try:
+        assert main(args(png, "nonexist/../out")) == 0
+    finally:
+        os.umask(old)
+    assert not (tmp_path / "nonexist").exists()
+    assert (tmp_path / "out" / "edited.png").is_file()
+    assert oct((tmp_path / "out").stat().st_mode & 0o777) == oct(0o755)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_output_folder_gives_exit_4(png, tmp_path, capsys):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o500)
+    try:
+        assert main(args(png, parent / "out")) == 4
+    finally:
+        parent.chmod(0o700)
+    assert "cannot write the output folder out" in capsys.readouterr().err
+
+
+def test_disk_error_while_writing_gives_exit_4_and_leaves_nothing(png, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from instructx2x import outputs
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs, "_save_gray", full)
+    assert main(args(png, tmp_path / "out", "--progress", "jsonl")) == 4
+    captured = capsys.readouterr()
+    assert "No space left on device" in captured.err
+    last = json.loads(captured.out.splitlines()[-1])
+    assert last["event"] == "error" and last["exit_code"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chest.png"]
+
+
+def test_manifest_is_strict_json(png, tmp_path):
+    out = tmp_path / "out"
+    argv = args(png, out, "--scheduler", "dpm++")
+    assert main(argv) == 0
+    text = (out / "manifest.json").read_text()
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON token {name}"))
+    assert "Infinity" not in text and "NaN" not in text
+
+
+def test_patient_names_never_reach_the_output(tmp_path, capfd):
+    """Single-part names and names with line breaks trip highdicom's warnings (SC and SEG)."""
+    from dicom_factory import make_radiograph, write
+
+    for index, name in enumerate(["ANONYMOUSPATIENTX", "Doe^Jane\nSecondLine"]):
+        ds = make_radiograph()
+        ds.PatientName = name
+        ds.ReferringPhysicianName = "DRWHOEVERY"
+        path = write(ds, tmp_path / f"named{index}.dcm")
+        main(args(path, tmp_path / f"out{index}", "--progress", "jsonl"))
+    captured = capfd.readouterr()
+    for secret in ("ANONYMOUSPATIENTX", "Jane", "SecondLine", "DRWHOEVERY"):
+        assert secret not in captured.out + captured.err
+
+
+def test_multi_valued_referring_physician_is_refused_before_the_model(tmp_path, capsys):
+    from dicom_factory import make_radiograph, write
+
+    ds = make_radiograph()
+    ds.ReferringPhysicianName = ["One^Doctor", "Two^Doctor"]
+    path = write(ds, tmp_path / "two.dcm")
+    assert main(args(path, tmp_path / "out", "--model", str(tmp_path / "no-model"))) == 2
+    err = capsys.readouterr().err
+    assert "two.dcm: ReferringPhysicianName holds 2 values" in err and "Doctor" not in err
+
+
+def test_ctrl_c_during_imports_ends_cleanly(png, tmp_path):
+    """An interrupt while torch and diffusers load gives the cancelled message, no traceback."""
+    code = ("import signal, threading, os\n"
+            "threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
+            "from instructx2x.cli import main\n"
+            f"raise SystemExit(main({args(png, tmp_path / 'out', '--steps', '400')!r}))\n")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 130, completed.stderr
+    assert "Traceback" not in completed.stderr and "cancelled" in completed.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chest.png"]
+
+
+def test_import_is_light():
+    """The parser, vocabulary, job schema, errors and provenance reader load without torch."""
+    code = ("import time, sys\nstart = time.perf_counter()\n"
+            "import instructx2x\nfrom instructx2x import parse_instruction, EditJob, read_provenance, "
+            "InstructX2XError\nfrom instructx2x.instructions import FINDINGS\n"
+            "from instructx2x.priors import PUBLISHED_MASK_EXTENTS\n"
+            "print(time.perf_counter() - start, 'torch' in sys.modules, 'diffusers' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    seconds, torch_loaded, diffusers_loaded = out.split()
+    assert torch_loaded == diffusers_loaded == "False"
+    assert float(seconds) < 1.0
