@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("preview", parents=[model, job],
                         help="guidance maps and edit mask only (fast: no denoising)")
     commands.add_parser("info", parents=[model], help="model, device, precision and versions")
+    serve = commands.add_parser("serve", parents=[model], help=(
+        "long-lived worker: load the model once, take jobs as JSON lines on stdin "
+        "(see instructx2x.serve)"))
+    serve.add_argument("--stdio", action="store_true", required=True,
+                       help="JSON lines on stdin and stdout (the only transport)")
     return parser
 
 
@@ -131,7 +136,7 @@ def _main(args: argparse.Namespace, emit) -> int:
         raise ParameterError(f"no model given: pass --model DIR|FILE (or set ${MODEL_ENV}); "
                            "'--model untrained-tiny' runs a random-weight test model.")
     prepared = None
-    if args.command != "info":
+    if args.command in ("edit", "preview"):
         prepared = prepare(_job(args))  # every input checked before the model is loaded
     from diffusers.utils import logging as diffusers_logging
 
@@ -146,6 +151,10 @@ def _main(args: argparse.Namespace, emit) -> int:
                                           single_file_config=args.model_config)
     if priors is not None:
         editor.pipeline.prior_set = priors
+    if args.command == "serve":
+        from .serve import serve
+
+        return serve(editor)
     if prepared is None:
         print(to_json(_info(editor)))
         return 0

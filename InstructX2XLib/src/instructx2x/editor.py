@@ -23,7 +23,7 @@ from .guidance import resize_map
 from .image_io import Radiograph
 from .instructions import parse_instruction
 from .loading import ModelInfo, load_pipeline
-from .parameters import ASPECT_MODES, EditParameters, RegionMode, check_masks
+from .parameters import ASPECT_MODES, EditParameters, RegionMode, check_masks, check_sampling
 from .pipeline import InstructX2XPipeline
 from .priors import PriorSet
 from .schedulers import default_scheduler, default_steps
@@ -72,6 +72,24 @@ class EditResult:
     manifest: dict
     model_output: np.ndarray | None = None
     reconstruction: np.ndarray | None = None
+    model_guidance: np.ndarray | None = None
+    canvas: tuple[int, int, int, int] | None = None
+
+    def mask_at(self, tau: float, keep_mask: np.ndarray | None = None) -> np.ndarray:
+        """The edit mask this result would have at another ``tau``, with no model call.
+
+        Thresholds the guidance map on the model's grid and maps it back exactly as the
+        edit does (nearest neighbour, crop, keep mask), so it equals the mask of an edit
+        run at that ``tau`` with the same image, instruction, seed and model.
+        """
+        check_sampling(tau=tau, relevance_timestep=0, num_inference_steps=None,
+                       guidance_scale=0.0, image_guidance_scale=0.0)
+        side_rows, side_columns, top, left = self.canvas
+        rows, columns = self.edit_mask.shape
+        mask = torch.from_numpy((self.model_guidance >= tau).astype(np.float32))[None, None]
+        mask = resize_map(mask, (side_rows, side_columns), mode="nearest")[0, 0].numpy() > 0.5
+        mask = mask[top:top + rows, left:left + columns]
+        return mask & ~(np.asarray(keep_mask) > 0) if keep_mask is not None else mask
 
     @property
     def untrained(self) -> bool:
@@ -259,7 +277,9 @@ class InstructX2XEditor:
             guidance_map=_to_input_grid(output.guidance_maps, grid, crop),
             relevance_map=_to_input_grid(output.relevance_maps, grid, crop),
             prior_mask=_to_input_grid(output.prior_masks, grid, crop),
-            manifest=manifest, model_output=model_output, reconstruction=reconstruction)
+            manifest=manifest, model_output=model_output, reconstruction=reconstruction,
+            model_guidance=output.guidance_maps[0, 0].float().cpu().numpy(),
+            canvas=(*grid, crop[2].start, crop[3].start))
 
     @property
     def prior_set(self) -> PriorSet:

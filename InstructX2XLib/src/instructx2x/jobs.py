@@ -18,7 +18,7 @@ from typing import Any, Callable
 from .errors import InputError, InputNotFoundError, OutputExistsError, PacsError, ParameterError
 from .parameters import EditParameters, check_masks
 
-__all__ = ["EditJob", "PreparedJob", "prepare", "run_job", "JOB_SCHEMA_VERSION", "COMMANDS"]
+__all__ = ["EditJob", "PreparedJob", "prepare", "run_job", "edit_images", "write_results", "JOB_SCHEMA_VERSION", "COMMANDS"]
 
 JOB_SCHEMA_VERSION = 1
 COMMANDS = ("edit", "preview")
@@ -154,7 +154,8 @@ def prepare(job: EditJob) -> PreparedJob:
     return PreparedJob(job, images, mask, keep, target)
 
 
-def run_job(prepared: PreparedJob, editor, emit: Events, progress_bar: bool = False) -> dict:
+def run_job(prepared: PreparedJob, editor, emit: Events, progress_bar: bool = False,
+            float_maps: bool = False) -> dict:
     """Edit (or preview) every image of a prepared job, write the outputs atomically, push.
 
     Parameters
@@ -167,6 +168,8 @@ def run_job(prepared: PreparedJob, editor, emit: Events, progress_bar: bool = Fa
         Receives every event (``started``, ``progress``, ``export``, ``done``).
     progress_bar: bool
         Also show a tqdm bar on stderr (the CLI's default).
+    float_maps: bool
+        Also write the float maps as ``.npy`` with ``maps.json`` (what the panels overlay).
 
     Returns
     -------
@@ -179,10 +182,12 @@ def run_job(prepared: PreparedJob, editor, emit: Events, progress_bar: bool = Fa
         ``EmptyEditRegionError``, ``EditCancelled`` (nothing written), ``PacsError`` (written,
         not pushed), ``ResourceError`` (disk), ...
     """
-    from .dicom.export import write_dicom_edit
-    from .dicom.pacs import push_cstore, push_stow
-    from .outputs import atomic_output_dir, write_png_result
+    results = edit_images(prepared, editor, emit, progress_bar)
+    return write_results(prepared, results, emit, float_maps)
 
+
+def edit_images(prepared: PreparedJob, editor, emit: Events, progress_bar: bool = False) -> list:
+    """The model part of ``run_job``: one ``EditResult`` per image, nothing written."""
     job = prepared.job
     parameters = editor.resolve(job.parameters)
     steps = parameters.num_inference_steps if job.command == "edit" else 0
@@ -213,6 +218,16 @@ def run_job(prepared: PreparedJob, editor, emit: Events, progress_bar: bool = Fa
     finally:
         if bar is not None:
             bar.close()
+    return results
+
+
+def write_results(prepared: PreparedJob, results: list, emit: Events, float_maps: bool = False) -> dict:
+    """The output part of ``run_job``: files in one atomic folder, then the PACS push."""
+    from .dicom.export import write_dicom_edit
+    from .dicom.pacs import push_cstore, push_stow
+    from .outputs import atomic_output_dir, write_float_maps, write_png_result
+
+    job = prepared.job
     emit({"event": "export", "output": str(job.output)})
     written = []
     with atomic_output_dir(job.output) as staging:
@@ -223,6 +238,8 @@ def run_job(prepared: PreparedJob, editor, emit: Events, progress_bar: bool = Fa
                 names = write_dicom_edit(folder, image, result, feather_px=job.feather_px)
             else:
                 names = [p.name for p in write_png_result(folder, image, result)]
+            if float_maps:
+                names += [p.name for p in write_float_maps(folder, image, result)]
             written += [str((folder / n).relative_to(staging)) for n in names]
     summary = {"event": "done", "output": str(job.output), "files": written,
                "prior": results[0].manifest["prior"],

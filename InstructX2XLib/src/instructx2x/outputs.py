@@ -22,7 +22,7 @@ from .image_io import Radiograph
 from .overlay import guidance_overlay
 from .provenance import to_json
 
-__all__ = ["atomic_output_dir", "write_png_result", "UNTRAINED_NOTICE"]
+__all__ = ["atomic_output_dir", "write_png_result", "write_float_maps", "UNTRAINED_NOTICE"]
 
 UNTRAINED_NOTICE = ("UNTRAINED MODEL: random weights, for testing the software only; "
                     "this image shows no real edit.")
@@ -101,3 +101,26 @@ def write_png_result(directory: Path, image: Radiograph, result: EditResult) -> 
     manifest["files"] = images
     (directory / "manifest.json").write_text(to_json(manifest) + "\n")
     return [directory / name for name in [*images, "manifest.json"]]
+
+
+def write_float_maps(directory: Path, image: Radiograph, result: EditResult) -> list[Path]:
+    """The maps at full precision on the input's grid, for overlays that keep their values.
+
+    ``guidance_map.npy``, ``relevance_map.npy`` and ``prior_mask.npy`` (float32, where the
+    mode computes them), ``edit_mask.npy`` (bool), and ``maps.json`` with the geometry
+    (rows, columns, pixel spacing when the input has one) and each file's meaning.
+    """
+    maps = {"guidance_map": result.guidance_map, "relevance_map": result.relevance_map,
+            "prior_mask": result.prior_mask, "edit_mask": result.edit_mask}
+    written = []
+    for name, array in maps.items():
+        if array is not None:
+            np.save(directory / f"{name}.npy", array)
+            written.append(directory / f"{name}.npy")
+    rows, columns = image.pixels.shape
+    geometry = {"rows": rows, "columns": columns,
+                "pixel_spacing": image.metadata.get("pixel_spacing"),
+                "files": {p.stem: ("bool" if p.stem == "edit_mask" else "float32 in [0, 1]")
+                          for p in written}}
+    (directory / "maps.json").write_text(to_json(geometry) + "\n")
+    return [*written, directory / "maps.json"]

@@ -1,0 +1,114 @@
+"""The worker service as the panels use it: a real process, JSON lines in and out."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from instructx2x.parameters import EditParameters
+
+from test_cli import png  # noqa: F401  (the fixture)
+
+
+@pytest.fixture
+def worker():
+    process = subprocess.Popen(
+        [sys.executable, "-m", "instructx2x.cli", "serve", "--stdio", "--model", "untrained-tiny",
+         "--device", "cpu"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    yield process
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=30)
+
+
+def send(process, request):
+    process.stdin.write(json.dumps(request) + "\n")
+    process.stdin.flush()
+
+
+def events_until(process, request_id, last=("done", "error", "cancelled")):
+    events = []
+    for line in process.stdout:
+        event = json.loads(line)
+        events.append(event)
+        if event.get("id") == request_id and event["event"] in last:
+            return events
+    raise AssertionError(f"worker ended early: {events} {process.stderr.read()}")
+
+
+def job(png, out, steps=2, **parameters):
+    return {"input": str(png), "output": str(out),
+            "parameters": {"instruction": "Add the finding of right pleural effusion",
+                           "num_inference_steps": steps, "resolution": 64, **parameters}}
+
+
+def test_preview_rethreshold_and_two_edits_on_one_warm_worker(worker, png, tmp_path):
+    ready = json.loads(worker.stdout.readline())
+    assert ready["event"] == "ready" and ready["protocol"] == 1 and ready["model"]["trained"] is False
+    send(worker, {"type": "preview", "id": "p", "job": job(png, tmp_path / "preview")})
+    done = events_until(worker, "p")[-1]
+    assert done["event"] == "done" and "guidance_map.npy" in done["files"]
+    guidance = np.load(tmp_path / "preview" / "guidance_map.npy")
+    assert guidance.dtype == np.float32 and guidance.shape == (72, 60)
+    geometry = json.loads((tmp_path / "preview" / "maps.json").read_text())
+    assert (geometry["rows"], geometry["columns"]) == (72, 60)
+
+    send(worker, {"type": "rethreshold", "id": "r", "preview": "p", "tau": 0.4,
+                  "output": str(tmp_path / "tau04")})
+    assert events_until(worker, "r")[-1]["event"] == "done"
+    send(worker, {"type": "edit", "id": "e", "job": job(png, tmp_path / "edit", tau=0.4)})
+    events = events_until(worker, "e")
+    assert [e["event"] for e in events] == ["started", "progress", "progress", "export", "done"]
+    assert events[2]["step"] == 2 and events[2]["eta_s"] == 0
+    # the re-thresholded mask is the mask of an edit at that tau, with no model call
+    assert np.array_equal(np.load(tmp_path / "tau04" / "edit_mask.npy"),
+                          np.load(tmp_path / "edit" / "edit_mask.npy"))
+    send(worker, {"type": "edit", "id": "bad", "job": job(png, tmp_path / "edit")})
+    error = events_until(worker, "bad")[-1]
+    assert error["event"] == "error" and error["exit_code"] == 2 and "already exists" in error["message"]
+    send(worker, {"type": "shutdown"})
+    assert worker.wait(timeout=30) == 0
+
+
+def test_cancel_mid_run_and_queued_cancel_leave_nothing(worker, png, tmp_path):
+    assert json.loads(worker.stdout.readline())["event"] == "ready"
+    send(worker, {"type": "edit", "id": "long", "job": job(png, tmp_path / "long", steps=400)})
+    send(worker, {"type": "edit", "id": "queued", "job": job(png, tmp_path / "queued")})
+    send(worker, {"type": "cancel", "id": "queued"})  # before it starts: must not be lost
+    for line in worker.stdout:
+        if json.loads(line)["event"] == "progress":
+            break
+    send(worker, {"type": "cancel", "id": "long"})
+    events = events_until(worker, "long")
+    assert events[-1]["event"] == "cancelled"
+    assert events_until(worker, "queued")[-1]["event"] == "cancelled"
+    send(worker, {"type": "edit", "id": "after", "job": job(png, tmp_path / "after")})
+    assert events_until(worker, "after")[-1]["event"] == "done"  # ready for the next job
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["after", "chest.png"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killing_the_worker_mid_run_leaves_nothing(worker, png, tmp_path, sig):
+    assert json.loads(worker.stdout.readline())["event"] == "ready"
+    send(worker, {"type": "edit", "id": "k", "job": job(png, tmp_path / "k", steps=400)})
+    for line in worker.stdout:
+        if json.loads(line)["event"] == "progress":
+            break
+    worker.send_signal(sig)
+    worker.wait(timeout=30)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chest.png"]
+
+
+def test_job_round_trips_through_json(tmp_path):
+    from instructx2x.jobs import EditJob
+
+    spec = EditJob("edit", tmp_path / "in.png", tmp_path / "out", EditParameters("Add edema", seed=3))
+    assert EditJob.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    with pytest.raises(ValueError, match="unknown job field"):
+        EditJob.from_dict({**spec.to_dict(), "colour": "red"})
