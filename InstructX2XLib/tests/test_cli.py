@@ -226,6 +226,7 @@ def test_decompression_bomb_is_refused_unread(tmp_path, capsys):
     (["--resolution", "65536"], "resolution must be a multiple of 8 in [64, 2048]"),
     (["--device", "tpu:7"], "device"),
     (["--mode", "relevance", "--mask", "MASK"], "does not use"),
+    (["--priors", "no-such-priors"], "no priors.json in prior directory no-such-priors"),
 ])
 def test_hostile_settings_fail_before_the_model_with_exit_2(png, tmp_path, capsys, extra, message):
     Image.fromarray(np.full((72, 60), 255, np.uint8)).save(tmp_path / "mask.png")

@@ -15,6 +15,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from . import __version__
@@ -28,6 +29,13 @@ __all__ = ["main", "build_parser"]
 logger = logging.getLogger("instructx2x")
 
 MODEL_ENV = "INSTRUCTX2X_MODEL"
+EXIT_INTERNAL = 1
+
+
+class InternalError(InstructX2XError):
+    """A defect in this software (not the user's input): reported, never a bare traceback."""
+
+    exit_code = EXIT_INTERNAL
 SCHEDULER_NAMES = ("ddim", "dpm++", "unipc", "euler", "euler-a", "pndm", "ddpm")  # schedulers.SCHEDULERS
 
 
@@ -124,11 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         return _fail(emit, ResourceError("out of memory: use a smaller --resolution, --dtype bf16 "
                                          "or a machine with more memory."), ResourceError.exit_code)
-    except RuntimeError as error:
-        if "out of memory" not in str(error).lower():  # torch.OutOfMemoryError and CPU allocator failures
-            raise
-        return _fail(emit, ResourceError(f"out of memory on the device ({str(error).splitlines()[0]})"),
-                     ResourceError.exit_code)
+    except Exception as error:  # noqa: BLE001 - the panel must always get a final event
+        if isinstance(error, RuntimeError) and "out of memory" in str(error).lower():
+            # torch.OutOfMemoryError and CPU allocator failures
+            return _fail(emit, ResourceError(f"out of memory on the device "
+                                             f"({str(error).splitlines()[0]})"), ResourceError.exit_code)
+        if os.environ.get("INSTRUCTX2X_DEBUG") == "1":
+            traceback.print_exc()
+        return _fail(emit, InternalError(f"internal error, please report it ({type(error).__name__}: "
+                                         f"{str(error).splitlines()[0] if str(error) else ''}); "
+                                         "set INSTRUCTX2X_DEBUG=1 for the traceback"), EXIT_INTERNAL)
 
 
 def _main(args: argparse.Namespace, emit) -> int:

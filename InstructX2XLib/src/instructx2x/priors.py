@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .errors import InputError, InputNotFoundError
 from .instructions import FINDING_TO_PRIOR, PRIOR_CATEGORIES, Laterality, ParsedInstruction
 
 __all__ = [
@@ -210,26 +211,26 @@ class PriorSet:
 
         Raises
         ------
-        FileNotFoundError
+        InputNotFoundError
             When ``priors.json`` or a mask file is missing.
-        ValueError
-            When the manifest or a mask is malformed.
+        InputError
+            When the manifest is malformed (a malformed mask raises ``ValueError``).
         """
         directory = Path(directory)
         manifest_path = directory / MANIFEST_NAME
         if not manifest_path.is_file():
-            raise FileNotFoundError(f"no {MANIFEST_NAME} in prior directory {directory}.")
+            raise InputNotFoundError(f"no {MANIFEST_NAME} in prior directory {directory.name}.")
         try:
             manifest = json.loads(manifest_path.read_text())
             files = manifest["files"]
             version = str(manifest["version"])
         except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{manifest_path} is not a prior manifest: {error}") from error
+            raise InputError(f"{directory.name}/{MANIFEST_NAME} is not a prior manifest: {error}") from error
         masks = {}
         for category, name in files.items():
             path = directory / name
             if not path.is_file():
-                raise FileNotFoundError(f"prior mask file {path} for {category!r} is missing.")
+                raise InputNotFoundError(f"prior mask file {name} for {category!r} is missing.")
             masks[category] = np.asarray(Image.open(path).convert("L"))
         return cls(masks, version=version, source=str(manifest.get("source", directory)))
 

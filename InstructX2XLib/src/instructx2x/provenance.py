@@ -10,6 +10,8 @@ import json
 import math
 from typing import Any
 
+from .errors import InputError
+
 __all__ = ["to_json", "read_provenance", "PRIVATE_CREATOR", "PRIVATE_GROUP", "PROVENANCE_ELEMENT"]
 
 PRIVATE_CREATOR = "INSTRUCTX2X"
@@ -51,11 +53,11 @@ def read_provenance(dataset) -> dict:
 
     Raises
     ------
-    ValueError
+    InputError
         When the dataset has no InstructX2X provenance block.
     """
     try:
         block = dataset.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
         return json.loads(block[PROVENANCE_ELEMENT].value)
     except KeyError as error:
-        raise ValueError("the dataset carries no InstructX2X provenance.") from error
+        raise InputError("the dataset carries no InstructX2X provenance.") from error

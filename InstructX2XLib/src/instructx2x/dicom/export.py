@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..editor import EditResult
+from ..errors import ParameterError
 from ..image_io import Radiograph
 from ..outputs import atomic_output_dir
 from ..overlay import guidance_overlay
@@ -56,9 +57,9 @@ def write_dicom_edit(directory: Path, image: Radiograph, result: EditResult, *,
     names. Raises as ``export_dicom_edit``.
     """
     if image.format != "dicom" or "dataset" not in image.metadata:
-        raise ValueError(f"{image.source} was not read from DICOM; use the PNG writer.")
+        raise ParameterError(f"{image.source} was not read from DICOM; use the PNG writer.")
     if result.edited is None:
-        raise ValueError("a guidance preview has no counterfactual image to export.")
+        raise ParameterError("a guidance preview has no counterfactual image to export.")
     source = image.metadata["dataset"]
     original = image.metadata["stored"]
     mapping = image.metadata["mapping"]
