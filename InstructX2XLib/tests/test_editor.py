@@ -201,3 +201,26 @@ def test_change_composite_keeps_native_detail_inside_the_mask(editor):
     assert np.array_equal(replace.edited[replace.edit_mask], replace.model_output[replace.edit_mask])
     assert change.manifest["composite"]["mode"] == "change"
     assert 0 <= change.manifest["composite"]["clipped_fraction"] <= 1
+
+
+def test_edit_after_preview_reuses_encode_and_relevance_bit_for_bit(tiny_pipe, radiograph):
+    """Preview, then edit the same image, instruction and seed: the edit skips the text
+    encoder, the VAE encode and the relevance call, and equals an edit made from scratch."""
+    fresh = InstructX2XEditor(tiny_pipe, INFO, device="cpu", dtype="fp32")
+    expected = fresh.edit(radiograph, params(eta=1.0, tau=0.2))  # eta draws from the generator too
+    warm = InstructX2XEditor(tiny_pipe, INFO, device="cpu", dtype="fp32")
+    warm.preview(radiograph, params(eta=1.0, tau=0.4))
+    calls = []
+    modules = {"text": tiny_pipe.text_encoder, "encoder": tiny_pipe.vae.encoder, "unet": tiny_pipe.unet}
+    handles = [m.register_forward_pre_hook(lambda module, args, name=name: calls.append(name))
+               for name, m in modules.items()]
+    try:
+        edited = warm.edit(radiograph, params(eta=1.0, tau=0.2))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == ["unet"] * 3  # the 3 denoising steps only
+    assert edited.manifest["reused_guidance"] and not expected.manifest["reused_guidance"]
+    assert np.array_equal(edited.edited, expected.edited)
+    other = warm.edit(radiograph, params(eta=1.0, tau=0.2, seed=1))
+    assert not other.manifest["reused_guidance"]

@@ -8,6 +8,7 @@ columns), the seed, timings and the manifest that makes a result reproducible.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import platform
 import time
@@ -127,6 +128,7 @@ class InstructX2XEditor:
             logger.warning("Little GPU memory is free: slicing attention (slower, smaller).")
             self.pipeline.unet.set_attention_slice("auto")
             self.attention = "sliced"
+        self._guidance_cache: tuple | None = None  # (key, GuidanceState) of the last call
         if self.device.type == "cpu":
             # oneDNN runs the VAE's large convolutions ~15 % faster channels-last (benchmarks).
             self.pipeline.vae.to(memory_format=torch.channels_last)
@@ -229,6 +231,11 @@ class InstructX2XEditor:
         if model_mask is not None and not model_mask.any():
             raise EmptyEditRegionError("mask vanishes at the model's resolution: paint a larger region.")
         generator = torch.Generator(device="cpu").manual_seed(parameters.seed)
+        # A preview followed by the edit (same model input, instruction and seed) shares the
+        # text encoding, VAE encode, noise draw and relevance map: reuse them.
+        key = (hashlib.sha256(model_input.numpy().tobytes()).hexdigest(), parameters.instruction,
+               parameters.seed)
+        reused = self._guidance_cache is not None and self._guidance_cache[0] == key
         callback = None
         if progress is not None:
             def callback(pipe, step, timestep, tensors):
@@ -244,7 +251,9 @@ class InstructX2XEditor:
             guidance_scale=parameters.guidance_scale,
             image_guidance_scale=parameters.image_guidance_scale, eta=parameters.eta,
             generator=generator, guidance_only=guidance_only, output_type="pt",
-            return_reconstruction=change, callback_on_step_end=callback)
+            return_reconstruction=change, callback_on_step_end=callback,
+            guidance_state=self._guidance_cache[1] if reused else None)
+        self._guidance_cache = (key, output.guidance_state)
         model_seconds = time.perf_counter() - started
 
         # Back to the input's grid. The mask is upsampled by nearest neighbour and the keep
@@ -271,6 +280,7 @@ class InstructX2XEditor:
             composite = {"mode": parameters.composite, "clipped_fraction": round(clipped, 6)}
         manifest = self._manifest(image, parameters, output, selection, composite, guidance_only,
                                   model_seconds, time.perf_counter() - started)
+        manifest["reused_guidance"] = reused
         return EditResult(
             edited=edited,
             edit_mask=edit_mask[0, 0].numpy(),

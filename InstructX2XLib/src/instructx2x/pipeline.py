@@ -28,7 +28,7 @@ from .instructions import parse_instruction
 from .parameters import RegionMode, check_sampling
 from .priors import PriorSelection, PriorSet
 
-__all__ = ["InstructX2XPipeline", "InstructX2XPipelineOutput", "EditCancelled"]
+__all__ = ["InstructX2XPipeline", "InstructX2XPipelineOutput", "GuidanceState", "EditCancelled"]
 
 logger = logging.get_logger(__name__)
 
@@ -53,6 +53,25 @@ ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
 # Full scale of the PIL modes a radiograph or mask may come in; "F" is taken as [0, 1] already.
 _PIL_FULL_SCALE = {"1": 1.0, "L": 255.0, "LA": 255.0, "P": 255.0, "RGB": 255.0, "RGBA": 255.0,
                    "I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "F": 1.0}
+
+@dataclasses.dataclass
+class GuidanceState:
+    """What the guidance computation drew and computed, for an edit to reuse.
+
+    A preview and the edit that follows it (same image, instruction, seed and model) share
+    the text embeddings, the VAE encode, the one noise draw and the relevance map; passing
+    this back as ``guidance_state`` skips them and gives bit-identical results, because the
+    generator is restored to the state it had after the noise draw.
+    """
+
+    prompt_embeds: torch.Tensor
+    image_latents: torch.Tensor
+    source_latents: torch.Tensor
+    noise: torch.Tensor
+    relevance: torch.Tensor | None
+    relevance_timestep: int
+    generator_state: torch.Tensor | None
+
 
 @dataclasses.dataclass
 class InstructX2XPipelineOutput(BaseOutput):
@@ -87,6 +106,7 @@ class InstructX2XPipelineOutput(BaseOutput):
     prior_masks: torch.Tensor | None
     prior: PriorSelection | None
     reconstructions: torch.Tensor | None = None
+    guidance_state: GuidanceState | None = None
 
 
 class InstructX2XPipeline(DiffusionPipeline):
@@ -153,6 +173,7 @@ class InstructX2XPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         guidance_only: bool = False,
         return_reconstruction: bool = False,
+        guidance_state: GuidanceState | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
@@ -196,6 +217,9 @@ class InstructX2XPipeline(DiffusionPipeline):
                 InstructPix2Pix); the noise for the relevance map and the re-noising is still drawn.
             guidance_only (`bool`, defaults to `False`):
                 Stop after the guidance map (one UNet call, one VAE encode): a cheap preview for tuning `tau`.
+            guidance_state (`GuidanceState`, *optional*):
+                The `guidance_state` of an earlier call on the same image, prompt, seed and model
+                (e.g. a preview): its embeddings, latents, noise and relevance map are reused.
             return_reconstruction (`bool`, defaults to `False`):
                 Also decode the input's latent mode (in the same VAE call as the edit), for
                 compositing the model's change onto a higher-resolution original.
@@ -252,27 +276,46 @@ class InstructX2XPipeline(DiffusionPipeline):
         if latents is not None and not isinstance(latents, torch.Tensor):
             raise TypeError(f"`latents` must be a torch.Tensor, got {type(latents).__name__}.")
 
+        state = guidance_state
+        if state is not None and not isinstance(state, GuidanceState):
+            raise TypeError(f"`guidance_state` must be a GuidanceState, got {type(state).__name__}.")
+        if state is not None and tuple(state.source_latents.shape[-2:]) != (
+                height // self.vae_scale_factor, width // self.vae_scale_factor):
+            raise ParameterError("`guidance_state` comes from an image of another size.")
+
         # 3. Encode the instruction. CFG batch order: (text+image, image only, nothing).
-        prompt_embeds = self.encode_prompt(prompt, device)
+        prompt_embeds = self.encode_prompt(prompt, device) if state is None else state.prompt_embeds
 
         # 4. Timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
 
         # 5. Image latents: mode for conditioning (unscaled), a scaled sample for the start point.
-        image_latents, source_latents = self.prepare_image_latents(pixels, generator)
+        if state is None:
+            image_latents, source_latents = self.prepare_image_latents(pixels, generator)
+            # One noise draw serves the relevance map, the start point and every re-noising.
+            noise = randn_tensor(source_latents.shape, generator=generator, device=device,
+                                 dtype=torch.float32)
+        else:
+            image_latents, source_latents, noise = state.image_latents, state.source_latents, state.noise
+            if generator is not None and state.generator_state is not None:
+                generator.set_state(state.generator_state)  # later draws as if nothing was skipped
+        generator_state = None if generator is None else generator.get_state()
         # Image-conditioning batch [c, c, 0], matching the text batch [emb(T), emb(""), emb("")].
         image_latents_cfg = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])
-        # One noise draw serves the relevance map, the start point and every re-noising.
-        noise = randn_tensor(source_latents.shape, generator=generator, device=device,
-                             dtype=torch.float32)
         latent_size = tuple(source_latents.shape[-2:])
 
         # 6. Relevance map R (one UNet call at t_rel), prior M, guidance map G, masks m.
         relevance = None
         if region_mode in (RegionMode.RSE, RegionMode.RELEVANCE):
-            relevance = self.compute_relevance(source_latents, noise, image_latents_cfg,
-                                               prompt_embeds, relevance_timestep)
+            if state is not None and state.relevance is not None \
+                    and state.relevance_timestep == int(relevance_timestep):
+                relevance = state.relevance
+            else:
+                relevance = self.compute_relevance(source_latents, noise, image_latents_cfg,
+                                                   prompt_embeds, relevance_timestep)
+        state = GuidanceState(prompt_embeds, image_latents, source_latents, noise, relevance,
+                              int(relevance_timestep), generator_state)
         prior, selection = None, None
         if region_mode in (RegionMode.RSE, RegionMode.PRIOR):
             prior, selection = self.resolve_prior(prompt, user_mask, prior_mask, (height, width), device,
@@ -289,7 +332,7 @@ class InstructX2XPipeline(DiffusionPipeline):
 
         if guidance_only:
             self.maybe_free_model_hooks()
-            fields = (None, mask_px, mask, guidance_px, relevance_px, prior, selection, None)
+            fields = (None, mask_px, mask, guidance_px, relevance_px, prior, selection, None, state)
             return InstructX2XPipelineOutput(*fields) if return_dict else fields
         if not (mask.any() and mask_px.any()):
             raise EmptyEditRegionError(_empty_region_reason(relevance, guidance_latent, keep_latent, tau))
@@ -361,7 +404,7 @@ class InstructX2XPipeline(DiffusionPipeline):
         # 10. Offload all models
         self.maybe_free_model_hooks()
 
-        fields = (images, mask_px, mask, guidance_px, relevance_px, prior, selection, reconstruction)
+        fields = (images, mask_px, mask, guidance_px, relevance_px, prior, selection, reconstruction, state)
         return InstructX2XPipelineOutput(*fields) if return_dict else fields
 
     def check_inputs(self, prompt, image, region_mode, tau, relevance_timestep, num_inference_steps,
