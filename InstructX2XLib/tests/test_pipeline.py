@@ -365,3 +365,35 @@ def test_constant_relevance_map_is_refused_before_denoising(tiny_pipe, xray):
 def test_too_high_tau_is_refused_with_the_largest_guidance_value(tiny_pipe, xray):
     with pytest.raises(EmptyEditRegionError, match="no guidance value reaches tau=1"):
         run(tiny_pipe, xray, tau=1.0, region_mode="rse", prior_mask=torch.zeros(1, 1, 64, 64).index_fill_(3, torch.tensor([0]), 1.0))
+
+
+def test_relevance_is_computed_in_fp32_when_the_model_runs_in_bf16(xray):
+    """The bf16 pipeline's relevance map equals the one an fp32 UNet with the same (bf16-
+    rounded) weights computes; the UNet is back in bf16 afterwards."""
+    from instructx2x.untrained import build_untrained_pipeline
+
+    pipe = build_untrained_pipeline(seed=0).to(dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    dtypes = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: dtypes.append(args[0].dtype))
+    try:
+        out = run(pipe, xray, num_inference_steps=1, region_mode="relevance")
+    finally:
+        handle.remove()
+    assert dtypes == [torch.float32, torch.bfloat16] and pipe.unet.dtype == torch.bfloat16
+    # SPEC step 3 by hand on the pipeline's own inputs, with an fp32 copy of the UNet
+    import copy
+
+    state = out.guidance_state
+    unet32 = copy.deepcopy(pipe.unet).to(torch.float32)
+    alpha = pipe.scheduler.alphas_cumprod[800]
+    noisy = alpha.sqrt() * state.source_latents + (1 - alpha).sqrt() * state.noise
+    c = state.image_latents.float()
+    with torch.no_grad():
+        eps = unet32(torch.cat([torch.cat([noisy] * 2), torch.cat([c, c])], dim=1), 800,
+                     encoder_hidden_states=state.prompt_embeds[:2].float()).sample
+    expected = guidance.relevance_map(*eps.chunk(2))
+    assert torch.allclose(state.relevance, expected, atol=1e-5)
+    pipe.relevance_dtype = None  # in bf16 the map is visibly different
+    in_bf16 = run(pipe, xray, guidance_only=True, region_mode="relevance").guidance_state.relevance
+    assert not torch.allclose(in_bf16, expected, atol=1e-3)

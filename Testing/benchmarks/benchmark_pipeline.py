@@ -28,6 +28,7 @@ from importlib import resources
 import torch
 
 from instructx2x import EditParameters, InstructX2XEditor, Radiograph, make_scheduler
+from instructx2x.devices import cpu_description
 from instructx2x.loading import ModelInfo
 from instructx2x.pipeline import InstructX2XPipeline
 from instructx2x.schedulers import FEW_STEP_SOLVER_STEPS, PAPER_STEPS, default_scheduler
@@ -43,10 +44,13 @@ DDIM_10 = {"scheduler": "ddim", "num_inference_steps": 10}
 SD15_INFO = ModelInfo("sd15-size-random", "random weights", "0" * 64, False)
 
 
+CPU = cpu_description()  # printed beside every figure: timings differ by CPU kind (SPEC 10)
+
+
 def report(results: dict, key: str, value, unit: str = "") -> None:
     results[key] = value
     shown = f"{value:.4g}" if isinstance(value, float) else value
-    print(f"{key:<44} {shown} {unit}".rstrip(), flush=True)
+    print(f"{key:<44} {shown} {unit} [{CPU}]".replace("  [", " [").rstrip(), flush=True)
 
 
 def smooth_image(size: int) -> torch.Tensor:
@@ -174,7 +178,8 @@ def default_sd15_editor(device: str) -> tuple[InstructX2XEditor, Radiograph, Edi
 
 
 def describe(editor: InstructX2XEditor, parameters: EditParameters) -> str:
-    return (f"{str(editor.dtype).replace('torch.', '')}, {type(editor.pipeline.scheduler).__name__} "
+    return (f"{str(editor.dtype).replace('torch.', '')} (relevance "
+            f"{editor.precision['relevance_dtype']}), {type(editor.pipeline.scheduler).__name__} "
             f"{parameters.num_inference_steps} steps, attention {editor.attention}")
 
 
@@ -222,6 +227,9 @@ def section_sd15(results: dict, baseline_steps: int) -> None:
     edits = [timed(lambda: editor.edit(radiograph, parameters), 1) for _ in range(2)]
     report(results, "sd15.default_cpu_edit_s", edits[0], "s, first in the process (target <= 60)")
     report(results, "sd15.default_cpu_edit_warm_s", edits[1], "s, second")
+    editor.pipeline.relevance_dtype = None  # what the fp32 relevance call costs
+    report(results, "sd15.default_cpu_edit_relevance_in_model_dtype_s",
+           timed(lambda: editor.edit(radiograph, parameters), 1), "s")
     report(results, "sd15.speedup", baseline / edits[0], "x (target >= 15)")
 
 
@@ -249,7 +257,7 @@ def main() -> None:
     parser.add_argument("--baseline-steps", type=int, default=2,
                         help="UNet steps timed for the fp32 baseline (sd15 section)")
     args = parser.parse_args()
-    results: dict = {"torch_threads": torch.get_num_threads()}
+    results: dict = {"torch_threads": torch.get_num_threads(), "cpu": CPU}
     sections = {"overhead": section_overhead, "preview": section_preview,
                 "equivalence": section_equivalence, "gpu": section_gpu,
                 "sd15": lambda r: section_sd15(r, args.baseline_steps)}

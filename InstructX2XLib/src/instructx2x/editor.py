@@ -119,6 +119,7 @@ class InstructX2XEditor:
         parameters = sum(p.numel() for p in pipeline.unet.parameters())
         self.dtype, reason = resolve_dtype(dtype, self.device, parameters)
         self.precision = {"dtype": str(self.dtype).replace("torch.", ""), "reason": reason,
+                          "relevance_dtype": str(pipeline.relevance_dtype or self.dtype).replace("torch.", ""),
                           "cpu": cpu_description() if self.device.type == "cpu" else None}
         self.model_info = model_info
         self.pipeline = pipeline.to(self.device, self.dtype)

@@ -145,6 +145,8 @@ class InstructX2XPipeline(DiffusionPipeline):
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.prior_set: PriorSet | None = None  # loaded on first use; assign to swap sets
+        # Precision of the relevance call (None: the UNet's own); see compute_relevance.
+        self.relevance_dtype: torch.dtype | None = torch.float32
         self._interrupt = False
 
     @property
@@ -461,14 +463,26 @@ class InstructX2XPipeline(DiffusionPipeline):
         call runs on those two: a third less work than the full batch, the same values.
         The noising uses the training schedule directly (``alphas_cumprod``), so it is the same
         whichever sampler runs the denoising loop.
+
+        R is the difference of two close noise predictions, which half-precision activations
+        round away; the call runs in ``relevance_dtype`` (fp32 unless set to None), the UNet
+        cast up for it and back (exact: a bf16/fp16 weight is an fp32 value).
         """
         alphas_cumprod = self.scheduler.alphas_cumprod.to(source_latents.device, torch.float32)
         alpha = alphas_cumprod[int(relevance_timestep)]
         noisy = alpha.sqrt() * source_latents + (1 - alpha).sqrt() * noise
         model_input = torch.cat([torch.cat([noisy] * 2), image_latents_cfg[:2].float()], dim=1)
         timestep = torch.tensor(int(relevance_timestep), device=source_latents.device)
-        noise_pred = self.unet(model_input.to(self.unet.dtype), timestep,
-                               encoder_hidden_states=prompt_embeds[:2], return_dict=False)[0]
+        model_dtype = self.unet.dtype
+        dtype = self.relevance_dtype or model_dtype
+        try:
+            if dtype != model_dtype:
+                self.unet.to(dtype)
+            noise_pred = self.unet(model_input.to(dtype), timestep,
+                                   encoder_hidden_states=prompt_embeds[:2].to(dtype), return_dict=False)[0]
+        finally:
+            if self.unet.dtype != model_dtype:
+                self.unet.to(model_dtype)
         noise_pred_text, noise_pred_image = noise_pred.chunk(2)
         return guidance.relevance_map(noise_pred_text, noise_pred_image)
 
