@@ -224,3 +224,18 @@ def test_edit_after_preview_reuses_encode_and_relevance_bit_for_bit(tiny_pipe, r
     assert np.array_equal(edited.edited, expected.edited)
     other = warm.edit(radiograph, params(eta=1.0, tau=0.2, seed=1))
     assert not other.manifest["reused_guidance"]
+
+
+def test_edit_batch_equals_single_edits_at_each_native_size(editor, radiograph):
+    wide = Radiograph(np.tile(radiograph.pixels, (1, 2)), "wide.png", "c" * 64, "png", 8)
+    parameters = [params(instruction="Add the finding of left pleural effusion", seed=4),
+                  params(instruction="Remove the finding of edema", seed=9)]
+    batch = editor.edit_batch([radiograph, wide], parameters)
+    for image, element, result in zip([radiograph, wide], parameters, batch):
+        alone = editor.edit(image, element)
+        assert result.edited.shape == image.pixels.shape
+        assert np.array_equal(result.edit_mask, alone.edit_mask)
+        assert np.allclose(result.edited, alone.edited, atol=1e-4)
+        assert result.manifest["parameters"]["seed"] == element.seed
+    with pytest.raises(ValueError, match="shares every setting except instruction and seed"):
+        editor.edit_batch([radiograph, wide], [params(), params(tau=0.3)])

@@ -17,7 +17,8 @@ PROMPT = "Add the finding of pleural effusion"
 def run(pipe, image, seed=0, **kwargs):
     kwargs.setdefault("num_inference_steps", 4)
     kwargs.setdefault("output_type", "pt")
-    return pipe(kwargs.pop("prompt", PROMPT), image, generator=generator(seed), **kwargs)
+    kwargs.setdefault("generator", generator(seed))
+    return pipe(kwargs.pop("prompt", PROMPT), image, **kwargs)
 
 
 def test_same_seed_same_output_bit_for_bit(tiny_pipe, xray):
@@ -226,7 +227,9 @@ def test_interrupt_raises_and_returns_nothing(tiny_pipe, xray):
     ({"callback_on_step_end_tensor_inputs": ["secret"]}, ValueError, "callback"),
     ({"prompt": ""}, ValueError, "empty"),
     ({"prompt": "a" * 1000}, ValueError, "characters"),
-    ({"prompt": ["a", "b"]}, TypeError, "prompt"),
+    ({"prompt": ["Add edema", "Add edema"]}, ValueError, "2 image\\(s\\) of one size \\(one per prompt\\)"),
+    ({"prompt": 3}, TypeError, "prompt"),
+    ({"generator": [torch.Generator(), torch.Generator()]}, ValueError, "one generator per prompt"),
     ({"mask_image": torch.ones(1, 1, 32, 32)}, ValueError, "mask_image"),
     ({"mask_image": torch.zeros(1, 1, 64, 64)}, ValueError, "empty"),
     ({"keep_mask_image": torch.ones(1, 1, 63, 64)}, ValueError, "keep_mask_image"),
@@ -264,7 +267,7 @@ def test_the_hooks_see_every_model_call(tiny_pipe, xray):
 @pytest.mark.parametrize("image,match", [
     (torch.rand(1, 1, 60, 64), "multiples of 8"),
     (torch.rand(1, 4, 64, 64), "grayscale or RGB"),
-    (torch.rand(2, 1, 64, 64), "grayscale or RGB"),
+    (torch.rand(2, 1, 64, 64), "must give 1 image\\(s\\)"),  # two images for one prompt
     (torch.rand(1, 1, 64, 64) * 3, r"\[0, 1\]"),
     ("image.png", "PIL image"),
 ])
@@ -397,3 +400,22 @@ def test_relevance_is_computed_in_fp32_when_the_model_runs_in_bf16(xray):
     pipe.relevance_dtype = None  # in bf16 the map is visibly different
     in_bf16 = run(pipe, xray, guidance_only=True, region_mode="relevance").guidance_state.relevance
     assert not torch.allclose(in_bf16, expected, atol=1e-3)
+
+
+def test_each_batch_element_equals_the_same_edit_alone(tiny_pipe):
+    """A batch of three with their own instructions, masks and generators: element i is the
+    edit of image i run alone with generator i (eta > 0 draws from the generator too)."""
+    images = torch.rand(3, 1, 64, 64, generator=generator(4))
+    images = torch.nn.functional.avg_pool2d(images, 5, 1, 2)  # smooth, like a film
+    prompts = ["Add the finding of left pleural effusion", "Remove the finding of edema",
+               "Add the finding of right pneumothorax"]
+    kwargs = dict(num_inference_steps=3, tau=0.2, eta=0.5, output_type="pt")
+    batch = tiny_pipe(prompts, images, generator=[generator(s) for s in (1, 2, 3)], **kwargs)
+    assert batch.images.shape == (3, 1, 64, 64) and len(batch.prior) == 3
+    assert [p.laterality for p in batch.prior] == ["left", None, "right"]
+    for i, seed in enumerate((1, 2, 3)):
+        alone = tiny_pipe(prompts[i], images[i:i + 1], generator=generator(seed), **kwargs)
+        assert torch.equal(alone.edit_masks, batch.edit_masks[i:i + 1])
+        assert torch.allclose(alone.images, batch.images[i:i + 1], atol=1e-4)
+        outside = batch.edit_masks[i] == 0
+        assert torch.equal(batch.images[i][outside], images[i][outside])

@@ -19,8 +19,8 @@ import traceback
 from pathlib import Path
 
 from . import __version__
-from .errors import EditCancelled, InstructX2XError, ParameterError, ResourceError
-from .jobs import EditJob, prepare, run_job
+from .errors import EditCancelled, InstructX2XError, OutputExistsError, ParameterError, ResourceError
+from .jobs import EditJob, prepare, prepare_jobs, read_jobs_file, run_job, run_jobs_file
 from .parameters import ASPECT_MODES, COMPOSITE_MODES, EditParameters, RegionMode
 from .provenance import to_json
 
@@ -63,10 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "instructx2x-train pseudo-masks); default: the shipped approximation")
 
     job = argparse.ArgumentParser(add_help=False)
-    job.add_argument("input", type=Path,
+    job.add_argument("input", type=Path, nargs="?",
                      help="radiograph: DICOM (CR, DX, SC) file or folder, or PNG/JPEG")
-    job.add_argument("-i", "--instruction", required=True,
+    job.add_argument("-i", "--instruction",
                      help='e.g. "Add the finding of pleural effusion"')
+    job.add_argument("--jobs", type=Path, metavar="FILE.csv", help=(
+        "many edits in one process: a CSV with columns image, instruction[, mask, keep_mask, "
+        "seed]; writes OUTPUT/NNNN-<image>/ per row and OUTPUT/results.csv"))
+    job.add_argument("--batch-size", type=int, default=1, metavar="N",
+                     help="with --jobs: edit up to N rows per pipeline call (default 1)")
     job.add_argument("-o", "--output", type=Path, required=True,
                      help="output folder (must not exist)")
     job.add_argument("--mode", default="rse", choices=[m.value for m in RegionMode])
@@ -148,9 +153,22 @@ def _main(args: argparse.Namespace, emit) -> int:
     if args.model is None:
         raise ParameterError(f"no model given: pass --model DIR|FILE (or set ${MODEL_ENV}); "
                            "'--model untrained-tiny' runs a random-weight test model.")
-    prepared = None
-    if args.command in ("edit", "preview"):
-        prepared = prepare(_job(args))  # every input checked before the model is loaded
+    prepared = jobs = None
+    if args.command in ("edit", "preview") and args.jobs is not None:
+        if args.input is not None or args.instruction is not None:
+            raise ParameterError("--jobs takes the images and instructions from the CSV; "
+                                 "give no input or -i with it.")
+        if args.push_cstore or args.push_stow:
+            raise ParameterError("--jobs does not push to a PACS; push each row's folder instead.")
+        if args.output.exists():
+            raise OutputExistsError(f"output folder {args.output.name} already exists; choose a new one.")
+        # every row read and checked before the model is loaded (the template's input and
+        # instruction are placeholders that each row replaces)
+        jobs = prepare_jobs(read_jobs_file(args.jobs, _job(args, Path("."), "placeholder")))
+    elif args.command in ("edit", "preview"):
+        if args.input is None or args.instruction is None:
+            raise ParameterError("give an input radiograph and -i INSTRUCTION (or --jobs FILE.csv).")
+        prepared = prepare(_job(args, args.input, args.instruction))  # checked before the model loads
     from diffusers.utils import logging as diffusers_logging
 
     from .editor import InstructX2XEditor
@@ -168,6 +186,12 @@ def _main(args: argparse.Namespace, emit) -> int:
         from .serve import serve
 
         return serve(editor)
+    if jobs is not None:
+        summary = run_jobs_file(jobs, args.output, editor, emit, progress_bar=args.progress == "bar",
+                                batch_size=args.batch_size)
+        if args.progress != "jsonl":
+            print(to_json(summary))
+        return 0
     if prepared is None:
         print(to_json(_info(editor)))
         return 0
@@ -180,14 +204,14 @@ def _main(args: argparse.Namespace, emit) -> int:
     return 0
 
 
-def _job(args: argparse.Namespace) -> EditJob:
+def _job(args: argparse.Namespace, source: Path, instruction: str) -> EditJob:
     parameters = EditParameters(
-        instruction=args.instruction, region_mode=args.mode, tau=args.tau,
+        instruction=instruction, region_mode=args.mode, tau=args.tau,
         relevance_timestep=args.relevance_timestep, num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale,
         eta=args.eta, seed=args.seed, resolution=args.resolution,
         lateralize_prior=not args.no_lateralize, aspect=args.aspect, composite=args.composite)
-    return EditJob(command=args.command, input=args.input, output=args.output,
+    return EditJob(command=args.command, input=source, output=args.output,
                    parameters=parameters, mask=args.mask, keep_mask=args.keep_mask,
                    voi=int(args.voi) if args.voi.isdigit() else args.voi,
                    allow_non_chest=args.allow_non_chest, feather_px=args.feather,

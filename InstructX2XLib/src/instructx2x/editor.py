@@ -19,7 +19,7 @@ import torch
 
 from . import __version__
 from .devices import cpu_description, needs_attention_slicing, resolve_device, resolve_dtype
-from .errors import EmptyEditRegionError
+from .errors import EmptyEditRegionError, ParameterError
 from .guidance import resize_map
 from .image_io import Radiograph
 from .instructions import parse_instruction
@@ -202,19 +202,97 @@ class InstructX2XEditor:
         """
         return self._run(image, parameters, mask, keep_mask, progress, guidance_only=False)
 
-    def _run(self, image: Radiograph, parameters: EditParameters, mask, keep_mask,
-             progress: ProgressCallback | None, guidance_only: bool) -> EditResult:
-        parameters = self.resolve(parameters)
-        rows, columns = image.pixels.shape
-        check_masks((rows, columns), parameters, mask, keep_mask)
+    def edit_batch(self, images: list[Radiograph], parameters: list[EditParameters],
+                   masks: list[np.ndarray | None] | None = None,
+                   keep_masks: list[np.ndarray | None] | None = None,
+                   progress: ProgressCallback | None = None) -> list[EditResult]:
+        """Edit several radiographs in one pipeline call (one UNet batch per step).
+
+        The parameters may differ only in instruction and seed; every element gets its own
+        generator, so each result equals the same edit run alone (up to the last bits of
+        batched arithmetic). Masks are given for all elements or none; keep masks per element.
+
+        Raises
+        ------
+        ParameterError
+            When the lists differ in length or the parameters differ in another setting.
+        """
+        count = len(images)
+        masks = [None] * count if masks is None else list(masks)
+        keep_masks = [None] * count if keep_masks is None else list(keep_masks)
+        if not count or not len(parameters) == len(masks) == len(keep_masks) == count:
+            raise ParameterError(f"give one parameter set, mask and keep mask per image: {count} "
+                                 f"images, {len(parameters)} parameter sets.")
+        shared = [dataclasses.replace(self.resolve(p), instruction="-", seed=0) for p in parameters]
+        if any(p != shared[0] for p in shared):
+            raise ParameterError("a batch shares every setting except instruction and seed; run "
+                                 "the others separately.")
+        if len({m is None for m in masks}) > 1:
+            raise ParameterError("give an edit mask for every image of a batch or for none.")
+        return self._run(images, parameters, masks, keep_masks, progress, guidance_only=False)
+
+    def _run(self, images: list[Radiograph] | Radiograph, parameters_list, masks, keep_masks,
+             progress: ProgressCallback | None, guidance_only: bool):
+        single = isinstance(images, Radiograph)
+        if single:
+            images, parameters_list, masks, keep_masks = [images], [parameters_list], [masks], [keep_masks]
+        parameters_list = [self.resolve(p) for p in parameters_list]
+        parameters = parameters_list[0]
+        for image, element, mask, keep_mask in zip(images, parameters_list, masks, keep_masks):
+            check_masks(image.pixels.shape, element, mask, keep_mask)
         size = (parameters.resolution, parameters.resolution)
         started = time.perf_counter()
+        frames = [self._frame(image, element, mask, keep_mask, size)
+                  for image, element, mask, keep_mask in zip(images, parameters_list, masks, keep_masks)]
+
+        def stack(name):
+            tensors = [getattr(frame, name) for frame in frames]
+            if all(t is None for t in tensors):
+                return None
+            return torch.cat([torch.zeros_like(frames[0].model_input) if t is None else t for t in tensors])
+
+        model_input = stack("model_input")
+        generators = [torch.Generator(device="cpu").manual_seed(p.seed) for p in parameters_list]
+        # A preview followed by the edit (same model input, instruction and seed) shares the
+        # text encoding, VAE encode, noise draw and relevance map: reuse them.
+        key = (hashlib.sha256(model_input.numpy().tobytes()).hexdigest(),
+               tuple(p.instruction for p in parameters_list), tuple(p.seed for p in parameters_list))
+        reused = self._guidance_cache is not None and self._guidance_cache[0] == key
+        callback = None
+        if progress is not None:
+            def callback(pipe, step, timestep, tensors):
+                progress(step + 1, parameters.num_inference_steps)
+                return {}
+        change = parameters.composite == "change"
+        output = self.pipeline(
+            [p.instruction for p in parameters_list], model_input, mask_image=stack("model_mask"),
+            keep_mask_image=stack("model_keep"), prior_mask=stack("model_prior"),
+            region_mode=parameters.region_mode, tau=parameters.tau,
+            lateralize_prior=parameters.lateralize_prior,
+            relevance_timestep=parameters.relevance_timestep,
+            num_inference_steps=parameters.num_inference_steps,
+            guidance_scale=parameters.guidance_scale,
+            image_guidance_scale=parameters.image_guidance_scale, eta=parameters.eta,
+            generator=generators, guidance_only=guidance_only, output_type="pt",
+            return_reconstruction=change, callback_on_step_end=callback,
+            guidance_state=self._guidance_cache[1] if reused else None)
+        self._guidance_cache = (key, output.guidance_state)
+        model_seconds = time.perf_counter() - started
+        results = [self._result(i, frame, image, element, output, guidance_only, reused, model_seconds,
+                                started)
+                   for i, (frame, image, element) in enumerate(zip(frames, images, parameters_list))]
+        return results[0] if single else results
+
+    def _frame(self, image: Radiograph, parameters: EditParameters, mask, keep_mask,
+               size: tuple[int, int]) -> "_Frame":
+        """One image (and its masks) on the model's grid, and how to map back."""
+        rows, columns = image.pixels.shape
         source = torch.from_numpy(np.ascontiguousarray(image.pixels, dtype=np.float32))[None, None]
         user = None if mask is None else _as_float(mask)
         keep = None if keep_mask is None else _as_float(keep_mask)
         crop = (slice(None), slice(None), slice(0, rows), slice(0, columns))
         canvas, canvas_keep, canvas_user, canvas_prior, selection = source, keep, user, None, None
-        if parameters.aspect == "pad" and rows != columns:
+        if parameters.aspect == "pad":  # a square image pads to itself
             canvas, crop = _pad_square(source, 0.0)
             canvas_user = None if user is None else _pad_square(user, 0.0)[0]
             canvas_keep = _pad_square(torch.zeros_like(source) if keep is None else keep, 1.0)[0]
@@ -225,71 +303,56 @@ class InstructX2XEditor:
                                                   lateralize=parameters.lateralize_prior)
                 prior = resize_map(torch.from_numpy(selection.mask)[None, None], (rows, columns), mode="nearest")
                 canvas_prior = _pad_square(prior, 0.0)[0]
-        model_input = resize_map(canvas, size).clamp(0, 1)
         model_mask = None if canvas_user is None else (resize_map(canvas_user, size) >= 0.5).float()
-        model_keep = None if canvas_keep is None else (resize_map(canvas_keep, size) > 0).float()
-        model_prior = None if canvas_prior is None else resize_map(canvas_prior, size, mode="nearest")
         if model_mask is not None and not model_mask.any():
-            raise EmptyEditRegionError("mask vanishes at the model's resolution: paint a larger region.")
-        generator = torch.Generator(device="cpu").manual_seed(parameters.seed)
-        # A preview followed by the edit (same model input, instruction and seed) shares the
-        # text encoding, VAE encode, noise draw and relevance map: reuse them.
-        key = (hashlib.sha256(model_input.numpy().tobytes()).hexdigest(), parameters.instruction,
-               parameters.seed)
-        reused = self._guidance_cache is not None and self._guidance_cache[0] == key
-        callback = None
-        if progress is not None:
-            def callback(pipe, step, timestep, tensors):
-                progress(step + 1, parameters.num_inference_steps)
-                return {}
-        change = parameters.composite == "change"
-        output = self.pipeline(
-            parameters.instruction, model_input, mask_image=model_mask, keep_mask_image=model_keep,
-            prior_mask=model_prior, region_mode=parameters.region_mode, tau=parameters.tau,
-            lateralize_prior=parameters.lateralize_prior,
-            relevance_timestep=parameters.relevance_timestep,
-            num_inference_steps=parameters.num_inference_steps,
-            guidance_scale=parameters.guidance_scale,
-            image_guidance_scale=parameters.image_guidance_scale, eta=parameters.eta,
-            generator=generator, guidance_only=guidance_only, output_type="pt",
-            return_reconstruction=change, callback_on_step_end=callback,
-            guidance_state=self._guidance_cache[1] if reused else None)
-        self._guidance_cache = (key, output.guidance_state)
-        model_seconds = time.perf_counter() - started
+            raise EmptyEditRegionError(f"{image.source}: the mask vanishes at the model's resolution: "
+                                       "paint a larger region.")
+        return _Frame(
+            model_input=resize_map(canvas, size).clamp(0, 1), model_mask=model_mask,
+            model_keep=None if canvas_keep is None else (resize_map(canvas_keep, size) > 0).float(),
+            model_prior=None if canvas_prior is None else resize_map(canvas_prior, size, mode="nearest"),
+            keep=keep, grid=tuple(canvas.shape[-2:]), crop=crop, selection=selection)
 
-        # Back to the input's grid. The mask is upsampled by nearest neighbour and the keep
-        # mask re-applied at full resolution, so every pixel outside it is the input's value.
-        grid = tuple(canvas.shape[-2:])
-        edit_mask = (resize_map(output.edit_masks.float().cpu(), grid, mode="nearest") > 0.5)[crop]
-        if keep is not None:
-            edit_mask &= ~(keep > 0)
-        edited = model_output = reconstruction = None
-        composite = None
+    def _result(self, index: int, frame: "_Frame", image: Radiograph, parameters: EditParameters,
+                output, guidance_only: bool, reused: bool, model_seconds: float,
+                started: float) -> EditResult:
+        """Batch element ``index`` back on its input's grid. The mask is upsampled by nearest
+        neighbour and the keep mask re-applied at full resolution, so every pixel outside it
+        is the input's value."""
+        grid, crop = frame.grid, frame.crop
+        element = slice(index, index + 1)
+
+        def back(maps):
+            return None if maps is None else _to_input_grid(maps[element], grid, crop)
+
+        edit_mask = (resize_map(output.edit_masks[element].float().cpu(), grid, mode="nearest") > 0.5)[crop]
+        if frame.keep is not None:
+            edit_mask &= ~(frame.keep > 0)
+        inside = edit_mask[0, 0].numpy()
+        edited = model_output = reconstruction = composite = None
         if output.images is not None:
-            if not edit_mask.any():
-                raise EmptyEditRegionError("the edit region vanishes on the input's grid (the keep "
-                                           "mask covers all of it).")
-            model_output = _to_input_grid(output.images, grid, crop)
-            if change:
-                reconstruction = _to_input_grid(output.reconstructions, grid, crop)
+            if not inside.any():
+                raise EmptyEditRegionError(f"{image.source}: the edit region vanishes on the input's "
+                                           "grid (the keep mask covers all of it).")
+            model_output = back(output.images)
+            if parameters.composite == "change":
+                reconstruction = back(output.reconstructions)
                 composed = image.pixels + (model_output - reconstruction)
             else:
                 composed = model_output
-            inside = edit_mask[0, 0].numpy()
             clipped = float(((composed < 0) | (composed > 1))[inside].mean())
             edited = np.where(inside, np.clip(composed, 0, 1), image.pixels).astype(np.float32)
             composite = {"mode": parameters.composite, "clipped_fraction": round(clipped, 6)}
-        manifest = self._manifest(image, parameters, output, selection, composite, guidance_only,
-                                  model_seconds, time.perf_counter() - started)
+        prior = output.prior[index] if isinstance(output.prior, list) else output.prior
+        manifest = self._manifest(image, parameters, frame.selection or prior, composite, guidance_only,
+                                  float(output.edit_masks[element].float().mean()), model_seconds,
+                                  time.perf_counter() - started)
         manifest["reused_guidance"] = reused
         return EditResult(
-            edited=edited,
-            edit_mask=edit_mask[0, 0].numpy(),
-            guidance_map=_to_input_grid(output.guidance_maps, grid, crop),
-            relevance_map=_to_input_grid(output.relevance_maps, grid, crop),
-            prior_mask=_to_input_grid(output.prior_masks, grid, crop),
+            edited=edited, edit_mask=inside, guidance_map=back(output.guidance_maps),
+            relevance_map=back(output.relevance_maps), prior_mask=back(output.prior_masks),
             manifest=manifest, model_output=model_output, reconstruction=reconstruction,
-            model_guidance=output.guidance_maps[0, 0].float().cpu().numpy(),
+            model_guidance=output.guidance_maps[index, 0].float().cpu().numpy(),
             canvas=(*grid, crop[2].start, crop[3].start))
 
     @property
@@ -299,13 +362,12 @@ class InstructX2XEditor:
             self.pipeline.prior_set = PriorSet.default()
         return self.pipeline.prior_set
 
-    def _manifest(self, image: Radiograph, parameters: EditParameters, output, selection,
-                  composite: dict | None, preview: bool, model_seconds: float,
+    def _manifest(self, image: Radiograph, parameters: EditParameters, prior, composite: dict | None,
+                  preview: bool, edit_fraction: float, model_seconds: float,
                   total_seconds: float) -> dict:
         import diffusers
 
         scheduler = self.pipeline.scheduler
-        prior = selection if selection is not None else output.prior
         return {
             "software": {"instructx2x": __version__, "torch": torch.__version__,
                          "diffusers": diffusers.__version__, "python": platform.python_version()},
@@ -324,9 +386,23 @@ class InstructX2XEditor:
                          "model_native_size": self.native_resolution,
                          "aspect_ratio": parameters.aspect, "mask_upsampling": "nearest"},
             "composite": composite,
-            "edit_fraction": float(output.edit_masks.float().mean()),
+            "edit_fraction": edit_fraction,
             "timings_s": {"model": round(model_seconds, 3), "total": round(total_seconds, 3)},
         }
+
+
+@dataclasses.dataclass
+class _Frame:
+    """One batch element on the model's grid, and the geometry that maps it back."""
+
+    model_input: torch.Tensor
+    model_mask: torch.Tensor | None
+    model_keep: torch.Tensor | None
+    model_prior: torch.Tensor | None
+    keep: torch.Tensor | None
+    grid: tuple[int, int]
+    crop: tuple
+    selection: object | None  # PriorSelection made on the image's own grid (pad mode)
 
 
 def _as_float(array: np.ndarray) -> torch.Tensor:

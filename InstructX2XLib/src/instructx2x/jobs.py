@@ -15,10 +15,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import InputError, InputNotFoundError, OutputExistsError, PacsError, ParameterError
+from .errors import (InputError, InputNotFoundError, InstructX2XError, OutputExistsError, PacsError,
+                     ParameterError)
 from .parameters import EditParameters, check_masks
 
-__all__ = ["EditJob", "PreparedJob", "prepare", "run_job", "edit_images", "write_results", "JOB_SCHEMA_VERSION", "COMMANDS"]
+__all__ = ["EditJob", "PreparedJob", "prepare", "run_job", "edit_images", "write_results", "write_into",
+           "read_jobs_file", "prepare_jobs", "run_jobs_file", "JOB_SCHEMA_VERSION", "COMMANDS"]
 
 JOB_SCHEMA_VERSION = 1
 COMMANDS = ("edit", "preview")
@@ -223,24 +225,13 @@ def edit_images(prepared: PreparedJob, editor, emit: Events, progress_bar: bool 
 
 def write_results(prepared: PreparedJob, results: list, emit: Events, float_maps: bool = False) -> dict:
     """The output part of ``run_job``: files in one atomic folder, then the PACS push."""
-    from .dicom.export import write_dicom_edit
     from .dicom.pacs import push_cstore, push_stow
-    from .outputs import atomic_output_dir, write_float_maps, write_png_result
+    from .outputs import atomic_output_dir
 
     job = prepared.job
     emit({"event": "export", "output": str(job.output)})
-    written = []
     with atomic_output_dir(job.output) as staging:
-        for index, (image, result) in enumerate(zip(prepared.images, results)):
-            folder = staging if len(prepared.images) == 1 else staging / f"image-{index + 1:03d}"
-            folder.mkdir(exist_ok=True)
-            if image.format == "dicom" and result.edited is not None:
-                names = write_dicom_edit(folder, image, result, feather_px=job.feather_px)
-            else:
-                names = [p.name for p in write_png_result(folder, image, result)]
-            if float_maps:
-                names += [p.name for p in write_float_maps(folder, image, result)]
-            written += [str((folder / n).relative_to(staging)) for n in names]
+        written = write_into(staging, prepared, results, float_maps)
     summary = {"event": "done", "output": str(job.output), "files": written,
                "prior": results[0].manifest["prior"],
                "edit_fraction": results[0].manifest["edit_fraction"],
@@ -258,6 +249,156 @@ def write_results(prepared: PreparedJob, results: list, emit: Events, float_maps
         raise PacsError(f"written to {job.output}, but not pushed: {error}") from error
     emit(summary)
     return summary
+
+
+def write_into(folder: Path, prepared: PreparedJob, results: list, float_maps: bool = False) -> list[str]:
+    """Write a job's results into an existing (staging) folder; returns the relative names."""
+    from .dicom.export import write_dicom_edit
+    from .outputs import write_float_maps, write_png_result
+
+    written = []
+    for index, (image, result) in enumerate(zip(prepared.images, results)):
+        target = folder if len(prepared.images) == 1 else folder / f"image-{index + 1:03d}"
+        target.mkdir(exist_ok=True)
+        if image.format == "dicom" and result.edited is not None:
+            names = write_dicom_edit(target, image, result, feather_px=prepared.job.feather_px)
+        else:
+            names = [p.name for p in write_png_result(target, image, result)]
+        if float_maps:
+            names += [p.name for p in write_float_maps(target, image, result)]
+        written += [str((target / n).relative_to(folder)) for n in names]
+    return written
+
+
+JOBS_COLUMNS = ("image", "instruction", "mask", "keep_mask", "seed")
+
+
+def read_jobs_file(path: Path, template: EditJob) -> list[EditJob]:
+    """One ``EditJob`` per row of a jobs CSV, each a copy of ``template`` with the row's values.
+
+    Columns: ``image`` and ``instruction`` (required), ``mask``, ``keep_mask``, ``seed``
+    (optional, empty = the template's). Relative paths are relative to the CSV's folder.
+    Row ``n`` writes to ``OUTPUT/NNNN-<image stem>/``.
+
+    Raises
+    ------
+    InputError
+        A missing file, unknown or missing columns, or no rows.
+    ParameterError
+        A row whose values are invalid (the message names the row).
+    """
+    import csv
+
+    if not path.is_file():
+        raise InputNotFoundError(f"jobs file not found: {path.name}")
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            columns = reader.fieldnames or []
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise InputError(f"{path.name}: not a UTF-8 CSV file ({error}).") from None
+    unknown = sorted(set(columns) - set(JOBS_COLUMNS))
+    missing = [c for c in ("image", "instruction") if c not in columns]
+    if unknown or missing:
+        raise InputError(f"{path.name}: columns must be {', '.join(JOBS_COLUMNS)} (image and "
+                         f"instruction required); unknown {unknown}, missing {missing}.")
+    if not rows:
+        raise InputError(f"{path.name}: no jobs (the file has a header only).")
+    jobs = []
+    for number, row in enumerate(rows, start=1):
+        try:
+            image = path.parent / (row["image"] or "").strip()
+            seed = (row.get("seed") or "").strip()
+            parameters = dataclasses.replace(template.parameters, instruction=row["instruction"] or "",
+                                             seed=int(seed) if seed else template.parameters.seed)
+            optional = {key: path.parent / row[key].strip() for key in ("mask", "keep_mask")
+                        if (row.get(key) or "").strip()}
+            jobs.append(dataclasses.replace(
+                template, input=image, output=template.output / f"{number:04d}-{image.stem}",
+                parameters=parameters, **optional))
+        except (ParameterError, ValueError) as error:
+            raise ParameterError(f"{path.name}, row {number}: {error}") from None
+    return jobs
+
+
+def prepare_jobs(jobs: list[EditJob]) -> list[PreparedJob]:
+    """``prepare`` every row of a jobs file; the first bad row's error names its number."""
+    prepared = []
+    for number, job in enumerate(jobs, start=1):
+        try:
+            prepared.append(prepare(job))
+        except InstructX2XError as error:
+            raise type(error)(f"job {number}: {error}") from None
+    return prepared
+
+
+def run_jobs_file(prepared: list[PreparedJob], output: Path, editor, emit: Events,
+                  progress_bar: bool = False, batch_size: int = 1) -> dict:
+    """Run many prepared jobs on one warm editor into one atomic folder, with ``results.csv``.
+
+    The rows run in order (``prepare_jobs`` has checked them all before any model work), up
+    to ``batch_size`` single-image rows per pipeline call (``InstructX2XEditor.edit_batch``);
+    the folder appears only when all are written.
+    """
+    import csv
+
+    from .outputs import atomic_output_dir
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ParameterError(f"batch size must be an integer >= 1, got {batch_size!r}.")
+    emit({"event": "jobs", "count": len(prepared)})
+    rows = []
+    with atomic_output_dir(output) as staging:
+        for group in _batches(prepared, batch_size):
+            first = len(rows) + 1
+            if len(group) == 1:
+                results = [edit_images(group[0], editor, lambda e, n=first: emit({**e, "job": n}),
+                                       progress_bar)]
+            else:
+                emit({"event": "batch", "jobs": list(range(first, first + len(group)))})
+                results = [[r] for r in editor.edit_batch(
+                    [item.images[0] for item in group], [item.job.parameters for item in group],
+                    None if group[0].mask is None else [item.mask for item in group],
+                    [item.keep_mask for item in group],
+                    progress=lambda step, total: emit({"event": "progress", "step": step, "total": total,
+                                                       "jobs": len(group)}))]
+            for item, item_results in zip(group, results):
+                folder = staging / item.job.output.name
+                folder.mkdir()
+                write_into(folder, item, item_results)
+                manifest = item_results[0].manifest
+                rows.append({"job": len(rows) + 1, "image": item.job.input.name,
+                             "instruction": item.job.parameters.instruction,
+                             "seed": item.job.parameters.seed, "output": folder.name,
+                             "edit_fraction": round(manifest["edit_fraction"], 6),
+                             "prior": ";".join(manifest["prior"]["categories"]) if manifest["prior"] else "",
+                             "seconds": manifest["timings_s"]["total"], "batch": len(group)})
+        with open(staging / "results.csv", "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    summary = {"event": "done", "output": str(output), "jobs": len(rows), "results": "results.csv"}
+    emit(summary)
+    return summary
+
+
+def _batches(prepared: list[PreparedJob], size: int):
+    """Consecutive rows that can share a pipeline call: one image each, edits, the same
+    presence of an edit mask; at most ``size``."""
+    group: list[PreparedJob] = []
+    for item in prepared:
+        fits = (len(item.images) == 1 and item.job.command == "edit"
+                and (not group or (item.mask is None) == (group[0].mask is None)))
+        if group and (not fits or len(group) == size):
+            yield group
+            group = []
+        if not fits:
+            yield [item]
+            continue
+        group.append(item)
+    if group:
+        yield group
 
 
 def _input_files(path: Path, is_dicom_file) -> list[Path]:

@@ -158,8 +158,8 @@ class InstructX2XPipeline(DiffusionPipeline):
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
-        prompt: str,
-        image: ImageInput,
+        prompt: str | list[str],
+        image: ImageInput | list[ImageInput],
         mask_image: ImageInput | None = None,
         keep_mask_image: ImageInput | None = None,
         prior_mask: ImageInput | None = None,
@@ -171,7 +171,7 @@ class InstructX2XPipeline(DiffusionPipeline):
         guidance_scale: float = 7.5,
         image_guidance_scale: float = 1.5,
         eta: float = 0.0,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         guidance_only: bool = False,
         return_reconstruction: bool = False,
@@ -185,13 +185,16 @@ class InstructX2XPipeline(DiffusionPipeline):
         Edit one radiograph as the instruction says, only inside the guidance mask.
 
         Args:
-            prompt (`str`):
-                The edit instruction, e.g. "Add the finding of pleural effusion".
-            image (`PIL.Image.Image`, `np.ndarray` or `torch.Tensor`):
-                The radiograph, values in `[0, 1]` (tensor `(1, C, H, W)` or `(H, W)`, C in {1, 3}),
-                height and width multiples of 8. Grayscale is repeated to 3 channels for the VAE.
+            prompt (`str` or `list[str]`):
+                The edit instruction, e.g. "Add the finding of pleural effusion"; a list edits a
+                batch (one instruction per image).
+            image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
+                The radiograph(s), values in `[0, 1]` (tensor `(B, C, H, W)` or `(H, W)`, C in {1, 3}),
+                height and width multiples of 8, one per prompt. Grayscale is repeated to 3 channels
+                for the VAE.
             mask_image (*optional*):
-                A user edit mask of the image's size; replaces the anatomical prior `M`.
+                A user edit mask of the image's size (one per image for a batch); replaces the
+                anatomical prior `M`.
             keep_mask_image (*optional*):
                 A mask of what must never change; it wins over every other mask.
             prior_mask (*optional*):
@@ -212,8 +215,9 @@ class InstructX2XPipeline(DiffusionPipeline):
                 Image guidance `s_I`.
             eta (`float`, defaults to 0.0):
                 DDIM eta; other schedulers ignore it.
-            generator (`torch.Generator`, *optional*):
-                The one source of randomness (VAE sample, noise, stochastic schedulers).
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                The one source of randomness (VAE sample, noise, stochastic schedulers); a list gives
+                each batch element its own, so that element equals the same edit run alone.
             latents (`torch.Tensor`, *optional*):
                 Start latents `(1, 4, H/8, W/8)` replacing the noised input latent (as in diffusers'
                 InstructPix2Pix); the noise for the relevance map and the re-noising is still drawn.
@@ -250,10 +254,11 @@ class InstructX2XPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
         # 0. Check inputs
-        region_mode = self.check_inputs(
+        region_mode, prompts = self.check_inputs(
             prompt, image, region_mode, tau, relevance_timestep, num_inference_steps, guidance_scale,
-            image_guidance_scale, output_type, callback_on_step_end_tensor_inputs,
+            image_guidance_scale, output_type, callback_on_step_end_tensor_inputs, generator,
         )
+        batch_size = len(prompts)
         if (mask_image is not None or prior_mask is not None) and \
                 region_mode in (RegionMode.RELEVANCE, RegionMode.NONE):
             raise ParameterError(f"`mask_image` and `prior_mask` replace the prior, which region_mode "
@@ -266,14 +271,14 @@ class InstructX2XPipeline(DiffusionPipeline):
 
         # 2. Preprocess and check the image and the masks (all at the image's size), before any
         # model call.
-        source = self._to_tensor(image, "image", channels=None).to(device)
+        source = self._to_batch(image, "image", None, batch_size).to(device)
         height, width = source.shape[-2:]
         pixels = self.image_processor.normalize(source.expand(-1, 3, -1, -1).to(model_dtype))
-        user_mask = self._load_mask(mask_image, "mask_image", (height, width), device)
-        keep_mask = self._load_mask(keep_mask_image, "keep_mask_image", (height, width), device)
-        if user_mask is not None and not user_mask.any():
+        user_mask = self._load_mask(mask_image, "mask_image", (height, width), device, batch_size)
+        keep_mask = self._load_mask(keep_mask_image, "keep_mask_image", (height, width), device, batch_size)
+        if user_mask is not None and not user_mask.flatten(1).any(dim=1).all():
             raise EmptyEditRegionError("mask_image is empty: paint the region to edit, or pass no mask.")
-        if keep_mask is not None and keep_mask.all():
+        if keep_mask is not None and keep_mask.flatten(1).all(dim=1).any():
             raise EmptyEditRegionError("the keep mask covers the whole image: nothing may be edited.")
         if latents is not None and not isinstance(latents, torch.Tensor):
             raise TypeError(f"`latents` must be a torch.Tensor, got {type(latents).__name__}.")
@@ -286,7 +291,7 @@ class InstructX2XPipeline(DiffusionPipeline):
             raise ParameterError("`guidance_state` comes from an image of another size.")
 
         # 3. Encode the instruction. CFG batch order: (text+image, image only, nothing).
-        prompt_embeds = self.encode_prompt(prompt, device) if state is None else state.prompt_embeds
+        prompt_embeds = self.encode_prompt(prompts, device) if state is None else state.prompt_embeds
 
         # 4. Timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -301,8 +306,8 @@ class InstructX2XPipeline(DiffusionPipeline):
         else:
             image_latents, source_latents, noise = state.image_latents, state.source_latents, state.noise
             if generator is not None and state.generator_state is not None:
-                generator.set_state(state.generator_state)  # later draws as if nothing was skipped
-        generator_state = None if generator is None else generator.get_state()
+                _set_generator_states(generator, state.generator_state)  # later draws as if nothing was skipped
+        generator_state = None if generator is None else _generator_states(generator)
         # Image-conditioning batch [c, c, 0], matching the text batch [emb(T), emb(""), emb("")].
         image_latents_cfg = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])
         latent_size = tuple(source_latents.shape[-2:])
@@ -320,14 +325,20 @@ class InstructX2XPipeline(DiffusionPipeline):
                               int(relevance_timestep), generator_state)
         prior, selection = None, None
         if region_mode in (RegionMode.RSE, RegionMode.PRIOR):
-            prior, selection = self.resolve_prior(prompt, user_mask, prior_mask, (height, width), device,
-                                                  lateralize_prior)
+            explicit = None if prior_mask is None else self._to_batch(prior_mask, "prior_mask", 1, batch_size)
+            resolved = [self.resolve_prior(text, None if user_mask is None else user_mask[i:i + 1],
+                                           None if explicit is None else explicit[i:i + 1],
+                                           (height, width), device, lateralize_prior)
+                        for i, text in enumerate(prompts)]
+            prior = torch.cat([mask for mask, _ in resolved])
+            selection = [chosen for _, chosen in resolved]
+            selection = selection[0] if isinstance(prompt, str) else selection
         relevance_px = None if relevance is None else guidance.resize_map(relevance, (height, width))
         prior_latent = None if prior is None else guidance.resize_map(prior, latent_size)
         guidance_latent = guidance.guidance_map(relevance, prior_latent, region_mode) \
-            if region_mode is not RegionMode.NONE else torch.ones(1, 1, *latent_size, device=device)
+            if region_mode is not RegionMode.NONE else torch.ones(batch_size, 1, *latent_size, device=device)
         guidance_px = guidance.guidance_map(relevance_px, prior, region_mode) \
-            if region_mode is not RegionMode.NONE else torch.ones(1, 1, height, width, device=device)
+            if region_mode is not RegionMode.NONE else torch.ones(batch_size, 1, height, width, device=device)
         keep_latent = None if keep_mask is None else guidance.resize_map(keep_mask, latent_size)
         mask = guidance.combine_masks(guidance.threshold_mask(guidance_latent, tau), keep_latent)
         mask_px = guidance.combine_masks(guidance.threshold_mask(guidance_px, tau), keep_mask)
@@ -336,8 +347,11 @@ class InstructX2XPipeline(DiffusionPipeline):
             self.maybe_free_model_hooks()
             fields = (None, mask_px, mask, guidance_px, relevance_px, prior, selection, None, state)
             return InstructX2XPipelineOutput(*fields) if return_dict else fields
-        if not (mask.any() and mask_px.any()):
-            raise EmptyEditRegionError(_empty_region_reason(relevance, guidance_latent, keep_latent, tau))
+        for i in range(batch_size):
+            if not (mask[i].any() and mask_px[i].any()):
+                raise EmptyEditRegionError(("" if batch_size == 1 else f"batch element {i}: ") + _empty_region_reason(
+                    None if relevance is None else relevance[i], guidance_latent[i],
+                    None if keep_latent is None else keep_latent[i], tau))
 
         # 7. Start from the input latent noised to the first timestep (not from pure noise).
         if latents is None:
@@ -398,8 +412,8 @@ class InstructX2XPipeline(DiffusionPipeline):
         decoded = self.image_processor.denormalize(decoded.float()).clamp(0, 1)
         if source.shape[1] == 1:
             decoded = decoded.mean(dim=1, keepdim=True)
-        reconstruction = decoded[1:] if return_reconstruction else None
-        edited = torch.where(mask_px > 0, decoded[:1], source.float())
+        reconstruction = decoded[batch_size:] if return_reconstruction else None
+        edited = torch.where(mask_px > 0, decoded[:batch_size], source.float())
         images = edited if output_type == "pt" else self.image_processor.postprocess(
             edited, output_type=output_type, do_denormalize=[False])
 
@@ -411,11 +425,17 @@ class InstructX2XPipeline(DiffusionPipeline):
 
     def check_inputs(self, prompt, image, region_mode, tau, relevance_timestep, num_inference_steps,
                      guidance_scale, image_guidance_scale, output_type,
-                     callback_on_step_end_tensor_inputs) -> RegionMode:
-        """Validate every argument before any model runs; returns the region mode as an enum."""
-        if not isinstance(prompt, str):
-            raise TypeError(f"`prompt` must be a str (one instruction), got {type(prompt).__name__}.")
-        parse_instruction(prompt)  # empty or absurdly long instructions fail here
+                     callback_on_step_end_tensor_inputs, generator=None) -> tuple[RegionMode, list[str]]:
+        """Validate every argument before any model runs; returns the region mode as an enum
+        and the prompts as a list (the batch)."""
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"`prompt` must be a str or a non-empty list of str, got {prompt!r:.80}.")
+        for text in prompts:
+            parse_instruction(text)  # empty or absurdly long instructions fail here
+        if isinstance(generator, list) and len(generator) != len(prompts):
+            raise ParameterError(f"`generator` is a list of {len(generator)} but the batch has "
+                                 f"{len(prompts)} prompts; give one generator per prompt.")
         if image is None:
             raise TypeError("`image` is required.")
         try:
@@ -436,17 +456,19 @@ class InstructX2XPipeline(DiffusionPipeline):
         if self.unet.config.in_channels != 2 * self.vae.config.latent_channels:
             raise ParameterError(f"the UNet takes {self.unet.config.in_channels} input channels; InstructPix2Pix "
                              f"needs {2 * self.vae.config.latent_channels} (noisy + image latents).")
-        return mode
+        return mode, prompts
 
-    def encode_prompt(self, prompt: str, device: torch.device) -> torch.Tensor:
-        """Text embeddings in CFG order ``[emb(prompt), emb(""), emb("")]``."""
-        tokens = self.tokenizer([prompt, ""], padding="max_length", truncation=True,
+    def encode_prompt(self, prompt: str | list[str], device: torch.device) -> torch.Tensor:
+        """Text embeddings in CFG order ``[emb(prompts), emb("") x B, emb("") x B]``."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        tokens = self.tokenizer([*prompts, ""], padding="max_length", truncation=True,
                                 max_length=self.tokenizer.model_max_length, return_tensors="pt")
-        if len(self.tokenizer(prompt).input_ids) > self.tokenizer.model_max_length:
-            logger.warning("The instruction is longer than %d tokens and was truncated.",
+        if any(len(ids) > self.tokenizer.model_max_length for ids in self.tokenizer(prompts).input_ids):
+            logger.warning("An instruction is longer than %d tokens and was truncated.",
                            self.tokenizer.model_max_length)
         embeds = self.text_encoder(tokens.input_ids.to(device))[0].to(self.unet.dtype)
-        return torch.cat([embeds[:1], embeds[1:], embeds[1:]])
+        empty = embeds[-1:].expand(len(prompts), -1, -1)
+        return torch.cat([embeds[:-1], empty, empty])
 
     def prepare_image_latents(self, pixels: torch.Tensor, generator: torch.Generator | None):
         """Encode once: the posterior mode conditions the UNet, a scaled sample is ``z0``."""
@@ -471,18 +493,20 @@ class InstructX2XPipeline(DiffusionPipeline):
         alphas_cumprod = self.scheduler.alphas_cumprod.to(source_latents.device, torch.float32)
         alpha = alphas_cumprod[int(relevance_timestep)]
         noisy = alpha.sqrt() * source_latents + (1 - alpha).sqrt() * noise
-        model_input = torch.cat([torch.cat([noisy] * 2), image_latents_cfg[:2].float()], dim=1)
+        members = 2 * source_latents.shape[0]  # (text+image, image only) of every batch element
+        model_input = torch.cat([torch.cat([noisy] * 2), image_latents_cfg[:members].float()], dim=1)
         timestep = torch.tensor(int(relevance_timestep), device=source_latents.device)
         model_dtype = self.unet.dtype
         dtype = self.relevance_dtype or model_dtype
+        # torch's own Module.to: diffusers' override logs a dtype notice on every cast.
         try:
             if dtype != model_dtype:
-                self.unet.to(dtype)
+                torch.nn.Module.to(self.unet, dtype)
             noise_pred = self.unet(model_input.to(dtype), timestep,
-                                   encoder_hidden_states=prompt_embeds[:2].to(dtype), return_dict=False)[0]
+                                   encoder_hidden_states=prompt_embeds[:members].to(dtype), return_dict=False)[0]
         finally:
             if self.unet.dtype != model_dtype:
-                self.unet.to(model_dtype)
+                torch.nn.Module.to(self.unet, model_dtype)
         noise_pred_text, noise_pred_image = noise_pred.chunk(2)
         return guidance.relevance_map(noise_pred_text, noise_pred_image)
 
@@ -516,18 +540,30 @@ class InstructX2XPipeline(DiffusionPipeline):
             kwargs["generator"] = generator
         return kwargs
 
-    def _load_mask(self, mask, name: str, size: tuple[int, int], device) -> torch.Tensor | None:
+    def _load_mask(self, mask, name: str, size: tuple[int, int], device,
+                   batch_size: int = 1) -> torch.Tensor | None:
         if mask is None:
             return None
-        tensor = self._to_tensor(mask, name, channels=1)
+        tensor = self._to_batch(mask, name, 1, batch_size)
         if tuple(tensor.shape[-2:]) != tuple(size):
             raise ParameterError(f"`{name}` is {tuple(tensor.shape[-2:])} but the image is {tuple(size)}; "
                              "masks must have the image's size.")
         return (tensor > 0.5).float().to(device)
 
+    def _to_batch(self, value, name: str, channels: int | None, batch_size: int) -> torch.Tensor:
+        """Images or masks as a float tensor ``(batch_size, C, H, W)`` in ``[0, 1]``."""
+        items = value if isinstance(value, list) else [value]
+        tensors = [t for item in items for t in self._to_tensor(item, name, channels).split(1)]
+        if len(tensors) != batch_size or len({tuple(t.shape) for t in tensors}) != 1:
+            raise ParameterError(f"`{name}` must give {batch_size} image(s) of one size (one per "
+                                 f"prompt), got {[tuple(t.shape[-2:]) for t in tensors]}.")
+        return torch.cat(tensors)
+
+    # Not VaeImageProcessor.preprocess: it reads PIL images through 8 bits (a 16-bit film would
+    # clip) and silently resizes to multiples of 8, where a wrong size must be an error.
     @staticmethod
     def _to_tensor(value, name: str, channels: int | None) -> torch.Tensor:
-        """An image or mask as a float tensor ``(1, C, H, W)`` in ``[0, 1]``."""
+        """An image or mask (or a batch tensor) as a float tensor ``(B, C, H, W)`` in ``[0, 1]``."""
         if isinstance(value, PIL.Image.Image):
             value = _pil_to_unit_array(value, name)
         if isinstance(value, np.ndarray):
@@ -540,9 +576,9 @@ class InstructX2XPipeline(DiffusionPipeline):
         tensor = value.float()
         while tensor.ndim < 4:
             tensor = tensor.unsqueeze(0)
-        if tensor.ndim != 4 or tensor.shape[0] != 1 or tensor.shape[1] not in (1, 3):
-            raise ParameterError(f"`{name}` must be one 2-D grayscale or RGB image, got shape "
-                             f"{tuple(value.shape)}.")
+        if tensor.ndim != 4 or tensor.shape[1] not in (1, 3):
+            raise ParameterError(f"`{name}` must be 2-D grayscale or RGB image(s), got shape "
+                                 f"{tuple(value.shape)}.")
         if channels == 1 and tensor.shape[1] == 3:
             tensor = tensor.mean(dim=1, keepdim=True)
         if not torch.isfinite(tensor).all() or tensor.min() < 0 or tensor.max() > 1:
@@ -552,6 +588,15 @@ class InstructX2XPipeline(DiffusionPipeline):
             raise ParameterError(f"`image` height and width must be multiples of 8, got {height}x{width}; "
                              "resize it first (InstructX2XEditor does).")
         return tensor
+
+
+def _generator_states(generator):
+    return [g.get_state() for g in generator] if isinstance(generator, list) else generator.get_state()
+
+
+def _set_generator_states(generator, states) -> None:
+    for g, state in zip(generator, states) if isinstance(generator, list) else [(generator, states)]:
+        g.set_state(state)
 
 
 def _pil_to_unit_array(image: PIL.Image.Image, name: str) -> np.ndarray:
