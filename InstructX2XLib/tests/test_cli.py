@@ -102,9 +102,10 @@ def test_jsonl_progress_protocol(png, tmp_path, capsys):
     argv[argv.index("--progress") + 1] = "jsonl"
     assert main(argv) == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [e["event"] for e in events] == ["started", "progress", "progress", "export", "done"]
-    assert {k: events[2][k] for k in ("step", "total")} == {"step": 2, "total": 2}
-    assert events[1]["eta_s"] >= 0 and events[2]["eta_s"] == 0
+    assert [e["event"] for e in events] == ["loading", "started", "progress", "progress", "decode",
+                                            "export", "done"]
+    assert {k: events[3][k] for k in ("step", "total")} == {"step": 2, "total": 2}
+    assert events[2]["eta_s"] >= 0 and events[3]["eta_s"] == 0
 
 
 def test_default_sampling_on_cpu_is_the_fast_path(png, tmp_path, capsys):
@@ -115,7 +116,7 @@ def test_default_sampling_on_cpu_is_the_fast_path(png, tmp_path, capsys):
     assert main(argv) == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     n = FEW_STEP_SOLVER_STEPS
-    assert events[0]["total"] == n and events[-3]["step"] == n
+    assert events[1]["total"] == n and events[-4]["step"] == n
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["scheduler"]["class"] == "DPMSolverMultistepScheduler"
     assert manifest["parameters"]["num_inference_steps"] == n
@@ -407,3 +408,22 @@ def test_a_bad_row_stops_the_jobs_file_before_any_work(png, tmp_path, capsys):
                  "untrained-tiny"]) == 2
     assert "unknown ['colour']" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chest.png", "jobs.csv"]
+
+
+def test_stale_staging_of_a_killed_writer_is_removed(png, tmp_path):
+    """A writer killed with SIGKILL mid-export leaves .<name>.<pid>.* behind; the next writer
+    of that output removes it (a live process's staging is left alone)."""
+    from instructx2x.outputs import remove_stale_staging
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".out.{dead.pid}.abc123"
+    stale.mkdir()
+    (stale / "counterfactual.dcm").write_bytes(b"partial")
+    live = tmp_path / f".out.{os.getpid()}.xyz"
+    live.mkdir()
+    other = tmp_path / ".outside.1.abc"
+    other.mkdir()
+    assert main(args(png, tmp_path / "out")) == 0
+    assert not stale.exists() and live.exists() and other.exists()
+    assert remove_stale_staging(tmp_path / "out") == []

@@ -55,3 +55,22 @@ def test_mask_must_match(tmp_path):
     assert read_mask(tmp_path / "m.png", (16, 16)).dtype == bool
     with pytest.raises(ImageReadError, match="16x16 but the image is 20x16"):
         read_mask(tmp_path / "m.png", (20, 16))
+
+
+def test_masks_from_npy_and_single_slice_nrrd(tmp_path):
+    import nrrd
+
+    from instructx2x.image_io import read_mask
+
+    region = np.zeros((30, 20), np.uint8)
+    region[5:15, 2:9] = 1
+    np.save(tmp_path / "m.npy", region)
+    nrrd.write(str(tmp_path / "m.nrrd"), region[None], index_order="C")  # one slice, as Slicer saves
+    for name in ("m.npy", "m.nrrd"):
+        assert np.array_equal(read_mask(tmp_path / name, (30, 20)), region > 0)
+    nrrd.write(str(tmp_path / "vol.nrrd"), np.zeros((3, 30, 20), np.uint8), index_order="C")
+    with pytest.raises(ValueError, match="one slice"):
+        read_mask(tmp_path / "vol.nrrd", (30, 20))
+    (tmp_path / "bad.nrrd").write_bytes(b"NRRD0004\ngarbage")
+    with pytest.raises(ValueError, match="cannot read it"):
+        read_mask(tmp_path / "bad.nrrd", (30, 20))

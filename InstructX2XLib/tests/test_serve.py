@@ -27,6 +27,12 @@ def worker():
     process.wait(timeout=30)
 
 
+def ready(process) -> dict:
+    loading = json.loads(process.stdout.readline())
+    assert loading == {"event": "loading", "model": "untrained-tiny"}
+    return json.loads(process.stdout.readline())
+
+
 def send(process, request):
     process.stdin.write(json.dumps(request) + "\n")
     process.stdin.flush()
@@ -49,8 +55,8 @@ def job(png, out, steps=2, **parameters):
 
 
 def test_preview_rethreshold_and_two_edits_on_one_warm_worker(worker, png, tmp_path):
-    ready = json.loads(worker.stdout.readline())
-    assert ready["event"] == "ready" and ready["protocol"] == 1 and ready["model"]["trained"] is False
+    event = ready(worker)
+    assert event["event"] == "ready" and event["protocol"] == 1 and event["model"]["trained"] is False
     send(worker, {"type": "preview", "id": "p", "job": job(png, tmp_path / "preview")})
     done = events_until(worker, "p")[-1]
     assert done["event"] == "done" and "guidance_map.npy" in done["files"]
@@ -64,7 +70,7 @@ def test_preview_rethreshold_and_two_edits_on_one_warm_worker(worker, png, tmp_p
     assert events_until(worker, "r")[-1]["event"] == "done"
     send(worker, {"type": "edit", "id": "e", "job": job(png, tmp_path / "edit", tau=0.4)})
     events = events_until(worker, "e")
-    assert [e["event"] for e in events] == ["started", "progress", "progress", "export", "done"]
+    assert [e["event"] for e in events] == ["started", "progress", "progress", "decode", "export", "done"]
     assert events[2]["step"] == 2 and events[2]["eta_s"] == 0
     # the re-thresholded mask is the mask of an edit at that tau, with no model call
     assert np.array_equal(np.load(tmp_path / "tau04" / "edit_mask.npy"),
@@ -77,7 +83,7 @@ def test_preview_rethreshold_and_two_edits_on_one_warm_worker(worker, png, tmp_p
 
 
 def test_cancel_mid_run_and_queued_cancel_leave_nothing(worker, png, tmp_path):
-    assert json.loads(worker.stdout.readline())["event"] == "ready"
+    assert ready(worker)["event"] == "ready"
     send(worker, {"type": "edit", "id": "long", "job": job(png, tmp_path / "long", steps=400)})
     send(worker, {"type": "edit", "id": "queued", "job": job(png, tmp_path / "queued")})
     send(worker, {"type": "cancel", "id": "queued"})  # before it starts: must not be lost
@@ -95,7 +101,7 @@ def test_cancel_mid_run_and_queued_cancel_leave_nothing(worker, png, tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_killing_the_worker_mid_run_leaves_nothing(worker, png, tmp_path, sig):
-    assert json.loads(worker.stdout.readline())["event"] == "ready"
+    assert ready(worker)["event"] == "ready"
     send(worker, {"type": "edit", "id": "k", "job": job(png, tmp_path / "k", steps=400)})
     for line in worker.stdout:
         if json.loads(line)["event"] == "progress":

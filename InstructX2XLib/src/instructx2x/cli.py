@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     # Third-party INFO lines (highdicom's) quote source UIDs: keep them out of the log.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
-    emit = _emitter(getattr(args, "progress", "none"))
+    emit = _emitter("jsonl" if args.command == "serve" else getattr(args, "progress", "none"))
     try:
         return _main(args, emit)
     except (KeyboardInterrupt, EditCancelled):
@@ -176,6 +176,7 @@ def _main(args: argparse.Namespace, emit) -> int:
     from .priors import PriorSet
 
     diffusers_logging.set_verbosity_error()  # dtype-cast notices are noise for CLI users
+    emit({"event": "loading", "model": Path(args.model).name})
     priors = None if args.priors is None else PriorSet.from_directory(args.priors)
     editor = InstructX2XEditor.from_model(args.model, device=args.device, dtype=args.dtype,
                                           scheduler=args.scheduler, allow_hub=args.allow_hub,

@@ -169,7 +169,8 @@ register_reader("raster", _is_raster, _read_raster)
 def read_mask(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
     """Read a binary mask (any non-zero pixel is inside) that must match ``shape``.
 
-    PNG/JPEG images, or ``.npy`` arrays (what the Slicer panel writes from a segment).
+    PNG/JPEG images, ``.npy`` arrays, or ``.nrrd`` volumes of one slice (a Slicer labelmap
+    or segment exported from the Segment Editor; rows x columns in C order).
 
     Raises
     ------
@@ -179,20 +180,33 @@ def read_mask(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
         When it cannot be decoded, is not 2-D, or its size differs from ``shape``.
     """
     path = Path(path)
-    if path.suffix.lower() == ".npy":
+    suffix = path.suffix.lower()
+    if suffix in (".npy", ".nrrd"):
         if not path.is_file():
             raise InputNotFoundError(f"mask not found: {path.name}")
-        try:
-            array = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as error:
-            raise ImageReadError(f"mask {path.name}: not a numpy array file ({error}).") from error
-        if array.ndim != 2 or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
-            raise ImageReadError(f"mask {path.name}: expected a 2-D numeric array, got "
-                                 f"{array.dtype} {array.shape}.")
-        pixels = array
+        pixels = _read_array_mask(path, suffix)
     else:
         pixels = read_image(path).pixels
     if pixels.shape != tuple(shape):
         raise ImageReadError(f"mask {path.name} is {pixels.shape[0]}x{pixels.shape[1]} but the "
                              f"image is {shape[0]}x{shape[1]}.")
     return pixels > 0
+
+
+def _read_array_mask(path: Path, suffix: str) -> np.ndarray:
+    """A 2-D numeric array from ``.npy`` or a single-slice ``.nrrd``."""
+    try:
+        if suffix == ".npy":
+            array = np.load(path, allow_pickle=False)
+        else:
+            import nrrd
+
+            array, _ = nrrd.read(str(path), index_order="C")  # (slices, rows, columns)
+    except Exception as error:  # noqa: BLE001 - both readers raise many types on bad files
+        raise ImageReadError(f"mask {path.name}: cannot read it ({type(error).__name__}).") from None
+    if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
+        array = array.squeeze(0 if array.shape[0] == 1 else -1)
+    if array.ndim != 2 or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise ImageReadError(f"mask {path.name}: expected a 2-D numeric array (or one slice), got "
+                             f"{array.dtype} {array.shape}.")
+    return array

@@ -214,6 +214,8 @@ def edit_images(prepared: PreparedJob, editor, emit: Events, progress_bar: bool 
                     bar.update(1)
                 emit({"event": "progress", "step": offset + step, "total": total,
                       "eta_s": clock.eta(offset + step)})
+                if step == steps:
+                    emit({"event": "decode", "image": index + 1})
 
             results.append(editor.edit(image, parameters, prepared.mask, prepared.keep_mask,
                                        progress=report))

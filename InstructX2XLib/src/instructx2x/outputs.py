@@ -22,7 +22,8 @@ from .image_io import Radiograph
 from .overlay import guidance_overlay
 from .provenance import to_json
 
-__all__ = ["atomic_output_dir", "write_png_result", "write_float_maps", "UNTRAINED_NOTICE"]
+__all__ = ["atomic_output_dir", "remove_stale_staging", "write_png_result", "write_float_maps",
+           "UNTRAINED_NOTICE"]
 
 UNTRAINED_NOTICE = ("UNTRAINED MODEL: random weights, for testing the software only; "
                     "this image shows no real edit.")
@@ -56,7 +57,8 @@ def atomic_output_dir(target: Path) -> Iterator[Path]:
     staging = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        remove_stale_staging(target)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
         staging.chmod(0o777 & ~_umask())
         yield staging
         if target.exists():
@@ -71,6 +73,44 @@ def atomic_output_dir(target: Path) -> Iterator[Path]:
     finally:
         if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_stale_staging(target: Path) -> list[Path]:
+    """Remove staging folders of ``target`` left by a process that no longer runs.
+
+    A process killed with SIGKILL while it writes (the export's second or so) cannot clean
+    up; its staging folder carries its PID (``.<name>.<pid>.<random>``), so the next writer
+    of the same output, or a panel after killing its worker, removes it. Folders of live
+    processes are left alone.
+
+    Returns
+    -------
+    list[pathlib.Path]
+        The folders removed.
+    """
+    target = Path(os.path.abspath(target))
+    prefix = f".{target.name}."
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for candidate in target.parent.iterdir():
+        pid = candidate.name[len(prefix):].split(".", 1)[0]
+        if not (candidate.name.startswith(prefix) and pid.isdigit() and candidate.is_dir()):
+            continue
+        if int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _save_gray(array: np.ndarray, bits: int, path: Path) -> None:

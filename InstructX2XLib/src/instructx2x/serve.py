@@ -11,8 +11,9 @@ Requests (one JSON object per line; ``id`` is the caller's, echoed in every even
                                            # one is dropped before it starts (never lost)
     {"type": "shutdown"}
 
-Events: ``ready`` (after the model loaded: model, precision, protocol), then per job
-``started``, ``progress`` (step, total, eta_s), ``export``, ``done`` (output, files), or
+Events: ``loading`` (before the model loads) and ``ready`` (after: model, precision, protocol),
+then per job ``started``, ``progress`` (step, total, eta_s), ``decode``, ``export``, ``done``
+(output, files), or
 ``error`` (message, kind, exit_code) or ``cancelled``. Jobs run one at a time in arrival order.
 A preview's float maps are kept in memory so that ``rethreshold`` writes the edit mask at a
 new ``tau`` with no model call (``edit_mask.npy`` and ``edit_mask.png``), equal to the mask an
