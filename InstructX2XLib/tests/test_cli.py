@@ -12,15 +12,6 @@ from instructx2x.cli import main
 from instructx2x.schedulers import FEW_STEP_SOLVER_STEPS
 
 
-@pytest.fixture
-def png(tmp_path):
-    yy, xx = np.mgrid[0:72, 0:60]
-    pixels = (127 + 100 * np.sin(yy / 8) * np.cos(xx / 6)).astype(np.uint8)
-    path = tmp_path / "chest.png"
-    Image.fromarray(pixels).save(path)
-    return path
-
-
 def args(png, out, *extra):
     return ["edit", str(png), "-i", "Add the finding of right pleural effusion", "-o", str(out),
             "--model", "untrained-tiny", "--steps", "2", "--resolution", "64",
@@ -354,7 +345,7 @@ def test_import_is_light():
 
 def test_jobs_file_runs_many_edits_in_one_process(png, tmp_path, capsys):
     """PNG and DICOM rows alike, each with its own instruction, mask and seed."""
-    folder = _dicom_folder(tmp_path, 1)
+    _dicom_folder(tmp_path, 1)
     mask = tmp_path / "mask.npy"
     region = np.zeros((72, 60), bool)
     region[10:60, 5:50] = True
@@ -427,3 +418,13 @@ def test_stale_staging_of_a_killed_writer_is_removed(png, tmp_path):
     assert main(args(png, tmp_path / "out")) == 0
     assert not stale.exists() and live.exists() and other.exists()
     assert remove_stale_staging(tmp_path / "out") == []
+
+
+def test_signed_dicom_is_refused_before_the_model(tmp_path, capsys):
+    from dicom_factory import make_radiograph, write
+
+    path = write(make_radiograph(signed=True, window=(0.0, 4096.0)), tmp_path / "signed.dcm")
+    assert main(args(path, tmp_path / "out", "--model", str(tmp_path / "no-model"))) == 2
+    assert "signed.dcm: signed stored values cannot be written" in capsys.readouterr().err
+    # a preview writes PNGs, not DICOM: it may go ahead
+    assert main(["preview", *args(path, tmp_path / "preview")[1:]]) == 0

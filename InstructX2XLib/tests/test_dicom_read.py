@@ -7,7 +7,7 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian,
 from instructx2x import read_image
 from instructx2x.dicom import DicomReadError, read_dicom
 
-from dicom_factory import dcmtk_compress, make_radiograph, phantom, write
+from dicom_factory import dcmtk_compress, make_radiograph, write
 
 RG1 = get_testdata_file("RG1_UNCR.dcm")
 

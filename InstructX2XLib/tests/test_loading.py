@@ -212,3 +212,29 @@ def test_text_encoder_of_another_width_is_refused_at_load(tmp_path):
     wide.save_pretrained(directory / "text_encoder")
     with pytest.raises(ModelLoadError, match="text encoder is 48 wide but the UNet's cross-attention expects 32"):
         load_pipeline(directory)
+
+
+def test_test_checkpoint_uses_the_released_files_key_names():
+    """Anchor the tests' CompVis writer to the real format, not to diffusers' inverse of it:
+    these names (and the 8-channel conv_in, the 1x1-conv VAE attention) are those of
+    instruct-pix2pix-00-22000.ckpt, written out by hand."""
+    from original_checkpoint import original_state_dict
+
+    state = original_state_dict(build_untrained_pipeline(seed=5))
+    expected_shapes = {
+        "model.diffusion_model.input_blocks.0.0.weight": (32, 8, 3, 3),
+        "model.diffusion_model.time_embed.0.weight": (128, 32),
+        "model.diffusion_model.input_blocks.1.0.in_layers.0.weight": (32,),
+        "model.diffusion_model.input_blocks.3.0.op.weight": (32, 32, 3, 3),
+        "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight": (64, 32),
+        "model.diffusion_model.output_blocks.2.2.conv.weight": (64, 64, 3, 3),  # after its attention
+        "model.diffusion_model.out.2.weight": (4, 32, 3, 3),
+        "first_stage_model.encoder.conv_in.weight": (16, 3, 3, 3),
+        "first_stage_model.encoder.mid.attn_1.q.weight": (32, 32, 1, 1),
+        "first_stage_model.decoder.up.0.block.0.conv1.weight": (16, 32, 3, 3),
+        "first_stage_model.quant_conv.weight": (8, 8, 1, 1),
+        "first_stage_model.post_quant_conv.weight": (4, 4, 1, 1),
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (49408, 32),
+        "cond_stage_model.transformer.text_model.final_layer_norm.weight": (32,),
+    }
+    assert {k: tuple(state[k].shape) for k in expected_shapes if k in state} == expected_shapes

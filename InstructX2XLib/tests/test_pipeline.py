@@ -419,3 +419,28 @@ def test_each_batch_element_equals_the_same_edit_alone(tiny_pipe):
         assert torch.allclose(alone.images, batch.images[i:i + 1], atol=1e-4)
         outside = batch.edit_masks[i] == 0
         assert torch.equal(batch.images[i][outside], images[i][outside])
+
+
+def test_decoding_the_mask_region_only(tiny_pipe):
+    """The decoder sees only the masks' box plus the margin; outside the mask the output is
+    the input either way. Inside, it is not a full decode's (group norms and attention see
+    only the crop): that is why it is opt-in, and the difference is measured, not assumed."""
+    from instructx2x.pipeline import DECODE_MARGIN
+
+    image = torch.nn.functional.avg_pool2d(torch.rand(1, 1, 128, 128, generator=generator(5)), 5, 1, 2)
+    mask = torch.zeros(1, 1, 128, 128)
+    mask[..., 40:72, 80:112] = 1
+    shapes = []
+    handle = tiny_pipe.vae.decoder.register_forward_pre_hook(lambda m, a: shapes.append(tuple(a[0].shape)))
+    try:
+        kwargs = dict(region_mode="prior", mask_image=mask, num_inference_steps=2)
+        full = run(tiny_pipe, image, **kwargs)
+        part = run(tiny_pipe, image, decode_mask_region=True, **kwargs)
+    finally:
+        handle.remove()
+    box = (32 // 8 + 2 * DECODE_MARGIN, min(32 // 8 + 2 * DECODE_MARGIN, 16 - 80 // 8 + DECODE_MARGIN))
+    assert shapes == [(1, 4, 16, 16), (1, 4, *box)]
+    inside = full.edit_masks > 0
+    assert torch.equal(part.images[~inside], image[~inside])
+    difference = (part.images - full.images)[inside].abs().mean()
+    assert 0 < difference < 0.25 and part.images.min() >= 0 and part.images.max() <= 1

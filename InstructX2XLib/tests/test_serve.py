@@ -8,11 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from instructx2x.parameters import EditParameters
-
-from test_cli import png  # noqa: F401  (the fixture)
 
 
 @pytest.fixture

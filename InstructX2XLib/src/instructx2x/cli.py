@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="auto: bf16 on GPUs and on CPUs with bf16 instructions, else fp32")
     model.add_argument("--scheduler", default="auto", choices=["auto", *SCHEDULER_NAMES],
                        help="sampler; auto: the authors' DDIM on CUDA, DPM-Solver++ elsewhere")
+    model.add_argument("--decode", default="auto", choices=["auto", "mask", "full"],
+                       help="VAE decode of the full grid (auto) or of the mask's region only (faster on "
+                            "CPU, approximate: see docs/benchmarks.md)")
     model.add_argument("--priors", type=Path, help="directory of exact pseudo masks (from "
                        "instructx2x-train pseudo-masks); default: the shipped approximation")
 
@@ -180,7 +183,7 @@ def _main(args: argparse.Namespace, emit) -> int:
     priors = None if args.priors is None else PriorSet.from_directory(args.priors)
     editor = InstructX2XEditor.from_model(args.model, device=args.device, dtype=args.dtype,
                                           scheduler=args.scheduler, allow_hub=args.allow_hub,
-                                          single_file_config=args.model_config)
+                                          single_file_config=args.model_config, decode=args.decode)
     if priors is not None:
         editor.pipeline.prior_set = priors
     if args.command == "serve":

@@ -34,6 +34,7 @@ __all__ = ["EditParameters", "EditResult", "InstructX2XEditor", "ASPECT_MODES"]
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
+DECODE_CHOICES = ("auto", "mask", "full")
 
 
 @dataclasses.dataclass
@@ -111,11 +112,19 @@ class InstructX2XEditor:
         ``auto`` (CUDA, MPS, CPU), or an explicit torch device.
     dtype: str
         ``auto``, ``fp32``, ``bf16`` or ``fp16`` (see ``devices.resolve_dtype``).
+    decode: str
+        ``full`` (``auto``) decodes the whole latent grid; ``mask`` only the latents over
+        the edit masks' box, faster on CPU but approximate.
     """
 
     def __init__(self, pipeline: InstructX2XPipeline, model_info: ModelInfo,
-                 device: str = "auto", dtype: str = "auto") -> None:
+                 device: str = "auto", dtype: str = "auto", decode: str = "auto") -> None:
         self.device = resolve_device(device)
+        if decode not in DECODE_CHOICES:
+            raise ParameterError(f"decode must be one of {DECODE_CHOICES}, got {decode!r}.")
+        # "mask" saves up to a quarter of a CPU edit but is not exact (the decoder's group
+        # norms and attention see only the crop; docs/benchmarks.md), so it is opt-in.
+        self.decode = "full" if decode == "auto" else decode
         parameters = sum(p.numel() for p in pipeline.unet.parameters())
         self.dtype, reason = resolve_dtype(dtype, self.device, parameters)
         self.precision = {"dtype": str(self.dtype).replace("torch.", ""), "reason": reason,
@@ -137,7 +146,7 @@ class InstructX2XEditor:
     @classmethod
     def from_model(cls, model: str, *, device: str = "auto", dtype: str = "auto",
                    scheduler: str = "auto", allow_hub: bool = False,
-                   single_file_config: str | None = None) -> "InstructX2XEditor":
+                   single_file_config: str | None = None, decode: str = "auto") -> "InstructX2XEditor":
         """Load weights (see ``loading.load_pipeline``) and place them on the device.
 
         ``scheduler="auto"`` takes ``schedulers.default_scheduler`` for the device.
@@ -146,10 +155,10 @@ class InstructX2XEditor:
             scheduler = default_scheduler(resolve_device(device))
         pipeline, info = load_pipeline(model, allow_hub=allow_hub, scheduler=scheduler,
                                        single_file_config=single_file_config)
-        if not info.trained:
+        if info.trained is False:
             logger.warning("Model %s has random weights: its edits are meaningless noise.",
                            info.name)
-        return cls(pipeline, info, device=device, dtype=dtype)
+        return cls(pipeline, info, device=device, dtype=dtype, decode=decode)
 
     @property
     def native_resolution(self) -> int:
@@ -258,11 +267,10 @@ class InstructX2XEditor:
         key = (hashlib.sha256(model_input.numpy().tobytes()).hexdigest(),
                tuple(p.instruction for p in parameters_list), tuple(p.seed for p in parameters_list))
         reused = self._guidance_cache is not None and self._guidance_cache[0] == key
-        callback = None
-        if progress is not None:
-            def callback(pipe, step, timestep, tensors):
-                progress(step + 1, parameters.num_inference_steps)
-                return {}
+
+        def callback(pipe, step, timestep, tensors):
+            progress(step + 1, parameters.num_inference_steps)
+            return {}
         change = parameters.composite == "change"
         output = self.pipeline(
             [p.instruction for p in parameters_list], model_input, mask_image=stack("model_mask"),
@@ -274,7 +282,8 @@ class InstructX2XEditor:
             guidance_scale=parameters.guidance_scale,
             image_guidance_scale=parameters.image_guidance_scale, eta=parameters.eta,
             generator=generators, guidance_only=guidance_only, output_type="pt",
-            return_reconstruction=change, callback_on_step_end=callback,
+            return_reconstruction=change, callback_on_step_end=None if progress is None else callback,
+            decode_mask_region=self.decode == "mask",
             guidance_state=self._guidance_cache[1] if reused else None)
         self._guidance_cache = (key, output.guidance_state)
         model_seconds = time.perf_counter() - started
@@ -377,6 +386,7 @@ class InstructX2XEditor:
             "dtype": str(self.dtype).replace("torch.", ""),
             "precision": self.precision,
             "attention": self.attention,
+            "decode": self.decode,
             "scheduler": {"class": type(scheduler).__name__, "config": dict(scheduler.config)},
             "parameters": parameters.to_dict(),
             "instruction": parse_instruction(parameters.instruction).to_dict(),

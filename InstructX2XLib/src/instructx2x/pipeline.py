@@ -176,6 +176,7 @@ class InstructX2XPipeline(DiffusionPipeline):
         guidance_only: bool = False,
         return_reconstruction: bool = False,
         guidance_state: GuidanceState | None = None,
+        decode_mask_region: bool = False,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
@@ -226,6 +227,12 @@ class InstructX2XPipeline(DiffusionPipeline):
             guidance_state (`GuidanceState`, *optional*):
                 The `guidance_state` of an earlier call on the same image, prompt, seed and model
                 (e.g. a preview): its embeddings, latents, noise and relevance map are reused.
+            decode_mask_region (`bool`, defaults to `False`):
+                Decode only the latents over the edit masks' bounding box (plus a margin of
+                `DECODE_MARGIN` latent cells) instead of the whole grid: the decoder's cost falls
+                with the area, and pixels outside the masks are the input's anyway. The VAE's
+                mid-block attention then sees fewer tokens, so pixels inside the mask can differ
+                slightly from a full decode (docs/benchmarks.md measures by how much).
             return_reconstruction (`bool`, defaults to `False`):
                 Also decode the input's latent mode (in the same VAE call as the edit), for
                 compositing the model's change onto a higher-resolution original.
@@ -408,10 +415,18 @@ class InstructX2XPipeline(DiffusionPipeline):
         to_decode = latents / self.vae.config.scaling_factor
         if return_reconstruction:
             to_decode = torch.cat([to_decode, image_latents.float()])
-        decoded = self.vae.decode(to_decode.to(self.vae.dtype), return_dict=False)[0]
-        decoded = self.image_processor.denormalize(decoded.float()).clamp(0, 1)
+        rows, columns = _decode_window(mask_px, self.vae_scale_factor, decode_mask_region)
+        window = to_decode[..., rows, columns]
+        decoded_window = self.vae.decode(window.to(self.vae.dtype), return_dict=False)[0]
+        decoded_window = self.image_processor.denormalize(decoded_window.float()).clamp(0, 1)
         if source.shape[1] == 1:
-            decoded = decoded.mean(dim=1, keepdim=True)
+            decoded_window = decoded_window.mean(dim=1, keepdim=True)
+        # Outside the window nothing is decoded: those pixels are outside every mask, where
+        # the output is the input anyway.
+        decoded = source.float().repeat(to_decode.shape[0] // batch_size, 1, 1, 1)
+        scale = self.vae_scale_factor
+        decoded[..., rows.start * scale:rows.stop * scale, columns.start * scale:columns.stop * scale] = \
+            decoded_window
         reconstruction = decoded[batch_size:] if return_reconstruction else None
         edited = torch.where(mask_px > 0, decoded[:batch_size], source.float())
         images = edited if output_type == "pt" else self.image_processor.postprocess(
@@ -588,6 +603,24 @@ class InstructX2XPipeline(DiffusionPipeline):
             raise ParameterError(f"`image` height and width must be multiples of 8, got {height}x{width}; "
                              "resize it first (InstructX2XEditor does).")
         return tensor
+
+
+DECODE_MARGIN = 4  # latent cells (32 px for a KL-f8 VAE) of context around the masks' box
+
+
+def _decode_window(mask_px: torch.Tensor, scale: int, partial: bool) -> tuple[slice, slice]:
+    """Latent rows and columns to decode: all, or the masks' bounding box plus a margin."""
+    height, width = mask_px.shape[-2] // scale, mask_px.shape[-1] // scale
+    if not partial:
+        return slice(0, height), slice(0, width)
+    union = mask_px.flatten(0, 1).amax(dim=0) > 0
+    rows = torch.nonzero(union.any(dim=1)).flatten()
+    columns = torch.nonzero(union.any(dim=0)).flatten()
+    top = max(int(rows[0]) // scale - DECODE_MARGIN, 0)
+    bottom = min(int(rows[-1]) // scale + 1 + DECODE_MARGIN, height)
+    left = max(int(columns[0]) // scale - DECODE_MARGIN, 0)
+    right = min(int(columns[-1]) // scale + 1 + DECODE_MARGIN, width)
+    return slice(top, bottom), slice(left, right)
 
 
 def _generator_states(generator):

@@ -24,7 +24,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from .answers import MULTI_FINDING_MODES, AnswerParseError, ChangeKind, parse_answer, to_instructions
+from .answers import MULTI_FINDING_MODES, AnswerParseError, parse_answer, to_instructions
 from .registration import register
 from .tables import read_table
 
