@@ -70,7 +70,7 @@ class GuidanceState:
     noise: torch.Tensor
     relevance: torch.Tensor | None
     relevance_timestep: int
-    generator_state: torch.Tensor | None
+    generator_state: torch.Tensor | list[torch.Tensor] | None  # one per generator of a batch
 
 
 @dataclasses.dataclass
@@ -220,7 +220,7 @@ class InstructX2XPipeline(DiffusionPipeline):
                 The one source of randomness (VAE sample, noise, stochastic schedulers); a list gives
                 each batch element its own, so that element equals the same edit run alone.
             latents (`torch.Tensor`, *optional*):
-                Start latents `(1, 4, H/8, W/8)` replacing the noised input latent (as in diffusers'
+                Start latents `(B, 4, H/8, W/8)` replacing the noised input latent (as in diffusers'
                 InstructPix2Pix); the noise for the relevance map and the re-noising is still drawn.
             guidance_only (`bool`, defaults to `False`):
                 Stop after the guidance map (one UNet call, one VAE encode): a cheap preview for tuning `tau`.
@@ -230,9 +230,9 @@ class InstructX2XPipeline(DiffusionPipeline):
             decode_mask_region (`bool`, defaults to `False`):
                 Decode only the latents over the edit masks' bounding box (plus a margin of
                 `DECODE_MARGIN` latent cells) instead of the whole grid: the decoder's cost falls
-                with the area, and pixels outside the masks are the input's anyway. The VAE's
-                mid-block attention then sees fewer tokens, so pixels inside the mask can differ
-                slightly from a full decode (docs/benchmarks.md measures by how much).
+                with the area, and pixels outside the masks are the input's anyway. The decoder's
+                group norms and mid-block attention then see only the crop, so pixels inside the
+                mask differ from a full decode (docs/benchmarks.md measures by how much).
             return_reconstruction (`bool`, defaults to `False`):
                 Also decode the input's latent mode (in the same VAE call as the edit), for
                 compositing the model's change onto a higher-resolution original.
