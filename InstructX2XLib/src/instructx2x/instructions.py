@@ -25,6 +25,7 @@ __all__ = [
     "Laterality",
     "ParsedInstruction",
     "parse_instruction",
+    "swap_sides",
 ]
 
 MAX_INSTRUCTION_CHARS = 300
@@ -255,3 +256,21 @@ def parse_instruction(text: str) -> ParsedInstruction:
 def _unique(items) -> tuple:
     """Items in first-seen order without repeats."""
     return tuple(dict.fromkeys(items))
+
+
+_SIDE_SWAP = {"left": "right", "right": "left"}
+_SIDE_WORD = re.compile(r"\b(left|right)(?=\b)", re.IGNORECASE)
+
+
+def swap_sides(text: str) -> str:
+    """The instruction for the mirrored film: every patient side the parser knows swapped.
+
+    A horizontal flip moves the patient's left to the other half of the image, so "left"
+    must become "right" (and "left-sided" "right-sided") or the pair teaches the model the
+    wrong side. Bilateral words and capitalisation are kept.
+    """
+    def swap(match: re.Match[str]) -> str:
+        word = match.group(1)
+        other = _SIDE_SWAP[word.lower()]
+        return other.capitalize() if word[0].isupper() else other
+    return _SIDE_WORD.sub(swap, text)

@@ -1,4 +1,5 @@
-"""``instructx2x-train``: build the training data (synthetic cohort, dataset, pseudo masks)."""
+"""``instructx2x-train``: build the training data (synthetic cohort, dataset, pseudo masks)
+and fine-tune (``train``)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--workers", type=int, default=1)
     build.add_argument("--seed", type=int, default=0)
 
+    fit = commands.add_parser("train", help="fine-tune InstructPix2Pix into InstructX2X "
+                              "(also under accelerate launch)")
+    fit.add_argument("--config", type=Path, help="YAML or TOML recipe (see Training/configs)")
+    fit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set optim.learning_rate=5e-5 (repeatable)")
+    fit.add_argument("--resume", metavar="latest|PATH", help="continue from a checkpoint")
+    fit.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     masks = commands.add_parser("pseudo-masks", help="build the 8 pseudo masks from MS-CXR")
     masks.add_argument("output", type=Path)
     masks.add_argument("--ms-cxr", type=Path, required=True,
@@ -72,8 +81,21 @@ def main(argv: list[str] | None = None) -> int:
                 no_finding_ratio=args.no_finding_ratio, multi_finding=args.multi_finding,
                 workers=args.workers, seed=args.seed, image_format=args.image_format), args.output)
             result = {k: manifest[k] for k in ("kept_pairs", "instructions", "counts", "per_split")}
+        elif args.command == "train":
+            from .train import train
+            from .train_config import load_config
+
+            outcome = train(load_config(args.config, args.overrides), resume=args.resume,
+                            progress_bar=not args.no_progress)
+            result = {"model": str(outcome.model), "steps": outcome.steps,
+                      "final_loss": outcome.final_loss,
+                      "checkpoints": [str(p) for p in outcome.checkpoints]}
         else:
             result = build_pseudo_masks(args.ms_cxr, args.metadata, args.output)
+    except KeyboardInterrupt:
+        print("interrupted: the steps completed are in a resumable checkpoint "
+              "(--resume latest).", file=sys.stderr)
+        return 130
     except (ValueError, TableError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

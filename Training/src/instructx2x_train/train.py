@@ -1,0 +1,379 @@
+"""``instructx2x-train train``: fine-tune InstructPix2Pix into InstructX2X (SPEC section 6).
+
+One script from a laptop smoke test to the paper's 8-GPU run: accelerate places the models,
+runs mixed precision and synchronises gradients (DDP under ``accelerate launch``); this
+module owns the recipe. Layout of ``output/``::
+
+    config.json                       the resolved config
+    log.csv                           step, loss, lr, grad norm, samples/s, memory
+    checkpoints/checkpoint-NNNNNN/    every N steps and at the end (written, then renamed):
+        model/                        EMA weights as a diffusers folder with a model card:
+                                      ``instructx2x edit --model`` loads it unchanged
+        unet/ (text_encoder/)         the raw weights, for resuming
+        training_state.pt             optimizer, lr schedule, EMA, step
+        config.json
+    model/                            the final EMA model (a copy of the last checkpoint's)
+
+Randomness is stateless per step: every draw of step s on rank r comes from a generator
+seeded with (seed, s, r, micro-batch), and the data order of epoch e from (seed, e). A
+resumed run therefore draws exactly what the uninterrupted one did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from instructx2x.errors import ModelLoadError
+from instructx2x.loading import load_pipeline, save_model
+from instructx2x.outputs import atomic_output_dir
+from instructx2x.pipeline import InstructX2XPipeline
+from instructx2x.schedulers import make_scheduler
+
+from .objective import training_loss
+from .pairs import EditPairs, augment_pair
+from .train_config import RESUME_COMPATIBLE_KEYS, ConfigError, TrainConfig, config_differences
+
+__all__ = ["train", "TrainResult", "latest_checkpoint", "make_ema"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "training_state.pt"
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """Where a run ended."""
+
+    output: Path
+    model: Path
+    steps: int
+    final_loss: float
+    checkpoints: list[Path]
+
+
+def train(config: TrainConfig, resume: str | None = None,
+          events: Callable[[dict], None] | None = None, progress_bar: bool = True) -> TrainResult:
+    """Run (or resume) a training run.
+
+    Parameters
+    ----------
+    config: TrainConfig
+        The recipe (``train_config.load_config``).
+    resume: str | None
+        ``latest`` or a checkpoint folder; its config must match ``config`` except
+        ``RESUME_COMPATIBLE_KEYS``.
+    events: Callable[[dict], None] | None
+        Receives ``step`` and ``checkpoint`` events.
+    progress_bar: bool
+        A tqdm bar with loss and ETA.
+
+    Raises
+    ------
+    ConfigError
+        Bad settings, dataset, output or resume point (checked before training starts).
+    ModelLoadError
+        A base model that is not an 8-channel InstructPix2Pix.
+    """
+    from accelerate import Accelerator
+
+    emit = events or (lambda event: None)
+    accelerator = Accelerator(gradient_accumulation_steps=1,
+                              mixed_precision=_mixed_precision(config.precision))
+    config.validate(devices=accelerator.num_processes)
+    output = Path(config.output)
+    checkpoint = _resume_point(output, resume, config) if resume else None
+    if checkpoint is None and output.exists() and any(output.iterdir()):
+        raise ConfigError(f"output folder {output.name} exists; pass --resume latest to continue it "
+                          "or choose a new folder.")
+    data = EditPairs(config.data.dataset, config.data.split, config.data.resolution)
+
+    pipe = _base_pipeline(config)
+    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    noise_scheduler = _noise_scheduler(pipe)
+    vae.requires_grad_(config.model.train_vae)
+    text_encoder.requires_grad_(config.model.train_text_encoder)
+    unet.train()
+    if config.model.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    trained = [unet] + ([text_encoder] if config.model.train_text_encoder else []) \
+        + ([vae] if config.model.train_vae else [])
+    parameters = [p for module in trained for p in module.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=config.optim.learning_rate,
+                                  betas=(config.optim.adam_beta1, config.optim.adam_beta2),
+                                  weight_decay=config.optim.adam_weight_decay,
+                                  eps=config.optim.adam_epsilon)
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(config.optim.lr_scheduler, optimizer,
+                                 num_warmup_steps=config.optim.lr_warmup_steps,
+                                 num_training_steps=config.steps)
+    ema = make_ema(unet, config) if config.ema.enabled else None
+    start = 0
+    if checkpoint is not None:
+        start = _load_checkpoint(checkpoint, trained, optimizer, lr_scheduler, ema)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    vae.to(accelerator.device)
+    text_encoder.to(accelerator.device)
+    if ema is not None:
+        ema.to(accelerator.device)
+
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    accumulation = config.batch.gradient_accumulation_steps
+    bar = _bar(progress_bar and accelerator.is_main_process, start, config.steps)
+    loss_value, checkpoints = math.nan, []
+    completed = start  # optimizer steps applied to the weights
+    try:
+        for step in range(start + 1, config.steps + 1):
+            started = time.perf_counter()
+            losses = []
+            for micro in range(accumulation):
+                generator = torch.Generator().manual_seed(_stream(config.seed, step, rank, micro))
+                past, current, instructions = _batch(data, config, step, micro, rank, world, generator)
+                sync = contextlib.nullcontext() if micro == accumulation - 1 else accelerator.no_sync(unet)
+                with sync, accelerator.autocast():
+                    loss = training_loss(unet, vae, text_encoder, tokenizer, noise_scheduler, past,
+                                         current, instructions, generator,
+                                         config.optim.conditioning_dropout_prob)
+                    accelerator.backward(loss / accumulation)
+                losses.append(loss.detach())
+            grad_norm = accelerator.clip_grad_norm_(parameters, config.optim.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(unet).parameters())
+            completed = step
+            loss_value = float(accelerator.gather(torch.stack(losses).mean()[None]).mean())
+            seconds = time.perf_counter() - started
+            record = {"step": step, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0],
+                      "grad_norm": float(grad_norm), "samples_per_s": config.effective_batch(world) / seconds,
+                      "memory_gib": _memory_gib(accelerator.device)}
+            if accelerator.is_main_process and (step % config.log_every == 0 or step == config.steps):
+                _log(output / "log.csv", record)
+            emit({"event": "step", **record})
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+                bar.update(1)
+            if step % config.checkpointing.every == 0 or step == config.steps:
+                checkpoints.append(_save(accelerator, config, step, pipe, unet, optimizer,
+                                         lr_scheduler, ema, trained, data))
+                emit({"event": "checkpoint", "step": step, "path": str(checkpoints[-1])})
+    except KeyboardInterrupt:  # Ctrl-C: a resumable checkpoint of the steps completed
+        if completed > start and not (checkpoints and checkpoints[-1].name.endswith(f"{completed:06d}")):
+            _save(accelerator, config, completed, pipe, unet, optimizer, lr_scheduler, ema, trained, data)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    model = output / "model"
+    last = checkpoints[-1] if checkpoints else latest_checkpoint(output)
+    if accelerator.is_main_process:
+        if model.exists():
+            shutil.rmtree(model)
+        shutil.copytree(last / "model", model)
+    accelerator.wait_for_everyone()
+    return TrainResult(output, model, config.steps, loss_value, checkpoints)
+
+
+def make_ema(unet, config: TrainConfig):
+    """diffusers' ``EMAModel`` as the config asks: with warm-up, the decay at optimizer step t
+    is min(decay, (1 + t') / (10 + t')) with t' = t - 1 (the first update copies the weights);
+    without, it is ``decay`` from the second update on."""
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(unet.parameters(), decay=config.ema.decay,
+                    min_decay=0.0 if config.ema.warmup else config.ema.decay)
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    """The newest complete checkpoint of a run (staging folders are never complete)."""
+    folder = Path(output) / CHECKPOINTS
+    found = sorted(p for p in folder.glob("checkpoint-*") if (p / STATE_FILE).is_file()) \
+        if folder.is_dir() else []
+    return found[-1] if found else None
+
+
+def _stream(seed: int, step: int, rank: int, micro: int) -> int:
+    """A distinct, reproducible generator seed per (seed, step, rank, micro-batch)."""
+    return (seed * 1_000_003 + step * 10_007 + rank * 101 + micro) % (2**63)
+
+
+def _batch(data: EditPairs, config: TrainConfig, step: int, micro: int, rank: int, world: int,
+           generator: torch.Generator):
+    """This rank's micro-batch: consecutive samples of a per-epoch permutation, augmented."""
+    per_device, accumulation = config.batch.per_device, config.batch.gradient_accumulation_steps
+    first = (((step - 1) * accumulation + micro) * world + rank) * per_device
+    pasts, currents, instructions = [], [], []
+    for sample in range(first, first + per_device):
+        epoch, position = divmod(sample, len(data))
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed + epoch))
+        item = data[int(order[position])]
+        past, current, instruction, _, _ = augment_pair(item["past"], item["current"],
+                                                        item["instruction"], config.data, generator)
+        pasts.append(past)
+        currents.append(current)
+        instructions.append(instruction)
+    return torch.stack(pasts), torch.stack(currents), instructions
+
+
+def _base_pipeline(config: TrainConfig) -> InstructX2XPipeline:
+    if config.model.base != "fresh":
+        pipe, _ = load_pipeline(config.model.base, scheduler="ddim")
+        return pipe
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from instructx2x.untrained import load_clip_tokenizer
+
+    fresh = config.model
+    if not (fresh.fresh_unet and fresh.fresh_vae and fresh.fresh_text_encoder):
+        raise ConfigError("model.base 'fresh' needs model.fresh_unet, fresh_vae and fresh_text_encoder.")
+    if fresh.fresh_unet.get("in_channels") != 8:
+        raise ModelLoadError("model.fresh_unet.in_channels must be 8 (4 noisy + 4 image latents).")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            unet = UNet2DConditionModel(**fresh.fresh_unet)
+            vae = AutoencoderKL(**fresh.fresh_vae)
+            text_encoder = CLIPTextModel(CLIPTextConfig(**fresh.fresh_text_encoder))
+    except TypeError as error:
+        raise ConfigError(f"model.fresh_*: {error}") from None
+    return InstructX2XPipeline(vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(),
+                               unet=unet, scheduler=make_scheduler("ddim"))
+
+
+def _noise_scheduler(pipe: InstructX2XPipeline):
+    """DDPM on the model's own training schedule (SD 1.x scaled_linear unless it says otherwise)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config({**dict(pipe.scheduler.config), "clip_sample": False})
+
+
+def _mixed_precision(precision: str) -> str:
+    """accelerate's name: bf16/fp16 on GPUs, bf16 on CPUs with bf16 instructions, else none."""
+    if precision == "fp32":
+        return "no"
+    if precision != "auto":
+        if precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("precision fp16 needs a GPU; use bf16 or fp32 on CPU.")
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    from instructx2x.devices import cpu_has_native_bf16
+
+    return "bf16" if cpu_has_native_bf16() else "no"
+
+
+def _resume_point(output: Path, resume: str, config: TrainConfig) -> Path:
+    checkpoint = latest_checkpoint(output) if resume == "latest" else Path(resume)
+    if checkpoint is None or not (checkpoint / STATE_FILE).is_file():
+        raise ConfigError(f"no checkpoint to resume at {resume!r} (looked in {output.name}/{CHECKPOINTS}).")
+    saved = json.loads((checkpoint / "config.json").read_text())
+    differences = [k for k in config_differences(saved, config.to_dict()) if k not in RESUME_COMPATIBLE_KEYS]
+    if differences:
+        raise ConfigError(f"checkpoint {checkpoint.name} was made with another config: "
+                          f"{', '.join(differences)} differ. Only {', '.join(RESUME_COMPATIBLE_KEYS)} "
+                          "may change on resume.")
+    return checkpoint
+
+
+def _load_checkpoint(checkpoint: Path, trained, optimizer, lr_scheduler, ema) -> int:
+    from safetensors.torch import load_file
+
+    state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+    for module in trained:
+        name = _module_name(module)
+        module.load_state_dict(load_file(checkpoint / name / "diffusion_pytorch_model.safetensors")
+                               if (checkpoint / name / "diffusion_pytorch_model.safetensors").is_file()
+                               else load_file(checkpoint / name / "model.safetensors"))
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    return int(state["step"])
+
+
+def _module_name(module) -> str:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    if isinstance(module, UNet2DConditionModel):
+        return "unet"
+    return "vae" if isinstance(module, AutoencoderKL) else "text_encoder"
+
+
+def _save(accelerator, config: TrainConfig, step: int, pipe, unet, optimizer, lr_scheduler, ema,
+          trained, data: EditPairs) -> Path:
+    """Write checkpoint-NNNNNN (staging folder, then rename) and keep the last K."""
+    accelerator.wait_for_everyone()
+    folder = Path(config.output) / CHECKPOINTS / f"checkpoint-{step:06d}"
+    if accelerator.is_main_process:
+        raw = accelerator.unwrap_model(unet)
+        with atomic_output_dir(folder) as staging:
+            for module in trained:
+                (raw if _module_name(module) == "unet" else module).save_pretrained(staging / _module_name(module))
+            torch.save({"step": step, "optimizer": optimizer.state_dict(),
+                        "lr_scheduler": lr_scheduler.state_dict(),
+                        "ema": None if ema is None else ema.state_dict()}, staging / STATE_FILE)
+            (staging / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            _save_model(staging / "model", config, pipe, raw, ema, step, data)
+        for old in sorted((folder.parent).glob("checkpoint-*"))[:-config.checkpointing.keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def _save_model(folder: Path, config: TrainConfig, pipe, unet, ema, step: int, data: EditPairs) -> None:
+    """The EMA weights (the model a user edits with) as a diffusers folder with its card."""
+    import copy
+
+    model_unet = copy.deepcopy(unet).eval()
+    if ema is not None:
+        ema.copy_to(model_unet.parameters())
+    model = InstructX2XPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                unet=model_unet.to("cpu", torch.float32),
+                                scheduler=make_scheduler("ddim", dict(pipe.scheduler.config)))
+    card = {"name": config.model.name, "trained": True,
+            "trained_on": f"{Path(config.data.dataset).name} ({len(data)} {config.data.split} pairs), "
+                          f"{step} steps, effective batch {config.effective_batch()}",
+            "resolution": config.data.resolution, "intended_use": config.model.intended_use}
+    save_model(model, folder, card)
+
+
+def _log(path: Path, record: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(record))
+        if new:
+            writer.writeheader()
+        writer.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()})
+
+
+def _memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _bar(enabled: bool, start: int, total: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="training", unit="step")

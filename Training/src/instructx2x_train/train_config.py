@@ -1,0 +1,272 @@
+"""The fine-tuning recipe as one typed config: a YAML/TOML file plus ``--set key=value``.
+
+Defaults are the paper's and the authors' (SPEC section 6): AdamW at 1e-4 constant, EMA
+0.9999, conditioning dropout 0.05, 4,500 steps, checkpoints every 1,500. Every key is known:
+an unknown one is an error, never ignored. The resolved config is saved beside every
+checkpoint, and a resumed run must match it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TrainConfig", "DataConfig", "ModelConfig", "OptimConfig", "BatchConfig", "EMAConfig",
+           "CheckpointConfig", "ConfigError", "load_config", "RESUME_COMPATIBLE_KEYS"]
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot describe a training run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The MIMIC-EDIT-INSTRUCTION folder (``instructx2x-train build-dataset``) and augmentation."""
+
+    dataset: str = ""
+    split: str = "train"
+    resolution: int = 512  # the crop the model trains on (the authors' 512)
+    rotation_degrees: float = 2.0
+    flip_probability: float = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Where the weights start.
+
+    ``base``: a diffusers InstructPix2Pix folder, an original single-file checkpoint
+    (``.ckpt``/``.safetensors``, conv_in already 8 channels), ``untrained-tiny``, or
+    ``fresh`` for a new architecture whose sizes ``fresh_unet``, ``fresh_vae`` and
+    ``fresh_text_encoder`` give (diffusers / transformers config keys).
+    """
+
+    base: str = ""
+    fresh_unet: dict = dataclasses.field(default_factory=dict)
+    fresh_vae: dict = dataclasses.field(default_factory=dict)
+    fresh_text_encoder: dict = dataclasses.field(default_factory=dict)
+    train_text_encoder: bool = False  # off for the paper; on for small models from scratch
+    train_vae: bool = False
+    gradient_checkpointing: bool = False
+    name: str = "instructx2x-finetuned"
+    intended_use: str = "research; not for clinical use"
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and its schedule (diffusers' names)."""
+
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    conditioning_dropout_prob: float = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchConfig:
+    """How the effective batch is reached: per device x devices x accumulation.
+
+    ``effective`` (optional) states the intended total; a run whose product differs is
+    refused rather than silently trained with another batch (the paper's is 576).
+    """
+
+    per_device: int = 1
+    gradient_accumulation_steps: int = 1
+    effective: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EMAConfig:
+    """Exponential moving average of the UNet (diffusers' ``EMAModel``); the saved model."""
+
+    enabled: bool = True
+    decay: float = 0.9999
+    # diffusers' default warm-up: the decay used at step t is min(decay, (1 + t) / (10 + t))
+    warmup: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoints every ``every`` steps and at the end; the last ``keep`` stay."""
+
+    every: int = 1500
+    keep: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A whole training run."""
+
+    output: str = ""
+    steps: int = 4500
+    seed: int = 0
+    precision: str = "auto"  # auto, fp32, bf16, fp16 (fp16 on GPUs only)
+    log_every: int = 10
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    batch: BatchConfig = dataclasses.field(default_factory=BatchConfig)
+    ema: EMAConfig = dataclasses.field(default_factory=EMAConfig)
+    checkpointing: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+    def validate(self, devices: int = 1) -> None:
+        """Refuse settings that cannot train, before any model is built.
+
+        Raises
+        ------
+        ConfigError
+            Naming the key and the value.
+        """
+        if not self.output:
+            raise ConfigError("output is required: the folder for checkpoints and the model.")
+        if not self.data.dataset:
+            raise ConfigError("data.dataset is required: a folder from instructx2x-train build-dataset.")
+        if not self.model.base:
+            raise ConfigError("model.base is required: a diffusers folder, a single-file "
+                              "checkpoint, untrained-tiny or fresh.")
+        positive = {"steps": self.steps, "data.resolution": self.data.resolution,
+                    "batch.per_device": self.batch.per_device,
+                    "batch.gradient_accumulation_steps": self.batch.gradient_accumulation_steps,
+                    "checkpointing.every": self.checkpointing.every,
+                    "checkpointing.keep": self.checkpointing.keep, "log_every": self.log_every}
+        for key, value in positive.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{key} must be an integer >= 1, got {value!r}.")
+        if self.data.resolution % 8:
+            raise ConfigError(f"data.resolution must be a multiple of 8, got {self.data.resolution}.")
+        if not 0 <= self.optim.conditioning_dropout_prob <= 1 / 3:
+            raise ConfigError("optim.conditioning_dropout_prob must lie in [0, 1/3] (the rule "
+                              f"uses 3p), got {self.optim.conditioning_dropout_prob}.")
+        if not 0 <= self.data.flip_probability <= 1 or self.data.rotation_degrees < 0:
+            raise ConfigError("data.flip_probability must lie in [0, 1] and data.rotation_degrees "
+                              "be >= 0.")
+        if not 0 < self.ema.decay < 1:
+            raise ConfigError(f"ema.decay must lie in (0, 1), got {self.ema.decay}.")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}.")
+        if self.optim.learning_rate <= 0:
+            raise ConfigError(f"optim.learning_rate must be > 0, got {self.optim.learning_rate}.")
+        product = self.batch.per_device * devices * self.batch.gradient_accumulation_steps
+        if self.batch.effective is not None and self.batch.effective != product:
+            raise ConfigError(
+                f"batch.effective is {self.batch.effective} but per_device {self.batch.per_device} "
+                f"x {devices} device(s) x accumulation {self.batch.gradient_accumulation_steps} = "
+                f"{product}; change one so that they agree (paper: 576 = 8 x 8 x 9).")
+
+    def effective_batch(self, devices: int = 1) -> int:
+        """Samples per optimizer step."""
+        return self.batch.per_device * devices * self.batch.gradient_accumulation_steps
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (saved beside every checkpoint)."""
+        return dataclasses.asdict(self)
+
+
+# A resumed run may differ from its checkpoint only in these (where to stop, how often to save).
+RESUME_COMPATIBLE_KEYS = ("steps", "log_every", "checkpointing.every", "checkpointing.keep")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) config and apply ``key=value`` overrides.
+
+    Override values are read as YAML scalars (``optim.learning_rate=5e-5``, ``ema.enabled=false``).
+
+    Raises
+    ------
+    ConfigError
+        An unreadable file, an unknown key, a value of the wrong type.
+    """
+    import yaml
+
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix == ".toml":
+                import tomllib
+
+                data = tomllib.loads(text)
+            elif path.suffix in (".yaml", ".yml"):
+                data = yaml.safe_load(text) or {}
+            else:
+                raise ConfigError(f"{path.name}: a config is .yaml, .yml or .toml.")
+        except (yaml.YAMLError, ValueError) as error:
+            if isinstance(error, ConfigError):
+                raise
+            raise ConfigError(f"{path.name}: cannot parse it ({error}).") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path.name}: the top level must be a mapping.")
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"an override reads key=value, got {override!r}.")
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {parent!r} is not a section.")
+        node[leaf] = yaml.safe_load(value)
+    return _build(TrainConfig, data, "")
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; known: "
+                          f"{sorted(prefix + k for k in fields)}.")
+    values = {}
+    for name, value in data.items():
+        default = getattr(cls(), name) if not dataclasses.is_dataclass(fields[name].type) else None
+        nested = fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None
+        if nested is not None and dataclasses.is_dataclass(nested):
+            values[name] = _build(nested, value, f"{prefix}{name}.")
+            continue
+        values[name] = _coerce(value, default, prefix + name)
+    return cls(**values)
+
+
+def _coerce(value: Any, default: Any, key: str) -> Any:
+    """Check a value against its default's type (ints are accepted where floats are)."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, dict):
+        ok = isinstance(value, dict)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(f"{key} must be a {type(default).__name__}, got {value!r}.")
+    return value
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved configs."""
+    keys = sorted(set(saved) | set(current))
+    differences = []
+    for key in keys:
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and key not in ("fresh_unet", "fresh_vae",
+                                                                        "fresh_text_encoder"):
+            differences += config_differences(a, b, f"{prefix}{key}.")
+        elif json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
+            differences.append(prefix + key)
+    return differences

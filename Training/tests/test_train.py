@@ -1,0 +1,172 @@
+"""Fine-tuning on tiny components and the session's small synthetic dataset (seconds each)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from instructx2x_train.objective import conditioning_dropout, training_loss
+from instructx2x_train.pairs import augment_pair
+from instructx2x_train.train import latest_checkpoint, make_ema, train
+from instructx2x_train.train_config import ConfigError, DataConfig, TrainConfig, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def smoke(built, output, *overrides):
+    _, dataset, _ = built
+    return load_config(CONFIGS / "smoke.yaml", [f"data.dataset={dataset}", f"output={output}",
+                                                "steps=4", "checkpointing.every=2", *overrides])
+
+
+def test_conditioning_dropout_frequencies():
+    """p = 0.05: text dropped for 10 %, image for 10 %, both for 5 % of samples."""
+    r = torch.rand(400_000, generator=torch.Generator().manual_seed(0))
+    text, image = conditioning_dropout(r, 0.05)
+    assert float(text.float().mean()) == pytest.approx(0.10, abs=0.002)
+    assert float(image.float().mean()) == pytest.approx(0.10, abs=0.002)
+    assert float((text & image).float().mean()) == pytest.approx(0.05, abs=0.002)
+    assert conditioning_dropout(torch.tensor([0.049, 0.05, 0.099, 0.1, 0.149, 0.15]), 0.05) == (
+        pytest.approx(torch.tensor([True, True, True, False, False, False])),
+        pytest.approx(torch.tensor([False, True, True, True, True, False])))
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_ema_follows_the_hand_computation(warmup):
+    config = TrainConfig(ema=TrainConfig().ema.__class__(decay=0.9, warmup=warmup))
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = make_ema(model, config)
+    shadow = 0.0
+    for t, value in enumerate([1.0, 2.0, 4.0, 8.0], start=1):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        ema.step(model.parameters())
+        steps = t - 1  # diffusers counts the first update as step 0: it copies the weights
+        decay = 0.0 if steps == 0 else (min(0.9, (1 + steps) / (10 + steps)) if warmup else 0.9)
+        shadow = decay * shadow + (1 - decay) * value
+        assert float(ema.shadow_params[0]) == pytest.approx(shadow)
+
+
+def test_flip_swaps_the_side_in_the_instruction_and_masks():
+    past = torch.arange(64.0).reshape(1, 8, 8) / 64
+    current = past.flip(-2)
+    masks = torch.zeros(1, 8, 8, dtype=torch.bool)
+    masks[0, :, :2] = True
+    config = DataConfig(resolution=8, rotation_degrees=0.0, flip_probability=1.0)
+    p, c, text, m, flipped = augment_pair(past, current, "Add the finding of left pleural effusion",
+                                          config, torch.Generator().manual_seed(0), masks)
+    assert flipped and text == "Add the finding of right pleural effusion"
+    assert torch.equal(p, past.flip(-1)) and torch.equal(c, current.flip(-1))
+    assert m[0, :, -2:].all() and not m[0, :, :-2].any()
+    _, _, text, _, _ = augment_pair(past, current, "Remove the finding of edema", config,
+                                    torch.Generator().manual_seed(0))
+    assert text == "Remove the finding of edema"
+    keep = DataConfig(resolution=8, rotation_degrees=0.0, flip_probability=0.0)
+    p, _, text, _, flipped = augment_pair(past, current, "Right-sided pneumothorax", keep,
+                                          torch.Generator().manual_seed(0))
+    assert not flipped and text == "Right-sided pneumothorax" and torch.equal(p, past)
+
+
+def test_rotation_and_crop_apply_the_same_draw_to_both_images():
+    image = torch.rand(1, 80, 80, generator=torch.Generator().manual_seed(1))
+    config = DataConfig(resolution=64, rotation_degrees=2.0, flip_probability=0.5)
+    p, c, _, _, _ = augment_pair(image, image.clone(), "Add edema", config,
+                                 torch.Generator().manual_seed(3))
+    assert p.shape == (1, 64, 64) and torch.equal(p, c)
+    assert not torch.equal(p, image[:, :64, :64])
+
+
+def test_effective_batch_arithmetic():
+    paper = load_config(CONFIGS / "paper.yaml", ["output=o", "data.dataset=d", "model.base=m"])
+    paper.validate(devices=8)
+    assert paper.effective_batch(8) == 576
+    with pytest.raises(ConfigError, match=r"batch.effective is 576 but per_device 8 x 1 device\(s\) x "
+                                          r"accumulation 9 = 72"):
+        paper.validate(devices=1)
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
+    from instructx2x.untrained import build_untrained_pipeline
+    from instructx2x_train.train import _noise_scheduler
+
+    pipe = build_untrained_pipeline(seed=0)
+    scheduler = _noise_scheduler(pipe)
+    past = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    current = past.flip(-1)
+    optimizer = torch.optim.AdamW(pipe.unet.parameters(), lr=1e-3)
+
+    def loss():
+        return training_loss(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, past,
+                             current, ["Add edema", "Remove edema"],
+                             torch.Generator().manual_seed(7), 0.0)
+
+    before = float(loss())
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    assert float(loss()) < 0.8 * before
+
+
+def test_resume_equals_an_uninterrupted_run(built, tmp_path):
+    straight = train(smoke(built, tmp_path / "straight", "log_every=1"), progress_bar=False)
+    first = train(smoke(built, tmp_path / "resumed", "steps=2", "log_every=1"), progress_bar=False)
+    assert first.steps == 2 and latest_checkpoint(tmp_path / "resumed").name == "checkpoint-000002"
+    resumed = train(smoke(built, tmp_path / "resumed", "log_every=1"), resume="latest", progress_bar=False)
+    assert resumed.final_loss == straight.final_loss
+    log = [line.split(",")[:3] for line in (tmp_path / "straight" / "log.csv").read_text().splitlines()]
+    log_resumed = [line.split(",")[:3] for line in (tmp_path / "resumed" / "log.csv").read_text().splitlines()]
+    assert log == log_resumed and len(log) == 5  # header + 4 steps: step, loss, lr
+    from safetensors.torch import load_file
+
+    a = load_file(straight.model / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(resumed.model / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the last K checkpoints stay (keep 2 in the smoke config)
+    assert sorted(p.name for p in (tmp_path / "straight" / "checkpoints").iterdir()) == [
+        "checkpoint-000002", "checkpoint-000004"]
+
+
+def test_resume_from_another_config_is_refused(built, tmp_path):
+    train(smoke(built, tmp_path / "run", "steps=2"), progress_bar=False)
+    with pytest.raises(ConfigError, match="optim.learning_rate differ"):
+        train(smoke(built, tmp_path / "run", "optim.learning_rate=0.001"), resume="latest",
+              progress_bar=False)
+    with pytest.raises(ConfigError, match="exists; pass --resume latest"):
+        train(smoke(built, tmp_path / "run"), progress_bar=False)
+
+
+def test_the_saved_model_edits_through_the_cli(built, tmp_path):
+    result = train(smoke(built, tmp_path / "run", "steps=2"), progress_bar=False)
+    image = next((built[1] / "current").iterdir())
+    executable = Path(sys.executable).parent / "instructx2x"
+    completed = subprocess.run([str(executable), "edit", str(image), "-i", "Add the finding of edema",
+                                "-o", str(tmp_path / "edit"), "--model", str(result.model),
+                                "--progress", "none"], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    manifest = json.loads((tmp_path / "edit" / "manifest.json").read_text())
+    assert manifest["model"]["trained"] is True and manifest["model"]["card"]["resolution"] == 64
+    assert manifest["geometry"]["model_size"] == [256, 256]  # the tiny UNet's native grid
+    assert "UNTRAINED" not in completed.stderr
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["colour=red"], "unknown config key"),
+    (["optim.learning_rat=1"], "unknown config key"),
+    (["steps=ten"], "steps must be a int"),
+    (["batch.effective=5"], "batch.effective is 5"),
+    (["data.dataset=/nonexistent"], "not a MIMIC-EDIT-INSTRUCTION folder"),
+    (["model.base=fresh", "model.fresh_unet={in_channels: 4}", "model.fresh_vae={latent_channels: 4}",
+      "model.fresh_text_encoder={hidden_size: 32}"], "in_channels must be 8"),
+    (["optim.conditioning_dropout_prob=0.5"], "conditioning_dropout_prob"),
+])
+def test_bad_settings_are_refused_before_training(built, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train(smoke(built, tmp_path / "run", *overrides), progress_bar=False)
+    assert not (tmp_path / "run").exists()
