@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -170,3 +169,16 @@ def test_bad_settings_are_refused_before_training(built, tmp_path, overrides, me
     with pytest.raises(ValueError, match=message):
         train(smoke(built, tmp_path / "run", *overrides), progress_bar=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_validation_grids_and_loss_plot(built, tmp_path):
+    from PIL import Image
+
+    result = train(smoke(built, tmp_path / "run", "validation.every=2", "validation.pairs=2"),
+                   progress_bar=False)
+    grids = sorted(p.name for p in (result.output / "validation").iterdir())
+    assert grids == ["step-000002.png", "step-000004.png"]
+    grid = Image.open(result.output / "validation" / "step-000004.png")
+    assert grid.size == (4 * 64, 2 * 64 + 14)  # input | edited | guidance | target, a row per pair
+    plot = Image.open(result.output / "loss.png")
+    assert plot.size == (640, 360) and len(set(plot.getdata())) > 2

@@ -6,6 +6,9 @@ module owns the recipe. Layout of ``output/``::
 
     config.json                       the resolved config
     log.csv                           step, loss, lr, grad norm, samples/s, memory
+                                      (and TensorBoard events when tensorboard is installed)
+    loss.png                          the loss curve, at the end
+    validation/step-NNNNNN.png        input | edited | guidance overlay | target per pair
     checkpoints/checkpoint-NNNNNN/    every N steps and at the end (written, then renamed):
         model/                        EMA weights as a diffusers folder with a model card:
                                       ``instructx2x edit --model`` loads it unchanged
@@ -43,6 +46,7 @@ from instructx2x.schedulers import make_scheduler
 from .objective import training_loss
 from .pairs import EditPairs, augment_pair
 from .train_config import RESUME_COMPATIBLE_KEYS, ConfigError, TrainConfig, config_differences
+from .validation import plot_loss, validation_grid, validation_pairs
 
 __all__ = ["train", "TrainResult", "latest_checkpoint", "make_ema"]
 
@@ -88,11 +92,15 @@ def train(config: TrainConfig, resume: str | None = None,
     """
     from accelerate import Accelerator
 
+    import importlib.util
+
     emit = events or (lambda event: None)
-    accelerator = Accelerator(gradient_accumulation_steps=1,
-                              mixed_precision=_mixed_precision(config.precision))
-    config.validate(devices=accelerator.num_processes)
     output = Path(config.output)
+    accelerator = Accelerator(gradient_accumulation_steps=1,
+                              mixed_precision=_mixed_precision(config.precision),
+                              log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None,
+                              project_dir=str(output))
+    config.validate(devices=accelerator.num_processes)
     checkpoint = _resume_point(output, resume, config) if resume else None
     if checkpoint is None and output.exists() and any(output.iterdir()):
         raise ConfigError(f"output folder {output.name} exists; pass --resume latest to continue it "
@@ -129,9 +137,18 @@ def train(config: TrainConfig, resume: str | None = None,
     if ema is not None:
         ema.to(accelerator.device)
 
+    pairs = validation_pairs(config) if accelerator.is_main_process else []
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    if accelerator.log_with:
+        accelerator.init_trackers("instructx2x")
+
+    def validate(step: int) -> None:
+        if accelerator.is_main_process and pairs:
+            grid = _validate(accelerator.unwrap_model(unet), pipe, ema, pairs,
+                             output / "validation" / f"step-{step:06d}.png", config.seed)
+            emit({"event": "validation", "step": step, "path": str(grid)})
     rank, world = accelerator.process_index, accelerator.num_processes
     accumulation = config.batch.gradient_accumulation_steps
     bar = _bar(progress_bar and accelerator.is_main_process, start, config.steps)
@@ -165,6 +182,9 @@ def train(config: TrainConfig, resume: str | None = None,
                       "memory_gib": _memory_gib(accelerator.device)}
             if accelerator.is_main_process and (step % config.log_every == 0 or step == config.steps):
                 _log(output / "log.csv", record)
+                accelerator.log(record, step=step)
+            if config.validation.every and step % config.validation.every == 0 and step != config.steps:
+                validate(step)
             emit({"event": "step", **record})
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_value:.4f}")
@@ -180,12 +200,15 @@ def train(config: TrainConfig, resume: str | None = None,
     finally:
         if bar is not None:
             bar.close()
+    validate(config.steps)
     model = output / "model"
     last = checkpoints[-1] if checkpoints else latest_checkpoint(output)
     if accelerator.is_main_process:
         if model.exists():
             shutil.rmtree(model)
         shutil.copytree(last / "model", model)
+        plot_loss(output / "log.csv", output / "loss.png")
+    accelerator.end_training()
     accelerator.wait_for_everyone()
     return TrainResult(output, model, config.steps, loss_value, checkpoints)
 
@@ -352,6 +375,22 @@ def _save_model(folder: Path, config: TrainConfig, pipe, unet, ema, step: int, d
                           f"{step} steps, effective batch {config.effective_batch()}",
             "resolution": config.data.resolution, "intended_use": config.model.intended_use}
     save_model(model, folder, card)
+
+
+def _validate(unet, pipe, ema, pairs: list[dict], path: Path, seed: int) -> Path:
+    """A validation grid with the EMA weights, the training weights put back afterwards."""
+    if ema is not None:
+        ema.store(unet.parameters())
+        ema.copy_to(unet.parameters())
+    unet.eval()
+    try:
+        model = InstructX2XPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder,
+                                    tokenizer=pipe.tokenizer, unet=unet, scheduler=pipe.scheduler)
+        return validation_grid(model, pairs, path, seed)
+    finally:
+        unet.train()
+        if ema is not None:
+            ema.restore(unet.parameters())
 
 
 def _log(path: Path, record: dict) -> None:

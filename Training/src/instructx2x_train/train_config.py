@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["TrainConfig", "DataConfig", "ModelConfig", "OptimConfig", "BatchConfig", "EMAConfig",
-           "CheckpointConfig", "ConfigError", "load_config", "RESUME_COMPATIBLE_KEYS"]
+           "CheckpointConfig", "ValidationConfig", "ConfigError", "load_config", "RESUME_COMPATIBLE_KEYS"]
 
 
 class ConfigError(ValueError):
@@ -100,6 +100,16 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ValidationConfig:
+    """Every ``every`` steps (0: only at the end), edit ``pairs`` fixed pairs of ``split``
+    with the library's RSE pipeline and the EMA weights; a PNG grid per validation."""
+
+    every: int = 0
+    pairs: int = 4
+    split: str = "validation"
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """A whole training run."""
 
@@ -114,6 +124,7 @@ class TrainConfig:
     batch: BatchConfig = dataclasses.field(default_factory=BatchConfig)
     ema: EMAConfig = dataclasses.field(default_factory=EMAConfig)
     checkpointing: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
 
     def validate(self, devices: int = 1) -> None:
         """Refuse settings that cannot train, before any model is built.
@@ -134,7 +145,8 @@ class TrainConfig:
                     "batch.per_device": self.batch.per_device,
                     "batch.gradient_accumulation_steps": self.batch.gradient_accumulation_steps,
                     "checkpointing.every": self.checkpointing.every,
-                    "checkpointing.keep": self.checkpointing.keep, "log_every": self.log_every}
+                    "checkpointing.keep": self.checkpointing.keep, "log_every": self.log_every,
+                    "validation.pairs": self.validation.pairs}
         for key, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{key} must be an integer >= 1, got {value!r}.")
@@ -148,6 +160,8 @@ class TrainConfig:
                               "be >= 0.")
         if not 0 < self.ema.decay < 1:
             raise ConfigError(f"ema.decay must lie in (0, 1), got {self.ema.decay}.")
+        if not isinstance(self.validation.every, int) or self.validation.every < 0:
+            raise ConfigError(f"validation.every must be an integer >= 0, got {self.validation.every!r}.")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}.")
         if self.optim.learning_rate <= 0:
@@ -169,7 +183,8 @@ class TrainConfig:
 
 
 # A resumed run may differ from its checkpoint only in these (where to stop, how often to save).
-RESUME_COMPATIBLE_KEYS = ("steps", "log_every", "checkpointing.every", "checkpointing.keep")
+RESUME_COMPATIBLE_KEYS = ("steps", "log_every", "checkpointing.every", "checkpointing.keep",
+                          "validation.every", "validation.pairs")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
