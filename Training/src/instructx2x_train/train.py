@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 
 from instructx2x.errors import ModelLoadError
-from instructx2x.loading import load_pipeline, save_model
+from instructx2x.loading import hash_modules, load_pipeline, save_model
 from instructx2x.outputs import atomic_output_dir
 from instructx2x.pipeline import InstructX2XPipeline
 from instructx2x.schedulers import make_scheduler
@@ -48,7 +48,7 @@ from .pairs import EditPairs, augment_pair
 from .train_config import RESUME_COMPATIBLE_KEYS, ConfigError, TrainConfig, config_differences
 from .validation import plot_loss, validation_grid, validation_pairs
 
-__all__ = ["train", "TrainResult", "latest_checkpoint", "make_ema"]
+__all__ = ["train", "TrainResult", "latest_checkpoint", "make_ema", "sample_indices"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class TrainResult:
     steps: int
     final_loss: float
     checkpoints: list[Path]
+    unet_sha256: str  # of this process's raw UNet weights: equal on every rank of a DDP run
 
 
 def train(config: TrainConfig, resume: str | None = None,
@@ -208,9 +209,10 @@ def train(config: TrainConfig, resume: str | None = None,
             shutil.rmtree(model)
         shutil.copytree(last / "model", model)
         plot_loss(output / "log.csv", output / "loss.png")
-    accelerator.end_training()
     accelerator.wait_for_everyone()
-    return TrainResult(output, model, config.steps, loss_value, checkpoints)
+    weights = hash_modules(accelerator.unwrap_model(unet))
+    accelerator.end_training()  # last: it also ends the process group of a distributed run
+    return TrainResult(output, model, config.steps, loss_value, checkpoints, weights)
 
 
 def make_ema(unet, config: TrainConfig):
@@ -236,16 +238,27 @@ def _stream(seed: int, step: int, rank: int, micro: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + rank * 101 + micro) % (2**63)
 
 
-def _batch(data: EditPairs, config: TrainConfig, step: int, micro: int, rank: int, world: int,
-           generator: torch.Generator):
-    """This rank's micro-batch: consecutive samples of a per-epoch permutation, augmented."""
+def sample_indices(config: TrainConfig, size: int, step: int, micro: int, rank: int,
+                   world: int) -> list[int]:
+    """Dataset indices of one rank's micro-batch: consecutive samples of a per-epoch
+    permutation, ranks interleaved, so every rank sees different pairs and a step's samples
+    never depend on where a run was resumed."""
     per_device, accumulation = config.batch.per_device, config.batch.gradient_accumulation_steps
     first = (((step - 1) * accumulation + micro) * world + rank) * per_device
-    pasts, currents, instructions = [], [], []
+    indices = []
     for sample in range(first, first + per_device):
-        epoch, position = divmod(sample, len(data))
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed + epoch))
-        item = data[int(order[position])]
+        epoch, position = divmod(sample, size)
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(config.seed + epoch))
+        indices.append(int(order[position]))
+    return indices
+
+
+def _batch(data: EditPairs, config: TrainConfig, step: int, micro: int, rank: int, world: int,
+           generator: torch.Generator):
+    """This rank's micro-batch, augmented."""
+    pasts, currents, instructions = [], [], []
+    for index in sample_indices(config, len(data), step, micro, rank, world):
+        item = data[index]
         past, current, instruction, _, _ = augment_pair(item["past"], item["current"],
                                                         item["instruction"], config.data, generator)
         pasts.append(past)
