@@ -1,6 +1,7 @@
 """Fine-tuning on tiny components and the session's small synthetic dataset (seconds each)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from instructx2x_train.objective import conditioning_dropout, training_loss
+from instructx2x_train.objective import conditioning_dropout, encode_pair, training_loss
 from instructx2x_train.pairs import augment_pair
 from instructx2x_train.train import latest_checkpoint, make_ema, train
 from instructx2x_train.train_config import ConfigError, DataConfig, TrainConfig, load_config
@@ -95,14 +96,17 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
     from instructx2x_train.train import _noise_scheduler
 
     pipe = build_untrained_pipeline(seed=0)
+    pipe.vae.requires_grad_(False)  # frozen, as in training
     scheduler = _noise_scheduler(pipe)
     past = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
     current = past.flip(-1)
     optimizer = torch.optim.AdamW(pipe.unet.parameters(), lr=1e-3)
 
+    latents = encode_pair(pipe.vae, past, current)
+
     def loss():
-        return training_loss(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, past,
-                             current, ["Add edema", "Remove edema"],
+        return training_loss(pipe.unet, pipe.text_encoder, pipe.tokenizer, scheduler, latents,
+                             pipe.vae.config.scaling_factor, ["Add edema", "Remove edema"],
                              torch.Generator().manual_seed(7), 0.0)
 
     before = float(loss())
@@ -208,7 +212,9 @@ def test_two_cpu_processes_under_accelerate_launch_stay_in_sync(built, tmp_path)
         capture_output=True, text=True, timeout=600,
         env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
     assert completed.returncode == 0, completed.stderr[-3000:]
-    ranks = [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
+    # the two ranks print at once: their lines may interleave
+    ranks = [json.loads(match) for match in
+             re.findall(r'\{"rank": \d+, "world": \d+, "unet_sha256": "[0-9a-f]+"\}', completed.stdout)]
     assert sorted(r["rank"] for r in ranks) == [0, 1] and {r["world"] for r in ranks} == {2}
     assert ranks[0]["unet_sha256"] == ranks[1]["unet_sha256"]
     checkpoints = tmp_path / "ddp" / "checkpoints"
@@ -219,3 +225,25 @@ def test_two_cpu_processes_under_accelerate_launch_stay_in_sync(built, tmp_path)
     single = train(smoke(built, tmp_path / "single", "steps=2", "checkpointing.every=1"),
                    progress_bar=False)
     assert single.unet_sha256 != ranks[0]["unet_sha256"]
+
+
+def test_latent_cache_gives_the_same_training_without_the_encoder(built, tmp_path):
+    """With rotation 0 and images at the training size, the cached run equals the uncached
+    one, and a second run encodes nothing; a changed image file gets a new entry."""
+    settings = ("data.rotation_degrees=0", "data.resolution=128", "log_every=1", "precision=fp32")
+    plain = train(smoke(built, tmp_path / "plain", *settings), progress_bar=False)
+    cache_dir = tmp_path / "cache"
+    cached = train(smoke(built, tmp_path / "cached", *settings, "data.latent_cache=true",
+                         f"data.latent_cache_dir={cache_dir}"), progress_bar=False)
+    assert cached.final_loss == pytest.approx(plain.final_loss, rel=1e-5)
+    entries = list(cache_dir.glob("*/*/moments.pt"))
+    assert entries
+    stamps = {p: p.stat().st_mtime_ns for p in entries}
+    train(smoke(built, tmp_path / "again", *settings, "data.latent_cache=true",
+                f"data.latent_cache_dir={cache_dir}"), progress_bar=False)
+    assert {p: p.stat().st_mtime_ns for p in entries} == stamps  # all hits
+    with pytest.raises(ConfigError, match="latent_cache needs data.rotation_degrees 0"):
+        train(smoke(built, tmp_path / "rotated", "data.latent_cache=true"), progress_bar=False)
+    with pytest.raises(ConfigError, match="images at data.resolution"):
+        train(smoke(built, tmp_path / "cropped", "data.rotation_degrees=0", "data.latent_cache=true"),
+              progress_bar=False)

@@ -10,10 +10,12 @@ DDPM scaled_linear schedule.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["conditioning_dropout", "training_loss"]
+__all__ = ["conditioning_dropout", "encode_pair", "training_loss", "PairLatents"]
 
 
 def conditioning_dropout(r: torch.Tensor, probability: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,15 +38,44 @@ def conditioning_dropout(r: torch.Tensor, probability: float) -> tuple[torch.Ten
     return drop_text, drop_image
 
 
-def training_loss(unet, vae, text_encoder, tokenizer, noise_scheduler, past: torch.Tensor,
-                  current: torch.Tensor, instructions: list[str], generator: torch.Generator,
+@dataclasses.dataclass
+class PairLatents:
+    """The VAE's view of a batch: the current image's posterior (mean, std) and the past
+    image's mode, all unscaled ``(B, 4, h, w)``."""
+
+    target_mean: torch.Tensor
+    target_std: torch.Tensor
+    condition: torch.Tensor
+
+    @classmethod
+    def stack(cls, items: list["PairLatents"]) -> "PairLatents":
+        return cls(*(torch.cat([getattr(i, f.name) for i in items]) for f in dataclasses.fields(cls)))
+
+
+def encode_pair(vae, past: torch.Tensor, current: torch.Tensor) -> PairLatents:
+    """Encode ``(B, 1, H, W)`` images in [0, 1] (repeated to 3 channels)."""
+    device = next(vae.parameters()).device
+
+    def pixels(images: torch.Tensor) -> torch.Tensor:
+        return (images.expand(-1, 3, -1, -1) * 2 - 1).to(device, vae.dtype)
+
+    with torch.no_grad() if not any(p.requires_grad for p in vae.parameters()) else torch.enable_grad():
+        target = vae.encode(pixels(current)).latent_dist
+        condition = vae.encode(pixels(past)).latent_dist.mode()
+    return PairLatents(target.mean, target.std, condition)
+
+
+def training_loss(unet, text_encoder, tokenizer, noise_scheduler, latents: PairLatents,
+                  scaling_factor: float, instructions: list[str], generator: torch.Generator,
                   dropout_probability: float) -> torch.Tensor:
     """Epsilon-prediction MSE of one batch.
 
     Parameters
     ----------
-    past, current: torch.Tensor
-        ``(B, 1, H, W)`` images in [0, 1] (repeated to 3 channels for the VAE).
+    latents: PairLatents
+        From ``encode_pair`` or the latent cache.
+    scaling_factor: float
+        The VAE's latent scale (0.18215 for Stable Diffusion).
     instructions: list[str]
         One instruction per pair.
     generator: torch.Generator
@@ -53,20 +84,14 @@ def training_loss(unet, vae, text_encoder, tokenizer, noise_scheduler, past: tor
     """
     device = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype
-    batch = past.shape[0]
-
-    def pixels(images: torch.Tensor) -> torch.Tensor:
-        return (images.expand(-1, 3, -1, -1) * 2 - 1).to(device, vae.dtype)
-
-    with torch.no_grad() if not any(p.requires_grad for p in vae.parameters()) else torch.enable_grad():
-        target_posterior = vae.encode(pixels(current)).latent_dist
-        sample_noise = torch.randn(target_posterior.mean.shape, generator=generator).to(device)
-        latents = (target_posterior.mean + target_posterior.std * sample_noise) * vae.config.scaling_factor
-        condition = vae.encode(pixels(past)).latent_dist.mode()
-    noise = torch.randn(latents.shape, generator=generator).to(device)
+    batch = latents.condition.shape[0]
+    sample_noise = torch.randn(latents.target_mean.shape, generator=generator).to(device)
+    target = (latents.target_mean.to(device) + latents.target_std.to(device) * sample_noise) * scaling_factor
+    condition = latents.condition.to(device)
+    noise = torch.randn(target.shape, generator=generator).to(device)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,),
                               generator=generator).to(device)
-    noisy = noise_scheduler.add_noise(latents.float(), noise, timesteps)
+    noisy = noise_scheduler.add_noise(target.float(), noise, timesteps)
 
     drop_text, drop_image = conditioning_dropout(torch.rand(batch, generator=generator),
                                                  dropout_probability)
@@ -79,6 +104,6 @@ def training_loss(unet, vae, text_encoder, tokenizer, noise_scheduler, past: tor
     model_input = torch.cat([noisy, condition.float()], dim=1).to(dtype)
     prediction = unet(model_input, timesteps, encoder_hidden_states=embeddings.to(dtype),
                       return_dict=False)[0]
-    target = noise if noise_scheduler.config.prediction_type == "epsilon" \
-        else noise_scheduler.get_velocity(latents.float(), noise, timesteps)
-    return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+    goal = noise if noise_scheduler.config.prediction_type == "epsilon" \
+        else noise_scheduler.get_velocity(target.float(), noise, timesteps)
+    return F.mse_loss(prediction.float(), goal.float(), reduction="mean")

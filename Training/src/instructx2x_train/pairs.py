@@ -71,11 +71,15 @@ class EditPairs:
     def __len__(self) -> int:
         return len(self.table)
 
-    def __getitem__(self, index: int) -> dict:
+    def paths(self, index: int) -> tuple[Path, Path]:
+        """The past and current image files of pair ``index``."""
         row = self.table.iloc[index]
-        return {"past": self._load(self._path("past", row.past_dicom_id)),
-                "current": self._load(self._path("current", row.current_dicom_id)),
-                "instruction": row.instruction}
+        return self._path("past", row.past_dicom_id), self._path("current", row.current_dicom_id)
+
+    def __getitem__(self, index: int) -> dict:
+        past, current = self.paths(index)
+        return {"past": self._load(past), "current": self._load(current),
+                "instruction": self.table.iloc[index].instruction}
 
     def _load(self, path: Path) -> torch.Tensor:
         with Image.open(path) as image:

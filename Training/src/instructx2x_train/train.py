@@ -43,7 +43,8 @@ from instructx2x.outputs import atomic_output_dir
 from instructx2x.pipeline import InstructX2XPipeline
 from instructx2x.schedulers import make_scheduler
 
-from .objective import training_loss
+from .latent_cache import LatentCache
+from .objective import PairLatents, encode_pair, training_loss
 from .pairs import EditPairs, augment_pair
 from .train_config import RESUME_COMPATIBLE_KEYS, ConfigError, TrainConfig, config_differences
 from .validation import plot_loss, validation_grid, validation_pairs
@@ -92,6 +93,7 @@ def train(config: TrainConfig, resume: str | None = None,
         A base model that is not an 8-channel InstructPix2Pix.
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     import importlib.util
 
@@ -101,12 +103,26 @@ def train(config: TrainConfig, resume: str | None = None,
                               mixed_precision=_mixed_precision(config.precision),
                               log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None,
                               project_dir=str(output))
+    try:
+        return _train(accelerator, config, resume, emit, progress_bar)
+    finally:
+        # accelerate keeps one process-wide state (precision, device); forget it so that
+        # another run in this process (a notebook, the tests) may choose other settings.
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _train(accelerator, config: TrainConfig, resume: str | None, emit, progress_bar: bool) -> TrainResult:
+    output = Path(config.output)
     config.validate(devices=accelerator.num_processes)
     checkpoint = _resume_point(output, resume, config) if resume else None
     if checkpoint is None and output.exists() and any(output.iterdir()):
         raise ConfigError(f"output folder {output.name} exists; pass --resume latest to continue it "
                           "or choose a new folder.")
     data = EditPairs(config.data.dataset, config.data.split, config.data.resolution)
+    if config.data.latent_cache and tuple(data[0]["past"].shape[-2:]) != (config.data.resolution,) * 2:
+        raise ConfigError(f"data.latent_cache needs the dataset's images at data.resolution "
+                          f"({config.data.resolution}); they are {tuple(data[0]['past'].shape[-2:])} "
+                          "(cropping happens in pixel space).")
 
     pipe = _base_pipeline(config)
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
@@ -135,6 +151,8 @@ def train(config: TrainConfig, resume: str | None = None,
     unet, optimizer = accelerator.prepare(unet, optimizer)
     vae.to(accelerator.device)
     text_encoder.to(accelerator.device)
+    cache = LatentCache(config.data.latent_cache_dir or output / "latent-cache", vae) \
+        if config.data.latent_cache else None
     if ema is not None:
         ema.to(accelerator.device)
 
@@ -161,11 +179,13 @@ def train(config: TrainConfig, resume: str | None = None,
             losses = []
             for micro in range(accumulation):
                 generator = torch.Generator().manual_seed(_stream(config.seed, step, rank, micro))
-                past, current, instructions = _batch(data, config, step, micro, rank, world, generator)
+                # the frozen VAE encodes in its own precision, as the latent cache does
+                latents, instructions = _batch(data, config, step, micro, rank, world, generator,
+                                               vae, cache)
                 sync = contextlib.nullcontext() if micro == accumulation - 1 else accelerator.no_sync(unet)
                 with sync, accelerator.autocast():
-                    loss = training_loss(unet, vae, text_encoder, tokenizer, noise_scheduler, past,
-                                         current, instructions, generator,
+                    loss = training_loss(unet, text_encoder, tokenizer, noise_scheduler, latents,
+                                         vae.config.scaling_factor, instructions, generator,
                                          config.optim.conditioning_dropout_prob)
                     accelerator.backward(loss / accumulation)
                 losses.append(loss.detach())
@@ -254,17 +274,20 @@ def sample_indices(config: TrainConfig, size: int, step: int, micro: int, rank: 
 
 
 def _batch(data: EditPairs, config: TrainConfig, step: int, micro: int, rank: int, world: int,
-           generator: torch.Generator):
-    """This rank's micro-batch, augmented."""
-    pasts, currents, instructions = [], [], []
+           generator: torch.Generator, vae, cache: LatentCache | None) -> tuple[PairLatents, list[str]]:
+    """This rank's micro-batch, augmented and encoded (from the latent cache when it is on)."""
+    latents, instructions = [], []
     for index in sample_indices(config, len(data), step, micro, rank, world):
         item = data[index]
-        past, current, instruction, _, _ = augment_pair(item["past"], item["current"],
-                                                        item["instruction"], config.data, generator)
-        pasts.append(past)
-        currents.append(current)
+        past, current, instruction, _, flipped = augment_pair(
+            item["past"], item["current"], item["instruction"], config.data, generator)
+        if cache is None:
+            latents.append(encode_pair(vae, past[None], current[None]))
+        else:
+            past_path, current_path = data.paths(index)
+            latents.append(cache.pair(past_path, item["past"], current_path, item["current"], flipped))
         instructions.append(instruction)
-    return torch.stack(pasts), torch.stack(currents), instructions
+    return PairLatents.stack(latents), instructions
 
 
 def _base_pipeline(config: TrainConfig) -> InstructX2XPipeline:

@@ -30,6 +30,10 @@ class DataConfig:
     resolution: int = 512  # the crop the model trains on (the authors' 512)
     rotation_degrees: float = 2.0
     flip_probability: float = 0.5
+    # Encode each image once with the frozen VAE (latent_cache.py); needs rotation 0 and images
+    # already at ``resolution`` (no crop). Folder: latent_cache_dir, else OUTPUT/latent-cache.
+    latent_cache: bool = False
+    latent_cache_dir: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +162,9 @@ class TrainConfig:
         if not 0 <= self.data.flip_probability <= 1 or self.data.rotation_degrees < 0:
             raise ConfigError("data.flip_probability must lie in [0, 1] and data.rotation_degrees "
                               "be >= 0.")
+        if self.data.latent_cache and (self.data.rotation_degrees or self.model.train_vae):
+            raise ConfigError("data.latent_cache needs data.rotation_degrees 0 and a frozen VAE "
+                              "(rotation happens in pixel space; a trained VAE changes its latents).")
         if not 0 < self.ema.decay < 1:
             raise ConfigError(f"ema.decay must lie in (0, 1), got {self.ema.decay}.")
         if not isinstance(self.validation.every, int) or self.validation.every < 0:
