@@ -247,3 +247,31 @@ def test_latent_cache_gives_the_same_training_without_the_encoder(built, tmp_pat
     with pytest.raises(ConfigError, match="images at data.resolution"):
         train(smoke(built, tmp_path / "cropped", "data.rotation_degrees=0", "data.latent_cache=true"),
               progress_bar=False)
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(built, tmp_path):
+    import signal
+    import time
+
+    _, dataset, _ = built
+    output = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "instructx2x_train.cli", "train", "--config", str(CONFIGS / "smoke.yaml"),
+         "--set", f"data.dataset={dataset}", "--set", f"output={output}", "--set", "steps=500",
+         "--set", "log_every=1", "--set", "checkpointing.every=1000", "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (output / "log.csv").is_file() or len((output / "log.csv").read_text().splitlines()) < 3:
+        assert time.monotonic() < deadline and process.poll() is None, process.stderr.read()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "resumable checkpoint" in err and "Traceback" not in err
+    checkpoint = latest_checkpoint(output)
+    done = int(checkpoint.name.split("-")[1])
+    assert done >= 2 and (checkpoint / "model" / "model_card.json").is_file()
+    assert not [p for p in (output / "checkpoints").iterdir() if p.name.startswith(".")]
+    resumed = train(smoke(built, output, "log_every=1", f"steps={done + 1}", "checkpointing.every=1000"),
+                    resume="latest", progress_bar=False)
+    assert resumed.steps == done + 1
