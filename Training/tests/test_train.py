@@ -162,7 +162,8 @@ def test_the_saved_model_edits_through_the_cli(built, tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     (["colour=red"], "unknown config key"),
     (["optim.learning_rat=1"], "unknown config key"),
-    (["steps=ten"], "steps must be a int"),
+    (["steps=ten"], "steps must be an integer, got 'ten'"),
+    (["optim.learning_rate=fast"], "optim.learning_rate must be a number"),
     (["batch.effective=5"], "batch.effective is 5"),
     (["data.dataset=/nonexistent"], "not a MIMIC-EDIT-INSTRUCTION folder"),
     (["model.base=fresh", "model.fresh_unet={in_channels: 4}", "model.fresh_vae={latent_channels: 4}",
@@ -275,3 +276,36 @@ def test_ctrl_c_saves_a_resumable_checkpoint(built, tmp_path):
     resumed = train(smoke(built, output, "log_every=1", f"steps={done + 1}", "checkpointing.every=1000"),
                     resume="latest", progress_bar=False)
     assert resumed.steps == done + 1
+
+
+def test_disk_full_while_saving_leaves_no_half_checkpoint(built, tmp_path, monkeypatch):
+    import errno
+
+    from instructx2x.errors import ResourceError
+    from instructx2x_train import train as module
+
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if str(path).endswith("training_state.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(module.torch, "save", full_disk)
+    with pytest.raises(ResourceError, match="No space left on device"):
+        train(smoke(built, tmp_path / "run", "steps=2"), progress_bar=False)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert not checkpoints.exists() or list(checkpoints.iterdir()) == []
+
+
+def test_missing_images_are_counted_and_named(built, tmp_path):
+    import shutil
+
+    _, dataset, _ = built
+    copy = tmp_path / "dataset"
+    shutil.copytree(dataset, copy)
+    victim = next((copy / "past").iterdir())
+    victim.unlink()
+    with pytest.raises(ConfigError, match=f"1 image\\(s\\) missing, e.g. past/{victim.name}"):
+        train(smoke(built, tmp_path / "run", f"data.dataset={copy}", "data.split=train"),
+              progress_bar=False)

@@ -9,6 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
+from instructx2x.errors import InstructX2XError
+
 from .answers import MULTI_FINDING_MODES
 from .cohort import CohortConfig, generate_cohort
 from .dataset import BuildConfig, build_dataset
@@ -96,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: the steps completed are in a resumable checkpoint "
               "(--resume latest).", file=sys.stderr)
         return 130
+    except InstructX2XError as error:  # the library's families: disk full while saving, ...
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
     except (ValueError, TableError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

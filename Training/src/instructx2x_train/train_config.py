@@ -197,7 +197,8 @@ RESUME_COMPATIBLE_KEYS = ("steps", "log_every", "checkpointing.every", "checkpoi
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) config and apply ``key=value`` overrides.
 
-    Override values are read as YAML scalars (``optim.learning_rate=5e-5``, ``ema.enabled=false``).
+    Override values are read as YAML (``optim.learning_rate=5e-5``, ``ema.enabled=false``,
+    ``model.fresh_unet={"in_channels": 8}``).
 
     Raises
     ------
@@ -206,6 +207,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """
     import yaml
 
+    loader = _yaml_loader()
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -218,7 +220,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
                 data = tomllib.loads(text)
             elif path.suffix in (".yaml", ".yml"):
-                data = yaml.safe_load(text) or {}
+                data = yaml.load(text, Loader=loader) or {}
             else:
                 raise ConfigError(f"{path.name}: a config is .yaml, .yml or .toml.")
         except (yaml.YAMLError, ValueError) as error:
@@ -237,8 +239,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             node = node.setdefault(parent, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key!r}: {parent!r} is not a section.")
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = yaml.load(value, Loader=loader)
     return _build(TrainConfig, data, "")
+
+
+def _yaml_loader():
+    """PyYAML's safe loader that also reads ``1e-4`` as a float (YAML 1.2 and JSON do; PyYAML's
+    YAML 1.1 resolver wants ``1.0e-4``), so a learning rate is never silently a string."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"))
+    return Loader
 
 
 def _build(cls, data: dict, prefix: str):
@@ -276,7 +295,10 @@ def _coerce(value: Any, default: Any, key: str) -> Any:
     else:
         ok = isinstance(value, type(default))
     if not ok:
-        raise ConfigError(f"{key} must be a {type(default).__name__}, got {value!r}.")
+        kinds = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+                 dict: "a mapping"}
+        raise ConfigError(f"{key} must be {kinds.get(type(default), type(default).__name__)}, "
+                          f"got {value!r}.")
     return value
 
 
