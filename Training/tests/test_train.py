@@ -309,3 +309,26 @@ def test_missing_images_are_counted_and_named(built, tmp_path):
     with pytest.raises(ConfigError, match=f"1 image\\(s\\) missing, e.g. past/{victim.name}"):
         train(smoke(built, tmp_path / "run", f"data.dataset={copy}", "data.split=train"),
               progress_bar=False)
+
+
+@pytest.mark.parametrize("start", ["diffusers folder", "single-file checkpoint"])
+def test_training_starts_from_a_released_layout(built, tmp_path, start):
+    """The two released forms of InstructPix2Pix load through the library's offline loaders
+    (conv_in already has 8 channels: nothing is widened) and train."""
+    from safetensors.torch import save_file
+
+    from instructx2x.untrained import build_untrained_pipeline
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "InstructX2XLib" / "tests"))
+    from original_checkpoint import original_state_dict
+
+    pipe = build_untrained_pipeline(seed=5)
+    pipe.save_pretrained(tmp_path / "ip2p")
+    overrides = [f"model.base={tmp_path / 'ip2p'}"]
+    if start == "single-file checkpoint":
+        save_file(original_state_dict(pipe), tmp_path / "ip2p.safetensors")
+        overrides = [f"model.base={tmp_path / 'ip2p.safetensors'}",
+                     f"model.single_file_config={tmp_path / 'ip2p'}"]
+    result = train(smoke(built, tmp_path / "run", "steps=1", *overrides), progress_bar=False)
+    assert (result.model / "unet" / "config.json").is_file()
+    assert json.loads((result.model / "unet" / "config.json").read_text())["in_channels"] == 8

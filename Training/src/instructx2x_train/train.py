@@ -292,7 +292,8 @@ def _batch(data: EditPairs, config: TrainConfig, step: int, micro: int, rank: in
 
 def _base_pipeline(config: TrainConfig) -> InstructX2XPipeline:
     if config.model.base != "fresh":
-        pipe, _ = load_pipeline(config.model.base, scheduler="ddim")
+        pipe, _ = load_pipeline(config.model.base, scheduler="ddim",
+                                single_file_config=config.model.single_file_config or None)
         return pipe
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel

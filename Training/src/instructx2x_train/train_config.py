@@ -47,6 +47,7 @@ class ModelConfig:
     """
 
     base: str = ""
+    single_file_config: str = ""  # for a single-file base of another architecture (unet/, vae/, ...)
     fresh_unet: dict = dataclasses.field(default_factory=dict)
     fresh_vae: dict = dataclasses.field(default_factory=dict)
     fresh_text_encoder: dict = dataclasses.field(default_factory=dict)
