@@ -95,8 +95,9 @@ class EditResult:
 
     @property
     def untrained(self) -> bool:
-        """True when a random-weight model made this result."""
-        return not self.manifest["model"]["trained"]
+        """True when a random-weight model made this result (its model card says so; a
+        model without a card is not assumed untrained)."""
+        return self.manifest["model"]["trained"] is False
 
 
 class InstructX2XEditor:
