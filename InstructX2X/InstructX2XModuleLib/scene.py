@@ -1,0 +1,162 @@
+"""MRML in and out for the InstructX2X panels: imports slicer (MRML), never qt or slicer.app.
+
+The scene is always an explicit argument, so the same code serves the desktop module, the
+browser panel (trame-slicer) and the tests (PyPI's slicer-core). A radiograph is a
+single-slice scalar volume; numpy arrays here are ``(rows, columns)``, the volume's
+``(k=0, j, i)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+__all__ = ["SceneError", "prepare_scene", "volume_to_array", "array_to_volume", "segment_to_mask",
+           "import_result", "PA_DIRECTIONS"]
+
+# A PA film read from PNG has no geometry: show it as Slicer shows a DICOM CR (IJK-to-RAS
+# directions diag(-1, -1, 1), patient's left on the image's right).
+PA_DIRECTIONS = ((-1.0, 0.0, 0.0), (0.0, -1.0, 0.0), (0.0, 0.0, 1.0))
+
+
+class SceneError(ValueError):
+    """The scene does not hold what an edit needs (the message says what to do)."""
+
+
+_CONVERTERS_REGISTERED = False
+
+
+def prepare_scene(scene) -> None:
+    """Register the segmentation converters (once per process) and the segmentation logic
+    on ``scene``; outside the Slicer application segments cannot otherwise be added or
+    turned into labelmaps (SPEC section 10). The Slicer application has done both already.
+    """
+    global _CONVERTERS_REGISTERED
+    if not _CONVERTERS_REGISTERED:
+        factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+        for rule in (slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule,
+                     slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule,
+                     slicer.vtkClosedSurfaceToFractionalLabelmapConversionRule,
+                     slicer.vtkFractionalLabelmapToClosedSurfaceConversionRule):
+            factory.RegisterConverterRule(rule())
+        _CONVERTERS_REGISTERED = True
+    logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    logic.SetMRMLScene(scene)
+    _LOGICS[id(scene)] = logic  # alive as long as the process: the scene holds no reference
+
+
+_LOGICS: dict = {}
+
+
+def volume_to_array(volume) -> np.ndarray:
+    """The pixels of a single-slice volume as ``(rows, columns)`` float32.
+
+    Raises
+    ------
+    SceneError
+        When there is no volume, no image data, or the volume has several slices.
+    """
+    if volume is None or not volume.IsA("vtkMRMLScalarVolumeNode"):
+        raise SceneError("choose a radiograph: no scalar volume is selected.")
+    image = volume.GetImageData()
+    if image is None:
+        raise SceneError(f"volume {volume.GetName()!r} has no image data.")
+    columns, rows, slices = image.GetDimensions()
+    if slices != 1:
+        raise SceneError(f"volume {volume.GetName()!r} has {slices} slices; InstructX2X edits a "
+                         "single radiograph (one slice).")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise SceneError(f"volume {volume.GetName()!r} is not grayscale.")
+    values = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    return values.reshape(rows, columns).astype(np.float32)
+
+
+def array_to_volume(scene, pixels: np.ndarray, name: str, reference=None, labelmap: bool = False):
+    """A new single-slice volume with ``pixels`` and the reference's geometry (else PA).
+
+    The input node is never modified; ``labelmap`` makes a vtkMRMLLabelMapVolumeNode.
+    """
+    pixels = np.ascontiguousarray(pixels)
+    if pixels.ndim != 2:
+        raise SceneError(f"expected a 2-D array, got shape {pixels.shape}.")
+    rows, columns = pixels.shape
+    if reference is not None:
+        reference_shape = volume_to_array(reference).shape
+        if reference_shape != (rows, columns):
+            raise SceneError(f"{name}: {rows}x{columns} does not match the radiograph's grid "
+                             f"{reference_shape[0]}x{reference_shape[1]}.")
+    image = vtk.vtkImageData()
+    image.SetDimensions(columns, rows, 1)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(pixels.ravel(), deep=True))
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode",
+                                   name)
+    node.SetAndObserveImageData(image)
+    if reference is not None:
+        node.CopyOrientation(reference)
+    else:
+        node.SetIJKToRASDirections(*[v for row in PA_DIRECTIONS for v in row])
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def segment_to_mask(segmentation, segment_id: str, volume) -> np.ndarray:
+    """A painted segment as a boolean ``(rows, columns)`` mask on the volume's grid.
+
+    Raises
+    ------
+    SceneError
+        When the segment does not exist, is empty, or lies off the radiograph.
+    """
+    if segmentation is None or segmentation.GetSegmentation().GetSegment(segment_id) is None:
+        raise SceneError(f"segment {segment_id!r} does not exist; paint a region first.")
+    scene = segmentation.GetScene()
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__instructx2x_export")
+    try:
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(segment_id)
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                segmentation, ids, labelmap, volume):
+            raise SceneError(f"segment {segment_id!r} cannot be put on the radiograph's grid.")
+        mask = volume_to_array(labelmap) > 0
+    finally:
+        scene.RemoveNode(labelmap)
+    if not mask.any():
+        name = segmentation.GetSegmentation().GetSegment(segment_id).GetName()
+        raise SceneError(f"segment {name!r} is empty on the radiograph: paint inside the image.")
+    return mask
+
+
+def import_result(scene, volume, edited: np.ndarray, guidance: np.ndarray, edit_mask: np.ndarray,
+                  name: str) -> dict:
+    """Add an edit's outputs next to the input (which is never overwritten).
+
+    Returns
+    -------
+    dict
+        ``counterfactual`` (scalar volume, the input's geometry and window),
+        ``guidance`` (scalar volume in [0, 1] with a heat colour table, for the foreground
+        layer), ``mask`` (labelmap with a one-label colour table, shown as an outline).
+    """
+    counterfactual = array_to_volume(scene, edited.astype(np.float32), f"{name} (SYNTHETIC)", volume)
+    source_display = volume.GetDisplayNode()
+    if source_display is not None:
+        counterfactual.GetDisplayNode().SetAutoWindowLevel(False)
+        counterfactual.GetDisplayNode().SetWindowLevel(source_display.GetWindow(), source_display.GetLevel())
+    guidance_node = array_to_volume(scene, guidance.astype(np.float32), f"{name} guidance", volume)
+    colors = scene.AddNewNodeByClass("vtkMRMLColorTableNode", f"{name} guidance colors")
+    colors.SetTypeToWarm1()
+    display = guidance_node.GetDisplayNode()
+    display.SetAndObserveColorNodeID(colors.GetID())
+    display.SetAutoWindowLevel(False)
+    display.SetWindowLevelMinMax(0.0, 1.0)
+    mask_node = array_to_volume(scene, edit_mask.astype(np.uint8), f"{name} edit region", volume,
+                                labelmap=True)
+    labels = scene.AddNewNodeByClass("vtkMRMLColorTableNode", f"{name} edit region colors")
+    labels.SetTypeToUser()
+    labels.SetNumberOfColors(2)
+    labels.SetColor(0, "background", 0.0, 0.0, 0.0, 0.0)
+    labels.SetColor(1, "edit region", 0.0, 1.0, 1.0, 1.0)
+    mask_node.GetDisplayNode().SetAndObserveColorNodeID(labels.GetID())
+    return {"counterfactual": counterfactual, "guidance": guidance_node, "mask": mask_node}

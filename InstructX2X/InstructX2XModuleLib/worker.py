@@ -1,0 +1,177 @@
+"""The panel's side of the worker service: a Qt-free client for ``instructx2x serve --stdio``.
+
+The Slicer widget (and the browser panel) owns a timer that calls ``poll()``; everything else
+lives here and imports neither qt nor slicer, so it is tested with real processes outside
+Slicer. A reader thread moves the worker's JSON lines into a queue (SlicerMONAIAuto3DSeg's
+pattern), and a small state machine says what the panel shows:
+
+    IDLE -> STARTING -> READY -> RUNNING -> READY (done / failed / cancelled)
+                                        \\-> CANCELLING -> READY
+    any state -> STOPPED (shutdown, kill, or the process died)
+
+Cancel first asks politely (a ``cancel`` message stops the job at its next step); ``kill``
+ends the whole process tree (psutil, children first) when the worker does not answer.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+__all__ = ["WorkerState", "WorkerClient", "WorkerError"]
+
+
+class WorkerState(str, enum.Enum):
+    IDLE = "idle"
+    STARTING = "starting"
+    READY = "ready"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    STOPPED = "stopped"
+
+
+class WorkerError(RuntimeError):
+    """The worker could not be started or has died; the message says why."""
+
+
+class WorkerClient:
+    """One warm worker process serving one job at a time.
+
+    Parameters
+    ----------
+    model: str
+        A model folder, checkpoint, ``demo`` or ``untrained-tiny``.
+    device: str
+        ``auto``, ``cpu``, ``cuda``...
+    executable: list[str] | None
+        The command that starts the worker; default: this Python running the library's CLI.
+    environment: dict | None
+        Extra environment variables (e.g. ``CUDA_VISIBLE_DEVICES=-1`` to force the CPU).
+    """
+
+    def __init__(self, model: str, device: str = "auto", executable: list[str] | None = None,
+                 environment: dict | None = None) -> None:
+        self.command = [*(executable or [sys.executable, "-m", "instructx2x.cli"]), "serve", "--stdio",
+                        "--model", str(model), "--device", device]
+        self.environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(environment or {})}
+        self.state = WorkerState.IDLE
+        self.process: subprocess.Popen | None = None
+        self.events: queue.Queue = queue.Queue()
+        self.current: str | None = None
+        self.info: dict = {}
+        self.last_error: str | None = None
+        self._ids = itertools.count(1)
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the process; ``poll`` reports ``ready`` once the model is loaded."""
+        if self.state not in (WorkerState.IDLE, WorkerState.STOPPED):
+            raise WorkerError(f"the worker is already {self.state.value}.")
+        try:
+            self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, text=True, env=self.environment)
+        except OSError as error:
+            raise WorkerError(f"cannot start the worker ({error.strerror}).") from None
+        self.state = WorkerState.STARTING
+        threading.Thread(target=self._read, args=(self.process.stdout,), daemon=True).start()
+
+    def submit(self, kind: str, job: dict | None = None, **fields) -> str:
+        """Send a request (``edit``, ``preview``, ``rethreshold``); returns its id."""
+        if self.state != WorkerState.READY:
+            raise WorkerError(f"the worker is {self.state.value}, not ready for a job.")
+        request_id = str(next(self._ids))
+        self._send({"type": kind, "id": request_id, **({"job": job} if job is not None else {}), **fields})
+        self.current = request_id
+        self.state = WorkerState.RUNNING
+        return request_id
+
+    def cancel(self) -> None:
+        """Ask the running job to stop at its next step (nothing is written)."""
+        if self.state == WorkerState.RUNNING and self.current is not None:
+            self._send({"type": "cancel", "id": self.current})
+            self.state = WorkerState.CANCELLING
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Ask the worker to exit; kill it if it does not."""
+        if self.process is None or self.process.poll() is not None:
+            self.state = WorkerState.STOPPED
+            return
+        try:
+            self._send({"type": "shutdown"})
+            self.process.wait(timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            self.kill()
+        self.state = WorkerState.STOPPED
+
+    def kill(self) -> None:
+        """End the worker and every process it started, children first."""
+        import psutil
+
+        if self.process is None:
+            return
+        try:
+            parent = psutil.Process(self.process.pid)
+            for child in parent.children(recursive=True):
+                child.kill()
+            parent.kill()
+        except psutil.NoSuchProcess:
+            pass
+        self.process.wait(timeout=30)
+        self.state = WorkerState.STOPPED
+
+    # -- events --------------------------------------------------------------------------
+    def poll(self) -> list[dict]:
+        """Drain the events that arrived since the last call and update the state."""
+        events = []
+        while True:
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                break
+            events.append(event)
+            kind = event.get("event")
+            if kind == "ready":
+                self.info = event
+                self.state = WorkerState.READY
+            elif kind in ("done", "error", "cancelled") and event.get("id") == self.current:
+                self.state, self.current = WorkerState.READY, None
+                if kind == "error":
+                    self.last_error = event.get("message")
+            elif kind == "error" and self.state == WorkerState.STARTING:
+                self.last_error = event.get("message")
+            elif kind == "exit":
+                self.state, self.current = WorkerState.STOPPED, None
+                if self.last_error is None and event.get("returncode") not in (0, None):
+                    self.last_error = f"the worker stopped (exit code {event['returncode']}): " \
+                                      f"{event.get('stderr', '')[-500:]}"
+        return events
+
+    def _send(self, request: dict) -> None:
+        if self.process is None or self.process.poll() is not None:
+            raise WorkerError("the worker is not running.")
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            try:
+                self.events.put(json.loads(line))
+            except ValueError:
+                continue  # a library printed a stray line: not an event
+        returncode = self.process.wait()
+        stderr = self.process.stderr.read() if self.process.stderr else ""
+        self.events.put({"event": "exit", "returncode": returncode, "stderr": stderr})
+
+    @staticmethod
+    def staging_cleanup(output: Path) -> None:
+        """After a kill, remove the staging folder a dead worker may have left for ``output``."""
+        from instructx2x.outputs import remove_stale_staging
+
+        remove_stale_staging(output)
