@@ -1,0 +1,80 @@
+"""Static checks of the Slicer module: what desktop Slicer would load, checked without it."""
+
+import ast
+import re
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+MODULE = Path(__file__).resolve().parents[1] / "InstructX2X"
+SOURCE = (MODULE / "InstructX2X.py").read_text()
+UI = ElementTree.parse(MODULE / "Resources" / "UI" / "InstructX2X.ui")
+
+
+def widgets() -> dict[str, str]:
+    return {w.get("name"): w.get("class") for w in UI.iter("widget")}
+
+
+def test_every_widget_the_code_touches_exists_in_the_ui():
+    used = set(re.findall(r"self\.ui\.(\w+)", SOURCE))
+    assert used and used <= set(widgets()), sorted(used - set(widgets()))
+
+
+def test_every_slicer_parameter_name_is_a_parameter_node_field():
+    bound = {prop.find("string").text for widget in UI.iter("widget") for prop in widget.findall("property")
+             if prop.get("name") == "SlicerParameterName"}
+    tree = ast.parse(SOURCE)
+    wrapper = next(node for node in tree.body if isinstance(node, ast.ClassDef)
+                   and node.name == "InstructX2XParameterNode")
+    fields = {item.target.id for item in wrapper.body if isinstance(item, ast.AnnAssign)}
+    assert bound and bound <= fields, sorted(bound - fields)
+    assert fields - bound == set(), "every setting has a widget"
+
+
+def test_the_module_file_holds_only_module_widget_logic_and_test_classes():
+    classes = [node.name for node in ast.parse(SOURCE).body if isinstance(node, ast.ClassDef)]
+    assert classes == ["InstructX2X", "InstructX2XParameterNode", "InstructX2XWidget",
+                       "InstructX2XLogic", "InstructX2XTest"]
+
+
+def test_cmakelists_lists_every_script_and_resource():
+    cmake = (MODULE / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", "InstructX2X")
+    listed = set(re.findall(r"^\s+(\S+\.(?:py|ui|png|txt))\s*$", cmake, flags=re.M))
+    on_disk = {str(p.relative_to(MODULE)) for p in MODULE.rglob("*")
+               if p.suffix in (".py", ".ui", ".png", ".txt") and "__pycache__" not in p.parts
+               and p.name != "CMakeLists.txt"}
+    assert listed == on_disk
+    assert "WITH_GENERIC_TESTS" in cmake and "slicerMacroBuildScriptedModule" in cmake
+    top = (MODULE.parent / "CMakeLists.txt").read_text()
+    assert "add_subdirectory(InstructX2X)" in top and 'EXTENSION_DEPENDS "PyTorch"' in top
+
+
+def test_module_files_parse_as_python_3_9():
+    for path in [MODULE / "InstructX2X.py", *(MODULE / "InstructX2XModuleLib").glob("*.py")]:
+        ast.parse(path.read_text(), filename=str(path), feature_version=(3, 9))
+
+
+def top_level_imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_importing_the_module_loads_neither_torch_nor_the_library():
+    heavy = {"torch", "diffusers", "transformers", "instructx2x", "numpy", "PIL", "pydicom"}
+    assert not top_level_imports(MODULE / "InstructX2X.py") & heavy
+    lib = MODULE / "InstructX2XModuleLib"
+    assert not top_level_imports(lib / "worker.py") & (heavy | {"slicer", "qt", "vtk"})
+    assert not top_level_imports(lib / "scene.py") & (heavy - {"numpy"} | {"qt"})
+
+
+def test_ui_file_is_a_slicer_module_panel():
+    root = UI.getroot()
+    assert root.find("class").text == "InstructX2X"
+    kinds = widgets()
+    assert kinds["segmentEditorWidget"] == "qMRMLSegmentEditorWidget"
+    assert kinds["inputSelector"] == "qMRMLNodeComboBox" and kinds["tauSlider"] == "ctkSliderWidget"
+    assert "NOT FOR DIAGNOSIS" in ElementTree.tostring(root, encoding="unicode")
