@@ -30,7 +30,9 @@ from InstructX2XModuleLib.worker import WorkerClient, WorkerState
 
 MASK_SOURCES = ("anatomical prior", "painted segment", "painted segment and prior")
 PRESETS = ("fast (device default)", "paper (DDIM 100 steps)")
-DEFAULT_MODEL = "demo"
+# The random-weight test model until the bundled demo model lands (issue 10); the panel and
+# the manifest then say UNTRAINED.
+DEFAULT_MODEL = "untrained-tiny"
 TIMER_INTERVAL_MS = 200
 
 
@@ -98,6 +100,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.inputSelector.currentNodeChanged.connect(self.onInputChanged)
         self.ui.instructionEdit.textChanged.connect(self.onInstructionChanged)
         self.ui.composeButton.clicked.connect(self.onCompose)
+        self.ui.maskCollapsibleButton.contentsCollapsed.connect(lambda collapsed: self.refreshKeepSegments())
         self.ui.dicomButton.clicked.connect(lambda: slicer.util.selectModule("DICOM"))
         self.ui.loadFileButton.clicked.connect(lambda: slicer.util.openAddVolumeDialog())
         self.ui.previewButton.clicked.connect(self.onPreview)
@@ -162,14 +165,32 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
             editor.setSegmentationNode(segmentation)
         editor.setSourceVolumeNode(volume)
+        self.refreshKeepSegments()
 
     def onInstructionChanged(self, text: str) -> None:
         self.ui.parsedLabel.text = self.logic.describeInstruction(text)
 
     # -- actions --------------------------------------------------------------------------
+    def refreshKeepSegments(self) -> None:
+        """Offer every segment of the masks as the never-edit region (or none)."""
+        combo, segmentation = self.ui.keepSegmentCombo, self._segmentation()
+        current = combo.currentData
+        combo.clear()
+        combo.addItem(_("(none)"), "")
+        if segmentation is not None:
+            for index in range(segmentation.GetSegmentation().GetNumberOfSegments()):
+                segmentId = segmentation.GetSegmentation().GetNthSegmentID(index)
+                combo.addItem(segmentation.GetSegmentation().GetSegment(segmentId).GetName(), segmentId)
+        combo.setCurrentIndex(max(combo.findData(current), 0))
+
     def onPreview(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Preview failed."), waitCursor=True):
-            self.logic.submit("preview", self._parameterNode, self._segmentation(), self._editSegmentId())
+        self._submit("preview")
+
+    def _submit(self, kind: str) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Preview failed.") if kind == "preview" else _("Edit failed."),
+                                             waitCursor=True):
+            self.logic.submit(kind, self._parameterNode, self._segmentation(), self._editSegmentId(),
+                              self.ui.keepSegmentCombo.currentData or None)
             self._running()
 
     def onApply(self) -> None:
@@ -177,9 +198,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.cancel()
             self.ui.statusLabel.text = _("Cancelling…")
             return
-        with slicer.util.tryWithErrorDisplay(_("Edit failed."), waitCursor=True):
-            self.logic.submit("edit", self._parameterNode, self._segmentation(), self._editSegmentId())
-            self._running()
+        self._submit("edit")
 
     def onTauChanged(self, value: float) -> None:
         if self.logic.hasPreview:
@@ -309,7 +328,8 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
             self.worker.shutdown()
             self.worker = None
 
-    def submit(self, kind: str, parameters, segmentation=None, segmentId: str | None = None) -> None:
+    def submit(self, kind: str, parameters, segmentation=None, segmentId: str | None = None,
+               keepSegmentId: str | None = None) -> None:
         """Write the inputs to a temporary folder and queue the job on the worker."""
         volume = parameters.inputVolume
         pixels = mrml.volume_to_array(volume)  # checks: a volume, one slice
@@ -331,6 +351,11 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
             job["mask"] = str(self.folder / "mask.npy")
             if parameters.maskSource == MASK_SOURCES[1]:
                 job["parameters"]["region_mode"] = "prior"
+        if keepSegmentId:
+            import numpy as np
+
+            np.save(self.folder / "keep.npy", mrml.segment_to_mask(segmentation, keepSegmentId, volume))
+            job["keep_mask"] = str(self.folder / "keep.npy")
         worker = self.ensureWorker(parameters.model, parameters.device)
         self.pending = {"kind": kind, "job": job, "volume": volume}
         if worker.state == WorkerState.READY:
@@ -486,12 +511,10 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
 
 def ensureDependencies() -> None:
     """Install what the worker needs on first use (asks first), torch through PyTorchUtils."""
-    try:
-        import instructx2x  # noqa: F401
-        import diffusers  # noqa: F401
+    import importlib.util
+
+    if all(importlib.util.find_spec(name) for name in ("instructx2x", "diffusers", "torch")):
         return
-    except ImportError:
-        pass
     if not slicer.util.confirmOkCancelDisplay(_("InstructX2X needs PyTorch, diffusers and the "
                                                 "InstructX2X library (about 2 GB). Install now?")):
         raise RuntimeError(_("InstructX2X cannot run without its Python dependencies."))
