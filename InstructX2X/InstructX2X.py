@@ -70,7 +70,10 @@ class InstructX2XParameterNode:
     relevanceTimestep: Annotated[int, Minimum(0), Maximum(999)] = 800
     seed: Annotated[int, Minimum(0)] = 0
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    scheduler: Annotated[str, Choice(["auto", "ddim", "dpm++", "unipc"])] = "auto"
+    precision: Annotated[str, Choice(["auto", "fp32", "bf16", "fp16"])] = "auto"
     model: str = DEFAULT_MODEL
+    pacsTarget: str = ""
 
 
 class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -107,6 +110,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.clicked.connect(self.onApply)
         self.ui.exportButton.clicked.connect(self.onExport)
         self.ui.beforeAfterButton.toggled.connect(self.onBeforeAfter)
+        self.ui.differenceButton.toggled.connect(self.logic.showDifference)
         self.ui.installModelButton.clicked.connect(self.onInstallModel)
         self.ui.tauSlider.valueChanged.connect(self.onTauChanged)
         self.ui.opacitySlider.valueChanged.connect(self.logic.setOverlayOpacity)
@@ -208,7 +212,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onExport(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Export failed."), waitCursor=True):
-            self.ui.statusLabel.text = self.logic.exportToDicom()
+            self.ui.statusLabel.text = self.logic.exportToDicom(self._parameterNode.pacsTarget)
 
     def onBeforeAfter(self, after: bool) -> None:
         self.logic.showBeforeAfter(after)
@@ -217,7 +221,8 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         folder = qt.QFileDialog.getExistingDirectory(None, _("Model folder"))
         if folder:
             with slicer.util.tryWithErrorDisplay(_("The model could not be installed."), waitCursor=True):
-                self._parameterNode.model = self.logic.installModel(folder)
+                self._parameterNode.model, digest = self.logic.installModel(folder)
+                self.ui.statusLabel.text = _("Model installed; weights SHA-256 {digest}").format(digest=digest)
 
     def onTimer(self) -> None:
         for event in self.logic.poll():
@@ -308,19 +313,22 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
     def hasPreview(self) -> bool:
         return self.previewId is not None and not self.busy
 
-    def ensureWorker(self, model: str, device: str) -> WorkerClient:
-        """Start (or reuse) the warm worker for this model and device; install on first use."""
-        if self.worker is not None and self.workerSettings == (model, device) \
+    def ensureWorker(self, parameters) -> WorkerClient:
+        """Start (or reuse) the warm worker for this model, device, sampler and precision;
+        install the dependencies on first use."""
+        settings = (parameters.model, parameters.device, parameters.scheduler, parameters.precision)
+        if self.worker is not None and self.workerSettings == settings \
                 and self.worker.state not in (WorkerState.STOPPED, WorkerState.IDLE):
             return self.worker
         self.stopWorker()
         ensureDependencies()
         python = shutil.which("PythonSlicer") or shutil.which("python3")
-        environment = {"CUDA_VISIBLE_DEVICES": "-1"} if device == "cpu" else {}
-        self.worker = WorkerClient(model, device=device, environment=environment,
-                                   executable=[python, "-m", "instructx2x.cli"])
+        environment = {"CUDA_VISIBLE_DEVICES": "-1"} if parameters.device == "cpu" else {}
+        self.worker = WorkerClient(parameters.model, device=parameters.device, environment=environment,
+                                   executable=[python, "-m", "instructx2x.cli"],
+                                   scheduler=parameters.scheduler, dtype=parameters.precision)
         self.worker.start()
-        self.workerSettings = (model, device)
+        self.workerSettings = settings
         return self.worker
 
     def stopWorker(self) -> None:
@@ -356,7 +364,7 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
 
             np.save(self.folder / "keep.npy", mrml.segment_to_mask(segmentation, keepSegmentId, volume))
             job["keep_mask"] = str(self.folder / "keep.npy")
-        worker = self.ensureWorker(parameters.model, parameters.device)
+        worker = self.ensureWorker(parameters)
         self.pending = {"kind": kind, "job": job, "volume": volume}
         if worker.state == WorkerState.READY:
             self._send()
@@ -444,6 +452,12 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
     def setOverlayOpacity(self, opacity: float) -> None:
         slicer.util.setSliceViewerLayers(foregroundOpacity=opacity)
 
+    def showDifference(self, show: bool) -> None:
+        """The difference (edited - input) as background, or back to the counterfactual."""
+        if "difference" in self.results:
+            slicer.util.setSliceViewerLayers(
+                background=self.results["difference"] if show else self.results.get("counterfactual"))
+
     def showBeforeAfter(self, after: bool) -> None:
         """Counterfactual (after) or input (before) as background, guidance as foreground,
         the edit region as a label outline."""
@@ -456,8 +470,9 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
         for sliceNode in slicer.util.getNodesByClass("vtkMRMLSliceNode"):
             sliceNode.SetUseLabelOutline(True)
 
-    def exportToDicom(self) -> str:
-        """Import the written series (SC + overlay SC + SEG) into Slicer's DICOM database."""
+    def exportToDicom(self, pacsTarget: str = "") -> str:
+        """Import the written series (SC + overlay SC + SEG) into Slicer's DICOM database, and
+        push it to a PACS when a target is given (the only network traffic, on request)."""
         folder = getattr(self, "outputFolder", None)
         if folder is None or not (folder / "counterfactual.dcm").is_file():
             raise ValueError(_("Load the radiograph from DICOM and apply an edit first: the DICOM "
@@ -465,19 +480,36 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
         from DICOMLib import DICOMUtils
 
         DICOMUtils.importDicom(str(folder))
-        return _("Imported into the DICOM database, same study, marked SYNTHETIC: {folder}").format(folder=folder)
+        message = _("Imported into the DICOM database, same study, marked SYNTHETIC.")
+        if pacsTarget.strip():
+            from instructx2x.dicom.pacs import CStoreTarget, push_cstore
 
-    def installModel(self, folder: str) -> str:
-        """Copy a model folder under the user's home after checking it loads (no network)."""
+            target = CStoreTarget.parse(pacsTarget.strip())
+            push_cstore(sorted(folder.glob("*.dcm")), target)
+            message += " " + _("Sent to {aet} at {host}:{port}.").format(
+                aet=target.called_ae_title, host=target.host, port=target.port)
+        return message
+
+    def installModel(self, folder: str) -> tuple[str, str]:
+        """Copy a model folder under the user's home after checking it (no network).
+
+        The folder must load as an InstructX2X model; when it carries ``model.sha256`` (the
+        weights' hash as ``instructx2x info`` prints it), the weights must match it.
+        Returns the installed path and the weights' SHA-256.
+        """
         from instructx2x.loading import load_pipeline
 
         source = Path(folder)
         _pipeline, info = load_pipeline(source)  # refuses what would fail later; hashes the weights
+        expected = source / "model.sha256"
+        if expected.is_file() and expected.read_text().split()[0] != info.sha256:
+            raise ValueError(_("The weights in {name} do not match model.sha256: the copy is damaged "
+                               "or not the released model.").format(name=source.name))
         target = Path.home() / ".instructx2x" / "models" / source.name
         if not target.exists():
             shutil.copytree(source, target)
         logging.info("Installed model %s (sha256 %s)", source.name, info.sha256[:16])
-        return str(target)
+        return str(target), info.sha256
 
     # -- helpers --------------------------------------------------------------------------
     def _writeInput(self, volume, pixels) -> Path:
@@ -520,14 +552,26 @@ def ensureDependencies() -> None:
         raise RuntimeError(_("InstructX2X cannot run without its Python dependencies."))
     import PyTorchUtils
 
-    if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
-        raise RuntimeError(_("PyTorch could not be installed; see the Python console for the log."))
-    resources = Path(__file__).parent / "Resources"
-    requirements = (resources / "requirements.txt").read_text().split("\n")
-    slicer.util.pip_install([r for r in requirements if r and not r.startswith("#")])
-    library = Path(__file__).resolve().parents[1] / "InstructX2XLib"
-    if library.is_dir():
-        slicer.util.pip_install(f"--no-deps {library}")
+    progress = slicer.util.createProgressDialog(labelText=_("Installing PyTorch…"), maximum=0)
+    try:
+        if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
+            raise RuntimeError(_("PyTorch could not be installed; see the Python console for the log."))
+        progress.labelText = _("Installing diffusers, transformers and the InstructX2X library…")
+        slicer.app.processEvents()
+        requirements = Path(__file__).parent / "Resources" / "requirements.txt"
+        if hasattr(slicer, "packaging"):  # Slicer >= 5.11: pinned, torch left to PyTorchUtils
+            slicer.packaging.pip_ensure(slicer.packaging.load_requirements(str(requirements)),
+                                        skip_packages=["torch"])
+        else:
+            slicer.util.pip_install(["-r", str(requirements)])
+        library = Path(__file__).resolve().parents[1] / "InstructX2XLib"
+        if library.is_dir():
+            slicer.util.pip_install(["--no-deps", str(library)])
+    except Exception as error:
+        raise RuntimeError(_("Installing the dependencies failed: {error}. The log is in the Python "
+                             "console (View > Python Console).").format(error=error)) from error
+    finally:
+        progress.close()
 
 
 class InstructX2XTest(ScriptedLoadableModuleTest):

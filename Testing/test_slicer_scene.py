@@ -45,6 +45,7 @@ def test_results_keep_the_source_geometry_and_never_touch_it(mrml):
         assert node.GetSpacing() == source.GetSpacing() and node.GetOrigin() == source.GetOrigin()
     assert np.array_equal(layer.volume_to_array(nodes["counterfactual"]), edited)
     assert np.array_equal(layer.volume_to_array(nodes["mask"]) > 0, mask)
+    assert np.array_equal(layer.volume_to_array(nodes["difference"]), edited - before)
     assert nodes["mask"].IsA("vtkMRMLLabelMapVolumeNode")
     colors = mrml.GetNodeByID(nodes["guidance"].GetDisplayNode().GetColorNodeID())
     assert colors.IsA("vtkMRMLColorTableNode")

@@ -34,13 +34,13 @@ def job(film, output, steps=2):
 
 
 def test_two_jobs_on_one_warm_worker_then_cancel_and_kill(film, tmp_path):
-    client = WorkerClient("untrained-tiny", device="cpu")
+    client = WorkerClient("untrained-tiny", device="cpu", scheduler="dpm++", dtype="fp32")
     client.start()
     assert client.state is WorkerState.STARTING
     with pytest.raises(WorkerError, match="not ready"):
         client.submit("edit", job(film, tmp_path / "early"))
     wait(client, lambda c, e: c.state is WorkerState.READY)
-    assert client.info["model"]["trained"] is False
+    assert client.info["model"]["trained"] is False and client.info["precision"]["dtype"] == "float32"
     try:
         first = client.submit("preview", job(film, tmp_path / "preview"))
         events = wait(client, lambda c, e: c.state is WorkerState.READY)

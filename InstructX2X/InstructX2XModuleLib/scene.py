@@ -159,4 +159,10 @@ def import_result(scene, volume, edited: np.ndarray, guidance: np.ndarray, edit_
     labels.SetColor(0, "background", 0.0, 0.0, 0.0, 0.0)
     labels.SetColor(1, "edit region", 0.0, 1.0, 1.0, 1.0)
     mask_node.GetDisplayNode().SetAndObserveColorNodeID(labels.GetID())
-    return {"counterfactual": counterfactual, "guidance": guidance_node, "mask": mask_node}
+    difference = edited.astype(np.float32) - volume_to_array(volume)
+    difference_node = array_to_volume(scene, difference, f"{name} difference", volume)
+    spread = float(np.abs(difference).max()) or 1.0
+    difference_node.GetDisplayNode().SetAutoWindowLevel(False)
+    difference_node.GetDisplayNode().SetWindowLevelMinMax(-spread, spread)  # 0 = mid-gray
+    return {"counterfactual": counterfactual, "guidance": guidance_node, "mask": mask_node,
+            "difference": difference_node}

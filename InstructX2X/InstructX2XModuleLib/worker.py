@@ -54,12 +54,15 @@ class WorkerClient:
         The command that starts the worker; default: this Python running the library's CLI.
     environment: dict | None
         Extra environment variables (e.g. ``CUDA_VISIBLE_DEVICES=-1`` to force the CPU).
+    scheduler, dtype: str
+        The sampler and precision the model is loaded with (``auto``: the device's defaults).
     """
 
     def __init__(self, model: str, device: str = "auto", executable: list[str] | None = None,
-                 environment: dict | None = None) -> None:
+                 environment: dict | None = None, scheduler: str = "auto", dtype: str = "auto") -> None:
         self.command = [*(executable or [sys.executable, "-m", "instructx2x.cli"]), "serve", "--stdio",
-                        "--model", str(model), "--device", device]
+                        "--model", str(model), "--device", device, "--scheduler", scheduler,
+                        "--dtype", dtype]
         self.environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(environment or {})}
         self.state = WorkerState.IDLE
         self.process: subprocess.Popen | None = None
