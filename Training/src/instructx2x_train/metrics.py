@@ -1,0 +1,160 @@
+"""The numbers of the paper's Tables 1-2 as pure functions (SPEC section 7).
+
+CMIG is the geometric mean of pathology accuracy, race preservation and age preservation;
+KL compares the classifier's predicted-label distributions on generated and real target
+images; FID compares the classifier's pooled features. Every figure can carry a bootstrap
+95 % interval. docs/evaluation.md writes down each definition and what is unverified.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+
+from instructx2x.instructions import Operation, parse_instruction
+
+__all__ = ["PATHOLOGIES", "FINDING_TO_PATHOLOGY", "frechet_distance", "kl_divergence",
+           "label_distribution", "label_kl", "geometric_mean", "pearson", "bootstrap_interval",
+           "expected_labels", "pathology_accuracy", "cmig"]
+
+# The five pathologies the paper scores (torchxrayvision names).
+PATHOLOGIES = ("Atelectasis", "Cardiomegaly", "Edema", "Effusion", "Pneumothorax")
+# Instruction findings (the parser's canonical names) that decide one of them.
+FINDING_TO_PATHOLOGY = {
+    "atelectasis": "Atelectasis",
+    "cardiomegaly": "Cardiomegaly",
+    "enlargement of the cardiac silhouette": "Cardiomegaly",
+    "edema": "Edema",
+    "pleural effusion": "Effusion",
+    "pneumothorax": "Pneumothorax",
+}
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets ``(N, D)``.
+
+    ``|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))``, the square root by
+    ``scipy.linalg.sqrtm``; a numerically complex root with a negligible imaginary part is
+    taken as real, a larger one is an error.
+
+    Raises
+    ------
+    ValueError
+        When the feature sets differ in dimension, have fewer than 2 rows, or the root is
+        not real.
+    """
+    from scipy import linalg
+
+    a, b = np.asarray(features_a, dtype=np.float64), np.asarray(features_b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
+        raise ValueError(f"features must be (N, D) with the same D and N >= 2, got {a.shape} and {b.shape}.")
+    mean_a, mean_b = a.mean(axis=0), b.mean(axis=0)
+    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    if not np.isfinite(root).all():  # singular product: regularise as the reference FID code does
+        offset = np.eye(len(cov_a)) * 1e-6
+        root = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
+    if np.iscomplexobj(root):
+        if np.abs(root.imag).max() > 1e-3 * max(np.abs(root.real).max(), 1.0):
+            raise ValueError("the covariance product has no real square root (too few samples?).")
+        root = root.real
+    return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+
+
+def kl_divergence(p: Sequence[float], q: Sequence[float], epsilon: float = 1e-6) -> float:
+    """KL(p || q) of two discrete distributions (renormalised; ``epsilon`` keeps empty bins finite)."""
+    p = np.asarray(p, dtype=np.float64) + epsilon
+    q = np.asarray(q, dtype=np.float64) + epsilon
+    if p.shape != q.shape:
+        raise ValueError(f"distributions must have the same support, got {p.shape} and {q.shape}.")
+    p, q = p / p.sum(), q / q.sum()
+    return float((p * np.log(p / q)).sum())
+
+
+def label_distribution(positive: np.ndarray) -> np.ndarray:
+    """Frequencies of the joint label patterns of ``(N, K)`` boolean predictions (2^K bins)."""
+    positive = np.asarray(positive, dtype=bool)
+    codes = (positive * (1 << np.arange(positive.shape[1]))).sum(axis=1)
+    return np.bincount(codes, minlength=1 << positive.shape[1]) / len(positive)
+
+
+def label_kl(real_positive: np.ndarray, generated_positive: np.ndarray) -> float:
+    """KL(real || generated) of the predicted-label distributions, x100 as the paper reports."""
+    return 100.0 * kl_divergence(label_distribution(real_positive), label_distribution(generated_positive))
+
+
+def geometric_mean(values: Sequence[float]) -> float:
+    """Geometric mean of non-negative values (0 if any is 0)."""
+    values = np.asarray(values, dtype=np.float64)
+    if (values < 0).any():
+        raise ValueError(f"a geometric mean needs non-negative values, got {values.tolist()}.")
+    if (values == 0).any():
+        return 0.0
+    return float(np.exp(np.log(values).mean()))
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson correlation coefficient (age preservation: predicted ages, edited vs source)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or len(x) < 2:
+        raise ValueError(f"two equally long series of at least 2 values are needed, got {x.shape}, {y.shape}.")
+    dx, dy = x - x.mean(), y - y.mean()
+    denominator = math.sqrt(float((dx ** 2).sum() * (dy ** 2).sum()))
+    if denominator == 0:
+        raise ValueError("a constant series has no correlation.")
+    return float((dx * dy).sum() / denominator)
+
+
+def bootstrap_interval(statistic: Callable[..., float], *samples: np.ndarray, resamples: int = 1000,
+                       level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic(*samples)``, resampling rows jointly.
+
+    The samples are paired (row i of each belongs to test pair i), so one index draw
+    resamples them all; the generator is local and seeded.
+    """
+    count = len(samples[0])
+    if any(len(s) != count for s in samples):
+        raise ValueError("paired samples must have the same length.")
+    generator = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        index = generator.integers(0, count, count)
+        values.append(statistic(*(np.asarray(s)[index] for s in samples)))
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def expected_labels(source: dict[str, bool], instruction: str) -> dict[str, bool]:
+    """The labels the edited image should have: the source's, changed as the instruction says.
+
+    Add X: X present. Remove X: X absent. Change the level of X: X still present. Findings
+    outside the five pathologies change nothing here.
+    """
+    parsed = parse_instruction(instruction)
+    expected = {name: bool(source.get(name, False)) for name in PATHOLOGIES}
+    for finding in parsed.findings:
+        pathology = FINDING_TO_PATHOLOGY.get(finding)
+        if pathology is None:
+            continue
+        if parsed.operation is Operation.REMOVE:
+            expected[pathology] = False
+        elif parsed.operation in (Operation.ADD, Operation.CHANGE_LEVEL):
+            expected[pathology] = True
+    return expected
+
+
+def pathology_accuracy(predicted: np.ndarray, expected: np.ndarray) -> float:
+    """Percentage of (image, pathology) decisions that match the expected labels."""
+    predicted, expected = np.asarray(predicted, dtype=bool), np.asarray(expected, dtype=bool)
+    if predicted.shape != expected.shape:
+        raise ValueError(f"shapes differ: {predicted.shape} vs {expected.shape}.")
+    return float((predicted == expected).mean() * 100)
+
+
+def cmig(pathology: float, race: float, age: float) -> float:
+    """CMIG in percent: the geometric mean of pathology accuracy (%), race agreement (%) and
+    age preservation (Pearson r, as a percentage; a negative r counts as 0)."""
+    return geometric_mean([pathology, race, max(age, 0.0)])
