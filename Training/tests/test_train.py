@@ -332,3 +332,31 @@ def test_training_starts_from_a_released_layout(built, tmp_path, start):
     result = train(smoke(built, tmp_path / "run", "steps=1", *overrides), progress_bar=False)
     assert (result.model / "unet" / "config.json").is_file()
     assert json.loads((result.model / "unet" / "config.json").read_text())["in_channels"] == 8
+
+
+def test_a_fresh_small_model_trains_its_text_encoder_too(built, tmp_path):
+    """From scratch (sizes in the config), with the text encoder trained: its saved weights
+    differ from the initial ones, the UNet's input stays 8 channels."""
+    from safetensors.torch import load_file
+
+    unet = json.dumps({"in_channels": 8, "out_channels": 4, "sample_size": 8,
+                       "block_out_channels": [32, 64], "layers_per_block": 1,
+                       "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+                       "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+                       "cross_attention_dim": 32, "attention_head_dim": 8})
+    vae = json.dumps({"block_out_channels": [16, 32, 32, 32], "norm_num_groups": 16,
+                      "layers_per_block": 1, "latent_channels": 4,
+                      "down_block_types": ["DownEncoderBlock2D"] * 4,
+                      "up_block_types": ["UpDecoderBlock2D"] * 4})
+    text = json.dumps({"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
+                       "num_hidden_layers": 2, "vocab_size": 49408})
+    overrides = ["model.base=fresh", f"model.fresh_unet={unet}", f"model.fresh_vae={vae}",
+                 f"model.fresh_text_encoder={text}", "model.train_text_encoder=true", "steps=2",
+                 "optim.learning_rate=0.01"]
+    result = train(smoke(built, tmp_path / "run", *overrides), progress_bar=False)
+    first = train(smoke(built, tmp_path / "zero", *overrides, "optim.learning_rate=1e-12"),
+                  progress_bar=False)
+    trained = load_file(result.model / "text_encoder" / "model.safetensors")
+    untouched = load_file(first.model / "text_encoder" / "model.safetensors")
+    assert any(not torch.equal(trained[k], untouched[k]) for k in trained)
+    assert json.loads((result.model / "unet" / "config.json").read_text())["in_channels"] == 8

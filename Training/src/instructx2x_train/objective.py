@@ -59,7 +59,7 @@ def encode_pair(vae, past: torch.Tensor, current: torch.Tensor) -> PairLatents:
     def pixels(images: torch.Tensor) -> torch.Tensor:
         return (images.expand(-1, 3, -1, -1) * 2 - 1).to(device, vae.dtype)
 
-    with torch.no_grad() if not any(p.requires_grad for p in vae.parameters()) else torch.enable_grad():
+    with torch.no_grad():  # the VAE is frozen (SPEC 6)
         target = vae.encode(pixels(current)).latent_dist
         condition = vae.encode(pixels(past)).latent_dist.mode()
     return PairLatents(target.mean, target.std, condition)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -95,8 +96,6 @@ def train(config: TrainConfig, resume: str | None = None,
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    import importlib.util
-
     emit = events or (lambda event: None)
     output = Path(config.output)
     accelerator = Accelerator(gradient_accumulation_steps=1,
@@ -127,13 +126,12 @@ def _train(accelerator, config: TrainConfig, resume: str | None, emit, progress_
     pipe = _base_pipeline(config)
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     noise_scheduler = _noise_scheduler(pipe)
-    vae.requires_grad_(config.model.train_vae)
+    vae.requires_grad_(False)  # frozen, as in the paper (SPEC 6)
     text_encoder.requires_grad_(config.model.train_text_encoder)
     unet.train()
     if config.model.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    trained = [unet] + ([text_encoder] if config.model.train_text_encoder else []) \
-        + ([vae] if config.model.train_vae else [])
+    trained = [unet] + ([text_encoder] if config.model.train_text_encoder else [])
     parameters = [p for module in trained for p in module.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.optim.learning_rate,
                                   betas=(config.optim.adam_beta1, config.optim.adam_beta2),
@@ -149,6 +147,8 @@ def _train(accelerator, config: TrainConfig, resume: str | None, emit, progress_
     if checkpoint is not None:
         start = _load_checkpoint(checkpoint, trained, optimizer, lr_scheduler, ema)
     unet, optimizer = accelerator.prepare(unet, optimizer)
+    if config.model.train_text_encoder:  # wrapped too, so that its gradients are synchronised
+        text_encoder = accelerator.prepare(text_encoder)
     vae.to(accelerator.device)
     text_encoder.to(accelerator.device)
     cache = LatentCache(config.data.latent_cache_dir or output / "latent-cache", vae) \
@@ -369,11 +369,9 @@ def _load_checkpoint(checkpoint: Path, trained, optimizer, lr_scheduler, ema) ->
 
 
 def _module_name(module) -> str:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
-    if isinstance(module, UNet2DConditionModel):
-        return "unet"
-    return "vae" if isinstance(module, AutoencoderKL) else "text_encoder"
+    return "unet" if isinstance(module, UNet2DConditionModel) else "text_encoder"
 
 
 def _save(accelerator, config: TrainConfig, step: int, pipe, unet, optimizer, lr_scheduler, ema,

@@ -52,7 +52,6 @@ class ModelConfig:
     fresh_vae: dict = dataclasses.field(default_factory=dict)
     fresh_text_encoder: dict = dataclasses.field(default_factory=dict)
     train_text_encoder: bool = False  # off for the paper; on for small models from scratch
-    train_vae: bool = False
     gradient_checkpointing: bool = False
     name: str = "instructx2x-finetuned"
     intended_use: str = "research; not for clinical use"
@@ -163,9 +162,9 @@ class TrainConfig:
         if not 0 <= self.data.flip_probability <= 1 or self.data.rotation_degrees < 0:
             raise ConfigError("data.flip_probability must lie in [0, 1] and data.rotation_degrees "
                               "be >= 0.")
-        if self.data.latent_cache and (self.data.rotation_degrees or self.model.train_vae):
-            raise ConfigError("data.latent_cache needs data.rotation_degrees 0 and a frozen VAE "
-                              "(rotation happens in pixel space; a trained VAE changes its latents).")
+        if self.data.latent_cache and self.data.rotation_degrees:
+            raise ConfigError("data.latent_cache needs data.rotation_degrees 0 (rotation happens in "
+                              "pixel space, before the VAE).")
         if not 0 < self.ema.decay < 1:
             raise ConfigError(f"ema.decay must lie in (0, 1), got {self.ema.decay}.")
         if not isinstance(self.validation.every, int) or self.validation.every < 0:
