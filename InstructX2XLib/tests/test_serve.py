@@ -115,3 +115,34 @@ def test_job_round_trips_through_json(tmp_path):
     assert EditJob.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     with pytest.raises(ValueError, match="unknown job field"):
         EditJob.from_dict({**spec.to_dict(), "colour": "red"})
+
+
+def test_a_defect_in_one_job_does_not_take_the_warm_worker_down(png, tmp_path, monkeypatch):
+    """In process: a job that hits an unexpected exception answers with an error event and
+    the next job still runs."""
+    import io
+
+    from instructx2x import InstructX2XEditor
+    from instructx2x.serve import serve
+
+    editor = InstructX2XEditor.from_model("untrained-tiny", device="cpu")
+    calls = {"n": 0}
+    real_edit = editor.edit
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return real_edit(*args, **kwargs)
+
+    monkeypatch.setattr(editor, "edit", flaky)
+    requests = "\n".join(json.dumps(r) for r in [
+        {"type": "edit", "id": "1", "job": job(png, tmp_path / "one")},
+        {"type": "edit", "id": "2", "job": job(png, tmp_path / "two")}, {"type": "shutdown"}]) + "\n"
+    out = io.StringIO()
+    assert serve(editor, io.StringIO(requests), out) == 0
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    first = [e for e in events if e.get("id") == "1"][-1]
+    assert first["event"] == "error" and "internal error" in first["message"] and "boom" in first["message"]
+    assert [e for e in events if e.get("id") == "2"][-1]["event"] == "done"
+    assert not (tmp_path / "one").exists() and (tmp_path / "two").is_dir()

@@ -31,7 +31,7 @@ import threading
 from pathlib import Path
 from typing import Any, TextIO
 
-from .errors import EditCancelled, InstructX2XError, ParameterError
+from .errors import EditCancelled, InstructX2XError, ParameterError, ResourceError
 from .jobs import EditJob, edit_images, prepare, write_results
 from .provenance import to_json
 
@@ -108,6 +108,14 @@ class Worker:
             except InstructX2XError as error:
                 self.emit({"id": request_id, "event": "error", "message": str(error),
                            "kind": type(error).__name__, "exit_code": error.exit_code})
+            except MemoryError:
+                self.emit({"id": request_id, "event": "error", "kind": "ResourceError",
+                           "exit_code": ResourceError.exit_code,
+                           "message": "out of memory: use a smaller resolution or another device."})
+            except Exception as error:  # noqa: BLE001 - a defect must not take the warm worker down
+                self.emit({"id": request_id, "event": "error", "kind": type(error).__name__, "exit_code": 1,
+                           "message": f"internal error, please report it ({type(error).__name__}: "
+                                      f"{str(error).splitlines()[0] if str(error) else ''})"})
             finally:
                 self.running = None
                 self.editor.pipeline._interrupt = False
@@ -158,10 +166,19 @@ class Worker:
 def serve(editor, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
     """Serve jobs until ``shutdown``, end of input or SIGTERM; returns the exit code."""
     worker = Worker(editor, stdout)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    worker.emit({"event": "ready", "protocol": PROTOCOL_VERSION, "model": editor.model_info.to_dict(),
-                 "precision": editor.precision, "native_resolution": editor.native_resolution})
-    threading.Thread(target=worker.read, args=(stdin,), daemon=True).start()
-    worker.loop()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    try:
+        worker.emit({"event": "ready", "protocol": PROTOCOL_VERSION, "model": editor.model_info.to_dict(),
+                     "precision": editor.precision, "native_resolution": editor.native_resolution})
+        threading.Thread(target=worker.read, args=(stdin,), daemon=True).start()
+        worker.loop()
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGTERM ends the worker like Ctrl-C: the running job stops, nothing is left behind."""
+    raise KeyboardInterrupt
