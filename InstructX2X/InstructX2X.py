@@ -339,31 +339,25 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
     def submit(self, kind: str, parameters, segmentation=None, segmentId: str | None = None,
                keepSegmentId: str | None = None) -> None:
         """Write the inputs to a temporary folder and queue the job on the worker."""
-        volume = parameters.inputVolume
-        pixels = mrml.volume_to_array(volume)  # checks: a volume, one slice
         from instructx2x.instructions import parse_instruction
 
+        volume = parameters.inputVolume
+        mrml.volume_to_array(volume)  # a volume with one slice, or a clear message
         parse_instruction(parameters.instruction)  # empty or unreadable: a clear error now
-        self.folder = Path(tempfile.mkdtemp(prefix="instructx2x-"))
-        source = self._writeInput(volume, pixels)
-        job = {"input": str(source), "output": str(self.folder / kind),
-               "parameters": self._editParameters(parameters)}
-        usesSegment = parameters.maskSource != MASK_SOURCES[0]
-        if usesSegment:
+        editParameters = self._editParameters(parameters)
+        editMask = keepMask = None
+        if parameters.maskSource != MASK_SOURCES[0]:
             if segmentId is None:
                 raise ValueError(_("Paint the region to edit in the Segment Editor, or choose the anatomical prior."))
-            mask = mrml.segment_to_mask(segmentation, segmentId, volume)
-            import numpy as np
-
-            np.save(self.folder / "mask.npy", mask)
-            job["mask"] = str(self.folder / "mask.npy")
+            editMask = mrml.segment_to_mask(segmentation, segmentId, volume)
             if parameters.maskSource == MASK_SOURCES[1]:
-                job["parameters"]["region_mode"] = "prior"
+                editParameters["region_mode"] = "prior"
         if keepSegmentId:
-            import numpy as np
-
-            np.save(self.folder / "keep.npy", mrml.segment_to_mask(segmentation, keepSegmentId, volume))
-            job["keep_mask"] = str(self.folder / "keep.npy")
+            keepMask = mrml.segment_to_mask(segmentation, keepSegmentId, volume)
+        self.folder = Path(tempfile.mkdtemp(prefix="instructx2x-"))
+        database = slicer.dicomDatabase
+        job = mrml.build_job(volume, kind, editParameters, self.folder, editMask, keepMask,
+                             dicom_file_for=database.fileForInstance if database is not None else None)
         worker = self.ensureWorker(parameters)
         self.pending = {"kind": kind, "job": job, "volume": volume}
         if worker.state == WorkerState.READY:
@@ -512,22 +506,6 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
         return str(target), info.sha256
 
     # -- helpers --------------------------------------------------------------------------
-    def _writeInput(self, volume, pixels) -> Path:
-        """The DICOM file the volume was loaded from, else the pixels as a 16-bit PNG."""
-        uids = volume.GetAttribute("DICOM.instanceUIDs")
-        if uids and slicer.dicomDatabase is not None:
-            path = slicer.dicomDatabase.fileForInstance(uids.split()[0])
-            if path and os.path.isfile(path):
-                return Path(path)
-        import numpy as np
-        from PIL import Image
-
-        low, high = float(pixels.min()), float(pixels.max())
-        scaled = (pixels - low) / ((high - low) or 1.0) * 65535
-        target = self.folder / "input.png"
-        Image.fromarray(scaled.round().astype(np.uint16)).save(target)
-        return target
-
     @staticmethod
     def _editParameters(parameters) -> dict:
         values = {"instruction": parameters.instruction, "tau": parameters.tau,

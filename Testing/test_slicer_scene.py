@@ -92,3 +92,35 @@ def test_bad_scene_input_gets_a_clear_message(mrml, case, message):
         else:
             segmentation = mrml.AddNewNodeByClass("vtkMRMLSegmentationNode")
             layer.segment_to_mask(segmentation, "nope", source)
+
+
+def test_the_job_built_from_the_scene_is_one_the_worker_accepts(mrml, tmp_path):
+    """A PNG-built radiograph with a painted edit mask and a keep mask: the job validates and
+    prepares in the library (everything the worker checks before loading a model)."""
+    from instructx2x.jobs import EditJob, prepare
+
+    source = layer.array_to_volume(mrml, film(), "chest")
+    edit = np.zeros((40, 30), bool)
+    edit[5:20, 3:12] = True
+    keep = np.zeros((40, 30), bool)
+    keep[30:, :] = True
+    job = layer.build_job(source, "edit", {"instruction": "Add the finding of left pleural effusion",
+                                           "region_mode": "prior", "tau": 0.2}, tmp_path, edit, keep)
+    prepared = prepare(EditJob.from_dict({**job, "command": "edit"}))
+    assert prepared.images[0].pixels.shape == (40, 30)
+    assert np.array_equal(prepared.mask, edit) and np.array_equal(prepared.keep_mask, keep)
+    # intensities keep their order through the 16-bit PNG
+    order = np.argsort(layer.volume_to_array(source).ravel(), kind="stable")
+    assert np.all(np.diff(prepared.images[0].pixels.ravel()[order]) >= 0)
+    with pytest.raises(layer.SceneError, match="the mask is 10x10 but the radiograph is 40x30"):
+        layer.build_job(source, "edit", {"instruction": "Add edema"}, tmp_path / "bad", np.ones((10, 10), bool))
+
+
+def test_a_volume_loaded_from_dicom_sends_its_file(mrml, tmp_path):
+    source = layer.array_to_volume(mrml, film(), "chest")
+    original = tmp_path / "source.dcm"
+    original.write_bytes(b"dicom")
+    source.SetAttribute("DICOM.instanceUIDs", "1.2.3.4")
+    job = layer.build_job(source, "edit", {"instruction": "Add edema"}, tmp_path / "job",
+                          dicom_file_for={"1.2.3.4": str(original)}.get)
+    assert job["input"] == str(original) and not (tmp_path / "job" / "input.png").exists()

@@ -8,13 +8,16 @@ single-slice scalar volume; numpy arrays here are ``(rows, columns)``, the volum
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable
+
 import numpy as np
 import slicer
 import vtk
 from vtk.util import numpy_support
 
 __all__ = ["SceneError", "prepare_scene", "volume_to_array", "array_to_volume", "segment_to_mask",
-           "import_result", "PA_DIRECTIONS"]
+           "import_result", "build_job", "PA_DIRECTIONS"]
 
 # A PA film read from PNG has no geometry: show it as Slicer shows a DICOM CR (IJK-to-RAS
 # directions diag(-1, -1, 1), patient's left on the image's right).
@@ -166,3 +169,44 @@ def import_result(scene, volume, edited: np.ndarray, guidance: np.ndarray, edit_
     difference_node.GetDisplayNode().SetWindowLevelMinMax(-spread, spread)  # 0 = mid-gray
     return {"counterfactual": counterfactual, "guidance": guidance_node, "mask": mask_node,
             "difference": difference_node}
+
+
+def build_job(volume, kind: str, parameters: dict, folder: Path, edit_mask: np.ndarray | None = None,
+              keep_mask: np.ndarray | None = None,
+              dicom_file_for: Callable[[str], str | None] | None = None) -> dict:
+    """The worker's job (``instructx2x.jobs.EditJob.to_dict`` form) for a radiograph volume.
+
+    The input is the DICOM file the volume was loaded from (found through
+    ``dicom_file_for(SOPInstanceUID)``, e.g. Slicer's DICOM database), so the result is
+    exported into the same study; otherwise its pixels are written as a 16-bit PNG. Masks are
+    written as ``.npy`` on the volume's grid.
+
+    Raises
+    ------
+    SceneError
+        When the volume is not a single-slice radiograph or a mask does not match its grid.
+    """
+    from PIL import Image
+
+    pixels = volume_to_array(volume)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    source = None
+    uids = volume.GetAttribute("DICOM.instanceUIDs")
+    if uids and dicom_file_for is not None:
+        source = dicom_file_for(uids.split()[0])
+    if not source or not Path(source).is_file():
+        low, high = float(pixels.min()), float(pixels.max())
+        scaled = (pixels - low) / ((high - low) or 1.0) * 65535
+        source = folder / "input.png"
+        Image.fromarray(scaled.round().astype(np.uint16)).save(source)
+    job = {"input": str(source), "output": str(folder / kind), "parameters": dict(parameters)}
+    for key, mask in (("mask", edit_mask), ("keep_mask", keep_mask)):
+        if mask is None:
+            continue
+        if mask.shape != pixels.shape:
+            raise SceneError(f"the {key.replace('_', ' ')} is {mask.shape[0]}x{mask.shape[1]} but the "
+                             f"radiograph is {pixels.shape[0]}x{pixels.shape[1]}.")
+        np.save(folder / f"{key}.npy", mask.astype(bool))
+        job[key] = str(folder / f"{key}.npy")
+    return job
