@@ -239,3 +239,16 @@ def test_edit_batch_equals_single_edits_at_each_native_size(editor, radiograph):
         assert result.manifest["parameters"]["seed"] == element.seed
     with pytest.raises(ValueError, match="shares every setting except instruction and seed"):
         editor.edit_batch([radiograph, wide], [params(), params(tau=0.3)])
+
+
+def test_the_model_grid_output_comes_with_the_edit(editor, radiograph):
+    result = editor.edit(radiograph, params(resolution=64))
+    assert result.model_grid_output.shape == (64, 64)
+    import torch
+
+    from instructx2x.guidance import resize_map
+
+    upsampled = result.model_output  # the same image, resized to the input's grid
+    expected = resize_map(torch.from_numpy(result.model_grid_output)[None, None], (90, 70))[0, 0].numpy()
+    assert np.allclose(upsampled, np.clip(expected, 0, 1), atol=1e-6)
+    assert editor.preview(radiograph, params()).model_grid_output is None

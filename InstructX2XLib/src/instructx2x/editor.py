@@ -64,6 +64,13 @@ class EditResult:
         float32 ``(rows, columns)``: the model's reconstruction of the unedited input,
         upsampled alike; ``model_output - reconstruction`` is the model's change, which
         ``composite="change"`` adds to the native input (None for replace and previews).
+    model_guidance: numpy.ndarray | None
+        float32: the guidance map on the model's grid (what ``mask_at`` thresholds).
+    canvas: tuple[int, int, int, int] | None
+        The model-grid frame on the input's grid: rows, columns, top, left (padding offsets).
+    model_grid_output: numpy.ndarray | None
+        float32: the edited image on the model's own grid (e.g. 512x512, padded in pad mode),
+        before any upsampling; what an evaluation classifier at a fixed size should see.
     """
 
     edited: np.ndarray | None
@@ -76,6 +83,7 @@ class EditResult:
     reconstruction: np.ndarray | None = None
     model_guidance: np.ndarray | None = None
     canvas: tuple[int, int, int, int] | None = None
+    model_grid_output: np.ndarray | None = None
 
     def mask_at(self, tau: float, keep_mask: np.ndarray | None = None) -> np.ndarray:
         """The edit mask this result would have at another ``tau``, with no model call.
@@ -363,7 +371,8 @@ class InstructX2XEditor:
             relevance_map=back(output.relevance_maps), prior_mask=back(output.prior_masks),
             manifest=manifest, model_output=model_output, reconstruction=reconstruction,
             model_guidance=output.guidance_maps[index, 0].float().cpu().numpy(),
-            canvas=(*grid, crop[2].start, crop[3].start))
+            canvas=(*grid, crop[2].start, crop[3].start),
+            model_grid_output=None if output.images is None else output.images[index, 0].float().cpu().numpy())
 
     @property
     def prior_set(self) -> PriorSet:
