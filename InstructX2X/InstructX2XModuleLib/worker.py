@@ -68,6 +68,7 @@ class WorkerClient:
         self.process: subprocess.Popen | None = None
         self.events: queue.Queue = queue.Queue()
         self.current: str | None = None
+        self.current_output: str | None = None
         self.info: dict = {}
         self.last_error: str | None = None
         self._ids = itertools.count(1)
@@ -92,6 +93,7 @@ class WorkerClient:
         request_id = str(next(self._ids))
         self._send({"type": kind, "id": request_id, **({"job": job} if job is not None else {}), **fields})
         self.current = request_id
+        self.current_output = (job or {}).get("output") or fields.get("output")
         self.state = WorkerState.RUNNING
         return request_id
 
@@ -128,6 +130,10 @@ class WorkerClient:
             pass
         self.process.wait(timeout=30)
         self.state = WorkerState.STOPPED
+        if self.current_output:  # a kill during the second of writing leaves a staging folder
+            from instructx2x.outputs import remove_stale_staging
+
+            remove_stale_staging(Path(self.current_output))
 
     # -- events --------------------------------------------------------------------------
     def poll(self) -> list[dict]:
@@ -171,10 +177,3 @@ class WorkerClient:
         returncode = self.process.wait()
         stderr = self.process.stderr.read() if self.process.stderr else ""
         self.events.put({"event": "exit", "returncode": returncode, "stderr": stderr})
-
-    @staticmethod
-    def staging_cleanup(output: Path) -> None:
-        """After a kill, remove the staging folder a dead worker may have left for ``output``."""
-        from instructx2x.outputs import remove_stale_staging
-
-        remove_stale_staging(output)

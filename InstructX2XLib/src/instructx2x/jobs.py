@@ -20,9 +20,8 @@ from .errors import (InputError, InputNotFoundError, InstructX2XError, OutputExi
 from .parameters import EditParameters, check_masks
 
 __all__ = ["EditJob", "PreparedJob", "prepare", "run_job", "edit_images", "write_results", "write_into",
-           "read_jobs_file", "prepare_jobs", "run_jobs_file", "JOB_SCHEMA_VERSION", "COMMANDS"]
+           "read_jobs_file", "prepare_jobs", "run_jobs_file", "COMMANDS"]
 
-JOB_SCHEMA_VERSION = 1
 COMMANDS = ("edit", "preview")
 Events = Callable[[dict], None]
 
