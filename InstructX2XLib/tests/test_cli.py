@@ -428,3 +428,10 @@ def test_signed_dicom_is_refused_before_the_model(tmp_path, capsys):
     assert "signed.dcm: signed stored values cannot be written" in capsys.readouterr().err
     # a preview writes PNGs, not DICOM: it may go ahead
     assert main(["preview", *args(path, tmp_path / "preview")[1:]]) == 0
+
+
+def test_the_clis_sampler_choices_are_the_schedulers_that_exist():
+    from instructx2x.parameters import SCHEDULER_NAMES
+    from instructx2x.schedulers import SCHEDULERS
+
+    assert tuple(SCHEDULERS) == SCHEDULER_NAMES

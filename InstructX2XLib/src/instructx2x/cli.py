@@ -21,7 +21,7 @@ from pathlib import Path
 from . import __version__
 from .errors import EditCancelled, InstructX2XError, OutputExistsError, ParameterError, ResourceError
 from .jobs import EditJob, prepare, prepare_jobs, read_jobs_file, run_job, run_jobs_file
-from .parameters import ASPECT_MODES, COMPOSITE_MODES, EditParameters, RegionMode
+from .parameters import ASPECT_MODES, COMPOSITE_MODES, SCHEDULER_NAMES, EditParameters, RegionMode
 from .provenance import to_json
 
 __all__ = ["main", "build_parser"]
@@ -36,7 +36,6 @@ class InternalError(InstructX2XError):
     """A defect in this software (not the user's input): reported, never a bare traceback."""
 
     exit_code = EXIT_INTERNAL
-SCHEDULER_NAMES = ("ddim", "dpm++", "unipc", "euler", "euler-a", "pndm", "ddpm")  # schedulers.SCHEDULERS
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 
 import torch
@@ -49,6 +50,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     return resolved
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
     """True when this CPU computes bf16 in hardware (AVX-512 BF16 or AMX), from its flags.
 

@@ -137,8 +137,8 @@ def prepare(job: EditJob) -> PreparedJob:
     if (job.mask or job.keep_mask) and len(paths) > 1:
         raise ParameterError("a mask and a keep mask apply to one image; the input is a folder.")
     images = []
-    for path in paths:
-        if is_dicom_file(path):
+    for path, dicom in paths:
+        if dicom:
             image = read_dicom(path, voi=job.voi, allow_non_chest=job.allow_non_chest)
             if job.command == "edit":
                 check_exportable(image.metadata["dataset"], image.source)
@@ -402,16 +402,17 @@ def _batches(prepared: list[PreparedJob], size: int):
         yield group
 
 
-def _input_files(path: Path, is_dicom_file) -> list[Path]:
-    """The file itself, or the DICOM files directly in a folder (sorted by name)."""
+def _input_files(path: Path, is_dicom_file) -> list[tuple[Path, bool]]:
+    """(file, is it DICOM) for the file itself, or for the DICOM files directly in a folder
+    (sorted by name); each file's head is read once."""
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and is_dicom_file(p))
+        files = [(p, True) for p in sorted(path.iterdir()) if p.is_file() and is_dicom_file(p)]
         if not files:
             raise InputError(f"no DICOM files in folder {path.name}.")
         return files
     if not path.is_file():
         raise InputNotFoundError(f"input image not found: {path.name}")
-    return [path]
+    return [(path, is_dicom_file(path))]
 
 
 class _Eta:

@@ -16,7 +16,8 @@ import numpy as np
 from .errors import EmptyEditRegionError, ParameterError
 from .instructions import parse_instruction
 
-__all__ = ["RegionMode", "EditParameters", "ASPECT_MODES", "COMPOSITE_MODES", "MAX_RESOLUTION",
+__all__ = ["RegionMode", "EditParameters", "ASPECT_MODES", "COMPOSITE_MODES", "SCHEDULER_NAMES",
+           "MAX_RESOLUTION",
            "check_sampling", "check_masks"]
 
 # squash: resize to the square grid as the authors trained; pad: keep the aspect ratio by
@@ -25,6 +26,9 @@ ASPECT_MODES = ("squash", "pad")
 # change: the input at native resolution plus the model's change (edited - reconstructed input)
 # inside the mask, so native detail survives; replace: the model's upsampled output inside it.
 COMPOSITE_MODES = ("change", "replace")
+# The samplers a user may name (``schedulers.SCHEDULERS`` builds them; kept here so that the
+# CLI's choices need no diffusers import; a test keeps the two equal).
+SCHEDULER_NAMES = ("ddim", "dpm++", "unipc", "euler", "euler-a", "pndm", "ddpm")
 # 2048 px is four times the authors' grid; an SD-1.5 UNet there needs ~40 GB of activations.
 MAX_RESOLUTION = 2048
 MAX_GUIDANCE_SCALE = 100.0
