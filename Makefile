@@ -5,11 +5,16 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-INSTRUCTION ?= Add the finding of left pleural effusion
-MODEL ?= untrained-tiny
-SAMPLE ?= Resources/Samples/chest_pa.png
+PHANTOM_INSTRUCTION := Add the finding of moderate left pleural effusion
+INSTRUCTION ?= $(PHANTOM_INSTRUCTION)
+MODEL ?= demo
+SAMPLE ?= Resources/Samples/phantom_pa.dcm
+PHANTOM_TRUTH := Resources/Samples/phantom_pa_truth_moderate_left_effusion.png
+# the true lesion is outlined on the figure when the sample and instruction are the phantom's own
+REFERENCE ?= $(if $(filter Resources/Samples/phantom_pa.dcm,$(SAMPLE)),$(if $(subst $(PHANTOM_INSTRUCTION),,$(INSTRUCTION)),,$(PHANTOM_TRUTH)))
+DEMO_WORK ?= out/demo-model
 
-.PHONY: install demo test benchmark clean
+.PHONY: install demo demo-model test benchmark clean
 
 $(STAMP): constraints.txt InstructX2XLib/pyproject.toml Training/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +28,22 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/instructx2x edit $(SAMPLE) --model $(MODEL) -i "$(INSTRUCTION)" \
-		-o out/demo-$$(date +%Y%m%d-%H%M%S)
+		$(if $(REFERENCE),--reference-mask $(REFERENCE)) -o out/demo-$$(date +%Y%m%d-%H%M%S)
+
+# Rebuild the bundled demo model from nothing (about an hour on 2 CPU cores; docs/demo-model.md):
+# pure pairs -> autoencoder + UNet + text encoder -> acceptance on held-out pairs -> bundle.
+demo-model: $(STAMP)
+	@test ! -e $(DEMO_WORK) || { echo "$(DEMO_WORK) exists: remove it or set DEMO_WORK=..."; exit 2; }
+	mkdir -p $(DEMO_WORK)
+	$(BIN)/python Training/scripts/timed.py $(DEMO_WORK)/timing.json pairs -- \
+		$(BIN)/instructx2x-train pure-pairs $(DEMO_WORK)/pairs --pairs 6000 --resolution 128 \
+		--seed 0 --validation-fraction 0.005 --workers 2
+	$(BIN)/python Training/scripts/timed.py $(DEMO_WORK)/timing.json training -- \
+		$(BIN)/instructx2x-train train --config Training/configs/demo.yaml \
+		--set data.dataset=$(DEMO_WORK)/pairs --set output=$(DEMO_WORK)/run
+	$(BIN)/python Training/scripts/timed.py $(DEMO_WORK)/timing.json acceptance -- \
+		$(BIN)/instructx2x-train evaluate-demo $(DEMO_WORK)/acceptance --model $(DEMO_WORK)/run/model
+	$(BIN)/python Training/scripts/bundle_demo_model.py $(DEMO_WORK)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q InstructX2XLib/tests Training/tests Testing

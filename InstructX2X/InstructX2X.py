@@ -30,9 +30,9 @@ from InstructX2XModuleLib.worker import WorkerClient, WorkerState
 
 MASK_SOURCES = ("anatomical prior", "painted segment", "painted segment and prior")
 PRESETS = ("fast (device default)", "paper (DDIM 100 steps)")
-# The random-weight test model until the bundled demo model lands (issue 10); the panel and
-# the manifest then say UNTRAINED.
-DEFAULT_MODEL = "untrained-tiny"
+# The bundled demonstration model (trained on synthetic phantoms; its card says so in every
+# manifest). Users point the panel at their own InstructX2X weights in Advanced.
+DEFAULT_MODEL = "demo"
 TIMER_INTERVAL_MS = 200
 
 

@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("--model", default=os.environ.get(MODEL_ENV), help=(
-        f"diffusers directory, .ckpt/.safetensors file, or 'untrained-tiny' (default: ${MODEL_ENV})"))
+        "diffusers directory, .ckpt/.safetensors file, 'demo' (the bundled model trained on "
+        f"synthetic phantoms) or 'untrained-tiny' (default: ${MODEL_ENV}, else demo)"))
     model.add_argument("--model-config", type=Path, help=(
         "for a single-file checkpoint: directory with unet/, vae/, text_encoder/ config.json "
         "(default: the shipped Stable Diffusion 1.x InstructPix2Pix configs)"))
@@ -91,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="do not narrow lung priors to the side the instruction names")
     job.add_argument("--mask", type=Path, help="edit mask, PNG or .npy (replaces the prior)")
     job.add_argument("--keep-mask", type=Path, help="mask of what must never change, PNG or .npy")
+    job.add_argument("--reference-mask", type=Path, help="a known lesion (e.g. a phantom's ground "
+                     "truth), outlined on figure.png; PNG or .npy")
     job.add_argument("--aspect", default="squash", choices=list(ASPECT_MODES),
                      help="squash to the square model grid (as trained) or pad to a square")
     job.add_argument("--composite", default="change", choices=list(COMPOSITE_MODES),
@@ -153,8 +156,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace, emit) -> int:
     if args.model is None:
-        raise ParameterError(f"no model given: pass --model DIR|FILE (or set ${MODEL_ENV}); "
-                           "'--model untrained-tiny' runs a random-weight test model.")
+        from .loading import DEMO_MODEL_NAME
+
+        args.model = DEMO_MODEL_NAME
+        print(f"no --model given: using the bundled demo model (trained on synthetic phantoms, "
+              f"not for clinical use); pass --model DIR or set ${MODEL_ENV} for your own.", file=sys.stderr)
     prepared = jobs = None
     if args.command in ("edit", "preview") and args.jobs is not None:
         if args.input is not None or args.instruction is not None:
@@ -218,7 +224,8 @@ def _job(args: argparse.Namespace, source: Path, instruction: str) -> EditJob:
                    parameters=parameters, mask=args.mask, keep_mask=args.keep_mask,
                    voi=int(args.voi) if args.voi.isdigit() else args.voi,
                    allow_non_chest=args.allow_non_chest, feather_px=args.feather,
-                   push_cstore=args.push_cstore, push_stow=args.push_stow)
+                   push_cstore=args.push_cstore, push_stow=args.push_stow,
+                   reference_mask=getattr(args, "reference_mask", None))
 
 
 def _fail(emit, error: Exception, code: int) -> int:

@@ -50,6 +50,8 @@ class EditJob:
         Blend band inside the mask at native resolution.
     push_cstore, push_stow: str | None
         PACS targets (``HOST:PORT:AET``, an http(s) URL); the only network traffic.
+    reference_mask: pathlib.Path | None
+        A known lesion (e.g. a phantom's ground truth), outlined on ``figure.png``.
     """
 
     command: str
@@ -63,6 +65,7 @@ class EditJob:
     feather_px: int = 0
     push_cstore: str | None = None
     push_stow: str | None = None
+    reference_mask: Path | None = None
 
     def __post_init__(self) -> None:
         if self.command not in COMMANDS:
@@ -88,7 +91,7 @@ class EditJob:
             values["parameters"] = EditParameters(**values.get("parameters", {}))
         except TypeError as error:
             raise ParameterError(f"job parameters: {error}.") from None
-        for key in ("input", "output", "mask", "keep_mask"):
+        for key in ("input", "output", "mask", "keep_mask", "reference_mask"):
             if values.get(key) is not None:
                 values[key] = Path(values[key])
         try:
@@ -99,7 +102,7 @@ class EditJob:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, the inverse of ``from_dict``."""
         data = dataclasses.asdict(self)
-        for key in ("input", "output", "mask", "keep_mask"):
+        for key in ("input", "output", "mask", "keep_mask", "reference_mask"):
             if data[key] is not None:
                 data[key] = str(data[key])
         return data
@@ -114,6 +117,7 @@ class PreparedJob:
     mask: Any
     keep_mask: Any
     cstore_target: Any
+    reference_mask: Any = None
 
 
 def prepare(job: EditJob) -> PreparedJob:
@@ -134,8 +138,8 @@ def prepare(job: EditJob) -> PreparedJob:
         raise OutputExistsError(f"output folder {job.output.name} already exists; choose a new one.")
     target = None if job.push_cstore is None else CStoreTarget.parse(job.push_cstore)
     paths = _input_files(job.input, is_dicom_file)
-    if (job.mask or job.keep_mask) and len(paths) > 1:
-        raise ParameterError("a mask and a keep mask apply to one image; the input is a folder.")
+    if (job.mask or job.keep_mask or job.reference_mask) and len(paths) > 1:
+        raise ParameterError("masks apply to one image; the input is a folder.")
     images = []
     for path, dicom in paths:
         if dicom:
@@ -152,7 +156,8 @@ def prepare(job: EditJob) -> PreparedJob:
     keep = None if job.keep_mask is None else read_mask(job.keep_mask, shape)
     for image in images:
         check_masks(image.pixels.shape, job.parameters, mask, keep)
-    return PreparedJob(job, images, mask, keep, target)
+    reference = None if job.reference_mask is None else read_mask(job.reference_mask, shape)
+    return PreparedJob(job, images, mask, keep, target, reference)
 
 
 def run_job(prepared: PreparedJob, editor, emit: Events, progress_bar: bool = False,
@@ -255,16 +260,18 @@ def write_results(prepared: PreparedJob, results: list, emit: Events, float_maps
 def write_into(folder: Path, prepared: PreparedJob, results: list, float_maps: bool = False) -> list[str]:
     """Write a job's results into an existing (staging) folder; returns the relative names."""
     from .dicom.export import write_dicom_edit
-    from .outputs import write_float_maps, write_png_result
+    from .outputs import write_figure, write_float_maps, write_png_result
 
     written = []
     for index, (image, result) in enumerate(zip(prepared.images, results)):
         target = folder if len(prepared.images) == 1 else folder / f"image-{index + 1:03d}"
         target.mkdir(exist_ok=True)
+        names = []
         if image.format == "dicom" and result.edited is not None:
-            names = write_dicom_edit(target, image, result, feather_px=prepared.job.feather_px)
-        else:
-            names = [p.name for p in write_png_result(target, image, result)]
+            names += write_dicom_edit(target, image, result, feather_px=prepared.job.feather_px)
+        names += [p.name for p in write_png_result(target, image, result)]
+        if result.edited is not None:
+            names += [write_figure(target, image, result, prepared.reference_mask).name]
         if float_maps:
             names += [p.name for p in write_float_maps(target, image, result)]
         written += [str((target / n).relative_to(folder)) for n in names]

@@ -33,7 +33,7 @@ from .schedulers import make_scheduler
 from .untrained import UNTRAINED_MODEL_NAME, build_untrained_pipeline, load_clip_tokenizer
 
 __all__ = ["ModelInfo", "ModelLoadError", "load_pipeline", "save_model", "hash_modules",
-           "hash_files", "MODEL_CARD_NAME"]
+           "hash_files", "MODEL_CARD_NAME", "DEMO_MODEL_NAME", "demo_model_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 class ModelNotFoundError(ModelLoadError, FileNotFoundError):
     """The model path does not exist (and is not a hub id the user allowed)."""
 
+DEMO_MODEL_NAME = "demo"  # the bundled model trained on synthetic phantoms (Training/configs/demo.yaml)
 SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 COMPONENTS = ("unet", "vae", "text_encoder")
@@ -57,7 +58,7 @@ class ModelInfo:
     name: str
         Directory or file name, or ``untrained-tiny``.
     source: str
-        ``directory``, ``single_file``, ``hub`` or ``untrained``.
+        ``directory``, ``single_file``, ``hub``, ``bundled`` (the demo model) or ``untrained``.
     sha256: str
         Hash of the weight files (or of the tensors for models built in memory).
     trained: bool | None
@@ -143,6 +144,10 @@ def load_pipeline(model: str | Path, *, allow_hub: bool = False, scheduler: str 
                          {"name": UNTRAINED_MODEL_NAME, "trained": False,
                           "intended_use": "software tests only"})
         return pipe, info
+    if str(model) == DEMO_MODEL_NAME:
+        pipe, info = _load_directory(demo_model_path(), scheduler)
+        _check_components(pipe, DEMO_MODEL_NAME)
+        return pipe, dataclasses.replace(info, name=DEMO_MODEL_NAME, source="bundled")
     path = Path(model).expanduser()
     if path.is_dir():
         pipe, info = _load_directory(path, scheduler)
@@ -155,6 +160,21 @@ def load_pipeline(model: str | Path, *, allow_hub: bool = False, scheduler: str 
         raise ModelNotFoundError(f"model not found: {Path(str(model)).name}{hint}.")
     _check_components(pipe, info.name)
     return pipe, info
+
+
+def demo_model_path() -> Path:
+    """The bundled demo model's folder (installed with the package).
+
+    Raises
+    ------
+    ModelNotFoundError
+        When this installation lacks it.
+    """
+    path = Path(str(resources.files("instructx2x") / "resources" / "demo_model"))
+    if not (path / "unet").is_dir():
+        raise ModelNotFoundError("the bundled demo model is missing from this installation; "
+                                 "reinstall instructx2x or pass --model DIR.")
+    return path
 
 
 def save_model(pipe: InstructX2XPipeline, directory: str | Path, card: dict) -> Path:

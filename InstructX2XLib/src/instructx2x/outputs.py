@@ -19,12 +19,14 @@ from PIL import Image
 from .editor import EditResult
 from .errors import InstructX2XError, OutputExistsError, ResourceError
 from .image_io import Radiograph
-from .overlay import guidance_overlay
+from .overlay import guidance_overlay, side_by_side
 from .provenance import to_json
 
 __all__ = ["atomic_output_dir", "remove_stale_staging", "write_png_result", "write_float_maps",
-           "UNTRAINED_NOTICE"]
+           "write_figure", "UNTRAINED_NOTICE", "SYNTHETIC_PNG_TEXT"]
 
+# Every PNG we write says what it is in its text chunk, as every DICOM object does.
+SYNTHETIC_PNG_TEXT = "SYNTHETIC - made by InstructX2X - NOT FOR DIAGNOSIS"
 UNTRAINED_NOTICE = ("UNTRAINED MODEL: random weights, for testing the software only; "
                     "this image shows no real edit.")
 
@@ -113,11 +115,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _png_info():
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Description", SYNTHETIC_PNG_TEXT)
+    return info
+
+
 def _save_gray(array: np.ndarray, bits: int, path: Path) -> None:
     if bits > 8:
-        Image.fromarray((np.clip(array, 0, 1) * 65535).round().astype(np.uint16)).save(path)
+        picture = Image.fromarray((np.clip(array, 0, 1) * 65535).round().astype(np.uint16))
     else:
-        Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8)).save(path)
+        picture = Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
+    picture.save(path, pnginfo=_png_info())
 
 
 def write_png_result(directory: Path, image: Radiograph, result: EditResult) -> list[Path]:
@@ -133,7 +144,7 @@ def write_png_result(directory: Path, image: Radiograph, result: EditResult) -> 
         images.insert(0, "edited.png")
     _save_gray(result.guidance_map, 8, directory / "guidance.png")
     overlay = guidance_overlay(image.pixels, result.guidance_map, result.edit_mask)
-    Image.fromarray(overlay).save(directory / "guidance_overlay.png")
+    Image.fromarray(overlay).save(directory / "guidance_overlay.png", pnginfo=_png_info())
     Image.fromarray(result.edit_mask.astype(np.uint8) * 255).save(directory / "edit_mask.png")
     manifest = dict(result.manifest)
     if result.untrained:
@@ -141,6 +152,14 @@ def write_png_result(directory: Path, image: Radiograph, result: EditResult) -> 
     manifest["files"] = images
     (directory / "manifest.json").write_text(to_json(manifest) + "\n")
     return [directory / name for name in [*images, "manifest.json"]]
+
+
+def write_figure(directory: Path, image: Radiograph, result: EditResult,
+                 reference: np.ndarray | None = None) -> Path:
+    """``figure.png``: input, edit and guidance overlay side by side (``reference`` outlined)."""
+    picture = side_by_side(image.pixels, result.edited, result.guidance_map, result.edit_mask, reference)
+    Image.fromarray(picture).save(directory / "figure.png", pnginfo=_png_info())
+    return directory / "figure.png"
 
 
 def write_float_maps(directory: Path, image: Radiograph, result: EditResult) -> list[Path]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["colorize", "guidance_overlay"]
+__all__ = ["colorize", "guidance_overlay", "outline", "side_by_side"]
 
 # Anchors of a perceptually ordered black-red-yellow-white ramp ("hot"), value -> RGB.
 _RAMP = np.array([[0.0, 0.0, 0.0], [0.85, 0.1, 0.05], [1.0, 0.8, 0.1], [1.0, 1.0, 1.0]])
@@ -55,11 +55,44 @@ def guidance_overlay(image: np.ndarray, guidance: np.ndarray, mask: np.ndarray,
     gray = np.clip(image, 0, 1).astype(np.float32)[..., None]
     alpha = (opacity * np.clip(guidance, 0, 1)).astype(np.float32)[..., None]
     rgb = gray * (1 - alpha) + colorize(guidance) * alpha
-    inside = mask.astype(bool)
+    rgb[outline(mask)] = (0.0, 1.0, 1.0)
+    return (rgb * 255).round().astype(np.uint8)
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """The boundary pixels of a binary mask (inside, with a 4-neighbour outside)."""
+    inside = np.asarray(mask).astype(bool)
     interior = inside.copy()
     interior[1:, :] &= inside[:-1, :]
     interior[:-1, :] &= inside[1:, :]
     interior[:, 1:] &= inside[:, :-1]
     interior[:, :-1] &= inside[:, 1:]
-    rgb[inside & ~interior] = (0.0, 1.0, 1.0)
-    return (rgb * 255).round().astype(np.uint8)
+    return inside & ~interior
+
+
+def side_by_side(image: np.ndarray, edited: np.ndarray, guidance: np.ndarray, mask: np.ndarray,
+                 reference: np.ndarray | None = None, height: int = 512) -> np.ndarray:
+    """One picture of an edit: input | edit | guidance overlay, each labelled, for a report.
+
+    ``reference`` (a known lesion, e.g. a phantom's ground truth) is outlined in green on the
+    edit. Panels are resized to ``height`` rows (aspect kept). Returns uint8 RGB.
+    """
+    from PIL import Image, ImageDraw
+
+    gray = lambda a: np.repeat(np.clip(a, 0, 1)[..., None], 3, -1).astype(np.float32)  # noqa: E731
+    after = gray(edited)
+    if reference is not None:
+        after[outline(reference)] = (0.1, 1.0, 0.2)
+    panels = [("input", gray(image)),
+              ("edit" + (" (green: true lesion)" if reference is not None else ""), after),
+              ("guidance map, edit mask in cyan", guidance_overlay(image, guidance, mask) / 255.0)]
+    pictures = []
+    for label, panel in panels:
+        picture = Image.fromarray((np.clip(panel, 0, 1) * 255).round().astype(np.uint8))
+        width = max(1, round(picture.width * height / picture.height))
+        picture = picture.resize((width, height), Image.Resampling.LANCZOS)
+        draw = ImageDraw.Draw(picture)
+        draw.rectangle((0, 0, 8 + 6 * len(label), 16), fill=(0, 0, 0))
+        draw.text((4, 3), label, fill=(255, 255, 255))
+        pictures.append(np.asarray(picture))
+    return np.concatenate(pictures, axis=1)

@@ -13,7 +13,9 @@ from instructx2x.errors import InstructX2XError
 
 from .answers import MULTI_FINDING_MODES
 from .cohort import CohortConfig, generate_cohort
+from .counterfactuals import OPERATIONS, PurePairsConfig, write_pure_pairs
 from .dataset import BuildConfig, build_dataset
+from .phantom import RENDERED_FINDINGS
 from .pseudo_masks import build_pseudo_masks
 from .tables import TableError
 
@@ -37,6 +39,21 @@ def build_parser() -> argparse.ArgumentParser:
     cohort.add_argument("--plain-csv", action="store_true", help="write .csv, not .csv.gz")
     cohort.add_argument("--workers", type=int, default=1)
 
+    pure = commands.add_parser("pure-pairs", help="write pure counterfactual pairs (phantoms, or "
+                               "findings inserted into --backgrounds) as a training/test dataset")
+    pure.add_argument("output", type=Path)
+    pure.add_argument("--pairs", type=int, default=1000)
+    pure.add_argument("--seed", type=int, default=0, help="use a seed never used in training for a test set")
+    pure.add_argument("--resolution", type=int, default=256)
+    pure.add_argument("--findings", nargs="+", default=list(RENDERED_FINDINGS), metavar="FINDING")
+    pure.add_argument("--operations", nargs="+", default=list(OPERATIONS), choices=OPERATIONS)
+    pure.add_argument("--split", default="train", help="split name of the pairs (train, test, ...)")
+    pure.add_argument("--validation-fraction", type=float, default=0.0)
+    pure.add_argument("--other-finding-probability", type=float, default=0.25)
+    pure.add_argument("--backgrounds", type=Path, help="folder of real normal PA films (DICOM/PNG) "
+                      "to insert the findings into")
+    pure.add_argument("--workers", type=int, default=1)
+
     build = commands.add_parser("build-dataset", help="build MIMIC-EDIT-INSTRUCTION")
     build.add_argument("output", type=Path)
     build.add_argument("--mimic-cxr", type=Path, required=True, help="MIMIC-CXR-JPG root")
@@ -58,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--resume", metavar="latest|PATH", help="continue from a checkpoint")
     fit.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    accept = commands.add_parser("evaluate-demo", help="measure a model against the truth of held-out "
+                                 "pure pairs through the product's editor (the demo model's acceptance)")
+    accept.add_argument("output", type=Path)
+    accept.add_argument("--model", default="demo")
+    accept.add_argument("--pairs", type=Path, help="a pure-pairs folder (default: generate --count "
+                        "pairs with --seed)")
+    accept.add_argument("--seed", type=int, default=1000, help="held-out seed, never used in training")
+    accept.add_argument("--count", type=int, default=160)
+    accept.add_argument("--resolution", type=int, default=256)
+    accept.add_argument("--ablation-count", type=int, help="pairs for the region-mode and sampler "
+                        "tables (default: all)")
+
     masks = commands.add_parser("pseudo-masks", help="build the 8 pseudo masks from MS-CXR")
     masks.add_argument("output", type=Path)
     masks.add_argument("--ms-cxr", type=Path, required=True,
@@ -76,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
             result = generate_cohort(args.output, CohortConfig(
                 patients=args.patients, seed=args.seed, rows=args.rows, columns=args.columns,
                 write_dicom=args.dicom, gzip_tables=not args.plain_csv, workers=args.workers))
+        elif args.command == "pure-pairs":
+            result = write_pure_pairs(args.output, PurePairsConfig(
+                pairs=args.pairs, seed=args.seed, resolution=args.resolution,
+                findings=tuple(args.findings), operations=tuple(args.operations), split=args.split,
+                validation_fraction=args.validation_fraction,
+                other_finding_probability=args.other_finding_probability,
+                backgrounds=str(args.backgrounds or ""), workers=args.workers))
         elif args.command == "build-dataset":
             manifest = build_dataset(BuildConfig(
                 mimic_cxr=args.mimic_cxr, diff_vqa=args.diff_vqa, resolution=args.resolution,
@@ -92,6 +128,13 @@ def main(argv: list[str] | None = None) -> int:
             result = {"model": str(outcome.model), "steps": outcome.steps,
                       "final_loss": outcome.final_loss,
                       "checkpoints": [str(p) for p in outcome.checkpoints]}
+        elif args.command == "evaluate-demo":
+            from .demo_acceptance import evaluate_demo
+
+            report = evaluate_demo(args.model, args.output, pairs=args.pairs, seed=args.seed,
+                                   count=args.count, resolution=args.resolution,
+                                   ablation_count=args.ablation_count)
+            result = {"verdicts": report["verdicts"], "report": str(args.output / "acceptance.md")}
         else:
             result = build_pseudo_masks(args.ms_cxr, args.metadata, args.output)
     except KeyboardInterrupt:

@@ -25,9 +25,10 @@ from tqdm.auto import tqdm
 from instructx2x.outputs import atomic_output_dir
 
 from .answers import Change, ChangeKind, format_answer
-from .phantom import RENDERED_FINDINGS, FindingState, Pose, render_frontal, render_lateral
+from .phantom import (RACES, RENDERED_FINDINGS, Anatomy, FindingState, Pose, level_words,
+                      render_frontal, render_lateral)
 
-__all__ = ["CohortConfig", "generate_cohort", "CHEXPERT_LABELS", "CHEXPERT_OF", "MS_CXR_CATEGORY"]
+__all__ = ["CohortConfig", "generate_cohort", "write_cr", "CHEXPERT_LABELS", "CHEXPERT_OF", "MS_CXR_CATEGORY"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +41,6 @@ CHEXPERT_OF = {"pleural effusion": "Pleural Effusion", "cardiomegaly": "Cardiome
                "consolidation": "Consolidation", "pneumonia": "Pneumonia",
                "lung opacity": "Lung Opacity"}
 MS_CXR_CATEGORY = CHEXPERT_OF  # MS-CXR uses the same eight category names
-LEVELS = {"pleural effusion": ("small", "moderate", "large"),
-          "pneumothorax": ("small", "moderate", "large")}
-DEFAULT_LEVELS = ("mild", "moderate", "severe")
-RACES = ("Asian", "Black", "White")
 DISTRACTOR_TYPES = ("abnormality", "presence", "view", "location", "level", "type")
 
 
@@ -88,10 +85,6 @@ def _dicom_id(rng: np.random.Generator) -> str:
     return "-".join(f"{int(rng.integers(0, 2**32)):08x}" for _ in range(5))
 
 
-def _level_words(finding: str) -> tuple[str, ...]:
-    return LEVELS.get(finding, DEFAULT_LEVELS)
-
-
 def _new_finding(rng: np.random.Generator, present: dict[str, FindingState]) -> FindingState | None:
     candidates = [f for f in RENDERED_FINDINGS if f not in present]
     if not candidates:
@@ -99,7 +92,8 @@ def _new_finding(rng: np.random.Generator, present: dict[str, FindingState]) -> 
     name = str(rng.choice(candidates))
     side = "left" if rng.random() < 0.5 else "right"
     location = (float(rng.uniform(-1, 1)), float(rng.uniform(-1, 1)))
-    return FindingState(name, str(rng.choice(_level_words(name))), side, location)
+    return FindingState(name, str(rng.choice(level_words(name))), side, location,
+                        int(rng.integers(0, 2**31)))
 
 
 def _evolve(rng: np.random.Generator, present: dict[str, FindingState]) -> list[Change]:
@@ -123,7 +117,7 @@ def _evolve(rng: np.random.Generator, present: dict[str, FindingState]) -> list[
         else:
             name = str(rng.choice(sorted(present)))
             old = present[name]
-            others = [w for w in _level_words(name) if w != old.level]
+            others = [w for w in level_words(name) if w != old.level]
             if any(c.finding == name for c in changes):
                 continue
             new = dataclasses.replace(old, level=str(rng.choice(others)))
@@ -141,7 +135,7 @@ def _patient(args: tuple[CohortConfig, int, Path]) -> dict[str, list[dict]]:
     age = int(rng.integers(25, 90))
     sex = "F" if rng.random() < 0.5 else "M"
     race = str(rng.choice(RACES))
-    heart_size = float(rng.uniform(0.9, 1.1))
+    anatomy = Anatomy.draw(rng, age, sex, race)
     present: dict[str, FindingState] = {}
     for _ in range(int(rng.integers(0, 3))):
         finding = _new_finding(rng, present)
@@ -165,7 +159,7 @@ def _patient(args: tuple[CohortConfig, int, Path]) -> dict[str, list[dict]]:
                 image, masks = render_lateral(config.rows, config.columns, pose, rng), {}
             else:
                 image, masks = render_frontal(config.rows, config.columns, list(present.values()),
-                                              pose, rng, heart_size, view)
+                                              pose, rng, anatomy, view)
             relative = Path("files") / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}"
             folder = root / relative
             folder.mkdir(parents=True, exist_ok=True)
@@ -174,7 +168,7 @@ def _patient(args: tuple[CohortConfig, int, Path]) -> dict[str, list[dict]]:
             # ground truth for evaluation, beside every image (empty when nothing is present)
             np.savez_compressed(folder / f"{dicom_id}.masks.npz", **masks)
             if config.write_dicom:
-                _write_dicom(folder / f"{dicom_id}.dcm", pixels, subject, study, dicom_id, view,
+                write_cr(folder / f"{dicom_id}.dcm", pixels, subject, study, dicom_id, view,
                              date, sex, age)
             rows["metadata"].append({
                 "dicom_id": dicom_id, "subject_id": subject, "study_id": study,
@@ -223,8 +217,11 @@ def _patient(args: tuple[CohortConfig, int, Path]) -> dict[str, list[dict]]:
     return rows
 
 
-def _write_dicom(path: Path, pixels: np.ndarray, subject: int, study: int, dicom_id: str,
-                 view: str, date: datetime.date, sex: str, age: int) -> None:
+def write_cr(path: Path, pixels: np.ndarray, subject: int | str, study: int, dicom_id: str,
+             view: str, date: datetime.date, sex: str, age: int,
+             spacing_mm: float | None = None) -> None:
+    """A synthetic CR: 8-bit (uint8) or 12-bit (uint16 <= 4095) MONOCHROME2, UIDs derived
+    from the ids so that a seed gives the same file."""
     from pydicom import Dataset
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -248,7 +245,12 @@ def _write_dicom(path: Path, pixels: np.ndarray, subject: int, study: int, dicom
     ds.ReferringPhysicianName = ""
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    if pixels.dtype == np.uint16:
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    else:
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    if spacing_mm is not None:
+        ds.ImagerPixelSpacing = [spacing_mm, spacing_mm]
     ds.PixelData = pixels.tobytes()
     ds.save_as(path, enforce_file_format=True)
 

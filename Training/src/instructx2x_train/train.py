@@ -124,6 +124,8 @@ def _train(accelerator, config: TrainConfig, resume: str | None, emit, progress_
                           "(cropping happens in pixel space).")
 
     pipe = _base_pipeline(config)
+    if config.vae_pretraining.steps:
+        pipe.vae = _pretrained_vae(accelerator, config, data, output, progress_bar)
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     noise_scheduler = _noise_scheduler(pipe)
     vae.requires_grad_(False)  # frozen, as in the paper (SPEC 6)
@@ -315,6 +317,21 @@ def _base_pipeline(config: TrainConfig) -> InstructX2XPipeline:
         raise ConfigError(f"model.fresh_*: {error}") from None
     return InstructX2XPipeline(vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(),
                                unet=unet, scheduler=make_scheduler("ddim"))
+
+
+def _pretrained_vae(accelerator, config: TrainConfig, data: EditPairs, output: Path, progress_bar: bool):
+    """The new model's autoencoder, trained once on the dataset's films (OUTPUT/pretrained-vae;
+    a resumed run reuses it)."""
+    from diffusers import AutoencoderKL
+
+    from .vae_training import train_vae
+
+    folder = output / "pretrained-vae"
+    if accelerator.is_main_process and not folder.is_dir():
+        output.mkdir(parents=True, exist_ok=True)
+        train_vae(data, config.model.fresh_vae, config.vae_pretraining, config.seed, folder, progress_bar)
+    accelerator.wait_for_everyone()
+    return AutoencoderKL.from_pretrained(folder)
 
 
 def _noise_scheduler(pipe: InstructX2XPipeline):

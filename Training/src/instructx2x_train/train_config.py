@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["TrainConfig", "DataConfig", "ModelConfig", "OptimConfig", "BatchConfig", "EMAConfig",
-           "CheckpointConfig", "ValidationConfig", "ConfigError", "load_config", "RESUME_COMPATIBLE_KEYS"]
+           "CheckpointConfig", "ValidationConfig", "VAEPretrainingConfig", "ConfigError", "load_config", "RESUME_COMPATIBLE_KEYS"]
 
 
 class ConfigError(ValueError):
@@ -55,6 +55,19 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     name: str = "instructx2x-finetuned"
     intended_use: str = "research; not for clinical use"
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEPretrainingConfig:
+    """For ``model.base: fresh``: train the new autoencoder on the dataset's films first
+    (vae_training.py), then freeze it. ``steps`` 0: keep the fresh VAE as built."""
+
+    steps: int = 0
+    batch: int = 16
+    crop: int = 64  # random square crops (the autoencoder is convolutional)
+    learning_rate: float = 1e-3
+    kl_weight: float = 1e-6
+    gradient_weight: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +137,7 @@ class TrainConfig:
     log_every: int = 10
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    vae_pretraining: VAEPretrainingConfig = dataclasses.field(default_factory=VAEPretrainingConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     batch: BatchConfig = dataclasses.field(default_factory=BatchConfig)
     ema: EMAConfig = dataclasses.field(default_factory=EMAConfig)
@@ -171,6 +185,14 @@ class TrainConfig:
             raise ConfigError(f"validation.every must be an integer >= 0, got {self.validation.every!r}.")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}.")
+        pretraining = self.vae_pretraining
+        if pretraining.steps < 0 or pretraining.batch < 1 or pretraining.learning_rate <= 0 \
+                or pretraining.crop < 8 or pretraining.crop % 8:
+            raise ConfigError("vae_pretraining needs steps >= 0, batch >= 1, learning_rate > 0 and "
+                              "crop a multiple of 8.")
+        if pretraining.steps and self.model.base != "fresh":
+            raise ConfigError("vae_pretraining.steps > 0 trains a new autoencoder: it needs "
+                              "model.base 'fresh' (a given model keeps its own VAE).")
         if self.optim.learning_rate <= 0:
             raise ConfigError(f"optim.learning_rate must be > 0, got {self.optim.learning_rate}.")
         product = self.batch.per_device * devices * self.batch.gradient_accumulation_steps

@@ -1,0 +1,85 @@
+"""Bundle a trained demo model into the library (InstructX2XLib/.../resources/demo_model).
+
+Re-saves the diffusers folder with every weight file under 25 MB (sharded safetensors), and
+writes its model card: model_card.json (what every manifest records) and README.md (data,
+recipe, acceptance figures and the commands that reproduce them).
+
+Usage: python bundle_demo_model.py WORK_FOLDER   (WORK_FOLDER/run/model, WORK_FOLDER/acceptance,
+       WORK_FOLDER/timing.json as `make demo-model` leaves them)
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from instructx2x.loading import load_pipeline
+from instructx2x.outputs import atomic_output_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+TARGET = ROOT / "InstructX2XLib" / "src" / "instructx2x" / "resources" / "demo_model"
+MAX_FILE = "20MB"
+NOTICE = "demonstration model trained on synthetic phantoms - not for clinical use"
+
+work = Path(sys.argv[1])
+model = work / "run" / "model"
+pipe, info = load_pipeline(model)
+config = json.loads((work / "run" / "config.json").read_text())
+acceptance = (work / "acceptance" / "acceptance.md").read_text()
+report = json.loads((work / "acceptance" / "acceptance.json").read_text())
+timing = json.loads((work / "timing.json").read_text()) if (work / "timing.json").is_file() else {}
+vae_log = json.loads((work / "run" / "pretrained-vae" / "vae_log.json").read_text())
+
+card = json.loads((model / "model_card.json").read_text())
+card.update({"name": "instructx2x-demo", "intended_use": NOTICE,
+             "trained_on": f"cohort v2 pure pairs (instructx2x-train pure-pairs --pairs 6000 --resolution 128 "
+                           f"--seed 0), {config['steps']} steps, batch {config['batch']['per_device']}"})
+if TARGET.exists():
+    shutil.rmtree(TARGET)
+with atomic_output_dir(TARGET) as staging:
+    pipe.unet.save_pretrained(staging / "unet", max_shard_size=MAX_FILE, safe_serialization=True)
+    pipe.vae.save_pretrained(staging / "vae", max_shard_size=MAX_FILE, safe_serialization=True)
+    pipe.text_encoder.save_pretrained(staging / "text_encoder", max_shard_size=MAX_FILE, safe_serialization=True)
+    pipe.tokenizer.save_pretrained(staging / "tokenizer")
+    pipe.scheduler.save_pretrained(staging / "scheduler")
+    shutil.copy(model / "model_index.json", staging / "model_index.json")
+    (staging / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    shutil.copy(work / "acceptance" / "examples.png", staging / "acceptance_examples.png")
+    (staging / "README.md").write_text(f"""# instructx2x-demo
+
+**{NOTICE}.** It has never seen a real radiograph; what it does to a real film is not a
+finding (README, "What the demo model does to a real film").
+
+A small InstructPix2Pix-architecture model trained from nothing by `instructx2x-train train`
+with `Training/configs/demo.yaml`: its own autoencoder (KL, 4x down-sampling, 4 latent channels,
+{vae_log['parameters'] / 1e6:.1f} M parameters, reconstruction MAE {vae_log['reconstruction_mae']:.4f}),
+UNet ({sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.1f} M parameters, 8 input channels) and
+CLIP-architecture text encoder ({sum(p.numel() for p in pipe.text_encoder.parameters()) / 1e6:.1f} M
+parameters, trained with the UNet, Stable Diffusion's CLIP tokenizer). Native resolution 128 px.
+
+## Data
+6,000 pure counterfactual pairs of synthetic cohort v2 (`instructx2x-train pure-pairs`, seed 0):
+each pair is one phantom patient filmed twice, differing only by one finding inside its
+ground-truth mask. Eight findings (pleural effusion, pneumothorax, atelectasis, consolidation,
+pneumonia, lung opacity on the left or right; cardiomegaly, edema) x add / remove, balanced; a
+quarter of the films carry another finding in both images. Instructions: "Add the finding of
+LEVEL [SIDE] FINDING", "Remove the finding of [SIDE] FINDING".
+
+## Recipe and cost
+`make demo-model` reruns everything: pairs, autoencoder ({config['vae_pretraining']['steps']} steps),
+UNet + text encoder ({config['steps']} steps of {config['batch']['per_device']}, AdamW
+{config['optim']['learning_rate']}, cosine, EMA {config['ema']['decay']}, no flips: the heart lies
+on the patient's left), acceptance, bundling.
+Measured: {json.dumps(timing) if timing else 'see the issue note'}.
+
+## Acceptance (held-out pure pairs, seed {report['pairs']['seed']}, never used in training)
+`instructx2x-train evaluate-demo OUT --model demo` prints and writes these figures.
+
+{acceptance}
+`acceptance_examples.png`: columns = findings; rows = input, edit, true counterfactual, guidance
+map over the input with the true lesion outlined in green.
+""")
+sizes = {p.relative_to(TARGET).as_posix(): p.stat().st_size for p in TARGET.rglob("*") if p.is_file()}
+assert max(sizes.values()) <= 25 * 1024 * 1024, sizes
+load_pipeline("demo")
+print(json.dumps({"bundled": str(TARGET), "largest_file_mb": max(sizes.values()) / 2**20}, indent=2))

@@ -1,0 +1,143 @@
+"""Cohort v2 phantoms and pure counterfactual pairs: determinism, purity, laterality, levels,
+demographic traces, insertion into a real film."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from instructx2x_train.counterfactuals import PurePairsConfig, insert_finding, write_pure_pairs
+from instructx2x_train.phantom import (LATERALISED_FINDINGS, RENDERED_FINDINGS, Anatomy, FindingState,
+                                       Pose, render_attenuation, render_frontal)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pure") / "pairs"
+    # 32 pairs: every finding x operation x side once
+    write_pure_pairs(root, PurePairsConfig(pairs=32, seed=5, resolution=96))
+    return root
+
+
+def _film(root: Path, kind: str, pair_id: str) -> np.ndarray:
+    return np.asarray(Image.open(root / kind / f"{pair_id}.png"))
+
+
+def _tree_bytes(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes_with_one_or_two_workers(pairs, tmp_path):
+    again = tmp_path / "again"
+    write_pure_pairs(again, PurePairsConfig(pairs=32, seed=5, resolution=96, workers=2))
+    assert _tree_bytes(again) == _tree_bytes(pairs)
+    other = tmp_path / "other"
+    write_pure_pairs(other, PurePairsConfig(pairs=4, seed=6, resolution=96))
+    assert _film(other, "past", "0006-0000000").tobytes() != _film(pairs, "past", "0005-0000000").tobytes()
+
+
+def test_pairs_differ_only_inside_the_lesion_and_follow_the_operation(pairs):
+    truth = pd.read_csv(pairs / "truth.csv", dtype=str, keep_default_na=False)
+    assert sorted(set(truth.finding)) == sorted(RENDERED_FINDINGS)
+    assert set(truth.operation) == {"add", "remove"}
+    for row in truth.itertuples():
+        past, current = _film(pairs, "past", row.pair_id), _film(pairs, "current", row.pair_id)
+        with_finding = "current" if row.operation == "add" else "past"
+        with np.load(pairs / with_finding / f"{row.pair_id}.masks.npz") as masks:
+            lesion = masks[row.finding]
+        with np.load(pairs / ("past" if with_finding == "current" else "current") / f"{row.pair_id}.masks.npz") as masks:
+            assert row.finding not in masks.files
+        changed = past != current
+        assert changed.any(), row.pair_id
+        assert not (changed & ~lesion).any(), row.pair_id
+        assert row.instruction.startswith("Add the finding of" if row.operation == "add" else "Remove the finding of")
+
+
+def test_every_lateralised_finding_is_drawn_on_the_patients_side(pairs):
+    truth = pd.read_csv(pairs / "truth.csv", dtype=str, keep_default_na=False)
+    checked = set()
+    for row in truth[truth.side != ""].itertuples():
+        kind = "current" if row.operation == "add" else "past"
+        with np.load(pairs / kind / f"{row.pair_id}.masks.npz") as masks:
+            columns = np.nonzero(masks[row.finding])[1]
+        # PA convention: the patient's left is the image's right
+        assert (columns.mean() > 48) == (row.side == "left"), (row.finding, row.side)
+        assert f" {row.side} " in f" {row.instruction} "
+        checked.add((row.finding, row.side))
+    assert checked == {(f, s) for f in LATERALISED_FINDINGS for s in ("left", "right")}
+
+
+@pytest.mark.parametrize("name", RENDERED_FINDINGS)
+def test_level_words_change_the_extent(name):
+    areas = []
+    for level in ("minimal", "moderate", "severe"):
+        _, masks = render_frontal(128, 128, [FindingState(name, level, "left", (0.2, 0.1), seed=3)],
+                                  Pose(), np.random.default_rng(0), Anatomy(seed=4))
+        areas.append(int(masks[name].sum()))
+    assert areas[0] < areas[1] < areas[2], areas
+
+
+def test_demographic_traces():
+    def attenuation(**kwargs):
+        return render_attenuation(128, 128, Anatomy(**{"seed": 2, **kwargs}), [], Pose())
+
+    young, old = attenuation(age=25), attenuation(age=85)
+    spine = (slice(20, 60), slice(60, 68))  # vertebral column above the heart
+    assert young[spine].mean() > old[spine].mean()  # bone density falls with age
+    knob = (slice(36, 46), slice(68, 76))  # the aortic knob widens with age
+    assert old[knob].mean() > young[knob].mean()
+    male, female = attenuation(sex="M"), attenuation(sex="F")
+    lower_zone = (slice(70, 90), slice(20, 40))
+    assert female[lower_zone].mean() > male[lower_zone].mean()  # breast shadows
+    wall = (slice(40, 80), slice(2, 12))
+    assert attenuation(race="Black")[wall].mean() > attenuation(race="White")[wall].mean()
+    narrow = Anatomy.draw(np.random.default_rng(1), 50, "M", "Asian")
+    wide = Anatomy.draw(np.random.default_rng(1), 50, "M", "White")
+    assert narrow.habitus < wide.habitus
+
+
+def test_insertion_into_a_real_film_keeps_the_rest_bit_identical(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    backgrounds = tmp_path / "normals"
+    backgrounds.mkdir()
+    shutil.copy(get_testdata_file("RG1_UNCR.dcm"), backgrounds / "rg1.dcm")
+    root = tmp_path / "inserted"
+    write_pure_pairs(root, PurePairsConfig(pairs=4, seed=1, resolution=128, backgrounds=str(backgrounds),
+                                           findings=("pleural effusion", "consolidation")))
+    truth = pd.read_csv(root / "truth.csv", dtype=str, keep_default_na=False)
+    assert set(truth.background) == {"rg1.dcm"} and set(truth.age) == {""}
+    for row in truth.itertuples():
+        without = _film(root, "past" if row.operation == "add" else "current", row.pair_id)
+        with_finding = _film(root, "current" if row.operation == "add" else "past", row.pair_id)
+        with np.load(root / ("current" if row.operation == "add" else "past") / f"{row.pair_id}.masks.npz") as m:
+            lesion = m[row.finding]
+        assert lesion.any() and np.array_equal(without[~lesion], with_finding[~lesion])
+        if row.finding == "pleural effusion":  # fluid is denser than aerated lung
+            assert with_finding[lesion].mean() > without[lesion].mean()
+
+    film = np.linspace(0.2, 0.8, 64 * 64, dtype=np.float32).reshape(64, 64)
+    edited, lesion = insert_finding(film, FindingState("consolidation", "severe", "right", seed=1))
+    assert np.array_equal(edited[~lesion], film[~lesion]) and lesion[:, :32].sum() > lesion[:, 32:].sum()
+
+
+def test_bad_settings_change_nothing(tmp_path):
+    with pytest.raises(ValueError, match="findings must be among"):
+        PurePairsConfig(findings=("fracture",))
+    with pytest.raises(ValueError, match="operations"):
+        PurePairsConfig(operations=("change",))
+    with pytest.raises(FileNotFoundError, match="backgrounds folder not found"):
+        PurePairsConfig(backgrounds=str(tmp_path / "missing"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no DICOM/PNG/JPEG films"):
+        write_pure_pairs(tmp_path / "out", PurePairsConfig(pairs=2, backgrounds=str(empty)))
+    assert not (tmp_path / "out").exists()
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    with pytest.raises(FileExistsError):
+        write_pure_pairs(existing, PurePairsConfig(pairs=2, resolution=64))
+    assert list(existing.iterdir()) == []
