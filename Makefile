@@ -30,7 +30,8 @@ demo: $(STAMP)
 	$(BIN)/instructx2x edit $(SAMPLE) --model $(MODEL) -i "$(INSTRUCTION)" \
 		$(if $(REFERENCE),--reference-mask $(REFERENCE)) -o out/demo-$$(date +%Y%m%d-%H%M%S)
 
-# Rebuild the bundled demo model from nothing (about an hour on 2 CPU cores; docs/demo-model.md):
+# Rebuild the bundled demo model from nothing (under an hour on 2 CPU cores; its model card,
+# InstructX2XLib/src/instructx2x/resources/demo_model/README.md, has the measured figures):
 # pure pairs -> autoencoder + UNet + text encoder -> acceptance on held-out pairs -> bundle.
 demo-model: $(STAMP)
 	@test ! -e $(DEMO_WORK) || { echo "$(DEMO_WORK) exists: remove it or set DEMO_WORK=..."; exit 2; }

@@ -22,7 +22,10 @@ def test_edit_writes_all_files(png, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(args(png, out)) == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "edit_mask.png", "edited.png", "guidance.png", "guidance_overlay.png", "manifest.json"]
+        "edit_mask.png", "edited.png", "figure.png", "guidance.png", "guidance_overlay.png",
+        "manifest.json"]
+    for name in ("edited.png", "figure.png", "guidance_overlay.png"):  # every picture says what it is
+        assert "SYNTHETIC" in Image.open(out / name).info["Description"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["trained"] is False and "UNTRAINED" in manifest["notice"]
     assert manifest["prior"]["laterality"] == "right"
@@ -30,6 +33,21 @@ def test_edit_writes_all_files(png, tmp_path, capsys):
     assert Image.open(out / "guidance_overlay.png").mode == "RGB"
     assert "UNTRAINED MODEL" in capsys.readouterr().err
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_reference_mask_is_outlined_on_the_figure_and_checked_first(png, tmp_path, capsys):
+    reference = np.zeros((72, 60), bool)
+    reference[20:40, 10:25] = True
+    np.save(tmp_path / "lesion.npy", reference)
+    out = tmp_path / "out"
+    assert main(args(png, out, "--reference-mask", str(tmp_path / "lesion.npy"))) == 0
+    figure = np.asarray(Image.open(out / "figure.png"))
+    green = (figure[..., 1] > 200) & (figure[..., 0] < 80) & (figure[..., 2] < 120)
+    assert green[:, figure.shape[1] // 3: 2 * figure.shape[1] // 3].any()  # on the edit panel
+    assert not green[:, : figure.shape[1] // 3].any()
+    np.save(tmp_path / "small.npy", np.zeros((10, 10), bool))
+    assert main(args(png, tmp_path / "bad", "--reference-mask", str(tmp_path / "small.npy"))) == 2
+    assert "small.npy is 10x10" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def test_preview_writes_maps_only(png, tmp_path):
@@ -158,7 +176,9 @@ def test_dicom_folder_gives_one_series_per_image(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert sorted(summary["files"]) == sorted(
         f"image-00{i}/{name}" for i in (1, 2) for name in
-        ("counterfactual.dcm", "guidance_overlay.dcm", "edit_region_seg.dcm", "provenance.json"))
+        ("counterfactual.dcm", "guidance_overlay.dcm", "edit_region_seg.dcm", "provenance.json",
+         "edited.png", "guidance.png", "guidance_overlay.png", "edit_mask.png", "manifest.json",
+         "figure.png"))
     import pydicom
 
     from dicom_factory import dciodvfy_errors

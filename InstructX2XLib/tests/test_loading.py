@@ -184,6 +184,24 @@ def test_model_card_says_whether_the_model_is_trained(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_model_card_sets_the_few_step_solver_default(tmp_path):
+    """A model that measured more DPM-Solver++ steps better says so in its card; the editor
+    uses it when no step count is given, and DDIM keeps the authors' 100."""
+    from instructx2x.editor import InstructX2XEditor
+    from instructx2x.parameters import EditParameters
+
+    directory = save_model(build_untrained_pipeline(seed=3), tmp_path / "carded",
+                           dict(CARD, few_step_solver_steps=7))
+    for scheduler, steps in (("dpm++", 7), ("unipc", 7), ("ddim", 100)):
+        pipe, info = load_pipeline(directory, scheduler=scheduler)
+        editor = InstructX2XEditor(pipe, info, device="cpu")
+        assert editor.resolve(EditParameters(instruction="-")).num_inference_steps == steps
+        assert editor.resolve(EditParameters(instruction="-", num_inference_steps=2)).num_inference_steps == 2
+    (directory / MODEL_CARD_NAME).write_text(json.dumps(dict(CARD, few_step_solver_steps=0)))
+    with pytest.raises(ModelLoadError, match="few_step_solver_steps"):
+        load_pipeline(directory)
+
+
 def test_saved_scheduler_config_sets_the_training_schedule(tmp_path):
     directory = tmp_path / "vpred"
     pipe = build_untrained_pipeline(seed=3)

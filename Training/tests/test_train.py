@@ -250,6 +250,39 @@ def test_latent_cache_gives_the_same_training_without_the_encoder(built, tmp_pat
               progress_bar=False)
 
 
+def test_fresh_model_pretrains_its_autoencoder_and_caches_one_view_without_flips(built, tmp_path):
+    """model.base fresh (the demo recipe): the autoencoder trains first (its loss falls, its
+    latent scale is set), is frozen into the model, and is reused on resume; without flips the
+    latent cache encodes each film once, not its mirror."""
+    from diffusers import AutoencoderKL
+
+    from instructx2x.loading import hash_modules, load_pipeline
+    from instructx2x_train.latent_cache import LatentCache
+
+    _, dataset, _ = built
+    output = tmp_path / "fresh"
+    overrides = [f"data.dataset={dataset}", f"output={output}", "steps=2", "checkpointing.every=1",
+                 "batch.per_device=2", "batch.effective=2", "precision=fp32", "vae_pretraining.steps=40",
+                 "vae_pretraining.batch=4", "vae_pretraining.crop=32", "vae_pretraining.learning_rate=2e-3"]
+    train(load_config(CONFIGS / "demo.yaml", overrides), progress_bar=False)
+    log = json.loads((output / "pretrained-vae" / "vae_log.json").read_text())
+    assert log["log"][-1]["l1"] < log["log"][0]["l1"]
+    model, _ = load_pipeline(output / "model")
+    assert model.vae.config.scaling_factor == pytest.approx(log["scaling_factor"]) != 0.18215
+    assert hash_modules(model.vae) == hash_modules(AutoencoderKL.from_pretrained(output / "pretrained-vae"))
+    entries = list((output / "latent-cache").glob("*-unmirrored/*/moments.pt"))
+    assert entries and all(torch.load(p, weights_only=True)["mean"].shape[0] == 1 for p in entries)
+    stamp = (output / "pretrained-vae" / "vae_log.json").stat().st_mtime_ns
+    train(load_config(CONFIGS / "demo.yaml", [*overrides[:2], "steps=3", *overrides[3:]]), resume="latest",
+          progress_bar=False)
+    assert (output / "pretrained-vae" / "vae_log.json").stat().st_mtime_ns == stamp  # reused
+    cache = LatentCache(tmp_path / "cache", model.vae, mirrored=False)
+    with pytest.raises(ValueError, match="no mirror images"):
+        cache.moments(entries[0], torch.zeros(1, 128, 128), flipped=True)
+    with pytest.raises(ConfigError, match="needs model.base 'fresh'"):
+        train(smoke(built, tmp_path / "given", "vae_pretraining.steps=5"), progress_bar=False)
+
+
 def test_ctrl_c_saves_a_resumable_checkpoint(built, tmp_path):
     import signal
     import time

@@ -27,7 +27,7 @@ from .loading import ModelInfo, load_pipeline
 from .parameters import ASPECT_MODES, EditParameters, RegionMode, check_masks, check_sampling
 from .pipeline import InstructX2XPipeline
 from .priors import PriorSet
-from .schedulers import default_scheduler, default_steps
+from .schedulers import FEW_STEP_SOLVER_STEPS, default_scheduler, default_steps
 
 __all__ = ["EditParameters", "EditResult", "InstructX2XEditor", "ASPECT_MODES"]
 
@@ -179,7 +179,9 @@ class InstructX2XEditor:
         model's native size) filled in where they are None."""
         changes = {}
         if parameters.num_inference_steps is None:
-            changes["num_inference_steps"] = default_steps(self.pipeline.scheduler)
+            card = self.model_info.card or {}
+            changes["num_inference_steps"] = default_steps(
+                self.pipeline.scheduler, card.get("few_step_solver_steps", FEW_STEP_SOLVER_STEPS))
         if parameters.resolution is None:
             changes["resolution"] = self.native_resolution
         return dataclasses.replace(parameters, **changes) if changes else parameters

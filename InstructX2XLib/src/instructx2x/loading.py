@@ -46,7 +46,10 @@ SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 COMPONENTS = ("unet", "vae", "text_encoder")
 MODEL_CARD_NAME = "model_card.json"
-MODEL_CARD_FIELDS = ("name", "trained", "trained_on", "resolution", "intended_use")
+# few_step_solver_steps: the step count a model measured best for DPM-Solver++ / UniPC when
+# none is given (the package default is 3, chosen for Stable Diffusion-size models on CPU)
+MODEL_CARD_FIELDS = ("name", "trained", "trained_on", "resolution", "intended_use",
+                     "few_step_solver_steps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,6 +242,10 @@ def _load_directory(path: Path, scheduler_name: str) -> tuple[InstructX2XPipelin
                        "unknown to the manifest.", path.name, MODEL_CARD_NAME)
     elif not isinstance(trained, bool):
         raise ModelLoadError(f"{path.name}/{MODEL_CARD_NAME}: 'trained' must be true or false.")
+    steps = (card or {}).get("few_step_solver_steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000):
+        raise ModelLoadError(f"{path.name}/{MODEL_CARD_NAME}: 'few_step_solver_steps' must be an "
+                             f"integer in 1..1000, got {steps!r}.")
     card = None if card is None else {k: card[k] for k in MODEL_CARD_FIELDS if k in card}
     return pipe, ModelInfo(path.name, "directory", hash_files(weight_files, path), trained, card,
                            "model" if saved_scheduler is not None else "shipped")

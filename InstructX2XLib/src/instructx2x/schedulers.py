@@ -58,9 +58,10 @@ def default_scheduler(device: torch.device) -> str:
     return "ddim" if device.type == "cuda" else "dpm++"
 
 
-def default_steps(scheduler: SchedulerMixin) -> int:
-    """Denoising steps when none are given: 3 for the few-step solvers, else the authors' 100."""
-    return FEW_STEP_SOLVER_STEPS if isinstance(scheduler, _FEW_STEP_SOLVERS) else PAPER_STEPS
+def default_steps(scheduler: SchedulerMixin, few_step_solver_steps: int = FEW_STEP_SOLVER_STEPS) -> int:
+    """Denoising steps when none are given: ``few_step_solver_steps`` (3, or what the model's
+    card asks) for the few-step solvers, else the authors' 100."""
+    return few_step_solver_steps if isinstance(scheduler, _FEW_STEP_SOLVERS) else PAPER_STEPS
 
 
 # What a model's own scheduler/ folder may set: how it was trained. How to sample (steps

@@ -122,8 +122,6 @@ def _verdicts(overall: dict, per_group: dict, laterality: dict) -> dict:
     worst_accuracy = min(g["accuracy_reduction"] for g in per_group.values())
     items = {
         "direction (worst finding x operation)": (worst_direction, TARGETS.direction_rate, ">="),
-        "laterality (worst finding, narrowing off)": (
-            min(laterality.values()) if laterality else float("nan"), TARGETS.laterality_rate, ">="),
         "counterfactual accuracy reduction (worst finding x operation)": (
             worst_accuracy, TARGETS.accuracy_reduction, ">="),
         "lesion coverage by the RSE mask": (overall["lesion_coverage"], TARGETS.lesion_coverage, ">="),
@@ -131,6 +129,9 @@ def _verdicts(overall: dict, per_group: dict, laterality: dict) -> dict:
         "guidance peak inside the lesion": (overall["peak_in_lesion_rate"], TARGETS.peak_in_lesion_rate, ">="),
         "output equals input outside the mask": (overall["identical_outside_mask_rate"], 1.0, ">="),
     }
+    if laterality:  # only pairs with a side measure it
+        items["laterality (worst finding, narrowing off)"] = (min(laterality.values()),
+                                                              TARGETS.laterality_rate, ">=")
     return {name: {"measured": value, "target": target, "met": bool(value >= target if op == ">=" else value <= target)}
             for name, (value, target, op) in items.items()}
 
@@ -275,5 +276,6 @@ def acceptance_markdown(report: dict) -> str:
             for name, g in report[key].items():
                 lines.append(f"| {name} | {g['direction_rate']:.2f} | {g['accuracy_reduction']:.2f} | "
                              f"{g['lesion_coverage']:.2f} | {g['image_coverage']:.2f} | "
-                             f"{g['change_outside_lesion']:.4f} | {g.get('seconds_per_edit', float('nan')):.2f} |")
+                             f"{g['change_outside_lesion']:.4f} | "
+                             f"{format(g['seconds_per_edit'], '.2f') if 'seconds_per_edit' in g else '-'} |")
     return "\n".join(lines) + "\n"

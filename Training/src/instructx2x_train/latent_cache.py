@@ -2,8 +2,8 @@
 
 An entry is keyed by the VAE's weights (hash) and the image file's bytes (hash), so changing
 either makes a new entry rather than reusing a stale one. Each entry holds the posterior
-(mean, std) of the image and of its mirror image, so the horizontal flip keeps working
-exactly; rotation and cropping happen in pixel space and cannot be cached (the config
+(mean, std) of the image and, when the run flips, of its mirror image, so the horizontal flip
+keeps working exactly; rotation and cropping happen in pixel space and cannot be cached (the config
 refuses the cache with them).
 """
 
@@ -25,9 +25,10 @@ __all__ = ["LatentCache"]
 class LatentCache:
     """Latent moments of image files under ``folder/<vae hash>/``."""
 
-    def __init__(self, folder: str | Path, vae) -> None:
+    def __init__(self, folder: str | Path, vae, mirrored: bool = True) -> None:
         self.vae = vae
-        self.folder = Path(folder) / hash_modules(vae)[:16]
+        self.mirrored = mirrored  # also encode the mirror image (runs that flip)
+        self.folder = Path(folder) / (hash_modules(vae)[:16] + ("" if mirrored else "-unmirrored"))
         self.folder.mkdir(parents=True, exist_ok=True)
         self.hits = self.misses = 0
 
@@ -38,7 +39,10 @@ class LatentCache:
             self.hits += 1
         else:
             self.misses += 1
-            pixels = torch.stack([image, image.flip(-1)]).expand(-1, 3, -1, -1) * 2 - 1
+            if flipped and not self.mirrored:
+                raise ValueError("this latent cache holds no mirror images (made for a run without flips).")
+            views = [image, image.flip(-1)] if self.mirrored else [image]
+            pixels = torch.stack(views).expand(-1, 3, -1, -1) * 2 - 1
             device = next(self.vae.parameters()).device
             with torch.no_grad():
                 posterior = self.vae.encode(pixels.to(device, self.vae.dtype)).latent_dist

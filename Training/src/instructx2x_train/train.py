@@ -113,8 +113,13 @@ def train(config: TrainConfig, resume: str | None = None,
 def _train(accelerator, config: TrainConfig, resume: str | None, emit, progress_bar: bool) -> TrainResult:
     output = Path(config.output)
     config.validate(devices=accelerator.num_processes)
-    checkpoint = _resume_point(output, resume, config) if resume else None
-    if checkpoint is None and output.exists() and any(output.iterdir()):
+    checkpoint = None
+    if resume == "latest" and latest_checkpoint(output) is None and (output / "pretrained-vae").is_dir():
+        emit({"event": "restart", "reason": "stopped before the first checkpoint; the trained "
+                                            "autoencoder is kept"})
+    elif resume:
+        checkpoint = _resume_point(output, resume, config)
+    elif output.exists() and any(output.iterdir()):
         raise ConfigError(f"output folder {output.name} exists; pass --resume latest to continue it "
                           "or choose a new folder.")
     data = EditPairs(config.data.dataset, config.data.split, config.data.resolution)
@@ -153,7 +158,8 @@ def _train(accelerator, config: TrainConfig, resume: str | None, emit, progress_
         text_encoder = accelerator.prepare(text_encoder)
     vae.to(accelerator.device)
     text_encoder.to(accelerator.device)
-    cache = LatentCache(config.data.latent_cache_dir or output / "latent-cache", vae) \
+    cache = LatentCache(config.data.latent_cache_dir or output / "latent-cache", vae,
+                        mirrored=config.data.flip_probability > 0) \
         if config.data.latent_cache else None
     if ema is not None:
         ema.to(accelerator.device)
