@@ -10,8 +10,6 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from instructx2x.schedulers import FEW_STEP_SOLVER_STEPS
-
 from console import console_script
 from dicom_factory import dciodvfy_errors
 
@@ -48,8 +46,8 @@ def test_main_job_edits_the_bundled_phantom_with_the_demo_model(tmp_path):
         assert "SYNTHETIC" in str(pydicom.dcmread(out / name).SeriesDescription)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["name"] == "demo" and manifest["model"]["trained"] is True
-    if manifest["device"] == "cpu":  # the default CPU path (docs/benchmarks.md)
-        assert manifest["parameters"]["num_inference_steps"] == FEW_STEP_SOLVER_STEPS
+    if manifest["device"] == "cpu":  # the default CPU path: DPM-Solver++ with the card's step count
+        assert manifest["parameters"]["num_inference_steps"] == manifest["model"]["card"]["few_step_solver_steps"] == 10
 
     source = pydicom.dcmread(PHANTOM).pixel_array
     edited = pydicom.dcmread(out / "counterfactual.dcm").pixel_array

@@ -5,7 +5,9 @@ writes its model card: model_card.json (what every manifest records) and README.
 recipe, acceptance figures and the commands that reproduce them).
 
 Usage: python bundle_demo_model.py WORK_FOLDER   (WORK_FOLDER/run/model, WORK_FOLDER/acceptance,
-       WORK_FOLDER/timing.json as `make demo-model` leaves them)
+       WORK_FOLDER/timing.json as `make demo-model` leaves them). Run it once after training
+       (the acceptance then measures the bundled model with its card's sampling default) and
+       again after the acceptance, to put its figures into the card.
 """
 
 import json
@@ -26,8 +28,9 @@ work = Path(sys.argv[1])
 model = work / "run" / "model"
 pipe, info = load_pipeline(model)
 config = json.loads((work / "run" / "config.json").read_text())
-acceptance = (work / "acceptance" / "acceptance.md").read_text()
-report = json.loads((work / "acceptance" / "acceptance.json").read_text())
+measured = (work / "acceptance" / "acceptance.json").is_file()  # first bundling: not yet
+acceptance = (work / "acceptance" / "acceptance.md").read_text() if measured else "Not measured yet.\n"
+report = json.loads((work / "acceptance" / "acceptance.json").read_text()) if measured else {"pairs": {"seed": "-"}}
 timing = json.loads((work / "timing.json").read_text()) if (work / "timing.json").is_file() else {}
 vae_log = json.loads((work / "run" / "pretrained-vae" / "vae_log.json").read_text())
 
@@ -48,7 +51,8 @@ with atomic_output_dir(TARGET) as staging:
     pipe.scheduler.save_pretrained(staging / "scheduler")
     shutil.copy(model / "model_index.json", staging / "model_index.json")
     (staging / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
-    shutil.copy(work / "acceptance" / "examples.png", staging / "acceptance_examples.png")
+    if measured:
+        shutil.copy(work / "acceptance" / "examples.png", staging / "acceptance_examples.png")
     (staging / "README.md").write_text(f"""# instructx2x-demo
 
 **{NOTICE}.** It has never seen a real radiograph; what it does to a real film is not a

@@ -87,15 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
     accept.add_argument("--ablation-count", type=int, help="pairs for the region-mode and sampler "
                         "tables (default: all)")
 
-    classify = commands.add_parser("train-classifiers", help="train the synthetic-cohort classifiers "
-                                   "(five findings, age, sex, race) on cohort v2 films")
-    classify.add_argument("output", type=Path)
-    classify.add_argument("--films", type=int, default=4000)
-    classify.add_argument("--held-out", type=int, default=500)
-    classify.add_argument("--resolution", type=int, default=128)
-    classify.add_argument("--steps", type=int, default=1500)
-    classify.add_argument("--seed", type=int, default=0)
-
     masks = commands.add_parser("pseudo-masks", help="build the 8 pseudo masks from MS-CXR")
     masks.add_argument("output", type=Path)
     masks.add_argument("--ms-cxr", type=Path, required=True,
@@ -144,12 +135,6 @@ def main(argv: list[str] | None = None) -> int:
                                    count=args.count, resolution=args.resolution,
                                    ablation_count=args.ablation_count)
             result = {"verdicts": report["verdicts"], "report": str(args.output / "acceptance.md")}
-        elif args.command == "train-classifiers":
-            from .classifiers import ClassifierConfig, train_classifiers
-
-            result = train_classifiers(args.output, ClassifierConfig(
-                films=args.films, held_out=args.held_out, resolution=args.resolution,
-                steps=args.steps, seed=args.seed))["held_out"]
         else:
             result = build_pseudo_masks(args.ms_cxr, args.metadata, args.output)
     except KeyboardInterrupt:
