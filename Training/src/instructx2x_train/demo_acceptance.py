@@ -20,8 +20,6 @@ The same figures are repeated for the four region modes and for several samplers
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import time
 from pathlib import Path
 
@@ -36,11 +34,8 @@ from instructx2x.parameters import EditParameters, RegionMode
 from instructx2x.provenance import to_json
 
 from .counterfactuals import PurePairsConfig, write_pure_pairs
-from .phantom import LATERALISED_FINDINGS
 
 __all__ = ["AcceptanceTargets", "evaluate_demo", "measure_edit", "lesion_mask", "TARGETS"]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
