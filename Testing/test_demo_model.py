@@ -54,3 +54,10 @@ def test_quick_acceptance_direction_locality_and_identity(quick):
 def test_quick_acceptance_knows_left_from_right(quick):
     rates = quick[0]["laterality_rate"]
     assert len(rates) == 6 and sum(rates.values()) / len(rates) >= 0.75
+
+
+def test_a_folder_that_is_not_pure_pairs_is_refused_before_the_model_loads(tmp_path):
+    (tmp_path / "films").mkdir()
+    with pytest.raises(FileNotFoundError, match="films is not a pure-pairs folder"):
+        evaluate_demo("no-such-model", tmp_path / "report", pairs=tmp_path / "films")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["films"]

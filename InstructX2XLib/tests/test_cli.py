@@ -418,6 +418,10 @@ def test_a_bad_row_stops_the_jobs_file_before_any_work(png, tmp_path, capsys):
     assert main(["edit", "--jobs", str(jobs), "-o", str(tmp_path / "batch"), "--model",
                  "untrained-tiny"]) == 2
     assert "unknown ['colour']" in capsys.readouterr().err
+    jobs.write_text("image,instruction\nchest.png,Add edema\n")
+    assert main(["edit", "--jobs", str(jobs), "-o", str(tmp_path / "batch"), "--model",
+                 "untrained-tiny", "--reference-mask", str(png)]) == 2
+    assert "--reference-mask outlines one image's lesion" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chest.png", "jobs.csv"]
 
 

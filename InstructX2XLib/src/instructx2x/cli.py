@@ -168,6 +168,8 @@ def _main(args: argparse.Namespace, emit) -> int:
                                  "give no input or -i with it.")
         if args.push_cstore or args.push_stow:
             raise ParameterError("--jobs does not push to a PACS; push each row's folder instead.")
+        if args.reference_mask is not None:
+            raise ParameterError("--reference-mask outlines one image's lesion; give it without --jobs.")
         if args.output.exists():
             raise OutputExistsError(f"output folder {args.output.name} already exists; choose a new one.")
         # every row read and checked before the model is loaded (the template's input and
@@ -225,7 +227,7 @@ def _job(args: argparse.Namespace, source: Path, instruction: str) -> EditJob:
                    voi=int(args.voi) if args.voi.isdigit() else args.voi,
                    allow_non_chest=args.allow_non_chest, feather_px=args.feather,
                    push_cstore=args.push_cstore, push_stow=args.push_stow,
-                   reference_mask=getattr(args, "reference_mask", None))
+                   reference_mask=args.reference_mask)
 
 
 def _fail(emit, error: Exception, code: int) -> int:

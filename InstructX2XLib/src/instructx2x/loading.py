@@ -147,12 +147,11 @@ def load_pipeline(model: str | Path, *, allow_hub: bool = False, scheduler: str 
                          {"name": UNTRAINED_MODEL_NAME, "trained": False,
                           "intended_use": "software tests only"})
         return pipe, info
+    path = Path(model).expanduser()
     if str(model) == DEMO_MODEL_NAME:
         pipe, info = _load_directory(demo_model_path(), scheduler)
-        _check_components(pipe, DEMO_MODEL_NAME)
-        return pipe, dataclasses.replace(info, name=DEMO_MODEL_NAME, source="bundled")
-    path = Path(model).expanduser()
-    if path.is_dir():
+        info = dataclasses.replace(info, name=DEMO_MODEL_NAME, source="bundled")
+    elif path.is_dir():
         pipe, info = _load_directory(path, scheduler)
     elif path.is_file():
         pipe, info = _load_single_file(path, scheduler_instance, single_file_config)

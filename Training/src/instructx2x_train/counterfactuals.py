@@ -186,10 +186,9 @@ def _background_files(folder: str) -> list[Path]:
     return files
 
 
-def _background_pair(config: PurePairsConfig, index: int, target: FindingState):
+def _background_pair(config: PurePairsConfig, index: int, target: FindingState, files: list[Path]):
     from instructx2x import read_image  # the package's reader registers DICOM too
 
-    files = _background_files(config.backgrounds)
     path = files[index % len(files)]
     film = read_image(path).pixels
     size = config.resolution
@@ -200,13 +199,13 @@ def _background_pair(config: PurePairsConfig, index: int, target: FindingState):
         {"age": "", "sex": "", "race": "", "background": path.name}
 
 
-def _pair(args: tuple[PurePairsConfig, int, Path, str]) -> dict:
-    config, index, root, split = args
+def _pair(args: tuple[PurePairsConfig, int, Path, str, list[Path]]) -> dict:
+    config, index, root, split, backgrounds = args
     rng = np.random.default_rng([config.seed, index])
     operation, target, other = _plan(config, index, rng)
     if config.backgrounds:
         other = None
-        without, with_finding, who = _background_pair(config, index, target)
+        without, with_finding, who = _background_pair(config, index, target, backgrounds)
     else:
         without, with_finding, who = _phantom_pair(config, rng, target, other)
     past, current = (without, with_finding) if operation == "add" else (with_finding, without)
@@ -234,14 +233,13 @@ def write_pure_pairs(output: str | Path, config: PurePairsConfig) -> dict:
     FileExistsError
         When ``output`` exists. A failed or interrupted run leaves nothing behind.
     """
-    if config.backgrounds:
-        _background_files(config.backgrounds)  # fail before any work
+    backgrounds = _background_files(config.backgrounds) if config.backgrounds else []  # before any work
     validation = int(round(config.pairs * config.validation_fraction))
     rows: list[dict] = []
     with atomic_output_dir(Path(output)) as staging:
         for kind in ("past", "current"):
             (staging / kind).mkdir()
-        jobs = [(config, i, staging, "validation" if i < validation else config.split)
+        jobs = [(config, i, staging, "validation" if i < validation else config.split, backgrounds)
                 for i in range(config.pairs)]
         with ProcessPoolExecutor(config.workers) if config.workers > 1 else nullcontext() as pool:
             results = pool.map(_pair, jobs, chunksize=8) if pool else map(_pair, jobs)

@@ -154,6 +154,9 @@ def evaluate_demo(model: str, output: str | Path, *, pairs: str | Path | None = 
     output = Path(output)
     if output.exists():
         raise FileExistsError(f"output folder {output.name} already exists; choose a new one.")
+    if pairs is not None and not (Path(pairs) / "truth.csv").is_file():
+        raise FileNotFoundError(f"{Path(pairs).name} is not a pure-pairs folder (no truth.csv): "
+                                "make one with `instructx2x-train pure-pairs`.")
     editor = InstructX2XEditor.from_model(model)
     with atomic_output_dir(output) as staging:
         if pairs is None:

@@ -94,9 +94,9 @@ def train_vae(data: EditPairs, architecture: dict, settings: VAEPretrainingConfi
     vae.eval()
     with torch.no_grad():  # latent scale: unit variance of scaled latents, like SD's 0.18215
         sample = films[torch.randperm(len(films), generator=generator)[:64]] * 2 - 1
-        latents = vae.encode(sample.repeat(1, 3, 1, 1)).latent_dist.sample(generator)
-        scale = float(1.0 / latents.std())
-        reconstruction = vae.decode(vae.encode(sample.repeat(1, 3, 1, 1)).latent_dist.mode()).sample
+        posterior = vae.encode(sample.repeat(1, 3, 1, 1)).latent_dist
+        scale = float(1.0 / posterior.sample(generator).std())
+        reconstruction = vae.decode(posterior.mode()).sample
         mae = float((reconstruction.mean(1, keepdim=True) - sample).abs().mean() / 2)
     vae.register_to_config(scaling_factor=scale)
     with atomic_output_dir(output) as staging:
