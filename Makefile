@@ -14,7 +14,12 @@ PHANTOM_TRUTH := Resources/Samples/phantom_pa_truth_moderate_left_effusion.png
 REFERENCE ?= $(if $(filter Resources/Samples/phantom_pa.dcm,$(SAMPLE)),$(if $(subst $(PHANTOM_INSTRUCTION),,$(INSTRUCTION)),,$(PHANTOM_TRUTH)))
 DEMO_WORK ?= out/demo-model
 
-.PHONY: install demo demo-model test benchmark clean
+EVAL_VENV := .venv-eval
+EVAL_STAMP := $(EVAL_VENV)/.installed
+
+EVALUATION_WORK ?= out/evaluation-demo
+
+.PHONY: install demo demo-model classifiers evaluation test test-eval benchmark clean
 
 $(STAMP): constraints.txt InstructX2XLib/pyproject.toml Training/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +30,15 @@ $(STAMP): constraints.txt InstructX2XLib/pyproject.toml Training/pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The evaluation's torchxrayvision back-end needs torchvision, which the CPU torch of .venv can't
+# take (docs/evaluation.md): a second environment with the matched pair of constraints-eval.txt.
+$(EVAL_STAMP): constraints-eval.txt InstructX2XLib/pyproject.toml Training/pyproject.toml
+	$(PYTHON) -m venv $(EVAL_VENV)
+	$(EVAL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(EVAL_VENV)/bin/python -m pip install -q -c constraints-eval.txt torch torchvision
+	$(EVAL_VENV)/bin/python -m pip install -q -c constraints-eval.txt -e "InstructX2XLib[eval,test]" -e "Training[test]"
+	touch $(EVAL_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/instructx2x edit $(SAMPLE) --model $(MODEL) -i "$(INSTRUCTION)" \
@@ -48,8 +62,31 @@ demo-model: $(STAMP)
 		$(BIN)/instructx2x-train evaluate-demo $(DEMO_WORK)/acceptance --model demo --ablation-count 48
 	$(BIN)/python Training/scripts/bundle_demo_model.py $(DEMO_WORK)
 
-test: $(STAMP)
+# Retrain the bundled synthetic-cohort classifiers (about 10 minutes on 2 CPU cores; their card,
+# InstructX2XLib/src/instructx2x/resources/cohort_classifiers/classifiers.json, has the held-out figures).
+classifiers: $(STAMP)
+	rm -rf out/cohort-classifiers
+	$(BIN)/instructx2x-train train-classifiers out/cohort-classifiers --films 6000 --held-out 500 \
+		--steps 2000 --workers 2
+	rm -rf InstructX2XLib/src/instructx2x/resources/cohort_classifiers
+	cp -r out/cohort-classifiers InstructX2XLib/src/instructx2x/resources/cohort_classifiers
+
+# The demo model's evaluation in docs/evaluation-demo.md: CMIG / KL / FID and the region-mode
+# ablation on 160 held-out pure pairs (seed 1000, never used in training) at 256 px.
+evaluation: $(STAMP)
+	@test ! -e $(EVALUATION_WORK) || { echo "$(EVALUATION_WORK) exists: remove it or set EVALUATION_WORK=..."; exit 2; }
+	$(BIN)/instructx2x-train pure-pairs $(EVALUATION_WORK)/pairs --pairs 160 --resolution 256 --seed 1000 \
+		--split test --other-finding-probability 0 --workers 2
+	$(BIN)/instructx2x-train evaluate $(EVALUATION_WORK)/report --model demo --dataset $(EVALUATION_WORK)/pairs
+	cp $(EVALUATION_WORK)/report/evaluation.md docs/evaluation-demo.md
+	cp $(EVALUATION_WORK)/report/ablation.png docs/figures/evaluation-demo-ablation.png
+
+test: $(STAMP) test-eval
 	$(BIN)/python -m pytest -q InstructX2XLib/tests Training/tests Testing
+
+# the torchxrayvision back-end, in its own environment
+test-eval: $(EVAL_STAMP)
+	$(EVAL_VENV)/bin/python -m pytest -q -m xrv Testing/test_xrv_classifiers.py
 
 benchmark: $(STAMP)
 	$(BIN)/python Testing/benchmarks/benchmark_pipeline.py
@@ -57,4 +94,4 @@ benchmark: $(STAMP)
 	$(BIN)/python Testing/benchmarks/benchmark_dataset.py
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) $(EVAL_VENV) out

@@ -74,6 +74,7 @@ class InstructX2XParameterNode:
     precision: Annotated[str, Choice(["auto", "fp32", "bf16", "fp16"])] = "auto"
     model: str = DEFAULT_MODEL
     pacsTarget: str = ""
+    verify: bool = True
 
 
 class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -246,6 +247,8 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.previewButton.enabled = True
             if self.logic.lastResultText:
                 self.ui.statusLabel.text = self.logic.lastResultText
+            self.ui.verificationText.setPlainText(self.logic.lastVerificationText)
+            self.ui.verificationText.setVisible(bool(self.logic.lastVerificationText))
 
     def _running(self) -> None:
         self.ui.applyButton.text = _("Cancel")
@@ -273,6 +276,7 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
         self.results: dict = {}
         self.current: dict = {}
         self.lastResultText = ""
+        self.lastVerificationText = ""  # verification.txt of the last edit, when verified
 
     def getParameterNode(self):
         return InstructX2XParameterNode(super().getParameterNode())
@@ -357,7 +361,8 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
         self.folder = Path(tempfile.mkdtemp(prefix="instructx2x-"))
         database = slicer.dicomDatabase
         job = mrml.build_job(volume, kind, editParameters, self.folder, editMask, keepMask,
-                             dicom_file_for=database.fileForInstance if database is not None else None)
+                             dicom_file_for=database.fileForInstance if database is not None else None,
+                             verify="auto" if parameters.verify and kind == "edit" else None)
         worker = self.ensureWorker(parameters)
         self.pending = {"kind": kind, "job": job, "volume": volume}
         if worker.state == WorkerState.READY:
@@ -420,6 +425,8 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
         self.outputFolder = output
         self.lastResultText = _("Done: edit region {fraction:.1%} of the image ({prior}).").format(
             fraction=event.get("edit_fraction", 0), prior=(event.get("prior") or {}).get("reason", ""))
+        report = output / "verification.txt"
+        self.lastVerificationText = report.read_text() if kind == "edit" and report.is_file() else ""
         self.showBeforeAfter(True)
 
     def _editedPixels(self, output: Path, volume):
@@ -580,6 +587,7 @@ class InstructX2XTest(ScriptedLoadableModuleTest):
             parameters.inputVolume = volume
             parameters.instruction = "Add the finding of left pleural effusion"
             parameters.model = os.environ.get("INSTRUCTX2X_TEST_MODEL", "untrained-tiny")
+            parameters.verify = parameters.model == "demo"  # the tiny model has no classifier set
             parameters.device = "cpu"
             parameters.steps = 2
             parameters.maskSource = MASK_SOURCES[1]
@@ -604,6 +612,8 @@ class InstructX2XTest(ScriptedLoadableModuleTest):
             original = slicer.util.arrayFromVolume(volume)
             outside = painted == 0
             self.assertTrue(np.array_equal(edited[outside], original[outside]))
+            if parameters.verify:
+                self.assertIn("Verification", logic.lastVerificationText)
             logic.exportToDicom()
             logic.stopWorker()
         self.delayDisplay("Test passed")

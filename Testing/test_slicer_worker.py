@@ -74,3 +74,24 @@ def test_a_worker_that_cannot_load_its_model_reports_why(tmp_path):
     client.start()
     wait(client, lambda c, e: c.state is WorkerState.STOPPED)
     assert "model not found: no-model" in client.last_error
+
+
+def test_the_panels_verified_edit_on_the_demo_model(tmp_path):
+    """What the panel sends with "Verify the edit" on: the done event carries the verification
+    and its readable text lies beside the result (classifiers named by the model's card)."""
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parents[1] / "Resources" / "Samples" / "phantom_pa.dcm"
+    client = WorkerClient("demo", device="cpu")
+    client.start()
+    try:
+        wait(client, lambda c, e: c.state is WorkerState.READY)
+        client.submit("edit", {"input": str(sample), "output": str(tmp_path / "edit"), "verify": "auto",
+                               "parameters": {"instruction": "Add the finding of moderate left pleural effusion"}})
+        events = wait(client, lambda c, e: c.state is WorkerState.READY)
+    finally:
+        client.shutdown()
+    done = events[-1]
+    assert done["event"] == "done" and done["verification"]["classifiers"]["name"] == "cohort-v2"
+    assert done["verification"]["max_change_outside_mask"] == 0
+    assert "Verification" in (tmp_path / "edit" / "verification.txt").read_text()

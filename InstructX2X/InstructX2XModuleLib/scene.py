@@ -173,13 +173,14 @@ def import_result(scene, volume, edited: np.ndarray, guidance: np.ndarray, edit_
 
 def build_job(volume, kind: str, parameters: dict, folder: Path, edit_mask: np.ndarray | None = None,
               keep_mask: np.ndarray | None = None,
-              dicom_file_for: Callable[[str], str | None] | None = None) -> dict:
+              dicom_file_for: Callable[[str], str | None] | None = None, verify: str | None = None) -> dict:
     """The worker's job (``instructx2x.jobs.EditJob.to_dict`` form) for a radiograph volume.
 
     The input is the DICOM file the volume was loaded from (found through
     ``dicom_file_for(SOPInstanceUID)``, e.g. Slicer's DICOM database), so the result is
     exported into the same study; otherwise its pixels are written as a 16-bit PNG. Masks are
-    written as ``.npy`` on the volume's grid.
+    written as ``.npy`` on the volume's grid. ``verify`` names the classifier set that checks
+    an edit (``auto``: the one the model names), or None.
 
     Raises
     ------
@@ -201,6 +202,8 @@ def build_job(volume, kind: str, parameters: dict, folder: Path, edit_mask: np.n
         source = folder / "input.png"
         Image.fromarray(scaled.round().astype(np.uint16)).save(source)
     job = {"input": str(source), "output": str(folder / kind), "parameters": dict(parameters)}
+    if verify is not None:
+        job["verify"] = verify
     for key, mask in (("mask", edit_mask), ("keep_mask", keep_mask)):
         if mask is None:
             continue

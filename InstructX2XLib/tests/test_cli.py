@@ -50,6 +50,34 @@ def test_reference_mask_is_outlined_on_the_figure_and_checked_first(png, tmp_pat
     assert "small.npy is 10x10" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
+def test_verify_checks_the_edit_with_the_classifiers_the_model_names(tmp_path, capsys):
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parents[2] / "Resources" / "Samples" / "phantom_pa.dcm"
+    out = tmp_path / "verified"
+    assert main(["edit", str(sample), "-i", "Add the finding of moderate left pleural effusion", "--model",
+                 "demo", "--verify", "-o", str(out), "--progress", "none"]) == 0
+    done = json.loads(capsys.readouterr().out)
+    report = json.loads((out / "verification.json").read_text())
+    assert done["verification"] == report and "verification.txt" in done["files"]
+    assert report["classifiers"]["name"] == "cohort-v2" and report["instructed"] == ["Effusion"]
+    assert report["max_change_outside_mask"] == 0 and set(report["findings_after"]) == set(report["findings_before"])
+    text = (out / "verification.txt").read_text()
+    assert text.startswith("Verification ") and "* Effusion" in text
+
+
+def test_verify_with_missing_classifiers_fails_before_the_edit(png, tmp_path, capsys):
+    try:
+        import torchxrayvision  # noqa: F401
+        pytest.skip("torchxrayvision is installed here")
+    except (ImportError, RuntimeError):
+        pass
+    assert main(args(png, tmp_path / "out", "--verify", "torchxrayvision")) == 3
+    assert "eval extra" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert main(["preview", *args(png, tmp_path / "p", "--verify")[1:]]) == 2
+    assert "verification needs the edit command" in capsys.readouterr().err
+
+
 def test_preview_writes_maps_only(png, tmp_path):
     out = tmp_path / "preview"
     assert main(["preview", *args(png, out)[1:]]) == 0

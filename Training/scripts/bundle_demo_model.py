@@ -39,6 +39,8 @@ card.update({"name": "instructx2x-demo", "intended_use": NOTICE,
              # DPM-Solver++ 10 steps beat 3 and 4 on every acceptance figure at 0.8 s an edit
              # (the sampler table of the first acceptance run; issue 10 note)
              "few_step_solver_steps": FEW_STEP_SOLVER_STEPS,
+             # trained on phantoms: its edits are measured by the classifiers trained on them
+             "classifiers": "cohort-v2",
              "trained_on": f"cohort v2 pure pairs (instructx2x-train pure-pairs --pairs 6000 --resolution 128 "
                            f"--seed 0), {config['steps']} steps, batch {config['batch']['per_device']}"})
 if TARGET.exists():
@@ -89,6 +91,12 @@ takes {timing.get('acceptance_minutes', '?')} min more. {timing.get('note', '')}
 {acceptance}
 `acceptance_examples.png`: columns = findings; rows = input, edit, true counterfactual, guidance
 map over the input with the true lesion outlined in green.
+
+## Evaluation with classifiers
+Its edits are measured by the classifiers trained on its phantoms (`"classifiers": "cohort-v2"`
+in `model_card.json`; `instructx2x edit --verify` and the Slicer panel use them): the paper's
+CMIG / KL / FID and region-mode ablation on the same held-out pairs are in the repository's
+`docs/evaluation-demo.md` (`make evaluation`).
 """)
 sizes = {p.relative_to(TARGET).as_posix(): p.stat().st_size for p in TARGET.rglob("*") if p.is_file()}
 assert max(sizes.values()) <= 25 * 1024 * 1024, sizes

@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--composite", default="change", choices=list(COMPOSITE_MODES),
                      help="change: native image + the model's change inside the mask (keeps "
                           "native detail); replace: the model's upsampled output inside it")
+    job.add_argument("--verify", nargs="?", const="auto", metavar="SET", help=(
+        "check the edit with classifiers and write verification.json/.txt: auto (default; the "
+        "set the model names, else torchxrayvision), cohort-v2, torchxrayvision or a folder"))
     job.add_argument("--progress", default="bar", choices=["bar", "jsonl", "none"])
     dicom = job.add_argument_group("DICOM")
     dicom.add_argument("--voi", default="first",
@@ -227,7 +230,7 @@ def _job(args: argparse.Namespace, source: Path, instruction: str) -> EditJob:
                    voi=int(args.voi) if args.voi.isdigit() else args.voi,
                    allow_non_chest=args.allow_non_chest, feather_px=args.feather,
                    push_cstore=args.push_cstore, push_stow=args.push_stow,
-                   reference_mask=args.reference_mask)
+                   reference_mask=args.reference_mask, verify=args.verify)
 
 
 def _fail(emit, error: Exception, code: int) -> int:

@@ -11,6 +11,7 @@ This module imports no torch: the model stack is imported by ``run_job``'s calle
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -52,6 +53,10 @@ class EditJob:
         PACS targets (``HOST:PORT:AET``, an http(s) URL); the only network traffic.
     reference_mask: pathlib.Path | None
         A known lesion (e.g. a phantom's ground truth), outlined on ``figure.png``.
+    verify: str | None
+        Check the edit with a classifier set (``verification.verify_edit``) and write
+        ``verification.json`` and ``verification.txt``: ``auto`` (the set the model's card
+        names, else torchxrayvision), ``cohort-v2``, ``torchxrayvision`` or a folder.
     """
 
     command: str
@@ -66,6 +71,7 @@ class EditJob:
     push_cstore: str | None = None
     push_stow: str | None = None
     reference_mask: Path | None = None
+    verify: str | None = None
 
     def __post_init__(self) -> None:
         if self.command not in COMMANDS:
@@ -76,6 +82,8 @@ class EditJob:
             raise ParameterError(f"push_stow must be an http(s) URL, got {self.push_stow!r}.")
         if (self.push_cstore or self.push_stow) and self.command != "edit":
             raise ParameterError("pushing to a PACS needs the edit command.")
+        if self.verify is not None and self.command != "edit":
+            raise ParameterError("verification needs the edit command (a preview has no edited image).")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EditJob":
@@ -118,6 +126,7 @@ class PreparedJob:
     keep_mask: Any
     cstore_target: Any
     reference_mask: Any = None
+    classifiers: Any = None  # the verification's ClassifierSet, loaded before the model works
 
 
 def prepare(job: EditJob) -> PreparedJob:
@@ -195,6 +204,7 @@ def run_job(prepared: PreparedJob, editor, emit: Events, progress_bar: bool = Fa
 def edit_images(prepared: PreparedJob, editor, emit: Events, progress_bar: bool = False) -> list:
     """The model part of ``run_job``: one ``EditResult`` per image, nothing written."""
     job = prepared.job
+    load_verifier(prepared, editor)
     parameters = editor.resolve(job.parameters)
     steps = parameters.num_inference_steps if job.command == "edit" else 0
     total = steps * len(prepared.images)
@@ -229,6 +239,15 @@ def edit_images(prepared: PreparedJob, editor, emit: Events, progress_bar: bool 
     return results
 
 
+def load_verifier(prepared: PreparedJob, editor) -> None:
+    """Load the job's verification classifiers (once per process) before any model call, so a
+    missing weight file is refused before the edit runs."""
+    if prepared.job.verify is not None and prepared.classifiers is None:
+        from .verification import classifiers_for
+
+        prepared.classifiers = classifiers_for(prepared.job.verify, editor.model_info)
+
+
 def write_results(prepared: PreparedJob, results: list, emit: Events, float_maps: bool = False) -> dict:
     """The output part of ``run_job``: files in one atomic folder, then the PACS push."""
     from .dicom.pacs import push_cstore, push_stow
@@ -242,6 +261,9 @@ def write_results(prepared: PreparedJob, results: list, emit: Events, float_maps
                "prior": results[0].manifest["prior"],
                "edit_fraction": results[0].manifest["edit_fraction"],
                "untrained": results[0].untrained}
+    if prepared.classifiers is not None:  # what the panels show beside the result
+        summary["verification"] = json.loads((job.output / ("verification.json" if len(results) == 1 else
+                                                            "image-001/verification.json")).read_text())
     dicom_files = [job.output / name for name in written if name.endswith(".dcm")]
     try:
         if prepared.cstore_target is not None:
@@ -260,7 +282,7 @@ def write_results(prepared: PreparedJob, results: list, emit: Events, float_maps
 def write_into(folder: Path, prepared: PreparedJob, results: list, float_maps: bool = False) -> list[str]:
     """Write a job's results into an existing (staging) folder; returns the relative names."""
     from .dicom.export import write_dicom_edit
-    from .outputs import write_figure, write_float_maps, write_png_result
+    from .outputs import write_figure, write_float_maps, write_png_result, write_verification
 
     written = []
     for index, (image, result) in enumerate(zip(prepared.images, results)):
@@ -272,6 +294,8 @@ def write_into(folder: Path, prepared: PreparedJob, results: list, float_maps: b
         names += [p.name for p in write_png_result(target, image, result)]
         if result.edited is not None:
             names += [write_figure(target, image, result, prepared.reference_mask).name]
+        if prepared.classifiers is not None and result.edited is not None:
+            names += [p.name for p in write_verification(target, image, result, prepared.classifiers)]
         if float_maps:
             names += [p.name for p in write_float_maps(target, image, result)]
         written += [str((target / n).relative_to(folder)) for n in names]
@@ -356,6 +380,8 @@ def run_jobs_file(prepared: list[PreparedJob], output: Path, editor, emit: Event
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ParameterError(f"batch size must be an integer >= 1, got {batch_size!r}.")
     emit({"event": "jobs", "count": len(prepared)})
+    for item in prepared:
+        load_verifier(item, editor)
     rows = []
     with atomic_output_dir(output) as staging:
         for group in _batches(prepared, batch_size):

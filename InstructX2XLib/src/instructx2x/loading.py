@@ -47,9 +47,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 COMPONENTS = ("unet", "vae", "text_encoder")
 MODEL_CARD_NAME = "model_card.json"
 # few_step_solver_steps: the step count a model measured best for DPM-Solver++ / UniPC when
-# none is given (the package default is 3, chosen for Stable Diffusion-size models on CPU)
+# none is given (the package default is 3, chosen for Stable Diffusion-size models on CPU);
+# classifiers: the classifier set that measures its edits (verification.classifiers_for)
 MODEL_CARD_FIELDS = ("name", "trained", "trained_on", "resolution", "intended_use",
-                     "few_step_solver_steps")
+                     "few_step_solver_steps", "classifiers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,6 +246,8 @@ def _load_directory(path: Path, scheduler_name: str) -> tuple[InstructX2XPipelin
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000):
         raise ModelLoadError(f"{path.name}/{MODEL_CARD_NAME}: 'few_step_solver_steps' must be an "
                              f"integer in 1..1000, got {steps!r}.")
+    if not isinstance((card or {}).get("classifiers", ""), str):
+        raise ModelLoadError(f"{path.name}/{MODEL_CARD_NAME}: 'classifiers' must name a classifier set.")
     card = None if card is None else {k: card[k] for k in MODEL_CARD_FIELDS if k in card}
     return pipe, ModelInfo(path.name, "directory", hash_files(weight_files, path), trained, card,
                            "model" if saved_scheduler is not None else "shipped")

@@ -162,6 +162,17 @@ def write_figure(directory: Path, image: Radiograph, result: EditResult,
     return directory / "figure.png"
 
 
+def write_verification(directory: Path, image: Radiograph, result: EditResult, classifiers) -> list[Path]:
+    """``verification.json`` and its readable ``verification.txt`` (``verification.verify_edit``)."""
+    from .verification import verify_edit
+
+    report = verify_edit(image.pixels, result.edited, result.edit_mask,
+                         result.manifest["instruction"]["text"], classifiers)
+    (directory / "verification.json").write_text(to_json(report.to_dict()) + "\n")
+    (directory / "verification.txt").write_text(report.summary())
+    return [directory / "verification.json", directory / "verification.txt"]
+
+
 def write_float_maps(directory: Path, image: Radiograph, result: EditResult) -> list[Path]:
     """The maps at full precision on the input's grid, for overlays that keep their values.
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from instructx2x.errors import InstructX2XError
+from instructx2x.parameters import RegionMode
 
 from .answers import MULTI_FINDING_MODES
 from .cohort import CohortConfig, generate_cohort
@@ -20,6 +21,12 @@ from .pseudo_masks import build_pseudo_masks
 from .tables import TableError
 
 __all__ = ["main", "build_parser"]
+
+
+RESUME_HINTS = {
+    "train": "interrupted: the steps completed are in a resumable checkpoint (--resume latest).",
+    "evaluate": "interrupted: the pairs finished are recorded; rerun the same command to resume.",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +94,37 @@ def build_parser() -> argparse.ArgumentParser:
     accept.add_argument("--ablation-count", type=int, help="pairs for the region-mode and sampler "
                         "tables (default: all)")
 
+    classify = commands.add_parser("train-classifiers", help="train the synthetic-cohort classifiers "
+                                   "(five findings, age, sex, race) that evaluate edits of phantoms")
+    classify.add_argument("output", type=Path)
+    classify.add_argument("--films", type=int, default=4000)
+    classify.add_argument("--held-out", type=int, default=500)
+    classify.add_argument("--resolution", type=int, default=128)
+    classify.add_argument("--steps", type=int, default=2000)
+    classify.add_argument("--batch", type=int, default=32)
+    classify.add_argument("--seed", type=int, default=0)
+    classify.add_argument("--workers", type=int, default=1)
+
+    assess = commands.add_parser("evaluate", help="CMIG / KL / FID and the region-mode ablation (the "
+                                 "paper's Tables 1-2) on a dataset split; also under accelerate launch")
+    assess.add_argument("output", type=Path, help="new folder, or an interrupted one to resume")
+    assess.add_argument("--model", required=True)
+    assess.add_argument("--dataset", type=Path, required=True, help="MIMIC-EDIT-INSTRUCTION folder "
+                        "(build-dataset or pure-pairs)")
+    assess.add_argument("--split", default="test")
+    assess.add_argument("--modes", default=",".join(mode.value for mode in RegionMode), help="comma-separated region modes")
+    assess.add_argument("--classifiers", default="cohort-v2", help="cohort-v2 (phantoms), "
+                        "torchxrayvision (real films) or a train-classifiers folder")
+    assess.add_argument("--weights-dir", type=Path, help="folder of torchxrayvision's DenseNet weights "
+                        "(default: its cache); nothing is downloaded")
+    assess.add_argument("--limit", type=int, help="evaluate the first N pairs only")
+    assess.add_argument("--batch-size", type=int, default=4)
+    assess.add_argument("--seed", type=int, default=0)
+    assess.add_argument("--resolution", type=int, help="edit resolution (default: the model's own)")
+    assess.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    assess.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95 %% intervals")
+    assess.add_argument("--no-progress", action="store_true")
+
     masks = commands.add_parser("pseudo-masks", help="build the 8 pseudo masks from MS-CXR")
     masks.add_argument("output", type=Path)
     masks.add_argument("--ms-cxr", type=Path, required=True,
@@ -135,11 +173,31 @@ def main(argv: list[str] | None = None) -> int:
                                    count=args.count, resolution=args.resolution,
                                    ablation_count=args.ablation_count)
             result = {"verdicts": report["verdicts"], "report": str(args.output / "acceptance.md")}
+        elif args.command == "train-classifiers":
+            from .classifiers import ClassifierConfig, train_classifiers
+
+            card = train_classifiers(args.output, ClassifierConfig(
+                films=args.films, held_out=args.held_out, resolution=args.resolution, steps=args.steps,
+                batch=args.batch, seed=args.seed, workers=args.workers))
+            result = {"output": str(args.output), "held_out": card["held_out"],
+                      "training_seconds": card["training_seconds"]}
+        elif args.command == "evaluate":
+            from .evaluation import EvaluationConfig, evaluate
+
+            report = evaluate(args.output, EvaluationConfig(
+                model=args.model, dataset=str(args.dataset), split=args.split,
+                modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+                classifiers=args.classifiers, weights_dir=str(args.weights_dir) if args.weights_dir else None,
+                limit=args.limit, batch_size=args.batch_size, seed=args.seed, resolution=args.resolution,
+                steps=args.steps, bootstrap=args.bootstrap), progress_bar=not args.no_progress)
+            if not report:  # a non-main process under accelerate launch
+                return 0
+            result = {"report": str(args.output / "evaluation.md"),
+                      "cmig": {name: row["cmig"] for name, row in report["rows"].items()}}
         else:
             result = build_pseudo_masks(args.ms_cxr, args.metadata, args.output)
     except KeyboardInterrupt:
-        print("interrupted: the steps completed are in a resumable checkpoint "
-              "(--resume latest).", file=sys.stderr)
+        print(RESUME_HINTS.get(args.command, "interrupted: nothing was written."), file=sys.stderr)
         return 130
     except InstructX2XError as error:  # the library's families: disk full while saving, ...
         print(f"error: {error}", file=sys.stderr)

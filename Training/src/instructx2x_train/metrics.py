@@ -13,24 +13,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from instructx2x.instructions import Operation, parse_instruction
 
-__all__ = ["PATHOLOGIES", "FINDING_TO_PATHOLOGY", "frechet_distance", "kl_divergence",
-           "label_distribution", "label_kl", "geometric_mean", "pearson", "bootstrap_interval",
-           "expected_labels", "pathology_accuracy", "cmig"]
-
-# The five pathologies the paper scores (torchxrayvision names).
-PATHOLOGIES = ("Atelectasis", "Cardiomegaly", "Edema", "Effusion", "Pneumothorax")
-# Instruction findings (the parser's canonical names) that decide one of them.
-FINDING_TO_PATHOLOGY = {
-    "atelectasis": "Atelectasis",
-    "cardiomegaly": "Cardiomegaly",
-    "enlargement of the cardiac silhouette": "Cardiomegaly",
-    "edema": "Edema",
-    "pleural effusion": "Effusion",
-    "pneumothorax": "Pneumothorax",
-}
-
+__all__ = ["frechet_distance", "kl_divergence", "label_distribution", "label_kl", "geometric_mean",
+           "pearson", "bootstrap_interval", "pathology_accuracy", "cmig"]
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets ``(N, D)``.
@@ -52,7 +37,7 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
         raise ValueError(f"features must be (N, D) with the same D and N >= 2, got {a.shape} and {b.shape}.")
     mean_a, mean_b = a.mean(axis=0), b.mean(axis=0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    root = linalg.sqrtm(cov_a @ cov_b)
     if not np.isfinite(root).all():  # singular product: regularise as the reference FID code does
         offset = np.eye(len(cov_a)) * 1e-6
         root = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
@@ -107,43 +92,21 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     return float((dx * dy).sum() / denominator)
 
 
-def bootstrap_interval(statistic: Callable[..., float], *samples: np.ndarray, resamples: int = 1000,
-                       level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``statistic(*samples)``, resampling rows jointly.
+def bootstrap_intervals(statistic: Callable[[np.ndarray], dict[str, float]], count: int,
+                        resamples: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of every figure ``statistic(index)`` returns.
 
-    The samples are paired (row i of each belongs to test pair i), so one index draw
-    resamples them all; the generator is local and seeded.
+    ``statistic`` receives an index array into the ``count`` test pairs; the rows of a pair
+    (source, target, edit) are resampled together, and one set of seeded draws serves all
+    figures. A draw whose figure is undefined (NaN) is left out of that figure's interval.
     """
-    count = len(samples[0])
-    if any(len(s) != count for s in samples):
-        raise ValueError("paired samples must have the same length.")
-    generator = np.random.default_rng(seed)
-    values = []
-    for _ in range(resamples):
-        index = generator.integers(0, count, count)
-        values.append(statistic(*(np.asarray(s)[index] for s in samples)))
+    if count < 1 or resamples < 1:
+        raise ValueError(f"count and resamples must be >= 1, got {count}, {resamples}.")
+    draws = np.random.default_rng(seed).integers(0, count, (resamples, count))
+    values = [statistic(index) for index in draws]
     tail = (1 - level) / 2 * 100
-    low, high = np.percentile(values, [tail, 100 - tail])
-    return float(low), float(high)
-
-
-def expected_labels(source: dict[str, bool], instruction: str) -> dict[str, bool]:
-    """The labels the edited image should have: the source's, changed as the instruction says.
-
-    Add X: X present. Remove X: X absent. Change the level of X: X still present. Findings
-    outside the five pathologies change nothing here.
-    """
-    parsed = parse_instruction(instruction)
-    expected = {name: bool(source.get(name, False)) for name in PATHOLOGIES}
-    for finding in parsed.findings:
-        pathology = FINDING_TO_PATHOLOGY.get(finding)
-        if pathology is None:
-            continue
-        if parsed.operation is Operation.REMOVE:
-            expected[pathology] = False
-        elif parsed.operation in (Operation.ADD, Operation.CHANGE_LEVEL):
-            expected[pathology] = True
-    return expected
+    return {key: tuple(float(v) for v in np.nanpercentile([value[key] for value in values], [tail, 100 - tail]))
+            for key in values[0]}
 
 
 def pathology_accuracy(predicted: np.ndarray, expected: np.ndarray) -> float:

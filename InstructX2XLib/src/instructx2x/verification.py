@@ -1,0 +1,197 @@
+"""Per-edit verification: did the instructed finding change, and nothing else?
+
+A radiologist reading a counterfactual needs to see, for this one edit, that the classifiers
+moved the instructed finding the instructed way, that the other findings and the patient's
+age, sex and race stayed put, and that not one pixel outside the edit mask changed. The same
+rule that the evaluation scores (``expected_labels``) decides the verdict; margins say how far
+another figure may move before it counts as collateral change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+
+from .classifiers import FINDING_TO_PATHOLOGY, PATHOLOGIES, RACES, ClassifierSet, Predictions, load_classifiers
+from .instructions import Operation, parse_instruction
+
+__all__ = ["VerificationMargins", "Verification", "expected_labels", "verify_edit", "lung_zones",
+           "classifiers_for"]
+
+ZONE_ROWS = ("upper", "middle", "lower")
+
+
+@dataclasses.dataclass(frozen=True)
+class VerificationMargins:
+    """How far a figure may move before the report flags it."""
+
+    probability: float = 0.2  # another finding's probability, or P(female)
+    age_years: float = 5.0
+    race_probability: float = 0.2  # any race class's probability
+
+    def __post_init__(self) -> None:
+        if not (0 < self.probability < 1 and 0 < self.race_probability < 1 and self.age_years > 0):
+            raise ValueError(f"margins must be positive (probabilities below 1), got {self}.")
+
+
+def expected_labels(source: dict[str, bool], instruction: str) -> dict[str, bool]:
+    """The labels the edited image should have: the source's, changed as the instruction says.
+
+    Add X: X present. Remove X: X absent. Change the level of X: X still present. Findings
+    outside the five pathologies change nothing here.
+    """
+    parsed = parse_instruction(instruction)
+    expected = {name: bool(source.get(name, False)) for name in PATHOLOGIES}
+    for finding in parsed.findings:
+        pathology = FINDING_TO_PATHOLOGY.get(finding)
+        if pathology is None:
+            continue
+        if parsed.operation is Operation.REMOVE:
+            expected[pathology] = False
+        elif parsed.operation in (Operation.ADD, Operation.CHANGE_LEVEL):
+            expected[pathology] = True
+    return expected
+
+
+def classifiers_for(spec: str, model_info) -> ClassifierSet:
+    """The set that fits a model's edits: ``auto`` takes the one its model card names (the demo
+    model, trained on phantoms, names ``cohort-v2``), else torchxrayvision's (real films).
+    Loaded once per process."""
+    if spec == "auto":
+        spec = (getattr(model_info, "card", None) or {}).get("classifiers", "torchxrayvision")
+    return _load_cached(spec)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(spec: str) -> ClassifierSet:
+    return load_classifiers(spec)
+
+
+def lung_zones(mask: np.ndarray) -> dict[str, float]:
+    """Share of the mask in each of six zones of a PA film: the patient's right and left
+    (image left and right) by upper, middle and lower thirds of the rows between 10 % and 90 %
+    of the height (an approximation of the lung zones without a lung segmentation)."""
+    mask = np.asarray(mask, dtype=bool)
+    rows, columns = mask.shape
+    total = max(int(mask.sum()), 1)
+    edges = np.linspace(0.1 * rows, 0.9 * rows, 4).round().astype(int)
+    edges[0], edges[-1] = 0, rows  # the outer zones take the margins
+    shares = {}
+    for side, (left, right) in (("right", (0, columns // 2)), ("left", (columns // 2, columns))):
+        for name, top, bottom in zip(ZONE_ROWS, edges[:-1], edges[1:]):
+            shares[f"{side} {name}"] = float(mask[top:bottom, left:right].sum() / total)
+    return shares
+
+
+@dataclasses.dataclass(frozen=True)
+class Verification:
+    """One edit checked by one classifier set; ``to_dict`` is the JSON, ``summary`` the text."""
+
+    classifiers: dict
+    instruction: str
+    instructed: tuple[str, ...]
+    expected: dict[str, bool]
+    findings_before: dict[str, float]
+    findings_after: dict[str, float]
+    age_before: float
+    age_after: float
+    race_before: dict[str, float]
+    race_after: dict[str, float]
+    sex_female_before: float | None
+    sex_female_after: float | None
+    max_change_outside_mask: float
+    mask_fraction: float
+    zones: dict[str, float]
+    failed: tuple[str, ...]
+    collateral: tuple[str, ...]
+    margins: VerificationMargins
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed and not self.collateral and self.max_change_outside_mask == 0
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["passed"] = self.passed
+        return data
+
+    def summary(self) -> str:
+        """A short readable report: verdict first, then the figures behind it."""
+        verdict = "PASSED" if self.passed else "FLAGGED"
+        lines = [f"Verification {verdict}: {self.instruction}",
+                 f"classifiers: {self.classifiers['name']} ({self.classifiers['caveat']})"]
+        lines += [f"- failed edit: {item}" for item in self.failed]
+        lines += [f"- collateral change: {item}" for item in self.collateral]
+        if self.max_change_outside_mask != 0:
+            lines.append(f"- the image changed outside the edit mask (max {self.max_change_outside_mask:.3g})")
+        lines.append("findings (probability before -> after; * instructed):")
+        for name in PATHOLOGIES:
+            mark = "*" if name in self.instructed else " "
+            lines.append(f" {mark} {name:<13} {self.findings_before[name]:.2f} -> {self.findings_after[name]:.2f}"
+                         f"  (expected {'present' if self.expected[name] else 'absent'})")
+        race = max(self.race_before, key=self.race_before.get)
+        race_after = max(self.race_after, key=self.race_after.get)
+        lines.append(f"age {self.age_before:.1f} -> {self.age_after:.1f} years; race {race} -> {race_after}"
+                     + ("" if self.sex_female_before is None else
+                        f"; P(female) {self.sex_female_before:.2f} -> {self.sex_female_after:.2f}"))
+        zone = max(self.zones, key=self.zones.get)
+        lines.append(f"edit mask: {100 * self.mask_fraction:.1f} % of the image, mostly {zone} "
+                     f"({100 * self.zones[zone]:.0f} %); change outside it: {self.max_change_outside_mask:.3g}")
+        return "\n".join(lines) + "\n"
+
+
+def verify_edit(source: np.ndarray, edited: np.ndarray, edit_mask: np.ndarray, instruction: str,
+                classifiers: ClassifierSet, margins: VerificationMargins = VerificationMargins()) -> Verification:
+    """Check one edit: ``source`` and ``edited`` float ``(rows, columns)`` in ``[0, 1]``,
+    ``edit_mask`` bool on the same grid.
+
+    The source's labels are the classifiers' own decisions on it (a single film has no
+    ground truth); the instructed finding fails when the edited film's decision is not the
+    expected one. Collateral change: another finding's probability moves by more than the
+    margin or its decision flips, predicted age moves by more than ``age_years``, P(female)
+    or a race probability by more than their margins.
+
+    Raises
+    ------
+    ValueError
+        When the three arrays are not on one grid (checked before any classifier runs).
+    """
+    source, edited = np.asarray(source, np.float32), np.asarray(edited, np.float32)
+    edit_mask = np.asarray(edit_mask, dtype=bool)
+    if not (source.shape == edited.shape == edit_mask.shape) or source.ndim != 2:
+        raise ValueError(f"source, edited and mask must be one 2-D grid, got {source.shape}, "
+                         f"{edited.shape}, {edit_mask.shape}.")
+    parsed = parse_instruction(instruction)
+    predictions: Predictions = classifiers.predict([source, edited])
+    before = dict(zip(PATHOLOGIES, predictions.findings[0].tolist()))
+    after = dict(zip(PATHOLOGIES, predictions.findings[1].tolist()))
+    expected = expected_labels({name: p >= 0.5 for name, p in before.items()}, instruction)
+    instructed = tuple(dict.fromkeys(FINDING_TO_PATHOLOGY[f] for f in parsed.findings if f in FINDING_TO_PATHOLOGY))
+    failed = tuple(f"{name}: expected {'present' if expected[name] else 'absent'}, "
+                   f"classifier says {after[name]:.2f}"
+                   for name in instructed if (after[name] >= 0.5) != expected[name])
+    collateral = [f"{name}: {before[name]:.2f} -> {after[name]:.2f}" for name in PATHOLOGIES
+                  if name not in instructed and (abs(after[name] - before[name]) > margins.probability
+                                                 or (after[name] >= 0.5) != (before[name] >= 0.5))]
+    ages = predictions.age.tolist()
+    if abs(ages[1] - ages[0]) > margins.age_years:
+        collateral.append(f"age: {ages[0]:.1f} -> {ages[1]:.1f} years")
+    races = predictions.race
+    if np.abs(races[1] - races[0]).max() > margins.race_probability or races[0].argmax() != races[1].argmax():
+        collateral.append(f"race: {RACES[int(races[0].argmax())]} {races[0].max():.2f} -> "
+                          f"{RACES[int(races[1].argmax())]} {races[1][races[0].argmax()]:.2f}")
+    sex = None if predictions.sex_female is None else predictions.sex_female.tolist()
+    if sex is not None and abs(sex[1] - sex[0]) > margins.probability:
+        collateral.append(f"sex: P(female) {sex[0]:.2f} -> {sex[1]:.2f}")
+    outside = np.abs(edited - source)[~edit_mask]
+    return Verification(
+        classifiers=classifiers.describe(), instruction=parsed.text, instructed=instructed,
+        expected=expected, findings_before=before, findings_after=after,
+        age_before=ages[0], age_after=ages[1],
+        race_before=dict(zip(RACES, races[0].tolist())), race_after=dict(zip(RACES, races[1].tolist())),
+        sex_female_before=None if sex is None else sex[0], sex_female_after=None if sex is None else sex[1],
+        max_change_outside_mask=float(outside.max()) if outside.size else 0.0,
+        mask_fraction=float(edit_mask.mean()), zones=lung_zones(edit_mask), failed=failed,
+        collateral=tuple(collateral), margins=margins)

@@ -1,0 +1,142 @@
+"""Per-edit verification: the verdict rules, the zones, and the classifier sets' loading."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from instructx2x.classifiers import (COHORT_SET_NAME, PATHOLOGIES, RACES, ClassifierSet, CohortClassifiers,
+                                     CohortNetwork, Predictions, load_classifiers, save_cohort_classifiers)
+from instructx2x.errors import ModelLoadError
+from instructx2x.verification import classifiers_for, lung_zones, verify_edit
+
+
+class RegionReader(ClassifierSet):
+    """A transparent classifier for testing the rules: each finding's probability is the mean
+    brightness of one region of the film (effusion: the image's lower right, the patient's
+    left base on a PA film), age is 100 x the mean of the top band, race follows the left edge."""
+
+    name, caveat = "region reader", "test double"
+    regions = {"Atelectasis": (slice(0, 20), slice(0, 20)), "Cardiomegaly": (slice(30, 50), slice(25, 40)),
+               "Edema": (slice(0, 20), slice(44, 64)), "Effusion": (slice(48, 64), slice(40, 64)),
+               "Pneumothorax": (slice(20, 30), slice(0, 10))}
+
+    def predict(self, images, batch_size=32):
+        images = np.stack(images)
+        findings = np.stack([images[:, r, c].mean(axis=(1, 2)) for r, c in self.regions.values()], 1)
+        edge = images[:, :, :4].mean(axis=(1, 2))
+        race = np.stack([edge, np.full_like(edge, 0.1), 1 - edge], 1)
+        return Predictions(findings=findings, age=100 * images[:, :4].mean(axis=(1, 2)),
+                           race=race / race.sum(1, keepdims=True), features=images.reshape(len(images), -1),
+                           sex_female=None)
+
+
+@pytest.fixture
+def film():
+    image = np.full((64, 64), 0.3, np.float32)
+    image[:, :4] = 0.8  # race reading: the first class
+    return image
+
+
+def test_an_edit_that_adds_the_finding_where_it_belongs_passes(film):
+    edited = film.copy()
+    mask = np.zeros(film.shape, bool)
+    mask[48:, 40:] = True
+    edited[mask] = 0.9
+    report = verify_edit(film, edited, mask, "Add the finding of left pleural effusion", RegionReader())
+    assert report.passed and not report.failed and not report.collateral
+    assert report.instructed == ("Effusion",) and report.expected["Effusion"] is True
+    assert report.findings_before["Effusion"] == pytest.approx(0.3) and report.findings_after["Effusion"] == pytest.approx(0.9)
+    assert report.max_change_outside_mask == 0
+    assert max(report.zones, key=report.zones.get) == "left lower"  # image right = patient's left
+    assert "PASSED" in report.summary()
+    json.loads(json.dumps(report.to_dict()))  # JSON-ready
+
+
+def test_an_edit_that_did_not_move_the_finding_is_flagged_failed(film):
+    mask = np.zeros(film.shape, bool)
+    mask[48:, 40:] = True
+    report = verify_edit(film, film.copy(), mask, "Add the finding of left pleural effusion", RegionReader())
+    assert not report.passed and report.failed and report.failed[0].startswith("Effusion: expected present")
+    assert "FLAGGED" in report.summary() and "failed edit" in report.summary()
+
+
+def test_collateral_changes_and_pixels_outside_the_mask_are_flagged(film):
+    edited = film.copy()
+    mask = np.zeros(film.shape, bool)
+    mask[48:, 40:] = True
+    edited[mask] = 0.9
+    edited[30:50, 25:40] = 0.9  # cardiomegaly region, outside the mask
+    edited[:4, :] = 0.9  # age band
+    report = verify_edit(film, edited, mask, "Add the finding of left pleural effusion", RegionReader())
+    assert not report.failed
+    assert any(item.startswith("Cardiomegaly") for item in report.collateral)
+    assert any(item.startswith("age") for item in report.collateral)
+    assert report.max_change_outside_mask == pytest.approx(0.6)
+    assert not report.passed and "outside the edit mask" in report.summary()
+
+
+def test_remove_expects_absence_and_shapes_are_checked_first(film):
+    bright = film.copy()
+    bright[48:, 40:] = 0.9
+    mask = np.zeros(film.shape, bool)
+    mask[48:, 40:] = True
+    report = verify_edit(bright, film, mask, "Remove the finding of pleural effusion", RegionReader())
+    assert report.expected["Effusion"] is False and not report.failed
+    with pytest.raises(ValueError, match="one 2-D grid"):
+        verify_edit(film, film[:10], mask, "Remove the finding of pleural effusion", RegionReader())
+
+
+def test_lung_zones_follow_the_pa_convention():
+    mask = np.zeros((90, 60), bool)
+    mask[5:20, 5:20] = True  # image upper left: the patient's right upper zone
+    zones = lung_zones(mask)
+    assert zones["right upper"] == pytest.approx(1.0) and sum(zones.values()) == pytest.approx(1.0)
+
+
+def test_bundled_cohort_set_loads_offline_and_reads_any_film_size():
+    classifiers = load_classifiers(COHORT_SET_NAME)
+    assert isinstance(classifiers, CohortClassifiers) and "phantoms" in classifiers.caveat
+    held_out = classifiers.card["held_out"]
+    assert set(held_out["finding_accuracy"]) == set(PATHOLOGIES)
+    films = [np.random.default_rng(0).random((100, 80), dtype=np.float32), np.zeros((256, 256), np.float32)]
+    predicted = classifiers.predict(films)
+    assert predicted.findings.shape == (2, len(PATHOLOGIES)) and predicted.race.shape == (2, len(RACES))
+    assert np.allclose(predicted.race.sum(1), 1, atol=1e-5) and predicted.sex_female.shape == (2,)
+
+
+def test_the_model_card_names_the_set_auto_takes():
+    class Info:
+        card = {"classifiers": COHORT_SET_NAME}
+
+    assert classifiers_for("auto", Info()).name == COHORT_SET_NAME
+
+
+def test_a_saved_set_round_trips_and_broken_sets_are_refused(tmp_path):
+    torch.manual_seed(0)
+    network = CohortNetwork(8)
+    folder = tmp_path / "set"
+    folder.mkdir()
+    save_cohort_classifiers(network, {"resolution": 64, "width": 8}, folder)
+    loaded = load_classifiers(str(folder))
+    film = np.random.default_rng(1).random((64, 64), dtype=np.float32)
+    with torch.no_grad():
+        direct = torch.sigmoid(network.eval()(torch.from_numpy(film)[None, None])["findings"]).numpy()
+    assert np.allclose(loaded.predict([film]).findings, direct, atol=1e-6)
+    (folder / "classifiers.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="classifiers.safetensors is missing"):
+        load_classifiers(str(folder))
+    with pytest.raises(ModelLoadError, match="unknown classifier set"):
+        load_classifiers("no-such-set")
+
+
+def test_torchxrayvision_without_its_packages_is_a_clear_error():
+    pytest.importorskip("torch")
+    try:
+        import torchxrayvision  # noqa: F401
+    except (ImportError, RuntimeError):
+        with pytest.raises(ModelLoadError, match="install the eval extra"):
+            load_classifiers("torchxrayvision")
+    else:
+        pytest.skip("torchxrayvision is installed here: test_xrv_classifiers covers it")

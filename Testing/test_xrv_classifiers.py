@@ -1,0 +1,89 @@
+"""torchxrayvision's classifiers through the real loading code, with weight files built offline.
+
+The published weights can't be reached here, so the tests write files of the same kind and
+name where torchxrayvision looks for them (``xrv_weights``). Runs in the eval environment
+(``make test-eval``, marker xrv); skipped where torchxrayvision is not installed.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from instructx2x.classifiers import PATHOLOGIES, load_classifiers
+from instructx2x.errors import ModelLoadError
+
+xrv = pytest.importorskip("torchxrayvision")
+pytest.importorskip("torchvision")
+from instructx2x.xrv_classifiers import AGE_WEIGHTS, RACE_WEIGHTS, TorchXRayVisionClassifiers  # noqa: E402
+from xrv_weights import write_xrv_weights  # noqa: E402  (Testing/, on the path by conftest)
+
+pytestmark = pytest.mark.xrv
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    return tmp_path / "home"
+
+
+def test_missing_weights_are_listed_before_anything_is_built_or_fetched(home):
+    with pytest.raises(ModelLoadError) as caught:
+        load_classifiers("torchxrayvision")
+    message = str(caught.value)
+    assert "never downloaded" in message and RACE_WEIGHTS in message and AGE_WEIGHTS in message
+    assert "densenet121" in message and ".torchxrayvision/models_data" in message
+    assert list(home.iterdir()) == []  # no cache folder made, nothing fetched
+
+
+def test_weights_from_the_cache_load_and_read_films(home):
+    cache = home / ".torchxrayvision" / "models_data"
+    write_xrv_weights(cache)
+    classifiers = load_classifiers("torchxrayvision")
+    assert isinstance(classifiers, TorchXRayVisionClassifiers) and "real" in classifiers.caveat
+    rng = np.random.default_rng(0)
+    films = [rng.random((300, 260), dtype=np.float32), rng.random((256, 256), dtype=np.float32)]
+    predicted = classifiers.predict(films)
+    assert predicted.findings.shape == (2, 5) and predicted.features.shape == (2, 1024)
+    assert np.allclose(predicted.race.sum(1), 1, atol=1e-5) and predicted.sex_female is None
+    # the five columns are the named pathologies of the DenseNet's own output, on its own preprocessing
+    crop, resize = xrv.datasets.XRayCenterCrop(), xrv.datasets.XRayResizer(224)
+    direct_input = torch.from_numpy(resize(crop(xrv.utils.normalize(films[0], 1.0)[None])))[None]
+    with torch.no_grad():
+        direct = classifiers.densenet(direct_input)[0]
+    for column, name in enumerate(PATHOLOGIES):
+        assert predicted.findings[0, column] == pytest.approx(float(direct[classifiers.densenet.pathologies.index(name)]), abs=1e-5)
+    # the age model saw the film through the same preprocessing at 320 px
+    age_input = torch.from_numpy(xrv.datasets.XRayResizer(320)(crop(xrv.utils.normalize(films[1], 1.0)[None])))
+    scaled = float(((age_input + 1024) / 2048).mean())
+    means, stds = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the AgeModel's ImageNet normalisation
+    expected_age = 40 + 10 * np.mean([(scaled - m) / s for m, s in zip(means, stds)])
+    assert predicted.age[1] == pytest.approx(expected_age, abs=0.05)
+
+
+def test_a_weights_dir_serves_the_densenet_and_a_bad_file_is_refused(home, tmp_path):
+    write_xrv_weights(home / ".torchxrayvision" / "models_data")
+    elsewhere = tmp_path / "weights"
+    write_xrv_weights(elsewhere, "densenet121-res224-mimic_ch")
+    classifiers = TorchXRayVisionClassifiers.from_weights(elsewhere, densenet="densenet121-res224-mimic_ch")
+    assert "mimic_ch" in classifiers.name
+    (home / ".torchxrayvision" / "models_data" / AGE_WEIGHTS).write_bytes(b"not a model")
+    with pytest.raises(ModelLoadError, match="cannot be loaded"):
+        load_classifiers("torchxrayvision")
+
+
+def test_the_evaluation_runs_on_torchxrayvision(home, tmp_path):
+    """``instructx2x-train evaluate --classifiers torchxrayvision`` end to end (random weights:
+    the figures mean nothing, the path is what is tested)."""
+    from instructx2x_train.counterfactuals import PurePairsConfig, write_pure_pairs
+    from instructx2x_train.evaluation import EvaluationConfig, evaluate
+
+    write_xrv_weights(home / ".torchxrayvision" / "models_data")
+    write_pure_pairs(tmp_path / "pairs", PurePairsConfig(pairs=4, seed=7, resolution=128, split="test",
+                                                         other_finding_probability=0.0))
+    report = evaluate(tmp_path / "report", EvaluationConfig(
+        model="demo", dataset=str(tmp_path / "pairs"), modes=("rse",), classifiers="torchxrayvision",
+        bootstrap=5), progress_bar=False)
+    assert report["classifiers"]["name"] == "torchxrayvision (densenet121-res224-all)"
+    assert set(report["rows"]) == {"real images", "rse"} and 0 <= report["rows"]["rse"]["pathology_accuracy"] <= 100
+    assert (tmp_path / "report" / "evaluation.md").is_file()

@@ -1,0 +1,162 @@
+"""``instructx2x-train train-classifiers``: classifiers for the synthetic cohort.
+
+The paper measures edits with torchxrayvision's classifiers (SPEC section 7); on phantoms those
+mean nothing, so the same measurements run with a small network trained here on cohort v2
+films: the five evaluated findings (multi-label), age (years), sex and race, as the phantoms
+render them. Films are drawn fresh from the phantom (film i from ``default_rng([seed, i])``);
+the held-out films come from another seed stream, and their accuracy goes into the set's card.
+The network and its loader live in the inference library (``instructx2x.classifiers``), which
+the evaluation and the per-edit verification use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from instructx2x.classifiers import (PATHOLOGIES, RACES, CohortClassifiers, CohortNetwork, resize_films,
+                                     save_cohort_classifiers)
+from instructx2x.errors import OutputExistsError
+from instructx2x.outputs import atomic_output_dir
+
+from .phantom import Anatomy, FindingState, Pose, form_film, level_words, render_attenuation
+
+__all__ = ["EVALUATED_FINDINGS", "ClassifierConfig", "train_classifiers", "draw_films", "held_out_figures"]
+
+# The five pathologies in the phantoms' finding names (same order as PATHOLOGIES).
+EVALUATED_FINDINGS = ("atelectasis", "cardiomegaly", "edema", "pleural effusion", "pneumothorax")
+HELD_OUT_STREAM = 1_000_003  # added to the seed: held-out films never repeat a training film
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierConfig:
+    """A classifier run: films drawn from the phantom, the schedule, and the held-out check."""
+
+    films: int = 4000
+    held_out: int = 500
+    resolution: int = 128  # what the network sees
+    render_resolution: int = 256  # films are drawn at the test sets' size, then resized
+    steps: int = 2000
+    batch: int = 32
+    learning_rate: float = 2e-3
+    width: int = 32
+    seed: int = 0
+    finding_probability: float = 0.35  # each of the five, independently
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        if min(self.films, self.held_out, self.steps, self.batch, self.width, self.workers) < 1:
+            raise ValueError("films, held_out, steps, batch, width and workers must be >= 1.")
+        if self.resolution < 64 or self.resolution % 16:
+            raise ValueError(f"resolution must be a multiple of 16 and >= 64, got {self.resolution}.")
+        if self.render_resolution < self.resolution:
+            raise ValueError(f"render_resolution must be >= resolution, got {self.render_resolution}.")
+        if not 0 < self.finding_probability < 1:
+            raise ValueError(f"finding_probability must lie in (0, 1), got {self.finding_probability}.")
+
+
+def _film(args: tuple[int, int, int, float, int]) -> tuple[np.ndarray, dict]:
+    seed, index, resolution, finding_probability, size = args
+    rng = np.random.default_rng([seed, index])
+    age, sex, race = int(rng.integers(25, 90)), str(rng.choice(("F", "M"))), str(rng.choice(RACES))
+    anatomy = Anatomy.draw(rng, age, sex, race)
+    present = [FindingState(name, str(rng.choice(level_words(name))), str(rng.choice(("left", "right"))),
+                            (float(rng.uniform(-1, 1)), float(rng.uniform(-1, 1))), int(rng.integers(0, 2**31)))
+               for name in EVALUATED_FINDINGS if rng.random() < finding_probability]
+    pose = Pose(float(rng.normal(0, 1.5)), float(rng.uniform(0.97, 1.03)), float(rng.normal(0, 0.02)),
+                float(rng.normal(0, 0.02)))
+    noise = rng.standard_normal((resolution, resolution)).astype(np.float32)
+    film = form_film(render_attenuation(resolution, resolution, anatomy, present, pose), noise,
+                     0.0012 * resolution)
+    if size != resolution:
+        film = resize_films([film], size)[0, 0].numpy()
+    names = {finding.name for finding in present}
+    return film, {"findings": [float(name in names) for name in EVALUATED_FINDINGS], "age": float(age),
+                  "sex_female": float(sex == "F"), "race": RACES.index(race)}
+
+
+def draw_films(count: int, resolution: int, seed: int, finding_probability: float = 0.35,
+               workers: int = 1, size: int | None = None) -> tuple[np.ndarray, list[dict]]:
+    """Films drawn at ``resolution`` (resized to ``size`` when given) with random demographics
+    and findings, and their labels; the same bytes for any number of workers."""
+    tasks = [(seed, index, resolution, finding_probability, size or resolution) for index in range(count)]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            drawn = list(pool.map(_film, tasks, chunksize=32))
+    else:
+        drawn = [_film(task) for task in tasks]
+    return np.stack([film for film, _ in drawn]), [labels for _, labels in drawn]
+
+
+def _targets(labels: list[dict]) -> dict[str, torch.Tensor]:
+    return {"findings": torch.tensor([item["findings"] for item in labels]),
+            "age": torch.tensor([item["age"] for item in labels]),
+            "sex": torch.tensor([item["sex_female"] for item in labels]),
+            "race": torch.tensor([item["race"] for item in labels])}
+
+
+def held_out_figures(classifiers: CohortClassifiers, films: np.ndarray, labels: list[dict]) -> dict:
+    """Accuracy per finding, sex and race, age error and correlation, on labelled films."""
+    predicted = classifiers.predict(films)
+    truth = {key: value.numpy() for key, value in _targets(labels).items()}
+    correct = (predicted.findings >= 0.5) == truth["findings"].astype(bool)
+    return {"films": len(films),
+            "finding_accuracy": {name: float(correct[:, i].mean()) for i, name in enumerate(PATHOLOGIES)},
+            "age_mae_years": float(np.abs(predicted.age - truth["age"]).mean()),
+            "age_pearson_r": float(np.corrcoef(predicted.age, truth["age"])[0, 1]),
+            "sex_accuracy": float(((predicted.sex_female >= 0.5) == truth["sex"].astype(bool)).mean()),
+            "race_accuracy": float((predicted.race.argmax(-1) == truth["race"]).mean())}
+
+
+def train_classifiers(output: str | Path, config: ClassifierConfig, progress_bar: bool = True) -> dict:
+    """Draw films, train, measure on held-out films, write the set (atomically).
+
+    Raises
+    ------
+    OutputExistsError
+        When ``output`` exists (checked before any work).
+    """
+    output = Path(output)
+    if output.exists():
+        raise OutputExistsError(f"output folder {output.name} already exists; choose a new one.")
+    started = time.perf_counter()
+    films, labels = draw_films(config.films, config.render_resolution, config.seed, config.finding_probability,
+                               config.workers, size=config.resolution)
+    targets = _targets(labels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        network = CohortNetwork(config.width)
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.learning_rate, total_steps=config.steps)
+    images = torch.from_numpy(films)[:, None]
+    network.train()
+    for _ in tqdm(range(config.steps), desc="classifiers", unit="step", disable=not progress_bar):
+        index = torch.randint(0, len(images), (config.batch,), generator=generator)
+        out = network(images[index])
+        loss = (F.binary_cross_entropy_with_logits(out["findings"], targets["findings"][index])
+                + F.smooth_l1_loss(out["age"] / 20, targets["age"][index] / 20)
+                + F.binary_cross_entropy_with_logits(out["sex"], targets["sex"][index])
+                + F.cross_entropy(out["race"], targets["race"][index]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    card = {"resolution": config.resolution, "width": config.width, "config": dataclasses.asdict(config),
+            "pathologies": list(PATHOLOGIES), "races": list(RACES),
+            "note": "trained on synthetic phantoms (cohort v2); meaningless on real films"}
+    classifiers = CohortClassifiers(network, card, output.name)
+    test_films, test_labels = draw_films(config.held_out, config.render_resolution,
+                                         config.seed + HELD_OUT_STREAM, config.finding_probability, config.workers)
+    card["held_out"] = held_out_figures(classifiers, test_films, test_labels)
+    card["training_seconds"] = round(time.perf_counter() - started, 1)
+    with atomic_output_dir(output) as staging:
+        save_cohort_classifiers(network, card, staging)
+    return card

@@ -1,0 +1,380 @@
+"""``instructx2x-train evaluate``: the paper's Tables 1-2 (CMIG, KL, FID and the ablation) on a
+MIMIC-EDIT-INSTRUCTION split (SPEC section 7; docs/evaluation.md has every definition).
+
+For every test pair and region mode the counterfactual comes from the inference library's
+editor (batched); a classifier set (``instructx2x.classifiers``) then reads the source, the
+real target and the counterfactual. Each pair's readings are appended to a JSON-lines record
+as soon as they exist, so an interrupted run resumes where it stopped (same folder, same
+settings); under ``accelerate launch`` every process takes its share of the pairs and the
+main process assembles the tables. Until the tables are written the folder holds an
+``INCOMPLETE`` marker.
+
+The expected labels of an edit are the source's labels changed as the instruction says; the
+source's labels are its ground truth where the dataset carries it (a ``.masks.npz`` beside the
+image names the findings present, as in the synthetic cohort and pure pairs), otherwise the
+classifier's own decisions on the source film.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from instructx2x import read_image
+from instructx2x.classifiers import FINDING_TO_PATHOLOGY, PATHOLOGIES, ClassifierSet, Predictions, load_classifiers
+from instructx2x.errors import OutputExistsError, ParameterError
+from instructx2x.instructions import parse_instruction
+from instructx2x.parameters import EditParameters, RegionMode
+from instructx2x.provenance import to_json
+from instructx2x.verification import expected_labels
+
+from . import metrics
+from .pairs import EditPairs
+
+__all__ = ["EvaluationConfig", "evaluate", "MODES", "REAL_ROW", "summarise"]
+
+MODES = tuple(mode.value for mode in RegionMode)
+REAL_ROW = "real images"
+INCOMPLETE = "INCOMPLETE"
+CONFIG_NAME = "evaluation-config.json"
+# the paper's names for the region modes (Table 2)
+MODE_LABELS = {"none": "none", "relevance": "relevance map only", "prior": "pseudo mask only",
+               "rse": "relevance map + pseudo mask (RSE)"}
+# A pure-pairs / cohort finding name for each pathology (the .masks.npz keys).
+MASK_NAMES = {"atelectasis": "Atelectasis", "cardiomegaly": "Cardiomegaly", "edema": "Edema",
+              "pleural effusion": "Effusion", "pneumothorax": "Pneumothorax"}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationConfig:
+    """What an evaluation measures; stored with the results and compared on resume."""
+
+    model: str
+    dataset: str
+    split: str = "test"
+    modes: tuple[str, ...] = MODES
+    classifiers: str = "cohort-v2"
+    weights_dir: str | None = None
+    limit: int | None = None
+    batch_size: int = 4
+    seed: int = 0
+    resolution: int | None = None
+    steps: int | None = None
+    bootstrap: int = 1000
+
+    def __post_init__(self) -> None:
+        unknown = [mode for mode in self.modes if mode not in MODES]
+        if unknown or not self.modes or len(set(self.modes)) != len(self.modes):
+            raise ParameterError(f"modes must be distinct names from {list(MODES)}, got {list(self.modes)}.")
+        if self.limit is not None and self.limit < 2:
+            raise ParameterError(f"limit must be >= 2 (correlations need two pairs), got {self.limit}.")
+        if self.batch_size < 1 or self.bootstrap < 0:
+            raise ParameterError("batch_size must be >= 1 and bootstrap >= 0.")
+
+
+def _record(predictions: Predictions, row: int) -> dict:
+    return {"findings": predictions.findings[row].tolist(), "age": float(predictions.age[row]),
+            "race": predictions.race[row].tolist(), "features": predictions.features[row].tolist(),
+            "sex_female": None if predictions.sex_female is None else float(predictions.sex_female[row])}
+
+
+def _read_records(folder: Path, name: str) -> dict[int, dict]:
+    records = {}
+    for path in sorted(folder.glob(f"{name}.rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by an interruption: that pair runs again
+                continue
+            records[item["pair"]] = item
+    return records
+
+
+def _source_labels(pairs: EditPairs, index: int, classifier_decisions: np.ndarray) -> tuple[dict, str]:
+    """The source's labels: its ``.masks.npz`` when present (ground truth), else the classifier's."""
+    past, _ = pairs.paths(index)
+    masks = past.with_suffix(".masks.npz")
+    if masks.is_file():
+        with np.load(masks) as stored:
+            present = {MASK_NAMES[name] for name in stored.files if name in MASK_NAMES and stored[name].any()}
+        return {name: name in present for name in PATHOLOGIES}, "truth"
+    return dict(zip(PATHOLOGIES, classifier_decisions.tolist())), "classifier"
+
+
+def _prepare_output(output: Path, config: EvaluationConfig) -> bool:
+    """Create the folder, or accept it for a resume; True when resuming."""
+    stored = output / CONFIG_NAME
+    if output.exists():
+        if not (output / INCOMPLETE).exists():
+            raise OutputExistsError(f"output folder {output.name} already exists and holds a finished "
+                                    "evaluation; choose a new one.")
+        if not stored.is_file() or json.loads(stored.read_text()) != json.loads(to_json(dataclasses.asdict(config))):
+            raise OutputExistsError(f"output folder {output.name} holds an unfinished evaluation with other "
+                                    "settings; resume it with the same settings or choose a new folder.")
+        return True
+    (output / "records").mkdir(parents=True)
+    (output / INCOMPLETE).write_text("evaluation running or interrupted: rerun the same command to resume\n")
+    stored.write_text(to_json(dataclasses.asdict(config)) + "\n")
+    return False
+
+
+def evaluate(output: str | Path, config: EvaluationConfig, progress_bar: bool = True) -> dict:
+    """Generate, classify and score every pair of the split; write the tables and the plot.
+
+    Everything that can be refused (settings, dataset, classifier weights, an existing
+    folder) is checked before the model loads or anything is written.
+
+    Returns
+    -------
+    dict
+        The content of ``evaluation.json`` (settings, identities, the table rows).
+    """
+    from accelerate import PartialState
+
+    from instructx2x.editor import InstructX2XEditor
+
+    output = Path(output)
+    pairs = EditPairs(config.dataset, config.split)
+    count = len(pairs) if config.limit is None else min(config.limit, len(pairs))
+    if count < 2:
+        raise ParameterError(f"the {config.split} split has {count} pair(s); an evaluation needs at least 2.")
+    classifiers = load_classifiers(config.classifiers, config.weights_dir)
+    state = PartialState()
+    resumed = _prepare_output(output, config) if state.is_main_process else True
+    state.wait_for_everyone()
+    started = time.perf_counter()
+    device = str(state.device) if state.num_processes > 1 else "auto"
+    editor = InstructX2XEditor.from_model(config.model, device=device)
+    if state.is_main_process:
+        _check_model_identity(output, editor.model_info.sha256)
+    records = output / "records"
+    mine = list(range(count))[state.process_index::state.num_processes]
+    rank = f"rank{state.process_index}"
+    bar = tqdm(total=len(mine) * (1 + len(config.modes)), desc="evaluation", unit="pair-mode",
+               disable=not progress_bar or not state.is_main_process)
+    _classify_real(pairs, mine, classifiers, records / f"real.{rank}.jsonl", _read_records(records, "real"), bar)
+    for mode in config.modes:
+        done = _read_records(records, mode)
+        todo = [index for index in mine if index not in done]
+        bar.update(len(mine) - len(todo))
+        with _append(records / f"{mode}.{rank}.jsonl") as sink:
+            for start in range(0, len(todo), config.batch_size):
+                batch = todo[start:start + config.batch_size]
+                images = [read_image(pairs.paths(index)[0]) for index in batch]
+                parameters = [EditParameters(instruction=pairs.table.iloc[index].instruction, region_mode=mode,
+                                             seed=config.seed + index, resolution=config.resolution,
+                                             num_inference_steps=config.steps) for index in batch]
+                results = editor.edit_batch(images, parameters)
+                predicted = classifiers.predict([result.edited for result in results])
+                for row, (index, result) in enumerate(zip(batch, results)):
+                    sink.write(json.dumps({"pair": index, "edit_fraction": float(result.edit_mask.mean()),
+                                           **_record(predicted, row)}) + "\n")
+                sink.flush()
+                bar.update(len(batch))
+    bar.close()
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return {}
+    report = _assemble(output, pairs, count, classifiers, editor, config, resumed,
+                       time.perf_counter() - started)
+    (output / INCOMPLETE).unlink()
+    return report
+
+
+def _check_model_identity(output: Path, sha256: str) -> None:
+    """A resumed run must edit with the same weights, not merely a model of the same name."""
+    stored = output / "model-sha256.txt"
+    if stored.is_file() and stored.read_text().strip() != sha256:
+        raise OutputExistsError(f"output folder {output.name} was started with other model weights; "
+                                "choose a new folder.")
+    stored.write_text(sha256 + "\n")
+
+
+def _append(path: Path):
+    """Open a record file for appending, first closing a line an interruption cut short (that
+    pair is not in the records and runs again)."""
+    if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+        with path.open("a") as sink:
+            sink.write("\n")
+    return path.open("a")
+
+
+def _classify_real(pairs: EditPairs, mine: list[int], classifiers: ClassifierSet, path: Path,
+                   done: dict, bar) -> None:
+    """Source and real target readings (the same for every mode)."""
+    todo = [index for index in mine if index not in done]
+    bar.update(len(mine) - len(todo))
+    with _append(path) as sink:
+        for start in range(0, len(todo), 16):
+            batch = todo[start:start + 16]
+            films = [read_image(path).pixels for index in batch for path in pairs.paths(index)]
+            predicted = classifiers.predict(films)
+            for row, index in enumerate(batch):
+                sink.write(json.dumps({"pair": index, "source": _record(predicted, 2 * row),
+                                       "target": _record(predicted, 2 * row + 1)}) + "\n")
+            sink.flush()
+            bar.update(len(batch))
+
+
+def _stack(records: list[dict]) -> dict[str, np.ndarray]:
+    return {key: np.asarray([r[key] for r in records], dtype=np.float64)
+            for key in ("findings", "age", "race", "features")}
+
+
+def summarise(source: dict, target: dict, generated: dict | None, expected: np.ndarray,
+              instructed: np.ndarray, resamples: int = 1000, seed: int = 0) -> dict:
+    """One table row: pathology accuracy, race and age preservation, CMIG (and for generated
+    images KL and FID against the real targets), each with a bootstrap 95 % interval; and the
+    accuracy on the instructed pathologies alone (``instructed``: ``(N, 5)`` bool), which the
+    other four, mostly unchanged, labels do not dilute.
+
+    ``source``/``target``/``generated`` hold stacked readings (``findings``, ``age``, ``race``,
+    ``features``); the real-image row passes ``generated=None`` and scores the targets.
+    """
+    scored = target if generated is None else generated
+
+    def figures(index: np.ndarray) -> dict[str, float]:
+        index = np.asarray(index, dtype=int)
+        accuracy = metrics.pathology_accuracy(scored["findings"][index] >= 0.5, expected[index])
+        race = float((scored["race"][index].argmax(-1) == source["race"][index].argmax(-1)).mean() * 100)
+        try:
+            age = 100 * metrics.pearson(source["age"][index], scored["age"][index])
+        except ValueError:  # a resample with a constant series
+            age = float("nan")
+        out = {"pathology_accuracy": accuracy, "race_preservation": race, "age_preservation": age,
+               "cmig": metrics.cmig(accuracy, race, age) if np.isfinite(age) else float("nan")}
+        if generated is not None:
+            out["kl"] = metrics.label_kl(target["findings"][index] >= 0.5, generated["findings"][index] >= 0.5)
+            try:
+                out["fid"] = metrics.frechet_distance(target["features"][index], generated["features"][index])
+            except ValueError:
+                out["fid"] = float("nan")
+        return out
+
+    everything = np.arange(len(expected))
+    row = figures(everything)
+    correct = (scored["findings"] >= 0.5) == expected
+    row["per_pathology_accuracy"] = dict(zip(PATHOLOGIES, (correct.mean(axis=0) * 100).tolist()))
+    row["instructed_accuracy"] = float(correct[instructed].mean() * 100) if instructed.any() else float("nan")
+    if resamples:
+        row["interval_95"] = {key: list(bounds) for key, bounds in metrics.bootstrap_intervals(
+            figures, len(everything), resamples=resamples, seed=seed).items()}
+    return row
+
+
+def _assemble(output: Path, pairs: EditPairs, count: int, classifiers: ClassifierSet, editor,
+              config: EvaluationConfig, resumed: bool, seconds: float) -> dict:
+    records = output / "records"
+    real = _read_records(records, "real")
+    source = _stack([real[i]["source"] for i in range(count)])
+    target = _stack([real[i]["target"] for i in range(count)])
+    labels, label_sources = zip(*(_source_labels(pairs, i, source["findings"][i] >= 0.5) for i in range(count)))
+    instructions = list(pairs.table.instruction[:count])
+    expected = np.asarray([[expected_labels(labels[i], instructions[i])[name] for name in PATHOLOGIES]
+                           for i in range(count)])
+    named = [{FINDING_TO_PATHOLOGY.get(f) for f in parse_instruction(text).findings} for text in instructions]
+    instructed = np.asarray([[name in names for name in PATHOLOGIES] for names in named])
+    rows = {REAL_ROW: summarise(source, target, None, expected, instructed, config.bootstrap, config.seed)}
+    per_pair = []
+    for mode in config.modes:
+        generated = _read_records(records, mode)
+        rows[mode] = summarise(source, target, _stack([generated[i] for i in range(count)]), expected,
+                               instructed, config.bootstrap, config.seed)
+        rows[mode]["mean_edit_fraction"] = float(np.mean([generated[i]["edit_fraction"] for i in range(count)]))
+        for i in range(count):
+            per_pair.append({"pair": i, "pair_id": pairs.table.iloc[i].past_dicom_id, "mode": mode,
+                             "instruction": pairs.table.iloc[i].instruction,
+                             **{f"expected_{name}": bool(expected[i, k]) for k, name in enumerate(PATHOLOGIES)},
+                             **{f"p_{name}": generated[i]["findings"][k] for k, name in enumerate(PATHOLOGIES)},
+                             "age_source": source["age"][i], "age_edited": generated[i]["age"],
+                             "edit_fraction": generated[i]["edit_fraction"]})
+    report = {"settings": dataclasses.asdict(config), "model": editor.model_info.to_dict(),
+              "classifiers": classifiers.describe(), "dataset": {"folder": Path(config.dataset).name,
+                                                                 "split": config.split, "pairs": count},
+              "source_labels": {kind: label_sources.count(kind) for kind in ("truth", "classifier")},
+              "resumed": resumed, "seconds": round(seconds, 1), "rows": rows}
+    (output / "evaluation.json").write_text(to_json(report) + "\n")
+    (output / "evaluation.md").write_text(evaluation_markdown(report))
+    _table_frame(rows).to_csv(output / "metrics.csv", index=False)
+    pd.DataFrame(per_pair).to_csv(output / "pairs.csv", index=False)
+    _plot(rows, output / "ablation.png")
+    return report
+
+
+def _table_frame(rows: dict) -> pd.DataFrame:
+    columns = ("pathology_accuracy", "race_preservation", "age_preservation", "cmig", "kl", "fid",
+               "instructed_accuracy")
+    table = []
+    for name, row in rows.items():
+        entry = {"row": name}
+        for key in columns:
+            entry[key] = row.get(key, float("nan"))
+            low, high = row.get("interval_95", {}).get(key, (float("nan"), float("nan")))
+            entry[f"{key}_low"], entry[f"{key}_high"] = low, high
+        table.append(entry)
+    return pd.DataFrame(table)
+
+
+def evaluation_markdown(report: dict) -> str:
+    """Tables 1-2 in the paper's layout, with 95 % intervals."""
+    def cell(row: dict, key: str, digits: int = 2) -> str:
+        if key not in row or not np.isfinite(row[key]):
+            return "-"
+        interval = row.get("interval_95", {}).get(key)
+        text = f"{row[key]:.{digits}f}"
+        return f"{text} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]" if interval else text
+
+    settings, rows = report["settings"], report["rows"]
+    lines = [f"Model {report['model']['name']} (sha256 {report['model']['sha256'][:12]}), "
+             f"{report['dataset']['pairs']} pairs of {report['dataset']['folder']} split "
+             f"{report['dataset']['split']}; classifiers: {report['classifiers']['name']} "
+             f"({report['classifiers']['caveat']}); source labels: {report['source_labels']['truth']} from "
+             f"ground truth, {report['source_labels']['classifier']} from the classifier; "
+             f"seed {settings['seed']}; {report['seconds']:.0f} s.", "",
+             "| region mode | pathology acc. (%) | race (%) | age (r x100) | CMIG | KL | FID |",
+             "|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        label = MODE_LABELS.get(name, name)
+        lines.append(f"| {label} | {cell(row, 'pathology_accuracy')} | {cell(row, 'race_preservation')} | "
+                     f"{cell(row, 'age_preservation')} | {cell(row, 'cmig')} | {cell(row, 'kl')} | "
+                     f"{cell(row, 'fid')} |")
+    lines += ["", "Accuracy (%) per pathology, on the instructed pathologies alone, and the mean edit area:", "",
+              "| region mode | " + " | ".join(PATHOLOGIES) + " | instructed | edit area |",
+              "|---|" + "---|" * (len(PATHOLOGIES) + 2)]
+    for name, row in rows.items():
+        area = f"{100 * row['mean_edit_fraction']:.1f} %" if "mean_edit_fraction" in row else "-"
+        lines.append(f"| {MODE_LABELS.get(name, name)} | "
+                     + " | ".join(f"{row['per_pathology_accuracy'][p]:.1f}" for p in PATHOLOGIES)
+                     + f" | {row['instructed_accuracy']:.1f} | {area} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: dict, path: Path) -> None:
+    """CMIG, KL and FID per region mode with their intervals; the real-image CMIG as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    modes = [name for name in rows if name != REAL_ROW]
+    figure, axes = pyplot.subplots(1, 3, figsize=(11, 3.4))
+    for axis, key, title in zip(axes, ("cmig", "kl", "fid"), ("CMIG (higher is better)",
+                                                             "KL x100 (lower is better)", "FID (lower is better)")):
+        values = [rows[m][key] for m in modes]
+        intervals = [rows[m].get("interval_95", {}).get(key, (v, v)) for m, v in zip(modes, values)]
+        errors = np.abs(np.array([[v - low, high - v] for v, (low, high) in zip(values, intervals)]).T)
+        axis.bar(range(len(modes)), values, yerr=errors, capsize=4, color="#4a7db5")
+        axis.set_xticks(range(len(modes)), modes)
+        axis.set_title(title)
+        if key == "cmig":
+            axis.axhline(rows[REAL_ROW]["cmig"], color="black", linestyle="--", label="real images")
+            axis.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    pyplot.close(figure)

@@ -1,0 +1,56 @@
+"""Synthetic-cohort classifiers: training writes a set the library loads, and the bundled set
+reads films it never saw."""
+
+import numpy as np
+import pytest
+
+from instructx2x.classifiers import COHORT_SET_NAME, PATHOLOGIES, load_classifiers
+from instructx2x.errors import OutputExistsError
+from instructx2x_train.classifiers import ClassifierConfig, draw_films, held_out_figures, train_classifiers
+
+
+def test_films_are_the_same_bytes_with_one_or_two_workers():
+    one, labels_one = draw_films(6, 64, seed=5, workers=1)
+    two, labels_two = draw_films(6, 64, seed=5, workers=2)
+    assert np.array_equal(one, two) and labels_one == labels_two
+    assert one.shape == (6, 64, 64) and 0 <= one.min() and one.max() <= 1
+
+
+def test_training_writes_a_set_the_library_loads(tmp_path):
+    config = ClassifierConfig(films=48, held_out=16, resolution=64, steps=6, batch=8, width=8, seed=2)
+    card = train_classifiers(tmp_path / "set", config, progress_bar=False)
+    assert set(card["held_out"]["finding_accuracy"]) == set(PATHOLOGIES) and card["held_out"]["films"] == 16
+    loaded = load_classifiers(str(tmp_path / "set"))
+    assert loaded.card["held_out"] == card["held_out"] and loaded.resolution == 64
+    with pytest.raises(OutputExistsError):
+        train_classifiers(tmp_path / "set", config)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        ClassifierConfig(resolution=100)
+
+
+def test_the_bundled_set_reads_films_it_never_saw():
+    """Fresh films from a seed stream no training run uses; chance is 0.5 (findings, sex)
+    and 1/3 (race)."""
+    classifiers = load_classifiers(COHORT_SET_NAME)
+    films, labels = draw_films(160, 256, seed=424242, workers=2)
+    figures = held_out_figures(classifiers, films, labels)
+    assert min(figures["finding_accuracy"].values()) >= 0.95, figures
+    assert figures["sex_accuracy"] >= 0.95 and figures["race_accuracy"] >= 0.85, figures
+    assert figures["age_pearson_r"] >= 0.95 and figures["age_mae_years"] <= 4, figures
+
+
+def test_the_bundled_set_reads_the_main_jobs_dicom_sample_through_its_display_window():
+    """Resources/Samples/phantom_pa.dcm: a normal 58-year-old woman's phantom written as a
+    12-bit CR without a VOI window, so the reader stretches it min-max; the classifiers
+    normalise each film's window and read it as the film it was made from."""
+    from pathlib import Path
+
+    from instructx2x.dicom.read import read_dicom
+
+    sample = Path(__file__).resolve().parents[2] / "Resources" / "Samples" / "phantom_pa.dcm"
+    image = read_dicom(sample)
+    assert any("window" in step for step in image.transforms)
+    predicted = load_classifiers(COHORT_SET_NAME).predict([image.pixels, 0.2 + 0.6 * image.pixels])
+    assert (predicted.findings < 0.5).all(), predicted.findings
+    assert abs(predicted.age[0] - 58) <= 6 and predicted.sex_female[0] >= 0.5
+    assert np.allclose(predicted.findings[0], predicted.findings[1], atol=1e-3)
