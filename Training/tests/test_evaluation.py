@@ -96,3 +96,42 @@ def test_bad_settings_are_refused_before_anything_is_written(split, tmp_path):
     with pytest.raises(ModelLoadError):
         evaluate(tmp_path / "b", EvaluationConfig(model="demo", dataset=str(split), classifiers="no-such-set"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_two_processes_under_accelerate_launch_share_the_pairs(split, finished, tmp_path):
+    """Each rank edits its own share of the pairs and records it; the main process assembles
+    the same tables as one process does (up to the last bits of batched arithmetic)."""
+    import os
+    import re
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    output = tmp_path / "sharded"
+    completed = subprocess.run(
+        [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "-m", "instructx2x_train.cli",
+         "evaluate", str(output), "--model", "demo", "--dataset", str(split), "--bootstrap", "40",
+         "--no-progress"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert re.search(r'"report": ".*evaluation.md"', completed.stdout)  # printed once, by the main process
+    records = sorted(p.name for p in (output / "records").iterdir())
+    assert "rse.rank0.jsonl" in records and "rse.rank1.jsonl" in records
+    shares = [len((output / "records" / f"rse.rank{k}.jsonl").read_text().splitlines()) for k in (0, 1)]
+    assert shares == [4, 4]
+    _, single = finished
+    sharded = json.loads((output / "evaluation.json").read_text())
+    one = pd.read_csv(finished[0] / "pairs.csv").sort_values(["mode", "pair"]).reset_index(drop=True)
+    two = pd.read_csv(output / "pairs.csv").sort_values(["mode", "pair"]).reset_index(drop=True)
+    probabilities = [c for c in one.columns if c.startswith("p_")]
+    assert (one[probabilities] - two[probabilities]).abs().to_numpy().max() < 0.02
+    for mode in MODES:
+        assert sharded["rows"][mode]["pathology_accuracy"] == pytest.approx(
+            single["rows"][mode]["pathology_accuracy"], abs=2.5)

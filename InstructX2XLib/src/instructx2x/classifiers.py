@@ -73,9 +73,6 @@ class Predictions:
     features: np.ndarray
     sex_female: np.ndarray | None = None
 
-    def __len__(self) -> int:
-        return len(self.age)
-
 
 class ClassifierSet(abc.ABC):
     """A set of classifiers with one ``predict`` for whole films in ``[0, 1]``."""

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from instructx2x.classifiers import (PATHOLOGIES, RACES, CohortClassifiers, CohortNetwork, resize_films,
+from instructx2x.classifiers import (FINDING_TO_PATHOLOGY, PATHOLOGIES, RACES, CohortClassifiers, CohortNetwork, resize_films,
                                      save_cohort_classifiers)
 from instructx2x.errors import OutputExistsError
 from instructx2x.outputs import atomic_output_dir
@@ -30,8 +30,9 @@ from .phantom import Anatomy, FindingState, Pose, form_film, level_words, render
 
 __all__ = ["EVALUATED_FINDINGS", "ClassifierConfig", "train_classifiers", "draw_films", "held_out_figures"]
 
-# The five pathologies in the phantoms' finding names (same order as PATHOLOGIES).
-EVALUATED_FINDINGS = ("atelectasis", "cardiomegaly", "edema", "pleural effusion", "pneumothorax")
+# The five pathologies in the phantoms' finding names (the instruction vocabulary), PATHOLOGIES' order.
+EVALUATED_FINDINGS = tuple(next(finding for finding, pathology in FINDING_TO_PATHOLOGY.items() if pathology == name)
+                           for name in PATHOLOGIES)
 HELD_OUT_STREAM = 1_000_003  # added to the seed: held-out films never repeat a training film
 
 

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 from instructx2x.errors import InstructX2XError
-from instructx2x.parameters import RegionMode
 
 from .answers import MULTI_FINDING_MODES
 from .cohort import CohortConfig, generate_cohort
@@ -112,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     assess.add_argument("--dataset", type=Path, required=True, help="MIMIC-EDIT-INSTRUCTION folder "
                         "(build-dataset or pure-pairs)")
     assess.add_argument("--split", default="test")
-    assess.add_argument("--modes", default=",".join(mode.value for mode in RegionMode), help="comma-separated region modes")
+    assess.add_argument("--modes", help="comma-separated region modes (default: all four, none, "
+                        "relevance, prior, rse)")
     assess.add_argument("--classifiers", default="cohort-v2", help="cohort-v2 (phantoms), "
                         "torchxrayvision (real films) or a train-classifiers folder")
     assess.add_argument("--weights-dir", type=Path, help="folder of torchxrayvision's DenseNet weights "
@@ -184,9 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "evaluate":
             from .evaluation import EvaluationConfig, evaluate
 
+            modes = {} if args.modes is None else {"modes": tuple(m.strip() for m in args.modes.split(","))}
             report = evaluate(args.output, EvaluationConfig(
-                model=args.model, dataset=str(args.dataset), split=args.split,
-                modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+                model=args.model, dataset=str(args.dataset), split=args.split, **modes,
                 classifiers=args.classifiers, weights_dir=str(args.weights_dir) if args.weights_dir else None,
                 limit=args.limit, batch_size=args.batch_size, seed=args.seed, resolution=args.resolution,
                 steps=args.steps, bootstrap=args.bootstrap), progress_bar=not args.no_progress)

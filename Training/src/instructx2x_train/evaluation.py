@@ -39,16 +39,15 @@ from .pairs import EditPairs
 
 __all__ = ["EvaluationConfig", "evaluate", "MODES", "REAL_ROW", "summarise"]
 
-MODES = tuple(mode.value for mode in RegionMode)
+# the region modes in the order of the paper's Table 2
+MODES = ("none", "relevance", "prior", "rse")
+assert set(MODES) == {mode.value for mode in RegionMode}
 REAL_ROW = "real images"
 INCOMPLETE = "INCOMPLETE"
 CONFIG_NAME = "evaluation-config.json"
 # the paper's names for the region modes (Table 2)
 MODE_LABELS = {"none": "none", "relevance": "relevance map only", "prior": "pseudo mask only",
                "rse": "relevance map + pseudo mask (RSE)"}
-# A pure-pairs / cohort finding name for each pathology (the .masks.npz keys).
-MASK_NAMES = {"atelectasis": "Atelectasis", "cardiomegaly": "Cardiomegaly", "edema": "Edema",
-              "pleural effusion": "Effusion", "pneumothorax": "Pneumothorax"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +101,9 @@ def _source_labels(pairs: EditPairs, index: int, classifier_decisions: np.ndarra
     masks = past.with_suffix(".masks.npz")
     if masks.is_file():
         with np.load(masks) as stored:
-            present = {MASK_NAMES[name] for name in stored.files if name in MASK_NAMES and stored[name].any()}
+            # the .masks.npz keys are finding names of the instruction vocabulary
+            present = {FINDING_TO_PATHOLOGY[name] for name in stored.files
+                       if name in FINDING_TO_PATHOLOGY and stored[name].any()}
         return {name: name in present for name in PATHOLOGIES}, "truth"
     return dict(zip(PATHOLOGIES, classifier_decisions.tolist())), "classifier"
 
@@ -136,6 +137,8 @@ def evaluate(output: str | Path, config: EvaluationConfig, progress_bar: bool = 
         The content of ``evaluation.json`` (settings, identities, the table rows).
     """
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+    from diffusers.utils import logging as diffusers_logging
 
     from instructx2x.editor import InstructX2XEditor
 
@@ -145,11 +148,14 @@ def evaluate(output: str | Path, config: EvaluationConfig, progress_bar: bool = 
     if count < 2:
         raise ParameterError(f"the {config.split} split has {count} pair(s); an evaluation needs at least 2.")
     classifiers = load_classifiers(config.classifiers, config.weights_dir)
-    state = PartialState()
+    # as Accelerator does: `accelerate launch` on CPUs sets ACCELERATE_USE_CPU, without which
+    # every process would think itself the only one
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     resumed = _prepare_output(output, config) if state.is_main_process else True
     state.wait_for_everyone()
     started = time.perf_counter()
-    device = str(state.device) if state.num_processes > 1 else "auto"
+    device = "auto" if state.num_processes == 1 else ("cpu" if state.device.type == "cpu" else str(state.device))
+    diffusers_logging.set_verbosity_error()  # dtype-cast notices are noise in a report run
     editor = InstructX2XEditor.from_model(config.model, device=device)
     if state.is_main_process:
         _check_model_identity(output, editor.model_info.sha256)
@@ -182,7 +188,7 @@ def evaluate(output: str | Path, config: EvaluationConfig, progress_bar: bool = 
     if not state.is_main_process:
         return {}
     report = _assemble(output, pairs, count, classifiers, editor, config, resumed,
-                       time.perf_counter() - started)
+                       time.perf_counter() - started, progress_bar)
     (output / INCOMPLETE).unlink()
     return report
 
@@ -269,7 +275,7 @@ def summarise(source: dict, target: dict, generated: dict | None, expected: np.n
 
 
 def _assemble(output: Path, pairs: EditPairs, count: int, classifiers: ClassifierSet, editor,
-              config: EvaluationConfig, resumed: bool, seconds: float) -> dict:
+              config: EvaluationConfig, resumed: bool, seconds: float, progress_bar: bool) -> dict:
     records = output / "records"
     real = _read_records(records, "real")
     source = _stack([real[i]["source"] for i in range(count)])
@@ -280,7 +286,9 @@ def _assemble(output: Path, pairs: EditPairs, count: int, classifiers: Classifie
                            for i in range(count)])
     named = [{FINDING_TO_PATHOLOGY.get(f) for f in parse_instruction(text).findings} for text in instructions]
     instructed = np.asarray([[name in names for name in PATHOLOGIES] for names in named])
+    bar = tqdm(total=1 + len(config.modes), desc="tables (bootstrap)", unit="row", disable=not progress_bar)
     rows = {REAL_ROW: summarise(source, target, None, expected, instructed, config.bootstrap, config.seed)}
+    bar.update()
     per_pair = []
     for mode in config.modes:
         generated = _read_records(records, mode)
@@ -294,6 +302,8 @@ def _assemble(output: Path, pairs: EditPairs, count: int, classifiers: Classifie
                              **{f"p_{name}": generated[i]["findings"][k] for k, name in enumerate(PATHOLOGIES)},
                              "age_source": source["age"][i], "age_edited": generated[i]["age"],
                              "edit_fraction": generated[i]["edit_fraction"]})
+        bar.update()
+    bar.close()
     report = {"settings": dataclasses.asdict(config), "model": editor.model_info.to_dict(),
               "classifiers": classifiers.describe(), "dataset": {"folder": Path(config.dataset).name,
                                                                  "split": config.split, "pairs": count},
@@ -332,11 +342,11 @@ def evaluation_markdown(report: dict) -> str:
 
     settings, rows = report["settings"], report["rows"]
     lines = [f"Model {report['model']['name']} (sha256 {report['model']['sha256'][:12]}), "
-             f"{report['dataset']['pairs']} pairs of {report['dataset']['folder']} split "
-             f"{report['dataset']['split']}; classifiers: {report['classifiers']['name']} "
+             f"{report['dataset']['pairs']} pairs (split {report['dataset']['split']} of dataset "
+             f"`{report['dataset']['folder']}`); classifiers: {report['classifiers']['name']} "
              f"({report['classifiers']['caveat']}); source labels: {report['source_labels']['truth']} from "
              f"ground truth, {report['source_labels']['classifier']} from the classifier; "
-             f"seed {settings['seed']}; {report['seconds']:.0f} s.", "",
+             f"seed {settings['seed']}; {report['seconds']:.0f} s to edit and classify.", "",
              "| region mode | pathology acc. (%) | race (%) | age (r x100) | CMIG | KL | FID |",
              "|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
@@ -374,6 +384,7 @@ def _plot(rows: dict, path: Path) -> None:
         axis.set_title(title)
         if key == "cmig":
             axis.axhline(rows[REAL_ROW]["cmig"], color="black", linestyle="--", label="real images")
+            axis.set_ylim(max(0.0, min(low for low, _ in intervals) - 5), 100)
             axis.legend(loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
