@@ -5,6 +5,8 @@ name where torchxrayvision looks for them (``xrv_weights``). Runs in the eval en
 (``make test-eval``, marker xrv); skipped where torchxrayvision is not installed.
 """
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -61,15 +63,18 @@ def test_weights_from_the_cache_load_and_read_films(home):
     assert predicted.age[1] == pytest.approx(expected_age, abs=0.05)
 
 
-def test_a_weights_dir_serves_the_densenet_and_a_bad_file_is_refused(home, tmp_path):
-    write_xrv_weights(home / ".torchxrayvision" / "models_data")
+def test_a_weights_dir_holds_all_three_files_and_a_bad_file_is_refused(home, tmp_path):
     elsewhere = tmp_path / "weights"
     write_xrv_weights(elsewhere, "densenet121-res224-mimic_ch")
     classifiers = TorchXRayVisionClassifiers.from_weights(elsewhere, densenet="densenet121-res224-mimic_ch")
-    assert "mimic_ch" in classifiers.name
-    (home / ".torchxrayvision" / "models_data" / AGE_WEIGHTS).write_bytes(b"not a model")
+    assert "mimic_ch" in classifiers.name and classifiers.predict([np.full((64, 64), 0.5, np.float32)]).age.shape == (1,)
+    assert os.environ["HOME"] == str(home) and list(home.iterdir()) == []  # HOME back, nothing left
+    assert sorted(p.name for p in elsewhere.iterdir()) == sorted([AGE_WEIGHTS, RACE_WEIGHTS,
+                                                                  "mimic_ch-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt"])
+    (elsewhere / AGE_WEIGHTS).write_bytes(b"not a model")
     with pytest.raises(ModelLoadError, match="cannot be loaded"):
-        load_classifiers("torchxrayvision")
+        TorchXRayVisionClassifiers.from_weights(elsewhere, densenet="densenet121-res224-mimic_ch")
+    assert os.environ["HOME"] == str(home)
 
 
 def test_the_evaluation_runs_on_torchxrayvision(home, tmp_path):

@@ -3,7 +3,9 @@
 DenseNet-121 (``densenet121-res224-all`` or ``-mimic_ch``) for the five pathologies and the
 pooled features, Emory HITI's RaceModel and RIKEN's AgeModel. torchxrayvision downloads a
 missing weight file from inside its constructors; this module checks every file first and
-refuses with the list of files and the folder they go in, so nothing reaches the network.
+refuses with the list of files and the folder they go in, so nothing reaches the network. The
+three files lie in torchxrayvision's cache (``~/.torchxrayvision/models_data``) or in one folder
+the user names.
 torchxrayvision needs torchvision, which the inference library does not: install the
 ``eval`` extra (docs/evaluation.md says which torch/torchvision pair).
 """
@@ -13,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -43,12 +47,36 @@ def _import_xrv():
 
 
 def required_files(densenet: str, weights_dir: Path) -> dict[str, Path]:
-    """Where each weight file must lie: the DenseNet's in ``weights_dir``, the race and age
-    models' in torchxrayvision's own cache (their constructors take no folder)."""
+    """Where each weight file must lie: all three in ``weights_dir``."""
     xrv = _import_xrv()
     return {densenet: weights_dir / os.path.basename(xrv.models.model_urls[densenet]["weights_url"]),
-            "RaceModel": XRV_CACHE.expanduser() / RACE_WEIGHTS,
-            "AgeModel": XRV_CACHE.expanduser() / AGE_WEIGHTS}
+            "RaceModel": weights_dir / RACE_WEIGHTS, "AgeModel": weights_dir / AGE_WEIGHTS}
+
+
+@contextlib.contextmanager
+def _cache_at(folder: Path):
+    """Make torchxrayvision's fixed cache path lead to ``folder`` while its constructors run.
+
+    RaceModel and AgeModel take no folder: they read ``~/.torchxrayvision/models_data``, with
+    ``~`` from $HOME. For another folder, HOME points for that moment at a temporary home whose
+    cache is a link to it; the link is removed afterwards (never the files).
+    """
+    if folder == XRV_CACHE.expanduser():
+        yield
+        return
+    home = Path(tempfile.mkdtemp(prefix="instructx2x-xrv-"))
+    (home / XRV_CACHE.parent.name).mkdir()
+    (home / XRV_CACHE.parent.name / XRV_CACHE.name).symlink_to(folder.resolve(), target_is_directory=True)
+    previous = os.environ.get("HOME")
+    os.environ["HOME"] = str(home)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["HOME"]
+        else:
+            os.environ["HOME"] = previous
+        shutil.rmtree(home)
 
 
 def _to_xrv_input(xrv, images: list[np.ndarray] | np.ndarray, side: int) -> torch.Tensor:
@@ -95,7 +123,7 @@ class TorchXRayVisionClassifiers(ClassifierSet):
                 "these files (from torchxrayvision's v1 release) where listed: " + "; ".join(missing))
         xrv = _import_xrv()
         # their constructors print progress and warnings on stdout: keep it out of reports
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), _cache_at(folder):
             try:
                 models = (xrv.models.DenseNet(weights=densenet, cache_dir=str(folder)),
                           xrv.baseline_models.emory_hiti.RaceModel(),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -84,15 +85,13 @@ def _film(args: tuple[int, int, int, float, int]) -> tuple[np.ndarray, dict]:
 
 
 def draw_films(count: int, resolution: int, seed: int, finding_probability: float = 0.35,
-               workers: int = 1, size: int | None = None) -> tuple[np.ndarray, list[dict]]:
+               workers: int = 1, size: int | None = None, progress_bar: bool = False) -> tuple[np.ndarray, list[dict]]:
     """Films drawn at ``resolution`` (resized to ``size`` when given) with random demographics
     and findings, and their labels; the same bytes for any number of workers."""
     tasks = [(seed, index, resolution, finding_probability, size or resolution) for index in range(count)]
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            drawn = list(pool.map(_film, tasks, chunksize=32))
-    else:
-        drawn = [_film(task) for task in tasks]
+    with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
+        drawn = list(tqdm(pool.map(_film, tasks, chunksize=32) if pool else map(_film, tasks), total=count,
+                          desc="films", unit="film", disable=not progress_bar))
     return np.stack([film for film, _ in drawn]), [labels for _, labels in drawn]
 
 
@@ -129,7 +128,7 @@ def train_classifiers(output: str | Path, config: ClassifierConfig, progress_bar
         raise OutputExistsError(f"output folder {output.name} already exists; choose a new one.")
     started = time.perf_counter()
     films, labels = draw_films(config.films, config.render_resolution, config.seed, config.finding_probability,
-                               config.workers, size=config.resolution)
+                               config.workers, size=config.resolution, progress_bar=progress_bar)
     targets = _targets(labels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -155,7 +154,8 @@ def train_classifiers(output: str | Path, config: ClassifierConfig, progress_bar
             "note": "trained on synthetic phantoms (cohort v2); meaningless on real films"}
     classifiers = CohortClassifiers(network, card, output.name)
     test_films, test_labels = draw_films(config.held_out, config.render_resolution,
-                                         config.seed + HELD_OUT_STREAM, config.finding_probability, config.workers)
+                                         config.seed + HELD_OUT_STREAM, config.finding_probability, config.workers,
+                                         progress_bar=progress_bar)
     card["held_out"] = held_out_figures(classifiers, test_films, test_labels)
     card["training_seconds"] = round(time.perf_counter() - started, 1)
     with atomic_output_dir(output) as staging:

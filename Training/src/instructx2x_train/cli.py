@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "relevance, prior, rse)")
     assess.add_argument("--classifiers", default="cohort-v2", help="cohort-v2 (phantoms), "
                         "torchxrayvision (real films) or a train-classifiers folder")
-    assess.add_argument("--weights-dir", type=Path, help="folder of torchxrayvision's DenseNet weights "
-                        "(default: its cache); nothing is downloaded")
+    assess.add_argument("--weights-dir", type=Path, help="folder holding torchxrayvision's three weight "
+                        "files (default: its cache); nothing is downloaded")
     assess.add_argument("--limit", type=int, help="evaluate the first N pairs only")
     assess.add_argument("--batch-size", type=int, default=4)
     assess.add_argument("--seed", type=int, default=0)
