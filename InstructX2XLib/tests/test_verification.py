@@ -8,7 +8,7 @@ import torch
 
 from instructx2x.classifiers import (COHORT_SET_NAME, PATHOLOGIES, RACES, ClassifierSet, CohortClassifiers,
                                      CohortNetwork, Predictions, load_classifiers, save_cohort_classifiers)
-from instructx2x.errors import ModelLoadError
+from instructx2x.errors import ModelLoadError, ParameterError
 from instructx2x.verification import classifiers_for, lung_zones, verify_edit
 
 
@@ -84,8 +84,16 @@ def test_remove_expects_absence_and_shapes_are_checked_first(film):
     mask[48:, 40:] = True
     report = verify_edit(bright, film, mask, "Remove the finding of pleural effusion", RegionReader())
     assert report.expected["Effusion"] is False and not report.failed
-    with pytest.raises(ValueError, match="one 2-D grid"):
+    with pytest.raises(ParameterError, match="one 2-D grid"):
         verify_edit(film, film[:10], mask, "Remove the finding of pleural effusion", RegionReader())
+
+
+def test_a_finding_the_classifiers_do_not_read_is_said_so(film):
+    mask = np.zeros(film.shape, bool)
+    mask[48:, 40:] = True
+    report = verify_edit(film, film.copy(), mask, "Add the finding of left consolidation", RegionReader())
+    assert report.instructed == () and report.passed
+    assert "not one of the five the classifiers read" in report.summary()
 
 
 def test_lung_zones_follow_the_pa_convention():

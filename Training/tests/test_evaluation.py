@@ -84,7 +84,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(split, tmp_path, monkeypatc
     report = evaluate(tmp_path / "run", config, progress_bar=False)
     assert sum(calls) == 6 and report["resumed"] is True  # only the pairs not yet recorded
     assert not (tmp_path / "run" / "INCOMPLETE").exists()
-    with pytest.raises(OutputExistsError, match="finished evaluation"):
+    with pytest.raises(OutputExistsError, match="not an unfinished evaluation"):
         evaluate(tmp_path / "run", config, progress_bar=False)
 
 

@@ -115,7 +115,7 @@ class CohortNetwork(nn.Module):
         export) then reads the same.
         """
         flat = images.flatten(1)
-        low, high = torch.quantile(flat, torch.tensor([0.01, 0.99]), dim=1)
+        low, high = torch.quantile(flat, flat.new_tensor([0.01, 0.99]), dim=1)
         scale = (high - low).clamp_min(1e-3)[:, None, None, None]
         normalised = (images - low[:, None, None, None]) / scale * 2 - 1
         features = self.body(normalised).mean(dim=(2, 3))

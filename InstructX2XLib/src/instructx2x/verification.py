@@ -15,6 +15,7 @@ import functools
 import numpy as np
 
 from .classifiers import FINDING_TO_PATHOLOGY, PATHOLOGIES, RACES, ClassifierSet, Predictions, load_classifiers
+from .errors import ParameterError
 from .instructions import Operation, parse_instruction
 
 __all__ = ["VerificationMargins", "Verification", "expected_labels", "verify_edit", "lung_zones",
@@ -122,6 +123,9 @@ class Verification:
         verdict = "PASSED" if self.passed else "FLAGGED"
         lines = [f"Verification {verdict}: {self.instruction}",
                  f"classifiers: {self.classifiers['name']} ({self.classifiers['caveat']})"]
+        if not self.instructed:
+            lines.append("- the instructed finding is not one of the five the classifiers read: only "
+                         "collateral change and the pixels outside the mask are checked")
         lines += [f"- failed edit: {item}" for item in self.failed]
         lines += [f"- collateral change: {item}" for item in self.collateral]
         if self.max_change_outside_mask != 0:
@@ -155,13 +159,13 @@ def verify_edit(source: np.ndarray, edited: np.ndarray, edit_mask: np.ndarray, i
 
     Raises
     ------
-    ValueError
+    ParameterError
         When the three arrays are not on one grid (checked before any classifier runs).
     """
     source, edited = np.asarray(source, np.float32), np.asarray(edited, np.float32)
     edit_mask = np.asarray(edit_mask, dtype=bool)
     if not (source.shape == edited.shape == edit_mask.shape) or source.ndim != 2:
-        raise ValueError(f"source, edited and mask must be one 2-D grid, got {source.shape}, "
+        raise ParameterError(f"source, edited and mask must be one 2-D grid, got {source.shape}, "
                          f"{edited.shape}, {edit_mask.shape}.")
     parsed = parse_instruction(instruction)
     predictions: Predictions = classifiers.predict([source, edited])

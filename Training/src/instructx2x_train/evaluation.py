@@ -113,8 +113,8 @@ def _prepare_output(output: Path, config: EvaluationConfig) -> bool:
     stored = output / CONFIG_NAME
     if output.exists():
         if not (output / INCOMPLETE).exists():
-            raise OutputExistsError(f"output folder {output.name} already exists and holds a finished "
-                                    "evaluation; choose a new one.")
+            raise OutputExistsError(f"output folder {output.name} already exists and is not an unfinished "
+                                    "evaluation to resume; choose a new one.")
         if not stored.is_file() or json.loads(stored.read_text()) != json.loads(to_json(dataclasses.asdict(config))):
             raise OutputExistsError(f"output folder {output.name} holds an unfinished evaluation with other "
                                     "settings; resume it with the same settings or choose a new folder.")
