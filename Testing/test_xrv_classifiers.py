@@ -92,3 +92,19 @@ def test_the_evaluation_runs_on_torchxrayvision(home, tmp_path):
     assert report["classifiers"]["name"] == "torchxrayvision (densenet121-res224-all)"
     assert set(report["rows"]) == {"real images", "rse"} and 0 <= report["rows"]["rse"]["pathology_accuracy"] <= 100
     assert (tmp_path / "report" / "evaluation.md").is_file()
+
+
+def test_auto_verification_reads_a_real_dicom_film_with_torchxrayvision_when_its_weights_are_present(home):
+    from pydicom.data import get_testdata_file
+
+    from instructx2x.dicom.read import read_dicom
+    from instructx2x.verification import choose_classifiers
+
+    class DemoCard:
+        card = {"classifiers": "cohort-v2"}
+
+    film = read_dicom(get_testdata_file("RG1_UNCR.dcm"))
+    assert choose_classifiers("auto", DemoCard(), film)[1] == "the model's card names it"  # no weights yet
+    write_xrv_weights(home / ".torchxrayvision" / "models_data")
+    chosen, why = choose_classifiers("auto", DemoCard(), film)
+    assert chosen.name.startswith("torchxrayvision") and "DICOM film" in why

@@ -61,6 +61,7 @@ def test_verify_checks_the_edit_with_the_classifiers_the_model_names(tmp_path, c
     report = json.loads((out / "verification.json").read_text())
     assert done["verification"] == report and "verification.txt" in done["files"]
     assert report["classifiers"]["name"] == "cohort-v2" and report["instructed"] == ["Effusion"]
+    assert report["classifiers"]["chosen_because"] == "the input is a synthetic-cohort phantom"
     assert report["max_change_outside_mask"] == 0 and set(report["findings_after"]) == set(report["findings_before"])
     text = (out / "verification.txt").read_text()
     assert text.startswith("Verification ") and "* Effusion" in text

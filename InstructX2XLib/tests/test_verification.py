@@ -9,7 +9,7 @@ import torch
 from instructx2x.classifiers import (COHORT_SET_NAME, PATHOLOGIES, RACES, ClassifierSet, CohortClassifiers,
                                      CohortNetwork, Predictions, load_classifiers, save_cohort_classifiers)
 from instructx2x.errors import ModelLoadError, ParameterError
-from instructx2x.verification import classifiers_for, lung_zones, verify_edit
+from instructx2x.verification import choose_classifiers, lung_zones, verify_edit
 
 
 class RegionReader(ClassifierSet):
@@ -114,11 +114,21 @@ def test_bundled_cohort_set_loads_offline_and_reads_any_film_size():
     assert np.allclose(predicted.race.sum(1), 1, atol=1e-5) and predicted.sex_female.shape == (2,)
 
 
-def test_the_model_card_names_the_set_auto_takes():
-    class Info:
+def test_auto_picks_the_set_that_fits_the_input_and_says_why(png):
+    from pathlib import Path
+
+    from instructx2x.dicom.read import read_dicom
+    from instructx2x.image_io import read_image
+
+    class DemoCard:
         card = {"classifiers": COHORT_SET_NAME}
 
-    assert classifiers_for("auto", Info()).name == COHORT_SET_NAME
+    phantom = read_dicom(Path(__file__).resolve().parents[2] / "Resources" / "Samples" / "phantom_pa.dcm")
+    chosen, why = choose_classifiers("auto", None, phantom)
+    assert chosen.name == COHORT_SET_NAME and why == "the input is a synthetic-cohort phantom"
+    chosen, why = choose_classifiers("auto", DemoCard(), read_image(png))
+    assert chosen.name == COHORT_SET_NAME and why == "the model's card names it"
+    assert choose_classifiers(COHORT_SET_NAME, None)[1] == "asked for"
 
 
 def test_a_saved_set_round_trips_and_broken_sets_are_refused(tmp_path):

@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "native detail); replace: the model's upsampled output inside it")
     job.add_argument("--verify", nargs="?", const="auto", metavar="SET", help=(
         "check the edit with classifiers and write verification.json/.txt: auto (default; the "
-        "set the model names, else torchxrayvision), cohort-v2, torchxrayvision or a folder"))
+        "set that fits the input), cohort-v2, torchxrayvision or a folder"))
     job.add_argument("--progress", default="bar", choices=["bar", "jsonl", "none"])
     dicom = job.add_argument_group("DICOM")
     dicom.add_argument("--voi", default="first",

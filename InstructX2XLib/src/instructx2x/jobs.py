@@ -55,8 +55,8 @@ class EditJob:
         A known lesion (e.g. a phantom's ground truth), outlined on ``figure.png``.
     verify: str | None
         Check the edit with a classifier set (``verification.verify_edit``) and write
-        ``verification.json`` and ``verification.txt``: ``auto`` (the set the model's card
-        names, else torchxrayvision), ``cohort-v2``, ``torchxrayvision`` or a folder.
+        ``verification.json`` and ``verification.txt``: ``auto`` (the set that fits each input,
+        ``verification.choose_classifiers``), ``cohort-v2``, ``torchxrayvision`` or a folder.
     """
 
     command: str
@@ -126,7 +126,7 @@ class PreparedJob:
     keep_mask: Any
     cstore_target: Any
     reference_mask: Any = None
-    classifiers: Any = None  # the verification's ClassifierSet, loaded before the model works
+    verifiers: Any = None  # per image: (ClassifierSet, why it was chosen), loaded before the model works
 
 
 def prepare(job: EditJob) -> PreparedJob:
@@ -242,10 +242,11 @@ def edit_images(prepared: PreparedJob, editor, emit: Events, progress_bar: bool 
 def load_verifier(prepared: PreparedJob, editor) -> None:
     """Load the job's verification classifiers (once per process) before any model call, so a
     missing weight file is refused before the edit runs."""
-    if prepared.job.verify is not None and prepared.classifiers is None:
-        from .verification import classifiers_for
+    if prepared.job.verify is not None and prepared.verifiers is None:
+        from .verification import choose_classifiers
 
-        prepared.classifiers = classifiers_for(prepared.job.verify, editor.model_info)
+        prepared.verifiers = [choose_classifiers(prepared.job.verify, editor.model_info, image)
+                              for image in prepared.images]
 
 
 def write_results(prepared: PreparedJob, results: list, emit: Events, float_maps: bool = False) -> dict:
@@ -261,7 +262,7 @@ def write_results(prepared: PreparedJob, results: list, emit: Events, float_maps
                "prior": results[0].manifest["prior"],
                "edit_fraction": results[0].manifest["edit_fraction"],
                "untrained": results[0].untrained}
-    if prepared.classifiers is not None:  # what the panels show beside the result
+    if prepared.verifiers is not None:  # what the panels show beside the result
         summary["verification"] = json.loads((job.output / ("verification.json" if len(results) == 1 else
                                                             "image-001/verification.json")).read_text())
     dicom_files = [job.output / name for name in written if name.endswith(".dcm")]
@@ -294,8 +295,8 @@ def write_into(folder: Path, prepared: PreparedJob, results: list, float_maps: b
         names += [p.name for p in write_png_result(target, image, result)]
         if result.edited is not None:
             names += [write_figure(target, image, result, prepared.reference_mask).name]
-        if prepared.classifiers is not None and result.edited is not None:
-            names += [p.name for p in write_verification(target, image, result, prepared.classifiers)]
+        if prepared.verifiers is not None and result.edited is not None:
+            names += [p.name for p in write_verification(target, image, result, *prepared.verifiers[index])]
         if float_maps:
             names += [p.name for p in write_float_maps(target, image, result)]
         written += [str((target / n).relative_to(folder)) for n in names]

@@ -48,7 +48,7 @@ COMPONENTS = ("unet", "vae", "text_encoder")
 MODEL_CARD_NAME = "model_card.json"
 # few_step_solver_steps: the step count a model measured best for DPM-Solver++ / UniPC when
 # none is given (the package default is 3, chosen for Stable Diffusion-size models on CPU);
-# classifiers: the classifier set that measures its edits (verification.classifiers_for)
+# classifiers: the classifier set that measures its edits (verification.choose_classifiers)
 MODEL_CARD_FIELDS = ("name", "trained", "trained_on", "resolution", "intended_use",
                      "few_step_solver_steps", "classifiers")
 

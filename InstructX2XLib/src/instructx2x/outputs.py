@@ -162,12 +162,13 @@ def write_figure(directory: Path, image: Radiograph, result: EditResult,
     return directory / "figure.png"
 
 
-def write_verification(directory: Path, image: Radiograph, result: EditResult, classifiers) -> list[Path]:
+def write_verification(directory: Path, image: Radiograph, result: EditResult, classifiers,
+                       chosen_because: str) -> list[Path]:
     """``verification.json`` and its readable ``verification.txt`` (``verification.verify_edit``)."""
     from .verification import verify_edit
 
     report = verify_edit(image.pixels, result.edited, result.edit_mask,
-                         result.manifest["instruction"]["text"], classifiers)
+                         result.manifest["instruction"]["text"], classifiers, chosen_because=chosen_because)
     (directory / "verification.json").write_text(to_json(report.to_dict()) + "\n")
     (directory / "verification.txt").write_text(report.summary())
     return [directory / "verification.json", directory / "verification.txt"]

@@ -14,12 +14,15 @@ import functools
 
 import numpy as np
 
-from .classifiers import FINDING_TO_PATHOLOGY, PATHOLOGIES, RACES, ClassifierSet, Predictions, load_classifiers
+from .classifiers import (COHORT_SET_NAME, FINDING_TO_PATHOLOGY, PATHOLOGIES, RACES, ClassifierSet, Predictions,
+                          load_classifiers)
+from .dicom.read import PHANTOM_MANUFACTURER
+from .xrv_classifiers import torchxrayvision_ready
 from .errors import ParameterError
 from .instructions import Operation, parse_instruction
 
 __all__ = ["VerificationMargins", "Verification", "expected_labels", "verify_edit", "lung_zones",
-           "classifiers_for"]
+           "choose_classifiers"]
 
 ZONE_ROWS = ("upper", "middle", "lower")
 
@@ -56,13 +59,25 @@ def expected_labels(source: dict[str, bool], instruction: str) -> dict[str, bool
     return expected
 
 
-def classifiers_for(spec: str, model_info) -> ClassifierSet:
-    """The set that fits a model's edits: ``auto`` takes the one its model card names (the demo
-    model, trained on phantoms, names ``cohort-v2``), else torchxrayvision's (real films).
-    Loaded once per process."""
-    if spec == "auto":
-        spec = (getattr(model_info, "card", None) or {}).get("classifiers", "torchxrayvision")
-    return _load_cached(spec)
+def choose_classifiers(spec: str, model_info, image=None) -> tuple[ClassifierSet, str]:
+    """The set that fits an edit, and why it was chosen.
+
+    ``auto``: a phantom (a DICOM the synthetic cohort wrote) is read by ``cohort-v2``; another
+    DICOM film by torchxrayvision's set when its weights are on disk; otherwise the set the
+    model's card names (the demo model names ``cohort-v2``), else torchxrayvision's (which then
+    says what is missing). Any other ``spec`` is taken as it is. Sets load once per process.
+    """
+    if spec != "auto":
+        return _load_cached(spec), "asked for"
+    dataset = (getattr(image, "metadata", None) or {}).get("dataset")
+    if dataset is not None and dataset.get("Manufacturer") == PHANTOM_MANUFACTURER:
+        return _load_cached(COHORT_SET_NAME), "the input is a synthetic-cohort phantom"
+    if dataset is not None and torchxrayvision_ready():
+        return _load_cached("torchxrayvision"), "the input is a DICOM film and torchxrayvision's weights are present"
+    named = (getattr(model_info, "card", None) or {}).get("classifiers")
+    if named:
+        return _load_cached(named), "the model's card names it"
+    return _load_cached("torchxrayvision"), "the default for real films"
 
 
 @functools.lru_cache(maxsize=4)
@@ -122,7 +137,8 @@ class Verification:
         """A short readable report: verdict first, then the figures behind it."""
         verdict = "PASSED" if self.passed else "FLAGGED"
         lines = [f"Verification {verdict}: {self.instruction}",
-                 f"classifiers: {self.classifiers['name']} ({self.classifiers['caveat']})"]
+                 f"classifiers: {self.classifiers['name']}, {self.classifiers['chosen_because']} "
+                 f"({self.classifiers['caveat']})"]
         if not self.instructed:
             lines.append("- the instructed finding is not one of the five the classifiers read: only "
                          "collateral change and the pixels outside the mask are checked")
@@ -147,9 +163,11 @@ class Verification:
 
 
 def verify_edit(source: np.ndarray, edited: np.ndarray, edit_mask: np.ndarray, instruction: str,
-                classifiers: ClassifierSet, margins: VerificationMargins = VerificationMargins()) -> Verification:
+                classifiers: ClassifierSet, margins: VerificationMargins = VerificationMargins(),
+                chosen_because: str = "asked for") -> Verification:
     """Check one edit: ``source`` and ``edited`` float ``(rows, columns)`` in ``[0, 1]``,
-    ``edit_mask`` bool on the same grid.
+    ``edit_mask`` bool on the same grid; ``chosen_because`` goes into the report beside the
+    set's name (``choose_classifiers``).
 
     The source's labels are the classifiers' own decisions on it (a single film has no
     ground truth); the instructed finding fails when the edited film's decision is not the
@@ -191,7 +209,7 @@ def verify_edit(source: np.ndarray, edited: np.ndarray, edit_mask: np.ndarray, i
         collateral.append(f"sex: P(female) {sex[0]:.2f} -> {sex[1]:.2f}")
     outside = np.abs(edited - source)[~edit_mask]
     return Verification(
-        classifiers=classifiers.describe(), instruction=parsed.text, instructed=instructed,
+        classifiers={**classifiers.describe(), "chosen_because": chosen_because}, instruction=parsed.text, instructed=instructed,
         expected=expected, findings_before=before, findings_after=after,
         age_before=ages[0], age_after=ages[1],
         race_before=dict(zip(RACES, races[0].tolist())), race_after=dict(zip(RACES, races[1].tolist())),

@@ -25,7 +25,8 @@ import torch
 from .classifiers import PATHOLOGIES, RACES, ClassifierSet, Predictions
 from .errors import ModelLoadError
 
-__all__ = ["TorchXRayVisionClassifiers", "XRV_CACHE", "RACE_WEIGHTS", "AGE_WEIGHTS", "required_files"]
+__all__ = ["TorchXRayVisionClassifiers", "XRV_CACHE", "RACE_WEIGHTS", "AGE_WEIGHTS", "required_files",
+           "torchxrayvision_ready"]
 
 # torchxrayvision's own cache: RaceModel and AgeModel read only this folder.
 XRV_CACHE = Path("~/.torchxrayvision/models_data")
@@ -44,6 +45,15 @@ def _import_xrv():
             f"torch ({type(error).__name__}: {error}); install the eval extra as docs/evaluation.md "
             "says.") from None
     return torchxrayvision
+
+
+def torchxrayvision_ready() -> bool:
+    """True when torchxrayvision imports and its three default weight files are in its cache."""
+    try:
+        files = required_files(DENSENET_WEIGHTS[0], XRV_CACHE.expanduser())
+    except ModelLoadError:
+        return False
+    return all(path.is_file() for path in files.values())
 
 
 def required_files(densenet: str, weights_dir: Path) -> dict[str, Path]:

@@ -22,6 +22,7 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
+from instructx2x.dicom.read import PHANTOM_MANUFACTURER
 from instructx2x.outputs import atomic_output_dir
 
 from .answers import Change, ChangeKind, format_answer
@@ -237,7 +238,7 @@ def write_cr(path: Path, pixels: np.ndarray, subject: int | str, study: int, dic
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=[str(study), view])
     ds.PatientID, ds.PatientName = str(subject), f"Synthetic^{subject}"
     ds.PatientSex, ds.PatientAge, ds.PatientBirthDate = sex, f"{age:03d}Y", ""
-    ds.Manufacturer = "InstructX2X synthetic cohort"
+    ds.Manufacturer = PHANTOM_MANUFACTURER
     ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = date.strftime("%Y%m%d"), "120000", str(study), ""
     ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CR", 1, 1
     ds.BodyPartExamined, ds.ViewPosition = "CHEST", view

@@ -23,7 +23,7 @@ from ..image_io import MAX_PIXELS, ImageReadError, Radiograph, looks_like_dicom,
 from .intensity import mapping_from_dataset
 
 __all__ = ["DicomReadError", "read_dicom", "pixel_spacing", "SUPPORTED_SOP_CLASSES",
-           "CHEST_BODY_PARTS"]
+           "CHEST_BODY_PARTS", "PHANTOM_MANUFACTURER"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ SUPPORTED_SOP_CLASSES = {
 }
 CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG", "HEART", "RIB", "RIBS", "MEDIASTINUM", "TORSO"}
 LATERAL_VIEWS = {"LL", "RL", "LLD", "RLD", "LAT", "LATERAL"}
+# the Manufacturer the synthetic cohort writes: such a film is a phantom, not a patient's
+PHANTOM_MANUFACTURER = "InstructX2X synthetic cohort"
 REQUIRED = ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation",
             "SamplesPerPixel", "PhotometricInterpretation")
 
