@@ -95,6 +95,8 @@ def test_bad_settings_are_refused_before_anything_is_written(split, tmp_path):
         evaluate(tmp_path / "a", EvaluationConfig(model="demo", dataset=str(tmp_path)))
     with pytest.raises(ModelLoadError):
         evaluate(tmp_path / "b", EvaluationConfig(model="demo", dataset=str(split), classifiers="no-such-set"))
+    with pytest.raises(ModelLoadError):
+        evaluate(tmp_path / "c", EvaluationConfig(model=str(tmp_path / "no-such-model"), dataset=str(split)))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -263,8 +263,8 @@ def write_results(prepared: PreparedJob, results: list, emit: Events, float_maps
                "edit_fraction": results[0].manifest["edit_fraction"],
                "untrained": results[0].untrained}
     if prepared.verifiers is not None:  # what the panels show beside the result
-        summary["verification"] = json.loads((job.output / ("verification.json" if len(results) == 1 else
-                                                            "image-001/verification.json")).read_text())
+        first = next(name for name in written if name.endswith("verification.json"))
+        summary["verification"] = json.loads((job.output / first).read_text())
     dicom_files = [job.output / name for name in written if name.endswith(".dcm")]
     try:
         if prepared.cstore_target is not None:

@@ -151,14 +151,14 @@ def evaluate(output: str | Path, config: EvaluationConfig, progress_bar: bool = 
     # as Accelerator does: `accelerate launch` on CPUs sets ACCELERATE_USE_CPU, without which
     # every process would think itself the only one
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    resumed = _prepare_output(output, config) if state.is_main_process else True
-    state.wait_for_everyone()
-    started = time.perf_counter()
     device = "auto" if state.num_processes == 1 else ("cpu" if state.device.type == "cpu" else str(state.device))
     diffusers_logging.set_verbosity_error()  # dtype-cast notices are noise in a report run
-    editor = InstructX2XEditor.from_model(config.model, device=device)
+    editor = InstructX2XEditor.from_model(config.model, device=device)  # a bad model: nothing written yet
+    resumed = _prepare_output(output, config) if state.is_main_process else True
     if state.is_main_process:
         _check_model_identity(output, editor.model_info.sha256)
+    state.wait_for_everyone()
+    started = time.perf_counter()
     records = output / "records"
     mine = list(range(count))[state.process_index::state.num_processes]
     rank = f"rank{state.process_index}"
@@ -205,9 +205,12 @@ def _check_model_identity(output: Path, sha256: str) -> None:
 def _append(path: Path):
     """Open a record file for appending, first closing a line an interruption cut short (that
     pair is not in the records and runs again)."""
-    if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
-        with path.open("a") as sink:
-            sink.write("\n")
+    sink = path.open("a+b")
+    if sink.tell():  # appending: the position is the end
+        sink.seek(-1, 2)
+        if sink.read(1) != b"\n":
+            sink.write(b"\n")
+    sink.close()
     return path.open("a")
 
 
