@@ -26,10 +26,9 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 from InstructX2XModuleLib import scene as mrml
-from InstructX2XModuleLib.worker import WorkerClient, WorkerState
+from InstructX2XModuleLib.session import (MASK_SOURCES, OPERATIONS, PRESETS, EditSession, PanelSettings,
+                                          compose_instruction, describe_instruction, instruction_completions)
 
-MASK_SOURCES = ("anatomical prior", "painted segment", "painted segment and prior")
-PRESETS = ("fast (device default)", "paper (DDIM 100 steps)")
 # The bundled demonstration model (trained on synthetic phantoms; its card says so in every
 # manifest). Users point the panel at their own InstructX2X weights in Advanced.
 DEFAULT_MODEL = "demo"
@@ -144,12 +143,11 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Completion and the structured helper from the library's vocabulary (light import)."""
         from instructx2x.instructions import FINDINGS, LEVEL_WORDS
 
-        completer = qt.QCompleter([f"Add the finding of {f}" for f in FINDINGS]
-                                  + [f"Remove the finding of {f}" for f in FINDINGS])
+        completer = qt.QCompleter(instruction_completions())
         completer.setCaseSensitivity(qt.Qt.CaseInsensitive)
         completer.setFilterMode(qt.Qt.MatchContains)
         self.ui.instructionEdit.setCompleter(completer)
-        self.ui.operationCombo.addItems([_("Add"), _("Remove"), _("Change the level of")])
+        self.ui.operationCombo.addItems(list(OPERATIONS))
         self.ui.findingCombo.addItems(list(FINDINGS))
         self.ui.sideCombo.addItems(["", "left", "right", "bilateral"])
         for combo in (self.ui.fromLevelCombo, self.ui.toLevelCombo):
@@ -264,19 +262,12 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class InstructX2XLogic(ScriptedLoadableModuleLogic):
-    """MRML adapter: a job from the scene, the worker for the work, the results into the scene."""
+    """MRML adapter: the panel's settings and segments into the shared ``session.EditSession``
+    (jobs, worker, result import), and Slicer's views and DICOM database for what comes back."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.worker: WorkerClient | None = None
-        self.workerSettings: tuple | None = None
-        self.folder: Path | None = None
-        self.pending: dict | None = None
-        self.previewId: str | None = None
-        self.results: dict = {}
-        self.current: dict = {}
-        self.lastResultText = ""
-        self.lastVerificationText = ""  # verification.txt of the last edit, when verified
+        self.session: EditSession | None = None
 
     def getParameterNode(self):
         return InstructX2XParameterNode(super().getParameterNode())
@@ -284,172 +275,74 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
     # -- instruction ----------------------------------------------------------------------
     @staticmethod
     def composeInstruction(operation: int, finding: str, side: str, before: str, after: str) -> str:
-        where = f"{side} {finding}".strip()
-        if operation == 2:
-            return f"Change the level of {where} from {before or 'mild'} to {after or 'severe'}"
-        return f"{'Add' if operation == 0 else 'Remove'} the finding of {where}"
+        return compose_instruction(OPERATIONS[operation], finding, side, before, after)
 
     @staticmethod
     def describeInstruction(text: str) -> str:
-        """The parsed instruction and the prior it selects, shown before any run."""
-        from instructx2x.errors import ParameterError
-        from instructx2x.instructions import parse_instruction
-        from instructx2x.priors import PriorSet
-
-        if not text.strip():
-            return _("Type an instruction, e.g. Add the finding of left pleural effusion.")
-        try:
-            parsed = parse_instruction(text)
-        except ParameterError as error:
-            return str(error)
-        selection = PriorSet.default().select(parsed)
-        findings = ", ".join(parsed.findings) or _("no known finding")
-        side = f" ({parsed.laterality.value})" if parsed.laterality else ""
-        return f"{parsed.operation.value}: {findings}{side}. {_('Region')}: {selection.reason}."
+        return describe_instruction(text)
 
     # -- worker ---------------------------------------------------------------------------
     @property
     def busy(self) -> bool:
-        return self.worker is not None and self.worker.state in (WorkerState.STARTING, WorkerState.RUNNING,
-                                                                 WorkerState.CANCELLING)
+        return self.session is not None and self.session.busy
 
     @property
     def hasPreview(self) -> bool:
-        return self.previewId is not None and not self.busy
+        return self.session is not None and self.session.has_preview
 
-    def ensureWorker(self, parameters) -> WorkerClient:
-        """Start (or reuse) the warm worker for this model, device, sampler and precision;
-        install the dependencies on first use."""
-        settings = (parameters.model, parameters.device, parameters.scheduler, parameters.precision)
-        if self.worker is not None and self.workerSettings == settings \
-                and self.worker.state not in (WorkerState.STOPPED, WorkerState.IDLE):
-            return self.worker
-        self.stopWorker()
-        ensureDependencies()
-        python = shutil.which("PythonSlicer") or shutil.which("python3")
-        environment = {"CUDA_VISIBLE_DEVICES": "-1"} if parameters.device == "cpu" else {}
-        self.worker = WorkerClient(parameters.model, device=parameters.device, environment=environment,
-                                   executable=[python, "-m", "instructx2x.cli"],
-                                   scheduler=parameters.scheduler, dtype=parameters.precision)
-        self.worker.start()
-        self.workerSettings = settings
-        return self.worker
+    @property
+    def results(self) -> dict:
+        return self.session.results if self.session is not None else {}
+
+    @property
+    def lastResultText(self) -> str:
+        return self.session.result_text if self.session is not None else ""
+
+    @property
+    def lastVerificationText(self) -> str:
+        return self.session.verification_text if self.session is not None else ""
 
     def stopWorker(self) -> None:
-        if self.worker is not None:
-            self.worker.shutdown()
-            self.worker = None
+        if self.session is not None:
+            self.session.stop()
+            self.session = None
 
     def submit(self, kind: str, parameters, segmentation=None, segmentId: str | None = None,
                keepSegmentId: str | None = None) -> None:
-        """Write the inputs to a temporary folder and queue the job on the worker."""
-        from instructx2x.instructions import parse_instruction
-
+        """Masks from the painted segments, then the job on the session's warm worker."""
         volume = parameters.inputVolume
-        mrml.volume_to_array(volume)  # a volume with one slice, or a clear message
-        parse_instruction(parameters.instruction)  # empty or unreadable: a clear error now
-        editParameters = self._editParameters(parameters)
+        settings = panelSettings(parameters)
         editMask = keepMask = None
-        if parameters.maskSource != MASK_SOURCES[0]:
+        if settings.mask_source != MASK_SOURCES[0]:
             if segmentId is None:
                 raise ValueError(_("Paint the region to edit in the Segment Editor, or choose the anatomical prior."))
             editMask = mrml.segment_to_mask(segmentation, segmentId, volume)
-            if parameters.maskSource == MASK_SOURCES[1]:
-                editParameters["region_mode"] = "prior"
         if keepSegmentId:
             keepMask = mrml.segment_to_mask(segmentation, keepSegmentId, volume)
-        self.folder = Path(tempfile.mkdtemp(prefix="instructx2x-"))
+        if self.session is None:
+            python = shutil.which("PythonSlicer") or shutil.which("python3")
+            self.session = EditSession(slicer.mrmlScene, executable=[python, "-m", "instructx2x.cli"],
+                                       prepare_worker=ensureDependencies)
         database = slicer.dicomDatabase
-        job = mrml.build_job(volume, kind, editParameters, self.folder, editMask, keepMask,
-                             dicom_file_for=database.fileForInstance if database is not None else None,
-                             verify="auto" if parameters.verify and kind == "edit" else None)
-        worker = self.ensureWorker(parameters)
-        self.pending = {"kind": kind, "job": job, "volume": volume}
-        if worker.state == WorkerState.READY:
-            self._send()
-
-    def _send(self) -> None:
-        request = self.pending
-        self.pending = None
-        requestId = self.worker.submit(request["kind"], request["job"])
-        self.current = {**request, "id": requestId}
+        self.session.submit(kind, volume, settings, editMask, keepMask,
+                            dicom_file_for=database.fileForInstance if database is not None else None)
 
     def cancel(self) -> None:
-        if self.pending is not None:
-            self.pending = None
-        if self.worker is not None:
-            self.worker.cancel()
+        if self.session is not None:
+            self.session.cancel()
 
     def rethreshold(self, tau: float) -> None:
-        self.worker.submit("rethreshold", preview=self.previewId, tau=tau,
-                           output=str(self.folder / f"tau-{tau:.3f}"))
-        self.current = {"kind": "rethreshold", "volume": self.current["volume"], "id": self.worker.current}
+        self.session.rethreshold(tau)
 
     def poll(self) -> list[dict]:
-        if self.worker is None:
+        if self.session is None:
             return []
-        events = self.worker.poll()
-        if self.pending is not None and self.worker.state == WorkerState.READY:
-            self._send()
-        for event in events:
-            if event.get("event") == "done" and event.get("id") == self.current.get("id"):
-                self._importResults(event)
-        if self.worker.state == WorkerState.STOPPED and self.worker.last_error:
-            events.append({"event": "error", "message": self.worker.last_error})
-            self.worker = None
+        events = self.session.poll()
+        if any(e.get("event") == "done" and e.get("id") == self.session.current.get("id") for e in events):
+            self.showBeforeAfter(True)
         return events
 
     # -- results --------------------------------------------------------------------------
-    def _importResults(self, event: dict) -> None:
-        import numpy as np
-
-        kind, volume = self.current["kind"], self.current["volume"]
-        output = Path(event["output"])
-        name = volume.GetName()
-        if kind == "rethreshold":
-            mask = np.load(output / "edit_mask.npy")
-            self._replace("mask", mrml.array_to_volume(slicer.mrmlScene, mask.astype(np.uint8),
-                                                       f"{name} edit region", volume, labelmap=True))
-            self.lastResultText = _("Edit region at tau {tau}: {fraction:.1%} of the image.").format(
-                tau=event.get("tau"), fraction=event.get("edit_fraction", 0))
-            return
-        guidance = np.load(output / "guidance_map.npy")
-        mask = np.load(output / "edit_mask.npy")
-        edited = self._editedPixels(output, volume) if kind == "edit" else mrml.volume_to_array(volume)
-        for old in self.results.values():
-            slicer.mrmlScene.RemoveNode(old)
-        self.results = mrml.import_result(slicer.mrmlScene, volume, edited, guidance, mask, name)
-        if kind == "preview":
-            self.previewId = self.current["id"]
-            slicer.mrmlScene.RemoveNode(self.results.pop("counterfactual"))
-        self.outputFolder = output
-        self.lastResultText = _("Done: edit region {fraction:.1%} of the image ({prior}).").format(
-            fraction=event.get("edit_fraction", 0), prior=(event.get("prior") or {}).get("reason", ""))
-        report = output / "verification.txt"
-        self.lastVerificationText = report.read_text() if kind == "edit" and report.is_file() else ""
-        self.showBeforeAfter(True)
-
-    def _editedPixels(self, output: Path, volume):
-        """The counterfactual's pixels in the volume's own value domain."""
-        import numpy as np
-
-        if (output / "counterfactual.dcm").is_file():
-            import pydicom
-
-            dataset = pydicom.dcmread(output / "counterfactual.dcm")
-            slope = float(dataset.get("RescaleSlope", 1) or 1)
-            intercept = float(dataset.get("RescaleIntercept", 0) or 0)
-            return dataset.pixel_array.astype(np.float32) * slope + intercept
-        from PIL import Image
-
-        with Image.open(output / "edited.png") as image:
-            return np.asarray(image, dtype=np.float32)
-
-    def _replace(self, key: str, node) -> None:
-        if key in self.results:
-            slicer.mrmlScene.RemoveNode(self.results[key])
-        self.results[key] = node
-
     def setOverlayOpacity(self, opacity: float) -> None:
         slicer.util.setSliceViewerLayers(foregroundOpacity=opacity)
 
@@ -466,7 +359,7 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
             return
         background = self.results.get("counterfactual") if after else None
         slicer.util.setSliceViewerLayers(
-            background=background or self.current["volume"], foreground=self.results.get("guidance"),
+            background=background or self.session.current["volume"], foreground=self.results.get("guidance"),
             label=self.results.get("mask"), foregroundOpacity=0.5)
         for sliceNode in slicer.util.getNodesByClass("vtkMRMLSliceNode"):
             sliceNode.SetUseLabelOutline(True)
@@ -474,7 +367,7 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
     def exportToDicom(self, pacsTarget: str = "") -> str:
         """Import the written series (SC + overlay SC + SEG) into Slicer's DICOM database, and
         push it to a PACS when a target is given (the only network traffic, on request)."""
-        folder = getattr(self, "outputFolder", None)
+        folder = self.session.output_folder if self.session is not None else None
         if folder is None or not (folder / "counterfactual.dcm").is_file():
             raise ValueError(_("Load the radiograph from DICOM and apply an edit first: the DICOM "
                                "series is written for DICOM inputs."))
@@ -512,18 +405,15 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
         logging.info("Installed model %s (sha256 %s)", source.name, info.sha256[:16])
         return str(target), info.sha256
 
-    # -- helpers --------------------------------------------------------------------------
-    @staticmethod
-    def _editParameters(parameters) -> dict:
-        values = {"instruction": parameters.instruction, "tau": parameters.tau,
-                  "relevance_timestep": parameters.relevanceTimestep, "seed": parameters.seed,
-                  "guidance_scale": parameters.guidanceScale,
-                  "image_guidance_scale": parameters.imageGuidanceScale}
-        if parameters.steps:
-            values["num_inference_steps"] = parameters.steps
-        if parameters.preset == PRESETS[1]:
-            values["num_inference_steps"] = 100
-        return values
+
+def panelSettings(parameters) -> PanelSettings:
+    """The parameter node as the shared session's settings (one mapping, one place)."""
+    return PanelSettings(
+        instruction=parameters.instruction, mask_source=parameters.maskSource, tau=parameters.tau,
+        preset=parameters.preset, steps=parameters.steps, guidance_scale=parameters.guidanceScale,
+        image_guidance_scale=parameters.imageGuidanceScale, relevance_timestep=parameters.relevanceTimestep,
+        seed=parameters.seed, device=parameters.device, scheduler=parameters.scheduler,
+        precision=parameters.precision, model=parameters.model, verify=parameters.verify)
 
 
 def ensureDependencies() -> None:
@@ -601,7 +491,7 @@ class InstructX2XTest(ScriptedLoadableModuleTest):
             self.delayDisplay("Editing")
             logic.submit("edit", parameters, segmentation, segmentId)
             deadline = time.monotonic() + 600
-            while logic.busy or logic.pending is not None:
+            while logic.busy:
                 logic.poll()
                 slicer.app.processEvents()
                 self.assertLess(time.monotonic(), deadline)

@@ -17,7 +17,7 @@ import vtk
 from vtk.util import numpy_support
 
 __all__ = ["SceneError", "prepare_scene", "volume_to_array", "array_to_volume", "segment_to_mask",
-           "import_result", "build_job", "PA_DIRECTIONS"]
+           "import_result", "build_job", "png_domain", "PA_DIRECTIONS"]
 
 # A PA film read from PNG has no geometry: show it as Slicer shows a DICOM CR (IJK-to-RAS
 # directions diag(-1, -1, 1), patient's left on the image's right).
@@ -171,6 +171,17 @@ def import_result(scene, volume, edited: np.ndarray, guidance: np.ndarray, edit_
             "difference": difference_node}
 
 
+def png_domain(pixels: np.ndarray) -> tuple[float, float]:
+    """``(low, step)``: a volume without a DICOM file goes to the worker as a 16-bit PNG holding
+    ``round((pixels - low) / step)``. Integer films within 0..65535 (every PNG a panel loads)
+    are written as they are, so the edit comes back in the volume's own values, exactly.
+    """
+    low, high = float(pixels.min()), float(pixels.max())
+    if low >= 0 and high <= 65535 and np.array_equal(pixels, np.round(pixels)):
+        return 0.0, 1.0
+    return low, ((high - low) or 1.0) / 65535
+
+
 def build_job(volume, kind: str, parameters: dict, folder: Path, edit_mask: np.ndarray | None = None,
               keep_mask: np.ndarray | None = None,
               dicom_file_for: Callable[[str], str | None] | None = None, verify: str | None = None) -> dict:
@@ -197,10 +208,9 @@ def build_job(volume, kind: str, parameters: dict, folder: Path, edit_mask: np.n
     if uids and dicom_file_for is not None:
         source = dicom_file_for(uids.split()[0])
     if not source or not Path(source).is_file():
-        low, high = float(pixels.min()), float(pixels.max())
-        scaled = (pixels - low) / ((high - low) or 1.0) * 65535
+        low, step = png_domain(pixels)
         source = folder / "input.png"
-        Image.fromarray(scaled.round().astype(np.uint16)).save(source)
+        Image.fromarray(((pixels - low) / step).round().astype(np.uint16)).save(source)
     job = {"input": str(source), "output": str(folder / kind), "parameters": dict(parameters)}
     if verify is not None:
         job["verify"] = verify

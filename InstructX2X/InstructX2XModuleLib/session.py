@@ -1,0 +1,295 @@
+"""One panel's editing session: settings -> job -> warm worker -> results in the scene.
+
+Shared by the desktop module (``InstructX2X.py``) and the browser panel (``web``): both
+hand it the MRML scene, the radiograph volume and the painted masks, poll it from a timer,
+and show what it imports. It imports neither qt nor slicer.app/slicer.util, and the model
+never runs in the panel's process (``worker.WorkerClient`` starts ``instructx2x serve``).
+
+Jobs wait in a first-in-first-out queue while the worker is busy; ``queue_position`` says
+where a job stands, so a panel can show "queued, 2nd" instead of a frozen button.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import scene as mrml
+from .worker import WorkerClient, WorkerState
+
+__all__ = ["PanelSettings", "EditSession", "PRESETS", "MASK_SOURCES", "describe_instruction",
+           "compose_instruction", "instruction_completions"]
+
+MASK_SOURCES = ("anatomical prior", "painted segment", "painted segment and prior")
+PRESETS = ("fast (device default)", "paper (DDIM 100 steps)")
+OPERATIONS = ("Add", "Remove", "Change the level of")
+
+
+@dataclasses.dataclass
+class PanelSettings:
+    """What a panel's controls say (the desktop parameter node and the web state map onto it)."""
+
+    instruction: str = ""
+    mask_source: str = MASK_SOURCES[0]
+    tau: float = 0.1
+    preset: str = PRESETS[0]
+    steps: int = 0  # 0: the sampler's default for the device
+    guidance_scale: float = 7.5
+    image_guidance_scale: float = 1.5
+    relevance_timestep: int = 800
+    seed: int = 0
+    device: str = "auto"
+    scheduler: str = "auto"
+    precision: str = "auto"
+    model: str = "demo"
+    verify: bool = True
+
+    def edit_parameters(self) -> dict:
+        """The library's ``EditParameters`` fields for this run."""
+        values = {"instruction": self.instruction, "tau": self.tau, "relevance_timestep": self.relevance_timestep,
+                  "seed": self.seed, "guidance_scale": self.guidance_scale,
+                  "image_guidance_scale": self.image_guidance_scale}
+        if self.steps:
+            values["num_inference_steps"] = self.steps
+        if self.preset == PRESETS[1]:
+            values["num_inference_steps"] = 100
+        if self.mask_source == MASK_SOURCES[1]:
+            values["region_mode"] = "prior"  # the painted region replaces the prior; no relevance cut
+        return values
+
+    def worker_key(self) -> tuple:
+        return self.model, self.device, self.scheduler, self.precision
+
+
+def describe_instruction(text: str) -> str:
+    """The parsed instruction and the prior it selects, shown live before any run."""
+    from instructx2x.errors import ParameterError
+    from instructx2x.instructions import parse_instruction
+    from instructx2x.priors import PriorSet
+
+    if not text.strip():
+        return "Type an instruction, e.g. Add the finding of left pleural effusion."
+    try:
+        parsed = parse_instruction(text)
+    except ParameterError as error:
+        return str(error)
+    selection = PriorSet.default().select(parsed)
+    findings = ", ".join(parsed.findings) or "no known finding"
+    side = f" ({parsed.laterality.value})" if parsed.laterality else ""
+    return f"{parsed.operation.value}: {findings}{side}. Region: {selection.reason}."
+
+
+def compose_instruction(operation: str, finding: str, side: str = "", before: str = "", after: str = "") -> str:
+    """An instruction in the training set's wording from the structured helper's choices."""
+    where = f"{side} {finding}".strip()
+    if operation == OPERATIONS[2]:
+        return f"Change the level of {where} from {before or 'mild'} to {after or 'severe'}"
+    return f"{operation} the finding of {where}"
+
+
+def instruction_completions() -> list[str]:
+    """Every add/remove instruction the vocabulary knows (for completion lists)."""
+    from instructx2x.instructions import FINDINGS
+
+    return [f"{operation} the finding of {finding}" for operation in OPERATIONS[:2] for finding in FINDINGS]
+
+
+class EditSession:
+    """Edits of one panel on one scene, one worker per model/device/sampler/precision.
+
+    Parameters
+    ----------
+    scene: vtkMRMLScene
+        Where the results go (the input volume is never modified).
+    executable: list[str] | None
+        The command that runs the library's CLI (``PythonSlicer -m instructx2x.cli`` in Slicer).
+    prepare_worker: Callable[[], None] | None
+        Called before a worker is first started (the desktop module installs dependencies).
+    """
+
+    def __init__(self, scene, executable: list[str] | None = None,
+                 prepare_worker: Callable[[], None] | None = None) -> None:
+        self.scene = scene
+        self.executable = executable or [sys.executable, "-m", "instructx2x.cli"]
+        self.prepare_worker = prepare_worker
+        self.worker: WorkerClient | None = None
+        self.worker_key: tuple | None = None
+        self.folder = Path(tempfile.mkdtemp(prefix="instructx2x-"))
+        self.queue: list[dict] = []
+        self.current: dict = {}
+        self.preview_id: str | None = None
+        self.results: dict = {}
+        self.output_folder: Path | None = None
+        self.result_text = ""
+        self.verification_text = ""
+        self._tickets = itertools.count(1)
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        """A job is queued, starting, running or being cancelled."""
+        return bool(self.queue) or (self.worker is not None and self.worker.state in (
+            WorkerState.STARTING, WorkerState.RUNNING, WorkerState.CANCELLING))
+
+    @property
+    def has_preview(self) -> bool:
+        return self.preview_id is not None and not self.busy
+
+    def queue_position(self, ticket: int) -> int:
+        """0 while the job runs (or is done), k when k jobs are ahead of it."""
+        ahead = 1 if self.worker is not None and self.worker.state in (
+            WorkerState.RUNNING, WorkerState.CANCELLING, WorkerState.STARTING) else 0
+        for index, request in enumerate(self.queue):
+            if request["ticket"] == ticket:
+                return index + ahead
+        return 0
+
+    # -- jobs -------------------------------------------------------------------------------
+    def submit(self, kind: str, volume, settings: PanelSettings, edit_mask: np.ndarray | None = None,
+               keep_mask: np.ndarray | None = None,
+               dicom_file_for: Callable[[str], str | None] | None = None) -> int:
+        """Check the inputs, write them to the session's folder and queue the job.
+
+        Returns a ticket for ``queue_position``. Raises ``scene.SceneError`` or the library's
+        ``ParameterError`` with a message for the user before anything is queued.
+        """
+        from instructx2x.instructions import parse_instruction
+        from instructx2x.parameters import EditParameters
+
+        mrml.volume_to_array(volume)  # one slice, or a clear message
+        parse_instruction(settings.instruction)
+        parameters = settings.edit_parameters()
+        EditParameters(**parameters)  # every setting in range, before any file is written
+        if settings.mask_source != MASK_SOURCES[0] and edit_mask is None:
+            raise mrml.SceneError("paint the region to edit, or choose the anatomical prior.")
+        if settings.mask_source == MASK_SOURCES[0]:
+            edit_mask = None
+        ticket = next(self._tickets)
+        job = mrml.build_job(volume, kind, parameters, self.folder / f"job-{ticket:03d}", edit_mask, keep_mask,
+                             dicom_file_for=dicom_file_for,
+                             verify="auto" if settings.verify and kind == "edit" else None)
+        self._ensure_worker(settings)
+        self.queue.append({"ticket": ticket, "kind": kind, "job": job, "volume": volume})
+        self._send_next()
+        return ticket
+
+    def rethreshold(self, tau: float) -> int:
+        """Re-cut the cached preview's relevance at ``tau`` (no model call)."""
+        if self.preview_id is None:
+            raise mrml.SceneError("preview the guidance first.")
+        ticket = next(self._tickets)
+        self.queue.append({"ticket": ticket, "kind": "rethreshold", "volume": self.current["volume"],
+                           "fields": {"preview": self.preview_id, "tau": tau,
+                                      "output": str(self.folder / f"tau-{ticket:03d}")}})
+        self._send_next()
+        return ticket
+
+    def cancel(self) -> None:
+        """Drop the queued jobs and stop the running one at its next step (nothing is written)."""
+        self.queue.clear()
+        if self.worker is not None:
+            self.worker.cancel()
+
+    def poll(self) -> list[dict]:
+        """Worker events since the last call; imports results into the scene on ``done``."""
+        if self.worker is None:
+            return []
+        events = self.worker.poll()
+        for event in events:
+            if event.get("event") == "done" and event.get("id") == self.current.get("id"):
+                self._import(event)
+        if self.worker.state == WorkerState.STOPPED:
+            if self.worker.last_error:
+                events.append({"event": "error", "message": self.worker.last_error})
+            self.worker, self.queue = None, []
+        self._send_next()
+        return events
+
+    def stop(self) -> None:
+        """End the worker and remove the session's files."""
+        if self.worker is not None:
+            self.worker.shutdown()
+            self.worker = None
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _ensure_worker(self, settings: PanelSettings) -> None:
+        key = settings.worker_key()
+        if self.worker is not None and self.worker_key == key and self.worker.state not in (
+                WorkerState.STOPPED, WorkerState.IDLE):
+            return
+        if self.worker is not None:
+            self.worker.shutdown()
+        if self.prepare_worker is not None:
+            self.prepare_worker()
+        environment = {"CUDA_VISIBLE_DEVICES": "-1"} if settings.device == "cpu" else {}
+        self.worker = WorkerClient(settings.model, device=settings.device, environment=environment,
+                                   executable=self.executable, scheduler=settings.scheduler,
+                                   dtype=settings.precision)
+        self.worker.start()
+        self.worker_key, self.preview_id = key, None
+
+    def _send_next(self) -> None:
+        if not self.queue or self.worker is None or self.worker.state != WorkerState.READY:
+            return
+        request = self.queue.pop(0)
+        request_id = self.worker.submit(request["kind"], request.get("job"), **request.get("fields", {}))
+        self.current = {**request, "id": request_id}
+
+    # -- results ----------------------------------------------------------------------------
+    def _import(self, event: dict) -> None:
+        kind, volume = self.current["kind"], self.current["volume"]
+        output = Path(event["output"])
+        name = volume.GetName()
+        if kind == "rethreshold":
+            mask = np.load(output / "edit_mask.npy")
+            self._replace("mask", mrml.array_to_volume(self.scene, mask.astype(np.uint8), f"{name} edit region",
+                                                       volume, labelmap=True))
+            self.result_text = f"Edit region at tau {event.get('tau')}: {event.get('edit_fraction', 0):.1%} " \
+                               "of the image."
+            return
+        guidance = np.load(output / "guidance_map.npy")
+        mask = np.load(output / "edit_mask.npy")
+        edited = edited_pixels(output, volume, mask) if kind == "edit" else mrml.volume_to_array(volume)
+        for old in self.results.values():
+            self.scene.RemoveNode(old)
+        self.results = mrml.import_result(self.scene, volume, edited, guidance, mask, name)
+        if kind == "preview":
+            self.preview_id = self.current["id"]
+            for key in ("counterfactual", "difference"):  # a preview edits nothing
+                self.scene.RemoveNode(self.results.pop(key))
+        self.output_folder = output
+        self.result_text = f"Done: edit region {event.get('edit_fraction', 0):.1%} of the image " \
+                           f"({(event.get('prior') or {}).get('reason', '')})."
+        report = output / "verification.txt"
+        self.verification_text = report.read_text() if kind == "edit" and report.is_file() else ""
+
+    def _replace(self, key: str, node) -> None:
+        if key in self.results:
+            self.scene.RemoveNode(self.results[key])
+        self.results[key] = node
+
+
+def edited_pixels(output: Path, volume, edit_mask: np.ndarray) -> np.ndarray:
+    """The counterfactual's pixels in the input volume's own values (DICOM: rescaled values;
+    PNG: mapped back through ``scene.png_domain``, and outside the edit mask the volume's own
+    values, which the 16-bit transport of a float volume would otherwise round)."""
+    if (output / "counterfactual.dcm").is_file():
+        import pydicom
+
+        dataset = pydicom.dcmread(output / "counterfactual.dcm")
+        slope = float(dataset.get("RescaleSlope", 1) or 1)
+        intercept = float(dataset.get("RescaleIntercept", 0) or 0)
+        return dataset.pixel_array.astype(np.float32) * slope + intercept
+    from PIL import Image
+
+    original = mrml.volume_to_array(volume)
+    low, step = mrml.png_domain(original)
+    with Image.open(output / "edited.png") as image:
+        return np.where(edit_mask, np.asarray(image, dtype=np.float32) * step + low, original)

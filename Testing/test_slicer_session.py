@@ -1,0 +1,102 @@
+"""The panels' shared editing session: a real MRML scene, a real worker, the queue."""
+
+import time
+
+import numpy as np
+import pytest
+
+import slicer
+
+from InstructX2XModuleLib import scene as layer
+from InstructX2XModuleLib.session import (MASK_SOURCES, PRESETS, EditSession, PanelSettings,
+                                          compose_instruction, describe_instruction)
+
+
+@pytest.fixture
+def session():
+    scene = slicer.vtkMRMLScene()
+    layer.prepare_scene(scene)
+    session = EditSession(scene)
+    yield session
+    session.stop()
+    assert not session.folder.exists()
+
+
+def radiograph(scene):
+    yy, xx = np.mgrid[0:72, 0:64]
+    return layer.array_to_volume(scene, (2000 + 900 * np.sin(yy / 7) * np.cos(xx / 5)).astype(np.float32), "chest")
+
+
+def settings(**overrides):
+    values = dict(instruction="Add the finding of left pleural effusion", model="untrained-tiny", device="cpu",
+                  scheduler="dpm++", precision="fp32", steps=2, verify=False)
+    return PanelSettings(**{**values, **overrides})
+
+
+def drain(session, until, timeout=120):
+    events, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events += session.poll()
+        if until(events):
+            return events
+        time.sleep(0.05)
+    raise AssertionError(f"timed out: {events}")
+
+
+def test_preview_rethreshold_and_queued_edit_land_in_the_scene(session):
+    volume = radiograph(session.scene)
+    before = layer.volume_to_array(volume).copy()
+    mask = np.zeros((72, 64), bool)
+    mask[30:60, 34:60] = True
+    preview = session.submit("preview", volume, settings())
+    edit = session.submit("edit", volume, settings(mask_source=MASK_SOURCES[1]), edit_mask=mask)
+    assert session.queue_position(preview) == 1 and session.queue_position(edit) == 2  # worker still starting
+    events = drain(session, lambda e: sum(x["event"] == "done" for x in e) == 2)
+    assert [e["id"] for e in events if e["event"] == "done"] == ["1", "2"]
+    assert session.queue_position(edit) == 0 and not session.busy
+    edited = layer.volume_to_array(session.results["counterfactual"])
+    assert np.array_equal(edited[~mask], before[~mask]) and not np.array_equal(edited[mask], before[mask])
+    assert before.min() <= edited.min() and edited.max() <= before.max()  # the volume's own values
+    assert np.array_equal(layer.volume_to_array(volume), before)
+    assert "SYNTHETIC" in session.results["counterfactual"].GetName()
+
+    session.submit("preview", volume, settings())
+    drain(session, lambda e: any(x["event"] == "done" for x in e))
+    assert session.has_preview and "counterfactual" not in session.results
+    low = layer.volume_to_array(session.results["mask"]).mean()
+    session.rethreshold(0.9)
+    drain(session, lambda e: any(x["event"] == "done" for x in e))
+    assert layer.volume_to_array(session.results["mask"]).mean() < low
+    assert "tau 0.9" in session.result_text
+
+
+def test_cancel_drops_the_queue_and_stops_the_running_job(session):
+    volume = radiograph(session.scene)
+    session.submit("edit", volume, settings(steps=400))
+    queued = session.submit("edit", volume, settings())
+    drain(session, lambda e: any(x["event"] == "progress" for x in e))
+    assert session.queue_position(queued) == 1
+    session.cancel()
+    events = drain(session, lambda e: any(x["event"] == "cancelled" for x in e))
+    assert not any(x["event"] == "done" for x in events) and not session.busy
+    assert session.results == {}
+
+
+def test_bad_settings_are_refused_before_anything_is_queued(session):
+    volume = radiograph(session.scene)
+    with pytest.raises(layer.SceneError, match="paint the region"):
+        session.submit("edit", volume, settings(mask_source=MASK_SOURCES[2]))
+    with pytest.raises(ValueError, match="tau"):
+        session.submit("edit", volume, settings(tau=1.5))
+    assert session.worker is None and session.queue == [] and list(session.folder.iterdir()) == []
+
+
+def test_settings_and_instruction_helpers():
+    assert settings(preset=PRESETS[1]).edit_parameters()["num_inference_steps"] == 100
+    assert settings(mask_source=MASK_SOURCES[1]).edit_parameters()["region_mode"] == "prior"
+    assert "region_mode" not in settings(mask_source=MASK_SOURCES[2]).edit_parameters()
+    assert compose_instruction("Change the level of", "edema", "", "mild", "") == \
+        "Change the level of edema from mild to severe"
+    assert compose_instruction("Remove", "pneumothorax", "right") == "Remove the finding of right pneumothorax"
+    described = describe_instruction("Add the finding of left pleural effusion")
+    assert described.startswith("add: pleural effusion (left)") and "Region:" in described
