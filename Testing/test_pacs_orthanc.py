@@ -11,7 +11,7 @@ from pydicom.data import get_testdata_file
 
 from instructx2x import EditParameters, InstructX2XEditor, read_dicom
 from instructx2x.dicom import export_dicom_edit
-from instructx2x.dicom.pacs import CStoreTarget, PacsError, push_cstore, push_stow
+from instructx2x.dicom.pacs import CStoreTarget, PacsError, echo, push_cstore, push_stow
 from instructx2x.loading import load_pipeline
 
 from console import console_script
@@ -79,6 +79,14 @@ def test_refusals_are_errors(orthanc, exported):
     with pytest.raises(PacsError, match="STOW-RS"):
         push_stow(paths, f"{orthanc.url}/no-such-service")
     assert orthanc.instance_count() == before
+
+
+def test_echo_tests_the_connection(orthanc):
+    echo(CStoreTarget("127.0.0.1", orthanc.dicom_port, orthanc.aet))
+    with pytest.raises(PacsError, match="rejected or not answered"):
+        echo(CStoreTarget("127.0.0.1", orthanc.dicom_port, "WRONGAET"), timeout=5)
+    with pytest.raises(PacsError, match="rejected or not answered"):
+        echo(CStoreTarget("127.0.0.1", free_port(), orthanc.aet), timeout=5)
 
 
 @pytest.mark.parametrize("text,match", [("host:port:AE", "HOST:PORT:AET"), (":104:AE", "host"),

@@ -24,7 +24,7 @@ import numpy as np
 from . import scene as mrml
 from .worker import WorkerClient, WorkerState
 
-__all__ = ["PanelSettings", "EditSession", "PRESETS", "MASK_SOURCES", "describe_instruction",
+__all__ = ["PanelSettings", "EditSession", "edited_pixels", "dicom_pixels", "PRESETS", "MASK_SOURCES", "describe_instruction",
            "compose_instruction", "instruction_completions"]
 
 MASK_SOURCES = ("anatomical prior", "painted segment", "painted segment and prior")
@@ -281,15 +281,21 @@ def edited_pixels(output: Path, volume, edit_mask: np.ndarray) -> np.ndarray:
     PNG: mapped back through ``scene.png_domain``, and outside the edit mask the volume's own
     values, which the 16-bit transport of a float volume would otherwise round)."""
     if (output / "counterfactual.dcm").is_file():
-        import pydicom
-
-        dataset = pydicom.dcmread(output / "counterfactual.dcm")
-        slope = float(dataset.get("RescaleSlope", 1) or 1)
-        intercept = float(dataset.get("RescaleIntercept", 0) or 0)
-        return dataset.pixel_array.astype(np.float32) * slope + intercept
+        return dicom_pixels(output / "counterfactual.dcm")
     from PIL import Image
 
     original = mrml.volume_to_array(volume)
     low, step = mrml.png_domain(original)
     with Image.open(output / "edited.png") as image:
         return np.where(edit_mask, np.asarray(image, dtype=np.float32) * step + low, original)
+
+
+def dicom_pixels(path: Path) -> np.ndarray:
+    """A DICOM image's modality values (stored x slope + intercept), as Slicer's DICOM reader
+    puts them in a volume: the domain of a panel's radiograph and of its counterfactual."""
+    import pydicom
+
+    dataset = pydicom.dcmread(path)
+    slope = float(dataset.get("RescaleSlope", 1) or 1)
+    intercept = float(dataset.get("RescaleIntercept", 0) or 0)
+    return dataset.pixel_array.astype(np.float32) * slope + intercept

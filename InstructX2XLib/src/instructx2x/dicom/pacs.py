@@ -14,7 +14,7 @@ import pydicom
 
 from ..errors import PacsError, ParameterError
 
-__all__ = ["PacsError", "CStoreTarget", "push_cstore", "push_stow"]
+__all__ = ["PacsError", "CStoreTarget", "echo", "push_cstore", "push_stow"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,31 @@ class CStoreTarget:
         if len(parts) != 3 or not parts[1].isdigit():
             raise ParameterError(f"C-STORE target must read HOST:PORT:AET, got {text!r}.")
         return cls(parts[0], int(parts[1]), parts[2])
+
+
+def echo(target: CStoreTarget, timeout: float = 10.0) -> None:
+    """C-ECHO: does the node answer and accept us (the panels' "Test connection")?
+
+    Raises
+    ------
+    PacsError
+        When the association is refused or the echo does not return Success.
+    """
+    from pynetdicom import AE
+
+    ae = AE(ae_title=target.calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+    association = ae.associate(target.host, target.port, ae_title=target.called_ae_title)
+    if not association.is_established:
+        raise PacsError(f"association with {target.called_ae_title} at {target.host}:{target.port} "
+                        "was rejected or not answered.")
+    try:
+        status = association.send_c_echo()
+    finally:
+        association.release()
+    if getattr(status, "Status", None) != 0x0000:
+        raise PacsError(f"C-ECHO to {target.called_ae_title} did not succeed.")
 
 
 def push_cstore(paths: list[Path], target: CStoreTarget, timeout: float = 30.0) -> None:

@@ -1,0 +1,536 @@
+"""``instructx2x-web``: the InstructX2X panel in a browser, over trame-slicer.
+
+The page is the desktop panel's workflow on the same layers: MRML in and out through
+``scene``, jobs, queue, worker and result import through ``session.EditSession`` (the model
+stays warm in ``instructx2x serve``, one job at a time). This module only binds trame state
+and buttons to them and chooses what the slice view shows.
+
+One server process is one workspace: every browser tab connected to it sees the same
+radiograph and results. It listens on loopback unless ``--host`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import logging
+import os
+import shutil
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+# Before any VTK window exists: render offscreen through EGL (Mesa llvmpipe on a server with no
+# GPU), never through X, which a server does not have.
+os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+
+import numpy as np  # noqa: E402
+import slicer  # noqa: E402
+from trame.app import get_server  # noqa: E402
+from trame.widgets import html  # noqa: E402
+from trame.widgets import vuetify3 as v3  # noqa: E402
+from trame_slicer import module as trame_slicer_module  # noqa: E402
+from trame_slicer.core import LayoutManager, SlicerApp  # noqa: E402
+from trame_slicer.rca_view import register_rca_factories  # noqa: E402
+from trame_slicer.segmentation import (BrushDiameterMode, SegmentationEffectErase,  # noqa: E402
+                                       SegmentationEffectNoTool, SegmentationEffectPaint,
+                                       SegmentationEffectScissors)
+from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition  # noqa: E402
+from trame_vuetify.ui.vuetify3 import SinglePageWithDrawerLayout  # noqa: E402
+
+from .. import scene as mrml  # noqa: E402
+from ..session import (MASK_SOURCES, PRESETS, EditSession, PanelSettings, describe_instruction,  # noqa: E402
+                       instruction_completions)
+from .uploads import MAX_UPLOAD_BYTES, read_radiograph, save_uploads  # noqa: E402
+
+__all__ = ["WebPanel", "main", "TOOLS", "POLL_INTERVAL_S"]
+
+logger = logging.getLogger("instructx2x.web")
+
+TOOLS = {"none": SegmentationEffectNoTool, "paint": SegmentationEffectPaint,
+         "erase": SegmentationEffectErase, "scissors": SegmentationEffectScissors}
+SEGMENTS = {"edit": ("Edit region", [0.1, 0.85, 0.3]), "keep": ("Keep region", [0.2, 0.5, 1.0])}
+POLL_INTERVAL_S = 0.2
+LAYOUT = "radiograph"
+
+
+class WebPanel:
+    """The page's state and actions; every action is also a method, so the tests can drive the
+    workflow without a browser (``poll`` then stands in for the page's timer)."""
+
+    def __init__(self, server=None, model: str = "demo", device: str = "auto",
+                 max_upload_bytes: int = MAX_UPLOAD_BYTES) -> None:
+        self.server = get_server(server, client_type="vue3")
+        self.server.enable_module(trame_slicer_module)
+        self.server.enable_module({"serve": {"instructx2x": str(Path(__file__).with_name("serve"))},
+                                   "scripts": ["instructx2x/upload.js"]})
+        self.state, self.ctrl = self.server.state, self.server.controller
+        self.slicer_app = SlicerApp()
+        self.scene = self.slicer_app.scene
+        mrml.prepare_scene(self.scene)
+        register_rca_factories(self.slicer_app.view_manager, self.server, slice_view_ui_f=_no_view_gutter)
+        self.layout_manager = LayoutManager(self.scene, self.slicer_app.view_manager, self.server)
+        self.layout_manager.register_layout(LAYOUT, Layout(LayoutDirection.Vertical, [
+            ViewLayoutDefinition.axial_view(label="Radiograph")]))
+        self.layout_manager.set_layout(LAYOUT)
+        self.editor = self.slicer_app.segmentation_editor
+        self.session = EditSession(self.scene)
+        self.model, self.device, self.max_upload_bytes = model, device, max_upload_bytes
+        self.volume = None
+        self.segmentation = None
+        self.outline = None
+        self.loaded = None  # uploads.LoadedRadiograph
+        self.chunks: list[tuple[str, bytes]] = []
+        self.uploads = 0
+        self.started_at: float | None = None
+        self.pending_tau: float | None = None
+        self._poller: asyncio.Task | None = None
+        self._initial_state()
+        self._build_ui()
+        self.ctrl.on_server_ready.add(self._start_polling)
+        self.ctrl.on_server_exited.add(self.close)
+
+    # -- state -----------------------------------------------------------------------------
+    def _initial_state(self) -> None:
+        defaults = PanelSettings(model=self.model, device=self.device)
+        self.state.update({
+            "trame__title": "InstructX2X", "loaded": False, "description": "", "error": "",
+            "status": "Open a DICOM radiograph (file or folder) or a PNG.",
+            "instruction": "", "parsed": describe_instruction(""), "completions": instruction_completions(),
+            "mask_source": MASK_SOURCES[0], "mask_sources": list(MASK_SOURCES),
+            "tool": "none", "segment": "edit", "brush_mm": 20.0,
+            "tau": defaults.tau, "opacity": 0.5, "show_after": True, "has_result": False, "has_preview": False,
+            "has_dicom": False, "running": False, "progress": 0, "progress_text": "", "queue_text": "",
+            "steps": defaults.steps, "seed": defaults.seed, "guidance_scale": defaults.guidance_scale,
+            "image_guidance_scale": defaults.image_guidance_scale, "preset": defaults.preset,
+            "presets": list(PRESETS), "verify": defaults.verify, "verification": "",
+            "pacs_target": "", "pacs_message": "", "max_upload_mb": self.max_upload_bytes // 2**20,
+        })
+        self.state.change("instruction")(self._on_instruction)
+        self.state.change("tool", "segment", "brush_mm")(self._on_tool)
+        self.state.change("tau")(self._on_tau)
+        self.state.change("opacity", "show_after")(self._on_layers)
+
+    def settings(self) -> PanelSettings:
+        state = self.state
+        return PanelSettings(instruction=state.instruction or "", mask_source=state.mask_source, tau=float(state.tau),
+                             preset=state.preset, steps=int(state.steps or 0), seed=int(state.seed or 0),
+                             guidance_scale=float(state.guidance_scale),
+                             image_guidance_scale=float(state.image_guidance_scale),
+                             model=self.model, device=self.device, verify=bool(state.verify))
+
+    # -- loading ---------------------------------------------------------------------------
+    def receive_chunk(self, files: list[dict]) -> None:
+        """One chunk of the browser's upload; an empty chunk ends it (trame-slicer's loader)."""
+        from trame.app.file_upload import ClientFile
+
+        if files:
+            self.chunks += [(ClientFile(f).name, ClientFile(f).content or b"") for f in files]
+            return
+        chunks, self.chunks = self.chunks, []
+        self.load(chunks)
+
+    def load(self, files: list[tuple[str, bytes]]) -> bool:
+        """Check, read and show an upload; a refused one changes nothing but the message."""
+        self.uploads += 1
+        folder = self.session.folder / f"upload-{self.uploads:03d}"
+        with self.state:
+            try:
+                paths = save_uploads(files, folder, self.max_upload_bytes)
+                loaded = read_radiograph(paths)
+            except Exception as error:  # the library's specific message, shown in the page
+                shutil.rmtree(folder, ignore_errors=True)
+                self.state.error = _message(error)
+                return False
+            if self.loaded is not None:
+                shutil.rmtree(self.loaded.path.parent, ignore_errors=True)
+            self._show_radiograph(loaded)
+            self.state.update({"loaded": True, "description": loaded.description, "error": "",
+                               "has_dicom": loaded.sop_instance_uid is not None, "has_result": False,
+                               "has_preview": False, "verification": "",
+                               "status": "Type an instruction, paint a region if you wish, then Preview or Apply."})
+        logger.info("Loaded a radiograph (%s).", loaded.description)
+        return True
+
+    def _show_radiograph(self, loaded) -> None:
+        for node in [self.volume, self.segmentation, self.outline, *self.session.results.values()]:
+            if node is not None and self.scene.IsNodePresent(node):
+                self.scene.RemoveNode(node)
+        self.session.results, self.session.preview_id, self.outline = {}, None, None
+        self.loaded = loaded
+        self.volume = mrml.array_to_volume(self.scene, loaded.pixels, "Radiograph")
+        if loaded.spacing:
+            self.volume.SetSpacing(loaded.spacing[1], loaded.spacing[0], 1.0)
+        if loaded.sop_instance_uid:
+            self.volume.SetAttribute("DICOM.instanceUIDs", loaded.sop_instance_uid)
+        display = self.volume.GetDisplayNode()
+        if loaded.inverted:
+            display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeInvertedGrey")
+        low, high = np.percentile(loaded.pixels, [0.5, 99.5])
+        display.SetAutoWindowLevel(False)
+        display.SetWindowLevelMinMax(float(low), float(high))
+        self.segmentation = self.editor.create_empty_segmentation_node()
+        self.segmentation.SetName("InstructX2X masks")
+        self.editor.set_active_segmentation(self.segmentation, self.volume)
+        for segment_id, (name, color) in SEGMENTS.items():
+            self.editor.add_empty_segment(segment_id=segment_id, segment_name=name, segment_color=color)
+        self.editor.set_active_segment_id("edit")
+        self._on_layers()
+        self.slicer_app.display_manager.reset_views()
+
+    # -- painting --------------------------------------------------------------------------
+    def _on_tool(self, tool="none", segment="edit", brush_mm=20.0, **_):
+        if self.segmentation is None:
+            return
+        self.editor.set_active_segment_id(segment)
+        effect = self.editor.set_active_effect_type(TOOLS.get(tool, SegmentationEffectNoTool))
+        if tool in ("paint", "erase"):
+            effect.set_brush_diameter(float(brush_mm), BrushDiameterMode.Absolute)
+
+    def painted(self, segment: str) -> np.ndarray | None:
+        """A painted segment as a mask on the radiograph's grid; None when nothing is painted."""
+        try:
+            return mrml.segment_to_mask(self.segmentation, segment, self.volume)
+        except mrml.SceneError:
+            return None
+
+    # -- instruction -----------------------------------------------------------------------
+    def _on_instruction(self, instruction="", **_):
+        self.state.parsed = describe_instruction(instruction or "")
+
+    # -- jobs ------------------------------------------------------------------------------
+    def submit(self, kind: str) -> bool:
+        """Preview or Apply with the page's settings and painted masks."""
+        with self.state:
+            try:
+                if self.volume is None:
+                    raise mrml.SceneError("open a radiograph first.")
+                settings = self.settings()
+                edit_mask = self.painted("edit") if settings.mask_source != MASK_SOURCES[0] else None
+                ticket = self.session.submit(kind, self.volume, settings, edit_mask, self.painted("keep"),
+                                             dicom_file_for=self._dicom_file_for)
+            except Exception as error:
+                self.state.error = _message(error)
+                return False
+            position = self.session.queue_position(ticket)
+            self.started_at = time.monotonic()
+            self.state.update({"error": "", "running": True, "progress": 0, "progress_text": "",
+                               "queue_text": f"Queued: {position} job(s) ahead." if position else "",
+                               "status": "Starting the model…" if kind == "edit" else "Computing the guidance…"})
+        return True
+
+    def apply_or_cancel(self) -> None:
+        if self.state.running:
+            self.cancel()
+        else:
+            self.submit("edit")
+
+    def cancel(self) -> None:
+        self.session.cancel()
+        with self.state:
+            self.state.status = "Cancelling…"
+
+    def _on_tau(self, tau=0.1, **_):
+        if self.session.preview_id is None:
+            return
+        if self.session.busy:
+            self.pending_tau = float(tau)
+        else:
+            self.session.rethreshold(float(tau))
+
+    def _dicom_file_for(self, sop_instance_uid: str) -> str | None:
+        if self.loaded is not None and self.loaded.sop_instance_uid == sop_instance_uid:
+            return str(self.loaded.path)
+        return None
+
+    def poll(self) -> list[dict]:
+        """Move the worker's events into the page (the page's timer calls this)."""
+        events = self.session.poll()
+        if not events and not self.session.busy and self.pending_tau is None:
+            return events
+        with self.state:
+            for event in events:
+                self._show_event(event)
+            if not self.session.busy and self.pending_tau is not None:
+                tau, self.pending_tau = self.pending_tau, None
+                self.session.rethreshold(tau)
+            self.state.running = self.session.busy
+            if self.session.queue:
+                self.state.queue_text = f"Queued: {len(self.session.queue)} job(s) waiting."
+            elif events:
+                self.state.queue_text = ""
+        return events
+
+    def _show_event(self, event: dict) -> None:
+        kind = event.get("event")
+        if kind == "progress":
+            eta = event.get("eta_s")
+            self.state.progress = round(100 * event["step"] / event["total"])
+            self.state.progress_text = f"Step {event['step']} of {event['total']}" + (
+                f", about {eta:.0f} s left" if eta is not None else "")
+        elif kind in ("loading", "started", "decode", "export"):
+            self.state.status = {"loading": "Loading the model…", "started": "Working…",
+                                 "decode": "Decoding…", "export": "Writing the results…"}[kind]
+        elif kind == "done" and event.get("id") == self.session.current.get("id"):
+            self.state.progress = 100
+            self.state.status = self.session.result_text
+            kind_done = self.session.current.get("kind")
+            self.state.has_preview = self.session.preview_id is not None
+            if kind_done != "rethreshold":
+                self.state.has_result = "counterfactual" in self.session.results
+                self.state.verification = self.session.verification_text
+                if self.started_at is not None:
+                    self.state.status += f" ({time.monotonic() - self.started_at:.1f} s)"
+            self._on_layers()
+        elif kind == "cancelled":
+            self.state.update({"status": "Cancelled: nothing was written.", "progress": 0, "progress_text": ""})
+        elif kind == "error":
+            self.state.error = event.get("message", "the worker failed.")
+
+    # -- display ---------------------------------------------------------------------------
+    def _on_layers(self, **_):
+        """Background: the counterfactual (after) or the input (before); foreground: the
+        guidance map; the edit region's outline as a segmentation."""
+        if self.volume is None:
+            return
+        results = self.session.results
+        after = self.state.show_after and "counterfactual" in results
+        background = results["counterfactual"] if after else self.volume
+        guidance = results.get("guidance")
+        for view in self.slicer_app.view_manager.get_slice_views():
+            view.set_background_volume_id(background.GetID())
+            view.set_foreground_volume_id(guidance.GetID() if guidance is not None else None)
+            view.set_foreground_opacity(float(self.state.opacity))
+        self._show_outline(results.get("mask"))
+
+    def _show_outline(self, labelmap) -> None:
+        if self.outline is not None:
+            self.scene.RemoveNode(self.outline)
+            self.outline = None
+        if labelmap is None:
+            return
+        self.outline = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Edit region (model)")
+        self.outline.CreateDefaultDisplayNodes()
+        slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, self.outline)
+        display = self.outline.GetDisplayNode()
+        display.SetVisibility2DFill(False)
+        display.SetVisibility2DOutline(True)
+        display.SetSliceIntersectionThickness(2)
+
+    # -- results out -----------------------------------------------------------------------
+    def result_archive(self, what: str) -> bytes:
+        """The last edit's files as a zip: ``dicom`` (SC + overlay SC + SEG) or ``png``."""
+        folder = self.session.output_folder
+        if folder is None or not self.state.has_result:
+            raise mrml.SceneError("apply an edit first.")
+        patterns = ("*.dcm",) if what == "dicom" else ("*.png", "*.json")
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for pattern in patterns:
+                for path in sorted(folder.glob(pattern)):
+                    archive.write(path, path.name)
+        return buffer.getvalue()
+
+    async def pacs(self, action: str) -> None:
+        """``echo`` (Test connection) or ``send`` (C-STORE of the series): the only network
+        traffic, on the user's request, off the page's event loop."""
+        from instructx2x.dicom.pacs import CStoreTarget, echo, push_cstore
+
+        try:
+            target = CStoreTarget.parse((self.state.pacs_target or "").strip())
+            if action == "echo":
+                await asyncio.get_running_loop().run_in_executor(None, echo, target)
+                message = f"{target.called_ae_title} at {target.host}:{target.port} answers."
+            else:
+                folder = self.session.output_folder
+                if folder is None or not self.state.has_dicom or not self.state.has_result:
+                    raise mrml.SceneError("apply an edit to a DICOM radiograph first.")
+                files = sorted(folder.glob("*.dcm"))
+                await asyncio.get_running_loop().run_in_executor(None, push_cstore, files, target)
+                message = f"Sent {len(files)} objects (marked SYNTHETIC) to {target.called_ae_title}."
+        except Exception as error:
+            message = f"Error: {_message(error)}"
+        with self.state:
+            self.state.pacs_message = message
+
+    # -- life cycle ------------------------------------------------------------------------
+    def _start_polling(self, **_):
+        self._poller = asyncio.get_event_loop().create_task(self._poll_forever())
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_INTERVAL_S)
+            try:
+                self.poll()
+            except Exception as error:  # noqa: BLE001 - the page must keep answering
+                with self.state:
+                    self.state.error = f"internal error, please report it ({type(error).__name__})"
+
+    def close(self, **_) -> None:
+        """Stop the worker and remove every temporary file (uploads, jobs, results)."""
+        if self._poller is not None:
+            self._poller.cancel()
+        self.session.stop()
+
+    # -- page ------------------------------------------------------------------------------
+    def _build_ui(self) -> None:
+        chunk = self.server.trigger_name(self.receive_chunk)
+        self.server.trigger("download_dicom")(lambda: self.server.protocol.addAttachment(self.result_archive("dicom")))
+        self.server.trigger("download_png")(lambda: self.server.protocol.addAttachment(self.result_archive("png")))
+        upload = f"error = window.instructx2x_upload($event, '{chunk}', max_upload_mb)"
+        with SinglePageWithDrawerLayout(self.server, full_height=True) as layout:
+            layout.title.set_text("InstructX2X")
+            with layout.toolbar:
+                v3.VSpacer()
+                v3.VChip("SYNTHETIC counterfactual - NOT FOR DIAGNOSIS", color="error", variant="flat",
+                         v_show="has_result && show_after", raw_attrs=['data-testid="synthetic-banner"'],
+                         classes="mr-2")
+                html.Span("{{ description }}", classes="text-caption mr-4")
+            with layout.drawer as drawer:
+                drawer.width = 400
+                with v3.VContainer(classes="pa-3"):
+                    self._inputs_ui(upload)
+                    self._mask_ui()
+                    self._run_ui()
+                    self._results_ui()
+            with layout.content:
+                with html.Div(style="position: relative; width: 100%; height: calc(100vh - 64px);",
+                              raw_attrs=['data-testid="slice-view"']):
+                    self.layout_manager.initialize_layout_grid(layout)
+        self.ui = layout
+
+    def _inputs_ui(self, upload: str) -> None:
+        v3.VAlert("{{ error }}", v_if="error", type="error", density="compact", closable=True,
+                  raw_attrs=['data-testid="error"'], classes="mb-2", click_close="error = ''")
+        with v3.VRow(dense=True):
+            with v3.VCol():
+                v3.VFileInput(label="Open radiograph (DICOM, PNG)", multiple=True, density="compact",
+                              prepend_icon="mdi-file-upload", change=upload, hide_details=True,
+                              accept=".dcm,.dicom,.png,.jpg,.jpeg,application/dicom,image/png,image/jpeg",
+                              raw_attrs=['data-testid="open-file"'])
+            with v3.VCol(cols="auto"):
+                v3.VFileInput(label="Folder", density="compact", prepend_icon="mdi-folder-upload",
+                              change=upload, hide_input=True, hide_details=True,
+                              raw_attrs=["webkitdirectory", 'data-testid="open-folder"'])
+        v3.VCombobox(v_model=("instruction",), items=("completions",), label="Instruction", density="compact",
+                     hide_details=True, classes="mt-3", raw_attrs=['data-testid="instruction"'])
+        html.Div("{{ parsed }}", classes="text-caption mt-1 mb-2", raw_attrs=['data-testid="parsed"'])
+
+    def _mask_ui(self) -> None:
+        v3.VSelect(v_model=("mask_source",), items=("mask_sources",), label="Region to edit", density="compact",
+                   hide_details=True, raw_attrs=['data-testid="mask-source"'])
+        with v3.VBtnToggle(v_model=("tool",), mandatory=True, density="compact", classes="mt-2",
+                           disabled=("!loaded",)):
+            v3.VBtn(icon="mdi-cursor-default", value="none", raw_attrs=['data-testid="tool-none"'])
+            v3.VBtn(icon="mdi-brush", value="paint", raw_attrs=['data-testid="tool-paint"'])
+            v3.VBtn(icon="mdi-eraser", value="erase", raw_attrs=['data-testid="tool-erase"'])
+            v3.VBtn(icon="mdi-content-cut", value="scissors", raw_attrs=['data-testid="tool-scissors"'])
+        with v3.VBtnToggle(v_model=("segment",), mandatory=True, density="compact", classes="mt-2 ml-2"):
+            v3.VBtn("Edit", value="edit", raw_attrs=['data-testid="segment-edit"'])
+            v3.VBtn("Keep", value="keep", raw_attrs=['data-testid="segment-keep"'])
+        v3.VSlider(v_model=("brush_mm",), min=2, max=80, step=1, label="Brush (mm)", density="compact",
+                   hide_details=True, thumb_label=True, classes="mt-2")
+
+    def _run_ui(self) -> None:
+        with v3.VRow(dense=True, classes="mt-2"):
+            with v3.VCol():
+                v3.VBtn("Preview guidance", block=True, click=lambda: self.submit("preview"),
+                        disabled=("!loaded || running",), raw_attrs=['data-testid="preview"'])
+            with v3.VCol():
+                v3.VBtn("{{ running ? 'Cancel' : 'Apply' }}", block=True, color="primary",
+                        click=self.apply_or_cancel, disabled=("!loaded",), raw_attrs=['data-testid="apply"'])
+        v3.VSlider(v_model=("tau",), min=0, max=1, step=0.01, label="tau", thumb_label=True, density="compact",
+                   hide_details=True, classes="mt-2", raw_attrs=['data-testid="tau"'])
+        v3.VProgressLinear(model_value=("progress",), height=18, color="primary", classes="mt-1",
+                           raw_attrs=['data-testid="progress"'])
+        html.Div("{{ progress }} % {{ progress_text }}", classes="text-caption",
+                 raw_attrs=['data-testid="progress-text"'])
+        html.Div("{{ queue_text }}", classes="text-caption", raw_attrs=['data-testid="queue"'])
+        html.Div("{{ status }}", classes="text-body-2 mt-1", raw_attrs=['data-testid="status"'])
+        with v3.VExpansionPanels(classes="mt-2"):
+            with v3.VExpansionPanel(title="Advanced"):
+                with v3.VExpansionPanelText():
+                    v3.VSelect(v_model=("preset",), items=("presets",), label="Quality", density="compact")
+                    v3.VTextField(v_model_number=("steps",), type="number", label="Steps (0: default)",
+                                  density="compact")
+                    v3.VTextField(v_model_number=("seed",), type="number", label="Seed", density="compact")
+                    v3.VTextField(v_model_number=("guidance_scale",), type="number", label="Text guidance s_T",
+                                  density="compact")
+                    v3.VTextField(v_model_number=("image_guidance_scale",), type="number",
+                                  label="Image guidance s_I", density="compact")
+                    v3.VCheckbox(v_model=("verify",), label="Verify the edit with classifiers", density="compact")
+
+    def _results_ui(self) -> None:
+        v3.VSlider(v_model=("opacity",), min=0, max=1, step=0.05, label="Guidance overlay", density="compact",
+                   hide_details=True, classes="mt-3", raw_attrs=['data-testid="opacity"'])
+        v3.VSwitch(v_model=("show_after",), label="After (counterfactual) / before (input)", density="compact",
+                   hide_details=True, disabled=("!has_result",), raw_attrs=['data-testid="before-after"'])
+        with v3.VRow(dense=True):
+            with v3.VCol():
+                v3.VBtn("DICOM series", block=True, prepend_icon="mdi-download",
+                        disabled=("!has_result || !has_dicom",), raw_attrs=['data-testid="download-dicom"'],
+                        click="utils.download('instructx2x-dicom.zip', trigger('download_dicom'), 'application/zip')")
+            with v3.VCol():
+                v3.VBtn("PNGs", block=True, prepend_icon="mdi-download", disabled=("!has_result",),
+                        raw_attrs=['data-testid="download-png"'],
+                        click="utils.download('instructx2x-png.zip', trigger('download_png'), 'application/zip')")
+        html.Pre("{{ verification }}", v_if="verification", classes="text-caption mt-2",
+                 style="white-space: pre-wrap;", raw_attrs=['data-testid="verification"'])
+        with v3.VExpansionPanels(classes="mt-2"):
+            with v3.VExpansionPanel(title="Send to PACS (C-STORE)"):
+                with v3.VExpansionPanelText():
+                    v3.VTextField(v_model=("pacs_target",), label="HOST:PORT:AET", density="compact",
+                                  raw_attrs=['data-testid="pacs-target"'])
+                    v3.VBtn("Test connection", click=lambda: self.pacs("echo"), classes="mr-2",
+                            raw_attrs=['data-testid="pacs-echo"'])
+                    v3.VBtn("Send", click=lambda: self.pacs("send"), disabled=("!has_result || !has_dicom",),
+                            raw_attrs=['data-testid="pacs-send"'])
+                    html.Div("{{ pacs_message }}", classes="text-caption mt-1", raw_attrs=['data-testid="pacs-message"'])
+
+
+def _no_view_gutter(*_args) -> None:
+    """A radiograph is one slice: no slice slider or 3-D buttons beside the view."""
+
+
+def _message(error: Exception) -> str:
+    """What the page shows for a refused input: the library's message, never a traceback."""
+    text = str(error).strip() or type(error).__name__
+    return text[0].upper() + text[1:] if text else text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="instructx2x-web", description=(
+        "The InstructX2X panel in a browser (trame-slicer). Images it writes are SYNTHETIC, "
+        "not for diagnosis."))
+    parser.add_argument("--model", default="demo", help="model folder, demo (default) or untrained-tiny")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    parser.add_argument("--port", type=int, default=8080, help="0 picks a free port")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface to listen on (default loopback; anything else exposes the page)")
+    parser.add_argument("--max-upload-mb", type=int, default=MAX_UPLOAD_BYTES // 2**20)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logger.setLevel(logging.INFO)  # our own lines only: the frameworks' INFO echoes page content
+    if arguments.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"WARNING: listening on {arguments.host}: anyone who reaches this machine can open the page and "
+              "its radiographs; there is no login. Prefer loopback with an SSH tunnel.", file=sys.stderr)
+    panel = WebPanel(model=arguments.model, device=arguments.device,
+                     max_upload_bytes=arguments.max_upload_mb * 2**20)
+    panel.ctrl.on_server_ready.add(
+        lambda **_: print(f"InstructX2X web panel: http://{arguments.host}:{panel.server.port}/", flush=True))
+    try:
+        panel.server.start(host=arguments.host, port=arguments.port, open_browser=False, show_connection_info=False,
+                           disable_logging=True, timeout=0)  # timeout 0: no shutdown when the last tab closes
+    finally:
+        panel.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
