@@ -9,4 +9,5 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "InstructX2X"))  # 
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "web: the browser panel (needs the web environment, make test-web)")
     config.addinivalue_line("markers", "xrv: torchxrayvision back-end (needs the eval environment, make test-eval)")

@@ -34,9 +34,9 @@ from trame.widgets import vuetify3 as v3  # noqa: E402
 from trame_slicer import module as trame_slicer_module  # noqa: E402
 from trame_slicer.core import LayoutManager, SlicerApp  # noqa: E402
 from trame_slicer.rca_view import register_rca_factories  # noqa: E402
-from trame_slicer.segmentation import (BrushDiameterMode, SegmentationEffectErase,  # noqa: E402
-                                       SegmentationEffectNoTool, SegmentationEffectPaint,
-                                       SegmentationEffectScissors)
+from trame_slicer.segmentation import (BrushDiameterMode, ScissorsEffectFillMode,  # noqa: E402
+                                       SegmentationEffectErase, SegmentationEffectNoTool,
+                                       SegmentationEffectPaint, SegmentationEffectScissors)
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition  # noqa: E402
 from trame_vuetify.ui.vuetify3 import SinglePageWithDrawerLayout  # noqa: E402
 
@@ -100,7 +100,7 @@ class WebPanel:
             "status": "Open a DICOM radiograph (file or folder) or a PNG.",
             "instruction": "", "parsed": describe_instruction(""), "completions": instruction_completions(),
             "mask_source": MASK_SOURCES[0], "mask_sources": list(MASK_SOURCES),
-            "tool": "none", "segment": "edit", "brush_mm": 20.0,
+            "tool": "none", "segment": "edit", "brush_mm": 20.0, "scissors_fill": False,
             "tau": defaults.tau, "opacity": 0.5, "show_after": True, "has_result": False, "has_preview": False,
             "has_dicom": False, "running": False, "progress": 0, "progress_text": "", "queue_text": "",
             "steps": defaults.steps, "seed": defaults.seed, "guidance_scale": defaults.guidance_scale,
@@ -109,7 +109,7 @@ class WebPanel:
             "pacs_target": "", "pacs_message": "", "max_upload_mb": self.max_upload_bytes // 2**20,
         })
         self.state.change("instruction")(self._on_instruction)
-        self.state.change("tool", "segment", "brush_mm")(self._on_tool)
+        self.state.change("tool", "segment", "brush_mm", "scissors_fill")(self._on_tool)
         self.state.change("tau")(self._on_tau)
         self.state.change("opacity", "show_after")(self._on_layers)
 
@@ -181,13 +181,18 @@ class WebPanel:
         self.slicer_app.display_manager.reset_views()
 
     # -- painting --------------------------------------------------------------------------
-    def _on_tool(self, tool="none", segment="edit", brush_mm=20.0, **_):
+    def _on_tool(self, tool="none", segment="edit", brush_mm=20.0, scissors_fill=False, **_):
+        """Paint and Erase with a brush sized in mm (trame-slicer's default is screen-relative);
+        Scissors erases inside the drawn outline, or fills it."""
         if self.segmentation is None:
             return
         self.editor.set_active_segment_id(segment)
         effect = self.editor.set_active_effect_type(TOOLS.get(tool, SegmentationEffectNoTool))
         if tool in ("paint", "erase"):
             effect.set_brush_diameter(float(brush_mm), BrushDiameterMode.Absolute)
+        elif tool == "scissors":
+            effect.set_fill_mode(ScissorsEffectFillMode.FILL_INSIDE if scissors_fill
+                                 else ScissorsEffectFillMode.ERASE_INSIDE)
 
     def painted(self, segment: str) -> np.ndarray | None:
         """A painted segment as a mask on the radiograph's grid; None when nothing is painted."""
@@ -432,6 +437,8 @@ class WebPanel:
             v3.VBtn("Keep", value="keep", raw_attrs=['data-testid="segment-keep"'])
         v3.VSlider(v_model=("brush_mm",), min=2, max=80, step=1, label="Brush (mm)", density="compact",
                    hide_details=True, thumb_label=True, classes="mt-2")
+        v3.VCheckbox(v_model=("scissors_fill",), label="Scissors fill inside (else erase inside)",
+                     density="compact", hide_details=True)
 
     def _run_ui(self) -> None:
         with v3.VRow(dense=True, classes="mt-2"):
@@ -496,8 +503,7 @@ def _no_view_gutter(*_args) -> None:
 
 def _message(error: Exception) -> str:
     """What the page shows for a refused input: the library's message, never a traceback."""
-    text = str(error).strip() or type(error).__name__
-    return text[0].upper() + text[1:] if text else text
+    return str(error).strip() or type(error).__name__
 
 
 def build_parser() -> argparse.ArgumentParser:

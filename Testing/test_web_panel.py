@@ -1,0 +1,169 @@
+"""The browser panel without a browser: its state machine on an offscreen slice view, with
+synthetic interactor events for Paint, Erase and Scissors, and a real worker.
+
+Runs in the web environment (``make test-web``, marker web); skipped where trame-slicer is
+not installed (it pins an older slicer-core than the main environment's).
+"""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("trame_slicer")
+from InstructX2XModuleLib.web.app import WebPanel  # noqa: E402
+from InstructX2XModuleLib.web.uploads import UploadError, save_uploads  # noqa: E402
+
+pytestmark = pytest.mark.web
+
+SAMPLE = Path(__file__).resolve().parents[1] / "Resources" / "Samples" / "phantom_pa.dcm"
+PNG_SAMPLE = Path(__file__).resolve().parents[1] / "Resources" / "Samples" / "chest_pa.png"
+INSTRUCTION = "Add the finding of left pleural effusion"
+
+
+@pytest.fixture
+def panel():
+    panel = WebPanel(model="untrained-tiny", device="cpu")
+    yield panel
+    panel.close()
+    assert not panel.session.folder.exists()  # uploads, jobs and results all go with the session
+
+
+def loaded(panel, path=SAMPLE):
+    assert panel.load([(path.name, path.read_bytes())]), panel.state.error
+    view = panel.slicer_app.view_manager.get_slice_views()[0]
+    view.render_window().SetSize(400, 400)
+    view.reset_view()
+    view.render()
+    return view
+
+
+def drag(view, points):
+    interactor = view.interactor()
+    for name, (x, y) in [("MouseMoveEvent", points[0]), ("LeftButtonPressEvent", points[0]),
+                         *[("MouseMoveEvent", p) for p in points[1:]], ("LeftButtonReleaseEvent", points[-1])]:
+        interactor.SetEventPosition(x, y)
+        interactor.InvokeEvent(name)
+
+
+def area(panel, segment="edit"):
+    mask = panel.painted(segment)
+    return 0 if mask is None else int(mask.sum())
+
+
+def wait(panel, until, timeout=120):
+    events, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events += panel.poll()
+        if until(events):
+            return events
+        time.sleep(0.05)
+    raise AssertionError(f"timed out: {events}")
+
+
+def test_paint_erase_and_scissors_change_the_masks(panel):
+    view = loaded(panel)
+    assert panel.state.description.startswith("CR 512 x 512")
+    panel._on_tool(tool="paint", segment="edit", brush_mm=30.0)
+    drag(view, [(200 + 5 * i, 150) for i in range(12)])
+    painted = area(panel)
+    assert painted > 1000 and area(panel, "keep") == 0
+    panel._on_tool(tool="erase", segment="edit", brush_mm=10.0)
+    drag(view, [(225, 150 + 2 * i) for i in range(5)])
+    erased = area(panel)
+    assert 0 < erased < painted
+    panel._on_tool(tool="scissors", segment="edit")
+    drag(view, [(190, 120), (240, 120), (240, 180), (190, 180), (190, 120)])
+    assert area(panel) < erased  # erase inside the outline
+    panel._on_tool(tool="scissors", segment="keep", scissors_fill=True)
+    drag(view, [(100, 300), (140, 300), (140, 340), (100, 340), (100, 300)])
+    keep = panel.painted("keep")
+    assert keep is not None and keep.sum() > 100
+    rows, columns = np.nonzero(keep)
+    assert rows.max() < 256 and columns.max() < 256  # upper left of the screen: upper left of the film
+
+
+def test_preview_rethreshold_apply_and_cancel(panel):
+    view = loaded(panel)
+    panel.state.update({"instruction": INSTRUCTION, "steps": 2, "verify": False})
+    assert panel.submit("preview")
+    assert panel.state.running
+    wait(panel, lambda e: any(x["event"] == "done" for x in e))
+    assert panel.state.has_preview and not panel.state.has_result and not panel.state.running
+    assert view.get_foreground_volume_id() == panel.session.results["guidance"].GetID()
+    before = panel.session.results["mask"]
+    panel._on_tau(tau=0.9)
+    wait(panel, lambda e: any(x["event"] == "done" for x in e))
+    assert panel.session.results["mask"] is not before and "tau 0.9" in panel.state.status
+
+    panel._on_tool(tool="paint", segment="edit", brush_mm=40.0)
+    drag(view, [(260 + 5 * i, 140) for i in range(10)])
+    painted = panel.painted("edit")
+    panel.state.mask_source = "painted segment"
+    panel.apply_or_cancel()
+    events = wait(panel, lambda e: any(x["event"] == "done" for x in e))
+    assert [e["step"] for e in events if e["event"] == "progress"][-1] == 2 and panel.state.progress == 100
+    assert panel.state.has_result and panel.state.has_dicom
+    counterfactual = panel.session.results["counterfactual"]
+    assert view.get_background_volume_id() == counterfactual.GetID()
+    panel.state.show_after = False
+    panel._on_layers()
+    assert view.get_background_volume_id() == panel.volume.GetID()
+    from InstructX2XModuleLib import scene
+
+    edited, original = scene.volume_to_array(counterfactual), scene.volume_to_array(panel.volume)
+    region = scene.volume_to_array(panel.session.results["mask"]) > 0  # the painted region at the model's grid
+    assert (painted & region).sum() / (painted | region).sum() > 0.9
+    assert np.array_equal(edited[~region], original[~region]) and not np.array_equal(edited, original)
+    archive = panel.result_archive("dicom")
+    import io
+    import zipfile
+
+    names = zipfile.ZipFile(io.BytesIO(archive)).namelist()
+    assert sorted(names) == ["counterfactual.dcm", "edit_region_seg.dcm", "guidance_overlay.dcm"]
+
+    panel.state.steps = 400
+    panel.apply_or_cancel()
+    wait(panel, lambda e: any(x["event"] == "progress" for x in e))
+    assert panel.state.running
+    panel.apply_or_cancel()  # the Apply button reads Cancel while running
+    wait(panel, lambda e: any(x["event"] == "cancelled" for x in e))
+    assert not panel.state.running and panel.state.status.startswith("Cancelled")
+    assert panel.session.results["counterfactual"] is counterfactual  # the last result stays
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("notes.txt", b"hello", ".txt files are not radiographs"),
+    ("broken.dcm", b"\0" * 128 + b"DICM" + b"\0" * 10, "broken.dcm: missing SOPClassUID is not a radiograph"),
+    ("empty.png", b"", "empty.png"),
+])
+def test_a_bad_upload_gets_its_message_and_changes_nothing(panel, name, content, message):
+    view = loaded(panel)
+    volume = panel.volume
+    assert not panel.load([(name, content)])
+    assert message in panel.state.error and "Traceback" not in panel.state.error
+    assert panel.volume is volume and view.get_background_volume_id() == volume.GetID()
+    assert sorted(p.name for p in panel.session.folder.iterdir()) == ["upload-001"]
+
+
+def test_a_png_is_shown_as_a_pa_film(panel):
+    loaded(panel, PNG_SAMPLE)
+    assert panel.state.description.startswith("PNG") and not panel.state.has_dicom
+    from InstructX2XModuleLib import scene
+
+    pixels = scene.volume_to_array(panel.volume)
+    from PIL import Image
+
+    assert np.array_equal(pixels, np.asarray(Image.open(PNG_SAMPLE).convert("L"), dtype=np.float32)) or \
+        np.array_equal(pixels, np.asarray(Image.open(PNG_SAMPLE), dtype=np.float32))
+
+
+def test_upload_limits(tmp_path):
+    with pytest.raises(UploadError, match="limit is 1 MB"):
+        save_uploads([("a.dcm", b"x" * (2 * 2**20))], tmp_path / "a", max_bytes=2**20)
+    with pytest.raises(UploadError, match="characters"):
+        save_uploads([("../../etc/passwd\x00.dcm", b"x")], tmp_path / "b")
+    with pytest.raises(UploadError, match="same name"):
+        save_uploads([("a/x.dcm", b"x"), ("b/x.dcm", b"y")], tmp_path / "c")
+    assert list(tmp_path.iterdir()) == []
