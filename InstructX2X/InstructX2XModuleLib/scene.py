@@ -22,6 +22,7 @@ __all__ = ["SceneError", "prepare_scene", "volume_to_array", "array_to_volume", 
 # A PA film read from PNG has no geometry: show it as Slicer shows a DICOM CR (IJK-to-RAS
 # directions diag(-1, -1, 1), patient's left on the image's right).
 PA_DIRECTIONS = ((-1.0, 0.0, 0.0), (0.0, -1.0, 0.0), (0.0, 0.0, 1.0))
+GUIDANCE_OPAQUE_AT = 0.3  # guidance (in [0, 1]) from which the overlay colour is fully opaque
 
 
 class SceneError(ValueError):
@@ -148,8 +149,7 @@ def import_result(scene, volume, edited: np.ndarray, guidance: np.ndarray, edit_
         counterfactual.GetDisplayNode().SetAutoWindowLevel(False)
         counterfactual.GetDisplayNode().SetWindowLevel(source_display.GetWindow(), source_display.GetLevel())
     guidance_node = array_to_volume(scene, guidance.astype(np.float32), f"{name} guidance", volume)
-    colors = scene.AddNewNodeByClass("vtkMRMLColorTableNode", f"{name} guidance colors")
-    colors.SetTypeToWarm1()
+    colors = guidance_colors(scene, f"{name} guidance colors")
     display = guidance_node.GetDisplayNode()
     display.SetAndObserveColorNodeID(colors.GetID())
     display.SetAutoWindowLevel(False)
@@ -180,6 +180,20 @@ def png_domain(pixels: np.ndarray) -> tuple[float, float]:
     if low >= 0 and high <= 65535 and np.array_equal(pixels, np.round(pixels)):
         return 0.0, 1.0
     return low, ((high - low) or 1.0) / 65535
+
+
+def guidance_colors(scene, name: str):
+    """A heat scale (red to yellow) whose low end is transparent: blended over the film as the
+    foreground layer, it tints only where the model edits, and the film stays readable
+    elsewhere (an opaque scale would tint the whole image at any opacity)."""
+    colors = scene.AddNewNodeByClass("vtkMRMLColorTableNode", name)
+    colors.SetTypeToUser()
+    colors.SetNumberOfColors(256)
+    for index in range(256):
+        value = index / 255
+        red, green = float(np.clip(2 * value, 0, 1)), float(np.clip(2 * value - 1, 0, 1))
+        colors.SetColor(index, str(index), red, green, 0.0, float(min(1.0, value / GUIDANCE_OPAQUE_AT)))
+    return colors
 
 
 def build_job(volume, kind: str, parameters: dict, folder: Path, edit_mask: np.ndarray | None = None,

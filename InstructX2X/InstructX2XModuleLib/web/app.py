@@ -17,6 +17,7 @@ import io
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 import zipfile
@@ -187,6 +188,8 @@ class WebPanel:
         if self.segmentation is None:
             return
         self.editor.set_active_segment_id(segment)
+        # filled while painting; outlined otherwise, so that the edit and its guidance show through
+        self.segmentation.GetDisplayNode().SetVisibility2DFill(tool != "none")
         effect = self.editor.set_active_effect_type(TOOLS.get(tool, SegmentationEffectNoTool))
         if tool in ("paint", "erase"):
             effect.set_brush_diameter(float(brush_mm), BrushDiameterMode.Absolute)
@@ -436,7 +439,7 @@ class WebPanel:
             v3.VBtn("Edit", value="edit", raw_attrs=['data-testid="segment-edit"'])
             v3.VBtn("Keep", value="keep", raw_attrs=['data-testid="segment-keep"'])
         v3.VSlider(v_model=("brush_mm",), min=2, max=80, step=1, label="Brush (mm)", density="compact",
-                   hide_details=True, thumb_label=True, classes="mt-2")
+                   hide_details=True, thumb_label=True, classes="mt-2", raw_attrs=['data-testid="brush"'])
         v3.VCheckbox(v_model=("scissors_fill",), label="Scissors fill inside (else erase inside)",
                      density="compact", hide_details=True)
 
@@ -530,9 +533,14 @@ def main(argv: list[str] | None = None) -> int:
                      max_upload_bytes=arguments.max_upload_mb * 2**20)
     panel.ctrl.on_server_ready.add(
         lambda **_: print(f"InstructX2X web panel: http://{arguments.host}:{panel.server.port}/", flush=True))
+    # SIGTERM (a service manager, a test) ends the server like Ctrl-C, so that the worker stops
+    # and the session's temporary files are removed.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
     try:
         panel.server.start(host=arguments.host, port=arguments.port, open_browser=False, show_connection_info=False,
                            disable_logging=True, timeout=0)  # timeout 0: no shutdown when the last tab closes
+    except KeyboardInterrupt:
+        pass
     finally:
         panel.close()
     return 0
