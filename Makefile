@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine (see README.md):
 #   make demo   - install into .venv, then edit the bundled chest radiograph
-#   make test   - install into .venv, then run the whole test suite
+#   make test   - install into .venv (and .venv-eval, .venv-web), then run the whole test suite
+#   make web    - the browser panel on http://127.0.0.1:8080/ (demo model)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -19,7 +20,11 @@ EVAL_STAMP := $(EVAL_VENV)/.installed
 
 EVALUATION_WORK ?= out/evaluation-demo
 
-.PHONY: install demo demo-model classifiers evaluation test test-eval benchmark clean
+WEB_VENV := .venv-web
+WEB_STAMP := $(WEB_VENV)/.installed
+WEB_PORT ?= 8080
+
+.PHONY: install demo demo-model classifiers evaluation web test test-eval test-web benchmark clean
 
 $(STAMP): constraints.txt InstructX2XLib/pyproject.toml Training/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +44,18 @@ $(EVAL_STAMP): constraints-eval.txt InstructX2XLib/pyproject.toml Training/pypro
 	$(EVAL_VENV)/bin/python -m pip install -q -c constraints-eval.txt torch torchvision
 	$(EVAL_VENV)/bin/python -m pip install -q -c constraints-eval.txt -e "InstructX2XLib[eval,test]" -e "Training[test]"
 	touch $(EVAL_STAMP)
+
+# The browser panel needs trame-slicer, which pins an older slicer-core than .venv's: its own
+# environment (constraints-web.txt), with Playwright for its browser tests (Debian's chromium).
+$(WEB_STAMP): constraints-web.txt InstructX2XLib/pyproject.toml InstructX2X/pyproject.toml
+	$(PYTHON) -m venv $(WEB_VENV)
+	$(WEB_VENV)/bin/python -m pip install -q --upgrade pip
+	$(WEB_VENV)/bin/python -m pip install -q -c constraints-web.txt torch==2.13.0
+	$(WEB_VENV)/bin/python -m pip install -q -c constraints-web.txt -e "InstructX2XLib[test]" -e "InstructX2X[web,test]"
+	touch $(WEB_STAMP)
+
+web: $(WEB_STAMP)
+	$(WEB_VENV)/bin/instructx2x-web --model $(MODEL) --port $(WEB_PORT)
 
 demo: $(STAMP)
 	$(BIN)/instructx2x edit $(SAMPLE) --model $(MODEL) -i "$(INSTRUCTION)" \
@@ -81,12 +98,16 @@ evaluation: $(STAMP)
 	cp $(EVALUATION_WORK)/report/evaluation.md docs/evaluation-demo.md
 	cp $(EVALUATION_WORK)/report/ablation.png docs/figures/evaluation-demo-ablation.png
 
-test: $(STAMP) test-eval
+test: $(STAMP) test-eval test-web
 	$(BIN)/python -m pytest -q InstructX2XLib/tests Training/tests Testing
 
 # the torchxrayvision back-end, in its own environment
 test-eval: $(EVAL_STAMP)
 	$(EVAL_VENV)/bin/python -m pytest -q -m xrv Testing/test_xrv_classifiers.py
+
+# the browser panel, in its own environment: without a browser, then in Debian's chromium
+test-web: $(WEB_STAMP)
+	$(WEB_VENV)/bin/python -m pytest -q -m web Testing/test_web_panel.py Testing/test_web_browser.py
 
 benchmark: $(STAMP)
 	$(BIN)/python Testing/benchmarks/benchmark_pipeline.py
@@ -94,4 +115,4 @@ benchmark: $(STAMP)
 	$(BIN)/python Testing/benchmarks/benchmark_dataset.py
 
 clean:
-	rm -rf $(VENV) $(EVAL_VENV) out
+	rm -rf $(VENV) $(EVAL_VENV) $(WEB_VENV) out

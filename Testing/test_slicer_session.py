@@ -50,7 +50,7 @@ def test_preview_rethreshold_and_queued_edit_land_in_the_scene(session):
     mask[30:60, 34:60] = True
     preview = session.submit("preview", volume, settings())
     edit = session.submit("edit", volume, settings(mask_source=MASK_SOURCES[1]), edit_mask=mask)
-    assert session.queue_position(preview) == 1 and session.queue_position(edit) == 2  # worker still starting
+    assert session.queue_position(preview) == 0 and session.queue_position(edit) == 1  # worker still starting
     events = drain(session, lambda e: sum(x["event"] == "done" for x in e) == 2)
     assert [e["id"] for e in events if e["event"] == "done"] == ["1", "2"]
     assert session.queue_position(edit) == 0 and not session.busy

@@ -7,101 +7,45 @@ second run, download the series and validate it with dciodvfy. Screenshots go to
 ``out/test-artifacts/web`` (kept by CI). Runs in the web environment (``make test-web``).
 """
 
-import io
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 import zipfile
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("trame_slicer")
-playwright = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("playwright.sync_api")
 from dicom_factory import dciodvfy_errors, require_tool  # noqa: E402
-from orthanc import free_port  # noqa: E402
+from web_driver import (ROOT, SAMPLE, WebServer, chromium_page, open_file, set_steps, text,  # noqa: E402
+                        type_instruction, wait_text, warm_pixels)
 
 pytestmark = pytest.mark.web
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "Resources" / "Samples" / "phantom_pa.dcm"
 ARTIFACTS = ROOT / "out" / "test-artifacts" / "web"
 INSTRUCTION = "Add the finding of moderate left pleural effusion"
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-                  "--disable-background-networking", "--disable-component-update"]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """The real command on a free port; its temporary files in a folder of the test's own."""
-    temporary = tmp_path_factory.mktemp("server-tmp")
-    port = free_port()
-    log = tmp_path_factory.mktemp("server-log") / "server.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "InstructX2XModuleLib.web.app", "--model", "demo", "--device", "cpu",
-         "--port", str(port)], stdout=log.open("w"), stderr=subprocess.STDOUT,
-        env={**os.environ, "TMPDIR": str(temporary), "CUDA_VISIBLE_DEVICES": "-1"})
-    started = time.monotonic()
-    while "InstructX2X web panel: http://127.0.0.1" not in log.read_text():
-        assert process.poll() is None, log.read_text()[-2000:]
-        assert time.monotonic() - started < 60, "the server did not start within 60 s"
-        time.sleep(0.2)
-    yield {"url": f"http://127.0.0.1:{port}/", "process": process, "tmp": temporary, "log": log,
-           "start_s": time.monotonic() - started}
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
+    server = WebServer(tmp_path_factory.mktemp("web")).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
 def page(server):
-    chromium = require_tool("chromium", "chromium")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with playwright.sync_playwright() as driver:
-        browser = driver.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 900}, accept_downloads=True)
-        page.set_default_timeout(60_000)
-        page.goto(server["url"])
-        page.get_by_test_id("apply").wait_for()
+    with chromium_page(server.url, require_tool("chromium", "chromium")) as page:
         yield page
-        browser.close()
-
-
-def text(page, test_id):
-    return page.get_by_test_id(test_id).inner_text()
-
-
-def wait_text(page, test_id, pattern, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if re.search(pattern, text(page, test_id)):
-            return text(page, test_id)
-        time.sleep(0.1)
-    raise AssertionError(f"{test_id}: {text(page, test_id)!r} never matched {pattern!r}")
-
-
-def warm_pixels(page) -> int:
-    """Pixels of the slice view in the guidance map's warm colours (the grey film has none)."""
-    from PIL import Image
-
-    shot = np.asarray(Image.open(io.BytesIO(page.get_by_test_id("slice-view").screenshot())).convert("RGB"),
-                      dtype=int)
-    return int(((shot[..., 0] - shot[..., 2] > 80) & (shot[..., 0] > 150)).sum())
 
 
 def test_the_whole_workflow_in_chromium(page, server, tmp_path):
-    page.get_by_test_id("open-file").locator("input[type=file]").set_input_files(str(SAMPLE))
+    open_file(page, SAMPLE)
     page.get_by_text("CR 512 x 512").wait_for()
     page.screenshot(path=ARTIFACTS / "1-loaded.png")
     assert warm_pixels(page) == 0
 
-    instruction = page.get_by_test_id("instruction").locator("input")
-    instruction.fill(INSTRUCTION)
-    instruction.press("Tab")
+    type_instruction(page, INSTRUCTION)
     wait_text(page, "parsed", r"add: pleural effusion \(left\)")
 
     page.get_by_test_id("mask-source").click()
@@ -138,10 +82,7 @@ def test_the_whole_workflow_in_chromium(page, server, tmp_path):
     page.screenshot(path=ARTIFACTS / "2-edited.png")
     assert warm_pixels(page) > 200
 
-    page.get_by_text("Advanced").click()
-    steps = page.get_by_label("Steps (0: default)")
-    steps.fill("300")
-    steps.press("Tab")
+    set_steps(page, 300)
     page.get_by_test_id("apply").click()
     wait_text(page, "progress-text", r"Step \d+ of 300")
     page.screenshot(path=ARTIFACTS / "3-running.png")
@@ -169,24 +110,22 @@ def test_the_whole_workflow_in_chromium(page, server, tmp_path):
         assert dataset.StudyInstanceUID == source.StudyInstanceUID  # the same study
         if dataset.Modality != "SEG":
             assert dataset.ConversionType == "SYN" and "SYNTHETIC" in str(dataset.SeriesDescription).upper()
-    print(f"server ready in {server['start_s']:.1f} s; cancel answered in {cancel_s:.2f} s")
+    print(f"server ready in {server.start_s:.1f} s; cancel answered in {cancel_s:.2f} s")
 
 
 def test_a_bad_file_gets_its_message_in_the_page(page, tmp_path):
     bad = tmp_path / "report.dcm"
     bad.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
-    page.get_by_test_id("open-file").locator("input[type=file]").set_input_files(str(bad))
+    open_file(page, bad)
     assert "report.dcm: missing SOPClassUID" in wait_text(page, "error", "report.dcm")
     page.screenshot(path=ARTIFACTS / "4-bad-file.png")
 
 
 def test_stopping_the_server_removes_its_files_and_keeps_no_identifiers(server, page):
-    process = server["process"]
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=30) == 0
-    left = [p.name for p in server["tmp"].iterdir() if not p.name.startswith("torchinductor_")]
+    assert server.stop() == 0
+    left = [p.name for p in server.tmp.iterdir() if not p.name.startswith("torchinductor_")]
     assert left == []  # uploads, jobs, results and trame's own files (torch's compile cache is not ours)
-    log = server["log"].read_text()
+    log = server.log.read_text()
     import pydicom
 
     source = pydicom.dcmread(SAMPLE)

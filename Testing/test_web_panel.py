@@ -133,6 +133,16 @@ def test_preview_rethreshold_apply_and_cancel(panel):
     assert panel.session.results["counterfactual"] is counterfactual  # the last result stays
 
 
+def test_a_second_job_waits_with_its_position_shown(panel):
+    loaded(panel)
+    panel.state.update({"instruction": INSTRUCTION, "steps": 2, "verify": False})
+    assert panel.submit("preview") and panel.state.queue_text == ""
+    assert panel.submit("edit") and panel.state.queue_text == "Queued: 1 job(s) ahead."
+    events = wait(panel, lambda e: sum(x["event"] == "done" for x in e) == 2)
+    assert [e["id"] for e in events if e["event"] == "done"] == ["1", "2"]
+    assert panel.state.queue_text == "" and panel.state.has_result and not panel.state.running
+
+
 @pytest.mark.parametrize("name,content,message", [
     ("notes.txt", b"hello", ".txt files are not radiographs"),
     ("broken.dcm", b"\0" * 128 + b"DICM" + b"\0" * 10, "broken.dcm: missing SOPClassUID is not a radiograph"),

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Debian packages the tests use: dciodvfy (dicom3tools) validates every DICOM object we
-# write, dcmtk makes compressed test files, Orthanc (+ DICOMweb plugin) is the PACS.
+# write, dcmtk makes compressed test files, Orthanc (+ DICOMweb plugin) is the PACS, chromium
+# is the browser Playwright drives for the browser panel's tests (no browser download).
 set -euo pipefail
-packages=(dicom3tools dcmtk orthanc orthanc-dicomweb)
+packages=(dicom3tools dcmtk orthanc orthanc-dicomweb chromium)
 missing=()
 for package in "${packages[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

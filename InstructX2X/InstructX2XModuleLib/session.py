@@ -145,7 +145,7 @@ class EditSession:
     def queue_position(self, ticket: int) -> int:
         """0 while the job runs (or is done), k when k jobs are ahead of it."""
         ahead = 1 if self.worker is not None and self.worker.state in (
-            WorkerState.RUNNING, WorkerState.CANCELLING, WorkerState.STARTING) else 0
+            WorkerState.RUNNING, WorkerState.CANCELLING) else 0
         for index, request in enumerate(self.queue):
             if request["ticket"] == ticket:
                 return index + ahead

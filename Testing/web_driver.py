@@ -1,0 +1,126 @@
+"""Start ``instructx2x-web`` and drive it in Debian's chromium: shared by the browser tests and
+the browser panel's benchmark."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from orthanc import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "Resources" / "Samples" / "phantom_pa.dcm"
+READY = "InstructX2X web panel: http://127.0.0.1"
+# Debian's chromium, headless, with no traffic of its own (this machine's network is closed)
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                  "--disable-background-networking", "--disable-component-update"]
+
+
+class WebServer:
+    """The real command on a free loopback port, its temporary files under ``tmp``; stopped by
+    its PID with SIGTERM (as a service manager stops it)."""
+
+    def __init__(self, folder: Path, model: str = "demo") -> None:
+        self.tmp, self.log = folder / "tmp", folder / "server.log"
+        self.tmp.mkdir(parents=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.command = [sys.executable, "-m", "InstructX2XModuleLib.web.app", "--model", model, "--device", "cpu",
+                        "--port", str(self.port)]
+        self.process: subprocess.Popen | None = None
+        self.start_s = float("nan")
+
+    def start(self, timeout: float = 60) -> "WebServer":
+        started = time.monotonic()
+        self.process = subprocess.Popen(self.command, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+                                        env={**os.environ, "TMPDIR": str(self.tmp), "CUDA_VISIBLE_DEVICES": "-1"})
+        while READY not in self.log.read_text():
+            if self.process.poll() is not None:
+                raise RuntimeError(self.log.read_text()[-2000:])
+            if time.monotonic() - started > timeout:
+                raise TimeoutError(f"the server did not start within {timeout} s")
+            time.sleep(0.05)
+        self.start_s = time.monotonic() - started
+        return self
+
+    def stop(self) -> int | None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            return self.process.wait(timeout=30)
+        return self.process.returncode if self.process else None
+
+    def rss_mb(self) -> dict:
+        """Resident memory of the server and of its worker (the model's process)."""
+        import psutil
+
+        server = psutil.Process(self.process.pid)
+        workers = server.children(recursive=True)
+        return {"server_mb": server.memory_info().rss / 2**20,
+                "worker_mb": sum(child.memory_info().rss for child in workers) / 2**20}
+
+
+@contextmanager
+def chromium_page(url: str, chromium: str):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900}, accept_downloads=True)
+        page.set_default_timeout(60_000)
+        page.goto(url)
+        page.get_by_test_id("apply").wait_for()
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+def text(page, test_id: str) -> str:
+    return page.get_by_test_id(test_id).inner_text()
+
+
+def wait_text(page, test_id: str, pattern: str, timeout: float = 120, poll_s: float = 0.1) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        shown = text(page, test_id)
+        if re.search(pattern, shown):
+            return shown
+        time.sleep(poll_s)
+    raise AssertionError(f"{test_id}: {text(page, test_id)!r} never matched {pattern!r}")
+
+
+def warm_pixels(page) -> int:
+    """Pixels of the slice view in the guidance overlay's colours (the grey film has none)."""
+    from PIL import Image
+
+    shot = np.asarray(Image.open(io.BytesIO(page.get_by_test_id("slice-view").screenshot())).convert("RGB"),
+                      dtype=int)
+    return int(((shot[..., 0] - shot[..., 2] > 80) & (shot[..., 0] > 150)).sum())
+
+
+def open_file(page, path: Path) -> None:
+    page.get_by_test_id("open-file").locator("input[type=file]").set_input_files(str(path))
+
+
+def type_instruction(page, instruction: str) -> None:
+    field = page.get_by_test_id("instruction").locator("input")
+    field.fill(instruction)
+    field.press("Tab")
+
+
+def set_steps(page, steps: int) -> None:
+    """Advanced > Steps (opens the panel when it is closed)."""
+    field = page.get_by_label("Steps (0: default)")
+    if not field.is_visible():
+        page.get_by_text("Advanced").click()
+    field.fill(str(steps))
+    field.press("Tab")
