@@ -100,3 +100,28 @@ def test_settings_and_instruction_helpers():
     assert compose_instruction("Remove", "pneumothorax", "right") == "Remove the finding of right pneumothorax"
     described = describe_instruction("Add the finding of left pleural effusion")
     assert described.startswith("add: pleural effusion (left)") and "Region:" in described
+
+
+def test_the_panels_process_never_imports_torch():
+    """The model lives in the worker: reading, checking and describing in a panel's process
+    (Slicer's, or the web server's) must not pull torch in (about 500 MB per process)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys\n"
+        "from InstructX2XModuleLib import scene, session\n"
+        "from InstructX2XModuleLib.web.uploads import read_radiograph\n"
+        f"loaded = read_radiograph([__import__('pathlib').Path({str(root / 'Resources/Samples/phantom_pa.dcm')!r})])\n"
+        "session.describe_instruction('Add the finding of left pleural effusion')\n"
+        "session.PanelSettings(instruction='Remove the finding of pneumothorax').edit_parameters()\n"
+        "from instructx2x.parameters import EditParameters\n"
+        "EditParameters(**session.PanelSettings(instruction='Add the finding of edema').edit_parameters())\n"
+        "import instructx2x.outputs, instructx2x.dicom.pacs\n"
+        "print(loaded.description, 'torch' in sys.modules)\n")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                               cwd=root / "InstructX2X")
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.split()[-1] == "False", completed.stdout

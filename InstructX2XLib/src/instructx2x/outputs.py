@@ -11,16 +11,18 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 from PIL import Image
 
-from .editor import EditResult
 from .errors import InstructX2XError, OutputExistsError, ResourceError
 from .image_io import Radiograph
 from .overlay import guidance_overlay, side_by_side
 from .provenance import to_json
+
+if TYPE_CHECKING:  # a type only: the panels use atomic_output_dir without torch
+    from .editor import EditResult
 
 __all__ = ["atomic_output_dir", "remove_stale_staging", "write_png_result", "write_float_maps",
            "write_figure", "UNTRAINED_NOTICE", "SYNTHETIC_PNG_TEXT"]

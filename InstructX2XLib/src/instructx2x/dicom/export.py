@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..editor import EditResult
 from ..errors import ParameterError
 from ..image_io import Radiograph
 from ..outputs import atomic_output_dir
@@ -12,6 +12,9 @@ from ..overlay import guidance_overlay
 from ..provenance import to_json
 from .native import composite_stored, proposed_stored
 from .write import EditObjects, build_edit_objects
+
+if TYPE_CHECKING:  # a type only: reading DICOM (``dicom.read``) must not import torch
+    from ..editor import EditResult
 
 __all__ = ["export_dicom_edit", "write_dicom_edit"]
 
