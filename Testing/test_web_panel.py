@@ -122,6 +122,8 @@ def test_preview_rethreshold_apply_and_cancel(panel):
 
     names = zipfile.ZipFile(io.BytesIO(archive)).namelist()
     assert sorted(names) == ["counterfactual.dcm", "edit_region_seg.dcm", "guidance_overlay.dcm"]
+    pictures = zipfile.ZipFile(io.BytesIO(panel.result_archive("png"))).namelist()
+    assert {"edited.png", "guidance_overlay.png", "edit_mask.png", "manifest.json"} <= set(pictures)
 
     panel.state.steps = 400
     panel.apply_or_cancel()
@@ -169,6 +171,13 @@ def test_a_png_is_shown_as_a_pa_film(panel):
         np.array_equal(pixels, np.asarray(Image.open(PNG_SAMPLE), dtype=np.float32))
 
 
+def test_a_folder_opens_its_first_radiograph(panel):
+    files = [("a-report.dcm", b"\0" * 128 + b"DICM" + b"\0" * 16), ("notes", b"not dicom"),
+             (SAMPLE.name, SAMPLE.read_bytes())]
+    assert panel.load(files), panel.state.error
+    assert panel.state.has_dicom and panel.loaded.path.name == SAMPLE.name
+
+
 def test_upload_limits(tmp_path):
     with pytest.raises(UploadError, match="limit is 1 MB"):
         save_uploads([("a.dcm", b"x" * (2 * 2**20))], tmp_path / "a", max_bytes=2**20)
@@ -177,3 +186,33 @@ def test_upload_limits(tmp_path):
     with pytest.raises(UploadError, match="same name"):
         save_uploads([("a/x.dcm", b"x"), ("b/x.dcm", b"y")], tmp_path / "c")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_test_connection_and_send_to_a_real_pacs(panel, tmp_path):
+    """The PACS box: C-ECHO answers or says why not, then C-STORE of the series to Orthanc."""
+    import asyncio
+
+    from orthanc import OrthancServer
+
+    (tmp_path / "orthanc").mkdir()
+    orthanc = OrthancServer(tmp_path / "orthanc").start()
+    try:
+        loaded(panel)
+        panel.state.update({"instruction": INSTRUCTION, "steps": 2, "verify": False})
+        panel.state.pacs_target = f"127.0.0.1:{orthanc.dicom_port}:{orthanc.aet}"
+        asyncio.run(panel.pacs("send"))
+        assert panel.state.pacs_message == "Error: apply an edit to a DICOM radiograph first."
+        asyncio.run(panel.pacs("echo"))
+        assert panel.state.pacs_message == f"{orthanc.aet} at 127.0.0.1:{orthanc.dicom_port} answers."
+        panel.apply_or_cancel()
+        wait(panel, lambda e: any(x["event"] == "done" for x in e))
+        asyncio.run(panel.pacs("send"))
+        assert panel.state.pacs_message.startswith("Sent 3 objects") and orthanc.instance_count() == 3
+        panel.state.pacs_target = f"127.0.0.1:{orthanc.dicom_port}:WRONG"
+        asyncio.run(panel.pacs("echo"))
+        assert "rejected or not answered" in panel.state.pacs_message
+        panel.state.pacs_target = "no port"
+        asyncio.run(panel.pacs("echo"))
+        assert "HOST:PORT:AET" in panel.state.pacs_message
+    finally:
+        orthanc.stop()
