@@ -12,7 +12,6 @@ object with all figures. Usage: ``.venv-web/bin/python Testing/benchmarks/benchm
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 import statistics
 import subprocess
@@ -59,7 +58,10 @@ def main() -> None:
     chromium = shutil.which("chromium")
     if chromium is None:
         sys.exit("chromium is not installed (Debian package chromium)")
-    results: dict = {"cpu": platform.processor() or platform.machine()}
+    from instructx2x.devices import cpu_description
+
+    results: dict = {"cpu": cpu_description()}
+    print(f"CPU: {results['cpu']}")
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         server = WebServer(scratch / "server").start()
