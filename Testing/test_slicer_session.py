@@ -125,3 +125,42 @@ def test_the_panels_process_never_imports_torch():
                                cwd=root / "InstructX2X")
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert completed.stdout.split()[-1] == "False", completed.stdout
+
+
+def test_two_panels_share_one_warm_worker_and_the_second_waits_its_turn(tmp_path):
+    """Two sessions (two readers' panels) on ``instructx2x serve --socket``: one model, one
+    job at a time; the second hears its place, and runs once the first is cancelled."""
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "shared.sock"
+    server = subprocess.Popen([sys.executable, "-m", "instructx2x.cli", "serve", "--socket", str(path),
+                               "--model", "untrained-tiny", "--device", "cpu"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sessions = []
+    try:
+        deadline = time.monotonic() + 120
+        while not path.exists():
+            assert server.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        for _ in range(2):
+            scene = slicer.vtkMRMLScene()
+            layer.prepare_scene(scene)
+            sessions.append(EditSession(scene, worker_socket=str(path)))
+        first, second = sessions
+        first.submit("edit", radiograph(first.scene), settings(steps=400, model="ignored: the worker's"))
+        drain(first, lambda e: any(x["event"] == "progress" for x in e))
+        second.submit("edit", radiograph(second.scene), settings())
+        queued = drain(second, lambda e: any(x["event"] == "queued" for x in e))
+        assert [e["position"] for e in queued if e["event"] == "queued"] == [1]
+        first.cancel()
+        assert any(e["event"] == "cancelled" for e in drain(first, lambda e: any(x["event"] == "cancelled" for x in e)))
+        drain(second, lambda e: any(x["event"] == "done" for x in e))
+        assert "counterfactual" in second.results and first.results == {}
+        for session in sessions:
+            session.stop()  # hangs up; the shared worker serves on
+        assert server.poll() is None
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0

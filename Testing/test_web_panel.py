@@ -216,3 +216,48 @@ def test_test_connection_and_send_to_a_real_pacs(panel, tmp_path):
         assert "HOST:PORT:AET" in panel.state.pacs_message
     finally:
         orthanc.stop()
+
+
+def test_a_page_on_a_shared_worker_shows_its_place_in_the_queue(tmp_path):
+    """``--worker-socket``: another reader's job holds the one model; this page's edit waits
+    with "1 job(s) ahead" and runs when that job ends."""
+    import signal
+    import subprocess
+    import sys
+
+    from InstructX2XModuleLib.worker import WorkerClient
+
+    path = tmp_path / "shared.sock"
+    server = subprocess.Popen([sys.executable, "-m", "instructx2x.cli", "serve", "--socket", str(path),
+                               "--model", "untrained-tiny", "--device", "cpu"], stderr=subprocess.DEVNULL)
+    panel = other = None
+    try:
+        deadline = time.monotonic() + 120
+        while not path.exists():
+            assert server.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        other = WorkerClient("the worker's", socket_path=str(path))
+        other.start()
+        while other.state.value != "ready":
+            other.poll()
+            time.sleep(0.05)
+        other.submit("edit", {"input": str(PNG_SAMPLE), "output": str(tmp_path / "other"),
+                              "parameters": {"instruction": INSTRUCTION, "num_inference_steps": 400}})
+        while not any(e["event"] == "progress" for e in other.poll()):
+            time.sleep(0.05)
+        panel = WebPanel(worker_socket=str(path))
+        loaded(panel)
+        panel.state.update({"instruction": INSTRUCTION, "steps": 2, "verify": False})
+        assert panel.submit("edit")
+        wait(panel, lambda e: any(x["event"] == "queued" for x in e))
+        assert panel.state.queue_text == "Queued: 1 job(s) ahead." and panel.state.running
+        other.cancel()
+        wait(panel, lambda e: any(x["event"] == "done" for x in e))
+        assert panel.state.queue_text == "" and panel.state.has_result
+    finally:
+        if panel is not None:
+            panel.close()
+        if other is not None:
+            other.shutdown()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0

@@ -112,11 +112,15 @@ class EditSession:
         The command that runs the library's CLI (``PythonSlicer -m instructx2x.cli`` in Slicer).
     prepare_worker: Callable[[], None] | None
         Called before a worker is first started (the desktop module installs dependencies).
+    worker_socket: str | None
+        Use the shared worker on this Unix socket (``instructx2x serve --socket``) instead of
+        starting one; the model and device are then the worker's.
     """
 
     def __init__(self, scene, executable: list[str] | None = None,
-                 prepare_worker: Callable[[], None] | None = None) -> None:
+                 prepare_worker: Callable[[], None] | None = None, worker_socket: str | None = None) -> None:
         self.scene = scene
+        self.worker_socket = worker_socket
         self.executable = executable or [sys.executable, "-m", "instructx2x.cli"]
         self.prepare_worker = prepare_worker
         self.worker: WorkerClient | None = None
@@ -220,7 +224,7 @@ class EditSession:
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def _ensure_worker(self, settings: PanelSettings) -> None:
-        key = settings.worker_key()
+        key = ("shared", self.worker_socket) if self.worker_socket else settings.worker_key()
         if self.worker is not None and self.worker_key == key and self.worker.state not in (
                 WorkerState.STOPPED, WorkerState.IDLE):
             return
@@ -231,7 +235,7 @@ class EditSession:
         environment = {"CUDA_VISIBLE_DEVICES": "-1"} if settings.device == "cpu" else {}
         self.worker = WorkerClient(settings.model, device=settings.device, environment=environment,
                                    executable=self.executable, scheduler=settings.scheduler,
-                                   dtype=settings.precision)
+                                   dtype=settings.precision, socket_path=self.worker_socket)
         self.worker.start()
         self.worker_key, self.preview_id = key, None
 

@@ -11,6 +11,10 @@ pattern), and a small state machine says what the panel shows:
 
 Cancel first asks politely (a ``cancel`` message stops the job at its next step); ``kill``
 ends the whole process tree (psutil, children first) when the worker does not answer.
+
+With ``socket_path`` the client connects to a shared worker (``instructx2x serve --socket``)
+instead of starting one: the model is the worker's, other panels' jobs may run first (the
+worker says how many with ``queued`` events), and stopping the client ends only the connection.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import itertools
 import json
 import os
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -56,16 +61,22 @@ class WorkerClient:
         Extra environment variables (e.g. ``CUDA_VISIBLE_DEVICES=-1`` to force the CPU).
     scheduler, dtype: str
         The sampler and precision the model is loaded with (``auto``: the device's defaults).
+    socket_path: str | None
+        Connect to this shared worker instead of starting one (model and device are its own).
     """
 
     def __init__(self, model: str, device: str = "auto", executable: list[str] | None = None,
-                 environment: dict | None = None, scheduler: str = "auto", dtype: str = "auto") -> None:
+                 environment: dict | None = None, scheduler: str = "auto", dtype: str = "auto",
+                 socket_path: str | None = None) -> None:
         self.command = [*(executable or [sys.executable, "-m", "instructx2x.cli"]), "serve", "--stdio",
                         "--model", str(model), "--device", device, "--scheduler", scheduler,
                         "--dtype", dtype]
         self.environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(environment or {})}
         self.state = WorkerState.IDLE
         self.process: subprocess.Popen | None = None
+        self.socket_path = socket_path
+        self.connection: socket.socket | None = None
+        self._writer = None
         self.events: queue.Queue = queue.Queue()
         self.current: str | None = None
         self.current_output: str | None = None
@@ -75,16 +86,27 @@ class WorkerClient:
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
-        """Start the process; ``poll`` reports ``ready`` once the model is loaded."""
+        """Start the process (or connect to the shared worker); ``poll`` reports ``ready`` once
+        the model is loaded."""
         if self.state not in (WorkerState.IDLE, WorkerState.STOPPED):
             raise WorkerError(f"the worker is already {self.state.value}.")
-        try:
-            self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                            stderr=subprocess.PIPE, text=True, env=self.environment)
-        except OSError as error:
-            raise WorkerError(f"cannot start the worker ({error.strerror}).") from None
+        if self.socket_path:
+            try:
+                self.connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.connection.connect(self.socket_path)
+            except OSError as error:
+                raise WorkerError(f"cannot reach the shared worker at {Path(self.socket_path).name} "
+                                  f"({error.strerror}); is instructx2x serve --socket running?") from None
+            self._writer, reader = (self.connection.makefile(mode, encoding="utf-8") for mode in ("w", "r"))
+        else:
+            try:
+                self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                stderr=subprocess.PIPE, text=True, env=self.environment)
+            except OSError as error:
+                raise WorkerError(f"cannot start the worker ({error.strerror}).") from None
+            self._writer, reader = self.process.stdin, self.process.stdout
         self.state = WorkerState.STARTING
-        threading.Thread(target=self._read, args=(self.process.stdout,), daemon=True).start()
+        threading.Thread(target=self._read, args=(reader,), daemon=True).start()
 
     def submit(self, kind: str, job: dict | None = None, **fields) -> str:
         """Send a request (``edit``, ``preview``, ``rethreshold``); returns its id."""
@@ -104,7 +126,10 @@ class WorkerClient:
             self.state = WorkerState.CANCELLING
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Ask the worker to exit; kill it if it does not."""
+        """Ask the worker to exit, kill it if it does not; a shared worker: hang up."""
+        if self.connection is not None:
+            self._hang_up()
+            return
         if self.process is None or self.process.poll() is not None:
             self.state = WorkerState.STOPPED
             return
@@ -119,6 +144,9 @@ class WorkerClient:
         """End the worker and every process it started, children first."""
         import psutil
 
+        if self.connection is not None:  # a shared worker is not ours to kill: its jobs for us stop
+            self._hang_up()
+            return
         if self.process is None:
             return
         try:
@@ -157,23 +185,44 @@ class WorkerClient:
                 self.last_error = event.get("message")
             elif kind == "exit":
                 self.state, self.current = WorkerState.STOPPED, None
-                if self.last_error is None and event.get("returncode") not in (0, None):
+                if self.last_error is None and event.get("message"):
+                    self.last_error = event["message"]
+                elif self.last_error is None and event.get("returncode") not in (0, None):
                     self.last_error = f"the worker stopped (exit code {event['returncode']}): " \
                                       f"{event.get('stderr', '')[-500:]}"
         return events
 
     def _send(self, request: dict) -> None:
-        if self.process is None or self.process.poll() is not None:
+        if self._writer is None or (self.process is not None and self.process.poll() is not None):
             raise WorkerError("the worker is not running.")
-        self.process.stdin.write(json.dumps(request) + "\n")
-        self.process.stdin.flush()
+        try:
+            self._writer.write(json.dumps(request) + "\n")
+            self._writer.flush()
+        except OSError:
+            raise WorkerError("the worker is not running.") from None
+
+    def _hang_up(self) -> None:
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)  # the worker cancels this connection's jobs
+        except OSError:
+            pass
+        self.connection.close()
+        self._writer = None
+        self.state = WorkerState.STOPPED
 
     def _read(self, stream) -> None:
-        for line in stream:
-            try:
-                self.events.put(json.loads(line))
-            except ValueError:
-                continue  # a library printed a stray line: not an event
+        try:
+            for line in stream:
+                try:
+                    self.events.put(json.loads(line))
+                except ValueError:
+                    continue  # a library printed a stray line: not an event
+        except (OSError, ValueError):  # our own hang-up closed the stream
+            pass
+        if self.process is None:  # a shared worker: gone unless we hung up
+            self.events.put({"event": "exit", "returncode": None, "stderr": "", "message": None
+                             if self._writer is None else "the shared worker closed the connection."})
+            return
         returncode = self.process.wait()
         stderr = self.process.stderr.read() if self.process.stderr else ""
         self.events.put({"event": "exit", "returncode": returncode, "stderr": stderr})

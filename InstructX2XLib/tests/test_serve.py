@@ -146,3 +146,62 @@ def test_a_defect_in_one_job_does_not_take_the_warm_worker_down(png, tmp_path, m
     assert first["event"] == "error" and "internal error" in first["message"] and "boom" in first["message"]
     assert [e for e in events if e.get("id") == "2"][-1]["event"] == "done"
     assert not (tmp_path / "one").exists() and (tmp_path / "two").is_dir()
+
+
+def test_a_shared_worker_serves_several_clients_one_job_at_a_time(png, tmp_path):
+    """``serve --socket``: two clients, one model; the second waits with its position, the ids
+    of different clients do not collide, a client that hangs up has its job cancelled."""
+    import socket
+    import time
+
+    path = tmp_path / "worker.sock"
+    process = subprocess.Popen([sys.executable, "-m", "instructx2x.cli", "serve", "--socket", str(path),
+                                "--model", "untrained-tiny", "--device", "cpu"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not path.exists():
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.05)
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
+        clients = []
+        for _ in range(2):
+            connection = socket.socket(socket.AF_UNIX)
+            connection.connect(str(path))
+            reader, writer = connection.makefile("r"), connection.makefile("w")
+            assert json.loads(reader.readline())["event"] == "ready"
+            clients.append((connection, reader, writer))
+        (first, first_in, first_out), (_second, second_in, second_out) = clients
+        send(process_like(first_out), {"type": "edit", "id": "1", "job": job(png, tmp_path / "first", steps=400)})
+        assert json.loads(first_in.readline())["event"] == "started"
+        send(process_like(second_out), {"type": "edit", "id": "1", "job": job(png, tmp_path / "second")})
+        assert json.loads(second_in.readline()) == {"id": "1", "event": "queued", "position": 1}
+        first.shutdown(socket.SHUT_RDWR)  # hangs up mid-run: its job stops, the next one starts
+        first.close()
+        events = []
+        for line in second_in:
+            events.append(json.loads(line))
+            if events[-1]["event"] in ("done", "error", "cancelled"):
+                break
+        assert events[0]["event"] == "started" and events[-1]["event"] == "done", events
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["chest.png", "second", "worker.sock"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    assert not path.exists()
+
+
+def test_a_socket_that_exists_is_refused_before_the_model_loads(tmp_path):
+    (tmp_path / "busy.sock").write_text("")
+    completed = subprocess.run([sys.executable, "-m", "instructx2x.cli", "serve", "--socket",
+                                str(tmp_path / "busy.sock"), "--model", "untrained-tiny"],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2 and "busy.sock exists" in completed.stdout + completed.stderr
+    assert "loading" not in completed.stdout
+
+
+class process_like:
+    """``send`` writes to ``process.stdin``: a socket's writer in its place."""
+
+    def __init__(self, writer):
+        self.stdin = writer

@@ -6,7 +6,10 @@ stays warm in ``instructx2x serve``, one job at a time). This module only binds 
 and buttons to them and chooses what the slice view shows.
 
 One server process is one workspace: every browser tab connected to it sees the same
-radiograph and results. It listens on loopback unless ``--host`` says otherwise.
+radiograph and results. Several readers each run their own server (own port) and share one
+warm model through ``--worker-socket`` (``instructx2x serve --socket``); their jobs then run
+one at a time and the page shows its place in the queue. It listens on loopback unless
+``--host`` says otherwise.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ class WebPanel:
     workflow without a browser (``poll`` then stands in for the page's timer)."""
 
     def __init__(self, server=None, model: str = "demo", device: str = "auto",
-                 max_upload_bytes: int = MAX_UPLOAD_BYTES) -> None:
+                 max_upload_bytes: int = MAX_UPLOAD_BYTES, worker_socket: str | None = None) -> None:
         self.server = get_server(server, client_type="vue3")
         self.server.enable_module(trame_slicer_module)
         self.server.enable_module({"serve": {"instructx2x": str(Path(__file__).with_name("serve"))},
@@ -77,7 +80,7 @@ class WebPanel:
             ViewLayoutDefinition.axial_view(label="Radiograph")]))
         self.layout_manager.set_layout(LAYOUT)
         self.editor = self.slicer_app.segmentation_editor
-        self.session = EditSession(self.scene)
+        self.session = EditSession(self.scene, worker_socket=worker_socket)
         self.model, self.device, self.max_upload_bytes = model, device, max_upload_bytes
         self.volume = None
         self.segmentation = None
@@ -87,6 +90,8 @@ class WebPanel:
         self.uploads = 0
         self.started_at: float | None = None
         self.pending_tau: float | None = None
+        self.ticket: int | None = None  # the last job sent from this page
+        self.shared_ahead = 0  # jobs ahead of it in a shared worker's queue
         self._poller: asyncio.Task | None = None
         self._initial_state()
         self._build_ui()
@@ -222,10 +227,10 @@ class WebPanel:
             except Exception as error:
                 self.state.error = _message(error)
                 return False
-            position = self.session.queue_position(ticket)
+            self.ticket, self.shared_ahead = ticket, 0
             self.started_at = time.monotonic()
             self.state.update({"error": "", "running": True, "progress": 0, "progress_text": "",
-                               "queue_text": f"Queued: {position} job(s) ahead." if position else "",
+                               "queue_text": self._queue_text(),
                                "status": "Starting the model…" if kind == "edit" else "Computing the guidance…"})
         return True
 
@@ -265,14 +270,19 @@ class WebPanel:
                 tau, self.pending_tau = self.pending_tau, None
                 self.session.rethreshold(tau)
             self.state.running = self.session.busy
-            if self.session.queue:
-                self.state.queue_text = f"Queued: {len(self.session.queue)} job(s) waiting."
-            elif events:
-                self.state.queue_text = ""
+            self.state.queue_text = self._queue_text()
         return events
+
+    def _queue_text(self) -> str:
+        """How many jobs run or wait before the last one sent from this page: this page's own
+        queue while the worker is busy or starting, then the shared worker's ``queued`` count."""
+        ahead = (self.session.queue_position(self.ticket) if self.ticket is not None else 0) or self.shared_ahead
+        return f"Queued: {ahead} job(s) ahead." if ahead else ""
 
     def _show_event(self, event: dict) -> None:
         kind = event.get("event")
+        if kind in ("queued", "started", "done", "cancelled", "error"):
+            self.shared_ahead = event.get("position", 0)
         if kind == "progress":
             eta = event.get("eta_s")
             self.state.progress = round(100 * event["step"] / event["total"])
@@ -296,6 +306,7 @@ class WebPanel:
             self.state.update({"status": "Cancelled: nothing was written.", "progress": 0, "progress_text": ""})
         elif kind == "error":
             self.state.error = event.get("message", "the worker failed.")
+            self.state.update({"status": "Failed: see the message above.", "progress": 0, "progress_text": ""})
 
     # -- display ---------------------------------------------------------------------------
     def _on_layers(self, **_):
@@ -519,6 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface to listen on (default loopback; anything else exposes the page)")
     parser.add_argument("--max-upload-mb", type=int, default=MAX_UPLOAD_BYTES // 2**20)
+    parser.add_argument("--worker-socket", metavar="PATH",
+                        help="use the shared worker of instructx2x serve --socket PATH (one warm model for "
+                             "several servers; --model and --device are then the worker's)")
     return parser
 
 
@@ -530,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"WARNING: listening on {arguments.host}: anyone who reaches this machine can open the page and "
               "its radiographs; there is no login. Prefer loopback with an SSH tunnel.", file=sys.stderr)
     panel = WebPanel(model=arguments.model, device=arguments.device,
-                     max_upload_bytes=arguments.max_upload_mb * 2**20)
+                     max_upload_bytes=arguments.max_upload_mb * 2**20, worker_socket=arguments.worker_socket)
     panel.ctrl.on_server_ready.add(
         lambda **_: print(f"InstructX2X web panel: http://{arguments.host}:{panel.server.port}/", flush=True))
     # SIGTERM (a service manager, a test) ends the server like Ctrl-C, so that the worker stops

@@ -120,10 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="guidance maps and edit mask only (fast: no denoising)")
     commands.add_parser("info", parents=[model], help="model, device, precision and versions")
     serve = commands.add_parser("serve", parents=[model], help=(
-        "long-lived worker: load the model once, take jobs as JSON lines on stdin "
+        "long-lived worker: load the model once, take jobs as JSON lines "
         "(see instructx2x.serve)"))
-    serve.add_argument("--stdio", action="store_true", required=True,
-                       help="JSON lines on stdin and stdout (the only transport)")
+    transport = serve.add_mutually_exclusive_group(required=True)
+    transport.add_argument("--stdio", action="store_true",
+                           help="one client: JSON lines on stdin and stdout (what a panel starts)")
+    transport.add_argument("--socket", metavar="PATH",
+                           help="a shared worker on a Unix socket (mode 0600): several panels, one model, "
+                                "one job at a time")
     return parser
 
 
@@ -165,6 +169,10 @@ def _main(args: argparse.Namespace, emit) -> int:
         print(f"no --model given: using the bundled demo model (trained on synthetic phantoms, "
               f"not for clinical use); pass --model DIR or set ${MODEL_ENV} for your own.", file=sys.stderr)
     prepared = jobs = None
+    if args.command == "serve" and args.socket:  # checked before the model loads
+        from .serve import check_socket_path
+
+        check_socket_path(Path(args.socket))
     if args.command in ("edit", "preview") and args.jobs is not None:
         if args.input is not None or args.instruction is not None:
             raise ParameterError("--jobs takes the images and instructions from the CSV; "
@@ -197,9 +205,9 @@ def _main(args: argparse.Namespace, emit) -> int:
     if priors is not None:
         editor.pipeline.prior_set = priors
     if args.command == "serve":
-        from .serve import serve
+        from .serve import serve, serve_socket
 
-        return serve(editor)
+        return serve_socket(editor, args.socket) if args.socket else serve(editor)
     if jobs is not None:
         summary = run_jobs_file(jobs, args.output, editor, emit, progress_bar=args.progress == "bar",
                                 batch_size=args.batch_size)
