@@ -1,6 +1,5 @@
 """The panels' shared editing session: a real MRML scene, a real worker, the queue."""
 
-import time
 
 import numpy as np
 import pytest
@@ -8,6 +7,8 @@ import pytest
 import slicer
 
 from InstructX2XModuleLib import scene as layer
+from workers import poll_until, shared_worker
+
 from InstructX2XModuleLib.session import (MASK_SOURCES, PRESETS, EditSession, PanelSettings,
                                           compose_instruction, describe_instruction)
 
@@ -33,16 +34,6 @@ def settings(**overrides):
     return PanelSettings(**{**values, **overrides})
 
 
-def drain(session, until, timeout=120):
-    events, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        events += session.poll()
-        if until(events):
-            return events
-        time.sleep(0.05)
-    raise AssertionError(f"timed out: {events}")
-
-
 def test_preview_rethreshold_and_queued_edit_land_in_the_scene(session):
     volume = radiograph(session.scene)
     before = layer.volume_to_array(volume).copy()
@@ -51,7 +42,7 @@ def test_preview_rethreshold_and_queued_edit_land_in_the_scene(session):
     preview = session.submit("preview", volume, settings())
     edit = session.submit("edit", volume, settings(mask_source=MASK_SOURCES[1]), edit_mask=mask)
     assert session.queue_position(preview) == 0 and session.queue_position(edit) == 1  # worker still starting
-    events = drain(session, lambda e: sum(x["event"] == "done" for x in e) == 2)
+    events = poll_until(session, lambda e: sum(x["event"] == "done" for x in e) == 2)
     assert [e["id"] for e in events if e["event"] == "done"] == ["1", "2"]
     assert session.queue_position(edit) == 0 and not session.busy
     edited = layer.volume_to_array(session.results["counterfactual"])
@@ -61,11 +52,11 @@ def test_preview_rethreshold_and_queued_edit_land_in_the_scene(session):
     assert "SYNTHETIC" in session.results["counterfactual"].GetName()
 
     session.submit("preview", volume, settings())
-    drain(session, lambda e: any(x["event"] == "done" for x in e))
+    poll_until(session, lambda e: any(x["event"] == "done" for x in e))
     assert session.has_preview and "counterfactual" not in session.results
     low = layer.volume_to_array(session.results["mask"]).mean()
     session.rethreshold(0.9)
-    drain(session, lambda e: any(x["event"] == "done" for x in e))
+    poll_until(session, lambda e: any(x["event"] == "done" for x in e))
     assert layer.volume_to_array(session.results["mask"]).mean() < low
     assert "tau 0.9" in session.result_text
 
@@ -74,10 +65,10 @@ def test_cancel_drops_the_queue_and_stops_the_running_job(session):
     volume = radiograph(session.scene)
     session.submit("edit", volume, settings(steps=400))
     queued = session.submit("edit", volume, settings())
-    drain(session, lambda e: any(x["event"] == "progress" for x in e))
+    poll_until(session, lambda e: any(x["event"] == "progress" for x in e))
     assert session.queue_position(queued) == 1
     session.cancel()
-    events = drain(session, lambda e: any(x["event"] == "cancelled" for x in e))
+    events = poll_until(session, lambda e: any(x["event"] == "cancelled" for x in e))
     assert not any(x["event"] == "done" for x in events) and not session.busy
     assert session.results == {}
 
@@ -130,37 +121,22 @@ def test_the_panels_process_never_imports_torch():
 def test_two_panels_share_one_warm_worker_and_the_second_waits_its_turn(tmp_path):
     """Two sessions (two readers' panels) on ``instructx2x serve --socket``: one model, one
     job at a time; the second hears its place, and runs once the first is cancelled."""
-    import signal
-    import subprocess
-    import sys
-
-    path = tmp_path / "shared.sock"
-    server = subprocess.Popen([sys.executable, "-m", "instructx2x.cli", "serve", "--socket", str(path),
-                               "--model", "untrained-tiny", "--device", "cpu"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     sessions = []
-    try:
-        deadline = time.monotonic() + 120
-        while not path.exists():
-            assert server.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+    with shared_worker(tmp_path / "shared.sock") as server:
         for _ in range(2):
             scene = slicer.vtkMRMLScene()
             layer.prepare_scene(scene)
-            sessions.append(EditSession(scene, worker_socket=str(path)))
+            sessions.append(EditSession(scene, worker_socket=str(tmp_path / "shared.sock")))
         first, second = sessions
         first.submit("edit", radiograph(first.scene), settings(steps=400, model="ignored: the worker's"))
-        drain(first, lambda e: any(x["event"] == "progress" for x in e))
+        poll_until(first, lambda e: any(x["event"] == "progress" for x in e))
         second.submit("edit", radiograph(second.scene), settings())
-        queued = drain(second, lambda e: any(x["event"] == "queued" for x in e))
+        queued = poll_until(second, lambda e: any(x["event"] == "queued" for x in e))
         assert [e["position"] for e in queued if e["event"] == "queued"] == [1]
         first.cancel()
-        assert any(e["event"] == "cancelled" for e in drain(first, lambda e: any(x["event"] == "cancelled" for x in e)))
-        drain(second, lambda e: any(x["event"] == "done" for x in e))
+        poll_until(first, lambda e: any(x["event"] == "cancelled" for x in e))
+        poll_until(second, lambda e: any(x["event"] == "done" for x in e))
         assert "counterfactual" in second.results and first.results == {}
         for session in sessions:
             session.stop()  # hangs up; the shared worker serves on
         assert server.poll() is None
-    finally:
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0

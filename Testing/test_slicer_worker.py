@@ -6,17 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from workers import poll_until
+
 from InstructX2XModuleLib.worker import WorkerClient, WorkerError, WorkerState
-
-
-def wait(client, until, timeout=120):
-    events, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        events += client.poll()
-        if until(client, events):
-            return events
-        time.sleep(0.05)
-    raise AssertionError(f"timed out in state {client.state}: {events}")
 
 
 @pytest.fixture
@@ -39,29 +31,29 @@ def test_two_jobs_on_one_warm_worker_then_cancel_and_kill(film, tmp_path):
     assert client.state is WorkerState.STARTING
     with pytest.raises(WorkerError, match="not ready"):
         client.submit("edit", job(film, tmp_path / "early"))
-    wait(client, lambda c, e: c.state is WorkerState.READY)
+    poll_until(client, lambda e: client.state is WorkerState.READY)
     assert client.info["model"]["trained"] is False and client.info["precision"]["dtype"] == "float32"
     try:
         first = client.submit("preview", job(film, tmp_path / "preview"))
-        events = wait(client, lambda c, e: c.state is WorkerState.READY)
+        events = poll_until(client, lambda e: client.state is WorkerState.READY)
         assert events[-1] == {**events[-1], "id": first, "event": "done"}
         client.submit("edit", job(film, tmp_path / "edit"))
-        events = wait(client, lambda c, e: c.state is WorkerState.READY)
+        events = poll_until(client, lambda e: client.state is WorkerState.READY)
         progress = [e for e in events if e["event"] == "progress"]
         assert [e["step"] for e in progress] == [1, 2] and progress[-1]["eta_s"] == 0
         assert (tmp_path / "edit" / "edited.png").is_file()
 
         client.submit("edit", job(film, tmp_path / "long", steps=400))
-        wait(client, lambda c, e: any(x["event"] == "progress" for x in e))
+        poll_until(client, lambda e: any(x["event"] == "progress" for x in e))
         started = time.monotonic()
         client.cancel()
         assert client.state is WorkerState.CANCELLING
-        events = wait(client, lambda c, e: c.state is WorkerState.READY)
+        events = poll_until(client, lambda e: client.state is WorkerState.READY)
         assert events[-1]["event"] == "cancelled" and time.monotonic() - started < 5
         assert not (tmp_path / "long").exists()
 
         client.submit("edit", job(film, tmp_path / "killed", steps=400))
-        wait(client, lambda c, e: any(x["event"] == "progress" for x in e))
+        poll_until(client, lambda e: any(x["event"] == "progress" for x in e))
         client.kill()
         assert client.state is WorkerState.STOPPED and client.process.poll() is not None
     finally:
@@ -72,7 +64,7 @@ def test_two_jobs_on_one_warm_worker_then_cancel_and_kill(film, tmp_path):
 def test_a_worker_that_cannot_load_its_model_reports_why(tmp_path):
     client = WorkerClient(str(tmp_path / "no-model"), device="cpu")
     client.start()
-    wait(client, lambda c, e: c.state is WorkerState.STOPPED)
+    poll_until(client, lambda e: client.state is WorkerState.STOPPED)
     assert "model not found: no-model" in client.last_error
 
 
@@ -85,10 +77,10 @@ def test_the_panels_verified_edit_on_the_demo_model(tmp_path):
     client = WorkerClient("demo", device="cpu")
     client.start()
     try:
-        wait(client, lambda c, e: c.state is WorkerState.READY)
+        poll_until(client, lambda e: client.state is WorkerState.READY)
         client.submit("edit", {"input": str(sample), "output": str(tmp_path / "edit"), "verify": "auto",
                                "parameters": {"instruction": "Add the finding of moderate left pleural effusion"}})
-        events = wait(client, lambda c, e: c.state is WorkerState.READY)
+        events = poll_until(client, lambda e: client.state is WorkerState.READY)
     finally:
         client.shutdown()
     done = events[-1]

@@ -5,7 +5,6 @@ Runs in the web environment (``make test-web``, marker web); skipped where trame
 not installed (it pins an older slicer-core than the main environment's).
 """
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 pytest.importorskip("trame_slicer")
 from InstructX2XModuleLib.web.app import WebPanel  # noqa: E402
 from InstructX2XModuleLib.web.uploads import UploadError, save_uploads  # noqa: E402
+from workers import poll_until, shared_worker  # noqa: E402
 
 pytestmark = pytest.mark.web
 
@@ -52,16 +52,6 @@ def area(panel, segment="edit"):
     return 0 if mask is None else int(mask.sum())
 
 
-def wait(panel, until, timeout=120):
-    events, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        events += panel.poll()
-        if until(events):
-            return events
-        time.sleep(0.05)
-    raise AssertionError(f"timed out: {events}")
-
-
 def test_paint_erase_and_scissors_change_the_masks(panel):
     view = loaded(panel)
     assert panel.state.description.startswith("CR 512 x 512")
@@ -89,12 +79,12 @@ def test_preview_rethreshold_apply_and_cancel(panel):
     panel.state.update({"instruction": INSTRUCTION, "steps": 2, "verify": False})
     assert panel.submit("preview")
     assert panel.state.running
-    wait(panel, lambda e: any(x["event"] == "done" for x in e))
+    poll_until(panel, lambda e: any(x["event"] == "done" for x in e))
     assert panel.state.has_preview and not panel.state.has_result and not panel.state.running
     assert view.get_foreground_volume_id() == panel.session.results["guidance"].GetID()
     before = panel.session.results["mask"]
     panel._on_tau(tau=0.9)
-    wait(panel, lambda e: any(x["event"] == "done" for x in e))
+    poll_until(panel, lambda e: any(x["event"] == "done" for x in e))
     assert panel.session.results["mask"] is not before and "tau 0.9" in panel.state.status
 
     panel._on_tool(tool="paint", segment="edit", brush_mm=40.0)
@@ -102,7 +92,7 @@ def test_preview_rethreshold_apply_and_cancel(panel):
     painted = panel.painted("edit")
     panel.state.mask_source = "painted segment"
     panel.apply_or_cancel()
-    events = wait(panel, lambda e: any(x["event"] == "done" for x in e))
+    events = poll_until(panel, lambda e: any(x["event"] == "done" for x in e))
     assert [e["step"] for e in events if e["event"] == "progress"][-1] == 2 and panel.state.progress == 100
     assert panel.state.has_result and panel.state.has_dicom
     counterfactual = panel.session.results["counterfactual"]
@@ -127,10 +117,10 @@ def test_preview_rethreshold_apply_and_cancel(panel):
 
     panel.state.steps = 400
     panel.apply_or_cancel()
-    wait(panel, lambda e: any(x["event"] == "progress" for x in e))
+    poll_until(panel, lambda e: any(x["event"] == "progress" for x in e))
     assert panel.state.running
     panel.apply_or_cancel()  # the Apply button reads Cancel while running
-    wait(panel, lambda e: any(x["event"] == "cancelled" for x in e))
+    poll_until(panel, lambda e: any(x["event"] == "cancelled" for x in e))
     assert not panel.state.running and panel.state.status.startswith("Cancelled")
     assert panel.session.results["counterfactual"] is counterfactual  # the last result stays
 
@@ -140,7 +130,7 @@ def test_a_second_job_waits_with_its_position_shown(panel):
     panel.state.update({"instruction": INSTRUCTION, "steps": 2, "verify": False})
     assert panel.submit("preview") and panel.state.queue_text == ""
     assert panel.submit("edit") and panel.state.queue_text == "Queued: 1 job(s) ahead."
-    events = wait(panel, lambda e: sum(x["event"] == "done" for x in e) == 2)
+    events = poll_until(panel, lambda e: sum(x["event"] == "done" for x in e) == 2)
     assert [e["id"] for e in events if e["event"] == "done"] == ["1", "2"]
     assert panel.state.queue_text == "" and panel.state.has_result and not panel.state.running
 
@@ -205,7 +195,7 @@ def test_test_connection_and_send_to_a_real_pacs(panel, tmp_path):
         asyncio.run(panel.pacs("echo"))
         assert panel.state.pacs_message == f"{orthanc.aet} at 127.0.0.1:{orthanc.dicom_port} answers."
         panel.apply_or_cancel()
-        wait(panel, lambda e: any(x["event"] == "done" for x in e))
+        poll_until(panel, lambda e: any(x["event"] == "done" for x in e))
         asyncio.run(panel.pacs("send"))
         assert panel.state.pacs_message.startswith("Sent 3 objects") and orthanc.instance_count() == 3
         panel.state.pacs_target = f"127.0.0.1:{orthanc.dicom_port}:WRONG"
@@ -221,43 +211,26 @@ def test_test_connection_and_send_to_a_real_pacs(panel, tmp_path):
 def test_a_page_on_a_shared_worker_shows_its_place_in_the_queue(tmp_path):
     """``--worker-socket``: another reader's job holds the one model; this page's edit waits
     with "1 job(s) ahead" and runs when that job ends."""
-    import signal
-    import subprocess
-    import sys
-
-    from InstructX2XModuleLib.worker import WorkerClient
+    from InstructX2XModuleLib.worker import WorkerClient, WorkerState
 
     path = tmp_path / "shared.sock"
-    server = subprocess.Popen([sys.executable, "-m", "instructx2x.cli", "serve", "--socket", str(path),
-                               "--model", "untrained-tiny", "--device", "cpu"], stderr=subprocess.DEVNULL)
-    panel = other = None
-    try:
-        deadline = time.monotonic() + 120
-        while not path.exists():
-            assert server.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+    with shared_worker(path):
         other = WorkerClient("the worker's", socket_path=str(path))
         other.start()
-        while other.state.value != "ready":
-            other.poll()
-            time.sleep(0.05)
+        poll_until(other, lambda e: other.state is WorkerState.READY)
         other.submit("edit", {"input": str(PNG_SAMPLE), "output": str(tmp_path / "other"),
                               "parameters": {"instruction": INSTRUCTION, "num_inference_steps": 400}})
-        while not any(e["event"] == "progress" for e in other.poll()):
-            time.sleep(0.05)
+        poll_until(other, lambda e: any(x["event"] == "progress" for x in e))
         panel = WebPanel(worker_socket=str(path))
-        loaded(panel)
-        panel.state.update({"instruction": INSTRUCTION, "steps": 2, "verify": False})
-        assert panel.submit("edit")
-        wait(panel, lambda e: any(x["event"] == "queued" for x in e))
-        assert panel.state.queue_text == "Queued: 1 job(s) ahead." and panel.state.running
-        other.cancel()
-        wait(panel, lambda e: any(x["event"] == "done" for x in e))
-        assert panel.state.queue_text == "" and panel.state.has_result
-    finally:
-        if panel is not None:
+        try:
+            loaded(panel)
+            panel.state.update({"instruction": INSTRUCTION, "steps": 2, "verify": False})
+            assert panel.submit("edit")
+            poll_until(panel, lambda e: any(x["event"] == "queued" for x in e))
+            assert panel.state.queue_text == "Queued: 1 job(s) ahead." and panel.state.running
+            other.cancel()
+            poll_until(panel, lambda e: any(x["event"] == "done" for x in e))
+            assert panel.state.queue_text == "" and panel.state.has_result
+        finally:
             panel.close()
-        if other is not None:
             other.shutdown()
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0

@@ -1,0 +1,42 @@
+"""Helpers for tests of the worker service's clients: wait on their events, run a shared worker."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def poll_until(source, until, timeout: float = 120) -> list[dict]:
+    """Collect ``source.poll()`` events (a worker client, a session, a web panel) until
+    ``until(events)`` holds."""
+    events, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events += source.poll()
+        if until(events):
+            return events
+        time.sleep(0.05)
+    raise AssertionError(f"timed out: {events}")
+
+
+@contextmanager
+def shared_worker(path: Path, model: str = "untrained-tiny"):
+    """``instructx2x serve --socket`` on the CPU, ready when its socket exists; stopped with
+    SIGTERM, which must end it cleanly."""
+    server = subprocess.Popen([sys.executable, "-m", "instructx2x.cli", "serve", "--socket", str(path),
+                               "--model", model, "--device", "cpu"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not path.exists():
+            assert server.poll() is None, server.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "the shared worker did not start within 120 s"
+            time.sleep(0.05)
+        yield server
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+    assert not path.exists()
