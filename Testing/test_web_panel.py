@@ -115,10 +115,15 @@ def test_preview_rethreshold_apply_and_cancel(panel):
     pictures = zipfile.ZipFile(io.BytesIO(panel.result_archive("png"))).namelist()
     assert {"edited.png", "guidance_overlay.png", "edit_mask.png", "manifest.json"} <= set(pictures)
 
+    panel.state.seed = "twelve"
+    assert not panel.submit("edit") and panel.state.error == "Seed must be an integer, got 'twelve'."
+    panel.state.seed = 0
     panel.state.steps = 400
     panel.apply_or_cancel()
     poll_until(panel, lambda e: any(x["event"] == "progress" for x in e))
     assert panel.state.running
+    assert not panel.load([(SAMPLE.name, SAMPLE.read_bytes())])  # the running job's film stays
+    assert panel.state.error.startswith("a job is running on this radiograph")
     panel.apply_or_cancel()  # the Apply button reads Cancel while running
     poll_until(panel, lambda e: any(x["event"] == "cancelled" for x in e))
     assert not panel.state.running and panel.state.status.startswith("Cancelled")

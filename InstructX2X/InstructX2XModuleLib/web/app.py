@@ -120,11 +120,13 @@ class WebPanel:
         self.state.change("opacity", "show_after")(self._on_layers)
 
     def settings(self) -> PanelSettings:
+        """The page's controls as the shared session's settings (the session checks ranges)."""
         state = self.state
-        return PanelSettings(instruction=state.instruction or "", mask_source=state.mask_source, tau=float(state.tau),
-                             preset=state.preset, steps=int(state.steps or 0), seed=int(state.seed or 0),
-                             guidance_scale=float(state.guidance_scale),
-                             image_guidance_scale=float(state.image_guidance_scale),
+        return PanelSettings(instruction=state.instruction or "", mask_source=state.mask_source,
+                             tau=_number(state.tau, "tau", float), preset=state.preset,
+                             steps=_number(state.steps or 0, "Steps", int), seed=_number(state.seed or 0, "Seed", int),
+                             guidance_scale=_number(state.guidance_scale, "Text guidance s_T", float),
+                             image_guidance_scale=_number(state.image_guidance_scale, "Image guidance s_I", float),
                              model=self.model, device=self.device, verify=bool(state.verify))
 
     # -- loading ---------------------------------------------------------------------------
@@ -133,7 +135,8 @@ class WebPanel:
         from trame.app.file_upload import ClientFile
 
         if files:
-            self.chunks += [(ClientFile(f).name, ClientFile(f).content or b"") for f in files]
+            received = [ClientFile(f) for f in files]
+            self.chunks += [(f.name, f.content or b"") for f in received]
             return
         chunks, self.chunks = self.chunks, []
         self.load(chunks)
@@ -144,6 +147,8 @@ class WebPanel:
         folder = self.session.folder / f"upload-{self.uploads:03d}"
         with self.state:
             try:
+                if self.session.busy:
+                    raise mrml.SceneError("a job is running on this radiograph: wait for it or cancel it first.")
                 paths = save_uploads(files, folder, self.max_upload_bytes)
                 loaded = read_radiograph(paths)
             except Exception as error:  # the library's specific message, shown in the page
@@ -183,6 +188,7 @@ class WebPanel:
         for segment_id, (name, color) in SEGMENTS.items():
             self.editor.add_empty_segment(segment_id=segment_id, segment_name=name, segment_color=color)
         self.editor.set_active_segment_id("edit")
+        self._on_tool(**self.state.to_dict())  # the chosen tool goes on with the new film
         self._on_layers()
         self.slicer_app.display_manager.reset_views()
 
@@ -513,6 +519,16 @@ class WebPanel:
 
 def _no_view_gutter(*_args) -> None:
     """A radiograph is one slice: no slice slider or 3-D buttons beside the view."""
+
+
+def _number(value, label: str, kind: type):
+    """A number typed in the page, or the error that names the field."""
+    from instructx2x.errors import ParameterError
+
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ParameterError(f"{label} must be a{'n integer' if kind is int else ' number'}, got {value!r}.") from None
 
 
 def _message(error: Exception) -> str:
