@@ -131,3 +131,20 @@ def test_stopping_the_server_removes_its_files_and_keeps_no_identifiers(server, 
     source = pydicom.dcmread(SAMPLE)
     for identifier in (str(source.PatientName), str(source.PatientID), "phantom_pa.dcm"):
         assert identifier not in log
+
+
+def test_an_exposed_server_warns_and_a_large_upload_is_refused_in_the_page(tmp_path):
+    """--host beyond loopback prints a warning; an upload over --max-upload-mb is refused by
+    the page before a byte is sent."""
+    server = WebServer(tmp_path, "untrained-tiny", "--host", "0.0.0.0", "--max-upload-mb", "1").start()
+    try:
+        log = server.log.read_text()
+        assert "WARNING: listening on 0.0.0.0" in log and "InstructX2X web panel: http://0.0.0.0:" in log
+        large = tmp_path / "large.png"
+        large.write_bytes(b"\x89PNG" + bytes(2 * 2**20))
+        with chromium_page(server.url, require_tool("chromium", "chromium")) as page:
+            open_file(page, large)
+            assert wait_text(page, "error", "limit") == "The upload is 2.0 MB; the limit is 1 MB."
+        assert not any(server.tmp.rglob("large.png"))  # never sent
+    finally:
+        assert server.stop() == 0

@@ -19,7 +19,7 @@ from orthanc import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "Resources" / "Samples" / "phantom_pa.dcm"
-READY = "InstructX2X web panel: http://127.0.0.1"
+READY = "InstructX2X web panel: http://"
 # Debian's chromium, headless, with no traffic of its own (this machine's network is closed)
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
                   "--disable-background-networking", "--disable-component-update"]
@@ -29,13 +29,13 @@ class WebServer:
     """The real command on a free loopback port, its temporary files under ``tmp``; stopped by
     its PID with SIGTERM (as a service manager stops it)."""
 
-    def __init__(self, folder: Path, model: str = "demo") -> None:
+    def __init__(self, folder: Path, model: str = "demo", *options: str) -> None:
         self.tmp, self.log = folder / "tmp", folder / "server.log"
         self.tmp.mkdir(parents=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.command = [sys.executable, "-m", "InstructX2XModuleLib.web.app", "--model", model, "--device", "cpu",
-                        "--port", str(self.port)]
+                        "--port", str(self.port), *options]
         self.process: subprocess.Popen | None = None
         self.start_s = float("nan")
 
