@@ -16,8 +16,8 @@ import pytest
 pytest.importorskip("trame_slicer")
 pytest.importorskip("playwright.sync_api")
 from dicom_factory import dciodvfy_errors, require_tool  # noqa: E402
-from web_driver import (ROOT, SAMPLE, WebServer, chromium_page, open_file, set_steps, text,  # noqa: E402
-                        type_instruction, wait_text, warm_pixels)
+from web_driver import (ROOT, SAMPLE, WebServer, chromium_page, new_page, open_file, set_steps,  # noqa: E402
+                        text, type_instruction, wait_text, warm_pixels)
 
 pytestmark = pytest.mark.web
 
@@ -133,7 +133,7 @@ def test_stopping_the_server_removes_its_files_and_keeps_no_identifiers(server, 
         assert identifier not in log
 
 
-def test_an_exposed_server_warns_and_a_large_upload_is_refused_in_the_page(tmp_path):
+def test_an_exposed_server_warns_and_a_large_upload_is_refused_in_the_page(page, tmp_path):
     """--host beyond loopback prints a warning; an upload over --max-upload-mb is refused by
     the page before a byte is sent."""
     server = WebServer(tmp_path, "untrained-tiny", "--host", "0.0.0.0", "--max-upload-mb", "1").start()
@@ -142,9 +142,10 @@ def test_an_exposed_server_warns_and_a_large_upload_is_refused_in_the_page(tmp_p
         assert "WARNING: listening on 0.0.0.0" in log and "InstructX2X web panel: http://0.0.0.0:" in log
         large = tmp_path / "large.png"
         large.write_bytes(b"\x89PNG" + bytes(2 * 2**20))
-        with chromium_page(server.url, require_tool("chromium", "chromium")) as page:
-            open_file(page, large)
-            assert wait_text(page, "error", "limit") == "The upload is 2.0 MB; the limit is 1 MB."
+        tab = new_page(page.context.browser, server.url)  # the module's browser, another server
+        open_file(tab, large)
+        assert wait_text(tab, "error", "limit") == "The upload is 2.0 MB; the limit is 1 MB."
+        tab.close()
         assert not any(server.tmp.rglob("large.png"))  # never sent
     finally:
         assert server.stop() == 0

@@ -74,14 +74,19 @@ def chromium_page(url: str, chromium: str):
 
     with sync_playwright() as driver:
         browser = driver.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 900}, accept_downloads=True)
-        page.set_default_timeout(60_000)
-        page.goto(url)
-        page.get_by_test_id("apply").wait_for()
         try:
-            yield page
+            yield new_page(browser, url)
         finally:
             browser.close()
+
+
+def new_page(browser, url: str):
+    """A tab on the panel, once its controls are there."""
+    page = browser.new_page(viewport={"width": 1400, "height": 900}, accept_downloads=True)
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    page.get_by_test_id("apply").wait_for()
+    return page
 
 
 def text(page, test_id: str) -> str:
