@@ -151,7 +151,7 @@ class WebPanel:
                     raise mrml.SceneError("a job is running on this radiograph: wait for it or cancel it first.")
                 paths = save_uploads(files, folder, self.max_upload_bytes)
                 loaded = read_radiograph(paths)
-            except Exception as error:  # the library's specific message, shown in the page
+            except Exception as error:  # noqa: BLE001 - every refusal is shown in the page (_message)
                 shutil.rmtree(folder, ignore_errors=True)
                 self.state.error = _message(error)
                 return False
@@ -230,14 +230,14 @@ class WebPanel:
                 edit_mask = self.painted("edit") if settings.mask_source != MASK_SOURCES[0] else None
                 ticket = self.session.submit(kind, self.volume, settings, edit_mask, self.painted("keep"),
                                              dicom_file_for=self._dicom_file_for)
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - every refusal is shown in the page (_message)
                 self.state.error = _message(error)
                 return False
             self.ticket, self.shared_ahead = ticket, 0
             self.started_at = time.monotonic()
             self.state.update({"error": "", "running": True, "progress": 0, "progress_text": "",
                                "queue_text": self._queue_text(),
-                               "status": "Starting the model…" if kind == "edit" else "Computing the guidance…"})
+                               "status": "Editing…" if kind == "edit" else "Computing the guidance…"})
         return True
 
     def apply_or_cancel(self) -> None:
@@ -375,7 +375,7 @@ class WebPanel:
                 files = sorted(folder.glob("*.dcm"))
                 await asyncio.get_running_loop().run_in_executor(None, push_cstore, files, target)
                 message = f"Sent {len(files)} objects (marked SYNTHETIC) to {target.called_ae_title}."
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - shown in the page (_message)
             message = f"Error: {_message(error)}"
         with self.state:
             self.state.pacs_message = message
@@ -532,8 +532,16 @@ def _number(value, label: str, kind: type):
 
 
 def _message(error: Exception) -> str:
-    """What the page shows for a refused input: the library's message, never a traceback."""
-    return str(error).strip() or type(error).__name__
+    """What the page shows: the specific message of the library, the scene layer, the worker
+    client or the file system, never a traceback; anything else is a defect, said as such."""
+    from instructx2x.errors import InstructX2XError
+
+    from ..worker import WorkerError
+
+    if isinstance(error, (InstructX2XError, WorkerError, ValueError, OSError)):
+        return str(error).strip() or type(error).__name__
+    logger.error("internal error (%s)", type(error).__name__)  # the type only: messages may quote data
+    return f"internal error, please report it ({type(error).__name__})"
 
 
 def build_parser() -> argparse.ArgumentParser:
