@@ -373,7 +373,8 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
                                "series is written for DICOM inputs."))
         from DICOMLib import DICOMUtils
 
-        DICOMUtils.importDicom(str(folder))
+        # copied: the session's temporary folder is removed when the module closes
+        DICOMUtils.importDicom(str(folder), copyFiles=True)
         message = _("Imported into the DICOM database, same study, marked SYNTHETIC.")
         if pacsTarget.strip():
             from instructx2x.dicom.pacs import CStoreTarget, push_cstore
