@@ -26,7 +26,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 from InstructX2XModuleLib import scene as mrml
-from InstructX2XModuleLib.session import (MASK_SOURCES, OPERATIONS, PRESETS, EditSession, PanelSettings,
+from InstructX2XModuleLib.session import (MASK_SOURCES, OPERATIONS, PRESETS, SIDES, EditSession, PanelSettings,
                                           compose_instruction, describe_instruction, instruction_completions)
 
 # The bundled demonstration model (trained on synthetic phantoms; its card says so in every
@@ -149,7 +149,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.instructionEdit.setCompleter(completer)
         self.ui.operationCombo.addItems(list(OPERATIONS))
         self.ui.findingCombo.addItems(list(FINDINGS))
-        self.ui.sideCombo.addItems(["", "left", "right", "bilateral"])
+        self.ui.sideCombo.addItems(list(SIDES))
         for combo in (self.ui.fromLevelCombo, self.ui.toLevelCombo):
             combo.addItems(["", *LEVEL_WORDS])
 

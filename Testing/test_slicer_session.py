@@ -89,6 +89,8 @@ def test_settings_and_instruction_helpers():
     assert compose_instruction("Change the level of", "edema", "", "mild", "") == \
         "Change the level of edema from mild to severe"
     assert compose_instruction("Remove", "pneumothorax", "right") == "Remove the finding of right pneumothorax"
+    assert compose_instruction("Add", "pleural effusion", "left", "", "moderate") == \
+        "Add the finding of moderate left pleural effusion"
     described = describe_instruction("Add the finding of left pleural effusion")
     assert described.startswith("add: pleural effusion (left)") and "Region:" in described
 

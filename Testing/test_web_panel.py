@@ -130,6 +130,16 @@ def test_preview_rethreshold_apply_and_cancel(panel):
     assert panel.session.results["counterfactual"] is counterfactual  # the last result stays
 
 
+def test_the_structured_helper_writes_the_instruction_and_it_is_parsed_live(panel):
+    panel.state.update({"compose_operation": "Add", "compose_finding": "pleural effusion", "compose_side": "left",
+                        "compose_to": "moderate"})
+    panel.compose()
+    assert panel.state.instruction == "Add the finding of moderate left pleural effusion"
+    panel._on_instruction(instruction=panel.state.instruction)
+    assert panel.state.parsed.startswith("add: pleural effusion (left)")
+    assert "pleural effusion" in panel.state.findings and "moderate" in panel.state.levels
+
+
 def test_a_second_job_waits_with_its_position_shown(panel):
     loaded(panel)
     panel.state.update({"instruction": INSTRUCTION, "steps": 2, "verify": False})

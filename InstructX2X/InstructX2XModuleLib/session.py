@@ -24,12 +24,13 @@ import numpy as np
 from . import scene as mrml
 from .worker import WorkerClient, WorkerState
 
-__all__ = ["PanelSettings", "EditSession", "edited_pixels", "dicom_pixels", "PRESETS", "MASK_SOURCES", "describe_instruction",
-           "compose_instruction", "instruction_completions"]
+__all__ = ["PanelSettings", "EditSession", "edited_pixels", "dicom_pixels", "PRESETS", "MASK_SOURCES", "OPERATIONS",
+           "SIDES", "describe_instruction", "compose_instruction", "instruction_completions"]
 
 MASK_SOURCES = ("anatomical prior", "painted segment", "painted segment and prior")
 PRESETS = ("fast (device default)", "paper (DDIM 100 steps)")
 OPERATIONS = ("Add", "Remove", "Change the level of")
+SIDES = ("", "left", "right", "bilateral")  # the structured helper's choices ("": no side)
 
 
 @dataclasses.dataclass
@@ -87,10 +88,13 @@ def describe_instruction(text: str) -> str:
 
 
 def compose_instruction(operation: str, finding: str, side: str = "", before: str = "", after: str = "") -> str:
-    """An instruction in the training set's wording from the structured helper's choices."""
-    where = f"{side} {finding}".strip()
+    """An instruction in the training set's wording from the structured helper's choices
+    (``after`` is also the level of an added finding: "Add the finding of moderate left ...")."""
+    where = " ".join(word for word in (side, finding) if word)
     if operation == OPERATIONS[2]:
         return f"Change the level of {where} from {before or 'mild'} to {after or 'severe'}"
+    if operation == OPERATIONS[0] and after:
+        where = f"{after} {where}"
     return f"{operation} the finding of {where}"
 
 

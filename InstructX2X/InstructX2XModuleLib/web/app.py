@@ -45,8 +45,8 @@ from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition  # 
 from trame_vuetify.ui.vuetify3 import SinglePageWithDrawerLayout  # noqa: E402
 
 from .. import scene as mrml  # noqa: E402
-from ..session import (MASK_SOURCES, PRESETS, EditSession, PanelSettings, describe_instruction,  # noqa: E402
-                       instruction_completions)
+from ..session import (MASK_SOURCES, OPERATIONS, PRESETS, SIDES, EditSession, PanelSettings,  # noqa: E402
+                       compose_instruction, describe_instruction, instruction_completions)
 from .uploads import MAX_UPLOAD_BYTES, read_radiograph, save_uploads  # noqa: E402
 
 __all__ = ["WebPanel", "main", "TOOLS", "POLL_INTERVAL_S"]
@@ -105,6 +105,7 @@ class WebPanel:
             "trame__title": "InstructX2X", "loaded": False, "description": "", "error": "",
             "status": "Open a DICOM radiograph (file or folder) or a PNG.",
             "instruction": "", "parsed": describe_instruction(""), "completions": instruction_completions(),
+            **self._helper_state(),
             "mask_source": MASK_SOURCES[0], "mask_sources": list(MASK_SOURCES),
             "tool": "none", "segment": "edit", "brush_mm": 20.0, "scissors_fill": False,
             "tau": defaults.tau, "opacity": 0.5, "show_after": True, "has_result": False, "has_preview": False,
@@ -118,6 +119,23 @@ class WebPanel:
         self.state.change("tool", "segment", "brush_mm", "scissors_fill")(self._on_tool)
         self.state.change("tau")(self._on_tau)
         self.state.change("opacity", "show_after")(self._on_layers)
+
+    @staticmethod
+    def _helper_state() -> dict:
+        """The structured helper's choices, from the library's vocabulary."""
+        from instructx2x.instructions import FINDINGS, LEVEL_WORDS
+
+        return {"operations": list(OPERATIONS), "findings": list(FINDINGS), "sides": list(SIDES),
+                "levels": ["", *LEVEL_WORDS], "compose_operation": OPERATIONS[0],
+                "compose_finding": "pleural effusion", "compose_side": "", "compose_from": "", "compose_to": ""}
+
+    def compose(self) -> None:
+        """The helper's choices as an instruction in the training set's wording."""
+        state = self.state
+        with state:
+            state.instruction = compose_instruction(state.compose_operation, state.compose_finding,
+                                                    state.compose_side or "", state.compose_from or "",
+                                                    state.compose_to or "")
 
     def settings(self) -> PanelSettings:
         """The page's controls as the shared session's settings (the session checks ranges)."""
@@ -442,6 +460,18 @@ class WebPanel:
         v3.VCombobox(v_model=("instruction",), items=("completions",), label="Instruction", density="compact",
                      hide_details=True, classes="mt-3", raw_attrs=['data-testid="instruction"'])
         html.Div("{{ parsed }}", classes="text-caption mt-1 mb-2", raw_attrs=['data-testid="parsed"'])
+        with v3.VExpansionPanels(classes="mb-2"):
+            with v3.VExpansionPanel(title="Compose an instruction"):
+                with v3.VExpansionPanelText():
+                    for key, label, items in (("compose_operation", "Operation", "operations"),
+                                              ("compose_finding", "Finding", "findings"),
+                                              ("compose_side", "Side", "sides"),
+                                              ("compose_from", "From level (change)", "levels"),
+                                              ("compose_to", "To level (change; add: level)", "levels")):
+                        v3.VSelect(v_model=(key,), items=(items,), label=label, density="compact", hide_details=True,
+                                   classes="mb-1")
+                    v3.VBtn("Use this instruction", click=self.compose, block=True,
+                            raw_attrs=['data-testid="compose"'])
 
     def _mask_ui(self) -> None:
         v3.VSelect(v_model=("mask_source",), items=("mask_sources",), label="Region to edit", density="compact",
