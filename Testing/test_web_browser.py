@@ -65,7 +65,7 @@ def test_the_whole_workflow_in_chromium(page, server, tmp_path):
     page.get_by_test_id("tool-none").click()
 
     page.get_by_test_id("preview").click()
-    wait_text(page, "status", r"^Done")
+    assert "user-defined edit mask" in wait_text(page, "status", r"^Done")  # the painted region went in
     assert page.get_by_test_id("progress-text").inner_text().startswith("100 %")
     page.get_by_test_id("tau").get_by_role("slider").focus()
     for _ in range(20):
