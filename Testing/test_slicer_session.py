@@ -79,7 +79,16 @@ def test_bad_settings_are_refused_before_anything_is_queued(session):
         session.submit("edit", volume, settings(mask_source=MASK_SOURCES[2]))
     with pytest.raises(ValueError, match="tau"):
         session.submit("edit", volume, settings(tau=1.5))
+    with pytest.raises(layer.SceneError, match="does not match the radiograph's grid|the mask is"):
+        session.submit("edit", volume, settings(mask_source=MASK_SOURCES[1]), edit_mask=np.ones((5, 5), bool))
     assert session.worker is None and session.queue == [] and list(session.folder.iterdir()) == []
+    unreachable = EditSession(session.scene, worker_socket=str(session.folder / "no-worker.sock"))
+    from InstructX2XModuleLib.worker import WorkerError
+
+    with pytest.raises(WorkerError, match="cannot reach the shared worker at no-worker.sock"):
+        unreachable.submit("edit", volume, settings())
+    assert list(unreachable.folder.iterdir()) == []
+    unreachable.stop()
 
 
 def test_settings_and_instruction_helpers():

@@ -180,10 +180,14 @@ class EditSession:
         if settings.mask_source == MASK_SOURCES[0]:
             edit_mask = None
         ticket = next(self._tickets)
-        job = mrml.build_job(volume, kind, parameters, self.folder / f"job-{ticket:03d}", edit_mask, keep_mask,
-                             dicom_file_for=dicom_file_for,
-                             verify="auto" if settings.verify and kind == "edit" else None)
-        self._ensure_worker(settings)
+        folder = self.folder / f"job-{ticket:03d}"
+        try:
+            job = mrml.build_job(volume, kind, parameters, folder, edit_mask, keep_mask, dicom_file_for=dicom_file_for,
+                                 verify="auto" if settings.verify and kind == "edit" else None)
+            self._ensure_worker(settings)
+        except Exception:  # a refused job leaves no folder behind
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         self.queue.append({"ticket": ticket, "kind": kind, "job": job, "volume": volume})
         self._send_next()
         return ticket
