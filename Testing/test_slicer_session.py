@@ -9,6 +9,8 @@ import slicer
 from InstructX2XModuleLib import scene as layer
 from workers import poll_until, shared_worker
 
+from InstructX2XModuleLib.worker import WorkerError
+
 from InstructX2XModuleLib.session import (MASK_SOURCES, PRESETS, EditSession, PanelSettings,
                                           compose_instruction, describe_instruction)
 
@@ -83,12 +85,18 @@ def test_bad_settings_are_refused_before_anything_is_queued(session):
         session.submit("edit", volume, settings(mask_source=MASK_SOURCES[1]), edit_mask=np.ones((5, 5), bool))
     assert session.worker is None and session.queue == [] and list(session.folder.iterdir()) == []
     unreachable = EditSession(session.scene, worker_socket=str(session.folder / "no-worker.sock"))
-    from InstructX2XModuleLib.worker import WorkerError
-
     with pytest.raises(WorkerError, match="cannot reach the shared worker at no-worker.sock"):
         unreachable.submit("edit", volume, settings())
     assert list(unreachable.folder.iterdir()) == []
     unreachable.stop()
+
+
+def test_start_worker_waits_for_the_model_and_says_why_it_failed(session):
+    with pytest.raises(WorkerError, match="model not found: no-such-model"):
+        session.start_worker(settings(model="no-such-model"))
+    assert session.worker is None and list(session.folder.iterdir()) == []
+    ready = session.start_worker(settings())
+    assert ready["event"] == "ready" and ready["model"]["name"] == "untrained-tiny"
 
 
 def test_settings_and_instruction_helpers():

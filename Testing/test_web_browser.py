@@ -7,6 +7,7 @@ second run, download the series and validate it with dciodvfy. Screenshots go to
 ``out/test-artifacts/web`` (kept by CI). Runs in the web environment (``make test-web``).
 """
 
+import os
 import re
 import time
 import zipfile
@@ -149,3 +150,26 @@ def test_an_exposed_server_warns_and_a_large_upload_is_refused_in_the_page(page,
         assert not any(server.tmp.rglob("large.png"))  # never sent
     finally:
         assert server.stop() == 0
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--model", "no-such-model"], "model not found: no-such-model"),
+    (["--worker-socket", "/nonexistent/worker.sock"], "cannot reach the shared worker at worker.sock"),
+    (["--port", "BUSY"], "Address already in use); choose another --port"),
+    (["--max-upload-mb", "0"], "must be a whole number of MB >= 1"),
+])
+def test_a_bad_start_says_why_and_leaves_nothing(tmp_path, options, message):
+    """Checked before the page is served: the model (it loads first), the shared worker, the
+    address, the options; exit code 2, one line, no temporary folder left."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        options = [str(busy.getsockname()[1]) if o == "BUSY" else o for o in options]
+        completed = subprocess.run(
+            [sys.executable, "-m", "InstructX2XModuleLib.web.app", "--device", "cpu", "--port", "0", *options],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert completed.returncode == 2 and message in completed.stderr, completed.stderr[-1500:]
+    assert "Traceback" not in completed.stderr
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(("instructx2x-", "tmp"))]

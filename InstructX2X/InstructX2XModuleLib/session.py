@@ -22,9 +22,9 @@ from typing import Callable
 import numpy as np
 
 from . import scene as mrml
-from .worker import WorkerClient, WorkerState
+from .worker import WorkerClient, WorkerError, WorkerState
 
-__all__ = ["PanelSettings", "EditSession", "edited_pixels", "dicom_pixels", "PRESETS", "MASK_SOURCES", "OPERATIONS",
+__all__ = ["PanelSettings", "EditSession", "edited_pixels", "dicom_pixels", "modality_values", "PRESETS", "MASK_SOURCES", "OPERATIONS",
            "SIDES", "describe_instruction", "compose_instruction", "instruction_completions"]
 
 MASK_SOURCES = ("anatomical prior", "painted segment", "painted segment and prior")
@@ -168,13 +168,11 @@ class EditSession:
         Returns a ticket for ``queue_position``. Raises ``scene.SceneError`` or the library's
         ``ParameterError`` with a message for the user before anything is queued.
         """
-        from instructx2x.instructions import parse_instruction
         from instructx2x.parameters import EditParameters
 
         mrml.volume_to_array(volume)  # one slice, or a clear message
-        parse_instruction(settings.instruction)
         parameters = settings.edit_parameters()
-        EditParameters(**parameters)  # every setting in range, before any file is written
+        EditParameters(**parameters)  # the instruction parsed, every setting in range, before any file is written
         if settings.mask_source != MASK_SOURCES[0] and edit_mask is None:
             raise mrml.SceneError("paint the region to edit, or choose the anatomical prior.")
         if settings.mask_source == MASK_SOURCES[0]:
@@ -230,6 +228,26 @@ class EditSession:
             self.worker.shutdown()
             self.worker = None
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def start_worker(self, settings: PanelSettings, timeout: float = 600) -> dict:
+        """Start (or reach) the worker now and wait until its model is loaded, so that a bad
+        model or an unreachable shared worker is said before anyone uses the panel.
+
+        Returns the worker's ``ready`` event. Raises ``WorkerError`` with the worker's message.
+        """
+        import time
+
+        self._ensure_worker(settings)
+        deadline = time.monotonic() + timeout
+        while self.worker.state == WorkerState.STARTING and time.monotonic() < deadline:
+            self.worker.poll()
+            time.sleep(0.05)
+        if self.worker.state != WorkerState.READY:
+            message = self.worker.last_error or f"the model did not load within {timeout:.0f} s."
+            self.worker.kill()
+            self.worker = None
+            raise WorkerError(message)
+        return self.worker.info
 
     def _ensure_worker(self, settings: PanelSettings) -> None:
         key = ("shared", self.worker_socket) if self.worker_socket else settings.worker_key()
@@ -303,11 +321,16 @@ def edited_pixels(output: Path, volume, edit_mask: np.ndarray) -> np.ndarray:
 
 
 def dicom_pixels(path: Path) -> np.ndarray:
-    """A DICOM image's modality values (stored x slope + intercept), as Slicer's DICOM reader
-    puts them in a volume: the domain of a panel's radiograph and of its counterfactual."""
+    """A DICOM file's modality values (what ``modality_values`` says)."""
     import pydicom
 
     dataset = pydicom.dcmread(path)
+    return modality_values(dataset.pixel_array, dataset)
+
+
+def modality_values(stored: np.ndarray, dataset) -> np.ndarray:
+    """Stored values x slope + intercept, as Slicer's DICOM reader puts them in a volume: the
+    domain of a panel's radiograph and of its counterfactual."""
     slope = float(dataset.get("RescaleSlope", 1) or 1)
     intercept = float(dataset.get("RescaleIntercept", 0) or 0)
-    return dataset.pixel_array.astype(np.float32) * slope + intercept
+    return stored.astype(np.float32) * slope + intercept

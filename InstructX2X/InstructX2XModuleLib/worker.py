@@ -177,7 +177,8 @@ class WorkerClient:
             if kind == "ready":
                 self.info = event
                 self.state = WorkerState.READY
-            elif kind in ("done", "error", "cancelled") and event.get("id") == self.current:
+            elif kind in ("done", "error", "cancelled") and self.current is not None \
+                    and event.get("id") == self.current:  # a start-up error has no id: not a job's end
                 self.state, self.current = WorkerState.READY, None
                 if kind == "error":
                     self.last_error = event.get("message")

@@ -47,6 +47,7 @@ from trame_vuetify.ui.vuetify3 import SinglePageWithDrawerLayout  # noqa: E402
 from .. import scene as mrml  # noqa: E402
 from ..session import (MASK_SOURCES, OPERATIONS, PRESETS, SIDES, EditSession, PanelSettings,  # noqa: E402
                        compose_instruction, describe_instruction, instruction_completions)
+from ..worker import WorkerError  # noqa: E402
 from .uploads import MAX_UPLOAD_BYTES, read_radiograph, save_uploads  # noqa: E402
 
 __all__ = ["WebPanel", "main", "TOOLS", "POLL_INTERVAL_S"]
@@ -566,12 +567,28 @@ def _message(error: Exception) -> str:
     client or the file system, never a traceback; anything else is a defect, said as such."""
     from instructx2x.errors import InstructX2XError
 
-    from ..worker import WorkerError
-
     if isinstance(error, (InstructX2XError, WorkerError, ValueError, OSError)):
         return str(error).strip() or type(error).__name__
     logger.error("internal error (%s)", type(error).__name__)  # the type only: messages may quote data
     return f"internal error, please report it ({type(error).__name__})"
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of MB >= 1, got {text!r}")
+    return int(text)
+
+
+def _unusable_address(host: str, port: int) -> str | None:
+    """Why the server could not listen on ``host:port`` (None when it can)."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            return None
+    except OSError as error:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        return f"cannot listen on {host}:{port} ({reason}); choose another --port or --host."
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -583,7 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8080, help="0 picks a free port")
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface to listen on (default loopback; anything else exposes the page)")
-    parser.add_argument("--max-upload-mb", type=int, default=MAX_UPLOAD_BYTES // 2**20)
+    parser.add_argument("--max-upload-mb", type=_positive, default=MAX_UPLOAD_BYTES // 2**20,
+                        help="largest upload in MB (default %(default)s)")
     parser.add_argument("--worker-socket", metavar="PATH",
                         help="use the shared worker of instructx2x serve --socket PATH (one warm model for "
                              "several servers; --model and --device are then the worker's)")
@@ -597,21 +615,34 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"WARNING: listening on {arguments.host}: anyone who reaches this machine can open the page and "
               "its radiographs; there is no login. Prefer loopback with an SSH tunnel.", file=sys.stderr)
+    problem = _unusable_address(arguments.host, arguments.port)  # before the model loads
+    if problem:
+        print(f"instructx2x-web: {problem}", file=sys.stderr)
+        return 2
+    # SIGTERM (a service manager, a test) ends the server like Ctrl-C, so that the worker stops
+    # and the session's temporary files are removed, at any moment from here on.
+    signal.signal(signal.SIGTERM, _interrupt)
     panel = WebPanel(model=arguments.model, device=arguments.device,
                      max_upload_bytes=arguments.max_upload_mb * 2**20, worker_socket=arguments.worker_socket)
-    panel.ctrl.on_server_ready.add(
-        lambda **_: print(f"InstructX2X web panel: http://{arguments.host}:{panel.server.port}/", flush=True))
-    # SIGTERM (a service manager, a test) ends the server like Ctrl-C, so that the worker stops
-    # and the session's temporary files are removed.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
     try:
+        ready = panel.session.start_worker(panel.settings())  # the model loads before the page is served
+        logger.info("Model %s ready (%s).", ready["model"].get("name"), ready["precision"].get("dtype"))
+        panel.ctrl.on_server_ready.add(
+            lambda **_: print(f"InstructX2X web panel: http://{arguments.host}:{panel.server.port}/", flush=True))
         panel.server.start(host=arguments.host, port=arguments.port, open_browser=False, show_connection_info=False,
                            disable_logging=True, timeout=0)  # timeout 0: no shutdown when the last tab closes
+    except WorkerError as error:
+        print(f"instructx2x-web: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         pass
     finally:
         panel.close()
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ def read_radiograph(paths: list[Path]) -> LoadedRadiograph:
 
 
 def _from_dicom(path: Path, image) -> LoadedRadiograph:
-    from ..session import dicom_pixels
+    from ..session import modality_values
 
     dataset = image.metadata["dataset"]
     spacing = image.metadata.get("pixel_spacing")
@@ -126,5 +126,6 @@ def _from_dicom(path: Path, image) -> LoadedRadiograph:
     described = f"{dataset.get('Modality', 'DICOM')} {columns} x {rows}"
     if values:
         described += f", {values[0]:.3g} mm ({spacing['attribute']})"
-    return LoadedRadiograph(path, dicom_pixels(path), values, str(dataset.SOPInstanceUID),
+    return LoadedRadiograph(path, modality_values(image.metadata["stored"], dataset), values,
+                            str(dataset.SOPInstanceUID),
                             str(dataset.get("PhotometricInterpretation", "")) == "MONOCHROME1", described)
