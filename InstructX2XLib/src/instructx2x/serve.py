@@ -32,6 +32,7 @@ jobs cancelled.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import json
 import os
@@ -294,16 +295,16 @@ def serve_socket(editor, path: str | Path) -> int:
     return 0
 
 
-class _sigterm_interrupts:
+@contextlib.contextmanager
+def _sigterm_interrupts():
     """SIGTERM ends the worker like Ctrl-C: the running job stops, nothing is left behind."""
-
-    def __enter__(self):
-        self.main = threading.current_thread() is threading.main_thread()
-        self.previous = signal.signal(signal.SIGTERM, _interrupt) if self.main else None
-
-    def __exit__(self, *exc):
-        if self.main:
-            signal.signal(signal.SIGTERM, self.previous)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _interrupt(signum, frame) -> None:
