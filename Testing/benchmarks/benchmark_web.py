@@ -1,11 +1,11 @@
 """The browser panel as a user feels it, on the demo model, in Debian's chromium.
 
-Figures: server cold start (process start to "ready", and the model's warm-up on the first
-job), memory at rest and after an edit (server and worker processes), time from Apply to the
-overlay on screen (median of 3 edits at the CPU default sampler; the first edit also loads
-the model, reported apart), and cancel latency (Cancel click to "Cancelled" in the page,
-median of 3). Baseline in the same process: the same edit through the library's CLI
-(``instructx2x edit``), so the page's overhead is the ratio. The last line is one JSON
+Figures: server cold start (process start to "ready": the model loads before the page is
+served), memory at rest and after an edit (server and worker processes), time from Apply to
+the overlay on screen (the first edit, then the median of 3), and cancel latency (Cancel click
+to "Cancelled" in the page, median of 3). Baseline in the same run: the same edit through the
+library's CLI (``instructx2x edit``: process start and model load included), the cost the
+warm page saves per edit. The last line is one JSON
 object with all figures. Usage: ``.venv-web/bin/python Testing/benchmarks/benchmark_web.py``.
 """
 
@@ -66,7 +66,7 @@ def main() -> None:
         scratch = Path(scratch)
         server = WebServer(scratch / "server").start()
         try:
-            report(results, "server_ready_s", server.start_s, "s")
+            report(results, "server_ready_s", server.start_s, "s (model load included)")
             time.sleep(2)
             rest = server.rss_mb()
             report(results, "server_rss_at_rest_mb", rest["server_mb"], "MB")
@@ -74,7 +74,7 @@ def main() -> None:
                 open_file(page, SAMPLE)
                 page.get_by_text("CR 512 x 512").wait_for()
                 type_instruction(page, INSTRUCTION)
-                report(results, "first_apply_to_overlay_s", apply_until_overlay(page), "s (model load included)")
+                report(results, "first_apply_to_overlay_s", apply_until_overlay(page), "s")
                 after = server.rss_mb()
                 report(results, "server_rss_after_edit_mb", after["server_mb"], "MB")
                 report(results, "worker_rss_after_edit_mb", after["worker_mb"], "MB")
