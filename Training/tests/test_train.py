@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from instructx2x_train.objective import conditioning_dropout, encode_pair, training_loss
-from instructx2x_train.pairs import augment_pair
+from instructx2x_train.objective import change_weights, conditioning_dropout, encode_pair, training_loss
+from instructx2x_train.pairs import EditPairs, augment_pair
 from instructx2x_train.train import latest_checkpoint, make_ema, train
 from instructx2x_train.train_config import ConfigError, DataConfig, TrainConfig, load_config
 
@@ -393,3 +393,65 @@ def test_a_fresh_small_model_trains_its_text_encoder_too(built, tmp_path):
     untouched = load_file(first.model / "text_encoder" / "model.safetensors")
     assert any(not torch.equal(trained[k], untouched[k]) for k in trained)
     assert json.loads((result.model / "unet" / "config.json").read_text())["in_channels"] == 8
+
+
+@pytest.fixture(scope="module")
+def pure_pairs(tmp_path_factory):
+    from instructx2x_train.counterfactuals import PurePairsConfig, write_pure_pairs
+
+    root = tmp_path_factory.mktemp("pure") / "pairs"
+    # every pair carries a second, unchanged finding in both films
+    write_pure_pairs(root, PurePairsConfig(pairs=16, seed=9, resolution=64, other_finding_probability=1.0,
+                                           validation_fraction=0.0))
+    return root
+
+
+def test_change_region_is_the_instructed_lesion_not_the_unchanged_finding(pure_pairs):
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    data = EditPairs(pure_pairs, "train")
+    truth = pd.read_csv(pure_pairs / "truth.csv", dtype=str, keep_default_na=False).set_index("pair_id")
+    outside = []
+    for index in range(len(data)):
+        past_path, current_path = data.paths(index)
+        row = truth.loc[past_path.stem]
+        region = data.change_region(index, (64, 64))[0].numpy()
+        with_finding = current_path if row.operation == "add" else past_path
+        with np.load(with_finding.with_name(f"{with_finding.stem}.masks.npz")) as masks:
+            assert np.array_equal(region, masks[row.finding])
+            other = masks[row.other_finding]
+        outside.append((other & ~region).any())
+        changed = np.asarray(Image.open(past_path)) != np.asarray(Image.open(current_path))
+        assert changed.any() and not (changed & ~region).any()
+    assert sum(outside) >= len(data) // 2  # the unchanged second findings are left out
+
+
+def test_change_weights_mark_every_latent_cell_the_region_touches():
+    regions = torch.zeros(2, 1, 16, 16, dtype=torch.bool)
+    regions[0, 0, 5, 9] = True  # one pixel: latent cell (1, 2) of a 4x4 grid
+    regions[1, 0, 8:, :4] = True  # the lower-left quarter: cells (2..3, 0)
+    weights = change_weights(regions, (4, 4), 9.0)
+    expected = torch.ones(2, 1, 4, 4)
+    expected[0, 0, 1, 2] = 10.0
+    expected[1, 0, 2:, 0] = 10.0
+    assert torch.equal(weights, expected)
+
+
+def test_change_region_weighting_trains_on_pure_pairs_and_needs_masks(built, pure_pairs, tmp_path):
+    """The weighted objective runs end to end, changes the loss, and a dataset without masks is
+    refused before anything is written."""
+    def run(name, weight):
+        return train(load_config(CONFIGS / "smoke.yaml", [
+            f"data.dataset={pure_pairs}", f"output={tmp_path / name}", "steps=2", "checkpointing.every=2",
+            "data.resolution=64", f"optim.change_region_weight={weight}", "log_every=1"]), progress_bar=False)
+
+    plain, weighted = run("plain", 0), run("weighted", 20)
+    assert weighted.final_loss != plain.final_loss
+    assert (tmp_path / "weighted" / "model" / "unet").is_dir()
+    with pytest.raises(ConfigError, match="masks file"):
+        train(smoke(built, tmp_path / "no-masks", "optim.change_region_weight=5"), progress_bar=False)
+    assert not (tmp_path / "no-masks").exists()
+    with pytest.raises(ConfigError, match="change_region_weight must lie"):
+        train(smoke(built, tmp_path / "negative", "optim.change_region_weight=-1"), progress_bar=False)

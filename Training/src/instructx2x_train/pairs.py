@@ -76,6 +76,45 @@ class EditPairs:
         row = self.table.iloc[index]
         return self._path("past", row.past_dicom_id), self._path("current", row.current_dicom_id)
 
+    def _masks_paths(self, index: int) -> list[Path]:
+        return [path.with_name(f"{path.stem}.masks.npz") for path in self.paths(index)]
+
+    def require_masks(self) -> None:
+        """Refuse, before training, a dataset without ground-truth masks beside every image.
+
+        Raises
+        ------
+        ConfigError
+            Counting the missing files and naming the first few.
+        """
+        missing = [p for index in range(len(self)) for p in self._masks_paths(index) if not p.is_file()]
+        if missing:
+            raise ConfigError(f"{self.root.name}: {len(missing)} masks file(s) missing, e.g. "
+                              f"{', '.join(str(p.relative_to(self.root)) for p in missing[:3])}; "
+                              "optim.change_region_weight needs a .masks.npz beside every image "
+                              "(instructx2x-train pure-pairs writes them).")
+
+    def change_region(self, index: int, shape: tuple[int, int]) -> torch.Tensor:
+        """``(1, *shape)`` bool: where pair ``index``'s ground-truth masks say its films differ,
+        on the grid of its loaded images (``shape``).
+
+        A finding counts when its mask is not the same in both films; a finding present alike
+        in both (a second, unchanged finding) does not.
+        """
+        stored = []
+        for masks_path in self._masks_paths(index):
+            with np.load(masks_path) as masks:
+                stored.append({name: masks[name].astype(bool) for name in masks.files})
+        past, current = stored
+        region = np.zeros(shape, bool)
+        for name in set(past) | set(current):
+            before, after = past.get(name), current.get(name)
+            if before is None or after is None or not np.array_equal(before, after):
+                for mask in (before, after):
+                    if mask is not None:
+                        region |= _resized(mask, shape)
+        return torch.from_numpy(region)[None]
+
     def __getitem__(self, index: int) -> dict:
         past, current = self.paths(index)
         return {"past": self._load(past), "current": self._load(current),
@@ -89,6 +128,14 @@ class EditPairs:
             tensor = F.interpolate(tensor[None], size=(self.resolution,) * 2, mode="bilinear",
                                    align_corners=False)[0]
         return tensor
+
+
+def _resized(mask: np.ndarray, shape) -> np.ndarray:
+    """A mask on an image grid of ``shape`` (nearest neighbour, as the images were resized)."""
+    if mask.shape == tuple(shape):
+        return mask
+    tensor = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return F.interpolate(tensor, size=tuple(shape), mode="nearest")[0, 0].numpy() > 0.5
 
 
 def augment_pair(past: torch.Tensor, current: torch.Tensor, instruction: str, config: DataConfig,

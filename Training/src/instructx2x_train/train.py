@@ -45,7 +45,7 @@ from instructx2x.pipeline import InstructX2XPipeline
 from instructx2x.schedulers import make_scheduler
 
 from .latent_cache import LatentCache
-from .objective import PairLatents, encode_pair, training_loss
+from .objective import PairLatents, change_weights, encode_pair, training_loss
 from .pairs import EditPairs, augment_pair
 from .train_config import RESUME_COMPATIBLE_KEYS, ConfigError, TrainConfig, config_differences
 from .validation import plot_loss, validation_grid, validation_pairs
@@ -127,6 +127,8 @@ def _train(accelerator, config: TrainConfig, resume: str | None, emit, progress_
         raise ConfigError(f"data.latent_cache needs the dataset's images at data.resolution "
                           f"({config.data.resolution}); they are {tuple(data[0]['past'].shape[-2:])} "
                           "(cropping happens in pixel space).")
+    if config.optim.change_region_weight:
+        data.require_masks()
 
     pipe = _base_pipeline(config)
     if config.vae_pretraining.steps:
@@ -188,13 +190,13 @@ def _train(accelerator, config: TrainConfig, resume: str | None, emit, progress_
             for micro in range(accumulation):
                 generator = torch.Generator().manual_seed(_stream(config.seed, step, rank, micro))
                 # the frozen VAE encodes in its own precision, as the latent cache does
-                latents, instructions = _batch(data, config, step, micro, rank, world, generator,
-                                               vae, cache)
+                latents, instructions, weights = _batch(data, config, step, micro, rank, world,
+                                                        generator, vae, cache)
                 sync = contextlib.nullcontext() if micro == accumulation - 1 else accelerator.no_sync(unet)
                 with sync, accelerator.autocast():
                     loss = training_loss(unet, text_encoder, tokenizer, noise_scheduler, latents,
                                          vae.config.scaling_factor, instructions, generator,
-                                         config.optim.conditioning_dropout_prob)
+                                         config.optim.conditioning_dropout_prob, weights)
                     accelerator.backward(loss / accumulation)
                 losses.append(loss.detach())
             grad_norm = accelerator.clip_grad_norm_(parameters, config.optim.max_grad_norm)
@@ -282,20 +284,28 @@ def sample_indices(config: TrainConfig, size: int, step: int, micro: int, rank: 
 
 
 def _batch(data: EditPairs, config: TrainConfig, step: int, micro: int, rank: int, world: int,
-           generator: torch.Generator, vae, cache: LatentCache | None) -> tuple[PairLatents, list[str]]:
-    """This rank's micro-batch, augmented and encoded (from the latent cache when it is on)."""
-    latents, instructions = [], []
+           generator: torch.Generator, vae, cache: LatentCache | None
+           ) -> tuple[PairLatents, list[str], torch.Tensor | None]:
+    """This rank's micro-batch, augmented and encoded (from the latent cache when it is on),
+    with its change-region loss weights when the recipe asks for them."""
+    latents, instructions, regions = [], [], []
+    weighted = config.optim.change_region_weight > 0
     for index in sample_indices(config, len(data), step, micro, rank, world):
         item = data[index]
-        past, current, instruction, _, flipped = augment_pair(
-            item["past"], item["current"], item["instruction"], config.data, generator)
+        region = data.change_region(index, tuple(item["past"].shape[-2:])) if weighted else None
+        past, current, instruction, region, flipped = augment_pair(
+            item["past"], item["current"], item["instruction"], config.data, generator, region)
         if cache is None:
             latents.append(encode_pair(vae, past[None], current[None]))
         else:
             past_path, current_path = data.paths(index)
             latents.append(cache.pair(past_path, item["past"], current_path, item["current"], flipped))
         instructions.append(instruction)
-    return PairLatents.stack(latents), instructions
+        regions.append(region)
+    stacked = PairLatents.stack(latents)
+    weights = change_weights(torch.stack(regions), tuple(stacked.condition.shape[-2:]),
+                             config.optim.change_region_weight) if weighted else None
+    return stacked, instructions, weights
 
 
 def _base_pipeline(config: TrainConfig) -> InstructX2XPipeline:

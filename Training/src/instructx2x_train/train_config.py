@@ -83,6 +83,10 @@ class OptimConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     conditioning_dropout_prob: float = 0.05
+    # Extra loss weight on the latent cells where the pair's ground-truth masks say the two
+    # films differ (pure counterfactual pairs): w = 1 + change_region_weight * region. 0 is
+    # the paper's plain MSE; > 0 needs a dataset with .masks.npz beside its images.
+    change_region_weight: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +177,9 @@ class TrainConfig:
         if not 0 <= self.optim.conditioning_dropout_prob <= 1 / 3:
             raise ConfigError("optim.conditioning_dropout_prob must lie in [0, 1/3] (the rule "
                               f"uses 3p), got {self.optim.conditioning_dropout_prob}.")
+        if not 0 <= self.optim.change_region_weight <= 100:
+            raise ConfigError("optim.change_region_weight must lie in [0, 100], got "
+                              f"{self.optim.change_region_weight}.")
         if not 0 <= self.data.flip_probability <= 1 or self.data.rotation_degrees < 0:
             raise ConfigError("data.flip_probability must lie in [0, 1] and data.rotation_degrees "
                               "be >= 0.")
