@@ -78,8 +78,9 @@ LEVEL [SIDE] FINDING", "Remove the finding of [SIDE] FINDING".
 ## Recipe and cost
 `make demo-model` reruns everything: pairs, autoencoder ({config['vae_pretraining']['steps']} steps),
 UNet + text encoder ({config['steps']} steps of {config['batch']['per_device']}, AdamW
-{config['optim']['learning_rate']}, cosine, EMA {config['ema']['decay']}, no flips: the heart lies
-on the patient's left), acceptance, bundling.
+{config['optim']['learning_rate']}, cosine, EMA {config['ema']['decay']}, change-region loss weight
+{config['optim'].get('change_region_weight', 0)} (the true lesion's latent cells weigh 1 + that in the loss), no
+flips: the heart lies on the patient's left), acceptance, bundling.
 Measured ({timing.get('cpu', 'CPU not recorded')}, 2 cores): pairs {timing.get('pairs_minutes', '?')} min,
 autoencoder + model {timing.get('training_minutes', '?')} min (of which the autoencoder
 {vae_log['seconds'] / 60:.1f} min), {timing.get('total_minutes', '?')} min in all; the acceptance
