@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from instructx2x.guidance import resize_map
 from instructx2x.instructions import swap_sides
 
 from .train_config import ConfigError, DataConfig
@@ -106,14 +107,12 @@ class EditPairs:
             with np.load(masks_path) as masks:
                 stored.append({name: masks[name].astype(bool) for name in masks.files})
         past, current = stored
-        region = np.zeros(shape, bool)
-        for name in set(past) | set(current):
-            before, after = past.get(name), current.get(name)
-            if before is None or after is None or not np.array_equal(before, after):
-                for mask in (before, after):
-                    if mask is not None:
-                        region |= _resized(mask, shape)
-        return torch.from_numpy(region)[None]
+        changed = [mask for name in set(past) | set(current) if not _same(past.get(name), current.get(name))
+                   for mask in (past.get(name), current.get(name)) if mask is not None]
+        if not changed:
+            return torch.zeros((1, *shape), dtype=torch.bool)
+        region = torch.from_numpy(np.logical_or.reduce(changed))[None, None].float()
+        return resize_map(region, tuple(shape), mode="nearest")[0] > 0.5
 
     def __getitem__(self, index: int) -> dict:
         past, current = self.paths(index)
@@ -130,12 +129,9 @@ class EditPairs:
         return tensor
 
 
-def _resized(mask: np.ndarray, shape) -> np.ndarray:
-    """A mask on an image grid of ``shape`` (nearest neighbour, as the images were resized)."""
-    if mask.shape == tuple(shape):
-        return mask
-    tensor = torch.from_numpy(mask.astype(np.float32))[None, None]
-    return F.interpolate(tensor, size=tuple(shape), mode="nearest")[0, 0].numpy() > 0.5
+def _same(before: np.ndarray | None, after: np.ndarray | None) -> bool:
+    """Whether a finding's mask is present and equal in both films (an unchanged finding)."""
+    return before is not None and after is not None and np.array_equal(before, after)
 
 
 def augment_pair(past: torch.Tensor, current: torch.Tensor, instruction: str, config: DataConfig,
