@@ -61,7 +61,7 @@ demo: $(STAMP)
 	$(BIN)/instructx2x edit $(SAMPLE) --model $(MODEL) -i "$(INSTRUCTION)" \
 		$(if $(REFERENCE),--reference-mask $(REFERENCE)) -o out/demo-$$(date +%Y%m%d-%H%M%S)
 
-# Rebuild the bundled demo model from nothing (85 min on 2 CPU cores as last measured; its model card,
+# Rebuild the bundled demo model from nothing (51 min on 2 idle CPU cores as last measured; its model card,
 # InstructX2XLib/src/instructx2x/resources/demo_model/README.md, has the measured figures):
 # pure pairs -> autoencoder + UNet + text encoder -> bundle -> acceptance of the bundled model on
 # held-out pairs -> bundle again with the figures.
