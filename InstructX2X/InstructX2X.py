@@ -64,6 +64,7 @@ class InstructX2XParameterNode:
     overlayOpacity: Annotated[float, Minimum(0.0), Maximum(1.0)] = 0.5
     preset: Annotated[str, Choice(list(PRESETS))] = PRESETS[0]
     steps: Annotated[int, Minimum(0), Maximum(1000)] = 0
+    modelGuidance: bool = True  # the model's s_T and s_I (its card's); off: the two boxes below
     guidanceScale: Annotated[float, Minimum(0.0), Maximum(100.0)] = 7.5
     imageGuidanceScale: Annotated[float, Minimum(0.0), Maximum(100.0)] = 1.5
     relevanceTimestep: Annotated[int, Minimum(0), Maximum(999)] = 800
@@ -114,6 +115,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.installModelButton.clicked.connect(self.onInstallModel)
         self.ui.tauSlider.valueChanged.connect(self.onTauChanged)
         self.ui.opacitySlider.valueChanged.connect(self.logic.setOverlayOpacity)
+        self.ui.modelGuidanceCheckBox.toggled.connect(self.onModelGuidanceToggled)
 
         self.timer = qt.QTimer()
         self.timer.setInterval(TIMER_INTERVAL_MS)
@@ -137,6 +139,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNodeGuiTag:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
         self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+        self.onModelGuidanceToggled(self._parameterNode.modelGuidance)
 
     # -- instruction ----------------------------------------------------------------------
     def _fillHelper(self) -> None:
@@ -208,6 +211,11 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.tryWithErrorDisplay(_("Re-threshold failed.")):
                 self.logic.rethreshold(value)
                 self.timer.start()
+
+    def onModelGuidanceToggled(self, useModel: bool) -> None:
+        """The scale boxes count only when the model's own s_T and s_I are not used."""
+        self.ui.textScaleSpinBox.enabled = not useModel
+        self.ui.imageScaleSpinBox.enabled = not useModel
 
     def onExport(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Export failed."), waitCursor=True):
@@ -411,8 +419,10 @@ def panelSettings(parameters) -> PanelSettings:
     """The parameter node as the shared session's settings (one mapping, one place)."""
     return PanelSettings(
         instruction=parameters.instruction, mask_source=parameters.maskSource, tau=parameters.tau,
-        preset=parameters.preset, steps=parameters.steps, guidance_scale=parameters.guidanceScale,
-        image_guidance_scale=parameters.imageGuidanceScale, relevance_timestep=parameters.relevanceTimestep,
+        preset=parameters.preset, steps=parameters.steps,
+        guidance_scale=None if parameters.modelGuidance else parameters.guidanceScale,
+        image_guidance_scale=None if parameters.modelGuidance else parameters.imageGuidanceScale,
+        relevance_timestep=parameters.relevanceTimestep,
         seed=parameters.seed, device=parameters.device, scheduler=parameters.scheduler,
         precision=parameters.precision, model=parameters.model, verify=parameters.verify)
 

@@ -103,6 +103,9 @@ def test_settings_and_instruction_helpers():
     assert settings(preset=PRESETS[1]).edit_parameters()["num_inference_steps"] == 100
     assert settings(mask_source=MASK_SOURCES[1]).edit_parameters()["region_mode"] == "prior"
     assert "region_mode" not in settings(mask_source=MASK_SOURCES[2]).edit_parameters()
+    # unset scales leave the choice to the worker's model (its card's s_T and s_I)
+    assert not {"guidance_scale", "image_guidance_scale"} & set(settings().edit_parameters())
+    assert settings(guidance_scale=4.0, image_guidance_scale=0.0).edit_parameters()["image_guidance_scale"] == 0.0
     assert compose_instruction("Change the level of", "edema", "", "mild", "") == \
         "Change the level of edema from mild to severe"
     assert compose_instruction("Remove", "pneumothorax", "right") == "Remove the finding of right pneumothorax"

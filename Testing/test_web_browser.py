@@ -84,6 +84,14 @@ def test_the_whole_workflow_in_chromium(page, server, tmp_path):
     assert warm_pixels(page) > 200
 
     set_steps(page, 300)
+    from playwright.sync_api import expect
+
+    text_scale = page.get_by_test_id("guidance-scale").locator("input")
+    expect(text_scale).to_be_disabled()  # the model's own s_T (its card's) until the user takes over
+    page.get_by_test_id("model-guidance").locator("input").click()
+    expect(text_scale).to_be_enabled()
+    page.get_by_test_id("model-guidance").locator("input").click()
+    expect(text_scale).to_be_disabled()
     page.get_by_test_id("apply").click()
     wait_text(page, "progress-text", r"Step \d+ of 300")
     page.screenshot(path=ARTIFACTS / "3-running.png")

@@ -130,6 +130,18 @@ def test_preview_rethreshold_apply_and_cancel(panel):
     assert panel.session.results["counterfactual"] is counterfactual  # the last result stays
 
 
+def test_the_guidance_scales_are_the_models_until_the_user_sets_them(panel):
+    assert panel.state.model_guidance
+    assert (panel.settings().guidance_scale, panel.settings().image_guidance_scale) == (None, None)
+    panel.state.update({"model_guidance": False, "guidance_scale": 4, "image_guidance_scale": "2.5"})
+    assert (panel.settings().guidance_scale, panel.settings().image_guidance_scale) == (4.0, 2.5)
+    panel.state.image_guidance_scale = "lots"
+    from instructx2x.errors import ParameterError
+
+    with pytest.raises(ParameterError, match="Image guidance s_I must be a number"):
+        panel.settings()
+
+
 def test_the_structured_helper_writes_the_instruction_and_it_is_parsed_live(panel):
     panel.state.update({"compose_operation": "Add", "compose_finding": "pleural effusion", "compose_side": "left",
                         "compose_to": "moderate"})

@@ -42,8 +42,8 @@ class PanelSettings:
     tau: float = 0.1
     preset: str = PRESETS[0]
     steps: int = 0  # 0: the sampler's default for the device
-    guidance_scale: float = 7.5
-    image_guidance_scale: float = 1.5
+    guidance_scale: float | None = None  # None: the model's default (its card's, else 7.5)
+    image_guidance_scale: float | None = None  # None: the model's default (its card's, else 1.5)
     relevance_timestep: int = 800
     seed: int = 0
     device: str = "auto"
@@ -55,8 +55,10 @@ class PanelSettings:
     def edit_parameters(self) -> dict:
         """The library's ``EditParameters`` fields for this run."""
         values = {"instruction": self.instruction, "tau": self.tau, "relevance_timestep": self.relevance_timestep,
-                  "seed": self.seed, "guidance_scale": self.guidance_scale,
-                  "image_guidance_scale": self.image_guidance_scale}
+                  "seed": self.seed}
+        for name in ("guidance_scale", "image_guidance_scale"):
+            if getattr(self, name) is not None:
+                values[name] = getattr(self, name)
         if self.steps:
             values["num_inference_steps"] = self.steps
         if self.preset == PRESETS[1]:

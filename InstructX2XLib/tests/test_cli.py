@@ -170,6 +170,24 @@ def test_info(capsys):
     assert info["priors"]["version"] == "approx-v1"
 
 
+def test_info_and_edit_take_the_sampling_defaults_from_the_model_card(capsys, png, tmp_path):
+    from instructx2x.loading import save_model
+    from instructx2x.untrained import build_untrained_pipeline
+
+    card = {"name": "carded", "trained": False, "few_step_solver_steps": 2, "guidance_scale": 3.0,
+            "image_guidance_scale": 1.25}
+    model = save_model(build_untrained_pipeline(seed=3), tmp_path / "carded", card)
+    assert main(["info", "--model", str(model), "--device", "cpu", "--scheduler", "dpm++"]) == 0
+    defaults = json.loads(capsys.readouterr().out)["defaults"]
+    assert (defaults["num_inference_steps"], defaults["guidance_scale"], defaults["image_guidance_scale"]) == (2, 3.0, 1.25)
+    edit = ["edit", str(png), "-i", "Add the finding of edema", "--model", str(model), "--device", "cpu",
+            "--scheduler", "dpm++", "--resolution", "64", "--progress", "none"]
+    assert main([*edit, "-o", str(tmp_path / "a")]) == 0
+    assert main([*edit, "-o", str(tmp_path / "b"), "--image-guidance-scale", "2"]) == 0
+    ran = [json.loads((tmp_path / name / "manifest.json").read_text())["parameters"] for name in "ab"]
+    assert [(p["guidance_scale"], p["image_guidance_scale"]) for p in ran] == [(3.0, 1.25), (3.0, 2.0)]
+
+
 def test_ctrl_c_stops_cleanly_and_writes_nothing(png, tmp_path):
     out = tmp_path / "out"
     argv = args(png, out, "--steps", "400")

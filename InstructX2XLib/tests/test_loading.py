@@ -1,7 +1,8 @@
+import json
+
+import numpy as np
 import pytest
 import torch
-
-import json
 
 from instructx2x.loading import MODEL_CARD_NAME, ModelLoadError, hash_modules, load_pipeline, save_model
 from instructx2x.untrained import build_untrained_pipeline
@@ -200,6 +201,38 @@ def test_model_card_sets_the_few_step_solver_default(tmp_path):
     (directory / MODEL_CARD_NAME).write_text(json.dumps(dict(CARD, few_step_solver_steps=0)))
     with pytest.raises(ModelLoadError, match="few_step_solver_steps"):
         load_pipeline(directory)
+
+
+def test_model_card_sets_the_guidance_scales(tmp_path, xray):
+    """A model that measured other s_T / s_I better says so in its card: an edit that names
+    none runs with them (and records them), one that names its own keeps its own."""
+    from instructx2x.editor import InstructX2XEditor
+    from instructx2x.image_io import Radiograph
+    from instructx2x.parameters import EditParameters
+
+    def editor(card):
+        directory = save_model(build_untrained_pipeline(seed=3), tmp_path / card["name"], card)
+        return InstructX2XEditor(*load_pipeline(directory, scheduler="dpm++"), device="cpu", dtype="fp32")
+
+    xray = Radiograph(xray[0, 0].numpy(), "x.png", "f" * 64, "png", 8)
+
+    carded = editor(dict(CARD, name="carded", guidance_scale=4, image_guidance_scale=2.0))
+    plain = editor(dict(CARD, name="plain"))
+    prompt = "Add the finding of left pleural effusion"
+    by_card = carded.edit(xray, EditParameters(prompt, num_inference_steps=2))
+    assert by_card.manifest["parameters"]["guidance_scale"] == 4.0
+    assert by_card.manifest["parameters"]["image_guidance_scale"] == 2.0
+    named = plain.edit(xray, EditParameters(prompt, num_inference_steps=2, guidance_scale=4.0,
+                                            image_guidance_scale=2.0))
+    authors = plain.edit(xray, EditParameters(prompt, num_inference_steps=2))
+    assert authors.manifest["parameters"]["guidance_scale"] == 7.5
+    assert np.array_equal(by_card.edited, named.edited)
+    assert not np.array_equal(by_card.edited, authors.edited)
+    assert carded.sampling(EditParameters(prompt, guidance_scale=9.0))["guidance_scale"] == 9.0
+    for bad in (-1, 101, "4", True):
+        (tmp_path / "carded" / MODEL_CARD_NAME).write_text(json.dumps(dict(CARD, guidance_scale=bad)))
+        with pytest.raises(ModelLoadError, match="'guidance_scale' must be a number in"):
+            load_pipeline(tmp_path / "carded")
 
 
 def test_saved_scheduler_config_sets_the_training_schedule(tmp_path):

@@ -223,6 +223,7 @@ def test_interrupt_raises_and_returns_nothing(tiny_pipe, xray):
     ({"prompt": "Add edema \udcff"}, ValueError, "not valid UTF-8"),
     ({"region_mode": "everywhere"}, ValueError, "region_mode"),
     ({"relevance_timestep": 1000}, ValueError, "relevance_timestep"),
+    ({"guidance_scale": None}, ValueError, "both guidance scales"),  # the editor resolves None
     ({"output_type": "latent"}, ValueError, "output_type"),
     ({"callback_on_step_end_tensor_inputs": ["secret"]}, ValueError, "callback"),
     ({"prompt": ""}, ValueError, "empty"),

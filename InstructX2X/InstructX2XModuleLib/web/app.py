@@ -31,6 +31,7 @@ from pathlib import Path
 os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
 
 import numpy as np  # noqa: E402
+from instructx2x.parameters import GUIDANCE_SCALE, IMAGE_GUIDANCE_SCALE  # noqa: E402
 import slicer  # noqa: E402
 from trame.app import get_server  # noqa: E402
 from trame.widgets import html  # noqa: E402
@@ -111,8 +112,8 @@ class WebPanel:
             "tool": "none", "segment": "edit", "brush_mm": 20.0, "scissors_fill": False,
             "tau": defaults.tau, "opacity": 0.5, "show_after": True, "has_result": False, "has_preview": False,
             "has_dicom": False, "running": False, "progress": 0, "progress_text": "", "queue_text": "",
-            "steps": defaults.steps, "seed": defaults.seed, "guidance_scale": defaults.guidance_scale,
-            "image_guidance_scale": defaults.image_guidance_scale, "preset": defaults.preset,
+            "steps": defaults.steps, "seed": defaults.seed, "model_guidance": True,
+            "guidance_scale": GUIDANCE_SCALE, "image_guidance_scale": IMAGE_GUIDANCE_SCALE, "preset": defaults.preset,
             "presets": list(PRESETS), "verify": defaults.verify, "verification": "",
             "pacs_target": "", "pacs_message": "", "max_upload_mb": self.max_upload_bytes // 2**20,
         })
@@ -144,8 +145,10 @@ class WebPanel:
         return PanelSettings(instruction=state.instruction or "", mask_source=state.mask_source,
                              tau=_number(state.tau, "tau", float), preset=state.preset,
                              steps=_number(state.steps or 0, "Steps", int), seed=_number(state.seed or 0, "Seed", int),
-                             guidance_scale=_number(state.guidance_scale, "Text guidance s_T", float),
-                             image_guidance_scale=_number(state.image_guidance_scale, "Image guidance s_I", float),
+                             guidance_scale=None if state.model_guidance
+                             else _number(state.guidance_scale, "Text guidance s_T", float),
+                             image_guidance_scale=None if state.model_guidance
+                             else _number(state.image_guidance_scale, "Image guidance s_I", float),
                              model=self.model, device=self.device, verify=bool(state.verify))
 
     # -- loading ---------------------------------------------------------------------------
@@ -514,10 +517,14 @@ class WebPanel:
                     v3.VTextField(v_model_number=("steps",), type="number", label="Steps (0: default)",
                                   density="compact")
                     v3.VTextField(v_model_number=("seed",), type="number", label="Seed", density="compact")
+                    v3.VCheckbox(v_model=("model_guidance",), label="Model's guidance scales (its card's s_T, s_I)",
+                                 density="compact", raw_attrs=['data-testid="model-guidance"'])
                     v3.VTextField(v_model_number=("guidance_scale",), type="number", label="Text guidance s_T",
-                                  density="compact")
+                                  density="compact", disabled=("model_guidance",),
+                                  raw_attrs=['data-testid="guidance-scale"'])
                     v3.VTextField(v_model_number=("image_guidance_scale",), type="number",
-                                  label="Image guidance s_I", density="compact")
+                                  label="Image guidance s_I", density="compact", disabled=("model_guidance",),
+                                  raw_attrs=['data-testid="image-guidance-scale"'])
                     v3.VCheckbox(v_model=("verify",), label="Verify the edit with classifiers", density="compact")
 
     def _results_ui(self) -> None:

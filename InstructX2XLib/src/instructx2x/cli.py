@@ -81,9 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--tau", type=float, default=0.1)
     job.add_argument("--relevance-timestep", type=int, default=800)
     job.add_argument("--steps", type=int, dest="num_inference_steps", metavar="N",
-                     help="denoising steps (default: 3 for dpm++ and unipc, else 100)")
-    job.add_argument("--guidance-scale", type=float, default=7.5, help="text guidance s_T")
-    job.add_argument("--image-guidance-scale", type=float, default=1.5, help="image guidance s_I")
+                     help="denoising steps (default: the model card's few_step_solver_steps, else 3, "
+                          "for dpm++ and unipc; 100 for the others)")
+    job.add_argument("--guidance-scale", type=float,
+                     help="text guidance s_T (default: the model card's, else 7.5)")
+    job.add_argument("--image-guidance-scale", type=float,
+                     help="image guidance s_I (default: the model card's, else 1.5)")
     job.add_argument("--eta", type=float, default=0.0)
     job.add_argument("--seed", type=int, default=0)
     job.add_argument("--resolution", type=int,
@@ -268,6 +271,7 @@ def _info(editor) -> dict:
         "dtype": str(editor.dtype).replace("torch.", ""),
         "precision": editor.precision,
         "native_resolution": editor.native_resolution,
+        "defaults": editor.sampling(),
         "cuda_available": torch.cuda.is_available(),
         "scheduler": type(editor.pipeline.scheduler).__name__,
         "priors": {"version": editor.prior_set.version, "source": editor.prior_set.source},

@@ -24,7 +24,8 @@ from .guidance import resize_map
 from .image_io import Radiograph
 from .instructions import parse_instruction
 from .loading import ModelInfo, load_pipeline
-from .parameters import ASPECT_MODES, EditParameters, RegionMode, check_masks, check_sampling
+from .parameters import (ASPECT_MODES, GUIDANCE_SCALE, IMAGE_GUIDANCE_SCALE, EditParameters, RegionMode,
+                         check_masks, check_sampling)
 from .pipeline import InstructX2XPipeline
 from .priors import PriorSet
 from .schedulers import FEW_STEP_SOLVER_STEPS, default_scheduler, default_steps
@@ -175,16 +176,28 @@ class InstructX2XEditor:
         return int(self.pipeline.unet.config.sample_size) * self.pipeline.vae_scale_factor
 
     def resolve(self, parameters: EditParameters) -> EditParameters:
-        """``parameters`` with the step count (from the scheduler) and the resolution (the
-        model's native size) filled in where they are None."""
+        """``parameters`` with the step count (from the scheduler), the guidance scales (the
+        model card's, else the authors') and the resolution (the model's native size) filled
+        in where they are None."""
+        card = self.model_info.card or {}
         changes = {}
         if parameters.num_inference_steps is None:
-            card = self.model_info.card or {}
             changes["num_inference_steps"] = default_steps(
                 self.pipeline.scheduler, card.get("few_step_solver_steps", FEW_STEP_SOLVER_STEPS))
+        if parameters.guidance_scale is None:
+            changes["guidance_scale"] = float(card.get("guidance_scale", GUIDANCE_SCALE))
+        if parameters.image_guidance_scale is None:
+            changes["image_guidance_scale"] = float(card.get("image_guidance_scale", IMAGE_GUIDANCE_SCALE))
         if parameters.resolution is None:
             changes["resolution"] = self.native_resolution
         return dataclasses.replace(parameters, **changes) if changes else parameters
+
+    def sampling(self, parameters: EditParameters | None = None) -> dict:
+        """The steps, s_T, s_I and resolution an edit with ``parameters`` runs with (None: the
+        defaults, as ``resolve`` fills them in from the model and the sampler), for reports."""
+        resolved = self.resolve(parameters or EditParameters(instruction="-"))
+        return {name: getattr(resolved, name) for name in
+                ("num_inference_steps", "guidance_scale", "image_guidance_scale", "resolution")}
 
     def preview(self, image: Radiograph, parameters: EditParameters,
                 mask: np.ndarray | None = None, keep_mask: np.ndarray | None = None) -> EditResult:

@@ -28,6 +28,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .errors import ModelLoadError, ParameterError
+from .parameters import MAX_GUIDANCE_SCALE
 from .pipeline import InstructX2XPipeline
 from .schedulers import make_scheduler
 from .untrained import UNTRAINED_MODEL_NAME, build_untrained_pipeline, load_clip_tokenizer
@@ -48,9 +49,11 @@ COMPONENTS = ("unet", "vae", "text_encoder")
 MODEL_CARD_NAME = "model_card.json"
 # few_step_solver_steps: the step count a model measured best for DPM-Solver++ / UniPC when
 # none is given (the package default is 3, chosen for Stable Diffusion-size models on CPU);
-# classifiers: the classifier set that measures its edits (verification.choose_classifiers)
+# guidance_scale / image_guidance_scale: the s_T / s_I a model measured best, used when none is
+# given (the authors' 7.5 / 1.5 otherwise); classifiers: the classifier set that measures its
+# edits (verification.choose_classifiers)
 MODEL_CARD_FIELDS = ("name", "trained", "trained_on", "resolution", "intended_use",
-                     "few_step_solver_steps", "classifiers")
+                     "few_step_solver_steps", "guidance_scale", "image_guidance_scale", "classifiers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +249,12 @@ def _load_directory(path: Path, scheduler_name: str) -> tuple[InstructX2XPipelin
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000):
         raise ModelLoadError(f"{path.name}/{MODEL_CARD_NAME}: 'few_step_solver_steps' must be an "
                              f"integer in 1..1000, got {steps!r}.")
+    for name in ("guidance_scale", "image_guidance_scale"):
+        scale = (card or {}).get(name)
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not 0 <= scale <= MAX_GUIDANCE_SCALE):
+            raise ModelLoadError(f"{path.name}/{MODEL_CARD_NAME}: '{name}' must be a number in "
+                                 f"[0, {MAX_GUIDANCE_SCALE:g}], got {scale!r}.")
     if not isinstance((card or {}).get("classifiers", ""), str):
         raise ModelLoadError(f"{path.name}/{MODEL_CARD_NAME}: 'classifiers' must name a classifier set.")
     card = None if card is None else {k: card[k] for k in MODEL_CARD_FIELDS if k in card}

@@ -17,8 +17,7 @@ from .errors import EmptyEditRegionError, ParameterError
 from .instructions import parse_instruction
 
 __all__ = ["RegionMode", "EditParameters", "ASPECT_MODES", "COMPOSITE_MODES", "SCHEDULER_NAMES",
-           "MAX_RESOLUTION",
-           "check_sampling", "check_masks"]
+           "MAX_RESOLUTION", "GUIDANCE_SCALE", "IMAGE_GUIDANCE_SCALE", "check_sampling", "check_masks"]
 
 # squash: resize to the square grid as the authors trained; pad: keep the aspect ratio by
 # padding to a square with black (air), never edited, and cropping the result back.
@@ -32,6 +31,9 @@ SCHEDULER_NAMES = ("ddim", "dpm++", "unipc", "euler", "euler-a", "pndm", "ddpm")
 # 2048 px is four times the authors' grid; an SD-1.5 UNet there needs ~40 GB of activations.
 MAX_RESOLUTION = 2048
 MAX_GUIDANCE_SCALE = 100.0
+# The authors' s_T and s_I (SPEC section 2): used where the model's card names none.
+GUIDANCE_SCALE = 7.5
+IMAGE_GUIDANCE_SCALE = 1.5
 
 
 class RegionMode(str, enum.Enum):
@@ -44,22 +46,24 @@ class RegionMode(str, enum.Enum):
 
 
 def check_sampling(*, tau: float, relevance_timestep: int, num_inference_steps: int | None,
-                   guidance_scale: float, image_guidance_scale: float, eta: float = 0.0,
+                   guidance_scale: float | None, image_guidance_scale: float | None, eta: float = 0.0,
                    train_timesteps: int = 1000) -> None:
-    """Refuse out-of-range or non-finite sampling settings.
+    """Refuse out-of-range or non-finite sampling settings (None: the model's default, unchecked).
 
     Raises
     ------
     ParameterError
         Naming the setting and the value received.
     """
-    for name, value in (("tau", tau), ("guidance_scale", guidance_scale),
-                        ("image_guidance_scale", image_guidance_scale), ("eta", eta)):
+    scales = {name: value for name, value in (("guidance_scale", guidance_scale),
+                                              ("image_guidance_scale", image_guidance_scale))
+              if value is not None}
+    for name, value in (("tau", tau), *scales.items(), ("eta", eta)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ParameterError(f"{name} must be a finite number, got {value!r}.")
     if not 0.0 <= tau <= 1.0:
         raise ParameterError(f"tau must lie in [0, 1], got {tau}.")
-    for name, value in (("guidance_scale", guidance_scale), ("image_guidance_scale", image_guidance_scale)):
+    for name, value in scales.items():
         if not 0.0 <= value <= MAX_GUIDANCE_SCALE:
             raise ParameterError(f"{name} must lie in [0, {MAX_GUIDANCE_SCALE:g}], got {value}.")
     if not 0.0 <= eta <= 1.0:
@@ -79,11 +83,14 @@ def check_sampling(*, tau: float, relevance_timestep: int, num_inference_steps: 
 class EditParameters:
     """Every setting that changes an edit; recorded in full in the manifest.
 
-    Defaults are the authors' (SPEC section 2), except two that follow the model and the
-    device: the step count (``None``: the sampler's default) and the resolution (``None``:
-    the model's native size, UNet sample_size x VAE scale factor). ``InstructX2XEditor.resolve``
-    fills both in. The instruction is stored whitespace-normalised, which is what the model
-    sees and what provenance records.
+    Defaults are the authors' (SPEC section 2), except those that follow the model and the
+    device, left ``None`` here: the step count (the sampler's default, or the model card's
+    ``few_step_solver_steps``), the guidance scales s_T and s_I (the model card's
+    ``guidance_scale`` / ``image_guidance_scale``, else the authors' 7.5 and 1.5) and the
+    resolution (the model's native size, UNet sample_size x VAE scale factor).
+    ``InstructX2XEditor.resolve`` fills them in, and the manifest records the resolved values.
+    The instruction is stored whitespace-normalised, which is what the model sees and what
+    provenance records.
 
     Raises
     ------
@@ -97,8 +104,8 @@ class EditParameters:
     tau: float = 0.1
     relevance_timestep: int = 800
     num_inference_steps: int | None = None
-    guidance_scale: float = 7.5
-    image_guidance_scale: float = 1.5
+    guidance_scale: float | None = None
+    image_guidance_scale: float | None = None
     eta: float = 0.0
     seed: int = 0
     resolution: int | None = None

@@ -25,7 +25,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from . import guidance
 from .errors import EditCancelled, EmptyEditRegionError, ParameterError
 from .instructions import parse_instruction
-from .parameters import RegionMode, check_sampling
+from .parameters import GUIDANCE_SCALE, IMAGE_GUIDANCE_SCALE, RegionMode, check_sampling
 from .priors import PriorSelection, PriorSet
 
 __all__ = ["InstructX2XPipeline", "InstructX2XPipelineOutput", "GuidanceState", "EditCancelled"]
@@ -168,8 +168,8 @@ class InstructX2XPipeline(DiffusionPipeline):
         lateralize_prior: bool = True,
         relevance_timestep: int = 800,
         num_inference_steps: int = 100,
-        guidance_scale: float = 7.5,
-        image_guidance_scale: float = 1.5,
+        guidance_scale: float = GUIDANCE_SCALE,
+        image_guidance_scale: float = IMAGE_GUIDANCE_SCALE,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -458,6 +458,9 @@ class InstructX2XPipeline(DiffusionPipeline):
         except ValueError:
             raise ParameterError(f"`region_mode` must be one of {[m.value for m in RegionMode]}, "
                              f"got {region_mode!r}.") from None
+        if None in (num_inference_steps, guidance_scale, image_guidance_scale):
+            raise ParameterError("the pipeline needs the step count and both guidance scales; "
+                                 "InstructX2XEditor.resolve fills in a model's defaults.")
         check_sampling(tau=tau, relevance_timestep=relevance_timestep,
                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                        image_guidance_scale=image_guidance_scale,
