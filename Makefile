@@ -61,10 +61,11 @@ demo: $(STAMP)
 	$(BIN)/instructx2x edit $(SAMPLE) --model $(MODEL) -i "$(INSTRUCTION)" \
 		$(if $(REFERENCE),--reference-mask $(REFERENCE)) -o out/demo-$$(date +%Y%m%d-%H%M%S)
 
-# Rebuild the bundled demo model from nothing (51 min on 2 idle CPU cores as last measured; its model card,
+# Rebuild the bundled demo model from nothing (pairs and training 51 min on 2 idle CPU cores as last
+# measured, the guidance sweep about 40 min and the acceptance 11 min more; its model card,
 # InstructX2XLib/src/instructx2x/resources/demo_model/README.md, has the measured figures):
-# pure pairs -> autoencoder + UNet + text encoder -> bundle -> acceptance of the bundled model on
-# held-out pairs -> bundle again with the figures.
+# pure pairs -> autoencoder + UNet + text encoder -> bundle -> guidance scales on validation pairs
+# -> acceptance of the bundled model on held-out pairs -> bundle again with the figures.
 demo-model: $(STAMP)
 	@test ! -e $(DEMO_WORK) || { echo "$(DEMO_WORK) exists: remove it or set DEMO_WORK=..."; exit 2; }
 	mkdir -p $(DEMO_WORK)
@@ -75,6 +76,8 @@ demo-model: $(STAMP)
 		$(BIN)/instructx2x-train train --config Training/configs/demo.yaml \
 		--set data.dataset=$(DEMO_WORK)/pairs --set output=$(DEMO_WORK)/run
 	$(BIN)/python Training/scripts/bundle_demo_model.py $(DEMO_WORK)
+	$(BIN)/python Training/scripts/timed.py $(DEMO_WORK)/timing.json guidance_sweep -- \
+		$(BIN)/python Training/scripts/guidance_sweep.py $(DEMO_WORK)
 	$(BIN)/python Training/scripts/timed.py $(DEMO_WORK)/timing.json acceptance -- \
 		$(BIN)/instructx2x-train evaluate-demo $(DEMO_WORK)/acceptance --model demo --ablation-count 48
 	$(BIN)/python Training/scripts/bundle_demo_model.py $(DEMO_WORK)

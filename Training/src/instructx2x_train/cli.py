@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     accept.add_argument("--resolution", type=int, default=256)
     accept.add_argument("--ablation-count", type=int, help="pairs for the region-mode and sampler "
                         "tables (default: all)")
+    accept.add_argument("--guidance-scale", type=float, help="text guidance s_T of every edit "
+                        "(default: the model card's, else 7.5)")
+    accept.add_argument("--image-guidance-scale", type=float, help="image guidance s_I of every edit "
+                        "(default: the model card's, else 1.5)")
 
     classify = commands.add_parser("train-classifiers", help="train the synthetic-cohort classifiers "
                                    "(five findings, age, sex, race) that evaluate edits of phantoms")
@@ -171,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
 
             report = evaluate_demo(args.model, args.output, pairs=args.pairs, seed=args.seed,
                                    count=args.count, resolution=args.resolution,
-                                   ablation_count=args.ablation_count)
+                                   ablation_count=args.ablation_count, guidance_scale=args.guidance_scale,
+                                   image_guidance_scale=args.image_guidance_scale)
             result = {"verdicts": report["verdicts"], "report": str(args.output / "acceptance.md")}
         elif args.command == "train-classifiers":
             from .classifiers import ClassifierConfig, train_classifiers

@@ -20,6 +20,7 @@ The same figures are repeated for the four region modes and for several samplers
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 
@@ -133,7 +134,8 @@ def _verdicts(overall: dict, per_group: dict, laterality: dict) -> dict:
 
 def evaluate_demo(model: str, output: str | Path, *, pairs: str | Path | None = None, seed: int = 1000,
                   count: int = 160, resolution: int = 256, ablation_count: int | None = None,
-                  samplers: tuple = SAMPLERS, progress_bar: bool = True) -> dict:
+                  samplers: tuple = SAMPLERS, guidance_scale: float | None = None,
+                  image_guidance_scale: float | None = None, progress_bar: bool = True) -> dict:
     """Measure ``model`` on held-out pure pairs and write ``acceptance.json``/``.md`` and figures.
 
     Parameters
@@ -147,6 +149,9 @@ def evaluate_demo(model: str, output: str | Path, *, pairs: str | Path | None = 
         at ``resolution`` with ``seed`` into ``output/pairs``.
     ablation_count: int | None
         Pairs used for the region-mode and sampler tables (default: all).
+    guidance_scale, image_guidance_scale: float | None
+        s_T and s_I of every edit (None: the model's defaults), to choose a model's defaults on
+        validation pairs (``Training/scripts/guidance_sweep.py``).
     """
     from instructx2x.editor import InstructX2XEditor
     from instructx2x.schedulers import make_scheduler
@@ -157,6 +162,9 @@ def evaluate_demo(model: str, output: str | Path, *, pairs: str | Path | None = 
     if pairs is not None and not (Path(pairs) / "truth.csv").is_file():
         raise FileNotFoundError(f"{Path(pairs).name} is not a pure-pairs folder (no truth.csv): "
                                 "make one with `instructx2x-train pure-pairs`.")
+    edit_parameters = functools.partial(EditParameters, guidance_scale=guidance_scale,
+                                        image_guidance_scale=image_guidance_scale)
+    edit_parameters(instruction="-")  # a bad scale is refused before the model loads
     editor = InstructX2XEditor.from_model(model)
     with atomic_output_dir(output) as staging:
         if pairs is None:
@@ -179,27 +187,27 @@ def evaluate_demo(model: str, output: str | Path, *, pairs: str | Path | None = 
             who = {"pair_id": pair.pair_id, "finding": pair.finding, "operation": pair.operation,
                    "side": pair.side}
             started = time.perf_counter()
-            result = editor.edit(image, EditParameters(instruction=pair.instruction))
+            result = editor.edit(image, edit_parameters(instruction=pair.instruction))
             figures = measure_edit(past, target, result.edited, lesion, result.edit_mask, result.guidance_map)
             rows.append({**who, **figures, "seconds": time.perf_counter() - started})
             if len(figure) < 8 and pair.operation == "add" and len({f["finding"] for f in figure} | {pair.finding}) > len(figure):
                 figure.append({"finding": pair.finding, "past": past, "edited": result.edited,
                                "truth": target, "guidance": result.guidance_map, "lesion": lesion})
             if pair.side:
-                unnarrowed = editor.edit(image, EditParameters(instruction=pair.instruction,
-                                                               lateralize_prior=False))
+                unnarrowed = editor.edit(image, edit_parameters(instruction=pair.instruction,
+                                                                lateralize_prior=False))
                 lateral = measure_edit(past, target, unnarrowed.edited, lesion)
                 lateral_rows.append({**who, "ok": lateral["change_in_lesion"] > lateral["change_mirrored"]})
             if pair.pair_id not in ablation_ids:
                 continue
             for mode in RegionMode:
-                edited = editor.edit(image, EditParameters(instruction=pair.instruction, region_mode=mode.value))
+                edited = editor.edit(image, edit_parameters(instruction=pair.instruction, region_mode=mode.value))
                 mode_rows.append({**who, "mode": mode.value,
                                   **measure_edit(past, target, edited.edited, lesion, edited.edit_mask)})
             for name, steps in samplers:
                 editor.pipeline.scheduler = make_scheduler(name, dict(default_scheduler.config))
                 started = time.perf_counter()
-                edited = editor.edit(image, EditParameters(instruction=pair.instruction, num_inference_steps=steps))
+                edited = editor.edit(image, edit_parameters(instruction=pair.instruction, num_inference_steps=steps))
                 sampler_rows.append({**who, "sampler": f"{name} {steps}",
                                      **measure_edit(past, target, edited.edited, lesion, edited.edit_mask),
                                      "seconds": time.perf_counter() - started})
@@ -217,7 +225,7 @@ def evaluate_demo(model: str, output: str | Path, *, pairs: str | Path | None = 
             "pairs": {"folder": root.name, "count": int(len(truth)), "seed": seed if pairs is None else None,
                       "resolution": int(past.shape[0])},
             "default_sampler": {"name": type(default_scheduler).__name__,
-                                "steps": editor.resolve(EditParameters(instruction="-")).num_inference_steps},
+                                **editor.sampling(edit_parameters(instruction="-"))},
             "targets": dataclasses.asdict(TARGETS), "overall": overall, "per_finding_operation": per_group,
             "laterality_rate": laterality,
             "region_modes": {mode: _summary(group) for mode, group in pd.DataFrame(mode_rows).groupby("mode")}
@@ -254,7 +262,9 @@ def acceptance_markdown(report: dict) -> str:
     """The report's tables, as they go into the model card."""
     lines = [f"Held-out pure pairs: {report['pairs']['count']} at {report['pairs']['resolution']} px "
              f"(seed {report['pairs']['seed']}); default sampler {report['default_sampler']['name']} "
-             f"{report['default_sampler']['steps']} steps; precision {report['precision']['dtype']}.", "",
+             f"{report['default_sampler']['num_inference_steps']} steps, guidance s_T "
+             f"{report['default_sampler']['guidance_scale']:g} / s_I {report['default_sampler']['image_guidance_scale']:g}; "
+             f"precision {report['precision']['dtype']}.", "",
              "| target | measured | goal | met |", "|---|---|---|---|"]
     for name, verdict in report["verdicts"].items():
         lines.append(f"| {name} | {verdict['measured']:.3f} | {verdict['target']:.2f} | "

@@ -308,6 +308,8 @@ def _assemble(output: Path, pairs: EditPairs, count: int, classifiers: Classifie
         bar.update()
     bar.close()
     report = {"settings": dataclasses.asdict(config), "model": editor.model_info.to_dict(),
+              "sampling": editor.sampling(EditParameters(instruction="-", resolution=config.resolution,
+                                                         num_inference_steps=config.steps)),
               "classifiers": classifiers.describe(), "dataset": {"folder": Path(config.dataset).name,
                                                                  "split": config.split, "pairs": count},
               "source_labels": {kind: label_sources.count(kind) for kind in ("truth", "classifier")},
@@ -334,6 +336,11 @@ def _table_frame(rows: dict) -> pd.DataFrame:
     return pd.DataFrame(table)
 
 
+def _sampling(sampling: dict) -> str:
+    return (f"{sampling['num_inference_steps']} steps, guidance s_T {sampling['guidance_scale']:g} / "
+            f"s_I {sampling['image_guidance_scale']:g}, {sampling['resolution']} px")
+
+
 def evaluation_markdown(report: dict) -> str:
     """Tables 1-2 in the paper's layout, with 95 % intervals."""
     def cell(row: dict, key: str, digits: int = 2) -> str:
@@ -349,7 +356,8 @@ def evaluation_markdown(report: dict) -> str:
              f"`{report['dataset']['folder']}`); classifiers: {report['classifiers']['name']} "
              f"({report['classifiers']['caveat']}); source labels: {report['source_labels']['truth']} from "
              f"ground truth, {report['source_labels']['classifier']} from the classifier; "
-             f"seed {settings['seed']}; {report['seconds']:.0f} s to edit and classify.", "",
+             f"seed {settings['seed']}; {_sampling(report['sampling'])}; "
+             f"{report['seconds']:.0f} s to edit and classify.", "",
              "| region mode | pathology acc. (%) | race (%) | age (r x100) | CMIG | KL | FID |",
              "|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
