@@ -11,8 +11,11 @@ Usage: python guidance_sweep.py WORK_FOLDER [--model demo] [--seed 3000] [S_T/S_
 
 import argparse
 import json
+import signal
+import sys
 from pathlib import Path
 
+from instructx2x.outputs import atomic_output_dir
 from instructx2x.parameters import EditParameters
 from instructx2x.provenance import to_json
 from instructx2x_train.demo_acceptance import TARGETS, evaluate_demo
@@ -42,7 +45,7 @@ def main() -> None:
     parser.add_argument("--model", default="demo")
     parser.add_argument("--seed", type=int, default=3000, help="validation seed (not 0, not 1000)")
     parser.add_argument("settings", nargs="*", default=SETTINGS, metavar="S_T/S_I")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # WORK --model M S_T/S_I ... as README writes it
     try:
         scales = [(float(text.split("/")[0]), float(text.split("/")[1])) for text in args.settings]
         for s_t, s_i in scales:  # refused before any folder is made or model loaded
@@ -54,18 +57,18 @@ def main() -> None:
     folder = args.work / "guidance-sweep"
     if folder.exists():
         parser.error(f"{folder} exists: remove it or choose another work folder")
-    folder.mkdir(parents=True)
     rows, pairs = [], None
-    for s_t, s_i in scales:
-        run = folder / f"s_T{s_t:g}-s_I{s_i:g}"
-        report = evaluate_demo(args.model, run, pairs=pairs, seed=args.seed, ablation_count=0,
-                               guidance_scale=s_t, image_guidance_scale=s_i, progress_bar=False)
-        pairs = pairs or run / "pairs"
-        rows.append({"guidance_scale": s_t, "image_guidance_scale": s_i, **summary(report)})
-        print(json.dumps(rows[-1]), flush=True)
-    (folder / "sweep.json").write_text(to_json({"seed": args.seed, "pairs": report["pairs"]["count"],
-                                                "rows": rows}) + "\n")
-    (folder / "sweep.md").write_text(markdown(rows, report, args.seed))
+    with atomic_output_dir(folder) as staging:  # an interrupted sweep leaves nothing
+        for s_t, s_i in scales:
+            run = staging / f"s_T{s_t:g}-s_I{s_i:g}"
+            report = evaluate_demo(args.model, run, pairs=pairs, seed=args.seed, ablation_count=0,
+                                   guidance_scale=s_t, image_guidance_scale=s_i)
+            pairs = pairs or run / "pairs"
+            rows.append({"guidance_scale": s_t, "image_guidance_scale": s_i, **summary(report)})
+            print(json.dumps(rows[-1]), flush=True)
+        (staging / "sweep.json").write_text(to_json({"seed": args.seed, "pairs": report["pairs"]["count"],
+                                                     "rows": rows}) + "\n")
+        (staging / "sweep.md").write_text(markdown(rows, report, args.seed))
 
 
 def markdown(rows: list[dict], report: dict, seed: int) -> str:
@@ -83,4 +86,8 @@ def markdown(rows: list[dict], report: dict, seed: int) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill cleans up like Ctrl-C
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("cancelled: nothing was written.")
