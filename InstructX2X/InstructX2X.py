@@ -213,9 +213,14 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.timer.start()
 
     def onModelGuidanceToggled(self, useModel: bool) -> None:
-        """The scale boxes count only when the model's own s_T and s_I are not used."""
+        """The scale boxes count only when the model's own s_T and s_I are not used; meanwhile
+        they show the model's values once its worker has reported them."""
         self.ui.textScaleSpinBox.enabled = not useModel
         self.ui.imageScaleSpinBox.enabled = not useModel
+        defaults = self.logic.modelDefaults
+        if useModel and defaults:
+            self.ui.textScaleSpinBox.value = defaults["guidance_scale"]
+            self.ui.imageScaleSpinBox.value = defaults["image_guidance_scale"]
 
     def onExport(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Export failed."), waitCursor=True):
@@ -240,6 +245,8 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 eta = event.get("eta_s")
                 self.ui.statusLabel.text = _("Step {step} of {total}").format(**event) + (
                     _(", about {seconds:.0f} s left").format(seconds=eta) if eta is not None else "")
+            elif kind == "ready":
+                self.onModelGuidanceToggled(self.ui.modelGuidanceCheckBox.checked)
             elif kind in ("loading", "decode", "export", "started"):
                 self.ui.statusLabel.text = {"loading": _("Loading the model…"), "decode": _("Decoding…"),
                                             "export": _("Writing the results…"),
@@ -301,6 +308,12 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
     @property
     def results(self) -> dict:
         return self.session.results if self.session is not None else {}
+
+    @property
+    def modelDefaults(self) -> dict | None:
+        """Steps, s_T, s_I and resolution the loaded model edits with by default (None before
+        its worker is ready)."""
+        return self.session.model_defaults if self.session is not None else None
 
     @property
     def lastResultText(self) -> str:

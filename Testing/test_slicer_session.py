@@ -99,6 +99,21 @@ def test_start_worker_waits_for_the_model_and_says_why_it_failed(session):
     assert ready["event"] == "ready" and ready["model"]["name"] == "untrained-tiny"
 
 
+def test_the_worker_reports_the_models_sampling_defaults(session, tmp_path):
+    """The panels show the s_T / s_I an edit runs with when none are set: the model card's."""
+    from instructx2x.loading import save_model
+    from instructx2x.untrained import build_untrained_pipeline
+
+    card = {"name": "carded", "trained": False, "few_step_solver_steps": 3, "guidance_scale": 3.0,
+            "image_guidance_scale": 1.25}
+    model = save_model(build_untrained_pipeline(seed=3), tmp_path / "carded", card)
+    assert session.model_defaults is None  # no worker yet
+    session.start_worker(settings(model=str(model)))
+    defaults = session.model_defaults
+    assert (defaults["num_inference_steps"], defaults["guidance_scale"], defaults["image_guidance_scale"]) \
+        == (3, 3.0, 1.25)
+
+
 def test_settings_and_instruction_helpers():
     assert settings(preset=PRESETS[1]).edit_parameters()["num_inference_steps"] == 100
     assert settings(mask_source=MASK_SOURCES[1]).edit_parameters()["region_mode"] == "prior"

@@ -7,6 +7,7 @@ second run, download the series and validate it with dciodvfy. Screenshots go to
 ``out/test-artifacts/web`` (kept by CI). Runs in the web environment (``make test-web``).
 """
 
+import json
 import os
 import re
 import time
@@ -86,12 +87,18 @@ def test_the_whole_workflow_in_chromium(page, server, tmp_path):
     set_steps(page, 300)
     from playwright.sync_api import expect
 
+    from instructx2x.loading import MODEL_CARD_NAME, demo_model_path
+
+    card_scale = f"{json.loads((demo_model_path() / MODEL_CARD_NAME).read_text())['guidance_scale']:g}"
     text_scale = page.get_by_test_id("guidance-scale").locator("input")
     expect(text_scale).to_be_disabled()  # the model's own s_T (its card's) until the user takes over
+    expect(text_scale).to_have_value(card_scale)
     page.get_by_test_id("model-guidance").locator("input").click()
     expect(text_scale).to_be_enabled()
+    text_scale.fill("6")
     page.get_by_test_id("model-guidance").locator("input").click()
     expect(text_scale).to_be_disabled()
+    expect(text_scale).to_have_value(card_scale)  # ticking it again shows the model's s_T again
     page.get_by_test_id("apply").click()
     wait_text(page, "progress-text", r"Step \d+ of 300")
     page.screenshot(path=ARTIFACTS / "3-running.png")

@@ -142,6 +142,27 @@ def test_the_guidance_scales_are_the_models_until_the_user_sets_them(panel):
         panel.settings()
 
 
+def test_the_disabled_guidance_fields_show_the_models_own_scales(tmp_path):
+    from instructx2x.loading import save_model
+    from instructx2x.untrained import build_untrained_pipeline
+
+    card = {"name": "carded", "trained": False, "guidance_scale": 3.0, "image_guidance_scale": 1.25}
+    model = save_model(build_untrained_pipeline(seed=3), tmp_path / "carded", card)
+    panel = WebPanel(model=str(model), device="cpu")
+    try:
+        panel.session.start_worker(panel.settings())
+        panel.show_model_defaults()  # what the command line does once the model is loaded
+        assert (panel.state.guidance_scale, panel.state.image_guidance_scale) == (3.0, 1.25)
+        panel.state.update({"model_guidance": False, "guidance_scale": 6})
+        panel.show_model_defaults()  # the user's own values stay while the box is off
+        assert panel.settings().guidance_scale == 6.0
+        panel.state.model_guidance = True
+        panel.show_model_defaults()  # ticking the box again shows the model's values (in chromium too)
+        assert panel.state.guidance_scale == 3.0 and panel.settings().guidance_scale is None
+    finally:
+        panel.close()
+
+
 def test_the_structured_helper_writes_the_instruction_and_it_is_parsed_live(panel):
     panel.state.update({"compose_operation": "Add", "compose_finding": "pleural effusion", "compose_side": "left",
                         "compose_to": "moderate"})

@@ -149,6 +149,13 @@ class EditSession:
             WorkerState.STARTING, WorkerState.RUNNING, WorkerState.CANCELLING))
 
     @property
+    def model_defaults(self) -> dict | None:
+        """The worker's sampling defaults (``num_inference_steps``, ``guidance_scale``,
+        ``image_guidance_scale``, ``resolution``) once its model is loaded, else None."""
+        info = self.worker.info if self.worker is not None else None
+        return (info or {}).get("defaults")
+
+    @property
     def has_preview(self) -> bool:
         return self.preview_id is not None and not self.busy
 

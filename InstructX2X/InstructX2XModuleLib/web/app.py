@@ -121,6 +121,7 @@ class WebPanel:
         self.state.change("tool", "segment", "brush_mm", "scissors_fill")(self._on_tool)
         self.state.change("tau")(self._on_tau)
         self.state.change("opacity", "show_after")(self._on_layers)
+        self.state.change("model_guidance")(self.show_model_defaults)
 
     @staticmethod
     def _helper_state() -> dict:
@@ -316,6 +317,8 @@ class WebPanel:
             self.state.progress = round(100 * event["step"] / event["total"])
             self.state.progress_text = f"Step {event['step']} of {event['total']}" + (
                 f", about {eta:.0f} s left" if eta is not None else "")
+        elif kind == "ready":
+            self.show_model_defaults()
         elif kind in ("loading", "started", "decode", "export"):
             self.state.status = {"loading": "Loading the model…", "started": "Working…",
                                  "decode": "Decoding…", "export": "Writing the results…"}[kind]
@@ -335,6 +338,14 @@ class WebPanel:
         elif kind == "error":
             self.state.error = event.get("message", "the worker failed.")
             self.state.update({"status": "Failed: see the message above.", "progress": 0, "progress_text": ""})
+
+    def show_model_defaults(self, **_) -> None:
+        """While the model's guidance scales are used, the (disabled) fields show the values the
+        worker reported, the model card's, not the panel's starting ones."""
+        defaults = self.session.model_defaults
+        if self.state.model_guidance and defaults:
+            self.state.update({"guidance_scale": defaults["guidance_scale"],
+                               "image_guidance_scale": defaults["image_guidance_scale"]})
 
     # -- display ---------------------------------------------------------------------------
     def _on_layers(self, **_):
@@ -633,6 +644,7 @@ def main(argv: list[str] | None = None) -> int:
                      max_upload_bytes=arguments.max_upload_mb * 2**20, worker_socket=arguments.worker_socket)
     try:
         ready = panel.session.start_worker(panel.settings())  # the model loads before the page is served
+        panel.show_model_defaults()
         logger.info("Model %s ready (%s).", ready["model"].get("name"), ready["precision"].get("dtype"))
         panel.ctrl.on_server_ready.add(
             lambda **_: print(f"InstructX2X web panel: http://{arguments.host}:{panel.server.port}/", flush=True))
