@@ -78,7 +78,9 @@ each pair is one phantom patient filmed twice, differing only by one finding ins
 ground-truth mask. Eight findings (pleural effusion, pneumothorax, atelectasis, consolidation,
 pneumonia, lung opacity on the left or right; cardiomegaly, edema) x add / remove, balanced; a
 quarter of the films carry another finding in both images. Instructions: "Add the finding of
-LEVEL [SIDE] FINDING", "Remove the finding of [SIDE] FINDING".
+LEVEL [SIDE] [ZONE zone] FINDING", "Remove the finding of [SIDE] [ZONE zone] FINDING"; consolidation,
+pneumonia and lung opacity name their lung zone (upper, mid or lower), e.g. "Add the finding of
+moderate left lower zone consolidation".
 
 ## Recipe and cost
 `make demo-model` reruns everything: pairs, autoencoder ({config['vae_pretraining']['steps']} steps),

@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from instructx2x_train.counterfactuals import PurePairsConfig, insert_finding, write_pure_pairs
-from instructx2x_train.phantom import (LATERALISED_FINDINGS, RENDERED_FINDINGS, Anatomy, FindingState,
-                                       Pose, render_attenuation, render_frontal)
+from instructx2x_train.phantom import (LATERALISED_FINDINGS, LUNG_ZONES, RENDERED_FINDINGS, ZONED_FINDINGS,
+                                       Anatomy, FindingState, Pose, draw_finding, render_attenuation,
+                                       render_frontal)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,28 @@ def test_every_lateralised_finding_is_drawn_on_the_patients_side(pairs):
         assert f" {row.side} " in f" {row.instruction} "
         checked.add((row.finding, row.side))
     assert checked == {(f, s) for f in LATERALISED_FINDINGS for s in ("left", "right")}
+
+
+@pytest.mark.parametrize("name", ZONED_FINDINGS)
+def test_a_focal_opacity_lies_in_the_lung_zone_its_instruction_names(name, pairs):
+    """Upper above mid above lower for every draw, so that 'left upper zone' tells the model
+    where to paint; the pairs' instructions and truth name the zone."""
+    rng = np.random.default_rng(8)
+    rows = {zone: [] for zone in LUNG_ZONES}
+    for index in range(24):
+        finding = draw_finding(rng, name, "right")
+        _, masks = render_frontal(96, 96, [finding], Pose(), np.random.default_rng(index), Anatomy(seed=index))
+        rows[finding.zone].append(np.nonzero(masks[name])[0].mean())
+    assert all(rows.values()), rows
+    assert max(rows["upper"]) < min(rows["mid"]) and max(rows["mid"]) < min(rows["lower"]), rows
+    truth = pd.read_csv(pairs / "truth.csv", dtype=str, keep_default_na=False)
+    for row in truth.itertuples():
+        if row.finding in ZONED_FINDINGS:
+            assert row.zone in LUNG_ZONES and f" {row.side} {row.zone} zone {row.finding}" in row.instruction
+        else:
+            assert row.zone == "" and "zone" not in row.instruction
+    with pytest.raises(ValueError, match="zone must be one of upper, mid, lower"):
+        FindingState(name, "mild", zone="apical")
 
 
 @pytest.mark.parametrize("name", RENDERED_FINDINGS)

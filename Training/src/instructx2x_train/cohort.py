@@ -26,7 +26,7 @@ from instructx2x.dicom.read import PHANTOM_MANUFACTURER
 from instructx2x.outputs import atomic_output_dir
 
 from .answers import Change, ChangeKind, format_answer
-from .phantom import (RACES, RENDERED_FINDINGS, Anatomy, FindingState, Pose, level_words,
+from .phantom import (RACES, RENDERED_FINDINGS, Anatomy, FindingState, Pose, draw_finding, level_words,
                       render_frontal, render_lateral)
 
 __all__ = ["CohortConfig", "generate_cohort", "write_cr", "CHEXPERT_LABELS", "CHEXPERT_OF", "MS_CXR_CATEGORY"]
@@ -91,10 +91,7 @@ def _new_finding(rng: np.random.Generator, present: dict[str, FindingState]) -> 
     if not candidates:
         return None
     name = str(rng.choice(candidates))
-    side = "left" if rng.random() < 0.5 else "right"
-    location = (float(rng.uniform(-1, 1)), float(rng.uniform(-1, 1)))
-    return FindingState(name, str(rng.choice(level_words(name))), side, location,
-                        int(rng.integers(0, 2**31)))
+    return draw_finding(rng, name, "left" if rng.random() < 0.5 else "right")
 
 
 def _evolve(rng: np.random.Generator, present: dict[str, FindingState]) -> list[Change]:

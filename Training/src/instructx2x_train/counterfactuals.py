@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from instructx2x.outputs import atomic_output_dir
 
-from .phantom import (LATERALISED_FINDINGS, RACES, RENDERED_FINDINGS, Anatomy, FindingState, Pose,
-                      finding_masks, form_film, level_words, render_attenuation)
+from .phantom import (LATERALISED_FINDINGS, RACES, RENDERED_FINDINGS, ZONED_FINDINGS, Anatomy, FindingState,
+                      Pose, draw_finding, finding_masks, form_film, render_attenuation)
 
 __all__ = ["PurePairsConfig", "write_pure_pairs", "instruction_for", "OPERATIONS", "insert_finding",
            "TRUTH_COLUMNS"]
@@ -37,17 +37,19 @@ __all__ = ["PurePairsConfig", "write_pure_pairs", "instruction_for", "OPERATIONS
 logger = logging.getLogger(__name__)
 
 OPERATIONS = ("add", "remove")
-TRUTH_COLUMNS = ["pair_id", "split", "operation", "finding", "side", "level", "instruction", "age",
+TRUTH_COLUMNS = ["pair_id", "split", "operation", "finding", "side", "zone", "level", "instruction", "age",
                  "sex", "race", "background", "other_finding"]
 _BACKGROUND_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg")
 
 
 def instruction_for(operation: str, finding: FindingState) -> str:
     """The instruction that turns the pair's input into its target, in the training templates."""
-    side = f"{finding.side} " if finding.name in LATERALISED_FINDINGS else ""
+    site = f"{finding.side} " if finding.name in LATERALISED_FINDINGS else ""
+    if finding.name in ZONED_FINDINGS:
+        site += f"{finding.zone} zone "
     if operation == "add":
-        return f"Add the finding of {finding.level} {side}{finding.name}"
-    return f"Remove the finding of {side}{finding.name}"
+        return f"Add the finding of {finding.level} {site}{finding.name}"
+    return f"Remove the finding of {site}{finding.name}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,23 +111,17 @@ class PurePairsConfig:
             raise FileNotFoundError(f"backgrounds folder not found: {Path(self.backgrounds).name}.")
 
 
-def _draw_finding(rng: np.random.Generator, name: str, side: str) -> FindingState:
-    location = (float(rng.uniform(-1, 1)), float(rng.uniform(-1, 1)))
-    return FindingState(name, str(rng.choice(level_words(name))), side, location,
-                        int(rng.integers(0, 2**31)))
-
-
 def _plan(config: PurePairsConfig, index: int, rng: np.random.Generator):
     """What pair ``index`` shows: balanced over finding x operation x side."""
     findings, operations = config.findings, config.operations
     name = findings[index % len(findings)]
     operation = operations[(index // len(findings)) % len(operations)]
     side = ("left", "right")[(index // (len(findings) * len(operations))) % 2]
-    target = _draw_finding(rng, name, side)
+    target = draw_finding(rng, name, side)
     other = None
     if rng.random() < config.other_finding_probability:
         choices = [f for f in RENDERED_FINDINGS if f != name]
-        other = _draw_finding(rng, str(rng.choice(choices)), str(rng.choice(("left", "right"))))
+        other = draw_finding(rng, str(rng.choice(choices)), str(rng.choice(("left", "right"))))
     return operation, target, other
 
 
@@ -216,6 +212,7 @@ def _pair(args: tuple[PurePairsConfig, int, Path, str, list[Path]]) -> dict:
         np.savez_compressed(root / kind / f"{pair_id}.masks.npz", **masks)
     return {"pair_id": pair_id, "split": split, "operation": operation, "finding": target.name,
             "side": target.side if target.name in LATERALISED_FINDINGS else "",
+            "zone": target.zone if target.name in ZONED_FINDINGS else "",
             "level": target.level, "instruction": instruction_for(operation, target), **who,
             "other_finding": other.name if other else ""}
 

@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = ["Pose", "Anatomy", "FindingState", "RENDERED_FINDINGS", "LATERALISED_FINDINGS",
-           "LEVEL_FACTOR", "DEMOGRAPHIC_TRACES", "render_frontal", "render_attenuation",
+           "ZONED_FINDINGS", "LUNG_ZONES", "draw_finding", "LEVEL_FACTOR", "DEMOGRAPHIC_TRACES", "render_frontal", "render_attenuation",
            "form_film", "finding_masks", "render_lateral", "level_words", "RACES"]
 
 # Findings with a located rendering (the eight MS-CXR prior categories).
@@ -30,6 +30,13 @@ RENDERED_FINDINGS = ("pleural effusion", "cardiomegaly", "pneumothorax", "edema"
 # Findings drawn on one side; cardiomegaly (midline) and edema (bilateral) have no side.
 LATERALISED_FINDINGS = ("pleural effusion", "pneumothorax", "atelectasis", "consolidation",
                         "pneumonia", "lung opacity")
+# Focal opacities drawn at a site anywhere in a lung; their instruction names the zone (upper,
+# mid or lower third of the lung's height on a frontal film), as reports and version 2 of the
+# authors' dataset do, so that an edit can know where the opacity goes. Atelectasis is basal.
+ZONED_FINDINGS = ("consolidation", "pneumonia", "lung opacity")
+LUNG_ZONES = ("upper", "mid", "lower")
+_ZONE_CENTRE_V = {"upper": -0.52, "mid": -0.18, "lower": 0.16}  # apex -0.80, dome tops 0.38-0.42
+_ZONE_JITTER_V = 0.08
 LEVEL_FACTOR = {"minimal": 0.35, "small": 0.5, "mild": 0.5, "moderate": 0.75,
                 "moderate to large": 0.9, "large": 1.0, "severe": 1.0}
 DEMOGRAPHIC_TRACES = {
@@ -96,21 +103,35 @@ class Anatomy:
 
 @dataclasses.dataclass(frozen=True)
 class FindingState:
-    """A finding present in a study: its level, side and (for focal opacities) location.
+    """A finding present in a study: its level, side and (for focal opacities) site.
 
     ``seed`` fixes its texture (septal lines, bronchograms, patches), so the same finding drawn
-    twice is the same.
+    twice is the same. A focal opacity's site is its lung ``zone`` plus ``location``, an offset
+    in [-1, 1] across the lung and within the zone.
     """
 
     name: str
     level: str
     side: str = "right"  # the patient's side
-    location: tuple[float, float] = (0.0, 0.0)  # offset inside the lung, in lung radii
+    location: tuple[float, float] = (0.0, 0.0)
     seed: int = 0
+    zone: str = "mid"
+
+    def __post_init__(self) -> None:
+        if self.zone not in LUNG_ZONES:
+            raise ValueError(f"zone must be one of {', '.join(LUNG_ZONES)}; got {self.zone!r}.")
 
     @property
     def factor(self) -> float:
         return LEVEL_FACTOR.get(self.level, 0.75)
+
+
+def draw_finding(rng: np.random.Generator, name: str, side: str) -> FindingState:
+    """A finding with a random level, site and texture: the one way every cohort draws one."""
+    location = (float(rng.uniform(-1, 1)), float(rng.uniform(-1, 1)))
+    zone = str(rng.choice(LUNG_ZONES))
+    return FindingState(name, str(rng.choice(level_words(name))), side, location,
+                        int(rng.integers(0, 2**31)), zone)
 
 
 def level_words(finding: str) -> tuple[str, ...]:
@@ -302,7 +323,8 @@ def _focal_geometry(finding: FindingState, anatomy: Anatomy) -> tuple[tuple[floa
     if finding.name == "atelectasis":
         return (side * 0.40 * anatomy.habitus, 0.30), 0.16
     du, dv = finding.location
-    return (side * (0.40 + 0.12 * du) * anatomy.habitus, 0.02 + 0.28 * dv), 0.13
+    return (side * (0.40 + 0.12 * du) * anatomy.habitus,
+            _ZONE_CENTRE_V[finding.zone] + _ZONE_JITTER_V * dv), 0.13
 
 
 def _finding_attenuation(frame: _Frame, anatomy: Anatomy, finding: FindingState, air: dict,
