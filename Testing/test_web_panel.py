@@ -157,7 +157,7 @@ def test_the_disabled_guidance_fields_show_the_models_own_scales(tmp_path):
         panel.show_model_defaults()  # the user's own values stay while the box is off
         assert panel.settings().guidance_scale == 6.0
         panel.state.model_guidance = True
-        panel.show_model_defaults()  # ticking the box again shows the model's values (in chromium too)
+        panel.show_model_defaults()  # as on the worker's next ready event
         assert panel.state.guidance_scale == 3.0 and panel.settings().guidance_scale is None
     finally:
         panel.close()

@@ -121,7 +121,6 @@ class WebPanel:
         self.state.change("tool", "segment", "brush_mm", "scissors_fill")(self._on_tool)
         self.state.change("tau")(self._on_tau)
         self.state.change("opacity", "show_after")(self._on_layers)
-        self.state.change("model_guidance")(self.show_model_defaults)
 
     @staticmethod
     def _helper_state() -> dict:
@@ -339,9 +338,10 @@ class WebPanel:
             self.state.error = event.get("message", "the worker failed.")
             self.state.update({"status": "Failed: see the message above.", "progress": 0, "progress_text": ""})
 
-    def show_model_defaults(self, **_) -> None:
+    def show_model_defaults(self) -> None:
         """While the model's guidance scales are used, the (disabled) fields show the values the
-        worker reported, the model card's, not the panel's starting ones."""
+        worker reported, the model card's, not the panel's starting ones (at start-up and on the
+        worker's ready event)."""
         defaults = self.session.model_defaults
         if self.state.model_guidance and defaults:
             self.state.update({"guidance_scale": defaults["guidance_scale"],
