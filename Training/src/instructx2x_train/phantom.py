@@ -21,8 +21,9 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = ["Pose", "Anatomy", "FindingState", "RENDERED_FINDINGS", "LATERALISED_FINDINGS",
-           "ZONED_FINDINGS", "LUNG_ZONES", "draw_finding", "LEVEL_FACTOR", "DEMOGRAPHIC_TRACES", "render_frontal", "render_attenuation",
-           "form_film", "finding_masks", "render_lateral", "level_words", "RACES"]
+           "ZONED_FINDINGS", "LUNG_ZONES", "draw_finding", "LEVEL_FACTOR", "DEMOGRAPHIC_TRACES",
+           "render_frontal", "render_attenuation", "form_film", "finding_masks", "render_lateral",
+           "level_words", "RACES"]
 
 # Findings with a located rendering (the eight MS-CXR prior categories).
 RENDERED_FINDINGS = ("pleural effusion", "cardiomegaly", "pneumothorax", "edema", "atelectasis",
@@ -127,7 +128,9 @@ class FindingState:
 
 
 def draw_finding(rng: np.random.Generator, name: str, side: str) -> FindingState:
-    """A finding with a random level, site and texture: the one way every cohort draws one."""
+    """A finding with a random level, site and texture, as pure pairs and the cohort draw one
+    (the classifiers' films keep their own draw, so that `make classifiers` still reproduces
+    the bundled set byte for byte)."""
     location = (float(rng.uniform(-1, 1)), float(rng.uniform(-1, 1)))
     zone = str(rng.choice(LUNG_ZONES))
     return FindingState(name, str(rng.choice(level_words(name))), side, location,
