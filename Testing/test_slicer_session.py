@@ -128,6 +128,8 @@ def test_settings_and_instruction_helpers():
         "Add the finding of moderate left pleural effusion"
     described = describe_instruction("Add the finding of left pleural effusion")
     assert described.startswith("add: pleural effusion (left)") and "Region:" in described
+    zoned = describe_instruction("Add the finding of moderate left lower zone consolidation")
+    assert zoned.startswith("add: consolidation (left, lower zone)")
 
 
 def test_the_panels_process_never_imports_torch():

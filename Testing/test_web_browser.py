@@ -95,8 +95,10 @@ def test_the_whole_workflow_in_chromium(page, server, tmp_path):
     expect(text_scale).to_have_value(card_scale)
     page.get_by_test_id("model-guidance").locator("input").click()
     expect(text_scale).to_be_enabled()
+    text_scale.fill("9")
     page.get_by_test_id("model-guidance").locator("input").click()
     expect(text_scale).to_be_disabled()
+    expect(text_scale).to_have_value(card_scale)  # ticked again: the model's own s_T, not the typed 9
     page.get_by_test_id("apply").click()
     wait_text(page, "progress-text", r"Step \d+ of 300")
     page.screenshot(path=ARTIFACTS / "3-running.png")

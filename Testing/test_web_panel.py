@@ -156,7 +156,9 @@ def test_the_disabled_guidance_fields_show_the_models_own_scales(tmp_path):
         panel.state.update({"model_guidance": False, "guidance_scale": 6})
         panel.show_model_defaults()  # the user's own values stay while the box is off
         assert panel.settings().guidance_scale == 6.0
-        panel.state.model_guidance = True
+        panel.show_model_defaults(True)  # the box ticked again: the event carries its new value
+        assert panel.state.guidance_scale == 3.0
+        panel.state.update({"model_guidance": True, "guidance_scale": 6})
         panel.show_model_defaults()  # as on the worker's next ready event
         assert panel.state.guidance_scale == 3.0 and panel.settings().guidance_scale is None
     finally:

@@ -85,8 +85,9 @@ def describe_instruction(text: str) -> str:
         return str(error)
     selection = PriorSet.default().select(parsed)
     findings = ", ".join(parsed.findings) or "no known finding"
-    side = f" ({parsed.laterality.value})" if parsed.laterality else ""
-    return f"{parsed.operation.value}: {findings}{side}. Region: {selection.reason}."
+    where = ([parsed.laterality.value] if parsed.laterality else []) + [f"{zone} zone" for zone in parsed.zones]
+    where_text = f" ({', '.join(where)})" if where else ""
+    return f"{parsed.operation.value}: {findings}{where_text}. Region: {selection.reason}."
 
 
 def compose_instruction(operation: str, finding: str, side: str = "", before: str = "", after: str = "") -> str:

@@ -68,3 +68,18 @@ def test_non_string_instruction():
 def test_to_dict_is_json_ready():
     data = parse_instruction("Add the finding of right pneumothorax").to_dict()
     assert data["operation"] == "add" and data["laterality"] == "right"
+
+
+@pytest.mark.parametrize("text,zones", [
+    ("Add the finding of moderate left lower zone consolidation", ("lower",)),
+    ("Remove the finding of right upper lobe pneumonia", ("upper",)),
+    ("Add the finding of left mid zone lung opacity", ("mid",)),
+    ("Add the finding of lingular opacity", ("mid",)),
+    ("Add the finding of bibasilar atelectasis", ("lower",)),
+    ("Add the finding of left apical pneumothorax and right lower lobe consolidation", ("upper", "lower")),
+    ("Add the finding of left pleural effusion", ()),
+])
+def test_lung_zones_named_in_reports_are_read_top_down(text, zones):
+    parsed = parse_instruction(text)
+    assert parsed.zones == zones
+    assert parsed.to_dict()["zones"] == list(zones)

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from instructx2x.instructions import parse_instruction
 from instructx2x_train.counterfactuals import PurePairsConfig, insert_finding, write_pure_pairs
 from instructx2x_train.phantom import (LATERALISED_FINDINGS, LUNG_ZONES, RENDERED_FINDINGS, ZONED_FINDINGS,
                                        Anatomy, FindingState, Pose, draw_finding, render_attenuation,
@@ -89,6 +90,7 @@ def test_a_focal_opacity_lies_in_the_lung_zone_its_instruction_names(name, pairs
             assert row.zone in LUNG_ZONES and f" {row.side} {row.zone} zone {row.finding}" in row.instruction
         else:
             assert row.zone == "" and "zone" not in row.instruction
+        assert parse_instruction(row.instruction).zones == ((row.zone,) if row.zone else ())  # the library reads it
     with pytest.raises(ValueError, match="zone must be one of upper, mid, lower"):
         FindingState(name, "mild", zone="apical")
 

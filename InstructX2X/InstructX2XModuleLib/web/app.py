@@ -338,12 +338,15 @@ class WebPanel:
             self.state.error = event.get("message", "the worker failed.")
             self.state.update({"status": "Failed: see the message above.", "progress": 0, "progress_text": ""})
 
-    def show_model_defaults(self) -> None:
+    def show_model_defaults(self, model_guidance: bool | None = None) -> None:
         """While the model's guidance scales are used, the (disabled) fields show the values the
-        worker reported, the model card's, not the panel's starting ones (at start-up and on the
-        worker's ready event)."""
+        worker reported, the model card's, not the panel's starting ones or what the user typed
+        (at start-up, on the worker's ready event, and when the box is ticked: its new value comes
+        with the event, before the state has it)."""
         defaults = self.session.model_defaults
-        if self.state.model_guidance and defaults:
+        if model_guidance is None:
+            model_guidance = self.state.model_guidance
+        if model_guidance and defaults:
             self.state.update({"guidance_scale": defaults["guidance_scale"],
                                "image_guidance_scale": defaults["image_guidance_scale"]})
 
@@ -529,7 +532,8 @@ class WebPanel:
                                   density="compact")
                     v3.VTextField(v_model_number=("seed",), type="number", label="Seed", density="compact")
                     v3.VCheckbox(v_model=("model_guidance",), label="Model's guidance scales (its card's s_T, s_I)",
-                                 density="compact", raw_attrs=['data-testid="model-guidance"'])
+                                 density="compact", update_modelValue=(self.show_model_defaults, "[$event]"),
+                                 raw_attrs=['data-testid="model-guidance"'])
                     v3.VTextField(v_model_number=("guidance_scale",), type="number", label="Text guidance s_T",
                                   density="compact", disabled=("model_guidance",),
                                   raw_attrs=['data-testid="guidance-scale"'])

@@ -18,6 +18,7 @@ from .errors import ParameterError
 __all__ = [
     "FINDINGS",
     "LEVEL_WORDS",
+    "LUNG_ZONES",
     "PRIOR_CATEGORIES",
     "FINDING_TO_PRIOR",
     "MAX_INSTRUCTION_CHARS",
@@ -46,6 +47,9 @@ LEVEL_WORDS: tuple[str, ...] = (
     "moderate to severe", "mild to moderate", "minimal", "subtle", "massive", "minimally",
     "increasing", "decreasing", "minor",
 )
+
+# The thirds of a lung's height that reports name ("left lower zone consolidation"), top down.
+LUNG_ZONES: tuple[str, ...] = ("upper", "mid", "lower")
 
 # The eight MS-CXR categories that have an anatomical pseudo mask.
 PRIOR_CATEGORIES: tuple[str, ...] = (
@@ -133,6 +137,18 @@ _LATERALITY_WORDS: dict[str, Laterality] = {
     "both": Laterality.BILATERAL,
 }
 
+# Zone words of reports, lobes included as the nearest zone (the middle lobe and lingula
+# project onto the mid zone of a PA film).
+_ZONE_WORDS: dict[str, str] = {
+    **{f"{word} {noun}": zone for word, zone in (("upper", "upper"), ("mid", "mid"), ("middle", "mid"),
+                                                 ("lower", "lower"))
+       for noun in ("zone", "zones", "lobe", "lobes", "lung", "lungs")},
+    "mid-zone": "mid", "midzone": "mid", "lingula": "mid", "lingular": "mid",
+    "apex": "upper", "apices": "upper", "apical": "upper",
+    "base": "lower", "bases": "lower", "basal": "lower", "basilar": "lower", "bibasal": "lower",
+    "bibasilar": "lower",
+}
+
 _OPERATION_PATTERNS: tuple[tuple[Operation, re.Pattern[str]], ...] = (
     (Operation.CHANGE_LEVEL, re.compile(r"^\s*change\s+the\s+(?:level|severity)\s+of\b")),
     (Operation.ADD, re.compile(r"^\s*(?:add|introduce|insert|show|create)\b")),
@@ -150,6 +166,7 @@ def _phrase_pattern(phrases: list[str]) -> re.Pattern[str]:
 _FINDING_PATTERN = _phrase_pattern(list(FINDINGS) + list(SYNONYMS))
 _LEVEL_PATTERN = _phrase_pattern(list(LEVEL_WORDS))
 _LATERALITY_PATTERN = _phrase_pattern(list(_LATERALITY_WORDS))
+_ZONE_PATTERN = _phrase_pattern(list(_ZONE_WORDS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +187,10 @@ class ParsedInstruction:
         The patient's side when the instruction names one.
     prior_categories: tuple[str, ...]
         MS-CXR categories whose pseudo masks cover the findings.
+    zones: tuple[str, ...]
+        Lung zones named (``LUNG_ZONES``), top down; lobes and "basilar" count as the zone
+        they project onto. Reported, not used to narrow the prior: where a zone lies on a
+        film depends on its framing, which the fixed 512 px priors don't know.
     """
 
     text: str
@@ -178,6 +199,7 @@ class ParsedInstruction:
     levels: tuple[str, ...]
     laterality: Laterality | None
     prior_categories: tuple[str, ...]
+    zones: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         """JSON-ready form for manifests."""
@@ -188,6 +210,7 @@ class ParsedInstruction:
             "levels": list(self.levels),
             "laterality": None if self.laterality is None else self.laterality.value,
             "prior_categories": list(self.prior_categories),
+            "zones": list(self.zones),
         }
 
 
@@ -250,7 +273,9 @@ def parse_instruction(text: str) -> ParsedInstruction:
     else:
         laterality = None
     categories = _unique(FINDING_TO_PRIOR[f] for f in findings if f in FINDING_TO_PRIOR)
-    return ParsedInstruction(normalized, operation, findings, levels, laterality, categories)
+    named_zones = {_ZONE_WORDS[w] for w in _ZONE_PATTERN.findall(lowered)}
+    zones = tuple(zone for zone in LUNG_ZONES if zone in named_zones)
+    return ParsedInstruction(normalized, operation, findings, levels, laterality, categories, zones)
 
 
 def _unique(items) -> tuple:

@@ -20,6 +20,8 @@ import functools
 import numpy as np
 from scipy import ndimage
 
+from instructx2x.instructions import LUNG_ZONES
+
 __all__ = ["Pose", "Anatomy", "FindingState", "RENDERED_FINDINGS", "LATERALISED_FINDINGS",
            "ZONED_FINDINGS", "LUNG_ZONES", "draw_finding", "LEVEL_FACTOR", "DEMOGRAPHIC_TRACES",
            "render_frontal", "render_attenuation", "form_film", "finding_masks", "render_lateral",
@@ -35,7 +37,6 @@ LATERALISED_FINDINGS = ("pleural effusion", "pneumothorax", "atelectasis", "cons
 # mid or lower third of the lung's height on a frontal film), as reports and version 2 of the
 # authors' dataset do, so that an edit can know where the opacity goes. Atelectasis is basal.
 ZONED_FINDINGS = ("consolidation", "pneumonia", "lung opacity")
-LUNG_ZONES = ("upper", "mid", "lower")
 _ZONE_CENTRE_V = {"upper": -0.52, "mid": -0.18, "lower": 0.16}  # apex -0.80, dome tops 0.38-0.42
 _ZONE_JITTER_V = 0.08
 LEVEL_FACTOR = {"minimal": 0.35, "small": 0.5, "mild": 0.5, "moderate": 0.75,
