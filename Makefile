@@ -65,7 +65,7 @@ demo: $(STAMP)
 # measured, the guidance sweep about 40 min and the acceptance 11 min more; its model card,
 # InstructX2XLib/src/instructx2x/resources/demo_model/README.md, has the measured figures):
 # pure pairs -> autoencoder + UNet + text encoder -> bundle -> guidance scales on validation pairs
-# -> acceptance of the bundled model on held-out pairs -> bundle again with the figures.
+# -> bundle with the chosen scales -> acceptance on held-out pairs -> bundle again with the figures.
 demo-model: $(STAMP)
 	@test ! -e $(DEMO_WORK) || { echo "$(DEMO_WORK) exists: remove it or set DEMO_WORK=..."; exit 2; }
 	mkdir -p $(DEMO_WORK)
@@ -78,6 +78,7 @@ demo-model: $(STAMP)
 	$(BIN)/python Training/scripts/bundle_demo_model.py $(DEMO_WORK)
 	$(BIN)/python Training/scripts/timed.py $(DEMO_WORK)/timing.json guidance_sweep -- \
 		$(BIN)/python Training/scripts/guidance_sweep.py $(DEMO_WORK)
+	$(BIN)/python Training/scripts/bundle_demo_model.py $(DEMO_WORK)
 	$(BIN)/python Training/scripts/timed.py $(DEMO_WORK)/timing.json acceptance -- \
 		$(BIN)/instructx2x-train evaluate-demo $(DEMO_WORK)/acceptance --model demo --ablation-count 48
 	$(BIN)/python Training/scripts/bundle_demo_model.py $(DEMO_WORK)

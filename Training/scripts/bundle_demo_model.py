@@ -6,9 +6,10 @@ recipe, acceptance figures and the commands that reproduce them).
 
 Usage: python bundle_demo_model.py WORK_FOLDER   (WORK_FOLDER/run/model, WORK_FOLDER/acceptance,
        WORK_FOLDER/guidance-sweep, WORK_FOLDER/timing.json as `make demo-model` leaves them).
-       Run it once after training (the sweep and the acceptance then measure the bundled model
-       with its card's sampling defaults) and again after the acceptance, to put its figures
-       into the card.
+       Run it after training (the sweep then measures the bundled model), after the sweep (the
+       card takes the guidance scales it chose, and the acceptance measures with them) and after
+       the acceptance, to put its figures into the card. It refuses to write figures measured
+       at other scales than the card's.
 """
 
 import json
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TARGET = ROOT / "InstructX2XLib" / "src" / "instructx2x" / "resources" / "demo_model"
 MAX_FILE = "20MB"
 FEW_STEP_SOLVER_STEPS = 10
-GUIDANCE_SCALES = (2.0, 1.5)  # s_T, s_I: the best of Training/scripts/guidance_sweep.py (card README)
+DEFAULT_GUIDANCE_SCALES = (2.0, 1.5)  # s_T, s_I until guidance_sweep.py has chosen (its sweep.json)
 NOTICE = "demonstration model trained on synthetic phantoms - not for clinical use"
 
 work = Path(sys.argv[1])
@@ -35,6 +36,15 @@ acceptance = (work / "acceptance" / "acceptance.md").read_text() if measured els
 report = json.loads((work / "acceptance" / "acceptance.json").read_text()) if measured else {"pairs": {"seed": "-"}}
 sweep_md = work / "guidance-sweep" / "sweep.md"
 sweep = sweep_md.read_text() if sweep_md.is_file() else "Not measured yet.\n"
+guidance_scales = DEFAULT_GUIDANCE_SCALES
+if (work / "guidance-sweep" / "sweep.json").is_file():
+    chosen = json.loads((work / "guidance-sweep" / "sweep.json").read_text())["chosen"]
+    guidance_scales = (chosen["guidance_scale"], chosen["image_guidance_scale"])
+if measured and (report["default_sampler"]["guidance_scale"], report["default_sampler"]["image_guidance_scale"]) \
+        != guidance_scales:
+    sys.exit(f"the acceptance was measured at s_T/s_I {report['default_sampler']['guidance_scale']:g}/"
+             f"{report['default_sampler']['image_guidance_scale']:g}, the card takes {guidance_scales[0]:g}/"
+             f"{guidance_scales[1]:g}: run the acceptance again (Makefile, demo-model).")
 timing = json.loads((work / "timing.json").read_text()) if (work / "timing.json").is_file() else {}
 vae_log = json.loads((work / "run" / "pretrained-vae" / "vae_log.json").read_text())
 
@@ -43,7 +53,7 @@ card.update({"name": "instructx2x-demo", "intended_use": NOTICE,
              # DPM-Solver++ 10 steps are best or tied on every acceptance figure (the sampler
              # table; at s_T 2, 3 steps come within 0.01 of 10 on accuracy)
              "few_step_solver_steps": FEW_STEP_SOLVER_STEPS,
-             "guidance_scale": GUIDANCE_SCALES[0], "image_guidance_scale": GUIDANCE_SCALES[1],
+             "guidance_scale": guidance_scales[0], "image_guidance_scale": guidance_scales[1],
              # trained on phantoms: its edits are measured by the classifiers trained on them
              "classifiers": "cohort-v2",
              "trained_on": f"cohort v2 pure pairs (instructx2x-train pure-pairs --pairs 6000 --resolution 128 "
@@ -95,7 +105,7 @@ takes {timing.get('guidance_sweep_minutes', '?')} min and the acceptance {timing
 
 ## Sampling defaults
 `model_card.json` sets what an edit uses where it names none: DPM-Solver++ {FEW_STEP_SOLVER_STEPS}
-steps and guidance s_T {GUIDANCE_SCALES[0]:g} / s_I {GUIDANCE_SCALES[1]:g} (the authors' 7.5 / 1.5 were tuned for
+steps and guidance s_T {guidance_scales[0]:g} / s_I {guidance_scales[1]:g} (the authors' 7.5 / 1.5 were tuned for
 Stable Diffusion). The scales were chosen on validation pairs of a seed used neither in
 training nor in the acceptance below (`python Training/scripts/guidance_sweep.py WORK`): the
 most finding x operation groups meeting the accuracy target, then the highest mean accuracy

@@ -51,26 +51,40 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 @functools.lru_cache(maxsize=1)
+def _cpu_vendor_and_flags() -> tuple[str, frozenset[str]]:
+    """The CPU's vendor ('Intel', 'AMD', or as /proc/cpuinfo spells it) and its flags."""
+    vendor, flags = "", frozenset()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("vendor_id") and not vendor:
+                    vendor = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = frozenset(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return {"GenuineIntel": "Intel", "AuthenticAMD": "AMD"}.get(vendor, vendor), flags
+
+
 def cpu_has_native_bf16() -> bool:
     """True when this CPU computes bf16 in hardware (AVX-512 BF16 or AMX), from its flags.
 
     Without those instructions oneDNN emulates bf16, about 10x slower than fp32 (SPEC 10).
     """
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
+    return bool(_cpu_vendor_and_flags()[1] & {"avx512_bf16", "amx_bf16"})
 
 
 def cpu_description() -> str:
-    """The CPU kind in a few words, printed beside every timing and stored in manifests."""
+    """The CPU kind in a few words, printed beside every timing and stored in manifests.
+
+    It names the vendor and the bf16 path: an Intel with AMX trained the demo model at 0.71 s
+    a step, an AMD with AVX-512 BF16 alone at 1.0 s, so a timing means little without it.
+    """
+    vendor, flags = _cpu_vendor_and_flags()
     capability = torch.backends.cpu.get_cpu_capability()
-    return f"{platform.machine()} {capability}{' +bf16' if cpu_has_native_bf16() else ''}"
+    bf16 = " +bf16 (AMX)" if "amx_bf16" in flags else " +bf16 (AVX-512 BF16)" if cpu_has_native_bf16() else ""
+    return " ".join(filter(None, (vendor, platform.machine(), capability))) + bf16
 
 
 def resolve_dtype(dtype: str, device: torch.device, parameter_count: int | None = None,
