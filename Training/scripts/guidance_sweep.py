@@ -25,8 +25,8 @@ from instructx2x.parameters import EditParameters
 from instructx2x.provenance import to_json
 from instructx2x_train.demo_acceptance import TARGETS, evaluate_demo
 
-# The authors' first (the reference), then down s_T. The demo models' sweeps fell monotonically
-# in accuracy with s_T and gained nothing from s_I 2, so 5, 3.5 and 4/2 were dropped (6 settings,
+# The authors' first (the reference), then down s_T. In the previous demo model's sweep accuracy
+# rose steadily as s_T fell, and s_I 2 gained nothing, so 5, 3.5 and 4/2 were dropped (6 settings,
 # about 30 min on 2 CPU cores).
 SETTINGS = ("7.5/1.5", "4/1.5", "3/1.5", "2.5/1.5", "2/1.5", "1.5/1.5")
 
