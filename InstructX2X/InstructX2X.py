@@ -144,7 +144,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- instruction ----------------------------------------------------------------------
     def _fillHelper(self) -> None:
         """Completion and the structured helper from the library's vocabulary (light import)."""
-        from instructx2x.instructions import FINDINGS, LEVEL_WORDS
+        from instructx2x.instructions import FINDINGS, LEVEL_WORDS, LUNG_ZONES
 
         completer = qt.QCompleter(instruction_completions())
         completer.setCaseSensitivity(qt.Qt.CaseInsensitive)
@@ -153,6 +153,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.operationCombo.addItems(list(OPERATIONS))
         self.ui.findingCombo.addItems(list(FINDINGS))
         self.ui.sideCombo.addItems(list(SIDES))
+        self.ui.zoneCombo.addItems(["", *LUNG_ZONES])
         for combo in (self.ui.fromLevelCombo, self.ui.toLevelCombo):
             combo.addItems(["", *LEVEL_WORDS])
 
@@ -160,7 +161,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.instructionEdit.text = self.logic.composeInstruction(
             self.ui.operationCombo.currentIndex, self.ui.findingCombo.currentText,
             self.ui.sideCombo.currentText, self.ui.fromLevelCombo.currentText,
-            self.ui.toLevelCombo.currentText)
+            self.ui.toLevelCombo.currentText, self.ui.zoneCombo.currentText)
 
     def onInputChanged(self, volume) -> None:
         """Paint on the selected radiograph: it becomes the Segment Editor's source volume."""
@@ -289,8 +290,8 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
 
     # -- instruction ----------------------------------------------------------------------
     @staticmethod
-    def composeInstruction(operation: int, finding: str, side: str, before: str, after: str) -> str:
-        return compose_instruction(OPERATIONS[operation], finding, side, before, after)
+    def composeInstruction(operation: int, finding: str, side: str, before: str, after: str, zone: str = "") -> str:
+        return compose_instruction(OPERATIONS[operation], finding, side, before, after, zone)
 
     @staticmethod
     def describeInstruction(text: str) -> str:

@@ -124,6 +124,8 @@ def test_settings_and_instruction_helpers():
     assert compose_instruction("Change the level of", "edema", "", "mild", "") == \
         "Change the level of edema from mild to severe"
     assert compose_instruction("Remove", "pneumothorax", "right") == "Remove the finding of right pneumothorax"
+    assert compose_instruction("Add", "consolidation", "left", "", "moderate", zone="lower") == \
+        "Add the finding of moderate left lower zone consolidation"  # cohort v2's wording
     assert compose_instruction("Add", "pleural effusion", "left", "", "moderate") == \
         "Add the finding of moderate left pleural effusion"
     described = describe_instruction("Add the finding of left pleural effusion")

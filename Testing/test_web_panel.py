@@ -173,6 +173,12 @@ def test_the_structured_helper_writes_the_instruction_and_it_is_parsed_live(pane
     panel._on_instruction(instruction=panel.state.instruction)
     assert panel.state.parsed.startswith("add: pleural effusion (left)")
     assert "pleural effusion" in panel.state.findings and "moderate" in panel.state.levels
+    panel.state.update({"compose_finding": "consolidation", "compose_zone": "lower"})
+    panel.compose()
+    assert panel.state.instruction == "Add the finding of moderate left lower zone consolidation"
+    panel._on_instruction(instruction=panel.state.instruction)
+    assert panel.state.parsed.startswith("add: consolidation (left, lower zone)")
+    assert panel.state.zones == ["", "upper", "mid", "lower"]
 
 
 def test_a_second_job_waits_with_its_position_shown(panel):

@@ -90,10 +90,12 @@ def describe_instruction(text: str) -> str:
     return f"{parsed.operation.value}: {findings}{where_text}. Region: {selection.reason}."
 
 
-def compose_instruction(operation: str, finding: str, side: str = "", before: str = "", after: str = "") -> str:
+def compose_instruction(operation: str, finding: str, side: str = "", before: str = "", after: str = "",
+                        zone: str = "") -> str:
     """An instruction in the training set's wording from the structured helper's choices
-    (``after`` is also the level of an added finding: "Add the finding of moderate left ...")."""
-    where = " ".join(word for word in (side, finding) if word)
+    (``after`` is also the level of an added finding: "Add the finding of moderate left ...";
+    ``zone`` names the lung zone of a focal opacity: "... left lower zone consolidation")."""
+    where = " ".join(word for word in (side, f"{zone} zone" if zone else "", finding) if word)
     if operation == OPERATIONS[2]:
         return f"Change the level of {where} from {before or 'mild'} to {after or 'severe'}"
     if operation == OPERATIONS[0] and after:

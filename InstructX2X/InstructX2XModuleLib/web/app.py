@@ -125,11 +125,12 @@ class WebPanel:
     @staticmethod
     def _helper_state() -> dict:
         """The structured helper's choices, from the library's vocabulary."""
-        from instructx2x.instructions import FINDINGS, LEVEL_WORDS
+        from instructx2x.instructions import FINDINGS, LEVEL_WORDS, LUNG_ZONES
 
         return {"operations": list(OPERATIONS), "findings": list(FINDINGS), "sides": list(SIDES),
-                "levels": ["", *LEVEL_WORDS], "compose_operation": OPERATIONS[0],
-                "compose_finding": "pleural effusion", "compose_side": "", "compose_from": "", "compose_to": ""}
+                "zones": ["", *LUNG_ZONES], "levels": ["", *LEVEL_WORDS], "compose_operation": OPERATIONS[0],
+                "compose_finding": "pleural effusion", "compose_side": "", "compose_zone": "", "compose_from": "",
+                "compose_to": ""}
 
     def compose(self) -> None:
         """The helper's choices as an instruction in the training set's wording."""
@@ -137,7 +138,7 @@ class WebPanel:
         with state:
             state.instruction = compose_instruction(state.compose_operation, state.compose_finding,
                                                     state.compose_side or "", state.compose_from or "",
-                                                    state.compose_to or "")
+                                                    state.compose_to or "", state.compose_zone or "")
 
     def settings(self) -> PanelSettings:
         """The page's controls as the shared session's settings (the session checks ranges)."""
@@ -484,6 +485,7 @@ class WebPanel:
                     for key, label, items in (("compose_operation", "Operation", "operations"),
                                               ("compose_finding", "Finding", "findings"),
                                               ("compose_side", "Side", "sides"),
+                                              ("compose_zone", "Lung zone (focal opacity)", "zones"),
                                               ("compose_from", "From level (change)", "levels"),
                                               ("compose_to", "To level (change; add: level)", "levels")):
                         v3.VSelect(v_model=(key,), items=(items,), label=label, density="compact", hide_details=True,
