@@ -8,7 +8,10 @@ neither in training (0) nor in the acceptance (1000), and the table goes into th
 The choice (``choose``): the most finding x operation groups meeting the accuracy target, then
 the highest mean accuracy reduction, among the settings whose direction and laterality rates
 (worst and mean) are not below the first setting's (the authors' 7.5 / 1.5 unless others are
-given). ``sweep.json`` records it, and ``bundle_demo_model.py`` writes it into the model card.
+given) by more than one binomial standard error of that rate: a group's rate rests on about 10
+edits and a finding's laterality on 20 trials, so one or two trials either way is noise, not
+a worse model. ``sweep.json`` records the choice, and ``bundle_demo_model.py`` writes it into
+the model card.
 
 Usage: python guidance_sweep.py WORK_FOLDER [--model demo] [--seed 3000] [S_T/S_I ...]
        (writes WORK_FOLDER/guidance-sweep/: pairs/, one folder per setting, sweep.json, sweep.md)
@@ -16,6 +19,7 @@ Usage: python guidance_sweep.py WORK_FOLDER [--model demo] [--seed 3000] [S_T/S_
 
 import argparse
 import json
+import math
 import signal
 import sys
 from pathlib import Path
@@ -32,10 +36,16 @@ SETTINGS = ("7.5/1.5", "4/1.5", "3/1.5", "2.5/1.5", "2/1.5", "1.5/1.5")
 
 
 def summary(report: dict) -> dict:
-    """The figures that decide: worst and mean over finding x operation, laterality, peak."""
+    """The figures that decide: worst and mean over finding x operation, laterality, peak; and
+    the trials each rests on (every edit of a finding with a side has one laterality trial)."""
     groups = report["per_finding_operation"].values()
     laterality = report["laterality_rate"].values()
+    edits = sum(g["edits"] for g in groups)
+    lateral_trials = sum(g["edits"] for name, g in report["per_finding_operation"].items()
+                         if name.split(" ", 1)[1] in report["laterality_rate"])
     return {
+        "edits_per_group": edits / len(groups), "edits": edits,
+        "trials_per_side_finding": lateral_trials / max(len(laterality), 1), "lateral_trials": lateral_trials,
         "direction_worst": min(g["direction_rate"] for g in groups),
         "direction_mean": sum(g["direction_rate"] for g in groups) / len(groups),
         "accuracy_worst": min(g["accuracy_reduction"] for g in groups),
@@ -47,10 +57,20 @@ def summary(report: dict) -> dict:
     }
 
 
+# each rate the choice must not lose, and the number of trials it rests on
+FLOORS = {"direction_worst": "edits_per_group", "direction_mean": "edits",
+          "laterality_worst": "trials_per_side_finding", "laterality_mean": "lateral_trials"}
+
+
 def choose(rows: list[dict]) -> dict:
     """The setting the model card takes (module docstring); the first row is the reference."""
-    floors = ("direction_worst", "direction_mean", "laterality_worst", "laterality_mean")
-    eligible = [row for row in rows if all(row[key] >= rows[0][key] for key in floors)]
+    reference = rows[0]
+
+    def floor(key: str) -> float:
+        rate, trials = reference[key], reference[FLOORS[key]]
+        return rate - math.sqrt(rate * (1 - rate) / trials)
+
+    eligible = [row for row in rows if all(row[key] >= floor(key) for key in FLOORS)]
     return max(eligible, key=lambda row: (row["accuracy_groups_met"], row["accuracy_mean"]))
 
 

@@ -14,16 +14,22 @@ def _sweep_module():
 
 
 def _row(s_t: float, **figures) -> dict:
-    row = {"guidance_scale": s_t, "image_guidance_scale": 1.5, "direction_worst": 0.7, "direction_mean": 0.9,
-           "laterality_worst": 0.6, "laterality_mean": 0.8, "accuracy_groups_met": 10, "accuracy_mean": 0.5}
+    """A sweep row of 160 edits in 16 groups, 120 laterality trials over 6 findings."""
+    row = {"guidance_scale": s_t, "image_guidance_scale": 1.5, "direction_worst": 0.7, "direction_mean": 0.95,
+           "laterality_worst": 0.7, "laterality_mean": 0.8, "accuracy_groups_met": 10, "accuracy_mean": 0.5,
+           "edits_per_group": 10, "edits": 160, "trials_per_side_finding": 20, "lateral_trials": 120}
     return {**row, **figures}
 
 
 def test_the_most_accurate_setting_wins_unless_it_loses_direction_or_side():
     choose = _sweep_module().choose
     authors = _row(7.5)
-    wrong_side = _row(3.0, accuracy_groups_met=14, laterality_mean=0.79)
-    better = _row(2.5, accuracy_groups_met=12, accuracy_mean=0.55)
-    tied_but_less_accurate = _row(2.0, accuracy_groups_met=12, accuracy_mean=0.52)
-    assert choose([authors, wrong_side, better, tied_but_less_accurate]) is better
-    assert choose([authors, _row(3.0, direction_worst=0.65, accuracy_groups_met=16)]) is authors
+    # laterality mean 0.8 rests on 120 trials: its standard error is 0.037
+    wrong_side = _row(3.0, accuracy_groups_met=14, laterality_mean=0.76)
+    better = _row(2.5, accuracy_groups_met=12, accuracy_mean=0.55, laterality_mean=0.77)
+    less_accurate = _row(2.0, accuracy_groups_met=12, accuracy_mean=0.52)
+    assert choose([authors, wrong_side, better, less_accurate]) is better
+    # the worst group's direction rests on 10 edits (standard error 0.145): 0.5 is a real loss
+    assert choose([authors, _row(3.0, direction_worst=0.5, accuracy_groups_met=16)]) is authors
+    # one trial fewer of the 20 for the worst finding's side is not
+    assert choose([authors, _row(3.0, laterality_worst=0.65, accuracy_groups_met=16)])["guidance_scale"] == 3.0
