@@ -61,8 +61,8 @@ demo: $(STAMP)
 	$(BIN)/instructx2x edit $(SAMPLE) --model $(MODEL) -i "$(INSTRUCTION)" \
 		$(if $(REFERENCE),--reference-mask $(REFERENCE)) -o out/demo-$$(date +%Y%m%d-%H%M%S)
 
-# Rebuild the bundled demo model from nothing (pairs and training 51 min on 2 idle CPU cores as last
-# measured, the guidance sweep about 40 min and the acceptance 11 min more; its model card,
+# Rebuild the bundled demo model from nothing (pairs and training 51 min on 2 idle Intel AMX cores,
+# about 65 min on 2 AMD AVX-512 BF16 cores; the guidance sweep 34 min and the acceptance 17 min more; its model card,
 # InstructX2XLib/src/instructx2x/resources/demo_model/README.md, has the measured figures):
 # pure pairs -> autoencoder + UNet + text encoder -> bundle -> guidance scales on validation pairs
 # -> bundle with the chosen scales -> acceptance on held-out pairs -> bundle again with the figures.

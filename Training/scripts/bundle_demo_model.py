@@ -46,6 +46,8 @@ if measured and (report["default_sampler"]["guidance_scale"], report["default_sa
              f"{report['default_sampler']['image_guidance_scale']:g}, the card takes {guidance_scales[0]:g}/"
              f"{guidance_scales[1]:g}: run the acceptance again (Makefile, demo-model).")
 timing = json.loads((work / "timing.json").read_text()) if (work / "timing.json").is_file() else {}
+total_minutes = round(timing["pairs_minutes"] + timing["training_minutes"], 1) \
+    if {"pairs_minutes", "training_minutes"} <= timing.keys() else "?"
 vae_log = json.loads((work / "run" / "pretrained-vae" / "vae_log.json").read_text())
 
 card = json.loads((model / "model_card.json").read_text())
@@ -100,7 +102,7 @@ UNet + text encoder ({config['steps']} steps of {config['batch']['per_device']},
 flips: the heart lies on the patient's left), guidance sweep, acceptance, bundling.
 Measured ({timing.get('cpu', 'CPU not recorded')}, 2 cores): pairs {timing.get('pairs_minutes', '?')} min,
 autoencoder + model {timing.get('training_minutes', '?')} min (of which the autoencoder
-{vae_log['seconds'] / 60:.1f} min), {timing.get('total_minutes', '?')} min in all; the guidance sweep
+{vae_log['seconds'] / 60:.1f} min), {total_minutes} min in all; the guidance sweep
 takes {timing.get('guidance_sweep_minutes', '?')} min and the acceptance {timing.get('acceptance_minutes', '?')} min more. {timing.get('note', '')}
 
 ## Sampling defaults
@@ -110,7 +112,8 @@ Stable Diffusion). The scales were chosen on validation pairs of a seed used nei
 training nor in the acceptance below (`python Training/scripts/guidance_sweep.py WORK`): the
 most finding x operation groups meeting the accuracy target, then the highest mean accuracy
 reduction, among the settings whose direction and laterality rates (worst and mean) are not
-below the authors' (a finding's laterality rate moves in steps of 0.05: 20 side trials).
+below the authors' by more than one binomial standard error of theirs (a group's direction rests
+on 10 edits, a finding's laterality on 20 side trials: a trial or two is noise).
 
 {sweep}
 ## Acceptance (held-out pure pairs, seed {report['pairs']['seed']}, never used in training)
