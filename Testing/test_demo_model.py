@@ -1,12 +1,13 @@
 """The bundled demo model: it loads with no network, says what it is, and passes a quick
 version of its acceptance on held-out pure pairs (docs: its model card)."""
 
+import json
 import socket
 
 import pytest
 
 from instructx2x.errors import ParameterError
-from instructx2x.loading import demo_model_path, load_pipeline
+from instructx2x.loading import MODEL_CARD_NAME, demo_model_path, load_pipeline
 from instructx2x_train.demo_acceptance import TARGETS, evaluate_demo
 
 
@@ -48,9 +49,10 @@ def test_quick_acceptance_direction_locality_and_identity(quick):
     assert overall["direction_rate"] >= 0.8
     assert overall["image_coverage"] <= TARGETS.image_coverage
     assert overall["lesion_coverage"] >= TARGETS.lesion_coverage
-    # with the card's guidance (s_T 2) the error to the truth falls by 0.59 here; with the
-    # authors' s_T 7.5 it fell by 0.28, so this also fails if the card's defaults were dropped
-    assert report["default_sampler"]["guidance_scale"] == 2.0
+    # the edit runs with the card's guidance (chosen by the sweep), not the authors' s_T 7.5, at
+    # which the error to the truth falls far less (model card, "Sampling defaults")
+    card = json.loads((demo_model_path() / MODEL_CARD_NAME).read_text())
+    assert report["default_sampler"]["guidance_scale"] == card["guidance_scale"] != 7.5
     assert overall["accuracy_reduction"] >= 0.45
     edits = pd.read_csv(folder / "edits.csv")
     # a local edit: the lesion changes an order of magnitude more than the rest of the film
