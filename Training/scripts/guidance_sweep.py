@@ -45,7 +45,7 @@ def summary(report: dict) -> dict:
                          if name.split(" ", 1)[1] in report["laterality_rate"])
     return {
         "edits_per_group": edits / len(groups), "edits": edits,
-        "trials_per_side_finding": lateral_trials / max(len(laterality), 1), "lateral_trials": lateral_trials,
+        "trials_per_side_finding": lateral_trials / len(laterality), "lateral_trials": lateral_trials,
         "direction_worst": min(g["direction_rate"] for g in groups),
         "direction_mean": sum(g["direction_rate"] for g in groups) / len(groups),
         "accuracy_worst": min(g["accuracy_reduction"] for g in groups),
