@@ -61,9 +61,24 @@ def test_quick_acceptance_direction_locality_and_identity(quick):
 
 def test_quick_acceptance_knows_left_from_right(quick):
     # 36 side trials: a model blind to the side (rate 0.5) reaches 0.65 with probability 3 %;
-    # the bundled model's full acceptance measures 0.74 on 120 trials (model card).
+    # the bundled model's full acceptance measures 0.82 on 120 trials (model card).
     rates = quick[0]["laterality_rate"]
     assert len(rates) == 6 and sum(rates.values()) / len(rates) >= 0.65
+
+
+def test_quick_acceptance_says_what_a_perfect_model_would_score(quick):
+    """A removal's truth is the input's own film without the finding: a perfect model meets it
+    exactly. A focal opacity's site within its zone is not in the instruction: even a perfect
+    model's addition misses part of the true lesion."""
+    report, folder = quick
+    perfect = report["perfect_model"]["per_finding_operation"]
+    assert report["perfect_model"]["draws"] == 4 and perfect.keys() == report["per_finding_operation"].keys()
+    for group, figures in perfect.items():
+        if group.startswith("remove"):
+            assert figures["accuracy_reduction"] == 1.0 and figures["direction_rate"] == 1.0, group
+    for finding in ("consolidation", "pneumonia", "lung opacity"):
+        assert perfect[f"add {finding}"]["accuracy_reduction"] < 0.9, finding
+    assert "perfect model: direction / accuracy / peak" in (folder / "acceptance.md").read_text()
 
 
 def test_a_folder_that_is_not_pure_pairs_is_refused_before_the_model_loads(tmp_path):
@@ -72,4 +87,6 @@ def test_a_folder_that_is_not_pure_pairs_is_refused_before_the_model_loads(tmp_p
         evaluate_demo("no-such-model", tmp_path / "report", pairs=tmp_path / "films")
     with pytest.raises(ParameterError, match="image_guidance_scale must lie in"):
         evaluate_demo("no-such-model", tmp_path / "report", image_guidance_scale=-1.0)
+    with pytest.raises(ValueError, match="perfect_model_draws must be >= 0"):
+        evaluate_demo("no-such-model", tmp_path / "report", perfect_model_draws=-1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["films"]

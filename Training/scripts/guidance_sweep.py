@@ -84,7 +84,7 @@ def main() -> None:
     try:
         scales = [(float(text.split("/")[0]), float(text.split("/")[1])) for text in args.settings]
         for s_t, s_i in scales:  # refused before any folder is made or model loaded
-            EditParameters("-", guidance_scale=s_t, image_guidance_scale=s_i)
+            EditParameters("-", guidance_scale=s_t, image_guidance_scale=s_i, perfect_model_draws=0)
     except IndexError:
         parser.error("settings are S_T/S_I pairs such as 3.5/1.5")
     except ValueError as error:
@@ -97,7 +97,7 @@ def main() -> None:
         for s_t, s_i in scales:
             run = staging / f"s_T{s_t:g}-s_I{s_i:g}"
             report = evaluate_demo(args.model, run, pairs=pairs, seed=args.seed, ablation_count=0,
-                                   guidance_scale=s_t, image_guidance_scale=s_i)
+                                   guidance_scale=s_t, image_guidance_scale=s_i, perfect_model_draws=0)
             pairs = pairs or run / "pairs"
             rows.append({"guidance_scale": s_t, "image_guidance_scale": s_i, **summary(report)})
             print(json.dumps(rows[-1]), flush=True)

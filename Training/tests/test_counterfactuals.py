@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from instructx2x.instructions import parse_instruction
-from instructx2x_train.counterfactuals import PurePairsConfig, insert_finding, write_pure_pairs
+from instructx2x_train.counterfactuals import (PurePairsConfig, insert_finding, pairs_config, plausible_targets,
+                                              write_pure_pairs)
 from instructx2x_train.phantom import (LATERALISED_FINDINGS, LUNG_ZONES, RENDERED_FINDINGS, ZONED_FINDINGS,
                                        Anatomy, FindingState, Pose, draw_finding, render_attenuation,
                                        render_frontal)
@@ -93,6 +94,33 @@ def test_a_focal_opacity_lies_in_the_lung_zone_its_instruction_names(name, pairs
         assert parse_instruction(row.instruction).zones == ((row.zone,) if row.zone else ())  # the library reads it
     with pytest.raises(ValueError, match="zone must be one of upper, mid, lower"):
         FindingState(name, "mild", zone="apical")
+
+
+def test_plausible_targets_redraw_only_what_the_instruction_leaves_open(pairs):
+    """A removal's target and an effusion's (sited by anatomy) are what the instruction says; a
+    focal opacity's moves within its side and zone, on the same patient, pose and noise."""
+    config = pairs_config(pairs)
+    assert config == PurePairsConfig(pairs=32, seed=5, resolution=96)
+    truth = pd.read_csv(pairs / "truth.csv", dtype=str, keep_default_na=False).set_index("pair_id")
+    for pair_id, row in truth.iterrows():
+        current = _film(pairs, "current", pair_id)
+        drawn = plausible_targets(config, pair_id, 2)
+        as_written = [np.round(d * 255).astype(np.uint8) for d in drawn]
+        if row.operation == "remove" or row.finding in ("pleural effusion", "cardiomegaly", "pneumothorax",
+                                                        "atelectasis"):
+            assert all(np.array_equal(d, current) for d in as_written), (pair_id, row.finding)
+        elif row.finding in ZONED_FINDINGS:
+            past = _film(pairs, "past", pair_id)
+            with np.load(pairs / "current" / f"{pair_id}.masks.npz") as masks:
+                rows_of_lesion = np.nonzero(masks[row.finding])[0]
+            for d in as_written:
+                assert not np.array_equal(d, current), pair_id
+                changed = np.nonzero(d != past)
+                assert (changed[1].mean() > 48) == (row.side == "left"), pair_id
+                assert abs(changed[0].mean() - rows_of_lesion.mean()) < 0.1 * 96, pair_id  # the same zone
+            assert not np.array_equal(as_written[0], as_written[1])
+    with pytest.raises(ValueError, match="not written with seed 6"):
+        plausible_targets(PurePairsConfig(pairs=32, seed=6, resolution=96), "0005-0000001", 1)
 
 
 @pytest.mark.parametrize("name", RENDERED_FINDINGS)

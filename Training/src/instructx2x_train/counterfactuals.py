@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 from instructx2x.outputs import atomic_output_dir
 
 from .phantom import (LATERALISED_FINDINGS, RACES, RENDERED_FINDINGS, ZONED_FINDINGS, Anatomy, FindingState,
-                      Pose, draw_finding, finding_masks, form_film, render_attenuation)
+                      Pose, draw_finding, finding_masks, form_film, redraw_site, render_attenuation)
 
 __all__ = ["PurePairsConfig", "write_pure_pairs", "instruction_for", "OPERATIONS", "insert_finding",
-           "TRUTH_COLUMNS"]
+           "TRUTH_COLUMNS", "plausible_targets", "pairs_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -195,26 +195,71 @@ def _background_pair(config: PurePairsConfig, index: int, target: FindingState, 
         {"age": "", "sex": "", "race": "", "background": path.name}
 
 
-def _pair(args: tuple[PurePairsConfig, int, Path, str, list[Path]]) -> dict:
-    config, index, root, split, backgrounds = args
+def _render(config: PurePairsConfig, index: int, backgrounds: list[Path], redraw: int | None = None):
+    """Pair ``index``: its operation, findings, films with masks and patient. ``redraw`` (a draw
+    number) puts the instructed finding at another site of its zone with another texture."""
     rng = np.random.default_rng([config.seed, index])
     operation, target, other = _plan(config, index, rng)
+    if redraw is not None:
+        target = redraw_site(target, np.random.default_rng([config.seed, index, 1, redraw]))
     if config.backgrounds:
         other = None
         without, with_finding, who = _background_pair(config, index, target, backgrounds)
     else:
         without, with_finding, who = _phantom_pair(config, rng, target, other)
     past, current = (without, with_finding) if operation == "add" else (with_finding, without)
-    pair_id = f"{config.seed:04d}-{index:07d}"
+    return operation, target, other, past, current, who
+
+
+def _pixels(image: np.ndarray) -> np.ndarray:
+    """The bytes a film is written as."""
+    return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
+
+
+def _pair_id(config: PurePairsConfig, index: int) -> str:
+    return f"{config.seed:04d}-{index:07d}"
+
+
+def _pair(args: tuple[PurePairsConfig, int, Path, str, list[Path]]) -> dict:
+    config, index, root, split, backgrounds = args
+    operation, target, other, past, current, who = _render(config, index, backgrounds)
+    pair_id = _pair_id(config, index)
     for kind, (image, masks) in (("past", past), ("current", current)):
-        pixels = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
-        Image.fromarray(pixels).save(root / kind / f"{pair_id}.png")
+        Image.fromarray(_pixels(image)).save(root / kind / f"{pair_id}.png")
         np.savez_compressed(root / kind / f"{pair_id}.masks.npz", **masks)
     return {"pair_id": pair_id, "split": split, "operation": operation, "finding": target.name,
             "side": target.side if target.name in LATERALISED_FINDINGS else "",
             "zone": target.zone if target.name in ZONED_FINDINGS else "",
             "level": target.level, "instruction": instruction_for(operation, target), **who,
             "other_finding": other.name if other else ""}
+
+
+def plausible_targets(config: PurePairsConfig, pair_id: str, draws: int) -> list[np.ndarray]:
+    """Targets as right as the pair's own for its instruction: the same patient, pose and noise
+    with the instructed finding drawn again at another site of its zone with another texture.
+
+    An instruction names a focal opacity's level, side and zone, not where in the zone it lies
+    nor its pattern, so a perfect model of these pairs would give one of these. Measured
+    against the pair's target as if they were edits, they bound what any model can score
+    (the acceptance's "perfect model" figures). Films as written (float32 in [0, 1]).
+    """
+    index = int(pair_id.rsplit("-", 1)[1])
+    if pair_id != _pair_id(config, index):
+        raise ValueError(f"pair {pair_id} was not written with seed {config.seed}.")
+    backgrounds = _background_files(config.backgrounds) if config.backgrounds else []
+    return [_pixels(_render(config, index, backgrounds, draw)[4][0]).astype(np.float32) / 255
+            for draw in range(draws)]
+
+
+def pairs_config(root: str | Path) -> PurePairsConfig | None:
+    """The settings that wrote a pure-pairs folder (its manifest); None for films inserted into
+    backgrounds, whose folder the manifest names but does not locate."""
+    settings = json.loads((Path(root) / "manifest.json").read_text())["settings"]
+    if settings["backgrounds"]:
+        return None
+    fields = {f.name for f in dataclasses.fields(PurePairsConfig)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items() if k in fields}
+    return PurePairsConfig(**values)
 
 
 def write_pure_pairs(output: str | Path, config: PurePairsConfig) -> dict:

@@ -15,7 +15,11 @@ true lesion mask, an edit can be measured directly:
   of them inside);
 - identity: outside the edit mask the output equals the input exactly.
 
-The same figures are repeated for the four region modes and for several samplers.
+The same figures are repeated for the four region modes and for several samplers. Beside the
+model's, each finding x operation has a perfect model's figures: targets as right as the pair's
+own for its instruction (``plausible_targets``: the focal opacity at another site of its zone,
+with another texture) measured as edits, their change standing for the guidance map. Where the
+instruction leaves the lesion open, no model can reach what the truth of one pair asks.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from instructx2x.outputs import atomic_output_dir
 from instructx2x.parameters import EditParameters, RegionMode
 from instructx2x.provenance import to_json
 
-from .counterfactuals import PurePairsConfig, write_pure_pairs
+from .counterfactuals import PurePairsConfig, pairs_config, plausible_targets, write_pure_pairs
 
 __all__ = ["AcceptanceTargets", "evaluate_demo", "measure_edit", "lesion_mask", "TARGETS"]
 
@@ -142,7 +146,8 @@ def _verdicts(overall: dict, per_group: dict, laterality: dict) -> dict:
 def evaluate_demo(model: str, output: str | Path, *, pairs: str | Path | None = None, seed: int = 1000,
                   count: int = 160, resolution: int = 256, ablation_count: int | None = None,
                   samplers: tuple = SAMPLERS, guidance_scale: float | None = None,
-                  image_guidance_scale: float | None = None, progress_bar: bool = True) -> dict:
+                  image_guidance_scale: float | None = None, perfect_model_draws: int = 4,
+                  progress_bar: bool = True) -> dict:
     """Measure ``model`` on held-out pure pairs and write ``acceptance.json``/``.md`` and figures.
 
     Parameters
@@ -159,6 +164,9 @@ def evaluate_demo(model: str, output: str | Path, *, pairs: str | Path | None = 
     guidance_scale, image_guidance_scale: float | None
         s_T and s_I of every edit (None: the model's defaults), to choose a model's defaults on
         validation pairs (``Training/scripts/guidance_sweep.py``).
+    perfect_model_draws: int
+        Plausible targets per pair for the perfect model's figures (0: none; none either for
+        films inserted into backgrounds).
     """
     from instructx2x.editor import InstructX2XEditor
     from instructx2x.schedulers import make_scheduler
@@ -172,6 +180,8 @@ def evaluate_demo(model: str, output: str | Path, *, pairs: str | Path | None = 
     edit_parameters = functools.partial(EditParameters, guidance_scale=guidance_scale,
                                         image_guidance_scale=image_guidance_scale)
     edit_parameters(instruction="-")  # a bad scale is refused before the model loads
+    if perfect_model_draws < 0:
+        raise ValueError(f"perfect_model_draws must be >= 0, got {perfect_model_draws}.")
     editor = InstructX2XEditor.from_model(model)
     with atomic_output_dir(output) as staging:
         if pairs is None:
@@ -181,9 +191,10 @@ def evaluate_demo(model: str, output: str | Path, *, pairs: str | Path | None = 
             root = staging / "pairs"
         else:
             root = Path(pairs)
+        written_by = pairs_config(root) if perfect_model_draws else None
         truth = pd.read_csv(root / "truth.csv", dtype=str, keep_default_na=False)
         ablation_ids = set(truth.pair_id[: len(truth) if ablation_count is None else ablation_count])
-        rows, lateral_rows, mode_rows, sampler_rows, figure = [], [], [], [], []
+        rows, perfect_rows, lateral_rows, mode_rows, sampler_rows, figure = [], [], [], [], [], []
         default_scheduler = editor.pipeline.scheduler
         bar = tqdm(truth.itertuples(), total=len(truth), desc="edits", disable=not progress_bar)
         for pair in bar:
@@ -197,6 +208,9 @@ def evaluate_demo(model: str, output: str | Path, *, pairs: str | Path | None = 
             result = editor.edit(image, edit_parameters(instruction=pair.instruction))
             figures = measure_edit(past, target, result.edited, lesion, result.edit_mask, result.guidance_map)
             rows.append({**who, **figures, "seconds": time.perf_counter() - started})
+            if written_by is not None:
+                perfect_rows += [{**who, **measure_edit(past, target, plausible, lesion, guidance=np.abs(plausible - past))}
+                                 for plausible in plausible_targets(written_by, pair.pair_id, perfect_model_draws)]
             if len(figure) < 8 and pair.operation == "add" and len({f["finding"] for f in figure} | {pair.finding}) > len(figure):
                 figure.append({"finding": pair.finding, "past": past, "edited": result.edited,
                                "truth": target, "guidance": result.guidance_map, "lesion": lesion})
@@ -234,6 +248,10 @@ def evaluate_demo(model: str, output: str | Path, *, pairs: str | Path | None = 
             "default_sampler": {"name": type(default_scheduler).__name__,
                                 **editor.sampling(edit_parameters(instruction="-"))},
             "targets": dataclasses.asdict(TARGETS), "overall": overall, "per_finding_operation": per_group,
+            "perfect_model": {"draws": perfect_model_draws, "per_finding_operation": {
+                f"{op} {finding}": _summary(group)
+                for (finding, op), group in pd.DataFrame(perfect_rows).groupby(["finding", "operation"], sort=True)}}
+            if perfect_rows else {},
             "laterality_rate": laterality,
             "region_modes": {mode: _summary(group) for mode, group in pd.DataFrame(mode_rows).groupby("mode")}
             if mode_rows else {},
@@ -276,11 +294,21 @@ def acceptance_markdown(report: dict) -> str:
     for name, verdict in report["verdicts"].items():
         lines.append(f"| {name} | {verdict['measured']:.3f} | {verdict['target']:.2f} | "
                      f"{'yes' if verdict['met'] else 'NO'} |")
+    perfect = report["perfect_model"].get("per_finding_operation", {})
     lines += ["", "| finding, operation | edits | direction | accuracy reduction | lesion coverage | "
-              "image coverage | peak in lesion |", "|---|---|---|---|---|---|---|"]
+              "image coverage | peak in lesion |" + (" perfect model: direction / accuracy / peak |" if perfect else ""),
+              "|---|---|---|---|---|---|---|" + ("---|" if perfect else "")]
     for name, g in report["per_finding_operation"].items():
-        lines.append(f"| {name} | {g['edits']} | {g['direction_rate']:.2f} | {g['accuracy_reduction']:.2f} | "
-                     f"{g['lesion_coverage']:.2f} | {g['image_coverage']:.2f} | {g['peak_in_lesion_rate']:.2f} |")
+        line = (f"| {name} | {g['edits']} | {g['direction_rate']:.2f} | {g['accuracy_reduction']:.2f} | "
+                f"{g['lesion_coverage']:.2f} | {g['image_coverage']:.2f} | {g['peak_in_lesion_rate']:.2f} |")
+        if perfect:
+            p = perfect[name]
+            line += f" {p['direction_rate']:.2f} / {p['accuracy_reduction']:.2f} / {p['peak_in_lesion_rate']:.2f} |"
+        lines.append(line)
+    if perfect:
+        lines += ["", f"Perfect model: {report['perfect_model']['draws']} targets a pair as right as the pair's "
+                  "own for its instruction (the focal opacity at another site of its zone, with another "
+                  "texture), measured as edits; what the instruction leaves open bounds every model's figures."]
     if report["laterality_rate"]:
         lines += ["", "| finding | laterality (narrowing off) |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in report["laterality_rate"].items()]

@@ -23,7 +23,7 @@ from scipy import ndimage
 from instructx2x.instructions import LUNG_ZONES
 
 __all__ = ["Pose", "Anatomy", "FindingState", "RENDERED_FINDINGS", "LATERALISED_FINDINGS",
-           "ZONED_FINDINGS", "LUNG_ZONES", "draw_finding", "LEVEL_FACTOR", "DEMOGRAPHIC_TRACES",
+           "ZONED_FINDINGS", "LUNG_ZONES", "draw_finding", "redraw_site", "LEVEL_FACTOR", "DEMOGRAPHIC_TRACES",
            "render_frontal", "render_attenuation", "form_film", "finding_masks", "render_lateral",
            "level_words", "RACES"]
 
@@ -136,6 +136,13 @@ def draw_finding(rng: np.random.Generator, name: str, side: str) -> FindingState
     zone = str(rng.choice(LUNG_ZONES))
     return FindingState(name, str(rng.choice(level_words(name))), side, location,
                         int(rng.integers(0, 2**31)), zone)
+
+
+def redraw_site(finding: FindingState, rng: np.random.Generator) -> FindingState:
+    """The finding as its instruction names it (name, level, side, zone) at another site of its
+    zone with another texture: what the instruction leaves open, drawn as ``draw_finding`` does."""
+    location = (float(rng.uniform(-1, 1)), float(rng.uniform(-1, 1)))
+    return dataclasses.replace(finding, location=location, seed=int(rng.integers(0, 2**31)))
 
 
 def level_words(finding: str) -> tuple[str, ...]:
