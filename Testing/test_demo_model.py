@@ -62,8 +62,17 @@ def test_quick_acceptance_direction_locality_and_identity(quick):
 def test_quick_acceptance_knows_left_from_right(quick):
     # 36 side trials: a model blind to the side (rate 0.5) reaches 0.65 with probability 3 %;
     # the bundled model's full acceptance measures 0.82 on 120 trials (model card).
-    rates = quick[0]["laterality_rate"]
+    import pandas as pd
+
+    report, folder = quick
+    rates = report["laterality_rate"]
     assert len(rates) == 6 and sum(rates.values()) / len(rates) >= 0.65
+    # every side trial is kept, so a miss can be traced to its pair and operation
+    trials = pd.read_csv(folder / "laterality.csv")
+    assert len(trials) == 36 and sorted(trials.operation.value_counts()) == [18, 18]
+    for finding, by_operation in report["laterality_rate_by_operation"].items():
+        assert by_operation.keys() == {"add", "remove"}
+        assert rates[finding] == pytest.approx(sum(by_operation.values()) / 2)  # 3 trials each
 
 
 def test_quick_acceptance_says_what_a_perfect_model_would_score(quick):

@@ -218,7 +218,9 @@ def evaluate_demo(model: str, output: str | Path, *, pairs: str | Path | None = 
                 unnarrowed = editor.edit(image, edit_parameters(instruction=pair.instruction,
                                                                 lateralize_prior=False))
                 lateral = measure_edit(past, target, unnarrowed.edited, lesion)
-                lateral_rows.append({**who, "ok": lateral["change_in_lesion"] > lateral["change_mirrored"]})
+                lateral_rows.append({**who, "change_in_lesion": lateral["change_in_lesion"],
+                                     "change_mirrored": lateral["change_mirrored"],
+                                     "ok": lateral["change_in_lesion"] > lateral["change_mirrored"]})
             if pair.pair_id not in ablation_ids:
                 continue
             for mode in RegionMode:
@@ -236,10 +238,12 @@ def evaluate_demo(model: str, output: str | Path, *, pairs: str | Path | None = 
         edits = pd.DataFrame(rows)
         per_group = {f"{op} {finding}": _summary(group)
                      for (finding, op), group in edits.groupby(["finding", "operation"], sort=True)}
-        laterality = {}
+        laterality, laterality_by_operation = {}, {}
         if lateral_rows:
             lateral = pd.DataFrame(lateral_rows)
             laterality = {finding: float(group.ok.mean()) for finding, group in lateral.groupby("finding")}
+            laterality_by_operation = {finding: {op: float(trials.ok.mean()) for op, trials in group.groupby("operation")}
+                                       for finding, group in lateral.groupby("finding")}
         overall = _summary(edits)
         report = {
             "model": editor.model_info.to_dict(), "precision": editor.precision,
@@ -252,7 +256,7 @@ def evaluate_demo(model: str, output: str | Path, *, pairs: str | Path | None = 
                 f"{op} {finding}": _summary(group)
                 for (finding, op), group in pd.DataFrame(perfect_rows).groupby(["finding", "operation"], sort=True)}}
             if perfect_rows else {},
-            "laterality_rate": laterality,
+            "laterality_rate": laterality, "laterality_rate_by_operation": laterality_by_operation,
             "region_modes": {mode: _summary(group) for mode, group in pd.DataFrame(mode_rows).groupby("mode")}
             if mode_rows else {},
             "samplers": {name: _summary(group) for name, group in pd.DataFrame(sampler_rows).groupby("sampler", sort=False)}
@@ -262,6 +266,8 @@ def evaluate_demo(model: str, output: str | Path, *, pairs: str | Path | None = 
         (staging / "acceptance.json").write_text(to_json(report) + "\n")
         (staging / "acceptance.md").write_text(acceptance_markdown(report))
         edits.to_csv(staging / "edits.csv", index=False)
+        if lateral_rows:
+            lateral.to_csv(staging / "laterality.csv", index=False)
         if figure:
             _figure(figure).save(staging / "examples.png")
     return report
@@ -310,8 +316,11 @@ def acceptance_markdown(report: dict) -> str:
                   "own for its instruction (the focal opacity at another site of its zone, with another "
                   "texture), measured as edits; what the instruction leaves open bounds every model's figures."]
     if report["laterality_rate"]:
-        lines += ["", "| finding | laterality (narrowing off) |", "|---|---|"]
-        lines += [f"| {k} | {v:.2f} |" for k, v in report["laterality_rate"].items()]
+        lines += ["", "| finding | laterality (narrowing off) | adding | removing |", "|---|---|---|---|"]
+        for finding, rate in report["laterality_rate"].items():
+            by_operation = report["laterality_rate_by_operation"][finding]
+            lines.append(f"| {finding} | {rate:.2f} | " + " | ".join(
+                format(by_operation[op], ".2f") if op in by_operation else "-" for op in ("add", "remove")) + " |")
     for title, key in (("region mode", "region_modes"), ("sampler", "samplers")):
         if report[key]:
             lines += ["", f"| {title} | direction | accuracy reduction | lesion coverage | image coverage | "
