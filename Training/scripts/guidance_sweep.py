@@ -84,7 +84,7 @@ def main() -> None:
     try:
         scales = [(float(text.split("/")[0]), float(text.split("/")[1])) for text in args.settings]
         for s_t, s_i in scales:  # refused before any folder is made or model loaded
-            EditParameters("-", guidance_scale=s_t, image_guidance_scale=s_i, perfect_model_draws=0)
+            EditParameters("-", guidance_scale=s_t, image_guidance_scale=s_i)
     except IndexError:
         parser.error("settings are S_T/S_I pairs such as 3.5/1.5")
     except ValueError as error:

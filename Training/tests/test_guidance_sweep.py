@@ -33,3 +33,14 @@ def test_the_most_accurate_setting_wins_unless_it_loses_direction_or_side():
     assert choose([authors, _row(3.0, direction_worst=0.5, accuracy_groups_met=16)]) is authors
     # one trial fewer of the 20 for the worst finding's side is not
     assert choose([authors, _row(3.0, laterality_worst=0.65, accuracy_groups_met=16)])["guidance_scale"] == 3.0
+
+
+def test_bad_settings_are_refused_before_anything_is_made(tmp_path):
+    import subprocess
+    import sys
+
+    for settings, message in ((["4/-1"], "image_guidance_scale must lie in"), (["4"], "settings are S_T/S_I pairs")):
+        done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), *settings, "--model", "no-such-model"],
+                              capture_output=True, text=True)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert list(tmp_path.iterdir()) == []
