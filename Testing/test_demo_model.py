@@ -99,3 +99,17 @@ def test_a_folder_that_is_not_pure_pairs_is_refused_before_the_model_loads(tmp_p
     with pytest.raises(ValueError, match="perfect_model_draws must be >= 0"):
         evaluate_demo("no-such-model", tmp_path / "report", perfect_model_draws=-1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["films"]
+
+
+
+def test_what_the_perfect_model_needs_is_checked_before_the_model_loads(tmp_path_factory):
+    """A pairs folder without the manifest that says how it was drawn, or pairs that could not
+    be generated, are refused with a specific error before the model loads; nothing is written."""
+    tmp_path = tmp_path_factory.mktemp("refused")
+    (tmp_path / "pairs").mkdir()
+    (tmp_path / "pairs" / "truth.csv").write_text("pair_id\n")
+    with pytest.raises(FileNotFoundError, match="pairs has no manifest.json"):
+        evaluate_demo("no-such-model", tmp_path / "report", pairs=tmp_path / "pairs")
+    with pytest.raises(ValueError, match="pairs must be >= 1"):
+        evaluate_demo("no-such-model", tmp_path / "report", count=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs"]

@@ -254,7 +254,11 @@ def plausible_targets(config: PurePairsConfig, pair_id: str, draws: int) -> list
 def pairs_config(root: str | Path) -> PurePairsConfig | None:
     """The settings that wrote a pure-pairs folder (its manifest); None for films inserted into
     backgrounds, whose folder the manifest names but does not locate."""
-    settings = json.loads((Path(root) / "manifest.json").read_text())["settings"]
+    manifest = Path(root) / "manifest.json"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{Path(root).name} has no manifest.json: make the folder with "
+                                "`instructx2x-train pure-pairs`.")
+    settings = json.loads(manifest.read_text())["settings"]
     if settings["backgrounds"]:
         return None
     fields = {f.name for f in dataclasses.fields(PurePairsConfig)}

@@ -182,16 +182,16 @@ def evaluate_demo(model: str, output: str | Path, *, pairs: str | Path | None = 
     edit_parameters(instruction="-")  # a bad scale is refused before the model loads
     if perfect_model_draws < 0:
         raise ValueError(f"perfect_model_draws must be >= 0, got {perfect_model_draws}.")
+    generated = PurePairsConfig(pairs=count, seed=seed, resolution=resolution, split="test",
+                                other_finding_probability=0.0) if pairs is None else None
+    written_by = (generated or pairs_config(pairs)) if perfect_model_draws else None
     editor = InstructX2XEditor.from_model(model)
     with atomic_output_dir(output) as staging:
-        if pairs is None:
-            write_pure_pairs(staging / "pairs", PurePairsConfig(
-                pairs=count, seed=seed, resolution=resolution, split="test",
-                other_finding_probability=0.0))
+        if generated is not None:
+            write_pure_pairs(staging / "pairs", generated)
             root = staging / "pairs"
         else:
             root = Path(pairs)
-        written_by = pairs_config(root) if perfect_model_draws else None
         truth = pd.read_csv(root / "truth.csv", dtype=str, keep_default_na=False)
         ablation_ids = set(truth.pair_id[: len(truth) if ablation_count is None else ablation_count])
         rows, perfect_rows, lateral_rows, mode_rows, sampler_rows, figure = [], [], [], [], [], []
