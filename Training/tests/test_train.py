@@ -440,6 +440,18 @@ def test_change_weights_mark_every_latent_cell_the_region_touches():
     assert torch.equal(weights, expected)
 
 
+def test_mirror_weights_mark_the_other_side_only_where_the_region_is_not():
+    regions = torch.zeros(2, 1, 16, 16, dtype=torch.bool)
+    regions[0, 0, 5, 1] = True  # cell (1, 0); its mirror is cell (1, 3)
+    regions[1, 0, 8:, 4:12] = True  # cells (2..3, 1..2): symmetric, so no mirror cell is left
+    weights = change_weights(regions, (4, 4), 9.0, mirror_weight=3.0)
+    expected = torch.ones(2, 1, 4, 4)
+    expected[0, 0, 1, 0] = 10.0
+    expected[0, 0, 1, 3] = 4.0
+    expected[1, 0, 2:, 1:3] = 10.0
+    assert torch.equal(weights, expected)
+
+
 def test_change_region_weighting_trains_on_pure_pairs_and_needs_masks(built, pure_pairs, tmp_path):
     """The weighted objective runs end to end, changes the loss, and a dataset without masks is
     refused before anything is written."""

@@ -9,7 +9,9 @@ DDPM scaled_linear schedule.
 
 Optionally (``optim.change_region_weight``, not in the paper) the squared error is weighted up
 on the latent cells where a pure counterfactual pair's films differ, so that a small model
-spends its few steps on the edit rather than on copying the rest of the film.
+spends its few steps on the edit rather than on copying the rest of the film; and
+(``optim.mirror_region_weight``) on the mirror image of those cells, so that it learns as
+keenly to leave the side the instruction does not name untouched.
 """
 
 from __future__ import annotations
@@ -56,11 +58,15 @@ class PairLatents:
         return cls(*(torch.cat([getattr(i, f.name) for i in items]) for f in dataclasses.fields(cls)))
 
 
-def change_weights(regions: torch.Tensor, latent_size: tuple[int, int], weight: float) -> torch.Tensor:
+def change_weights(regions: torch.Tensor, latent_size: tuple[int, int], weight: float,
+                   mirror_weight: float = 0.0) -> torch.Tensor:
     """Per-cell loss weights ``(B, 1, h, w)``: 1 + ``weight`` on every latent cell that any
-    pixel of the change region ``(B, 1, H, W)`` falls in."""
+    pixel of the change region ``(B, 1, H, W)`` falls in, and 1 + ``mirror_weight`` on the
+    cells of its mirror image across the film's vertical midline that the region itself does
+    not touch: the other side, which an edit of the named side must leave as it is."""
     touched = F.adaptive_max_pool2d(regions.float(), latent_size)
-    return 1.0 + weight * touched
+    mirrored = touched.flip(-1) * (1 - touched)
+    return 1.0 + weight * touched + mirror_weight * mirrored
 
 
 def encode_pair(vae, past: torch.Tensor, current: torch.Tensor) -> PairLatents:

@@ -92,7 +92,7 @@ class EditPairs:
         if missing:
             raise ConfigError(f"{self.root.name}: {len(missing)} masks file(s) missing, e.g. "
                               f"{', '.join(str(p.relative_to(self.root)) for p in missing[:3])}; "
-                              "optim.change_region_weight needs a .masks.npz beside every image "
+                              "optim.change_region_weight and mirror_region_weight need a .masks.npz beside every image "
                               "(instructx2x-train pure-pairs writes them).")
 
     def change_region(self, index: int, shape: tuple[int, int]) -> torch.Tensor:

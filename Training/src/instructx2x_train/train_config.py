@@ -87,6 +87,9 @@ class OptimConfig:
     # films differ (pure counterfactual pairs): w = 1 + change_region_weight * region. 0 is
     # the paper's plain MSE; > 0 needs a dataset with .masks.npz beside its images.
     change_region_weight: float = 0.0
+    # Extra loss weight on the change region's mirror image across the film's midline (where
+    # the region itself is not): what an edit of the named side must leave alone. Needs masks.
+    mirror_region_weight: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,9 +180,9 @@ class TrainConfig:
         if not 0 <= self.optim.conditioning_dropout_prob <= 1 / 3:
             raise ConfigError("optim.conditioning_dropout_prob must lie in [0, 1/3] (the rule "
                               f"uses 3p), got {self.optim.conditioning_dropout_prob}.")
-        if not 0 <= self.optim.change_region_weight <= 100:
-            raise ConfigError("optim.change_region_weight must lie in [0, 100], got "
-                              f"{self.optim.change_region_weight}.")
+        for key in ("change_region_weight", "mirror_region_weight"):
+            if not 0 <= getattr(self.optim, key) <= 100:
+                raise ConfigError(f"optim.{key} must lie in [0, 100], got {getattr(self.optim, key)}.")
         if not 0 <= self.data.flip_probability <= 1 or self.data.rotation_degrees < 0:
             raise ConfigError("data.flip_probability must lie in [0, 1] and data.rotation_degrees "
                               "be >= 0.")
