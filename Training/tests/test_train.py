@@ -455,16 +455,19 @@ def test_mirror_weights_mark_the_other_side_only_where_the_region_is_not():
 def test_change_region_weighting_trains_on_pure_pairs_and_needs_masks(built, pure_pairs, tmp_path):
     """The weighted objective runs end to end, changes the loss, and a dataset without masks is
     refused before anything is written."""
-    def run(name, weight):
+    def run(name, weight, mirror=0):
         return train(load_config(CONFIGS / "smoke.yaml", [
             f"data.dataset={pure_pairs}", f"output={tmp_path / name}", "steps=2", "checkpointing.every=2",
-            "data.resolution=64", f"optim.change_region_weight={weight}", "log_every=1"]), progress_bar=False)
+            "data.resolution=64", f"optim.change_region_weight={weight}", f"optim.mirror_region_weight={mirror}",
+            "log_every=1"]), progress_bar=False)
 
-    plain, weighted = run("plain", 0), run("weighted", 20)
+    plain, weighted, mirrored = run("plain", 0), run("weighted", 20), run("mirrored", 0, 20)
     assert weighted.final_loss != plain.final_loss
+    assert mirrored.final_loss not in (plain.final_loss, weighted.final_loss)
     assert (tmp_path / "weighted" / "model" / "unet").is_dir()
-    with pytest.raises(ConfigError, match="masks file"):
-        train(smoke(built, tmp_path / "no-masks", "optim.change_region_weight=5"), progress_bar=False)
-    assert not (tmp_path / "no-masks").exists()
-    with pytest.raises(ConfigError, match="change_region_weight must lie"):
-        train(smoke(built, tmp_path / "negative", "optim.change_region_weight=-1"), progress_bar=False)
+    for key in ("change_region_weight", "mirror_region_weight"):
+        with pytest.raises(ConfigError, match="masks file"):
+            train(smoke(built, tmp_path / "no-masks", f"optim.{key}=5"), progress_bar=False)
+        assert not (tmp_path / "no-masks").exists()
+        with pytest.raises(ConfigError, match=f"{key} must lie"):
+            train(smoke(built, tmp_path / "negative", f"optim.{key}=-1"), progress_bar=False)
