@@ -4,6 +4,7 @@ version of its acceptance on held-out pure pairs (docs: its model card)."""
 import json
 import socket
 
+import pandas as pd
 import pytest
 
 from instructx2x.errors import ParameterError
@@ -41,8 +42,6 @@ def quick(tmp_path_factory):
 # measured on 160 held-out pairs by `instructx2x-train evaluate-demo` and reported, met or
 # missed, in the model card.
 def test_quick_acceptance_direction_locality_and_identity(quick):
-    import pandas as pd
-
     report, folder = quick
     overall = report["overall"]
     assert overall["identical_outside_mask_rate"] == 1.0  # the RSE composite, exactly
@@ -62,8 +61,6 @@ def test_quick_acceptance_direction_locality_and_identity(quick):
 def test_quick_acceptance_knows_left_from_right(quick):
     # 36 side trials: a model blind to the side (rate 0.5) reaches 0.65 with probability 3 %;
     # the bundled model's full acceptance measures 0.82 on 120 trials (model card).
-    import pandas as pd
-
     report, folder = quick
     rates = report["laterality_rate"]
     assert len(rates) == 6 and sum(rates.values()) / len(rates) >= 0.65
@@ -99,7 +96,6 @@ def test_a_folder_that_is_not_pure_pairs_is_refused_before_the_model_loads(tmp_p
     with pytest.raises(ValueError, match="perfect_model_draws must be >= 0"):
         evaluate_demo("no-such-model", tmp_path / "report", perfect_model_draws=-1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["films"]
-
 
 
 def test_what_the_perfect_model_needs_is_checked_before_the_model_loads(tmp_path_factory):

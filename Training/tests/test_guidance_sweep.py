@@ -1,6 +1,8 @@
 """The guidance sweep's choice, which `make demo-model` writes into the demo model's card."""
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "guidance_sweep.py"
@@ -36,9 +38,6 @@ def test_the_most_accurate_setting_wins_unless_it_loses_direction_or_side():
 
 
 def test_bad_settings_are_refused_before_anything_is_made(tmp_path):
-    import subprocess
-    import sys
-
     for settings, message in ((["4/-1"], "image_guidance_scale must lie in"), (["4"], "settings are S_T/S_I pairs")):
         done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), *settings, "--model", "no-such-model"],
                               capture_output=True, text=True)

@@ -241,9 +241,10 @@ def evaluate_demo(model: str, output: str | Path, *, pairs: str | Path | None = 
         laterality, laterality_by_operation = {}, {}
         if lateral_rows:
             lateral = pd.DataFrame(lateral_rows)
-            laterality = {finding: float(group.ok.mean()) for finding, group in lateral.groupby("finding")}
-            laterality_by_operation = {finding: {op: float(trials.ok.mean()) for op, trials in group.groupby("operation")}
-                                       for finding, group in lateral.groupby("finding")}
+            for finding, group in lateral.groupby("finding"):
+                laterality[finding] = float(group.ok.mean())
+                laterality_by_operation[finding] = {op: float(trials.ok.mean())
+                                                    for op, trials in group.groupby("operation")}
         overall = _summary(edits)
         report = {
             "model": editor.model_info.to_dict(), "precision": editor.precision,

@@ -127,7 +127,7 @@ def _train(accelerator, config: TrainConfig, resume: str | None, emit, progress_
         raise ConfigError(f"data.latent_cache needs the dataset's images at data.resolution "
                           f"({config.data.resolution}); they are {tuple(data[0]['past'].shape[-2:])} "
                           "(cropping happens in pixel space).")
-    if config.optim.change_region_weight or config.optim.mirror_region_weight:
+    if config.optim.weighs_regions:
         data.require_masks()
 
     pipe = _base_pipeline(config)
@@ -289,7 +289,7 @@ def _batch(data: EditPairs, config: TrainConfig, step: int, micro: int, rank: in
     """This rank's micro-batch, augmented and encoded (from the latent cache when it is on),
     with its change-region loss weights when the recipe asks for them."""
     latents, instructions, regions = [], [], []
-    weighted = config.optim.change_region_weight > 0 or config.optim.mirror_region_weight > 0
+    weighted = config.optim.weighs_regions
     for index in sample_indices(config, len(data), step, micro, rank, world):
         item = data[index]
         region = data.change_region(index, tuple(item["past"].shape[-2:])) if weighted else None

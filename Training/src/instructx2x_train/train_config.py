@@ -91,6 +91,11 @@ class OptimConfig:
     # the region itself is not): what an edit of the named side must leave alone. Needs masks.
     mirror_region_weight: float = 0.0
 
+    @property
+    def weighs_regions(self) -> bool:
+        """Whether the loss is weighted by the pairs' ground-truth regions (which need masks)."""
+        return self.change_region_weight > 0 or self.mirror_region_weight > 0
+
 
 @dataclasses.dataclass(frozen=True)
 class BatchConfig:
