@@ -89,7 +89,8 @@ parameters, trained with the UNet, Stable Diffusion's CLIP tokenizer). Native re
 each pair is one phantom patient filmed twice, differing only by one finding inside its
 ground-truth mask. Eight findings (pleural effusion, pneumothorax, atelectasis, consolidation,
 pneumonia, lung opacity on the left or right; cardiomegaly, edema) x add / remove, balanced; a
-quarter of the films carry another finding in both images. Instructions: "Add the finding of
+quarter of the films carry another finding in both images. Consolidation, pneumonia and lung
+opacity lie at the centre of the zone their instruction names. Instructions: "Add the finding of
 LEVEL [SIDE] [ZONE zone] FINDING", "Remove the finding of [SIDE] [ZONE zone] FINDING"; consolidation,
 pneumonia and lung opacity name their lung zone (upper, mid or lower), e.g. "Add the finding of
 moderate left lower zone consolidation".
@@ -98,8 +99,10 @@ moderate left lower zone consolidation".
 `make demo-model` reruns everything: pairs, autoencoder ({config['vae_pretraining']['steps']} steps),
 UNet + text encoder ({config['steps']} steps of {config['batch']['per_device']}, AdamW
 {config['optim']['learning_rate']}, cosine, EMA {config['ema']['decay']}, change-region loss weight
-{config['optim'].get('change_region_weight', 0)} (the true lesion's latent cells weigh 1 + that in the loss), no
-flips: the heart lies on the patient's left), guidance sweep, acceptance, bundling.
+{config['optim'].get('change_region_weight', 0)} (the true lesion's latent cells weigh 1 + that in the loss),
+mirror-region weight {config['optim'].get('mirror_region_weight', 0)} (so do the cells of its left-right mirror
+where the lesion is not: the side the instruction does not name), no flips: the heart lies on
+the patient's left), guidance sweep, acceptance, bundling.
 Measured ({timing.get('cpu', 'CPU not recorded')}, 2 cores): pairs {timing.get('pairs_minutes', '?')} min,
 autoencoder + model {timing.get('training_minutes', '?')} min (of which the autoencoder
 {vae_log['seconds'] / 60:.1f} min), {total_minutes} min in all; the guidance sweep

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from instructx2x.outputs import atomic_output_dir
 
 from .phantom import (LATERALISED_FINDINGS, RACES, RENDERED_FINDINGS, ZONED_FINDINGS, Anatomy, FindingState,
-                      Pose, draw_finding, finding_masks, form_film, redraw_site, render_attenuation)
+                      Pose, at_zone_centre, draw_finding, finding_masks, form_film, redraw_texture,
+                      render_attenuation)
 
 __all__ = ["PurePairsConfig", "write_pure_pairs", "instruction_for", "OPERATIONS", "insert_finding",
            "TRUTH_COLUMNS", "plausible_targets", "pairs_config"]
@@ -112,16 +113,17 @@ class PurePairsConfig:
 
 
 def _plan(config: PurePairsConfig, index: int, rng: np.random.Generator):
-    """What pair ``index`` shows: balanced over finding x operation x side."""
+    """What pair ``index`` shows: balanced over finding x operation x side; focal opacities at
+    their zone's centre, where the instruction puts them."""
     findings, operations = config.findings, config.operations
     name = findings[index % len(findings)]
     operation = operations[(index // len(findings)) % len(operations)]
     side = ("left", "right")[(index // (len(findings) * len(operations))) % 2]
-    target = draw_finding(rng, name, side)
+    target = at_zone_centre(draw_finding(rng, name, side))
     other = None
     if rng.random() < config.other_finding_probability:
         choices = [f for f in RENDERED_FINDINGS if f != name]
-        other = draw_finding(rng, str(rng.choice(choices)), str(rng.choice(("left", "right"))))
+        other = at_zone_centre(draw_finding(rng, str(rng.choice(choices)), str(rng.choice(("left", "right")))))
     return operation, target, other
 
 
@@ -197,11 +199,11 @@ def _background_pair(config: PurePairsConfig, index: int, target: FindingState, 
 
 def _render(config: PurePairsConfig, index: int, backgrounds: list[Path], redraw: int | None = None):
     """Pair ``index``: its operation, findings, films with masks and patient. ``redraw`` (a draw
-    number) puts the instructed finding at another site of its zone with another texture."""
+    number) gives the instructed finding another texture."""
     rng = np.random.default_rng([config.seed, index])
     operation, target, other = _plan(config, index, rng)
     if redraw is not None:
-        target = redraw_site(target, np.random.default_rng([config.seed, index, 1, redraw]))
+        target = redraw_texture(target, np.random.default_rng([config.seed, index, 1, redraw]))
     if config.backgrounds:
         other = None
         without, with_finding, who = _background_pair(config, index, target, backgrounds)
@@ -236,10 +238,11 @@ def _pair(args: tuple[PurePairsConfig, int, Path, str, list[Path]]) -> dict:
 
 def plausible_targets(config: PurePairsConfig, pair_id: str, draws: int) -> list[np.ndarray]:
     """Targets as right as the pair's own for its instruction: the same patient, pose and noise
-    with the instructed finding drawn again at another site of its zone with another texture.
+    with the instructed finding drawn again with another texture.
 
-    An instruction names a focal opacity's level, side and zone, not where in the zone it lies
-    nor its pattern, so a perfect model of these pairs would give one of these. Measured
+    An instruction names a finding's level, side and (focal opacities) zone, not its pattern
+    (pneumonia's lobules, bronchograms, septal lines), so a perfect model of these pairs would
+    give one of these. Measured
     against the pair's target as if they were edits, they bound what any model can score
     (the acceptance's "perfect model" figures). Films as written (float32 in [0, 1]).
     """

@@ -17,8 +17,8 @@ true lesion mask, an edit can be measured directly:
 
 The same figures are repeated for the four region modes and for several samplers. Beside the
 model's, each finding x operation has a perfect model's figures: targets as right as the pair's
-own for its instruction (``plausible_targets``: the focal opacity at another site of its zone,
-with another texture) measured as edits, their change standing for the guidance map. Where the
+own for its instruction (``plausible_targets``: the finding with another texture, such as
+pneumonia's lobules) measured as edits, their change standing for the guidance map. Where the
 instruction leaves the lesion open, no model can reach what the truth of one pair asks.
 """
 
@@ -314,8 +314,8 @@ def acceptance_markdown(report: dict) -> str:
         lines.append(line)
     if perfect:
         lines += ["", f"Perfect model: {report['perfect_model']['draws']} targets a pair as right as the pair's "
-                  "own for its instruction (the focal opacity at another site of its zone, with another "
-                  "texture), measured as edits; what the instruction leaves open bounds every model's figures."]
+                  "own for its instruction (the finding with another texture, such as pneumonia's "
+                  "lobules), measured as edits; what the instruction leaves open bounds every model's figures."]
     if report["laterality_rate"]:
         lines += ["", "| finding | laterality (narrowing off) | adding | removing |", "|---|---|---|---|"]
         for finding, rate in report["laterality_rate"].items():

@@ -23,7 +23,7 @@ from scipy import ndimage
 from instructx2x.instructions import LUNG_ZONES
 
 __all__ = ["Pose", "Anatomy", "FindingState", "RENDERED_FINDINGS", "LATERALISED_FINDINGS",
-           "ZONED_FINDINGS", "LUNG_ZONES", "draw_finding", "redraw_site", "LEVEL_FACTOR", "DEMOGRAPHIC_TRACES",
+           "ZONED_FINDINGS", "LUNG_ZONES", "draw_finding", "at_zone_centre", "redraw_texture", "LEVEL_FACTOR", "DEMOGRAPHIC_TRACES",
            "render_frontal", "render_attenuation", "form_film", "finding_masks", "render_lateral",
            "level_words", "RACES"]
 
@@ -138,11 +138,17 @@ def draw_finding(rng: np.random.Generator, name: str, side: str) -> FindingState
                         int(rng.integers(0, 2**31)), zone)
 
 
-def redraw_site(finding: FindingState, rng: np.random.Generator) -> FindingState:
-    """The finding as its instruction names it (name, level, side, zone) at another site of its
-    zone with another texture: what the instruction leaves open, drawn as ``draw_finding`` does."""
-    location = (float(rng.uniform(-1, 1)), float(rng.uniform(-1, 1)))
-    return dataclasses.replace(finding, location=location, seed=int(rng.integers(0, 2**31)))
+def at_zone_centre(finding: FindingState) -> FindingState:
+    """The finding at its zone's centre: where its instruction puts it. An instruction names a
+    focal opacity's zone and nothing finer, so a pure pair whose truth lay anywhere in the zone
+    would ask a model for a site the words do not carry."""
+    return dataclasses.replace(finding, location=(0.0, 0.0))
+
+
+def redraw_texture(finding: FindingState, rng: np.random.Generator) -> FindingState:
+    """The finding as its instruction names it (name, level, side, zone, site) with another
+    texture (lobules, bronchograms, septal lines): what the instruction leaves open."""
+    return dataclasses.replace(finding, seed=int(rng.integers(0, 2**31)))
 
 
 def level_words(finding: str) -> tuple[str, ...]:
