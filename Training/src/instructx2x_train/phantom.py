@@ -23,7 +23,8 @@ from scipy import ndimage
 from instructx2x.instructions import LUNG_ZONES
 
 __all__ = ["Pose", "Anatomy", "FindingState", "RENDERED_FINDINGS", "LATERALISED_FINDINGS",
-           "ZONED_FINDINGS", "LUNG_ZONES", "draw_finding", "at_zone_centre", "redraw_texture", "LEVEL_FACTOR", "DEMOGRAPHIC_TRACES",
+           "ZONED_FINDINGS", "LUNG_ZONES", "draw_finding", "at_zone_centre", "redraw_texture",
+           "LEVEL_FACTOR", "DEMOGRAPHIC_TRACES",
            "render_frontal", "render_attenuation", "form_film", "finding_masks", "render_lateral",
            "level_words", "RACES"]
 
