@@ -264,7 +264,7 @@ def test_fresh_model_pretrains_its_autoencoder_and_caches_one_view_without_flips
     overrides = [f"data.dataset={dataset}", f"output={output}", "steps=2", "checkpointing.every=1",
                  "batch.per_device=2", "batch.effective=2", "precision=fp32", "vae_pretraining.steps=40",
                  "vae_pretraining.batch=4", "vae_pretraining.crop=32", "vae_pretraining.learning_rate=2e-3",
-                 "optim.change_region_weight=0"]  # the cohort build has no ground-truth masks
+                 "optim.change_region_weight=0", "optim.mirror_region_weight=0"]  # the cohort build has no masks
     train(load_config(CONFIGS / "demo.yaml", overrides), progress_bar=False)
     log = json.loads((output / "pretrained-vae" / "vae_log.json").read_text())
     assert log["log"][-1]["l1"] < log["log"][0]["l1"]
