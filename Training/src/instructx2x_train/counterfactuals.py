@@ -119,6 +119,8 @@ def _plan(config: PurePairsConfig, index: int, rng: np.random.Generator):
     name = findings[index % len(findings)]
     operation = operations[(index // len(findings)) % len(operations)]
     side = ("left", "right")[(index // (len(findings) * len(operations))) % 2]
+    # draw_finding still draws a site (then set aside): every later draw, and so every pair's
+    # bytes, stays what the bundled demo model was trained on
     target = at_zone_centre(draw_finding(rng, name, side))
     other = None
     if rng.random() < config.other_finding_probability:
