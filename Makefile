@@ -63,10 +63,12 @@ demo: $(STAMP)
 
 # Rebuild the bundled demo model from nothing (pairs and training 51 min on 2 idle Intel AMX cores,
 # about 65 min on 2 AMD AVX-512 BF16 cores, 116 min on 2 AMD AVX2-only cores, where it trains in fp32;
-# the guidance sweep 34 min (45 on AVX2) and the acceptance 17 min more; its model card,
-# InstructX2XLib/src/instructx2x/resources/demo_model/README.md, has the measured figures):
-# pure pairs -> autoencoder + UNet + text encoder -> bundle -> guidance scales on validation pairs
-# -> bundle with the chosen scales -> acceptance on held-out pairs -> bundle again with the figures.
+# then on AVX2 the guidance sweep 45 min, the relevance-draws sweep 10 min and the acceptance 31 min
+# more; its model card, InstructX2XLib/src/instructx2x/resources/demo_model/README.md, has the
+# measured figures): pure pairs -> autoencoder + UNet + text encoder -> bundle -> guidance scales,
+# then relevance draws on validation pairs (each followed by a bundle that takes the choice; the
+# scales do not enter the relevance map, so the draws need not be chosen first) -> acceptance on
+# held-out pairs -> bundle with the figures.
 demo-model: $(STAMP)
 	@test ! -e $(DEMO_WORK) || { echo "$(DEMO_WORK) exists: remove it or set DEMO_WORK=..."; exit 2; }
 	mkdir -p $(DEMO_WORK)
@@ -79,6 +81,9 @@ demo-model: $(STAMP)
 	$(BIN)/python Training/scripts/bundle_demo_model.py $(DEMO_WORK)
 	$(BIN)/python Training/scripts/timed.py $(DEMO_WORK)/timing.json guidance_sweep -- \
 		$(BIN)/python Training/scripts/guidance_sweep.py $(DEMO_WORK)
+	$(BIN)/python Training/scripts/bundle_demo_model.py $(DEMO_WORK)
+	$(BIN)/python Training/scripts/timed.py $(DEMO_WORK)/timing.json relevance_sweep -- \
+		$(BIN)/python Training/scripts/relevance_draws_sweep.py $(DEMO_WORK)
 	$(BIN)/python Training/scripts/bundle_demo_model.py $(DEMO_WORK)
 	$(BIN)/python Training/scripts/timed.py $(DEMO_WORK)/timing.json acceptance -- \
 		$(BIN)/instructx2x-train evaluate-demo $(DEMO_WORK)/acceptance --model demo --ablation-count 48

@@ -52,6 +52,8 @@ def test_quick_acceptance_direction_locality_and_identity(quick):
     # which the error to the truth falls far less (model card, "Sampling defaults")
     card = json.loads((demo_model_path() / MODEL_CARD_NAME).read_text())
     assert report["default_sampler"]["guidance_scale"] == card["guidance_scale"] != 7.5
+    # ... and the card's relevance draws (chosen by their sweep), not the authors' one
+    assert report["default_sampler"]["relevance_draws"] == card["relevance_draws"] > 1
     assert overall["accuracy_reduction"] >= 0.45
     edits = pd.read_csv(folder / "edits.csv")
     # a local edit: the lesion changes an order of magnitude more than the rest of the film

@@ -154,7 +154,8 @@ class EditSession:
     @property
     def model_defaults(self) -> dict | None:
         """The worker's sampling defaults (``num_inference_steps``, ``guidance_scale``,
-        ``image_guidance_scale``, ``resolution``) once its model is loaded, else None."""
+        ``image_guidance_scale``, ``relevance_draws``, ``resolution``) once its model is loaded,
+        else None."""
         info = self.worker.info if self.worker is not None else None
         return (info or {}).get("defaults")
 

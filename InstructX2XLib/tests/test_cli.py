@@ -283,6 +283,7 @@ def test_decompression_bomb_is_refused_unread(tmp_path, capsys):
     (["--guidance-scale", "nan"], "guidance_scale must be a finite number"),
     (["--image-guidance-scale", "inf"], "image_guidance_scale must be a finite number"),
     (["--resolution", "65536"], "resolution must be a multiple of 8 in [64, 2048]"),
+    (["--relevance-draws", "0"], "relevance_draws must be an integer in [1, 16], got 0"),
     (["--device", "tpu:7"], "device"),
     (["--mode", "relevance", "--mask", "MASK"], "does not use"),
     (["--priors", "no-such-priors"], "no priors.json in prior directory no-such-priors"),

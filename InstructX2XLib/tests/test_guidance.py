@@ -35,9 +35,28 @@ def test_relevance_map_sums_channels_clips_and_normalises():
     assert torch.allclose(relevance.flatten(), expected)
 
 
+def test_relevance_map_of_several_draws_averages_their_clipped_maps():
+    """Draw A's sums are [0..6, 100] (fence 5.5 + 1.5 * 4 = 11.5 clips the outlier), draw B's
+    [7..0] (fence 11.5, no clip): R is the min-max of the mean of A/11.5 and B/7. The mean of
+    the raw sums, [3.5 x 7, 50], would clip to a constant; the first draw alone is A/11.5."""
+    text = torch.zeros(2, 1, 4, 2, 4)
+    image = torch.zeros(2, 1, 4, 2, 4)
+    text[0, 0, 0] = torch.tensor([0.0, 1, 2, 3, 4, 5, 6, 100]).view(2, 4)
+    text[1, 0, 0] = torch.arange(7.0, -1.0, -1.0).view(2, 4)
+    relevance = guidance.relevance_map(text, image)
+    assert relevance.shape == (1, 1, 2, 4)
+    mean = (torch.tensor([0.0, 1, 2, 3, 4, 5, 6, 11.5]) / 11.5 + torch.arange(7.0, -1.0, -1.0) / 7) / 2
+    expected = (mean - mean.min()) / (mean.max() - mean.min())
+    assert torch.allclose(relevance.flatten(), expected)
+    one = guidance.relevance_map(text[:1], image[:1])
+    assert torch.equal(one, guidance.relevance_map(text[0], image[0]))
+
+
 def test_relevance_map_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="same shape"):
         guidance.relevance_map(torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 3))
+    with pytest.raises(ValueError, match="same shape"):
+        guidance.relevance_map(torch.zeros(4, 2, 2), torch.zeros(4, 2, 2))
 
 
 def test_binary_prior_downsamples_to_cell_coverage():

@@ -289,3 +289,29 @@ def test_test_checkpoint_uses_the_released_files_key_names():
         "cond_stage_model.transformer.text_model.final_layer_norm.weight": (32,),
     }
     assert {k: tuple(state[k].shape) for k in expected_shapes if k in state} == expected_shapes
+
+
+def test_model_card_sets_the_relevance_draws(tmp_path, xray):
+    """A card's relevance_draws is the edits' default (recorded in the manifest); an edit may
+    name its own, and a model without one keeps the authors' single draw."""
+    from instructx2x.editor import InstructX2XEditor
+    from instructx2x.image_io import Radiograph
+    from instructx2x.parameters import EditParameters
+
+    directory = save_model(build_untrained_pipeline(seed=3), tmp_path / "carded", dict(CARD, relevance_draws=4))
+    carded = InstructX2XEditor(*load_pipeline(directory, scheduler="dpm++"), device="cpu", dtype="fp32")
+    xray = Radiograph(xray[0, 0].numpy(), "x.png", "f" * 64, "png", 8)
+    prompt = "Add the finding of left pleural effusion"
+    by_card = carded.preview(xray, EditParameters(prompt, num_inference_steps=2))
+    assert by_card.manifest["parameters"]["relevance_draws"] == 4
+    named = carded.preview(xray, EditParameters(prompt, num_inference_steps=2, relevance_draws=4))
+    one = carded.preview(xray, EditParameters(prompt, num_inference_steps=2, relevance_draws=1))
+    assert np.array_equal(by_card.relevance_map, named.relevance_map)
+    assert not np.array_equal(by_card.relevance_map, one.relevance_map)
+    assert carded.sampling()["relevance_draws"] == 4
+    plain = save_model(build_untrained_pipeline(seed=3), tmp_path / "plain", dict(CARD, name="plain"))
+    assert InstructX2XEditor(*load_pipeline(plain), device="cpu").sampling()["relevance_draws"] == 1
+    for bad in (0, 17, 2.0, True):
+        (directory / MODEL_CARD_NAME).write_text(json.dumps(dict(CARD, relevance_draws=bad)))
+        with pytest.raises(ModelLoadError, match="'relevance_draws' must be an integer in 1..16"):
+            load_pipeline(directory)

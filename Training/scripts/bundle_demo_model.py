@@ -5,11 +5,12 @@ writes its model card: model_card.json (what every manifest records) and README.
 recipe, acceptance figures and the commands that reproduce them).
 
 Usage: python bundle_demo_model.py WORK_FOLDER   (WORK_FOLDER/run/model, WORK_FOLDER/acceptance,
-       WORK_FOLDER/guidance-sweep, WORK_FOLDER/timing.json as `make demo-model` leaves them).
-       Run it after training (the sweep then measures the bundled model), after the sweep (the
-       card takes the guidance scales it chose, and the acceptance measures with them) and after
-       the acceptance, to put its figures into the card. It refuses to write figures measured
-       at other scales than the card's.
+       WORK_FOLDER/relevance-sweep, WORK_FOLDER/guidance-sweep, WORK_FOLDER/timing.json as
+       `make demo-model` leaves them). Run it after training (the sweeps then measure the
+       bundled model), after each sweep (the card takes the relevance draws and the guidance
+       scales they chose, and what follows measures with them) and after the acceptance, to put
+       its figures into the card. It refuses to write figures measured at other settings than
+       the card's.
 """
 
 import json
@@ -36,6 +37,10 @@ acceptance = (work / "acceptance" / "acceptance.md").read_text() if measured els
 report = json.loads((work / "acceptance" / "acceptance.json").read_text()) if measured else {"pairs": {"seed": "-"}}
 sweep_md = work / "guidance-sweep" / "sweep.md"
 sweep = sweep_md.read_text() if sweep_md.is_file() else "Not measured yet.\n"
+relevance_md = work / "relevance-sweep" / "sweep.md"
+relevance_sweep = relevance_md.read_text() if relevance_md.is_file() else "Not measured yet.\n"
+relevance_draws = json.loads((work / "relevance-sweep" / "sweep.json").read_text())["chosen"]["relevance_draws"] \
+    if (work / "relevance-sweep" / "sweep.json").is_file() else 1
 guidance_scales = DEFAULT_GUIDANCE_SCALES
 if (work / "guidance-sweep" / "sweep.json").is_file():
     chosen = json.loads((work / "guidance-sweep" / "sweep.json").read_text())["chosen"]
@@ -45,6 +50,9 @@ if measured and (report["default_sampler"]["guidance_scale"], report["default_sa
     sys.exit(f"the acceptance was measured at s_T/s_I {report['default_sampler']['guidance_scale']:g}/"
              f"{report['default_sampler']['image_guidance_scale']:g}, the card takes {guidance_scales[0]:g}/"
              f"{guidance_scales[1]:g}: run the acceptance again (Makefile, demo-model).")
+if measured and report["default_sampler"].get("relevance_draws", 1) != relevance_draws:
+    sys.exit(f"the acceptance was measured with {report['default_sampler'].get('relevance_draws', 1)} relevance "
+             f"draws, the card takes {relevance_draws}: run the acceptance again (Makefile, demo-model).")
 timing = json.loads((work / "timing.json").read_text()) if (work / "timing.json").is_file() else {}
 total_minutes = round(timing["pairs_minutes"] + timing["training_minutes"], 1) \
     if {"pairs_minutes", "training_minutes"} <= timing.keys() else "?"
@@ -57,6 +65,7 @@ card.update({"name": "instructx2x-demo", "intended_use": NOTICE,
              # the lesion of the few-step settings (0.0041 against 0.0056 at 3), for 0.7 s an edit
              "few_step_solver_steps": FEW_STEP_SOLVER_STEPS,
              "guidance_scale": guidance_scales[0], "image_guidance_scale": guidance_scales[1],
+             "relevance_draws": relevance_draws,
              # trained on phantoms: its edits are measured by the classifiers trained on them
              "classifiers": "cohort-v2",
              "trained_on": f"cohort v2 pure pairs (instructx2x-train pure-pairs --pairs 6000 --resolution 128 "
@@ -103,11 +112,12 @@ UNet + text encoder ({config['steps']} steps of {config['batch']['per_device']},
 {config['optim'].get('change_region_weight', 0)} (the true lesion's latent cells weigh 1 + that in the loss),
 mirror-region weight {config['optim'].get('mirror_region_weight', 0)} (so do the cells of its left-right mirror
 where the lesion is not: the side the instruction does not name), no flips: the heart lies on
-the patient's left), guidance sweep, acceptance, bundling.
+the patient's left), relevance-draws sweep, guidance sweep, acceptance, bundling.
 Measured ({timing.get('cpu', 'CPU not recorded')}, 2 cores): pairs {timing.get('pairs_minutes', '?')} min,
 autoencoder + model {timing.get('training_minutes', '?')} min (of which the autoencoder
 {vae_log['seconds'] / 60:.1f} min), {total_minutes} min in all; the guidance sweep
-takes {timing.get('guidance_sweep_minutes', '?')} min and the acceptance {timing.get('acceptance_minutes', '?')} min more. {timing.get('note', '')}
+takes {timing.get('guidance_sweep_minutes', '?')} min, the relevance-draws sweep
+{timing.get('relevance_sweep_minutes', '?')} min and the acceptance {timing.get('acceptance_minutes', '?')} min more. {timing.get('note', '')}
 
 ## Sampling defaults
 `model_card.json` sets what an edit uses where it names none: DPM-Solver++ {FEW_STEP_SOLVER_STEPS}
@@ -120,6 +130,15 @@ below the authors' by more than one binomial standard error of theirs (a group's
 on 10 edits, a finding's laterality on 20 side trials: a trial or two is noise).
 
 {sweep}
+The relevance map averages the maps of {relevance_draws} noise draw{'s' if relevance_draws > 1 else ''}, each clipped and
+normalised (the authors take one: SPEC section 2, step 3; README, "The relevance map's noise
+draws"). One draw's map carries that draw's noise, and its maximum often falls outside the
+lesion. The draws were chosen on the same kind of validation pairs
+(`python Training/scripts/relevance_draws_sweep.py WORK`): the fewest whose peak-in-lesion rate
+is within one binomial standard error of the best, among those whose RSE masks meet the
+coverage targets. Each draw costs one UNet call on two CFG members per edit.
+
+{relevance_sweep}
 ## Acceptance (held-out pure pairs, seed {report['pairs']['seed']}, never used in training)
 `instructx2x-train evaluate-demo OUT --model demo` prints and writes these figures.
 

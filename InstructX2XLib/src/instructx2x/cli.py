@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--mode", default="rse", choices=[m.value for m in RegionMode])
     job.add_argument("--tau", type=float, default=0.1)
     job.add_argument("--relevance-timestep", type=int, default=800)
+    job.add_argument("--relevance-draws", type=int, metavar="K",
+                     help="noise draws averaged into the relevance map (default: the model card's, else 1)")
     job.add_argument("--steps", type=int, dest="num_inference_steps", metavar="N",
                      help="denoising steps (default: the model card's few_step_solver_steps, else 3, "
                           "for dpm++ and unipc; 100 for the others)")
@@ -232,7 +234,8 @@ def _main(args: argparse.Namespace, emit) -> int:
 def _job(args: argparse.Namespace, source: Path, instruction: str) -> EditJob:
     parameters = EditParameters(
         instruction=instruction, region_mode=args.mode, tau=args.tau,
-        relevance_timestep=args.relevance_timestep, num_inference_steps=args.num_inference_steps,
+        relevance_timestep=args.relevance_timestep, relevance_draws=args.relevance_draws,
+        num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale,
         eta=args.eta, seed=args.seed, resolution=args.resolution,
         lateralize_prior=not args.no_lateralize, aspect=args.aspect, composite=args.composite)

@@ -176,9 +176,9 @@ class InstructX2XEditor:
         return int(self.pipeline.unet.config.sample_size) * self.pipeline.vae_scale_factor
 
     def resolve(self, parameters: EditParameters) -> EditParameters:
-        """``parameters`` with the step count (from the scheduler), the guidance scales (the
-        model card's, else the authors') and the resolution (the model's native size) filled
-        in where they are None."""
+        """``parameters`` with the step count (from the scheduler), the guidance scales and the
+        relevance map's noise draws (the model card's, else the authors') and the resolution
+        (the model's native size) filled in where they are None."""
         card = self.model_info.card or {}
         changes = {}
         if parameters.num_inference_steps is None:
@@ -188,20 +188,24 @@ class InstructX2XEditor:
             changes["guidance_scale"] = float(card.get("guidance_scale", GUIDANCE_SCALE))
         if parameters.image_guidance_scale is None:
             changes["image_guidance_scale"] = float(card.get("image_guidance_scale", IMAGE_GUIDANCE_SCALE))
+        if parameters.relevance_draws is None:
+            changes["relevance_draws"] = int(card.get("relevance_draws", 1))
         if parameters.resolution is None:
             changes["resolution"] = self.native_resolution
         return dataclasses.replace(parameters, **changes) if changes else parameters
 
     def sampling(self, parameters: EditParameters | None = None) -> dict:
-        """The steps, s_T, s_I and resolution an edit with ``parameters`` runs with (None: the
-        defaults, as ``resolve`` fills them in from the model and the sampler), for reports."""
+        """The steps, s_T, s_I, relevance draws and resolution an edit with ``parameters`` runs
+        with (None: the defaults, as ``resolve`` fills them in from the model and the sampler),
+        for reports."""
         resolved = self.resolve(parameters or EditParameters(instruction="-"))
         return {name: getattr(resolved, name) for name in
-                ("num_inference_steps", "guidance_scale", "image_guidance_scale", "resolution")}
+                ("num_inference_steps", "guidance_scale", "image_guidance_scale", "relevance_draws",
+                 "resolution")}
 
     def preview(self, image: Radiograph, parameters: EditParameters,
                 mask: np.ndarray | None = None, keep_mask: np.ndarray | None = None) -> EditResult:
-        """Guidance maps and edit mask only: one UNet call and one VAE encode."""
+        """Guidance maps and edit mask only: one UNet call per relevance draw and one VAE encode."""
         return self._run(image, parameters, mask, keep_mask, None, guidance_only=True)
 
     def edit(self, image: Radiograph, parameters: EditParameters, mask: np.ndarray | None = None,
@@ -286,10 +290,11 @@ class InstructX2XEditor:
 
         model_input = stack("model_input")
         generators = [torch.Generator(device="cpu").manual_seed(p.seed) for p in parameters_list]
-        # A preview followed by the edit (same model input, instruction and seed) shares the
-        # text encoding, VAE encode, noise draw and relevance map: reuse them.
+        # A preview followed by the edit (same model input, instruction, seed and relevance draws)
+        # shares the text encoding, VAE encode, noise draws and relevance map: reuse them.
         key = (hashlib.sha256(model_input.numpy().tobytes()).hexdigest(),
-               tuple(p.instruction for p in parameters_list), tuple(p.seed for p in parameters_list))
+               tuple(p.instruction for p in parameters_list), tuple(p.seed for p in parameters_list),
+               parameters.relevance_draws)
         reused = self._guidance_cache is not None and self._guidance_cache[0] == key
 
         def callback(pipe, step, timestep, tensors):
@@ -301,7 +306,7 @@ class InstructX2XEditor:
             keep_mask_image=stack("model_keep"), prior_mask=stack("model_prior"),
             region_mode=parameters.region_mode, tau=parameters.tau,
             lateralize_prior=parameters.lateralize_prior,
-            relevance_timestep=parameters.relevance_timestep,
+            relevance_timestep=parameters.relevance_timestep, relevance_draws=parameters.relevance_draws,
             num_inference_steps=parameters.num_inference_steps,
             guidance_scale=parameters.guidance_scale,
             image_guidance_scale=parameters.image_guidance_scale, eta=parameters.eta,

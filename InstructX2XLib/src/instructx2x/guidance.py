@@ -58,11 +58,17 @@ def relevance_map(noise_pred_text: torch.Tensor, noise_pred_image: torch.Tensor)
     """Relevance map of Watch Your Steps (the paper's Eq. 1) at latent size.
 
     ``R = sum_c |eps_text - eps_img|``, clipped at the upper IQR fence and min-max normalised.
+    Predictions for several noise draws (a leading draws axis) give the mean of their maps,
+    normalised again: a Monte Carlo estimate of the map's expectation over the noise draw, in
+    which a cell ranks by how often and how strongly the draws mark it, so one draw's noise
+    no longer decides where the maximum lies. (The mean of the raw sums would not do: its
+    fence clips it to a plateau much as one draw's does.)
 
     Parameters
     ----------
     noise_pred_text: torch.Tensor
-        Noise predicted with text and image conditioning, ``(B, 4, h, w)``.
+        Noise predicted with text and image conditioning, ``(B, 4, h, w)``, or
+        ``(K, B, 4, h, w)`` for K noise draws.
     noise_pred_image: torch.Tensor
         Noise predicted with the image conditioning only, same shape.
 
@@ -74,15 +80,18 @@ def relevance_map(noise_pred_text: torch.Tensor, noise_pred_image: torch.Tensor)
     Raises
     ------
     ValueError
-        When the two predictions differ in shape.
+        When the two predictions differ in shape or have neither 4 nor 5 dimensions.
     """
-    if noise_pred_text.shape != noise_pred_image.shape:
+    if noise_pred_text.shape != noise_pred_image.shape or noise_pred_text.dim() not in (4, 5):
         raise ValueError(
             f"noise_pred_text {tuple(noise_pred_text.shape)} and noise_pred_image "
-            f"{tuple(noise_pred_image.shape)} must have the same shape."
+            f"{tuple(noise_pred_image.shape)} must have the same shape, (B, C, h, w) or (K, B, C, h, w)."
         )
-    raw = (noise_pred_text.float() - noise_pred_image.float()).abs().sum(dim=1)
-    return normalize_min_max(clip_outliers_iqr(raw)).unsqueeze(1)
+    raw = (noise_pred_text.float() - noise_pred_image.float()).abs().sum(dim=-3)
+    if raw.dim() == 3:
+        return normalize_min_max(clip_outliers_iqr(raw)).unsqueeze(1)
+    maps = torch.stack([normalize_min_max(clip_outliers_iqr(draw)) for draw in raw])
+    return normalize_min_max(maps.mean(dim=0)).unsqueeze(1)
 
 
 def resize_map(values: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:

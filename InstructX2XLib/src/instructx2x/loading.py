@@ -28,7 +28,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .errors import ModelLoadError, ParameterError
-from .parameters import MAX_GUIDANCE_SCALE
+from .parameters import MAX_GUIDANCE_SCALE, MAX_RELEVANCE_DRAWS
 from .pipeline import InstructX2XPipeline
 from .schedulers import make_scheduler
 from .untrained import UNTRAINED_MODEL_NAME, build_untrained_pipeline, load_clip_tokenizer
@@ -50,10 +50,12 @@ MODEL_CARD_NAME = "model_card.json"
 # few_step_solver_steps: the step count a model measured best for DPM-Solver++ / UniPC when
 # none is given (the package default is 3, chosen for Stable Diffusion-size models on CPU);
 # guidance_scale / image_guidance_scale: the s_T / s_I a model measured best, used when none is
-# given (the authors' 7.5 / 1.5 otherwise); classifiers: the classifier set that measures its
+# given (the authors' 7.5 / 1.5 otherwise); relevance_draws: the noise draws averaged into its
+# relevance map (the authors' one otherwise); classifiers: the classifier set that measures its
 # edits (verification.choose_classifiers)
 MODEL_CARD_FIELDS = ("name", "trained", "trained_on", "resolution", "intended_use",
-                     "few_step_solver_steps", "guidance_scale", "image_guidance_scale", "classifiers")
+                     "few_step_solver_steps", "guidance_scale", "image_guidance_scale",
+                     "relevance_draws", "classifiers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,10 +247,11 @@ def _load_directory(path: Path, scheduler_name: str) -> tuple[InstructX2XPipelin
                        "unknown to the manifest.", path.name, MODEL_CARD_NAME)
     elif not isinstance(trained, bool):
         raise ModelLoadError(f"{path.name}/{MODEL_CARD_NAME}: 'trained' must be true or false.")
-    steps = (card or {}).get("few_step_solver_steps")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000):
-        raise ModelLoadError(f"{path.name}/{MODEL_CARD_NAME}: 'few_step_solver_steps' must be an "
-                             f"integer in 1..1000, got {steps!r}.")
+    for name, most in (("few_step_solver_steps", 1000), ("relevance_draws", MAX_RELEVANCE_DRAWS)):
+        count = (card or {}).get(name)
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= most):
+            raise ModelLoadError(f"{path.name}/{MODEL_CARD_NAME}: '{name}' must be an integer in "
+                                 f"1..{most}, got {count!r}.")
     for name in ("guidance_scale", "image_guidance_scale"):
         scale = (card or {}).get(name)
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))

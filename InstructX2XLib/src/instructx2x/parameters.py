@@ -17,7 +17,8 @@ from .errors import EmptyEditRegionError, ParameterError
 from .instructions import parse_instruction
 
 __all__ = ["RegionMode", "EditParameters", "ASPECT_MODES", "COMPOSITE_MODES", "SCHEDULER_NAMES",
-           "MAX_RESOLUTION", "GUIDANCE_SCALE", "IMAGE_GUIDANCE_SCALE", "check_sampling", "check_masks"]
+           "MAX_RESOLUTION", "MAX_RELEVANCE_DRAWS", "GUIDANCE_SCALE", "IMAGE_GUIDANCE_SCALE",
+           "check_sampling", "check_masks"]
 
 # squash: resize to the square grid as the authors trained; pad: keep the aspect ratio by
 # padding to a square with black (air), never edited, and cropping the result back.
@@ -34,6 +35,9 @@ MAX_GUIDANCE_SCALE = 100.0
 # The authors' s_T and s_I (SPEC section 2): used where the model's card names none.
 GUIDANCE_SCALE = 7.5
 IMAGE_GUIDANCE_SCALE = 1.5
+# Noise draws averaged into the relevance map: the authors take one (SPEC section 2, step 3);
+# each more costs one UNet call on two members of the CFG batch.
+MAX_RELEVANCE_DRAWS = 16
 
 
 class RegionMode(str, enum.Enum):
@@ -47,7 +51,7 @@ class RegionMode(str, enum.Enum):
 
 def check_sampling(*, tau: float, relevance_timestep: int, num_inference_steps: int | None,
                    guidance_scale: float | None, image_guidance_scale: float | None, eta: float = 0.0,
-                   train_timesteps: int = 1000) -> None:
+                   relevance_draws: int | None = None, train_timesteps: int = 1000) -> None:
     """Refuse out-of-range or non-finite sampling settings (None: the model's default, unchecked).
 
     Raises
@@ -72,6 +76,11 @@ def check_sampling(*, tau: float, relevance_timestep: int, num_inference_steps: 
             or not 0 <= relevance_timestep < train_timesteps:
         raise ParameterError(f"relevance_timestep must be an integer in [0, {train_timesteps}), "
                              f"got {relevance_timestep!r}.")
+    if relevance_draws is not None and (
+            isinstance(relevance_draws, bool) or not isinstance(relevance_draws, int)
+            or not 1 <= relevance_draws <= MAX_RELEVANCE_DRAWS):
+        raise ParameterError(f"relevance_draws must be an integer in [1, {MAX_RELEVANCE_DRAWS}], "
+                             f"got {relevance_draws!r}.")
     if num_inference_steps is not None and (
             isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int)
             or not 1 <= num_inference_steps <= train_timesteps):
@@ -86,8 +95,9 @@ class EditParameters:
     Defaults are the authors' (SPEC section 2), except those that follow the model and the
     device, left ``None`` here: the step count (the sampler's default, or the model card's
     ``few_step_solver_steps``), the guidance scales s_T and s_I (the model card's
-    ``guidance_scale`` / ``image_guidance_scale``, else the authors' 7.5 and 1.5) and the
-    resolution (the model's native size, UNet sample_size x VAE scale factor).
+    ``guidance_scale`` / ``image_guidance_scale``, else the authors' 7.5 and 1.5), the noise
+    draws averaged into the relevance map (the card's ``relevance_draws``, else the authors'
+    one) and the resolution (the model's native size, UNet sample_size x VAE scale factor).
     ``InstructX2XEditor.resolve`` fills them in, and the manifest records the resolved values.
     The instruction is stored whitespace-normalised, which is what the model sees and what
     provenance records.
@@ -103,6 +113,7 @@ class EditParameters:
     region_mode: str = RegionMode.RSE.value
     tau: float = 0.1
     relevance_timestep: int = 800
+    relevance_draws: int | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     image_guidance_scale: float | None = None
@@ -123,7 +134,8 @@ class EditParameters:
         check_sampling(tau=self.tau, relevance_timestep=self.relevance_timestep,
                        num_inference_steps=self.num_inference_steps,
                        guidance_scale=self.guidance_scale,
-                       image_guidance_scale=self.image_guidance_scale, eta=self.eta)
+                       image_guidance_scale=self.image_guidance_scale, eta=self.eta,
+                       relevance_draws=self.relevance_draws)
         if self.resolution is not None and (
                 not isinstance(self.resolution, int) or self.resolution % 8
                 or not 64 <= self.resolution <= MAX_RESOLUTION):

@@ -59,15 +59,16 @@ class GuidanceState:
     """What the guidance computation drew and computed, for an edit to reuse.
 
     A preview and the edit that follows it (same image, instruction, seed and model) share
-    the text embeddings, the VAE encode, the one noise draw and the relevance map; passing
-    this back as ``guidance_state`` skips them and gives bit-identical results, because the
-    generator is restored to the state it had after the noise draw.
+    the text embeddings, the VAE encode, the noise draws and the relevance map; passing this
+    back as ``guidance_state`` skips them and gives bit-identical results, because the
+    generator is restored to the state it had after the noise draws.
     """
 
     prompt_embeds: torch.Tensor
     image_latents: torch.Tensor
     source_latents: torch.Tensor
     noise: torch.Tensor
+    relevance_noise: list[torch.Tensor]  # the relevance map's further draws (relevance_draws - 1)
     relevance: torch.Tensor | None
     relevance_timestep: int
     generator_state: torch.Tensor | list[torch.Tensor] | None  # one per generator of a batch
@@ -167,6 +168,7 @@ class InstructX2XPipeline(DiffusionPipeline):
         tau: float = 0.1,
         lateralize_prior: bool = True,
         relevance_timestep: int = 800,
+        relevance_draws: int = 1,
         num_inference_steps: int = 100,
         guidance_scale: float = GUIDANCE_SCALE,
         image_guidance_scale: float = IMAGE_GUIDANCE_SCALE,
@@ -208,6 +210,10 @@ class InstructX2XPipeline(DiffusionPipeline):
                 Narrow lung priors to the side the instruction names (patient's left = image right on PA).
             relevance_timestep (`int`, defaults to 800):
                 Timestep `t_rel` at which the relevance map is computed.
+            relevance_draws (`int`, defaults to 1):
+                Noise draws whose relevance maps (each clipped and normalised) are averaged; the authors
+                take one. The first is the noise of the start point and the re-noising, the others
+                are drawn right after it, so the generator's later draws depend on this number.
             num_inference_steps (`int`, defaults to 100):
                 Denoising steps.
             guidance_scale (`float`, defaults to 7.5):
@@ -223,10 +229,12 @@ class InstructX2XPipeline(DiffusionPipeline):
                 Start latents `(B, 4, H/8, W/8)` replacing the noised input latent (as in diffusers'
                 InstructPix2Pix); the noise for the relevance map and the re-noising is still drawn.
             guidance_only (`bool`, defaults to `False`):
-                Stop after the guidance map (one UNet call, one VAE encode): a cheap preview for tuning `tau`.
+                Stop after the guidance map (a UNet call per relevance draw, one VAE encode): a cheap
+                preview for tuning `tau`.
             guidance_state (`GuidanceState`, *optional*):
                 The `guidance_state` of an earlier call on the same image, prompt, seed and model
-                (e.g. a preview): its embeddings, latents, noise and relevance map are reused.
+                (e.g. a preview) with the same `relevance_draws`: its embeddings, latents, noise
+                and relevance map are reused.
             decode_mask_region (`bool`, defaults to `False`):
                 Decode only the latents over the edit masks' bounding box (plus a margin of
                 `DECODE_MARGIN` latent cells) instead of the whole grid: the decoder's cost falls
@@ -264,6 +272,7 @@ class InstructX2XPipeline(DiffusionPipeline):
         region_mode, prompts = self.check_inputs(
             prompt, image, region_mode, tau, relevance_timestep, num_inference_steps, guidance_scale,
             image_guidance_scale, output_type, callback_on_step_end_tensor_inputs, generator,
+            relevance_draws,
         )
         batch_size = len(prompts)
         if (mask_image is not None or prior_mask is not None) and \
@@ -293,6 +302,9 @@ class InstructX2XPipeline(DiffusionPipeline):
         state = guidance_state
         if state is not None and not isinstance(state, GuidanceState):
             raise TypeError(f"`guidance_state` must be a GuidanceState, got {type(state).__name__}.")
+        if state is not None and len(state.relevance_noise) != relevance_draws - 1:
+            raise ParameterError(f"`guidance_state` was drawn for {len(state.relevance_noise) + 1} "
+                                 f"relevance draws, not {relevance_draws}.")
         if state is not None and tuple(state.source_latents.shape[-2:]) != (
                 height // self.vae_scale_factor, width // self.vae_scale_factor):
             raise ParameterError("`guidance_state` comes from an image of another size.")
@@ -307,11 +319,14 @@ class InstructX2XPipeline(DiffusionPipeline):
         # 5. Image latents: mode for conditioning (unscaled), a scaled sample for the start point.
         if state is None:
             image_latents, source_latents = self.prepare_image_latents(pixels, generator)
-            # One noise draw serves the relevance map, the start point and every re-noising.
-            noise = randn_tensor(source_latents.shape, generator=generator, device=device,
-                                 dtype=torch.float32)
+            # One noise draw serves the relevance map, the start point and every re-noising; the
+            # relevance map's further draws come right after it, whatever the region mode.
+            noise, *relevance_noise = [randn_tensor(source_latents.shape, generator=generator,
+                                                    device=device, dtype=torch.float32)
+                                       for _ in range(relevance_draws)]
         else:
             image_latents, source_latents, noise = state.image_latents, state.source_latents, state.noise
+            relevance_noise = state.relevance_noise
             if generator is not None and state.generator_state is not None:
                 _set_generator_states(generator, state.generator_state)  # later draws as if nothing was skipped
         generator_state = None if generator is None else _generator_states(generator)
@@ -319,17 +334,17 @@ class InstructX2XPipeline(DiffusionPipeline):
         image_latents_cfg = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])
         latent_size = tuple(source_latents.shape[-2:])
 
-        # 6. Relevance map R (one UNet call at t_rel), prior M, guidance map G, masks m.
+        # 6. Relevance map R (one UNet call at t_rel per noise draw), prior M, guidance map G, masks m.
         relevance = None
         if region_mode in (RegionMode.RSE, RegionMode.RELEVANCE):
             if state is not None and state.relevance is not None \
                     and state.relevance_timestep == int(relevance_timestep):
                 relevance = state.relevance
             else:
-                relevance = self.compute_relevance(source_latents, noise, image_latents_cfg,
-                                                   prompt_embeds, relevance_timestep)
-        state = GuidanceState(prompt_embeds, image_latents, source_latents, noise, relevance,
-                              int(relevance_timestep), generator_state)
+                relevance = self.compute_relevance(source_latents, [noise, *relevance_noise],
+                                                   image_latents_cfg, prompt_embeds, relevance_timestep)
+        state = GuidanceState(prompt_embeds, image_latents, source_latents, noise, relevance_noise,
+                              relevance, int(relevance_timestep), generator_state)
         prior, selection = None, None
         if region_mode in (RegionMode.RSE, RegionMode.PRIOR):
             explicit = None if prior_mask is None else self._to_batch(prior_mask, "prior_mask", 1, batch_size)
@@ -440,7 +455,8 @@ class InstructX2XPipeline(DiffusionPipeline):
 
     def check_inputs(self, prompt, image, region_mode, tau, relevance_timestep, num_inference_steps,
                      guidance_scale, image_guidance_scale, output_type,
-                     callback_on_step_end_tensor_inputs, generator=None) -> tuple[RegionMode, list[str]]:
+                     callback_on_step_end_tensor_inputs, generator=None,
+                     relevance_draws: int = 1) -> tuple[RegionMode, list[str]]:
         """Validate every argument before any model runs; returns the region mode as an enum
         and the prompts as a list (the batch)."""
         prompts = [prompt] if isinstance(prompt, str) else prompt
@@ -463,7 +479,7 @@ class InstructX2XPipeline(DiffusionPipeline):
                                  "InstructX2XEditor.resolve fills in a model's defaults.")
         check_sampling(tau=tau, relevance_timestep=relevance_timestep,
                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                       image_guidance_scale=image_guidance_scale,
+                       image_guidance_scale=image_guidance_scale, relevance_draws=relevance_draws,
                        train_timesteps=self.scheduler.config.num_train_timesteps)
         if output_type not in ("pil", "np", "pt"):
             raise ParameterError(f"`output_type` must be 'pil', 'np' or 'pt', got {output_type!r}.")
@@ -495,37 +511,41 @@ class InstructX2XPipeline(DiffusionPipeline):
         source_latents = posterior.sample(generator).float() * self.vae.config.scaling_factor
         return image_latents, source_latents
 
-    def compute_relevance(self, source_latents, noise, image_latents_cfg, prompt_embeds,
-                          relevance_timestep: int) -> torch.Tensor:
-        """One UNet call at ``t_rel``; ``R`` at latent size (SPEC step 3).
+    def compute_relevance(self, source_latents, noises: list[torch.Tensor], image_latents_cfg,
+                          prompt_embeds, relevance_timestep: int) -> torch.Tensor:
+        """One UNet call at ``t_rel`` per noise draw; ``R`` at latent size (SPEC step 3, which
+        takes one draw: ``guidance.relevance_map`` averages several).
 
-        ``R`` needs only the (text+image) and (image only) members of the CFG batch, so the
+        ``R`` needs only the (text+image) and (image only) members of the CFG batch, so each
         call runs on those two: a third less work than the full batch, the same values.
         The noising uses the training schedule directly (``alphas_cumprod``), so it is the same
         whichever sampler runs the denoising loop.
 
         R is the difference of two close noise predictions, which half-precision activations
-        round away; the call runs in ``relevance_dtype`` (fp32 unless set to None), the UNet
-        cast up for it and back (exact: a bf16/fp16 weight is an fp32 value).
+        round away; the calls run in ``relevance_dtype`` (fp32 unless set to None), the UNet
+        cast up for them and back (exact: a bf16/fp16 weight is an fp32 value).
         """
         alphas_cumprod = self.scheduler.alphas_cumprod.to(source_latents.device, torch.float32)
         alpha = alphas_cumprod[int(relevance_timestep)]
-        noisy = alpha.sqrt() * source_latents + (1 - alpha).sqrt() * noise
         members = 2 * source_latents.shape[0]  # (text+image, image only) of every batch element
-        model_input = torch.cat([torch.cat([noisy] * 2), image_latents_cfg[:members].float()], dim=1)
         timestep = torch.tensor(int(relevance_timestep), device=source_latents.device)
         model_dtype = self.unet.dtype
         dtype = self.relevance_dtype or model_dtype
+        predictions = []
         # torch's own Module.to: diffusers' override logs a dtype notice on every cast.
         try:
             if dtype != model_dtype:
                 torch.nn.Module.to(self.unet, dtype)
-            noise_pred = self.unet(model_input.to(dtype), timestep,
-                                   encoder_hidden_states=prompt_embeds[:members].to(dtype), return_dict=False)[0]
+            for noise in noises:
+                noisy = alpha.sqrt() * source_latents + (1 - alpha).sqrt() * noise
+                model_input = torch.cat([torch.cat([noisy] * 2), image_latents_cfg[:members].float()], dim=1)
+                predictions.append(self.unet(model_input.to(dtype), timestep,
+                                             encoder_hidden_states=prompt_embeds[:members].to(dtype),
+                                             return_dict=False)[0].chunk(2))
         finally:
             if self.unet.dtype != model_dtype:
                 torch.nn.Module.to(self.unet, model_dtype)
-        noise_pred_text, noise_pred_image = noise_pred.chunk(2)
+        noise_pred_text, noise_pred_image = (torch.stack(draws) for draws in zip(*predictions))
         return guidance.relevance_map(noise_pred_text, noise_pred_image)
 
     def resolve_prior(self, prompt: str, user_mask, prior_mask, size, device, lateralize: bool = True):

@@ -234,8 +234,9 @@ class Worker:
 
 
 def ready_event(editor) -> dict:
-    """The model, precision and sampling defaults (steps, s_T, s_I, resolution: the model card's
-    where it sets them), so that a panel shows the values an edit runs with when none are given."""
+    """The model, precision and sampling defaults (steps, s_T, s_I, relevance draws, resolution:
+    the model card's where it sets them), so that a panel shows the values an edit runs with when
+    none are given."""
     return {"event": "ready", "protocol": PROTOCOL_VERSION, "model": editor.model_info.to_dict(),
             "precision": editor.precision, "native_resolution": editor.native_resolution,
             "defaults": editor.sampling()}

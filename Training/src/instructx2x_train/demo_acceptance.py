@@ -41,7 +41,7 @@ from instructx2x.provenance import to_json
 
 from .counterfactuals import PurePairsConfig, pairs_config, plausible_targets, write_pure_pairs
 
-__all__ = ["AcceptanceTargets", "evaluate_demo", "measure_edit", "lesion_mask", "TARGETS"]
+__all__ = ["AcceptanceTargets", "evaluate_demo", "measure_edit", "lesion_mask", "peak_in_lesion", "TARGETS"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +71,18 @@ def lesion_mask(root: Path, pair_id: str, finding: str) -> np.ndarray:
     return np.logical_or.reduce(masks)
 
 
+def peak_in_lesion(guidance: np.ndarray, lesion: np.ndarray) -> tuple[float, int]:
+    """The share of the guidance map's maximal pixels that lie inside the lesion, and their count.
+
+    The IQR clip of the relevance map makes its maximum a plateau (tens to hundreds of pixels),
+    so "the" maximum is the set of tied pixels: the share of it inside the lesion is the chance
+    that a uniformly random one of them is. np.argmax's first tie in raster order is the
+    plateau's top edge, which biased this figure towards 0.
+    """
+    peak = guidance == guidance.max()
+    return float(lesion[peak].mean()), int(peak.sum())
+
+
 def measure_edit(past: np.ndarray, truth: np.ndarray, edited: np.ndarray, lesion: np.ndarray,
                  edit_mask: np.ndarray | None = None, guidance: np.ndarray | None = None) -> dict:
     """Figures of one edit against its pair's truth (all images float in [0, 1])."""
@@ -91,13 +103,7 @@ def measure_edit(past: np.ndarray, truth: np.ndarray, edited: np.ndarray, lesion
                         "image_coverage": float(edit_mask.mean()),
                         "identical_outside_mask": bool(np.array_equal(edited[~edit_mask], past[~edit_mask]))})
     if guidance is not None:
-        # The IQR clip of the relevance map makes its maximum a plateau (tens to hundreds of
-        # pixels), so "the" maximum is the set of tied pixels: the share of it inside the lesion
-        # is the chance that a uniformly random one of them is. np.argmax's first tie in raster
-        # order is the plateau's top edge, which biased this figure towards 0.
-        peak = guidance == guidance.max()
-        figures["peak_in_lesion"] = float(lesion[peak].mean())
-        figures["peak_pixels"] = int(peak.sum())
+        figures["peak_in_lesion"], figures["peak_pixels"] = peak_in_lesion(guidance, lesion)
     return figures
 
 
