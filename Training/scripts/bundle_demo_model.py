@@ -5,10 +5,10 @@ writes its model card: model_card.json (what every manifest records) and README.
 recipe, acceptance figures and the commands that reproduce them).
 
 Usage: python bundle_demo_model.py WORK_FOLDER   (WORK_FOLDER/run/model, WORK_FOLDER/acceptance,
-       WORK_FOLDER/relevance-sweep, WORK_FOLDER/guidance-sweep, WORK_FOLDER/timing.json as
+       WORK_FOLDER/guidance-sweep, WORK_FOLDER/relevance-sweep, WORK_FOLDER/timing.json as
        `make demo-model` leaves them). Run it after training (the sweeps then measure the
-       bundled model), after each sweep (the card takes the relevance draws and the guidance
-       scales they chose, and what follows measures with them) and after the acceptance, to put
+       bundled model), after each sweep (the card takes the guidance scales and the relevance
+       draws they chose, and what follows measures with them) and after the acceptance, to put
        its figures into the card. It refuses to write figures measured at other settings than
        the card's.
 """
@@ -62,7 +62,8 @@ card = json.loads((model / "model_card.json").read_text())
 card.update({"name": "instructx2x-demo", "intended_use": NOTICE,
              # DPM-Solver++ 10 steps (the sampler table): direction within one edit in 48 and
              # accuracy within 0.01 of 3 and 4 steps and DDIM 100, and the least change outside
-             # the lesion of the few-step settings (0.0041 against 0.0056 at 3), for 0.7 s an edit
+             # the lesion of the few-step settings (0.0041 against 0.0056 at 3), for under a
+             # second more an edit
              "few_step_solver_steps": FEW_STEP_SOLVER_STEPS,
              "guidance_scale": guidance_scales[0], "image_guidance_scale": guidance_scales[1],
              "relevance_draws": relevance_draws,
@@ -112,7 +113,7 @@ UNet + text encoder ({config['steps']} steps of {config['batch']['per_device']},
 {config['optim'].get('change_region_weight', 0)} (the true lesion's latent cells weigh 1 + that in the loss),
 mirror-region weight {config['optim'].get('mirror_region_weight', 0)} (so do the cells of its left-right mirror
 where the lesion is not: the side the instruction does not name), no flips: the heart lies on
-the patient's left), relevance-draws sweep, guidance sweep, acceptance, bundling.
+the patient's left), guidance sweep, relevance-draws sweep, acceptance, bundling.
 Measured ({timing.get('cpu', 'CPU not recorded')}, 2 cores): pairs {timing.get('pairs_minutes', '?')} min,
 autoencoder + model {timing.get('training_minutes', '?')} min (of which the autoencoder
 {vae_log['seconds'] / 60:.1f} min), {total_minutes} min in all; the guidance sweep
