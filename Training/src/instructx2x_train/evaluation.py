@@ -337,8 +337,10 @@ def _table_frame(rows: dict) -> pd.DataFrame:
 
 
 def _sampling(sampling: dict) -> str:
+    draws = sampling["relevance_draws"]
     return (f"{sampling['num_inference_steps']} steps, guidance s_T {sampling['guidance_scale']:g} / "
-            f"s_I {sampling['image_guidance_scale']:g}, {sampling['resolution']} px")
+            f"s_I {sampling['image_guidance_scale']:g}, relevance map of {draws} noise draw{'s' * (draws > 1)}, "
+            f"{sampling['resolution']} px")
 
 
 def evaluation_markdown(report: dict) -> str:
