@@ -131,6 +131,8 @@ below the authors' by more than one binomial standard error of theirs (a group's
 on 10 edits, a finding's laterality on 20 side trials: a trial or two is noise).
 
 {sweep}
+(The guidance sweep runs before the relevance-draws sweep, so its peak column is with one draw.)
+
 The relevance map averages the maps of {relevance_draws} noise draw{'s' if relevance_draws > 1 else ''}, each clipped and
 normalised (the authors take one: SPEC section 2, step 3; README, "The relevance map's noise
 draws"). One draw's map carries that draw's noise, and its maximum often falls outside the
