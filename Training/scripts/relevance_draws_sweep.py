@@ -38,14 +38,18 @@ DRAWS = (1, 2, 4, 8, 16)
 PAIRS = 160  # as many as the guidance sweep, at the acceptance's 256 px
 
 
-def measure(editor: InstructX2XEditor, root: Path, draws: int) -> dict:
-    """Region figures of previews of every pair in ``root`` with ``draws`` noise draws."""
+def load_pairs(root: Path) -> list[tuple]:
+    """(film, instruction, true lesion) of every pair in ``root``, read once for all settings."""
     truth = pd.read_csv(root / "truth.csv", dtype=str, keep_default_na=False)
+    return [(read_image(root / "past" / f"{pair.pair_id}.png"), pair.instruction,
+             lesion_mask(root, pair.pair_id, pair.finding)) for pair in truth.itertuples()]
+
+
+def measure(editor: InstructX2XEditor, pairs: list[tuple], draws: int) -> dict:
+    """Region figures of previews of every pair with ``draws`` noise draws."""
     rows = []
-    for pair in tqdm(truth.itertuples(), total=len(truth), desc=f"{draws} draws"):
-        preview = editor.preview(read_image(root / "past" / f"{pair.pair_id}.png"),
-                                 EditParameters(pair.instruction, relevance_draws=draws))
-        lesion = lesion_mask(root, pair.pair_id, pair.finding)
+    for image, instruction, lesion in tqdm(pairs, desc=f"{draws} draws"):
+        preview = editor.preview(image, EditParameters(instruction, relevance_draws=draws))
         rows.append({"peak_in_lesion": peak_in_lesion(preview.guidance_map, lesion)[0],
                      "lesion_coverage": float(preview.edit_mask[lesion].mean()),
                      "image_coverage": float(preview.edit_mask.mean())})
@@ -96,9 +100,9 @@ def main() -> None:
     with atomic_output_dir(folder) as staging:  # an interrupted sweep leaves nothing
         write_pure_pairs(staging / "pairs", PurePairsConfig(pairs=PAIRS, seed=args.seed, resolution=256,
                                                             split="test", other_finding_probability=0.0))
-        rows = []
+        pairs, rows = load_pairs(staging / "pairs"), []
         for draws in sorted(set(args.draws)):
-            rows.append(measure(editor, staging / "pairs", draws))
+            rows.append(measure(editor, pairs, draws))
             print(json.dumps(rows[-1]), flush=True)
         chosen = choose(rows)
         (staging / "sweep.json").write_text(to_json({"seed": args.seed, "rows": rows, "chosen": chosen}) + "\n")
