@@ -10,6 +10,7 @@ import pytest
 from instructx2x.errors import ParameterError
 from instructx2x.loading import MODEL_CARD_NAME, demo_model_path, load_pipeline
 from instructx2x_train.demo_acceptance import TARGETS, evaluate_demo
+from instructx2x_train.phantom import ZONED_FINDINGS
 
 
 def test_loads_offline_and_says_what_it_is(monkeypatch):
@@ -72,6 +73,17 @@ def test_quick_acceptance_knows_left_from_right(quick):
     for finding, by_operation in report["laterality_rate_by_operation"].items():
         assert by_operation.keys() == {"add", "remove"}
         assert rates[finding] == pytest.approx(sum(by_operation.values()) / 2)  # 3 trials each
+
+
+def test_quick_acceptance_sums_up_focal_opacities_by_the_zone_named(quick):
+    # the zone of each edit comes from its pair's truth; every focal opacity has one, nothing else
+    report, folder = quick
+    edits = pd.read_csv(folder / "edits.csv", dtype=str, keep_default_na=False)
+    truth = pd.read_csv(folder / "pairs" / "truth.csv", dtype=str, keep_default_na=False)
+    assert list(edits.zone) == list(truth.zone)
+    focal = edits.finding.isin(ZONED_FINDINGS)
+    assert (edits.zone[focal] != "").all() and (edits.zone[~focal] == "").all()
+    assert sum(group["edits"] for group in report["by_zone"].values()) == focal.sum() > 0
 
 
 def test_quick_acceptance_says_what_a_perfect_model_would_score(quick):

@@ -15,6 +15,10 @@ true lesion mask, an edit can be measured directly:
   of them inside);
 - identity: outside the edit mask the output equals the input exactly.
 
+Focal opacities (consolidation, pneumonia, lung opacity) are also summed up by the lung zone
+their instruction names (``zone_summary``): a model that has not learned the zone words puts
+every added opacity at one height, and only the zone table shows it.
+
 The same figures are repeated for the four region modes and for several samplers. Beside the
 model's, each finding x operation has a perfect model's figures: targets as right as the pair's
 own for its instruction (``plausible_targets``: the finding with another texture, such as
@@ -35,13 +39,15 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from instructx2x import read_image
+from instructx2x.instructions import LUNG_ZONES
 from instructx2x.outputs import atomic_output_dir
 from instructx2x.parameters import EditParameters, RegionMode
 from instructx2x.provenance import to_json
 
 from .counterfactuals import PurePairsConfig, pairs_config, plausible_targets, write_pure_pairs
 
-__all__ = ["AcceptanceTargets", "evaluate_demo", "measure_edit", "lesion_mask", "peak_in_lesion", "TARGETS"]
+__all__ = ["AcceptanceTargets", "evaluate_demo", "measure_edit", "lesion_mask", "peak_in_lesion", "zone_summary",
+           "TARGETS"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +135,13 @@ def _summary(frame: pd.DataFrame) -> dict:
     return out
 
 
+def zone_summary(edits: pd.DataFrame) -> dict:
+    """``"add upper"``-style groups (operation, then the zone, apex to base) of the edits whose
+    instruction names a lung zone; the other edits (empty ``zone``) are left out."""
+    return {f"{op} {zone}": _summary(group) for op, by_op in edits.groupby("operation", sort=True)
+            for zone in LUNG_ZONES if len(group := by_op[by_op.zone == zone])}
+
+
 def _verdicts(overall: dict, per_group: dict, laterality: dict) -> dict:
     """Each target: the measured figure and whether it is met."""
     worst_direction = min(g["direction_rate"] for g in per_group.values())
@@ -209,7 +222,7 @@ def evaluate_demo(model: str, output: str | Path, *, pairs: str | Path | None = 
             past, target = image.pixels, _read(root / "current" / f"{pair.pair_id}.png")
             lesion = lesion_mask(root, pair.pair_id, pair.finding)
             who = {"pair_id": pair.pair_id, "finding": pair.finding, "operation": pair.operation,
-                   "side": pair.side}
+                   "side": pair.side, "zone": pair.zone}
             started = time.perf_counter()
             result = editor.edit(image, edit_parameters(instruction=pair.instruction))
             figures = measure_edit(past, target, result.edited, lesion, result.edit_mask, result.guidance_map)
@@ -263,6 +276,7 @@ def evaluate_demo(model: str, output: str | Path, *, pairs: str | Path | None = 
                 f"{op} {finding}": _summary(group)
                 for (finding, op), group in pd.DataFrame(perfect_rows).groupby(["finding", "operation"], sort=True)}}
             if perfect_rows else {},
+            "by_zone": zone_summary(edits),
             "laterality_rate": laterality, "laterality_rate_by_operation": laterality_by_operation,
             "region_modes": {mode: _summary(group) for mode, group in pd.DataFrame(mode_rows).groupby("mode")}
             if mode_rows else {},
@@ -324,6 +338,11 @@ def acceptance_markdown(report: dict) -> str:
         lines += ["", f"Perfect model: {report['perfect_model']['draws']} targets a pair as right as the pair's "
                   "own for its instruction (the finding with another texture, such as pneumonia's "
                   "lobules), measured as edits; what the instruction leaves open bounds every model's figures."]
+    if report["by_zone"]:
+        lines += ["", "| focal opacities, operation, zone named | edits | direction | accuracy reduction | "
+                  "peak in lesion |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {g['edits']} | {g['direction_rate']:.2f} | {g['accuracy_reduction']:.2f} | "
+                  f"{g['peak_in_lesion_rate']:.2f} |" for name, g in report["by_zone"].items()]
     if report["laterality_rate"]:
         lines += ["", "| finding | laterality (narrowing off) | adding | removing |", "|---|---|---|---|"]
         for finding, rate in report["laterality_rate"].items():
