@@ -343,6 +343,8 @@ def acceptance_markdown(report: dict) -> str:
                   "peak in lesion |", "|---|---|---|---|---|"]
         lines += [f"| {name} | {g['edits']} | {g['direction_rate']:.2f} | {g['accuracy_reduction']:.2f} | "
                   f"{g['peak_in_lesion_rate']:.2f} |" for name, g in report["by_zone"].items()]
+        lines += ["", "Focal opacities (consolidation, pneumonia, lung opacity) by the lung zone their instruction "
+                  "names: a removal finds the site on the film, an addition must take it from the words alone."]
     if report["laterality_rate"]:
         lines += ["", "| finding | laterality (narrowing off) | adding | removing |", "|---|---|---|---|"]
         for finding, rate in report["laterality_rate"].items():
