@@ -106,6 +106,9 @@ def test_a_folder_that_is_not_pure_pairs_is_refused_before_the_model_loads(tmp_p
     (tmp_path / "films").mkdir()
     with pytest.raises(FileNotFoundError, match="films is not a pure-pairs folder"):
         evaluate_demo("no-such-model", tmp_path / "report", pairs=tmp_path / "films")
+    (tmp_path / "films" / "truth.csv").write_text("pair_id,finding,operation,side,instruction\n")
+    with pytest.raises(ValueError, match="films/truth.csv lacks the column.s. split, zone, level"):
+        evaluate_demo("no-such-model", tmp_path / "report", pairs=tmp_path / "films", perfect_model_draws=0)
     with pytest.raises(ParameterError, match="image_guidance_scale must lie in"):
         evaluate_demo("no-such-model", tmp_path / "report", image_guidance_scale=-1.0)
     with pytest.raises(ValueError, match="perfect_model_draws must be >= 0"):

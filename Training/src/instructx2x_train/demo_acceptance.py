@@ -44,7 +44,7 @@ from instructx2x.outputs import atomic_output_dir
 from instructx2x.parameters import EditParameters, RegionMode
 from instructx2x.provenance import to_json
 
-from .counterfactuals import PurePairsConfig, pairs_config, plausible_targets, write_pure_pairs
+from .counterfactuals import TRUTH_COLUMNS, PurePairsConfig, pairs_config, plausible_targets, write_pure_pairs
 
 __all__ = ["AcceptanceTargets", "evaluate_demo", "measure_edit", "lesion_mask", "peak_in_lesion", "zone_summary",
            "TARGETS"]
@@ -204,6 +204,11 @@ def evaluate_demo(model: str, output: str | Path, *, pairs: str | Path | None = 
     generated = PurePairsConfig(pairs=count, seed=seed, resolution=resolution, split="test",
                                 other_finding_probability=0.0) if pairs is None else None
     written_by = (generated or pairs_config(pairs)) if perfect_model_draws else None
+    if pairs is not None:
+        missing = [c for c in TRUTH_COLUMNS if c not in pd.read_csv(Path(pairs) / "truth.csv", nrows=0).columns]
+        if missing:
+            raise ValueError(f"{Path(pairs).name}/truth.csv lacks the column(s) {', '.join(missing)}: "
+                             "it was written by an older `instructx2x-train pure-pairs`; write the pairs again.")
     editor = InstructX2XEditor.from_model(model)
     with atomic_output_dir(output) as staging:
         if generated is not None:
