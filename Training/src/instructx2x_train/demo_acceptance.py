@@ -193,9 +193,14 @@ def evaluate_demo(model: str, output: str | Path, *, pairs: str | Path | None = 
     output = Path(output)
     if output.exists():
         raise FileExistsError(f"output folder {output.name} already exists; choose a new one.")
-    if pairs is not None and not (Path(pairs) / "truth.csv").is_file():
-        raise FileNotFoundError(f"{Path(pairs).name} is not a pure-pairs folder (no truth.csv): "
-                                "make one with `instructx2x-train pure-pairs`.")
+    if pairs is not None:
+        if not (Path(pairs) / "truth.csv").is_file():
+            raise FileNotFoundError(f"{Path(pairs).name} is not a pure-pairs folder (no truth.csv): "
+                                    "make one with `instructx2x-train pure-pairs`.")
+        missing = [c for c in TRUTH_COLUMNS if c not in pd.read_csv(Path(pairs) / "truth.csv", nrows=0).columns]
+        if missing:
+            raise ValueError(f"{Path(pairs).name}/truth.csv lacks the column(s) {', '.join(missing)}: "
+                             "it was written by an older `instructx2x-train pure-pairs`; write the pairs again.")
     edit_parameters = functools.partial(EditParameters, guidance_scale=guidance_scale,
                                         image_guidance_scale=image_guidance_scale)
     edit_parameters(instruction="-")  # a bad scale is refused before the model loads
@@ -204,11 +209,6 @@ def evaluate_demo(model: str, output: str | Path, *, pairs: str | Path | None = 
     generated = PurePairsConfig(pairs=count, seed=seed, resolution=resolution, split="test",
                                 other_finding_probability=0.0) if pairs is None else None
     written_by = (generated or pairs_config(pairs)) if perfect_model_draws else None
-    if pairs is not None:
-        missing = [c for c in TRUTH_COLUMNS if c not in pd.read_csv(Path(pairs) / "truth.csv", nrows=0).columns]
-        if missing:
-            raise ValueError(f"{Path(pairs).name}/truth.csv lacks the column(s) {', '.join(missing)}: "
-                             "it was written by an older `instructx2x-train pure-pairs`; write the pairs again.")
     editor = InstructX2XEditor.from_model(model)
     with atomic_output_dir(output) as staging:
         if generated is not None:
