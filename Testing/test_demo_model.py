@@ -9,6 +9,7 @@ import pytest
 
 from instructx2x.errors import ParameterError
 from instructx2x.loading import MODEL_CARD_NAME, demo_model_path, load_pipeline
+from instructx2x_train.counterfactuals import TRUTH_COLUMNS
 from instructx2x_train.demo_acceptance import TARGETS, evaluate_demo
 from instructx2x_train.phantom import ZONED_FINDINGS
 
@@ -121,7 +122,7 @@ def test_what_the_perfect_model_needs_is_checked_before_the_model_loads(tmp_path
     be generated, are refused with a specific error before the model loads; nothing is written."""
     tmp_path = tmp_path_factory.mktemp("refused")
     (tmp_path / "pairs").mkdir()
-    (tmp_path / "pairs" / "truth.csv").write_text("pair_id\n")
+    (tmp_path / "pairs" / "truth.csv").write_text(",".join(TRUTH_COLUMNS) + "\n")  # current columns, no manifest
     with pytest.raises(FileNotFoundError, match="pairs has no manifest.json"):
         evaluate_demo("no-such-model", tmp_path / "report", pairs=tmp_path / "pairs")
     with pytest.raises(ValueError, match="pairs must be >= 1"):
