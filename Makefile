@@ -24,7 +24,7 @@ WEB_VENV := .venv-web
 WEB_STAMP := $(WEB_VENV)/.installed
 WEB_PORT ?= 8080
 
-.PHONY: install demo demo-model classifiers evaluation web test test-eval test-web benchmark clean
+.PHONY: install demo demo-model demo-model-estimate classifiers evaluation web test test-eval test-web benchmark clean
 
 $(STAMP): constraints.txt InstructX2XLib/pyproject.toml Training/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -118,6 +118,10 @@ test-eval: $(EVAL_STAMP)
 # the browser panel, in its own environment: without a browser, then in Debian's chromium
 test-web: $(WEB_STAMP)
 	$(WEB_VENV)/bin/python -m pytest -q -m web Testing/test_web_panel.py Testing/test_web_browser.py
+
+# how long `make demo-model`'s pairs and training would take on this CPU, from a 2-minute sample
+demo-model-estimate: $(STAMP)
+	$(BIN)/python Testing/benchmarks/benchmark_training.py --sections demo --steps 8
 
 benchmark: $(STAMP)
 	$(BIN)/python Testing/benchmarks/benchmark_pipeline.py

@@ -250,6 +250,7 @@ def test_latent_cache_gives_the_same_training_without_the_encoder(built, tmp_pat
               progress_bar=False)
 
 
+@pytest.mark.filterwarnings("error:Converting a tensor with requires_grad")  # the log reads losses quietly
 def test_fresh_model_pretrains_its_autoencoder_and_caches_one_view_without_flips(built, tmp_path):
     """model.base fresh (the demo recipe): the autoencoder trains first (its loss falls, its
     latent scale is set), is frozen into the model, and is reused on resume; without flips the

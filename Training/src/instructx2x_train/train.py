@@ -50,7 +50,7 @@ from .pairs import EditPairs, augment_pair
 from .train_config import RESUME_COMPATIBLE_KEYS, ConfigError, TrainConfig, config_differences
 from .validation import plot_loss, validation_grid, validation_pairs
 
-__all__ = ["train", "TrainResult", "latest_checkpoint", "make_ema", "sample_indices"]
+__all__ = ["train", "TrainResult", "mixed_precision", "latest_checkpoint", "make_ema", "sample_indices"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def train(config: TrainConfig, resume: str | None = None,
     emit = events or (lambda event: None)
     output = Path(config.output)
     accelerator = Accelerator(gradient_accumulation_steps=1,
-                              mixed_precision=_mixed_precision(config.precision),
+                              mixed_precision=mixed_precision(config.precision),
                               log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None,
                               project_dir=str(output))
     try:
@@ -358,7 +358,7 @@ def _noise_scheduler(pipe: InstructX2XPipeline):
     return DDPMScheduler.from_config({**dict(pipe.scheduler.config), "clip_sample": False})
 
 
-def _mixed_precision(precision: str) -> str:
+def mixed_precision(precision: str) -> str:
     """accelerate's name: bf16/fp16 on GPUs, bf16 on CPUs with bf16 instructions, else none."""
     if precision == "fp32":
         return "no"

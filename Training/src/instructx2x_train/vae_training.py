@@ -88,9 +88,10 @@ def train_vae(data: EditPairs, architecture: dict, settings: VAEPretrainingConfi
         optimizer.step()
         schedule.step()
         if step % 50 == 0 or step == config.steps - 1:
-            log.append({"step": step + 1, "l1": float(loss_l1), "gradient": float(loss_gradient),
+            l1 = loss_l1.item()  # .item(): float() of a tensor that needs gradients warns
+            log.append({"step": step + 1, "l1": l1, "gradient": loss_gradient.item(),
                         "seconds": time.perf_counter() - started})
-            bar.set_postfix(l1=f"{float(loss_l1):.4f}")
+            bar.set_postfix(l1=f"{l1:.4f}")
     vae.eval()
     with torch.no_grad():  # latent scale: unit variance of scaled latents, like SD's 0.18215
         sample = films[torch.randperm(len(films), generator=generator)[:64]] * 2 - 1
