@@ -62,7 +62,7 @@ demo: $(STAMP)
 		$(if $(REFERENCE),--reference-mask $(REFERENCE)) -o out/demo-$$(date +%Y%m%d-%H%M%S)
 
 # Rebuild the bundled demo model from nothing (pairs and training 51 min on 2 idle Intel AMX cores,
-# about 65 min on 2 AMD AVX-512 BF16 cores, 116 min on 2 AMD AVX2-only cores, where it trains in fp32;
+# 50 min on 2 AMD AVX-512 BF16 cores, 116 min on 2 AMD AVX2-only cores, where it trains in fp32;
 # then on AVX2 the guidance sweep 45 min, the relevance-draws sweep 10 min and the acceptance 31 min
 # more; its model card, InstructX2XLib/src/instructx2x/resources/demo_model/README.md, has the
 # measured figures): pure pairs -> autoencoder + UNet + text encoder -> bundle -> guidance scales,
