@@ -119,7 +119,7 @@ test-eval: $(EVAL_STAMP)
 test-web: $(WEB_STAMP)
 	$(WEB_VENV)/bin/python -m pytest -q -m web Testing/test_web_panel.py Testing/test_web_browser.py
 
-# how long `make demo-model`'s pairs and training would take on this CPU, from a 2-minute sample
+# how long `make demo-model`'s pairs and training would take on this CPU, from a sample of a minute or two
 demo-model-estimate: $(STAMP)
 	$(BIN)/python Testing/benchmarks/benchmark_training.py --sections demo --steps 8
 

@@ -11,7 +11,7 @@ Sections:
   demo    the demo model's recipe (Training/configs/demo.yaml, issue 10) timed stage by stage
           on a few pairs and steps, and projected to `make demo-model`'s counts (6,000 pairs,
           the config's autoencoder and UNet steps): does this machine rebuild the demo model
-          within the issue's hour? About 2 minutes with --steps 8 (`make demo-model-estimate`)
+          within the issue's hour? A minute or two with --steps 8 (`make demo-model-estimate`)
           instead of the rebuild's hours; --steps N gives each of its two epochs N UNet steps.
 
 Each section builds a small synthetic dataset first (seconds) and times steps after the
