@@ -453,33 +453,6 @@ def test_mirror_weights_mark_the_other_side_only_where_the_region_is_not():
     assert torch.equal(weights, expected)
 
 
-def test_shift_weights_mark_the_neighbouring_zones_only_where_the_region_is_not():
-    regions = torch.zeros(2, 1, 16, 16, dtype=torch.bool)
-    regions[0, 0, 4:8, 0:4] = True  # cells (2..3, 0..1) of 8x8; one zone = 2 rows up and down
-    regions[1, 0, 0:6, 6:10] = True  # cells (0..2, 3..4): symmetric; only the shift down is left
-    weights = change_weights(regions, (8, 8), 9.0, mirror_weight=3.0, shift_weight=5.0, shift_fraction=0.25)
-    expected = torch.ones(2, 1, 8, 8)
-    expected[0, 0, 2:4, 0:2] = 10.0
-    expected[0, 0, 2:4, 6:8] = 4.0  # the mirror
-    expected[0, 0, 0:2, 0:2] = expected[0, 0, 4:6, 0:2] = 6.0  # one zone above and below
-    expected[1, 0, 0:3, 3:5] = 10.0
-    expected[1, 0, 3:5, 3:5] = 6.0  # the shift up leaves the film; the shift down overlaps rows 2
-    assert torch.equal(weights, expected)
-    assert torch.equal(change_weights(regions, (8, 8), 9.0, 3.0, 5.0, 0.0),
-                       change_weights(regions, (8, 8), 9.0, 3.0))
-
-
-def test_shift_weight_and_its_fraction_come_together(built, tmp_path):
-    for weight, fraction in ((5, 0), (0, 0.2), (5, 1.0), (5, -0.1)):
-        with pytest.raises(ConfigError, match="shift_region_fraction must lie in"):
-            train(smoke(built, tmp_path / "run", f"optim.shift_region_weight={weight}",
-                        f"optim.shift_region_fraction={fraction}"), progress_bar=False)
-    with pytest.raises(ConfigError, match="masks file"):
-        train(smoke(built, tmp_path / "no-masks", "optim.shift_region_weight=5",
-                    "optim.shift_region_fraction=0.17"), progress_bar=False)
-    assert not (tmp_path / "no-masks").exists() and not (tmp_path / "run").exists()
-
-
 def test_change_region_weighting_trains_on_pure_pairs_and_needs_masks(built, pure_pairs, tmp_path):
     """The weighted objective runs end to end, changes the loss, and a dataset without masks is
     refused before anything is written."""

@@ -11,10 +11,7 @@ Optionally (``optim.change_region_weight``, not in the paper) the squared error 
 on the latent cells where a pure counterfactual pair's films differ, so that a small model
 spends its few steps on the edit rather than on copying the rest of the film; and
 (``optim.mirror_region_weight``) on the mirror image of those cells, so that it learns as
-keenly to leave the side the instruction does not name untouched; and
-(``optim.shift_region_weight``) on those cells moved up and down by one lung zone
-(``optim.shift_region_fraction`` of the film's height), so that adding an upper-zone opacity at
-mid-lung height costs as much as missing the upper zone.
+keenly to leave the side the instruction does not name untouched.
 """
 
 from __future__ import annotations
@@ -62,24 +59,14 @@ class PairLatents:
 
 
 def change_weights(regions: torch.Tensor, latent_size: tuple[int, int], weight: float,
-                   mirror_weight: float = 0.0, shift_weight: float = 0.0,
-                   shift_fraction: float = 0.0) -> torch.Tensor:
+                   mirror_weight: float = 0.0) -> torch.Tensor:
     """Per-cell loss weights ``(B, 1, h, w)``: 1 + ``weight`` on every latent cell that any
-    pixel of the change region ``(B, 1, H, W)`` falls in; on the cells the region itself does
-    not touch, 1 + ``mirror_weight`` on its mirror image across the film's vertical midline
-    (the other side, which an edit of the named side must leave as it is) and 1 +
-    ``shift_weight`` on its copies moved up and down by ``shift_fraction`` of the height (the
-    neighbouring zones); where those two meet, the larger weight."""
+    pixel of the change region ``(B, 1, H, W)`` falls in, and 1 + ``mirror_weight`` on the
+    cells of its mirror image across the film's vertical midline that the region itself does
+    not touch: the other side, which an edit of the named side must leave as it is."""
     touched = F.adaptive_max_pool2d(regions.float(), latent_size)
-    untouched = 1 - touched
-    mirrored = touched.flip(-1) * untouched
-    rows = round(shift_fraction * latent_size[0])
-    shifted = torch.zeros_like(touched)
-    if shift_weight and rows:
-        shifted[..., rows:, :] = touched[..., :-rows, :]
-        shifted[..., :-rows, :] = torch.maximum(shifted[..., :-rows, :], touched[..., rows:, :])
-    others = torch.maximum(mirror_weight * mirrored, shift_weight * shifted * untouched)
-    return 1.0 + weight * touched + others
+    mirrored = touched.flip(-1) * (1 - touched)
+    return 1.0 + weight * touched + mirror_weight * mirrored
 
 
 def encode_pair(vae, past: torch.Tensor, current: torch.Tensor) -> PairLatents:

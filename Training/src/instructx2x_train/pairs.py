@@ -92,8 +92,8 @@ class EditPairs:
         if missing:
             raise ConfigError(f"{self.root.name}: {len(missing)} masks file(s) missing, e.g. "
                               f"{', '.join(str(p.relative_to(self.root)) for p in missing[:3])}; "
-                              "optim.change_region_weight, mirror_region_weight and shift_region_weight need "
-                              "a .masks.npz beside every image (instructx2x-train pure-pairs writes them).")
+                              "optim.change_region_weight and mirror_region_weight need a .masks.npz beside every image "
+                              "(instructx2x-train pure-pairs writes them).")
 
     def change_region(self, index: int, shape: tuple[int, int]) -> torch.Tensor:
         """``(1, *shape)`` bool: where pair ``index``'s ground-truth masks say its films differ,

@@ -305,8 +305,7 @@ def _batch(data: EditPairs, config: TrainConfig, step: int, micro: int, rank: in
     stacked = PairLatents.stack(latents)
     weights = change_weights(torch.stack(regions), tuple(stacked.condition.shape[-2:]),
                              config.optim.change_region_weight,
-                             config.optim.mirror_region_weight, config.optim.shift_region_weight,
-                             config.optim.shift_region_fraction) if weighted else None
+                             config.optim.mirror_region_weight) if weighted else None
     return stacked, instructions, weights
 
 

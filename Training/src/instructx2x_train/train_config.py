@@ -90,16 +90,11 @@ class OptimConfig:
     # Extra loss weight on the change region's mirror image across the film's midline (where
     # the region itself is not): what an edit of the named side must leave alone. Needs masks.
     mirror_region_weight: float = 0.0
-    # Extra loss weight on the change region moved up and down by shift_region_fraction of the
-    # film's height (where the region itself is not): the neighbouring lung zones, which an edit
-    # of the named zone must leave alone. Needs masks.
-    shift_region_weight: float = 0.0
-    shift_region_fraction: float = 0.0
 
     @property
     def weighs_regions(self) -> bool:
         """Whether the loss is weighted by the pairs' ground-truth regions (which need masks)."""
-        return max(self.change_region_weight, self.mirror_region_weight, self.shift_region_weight) > 0
+        return self.change_region_weight > 0 or self.mirror_region_weight > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,14 +185,9 @@ class TrainConfig:
         if not 0 <= self.optim.conditioning_dropout_prob <= 1 / 3:
             raise ConfigError("optim.conditioning_dropout_prob must lie in [0, 1/3] (the rule "
                               f"uses 3p), got {self.optim.conditioning_dropout_prob}.")
-        for key in ("change_region_weight", "mirror_region_weight", "shift_region_weight"):
+        for key in ("change_region_weight", "mirror_region_weight"):
             if not 0 <= getattr(self.optim, key) <= 100:
                 raise ConfigError(f"optim.{key} must lie in [0, 100], got {getattr(self.optim, key)}.")
-        if not 0 <= self.optim.shift_region_fraction < 1 or \
-                bool(self.optim.shift_region_weight) != bool(self.optim.shift_region_fraction):
-            raise ConfigError("optim.shift_region_fraction must lie in [0, 1) and be > 0 exactly when "
-                              f"optim.shift_region_weight is, got {self.optim.shift_region_fraction} and "
-                              f"{self.optim.shift_region_weight}.")
         if not 0 <= self.data.flip_probability <= 1 or self.data.rotation_degrees < 0:
             raise ConfigError("data.flip_probability must lie in [0, 1] and data.rotation_degrees "
                               "be >= 0.")
