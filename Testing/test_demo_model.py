@@ -64,7 +64,7 @@ def test_quick_acceptance_direction_locality_and_identity(quick):
 
 def test_quick_acceptance_knows_left_from_right(quick):
     # 36 side trials: a model blind to the side (rate 0.5) reaches 0.65 with probability 3 %;
-    # the bundled model's full acceptance measures 0.82 on 120 trials (model card).
+    # the bundled model's full acceptance measures 1.00 on 120 trials (model card).
     report, folder = quick
     rates = report["laterality_rate"]
     assert len(rates) == 6 and sum(rates.values()) / len(rates) >= 0.65

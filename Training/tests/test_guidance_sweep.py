@@ -1,18 +1,15 @@
 """The guidance sweep's choice, which `make demo-model` writes into the demo model's card."""
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "guidance_sweep.py"
+from training_scripts import SCRIPTS, load
+
+SCRIPT = SCRIPTS / "guidance_sweep.py"
 
 
 def _sweep_module():
-    spec = importlib.util.spec_from_file_location("guidance_sweep", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("guidance_sweep")
 
 
 def _row(s_t: float, **figures) -> dict:

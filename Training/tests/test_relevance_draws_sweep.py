@@ -1,18 +1,15 @@
 """The relevance-draws sweep's choice, which `make demo-model` writes into the demo model's card."""
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "relevance_draws_sweep.py"
+from training_scripts import SCRIPTS, load
+
+SCRIPT = SCRIPTS / "relevance_draws_sweep.py"
 
 
 def _choose():
-    spec = importlib.util.spec_from_file_location("relevance_draws_sweep", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.choose
+    return load("relevance_draws_sweep").choose
 
 
 def _row(draws: int, peak: float, lesion: float = 1.0, image: float = 0.45) -> dict:
