@@ -19,16 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from instructx2x_train.counterfactuals import pairs_config, plausible_targets
-from instructx2x_train.demo_acceptance import lesion_mask, measure_edit
+from instructx2x_train.demo_acceptance import lesion_mask, measure_edit, read_film
 from instructx2x_train.phantom import finding_masks
-
-
-def _film(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image, np.float32) / 255.0
 
 
 def median_target(past: np.ndarray, draws: list[np.ndarray], finding: str) -> np.ndarray:
@@ -39,8 +33,8 @@ def median_target(past: np.ndarray, draws: list[np.ndarray], finding: str) -> np
     falls outside it by rounding."""
     stack = np.stack(draws)
     covered = np.stack([finding_masks(draw, {finding: past})[finding] | (draw != past) for draw in draws])
-    median = np.nanmedian(np.where(covered, stack, np.nan), axis=0) if covered.any() else past
-    return np.where(covered.any(axis=0), median, past).astype(np.float32)
+    # where no draw's lesion lies, every draw equals the input: their median is the input
+    return np.nanmedian(np.where(covered | ~covered.any(axis=0), stack, np.nan), axis=0).astype(np.float32)
 
 
 def main() -> None:
@@ -49,17 +43,22 @@ def main() -> None:
     parser.add_argument("--finding", default="pneumonia")
     parser.add_argument("--draws", type=int, default=64)
     args = parser.parse_args()
-    config = pairs_config(args.pairs)
+    if args.draws < 1:
+        parser.error(f"--draws must be >= 1, got {args.draws}")
+    try:
+        config = pairs_config(args.pairs)
+    except FileNotFoundError as error:
+        parser.error(str(error))
     if config is None:
         parser.error("films inserted into backgrounds cannot be redrawn (pairs_config)")
     truth = pd.read_csv(args.pairs / "truth.csv", dtype=str, keep_default_na=False)
     chosen = truth[(truth.operation == "add") & (truth.finding == args.finding)]
-    if chosen.empty or args.draws < 1:
-        parser.error(f"need --draws >= 1 and pairs adding {args.finding} in {args.pairs.name}")
+    if chosen.empty:
+        parser.error(f"{args.pairs.name} holds no pair adding {args.finding}")
     best, sampled = [], []
     for pair_id in chosen.pair_id:
-        past = _film(args.pairs / "past" / f"{pair_id}.png")
-        target = _film(args.pairs / "current" / f"{pair_id}.png")
+        past = read_film(args.pairs / "past" / f"{pair_id}.png")
+        target = read_film(args.pairs / "current" / f"{pair_id}.png")
         lesion = lesion_mask(args.pairs, pair_id, args.finding)
         draws = plausible_targets(config, pair_id, args.draws)
         best.append(measure_edit(past, target, median_target(past, draws, args.finding), lesion))

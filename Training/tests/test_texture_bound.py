@@ -46,3 +46,11 @@ def test_the_median_beats_a_drawn_pneumonia_and_equals_a_texture_free_one(tmp_pa
     assert pneumonia["a_draw (perfect model)"] < pneumonia["median_of_draws"] < 0.9
     # ground glass at the zone's centre has no texture: every draw is the target itself
     assert _bound(tmp_path / "pairs", "lung opacity") == {"median_of_draws": 1.0, "a_draw (perfect model)": 1.0}
+
+
+def test_bad_input_is_refused_with_a_specific_error_and_no_traceback(tmp_path):
+    for args, message in (([str(tmp_path), "--draws", "0"], "--draws must be >= 1, got 0"),
+                          ([str(tmp_path / "films")], "films has no manifest.json")):
+        run = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True)
+        assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert list(tmp_path.iterdir()) == []

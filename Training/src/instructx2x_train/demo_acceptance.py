@@ -113,7 +113,8 @@ def measure_edit(past: np.ndarray, truth: np.ndarray, edited: np.ndarray, lesion
     return figures
 
 
-def _read(path: Path) -> np.ndarray:
+def read_film(path: Path) -> np.ndarray:
+    """A pure pair's 8-bit PNG as float in [0, 1], as the pairs were measured."""
     with Image.open(path) as image:
         return np.asarray(image, np.float32) / 255.0
 
@@ -224,7 +225,7 @@ def evaluate_demo(model: str, output: str | Path, *, pairs: str | Path | None = 
         for pair in bar:
             past_path = root / "past" / f"{pair.pair_id}.png"
             image = read_image(past_path)
-            past, target = image.pixels, _read(root / "current" / f"{pair.pair_id}.png")
+            past, target = image.pixels, read_film(root / "current" / f"{pair.pair_id}.png")
             lesion = lesion_mask(root, pair.pair_id, pair.finding)
             who = {"pair_id": pair.pair_id, "finding": pair.finding, "operation": pair.operation,
                    "side": pair.side, "zone": pair.zone}
