@@ -9,7 +9,7 @@ import pytest
 
 from instructx2x.errors import ParameterError
 from instructx2x.loading import MODEL_CARD_NAME, demo_model_path, load_pipeline
-from instructx2x_train.counterfactuals import TRUTH_COLUMNS
+from instructx2x_train.counterfactuals import TRUTH_COLUMNS, PurePairsConfig, write_pure_pairs
 from instructx2x_train.demo_acceptance import TARGETS, evaluate_demo
 from instructx2x_train.phantom import ZONED_FINDINGS
 
@@ -128,3 +128,14 @@ def test_what_the_perfect_model_needs_is_checked_before_the_model_loads(tmp_path
     with pytest.raises(ValueError, match="pairs must be >= 1"):
         evaluate_demo("no-such-model", tmp_path / "report", count=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs"]
+
+
+def test_a_given_pairs_folder_is_reported_with_the_seed_that_drew_it(tmp_path):
+    """Held-out figures are only as held out as their seed: a report on a folder of pairs names
+    the seed its manifest records, as a report on pairs it generates names the one it was given."""
+    write_pure_pairs(tmp_path / "pairs", PurePairsConfig(pairs=2, seed=2025, resolution=128, split="test",
+                                                         findings=("edema",), operations=("add",)))
+    report = evaluate_demo("demo", tmp_path / "report", pairs=tmp_path / "pairs", ablation_count=0,
+                           samplers=(), perfect_model_draws=0, progress_bar=False)
+    assert report["pairs"]["seed"] == 2025
+    assert "(seed 2025)" in (tmp_path / "report" / "acceptance.md").read_text()

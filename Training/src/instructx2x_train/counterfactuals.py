@@ -33,7 +33,7 @@ from .phantom import (LATERALISED_FINDINGS, RACES, RENDERED_FINDINGS, ZONED_FIND
                       render_attenuation)
 
 __all__ = ["PurePairsConfig", "write_pure_pairs", "instruction_for", "OPERATIONS", "insert_finding",
-           "TRUTH_COLUMNS", "plausible_targets", "pairs_config"]
+           "TRUTH_COLUMNS", "plausible_targets", "pairs_config", "pairs_settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -256,14 +256,19 @@ def plausible_targets(config: PurePairsConfig, pair_id: str, draws: int) -> list
             for draw in range(draws)]
 
 
-def pairs_config(root: str | Path) -> PurePairsConfig | None:
-    """The settings that wrote a pure-pairs folder (its manifest); None for films inserted into
-    backgrounds, whose folder the manifest names but does not locate."""
+def pairs_settings(root: str | Path) -> dict:
+    """The settings a pure-pairs folder's manifest records (seed, resolution, backgrounds, ...)."""
     manifest = Path(root) / "manifest.json"
     if not manifest.is_file():
         raise FileNotFoundError(f"{Path(root).name} has no manifest.json: make the folder with "
                                 "`instructx2x-train pure-pairs`.")
-    settings = json.loads(manifest.read_text())["settings"]
+    return json.loads(manifest.read_text())["settings"]
+
+
+def pairs_config(root: str | Path) -> PurePairsConfig | None:
+    """The settings that wrote a pure-pairs folder (its manifest); None for films inserted into
+    backgrounds, whose folder the manifest names but does not locate."""
+    settings = pairs_settings(root)
     if settings["backgrounds"]:
         return None
     fields = {f.name for f in dataclasses.fields(PurePairsConfig)}

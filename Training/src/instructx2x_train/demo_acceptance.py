@@ -44,7 +44,8 @@ from instructx2x.outputs import atomic_output_dir
 from instructx2x.parameters import EditParameters, RegionMode
 from instructx2x.provenance import to_json
 
-from .counterfactuals import TRUTH_COLUMNS, PurePairsConfig, pairs_config, plausible_targets, write_pure_pairs
+from .counterfactuals import (TRUTH_COLUMNS, PurePairsConfig, pairs_config, pairs_settings, plausible_targets,
+                              write_pure_pairs)
 
 __all__ = ["AcceptanceTargets", "evaluate_demo", "measure_edit", "lesion_mask", "peak_in_lesion", "zone_summary",
            "TARGETS"]
@@ -210,6 +211,11 @@ def evaluate_demo(model: str, output: str | Path, *, pairs: str | Path | None = 
     generated = PurePairsConfig(pairs=count, seed=seed, resolution=resolution, split="test",
                                 other_finding_probability=0.0) if pairs is None else None
     written_by = (generated or pairs_config(pairs)) if perfect_model_draws else None
+    # the seed the report names: the one given, else the one the folder's manifest records
+    if pairs is None:
+        held_out_seed = seed
+    else:
+        held_out_seed = pairs_settings(pairs)["seed"] if (Path(pairs) / "manifest.json").is_file() else None
     editor = InstructX2XEditor.from_model(model)
     with atomic_output_dir(output) as staging:
         if generated is not None:
@@ -273,7 +279,7 @@ def evaluate_demo(model: str, output: str | Path, *, pairs: str | Path | None = 
         overall = _summary(edits)
         report = {
             "model": editor.model_info.to_dict(), "precision": editor.precision,
-            "pairs": {"folder": root.name, "count": int(len(truth)), "seed": seed if pairs is None else None,
+            "pairs": {"folder": root.name, "count": int(len(truth)), "seed": held_out_seed,
                       "resolution": int(past.shape[0])},
             "default_sampler": {"name": type(default_scheduler).__name__,
                                 **editor.sampling(edit_parameters(instruction="-"))},
@@ -320,7 +326,7 @@ def acceptance_markdown(report: dict) -> str:
     """The report's tables, as they go into the model card."""
     draws = report["default_sampler"]["relevance_draws"]
     lines = [f"Held-out pure pairs: {report['pairs']['count']} at {report['pairs']['resolution']} px "
-             f"(seed {report['pairs']['seed']}); default sampler {report['default_sampler']['name']} "
+             f"(seed {'unknown' if report['pairs']['seed'] is None else report['pairs']['seed']}); default sampler {report['default_sampler']['name']} "
              f"{report['default_sampler']['num_inference_steps']} steps, guidance s_T "
              f"{report['default_sampler']['guidance_scale']:g} / s_I {report['default_sampler']['image_guidance_scale']:g}, "
              f"relevance map of {draws} noise draw{'s' * (draws > 1)}; "
