@@ -325,8 +325,9 @@ def _figure(examples: list[dict]) -> Image.Image:
 def acceptance_markdown(report: dict) -> str:
     """The report's tables, as they go into the model card."""
     draws = report["default_sampler"]["relevance_draws"]
+    seed = "unknown" if report["pairs"]["seed"] is None else report["pairs"]["seed"]
     lines = [f"Held-out pure pairs: {report['pairs']['count']} at {report['pairs']['resolution']} px "
-             f"(seed {'unknown' if report['pairs']['seed'] is None else report['pairs']['seed']}); default sampler {report['default_sampler']['name']} "
+             f"(seed {seed}); default sampler {report['default_sampler']['name']} "
              f"{report['default_sampler']['num_inference_steps']} steps, guidance s_T "
              f"{report['default_sampler']['guidance_scale']:g} / s_I {report['default_sampler']['image_guidance_scale']:g}, "
              f"relevance map of {draws} noise draw{'s' * (draws > 1)}; "
