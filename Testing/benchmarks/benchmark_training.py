@@ -8,9 +8,10 @@ Sections:
           gradient checkpointing: seconds per step, samples/s, peak resident memory.
   gpu     the SD-1.5 configuration at 512 px when CUDA is present: samples/s, peak VRAM and
           the projected wall time of the paper's run (4,500 steps x 576 samples on 8 GPUs).
-  demo    the demo model's recipe (Training/configs/demo.yaml, issue 10) timed stage by stage
-          on a few pairs and steps, and projected to `make demo-model`'s counts (6,000 pairs,
-          the config's autoencoder and UNet steps): does this machine rebuild the demo model
+  demo    the demo model's recipe (Training/configs/demo.yaml and demo-focal.yaml, issue 10)
+          timed stage by stage on a few pairs and steps, and projected to `make demo-model`'s
+          counts (6,000 pairs, the config's autoencoder and UNet steps; the focal stage's 1,800
+          pairs and UNet steps, which cost what the first's do): does this machine rebuild the demo model
           within the issue's hour? A minute or two with --steps 8 (`make demo-model-estimate`)
           instead of the rebuild's hours; --steps N gives each of its two epochs N UNet steps.
 
@@ -43,6 +44,7 @@ CPU = cpu_description()
 CONFIGS = Path(__file__).resolve().parents[2] / "Training" / "configs"
 SMOKE = CONFIGS / "smoke.yaml"
 DEMO_PAIRS = 6000  # `make demo-model`'s pure-pairs count (Makefile)
+FOCAL_PAIRS = 1800  # its focal stage's (Training/configs/demo-focal.yaml)
 
 
 def report(results: dict, key: str, value, unit: str = "") -> None:
@@ -150,6 +152,7 @@ def section_demo(results: dict, steps: int) -> None:
     of the first epoch cost more than the rest: the sample has two epochs and times both.
     """
     recipe = load_config(CONFIGS / "demo.yaml")
+    focal = load_config(CONFIGS / "demo-focal.yaml")
     batch, epoch = recipe.batch.per_device, max(steps, 4)
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
@@ -163,10 +166,16 @@ def section_demo(results: dict, steps: int) -> None:
     per_vae_step = (log[-1]["seconds"] - log[0]["seconds"]) / (log[-1]["step"] - log[0]["step"])
     filling = sum(times[1:epoch]) / (epoch - 1)
     cached = sum(times[epoch:]) / epoch
-    first_epoch = min(-(-DEMO_PAIRS // batch), recipe.steps)
+
+    def unet_minutes(pairs: int, total_steps: int) -> float:
+        first_epoch = min(-(-pairs // batch), total_steps)
+        return (first_epoch * filling + (total_steps - first_epoch) * cached) / 60
+
     minutes = {"pairs": DEMO_PAIRS * per_pair / 60,
                "autoencoder": recipe.vae_pretraining.steps * per_vae_step / 60,
-               "unet": (first_epoch * filling + (recipe.steps - first_epoch) * cached) / 60}
+               "unet": unet_minutes(DEMO_PAIRS, recipe.steps),
+               "focal_pairs": FOCAL_PAIRS * per_pair / 60,
+               "focal_unet": unet_minutes(FOCAL_PAIRS, focal.steps)}
     precision = mixed_precision(recipe.precision)  # what the recipe's precision trains in here
     report(results, "demo.precision", "fp32" if precision == "no" else precision)
     report(results, "demo.seconds_per_pair", per_pair, f"s ({recipe.data.resolution} px, 2 workers)")
@@ -176,8 +185,8 @@ def section_demo(results: dict, steps: int) -> None:
     for stage, value in minutes.items():
         report(results, f"demo.projected_{stage}_minutes", value, "min")
     report(results, "demo.projected_minutes", sum(minutes.values()),
-           f"min for {DEMO_PAIRS} pairs, {recipe.vae_pretraining.steps} autoencoder and "
-           f"{recipe.steps} UNet steps (goal: 60)")
+           f"min for {DEMO_PAIRS} + {FOCAL_PAIRS} pairs, {recipe.vae_pretraining.steps} autoencoder and "
+           f"{recipe.steps} + {focal.steps} UNet steps (goal: 60)")
 
 
 def main() -> None:

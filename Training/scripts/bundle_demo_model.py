@@ -4,13 +4,14 @@ Re-saves the diffusers folder with every weight file under 25 MB (sharded safete
 writes its model card: model_card.json (what every manifest records) and README.md (data,
 recipe, acceptance figures and the commands that reproduce them).
 
-Usage: python bundle_demo_model.py WORK_FOLDER   (WORK_FOLDER/run/model, WORK_FOLDER/acceptance,
-       WORK_FOLDER/guidance-sweep, WORK_FOLDER/relevance-sweep, WORK_FOLDER/timing.json as
-       `make demo-model` leaves them). Run it after training (the sweeps then measure the
-       bundled model), after each sweep (the card takes the guidance scales and the relevance
-       draws they chose, and what follows measures with them) and after the acceptance, to put
-       its figures into the card. It refuses to write figures measured at other settings than
-       the card's.
+Usage: python bundle_demo_model.py WORK_FOLDER   (WORK_FOLDER/run/model, WORK_FOLDER/focal-run/model,
+       WORK_FOLDER/acceptance, WORK_FOLDER/guidance-sweep, WORK_FOLDER/relevance-sweep,
+       WORK_FOLDER/timing.json as `make demo-model` leaves them). Run it after the first stage's
+       training (the sweeps then measure the bundled model), after each sweep (the card takes
+       the guidance scales and the relevance draws they chose, and what follows measures with
+       them), after the focal stage (Training/configs/demo-focal.yaml; from then on its model is
+       the one bundled) and after the acceptance, to put its figures into the card. It refuses
+       to write figures measured at other settings than the card's.
 """
 
 import json
@@ -29,9 +30,11 @@ DEFAULT_GUIDANCE_SCALES = (2.0, 1.5)  # s_T, s_I until guidance_sweep.py has cho
 NOTICE = "demonstration model trained on synthetic phantoms - not for clinical use"
 
 work = Path(sys.argv[1])
-model = work / "run" / "model"
+focal_stage = (work / "focal-run" / "model").is_dir()
+model = work / ("focal-run" if focal_stage else "run") / "model"
 pipe, info = load_pipeline(model)
 config = json.loads((work / "run" / "config.json").read_text())
+focal_config = json.loads((work / "focal-run" / "config.json").read_text()) if focal_stage else None
 measured = (work / "acceptance" / "acceptance.json").is_file()  # first bundling: not yet
 acceptance = (work / "acceptance" / "acceptance.md").read_text() if measured else "Not measured yet.\n"
 report = json.loads((work / "acceptance" / "acceptance.json").read_text()) if measured else {"pairs": {"seed": "-"}}
@@ -54,23 +57,41 @@ if measured and report["default_sampler"].get("relevance_draws", 1) != relevance
     sys.exit(f"the acceptance was measured with {report['default_sampler'].get('relevance_draws', 1)} relevance "
              f"draws, the card takes {relevance_draws}: run the acceptance again (Makefile, demo-model).")
 timing = json.loads((work / "timing.json").read_text()) if (work / "timing.json").is_file() else {}
-total_minutes = round(timing["pairs_minutes"] + timing["training_minutes"], 1) \
-    if {"pairs_minutes", "training_minutes"} <= timing.keys() else "?"
+stages = ["pairs", "training"] + (["focal_pairs", "focal_training"] if focal_stage else [])
+total_minutes = round(sum(timing[f"{stage}_minutes"] for stage in stages), 1) \
+    if all(f"{stage}_minutes" in timing for stage in stages) else "?"
 vae_log = json.loads((work / "run" / "pretrained-vae" / "vae_log.json").read_text())
+focal_recipe = focal_cost = focal_sweeps = focal_data = ""
+if focal_stage:
+    focal_recipe = (f"then the focal stage (`Training/configs/demo-focal.yaml`: {focal_config['steps']} steps more, "
+                    f"AdamW {focal_config['optim']['learning_rate']}, cosine, on 1,800 pure pairs of the same seed in "
+                    f"which two in three add consolidation, pneumonia or lung opacity in the zone the instruction "
+                    f"names and the rest are every other finding and operation: the first stage leaves the zone "
+                    f"words unlearnt, docs/benchmarks.md), ")
+    focal_cost = (f", focal pairs {timing.get('focal_pairs_minutes', '?')} min, focal stage "
+                  f"{timing.get('focal_training_minutes', '?')} min")
+    focal_sweeps = "; both sweeps measure the first stage's model, before the focal stage"
+    focal_data = ("\n\nThe focal stage: 1,800 more pure pairs of the same seed and kind, in which the three focal "
+                  "opacities are listed 8 times beside the five other findings and four operations in five add: "
+                  "1,200 add a focal opacity in a named zone, 288 remove one, 312 add or remove another finding "
+                  "(`instructx2x-train pure-pairs FOCAL --pairs 1800 --resolution 128 --seed 0 --findings ... "
+                  "--operations add add add add remove`, Makefile).")
 
 card = json.loads((model / "model_card.json").read_text())
 card.update({"name": "instructx2x-demo", "intended_use": NOTICE,
-             # DPM-Solver++ 10 steps (the sampler table): direction within one edit in 48 and
-             # accuracy within 0.01 of 3 and 4 steps and DDIM 100, and the least change outside
-             # the lesion of the few-step settings (0.0041 against 0.0056 at 3), for under a
-             # second more an edit
+             # DPM-Solver++ 10 steps (the sampler table): direction and accuracy those of 4 steps
+             # and DDIM 100 (3 steps: one edit in 48 the wrong way, accuracy 0.03 lower), and the
+             # least change outside the lesion of the few-step settings (0.0038 against 0.0052
+             # at 3), for under a second more an edit
              "few_step_solver_steps": FEW_STEP_SOLVER_STEPS,
              "guidance_scale": guidance_scales[0], "image_guidance_scale": guidance_scales[1],
              "relevance_draws": relevance_draws,
              # trained on phantoms: its edits are measured by the classifiers trained on them
              "classifiers": "cohort-v2",
              "trained_on": f"cohort v2 pure pairs (instructx2x-train pure-pairs --pairs 6000 --resolution 128 "
-                           f"--seed 0), {config['steps']} steps, batch {config['batch']['per_device']}"})
+                           f"--seed 0), {config['steps']} steps, batch {config['batch']['per_device']}"
+                           + (f"; then {focal_config['steps']} steps on 1,800 pairs, two in three adding a focal "
+                              f"opacity in a named zone (Training/configs/demo-focal.yaml)" if focal_stage else "")})
 if TARGET.exists():
     shutil.rmtree(TARGET)
 with atomic_output_dir(TARGET) as staging:
@@ -104,7 +125,7 @@ quarter of the films carry another finding in both images. Consolidation, pneumo
 opacity lie at the centre of the zone their instruction names. Instructions: "Add the finding of
 LEVEL [SIDE] [ZONE zone] FINDING", "Remove the finding of [SIDE] [ZONE zone] FINDING"; consolidation,
 pneumonia and lung opacity name their lung zone (upper, mid or lower), e.g. "Add the finding of
-moderate left lower zone consolidation".
+moderate left lower zone consolidation".{focal_data}
 
 ## Recipe and cost
 `make demo-model` reruns everything: pairs, autoencoder ({config['vae_pretraining']['steps']} steps),
@@ -113,10 +134,10 @@ UNet + text encoder ({config['steps']} steps of {config['batch']['per_device']},
 {config['optim'].get('change_region_weight', 0)} (the true lesion's latent cells weigh 1 + that in the loss),
 mirror-region weight {config['optim'].get('mirror_region_weight', 0)} (so do the cells of its left-right mirror
 where the lesion is not: the side the instruction does not name), no flips: the heart lies on
-the patient's left), guidance sweep, relevance-draws sweep, acceptance, bundling.
+the patient's left), guidance sweep, relevance-draws sweep, {focal_recipe}acceptance, bundling.
 Measured ({timing.get('cpu', 'CPU not recorded')}, 2 cores): pairs {timing.get('pairs_minutes', '?')} min,
 autoencoder + model {timing.get('training_minutes', '?')} min (of which the autoencoder
-{vae_log['seconds'] / 60:.1f} min), {total_minutes} min in all; the guidance sweep
+{vae_log['seconds'] / 60:.1f} min){focal_cost}, {total_minutes} min in all; the guidance sweep
 takes {timing.get('guidance_sweep_minutes', '?')} min, the relevance-draws sweep
 {timing.get('relevance_sweep_minutes', '?')} min and the acceptance {timing.get('acceptance_minutes', '?')} min more. {timing.get('note', '')}
 
@@ -131,7 +152,7 @@ below the authors' by more than one binomial standard error of theirs (a group's
 on 10 edits, a finding's laterality on 20 side trials: a trial or two is noise).
 
 {sweep}
-(The guidance sweep runs before the relevance-draws sweep, so its peak column is with one draw.)
+(The guidance sweep runs before the relevance-draws sweep, so its peak column is with one draw{focal_sweeps}.)
 
 The relevance map averages the maps of {relevance_draws} noise draw{'s' if relevance_draws > 1 else ''}, each clipped and
 normalised (the authors take one: SPEC section 2, step 3; README, "The relevance map's noise

@@ -254,7 +254,7 @@ def test_latent_cache_gives_the_same_training_without_the_encoder(built, tmp_pat
 def test_fresh_model_pretrains_its_autoencoder_and_caches_one_view_without_flips(built, tmp_path):
     """model.base fresh (the demo recipe): the autoencoder trains first (its loss falls, its
     latent scale is set), is frozen into the model, and is reused on resume; without flips the
-    latent cache encodes each film once, not its mirror."""
+    latent cache encodes each film once, not its mirror; the focal stage refines the result."""
     from diffusers import AutoencoderKL
 
     from instructx2x.loading import hash_modules, load_pipeline
@@ -283,6 +283,18 @@ def test_fresh_model_pretrains_its_autoencoder_and_caches_one_view_without_flips
         cache.moments(entries[0], torch.zeros(1, 128, 128), flipped=True)
     with pytest.raises(ConfigError, match="needs model.base 'fresh'"):
         train(smoke(built, tmp_path / "given", "vae_pretraining.steps=5"), progress_bar=False)
+
+    # the focal stage (demo-focal.yaml) refines that model: UNet and text encoder move, the
+    # autoencoder - and so the latent space the first stage learnt in - stays as it was
+    focal = tmp_path / "focal"
+    train(load_config(CONFIGS / "demo-focal.yaml", [
+        f"data.dataset={dataset}", f"output={focal}", f"model.base={output / 'model'}", "steps=2",
+        "checkpointing.every=2", *overrides[4:7], *overrides[-2:]]), progress_bar=False)
+    refined, _ = load_pipeline(focal / "model")
+    model, _ = load_pipeline(output / "model")
+    assert hash_modules(refined.vae) == hash_modules(model.vae)
+    assert hash_modules(refined.unet) != hash_modules(model.unet)
+    assert hash_modules(refined.text_encoder) != hash_modules(model.text_encoder)
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint(built, tmp_path):
