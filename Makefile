@@ -70,8 +70,8 @@ demo: $(STAMP)
 # 50 min on 2 AMD AVX-512 BF16 cores, 116 min on 2 AMD AVX2-only cores, where it trains in fp32;
 # then on AVX2 the guidance sweep 45 min, the relevance-draws sweep 10 min and the acceptance 31 min
 # more; the focal stage adds 2.5 + 16 min on a 2-core AMD EPYC with AVX-512 BF16 where the first
-# stage's pairs and training are projected at 89 min, about 10 min where they take 50; its model card,
-# InstructX2XLib/src/instructx2x/resources/demo_model/README.md, has the measured figures): pure
+# stage's pairs and training are projected at 89 min, an estimated 9.5 min where they take 50; its
+# model card, InstructX2XLib/src/instructx2x/resources/demo_model/README.md, has the figures): pure
 # pairs -> autoencoder + UNet + text encoder -> bundle -> guidance scales, then relevance draws on
 # validation pairs (each followed by a bundle that takes the choice; the scales do not enter the
 # relevance map, so the draws need not be chosen first) -> the focal stage (pairs that mostly add a

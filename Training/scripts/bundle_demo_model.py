@@ -21,6 +21,7 @@ from pathlib import Path
 
 from instructx2x.loading import load_pipeline
 from instructx2x.outputs import atomic_output_dir
+from instructx2x_train.phantom import ZONED_FINDINGS
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = ROOT / "InstructX2XLib" / "src" / "instructx2x" / "resources" / "demo_model"
@@ -63,19 +64,26 @@ total_minutes = round(sum(timing[f"{stage}_minutes"] for stage in stages), 1) \
 vae_log = json.loads((work / "run" / "pretrained-vae" / "vae_log.json").read_text())
 focal_recipe = focal_cost = focal_sweeps = focal_data = ""
 if focal_stage:
+    focal_pairs = json.loads((work / "focal-pairs" / "manifest.json").read_text())
+    settings = focal_pairs["settings"]
+    zoned_adds = sum(focal_pairs["counts"].get(f"add {finding}", 0) for finding in ZONED_FINDINGS)
+    focal_removals = sum(focal_pairs["counts"].get(f"remove {finding}", 0) for finding in ZONED_FINDINGS)
     focal_recipe = (f"then the focal stage (`Training/configs/demo-focal.yaml`: {focal_config['steps']} steps more, "
-                    f"AdamW {focal_config['optim']['learning_rate']}, cosine, on 1,800 pure pairs of the same seed in "
-                    f"which two in three add consolidation, pneumonia or lung opacity in the zone the instruction "
+                    f"AdamW {focal_config['optim']['learning_rate']}, cosine, on {focal_pairs['pairs']:,} pure pairs "
+                    f"in which {zoned_adds:,} add consolidation, pneumonia or lung opacity in the zone the instruction "
                     f"names and the rest are every other finding and operation: the first stage leaves the zone "
                     f"words unlearnt, docs/benchmarks.md), ")
     focal_cost = (f", focal pairs {timing.get('focal_pairs_minutes', '?')} min, focal stage "
                   f"{timing.get('focal_training_minutes', '?')} min")
     focal_sweeps = "; both sweeps measure the first stage's model, before the focal stage"
-    focal_data = ("\n\nThe focal stage: 1,800 more pure pairs of the same seed and kind, in which the three focal "
-                  "opacities are listed 8 times beside the five other findings and four operations in five add: "
-                  "1,200 add a focal opacity in a named zone, 288 remove one, 312 add or remove another finding "
-                  "(`instructx2x-train pure-pairs FOCAL --pairs 1800 --resolution 128 --seed 0 --findings ... "
-                  "--operations add add add add remove`, Makefile).")
+    focal_data = (f"\n\nThe focal stage: {focal_pairs['pairs']:,} more pure pairs of the same kind (seed "
+                  f"{settings['seed']}), in which the three focal opacities are listed "
+                  f"{settings['findings'].count(ZONED_FINDINGS[0])} times beside the other findings' once and "
+                  f"{settings['operations'].count('add')} operations in {len(settings['operations'])} add: "
+                  f"{zoned_adds:,} add a focal opacity in a named zone, {focal_removals:,} remove one, "
+                  f"{focal_pairs['pairs'] - zoned_adds - focal_removals:,} add or remove another finding "
+                  f"(`instructx2x-train pure-pairs FOCAL ... --findings ... --operations "
+                  f"{' '.join(settings['operations'])}`, Makefile).")
 
 card = json.loads((model / "model_card.json").read_text())
 card.update({"name": "instructx2x-demo", "intended_use": NOTICE,
@@ -90,8 +98,9 @@ card.update({"name": "instructx2x-demo", "intended_use": NOTICE,
              "classifiers": "cohort-v2",
              "trained_on": f"cohort v2 pure pairs (instructx2x-train pure-pairs --pairs 6000 --resolution 128 "
                            f"--seed 0), {config['steps']} steps, batch {config['batch']['per_device']}"
-                           + (f"; then {focal_config['steps']} steps on 1,800 pairs, two in three adding a focal "
-                              f"opacity in a named zone (Training/configs/demo-focal.yaml)" if focal_stage else "")})
+                           + (f"; then {focal_config['steps']} steps on {focal_pairs['pairs']:,} pairs, {zoned_adds:,} of "
+                              f"them adding a focal opacity in a named zone (Training/configs/demo-focal.yaml)"
+                              if focal_stage else "")})
 if TARGET.exists():
     shutil.rmtree(TARGET)
 with atomic_output_dir(TARGET) as staging:
