@@ -62,7 +62,7 @@ stages = ["pairs", "training"] + (["focal_pairs", "focal_training"] if focal_sta
 total_minutes = round(sum(timing[f"{stage}_minutes"] for stage in stages), 1) \
     if all(f"{stage}_minutes" in timing for stage in stages) else "?"
 vae_log = json.loads((work / "run" / "pretrained-vae" / "vae_log.json").read_text())
-focal_recipe = focal_cost = focal_sweeps = focal_data = ""
+focal_recipe = focal_cost = focal_sweeps = focal_data = focal_config_name = ""
 if focal_stage:
     focal_pairs = json.loads((work / "focal-pairs" / "manifest.json").read_text())
     settings = focal_pairs["settings"]
@@ -76,6 +76,7 @@ if focal_stage:
     focal_cost = (f", focal pairs {timing.get('focal_pairs_minutes', '?')} min, focal stage "
                   f"{timing.get('focal_training_minutes', '?')} min")
     focal_sweeps = "; both sweeps measure the first stage's model, before the focal stage"
+    focal_config_name = ", refined by `Training/configs/demo-focal.yaml`"
     focal_data = (f"\n\nThe focal stage: {focal_pairs['pairs']:,} more pure pairs of the same kind (seed "
                   f"{settings['seed']}), in which the three focal opacities are listed "
                   f"{settings['findings'].count(ZONED_FINDINGS[0])} times beside the other findings' once and "
@@ -119,7 +120,7 @@ with atomic_output_dir(TARGET) as staging:
 finding (README, "What the demo model does to a real film").
 
 A small InstructPix2Pix-architecture model trained from nothing by `instructx2x-train train`
-with `Training/configs/demo.yaml`: its own autoencoder (KL, 4x down-sampling, 4 latent channels,
+with `Training/configs/demo.yaml`{focal_config_name}: its own autoencoder (KL, 4x down-sampling, 4 latent channels,
 {vae_log['parameters'] / 1e6:.1f} M parameters, reconstruction MAE {vae_log['reconstruction_mae']:.4f}),
 UNet ({sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.1f} M parameters, 8 input channels) and
 CLIP-architecture text encoder ({sum(p.numel() for p in pipe.text_encoder.parameters()) / 1e6:.1f} M
