@@ -66,17 +66,18 @@ demo: $(STAMP)
 	$(BIN)/instructx2x edit $(SAMPLE) --model $(MODEL) -i "$(INSTRUCTION)" \
 		$(if $(REFERENCE),--reference-mask $(REFERENCE)) -o out/demo-$$(date +%Y%m%d-%H%M%S)
 
-# Rebuild the bundled demo model from nothing (pairs and training 51 min on 2 idle Intel AMX cores,
-# 50 min on 2 AMD AVX-512 BF16 cores, 116 min on 2 AMD AVX2-only cores, where it trains in fp32;
-# then on AVX2 the guidance sweep 45 min, the relevance-draws sweep 10 min and the acceptance 31 min
-# more; the focal stage adds 2.5 + 16 min on a 2-core AMD EPYC with AVX-512 BF16 where the first
-# stage's pairs and training are projected at 89 min, an estimated 9.5 min where they take 50; its
-# model card, InstructX2XLib/src/instructx2x/resources/demo_model/README.md, has the figures): pure
-# pairs -> autoencoder + UNet + text encoder -> bundle -> guidance scales, then relevance draws on
-# validation pairs (each followed by a bundle that takes the choice; the scales do not enter the
-# relevance map, so the draws need not be chosen first) -> the focal stage (pairs that mostly add a
-# focal opacity in a named zone, 600 steps from the first stage's model: Training/configs/demo-focal.yaml)
-# -> bundle -> acceptance on held-out pairs -> bundle with the figures.
+# Rebuild the bundled demo model from nothing: pure pairs -> autoencoder + UNet + text encoder
+# (Training/configs/demo.yaml) -> the focal stage (pairs that mostly add a focal opacity in a named
+# zone, 600 steps from the first stage's model: Training/configs/demo-focal.yaml) -> bundle ->
+# guidance scales, then relevance draws on validation pairs, both measuring the final model (each
+# followed by a bundle that takes the choice; the scales do not enter the relevance map, so the
+# draws need not be chosen first) -> acceptance on held-out pairs -> bundle with the figures.
+# Pairs and the first stage's training took 51 min on 2 idle Intel AMX cores and 50 min on 2 AMD
+# AVX-512 BF16 cores (bf16; the focal stage adds an estimated 9.5 min there), 84.5 + 18.5 min on a
+# slower AVX-512 BF16 host, 116 min + the focal stage on 2 AMD AVX2-only cores, where bf16 is
+# emulated and it trains in fp32; the sweeps take about 55 min more there and the acceptance about
+# 30. Its model card, InstructX2XLib/src/instructx2x/resources/demo_model/README.md, has the
+# figures; `make demo-model-estimate` projects pairs and training on the machine at hand.
 demo-model: $(STAMP)
 	@test ! -e $(DEMO_WORK) || { echo "$(DEMO_WORK) exists: remove it or set DEMO_WORK=..."; exit 2; }
 	mkdir -p $(DEMO_WORK)
@@ -86,13 +87,6 @@ demo-model: $(STAMP)
 	$(BIN)/python Training/scripts/timed.py $(DEMO_WORK)/timing.json training -- \
 		$(BIN)/instructx2x-train train --config Training/configs/demo.yaml \
 		--set data.dataset=$(DEMO_WORK)/pairs --set output=$(DEMO_WORK)/run
-	$(BIN)/python Training/scripts/bundle_demo_model.py $(DEMO_WORK)
-	$(BIN)/python Training/scripts/timed.py $(DEMO_WORK)/timing.json guidance_sweep -- \
-		$(BIN)/python Training/scripts/guidance_sweep.py $(DEMO_WORK)
-	$(BIN)/python Training/scripts/bundle_demo_model.py $(DEMO_WORK)
-	$(BIN)/python Training/scripts/timed.py $(DEMO_WORK)/timing.json relevance_sweep -- \
-		$(BIN)/python Training/scripts/relevance_draws_sweep.py $(DEMO_WORK)
-	$(BIN)/python Training/scripts/bundle_demo_model.py $(DEMO_WORK)
 	$(BIN)/python Training/scripts/timed.py $(DEMO_WORK)/timing.json focal_pairs -- \
 		$(BIN)/instructx2x-train pure-pairs $(DEMO_WORK)/focal-pairs --pairs 1800 --resolution 128 \
 		--seed 0 --validation-fraction 0 --workers 2 --findings $(FOCAL_STAGE_FINDINGS) \
@@ -101,6 +95,12 @@ demo-model: $(STAMP)
 		$(BIN)/instructx2x-train train --config Training/configs/demo-focal.yaml \
 		--set data.dataset=$(DEMO_WORK)/focal-pairs --set model.base=$(DEMO_WORK)/run/model \
 		--set output=$(DEMO_WORK)/focal-run
+	$(BIN)/python Training/scripts/bundle_demo_model.py $(DEMO_WORK)
+	$(BIN)/python Training/scripts/timed.py $(DEMO_WORK)/timing.json guidance_sweep -- \
+		$(BIN)/python Training/scripts/guidance_sweep.py $(DEMO_WORK)
+	$(BIN)/python Training/scripts/bundle_demo_model.py $(DEMO_WORK)
+	$(BIN)/python Training/scripts/timed.py $(DEMO_WORK)/timing.json relevance_sweep -- \
+		$(BIN)/python Training/scripts/relevance_draws_sweep.py $(DEMO_WORK)
 	$(BIN)/python Training/scripts/bundle_demo_model.py $(DEMO_WORK)
 	$(BIN)/python Training/scripts/timed.py $(DEMO_WORK)/timing.json acceptance -- \
 		$(BIN)/instructx2x-train evaluate-demo $(DEMO_WORK)/acceptance --model demo --ablation-count 48

@@ -6,12 +6,12 @@ recipe, acceptance figures and the commands that reproduce them).
 
 Usage: python bundle_demo_model.py WORK_FOLDER   (WORK_FOLDER/run/model, WORK_FOLDER/focal-run/model,
        WORK_FOLDER/acceptance, WORK_FOLDER/guidance-sweep, WORK_FOLDER/relevance-sweep,
-       WORK_FOLDER/timing.json as `make demo-model` leaves them). Run it after the first stage's
-       training (the sweeps then measure the bundled model), after each sweep (the card takes
-       the guidance scales and the relevance draws they chose, and what follows measures with
-       them), after the focal stage (Training/configs/demo-focal.yaml; from then on its model is
-       the one bundled) and after the acceptance, to put its figures into the card. It refuses
-       to write figures measured at other settings than the card's.
+       WORK_FOLDER/timing.json as `make demo-model` leaves them). Run it after the training
+       (the focal stage's model, Training/configs/demo-focal.yaml, where there is one: the sweeps
+       then measure the bundled model), after each sweep (the card takes the guidance scales and
+       the relevance draws they chose, and what follows measures with them) and after the
+       acceptance, to put its figures into the card. It refuses to write figures measured at
+       other settings than the card's.
 """
 
 import json
@@ -35,6 +35,7 @@ focal_stage = (work / "focal-run" / "model").is_dir()
 model = work / ("focal-run" if focal_stage else "run") / "model"
 pipe, info = load_pipeline(model)
 config = json.loads((work / "run" / "config.json").read_text())
+first_pairs = json.loads((work / "pairs" / "manifest.json").read_text())
 focal_config = json.loads((work / "focal-run" / "config.json").read_text()) if focal_stage else None
 measured = (work / "acceptance" / "acceptance.json").is_file()  # first bundling: not yet
 acceptance = (work / "acceptance" / "acceptance.md").read_text() if measured else "Not measured yet.\n"
@@ -62,7 +63,7 @@ stages = ["pairs", "training"] + (["focal_pairs", "focal_training"] if focal_sta
 total_minutes = round(sum(timing[f"{stage}_minutes"] for stage in stages), 1) \
     if all(f"{stage}_minutes" in timing for stage in stages) else "?"
 vae_log = json.loads((work / "run" / "pretrained-vae" / "vae_log.json").read_text())
-focal_recipe = focal_cost = focal_sweeps = focal_data = focal_config_name = ""
+focal_recipe = focal_cost = focal_data = focal_config_name = ""
 if focal_stage:
     focal_pairs = json.loads((work / "focal-pairs" / "manifest.json").read_text())
     settings = focal_pairs["settings"]
@@ -75,7 +76,6 @@ if focal_stage:
                     f"words unlearnt, docs/benchmarks.md), ")
     focal_cost = (f", focal pairs {timing.get('focal_pairs_minutes', '?')} min, focal stage "
                   f"{timing.get('focal_training_minutes', '?')} min")
-    focal_sweeps = "; both sweeps measure the first stage's model, before the focal stage"
     focal_config_name = ", refined by `Training/configs/demo-focal.yaml`"
     focal_data = (f"\n\nThe focal stage: {focal_pairs['pairs']:,} more pure pairs of the same kind (seed "
                   f"{settings['seed']}), in which the three focal opacities are listed "
@@ -97,8 +97,8 @@ card.update({"name": "instructx2x-demo", "intended_use": NOTICE,
              "relevance_draws": relevance_draws,
              # trained on phantoms: its edits are measured by the classifiers trained on them
              "classifiers": "cohort-v2",
-             "trained_on": f"cohort v2 pure pairs (instructx2x-train pure-pairs --pairs 6000 --resolution 128 "
-                           f"--seed 0), {config['steps']} steps, batch {config['batch']['per_device']}"
+             "trained_on": f"cohort v2 pure pairs (instructx2x-train pure-pairs --pairs {first_pairs['pairs']} "
+                           f"--resolution 128 --seed 0), {config['steps']} steps, batch {config['batch']['per_device']}"
                            + (f"; then {focal_config['steps']} steps on {focal_pairs['pairs']:,} pairs, {zoned_adds:,} of "
                               f"them adding a focal opacity in a named zone (Training/configs/demo-focal.yaml)"
                               if focal_stage else "")})
@@ -127,7 +127,7 @@ CLIP-architecture text encoder ({sum(p.numel() for p in pipe.text_encoder.parame
 parameters, trained with the UNet, Stable Diffusion's CLIP tokenizer). Native resolution 128 px.
 
 ## Data
-6,000 pure counterfactual pairs of synthetic cohort v2 (`instructx2x-train pure-pairs`, seed 0):
+{first_pairs['pairs']:,} pure counterfactual pairs of synthetic cohort v2 (`instructx2x-train pure-pairs`, seed 0):
 each pair is one phantom patient filmed twice, differing only by one finding inside its
 ground-truth mask. Eight findings (pleural effusion, pneumothorax, atelectasis, consolidation,
 pneumonia, lung opacity on the left or right; cardiomegaly, edema) x add / remove, balanced; a
@@ -144,7 +144,7 @@ UNet + text encoder ({config['steps']} steps of {config['batch']['per_device']},
 {config['optim'].get('change_region_weight', 0)} (the true lesion's latent cells weigh 1 + that in the loss),
 mirror-region weight {config['optim'].get('mirror_region_weight', 0)} (so do the cells of its left-right mirror
 where the lesion is not: the side the instruction does not name), no flips: the heart lies on
-the patient's left), guidance sweep, relevance-draws sweep, {focal_recipe}acceptance, bundling.
+the patient's left), {focal_recipe}guidance sweep, relevance-draws sweep, acceptance, bundling.
 Measured ({timing.get('cpu', 'CPU not recorded')}, 2 cores): pairs {timing.get('pairs_minutes', '?')} min,
 autoencoder + model {timing.get('training_minutes', '?')} min (of which the autoencoder
 {vae_log['seconds'] / 60:.1f} min){focal_cost}, {total_minutes} min in all; the guidance sweep
@@ -162,7 +162,7 @@ below the authors' by more than one binomial standard error of theirs (a group's
 on 10 edits, a finding's laterality on 20 side trials: a trial or two is noise).
 
 {sweep}
-(The guidance sweep runs before the relevance-draws sweep, so its peak column is with one draw{focal_sweeps}.)
+(The guidance sweep runs before the relevance-draws sweep, so its peak column is with one draw.)
 
 The relevance map averages the maps of {relevance_draws} noise draw{'s' if relevance_draws > 1 else ''}, each clipped and
 normalised (the authors take one: SPEC section 2, step 3; README, "The relevance map's noise
