@@ -35,7 +35,7 @@ focal_stage = (work / "focal-run" / "model").is_dir()
 model = work / ("focal-run" if focal_stage else "run") / "model"
 pipe, info = load_pipeline(model)
 config = json.loads((work / "run" / "config.json").read_text())
-first_pairs = json.loads((work / "pairs" / "manifest.json").read_text())
+first_pairs = json.loads((work / "pairs" / "manifest.json").read_text())["settings"]
 focal_config = json.loads((work / "focal-run" / "config.json").read_text()) if focal_stage else None
 measured = (work / "acceptance" / "acceptance.json").is_file()  # first bundling: not yet
 acceptance = (work / "acceptance" / "acceptance.md").read_text() if measured else "Not measured yet.\n"
@@ -98,7 +98,7 @@ card.update({"name": "instructx2x-demo", "intended_use": NOTICE,
              # trained on phantoms: its edits are measured by the classifiers trained on them
              "classifiers": "cohort-v2",
              "trained_on": f"cohort v2 pure pairs (instructx2x-train pure-pairs --pairs {first_pairs['pairs']} "
-                           f"--resolution 128 --seed 0), {config['steps']} steps, batch {config['batch']['per_device']}"
+                           f"--resolution {first_pairs['resolution']} --seed {first_pairs['seed']}), {config['steps']} steps, batch {config['batch']['per_device']}"
                            + (f"; then {focal_config['steps']} steps on {focal_pairs['pairs']:,} pairs, {zoned_adds:,} of "
                               f"them adding a focal opacity in a named zone (Training/configs/demo-focal.yaml)"
                               if focal_stage else "")})
@@ -127,7 +127,7 @@ CLIP-architecture text encoder ({sum(p.numel() for p in pipe.text_encoder.parame
 parameters, trained with the UNet, Stable Diffusion's CLIP tokenizer). Native resolution 128 px.
 
 ## Data
-{first_pairs['pairs']:,} pure counterfactual pairs of synthetic cohort v2 (`instructx2x-train pure-pairs`, seed 0):
+{first_pairs['pairs']:,} pure counterfactual pairs of synthetic cohort v2 (`instructx2x-train pure-pairs`, seed {first_pairs['seed']}):
 each pair is one phantom patient filmed twice, differing only by one finding inside its
 ground-truth mask. Eight findings (pleural effusion, pneumothorax, atelectasis, consolidation,
 pneumonia, lung opacity on the left or right; cardiomegaly, edema) x add / remove, balanced; a
