@@ -72,11 +72,9 @@ demo: $(STAMP)
 # guidance scales, then relevance draws on validation pairs, both measuring the final model (each
 # followed by a bundle that takes the choice; the scales do not enter the relevance map, so the
 # draws need not be chosen first) -> acceptance on held-out pairs -> bundle with the figures.
-# Pairs and the first stage's training took 51 min on 2 idle Intel AMX cores and 50 min on 2 AMD
-# AVX-512 BF16 cores (bf16; the focal stage adds an estimated 9.5 min there), 84.5 + 18.5 min on a
-# slower AVX-512 BF16 host, 116 min + the focal stage on 2 AMD AVX2-only cores, where bf16 is
-# emulated and it trains in fp32; the sweeps take about 55 min more there and the acceptance about
-# 30. Its model card, InstructX2XLib/src/instructx2x/resources/demo_model/README.md, has the
+# Pairs and training of both stages took 57.9 min on 2 idle AMD AVX2-only cores, the slowest kind
+# (fp32, 2026-12-02: the bundled model is that run's output); the sweeps take about 21 min more
+# there and the acceptance about 11. Its model card, InstructX2XLib/src/instructx2x/resources/demo_model/README.md, has the
 # figures; `make demo-model-estimate` projects pairs and training on the machine at hand.
 demo-model: $(STAMP)
 	@test ! -e $(DEMO_WORK) || { echo "$(DEMO_WORK) exists: remove it or set DEMO_WORK=..."; exit 2; }
