@@ -408,25 +408,63 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
         return message
 
     def installModel(self, folder: str) -> tuple[str, str]:
-        """Copy a model folder under the user's home after checking it (no network).
+        """Install a model folder under ~/.instructx2x/models, checked by its folder digest.
 
-        The folder must load as an InstructX2X model; when it carries ``model.sha256`` (the
-        weights' hash as ``instructx2x info`` prints it), the weights must match it.
-        Returns the installed path and the weights' SHA-256.
+        ``InstructX2XModuleLib.model_install`` checks and copies it (no torch in Slicer's
+        process: the worker checks that the model loads when it loads it) on a thread, behind
+        a modal progress dialog that keeps the GUI alive. A folder without ``model.sha256`` is
+        installed only once the user confirms its digest. Returns the installed path and the
+        folder SHA-256 (``instructx2x info`` prints it as folder_sha256).
         """
-        from instructx2x.loading import load_pipeline
+        import threading
 
-        source = Path(folder)
-        _pipeline, info = load_pipeline(source)  # refuses what would fail later; hashes the weights
-        expected = source / "model.sha256"
-        if expected.is_file() and expected.read_text().split()[0] != info.sha256:
-            raise ValueError(_("The weights in {name} do not match model.sha256: the copy is damaged "
-                               "or not the released model.").format(name=source.name))
-        target = Path.home() / ".instructx2x" / "models" / source.name
-        if not target.exists():
-            shutil.copytree(source, target)
-        logging.info("Installed model %s (sha256 %s)", source.name, info.sha256[:16])
-        return str(target), info.sha256
+        ensureDependencies()
+        from InstructX2XModuleLib.model_install import UnpinnedModelError, install_model
+
+        root = Path.home() / ".instructx2x" / "models"
+        name = Path(folder).name
+
+        def installOnThread(confirmedDigest):
+            outcome = {}
+
+            def work():
+                try:
+                    outcome["installed"] = install_model(folder, root, confirmedDigest)
+                except BaseException as error:  # handed to the GUI thread, raised there
+                    outcome["error"] = error
+
+            progress = slicer.util.createProgressDialog(
+                labelText=_("Checking and copying {name}…").format(name=name), maximum=0,
+                windowModality=qt.Qt.ApplicationModal)
+            progress.setCancelButton(None)  # a copy under way is finished or undone, never cut
+            thread = threading.Thread(target=work, name="instructx2x-install", daemon=True)
+            thread.start()
+            try:
+                while thread.is_alive():
+                    slicer.app.processEvents()
+                    thread.join(0.05)
+            finally:
+                progress.close()
+            if "error" in outcome:
+                raise outcome["error"]
+            return outcome["installed"]
+
+        try:
+            installed = installOnThread(None)
+        except UnpinnedModelError as unpinned:
+            if not slicer.util.confirmOkCancelDisplay(
+                    _("{name} has no model.sha256, so nothing shows that it is the model its publisher "
+                      "released. Its folder SHA-256 is\n\n{digest}\n\nInstall it only if the publisher "
+                      "gives this digest.").format(name=name, digest=unpinned.digest),
+                    windowTitle=_("Confirm the model's digest")):
+                raise RuntimeError(_("{name} was not installed: its digest was not confirmed.").format(
+                    name=name)) from None
+            installed = installOnThread(unpinned.digest)
+        if installed.already_installed:
+            slicer.util.showStatusMessage(_("{name} is already installed (the same files).").format(name=name), 5000)
+        logging.info("Model %s at %s (folder sha256 %s)%s", name, installed.path, installed.digest[:16],
+                     ", already installed" if installed.already_installed else "")
+        return str(installed.path), installed.digest
 
 
 def panelSettings(parameters) -> PanelSettings:

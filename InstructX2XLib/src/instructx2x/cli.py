@@ -220,7 +220,7 @@ def _main(args: argparse.Namespace, emit) -> int:
             print(to_json(summary))
         return 0
     if prepared is None:
-        print(to_json(_info(editor)))
+        print(to_json(_info(editor, args.model)))
         return 0
     if editor.model_info.trained is False:
         print(f"WARNING: {UNTRAINED_NOTICE}", file=sys.stderr)
@@ -262,14 +262,19 @@ def _emitter(kind: str):
     return emit
 
 
-def _info(editor) -> dict:
+def _info(editor, model: str) -> dict:
     import diffusers
     import torch
     import transformers
 
+    from .model_digest import folder_digest
+
+    described = editor.model_info.to_dict()
+    if Path(model).is_dir():  # what the folder's model.sha256 pins (model_digest)
+        described["folder_sha256"] = folder_digest(model)
     return {
         "instructx2x": __version__,
-        "model": editor.model_info.to_dict(),
+        "model": described,
         "device": str(editor.device),
         "dtype": str(editor.dtype).replace("torch.", ""),
         "precision": editor.precision,
