@@ -155,7 +155,8 @@ def test_an_exposed_server_warns_and_a_large_upload_is_refused_in_the_page(page,
     server = WebServer(tmp_path, "untrained-tiny", "--host", "0.0.0.0", "--max-upload-mb", "1").start()
     try:
         log = server.log.read_text()
-        assert "WARNING: listening on 0.0.0.0" in log and "InstructX2X web panel: http://0.0.0.0:" in log
+        assert "WARNING: listening on 0.0.0.0" in log and "reverse proxy with TLS and a login" in log
+        assert f"InstructX2X web panel: http://127.0.0.1:{server.port}/?token={server.token}" in log
         large = tmp_path / "large.png"
         large.write_bytes(b"\x89PNG" + bytes(2 * 2**20))
         tab = new_page(page.context.browser, server.url)  # the module's browser, another server
@@ -172,6 +173,11 @@ def test_an_exposed_server_warns_and_a_large_upload_is_refused_in_the_page(page,
     (["--worker-socket", "/nonexistent/worker.sock"], "cannot reach the shared worker at worker.sock"),
     (["--port", "BUSY"], "Address already in use); choose another --port"),
     (["--max-upload-mb", "0"], "must be a whole number of MB >= 1"),
+    (["--token-file", "SHORT"], "the token in token.txt has 5 characters; use at least 32"),
+    (["--token-file", "/nonexistent/token.txt"], "cannot read the token file token.txt"),
+    (["--origin", "evil.example"], "--origin must read SCHEME://HOST[:PORT]"),
+    (["--pacs", "ORTHANC@127.0.0.1:4242"], "--pacs must read NAME=AET@HOST:PORT"),
+    (["--pacs", "main=ORTHANC@127.0.0.1:99999"], "C-STORE port must lie in 1-65535"),
 ])
 def test_a_bad_start_says_why_and_leaves_nothing(tmp_path, options, message):
     """Checked before the page is served: the model (it loads first), the shared worker, the
@@ -180,8 +186,10 @@ def test_a_bad_start_says_why_and_leaves_nothing(tmp_path, options, message):
     import subprocess
     import sys
 
+    (tmp_path / "token.txt").write_text("short\n")
     with socket.create_server(("127.0.0.1", 0)) as busy:
-        options = [str(busy.getsockname()[1]) if o == "BUSY" else o for o in options]
+        options = [str(busy.getsockname()[1]) if o == "BUSY" else str(tmp_path / "token.txt") if o == "SHORT" else o
+                   for o in options]
         completed = subprocess.run(
             [sys.executable, "-m", "InstructX2XModuleLib.web.app", "--device", "cpu", "--port", "0", *options],
             capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": str(tmp_path)})

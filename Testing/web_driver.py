@@ -33,7 +33,7 @@ class WebServer:
         self.tmp, self.log = folder / "tmp", folder / "server.log"
         self.tmp.mkdir(parents=True)
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
+        self.url, self.token = f"http://127.0.0.1:{self.port}/", ""  # the announced address once started
         self.command = [sys.executable, "-m", "InstructX2XModuleLib.web.app", "--model", model, "--device", "cpu",
                         "--port", str(self.port), *options]
         self.process: subprocess.Popen | None = None
@@ -50,6 +50,8 @@ class WebServer:
                 raise TimeoutError(f"the server did not start within {timeout} s")
             time.sleep(0.05)
         self.start_s = time.monotonic() - started
+        self.url = re.search(r"InstructX2X web panel: (\S+)", self.log.read_text())[1]  # its token included
+        self.token = self.url.split("token=", 1)[1]
         return self
 
     def stop(self) -> int | None:

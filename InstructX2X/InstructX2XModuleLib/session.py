@@ -7,6 +7,11 @@ never runs in the panel's process (``worker.WorkerClient`` starts ``instructx2x 
 
 Jobs wait in a first-in-first-out queue while the worker is busy; ``queue_position`` says
 where a job stands, so a panel can show "queued, 2nd" instead of a frozen button.
+
+The session's files live in one private temporary folder: a job's inputs and outputs in
+``job-NNN``, a re-thresholded mask in ``tau-NNN``. Once a result is in the scene, every folder
+but the latest result's and those of jobs still queued or running is removed, and a job is
+refused while the folder holds more than the session's quota.
 """
 
 from __future__ import annotations
@@ -24,13 +29,16 @@ import numpy as np
 from . import scene as mrml
 from .worker import WorkerClient, WorkerError, WorkerState
 
-__all__ = ["PanelSettings", "EditSession", "edited_pixels", "dicom_pixels", "modality_values", "PRESETS", "MASK_SOURCES", "OPERATIONS",
+__all__ = ["DicomImportError", "import_into_dicom_database", "PAPER_SCHEDULER", "PAPER_STEPS", "DEFAULT_QUOTA_BYTES", "PanelSettings", "EditSession", "edited_pixels", "dicom_pixels", "modality_values", "PRESETS", "MASK_SOURCES", "OPERATIONS",
            "SIDES", "describe_instruction", "compose_instruction", "instruction_completions"]
 
 MASK_SOURCES = ("anatomical prior", "painted segment", "painted segment and prior")
 PRESETS = ("fast (device default)", "paper (DDIM 100 steps)")
+# The paper preset: the authors' sampler and step count (SPEC section 2), whatever the device
+PAPER_SCHEDULER, PAPER_STEPS = "ddim", 100
 OPERATIONS = ("Add", "Remove", "Change the level of")
 SIDES = ("", "left", "right", "bilateral")  # the structured helper's choices ("": no side)
+DEFAULT_QUOTA_BYTES = 2 * 2**30  # an upload, one job's inputs and one result take well under 1 GB
 
 
 @dataclasses.dataclass
@@ -62,13 +70,18 @@ class PanelSettings:
         if self.steps:
             values["num_inference_steps"] = self.steps
         if self.preset == PRESETS[1]:
-            values["num_inference_steps"] = 100
+            values["num_inference_steps"] = PAPER_STEPS
         if self.mask_source == MASK_SOURCES[1]:
             values["region_mode"] = "prior"  # the painted region replaces the prior; no relevance cut
         return values
 
+    def sampler(self) -> str:
+        """The scheduler the worker loads: DDIM under the paper preset (its steps are DDIM
+        steps), else the one chosen (``auto``: the device's)."""
+        return PAPER_SCHEDULER if self.preset == PRESETS[1] else self.scheduler
+
     def worker_key(self) -> tuple:
-        return self.model, self.device, self.scheduler, self.precision
+        return self.model, self.device, self.sampler(), self.precision
 
 
 def describe_instruction(text: str) -> str:
@@ -124,11 +137,18 @@ class EditSession:
     worker_socket: str | None
         Use the shared worker on this Unix socket (``instructx2x serve --socket``) instead of
         starting one; the model and device are then the worker's.
+    quota_bytes: int | None
+        The most the session's folder may hold before a job is refused (default
+        ``DEFAULT_QUOTA_BYTES``).
     """
 
     def __init__(self, scene, executable: list[str] | None = None,
-                 prepare_worker: Callable[[], None] | None = None, worker_socket: str | None = None) -> None:
+                 prepare_worker: Callable[[], None] | None = None, worker_socket: str | None = None,
+                 quota_bytes: int | None = None) -> None:
         self.scene = scene
+        # closing the scene (Slicer's Close Scene, scene.Clear) ends what this session shows
+        self._close_observer = scene.AddObserver(scene.StartCloseEvent, self._on_scene_close)
+        self.quota_bytes = DEFAULT_QUOTA_BYTES if quota_bytes is None else quota_bytes
         self.worker_socket = worker_socket
         self.executable = executable or [sys.executable, "-m", "instructx2x.cli"]
         self.prepare_worker = prepare_worker
@@ -142,6 +162,7 @@ class EditSession:
         self.output_folder: Path | None = None
         self.result_text = ""
         self.verification_text = ""
+        self.pending_tau: float | None = None  # a re-threshold asked for while busy: sent when idle
         self._tickets = itertools.count(1)
 
     # -- state ------------------------------------------------------------------------------
@@ -190,6 +211,7 @@ class EditSession:
             raise mrml.SceneError("paint the region to edit, or choose the anatomical prior.")
         if settings.mask_source == MASK_SOURCES[0]:
             edit_mask = None
+        self.check_quota()
         ticket = next(self._tickets)
         folder = self.folder / f"job-{ticket:03d}"
         try:
@@ -207,12 +229,41 @@ class EditSession:
         """Re-cut the cached preview's relevance at ``tau`` (no model call)."""
         if self.preview_id is None:
             raise mrml.SceneError("preview the guidance first.")
+        self.check_quota()
         ticket = next(self._tickets)
         self.queue.append({"ticket": ticket, "kind": "rethreshold", "volume": self.current["volume"],
                            "fields": {"preview": self.preview_id, "tau": tau,
                                       "output": str(self.folder / f"tau-{ticket:03d}")}})
         self._send_next()
         return ticket
+
+    def request_rethreshold(self, tau: float) -> bool:
+        """Re-cut the preview at ``tau`` now, or once the worker is idle when it is busy (a
+        later request replaces a pending one: a dragged slider's last value wins).
+
+        Returns True when sent now, False when pending. Raises ``scene.SceneError`` when there
+        is no preview.
+        """
+        if self.preview_id is None:
+            raise mrml.SceneError("preview the guidance first.")
+        if self.busy:
+            self.pending_tau = tau
+            return False
+        self.pending_tau = None
+        self.rethreshold(tau)
+        return True
+
+    def forget_scene(self) -> None:
+        """The scene is being closed: stop the running job, drop the queued ones and a pending
+        re-threshold, and forget the results (their nodes go with the scene). The worker stays
+        up, its model loaded, for the next radiograph."""
+        self.cancel()
+        self.pending_tau = None
+        self.results, self.preview_id, self.output_folder = {}, None, None
+        self.result_text = self.verification_text = ""
+
+    def _on_scene_close(self, caller=None, event=None) -> None:
+        self.forget_scene()
 
     def cancel(self) -> None:
         """Drop the queued jobs and stop the running one at its next step (nothing is written)."""
@@ -226,17 +277,49 @@ class EditSession:
             return []
         events = self.worker.poll()
         for event in events:
-            if event.get("event") == "done" and event.get("id") == self.current.get("id"):
+            if event.get("event") == "done" and event.get("id") == self.current.get("id") \
+                    and self.scene.IsNodePresent(self.current["volume"]):  # not after a close
                 self._import(event)
+            if event.get("event") in ("done", "error", "cancelled"):
+                self.prune()
         if self.worker.state == WorkerState.STOPPED:
             if self.worker.last_error:
                 events.append({"event": "error", "message": self.worker.last_error})
             self.worker, self.queue = None, []
         self._send_next()
+        if self.pending_tau is not None and not self.busy and self.preview_id is not None:
+            self.request_rethreshold(self.pending_tau)
         return events
 
+    # -- disk -------------------------------------------------------------------------------
+    def disk_usage(self) -> int:
+        """Bytes in the session's folder."""
+        return sum(path.stat().st_size for path in self.folder.rglob("*") if path.is_file())
+
+    def check_quota(self) -> None:
+        """Raise ``scene.SceneError`` when the session's folder holds more than its quota."""
+        used = self.disk_usage()
+        if used > self.quota_bytes:
+            raise mrml.SceneError(f"this session's files take {used / 2**20:.0f} MB, over its "
+                                  f"{self.quota_bytes / 2**20:.0f} MB quota; open the radiograph again to start afresh.")
+
+    def prune(self) -> None:
+        """Remove the job and tau folders nothing needs: all but the shown result's and those
+        of jobs still queued or running (a tau folder is read into the scene when it arrives)."""
+        needed = {Path(request["job"]["output"]).parent for request in self.queue if "job" in request}
+        if self.worker is not None and self.worker.state in (WorkerState.RUNNING, WorkerState.CANCELLING):
+            running = self.current
+            needed.add(Path(running["job"]["output"]).parent if "job" in running
+                       else Path(running["fields"]["output"]))
+        if self.output_folder is not None:
+            needed.add(self.output_folder.parent)
+        for folder in [*self.folder.glob("job-*"), *self.folder.glob("tau-*")]:
+            if folder not in needed:
+                shutil.rmtree(folder, ignore_errors=True)
+
     def stop(self) -> None:
-        """End the worker and remove the session's files."""
+        """End the worker, stop watching the scene and remove the session's files."""
+        self.scene.RemoveObserver(self._close_observer)
         if self.worker is not None:
             self.worker.shutdown()
             self.worker = None
@@ -273,7 +356,7 @@ class EditSession:
             self.prepare_worker()
         environment = {"CUDA_VISIBLE_DEVICES": "-1"} if settings.device == "cpu" else {}
         self.worker = WorkerClient(settings.model, device=settings.device, environment=environment,
-                                   executable=self.executable, scheduler=settings.scheduler,
+                                   executable=self.executable, scheduler=settings.sampler(),
                                    dtype=settings.precision, socket_path=self.worker_socket)
         self.worker.start()
         self.worker_key, self.preview_id = key, None
@@ -347,3 +430,52 @@ def modality_values(stored: np.ndarray, dataset) -> np.ndarray:
     slope = float(dataset.get("RescaleSlope", 1) or 1)
     intercept = float(dataset.get("RescaleIntercept", 0) or 0)
     return stored.astype(np.float32) * slope + intercept
+
+
+class DicomImportError(RuntimeError):
+    """The written series did not get into the DICOM database; the message says why."""
+
+
+def import_into_dicom_database(folder: Path, database, import_dicom: Callable[[str], bool]) -> list[str]:
+    """Import a written series into a DICOM database and check that every file is indexed.
+
+    Parameters
+    ----------
+    folder: Path
+        The folder of the series' ``.dcm`` files.
+    database: ctkDICOMDatabase | None
+        Where they go (``slicer.dicomDatabase``); its ``fileForInstance`` finds them afterwards.
+    import_dicom: Callable[[str], bool]
+        Imports a folder into ``database`` and says whether it worked
+        (``DICOMUtils.importDicom``, which returns False on any failure instead of raising).
+
+    Returns
+    -------
+    list[str]
+        The SOP instance UIDs imported, one a file.
+
+    Raises
+    ------
+    DicomImportError
+        When there is no database (checked before anything is imported), the folder holds no
+        DICOM file, the import reports a failure, or a file is not in the database after it.
+    """
+    import pydicom
+
+    folder = Path(folder)
+    if database is None:
+        raise DicomImportError("Slicer has no DICOM database: open the DICOM module once to create one, "
+                               "then export again.")
+    files = sorted(folder.glob("*.dcm"))
+    if not files:
+        raise DicomImportError(f"{folder.name} holds no DICOM file to import.")
+    uids = [str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+            for path in files]
+    if not import_dicom(str(folder)):
+        raise DicomImportError("the DICOM database did not take the series (DICOMUtils.importDicom failed; "
+                               "the Python console has its log).")
+    missing = [path.name for path, uid in zip(files, uids) if not database.fileForInstance(uid)]
+    if missing:
+        raise DicomImportError(f"{', '.join(missing)} not in the DICOM database after the import; "
+                               "the Python console has the importer's log.")
+    return uids

@@ -9,7 +9,8 @@ One server process is one workspace: every browser tab connected to it sees the 
 radiograph and results. Several readers each run their own server (own port) and share one
 warm model through ``--worker-socket`` (``instructx2x serve --socket``); their jobs then run
 one at a time and the page shows its place in the queue. It listens on loopback unless
-``--host`` says otherwise.
+``--host`` says otherwise, and answers only those who hold the launch's token
+(``access``; docs/security.md): the address it prints carries it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
 
 import numpy as np  # noqa: E402
+from instructx2x.errors import InstructX2XError  # noqa: E402
 from instructx2x.parameters import GUIDANCE_SCALE, IMAGE_GUIDANCE_SCALE  # noqa: E402
 import slicer  # noqa: E402
 from trame.app import get_server  # noqa: E402
@@ -44,12 +46,15 @@ from trame_slicer.segmentation import (BrushDiameterMode, ScissorsEffectFillMode
                                        SegmentationEffectPaint, SegmentationEffectScissors)
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition  # noqa: E402
 from trame_vuetify.ui.vuetify3 import SinglePageWithDrawerLayout  # noqa: E402
+from wslink.websocket import LinkProtocol  # noqa: E402
 
 from .. import scene as mrml  # noqa: E402
-from ..session import (MASK_SOURCES, OPERATIONS, PRESETS, SIDES, EditSession, PanelSettings,  # noqa: E402
+from ..session import (DEFAULT_QUOTA_BYTES, MASK_SOURCES, OPERATIONS, PRESETS, SIDES, EditSession, PanelSettings,  # noqa: E402
                        compose_instruction, describe_instruction, instruction_completions)
 from ..worker import WorkerError  # noqa: E402
-from .uploads import MAX_UPLOAD_BYTES, read_radiograph, save_uploads  # noqa: E402
+from .access import AccessPolicy, guard_http, guard_rpc, install_message_limit, new_token, read_token_file  # noqa: E402
+from .pacs_targets import PacsTargets  # noqa: E402
+from .uploads import MAX_UPLOAD_BYTES, UploadBuffers, UploadError, read_radiograph, save_uploads  # noqa: E402
 
 __all__ = ["WebPanel", "main", "TOOLS", "POLL_INTERVAL_S"]
 
@@ -60,6 +65,19 @@ TOOLS = {"none": SegmentationEffectNoTool, "paint": SegmentationEffectPaint,
 SEGMENTS = {"edit": ("Edit region", [0.1, 0.85, 0.3]), "keep": ("Keep region", [0.2, 0.5, 1.0])}
 POLL_INTERVAL_S = 0.2
 LAYOUT = "radiograph"
+UPLOAD_TRIGGER = "upload_chunk"
+MESSAGE_OVERHEAD_BYTES = 2**20  # a message's room beyond an upload's bytes: names, msgpack framing
+# The state keys a page may write (its inputs) and the types their values may have; every other
+# key, trame's own (trame__*) included, is the server's to set.
+NUMBER = (int, float)
+WRITABLE_STATE = {
+    "instruction": (str,), "compose_operation": (str,), "compose_finding": (str,), "compose_side": (str,),
+    "compose_zone": (str,), "compose_from": (str,), "compose_to": (str,), "mask_source": (str,),
+    "tool": (str,), "segment": (str,), "brush_mm": NUMBER, "scissors_fill": (bool,), "tau": NUMBER,
+    "opacity": NUMBER, "show_after": (bool,), "steps": (*NUMBER, str), "seed": (*NUMBER, str),
+    "model_guidance": (bool,), "guidance_scale": (*NUMBER, str), "image_guidance_scale": (*NUMBER, str),
+    "preset": (str,), "verify": (bool,), "pacs_target": (str,), "error": (str,),
+}
 
 
 class WebPanel:
@@ -67,7 +85,9 @@ class WebPanel:
     workflow without a browser (``poll`` then stands in for the page's timer)."""
 
     def __init__(self, server=None, model: str = "demo", device: str = "auto",
-                 max_upload_bytes: int = MAX_UPLOAD_BYTES, worker_socket: str | None = None) -> None:
+                 max_upload_bytes: int = MAX_UPLOAD_BYTES, worker_socket: str | None = None,
+                 access: AccessPolicy | None = None, pacs_targets: PacsTargets | None = None,
+                 quota_bytes: int | None = None) -> None:
         self.server = get_server(server, client_type="vue3")
         self.server.enable_module(trame_slicer_module)
         self.server.enable_module({"serve": {"instructx2x": str(Path(__file__).with_name("serve"))},
@@ -82,13 +102,15 @@ class WebPanel:
             ViewLayoutDefinition.axial_view(label="Radiograph")]))
         self.layout_manager.set_layout(LAYOUT)
         self.editor = self.slicer_app.segmentation_editor
-        self.session = EditSession(self.scene, worker_socket=worker_socket)
+        self.session = EditSession(self.scene, worker_socket=worker_socket, quota_bytes=quota_bytes)
         self.model, self.device, self.max_upload_bytes = model, device, max_upload_bytes
+        self.access, self.pacs_targets = access, pacs_targets or PacsTargets({})
+        self.wslink = None  # the web server, once bound (its last_active_client_id names a caller)
         self.volume = None
         self.segmentation = None
         self.outline = None
         self.loaded = None  # uploads.LoadedRadiograph
-        self.chunks: list[tuple[str, bytes]] = []
+        self.upload_buffers = UploadBuffers(max_upload_bytes)
         self.uploads = 0
         self.started_at: float | None = None
         self.pending_tau: float | None = None
@@ -99,6 +121,10 @@ class WebPanel:
         self._build_ui()
         self.ctrl.on_server_ready.add(self._start_polling)
         self.ctrl.on_server_exited.add(self.close)
+        self.ctrl.on_server_bind.add(self._bind)
+        self.ctrl.on_error.add(_script_error)
+        self.server.add_protocol_to_configure(
+            lambda protocol: protocol.registerLinkProtocol(_Connections(self.upload_buffers)))
 
     # -- state -----------------------------------------------------------------------------
     def _initial_state(self) -> None:
@@ -115,7 +141,8 @@ class WebPanel:
             "steps": defaults.steps, "seed": defaults.seed, "model_guidance": True,
             "guidance_scale": GUIDANCE_SCALE, "image_guidance_scale": IMAGE_GUIDANCE_SCALE, "preset": defaults.preset,
             "presets": list(PRESETS), "verify": defaults.verify, "verification": "",
-            "pacs_target": "", "pacs_message": "", "max_upload_mb": self.max_upload_bytes // 2**20,
+            "pacs_target": self.pacs_targets.default, "pacs_names": self.pacs_targets.names, "pacs_message": "",
+            "max_upload_mb": self.max_upload_bytes // 2**20,
         })
         self.state.change("instruction")(self._on_instruction)
         self.state.change("tool", "segment", "brush_mm", "scissors_fill")(self._on_tool)
@@ -154,14 +181,26 @@ class WebPanel:
 
     # -- loading ---------------------------------------------------------------------------
     def receive_chunk(self, files: list[dict]) -> None:
-        """One chunk of the browser's upload; an empty chunk ends it (trame-slicer's loader)."""
+        """One chunk of the browser's upload; an empty chunk ends it (trame-slicer's loader).
+
+        Chunks are kept per connection and counted as they arrive: past the upload limit the
+        connection's chunks are dropped at once and the end of its upload shows why."""
         from trame.app.file_upload import ClientFile
 
+        client = self.wslink.last_active_client_id if self.wslink is not None else None
         if files:
-            received = [ClientFile(f) for f in files]
-            self.chunks += [(f.name, f.content or b"") for f in received]
+            if not isinstance(files, list):
+                return
+            received = [ClientFile(f) for f in files if isinstance(f, dict)]
+            self.upload_buffers.add(client, [(str(f.name), f.content if isinstance(f.content, bytes) else b"")
+                                             for f in received])
             return
-        chunks, self.chunks = self.chunks, []
+        try:
+            chunks = self.upload_buffers.finish(client)
+        except UploadError as error:
+            with self.state:
+                self.state.error = _message(error)
+            return
         self.load(chunks)
 
     def load(self, files: list[tuple[str, bytes]]) -> bool:
@@ -396,12 +435,13 @@ class WebPanel:
         return buffer.getvalue()
 
     async def pacs(self, action: str) -> None:
-        """``echo`` (Test connection) or ``send`` (C-STORE of the series): the only network
-        traffic, on the user's request, off the page's event loop."""
-        from instructx2x.dicom.pacs import CStoreTarget, echo, push_cstore
+        """``echo`` (Test connection) or ``send`` (C-STORE of the series) to the PACS the page
+        names among the server's configured targets (``--pacs``): the only network traffic, on
+        the user's request, off the page's event loop. A page can never set an address."""
+        from instructx2x.dicom.pacs import echo, push_cstore
 
         try:
-            target = CStoreTarget.parse((self.state.pacs_target or "").strip())
+            target = self.pacs_targets.get(self.state.pacs_target)
             if action == "echo":
                 await asyncio.get_running_loop().run_in_executor(None, echo, target)
                 message = f"{target.called_ae_title} at {target.host}:{target.port} answers."
@@ -418,6 +458,24 @@ class WebPanel:
             self.state.pacs_message = message
 
     # -- life cycle ------------------------------------------------------------------------
+    def _bind(self, wslink_server) -> None:
+        """The web server exists, not yet listening: put the access policy in front of it."""
+        self.wslink = wslink_server
+        if self.access is None:
+            return
+        install_message_limit(self.max_upload_bytes + MESSAGE_OVERHEAD_BYTES)
+        wslink_server.app.middlewares.append(guard_http(self.access, cookie_secure=any(
+            origin.startswith("https:") for origin in self.access.origins)))
+        protocol = self.server.protocol
+        protocol.updateSecret(self.access.token)
+
+        async def validate(secret, _client_id):
+            return self.access.token_matches(secret)
+
+        protocol.validateToken = validate  # wslink asks the protocol first, in place of its plain ==
+        for handler in wslink_server._ws_handlers:  # noqa: SLF001 - wslink keeps its RPC tables there
+            guard_rpc(handler.functionMap, WRITABLE_STATE)
+
     def _start_polling(self, **_):
         self._poller = asyncio.get_event_loop().create_task(self._poll_forever())
 
@@ -438,10 +496,10 @@ class WebPanel:
 
     # -- page ------------------------------------------------------------------------------
     def _build_ui(self) -> None:
-        chunk = self.server.trigger_name(self.receive_chunk)
+        self.server.trigger(UPLOAD_TRIGGER)(self.receive_chunk)
         self.server.trigger("download_dicom")(lambda: self.server.protocol.addAttachment(self.result_archive("dicom")))
         self.server.trigger("download_png")(lambda: self.server.protocol.addAttachment(self.result_archive("png")))
-        upload = f"error = window.instructx2x_upload($event, '{chunk}', max_upload_mb)"
+        upload = f"error = window.instructx2x_upload($event, '{UPLOAD_TRIGGER}', max_upload_mb)"
         with SinglePageWithDrawerLayout(self.server, full_height=True) as layout:
             layout.title.set_text("InstructX2X")
             with layout.toolbar:
@@ -563,13 +621,30 @@ class WebPanel:
         with v3.VExpansionPanels(classes="mt-2"):
             with v3.VExpansionPanel(title="Send to PACS (C-STORE)"):
                 with v3.VExpansionPanelText():
-                    v3.VTextField(v_model=("pacs_target",), label="HOST:PORT:AET", density="compact",
-                                  raw_attrs=['data-testid="pacs-target"'])
+                    v3.VSelect(v_model=("pacs_target",), items=("pacs_names",), label="PACS (the server's list)",
+                               density="compact", no_data_text="The server names no PACS (--pacs).",
+                               raw_attrs=['data-testid="pacs-target"'])
                     v3.VBtn("Test connection", click=lambda: self.pacs("echo"), classes="mr-2",
                             raw_attrs=['data-testid="pacs-echo"'])
                     v3.VBtn("Send", click=lambda: self.pacs("send"), disabled=("!has_result || !has_dicom",),
                             raw_attrs=['data-testid="pacs-send"'])
                     html.Div("{{ pacs_message }}", classes="text-caption mt-1", raw_attrs=['data-testid="pacs-message"'])
+
+
+class _Connections(LinkProtocol):
+    """wslink's word that a connection closed: its unfinished upload is freed."""
+
+    def __init__(self, buffers: UploadBuffers) -> None:
+        super().__init__()
+        self.buffers = buffers
+
+    def onClose(self, client_id) -> None:  # noqa: N802 - wslink's hook name
+        self.buffers.discard(client_id)
+
+
+def _script_error(*_args, **_kwargs) -> None:
+    """A page's script error: logged by kind only (its text may quote page content)."""
+    logger.warning("a page reported a script error")
 
 
 def _no_view_gutter(*_args) -> None:
@@ -618,14 +693,30 @@ def _unusable_address(host: str, port: int) -> str | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="instructx2x-web", description=(
         "The InstructX2X panel in a browser (trame-slicer). Images it writes are SYNTHETIC, "
-        "not for diagnosis."))
+        "not for diagnosis. The address it prints carries a token that every page must show."))
     parser.add_argument("--model", default="demo", help="model folder, demo (default) or untrained-tiny")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     parser.add_argument("--port", type=int, default=8080, help="0 picks a free port")
     parser.add_argument("--host", default="127.0.0.1",
-                        help="interface to listen on (default loopback; anything else exposes the page)")
+                        help="interface to listen on (default loopback; anything else exposes the page: put a "
+                             "reverse proxy with TLS and a login in front, docs/security.md)")
+    parser.add_argument("--origin", action="append", default=[], metavar="URL",
+                        help="an address the page is served under besides this server's own, e.g. "
+                             "https://xray.example.org behind a reverse proxy (repeatable)")
+    parser.add_argument("--token-file", metavar="PATH",
+                        help="read the access token from this file (first line, at least 32 characters) "
+                             "instead of drawing a new one")
     parser.add_argument("--max-upload-mb", type=_positive, default=MAX_UPLOAD_BYTES // 2**20,
                         help="largest upload in MB (default %(default)s)")
+    parser.add_argument("--quota-mb", type=_positive, default=DEFAULT_QUOTA_BYTES // 2**20,
+                        help="the most disk the session's uploads, jobs and results may take, in MB "
+                             "(default %(default)s)")
+    parser.add_argument("--max-connections", type=_positive, default=8,
+                        help="pages open at once (default %(default)s)")
+    parser.add_argument("--pacs", action="append", default=[], metavar="NAME=AET@HOST:PORT",
+                        help="a PACS the page may send results to (repeatable); the page chooses by name")
+    parser.add_argument("--pacs-config", metavar="PATH",
+                        help="a JSON file {NAME: \"AET@HOST:PORT\", ...} of PACS targets, beside --pacs")
     parser.add_argument("--worker-socket", metavar="PATH",
                         help="use the shared worker of instructx2x serve --socket PATH (one warm model for "
                              "several servers; --model and --device are then the worker's)")
@@ -636,9 +727,18 @@ def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)  # our own lines only: the frameworks' INFO echoes page content
+    try:  # every setting checked before the model loads
+        token = read_token_file(arguments.token_file) if arguments.token_file else new_token()
+        access = AccessPolicy(token, host=arguments.host, origins=tuple(arguments.origin),
+                              max_connections=arguments.max_connections)
+        pacs_targets = PacsTargets.from_arguments(arguments.pacs, arguments.pacs_config)
+    except InstructX2XError as error:
+        print(f"instructx2x-web: {error}", file=sys.stderr)
+        return 2
     if arguments.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"WARNING: listening on {arguments.host}: anyone who reaches this machine can open the page and "
-              "its radiographs; there is no login. Prefer loopback with an SSH tunnel.", file=sys.stderr)
+        print(f"WARNING: listening on {arguments.host}: whoever reaches this machine and learns the token can open "
+              "the page and its radiographs, over plain HTTP. Put a reverse proxy with TLS and a login in front "
+              "(docs/security.md), and name its address with --origin.", file=sys.stderr)
     problem = _unusable_address(arguments.host, arguments.port)  # before the model loads
     if problem:
         print(f"instructx2x-web: {problem}", file=sys.stderr)
@@ -647,13 +747,14 @@ def main(argv: list[str] | None = None) -> int:
     # and the session's temporary files are removed, at any moment from here on.
     signal.signal(signal.SIGTERM, _interrupt)
     panel = WebPanel(model=arguments.model, device=arguments.device,
-                     max_upload_bytes=arguments.max_upload_mb * 2**20, worker_socket=arguments.worker_socket)
+                     max_upload_bytes=arguments.max_upload_mb * 2**20, worker_socket=arguments.worker_socket,
+                     access=access, pacs_targets=pacs_targets, quota_bytes=arguments.quota_mb * 2**20)
     try:
         ready = panel.session.start_worker(panel.settings())  # the model loads before the page is served
         panel.show_model_defaults()
         logger.info("Model %s ready (%s).", ready["model"].get("name"), ready["precision"].get("dtype"))
-        panel.ctrl.on_server_ready.add(
-            lambda **_: print(f"InstructX2X web panel: http://{arguments.host}:{panel.server.port}/", flush=True))
+        panel.ctrl.on_server_ready.add(lambda **_: print(
+            f"InstructX2X web panel: {_announced_address(arguments.host, panel.server.port, token)}", flush=True))
         panel.server.start(host=arguments.host, port=arguments.port, open_browser=False, show_connection_info=False,
                            disable_logging=True, timeout=0)  # timeout 0: no shutdown when the last tab closes
     except WorkerError as error:
@@ -664,6 +765,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         panel.close()
     return 0
+
+
+def _announced_address(host: str, port: int, token: str) -> str:
+    """The address to open, token included (loopback for a server on every interface)."""
+    name = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    name = f"[{name}]" if ":" in name else name
+    return f"http://{name}:{port}/?token={token}"
 
 
 def _interrupt(signum, frame) -> None:

@@ -14,8 +14,8 @@ import numpy as np
 
 from instructx2x.errors import InputError
 
-__all__ = ["UploadError", "LoadedRadiograph", "save_uploads", "read_radiograph", "MAX_UPLOAD_BYTES",
-           "MAX_FILES", "ACCEPTED_SUFFIXES"]
+__all__ = ["UploadError", "LoadedRadiograph", "UploadBuffers", "save_uploads", "read_radiograph",
+           "MAX_UPLOAD_BYTES", "MAX_FILES", "ACCEPTED_SUFFIXES"]
 
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # a CR is 5-20 MB; a folder of a few films fits
 MAX_FILES = 64
@@ -53,6 +53,64 @@ class LoadedRadiograph:
     sop_instance_uid: str | None
     inverted: bool
     description: str
+
+
+class UploadBuffers:
+    """The chunks of unfinished uploads, one buffer per connection, counted as they arrive.
+
+    An upload that passes ``max_bytes`` or ``MAX_FILES`` is dropped at that chunk (its memory
+    freed at once); the rest of its chunks are ignored and its end raises the reason, so one
+    connection can neither hold more than the limit nor add to another's upload.
+
+    Parameters
+    ----------
+    max_bytes: int
+        The most one upload may hold.
+    """
+
+    def __init__(self, max_bytes: int = MAX_UPLOAD_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.buffers: dict[object, list[tuple[str, bytes]]] = {}
+        self.refused: dict[object, str] = {}
+
+    def add(self, connection: object, files: list[tuple[str, bytes]]) -> None:
+        """One chunk of ``connection``'s upload."""
+        if connection in self.refused:
+            return
+        buffer = self.buffers.setdefault(connection, [])
+        buffer += files
+        total = sum(len(content) for _name, content in buffer)
+        if total > self.max_bytes:
+            reason = f"the upload is over {self.max_bytes / 2**20:.0f} MB, the limit; nothing was kept."
+        elif len(buffer) > MAX_FILES:
+            reason = f"the upload has over {MAX_FILES} files; open at most {MAX_FILES} at a time."
+        else:
+            return
+        del self.buffers[connection]
+        self.refused[connection] = reason
+
+    def finish(self, connection: object) -> list[tuple[str, bytes]]:
+        """The end of ``connection``'s upload: its files.
+
+        Raises
+        ------
+        UploadError
+            When the upload was refused on the way (the reason), or nothing came.
+        """
+        reason = self.refused.pop(connection, None)
+        files = self.buffers.pop(connection, [])
+        if reason is not None:
+            raise UploadError(reason)
+        return files
+
+    def discard(self, connection: object) -> None:
+        """Forget ``connection``'s unfinished upload (it closed)."""
+        self.buffers.pop(connection, None)
+        self.refused.pop(connection, None)
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(len(content) for buffer in self.buffers.values() for _name, content in buffer)
 
 
 def save_uploads(files: list[tuple[str, bytes]], folder: Path, max_bytes: int = MAX_UPLOAD_BYTES) -> list[Path]:

@@ -1,0 +1,215 @@
+"""The browser panel against hostile clients: the real ``instructx2x-web`` on a loopback port,
+attacked by second websocket clients that speak wslink themselves (``wslink_client``), raw
+sockets and HTTP requests without the launch's token. Each attack must fail while the
+legitimate user, who holds the token, keeps a working session.
+
+Runs in the web environment (``make test-web``); docs/security.md lists what each test shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytest.importorskip("trame_slicer")
+import aiohttp  # noqa: E402
+import psutil  # noqa: E402
+from web_driver import WebServer  # noqa: E402
+from wslink_client import WslinkClient  # noqa: E402
+
+pytestmark = pytest.mark.web
+
+MAX_UPLOAD_MB = 8
+MAX_CONNECTIONS = 4
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = WebServer(tmp_path_factory.mktemp("hostile"), "untrained-tiny", "--max-upload-mb", str(MAX_UPLOAD_MB),
+                       "--max-connections", str(MAX_CONNECTIONS)).start()
+    yield server
+    server.stop()
+
+
+def origin(server) -> str:
+    return f"http://127.0.0.1:{server.port}"
+
+
+def legitimate(server) -> WslinkClient:
+    return WslinkClient(server.url, token=server.token, origin=origin(server), cookie=server.token)
+
+
+def get(url: str, headers: dict | None = None) -> tuple[int, str]:
+    """Status and body of a GET that does not follow redirects."""
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect)
+    try:
+        with opener.open(urllib.request.Request(url, headers=headers or {}), timeout=10) as response:
+            return response.status, response.read().decode(errors="replace")
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode(errors="replace")
+
+
+def rss_mb(server) -> float:
+    return psutil.Process(server.process.pid).memory_info().rss / 2**20
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def test_the_page_needs_the_token_and_a_host_of_this_server(server):
+    base = f"http://127.0.0.1:{server.port}"
+    for path in ("/", "/index.html", "/?token=wrong-token", "/index.html?secret=wslink-secret"):
+        status, body = get(base + path)
+        assert status == 403 and "token" in body and "<html" not in body.lower(), path
+    status, _ = get(f"{base}/?token={server.token}")
+    assert status == 302  # the announced address: the cookie, then the page
+    cookie = {"Cookie": f"instructx2x_token={server.token}"}
+    status, body = get(f"{base}/index.html?secret={server.token}", cookie)
+    assert status == 200 and "<html" in body.lower()
+    status, _ = get(f"{base}/index.html?secret={server.token}", {**cookie, "Host": f"evil.example:{server.port}"})
+    assert status == 403  # a rebound DNS name is not this server
+
+
+def test_a_websocket_needs_the_cookie_an_own_origin_and_the_secret(server):
+    async def attempts():
+        refused = []
+        for options in ({"origin": origin(server)},  # no cookie
+                        {"origin": "http://evil.example", "cookie": server.token},
+                        {"cookie": server.token},  # no Origin
+                        {"origin": origin(server), "cookie": "a" * 43}):
+            try:
+                async with WslinkClient(server.url, **options):
+                    pass
+            except aiohttp.WSServerHandshakeError as error:
+                refused.append(error.status)
+        async with WslinkClient(server.url, origin=origin(server), cookie=server.token) as client:
+            denied = await client.hello("wslink-secret")  # wslink's public default
+            reply = await client.call("trame.state.get")
+        return refused, denied, reply
+
+    refused, denied, reply = run(attempts())
+    assert refused == [403, 403, 403, 403]
+    assert denied["error"]["message"] == "Authentication failed"
+    assert "Unauthorized" in reply["error"]["message"] and "result" not in reply
+
+
+def test_a_client_writes_only_the_page_inputs(server):
+    async def attack():
+        async with legitimate(server) as client:
+            await client.hello()
+            before = await client.state()
+            await client.set_state(trame__template_main="<div>{{ window.injected = 1 }}</div>",
+                                   mask_sources=["x"], pacs_names=["evil"], status="injected", tau="0.5",
+                                   verify=1, instruction="Add the finding of left pleural effusion")
+            return before, await client.state()
+
+    before, after = run(attack())
+    assert after["trame__template_main"] == before["trame__template_main"]
+    assert after["mask_sources"] == before["mask_sources"] and after["pacs_names"] == before["pacs_names"]
+    assert after["status"] == before["status"] and after["tau"] == before["tau"] and after["verify"] is True
+    assert after["instruction"] == "Add the finding of left pleural effusion"  # an input of the page
+    log = server.log.read_text()
+    assert "refused 6 state change(s)" in log and "injected" not in log  # by kind, never by value
+
+
+def test_life_cycle_and_exit_messages_cannot_end_the_session(server):
+    async def attack():
+        async with legitimate(server) as client:
+            await client.hello()
+            lifecycle = await client.call("trame.lifecycle.update", "server_exited")
+            exiting = await client.call("application.exit")
+            await asyncio.sleep(0.5)
+            return lifecycle, exiting, await client.state()
+
+    lifecycle, exiting, state = run(attack())
+    assert "error" not in lifecycle and exiting["error"]["message"] == "Unregistered method called"
+    assert server.process.poll() is None and state["trame__title"] == "InstructX2X"
+    assert [p for p in server.tmp.iterdir() if p.name.startswith("instructx2x-")]  # the session's folder stays
+
+
+def test_declared_sizes_allocate_nothing_and_cut_the_connection(server):
+    async def attack():
+        async with legitimate(server) as client:
+            await client.hello()
+            for message_id in range(3):  # 12-byte headers declaring 512 MiB each, nothing after them
+                await client.socket.send_bytes(struct.pack("<III", 1000 + message_id, 0, 512 * 2**20) + b"x")
+            closed = await client.socket.receive()
+            return closed.type
+
+    before = rss_mb(server)
+    assert run(attack()) in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+    assert rss_mb(server) - before < 64  # not 1.5 GB
+
+
+def test_an_endless_upload_is_cut_at_the_limit_and_freed(server):
+    chunk = {"name": "film.dcm", "size": 4 * 2**20, "type": "application/dicom", "content": bytes(4 * 2**20)}
+
+    async def attack():
+        async with legitimate(server) as client:
+            await client.hello()
+            for _ in range(30):  # 120 MB, no end marker
+                await client.call("trame.trigger", "upload_chunk", [[chunk]], {})
+            grown = rss_mb(server)
+            await client.call("trame.trigger", "upload_chunk", [[]], {})  # the end: the reason shown
+            return grown, (await client.state())["error"]
+
+    before = rss_mb(server)
+    grown, error = run(attack())
+    assert grown - before < 3 * MAX_UPLOAD_MB + 32  # the limit's worth (and wslink's buffers), not 120 MB
+    assert error == f"the upload is over {MAX_UPLOAD_MB} MB, the limit; nothing was kept."
+    assert not [p for p in server.tmp.rglob("film.dcm")]
+
+
+def test_connections_are_capped_and_a_freed_slot_serves_again(server):
+    async def flood():
+        clients = [legitimate(server) for _ in range(MAX_CONNECTIONS)]
+        for client in clients:
+            await client.__aenter__()
+        try:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                async with legitimate(server):
+                    pass
+        finally:
+            for client in clients:
+                await client.__aexit__(None, None, None)
+        await asyncio.sleep(0.3)
+        async with legitimate(server) as client:
+            await client.hello()
+            title = (await client.state())["trame__title"]
+        return refused.value.status, title
+
+    assert run(flood()) == (503, "InstructX2X")
+
+
+def test_hundreds_of_idle_connections_leave_the_user_served(server):
+    idle = []
+    try:
+        for index in range(300):
+            connection = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            if index % 2:
+                connection.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # a request never finished
+            idle.append(connection)
+
+        async def served():
+            async with legitimate(server) as client:
+                await client.hello()
+                return (await client.state())["trame__title"]
+
+        started = time.monotonic()
+        assert run(served()) == "InstructX2X"
+        assert time.monotonic() - started < 10
+    finally:
+        for connection in idle:
+            connection.close()
