@@ -235,17 +235,23 @@ def test_upload_limits(tmp_path):
 
 
 def test_test_connection_and_send_to_a_real_pacs(panel, tmp_path):
-    """The PACS box: C-ECHO answers or says why not, then C-STORE of the series to Orthanc."""
+    """The PACS box: the server's named targets only; C-ECHO answers or says why not, then
+    C-STORE of the series to Orthanc. An address a client writes opens no connection."""
     import asyncio
+    import socket
 
     from orthanc import OrthancServer
+
+    from InstructX2XModuleLib.web.pacs_targets import PacsTargets
 
     (tmp_path / "orthanc").mkdir()
     orthanc = OrthancServer(tmp_path / "orthanc").start()
     try:
+        panel.pacs_targets = PacsTargets.from_arguments([f"main={orthanc.aet}@127.0.0.1:{orthanc.dicom_port}",
+                                                         f"wrong=WRONG@127.0.0.1:{orthanc.dicom_port}"])
         loaded(panel)
         panel.state.update({"instruction": INSTRUCTION, "steps": 2, "verify": False})
-        panel.state.pacs_target = f"127.0.0.1:{orthanc.dicom_port}:{orthanc.aet}"
+        panel.state.pacs_target = "main"
         asyncio.run(panel.pacs("send"))
         assert panel.state.pacs_message == "Error: apply an edit to a DICOM radiograph first."
         asyncio.run(panel.pacs("echo"))
@@ -254,14 +260,41 @@ def test_test_connection_and_send_to_a_real_pacs(panel, tmp_path):
         poll_until(panel, lambda e: any(x["event"] == "done" for x in e))
         asyncio.run(panel.pacs("send"))
         assert panel.state.pacs_message.startswith("Sent 3 objects") and orthanc.instance_count() == 3
-        panel.state.pacs_target = f"127.0.0.1:{orthanc.dicom_port}:WRONG"
+        panel.state.pacs_target = "wrong"
         asyncio.run(panel.pacs("echo"))
         assert "rejected or not answered" in panel.state.pacs_message
-        panel.state.pacs_target = "no port"
-        asyncio.run(panel.pacs("echo"))
-        assert "HOST:PORT:AET" in panel.state.pacs_message
+        with socket.create_server(("127.0.0.1", 0)) as listener:  # a port a client would like us to reach
+            listener.settimeout(0.5)
+            for typed in (f"127.0.0.1:{listener.getsockname()[1]}:ANY", "ANY@127.0.0.1:104", ""):
+                panel.state.pacs_target = typed
+                asyncio.run(panel.pacs("send"))
+                assert panel.state.pacs_message == "Error: choose one of the PACS this server names."
+            with pytest.raises(TimeoutError):
+                listener.accept()
+        assert orthanc.instance_count() == 3
     finally:
         orthanc.stop()
+
+
+def test_pacs_targets_come_only_from_the_servers_configuration(tmp_path):
+    from instructx2x.errors import ParameterError
+
+    from InstructX2XModuleLib.web.pacs_targets import PacsTargets
+
+    config = tmp_path / "pacs.json"
+    config.write_text('{"archive": "ARCHIVE@pacs.example.org:11112"}')
+    targets = PacsTargets.from_arguments(["research=RESEARCH@[::1]:4242"], str(config))
+    assert targets.names == ["archive", "research"] and targets.default == "archive"
+    assert (targets.get("research").host, targets.get("research").port) == ("::1", 4242)
+    with pytest.raises(ParameterError, match="names no PACS"):
+        PacsTargets({}).get("archive")
+    for entries, message in ((["a=AE@host"], "must read AET@HOST:PORT"), (["a=AE@h:1", "a=AE@h:2"], "given twice"),
+                             (["../x=AE@h:1"], "PACS name"), (["a=THIS_TITLE_IS_TOO_LONG@h:1"], "AET@HOST:PORT")):
+        with pytest.raises(ParameterError, match=message):
+            PacsTargets.from_arguments(entries)
+    config.write_text("[1, 2]")
+    with pytest.raises(ParameterError, match="JSON object"):
+        PacsTargets.from_arguments([], str(config))
 
 
 def test_a_page_on_a_shared_worker_shows_its_place_in_the_queue(tmp_path):
