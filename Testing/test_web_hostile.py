@@ -213,3 +213,53 @@ def test_hundreds_of_idle_connections_leave_the_user_served(server):
     finally:
         for connection in idle:
             connection.close()
+
+
+def test_in_chromium_an_injected_template_never_runs_and_a_foreign_page_gets_no_socket(server, tmp_path):
+    """A second client's template injection, then a fresh tab with the token: the page is the
+    panel's own. A tab without the token sees the refusal only. A page of another origin on this
+    machine (another port: the same site, so the cookie would go with it) opens no websocket."""
+    import http.server
+    import threading
+
+    from dicom_factory import require_tool
+    from playwright.sync_api import sync_playwright
+    from web_driver import CHROMIUM_FLAGS
+
+    async def inject():
+        async with legitimate(server) as client:
+            await client.hello()
+            await client.set_state(trame__template_main='<div id="injected">{{ window.injected = 1 }}</div>')
+
+    run(inject())
+    (tmp_path / "evil.html").write_text(
+        "<script>window.verdict = new Promise(done => {"
+        f" const socket = new WebSocket('ws://127.0.0.1:{server.port}/ws');"
+        " socket.onopen = () => done('open'); socket.onerror = () => done('refused'); });</script>")
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
+    evil = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=evil.serve_forever, daemon=True).start()
+    try:
+        with sync_playwright() as driver:
+            browser = driver.chromium.launch(executable_path=require_tool("chromium", "chromium"), args=CHROMIUM_FLAGS)
+            try:
+                context = browser.new_context(viewport={"width": 1400, "height": 900})
+                page = context.new_page()
+                page.set_default_timeout(60_000)
+                page.goto(server.url)  # the announced address: the panel's controls appear
+                page.get_by_test_id("apply").wait_for()
+                assert page.evaluate("window.injected") is None and page.locator("#injected").count() == 0
+                assert "secret" not in page.url and "token" not in page.url  # trame's client cleared the address
+                page.reload()  # a reload keeps working on the cookie
+                page.get_by_test_id("apply").wait_for()
+                stranger = browser.new_context().new_page()
+                stranger.goto(f"http://127.0.0.1:{server.port}/")
+                assert "needs the address with its token" in stranger.content()
+                foreign = context.new_page()  # the user's own browser, cookie and all
+                foreign.goto(f"http://127.0.0.1:{evil.server_address[1]}/evil.html")
+                assert foreign.evaluate("window.verdict") == "refused"
+            finally:
+                browser.close()
+    finally:
+        evil.shutdown()
+    assert "refused a websocket from a foreign Origin" in server.log.read_text()
