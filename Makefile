@@ -130,9 +130,11 @@ test: $(STAMP) test-eval test-web
 test-eval: $(EVAL_STAMP)
 	$(EVAL_VENV)/bin/python -m pytest -q -m xrv Testing/test_xrv_classifiers.py
 
-# the browser panel, in its own environment: without a browser, then in Debian's chromium
+# the browser panel, in its own environment: without a browser, against hostile clients, then in
+# Debian's chromium
 test-web: $(WEB_STAMP)
-	$(WEB_VENV)/bin/python -m pytest -q -m web Testing/test_web_panel.py Testing/test_web_browser.py
+	$(WEB_VENV)/bin/python -m pytest -q -m web Testing/test_web_access.py Testing/test_web_panel.py \
+		Testing/test_web_hostile.py Testing/test_web_browser.py
 
 # how long `make demo-model`'s pairs and training would take on this CPU, from a sample of a minute or two
 demo-model-estimate: $(STAMP)

@@ -754,7 +754,9 @@ def main(argv: list[str] | None = None) -> int:
         panel.show_model_defaults()
         logger.info("Model %s ready (%s).", ready["model"].get("name"), ready["precision"].get("dtype"))
         panel.ctrl.on_server_ready.add(lambda **_: print(
-            f"InstructX2X web panel: {_announced_address(arguments.host, panel.server.port, token)}", flush=True))
+            f"InstructX2X web panel: {_announced_address(arguments.host, panel.server.port, token)}"
+            + "".join(f"\n  through {origin}: {origin.rstrip('/')}/?token={token}" for origin in arguments.origin),
+            flush=True))
         panel.server.start(host=arguments.host, port=arguments.port, open_browser=False, show_connection_info=False,
                            disable_logging=True, timeout=0)  # timeout 0: no shutdown when the last tab closes
     except WorkerError as error:
