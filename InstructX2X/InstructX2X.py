@@ -27,7 +27,8 @@ from slicer.util import VTKObservationMixin
 
 from InstructX2XModuleLib import scene as mrml
 from InstructX2XModuleLib.session import (MASK_SOURCES, OPERATIONS, PRESETS, SIDES, EditSession, PanelSettings,
-                                          compose_instruction, describe_instruction, instruction_completions)
+                                          compose_instruction, describe_instruction, import_into_dicom_database,
+                                          instruction_completions)
 
 # The bundled demonstration model (trained on synthetic phantoms; its card says so in every
 # manifest). Users point the panel at their own InstructX2X weights in Advanced.
@@ -86,6 +87,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self._observedSegmentation = None
         self.timer = None
 
     def setup(self) -> None:
@@ -93,53 +95,118 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/InstructX2X.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = InstructX2XLogic()
-
+        # the editor's node before its scene, so that what setting the scene selects is kept in
+        # the node (the order Slicer's Segment Editor module uses)
+        self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(mrml.segment_editor_node(slicer.mrmlScene))
+        uiWidget.setMRMLScene(slicer.mrmlScene)
         self.ui.segmentEditorWidget.setMRMLScene(slicer.mrmlScene)
-        editorNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
-        self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(editorNode)
         self._fillHelper()
 
-        self.ui.inputSelector.currentNodeChanged.connect(self.onInputChanged)
-        self.ui.instructionEdit.textChanged.connect(self.onInstructionChanged)
-        self.ui.composeButton.clicked.connect(self.onCompose)
-        self.ui.maskCollapsibleButton.contentsCollapsed.connect(lambda collapsed: self.refreshKeepSegments())
-        self.ui.dicomButton.clicked.connect(lambda: slicer.util.selectModule("DICOM"))
-        self.ui.loadFileButton.clicked.connect(lambda: slicer.util.openAddVolumeDialog())
-        self.ui.previewButton.clicked.connect(self.onPreview)
-        self.ui.applyButton.clicked.connect(self.onApply)
-        self.ui.exportButton.clicked.connect(self.onExport)
-        self.ui.beforeAfterButton.toggled.connect(self.onBeforeAfter)
-        self.ui.differenceButton.toggled.connect(self.logic.showDifference)
-        self.ui.installModelButton.clicked.connect(self.onInstallModel)
-        self.ui.tauSlider.valueChanged.connect(self.onTauChanged)
-        self.ui.opacitySlider.valueChanged.connect(self.logic.setOverlayOpacity)
-        self.ui.modelGuidanceCheckBox.toggled.connect(self.onModelGuidanceToggled)
+        # signals by full signature: PythonQt's choice among overloads (currentNodeChanged has
+        # a vtkMRMLNode* and a bool one) is not defined
+        self.ui.inputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputChanged)
+        self.ui.segmentEditorWidget.connect("segmentationNodeChanged(vtkMRMLSegmentationNode*)",
+                                            self.onSegmentationChanged)
+        self.ui.instructionEdit.connect("textChanged(QString)", self.onInstructionChanged)
+        self.ui.composeButton.connect("clicked(bool)", self.onCompose)
+        self.ui.dicomButton.connect("clicked(bool)", lambda: slicer.util.selectModule("DICOM"))
+        self.ui.loadFileButton.connect("clicked(bool)", lambda: slicer.util.openAddVolumeDialog())
+        self.ui.previewButton.connect("clicked(bool)", self.onPreview)
+        self.ui.applyButton.connect("clicked(bool)", self.onApply)
+        self.ui.exportButton.connect("clicked(bool)", self.onExport)
+        self.ui.beforeAfterButton.connect("toggled(bool)", lambda after: self.showResults())
+        self.ui.differenceButton.connect("toggled(bool)", lambda difference: self.showResults())
+        self.ui.installModelButton.connect("clicked(bool)", self.onInstallModel)
+        self.ui.tauSlider.connect("valueChanged(double)", self.onTauChanged)
+        self.ui.opacitySlider.connect("valueChanged(double)", self.logic.setOverlayOpacity)
+        self.ui.modelGuidanceCheckBox.connect("toggled(bool)", self.onModelGuidanceToggled)
 
         self.timer = qt.QTimer()
         self.timer.setInterval(TIMER_INTERVAL_MS)
         self.timer.connect("timeout()", self.onTimer)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        """The widget goes (application exit, or Reload): observers, timer, GUI binding, worker."""
         self.removeObservers()
         if self.timer is not None:
             self.timer.stop()
+        self.setParameterNode(None)
         if self.logic is not None:
             self.logic.stopWorker()
 
+    def enter(self) -> None:
+        """Each time the module is shown: the parameter node bound to the GUI, the editor on its
+        node with its keyboard shortcuts (as Slicer's Segment Editor module does)."""
+        self.initializeParameterNode()
+        editor = self.ui.segmentEditorWidget
+        editor.setMRMLSegmentEditorNode(mrml.segment_editor_node(slicer.mrmlScene))
+        editor.installKeyboardShortcuts()
+        editor.updateWidgetFromMRML()
+
+    def exit(self) -> None:
+        """Another module is shown: no editor effect left active, its shortcuts and view
+        observations removed (as Slicer's Segment Editor module does), the GUI unbound. A job
+        keeps running; the timer keeps polling it."""
+        editor = self.ui.segmentEditorWidget
+        editor.setActiveEffect(None)
+        editor.uninstallKeyboardShortcuts()
+        editor.removeViewObservations()
+        if self._parameterNode is not None and self._parameterNodeGuiTag is not None:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+
+    def onReload(self) -> None:
+        """Reload the helper package's modules too (Slicer re-reads only this file): the session,
+        which imports the others, last."""
+        import importlib
+        import sys
+
+        names = [name for name in sys.modules if name.startswith("InstructX2XModuleLib.") and name.count(".") == 1]
+        for name in sorted(names, key=lambda name: name.endswith(".session")):
+            importlib.reload(sys.modules[name])
+        ScriptedLoadableModuleWidget.onReload(self)
+
     def onSceneStartClose(self, caller, event) -> None:
-        self._parameterNode = None
+        """The scene is closing: the parameter node and the segmentation go with it (the Logic's
+        session cancels its job and forgets its results on the same event)."""
+        self.setParameterNode(None)
+        self._observeSegmentation(None)
+        editor = self.ui.segmentEditorWidget
+        editor.setActiveEffect(None)
+        editor.setSegmentationNode(None)
+        editor.removeViewObservations()
+
+    def onSceneEndClose(self, caller, event) -> None:
+        """The scene is closed: a new parameter node at once when the module is shown, and the
+        result widgets back to their empty state."""
+        self.ui.beforeAfterButton.checked = True
+        self.ui.differenceButton.checked = False
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = ""
+        self.ui.verificationText.setPlainText("")
+        self.ui.verificationText.setVisible(False)
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+            self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(mrml.segment_editor_node(slicer.mrmlScene))
+            self.ui.segmentEditorWidget.updateWidgetFromMRML()
 
     def initializeParameterNode(self) -> None:
-        self._parameterNode = self.logic.getParameterNode()
-        if self._parameterNodeGuiTag:
+        """The scene's parameter node (a new one when it has none), bound to the GUI."""
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def setParameterNode(self, parameterNode) -> None:
+        """Bind ``parameterNode`` to the GUI (None: unbind), releasing the one bound before."""
+        if self._parameterNode is not None and self._parameterNodeGuiTag is not None:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-        self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-        self.onModelGuidanceToggled(self._parameterNode.modelGuidance)
+        self._parameterNode, self._parameterNodeGuiTag = parameterNode, None
+        if parameterNode is not None:
+            self._parameterNodeGuiTag = parameterNode.connectGui(self.ui)
+            self.onModelGuidanceToggled(parameterNode.modelGuidance)
 
     # -- instruction ----------------------------------------------------------------------
     def _fillHelper(self) -> None:
@@ -172,6 +239,24 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
             editor.setSegmentationNode(segmentation)
         editor.setSourceVolumeNode(volume)
+
+    def onSegmentationChanged(self, segmentation) -> None:
+        """The editor shows another segmentation: offer its segments, and follow them."""
+        self._observeSegmentation(segmentation)
+        self.refreshKeepSegments()
+
+    def _observeSegmentation(self, segmentation) -> None:
+        """Refresh the never-edit list whenever a segment of ``segmentation`` is added, removed
+        or renamed (None: stop following the one followed)."""
+        if self._observedSegmentation is not None:
+            for event in mrml.SEGMENT_EVENTS:
+                self.removeObserver(self._observedSegmentation, event, self.onSegmentsChanged)
+        self._observedSegmentation = segmentation
+        if segmentation is not None:
+            for event in mrml.SEGMENT_EVENTS:
+                self.addObserver(segmentation, event, self.onSegmentsChanged)
+
+    def onSegmentsChanged(self, caller, event) -> None:
         self.refreshKeepSegments()
 
     def onInstructionChanged(self, text: str) -> None:
@@ -184,10 +269,8 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         current = combo.currentData
         combo.clear()
         combo.addItem(_("(none)"), "")
-        if segmentation is not None:
-            for index in range(segmentation.GetSegmentation().GetNumberOfSegments()):
-                segmentId = segmentation.GetSegmentation().GetNthSegmentID(index)
-                combo.addItem(segmentation.GetSegmentation().GetSegment(segmentId).GetName(), segmentId)
+        for name, segmentId in mrml.segment_choices(segmentation):
+            combo.addItem(name, segmentId)
         combo.setCurrentIndex(max(combo.findData(current), 0))
 
     def onPreview(self) -> None:
@@ -208,6 +291,8 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._submit("edit")
 
     def onTauChanged(self, value: float) -> None:
+        """Re-cut the preview at the released slider's value; while the worker is busy the
+        last value waits and is applied when it is idle."""
         if self.logic.hasPreview:
             with slicer.util.tryWithErrorDisplay(_("Re-threshold failed.")):
                 self.logic.rethreshold(value)
@@ -227,18 +312,30 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Export failed."), waitCursor=True):
             self.ui.statusLabel.text = self.logic.exportToDicom(self._parameterNode.pacsTarget)
 
-    def onBeforeAfter(self, after: bool) -> None:
-        self.logic.showBeforeAfter(after)
+    def showResults(self) -> None:
+        """The result in the slice views as the Before / after and Difference buttons say, the
+        guidance overlay at the panel's opacity."""
+        if self._parameterNode is not None:
+            self.logic.showResults(self.ui.beforeAfterButton.checked, self.ui.differenceButton.checked,
+                                   self._parameterNode.overlayOpacity)
 
     def onInstallModel(self) -> None:
         folder = qt.QFileDialog.getExistingDirectory(None, _("Model folder"))
         if folder:
             with slicer.util.tryWithErrorDisplay(_("The model could not be installed."), waitCursor=True):
                 self._parameterNode.model, digest = self.logic.installModel(folder)
-                self.ui.statusLabel.text = _("Model installed; weights SHA-256 {digest}").format(digest=digest)
+                self.ui.statusLabel.text = _("Model installed; folder SHA-256 {digest}").format(digest=digest)
 
     def onTimer(self) -> None:
-        for event in self.logic.poll():
+        events = self.logic.poll()
+        if self.logic.resultArrived(events):
+            # a new result opens on "after", without the difference
+            for button, checked in ((self.ui.beforeAfterButton, True), (self.ui.differenceButton, False)):
+                wasBlocked = button.blockSignals(True)
+                button.checked = checked
+                button.blockSignals(wasBlocked)
+            self.showResults()
+        for event in events:
             kind = event.get("event")
             if kind == "progress":
                 self.ui.progressBar.maximum = event["total"]
@@ -304,7 +401,8 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
 
     @property
     def hasPreview(self) -> bool:
-        return self.session is not None and self.session.has_preview
+        """A preview's guidance is cached in the worker, so tau can re-cut it."""
+        return self.session is not None and self.session.preview_id is not None
 
     @property
     def results(self) -> dict:
@@ -354,35 +452,31 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
             self.session.cancel()
 
     def rethreshold(self, tau: float) -> None:
-        self.session.rethreshold(tau)
+        """Re-cut the preview at ``tau`` now, or when the worker is next idle (the last value
+        asked for while it is busy)."""
+        self.session.request_rethreshold(tau)
 
     def poll(self) -> list[dict]:
-        if self.session is None:
-            return []
-        events = self.session.poll()
-        if any(e.get("event") == "done" and e.get("id") == self.session.current.get("id") for e in events):
-            self.showBeforeAfter(True)
-        return events
+        return self.session.poll() if self.session is not None else []
+
+    def resultArrived(self, events: list[dict]) -> bool:
+        """Whether ``events`` (from ``poll``) brought the current job's result into the scene."""
+        return self.session is not None and bool(self.session.results) and any(
+            e.get("event") == "done" and e.get("id") == self.session.current.get("id") for e in events)
 
     # -- results --------------------------------------------------------------------------
     def setOverlayOpacity(self, opacity: float) -> None:
         slicer.util.setSliceViewerLayers(foregroundOpacity=opacity)
 
-    def showDifference(self, show: bool) -> None:
-        """The difference (edited - input) as background, or back to the counterfactual."""
-        if "difference" in self.results:
-            slicer.util.setSliceViewerLayers(
-                background=self.results["difference"] if show else self.results.get("counterfactual"))
-
-    def showBeforeAfter(self, after: bool) -> None:
-        """Counterfactual (after) or input (before) as background, guidance as foreground,
-        the edit region as a label outline."""
-        if not self.results:
+    def showResults(self, after: bool = True, difference: bool = False, opacity: float = 0.5) -> None:
+        """The counterfactual (``after``), the radiograph or the difference as background, the
+        guidance map as foreground at ``opacity``, the edit region as a label outline."""
+        layers = mrml.result_layers(self.results, self.session.current.get("volume") if self.session else None,
+                                    after, difference, opacity)
+        if layers is None:
             return
-        background = self.results.get("counterfactual") if after else None
-        slicer.util.setSliceViewerLayers(
-            background=background or self.session.current["volume"], foreground=self.results.get("guidance"),
-            label=self.results.get("mask"), foregroundOpacity=0.5)
+        slicer.util.setSliceViewerLayers(background=layers.background, foreground=layers.foreground,
+                                         label=layers.label, foregroundOpacity=layers.foreground_opacity)
         for sliceNode in slicer.util.getNodesByClass("vtkMRMLSliceNode"):
             sliceNode.SetUseLabelOutline(True)
 
@@ -395,8 +489,11 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
                                "series is written for DICOM inputs."))
         from DICOMLib import DICOMUtils
 
-        # copied: the session's temporary folder is removed when the module closes
-        DICOMUtils.importDicom(str(folder), copyFiles=True)
+        database = slicer.dicomDatabase
+        # copied: the session's temporary folder is removed when the module closes; checked:
+        # importDicom returns False on failure instead of raising
+        import_into_dicom_database(folder, database,
+                                   lambda path: DICOMUtils.importDicom(path, database, copyFiles=True))
         message = _("Imported into the DICOM database, same study, marked SYNTHETIC.")
         if pacsTarget.strip():
             from instructx2x.dicom.pacs import CStoreTarget, push_cstore
@@ -522,6 +619,21 @@ class InstructX2XTest(ScriptedLoadableModuleTest):
     def runTest(self) -> None:
         self.setUp()
         self.test_edit_and_export()
+        self.setUp()
+        self.test_close_scene()
+
+    def test_close_scene(self) -> None:
+        """Close Scene with the panel shown: its editor node survives (a singleton), its
+        parameter node is made again, and leaving the module deactivates the editor."""
+        slicer.util.selectModule("InstructX2X")
+        widget = slicer.modules.InstructX2XWidget
+        editorNode = widget.ui.segmentEditorWidget.mrmlSegmentEditorNode()
+        slicer.mrmlScene.Clear(0)
+        self.assertTrue(slicer.mrmlScene.IsNodePresent(editorNode))
+        self.assertIsNotNone(widget._parameterNode)
+        self.assertEqual(widget.ui.keepSegmentCombo.count, 1)  # "(none)" only
+        slicer.util.selectModule("Data")
+        self.assertIsNone(widget.ui.segmentEditorWidget.activeEffect())
 
     def test_edit_and_export(self) -> None:
         import time
@@ -533,7 +645,7 @@ class InstructX2XTest(ScriptedLoadableModuleTest):
         folder = Path(tempfile.mkdtemp(prefix="instructx2x-test-"))
         _writeTestRadiograph(folder / "dx.dcm")
         with DICOMUtils.TemporaryDICOMDatabase() as database:
-            DICOMUtils.importDicom(str(folder), database)
+            self.assertTrue(DICOMUtils.importDicom(str(folder), database))
             volume = slicer.util.getNode(DICOMUtils.loadPatientByUID(database.patients()[0])[0])
             logic = InstructX2XLogic()
             parameters = logic.getParameterNode()
@@ -587,6 +699,7 @@ def _writeTestRadiograph(path: Path) -> None:
     ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.PatientName, ds.PatientID = "Test^Phantom", "PHANTOM-1"
+    ds.SeriesDescription = "SYNTHETIC test radiograph - NOT FOR DIAGNOSIS"
     ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "DX", "CHEST", "PA"
     ds.PatientOrientation = ["L", "F"]
     ds.ImageType, ds.PresentationIntentType = ["ORIGINAL", "PRIMARY"], "FOR PRESENTATION"
@@ -597,4 +710,7 @@ def _writeTestRadiograph(path: Path) -> None:
     ds.WindowCenter, ds.WindowWidth = 2048, 4096
     yy, xx = np.mgrid[0:96, 0:88]
     ds.PixelData = (2048 + 1200 * np.sin(yy / 9) * np.cos(xx / 7)).astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        ds.save_as(path, enforce_file_format=True)
+    else:  # pydicom 2.4, bundled with Slicer 5.6 to 5.10, names it write_like_original=False
+        ds.save_as(path, write_like_original=False)

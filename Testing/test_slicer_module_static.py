@@ -79,3 +79,31 @@ def test_ui_file_is_a_slicer_module_panel():
     assert kinds["segmentEditorWidget"] == "qMRMLSegmentEditorWidget"
     assert kinds["inputSelector"] == "qMRMLNodeComboBox" and kinds["tauSlider"] == "ctkSliderWidget"
     assert "NOT FOR DIAGNOSIS" in ElementTree.tostring(root, encoding="unicode")
+
+
+def ui_property(widget: str, name: str) -> str | None:
+    """The text of a widget's property in the .ui (None when unset)."""
+    element = next(w for w in UI.iter("widget") if w.get("name") == widget)
+    prop = next((p for p in element.findall("property") if p.get("name") == name), None)
+    return None if prop is None else "".join(prop.itertext()).strip()
+
+
+def test_tau_is_applied_when_the_slider_is_released_not_while_dragged():
+    """With tracking on, every step of a drag sends a re-threshold to the worker."""
+    assert ui_property("tauSlider", "tracking") == "false"
+
+
+def test_the_before_after_button_starts_on_after():
+    """A result opens on the counterfactual ("after"); the button shows it pressed."""
+    assert ui_property("beforeAfterButton", "checkable") == "true"
+    assert ui_property("beforeAfterButton", "checked") == "true"
+
+
+def test_the_extension_icon_url_names_the_modules_icon_in_this_repository():
+    top = (MODULE.parent / "CMakeLists.txt").read_text()
+    homepage = re.search(r'EXTENSION_HOMEPAGE "https://github.com/([^/"]+/[^/"]+)"', top).group(1)
+    url = re.search(r'EXTENSION_ICONURL "([^"]+)"', top).group(1)
+    match = re.fullmatch(r"https://raw\.githubusercontent\.com/([^/]+/[^/]+)/main/(.+\.png)", url)
+    assert match and match.group(1) == homepage, url
+    assert (MODULE.parent / match.group(2)).is_file(), match.group(2)
+    assert (MODULE.parent / match.group(2)).resolve() == (MODULE / "Resources" / "Icons" / "InstructX2X.png").resolve()

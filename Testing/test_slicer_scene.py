@@ -124,3 +124,101 @@ def test_a_volume_loaded_from_dicom_sends_its_file(mrml, tmp_path):
     job = layer.build_job(source, "edit", {"instruction": "Add edema"}, tmp_path / "job",
                           dicom_file_for={"1.2.3.4": str(original)}.get)
     assert job["input"] == str(original) and not (tmp_path / "job" / "input.png").exists()
+
+
+def test_the_editor_node_is_a_singleton_that_closing_the_scene_keeps(mrml):
+    editor = layer.segment_editor_node(mrml)
+    assert layer.segment_editor_node(mrml) is editor  # found again, not added twice
+    assert mrml.GetNodesByClass("vtkMRMLSegmentEditorNode").GetNumberOfItems() == 1
+    source = layer.array_to_volume(mrml, film(), "chest")
+    editor.SetAndObserveSourceVolumeNode(source)
+    mrml.Clear(0)
+    assert mrml.IsNodePresent(editor) and layer.segment_editor_node(mrml) is editor
+    assert editor.GetSourceVolumeNode() is None  # reset with the scene, kept as a node
+    assert mrml.GetNodesByClass("vtkMRMLSegmentEditorNode").GetNumberOfItems() == 1
+
+
+def test_the_segment_events_follow_additions_renames_and_removals(mrml):
+    """The never-edit list is rebuilt on these events; each change of the list fires one."""
+    segmentation = mrml.AddNewNodeByClass("vtkMRMLSegmentationNode", "masks")
+    fired = []
+    for event in layer.SEGMENT_EVENTS:
+        segmentation.AddObserver(event, lambda caller, name: fired.append(layer.segment_choices(caller)))
+    assert layer.segment_choices(None) == [] and layer.segment_choices(segmentation) == []
+    first = segmentation.GetSegmentation().AddEmptySegment("", "edit")
+    second = segmentation.GetSegmentation().AddEmptySegment("", "keep")
+    segmentation.GetSegmentation().GetSegment(second).SetName("never edit")
+    segmentation.GetSegmentation().RemoveSegment(first)
+    assert fired[0] == [("edit", first)]
+    assert fired[1] == [("edit", first), ("keep", second)]
+    assert [("edit", first), ("never edit", second)] in fired
+    assert fired[-1] == [("never edit", second)]
+
+
+def test_result_layers_show_the_chosen_view_at_the_panels_opacity(mrml):
+    source = layer.array_to_volume(mrml, film(), "chest")
+    before = layer.volume_to_array(source)
+    nodes = layer.import_result(mrml, source, before + 3, np.full(before.shape, 0.4, np.float32),
+                                np.ones(before.shape, bool), "edit 1")
+    after = layer.result_layers(nodes, source, after=True, difference=False, opacity=0.8)
+    assert (after.background, after.foreground, after.label) == (nodes["counterfactual"], nodes["guidance"],
+                                                                 nodes["mask"])
+    assert after.foreground_opacity == 0.8
+    assert layer.result_layers(nodes, source, after=False, opacity=0.25).background is source
+    assert layer.result_layers(nodes, source, after=False, opacity=0.25).foreground_opacity == 0.25
+    assert layer.result_layers(nodes, source, difference=True).background is nodes["difference"]
+    preview = {key: nodes[key] for key in ("guidance", "mask")}  # a preview edits nothing
+    assert layer.result_layers(preview, source, after=True, difference=True).background is source
+    assert layer.result_layers({}, source) is None
+    with pytest.raises(ValueError, match="opacity must be within"):
+        layer.result_layers(nodes, source, opacity=1.5)
+
+
+def test_closing_the_scene_ends_the_edit_state_and_the_next_film_edits():
+    """A film, a preview and a running edit; the scene closes (Slicer's Close Scene is
+    scene.Clear(0)); then a new film is edited by the same warm worker (untrained-tiny)."""
+    from InstructX2XModuleLib.session import MASK_SOURCES, EditSession, PanelSettings
+    from workers import poll_until
+
+    scene = slicer.vtkMRMLScene()
+    layer.prepare_scene(scene)
+    editor = layer.segment_editor_node(scene)
+    session = EditSession(scene)
+    settings = dict(instruction="Add the finding of left pleural effusion", model="untrained-tiny", device="cpu",
+                    scheduler="dpm++", precision="fp32", verify=False)
+    try:
+        first = layer.array_to_volume(scene, film(72, 64).astype(np.float32), "first")
+        segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "masks")
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(first)
+        segmentation.GetSegmentation().AddEmptySegment("edit")
+        editor.SetAndObserveSegmentationNode(segmentation)
+        session.submit("preview", first, PanelSettings(**settings, steps=2))
+        poll_until(session, lambda e: any(x["event"] == "done" for x in e))
+        assert session.preview_id is not None and session.results
+        session.submit("edit", first, PanelSettings(**settings, steps=400))
+        poll_until(session, lambda e: any(x["event"] == "progress" for x in e))
+        worker = session.worker.process.pid
+
+        scene.Clear(0)
+        assert session.results == {} and session.preview_id is None and session.queue == []
+        with pytest.raises(layer.SceneError, match="preview the guidance first"):
+            session.request_rethreshold(0.5)
+        events = poll_until(session, lambda e: any(x["event"] == "cancelled" for x in e))
+        assert not any(x["event"] == "done" for x in events) and session.results == {}
+        assert scene.GetNodesByClass("vtkMRMLScalarVolumeNode").GetNumberOfItems() == 0
+        assert layer.segment_editor_node(scene) is editor and editor.GetSegmentationNode() is None
+
+        second = layer.array_to_volume(scene, film(72, 64).astype(np.float32) + 100, "second")
+        mask = np.zeros((72, 64), bool)
+        mask[30:60, 34:60] = True
+        session.submit("edit", second, PanelSettings(**settings, steps=2, mask_source=MASK_SOURCES[1]),
+                       edit_mask=mask)
+        poll_until(session, lambda e: any(x["event"] == "done" for x in e))
+        assert session.worker.process.pid == worker  # the model stayed loaded
+        edited = layer.volume_to_array(session.results["counterfactual"])
+        assert scene.IsNodePresent(session.results["counterfactual"])
+        assert np.array_equal(edited[~mask], layer.volume_to_array(second)[~mask])
+    finally:
+        session.stop()
+    scene.Clear(0)  # the stopped session no longer watches the scene
+    assert session.results  # kept: nothing ran on the close

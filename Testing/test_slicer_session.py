@@ -11,8 +11,8 @@ from workers import poll_until, shared_worker
 
 from InstructX2XModuleLib.worker import WorkerError
 
-from InstructX2XModuleLib.session import (MASK_SOURCES, PRESETS, EditSession, PanelSettings,
-                                          compose_instruction, describe_instruction)
+from InstructX2XModuleLib.session import (MASK_SOURCES, PRESETS, DicomImportError, EditSession, PanelSettings,
+                                          compose_instruction, describe_instruction, import_into_dicom_database)
 
 
 @pytest.fixture
@@ -181,3 +181,91 @@ def test_two_panels_share_one_warm_worker_and_the_second_waits_its_turn(tmp_path
         for session in sessions:
             session.stop()  # hangs up; the shared worker serves on
         assert server.poll() is None
+
+
+def test_the_paper_preset_loads_ddim_whatever_the_device(session):
+    """"paper (DDIM 100 steps)": on a CPU, where "auto" means DPM-Solver++, the worker still
+    samples with DDIM (its default step count says which sampler it loaded: DDIM's 100, a
+    few-step solver's 3)."""
+    paper = settings(preset=PRESETS[1], scheduler="auto", steps=0)
+    assert paper.sampler() == "ddim" and paper.edit_parameters()["num_inference_steps"] == 100
+    assert settings(scheduler="unipc").sampler() == "unipc"  # the fast preset keeps the choice
+    session.start_worker(paper)
+    assert session.model_defaults["num_inference_steps"] == 100
+
+
+def test_a_tau_asked_for_while_busy_waits_and_the_last_one_is_applied(session):
+    """A slider dragged while the worker re-cuts: the values in between are dropped, the
+    last is applied once the worker is idle."""
+    volume = radiograph(session.scene)
+    with pytest.raises(layer.SceneError, match="preview the guidance first"):
+        session.request_rethreshold(0.3)
+    session.submit("preview", volume, settings())
+    poll_until(session, lambda e: any(x["event"] == "done" for x in e))
+    assert session.request_rethreshold(0.2) is True  # sent: the worker is busy with it
+    assert session.request_rethreshold(0.5) is False and session.request_rethreshold(0.9) is False
+    assert session.pending_tau == 0.9
+    events = poll_until(session, lambda e: sum(x["event"] == "done" for x in e) == 2 and not session.busy)
+    assert [e["tau"] for e in events if e["event"] == "done"] == [0.2, 0.9]
+    assert session.pending_tau is None and "tau 0.9" in session.result_text
+
+
+def written_series(folder):
+    """Two DICOM files (the phantom and a copy with its own SOP instance UID)."""
+    import pydicom
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parents[1] / "Resources" / "Samples" / "phantom_pa.dcm"
+    folder.mkdir()
+    dataset = pydicom.dcmread(sample)
+    dataset.save_as(folder / "a.dcm")
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    dataset.save_as(folder / "b.dcm")
+    return [str(pydicom.dcmread(folder / name).SOPInstanceUID) for name in ("a.dcm", "b.dcm")]
+
+
+class IndexingDatabase:
+    """Stands in for Slicer's ctkDICOMDatabase (which needs the Slicer application): what an
+    importer indexed, found by SOP instance UID as ``fileForInstance`` does."""
+
+    def __init__(self):
+        self.files = {}
+
+    def fileForInstance(self, uid):
+        return self.files.get(uid, "")
+
+
+def test_an_export_into_the_dicom_database_is_checked(tmp_path):
+    """DICOMUtils.importDicom returns False on any failure: that, and a series missing from the
+    database afterwards, are errors, never a reported success."""
+    import pydicom
+
+    uids = written_series(tmp_path / "series")
+    database = IndexingDatabase()
+
+    def importer(indexed: bool, result: bool):
+        calls = []
+
+        def import_dicom(folder):
+            calls.append(folder)
+            if indexed:
+                for path in sorted((tmp_path / "series").glob("*.dcm")):
+                    database.files[str(pydicom.dcmread(path).SOPInstanceUID)] = str(path)
+            return result
+        return import_dicom, calls
+
+    failing, calls = importer(indexed=False, result=False)
+    with pytest.raises(DicomImportError, match="did not take the series"):
+        import_into_dicom_database(tmp_path / "series", database, failing)
+    assert calls == [str(tmp_path / "series")]
+    silent, _ = importer(indexed=False, result=True)
+    with pytest.raises(DicomImportError, match="a.dcm, b.dcm not in the DICOM database"):
+        import_into_dicom_database(tmp_path / "series", database, silent)
+    unused, calls = importer(indexed=True, result=True)
+    with pytest.raises(DicomImportError, match="Slicer has no DICOM database"):
+        import_into_dicom_database(tmp_path / "series", None, unused)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DicomImportError, match="empty holds no DICOM file"):
+        import_into_dicom_database(tmp_path / "empty", database, unused)
+    assert calls == []  # refused before anything was imported
+    assert import_into_dicom_database(tmp_path / "series", database, unused) == uids

@@ -8,6 +8,7 @@ single-slice scalar volume; numpy arrays here are ``(rows, columns)``, the volum
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable
 
@@ -17,12 +18,19 @@ import vtk
 from vtk.util import numpy_support
 
 __all__ = ["SceneError", "prepare_scene", "volume_to_array", "array_to_volume", "segment_to_mask",
-           "import_result", "build_job", "png_domain", "PA_DIRECTIONS"]
+           "import_result", "build_job", "png_domain", "PA_DIRECTIONS", "EDITOR_SINGLETON_TAG",
+           "segment_editor_node", "SEGMENT_EVENTS", "segment_choices", "SliceLayers", "result_layers"]
 
 # A PA film read from PNG has no geometry: show it as Slicer shows a DICOM CR (IJK-to-RAS
 # directions diag(-1, -1, 1), patient's left on the image's right).
 PA_DIRECTIONS = ((-1.0, 0.0, 0.0), (0.0, -1.0, 0.0), (0.0, 0.0, 1.0))
 GUIDANCE_OPAQUE_AT = 0.3  # guidance (in [0, 1]) from which the overlay colour is fully opaque
+# The panel's own Segment Editor parameter node: a singleton, so that closing the scene keeps
+# it (Slicer's Segment Editor module keeps its node, tagged "SegmentEditor", the same way).
+EDITOR_SINGLETON_TAG = "InstructX2X"
+# Segmentation node events after which the list of segments differs (added, removed, renamed)
+SEGMENT_EVENTS = (slicer.vtkSegmentation.SegmentAdded, slicer.vtkSegmentation.SegmentRemoved,
+                  slicer.vtkSegmentation.SegmentModified)
 
 
 class SceneError(ValueError):
@@ -52,6 +60,28 @@ def prepare_scene(scene) -> None:
 
 
 _LOGICS: dict = {}
+
+
+def segment_editor_node(scene):
+    """The panel's Segment Editor parameter node in ``scene``: the one tagged
+    ``EDITOR_SINGLETON_TAG``, added when there is none. A scene ``Clear`` keeps it (reset to
+    its defaults), so the panel's editor never loses its node when the scene is closed."""
+    node = scene.GetSingletonNode(EDITOR_SINGLETON_TAG, "vtkMRMLSegmentEditorNode")
+    if node is None:
+        node = slicer.vtkMRMLSegmentEditorNode()
+        node.SetSingletonTag(EDITOR_SINGLETON_TAG)
+        node = scene.AddNode(node)
+    return node
+
+
+def segment_choices(segmentation) -> list[tuple[str, str]]:
+    """``(name, segment ID)`` of every segment of a segmentation node, in its order (none
+    for no node): what the panel offers as the region never to edit."""
+    if segmentation is None:
+        return []
+    segments = segmentation.GetSegmentation()
+    return [(segments.GetSegment(segment_id).GetName(), segment_id)
+            for segment_id in (segments.GetNthSegmentID(index) for index in range(segments.GetNumberOfSegments()))]
 
 
 def volume_to_array(volume) -> np.ndarray:
@@ -169,6 +199,54 @@ def import_result(scene, volume, edited: np.ndarray, guidance: np.ndarray, edit_
     difference_node.GetDisplayNode().SetWindowLevelMinMax(-spread, spread)  # 0 = mid-gray
     return {"counterfactual": counterfactual, "guidance": guidance_node, "mask": mask_node,
             "difference": difference_node}
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceLayers:
+    """What the slice views show of a result: background, foreground (the guidance map, at
+    ``foreground_opacity``) and label (the edit region) volume nodes."""
+
+    background: object
+    foreground: object
+    label: object
+    foreground_opacity: float
+
+
+def result_layers(results: dict, volume, after: bool = True, difference: bool = False,
+                  opacity: float = 0.5) -> SliceLayers | None:
+    """The slice layers for ``results`` (``import_result``'s nodes; a preview has no
+    counterfactual) over the radiograph ``volume``.
+
+    Parameters
+    ----------
+    results: dict
+        The result's nodes by kind; empty when there is no result (then None is returned).
+    volume: vtkMRMLScalarVolumeNode
+        The radiograph the result was made from (the "before" view).
+    after: bool
+        The counterfactual as background (else the radiograph).
+    difference: bool
+        The difference (edited - input) as background, where the result has one.
+    opacity: float
+        The guidance overlay's opacity, in [0, 1] (the panel's setting).
+
+    Raises
+    ------
+    ValueError
+        When ``opacity`` is outside [0, 1].
+    """
+    if not 0.0 <= opacity <= 1.0:
+        raise ValueError(f"opacity must be within [0, 1], got {opacity}.")
+    if not results:
+        return None
+    if difference and "difference" in results:
+        background = results["difference"]
+    elif after and "counterfactual" in results:
+        background = results["counterfactual"]
+    else:
+        background = volume
+    return SliceLayers(background=background, foreground=results.get("guidance"), label=results.get("mask"),
+                       foreground_opacity=float(opacity))
 
 
 def png_domain(pixels: np.ndarray) -> tuple[float, float]:

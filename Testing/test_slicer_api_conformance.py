@@ -1,0 +1,170 @@
+"""The Slicer module against the API of every supported Slicer release (no Slicer needed).
+
+The manifests in ``Testing/slicer_api`` are read from Slicer's, CTK's and SlicerPyTorch's own
+sources by ``scripts/slicer_api_manifest.py``; ``slicer_api_check`` reads the module with
+``ast`` and its .ui with ``xml.etree`` and lists what a release lacks.
+"""
+
+import ast
+import importlib.util
+import json
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import pytest
+
+import slicer_api_check as conformance
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE = ROOT / "InstructX2X" / "InstructX2X.py"
+UI_FILE = ROOT / "InstructX2X" / "Resources" / "UI" / "InstructX2X.ui"
+PARAMETERS = "InstructX2XParameterNode"
+
+
+def source() -> str:
+    return MODULE.read_text()
+
+
+def ui(text: str | None = None) -> ElementTree.ElementTree:
+    if text is None:
+        return ElementTree.parse(UI_FILE)
+    return ElementTree.ElementTree(ElementTree.fromstring(text))
+
+
+@pytest.fixture(scope="module")
+def apis() -> dict:
+    return {tag: conformance.Api.load(tag) for tag in conformance.SUPPORTED_TAGS}
+
+
+def test_a_manifest_for_each_supported_release_read_at_that_release():
+    spec = importlib.util.spec_from_file_location("slicer_api_manifest", ROOT / "scripts" / "slicer_api_manifest.py")
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    assert generator.SUPPORTED_TAGS == conformance.SUPPORTED_TAGS
+    on_disk = sorted(p.name for p in conformance.API_DIR.glob("slicer-*.json"))
+    assert on_disk == sorted(f"slicer-{tag}.json" for tag in conformance.SUPPORTED_TAGS)
+    ui_classes = {w.get("class") for w in ui().iter("widget")}
+    for tag in conformance.SUPPORTED_TAGS:
+        manifest = json.loads((conformance.API_DIR / f"slicer-{tag}.json").read_text())
+        assert manifest["slicer"]["tag"] == tag and len(manifest["slicer"]["commit"]) == 40
+        assert len(manifest["ctk"]["commit"]) == 40
+        # every .ui class is known: Slicer/CTK ones from the headers, the rest from the Qt list
+        api = conformance.Api.load(tag)
+        assert all(api.chain(name) is not None for name in ui_classes), tag
+        assert {name for name in ui_classes if name.startswith(("qMRML", "ctk"))} <= set(manifest["widgets"])
+
+
+@pytest.mark.parametrize("tag", conformance.SUPPORTED_TAGS)
+def test_the_module_and_its_ui_use_only_what_the_release_has(apis, tag):
+    assert conformance.check(source(), ui(), apis[tag], PARAMETERS) == []
+
+
+def test_the_widget_defines_the_lifecycle_slicer_calls(apis):
+    tree = ast.parse(source())
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "InstructX2XWidget")
+    defined = {n.name for n in widget.body if isinstance(n, ast.FunctionDef)}
+    assert set(conformance.LIFECYCLE_HOOKS) <= defined
+    for api in apis.values():  # each is a C++ hook or a base-class method in every release
+        base, _ = api.class_members("slicer.ScriptedLoadableModule", "ScriptedLoadableModuleWidget")
+        assert set(conformance.LIFECYCLE_HOOKS) <= api.hooks("ScriptedLoadableModuleWidget") | set(base)
+
+
+# Each row breaks one use, in a copy of the source or the .ui, and names the problem the
+# check must report against the oldest supported release: the check is shown to fail where
+# the module would fail in Slicer.
+OLDEST = conformance.SUPPORTED_TAGS[0]
+SOURCE_BREAKS = [
+    ("waitCursor=True", "waitcursor=True", "slicer.util.tryWithErrorDisplay: no parameter 'waitcursor'"),
+    ("slicer.util.setSliceViewerLayers(", "slicer.util.setSliceViewerLayer(",
+     "slicer.util.setSliceViewerLayer does not exist"),
+    ("copyFiles=True", "copy_files=True", "DICOMLib.DICOMUtils.importDicom: no parameter 'copy_files'"),
+    ('slicer.util.selectModule("DICOM")', "slicer.util.selectModule()",
+     "slicer.util.selectModule: required parameter 'module' not given"),
+    ('"currentNodeChanged(vtkMRMLNode*)"', '"currentNodeChanged(vtkMRMLScalarVolumeNode*)"',
+     "qMRMLNodeComboBox has no signal currentNodeChanged(vtkMRMLScalarVolumeNode*)"),
+    ('self.ui.inputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputChanged)',
+     "self.ui.inputSelector.currentNodeChanged.connect(self.onInputChanged)",
+     "qMRMLNodeComboBox.currentNodeChanged has overloads"),
+    ("editor.removeViewObservations()", "editor.removeViewObservers()",
+     "qMRMLSegmentEditorWidget.removeViewObservers() is no slot"),
+    ("self.ui.progressBar.value = 0", "self.ui.progressBar.text = 0", "QProgressBar.text is no writable property"),
+    ("super().getParameterNode()", "super().parameterNode()", "super().parameterNode does not exist"),
+    ("self.resourcePath(", "self.resourcesPath(", "self.resourcesPath is defined neither"),
+]
+
+
+@pytest.mark.parametrize("old,new,reported", SOURCE_BREAKS)
+def test_a_broken_call_signal_or_member_is_reported(apis, old, new, reported):
+    text = source()
+    assert old in text, f"the module no longer contains {old!r}: update the row"
+    problems = conformance.check(text.replace(old, new, 1), ui(), apis[OLDEST], PARAMETERS)
+    assert any(reported in p for p in problems), problems
+
+
+UI_BREAKS = [
+    ('<property name="tracking">', '<property name="trackng">', "ctkSliderWidget has no writable property trackng"),
+    ('<property name="segmentationNodeSelectorVisible">', '<property name="segmentationSelectorVisible">',
+     "qMRMLSegmentEditorWidget has no writable property segmentationSelectorVisible"),
+    ("<slot>setMRMLScene(vtkMRMLScene*)</slot>", "<slot>setScene(vtkMRMLScene*)</slot>",
+     "qMRMLNodeComboBox has no slot setScene(vtkMRMLScene*)"),
+    ('<widget class="QLineEdit" name="modelEdit">', '<widget class="QPlainTextEdit" name="modelEdit">',
+     "no GUI connector binds a QPlainTextEdit to str (model)"),
+]
+
+
+@pytest.mark.parametrize("old,new,reported", UI_BREAKS)
+def test_a_broken_ui_property_connection_or_binding_is_reported(apis, old, new, reported):
+    text = UI_FILE.read_text()
+    assert old in text, f"the .ui no longer contains {old!r}: update the row"
+    problems = conformance.check(source(), ui(text.replace(old, new, 1)), apis[OLDEST], PARAMETERS)
+    assert any(reported in p for p in problems), problems
+
+
+def test_a_combo_bound_to_a_string_needs_its_choices(apis):
+    """The parameterNodeWrapper binds a QComboBox to a str only with a Choice annotation."""
+    text = source().replace("preset: Annotated[str, Choice(list(PRESETS))] = PRESETS[0]", 'preset: str = ""')
+    assert text != source()
+    problems = conformance.check(text, ui(), apis["v5.10.0"], PARAMETERS)
+    assert any("needs the ['Choice'] annotation on preset" in p for p in problems), problems
+
+
+# Installing dependencies the way Slicer extensions do (PyTorchUtils for torch, slicer.packaging
+# where the release has it): the module's install path may take another way, so the check is
+# shown on this fixture.
+INSTALLER = '''
+import slicer
+
+
+def install(requirements):
+    import PyTorchUtils
+
+    PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False)
+    if hasattr(slicer, "packaging"):
+        slicer.packaging.pip_ensure(slicer.packaging.load_requirements(requirements), skip_packages=["torch"])
+    else:
+        slicer.util.pip_install(["-r", requirements])
+'''
+
+
+def installer_problems(api, text: str = INSTALLER) -> list[str]:
+    return conformance.SourceChecker(text, ui(), api).run()
+
+
+def test_pytorchutils_and_slicer_packaging_calls_are_checked(apis):
+    assert all(installer_problems(api) == [] for api in apis.values())
+    assert any("PyTorchUtils.PyTorchUtilsLogic.installTorch: no parameter 'confirm'" in p
+               for p in installer_problems(apis[OLDEST], INSTALLER.replace("askConfirmation=", "confirm=")))
+    unguarded = INSTALLER.replace('if hasattr(slicer, "packaging"):', "if True:")
+    assert any("slicer.packaging does not exist in Slicer v5.6.2" in p for p in installer_problems(apis[OLDEST], unguarded))
+
+
+def test_slicer_packaging_counts_only_where_the_release_has_it(apis):
+    """Calls under ``hasattr(slicer, "packaging")`` are checked against the releases that have
+    it (and the ``else`` against the others): a wrong keyword there is reported for 5.12 only."""
+    broken = INSTALLER.replace('skip_packages=["torch"]', 'skip=["torch"]')
+    reported = {tag: installer_problems(api, broken) for tag, api in apis.items()}
+    assert [tag for tag, problems in reported.items() if any("no parameter 'skip'" in p for p in problems)] \
+        == ["v5.12.3"]
+    broken_else = INSTALLER.replace('slicer.util.pip_install(["-r", requirements])', "slicer.util.pip_install()")
+    reported = {tag: installer_problems(api, broken_else) for tag, api in apis.items()}
+    assert [tag for tag, problems in reported.items() if problems] == ["v5.6.2", "v5.8.1", "v5.10.0"]
