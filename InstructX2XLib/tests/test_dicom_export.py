@@ -70,7 +70,8 @@ def test_series_is_synthetic_in_the_same_study_with_provenance(real_cr_export):
         assert ds.ConversionType == "SYN" and list(ds.ImageType) == ["DERIVED", "SECONDARY"]
         assert ds.SeriesDescription.startswith(SERIES_DESCRIPTION) and "NOT FOR DIAGNOSIS" in ds.ImageComments
         assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
-        assert ds.BurnedInAnnotation == "NO" and ds.BodyPartExamined == "CHEST"
+        assert "BurnedInAnnotation" not in source and ds.BurnedInAnnotation == "YES"  # unknown: YES
+        assert ds.BodyPartExamined == "CHEST"
         assert "left pleural effusion" in ds.DerivationDescription
     assert overlay.PhotometricInterpretation == "RGB" and overlay.SamplesPerPixel == 3
     assert seg.Modality == "SEG" and np.array_equal(seg.pixel_array.astype(bool), result.edit_mask)

@@ -16,10 +16,10 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it; imported on first attribute access
 _LAZY = {
-    "EditParameters": "editor", "EditResult": "editor", "InstructX2XEditor": "editor",
+    "EditParameters": "parameters", "RegionMode": "parameters",
+    "EditResult": "editor", "InstructX2XEditor": "editor",
     "DicomReadError": "dicom.read", "read_dicom": "dicom.read",
     "export_dicom_edit": "dicom.export", "read_provenance": "provenance",
-    "RegionMode": "guidance",
     "Radiograph": "image_io", "read_image": "image_io",
     "ParsedInstruction": "instructions", "parse_instruction": "instructions",
     "ModelInfo": "loading", "load_pipeline": "loading",

@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--verify", nargs="?", const="auto", metavar="SET", help=(
         "check the edit with classifiers and write verification.json/.txt: auto (default; the "
         "set that fits the input), cohort-v2, torchxrayvision or a folder"))
+    job.add_argument("--include-demographics", action="store_true", help=(
+        "with --verify: also write the classifiers' age, sex and race estimates (model "
+        "estimates, not recorded patient data) into verification.json/.txt"))
     job.add_argument("--progress", default="bar", choices=["bar", "jsonl", "none"])
     dicom = job.add_argument_group("DICOM")
     dicom.add_argument("--voi", default="first",
@@ -244,7 +247,8 @@ def _job(args: argparse.Namespace, source: Path, instruction: str) -> EditJob:
                    voi=int(args.voi) if args.voi.isdigit() else args.voi,
                    allow_non_chest=args.allow_non_chest, feather_px=args.feather,
                    push_cstore=args.push_cstore, push_stow=args.push_stow,
-                   reference_mask=args.reference_mask, verify=args.verify)
+                   reference_mask=args.reference_mask, verify=args.verify,
+                   include_demographics=args.include_demographics)
 
 
 def _fail(emit, error: Exception, code: int) -> int:

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import InputError, InputNotFoundError
+from .provenance import source_label
 
 __all__ = ["Radiograph", "ImageReadError", "register_reader", "read_image", "read_mask",
            "is_dicom_file", "looks_like_dicom", "MAX_PIXELS"]
@@ -60,9 +61,10 @@ class Radiograph:
     metadata: dict = dataclasses.field(default_factory=dict)
 
     def identity(self) -> dict:
-        """What manifests record about the input (no pixel data, no patient data)."""
+        """What manifests record about the input (no pixel data, no patient data): a label
+        from its hash (``provenance.source_label``), never its file name."""
         rows, columns = self.pixels.shape
-        return {"source": self.source, "sha256": self.sha256, "format": self.format,
+        return {"label": source_label(self.sha256), "sha256": self.sha256, "format": self.format,
                 "rows": rows, "columns": columns, "bits": self.bits,
                 "transforms": list(self.transforms)}
 

@@ -57,6 +57,10 @@ class EditJob:
         Check the edit with a classifier set (``verification.verify_edit``) and write
         ``verification.json`` and ``verification.txt``: ``auto`` (the set that fits each input,
         ``verification.choose_classifiers``), ``cohort-v2``, ``torchxrayvision`` or a folder.
+    include_demographics: bool
+        Also write the classifiers' age, sex and race estimates into the verification report,
+        labelled as model estimates (needs ``verify``). Off: the report names which estimates
+        moved, without their values.
     """
 
     command: str
@@ -72,6 +76,7 @@ class EditJob:
     push_stow: str | None = None
     reference_mask: Path | None = None
     verify: str | None = None
+    include_demographics: bool = False
 
     def __post_init__(self) -> None:
         if self.command not in COMMANDS:
@@ -84,6 +89,11 @@ class EditJob:
             raise ParameterError("pushing to a PACS needs the edit command.")
         if self.verify is not None and self.command != "edit":
             raise ParameterError("verification needs the edit command (a preview has no edited image).")
+        if not isinstance(self.include_demographics, bool):
+            raise ParameterError(f"include_demographics must be true or false, got {self.include_demographics!r}.")
+        if self.include_demographics and self.verify is None:
+            raise ParameterError("include_demographics needs verify: only the verification report has "
+                                 "age, sex and race estimates.")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EditJob":
@@ -296,7 +306,8 @@ def write_into(folder: Path, prepared: PreparedJob, results: list, float_maps: b
         if result.edited is not None:
             names += [write_figure(target, image, result, prepared.reference_mask).name]
         if prepared.verifiers is not None and result.edited is not None:
-            names += [p.name for p in write_verification(target, image, result, *prepared.verifiers[index])]
+            names += [p.name for p in write_verification(target, image, result, *prepared.verifiers[index],
+                                                         include_demographics=prepared.job.include_demographics)]
         if float_maps:
             names += [p.name for p in write_float_maps(target, image, result)]
         written += [str((target / n).relative_to(folder)) for n in names]

@@ -165,14 +165,16 @@ def write_figure(directory: Path, image: Radiograph, result: EditResult,
 
 
 def write_verification(directory: Path, image: Radiograph, result: EditResult, classifiers,
-                       chosen_because: str) -> list[Path]:
-    """``verification.json`` and its readable ``verification.txt`` (``verification.verify_edit``)."""
+                       chosen_because: str, include_demographics: bool = False) -> list[Path]:
+    """``verification.json`` and its readable ``verification.txt`` (``verification.verify_edit``);
+    the classifiers' age, sex and race estimates only with ``include_demographics``, labelled
+    as model estimates."""
     from .verification import verify_edit
 
     report = verify_edit(image.pixels, result.edited, result.edit_mask,
                          result.manifest["instruction"]["text"], classifiers, chosen_because=chosen_because)
-    (directory / "verification.json").write_text(to_json(report.to_dict()) + "\n")
-    (directory / "verification.txt").write_text(report.summary())
+    (directory / "verification.json").write_text(to_json(report.to_dict(include_demographics)) + "\n")
+    (directory / "verification.txt").write_text(report.summary(include_demographics))
     return [directory / "verification.json", directory / "verification.txt"]
 
 

@@ -12,11 +12,36 @@ from typing import Any
 
 from .errors import InputError
 
-__all__ = ["to_json", "read_provenance", "PRIVATE_CREATOR", "PRIVATE_GROUP", "PROVENANCE_ELEMENT"]
+__all__ = ["to_json", "read_provenance", "source_label", "PRIVATE_CREATOR", "PRIVATE_GROUP",
+           "PROVENANCE_ELEMENT"]
 
 PRIVATE_CREATOR = "INSTRUCTX2X"
 PRIVATE_GROUP = 0x0071
 PROVENANCE_ELEMENT = 0x01
+SOURCE_LABEL_HEX = 12
+
+
+def source_label(sha256: str) -> str:
+    """The input's name in manifests: ``source-`` and the first 12 hex digits of its SHA-256.
+
+    A file name may be a patient's name ("patient_smith.dcm"), so manifests and the objects
+    written from them never record it; the label tells inputs apart and is matched to a file
+    by hashing the file.
+
+    Parameters
+    ----------
+    sha256: str
+        Hex digest of the input file's bytes.
+
+    Raises
+    ------
+    ValueError
+        When ``sha256`` is not 64 hex digits.
+    """
+    digest = str(sha256).lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError(f"sha256 must be 64 hex digits, got {len(digest)} characters.")
+    return f"source-{digest[:SOURCE_LABEL_HEX]}"
 
 
 def _strict(value: Any) -> Any:

@@ -1,10 +1,14 @@
 """Per-edit verification: did the instructed finding change, and nothing else?
 
 A radiologist reading a counterfactual needs to see, for this one edit, that the classifiers
-moved the instructed finding the instructed way, that the other findings and the patient's
-age, sex and race stayed put, and that not one pixel outside the edit mask changed. The same
-rule that the evaluation scores (``expected_labels``) decides the verdict; margins say how far
-another figure may move before it counts as collateral change.
+moved the instructed finding the instructed way, that the other findings and the classifiers'
+estimates of age, sex and race stayed put, and that not one pixel outside the edit mask changed.
+The same rule that the evaluation scores (``expected_labels``) decides the verdict; margins say
+how far another figure may move before it counts as collateral change.
+
+The age, sex and race estimates are inferred demographics: they decide the verdict, but the
+report (``Verification.to_dict``, ``Verification.summary``) shows their values only when asked,
+labelled as model estimates; otherwise it says which of them moved, without values.
 """
 
 from __future__ import annotations
@@ -22,9 +26,14 @@ from .errors import ParameterError
 from .instructions import Operation, parse_instruction
 
 __all__ = ["VerificationMargins", "Verification", "expected_labels", "verify_edit", "lung_zones",
-           "choose_classifiers"]
+           "choose_classifiers", "DEMOGRAPHIC_FIELDS", "DEMOGRAPHICS_LABEL"]
 
 ZONE_ROWS = ("upper", "middle", "lower")
+# The inferred demographics of a report, shown only when asked for.
+DEMOGRAPHIC_FIELDS = ("age_before", "age_after", "race_before", "race_after", "sex_female_before",
+                      "sex_female_after")
+DEMOGRAPHICS_LABEL = ("model estimates: the classifiers' reading of the images, not the patient's "
+                      "recorded age, sex or race")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,13 +137,25 @@ class Verification:
     def passed(self) -> bool:
         return not self.failed and not self.collateral and self.max_change_outside_mask == 0
 
-    def to_dict(self) -> dict:
+    def to_dict(self, include_demographics: bool = False) -> dict:
+        """The report as JSON-ready data.
+
+        Parameters
+        ----------
+        include_demographics: bool
+            Add the age, sex and race estimates under ``demographic_estimates``, labelled as
+            model estimates (``DEMOGRAPHICS_LABEL``); without it they are left out.
+        """
         data = dataclasses.asdict(self)
+        estimates = {name: data.pop(name) for name in DEMOGRAPHIC_FIELDS}
         data["passed"] = self.passed
+        if include_demographics:
+            data["demographic_estimates"] = {"label": DEMOGRAPHICS_LABEL, **estimates}
         return data
 
-    def summary(self) -> str:
-        """A short readable report: verdict first, then the figures behind it."""
+    def summary(self, include_demographics: bool = False) -> str:
+        """A short readable report: verdict first, then the figures behind it (the age, sex and
+        race estimates only with ``include_demographics``, labelled as model estimates)."""
         verdict = "PASSED" if self.passed else "FLAGGED"
         lines = [f"Verification {verdict}: {self.instruction}",
                  f"classifiers: {self.classifiers['name']}, {self.classifiers['chosen_because']} "
@@ -151,11 +172,15 @@ class Verification:
             mark = "*" if name in self.instructed else " "
             lines.append(f" {mark} {name:<13} {self.findings_before[name]:.2f} -> {self.findings_after[name]:.2f}"
                          f"  (expected {'present' if self.expected[name] else 'absent'})")
-        race = max(self.race_before, key=self.race_before.get)
-        race_after = max(self.race_after, key=self.race_after.get)
-        lines.append(f"age {self.age_before:.1f} -> {self.age_after:.1f} years; race {race} -> {race_after}"
-                     + ("" if self.sex_female_before is None else
-                        f"; P(female) {self.sex_female_before:.2f} -> {self.sex_female_after:.2f}"))
+        if include_demographics:
+            race = max(self.race_before, key=self.race_before.get)
+            race_after = max(self.race_after, key=self.race_after.get)
+            lines.append(f"{DEMOGRAPHICS_LABEL}: age {self.age_before:.1f} -> {self.age_after:.1f} years; "
+                         f"race {race} -> {race_after}"
+                         + ("" if self.sex_female_before is None else
+                            f"; P(female) {self.sex_female_before:.2f} -> {self.sex_female_after:.2f}"))
+        else:
+            lines.append("age, sex and race estimates: checked, values not shown (include_demographics shows them)")
         zone = max(self.zones, key=self.zones.get)
         lines.append(f"edit mask: {100 * self.mask_fraction:.1f} % of the image, mostly {zone} "
                      f"({100 * self.zones[zone]:.0f} %); change outside it: {self.max_change_outside_mask:.3g}")
@@ -197,16 +222,17 @@ def verify_edit(source: np.ndarray, edited: np.ndarray, edit_mask: np.ndarray, i
     collateral = [f"{name}: {before[name]:.2f} -> {after[name]:.2f}" for name in PATHOLOGIES
                   if name not in instructed and (abs(after[name] - before[name]) > margins.probability
                                                  or (after[name] >= 0.5) != (before[name] >= 0.5))]
+    # inferred demographics: named without their values (the report shows those only when asked)
     ages = predictions.age.tolist()
     if abs(ages[1] - ages[0]) > margins.age_years:
-        collateral.append(f"age: {ages[0]:.1f} -> {ages[1]:.1f} years")
+        collateral.append(f"age estimate moved by more than {margins.age_years:g} years")
     races = predictions.race
     if np.abs(races[1] - races[0]).max() > margins.race_probability or races[0].argmax() != races[1].argmax():
-        collateral.append(f"race: {RACES[int(races[0].argmax())]} {races[0].max():.2f} -> "
-                          f"{RACES[int(races[1].argmax())]} {races[1][races[0].argmax()]:.2f}")
+        collateral.append(f"race estimate changed (its most likely class, or a class probability by more "
+                          f"than {margins.race_probability:g})")
     sex = None if predictions.sex_female is None else predictions.sex_female.tolist()
     if sex is not None and abs(sex[1] - sex[0]) > margins.probability:
-        collateral.append(f"sex: P(female) {sex[0]:.2f} -> {sex[1]:.2f}")
+        collateral.append(f"sex estimate: P(female) moved by more than {margins.probability:g}")
     outside = np.abs(edited - source)[~edit_mask]
     return Verification(
         classifiers={**classifiers.describe(), "chosen_because": chosen_because}, instruction=parsed.text, instructed=instructed,

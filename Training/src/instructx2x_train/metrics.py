@@ -15,7 +15,7 @@ import numpy as np
 
 
 __all__ = ["frechet_distance", "kl_divergence", "label_distribution", "label_kl", "geometric_mean",
-           "pearson", "bootstrap_interval", "pathology_accuracy", "cmig"]
+           "pearson", "bootstrap_intervals", "pathology_accuracy", "cmig"]
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets ``(N, D)``.

@@ -158,10 +158,6 @@ def _lut_from_item(item: Dataset, name: str) -> LookupTable:
     return LookupTable(first if first < 32768 else first - 65536, data.astype(np.int64))
 
 
-def _first_value(value) -> float:
-    return float(value[0]) if hasattr(value, "__len__") and not isinstance(value, str) else float(value)
-
-
 def mapping_from_dataset(ds: Dataset, stored: np.ndarray, voi: str | int = "first") -> IntensityMapping:
     """Build the display mapping of a grayscale image.
 

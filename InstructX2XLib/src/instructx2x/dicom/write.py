@@ -8,26 +8,31 @@ Per edit, in the source's study:
 * series B (Modality SEG): the binary edit region as a DICOM Segmentation of the source.
 
 A series holds one modality, so the SEG cannot share series A. Every object says it is
-synthetic (ConversionType SYN, SeriesDescription, ImageComments) and carries the provenance
-manifest in a private block.
+synthetic (ConversionType SYN, SeriesDescription, ImageComments, a coded derivation) and
+carries the provenance manifest in a private block. All three carry the same patient and
+study attributes (``patient.apply_patient_policy``).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import warnings
 
 import highdicom as hd
 import numpy as np
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from .. import __version__
 from ..errors import InputError
 from ..provenance import PRIVATE_CREATOR, PRIVATE_GROUP, PROVENANCE_ELEMENT, read_provenance, to_json
+from .patient import apply_patient_policy, patient_study_attributes
 
-__all__ = ["EditObjects", "build_edit_objects", "check_exportable", "series_numbers",
+__all__ = ["EditObjects", "build_edit_objects", "burned_in_annotation", "check_exportable", "series_numbers",
            "SERIES_DESCRIPTION", "PRIVATE_CREATOR", "read_provenance"]
 
 SERIES_DESCRIPTION = "SYNTHETIC - NOT FOR DIAGNOSIS"
@@ -41,6 +46,14 @@ LOSSY_TRANSFER_SYNTAXES = {
     "1.2.840.10008.1.2.4.203": "ISO_15444_15",
 }
 MANUFACTURER = "InstructX2X"
+# Derivation Code Sequence. CID 7203 "Image Derivation" (PS3.16) has no concept for an image
+# made by a generative model; the group is extensible, so a local coding scheme (a "99"
+# designator, PS3.16 section 8) states it, declared in every object that uses it.
+LOCAL_SCHEME = "99IX2X"
+GENERATED_FROM_SOURCE = Code("IX2X-GEN", LOCAL_SCHEME, "Synthesized by a generative model from the source image")
+GUIDANCE_OVERLAY = Code("IX2X-OVERLAY", LOCAL_SCHEME, "Guidance map blended over the source image")
+# The counterfactual keeps the source's pixels outside the edit mask and the generated ones inside.
+COUNTERFACTUAL_DERIVATION = (GENERATED_FROM_SOURCE, codes.cid7203.PixelByPixelMask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +125,8 @@ def build_edit_objects(source: Dataset, stored: np.ndarray, overlay_rgb: np.ndar
 
 
 def _build(source, stored, overlay_rgb, edit_mask, provenance, pixel_spacing) -> EditObjects:
-    reference = _reference_dataset(source)
+    attributes = patient_study_attributes(source)
+    reference = _reference_dataset(source, attributes)
     orientation = _patient_orientation(source)
     coordinates = {"coordinate_system": "PATIENT", "patient_orientation": orientation} \
         if orientation else {"coordinate_system": None}
@@ -126,10 +140,10 @@ def _build(source, stored, overlay_rgb, edit_mask, provenance, pixel_spacing) ->
         sc_number, coordinates)
     text = _summary(provenance)
     _mark_synthetic_derivative(counterfactual, source, provenance, description,
-                               text + " Counterfactual image.")
+                               text + " Counterfactual image.", COUNTERFACTUAL_DERIVATION)
     _copy_grayscale_presentation(counterfactual, source)
     _mark_synthetic_derivative(overlay, source, provenance, description,
-                               text + " Guidance map over the image.")
+                               text + " Guidance map over the image.", (GUIDANCE_OVERLAY,))
 
     segmentation = hd.seg.Segmentation(
         source_images=[reference], pixel_array=edit_mask[None].astype(bool),
@@ -150,7 +164,10 @@ def _build(source, stored, overlay_rgb, edit_mask, provenance, pixel_spacing) ->
         segmentation.PatientOrientation = list(orientation)  # General Image, Type 2C
     segmentation.ContentDescription = "Region the counterfactual edit was allowed to change"
     _add_provenance(segmentation, provenance)
-    return EditObjects(counterfactual, overlay, segmentation)
+    objects = EditObjects(counterfactual, overlay, segmentation)
+    for dataset in objects.named().values():  # the SCs take fewer attributes than the policy
+        apply_patient_policy(dataset, attributes)
+    return objects
 
 
 def _build_secondary_captures(reference: Dataset, stored: np.ndarray, overlay_rgb: np.ndarray,
@@ -206,13 +223,16 @@ def check_exportable(source: Dataset, name: str) -> None:
                          f"source ({type(error).__name__}: {_without_values(str(error))}).") from None
 
 
-def _reference_dataset(source: Dataset) -> Dataset:
-    """The source header minus values that would make derived objects invalid.
+def _reference_dataset(source: Dataset, attributes: Dataset) -> Dataset:
+    """The source header as the builders see it: its patient and study attributes those of
+    the policy (``attributes``, Type 2 ones present even where the source lacks them), and
+    without values that would make derived objects invalid.
 
     Some CR writers put 0\\0 in PixelSpacing (RG1_UNCR.dcm does); a zero spacing is no
     spacing, so it is dropped rather than copied into the SEG's pixel measures.
     """
-    reference = source.copy()
+    reference = copy.deepcopy(source)  # a shallow copy shares its elements' dict with the source
+    apply_patient_policy(reference, attributes)
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
         if keyword in reference and not all(float(v) > 0 for v in reference[keyword].value):
             del reference[keyword]
@@ -254,7 +274,8 @@ def _without_values(message: str) -> str:
 
 
 def _mark_synthetic_derivative(dataset: Dataset, source: Dataset, provenance: dict,
-                               series_description: str, description: str) -> None:
+                               series_description: str, description: str,
+                               derivation: tuple[Code, ...]) -> None:
     """Attributes highdicom's SCImage leaves out or sets otherwise, by module."""
     # SC Equipment: a synthetic image, not a digitised one (highdicom writes DI)
     dataset.ConversionType = hd.sc.ConversionTypeValues.SYN.value
@@ -264,17 +285,30 @@ def _mark_synthetic_derivative(dataset: Dataset, source: Dataset, provenance: di
     # General Series
     dataset.SeriesDescription = series_description
     dataset.BodyPartExamined = str(source.get("BodyPartExamined", "") or "CHEST")
-    # General Image: derived from the source, synthetic, no burned-in patient text
+    # General Image: derived from the source, synthetic, with the source's burned-in text
     dataset.ImageType = ["DERIVED", "SECONDARY"]
-    dataset.DerivationDescription = description[:1024]
     dataset.ImageComments = description
-    dataset.BurnedInAnnotation = "NO"
+    dataset.BurnedInAnnotation = burned_in_annotation(source)
     _carry_lossy_compression(dataset, source)
+    # General Reference: how and from what it was derived
+    dataset.DerivationDescription = description[:1024]
+    dataset.DerivationCodeSequence = [hd.sr.CodedConcept.from_code(code) for code in derivation]
     source_item = Dataset()
     source_item.ReferencedSOPClassUID = source.SOPClassUID
     source_item.ReferencedSOPInstanceUID = source.SOPInstanceUID
     dataset.SourceImageSequence = [source_item]
+    # SOP Common: the local coding scheme of the derivation codes
+    dataset.CodingSchemeIdentificationSequence = [CodingSchemeIdentificationItem(
+        LOCAL_SCHEME, name="InstructX2X local codes", responsible_organization=MANUFACTURER)]
     _add_provenance(dataset, provenance)
+
+
+def burned_in_annotation(source: Dataset) -> str:
+    """BurnedInAnnotation of an image that shows the source's pixels: the source's own "NO"
+    only when it says so; "YES" when it says "YES", says nothing or says something else,
+    since text burned into its pixels outside the edit region is still there."""
+    said = str(source.get("BurnedInAnnotation", "") or "").strip().upper()
+    return "NO" if said == "NO" else "YES"
 
 
 def _carry_lossy_compression(dataset: Dataset, source: Dataset) -> None:
