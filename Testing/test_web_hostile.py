@@ -113,15 +113,18 @@ def test_a_client_writes_only_the_page_inputs(server):
             await client.set_state(trame__template_main="<div>{{ window.injected = 1 }}</div>",
                                    mask_sources=["x"], pacs_names=["evil"], status="injected", tau="0.5",
                                    verify=1, instruction="Add the finding of left pleural effusion")
-            return before, await client.state()
+            malformed = await client.call("trame.state.update", {"key": "status", "value": "injected"})
+            return before, await client.state(), malformed
 
-    before, after = run(attack())
+    before, after, malformed = run(attack())
+    assert "error" not in malformed  # not a list of changes: refused like the rest, no traceback sent
     assert after["trame__template_main"] == before["trame__template_main"]
     assert after["mask_sources"] == before["mask_sources"] and after["pacs_names"] == before["pacs_names"]
     assert after["status"] == before["status"] and after["tau"] == before["tau"] and after["verify"] is True
     assert after["instruction"] == "Add the finding of left pleural effusion"  # an input of the page
     log = server.log.read_text()
-    assert "refused 6 state change(s)" in log and "injected" not in log  # by kind, never by value
+    assert "refused 6 state change(s)" in log and "refused 1 state change(s)" in log
+    assert "injected" not in log  # by kind, never by value
 
 
 def test_life_cycle_and_exit_messages_cannot_end_the_session(server):

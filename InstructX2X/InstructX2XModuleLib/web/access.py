@@ -257,6 +257,7 @@ def guard_rpc(function_map: dict, writable: dict[str, tuple[type, ...]]) -> None
     _owner, lifecycle = function_map["trame.lifecycle.update"]
 
     def filtered_update(protocol, changes):
+        changes = changes if isinstance(changes, list) else [changes]
         accepted = [change for change in changes if isinstance(change, dict) and _writable(change, writable)]
         if len(accepted) != len(changes):
             logger.warning("refused %d state change(s) the page does not make", len(changes) - len(accepted))
