@@ -160,7 +160,7 @@ def _check_view(ds: Dataset, name: str, allow_non_chest: bool) -> list[str]:
     elif view in LATERAL_VIEWS:
         warnings.append(f"lateral view ({view}): the model and priors are for frontal PA films")
     for message in warnings:
-        logger.warning("%s: %s.", name, message)
+        logger.warning("%s.", message)  # never the file's name: it may be a patient's
     return warnings
 
 
