@@ -1,6 +1,11 @@
 """Per-edit verification: the verdict rules, the zones, and the classifier sets' loading."""
 
+import hashlib
 import json
+import os
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,7 +14,10 @@ import torch
 from instructx2x.classifiers import (COHORT_SET_NAME, PATHOLOGIES, RACES, ClassifierSet, CohortClassifiers,
                                      CohortNetwork, Predictions, load_classifiers, save_cohort_classifiers)
 from instructx2x.errors import ModelLoadError, ParameterError
-from instructx2x.verification import choose_classifiers, lung_zones, verify_edit
+from instructx2x.verification import (_load_cached, _torchxrayvision_or_refusal, choose_classifiers, lung_zones,
+                                      verify_edit)
+from instructx2x.xrv_classifiers import (AGE_WEIGHTS, DENSENET_FILES, DIGESTS_ENV, PINNED_SHA256,
+                                         RACE_WEIGHTS)
 
 
 class RegionReader(ClassifierSet):
@@ -158,3 +166,156 @@ def test_torchxrayvision_without_its_packages_is_a_clear_error():
             load_classifiers("torchxrayvision")
     else:
         pytest.skip("torchxrayvision is installed here: test_xrv_classifiers covers it")
+
+
+class FakeXrv:
+    """torchxrayvision's interface, its loaders recording the bytes they would load."""
+
+    def __init__(self, fail: bool = False):
+        self.read: dict[str, bytes] = {}
+        self.fail = fail
+        fake = self
+
+        def load(label, path):
+            if fake.fail:
+                pytest.fail(f"a torchxrayvision loader ran on an unchecked {label}")
+            fake.read[label] = Path(path).read_bytes()
+            return Loaded()
+
+        class Loaded:
+            pathologies = list(PATHOLOGIES)
+            targets = list(RACES)
+
+            def eval(self):
+                return self
+
+        class Models:
+            model_urls = {name: {"weights_url": f"https://example.invalid/{file}"}
+                          for name, file in DENSENET_FILES.items()}
+
+            @staticmethod
+            def DenseNet(weights, cache_dir):
+                fake.before_load()
+                return load("DenseNet", Path(cache_dir) / DENSENET_FILES[weights])
+
+        cache = lambda name: Path(os.environ["HOME"]) / ".torchxrayvision" / "models_data" / name  # noqa: E731
+        self.models = Models
+        self.baseline_models = SimpleNamespace(
+            emory_hiti=SimpleNamespace(RaceModel=lambda: load("RaceModel", cache(RACE_WEIGHTS))),
+            riken=SimpleNamespace(AgeModel=lambda: load("AgeModel", cache(AGE_WEIGHTS))))
+
+    def before_load(self):
+        """Runs when the first loader starts (a test swaps a file here)."""
+
+
+@pytest.fixture
+def planted(tmp_path, monkeypatch):
+    """A temporary home whose torchxrayvision cache holds tiny files in place of the weights."""
+    import instructx2x.xrv_classifiers as module
+
+    home = tmp_path / "home"
+    cache = home / ".torchxrayvision" / "models_data"
+    cache.mkdir(parents=True)
+    for name in (DENSENET_FILES["densenet121-res224-all"], RACE_WEIGHTS, AGE_WEIGHTS):
+        (cache / name).write_bytes(b"planted: " + name.encode())
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv(DIGESTS_ENV, raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the checked copies go
+    (tmp_path / "tmp").mkdir()
+    fake = FakeXrv(fail=True)
+    monkeypatch.setattr(module, "_import_xrv", lambda: fake)
+    _load_cached.cache_clear()
+    _torchxrayvision_or_refusal.cache_clear()
+    yield SimpleNamespace(home=home, cache=cache, fake=fake, tmp=tmp_path / "tmp")
+    _load_cached.cache_clear()
+    _torchxrayvision_or_refusal.cache_clear()
+
+
+def pin(path: Path, cache: Path, **digests: str) -> Path:
+    """A digest file: each file in ``cache`` pinned as it is, or as ``digests`` says."""
+    lines = [f"{digests.get(p.name, hashlib.sha256(p.read_bytes()).hexdigest())}  {p.name}" for p in cache.iterdir()]
+    path.write_text("# pinned for the test\n" + "\n".join(lines) + "\n")
+    return path
+
+
+def test_unpinned_weight_files_are_refused_with_how_to_pin_them(planted):
+    with pytest.raises(ModelLoadError) as caught:
+        load_classifiers("torchxrayvision")
+    message = str(caught.value)
+    assert "no pinned SHA-256" in message and DIGESTS_ENV in message and "sha256sum" in message
+    assert f"RaceModel: {planted.cache / RACE_WEIGHTS}" in message
+    assert f"AgeModel: {planted.cache / AGE_WEIGHTS}" in message
+    assert "densenet121" not in message  # pinned by the module itself
+    assert list(planted.tmp.iterdir()) == [] and os.environ["HOME"] == str(planted.home)
+
+
+def test_a_planted_file_with_another_digest_is_refused_by_name_before_any_loader_runs(planted, tmp_path, monkeypatch):
+    monkeypatch.setenv(DIGESTS_ENV, str(pin(tmp_path / "xrv.sha256", planted.cache, **{AGE_WEIGHTS: "a" * 64})))
+    with pytest.raises(ModelLoadError, match="never loaded") as caught:
+        load_classifiers("torchxrayvision")
+    message = str(caught.value)
+    age = hashlib.sha256((planted.cache / AGE_WEIGHTS).read_bytes()).hexdigest()
+    assert f"AgeModel: {planted.cache / AGE_WEIGHTS} has SHA-256 {age}, not the pinned {'a' * 64}" in message
+    assert "RaceModel" not in message and "densenet121-res224-all" not in message  # those match their pins
+    assert list(planted.tmp.iterdir()) == [] and os.environ["HOME"] == str(planted.home)
+
+
+def test_the_module_pins_the_released_densenet_so_a_planted_one_is_refused(planted, tmp_path, monkeypatch):
+    digests = pin(tmp_path / "xrv.sha256", planted.cache)
+    text = digests.read_text().splitlines()
+    digests.write_text("\n".join(line for line in text if "densenet121" not in line) + "\n")  # the user pins only two
+    monkeypatch.setenv(DIGESTS_ENV, str(digests))
+    with pytest.raises(ModelLoadError, match=f"densenet121-res224-all: {planted.cache}/nih-pc-chex.* not the pinned "
+                                             f"{PINNED_SHA256[DENSENET_FILES['densenet121-res224-all']]}"):
+        load_classifiers("torchxrayvision")
+
+
+def test_pinned_files_load_from_the_checked_copies_even_if_the_cache_changes_meanwhile(planted, tmp_path, monkeypatch):
+    monkeypatch.setenv(DIGESTS_ENV, str(pin(tmp_path / "xrv.sha256", planted.cache)))
+    checked = {p.name: p.read_bytes() for p in planted.cache.iterdir()}
+    planted.fake.fail = False
+    planted.fake.before_load = lambda: [path.write_bytes(b"swapped in after the check")
+                                        for path in planted.cache.iterdir()]
+    loaded = load_classifiers("torchxrayvision")
+    assert loaded.name == "torchxrayvision (densenet121-res224-all)"
+    assert planted.fake.read == {"DenseNet": checked[DENSENET_FILES["densenet121-res224-all"]],
+                                 "RaceModel": checked[RACE_WEIGHTS], "AgeModel": checked[AGE_WEIGHTS]}
+    assert list(planted.tmp.iterdir()) == [] and os.environ["HOME"] == str(planted.home)
+
+
+def test_the_users_digest_file_must_be_well_formed_and_outside_the_weights_folder(planted, tmp_path, monkeypatch):
+    monkeypatch.setenv(DIGESTS_ENV, str(pin(planted.cache / "inside.sha256", planted.cache)))
+    with pytest.raises(ModelLoadError, match="inside the weights folder"):
+        load_classifiers("torchxrayvision")
+    (planted.cache / "inside.sha256").unlink()
+    (tmp_path / "bad.sha256").write_text("# comment\n\nnot-a-digest  file.pt\n")
+    monkeypatch.setenv(DIGESTS_ENV, str(tmp_path / "bad.sha256"))
+    with pytest.raises(ModelLoadError, match="bad.sha256 line 3"):
+        load_classifiers("torchxrayvision")
+    monkeypatch.setenv(DIGESTS_ENV, str(tmp_path / "missing.sha256"))
+    with pytest.raises(ModelLoadError, match="not a file"):
+        load_classifiers("torchxrayvision")
+
+
+def test_auto_falls_back_to_the_cards_set_with_a_note_when_torchxrayvision_is_refused(planted):
+    from instructx2x.dicom.read import read_dicom
+
+    from dicom_factory import make_radiograph, write
+
+    class DemoCard:
+        card = {"classifiers": COHORT_SET_NAME}
+
+    film = read_dicom(write(make_radiograph(), planted.home / "film.dcm"))
+    chosen, why = choose_classifiers("auto", DemoCard(), film)
+    assert chosen.name == COHORT_SET_NAME
+    assert why.startswith("the model's card names it; torchxrayvision's weights are present but refused:")
+    assert "no pinned SHA-256" in why and RACE_WEIGHTS in why
+    with pytest.raises(ModelLoadError, match="no pinned SHA-256"):  # no set named: auto refuses
+        choose_classifiers("auto", None, film)
+
+
+def test_a_torchxrayvision_that_loads_another_densenet_file_is_refused(planted, monkeypatch):
+    monkeypatch.setitem(planted.fake.models.model_urls, "densenet121-res224-all",
+                        {"weights_url": "https://example.invalid/other.pt"})
+    with pytest.raises(ModelLoadError, match="loads other.pt for densenet121-res224-all, not the v1 release file"):
+        load_classifiers("torchxrayvision")

@@ -22,7 +22,7 @@ from .classifiers import (COHORT_SET_NAME, FINDING_TO_PATHOLOGY, PATHOLOGIES, RA
                           load_classifiers)
 from .dicom.read import PHANTOM_MANUFACTURER
 from .xrv_classifiers import torchxrayvision_ready
-from .errors import ParameterError
+from .errors import ModelLoadError, ParameterError, ResourceError
 from .instructions import Operation, parse_instruction
 
 __all__ = ["VerificationMargins", "Verification", "expected_labels", "verify_edit", "lung_zones",
@@ -72,26 +72,41 @@ def choose_classifiers(spec: str, model_info, image=None) -> tuple[ClassifierSet
     """The set that fits an edit, and why it was chosen.
 
     ``auto``: a phantom (a DICOM the synthetic cohort wrote) is read by ``cohort-v2``; another
-    DICOM film by torchxrayvision's set when its weights are on disk; otherwise the set the
-    model's card names (the demo model names ``cohort-v2``), else torchxrayvision's (which then
-    says what is missing). Any other ``spec`` is taken as it is. Sets load once per process.
+    DICOM film by torchxrayvision's set when its weights are on disk and pass their digest
+    check; otherwise the set the model's card names (the demo model names ``cohort-v2``; the
+    reason then says why torchxrayvision's weights on disk were refused), else
+    torchxrayvision's (which then says what is missing or refused). Any other ``spec`` is
+    taken as it is. Sets load once per process.
     """
     if spec != "auto":
         return _load_cached(spec), "asked for"
     dataset = (getattr(image, "metadata", None) or {}).get("dataset")
     if dataset is not None and dataset.get("Manufacturer") == PHANTOM_MANUFACTURER:
         return _load_cached(COHORT_SET_NAME), "the input is a synthetic-cohort phantom"
+    refused = None
     if dataset is not None and torchxrayvision_ready():
-        return _load_cached("torchxrayvision"), "the input is a DICOM film and torchxrayvision's weights are present"
+        chosen, refused = _torchxrayvision_or_refusal()
+        if chosen is not None:
+            return chosen, "the input is a DICOM film and torchxrayvision's weights are present"
     named = (getattr(model_info, "card", None) or {}).get("classifiers")
     if named:
-        return _load_cached(named), "the model's card names it"
+        return _load_cached(named), "the model's card names it" + (
+            "" if refused is None else f"; torchxrayvision's weights are present but refused: {refused}")
     return _load_cached("torchxrayvision"), "the default for real films"
 
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(spec: str) -> ClassifierSet:
     return load_classifiers(spec)
+
+
+@functools.lru_cache(maxsize=1)
+def _torchxrayvision_or_refusal() -> tuple[ClassifierSet | None, str | None]:
+    """torchxrayvision's set, or why it was refused (checked once per process, as sets load)."""
+    try:
+        return _load_cached("torchxrayvision"), None
+    except (ModelLoadError, ResourceError) as error:
+        return None, str(error)
 
 
 def lung_zones(mask: np.ndarray) -> dict[str, float]:
