@@ -276,7 +276,8 @@ def guidance_colors(scene, name: str):
 
 def build_job(volume, kind: str, parameters: dict, folder: Path, edit_mask: np.ndarray | None = None,
               keep_mask: np.ndarray | None = None,
-              dicom_file_for: Callable[[str], str | None] | None = None, verify: str | None = None) -> dict:
+              dicom_file_for: Callable[[str], str | None] | None = None, verify: str | None = None,
+              include_demographics: bool = False) -> dict:
     """The worker's job (``instructx2x.jobs.EditJob.to_dict`` form) for a radiograph volume.
 
     The input is the DICOM file the volume was loaded from (found through
@@ -306,6 +307,7 @@ def build_job(volume, kind: str, parameters: dict, folder: Path, edit_mask: np.n
     job = {"input": str(source), "output": str(folder / kind), "parameters": dict(parameters)}
     if verify is not None:
         job["verify"] = verify
+        job["include_demographics"] = include_demographics
     for key, mask in (("mask", edit_mask), ("keep_mask", keep_mask)):
         if mask is None:
             continue

@@ -59,6 +59,7 @@ class PanelSettings:
     precision: str = "auto"
     model: str = "demo"
     verify: bool = True
+    include_demographics: bool = False  # the classifiers' age/sex/race estimates in the report (verify only)
 
     def edit_parameters(self) -> dict:
         """The library's ``EditParameters`` fields for this run."""
@@ -216,7 +217,9 @@ class EditSession:
         folder = self.folder / f"job-{ticket:03d}"
         try:
             job = mrml.build_job(volume, kind, parameters, folder, edit_mask, keep_mask, dicom_file_for=dicom_file_for,
-                                 verify="auto" if settings.verify and kind == "edit" else None)
+                                 verify="auto" if settings.verify and kind == "edit" else None,
+                                 include_demographics=settings.include_demographics and settings.verify
+                                 and kind == "edit")
             self._ensure_worker(settings)
         except Exception:  # a refused job leaves no folder behind
             shutil.rmtree(folder, ignore_errors=True)

@@ -76,7 +76,7 @@ WRITABLE_STATE = {
     "tool": (str,), "segment": (str,), "brush_mm": NUMBER, "scissors_fill": (bool,), "tau": NUMBER,
     "opacity": NUMBER, "show_after": (bool,), "steps": (*NUMBER, str), "seed": (*NUMBER, str),
     "model_guidance": (bool,), "guidance_scale": (*NUMBER, str), "image_guidance_scale": (*NUMBER, str),
-    "preset": (str,), "verify": (bool,), "pacs_target": (str,), "error": (str,),
+    "preset": (str,), "verify": (bool,), "include_demographics": (bool,), "pacs_target": (str,), "error": (str,),
 }
 
 
@@ -140,7 +140,7 @@ class WebPanel:
             "has_dicom": False, "running": False, "progress": 0, "progress_text": "", "queue_text": "",
             "steps": defaults.steps, "seed": defaults.seed, "model_guidance": True,
             "guidance_scale": GUIDANCE_SCALE, "image_guidance_scale": IMAGE_GUIDANCE_SCALE, "preset": defaults.preset,
-            "presets": list(PRESETS), "verify": defaults.verify, "verification": "",
+            "presets": list(PRESETS), "verify": defaults.verify, "include_demographics": False, "verification": "",
             "pacs_target": self.pacs_targets.default, "pacs_names": self.pacs_targets.names, "pacs_message": "",
             "max_upload_mb": self.max_upload_bytes // 2**20,
         })
@@ -177,7 +177,8 @@ class WebPanel:
                              else _number(state.guidance_scale, "Text guidance s_T", float),
                              image_guidance_scale=None if state.model_guidance
                              else _number(state.image_guidance_scale, "Image guidance s_I", float),
-                             model=self.model, device=self.device, verify=bool(state.verify))
+                             model=self.model, device=self.device, verify=bool(state.verify),
+                             include_demographics=bool(state.include_demographics))
 
     # -- loading ---------------------------------------------------------------------------
     def receive_chunk(self, files: list[dict]) -> None:
@@ -601,6 +602,10 @@ class WebPanel:
                                   label="Image guidance s_I", density="compact", disabled=("model_guidance",),
                                   raw_attrs=['data-testid="image-guidance-scale"'])
                     v3.VCheckbox(v_model=("verify",), label="Verify the edit with classifiers", density="compact")
+                    v3.VCheckbox(v_model=("include_demographics",), disabled=("!verify",), density="compact",
+                                 label="Include the classifiers' age, sex and race estimates in the report "
+                                       "(model estimates, not the patient's data)",
+                                 raw_attrs=['data-testid="include-demographics"'])
 
     def _results_ui(self) -> None:
         v3.VSlider(v_model=("opacity",), min=0, max=1, step=0.05, label="Guidance overlay", density="compact",
