@@ -128,6 +128,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.onSegmentationChanged(self.ui.segmentEditorWidget.segmentationNode())  # one kept in the editor's node
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
