@@ -508,15 +508,15 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
     def installModel(self, folder: str) -> tuple[str, str]:
         """Install a model folder under ~/.instructx2x/models, checked by its folder digest.
 
-        ``InstructX2XModuleLib.model_install`` checks and copies it (no torch in Slicer's
-        process: the worker checks that the model loads when it loads it) on a thread, behind
+        ``InstructX2XModuleLib.model_install`` checks and copies it (standard library and the
+        library's torch-free ``model_digest``: nothing to install first, no torch in Slicer's
+        process; the worker checks that the model loads when it loads it) on a thread, behind
         a modal progress dialog that keeps the GUI alive. A folder without ``model.sha256`` is
         installed only once the user confirms its digest. Returns the installed path and the
         folder SHA-256 (``instructx2x info`` prints it as folder_sha256).
         """
         import threading
 
-        ensureDependencies()
         from InstructX2XModuleLib.model_install import UnpinnedModelError, install_model
 
         root = Path.home() / ".instructx2x" / "models"
