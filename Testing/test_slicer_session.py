@@ -269,3 +269,13 @@ def test_an_export_into_the_dicom_database_is_checked(tmp_path):
         import_into_dicom_database(tmp_path / "empty", database, unused)
     assert calls == []  # refused before anything was imported
     assert import_into_dicom_database(tmp_path / "series", database, unused) == uids
+
+
+def test_a_result_for_a_radiograph_no_longer_in_the_scene_is_not_imported(session):
+    """The radiograph removed while its edit runs: the edit finishes, nothing lands in the scene."""
+    volume = radiograph(session.scene)
+    session.submit("edit", volume, settings())
+    session.scene.RemoveNode(volume)
+    events = poll_until(session, lambda e: any(x["event"] == "done" for x in e))
+    assert [e["event"] for e in events if e["event"] in ("done", "cancelled")] == ["done"]
+    assert session.results == {} and session.scene.GetNodesByClass("vtkMRMLScalarVolumeNode").GetNumberOfItems() == 0

@@ -281,7 +281,7 @@ class EditSession:
         events = self.worker.poll()
         for event in events:
             if event.get("event") == "done" and event.get("id") == self.current.get("id") \
-                    and self.scene.IsNodePresent(self.current["volume"]):  # not after a close
+                    and self.scene.IsNodePresent(self.current["volume"]):  # not closed or removed
                 self._import(event)
             if event.get("event") in ("done", "error", "cancelled"):
                 self.prune()
