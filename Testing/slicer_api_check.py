@@ -205,7 +205,8 @@ def _aliases(tree: ast.AST) -> dict[str, str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                aliases[alias.asname or alias.name.split(".")[0]] = alias.name if alias.asname else alias.name.split(".")[0]
+                top = alias.name.split(".")[0]
+                aliases[alias.asname or top] = alias.name if alias.asname else top
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             for alias in node.names:
                 aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
@@ -247,7 +248,7 @@ class SourceChecker:
         self.problems.append(f"{self.api.tag}: line {getattr(node, 'lineno', '?')}: {message}")
 
     def run(self) -> list[str]:
-        self._visit(self.tree.body, {}, None)
+        self._visit(self.tree.body, {})
         for node in self.tree.body:
             if isinstance(node, ast.ClassDef):
                 self._check_class(node)
@@ -269,18 +270,18 @@ class SourceChecker:
                     return any(found[1] in module.get(k, ()) for k in ("functions", "classes", "names"))
         return None
 
-    def _visit(self, body: list[ast.stmt], variables: dict, class_name: str | None) -> None:
+    def _visit(self, body: list[ast.stmt], variables: dict) -> None:
         for statement in body:
             if isinstance(statement, ast.If):
                 guarded = self._guard(statement.test)
                 self._expressions(statement.test, variables)
                 if guarded is not False:
-                    self._visit(statement.body, variables, class_name)
+                    self._visit(statement.body, variables)
                 if guarded is not True:
-                    self._visit(statement.orelse, variables, class_name)
+                    self._visit(statement.orelse, variables)
                 continue
             if isinstance(statement, ast.ClassDef):
-                self._visit(statement.body, {}, statement.name)
+                self._visit(statement.body, {})
                 continue
             if isinstance(statement, ast.ImportFrom) and statement.level == 0:
                 for alias in statement.names:
@@ -289,7 +290,7 @@ class SourceChecker:
             if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 for decorator in statement.decorator_list:
                     self._expressions(decorator, variables)
-                self._visit(statement.body, {}, class_name)
+                self._visit(statement.body, {})
                 continue
             if isinstance(statement, ast.Assign) and isinstance(statement.value, ast.Call):
                 found = self._class_of(statement.value.func)
@@ -308,7 +309,7 @@ class SourceChecker:
                     if isinstance(child, ast.AST):
                         self._expressions(child, variables)
             for block in nested:
-                self._visit(block, variables, class_name)
+                self._visit(block, variables)
 
     def _expressions(self, node: ast.AST, variables: dict) -> None:
         for inner in ast.walk(node):
@@ -598,7 +599,8 @@ def _check_binding(api: Api, widget: str, class_name: str, parameter: str, field
         if class_name in connector["widgets"] and python_type in connector["types"]:
             missing = set(connector["required_annotations"]) - set(annotations)
             if missing:
-                return [f"{api.tag}: {widget}: {connector['name']} needs the {sorted(missing)} annotation on {parameter}"]
+                return [f"{api.tag}: {widget}: {connector['name']} needs the {sorted(missing)} annotation "
+                        f"on {parameter}"]
             return []
     return [f"{api.tag}: {widget}: no GUI connector binds a {class_name} to {python_type} ({parameter})"]
 

@@ -155,7 +155,8 @@ def test_pytorchutils_and_slicer_packaging_calls_are_checked(apis):
     assert any("PyTorchUtils.PyTorchUtilsLogic.installTorch: no parameter 'confirm'" in p
                for p in installer_problems(apis[OLDEST], INSTALLER.replace("askConfirmation=", "confirm=")))
     unguarded = INSTALLER.replace('if hasattr(slicer, "packaging"):', "if True:")
-    assert any("slicer.packaging does not exist in Slicer v5.6.2" in p for p in installer_problems(apis[OLDEST], unguarded))
+    assert any("slicer.packaging does not exist in Slicer v5.6.2" in p
+               for p in installer_problems(apis[OLDEST], unguarded))
 
 
 def test_slicer_packaging_counts_only_where_the_release_has_it(apis):

@@ -82,7 +82,11 @@ def show(git_dir: Path, revision: str, path: str) -> str | None:
 
 
 def commit_of(git_dir: Path, revision: str) -> str:
-    return git(git_dir, "rev-parse", f"{revision}^{{commit}}").strip()
+    completed = subprocess.run(["git", "--git-dir", str(git_dir), "rev-parse", "--verify", "--quiet",
+                                f"{revision}^{{commit}}"], capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise ManifestError(f"{revision} is no tag or commit of {git_dir}")
+    return completed.stdout.strip()
 
 
 def headers_by_name(git_dir: Path, revision: str) -> dict[str, str]:
@@ -488,6 +492,7 @@ def ctk_commit_for(slicer: Path, tag: str) -> str:
 
 def manifest(slicer: Path, ctk: Path, pytorch: Path, tag: str, ui_file: Path = UI_FILE) -> dict:
     """Everything the conformance test checks, for one Slicer release."""
+    slicer_commit = commit_of(slicer, tag)  # the tag must exist before anything is read at it
     ctk_commit = ctk_commit_for(slicer, tag)
     modules = {}
     for name, path in PYTHON_MODULES.items():
@@ -505,7 +510,7 @@ def manifest(slicer: Path, ctk: Path, pytorch: Path, tag: str, ui_file: Path = U
             raise ManifestError(f"{tag} has no {path}")
         hooks[class_name] = scripted_hooks(source)
     return {
-        "slicer": {"tag": tag, "commit": commit_of(slicer, tag)},
+        "slicer": {"tag": tag, "commit": slicer_commit},
         "ctk": {"commit": ctk_commit, "pinned_in": CTK_PIN},
         "slicerpytorch": {"commit": commit_of(pytorch, "HEAD")},
         "python": modules,
@@ -524,6 +529,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tags", nargs="+", default=list(SUPPORTED_TAGS))
     args = parser.parse_args(argv)
     try:
+        for git_dir in (args.slicer, args.ctk, args.pytorch):
+            if subprocess.run(["git", "--git-dir", str(git_dir), "rev-parse", "--git-dir"],
+                              capture_output=True).returncode != 0:
+                raise ManifestError(f"{git_dir} is not a git directory")
         manifests = {tag: manifest(args.slicer, args.ctk, args.pytorch, tag) for tag in args.tags}
     except ManifestError as error:
         print(f"slicer_api_manifest: {error}", file=sys.stderr)
