@@ -29,7 +29,8 @@ WEB_VENV := .venv-web
 WEB_STAMP := $(WEB_VENV)/.installed
 WEB_PORT ?= 8080
 
-.PHONY: install demo demo-model demo-model-estimate classifiers evaluation web test test-eval test-web benchmark clean
+.PHONY: install demo demo-model demo-model-estimate classifiers evaluation web test test-eval test-web \
+	test-slicer-packages benchmark clean
 
 $(STAMP): constraints.txt InstructX2XLib/pyproject.toml Training/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -125,6 +126,12 @@ evaluation: $(STAMP)
 
 test: $(STAMP) test-eval test-web
 	$(BIN)/python -m pytest -q InstructX2XLib/tests Training/tests Testing
+
+# the desktop module's worker package set, built on a stand-in for Slicer 5.10's Python (pyenv's
+# 3.12.1 with Slicer's pinned packages; a few minutes, torch with its CUDA libraries from PyPI);
+# also part of `make test`
+test-slicer-packages: $(STAMP)
+	$(BIN)/python -m pytest -q Testing/test_slicer_package_set.py
 
 # the torchxrayvision back-end, in its own environment
 test-eval: $(EVAL_STAMP)

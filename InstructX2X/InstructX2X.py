@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -24,6 +23,12 @@ from slicer.parameterNodeWrapper import Choice, Minimum, Maximum, parameterNodeW
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
+
+from InstructX2XModuleLib import packages
+
+# the library's torch-free modules (instructions, parameters, errors) from its source shipped
+# with the module; the worker's packages never enter Slicer's Python
+packages.use_library_source(Path(__file__).resolve().parent)
 
 from InstructX2XModuleLib import scene as mrml
 from InstructX2XModuleLib.session import (MASK_SOURCES, OPERATIONS, PRESETS, SIDES, EditSession, PanelSettings,
@@ -48,7 +53,8 @@ class InstructX2X(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Counterfactual chest radiographs from a text instruction (InstructX2X, MICCAI 2025) "
             "with a guidance map showing where the model edits. Every result is SYNTHETIC and "
-            "NOT FOR DIAGNOSIS.")
+            "NOT FOR DIAGNOSIS.") + " " + _("Needs 3D Slicer {major}.{minor} or later.").format(
+                major=packages.SUPPORTED_SLICER[0], minor=packages.SUPPORTED_SLICER[1])
         self.parent.acknowledgementText = _(
             "InstructX2X builds on InstructPix2Pix and Watch Your Steps; the panel follows "
             "SlicerMONAIAuto3DSeg's worker design.")
@@ -130,6 +136,11 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.onSegmentationChanged(self.ui.segmentEditorWidget.segmentationNode())  # one kept in the editor's node
         self.initializeParameterNode()
+        unsupported = packages.unsupported_slicer(slicer.app.majorVersion, slicer.app.minorVersion)
+        if unsupported:  # instructions still parse; the model cannot run on this Slicer's Python
+            self.ui.statusLabel.text = unsupported
+            self.ui.previewButton.enabled = False
+            self.ui.applyButton.enabled = False
 
     def cleanup(self) -> None:
         """The widget goes (application exit, or Reload): observers, timer, GUI binding, worker."""
@@ -440,10 +451,9 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
             editMask = mrml.segment_to_mask(segmentation, segmentId, volume)
         if keepSegmentId:
             keepMask = mrml.segment_to_mask(segmentation, keepSegmentId, volume)
-        if self.session is None:
-            python = shutil.which("PythonSlicer") or shutil.which("python3")
-            self.session = EditSession(slicer.mrmlScene, executable=[python, "-m", "instructx2x.cli"],
-                                       prepare_worker=ensureDependencies)
+        if self.session is None:  # the worker: Slicer's Python with the module's own package set first
+            executable = packages.worker_command(packages.find_slicer_python(), workerPackagesFolder())
+            self.session = EditSession(slicer.mrmlScene, executable=executable, prepare_worker=ensureDependencies)
         database = slicer.dicomDatabase
         self.session.submit(kind, volume, settings, editMask, keepMask,
                             dicom_file_for=database.fileForInstance if database is not None else None)
@@ -577,37 +587,40 @@ def panelSettings(parameters) -> PanelSettings:
         precision=parameters.precision, model=parameters.model, verify=parameters.verify)
 
 
+def workerPackagesFolder() -> Path:
+    """The worker's package set for this Slicer's Python, under the user's Slicer settings folder."""
+    return packages.package_set_folder(Path(slicer.app.slicerUserSettingsFilePath).parent)
+
+
 def ensureDependencies() -> None:
-    """Install what the worker needs on first use (asks first), torch through PyTorchUtils."""
-    import importlib.util
+    """Build or update the worker's package set on first use, after asking (the self-test does not
+    ask); Slicer's own Python is never changed. The work is ``packages.ensure_package_set``'s;
+    here only its Qt parts: the question, a progress dialog and Slicer's log."""
+    problem = packages.unsupported_slicer(slicer.app.majorVersion, slicer.app.minorVersion)
+    if problem:
+        raise RuntimeError(problem)
+    moduleDir = Path(__file__).resolve().parent
+    testing = slicer.app.commandOptions().testingEnabled
+    dialogs = []
 
-    if all(importlib.util.find_spec(name) for name in ("instructx2x", "diffusers", "torch")):
-        return
-    if not slicer.util.confirmOkCancelDisplay(_("InstructX2X needs PyTorch, diffusers and the "
-                                                "InstructX2X library (about 2 GB). Install now?")):
-        raise RuntimeError(_("InstructX2X cannot run without its Python dependencies."))
-    import PyTorchUtils
-
-    progress = slicer.util.createProgressDialog(labelText=_("Installing PyTorch…"), maximum=0)
-    try:
-        if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
-            raise RuntimeError(_("PyTorch could not be installed; see the Python console for the log."))
-        progress.labelText = _("Installing diffusers, transformers and the InstructX2X library…")
+    def report(stage: str) -> None:
+        if not dialogs:
+            dialogs.append(slicer.util.createProgressDialog(labelText=stage, maximum=0))
+        dialogs[0].labelText = stage
         slicer.app.processEvents()
-        requirements = Path(__file__).parent / "Resources" / "requirements.txt"
-        if hasattr(slicer, "packaging"):  # Slicer >= 5.11: pinned, torch left to PyTorchUtils
-            slicer.packaging.pip_ensure(slicer.packaging.load_requirements(str(requirements)),
-                                        skip_packages=["torch"])
-        else:
-            slicer.util.pip_install(["-r", str(requirements)])
-        library = Path(__file__).resolve().parents[1] / "InstructX2XLib"
-        if library.is_dir():
-            slicer.util.pip_install(["--no-deps", str(library)])
-    except Exception as error:
-        raise RuntimeError(_("Installing the dependencies failed: {error}. The log is in the Python "
-                             "console (View > Python Console).").format(error=error)) from error
+
+    def log(line: str) -> None:
+        logging.info(line)
+        slicer.app.processEvents()
+
+    try:
+        packages.ensure_package_set(
+            workerPackagesFolder(), packages.find_slicer_python(), packages.library_source(moduleDir),
+            moduleDir / "Resources" / "requirements.txt", progress=report, log=log,
+            confirm=lambda question: testing or slicer.util.confirmOkCancelDisplay(question))
     finally:
-        progress.close()
+        for dialog in dialogs:
+            dialog.close()
 
 
 class InstructX2XTest(ScriptedLoadableModuleTest):

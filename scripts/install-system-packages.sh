@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Debian packages the tests use: dciodvfy (dicom3tools) validates every DICOM object we
 # write, dcmtk makes compressed test files, Orthanc (+ DICOMweb plugin) is the PACS, chromium
-# is the browser Playwright drives for the browser panel's tests (no browser download).
+# is the browser Playwright drives for the browser panel's tests (no browser download), cmake
+# configures and installs the Slicer extension for its layout test.
 set -euo pipefail
-packages=(dicom3tools dcmtk orthanc orthanc-dicomweb chromium)
+packages=(dicom3tools dcmtk orthanc orthanc-dicomweb chromium cmake)
 missing=()
 for package in "${packages[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

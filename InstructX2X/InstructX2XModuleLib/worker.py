@@ -19,6 +19,7 @@ worker says how many with ``queued`` events), and stopping the client ends only 
 
 from __future__ import annotations
 
+import collections
 import enum
 import itertools
 import json
@@ -31,6 +32,8 @@ import threading
 from pathlib import Path
 
 __all__ = ["WorkerState", "WorkerClient", "WorkerError"]
+
+STDERR_LINES = 200  # the worker's last stderr lines kept for the exit message
 
 
 class WorkerState(str, enum.Enum):
@@ -99,12 +102,18 @@ class WorkerClient:
                                   f"({error.strerror}); is instructx2x serve --socket running?") from None
             self._writer, reader = (self.connection.makefile(mode, encoding="utf-8") for mode in ("w", "r"))
         else:
-            try:
+            try:  # no console window on Windows
                 self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                                stderr=subprocess.PIPE, text=True, env=self.environment)
+                                                stderr=subprocess.PIPE, text=True, env=self.environment,
+                                                creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
             except OSError as error:
                 raise WorkerError(f"cannot start the worker ({error.strerror}).") from None
             self._writer, reader = self.process.stdin, self.process.stdout
+            # stderr read as it comes (a worker that logs more than a pipe holds never blocks); its
+            # last lines are kept for the exit message
+            self.stderr_tail: collections.deque = collections.deque(maxlen=STDERR_LINES)
+            self._stderr_reader = threading.Thread(target=self._drain, args=(self.process.stderr,), daemon=True)
+            self._stderr_reader.start()
         self.state = WorkerState.STARTING
         threading.Thread(target=self._read, args=(reader,), daemon=True).start()
 
@@ -225,5 +234,13 @@ class WorkerClient:
                              if self._writer is None else "the shared worker closed the connection."})
             return
         returncode = self.process.wait()
-        stderr = self.process.stderr.read() if self.process.stderr else ""
-        self.events.put({"event": "exit", "returncode": returncode, "stderr": stderr})
+        self._stderr_reader.join(timeout=5)
+        self.events.put({"event": "exit", "returncode": returncode, "stderr": "".join(self.stderr_tail)})
+
+    def _drain(self, stream) -> None:
+        """The worker's stderr, line by line, into ``stderr_tail`` (lines cut to 1000 characters)."""
+        try:
+            for line in stream:
+                self.stderr_tail.append(line[-1000:])
+        except (OSError, ValueError):
+            pass

@@ -1,0 +1,542 @@
+"""The worker's package set: the library, torch and their dependencies, apart from Slicer's Python.
+
+Slicer's own Python keeps exactly what Slicer ships (its pydicom 2.4.4 for the DICOM module,
+its numpy): nothing here installs into it, and Slicer's process never imports from the set.
+The worker (``instructx2x serve``) runs on Slicer's Python with a folder of its own first on
+``sys.path``; that folder, the package set, is built with ``<python> -m pip install --target``
+under the user's Slicer settings folder, one per Python minor version, and records in a marker
+file what it was built from (library version and source digest, requirements digest, Python,
+torch build).
+
+``ensure_package_set`` is the one install routine: the panel and the tests call it with their
+own confirmation, progress and log callbacks. It builds in a staging folder beside the set and
+renames it into place only once the new set imports, so an interrupted or failed install
+leaves the set as it was (or absent). A set built from the same requirements but an older
+library is updated by reinstalling the library alone into a hard-linked copy.
+
+Slicer's process imports the library's torch-free modules (instructions, parameters, errors,
+priors) straight from the library's source shipped with the module (``use_library_source``):
+the panel parses and completes instructions before anything is installed.
+
+Qt-free and Slicer-free, so it is tested outside Slicer; it imports only the standard library.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from .worker import WorkerError
+
+__all__ = ["SUPPORTED_SLICER", "PackageSetError", "TorchBuild", "unsupported_slicer", "library_source",
+           "use_library_source", "find_slicer_python", "package_set_folder", "worker_command",
+           "nvidia_driver_version", "choose_torch", "package_set_fingerprint", "package_set_status",
+           "ensure_package_set"]
+
+logger = logging.getLogger(__name__)
+
+# The first Slicer release whose Python (3.12) runs the worker: the library needs Python 3.10 or
+# later, and highdicom needs pydicom 3, which needs it too. Slicer 5.6 and 5.8 ship Python 3.9.
+SUPPORTED_SLICER = (5, 10)
+MARKER = "instructx2x-package-set.json"
+MARKER_FORMAT = 1
+TORCH_INDEX = "https://download.pytorch.org/whl/{backend}"
+# CUDA builds of the pinned torch on PyTorch's index, newest first, each with the oldest NVIDIA
+# driver its CUDA release runs on (Linux, Windows): the PyTorch extension's choice, made here.
+CUDA_BUILDS = (("cu130", (580, 65), (580, 88)), ("cu128", (570, 26), (570, 65)), ("cu126", (560, 28), (560, 76)))
+NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0)  # Windows: no console window for pip
+# The worker's entry point: the set first on sys.path (before Slicer's own paths, in place of the
+# working folder), then the library's CLI with the remaining arguments.
+_BOOTSTRAP = ("import runpy, sys; sys.path[0] = sys.argv.pop(1); "
+              "runpy.run_module('instructx2x.cli', run_name='__main__', alter_sys=True)")
+# What a finished set must import before it replaces the one in place.
+_CHECK = ("import sys; sys.path[0] = sys.argv[1]; import torch, diffusers, transformers, pydicom, highdicom, "
+          "instructx2x.cli; print(torch.__version__)")
+_LIBRARY_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build", "dist")
+
+
+class PackageSetError(WorkerError):
+    """The worker's package set cannot be used, installed or updated; the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchBuild:
+    """Which torch build the set gets.
+
+    Parameters
+    ----------
+    backend : str
+        ``cpu``, a CUDA build such as ``cu130``, or ``index`` for the package index's own build.
+    index_url : str | None
+        PyTorch's index for the backend; None: the package index (PyPI) alone.
+    reason : str
+        Why this build, for the confirmation and the log.
+    """
+
+    backend: str
+    index_url: str | None
+    reason: str
+
+    def pip_arguments(self, version: str) -> list[str]:
+        """pip arguments that install torch ``version`` of this build beside the requirements."""
+        if self.index_url is None:
+            return []
+        return ["--extra-index-url", self.index_url, f"torch=={version}+{self.backend}"]
+
+
+def unsupported_slicer(major: int, minor: int) -> str | None:
+    """Why this Slicer cannot run the worker, or None when it can.
+
+    Parameters
+    ----------
+    major, minor : int
+        Slicer's version (``slicer.app.majorVersion``, ``slicer.app.minorVersion``).
+
+    Returns
+    -------
+    str | None
+        A message for the panel, or None for a supported Slicer.
+    """
+    if (major, minor) >= SUPPORTED_SLICER:
+        return None
+    return (f"InstructX2X needs 3D Slicer {SUPPORTED_SLICER[0]}.{SUPPORTED_SLICER[1]} or later (its worker "
+            f"needs Python 3.10 or later); this is Slicer {major}.{minor}. Instructions can be typed and "
+            "checked, but Preview and Apply need a newer Slicer.")
+
+
+def library_source(module_dir: Path) -> Path:
+    """The library's source tree (``pyproject.toml`` and ``src/instructx2x``) beside the module.
+
+    Parameters
+    ----------
+    module_dir : Path
+        The folder of ``InstructX2X.py``: in an extension, the build or install tree's
+        ``qt-scripted-modules`` (the library lies in ``Resources/InstructX2XLib``); in a
+        checkout, ``InstructX2X/`` (the library is ``../InstructX2XLib``).
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    PackageSetError
+        When neither place holds the library.
+    """
+    for candidate in (module_dir / "Resources" / "InstructX2XLib", module_dir.parent / "InstructX2XLib"):
+        if (candidate / "pyproject.toml").is_file() and (candidate / "src" / "instructx2x").is_dir():
+            return candidate
+    raise PackageSetError(f"the InstructX2X library is not beside the module in {module_dir}: reinstall "
+                          "the InstructX2X extension.")
+
+
+def use_library_source(module_dir: Path) -> Path:
+    """Put the shipped library's ``src`` first on ``sys.path`` (once), so that Slicer's process
+    imports its torch-free modules from the extension, never from the worker's package set.
+
+    Parameters
+    ----------
+    module_dir : Path
+        The folder of ``InstructX2X.py`` (see ``library_source``).
+
+    Returns
+    -------
+    Path
+        The folder put on ``sys.path``.
+    """
+    source = str(library_source(module_dir) / "src")
+    if source not in sys.path:
+        sys.path.insert(0, source)
+    return Path(source)
+
+
+def find_slicer_python(which: Callable[[str], str | None] = shutil.which) -> str:
+    """Slicer's Python launcher (``PythonSlicer``, on Slicer's PATH), the only Python the worker
+    runs on.
+
+    Parameters
+    ----------
+    which : Callable[[str], str | None]
+        Looks a program up on PATH.
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    PackageSetError
+        When Slicer's PATH has no PythonSlicer (another Python would lack Slicer's libraries).
+    """
+    python = which("PythonSlicer")
+    if python is None:
+        raise PackageSetError("PythonSlicer is not on Slicer's PATH, so the worker cannot start: run "
+                              "InstructX2X inside 3D Slicer (the Slicer launcher sets PATH).")
+    return python
+
+
+def package_set_folder(settings_dir: Path, version: Sequence[int] = sys.version_info) -> Path:
+    """Where the package set for this Python lives.
+
+    Parameters
+    ----------
+    settings_dir : Path
+        The user's Slicer settings folder (the folder of ``slicer.app.slicerUserSettingsFilePath``).
+    version : Sequence[int]
+        The Python that runs the worker (major, minor, ...): one set per minor version.
+
+    Returns
+    -------
+    Path
+    """
+    return Path(settings_dir) / "InstructX2X" / f"worker-packages-py{version[0]}.{version[1]}"
+
+
+def worker_command(python: str | Path, folder: Path) -> list[str]:
+    """The command that runs the library's CLI on ``python`` with the package set first on
+    ``sys.path`` (the worker client appends ``serve --stdio ...``).
+
+    Parameters
+    ----------
+    python : str | Path
+        Slicer's Python (``find_slicer_python``).
+    folder : Path
+        The package set (``package_set_folder``).
+
+    Returns
+    -------
+    list[str]
+    """
+    return [str(python), "-s", "-c", _BOOTSTRAP, str(folder)]
+
+
+def nvidia_driver_version(run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> tuple[int, ...] | None:
+    """The NVIDIA driver's version as ``nvidia-smi`` reports it, or None without a usable GPU.
+
+    Parameters
+    ----------
+    run : Callable[..., subprocess.CompletedProcess]
+        Runs a command (``subprocess.run``'s signature).
+
+    Returns
+    -------
+    tuple[int, ...] | None
+    """
+    try:
+        result = run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                     text=True, timeout=30, creationflags=NO_WINDOW)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = result.stdout.split() if result.returncode == 0 else []
+    try:
+        return tuple(int(part) for part in lines[0].split(".")) if lines else None
+    except ValueError:
+        return None
+
+
+def choose_torch(system: str | None = None, driver: Callable[[], tuple[int, ...] | None] = nvidia_driver_version
+                 ) -> TorchBuild:
+    """The torch build the PyTorch extension would choose: a CUDA build when ``nvidia-smi``
+    finds a driver new enough for one, else the CPU build (macOS: the package index's own).
+
+    Parameters
+    ----------
+    system : str | None
+        ``platform.system()``'s answer; None: this machine's.
+    driver : Callable[[], tuple[int, ...] | None]
+        The NVIDIA driver's version (``nvidia_driver_version``).
+
+    Returns
+    -------
+    TorchBuild
+    """
+    system = system or platform.system()
+    if system == "Darwin":
+        return TorchBuild("index", None, "macOS: the package index's build (CPU and Apple GPU)")
+    version = driver()
+    if version is None:
+        return TorchBuild("cpu", TORCH_INDEX.format(backend="cpu"), "no NVIDIA GPU found")
+    found = ".".join(map(str, version))
+    for backend, linux, windows in CUDA_BUILDS:
+        if version[:2] >= (windows if system == "Windows" else linux):
+            return TorchBuild(backend, TORCH_INDEX.format(backend=backend), f"NVIDIA driver {found}")
+    return TorchBuild("cpu", TORCH_INDEX.format(backend="cpu"),
+                      f"NVIDIA driver {found} is older than any CUDA build of torch supports")
+
+
+def package_set_fingerprint(library: Path, requirements: Path, constraints: Sequence[Path] = ()) -> dict:
+    """What a set is built from: its marker's fields, torch's build aside.
+
+    Parameters
+    ----------
+    library : Path
+        The library's source tree (``library_source``).
+    requirements : Path
+        The worker's pinned requirements.
+    constraints : Sequence[Path]
+        Further pip constraint files.
+
+    Returns
+    -------
+    dict
+        ``format``; ``python`` (this Python's major.minor); ``requirements_sha256`` (the
+        requirements, the constraints and the library's declared dependencies);
+        ``library_version``; ``library_sha256`` (every file of the ``instructx2x`` package).
+    """
+    import tomllib  # Python 3.11+: only reached on a supported Slicer
+
+    project = tomllib.loads((library / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    wanted = hashlib.sha256(json.dumps(project.get("dependencies", [])).encode())
+    for path in (requirements, *constraints):
+        wanted.update(Path(path).read_bytes())
+    source = hashlib.sha256()
+    package = library / "src" / "instructx2x"
+    for path in sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        source.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return {"format": MARKER_FORMAT, "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
+            "requirements_sha256": wanted.hexdigest(), "library_version": project["version"],
+            "library_sha256": source.hexdigest()}
+
+
+def package_set_status(folder: Path, library: Path, requirements: Path, constraints: Sequence[Path] = ()) -> str:
+    """How the set in ``folder`` compares with what the module ships.
+
+    Parameters
+    ----------
+    folder : Path
+        The package set.
+    library : Path
+        The library's source tree (``library_source``).
+    requirements : Path
+        The worker's pinned requirements (the module's ``Resources/requirements.txt``).
+    constraints : Sequence[Path]
+        Further pip constraint files the set is built with.
+
+    Returns
+    -------
+    str
+        ``current``; ``library`` (built from these requirements but another library: the
+        library alone is reinstalled); ``rebuild`` (other requirements, another Python or a
+        damaged marker); ``missing``.
+    """
+    try:
+        built = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError):
+        return "rebuild"
+    wanted = package_set_fingerprint(library, requirements, constraints)
+    if not isinstance(built, dict) or any(built.get(key) != wanted[key]
+                                          for key in ("format", "python", "requirements_sha256")):
+        return "rebuild"
+    same_library = all(built.get(key) == wanted[key] for key in ("library_version", "library_sha256"))
+    return "current" if same_library else "library"
+
+
+def ensure_package_set(folder: Path, python: str | Path, library: Path, requirements: Path, *,
+                       confirm: Callable[[str], bool], progress: Callable[[str], None],
+                       log: Callable[[str], None], constraints: Sequence[Path] = (),
+                       torch: Callable[[], TorchBuild] = choose_torch, pip_options: Sequence[str] = ()) -> Path:
+    """Make ``folder`` hold the worker's packages for the shipped library and requirements.
+
+    Nothing happens when the set is current. Otherwise, after ``confirm``, the set is built
+    (or, for a newer library alone, updated) in a staging folder beside it, checked by
+    importing torch, diffusers and the library with ``python``, and renamed into place; on any
+    failure the staging folder is removed and the set in place is left as it was.
+
+    Parameters
+    ----------
+    folder : Path
+        The package set (``package_set_folder``).
+    python : str | Path
+        The Python the worker runs on (Slicer's: ``find_slicer_python``); its pip installs.
+    library : Path
+        The library's source tree (``library_source``).
+    requirements : Path
+        The worker's pinned requirements; its ``torch==`` line gives torch's version.
+    confirm : Callable[[str], bool]
+        Asked, with what is about to happen, before anything is downloaded.
+    progress : Callable[[str], None]
+        Told each stage in a few words (a progress dialog's label).
+    log : Callable[[str], None]
+        Given every line pip prints.
+    constraints : Sequence[Path]
+        Further pip constraint files.
+    torch : Callable[[], TorchBuild]
+        Chooses the torch build (``choose_torch``); called only when the set is (re)built.
+    pip_options : Sequence[str]
+        Further pip options (an index, ``--no-index`` and ``--find-links`` for a local mirror).
+
+    Returns
+    -------
+    Path
+        ``folder``, ready.
+
+    Raises
+    ------
+    PackageSetError
+        When the user declines, pip fails (offline, no matching build) or the new set does not
+        import; the message says what to do, and nothing was changed.
+    """
+    folder = Path(folder)
+    status = package_set_status(folder, library, requirements, constraints)
+    if status == "current":
+        return folder
+    torch_version = _pinned_torch(requirements)
+    stale = _remove_stale_builds(folder)
+    wanted = package_set_fingerprint(library, requirements, constraints)
+    if status == "library":
+        build = None
+        question = (f"InstructX2X's worker packages in {folder} come from another version of its library; "
+                    f"reinstall the library ({wanted['library_version']}) into them? A few MB are downloaded; "
+                    "Slicer's own Python is not changed.")
+    else:
+        build = torch()
+        size = "about 1 GB" if build.backend == "cpu" else "about 5 GB"
+        question = (f"InstructX2X runs its model in a separate process with packages of its own: PyTorch "
+                    f"{torch_version} ({_describe(build)}), diffusers, transformers, highdicom and the InstructX2X "
+                    f"library, {size} downloaded into {folder}. Slicer's own Python is not changed. Install now?")
+    if stale:
+        question += " (An earlier install did not finish; it was removed.)"
+    if not confirm(question):
+        raise PackageSetError("InstructX2X cannot run its model without its worker packages; nothing was "
+                              "installed. Press Preview or Apply again to install them.")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging_root = Path(tempfile.mkdtemp(prefix=f".build-{folder.name}-", dir=folder.parent))
+    try:
+        staging = staging_root / "packages"
+        source = staging_root / "library"
+        shutil.copytree(library, source, ignore=_LIBRARY_IGNORE)
+        common = [str(python), "-m", "pip", "install", "--target", str(staging), "--no-input",
+                  "--disable-pip-version-check", "--progress-bar", "off", *pip_options,
+                  *(option for path in constraints for option in ("-c", str(path)))]
+        if build is None:
+            progress("Copying the worker's packages…")
+            built_torch = json.loads((folder / MARKER).read_text(encoding="utf-8")).get("torch", {})
+            shutil.copytree(folder, staging, copy_function=_link_or_copy)
+            _remove_library(staging)
+            progress("Installing the InstructX2X library…")
+            _pip(common + ["--no-deps", str(source)], log, progress)
+        else:
+            log(f"torch {torch_version}: {_describe(build)}")
+            progress("Downloading and installing PyTorch, diffusers and the InstructX2X library…")
+            _pip(common + ["-r", str(requirements), *build.pip_arguments(torch_version), str(source)], log, progress)
+            built_torch = {"backend": build.backend, "index_url": build.index_url}
+        progress("Checking the new worker packages…")
+        built_torch["version"] = _check(python, staging, log)
+        (staging / MARKER).write_text(json.dumps({**wanted, "torch": built_torch}, indent=2), encoding="utf-8")
+        progress("Putting the worker packages in place…")
+        _replace(staging, folder, staging_root / "previous")
+    finally:
+        shutil.rmtree(staging_root, ignore_errors=True)
+    log(f"InstructX2X worker packages ready in {folder}")
+    return folder
+
+
+def _describe(build: TorchBuild) -> str:
+    kind = {"cpu": "CPU build", "index": "the package index's build"}.get(build.backend, f"CUDA build {build.backend}")
+    return f"{kind}: {build.reason}"
+
+
+def _pinned_torch(requirements: Path) -> str:
+    for line in Path(requirements).read_text(encoding="utf-8").splitlines():
+        name, _, version = line.split("#")[0].strip().partition("==")
+        if name.strip().lower() == "torch" and version.strip():
+            return version.strip()
+    raise PackageSetError(f"{Path(requirements).name} pins no torch version (a 'torch==X.Y.Z' line): "
+                          "reinstall the InstructX2X extension.")
+
+
+def _remove_stale_builds(folder: Path) -> bool:
+    """Remove staging folders an interrupted install left beside ``folder``; True if any."""
+    stale = list(folder.parent.glob(f".build-{folder.name}-*")) if folder.parent.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return bool(stale)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _remove_library(staging: Path) -> None:
+    """The installed library's own files in a copied set: its package, metadata and script."""
+    for path in [staging / "instructx2x", *staging.glob("instructx2x-*.dist-info")]:
+        shutil.rmtree(path, ignore_errors=True)
+    for script in (staging / "bin").glob("instructx2x*") if (staging / "bin").is_dir() else ():
+        script.unlink()
+
+
+def _pip(command: list[str], log: Callable[[str], None], progress: Callable[[str], None]) -> None:
+    """Run pip, every line to ``log``; a failure says what to do, with pip's last lines."""
+    tail: collections.deque = collections.deque(maxlen=15)
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, encoding="utf-8", errors="replace", creationflags=NO_WINDOW)
+    try:
+        for line in _lines(process.stdout):
+            log(line)
+            tail.append(line)
+            if line.startswith(("Collecting ", "Installing collected packages")):
+                progress(line if len(line) < 100 else line[:97] + "…")
+        returncode = process.wait()
+    finally:
+        if process.poll() is None:  # a log or progress callback raised: stop pip, remove its staging
+            process.kill()
+            process.wait()
+    if returncode != 0:
+        raise PackageSetError(
+            f"installing InstructX2X's worker packages failed (pip exit status {returncode}); nothing was changed. "
+            "Check the internet connection (the Python package index, and PyTorch's index for a CPU or CUDA "
+            "build) and press Preview or Apply again. pip's last lines:\n" + "\n".join(tail))
+
+
+def _lines(stream: Iterable[str]) -> Iterable[str]:
+    for line in stream:
+        line = line.rstrip()
+        if line:
+            yield line
+
+
+def _check(python: str | Path, staging: Path, log: Callable[[str], None]) -> str:
+    """Import what the worker needs from the new set; returns torch's version."""
+    result = subprocess.run([str(python), "-s", "-c", _CHECK, str(staging)], capture_output=True, text=True,
+                            encoding="utf-8", errors="replace", stdin=subprocess.DEVNULL, creationflags=NO_WINDOW)
+    for line in (result.stdout + result.stderr).splitlines():
+        log(line)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise PackageSetError(f"the new worker packages do not import ({last}); nothing was changed. Press "
+                              "Preview or Apply to try again; if this repeats, report it with Slicer's log.")
+    return result.stdout.strip().splitlines()[-1]
+
+
+def _replace(staging: Path, folder: Path, previous: Path) -> None:
+    """Rename ``staging`` to ``folder``; a set in place moves to ``previous`` first (removed with
+    the staging root) and comes back if the second rename fails."""
+    if folder.exists():
+        try:
+            folder.rename(previous)
+        except OSError as error:
+            raise PackageSetError(f"the worker packages in {folder} are in use ({error.strerror}); nothing was "
+                                  "changed. Restart Slicer and press Preview or Apply again.") from None
+    try:
+        staging.rename(folder)
+    except OSError as error:
+        if previous.exists():
+            previous.rename(folder)
+        raise PackageSetError(f"the new worker packages could not be put in {folder} ({error.strerror}); "
+                              "nothing was changed.") from None

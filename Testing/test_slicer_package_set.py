@@ -1,0 +1,455 @@
+"""The desktop module's worker package set (InstructX2XModuleLib/packages.py).
+
+The fast tests run the install routine's refusals and failures, the torch choice and the
+worker's start against real processes in this environment. ``test_the_package_set_on_slicers_python``
+builds a stand-in for Slicer 5.10's Python (pyenv's 3.12.1 with the packages Slicer's SuperBuild
+pins, Testing/constraints-slicer-5.10.0.txt), builds the worker's package set from the package
+index with the module's own install routine inside it (Testing/slicer_process.py), and runs a
+preview and an edit on the demo model from that set (several minutes; needs the network).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+from workers import poll_until
+
+from InstructX2XModuleLib import packages
+from InstructX2XModuleLib.worker import WorkerClient, WorkerState
+
+REPO = Path(__file__).resolve().parents[1]
+MODULE = REPO / "InstructX2X"
+REQUIREMENTS = MODULE / "Resources" / "requirements.txt"
+SLICER_CONSTRAINTS = REPO / "Testing" / "constraints-slicer-5.10.0.txt"
+# Slicer 5.10 ships Python 3.12.10; pyenv's 3.12.1 stands in for it
+SLICER_PYTHON = Path(os.environ.get("INSTRUCTX2X_SLICER_PYTHON", "/root/.pyenv/versions/3.12.1/bin/python"))
+REQUIRE_TOOLS = os.environ.get("INSTRUCTX2X_REQUIRE_SYSTEM_TOOLS") == "1"
+# what Slicer 5.10's Python holds that the module's Qt-free layers (and pip) use
+SLICER_PACKAGES = ["setuptools", "wheel", "numpy", "pydicom", "pillow", "six", "retrying", "dicomweb-client",
+                   "requests", "packaging", "pyparsing", "slicer-core", "vtk"]
+
+
+def pins(path: Path) -> dict[str, str]:
+    found = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            requirement = Requirement(line)
+            found[requirement.name.lower()] = str(requirement.specifier).removeprefix("==")
+    return found
+
+
+# -- what the module ships ---------------------------------------------------------------------
+def test_requirements_pin_every_library_dependency_inside_its_range():
+    project = tomllib.loads((REPO / "InstructX2XLib" / "pyproject.toml").read_text())["project"]
+    pinned = pins(REQUIREMENTS)
+    for line in project["dependencies"]:
+        requirement = Requirement(line)
+        assert requirement.name.lower() in pinned, requirement.name
+        assert requirement.specifier.contains(pinned[requirement.name.lower()]), (line, pinned)
+    assert set(pinned) == {Requirement(line).name.lower() for line in project["dependencies"]}
+    assert pinned["torch"] == pins(REPO / "constraints.txt")["torch"]  # the torch the suite runs
+
+
+def test_slicer_constraints_hold_the_tag_s_pins():
+    slicer = pins(SLICER_CONSTRAINTS)
+    assert slicer["pydicom"] == "2.4.4" and slicer["numpy"] == "2.0.2" and slicer["pip"] == "25.1.1"
+    assert "v5.10.0" in SLICER_CONSTRAINTS.read_text()
+
+
+def test_supported_slicer_versions():
+    assert packages.unsupported_slicer(5, 10) is None and packages.unsupported_slicer(6, 0) is None
+    message = packages.unsupported_slicer(5, 8)
+    assert "5.10 or later" in message and "Slicer 5.8" in message
+    assert packages.unsupported_slicer(4, 13) is not None
+
+
+def test_library_source_in_a_checkout_and_in_an_extension(tmp_path):
+    assert packages.library_source(MODULE) == REPO / "InstructX2XLib"
+    shipped = tmp_path / "qt-scripted-modules" / "Resources" / "InstructX2XLib"
+    (shipped / "src" / "instructx2x").mkdir(parents=True)
+    (shipped / "pyproject.toml").write_text("[project]\n")
+    assert packages.library_source(tmp_path / "qt-scripted-modules") == shipped
+    with pytest.raises(packages.PackageSetError, match="reinstall the InstructX2X extension"):
+        packages.library_source(tmp_path / "elsewhere" / "module")
+
+
+def test_the_worker_runs_only_on_slicers_python():
+    assert packages.find_slicer_python(lambda name: f"/slicer/bin/{name}") == "/slicer/bin/PythonSlicer"
+    with pytest.raises(packages.PackageSetError, match="PythonSlicer is not on Slicer's PATH"):
+        packages.find_slicer_python(lambda name: "/usr/bin/python3" if name == "python3" else None)
+
+
+# -- torch's build ---------------------------------------------------------------------------
+class Completed:
+    def __init__(self, returncode, stdout):
+        self.returncode, self.stdout = returncode, stdout
+
+
+def test_the_nvidia_driver_as_nvidia_smi_reports_it():
+    assert packages.nvidia_driver_version(lambda *a, **k: Completed(0, "580.95.05\n")) == (580, 95, 5)
+    assert packages.nvidia_driver_version(lambda *a, **k: Completed(0, "572.16\n572.16\n")) == (572, 16)
+    assert packages.nvidia_driver_version(lambda *a, **k: Completed(9, "580.95.05\n")) is None  # it failed
+    assert packages.nvidia_driver_version(lambda *a, **k: Completed(0, "No devices were found\n")) is None
+
+    def missing(*args, **kwargs):
+        raise FileNotFoundError("nvidia-smi")
+
+    assert packages.nvidia_driver_version(missing) is None
+
+
+@pytest.mark.parametrize("system, driver, backend", [
+    ("Linux", None, "cpu"), ("Linux", (580, 95, 5), "cu130"), ("Linux", (575, 51, 2), "cu128"),
+    ("Linux", (560, 35, 3), "cu126"), ("Linux", (535, 104), "cpu"), ("Windows", (580, 70), "cu128"),
+    ("Windows", (560, 70), "cpu"), ("Windows", None, "cpu"), ("Darwin", (580, 95), "index")])
+def test_torch_s_build_follows_the_gpu_driver(system, driver, backend):
+    build = packages.choose_torch(system, lambda: driver)
+    assert build.backend == backend
+    if backend == "index":
+        assert build.index_url is None and build.pip_arguments("2.13.0") == []
+    else:
+        assert build.index_url == f"https://download.pytorch.org/whl/{backend}"
+        assert build.pip_arguments("2.13.0") == ["--extra-index-url", build.index_url, f"torch==2.13.0+{backend}"]
+    assert ("older than" in build.reason) == (driver is not None and backend == "cpu")
+
+
+# -- the set's marker --------------------------------------------------------------------------
+@pytest.fixture
+def shipped(tmp_path):
+    """A copy of the module's library and requirements, to change without touching the repo's."""
+    library = tmp_path / "InstructX2XLib"
+    (library / "src" / "instructx2x").mkdir(parents=True)
+    shutil.copy(REPO / "InstructX2XLib" / "pyproject.toml", library)
+    for name in ("__init__.py", "errors.py", "instructions.py"):
+        shutil.copy(REPO / "InstructX2XLib" / "src" / "instructx2x" / name, library / "src" / "instructx2x")
+    requirements = tmp_path / "requirements.txt"
+    shutil.copy(REQUIREMENTS, requirements)
+    return library, requirements
+
+
+def test_the_marker_says_what_a_set_was_built_from(shipped, tmp_path):
+    library, requirements = shipped
+    folder = tmp_path / "set"
+    assert packages.package_set_status(folder, library, requirements) == "missing"
+    folder.mkdir()
+    marker = folder / packages.MARKER
+    built = packages.package_set_fingerprint(library, requirements)
+    marker.write_text(json.dumps({**built, "torch": {"backend": "cpu"}}))
+    assert packages.package_set_status(folder, library, requirements) == "current"
+    (library / "src" / "instructx2x" / "errors.py").write_text("# another library\n")
+    assert packages.package_set_status(folder, library, requirements) == "library"
+    marker.write_text(json.dumps({**built, "library_version": "0.0.1"}))
+    assert packages.package_set_status(folder, library, requirements) == "library"
+    marker.write_text(json.dumps({**built, "python": "3.9"}))
+    assert packages.package_set_status(folder, library, requirements) == "rebuild"
+    marker.write_text(json.dumps(built))
+    requirements.write_text(requirements.read_text().replace("highdicom==0.28.2", "highdicom==0.28.1"))
+    assert packages.package_set_status(folder, library, requirements) == "rebuild"
+    marker.write_text("{not json")
+    assert packages.package_set_status(folder, library, requirements) == "rebuild"
+
+
+# -- refusals and failures change nothing ------------------------------------------------------
+def test_declining_installs_nothing_and_runs_nothing(shipped, tmp_path):
+    library, requirements = shipped
+    folder = tmp_path / "settings" / "InstructX2X" / "worker-packages-py3.12"
+    stale = folder.parent / f".build-{folder.name}-interrupted"
+    (stale / "packages" / "torch").mkdir(parents=True)
+    questions = []
+    with pytest.raises(packages.PackageSetError, match="nothing was installed. Press Preview or Apply again"):
+        packages.ensure_package_set(folder, tmp_path / "no-such-python", library, requirements,
+                                    confirm=lambda q: questions.append(q) or False, progress=print, log=print,
+                                    torch=lambda: packages.TorchBuild("cpu", "https://example.invalid/cpu", "no GPU"))
+    assert len(questions) == 1 and "about 1 GB" in questions[0] and "Slicer's own Python is not changed" in questions[0]
+    assert "CPU build: no GPU" in questions[0] and "earlier install did not finish" in questions[0]
+    assert sorted(p.name for p in folder.parent.iterdir()) == []  # the interrupted build's folder is gone
+
+
+def test_an_offline_install_leaves_the_set_in_place_as_it_was(shipped, tmp_path, monkeypatch):
+    library, requirements = shipped
+    folder = tmp_path / "set"
+    folder.mkdir()
+    (folder / packages.MARKER).write_text(json.dumps({"format": 1, "python": "2.7"}))  # an old set
+    (folder / "old_package.py").write_text("VALUE = 1\n")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    empty = tmp_path / "no-packages"
+    empty.mkdir()
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # this machine's pip finds wheels on disk
+    monkeypatch.setenv("PIP_FIND_LINKS", str(empty))
+    stages, lines = [], []
+    with pytest.raises(packages.PackageSetError) as error:
+        packages.ensure_package_set(folder, sys.executable, library, requirements, confirm=lambda q: True,
+                                    progress=stages.append, log=lines.append, pip_options=["--no-index"],
+                                    torch=lambda: packages.TorchBuild("index", None, "the test"))
+    message = str(error.value)
+    assert "nothing was changed" in message and "Check the internet connection" in message
+    assert "pip exit status 1" in message and lines and lines[-1] in message  # pip's last lines
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["InstructX2XLib", "no-packages", "requirements.txt", "set"]
+
+
+# -- the worker's start ----------------------------------------------------------------------
+def test_the_worker_command_puts_the_set_first_and_not_the_working_folder(tmp_path):
+    for place in ("set", "cwd"):
+        package = tmp_path / place / "instructx2x"
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text("")
+        (package / "cli.py").write_text(
+            "import json, sys\nprint(json.dumps({'where': " + repr(place) + ", 'argv': sys.argv[1:], "
+            "'first': sys.path[0], 'name': __name__}))\n")
+    command = [*packages.worker_command(sys.executable, tmp_path / "set"), "serve", "--stdio"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path / "cwd", check=True)
+    # the set's copy wins over this environment's installed library and over the working folder's
+    assert json.loads(result.stdout) == {"where": "set", "argv": ["serve", "--stdio"],
+                                         "first": str(tmp_path / "set"), "name": "__main__"}
+
+
+CHATTY_WORKER = """
+import json, sys
+for index in range(20000):  # about 1.4 MB of log, far more than a pipe holds
+    print(f"log line {index:05d} " + "x" * 50, file=sys.stderr)
+print(json.dumps({"event": "ready", "model": {}}), flush=True)
+sys.stdin.readline()
+print("the last line", file=sys.stderr)
+sys.exit(3)
+"""
+
+
+def test_a_worker_that_logs_a_lot_still_starts_and_its_last_lines_explain_its_exit():
+    client = WorkerClient("demo", executable=[sys.executable, "-c", CHATTY_WORKER])
+    client.start()
+    try:
+        poll_until(client, lambda events: client.state is WorkerState.READY, timeout=30)
+        client._send({"type": "anything"})
+        poll_until(client, lambda events: client.state is WorkerState.STOPPED, timeout=30)
+    finally:
+        client.kill()
+    assert "exit code 3" in client.last_error and client.last_error.endswith("the last line\n")
+    assert len(client.stderr_tail) == 200 and client.stderr_tail[0].startswith("log line 19801")
+
+
+# -- the self-test's radiograph --------------------------------------------------------------
+def self_test_writer() -> str:
+    """The self-test's ``_writeTestRadiograph`` from InstructX2X.py (which imports Slicer's qt)."""
+    tree = ast.parse((MODULE / "InstructX2X.py").read_text())
+    function = next(node for node in tree.body if isinstance(node, ast.FunctionDef)
+                    and node.name == "_writeTestRadiograph")
+    return "from pathlib import Path\n" + ast.unparse(function)
+
+
+WRITE_AND_READ = """
+import sys
+{writer}
+_writeTestRadiograph(Path(sys.argv[1]))
+import pydicom
+dataset = pydicom.dcmread(sys.argv[1])
+print(pydicom.__version__, dataset.Modality, dataset.pixel_array.shape, dataset.file_meta.TransferSyntaxUID)
+"""
+
+
+def test_the_self_tests_radiograph_on_pydicom_3(tmp_path):
+    result = subprocess.run([sys.executable, "-c", WRITE_AND_READ.format(writer=self_test_writer()),
+                             str(tmp_path / "dx.dcm")], capture_output=True, text=True, check=True)
+    assert result.stdout.split()[0].startswith("3.")
+    assert result.stdout.split()[1:] == ["DX", "(96,", "88)", "1.2.840.10008.1.2.1"]
+
+
+# -- the extension as built -------------------------------------------------------------------
+# Slicer's CMake, reduced to what the extension's CMakeLists use: slicerMacroBuildScriptedModule
+# puts each SCRIPT and RESOURCE at its relative path under the module's build tree
+# (lib/Slicer-X.Y/qt-scripted-modules) and installs that tree whole (Slicer's
+# SlicerMacroBuildScriptedModule.cmake through CTK's ctkMacroCompilePythonScript).
+FAKE_SLICER_CONFIG = """
+set(Slicer_USE_FILE ${CMAKE_CURRENT_LIST_DIR}/UseSlicer.cmake)
+set(Slicer_EXTENSION_GENERATE_CONFIG ${CMAKE_CURRENT_LIST_DIR}/Nothing.cmake)
+set(Slicer_EXTENSION_CPACK ${CMAKE_CURRENT_LIST_DIR}/Nothing.cmake)
+"""
+FAKE_SLICER_USE = """
+set(Slicer_QTSCRIPTEDMODULES_LIB_DIR lib/Slicer-5.10/qt-scripted-modules)
+set(Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR ${Slicer_QTSCRIPTEDMODULES_LIB_DIR})
+macro(slicerMacroBuildScriptedModule)
+  cmake_parse_arguments(MODULE "WITH_GENERIC_TESTS" "NAME" "SCRIPTS;RESOURCES" ${ARGN})
+  foreach(module_file ${MODULE_SCRIPTS} ${MODULE_RESOURCES})
+    configure_file(${CMAKE_CURRENT_SOURCE_DIR}/${module_file}
+      ${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}/${module_file} COPYONLY)
+  endforeach()
+  install(DIRECTORY ${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}/
+    DESTINATION ${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR})
+endmacro()
+macro(slicer_add_python_unittest)
+endmacro()
+"""
+
+
+@pytest.fixture(scope="module")
+def installed_extension(tmp_path_factory):
+    """The extension configured from its own CMakeLists and installed into a staging folder."""
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        if REQUIRE_TOOLS:
+            pytest.fail("cmake is missing (scripts/install-system-packages.sh installs it)")
+        pytest.skip("cmake is missing")
+    root = tmp_path_factory.mktemp("extension")
+    (root / "slicer").mkdir()
+    (root / "slicer" / "SlicerConfig.cmake").write_text(FAKE_SLICER_CONFIG)
+    (root / "slicer" / "UseSlicer.cmake").write_text(FAKE_SLICER_USE)
+    (root / "slicer" / "Nothing.cmake").write_text("")
+    subprocess.run([cmake, "-S", str(REPO), "-B", str(root / "build"), f"-DSlicer_DIR={root / 'slicer'}",
+                    "-DBUILD_TESTING=OFF"], check=True, capture_output=True)
+    subprocess.run([cmake, "--install", str(root / "build"), "--prefix", str(root / "staging")], check=True,
+                   capture_output=True)
+    return root / "staging" / "lib" / "Slicer-5.10" / "qt-scripted-modules"
+
+
+def imports(path: Path) -> set[tuple[str, str | None]]:
+    """Every (module, name) a file imports, at the top or inside functions; name is None for
+    ``import module``, relative imports resolved."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {(alias.name, None) for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                module = f"{path.parent.name}.{module}" if module else path.parent.name
+            found |= {(module, alias.name) for alias in node.names}
+    return found
+
+
+def module_file(bases: list[Path], module: str) -> Path | None:
+    for base in bases:
+        for candidate in (base / (module.replace(".", "/") + ".py"), base / module.replace(".", "/") / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def test_the_installed_extension_holds_every_file_the_module_imports(installed_extension):
+    staged = installed_extension
+    assert (staged / "InstructX2X.py").is_file() and (staged / "Resources" / "requirements.txt").is_file()
+    library = packages.library_source(staged)
+    assert library == staged / "Resources" / "InstructX2XLib"
+    shipped = {p.relative_to(REPO / "InstructX2XLib") for p in (REPO / "InstructX2XLib" / "src" / "instructx2x").rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts}
+    assert shipped and all((library / path).is_file() for path in shipped)
+    assert (library / "pyproject.toml").is_file() and (library / "README.md").is_file()
+    # every module of ours that the panel's files import, top-level or lazily, lies in the staging;
+    # a name imported from a package is its submodule or defined in its __init__
+    bases = [staged, library / "src"]
+    ours = sorted(pair for source in [staged / "InstructX2X.py", *(staged / "InstructX2XModuleLib").glob("*.py")]
+                  for pair in imports(source) if pair[0].split(".")[0] in ("InstructX2XModuleLib", "instructx2x"))
+    assert ("instructx2x.instructions", "FINDINGS") in ours and ("InstructX2XModuleLib", "packages") in ours
+    missing = []
+    for module, name in ours:
+        found = module_file(bases, module)
+        if found is None:
+            missing.append(module)
+        elif name and found.name == "__init__.py" and module_file(bases, f"{module}.{name}") is None \
+                and name not in found.read_text():
+            missing.append(f"{module}.{name}")
+    assert missing == []
+    assert not (staged / "InstructX2XModuleLib" / "web").exists()  # the browser panel: pip, not the extension
+
+
+PANEL_IMPORTS = """
+import sys
+from pathlib import Path
+module = Path(sys.argv[1])
+sys.path.insert(0, str(module))
+from InstructX2XModuleLib import packages
+packages.use_library_source(module)
+from InstructX2XModuleLib import scene, session, worker
+import instructx2x
+print(instructx2x.__file__)
+print(session.describe_instruction("Remove the finding of right pneumothorax"))
+print("torch" in sys.modules)
+"""
+
+
+def test_the_installed_extension_s_panel_layers_import_from_the_staging(installed_extension):
+    result = subprocess.run([sys.executable, "-c", PANEL_IMPORTS, str(installed_extension)], capture_output=True,
+                            text=True, check=True, cwd=installed_extension)
+    where, described, torch = result.stdout.splitlines()
+    assert Path(where).is_relative_to(installed_extension / "Resources" / "InstructX2XLib" / "src")
+    assert described.startswith("remove: pneumothorax (right)") and torch == "False"
+
+
+# -- Slicer's Python -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def slicer_python(tmp_path_factory):
+    """A venv on Python 3.12 with Slicer 5.10's bundled packages at the SuperBuild's pins."""
+    if not SLICER_PYTHON.is_file():
+        message = (f"{SLICER_PYTHON} (Python 3.12, as in Slicer 5.10) is missing: install it with "
+                   "`pyenv install 3.12.1` or point INSTRUCTX2X_SLICER_PYTHON at a Python 3.12")
+        if REQUIRE_TOOLS:
+            pytest.fail(message)
+        pytest.skip(message)
+    venv = tmp_path_factory.mktemp("slicer-python") / "venv"
+    python = venv / "bin" / "python"
+    pip = [str(python), "-m", "pip", "install", "-q", "-c", str(SLICER_CONSTRAINTS)]
+    # Slicer's pip (25.1.1) first: it does the installs
+    for command in ([str(SLICER_PYTHON), "-m", "venv", str(venv)], [*pip, "pip"], [*pip, *SLICER_PACKAGES]):
+        result = subprocess.run(command, capture_output=True, text=True)
+        assert result.returncode == 0, (command, result.stderr[-3000:])
+    yield python
+    shutil.rmtree(venv, ignore_errors=True)
+
+
+def test_the_package_set_on_slicers_python(slicer_python, tmp_path):
+    """Slicer's Python keeps its pydicom 2.4.4 and never imports torch; the module's install
+    routine builds, finds current, and updates the worker's set; the worker runs from it."""
+    checkout = tmp_path / "checkout"  # the module and library as they are now, apart from later edits
+    shutil.copytree(MODULE, checkout / "InstructX2X", ignore=shutil.ignore_patterns("__pycache__", "web"))
+    shutil.copytree(REPO / "InstructX2XLib", checkout / "InstructX2XLib",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "tests", "tools"))
+    folder = tmp_path / "settings" / "InstructX2X" / "worker-packages-py3.12"
+    started = time.monotonic()
+    try:
+        result = subprocess.run([str(slicer_python), str(REPO / "Testing" / "slicer_process.py"),
+                                 str(checkout / "InstructX2X"), str(folder), str(tmp_path / "work"),
+                                 str(REPO / "constraints.txt")], capture_output=True, text=True, timeout=1200)
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads(result.stdout.splitlines()[-1])
+        writer = subprocess.run([str(slicer_python), "-c", WRITE_AND_READ.format(writer=self_test_writer()),
+                                 str(tmp_path / "dx.dcm")], capture_output=True, text=True)
+    finally:
+        shutil.rmtree(folder.parent, ignore_errors=True)  # several GB
+        shutil.rmtree(checkout, ignore_errors=True)
+    print(f"package set: built in {report['install_s']:.0f} s, updated in {report['update_s']:.0f} s; "
+          f"all in {time.monotonic() - started:.0f} s")
+
+    # Slicer's process: its own packages untouched, the Qt-free layers without torch
+    assert report["pydicom"] == "2.4.4" and report["unchanged"]
+    assert report["installed"] == {"numpy": "2.0.2", "pydicom": "2.4.4", "torch": None, "diffusers": None,
+                                   "instructx2x": None}
+    assert not report["torch_imported_by_layers"] and not report["torch_imported"]
+    assert report["described"].startswith("add: pleural effusion (left)")
+    # built once (asked once), then current (nothing asked, nothing run)
+    assert report["questions_after_install"] == 1 and report["status_after_install"] == "current"
+    assert report["questions_after_again"] == 1 and report["again_s"] < 10
+    assert report["marker"]["library_version"] == "0.1.0" and report["marker"]["python"] == "3.12"
+    assert report["marker"]["torch"]["version"].startswith("2.13.0")
+    assert report["stages"][0].startswith("Downloading and installing PyTorch")
+    # a set from an older library: the library alone reinstalled, torch's files kept
+    assert "another version of its library" in report["update_question"]
+    assert report["torch_file_kept"] and report["marker_after_update"] == "0.1.0"
+    assert report["left_beside_set"] == [folder.name]
+    # the worker from the set: the demo model, a preview and an edit
+    assert report["ready"] == {"state": "ready", "error": None, "model": "demo"}
+    assert report["preview"]["last"] == "done" and "guidance_map.npy" in report["preview"]["files"]
+    assert report["edit"]["last"] == "done" and "counterfactual.dcm" in report["edit"]["files"]
+    assert report["worker_command"][:3] == [str(slicer_python), "-s", "-c"]
+    # the self-test writes its radiograph with Slicer's pydicom 2.4.4
+    assert writer.returncode == 0, writer.stderr[-2000:]
+    assert writer.stdout.split() == ["2.4.4", "DX", "(96,", "88)", "1.2.840.10008.1.2.1"]
