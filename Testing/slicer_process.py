@@ -103,8 +103,14 @@ def main(module: Path, folder: Path, work: Path, constraints: list[Path]) -> dic
         client.shutdown()
     report["worker_command"] = client.command[:3]
 
+    # what the panel then reads in Slicer's process, with Slicer's pydicom: the counterfactual's
+    # pixels and the series' UIDs for the DICOM database
     import pydicom
 
+    edited = session.dicom_pixels(work / "edit" / "counterfactual.dcm")
+    report["counterfactual"] = [list(edited.shape), str(edited.dtype)]
+    report["series_files"] = sorted(
+        str(pydicom.dcmread(path, stop_before_pixels=True).Modality) for path in (work / "edit").glob("*.dcm"))
     report["pydicom"] = pydicom.__version__
     report["torch_imported"] = "torch" in sys.modules
     report["unchanged"] = installed() == before

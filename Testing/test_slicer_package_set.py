@@ -130,7 +130,8 @@ def shipped(tmp_path):
     """A copy of the module's library and requirements, to change without touching the repo's."""
     library = tmp_path / "InstructX2XLib"
     (library / "src" / "instructx2x").mkdir(parents=True)
-    shutil.copy(REPO / "InstructX2XLib" / "pyproject.toml", library)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / "InstructX2XLib" / name, library)
     for name in ("__init__.py", "errors.py", "instructions.py"):
         shutil.copy(REPO / "InstructX2XLib" / "src" / "instructx2x" / name, library / "src" / "instructx2x")
     requirements = tmp_path / "requirements.txt"
@@ -169,7 +170,8 @@ def test_declining_installs_nothing_and_runs_nothing(shipped, tmp_path):
     questions = []
     with pytest.raises(packages.PackageSetError, match="nothing was installed. Press Preview or Apply again"):
         packages.ensure_package_set(folder, tmp_path / "no-such-python", library, requirements,
-                                    confirm=lambda q: questions.append(q) or False, progress=print, log=print,
+                                    confirm=lambda q: questions.append(q) or False, progress=lambda stage: None,
+                                    log=lambda line: None,
                                     torch=lambda: packages.TorchBuild("cpu", "https://example.invalid/cpu", "no GPU"))
     assert len(questions) == 1 and "about 1 GB" in questions[0] and "Slicer's own Python is not changed" in questions[0]
     assert "CPU build: no GPU" in questions[0] and "earlier install did not finish" in questions[0]
@@ -197,6 +199,40 @@ def test_an_offline_install_leaves_the_set_in_place_as_it_was(shipped, tmp_path,
     assert "pip exit status 1" in message and lines and lines[-1] in message  # pip's last lines
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["InstructX2XLib", "no-packages", "requirements.txt", "set"]
+
+
+def test_a_python_that_does_not_run_is_said_and_changes_nothing(shipped, tmp_path):
+    library, requirements = shipped
+    folder = tmp_path / "settings" / "set"
+    with pytest.raises(packages.PackageSetError, match="cannot run no-such-python .*nothing was changed"):
+        packages.ensure_package_set(folder, tmp_path / "no-such-python", library, requirements,
+                                    confirm=lambda q: True, progress=lambda stage: None, log=lambda line: None,
+                                    torch=lambda: packages.TorchBuild("index", None, "the test"))
+    assert list(folder.parent.iterdir()) == []
+
+
+OLD_SLICER_PYTHON = Path("/root/.pyenv/versions/3.9.18/bin/python")  # Slicer 5.6 and 5.8 ship Python 3.9
+ON_OLD_SLICER = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from InstructX2XModuleLib import packages
+packages.use_library_source(Path(sys.argv[1]))
+from instructx2x.instructions import FINDINGS, parse_instruction
+print(len(FINDINGS), parse_instruction("Remove the finding of right pneumothorax").findings[0])
+print(packages.unsupported_slicer(5, 8))
+"""
+
+
+def test_on_slicer_5_8_s_python_the_panel_parses_instructions_and_says_what_it_needs():
+    if not OLD_SLICER_PYTHON.is_file():
+        if REQUIRE_TOOLS:
+            pytest.fail(f"{OLD_SLICER_PYTHON} (Python 3.9, as in Slicer 5.6 and 5.8) is missing")
+        pytest.skip(f"{OLD_SLICER_PYTHON} is missing")
+    result = subprocess.run([str(OLD_SLICER_PYTHON), "-c", ON_OLD_SLICER, str(MODULE)], capture_output=True,
+                            text=True, check=True)
+    vocabulary, needs = result.stdout.splitlines()
+    assert vocabulary == "30 pneumothorax" and "needs 3D Slicer 5.10 or later" in needs
 
 
 # -- the worker's start ----------------------------------------------------------------------
@@ -450,6 +486,9 @@ def test_the_package_set_on_slicers_python(slicer_python, tmp_path):
     assert report["preview"]["last"] == "done" and "guidance_map.npy" in report["preview"]["files"]
     assert report["edit"]["last"] == "done" and "counterfactual.dcm" in report["edit"]["files"]
     assert report["worker_command"][:3] == [str(slicer_python), "-s", "-c"]
+    # the panel reads the written series with Slicer's pydicom 2.4.4
+    assert report["counterfactual"][1] == "float32" and len(report["counterfactual"][0]) == 2
+    assert len(report["series_files"]) == 3 and "SEG" in report["series_files"]  # counterfactual, overlay, SEG
     # the self-test writes its radiograph with Slicer's pydicom 2.4.4
     assert writer.returncode == 0, writer.stderr[-2000:]
     assert writer.stdout.split() == ["2.4.4", "DX", "(96,", "88)", "1.2.840.10008.1.2.1"]

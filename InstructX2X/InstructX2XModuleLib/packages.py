@@ -63,7 +63,6 @@ _BOOTSTRAP = ("import runpy, sys; sys.path[0] = sys.argv.pop(1); "
 # What a finished set must import before it replaces the one in place.
 _CHECK = ("import sys; sys.path[0] = sys.argv[1]; import torch, diffusers, transformers, pydicom, highdicom, "
           "instructx2x.cli; print(torch.__version__)")
-_LIBRARY_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build", "dist")
 
 
 class PackageSetError(WorkerError):
@@ -395,11 +394,11 @@ def ensure_package_set(folder: Path, python: str | Path, library: Path, requirem
         return folder
     torch_version = _pinned_torch(requirements)
     stale = _remove_stale_builds(folder)
-    wanted = package_set_fingerprint(library, requirements, constraints)
     if status == "library":
         build = None
+        version = package_set_fingerprint(library, requirements, constraints)["library_version"]
         question = (f"InstructX2X's worker packages in {folder} come from another version of its library; "
-                    f"reinstall the library ({wanted['library_version']}) into them? A few MB are downloaded; "
+                    f"reinstall the library ({version}) into them? A few MB are downloaded; "
                     "Slicer's own Python is not changed.")
     else:
         build = torch()
@@ -416,8 +415,8 @@ def ensure_package_set(folder: Path, python: str | Path, library: Path, requirem
     staging_root = Path(tempfile.mkdtemp(prefix=f".build-{folder.name}-", dir=folder.parent))
     try:
         staging = staging_root / "packages"
-        source = staging_root / "library"
-        shutil.copytree(library, source, ignore=_LIBRARY_IGNORE)
+        source = _copy_library(library, staging_root / "library")  # pip builds in it; the marker describes it
+        wanted = package_set_fingerprint(source, requirements, constraints)
         common = [str(python), "-m", "pip", "install", "--target", str(staging), "--no-input",
                   "--disable-pip-version-check", "--progress-bar", "off", *pip_options,
                   *(option for path in constraints for option in ("-c", str(path)))]
@@ -447,6 +446,16 @@ def ensure_package_set(folder: Path, python: str | Path, library: Path, requirem
 def _describe(build: TorchBuild) -> str:
     kind = {"cpu": "CPU build", "index": "the package index's build"}.get(build.backend, f"CUDA build {build.backend}")
     return f"{kind}: {build.reason}"
+
+
+def _copy_library(library: Path, target: Path) -> Path:
+    """What pip needs of the library, as the extension ships it: pyproject.toml, README.md and
+    the package (caches left out)."""
+    shutil.copytree(library / "src" / "instructx2x", target / "src" / "instructx2x",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(library / name, target / name)
+    return target
 
 
 def _pinned_torch(requirements: Path) -> str:
@@ -484,8 +493,13 @@ def _remove_library(staging: Path) -> None:
 def _pip(command: list[str], log: Callable[[str], None], progress: Callable[[str], None]) -> None:
     """Run pip, every line to ``log``; a failure says what to do, with pip's last lines."""
     tail: collections.deque = collections.deque(maxlen=15)
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, encoding="utf-8", errors="replace", creationflags=NO_WINDOW)
+    try:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace",
+                                   creationflags=NO_WINDOW)
+    except OSError as error:
+        raise PackageSetError(f"cannot run {Path(command[0]).name} to install the worker's packages "
+                              f"({error.strerror}); nothing was changed.") from None
     try:
         for line in _lines(process.stdout):
             log(line)
