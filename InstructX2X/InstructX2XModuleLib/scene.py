@@ -42,8 +42,8 @@ _CONVERTERS_REGISTERED = False
 
 def prepare_scene(scene) -> None:
     """Register the segmentation converters (once per process) and the segmentation logic
-    on ``scene``; outside the Slicer application segments cannot otherwise be added or
-    turned into labelmaps (SPEC section 10). The Slicer application has done both already.
+    on ``scene``; outside the Slicer application (PyPI's slicer-core) segments cannot
+    otherwise be added or turned into labelmaps. The Slicer application has done both already.
     """
     global _CONVERTERS_REGISTERED
     if not _CONVERTERS_REGISTERED:

@@ -34,7 +34,7 @@ __all__ = ["DicomImportError", "import_into_dicom_database", "PAPER_SCHEDULER", 
 
 MASK_SOURCES = ("anatomical prior", "painted segment", "painted segment and prior")
 PRESETS = ("fast (device default)", "paper (DDIM 100 steps)")
-# The paper preset: the authors' sampler and step count (SPEC section 2), whatever the device
+# The paper preset: the authors' sampler and step count (docs/method.md section 2), whatever the device
 PAPER_SCHEDULER, PAPER_STEPS = "ddim", 100
 OPERATIONS = ("Add", "Remove", "Change the level of")
 SIDES = ("", "left", "right", "bilateral")  # the structured helper's choices ("": no side)

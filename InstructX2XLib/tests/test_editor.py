@@ -161,7 +161,7 @@ def test_auto_scheduler_follows_the_device():
 
 def test_pad_mode_priors_land_where_the_image_lands(editor):
     """A wide 200x400 film: the cardiomegaly prior must cover the same rows of the film in
-    pad mode as in squash mode (it used to be applied in the padded square, 44 rows off)."""
+    pad mode as in squash mode (applied in the padded square instead, it lands 44 rows off)."""
     yy, xx = np.mgrid[0:200, 0:400]
     film = Radiograph((0.5 + 0.2 * np.sin(yy / 9) * np.cos(xx / 13)).astype(np.float32),
                       "wide.png", "e" * 64, "png", 8)

@@ -105,7 +105,8 @@ def test_relevance_map_comes_from_one_unet_call_at_t_rel(tiny_pipe, xray):
 
 
 def test_relevance_map_equals_spec_computation_on_the_full_cfg_batch(tiny_pipe, xray):
-    """The call runs on the two CFG members R uses; R must equal SPEC step 3 on all three."""
+    """The call runs on the two CFG members R uses; R must equal docs/method.md section 2, step 3
+    on all three."""
     out = run(tiny_pipe, xray, guidance_only=True, region_mode="relevance")
     pixels = tiny_pipe.image_processor.normalize(xray.expand(-1, 3, -1, -1))
     g = generator(0)
@@ -124,9 +125,9 @@ def test_relevance_map_equals_spec_computation_on_the_full_cfg_batch(tiny_pipe, 
 
 
 def test_several_relevance_draws_average_spec_maps_over_the_generators_next_draws(tiny_pipe, xray):
-    """relevance_draws=3: R from SPEC step 3 at each of three noise draws, the first being the
-    edit's noise and the two others the generator's next two, averaged before the clip; the
-    edit itself still starts from and re-noises with the first."""
+    """relevance_draws=3: R from docs/method.md section 2, step 3, at each of three noise draws,
+    the first being the edit's noise and the two others the generator's next two, averaged
+    before the clip; the edit itself still starts from and re-noises with the first."""
     calls = []
     handle = tiny_pipe.unet.register_forward_pre_hook(lambda m, a: calls.append(int(a[1])))
     try:
@@ -374,7 +375,8 @@ def test_latent_blending_under_the_cpu_default_samplers(tiny_pipe, xray, name):
     assert len(seen) == 3
     for i, state in enumerate(seen):
         outside = state["mask"].expand_as(state["latents"]) == 0
-        # SPEC step 6 from the training schedule itself, independent of the solver's state
+        # docs/method.md section 2, step 6, from the training schedule itself, independent of
+        # the solver's state
         alpha = tiny_pipe.scheduler.alphas_cumprod[int(timesteps[i + 1])] if i < 2 else torch.tensor(1.0)
         expected = alpha.sqrt() * state["source_latents"] + (1 - alpha).sqrt() * state["noise"]
         assert outside.any()
@@ -384,8 +386,8 @@ def test_latent_blending_under_the_cpu_default_samplers(tiny_pipe, xray, name):
 
 @pytest.mark.parametrize("mode,scale,dtype", [("I;16", 65535, np.uint16), ("F", 1.0, np.float32)])
 def test_pil_images_are_read_at_full_depth(tiny_pipe, mode, scale, dtype):
-    """A 16-bit or float PIL image must give the same result as its [0, 1] tensor (it used to
-    go through 8-bit "L": a 16-bit ramp read as ~1, a float one as ~0)."""
+    """A 16-bit or float PIL image must give the same result as its [0, 1] tensor (through
+    8-bit "L" a 16-bit ramp reads as ~1, a float one as ~0)."""
     ramp = np.tile(np.linspace(0.1, 0.9, 64, dtype=np.float32), (64, 1))
     image = PIL.Image.fromarray((ramp * scale).astype(dtype))
     assert image.mode == mode
@@ -436,7 +438,8 @@ def test_relevance_is_computed_in_fp32_when_the_model_runs_in_bf16(xray):
     finally:
         handle.remove()
     assert dtypes == [torch.float32, torch.bfloat16] and pipe.unet.dtype == torch.bfloat16
-    # SPEC step 3 by hand on the pipeline's own inputs, with an fp32 copy of the UNet
+    # docs/method.md section 2, step 3, by hand on the pipeline's own inputs, with an fp32
+    # copy of the UNet
     import copy
 
     state = out.guidance_state

@@ -96,7 +96,8 @@ def test_from_directory_errors(tmp_path):
 
 
 def test_a_finding_without_prior_widens_the_union_to_the_full_image():
-    """SPEC 2.4: 'effusion and fracture' may change the ribs too; never only the effusion."""
+    """docs/method.md section 2, step 4: 'effusion and fracture' may change the ribs too;
+    never only the effusion."""
     priors = PriorSet.default()
     mixed = priors.select(parse_instruction("Add the finding of pleural effusion and fracture"))
     assert mixed.full_image and mixed.mask.min() == 1

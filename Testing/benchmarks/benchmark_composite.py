@@ -1,4 +1,4 @@
-"""Native detail inside the edit: composite "change" against "replace" (issue 8, item 2).
+"""Native detail inside the edit: composite "change" against "replace".
 
 For each film, one edit with a fixed painted mask (the middle of the right lung field) and
 each composite mode, measured inside the mask:

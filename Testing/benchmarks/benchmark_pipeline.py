@@ -2,7 +2,7 @@
 
 Prints each figure as it is measured; the last line is one JSON object with all of them.
 
-Sections (targets from issue 2):
+Sections (and the figure each aims for):
   overhead    RSE edit vs diffusers' StableDiffusionInstructPix2PixPipeline, same tiny model,
               steps and seed (target ratio <= 1.03).
   preview     guidance preview vs a full 100-step edit (target ratio <= 0.05).
@@ -14,7 +14,7 @@ Sections (targets from issue 2):
               multiplied out (a full run takes ~40 min on 2 cores). Targets: <= 60 s, >= 15x.
   gpu         100-step edit seconds and peak memory when CUDA is present.
   batch       images per second through InstructX2XEditor.edit_batch at batch 1, 4 and 16
-              (tiny model, its native 256 px, the default CPU sampler; issue 8 item 7).
+              (tiny model, its native 256 px, the default CPU sampler).
 
 Usage: python benchmark_pipeline.py [--sections overhead,preview,equivalence,sd15,gpu]
 """
@@ -46,7 +46,8 @@ DDIM_10 = {"scheduler": "ddim", "num_inference_steps": 10}
 SD15_INFO = ModelInfo("sd15-size-random", "random weights", "0" * 64, False)
 
 
-CPU = cpu_description()  # printed beside every figure: timings differ by CPU kind (SPEC 10)
+# printed beside every figure: timings differ by CPU kind (docs/benchmarks.md section 1)
+CPU = cpu_description()
 
 
 def report(results: dict, key: str, value, unit: str = "") -> None:

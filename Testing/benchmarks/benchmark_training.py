@@ -1,4 +1,4 @@
-"""Training throughput and memory on this machine (issue 9), against nothing but itself.
+"""Training throughput and memory on this machine, against nothing but itself.
 
 Sections:
   small   the tiny model (untrained-tiny) at 64 px, batch 2, accumulation 1, the precision the
@@ -8,11 +8,11 @@ Sections:
           gradient checkpointing: seconds per step, samples/s, peak resident memory.
   gpu     the SD-1.5 configuration at 512 px when CUDA is present: samples/s, peak VRAM and
           the projected wall time of the paper's run (4,500 steps x 576 samples on 8 GPUs).
-  demo    the demo model's recipe (Training/configs/demo.yaml and demo-focal.yaml, issue 10)
+  demo    the demo model's recipe (Training/configs/demo.yaml and demo-focal.yaml)
           timed stage by stage on a few pairs and steps, and projected to `make demo-model`'s
           counts (6,000 pairs, the config's autoencoder and UNet steps; the focal stage's 1,800
           pairs and UNet steps, which cost what the first's do): does this machine rebuild the demo model
-          within the issue's hour? A minute or two with --steps 8 (`make demo-model-estimate`)
+          within the hour the recipe is sized to? A minute or two with --steps 8 (`make demo-model-estimate`)
           instead of the rebuild's hours; --steps N gives each of its two epochs N UNet steps.
 
 Each section builds a small synthetic dataset first (seconds) and times steps after the

@@ -117,7 +117,7 @@ with atomic_output_dir(TARGET) as staging:
     (staging / "README.md").write_text(f"""# instructx2x-demo
 
 **{NOTICE}.** It has never seen a real radiograph; what it does to a real film is not a
-finding (README, "What the demo model does to a real film").
+finding (docs/training.md, "What the demo model does to a real film").
 
 A small InstructPix2Pix-architecture model trained from nothing by `instructx2x-train train`
 with `Training/configs/demo.yaml`{focal_config_name}: its own autoencoder (KL, 4x down-sampling, 4 latent channels,
@@ -165,8 +165,8 @@ on 10 edits, a finding's laterality on 20 side trials: a trial or two is noise).
 (The guidance sweep runs before the relevance-draws sweep, so its peak column is with one draw.)
 
 The relevance map averages the maps of {relevance_draws} noise draw{'s' if relevance_draws > 1 else ''}, each clipped and
-normalised (the authors take one: SPEC section 2, step 3; README, "The relevance map's noise
-draws"). One draw's map carries that draw's noise, and its maximum often falls outside the
+normalised (the authors take one: docs/method.md section 2, step 3; several draws: section
+8.1). One draw's map carries that draw's noise, and its maximum often falls outside the
 lesion. The draws were chosen on the same kind of validation pairs
 (`python Training/scripts/relevance_draws_sweep.py WORK`): the fewest whose peak-in-lesion rate
 is within one binomial standard error of the best, among those whose RSE masks meet the

@@ -1,8 +1,9 @@
 """Choose how many noise draws a model's relevance map averages, on validation pairs.
 
-SPEC step 3 computes the relevance map from one noise draw, and a small model's map carries
-much of that draw's noise: the IQR clip ties a plateau of cells at the maximum, and which cells
-make it changes from draw to draw (``guidance.relevance_map`` averages the maps of several).
+docs/method.md section 2, step 3, computes the relevance map from one noise draw, and a small
+model's map carries much of that draw's noise: the IQR clip ties a plateau of cells at the
+maximum, and which cells make it changes from draw to draw (``guidance.relevance_map``
+averages the maps of several).
 Each setting previews every validation pair (guidance only: one UNet call a draw) and measures
 the acceptance's region figures: peak in lesion, and the share of the lesion and of the image
 the RSE mask covers.

@@ -1,10 +1,10 @@
 """Classifiers that measure an edit: five findings, age, sex and race, and pooled features.
 
-The paper measures counterfactuals with torchxrayvision's published classifiers (SPEC
-section 7); those mean something on real films only. Phantoms are measured with small networks
-trained on the synthetic cohort (``instructx2x-train train-classifiers``). Both sit behind
-``ClassifierSet.predict``, so the evaluation and the per-edit verification never ask which
-one they hold; each set says what it is and where its figures mean nothing.
+The paper measures counterfactuals with torchxrayvision's published classifiers
+(docs/method.md section 7); those mean something on real films only. Phantoms are measured
+with small networks trained on the synthetic cohort (``instructx2x-train train-classifiers``).
+Both sit behind ``ClassifierSet.predict``, so the evaluation and the per-edit verification
+never ask which one they hold; each set says what it is and where its figures mean nothing.
 
 ``load_classifiers`` picks a set by name: ``cohort-v2`` (bundled, trained on cohort v2
 phantoms), ``torchxrayvision`` (``xrv_classifiers``; weights from its cache, never

@@ -70,7 +70,8 @@ def _cpu_vendor_and_flags() -> tuple[str, frozenset[str]]:
 def cpu_has_native_bf16() -> bool:
     """True when this CPU computes bf16 in hardware (AVX-512 BF16 or AMX), from its flags.
 
-    Without those instructions oneDNN emulates bf16, about 10x slower than fp32 (SPEC 10).
+    Without those instructions oneDNN emulates bf16, about 10x slower than fp32
+    (docs/benchmarks.md section 1).
     """
     return bool(_cpu_vendor_and_flags()[1] & {"avx512_bf16", "amx_bf16"})
 

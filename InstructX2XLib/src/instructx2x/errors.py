@@ -1,10 +1,10 @@
 """One exception hierarchy for everything the library refuses or cannot finish.
 
 Callers (the CLI, the worker, the Slicer and browser panels) catch ``InstructX2XError`` and
-show its message; ``exit_code`` is the CLI's stable exit status for the family. The classes
-that replace a built-in the library used to raise also derive from that built-in
-(``ValueError``, ``FileNotFoundError``, ``FileExistsError``), so existing ``except`` clauses
-keep working. Messages never carry patient attributes: they name files, never people.
+show its message; ``exit_code`` is the CLI's stable exit status for the family. A class
+whose failure has a built-in kind also derives from that built-in (``ValueError``,
+``FileNotFoundError``, ``FileExistsError``), so ``except`` clauses written for the built-ins
+catch it too. Messages never carry patient attributes: they name files, never people.
 
 Exit codes
 ----------

@@ -1,4 +1,4 @@
-"""Pure tensor functions of Region-Specific Editing (SPEC section 2, steps 3-5).
+"""Pure tensor functions of Region-Specific Editing (docs/method.md section 2, steps 3-5).
 
 They call no model, so every step of the guidance computation can be unit-tested against
 hand-computed values. Tensors are ``(batch, channels, height, width)`` unless stated.
@@ -98,8 +98,9 @@ def resize_map(values: torch.Tensor, size: tuple[int, int], mode: str = "bilinea
     """Resize ``(B, C, H, W)`` maps to ``size`` = (height, width): the library's one resizer.
 
     ``bilinear`` (antialiased whenever either side shrinks): downsampling a binary prior gives
-    the fractional coverage of each latent cell (SPEC step 5), upsampling the relevance map
-    gives its pixel-space version (step 3). ``nearest`` keeps binary masks binary.
+    the fractional coverage of each latent cell (docs/method.md section 2, step 5),
+    upsampling the relevance map gives its pixel-space version (step 3). ``nearest`` keeps
+    binary masks binary.
     """
     if tuple(values.shape[-2:]) == tuple(size):
         return values
@@ -155,7 +156,7 @@ def guidance_map(relevance: torch.Tensor | None, prior: torch.Tensor | None,
 
 
 def threshold_mask(guidance: torch.Tensor, tau: float) -> torch.Tensor:
-    """Binary edit mask ``1(G >= tau)`` as float32 (SPEC step 5).
+    """Binary edit mask ``1(G >= tau)`` as float32 (docs/method.md section 2, step 5).
 
     ``tau`` is checked where parameters enter (``parameters.check_sampling``).
     """

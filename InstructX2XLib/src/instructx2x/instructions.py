@@ -1,4 +1,4 @@
-"""Instruction grammar and vocabulary (SPEC section 4).
+"""Instruction grammar and vocabulary (docs/method.md section 4).
 
 The model was trained on three templates built from MIMIC-Diff-VQA answers:
 "Add the finding of X", "Remove the finding of X" and "Change the level of X from A to B".

@@ -32,10 +32,10 @@ SCHEDULER_NAMES = ("ddim", "dpm++", "unipc", "euler", "euler-a", "pndm", "ddpm")
 # 2048 px is four times the authors' grid; an SD-1.5 UNet there needs ~40 GB of activations.
 MAX_RESOLUTION = 2048
 MAX_GUIDANCE_SCALE = 100.0
-# The authors' s_T and s_I (SPEC section 2): used where the model's card names none.
+# The authors' s_T and s_I (docs/method.md section 2): used where the model's card names none.
 GUIDANCE_SCALE = 7.5
 IMAGE_GUIDANCE_SCALE = 1.5
-# Noise draws averaged into the relevance map: the authors take one (SPEC section 2, step 3);
+# Noise draws averaged into the relevance map: the authors take one (docs/method.md section 2, step 3);
 # each more costs one UNet call on two members of the CFG batch.
 MAX_RELEVANCE_DRAWS = 16
 
@@ -92,7 +92,7 @@ def check_sampling(*, tau: float, relevance_timestep: int, num_inference_steps: 
 class EditParameters:
     """Every setting that changes an edit; recorded in full in the manifest.
 
-    Defaults are the authors' (SPEC section 2), except those that follow the model and the
+    Defaults are the authors' (docs/method.md section 2), except those that follow the model and the
     device, left ``None`` here: the step count (the sampler's default, or the model card's
     ``few_step_solver_steps``), the guidance scales s_T and s_I (the model card's
     ``guidance_scale`` / ``image_guidance_scale``, else the authors' 7.5 and 1.5), the noise

@@ -1,4 +1,4 @@
-"""Anatomical pseudo masks (SPEC section 3): where each finding may appear on a PA film.
+"""Anatomical pseudo masks (docs/method.md section 3): where each finding may appear on a PA film.
 
 A prior set is a directory with ``priors.json`` and one 512x512 PNG per MS-CXR category
 (0 = outside, any other value = inside). The package ships an approximate set built without
@@ -242,7 +242,8 @@ class PriorSet:
             return cls.from_directory(directory)
 
     def select(self, instruction: ParsedInstruction, *, lateralize: bool = True) -> PriorSelection:
-        """The union of the masks of every finding named in the instruction (SPEC step 4).
+        """The union of the masks of every finding named in the instruction (docs/method.md
+        section 2, step 4).
 
         Parameters
         ----------
@@ -261,8 +262,9 @@ class PriorSet:
         if not instruction.findings:
             return PriorSelection(full, (), True, "the instruction names no known finding",
                                   self.version)
-        # SPEC 2.4: a named finding without a prior may appear anywhere, so the union with
-        # it is the full image ("effusion and fracture" must not edit the effusion region only).
+        # docs/method.md section 2, step 4: a named finding without a prior may appear
+        # anywhere, so the union with it is the full image ("effusion and fracture" must not
+        # edit the effusion region only).
         uncovered = [f for f in instruction.findings if f not in FINDING_TO_PRIOR]
         if uncovered:
             return PriorSelection(

@@ -1,6 +1,6 @@
 """Schedulers shipped with the code, so nothing is fetched from a model hub at run time.
 
-The authors sample with DDIM configured as below (SPEC section 2); any diffusers scheduler
+The authors sample with DDIM configured as below (docs/method.md section 2); any diffusers scheduler
 built from the same betas can replace it. Defaults follow the device: on CUDA the authors'
 DDIM with 100 steps, elsewhere DPM-Solver++ with 3 steps, which keeps an SD-1.5-size edit on
 a 2-core CPU without AMX under a minute and stays closer to the 100-step DDIM edit than DDIM with 10

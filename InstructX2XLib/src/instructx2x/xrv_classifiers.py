@@ -1,4 +1,5 @@
-"""torchxrayvision's published classifiers as a ``ClassifierSet`` (SPEC section 7), for real films.
+"""torchxrayvision's published classifiers as a ``ClassifierSet`` (docs/method.md section 7),
+for real films.
 
 DenseNet-121 (``densenet121-res224-all`` or ``-mimic_ch``) for the five pathologies and the
 pooled features, Emory HITI's RaceModel and RIKEN's AgeModel. The three files lie in

@@ -1,6 +1,6 @@
 """MIMIC-Diff-VQA difference answers: write them (synthetic cohort), read them (builder).
 
-Answers are concatenations of sentences (SPEC section 5):
+Answers are concatenations of sentences (docs/method.md section 5):
 
 * "the level of X has changed from A to B. "
 * "the main image has an additional finding of X than the reference image. "

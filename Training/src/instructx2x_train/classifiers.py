@@ -1,6 +1,6 @@
 """``instructx2x-train train-classifiers``: classifiers for the synthetic cohort.
 
-The paper measures edits with torchxrayvision's classifiers (SPEC section 7); on phantoms those
+The paper measures edits with torchxrayvision's classifiers (docs/method.md section 7); on phantoms those
 mean nothing, so the same measurements run with a small network trained here on cohort v2
 films: the five evaluated findings (multi-label), age (years), sex and race, as the phantoms
 render them. Films are drawn fresh from the phantom (film i from ``default_rng([seed, i])``);

@@ -1,4 +1,4 @@
-"""Build MIMIC-EDIT-INSTRUCTION from MIMIC-CXR-JPG and MIMIC-Diff-VQA (SPEC section 5).
+"""Build MIMIC-EDIT-INSTRUCTION from MIMIC-CXR-JPG and MIMIC-Diff-VQA (docs/method.md section 5).
 
 Pairs come from Diff-VQA difference questions (reference = past = input, main = current =
 target). Each pair is checked, registered and written by a worker; its outcome is saved as a

@@ -1,5 +1,5 @@
 """``instructx2x-train evaluate``: the paper's Tables 1-2 (CMIG, KL, FID and the ablation) on a
-MIMIC-EDIT-INSTRUCTION split (SPEC section 7; docs/evaluation.md has every definition).
+MIMIC-EDIT-INSTRUCTION split (docs/method.md section 7; docs/evaluation.md has every definition).
 
 For every test pair and region mode the counterfactual comes from the inference library's
 editor (batched); a classifier set (``instructx2x.classifiers``) then reads the source, the

@@ -1,4 +1,4 @@
-"""The numbers of the paper's Tables 1-2 as pure functions (SPEC section 7).
+"""The numbers of the paper's Tables 1-2 as pure functions (docs/method.md section 7).
 
 CMIG is the geometric mean of pathology accuracy, race preservation and age preservation;
 KL compares the classifier's predicted-label distributions on generated and real target

@@ -1,4 +1,4 @@
-"""The InstructPix2Pix training objective exactly as SPEC section 6 states it.
+"""The InstructPix2Pix training objective exactly as docs/method.md section 6 states it.
 
 Target latents are the scaled VAE *sample* of the current image; the conditioning is the
 *mode* of the past image, unscaled. Conditioning dropout (the paper's classifier-free
@@ -76,7 +76,7 @@ def encode_pair(vae, past: torch.Tensor, current: torch.Tensor) -> PairLatents:
     def pixels(images: torch.Tensor) -> torch.Tensor:
         return (images.expand(-1, 3, -1, -1) * 2 - 1).to(device, vae.dtype)
 
-    with torch.no_grad():  # the VAE is frozen (SPEC 6)
+    with torch.no_grad():  # the VAE is frozen (docs/method.md section 6)
         target = vae.encode(pixels(current)).latent_dist
         condition = vae.encode(pixels(past)).latent_dist.mode()
     return PairLatents(target.mean, target.std, condition)

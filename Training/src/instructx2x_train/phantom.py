@@ -153,7 +153,7 @@ def redraw_texture(finding: FindingState, rng: np.random.Generator) -> FindingSt
 
 
 def level_words(finding: str) -> tuple[str, ...]:
-    """The level words a finding is graded with (SPEC section 4)."""
+    """The level words a finding is graded with (docs/method.md section 4)."""
     return LEVELS.get(finding, DEFAULT_LEVELS)
 
 

@@ -1,4 +1,4 @@
-"""The eight anatomical pseudo masks from MS-CXR, exactly as SPEC section 3 describes.
+"""The eight anatomical pseudo masks from MS-CXR, exactly as docs/method.md section 3 describes.
 
 Keep the boxes of PA images (ViewPosition 'PA' in the MIMIC-CXR metadata), rescale each box
 anisotropically to 512 x 512 (x * 512 / image_width, y * 512 / image_height), clip, and take

@@ -1,4 +1,4 @@
-"""``instructx2x-train train``: fine-tune InstructPix2Pix into InstructX2X (SPEC section 6).
+"""``instructx2x-train train``: fine-tune InstructPix2Pix into InstructX2X (docs/method.md section 6).
 
 One script from a laptop smoke test to the paper's 8-GPU run: accelerate places the models,
 runs mixed precision and synchronises gradients (DDP under ``accelerate launch``); this
@@ -135,7 +135,7 @@ def _train(accelerator, config: TrainConfig, resume: str | None, emit, progress_
         pipe.vae = _pretrained_vae(accelerator, config, data, output, progress_bar)
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     noise_scheduler = _noise_scheduler(pipe)
-    vae.requires_grad_(False)  # frozen, as in the paper (SPEC 6)
+    vae.requires_grad_(False)  # frozen, as in the paper (docs/method.md section 6)
     text_encoder.requires_grad_(config.model.train_text_encoder)
     unet.train()
     if config.model.gradient_checkpointing:

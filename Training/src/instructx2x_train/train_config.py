@@ -1,6 +1,6 @@
 """The fine-tuning recipe as one typed config: a YAML/TOML file plus ``--set key=value``.
 
-Defaults are the paper's and the authors' (SPEC section 6): AdamW at 1e-4 constant, EMA
+Defaults are the paper's and the authors' (docs/method.md section 6): AdamW at 1e-4 constant, EMA
 0.9999, conditioning dropout 0.05, 4,500 steps, checkpoints every 1,500. Every key is known:
 an unknown one is an error, never ignored. The resolved config is saved beside every
 checkpoint, and a resumed run must match it.

@@ -1,6 +1,6 @@
 """Train a small KL autoencoder on a dataset's films, for a model trained from scratch.
 
-InstructPix2Pix keeps its VAE frozen (SPEC section 6), so a model built from nothing needs an
+InstructPix2Pix keeps its VAE frozen (docs/method.md section 6), so a model built from nothing needs an
 autoencoder first. This one learns to reconstruct the films of a MIMIC-EDIT-INSTRUCTION folder
 (L1 plus an image-gradient term, so thin lines survive, and a small KL term); its latent scale
 is then set so that scaled latents have unit variance, as Stable Diffusion's 0.18215 does.
