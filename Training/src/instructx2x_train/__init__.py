@@ -1,3 +1,3 @@
 """Training package of InstructX2X: dataset builder, pseudo masks, synthetic cohort."""
 
-__version__ = "0.1.0"
+from instructx2x import __version__  # one version for the repository: the library's
