@@ -94,6 +94,31 @@ def test_existing_output_is_never_touched(png, tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+@pytest.mark.parametrize("under", ["afile/out", "afile/sub/out"])
+@pytest.mark.parametrize("jobs", [False, True])
+def test_an_output_under_a_file_is_an_input_error_before_the_model_loads(png, tmp_path, capsys, under, jobs):
+    (tmp_path / "afile").write_text("mine")
+    out = tmp_path / under
+    command = args(png, out, "--model", str(tmp_path / "no-such-model"))  # a model error would be 3
+    if jobs:
+        command = ["edit", "--jobs", str(tmp_path / "jobs.csv"), *command[4:]]
+    assert main(command) == 2
+    assert "cannot make the output folder out: afile is not a folder." in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", png.name]
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_the_atomic_folder_refuses_a_file_on_its_way(tmp_path):
+    from instructx2x.errors import InputError
+    from instructx2x.outputs import atomic_output_dir
+
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(InputError, match="afile is not a folder"):
+        with atomic_output_dir(tmp_path / "afile" / "out"):
+            pytest.fail("the block must not run")
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--tau", "1.5"], "tau"),
     (["--steps", "0"], "num_inference_steps"),

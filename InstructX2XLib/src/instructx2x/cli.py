@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 
 from . import __version__
-from .errors import EditCancelled, InstructX2XError, OutputExistsError, ParameterError, ResourceError
+from .errors import EditCancelled, InstructX2XError, ParameterError, ResourceError
 from .jobs import EditJob, prepare, prepare_jobs, read_jobs_file, run_job, run_jobs_file
 from .parameters import ASPECT_MODES, COMPOSITE_MODES, SCHEDULER_NAMES, EditParameters, RegionMode
 from .provenance import to_json
@@ -189,8 +189,9 @@ def _main(args: argparse.Namespace, emit) -> int:
             raise ParameterError("--jobs does not push to a PACS; push each row's folder instead.")
         if args.reference_mask is not None:
             raise ParameterError("--reference-mask outlines one image's lesion; give it without --jobs.")
-        if args.output.exists():
-            raise OutputExistsError(f"output folder {args.output.name} already exists; choose a new one.")
+        from .outputs import check_new_output_folder
+
+        check_new_output_folder(args.output)
         # every row read and checked before the model is loaded (the template's input and
         # instruction are placeholders that each row replaces)
         jobs = prepare_jobs(read_jobs_file(args.jobs, _job(args, Path("."), "placeholder")))

@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import (InputError, InputNotFoundError, InstructX2XError, OutputExistsError, PacsError,
-                     ParameterError)
+from .errors import InputError, InputNotFoundError, InstructX2XError, PacsError, ParameterError
 from .parameters import EditParameters, check_masks
 
 __all__ = ["EditJob", "PreparedJob", "prepare", "run_job", "edit_images", "write_results", "write_into",
@@ -152,9 +151,9 @@ def prepare(job: EditJob) -> PreparedJob:
     from .dicom.read import read_dicom
     from .dicom.write import check_exportable
     from .image_io import is_dicom_file, read_image, read_mask
+    from .outputs import check_new_output_folder
 
-    if job.output.exists():
-        raise OutputExistsError(f"output folder {job.output.name} already exists; choose a new one.")
+    check_new_output_folder(job.output)
     target = None if job.push_cstore is None else CStoreTarget.parse(job.push_cstore)
     paths = _input_files(job.input, is_dicom_file)
     if (job.mask or job.keep_mask or job.reference_mask) and len(paths) > 1:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 from PIL import Image
 
-from .errors import InstructX2XError, OutputExistsError, ResourceError
+from .errors import InputError, InstructX2XError, OutputExistsError, ResourceError
 from .image_io import Radiograph
 from .overlay import guidance_overlay, side_by_side
 from .provenance import to_json
@@ -24,7 +24,7 @@ from .provenance import to_json
 if TYPE_CHECKING:  # a type only: the panels use atomic_output_dir without torch
     from .editor import EditResult
 
-__all__ = ["atomic_output_dir", "remove_stale_staging", "write_png_result", "write_float_maps",
+__all__ = ["check_new_output_folder", "atomic_output_dir", "remove_stale_staging", "write_png_result", "write_float_maps",
            "write_figure", "UNTRAINED_NOTICE", "SYNTHETIC_PNG_TEXT"]
 
 # Every PNG we write says what it is in its text chunk, as every DICOM object does.
@@ -40,6 +40,38 @@ def _umask() -> int:
     return mask
 
 
+def check_new_output_folder(target: Path) -> Path:
+    """Check that a new output folder can be made at ``target``, before any work is done.
+
+    Nothing is created. The path is normalised first (``a/../out`` is ``out``).
+
+    Parameters
+    ----------
+    target : pathlib.Path
+        The output folder the user named.
+
+    Returns
+    -------
+    pathlib.Path
+        ``target``, absolute and normalised.
+
+    Raises
+    ------
+    OutputExistsError
+        When something (a folder, a file, a link) already has that name.
+    InputError
+        When the nearest existing entry on the way to it is not a folder (``-o afile/out``
+        with ``afile`` a file), so no folder can be made there.
+    """
+    target = Path(os.path.abspath(target))
+    if os.path.lexists(target):
+        raise OutputExistsError(f"output folder {target.name} already exists; choose a new one.")
+    existing = next(parent for parent in target.parents if os.path.lexists(parent))
+    if not existing.is_dir():
+        raise InputError(f"cannot make the output folder {target.name}: {existing.name} is not a folder.")
+    return target
+
+
 @contextlib.contextmanager
 def atomic_output_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder that becomes ``target`` only if the block succeeds.
@@ -52,12 +84,12 @@ def atomic_output_dir(target: Path) -> Iterator[Path]:
     ------
     OutputExistsError
         When ``target`` already exists (checked before and after the work).
+    InputError
+        When a file stands where a folder on the way to ``target`` would be.
     ResourceError
         When the file system refuses the writes (read-only, full, no permission).
     """
-    target = Path(os.path.abspath(target))
-    if target.exists():
-        raise OutputExistsError(f"output folder {target.name} already exists; choose a new one.")
+    target = check_new_output_folder(target)
     staging = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
