@@ -15,6 +15,11 @@ ends the whole process tree (psutil, children first) when the worker does not an
 With ``socket_path`` the client connects to a shared worker (``instructx2x serve --socket``)
 instead of starting one: the model is the worker's, other panels' jobs may run first (the
 worker says how many with ``queued`` events), and stopping the client ends only the connection.
+The client talks only to a worker that runs as its own user or root (``SO_PEERCRED``).
+
+Whichever worker answers, a ``done`` counts only when its ``output`` is the folder the job
+asked for (or inside it); any other is turned into an ``error`` event, so that a panel never
+loads results from a folder it did not choose.
 """
 
 from __future__ import annotations
@@ -94,12 +99,22 @@ class WorkerClient:
         if self.state not in (WorkerState.IDLE, WorkerState.STOPPED):
             raise WorkerError(f"the worker is already {self.state.value}.")
         if self.socket_path:
+            from instructx2x.serve import peer_uid, trusted_uid
+
+            name = Path(self.socket_path).name
+            connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                self.connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.connection.connect(self.socket_path)
+                connection.connect(self.socket_path)
+                uid = peer_uid(connection)
             except OSError as error:
-                raise WorkerError(f"cannot reach the shared worker at {Path(self.socket_path).name} "
-                                  f"({error.strerror}); is instructx2x serve --socket running?") from None
+                connection.close()
+                raise WorkerError(f"cannot reach the shared worker at {name} ({error.strerror}); "
+                                  "is instructx2x serve --socket running?") from None
+            if not trusted_uid(uid):
+                connection.close()
+                raise WorkerError(f"the shared worker at {name} runs as another user (uid {uid}, not "
+                                  f"{os.getuid()}); refusing to send it jobs.")
+            self.connection = connection
             self._writer, reader = (self.connection.makefile(mode, encoding="utf-8") for mode in ("w", "r"))
         else:
             try:  # no console window on Windows
@@ -181,8 +196,13 @@ class WorkerClient:
                 event = self.events.get_nowait()
             except queue.Empty:
                 break
-            events.append(event)
             kind = event.get("event")
+            if kind == "done" and not self._ours(event.get("output")):
+                event = {"id": event.get("id"), "event": "error", "kind": "WorkerError",
+                         "message": "the worker reported a result outside the output folder asked for; "
+                                    "ignored."}
+                kind = "error"
+            events.append(event)
             if kind == "ready":
                 self.info = event
                 self.state = WorkerState.READY
@@ -201,6 +221,13 @@ class WorkerClient:
                     self.last_error = f"the worker stopped (exit code {event['returncode']}): " \
                                       f"{event.get('stderr', '')[-500:]}"
         return events
+
+    def _ours(self, output) -> bool:
+        """Whether ``output`` is the running job's output folder or inside it."""
+        if not isinstance(output, str) or self.current_output is None:
+            return False
+        asked = Path(os.path.abspath(self.current_output))
+        return Path(os.path.abspath(output)).is_relative_to(asked)
 
     def _send(self, request: dict) -> None:
         if self._writer is None or (self.process is not None and self.process.poll() is not None):

@@ -1,10 +1,12 @@
 """The worker service as the panels use it: a real process, JSON lines in and out."""
 
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -147,6 +149,79 @@ def test_a_defect_in_one_job_does_not_take_the_warm_worker_down(png, tmp_path, m
     assert first["event"] == "error" and "internal error" in first["message"] and "boom" in first["message"]
     assert [e for e in events if e.get("id") == "2"][-1]["event"] == "done"
     assert not (tmp_path / "one").exists() and (tmp_path / "two").is_dir()
+
+
+def test_a_cancel_stops_the_model_before_its_next_step(png, tmp_path, monkeypatch):
+    """In process: a cancel (the client's reader calls it; here the client's own step event)
+    reaches the pipeline (``pipeline.cancel``), so no UNet call follows it and nothing is written."""
+    from instructx2x import InstructX2XEditor
+    from instructx2x.serve import Client, Worker
+
+    editor = InstructX2XEditor.from_model("untrained-tiny", device="cpu")
+    unet_calls, at_cancel = [], []
+    forward = editor.pipeline.unet.forward
+    monkeypatch.setattr(editor.pipeline.unet, "forward",
+                        lambda *args, **kwargs: unet_calls.append(1) or forward(*args, **kwargs))
+    worker = Worker(editor)
+
+    class Reader(io.StringIO):
+        """The client: cancels when it hears the first step."""
+
+        def write(self, text):
+            if json.loads(text)["event"] == "progress" and not at_cancel:
+                at_cancel.append(len(unet_calls))
+                worker.cancel(client, "1")
+            return super().write(text)
+
+    client = Client(Reader())
+    worker.put(client, {"type": "edit", "id": "1", "job": job(png, tmp_path / "edit", steps=20)})
+    worker.put(client, {"type": "shutdown"})
+    worker.loop()
+    events = [json.loads(line) for line in client.out.getvalue().splitlines()]
+    assert events[-1] == {"id": "1", "event": "cancelled"}
+    assert [e["step"] for e in events if e["event"] == "progress"] == [1]
+    assert len(unet_calls) == at_cancel[0]  # no model call after the cancel
+    assert not (tmp_path / "edit").exists()
+
+
+def test_request_lines_are_read_within_the_limit_and_must_be_text():
+    from instructx2x.serve import _Refused, read_lines
+
+    stream = io.BytesIO(b'{"a": 1}\n' + b"x" * 15 + b"\n" + b"y" * 40 + b"\n")
+    lines = read_lines(stream, limit=16)
+    assert next(lines) == '{"a": 1}\n' and next(lines) == "x" * 15 + "\n"  # 16 bytes: the limit
+    with pytest.raises(_Refused, match="longer than 16 bytes"):
+        next(lines)
+    assert stream.tell() == 9 + 16 + 17  # no more than the limit and one byte was read
+    with pytest.raises(_Refused, match="not UTF-8"):
+        next(read_lines(io.BytesIO(b'{"id": "\xff"}\n')))
+
+
+def test_a_client_that_stops_reading_is_cut_off_without_blocking_the_worker():
+    """Its events queue up to ``MAX_PENDING_EVENTS`` beyond what the socket holds; then it is
+    disconnected. ``emit`` returns at once throughout."""
+    import socket
+
+    from instructx2x.serve import MAX_PENDING_EVENTS, SocketClient
+
+    ours, theirs = socket.socketpair()
+    theirs.settimeout(10)
+    client = SocketClient(ours)
+    reader = theirs.makefile("rb")
+    for step in range(3):  # a client that reads hears its events
+        client.emit({"id": "1", "event": "progress", "step": step})
+        assert json.loads(reader.readline())["step"] == step
+    sent = 20 * MAX_PENDING_EVENTS  # then it stops reading
+    emitting = threading.Thread(target=lambda: [client.emit({"id": "1", "event": "progress", "step": step})
+                                                for step in range(3, sent)], daemon=True)
+    emitting.start()
+    emitting.join(timeout=10)
+    assert not emitting.is_alive() and not client.connected
+    rest = reader.read()  # what it was sent before it was cut off, then the end
+    steps = [json.loads(line)["step"] for line in rest.split(b"\n")[:-1]]
+    assert len(steps) < sent and steps == list(range(3, 3 + len(steps)))
+    reader.close()
+    theirs.close()
 
 
 def test_a_shared_worker_serves_several_clients_one_job_at_a_time(png, tmp_path):

@@ -224,8 +224,8 @@ class InstructX2XEditor:
         keep_mask: numpy.ndarray | None
             Optional mask at the image's size that is never edited.
         progress: Callable[[int, int], None] | None
-            Called with (step, total) after every denoising step. Raise from it (or set
-            ``pipeline._interrupt``) to cancel; ``EditCancelled`` then propagates.
+            Called with (step, total) after every denoising step. Raise from it (or call
+            ``pipeline.cancel()``) to cancel; ``EditCancelled`` then propagates.
 
         Returns
         -------

@@ -152,8 +152,14 @@ class InstructX2XPipeline(DiffusionPipeline):
 
     @property
     def interrupt(self) -> bool:
-        """Set `pipe._interrupt = True` from a step callback to stop the loop."""
+        """Whether the running call stops before its next step (see `cancel`)."""
         return self._interrupt
+
+    def cancel(self) -> None:
+        """Stop the running call before its next denoising step: it raises `EditCancelled` and
+        returns nothing. Safe from another thread or a step callback; a call that starts later
+        runs in full."""
+        self._interrupt = True
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -250,7 +256,7 @@ class InstructX2XPipeline(DiffusionPipeline):
                 Return an [`InstructX2XPipelineOutput`] instead of a tuple.
             callback_on_step_end (`Callable`, *optional*):
                 Called as `callback(pipe, step, timestep, callback_kwargs)` after every step; it may return
-                modified tensors and set `pipe._interrupt = True` to cancel.
+                modified tensors and call `pipe.cancel()` to stop.
             callback_on_step_end_tensor_inputs (`list[str]`):
                 Tensors passed to the callback, from `_callback_tensor_inputs`.
 

@@ -25,40 +25,106 @@ wait ahead of it; sent on arrival and whenever it moves up), then per job ``star
 memory so that ``rethreshold`` writes the edit mask at a new ``tau`` with no model call
 (``edit_mask.npy`` and ``edit_mask.png``), equal to the mask an edit at that ``tau`` would use.
 Every job writes float maps (``*.npy`` + ``maps.json`` with the geometry) beside its images.
-SIGTERM ends the worker as cleanly as ``shutdown``; a socket client that disconnects has its
-jobs cancelled.
+A job's folder appears whole, in one rename: a job cancelled before its ``export`` event
+writes nothing. SIGTERM ends the worker as cleanly as ``shutdown``.
+
+A shared worker answers only its own user and root (the peer's uid, ``SO_PEERCRED``; others
+are closed with no answer) and bounds what one client can take from the others:
+
+- at most ``MAX_CLIENTS`` connections at a time; one more hears an ``error`` naming the limit
+  and is closed;
+- a request line holds at most ``MAX_LINE_BYTES`` (newline included), read with no more than
+  that buffered; a longer line, or one that is not UTF-8, is answered with an ``error`` and
+  the connection is closed;
+- at most ``MAX_WAITING_PER_CLIENT`` of a client's jobs wait at a time; one more is refused
+  with an ``error``;
+- each client's events wait in their own queue, written by their own thread, so a client that
+  stops reading delays nobody: when ``MAX_PENDING_EVENTS`` wait, or a write makes no progress
+  for ``SEND_STALL_S`` seconds, it is disconnected;
+- a client that disconnects, is disconnected or whose connection fails (reset, end of input)
+  has its queued jobs dropped and its running job stopped: nothing of theirs is written;
+- a failing ``accept`` (out of descriptors, an aborted connection) is logged by its error
+  name, retried after ``ACCEPT_BACKOFF_S`` seconds, and the worker keeps serving.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import itertools
 import json
+import logging
 import os
+import queue
+import select
 import signal
 import socket
+import struct
 import sys
 import threading
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from .errors import EditCancelled, InstructX2XError, ParameterError, ResourceError
 from .jobs import EditJob, edit_images, prepare, write_results
 from .provenance import to_json
 
-__all__ = ["serve", "serve_socket", "check_socket_path", "PROTOCOL_VERSION"]
+__all__ = ["MAX_CLIENTS", "MAX_LINE_BYTES", "MAX_PENDING_EVENTS", "MAX_WAITING_PER_CLIENT", "PROTOCOL_VERSION",
+           "check_socket_path", "peer_uid", "read_lines", "serve", "serve_socket", "trusted_uid"]
+
+logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 MAX_CACHED_PREVIEWS = 4
+MAX_CLIENTS = 16
+MAX_LINE_BYTES = 1 << 20
+MAX_PENDING_EVENTS = 1000
+MAX_WAITING_PER_CLIENT = 8
+SEND_STALL_S = 10.0
+ACCEPT_BACKOFF_S = 0.1
+SIGNAL_CHECK_S = 0.5
+SHUTDOWN_JOIN_S = 5.0
+
+_END = object()  # the last item of a client's event queue
 
 
 class _Cancelled(Exception):
     """Raised from the progress callback when the running job is cancelled."""
 
 
+class _Refused(Exception):
+    """A client's input that ends its connection; the message is what it hears."""
+
+
+def peer_uid(connection: socket.socket) -> int:
+    """The user id of the process at the other end of a connected Unix socket.
+
+    Parameters
+    ----------
+    connection: socket.socket
+        A connected ``AF_UNIX`` stream socket.
+
+    Returns
+    -------
+    int
+        The peer's uid as the kernel recorded it (``SO_PEERCRED``) when the connection was made.
+    """
+    credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", credentials)
+    return uid
+
+
+def trusted_uid(uid: int) -> bool:
+    """Whether a peer with ``uid`` may talk to us: our own user or root."""
+    return uid in (os.getuid(), 0)
+
+
 class Client:
-    """One connection: where its events go. ``key`` keeps its request ids apart from others'."""
+    """One client's events, written at once (the stdio worker's only client). ``key`` keeps
+    its request ids apart from other clients'."""
 
     _keys = itertools.count()
 
@@ -78,6 +144,79 @@ class Client:
             except (OSError, ValueError):  # the client went away: its jobs are cancelled
                 self.connected = False
 
+    def close(self, flush: bool = True) -> None:
+        self.connected = False
+
+
+class SocketClient(Client):
+    """A socket connection: events wait in a bounded queue that the client's own writer thread
+    drains, so that ``emit`` never blocks. A client that stops reading is disconnected when its
+    queue is full or a write stalls; its reader then sees the end of input."""
+
+    def __init__(self, connection: socket.socket) -> None:
+        super().__init__(out=None)
+        self.connection = connection
+        self.pending: queue.Queue = queue.Queue(MAX_PENDING_EVENTS)
+        threading.Thread(target=self._write, daemon=True).start()
+
+    def emit(self, event: dict) -> None:
+        if not self.connected:
+            return
+        try:
+            self.pending.put_nowait((to_json(event, indent=None) + "\n").encode())
+        except queue.Full:  # it stopped reading: it gets nothing more and its jobs stop
+            self.close(flush=False)
+
+    def close(self, flush: bool = True) -> None:
+        """Stop sending; with ``flush``, what is queued goes out first (within the stall limit)."""
+        self.connected = False
+        try:
+            self.pending.put_nowait(_END)
+        except queue.Full:
+            flush = False
+        with contextlib.suppress(OSError):  # wakes the reader (end of input) and, without flush, the writer
+            self.connection.shutdown(socket.SHUT_RD if flush else socket.SHUT_RDWR)
+
+    def _write(self) -> None:
+        try:
+            while (data := self.pending.get()) is not _END:
+                self._send(data)
+        except OSError:  # gone, or not reading
+            pass
+        finally:
+            self.connected = False
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+            self.connection.close()  # the descriptor goes once the reader's file is closed too
+
+    def _send(self, data: bytes) -> None:
+        poller = select.poll()
+        poller.register(self.connection, select.POLLOUT)
+        view = memoryview(data)
+        while view:
+            if not poller.poll(SEND_STALL_S * 1000):
+                raise TimeoutError("the client takes no data")
+            with contextlib.suppress(BlockingIOError):
+                view = view[self.connection.send(view, socket.MSG_DONTWAIT):]
+
+
+def read_lines(stream: BinaryIO, limit: int = MAX_LINE_BYTES) -> Iterator[str]:
+    """The lines of ``stream`` as text, each read with at most ``limit`` bytes buffered.
+
+    Raises
+    ------
+    _Refused
+        When a line is longer than ``limit`` bytes (newline included) or is not UTF-8.
+    """
+    while line := stream.readline(limit + 1):
+        if len(line) > limit:
+            raise _Refused(f"a request line is longer than {limit} bytes; connection closed.")
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Refused("a request line is not UTF-8 text; connection closed.") from None
+        yield text
+
 
 class Worker:
     """Reads requests on one thread per client, runs jobs one at a time on the caller's
@@ -87,63 +226,111 @@ class Worker:
         self.editor = editor
         self.condition = threading.Condition()
         self.waiting: collections.deque = collections.deque()  # (client, request), arrival order
-        self.cancelled: set[tuple[int, str]] = set()
+        self.cancelled: set[tuple[int, str]] = set()  # of jobs that wait or run
         self.running: tuple[int, str] | None = None
-        self.stopping = False
+        self.clients: set[Client] = set()  # the socket clients connected now
+        self.readers: set[threading.Thread] = set()  # their reader threads
         self.previews: dict[tuple[int, str], tuple[Any, Any]] = {}  # -> (EditResult, keep mask)
 
-    def read(self, stream: TextIO, client: Client, shared: bool = False) -> None:
+    def read(self, lines: Iterable[str], client: Client, shared: bool = False) -> None:
         """Reader thread: cancels act at once, everything else waits its turn. At the end of
-        the stream a stdio worker stops; a shared one cancels that client's jobs."""
-        for line in stream:
-            if not line.strip():
-                continue
-            try:
-                request = json.loads(line)
-                if not isinstance(request, dict):
-                    raise ValueError("a request must be a JSON object")
-            except ValueError as error:
-                client.emit({"event": "error", "message": f"not a request: {error}", "kind": "ParameterError",
-                             "exit_code": ParameterError.exit_code})
-                continue
-            kind = request.get("type")
-            if kind == "cancel":
-                self.cancel(client, str(request.get("id")))
-            elif kind == "shutdown" and shared:
-                break
+        the input, or on any error reading it, a stdio worker stops; a shared one drops that
+        client (its jobs are cancelled)."""
+        try:
+            for line in lines:
+                if not client.connected:  # disconnected while its lines were read
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    request = json.loads(line)
+                    if not isinstance(request, dict):
+                        raise ValueError("a request must be a JSON object")
+                except ValueError as error:
+                    client.emit(_error(f"not a request: {error}"))
+                    continue
+                kind = request.get("type")
+                if kind == "cancel":
+                    self.cancel(client, str(request.get("id")))
+                elif kind == "shutdown":
+                    break
+                else:
+                    self.put(client, request)
+        except _Refused as error:
+            client.emit(_error(str(error)))
+        except (OSError, ValueError):  # reset, closed: the same as the end of the input
+            pass
+        finally:
+            if shared:
+                self.drop(client)
             else:
-                self.put(client, request)
-        if shared:
-            client.connected = False
-            with self.condition:
-                for other, request in list(self.waiting):
-                    if other is client:
-                        self.cancelled.add((client.key, str(request.get("id"))))
+                self.put(client, {"type": "shutdown"})
+
+    def admit(self, client: Client) -> bool:
+        """Count a new socket client in, unless ``MAX_CLIENTS`` are connected."""
+        with self.condition:
+            if len(self.clients) >= MAX_CLIENTS:
+                return False
+            self.clients.add(client)
+            return True
+
+    def hang_up(self) -> None:
+        """Disconnect every socket client (the worker stops): their readers end."""
+        with self.condition:
+            clients = list(self.clients)
+        for client in clients:
+            client.close(flush=False)
+
+    def drop(self, client: Client) -> None:
+        """A client that is gone: its queued jobs are dropped, its running job stops before its
+        next step (nothing of it is written) and its cached previews are freed."""
+        client.close()
+        with self.condition:
+            self.clients.discard(client)
+            self.waiting = collections.deque((c, r) for c, r in self.waiting if c is not client)
+            self.cancelled = {key for key in self.cancelled if key[0] != client.key}
+            for key in [key for key in self.previews if key[0] == client.key]:
+                del self.previews[key]
             if self.running is not None and self.running[0] == client.key:
-                self.cancel(client, self.running[1])
-        else:
-            self.put(client, {"type": "shutdown"})
+                self.cancelled.add(self.running)
+                self.editor.pipeline.cancel()
 
     def cancel(self, client: Client, request_id: str) -> None:
+        key = (client.key, request_id)
         with self.condition:
-            self.cancelled.add((client.key, request_id))
-            if self.running == (client.key, request_id):
-                self.editor.pipeline._interrupt = True
+            if self.running == key:
+                self.cancelled.add(key)
+                self.editor.pipeline.cancel()
+            elif any(c is client and str(r.get("id")) == request_id for c, r in self.waiting):
+                self.cancelled.add(key)
 
     def put(self, client: Client, request: dict) -> None:
+        request_id = str(request.get("id"))
         with self.condition:
-            self.waiting.append((client, request))
-            ahead = len(self.waiting) - 1 + (self.running is not None)
-            self.condition.notify()
-        if ahead and request.get("type") != "shutdown":
-            client.emit({"id": str(request.get("id")), "event": "queued", "position": ahead})
+            mine = sum(c is client for c, _request in self.waiting)
+            if mine >= MAX_WAITING_PER_CLIENT and request.get("type") != "shutdown":
+                refused = True
+            else:
+                refused = False
+                self.waiting.append((client, request))
+                ahead = len(self.waiting) - 1 + (self.running is not None)
+                self.condition.notify()
+        if refused:
+            client.emit({"id": request_id, **_error(
+                f"{MAX_WAITING_PER_CLIENT} of your jobs already wait; send more when one ends.",
+                ResourceError)})
+        elif ahead and request.get("type") != "shutdown":
+            client.emit({"id": request_id, "event": "queued", "position": ahead})
 
     def next(self) -> tuple[Client, dict]:
-        """The next request; every job still waiting hears its new position."""
+        """The next request, marked running; every job still waiting hears its new position."""
         with self.condition:
             while not self.waiting:
-                self.condition.wait()
+                # Timed: a SIGTERM that another thread receives is handled when the wait ends.
+                self.condition.wait(SIGNAL_CHECK_S)
             client, request = self.waiting.popleft()
+            if request.get("type") != "shutdown":
+                self.running = (client.key, str(request.get("id")))
             waiting = list(self.waiting)
         for position, (other, queued) in enumerate(waiting, start=1):
             if queued.get("type") != "shutdown":
@@ -158,11 +345,9 @@ class Worker:
                 return
             request_id = str(request.get("id"))
             key = (client.key, request_id)
-            if key in self.cancelled:
-                client.emit({"id": request_id, "event": "cancelled"})
-                continue
-            self.running = key
             try:
+                if self._stopped(client, key):
+                    raise _Cancelled()
                 if kind in ("edit", "preview"):
                     self.run(client, request_id, kind, request.get("job"))
                 elif kind == "rethreshold":
@@ -173,12 +358,10 @@ class Worker:
             except (EditCancelled, _Cancelled):
                 client.emit({"id": request_id, "event": "cancelled"})
             except InstructX2XError as error:
-                client.emit({"id": request_id, "event": "error", "message": str(error),
-                             "kind": type(error).__name__, "exit_code": error.exit_code})
+                client.emit({"id": request_id, **_error(str(error), type(error))})
             except MemoryError:
-                client.emit({"id": request_id, "event": "error", "kind": "ResourceError",
-                             "exit_code": ResourceError.exit_code,
-                             "message": "out of memory: use a smaller resolution or another device."})
+                client.emit({"id": request_id, **_error(
+                    "out of memory: use a smaller resolution or another device.", ResourceError)})
             except Exception as error:  # noqa: BLE001 - a defect must not take the warm worker down
                 client.emit({"id": request_id, "event": "error", "kind": type(error).__name__, "exit_code": 1,
                              "message": f"internal error, please report it ({type(error).__name__}: "
@@ -186,7 +369,11 @@ class Worker:
             finally:
                 with self.condition:
                     self.running = None
-                    self.editor.pipeline._interrupt = False
+                    self.cancelled.discard(key)
+
+    def _stopped(self, client: Client, key: tuple[int, str]) -> bool:
+        """Whether the job ``key`` was cancelled or its client is gone."""
+        return key in self.cancelled or not client.connected
 
     def run(self, client: Client, request_id: str, kind: str, job_data: Any) -> None:
         if not isinstance(job_data, dict):
@@ -197,18 +384,19 @@ class Worker:
         key = (client.key, request_id)
 
         def emit(event: dict) -> None:
-            if key in self.cancelled and event["event"] in ("started", "progress"):
-                raise _Cancelled()  # from the step callback: the loop stops, nothing is written
+            # Every event before ``done`` comes before the output folder is created: a cancel
+            # raised here stops the loop and nothing is written.
+            if event["event"] != "done" and self._stopped(client, key):
+                raise _Cancelled()
             client.emit({"id": request_id, **event})
 
         results = edit_images(prepared, self.editor, emit)
-        if key in self.cancelled:  # cancelled during the last step or the decode
-            raise _Cancelled()
         write_results(prepared, results, emit, float_maps=True)
         if kind == "preview" and len(results) == 1:
-            self.previews[key] = (results[0], prepared.keep_mask)
-            while len(self.previews) > MAX_CACHED_PREVIEWS:
-                self.previews.pop(next(iter(self.previews)))
+            with self.condition:
+                self.previews[key] = (results[0], prepared.keep_mask)
+                while len(self.previews) > MAX_CACHED_PREVIEWS:
+                    self.previews.pop(next(iter(self.previews)))
 
     def rethreshold(self, client: Client, request_id: str, request: dict) -> None:
         import numpy as np
@@ -216,7 +404,8 @@ class Worker:
 
         from .outputs import atomic_output_dir
 
-        cached = self.previews.get((client.key, str(request.get("preview"))))
+        with self.condition:
+            cached = self.previews.get((client.key, str(request.get("preview"))))
         if cached is None:
             raise ParameterError(f"no cached preview {request.get('preview')!r}; run a preview first "
                                  f"(the worker keeps the last {MAX_CACHED_PREVIEWS}).")
@@ -231,6 +420,10 @@ class Worker:
         client.emit({"id": request_id, "event": "done", "output": str(output),
                    "files": ["edit_mask.npy", "edit_mask.png"], "tau": request.get("tau"),
                    "edit_fraction": float(mask.mean())})
+
+
+def _error(message: str, kind: type[InstructX2XError] = ParameterError) -> dict:
+    return {"event": "error", "message": message, "kind": kind.__name__, "exit_code": kind.exit_code}
 
 
 def ready_event(editor) -> dict:
@@ -268,35 +461,115 @@ def serve_socket(editor, path: str | Path) -> int:
     path = Path(path)
     check_socket_path(path)
     worker = Worker(editor)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    previous_mask = os.umask(0o177)  # the socket is born 0600: no window where others can connect
-    try:
-        listener.bind(str(path))
-    finally:
-        os.umask(previous_mask)
-    listener.listen()
-
-    def accept() -> None:
-        while True:
-            try:
-                connection, _address = listener.accept()
-            except OSError:
-                return
-            client = Client(connection.makefile("w", encoding="utf-8"))
-            client.emit(ready_event(editor))
-            threading.Thread(target=worker.read, args=(connection.makefile("r", encoding="utf-8"), client, True),
-                             daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
+    listener = _listen(path)
+    stopping = threading.Event()
+    accepting = threading.Thread(target=_accept, args=(listener, worker, stopping), daemon=True)
+    accepting.start()
     try:
         with _sigterm_interrupts():
             worker.loop()
     except KeyboardInterrupt:
         pass  # SIGTERM or Ctrl-C: how a shared worker is stopped (a running job leaves nothing)
     finally:
+        stopping.set()
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)  # wakes the accept thread
         listener.close()
         path.unlink(missing_ok=True)
+        # The threads that hold the worker end before this one returns: the model is freed by
+        # this thread, never by a daemon thread cut off in the middle as the interpreter exits.
+        accepting.join(SHUTDOWN_JOIN_S)
+        worker.hang_up()
+        with worker.condition:
+            readers = list(worker.readers)
+        for reader in readers:
+            reader.join(SHUTDOWN_JOIN_S)
     return 0
+
+
+def _listen(path: Path) -> socket.socket:
+    """A socket that listens at ``path``: born 0600 (no window where others can connect), and
+    linked under its name only once it listens, so that a client never finds it refusing."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    staging = path.with_name(f"{path.name}~")
+    bound = False
+    previous_mask = os.umask(0o177)
+    try:
+        listener.bind(str(staging))
+        bound = True
+        listener.listen()
+        os.link(staging, path)
+    except OSError as error:
+        listener.close()
+        raise ParameterError(f"cannot serve at {path.name} ({error.strerror}); another worker may be "
+                             "starting there.") from None
+    finally:
+        os.umask(previous_mask)
+        if bound:
+            staging.unlink(missing_ok=True)
+    return listener
+
+
+def _accept(listener: socket.socket, worker: Worker, stopping: threading.Event) -> None:
+    """Accept thread: survives every failing ``accept`` (out of descriptors, an aborted
+    connection), logging each run of one error once, by its name."""
+    failing = None
+    while not stopping.is_set():
+        try:
+            connection, _address = listener.accept()
+        except OSError as error:
+            if stopping.is_set():
+                return
+            name = errno.errorcode.get(error.errno, type(error).__name__)
+            if name != failing:
+                logger.warning("accept failed (%s); retrying every %.1f s", name, ACCEPT_BACKOFF_S)
+                failing = name
+            time.sleep(ACCEPT_BACKOFF_S)
+            continue
+        failing = None
+        try:
+            _welcome(connection, worker)
+        except (OSError, RuntimeError) as error:  # RuntimeError: no thread could be started
+            logger.warning("could not serve a new client (%s)", errno.errorcode.get(
+                getattr(error, "errno", None), type(error).__name__))
+            connection.close()
+
+
+def _welcome(connection: socket.socket, worker: Worker) -> None:
+    """A new connection: refused unless its user is ours (or root) and a client slot is free;
+    otherwise it hears ``ready`` and gets its own reader and writer threads."""
+    if not trusted_uid(peer_uid(connection)):
+        logger.warning("refused a client of another user")
+        connection.close()
+        return
+    client = SocketClient(connection)
+    if not worker.admit(client):
+        client.emit(_error(f"the shared worker serves at most {MAX_CLIENTS} clients at a time; "
+                           "try again when one has closed.", ResourceError))
+        client.close()
+        return
+    client.emit(ready_event(worker.editor))
+    reader = connection.makefile("rb")
+    thread = threading.Thread(target=_read_client, args=(worker, reader, client), daemon=True)
+    with worker.condition:
+        worker.readers.add(thread)
+    try:
+        thread.start()
+    except RuntimeError:
+        with worker.condition:
+            worker.readers.discard(thread)
+        reader.close()
+        worker.drop(client)
+        raise
+
+
+def _read_client(worker: Worker, reader: BinaryIO, client: SocketClient) -> None:
+    try:
+        with reader:
+            worker.read(read_lines(reader), client, shared=True)
+    finally:
+        with worker.condition:
+            worker.readers.discard(threading.current_thread())
 
 
 @contextlib.contextmanager

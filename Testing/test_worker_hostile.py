@@ -1,0 +1,377 @@
+"""The shared worker (``instructx2x serve --socket``) against hostile or broken clients, and the
+panels' client against a worker it must not trust: every attack runs on a real worker process
+with raw socket clients."""
+
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from instructx2x.serve import MAX_CLIENTS, MAX_LINE_BYTES
+
+from workers import poll_until
+
+from InstructX2XModuleLib.worker import WorkerClient, WorkerError, WorkerState
+
+LONG = 1000  # denoising steps: minutes on the CPU, so a job that is not cancelled shows
+NOBODY = 65534  # another user, for the peer checks
+
+
+class Peer:
+    """A raw client: JSON lines over the worker's Unix socket."""
+
+    def __init__(self, path, timeout: float = 30) -> None:
+        self.socket = socket.socket(socket.AF_UNIX)
+        self.socket.settimeout(timeout)
+        self.socket.connect(str(path))
+        self.reader = self.socket.makefile("rb")
+
+    def send(self, request: dict) -> None:
+        self.socket.sendall((json.dumps(request) + "\n").encode())
+
+    def event(self) -> dict | None:
+        line = self.reader.readline()
+        return json.loads(line) if line else None
+
+    def until(self, request_id: str, within: float = 30) -> list[dict]:
+        """Events until ``request_id`` ends, which must happen ``within`` seconds."""
+        events, deadline = [], time.monotonic() + within
+        while not events or events[-1].get("id") != request_id or \
+                events[-1]["event"] not in ("done", "error", "cancelled"):
+            self.socket.settimeout(max(deadline - time.monotonic(), 0.01))
+            try:
+                event = self.event()
+            except TimeoutError:
+                raise AssertionError(f"{request_id} did not end within {within} s: {events}") from None
+            assert event is not None, f"the worker closed the connection: {events}"
+            events.append(event)
+        return events
+
+    def closed(self, within: float = 10) -> bool:
+        """Whether the worker ends the connection within ``within`` seconds (what it sent before
+        is read and dropped)."""
+        self.socket.settimeout(within)
+        try:
+            while self.reader.read1(65536):
+                pass
+        except ConnectionResetError:
+            pass
+        except TimeoutError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self.reader.close()
+        self.socket.close()
+
+
+class SharedWorker:
+    def __init__(self, process: subprocess.Popen, path, log) -> None:
+        self.process, self.path, self.log = process, path, log
+
+    def status(self, field: str) -> int:
+        """A ``/proc/PID/status`` field in KiB (``VmRSS``, ``VmHWM``)."""
+        with open(f"/proc/{self.process.pid}/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith(f"{field}:"))
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    """One real worker for the module (its stderr in a file); every test leaves it serving."""
+    folder = tmp_path_factory.mktemp("shared")
+    path, log = folder / "worker.sock", folder / "worker.log"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "instructx2x.cli", "serve", "--socket", str(path),
+                                    "--model", "untrained-tiny", "--device", "cpu"],
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 120
+        while not path.exists():
+            assert process.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "the shared worker did not start within 120 s"
+            time.sleep(0.05)
+        yield SharedWorker(process, path, log)
+        assert process.poll() is None, f"a test took the worker down: {log.read_text()[-2000:]}"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, log.read_text()[-2000:]
+    assert "Traceback" not in log.read_text(), log.read_text()[-2000:]
+
+
+@pytest.fixture(scope="module")
+def film(tmp_path_factory):
+    yy, xx = np.mgrid[0:72, 0:64]
+    path = tmp_path_factory.mktemp("input") / "film.png"
+    Image.fromarray((127 + 90 * np.sin(yy / 7) * np.cos(xx / 5)).astype(np.uint8)).save(path)
+    return path
+
+
+def job(film, output, steps=2):
+    return {"input": str(film), "output": str(output),
+            "parameters": {"instruction": "Add the finding of left pleural effusion",
+                           "num_inference_steps": steps, "resolution": 64}}
+
+
+def ready(peer: Peer) -> Peer:
+    assert peer.event()["event"] == "ready"
+    return peer
+
+
+def test_a_client_that_stops_reading_delays_no_one(worker, film, tmp_path):
+    """A client that sends a job and floods requests but reads nothing fills its own queue and
+    is disconnected; its job stops and the next client's preview runs at once."""
+    other = ready(Peer(worker.path))
+    stalled = Peer(worker.path)
+    try:
+        stalled.send({"type": "edit", "id": "s", "job": job(film, tmp_path / "stalled", LONG)})
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):  # cut off on the way
+            for _ in range(50):
+                stalled.socket.sendall(b"junk\n" * 4000)  # each line earns an error event
+        other.send({"type": "preview", "id": "p", "job": job(film, tmp_path / "preview")})
+        assert other.until("p")[-1]["event"] == "done"
+        assert stalled.closed()
+    finally:
+        stalled.close()
+        other.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preview"]
+
+
+@pytest.mark.parametrize("leave", ["reset", "not utf-8", "end of input"])
+def test_a_client_that_goes_mid_job_has_it_cancelled_and_nothing_written(worker, film, tmp_path, leave):
+    """The job of a client whose connection breaks (reset: it closes with unread events),
+    sends bytes that are not text, or closes its side stops at once: the next client's job
+    runs, and neither the output folder nor a staging folder remains."""
+    other = ready(Peer(worker.path))
+    leaving = Peer(worker.path)
+    try:
+        leaving.send({"type": "edit", "id": "1", "job": job(film, tmp_path / "left", LONG)})
+        seen = b""
+        while b'"progress"' not in seen:  # peeked: the events stay unread
+            seen = leaving.socket.recv(1 << 16, socket.MSG_PEEK)
+        other.send({"type": "preview", "id": "next", "job": job(film, tmp_path / "next")})
+        if leave == "reset":
+            leaving.close()
+        elif leave == "not utf-8":
+            leaving.socket.sendall(b'{"type": "cancel", "id": "\xff"}\n')
+            events = []
+            while (event := leaving.event()) is not None:
+                events.append(event)
+            assert events[-1]["event"] == "error" and "not UTF-8" in events[-1]["message"], events
+        else:
+            leaving.socket.shutdown(socket.SHUT_WR)
+        assert other.until("next")[-1]["event"] == "done"
+    finally:
+        leaving.close()
+        other.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["next"]
+
+
+def test_accept_survives_running_out_of_descriptors(worker, film, tmp_path):
+    """With a few descriptors left, a flood of connections makes ``accept`` fail (EMFILE); the
+    worker logs it by name, keeps accepting once descriptors are free, and serves a new client."""
+    pid = worker.process.pid
+    limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    flood = []
+    try:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")) + 3, limits[1]))
+        for _ in range(40):
+            connection = socket.socket(socket.AF_UNIX)
+            connection.connect(str(worker.path))  # the listen backlog takes those not accepted
+            flood.append(connection)
+        deadline = time.monotonic() + 10
+        while "accept failed (EMFILE)" not in worker.log.read_text():
+            assert time.monotonic() < deadline, worker.log.read_text()[-2000:]
+            time.sleep(0.05)
+    finally:
+        for connection in flood:
+            connection.close()
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+    late = ready(Peer(worker.path))
+    try:
+        late.send({"type": "preview", "id": "late", "job": job(film, tmp_path / "late")})
+        assert late.until("late")[-1]["event"] == "done"
+    finally:
+        late.close()
+    assert worker.log.read_text().count("accept failed (EMFILE)") == 1  # logged once, not per retry
+
+
+def _fill(path) -> tuple[list[Peer], Peer | None, dict | None]:
+    """Connect until one is refused (or one more than the limit is in)."""
+    peers = []
+    for _ in range(MAX_CLIENTS + 1):
+        peer = Peer(path)
+        event = peer.event()
+        if event["event"] != "ready":
+            return peers, peer, event
+        peers.append(peer)
+    return peers, None, None
+
+
+def test_one_client_over_the_cap_hears_the_limit_and_is_closed(worker):
+    peers, refused, event = [], None, None
+    try:
+        for _attempt in range(20):  # clients of the tests before may still be leaving
+            peers, refused, event = _fill(worker.path)
+            if len(peers) >= MAX_CLIENTS:
+                break
+            for peer in peers + [refused]:
+                peer.close()
+            time.sleep(0.25)
+        assert len(peers) == MAX_CLIENTS == 16 and refused is not None
+        assert event["event"] == "error" and event["kind"] == "ResourceError"
+        assert "at most 16 clients" in event["message"]
+        assert refused.closed()
+        peers.pop().close()  # a slot frees: the next one is served
+        deadline = time.monotonic() + 10
+        while True:
+            peer = Peer(worker.path)
+            if peer.event()["event"] == "ready":
+                peers.append(peer)
+                break
+            peer.close()
+            assert time.monotonic() < deadline, "no slot freed within 10 s"
+            time.sleep(0.1)
+    finally:
+        for peer in peers + ([refused] if refused else []):
+            peer.close()
+
+
+def test_an_over_long_line_is_refused_with_bounded_memory(worker):
+    """64 MiB with no newline: the worker reads at most the limit, answers with an error naming
+    it and closes; its peak memory grows by far less than what was sent."""
+    resident = worker.status("VmRSS")
+    with open(f"/proc/{worker.process.pid}/clear_refs", "w") as refs:
+        refs.write("5")  # restart the peak (VmHWM) from the resident size now
+    peer = ready(Peer(worker.path))
+    sent = []
+
+    def flood():
+        try:
+            for _ in range(64):
+                peer.socket.sendall(b"a" * (1 << 20))
+                sent.append(1)
+        except OSError:  # cut off
+            pass
+
+    sender = threading.Thread(target=flood)
+    sender.start()
+    try:
+        event = peer.event()
+        assert event["event"] == "error" and f"longer than {MAX_LINE_BYTES} bytes" in event["message"]
+        assert peer.closed()
+        sender.join(timeout=30)
+        assert not sender.is_alive() and len(sent) < 64
+    finally:
+        peer.close()
+    assert (worker.status("VmHWM") - resident) < 16 * 1024, (resident, worker.status("VmHWM"))
+
+
+class FakeWorker:
+    """A worker of our own user that sends ``done`` events naming the folders it chooses."""
+
+    def __init__(self, path, outputs: list[str]) -> None:
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(str(path))
+        self.listener.listen()
+        self.outputs = outputs
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        connection, _ = self.listener.accept()
+        with connection, connection.makefile("rb") as requests:
+            connection.sendall(b'{"event": "ready", "protocol": 1}\n')
+            for output in self.outputs:
+                request = json.loads(requests.readline())
+                done = {"id": request["id"], "event": "done", "output": output, "files": ["edit_mask.npy"]}
+                connection.sendall((json.dumps(done) + "\n").encode())
+            requests.readline()
+
+
+def test_the_client_refuses_a_done_outside_the_folder_it_asked_for(tmp_path):
+    asked = tmp_path / "asked"
+    fake = FakeWorker(tmp_path / "fake.sock", [str(tmp_path / "elsewhere"), str(asked / ".." / "elsewhere"),
+                                               str(asked)])
+    client = WorkerClient("the worker's", socket_path=str(tmp_path / "fake.sock"))
+    client.start()
+    try:
+        poll_until(client, lambda e: client.state is WorkerState.READY, timeout=10)
+        for _ in range(2):
+            request_id = client.submit("rethreshold", preview="1", tau=0.3, output=str(asked))
+            events = poll_until(client, lambda e: client.state is WorkerState.READY, timeout=10)
+            assert events[-1]["event"] == "error" and events[-1]["id"] == request_id
+            assert "outside the output folder" in client.last_error
+        request_id = client.submit("rethreshold", preview="1", tau=0.3, output=str(asked))
+        events = poll_until(client, lambda e: client.state is WorkerState.READY, timeout=10)
+        assert events[-1] == {**events[-1], "id": request_id, "event": "done", "output": str(asked)}
+    finally:
+        client.shutdown()
+        fake.listener.close()
+
+
+FOREIGN_WORKER = """
+import os, socket, sys, time
+listener = socket.socket(socket.AF_UNIX)
+listener.bind(sys.argv[1])
+os.setgroups([]); os.setgid(NOBODY); os.setuid(NOBODY)
+listener.listen()  # the peer credentials a client sees are those of the listen() call
+print("listening", flush=True)
+connection, _ = listener.accept()
+connection.sendall(b'{"event": "ready", "protocol": 1}\\n')
+time.sleep(30)
+""".replace("NOBODY", str(NOBODY))
+
+
+def test_the_client_refuses_a_worker_of_another_user(tmp_path):
+    process = subprocess.Popen([sys.executable, "-c", FOREIGN_WORKER, str(tmp_path / "foreign.sock")],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline() == "listening\n"
+        client = WorkerClient("the worker's", socket_path=str(tmp_path / "foreign.sock"))
+        with pytest.raises(WorkerError, match=f"runs as another user \\(uid {NOBODY}"):
+            client.start()
+        assert client.state is WorkerState.IDLE and client.connection is None
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
+FOREIGN_CLIENT = """
+import os, socket, sys
+os.chdir(sys.argv[1])
+if sys.argv[2] == "other":
+    os.setgroups([]); os.setgid(NOBODY); os.setuid(NOBODY)
+connection = socket.socket(socket.AF_UNIX)
+connection.settimeout(20)
+connection.connect("worker.sock")
+answer = b""
+while not answer.endswith(b"\\n") and (chunk := connection.recv(65536)):
+    answer += chunk
+print(answer.decode().strip() or "closed")
+""".replace("NOBODY", str(NOBODY))
+
+
+def test_the_worker_refuses_a_client_of_another_user(worker):
+    """Even where the socket's mode lets another user connect, the worker closes the
+    connection unanswered; our own user (here root) is served through the same path."""
+    folder = worker.path.parent
+    try:
+        folder.chmod(0o711)
+        worker.path.chmod(0o666)
+        answers = {user: subprocess.run([sys.executable, "-c", FOREIGN_CLIENT, str(folder), user],
+                                        check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+                   for user in ("other", "ours")}
+    finally:
+        worker.path.chmod(0o600)
+        folder.chmod(0o700)
+    assert answers["other"] == "closed"
+    assert json.loads(answers["ours"])["event"] == "ready"
+    assert "refused a client of another user" in worker.log.read_text()
