@@ -119,6 +119,21 @@ def test_the_atomic_folder_refuses_a_file_on_its_way(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["afile"]
 
 
+@pytest.mark.parametrize("model", ["demo", "untrained-tiny"])
+def test_an_edit_prints_no_library_notice_that_asks_nothing(tmp_path, model):
+    """diffusers' 'modules ... should be kept in float32: [] ... Casting directly with `to()`'
+    (logged on every dtype cast) must not reach the user of `instructx2x edit`."""
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parents[2] / "Resources" / "Samples" / "phantom_pa.dcm"
+    completed = subprocess.run([sys.executable, "-m", "instructx2x.cli", "edit", str(sample), "-i",
+                                "Add the finding of moderate left pleural effusion", "--model", model,
+                                "-o", str(tmp_path / "out"), "--progress", "none"],
+                               capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr
+    assert "float32" not in completed.stderr and "Casting directly" not in completed.stderr, completed.stderr
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--tau", "1.5"], "tau"),
     (["--steps", "0"], "num_inference_steps"),

@@ -315,3 +315,36 @@ def test_model_card_sets_the_relevance_draws(tmp_path, xray):
         (directory / MODEL_CARD_NAME).write_text(json.dumps(dict(CARD, relevance_draws=bad)))
         with pytest.raises(ModelLoadError, match="'relevance_draws' must be an integer in 1..16"):
             load_pipeline(directory)
+
+
+def test_diffusers_float32_notice_is_dropped_only_when_it_names_no_module():
+    """ModelMixin.to(dtype) logs 'modules ... should be kept in float32: []' even for models that
+    keep none: loading filters that notice, and it still shows when it names modules."""
+    import logging
+
+    from instructx2x.loading import DIFFUSERS_MODELING_LOGGER
+
+    diffusers_logger = logging.getLogger(DIFFUSERS_MODELING_LOGGER)
+
+    def shown(modules: str) -> bool:
+        message = (f"There are modules in UNet2DConditionModel that should be kept in float32: {modules}. "
+                   "Casting directly with `to()` can lead to inconsistent results")
+        return bool(diffusers_logger.filter(diffusers_logger.makeRecord(
+            diffusers_logger.name, logging.WARNING, __file__, 0, message, None, None)))
+
+    load_pipeline("untrained-tiny")
+    load_pipeline("untrained-tiny")
+    assert not shown("[]") and shown("['proj_out']")
+    ours = [f for f in diffusers_logger.filters if type(f).__module__ == "instructx2x.loading"]
+    assert len(ours) == 1  # once per process, however many loads
+
+
+def test_importing_the_loader_leaves_diffusers_logging_alone():
+    import subprocess
+    import sys
+
+    code = ("import logging, instructx2x.loading\n"
+            "filters = logging.getLogger(instructx2x.loading.DIFFUSERS_MODELING_LOGGER).filters\n"
+            "print(sorted({type(f).__module__ for f in filters}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "instructx2x" not in out

@@ -199,13 +199,10 @@ def _main(args: argparse.Namespace, emit) -> int:
         if args.input is None or args.instruction is None:
             raise ParameterError("give an input radiograph and -i INSTRUCTION (or --jobs FILE.csv).")
         prepared = prepare(_job(args, args.input, args.instruction))  # checked before the model loads
-    from diffusers.utils import logging as diffusers_logging
-
     from .editor import InstructX2XEditor
     from .outputs import UNTRAINED_NOTICE
     from .priors import PriorSet
 
-    diffusers_logging.set_verbosity_error()  # dtype-cast notices are noise for CLI users
     emit({"event": "loading", "model": Path(args.model).name})
     priors = None if args.priors is None else PriorSet.from_directory(args.priors)
     editor = InstructX2XEditor.from_model(args.model, device=args.device, dtype=args.dtype,

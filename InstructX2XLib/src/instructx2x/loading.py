@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import pickle
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -37,6 +38,29 @@ __all__ = ["ModelInfo", "ModelLoadError", "load_pipeline", "save_model", "hash_m
            "hash_files", "MODEL_CARD_NAME", "DEMO_MODEL_NAME", "demo_model_path"]
 
 logger = logging.getLogger(__name__)
+# diffusers' ModelMixin.to logs this for every dtype cast, also when the model keeps no module
+# in float32 (the list it names is then empty, as for every UNet and autoencoder this library
+# loads): a notice that asks nothing of the reader.
+DIFFUSERS_MODELING_LOGGER = "diffusers.models.modeling_utils"
+EMPTY_FP32_NOTICE = re.compile(r"should be kept in float32: \[\]\.")
+
+
+class _DropEmptyFp32Notice(logging.Filter):
+    """Keep diffusers' float32 notice out of view when it names no module to keep."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not EMPTY_FP32_NOTICE.search(record.getMessage())
+
+
+def _quiet_notices_without_action() -> None:
+    """Filter the empty float32 notice from diffusers' modelling logger (once per process).
+
+    Called when a model is loaded, never at import; every other diffusers message, and this
+    one when it names modules, still reaches the user.
+    """
+    diffusers_logger = logging.getLogger(DIFFUSERS_MODELING_LOGGER)
+    if not any(isinstance(existing, _DropEmptyFp32Notice) for existing in diffusers_logger.filters):
+        diffusers_logger.addFilter(_DropEmptyFp32Notice())
 
 
 class ModelNotFoundError(ModelLoadError, FileNotFoundError):
@@ -144,6 +168,7 @@ def load_pipeline(model: str | Path, *, allow_hub: bool = False, scheduler: str 
     ModelLoadError
         When the files are incomplete, corrupt, or not an 8-channel InstructPix2Pix model.
     """
+    _quiet_notices_without_action()  # the caller places the pipeline with .to(device, dtype)
     scheduler_instance = make_scheduler(scheduler)
     if str(model) == UNTRAINED_MODEL_NAME:
         pipe = build_untrained_pipeline()

@@ -138,7 +138,6 @@ def evaluate(output: str | Path, config: EvaluationConfig, progress_bar: bool = 
     """
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
-    from diffusers.utils import logging as diffusers_logging
 
     from instructx2x.editor import InstructX2XEditor
 
@@ -152,7 +151,6 @@ def evaluate(output: str | Path, config: EvaluationConfig, progress_bar: bool = 
     # every process would think itself the only one
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     device = "auto" if state.num_processes == 1 else ("cpu" if state.device.type == "cpu" else str(state.device))
-    diffusers_logging.set_verbosity_error()  # dtype-cast notices are noise in a report run
     editor = InstructX2XEditor.from_model(config.model, device=device)  # a bad model: nothing written yet
     resumed = _prepare_output(output, config) if state.is_main_process else True
     if state.is_main_process:
