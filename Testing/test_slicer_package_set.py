@@ -21,6 +21,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from instructx2x import __version__
 from packaging.requirements import Requirement
 
 from workers import poll_until
@@ -132,7 +133,7 @@ def shipped(tmp_path):
     (library / "src" / "instructx2x").mkdir(parents=True)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / "InstructX2XLib" / name, library)
-    for name in ("__init__.py", "errors.py", "instructions.py"):
+    for name in ("__init__.py", "_version.py", "errors.py", "instructions.py"):
         shutil.copy(REPO / "InstructX2XLib" / "src" / "instructx2x" / name, library / "src" / "instructx2x")
     requirements = tmp_path / "requirements.txt"
     shutil.copy(REQUIREMENTS, requirements)
@@ -474,12 +475,12 @@ def test_the_package_set_on_slicers_python(slicer_python, tmp_path):
     # built once (asked once), then current (nothing asked, nothing run)
     assert report["questions_after_install"] == 1 and report["status_after_install"] == "current"
     assert report["questions_after_again"] == 1 and report["again_s"] < 10
-    assert report["marker"]["library_version"] == "0.1.0" and report["marker"]["python"] == "3.12"
+    assert report["marker"]["library_version"] == __version__ and report["marker"]["python"] == "3.12"
     assert report["marker"]["torch"]["version"].startswith("2.13.0")
     assert report["stages"][0].startswith("Downloading and installing PyTorch")
     # a set from an older library: the library alone reinstalled, torch's files kept
     assert "another version of its library" in report["update_question"]
-    assert report["torch_file_kept"] and report["marker_after_update"] == "0.1.0"
+    assert report["torch_file_kept"] and report["marker_after_update"] == __version__
     assert report["left_beside_set"] == [folder.name]
     # the worker from the set: the demo model, a preview and an edit
     assert report["ready"] == {"state": "ready", "error": None, "model": "demo"}
