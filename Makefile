@@ -32,7 +32,7 @@ WEB_PORT ?= 8080
 .PHONY: install demo demo-model demo-model-estimate classifiers evaluation web test test-eval test-web \
 	test-slicer-packages benchmark clean
 
-$(STAMP): constraints.txt InstructX2XLib/pyproject.toml Training/pyproject.toml
+$(STAMP): constraints.txt InstructX2XLib/pyproject.toml Training/pyproject.toml InstructX2XLib/src/instructx2x/_version.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch pulls gigabytes of CUDA packages on CPU machines
@@ -44,7 +44,7 @@ install: $(STAMP)
 
 # The evaluation's torchxrayvision back-end needs torchvision, which the CPU torch of .venv can't
 # take (docs/evaluation.md): a second environment with the matched pair of constraints-eval.txt.
-$(EVAL_STAMP): constraints-eval.txt InstructX2XLib/pyproject.toml Training/pyproject.toml
+$(EVAL_STAMP): constraints-eval.txt InstructX2XLib/pyproject.toml Training/pyproject.toml InstructX2XLib/src/instructx2x/_version.py
 	$(PYTHON) -m venv $(EVAL_VENV)
 	$(EVAL_VENV)/bin/python -m pip install -q --upgrade pip
 	$(EVAL_VENV)/bin/python -m pip install -q -c constraints-eval.txt torch torchvision
@@ -53,7 +53,7 @@ $(EVAL_STAMP): constraints-eval.txt InstructX2XLib/pyproject.toml Training/pypro
 
 # The browser panel needs trame-slicer, which pins an older slicer-core than .venv's: its own
 # environment (constraints-web.txt), with Playwright for its browser tests (Debian's chromium).
-$(WEB_STAMP): constraints-web.txt InstructX2XLib/pyproject.toml InstructX2X/pyproject.toml
+$(WEB_STAMP): constraints-web.txt InstructX2XLib/pyproject.toml InstructX2X/pyproject.toml InstructX2XLib/src/instructx2x/_version.py
 	$(PYTHON) -m venv $(WEB_VENV)
 	$(WEB_VENV)/bin/python -m pip install -q --upgrade pip
 	$(WEB_VENV)/bin/python -m pip install -q -c constraints-web.txt torch==2.13.0

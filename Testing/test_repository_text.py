@@ -17,9 +17,6 @@ HISTORY_RECORDS = ("CHANGELOG.md", "LICENSE", "docs/experiments/")
 THIS_FILE = Path(__file__).resolve().relative_to(REPO).as_posix()  # its examples are hits
 OUTSIDE_REFERENCE = re.compile(r"\bSPEC\b")  # upper case, a word of its own: ASPECT_MODES is not one
 NARRATION = re.compile(r"\b(?:stop|issue)s?\s+#?\d+\b", re.IGNORECASE)
-# Files other sessions are editing now, which still hold hits: each leaves this list as soon as
-# its hits are replaced (the test says so), and the list is then empty.
-FILES_AWAITING_THEIR_OWNERS = ("InstructX2XLib/src/instructx2x/pipeline.py",)
 
 
 def tracked_text_files() -> dict[str, str]:
@@ -61,12 +58,6 @@ def test_the_patterns_catch_what_they_are_for():
 def test_no_file_cites_an_outside_reference_or_narrates_history():
     texts = tracked_text_files()
     assert "docs/method.md" in texts and "Training/configs/demo.yaml" in texts
-    found = {name: lines for name, text in texts.items()
-             if name not in FILES_AWAITING_THEIR_OWNERS and (lines := hits(text))}
+    found = {name: lines for name, text in texts.items() if (lines := hits(text))}
     assert not found, found
 
-
-def test_files_awaiting_their_owners_still_hold_hits():
-    texts = tracked_text_files()
-    done = [name for name in FILES_AWAITING_THEIR_OWNERS if not hits(texts.get(name, ""))]
-    assert not done, f"remove {done} from FILES_AWAITING_THEIR_OWNERS: their hits are replaced"

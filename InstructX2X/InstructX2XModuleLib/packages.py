@@ -274,6 +274,15 @@ def choose_torch(system: str | None = None, driver: Callable[[], tuple[int, ...]
                       f"NVIDIA driver {found} is older than any CUDA build of torch supports")
 
 
+def _library_version(library: Path) -> str:
+    """The library's version as ``src/instructx2x/_version.py`` writes it (its one place; the
+    library's pyproject.toml reads it from there), read without importing the library."""
+    for line in (library / "src" / "instructx2x" / "_version.py").read_text(encoding="utf-8").splitlines():
+        if line.startswith("__version__ = "):
+            return line.split("=", 1)[1].strip().strip("\"'")
+    raise PackageSetError(f"the library in {library} states no version; reinstall the InstructX2X extension.")
+
+
 def package_set_fingerprint(library: Path, requirements: Path, constraints: Sequence[Path] = ()) -> dict:
     """What a set is built from: its marker's fields, torch's build aside.
 
@@ -304,7 +313,7 @@ def package_set_fingerprint(library: Path, requirements: Path, constraints: Sequ
     for path in sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
         source.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return {"format": MARKER_FORMAT, "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
-            "requirements_sha256": wanted.hexdigest(), "library_version": project["version"],
+            "requirements_sha256": wanted.hexdigest(), "library_version": _library_version(library),
             "library_sha256": source.hexdigest()}
 
 

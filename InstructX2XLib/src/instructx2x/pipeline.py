@@ -1,4 +1,4 @@
-"""InstructX2X: InstructPix2Pix with Region-Specific Editing (SPEC section 2).
+"""InstructX2X: InstructPix2Pix with Region-Specific Editing (docs/method.md section 2).
 
 The whole sampler lives in this file, readable top to bottom: relevance map, prior, guidance
 map, threshold, denoising from the noised input latent with same-noise re-noising outside the
@@ -519,8 +519,8 @@ class InstructX2XPipeline(DiffusionPipeline):
 
     def compute_relevance(self, source_latents, noises: list[torch.Tensor], image_latents_cfg,
                           prompt_embeds, relevance_timestep: int) -> torch.Tensor:
-        """One UNet call at ``t_rel`` per noise draw; ``R`` at latent size (SPEC step 3, which
-        takes one draw: ``guidance.relevance_map`` averages several).
+        """One UNet call at ``t_rel`` per noise draw; ``R`` at latent size (docs/method.md
+        section 2, step 3, which takes one draw: ``guidance.relevance_map`` averages several).
 
         ``R`` needs only the (text+image) and (image only) members of the CFG batch, so each
         call runs on those two: a third less work than the full batch, the same values.
