@@ -322,11 +322,13 @@ class EditSession:
 
     def stop(self) -> None:
         """End the worker, stop watching the scene and remove the session's files."""
-        self.scene.RemoveObserver(self._close_observer)
-        if self.worker is not None:
-            self.worker.shutdown()
-            self.worker = None
-        shutil.rmtree(self.folder, ignore_errors=True)
+        try:
+            self.scene.RemoveObserver(self._close_observer)
+            if self.worker is not None:
+                worker, self.worker = self.worker, None
+                worker.shutdown()
+        finally:  # the radiograph's pixels never outlive the session, whatever stopping the worker did
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def start_worker(self, settings: PanelSettings, timeout: float = 600) -> dict:
         """Start (or reach) the worker now and wait until its model is loaded, so that a bad

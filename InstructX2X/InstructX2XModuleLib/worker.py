@@ -10,7 +10,11 @@ pattern), and a small state machine says what the panel shows:
     any state -> STOPPED (shutdown, kill, or the process died)
 
 Cancel first asks politely (a ``cancel`` message stops the job at its next step); ``kill``
-ends the whole process tree (psutil, children first) when the worker does not answer.
+ends the whole process tree when the worker does not answer. Slicer's ``PythonSlicer`` is a
+launcher that runs the real Python as its child, so the worker starts in a process group of
+its own (POSIX: a new session; Windows: a new process group) and ``kill`` ends the group
+(``os.killpg``; Windows: ``taskkill /T /F``), with the standard library alone: Slicer's
+Python has no psutil.
 
 With ``socket_path`` the client connects to a shared worker (``instructx2x serve --socket``)
 instead of starting one: the model is the worker's, other panels' jobs may run first (the
@@ -30,15 +34,42 @@ import itertools
 import json
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
-__all__ = ["WorkerState", "WorkerClient", "WorkerError"]
+__all__ = ["WorkerState", "WorkerClient", "WorkerError", "kill_process_group"]
 
 STDERR_LINES = 200  # the worker's last stderr lines kept for the exit message
+
+
+if sys.platform == "win32":
+    _OWN_GROUP = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
+else:
+    _OWN_GROUP = {"start_new_session": True}
+
+
+def kill_process_group(pid: int) -> None:
+    """Kill the process ``pid`` and every process it started, ``pid`` having been started in a
+    group of its own (``start_new_session`` on POSIX, ``CREATE_NEW_PROCESS_GROUP`` on Windows).
+
+    Parameters
+    ----------
+    pid : int
+        The group leader (the worker's launcher).
+    """
+    if sys.platform == "win32":
+        subprocess.run(["taskkill", "/T", "/F", "/PID", str(pid)], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
+                       creationflags=subprocess.CREATE_NO_WINDOW)
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # the group is gone already
+        pass
 
 
 class WorkerState(str, enum.Enum):
@@ -117,10 +148,10 @@ class WorkerClient:
             self.connection = connection
             self._writer, reader = (self.connection.makefile(mode, encoding="utf-8") for mode in ("w", "r"))
         else:
-            try:  # no console window on Windows
+            try:  # a process group of its own (``kill`` ends the launcher and its Python); no console window
                 self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                                 stderr=subprocess.PIPE, text=True, env=self.environment,
-                                                creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
+                                                **_OWN_GROUP)
             except OSError as error:
                 raise WorkerError(f"cannot start the worker ({error.strerror}).") from None
             self._writer, reader = self.process.stdin, self.process.stdout
@@ -150,7 +181,8 @@ class WorkerClient:
             self.state = WorkerState.CANCELLING
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Ask the worker to exit, kill it if it does not; a shared worker: hang up."""
+        """Stop the running job, ask the worker to exit, and kill its process tree if it does
+        not within ``timeout`` seconds; a shared worker: hang up."""
         if self.connection is not None:
             self._hang_up()
             return
@@ -158,27 +190,25 @@ class WorkerClient:
             self.state = WorkerState.STOPPED
             return
         try:
+            if self.state == WorkerState.RUNNING:  # a job between two steps ends at once
+                self.cancel()
             self._send({"type": "shutdown"})
             self.process.wait(timeout=timeout)
-        except (OSError, subprocess.TimeoutExpired):
+        except (OSError, WorkerError, subprocess.TimeoutExpired):
             self.kill()
         self.state = WorkerState.STOPPED
 
     def kill(self) -> None:
-        """End the worker and every process it started, children first."""
-        import psutil
-
+        """End the worker and every process it started (its process group)."""
         if self.connection is not None:  # a shared worker is not ours to kill: its jobs for us stop
             self._hang_up()
             return
         if self.process is None:
             return
+        kill_process_group(self.process.pid)
         try:
-            parent = psutil.Process(self.process.pid)
-            for child in parent.children(recursive=True):
-                child.kill()
-            parent.kill()
-        except psutil.NoSuchProcess:
+            self.process.kill()  # the launcher itself, should the group have gone another way
+        except OSError:
             pass
         self.process.wait(timeout=30)
         self.state = WorkerState.STOPPED
