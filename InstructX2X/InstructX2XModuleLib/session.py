@@ -21,6 +21,7 @@ import itertools
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -29,7 +30,7 @@ import numpy as np
 from . import scene as mrml
 from .worker import WorkerClient, WorkerError, WorkerState
 
-__all__ = ["DicomImportError", "import_into_dicom_database", "PAPER_SCHEDULER", "PAPER_STEPS", "DEFAULT_QUOTA_BYTES", "PanelSettings", "EditSession", "edited_pixels", "dicom_pixels", "modality_values", "PRESETS", "MASK_SOURCES", "OPERATIONS",
+__all__ = ["DicomImportError", "import_into_dicom_database", "PAPER_SCHEDULER", "PAPER_STEPS", "DEFAULT_QUOTA_BYTES", "SHARED_READY_TIMEOUT_S", "PanelSettings", "EditSession", "edited_pixels", "dicom_pixels", "modality_values", "PRESETS", "MASK_SOURCES", "OPERATIONS",
            "SIDES", "describe_instruction", "compose_instruction", "instruction_completions"]
 
 MASK_SOURCES = ("anatomical prior", "painted segment", "painted segment and prior")
@@ -39,6 +40,9 @@ PAPER_SCHEDULER, PAPER_STEPS = "ddim", 100
 OPERATIONS = ("Add", "Remove", "Change the level of")
 SIDES = ("", "left", "right", "bilateral")  # the structured helper's choices ("": no side)
 DEFAULT_QUOTA_BYTES = 2 * 2**30  # an upload, one job's inputs and one result take well under 1 GB
+# A shared worker says ``ready`` as soon as it accepts a connection (its model is loaded): a
+# socket that accepts and stays silent this long is not a worker that will answer
+SHARED_READY_TIMEOUT_S = 30.0
 
 
 @dataclasses.dataclass
@@ -60,6 +64,7 @@ class PanelSettings:
     model: str = "demo"
     verify: bool = True
     include_demographics: bool = False  # the classifiers' age/sex/race estimates in the report (verify only)
+    worker_socket: str = ""  # a shared worker's Unix socket (model and device are then its own); "": a local worker
 
     def edit_parameters(self) -> dict:
         """The library's ``EditParameters`` fields for this run."""
@@ -134,10 +139,12 @@ class EditSession:
     executable: list[str] | None
         The command that runs the library's CLI (``PythonSlicer -m instructx2x.cli`` in Slicer).
     prepare_worker: Callable[[], None] | None
-        Called before a worker is first started (the desktop module installs dependencies).
+        Called before a local worker is started (the desktop module installs dependencies);
+        never for a shared one.
     worker_socket: str | None
         Use the shared worker on this Unix socket (``instructx2x serve --socket``) instead of
-        starting one; the model and device are then the worker's.
+        starting one; the model and device are then the worker's. A job whose settings name a
+        ``worker_socket`` uses that one.
     quota_bytes: int | None
         The most the session's folder may hold before a job is refused (default
         ``DEFAULT_QUOTA_BYTES``).
@@ -155,6 +162,8 @@ class EditSession:
         self.prepare_worker = prepare_worker
         self.worker: WorkerClient | None = None
         self.worker_key: tuple | None = None
+        self.shared_ready_timeout_s = SHARED_READY_TIMEOUT_S
+        self._connected_at = 0.0  # when the shared worker was reached (monotonic clock)
         self.folder = Path(tempfile.mkdtemp(prefix="instructx2x-"))
         self.queue: list[dict] = []
         self.current: dict = {}
@@ -279,6 +288,7 @@ class EditSession:
         if self.worker is None:
             return []
         events = self.worker.poll()
+        self._check_shared_ready()
         for event in events:
             if event.get("event") == "done" and event.get("id") == self.current.get("id") \
                     and self.scene.IsNodePresent(self.current["volume"]):  # not closed or removed
@@ -289,6 +299,7 @@ class EditSession:
             if self.worker.last_error:
                 events.append({"event": "error", "message": self.worker.last_error})
             self.worker, self.queue = None, []
+            self.prune()  # the folders of the jobs that will not run
         self._send_next()
         if self.pending_tau is not None and not self.busy and self.preview_id is not None:
             self.request_rethreshold(self.pending_tau)
@@ -336,12 +347,11 @@ class EditSession:
 
         Returns the worker's ``ready`` event. Raises ``WorkerError`` with the worker's message.
         """
-        import time
-
         self._ensure_worker(settings)
         deadline = time.monotonic() + timeout
         while self.worker.state == WorkerState.STARTING and time.monotonic() < deadline:
             self.worker.poll()
+            self._check_shared_ready()
             time.sleep(0.05)
         if self.worker.state != WorkerState.READY:
             message = self.worker.last_error or f"the model did not load within {timeout:.0f} s."
@@ -350,20 +360,36 @@ class EditSession:
             raise WorkerError(message)
         return self.worker.info
 
+    def _check_shared_ready(self) -> None:
+        """Hang up on a shared worker that has not said ``ready`` within
+        ``shared_ready_timeout_s`` of the connection (its state becomes STOPPED, with why)."""
+        worker = self.worker
+        if worker is None or not worker.socket_path or worker.state != WorkerState.STARTING \
+                or time.monotonic() - self._connected_at < self.shared_ready_timeout_s:
+            return
+        worker.kill()  # a shared worker: ends only our connection
+        worker.last_error = (f"the shared worker at {Path(worker.socket_path).name} took the connection but did "
+                             f"not answer within {self.shared_ready_timeout_s:.0f} s; is instructx2x serve "
+                             "--socket running at the far end (of the SSH tunnel, if one)?")
+
     def _ensure_worker(self, settings: PanelSettings) -> None:
-        key = ("shared", self.worker_socket) if self.worker_socket else settings.worker_key()
+        socket_path = settings.worker_socket or self.worker_socket
+        key = ("shared", socket_path) if socket_path else settings.worker_key()
         if self.worker is not None and self.worker_key == key and self.worker.state not in (
                 WorkerState.STOPPED, WorkerState.IDLE):
             return
         if self.worker is not None:
             self.worker.shutdown()
-        if self.prepare_worker is not None:
+            self.worker = None
+        if self.prepare_worker is not None and not socket_path:  # a shared worker needs nothing here
             self.prepare_worker()
         environment = {"CUDA_VISIBLE_DEVICES": "-1"} if settings.device == "cpu" else {}
-        self.worker = WorkerClient(settings.model, device=settings.device, environment=environment,
-                                   executable=self.executable, scheduler=settings.sampler(),
-                                   dtype=settings.precision, socket_path=self.worker_socket)
-        self.worker.start()
+        worker = WorkerClient(settings.model, device=settings.device, environment=environment,
+                              executable=self.executable, scheduler=settings.sampler(),
+                              dtype=settings.precision, socket_path=socket_path or None)
+        worker.start()  # a WorkerError (e.g. no shared worker at the socket) keeps no client
+        self.worker = worker
+        self._connected_at = time.monotonic()
         self.worker_key, self.preview_id = key, None
 
     def _send_next(self) -> None:

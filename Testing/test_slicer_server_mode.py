@@ -1,0 +1,144 @@
+"""Server mode: the panel's settings name a shared worker's socket (``instructx2x serve
+--socket``), as a GPU server reached through an SSH-forwarded socket is used."""
+
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import slicer
+
+from InstructX2XModuleLib import scene as layer
+from InstructX2XModuleLib.session import MASK_SOURCES, EditSession, PanelSettings
+from InstructX2XModuleLib.worker import WorkerError
+from workers import poll_until, shared_worker
+
+
+@pytest.fixture
+def session():
+    scene = slicer.vtkMRMLScene()
+    layer.prepare_scene(scene)
+    session = EditSession(scene, prepare_worker=lambda: session.installs.append("local"))
+    session.installs = []  # a local worker's dependencies installed; a shared worker needs none
+    yield session
+    session.stop()
+    assert not session.folder.exists()
+
+
+def radiograph(scene):
+    yy, xx = np.mgrid[0:72, 0:64]
+    return layer.array_to_volume(scene, (2000 + 900 * np.sin(yy / 7) * np.cos(xx / 5)).astype(np.float32), "chest")
+
+
+def settings(**overrides):
+    values = dict(instruction="Add the finding of left pleural effusion", model="no-such-model: the worker's counts",
+                  device="cpu", steps=2, verify=False)
+    return PanelSettings(**{**values, **overrides})
+
+
+@pytest.fixture
+def silent_listener(tmp_path):
+    """A Unix socket that accepts connections and never says a word (what a wrong socket, or
+    a tunnel to a stuck process, looks like)."""
+    path = tmp_path / "silent.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+    accepted = []
+
+    def accept():
+        while True:
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield path, accepted
+    listener.shutdown(socket.SHUT_RDWR)
+    listener.close()
+    for connection in accepted:
+        connection.close()
+
+
+def test_the_settings_socket_reaches_the_shared_worker_and_results_land_in_the_scene(session, tmp_path):
+    path = tmp_path / "ix2x.sock"
+    volume = radiograph(session.scene)
+    before = layer.volume_to_array(volume).copy()
+    mask = np.zeros((72, 64), bool)
+    mask[30:60, 34:60] = True
+    with shared_worker(path) as server:
+        shared = settings(worker_socket=str(path))
+        assert session.start_worker(shared)["model"]["name"] == "untrained-tiny"  # the worker's, not the panel's
+        session.submit("preview", volume, shared)
+        poll_until(session, lambda e: any(x["event"] == "done" for x in e))
+        assert session.has_preview and {"guidance", "mask"} <= set(session.results)
+        session.submit("edit", volume, settings(worker_socket=str(path), mask_source=MASK_SOURCES[1]),
+                       edit_mask=mask)
+        poll_until(session, lambda e: any(x["event"] == "done" for x in e))
+        edited = layer.volume_to_array(session.results["counterfactual"])
+        assert np.array_equal(edited[~mask], before[~mask]) and not np.array_equal(edited[mask], before[mask])
+        assert session.worker.socket_path == str(path) and session.worker.process is None  # no local worker
+        session.stop()  # hangs up; the shared worker serves on
+        assert server.poll() is None
+    assert session.installs == []
+
+
+def test_a_socket_with_no_listener_is_said_at_once_and_nothing_is_left(session, tmp_path):
+    volume = radiograph(session.scene)
+    dead = tmp_path / "dead.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(dead))  # the file of a worker that has gone: bound, nobody listening
+    listener.close()
+    for path, reason in ((dead, "Connection refused"), (tmp_path / "absent.sock", "No such file or directory")):
+        started = time.monotonic()
+        with pytest.raises(WorkerError, match=f"cannot reach the shared worker at {path.name} \\({reason}\\)"):
+            session.submit("edit", volume, settings(worker_socket=str(path)))
+        assert time.monotonic() - started < 5
+        assert not session.busy and session.queue == [] and list(session.folder.iterdir()) == []
+    with pytest.raises(WorkerError, match="cannot reach the shared worker at dead.sock"):
+        session.start_worker(settings(worker_socket=str(dead)))
+    assert session.worker is None
+
+
+def test_a_listener_that_never_says_ready_is_given_up_within_the_timeout(session, silent_listener, tmp_path):
+    path, accepted = silent_listener
+    session.shared_ready_timeout_s = 2.0
+    volume = radiograph(session.scene)
+    session.submit("edit", volume, settings(worker_socket=str(path)))
+    assert session.busy and len(list(session.folder.iterdir())) == 1  # queued, its inputs written
+    started = time.monotonic()
+    events = poll_until(session, lambda e: any(x["event"] == "error" for x in e), timeout=20)
+    assert time.monotonic() - started < 6
+    message = next(x["message"] for x in events if x["event"] == "error")
+    assert message.startswith("the shared worker at silent.sock took the connection but did not answer within 2 s")
+    assert not session.busy and session.worker is None and session.queue == []
+    assert list(session.folder.iterdir()) == []  # the job that will not run leaves no folder
+    started = time.monotonic()
+    with pytest.raises(WorkerError, match="silent.sock took the connection but did not answer"):
+        session.start_worker(settings(worker_socket=str(path)))
+    assert time.monotonic() - started < 6 and session.worker is None
+    # the next try, at a worker that answers, runs
+    good = tmp_path / "good.sock"
+    with shared_worker(good):
+        session.submit("edit", volume, settings(worker_socket=str(good)))
+        poll_until(session, lambda e: any(x["event"] == "done" for x in e))
+        assert "counterfactual" in session.results
+        session.stop()
+
+
+def test_a_change_of_the_setting_takes_effect_on_the_next_job(session, tmp_path, silent_listener):
+    """A shared worker, then back to a local one: each job uses the worker its settings name."""
+    path, accepted = silent_listener
+    session.shared_ready_timeout_s = 60
+    volume = radiograph(session.scene)
+    session.submit("preview", volume, settings(worker_socket=str(path)))
+    poll_until(session, lambda e: len(accepted) == 1 and session.worker.state.value == "starting", timeout=10)
+    assert session.worker.socket_path == str(path) and session.installs == []
+    session.cancel()
+    session.submit("preview", volume, settings(model="untrained-tiny", scheduler="dpm++", precision="fp32"))
+    assert session.worker.socket_path is None and session.worker.process is not None and session.installs == ["local"]
+    poll_until(session, lambda e: any(x["event"] == "done" for x in e))
+    assert "guidance" in session.results
