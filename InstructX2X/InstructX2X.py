@@ -507,13 +507,38 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
                                    lambda path: DICOMUtils.importDicom(path, database, copyFiles=True))
         message = _("Imported into the DICOM database, same study, marked SYNTHETIC.")
         if pacsTarget.strip():
-            from instructx2x.dicom.pacs import CStoreTarget, push_cstore
-
-            target = CStoreTarget.parse(pacsTarget.strip())
-            push_cstore(sorted(folder.glob("*.dcm")), target)
-            message += " " + _("Sent to {aet} at {host}:{port}.").format(
-                aet=target.called_ae_title, host=target.host, port=target.port)
+            message += " " + self.pushToPacs(folder, pacsTarget.strip())
         return message
+
+    def pushToPacs(self, folder: Path, target: str) -> str:
+        """C-STORE the series in ``folder`` to ``target`` (HOST:PORT:AET) from the worker's package
+        set (pynetdicom is not in Slicer's Python), on a thread behind a modal progress dialog."""
+        import threading
+
+        ensureDependencies()
+        command = packages.worker_command(packages.find_slicer_python(), workerPackagesFolder())
+        outcome = {}
+
+        def work():
+            try:
+                outcome["sent"] = packages.push_series(command, folder, target)
+            except BaseException as error:  # handed to the GUI thread, raised there
+                outcome["error"] = error
+
+        progress = slicer.util.createProgressDialog(labelText=_("Sending the series to {target}…").format(
+            target=target), maximum=0, windowModality=qt.Qt.ApplicationModal)
+        progress.setCancelButton(None)
+        thread = threading.Thread(target=work, name="instructx2x-push", daemon=True)
+        thread.start()
+        try:
+            while thread.is_alive():
+                slicer.app.processEvents()
+                thread.join(0.05)
+        finally:
+            progress.close()
+        if "error" in outcome:
+            raise outcome["error"]
+        return _("Sent to {target}.").format(target=target)
 
     def installModel(self, folder: str) -> tuple[str, str]:
         """Install a model folder under ~/.instructx2x/models, checked by its folder digest.

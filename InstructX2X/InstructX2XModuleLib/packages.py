@@ -42,7 +42,7 @@ from .worker import WorkerError
 __all__ = ["SUPPORTED_SLICER", "PackageSetError", "TorchBuild", "unsupported_slicer", "library_source",
            "use_library_source", "find_slicer_python", "package_set_folder", "worker_command",
            "nvidia_driver_version", "choose_torch", "package_set_fingerprint", "package_set_status",
-           "ensure_package_set"]
+           "ensure_package_set", "push_series"]
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +218,47 @@ def worker_command(python: str | Path, folder: Path) -> list[str]:
     list[str]
     """
     return [str(python), "-s", "-c", _BOOTSTRAP, str(folder)]
+
+
+def push_series(command: Sequence[str], folder: Path, target: str, timeout: float = 600) -> str:
+    """Send a written series to a PACS with C-STORE from the worker's package set (pynetdicom
+    lives there, not in Slicer's Python): the library's ``push`` command run with ``command``.
+
+    Parameters
+    ----------
+    command : Sequence[str]
+        The command that runs the library's CLI (``worker_command``).
+    folder : Path
+        The folder of the series' ``.dcm`` files.
+    target : str
+        ``HOST:PORT:AET``.
+    timeout : float
+        Seconds before the push is given up.
+
+    Returns
+    -------
+    str
+        What the command reports (how many files went where).
+
+    Raises
+    ------
+    WorkerError
+        With the command's own message (a bad target, a refused association) and exit status.
+    """
+    try:
+        result = subprocess.run([*command, "push", str(folder), "--cstore", target], capture_output=True, text=True,
+                                encoding="utf-8", errors="replace", stdin=subprocess.DEVNULL, timeout=timeout,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, creationflags=NO_WINDOW)
+    except OSError as error:
+        raise WorkerError(f"cannot run the worker's Python to send the series ({error.strerror}).") from None
+    except subprocess.TimeoutExpired:
+        raise WorkerError(f"sending the series to {target} took over {timeout:.0f} s; nothing is known stored.") \
+            from None
+    if result.returncode != 0:
+        errors = [line[len("error: "):] for line in result.stderr.splitlines() if line.startswith("error: ")]
+        message = errors[-1] if errors else (result.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise WorkerError(f"the series was not sent: {message} (exit status {result.returncode})")
+    return result.stdout.strip()
 
 
 def nvidia_driver_version(run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> tuple[int, ...] | None:

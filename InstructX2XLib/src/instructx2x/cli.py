@@ -1,4 +1,4 @@
-"""``instructx2x``: edit, preview and inspect from the command line.
+"""``instructx2x``: edit, preview, inspect and push to a PACS from the command line.
 
 Argument parsing over the job layer (``jobs.py``): the CLI builds an ``EditJob``, checks
 every input before the model is loaded, then runs it. ``--progress jsonl`` prints one JSON
@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     transport.add_argument("--socket", metavar="PATH",
                            help="a shared worker on a Unix socket (mode 0600): several panels, one model, "
                                 "one job at a time")
+    push = commands.add_parser("push", help="send a written series (a folder's .dcm files) to a PACS")
+    push.add_argument("folder", type=Path, help="the folder of the series' .dcm files")
+    push.add_argument("--cstore", required=True, metavar="HOST:PORT:AET", help="the PACS, by C-STORE")
     return parser
 
 
@@ -170,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace, emit) -> int:
+    if args.command == "push":
+        return _push(args.folder, args.cstore)
     if args.model is None:
         from .loading import DEMO_MODEL_NAME
 
@@ -229,6 +234,21 @@ def _main(args: argparse.Namespace, emit) -> int:
                       and prepared.job.command == "edit")
     if args.progress != "jsonl":
         print(to_json(summary))
+    return 0
+
+
+def _push(folder: Path, cstore: str) -> int:
+    """Send every ``.dcm`` file in ``folder`` to the C-STORE target (checked before connecting)."""
+    from .dicom.pacs import CStoreTarget, push_cstore
+
+    target = CStoreTarget.parse(cstore)
+    if not folder.is_dir():
+        raise ParameterError(f"{folder.name} is not a folder of DICOM files.")
+    files = sorted(folder.glob("*.dcm"))
+    if not files:
+        raise ParameterError(f"{folder.name} holds no .dcm file to send.")
+    push_cstore(files, target)
+    print(f"sent {len(files)} files to {target.called_ae_title} at {target.host}:{target.port}")
     return 0
 
 
