@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -39,6 +40,8 @@ from InstructX2XModuleLib.session import (MASK_SOURCES, OPERATIONS, PRESETS, SID
 # manifest). Users point the panel at their own InstructX2X weights in Advanced.
 DEFAULT_MODEL = "demo"
 TIMER_INTERVAL_MS = 200
+# set to 1 to let the self-test install the worker's packages (1 to 5 GB) when they are not current
+SELFTEST_INSTALL = "INSTRUCTX2X_SELFTEST_INSTALL"
 
 
 class InstructX2X(ScriptedLoadableModule):
@@ -179,7 +182,8 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         import sys
 
         names = [name for name in sys.modules if name.startswith("InstructX2XModuleLib.") and name.count(".") == 1]
-        for name in sorted(names, key=lambda name: name.endswith(".session")):
+        # the worker first (packages' PackageSetError subclasses its WorkerError), the session last
+        for name in sorted(names, key=lambda name: (name.endswith(".session"), not name.endswith(".worker"))):
             importlib.reload(sys.modules[name])
         ScriptedLoadableModuleWidget.onReload(self)
 
@@ -225,7 +229,9 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Completion and the structured helper from the library's vocabulary (light import)."""
         from instructx2x.instructions import FINDINGS, LEVEL_WORDS, LUNG_ZONES
 
-        completer = qt.QCompleter(instruction_completions())
+        # parented to the line edit, which setCompleter does not make its owner: without a parent
+        # PythonQt deletes the completer with its Python wrapper
+        completer = qt.QCompleter(instruction_completions(), self.ui.instructionEdit)
         completer.setCaseSensitivity(qt.Qt.CaseInsensitive)
         completer.setFilterMode(qt.Qt.MatchContains)
         self.ui.instructionEdit.setCompleter(completer)
@@ -289,11 +295,18 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._submit("preview")
 
     def _submit(self, kind: str) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Preview failed.") if kind == "preview" else _("Edit failed."),
-                                             waitCursor=True):
-            self.logic.submit(kind, self._parameterNode, self._segmentation(), self._editSegmentId(),
-                              self.ui.keepSegmentCombo.currentData or None)
-            self._running()
+        """Queue the job; Preview and Apply stay disabled while it starts (a first use installs the
+        worker's packages behind a modal dialog first)."""
+        self.ui.previewButton.enabled = self.ui.applyButton.enabled = False
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Preview failed.") if kind == "preview" else _("Edit failed."),
+                                                 waitCursor=True):
+                self.logic.submit(kind, self._parameterNode, self._segmentation(), self._editSegmentId(),
+                                  self.ui.keepSegmentCombo.currentData or None)
+                self._running()
+        finally:
+            self.ui.applyButton.enabled = True  # Apply cancels a running job
+            self.ui.previewButton.enabled = not self.logic.busy
 
     def onApply(self) -> None:
         if self.logic.busy:
@@ -339,7 +352,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = _("Model installed; folder SHA-256 {digest}").format(digest=digest)
 
     def onTimer(self) -> None:
-        events = self.logic.poll()
+        events, errors = self.logic.poll(), []
         if self.logic.resultArrived(events):
             # a new result opens on "after", without the difference
             for button, checked in ((self.ui.beforeAfterButton, True), (self.ui.differenceButton, False)):
@@ -363,7 +376,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                             "started": _("Working…")}[kind]
             elif kind == "error":
                 self.ui.statusLabel.text = _("Error: {message}").format(message=event.get("message", ""))
-                slicer.util.errorDisplay(event.get("message", ""), detailedText=str(event))
+                errors.append(event)
         if not self.logic.busy:
             self.timer.stop()
             self.ui.applyButton.text = _("Apply")
@@ -372,6 +385,13 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = self.logic.lastResultText
             self.ui.verificationText.setPlainText(self.logic.lastVerificationText)
             self.ui.verificationText.setVisible(bool(self.logic.lastVerificationText))
+        if errors:  # the timer waits while a modal dialog is open, so each error is shown once
+            polling = self.timer.isActive()
+            self.timer.stop()
+            for event in errors:
+                slicer.util.errorDisplay(event.get("message", ""), detailedText=str(event))
+            if polling:
+                self.timer.start()
 
     def _running(self) -> None:
         self.ui.applyButton.text = _("Cancel")
@@ -613,24 +633,36 @@ def panelSettings(parameters) -> PanelSettings:
 
 
 def workerPackagesFolder() -> Path:
-    """The worker's package set for this Slicer's Python, under the user's Slicer settings folder."""
-    return packages.package_set_folder(Path(slicer.app.slicerUserSettingsFilePath).parent)
+    """The worker's package set for this Slicer revision and its Python, beside Slicer's
+    revision-specific settings."""
+    return packages.package_set_folder(Path(slicer.app.slicerRevisionUserSettingsFilePath))
+
+
+def workerPackagesStatus() -> str:
+    """``packages.package_set_status`` of this Slicer's set (``current`` when nothing needs installing)."""
+    moduleDir = Path(__file__).resolve().parent
+    return packages.package_set_status(workerPackagesFolder(), packages.library_source(moduleDir),
+                                       moduleDir / "Resources" / "requirements.txt", torch=packages.choose_torch)
 
 
 def ensureDependencies() -> None:
-    """Build or update the worker's package set on first use, after asking (the self-test does not
-    ask); Slicer's own Python is never changed. The work is ``packages.ensure_package_set``'s;
-    here only its Qt parts: the question, a progress dialog and Slicer's log."""
+    """Build or update the worker's package set on first use, after asking (a self-test the user
+    opted into with INSTRUCTX2X_SELFTEST_INSTALL=1 does not ask); Slicer's own Python is never
+    changed. The work is ``packages.ensure_package_set``'s (one install at a time); here only its
+    Qt parts: the question, an application-modal progress dialog (no second Preview or Apply
+    while it runs) and Slicer's log."""
     problem = packages.unsupported_slicer(slicer.app.majorVersion, slicer.app.minorVersion)
     if problem:
         raise RuntimeError(problem)
     moduleDir = Path(__file__).resolve().parent
-    testing = slicer.app.commandOptions().testingEnabled
+    optedIn = slicer.app.commandOptions().testingEnabled and os.environ.get(SELFTEST_INSTALL) == "1"
     dialogs = []
 
     def report(stage: str) -> None:
         if not dialogs:
-            dialogs.append(slicer.util.createProgressDialog(labelText=stage, maximum=0))
+            dialogs.append(slicer.util.createProgressDialog(labelText=stage, maximum=0,
+                                                            windowModality=qt.Qt.ApplicationModal))
+            dialogs[0].setCancelButton(None)  # an install is finished or undone, never cut
         dialogs[0].labelText = stage
         slicer.app.processEvents()
 
@@ -675,19 +707,39 @@ class InstructX2XTest(ScriptedLoadableModuleTest):
         self.assertIsNone(widget.ui.segmentEditorWidget.activeEffect())
 
     def test_edit_and_export(self) -> None:
+        """The worker part runs only when the worker's packages are current, or when
+        INSTRUCTX2X_SELFTEST_INSTALL=1 lets it install them (1 to 5 GB): a self-test under
+        --testing never downloads unasked."""
+        status = workerPackagesStatus()
+        if status != "current" and os.environ.get(SELFTEST_INSTALL) != "1":
+            self.delayDisplay(f"Skipped the edit: the worker's packages are not installed ({status}); set "
+                              f"{SELFTEST_INSTALL}=1 to let the self-test install them (1 to 5 GB).")
+            return
+        folder = Path(tempfile.mkdtemp(prefix="instructx2x-test-"))
+        logic = InstructX2XLogic()
+        parameters = logic.getParameterNode()
+        names = ("inputVolume", "instruction", "model", "verify", "device", "steps", "maskSource")
+        before = {name: getattr(parameters, name) for name in names}
+        try:
+            self._editAndExport(folder, logic, parameters)
+        finally:
+            logic.stopWorker()
+            for name, value in before.items():
+                setattr(parameters, name, value)
+            shutil.rmtree(folder, ignore_errors=True)
+        self.delayDisplay("Test passed")
+
+    def _editAndExport(self, folder: Path, logic, parameters) -> None:
         import time
 
         import numpy as np
         from DICOMLib import DICOMUtils
 
         self.delayDisplay("Writing a generated DX")
-        folder = Path(tempfile.mkdtemp(prefix="instructx2x-test-"))
         _writeTestRadiograph(folder / "dx.dcm")
         with DICOMUtils.TemporaryDICOMDatabase() as database:
             self.assertTrue(DICOMUtils.importDicom(str(folder), database))
             volume = slicer.util.getNode(DICOMUtils.loadPatientByUID(database.patients()[0])[0])
-            logic = InstructX2XLogic()
-            parameters = logic.getParameterNode()
             parameters.inputVolume = volume
             parameters.instruction = "Add the finding of left pleural effusion"
             parameters.model = os.environ.get("INSTRUCTX2X_TEST_MODEL", "untrained-tiny")
@@ -719,8 +771,6 @@ class InstructX2XTest(ScriptedLoadableModuleTest):
             if parameters.verify:
                 self.assertIn("Verification", logic.lastVerificationText)
             logic.exportToDicom()
-            logic.stopWorker()
-        self.delayDisplay("Test passed")
 
 
 def _writeTestRadiograph(path: Path) -> None:

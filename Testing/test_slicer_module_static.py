@@ -46,7 +46,8 @@ def test_cmakelists_lists_every_script_and_resource():
     assert listed == on_disk
     assert "WITH_GENERIC_TESTS" in cmake and "slicerMacroBuildScriptedModule" in cmake
     top = (MODULE.parent / "CMakeLists.txt").read_text()
-    assert "add_subdirectory(InstructX2X)" in top and 'EXTENSION_DEPENDS "PyTorch"' in top
+    # the module installs its own worker packages: no extension dependency (PyTorch's included)
+    assert "add_subdirectory(InstructX2X)" in top and re.search(r'EXTENSION_DEPENDS "NA"', top)
 
 
 def test_module_files_parse_as_python_3_9():
@@ -107,3 +108,58 @@ def test_the_extension_icon_url_names_the_modules_icon_in_this_repository():
     assert match and match.group(1) == homepage, url
     assert (MODULE.parent / match.group(2)).is_file(), match.group(2)
     assert (MODULE.parent / match.group(2)).resolve() == (MODULE / "Resources" / "Icons" / "InstructX2X.png").resolve()
+
+
+def function(name: str, tree: ast.AST | None = None) -> ast.FunctionDef:
+    """The module file's function or method ``name``."""
+    return next(node for node in ast.walk(tree or ast.parse(SOURCE))
+                if isinstance(node, ast.FunctionDef) and node.name == name)
+
+
+def calls(node: ast.AST, name: str) -> list[ast.Call]:
+    """Calls in ``node`` whose callee's source ends with ``name``, in source order."""
+    found = [n for n in ast.walk(node) if isinstance(n, ast.Call) and ast.unparse(n.func).endswith(name)]
+    return sorted(found, key=lambda n: (n.lineno, n.col_offset))
+
+
+def test_the_completer_has_a_parent():
+    """setCompleter does not take ownership: a completer without a parent is deleted by PythonQt
+    with its Python wrapper, and completion stops."""
+    (completer,) = calls(function("_fillHelper"), "qt.QCompleter")
+    assert len(completer.args) == 2 and ast.unparse(completer.args[1]) == "self.ui.instructionEdit"
+
+
+def test_a_worker_error_dialog_is_shown_with_the_timer_stopped():
+    """A modal dialog inside the timer's slot runs the event loop: with the timer running, the
+    slot runs again and shows the same error again."""
+    timer = function("onTimer")
+    (shown,) = calls(timer, "errorDisplay")
+    loops = [n for n in ast.walk(timer) if isinstance(n, ast.For) and ast.unparse(n.iter) == "events"]
+    assert loops and not any(shown in ast.walk(loop) for loop in loops)
+    stops = [c for c in calls(timer, "self.timer.stop") if c.lineno < shown.lineno]
+    assert stops, "the timer is stopped before the dialog"
+    guard = next(n for n in ast.walk(timer) if isinstance(n, ast.If) and shown in ast.walk(n))
+    assert any(c in ast.walk(guard) for c in stops)
+
+
+def test_reload_reloads_the_worker_before_packages_and_the_session_last():
+    """packages' PackageSetError subclasses worker's WorkerError: reloaded first, packages
+    would keep subclassing the old class."""
+    key = next(k.value for k in ast.walk(function("onReload")) if isinstance(k, ast.keyword) and k.arg == "key")
+    order = sorted(["InstructX2XModuleLib.packages", "InstructX2XModuleLib.session", "InstructX2XModuleLib.scene",
+                    "InstructX2XModuleLib.worker", "InstructX2XModuleLib.model_install"],
+                   key=eval(compile(ast.Expression(key), "onReload", "eval")))
+    assert order[0].endswith(".worker") and order[-1].endswith(".session")
+
+
+def test_the_install_dialog_is_application_modal_and_the_self_test_installs_only_when_opted_in():
+    install = function("ensureDependencies")
+    (dialog,) = calls(install, "createProgressDialog")
+    assert {k.arg: ast.unparse(k.value) for k in dialog.keywords}["windowModality"] == "qt.Qt.ApplicationModal"
+    assert "testingEnabled and os.environ.get(SELFTEST_INSTALL) == '1'" in ast.unparse(install)
+    selftest = ast.unparse(function("test_edit_and_export"))
+    assert "workerPackagesStatus()" in selftest and "SELFTEST_INSTALL" in selftest and "finally:" in selftest
+
+
+def test_the_package_set_lies_beside_the_revisions_settings():
+    assert "slicerRevisionUserSettingsFilePath" in ast.unparse(function("workerPackagesFolder"))

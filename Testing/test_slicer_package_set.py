@@ -37,8 +37,8 @@ SLICER_CONSTRAINTS = REPO / "Testing" / "constraints-slicer-5.10.0.txt"
 SLICER_PYTHON = Path(os.environ.get("INSTRUCTX2X_SLICER_PYTHON", "/root/.pyenv/versions/3.12.1/bin/python"))
 REQUIRE_TOOLS = os.environ.get("INSTRUCTX2X_REQUIRE_SYSTEM_TOOLS") == "1"
 # what Slicer 5.10's Python holds that the module's Qt-free layers (and pip) use
-SLICER_PACKAGES = ["setuptools", "wheel", "numpy", "pydicom", "pillow", "six", "retrying", "dicomweb-client",
-                   "requests", "packaging", "pyparsing", "slicer-core", "vtk"]
+SLICER_PACKAGES = ["setuptools", "wheel", "numpy", "scipy", "pydicom", "pillow", "six", "retrying",
+                   "dicomweb-client", "requests", "packaging", "pyparsing", "slicer-core", "vtk"]
 
 
 def pins(path: Path) -> dict[str, str]:
@@ -160,14 +160,26 @@ def test_the_marker_says_what_a_set_was_built_from(shipped, tmp_path):
     assert packages.package_set_status(folder, library, requirements) == "rebuild"
     marker.write_text("{not json")
     assert packages.package_set_status(folder, library, requirements) == "rebuild"
+    # a driver update makes a CUDA build the choice: the CPU set is rebuilt
+    built = packages.package_set_fingerprint(library, requirements)
+    marker.write_text(json.dumps({**built, "torch": {"backend": "cpu"}}))
+    cpu, cuda = (lambda backend=backend: packages.TorchBuild(backend, None, "the test") for backend in ("cpu", "cu130"))
+    assert packages.package_set_status(folder, library, requirements, torch=cpu) == "current"
+    assert packages.package_set_status(folder, library, requirements, torch=cuda) == "rebuild"
+    marker.write_text(json.dumps(built))
+    assert packages.package_set_status(folder, library, requirements, torch=cpu) == "rebuild"
 
 
 # -- refusals and failures change nothing ------------------------------------------------------
 def test_declining_installs_nothing_and_runs_nothing(shipped, tmp_path):
     library, requirements = shipped
     folder = tmp_path / "settings" / "InstructX2X" / "worker-packages-py3.12"
-    stale = folder.parent / f".build-{folder.name}-interrupted"
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = folder.parent / f".build-{folder.name}-{int(ended.stdout)}-x1"  # its process has ended
     (stale / "packages" / "torch").mkdir(parents=True)
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    live = folder.parent / f".build-{folder.name}-{running.pid}-x2"  # another Slicer's install, under way
+    (live / "packages").mkdir(parents=True)
     questions = []
     with pytest.raises(packages.PackageSetError, match="nothing was installed. Press Preview or Apply again"):
         packages.ensure_package_set(folder, tmp_path / "no-such-python", library, requirements,
@@ -176,7 +188,60 @@ def test_declining_installs_nothing_and_runs_nothing(shipped, tmp_path):
                                     torch=lambda: packages.TorchBuild("cpu", "https://example.invalid/cpu", "no GPU"))
     assert len(questions) == 1 and "about 1 GB" in questions[0] and "Slicer's own Python is not changed" in questions[0]
     assert "CPU build: no GPU" in questions[0] and "earlier install did not finish" in questions[0]
-    assert sorted(p.name for p in folder.parent.iterdir()) == []  # the interrupted build's folder is gone
+    running.kill()
+    running.wait()
+    assert sorted(p.name for p in folder.parent.iterdir()) == [live.name]  # the interrupted build's folder is gone
+
+
+SILENT_PIP = """#!/bin/sh
+# pip downloading a large wheel: one line, then a long silence, then a failure
+echo "Collecting torch==2.13.0"
+sleep 2.5
+exit 1
+"""
+
+
+def test_a_second_install_during_one_is_refused_and_a_silent_pip_still_reports_time(shipped, tmp_path):
+    """The panel's dialog processes events while pip runs: a second Preview or Apply must not
+    start an install that removes the running one's staging folder."""
+    library, requirements = shipped
+    folder = tmp_path / "settings" / "set"
+    python = tmp_path / "silent-pip"
+    python.write_text(SILENT_PIP)
+    python.chmod(0o755)
+    stages, nested = [], []
+
+    def progress(stage):
+        stages.append(stage)
+        if "elapsed" in stage and not nested:  # the second Apply, while pip is silent
+            staging = list(folder.parent.glob(f".build-{folder.name}-{os.getpid()}-*"))
+            try:
+                packages.ensure_package_set(folder, python, library, requirements, confirm=lambda q: True,
+                                            progress=lambda s: None, log=lambda line: None,
+                                            torch=lambda: packages.TorchBuild("index", None, "the test"))
+            except packages.PackageSetError as error:
+                nested.append((str(error), len(staging), all(path.is_dir() for path in staging)))
+
+    with pytest.raises(packages.PackageSetError, match="pip exit status 1"):
+        packages.ensure_package_set(folder, python, library, requirements, confirm=lambda q: True,
+                                    progress=progress, log=lambda line: None,
+                                    torch=lambda: packages.TorchBuild("index", None, "the test"))
+    assert nested == [("InstructX2X's worker packages are being installed already; wait for that install to "
+                       "finish.", 1, True)]
+    assert "Collecting torch==2.13.0 (0:01 elapsed)" in stages and "Collecting torch==2.13.0 (0:02 elapsed)" in stages
+    assert list(folder.parent.iterdir()) == []  # the failed install's staging is gone
+    # the guard is released: the next install runs (and fails the same way)
+    with pytest.raises(packages.PackageSetError, match="pip exit status 1"):
+        packages.ensure_package_set(folder, python, library, requirements, confirm=lambda q: True,
+                                    progress=lambda s: None, log=lambda line: None,
+                                    torch=lambda: packages.TorchBuild("index", None, "the test"))
+
+
+def test_each_slicer_revision_has_its_own_set(tmp_path):
+    first = packages.package_set_folder(tmp_path / "slicer.org" / "Slicer-33216.ini", (3, 12))
+    second = packages.package_set_folder(tmp_path / "slicer.org" / "Slicer-34045.ini", (3, 12))
+    assert first == tmp_path / "slicer.org" / "InstructX2X" / "worker-packages-Slicer-33216-py3.12"
+    assert first != second and first.parent == second.parent
 
 
 def test_an_offline_install_leaves_the_set_in_place_as_it_was(shipped, tmp_path, monkeypatch):
@@ -244,12 +309,14 @@ def test_the_worker_command_puts_the_set_first_and_not_the_working_folder(tmp_pa
         (package / "__init__.py").write_text("")
         (package / "cli.py").write_text(
             "import json, sys\nprint(json.dumps({'where': " + repr(place) + ", 'argv': sys.argv[1:], "
-            "'first': sys.path[0], 'name': __name__}))\n")
+            "'first': sys.path[0], 'name': __name__, "
+            "'site': [p for p in sys.path if 'site-packages' in p or 'dist-packages' in p]}))\n")
     command = [*packages.worker_command(sys.executable, tmp_path / "set"), "serve", "--stdio"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path / "cwd", check=True)
     # the set's copy wins over this environment's installed library and over the working folder's
+    # and no site-packages (Slicer's numpy, scipy...) behind it
     assert json.loads(result.stdout) == {"where": "set", "argv": ["serve", "--stdio"],
-                                         "first": str(tmp_path / "set"), "name": "__main__"}
+                                         "first": str(tmp_path / "set"), "name": "__main__", "site": []}
 
 
 CHATTY_WORKER = """

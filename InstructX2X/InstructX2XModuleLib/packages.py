@@ -3,15 +3,18 @@
 Slicer's own Python keeps exactly what Slicer ships (its pydicom 2.4.4 for the DICOM module,
 its numpy): nothing here installs into it, and Slicer's process never imports from the set.
 The worker (``instructx2x serve``) runs on Slicer's Python with a folder of its own first on
-``sys.path``; that folder, the package set, is built with ``<python> -m pip install --target``
-under the user's Slicer settings folder, one per Python minor version, and records in a marker
-file what it was built from (library version and source digest, requirements digest, Python,
-torch build).
+``sys.path`` in place of Slicer's site-packages (the worker sees the standard library and the
+set, never Slicer's numpy or scipy); that folder, the package set, is built with
+``<python> -m pip install --target`` beside Slicer's revision-specific settings, one per Slicer
+revision and Python minor version, and records in a marker file what it was built from (library
+version and source digest, requirements digest, Python, torch build). A set whose torch build is
+not the one ``choose_torch`` picks now (a driver update) is rebuilt.
 
 ``ensure_package_set`` is the one install routine: the panel and the tests call it with their
 own confirmation, progress and log callbacks. It builds in a staging folder beside the set and
 renames it into place only once the new set imports, so an interrupted or failed install
-leaves the set as it was (or absent). A set built from the same requirements but an older
+leaves the set as it was (or absent). One install runs at a time in a process; a staging folder
+carries its process's id and is removed as stale only once that process has ended. A set built from the same requirements but an older
 library is updated by reinstalling the library alone into a hard-linked copy.
 
 Slicer's process imports the library's torch-free modules (instructions, parameters, errors,
@@ -30,10 +33,13 @@ import json
 import logging
 import os
 import platform
+import queue
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -56,13 +62,17 @@ TORCH_INDEX = "https://download.pytorch.org/whl/{backend}"
 # driver its CUDA release runs on (Linux, Windows): the PyTorch extension's choice, made here.
 CUDA_BUILDS = (("cu130", (580, 65), (580, 88)), ("cu128", (570, 26), (570, 65)), ("cu126", (560, 28), (560, 76)))
 NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0)  # Windows: no console window for pip
-# The worker's entry point: the set first on sys.path (before Slicer's own paths, in place of the
-# working folder), then the library's CLI with the remaining arguments.
-_BOOTSTRAP = ("import runpy, sys; sys.path[0] = sys.argv.pop(1); "
-              "runpy.run_module('instructx2x.cli', run_name='__main__', alter_sys=True)")
+HEARTBEAT_S = 1.0  # how often a silent pip (a large download) still reports the time it has taken
+# The set first on sys.path in place of the working folder, and no site-packages folder (Slicer's
+# numpy, scipy...) after it: the worker imports the standard library, Slicer's own paths and the set.
+_ISOLATE = ("import sys; sys.path[:] = [sys.argv.pop(1)] + [p for p in sys.path[1:] if p.replace('\\\\', '/')"
+            ".rstrip('/').rpartition('/')[2].lower() not in ('site-packages', 'dist-packages')]; ")
+# The worker's entry point: the library's CLI with the remaining arguments.
+_BOOTSTRAP = _ISOLATE + "import runpy; runpy.run_module('instructx2x.cli', run_name='__main__', alter_sys=True)"
 # What a finished set must import before it replaces the one in place.
-_CHECK = ("import sys; sys.path[0] = sys.argv[1]; import torch, diffusers, transformers, pydicom, highdicom, "
-          "instructx2x.cli; print(torch.__version__)")
+_CHECK = _ISOLATE + ("import torch, diffusers, transformers, pydicom, highdicom, instructx2x.cli; "
+                     "print(torch.__version__)")
+_installing = []  # the folder an install in this process is building (one at a time)
 
 
 class PackageSetError(WorkerError):
@@ -185,13 +195,16 @@ def find_slicer_python(which: Callable[[str], str | None] = shutil.which) -> str
     return python
 
 
-def package_set_folder(settings_dir: Path, version: Sequence[int] = sys.version_info) -> Path:
-    """Where the package set for this Python lives.
+def package_set_folder(settings_file: Path, version: Sequence[int] = sys.version_info) -> Path:
+    """Where the package set for this Slicer and Python lives.
 
     Parameters
     ----------
-    settings_dir : Path
-        The user's Slicer settings folder (the folder of ``slicer.app.slicerUserSettingsFilePath``).
+    settings_file : Path
+        Slicer's revision-specific settings file (``slicer.app.slicerRevisionUserSettingsFilePath``:
+        ``Slicer-<revision>.ini`` in the installation's own settings folder, or in the user's
+        shared one when Slicer is built to keep settings there): the set lies beside it, named
+        after it, so that each Slicer revision has its own.
     version : Sequence[int]
         The Python that runs the worker (major, minor, ...): one set per minor version.
 
@@ -199,7 +212,8 @@ def package_set_folder(settings_dir: Path, version: Sequence[int] = sys.version_
     -------
     Path
     """
-    return Path(settings_dir) / "InstructX2X" / f"worker-packages-py{version[0]}.{version[1]}"
+    settings_file = Path(settings_file)
+    return settings_file.parent / "InstructX2X" / f"worker-packages-{settings_file.stem}-py{version[0]}.{version[1]}"
 
 
 def worker_command(python: str | Path, folder: Path) -> list[str]:
@@ -358,7 +372,8 @@ def package_set_fingerprint(library: Path, requirements: Path, constraints: Sequ
             "library_sha256": source.hexdigest()}
 
 
-def package_set_status(folder: Path, library: Path, requirements: Path, constraints: Sequence[Path] = ()) -> str:
+def package_set_status(folder: Path, library: Path, requirements: Path, constraints: Sequence[Path] = (),
+                       torch: Callable[[], TorchBuild] | None = None) -> str:
     """How the set in ``folder`` compares with what the module ships.
 
     Parameters
@@ -371,13 +386,16 @@ def package_set_status(folder: Path, library: Path, requirements: Path, constrai
         The worker's pinned requirements (the module's ``Resources/requirements.txt``).
     constraints : Sequence[Path]
         Further pip constraint files the set is built with.
+    torch : Callable[[], TorchBuild] | None
+        Chooses the torch build now (``choose_torch``); a set built with another is rebuilt.
+        None: the torch build is not compared.
 
     Returns
     -------
     str
         ``current``; ``library`` (built from these requirements but another library: the
-        library alone is reinstalled); ``rebuild`` (other requirements, another Python or a
-        damaged marker); ``missing``.
+        library alone is reinstalled); ``rebuild`` (other requirements, another Python,
+        another torch build or a damaged marker); ``missing``.
     """
     try:
         built = json.loads((folder / MARKER).read_text(encoding="utf-8"))
@@ -388,6 +406,9 @@ def package_set_status(folder: Path, library: Path, requirements: Path, constrai
     wanted = package_set_fingerprint(library, requirements, constraints)
     if not isinstance(built, dict) or any(built.get(key) != wanted[key]
                                           for key in ("format", "python", "requirements_sha256")):
+        return "rebuild"
+    built_torch = built.get("torch")
+    if torch is not None and (not isinstance(built_torch, dict) or built_torch.get("backend") != torch().backend):
         return "rebuild"
     same_library = all(built.get(key) == wanted[key] for key in ("library_version", "library_sha256"))
     return "current" if same_library else "library"
@@ -439,7 +460,22 @@ def ensure_package_set(folder: Path, python: str | Path, library: Path, requirem
         import; the message says what to do, and nothing was changed.
     """
     folder = Path(folder)
-    status = package_set_status(folder, library, requirements, constraints)
+    if _installing:
+        raise PackageSetError("InstructX2X's worker packages are being installed already; wait for that "
+                              "install to finish.")
+    _installing.append(folder)
+    try:
+        return _ensure(folder, python, library, requirements, confirm, progress, log, constraints, torch,
+                       pip_options)
+    finally:
+        _installing.clear()
+
+
+def _ensure(folder: Path, python: str | Path, library: Path, requirements: Path, confirm: Callable[[str], bool],
+            progress: Callable[[str], None], log: Callable[[str], None], constraints: Sequence[Path],
+            torch: Callable[[], TorchBuild], pip_options: Sequence[str]) -> Path:
+    """``ensure_package_set``'s work, one install at a time."""
+    status = package_set_status(folder, library, requirements, constraints, torch)
     if status == "current":
         return folder
     torch_version = _pinned_torch(requirements)
@@ -462,7 +498,7 @@ def ensure_package_set(folder: Path, python: str | Path, library: Path, requirem
         raise PackageSetError("InstructX2X cannot run its model without its worker packages; nothing was "
                               "installed. Press Preview or Apply again to install them.")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging_root = Path(tempfile.mkdtemp(prefix=f".build-{folder.name}-", dir=folder.parent))
+    staging_root = Path(tempfile.mkdtemp(prefix=f".build-{folder.name}-{os.getpid()}-", dir=folder.parent))
     try:
         staging = staging_root / "packages"
         source = _copy_library(library, staging_root / "library")  # pip builds in it; the marker describes it
@@ -476,11 +512,13 @@ def ensure_package_set(folder: Path, python: str | Path, library: Path, requirem
             shutil.copytree(folder, staging, copy_function=_link_or_copy)
             _remove_library(staging)
             progress("Installing the InstructX2X library…")
-            _pip(common + ["--no-deps", str(source)], log, progress)
+            _pip(common + ["--no-deps", str(source)], log, progress, "Installing the InstructX2X library…")
         else:
             log(f"torch {torch_version}: {_describe(build)}")
-            progress("Downloading and installing PyTorch, diffusers and the InstructX2X library…")
-            _pip(common + ["-r", str(requirements), *build.pip_arguments(torch_version), str(source)], log, progress)
+            stage = "Downloading and installing PyTorch, diffusers and the InstructX2X library…"
+            progress(stage)
+            _pip(common + ["-r", str(requirements), *build.pip_arguments(torch_version), str(source)], log, progress,
+                 stage)
             built_torch = {"backend": build.backend, "index_url": build.index_url}
         progress("Checking the new worker packages…")
         built_torch["version"] = _check(python, staging, log)
@@ -518,11 +556,42 @@ def _pinned_torch(requirements: Path) -> str:
 
 
 def _remove_stale_builds(folder: Path) -> bool:
-    """Remove staging folders an interrupted install left beside ``folder``; True if any."""
-    stale = list(folder.parent.glob(f".build-{folder.name}-*")) if folder.parent.is_dir() else []
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
+    """Remove the staging folders beside ``folder`` whose install's process has ended (an
+    interrupted install); True if any. A folder of a running process, or one whose name carries
+    no process id, is left."""
+    prefix = f".build-{folder.name}-"
+    stale = []
+    for path in folder.parent.glob(prefix + "*") if folder.parent.is_dir() else ():
+        pid = path.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            stale.append(path)
     return bool(stale)
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine."""
+    if pid == os.getpid():
+        return True
+    if sys.platform == "win32":
+        import ctypes
+
+        kernel = ctypes.windll.kernel32
+        handle = kernel.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        code = ctypes.c_ulong()
+        try:
+            return bool(kernel.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
+        finally:
+            kernel.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _link_or_copy(source: str, target: str) -> None:
@@ -540,8 +609,11 @@ def _remove_library(staging: Path) -> None:
         script.unlink()
 
 
-def _pip(command: list[str], log: Callable[[str], None], progress: Callable[[str], None]) -> None:
-    """Run pip, every line to ``log``; a failure says what to do, with pip's last lines."""
+def _pip(command: list[str], log: Callable[[str], None], progress: Callable[[str], None],
+         stage: str = "") -> None:
+    """Run pip, every line to ``log``; while pip prints nothing (a large download), ``progress``
+    gets ``stage`` with the time taken every ``HEARTBEAT_S``. A failure says what to do, with pip's
+    last lines."""
     tail: collections.deque = collections.deque(maxlen=15)
     try:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -550,12 +622,24 @@ def _pip(command: list[str], log: Callable[[str], None], progress: Callable[[str
     except OSError as error:
         raise PackageSetError(f"cannot run {Path(command[0]).name} to install the worker's packages "
                               f"({error.strerror}); nothing was changed.") from None
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [*map(lines.put, _lines(process.stdout)), lines.put(None)], daemon=True).start()
+    started, shown = time.monotonic(), stage
     try:
-        for line in _lines(process.stdout):
+        while True:
+            try:
+                line = lines.get(timeout=HEARTBEAT_S)
+            except queue.Empty:  # pip is silent: say that it still works
+                elapsed = int(time.monotonic() - started)
+                progress(f"{shown} ({elapsed // 60}:{elapsed % 60:02d} elapsed)")
+                continue
+            if line is None:
+                break
             log(line)
             tail.append(line)
             if line.startswith(("Collecting ", "Installing collected packages")):
-                progress(line if len(line) < 100 else line[:97] + "…")
+                shown = line if len(line) < 100 else line[:97] + "…"
+                progress(shown)
         returncode = process.wait()
     finally:
         if process.poll() is None:  # a log or progress callback raised: stop pip, remove its staging
