@@ -4,6 +4,7 @@
 import socket
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ import pytest
 import slicer
 
 from InstructX2XModuleLib import scene as layer
-from InstructX2XModuleLib.session import MASK_SOURCES, EditSession, PanelSettings
+from InstructX2XModuleLib.session import (MASK_SOURCES, WORKER_MODES, EditSession, PanelSettings,
+                                          worker_socket_setting)
 from InstructX2XModuleLib.worker import WorkerError
 from workers import poll_until, shared_worker
 
@@ -142,3 +144,18 @@ def test_a_change_of_the_setting_takes_effect_on_the_next_job(session, tmp_path,
     assert session.worker.socket_path is None and session.worker.process is not None and session.installs == ["local"]
     poll_until(session, lambda e: any(x["event"] == "done" for x in e))
     assert "guidance" in session.results
+
+
+def test_the_panels_worker_choice_becomes_the_settings_socket(tmp_path):
+    assert worker_socket_setting(WORKER_MODES[0], "/ignored.sock") == ""
+    assert worker_socket_setting(WORKER_MODES[1], " /tmp/ix2x.sock ") == "/tmp/ix2x.sock"
+    assert worker_socket_setting(WORKER_MODES[1], "~/ix2x.sock") == str(Path.home() / "ix2x.sock")
+    with pytest.raises(layer.SceneError, match="give the shared worker's socket path"):
+        worker_socket_setting(WORKER_MODES[1], "  ")
+    with pytest.raises(layer.SceneError, match="ix2x.sock is not an absolute path"):
+        worker_socket_setting(WORKER_MODES[1], "ix2x.sock")
+    with pytest.raises(layer.SceneError, match="108 bytes long; a Unix socket path holds at most 107"):
+        worker_socket_setting(WORKER_MODES[1], "/" + "s" * 107)
+    assert worker_socket_setting(WORKER_MODES[1], "/" + "s" * 106) == "/" + "s" * 106
+    with pytest.raises(layer.SceneError, match="unknown worker choice 'remote'"):
+        worker_socket_setting("remote", "/tmp/ix2x.sock")

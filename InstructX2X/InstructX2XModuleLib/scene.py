@@ -18,7 +18,7 @@ import vtk
 from vtk.util import numpy_support
 
 __all__ = ["SceneError", "prepare_scene", "volume_to_array", "array_to_volume", "segment_to_mask",
-           "import_result", "build_job", "png_domain", "PA_DIRECTIONS", "EDITOR_SINGLETON_TAG",
+           "import_result", "import_saved_edit", "build_job", "png_domain", "PA_DIRECTIONS", "EDITOR_SINGLETON_TAG",
            "segment_editor_node", "SEGMENT_EVENTS", "segment_choices", "SliceLayers", "result_layers"]
 
 # A PA film read from PNG has no geometry: show it as Slicer shows a DICOM CR (IJK-to-RAS
@@ -178,20 +178,8 @@ def import_result(scene, volume, edited: np.ndarray, guidance: np.ndarray, edit_
     if source_display is not None:
         counterfactual.GetDisplayNode().SetAutoWindowLevel(False)
         counterfactual.GetDisplayNode().SetWindowLevel(source_display.GetWindow(), source_display.GetLevel())
-    guidance_node = array_to_volume(scene, guidance.astype(np.float32), f"{name} guidance", volume)
-    colors = guidance_colors(scene, f"{name} guidance colors")
-    display = guidance_node.GetDisplayNode()
-    display.SetAndObserveColorNodeID(colors.GetID())
-    display.SetAutoWindowLevel(False)
-    display.SetWindowLevelMinMax(0.0, 1.0)
-    mask_node = array_to_volume(scene, edit_mask.astype(np.uint8), f"{name} edit region", volume,
-                                labelmap=True)
-    labels = scene.AddNewNodeByClass("vtkMRMLColorTableNode", f"{name} edit region colors")
-    labels.SetTypeToUser()
-    labels.SetNumberOfColors(2)
-    labels.SetColor(0, "background", 0.0, 0.0, 0.0, 0.0)
-    labels.SetColor(1, "edit region", 0.0, 1.0, 1.0, 1.0)
-    mask_node.GetDisplayNode().SetAndObserveColorNodeID(labels.GetID())
+    guidance_node = _guidance_volume(scene, guidance, name, volume)
+    mask_node = _edit_region_volume(scene, edit_mask, name, volume)
     difference = edited.astype(np.float32) - volume_to_array(volume)
     difference_node = array_to_volume(scene, difference, f"{name} difference", volume)
     spread = float(np.abs(difference).max()) or 1.0
@@ -199,6 +187,117 @@ def import_result(scene, volume, edited: np.ndarray, guidance: np.ndarray, edit_
     difference_node.GetDisplayNode().SetWindowLevelMinMax(-spread, spread)  # 0 = mid-gray
     return {"counterfactual": counterfactual, "guidance": guidance_node, "mask": mask_node,
             "difference": difference_node}
+
+
+def _guidance_volume(scene, guidance: np.ndarray, name: str, reference):
+    """The guidance map in [0, 1] as a volume shown through ``guidance_colors``."""
+    node = array_to_volume(scene, guidance.astype(np.float32), f"{name} guidance", reference)
+    colors = guidance_colors(scene, f"{name} guidance colors")
+    display = node.GetDisplayNode()
+    display.SetAndObserveColorNodeID(colors.GetID())
+    display.SetAutoWindowLevel(False)
+    display.SetWindowLevelMinMax(0.0, 1.0)
+    return node
+
+
+def _edit_region_volume(scene, edit_mask: np.ndarray, name: str, reference):
+    """The edit region as a labelmap with a one-label (cyan) colour table."""
+    node = array_to_volume(scene, edit_mask.astype(np.uint8), f"{name} edit region", reference, labelmap=True)
+    labels = scene.AddNewNodeByClass("vtkMRMLColorTableNode", f"{name} edit region colors")
+    labels.SetTypeToUser()
+    labels.SetNumberOfColors(2)
+    labels.SetColor(0, "background", 0.0, 0.0, 0.0, 0.0)
+    labels.SetColor(1, "edit region", 0.0, 1.0, 1.0, 1.0)
+    node.GetDisplayNode().SetAndObserveColorNodeID(labels.GetID())
+    return node
+
+
+def import_saved_edit(scene, folder: Path, name: str | None = None) -> dict:
+    """Bring a saved edit's result folder (``saved_edit.read_saved_edit``) back as nodes.
+
+    Parameters
+    ----------
+    scene: vtkMRMLScene
+        Where the nodes go.
+    folder: Path
+        The folder an edit wrote: the worker's output, ``instructx2x edit --output``, or its
+        DICOM files (counterfactual, guidance overlay, SEG).
+    name: str | None
+        The nodes' name stem (default: the folder's name).
+
+    Returns
+    -------
+    dict
+        The parts found: ``counterfactual`` (scalar volume, named SYNTHETIC, its DICOM window),
+        ``guidance`` (the map in [0, 1] with the panels' heat colours; a vector volume of the
+        RGB overlay picture when only that was saved) and ``mask`` (labelmap). All on one grid:
+        PA directions, the files' pixel spacing.
+
+    Raises
+    ------
+    SceneError
+        When the folder holds no readable saved edit (``SavedEditError``'s message); nothing
+        is added to the scene.
+    """
+    from .saved_edit import SavedEditError, read_saved_edit
+
+    folder = Path(folder)
+    try:
+        edit = read_saved_edit(folder)
+    except SavedEditError as error:
+        raise SceneError(str(error)) from None
+    name = name or folder.name
+    nodes: dict = {}
+    before = {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
+    try:
+        reference = None
+        if edit.counterfactual is not None:
+            reference = nodes["counterfactual"] = array_to_volume(scene, edit.counterfactual, f"{name} (SYNTHETIC)")
+            _set_spacing(reference, edit.spacing_mm)
+            if edit.window is not None:
+                display = reference.GetDisplayNode()
+                display.SetAutoWindowLevel(False)
+                display.SetWindowLevel(edit.window[1], edit.window[0])
+        if edit.guidance is not None and edit.guidance.ndim == 3:
+            nodes["guidance"] = _rgb_volume(scene, edit.guidance, f"{name} guidance overlay (RGB)", reference)
+        elif edit.guidance is not None:
+            nodes["guidance"] = _guidance_volume(scene, edit.guidance, name, reference)
+        if reference is None and "guidance" in nodes:
+            reference = nodes["guidance"]
+            _set_spacing(reference, edit.spacing_mm)
+        if edit.mask is not None:
+            nodes["mask"] = _edit_region_volume(scene, edit.mask, name, reference)
+            if reference is None:
+                _set_spacing(nodes["mask"], edit.spacing_mm)
+    except Exception:  # nothing half-imported stays behind
+        for index in reversed(range(scene.GetNumberOfNodes())):
+            node = scene.GetNthNode(index)
+            if node is not None and node.GetID() not in before:
+                scene.RemoveNode(node)
+        raise
+    return nodes
+
+
+def _set_spacing(node, spacing_mm: tuple[float, float] | None) -> None:
+    if spacing_mm is not None:
+        node.SetSpacing(spacing_mm[1], spacing_mm[0], 1.0)  # (i: column, j: row, k)
+
+
+def _rgb_volume(scene, pixels: np.ndarray, name: str, reference):
+    """An 8-bit RGB ``(rows, columns, 3)`` picture as a vector volume (Slicer shows it as is)."""
+    rows, columns, _ = pixels.shape
+    image = vtk.vtkImageData()
+    image.SetDimensions(columns, rows, 1)
+    scalars = numpy_support.numpy_to_vtk(np.ascontiguousarray(pixels).reshape(-1, 3), deep=True)
+    image.GetPointData().SetScalars(scalars)
+    node = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", name)
+    node.SetAndObserveImageData(image)
+    if reference is not None:
+        node.CopyOrientation(reference)
+    else:
+        node.SetIJKToRASDirections(*[v for row in PA_DIRECTIONS for v in row])
+    node.CreateDefaultDisplayNodes()
+    return node
 
 
 @dataclasses.dataclass(frozen=True)

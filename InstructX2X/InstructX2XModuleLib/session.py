@@ -28,10 +28,11 @@ from typing import Callable
 import numpy as np
 
 from . import scene as mrml
+from .saved_edit import modality_values
 from .worker import WorkerClient, WorkerError, WorkerState
 
 __all__ = ["DicomImportError", "import_into_dicom_database", "PAPER_SCHEDULER", "PAPER_STEPS", "DEFAULT_QUOTA_BYTES", "SHARED_READY_TIMEOUT_S", "PanelSettings", "EditSession", "edited_pixels", "dicom_pixels", "modality_values", "PRESETS", "MASK_SOURCES", "OPERATIONS",
-           "SIDES", "describe_instruction", "compose_instruction", "instruction_completions"]
+           "SIDES", "WORKER_MODES", "worker_socket_setting", "describe_instruction", "compose_instruction", "instruction_completions"]
 
 MASK_SOURCES = ("anatomical prior", "painted segment", "painted segment and prior")
 PRESETS = ("fast (device default)", "paper (DDIM 100 steps)")
@@ -43,6 +44,8 @@ DEFAULT_QUOTA_BYTES = 2 * 2**30  # an upload, one job's inputs and one result ta
 # A shared worker says ``ready`` as soon as it accepts a connection (its model is loaded): a
 # socket that accepts and stays silent this long is not a worker that will answer
 SHARED_READY_TIMEOUT_S = 30.0
+WORKER_MODES = ("local", "shared socket")  # the panels' Worker choice
+SOCKET_PATH_BYTES = 107  # sun_path holds 108 bytes on Linux, its last a NUL
 
 
 @dataclasses.dataclass
@@ -88,6 +91,45 @@ class PanelSettings:
 
     def worker_key(self) -> tuple:
         return self.model, self.device, self.sampler(), self.precision
+
+
+def worker_socket_setting(mode: str, path: str) -> str:
+    """``PanelSettings.worker_socket`` from a panel's Worker choice and socket path field.
+
+    Parameters
+    ----------
+    mode: str
+        One of ``WORKER_MODES``.
+    path: str
+        The shared worker's socket (``~`` is expanded); ignored for a local worker.
+
+    Returns
+    -------
+    str
+        "" for a local worker, else the socket's absolute path.
+
+    Raises
+    ------
+    scene.SceneError
+        When the mode is unknown, or a shared worker is chosen with no path, a relative one
+        or one too long for a Unix socket.
+    """
+    import os
+
+    if mode not in WORKER_MODES:
+        raise mrml.SceneError(f"unknown worker choice {mode!r}; choose one of {', '.join(WORKER_MODES)}.")
+    if mode == WORKER_MODES[0]:
+        return ""
+    path = os.path.expanduser(path.strip())
+    if not path:
+        raise mrml.SceneError("give the shared worker's socket path (e.g. /tmp/ix2x.sock), or choose a local worker.")
+    if not os.path.isabs(path):
+        raise mrml.SceneError(f"the worker socket {path} is not an absolute path; give the whole path "
+                              "(e.g. /tmp/ix2x.sock).")
+    if len(os.fsencode(path)) > SOCKET_PATH_BYTES:
+        raise mrml.SceneError(f"the worker socket path is {len(os.fsencode(path))} bytes long; a Unix socket "
+                              f"path holds at most {SOCKET_PATH_BYTES}.")
+    return path
 
 
 def describe_instruction(text: str) -> str:
@@ -453,14 +495,6 @@ def dicom_pixels(path: Path) -> np.ndarray:
 
     dataset = pydicom.dcmread(path)
     return modality_values(dataset.pixel_array, dataset)
-
-
-def modality_values(stored: np.ndarray, dataset) -> np.ndarray:
-    """Stored values x slope + intercept, as Slicer's DICOM reader puts them in a volume: the
-    domain of a panel's radiograph and of its counterfactual."""
-    slope = float(dataset.get("RescaleSlope", 1) or 1)
-    intercept = float(dataset.get("RescaleIntercept", 0) or 0)
-    return stored.astype(np.float32) * slope + intercept
 
 
 class DicomImportError(RuntimeError):
