@@ -32,9 +32,10 @@ from InstructX2XModuleLib import packages
 packages.use_library_source(Path(__file__).resolve().parent)
 
 from InstructX2XModuleLib import scene as mrml
-from InstructX2XModuleLib.session import (MASK_SOURCES, OPERATIONS, PRESETS, SIDES, EditSession, PanelSettings,
-                                          compose_instruction, describe_instruction, import_into_dicom_database,
-                                          instruction_completions)
+from InstructX2XModuleLib.session import (MASK_SOURCES, OPERATIONS, PRESETS, SIDES, WORKER_MODES, EditSession,
+                                          PanelSettings, compose_instruction, describe_instruction,
+                                          import_into_dicom_database, instruction_completions,
+                                          worker_socket_setting)
 
 # The bundled demonstration model (trained on synthetic phantoms; its card says so in every
 # manifest). Users point the panel at their own InstructX2X weights in Advanced.
@@ -85,6 +86,8 @@ class InstructX2XParameterNode:
     model: str = DEFAULT_MODEL
     pacsTarget: str = ""
     verify: bool = True
+    workerMode: Annotated[str, Choice(list(WORKER_MODES))] = WORKER_MODES[0]  # shared: a running worker's socket
+    workerSocket: str = ""
 
 
 class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -127,6 +130,8 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.beforeAfterButton.connect("toggled(bool)", lambda after: self.showResults())
         self.ui.differenceButton.connect("toggled(bool)", lambda difference: self.showResults())
         self.ui.installModelButton.connect("clicked(bool)", self.onInstallModel)
+        self.ui.workerModeCombo.connect("currentIndexChanged(int)", self.onWorkerModeChanged)
+        self.ui.openSavedButton.connect("clicked(bool)", self.onOpenSaved)
         self.ui.tauSlider.connect("valueChanged(double)", self.onTauChanged)
         self.ui.opacitySlider.connect("valueChanged(double)", self.logic.setOverlayOpacity)
         self.ui.modelGuidanceCheckBox.connect("toggled(bool)", self.onModelGuidanceToggled)
@@ -223,6 +228,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if parameterNode is not None:
             self._parameterNodeGuiTag = parameterNode.connectGui(self.ui)
             self.onModelGuidanceToggled(parameterNode.modelGuidance)
+            self.onWorkerModeChanged(WORKER_MODES.index(parameterNode.workerMode))
 
     # -- instruction ----------------------------------------------------------------------
     def _fillHelper(self) -> None:
@@ -351,6 +357,26 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._parameterNode.model, digest = self.logic.installModel(folder)
                 self.ui.statusLabel.text = _("Model installed; folder SHA-256 {digest}").format(digest=digest)
 
+    def onWorkerModeChanged(self, index: int) -> None:
+        """Local: the panel starts its own worker with the model and device set here. Shared
+        socket: the next job goes to the worker at the socket, whose model and device count."""
+        shared = index == WORKER_MODES.index("shared socket")
+        self.ui.workerSocketEdit.enabled = shared
+        for widget in (self.ui.modelEdit, self.ui.installModelButton, self.ui.deviceCombo, self.ui.schedulerCombo,
+                       self.ui.precisionCombo):
+            widget.enabled = not shared
+        self.ui.workerNoteLabel.text = _(
+            "From the next job on, jobs go to the shared worker at this socket (instructx2x serve --socket); "
+            "its model, device, sampler and precision count, not the ones above.") if shared else _(
+            "The panel starts its own worker with the model, device, sampler and precision above.")
+
+    def onOpenSaved(self) -> None:
+        """Show a saved edit again from its result folder (the worker's, or an exported one)."""
+        folder = qt.QFileDialog.getExistingDirectory(None, _("Saved edit folder"))
+        if folder:
+            with slicer.util.tryWithErrorDisplay(_("The saved edit could not be opened."), waitCursor=True):
+                self.ui.statusLabel.text = self.logic.openSavedEdit(folder, self._parameterNode.overlayOpacity)
+
     def onTimer(self) -> None:
         events, errors = self.logic.poll(), []
         if self.logic.resultArrived(events):
@@ -370,6 +396,9 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     _(", about {seconds:.0f} s left").format(seconds=eta) if eta is not None else "")
             elif kind == "ready":
                 self.onModelGuidanceToggled(self.ui.modelGuidanceCheckBox.checked)
+                if self.logic.usesSharedWorker:
+                    self.ui.statusLabel.text = _("Shared worker ready: its model {model} ({precision}).").format(
+                        model=(event.get("model") or {}).get("name", "?"), precision=event.get("precision", "?"))
             elif kind in ("loading", "decode", "export", "started"):
                 self.ui.statusLabel.text = {"loading": _("Loading the model…"), "decode": _("Decoding…"),
                                             "export": _("Writing the results…"),
@@ -445,6 +474,11 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
         """Steps, s_T, s_I and resolution the loaded model edits with by default (None before
         its worker is ready)."""
         return self.session.model_defaults if self.session is not None else None
+
+    @property
+    def usesSharedWorker(self) -> bool:
+        """The session's worker is a shared one (``instructx2x serve --socket``)."""
+        return self.session is not None and self.session.worker is not None and bool(self.session.worker.socket_path)
 
     @property
     def lastResultText(self) -> str:
@@ -560,6 +594,20 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
             raise outcome["error"]
         return _("Sent to {target}.").format(target=target)
 
+    def openSavedEdit(self, folder: str, opacity: float = 0.5) -> str:
+        """Bring a saved edit's folder back as nodes (``scene.import_saved_edit``: the
+        counterfactual, the guidance map over it, the edit region as a label outline) and show
+        them; returns what was opened."""
+        nodes = mrml.import_saved_edit(slicer.mrmlScene, Path(folder))
+        layers = mrml.result_layers(nodes, None, opacity=opacity)
+        # a preview's folder has no counterfactual: the background stays ("keep-current")
+        slicer.util.setSliceViewerLayers(
+            background=layers.background if layers.background is not None else "keep-current",
+            foreground=layers.foreground, label=layers.label, foregroundOpacity=layers.foreground_opacity, fit=True)
+        for sliceNode in slicer.util.getNodesByClass("vtkMRMLSliceNode"):
+            sliceNode.SetUseLabelOutline(True)
+        return _("Opened {folder}: {parts}.").format(folder=Path(folder).name, parts=", ".join(sorted(nodes)))
+
     def installModel(self, folder: str) -> tuple[str, str]:
         """Install a model folder under ~/.instructx2x/models, checked by its folder digest.
 
@@ -629,7 +677,8 @@ def panelSettings(parameters) -> PanelSettings:
         image_guidance_scale=None if parameters.modelGuidance else parameters.imageGuidanceScale,
         relevance_timestep=parameters.relevanceTimestep,
         seed=parameters.seed, device=parameters.device, scheduler=parameters.scheduler,
-        precision=parameters.precision, model=parameters.model, verify=parameters.verify)
+        precision=parameters.precision, model=parameters.model, verify=parameters.verify,
+        worker_socket=worker_socket_setting(parameters.workerMode, parameters.workerSocket))
 
 
 def workerPackagesFolder() -> Path:
