@@ -365,10 +365,14 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for widget in (self.ui.modelEdit, self.ui.installModelButton, self.ui.deviceCombo, self.ui.schedulerCombo,
                        self.ui.precisionCombo):
             widget.enabled = not shared
-        self.ui.workerNoteLabel.text = _(
-            "From the next job on, jobs go to the shared worker at this socket (instructx2x serve --socket); "
-            "its model, device, sampler and precision count, not the ones above.") if shared else _(
-            "The panel starts its own worker with the model, device, sampler and precision above.")
+        if shared:
+            self.ui.workerNoteLabel.text = _(
+                "From the next job on, jobs go to the shared worker at this socket (instructx2x serve --socket); "
+                "its model, device, sampler and precision count, not the ones above. It reads and writes the "
+                "job's files by path: on another machine they must be at the same paths (README, Server mode).")
+        else:
+            self.ui.workerNoteLabel.text = _(
+                "The panel starts its own worker with the model, device, sampler and precision above.")
 
     def onOpenSaved(self) -> None:
         """Show a saved edit again from its result folder (the worker's, or an exported one)."""
