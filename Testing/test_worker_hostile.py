@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from instructx2x.serve import MAX_CLIENTS, MAX_LINE_BYTES
+from instructx2x.serve import ACCEPT_BACKOFF_S, MAX_CLIENTS, MAX_LINE_BYTES
 
 from workers import poll_until
 
@@ -175,6 +175,27 @@ def test_a_client_that_goes_mid_job_has_it_cancelled_and_nothing_written(worker,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["next"]
 
 
+def test_the_jobs_behind_a_client_that_goes_move_up_at_once(worker, film, tmp_path):
+    """A client with two waiting jobs disconnects: they are dropped, and the job behind them
+    hears its new place while the running job still runs."""
+    running, leaving, behind = (ready(Peer(worker.path)) for _ in range(3))
+    try:
+        running.send({"type": "edit", "id": "run", "job": job(film, tmp_path / "run", LONG)})
+        while running.event()["event"] != "started":
+            pass
+        for name in ("d1", "d2"):
+            leaving.send({"type": "preview", "id": name, "job": job(film, tmp_path / name)})
+            assert leaving.event()["event"] == "queued"
+        behind.send({"type": "preview", "id": "b", "job": job(film, tmp_path / "b")})
+        assert behind.event() == {"id": "b", "event": "queued", "position": 3}
+        leaving.close()
+        assert behind.event() == {"id": "b", "event": "queued", "position": 1}
+    finally:
+        for peer in (running, leaving, behind):
+            peer.close()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_accept_survives_running_out_of_descriptors(worker, film, tmp_path):
     """With a few descriptors left, a flood of connections makes ``accept`` fail (EMFILE); the
     worker logs it by name, keeps accepting once descriptors are free, and serves a new client."""
@@ -191,6 +212,7 @@ def test_accept_survives_running_out_of_descriptors(worker, film, tmp_path):
         while "accept failed (EMFILE)" not in worker.log.read_text():
             assert time.monotonic() < deadline, worker.log.read_text()[-2000:]
             time.sleep(0.05)
+        time.sleep(5 * ACCEPT_BACKOFF_S)  # it retries meanwhile
     finally:
         for connection in flood:
             connection.close()
@@ -202,6 +224,24 @@ def test_accept_survives_running_out_of_descriptors(worker, film, tmp_path):
     finally:
         late.close()
     assert worker.log.read_text().count("accept failed (EMFILE)") == 1  # logged once, not per retry
+
+
+def test_clients_that_reset_give_their_slots_back(worker):
+    """Twice as many clients as the cap connect and reset (close with their ``ready`` unread):
+    each frees its slot, and the next client is served."""
+    for _ in range(2 * MAX_CLIENTS):
+        peer = Peer(worker.path)
+        peer.socket.recv(1, socket.MSG_PEEK)  # ``ready`` has arrived and stays unread
+        peer.close()
+    deadline = time.monotonic() + 10
+    while True:
+        peer = Peer(worker.path)
+        event = peer.event()
+        peer.close()
+        if event["event"] == "ready":
+            break
+        assert time.monotonic() < deadline, f"the slots of reset clients were not freed: {event}"
+        time.sleep(0.1)
 
 
 def _fill(path) -> tuple[list[Peer], Peer | None, dict | None]:
@@ -243,6 +283,28 @@ def test_one_client_over_the_cap_hears_the_limit_and_is_closed(worker):
     finally:
         for peer in peers + ([refused] if refused else []):
             peer.close()
+
+
+def test_a_client_may_keep_only_so_many_jobs_waiting(worker, film, tmp_path):
+    """With one job running, a client's ninth waiting job is refused: one client cannot fill the
+    worker's memory with queued requests."""
+    from instructx2x.serve import MAX_WAITING_PER_CLIENT
+
+    greedy = ready(Peer(worker.path))
+    try:
+        greedy.send({"type": "edit", "id": "run", "job": job(film, tmp_path / "run", LONG)})
+        while greedy.event()["event"] != "started":
+            pass
+        for index in range(MAX_WAITING_PER_CLIENT + 1):
+            greedy.send({"type": "preview", "id": f"w{index}", "job": job(film, tmp_path / f"w{index}")})
+        refused = greedy.until(f"w{MAX_WAITING_PER_CLIENT}")
+        queued = [e["id"] for e in refused if e["event"] == "queued"]
+        assert queued == [f"w{index}" for index in range(MAX_WAITING_PER_CLIENT)] and MAX_WAITING_PER_CLIENT == 8
+        assert refused[-1]["event"] == "error" and refused[-1]["kind"] == "ResourceError"
+        assert "8 of your jobs already wait" in refused[-1]["message"]
+    finally:
+        greedy.close()  # its running and waiting jobs go with it
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_over_long_line_is_refused_with_bounded_memory(worker):

@@ -151,9 +151,11 @@ def test_a_defect_in_one_job_does_not_take_the_warm_worker_down(png, tmp_path, m
     assert not (tmp_path / "one").exists() and (tmp_path / "two").is_dir()
 
 
-def test_a_cancel_stops_the_model_before_its_next_step(png, tmp_path, monkeypatch):
-    """In process: a cancel (the client's reader calls it; here the client's own step event)
-    reaches the pipeline (``pipeline.cancel``), so no UNet call follows it and nothing is written."""
+@pytest.mark.parametrize("stop", ["cancel", "disconnect"])
+def test_a_cancel_stops_the_model_before_its_next_step(png, tmp_path, monkeypatch, stop):
+    """In process: a cancel, or the client's disconnection (the client's reader acts on them;
+    here its own step event does), reaches the pipeline (``pipeline.cancel``), so no UNet call
+    follows and nothing is written."""
     from instructx2x import InstructX2XEditor
     from instructx2x.serve import Client, Worker
 
@@ -170,16 +172,16 @@ def test_a_cancel_stops_the_model_before_its_next_step(png, tmp_path, monkeypatc
         def write(self, text):
             if json.loads(text)["event"] == "progress" and not at_cancel:
                 at_cancel.append(len(unet_calls))
-                worker.cancel(client, "1")
+                worker.cancel(client, "1") if stop == "cancel" else worker.drop(client)
             return super().write(text)
 
     client = Client(Reader())
     worker.put(client, {"type": "edit", "id": "1", "job": job(png, tmp_path / "edit", steps=20)})
-    worker.put(client, {"type": "shutdown"})
+    worker.put(Client(io.StringIO()), {"type": "shutdown"})  # a disconnected client's requests go
     worker.loop()
     events = [json.loads(line) for line in client.out.getvalue().splitlines()]
-    assert events[-1] == {"id": "1", "event": "cancelled"}
     assert [e["step"] for e in events if e["event"] == "progress"] == [1]
+    assert events[-1] == {"id": "1", "event": "cancelled"} or stop == "disconnect"  # it hears nothing more
     assert len(unet_calls) == at_cancel[0]  # no model call after the cancel
     assert not (tmp_path / "edit").exists()
 
@@ -221,6 +223,31 @@ def test_a_client_that_stops_reading_is_cut_off_without_blocking_the_worker():
     steps = [json.loads(line)["step"] for line in rest.split(b"\n")[:-1]]
     assert len(steps) < sent and steps == list(range(3, 3 + len(steps)))
     reader.close()
+    theirs.close()
+
+
+def test_a_client_whose_socket_stays_full_is_cut_off_after_the_stall_limit(monkeypatch):
+    """Fewer events than the queue holds, but the socket stays full: the writer gives up after
+    ``SEND_STALL_S`` and the client is disconnected."""
+    import socket
+    import time
+
+    from instructx2x import serve
+    from instructx2x.serve import MAX_PENDING_EVENTS, SocketClient
+
+    monkeypatch.setattr(serve, "SEND_STALL_S", 0.2)
+    ours, theirs = socket.socketpair()
+    client = SocketClient(ours)
+    for step in range(MAX_PENDING_EVENTS // 2):  # until the socket is full and events wait
+        client.emit({"id": "1", "event": "progress", "step": step, "padding": "x" * 2000})
+        time.sleep(0.001)
+        if client.pending.qsize() >= 10:
+            break
+    assert 10 <= client.pending.qsize() < MAX_PENDING_EVENTS and client.connected
+    deadline = time.monotonic() + 5
+    while client.connected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not client.connected
     theirs.close()
 
 

@@ -128,7 +128,7 @@ class Client:
 
     _keys = itertools.count()
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO | None) -> None:
         self.out = out
         self.key = next(self._keys)
         self.lock = threading.Lock()
@@ -145,6 +145,7 @@ class Client:
                 self.connected = False
 
     def close(self, flush: bool = True) -> None:
+        """Send nothing more."""
         self.connected = False
 
 
@@ -282,18 +283,21 @@ class Worker:
             client.close(flush=False)
 
     def drop(self, client: Client) -> None:
-        """A client that is gone: its queued jobs are dropped, its running job stops before its
-        next step (nothing of it is written) and its cached previews are freed."""
+        """A client that is gone: its slot is freed, its queued jobs and cached previews are
+        dropped, and its running job stops before its next step (nothing of it is written: a
+        job of a client that is not connected stops at its next event, see ``_stopped``)."""
         client.close()
         with self.condition:
             self.clients.discard(client)
+            first = next((i for i, (c, _request) in enumerate(self.waiting) if c is client), len(self.waiting))
             self.waiting = collections.deque((c, r) for c, r in self.waiting if c is not client)
+            moved, ahead = list(self.waiting)[first:], first + (self.running is not None)
             self.cancelled = {key for key in self.cancelled if key[0] != client.key}
             for key in [key for key in self.previews if key[0] == client.key]:
                 del self.previews[key]
             if self.running is not None and self.running[0] == client.key:
-                self.cancelled.add(self.running)
                 self.editor.pipeline.cancel()
+        _announce(moved, ahead)  # the jobs that waited behind its jobs move up
 
     def cancel(self, client: Client, request_id: str) -> None:
         key = (client.key, request_id)
@@ -332,9 +336,7 @@ class Worker:
             if request.get("type") != "shutdown":
                 self.running = (client.key, str(request.get("id")))
             waiting = list(self.waiting)
-        for position, (other, queued) in enumerate(waiting, start=1):
-            if queued.get("type") != "shutdown":
-                other.emit({"id": str(queued.get("id")), "event": "queued", "position": position})
+        _announce(waiting, ahead=1)
         return client, request
 
     def loop(self) -> None:
@@ -420,6 +422,13 @@ class Worker:
         client.emit({"id": request_id, "event": "done", "output": str(output),
                    "files": ["edit_mask.npy", "edit_mask.png"], "tau": request.get("tau"),
                    "edit_fraction": float(mask.mean())})
+
+
+def _announce(waiting: list[tuple[Client, dict]], ahead: int) -> None:
+    """Tell each waiting job its position: ``ahead`` jobs run or wait before the first."""
+    for position, (client, request) in enumerate(waiting, start=ahead):
+        if request.get("type") != "shutdown":
+            client.emit({"id": str(request.get("id")), "event": "queued", "position": position})
 
 
 def _error(message: str, kind: type[InstructX2XError] = ParameterError) -> dict:
