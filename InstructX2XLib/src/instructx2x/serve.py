@@ -89,6 +89,7 @@ SIGNAL_CHECK_S = 0.5
 SHUTDOWN_JOIN_S = 5.0
 
 _END = object()  # the last item of a client's event queue
+_SOL_LOCAL, _LOCAL_PEERCRED = 0, 1  # <sys/un.h> on macOS and the BSDs; Python names neither
 
 
 class _Cancelled(Exception):
@@ -110,10 +111,16 @@ def peer_uid(connection: socket.socket) -> int:
     Returns
     -------
     int
-        The peer's uid as the kernel recorded it (``SO_PEERCRED``) when the connection was made.
+        The peer's uid as the kernel recorded it when the connection was made (Linux:
+        ``SO_PEERCRED``; macOS and the BSDs: ``LOCAL_PEERCRED``, whose ``struct xucred`` starts
+        with its version and the uid).
     """
-    credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", credentials)
+    if hasattr(socket, "SO_PEERCRED"):
+        credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", credentials)
+        return uid
+    credentials = connection.getsockopt(_SOL_LOCAL, _LOCAL_PEERCRED, 128)
+    _version, uid = struct.unpack_from("=2I", credentials)
     return uid
 
 
