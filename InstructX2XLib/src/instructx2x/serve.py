@@ -25,26 +25,31 @@ wait ahead of it; sent on arrival and whenever it moves up), then per job ``star
 memory so that ``rethreshold`` writes the edit mask at a new ``tau`` with no model call
 (``edit_mask.npy`` and ``edit_mask.png``), equal to the mask an edit at that ``tau`` would use.
 Every job writes float maps (``*.npy`` + ``maps.json`` with the geometry) beside its images.
-A job's folder appears whole, in one rename: a job cancelled before its ``export`` event
-writes nothing. SIGTERM ends the worker as cleanly as ``shutdown``.
+A job's folder appears whole, in one rename: a job cancelled (or whose client goes) before it
+starts writing, its ``export`` event, writes nothing; one cancelled while it writes finishes.
+SIGTERM ends the worker as cleanly as ``shutdown``.
 
-A shared worker answers only its own user and root (the peer's uid, ``SO_PEERCRED``; others
-are closed with no answer) and bounds what one client can take from the others:
+A shared worker answers only its own user and root (the peer's uid as the kernel reports it,
+``peer_uid``; others are closed with no answer) and bounds what one client can take from the
+others:
 
-- at most ``MAX_CLIENTS`` connections at a time; one more hears an ``error`` naming the limit
-  and is closed;
-- a request line holds at most ``MAX_LINE_BYTES`` (newline included), read with no more than
-  that buffered; a longer line, or one that is not UTF-8, is answered with an ``error`` and
-  the connection is closed;
-- at most ``MAX_WAITING_PER_CLIENT`` of a client's jobs wait at a time; one more is refused
+- at most ``MAX_CLIENTS`` (16) connections at a time; one more hears an ``error`` naming the
+  limit and is closed;
+- a request line holds at most ``MAX_LINE_BYTES`` (1 MiB, newline included), read with no
+  more than that buffered; a longer line, or one that is not UTF-8, is answered with an
+  ``error`` and the connection is closed;
+- at most ``MAX_WAITING_PER_CLIENT`` (8) of a client's jobs wait at a time; one more is refused
   with an ``error``;
 - each client's events wait in their own queue, written by their own thread, so a client that
-  stops reading delays nobody: when ``MAX_PENDING_EVENTS`` wait, or a write makes no progress
-  for ``SEND_STALL_S`` seconds, it is disconnected;
+  stops reading delays nobody: when ``MAX_PENDING_EVENTS`` (1000) wait, or a write makes no
+  progress for ``SEND_STALL_S`` (10) seconds, it is disconnected;
 - a client that disconnects, is disconnected or whose connection fails (reset, end of input)
   has its queued jobs dropped and its running job stopped: nothing of theirs is written;
 - a failing ``accept`` (out of descriptors, an aborted connection) is logged by its error
-  name, retried after ``ACCEPT_BACKOFF_S`` seconds, and the worker keeps serving.
+  name, once per run of failures, and retried every ``ACCEPT_BACKOFF_S`` (0.1) seconds: the
+  worker keeps serving;
+- at SIGTERM every client is disconnected and the threads that serve them end before the
+  worker exits.
 """
 
 from __future__ import annotations
