@@ -24,6 +24,7 @@ from InstructX2XModuleLib.worker import WorkerClient, WorkerError, WorkerState
 
 LONG = 1000  # denoising steps: minutes on the CPU, so a job that is not cancelled shows
 NOBODY = 65534  # another user, for the peer checks
+as_another_user = pytest.mark.skipif(os.geteuid() != 0, reason="acting as another user needs root")
 
 
 class Peer:
@@ -392,6 +393,7 @@ time.sleep(30)
 """.replace("NOBODY", str(NOBODY))
 
 
+@as_another_user
 def test_the_client_refuses_a_worker_of_another_user(tmp_path):
     process = subprocess.Popen([sys.executable, "-c", FOREIGN_WORKER, str(tmp_path / "foreign.sock")],
                                stdout=subprocess.PIPE, text=True)
@@ -421,6 +423,7 @@ print(answer.decode().strip() or "closed")
 """.replace("NOBODY", str(NOBODY))
 
 
+@as_another_user
 def test_the_worker_refuses_a_client_of_another_user(worker):
     """Even where the socket's mode lets another user connect, the worker closes the
     connection unanswered; our own user (here root) is served through the same path."""
