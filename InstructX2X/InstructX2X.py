@@ -727,7 +727,7 @@ def ensureDependencies() -> None:
         packages.ensure_package_set(
             workerPackagesFolder(), packages.find_slicer_python(), packages.library_source(moduleDir),
             moduleDir / "Resources" / "requirements.txt", progress=report, log=log,
-            confirm=lambda question: testing or slicer.util.confirmOkCancelDisplay(question))
+            confirm=lambda question: optedIn or slicer.util.confirmOkCancelDisplay(question))
     finally:
         for dialog in dialogs:
             dialog.close()
