@@ -42,7 +42,7 @@ def origin(server) -> str:
 
 
 def legitimate(server) -> WslinkClient:
-    return WslinkClient(server.url, token=server.token, origin=origin(server), cookie=server.token)
+    return WslinkClient(server.url, token=server.token, origin=origin(server), cookie=server.cookie)
 
 
 def get(url: str, headers: dict | None = None) -> tuple[int, str]:
@@ -75,11 +75,20 @@ def test_the_page_needs_the_token_and_a_host_of_this_server(server):
         assert status == 403 and "token" in body and "<html" not in body.lower(), path
     status, _ = get(f"{base}/?token={server.token}")
     assert status == 302  # the announced address: the cookie, then the page
-    cookie = {"Cookie": f"instructx2x_token={server.token}"}
+    assert server.cookie and server.token not in server.cookie  # other local servers may see the cookie
+    cookie = {"Cookie": f"instructx2x_session={server.cookie}"}
     status, body = get(f"{base}/index.html?secret={server.token}", cookie)
     assert status == 200 and "<html" in body.lower()
+    for path in ("/", "/index.html"):  # the cookie alone opens no page and gives no token away
+        status, body = get(base + path, cookie)
+        assert status == 403 and server.token not in body
     status, _ = get(f"{base}/index.html?secret={server.token}", {**cookie, "Host": f"evil.example:{server.port}"})
     assert status == 403  # a rebound DNS name is not this server
+    status, _ = get(f"{base}/index.html?secret={server.token}", {"Cookie": "instructx2x_session=\u00e9t\u00e9"})
+    assert status == 403  # undecodable: refused, not a server error
+    request = urllib.request.Request(f"{base}/index.html?secret={server.token}", headers=cookie)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.headers["X-Frame-Options"] == "DENY" and response.headers["Cache-Control"] == "no-store"
 
 
 def test_a_websocket_needs_the_cookie_an_own_origin_and_the_secret(server):
@@ -87,20 +96,21 @@ def test_a_websocket_needs_the_cookie_an_own_origin_and_the_secret(server):
         refused = []
         for options in ({"origin": origin(server)},  # no cookie
                         {"origin": "http://evil.example", "cookie": server.token},
-                        {"cookie": server.token},  # no Origin
+                        {"cookie": server.cookie},  # no Origin
+                        {"origin": origin(server), "cookie": server.token},  # the token is not the cookie
                         {"origin": origin(server), "cookie": "a" * 43}):
             try:
                 async with WslinkClient(server.url, **options):
                     pass
             except aiohttp.WSServerHandshakeError as error:
                 refused.append(error.status)
-        async with WslinkClient(server.url, origin=origin(server), cookie=server.token) as client:
+        async with WslinkClient(server.url, origin=origin(server), cookie=server.cookie) as client:
             denied = await client.hello("wslink-secret")  # wslink's public default
             reply = await client.call("trame.state.get")
         return refused, denied, reply
 
     refused, denied, reply = run(attempts())
-    assert refused == [403, 403, 403, 403]
+    assert refused == [403, 403, 403, 403, 403]
     assert denied["error"]["message"] == "Authentication failed"
     assert "Unauthorized" in reply["error"]["message"] and "result" not in reply
 
@@ -253,8 +263,8 @@ def test_in_chromium_an_injected_template_never_runs_and_a_foreign_page_gets_no_
                 page.get_by_test_id("apply").wait_for()
                 assert page.evaluate("window.injected") is None and page.locator("#injected").count() == 0
                 assert "secret" not in page.url and "token" not in page.url  # trame's client cleared the address
-                page.reload()  # a reload keeps working on the cookie
-                page.get_by_test_id("apply").wait_for()
+                page.reload()  # the token left the address bar: a reload says to open the printed address
+                assert "needs the address with its token" in page.content()
                 stranger = browser.new_context().new_page()
                 stranger.goto(f"http://127.0.0.1:{server.port}/")
                 assert "needs the address with its token" in stranger.content()
@@ -266,3 +276,93 @@ def test_in_chromium_an_injected_template_never_runs_and_a_foreign_page_gets_no_
     finally:
         evil.shutdown()
     assert "refused a websocket from a foreign Origin" in server.log.read_text()
+
+
+def test_view_calls_take_only_well_formed_events_for_the_pages_own_views(server):
+    """A mistyped event field aborts VTK (the whole server); trame-rca's push, drop and reset let
+    one client replace or freeze every viewer's image: refused, the server keeps answering."""
+    async def attack():
+        async with legitimate(server) as client:
+            await client.hello()
+            area = next(iter(json_areas(await client.state())), "Radiograph")
+            replies = [await client.call("trame.rca.event", area, "x", {"type": "MouseMove", "x": "a", "y": 1}),
+                       await client.call("trame.rca.event", area, "x", {"type": "MouseMove", "x": [1], "y": 1}),
+                       await client.call("trame.rca.event", "no such view", "x", {"type": "MouseMove", "x": 1, "y": 1}),
+                       await client.call("trame.rca.size", area, "x", {"w": 8000, "h": 8000, "p": 1}),
+                       await client.call("trame.rca.size", area, "x", {"w": 400, "h": 400, "p": "x"})]
+            pushed = await client.call("trame.rca.push", area, {}, b"ATTACKER IMAGE")
+            dropped = await client.call("trame.rca.drop", area, "x")
+            return replies, pushed, dropped, await client.state()
+
+    before = rss_mb(server)
+    replies, pushed, dropped, state = run(attack())
+    assert all("error" not in reply for reply in replies)  # refused quietly, no traceback sent
+    assert pushed["error"]["message"] == dropped["error"]["message"] == "Unregistered method called"
+    assert server.process.poll() is None and state["trame__title"] == "InstructX2X"
+    assert rss_mb(server) - before < 200  # an 8000 x 8000 view was never made
+
+
+def json_areas(state: dict) -> list[str]:
+    """The names of the page's views, as trame-slicer puts them in the page's template."""
+    import re
+
+    return re.findall(r'name="([^"]+)"', state.get("trame__template_main", ""))
+
+
+def test_message_shapes_that_expand_are_cut_off(server):
+    """A 16 MB message of empty arrays (gigabytes once unpacked), thousands of unfinished message
+    ids, a 60 MB instruction: each refused or cut off, the server's memory and answers intact."""
+    import msgpack
+
+    async def expanding():
+        async with legitimate(server) as client:
+            await client.hello()
+            bomb = msgpack.packb({"wslink": "1.0", "id": "rpc:c0:99", "method": "trame.state.get",
+                                  "args": [[[]] * (4 * 2**20)], "kwargs": {}})
+            await client.send_raw(bomb)
+            return (await client.socket.receive()).type
+
+    async def many_ids():
+        async with legitimate(server) as client:
+            await client.hello()
+            try:
+                for message_id in range(200):
+                    await client.socket.send_bytes(struct.pack("<III", 5000 + message_id, 0, 2) + b"x")
+            except aiohttp.ClientConnectionResetError:
+                return aiohttp.WSMsgType.CLOSED  # cut off before the 200th
+            return (await client.socket.receive()).type
+
+    async def long_text():
+        async with legitimate(server) as client:
+            await client.hello()
+            await client.set_state(instruction="x" * (4 * 2**20))
+            return (await client.state())["instruction"]
+
+    before = rss_mb(server)
+    closed = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+    assert run(expanding()) in closed and run(many_ids()) in closed
+    assert len(run(long_text())) < 4096
+    assert rss_mb(server) - before < 200
+
+
+def test_a_deflated_dicom_upload_is_refused_before_it_is_inflated(server, tmp_path):
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from web_driver import SAMPLE
+
+    dataset = pydicom.dcmread(SAMPLE)
+    dataset.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    path = tmp_path / "deflated.dcm"
+    dataset.save_as(path, enforce_file_format=True)
+
+    async def upload():
+        async with legitimate(server) as client:
+            await client.hello()
+            chunk = {"name": "deflated.dcm", "size": path.stat().st_size, "type": "application/dicom",
+                     "content": path.read_bytes()}
+            await client.call("trame.trigger", "upload_chunk", [[chunk]], {})
+            await client.call("trame.trigger", "upload_chunk", [[]], {})
+            return (await client.state())["error"]
+
+    assert run(upload()).startswith("deflated DICOM files are not accepted here")

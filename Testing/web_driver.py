@@ -33,7 +33,8 @@ class WebServer:
         self.tmp, self.log = folder / "tmp", folder / "server.log"
         self.tmp.mkdir(parents=True)
         self.port = free_port()
-        self.url, self.token = f"http://127.0.0.1:{self.port}/", ""  # the announced address once started
+        # the announced address, its token and the session cookie it gives, once started
+        self.url, self.token, self.cookie = f"http://127.0.0.1:{self.port}/", "", ""
         self.command = [sys.executable, "-m", "InstructX2XModuleLib.web.app", "--model", model, "--device", "cpu",
                         "--port", str(self.port), *options]
         self.process: subprocess.Popen | None = None
@@ -52,6 +53,7 @@ class WebServer:
         self.start_s = time.monotonic() - started
         self.url = re.search(r"InstructX2X web panel: (\S+)", self.log.read_text())[1]  # its token included
         self.token = self.url.split("token=", 1)[1]
+        self.cookie = session_cookie(self.url)
         return self
 
     def stop(self) -> int | None:
@@ -68,6 +70,23 @@ class WebServer:
         workers = server.children(recursive=True)
         return {"server_mb": server.memory_info().rss / 2**20,
                 "worker_mb": sum(child.memory_info().rss for child in workers) / 2**20}
+
+
+def session_cookie(url: str) -> str:
+    """The session cookie the announced address sets (its redirect is not followed)."""
+    import urllib.error
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+
+    try:
+        urllib.request.build_opener(NoRedirect).open(url, timeout=10)
+    except urllib.error.HTTPError as redirect:
+        header = redirect.headers.get("Set-Cookie", "")
+        return header.split(";", 1)[0].split("=", 1)[1] if redirect.code == 302 and "=" in header else ""
+    return ""
 
 
 @contextmanager

@@ -24,7 +24,7 @@ class WslinkClient:
         if origin is not None:
             self.headers["Origin"] = origin
         if cookie is not None:
-            self.headers["Cookie"] = f"instructx2x_token={cookie}"
+            self.headers["Cookie"] = f"instructx2x_session={cookie}"
         if host is not None:
             self.headers["Host"] = host
         self.token = token
@@ -51,6 +51,11 @@ class WslinkClient:
 
     async def send(self, message: dict) -> None:
         for chunk in generate_chunks(msgpack.packb(message), CHUNK_BYTES):
+            await self.socket.send_bytes(chunk)
+
+    async def send_raw(self, packed: bytes) -> None:
+        """Bytes already packed, framed as wslink frames them."""
+        for chunk in generate_chunks(packed, CHUNK_BYTES):
             await self.socket.send_bytes(chunk)
 
     async def receive(self, rpc_id: str, timeout: float = 30) -> dict:

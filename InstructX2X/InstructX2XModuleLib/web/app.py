@@ -732,6 +732,10 @@ def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)  # our own lines only: the frameworks' INFO echoes page content
+    for framework in ("wslink", "trame_server", "trame", "aiohttp", "asyncio"):
+        # their lines quote what clients send (text frames, call arguments, malformed requests)
+        # and a flood of them would fill the disk: refusals are logged by access, by kind
+        logging.getLogger(framework).setLevel(logging.CRITICAL + 1)
     try:  # every setting checked before the model loads
         token = read_token_file(arguments.token_file) if arguments.token_file else new_token()
         access = AccessPolicy(token, host=arguments.host, origins=tuple(arguments.origin),

@@ -159,6 +159,7 @@ def read_radiograph(paths: list[Path]) -> LoadedRadiograph:
     first_error = None
     for path in dicom:
         try:
+            _refuse_deflated(path)
             image = read_dicom(path)
             check_exportable(image.metadata["dataset"], image.source)
         except InputError as error:
@@ -172,6 +173,23 @@ def read_radiograph(paths: list[Path]) -> LoadedRadiograph:
     rows, columns = image.pixels.shape
     return LoadedRadiograph(paths[0], np.round(image.pixels * scale).astype(np.float32), None, None, False,
                             f"{image.format.upper()} {columns} x {rows}, {image.bits}-bit")
+
+
+DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
+
+
+def _refuse_deflated(path: Path) -> None:
+    """A deflated data set inflates without bound when read (a 2 MB file to gigabytes): refused
+    from its file meta, before any of it is inflated."""
+    from pydicom.filereader import read_file_meta_info
+
+    try:
+        syntax = str(read_file_meta_info(path).get("TransferSyntaxUID", ""))
+    except Exception:  # noqa: BLE001 - the library's reader says what is wrong with the file
+        return
+    if syntax == DEFLATED:
+        raise UploadError("deflated DICOM files are not accepted here; send the film uncompressed or "
+                          "JPEG-compressed.")
 
 
 def _from_dicom(path: Path, image) -> LoadedRadiograph:
