@@ -366,3 +366,27 @@ def test_a_deflated_dicom_upload_is_refused_before_it_is_inflated(server, tmp_pa
             return (await client.state())["error"]
 
     assert run(upload()).startswith("deflated DICOM files are not accepted here")
+
+
+def test_a_page_that_stops_reading_holds_no_one_else(server):
+    """wslink sends to all pages under one lock: a client that asks and never reads is cut off
+    after the send timeout, and the user is answered meanwhile or right after."""
+    async def stalled_and_served():
+        stalled = legitimate(server)
+        await stalled.__aenter__()
+        try:
+            await stalled.hello()
+            stalled.socket._writer.transport.pause_reading()  # noqa: SLF001 - a client that reads nothing more
+            for index in range(400):
+                await stalled.send({"wslink": "1.0", "id": f"rpc:c0:{1000 + index}", "method": "trame.state.get",
+                                    "args": [], "kwargs": {}})
+            started = time.monotonic()
+            async with legitimate(server) as user:
+                await user.hello()
+                title = (await user.state())["trame__title"]
+            return title, time.monotonic() - started
+        finally:
+            await stalled.__aexit__(None, None, None)
+
+    title, waited = run(stalled_and_served())
+    assert title == "InstructX2X" and waited < 25  # the send timeout (10 s) and the user's own calls

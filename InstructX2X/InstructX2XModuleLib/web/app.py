@@ -66,6 +66,7 @@ SEGMENTS = {"edit": ("Edit region", [0.1, 0.85, 0.3]), "keep": ("Keep region", [
 POLL_INTERVAL_S = 0.2
 LAYOUT = "radiograph"
 UPLOAD_TRIGGER = "upload_chunk"
+SEND_TIMEOUT_S = 10.0  # a page that takes no bytes for this long is cut off
 MESSAGE_OVERHEAD_BYTES = 2**20  # a message's room beyond an upload's bytes: names, msgpack framing
 # The state keys a page may write (its inputs) and the types their values may have; every other
 # key, trame's own (trame__*) included, is the server's to set.
@@ -124,7 +125,7 @@ class WebPanel:
         self.ctrl.on_server_bind.add(self._bind)
         self.ctrl.on_error.add(_script_error)
         self.server.add_protocol_to_configure(
-            lambda protocol: protocol.registerLinkProtocol(_Connections(self.upload_buffers)))
+            lambda protocol: protocol.registerLinkProtocol(_Connections(self)))
 
     # -- state -----------------------------------------------------------------------------
     def _initial_state(self) -> None:
@@ -637,14 +638,36 @@ class WebPanel:
 
 
 class _Connections(LinkProtocol):
-    """wslink's word that a connection closed: its unfinished upload is freed."""
+    """wslink's connections: each one's sends are bounded in time, and a closed one's unfinished
+    upload is freed.
 
-    def __init__(self, buffers: UploadBuffers) -> None:
+    wslink sends every reply and broadcast under one lock shared by all connections, waiting on
+    each socket in turn: a page that stops reading would hold every other page. A send that makes
+    no progress for ``SEND_TIMEOUT_S`` cuts that connection off instead, and the others go on."""
+
+    def __init__(self, panel: "WebPanel") -> None:
         super().__init__()
-        self.buffers = buffers
+        self.panel = panel
+
+    def onConnect(self, request, client_id) -> None:  # noqa: N802 - wslink's hook name
+        sockets = [handler.connections.get(client_id) for handler in
+                   getattr(self.panel.wslink, "_ws_handlers", [])]  # noqa: SLF001 - wslink's connection table
+        socket = next((s for s in sockets if s is not None), None)
+        if socket is None:
+            return
+        send = socket.send_bytes
+
+        async def bounded_send(data, *args, **kwargs):
+            try:
+                await asyncio.wait_for(send(data, *args, **kwargs), SEND_TIMEOUT_S)
+            except (asyncio.TimeoutError, ConnectionError):
+                if request.transport is not None:
+                    request.transport.abort()  # its reader ends, wslink forgets it
+
+        socket.send_bytes = bounded_send
 
     def onClose(self, client_id) -> None:  # noqa: N802 - wslink's hook name
-        self.buffers.discard(client_id)
+        self.panel.upload_buffers.discard(client_id)
 
 
 def _script_error(*_args, **_kwargs) -> None:
