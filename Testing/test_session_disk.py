@@ -4,25 +4,13 @@ MRML scene with a real worker (untrained-tiny)."""
 import numpy as np
 import pytest
 
-import slicer
 
 from InstructX2XModuleLib import scene as layer
-from InstructX2XModuleLib.session import EditSession, PanelSettings
-from workers import poll_until
+from InstructX2XModuleLib.session import PanelSettings
+from workers import poll_until, radiograph
 
 
-@pytest.fixture
-def session():
-    scene = slicer.vtkMRMLScene()
-    layer.prepare_scene(scene)
-    session = EditSession(scene)
-    yield session
-    session.stop()
 
-
-def radiograph(scene):
-    yy, xx = np.mgrid[0:72, 0:64]
-    return layer.array_to_volume(scene, (2000 + 900 * np.sin(yy / 7) * np.cos(xx / 5)).astype(np.float32), "chest")
 
 
 SETTINGS = PanelSettings(instruction="Add the finding of left pleural effusion", model="untrained-tiny",

@@ -4,24 +4,15 @@ the user ticks the box (the panels' settings -> the job -> the worker), on the d
 import json
 from pathlib import Path
 
-import pytest
 
-import slicer
 
 from InstructX2XModuleLib import scene as layer
-from InstructX2XModuleLib.session import EditSession, PanelSettings, dicom_pixels
+from InstructX2XModuleLib.session import PanelSettings, dicom_pixels
 from workers import poll_until
 
 SAMPLE = Path(__file__).resolve().parents[1] / "Resources" / "Samples" / "phantom_pa.dcm"
 
 
-@pytest.fixture
-def session():
-    scene = slicer.vtkMRMLScene()
-    layer.prepare_scene(scene)
-    session = EditSession(scene)
-    yield session
-    session.stop()
 
 
 def test_demographic_estimates_reach_the_report_only_when_asked(session):

@@ -15,7 +15,7 @@ from InstructX2XModuleLib import scene as layer
 from InstructX2XModuleLib.session import (MASK_SOURCES, WORKER_MODES, EditSession, PanelSettings,
                                           worker_socket_setting)
 from InstructX2XModuleLib.worker import WorkerError
-from workers import poll_until, shared_worker
+from workers import poll_until, radiograph, shared_worker
 
 
 @pytest.fixture
@@ -28,10 +28,6 @@ def session():
     session.stop()
     assert not session.folder.exists()
 
-
-def radiograph(scene):
-    yy, xx = np.mgrid[0:72, 0:64]
-    return layer.array_to_volume(scene, (2000 + 900 * np.sin(yy / 7) * np.cos(xx / 5)).astype(np.float32), "chest")
 
 
 def settings(**overrides):

@@ -7,7 +7,7 @@ import pytest
 import slicer
 
 from InstructX2XModuleLib import scene as layer
-from workers import poll_until, shared_worker
+from workers import poll_until, radiograph, shared_worker
 
 from InstructX2XModuleLib.worker import WorkerError
 
@@ -15,19 +15,7 @@ from InstructX2XModuleLib.session import (MASK_SOURCES, PRESETS, DicomImportErro
                                           compose_instruction, describe_instruction, import_into_dicom_database)
 
 
-@pytest.fixture
-def session():
-    scene = slicer.vtkMRMLScene()
-    layer.prepare_scene(scene)
-    session = EditSession(scene)
-    yield session
-    session.stop()
-    assert not session.folder.exists()
 
-
-def radiograph(scene):
-    yy, xx = np.mgrid[0:72, 0:64]
-    return layer.array_to_volume(scene, (2000 + 900 * np.sin(yy / 7) * np.cos(xx / 5)).astype(np.float32), "chest")
 
 
 def settings(**overrides):

@@ -40,3 +40,13 @@ def shared_worker(path: Path, model: str = "untrained-tiny"):
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0
     assert not path.exists()
+
+
+def radiograph(scene):
+    """A 72 x 64 single-slice volume with structure everywhere, in modality-like values."""
+    import numpy as np
+
+    from InstructX2XModuleLib import scene as layer
+
+    yy, xx = np.mgrid[0:72, 0:64]
+    return layer.array_to_volume(scene, (2000 + 900 * np.sin(yy / 7) * np.cos(xx / 5)).astype(np.float32), "chest")
