@@ -571,31 +571,10 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
     def pushToPacs(self, folder: Path, target: str) -> str:
         """C-STORE the series in ``folder`` to ``target`` (HOST:PORT:AET) from the worker's package
         set (pynetdicom is not in Slicer's Python), on a thread behind a modal progress dialog."""
-        import threading
-
         ensureDependencies()
         command = packages.worker_command(packages.find_slicer_python(), workerPackagesFolder())
-        outcome = {}
-
-        def work():
-            try:
-                outcome["sent"] = packages.push_series(command, folder, target)
-            except BaseException as error:  # handed to the GUI thread, raised there
-                outcome["error"] = error
-
-        progress = slicer.util.createProgressDialog(labelText=_("Sending the series to {target}…").format(
-            target=target), maximum=0, windowModality=qt.Qt.ApplicationModal)
-        progress.setCancelButton(None)
-        thread = threading.Thread(target=work, name="instructx2x-push", daemon=True)
-        thread.start()
-        try:
-            while thread.is_alive():
-                slicer.app.processEvents()
-                thread.join(0.05)
-        finally:
-            progress.close()
-        if "error" in outcome:
-            raise outcome["error"]
+        runBehindModalDialog(_("Sending the series to {target}…").format(target=target),
+                             lambda: packages.push_series(command, folder, target))
         return _("Sent to {target}.").format(target=target)
 
     def openSavedEdit(self, folder: str, opacity: float = 0.5) -> str:
@@ -622,37 +601,15 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
         installed only once the user confirms its digest. Returns the installed path and the
         folder SHA-256 (``instructx2x info`` prints it as folder_sha256).
         """
-        import threading
-
         from InstructX2XModuleLib.model_install import UnpinnedModelError, install_model
 
         root = Path.home() / ".instructx2x" / "models"
         name = Path(folder).name
 
         def installOnThread(confirmedDigest):
-            outcome = {}
-
-            def work():
-                try:
-                    outcome["installed"] = install_model(folder, root, confirmedDigest)
-                except BaseException as error:  # handed to the GUI thread, raised there
-                    outcome["error"] = error
-
-            progress = slicer.util.createProgressDialog(
-                labelText=_("Checking and copying {name}…").format(name=name), maximum=0,
-                windowModality=qt.Qt.ApplicationModal)
-            progress.setCancelButton(None)  # a copy under way is finished or undone, never cut
-            thread = threading.Thread(target=work, name="instructx2x-install", daemon=True)
-            thread.start()
-            try:
-                while thread.is_alive():
-                    slicer.app.processEvents()
-                    thread.join(0.05)
-            finally:
-                progress.close()
-            if "error" in outcome:
-                raise outcome["error"]
-            return outcome["installed"]
+            # no cancel button: a copy under way is finished or undone, never cut
+            return runBehindModalDialog(_("Checking and copying {name}…").format(name=name),
+                                        lambda: install_model(folder, root, confirmedDigest))
 
         try:
             installed = installOnThread(None)
@@ -670,6 +627,34 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
         logging.info("Model %s at %s (folder sha256 %s)%s", name, installed.path, installed.digest[:16],
                      ", already installed" if installed.already_installed else "")
         return str(installed.path), installed.digest
+
+
+def runBehindModalDialog(label: str, work):
+    """``work()`` on a thread while an application-modal progress dialog (no cancel) keeps the
+    GUI painting; its result, or its exception raised here on the GUI thread."""
+    import threading
+
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = work()
+        except BaseException as error:  # handed to the GUI thread, raised there
+            outcome["error"] = error
+
+    progress = slicer.util.createProgressDialog(labelText=label, maximum=0, windowModality=qt.Qt.ApplicationModal)
+    progress.setCancelButton(None)
+    thread = threading.Thread(target=run, name="instructx2x-work", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            slicer.app.processEvents()
+            thread.join(0.05)
+    finally:
+        progress.close()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def panelSettings(parameters) -> PanelSettings:
