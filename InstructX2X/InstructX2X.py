@@ -20,9 +20,13 @@ import qt
 import slicer
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Choice, Minimum, Maximum, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.parameterNodeWrapper import Choice, Maximum, Minimum, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
 from slicer.util import VTKObservationMixin
 
 from InstructX2XModuleLib import packages
@@ -32,10 +36,20 @@ from InstructX2XModuleLib import packages
 packages.use_library_source(Path(__file__).resolve().parent)
 
 from InstructX2XModuleLib import scene as mrml
-from InstructX2XModuleLib.session import (MASK_SOURCES, OPERATIONS, PRESETS, SIDES, WORKER_MODES, EditSession,
-                                          PanelSettings, compose_instruction, describe_instruction,
-                                          import_into_dicom_database, instruction_completions,
-                                          worker_socket_setting)
+from InstructX2XModuleLib.session import (
+    MASK_SOURCES,
+    OPERATIONS,
+    PRESETS,
+    SIDES,
+    WORKER_MODES,
+    EditSession,
+    PanelSettings,
+    compose_instruction,
+    describe_instruction,
+    import_into_dicom_database,
+    instruction_completions,
+    worker_socket_setting,
+)
 
 # The bundled demonstration model (trained on synthetic phantoms; its card says so in every
 # manifest). Users point the panel at their own InstructX2X weights in Advanced.
@@ -54,14 +68,21 @@ class InstructX2X(ScriptedLoadableModule):
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Radiology")]
         self.parent.dependencies = ["Segmentations", "DICOM"]
         self.parent.contributors = ["InstructX2X team"]
-        self.parent.helpText = _(
-            "Counterfactual chest radiographs from a text instruction (InstructX2X, MICCAI 2025) "
-            "with a guidance map showing where the model edits. Every result is SYNTHETIC and "
-            "NOT FOR DIAGNOSIS.") + " " + _("Needs 3D Slicer {major}.{minor} or later.").format(
-                major=packages.SUPPORTED_SLICER[0], minor=packages.SUPPORTED_SLICER[1])
+        self.parent.helpText = (
+            _(
+                "Counterfactual chest radiographs from a text instruction (InstructX2X, MICCAI 2025) "
+                "with a guidance map showing where the model edits. Every result is SYNTHETIC and "
+                "NOT FOR DIAGNOSIS."
+            )
+            + " "
+            + _("Needs 3D Slicer {major}.{minor} or later.").format(
+                major=packages.SUPPORTED_SLICER[0], minor=packages.SUPPORTED_SLICER[1]
+            )
+        )
         self.parent.acknowledgementText = _(
             "InstructX2X builds on InstructPix2Pix and Watch Your Steps; the panel follows "
-            "SlicerMONAIAuto3DSeg's worker design.")
+            "SlicerMONAIAuto3DSeg's worker design."
+        )
 
 
 @parameterNodeWrapper
@@ -86,7 +107,9 @@ class InstructX2XParameterNode:
     model: str = DEFAULT_MODEL
     pacsTarget: str = ""
     verify: bool = True
-    workerMode: Annotated[str, Choice(list(WORKER_MODES))] = WORKER_MODES[0]  # shared: a running worker's socket
+    workerMode: Annotated[str, Choice(list(WORKER_MODES))] = WORKER_MODES[
+        0
+    ]  # shared: a running worker's socket
     workerSocket: str = ""
 
 
@@ -118,8 +141,9 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # signals by full signature: PythonQt's choice among overloads (currentNodeChanged has
         # a vtkMRMLNode* and a bool one) is not defined
         self.ui.inputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputChanged)
-        self.ui.segmentEditorWidget.connect("segmentationNodeChanged(vtkMRMLSegmentationNode*)",
-                                            self.onSegmentationChanged)
+        self.ui.segmentEditorWidget.connect(
+            "segmentationNodeChanged(vtkMRMLSegmentationNode*)", self.onSegmentationChanged
+        )
         self.ui.instructionEdit.connect("textChanged(QString)", self.onInstructionChanged)
         self.ui.composeButton.connect("clicked(bool)", self.onCompose)
         self.ui.dicomButton.connect("clicked(bool)", lambda: slicer.util.selectModule("DICOM"))
@@ -142,7 +166,9 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.onSegmentationChanged(self.ui.segmentEditorWidget.segmentationNode())  # one kept in the editor's node
+        self.onSegmentationChanged(
+            self.ui.segmentEditorWidget.segmentationNode()
+        )  # one kept in the editor's node
         self.initializeParameterNode()
         unsupported = packages.unsupported_slicer(slicer.app.majorVersion, slicer.app.minorVersion)
         if unsupported:  # instructions still parse; the model cannot run on this Slicer's Python
@@ -186,7 +212,9 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         import importlib
         import sys
 
-        names = [name for name in sys.modules if name.startswith("InstructX2XModuleLib.") and name.count(".") == 1]
+        names = [
+            name for name in sys.modules if name.startswith("InstructX2XModuleLib.") and name.count(".") == 1
+        ]
         # the worker first (packages' PackageSetError subclasses its WorkerError), the session last
         for name in sorted(names, key=lambda name: (name.endswith(".session"), not name.endswith(".worker"))):
             importlib.reload(sys.modules[name])
@@ -250,15 +278,21 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCompose(self) -> None:
         self.ui.instructionEdit.text = self.logic.composeInstruction(
-            self.ui.operationCombo.currentIndex, self.ui.findingCombo.currentText,
-            self.ui.sideCombo.currentText, self.ui.fromLevelCombo.currentText,
-            self.ui.toLevelCombo.currentText, self.ui.zoneCombo.currentText)
+            self.ui.operationCombo.currentIndex,
+            self.ui.findingCombo.currentText,
+            self.ui.sideCombo.currentText,
+            self.ui.fromLevelCombo.currentText,
+            self.ui.toLevelCombo.currentText,
+            self.ui.zoneCombo.currentText,
+        )
 
     def onInputChanged(self, volume) -> None:
         """Paint on the selected radiograph: it becomes the Segment Editor's source volume."""
         editor = self.ui.segmentEditorWidget
         if volume is not None and editor.segmentationNode() is None:
-            segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", _("InstructX2X masks"))
+            segmentation = slicer.mrmlScene.AddNewNodeByClass(
+                "vtkMRMLSegmentationNode", _("InstructX2X masks")
+            )
             segmentation.CreateDefaultDisplayNodes()
             segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
             editor.setSegmentationNode(segmentation)
@@ -305,10 +339,16 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         worker's packages behind a modal dialog first)."""
         self.ui.previewButton.enabled = self.ui.applyButton.enabled = False
         try:
-            with slicer.util.tryWithErrorDisplay(_("Preview failed.") if kind == "preview" else _("Edit failed."),
-                                                 waitCursor=True):
-                self.logic.submit(kind, self._parameterNode, self._segmentation(), self._editSegmentId(),
-                                  self.ui.keepSegmentCombo.currentData or None)
+            with slicer.util.tryWithErrorDisplay(
+                _("Preview failed.") if kind == "preview" else _("Edit failed."), waitCursor=True
+            ):
+                self.logic.submit(
+                    kind,
+                    self._parameterNode,
+                    self._segmentation(),
+                    self._editSegmentId(),
+                    self.ui.keepSegmentCombo.currentData or None,
+                )
                 self._running()
         finally:
             self.ui.applyButton.enabled = True  # Apply cancels a running job
@@ -347,8 +387,11 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """The result in the slice views as the Before / after and Difference buttons say, the
         guidance overlay at the panel's opacity."""
         if self._parameterNode is not None:
-            self.logic.showResults(self.ui.beforeAfterButton.checked, self.ui.differenceButton.checked,
-                                   self._parameterNode.overlayOpacity)
+            self.logic.showResults(
+                self.ui.beforeAfterButton.checked,
+                self.ui.differenceButton.checked,
+                self._parameterNode.overlayOpacity,
+            )
 
     def onInstallModel(self) -> None:
         folder = qt.QFileDialog.getExistingDirectory(None, _("Model folder"))
@@ -362,24 +405,33 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         socket: the next job goes to the worker at the socket, whose model and device count."""
         shared = index == WORKER_MODES.index("shared socket")
         self.ui.workerSocketEdit.enabled = shared
-        for widget in (self.ui.modelEdit, self.ui.installModelButton, self.ui.deviceCombo, self.ui.schedulerCombo,
-                       self.ui.precisionCombo):
+        for widget in (
+            self.ui.modelEdit,
+            self.ui.installModelButton,
+            self.ui.deviceCombo,
+            self.ui.schedulerCombo,
+            self.ui.precisionCombo,
+        ):
             widget.enabled = not shared
         if shared:
             self.ui.workerNoteLabel.text = _(
                 "From the next job on, jobs go to the shared worker at this socket (instructx2x serve --socket); "
                 "its model, device, sampler and precision count, not the ones above. It reads and writes the "
-                "job's files by path: on another machine they must be at the same paths (README, Server mode).")
+                "job's files by path: on another machine they must be at the same paths (README, Server mode)."
+            )
         else:
             self.ui.workerNoteLabel.text = _(
-                "The panel starts its own worker with the model, device, sampler and precision above.")
+                "The panel starts its own worker with the model, device, sampler and precision above."
+            )
 
     def onOpenSaved(self) -> None:
         """Show a saved edit again from its result folder (the worker's, or an exported one)."""
         folder = qt.QFileDialog.getExistingDirectory(None, _("Saved edit folder"))
         if folder:
             with slicer.util.tryWithErrorDisplay(_("The saved edit could not be opened."), waitCursor=True):
-                self.ui.statusLabel.text = self.logic.openSavedEdit(folder, self._parameterNode.overlayOpacity)
+                self.ui.statusLabel.text = self.logic.openSavedEdit(
+                    folder, self._parameterNode.overlayOpacity
+                )
 
     def onTimer(self) -> None:
         events, errors = self.logic.poll(), []
@@ -397,16 +449,24 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.progressBar.value = event["step"]
                 eta = event.get("eta_s")
                 self.ui.statusLabel.text = _("Step {step} of {total}").format(**event) + (
-                    _(", about {seconds:.0f} s left").format(seconds=eta) if eta is not None else "")
+                    _(", about {seconds:.0f} s left").format(seconds=eta) if eta is not None else ""
+                )
             elif kind == "ready":
                 self.onModelGuidanceToggled(self.ui.modelGuidanceCheckBox.checked)
                 if self.logic.usesSharedWorker:
-                    self.ui.statusLabel.text = _("Shared worker ready: its model {model} ({precision}).").format(
-                        model=(event.get("model") or {}).get("name", "?"), precision=event.get("precision", "?"))
+                    self.ui.statusLabel.text = _(
+                        "Shared worker ready: its model {model} ({precision})."
+                    ).format(
+                        model=(event.get("model") or {}).get("name", "?"),
+                        precision=event.get("precision", "?"),
+                    )
             elif kind in ("loading", "decode", "export", "started"):
-                self.ui.statusLabel.text = {"loading": _("Loading the model…"), "decode": _("Decoding…"),
-                                            "export": _("Writing the results…"),
-                                            "started": _("Working…")}[kind]
+                self.ui.statusLabel.text = {
+                    "loading": _("Loading the model…"),
+                    "decode": _("Decoding…"),
+                    "export": _("Writing the results…"),
+                    "started": _("Working…"),
+                }[kind]
             elif kind == "error":
                 self.ui.statusLabel.text = _("Error: {message}").format(message=event.get("message", ""))
                 errors.append(event)
@@ -452,7 +512,9 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
 
     # -- instruction ----------------------------------------------------------------------
     @staticmethod
-    def composeInstruction(operation: int, finding: str, side: str, before: str, after: str, zone: str = "") -> str:
+    def composeInstruction(
+        operation: int, finding: str, side: str, before: str, after: str, zone: str = ""
+    ) -> str:
         return compose_instruction(OPERATIONS[operation], finding, side, before, after, zone)
 
     @staticmethod
@@ -482,7 +544,11 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
     @property
     def usesSharedWorker(self) -> bool:
         """The session's worker is a shared one (``instructx2x serve --socket``)."""
-        return self.session is not None and self.session.worker is not None and bool(self.session.worker.socket_path)
+        return (
+            self.session is not None
+            and self.session.worker is not None
+            and bool(self.session.worker.socket_path)
+        )
 
     @property
     def lastResultText(self) -> str:
@@ -497,24 +563,40 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
             self.session.stop()
             self.session = None
 
-    def submit(self, kind: str, parameters, segmentation=None, segmentId: str | None = None,
-               keepSegmentId: str | None = None) -> None:
+    def submit(
+        self,
+        kind: str,
+        parameters,
+        segmentation=None,
+        segmentId: str | None = None,
+        keepSegmentId: str | None = None,
+    ) -> None:
         """Masks from the painted segments, then the job on the session's warm worker."""
         volume = parameters.inputVolume
         settings = panelSettings(parameters)
         editMask = keepMask = None
         if settings.mask_source != MASK_SOURCES[0]:
             if segmentId is None:
-                raise ValueError(_("Paint the region to edit in the Segment Editor, or choose the anatomical prior."))
+                raise ValueError(
+                    _("Paint the region to edit in the Segment Editor, or choose the anatomical prior.")
+                )
             editMask = mrml.segment_to_mask(segmentation, segmentId, volume)
         if keepSegmentId:
             keepMask = mrml.segment_to_mask(segmentation, keepSegmentId, volume)
         if self.session is None:  # the worker: Slicer's Python with the module's own package set first
             executable = packages.worker_command(packages.find_slicer_python(), workerPackagesFolder())
-            self.session = EditSession(slicer.mrmlScene, executable=executable, prepare_worker=ensureDependencies)
+            self.session = EditSession(
+                slicer.mrmlScene, executable=executable, prepare_worker=ensureDependencies
+            )
         database = slicer.dicomDatabase
-        self.session.submit(kind, volume, settings, editMask, keepMask,
-                            dicom_file_for=database.fileForInstance if database is not None else None)
+        self.session.submit(
+            kind,
+            volume,
+            settings,
+            editMask,
+            keepMask,
+            dicom_file_for=database.fileForInstance if database is not None else None,
+        )
 
     def cancel(self) -> None:
         if self.session is not None:
@@ -530,8 +612,13 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
 
     def resultArrived(self, events: list[dict]) -> bool:
         """Whether ``events`` (from ``poll``) brought the current job's result into the scene."""
-        return self.session is not None and bool(self.session.results) and any(
-            e.get("event") == "done" and e.get("id") == self.session.current.get("id") for e in events)
+        return (
+            self.session is not None
+            and bool(self.session.results)
+            and any(
+                e.get("event") == "done" and e.get("id") == self.session.current.get("id") for e in events
+            )
+        )
 
     # -- results --------------------------------------------------------------------------
     def setOverlayOpacity(self, opacity: float) -> None:
@@ -540,12 +627,21 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
     def showResults(self, after: bool = True, difference: bool = False, opacity: float = 0.5) -> None:
         """The counterfactual (``after``), the radiograph or the difference as background, the
         guidance map as foreground at ``opacity``, the edit region as a label outline."""
-        layers = mrml.result_layers(self.results, self.session.current.get("volume") if self.session else None,
-                                    after, difference, opacity)
+        layers = mrml.result_layers(
+            self.results,
+            self.session.current.get("volume") if self.session else None,
+            after,
+            difference,
+            opacity,
+        )
         if layers is None:
             return
-        slicer.util.setSliceViewerLayers(background=layers.background, foreground=layers.foreground,
-                                         label=layers.label, foregroundOpacity=layers.foreground_opacity)
+        slicer.util.setSliceViewerLayers(
+            background=layers.background,
+            foreground=layers.foreground,
+            label=layers.label,
+            foregroundOpacity=layers.foreground_opacity,
+        )
         for sliceNode in slicer.util.getNodesByClass("vtkMRMLSliceNode"):
             sliceNode.SetUseLabelOutline(True)
 
@@ -554,15 +650,20 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
         push it to a PACS when a target is given (the only network traffic, on request)."""
         folder = self.session.output_folder if self.session is not None else None
         if folder is None or not (folder / "counterfactual.dcm").is_file():
-            raise ValueError(_("Load the radiograph from DICOM and apply an edit first: the DICOM "
-                               "series is written for DICOM inputs."))
+            raise ValueError(
+                _(
+                    "Load the radiograph from DICOM and apply an edit first: the DICOM "
+                    "series is written for DICOM inputs."
+                )
+            )
         from DICOMLib import DICOMUtils
 
         database = slicer.dicomDatabase
         # copied: the session's temporary folder is removed when the module closes; checked:
         # importDicom returns False on failure instead of raising
-        import_into_dicom_database(folder, database,
-                                   lambda path: DICOMUtils.importDicom(path, database, copyFiles=True))
+        import_into_dicom_database(
+            folder, database, lambda path: DICOMUtils.importDicom(path, database, copyFiles=True)
+        )
         message = _("Imported into the DICOM database, same study, marked SYNTHETIC.")
         if pacsTarget.strip():
             message += " " + self.pushToPacs(folder, pacsTarget.strip())
@@ -573,8 +674,10 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
         set (pynetdicom is not in Slicer's Python), on a thread behind a modal progress dialog."""
         ensureDependencies()
         command = packages.worker_command(packages.find_slicer_python(), workerPackagesFolder())
-        runBehindModalDialog(_("Sending the series to {target}…").format(target=target),
-                             lambda: packages.push_series(command, folder, target))
+        runBehindModalDialog(
+            _("Sending the series to {target}…").format(target=target),
+            lambda: packages.push_series(command, folder, target),
+        )
         return _("Sent to {target}.").format(target=target)
 
     def openSavedEdit(self, folder: str, opacity: float = 0.5) -> str:
@@ -586,7 +689,11 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
         # a preview's folder has no counterfactual: the background stays ("keep-current")
         slicer.util.setSliceViewerLayers(
             background=layers.background if layers.background is not None else "keep-current",
-            foreground=layers.foreground, label=layers.label, foregroundOpacity=layers.foreground_opacity, fit=True)
+            foreground=layers.foreground,
+            label=layers.label,
+            foregroundOpacity=layers.foreground_opacity,
+            fit=True,
+        )
         for sliceNode in slicer.util.getNodesByClass("vtkMRMLSliceNode"):
             sliceNode.SetUseLabelOutline(True)
         return _("Opened {folder}: {parts}.").format(folder=Path(folder).name, parts=", ".join(sorted(nodes)))
@@ -608,24 +715,37 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
 
         def installOnThread(confirmedDigest):
             # no cancel button: a copy under way is finished or undone, never cut
-            return runBehindModalDialog(_("Checking and copying {name}…").format(name=name),
-                                        lambda: install_model(folder, root, confirmedDigest))
+            return runBehindModalDialog(
+                _("Checking and copying {name}…").format(name=name),
+                lambda: install_model(folder, root, confirmedDigest),
+            )
 
         try:
             installed = installOnThread(None)
         except UnpinnedModelError as unpinned:
             if not slicer.util.confirmOkCancelDisplay(
-                    _("{name} has no model.sha256, so nothing shows that it is the model its publisher "
-                      "released. Its folder SHA-256 is\n\n{digest}\n\nInstall it only if the publisher "
-                      "gives this digest.").format(name=name, digest=unpinned.digest),
-                    windowTitle=_("Confirm the model's digest")):
-                raise RuntimeError(_("{name} was not installed: its digest was not confirmed.").format(
-                    name=name)) from None
+                _(
+                    "{name} has no model.sha256, so nothing shows that it is the model its publisher "
+                    "released. Its folder SHA-256 is\n\n{digest}\n\nInstall it only if the publisher "
+                    "gives this digest."
+                ).format(name=name, digest=unpinned.digest),
+                windowTitle=_("Confirm the model's digest"),
+            ):
+                raise RuntimeError(
+                    _("{name} was not installed: its digest was not confirmed.").format(name=name)
+                ) from None
             installed = installOnThread(unpinned.digest)
         if installed.already_installed:
-            slicer.util.showStatusMessage(_("{name} is already installed (the same files).").format(name=name), 5000)
-        logging.info("Model %s at %s (folder sha256 %s)%s", name, installed.path, installed.digest[:16],
-                     ", already installed" if installed.already_installed else "")
+            slicer.util.showStatusMessage(
+                _("{name} is already installed (the same files).").format(name=name), 5000
+            )
+        logging.info(
+            "Model %s at %s (folder sha256 %s)%s",
+            name,
+            installed.path,
+            installed.digest[:16],
+            ", already installed" if installed.already_installed else "",
+        )
         return str(installed.path), installed.digest
 
 
@@ -639,10 +759,12 @@ def runBehindModalDialog(label: str, work):
     def run():
         try:
             outcome["result"] = work()
-        except BaseException as error:  # handed to the GUI thread, raised there
+        except BaseException as error:  # noqa: BLE001 - handed to the GUI thread, raised there
             outcome["error"] = error
 
-    progress = slicer.util.createProgressDialog(labelText=label, maximum=0, windowModality=qt.Qt.ApplicationModal)
+    progress = slicer.util.createProgressDialog(
+        labelText=label, maximum=0, windowModality=qt.Qt.ApplicationModal
+    )
     progress.setCancelButton(None)
     thread = threading.Thread(target=run, name="instructx2x-work", daemon=True)
     thread.start()
@@ -660,14 +782,22 @@ def runBehindModalDialog(label: str, work):
 def panelSettings(parameters) -> PanelSettings:
     """The parameter node as the shared session's settings (one mapping, one place)."""
     return PanelSettings(
-        instruction=parameters.instruction, mask_source=parameters.maskSource, tau=parameters.tau,
-        preset=parameters.preset, steps=parameters.steps,
+        instruction=parameters.instruction,
+        mask_source=parameters.maskSource,
+        tau=parameters.tau,
+        preset=parameters.preset,
+        steps=parameters.steps,
         guidance_scale=None if parameters.modelGuidance else parameters.guidanceScale,
         image_guidance_scale=None if parameters.modelGuidance else parameters.imageGuidanceScale,
         relevance_timestep=parameters.relevanceTimestep,
-        seed=parameters.seed, device=parameters.device, scheduler=parameters.scheduler,
-        precision=parameters.precision, model=parameters.model, verify=parameters.verify,
-        worker_socket=worker_socket_setting(parameters.workerMode, parameters.workerSocket))
+        seed=parameters.seed,
+        device=parameters.device,
+        scheduler=parameters.scheduler,
+        precision=parameters.precision,
+        model=parameters.model,
+        verify=parameters.verify,
+        worker_socket=worker_socket_setting(parameters.workerMode, parameters.workerSocket),
+    )
 
 
 def workerPackagesFolder() -> Path:
@@ -679,8 +809,12 @@ def workerPackagesFolder() -> Path:
 def workerPackagesStatus() -> str:
     """``packages.package_set_status`` of this Slicer's set (``current`` when nothing needs installing)."""
     moduleDir = Path(__file__).resolve().parent
-    return packages.package_set_status(workerPackagesFolder(), packages.library_source(moduleDir),
-                                       moduleDir / "Resources" / "requirements.txt", torch=packages.choose_torch)
+    return packages.package_set_status(
+        workerPackagesFolder(),
+        packages.library_source(moduleDir),
+        moduleDir / "Resources" / "requirements.txt",
+        torch=packages.choose_torch,
+    )
 
 
 def ensureDependencies() -> None:
@@ -698,8 +832,11 @@ def ensureDependencies() -> None:
 
     def report(stage: str) -> None:
         if not dialogs:
-            dialogs.append(slicer.util.createProgressDialog(labelText=stage, maximum=0,
-                                                            windowModality=qt.Qt.ApplicationModal))
+            dialogs.append(
+                slicer.util.createProgressDialog(
+                    labelText=stage, maximum=0, windowModality=qt.Qt.ApplicationModal
+                )
+            )
             dialogs[0].setCancelButton(None)  # an install is finished or undone, never cut
         dialogs[0].labelText = stage
         slicer.app.processEvents()
@@ -710,9 +847,14 @@ def ensureDependencies() -> None:
 
     try:
         packages.ensure_package_set(
-            workerPackagesFolder(), packages.find_slicer_python(), packages.library_source(moduleDir),
-            moduleDir / "Resources" / "requirements.txt", progress=report, log=log,
-            confirm=lambda question: optedIn or slicer.util.confirmOkCancelDisplay(question))
+            workerPackagesFolder(),
+            packages.find_slicer_python(),
+            packages.library_source(moduleDir),
+            moduleDir / "Resources" / "requirements.txt",
+            progress=report,
+            log=log,
+            confirm=lambda question: optedIn or slicer.util.confirmOkCancelDisplay(question),
+        )
     finally:
         for dialog in dialogs:
             dialog.close()
@@ -750,8 +892,10 @@ class InstructX2XTest(ScriptedLoadableModuleTest):
         --testing never downloads unasked."""
         status = workerPackagesStatus()
         if status != "current" and os.environ.get(SELFTEST_INSTALL) != "1":
-            self.delayDisplay(f"Skipped the edit: the worker's packages are not installed ({status}); set "
-                              f"{SELFTEST_INSTALL}=1 to let the self-test install them (1 to 5 GB).")
+            self.delayDisplay(
+                f"Skipped the edit: the worker's packages are not installed ({status}); set "
+                f"{SELFTEST_INSTALL}=1 to let the self-test install them (1 to 5 GB)."
+            )
             return
         folder = Path(tempfile.mkdtemp(prefix="instructx2x-test-"))
         logic = InstructX2XLogic()
@@ -823,7 +967,10 @@ def _writeTestRadiograph(path: Path) -> None:
     ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.SOPClassUID, ds.SOPInstanceUID = (
+        ds.file_meta.MediaStorageSOPClassUID,
+        ds.file_meta.MediaStorageSOPInstanceUID,
+    )
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.PatientName, ds.PatientID = "Test^Phantom", "PHANTOM-1"
     ds.SeriesDescription = "SYNTHETIC test radiograph - NOT FOR DIAGNOSIS"

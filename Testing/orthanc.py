@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import requests
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "InstructX2XLib" / "tests"))
-from dicom_factory import require_tool  # noqa: E402
+from dicom_factory import require_tool
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
@@ -35,21 +32,28 @@ class OrthancServer:
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> "OrthancServer":
+    def start(self) -> OrthancServer:
         config = {
-            "Name": "instructx2x-test", "HttpPort": self.http_port, "DicomPort": self.dicom_port,
-            "DicomAet": self.aet, "StorageDirectory": str(self.directory / "storage"),
-            "IndexDirectory": str(self.directory / "index"), "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "DicomAlwaysAllowStore": True,
-            "DicomCheckCalledAet": True, "HttpsVerifyPeers": False,
+            "Name": "instructx2x-test",
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": self.aet,
+            "StorageDirectory": str(self.directory / "storage"),
+            "IndexDirectory": str(self.directory / "index"),
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomCheckCalledAet": True,
+            "HttpsVerifyPeers": False,
             "Plugins": [str(DICOMWEB_PLUGIN)] if DICOMWEB_PLUGIN.exists() else [],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         }
         path = self.directory / "orthanc.json"
         path.write_text(json.dumps(config))
         self.log = open(self.directory / "orthanc.log", "w")
-        self.process = subprocess.Popen([self.executable, str(path)], stdout=self.log,
-                                        stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [self.executable, str(path)], stdout=self.log, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -34,8 +34,15 @@ from pathlib import Path
 
 API_DIR = Path(__file__).resolve().parent / "slicer_api"
 SUPPORTED_TAGS = ("v5.6.2", "v5.8.1", "v5.10.0", "v5.12.3")
-CHECKED_MODULES = ("slicer.util", "slicer.i18n", "slicer.packaging", "slicer.ScriptedLoadableModule",
-                   "slicer.parameterNodeWrapper", "DICOMLib.DICOMUtils", "PyTorchUtils")
+CHECKED_MODULES = (
+    "slicer.util",
+    "slicer.i18n",
+    "slicer.packaging",
+    "slicer.ScriptedLoadableModule",
+    "slicer.parameterNodeWrapper",
+    "DICOMLib.DICOMUtils",
+    "PyTorchUtils",
+)
 # Widget methods Slicer's scripted widgets expect the panel to define
 LIFECYCLE_HOOKS = ("setup", "enter", "exit", "cleanup", "onReload")
 POSITIONAL = ("positional_only", "positional_or_keyword")
@@ -47,16 +54,20 @@ def normalize_type(text: str) -> str:
     ``scripts/slicer_api_manifest.py``, which normalized the manifests' signatures)."""
     text = " ".join(text.split("=")[0].split())
     match = re.match(r"^(.*?[\w>*&\s])\s*\b([A-Za-z_]\w*)$", text)
-    if match and match.group(2) not in TYPE_WORDS and match.group(1).strip() not in (
-            "const", "unsigned", "signed", "volatile", "struct", "enum", "class"):
+    if (
+        match
+        and match.group(2) not in TYPE_WORDS
+        and match.group(1).strip()
+        not in ("const", "unsigned", "signed", "volatile", "struct", "enum", "class")
+    ):
         text = match.group(1).strip()
     text = re.sub(r"\s*([*&])", r"\1", text)
     if re.fullmatch(r"const [^*]+&", text):
-        text = text[len("const "):-1]
+        text = text[len("const ") : -1]
     elif re.fullmatch(r"[^*]+ const&", text):
-        text = text[:-len(" const&")]
+        text = text[: -len(" const&")]
     elif text.startswith("const ") and not text.endswith(("*", "&")):
-        text = text[len("const "):]
+        text = text[len("const ") :]
     return text.strip()
 
 
@@ -87,10 +98,15 @@ class Api:
         has none (``slicer.parameterNodeWrapper`` as its exports)."""
         if name == "slicer.parameterNodeWrapper":
             exports = self.manifest["parameterNodeWrapper"]["exports"]
-            return {"functions": {k: v for k, v in exports.items() if v["kind"] == "function"},
-                    "classes": {k: {"methods": {"__init__": v}, "bases": [], "attributes": []}
-                                for k, v in exports.items() if v["kind"] == "class"},
-                    "names": [k for k, v in exports.items() if v["kind"] == "name"]}
+            return {
+                "functions": {k: v for k, v in exports.items() if v["kind"] == "function"},
+                "classes": {
+                    k: {"methods": {"__init__": v}, "bases": [], "attributes": []}
+                    for k, v in exports.items()
+                    if v["kind"] == "class"
+                },
+                "names": [k for k, v in exports.items() if v["kind"] == "name"],
+            }
         return self.manifest["python"].get(name)
 
     def class_members(self, module: str, name: str) -> tuple[dict, set[str]]:
@@ -152,7 +168,9 @@ class Api:
             names |= {s.split("(")[0] for s in [*facts["slots"], *facts.get("invokables", [])]}
             if is_qt:
                 names |= set(facts["methods"])
-                names |= {"set" + p[0].upper() + p[1:] for p, f in facts["properties"].items() if f["writable"]}
+                names |= {
+                    "set" + p[0].upper() + p[1:] for p, f in facts["properties"].items() if f["writable"]
+                }
         return names
 
     def connectors(self) -> list[dict]:
@@ -164,6 +182,7 @@ class Api:
 
 # -- calls ---------------------------------------------------------------------------------------
 
+
 def check_call(call: ast.Call, signature: dict, drop_first: bool, what: str) -> list[str]:
     """Whether ``call`` binds to ``signature`` (``drop_first``: called on an instance)."""
     if any(isinstance(a, ast.Starred) for a in call.args) or any(k.arg is None for k in call.keywords):
@@ -174,10 +193,16 @@ def check_call(call: ast.Call, signature: dict, drop_first: bool, what: str) -> 
     problems, bound = [], set()
     if len(call.args) > len(positional) and "var_positional" not in kinds:
         problems.append(f"{what}: {len(call.args)} positional arguments, it takes {len(positional)}")
-    bound |= {p["name"] for p in positional[:len(call.args)]}
+    bound |= {p["name"] for p in positional[: len(call.args)]}
     for keyword in call.keywords:
-        match = next((p for p in params if p["name"] == keyword.arg
-                      and p["kind"] in ("positional_or_keyword", "keyword_only")), None)
+        match = next(
+            (
+                p
+                for p in params
+                if p["name"] == keyword.arg and p["kind"] in ("positional_or_keyword", "keyword_only")
+            ),
+            None,
+        )
         if match is None:
             if "var_keyword" not in kinds:
                 problems.append(f"{what}: no parameter {keyword.arg!r}")
@@ -228,7 +253,7 @@ def split_module(name: str) -> tuple[str, str] | None:
     """``(checked module, rest)`` of a dotted name, or None."""
     for module in sorted(CHECKED_MODULES, key=len, reverse=True):
         if name.startswith(module + "."):
-            return module, name[len(module) + 1:]
+            return module, name[len(module) + 1 :]
     return None
 
 
@@ -257,8 +282,13 @@ class SourceChecker:
     # -- walking, with hasattr guards --------------------------------------------------------
     def _guard(self, test: ast.AST) -> bool | None:
         """For ``hasattr(<module>, "<name>")`` on a checked module: whether this release has it."""
-        if isinstance(test, ast.Call) and isinstance(test.func, ast.Name) and test.func.id == "hasattr" \
-                and len(test.args) == 2 and isinstance(test.args[1], ast.Constant):
+        if (
+            isinstance(test, ast.Call)
+            and isinstance(test.func, ast.Name)
+            and test.func.id == "hasattr"
+            and len(test.args) == 2
+            and isinstance(test.args[1], ast.Constant)
+        ):
             base = dotted(test.args[0], self.aliases)
             if base is not None:
                 name = f"{base}.{test.args[1].value}"
@@ -299,13 +329,16 @@ class SourceChecker:
                         if isinstance(target, ast.Name):
                             variables[target.id] = found
             # nested blocks (for, while, with, try) are walked with the same variables
-            nested = [getattr(statement, field) for field in ("body", "orelse", "finalbody")
-                      if isinstance(getattr(statement, field, None), list)]
+            nested = [
+                getattr(statement, field)
+                for field in ("body", "orelse", "finalbody")
+                if isinstance(getattr(statement, field, None), list)
+            ]
             nested += [handler.body for handler in getattr(statement, "handlers", [])]
             for field, value in ast.iter_fields(statement):
                 if field in ("body", "orelse", "finalbody", "handlers"):
                     continue
-                for child in (value if isinstance(value, list) else [value]):
+                for child in value if isinstance(value, list) else [value]:
                     if isinstance(child, ast.AST):
                         self._expressions(child, variables)
             for block in nested:
@@ -386,8 +419,9 @@ class SourceChecker:
         elif first not in module["names"]:
             self.report(node, f"{module_name}.{first} does not exist in Slicer {self.api.tag}")
 
-    def _check_member(self, owner: tuple[str, str], member: str, node: ast.AST, call: ast.Call | None,
-                      instance: bool) -> None:
+    def _check_member(
+        self, owner: tuple[str, str], member: str, node: ast.AST, call: ast.Call | None, instance: bool
+    ) -> None:
         module_name, class_name = owner
         methods, attributes = self.api.class_members(module_name, class_name)
         what = f"{module_name}.{class_name}.{member}"
@@ -411,10 +445,17 @@ class SourceChecker:
 
     def _check_class(self, node: ast.ClassDef) -> None:
         bases = self._bases(node)
-        own_methods = {item.name for item in node.body if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef))}
-        own_attributes = {leaf.attr for leaf in ast.walk(node) if isinstance(leaf, ast.Attribute)
-                          and isinstance(leaf.value, ast.Name) and leaf.value.id == "self"
-                          and isinstance(leaf.ctx, ast.Store)}
+        own_methods = {
+            item.name for item in node.body if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef))
+        }
+        own_attributes = {
+            leaf.attr
+            for leaf in ast.walk(node)
+            if isinstance(leaf, ast.Attribute)
+            and isinstance(leaf.value, ast.Name)
+            and leaf.value.id == "self"
+            and isinstance(leaf.ctx, ast.Store)
+        }
         inherited: dict = {}
         inherited_attributes: set[str] = set()
         for base in bases:
@@ -425,20 +466,37 @@ class SourceChecker:
             hooks = set().union(*(self.api.hooks(name) for _, name in bases))
             for name in own_methods & set(LIFECYCLE_HOOKS):
                 if name not in hooks and name not in inherited:
-                    self.report(node, f"{node.name}.{name} is no hook of its Slicer base classes in {self.api.tag}")
+                    self.report(
+                        node, f"{node.name}.{name} is no hook of its Slicer base classes in {self.api.tag}"
+                    )
             for leaf in ast.walk(node):
-                if isinstance(leaf, ast.Attribute) and isinstance(leaf.value, ast.Name) and leaf.value.id == "self" \
-                        and leaf.attr not in own_methods | own_attributes:
+                if (
+                    isinstance(leaf, ast.Attribute)
+                    and isinstance(leaf.value, ast.Name)
+                    and leaf.value.id == "self"
+                    and leaf.attr not in own_methods | own_attributes
+                ):
                     if leaf.attr in inherited:
                         call = self.parents.get(leaf)
-                        if isinstance(call, ast.Call) and call.func is leaf and inherited[leaf.attr] is not None:
+                        if (
+                            isinstance(call, ast.Call)
+                            and call.func is leaf
+                            and inherited[leaf.attr] is not None
+                        ):
                             for problem in check_call(call, inherited[leaf.attr], True, f"self.{leaf.attr}"):
                                 self.report(leaf, problem)
                     elif leaf.attr not in inherited_attributes:
-                        self.report(leaf, f"self.{leaf.attr} is defined neither by {node.name} nor by its Slicer bases")
-                elif isinstance(leaf, ast.Call) and isinstance(leaf.func, ast.Attribute) \
-                        and isinstance(leaf.func.value, ast.Call) and isinstance(leaf.func.value.func, ast.Name) \
-                        and leaf.func.value.func.id == "super":
+                        self.report(
+                            leaf,
+                            f"self.{leaf.attr} is defined neither by {node.name} nor by its Slicer bases",
+                        )
+                elif (
+                    isinstance(leaf, ast.Call)
+                    and isinstance(leaf.func, ast.Attribute)
+                    and isinstance(leaf.func.value, ast.Call)
+                    and isinstance(leaf.func.value.func, ast.Name)
+                    and leaf.func.value.func.id == "super"
+                ):
                     name = leaf.func.attr
                     if name not in inherited:
                         self.report(leaf, f"super().{name} does not exist in Slicer {self.api.tag}")
@@ -449,9 +507,13 @@ class SourceChecker:
 
     def _widget_classes(self, node: ast.AST, aliases: dict, qt_members: dict) -> set[str]:
         """The .ui/Qt classes an expression refers to (empty: not a known widget)."""
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) \
-                and isinstance(node.value.value, ast.Name) and node.value.value.id == "self" \
-                and node.value.attr == "ui":
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Attribute)
+            and isinstance(node.value.value, ast.Name)
+            and node.value.value.id == "self"
+            and node.value.attr == "ui"
+        ):
             if node.attr not in self.widgets:
                 self.report(node, f"self.ui.{node.attr} is not a widget of the .ui file")
                 return set()
@@ -469,10 +531,15 @@ class SourceChecker:
                 origin = dotted(leaf.value.func, self.aliases) or ""
                 if origin.startswith("qt.") and origin[3:] in self.api.qt:
                     for target in leaf.targets:
-                        if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) \
-                                and target.value.id == "self":
+                        if (
+                            isinstance(target, ast.Attribute)
+                            and isinstance(target.value, ast.Name)
+                            and target.value.id == "self"
+                        ):
                             qt_members.setdefault(target.attr, set()).add(origin[3:])
-        for function in [n for n in ast.walk(class_node) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
+        for function in [
+            n for n in ast.walk(class_node) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+        ]:
             aliases = self._local_widget_aliases(function, qt_members)
             for leaf in ast.walk(function):
                 if isinstance(leaf, ast.Attribute):
@@ -511,12 +578,16 @@ class SourceChecker:
         what = f"{class_name}.{member}"
         if isinstance(parent, ast.Call) and parent.func is node:
             if member in ("connect", "disconnect"):
-                if parent.args and isinstance(parent.args[0], ast.Constant) and isinstance(parent.args[0].value, str):
+                if (
+                    parent.args
+                    and isinstance(parent.args[0], ast.Constant)
+                    and isinstance(parent.args[0].value, str)
+                ):
                     signal = normalize_signature(parent.args[0].value)
                     if signal not in signals:
                         self.report(node, f"{class_name} has no signal {signal} in Slicer {self.api.tag}")
                 else:
-                    self.report(node, f"{what}: name the signal as a string, e.g. \"clicked(bool)\"")
+                    self.report(node, f'{what}: name the signal as a string, e.g. "clicked(bool)"')
             elif member not in self.api.callables(class_name):
                 self.report(node, f"{what}() is no slot, invokable or listed method in Slicer {self.api.tag}")
         elif isinstance(parent, ast.Attribute) and parent.attr in ("connect", "disconnect"):
@@ -530,12 +601,16 @@ class SourceChecker:
         elif isinstance(node.ctx, ast.Store):
             if member not in properties or not properties[member]["writable"]:
                 self.report(node, f"{what} is no writable property in Slicer {self.api.tag}")
-        elif member not in properties and member not in self.api.callables(class_name) \
-                and member not in {s.split("(")[0] for s in signals}:
+        elif (
+            member not in properties
+            and member not in self.api.callables(class_name)
+            and member not in {s.split("(")[0] for s in signals}
+        ):
             self.report(node, f"{what} is no property, signal or method in Slicer {self.api.tag}")
 
 
 # -- .ui -------------------------------------------------------------------------------------------
+
 
 def parameter_types(source: str, class_name: str) -> dict[str, tuple[str, list[str]]]:
     """``{field: (type, [annotation names])}`` of a parameterNodeWrapper class."""
@@ -562,7 +637,9 @@ def check_ui(ui: ElementTree.ElementTree, api: Api, fields: dict[str, tuple[str,
     for widget in ui.iter("widget"):
         name, class_name = widget.get("name"), widget.get("class")
         if api.chain(class_name) is None:
-            problems.append(f"{api.tag}: {name}: widget class {class_name} is in neither the manifest nor the Qt list")
+            problems.append(
+                f"{api.tag}: {name}: widget class {class_name} is in neither the manifest nor the Qt list"
+            )
             continue
         properties = api.properties(class_name)
         for prop in widget.findall("property"):
@@ -570,8 +647,14 @@ def check_ui(ui: ElementTree.ElementTree, api: Api, fields: dict[str, tuple[str,
                 continue  # a dynamic property (SlicerParameterName)
             facts = properties.get(prop.get("name"))
             if facts is None or not facts["writable"]:
-                problems.append(f"{api.tag}: {name}: {class_name} has no writable property {prop.get('name')}")
-        bound = [p.find("string").text for p in widget.findall("property") if p.get("name") == "SlicerParameterName"]
+                problems.append(
+                    f"{api.tag}: {name}: {class_name} has no writable property {prop.get('name')}"
+                )
+        bound = [
+            p.find("string").text
+            for p in widget.findall("property")
+            if p.get("name") == "SlicerParameterName"
+        ]
         for parameter in bound:
             problems += _check_binding(api, name, class_name, parameter, fields)
     for spacer in ui.iter("spacer"):
@@ -599,12 +682,17 @@ def _check_binding(api: Api, widget: str, class_name: str, parameter: str, field
         if class_name in connector["widgets"] and python_type in connector["types"]:
             missing = set(connector["required_annotations"]) - set(annotations)
             if missing:
-                return [f"{api.tag}: {widget}: {connector['name']} needs the {sorted(missing)} annotation "
-                        f"on {parameter}"]
+                return [
+                    f"{api.tag}: {widget}: {connector['name']} needs the {sorted(missing)} annotation "
+                    f"on {parameter}"
+                ]
             return []
     return [f"{api.tag}: {widget}: no GUI connector binds a {class_name} to {python_type} ({parameter})"]
 
 
 def check(source: str, ui: ElementTree.ElementTree, api: Api, parameter_class: str) -> list[str]:
     """Every problem of the module's source and .ui in one release."""
-    return [*SourceChecker(source, ui, api).run(), *check_ui(ui, api, parameter_types(source, parameter_class))]
+    return [
+        *SourceChecker(source, ui, api).run(),
+        *check_ui(ui, api, parameter_types(source, parameter_class)),
+    ]

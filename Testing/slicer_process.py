@@ -26,7 +26,9 @@ SAMPLE = Path(__file__).resolve().parents[1] / "Resources" / "Samples" / "phanto
 def installed() -> dict[str, str]:
     """What Slicer's Python has installed (its site-packages)."""
     site = sysconfig.get_paths()["purelib"]
-    return {dist.metadata["Name"].lower(): dist.version for dist in importlib.metadata.distributions(path=[site])}
+    return {
+        dist.metadata["Name"].lower(): dist.version for dist in importlib.metadata.distributions(path=[site])
+    }
 
 
 def wait(client, states, timeout: float = 300) -> list[dict]:
@@ -47,8 +49,10 @@ def main(module: Path, folder: Path, work: Path, constraints: list[Path]) -> dic
     packages.use_library_source(module)
     from InstructX2XModuleLib import scene, session, worker  # noqa: F401 - the Qt-free layers
 
-    report = {"described": session.describe_instruction("Add the finding of left pleural effusion"),
-              "torch_imported_by_layers": "torch" in sys.modules}
+    report = {
+        "described": session.describe_instruction("Add the finding of left pleural effusion"),
+        "torch_imported_by_layers": "torch" in sys.modules,
+    }
     questions, stages, lines = [], [], []
 
     def confirm(question: str) -> bool:
@@ -57,10 +61,17 @@ def main(module: Path, folder: Path, work: Path, constraints: list[Path]) -> dic
 
     def install() -> float:
         started = time.monotonic()
-        packages.ensure_package_set(folder, sys.executable, packages.library_source(module),
-                                    module / "Resources" / "requirements.txt", constraints=constraints,
-                                    confirm=confirm, progress=stages.append, log=lines.append,
-                                    torch=lambda: packages.TorchBuild("index", None, "the test's package index"))
+        packages.ensure_package_set(
+            folder,
+            sys.executable,
+            packages.library_source(module),
+            module / "Resources" / "requirements.txt",
+            constraints=constraints,
+            confirm=confirm,
+            progress=stages.append,
+            log=lines.append,
+            torch=lambda: packages.TorchBuild("index", None, "the test's package index"),
+        )
         return time.monotonic() - started
 
     report["install_s"] = install()
@@ -68,7 +79,8 @@ def main(module: Path, folder: Path, work: Path, constraints: list[Path]) -> dic
     built = json.loads(marker.read_text())
     report["marker"] = built
     report["status_after_install"] = packages.package_set_status(
-        folder, packages.library_source(module), module / "Resources" / "requirements.txt", constraints)
+        folder, packages.library_source(module), module / "Resources" / "requirements.txt", constraints
+    )
     report["questions_after_install"] = len(questions)
     report["again_s"] = install()  # current: nothing asked, nothing run
     report["questions_after_again"] = len(questions)
@@ -85,20 +97,39 @@ def main(module: Path, folder: Path, work: Path, constraints: list[Path]) -> dic
     report["stages"] = stages
     report["pip_lines"] = len(lines)
 
-    client = worker.WorkerClient("demo", device="cpu", executable=packages.worker_command(sys.executable, folder),
-                                 environment={"CUDA_VISIBLE_DEVICES": "-1"})
+    client = worker.WorkerClient(
+        "demo",
+        device="cpu",
+        executable=packages.worker_command(sys.executable, folder),
+        environment={"CUDA_VISIBLE_DEVICES": "-1"},
+    )
     client.start()
     try:
         wait(client, {worker.WorkerState.READY, worker.WorkerState.STOPPED})
-        report["ready"] = {"state": client.state.value, "error": client.last_error,
-                           "model": client.info.get("model", {}).get("name")}
+        report["ready"] = {
+            "state": client.state.value,
+            "error": client.last_error,
+            "model": client.info.get("model", {}).get("name"),
+        }
         for kind in ("preview", "edit"):
             output = work / kind
-            client.submit(kind, {"input": str(SAMPLE), "output": str(output), "parameters": {
-                "instruction": "Add the finding of moderate left pleural effusion", "num_inference_steps": 4}})
+            client.submit(
+                kind,
+                {
+                    "input": str(SAMPLE),
+                    "output": str(output),
+                    "parameters": {
+                        "instruction": "Add the finding of moderate left pleural effusion",
+                        "num_inference_steps": 4,
+                    },
+                },
+            )
             events = wait(client, {worker.WorkerState.READY, worker.WorkerState.STOPPED})
-            report[kind] = {"last": events[-1].get("event") if events else None,
-                            "error": client.last_error, "files": sorted(p.name for p in output.glob("*"))}
+            report[kind] = {
+                "last": events[-1].get("event") if events else None,
+                "error": client.last_error,
+                "files": sorted(p.name for p in output.glob("*")),
+            }
     finally:
         client.shutdown()
     report["worker_command"] = client.command[:3]
@@ -110,13 +141,20 @@ def main(module: Path, folder: Path, work: Path, constraints: list[Path]) -> dic
     edited = session.dicom_pixels(work / "edit" / "counterfactual.dcm")
     report["counterfactual"] = [list(edited.shape), str(edited.dtype)]
     report["series_files"] = sorted(
-        str(pydicom.dcmread(path, stop_before_pixels=True).Modality) for path in (work / "edit").glob("*.dcm"))
+        str(pydicom.dcmread(path, stop_before_pixels=True).Modality) for path in (work / "edit").glob("*.dcm")
+    )
     report["pydicom"] = pydicom.__version__
     report["torch_imported"] = "torch" in sys.modules
     report["unchanged"] = installed() == before
-    report["installed"] = {name: before.get(name) for name in ("numpy", "pydicom", "torch", "diffusers", "instructx2x")}
+    report["installed"] = {
+        name: before.get(name) for name in ("numpy", "pydicom", "torch", "diffusers", "instructx2x")
+    }
     return report
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), [Path(p) for p in sys.argv[4:]])))
+    print(
+        json.dumps(
+            main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), [Path(p) for p in sys.argv[4:]])
+        )
+    )

@@ -34,8 +34,9 @@ def quick(tmp_path_factory):
     """48 held-out pairs (a seed no training or test set uses): every finding, add and remove,
     and six side trials per lateral finding."""
     folder = tmp_path_factory.mktemp("acceptance") / "report"
-    report = evaluate_demo("demo", folder, seed=2024, count=48, resolution=128, ablation_count=0,
-                           samplers=(), progress_bar=False)
+    report = evaluate_demo(
+        "demo", folder, seed=2024, count=48, resolution=128, ablation_count=0, samplers=(), progress_bar=False
+    )
     return report, folder
 
 
@@ -122,7 +123,9 @@ def test_what_the_perfect_model_needs_is_checked_before_the_model_loads(tmp_path
     be generated, are refused with a specific error before the model loads; nothing is written."""
     tmp_path = tmp_path_factory.mktemp("refused")
     (tmp_path / "pairs").mkdir()
-    (tmp_path / "pairs" / "truth.csv").write_text(",".join(TRUTH_COLUMNS) + "\n")  # current columns, no manifest
+    (tmp_path / "pairs" / "truth.csv").write_text(
+        ",".join(TRUTH_COLUMNS) + "\n"
+    )  # current columns, no manifest
     with pytest.raises(FileNotFoundError, match="pairs has no manifest.json"):
         evaluate_demo("no-such-model", tmp_path / "report", pairs=tmp_path / "pairs")
     with pytest.raises(ValueError, match="pairs must be >= 1"):
@@ -133,9 +136,20 @@ def test_what_the_perfect_model_needs_is_checked_before_the_model_loads(tmp_path
 def test_a_given_pairs_folder_is_reported_with_the_seed_that_drew_it(tmp_path):
     """Held-out figures are only as held out as their seed: a report on a folder of pairs names
     the seed its manifest records, as a report on pairs it generates names the one it was given."""
-    write_pure_pairs(tmp_path / "pairs", PurePairsConfig(pairs=2, seed=2025, resolution=128, split="test",
-                                                         findings=("edema",), operations=("add",)))
-    report = evaluate_demo("demo", tmp_path / "report", pairs=tmp_path / "pairs", ablation_count=0,
-                           samplers=(), perfect_model_draws=0, progress_bar=False)
+    write_pure_pairs(
+        tmp_path / "pairs",
+        PurePairsConfig(
+            pairs=2, seed=2025, resolution=128, split="test", findings=("edema",), operations=("add",)
+        ),
+    )
+    report = evaluate_demo(
+        "demo",
+        tmp_path / "report",
+        pairs=tmp_path / "pairs",
+        ablation_count=0,
+        samplers=(),
+        perfect_model_draws=0,
+        progress_bar=False,
+    )
     assert report["pairs"]["seed"] == 2025
     assert "(seed 2025)" in (tmp_path / "report" / "acceptance.md").read_text()

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from PIL import Image
-
 from console import console_script
 from dicom_factory import dciodvfy_errors
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "Resources" / "Samples"
@@ -22,9 +21,14 @@ INSTRUCTION = "Add the finding of moderate left pleural effusion"
 
 def _make_demo_command(tmp_path: Path) -> list[str]:
     """The command `make demo` runs, read from the Makefile itself (so the two cannot drift)."""
-    completed = subprocess.run(["make", "-s", "-n", "demo", f"BIN={Path(console_script('instructx2x')).parent}"],
-                               cwd=ROOT, capture_output=True, text=True, check=True)
-    line = next(l for l in completed.stdout.replace("\\\n", " ").splitlines() if " edit " in l)
+    completed = subprocess.run(
+        ["make", "-s", "-n", "demo", f"BIN={Path(console_script('instructx2x')).parent}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    line = next(text for text in completed.stdout.replace("\\\n", " ").splitlines() if " edit " in text)
     return shlex.split(line.replace("out/demo-$(date +%Y%m%d-%H%M%S)", str(tmp_path / "demo")))
 
 
@@ -38,8 +42,17 @@ def test_main_job_edits_the_bundled_phantom_with_the_demo_model(tmp_path):
     out = tmp_path / "demo"
     summary = json.loads(completed.stdout)
     assert summary["prior"]["categories"] == ["Pleural Effusion"]
-    for name in ("counterfactual.dcm", "guidance_overlay.dcm", "edit_region_seg.dcm", "edited.png",
-                 "guidance_overlay.png", "edit_mask.png", "figure.png", "manifest.json", "provenance.json"):
+    for name in (
+        "counterfactual.dcm",
+        "guidance_overlay.dcm",
+        "edit_region_seg.dcm",
+        "edited.png",
+        "guidance_overlay.png",
+        "edit_mask.png",
+        "figure.png",
+        "manifest.json",
+        "provenance.json",
+    ):
         assert (out / name).is_file(), name
     for name in ("counterfactual.dcm", "guidance_overlay.dcm", "edit_region_seg.dcm"):
         assert dciodvfy_errors(out / name) == [], name
@@ -47,7 +60,11 @@ def test_main_job_edits_the_bundled_phantom_with_the_demo_model(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["name"] == "demo" and manifest["model"]["trained"] is True
     if manifest["device"] == "cpu":  # the default CPU path: DPM-Solver++ with the card's step count
-        assert manifest["parameters"]["num_inference_steps"] == manifest["model"]["card"]["few_step_solver_steps"] == 10
+        assert (
+            manifest["parameters"]["num_inference_steps"]
+            == manifest["model"]["card"]["few_step_solver_steps"]
+            == 10
+        )
 
     source = pydicom.dcmread(PHANTOM).pixel_array
     edited = pydicom.dcmread(out / "counterfactual.dcm").pixel_array
@@ -68,12 +85,23 @@ def test_second_sample_a_real_film_with_the_default_model(tmp_path):
     executable = console_script("instructx2x")
     out = tmp_path / "rg1"
     completed = subprocess.run(
-        [executable, "edit", str(SAMPLES / "chest_pa.png"), "-i", "Add the finding of right pneumothorax",
-         "-o", str(out)], capture_output=True, text=True, timeout=300)
+        [
+            executable,
+            "edit",
+            str(SAMPLES / "chest_pa.png"),
+            "-i",
+            "Add the finding of right pneumothorax",
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert completed.returncode == 0, completed.stderr
     assert "using the bundled demo model" in completed.stderr  # the one-line notice
     source = np.asarray(Image.open(SAMPLES / "chest_pa.png"))
     edited = np.asarray(Image.open(out / "edited.png"))
     mask = np.asarray(Image.open(out / "edit_mask.png")) > 0
     assert edited.shape == source.shape and np.array_equal(edited[~mask], source[~mask])
-    assert not mask[:, source.shape[1] // 2:].any() and mask.any()  # patient's right = image's left
+    assert not mask[:, source.shape[1] // 2 :].any() and mask.any()  # patient's right = image's left

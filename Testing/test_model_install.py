@@ -21,11 +21,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def write_model(folder: Path, pin: bool = True) -> Path:
     """A small diffusers-shaped folder (its bytes matter, not its loadability)."""
     files = {
-        "unet/config.json": '{"sample_size": 8}', "unet/diffusion_pytorch_model.safetensors": "unet weights",
-        "vae/config.json": '{"latent_channels": 4}', "vae/diffusion_pytorch_model.safetensors": "vae weights",
-        "text_encoder/config.json": '{"hidden_size": 32}', "text_encoder/model.safetensors": "clip weights",
-        "tokenizer/vocab.json": '{"a": 0}', "tokenizer/merges.txt": "a b",
-        "scheduler/scheduler_config.json": '{"beta_end": 0.012}', "model_card.json": '{"trained": true}',
+        "unet/config.json": '{"sample_size": 8}',
+        "unet/diffusion_pytorch_model.safetensors": "unet weights",
+        "vae/config.json": '{"latent_channels": 4}',
+        "vae/diffusion_pytorch_model.safetensors": "vae weights",
+        "text_encoder/config.json": '{"hidden_size": 32}',
+        "text_encoder/model.safetensors": "clip weights",
+        "tokenizer/vocab.json": '{"a": 0}',
+        "tokenizer/merges.txt": "a b",
+        "scheduler/scheduler_config.json": '{"beta_end": 0.012}',
+        "model_card.json": '{"trained": true}',
         "model_index.json": "{}",
     }
     for name, text in files.items():
@@ -60,14 +65,21 @@ def test_the_digest_covers_configs_scheduler_tokenizer_card_and_names_but_not_it
     folder = write_model(tmp_path / "m", pin=False)
     original = folder_digest(folder)
     assert len(original) == 64 and folder_digest(folder) == original  # stable
-    for name in ("unet/config.json", "tokenizer/vocab.json", "scheduler/scheduler_config.json",
-                 "model_card.json", "text_encoder/model.safetensors"):
+    for name in (
+        "unet/config.json",
+        "tokenizer/vocab.json",
+        "scheduler/scheduler_config.json",
+        "model_card.json",
+        "text_encoder/model.safetensors",
+    ):
         before = (folder / name).read_bytes()
         (folder / name).write_bytes(before + b" ")
         assert folder_digest(folder) != original, name
         (folder / name).write_bytes(before)
         assert folder_digest(folder) == original, name
-    (folder / "tokenizer" / "merges.txt").rename(folder / "tokenizer" / "merges2.txt")  # same bytes, other name
+    (folder / "tokenizer" / "merges.txt").rename(
+        folder / "tokenizer" / "merges2.txt"
+    )  # same bytes, other name
     assert folder_digest(folder) != original
     (folder / "tokenizer" / "merges2.txt").rename(folder / "tokenizer" / "merges.txt")
     (folder / "extra.txt").write_text("")  # an added (empty) file counts
@@ -84,8 +96,10 @@ def test_the_digest_is_what_the_documented_sha256sum_pipeline_prints(tmp_path):
     folder = write_model(tmp_path / "m")
     (folder / "unet" / "ä b.json").write_text("a name with a space and a non-ASCII letter")
     (folder / "unet.json").write_text("sorts before unet/ by its bytes")
-    pipeline = ("find . -type f ! -path ./model.sha256 | sed 's|^\\./||' | LC_ALL=C sort "
-                "| xargs -d '\\n' sha256sum | sha256sum")
+    pipeline = (
+        "find . -type f ! -path ./model.sha256 | sed 's|^\\./||' | LC_ALL=C sort "
+        "| xargs -d '\\n' sha256sum | sha256sum"
+    )
     printed = subprocess.run(["bash", "-c", pipeline], cwd=folder, capture_output=True, text=True, check=True)
     assert printed.stdout.split()[0] == folder_digest(folder)
 
@@ -122,9 +136,11 @@ def test_model_sha256_must_start_with_a_digest(tmp_path):
 
 
 def test_neither_the_digest_nor_the_installer_imports_torch():
-    code = ("import sys; import instructx2x.model_digest, InstructX2XModuleLib.model_install; "
-            "heavy = {'torch', 'numpy', 'diffusers', 'transformers', 'qt', 'slicer'} & set(sys.modules); "
-            "assert not heavy, heavy")
+    code = (
+        "import sys; import instructx2x.model_digest, InstructX2XModuleLib.model_install; "
+        "heavy = {'torch', 'numpy', 'diffusers', 'transformers', 'qt', 'slicer'} & set(sys.modules); "
+        "assert not heavy, heavy"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT / "InstructX2X")}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
@@ -192,7 +208,9 @@ def test_what_is_not_a_model_folder_is_refused_before_anything_is_read(tmp_path,
     with pytest.raises(ModelLoadError, match="is not a folder"):
         install_model(tmp_path / "missing", root)
     (tmp_path / "photos" / "unet").mkdir(parents=True)
-    with pytest.raises(ModelLoadError, match="not an InstructX2X model folder: it has no vae/, text_encoder/"):
+    with pytest.raises(
+        ModelLoadError, match="not an InstructX2X model folder: it has no vae/, text_encoder/"
+    ):
         install_model(tmp_path / "photos", root)
     assert not root.parent.exists()
 

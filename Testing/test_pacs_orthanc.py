@@ -7,16 +7,15 @@ import subprocess
 import numpy as np
 import pydicom
 import pytest
+from console import console_script
+from dicom_factory import dciodvfy_errors
+from orthanc import OrthancServer, free_port
 from pydicom.data import get_testdata_file
 
 from instructx2x import EditParameters, InstructX2XEditor, read_dicom
 from instructx2x.dicom import export_dicom_edit
 from instructx2x.dicom.pacs import CStoreTarget, PacsError, echo, push_cstore, push_stow
 from instructx2x.loading import load_pipeline
-
-from console import console_script
-from dicom_factory import dciodvfy_errors
-from orthanc import OrthancServer, free_port
 
 RG1 = get_testdata_file("RG1_UNCR.dcm")
 
@@ -34,12 +33,14 @@ def exported(tmp_path_factory):
     image = read_dicom(RG1)
 
     def export(name):
-        result = editor.edit(image, EditParameters("Add the finding of edema", num_inference_steps=2,
-                                                   resolution=64))
+        result = editor.edit(
+            image, EditParameters("Add the finding of edema", num_inference_steps=2, resolution=64)
+        )
         paths = export_dicom_edit(image, result, tmp_path_factory.mktemp("exports") / name)
         files = [paths[n] for n in ("counterfactual.dcm", "guidance_overlay.dcm", "edit_region_seg.dcm")]
         assert all(dciodvfy_errors(path) == [] for path in files)
         return files
+
     return export
 
 
@@ -47,8 +48,16 @@ def assert_round_trip(orthanc, paths):
     for path in paths:
         sent = pydicom.dcmread(path)
         stored = pydicom.dcmread(io.BytesIO(orthanc.instance_file(sent.SOPInstanceUID)))
-        for keyword in ("SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "SeriesDescription",
-                        "PatientID", "Rows", "Columns", "PhotometricInterpretation"):
+        for keyword in (
+            "SOPClassUID",
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+            "SeriesDescription",
+            "PatientID",
+            "Rows",
+            "Columns",
+            "PhotometricInterpretation",
+        ):
             assert stored.get(keyword) == sent.get(keyword), keyword
         assert np.array_equal(stored.pixel_array, sent.pixel_array)
         if sent.Modality != "SEG":
@@ -89,9 +98,16 @@ def test_echo_tests_the_connection(orthanc):
         echo(CStoreTarget("127.0.0.1", free_port(), orthanc.aet), timeout=5)
 
 
-@pytest.mark.parametrize("text,match", [("host:port:AE", "HOST:PORT:AET"), (":104:AE", "host"),
-                                        ("h:0:AE", "port"), ("h:104:" + "A" * 17, "AE title"),
-                                        ("h:104:A\\B", "AE title")])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("host:port:AE", "HOST:PORT:AET"),
+        (":104:AE", "host"),
+        ("h:0:AE", "port"),
+        ("h:104:" + "A" * 17, "AE title"),
+        ("h:104:A\\B", "AE title"),
+    ],
+)
 def test_bad_targets(text, match):
     with pytest.raises(ValueError, match=match):
         CStoreTarget.parse(text)
@@ -100,10 +116,29 @@ def test_bad_targets(text, match):
 def test_cli_edit_and_push(orthanc, tmp_path):
     out = tmp_path / "out"
     completed = subprocess.run(
-        [console_script("instructx2x"), "edit", RG1, "-i", "Remove the finding of pneumothorax",
-         "-o", str(out), "--model", "untrained-tiny", "--steps", "2", "--resolution", "64",
-         "--progress", "none", "--push-cstore", f"127.0.0.1:{orthanc.dicom_port}:{orthanc.aet}"],
-        capture_output=True, text=True, timeout=300)
+        [
+            console_script("instructx2x"),
+            "edit",
+            RG1,
+            "-i",
+            "Remove the finding of pneumothorax",
+            "-o",
+            str(out),
+            "--model",
+            "untrained-tiny",
+            "--steps",
+            "2",
+            "--resolution",
+            "64",
+            "--progress",
+            "none",
+            "--push-cstore",
+            f"127.0.0.1:{orthanc.dicom_port}:{orthanc.aet}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert completed.returncode == 0, completed.stderr
     summary = json.loads(completed.stdout)
     assert summary["pushed_cstore"].endswith(orthanc.aet)

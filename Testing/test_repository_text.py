@@ -41,8 +41,11 @@ def tracked_text_files() -> dict[str, str]:
 
 def hits(text: str) -> list[str]:
     """``line: text`` of every line that cites the outside reference or narrates history."""
-    return [f"{number}: {line.strip()}" for number, line in enumerate(text.splitlines(), 1)
-            if OUTSIDE_REFERENCE.search(line) or NARRATION.search(line)]
+    return [
+        f"{number}: {line.strip()}"
+        for number, line in enumerate(text.splitlines(), 1)
+        if OUTSIDE_REFERENCE.search(line) or NARRATION.search(line)
+    ]
 
 
 def test_the_patterns_catch_what_they_are_for():
@@ -60,4 +63,3 @@ def test_no_file_cites_an_outside_reference_or_narrates_history():
     assert "docs/method.md" in texts and "Training/configs/demo.yaml" in texts
     found = {name: lines for name, text in texts.items() if (lines := hits(text))}
     assert not found, found
-

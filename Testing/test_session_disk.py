@@ -3,18 +3,20 @@ MRML scene with a real worker (untrained-tiny)."""
 
 import numpy as np
 import pytest
-
+from workers import poll_until, radiograph
 
 from InstructX2XModuleLib import scene as layer
 from InstructX2XModuleLib.session import PanelSettings
-from workers import poll_until, radiograph
 
-
-
-
-
-SETTINGS = PanelSettings(instruction="Add the finding of left pleural effusion", model="untrained-tiny",
-                         device="cpu", scheduler="dpm++", precision="fp32", steps=2, verify=False)
+SETTINGS = PanelSettings(
+    instruction="Add the finding of left pleural effusion",
+    model="untrained-tiny",
+    device="cpu",
+    scheduler="dpm++",
+    precision="fp32",
+    steps=2,
+    verify=False,
+)
 
 
 def folders(session):

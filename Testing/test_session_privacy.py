@@ -4,23 +4,26 @@ the user ticks the box (the panels' settings -> the job -> the worker), on the d
 import json
 from pathlib import Path
 
-
+from workers import poll_until
 
 from InstructX2XModuleLib import scene as layer
 from InstructX2XModuleLib.session import PanelSettings, dicom_pixels
-from workers import poll_until
 
 SAMPLE = Path(__file__).resolve().parents[1] / "Resources" / "Samples" / "phantom_pa.dcm"
-
-
 
 
 def test_demographic_estimates_reach_the_report_only_when_asked(session):
     volume = layer.array_to_volume(session.scene, dicom_pixels(SAMPLE), "chest")
     reports = {}
     for asked in (False, True):
-        settings = PanelSettings(instruction="Add the finding of left pleural effusion", model="demo", device="cpu",
-                                 steps=2, verify=True, include_demographics=asked)
+        settings = PanelSettings(
+            instruction="Add the finding of left pleural effusion",
+            model="demo",
+            device="cpu",
+            steps=2,
+            verify=True,
+            include_demographics=asked,
+        )
         session.submit("edit", volume, settings)
         poll_until(session, lambda e: any(x["event"] in ("done", "error") for x in e), timeout=300)
         reports[asked] = json.loads((session.output_folder / "verification.json").read_text())

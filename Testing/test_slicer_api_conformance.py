@@ -12,7 +12,6 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import pytest
-
 import slicer_api_check as conformance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +36,9 @@ def apis() -> dict:
 
 
 def test_a_manifest_for_each_supported_release_read_at_that_release():
-    spec = importlib.util.spec_from_file_location("slicer_api_manifest", ROOT / "scripts" / "slicer_api_manifest.py")
+    spec = importlib.util.spec_from_file_location(
+        "slicer_api_manifest", ROOT / "scripts" / "slicer_api_manifest.py"
+    )
     generator = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generator)
     assert generator.SUPPORTED_TAGS == conformance.SUPPORTED_TAGS
@@ -75,19 +76,37 @@ def test_the_widget_defines_the_lifecycle_slicer_calls(apis):
 OLDEST = conformance.SUPPORTED_TAGS[0]
 SOURCE_BREAKS = [
     ("waitCursor=True", "waitcursor=True", "slicer.util.tryWithErrorDisplay: no parameter 'waitcursor'"),
-    ("slicer.util.setSliceViewerLayers(", "slicer.util.setSliceViewerLayer(",
-     "slicer.util.setSliceViewerLayer does not exist"),
+    (
+        "slicer.util.setSliceViewerLayers(",
+        "slicer.util.setSliceViewerLayer(",
+        "slicer.util.setSliceViewerLayer does not exist",
+    ),
     ("copyFiles=True", "copy_files=True", "DICOMLib.DICOMUtils.importDicom: no parameter 'copy_files'"),
-    ('slicer.util.selectModule("DICOM")', "slicer.util.selectModule()",
-     "slicer.util.selectModule: required parameter 'module' not given"),
-    ('"currentNodeChanged(vtkMRMLNode*)"', '"currentNodeChanged(vtkMRMLScalarVolumeNode*)"',
-     "qMRMLNodeComboBox has no signal currentNodeChanged(vtkMRMLScalarVolumeNode*)"),
-    ('self.ui.inputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputChanged)',
-     "self.ui.inputSelector.currentNodeChanged.connect(self.onInputChanged)",
-     "qMRMLNodeComboBox.currentNodeChanged has overloads"),
-    ("editor.removeViewObservations()", "editor.removeViewObservers()",
-     "qMRMLSegmentEditorWidget.removeViewObservers() is no slot"),
-    ("self.ui.progressBar.value = 0", "self.ui.progressBar.text = 0", "QProgressBar.text is no writable property"),
+    (
+        'slicer.util.selectModule("DICOM")',
+        "slicer.util.selectModule()",
+        "slicer.util.selectModule: required parameter 'module' not given",
+    ),
+    (
+        '"currentNodeChanged(vtkMRMLNode*)"',
+        '"currentNodeChanged(vtkMRMLScalarVolumeNode*)"',
+        "qMRMLNodeComboBox has no signal currentNodeChanged(vtkMRMLScalarVolumeNode*)",
+    ),
+    (
+        'self.ui.inputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputChanged)',
+        "self.ui.inputSelector.currentNodeChanged.connect(self.onInputChanged)",
+        "qMRMLNodeComboBox.currentNodeChanged has overloads",
+    ),
+    (
+        "editor.removeViewObservations()",
+        "editor.removeViewObservers()",
+        "qMRMLSegmentEditorWidget.removeViewObservers() is no slot",
+    ),
+    (
+        "self.ui.progressBar.value = 0",
+        "self.ui.progressBar.text = 0",
+        "QProgressBar.text is no writable property",
+    ),
     ("super().getParameterNode()", "super().parameterNode()", "super().parameterNode does not exist"),
     ("self.resourcePath(", "self.resourcesPath(", "self.resourcesPath is defined neither"),
 ]
@@ -102,13 +121,26 @@ def test_a_broken_call_signal_or_member_is_reported(apis, old, new, reported):
 
 
 UI_BREAKS = [
-    ('<property name="tracking">', '<property name="trackng">', "ctkSliderWidget has no writable property trackng"),
-    ('<property name="segmentationNodeSelectorVisible">', '<property name="segmentationSelectorVisible">',
-     "qMRMLSegmentEditorWidget has no writable property segmentationSelectorVisible"),
-    ("<slot>setMRMLScene(vtkMRMLScene*)</slot>", "<slot>setScene(vtkMRMLScene*)</slot>",
-     "qMRMLNodeComboBox has no slot setScene(vtkMRMLScene*)"),
-    ('<widget class="QLineEdit" name="modelEdit">', '<widget class="QPlainTextEdit" name="modelEdit">',
-     "no GUI connector binds a QPlainTextEdit to str (model)"),
+    (
+        '<property name="tracking">',
+        '<property name="trackng">',
+        "ctkSliderWidget has no writable property trackng",
+    ),
+    (
+        '<property name="segmentationNodeSelectorVisible">',
+        '<property name="segmentationSelectorVisible">',
+        "qMRMLSegmentEditorWidget has no writable property segmentationSelectorVisible",
+    ),
+    (
+        "<slot>setMRMLScene(vtkMRMLScene*)</slot>",
+        "<slot>setScene(vtkMRMLScene*)</slot>",
+        "qMRMLNodeComboBox has no slot setScene(vtkMRMLScene*)",
+    ),
+    (
+        '<widget class="QLineEdit" name="modelEdit">',
+        '<widget class="QPlainTextEdit" name="modelEdit">',
+        "no GUI connector binds a QPlainTextEdit to str (model)",
+    ),
 ]
 
 
@@ -131,7 +163,7 @@ def test_a_combo_bound_to_a_string_needs_its_choices(apis):
 # Installing dependencies the way Slicer extensions do (PyTorchUtils for torch, slicer.packaging
 # where the release has it): the module's install path may take another way, so the check is
 # shown on this fixture.
-INSTALLER = '''
+INSTALLER = """
 import slicer
 
 
@@ -143,7 +175,7 @@ def install(requirements):
         slicer.packaging.pip_ensure(slicer.packaging.load_requirements(requirements), skip_packages=["torch"])
     else:
         slicer.util.pip_install(["-r", requirements])
-'''
+"""
 
 
 def installer_problems(api, text: str = INSTALLER) -> list[str]:
@@ -152,11 +184,15 @@ def installer_problems(api, text: str = INSTALLER) -> list[str]:
 
 def test_pytorchutils_and_slicer_packaging_calls_are_checked(apis):
     assert all(installer_problems(api) == [] for api in apis.values())
-    assert any("PyTorchUtils.PyTorchUtilsLogic.installTorch: no parameter 'confirm'" in p
-               for p in installer_problems(apis[OLDEST], INSTALLER.replace("askConfirmation=", "confirm=")))
+    assert any(
+        "PyTorchUtils.PyTorchUtilsLogic.installTorch: no parameter 'confirm'" in p
+        for p in installer_problems(apis[OLDEST], INSTALLER.replace("askConfirmation=", "confirm="))
+    )
     unguarded = INSTALLER.replace('if hasattr(slicer, "packaging"):', "if True:")
-    assert any("slicer.packaging does not exist in Slicer v5.6.2" in p
-               for p in installer_problems(apis[OLDEST], unguarded))
+    assert any(
+        "slicer.packaging does not exist in Slicer v5.6.2" in p
+        for p in installer_problems(apis[OLDEST], unguarded)
+    )
 
 
 def test_slicer_packaging_counts_only_where_the_release_has_it(apis):
@@ -164,8 +200,11 @@ def test_slicer_packaging_counts_only_where_the_release_has_it(apis):
     it (and the ``else`` against the others): a wrong keyword there is reported for 5.12 only."""
     broken = INSTALLER.replace('skip_packages=["torch"]', 'skip=["torch"]')
     reported = {tag: installer_problems(api, broken) for tag, api in apis.items()}
-    assert [tag for tag, problems in reported.items() if any("no parameter 'skip'" in p for p in problems)] \
-        == ["v5.12.3"]
-    broken_else = INSTALLER.replace('slicer.util.pip_install(["-r", requirements])', "slicer.util.pip_install()")
+    assert [
+        tag for tag, problems in reported.items() if any("no parameter 'skip'" in p for p in problems)
+    ] == ["v5.12.3"]
+    broken_else = INSTALLER.replace(
+        'slicer.util.pip_install(["-r", requirements])', "slicer.util.pip_install()"
+    )
     reported = {tag: installer_problems(api, broken_else) for tag, api in apis.items()}
     assert [tag for tag, problems in reported.items() if problems] == ["v5.6.2", "v5.8.1", "v5.10.0"]

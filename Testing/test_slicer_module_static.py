@@ -20,11 +20,18 @@ def test_every_widget_the_code_touches_exists_in_the_ui():
 
 
 def test_every_slicer_parameter_name_is_a_parameter_node_field():
-    bound = {prop.find("string").text for widget in UI.iter("widget") for prop in widget.findall("property")
-             if prop.get("name") == "SlicerParameterName"}
+    bound = {
+        prop.find("string").text
+        for widget in UI.iter("widget")
+        for prop in widget.findall("property")
+        if prop.get("name") == "SlicerParameterName"
+    }
     tree = ast.parse(SOURCE)
-    wrapper = next(node for node in tree.body if isinstance(node, ast.ClassDef)
-                   and node.name == "InstructX2XParameterNode")
+    wrapper = next(
+        node
+        for node in tree.body
+        if isinstance(node, ast.ClassDef) and node.name == "InstructX2XParameterNode"
+    )
     fields = {item.target.id for item in wrapper.body if isinstance(item, ast.AnnAssign)}
     assert bound and bound <= fields, sorted(bound - fields)
     assert fields - bound == set(), "every setting has a widget"
@@ -32,17 +39,27 @@ def test_every_slicer_parameter_name_is_a_parameter_node_field():
 
 def test_the_module_file_holds_only_module_widget_logic_and_test_classes():
     classes = [node.name for node in ast.parse(SOURCE).body if isinstance(node, ast.ClassDef)]
-    assert classes == ["InstructX2X", "InstructX2XParameterNode", "InstructX2XWidget",
-                       "InstructX2XLogic", "InstructX2XTest"]
+    assert classes == [
+        "InstructX2X",
+        "InstructX2XParameterNode",
+        "InstructX2XWidget",
+        "InstructX2XLogic",
+        "InstructX2XTest",
+    ]
 
 
 def test_cmakelists_lists_every_script_and_resource():
     cmake = (MODULE / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", "InstructX2X")
     listed = set(re.findall(r"^\s+(\S+\.(?:py|ui|png|txt))\s*$", cmake, flags=re.M))
-    on_disk = {str(p.relative_to(MODULE)) for p in MODULE.rglob("*")
-               if p.suffix in (".py", ".ui", ".png", ".txt") and "__pycache__" not in p.parts
-               and p.name != "CMakeLists.txt" and "web" not in p.parts  # the browser panel: pip, not the extension
-               and not any(part.endswith(".egg-info") for part in p.parts)}
+    on_disk = {
+        str(p.relative_to(MODULE))
+        for p in MODULE.rglob("*")
+        if p.suffix in (".py", ".ui", ".png", ".txt")
+        and "__pycache__" not in p.parts
+        and p.name != "CMakeLists.txt"
+        and "web" not in p.parts  # the browser panel: pip, not the extension
+        and not any(part.endswith(".egg-info") for part in p.parts)
+    }
     assert listed == on_disk
     assert "WITH_GENERIC_TESTS" in cmake and "slicerMacroBuildScriptedModule" in cmake
     top = (MODULE.parent / "CMakeLists.txt").read_text()
@@ -107,13 +124,18 @@ def test_the_extension_icon_url_names_the_modules_icon_in_this_repository():
     match = re.fullmatch(r"https://raw\.githubusercontent\.com/([^/]+/[^/]+)/main/(.+\.png)", url)
     assert match and match.group(1) == homepage, url
     assert (MODULE.parent / match.group(2)).is_file(), match.group(2)
-    assert (MODULE.parent / match.group(2)).resolve() == (MODULE / "Resources" / "Icons" / "InstructX2X.png").resolve()
+    assert (MODULE.parent / match.group(2)).resolve() == (
+        MODULE / "Resources" / "Icons" / "InstructX2X.png"
+    ).resolve()
 
 
 def function(name: str, tree: ast.AST | None = None) -> ast.FunctionDef:
     """The module file's function or method ``name``."""
-    return next(node for node in ast.walk(tree or ast.parse(SOURCE))
-                if isinstance(node, ast.FunctionDef) and node.name == name)
+    return next(
+        node
+        for node in ast.walk(tree or ast.parse(SOURCE))
+        if isinstance(node, ast.FunctionDef) and node.name == name
+    )
 
 
 def calls(node: ast.AST, name: str) -> list[ast.Call]:
@@ -145,17 +167,28 @@ def test_a_worker_error_dialog_is_shown_with_the_timer_stopped():
 def test_reload_reloads_the_worker_before_packages_and_the_session_last():
     """packages' PackageSetError subclasses worker's WorkerError: reloaded first, packages
     would keep subclassing the old class."""
-    key = next(k.value for k in ast.walk(function("onReload")) if isinstance(k, ast.keyword) and k.arg == "key")
-    order = sorted(["InstructX2XModuleLib.packages", "InstructX2XModuleLib.session", "InstructX2XModuleLib.scene",
-                    "InstructX2XModuleLib.worker", "InstructX2XModuleLib.model_install"],
-                   key=eval(compile(ast.Expression(key), "onReload", "eval")))
+    key = next(
+        k.value for k in ast.walk(function("onReload")) if isinstance(k, ast.keyword) and k.arg == "key"
+    )
+    order = sorted(
+        [
+            "InstructX2XModuleLib.packages",
+            "InstructX2XModuleLib.session",
+            "InstructX2XModuleLib.scene",
+            "InstructX2XModuleLib.worker",
+            "InstructX2XModuleLib.model_install",
+        ],
+        key=eval(compile(ast.Expression(key), "onReload", "eval")),
+    )
     assert order[0].endswith(".worker") and order[-1].endswith(".session")
 
 
 def test_the_install_dialog_is_application_modal_and_the_self_test_installs_only_when_opted_in():
     install = function("ensureDependencies")
     (dialog,) = calls(install, "createProgressDialog")
-    assert {k.arg: ast.unparse(k.value) for k in dialog.keywords}["windowModality"] == "qt.Qt.ApplicationModal"
+    assert {k.arg: ast.unparse(k.value) for k in dialog.keywords}[
+        "windowModality"
+    ] == "qt.Qt.ApplicationModal"
     assert "testingEnabled and os.environ.get(SELFTEST_INSTALL) == '1'" in ast.unparse(install)
     selftest = ast.unparse(function("test_edit_and_export"))
     assert "workerPackagesStatus()" in selftest and "SELFTEST_INSTALL" in selftest and "finally:" in selftest

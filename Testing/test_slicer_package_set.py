@@ -17,15 +17,14 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
-from instructx2x import __version__
+import tomllib
 from packaging.requirements import Requirement
-
 from workers import poll_until
 
+from instructx2x import __version__
 from InstructX2XModuleLib import packages
 from InstructX2XModuleLib.worker import WorkerClient, WorkerState
 
@@ -37,8 +36,22 @@ SLICER_CONSTRAINTS = REPO / "Testing" / "constraints-slicer-5.10.0.txt"
 SLICER_PYTHON = Path(os.environ.get("INSTRUCTX2X_SLICER_PYTHON", "/root/.pyenv/versions/3.12.1/bin/python"))
 REQUIRE_TOOLS = os.environ.get("INSTRUCTX2X_REQUIRE_SYSTEM_TOOLS") == "1"
 # what Slicer 5.10's Python holds that the module's Qt-free layers (and pip) use
-SLICER_PACKAGES = ["setuptools", "wheel", "numpy", "scipy", "pydicom", "pillow", "six", "retrying",
-                   "dicomweb-client", "requests", "packaging", "pyparsing", "slicer-core", "vtk"]
+SLICER_PACKAGES = [
+    "setuptools",
+    "wheel",
+    "numpy",
+    "scipy",
+    "pydicom",
+    "pillow",
+    "six",
+    "retrying",
+    "dicomweb-client",
+    "requests",
+    "packaging",
+    "pyparsing",
+    "slicer-core",
+    "vtk",
+]
 
 
 def pins(path: Path) -> dict[str, str]:
@@ -110,10 +123,20 @@ def test_the_nvidia_driver_as_nvidia_smi_reports_it():
     assert packages.nvidia_driver_version(missing) is None
 
 
-@pytest.mark.parametrize("system, driver, backend", [
-    ("Linux", None, "cpu"), ("Linux", (580, 95, 5), "cu130"), ("Linux", (575, 51, 2), "cu128"),
-    ("Linux", (560, 35, 3), "cu126"), ("Linux", (535, 104), "cpu"), ("Windows", (580, 70), "cu128"),
-    ("Windows", (560, 70), "cpu"), ("Windows", None, "cpu"), ("Darwin", (580, 95), "index")])
+@pytest.mark.parametrize(
+    "system, driver, backend",
+    [
+        ("Linux", None, "cpu"),
+        ("Linux", (580, 95, 5), "cu130"),
+        ("Linux", (575, 51, 2), "cu128"),
+        ("Linux", (560, 35, 3), "cu126"),
+        ("Linux", (535, 104), "cpu"),
+        ("Windows", (580, 70), "cu128"),
+        ("Windows", (560, 70), "cpu"),
+        ("Windows", None, "cpu"),
+        ("Darwin", (580, 95), "index"),
+    ],
+)
 def test_torch_s_build_follows_the_gpu_driver(system, driver, backend):
     build = packages.choose_torch(system, lambda: driver)
     assert build.backend == backend
@@ -121,7 +144,11 @@ def test_torch_s_build_follows_the_gpu_driver(system, driver, backend):
         assert build.index_url is None and build.pip_arguments("2.13.0") == []
     else:
         assert build.index_url == f"https://download.pytorch.org/whl/{backend}"
-        assert build.pip_arguments("2.13.0") == ["--extra-index-url", build.index_url, f"torch==2.13.0+{backend}"]
+        assert build.pip_arguments("2.13.0") == [
+            "--extra-index-url",
+            build.index_url,
+            f"torch==2.13.0+{backend}",
+        ]
     assert ("older than" in build.reason) == (driver is not None and backend == "cpu")
 
 
@@ -163,7 +190,9 @@ def test_the_marker_says_what_a_set_was_built_from(shipped, tmp_path):
     # a driver update makes a CUDA build the choice: the CPU set is rebuilt
     built = packages.package_set_fingerprint(library, requirements)
     marker.write_text(json.dumps({**built, "torch": {"backend": "cpu"}}))
-    cpu, cuda = (lambda backend=backend: packages.TorchBuild(backend, None, "the test") for backend in ("cpu", "cu130"))
+    cpu, cuda = (
+        lambda backend=backend: packages.TorchBuild(backend, None, "the test") for backend in ("cpu", "cu130")
+    )
     assert packages.package_set_status(folder, library, requirements, torch=cpu) == "current"
     assert packages.package_set_status(folder, library, requirements, torch=cuda) == "rebuild"
     marker.write_text(json.dumps(built))
@@ -174,7 +203,9 @@ def test_the_marker_says_what_a_set_was_built_from(shipped, tmp_path):
 def test_declining_installs_nothing_and_runs_nothing(shipped, tmp_path):
     library, requirements = shipped
     folder = tmp_path / "settings" / "InstructX2X" / "worker-packages-py3.12"
-    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     stale = folder.parent / f".build-{folder.name}-{int(ended.stdout)}-x1"  # its process has ended
     (stale / "packages" / "torch").mkdir(parents=True)
     running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -182,15 +213,27 @@ def test_declining_installs_nothing_and_runs_nothing(shipped, tmp_path):
     (live / "packages").mkdir(parents=True)
     questions = []
     with pytest.raises(packages.PackageSetError, match="nothing was installed. Press Preview or Apply again"):
-        packages.ensure_package_set(folder, tmp_path / "no-such-python", library, requirements,
-                                    confirm=lambda q: questions.append(q) or False, progress=lambda stage: None,
-                                    log=lambda line: None,
-                                    torch=lambda: packages.TorchBuild("cpu", "https://example.invalid/cpu", "no GPU"))
-    assert len(questions) == 1 and "about 1 GB" in questions[0] and "Slicer's own Python is not changed" in questions[0]
+        packages.ensure_package_set(
+            folder,
+            tmp_path / "no-such-python",
+            library,
+            requirements,
+            confirm=lambda q: questions.append(q) or False,
+            progress=lambda stage: None,
+            log=lambda line: None,
+            torch=lambda: packages.TorchBuild("cpu", "https://example.invalid/cpu", "no GPU"),
+        )
+    assert (
+        len(questions) == 1
+        and "about 1 GB" in questions[0]
+        and "Slicer's own Python is not changed" in questions[0]
+    )
     assert "CPU build: no GPU" in questions[0] and "earlier install did not finish" in questions[0]
     running.kill()
     running.wait()
-    assert sorted(p.name for p in folder.parent.iterdir()) == [live.name]  # the interrupted build's folder is gone
+    assert sorted(p.name for p in folder.parent.iterdir()) == [
+        live.name
+    ]  # the interrupted build's folder is gone
 
 
 SILENT_PIP = """#!/bin/sh
@@ -216,25 +259,54 @@ def test_a_second_install_during_one_is_refused_and_a_silent_pip_still_reports_t
         if "elapsed" in stage and not nested:  # the second Apply, while pip is silent
             staging = list(folder.parent.glob(f".build-{folder.name}-{os.getpid()}-*"))
             try:
-                packages.ensure_package_set(folder, python, library, requirements, confirm=lambda q: True,
-                                            progress=lambda s: None, log=lambda line: None,
-                                            torch=lambda: packages.TorchBuild("index", None, "the test"))
+                packages.ensure_package_set(
+                    folder,
+                    python,
+                    library,
+                    requirements,
+                    confirm=lambda q: True,
+                    progress=lambda s: None,
+                    log=lambda line: None,
+                    torch=lambda: packages.TorchBuild("index", None, "the test"),
+                )
             except packages.PackageSetError as error:
                 nested.append((str(error), len(staging), all(path.is_dir() for path in staging)))
 
     with pytest.raises(packages.PackageSetError, match="pip exit status 1"):
-        packages.ensure_package_set(folder, python, library, requirements, confirm=lambda q: True,
-                                    progress=progress, log=lambda line: None,
-                                    torch=lambda: packages.TorchBuild("index", None, "the test"))
-    assert nested == [("InstructX2X's worker packages are being installed already; wait for that install to "
-                       "finish.", 1, True)]
-    assert "Collecting torch==2.13.0 (0:01 elapsed)" in stages and "Collecting torch==2.13.0 (0:02 elapsed)" in stages
+        packages.ensure_package_set(
+            folder,
+            python,
+            library,
+            requirements,
+            confirm=lambda q: True,
+            progress=progress,
+            log=lambda line: None,
+            torch=lambda: packages.TorchBuild("index", None, "the test"),
+        )
+    assert nested == [
+        (
+            "InstructX2X's worker packages are being installed already; wait for that install to finish.",
+            1,
+            True,
+        )
+    ]
+    assert (
+        "Collecting torch==2.13.0 (0:01 elapsed)" in stages
+        and "Collecting torch==2.13.0 (0:02 elapsed)" in stages
+    )
     assert list(folder.parent.iterdir()) == []  # the failed install's staging is gone
     # the guard is released: the next install runs (and fails the same way)
     with pytest.raises(packages.PackageSetError, match="pip exit status 1"):
-        packages.ensure_package_set(folder, python, library, requirements, confirm=lambda q: True,
-                                    progress=lambda s: None, log=lambda line: None,
-                                    torch=lambda: packages.TorchBuild("index", None, "the test"))
+        packages.ensure_package_set(
+            folder,
+            python,
+            library,
+            requirements,
+            confirm=lambda q: True,
+            progress=lambda s: None,
+            log=lambda line: None,
+            torch=lambda: packages.TorchBuild("index", None, "the test"),
+        )
 
 
 def test_each_slicer_revision_has_its_own_set(tmp_path):
@@ -257,23 +329,43 @@ def test_an_offline_install_leaves_the_set_in_place_as_it_was(shipped, tmp_path,
     monkeypatch.setenv("PIP_FIND_LINKS", str(empty))
     stages, lines = [], []
     with pytest.raises(packages.PackageSetError) as error:
-        packages.ensure_package_set(folder, sys.executable, library, requirements, confirm=lambda q: True,
-                                    progress=stages.append, log=lines.append, pip_options=["--no-index"],
-                                    torch=lambda: packages.TorchBuild("index", None, "the test"))
+        packages.ensure_package_set(
+            folder,
+            sys.executable,
+            library,
+            requirements,
+            confirm=lambda q: True,
+            progress=stages.append,
+            log=lines.append,
+            pip_options=["--no-index"],
+            torch=lambda: packages.TorchBuild("index", None, "the test"),
+        )
     message = str(error.value)
     assert "nothing was changed" in message and "Check the internet connection" in message
     assert "pip exit status 1" in message and lines and lines[-1] in message  # pip's last lines
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["InstructX2XLib", "no-packages", "requirements.txt", "set"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "InstructX2XLib",
+        "no-packages",
+        "requirements.txt",
+        "set",
+    ]
 
 
 def test_a_python_that_does_not_run_is_said_and_changes_nothing(shipped, tmp_path):
     library, requirements = shipped
     folder = tmp_path / "settings" / "set"
     with pytest.raises(packages.PackageSetError, match="cannot run no-such-python .*nothing was changed"):
-        packages.ensure_package_set(folder, tmp_path / "no-such-python", library, requirements,
-                                    confirm=lambda q: True, progress=lambda stage: None, log=lambda line: None,
-                                    torch=lambda: packages.TorchBuild("index", None, "the test"))
+        packages.ensure_package_set(
+            folder,
+            tmp_path / "no-such-python",
+            library,
+            requirements,
+            confirm=lambda q: True,
+            progress=lambda stage: None,
+            log=lambda line: None,
+            torch=lambda: packages.TorchBuild("index", None, "the test"),
+        )
     assert list(folder.parent.iterdir()) == []
 
 
@@ -295,8 +387,9 @@ def test_on_slicer_5_8_s_python_the_panel_parses_instructions_and_says_what_it_n
         if REQUIRE_TOOLS:
             pytest.fail(f"{OLD_SLICER_PYTHON} (Python 3.9, as in Slicer 5.6 and 5.8) is missing")
         pytest.skip(f"{OLD_SLICER_PYTHON} is missing")
-    result = subprocess.run([str(OLD_SLICER_PYTHON), "-c", ON_OLD_SLICER, str(MODULE)], capture_output=True,
-                            text=True, check=True)
+    result = subprocess.run(
+        [str(OLD_SLICER_PYTHON), "-c", ON_OLD_SLICER, str(MODULE)], capture_output=True, text=True, check=True
+    )
     vocabulary, needs = result.stdout.splitlines()
     assert vocabulary == "30 pneumothorax" and "needs 3D Slicer 5.10 or later" in needs
 
@@ -310,13 +403,19 @@ def test_the_worker_command_puts_the_set_first_and_not_the_working_folder(tmp_pa
         (package / "cli.py").write_text(
             "import json, sys\nprint(json.dumps({'where': " + repr(place) + ", 'argv': sys.argv[1:], "
             "'first': sys.path[0], 'name': __name__, "
-            "'site': [p for p in sys.path if 'site-packages' in p or 'dist-packages' in p]}))\n")
+            "'site': [p for p in sys.path if 'site-packages' in p or 'dist-packages' in p]}))\n"
+        )
     command = [*packages.worker_command(sys.executable, tmp_path / "set"), "serve", "--stdio"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path / "cwd", check=True)
     # the set's copy wins over this environment's installed library and over the working folder's
     # and no site-packages (Slicer's numpy, scipy...) behind it
-    assert json.loads(result.stdout) == {"where": "set", "argv": ["serve", "--stdio"],
-                                         "first": str(tmp_path / "set"), "name": "__main__", "site": []}
+    assert json.loads(result.stdout) == {
+        "where": "set",
+        "argv": ["serve", "--stdio"],
+        "first": str(tmp_path / "set"),
+        "name": "__main__",
+        "site": [],
+    }
 
 
 CHATTY_WORKER = """
@@ -347,8 +446,11 @@ def test_a_worker_that_logs_a_lot_still_starts_and_its_last_lines_explain_its_ex
 def self_test_writer() -> str:
     """The self-test's ``_writeTestRadiograph`` from InstructX2X.py (which imports Slicer's qt)."""
     tree = ast.parse((MODULE / "InstructX2X.py").read_text())
-    function = next(node for node in tree.body if isinstance(node, ast.FunctionDef)
-                    and node.name == "_writeTestRadiograph")
+    function = next(
+        node
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef) and node.name == "_writeTestRadiograph"
+    )
     return "from pathlib import Path\n" + ast.unparse(function)
 
 
@@ -363,8 +465,12 @@ print(pydicom.__version__, dataset.Modality, dataset.pixel_array.shape, dataset.
 
 
 def test_the_self_tests_radiograph_on_pydicom_3(tmp_path):
-    result = subprocess.run([sys.executable, "-c", WRITE_AND_READ.format(writer=self_test_writer()),
-                             str(tmp_path / "dx.dcm")], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", WRITE_AND_READ.format(writer=self_test_writer()), str(tmp_path / "dx.dcm")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert result.stdout.split()[0].startswith("3.")
     assert result.stdout.split()[1:] == ["DX", "(96,", "88)", "1.2.840.10008.1.2.1"]
 
@@ -409,10 +515,24 @@ def installed_extension(tmp_path_factory):
     (root / "slicer" / "SlicerConfig.cmake").write_text(FAKE_SLICER_CONFIG)
     (root / "slicer" / "UseSlicer.cmake").write_text(FAKE_SLICER_USE)
     (root / "slicer" / "Nothing.cmake").write_text("")
-    subprocess.run([cmake, "-S", str(REPO), "-B", str(root / "build"), f"-DSlicer_DIR={root / 'slicer'}",
-                    "-DBUILD_TESTING=OFF"], check=True, capture_output=True)
-    subprocess.run([cmake, "--install", str(root / "build"), "--prefix", str(root / "staging")], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [
+            cmake,
+            "-S",
+            str(REPO),
+            "-B",
+            str(root / "build"),
+            f"-DSlicer_DIR={root / 'slicer'}",
+            "-DBUILD_TESTING=OFF",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [cmake, "--install", str(root / "build"), "--prefix", str(root / "staging")],
+        check=True,
+        capture_output=True,
+    )
     return root / "staging" / "lib" / "Slicer-5.10" / "qt-scripted-modules"
 
 
@@ -433,7 +553,10 @@ def imports(path: Path) -> set[tuple[str, str | None]]:
 
 def module_file(bases: list[Path], module: str) -> Path | None:
     for base in bases:
-        for candidate in (base / (module.replace(".", "/") + ".py"), base / module.replace(".", "/") / "__init__.py"):
+        for candidate in (
+            base / (module.replace(".", "/") + ".py"),
+            base / module.replace(".", "/") / "__init__.py",
+        ):
             if candidate.is_file():
                 return candidate
     return None
@@ -444,23 +567,34 @@ def test_the_installed_extension_holds_every_file_the_module_imports(installed_e
     assert (staged / "InstructX2X.py").is_file() and (staged / "Resources" / "requirements.txt").is_file()
     library = packages.library_source(staged)
     assert library == staged / "Resources" / "InstructX2XLib"
-    shipped = {p.relative_to(REPO / "InstructX2XLib") for p in (REPO / "InstructX2XLib" / "src" / "instructx2x").rglob("*")
-               if p.is_file() and "__pycache__" not in p.parts}
+    shipped = {
+        p.relative_to(REPO / "InstructX2XLib")
+        for p in (REPO / "InstructX2XLib" / "src" / "instructx2x").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
     assert shipped and all((library / path).is_file() for path in shipped)
     assert (library / "pyproject.toml").is_file() and (library / "README.md").is_file()
     # every module of ours that the panel's files import, top-level or lazily, lies in the staging;
     # a name imported from a package is its submodule or defined in its __init__
     bases = [staged, library / "src"]
-    ours = sorted(pair for source in [staged / "InstructX2X.py", *(staged / "InstructX2XModuleLib").glob("*.py")]
-                  for pair in imports(source) if pair[0].split(".")[0] in ("InstructX2XModuleLib", "instructx2x"))
+    ours = sorted(
+        pair
+        for source in [staged / "InstructX2X.py", *(staged / "InstructX2XModuleLib").glob("*.py")]
+        for pair in imports(source)
+        if pair[0].split(".")[0] in ("InstructX2XModuleLib", "instructx2x")
+    )
     assert ("instructx2x.instructions", "FINDINGS") in ours and ("InstructX2XModuleLib", "packages") in ours
     missing = []
     for module, name in ours:
         found = module_file(bases, module)
         if found is None:
             missing.append(module)
-        elif name and found.name == "__init__.py" and module_file(bases, f"{module}.{name}") is None \
-                and name not in found.read_text():
+        elif (
+            name
+            and found.name == "__init__.py"
+            and module_file(bases, f"{module}.{name}") is None
+            and name not in found.read_text()
+        ):
             missing.append(f"{module}.{name}")
     assert missing == []
     assert not (staged / "InstructX2XModuleLib" / "web").exists()  # the browser panel: pip, not the extension
@@ -482,8 +616,13 @@ print("torch" in sys.modules)
 
 
 def test_the_installed_extension_s_panel_layers_import_from_the_staging(installed_extension):
-    result = subprocess.run([sys.executable, "-c", PANEL_IMPORTS, str(installed_extension)], capture_output=True,
-                            text=True, check=True, cwd=installed_extension)
+    result = subprocess.run(
+        [sys.executable, "-c", PANEL_IMPORTS, str(installed_extension)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=installed_extension,
+    )
     where, described, torch = result.stdout.splitlines()
     assert Path(where).is_relative_to(installed_extension / "Resources" / "InstructX2XLib" / "src")
     assert described.startswith("remove: pneumothorax (right)") and torch == "False"
@@ -494,8 +633,10 @@ def test_the_installed_extension_s_panel_layers_import_from_the_staging(installe
 def slicer_python(tmp_path_factory):
     """A venv on Python 3.12 with Slicer 5.10's bundled packages at the SuperBuild's pins."""
     if not SLICER_PYTHON.is_file():
-        message = (f"{SLICER_PYTHON} (Python 3.12, as in Slicer 5.10) is missing: install it with "
-                   "`pyenv install 3.12.1` or point INSTRUCTX2X_SLICER_PYTHON at a Python 3.12")
+        message = (
+            f"{SLICER_PYTHON} (Python 3.12, as in Slicer 5.10) is missing: install it with "
+            "`pyenv install 3.12.1` or point INSTRUCTX2X_SLICER_PYTHON at a Python 3.12"
+        )
         if REQUIRE_TOOLS:
             pytest.fail(message)
         pytest.skip(message)
@@ -515,28 +656,56 @@ def test_the_package_set_on_slicers_python(slicer_python, tmp_path):
     routine builds, finds current, and updates the worker's set; the worker runs from it."""
     checkout = tmp_path / "checkout"  # the module and library as they are now, apart from later edits
     shutil.copytree(MODULE, checkout / "InstructX2X", ignore=shutil.ignore_patterns("__pycache__", "web"))
-    shutil.copytree(REPO / "InstructX2XLib", checkout / "InstructX2XLib",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "tests", "tools"))
+    shutil.copytree(
+        REPO / "InstructX2XLib",
+        checkout / "InstructX2XLib",
+        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "tests", "tools"),
+    )
     folder = tmp_path / "settings" / "InstructX2X" / "worker-packages-py3.12"
     started = time.monotonic()
     try:
-        result = subprocess.run([str(slicer_python), str(REPO / "Testing" / "slicer_process.py"),
-                                 str(checkout / "InstructX2X"), str(folder), str(tmp_path / "work"),
-                                 str(REPO / "constraints.txt")], capture_output=True, text=True, timeout=1200)
+        result = subprocess.run(
+            [
+                str(slicer_python),
+                str(REPO / "Testing" / "slicer_process.py"),
+                str(checkout / "InstructX2X"),
+                str(folder),
+                str(tmp_path / "work"),
+                str(REPO / "constraints.txt"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         report = json.loads(result.stdout.splitlines()[-1])
-        writer = subprocess.run([str(slicer_python), "-c", WRITE_AND_READ.format(writer=self_test_writer()),
-                                 str(tmp_path / "dx.dcm")], capture_output=True, text=True)
+        writer = subprocess.run(
+            [
+                str(slicer_python),
+                "-c",
+                WRITE_AND_READ.format(writer=self_test_writer()),
+                str(tmp_path / "dx.dcm"),
+            ],
+            capture_output=True,
+            text=True,
+        )
     finally:
         shutil.rmtree(folder.parent, ignore_errors=True)  # several GB
         shutil.rmtree(checkout, ignore_errors=True)
-    print(f"package set: built in {report['install_s']:.0f} s, updated in {report['update_s']:.0f} s; "
-          f"all in {time.monotonic() - started:.0f} s")
+    print(
+        f"package set: built in {report['install_s']:.0f} s, updated in {report['update_s']:.0f} s; "
+        f"all in {time.monotonic() - started:.0f} s"
+    )
 
     # Slicer's process: its own packages untouched, the Qt-free layers without torch
     assert report["pydicom"] == "2.4.4" and report["unchanged"]
-    assert report["installed"] == {"numpy": "2.0.2", "pydicom": "2.4.4", "torch": None, "diffusers": None,
-                                   "instructx2x": None}
+    assert report["installed"] == {
+        "numpy": "2.0.2",
+        "pydicom": "2.4.4",
+        "torch": None,
+        "diffusers": None,
+        "instructx2x": None,
+    }
     assert not report["torch_imported_by_layers"] and not report["torch_imported"]
     assert report["described"].startswith("add: pleural effusion (left)")
     # built once (asked once), then current (nothing asked, nothing run)
@@ -556,7 +725,9 @@ def test_the_package_set_on_slicers_python(slicer_python, tmp_path):
     assert report["worker_command"][:3] == [str(slicer_python), "-s", "-c"]
     # the panel reads the written series with Slicer's pydicom 2.4.4
     assert report["counterfactual"][1] == "float32" and len(report["counterfactual"][0]) == 2
-    assert len(report["series_files"]) == 3 and "SEG" in report["series_files"]  # counterfactual, overlay, SEG
+    assert (
+        len(report["series_files"]) == 3 and "SEG" in report["series_files"]
+    )  # counterfactual, overlay, SEG
     # the self-test writes its radiograph with Slicer's pydicom 2.4.4
     assert writer.returncode == 0, writer.stderr[-2000:]
     assert writer.stdout.split() == ["2.4.4", "DX", "(96,", "88)", "1.2.840.10008.1.2.1"]

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-
 from orthanc import OrthancServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,8 +50,12 @@ def series(tmp_path):
 
 
 def push_from_slicer(folder, target) -> dict:
-    result = subprocess.run([sys.executable, "-c", SLICER_SIDE, str(ROOT / "InstructX2X"), json.dumps(CLI),
-                             str(folder), target], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", SLICER_SIDE, str(ROOT / "InstructX2X"), json.dumps(CLI), str(folder), target],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.splitlines()[-1])
 
@@ -81,7 +84,11 @@ def test_the_module_file_imports_no_pacs_or_dicom_writing_code():
     """Slicer's process runs InstructX2X.py: the PACS and DICOM-writing modules need pynetdicom
     and highdicom, which Slicer does not ship."""
     tree = ast.parse((ROOT / "InstructX2X" / "InstructX2X.py").read_text())
-    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module} | {
-        alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    assert not {name for name in imported if name.split(".")[0] in ("pynetdicom", "highdicom")
-                or name.startswith("instructx2x.dicom")}
+    imported = {
+        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    } | {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert not {
+        name
+        for name in imported
+        if name.split(".")[0] in ("pynetdicom", "highdicom") or name.startswith("instructx2x.dicom")
+    }

@@ -4,19 +4,17 @@ pydicom alone (Slicer's DICOM browser cannot load the SEG of a radiograph)."""
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-
 import slicer
+from workers import poll_until
 
 from InstructX2XModuleLib import scene as layer
 from InstructX2XModuleLib.saved_edit import read_saved_edit
 from InstructX2XModuleLib.session import EditSession, PanelSettings, dicom_pixels
-from workers import poll_until
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "Resources" / "Samples" / "phantom_pa.dcm"
@@ -34,9 +32,18 @@ def written(tmp_path_factory):
     try:
         volume = layer.array_to_volume(scene, dicom_pixels(SAMPLE), "phantom")
         volume.SetAttribute("DICOM.instanceUIDs", str(pydicom.dcmread(SAMPLE).SOPInstanceUID))
-        session.submit("edit", volume, PanelSettings(instruction="Add the finding of left pleural effusion",
-                                                     model="untrained-tiny", device="cpu", steps=2, verify=False),
-                       dicom_file_for=lambda uid: str(SAMPLE))
+        session.submit(
+            "edit",
+            volume,
+            PanelSettings(
+                instruction="Add the finding of left pleural effusion",
+                model="untrained-tiny",
+                device="cpu",
+                steps=2,
+                verify=False,
+            ),
+            dicom_file_for=lambda uid: str(SAMPLE),
+        )
         poll_until(session, lambda e: any(x["event"] == "done" for x in e), timeout=300)
         folder = tmp_path_factory.mktemp("saved") / "edit-1"
         shutil.copytree(session.output_folder, folder)
@@ -68,7 +75,9 @@ def spacing(node):
 
 
 def test_the_workers_folder_comes_back_as_counterfactual_guidance_and_edit_region(written, mrml):
-    assert {*DICOM_FILES, "guidance_map.npy", "edit_mask.npy", "guidance.png"} <= {p.name for p in written.iterdir()}
+    assert {*DICOM_FILES, "guidance_map.npy", "edit_mask.npy", "guidance.png"} <= {
+        p.name for p in written.iterdir()
+    }
     nodes = layer.import_saved_edit(mrml, written)
     assert set(nodes) == {"counterfactual", "guidance", "mask"}
     edited = layer.volume_to_array(nodes["counterfactual"])
@@ -76,7 +85,9 @@ def test_the_workers_folder_comes_back_as_counterfactual_guidance_and_edit_regio
     mask = np.load(written / "edit_mask.npy")
     assert 0 < mask.mean() < 1
     assert np.array_equal(edited[~mask], original[~mask]) and not np.array_equal(edited[mask], original[mask])
-    assert "SYNTHETIC" in nodes["counterfactual"].GetName() and nodes["counterfactual"].GetName().startswith("edit-1")
+    assert "SYNTHETIC" in nodes["counterfactual"].GetName() and nodes["counterfactual"].GetName().startswith(
+        "edit-1"
+    )
     assert np.array_equal(layer.volume_to_array(nodes["guidance"]), np.load(written / "guidance_map.npy"))
     colors = mrml.GetNodeByID(nodes["guidance"].GetDisplayNode().GetColorNodeID())
     assert colors.IsA("vtkMRMLColorTableNode") and colors.GetName() == "edit-1 guidance colors"
@@ -86,8 +97,11 @@ def test_the_workers_folder_comes_back_as_counterfactual_guidance_and_edit_regio
     for node in nodes.values():
         assert spacing(node) == (pixel_spacing[1], pixel_spacing[0], 1.0)
     layers = layer.result_layers(nodes, None)
-    assert (layers.background, layers.foreground, layers.label) == \
-        (nodes["counterfactual"], nodes["guidance"], nodes["mask"])
+    assert (layers.background, layers.foreground, layers.label) == (
+        nodes["counterfactual"],
+        nodes["guidance"],
+        nodes["mask"],
+    )
 
 
 def test_the_dicom_files_alone_come_back_with_the_seg_read_by_pydicom(written, mrml, tmp_path):
@@ -96,7 +110,9 @@ def test_the_dicom_files_alone_come_back_with_the_seg_read_by_pydicom(written, m
     nodes = layer.import_saved_edit(mrml, folder)
     assert set(nodes) == {"counterfactual", "guidance", "mask"}
     assert np.array_equal(layer.volume_to_array(nodes["mask"]) > 0, np.load(written / "edit_mask.npy"))
-    assert np.array_equal(layer.volume_to_array(nodes["counterfactual"]), dicom_pixels(written / "counterfactual.dcm"))
+    assert np.array_equal(
+        layer.volume_to_array(nodes["counterfactual"]), dicom_pixels(written / "counterfactual.dcm")
+    )
     overlay = nodes["guidance"]  # only the overlay picture was saved: shown as the RGB it is
     assert overlay.IsA("vtkMRMLVectorVolumeNode") and "RGB" in overlay.GetName()
     from vtk.util import numpy_support
@@ -110,7 +126,10 @@ def test_a_preview_folder_of_pngs_brings_back_what_it_has(written, mrml, tmp_pat
     folder = subset(written, tmp_path / "preview", ["guidance.png", "edit_mask.png", "maps.json"])
     nodes = layer.import_saved_edit(mrml, folder, name="preview")
     assert set(nodes) == {"guidance", "mask"}
-    assert np.abs(layer.volume_to_array(nodes["guidance"]) - np.load(written / "guidance_map.npy")).max() <= 1 / 255
+    assert (
+        np.abs(layer.volume_to_array(nodes["guidance"]) - np.load(written / "guidance_map.npy")).max()
+        <= 1 / 255
+    )
     assert np.array_equal(layer.volume_to_array(nodes["mask"]) > 0, np.load(written / "edit_mask.npy"))
     assert spacing(nodes["mask"]) == spacing(nodes["guidance"]) == (0.7, 0.7, 1.0)  # from maps.json
 
@@ -139,14 +158,23 @@ def damage(written, tmp_path, how):
     return folder
 
 
-@pytest.mark.parametrize("how, message", [
-    ("truncated", r"counterfactual.dcm: its pixel data cannot be decoded|counterfactual.dcm is not a readable DICOM"),
-    ("not-dicom", r"edit_region_seg.dcm is not a readable DICOM file \(InvalidDicomError\)"),
-    ("sc-as-seg", r"edit_region_seg.dcm is not a DICOM Segmentation"),
-    ("other-study", r"counterfactual.dcm, guidance_overlay.dcm, edit_region_seg.dcm are of different studies"),
-    ("other-grid", r"guidance.png is 64x64 but counterfactual.dcm is 512x512: they are not of one edit"),
-    ("gray-overlay", r"guidance_overlay.dcm is not an RGB picture"),
-])
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        (
+            "truncated",
+            r"counterfactual.dcm: its pixel data cannot be decoded|counterfactual.dcm is not a readable DICOM",
+        ),
+        ("not-dicom", r"edit_region_seg.dcm is not a readable DICOM file \(InvalidDicomError\)"),
+        ("sc-as-seg", r"edit_region_seg.dcm is not a DICOM Segmentation"),
+        (
+            "other-study",
+            r"counterfactual.dcm, guidance_overlay.dcm, edit_region_seg.dcm are of different studies",
+        ),
+        ("other-grid", r"guidance.png is 64x64 but counterfactual.dcm is 512x512: they are not of one edit"),
+        ("gray-overlay", r"guidance_overlay.dcm is not an RGB picture"),
+    ],
+)
 def test_a_damaged_folder_is_refused_whole_and_adds_nothing(written, mrml, tmp_path, how, message):
     folder = damage(written, tmp_path, how)
     before = node_ids(mrml)
@@ -159,7 +187,9 @@ def test_a_folder_with_no_edit_or_no_folder_is_said(mrml, tmp_path):
     before = node_ids(mrml)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("")
-    with pytest.raises(layer.SceneError, match="empty holds no saved edit \\(none of counterfactual.dcm, edited.png"):
+    with pytest.raises(
+        layer.SceneError, match="empty holds no saved edit \\(none of counterfactual.dcm, edited.png"
+    ):
         layer.import_saved_edit(mrml, tmp_path / "empty")
     with pytest.raises(layer.SceneError, match="notes.txt is not a folder"):
         layer.import_saved_edit(mrml, tmp_path / "empty" / "notes.txt")
@@ -181,13 +211,27 @@ def test_a_failure_while_adding_nodes_removes_those_added(written, mrml, monkeyp
 def pydicom_24(tmp_path_factory):
     """Python 3.12 with Slicer 5.10's numpy, pydicom 2.4.4 and Pillow (its SuperBuild's pins)."""
     if not SLICER_PYTHON.is_file():
-        pytest.skip(f"{SLICER_PYTHON} (Python 3.12, as in Slicer 5.10) is missing: `pyenv install 3.12.1` "
-                    "or point INSTRUCTX2X_SLICER_PYTHON at a Python 3.12")
+        pytest.skip(
+            f"{SLICER_PYTHON} (Python 3.12, as in Slicer 5.10) is missing: `pyenv install 3.12.1` "
+            "or point INSTRUCTX2X_SLICER_PYTHON at a Python 3.12"
+        )
     venv = tmp_path_factory.mktemp("pydicom-2.4") / "venv"
     python = venv / "bin" / "python"
-    for command in ([str(SLICER_PYTHON), "-m", "venv", str(venv)],
-                    [str(python), "-m", "pip", "install", "-q", "-c", str(SLICER_CONSTRAINTS), "numpy", "pydicom",
-                     "pillow"]):
+    for command in (
+        [str(SLICER_PYTHON), "-m", "venv", str(venv)],
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "-c",
+            str(SLICER_CONSTRAINTS),
+            "numpy",
+            "pydicom",
+            "pillow",
+        ],
+    ):
         result = subprocess.run(command, capture_output=True, text=True)
         assert result.returncode == 0, (command, result.stderr[-3000:])
     yield python
@@ -207,8 +251,12 @@ print(pydicom.__version__, sorted(edit.files.values()), edit.spacing_mm)
 
 def test_slicers_pydicom_reads_the_dicom_files_as_pydicom_3_does(written, tmp_path, pydicom_24):
     folder = subset(written, tmp_path / "exported", DICOM_FILES)
-    result = subprocess.run([str(pydicom_24), "-c", READ_WITH_SLICERS_PYDICOM, str(folder), str(tmp_path / "24.npz")],
-                            capture_output=True, text=True, cwd=ROOT / "InstructX2X")
+    result = subprocess.run(
+        [str(pydicom_24), "-c", READ_WITH_SLICERS_PYDICOM, str(folder), str(tmp_path / "24.npz")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT / "InstructX2X",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[0] == "2.4.4"
     assert "guidance_overlay.dcm" in result.stdout and "edit_region_seg.dcm" in result.stdout
@@ -229,5 +277,6 @@ def test_the_counterfactual_comes_back_in_modality_values(written, mrml, tmp_pat
     dataset.save_as(folder / "counterfactual.dcm")
     nodes = layer.import_saved_edit(mrml, folder)
     assert set(nodes) == {"counterfactual"}
-    assert np.array_equal(layer.volume_to_array(nodes["counterfactual"]),
-                          dataset.pixel_array.astype(np.float32) * 2 - 1024)
+    assert np.array_equal(
+        layer.volume_to_array(nodes["counterfactual"]), dataset.pixel_array.astype(np.float32) * 2 - 1024
+    )

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 import slicer  # PyPI slicer-core, installed by the test extra
 
 from InstructX2XModuleLib import scene as layer
@@ -28,8 +27,9 @@ def test_png_radiograph_gets_the_pa_orientation_and_round_trips(mrml):
 
     matrix = vtk.vtkMatrix4x4()
     volume.GetIJKToRASDirectionMatrix(matrix)
-    assert [[matrix.GetElement(r, c) for c in range(3)] for r in range(3)] == \
-        [list(row) for row in layer.PA_DIRECTIONS]
+    assert [[matrix.GetElement(r, c) for c in range(3)] for r in range(3)] == [
+        list(row) for row in layer.PA_DIRECTIONS
+    ]
 
 
 def test_results_keep_the_source_geometry_and_never_touch_it(mrml):
@@ -67,12 +67,15 @@ def test_painted_segment_becomes_a_mask_on_the_radiograph_grid(mrml):
     assert mrml.GetFirstNodeByName("__instructx2x_export") is None  # nothing left behind
 
 
-@pytest.mark.parametrize("case,message", [
-    ("no volume", "no scalar volume is selected"),
-    ("3-D volume", "has 3 slices"),
-    ("wrong grid", "does not match the radiograph's grid"),
-    ("missing segment", "does not exist; paint a region first"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("no volume", "no scalar volume is selected"),
+        ("3-D volume", "has 3 slices"),
+        ("wrong grid", "does not match the radiograph's grid"),
+        ("missing segment", "does not exist; paint a region first"),
+    ],
+)
 def test_bad_scene_input_gets_a_clear_message(mrml, case, message):
     import vtk
 
@@ -104,8 +107,14 @@ def test_the_job_built_from_the_scene_is_one_the_worker_accepts(mrml, tmp_path):
     edit[5:20, 3:12] = True
     keep = np.zeros((40, 30), bool)
     keep[30:, :] = True
-    job = layer.build_job(source, "edit", {"instruction": "Add the finding of left pleural effusion",
-                                           "region_mode": "prior", "tau": 0.2}, tmp_path, edit, keep)
+    job = layer.build_job(
+        source,
+        "edit",
+        {"instruction": "Add the finding of left pleural effusion", "region_mode": "prior", "tau": 0.2},
+        tmp_path,
+        edit,
+        keep,
+    )
     prepared = prepare(EditJob.from_dict({**job, "command": "edit"}))
     assert prepared.images[0].pixels.shape == (40, 30)
     assert np.array_equal(prepared.mask, edit) and np.array_equal(prepared.keep_mask, keep)
@@ -113,7 +122,9 @@ def test_the_job_built_from_the_scene_is_one_the_worker_accepts(mrml, tmp_path):
     order = np.argsort(layer.volume_to_array(source).ravel(), kind="stable")
     assert np.all(np.diff(prepared.images[0].pixels.ravel()[order]) >= 0)
     with pytest.raises(layer.SceneError, match="the mask is 10x10 but the radiograph is 40x30"):
-        layer.build_job(source, "edit", {"instruction": "Add edema"}, tmp_path / "bad", np.ones((10, 10), bool))
+        layer.build_job(
+            source, "edit", {"instruction": "Add edema"}, tmp_path / "bad", np.ones((10, 10), bool)
+        )
 
 
 def test_a_volume_loaded_from_dicom_sends_its_file(mrml, tmp_path):
@@ -121,8 +132,13 @@ def test_a_volume_loaded_from_dicom_sends_its_file(mrml, tmp_path):
     original = tmp_path / "source.dcm"
     original.write_bytes(b"dicom")
     source.SetAttribute("DICOM.instanceUIDs", "1.2.3.4")
-    job = layer.build_job(source, "edit", {"instruction": "Add edema"}, tmp_path / "job",
-                          dicom_file_for={"1.2.3.4": str(original)}.get)
+    job = layer.build_job(
+        source,
+        "edit",
+        {"instruction": "Add edema"},
+        tmp_path / "job",
+        dicom_file_for={"1.2.3.4": str(original)}.get,
+    )
     assert job["input"] == str(original) and not (tmp_path / "job" / "input.png").exists()
 
 
@@ -158,11 +174,20 @@ def test_the_segment_events_follow_additions_renames_and_removals(mrml):
 def test_result_layers_show_the_chosen_view_at_the_panels_opacity(mrml):
     source = layer.array_to_volume(mrml, film(), "chest")
     before = layer.volume_to_array(source)
-    nodes = layer.import_result(mrml, source, before + 3, np.full(before.shape, 0.4, np.float32),
-                                np.ones(before.shape, bool), "edit 1")
+    nodes = layer.import_result(
+        mrml,
+        source,
+        before + 3,
+        np.full(before.shape, 0.4, np.float32),
+        np.ones(before.shape, bool),
+        "edit 1",
+    )
     after = layer.result_layers(nodes, source, after=True, difference=False, opacity=0.8)
-    assert (after.background, after.foreground, after.label) == (nodes["counterfactual"], nodes["guidance"],
-                                                                 nodes["mask"])
+    assert (after.background, after.foreground, after.label) == (
+        nodes["counterfactual"],
+        nodes["guidance"],
+        nodes["mask"],
+    )
     assert after.foreground_opacity == 0.8
     assert layer.result_layers(nodes, source, after=False, opacity=0.25).background is source
     assert layer.result_layers(nodes, source, after=False, opacity=0.25).foreground_opacity == 0.25
@@ -177,15 +202,22 @@ def test_result_layers_show_the_chosen_view_at_the_panels_opacity(mrml):
 def test_closing_the_scene_ends_the_edit_state_and_the_next_film_edits():
     """A film, a preview and a running edit; the scene closes (Slicer's Close Scene is
     scene.Clear(0)); then a new film is edited by the same warm worker (untrained-tiny)."""
-    from InstructX2XModuleLib.session import MASK_SOURCES, EditSession, PanelSettings
     from workers import poll_until
+
+    from InstructX2XModuleLib.session import MASK_SOURCES, EditSession, PanelSettings
 
     scene = slicer.vtkMRMLScene()
     layer.prepare_scene(scene)
     editor = layer.segment_editor_node(scene)
     session = EditSession(scene)
-    settings = dict(instruction="Add the finding of left pleural effusion", model="untrained-tiny", device="cpu",
-                    scheduler="dpm++", precision="fp32", verify=False)
+    settings = dict(
+        instruction="Add the finding of left pleural effusion",
+        model="untrained-tiny",
+        device="cpu",
+        scheduler="dpm++",
+        precision="fp32",
+        verify=False,
+    )
     try:
         first = layer.array_to_volume(scene, film(72, 64).astype(np.float32), "first")
         segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "masks")
@@ -211,8 +243,9 @@ def test_closing_the_scene_ends_the_edit_state_and_the_next_film_edits():
         second = layer.array_to_volume(scene, film(72, 64).astype(np.float32) + 100, "second")
         mask = np.zeros((72, 64), bool)
         mask[30:60, 34:60] = True
-        session.submit("edit", second, PanelSettings(**settings, steps=2, mask_source=MASK_SOURCES[1]),
-                       edit_mask=mask)
+        session.submit(
+            "edit", second, PanelSettings(**settings, steps=2, mask_source=MASK_SOURCES[1]), edit_mask=mask
+        )
         poll_until(session, lambda e: any(x["event"] == "done" for x in e))
         assert session.worker.process.pid == worker  # the model stayed loaded
         edited = layer.volume_to_array(session.results["counterfactual"])

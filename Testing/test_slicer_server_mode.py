@@ -8,14 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import slicer
+from workers import poll_until, radiograph, shared_worker
 
 from InstructX2XModuleLib import scene as layer
-from InstructX2XModuleLib.session import (MASK_SOURCES, WORKER_MODES, EditSession, PanelSettings,
-                                          worker_socket_setting)
+from InstructX2XModuleLib.session import (
+    MASK_SOURCES,
+    WORKER_MODES,
+    EditSession,
+    PanelSettings,
+    worker_socket_setting,
+)
 from InstructX2XModuleLib.worker import WorkerError
-from workers import poll_until, radiograph, shared_worker
 
 
 @pytest.fixture
@@ -29,10 +33,14 @@ def session():
     assert not session.folder.exists()
 
 
-
 def settings(**overrides):
-    values = dict(instruction="Add the finding of left pleural effusion", model="no-such-model: the worker's counts",
-                  device="cpu", steps=2, verify=False)
+    values = dict(
+        instruction="Add the finding of left pleural effusion",
+        model="no-such-model: the worker's counts",
+        device="cpu",
+        steps=2,
+        verify=False,
+    )
     return PanelSettings(**{**values, **overrides})
 
 
@@ -69,12 +77,15 @@ def test_the_settings_socket_reaches_the_shared_worker_and_results_land_in_the_s
     mask[30:60, 34:60] = True
     with shared_worker(path) as server:
         shared = settings(worker_socket=str(path))
-        assert session.start_worker(shared)["model"]["name"] == "untrained-tiny"  # the worker's, not the panel's
+        assert (
+            session.start_worker(shared)["model"]["name"] == "untrained-tiny"
+        )  # the worker's, not the panel's
         session.submit("preview", volume, shared)
         poll_until(session, lambda e: any(x["event"] == "done" for x in e))
         assert session.has_preview and {"guidance", "mask"} <= set(session.results)
-        session.submit("edit", volume, settings(worker_socket=str(path), mask_source=MASK_SOURCES[1]),
-                       edit_mask=mask)
+        session.submit(
+            "edit", volume, settings(worker_socket=str(path), mask_source=MASK_SOURCES[1]), edit_mask=mask
+        )
         poll_until(session, lambda e: any(x["event"] == "done" for x in e))
         edited = layer.volume_to_array(session.results["counterfactual"])
         assert np.array_equal(edited[~mask], before[~mask]) and not np.array_equal(edited[mask], before[mask])
@@ -90,9 +101,14 @@ def test_a_socket_with_no_listener_is_said_at_once_and_nothing_is_left(session, 
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(dead))  # the file of a worker that has gone: bound, nobody listening
     listener.close()
-    for path, reason in ((dead, "Connection refused"), (tmp_path / "absent.sock", "No such file or directory")):
+    for path, reason in (
+        (dead, "Connection refused"),
+        (tmp_path / "absent.sock", "No such file or directory"),
+    ):
         started = time.monotonic()
-        with pytest.raises(WorkerError, match=f"cannot reach the shared worker at {path.name} \\({reason}\\)"):
+        with pytest.raises(
+            WorkerError, match=f"cannot reach the shared worker at {path.name} \\({reason}\\)"
+        ):
             session.submit("edit", volume, settings(worker_socket=str(path)))
         assert time.monotonic() - started < 5
         assert not session.busy and session.queue == [] and list(session.folder.iterdir()) == []
@@ -111,7 +127,9 @@ def test_a_listener_that_never_says_ready_is_given_up_within_the_timeout(session
     events = poll_until(session, lambda e: any(x["event"] == "error" for x in e), timeout=20)
     assert time.monotonic() - started < 6
     message = next(x["message"] for x in events if x["event"] == "error")
-    assert message.startswith("the shared worker at silent.sock took the connection but did not answer within 2 s")
+    assert message.startswith(
+        "the shared worker at silent.sock took the connection but did not answer within 2 s"
+    )
     assert not session.busy and session.worker is None and session.queue == []
     assert list(session.folder.iterdir()) == []  # the job that will not run leaves no folder
     started = time.monotonic()
@@ -137,7 +155,11 @@ def test_a_change_of_the_setting_takes_effect_on_the_next_job(session, tmp_path,
     assert session.worker.socket_path == str(path) and session.installs == []
     session.cancel()
     session.submit("preview", volume, settings(model="untrained-tiny", scheduler="dpm++", precision="fp32"))
-    assert session.worker.socket_path is None and session.worker.process is not None and session.installs == ["local"]
+    assert (
+        session.worker.socket_path is None
+        and session.worker.process is not None
+        and session.installs == ["local"]
+    )
     poll_until(session, lambda e: any(x["event"] == "done" for x in e))
     assert "guidance" in session.results
 

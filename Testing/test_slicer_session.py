@@ -1,26 +1,34 @@
 """The panels' shared editing session: a real MRML scene, a real worker, the queue."""
 
-
 import numpy as np
 import pytest
-
 import slicer
-
-from InstructX2XModuleLib import scene as layer
 from workers import poll_until, radiograph, shared_worker
 
+from InstructX2XModuleLib import scene as layer
+from InstructX2XModuleLib.session import (
+    MASK_SOURCES,
+    PRESETS,
+    DicomImportError,
+    EditSession,
+    PanelSettings,
+    compose_instruction,
+    describe_instruction,
+    import_into_dicom_database,
+)
 from InstructX2XModuleLib.worker import WorkerError
-
-from InstructX2XModuleLib.session import (MASK_SOURCES, PRESETS, DicomImportError, EditSession, PanelSettings,
-                                          compose_instruction, describe_instruction, import_into_dicom_database)
-
-
-
 
 
 def settings(**overrides):
-    values = dict(instruction="Add the finding of left pleural effusion", model="untrained-tiny", device="cpu",
-                  scheduler="dpm++", precision="fp32", steps=2, verify=False)
+    values = dict(
+        instruction="Add the finding of left pleural effusion",
+        model="untrained-tiny",
+        device="cpu",
+        scheduler="dpm++",
+        precision="fp32",
+        steps=2,
+        verify=False,
+    )
     return PanelSettings(**{**values, **overrides})
 
 
@@ -92,14 +100,22 @@ def test_the_worker_reports_the_models_sampling_defaults(session, tmp_path):
     from instructx2x.loading import save_model
     from instructx2x.untrained import build_untrained_pipeline
 
-    card = {"name": "carded", "trained": False, "few_step_solver_steps": 3, "guidance_scale": 3.0,
-            "image_guidance_scale": 1.25}
+    card = {
+        "name": "carded",
+        "trained": False,
+        "few_step_solver_steps": 3,
+        "guidance_scale": 3.0,
+        "image_guidance_scale": 1.25,
+    }
     model = save_model(build_untrained_pipeline(seed=3), tmp_path / "carded", card)
     assert session.model_defaults is None  # no worker yet
     session.start_worker(settings(model=str(model)))
     defaults = session.model_defaults
-    assert (defaults["num_inference_steps"], defaults["guidance_scale"], defaults["image_guidance_scale"]) \
-        == (3, 3.0, 1.25)
+    assert (
+        defaults["num_inference_steps"],
+        defaults["guidance_scale"],
+        defaults["image_guidance_scale"],
+    ) == (3, 3.0, 1.25)
 
 
 def test_settings_and_instruction_helpers():
@@ -108,14 +124,25 @@ def test_settings_and_instruction_helpers():
     assert "region_mode" not in settings(mask_source=MASK_SOURCES[2]).edit_parameters()
     # unset scales leave the choice to the worker's model (its card's s_T and s_I)
     assert not {"guidance_scale", "image_guidance_scale"} & set(settings().edit_parameters())
-    assert settings(guidance_scale=4.0, image_guidance_scale=0.0).edit_parameters()["image_guidance_scale"] == 0.0
-    assert compose_instruction("Change the level of", "edema", "", "mild", "") == \
-        "Change the level of edema from mild to severe"
-    assert compose_instruction("Remove", "pneumothorax", "right") == "Remove the finding of right pneumothorax"
-    assert compose_instruction("Add", "consolidation", "left", "", "moderate", zone="lower") == \
-        "Add the finding of moderate left lower zone consolidation"  # cohort v2's wording
-    assert compose_instruction("Add", "pleural effusion", "left", "", "moderate") == \
-        "Add the finding of moderate left pleural effusion"
+    assert (
+        settings(guidance_scale=4.0, image_guidance_scale=0.0).edit_parameters()["image_guidance_scale"]
+        == 0.0
+    )
+    assert (
+        compose_instruction("Change the level of", "edema", "", "mild", "")
+        == "Change the level of edema from mild to severe"
+    )
+    assert (
+        compose_instruction("Remove", "pneumothorax", "right") == "Remove the finding of right pneumothorax"
+    )
+    assert (
+        compose_instruction("Add", "consolidation", "left", "", "moderate", zone="lower")
+        == "Add the finding of moderate left lower zone consolidation"
+    )  # cohort v2's wording
+    assert (
+        compose_instruction("Add", "pleural effusion", "left", "", "moderate")
+        == "Add the finding of moderate left pleural effusion"
+    )
     described = describe_instruction("Add the finding of left pleural effusion")
     assert described.startswith("add: pleural effusion (left)") and "Region:" in described
     zoned = describe_instruction("Add the finding of moderate left lower zone consolidation")
@@ -140,9 +167,11 @@ def test_the_panels_process_never_imports_torch():
         "from instructx2x.parameters import EditParameters\n"
         "EditParameters(**session.PanelSettings(instruction='Add the finding of edema').edit_parameters())\n"
         "import instructx2x.outputs, instructx2x.dicom.pacs\n"
-        "print(loaded.description, 'torch' in sys.modules)\n")
-    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                               cwd=root / "InstructX2X")
+        "print(loaded.description, 'torch' in sys.modules)\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root / "InstructX2X"
+    )
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert completed.stdout.split()[-1] == "False", completed.stdout
 
@@ -172,7 +201,7 @@ def test_two_panels_share_one_warm_worker_and_the_second_waits_its_turn(tmp_path
 
 
 def test_the_paper_preset_loads_ddim_whatever_the_device(session):
-    """"paper (DDIM 100 steps)": on a CPU, where "auto" means DPM-Solver++, the worker still
+    """ "paper (DDIM 100 steps)": on a CPU, where "auto" means DPM-Solver++, the worker still
     samples with DDIM (its default step count says which sampler it loaded: DDIM's 100, a
     few-step solver's 3)."""
     paper = settings(preset=PRESETS[1], scheduler="auto", steps=0)
@@ -200,8 +229,9 @@ def test_a_tau_asked_for_while_busy_waits_and_the_last_one_is_applied(session):
 
 def written_series(folder):
     """Two DICOM files (the phantom and a copy with its own SOP instance UID)."""
-    import pydicom
     from pathlib import Path
+
+    import pydicom
 
     sample = Path(__file__).resolve().parents[1] / "Resources" / "Samples" / "phantom_pa.dcm"
     folder.mkdir()
@@ -240,6 +270,7 @@ def test_an_export_into_the_dicom_database_is_checked(tmp_path):
                 for path in sorted((tmp_path / "series").glob("*.dcm")):
                     database.files[str(pydicom.dcmread(path).SOPInstanceUID)] = str(path)
             return result
+
         return import_dicom, calls
 
     failing, calls = importer(indexed=False, result=False)
@@ -266,4 +297,7 @@ def test_a_result_for_a_radiograph_no_longer_in_the_scene_is_not_imported(sessio
     session.scene.RemoveNode(volume)
     events = poll_until(session, lambda e: any(x["event"] == "done" for x in e))
     assert [e["event"] for e in events if e["event"] in ("done", "cancelled")] == ["done"]
-    assert session.results == {} and session.scene.GetNodesByClass("vtkMRMLScalarVolumeNode").GetNumberOfItems() == 0
+    assert (
+        session.results == {}
+        and session.scene.GetNodesByClass("vtkMRMLScalarVolumeNode").GetNumberOfItems() == 0
+    )

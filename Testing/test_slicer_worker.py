@@ -5,7 +5,6 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
-
 from workers import poll_until
 
 from InstructX2XModuleLib.worker import WorkerClient, WorkerError, WorkerState
@@ -20,9 +19,15 @@ def film(tmp_path):
 
 
 def job(film, output, steps=2):
-    return {"input": str(film), "output": str(output),
-            "parameters": {"instruction": "Add the finding of left pleural effusion",
-                           "num_inference_steps": steps, "resolution": 64}}
+    return {
+        "input": str(film),
+        "output": str(output),
+        "parameters": {
+            "instruction": "Add the finding of left pleural effusion",
+            "num_inference_steps": steps,
+            "resolution": 64,
+        },
+    }
 
 
 def test_two_jobs_on_one_warm_worker_then_cancel_and_kill(film, tmp_path):
@@ -78,8 +83,15 @@ def test_the_panels_verified_edit_on_the_demo_model(tmp_path):
     client.start()
     try:
         poll_until(client, lambda e: client.state is WorkerState.READY)
-        client.submit("edit", {"input": str(sample), "output": str(tmp_path / "edit"), "verify": "auto",
-                               "parameters": {"instruction": "Add the finding of moderate left pleural effusion"}})
+        client.submit(
+            "edit",
+            {
+                "input": str(sample),
+                "output": str(tmp_path / "edit"),
+                "verify": "auto",
+                "parameters": {"instruction": "Add the finding of moderate left pleural effusion"},
+            },
+        )
         events = poll_until(client, lambda e: client.state is WorkerState.READY)
     finally:
         client.shutdown()

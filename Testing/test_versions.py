@@ -15,7 +15,11 @@ import instructx2x
 import instructx2x_train
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECTS = {"instructx2x": "InstructX2XLib", "instructx2x-train": "Training", "instructx2x-panels": "InstructX2X"}
+PROJECTS = {
+    "instructx2x": "InstructX2XLib",
+    "instructx2x-train": "Training",
+    "instructx2x-panels": "InstructX2X",
+}
 
 
 def test_the_version_is_written_once_as_a_release_number():
@@ -34,7 +38,8 @@ def test_each_package_s_metadata_takes_the_library_s_version(name, folder):
 @pytest.mark.parametrize("name", ["instructx2x", "instructx2x-train"])
 def test_the_installed_metadata_is_current(name):
     assert importlib.metadata.version(name) == instructx2x.__version__, (
-        f"the installed {name} has another version: reinstall it (make install)")
+        f"the installed {name} has another version: reinstall it (make install)"
+    )
 
 
 def test_the_citation_gives_the_same_version():

@@ -3,9 +3,8 @@
 import pytest
 
 pytest.importorskip("trame_slicer")
-from instructx2x.errors import ParameterError  # noqa: E402
-
-from InstructX2XModuleLib.web.access import AccessPolicy, new_token, read_token_file  # noqa: E402
+from instructx2x.errors import ParameterError
+from InstructX2XModuleLib.web.access import AccessPolicy, new_token, read_token_file
 
 pytestmark = pytest.mark.web
 TOKEN = "t" * 43
@@ -35,21 +34,33 @@ def test_a_token_file(tmp_path):
 
 def test_host_and_origin_name_this_server_only():
     policy = AccessPolicy(TOKEN)
-    assert all(policy.host_allowed(f"{name}:8080", 8080) for name in ("127.0.0.1", "localhost", "[::1]", "LOCALHOST"))
-    assert not any(policy.host_allowed(h, 8080) for h in ("127.0.0.1:8081", "evil.example:8080", "127.0.0.1", None))
+    assert all(
+        policy.host_allowed(f"{name}:8080", 8080) for name in ("127.0.0.1", "localhost", "[::1]", "LOCALHOST")
+    )
+    assert not any(
+        policy.host_allowed(h, 8080) for h in ("127.0.0.1:8081", "evil.example:8080", "127.0.0.1", None)
+    )
     assert policy.origin_allowed("http://localhost:8080", 8080)
-    assert not any(policy.origin_allowed(o, 8080) for o in (
-        "http://127.0.0.1:9999", "https://127.0.0.1:8080", "http://evil.example:8080", "null", None))
+    assert not any(
+        policy.origin_allowed(o, 8080)
+        for o in ("http://127.0.0.1:9999", "https://127.0.0.1:8080", "http://evil.example:8080", "null", None)
+    )
 
 
 def test_a_reverse_proxy_origin_and_an_exposed_host():
     behind = AccessPolicy(TOKEN, origins=("https://xray.example.org",))
-    assert behind.host_allowed("xray.example.org", 8080) and behind.origin_allowed("https://xray.example.org/", 8080)
+    assert behind.host_allowed("xray.example.org", 8080) and behind.origin_allowed(
+        "https://xray.example.org/", 8080
+    )
     assert not behind.origin_allowed("http://xray.example.org", 8080)  # not over TLS: another origin
     exposed = AccessPolicy(TOKEN, host="10.0.0.5")
-    assert exposed.host_allowed("10.0.0.5:8080", 8080) and exposed.origin_allowed("http://10.0.0.5:8080", 8080)
+    assert exposed.host_allowed("10.0.0.5:8080", 8080) and exposed.origin_allowed(
+        "http://10.0.0.5:8080", 8080
+    )
     wildcard = AccessPolicy(TOKEN, host="0.0.0.0")
-    assert not wildcard.host_allowed("0.0.0.0:8080", 8080) and not wildcard.host_allowed("10.0.0.5:8080", 8080)
+    assert not wildcard.host_allowed("0.0.0.0:8080", 8080) and not wildcard.host_allowed(
+        "10.0.0.5:8080", 8080
+    )
     for origin in ("xray.example.org", "ftp://x.example", "https://x.example/path", "https://user@x.example"):
         with pytest.raises(ParameterError, match="--origin must read"):
             AccessPolicy(TOKEN, origins=(origin,))

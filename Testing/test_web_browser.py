@@ -17,9 +17,20 @@ import pytest
 
 pytest.importorskip("trame_slicer")
 pytest.importorskip("playwright.sync_api")
-from dicom_factory import dciodvfy_errors, require_tool  # noqa: E402
-from web_driver import (ROOT, SAMPLE, WebServer, chromium_page, new_page, open_file, set_steps,  # noqa: E402
-                        text, type_instruction, wait_text, warm_pixels)
+from dicom_factory import dciodvfy_errors, require_tool
+from web_driver import (
+    ROOT,
+    SAMPLE,
+    WebServer,
+    chromium_page,
+    new_page,
+    open_file,
+    set_steps,
+    text,
+    type_instruction,
+    wait_text,
+    warm_pixels,
+)
 
 pytestmark = pytest.mark.web
 
@@ -168,17 +179,20 @@ def test_an_exposed_server_warns_and_a_large_upload_is_refused_in_the_page(page,
         assert server.stop() == 0
 
 
-@pytest.mark.parametrize("options,message", [
-    (["--model", "no-such-model"], "model not found: no-such-model"),
-    (["--worker-socket", "/nonexistent/worker.sock"], "cannot reach the shared worker at worker.sock"),
-    (["--port", "BUSY"], "Address already in use); choose another --port"),
-    (["--max-upload-mb", "0"], "must be a whole number of MB >= 1"),
-    (["--token-file", "SHORT"], "the token in token.txt has 5 characters; use at least 32"),
-    (["--token-file", "/nonexistent/token.txt"], "cannot read the token file token.txt"),
-    (["--origin", "evil.example"], "--origin must read SCHEME://HOST[:PORT]"),
-    (["--pacs", "ORTHANC@127.0.0.1:4242"], "--pacs must read NAME=AET@HOST:PORT"),
-    (["--pacs", "main=ORTHANC@127.0.0.1:99999"], "C-STORE port must lie in 1-65535"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (["--model", "no-such-model"], "model not found: no-such-model"),
+        (["--worker-socket", "/nonexistent/worker.sock"], "cannot reach the shared worker at worker.sock"),
+        (["--port", "BUSY"], "Address already in use); choose another --port"),
+        (["--max-upload-mb", "0"], "must be a whole number of MB >= 1"),
+        (["--token-file", "SHORT"], "the token in token.txt has 5 characters; use at least 32"),
+        (["--token-file", "/nonexistent/token.txt"], "cannot read the token file token.txt"),
+        (["--origin", "evil.example"], "--origin must read SCHEME://HOST[:PORT]"),
+        (["--pacs", "ORTHANC@127.0.0.1:4242"], "--pacs must read NAME=AET@HOST:PORT"),
+        (["--pacs", "main=ORTHANC@127.0.0.1:99999"], "C-STORE port must lie in 1-65535"),
+    ],
+)
 def test_a_bad_start_says_why_and_leaves_nothing(tmp_path, options, message):
     """Checked before the page is served: the model (it loads first), the shared worker, the
     address, the options; exit code 2, one line, no temporary folder left."""
@@ -188,11 +202,26 @@ def test_a_bad_start_says_why_and_leaves_nothing(tmp_path, options, message):
 
     (tmp_path / "token.txt").write_text("short\n")
     with socket.create_server(("127.0.0.1", 0)) as busy:
-        options = [str(busy.getsockname()[1]) if o == "BUSY" else str(tmp_path / "token.txt") if o == "SHORT" else o
-                   for o in options]
+        options = [
+            str(busy.getsockname()[1]) if o == "BUSY" else str(tmp_path / "token.txt") if o == "SHORT" else o
+            for o in options
+        ]
         completed = subprocess.run(
-            [sys.executable, "-m", "InstructX2XModuleLib.web.app", "--device", "cpu", "--port", "0", *options],
-            capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": str(tmp_path)})
+            [
+                sys.executable,
+                "-m",
+                "InstructX2XModuleLib.web.app",
+                "--device",
+                "cpu",
+                "--port",
+                "0",
+                *options,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "TMPDIR": str(tmp_path)},
+        )
     assert completed.returncode == 2 and message in completed.stderr, completed.stderr[-1500:]
     assert "Traceback" not in completed.stderr
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(("instructx2x-", "tmp"))]

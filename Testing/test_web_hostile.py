@@ -18,10 +18,10 @@ import urllib.request
 import pytest
 
 pytest.importorskip("trame_slicer")
-import aiohttp  # noqa: E402
-import psutil  # noqa: E402
-from web_driver import WebServer  # noqa: E402
-from wslink_client import WslinkClient  # noqa: E402
+import aiohttp
+import psutil
+from web_driver import WebServer
+from wslink_client import WslinkClient
 
 pytestmark = pytest.mark.web
 
@@ -31,8 +31,14 @@ MAX_CONNECTIONS = 4
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server = WebServer(tmp_path_factory.mktemp("hostile"), "untrained-tiny", "--max-upload-mb", str(MAX_UPLOAD_MB),
-                       "--max-connections", str(MAX_CONNECTIONS)).start()
+    server = WebServer(
+        tmp_path_factory.mktemp("hostile"),
+        "untrained-tiny",
+        "--max-upload-mb",
+        str(MAX_UPLOAD_MB),
+        "--max-connections",
+        str(MAX_CONNECTIONS),
+    ).start()
     yield server
     server.stop()
 
@@ -82,23 +88,31 @@ def test_the_page_needs_the_token_and_a_host_of_this_server(server):
     for path in ("/", "/index.html"):  # the cookie alone opens no page and gives no token away
         status, body = get(base + path, cookie)
         assert status == 403 and server.token not in body
-    status, _ = get(f"{base}/index.html?secret={server.token}", {**cookie, "Host": f"evil.example:{server.port}"})
+    status, _ = get(
+        f"{base}/index.html?secret={server.token}", {**cookie, "Host": f"evil.example:{server.port}"}
+    )
     assert status == 403  # a rebound DNS name is not this server
-    status, _ = get(f"{base}/index.html?secret={server.token}", {"Cookie": "instructx2x_session=\u00e9t\u00e9"})
+    status, _ = get(
+        f"{base}/index.html?secret={server.token}", {"Cookie": "instructx2x_session=\u00e9t\u00e9"}
+    )
     assert status == 403  # undecodable: refused, not a server error
     request = urllib.request.Request(f"{base}/index.html?secret={server.token}", headers=cookie)
     with urllib.request.urlopen(request, timeout=10) as response:
-        assert response.headers["X-Frame-Options"] == "DENY" and response.headers["Cache-Control"] == "no-store"
+        assert (
+            response.headers["X-Frame-Options"] == "DENY" and response.headers["Cache-Control"] == "no-store"
+        )
 
 
 def test_a_websocket_needs_the_cookie_an_own_origin_and_the_secret(server):
     async def attempts():
         refused = []
-        for options in ({"origin": origin(server)},  # no cookie
-                        {"origin": "http://evil.example", "cookie": server.token},
-                        {"cookie": server.cookie},  # no Origin
-                        {"origin": origin(server), "cookie": server.token},  # the token is not the cookie
-                        {"origin": origin(server), "cookie": "a" * 43}):
+        for options in (
+            {"origin": origin(server)},  # no cookie
+            {"origin": "http://evil.example", "cookie": server.token},
+            {"cookie": server.cookie},  # no Origin
+            {"origin": origin(server), "cookie": server.token},  # the token is not the cookie
+            {"origin": origin(server), "cookie": "a" * 43},
+        ):
             try:
                 async with WslinkClient(server.url, **options):
                     pass
@@ -120,9 +134,15 @@ def test_a_client_writes_only_the_page_inputs(server):
         async with legitimate(server) as client:
             await client.hello()
             before = await client.state()
-            await client.set_state(trame__template_main="<div>{{ window.injected = 1 }}</div>",
-                                   mask_sources=["x"], pacs_names=["evil"], status="injected", tau="0.5",
-                                   verify=1, instruction="Add the finding of left pleural effusion")
+            await client.set_state(
+                trame__template_main="<div>{{ window.injected = 1 }}</div>",
+                mask_sources=["x"],
+                pacs_names=["evil"],
+                status="injected",
+                tau="0.5",
+                verify=1,
+                instruction="Add the finding of left pleural effusion",
+            )
             malformed = await client.call("trame.state.update", {"key": "status", "value": "injected"})
             return before, await client.state(), malformed
 
@@ -149,7 +169,9 @@ def test_life_cycle_and_exit_messages_cannot_end_the_session(server):
     lifecycle, exiting, state = run(attack())
     assert "error" not in lifecycle and exiting["error"]["message"] == "Unregistered method called"
     assert server.process.poll() is None and state["trame__title"] == "InstructX2X"
-    assert [p for p in server.tmp.iterdir() if p.name.startswith("instructx2x-")]  # the session's folder stays
+    assert [
+        p for p in server.tmp.iterdir() if p.name.startswith("instructx2x-")
+    ]  # the session's folder stays
 
 
 def test_declared_sizes_allocate_nothing_and_cut_the_connection(server):
@@ -248,13 +270,16 @@ def test_in_chromium_an_injected_template_never_runs_and_a_foreign_page_gets_no_
     (tmp_path / "evil.html").write_text(
         "<script>window.verdict = new Promise(done => {"
         f" const socket = new WebSocket('ws://127.0.0.1:{server.port}/ws');"
-        " socket.onopen = () => done('open'); socket.onerror = () => done('refused'); });</script>")
+        " socket.onopen = () => done('open'); socket.onerror = () => done('refused'); });</script>"
+    )
     handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
     evil = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=evil.serve_forever, daemon=True).start()
     try:
         with sync_playwright() as driver:
-            browser = driver.chromium.launch(executable_path=require_tool("chromium", "chromium"), args=CHROMIUM_FLAGS)
+            browser = driver.chromium.launch(
+                executable_path=require_tool("chromium", "chromium"), args=CHROMIUM_FLAGS
+            )
             try:
                 context = browser.new_context(viewport={"width": 1400, "height": 900})
                 page = context.new_page()
@@ -262,7 +287,9 @@ def test_in_chromium_an_injected_template_never_runs_and_a_foreign_page_gets_no_
                 page.goto(server.url)  # the announced address: the panel's controls appear
                 page.get_by_test_id("apply").wait_for()
                 assert page.evaluate("window.injected") is None and page.locator("#injected").count() == 0
-                assert "secret" not in page.url and "token" not in page.url  # trame's client cleared the address
+                assert (
+                    "secret" not in page.url and "token" not in page.url
+                )  # trame's client cleared the address
                 page.reload()  # the token left the address bar: a reload says to open the printed address
                 assert "needs the address with its token" in page.content()
                 stranger = browser.new_context().new_page()
@@ -281,15 +308,20 @@ def test_in_chromium_an_injected_template_never_runs_and_a_foreign_page_gets_no_
 def test_view_calls_take_only_well_formed_events_for_the_pages_own_views(server):
     """A mistyped event field aborts VTK (the whole server); trame-rca's push, drop and reset let
     one client replace or freeze every viewer's image: refused, the server keeps answering."""
+
     async def attack():
         async with legitimate(server) as client:
             await client.hello()
             area = next(iter(json_areas(await client.state())), "Radiograph")
-            replies = [await client.call("trame.rca.event", area, "x", {"type": "MouseMove", "x": "a", "y": 1}),
-                       await client.call("trame.rca.event", area, "x", {"type": "MouseMove", "x": [1], "y": 1}),
-                       await client.call("trame.rca.event", "no such view", "x", {"type": "MouseMove", "x": 1, "y": 1}),
-                       await client.call("trame.rca.size", area, "x", {"w": 8000, "h": 8000, "p": 1}),
-                       await client.call("trame.rca.size", area, "x", {"w": 400, "h": 400, "p": "x"})]
+            replies = [
+                await client.call("trame.rca.event", area, "x", {"type": "MouseMove", "x": "a", "y": 1}),
+                await client.call("trame.rca.event", area, "x", {"type": "MouseMove", "x": [1], "y": 1}),
+                await client.call(
+                    "trame.rca.event", "no such view", "x", {"type": "MouseMove", "x": 1, "y": 1}
+                ),
+                await client.call("trame.rca.size", area, "x", {"w": 8000, "h": 8000, "p": 1}),
+                await client.call("trame.rca.size", area, "x", {"w": 400, "h": 400, "p": "x"}),
+            ]
             pushed = await client.call("trame.rca.push", area, {}, b"ATTACKER IMAGE")
             dropped = await client.call("trame.rca.drop", area, "x")
             return replies, pushed, dropped, await client.state()
@@ -317,8 +349,15 @@ def test_message_shapes_that_expand_are_cut_off(server):
     async def expanding():
         async with legitimate(server) as client:
             await client.hello()
-            bomb = msgpack.packb({"wslink": "1.0", "id": "rpc:c0:99", "method": "trame.state.get",
-                                  "args": [[[]] * (4 * 2**20)], "kwargs": {}})
+            bomb = msgpack.packb(
+                {
+                    "wslink": "1.0",
+                    "id": "rpc:c0:99",
+                    "method": "trame.state.get",
+                    "args": [[[]] * (4 * 2**20)],
+                    "kwargs": {},
+                }
+            )
             await client.send_raw(bomb)
             return (await client.socket.receive()).type
 
@@ -348,7 +387,6 @@ def test_message_shapes_that_expand_are_cut_off(server):
 def test_a_deflated_dicom_upload_is_refused_before_it_is_inflated(server, tmp_path):
     import pydicom
     from pydicom.uid import DeflatedExplicitVRLittleEndian
-
     from web_driver import SAMPLE
 
     dataset = pydicom.dcmread(SAMPLE)
@@ -359,8 +397,12 @@ def test_a_deflated_dicom_upload_is_refused_before_it_is_inflated(server, tmp_pa
     async def upload():
         async with legitimate(server) as client:
             await client.hello()
-            chunk = {"name": "deflated.dcm", "size": path.stat().st_size, "type": "application/dicom",
-                     "content": path.read_bytes()}
+            chunk = {
+                "name": "deflated.dcm",
+                "size": path.stat().st_size,
+                "type": "application/dicom",
+                "content": path.read_bytes(),
+            }
             await client.call("trame.trigger", "upload_chunk", [[chunk]], {})
             await client.call("trame.trigger", "upload_chunk", [[]], {})
             return (await client.state())["error"]
@@ -371,15 +413,23 @@ def test_a_deflated_dicom_upload_is_refused_before_it_is_inflated(server, tmp_pa
 def test_a_page_that_stops_reading_holds_no_one_else(server):
     """wslink sends to all pages under one lock: a client that asks and never reads is cut off
     after the send timeout, and the user is answered meanwhile or right after."""
+
     async def stalled_and_served():
         stalled = legitimate(server)
         await stalled.__aenter__()
         try:
             await stalled.hello()
-            stalled.socket._writer.transport.pause_reading()  # noqa: SLF001 - a client that reads nothing more
+            stalled.socket._writer.transport.pause_reading()
             for index in range(400):
-                await stalled.send({"wslink": "1.0", "id": f"rpc:c0:{1000 + index}", "method": "trame.state.get",
-                                    "args": [], "kwargs": {}})
+                await stalled.send(
+                    {
+                        "wslink": "1.0",
+                        "id": f"rpc:c0:{1000 + index}",
+                        "method": "trame.state.get",
+                        "args": [],
+                        "kwargs": {},
+                    }
+                )
             started = time.monotonic()
             async with legitimate(server) as user:
                 await user.hello()

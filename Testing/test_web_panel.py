@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 pytest.importorskip("trame_slicer")
-from InstructX2XModuleLib.web.app import WebPanel  # noqa: E402
-from InstructX2XModuleLib.web.uploads import UploadError, save_uploads  # noqa: E402
-from workers import poll_until, shared_worker  # noqa: E402
+from workers import poll_until, shared_worker
+
+from InstructX2XModuleLib.web.app import WebPanel
+from InstructX2XModuleLib.web.uploads import UploadError, save_uploads
 
 pytestmark = pytest.mark.web
 
@@ -41,8 +42,12 @@ def loaded(panel, path=SAMPLE):
 
 def drag(view, points):
     interactor = view.interactor()
-    for name, (x, y) in [("MouseMoveEvent", points[0]), ("LeftButtonPressEvent", points[0]),
-                         *[("MouseMoveEvent", p) for p in points[1:]], ("LeftButtonReleaseEvent", points[-1])]:
+    for name, (x, y) in [
+        ("MouseMoveEvent", points[0]),
+        ("LeftButtonPressEvent", points[0]),
+        *[("MouseMoveEvent", p) for p in points[1:]],
+        ("LeftButtonReleaseEvent", points[-1]),
+    ]:
         interactor.SetEventPosition(x, y)
         interactor.InvokeEvent(name)
 
@@ -103,7 +108,9 @@ def test_preview_rethreshold_apply_and_cancel(panel):
     from InstructX2XModuleLib import scene
 
     edited, original = scene.volume_to_array(counterfactual), scene.volume_to_array(panel.volume)
-    region = scene.volume_to_array(panel.session.results["mask"]) > 0  # the painted region at the model's grid
+    region = (
+        scene.volume_to_array(panel.session.results["mask"]) > 0
+    )  # the painted region at the model's grid
     assert (painted & region).sum() / (painted | region).sum() > 0.9
     assert np.array_equal(edited[~region], original[~region]) and not np.array_equal(edited, original)
     archive = panel.result_archive("dicom")
@@ -166,8 +173,14 @@ def test_the_disabled_guidance_fields_show_the_models_own_scales(tmp_path):
 
 
 def test_the_structured_helper_writes_the_instruction_and_it_is_parsed_live(panel):
-    panel.state.update({"compose_operation": "Add", "compose_finding": "pleural effusion", "compose_side": "left",
-                        "compose_to": "moderate"})
+    panel.state.update(
+        {
+            "compose_operation": "Add",
+            "compose_finding": "pleural effusion",
+            "compose_side": "left",
+            "compose_to": "moderate",
+        }
+    )
     panel.compose()
     assert panel.state.instruction == "Add the finding of moderate left pleural effusion"
     panel._on_instruction(instruction=panel.state.instruction)
@@ -191,11 +204,18 @@ def test_a_second_job_waits_with_its_position_shown(panel):
     assert panel.state.queue_text == "" and panel.state.has_result and not panel.state.running
 
 
-@pytest.mark.parametrize("name,content,message", [
-    ("notes.txt", b"hello", ".txt files are not radiographs"),
-    ("broken.dcm", b"\0" * 128 + b"DICM" + b"\0" * 10, "broken.dcm: missing SOPClassUID is not a radiograph"),
-    ("empty.png", b"", "empty.png"),
-])
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("notes.txt", b"hello", ".txt files are not radiographs"),
+        (
+            "broken.dcm",
+            b"\0" * 128 + b"DICM" + b"\0" * 10,
+            "broken.dcm: missing SOPClassUID is not a radiograph",
+        ),
+        ("empty.png", b"", "empty.png"),
+    ],
+)
 def test_a_bad_upload_gets_its_message_and_changes_nothing(panel, name, content, message):
     view = loaded(panel)
     volume = panel.volume
@@ -213,13 +233,17 @@ def test_a_png_is_shown_as_a_pa_film(panel):
     pixels = scene.volume_to_array(panel.volume)
     from PIL import Image
 
-    assert np.array_equal(pixels, np.asarray(Image.open(PNG_SAMPLE).convert("L"), dtype=np.float32)) or \
-        np.array_equal(pixels, np.asarray(Image.open(PNG_SAMPLE), dtype=np.float32))
+    assert np.array_equal(
+        pixels, np.asarray(Image.open(PNG_SAMPLE).convert("L"), dtype=np.float32)
+    ) or np.array_equal(pixels, np.asarray(Image.open(PNG_SAMPLE), dtype=np.float32))
 
 
 def test_a_folder_opens_its_first_radiograph(panel):
-    files = [("a-report.dcm", b"\0" * 128 + b"DICM" + b"\0" * 16), ("notes", b"not dicom"),
-             (SAMPLE.name, SAMPLE.read_bytes())]
+    files = [
+        ("a-report.dcm", b"\0" * 128 + b"DICM" + b"\0" * 16),
+        ("notes", b"not dicom"),
+        (SAMPLE.name, SAMPLE.read_bytes()),
+    ]
     assert panel.load(files), panel.state.error
     assert panel.state.has_dicom and panel.loaded.path.name == SAMPLE.name
 
@@ -247,8 +271,12 @@ def test_test_connection_and_send_to_a_real_pacs(panel, tmp_path):
     (tmp_path / "orthanc").mkdir()
     orthanc = OrthancServer(tmp_path / "orthanc").start()
     try:
-        panel.pacs_targets = PacsTargets.from_arguments([f"main={orthanc.aet}@127.0.0.1:{orthanc.dicom_port}",
-                                                         f"wrong=WRONG@127.0.0.1:{orthanc.dicom_port}"])
+        panel.pacs_targets = PacsTargets.from_arguments(
+            [
+                f"main={orthanc.aet}@127.0.0.1:{orthanc.dicom_port}",
+                f"wrong=WRONG@127.0.0.1:{orthanc.dicom_port}",
+            ]
+        )
         loaded(panel)
         panel.state.update({"instruction": INSTRUCTION, "steps": 2, "verify": False})
         panel.state.pacs_target = "main"
@@ -278,7 +306,6 @@ def test_test_connection_and_send_to_a_real_pacs(panel, tmp_path):
 
 def test_pacs_targets_come_only_from_the_servers_configuration(tmp_path):
     from instructx2x.errors import ParameterError
-
     from InstructX2XModuleLib.web.pacs_targets import PacsTargets
 
     config = tmp_path / "pacs.json"
@@ -288,8 +315,12 @@ def test_pacs_targets_come_only_from_the_servers_configuration(tmp_path):
     assert (targets.get("research").host, targets.get("research").port) == ("::1", 4242)
     with pytest.raises(ParameterError, match="names no PACS"):
         PacsTargets({}).get("archive")
-    for entries, message in ((["a=AE@host"], "must read AET@HOST:PORT"), (["a=AE@h:1", "a=AE@h:2"], "given twice"),
-                             (["../x=AE@h:1"], "PACS name"), (["a=THIS_TITLE_IS_TOO_LONG@h:1"], "AET@HOST:PORT")):
+    for entries, message in (
+        (["a=AE@host"], "must read AET@HOST:PORT"),
+        (["a=AE@h:1", "a=AE@h:2"], "given twice"),
+        (["../x=AE@h:1"], "PACS name"),
+        (["a=THIS_TITLE_IS_TOO_LONG@h:1"], "AET@HOST:PORT"),
+    ):
         with pytest.raises(ParameterError, match=message):
             PacsTargets.from_arguments(entries)
     config.write_text("[1, 2]")
@@ -307,8 +338,14 @@ def test_a_page_on_a_shared_worker_shows_its_place_in_the_queue(tmp_path):
         other = WorkerClient("the worker's", socket_path=str(path))
         other.start()
         poll_until(other, lambda e: other.state is WorkerState.READY)
-        other.submit("edit", {"input": str(PNG_SAMPLE), "output": str(tmp_path / "other"),
-                              "parameters": {"instruction": INSTRUCTION, "num_inference_steps": 400}})
+        other.submit(
+            "edit",
+            {
+                "input": str(PNG_SAMPLE),
+                "output": str(tmp_path / "other"),
+                "parameters": {"instruction": INSTRUCTION, "num_inference_steps": 400},
+            },
+        )
         poll_until(other, lambda e: any(x["event"] == "progress" for x in e))
         panel = WebPanel(worker_socket=str(path))
         try:

@@ -15,11 +15,9 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
-
-from instructx2x.serve import ACCEPT_BACKOFF_S, MAX_CLIENTS, MAX_LINE_BYTES
-
 from workers import poll_until
 
+from instructx2x.serve import ACCEPT_BACKOFF_S, MAX_CLIENTS, MAX_LINE_BYTES
 from InstructX2XModuleLib.worker import WorkerClient, WorkerError, WorkerState
 
 LONG = 1000  # denoising steps: minutes on the CPU, so a job that is not cancelled shows
@@ -46,8 +44,11 @@ class Peer:
     def until(self, request_id: str, within: float = 30) -> list[dict]:
         """Events until ``request_id`` ends, which must happen ``within`` seconds."""
         events, deadline = [], time.monotonic() + within
-        while not events or events[-1].get("id") != request_id or \
-                events[-1]["event"] not in ("done", "error", "cancelled"):
+        while (
+            not events
+            or events[-1].get("id") != request_id
+            or events[-1]["event"] not in ("done", "error", "cancelled")
+        ):
             self.socket.settimeout(max(deadline - time.monotonic(), 0.01))
             try:
                 event = self.event()
@@ -91,9 +92,22 @@ def worker(tmp_path_factory):
     folder = tmp_path_factory.mktemp("shared")
     path, log = folder / "worker.sock", folder / "worker.log"
     with open(log, "w") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "instructx2x.cli", "serve", "--socket", str(path),
-                                    "--model", "untrained-tiny", "--device", "cpu"],
-                                   stdout=subprocess.DEVNULL, stderr=stderr)
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "instructx2x.cli",
+                "serve",
+                "--socket",
+                str(path),
+                "--model",
+                "untrained-tiny",
+                "--device",
+                "cpu",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     try:
         deadline = time.monotonic() + 120
         while not path.exists():
@@ -117,9 +131,15 @@ def film(tmp_path_factory):
 
 
 def job(film, output, steps=2):
-    return {"input": str(film), "output": str(output),
-            "parameters": {"instruction": "Add the finding of left pleural effusion",
-                           "num_inference_steps": steps, "resolution": 64}}
+    return {
+        "input": str(film),
+        "output": str(output),
+        "parameters": {
+            "instruction": "Add the finding of left pleural effusion",
+            "num_inference_steps": steps,
+            "resolution": 64,
+        },
+    }
 
 
 def ready(peer: Peer) -> Peer:
@@ -300,7 +320,9 @@ def test_a_client_may_keep_only_so_many_jobs_waiting(worker, film, tmp_path):
             greedy.send({"type": "preview", "id": f"w{index}", "job": job(film, tmp_path / f"w{index}")})
         refused = greedy.until(f"w{MAX_WAITING_PER_CLIENT}")
         queued = [e["id"] for e in refused if e["event"] == "queued"]
-        assert queued == [f"w{index}" for index in range(MAX_WAITING_PER_CLIENT)] and MAX_WAITING_PER_CLIENT == 8
+        assert (
+            queued == [f"w{index}" for index in range(MAX_WAITING_PER_CLIENT)] and MAX_WAITING_PER_CLIENT == 8
+        )
         assert refused[-1]["event"] == "error" and refused[-1]["kind"] == "ResourceError"
         assert "8 of your jobs already wait" in refused[-1]["message"]
     finally:
@@ -361,8 +383,9 @@ class FakeWorker:
 
 def test_the_client_refuses_a_done_outside_the_folder_it_asked_for(tmp_path):
     asked = tmp_path / "asked"
-    fake = FakeWorker(tmp_path / "fake.sock", [str(tmp_path / "elsewhere"), str(asked / ".." / "elsewhere"),
-                                               str(asked)])
+    fake = FakeWorker(
+        tmp_path / "fake.sock", [str(tmp_path / "elsewhere"), str(asked / ".." / "elsewhere"), str(asked)]
+    )
     client = WorkerClient("the worker's", socket_path=str(tmp_path / "fake.sock"))
     client.start()
     try:
@@ -395,8 +418,11 @@ time.sleep(30)
 
 @as_another_user
 def test_the_client_refuses_a_worker_of_another_user(tmp_path):
-    process = subprocess.Popen([sys.executable, "-c", FOREIGN_WORKER, str(tmp_path / "foreign.sock")],
-                               stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", FOREIGN_WORKER, str(tmp_path / "foreign.sock")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert process.stdout.readline() == "listening\n"
         client = WorkerClient("the worker's", socket_path=str(tmp_path / "foreign.sock"))
@@ -431,9 +457,16 @@ def test_the_worker_refuses_a_client_of_another_user(worker):
     try:
         folder.chmod(0o711)
         worker.path.chmod(0o666)
-        answers = {user: subprocess.run([sys.executable, "-c", FOREIGN_CLIENT, str(folder), user],
-                                        check=True, capture_output=True, text=True, timeout=60).stdout.strip()
-                   for user in ("other", "ours")}
+        answers = {
+            user: subprocess.run(
+                [sys.executable, "-c", FOREIGN_CLIENT, str(folder), user],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            ).stdout.strip()
+            for user in ("other", "ours")
+        }
     finally:
         worker.path.chmod(0o600)
         folder.chmod(0o700)

@@ -70,9 +70,20 @@ def test_stopping_an_unresponsive_worker_ends_launcher_and_child_and_removes_the
     (tmp_path / "launcher.py").write_text(LAUNCHER)
     (tmp_path / "worker.py").write_text(WORKER)
     log = tmp_path / "requests.log"
-    result = subprocess.run([sys.executable, "-c", CHECK, str(MODULE), str(tmp_path / "launcher.py"),
-                             str(tmp_path / "worker.py"), str(log)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CHECK,
+            str(MODULE),
+            str(tmp_path / "launcher.py"),
+            str(tmp_path / "worker.py"),
+            str(log),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     child = int(Path(f"{log}.pid").read_text())
     try:
         assert result.returncode == 0, result.stderr[-2000:]
@@ -80,7 +91,11 @@ def test_stopping_an_unresponsive_worker_ends_launcher_and_child_and_removes_the
         assert outcome["state"] == "stopped" and not outcome["exists"]
         assert not alive(outcome["launcher"]) and not alive(child)  # the launcher's child too
         # the running job is cancelled before the worker is asked to exit
-        assert [json.loads(line)["type"] for line in log.read_text().splitlines()] == ["edit", "cancel", "shutdown"]
+        assert [json.loads(line)["type"] for line in log.read_text().splitlines()] == [
+            "edit",
+            "cancel",
+            "shutdown",
+        ]
     finally:
         if alive(child):
             subprocess.run(["kill", "-9", str(child)])

@@ -17,9 +17,15 @@ from instructx2x.errors import ModelLoadError
 
 xrv = pytest.importorskip("torchxrayvision")
 pytest.importorskip("torchvision")
-from instructx2x.xrv_classifiers import (AGE_WEIGHTS, DENSENET_FILES, DIGESTS_ENV, RACE_WEIGHTS,  # noqa: E402
-                                         TorchXRayVisionClassifiers)
-from xrv_weights import write_digests, write_xrv_weights  # noqa: E402  (Testing/, on the path by conftest)
+from xrv_weights import write_digests, write_xrv_weights  # noqa: E402  (after the skips above)
+
+from instructx2x.xrv_classifiers import (  # noqa: E402
+    AGE_WEIGHTS,
+    DENSENET_FILES,
+    DIGESTS_ENV,
+    RACE_WEIGHTS,
+    TorchXRayVisionClassifiers,
+)
 
 pytestmark = pytest.mark.xrv
 
@@ -67,9 +73,13 @@ def test_weights_from_the_cache_load_and_read_films(home, monkeypatch):
     with torch.no_grad():
         direct = classifiers.densenet(direct_input)[0]
     for column, name in enumerate(PATHOLOGIES):
-        assert predicted.findings[0, column] == pytest.approx(float(direct[classifiers.densenet.pathologies.index(name)]), abs=1e-5)
+        assert predicted.findings[0, column] == pytest.approx(
+            float(direct[classifiers.densenet.pathologies.index(name)]), abs=1e-5
+        )
     # the age model saw the film through the same preprocessing at 320 px
-    age_input = torch.from_numpy(xrv.datasets.XRayResizer(320)(crop(xrv.utils.normalize(films[1], 1.0)[None])))
+    age_input = torch.from_numpy(
+        xrv.datasets.XRayResizer(320)(crop(xrv.utils.normalize(films[1], 1.0)[None]))
+    )
     scaled = float(((age_input + 1024) / 2048).mean())
     means, stds = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the AgeModel's ImageNet normalisation
     expected_age = 40 + 10 * np.mean([(scaled - m) / s for m, s in zip(means, stds)])
@@ -81,10 +91,13 @@ def test_a_weights_dir_holds_all_three_files_and_a_bad_file_is_refused(home, tmp
     digests = write_xrv_weights(elsewhere, "densenet121-res224-mimic_ch")
     monkeypatch.setenv(DIGESTS_ENV, str(digests))
     classifiers = TorchXRayVisionClassifiers.from_weights(elsewhere, densenet="densenet121-res224-mimic_ch")
-    assert "mimic_ch" in classifiers.name and classifiers.predict([np.full((64, 64), 0.5, np.float32)]).age.shape == (1,)
+    assert "mimic_ch" in classifiers.name and classifiers.predict(
+        [np.full((64, 64), 0.5, np.float32)]
+    ).age.shape == (1,)
     assert os.environ["HOME"] == str(home) and list(home.iterdir()) == []  # HOME back, nothing left
-    assert sorted(p.name for p in elsewhere.iterdir()) == sorted([AGE_WEIGHTS, RACE_WEIGHTS,
-                                                                  "mimic_ch-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt"])
+    assert sorted(p.name for p in elsewhere.iterdir()) == sorted(
+        [AGE_WEIGHTS, RACE_WEIGHTS, "mimic_ch-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt"]
+    )
     (elsewhere / AGE_WEIGHTS).write_bytes(b"not a model")
     with pytest.raises(ModelLoadError, match=f"AgeModel: {elsewhere / AGE_WEIGHTS} has SHA-256"):
         TorchXRayVisionClassifiers.from_weights(elsewhere, densenet="densenet121-res224-mimic_ch")
@@ -95,7 +108,9 @@ def test_a_weights_dir_holds_all_three_files_and_a_bad_file_is_refused(home, tmp
 
 
 @pytest.mark.parametrize("densenet", list(DENSENET_FILES))
-def test_a_planted_pickle_is_refused_before_torchxrayvision_unpickles_it(home, tmp_path, monkeypatch, densenet):
+def test_a_planted_pickle_is_refused_before_torchxrayvision_unpickles_it(
+    home, tmp_path, monkeypatch, densenet
+):
     cache = home / ".torchxrayvision" / "models_data"
     digests = write_xrv_weights(cache, densenet)
     marker = tmp_path / "code-ran"
@@ -128,17 +143,32 @@ def test_the_evaluation_runs_on_torchxrayvision(home, tmp_path, monkeypatch):
     from instructx2x_train.evaluation import EvaluationConfig, evaluate
 
     monkeypatch.setenv(DIGESTS_ENV, str(write_xrv_weights(home / ".torchxrayvision" / "models_data")))
-    write_pure_pairs(tmp_path / "pairs", PurePairsConfig(pairs=4, seed=7, resolution=128, split="test",
-                                                         other_finding_probability=0.0))
-    report = evaluate(tmp_path / "report", EvaluationConfig(
-        model="demo", dataset=str(tmp_path / "pairs"), modes=("rse",), classifiers="torchxrayvision",
-        bootstrap=5), progress_bar=False)
+    write_pure_pairs(
+        tmp_path / "pairs",
+        PurePairsConfig(pairs=4, seed=7, resolution=128, split="test", other_finding_probability=0.0),
+    )
+    report = evaluate(
+        tmp_path / "report",
+        EvaluationConfig(
+            model="demo",
+            dataset=str(tmp_path / "pairs"),
+            modes=("rse",),
+            classifiers="torchxrayvision",
+            bootstrap=5,
+        ),
+        progress_bar=False,
+    )
     assert report["classifiers"]["name"] == "torchxrayvision (densenet121-res224-all)"
-    assert set(report["rows"]) == {"real images", "rse"} and 0 <= report["rows"]["rse"]["pathology_accuracy"] <= 100
+    assert (
+        set(report["rows"]) == {"real images", "rse"}
+        and 0 <= report["rows"]["rse"]["pathology_accuracy"] <= 100
+    )
     assert (tmp_path / "report" / "evaluation.md").is_file()
 
 
-def test_auto_verification_reads_a_real_dicom_film_with_torchxrayvision_when_its_weights_pass(home, monkeypatch):
+def test_auto_verification_reads_a_real_dicom_film_with_torchxrayvision_when_its_weights_pass(
+    home, monkeypatch
+):
     from pydicom.data import get_testdata_file
 
     from instructx2x.dicom.read import read_dicom

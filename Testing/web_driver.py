@@ -14,15 +14,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-
 from orthanc import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "Resources" / "Samples" / "phantom_pa.dcm"
 READY = "InstructX2X web panel: http://"
 # Debian's chromium, headless, with no traffic of its own (this machine's network is closed)
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-                  "--disable-background-networking", "--disable-component-update"]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
 
 
 class WebServer:
@@ -35,15 +41,29 @@ class WebServer:
         self.port = free_port()
         # the announced address, its token and the session cookie it gives, once started
         self.url, self.token, self.cookie = f"http://127.0.0.1:{self.port}/", "", ""
-        self.command = [sys.executable, "-m", "InstructX2XModuleLib.web.app", "--model", model, "--device", "cpu",
-                        "--port", str(self.port), *options]
+        self.command = [
+            sys.executable,
+            "-m",
+            "InstructX2XModuleLib.web.app",
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--port",
+            str(self.port),
+            *options,
+        ]
         self.process: subprocess.Popen | None = None
         self.start_s = float("nan")
 
-    def start(self, timeout: float = 60) -> "WebServer":
+    def start(self, timeout: float = 60) -> WebServer:
         started = time.monotonic()
-        self.process = subprocess.Popen(self.command, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
-                                        env={**os.environ, "TMPDIR": str(self.tmp), "CUDA_VISIBLE_DEVICES": "-1"})
+        self.process = subprocess.Popen(
+            self.command,
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "TMPDIR": str(self.tmp), "CUDA_VISIBLE_DEVICES": "-1"},
+        )
         while READY not in self.log.read_text():
             if self.process.poll() is not None:
                 raise RuntimeError(self.log.read_text()[-2000:])
@@ -68,8 +88,10 @@ class WebServer:
 
         server = psutil.Process(self.process.pid)
         workers = server.children(recursive=True)
-        return {"server_mb": server.memory_info().rss / 2**20,
-                "worker_mb": sum(child.memory_info().rss for child in workers) / 2**20}
+        return {
+            "server_mb": server.memory_info().rss / 2**20,
+            "worker_mb": sum(child.memory_info().rss for child in workers) / 2**20,
+        }
 
 
 def session_cookie(url: str) -> str:
@@ -128,8 +150,9 @@ def warm_pixels(page) -> int:
     """Pixels of the slice view in the guidance overlay's colours (the grey film has none)."""
     from PIL import Image
 
-    shot = np.asarray(Image.open(io.BytesIO(page.get_by_test_id("slice-view").screenshot())).convert("RGB"),
-                      dtype=int)
+    shot = np.asarray(
+        Image.open(io.BytesIO(page.get_by_test_id("slice-view").screenshot())).convert("RGB"), dtype=int
+    )
     return int(((shot[..., 0] - shot[..., 2] > 80) & (shot[..., 0] > 150)).sum())
 
 

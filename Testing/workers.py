@@ -26,9 +26,23 @@ def poll_until(source, until, timeout: float = 120) -> list[dict]:
 def shared_worker(path: Path, model: str = "untrained-tiny"):
     """``instructx2x serve --socket`` on the CPU, ready when its socket exists; stopped with
     SIGTERM, which must end it cleanly."""
-    server = subprocess.Popen([sys.executable, "-m", "instructx2x.cli", "serve", "--socket", str(path),
-                               "--model", model, "--device", "cpu"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "instructx2x.cli",
+            "serve",
+            "--socket",
+            str(path),
+            "--model",
+            model,
+            "--device",
+            "cpu",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not path.exists():
@@ -49,4 +63,6 @@ def radiograph(scene):
     from InstructX2XModuleLib import scene as layer
 
     yy, xx = np.mgrid[0:72, 0:64]
-    return layer.array_to_volume(scene, (2000 + 900 * np.sin(yy / 7) * np.cos(xx / 5)).astype(np.float32), "chest")
+    return layer.array_to_volume(
+        scene, (2000 + 900 * np.sin(yy / 7) * np.cos(xx / 5)).astype(np.float32), "chest"
+    )

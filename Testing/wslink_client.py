@@ -17,8 +17,14 @@ CHUNK_BYTES = 4 * 2**20
 class WslinkClient:
     """One websocket connection to ``url`` (``http://host:port/``) with the given headers."""
 
-    def __init__(self, url: str, token: str | None = None, origin: str | None = None,
-                 cookie: str | None = None, host: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        origin: str | None = None,
+        cookie: str | None = None,
+        host: str | None = None,
+    ) -> None:
         self.url = url.split("?")[0].rstrip("/") + "/ws"
         self.headers = {}
         if origin is not None:
@@ -35,7 +41,7 @@ class WslinkClient:
         self._ids = itertools.count(1)
         self.published: list[dict] = []
 
-    async def __aenter__(self) -> "WslinkClient":
+    async def __aenter__(self) -> WslinkClient:
         self.session = aiohttp.ClientSession()
         try:
             self.socket = await self.session.ws_connect(self.url, headers=self.headers, max_msg_size=0)
@@ -78,7 +84,9 @@ class WslinkClient:
         return await self.receive(rpc_id)
 
     async def hello(self, secret: str | None = None) -> dict:
-        return await self.call("wslink.hello", {"secret": self.token if secret is None else secret}, system=True)
+        return await self.call(
+            "wslink.hello", {"secret": self.token if secret is None else secret}, system=True
+        )
 
     async def set_state(self, **changes) -> dict:
         return await self.call("trame.state.update", [{"key": k, "value": v} for k, v in changes.items()])

@@ -38,8 +38,10 @@ def write_xrv_weights(cache: Path, densenet: str = "densenet121-res224-all") -> 
     cache.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     urls = xrv.models.model_urls[densenet]
-    torch.save(xrv.models.DenseNet(weights=None, num_classes=len(urls["labels"])),
-               cache / os.path.basename(urls["weights_url"]))
+    torch.save(
+        xrv.models.DenseNet(weights=None, num_classes=len(urls["labels"])),
+        cache / os.path.basename(urls["weights_url"]),
+    )
     race = torchvision.models.resnet34(weights=None)
     race.fc = nn.Sequential(nn.Linear(512, 3), nn.LogSoftmax(dim=1))
     torch.save(nn.DataParallel(race).state_dict(), cache / RACE_WEIGHTS)
@@ -49,6 +51,8 @@ def write_xrv_weights(cache: Path, densenet: str = "densenet121-res224-all") -> 
 
 def write_digests(cache: Path, digests: Path) -> Path:
     """Pin every file in ``cache`` as it is now, in ``digests`` (``sha256sum`` lines)."""
-    lines = [f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.name}\n" for path in sorted(cache.iterdir())]
+    lines = [
+        f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.name}\n" for path in sorted(cache.iterdir())
+    ]
     digests.write_text("".join(lines))
     return digests

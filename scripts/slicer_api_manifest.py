@@ -66,6 +66,7 @@ class ManifestError(RuntimeError):
 
 # -- git ---------------------------------------------------------------------------------------
 
+
 def git(git_dir: Path, *args: str) -> str:
     """Run git on ``git_dir`` and return its standard output."""
     completed = subprocess.run(["git", "--git-dir", str(git_dir), *args], capture_output=True, text=True)
@@ -76,14 +77,18 @@ def git(git_dir: Path, *args: str) -> str:
 
 def show(git_dir: Path, revision: str, path: str) -> str | None:
     """The file at ``revision``, or None where it does not exist."""
-    completed = subprocess.run(["git", "--git-dir", str(git_dir), "show", f"{revision}:{path}"],
-                               capture_output=True, text=True)
+    completed = subprocess.run(
+        ["git", "--git-dir", str(git_dir), "show", f"{revision}:{path}"], capture_output=True, text=True
+    )
     return completed.stdout if completed.returncode == 0 else None
 
 
 def commit_of(git_dir: Path, revision: str) -> str:
-    completed = subprocess.run(["git", "--git-dir", str(git_dir), "rev-parse", "--verify", "--quiet",
-                                f"{revision}^{{commit}}"], capture_output=True, text=True)
+    completed = subprocess.run(
+        ["git", "--git-dir", str(git_dir), "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}"],
+        capture_output=True,
+        text=True,
+    )
     if completed.returncode != 0:
         raise ManifestError(f"{revision} is no tag or commit of {git_dir}")
     return completed.stdout.strip()
@@ -100,6 +105,7 @@ def headers_by_name(git_dir: Path, revision: str) -> dict[str, str]:
 
 # -- Python sources ------------------------------------------------------------------------------
 
+
 def signature(function: ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda) -> dict:
     """Parameters (name, kind, whether it has a default) and decorators of a def or lambda."""
     arguments = function.args
@@ -115,8 +121,9 @@ def signature(function: ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda) -> 
         params.append({"name": argument.arg, "kind": "keyword_only", "default": default is not None})
     if arguments.kwarg is not None:
         params.append({"name": arguments.kwarg.arg, "kind": "var_keyword", "default": False})
-    decorators = sorted({ast.unparse(d).split("(")[0].rsplit(".", 1)[-1]
-                         for d in getattr(function, "decorator_list", [])})
+    decorators = sorted(
+        {ast.unparse(d).split("(")[0].rsplit(".", 1)[-1] for d in getattr(function, "decorator_list", [])}
+    )
     return {"params": params, "decorators": decorators}
 
 
@@ -129,8 +136,12 @@ def _statements(body: list[ast.stmt]):
             yield from _statements(statement.body)
             yield from _statements(statement.orelse)
         elif isinstance(statement, ast.Try):
-            for block in (statement.body, statement.orelse, statement.finalbody,
-                          *[handler.body for handler in statement.handlers]):
+            for block in (
+                statement.body,
+                statement.orelse,
+                statement.finalbody,
+                *[handler.body for handler in statement.handlers],
+            ):
                 yield from _statements(block)
         elif isinstance(statement, ast.With):
             yield from _statements(statement.body)
@@ -143,19 +154,28 @@ def describe_class(node: ast.ClassDef) -> dict:
         if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef)):
             methods[statement.name] = signature(statement)
             for inner in ast.walk(statement):
-                targets = inner.targets if isinstance(inner, ast.Assign) else (
-                    [inner.target] if isinstance(inner, (ast.AnnAssign, ast.AugAssign)) else [])
+                targets = (
+                    inner.targets
+                    if isinstance(inner, ast.Assign)
+                    else ([inner.target] if isinstance(inner, (ast.AnnAssign, ast.AugAssign)) else [])
+                )
                 for target in targets:
                     for leaf in ast.walk(target):
-                        if (isinstance(leaf, ast.Attribute) and isinstance(leaf.value, ast.Name)
-                                and leaf.value.id == "self"):
+                        if (
+                            isinstance(leaf, ast.Attribute)
+                            and isinstance(leaf.value, ast.Name)
+                            and leaf.value.id == "self"
+                        ):
                             attributes.add(leaf.attr)
         elif isinstance(statement, ast.Assign):
             attributes |= {t.id for t in statement.targets if isinstance(t, ast.Name)}
         elif isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name):
             attributes.add(statement.target.id)
-    return {"bases": [ast.unparse(base) for base in node.bases], "methods": methods,
-            "attributes": sorted(attributes - set(methods))}
+    return {
+        "bases": [ast.unparse(base) for base in node.bases],
+        "methods": methods,
+        "attributes": sorted(attributes - set(methods)),
+    }
 
 
 def describe_module(source: str) -> dict:
@@ -170,8 +190,12 @@ def describe_module(source: str) -> dict:
         elif isinstance(statement, (ast.Import, ast.ImportFrom)):
             names |= {(alias.asname or alias.name).split(".")[0] for alias in statement.names}
         elif isinstance(statement, ast.Assign):
-            names |= {leaf.id for target in statement.targets for leaf in ast.walk(target)
-                      if isinstance(leaf, ast.Name)}
+            names |= {
+                leaf.id
+                for target in statement.targets
+                for leaf in ast.walk(target)
+                if isinstance(leaf, ast.Name)
+            }
         elif isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name):
             names.add(statement.target.id)
     names -= set(functions) | set(classes) | {"*"}
@@ -181,8 +205,9 @@ def describe_module(source: str) -> dict:
 def module_all(source: str) -> list[str] | None:
     """A module's ``__all__`` (a literal list or tuple of strings), or None."""
     for statement in ast.parse(source).body:
-        if (isinstance(statement, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__"
-                                                      for t in statement.targets)):
+        if isinstance(statement, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "__all__" for t in statement.targets
+        ):
             return [element.value for element in statement.value.elts]
     return None
 
@@ -205,8 +230,11 @@ def parameter_node_wrapper(git_dir: Path, tag: str) -> dict:
         if statement.names[0].name == "*":
             names = module_all(source)
             if names is None:
-                names = [n for n in [*described["functions"], *described["classes"], *described["names"]]
-                         if not n.startswith("_")]
+                names = [
+                    n
+                    for n in [*described["functions"], *described["classes"], *described["names"]]
+                    if not n.startswith("_")
+                ]
         else:
             names = [alias.asname or alias.name for alias in statement.names]
         for name in names:
@@ -217,19 +245,27 @@ def parameter_node_wrapper(git_dir: Path, tag: str) -> dict:
                 exports[name] = {"kind": "class", **(init_method or _dataclass_init(source, name))}
             else:
                 exports[name] = {"kind": "name"}
-    return {"exports": exports, "wrapper_methods": _wrapper_methods(sources["wrapper"]),
-            "connectors": gui_connectors(sources["guiConnectors"])}
+    return {
+        "exports": exports,
+        "wrapper_methods": _wrapper_methods(sources["wrapper"]),
+        "connectors": gui_connectors(sources["guiConnectors"]),
+    }
 
 
 def _dataclass_init(source: str, name: str) -> dict:
     """The ``__init__`` parameters of a class without one (a dataclass: its annotated fields)."""
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ClassDef) and node.name == name:
-            fields = [item for item in node.body if isinstance(item, ast.AnnAssign)
-                      and isinstance(item.target, ast.Name)]
+            fields = [
+                item
+                for item in node.body
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
+            ]
             params = [{"name": "self", "kind": "positional_or_keyword", "default": False}]
-            params += [{"name": f.target.id, "kind": "positional_or_keyword", "default": f.value is not None}
-                       for f in fields]
+            params += [
+                {"name": f.target.id, "kind": "positional_or_keyword", "default": f.value is not None}
+                for f in fields
+            ]
             return {"params": params, "decorators": []}
     raise ManifestError(f"class {name} not found")
 
@@ -241,9 +277,13 @@ def _wrapper_methods(source: str) -> dict:
     described = describe_module(source)["functions"]
     methods = {}
     for node in ast.walk(ast.parse(source)):
-        if not (isinstance(node, ast.Call) and ast.unparse(node.func) in ("setattr", "checkedSetAttr")
-                and len(node.args) == 3 and ast.unparse(node.args[0]) == "classtype"
-                and isinstance(node.args[1], ast.Constant)):
+        if not (
+            isinstance(node, ast.Call)
+            and ast.unparse(node.func) in ("setattr", "checkedSetAttr")
+            and len(node.args) == 3
+            and ast.unparse(node.args[0]) == "classtype"
+            and isinstance(node.args[1], ast.Constant)
+        ):
             continue
         value = node.args[2]
         if isinstance(value, ast.Name) and value.id in described:
@@ -261,8 +301,10 @@ def gui_connectors(source: str) -> list[dict]:
     and ``create`` (``findFirstAnnotation(..., validators.X)`` that raises when None)."""
     connectors = []
     for node in ast.parse(source).body:
-        if not (isinstance(node, ast.ClassDef) and any(ast.unparse(d) == "parameterNodeGuiConnector"
-                                                       for d in node.decorator_list)):
+        if not (
+            isinstance(node, ast.ClassDef)
+            and any(ast.unparse(d) == "parameterNodeGuiConnector" for d in node.decorator_list)
+        ):
             continue
         methods = {item.name: item for item in node.body if isinstance(item, ast.FunctionDef)}
         widgets, types = set(), set()
@@ -271,8 +313,11 @@ def gui_connectors(source: str) -> list[dict]:
                 left = ast.unparse(inner.left)
                 values = []
                 for comparator in inner.comparators:
-                    values += ([ast.unparse(e) for e in comparator.elts]
-                               if isinstance(comparator, (ast.Tuple, ast.List, ast.Set)) else [ast.unparse(comparator)])
+                    values += (
+                        [ast.unparse(e) for e in comparator.elts]
+                        if isinstance(comparator, (ast.Tuple, ast.List, ast.Set))
+                        else [ast.unparse(comparator)]
+                    )
                 if left == "type(widget)":
                     widgets.update(values)
                 elif left == "unannotatedType(datatype)":
@@ -285,8 +330,14 @@ def gui_connectors(source: str) -> list[dict]:
                     types.add("vtkMRMLNode")
                 elif call.endswith("isParameterPack"):
                     types.add("parameterPack")
-        connectors.append({"name": node.name, "widgets": sorted(w.rsplit(".", 1)[-1] for w in widgets),
-                           "types": sorted(types), "required_annotations": _required_annotations(methods["create"])})
+        connectors.append(
+            {
+                "name": node.name,
+                "widgets": sorted(w.rsplit(".", 1)[-1] for w in widgets),
+                "types": sorted(types),
+                "required_annotations": _required_annotations(methods["create"]),
+            }
+        )
     return connectors
 
 
@@ -295,14 +346,23 @@ def _required_annotations(create: ast.FunctionDef) -> list[str]:
     found: dict[str, str] = {}
     required = []
     for statement in ast.walk(create):
-        if isinstance(statement, ast.Assign) and isinstance(statement.value, ast.Call) \
-                and ast.unparse(statement.value.func).endswith("findFirstAnnotation") \
-                and len(statement.value.args) == 2 and isinstance(statement.targets[0], ast.Name):
+        if (
+            isinstance(statement, ast.Assign)
+            and isinstance(statement.value, ast.Call)
+            and ast.unparse(statement.value.func).endswith("findFirstAnnotation")
+            and len(statement.value.args) == 2
+            and isinstance(statement.targets[0], ast.Name)
+        ):
             found[statement.targets[0].id] = ast.unparse(statement.value.args[1]).rsplit(".", 1)[-1]
-        elif isinstance(statement, ast.If) and isinstance(statement.test, ast.Compare) \
-                and isinstance(statement.test.ops[0], ast.Is) and ast.unparse(statement.test.comparators[0]) == "None" \
-                and isinstance(statement.test.left, ast.Name) and statement.test.left.id in found \
-                and any(isinstance(s, ast.Raise) for s in statement.body):
+        elif (
+            isinstance(statement, ast.If)
+            and isinstance(statement.test, ast.Compare)
+            and isinstance(statement.test.ops[0], ast.Is)
+            and ast.unparse(statement.test.comparators[0]) == "None"
+            and isinstance(statement.test.left, ast.Name)
+            and statement.test.left.id in found
+            and any(isinstance(s, ast.Raise) for s in statement.body)
+        ):
             required.append(found[statement.test.left.id])
     return sorted(required)
 
@@ -313,6 +373,7 @@ def scripted_hooks(source: str) -> list[str]:
 
 
 # -- C++ headers -----------------------------------------------------------------------------------
+
 
 def _strip_comments(text: str) -> str:
     text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
@@ -355,16 +416,20 @@ def normalize_type(text: str) -> str:
     ``const T&`` and ``const T`` as ``T``, no spaces around ``*`` and ``&``)."""
     text = " ".join(_split_top_level(text, "=")[0].split())
     match = re.match(r"^(.*?[\w>*&\s])\s*\b([A-Za-z_]\w*)$", text)
-    if match and match.group(2) not in TYPE_WORDS and match.group(1).strip() not in (
-            "const", "unsigned", "signed", "volatile", "struct", "enum", "class"):
+    if (
+        match
+        and match.group(2) not in TYPE_WORDS
+        and match.group(1).strip()
+        not in ("const", "unsigned", "signed", "volatile", "struct", "enum", "class")
+    ):
         text = match.group(1).strip()
     text = re.sub(r"\s*([*&])", r"\1", text)
     if re.fullmatch(r"const [^*]+&", text):
-        text = text[len("const "):-1]
+        text = text[len("const ") : -1]
     elif re.fullmatch(r"[^*]+ const&", text):
-        text = text[:-len(" const&")]
+        text = text[: -len(" const&")]
     elif text.startswith("const ") and not text.endswith(("*", "&")):
-        text = text[len("const "):]
+        text = text[len("const ") :]
     return text.replace(" >", ">").strip()
 
 
@@ -386,8 +451,11 @@ def _declaration(statement: str) -> tuple[str, list[tuple[str, bool]]] | None:
     if match is None or "operator" in statement[:start]:
         return None
     end = _closing(statement, start, "(", ")")
-    params = [(normalize_type(p), len(_split_top_level(p, "=")) > 1)
-              for p in _split_top_level(statement[start + 1:end]) if p.strip() and p.strip() != "void"]
+    params = [
+        (normalize_type(p), len(_split_top_level(p, "=")) > 1)
+        for p in _split_top_level(statement[start + 1 : end])
+        if p.strip() and p.strip() != "void"
+    ]
     return match.group(1), params
 
 
@@ -401,21 +469,25 @@ def parse_header(text: str, class_name: str) -> dict:
     """Base class, properties, signals, public slots and public ``Q_INVOKABLE`` methods of
     ``class_name`` as its header declares them."""
     text = _strip_comments(text)
-    match = re.search(r"\bclass\s+(?:[A-Z][A-Z0-9_]*\s+)?" + re.escape(class_name) + r"\s*(?::([^{;]*))?\{", text)
+    match = re.search(
+        r"\bclass\s+(?:[A-Z][A-Z0-9_]*\s+)?" + re.escape(class_name) + r"\s*(?::([^{;]*))?\{", text
+    )
     if match is None:
         raise ManifestError(f"class {class_name} is not declared in its header")
     bases = re.findall(r"public\s+([\w:]+)", match.group(1) or "")
     body_start = match.end() - 1
-    body = text[body_start + 1:_closing(text, body_start, "{", "}")]
+    body = text[body_start + 1 : _closing(text, body_start, "{", "}")]
 
     properties = {}
     for found in re.finditer(r"\bQ_PROPERTY\s*\(", body):
-        inner = body[found.end():_closing(body, found.end() - 1, "(", ")")]
+        inner = body[found.end() : _closing(body, found.end() - 1, "(", ")")]
         words = inner.split()
         for index, word in enumerate(words):
             if word in ("READ", "MEMBER"):
-                properties[words[index - 1]] = {"type": " ".join(words[:index - 1]),
-                                                "writable": "WRITE" in words or word == "MEMBER"}
+                properties[words[index - 1]] = {
+                    "type": " ".join(words[: index - 1]),
+                    "writable": "WRITE" in words or word == "MEMBER",
+                }
                 break
     # drop macros with arguments and function bodies, then read the access sections
     cleaned = body
@@ -424,16 +496,17 @@ def parse_header(text: str, class_name: str) -> dict:
         if found is None:
             break
         end = _closing(cleaned, found.end() - 1, "(", ")")
-        cleaned = cleaned[:found.start()] + " " + cleaned[end + 1:]
+        cleaned = cleaned[: found.start()] + " " + cleaned[end + 1 :]
     cleaned = re.sub(r"\b(?:Q_OBJECT|QVTK_OBJECT|Q_GADGET)\b", " ", cleaned)
     while "{" in cleaned:
         start = cleaned.index("{")
-        cleaned = cleaned[:start] + ";" + cleaned[_closing(cleaned, start, "{", "}") + 1:]
+        cleaned = cleaned[:start] + ";" + cleaned[_closing(cleaned, start, "{", "}") + 1 :]
 
     signals, slots, invokables = set(), set(), set()
     section = "private"
-    for piece in re.split(r"\b((?:public|protected|private)\s*(?:slots|Q_SLOTS)?\s*:|(?:signals|Q_SIGNALS)\s*:)",
-                          cleaned):
+    for piece in re.split(
+        r"\b((?:public|protected|private)\s*(?:slots|Q_SLOTS)?\s*:|(?:signals|Q_SIGNALS)\s*:)", cleaned
+    ):
         label = " ".join(piece.replace(":", " ").split())
         if re.fullmatch(r"(public|protected|private)( slots| Q_SLOTS)?|signals|Q_SIGNALS", label):
             section = label.replace("Q_SLOTS", "slots").replace("Q_SIGNALS", "signals")
@@ -450,8 +523,13 @@ def parse_header(text: str, class_name: str) -> dict:
                 slots.update(signatures)
             elif invokable and section == "public":
                 invokables.update(signatures)
-    return {"base": bases[0] if bases else None, "properties": properties, "signals": sorted(signals),
-            "slots": sorted(slots), "invokables": sorted(invokables)}
+    return {
+        "base": bases[0] if bases else None,
+        "properties": properties,
+        "signals": sorted(signals),
+        "slots": sorted(slots),
+        "invokables": sorted(invokables),
+    }
 
 
 def ui_classes(ui_file: Path) -> set[str]:
@@ -480,6 +558,7 @@ def widget_classes(slicer: Path, tag: str, ctk: Path, ctk_commit: str, names: se
 
 
 # -- manifest ------------------------------------------------------------------------------------
+
 
 def ctk_commit_for(slicer: Path, tag: str) -> str:
     """The CTK commit a Slicer release builds with."""
@@ -530,8 +609,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         for git_dir in (args.slicer, args.ctk, args.pytorch):
-            if subprocess.run(["git", "--git-dir", str(git_dir), "rev-parse", "--git-dir"],
-                              capture_output=True).returncode != 0:
+            if (
+                subprocess.run(
+                    ["git", "--git-dir", str(git_dir), "rev-parse", "--git-dir"], capture_output=True
+                ).returncode
+                != 0
+            ):
                 raise ManifestError(f"{git_dir} is not a git directory")
         manifests = {tag: manifest(args.slicer, args.ctk, args.pytorch, tag) for tag in args.tags}
     except ManifestError as error:
@@ -541,8 +624,10 @@ def main(argv: list[str] | None = None) -> int:
     for tag, content in manifests.items():
         path = args.output / f"slicer-{tag}.json"
         path.write_text(json.dumps(content, indent=1, sort_keys=True) + "\n")
-        print(f"{path}: {len(content['widgets'])} widget classes, "
-              f"{sum(len(m['functions']) for m in content['python'].values())} functions")
+        print(
+            f"{path}: {len(content['widgets'])} widget classes, "
+            f"{sum(len(m['functions']) for m in content['python'].values())} functions"
+        )
     return 0
 
 

@@ -49,14 +49,17 @@ class UnpinnedModelError(ModelLoadError):
     """The folder has no ``model.sha256``: ``digest`` is what the user must confirm."""
 
     def __init__(self, name: str, digest: str) -> None:
-        super().__init__(f"{name} has no {CHECKSUM_NAME}, so nothing says it is the model its publisher "
-                         f"released. Its folder SHA-256 is {digest}: install it only if the publisher "
-                         "gives this digest.")
+        super().__init__(
+            f"{name} has no {CHECKSUM_NAME}, so nothing says it is the model its publisher "
+            f"released. Its folder SHA-256 is {digest}: install it only if the publisher "
+            "gives this digest."
+        )
         self.digest = digest
 
 
-def install_model(source: str | Path, models_root: str | Path,
-                  confirmed_digest: str | None = None) -> Installed:
+def install_model(
+    source: str | Path, models_root: str | Path, confirmed_digest: str | None = None
+) -> Installed:
     """Copy the model folder ``source`` to ``models_root/<its name>`` once it is checked.
 
     Parameters
@@ -93,8 +96,10 @@ def install_model(source: str | Path, models_root: str | Path,
         raise ModelLoadError(f"{source} is not a folder.")
     missing = [name for name in MODEL_FOLDERS if not (source / name).is_dir()]
     if missing:
-        raise ModelLoadError(f"{source.name} is not an InstructX2X model folder: it has no "
-                             f"{', '.join(name + '/' for name in missing)}.")
+        raise ModelLoadError(
+            f"{source.name} is not an InstructX2X model folder: it has no "
+            f"{', '.join(name + '/' for name in missing)}."
+        )
     pinned = read_checksum(source)
     if pinned is None and confirmed_digest is None:
         raise UnpinnedModelError(source.name, folder_digest(source))
@@ -114,8 +119,11 @@ def install_model(source: str | Path, models_root: str | Path,
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{source.name}.", suffix=".staging", dir=target.parent))
         _copy(files, staging)
-        _check_digest(staging, expected, f"{source.name} do not match {against} once copied (the folder "
-                      "changed while it was read)")
+        _check_digest(
+            staging,
+            expected,
+            f"{source.name} do not match {against} once copied (the folder changed while it was read)",
+        )
         os.rename(staging, target)
     except OSError as error:
         if staging is not None and os.path.lexists(target) and staging.exists():
@@ -132,8 +140,10 @@ def install_model(source: str | Path, models_root: str | Path,
 def _check_digest(folder: Path, expected: str, mismatch: str) -> None:
     found = folder_digest(folder)
     if found != expected:
-        raise ModelLoadError(f"the files of {mismatch}: expected folder SHA-256 {expected}, found {found}. "
-                             "The copy is damaged or not the released model; nothing was installed.")
+        raise ModelLoadError(
+            f"the files of {mismatch}: expected folder SHA-256 {expected}, found {found}. "
+            "The copy is damaged or not the released model; nothing was installed."
+        )
 
 
 def _existing(target: Path, expected: str) -> Installed:
@@ -142,8 +152,9 @@ def _existing(target: Path, expected: str) -> Installed:
     except (ModelLoadError, OSError):
         same = False
     if not same:
-        raise OutputExistsError(f"{target} already holds a different model; remove it or rename the folder "
-                                "to install this one.")
+        raise OutputExistsError(
+            f"{target} already holds a different model; remove it or rename the folder to install this one."
+        )
     return Installed(target, expected, already_installed=True)
 
 
@@ -153,8 +164,10 @@ def _check_room(models_root: Path, needed: int) -> None:
         existing = existing.parent
     free = shutil.disk_usage(existing).free
     if needed > free:
-        raise ResourceError(f"the model needs {needed / 2**20:.0f} MiB and {existing} has "
-                            f"{free / 2**20:.0f} MiB free; nothing was installed.")
+        raise ResourceError(
+            f"the model needs {needed / 2**20:.0f} MiB and {existing} has "
+            f"{free / 2**20:.0f} MiB free; nothing was installed."
+        )
 
 
 def _make_folders(folder: Path) -> list[Path]:

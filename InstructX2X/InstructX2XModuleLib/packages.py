@@ -40,15 +40,28 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 from .worker import WorkerError
 
-__all__ = ["SUPPORTED_SLICER", "PackageSetError", "TorchBuild", "unsupported_slicer", "library_source",
-           "use_library_source", "find_slicer_python", "package_set_folder", "worker_command",
-           "nvidia_driver_version", "choose_torch", "package_set_fingerprint", "package_set_status",
-           "ensure_package_set", "push_series"]
+__all__ = [
+    "SUPPORTED_SLICER",
+    "PackageSetError",
+    "TorchBuild",
+    "unsupported_slicer",
+    "library_source",
+    "use_library_source",
+    "find_slicer_python",
+    "package_set_folder",
+    "worker_command",
+    "nvidia_driver_version",
+    "choose_torch",
+    "package_set_fingerprint",
+    "package_set_status",
+    "ensure_package_set",
+    "push_series",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -60,18 +73,27 @@ MARKER_FORMAT = 1
 TORCH_INDEX = "https://download.pytorch.org/whl/{backend}"
 # CUDA builds of the pinned torch on PyTorch's index, newest first, each with the oldest NVIDIA
 # driver its CUDA release runs on (Linux, Windows): the PyTorch extension's choice, made here.
-CUDA_BUILDS = (("cu130", (580, 65), (580, 88)), ("cu128", (570, 26), (570, 65)), ("cu126", (560, 28), (560, 76)))
+CUDA_BUILDS = (
+    ("cu130", (580, 65), (580, 88)),
+    ("cu128", (570, 26), (570, 65)),
+    ("cu126", (560, 28), (560, 76)),
+)
 NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0)  # Windows: no console window for pip
 HEARTBEAT_S = 1.0  # how often a silent pip (a large download) still reports the time it has taken
 # The set first on sys.path in place of the working folder, and no site-packages folder (Slicer's
 # numpy, scipy...) after it: the worker imports the standard library, Slicer's own paths and the set.
-_ISOLATE = ("import sys; sys.path[:] = [sys.argv.pop(1)] + [p for p in sys.path[1:] if p.replace('\\\\', '/')"
-            ".rstrip('/').rpartition('/')[2].lower() not in ('site-packages', 'dist-packages')]; ")
+_ISOLATE = (
+    "import sys; sys.path[:] = [sys.argv.pop(1)] + [p for p in sys.path[1:] if p.replace('\\\\', '/')"
+    ".rstrip('/').rpartition('/')[2].lower() not in ('site-packages', 'dist-packages')]; "
+)
 # The worker's entry point: the library's CLI with the remaining arguments.
-_BOOTSTRAP = _ISOLATE + "import runpy; runpy.run_module('instructx2x.cli', run_name='__main__', alter_sys=True)"
+_BOOTSTRAP = (
+    _ISOLATE + "import runpy; runpy.run_module('instructx2x.cli', run_name='__main__', alter_sys=True)"
+)
 # What a finished set must import before it replaces the one in place.
-_CHECK = _ISOLATE + ("import torch, diffusers, transformers, pydicom, highdicom, instructx2x.cli; "
-                     "print(torch.__version__)")
+_CHECK = _ISOLATE + (
+    "import torch, diffusers, transformers, pydicom, highdicom, instructx2x.cli; print(torch.__version__)"
+)
 _installing = []  # the folder an install in this process is building (one at a time)
 
 
@@ -119,9 +141,11 @@ def unsupported_slicer(major: int, minor: int) -> str | None:
     """
     if (major, minor) >= SUPPORTED_SLICER:
         return None
-    return (f"InstructX2X needs 3D Slicer {SUPPORTED_SLICER[0]}.{SUPPORTED_SLICER[1]} or later (its worker "
-            f"needs Python 3.10 or later); this is Slicer {major}.{minor}. Instructions can be typed and "
-            "checked, but Preview and Apply need a newer Slicer.")
+    return (
+        f"InstructX2X needs 3D Slicer {SUPPORTED_SLICER[0]}.{SUPPORTED_SLICER[1]} or later (its worker "
+        f"needs Python 3.10 or later); this is Slicer {major}.{minor}. Instructions can be typed and "
+        "checked, but Preview and Apply need a newer Slicer."
+    )
 
 
 def library_source(module_dir: Path) -> Path:
@@ -146,8 +170,10 @@ def library_source(module_dir: Path) -> Path:
     for candidate in (module_dir / "Resources" / "InstructX2XLib", module_dir.parent / "InstructX2XLib"):
         if (candidate / "pyproject.toml").is_file() and (candidate / "src" / "instructx2x").is_dir():
             return candidate
-    raise PackageSetError(f"the InstructX2X library is not beside the module in {module_dir}: reinstall "
-                          "the InstructX2X extension.")
+    raise PackageSetError(
+        f"the InstructX2X library is not beside the module in {module_dir}: reinstall "
+        "the InstructX2X extension."
+    )
 
 
 def use_library_source(module_dir: Path) -> Path:
@@ -190,8 +216,10 @@ def find_slicer_python(which: Callable[[str], str | None] = shutil.which) -> str
     """
     python = which("PythonSlicer")
     if python is None:
-        raise PackageSetError("PythonSlicer is not on Slicer's PATH, so the worker cannot start: run "
-                              "InstructX2X inside 3D Slicer (the Slicer launcher sets PATH).")
+        raise PackageSetError(
+            "PythonSlicer is not on Slicer's PATH, so the worker cannot start: run "
+            "InstructX2X inside 3D Slicer (the Slicer launcher sets PATH)."
+        )
     return python
 
 
@@ -213,7 +241,11 @@ def package_set_folder(settings_file: Path, version: Sequence[int] = sys.version
     Path
     """
     settings_file = Path(settings_file)
-    return settings_file.parent / "InstructX2X" / f"worker-packages-{settings_file.stem}-py{version[0]}.{version[1]}"
+    return (
+        settings_file.parent
+        / "InstructX2X"
+        / f"worker-packages-{settings_file.stem}-py{version[0]}.{version[1]}"
+    )
 
 
 def worker_command(python: str | Path, folder: Path) -> list[str]:
@@ -260,22 +292,33 @@ def push_series(command: Sequence[str], folder: Path, target: str, timeout: floa
         With the command's own message (a bad target, a refused association) and exit status.
     """
     try:
-        result = subprocess.run([*command, "push", str(folder), "--cstore", target], capture_output=True, text=True,
-                                encoding="utf-8", errors="replace", stdin=subprocess.DEVNULL, timeout=timeout,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, creationflags=NO_WINDOW)
+        result = subprocess.run(
+            [*command, "push", str(folder), "--cstore", target],
+            capture_output=True,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            stdin=subprocess.DEVNULL,
+            timeout=timeout,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            creationflags=NO_WINDOW,
+        )
     except OSError as error:
         raise WorkerError(f"cannot run the worker's Python to send the series ({error.strerror}).") from None
     except subprocess.TimeoutExpired:
-        raise WorkerError(f"sending the series to {target} took over {timeout:.0f} s; nothing is known stored.") \
-            from None
+        raise WorkerError(
+            f"sending the series to {target} took over {timeout:.0f} s; nothing is known stored."
+        ) from None
     if result.returncode != 0:
-        errors = [line[len("error: "):] for line in result.stderr.splitlines() if line.startswith("error: ")]
+        errors = [line[len("error: ") :] for line in result.stderr.splitlines() if line.startswith("error: ")]
         message = errors[-1] if errors else (result.stderr.strip().splitlines() or ["(no message)"])[-1]
         raise WorkerError(f"the series was not sent: {message} (exit status {result.returncode})")
     return result.stdout.strip()
 
 
-def nvidia_driver_version(run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> tuple[int, ...] | None:
+def nvidia_driver_version(
+    run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+) -> tuple[int, ...] | None:
     """The NVIDIA driver's version as ``nvidia-smi`` reports it, or None without a usable GPU.
 
     Parameters
@@ -288,8 +331,13 @@ def nvidia_driver_version(run: Callable[..., subprocess.CompletedProcess] = subp
     tuple[int, ...] | None
     """
     try:
-        result = run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                     text=True, timeout=30, creationflags=NO_WINDOW)
+        result = run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            creationflags=NO_WINDOW,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     lines = result.stdout.split() if result.returncode == 0 else []
@@ -299,8 +347,9 @@ def nvidia_driver_version(run: Callable[..., subprocess.CompletedProcess] = subp
         return None
 
 
-def choose_torch(system: str | None = None, driver: Callable[[], tuple[int, ...] | None] = nvidia_driver_version
-                 ) -> TorchBuild:
+def choose_torch(
+    system: str | None = None, driver: Callable[[], tuple[int, ...] | None] = nvidia_driver_version
+) -> TorchBuild:
     """The torch build the PyTorch extension would choose: a CUDA build when ``nvidia-smi``
     finds a driver new enough for one, else the CPU build (macOS: the package index's own).
 
@@ -325,8 +374,11 @@ def choose_torch(system: str | None = None, driver: Callable[[], tuple[int, ...]
     for backend, linux, windows in CUDA_BUILDS:
         if version[:2] >= (windows if system == "Windows" else linux):
             return TorchBuild(backend, TORCH_INDEX.format(backend=backend), f"NVIDIA driver {found}")
-    return TorchBuild("cpu", TORCH_INDEX.format(backend="cpu"),
-                      f"NVIDIA driver {found} is older than any CUDA build of torch supports")
+    return TorchBuild(
+        "cpu",
+        TORCH_INDEX.format(backend="cpu"),
+        f"NVIDIA driver {found} is older than any CUDA build of torch supports",
+    )
 
 
 def _library_version(library: Path) -> str:
@@ -367,13 +419,22 @@ def package_set_fingerprint(library: Path, requirements: Path, constraints: Sequ
     package = library / "src" / "instructx2x"
     for path in sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
         source.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return {"format": MARKER_FORMAT, "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
-            "requirements_sha256": wanted.hexdigest(), "library_version": _library_version(library),
-            "library_sha256": source.hexdigest()}
+    return {
+        "format": MARKER_FORMAT,
+        "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
+        "requirements_sha256": wanted.hexdigest(),
+        "library_version": _library_version(library),
+        "library_sha256": source.hexdigest(),
+    }
 
 
-def package_set_status(folder: Path, library: Path, requirements: Path, constraints: Sequence[Path] = (),
-                       torch: Callable[[], TorchBuild] | None = None) -> str:
+def package_set_status(
+    folder: Path,
+    library: Path,
+    requirements: Path,
+    constraints: Sequence[Path] = (),
+    torch: Callable[[], TorchBuild] | None = None,
+) -> str:
     """How the set in ``folder`` compares with what the module ships.
 
     Parameters
@@ -404,20 +465,32 @@ def package_set_status(folder: Path, library: Path, requirements: Path, constrai
     except (OSError, ValueError):
         return "rebuild"
     wanted = package_set_fingerprint(library, requirements, constraints)
-    if not isinstance(built, dict) or any(built.get(key) != wanted[key]
-                                          for key in ("format", "python", "requirements_sha256")):
+    if not isinstance(built, dict) or any(
+        built.get(key) != wanted[key] for key in ("format", "python", "requirements_sha256")
+    ):
         return "rebuild"
     built_torch = built.get("torch")
-    if torch is not None and (not isinstance(built_torch, dict) or built_torch.get("backend") != torch().backend):
+    if torch is not None and (
+        not isinstance(built_torch, dict) or built_torch.get("backend") != torch().backend
+    ):
         return "rebuild"
     same_library = all(built.get(key) == wanted[key] for key in ("library_version", "library_sha256"))
     return "current" if same_library else "library"
 
 
-def ensure_package_set(folder: Path, python: str | Path, library: Path, requirements: Path, *,
-                       confirm: Callable[[str], bool], progress: Callable[[str], None],
-                       log: Callable[[str], None], constraints: Sequence[Path] = (),
-                       torch: Callable[[], TorchBuild] = choose_torch, pip_options: Sequence[str] = ()) -> Path:
+def ensure_package_set(
+    folder: Path,
+    python: str | Path,
+    library: Path,
+    requirements: Path,
+    *,
+    confirm: Callable[[str], bool],
+    progress: Callable[[str], None],
+    log: Callable[[str], None],
+    constraints: Sequence[Path] = (),
+    torch: Callable[[], TorchBuild] = choose_torch,
+    pip_options: Sequence[str] = (),
+) -> Path:
     """Make ``folder`` hold the worker's packages for the shipped library and requirements.
 
     Nothing happens when the set is current. Otherwise, after ``confirm``, the set is built
@@ -461,19 +534,30 @@ def ensure_package_set(folder: Path, python: str | Path, library: Path, requirem
     """
     folder = Path(folder)
     if _installing:
-        raise PackageSetError("InstructX2X's worker packages are being installed already; wait for that "
-                              "install to finish.")
+        raise PackageSetError(
+            "InstructX2X's worker packages are being installed already; wait for that install to finish."
+        )
     _installing.append(folder)
     try:
-        return _ensure(folder, python, library, requirements, confirm, progress, log, constraints, torch,
-                       pip_options)
+        return _ensure(
+            folder, python, library, requirements, confirm, progress, log, constraints, torch, pip_options
+        )
     finally:
         _installing.clear()
 
 
-def _ensure(folder: Path, python: str | Path, library: Path, requirements: Path, confirm: Callable[[str], bool],
-            progress: Callable[[str], None], log: Callable[[str], None], constraints: Sequence[Path],
-            torch: Callable[[], TorchBuild], pip_options: Sequence[str]) -> Path:
+def _ensure(
+    folder: Path,
+    python: str | Path,
+    library: Path,
+    requirements: Path,
+    confirm: Callable[[str], bool],
+    progress: Callable[[str], None],
+    log: Callable[[str], None],
+    constraints: Sequence[Path],
+    torch: Callable[[], TorchBuild],
+    pip_options: Sequence[str],
+) -> Path:
     """``ensure_package_set``'s work, one install at a time."""
     status = package_set_status(folder, library, requirements, constraints, torch)
     if status == "current":
@@ -483,29 +567,46 @@ def _ensure(folder: Path, python: str | Path, library: Path, requirements: Path,
     if status == "library":
         build = None
         version = package_set_fingerprint(library, requirements, constraints)["library_version"]
-        question = (f"InstructX2X's worker packages in {folder} come from another version of its library; "
-                    f"reinstall the library ({version}) into them? A few MB are downloaded; "
-                    "Slicer's own Python is not changed.")
+        question = (
+            f"InstructX2X's worker packages in {folder} come from another version of its library; "
+            f"reinstall the library ({version}) into them? A few MB are downloaded; "
+            "Slicer's own Python is not changed."
+        )
     else:
         build = torch()
         size = "about 1 GB" if build.backend == "cpu" else "about 5 GB"
-        question = (f"InstructX2X runs its model in a separate process with packages of its own: PyTorch "
-                    f"{torch_version} ({_describe(build)}), diffusers, transformers, highdicom and the InstructX2X "
-                    f"library, {size} downloaded into {folder}. Slicer's own Python is not changed. Install now?")
+        question = (
+            f"InstructX2X runs its model in a separate process with packages of its own: PyTorch "
+            f"{torch_version} ({_describe(build)}), diffusers, transformers, highdicom and the InstructX2X "
+            f"library, {size} downloaded into {folder}. Slicer's own Python is not changed. Install now?"
+        )
     if stale:
         question += " (An earlier install did not finish; it was removed.)"
     if not confirm(question):
-        raise PackageSetError("InstructX2X cannot run its model without its worker packages; nothing was "
-                              "installed. Press Preview or Apply again to install them.")
+        raise PackageSetError(
+            "InstructX2X cannot run its model without its worker packages; nothing was "
+            "installed. Press Preview or Apply again to install them."
+        )
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging_root = Path(tempfile.mkdtemp(prefix=f".build-{folder.name}-{os.getpid()}-", dir=folder.parent))
     try:
         staging = staging_root / "packages"
         source = _copy_library(library, staging_root / "library")  # pip builds in it; the marker describes it
         wanted = package_set_fingerprint(source, requirements, constraints)
-        common = [str(python), "-m", "pip", "install", "--target", str(staging), "--no-input",
-                  "--disable-pip-version-check", "--progress-bar", "off", *pip_options,
-                  *(option for path in constraints for option in ("-c", str(path)))]
+        common = [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--target",
+            str(staging),
+            "--no-input",
+            "--disable-pip-version-check",
+            "--progress-bar",
+            "off",
+            *pip_options,
+            *(option for path in constraints for option in ("-c", str(path))),
+        ]
         if build is None:
             progress("Copying the worker's packages…")
             built_torch = json.loads((folder / MARKER).read_text(encoding="utf-8")).get("torch", {})
@@ -517,12 +618,18 @@ def _ensure(folder: Path, python: str | Path, library: Path, requirements: Path,
             log(f"torch {torch_version}: {_describe(build)}")
             stage = "Downloading and installing PyTorch, diffusers and the InstructX2X library…"
             progress(stage)
-            _pip(common + ["-r", str(requirements), *build.pip_arguments(torch_version), str(source)], log, progress,
-                 stage)
+            _pip(
+                common + ["-r", str(requirements), *build.pip_arguments(torch_version), str(source)],
+                log,
+                progress,
+                stage,
+            )
             built_torch = {"backend": build.backend, "index_url": build.index_url}
         progress("Checking the new worker packages…")
         built_torch["version"] = _check(python, staging, log)
-        (staging / MARKER).write_text(json.dumps({**wanted, "torch": built_torch}, indent=2), encoding="utf-8")
+        (staging / MARKER).write_text(
+            json.dumps({**wanted, "torch": built_torch}, indent=2), encoding="utf-8"
+        )
         progress("Putting the worker packages in place…")
         _replace(staging, folder, staging_root / "previous")
     finally:
@@ -532,15 +639,20 @@ def _ensure(folder: Path, python: str | Path, library: Path, requirements: Path,
 
 
 def _describe(build: TorchBuild) -> str:
-    kind = {"cpu": "CPU build", "index": "the package index's build"}.get(build.backend, f"CUDA build {build.backend}")
+    kind = {"cpu": "CPU build", "index": "the package index's build"}.get(
+        build.backend, f"CUDA build {build.backend}"
+    )
     return f"{kind}: {build.reason}"
 
 
 def _copy_library(library: Path, target: Path) -> Path:
     """What pip needs of the library, as the extension ships it: pyproject.toml, README.md and
     the package (caches left out)."""
-    shutil.copytree(library / "src" / "instructx2x", target / "src" / "instructx2x",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(
+        library / "src" / "instructx2x",
+        target / "src" / "instructx2x",
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+    )
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(library / name, target / name)
     return target
@@ -551,8 +663,10 @@ def _pinned_torch(requirements: Path) -> str:
         name, _, version = line.split("#")[0].strip().partition("==")
         if name.strip().lower() == "torch" and version.strip():
             return version.strip()
-    raise PackageSetError(f"{Path(requirements).name} pins no torch version (a 'torch==X.Y.Z' line): "
-                          "reinstall the InstructX2X extension.")
+    raise PackageSetError(
+        f"{Path(requirements).name} pins no torch version (a 'torch==X.Y.Z' line): "
+        "reinstall the InstructX2X extension."
+    )
 
 
 def _remove_stale_builds(folder: Path) -> bool:
@@ -562,7 +676,7 @@ def _remove_stale_builds(folder: Path) -> bool:
     prefix = f".build-{folder.name}-"
     stale = []
     for path in folder.parent.glob(prefix + "*") if folder.parent.is_dir() else ():
-        pid = path.name[len(prefix):].split("-", 1)[0]
+        pid = path.name[len(prefix) :].split("-", 1)[0]
         if pid.isdigit() and not _process_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
             stale.append(path)
@@ -582,7 +696,9 @@ def _process_alive(pid: int) -> bool:
             return False
         code = ctypes.c_ulong()
         try:
-            return bool(kernel.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
+            return (
+                bool(kernel.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259
+            )  # STILL_ACTIVE
         finally:
             kernel.CloseHandle(handle)
     try:
@@ -609,21 +725,33 @@ def _remove_library(staging: Path) -> None:
         script.unlink()
 
 
-def _pip(command: list[str], log: Callable[[str], None], progress: Callable[[str], None],
-         stage: str = "") -> None:
+def _pip(
+    command: list[str], log: Callable[[str], None], progress: Callable[[str], None], stage: str = ""
+) -> None:
     """Run pip, every line to ``log``; while pip prints nothing (a large download), ``progress``
     gets ``stage`` with the time taken every ``HEARTBEAT_S``. A failure says what to do, with pip's
     last lines."""
     tail: collections.deque = collections.deque(maxlen=15)
     try:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace",
-                                   creationflags=NO_WINDOW)
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            creationflags=NO_WINDOW,
+        )
     except OSError as error:
-        raise PackageSetError(f"cannot run {Path(command[0]).name} to install the worker's packages "
-                              f"({error.strerror}); nothing was changed.") from None
+        raise PackageSetError(
+            f"cannot run {Path(command[0]).name} to install the worker's packages "
+            f"({error.strerror}); nothing was changed."
+        ) from None
     lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [*map(lines.put, _lines(process.stdout)), lines.put(None)], daemon=True).start()
+    threading.Thread(
+        target=lambda: [*map(lines.put, _lines(process.stdout)), lines.put(None)], daemon=True
+    ).start()
     started, shown = time.monotonic(), stage
     try:
         while True:
@@ -649,7 +777,8 @@ def _pip(command: list[str], log: Callable[[str], None], progress: Callable[[str
         raise PackageSetError(
             f"installing InstructX2X's worker packages failed (pip exit status {returncode}); nothing was changed. "
             "Check the internet connection (the Python package index, and PyTorch's index for a CPU or CUDA "
-            "build) and press Preview or Apply again. pip's last lines:\n" + "\n".join(tail))
+            "build) and press Preview or Apply again. pip's last lines:\n" + "\n".join(tail)
+        )
 
 
 def _lines(stream: Iterable[str]) -> Iterable[str]:
@@ -661,14 +790,23 @@ def _lines(stream: Iterable[str]) -> Iterable[str]:
 
 def _check(python: str | Path, staging: Path, log: Callable[[str], None]) -> str:
     """Import what the worker needs from the new set; returns torch's version."""
-    result = subprocess.run([str(python), "-s", "-c", _CHECK, str(staging)], capture_output=True, text=True,
-                            encoding="utf-8", errors="replace", stdin=subprocess.DEVNULL, creationflags=NO_WINDOW)
+    result = subprocess.run(
+        [str(python), "-s", "-c", _CHECK, str(staging)],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        stdin=subprocess.DEVNULL,
+        creationflags=NO_WINDOW,
+    )
     for line in (result.stdout + result.stderr).splitlines():
         log(line)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["(no message)"])[-1]
-        raise PackageSetError(f"the new worker packages do not import ({last}); nothing was changed. Press "
-                              "Preview or Apply to try again; if this repeats, report it with Slicer's log.")
+        raise PackageSetError(
+            f"the new worker packages do not import ({last}); nothing was changed. Press "
+            "Preview or Apply to try again; if this repeats, report it with Slicer's log."
+        )
     return result.stdout.strip().splitlines()[-1]
 
 
@@ -679,12 +817,15 @@ def _replace(staging: Path, folder: Path, previous: Path) -> None:
         try:
             folder.rename(previous)
         except OSError as error:
-            raise PackageSetError(f"the worker packages in {folder} are in use ({error.strerror}); nothing was "
-                                  "changed. Restart Slicer and press Preview or Apply again.") from None
+            raise PackageSetError(
+                f"the worker packages in {folder} are in use ({error.strerror}); nothing was "
+                "changed. Restart Slicer and press Preview or Apply again."
+            ) from None
     try:
         staging.rename(folder)
     except OSError as error:
         if previous.exists():
             previous.rename(folder)
-        raise PackageSetError(f"the new worker packages could not be put in {folder} ({error.strerror}); "
-                              "nothing was changed.") from None
+        raise PackageSetError(
+            f"the new worker packages could not be put in {folder} ({error.strerror}); nothing was changed."
+        ) from None

@@ -86,8 +86,10 @@ def read_saved_edit(folder: Path) -> SavedEdit:
     folder = Path(folder)
     if not folder.is_dir():
         raise SavedEditError(f"{folder.name} is not a folder.")
-    chosen = {part: next((folder / name for name in names if (folder / name).is_file()), None)
-              for part, names in PART_FILES.items()}
+    chosen = {
+        part: next((folder / name for name in names if (folder / name).is_file()), None)
+        for part, names in PART_FILES.items()
+    }
     chosen = {part: path for part, path in chosen.items() if path is not None}
     if not chosen:
         known = ", ".join(name for names in PART_FILES.values() for name in names)
@@ -98,19 +100,29 @@ def read_saved_edit(folder: Path) -> SavedEdit:
     first = next(iter(shapes))
     for part, shape in shapes.items():
         if shape[:2] != shapes[first][:2]:
-            raise SavedEditError(f"{chosen[part].name} is {shape[0]}x{shape[1]} but {chosen[first].name} is "
-                                 f"{shapes[first][0]}x{shapes[first][1]}: they are not of one edit.")
+            raise SavedEditError(
+                f"{chosen[part].name} is {shape[0]}x{shape[1]} but {chosen[first].name} is "
+                f"{shapes[first][0]}x{shapes[first][1]}: they are not of one edit."
+            )
     arrays = {part: _read(path, headers.get(part)) for part, path in chosen.items()}
     for part, array in arrays.items():
         if array.shape != shapes[part]:
-            raise SavedEditError(f"{chosen[part].name}: its pixel data is {'x'.join(map(str, array.shape))}, "
-                                 f"its header says {'x'.join(map(str, shapes[part]))}.")
-    spacing = next((s for s in (_spacing(h) for h in headers.values()) if s is not None), None) \
-        or _maps_spacing(folder / "maps.json")
+            raise SavedEditError(
+                f"{chosen[part].name}: its pixel data is {'x'.join(map(str, array.shape))}, "
+                f"its header says {'x'.join(map(str, shapes[part]))}."
+            )
+    spacing = next(
+        (s for s in (_spacing(h) for h in headers.values()) if s is not None), None
+    ) or _maps_spacing(folder / "maps.json")
     counterfactual_header = headers.get("counterfactual")
-    return SavedEdit(counterfactual=arrays.get("counterfactual"), guidance=arrays.get("guidance"),
-                     mask=arrays.get("mask"), files={part: path.name for part, path in chosen.items()},
-                     spacing_mm=spacing, window=_window(counterfactual_header))
+    return SavedEdit(
+        counterfactual=arrays.get("counterfactual"),
+        guidance=arrays.get("guidance"),
+        mask=arrays.get("mask"),
+        files={part: path.name for part, path in chosen.items()},
+        spacing_mm=spacing,
+        window=_window(counterfactual_header),
+    )
 
 
 # -- checks before any pixel is read ----------------------------------------------------------
@@ -139,14 +151,17 @@ def _shape(path: Path, header) -> tuple[int, ...]:
         try:
             shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
         except (OSError, ValueError, EOFError) as error:
-            raise SavedEditError(f"{path.name} is not a readable .npy array ({type(error).__name__}).") from None
+            raise SavedEditError(
+                f"{path.name} is not a readable .npy array ({type(error).__name__})."
+            ) from None
         if len(shape) != 2:
             raise SavedEditError(f"{path.name} holds a {len(shape)}-D array; a map is 2-D.")
     else:
         shape = _png_shape(path)
     if shape[0] * shape[1] > MAX_PIXELS:
-        raise SavedEditError(f"{path.name} is {shape[0]}x{shape[1]}, over the {MAX_PIXELS} pixels a saved edit "
-                             "can have.")
+        raise SavedEditError(
+            f"{path.name} is {shape[0]}x{shape[1]}, over the {MAX_PIXELS} pixels a saved edit can have."
+        )
     return shape
 
 
@@ -159,7 +174,9 @@ def _dicom_shape(path: Path, header) -> tuple[int, ...]:
         if str(header.get("SOPClassUID", "")) != SEG_SOP_CLASS:
             raise SavedEditError(f"{path.name} is not a DICOM Segmentation.")
         if frames != 1:
-            raise SavedEditError(f"{path.name} holds {frames} frames; an edit region is one segment of one image.")
+            raise SavedEditError(
+                f"{path.name} holds {frames} frames; an edit region is one segment of one image."
+            )
         if str(header.get("SegmentationType", "")) not in ("BINARY", "FRACTIONAL"):
             raise SavedEditError(f"{path.name} has an unknown SegmentationType.")
     elif frames != 1:
@@ -213,8 +230,10 @@ def _read_dicom(path: Path) -> np.ndarray:
     try:
         dataset = pydicom.dcmread(path)
         pixels = dataset.pixel_array
-    except Exception as error:  # pydicom's pixel handlers raise many kinds; the file is what fails
-        raise SavedEditError(f"{path.name}: its pixel data cannot be decoded ({type(error).__name__}).") from None
+    except Exception as error:  # noqa: BLE001 - pydicom's pixel handlers raise many kinds; the file is what fails
+        raise SavedEditError(
+            f"{path.name}: its pixel data cannot be decoded ({type(error).__name__})."
+        ) from None
     if path.name == "edit_region_seg.dcm":
         if str(dataset.SegmentationType) == "FRACTIONAL":
             return pixels >= int(dataset.get("MaximumFractionalValue", 255) or 255) / 2
@@ -246,8 +265,10 @@ def _window(header) -> tuple[float, float] | None:
     if header is None or "WindowCenter" not in header or "WindowWidth" not in header:
         return None
     center, width = header.WindowCenter, header.WindowWidth
-    first = [value[0] if hasattr(value, "__len__") and not isinstance(value, str) else value
-             for value in (center, width)]
+    first = [
+        value[0] if hasattr(value, "__len__") and not isinstance(value, str) else value
+        for value in (center, width)
+    ]
     try:
         return float(first[0]), float(first[1])
     except (TypeError, ValueError):

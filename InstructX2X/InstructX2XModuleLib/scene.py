@@ -9,17 +9,32 @@ single-slice scalar volume; numpy arrays here are ``(rows, columns)``, the volum
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import slicer
 import vtk
 from vtk.util import numpy_support
 
-__all__ = ["SceneError", "prepare_scene", "volume_to_array", "array_to_volume", "segment_to_mask",
-           "import_result", "import_saved_edit", "build_job", "png_domain", "PA_DIRECTIONS", "EDITOR_SINGLETON_TAG",
-           "segment_editor_node", "SEGMENT_EVENTS", "segment_choices", "SliceLayers", "result_layers"]
+__all__ = [
+    "SceneError",
+    "prepare_scene",
+    "volume_to_array",
+    "array_to_volume",
+    "segment_to_mask",
+    "import_result",
+    "import_saved_edit",
+    "build_job",
+    "png_domain",
+    "PA_DIRECTIONS",
+    "EDITOR_SINGLETON_TAG",
+    "segment_editor_node",
+    "SEGMENT_EVENTS",
+    "segment_choices",
+    "SliceLayers",
+    "result_layers",
+]
 
 # A PA film read from PNG has no geometry: show it as Slicer shows a DICOM CR (IJK-to-RAS
 # directions diag(-1, -1, 1), patient's left on the image's right).
@@ -29,8 +44,11 @@ GUIDANCE_OPAQUE_AT = 0.3  # guidance (in [0, 1]) from which the overlay colour i
 # it (Slicer's Segment Editor module keeps its node, tagged "SegmentEditor", the same way).
 EDITOR_SINGLETON_TAG = "InstructX2X"
 # Segmentation node events after which the list of segments differs (added, removed, renamed)
-SEGMENT_EVENTS = (slicer.vtkSegmentation.SegmentAdded, slicer.vtkSegmentation.SegmentRemoved,
-                  slicer.vtkSegmentation.SegmentModified)
+SEGMENT_EVENTS = (
+    slicer.vtkSegmentation.SegmentAdded,
+    slicer.vtkSegmentation.SegmentRemoved,
+    slicer.vtkSegmentation.SegmentModified,
+)
 
 
 class SceneError(ValueError):
@@ -48,10 +66,12 @@ def prepare_scene(scene) -> None:
     global _CONVERTERS_REGISTERED
     if not _CONVERTERS_REGISTERED:
         factory = slicer.vtkSegmentationConverterFactory.GetInstance()
-        for rule in (slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule,
-                     slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule,
-                     slicer.vtkClosedSurfaceToFractionalLabelmapConversionRule,
-                     slicer.vtkFractionalLabelmapToClosedSurfaceConversionRule):
+        for rule in (
+            slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule,
+            slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule,
+            slicer.vtkClosedSurfaceToFractionalLabelmapConversionRule,
+            slicer.vtkFractionalLabelmapToClosedSurfaceConversionRule,
+        ):
             factory.RegisterConverterRule(rule())
         _CONVERTERS_REGISTERED = True
     logic = slicer.vtkSlicerSegmentationsModuleLogic()
@@ -80,8 +100,10 @@ def segment_choices(segmentation) -> list[tuple[str, str]]:
     if segmentation is None:
         return []
     segments = segmentation.GetSegmentation()
-    return [(segments.GetSegment(segment_id).GetName(), segment_id)
-            for segment_id in (segments.GetNthSegmentID(index) for index in range(segments.GetNumberOfSegments()))]
+    return [
+        (segments.GetSegment(segment_id).GetName(), segment_id)
+        for segment_id in (segments.GetNthSegmentID(index) for index in range(segments.GetNumberOfSegments()))
+    ]
 
 
 def volume_to_array(volume) -> np.ndarray:
@@ -99,8 +121,10 @@ def volume_to_array(volume) -> np.ndarray:
         raise SceneError(f"volume {volume.GetName()!r} has no image data.")
     columns, rows, slices = image.GetDimensions()
     if slices != 1:
-        raise SceneError(f"volume {volume.GetName()!r} has {slices} slices; InstructX2X edits a "
-                         "single radiograph (one slice).")
+        raise SceneError(
+            f"volume {volume.GetName()!r} has {slices} slices; InstructX2X edits a "
+            "single radiograph (one slice)."
+        )
     if image.GetNumberOfScalarComponents() != 1:
         raise SceneError(f"volume {volume.GetName()!r} is not grayscale.")
     values = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
@@ -119,13 +143,16 @@ def array_to_volume(scene, pixels: np.ndarray, name: str, reference=None, labelm
     if reference is not None:
         reference_shape = volume_to_array(reference).shape
         if reference_shape != (rows, columns):
-            raise SceneError(f"{name}: {rows}x{columns} does not match the radiograph's grid "
-                             f"{reference_shape[0]}x{reference_shape[1]}.")
+            raise SceneError(
+                f"{name}: {rows}x{columns} does not match the radiograph's grid "
+                f"{reference_shape[0]}x{reference_shape[1]}."
+            )
     image = vtk.vtkImageData()
     image.SetDimensions(columns, rows, 1)
     image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(pixels.ravel(), deep=True))
-    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode",
-                                   name)
+    node = scene.AddNewNodeByClass(
+        "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode", name
+    )
     node.SetAndObserveImageData(image)
     if reference is not None:
         node.CopyOrientation(reference)
@@ -151,7 +178,8 @@ def segment_to_mask(segmentation, segment_id: str, volume) -> np.ndarray:
         ids = vtk.vtkStringArray()
         ids.InsertNextValue(segment_id)
         if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-                segmentation, ids, labelmap, volume):
+            segmentation, ids, labelmap, volume
+        ):
             raise SceneError(f"segment {segment_id!r} cannot be put on the radiograph's grid.")
         mask = volume_to_array(labelmap) > 0
     finally:
@@ -162,8 +190,9 @@ def segment_to_mask(segmentation, segment_id: str, volume) -> np.ndarray:
     return mask
 
 
-def import_result(scene, volume, edited: np.ndarray, guidance: np.ndarray, edit_mask: np.ndarray,
-                  name: str) -> dict:
+def import_result(
+    scene, volume, edited: np.ndarray, guidance: np.ndarray, edit_mask: np.ndarray, name: str
+) -> dict:
     """Add an edit's outputs next to the input (which is never overwritten).
 
     Returns
@@ -185,8 +214,12 @@ def import_result(scene, volume, edited: np.ndarray, guidance: np.ndarray, edit_
     spread = float(np.abs(difference).max()) or 1.0
     difference_node.GetDisplayNode().SetAutoWindowLevel(False)
     difference_node.GetDisplayNode().SetWindowLevelMinMax(-spread, spread)  # 0 = mid-gray
-    return {"counterfactual": counterfactual, "guidance": guidance_node, "mask": mask_node,
-            "difference": difference_node}
+    return {
+        "counterfactual": counterfactual,
+        "guidance": guidance_node,
+        "mask": mask_node,
+        "difference": difference_node,
+    }
 
 
 def _guidance_volume(scene, guidance: np.ndarray, name: str, reference):
@@ -252,7 +285,9 @@ def import_saved_edit(scene, folder: Path, name: str | None = None) -> dict:
     try:
         reference = None
         if edit.counterfactual is not None:
-            reference = nodes["counterfactual"] = array_to_volume(scene, edit.counterfactual, f"{name} (SYNTHETIC)")
+            reference = nodes["counterfactual"] = array_to_volume(
+                scene, edit.counterfactual, f"{name} (SYNTHETIC)"
+            )
             _set_spacing(reference, edit.spacing_mm)
             if edit.window is not None:
                 display = reference.GetDisplayNode()
@@ -311,8 +346,9 @@ class SliceLayers:
     foreground_opacity: float
 
 
-def result_layers(results: dict, volume, after: bool = True, difference: bool = False,
-                  opacity: float = 0.5) -> SliceLayers | None:
+def result_layers(
+    results: dict, volume, after: bool = True, difference: bool = False, opacity: float = 0.5
+) -> SliceLayers | None:
     """The slice layers for ``results`` (``import_result``'s nodes; a preview has no
     counterfactual) over the radiograph ``volume``.
 
@@ -344,8 +380,12 @@ def result_layers(results: dict, volume, after: bool = True, difference: bool = 
         background = results["counterfactual"]
     else:
         background = volume
-    return SliceLayers(background=background, foreground=results.get("guidance"), label=results.get("mask"),
-                       foreground_opacity=float(opacity))
+    return SliceLayers(
+        background=background,
+        foreground=results.get("guidance"),
+        label=results.get("mask"),
+        foreground_opacity=float(opacity),
+    )
 
 
 def png_domain(pixels: np.ndarray) -> tuple[float, float]:
@@ -373,10 +413,17 @@ def guidance_colors(scene, name: str):
     return colors
 
 
-def build_job(volume, kind: str, parameters: dict, folder: Path, edit_mask: np.ndarray | None = None,
-              keep_mask: np.ndarray | None = None,
-              dicom_file_for: Callable[[str], str | None] | None = None, verify: str | None = None,
-              include_demographics: bool = False) -> dict:
+def build_job(
+    volume,
+    kind: str,
+    parameters: dict,
+    folder: Path,
+    edit_mask: np.ndarray | None = None,
+    keep_mask: np.ndarray | None = None,
+    dicom_file_for: Callable[[str], str | None] | None = None,
+    verify: str | None = None,
+    include_demographics: bool = False,
+) -> dict:
     """The worker's job (``instructx2x.jobs.EditJob.to_dict`` form) for a radiograph volume.
 
     The input is the DICOM file the volume was loaded from (found through
@@ -411,8 +458,10 @@ def build_job(volume, kind: str, parameters: dict, folder: Path, edit_mask: np.n
         if mask is None:
             continue
         if mask.shape != pixels.shape:
-            raise SceneError(f"the {key.replace('_', ' ')} is {mask.shape[0]}x{mask.shape[1]} but the "
-                             f"radiograph is {pixels.shape[0]}x{pixels.shape[1]}.")
+            raise SceneError(
+                f"the {key.replace('_', ' ')} is {mask.shape[0]}x{mask.shape[1]} but the "
+                f"radiograph is {pixels.shape[0]}x{pixels.shape[1]}."
+            )
         np.save(folder / f"{key}.npy", mask.astype(bool))
         job[key] = str(folder / f"{key}.npy")
     return job

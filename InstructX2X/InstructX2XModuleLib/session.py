@@ -22,8 +22,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -31,8 +31,28 @@ from . import scene as mrml
 from .saved_edit import modality_values
 from .worker import WorkerClient, WorkerError, WorkerState
 
-__all__ = ["DicomImportError", "import_into_dicom_database", "PAPER_SCHEDULER", "PAPER_STEPS", "DEFAULT_QUOTA_BYTES", "SHARED_READY_TIMEOUT_S", "PanelSettings", "EditSession", "edited_pixels", "dicom_pixels", "modality_values", "PRESETS", "MASK_SOURCES", "OPERATIONS",
-           "SIDES", "WORKER_MODES", "worker_socket_setting", "describe_instruction", "compose_instruction", "instruction_completions"]
+__all__ = [
+    "DicomImportError",
+    "import_into_dicom_database",
+    "PAPER_SCHEDULER",
+    "PAPER_STEPS",
+    "DEFAULT_QUOTA_BYTES",
+    "SHARED_READY_TIMEOUT_S",
+    "PanelSettings",
+    "EditSession",
+    "edited_pixels",
+    "dicom_pixels",
+    "modality_values",
+    "PRESETS",
+    "MASK_SOURCES",
+    "OPERATIONS",
+    "SIDES",
+    "WORKER_MODES",
+    "worker_socket_setting",
+    "describe_instruction",
+    "compose_instruction",
+    "instruction_completions",
+]
 
 MASK_SOURCES = ("anatomical prior", "painted segment", "painted segment and prior")
 PRESETS = ("fast (device default)", "paper (DDIM 100 steps)")
@@ -67,12 +87,18 @@ class PanelSettings:
     model: str = "demo"
     verify: bool = True
     include_demographics: bool = False  # the classifiers' age/sex/race estimates in the report (verify only)
-    worker_socket: str = ""  # a shared worker's Unix socket (model and device are then its own); "": a local worker
+    worker_socket: str = (
+        ""  # a shared worker's Unix socket (model and device are then its own); "": a local worker
+    )
 
     def edit_parameters(self) -> dict:
         """The library's ``EditParameters`` fields for this run."""
-        values = {"instruction": self.instruction, "tau": self.tau, "relevance_timestep": self.relevance_timestep,
-                  "seed": self.seed}
+        values = {
+            "instruction": self.instruction,
+            "tau": self.tau,
+            "relevance_timestep": self.relevance_timestep,
+            "seed": self.seed,
+        }
         for name in ("guidance_scale", "image_guidance_scale"):
             if getattr(self, name) is not None:
                 values[name] = getattr(self, name)
@@ -122,13 +148,18 @@ def worker_socket_setting(mode: str, path: str) -> str:
         return ""
     path = os.path.expanduser(path.strip())
     if not path:
-        raise mrml.SceneError("give the shared worker's socket path (e.g. /tmp/ix2x.sock), or choose a local worker.")
+        raise mrml.SceneError(
+            "give the shared worker's socket path (e.g. /tmp/ix2x.sock), or choose a local worker."
+        )
     if not os.path.isabs(path):
-        raise mrml.SceneError(f"the worker socket {path} is not an absolute path; give the whole path "
-                              "(e.g. /tmp/ix2x.sock).")
+        raise mrml.SceneError(
+            f"the worker socket {path} is not an absolute path; give the whole path (e.g. /tmp/ix2x.sock)."
+        )
     if len(os.fsencode(path)) > SOCKET_PATH_BYTES:
-        raise mrml.SceneError(f"the worker socket path is {len(os.fsencode(path))} bytes long; a Unix socket "
-                              f"path holds at most {SOCKET_PATH_BYTES}.")
+        raise mrml.SceneError(
+            f"the worker socket path is {len(os.fsencode(path))} bytes long; a Unix socket "
+            f"path holds at most {SOCKET_PATH_BYTES}."
+        )
     return path
 
 
@@ -146,13 +177,16 @@ def describe_instruction(text: str) -> str:
         return str(error)
     selection = PriorSet.default().select(parsed)
     findings = ", ".join(parsed.findings) or "no known finding"
-    where = ([parsed.laterality.value] if parsed.laterality else []) + [f"{zone} zone" for zone in parsed.zones]
+    where = ([parsed.laterality.value] if parsed.laterality else []) + [
+        f"{zone} zone" for zone in parsed.zones
+    ]
     where_text = f" ({', '.join(where)})" if where else ""
     return f"{parsed.operation.value}: {findings}{where_text}. Region: {selection.reason}."
 
 
-def compose_instruction(operation: str, finding: str, side: str = "", before: str = "", after: str = "",
-                        zone: str = "") -> str:
+def compose_instruction(
+    operation: str, finding: str, side: str = "", before: str = "", after: str = "", zone: str = ""
+) -> str:
     """An instruction in the training set's wording from the structured helper's choices
     (``after`` is also the level of an added finding: "Add the finding of moderate left ...";
     ``zone`` names the lung zone of a focal opacity: "... left lower zone consolidation")."""
@@ -192,9 +226,14 @@ class EditSession:
         ``DEFAULT_QUOTA_BYTES``).
     """
 
-    def __init__(self, scene, executable: list[str] | None = None,
-                 prepare_worker: Callable[[], None] | None = None, worker_socket: str | None = None,
-                 quota_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        scene,
+        executable: list[str] | None = None,
+        prepare_worker: Callable[[], None] | None = None,
+        worker_socket: str | None = None,
+        quota_bytes: int | None = None,
+    ) -> None:
         self.scene = scene
         # closing the scene (Slicer's Close Scene, scene.Clear) ends what this session shows
         self._close_observer = scene.AddObserver(scene.StartCloseEvent, self._on_scene_close)
@@ -221,8 +260,10 @@ class EditSession:
     @property
     def busy(self) -> bool:
         """A job is queued, starting, running or being cancelled."""
-        return bool(self.queue) or (self.worker is not None and self.worker.state in (
-            WorkerState.STARTING, WorkerState.RUNNING, WorkerState.CANCELLING))
+        return bool(self.queue) or (
+            self.worker is not None
+            and self.worker.state in (WorkerState.STARTING, WorkerState.RUNNING, WorkerState.CANCELLING)
+        )
 
     @property
     def model_defaults(self) -> dict | None:
@@ -238,17 +279,26 @@ class EditSession:
 
     def queue_position(self, ticket: int) -> int:
         """0 while the job runs (or is done), k when k jobs are ahead of it."""
-        ahead = 1 if self.worker is not None and self.worker.state in (
-            WorkerState.RUNNING, WorkerState.CANCELLING) else 0
+        ahead = (
+            1
+            if self.worker is not None and self.worker.state in (WorkerState.RUNNING, WorkerState.CANCELLING)
+            else 0
+        )
         for index, request in enumerate(self.queue):
             if request["ticket"] == ticket:
                 return index + ahead
         return 0
 
     # -- jobs -------------------------------------------------------------------------------
-    def submit(self, kind: str, volume, settings: PanelSettings, edit_mask: np.ndarray | None = None,
-               keep_mask: np.ndarray | None = None,
-               dicom_file_for: Callable[[str], str | None] | None = None) -> int:
+    def submit(
+        self,
+        kind: str,
+        volume,
+        settings: PanelSettings,
+        edit_mask: np.ndarray | None = None,
+        keep_mask: np.ndarray | None = None,
+        dicom_file_for: Callable[[str], str | None] | None = None,
+    ) -> int:
         """Check the inputs, write them to the session's folder and queue the job.
 
         Returns a ticket for ``queue_position``. Raises ``scene.SceneError`` or the library's
@@ -258,7 +308,9 @@ class EditSession:
 
         mrml.volume_to_array(volume)  # one slice, or a clear message
         parameters = settings.edit_parameters()
-        EditParameters(**parameters)  # the instruction parsed, every setting in range, before any file is written
+        EditParameters(
+            **parameters
+        )  # the instruction parsed, every setting in range, before any file is written
         if settings.mask_source != MASK_SOURCES[0] and edit_mask is None:
             raise mrml.SceneError("paint the region to edit, or choose the anatomical prior.")
         if settings.mask_source == MASK_SOURCES[0]:
@@ -267,10 +319,17 @@ class EditSession:
         ticket = next(self._tickets)
         folder = self.folder / f"job-{ticket:03d}"
         try:
-            job = mrml.build_job(volume, kind, parameters, folder, edit_mask, keep_mask, dicom_file_for=dicom_file_for,
-                                 verify="auto" if settings.verify and kind == "edit" else None,
-                                 include_demographics=settings.include_demographics and settings.verify
-                                 and kind == "edit")
+            job = mrml.build_job(
+                volume,
+                kind,
+                parameters,
+                folder,
+                edit_mask,
+                keep_mask,
+                dicom_file_for=dicom_file_for,
+                verify="auto" if settings.verify and kind == "edit" else None,
+                include_demographics=settings.include_demographics and settings.verify and kind == "edit",
+            )
             self._ensure_worker(settings)
         except Exception:  # a refused job leaves no folder behind
             shutil.rmtree(folder, ignore_errors=True)
@@ -285,9 +344,18 @@ class EditSession:
             raise mrml.SceneError("preview the guidance first.")
         self.check_quota()
         ticket = next(self._tickets)
-        self.queue.append({"ticket": ticket, "kind": "rethreshold", "volume": self.current["volume"],
-                           "fields": {"preview": self.preview_id, "tau": tau,
-                                      "output": str(self.folder / f"tau-{ticket:03d}")}})
+        self.queue.append(
+            {
+                "ticket": ticket,
+                "kind": "rethreshold",
+                "volume": self.current["volume"],
+                "fields": {
+                    "preview": self.preview_id,
+                    "tau": tau,
+                    "output": str(self.folder / f"tau-{ticket:03d}"),
+                },
+            }
+        )
         self._send_next()
         return ticket
 
@@ -332,8 +400,11 @@ class EditSession:
         events = self.worker.poll()
         self._check_shared_ready()
         for event in events:
-            if event.get("event") == "done" and event.get("id") == self.current.get("id") \
-                    and self.scene.IsNodePresent(self.current["volume"]):  # not closed or removed
+            if (
+                event.get("event") == "done"
+                and event.get("id") == self.current.get("id")
+                and self.scene.IsNodePresent(self.current["volume"])
+            ):  # not closed or removed
                 self._import(event)
             if event.get("event") in ("done", "error", "cancelled"):
                 self.prune()
@@ -356,8 +427,10 @@ class EditSession:
         """Raise ``scene.SceneError`` when the session's folder holds more than its quota."""
         used = self.disk_usage()
         if used > self.quota_bytes:
-            raise mrml.SceneError(f"this session's files take {used / 2**20:.0f} MB, over its "
-                                  f"{self.quota_bytes / 2**20:.0f} MB quota; open the radiograph again to start afresh.")
+            raise mrml.SceneError(
+                f"this session's files take {used / 2**20:.0f} MB, over its "
+                f"{self.quota_bytes / 2**20:.0f} MB quota; open the radiograph again to start afresh."
+            )
 
     def prune(self) -> None:
         """Remove the job and tau folders nothing needs: all but the shown result's and those
@@ -365,8 +438,11 @@ class EditSession:
         needed = {Path(request["job"]["output"]).parent for request in self.queue if "job" in request}
         if self.worker is not None and self.worker.state in (WorkerState.RUNNING, WorkerState.CANCELLING):
             running = self.current
-            needed.add(Path(running["job"]["output"]).parent if "job" in running
-                       else Path(running["fields"]["output"]))
+            needed.add(
+                Path(running["job"]["output"]).parent
+                if "job" in running
+                else Path(running["fields"]["output"])
+            )
         if self.output_folder is not None:
             needed.add(self.output_folder.parent)
         for folder in [*self.folder.glob("job-*"), *self.folder.glob("tau-*")]:
@@ -406,19 +482,28 @@ class EditSession:
         """Hang up on a shared worker that has not said ``ready`` within
         ``shared_ready_timeout_s`` of the connection (its state becomes STOPPED, with why)."""
         worker = self.worker
-        if worker is None or not worker.socket_path or worker.state != WorkerState.STARTING \
-                or time.monotonic() - self._connected_at < self.shared_ready_timeout_s:
+        if (
+            worker is None
+            or not worker.socket_path
+            or worker.state != WorkerState.STARTING
+            or time.monotonic() - self._connected_at < self.shared_ready_timeout_s
+        ):
             return
         worker.kill()  # a shared worker: ends only our connection
-        worker.last_error = (f"the shared worker at {Path(worker.socket_path).name} took the connection but did "
-                             f"not answer within {self.shared_ready_timeout_s:.0f} s; is instructx2x serve "
-                             "--socket running at the far end (of the SSH tunnel, if one)?")
+        worker.last_error = (
+            f"the shared worker at {Path(worker.socket_path).name} took the connection but did "
+            f"not answer within {self.shared_ready_timeout_s:.0f} s; is instructx2x serve "
+            "--socket running at the far end (of the SSH tunnel, if one)?"
+        )
 
     def _ensure_worker(self, settings: PanelSettings) -> None:
         socket_path = settings.worker_socket or self.worker_socket
         key = ("shared", socket_path) if socket_path else settings.worker_key()
-        if self.worker is not None and self.worker_key == key and self.worker.state not in (
-                WorkerState.STOPPED, WorkerState.IDLE):
+        if (
+            self.worker is not None
+            and self.worker_key == key
+            and self.worker.state not in (WorkerState.STOPPED, WorkerState.IDLE)
+        ):
             return
         if self.worker is not None:
             self.worker.shutdown()
@@ -426,9 +511,15 @@ class EditSession:
         if self.prepare_worker is not None and not socket_path:  # a shared worker needs nothing here
             self.prepare_worker()
         environment = {"CUDA_VISIBLE_DEVICES": "-1"} if settings.device == "cpu" else {}
-        worker = WorkerClient(settings.model, device=settings.device, environment=environment,
-                              executable=self.executable, scheduler=settings.sampler(),
-                              dtype=settings.precision, socket_path=socket_path or None)
+        worker = WorkerClient(
+            settings.model,
+            device=settings.device,
+            environment=environment,
+            executable=self.executable,
+            scheduler=settings.sampler(),
+            dtype=settings.precision,
+            socket_path=socket_path or None,
+        )
         worker.start()  # a WorkerError (e.g. no shared worker at the socket) keeps no client
         self.worker = worker
         self._connected_at = time.monotonic()
@@ -448,10 +539,15 @@ class EditSession:
         name = volume.GetName()
         if kind == "rethreshold":
             mask = np.load(output / "edit_mask.npy")
-            self._replace("mask", mrml.array_to_volume(self.scene, mask.astype(np.uint8), f"{name} edit region",
-                                                       volume, labelmap=True))
-            self.result_text = f"Edit region at tau {event.get('tau')}: {event.get('edit_fraction', 0):.1%} " \
-                               "of the image."
+            self._replace(
+                "mask",
+                mrml.array_to_volume(
+                    self.scene, mask.astype(np.uint8), f"{name} edit region", volume, labelmap=True
+                ),
+            )
+            self.result_text = (
+                f"Edit region at tau {event.get('tau')}: {event.get('edit_fraction', 0):.1%} of the image."
+            )
             return
         guidance = np.load(output / "guidance_map.npy")
         mask = np.load(output / "edit_mask.npy")
@@ -464,8 +560,10 @@ class EditSession:
             for key in ("counterfactual", "difference"):  # a preview edits nothing
                 self.scene.RemoveNode(self.results.pop(key))
         self.output_folder = output
-        self.result_text = f"Done: edit region {event.get('edit_fraction', 0):.1%} of the image " \
-                           f"({(event.get('prior') or {}).get('reason', '')})."
+        self.result_text = (
+            f"Done: edit region {event.get('edit_fraction', 0):.1%} of the image "
+            f"({(event.get('prior') or {}).get('reason', '')})."
+        )
         report = output / "verification.txt"
         self.verification_text = report.read_text() if kind == "edit" and report.is_file() else ""
 
@@ -529,18 +627,25 @@ def import_into_dicom_database(folder: Path, database, import_dicom: Callable[[s
 
     folder = Path(folder)
     if database is None:
-        raise DicomImportError("Slicer has no DICOM database: open the DICOM module once to create one, "
-                               "then export again.")
+        raise DicomImportError(
+            "Slicer has no DICOM database: open the DICOM module once to create one, then export again."
+        )
     files = sorted(folder.glob("*.dcm"))
     if not files:
         raise DicomImportError(f"{folder.name} holds no DICOM file to import.")
-    uids = [str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
-            for path in files]
+    uids = [
+        str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+        for path in files
+    ]
     if not import_dicom(str(folder)):
-        raise DicomImportError("the DICOM database did not take the series (DICOMUtils.importDicom failed; "
-                               "the Python console has its log).")
+        raise DicomImportError(
+            "the DICOM database did not take the series (DICOMUtils.importDicom failed; "
+            "the Python console has its log)."
+        )
     missing = [path.name for path, uid in zip(files, uids) if not database.fileForInstance(uid)]
     if missing:
-        raise DicomImportError(f"{', '.join(missing)} not in the DICOM database after the import; "
-                               "the Python console has the importer's log.")
+        raise DicomImportError(
+            f"{', '.join(missing)} not in the DICOM database after the import; "
+            "the Python console has the importer's log."
+        )
     return uids

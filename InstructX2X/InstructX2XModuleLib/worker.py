@@ -62,9 +62,14 @@ def kill_process_group(pid: int) -> None:
         The group leader (the worker's launcher).
     """
     if sys.platform == "win32":
-        subprocess.run(["taskkill", "/T", "/F", "/PID", str(pid)], stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
-                       creationflags=subprocess.CREATE_NO_WINDOW)
+        subprocess.run(
+            ["taskkill", "/T", "/F", "/PID", str(pid)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+            creationflags=subprocess.CREATE_NO_WINDOW,
+        )
         return
     try:
         os.killpg(pid, signal.SIGKILL)
@@ -104,12 +109,29 @@ class WorkerClient:
         Connect to this shared worker instead of starting one (model and device are its own).
     """
 
-    def __init__(self, model: str, device: str = "auto", executable: list[str] | None = None,
-                 environment: dict | None = None, scheduler: str = "auto", dtype: str = "auto",
-                 socket_path: str | None = None) -> None:
-        self.command = [*(executable or [sys.executable, "-m", "instructx2x.cli"]), "serve", "--stdio",
-                        "--model", str(model), "--device", device, "--scheduler", scheduler,
-                        "--dtype", dtype]
+    def __init__(
+        self,
+        model: str,
+        device: str = "auto",
+        executable: list[str] | None = None,
+        environment: dict | None = None,
+        scheduler: str = "auto",
+        dtype: str = "auto",
+        socket_path: str | None = None,
+    ) -> None:
+        self.command = [
+            *(executable or [sys.executable, "-m", "instructx2x.cli"]),
+            "serve",
+            "--stdio",
+            "--model",
+            str(model),
+            "--device",
+            device,
+            "--scheduler",
+            scheduler,
+            "--dtype",
+            dtype,
+        ]
         self.environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(environment or {})}
         self.state = WorkerState.IDLE
         self.process: subprocess.Popen | None = None
@@ -139,26 +161,38 @@ class WorkerClient:
                 uid = peer_uid(connection)
             except OSError as error:
                 connection.close()
-                raise WorkerError(f"cannot reach the shared worker at {name} ({error.strerror}); "
-                                  "is instructx2x serve --socket running?") from None
+                raise WorkerError(
+                    f"cannot reach the shared worker at {name} ({error.strerror}); "
+                    "is instructx2x serve --socket running?"
+                ) from None
             if not trusted_uid(uid):
                 connection.close()
-                raise WorkerError(f"the shared worker at {name} runs as another user (uid {uid}, not "
-                                  f"{os.getuid()}); refusing to send it jobs.")
+                raise WorkerError(
+                    f"the shared worker at {name} runs as another user (uid {uid}, not "
+                    f"{os.getuid()}); refusing to send it jobs."
+                )
             self.connection = connection
             self._writer, reader = (self.connection.makefile(mode, encoding="utf-8") for mode in ("w", "r"))
         else:
             try:  # a process group of its own (``kill`` ends the launcher and its Python); no console window
-                self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                                stderr=subprocess.PIPE, text=True, env=self.environment,
-                                                **_OWN_GROUP)
+                self.process = subprocess.Popen(
+                    self.command,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=self.environment,
+                    **_OWN_GROUP,
+                )
             except OSError as error:
                 raise WorkerError(f"cannot start the worker ({error.strerror}).") from None
             self._writer, reader = self.process.stdin, self.process.stdout
             # stderr read as it comes (a worker that logs more than a pipe holds never blocks); its
             # last lines are kept for the exit message
             self.stderr_tail: collections.deque = collections.deque(maxlen=STDERR_LINES)
-            self._stderr_reader = threading.Thread(target=self._drain, args=(self.process.stderr,), daemon=True)
+            self._stderr_reader = threading.Thread(
+                target=self._drain, args=(self.process.stderr,), daemon=True
+            )
             self._stderr_reader.start()
         self.state = WorkerState.STARTING
         threading.Thread(target=self._read, args=(reader,), daemon=True).start()
@@ -228,16 +262,22 @@ class WorkerClient:
                 break
             kind = event.get("event")
             if kind == "done" and not self._ours(event.get("output")):
-                event = {"id": event.get("id"), "event": "error", "kind": "WorkerError",
-                         "message": "the worker reported a result outside the output folder asked for; "
-                                    "ignored."}
+                event = {
+                    "id": event.get("id"),
+                    "event": "error",
+                    "kind": "WorkerError",
+                    "message": "the worker reported a result outside the output folder asked for; ignored.",
+                }
                 kind = "error"
             events.append(event)
             if kind == "ready":
                 self.info = event
                 self.state = WorkerState.READY
-            elif kind in ("done", "error", "cancelled") and self.current is not None \
-                    and event.get("id") == self.current:  # a start-up error has no id: not a job's end
+            elif (
+                kind in ("done", "error", "cancelled")
+                and self.current is not None
+                and event.get("id") == self.current
+            ):  # a start-up error has no id: not a job's end
                 self.state, self.current = WorkerState.READY, None
                 if kind == "error":
                     self.last_error = event.get("message")
@@ -248,8 +288,10 @@ class WorkerClient:
                 if self.last_error is None and event.get("message"):
                     self.last_error = event["message"]
                 elif self.last_error is None and event.get("returncode") not in (0, None):
-                    self.last_error = f"the worker stopped (exit code {event['returncode']}): " \
-                                      f"{event.get('stderr', '')[-500:]}"
+                    self.last_error = (
+                        f"the worker stopped (exit code {event['returncode']}): "
+                        f"{event.get('stderr', '')[-500:]}"
+                    )
         return events
 
     def _ours(self, output) -> bool:
@@ -287,8 +329,14 @@ class WorkerClient:
         except (OSError, ValueError):  # our own hang-up closed the stream
             pass
         if self.process is None:  # a shared worker: gone unless we hung up
-            self.events.put({"event": "exit", "returncode": None, "stderr": "", "message": None
-                             if self._writer is None else "the shared worker closed the connection."})
+            self.events.put(
+                {
+                    "event": "exit",
+                    "returncode": None,
+                    "stderr": "",
+                    "message": None if self._writer is None else "the shared worker closed the connection.",
+                }
+            )
             return
         returncode = self.process.wait()
         self._stderr_reader.join(timeout=5)

@@ -7,16 +7,19 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 import numpy as np
+import pytest
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-SOP_CLASSES = {"CR": "1.2.840.10008.5.1.4.1.1.1", "DX": "1.2.840.10008.5.1.4.1.1.1.1",
-               "DXP": "1.2.840.10008.5.1.4.1.1.1.1.1", "SC": "1.2.840.10008.5.1.4.1.1.7",
-               "SR": "1.2.840.10008.5.1.4.1.1.88.11"}
+SOP_CLASSES = {
+    "CR": "1.2.840.10008.5.1.4.1.1.1",
+    "DX": "1.2.840.10008.5.1.4.1.1.1.1",
+    "DXP": "1.2.840.10008.5.1.4.1.1.1.1.1",
+    "SC": "1.2.840.10008.5.1.4.1.1.7",
+    "SR": "1.2.840.10008.5.1.4.1.1.88.11",
+}
 
 
 def phantom(rows: int, columns: int, bits: int = 12) -> np.ndarray:
@@ -26,11 +29,19 @@ def phantom(rows: int, columns: int, bits: int = 12) -> np.ndarray:
     return np.clip(values * (2**bits - 1), 0, 2**bits - 1)
 
 
-def make_radiograph(kind: str = "CR", rows: int = 72, columns: int = 64, bits_stored: int = 12,
-                    photometric: str = "MONOCHROME2", signed: bool = False,
-                    window: tuple[float, float] | None = (2048.0, 4096.0),
-                    rescale: tuple[float, float] | None = None, body_part: str | None = "CHEST",
-                    view: str | None = "PA", pixels: np.ndarray | None = None) -> Dataset:
+def make_radiograph(
+    kind: str = "CR",
+    rows: int = 72,
+    columns: int = 64,
+    bits_stored: int = 12,
+    photometric: str = "MONOCHROME2",
+    signed: bool = False,
+    window: tuple[float, float] | None = (2048.0, 4096.0),
+    rescale: tuple[float, float] | None = None,
+    body_part: str | None = "CHEST",
+    view: str | None = "PA",
+    pixels: np.ndarray | None = None,
+) -> Dataset:
     """A minimal valid image of the given kind, with patient and study attributes."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -40,7 +51,12 @@ def make_radiograph(kind: str = "CR", rows: int = 72, columns: int = 64, bits_st
     ds.SOPClassUID = SOP_CLASSES[kind]
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Phantom", "PHANTOM-1", "19700101", "O"
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = (
+        "Test^Phantom",
+        "PHANTOM-1",
+        "19700101",
+        "O",
+    )
     ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20260101", "120000", "A1", "1"
     ds.ReferringPhysicianName = "Ref^Doctor"
     ds.Modality = {"CR": "CR", "DX": "DX", "DXP": "DX", "SC": "OT", "SR": "SR"}[kind]
@@ -99,8 +115,7 @@ def require_tool(name: str, package: str) -> str:
 def dcmtk_compress(source: Path, target: Path, tool: str, *options: str) -> Path:
     """Compress with a dcmtk tool (dcmcjpeg, dcmcjpls, dcmcrle)."""
     executable = require_tool(tool, "dcmtk")
-    subprocess.run([executable, *options, str(source), str(target)], check=True,
-                   capture_output=True)
+    subprocess.run([executable, *options, str(source), str(target)], check=True, capture_output=True)
     return target
 
 
@@ -108,5 +123,4 @@ def dciodvfy_errors(path: Path) -> list[str]:
     """dciodvfy's error lines for a file (the validator of Debian's dicom3tools)."""
     executable = require_tool("dciodvfy", "dicom3tools")
     completed = subprocess.run([executable, str(path)], capture_output=True, text=True)
-    return [line for line in (completed.stdout + completed.stderr).splitlines()
-            if line.startswith("Error")]
+    return [line for line in (completed.stdout + completed.stderr).splitlines() if line.startswith("Error")]

@@ -11,17 +11,28 @@ import re
 
 import torch
 
-_RESNET_UNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_RESNET_UNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
 def _unet_key(key: str, layers: int, up_has_attention: list[bool]) -> str:
-    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    fixed = {
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "conv_in": "input_blocks.0.0",
+        "conv_norm_out": "out.0",
+        "conv_out": "out.2",
+    }
     for new, old in fixed.items():
         if key.startswith(new + "."):
-            return old + key[len(new):]
+            return old + key[len(new) :]
     if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
         block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
         index = 1 + block * (layers + 1) + layer
@@ -71,8 +82,9 @@ def original_state_dict(pipe) -> dict[str, torch.Tensor]:
     up_has_attention = ["CrossAttn" in name for name in unet_config.up_block_types]
     state = {}
     for key, value in pipe.unet.state_dict().items():
-        state["model.diffusion_model." + _unet_key(key, unet_config.layers_per_block,
-                                                   up_has_attention)] = value
+        state["model.diffusion_model." + _unet_key(key, unet_config.layers_per_block, up_has_attention)] = (
+            value
+        )
     blocks = len(pipe.vae.config.block_out_channels)
     for key, value in pipe.vae.state_dict().items():
         new = _vae_key(key, blocks)

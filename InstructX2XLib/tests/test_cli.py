@@ -13,17 +13,36 @@ from instructx2x.schedulers import FEW_STEP_SOLVER_STEPS
 
 
 def args(png, out, *extra):
-    return ["edit", str(png), "-i", "Add the finding of right pleural effusion", "-o", str(out),
-            "--model", "untrained-tiny", "--steps", "2", "--resolution", "64",
-            "--progress", "none", *extra]
+    return [
+        "edit",
+        str(png),
+        "-i",
+        "Add the finding of right pleural effusion",
+        "-o",
+        str(out),
+        "--model",
+        "untrained-tiny",
+        "--steps",
+        "2",
+        "--resolution",
+        "64",
+        "--progress",
+        "none",
+        *extra,
+    ]
 
 
 def test_edit_writes_all_files(png, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(args(png, out)) == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "edit_mask.png", "edited.png", "figure.png", "guidance.png", "guidance_overlay.png",
-        "manifest.json"]
+        "edit_mask.png",
+        "edited.png",
+        "figure.png",
+        "guidance.png",
+        "guidance_overlay.png",
+        "manifest.json",
+    ]
     for name in ("edited.png", "figure.png", "guidance_overlay.png"):  # every picture says what it is
         assert "SYNTHETIC" in Image.open(out / name).info["Description"]
     manifest = json.loads((out / "manifest.json").read_text())
@@ -43,7 +62,7 @@ def test_reference_mask_is_outlined_on_the_figure_and_checked_first(png, tmp_pat
     assert main(args(png, out, "--reference-mask", str(tmp_path / "lesion.npy"))) == 0
     figure = np.asarray(Image.open(out / "figure.png"))
     green = (figure[..., 1] > 200) & (figure[..., 0] < 80) & (figure[..., 2] < 120)
-    assert green[:, figure.shape[1] // 3: 2 * figure.shape[1] // 3].any()  # on the edit panel
+    assert green[:, figure.shape[1] // 3 : 2 * figure.shape[1] // 3].any()  # on the edit panel
     assert not green[:, : figure.shape[1] // 3].any()
     np.save(tmp_path / "small.npy", np.zeros((10, 10), bool))
     assert main(args(png, tmp_path / "bad", "--reference-mask", str(tmp_path / "small.npy"))) == 2
@@ -55,14 +74,32 @@ def test_verify_checks_the_edit_with_the_classifiers_the_model_names(tmp_path, c
 
     sample = Path(__file__).resolve().parents[2] / "Resources" / "Samples" / "phantom_pa.dcm"
     out = tmp_path / "verified"
-    assert main(["edit", str(sample), "-i", "Add the finding of moderate left pleural effusion", "--model",
-                 "demo", "--verify", "-o", str(out), "--progress", "none"]) == 0
+    assert (
+        main(
+            [
+                "edit",
+                str(sample),
+                "-i",
+                "Add the finding of moderate left pleural effusion",
+                "--model",
+                "demo",
+                "--verify",
+                "-o",
+                str(out),
+                "--progress",
+                "none",
+            ]
+        )
+        == 0
+    )
     done = json.loads(capsys.readouterr().out)
     report = json.loads((out / "verification.json").read_text())
     assert done["verification"] == report and "verification.txt" in done["files"]
     assert report["classifiers"]["name"] == "cohort-v2" and report["instructed"] == ["Effusion"]
     assert report["classifiers"]["chosen_because"] == "the input is a synthetic-cohort phantom"
-    assert report["max_change_outside_mask"] == 0 and set(report["findings_after"]) == set(report["findings_before"])
+    assert report["max_change_outside_mask"] == 0 and set(report["findings_after"]) == set(
+        report["findings_before"]
+    )
     text = (out / "verification.txt").read_text()
     assert text.startswith("Verification ") and "* Effusion" in text
 
@@ -70,6 +107,7 @@ def test_verify_checks_the_edit_with_the_classifiers_the_model_names(tmp_path, c
 def test_verify_with_missing_classifiers_fails_before_the_edit(png, tmp_path, capsys):
     try:
         import torchxrayvision  # noqa: F401
+
         pytest.skip("torchxrayvision is installed here")
     except (ImportError, RuntimeError):
         pass
@@ -126,20 +164,39 @@ def test_an_edit_prints_no_library_notice_that_asks_nothing(tmp_path, model):
     from pathlib import Path
 
     sample = Path(__file__).resolve().parents[2] / "Resources" / "Samples" / "phantom_pa.dcm"
-    completed = subprocess.run([sys.executable, "-m", "instructx2x.cli", "edit", str(sample), "-i",
-                                "Add the finding of moderate left pleural effusion", "--model", model,
-                                "-o", str(tmp_path / "out"), "--progress", "none"],
-                               capture_output=True, text=True, timeout=600)
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "instructx2x.cli",
+            "edit",
+            str(sample),
+            "-i",
+            "Add the finding of moderate left pleural effusion",
+            "--model",
+            model,
+            "-o",
+            str(tmp_path / "out"),
+            "--progress",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert completed.returncode == 0, completed.stderr
     assert "float32" not in completed.stderr and "Casting directly" not in completed.stderr, completed.stderr
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--tau", "1.5"], "tau"),
-    (["--steps", "0"], "num_inference_steps"),
-    (["--guidance-scale", "-2"], "guidance_scale"),
-    (["--mask", "missing.png"], "not found"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--tau", "1.5"], "tau"),
+        (["--steps", "0"], "num_inference_steps"),
+        (["--guidance-scale", "-2"], "guidance_scale"),
+        (["--mask", "missing.png"], "not found"),
+    ],
+)
 def test_bad_input_writes_nothing(png, tmp_path, capsys, extra, message):
     out = tmp_path / "out"
     assert main(args(png, out, *extra)) == 2
@@ -154,10 +211,36 @@ def test_unreadable_image_and_missing_model(png, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "bad.png: cannot decode" in err and str(tmp_path) not in err  # no folder names
     # the input is checked before the model is looked for
-    assert main(["edit", str(bad), "-i", "Add edema", "-o", str(tmp_path / "o"), "--model",
-                 str(tmp_path / "no-model")]) == 2
-    assert main(["edit", str(png), "-i", "Add edema", "-o", str(tmp_path / "o"), "--model",
-                 str(tmp_path / "no-model")]) == 3
+    assert (
+        main(
+            [
+                "edit",
+                str(bad),
+                "-i",
+                "Add edema",
+                "-o",
+                str(tmp_path / "o"),
+                "--model",
+                str(tmp_path / "no-model"),
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "edit",
+                str(png),
+                "-i",
+                "Add edema",
+                "-o",
+                str(tmp_path / "o"),
+                "--model",
+                str(tmp_path / "no-model"),
+            ]
+        )
+        == 3
+    )
     assert "model not found: no-model" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.png", "chest.png"]
 
@@ -180,8 +263,15 @@ def test_jsonl_progress_protocol(png, tmp_path, capsys):
     argv[argv.index("--progress") + 1] = "jsonl"
     assert main(argv) == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [e["event"] for e in events] == ["loading", "started", "progress", "progress", "decode",
-                                            "export", "done"]
+    assert [e["event"] for e in events] == [
+        "loading",
+        "started",
+        "progress",
+        "progress",
+        "decode",
+        "export",
+        "done",
+    ]
     assert {k: events[3][k] for k in ("step", "total")} == {"step": 2, "total": 2}
     assert events[2]["eta_s"] >= 0 and events[3]["eta_s"] == 0
 
@@ -189,7 +279,7 @@ def test_jsonl_progress_protocol(png, tmp_path, capsys):
 def test_default_sampling_on_cpu_is_the_fast_path(png, tmp_path, capsys):
     out = tmp_path / "out"
     argv = args(png, out, "--device", "cpu")
-    del argv[argv.index("--steps"):argv.index("--steps") + 2]
+    del argv[argv.index("--steps") : argv.index("--steps") + 2]
     argv[argv.index("--progress") + 1] = "jsonl"
     assert main(argv) == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -199,8 +289,11 @@ def test_default_sampling_on_cpu_is_the_fast_path(png, tmp_path, capsys):
     assert manifest["scheduler"]["class"] == "DPMSolverMultistepScheduler"
     assert manifest["parameters"]["num_inference_steps"] == n
     # the tiny model is far below the size where bf16 pays on a CPU
-    assert manifest["dtype"] == "float32" and "M parameters" in manifest["precision"]["reason"] \
+    assert (
+        manifest["dtype"] == "float32"
+        and "M parameters" in manifest["precision"]["reason"]
         or "no bf16 instructions" in manifest["precision"]["reason"]
+    )
 
 
 def test_info(capsys):
@@ -214,14 +307,37 @@ def test_info_and_edit_take_the_sampling_defaults_from_the_model_card(capsys, pn
     from instructx2x.loading import save_model
     from instructx2x.untrained import build_untrained_pipeline
 
-    card = {"name": "carded", "trained": False, "few_step_solver_steps": 2, "guidance_scale": 3.0,
-            "image_guidance_scale": 1.25}
+    card = {
+        "name": "carded",
+        "trained": False,
+        "few_step_solver_steps": 2,
+        "guidance_scale": 3.0,
+        "image_guidance_scale": 1.25,
+    }
     model = save_model(build_untrained_pipeline(seed=3), tmp_path / "carded", card)
     assert main(["info", "--model", str(model), "--device", "cpu", "--scheduler", "dpm++"]) == 0
     defaults = json.loads(capsys.readouterr().out)["defaults"]
-    assert (defaults["num_inference_steps"], defaults["guidance_scale"], defaults["image_guidance_scale"]) == (2, 3.0, 1.25)
-    edit = ["edit", str(png), "-i", "Add the finding of edema", "--model", str(model), "--device", "cpu",
-            "--scheduler", "dpm++", "--resolution", "64", "--progress", "none"]
+    assert (
+        defaults["num_inference_steps"],
+        defaults["guidance_scale"],
+        defaults["image_guidance_scale"],
+    ) == (2, 3.0, 1.25)
+    edit = [
+        "edit",
+        str(png),
+        "-i",
+        "Add the finding of edema",
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+        "--scheduler",
+        "dpm++",
+        "--resolution",
+        "64",
+        "--progress",
+        "none",
+    ]
     assert main([*edit, "-o", str(tmp_path / "a")]) == 0
     assert main([*edit, "-o", str(tmp_path / "b"), "--image-guidance-scale", "2"]) == 0
     ran = [json.loads((tmp_path / name / "manifest.json").read_text())["parameters"] for name in "ab"]
@@ -232,9 +348,13 @@ def test_ctrl_c_stops_cleanly_and_writes_nothing(png, tmp_path):
     out = tmp_path / "out"
     argv = args(png, out, "--steps", "400")
     argv[argv.index("--progress") + 1] = "jsonl"
-    process = subprocess.Popen([sys.executable, "-m", "instructx2x.cli", *argv],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "instructx2x.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     for line in process.stdout:
         if json.loads(line)["event"] == "progress":
             break
@@ -262,12 +382,22 @@ def test_dicom_folder_gives_one_series_per_image(tmp_path, capsys):
     assert main(args(folder, out, "--feather", "2")) == 0
     summary = json.loads(capsys.readouterr().out)
     assert sorted(summary["files"]) == sorted(
-        f"image-00{i}/{name}" for i in (1, 2) for name in
-        ("counterfactual.dcm", "guidance_overlay.dcm", "edit_region_seg.dcm", "provenance.json",
-         "edited.png", "guidance.png", "guidance_overlay.png", "edit_mask.png", "manifest.json",
-         "figure.png"))
+        f"image-00{i}/{name}"
+        for i in (1, 2)
+        for name in (
+            "counterfactual.dcm",
+            "guidance_overlay.dcm",
+            "edit_region_seg.dcm",
+            "provenance.json",
+            "edited.png",
+            "guidance.png",
+            "guidance_overlay.png",
+            "edit_mask.png",
+            "manifest.json",
+            "figure.png",
+        )
+    )
     import pydicom
-
     from dicom_factory import dciodvfy_errors
 
     assert pydicom.dcmread(out / "image-002" / "counterfactual.dcm").Rows == 72
@@ -276,12 +406,15 @@ def test_dicom_folder_gives_one_series_per_image(tmp_path, capsys):
             assert dciodvfy_errors(out / name) == [], name
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--push-cstore", "nohostport"], "HOST:PORT:AET"),
-    (["--push-stow", "ftp://pacs"], "http"),
-    (["--feather", "-1"], "feather"),
-    (["--voi", "7"], "voi index 7"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--push-cstore", "nohostport"], "HOST:PORT:AET"),
+        (["--push-stow", "ftp://pacs"], "http"),
+        (["--feather", "-1"], "feather"),
+        (["--voi", "7"], "voi index 7"),
+    ],
+)
 def test_dicom_option_errors_write_nothing(tmp_path, capsys, extra, message):
     folder = _dicom_folder(tmp_path, 1)
     out = tmp_path / "out"
@@ -312,22 +445,29 @@ def test_decompression_bomb_is_refused_unread(tmp_path, capsys):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     bomb = tmp_path / "bomb.png"
-    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 70000, 70000, 8, 0, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b""))
+    bomb.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 70000, 70000, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 100))
+        + chunk(b"IEND", b"")
+    )
     assert main(args(bomb, tmp_path / "out")) == 2
     assert "declares more than" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.png"]
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--guidance-scale", "nan"], "guidance_scale must be a finite number"),
-    (["--image-guidance-scale", "inf"], "image_guidance_scale must be a finite number"),
-    (["--resolution", "65536"], "resolution must be a multiple of 8 in [64, 2048]"),
-    (["--relevance-draws", "0"], "relevance_draws must be an integer in [1, 16], got 0"),
-    (["--device", "tpu:7"], "device"),
-    (["--mode", "relevance", "--mask", "MASK"], "does not use"),
-    (["--priors", "no-such-priors"], "no priors.json in prior directory no-such-priors"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--guidance-scale", "nan"], "guidance_scale must be a finite number"),
+        (["--image-guidance-scale", "inf"], "image_guidance_scale must be a finite number"),
+        (["--resolution", "65536"], "resolution must be a multiple of 8 in [64, 2048]"),
+        (["--relevance-draws", "0"], "relevance_draws must be an integer in [1, 16], got 0"),
+        (["--device", "tpu:7"], "device"),
+        (["--mode", "relevance", "--mask", "MASK"], "does not use"),
+        (["--priors", "no-such-priors"], "no priors.json in prior directory no-such-priors"),
+    ],
+)
 def test_hostile_settings_fail_before_the_model_with_exit_2(png, tmp_path, capsys, extra, message):
     Image.fromarray(np.full((72, 60), 255, np.uint8)).save(tmp_path / "mask.png")
     extra = [str(tmp_path / "mask.png") if e == "MASK" else e for e in extra]
@@ -428,10 +568,12 @@ def test_multi_valued_referring_physician_is_refused_before_the_model(tmp_path, 
 
 def test_ctrl_c_during_imports_ends_cleanly(png, tmp_path):
     """An interrupt while torch and diffusers load gives the cancelled message, no traceback."""
-    code = ("import signal, threading, os\n"
-            "threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
-            "from instructx2x.cli import main\n"
-            f"raise SystemExit(main({args(png, tmp_path / 'out', '--steps', '400')!r}))\n")
+    code = (
+        "import signal, threading, os\n"
+        "threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
+        "from instructx2x.cli import main\n"
+        f"raise SystemExit(main({args(png, tmp_path / 'out', '--steps', '400')!r}))\n"
+    )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert completed.returncode == 130, completed.stderr
     assert "Traceback" not in completed.stderr and "cancelled" in completed.stderr
@@ -440,11 +582,13 @@ def test_ctrl_c_during_imports_ends_cleanly(png, tmp_path):
 
 def test_import_is_light():
     """The parser, vocabulary, job schema, errors and provenance reader load without torch."""
-    code = ("import time, sys\nstart = time.perf_counter()\n"
-            "import instructx2x\nfrom instructx2x import parse_instruction, EditJob, read_provenance, "
-            "InstructX2XError\nfrom instructx2x.instructions import FINDINGS\n"
-            "from instructx2x.priors import PUBLISHED_MASK_EXTENTS\n"
-            "print(time.perf_counter() - start, 'torch' in sys.modules, 'diffusers' in sys.modules)\n")
+    code = (
+        "import time, sys\nstart = time.perf_counter()\n"
+        "import instructx2x\nfrom instructx2x import parse_instruction, EditJob, read_provenance, "
+        "InstructX2XError\nfrom instructx2x.instructions import FINDINGS\n"
+        "from instructx2x.priors import PUBLISHED_MASK_EXTENTS\n"
+        "print(time.perf_counter() - start, 'torch' in sys.modules, 'diffusers' in sys.modules)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     seconds, torch_loaded, diffusers_loaded = out.split()
     assert torch_loaded == diffusers_loaded == "False"
@@ -459,13 +603,28 @@ def test_jobs_file_runs_many_edits_in_one_process(png, tmp_path, capsys):
     region[10:60, 5:50] = True
     np.save(mask, region)
     jobs = tmp_path / "jobs.csv"
-    jobs.write_text("image,instruction,mask,seed\n"
-                    "chest.png,Add the finding of right pleural effusion,,3\n"
-                    "chest.png,Remove the finding of edema,mask.npy,\n"
-                    "study/img0.dcm,Add the finding of pneumothorax,,5\n")
+    jobs.write_text(
+        "image,instruction,mask,seed\n"
+        "chest.png,Add the finding of right pleural effusion,,3\n"
+        "chest.png,Remove the finding of edema,mask.npy,\n"
+        "study/img0.dcm,Add the finding of pneumothorax,,5\n"
+    )
     out = tmp_path / "batch"
-    argv = ["edit", "--jobs", str(jobs), "-o", str(out), "--model", "untrained-tiny", "--steps", "2",
-            "--resolution", "64", "--progress", "none"]
+    argv = [
+        "edit",
+        "--jobs",
+        str(jobs),
+        "-o",
+        str(out),
+        "--model",
+        "untrained-tiny",
+        "--steps",
+        "2",
+        "--resolution",
+        "64",
+        "--progress",
+        "none",
+    ]
     assert main(argv) == 0
     import csv
 
@@ -477,8 +636,10 @@ def test_jobs_file_runs_many_edits_in_one_process(png, tmp_path, capsys):
     assert not second[~region].any()
     # a row alone gives the same edit as in the batch (the model stays warm, nothing leaks)
     assert main(args(png, tmp_path / "alone", "--seed", "3")) == 0
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "alone" / "edited.png")),
-                          np.asarray(Image.open(out / "0001-chest" / "edited.png")))
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "alone" / "edited.png")),
+        np.asarray(Image.open(out / "0001-chest" / "edited.png")),
+    )
     # consecutive rows without a mask share a pipeline call with --batch-size 2; the same
     # edits up to the last bits of batched arithmetic
     lines = jobs.read_text().splitlines()
@@ -492,23 +653,52 @@ def test_jobs_file_runs_many_edits_in_one_process(png, tmp_path, capsys):
     assert np.abs(a - b).max() <= 1
     import pydicom
 
-    assert np.array_equal(pydicom.dcmread(out / "0003-img0" / "edit_region_seg.dcm").pixel_array,
-                          pydicom.dcmread(batched / "0002-img0" / "edit_region_seg.dcm").pixel_array)
+    assert np.array_equal(
+        pydicom.dcmread(out / "0003-img0" / "edit_region_seg.dcm").pixel_array,
+        pydicom.dcmread(batched / "0002-img0" / "edit_region_seg.dcm").pixel_array,
+    )
 
 
 def test_a_bad_row_stops_the_jobs_file_before_any_work(png, tmp_path, capsys):
     jobs = tmp_path / "jobs.csv"
     jobs.write_text("image,instruction\nchest.png,Add edema\nmissing.png,Add edema\n")
-    assert main(["edit", "--jobs", str(jobs), "-o", str(tmp_path / "batch"), "--model",
-                 str(tmp_path / "no-model")]) == 2
+    assert (
+        main(
+            [
+                "edit",
+                "--jobs",
+                str(jobs),
+                "-o",
+                str(tmp_path / "batch"),
+                "--model",
+                str(tmp_path / "no-model"),
+            ]
+        )
+        == 2
+    )
     assert "job 2: input image not found: missing.png" in capsys.readouterr().err
     jobs.write_text("image,instruction,colour\nchest.png,Add edema,red\n")
-    assert main(["edit", "--jobs", str(jobs), "-o", str(tmp_path / "batch"), "--model",
-                 "untrained-tiny"]) == 2
+    assert (
+        main(["edit", "--jobs", str(jobs), "-o", str(tmp_path / "batch"), "--model", "untrained-tiny"]) == 2
+    )
     assert "unknown ['colour']" in capsys.readouterr().err
     jobs.write_text("image,instruction\nchest.png,Add edema\n")
-    assert main(["edit", "--jobs", str(jobs), "-o", str(tmp_path / "batch"), "--model",
-                 "untrained-tiny", "--reference-mask", str(png)]) == 2
+    assert (
+        main(
+            [
+                "edit",
+                "--jobs",
+                str(jobs),
+                "-o",
+                str(tmp_path / "batch"),
+                "--model",
+                "untrained-tiny",
+                "--reference-mask",
+                str(png),
+            ]
+        )
+        == 2
+    )
     assert "--reference-mask outlines one image's lesion" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chest.png", "jobs.csv"]
 

@@ -5,11 +5,14 @@ import pytest
 from instructx2x import devices
 
 
-@pytest.mark.parametrize("vendor,flags,expected", [
-    ("Intel", {"avx512f", "avx512_bf16", "amx_bf16"}, "Intel x86_64 {} +bf16 (AMX)"),
-    ("AMD", {"avx512f", "avx512_bf16"}, "AMD x86_64 {} +bf16 (AVX-512 BF16)"),
-    ("AMD", {"avx2"}, "AMD x86_64 {}"),
-])
+@pytest.mark.parametrize(
+    "vendor,flags,expected",
+    [
+        ("Intel", {"avx512f", "avx512_bf16", "amx_bf16"}, "Intel x86_64 {} +bf16 (AMX)"),
+        ("AMD", {"avx512f", "avx512_bf16"}, "AMD x86_64 {} +bf16 (AVX-512 BF16)"),
+        ("AMD", {"avx2"}, "AMD x86_64 {}"),
+    ],
+)
 def test_the_cpu_description_names_the_vendor_and_the_bf16_path(monkeypatch, vendor, flags, expected):
     """Timings are recorded beside it, and the three CPU kinds we meet time very differently."""
     monkeypatch.setattr(devices, "_cpu_vendor_and_flags", lambda: (vendor, frozenset(flags)))

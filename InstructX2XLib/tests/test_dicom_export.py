@@ -3,14 +3,13 @@ import json
 import numpy as np
 import pydicom
 import pytest
+from dicom_factory import dciodvfy_errors, make_radiograph, write
 from pydicom.data import get_testdata_file
 
 from instructx2x import EditParameters, InstructX2XEditor, read_dicom
 from instructx2x.dicom import export_dicom_edit
 from instructx2x.dicom.write import SERIES_DESCRIPTION, build_edit_objects, read_provenance
 from instructx2x.loading import ModelInfo
-
-from dicom_factory import dciodvfy_errors, make_radiograph, write
 
 INFO = ModelInfo("untrained-tiny", "untrained", "a" * 64, False)
 
@@ -21,8 +20,9 @@ def editor(tiny_pipe):
 
 
 def params(**kwargs):
-    return EditParameters("Add the finding of left pleural effusion", num_inference_steps=2,
-                          resolution=64, **kwargs)
+    return EditParameters(
+        "Add the finding of left pleural effusion", num_inference_steps=2, resolution=64, **kwargs
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,12 @@ def test_counterfactual_keeps_geometry_depth_photometric_and_pixels_outside(real
     image, result, paths = real_cr_export
     source = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
     sc = pydicom.dcmread(paths["counterfactual.dcm"])
-    assert (sc.Rows, sc.Columns, sc.BitsStored, sc.PhotometricInterpretation) == \
-        (1955, 1841, 15, "MONOCHROME1")
+    assert (sc.Rows, sc.Columns, sc.BitsStored, sc.PhotometricInterpretation) == (
+        1955,
+        1841,
+        15,
+        "MONOCHROME1",
+    )
     out = sc.pixel_array
     assert np.array_equal(out[~result.edit_mask], source.pixel_array[~result.edit_mask])
     assert not np.array_equal(out[result.edit_mask], source.pixel_array[result.edit_mask])
@@ -80,11 +84,14 @@ def test_series_is_synthetic_in_the_same_study_with_provenance(real_cr_export):
     assert set(sidecar["objects"]) == {"counterfactual.dcm", "guidance_overlay.dcm", "edit_region_seg.dcm"}
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"kind": "DX", "photometric": "MONOCHROME2", "bits_stored": 12},
-    {"kind": "CR", "bits_stored": 8, "window": None},
-    {"kind": "SC", "rescale": (1.0, -1024.0), "bits_stored": 16, "window": (0.0, 4000.0)},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"kind": "DX", "photometric": "MONOCHROME2", "bits_stored": 12},
+        {"kind": "CR", "bits_stored": 8, "window": None},
+        {"kind": "SC", "rescale": (1.0, -1024.0), "bits_stored": 16, "window": (0.0, 4000.0)},
+    ],
+)
 def test_generated_sources_export_valid_objects(editor, tmp_path, kwargs):
     path = write(make_radiograph(**kwargs), tmp_path / "source.dcm")
     image = read_dicom(path)
@@ -100,8 +107,11 @@ def test_generated_sources_export_valid_objects(editor, tmp_path, kwargs):
     provenance = json.loads(paths["provenance.json"].read_text())
     assert provenance["geometry"]["aspect_ratio"] == "pad"
     if kwargs["kind"] == "DX":  # only ImagerPixelSpacing: recorded and carried to the SC
-        assert provenance["native"]["pixel_spacing"] == {"attribute": "ImagerPixelSpacing",
-                                                         "row_mm": 0.2, "column_mm": 0.2}
+        assert provenance["native"]["pixel_spacing"] == {
+            "attribute": "ImagerPixelSpacing",
+            "row_mm": 0.2,
+            "column_mm": 0.2,
+        }
         assert [float(v) for v in sc.PixelSpacing] == [0.2, 0.2]
 
 
@@ -123,12 +133,18 @@ def test_refusals_write_nothing(editor, tmp_path):
 
 def test_builder_checks_its_arguments():
     source = make_radiograph()
-    good = dict(stored=np.zeros((72, 64), np.uint16), overlay_rgb=np.zeros((72, 64, 3), np.uint8),
-                edit_mask=np.ones((72, 64), bool), provenance={})
-    for key, bad, match in [("stored", np.zeros((10, 10), np.uint16), "stored pixels"),
-                            ("overlay_rgb", np.zeros((72, 64), np.uint8), "overlay"),
-                            ("edit_mask", np.zeros((72, 64), bool), "empty"),
-                            ("stored", np.zeros((72, 64), np.float32), "uint8 or uint16")]:
+    good = dict(
+        stored=np.zeros((72, 64), np.uint16),
+        overlay_rgb=np.zeros((72, 64, 3), np.uint8),
+        edit_mask=np.ones((72, 64), bool),
+        provenance={},
+    )
+    for key, bad, match in [
+        ("stored", np.zeros((10, 10), np.uint16), "stored pixels"),
+        ("overlay_rgb", np.zeros((72, 64), np.uint8), "overlay"),
+        ("edit_mask", np.zeros((72, 64), bool), "empty"),
+        ("stored", np.zeros((72, 64), np.float32), "uint8 or uint16"),
+    ]:
         with pytest.raises(ValueError, match=match):
             build_edit_objects(source, **{**good, key: bad})
 
@@ -171,8 +187,10 @@ def test_modality_lut_sequence_is_honoured_in_the_counterfactual(editor, tmp_pat
     source = pydicom.dcmread(tmp_path / "mlut.dcm")
     seg = pydicom.dcmread(paths["edit_region_seg.dcm"]).pixel_array.astype(bool)
     outside = ~seg
-    assert np.array_equal(apply_modality_lut(sc.pixel_array, sc)[outside],
-                          apply_modality_lut(source.pixel_array, source)[outside])
+    assert np.array_equal(
+        apply_modality_lut(sc.pixel_array, sc)[outside],
+        apply_modality_lut(source.pixel_array, source)[outside],
+    )
     assert dciodvfy_errors(paths["counterfactual.dcm"]) == []
 
 
@@ -187,8 +205,9 @@ def test_repeated_edits_in_one_study_are_told_apart(editor, tmp_path, monkeypatc
     monkeypatch.setattr(writer, "series_numbers", lambda: real(next(times)))
     _, first = export(editor, ds, tmp_path, "first")
     image = read_dicom(tmp_path / "first.dcm")
-    result = editor.edit(image, EditParameters("Remove the finding of edema", num_inference_steps=2,
-                                               resolution=64, tau=0.0))
+    result = editor.edit(
+        image, EditParameters("Remove the finding of edema", num_inference_steps=2, resolution=64, tau=0.0)
+    )
     second = export_dicom_edit(image, result, tmp_path / "second")
     a, b = (pydicom.dcmread(p["counterfactual.dcm"]) for p in (first, second))
     assert a.StudyInstanceUID == b.StudyInstanceUID

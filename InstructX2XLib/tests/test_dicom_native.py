@@ -9,8 +9,9 @@ def mapping(voi, invert=False, bits=12, signed=False, slope=1.0, intercept=0.0, 
     return IntensityMapping(bits, signed, slope, intercept, lut, voi, 1.0, invert, ())
 
 
-@pytest.mark.parametrize("voi", [Window(2048, 4096, "LINEAR"), Window(2000, 3000, "LINEAR_EXACT"),
-                                 Window(2048, 1500, "SIGMOID")])
+@pytest.mark.parametrize(
+    "voi", [Window(2048, 4096, "LINEAR"), Window(2000, 3000, "LINEAR_EXACT"), Window(2048, 1500, "SIGMOID")]
+)
 @pytest.mark.parametrize("invert", [False, True])
 def test_inverse_recovers_stored_values_inside_the_window(voi, invert):
     m = mapping(voi, invert=invert, slope=2.0, intercept=-500.0)
@@ -25,8 +26,9 @@ def test_inverse_recovers_stored_values_inside_the_window(voi, invert):
 
 def test_linear_window_matches_the_standard_formula():
     w = Window(100, 51, "LINEAR")  # PS3.3 C.11.2.1.2.1: x <= c - 0.5 - (w-1)/2 -> 0
-    assert w.forward(np.array([74.5, 75.0, 99.5, 124.5, 125.0])).tolist() == \
-        pytest.approx([0.0, 0.01, 0.5, 1.0, 1.0])
+    assert w.forward(np.array([74.5, 75.0, 99.5, 124.5, 125.0])).tolist() == pytest.approx(
+        [0.0, 0.01, 0.5, 1.0, 1.0]
+    )
 
 
 def test_modality_lut_round_trip_and_clipping():
@@ -83,6 +85,7 @@ def test_change_composite_adds_the_models_change_at_the_windows_gain():
         reconstruction = np.full((1, 4), 0.5)
         proposed = proposed_stored(original, m, np.zeros((1, 4)), model_output, reconstruction)
         assert proposed == pytest.approx(original + sign * 0.1 * 1024)
-    replaced = proposed_stored(original, mapping(Window(2048, 1025, "LINEAR")), np.full((1, 4), 0.5),
-                               None, None)
+    replaced = proposed_stored(
+        original, mapping(Window(2048, 1025, "LINEAR")), np.full((1, 4), 0.5), None, None
+    )
     assert replaced == pytest.approx(np.full((1, 4), 2047.5))  # the window's middle, (c - 0.5)

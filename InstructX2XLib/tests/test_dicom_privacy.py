@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pydicom
 import pytest
+from dicom_factory import dciodvfy_errors, make_radiograph, write
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
@@ -24,13 +25,23 @@ from instructx2x.loading import ModelInfo
 from instructx2x.provenance import source_label
 from instructx2x.verification import DEMOGRAPHIC_FIELDS, DEMOGRAPHICS_LABEL, verify_edit
 
-from dicom_factory import dciodvfy_errors, make_radiograph, write
-
 NAMES = ("counterfactual.dcm", "guidance_overlay.dcm", "edit_region_seg.dcm")
 # Patient and Study module attributes a source may hold that no derived object may carry.
-NEVER_COPIED = ("PatientComments", "OtherPatientIDsSequence", "OtherPatientNames", "PatientAge",
-                "PatientWeight", "PatientSize", "AdditionalPatientHistory", "MedicalAlerts", "Occupation",
-                "ClinicalTrialSponsorName", "ConsultingPhysicianName", "AdmissionID", "ResponsiblePerson")
+NEVER_COPIED = (
+    "PatientComments",
+    "OtherPatientIDsSequence",
+    "OtherPatientNames",
+    "PatientAge",
+    "PatientWeight",
+    "PatientSize",
+    "AdditionalPatientHistory",
+    "MedicalAlerts",
+    "Occupation",
+    "ClinicalTrialSponsorName",
+    "ConsultingPhysicianName",
+    "AdmissionID",
+    "ResponsiblePerson",
+)
 DEIDENTIFICATION = ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence")
 
 
@@ -40,8 +51,13 @@ def write_objects(source: Dataset, folder) -> dict:
     rows, columns = int(source.Rows), int(source.Columns)
     mask = np.zeros((rows, columns), bool)
     mask[10:30, 10:30] = True
-    objects = build_edit_objects(source, np.zeros((rows, columns), np.uint16),
-                                 np.zeros((rows, columns, 3), np.uint8), mask, {"input": {"label": "x"}})
+    objects = build_edit_objects(
+        source,
+        np.zeros((rows, columns), np.uint16),
+        np.zeros((rows, columns, 3), np.uint8),
+        mask,
+        {"input": {"label": "x"}},
+    )
     folder.mkdir()
     read = {}
     for name, dataset in objects.named().items():
@@ -81,10 +97,25 @@ def test_patient_module_is_one_policy_across_all_three_objects(tmp_path):
     assert source.to_json_dict() == before  # the source's header is not changed
     modules = [patient_module(read[name]) for name in NAMES]
     assert modules[0] == modules[1] == modules[2]
-    expected = {k: source[k].to_json_dict(None, None) for k in (
-        "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-        "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyInstanceUID", "IssuerOfPatientID",
-        "StudyDescription", "PatientIdentityRemoved", "DeidentificationMethod")}
+    expected = {
+        k: source[k].to_json_dict(None, None)
+        for k in (
+            "PatientName",
+            "PatientID",
+            "PatientBirthDate",
+            "PatientSex",
+            "StudyDate",
+            "StudyTime",
+            "ReferringPhysicianName",
+            "StudyID",
+            "AccessionNumber",
+            "StudyInstanceUID",
+            "IssuerOfPatientID",
+            "StudyDescription",
+            "PatientIdentityRemoved",
+            "DeidentificationMethod",
+        )
+    }
     assert modules[0] == expected
     for name in NAMES:
         assert not [k for k in NEVER_COPIED if k in read[name]], name
@@ -108,7 +139,10 @@ def test_type_2_patient_attributes_stay_present_and_empty_when_the_source_lacks_
     modules = [patient_module(read[name]) for name in NAMES]
     assert modules[0] == modules[1] == modules[2]
     for keyword in ("PatientBirthDate", "ReferringPhysicianName", "AccessionNumber"):
-        assert keyword in read["edit_region_seg.dcm"] and read["edit_region_seg.dcm"][keyword].value in ("", None)
+        assert keyword in read["edit_region_seg.dcm"] and read["edit_region_seg.dcm"][keyword].value in (
+            "",
+            None,
+        )
 
 
 @pytest.mark.parametrize("said,written", [("YES", "YES"), ("NO", "NO"), (None, "YES"), ("", "YES")])
@@ -128,10 +162,16 @@ def coded(item) -> tuple:
 def test_derivation_is_coded_and_its_local_scheme_declared(tmp_path):
     read = write_objects(make_radiograph(), tmp_path / "objects")
     mask_code = codes.cid7203.PixelByPixelMask  # CID 7203 "Image Derivation"
-    assert (mask_code.value, mask_code.scheme_designator, mask_code.meaning) == ("113047", "DCM", "Pixel by pixel mask")
+    assert (mask_code.value, mask_code.scheme_designator, mask_code.meaning) == (
+        "113047",
+        "DCM",
+        "Pixel by pixel mask",
+    )
     counterfactual = [coded(item) for item in read["counterfactual.dcm"].DerivationCodeSequence]
-    assert counterfactual == [("IX2X-GEN", LOCAL_SCHEME, "Synthesized by a generative model from the source image"),
-                              ("113047", "DCM", "Pixel by pixel mask")]
+    assert counterfactual == [
+        ("IX2X-GEN", LOCAL_SCHEME, "Synthesized by a generative model from the source image"),
+        ("113047", "DCM", "Pixel by pixel mask"),
+    ]
     overlay = [coded(item) for item in read["guidance_overlay.dcm"].DerivationCodeSequence]
     assert overlay == [("IX2X-OVERLAY", LOCAL_SCHEME, "Guidance map blended over the source image")]
     for name in ("counterfactual.dcm", "guidance_overlay.dcm"):
@@ -160,8 +200,13 @@ class FixedReader(ClassifierSet):
         assert count == 2
         findings = np.array([[0.1, 0.2, 0.1, 0.2, 0.1], [0.1, 0.2, 0.1, 0.9, 0.1]])
         race = np.array([[0.71234, 0.2, 0.08766], [0.1, 0.83456, 0.06544]])
-        return Predictions(findings=findings, age=np.array([61.2345, 73.4567]), race=race,
-                           features=np.zeros((2, 4)), sex_female=np.array([0.31234, 0.64321]))
+        return Predictions(
+            findings=findings,
+            age=np.array([61.2345, 73.4567]),
+            race=race,
+            features=np.zeros((2, 4)),
+            sex_female=np.array([0.31234, 0.64321]),
+        )
 
 
 def test_verification_report_holds_demographics_only_when_asked_and_labelled():
@@ -186,14 +231,24 @@ def test_verification_report_holds_demographics_only_when_asked_and_labelled():
     assert f"{DEMOGRAPHICS_LABEL}: age 61.2 -> 73.5 years; race {RACES[0]} -> {RACES[1]}" in summary
 
 
-@pytest.mark.parametrize("fields,message", [
-    ({"include_demographics": "yes", "verify": "cohort-v2"}, "true or false"),
-    ({"include_demographics": True}, "needs verify"),
-])
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"include_demographics": "yes", "verify": "cohort-v2"}, "true or false"),
+        ({"include_demographics": True}, "needs verify"),
+    ],
+)
 def test_include_demographics_is_checked_before_anything_runs(tmp_path, fields, message):
     with pytest.raises(ParameterError, match=message):
-        EditJob.from_dict({"command": "edit", "input": str(tmp_path / "a.dcm"), "output": str(tmp_path / "out"),
-                           "parameters": {"instruction": "Add edema"}, **fields})
+        EditJob.from_dict(
+            {
+                "command": "edit",
+                "input": str(tmp_path / "a.dcm"),
+                "output": str(tmp_path / "out"),
+                "parameters": {"instruction": "Add edema"},
+                **fields,
+            }
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -209,9 +264,14 @@ def named_after_a_patient(tiny_pipe, tmp_path_factory):
     path = write(make_radiograph(rows=96, columns=80), folder / "patient_smith.dcm")
     runs = {}
     for include in (False, True):
-        job = EditJob("edit", path, folder / f"out-{include}",
-                      EditParameters("Add the finding of left pleural effusion", num_inference_steps=2,
-                                     resolution=64), verify="cohort-v2", include_demographics=include)
+        job = EditJob(
+            "edit",
+            path,
+            folder / f"out-{include}",
+            EditParameters("Add the finding of left pleural effusion", num_inference_steps=2, resolution=64),
+            verify="cohort-v2",
+            include_demographics=include,
+        )
         events = []
         done = run_job(prepare(job), editor, events.append)
         runs[include] = (job.output, done)
@@ -243,8 +303,12 @@ def test_demographic_estimates_are_written_only_when_asked(named_after_a_patient
     estimates = shown["demographic_estimates"]
     assert estimates["label"] == DEMOGRAPHICS_LABEL and asked_done["verification"] == shown
     assert DEMOGRAPHICS_LABEL in (asked / "verification.txt").read_text()
-    values = [estimates["age_before"], estimates["age_after"], estimates["sex_female_before"],
-              *estimates["race_before"].values()]
+    values = [
+        estimates["age_before"],
+        estimates["age_after"],
+        estimates["sex_female_before"],
+        *estimates["race_before"].values(),
+    ]
     reprs = [json.dumps(v).encode() for v in values]  # as the JSON files would write them
     plain_report = json.loads((plain / "verification.json").read_text())
     assert plain_done["verification"] == plain_report
@@ -261,8 +325,23 @@ def test_demographic_estimates_are_written_only_when_asked(named_after_a_patient
 
 
 def cli_args(png, out, *extra):
-    return ["edit", str(png), "-i", "Add the finding of right pleural effusion", "-o", str(out), "--model",
-            "untrained-tiny", "--steps", "2", "--resolution", "64", "--progress", "none", *extra]
+    return [
+        "edit",
+        str(png),
+        "-i",
+        "Add the finding of right pleural effusion",
+        "-o",
+        str(out),
+        "--model",
+        "untrained-tiny",
+        "--steps",
+        "2",
+        "--resolution",
+        "64",
+        "--progress",
+        "none",
+        *extra,
+    ]
 
 
 def test_the_cli_asks_for_demographics_with_a_flag_that_needs_verify(png, tmp_path, capsys):

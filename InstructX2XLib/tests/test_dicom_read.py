@@ -1,13 +1,11 @@
 import numpy as np
 import pytest
+from dicom_factory import dcmtk_compress, make_radiograph, write
 from pydicom.data import get_testdata_file
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless,
-                         RLELossless)
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
 from instructx2x import read_image
 from instructx2x.dicom import DicomReadError, read_dicom
-
-from dicom_factory import dcmtk_compress, make_radiograph, write
 
 RG1 = get_testdata_file("RG1_UNCR.dcm")
 
@@ -33,8 +31,10 @@ def test_supported_kinds(tmp_path, kind):
 
 def test_pixel_spacing_prefers_calibrated_values(tmp_path):
     ds = make_radiograph("DX")
-    assert read_dicom(write(ds, tmp_path / "a.dcm")).metadata["pixel_spacing"]["attribute"] == \
-        "ImagerPixelSpacing"
+    assert (
+        read_dicom(write(ds, tmp_path / "a.dcm")).metadata["pixel_spacing"]["attribute"]
+        == "ImagerPixelSpacing"
+    )
     ds.PixelSpacing = [0.18, 0.19]
     spacing = read_dicom(write(ds, tmp_path / "b.dcm")).metadata["pixel_spacing"]
     assert spacing == {"attribute": "PixelSpacing", "row_mm": 0.18, "column_mm": 0.19}
@@ -78,8 +78,9 @@ def test_voi_lut_sequence(tmp_path):
     assert np.allclose(image.pixels, np.minimum(stored.astype(int) * 2, 255) / 255.0)
 
 
-@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
-                                    RLELossless, JPEG2000Lossless])
+@pytest.mark.parametrize(
+    "syntax", [ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, RLELossless, JPEG2000Lossless]
+)
 def test_lossless_transfer_syntaxes_decode_exactly(tmp_path, syntax):
     ds = make_radiograph()
     reference = read_dicom(write(ds, tmp_path / "plain.dcm"))
@@ -92,11 +93,14 @@ def test_lossless_transfer_syntaxes_decode_exactly(tmp_path, syntax):
     assert np.array_equal(image.metadata["stored"], reference.metadata["stored"])
 
 
-@pytest.mark.parametrize("tool,options,lossless", [
-    ("dcmcjpeg", ["+e1"], False),  # JPEG baseline (process 1), 8 bit
-    ("dcmcjpeg", ["+el"], True),   # JPEG lossless (process 14, SV1)
-    ("dcmcjpls", ["+el"], True),   # JPEG-LS lossless
-])
+@pytest.mark.parametrize(
+    "tool,options,lossless",
+    [
+        ("dcmcjpeg", ["+e1"], False),  # JPEG baseline (process 1), 8 bit
+        ("dcmcjpeg", ["+el"], True),  # JPEG lossless (process 14, SV1)
+        ("dcmcjpls", ["+el"], True),  # JPEG-LS lossless
+    ],
+)
 def test_jpeg_family_through_installed_decoders(tmp_path, tool, options, lossless):
     ds = make_radiograph(bits_stored=8, window=None)
     plain = write(ds, tmp_path / "plain.dcm")
@@ -135,18 +139,21 @@ def _with(**attributes):
     return ds
 
 
-@pytest.mark.parametrize("build,match", [
-    (lambda: make_radiograph("SR"), "Comprehensive SR|Enhanced SR|SR"),
-    (lambda: _without("PixelData"), "no pixel data"),
-    (lambda: _without("BitsStored"), "BitsStored"),
-    (lambda: _with(NumberOfFrames=2), "multi-frame"),
-    (lambda: _with(PhotometricInterpretation="RGB"), "grayscale radiograph"),
-    (lambda: _with(SamplesPerPixel=3), "grayscale radiograph"),
-    (lambda: _with(Rows=20000, Columns=20000), "outside the supported size"),
-    (lambda: _with(Rows=4), "outside the supported size"),
-    (lambda: _with(WindowWidth=0.5), "window width"),
-    (lambda: _with(VOILUTFunction="LOG"), "LOG"),
-])
+@pytest.mark.parametrize(
+    "build,match",
+    [
+        (lambda: make_radiograph("SR"), "Comprehensive SR|Enhanced SR|SR"),
+        (lambda: _without("PixelData"), "no pixel data"),
+        (lambda: _without("BitsStored"), "BitsStored"),
+        (lambda: _with(NumberOfFrames=2), "multi-frame"),
+        (lambda: _with(PhotometricInterpretation="RGB"), "grayscale radiograph"),
+        (lambda: _with(SamplesPerPixel=3), "grayscale radiograph"),
+        (lambda: _with(Rows=20000, Columns=20000), "outside the supported size"),
+        (lambda: _with(Rows=4), "outside the supported size"),
+        (lambda: _with(WindowWidth=0.5), "window width"),
+        (lambda: _with(VOILUTFunction="LOG"), "LOG"),
+    ],
+)
 def test_bad_datasets_are_refused_with_the_reason(tmp_path, build, match):
     path = write(build(), tmp_path / "bad.dcm")
     with pytest.raises(DicomReadError, match=match) as error:

@@ -17,7 +17,7 @@ def editor(tiny_pipe):
 def radiograph():
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:90, 0:70]
-    pixels = (0.5 + 0.3 * np.sin(yy / 9) * np.cos(xx / 7) + 0.05 * rng.random((90, 70)))
+    pixels = 0.5 + 0.3 * np.sin(yy / 9) * np.cos(xx / 7) + 0.05 * rng.random((90, 70))
     return Radiograph(pixels.astype(np.float32), "phantom.png", "f" * 64, "png", 8)
 
 
@@ -75,21 +75,31 @@ def test_user_and_keep_masks_at_input_size(editor, radiograph):
     assert np.array_equal(result.edited[~result.edit_mask], radiograph.pixels[~result.edit_mask])
 
 
-@pytest.mark.parametrize("name,value,match", [
-    ("mask", np.ones((10, 10), bool), "mask"),
-    ("keep_mask", np.ones((90, 71), bool), "keep_mask"),
-    ("mask", np.zeros((90, 70), bool), "empty"),
-])
+@pytest.mark.parametrize(
+    "name,value,match",
+    [
+        ("mask", np.ones((10, 10), bool), "mask"),
+        ("keep_mask", np.ones((90, 71), bool), "keep_mask"),
+        ("mask", np.zeros((90, 70), bool), "empty"),
+    ],
+)
 def test_bad_masks(editor, radiograph, name, value, match):
     with pytest.raises(ValueError, match=match):
         editor.edit(radiograph, params(), **{name: value})
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"tau": 2.0}, "tau"), ({"num_inference_steps": 0}, "num_inference_steps"),
-    ({"guidance_scale": -1.0}, "guidance"), ({"resolution": 100}, "resolution"),
-    ({"region_mode": "all"}, "all"), ({"instruction": ""}, "empty"), ({"seed": -1}, "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"tau": 2.0}, "tau"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"guidance_scale": -1.0}, "guidance"),
+        ({"resolution": 100}, "resolution"),
+        ({"region_mode": "all"}, "all"),
+        ({"instruction": ""}, "empty"),
+        ({"seed": -1}, "seed"),
+    ],
+)
 def test_bad_parameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         params(**kwargs)
@@ -135,8 +145,9 @@ def test_steps_follow_the_scheduler_when_not_given(editor, radiograph):
     pipe.scheduler = make_scheduler("dpm++")
     fast = InstructX2XEditor(pipe, INFO, device="cpu", dtype="fp32")
     steps = []
-    result = fast.edit(radiograph, params(num_inference_steps=None),
-                       progress=lambda step, total: steps.append((step, total)))
+    result = fast.edit(
+        radiograph, params(num_inference_steps=None), progress=lambda step, total: steps.append((step, total))
+    )
     n = FEW_STEP_SOLVER_STEPS
     assert 1 < n < 10 and steps == [(step, n) for step in range(1, n + 1)]
     assert result.manifest["parameters"]["num_inference_steps"] == n
@@ -163,12 +174,14 @@ def test_pad_mode_priors_land_where_the_image_lands(editor):
     """A wide 200x400 film: the cardiomegaly prior must cover the same rows of the film in
     pad mode as in squash mode (applied in the padded square instead, it lands 44 rows off)."""
     yy, xx = np.mgrid[0:200, 0:400]
-    film = Radiograph((0.5 + 0.2 * np.sin(yy / 9) * np.cos(xx / 13)).astype(np.float32),
-                      "wide.png", "e" * 64, "png", 8)
+    film = Radiograph(
+        (0.5 + 0.2 * np.sin(yy / 9) * np.cos(xx / 13)).astype(np.float32), "wide.png", "e" * 64, "png", 8
+    )
     instruction = "Add the finding of cardiomegaly"
     squash = editor.preview(film, params(instruction=instruction, region_mode="prior", resolution=128))
-    pad = editor.preview(film, params(instruction=instruction, region_mode="prior", resolution=128,
-                                      aspect="pad"))
+    pad = editor.preview(
+        film, params(instruction=instruction, region_mode="prior", resolution=128, aspect="pad")
+    )
     top = [int(np.argmax(r.prior_mask.max(axis=1) > 0.5)) for r in (squash, pad)]
     left = [int(np.argmax(r.prior_mask.max(axis=0) > 0.5)) for r in (squash, pad)]
     assert abs(top[0] - top[1]) <= 2 and abs(left[0] - left[1]) <= 2, (top, left)
@@ -181,8 +194,13 @@ def test_change_composite_keeps_native_detail_inside_the_mask(editor):
     rng = np.random.default_rng(3)
     yy, xx = np.mgrid[0:256, 0:256]
     film = 0.5 + 0.2 * np.sin(yy / 17) + 0.05 * np.sign(np.sin(xx * 1.3))  # detail at ~5 px
-    image = Radiograph(np.clip(film + 0.01 * rng.standard_normal(film.shape), 0, 1).astype(np.float32),
-                       "detail.png", "d" * 64, "png", 8)
+    image = Radiograph(
+        np.clip(film + 0.01 * rng.standard_normal(film.shape), 0, 1).astype(np.float32),
+        "detail.png",
+        "d" * 64,
+        "png",
+        8,
+    )
     mask = np.zeros((256, 256), bool)
     mask[40:200, 40:200] = True
 
@@ -212,8 +230,10 @@ def test_edit_after_preview_reuses_encode_and_relevance_bit_for_bit(tiny_pipe, r
     warm.preview(radiograph, params(eta=1.0, tau=0.4))
     calls = []
     modules = {"text": tiny_pipe.text_encoder, "encoder": tiny_pipe.vae.encoder, "unet": tiny_pipe.unet}
-    handles = [m.register_forward_pre_hook(lambda module, args, name=name: calls.append(name))
-               for name, m in modules.items()]
+    handles = [
+        m.register_forward_pre_hook(lambda module, args, name=name: calls.append(name))
+        for name, m in modules.items()
+    ]
     try:
         edited = warm.edit(radiograph, params(eta=1.0, tau=0.2))
     finally:
@@ -228,8 +248,10 @@ def test_edit_after_preview_reuses_encode_and_relevance_bit_for_bit(tiny_pipe, r
 
 def test_edit_batch_equals_single_edits_at_each_native_size(editor, radiograph):
     wide = Radiograph(np.tile(radiograph.pixels, (1, 2)), "wide.png", "c" * 64, "png", 8)
-    parameters = [params(instruction="Add the finding of left pleural effusion", seed=4),
-                  params(instruction="Remove the finding of edema", seed=9)]
+    parameters = [
+        params(instruction="Add the finding of left pleural effusion", seed=4),
+        params(instruction="Remove the finding of edema", seed=9),
+    ]
     batch = editor.edit_batch([radiograph, wide], parameters)
     for image, element, result in zip([radiograph, wide], parameters, batch):
         alone = editor.edit(image, element)

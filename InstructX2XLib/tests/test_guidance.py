@@ -70,15 +70,18 @@ def test_binary_prior_downsamples_to_cell_coverage():
 def test_guidance_map_modes():
     relevance = torch.tensor([[[[0.2, 0.8], [0.05, 1.0]]]])
     prior = torch.tensor([[[[1.0, 0.0], [1.0, 0.5]]]])
-    assert torch.allclose(guidance.guidance_map(relevance, prior, "rse"),
-                          torch.tensor([[[[0.2, 0.0], [0.05, 0.5]]]]))
+    assert torch.allclose(
+        guidance.guidance_map(relevance, prior, "rse"), torch.tensor([[[[0.2, 0.0], [0.05, 0.5]]]])
+    )
     assert torch.equal(guidance.guidance_map(relevance, None, RegionMode.RELEVANCE), relevance)
     assert torch.equal(guidance.guidance_map(None, prior, "prior"), prior)
     assert torch.equal(guidance.guidance_map(relevance, None, "none"), torch.ones_like(relevance))
 
 
-@pytest.mark.parametrize("mode,relevance,prior", [("rse", None, True), ("rse", True, None),
-                                                  ("relevance", None, True), ("prior", True, None)])
+@pytest.mark.parametrize(
+    "mode,relevance,prior",
+    [("rse", None, True), ("rse", True, None), ("relevance", None, True), ("prior", True, None)],
+)
 def test_guidance_map_needs_its_inputs(mode, relevance, prior):
     maps = torch.ones(1, 1, 2, 2)
     with pytest.raises(ValueError, match="needs"):

@@ -1,7 +1,6 @@
 import pytest
 
-from instructx2x.instructions import (FINDINGS, MAX_INSTRUCTION_CHARS, Laterality, Operation,
-                                      parse_instruction)
+from instructx2x.instructions import FINDINGS, MAX_INSTRUCTION_CHARS, Laterality, Operation, parse_instruction
 
 
 def test_add_template():
@@ -53,8 +52,9 @@ def test_cardiac_synonyms_map_to_cardiomegaly():
     assert parsed.prior_categories == ("Cardiomegaly",)
 
 
-@pytest.mark.parametrize("text,message", [("", "empty"), ("   \n", "empty"),
-                                          ("x" * (MAX_INSTRUCTION_CHARS + 1), "characters")])
+@pytest.mark.parametrize(
+    "text,message", [("", "empty"), ("   \n", "empty"), ("x" * (MAX_INSTRUCTION_CHARS + 1), "characters")]
+)
 def test_bad_instructions(text, message):
     with pytest.raises(ValueError, match=message):
         parse_instruction(text)
@@ -70,15 +70,21 @@ def test_to_dict_is_json_ready():
     assert data["operation"] == "add" and data["laterality"] == "right"
 
 
-@pytest.mark.parametrize("text,zones", [
-    ("Add the finding of moderate left lower zone consolidation", ("lower",)),
-    ("Remove the finding of right upper lobe pneumonia", ("upper",)),
-    ("Add the finding of left mid zone lung opacity", ("mid",)),
-    ("Add the finding of lingular opacity", ("mid",)),
-    ("Add the finding of bibasilar atelectasis", ("lower",)),
-    ("Add the finding of left apical pneumothorax and right lower lobe consolidation", ("upper", "lower")),
-    ("Add the finding of left pleural effusion", ()),
-])
+@pytest.mark.parametrize(
+    "text,zones",
+    [
+        ("Add the finding of moderate left lower zone consolidation", ("lower",)),
+        ("Remove the finding of right upper lobe pneumonia", ("upper",)),
+        ("Add the finding of left mid zone lung opacity", ("mid",)),
+        ("Add the finding of lingular opacity", ("mid",)),
+        ("Add the finding of bibasilar atelectasis", ("lower",)),
+        (
+            "Add the finding of left apical pneumothorax and right lower lobe consolidation",
+            ("upper", "lower"),
+        ),
+        ("Add the finding of left pleural effusion", ()),
+    ],
+)
 def test_lung_zones_named_in_reports_are_read_top_down(text, zones):
     parsed = parse_instruction(text)
     assert parsed.zones == zones

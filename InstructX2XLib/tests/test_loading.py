@@ -12,7 +12,6 @@ def generator(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
     """The tiny model in the authors' released layout (a diffusers folder)."""
@@ -21,8 +20,13 @@ def saved_model(tmp_path_factory):
     return directory
 
 
-CARD = {"name": "tiny-card", "trained": False, "trained_on": "nothing (random weights)",
-        "resolution": 256, "intended_use": "tests"}
+CARD = {
+    "name": "tiny-card",
+    "trained": False,
+    "trained_on": "nothing (random weights)",
+    "resolution": 256,
+    "intended_use": "tests",
+}
 
 
 def test_directory_round_trip_gives_identical_edits(saved_model, xray):
@@ -47,8 +51,10 @@ def test_hash_is_stable_and_sees_weight_changes(saved_model):
 
 
 def test_scheduler_choice(saved_model):
-    assert type(load_pipeline(saved_model, scheduler="dpm++")[0].scheduler).__name__ == \
-        "DPMSolverMultistepScheduler"
+    assert (
+        type(load_pipeline(saved_model, scheduler="dpm++")[0].scheduler).__name__
+        == "DPMSolverMultistepScheduler"
+    )
     with pytest.raises(ValueError, match="unknown scheduler"):
         load_pipeline(saved_model, scheduler="magic")
 
@@ -78,8 +84,9 @@ def test_corrupt_weights(saved_model, tmp_path):
 
 
 def test_four_channel_unet_is_refused(saved_model, tmp_path):
-    from diffusers import UNet2DConditionModel
     import shutil
+
+    from diffusers import UNet2DConditionModel
 
     wrong = tmp_path / "sd"
     shutil.copytree(saved_model, wrong)
@@ -103,9 +110,8 @@ def single_file_setup(tmp_path_factory):
     """The tiny model as an original single-file checkpoint, plus its architecture configs."""
     import os
 
-    from safetensors.torch import save_file
-
     from original_checkpoint import original_state_dict
+    from safetensors.torch import save_file
 
     root = tmp_path_factory.mktemp("single")
     pipe = build_untrained_pipeline(seed=5)
@@ -131,8 +137,10 @@ def test_single_file_checkpoint_converts_exactly(single_file_setup, xray, name):
         assert expected.keys() == converted.keys()
         assert all(torch.equal(expected[k], converted[k].reshape(expected[k].shape)) for k in expected)
     kwargs = dict(num_inference_steps=2, output_type="pt")
-    assert torch.equal(loaded("Add edema", xray, generator=generator(), **kwargs).images,
-                       reference("Add edema", xray, generator=generator(), **kwargs).images)
+    assert torch.equal(
+        loaded("Add edema", xray, generator=generator(), **kwargs).images,
+        reference("Add edema", xray, generator=generator(), **kwargs).images,
+    )
 
 
 def test_pickled_code_is_never_executed(tmp_path, single_file_setup):
@@ -191,8 +199,9 @@ def test_model_card_sets_the_few_step_solver_default(tmp_path):
     from instructx2x.editor import InstructX2XEditor
     from instructx2x.parameters import EditParameters
 
-    directory = save_model(build_untrained_pipeline(seed=3), tmp_path / "carded",
-                           dict(CARD, few_step_solver_steps=7))
+    directory = save_model(
+        build_untrained_pipeline(seed=3), tmp_path / "carded", dict(CARD, few_step_solver_steps=7)
+    )
     for scheduler, steps in (("dpm++", 7), ("unipc", 7), ("ddim", 100)):
         pipe, info = load_pipeline(directory, scheduler=scheduler)
         editor = InstructX2XEditor(pipe, info, device="cpu")
@@ -222,8 +231,9 @@ def test_model_card_sets_the_guidance_scales(tmp_path, xray):
     by_card = carded.edit(xray, EditParameters(prompt, num_inference_steps=2))
     assert by_card.manifest["parameters"]["guidance_scale"] == 4.0
     assert by_card.manifest["parameters"]["image_guidance_scale"] == 2.0
-    named = plain.edit(xray, EditParameters(prompt, num_inference_steps=2, guidance_scale=4.0,
-                                            image_guidance_scale=2.0))
+    named = plain.edit(
+        xray, EditParameters(prompt, num_inference_steps=2, guidance_scale=4.0, image_guidance_scale=2.0)
+    )
     authors = plain.edit(xray, EditParameters(prompt, num_inference_steps=2))
     assert authors.manifest["parameters"]["guidance_scale"] == 7.5
     assert np.array_equal(by_card.edited, named.edited)
@@ -258,10 +268,15 @@ def test_text_encoder_of_another_width_is_refused_at_load(tmp_path):
 
     directory = tmp_path / "mixed"
     build_untrained_pipeline(seed=3).save_pretrained(directory)
-    wide = CLIPTextModel(CLIPTextConfig(hidden_size=48, intermediate_size=37, num_attention_heads=4,
-                                        num_hidden_layers=1, vocab_size=49408))
+    wide = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=48, intermediate_size=37, num_attention_heads=4, num_hidden_layers=1, vocab_size=49408
+        )
+    )
     wide.save_pretrained(directory / "text_encoder")
-    with pytest.raises(ModelLoadError, match="text encoder is 48 wide but the UNet's cross-attention expects 32"):
+    with pytest.raises(
+        ModelLoadError, match="text encoder is 48 wide but the UNet's cross-attention expects 32"
+    ):
         load_pipeline(directory)
 
 
@@ -298,7 +313,9 @@ def test_model_card_sets_the_relevance_draws(tmp_path, xray):
     from instructx2x.image_io import Radiograph
     from instructx2x.parameters import EditParameters
 
-    directory = save_model(build_untrained_pipeline(seed=3), tmp_path / "carded", dict(CARD, relevance_draws=4))
+    directory = save_model(
+        build_untrained_pipeline(seed=3), tmp_path / "carded", dict(CARD, relevance_draws=4)
+    )
     carded = InstructX2XEditor(*load_pipeline(directory, scheduler="dpm++"), device="cpu", dtype="fp32")
     xray = Radiograph(xray[0, 0].numpy(), "x.png", "f" * 64, "png", 8)
     prompt = "Add the finding of left pleural effusion"
@@ -327,10 +344,17 @@ def test_diffusers_float32_notice_is_dropped_only_when_it_names_no_module():
     diffusers_logger = logging.getLogger(DIFFUSERS_MODELING_LOGGER)
 
     def shown(modules: str) -> bool:
-        message = (f"There are modules in UNet2DConditionModel that should be kept in float32: {modules}. "
-                   "Casting directly with `to()` can lead to inconsistent results")
-        return bool(diffusers_logger.filter(diffusers_logger.makeRecord(
-            diffusers_logger.name, logging.WARNING, __file__, 0, message, None, None)))
+        message = (
+            f"There are modules in UNet2DConditionModel that should be kept in float32: {modules}. "
+            "Casting directly with `to()` can lead to inconsistent results"
+        )
+        return bool(
+            diffusers_logger.filter(
+                diffusers_logger.makeRecord(
+                    diffusers_logger.name, logging.WARNING, __file__, 0, message, None, None
+                )
+            )
+        )
 
     load_pipeline("untrained-tiny")
     load_pipeline("untrained-tiny")
@@ -343,8 +367,10 @@ def test_importing_the_loader_leaves_diffusers_logging_alone():
     import subprocess
     import sys
 
-    code = ("import logging, instructx2x.loading\n"
-            "filters = logging.getLogger(instructx2x.loading.DIFFUSERS_MODELING_LOGGER).filters\n"
-            "print(sorted({type(f).__module__ for f in filters}))")
+    code = (
+        "import logging, instructx2x.loading\n"
+        "filters = logging.getLogger(instructx2x.loading.DIFFUSERS_MODELING_LOGGER).filters\n"
+        "print(sorted({type(f).__module__ for f in filters}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "instructx2x" not in out

@@ -7,8 +7,17 @@ import sys
 
 import instructx2x
 
-TORCH_FREE_CORE = {"EditParameters", "RegionMode", "ParsedInstruction", "parse_instruction", "EditJob",
-                   "read_provenance", "InstructX2XError", "ParameterError", "InputError"}
+TORCH_FREE_CORE = {
+    "EditParameters",
+    "RegionMode",
+    "ParsedInstruction",
+    "parse_instruction",
+    "EditJob",
+    "read_provenance",
+    "InstructX2XError",
+    "ParameterError",
+    "InputError",
+}
 
 _WITHOUT_TORCH = """
 import importlib, json, sys
@@ -39,7 +48,9 @@ def test_every_public_name_comes_from_its_defining_module():
 
 
 def test_every_name_whose_module_needs_no_torch_imports_without_torch():
-    completed = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH], capture_output=True, text=True, check=True)
+    completed = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TORCH], capture_output=True, text=True, check=True
+    )
     result = json.loads(completed.stdout)
     assert {name for name, (home, package) in result.items() if home and not package} == set()
     assert TORCH_FREE_CORE <= {name for name, (_home, package) in result.items() if package}

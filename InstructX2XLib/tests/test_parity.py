@@ -13,22 +13,43 @@ PROMPT = "Add the finding of pleural effusion"
 @pytest.fixture(scope="module")
 def reference(tiny_pipe):
     pipe = StableDiffusionInstructPix2PixPipeline(
-        vae=tiny_pipe.vae, text_encoder=tiny_pipe.text_encoder, tokenizer=tiny_pipe.tokenizer,
-        unet=tiny_pipe.unet, scheduler=tiny_pipe.scheduler, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+        vae=tiny_pipe.vae,
+        text_encoder=tiny_pipe.text_encoder,
+        tokenizer=tiny_pipe.tokenizer,
+        unet=tiny_pipe.unet,
+        scheduler=tiny_pipe.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def both(tiny_pipe, reference, image, guidance_scale=7.5, image_guidance_scale=1.5, steps=4):
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(11))
-    ours = tiny_pipe(PROMPT, image, region_mode="rse", tau=0.0, num_inference_steps=steps,
-                     guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
-                     latents=latents.clone(), generator=torch.Generator().manual_seed(0),
-                     output_type="pt").images
-    theirs = reference(PROMPT, image=image, num_inference_steps=steps, guidance_scale=guidance_scale,
-                       image_guidance_scale=image_guidance_scale, latents=latents.clone(),
-                       generator=torch.Generator().manual_seed(0), output_type="pt").images
+    ours = tiny_pipe(
+        PROMPT,
+        image,
+        region_mode="rse",
+        tau=0.0,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        image_guidance_scale=image_guidance_scale,
+        latents=latents.clone(),
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
+    theirs = reference(
+        PROMPT,
+        image=image,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        image_guidance_scale=image_guidance_scale,
+        latents=latents.clone(),
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
     return ours, theirs
 
 

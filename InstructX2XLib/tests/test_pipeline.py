@@ -51,15 +51,22 @@ def test_latents_outside_mask_are_renoised_input_after_every_step(tiny_pipe, xra
         return {}
 
     steps = 5
-    out = run(tiny_pipe, xray, num_inference_steps=steps, tau=0.3, callback_on_step_end=record,
-              callback_on_step_end_tensor_inputs=["latents", "mask", "source_latents", "noise"])
+    out = run(
+        tiny_pipe,
+        xray,
+        num_inference_steps=steps,
+        tau=0.3,
+        callback_on_step_end=record,
+        callback_on_step_end_tensor_inputs=["latents", "mask", "source_latents", "noise"],
+    )
     timesteps = tiny_pipe.scheduler.timesteps
     assert len(seen) == steps
     for i, state in enumerate(seen):
         outside = state["mask"].expand_as(state["latents"]) == 0
         if i < steps - 1:
-            expected = tiny_pipe.scheduler.add_noise(state["source_latents"], state["noise"],
-                                                     timesteps[i + 1:i + 2])
+            expected = tiny_pipe.scheduler.add_noise(
+                state["source_latents"], state["noise"], timesteps[i + 1 : i + 2]
+            )
         else:
             expected = state["source_latents"]
         assert outside.any()
@@ -119,7 +126,9 @@ def test_relevance_map_equals_spec_computation_on_the_full_cfg_batch(tiny_pipe, 
     model_input = torch.cat([torch.cat([noisy] * 3), torch.cat([c, c, torch.zeros_like(c)])], dim=1)
     embeds = tiny_pipe.encode_prompt(PROMPT, torch.device("cpu"))
     with torch.no_grad():
-        eps_text, eps_image, _ = tiny_pipe.unet(model_input, 800, encoder_hidden_states=embeds).sample.chunk(3)
+        eps_text, eps_image, _ = tiny_pipe.unet(model_input, 800, encoder_hidden_states=embeds).sample.chunk(
+            3
+        )
     expected = guidance.relevance_map(eps_text, eps_image)
     assert torch.allclose(guidance.resize_map(expected, xray.shape[-2:]), out.relevance_maps, atol=1e-5)
 
@@ -155,8 +164,10 @@ def test_several_relevance_draws_average_spec_maps_over_the_generators_next_draw
     single = run(tiny_pipe, xray, guidance_only=True, region_mode="relevance")
     assert (single.guidance_state.relevance - expected).abs().max() > 0.05  # the draws matter
     # the edit's noise is the first draw: with the prior's mask (no R) and eta 0 the edits agree
-    assert torch.equal(run(tiny_pipe, xray, region_mode="prior", relevance_draws=3).images,
-                       run(tiny_pipe, xray, region_mode="prior").images)
+    assert torch.equal(
+        run(tiny_pipe, xray, region_mode="prior", relevance_draws=3).images,
+        run(tiny_pipe, xray, region_mode="prior").images,
+    )
 
 
 def test_guidance_state_reuse_with_several_draws(tiny_pipe, xray):
@@ -201,12 +212,18 @@ def test_tau_zero_edits_everywhere(tiny_pipe, xray):
 
 
 def test_prior_comes_from_the_instruction(tiny_pipe, xray):
-    out = run(tiny_pipe, xray, prompt="Add the finding of right pneumothorax", guidance_only=True,
-              region_mode="prior")
+    out = run(
+        tiny_pipe,
+        xray,
+        prompt="Add the finding of right pneumothorax",
+        guidance_only=True,
+        region_mode="prior",
+    )
     assert out.prior.categories == ("Pneumothorax",)
     assert out.prior_masks[..., 33:].sum() == 0  # patient's right = image left
-    fallback = run(tiny_pipe, xray, prompt="Add the finding of scoliosis", guidance_only=True,
-                   region_mode="prior")
+    fallback = run(
+        tiny_pipe, xray, prompt="Add the finding of scoliosis", guidance_only=True, region_mode="prior"
+    )
     assert fallback.prior.full_image and "scoliosis" in fallback.prior.reason
 
 
@@ -257,44 +274,52 @@ def test_interrupt_raises_and_returns_nothing(tiny_pipe, xray):
         run(tiny_pipe, xray, callback_on_step_end=stop)
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    ({"tau": 1.5}, ValueError, "tau"),
-    ({"tau": -0.1}, ValueError, "tau"),
-    ({"num_inference_steps": 0}, ValueError, "num_inference_steps"),
-    ({"guidance_scale": -1.0}, ValueError, "guidance_scale"),
-    ({"image_guidance_scale": -0.5}, ValueError, "image_guidance_scale"),
-    ({"guidance_scale": float("nan")}, ValueError, "guidance_scale must be a finite number"),
-    ({"image_guidance_scale": float("inf")}, ValueError, "finite"),
-    ({"tau": float("nan")}, ValueError, "tau must be a finite number"),
-    ({"keep_mask_image": torch.ones(1, 1, 64, 64)}, ValueError, "keep mask covers the whole image"),
-    ({"latents": [[0.0]]}, TypeError, "latents"),
-    ({"prompt": "Add the finding of\x00 edema"}, ValueError, "control character U\\+0000"),
-    ({"prompt": "Add edema \udcff"}, ValueError, "not valid UTF-8"),
-    ({"region_mode": "everywhere"}, ValueError, "region_mode"),
-    ({"relevance_timestep": 1000}, ValueError, "relevance_timestep"),
-    ({"relevance_draws": 0}, ValueError, "relevance_draws must be an integer in \\[1, 16\\]"),
-    ({"relevance_draws": 17}, ValueError, "relevance_draws"),
-    ({"relevance_draws": True}, ValueError, "relevance_draws"),
-    ({"guidance_scale": None}, ValueError, "both guidance scales"),  # the editor resolves None
-    ({"output_type": "latent"}, ValueError, "output_type"),
-    ({"callback_on_step_end_tensor_inputs": ["secret"]}, ValueError, "callback"),
-    ({"prompt": ""}, ValueError, "empty"),
-    ({"prompt": "a" * 1000}, ValueError, "characters"),
-    ({"prompt": ["Add edema", "Add edema"]}, ValueError, "2 image\\(s\\) of one size \\(one per prompt\\)"),
-    ({"prompt": 3}, TypeError, "prompt"),
-    ({"generator": [torch.Generator(), torch.Generator()]}, ValueError, "one generator per prompt"),
-    ({"mask_image": torch.ones(1, 1, 32, 32)}, ValueError, "mask_image"),
-    ({"mask_image": torch.zeros(1, 1, 64, 64)}, ValueError, "empty"),
-    ({"keep_mask_image": torch.ones(1, 1, 63, 64)}, ValueError, "keep_mask_image"),
-    ({"mask_image": torch.ones(1, 1, 64, 64), "region_mode": "none"}, ValueError, "does not use"),
-    ({"prior_mask": torch.ones(1, 1, 64, 64), "region_mode": "relevance"}, ValueError, "does not use"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"tau": 1.5}, ValueError, "tau"),
+        ({"tau": -0.1}, ValueError, "tau"),
+        ({"num_inference_steps": 0}, ValueError, "num_inference_steps"),
+        ({"guidance_scale": -1.0}, ValueError, "guidance_scale"),
+        ({"image_guidance_scale": -0.5}, ValueError, "image_guidance_scale"),
+        ({"guidance_scale": float("nan")}, ValueError, "guidance_scale must be a finite number"),
+        ({"image_guidance_scale": float("inf")}, ValueError, "finite"),
+        ({"tau": float("nan")}, ValueError, "tau must be a finite number"),
+        ({"keep_mask_image": torch.ones(1, 1, 64, 64)}, ValueError, "keep mask covers the whole image"),
+        ({"latents": [[0.0]]}, TypeError, "latents"),
+        ({"prompt": "Add the finding of\x00 edema"}, ValueError, "control character U\\+0000"),
+        ({"prompt": "Add edema \udcff"}, ValueError, "not valid UTF-8"),
+        ({"region_mode": "everywhere"}, ValueError, "region_mode"),
+        ({"relevance_timestep": 1000}, ValueError, "relevance_timestep"),
+        ({"relevance_draws": 0}, ValueError, "relevance_draws must be an integer in \\[1, 16\\]"),
+        ({"relevance_draws": 17}, ValueError, "relevance_draws"),
+        ({"relevance_draws": True}, ValueError, "relevance_draws"),
+        ({"guidance_scale": None}, ValueError, "both guidance scales"),  # the editor resolves None
+        ({"output_type": "latent"}, ValueError, "output_type"),
+        ({"callback_on_step_end_tensor_inputs": ["secret"]}, ValueError, "callback"),
+        ({"prompt": ""}, ValueError, "empty"),
+        ({"prompt": "a" * 1000}, ValueError, "characters"),
+        (
+            {"prompt": ["Add edema", "Add edema"]},
+            ValueError,
+            "2 image\\(s\\) of one size \\(one per prompt\\)",
+        ),
+        ({"prompt": 3}, TypeError, "prompt"),
+        ({"generator": [torch.Generator(), torch.Generator()]}, ValueError, "one generator per prompt"),
+        ({"mask_image": torch.ones(1, 1, 32, 32)}, ValueError, "mask_image"),
+        ({"mask_image": torch.zeros(1, 1, 64, 64)}, ValueError, "empty"),
+        ({"keep_mask_image": torch.ones(1, 1, 63, 64)}, ValueError, "keep_mask_image"),
+        ({"mask_image": torch.ones(1, 1, 64, 64), "region_mode": "none"}, ValueError, "does not use"),
+        ({"prior_mask": torch.ones(1, 1, 64, 64), "region_mode": "relevance"}, ValueError, "does not use"),
+    ],
+)
 def test_bad_arguments_fail_before_any_model_call(tiny_pipe, xray, kwargs, error, match):
     calls = []
     # every model the pipeline calls: the text encoder, the UNet, the VAE's encoder and decoder
     modules = (tiny_pipe.text_encoder, tiny_pipe.unet, tiny_pipe.vae.encoder, tiny_pipe.vae.decoder)
-    handles = [m.register_forward_pre_hook(lambda module, args, name=type(m).__name__: calls.append(name))
-               for m in modules]
+    handles = [
+        m.register_forward_pre_hook(lambda module, args: calls.append(type(module).__name__)) for m in modules
+    ]
     try:
         with pytest.raises(error, match=match):
             run(tiny_pipe, xray, **kwargs)
@@ -317,13 +342,16 @@ def test_the_hooks_see_every_model_call(tiny_pipe, xray):
     assert calls == {id(m) for m in modules}
 
 
-@pytest.mark.parametrize("image,match", [
-    (torch.rand(1, 1, 60, 64), "multiples of 8"),
-    (torch.rand(1, 4, 64, 64), "grayscale or RGB"),
-    (torch.rand(2, 1, 64, 64), "must give 1 image\\(s\\)"),  # two images for one prompt
-    (torch.rand(1, 1, 64, 64) * 3, r"\[0, 1\]"),
-    ("image.png", "PIL image"),
-])
+@pytest.mark.parametrize(
+    "image,match",
+    [
+        (torch.rand(1, 1, 60, 64), "multiples of 8"),
+        (torch.rand(1, 4, 64, 64), "grayscale or RGB"),
+        (torch.rand(2, 1, 64, 64), "must give 1 image\\(s\\)"),  # two images for one prompt
+        (torch.rand(1, 1, 64, 64) * 3, r"\[0, 1\]"),
+        ("image.png", "PIL image"),
+    ],
+)
 def test_bad_images(tiny_pipe, image, match):
     with pytest.raises((ValueError, TypeError), match=match):
         run(tiny_pipe, image)
@@ -346,8 +374,11 @@ def test_shipped_ddim_is_the_authors_configuration():
     assert (config.beta_start, config.beta_end, config.beta_schedule) == (0.00085, 0.012, "scaled_linear")
     assert (config.num_train_timesteps, config.steps_offset) == (1000, 1)
     assert config.set_alpha_to_one is False and config.clip_sample is False
-    shipped = json.loads((resources.files("instructx2x") / "resources" / "sd15_ip2p" / "scheduler"
-                          / "scheduler_config.json").read_text())
+    shipped = json.loads(
+        (
+            resources.files("instructx2x") / "resources" / "sd15_ip2p" / "scheduler" / "scheduler_config.json"
+        ).read_text()
+    )
     assert all(config[key] == value for key, value in shipped.items() if key != "_class_name")
     scheduler = make_scheduler("ddim")
     scheduler.set_timesteps(100)
@@ -367,8 +398,14 @@ def test_latent_blending_under_the_cpu_default_samplers(tiny_pipe, xray, name):
     original = tiny_pipe.scheduler
     tiny_pipe.scheduler = make_scheduler(name)
     try:
-        out = run(tiny_pipe, xray, num_inference_steps=3, tau=0.3, callback_on_step_end=record,
-                  callback_on_step_end_tensor_inputs=["latents", "mask", "source_latents", "noise"])
+        out = run(
+            tiny_pipe,
+            xray,
+            num_inference_steps=3,
+            tau=0.3,
+            callback_on_step_end=record,
+            callback_on_step_end_tensor_inputs=["latents", "mask", "source_latents", "noise"],
+        )
         timesteps = tiny_pipe.scheduler.timesteps
     finally:
         tiny_pipe.scheduler = original
@@ -392,8 +429,11 @@ def test_pil_images_are_read_at_full_depth(tiny_pipe, mode, scale, dtype):
     image = PIL.Image.fromarray((ramp * scale).astype(dtype))
     assert image.mode == mode
     from_pil = run(tiny_pipe, image, guidance_only=True)
-    from_tensor = run(tiny_pipe, torch.from_numpy((ramp * scale).astype(dtype).astype(np.float32) / scale),
-                      guidance_only=True)
+    from_tensor = run(
+        tiny_pipe,
+        torch.from_numpy((ramp * scale).astype(dtype).astype(np.float32) / scale),
+        guidance_only=True,
+    )
     assert torch.allclose(from_pil.relevance_maps, from_tensor.relevance_maps, atol=1e-6)
     with pytest.raises(ValueError, match="PIL mode 'I'"):
         run(tiny_pipe, PIL.Image.fromarray(np.zeros((64, 64), np.int32)))
@@ -421,7 +461,13 @@ def test_constant_relevance_map_is_refused_before_denoising(tiny_pipe, xray):
 
 def test_too_high_tau_is_refused_with_the_largest_guidance_value(tiny_pipe, xray):
     with pytest.raises(EmptyEditRegionError, match="no guidance value reaches tau=1"):
-        run(tiny_pipe, xray, tau=1.0, region_mode="rse", prior_mask=torch.zeros(1, 1, 64, 64).index_fill_(3, torch.tensor([0]), 1.0))
+        run(
+            tiny_pipe,
+            xray,
+            tau=1.0,
+            region_mode="rse",
+            prior_mask=torch.zeros(1, 1, 64, 64).index_fill_(3, torch.tensor([0]), 1.0),
+        )
 
 
 def test_relevance_is_computed_in_fp32_when_the_model_runs_in_bf16(xray):
@@ -448,8 +494,11 @@ def test_relevance_is_computed_in_fp32_when_the_model_runs_in_bf16(xray):
     noisy = alpha.sqrt() * state.source_latents + (1 - alpha).sqrt() * state.noise
     c = state.image_latents.float()
     with torch.no_grad():
-        eps = unet32(torch.cat([torch.cat([noisy] * 2), torch.cat([c, c])], dim=1), 800,
-                     encoder_hidden_states=state.prompt_embeds[:2].float()).sample
+        eps = unet32(
+            torch.cat([torch.cat([noisy] * 2), torch.cat([c, c])], dim=1),
+            800,
+            encoder_hidden_states=state.prompt_embeds[:2].float(),
+        ).sample
     expected = guidance.relevance_map(*eps.chunk(2))
     assert torch.allclose(state.relevance, expected, atol=1e-5)
     pipe.relevance_dtype = None  # in bf16 the map is visibly different
@@ -467,21 +516,43 @@ def test_each_batch_element_equals_the_same_edit_alone(tiny_pipe):
     maps are compared to that tolerance instead."""
     images = torch.rand(3, 1, 64, 64, generator=generator(4))
     images = torch.nn.functional.avg_pool2d(images, 5, 1, 2)  # smooth, like a film
-    prompts = ["Add the finding of left pleural effusion", "Remove the finding of edema",
-               "Add the finding of right pneumothorax"]
+    prompts = [
+        "Add the finding of left pleural effusion",
+        "Remove the finding of edema",
+        "Add the finding of right pneumothorax",
+    ]
     kwargs = dict(num_inference_steps=3, tau=0.2, eta=0.5, output_type="pt")
-    batch = tiny_pipe(prompts, images, generator=[generator(s) for s in (1, 2, 3)], region_mode="prior", **kwargs)
-    relevance = tiny_pipe(prompts, images, generator=[generator(s) for s in (1, 2, 3)], guidance_only=True,
-                          relevance_draws=2, **kwargs).relevance_maps
+    batch = tiny_pipe(
+        prompts, images, generator=[generator(s) for s in (1, 2, 3)], region_mode="prior", **kwargs
+    )
+    relevance = tiny_pipe(
+        prompts,
+        images,
+        generator=[generator(s) for s in (1, 2, 3)],
+        guidance_only=True,
+        relevance_draws=2,
+        **kwargs,
+    ).relevance_maps
     assert batch.images.shape == (3, 1, 64, 64) and len(batch.prior) == 3
     assert [p.laterality for p in batch.prior] == ["left", None, "right"]
     for i, seed in enumerate((1, 2, 3)):
-        alone = tiny_pipe(prompts[i], images[i:i + 1], generator=generator(seed), region_mode="prior", **kwargs)
-        assert torch.allclose(relevance[i:i + 1], tiny_pipe(
-            prompts[i], images[i:i + 1], generator=generator(seed), guidance_only=True, relevance_draws=2,
-            **kwargs).relevance_maps, atol=1e-4)
-        assert torch.equal(alone.edit_masks, batch.edit_masks[i:i + 1])
-        assert torch.allclose(alone.images, batch.images[i:i + 1], atol=1e-4)
+        alone = tiny_pipe(
+            prompts[i], images[i : i + 1], generator=generator(seed), region_mode="prior", **kwargs
+        )
+        assert torch.allclose(
+            relevance[i : i + 1],
+            tiny_pipe(
+                prompts[i],
+                images[i : i + 1],
+                generator=generator(seed),
+                guidance_only=True,
+                relevance_draws=2,
+                **kwargs,
+            ).relevance_maps,
+            atol=1e-4,
+        )
+        assert torch.equal(alone.edit_masks, batch.edit_masks[i : i + 1])
+        assert torch.allclose(alone.images, batch.images[i : i + 1], atol=1e-4)
         outside = batch.edit_masks[i] == 0
         assert torch.equal(batch.images[i][outside], images[i][outside])
 

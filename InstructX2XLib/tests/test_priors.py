@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from instructx2x.instructions import PRIOR_CATEGORIES, parse_instruction
-from instructx2x.priors import (PUBLISHED_MASK_EXTENTS, PriorSet, approximate_prior,
-                                write_prior_set)
+from instructx2x.priors import PUBLISHED_MASK_EXTENTS, PriorSet, approximate_prior, write_prior_set
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +25,7 @@ def test_shipped_priors_have_published_coverage_and_extent(default_priors):
 
 def test_shipped_priors_are_reproducible(default_priors):
     for category, spec in PUBLISHED_MASK_EXTENTS.items():
-        assert np.array_equal(approximate_prior(*spec).astype(np.float32),
-                              default_priors.masks[category])
+        assert np.array_equal(approximate_prior(*spec).astype(np.float32), default_priors.masks[category])
 
 
 def test_selection_is_union_of_named_findings(default_priors):
@@ -52,8 +50,10 @@ def test_cardiomegaly_is_not_narrowed(default_priors):
     assert np.array_equal(selection.mask, default_priors.masks["Cardiomegaly"])
 
 
-@pytest.mark.parametrize("text,reason", [("Make it brighter", "names no known finding"),
-                                         ("Add the finding of scoliosis", "no prior covers")])
+@pytest.mark.parametrize(
+    "text,reason",
+    [("Make it brighter", "names no known finding"), ("Add the finding of scoliosis", "no prior covers")],
+)
 def test_full_image_fallback_says_why(default_priors, text, reason):
     selection = default_priors.select(parse_instruction(text))
     assert selection.full_image and reason in selection.reason

@@ -17,9 +17,23 @@ from instructx2x.parameters import EditParameters
 @pytest.fixture
 def worker():
     process = subprocess.Popen(
-        [sys.executable, "-m", "instructx2x.cli", "serve", "--stdio", "--model", "untrained-tiny",
-         "--device", "cpu"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        [
+            sys.executable,
+            "-m",
+            "instructx2x.cli",
+            "serve",
+            "--stdio",
+            "--model",
+            "untrained-tiny",
+            "--device",
+            "cpu",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     yield process
     if process.poll() is None:
         process.kill()
@@ -48,9 +62,16 @@ def events_until(process, request_id, last=("done", "error", "cancelled")):
 
 
 def job(png, out, steps=2, **parameters):
-    return {"input": str(png), "output": str(out),
-            "parameters": {"instruction": "Add the finding of right pleural effusion",
-                           "num_inference_steps": steps, "resolution": 64, **parameters}}
+    return {
+        "input": str(png),
+        "output": str(out),
+        "parameters": {
+            "instruction": "Add the finding of right pleural effusion",
+            "num_inference_steps": steps,
+            "resolution": 64,
+            **parameters,
+        },
+    }
 
 
 def test_preview_rethreshold_and_two_edits_on_one_warm_worker(worker, png, tmp_path):
@@ -64,8 +85,10 @@ def test_preview_rethreshold_and_two_edits_on_one_warm_worker(worker, png, tmp_p
     geometry = json.loads((tmp_path / "preview" / "maps.json").read_text())
     assert (geometry["rows"], geometry["columns"]) == (72, 60)
 
-    send(worker, {"type": "rethreshold", "id": "r", "preview": "p", "tau": 0.4,
-                  "output": str(tmp_path / "tau04")})
+    send(
+        worker,
+        {"type": "rethreshold", "id": "r", "preview": "p", "tau": 0.4, "output": str(tmp_path / "tau04")},
+    )
     assert events_until(worker, "r")[-1]["event"] == "done"
     send(worker, {"type": "edit", "id": "e", "job": job(png, tmp_path / "edit", tau=0.4)})
     # a request that arrives while the worker still closes the previous one hears "queued" first
@@ -73,8 +96,9 @@ def test_preview_rethreshold_and_two_edits_on_one_warm_worker(worker, png, tmp_p
     assert [e["event"] for e in events] == ["started", "progress", "progress", "decode", "export", "done"]
     assert events[2]["step"] == 2 and events[2]["eta_s"] == 0
     # the re-thresholded mask is the mask of an edit at that tau, with no model call
-    assert np.array_equal(np.load(tmp_path / "tau04" / "edit_mask.npy"),
-                          np.load(tmp_path / "edit" / "edit_mask.npy"))
+    assert np.array_equal(
+        np.load(tmp_path / "tau04" / "edit_mask.npy"), np.load(tmp_path / "edit" / "edit_mask.npy")
+    )
     send(worker, {"type": "edit", "id": "bad", "job": job(png, tmp_path / "edit")})
     error = events_until(worker, "bad")[-1]
     assert error["event"] == "error" and error["exit_code"] == 2 and "already exists" in error["message"]
@@ -139,9 +163,17 @@ def test_a_defect_in_one_job_does_not_take_the_warm_worker_down(png, tmp_path, m
         return real_edit(*args, **kwargs)
 
     monkeypatch.setattr(editor, "edit", flaky)
-    requests = "\n".join(json.dumps(r) for r in [
-        {"type": "edit", "id": "1", "job": job(png, tmp_path / "one")},
-        {"type": "edit", "id": "2", "job": job(png, tmp_path / "two")}, {"type": "shutdown"}]) + "\n"
+    requests = (
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"type": "edit", "id": "1", "job": job(png, tmp_path / "one")},
+                {"type": "edit", "id": "2", "job": job(png, tmp_path / "two")},
+                {"type": "shutdown"},
+            ]
+        )
+        + "\n"
+    )
     out = io.StringIO()
     assert serve(editor, io.StringIO(requests), out) == 0
     events = [json.loads(line) for line in out.getvalue().splitlines()]
@@ -162,8 +194,11 @@ def test_a_cancel_stops_the_model_before_its_next_step(png, tmp_path, monkeypatc
     editor = InstructX2XEditor.from_model("untrained-tiny", device="cpu")
     unet_calls, at_cancel = [], []
     forward = editor.pipeline.unet.forward
-    monkeypatch.setattr(editor.pipeline.unet, "forward",
-                        lambda *args, **kwargs: unet_calls.append(1) or forward(*args, **kwargs))
+    monkeypatch.setattr(
+        editor.pipeline.unet,
+        "forward",
+        lambda *args, **kwargs: unet_calls.append(1) or forward(*args, **kwargs),
+    )
     worker = Worker(editor)
 
     class Reader(io.StringIO):
@@ -214,8 +249,12 @@ def test_a_client_that_stops_reading_is_cut_off_without_blocking_the_worker():
         client.emit({"id": "1", "event": "progress", "step": step})
         assert json.loads(reader.readline())["step"] == step
     sent = 20 * MAX_PENDING_EVENTS  # then it stops reading
-    emitting = threading.Thread(target=lambda: [client.emit({"id": "1", "event": "progress", "step": step})
-                                                for step in range(3, sent)], daemon=True)
+    emitting = threading.Thread(
+        target=lambda: [
+            client.emit({"id": "1", "event": "progress", "step": step}) for step in range(3, sent)
+        ],
+        daemon=True,
+    )
     emitting.start()
     emitting.join(timeout=10)
     assert not emitting.is_alive() and not client.connected
@@ -258,9 +297,23 @@ def test_a_shared_worker_serves_several_clients_one_job_at_a_time(png, tmp_path)
     import time
 
     path = tmp_path / "worker.sock"
-    process = subprocess.Popen([sys.executable, "-m", "instructx2x.cli", "serve", "--socket", str(path),
-                                "--model", "untrained-tiny", "--device", "cpu"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "instructx2x.cli",
+            "serve",
+            "--socket",
+            str(path),
+            "--model",
+            "untrained-tiny",
+            "--device",
+            "cpu",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not path.exists():
@@ -275,7 +328,10 @@ def test_a_shared_worker_serves_several_clients_one_job_at_a_time(png, tmp_path)
             assert json.loads(reader.readline())["event"] == "ready"
             clients.append((connection, reader, writer))
         (first, first_in, first_out), (_second, second_in, second_out) = clients
-        send(process_like(first_out), {"type": "edit", "id": "1", "job": job(png, tmp_path / "first", steps=400)})
+        send(
+            process_like(first_out),
+            {"type": "edit", "id": "1", "job": job(png, tmp_path / "first", steps=400)},
+        )
         assert json.loads(first_in.readline())["event"] == "started"
         send(process_like(second_out), {"type": "edit", "id": "1", "job": job(png, tmp_path / "second")})
         assert json.loads(second_in.readline()) == {"id": "1", "event": "queued", "position": 1}
@@ -296,9 +352,21 @@ def test_a_shared_worker_serves_several_clients_one_job_at_a_time(png, tmp_path)
 
 def test_a_socket_that_exists_is_refused_before_the_model_loads(tmp_path):
     (tmp_path / "busy.sock").write_text("")
-    completed = subprocess.run([sys.executable, "-m", "instructx2x.cli", "serve", "--socket",
-                                str(tmp_path / "busy.sock"), "--model", "untrained-tiny"],
-                               capture_output=True, text=True, timeout=120)
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "instructx2x.cli",
+            "serve",
+            "--socket",
+            str(tmp_path / "busy.sock"),
+            "--model",
+            "untrained-tiny",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert completed.returncode == 2 and "busy.sock exists" in completed.stdout + completed.stderr
     assert "loading" not in completed.stdout
 

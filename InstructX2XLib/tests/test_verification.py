@@ -11,13 +11,26 @@ import numpy as np
 import pytest
 import torch
 
-from instructx2x.classifiers import (COHORT_SET_NAME, PATHOLOGIES, RACES, ClassifierSet, CohortClassifiers,
-                                     CohortNetwork, Predictions, load_classifiers, save_cohort_classifiers)
+from instructx2x.classifiers import (
+    COHORT_SET_NAME,
+    PATHOLOGIES,
+    RACES,
+    ClassifierSet,
+    CohortClassifiers,
+    CohortNetwork,
+    Predictions,
+    load_classifiers,
+    save_cohort_classifiers,
+)
 from instructx2x.errors import ModelLoadError, ParameterError
-from instructx2x.verification import (_load_cached, _torchxrayvision_or_refusal, choose_classifiers, lung_zones,
-                                      verify_edit)
-from instructx2x.xrv_classifiers import (AGE_WEIGHTS, DENSENET_FILES, DIGESTS_ENV, PINNED_SHA256,
-                                         RACE_WEIGHTS)
+from instructx2x.verification import (
+    _load_cached,
+    _torchxrayvision_or_refusal,
+    choose_classifiers,
+    lung_zones,
+    verify_edit,
+)
+from instructx2x.xrv_classifiers import AGE_WEIGHTS, DENSENET_FILES, DIGESTS_ENV, PINNED_SHA256, RACE_WEIGHTS
 
 
 class RegionReader(ClassifierSet):
@@ -26,18 +39,26 @@ class RegionReader(ClassifierSet):
     left base on a PA film), age is 100 x the mean of the top band, race follows the left edge."""
 
     name, caveat = "region reader", "test double"
-    regions = {"Atelectasis": (slice(0, 20), slice(0, 20)), "Cardiomegaly": (slice(30, 50), slice(25, 40)),
-               "Edema": (slice(0, 20), slice(44, 64)), "Effusion": (slice(48, 64), slice(40, 64)),
-               "Pneumothorax": (slice(20, 30), slice(0, 10))}
+    regions = {
+        "Atelectasis": (slice(0, 20), slice(0, 20)),
+        "Cardiomegaly": (slice(30, 50), slice(25, 40)),
+        "Edema": (slice(0, 20), slice(44, 64)),
+        "Effusion": (slice(48, 64), slice(40, 64)),
+        "Pneumothorax": (slice(20, 30), slice(0, 10)),
+    }
 
     def predict(self, images, batch_size=32):
         images = np.stack(images)
         findings = np.stack([images[:, r, c].mean(axis=(1, 2)) for r, c in self.regions.values()], 1)
         edge = images[:, :, :4].mean(axis=(1, 2))
         race = np.stack([edge, np.full_like(edge, 0.1), 1 - edge], 1)
-        return Predictions(findings=findings, age=100 * images[:, :4].mean(axis=(1, 2)),
-                           race=race / race.sum(1, keepdims=True), features=images.reshape(len(images), -1),
-                           sex_female=None)
+        return Predictions(
+            findings=findings,
+            age=100 * images[:, :4].mean(axis=(1, 2)),
+            race=race / race.sum(1, keepdims=True),
+            features=images.reshape(len(images), -1),
+            sex_female=None,
+        )
 
 
 @pytest.fixture
@@ -55,7 +76,9 @@ def test_an_edit_that_adds_the_finding_where_it_belongs_passes(film):
     report = verify_edit(film, edited, mask, "Add the finding of left pleural effusion", RegionReader())
     assert report.passed and not report.failed and not report.collateral
     assert report.instructed == ("Effusion",) and report.expected["Effusion"] is True
-    assert report.findings_before["Effusion"] == pytest.approx(0.3) and report.findings_after["Effusion"] == pytest.approx(0.9)
+    assert report.findings_before["Effusion"] == pytest.approx(0.3) and report.findings_after[
+        "Effusion"
+    ] == pytest.approx(0.9)
     assert report.max_change_outside_mask == 0
     assert max(report.zones, key=report.zones.get) == "left lower"  # image right = patient's left
     assert "PASSED" in report.summary()
@@ -190,8 +213,10 @@ class FakeXrv:
                 return self
 
         class Models:
-            model_urls = {name: {"weights_url": f"https://example.invalid/{file}"}
-                          for name, file in DENSENET_FILES.items()}
+            model_urls = {
+                name: {"weights_url": f"https://example.invalid/{file}"}
+                for name, file in DENSENET_FILES.items()
+            }
 
             @staticmethod
             def DenseNet(weights, cache_dir):
@@ -202,7 +227,8 @@ class FakeXrv:
         self.models = Models
         self.baseline_models = SimpleNamespace(
             emory_hiti=SimpleNamespace(RaceModel=lambda: load("RaceModel", cache(RACE_WEIGHTS))),
-            riken=SimpleNamespace(AgeModel=lambda: load("AgeModel", cache(AGE_WEIGHTS))))
+            riken=SimpleNamespace(AgeModel=lambda: load("AgeModel", cache(AGE_WEIGHTS))),
+        )
 
     def before_load(self):
         """Runs when the first loader starts (a test swaps a file here)."""
@@ -233,7 +259,10 @@ def planted(tmp_path, monkeypatch):
 
 def pin(path: Path, cache: Path, **digests: str) -> Path:
     """A digest file: each file in ``cache`` pinned as it is, or as ``digests`` says."""
-    lines = [f"{digests.get(p.name, hashlib.sha256(p.read_bytes()).hexdigest())}  {p.name}" for p in cache.iterdir()]
+    lines = [
+        f"{digests.get(p.name, hashlib.sha256(p.read_bytes()).hexdigest())}  {p.name}"
+        for p in cache.iterdir()
+    ]
     path.write_text("# pinned for the test\n" + "\n".join(lines) + "\n")
     return path
 
@@ -249,8 +278,12 @@ def test_unpinned_weight_files_are_refused_with_how_to_pin_them(planted):
     assert list(planted.tmp.iterdir()) == [] and os.environ["HOME"] == str(planted.home)
 
 
-def test_a_planted_file_with_another_digest_is_refused_by_name_before_any_loader_runs(planted, tmp_path, monkeypatch):
-    monkeypatch.setenv(DIGESTS_ENV, str(pin(tmp_path / "xrv.sha256", planted.cache, **{AGE_WEIGHTS: "a" * 64})))
+def test_a_planted_file_with_another_digest_is_refused_by_name_before_any_loader_runs(
+    planted, tmp_path, monkeypatch
+):
+    monkeypatch.setenv(
+        DIGESTS_ENV, str(pin(tmp_path / "xrv.sha256", planted.cache, **{AGE_WEIGHTS: "a" * 64}))
+    )
     with pytest.raises(ModelLoadError, match="never loaded") as caught:
         load_classifiers("torchxrayvision")
     message = str(caught.value)
@@ -263,27 +296,40 @@ def test_a_planted_file_with_another_digest_is_refused_by_name_before_any_loader
 def test_the_module_pins_the_released_densenet_so_a_planted_one_is_refused(planted, tmp_path, monkeypatch):
     digests = pin(tmp_path / "xrv.sha256", planted.cache)
     text = digests.read_text().splitlines()
-    digests.write_text("\n".join(line for line in text if "densenet121" not in line) + "\n")  # the user pins only two
+    digests.write_text(
+        "\n".join(line for line in text if "densenet121" not in line) + "\n"
+    )  # the user pins only two
     monkeypatch.setenv(DIGESTS_ENV, str(digests))
-    with pytest.raises(ModelLoadError, match=f"densenet121-res224-all: {planted.cache}/nih-pc-chex.* not the pinned "
-                                             f"{PINNED_SHA256[DENSENET_FILES['densenet121-res224-all']]}"):
+    with pytest.raises(
+        ModelLoadError,
+        match=f"densenet121-res224-all: {planted.cache}/nih-pc-chex.* not the pinned "
+        f"{PINNED_SHA256[DENSENET_FILES['densenet121-res224-all']]}",
+    ):
         load_classifiers("torchxrayvision")
 
 
-def test_pinned_files_load_from_the_checked_copies_even_if_the_cache_changes_meanwhile(planted, tmp_path, monkeypatch):
+def test_pinned_files_load_from_the_checked_copies_even_if_the_cache_changes_meanwhile(
+    planted, tmp_path, monkeypatch
+):
     monkeypatch.setenv(DIGESTS_ENV, str(pin(tmp_path / "xrv.sha256", planted.cache)))
     checked = {p.name: p.read_bytes() for p in planted.cache.iterdir()}
     planted.fake.fail = False
-    planted.fake.before_load = lambda: [path.write_bytes(b"swapped in after the check")
-                                        for path in planted.cache.iterdir()]
+    planted.fake.before_load = lambda: [
+        path.write_bytes(b"swapped in after the check") for path in planted.cache.iterdir()
+    ]
     loaded = load_classifiers("torchxrayvision")
     assert loaded.name == "torchxrayvision (densenet121-res224-all)"
-    assert planted.fake.read == {"DenseNet": checked[DENSENET_FILES["densenet121-res224-all"]],
-                                 "RaceModel": checked[RACE_WEIGHTS], "AgeModel": checked[AGE_WEIGHTS]}
+    assert planted.fake.read == {
+        "DenseNet": checked[DENSENET_FILES["densenet121-res224-all"]],
+        "RaceModel": checked[RACE_WEIGHTS],
+        "AgeModel": checked[AGE_WEIGHTS],
+    }
     assert list(planted.tmp.iterdir()) == [] and os.environ["HOME"] == str(planted.home)
 
 
-def test_the_users_digest_file_must_be_well_formed_and_outside_the_weights_folder(planted, tmp_path, monkeypatch):
+def test_the_users_digest_file_must_be_well_formed_and_outside_the_weights_folder(
+    planted, tmp_path, monkeypatch
+):
     monkeypatch.setenv(DIGESTS_ENV, str(pin(planted.cache / "inside.sha256", planted.cache)))
     with pytest.raises(ModelLoadError, match="inside the weights folder"):
         load_classifiers("torchxrayvision")
@@ -298,9 +344,9 @@ def test_the_users_digest_file_must_be_well_formed_and_outside_the_weights_folde
 
 
 def test_auto_falls_back_to_the_cards_set_with_a_note_when_torchxrayvision_is_refused(planted):
-    from instructx2x.dicom.read import read_dicom
-
     from dicom_factory import make_radiograph, write
+
+    from instructx2x.dicom.read import read_dicom
 
     class DemoCard:
         card = {"classifiers": COHORT_SET_NAME}
@@ -315,7 +361,12 @@ def test_auto_falls_back_to_the_cards_set_with_a_note_when_torchxrayvision_is_re
 
 
 def test_a_torchxrayvision_that_loads_another_densenet_file_is_refused(planted, monkeypatch):
-    monkeypatch.setitem(planted.fake.models.model_urls, "densenet121-res224-all",
-                        {"weights_url": "https://example.invalid/other.pt"})
-    with pytest.raises(ModelLoadError, match="loads other.pt for densenet121-res224-all, not the v1 release file"):
+    monkeypatch.setitem(
+        planted.fake.models.model_urls,
+        "densenet121-res224-all",
+        {"weights_url": "https://example.invalid/other.pt"},
+    )
+    with pytest.raises(
+        ModelLoadError, match="loads other.pt for densenet121-res224-all, not the v1 release file"
+    ):
         load_classifiers("torchxrayvision")

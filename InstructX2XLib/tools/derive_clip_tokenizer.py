@@ -48,11 +48,16 @@ def derive(bpe_gz: Path, output_dir: Path) -> None:
     (output_dir / "merges.txt").write_text(
         "#version: 0.2\n" + "\n".join(" ".join(pair) for pair in merges) + "\n", encoding="utf-8"
     )
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-               "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+    }
     (output_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-    config = dict(special, model_max_length=77, do_lower_case=True,
-                  tokenizer_class="CLIPTokenizer", errors="replace")
+    config = dict(
+        special, model_max_length=77, do_lower_case=True, tokenizer_class="CLIPTokenizer", errors="replace"
+    )
     (output_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 

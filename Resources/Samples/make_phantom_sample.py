@@ -17,7 +17,14 @@ import numpy as np
 from PIL import Image
 
 from instructx2x_train.cohort import write_cr
-from instructx2x_train.phantom import Anatomy, FindingState, Pose, finding_masks, form_film, render_attenuation
+from instructx2x_train.phantom import (
+    Anatomy,
+    FindingState,
+    Pose,
+    finding_masks,
+    form_film,
+    render_attenuation,
+)
 
 SEED, SIZE = 4242, 512
 folder = Path(sys.argv[1])
@@ -30,6 +37,16 @@ normal = form_film(render_attenuation(SIZE, SIZE, anatomy, [], pose), noise, 0.0
 with_effusion = form_film(render_attenuation(SIZE, SIZE, anatomy, [effusion], pose), noise, 0.0012 * SIZE)
 lesion = finding_masks(with_effusion, {effusion.name: normal})[effusion.name]
 pixels = np.round(normal * 4095).astype(np.uint16)
-write_cr(folder / "phantom_pa.dcm", pixels, "PHANTOM4242", 4242, f"phantom-{SEED}", "PA",
-         datetime.date(2150, 1, 1), "F", 58, spacing_mm=0.7)
+write_cr(
+    folder / "phantom_pa.dcm",
+    pixels,
+    "PHANTOM4242",
+    4242,
+    f"phantom-{SEED}",
+    "PA",
+    datetime.date(2150, 1, 1),
+    "F",
+    58,
+    spacing_mm=0.7,
+)
 Image.fromarray(lesion.astype(np.uint8) * 255).save(folder / "phantom_pa_truth_moderate_left_effusion.png")

@@ -39,8 +39,9 @@ def films() -> dict[str, Radiograph]:
         from instructx2x_train.phantom import Pose, render_frontal
 
         pixels, _ = render_frontal(1024, 1024, [], Pose(), np.random.default_rng(0))
-        out["phantom 1024"] = Radiograph(np.clip(pixels, 0, 1).astype(np.float32), "phantom.png",
-                                         "0" * 64, "png", 16)
+        out["phantom 1024"] = Radiograph(
+            np.clip(pixels, 0, 1).astype(np.float32), "phantom.png", "0" * 64, "png", 16
+        )
     except (ImportError, TypeError) as error:  # the Training package is optional here
         print(f"phantom skipped: {error}")
     return out
@@ -53,17 +54,25 @@ def main() -> None:
     for name, image in films().items():
         h, w = image.pixels.shape
         mask = np.zeros((h, w), bool)
-        mask[int(0.3 * h):int(0.7 * h), int(0.15 * w):int(0.45 * w)] = True
+        mask[int(0.3 * h) : int(0.7 * h), int(0.15 * w) : int(0.45 * w)] = True
         inner = np.zeros_like(mask)
-        inner[int(0.32 * h):int(0.68 * h), int(0.17 * w):int(0.43 * w)] = True
+        inner[int(0.32 * h) : int(0.68 * h), int(0.17 * w) : int(0.43 * w)] = True
         source = detail(image.pixels, inner)
         for mode in ("change", "replace"):
-            result = editor.edit(image, EditParameters("Add the finding of left pleural effusion",
-                                                       region_mode="prior", composite=mode), mask=mask)
-            row = {"film": name, "composite": mode,
-                   "detail_ratio": round(detail(result.edited, inner) / source, 3),
-                   "mean_abs_change": round(float(np.abs(result.edited - image.pixels)[mask].mean()), 4),
-                   "clipped_fraction": result.manifest["composite"]["clipped_fraction"]}
+            result = editor.edit(
+                image,
+                EditParameters(
+                    "Add the finding of left pleural effusion", region_mode="prior", composite=mode
+                ),
+                mask=mask,
+            )
+            row = {
+                "film": name,
+                "composite": mode,
+                "detail_ratio": round(detail(result.edited, inner) / source, 3),
+                "mean_abs_change": round(float(np.abs(result.edited - image.pixels)[mask].mean()), 4),
+                "clipped_fraction": result.manifest["composite"]["clipped_fraction"],
+            }
             rows.append(row)
             print(row)
     print(json.dumps({"cpu": cpu_description(), "rows": rows}))

@@ -27,8 +27,10 @@ def main() -> None:
         generate_cohort(cohort, CohortConfig(patients=150, workers=2))
         for workers in (1, 2):
             start = time.perf_counter()
-            manifest = build_dataset(BuildConfig(cohort, cohort, workers=workers, no_finding_ratio=1.0),
-                                     scratch / f"built{workers}")
+            manifest = build_dataset(
+                BuildConfig(cohort, cohort, workers=workers, no_finding_ratio=1.0),
+                scratch / f"built{workers}",
+            )
             seconds = time.perf_counter() - start
             pairs = manifest["counts"]["pairs_planned"]
             results[f"pairs_{workers}_process"] = pairs

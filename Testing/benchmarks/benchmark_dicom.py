@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from pydicom.data import get_testdata_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from orthanc import OrthancServer  # noqa: E402
+from orthanc import OrthancServer
 
-from instructx2x.dicom import export_dicom_edit, read_dicom  # noqa: E402
-from instructx2x.dicom.pacs import CStoreTarget, push_cstore  # noqa: E402
-from instructx2x.editor import EditResult  # noqa: E402
+from instructx2x.dicom import export_dicom_edit, read_dicom
+from instructx2x.dicom.pacs import CStoreTarget, push_cstore
+from instructx2x.editor import EditResult
 
 RG1 = get_testdata_file("RG1_UNCR.dcm")
 
@@ -39,12 +39,19 @@ def fake_result(image) -> EditResult:
     """An edit result of the right shapes, so the export runs without a model."""
     rows, columns = image.pixels.shape
     mask = np.zeros((rows, columns), bool)
-    mask[rows // 4: 3 * rows // 4, columns // 2: columns - 50] = True
+    mask[rows // 4 : 3 * rows // 4, columns // 2 : columns - 50] = True
     edited = np.where(mask, np.clip(image.pixels + 0.1, 0, 1), image.pixels).astype(np.float32)
-    manifest = {"parameters": {"instruction": "Add the finding of left pleural effusion", "seed": 0,
-                               "num_inference_steps": 100, "tau": 0.1},
-                "model": {"name": "benchmark", "sha256": "0" * 64, "trained": False},
-                "input": image.identity(), "prior": None}
+    manifest = {
+        "parameters": {
+            "instruction": "Add the finding of left pleural effusion",
+            "seed": 0,
+            "num_inference_steps": 100,
+            "tau": 0.1,
+        },
+        "model": {"name": "benchmark", "sha256": "0" * 64, "trained": False},
+        "input": image.identity(),
+        "prior": None,
+    }
     return EditResult(edited, mask, mask.astype(np.float32), None, None, manifest)
 
 
@@ -65,20 +72,24 @@ def main() -> None:
         def preprocess():
             tensor = torch.from_numpy(image.pixels)[None, None]
             F.interpolate(tensor, size=(512, 512), mode="bilinear", antialias=True)
+
         report(results, "preprocess_s", statistics.median(timed(preprocess) for _ in range(5)))
 
         result = fake_result(image)
         report(results, "export_cold_s", timed(lambda: export_dicom_edit(image, result, scratch / "cold")))
-        warm = [timed(lambda i=i: export_dicom_edit(image, result, scratch / f"warm{i}"))
-                for i in range(5)]
+        warm = [timed(lambda i=i: export_dicom_edit(image, result, scratch / f"warm{i}")) for i in range(5)]
         report(results, "export_warm_s", statistics.median(warm))
-        report(results, "total_warm_s", results["read_s"] + results["preprocess_s"] + results["export_warm_s"])
+        report(
+            results, "total_warm_s", results["read_s"] + results["preprocess_s"] + results["export_warm_s"]
+        )
 
         server = OrthancServer(scratch).start()
         try:
             target = CStoreTarget("127.0.0.1", server.dicom_port, server.aet)
-            files = [scratch / "warm0" / n for n in ("counterfactual.dcm", "guidance_overlay.dcm",
-                                                     "edit_region_seg.dcm")]
+            files = [
+                scratch / "warm0" / n
+                for n in ("counterfactual.dcm", "guidance_overlay.dcm", "edit_region_seg.dcm")
+            ]
             pushes = [timed(lambda: push_cstore(files, target)) for _ in range(3)]
             report(results, "cstore_round_trip_3_objects_s", statistics.median(pushes))
         finally:

@@ -55,23 +55,32 @@ def xrv_with_offline_weights(home: Path):
 
 def evaluation_run(results: dict, pairs: int) -> None:
     from instructx2x_train.counterfactuals import PurePairsConfig, write_pure_pairs
-    from instructx2x_train.evaluation import MODES, EvaluationConfig, evaluate
+    from instructx2x_train.evaluation import EvaluationConfig, evaluate
 
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        write_pure_pairs(root / "pairs", PurePairsConfig(pairs=pairs, seed=1000, resolution=256, split="test",
-                                                         other_finding_probability=0.0))
+        write_pure_pairs(
+            root / "pairs",
+            PurePairsConfig(
+                pairs=pairs, seed=1000, resolution=256, split="test", other_finding_probability=0.0
+            ),
+        )
         started = time.perf_counter()
-        outcome = evaluate(root / "report", EvaluationConfig(model="demo", dataset=str(root / "pairs")),
-                           progress_bar=False)
+        outcome = evaluate(
+            root / "report", EvaluationConfig(model="demo", dataset=str(root / "pairs")), progress_bar=False
+        )
         seconds = time.perf_counter() - started
     # editing and classifying grow with the pairs; the tables' 1,000 bootstrap resamples of five
     # rows cost about the same for any split size
     report(results, f"evaluation_{pairs}_pairs_4_modes_s", seconds, "s")
     report(results, "edit_and_classify_s_per_pair_4_modes", outcome["seconds"] / pairs, "s")
     report(results, "tables_bootstrap_s", seconds - outcome["seconds"], "s")
-    report(results, "evaluation_per_1000_pairs_min", (outcome["seconds"] / pairs * 1000 + seconds - outcome["seconds"]) / 60,
-           "min (extrapolated)")
+    report(
+        results,
+        "evaluation_per_1000_pairs_min",
+        (outcome["seconds"] / pairs * 1000 + seconds - outcome["seconds"]) / 60,
+        "min (extrapolated)",
+    )
 
 
 def main() -> None:
@@ -80,18 +89,29 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=24, help="pairs of the timed evaluation run")
     parser.add_argument("--xrv-only", action="store_true", help="only the torchxrayvision set (eval venv)")
     args = parser.parse_args()
-    results = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    results = {
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
     print(f"torch {torch.__version__}, {results['threads']} threads, {results['cpu_capability']}")
     if not args.xrv_only:
         from instructx2x.classifiers import COHORT_SET_NAME, load_classifiers
 
-        report(results, "cohort_v2_films_per_s", throughput(load_classifiers(COHORT_SET_NAME), args.films), "films/s")
+        report(
+            results,
+            "cohort_v2_films_per_s",
+            throughput(load_classifiers(COHORT_SET_NAME), args.films),
+            "films/s",
+        )
         evaluation_run(results, args.pairs)
     else:
         with tempfile.TemporaryDirectory() as home:
             classifiers = xrv_with_offline_weights(Path(home))
-            report(results, "torchxrayvision_films_per_s", throughput(classifiers, args.films // 4), "films/s")
+            report(
+                results, "torchxrayvision_films_per_s", throughput(classifiers, args.films // 4), "films/s"
+            )
     print(json.dumps(results))
 
 

@@ -39,8 +39,7 @@ from instructx2x.untrained import build_untrained_pipeline, load_clip_tokenizer
 PROMPT = "Add the finding of pleural effusion"
 # The default CPU sampling (what `instructx2x edit` picks on a CPU), the paper's, and DDIM with
 # 10 steps as a yardstick of what a tenth of the paper's steps costs.
-FAST = {"scheduler": default_scheduler(torch.device("cpu")),
-        "num_inference_steps": FEW_STEP_SOLVER_STEPS}
+FAST = {"scheduler": default_scheduler(torch.device("cpu")), "num_inference_steps": FEW_STEP_SOLVER_STEPS}
 PAPER = {"scheduler": "ddim", "num_inference_steps": PAPER_STEPS}
 DDIM_10 = {"scheduler": "ddim", "num_inference_steps": 10}
 SD15_INFO = ModelInfo("sd15-size-random", "random weights", "0" * 64, False)
@@ -77,20 +76,36 @@ def section_overhead(results: dict) -> None:
     ours = build_untrained_pipeline()
     ours.set_progress_bar_config(disable=True)
     theirs = StableDiffusionInstructPix2PixPipeline(
-        vae=ours.vae, text_encoder=ours.text_encoder, tokenizer=ours.tokenizer, unet=ours.unet,
-        scheduler=make_scheduler("ddim"), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+        vae=ours.vae,
+        text_encoder=ours.text_encoder,
+        tokenizer=ours.tokenizer,
+        unet=ours.unet,
+        scheduler=make_scheduler("ddim"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     theirs.set_progress_bar_config(disable=True)
     image = smooth_image(256)
     steps = 100
 
     def run_ours():
-        ours(PROMPT, image, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
-             output_type="pt")
+        ours(
+            PROMPT,
+            image,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        )
 
     def run_theirs():
-        theirs(PROMPT, image=image.expand(-1, 3, -1, -1), num_inference_steps=steps,
-               generator=torch.Generator().manual_seed(0), output_type="pt")
+        theirs(
+            PROMPT,
+            image=image.expand(-1, 3, -1, -1),
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        )
 
     run_ours(), run_theirs()  # warm-up
     ours_s, theirs_s = [], []
@@ -99,8 +114,9 @@ def section_overhead(results: dict) -> None:
         theirs_s.append(timed(run_theirs, 1))
     report(results, "overhead.ours_rse_edit_s", statistics.median(ours_s), "s")
     report(results, "overhead.diffusers_ip2p_s", statistics.median(theirs_s), "s")
-    report(results, "overhead.ratio", statistics.median(ours_s) / statistics.median(theirs_s),
-           "(target <= 1.03)")
+    report(
+        results, "overhead.ratio", statistics.median(ours_s) / statistics.median(theirs_s), "(target <= 1.03)"
+    )
 
 
 def section_preview(results: dict) -> None:
@@ -108,8 +124,10 @@ def section_preview(results: dict) -> None:
     pipe.set_progress_bar_config(disable=True)
     image = smooth_image(256)
     kwargs = dict(num_inference_steps=100, output_type="pt")
-    preview = timed(lambda: pipe(PROMPT, image, guidance_only=True,
-                                 generator=torch.Generator().manual_seed(0), **kwargs), 3)
+    preview = timed(
+        lambda: pipe(PROMPT, image, guidance_only=True, generator=torch.Generator().manual_seed(0), **kwargs),
+        3,
+    )
     edit = timed(lambda: pipe(PROMPT, image, generator=torch.Generator().manual_seed(0), **kwargs), 3)
     report(results, "preview.preview_s", preview, "s")
     report(results, "preview.edit_100_steps_s", edit, "s")
@@ -125,16 +143,25 @@ def section_equivalence(results: dict, seeds: tuple[int, ...] = (0, 1, 2)) -> No
         pipe.scheduler = make_scheduler(settings["scheduler"])
         pipe.set_progress_bar_config(disable=True)
         pipe.to(dtype=dtype)
-        return pipe(PROMPT, image, num_inference_steps=settings["num_inference_steps"], tau=0.3,
-                    generator=torch.Generator().manual_seed(seed), output_type="pt")
+        return pipe(
+            PROMPT,
+            image,
+            num_inference_steps=settings["num_inference_steps"],
+            tau=0.3,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="pt",
+        )
 
     same_mask, mad = True, {"fast": [], "ddim10": [], "fp32": []}
     iou = []
     for seed in seeds:
         paper = edit(PAPER, torch.bfloat16, seed)
         inside = paper.edit_masks > 0
-        for name, settings, dtype in (("fast", FAST, torch.bfloat16), ("ddim10", DDIM_10, torch.bfloat16),
-                                      ("fp32", PAPER, torch.float32)):
+        for name, settings, dtype in (
+            ("fast", FAST, torch.bfloat16),
+            ("ddim10", DDIM_10, torch.bfloat16),
+            ("fp32", PAPER, torch.float32),
+        ):
             other = edit(settings, dtype, seed)
             mad[name].append(float((paper.images - other.images).abs()[inside].mean()))
             if name == "fast":
@@ -144,12 +171,15 @@ def section_equivalence(results: dict, seeds: tuple[int, ...] = (0, 1, 2)) -> No
                 iou.append(float((paper.edit_masks * other.edit_masks).sum() / union))
     report(results, "equivalence.fast_settings", f"{FAST['scheduler']} {FAST['num_inference_steps']} steps")
     report(results, "equivalence.mask_identical_fast_vs_paper", same_mask)
-    report(results, "equivalence.mad_inside_mask_fast_vs_paper", statistics.mean(mad["fast"]),
-           "(intensity 0-1)")
-    report(results, "equivalence.mad_inside_mask_ddim10_vs_paper", statistics.mean(mad["ddim10"]),
-           "(yardstick)")
-    report(results, "equivalence.mad_inside_mask_bf16_vs_fp32", statistics.mean(mad["fp32"]),
-           "(intensity 0-1)")
+    report(
+        results, "equivalence.mad_inside_mask_fast_vs_paper", statistics.mean(mad["fast"]), "(intensity 0-1)"
+    )
+    report(
+        results, "equivalence.mad_inside_mask_ddim10_vs_paper", statistics.mean(mad["ddim10"]), "(yardstick)"
+    )
+    report(
+        results, "equivalence.mad_inside_mask_bf16_vs_fp32", statistics.mean(mad["fp32"]), "(intensity 0-1)"
+    )
     report(results, "equivalence.mask_iou_bf16_vs_fp32", statistics.mean(iou))
 
 
@@ -168,8 +198,13 @@ def build_sd15_pipeline() -> InstructX2XPipeline:
         unet = UNet2DConditionModel.from_config(config("unet")).eval()
         vae = AutoencoderKL.from_config(config("vae")).eval()
         text_encoder = CLIPTextModel(CLIPTextConfig(**config("text_encoder"))).eval()
-    return InstructX2XPipeline(vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(),
-                               unet=unet, scheduler=make_scheduler("ddim"))
+    return InstructX2XPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=load_clip_tokenizer(),
+        unet=unet,
+        scheduler=make_scheduler("ddim"),
+    )
 
 
 def default_sd15_editor(device: str) -> tuple[InstructX2XEditor, Radiograph, EditParameters]:
@@ -181,16 +216,19 @@ def default_sd15_editor(device: str) -> tuple[InstructX2XEditor, Radiograph, Edi
 
 
 def describe(editor: InstructX2XEditor, parameters: EditParameters) -> str:
-    return (f"{str(editor.dtype).replace('torch.', '')} (relevance "
-            f"{editor.precision['relevance_dtype']}), {type(editor.pipeline.scheduler).__name__} "
-            f"{parameters.num_inference_steps} steps, attention {editor.attention}")
+    return (
+        f"{str(editor.dtype).replace('torch.', '')} (relevance "
+        f"{editor.precision['relevance_dtype']}), {type(editor.pipeline.scheduler).__name__} "
+        f"{parameters.num_inference_steps} steps, attention {editor.attention}"
+    )
 
 
 def section_sd15(results: dict, baseline_steps: int) -> None:
     pipe = build_sd15_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    report(results, "sd15.unet_parameters_millions",
-           sum(p.numel() for p in pipe.unet.parameters()) / 1e6, "M")
+    report(
+        results, "sd15.unet_parameters_millions", sum(p.numel() for p in pipe.unet.parameters()) / 1e6, "M"
+    )
     image = smooth_image(512)
     pixels = pipe.image_processor.normalize(image.expand(-1, 3, -1, -1))
 
@@ -227,6 +265,7 @@ def section_sd15(results: dict, baseline_steps: int) -> None:
     del pipe
     editor, radiograph, parameters = default_sd15_editor("cpu")
     report(results, "sd15.default_cpu_settings", describe(editor, parameters))
+
     def full_edit():
         editor._guidance_cache = None  # a full edit: nothing reused from the previous one
         return editor.edit(radiograph, parameters)
@@ -235,9 +274,15 @@ def section_sd15(results: dict, baseline_steps: int) -> None:
     report(results, "sd15.default_cpu_edit_s", edits[0], "s, first in the process (target <= 60)")
     report(results, "sd15.default_cpu_edit_warm_s", edits[1], "s, second")
     editor._guidance_cache = None
-    report(results, "sd15.default_cpu_preview_s", timed(lambda: editor.preview(radiograph, parameters), 1), "s")
-    report(results, "sd15.default_cpu_edit_after_preview_s",
-           timed(lambda: editor.edit(radiograph, parameters), 1), "s (reuses the preview's encode and R)")
+    report(
+        results, "sd15.default_cpu_preview_s", timed(lambda: editor.preview(radiograph, parameters), 1), "s"
+    )
+    report(
+        results,
+        "sd15.default_cpu_edit_after_preview_s",
+        timed(lambda: editor.edit(radiograph, parameters), 1),
+        "s (reuses the preview's encode and R)",
+    )
     editor.pipeline.relevance_dtype = None  # what the fp32 relevance call costs
     report(results, "sd15.default_cpu_edit_relevance_in_model_dtype_s", timed(full_edit, 1), "s")
     report(results, "sd15.speedup", baseline / edits[0], "x (target >= 15)")
@@ -262,16 +307,18 @@ def section_gpu(results: dict) -> None:
 
 
 def section_batch(results: dict) -> None:
-    editor = InstructX2XEditor(build_untrained_pipeline(), ModelInfo("untrained-tiny", "untrained", "0" * 64, False),
-                               device="cpu")
+    editor = InstructX2XEditor(
+        build_untrained_pipeline(), ModelInfo("untrained-tiny", "untrained", "0" * 64, False), device="cpu"
+    )
     editor.pipeline.scheduler = make_scheduler(default_scheduler(editor.device))
-    films = [Radiograph(smooth_image(320)[0, 0].numpy(), f"film{i}.png", "0" * 64, "png", 8)
-             for i in range(16)]
+    films = [
+        Radiograph(smooth_image(320)[0, 0].numpy(), f"film{i}.png", "0" * 64, "png", 8) for i in range(16)
+    ]
     single = None
     for size in (1, 4, 16):
         parameters = [EditParameters(PROMPT, seed=i) for i in range(size)]
         editor.edit_batch(films[:size], parameters)  # warm-up at this shape
-        seconds = timed(lambda: editor.edit_batch(films[:size], parameters), 3)
+        seconds = timed(lambda batch=films[:size], p=parameters: editor.edit_batch(batch, p), 3)
         rate = size / seconds
         single = single or rate
         report(results, f"batch.{size}_images_per_s", rate, f"img/s ({rate / single:.2f}x batch 1)")
@@ -280,13 +327,19 @@ def section_batch(results: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sections", default="overhead,preview,equivalence,batch,sd15,gpu")
-    parser.add_argument("--baseline-steps", type=int, default=2,
-                        help="UNet steps timed for the fp32 baseline (sd15 section)")
+    parser.add_argument(
+        "--baseline-steps", type=int, default=2, help="UNet steps timed for the fp32 baseline (sd15 section)"
+    )
     args = parser.parse_args()
     results: dict = {"torch_threads": torch.get_num_threads(), "cpu": CPU}
-    sections = {"overhead": section_overhead, "preview": section_preview,
-                "equivalence": section_equivalence, "gpu": section_gpu, "batch": section_batch,
-                "sd15": lambda r: section_sd15(r, args.baseline_steps)}
+    sections = {
+        "overhead": section_overhead,
+        "preview": section_preview,
+        "equivalence": section_equivalence,
+        "gpu": section_gpu,
+        "batch": section_batch,
+        "sd15": lambda r: section_sd15(r, args.baseline_steps),
+    }
     for name in args.sections.split(","):
         sections[name](results)
     print(json.dumps(results))

@@ -54,10 +54,13 @@ def report(results: dict, key: str, value, unit: str = "") -> None:
 
 
 def dataset(root: Path, resolution: int) -> Path:
-    generate_cohort(root / "cohort", CohortConfig(patients=8, seed=1, rows=resolution + 32,
-                                                  columns=resolution))
-    build_dataset(BuildConfig(mimic_cxr=root / "cohort", diff_vqa=root / "cohort",
-                              resolution=resolution), root / "dataset")
+    generate_cohort(
+        root / "cohort", CohortConfig(patients=8, seed=1, rows=resolution + 32, columns=resolution)
+    )
+    build_dataset(
+        BuildConfig(mimic_cxr=root / "cohort", diff_vqa=root / "cohort", resolution=resolution),
+        root / "dataset",
+    )
     return root / "dataset"
 
 
@@ -86,8 +89,15 @@ def timed_run(overrides: list[str], steps: int) -> tuple[float, float]:
 def section_small(results: dict, steps: int) -> None:
     with tempfile.TemporaryDirectory() as folder:
         data = dataset(Path(folder), 64)
-        per_step, peak = timed_run([f"data.dataset={data}", f"output={folder}/run",
-                                    "batch.effective=null", "batch.gradient_accumulation_steps=1"], steps)
+        per_step, peak = timed_run(
+            [
+                f"data.dataset={data}",
+                f"output={folder}/run",
+                "batch.effective=null",
+                "batch.gradient_accumulation_steps=1",
+            ],
+            steps,
+        )
     report(results, "small.seconds_per_step", per_step, "s (batch 2, 64 px)")
     report(results, "small.samples_per_s", 2 / per_step, "samples/s")
     report(results, "small.peak_rss_gib", peak, "GiB (process peak so far)")
@@ -95,23 +105,36 @@ def section_small(results: dict, steps: int) -> None:
 
 def sd15_overrides() -> list[str]:
     root = resources.files("instructx2x") / "resources" / "sd15_ip2p"
-    configs = {name: json.loads((root / name / "config.json").read_text())
-               for name in ("unet", "vae", "text_encoder")}
+    configs = {
+        name: json.loads((root / name / "config.json").read_text())
+        for name in ("unet", "vae", "text_encoder")
+    }
     keep = {k: v for k, v in configs["unet"].items() if not k.startswith("_")}
     vae = {k: v for k, v in configs["vae"].items() if not k.startswith("_")}
-    text = {k: v for k, v in configs["text_encoder"].items()
-            if not k.startswith("_") and k not in ("architectures", "transformers_version")}
-    return ["model.base=fresh", f"model.fresh_unet={json.dumps(keep)}",
-            f"model.fresh_vae={json.dumps(vae)}", f"model.fresh_text_encoder={json.dumps(text)}",
-            "model.gradient_checkpointing=true", "batch.per_device=1", "batch.effective=null",
-            "batch.gradient_accumulation_steps=1", "ema.enabled=false"]
+    text = {
+        k: v
+        for k, v in configs["text_encoder"].items()
+        if not k.startswith("_") and k not in ("architectures", "transformers_version")
+    }
+    return [
+        "model.base=fresh",
+        f"model.fresh_unet={json.dumps(keep)}",
+        f"model.fresh_vae={json.dumps(vae)}",
+        f"model.fresh_text_encoder={json.dumps(text)}",
+        "model.gradient_checkpointing=true",
+        "batch.per_device=1",
+        "batch.effective=null",
+        "batch.gradient_accumulation_steps=1",
+        "ema.enabled=false",
+    ]
 
 
 def section_sd15(results: dict, steps: int) -> None:
     with tempfile.TemporaryDirectory() as folder:
         data = dataset(Path(folder), 256)
-        per_step, peak = timed_run([f"data.dataset={data}", f"output={folder}/run",
-                                    "data.resolution=256", *sd15_overrides()], steps)
+        per_step, peak = timed_run(
+            [f"data.dataset={data}", f"output={folder}/run", "data.resolution=256", *sd15_overrides()], steps
+        )
     report(results, "sd15_256.seconds_per_step", per_step, "s (batch 1, gradient checkpointing)")
     report(results, "sd15_256.samples_per_s", 1 / per_step, "samples/s")
     report(results, "sd15_256.peak_rss_gib", peak, "GiB")
@@ -124,13 +147,25 @@ def section_gpu(results: dict, steps: int) -> None:
     with tempfile.TemporaryDirectory() as folder:
         data = dataset(Path(folder), 512)
         torch.cuda.reset_peak_memory_stats()
-        per_step, _ = timed_run([f"data.dataset={data}", f"output={folder}/run", "data.resolution=512",
-                                 *sd15_overrides(), "batch.per_device=8"], steps)
+        per_step, _ = timed_run(
+            [
+                f"data.dataset={data}",
+                f"output={folder}/run",
+                "data.resolution=512",
+                *sd15_overrides(),
+                "batch.per_device=8",
+            ],
+            steps,
+        )
     report(results, "gpu.device", torch.cuda.get_device_name())
     report(results, "gpu.samples_per_s", 8 / per_step, "samples/s (batch 8, 512 px)")
     report(results, "gpu.peak_vram_gib", torch.cuda.max_memory_allocated() / 2**30, "GiB")
-    report(results, "gpu.paper_run_hours_on_8", 4500 * 576 / (8 * 8 / per_step) / 3600,
-           "h projected (4,500 steps x 576 samples, 8 such GPUs, linear scaling)")
+    report(
+        results,
+        "gpu.paper_run_hours_on_8",
+        4500 * 576 / (8 * 8 / per_step) / 3600,
+        "h projected (4,500 steps x 576 samples, 8 such GPUs, linear scaling)",
+    )
 
 
 def pair_seconds(folder: Path, count: int, resolution: int) -> float:
@@ -139,8 +174,9 @@ def pair_seconds(folder: Path, count: int, resolution: int) -> float:
     seconds = []
     for n in (count, 2 * count):
         started = time.perf_counter()
-        write_pure_pairs(folder / f"pairs-{n}", PurePairsConfig(pairs=n, seed=0, workers=2,
-                                                                resolution=resolution))
+        write_pure_pairs(
+            folder / f"pairs-{n}", PurePairsConfig(pairs=n, seed=0, workers=2, resolution=resolution)
+        )
         seconds.append(time.perf_counter() - started)
     return (seconds[1] - seconds[0]) / count
 
@@ -157,10 +193,16 @@ def section_demo(results: dict, steps: int) -> None:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         per_pair = pair_seconds(root, batch * epoch, recipe.data.resolution)
-        config = load_config(CONFIGS / "demo.yaml", [
-            f"data.dataset={root / f'pairs-{batch * epoch}'}", f"output={root / 'run'}",
-            f"steps={2 * epoch}", f"checkpointing.every={2 * epoch}",
-            f"vae_pretraining.steps={2 * epoch}"])
+        config = load_config(
+            CONFIGS / "demo.yaml",
+            [
+                f"data.dataset={root / f'pairs-{batch * epoch}'}",
+                f"output={root / 'run'}",
+                f"steps={2 * epoch}",
+                f"checkpointing.every={2 * epoch}",
+                f"vae_pretraining.steps={2 * epoch}",
+            ],
+        )
         times = step_times(config)
         log = json.loads((root / "run" / "pretrained-vae" / "vae_log.json").read_text())["log"]
     per_vae_step = (log[-1]["seconds"] - log[0]["seconds"]) / (log[-1]["step"] - log[0]["step"])
@@ -171,22 +213,33 @@ def section_demo(results: dict, steps: int) -> None:
         first_epoch = min(-(-pairs // batch), total_steps)
         return (first_epoch * filling + (total_steps - first_epoch) * cached) / 60
 
-    minutes = {"pairs": DEMO_PAIRS * per_pair / 60,
-               "autoencoder": recipe.vae_pretraining.steps * per_vae_step / 60,
-               "unet": unet_minutes(DEMO_PAIRS, recipe.steps),
-               "focal_pairs": FOCAL_PAIRS * per_pair / 60,
-               "focal_unet": unet_minutes(FOCAL_PAIRS, focal.steps)}
+    minutes = {
+        "pairs": DEMO_PAIRS * per_pair / 60,
+        "autoencoder": recipe.vae_pretraining.steps * per_vae_step / 60,
+        "unet": unet_minutes(DEMO_PAIRS, recipe.steps),
+        "focal_pairs": FOCAL_PAIRS * per_pair / 60,
+        "focal_unet": unet_minutes(FOCAL_PAIRS, focal.steps),
+    }
     precision = mixed_precision(recipe.precision)  # what the recipe's precision trains in here
     report(results, "demo.precision", "fp32" if precision == "no" else precision)
     report(results, "demo.seconds_per_pair", per_pair, f"s ({recipe.data.resolution} px, 2 workers)")
-    report(results, "demo.seconds_per_autoencoder_step", per_vae_step, f"s (batch {recipe.vae_pretraining.batch})")
+    report(
+        results,
+        "demo.seconds_per_autoencoder_step",
+        per_vae_step,
+        f"s (batch {recipe.vae_pretraining.batch})",
+    )
     report(results, "demo.seconds_per_unet_step_filling", filling, "s (first epoch: latent cache fills)")
     report(results, "demo.seconds_per_unet_step", cached, f"s (batch {batch}, latents cached)")
     for stage, value in minutes.items():
         report(results, f"demo.projected_{stage}_minutes", value, "min")
-    report(results, "demo.projected_minutes", sum(minutes.values()),
-           f"min for {DEMO_PAIRS} + {FOCAL_PAIRS} pairs, {recipe.vae_pretraining.steps} autoencoder and "
-           f"{recipe.steps} + {focal.steps} UNet steps (goal: 60)")
+    report(
+        results,
+        "demo.projected_minutes",
+        sum(minutes.values()),
+        f"min for {DEMO_PAIRS} + {FOCAL_PAIRS} pairs, {recipe.vae_pretraining.steps} autoencoder and "
+        f"{recipe.steps} + {focal.steps} UNet steps (goal: 60)",
+    )
 
 
 def main() -> None:

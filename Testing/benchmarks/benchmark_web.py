@@ -21,8 +21,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from web_driver import (SAMPLE, WebServer, chromium_page, open_file, set_steps, type_instruction,  # noqa: E402
-                        wait_text, warm_pixels)
+from web_driver import (
+    SAMPLE,
+    WebServer,
+    chromium_page,
+    open_file,
+    set_steps,
+    type_instruction,
+    wait_text,
+    warm_pixels,
+)
 
 INSTRUCTION = "Add the finding of moderate left pleural effusion"
 
@@ -48,9 +56,25 @@ def apply_until_overlay(page) -> float:
 
 def cli_edit_seconds(folder: Path) -> float:
     started = time.monotonic()
-    subprocess.run([str(Path(sys.executable).with_name("instructx2x")), "edit", str(SAMPLE), "-i", INSTRUCTION,
-                    "-o", str(folder), "--model", "demo", "--device", "cpu", "--progress", "none"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            str(Path(sys.executable).with_name("instructx2x")),
+            "edit",
+            str(SAMPLE),
+            "-i",
+            INSTRUCTION,
+            "-o",
+            str(folder),
+            "--model",
+            "demo",
+            "--device",
+            "cpu",
+            "--progress",
+            "none",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return time.monotonic() - started
 
 

@@ -41,25 +41,35 @@ def summary(report: dict) -> dict:
     groups = report["per_finding_operation"].values()
     laterality = report["laterality_rate"].values()
     edits = sum(g["edits"] for g in groups)
-    lateral_trials = sum(g["edits"] for name, g in report["per_finding_operation"].items()
-                         if name.split(" ", 1)[1] in report["laterality_rate"])
+    lateral_trials = sum(
+        g["edits"]
+        for name, g in report["per_finding_operation"].items()
+        if name.split(" ", 1)[1] in report["laterality_rate"]
+    )
     return {
-        "edits_per_group": edits / len(groups), "edits": edits,
-        "trials_per_side_finding": lateral_trials / len(laterality), "lateral_trials": lateral_trials,
+        "edits_per_group": edits / len(groups),
+        "edits": edits,
+        "trials_per_side_finding": lateral_trials / len(laterality),
+        "lateral_trials": lateral_trials,
         "direction_worst": min(g["direction_rate"] for g in groups),
         "direction_mean": sum(g["direction_rate"] for g in groups) / len(groups),
         "accuracy_worst": min(g["accuracy_reduction"] for g in groups),
         "accuracy_mean": sum(g["accuracy_reduction"] for g in groups) / len(groups),
         "accuracy_groups_met": sum(g["accuracy_reduction"] >= TARGETS.accuracy_reduction for g in groups),
         "groups": len(groups),
-        "laterality_worst": min(laterality), "laterality_mean": sum(laterality) / len(laterality),
+        "laterality_worst": min(laterality),
+        "laterality_mean": sum(laterality) / len(laterality),
         "peak_in_lesion_rate": report["overall"]["peak_in_lesion_rate"],
     }
 
 
 # each rate the choice must not lose, and the number of trials it rests on
-FLOORS = {"direction_worst": "edits_per_group", "direction_mean": "edits",
-          "laterality_worst": "trials_per_side_finding", "laterality_mean": "lateral_trials"}
+FLOORS = {
+    "direction_worst": "edits_per_group",
+    "direction_mean": "edits",
+    "laterality_worst": "trials_per_side_finding",
+    "laterality_mean": "lateral_trials",
+}
 
 
 def choose(rows: list[dict]) -> dict:
@@ -96,28 +106,45 @@ def main() -> None:
     with atomic_output_dir(folder) as staging:  # an interrupted sweep leaves nothing
         for s_t, s_i in scales:
             run = staging / f"s_T{s_t:g}-s_I{s_i:g}"
-            report = evaluate_demo(args.model, run, pairs=pairs, seed=args.seed, ablation_count=0,
-                                   guidance_scale=s_t, image_guidance_scale=s_i, perfect_model_draws=0)
+            report = evaluate_demo(
+                args.model,
+                run,
+                pairs=pairs,
+                seed=args.seed,
+                ablation_count=0,
+                guidance_scale=s_t,
+                image_guidance_scale=s_i,
+                perfect_model_draws=0,
+            )
             pairs = pairs or run / "pairs"
             rows.append({"guidance_scale": s_t, "image_guidance_scale": s_i, **summary(report)})
             print(json.dumps(rows[-1]), flush=True)
         chosen = choose(rows)
-        (staging / "sweep.json").write_text(to_json({"seed": args.seed, "pairs": report["pairs"]["count"],
-                                                     "rows": rows, "chosen": chosen}) + "\n")
+        (staging / "sweep.json").write_text(
+            to_json({"seed": args.seed, "pairs": report["pairs"]["count"], "rows": rows, "chosen": chosen})
+            + "\n"
+        )
         (staging / "sweep.md").write_text(markdown(rows, report, args.seed, chosen))
 
 
 def markdown(rows: list[dict], report: dict, seed: int, chosen: dict) -> str:
     """The sweep's table, as it goes into the model card."""
-    lines = [f"Validation pure pairs: {report['pairs']['count']} at {report['pairs']['resolution']} px "
-             f"(seed {seed}); {report['default_sampler']['name']} "
-             f"{report['default_sampler']['num_inference_steps']} steps.", "",
-             "| s_T | s_I | direction worst / mean | accuracy reduction worst / mean | groups >= 0.50 | "
-             "laterality worst / mean | peak in lesion |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['guidance_scale']:g} | {r['image_guidance_scale']:g} | {r['direction_worst']:.2f} / "
-              f"{r['direction_mean']:.2f} | {r['accuracy_worst']:.2f} / {r['accuracy_mean']:.2f} | "
-              f"{r['accuracy_groups_met']} of {r['groups']} | {r['laterality_worst']:.2f} / "
-              f"{r['laterality_mean']:.2f} | {r['peak_in_lesion_rate']:.2f} |" for r in rows]
+    lines = [
+        f"Validation pure pairs: {report['pairs']['count']} at {report['pairs']['resolution']} px "
+        f"(seed {seed}); {report['default_sampler']['name']} "
+        f"{report['default_sampler']['num_inference_steps']} steps.",
+        "",
+        "| s_T | s_I | direction worst / mean | accuracy reduction worst / mean | groups >= 0.50 | "
+        "laterality worst / mean | peak in lesion |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['guidance_scale']:g} | {r['image_guidance_scale']:g} | {r['direction_worst']:.2f} / "
+        f"{r['direction_mean']:.2f} | {r['accuracy_worst']:.2f} / {r['accuracy_mean']:.2f} | "
+        f"{r['accuracy_groups_met']} of {r['groups']} | {r['laterality_worst']:.2f} / "
+        f"{r['laterality_mean']:.2f} | {r['peak_in_lesion_rate']:.2f} |"
+        for r in rows
+    ]
     lines += ["", f"Chosen: s_T {chosen['guidance_scale']:g} / s_I {chosen['image_guidance_scale']:g}."]
     return "\n".join(lines) + "\n"
 

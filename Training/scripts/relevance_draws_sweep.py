@@ -42,8 +42,14 @@ PAIRS = 160  # as many as the guidance sweep, at the acceptance's 256 px
 def load_pairs(root: Path) -> list[tuple]:
     """(film, instruction, true lesion) of every pair in ``root``, read once for all settings."""
     truth = pd.read_csv(root / "truth.csv", dtype=str, keep_default_na=False)
-    return [(read_image(root / "past" / f"{pair.pair_id}.png"), pair.instruction,
-             lesion_mask(root, pair.pair_id, pair.finding)) for pair in truth.itertuples()]
+    return [
+        (
+            read_image(root / "past" / f"{pair.pair_id}.png"),
+            pair.instruction,
+            lesion_mask(root, pair.pair_id, pair.finding),
+        )
+        for pair in truth.itertuples()
+    ]
 
 
 def measure(editor: InstructX2XEditor, pairs: list[tuple], draws: int) -> dict:
@@ -51,31 +57,48 @@ def measure(editor: InstructX2XEditor, pairs: list[tuple], draws: int) -> dict:
     rows = []
     for image, instruction, lesion in tqdm(pairs, desc=f"{draws} draws"):
         preview = editor.preview(image, EditParameters(instruction, relevance_draws=draws))
-        rows.append({"peak_in_lesion": peak_in_lesion(preview.guidance_map, lesion)[0],
-                     "lesion_coverage": float(preview.edit_mask[lesion].mean()),
-                     "image_coverage": float(preview.edit_mask.mean())})
+        rows.append(
+            {
+                "peak_in_lesion": peak_in_lesion(preview.guidance_map, lesion)[0],
+                "lesion_coverage": float(preview.edit_mask[lesion].mean()),
+                "image_coverage": float(preview.edit_mask.mean()),
+            }
+        )
     frame = pd.DataFrame(rows)
     return {"relevance_draws": draws, "previews": len(frame), **frame.mean().to_dict()}
 
 
 def choose(rows: list[dict]) -> dict:
     """The setting the model card takes (module docstring)."""
-    eligible = [row for row in rows if row["lesion_coverage"] >= TARGETS.lesion_coverage
-                and row["image_coverage"] <= TARGETS.image_coverage]
+    eligible = [
+        row
+        for row in rows
+        if row["lesion_coverage"] >= TARGETS.lesion_coverage
+        and row["image_coverage"] <= TARGETS.image_coverage
+    ]
     if not eligible:
         return next(row for row in rows if row["relevance_draws"] == 1)
     best = max(eligible, key=lambda row: row["peak_in_lesion"])
     rate = best["peak_in_lesion"]
     floor = rate - math.sqrt(rate * (1 - rate) / best["previews"])
-    return min((row for row in eligible if row["peak_in_lesion"] >= floor), key=lambda row: row["relevance_draws"])
+    return min(
+        (row for row in eligible if row["peak_in_lesion"] >= floor), key=lambda row: row["relevance_draws"]
+    )
 
 
 def markdown(rows: list[dict], seed: int, chosen: dict) -> str:
     """The sweep's table, as it goes into the model card."""
-    lines = [f"Validation pure pairs: {rows[0]['previews']} at 256 px (seed {seed}); guidance maps only.", "",
-             "| relevance draws | peak in lesion | lesion coverage | image coverage |", "|---|---|---|---|"]
-    lines += [f"| {r['relevance_draws']} | {r['peak_in_lesion']:.3f} | {r['lesion_coverage']:.3f} | "
-              f"{r['image_coverage']:.3f} |" for r in rows]
+    lines = [
+        f"Validation pure pairs: {rows[0]['previews']} at 256 px (seed {seed}); guidance maps only.",
+        "",
+        "| relevance draws | peak in lesion | lesion coverage | image coverage |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['relevance_draws']} | {r['peak_in_lesion']:.3f} | {r['lesion_coverage']:.3f} | "
+        f"{r['image_coverage']:.3f} |"
+        for r in rows
+    ]
     lines += ["", f"Chosen: {chosen['relevance_draws']} draw{'s' if chosen['relevance_draws'] > 1 else ''}."]
     return "\n".join(lines) + "\n"
 
@@ -99,14 +122,20 @@ def main() -> None:
         parser.error(f"{folder} exists: remove it or choose another work folder")
     editor = InstructX2XEditor.from_model(args.model)
     with atomic_output_dir(folder) as staging:  # an interrupted sweep leaves nothing
-        write_pure_pairs(staging / "pairs", PurePairsConfig(pairs=PAIRS, seed=args.seed, resolution=256,
-                                                            split="test", other_finding_probability=0.0))
+        write_pure_pairs(
+            staging / "pairs",
+            PurePairsConfig(
+                pairs=PAIRS, seed=args.seed, resolution=256, split="test", other_finding_probability=0.0
+            ),
+        )
         pairs, rows = load_pairs(staging / "pairs"), []
         for draws in sorted(set(args.draws)):
             rows.append(measure(editor, pairs, draws))
             print(json.dumps(rows[-1]), flush=True)
         chosen = choose(rows)
-        (staging / "sweep.json").write_text(to_json({"seed": args.seed, "rows": rows, "chosen": chosen}) + "\n")
+        (staging / "sweep.json").write_text(
+            to_json({"seed": args.seed, "rows": rows, "chosen": chosen}) + "\n"
+        )
         (staging / "sweep.md").write_text(markdown(rows, args.seed, chosen))
 
 

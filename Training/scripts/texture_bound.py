@@ -67,9 +67,20 @@ def main() -> None:
     def reduction(rows: list[dict]) -> float:
         return round(1 - sum(r["error_edited"] for r in rows) / sum(r["error_unedited"] for r in rows), 3)
 
-    print(json.dumps({"finding": args.finding, "pairs": len(chosen), "draws": args.draws,
-                      "accuracy_reduction": {"median_of_draws": reduction(best),
-                                             "a_draw (perfect model)": reduction(sampled)}}, indent=2))
+    print(
+        json.dumps(
+            {
+                "finding": args.finding,
+                "pairs": len(chosen),
+                "draws": args.draws,
+                "accuracy_reduction": {
+                    "median_of_draws": reduction(best),
+                    "a_draw (perfect model)": reduction(sampled),
+                },
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 from instructx2x.devices import cpu_description
 
 path, name = Path(sys.argv[1]), sys.argv[2]
-command = sys.argv[sys.argv.index("--") + 1:]
+command = sys.argv[sys.argv.index("--") + 1 :]
 started = time.perf_counter()
 code = subprocess.call(command)
 record = json.loads(path.read_text()) if path.is_file() else {}

@@ -1,17 +1,9 @@
 """One small synthetic cohort and one build per test session (both take a few seconds)."""
 
-import signal
-
 import pytest
 
 from instructx2x_train.cohort import CohortConfig, generate_cohort
 from instructx2x_train.dataset import BuildConfig, build_dataset
-
-
-def pytest_configure(config):
-    """Ctrl-C's default disposition for the commands the tests start (why:
-    InstructX2XLib/tests/conftest.py)."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

@@ -8,5 +8,13 @@ from instructx2x_train.train import train
 from instructx2x_train.train_config import load_config
 
 result = train(load_config(sys.argv[1], sys.argv[2:]), progress_bar=False)
-print(json.dumps({"rank": int(os.environ["RANK"]), "world": int(os.environ["WORLD_SIZE"]),
-                  "unet_sha256": result.unet_sha256}), flush=True)
+print(
+    json.dumps(
+        {
+            "rank": int(os.environ["RANK"]),
+            "world": int(os.environ["WORLD_SIZE"]),
+            "unet_sha256": result.unet_sha256,
+        }
+    ),
+    flush=True,
+)

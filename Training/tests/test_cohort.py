@@ -31,11 +31,14 @@ def test_same_seed_same_cohort_whatever_the_workers(tmp_path):
 
 
 def test_tables_have_the_real_columns_and_formats(cohort):
-    for kind, name in [("metadata", "mimic-cxr-2.0.0-metadata.csv.gz"),
-                       ("split", "mimic-cxr-2.0.0-split.csv.gz"),
-                       ("chexpert", "mimic-cxr-2.0.0-chexpert.csv.gz"),
-                       ("pair_questions", "mimic_pair_questions.csv"), ("all", "mimic_all.csv"),
-                       ("ms_cxr", "MS_CXR_Local_Alignment_v1.1.0.csv")]:
+    for kind, name in [
+        ("metadata", "mimic-cxr-2.0.0-metadata.csv.gz"),
+        ("split", "mimic-cxr-2.0.0-split.csv.gz"),
+        ("chexpert", "mimic-cxr-2.0.0-chexpert.csv.gz"),
+        ("pair_questions", "mimic_pair_questions.csv"),
+        ("all", "mimic_all.csv"),
+        ("ms_cxr", "MS_CXR_Local_Alignment_v1.1.0.csv"),
+    ]:
         table = read_table(cohort / name, kind)
         assert set(COLUMNS[kind]) <= set(table.columns)
     chexpert = read_table(cohort / "mimic-cxr-2.0.0-chexpert.csv.gz", "chexpert")
@@ -68,8 +71,16 @@ def test_questions_use_the_answer_grammar_with_distractors(cohort):
 
 def test_findings_are_drawn_on_the_named_side(cohort):
     boxes = pd.read_csv(cohort / "MS_CXR_Local_Alignment_v1.1.0.csv")
-    assert set(boxes.category_name) == {"Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
-                                        "Pleural Effusion", "Lung Opacity", "Pneumonia", "Pneumothorax"}
+    assert set(boxes.category_name) == {
+        "Atelectasis",
+        "Cardiomegaly",
+        "Consolidation",
+        "Edema",
+        "Pleural Effusion",
+        "Lung Opacity",
+        "Pneumonia",
+        "Pneumothorax",
+    }
     effusions = boxes[boxes.category_name == "Pleural Effusion"]
     for row in effusions.itertuples():
         centre = row.x + row.w / 2
@@ -87,16 +98,14 @@ def test_lesion_masks_match_rendered_intensity(cohort):
 
 
 def test_dicom_option_writes_readable_radiographs(tmp_path):
-    import sys
-    from pathlib import Path
+
+    from dicom_factory import dciodvfy_errors
 
     from instructx2x.dicom import read_dicom
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "InstructX2XLib" / "tests"))
-    from dicom_factory import dciodvfy_errors
-
-    generate_cohort(tmp_path / "d", CohortConfig(patients=1, rows=96, columns=80, write_dicom=True,
-                                                 gzip_tables=False))
+    generate_cohort(
+        tmp_path / "d", CohortConfig(patients=1, rows=96, columns=80, write_dicom=True, gzip_tables=False)
+    )
     files = sorted((tmp_path / "d").rglob("*.dcm"))
     assert files and (tmp_path / "d" / "mimic-cxr-2.0.0-metadata.csv").exists()
     image = read_dicom(files[0], allow_non_chest=False)

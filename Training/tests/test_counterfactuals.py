@@ -11,11 +11,25 @@ from PIL import Image
 
 from instructx2x.instructions import parse_instruction
 from instructx2x_train import counterfactuals
-from instructx2x_train.counterfactuals import (PurePairsConfig, insert_finding, pairs_config, plausible_targets,
-                                              write_pure_pairs)
-from instructx2x_train.phantom import (LATERALISED_FINDINGS, LUNG_ZONES, RENDERED_FINDINGS, ZONED_FINDINGS,
-                                       Anatomy, FindingState, Pose, draw_finding, render_attenuation,
-                                       render_frontal)
+from instructx2x_train.counterfactuals import (
+    PurePairsConfig,
+    insert_finding,
+    pairs_config,
+    plausible_targets,
+    write_pure_pairs,
+)
+from instructx2x_train.phantom import (
+    LATERALISED_FINDINGS,
+    LUNG_ZONES,
+    RENDERED_FINDINGS,
+    ZONED_FINDINGS,
+    Anatomy,
+    FindingState,
+    Pose,
+    draw_finding,
+    render_attenuation,
+    render_frontal,
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +66,16 @@ def test_pairs_differ_only_inside_the_lesion_and_follow_the_operation(pairs):
         with_finding = "current" if row.operation == "add" else "past"
         with np.load(pairs / with_finding / f"{row.pair_id}.masks.npz") as masks:
             lesion = masks[row.finding]
-        with np.load(pairs / ("past" if with_finding == "current" else "current") / f"{row.pair_id}.masks.npz") as masks:
+        with np.load(
+            pairs / ("past" if with_finding == "current" else "current") / f"{row.pair_id}.masks.npz"
+        ) as masks:
             assert row.finding not in masks.files
         changed = past != current
         assert changed.any(), row.pair_id
         assert not (changed & ~lesion).any(), row.pair_id
-        assert row.instruction.startswith("Add the finding of" if row.operation == "add" else "Remove the finding of")
+        assert row.instruction.startswith(
+            "Add the finding of" if row.operation == "add" else "Remove the finding of"
+        )
 
 
 def test_every_lateralised_finding_is_drawn_on_the_patients_side(pairs):
@@ -82,7 +100,9 @@ def test_a_focal_opacity_lies_in_the_lung_zone_its_instruction_names(name, pairs
     rows = {zone: [] for zone in LUNG_ZONES}
     for index in range(24):
         finding = draw_finding(rng, name, "right")
-        _, masks = render_frontal(96, 96, [finding], Pose(), np.random.default_rng(index), Anatomy(seed=index))
+        _, masks = render_frontal(
+            96, 96, [finding], Pose(), np.random.default_rng(index), Anatomy(seed=index)
+        )
         rows[finding.zone].append(np.nonzero(masks[name])[0].mean())
     assert all(rows.values()), rows
     assert max(rows["upper"]) < min(rows["mid"]) and max(rows["mid"]) < min(rows["lower"]), rows
@@ -92,7 +112,9 @@ def test_a_focal_opacity_lies_in_the_lung_zone_its_instruction_names(name, pairs
             assert row.zone in LUNG_ZONES and f" {row.side} {row.zone} zone {row.finding}" in row.instruction
         else:
             assert row.zone == "" and "zone" not in row.instruction
-        assert parse_instruction(row.instruction).zones == ((row.zone,) if row.zone else ())  # the library reads it
+        assert parse_instruction(row.instruction).zones == (
+            (row.zone,) if row.zone else ()
+        )  # the library reads it
     with pytest.raises(ValueError, match="zone must be one of upper, mid, lower"):
         FindingState(name, "mild", zone="apical")
 
@@ -125,8 +147,13 @@ def test_plausible_targets_redraw_only_what_the_instruction_leaves_open(pairs):
         current = _film(pairs, "current", pair_id)
         drawn = plausible_targets(config, pair_id, 2)
         as_written = [np.round(d * 255).astype(np.uint8) for d in drawn]
-        if row.operation == "remove" or row.finding in ("pleural effusion", "cardiomegaly", "pneumothorax",
-                                                        "atelectasis", "lung opacity"):
+        if row.operation == "remove" or row.finding in (
+            "pleural effusion",
+            "cardiomegaly",
+            "pneumothorax",
+            "atelectasis",
+            "lung opacity",
+        ):
             assert all(np.array_equal(d, current) for d in as_written), (pair_id, row.finding)
         elif row.finding in ZONED_FINDINGS:
             past = _film(pairs, "past", pair_id)
@@ -149,8 +176,14 @@ def test_plausible_targets_redraw_only_what_the_instruction_leaves_open(pairs):
 def test_level_words_change_the_extent(name):
     areas = []
     for level in ("minimal", "moderate", "severe"):
-        _, masks = render_frontal(128, 128, [FindingState(name, level, "left", (0.2, 0.1), seed=3)],
-                                  Pose(), np.random.default_rng(0), Anatomy(seed=4))
+        _, masks = render_frontal(
+            128,
+            128,
+            [FindingState(name, level, "left", (0.2, 0.1), seed=3)],
+            Pose(),
+            np.random.default_rng(0),
+            Anatomy(seed=4),
+        )
         areas.append(int(masks[name].sum()))
     assert areas[0] < areas[1] < areas[2], areas
 
@@ -181,14 +214,24 @@ def test_insertion_into_a_real_film_keeps_the_rest_bit_identical(tmp_path):
     backgrounds.mkdir()
     shutil.copy(get_testdata_file("RG1_UNCR.dcm"), backgrounds / "rg1.dcm")
     root = tmp_path / "inserted"
-    write_pure_pairs(root, PurePairsConfig(pairs=4, seed=1, resolution=128, backgrounds=str(backgrounds),
-                                           findings=("pleural effusion", "consolidation")))
+    write_pure_pairs(
+        root,
+        PurePairsConfig(
+            pairs=4,
+            seed=1,
+            resolution=128,
+            backgrounds=str(backgrounds),
+            findings=("pleural effusion", "consolidation"),
+        ),
+    )
     truth = pd.read_csv(root / "truth.csv", dtype=str, keep_default_na=False)
     assert set(truth.background) == {"rg1.dcm"} and set(truth.age) == {""}
     for row in truth.itertuples():
         without = _film(root, "past" if row.operation == "add" else "current", row.pair_id)
         with_finding = _film(root, "current" if row.operation == "add" else "past", row.pair_id)
-        with np.load(root / ("current" if row.operation == "add" else "past") / f"{row.pair_id}.masks.npz") as m:
+        with np.load(
+            root / ("current" if row.operation == "add" else "past") / f"{row.pair_id}.masks.npz"
+        ) as m:
             lesion = m[row.finding]
         assert lesion.any() and np.array_equal(without[~lesion], with_finding[~lesion])
         if row.finding == "pleural effusion":  # fluid is denser than aerated lung

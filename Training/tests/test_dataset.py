@@ -15,14 +15,23 @@ def test_stage_counts_add_up(built, cohort):
     questions = pd.read_csv(cohort / "mimic_pair_questions.csv")
     assert counts["questions_read"] == len(questions)
     assert counts["difference_questions"] == (questions.question_type == "difference").sum()
-    dropped = sum(counts.get(k, 0) for k in ("dropped_nothing_changed", "skipped_no_pa_view",
-                                             "skipped_past_image_already_used",
-                                             "dropped_no_finding_undersampling",
-                                             "skipped_multi_finding", "skipped_unparseable_answer"))
+    dropped = sum(
+        counts.get(k, 0)
+        for k in (
+            "dropped_nothing_changed",
+            "skipped_no_pa_view",
+            "skipped_past_image_already_used",
+            "dropped_no_finding_undersampling",
+            "skipped_multi_finding",
+            "skipped_unparseable_answer",
+        )
+    )
     assert counts["pairs_planned"] + dropped == counts["difference_questions"]
     assert counts["skipped_no_pa_view"] > 0  # AP-only studies are in the cohort
-    after_images = sum(counts.get(k, 0) for k in ("kept", "dropped_low_registration_score",
-                                                  "skipped_missing_image", "skipped_corrupt_image"))
+    after_images = sum(
+        counts.get(k, 0)
+        for k in ("kept", "dropped_low_registration_score", "skipped_missing_image", "skipped_corrupt_image")
+    )
     assert after_images == counts["pairs_planned"]
     table = pd.read_csv(output / "instructions.csv")
     assert list(table.columns) == ["split", "past_dicom_id", "current_dicom_id", "instruction"]
@@ -68,8 +77,9 @@ def test_rerun_is_idempotent_and_resumes(built, tmp_path):
 
 
 def test_registration_threshold_discards_pairs(cohort, tmp_path):
-    manifest = build_dataset(BuildConfig(cohort, cohort, resolution=64, registration_threshold=1.0),
-                             tmp_path / "strict")
+    manifest = build_dataset(
+        BuildConfig(cohort, cohort, resolution=64, registration_threshold=1.0), tmp_path / "strict"
+    )
     assert manifest["kept_pairs"] == 0
     assert manifest["counts"]["dropped_low_registration_score"] == manifest["counts"]["pairs_planned"]
     assert pd.read_csv(tmp_path / "strict" / "instructions.csv").empty
@@ -77,12 +87,22 @@ def test_registration_threshold_discards_pairs(cohort, tmp_path):
 
 def test_no_finding_undersampling_and_multi_finding_modes(cohort, tmp_path):
     all_kept = build_dataset(BuildConfig(cohort, cohort, resolution=64, no_finding_ratio=1.0), tmp_path / "a")
-    none_kept = build_dataset(BuildConfig(cohort, cohort, resolution=64, no_finding_ratio=0.0), tmp_path / "b")
+    none_kept = build_dataset(
+        BuildConfig(cohort, cohort, resolution=64, no_finding_ratio=0.0), tmp_path / "b"
+    )
     assert all_kept["counts"].get("dropped_no_finding_undersampling", 0) == 0
     assert none_kept["counts"]["dropped_no_finding_undersampling"] > 0
-    per = build_dataset(BuildConfig(cohort, cohort, resolution=64, multi_finding="per-finding"), tmp_path / "c")
-    single = build_dataset(BuildConfig(cohort, cohort, resolution=64, multi_finding="single-only"), tmp_path / "d")
-    assert per["instructions"] > per["kept_pairs"] == single["kept_pairs"] + single["counts"]["skipped_multi_finding"]
+    per = build_dataset(
+        BuildConfig(cohort, cohort, resolution=64, multi_finding="per-finding"), tmp_path / "c"
+    )
+    single = build_dataset(
+        BuildConfig(cohort, cohort, resolution=64, multi_finding="single-only"), tmp_path / "d"
+    )
+    assert (
+        per["instructions"]
+        > per["kept_pairs"]
+        == single["kept_pairs"] + single["counts"]["skipped_multi_finding"]
+    )
 
 
 def _copy_cohort(cohort, tmp_path):
@@ -139,11 +159,16 @@ def test_foreign_folder_and_changed_settings_are_refused(built, cohort, tmp_path
         build_dataset(BuildConfig(cohort, cohort, resolution=96), output)
 
 
-@pytest.mark.parametrize("kwargs,match", [({"multi_finding": "x"}, "multi_finding"),
-                                          ({"registration_threshold": 2}, "registration"),
-                                          ({"no_finding_ratio": -1}, "no_finding"),
-                                          ({"resolution": 8}, "resolution"),
-                                          ({"image_format": "tif"}, "image_format")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"multi_finding": "x"}, "multi_finding"),
+        ({"registration_threshold": 2}, "registration"),
+        ({"no_finding_ratio": -1}, "no_finding"),
+        ({"resolution": 8}, "resolution"),
+        ({"image_format": "tif"}, "image_format"),
+    ],
+)
 def test_bad_settings(cohort, kwargs, match):
     with pytest.raises(ValueError, match=match):
         BuildConfig(cohort, cohort, **kwargs)
@@ -163,7 +188,6 @@ def test_a_past_image_shared_by_two_pairs_is_used_once(cohort, tmp_path, built):
     row = (questions.question_type == "difference") & (questions.study_id == second.current_study)
     questions.loc[row, "ref_id"] = first.past_study  # both pairs now start from one past image
     questions.to_csv(copy / "mimic_pair_questions.csv", index=False)
-    manifest = build_dataset(dataclasses.replace(config, mimic_cxr=copy, diff_vqa=copy),
-                             tmp_path / "out")
+    manifest = build_dataset(dataclasses.replace(config, mimic_cxr=copy, diff_vqa=copy), tmp_path / "out")
     assert manifest["counts"]["skipped_past_image_already_used"] == 1
     assert pd.read_csv(tmp_path / "out" / "instructions.csv").past_dicom_id.is_unique

@@ -29,12 +29,31 @@ def test_zone_summary_groups_focal_opacities_by_operation_and_the_zone_named():
         for zone in ("lower", "upper", "mid"):
             for k in range(4):
                 hit = not (op == "add" and zone == "upper" and k < 3)
-                rows.append({"operation": op, "zone": zone, "direction_ok": hit,
-                             "error_unedited": 0.2, "error_edited": 0.05 if hit else 0.2})
-    rows.append({"operation": "add", "zone": "", "direction_ok": False, "error_unedited": 0.2, "error_edited": 0.4})
+                rows.append(
+                    {
+                        "operation": op,
+                        "zone": zone,
+                        "direction_ok": hit,
+                        "error_unedited": 0.2,
+                        "error_edited": 0.05 if hit else 0.2,
+                    }
+                )
+    rows.append(
+        {"operation": "add", "zone": "", "direction_ok": False, "error_unedited": 0.2, "error_edited": 0.4}
+    )
     summary = zone_summary(pd.DataFrame(rows))
-    assert list(summary) == ["add upper", "add mid", "add lower", "remove upper", "remove mid", "remove lower"]
+    assert list(summary) == [
+        "add upper",
+        "add mid",
+        "add lower",
+        "remove upper",
+        "remove mid",
+        "remove lower",
+    ]
     assert summary["add upper"]["edits"] == 4 and summary["add upper"]["direction_rate"] == 0.25
     assert summary["add upper"]["accuracy_reduction"] == pytest.approx(1 - (3 * 0.2 + 0.05) / 4 / 0.2)
-    assert all(g["direction_rate"] == 1.0 and g["accuracy_reduction"] == 0.75
-               for name, g in summary.items() if name != "add upper")
+    assert all(
+        g["direction_rate"] == 1.0 and g["accuracy_reduction"] == 0.75
+        for name, g in summary.items()
+        if name != "add upper"
+    )

@@ -14,9 +14,17 @@ from instructx2x_train.evaluation import MODES, REAL_ROW, EvaluationConfig, eval
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluation") / "pairs"
-    write_pure_pairs(root, PurePairsConfig(pairs=8, seed=2024, resolution=128, split="test",
-                                           findings=("pleural effusion", "cardiomegaly", "pneumothorax", "edema"),
-                                           other_finding_probability=0.0))
+    write_pure_pairs(
+        root,
+        PurePairsConfig(
+            pairs=8,
+            seed=2024,
+            resolution=128,
+            split="test",
+            findings=("pleural effusion", "cardiomegaly", "pneumothorax", "edema"),
+            other_finding_probability=0.0,
+        ),
+    )
     return root
 
 
@@ -29,8 +37,14 @@ def finished(split, tmp_path_factory):
 
 def test_every_table_and_the_plot_are_written(finished):
     output, report = finished
-    assert {p.name for p in output.iterdir()} >= {"evaluation.json", "evaluation.md", "metrics.csv", "pairs.csv",
-                                                 "ablation.png", "records"}
+    assert {p.name for p in output.iterdir()} >= {
+        "evaluation.json",
+        "evaluation.md",
+        "metrics.csv",
+        "pairs.csv",
+        "ablation.png",
+        "records",
+    }
     assert not (output / "INCOMPLETE").exists()
     stored = json.loads((output / "evaluation.json").read_text())  # strict JSON
     assert list(stored["rows"]) == [REAL_ROW, *MODES]
@@ -79,8 +93,11 @@ def test_an_interrupted_run_resumes_where_it_stopped(split, tmp_path, monkeypatc
         evaluate(tmp_path / "run", EvaluationConfig(model="demo", dataset=str(split), modes=("none",)))
     calls.clear()
     monkeypatch.setattr(InstructX2XEditor, "edit_batch", original)
-    monkeypatch.setattr(InstructX2XEditor, "edit_batch", lambda self, images, *a, **k: calls.append(len(images))
-                        or original(self, images, *a, **k))
+    monkeypatch.setattr(
+        InstructX2XEditor,
+        "edit_batch",
+        lambda self, images, *a, **k: calls.append(len(images)) or original(self, images, *a, **k),
+    )
     report = evaluate(tmp_path / "run", config, progress_bar=False)
     assert sum(calls) == 6 and report["resumed"] is True  # only the pairs not yet recorded
     assert not (tmp_path / "run" / "INCOMPLETE").exists()
@@ -94,7 +111,9 @@ def test_bad_settings_are_refused_before_anything_is_written(split, tmp_path):
     with pytest.raises(ValueError, match="not a MIMIC-EDIT-INSTRUCTION folder"):
         evaluate(tmp_path / "a", EvaluationConfig(model="demo", dataset=str(tmp_path)))
     with pytest.raises(ModelLoadError):
-        evaluate(tmp_path / "b", EvaluationConfig(model="demo", dataset=str(split), classifiers="no-such-set"))
+        evaluate(
+            tmp_path / "b", EvaluationConfig(model="demo", dataset=str(split), classifiers="no-such-set")
+        )
     with pytest.raises(ModelLoadError):
         evaluate(tmp_path / "c", EvaluationConfig(model=str(tmp_path / "no-such-model"), dataset=str(split)))
     assert list(tmp_path.iterdir()) == []
@@ -115,13 +134,39 @@ def test_two_processes_under_accelerate_launch_share_the_pairs(split, finished, 
         port = probe.getsockname()[1]
     output = tmp_path / "sharded"
     completed = subprocess.run(
-        [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "-m", "instructx2x_train.cli",
-         "evaluate", str(output), "--model", "demo", "--dataset", str(split), "--bootstrap", "40",
-         "--no-progress"],
-        capture_output=True, text=True, timeout=600,
-        env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+        [
+            str(Path(sys.executable).parent / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            str(port),
+            "-m",
+            "instructx2x_train.cli",
+            "evaluate",
+            str(output),
+            "--model",
+            "demo",
+            "--dataset",
+            str(split),
+            "--bootstrap",
+            "40",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert re.search(r'"report": ".*evaluation.md"', completed.stdout)  # printed once, by the main process
     records = sorted(p.name for p in (output / "records").iterdir())
@@ -136,4 +181,5 @@ def test_two_processes_under_accelerate_launch_share_the_pairs(split, finished, 
     assert (one[probabilities] - two[probabilities]).abs().to_numpy().max() < 0.02
     for mode in MODES:
         assert sharded["rows"][mode]["pathology_accuracy"] == pytest.approx(
-            single["rows"][mode]["pathology_accuracy"], abs=2.5)
+            single["rows"][mode]["pathology_accuracy"], abs=2.5
+        )

@@ -7,8 +7,16 @@ import pytest
 
 from instructx2x.classifiers import PATHOLOGIES
 from instructx2x.verification import expected_labels
-from instructx2x_train.metrics import (bootstrap_intervals, cmig, frechet_distance, geometric_mean,
-                                       kl_divergence, label_kl, pathology_accuracy, pearson)
+from instructx2x_train.metrics import (
+    bootstrap_intervals,
+    cmig,
+    frechet_distance,
+    geometric_mean,
+    kl_divergence,
+    label_kl,
+    pathology_accuracy,
+    pearson,
+)
 
 
 def test_frechet_distance_of_known_gaussians():
@@ -17,7 +25,7 @@ def test_frechet_distance_of_known_gaussians():
     mu, s = np.array([1.0, -0.5, 0.25]), np.array([4.0, 0.25, 1.0])
     a = rng.standard_normal((200_000, 3))
     b = mu + rng.standard_normal((200_000, 3)) * np.sqrt(s)
-    expected = (mu ** 2).sum() + (1 + s - 2 * np.sqrt(s)).sum()
+    expected = (mu**2).sum() + (1 + s - 2 * np.sqrt(s)).sum()
     assert frechet_distance(a, b) == pytest.approx(expected, rel=0.02)
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(ValueError, match="same D"):
@@ -40,7 +48,8 @@ def test_frechet_distance_with_correlated_covariances_matches_the_eigen_route():
 
 def test_kl_on_known_distributions():
     assert kl_divergence([0.5, 0.5], [0.25, 0.75], epsilon=0) == pytest.approx(
-        0.5 * math.log(2) + 0.5 * math.log(2 / 3))
+        0.5 * math.log(2) + 0.5 * math.log(2 / 3)
+    )
     assert kl_divergence([0.2, 0.8], [0.2, 0.8]) == pytest.approx(0.0, abs=1e-12)
     real = np.array([[1, 0], [1, 0], [0, 0], [0, 1]], bool)
     assert label_kl(real, real) == pytest.approx(0.0, abs=1e-9)
@@ -69,22 +78,34 @@ def test_bootstrap_interval_covers_a_known_mean():
     trials = 200
     for trial in range(trials):
         sample = rng.normal(3.0, 2.0, 60)
-        low, high = bootstrap_intervals(lambda index: {"mean": sample[index].mean()}, len(sample),
-                                        resamples=400, seed=trial)["mean"]
+        low, high = bootstrap_intervals(
+            lambda index, sample=sample: {"mean": sample[index].mean()},
+            len(sample),
+            resamples=400,
+            seed=trial,
+        )["mean"]
         covered += low <= 3.0 <= high
     assert 0.88 <= covered / trials <= 0.99
 
 
-@pytest.mark.parametrize("instruction,change", [
-    ("Add the finding of left pleural effusion", {"Effusion": True}),
-    ("Remove the finding of pneumothorax", {"Pneumothorax": False}),
-    ("Change the level of edema from mild to severe", {"Edema": True}),
-    ("Add the finding of fracture", {}),
-    ("Remove the finding of enlargement of the cardiac silhouette", {"Cardiomegaly": False}),
-])
+@pytest.mark.parametrize(
+    "instruction,change",
+    [
+        ("Add the finding of left pleural effusion", {"Effusion": True}),
+        ("Remove the finding of pneumothorax", {"Pneumothorax": False}),
+        ("Change the level of edema from mild to severe", {"Edema": True}),
+        ("Add the finding of fracture", {}),
+        ("Remove the finding of enlargement of the cardiac silhouette", {"Cardiomegaly": False}),
+    ],
+)
 def test_expected_labels_follow_the_instruction(instruction, change):
-    source = {"Atelectasis": True, "Cardiomegaly": True, "Edema": False, "Effusion": False,
-              "Pneumothorax": True}
+    source = {
+        "Atelectasis": True,
+        "Cardiomegaly": True,
+        "Edema": False,
+        "Effusion": False,
+        "Pneumothorax": True,
+    }
     assert expected_labels(source, instruction) == {**source, **change}
 
 

@@ -1,5 +1,6 @@
 """The thin structures of the phantoms (vessels, airways, septal lines) are chords of tapered
 cylinders drawn many at once: the geometry of one chord, and max (not sum) where they cross."""
+
 import numpy as np
 
 from instructx2x_train.phantom import _CANVAS, _draw_tubes
@@ -16,7 +17,7 @@ def test_a_tube_is_the_chord_of_a_cylinder_across_its_axis():
     canvas = _draw_tubes([((-0.5, 0.0), (0.5, 0.0), radius, radius)])
     rows = np.arange(_CANVAS)
     distance = np.abs(body(rows) - 0.0)
-    expected = 2 * np.sqrt(np.clip(radius ** 2 - distance ** 2, 0, None))
+    expected = 2 * np.sqrt(np.clip(radius**2 - distance**2, 0, None))
     np.testing.assert_allclose(canvas[:, _CANVAS // 2], expected, atol=1e-6)
     assert canvas[:, _CANVAS // 2].max() > 1.9 * radius
     # nothing beyond the ends: the cap is the cylinder's end, not a streak along the row
@@ -40,8 +41,15 @@ def test_crossing_tubes_take_the_denser_chord_not_the_sum():
 
 def test_many_tubes_of_every_size_draw_as_each_alone():
     rng = np.random.default_rng(3)
-    tubes = [(tuple(rng.uniform(-1.1, 1.1, 2)), tuple(rng.uniform(-1.1, 1.1, 2) * rng.uniform(0.02, 1)),
-              float(rng.uniform(0.002, 0.02)), float(rng.uniform(0.002, 0.02))) for _ in range(150)]
+    tubes = [
+        (
+            tuple(rng.uniform(-1.1, 1.1, 2)),
+            tuple(rng.uniform(-1.1, 1.1, 2) * rng.uniform(0.02, 1)),
+            float(rng.uniform(0.002, 0.02)),
+            float(rng.uniform(0.002, 0.02)),
+        )
+        for _ in range(150)
+    ]
     alone = np.zeros((_CANVAS, _CANVAS), np.float32)
     for tube in tubes:
         np.maximum(alone, _draw_tubes([tube]), out=alone)

@@ -11,8 +11,19 @@ from instructx2x_train.pseudo_masks import box_union_masks, build_pseudo_masks
 
 
 def boxes_table(rows):
-    columns = ["dicom_id", "category_name", "label_text", "path", "x", "y", "w", "h",
-               "image_width", "image_height", "split"]
+    columns = [
+        "dicom_id",
+        "category_name",
+        "label_text",
+        "path",
+        "x",
+        "y",
+        "w",
+        "h",
+        "image_width",
+        "image_height",
+        "split",
+    ]
     return pd.DataFrame([dict(zip(columns, r)) for r in rows], columns=columns)
 
 
@@ -22,11 +33,13 @@ def full_table(extra=()):
 
 
 def test_union_equals_hand_computed_boxes():
-    table = full_table([
-        # 2048 x 1024 image: x scales by 1/4, y by 1/2 (anisotropic)
-        ("a", "Edema", "", "", 100, 200, 400, 100, 2048, 1024, "train"),
-        ("b", "Edema", "", "", 1900, 1000, 400, 100, 2048, 1024, "train"),  # clipped at the edge
-    ])
+    table = full_table(
+        [
+            # 2048 x 1024 image: x scales by 1/4, y by 1/2 (anisotropic)
+            ("a", "Edema", "", "", 100, 200, 400, 100, 2048, 1024, "train"),
+            ("b", "Edema", "", "", 1900, 1000, 400, 100, 2048, 1024, "train"),  # clipped at the edge
+        ]
+    )
     masks = box_union_masks(table)
     expected = np.zeros((512, 512), np.uint8)
     expected[0:5, 0:5] = 1  # the 10x10 box on a 1024 image: rows/cols 0..4
@@ -48,8 +61,9 @@ def test_only_pa_boxes_count_and_the_library_loads_the_result(cohort, tmp_path):
     not_pa = metadata[metadata.ViewPosition != "PA"].dicom_id.iloc[0]
     extra = boxes.iloc[:1].assign(dicom_id=not_pa, category_name="Edema", x=0, y=0, w=256, h=288)
     pd.concat([boxes, extra]).to_csv(tmp_path / "ms_cxr.csv", index=False)
-    summary = build_pseudo_masks(tmp_path / "ms_cxr.csv", cohort / "mimic-cxr-2.0.0-metadata.csv.gz",
-                                 tmp_path / "priors")
+    summary = build_pseudo_masks(
+        tmp_path / "ms_cxr.csv", cohort / "mimic-cxr-2.0.0-metadata.csv.gz", tmp_path / "priors"
+    )
     assert summary["boxes_read"] == len(boxes) + 1 and summary["pa_boxes"] == len(boxes)
     priors = PriorSet.from_directory(tmp_path / "priors")
     assert priors.version == "ms-cxr-v1.1.0" and set(priors.masks) == set(PRIOR_CATEGORIES)
@@ -59,10 +73,31 @@ def test_only_pa_boxes_count_and_the_library_loads_the_result(cohort, tmp_path):
 
 
 def test_cli_end_to_end(cohort, tmp_path, capsys):
-    assert main(["pseudo-masks", str(tmp_path / "p"), "--ms-cxr",
-                 str(cohort / "MS_CXR_Local_Alignment_v1.1.0.csv"), "--metadata",
-                 str(cohort / "mimic-cxr-2.0.0-metadata.csv.gz")]) == 0
+    assert (
+        main(
+            [
+                "pseudo-masks",
+                str(tmp_path / "p"),
+                "--ms-cxr",
+                str(cohort / "MS_CXR_Local_Alignment_v1.1.0.csv"),
+                "--metadata",
+                str(cohort / "mimic-cxr-2.0.0-metadata.csv.gz"),
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["pa_boxes"] > 0
-    assert main(["pseudo-masks", str(tmp_path / "q"), "--ms-cxr", str(tmp_path / "missing.csv"),
-                 "--metadata", str(cohort / "mimic-cxr-2.0.0-metadata.csv.gz")]) == 2
+    assert (
+        main(
+            [
+                "pseudo-masks",
+                str(tmp_path / "q"),
+                "--ms-cxr",
+                str(tmp_path / "missing.csv"),
+                "--metadata",
+                str(cohort / "mimic-cxr-2.0.0-metadata.csv.gz"),
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "q").exists()

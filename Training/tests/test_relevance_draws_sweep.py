@@ -13,8 +13,13 @@ def _choose():
 
 
 def _row(draws: int, peak: float, lesion: float = 1.0, image: float = 0.45) -> dict:
-    return {"relevance_draws": draws, "previews": 160, "peak_in_lesion": peak,
-            "lesion_coverage": lesion, "image_coverage": image}
+    return {
+        "relevance_draws": draws,
+        "previews": 160,
+        "peak_in_lesion": peak,
+        "lesion_coverage": lesion,
+        "image_coverage": image,
+    }
 
 
 def test_the_fewest_draws_within_a_standard_error_of_the_best_peak():
@@ -30,9 +35,15 @@ def test_the_fewest_draws_within_a_standard_error_of_the_best_peak():
 
 
 def test_bad_draws_are_refused_before_anything_is_made(tmp_path):
-    for draws, message in ((["1", "0"], "relevance_draws must be an integer in [1, 16]"),
-                           (["4"], "the draws must include 1"), (["1", "x"], "invalid int value")):
-        done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), *draws, "--model", "no-such-model"],
-                              capture_output=True, text=True)
+    for draws, message in (
+        (["1", "0"], "relevance_draws must be an integer in [1, 16]"),
+        (["4"], "the draws must include 1"),
+        (["1", "x"], "invalid int value"),
+    ):
+        done = subprocess.run(
+            [sys.executable, str(SCRIPT), str(tmp_path), *draws, "--model", "no-such-model"],
+            capture_output=True,
+            text=True,
+        )
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert list(tmp_path.iterdir()) == []

@@ -27,17 +27,25 @@ folder = Path(sys.argv[1])
 
 def at_mm(pixels: np.ndarray, spacing: float) -> np.ndarray:
     rows, columns = (round(n * spacing / MM) for n in pixels.shape)
-    return np.asarray(Image.fromarray(pixels.astype(np.float32)).resize((columns, rows), Image.Resampling.BOX))
+    return np.asarray(
+        Image.fromarray(pixels.astype(np.float32)).resize((columns, rows), Image.Resampling.BOX)
+    )
 
 
 real = read_image(get_testdata_file("RG1_UNCR.dcm"))
 RG1_MM = 0.2  # RG1 states no spacing (PixelSpacing 0\0); 0.2 mm puts it on a 39 x 37 cm field
 panels = [at_mm(real.pixels, RG1_MM)]
-people = [(Anatomy.draw(np.random.default_rng(1), 30, "F", "Asian"), []),
-          (Anatomy.draw(np.random.default_rng(2), 82, "M", "Black"), []),
-          (Anatomy.draw(np.random.default_rng(3), 60, "M", "White"),
-           [FindingState("pleural effusion", "moderate", "left", seed=1),
-            FindingState("consolidation", "moderate", "right", (0.3, -0.4), seed=2)])]
+people = [
+    (Anatomy.draw(np.random.default_rng(1), 30, "F", "Asian"), []),
+    (Anatomy.draw(np.random.default_rng(2), 82, "M", "Black"), []),
+    (
+        Anatomy.draw(np.random.default_rng(3), 60, "M", "White"),
+        [
+            FindingState("pleural effusion", "moderate", "left", seed=1),
+            FindingState("consolidation", "moderate", "right", (0.3, -0.4), seed=2),
+        ],
+    ),
+]
 for index, (anatomy, findings) in enumerate(people):
     film, _ = render_frontal(512, 512, findings, Pose(), np.random.default_rng(index), anatomy)
     panels.append(at_mm(film, PHANTOM_MM))

@@ -32,18 +32,30 @@ import hmac
 import ipaddress
 import logging
 import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
-from aiohttp import web
 import msgpack
-from wslink import chunking, protocol as wslink_protocol
+from aiohttp import web
+from wslink import chunking
+from wslink import protocol as wslink_protocol
 
 from instructx2x.errors import ParameterError
 
-__all__ = ["AccessPolicy", "new_token", "read_token_file", "guard_http", "guard_rpc", "BoundedUnChunker",
-           "install_message_limit", "COOKIE", "CLIENT_LIFECYCLE", "SERVED_RPCS"]
+__all__ = [
+    "AccessPolicy",
+    "new_token",
+    "read_token_file",
+    "guard_http",
+    "guard_rpc",
+    "BoundedUnChunker",
+    "install_message_limit",
+    "COOKIE",
+    "CLIENT_LIFECYCLE",
+    "SERVED_RPCS",
+]
 
 logger = logging.getLogger("instructx2x.web.access")
 
@@ -56,17 +68,33 @@ CLIENT_LIFECYCLE = frozenset({"client_connected", "client_exited", "client_unmou
 # the RPCs trame's client and trame-rca's views call; wslink's application.exit, trame-rca's
 # push, drop and reset (which let one client replace or freeze every viewer's image) and the rest
 # are refused
-SERVED_RPCS = frozenset({"trame.state.get", "trame.state.update", "trame.trigger", "trame.lifecycle.update",
-                         "trame.error.client", "trame.rca.size", "trame.rca.event", "trame.rca.video.codecs",
-                         "trame.rca.video.negotiate"})
+SERVED_RPCS = frozenset(
+    {
+        "trame.state.get",
+        "trame.state.update",
+        "trame.trigger",
+        "trame.lifecycle.update",
+        "trame.error.client",
+        "trame.rca.size",
+        "trame.rca.event",
+        "trame.rca.video.codecs",
+        "trame.rca.video.negotiate",
+    }
+)
 MAX_PENDING_MESSAGES = 16
 MAX_UNPACKED_ITEMS = 100_000  # array and map entries in one message: a page's messages hold far fewer
 MAX_STATE_TEXT = 4096
 MAX_VIEW_PIXELS = 4096  # a view's width or height
-_SECURITY_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
-                     "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
-_REFUSAL = ("This InstructX2X panel needs the address with its token that the server printed when it "
-            "started (…/?token=…).\n")
+_SECURITY_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+_REFUSAL = (
+    "This InstructX2X panel needs the address with its token that the server printed when it "
+    "started (…/?token=…).\n"
+)
 
 
 def new_token() -> str:
@@ -86,14 +114,20 @@ def read_token_file(path: str | Path) -> str:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
-        raise ParameterError(f"cannot read the token file {Path(path).name} "
-                             f"({getattr(error, 'strerror', None) or type(error).__name__}).") from None
+        raise ParameterError(
+            f"cannot read the token file {Path(path).name} "
+            f"({getattr(error, 'strerror', None) or type(error).__name__})."
+        ) from None
     token = lines[0].strip() if lines else ""
     if len(token) < MIN_TOKEN_CHARACTERS:
-        raise ParameterError(f"the token in {Path(path).name} has {len(token)} characters; use at least "
-                             f"{MIN_TOKEN_CHARACTERS} (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))').")
+        raise ParameterError(
+            f"the token in {Path(path).name} has {len(token)} characters; use at least "
+            f"{MIN_TOKEN_CHARACTERS} (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')."
+        )
     if not all(character.isalnum() or character in "-_." for character in token):
-        raise ParameterError(f"the token in {Path(path).name} may hold only letters, digits, '-', '_' and '.'.")
+        raise ParameterError(
+            f"the token in {Path(path).name} may hold only letters, digits, '-', '_' and '.'."
+        )
     return token
 
 
@@ -127,9 +161,16 @@ class AccessPolicy:
             raise ParameterError(f"the access token must have at least {MIN_TOKEN_CHARACTERS} characters.")
         for origin in self.origins:
             parts = urlsplit(origin)
-            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") \
-                    or parts.query or parts.username:
-                raise ParameterError(f"--origin must read SCHEME://HOST[:PORT] (http or https), got {origin!r}.")
+            if (
+                parts.scheme not in ("http", "https")
+                or not parts.hostname
+                or parts.path not in ("", "/")
+                or parts.query
+                or parts.username
+            ):
+                raise ParameterError(
+                    f"--origin must read SCHEME://HOST[:PORT] (http or https), got {origin!r}."
+                )
         if self.max_connections < 1 or self.max_message_bytes < 1:
             raise ParameterError("the connection and message limits must be positive.")
 
@@ -222,8 +263,9 @@ def guard_http(policy: AccessPolicy, cookie_secure: bool = False) -> Callable:
                 _refused("a request with a wrong token")
                 return web.Response(status=403, text=_REFUSAL)
             response = web.HTTPFound(f"/index.html?secret={policy.token}")
-            response.set_cookie(COOKIE, policy.cookie, httponly=True, samesite="Strict", secure=cookie_secure,
-                                path="/")
+            response.set_cookie(
+                COOKIE, policy.cookie, httponly=True, samesite="Strict", secure=cookie_secure, path="/"
+            )
             return response
         if request.path in ("/", "/index.html") and not policy.token_matches(request.query.get("secret")):
             _refused("a page request without the token")
@@ -237,7 +279,9 @@ def guard_http(policy: AccessPolicy, cookie_secure: bool = False) -> Callable:
                 return web.Response(status=403, text="Foreign Origin.\n")
             if open_sockets >= policy.max_connections:
                 _refused("a websocket over the connection limit")
-                return web.Response(status=503, text=f"At most {policy.max_connections} pages may be open at once.\n")
+                return web.Response(
+                    status=503, text=f"At most {policy.max_connections} pages may be open at once.\n"
+                )
             open_sockets += 1
             try:
                 return await handler(request)  # returns when the websocket closes
@@ -275,8 +319,8 @@ class BoundedUnChunker(chunking.UnChunker):
         super().set_max_message_size(min(size, self.limit))
 
     def process_chunk(self, chunk: bytes):
-        header, content = chunk[:chunking.HEADER_LENGTH], chunk[chunking.HEADER_LENGTH:]
-        message_id, offset, total = chunking._decode_header(header)  # noqa: SLF001 - wslink's own format
+        header, content = chunk[: chunking.HEADER_LENGTH], chunk[chunking.HEADER_LENGTH :]
+        message_id, offset, total = chunking._decode_header(header)
         pending = self.pending_messages.get(message_id)
         if pending is None:
             declared = sum(len(message["content"]) for message in self.pending_messages.values())
@@ -289,13 +333,14 @@ class BoundedUnChunker(chunking.UnChunker):
         if total != len(pending["content"]) or offset + len(content) > total:
             self.release_pending_messages()
             raise ValueError("inconsistent chunk")
-        pending["content"][offset:offset + len(content)] = content
+        pending["content"][offset : offset + len(content)] = content
         pending["received_size"] += len(content)
         if pending["received_size"] < total:
             return None
         del self.pending_messages[message_id]
-        return msgpack.unpackb(bytes(pending["content"]), max_array_len=MAX_UNPACKED_ITEMS,
-                               max_map_len=MAX_UNPACKED_ITEMS)
+        return msgpack.unpackb(
+            bytes(pending["content"]), max_array_len=MAX_UNPACKED_ITEMS, max_map_len=MAX_UNPACKED_ITEMS
+        )
 
 
 def install_message_limit(limit: int) -> None:
@@ -332,8 +377,12 @@ def guard_rpc(function_map: dict, writable: dict[str, tuple[type, ...]]) -> None
 
     function_map["trame.state.update"] = (owner, filtered_update)
     function_map["trame.lifecycle.update"] = (_owner, filtered_lifecycle)
-    for name, check in (("trame.rca.size", _view_size), ("trame.rca.event", _view_event),
-                        ("trame.rca.video.codecs", None), ("trame.rca.video.negotiate", _codecs)):
+    for name, check in (
+        ("trame.rca.size", _view_size),
+        ("trame.rca.event", _view_event),
+        ("trame.rca.video.codecs", None),
+        ("trame.rca.video.negotiate", _codecs),
+    ):
         if name in function_map:
             function_map[name] = _checked_view_call(*function_map[name], check)
 
@@ -344,7 +393,11 @@ def _checked_view_call(views, call: Callable, check: Callable | None) -> tuple:
 
     def checked(protocol, area=None, *args):
         areas = getattr(protocol, "_area_adapters", {})  # trame-rca's registered views
-        if not isinstance(area, str) or area not in areas or (check is not None and not (args and check(args[-1]))):
+        if (
+            not isinstance(area, str)
+            or area not in areas
+            or (check is not None and not (args and check(args[-1])))
+        ):
             _refused("a view call that is not a page's")
             return None
         return call(protocol, area, *args)
@@ -357,8 +410,12 @@ def _finite(value: Any, low: float, high: float) -> bool:
 
 
 def _view_size(size: Any) -> bool:
-    return isinstance(size, dict) and set(size) <= {"w", "h", "p"} and all(
-        _finite(size.get(key), 0, MAX_VIEW_PIXELS) for key in ("w", "h")) and _finite(size.get("p", 1), 0.25, 4)
+    return (
+        isinstance(size, dict)
+        and set(size) <= {"w", "h", "p"}
+        and all(_finite(size.get(key), 0, MAX_VIEW_PIXELS) for key in ("w", "h"))
+        and _finite(size.get("p", 1), 0.25, 4)
+    )
 
 
 _EVENT_NUMBERS = {"x", "y", "w", "h", "deltaX", "deltaY", "deltaZ", "scale", "rotation", "repeatCount"}
@@ -367,8 +424,13 @@ _EVENT_NUMBERS = {"x", "y", "w", "h", "deltaX", "deltaY", "deltaZ", "scale", "ro
 def _view_event(event: Any) -> bool:
     """A pointer, wheel or key event as trame-rca's page sends it: a type name, numbers within the
     view, flags and short key names; nothing nested but a translation or touch positions."""
-    if not isinstance(event, dict) or len(event) > 32 or not isinstance(event.get("type"), str) \
-            or not event["type"].isalnum() or len(event["type"]) > 40:
+    if (
+        not isinstance(event, dict)
+        or len(event) > 32
+        or not isinstance(event.get("type"), str)
+        or not event["type"].isalnum()
+        or len(event["type"]) > 40
+    ):
         return False
     for key, value in event.items():
         if not isinstance(key, str) or len(key) > 32:
@@ -377,20 +439,37 @@ def _view_event(event: Any) -> bool:
             if not _finite(value, -1e5, 1e5):
                 return False
         elif key == "translation":
-            if not (isinstance(value, list) and len(value) <= 3 and all(_finite(v, -1e5, 1e5) for v in value)):
+            if not (
+                isinstance(value, list) and len(value) <= 3 and all(_finite(v, -1e5, 1e5) for v in value)
+            ):
                 return False
         elif key == "positions":
-            if not (isinstance(value, dict) and len(value) <= 10 and all(
-                    isinstance(p, dict) and set(p) <= {"x", "y"} and all(_finite(v, -1e5, 1e5) for v in p.values())
-                    for p in value.values())):
+            if not (
+                isinstance(value, dict)
+                and len(value) <= 10
+                and all(
+                    isinstance(p, dict)
+                    and set(p) <= {"x", "y"}
+                    and all(_finite(v, -1e5, 1e5) for v in p.values())
+                    for p in value.values()
+                )
+            ):
                 return False
-        elif not (isinstance(value, bool) or _finite(value, -1e5, 1e5) or (isinstance(value, str) and len(value) <= 32)):
+        elif not (
+            isinstance(value, bool)
+            or _finite(value, -1e5, 1e5)
+            or (isinstance(value, str) and len(value) <= 32)
+        ):
             return False
     return True
 
 
 def _codecs(codecs: Any) -> bool:
-    return isinstance(codecs, list) and len(codecs) <= 16 and all(isinstance(c, str) and len(c) <= 64 for c in codecs)
+    return (
+        isinstance(codecs, list)
+        and len(codecs) <= 16
+        and all(isinstance(c, str) and len(c) <= 64 for c in codecs)
+    )
 
 
 def _writable(change: dict, writable: dict[str, tuple[type, ...]]) -> bool:

@@ -31,37 +31,57 @@ from pathlib import Path
 # GPU), never through X, which a server does not have.
 os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
 
-import numpy as np  # noqa: E402
-from instructx2x.errors import InstructX2XError  # noqa: E402
-from instructx2x.parameters import GUIDANCE_SCALE, IMAGE_GUIDANCE_SCALE  # noqa: E402
-import slicer  # noqa: E402
-from trame.app import get_server  # noqa: E402
-from trame.widgets import html  # noqa: E402
-from trame.widgets import vuetify3 as v3  # noqa: E402
-from trame_slicer import module as trame_slicer_module  # noqa: E402
-from trame_slicer.core import LayoutManager, SlicerApp  # noqa: E402
-from trame_slicer.rca_view import register_rca_factories  # noqa: E402
-from trame_slicer.segmentation import (BrushDiameterMode, ScissorsEffectFillMode,  # noqa: E402
-                                       SegmentationEffectErase, SegmentationEffectNoTool,
-                                       SegmentationEffectPaint, SegmentationEffectScissors)
-from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition  # noqa: E402
-from trame_vuetify.ui.vuetify3 import SinglePageWithDrawerLayout  # noqa: E402
-from wslink.websocket import LinkProtocol  # noqa: E402
+import numpy as np
+import slicer
+from trame.app import get_server
+from trame.widgets import html
+from trame.widgets import vuetify3 as v3
+from trame_slicer import module as trame_slicer_module
+from trame_slicer.core import LayoutManager, SlicerApp
+from trame_slicer.rca_view import register_rca_factories
+from trame_slicer.segmentation import (
+    BrushDiameterMode,
+    ScissorsEffectFillMode,
+    SegmentationEffectErase,
+    SegmentationEffectNoTool,
+    SegmentationEffectPaint,
+    SegmentationEffectScissors,
+)
+from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
+from trame_vuetify.ui.vuetify3 import SinglePageWithDrawerLayout
+from wslink.websocket import LinkProtocol
 
-from .. import scene as mrml  # noqa: E402
-from ..session import (DEFAULT_QUOTA_BYTES, MASK_SOURCES, OPERATIONS, PRESETS, SIDES, EditSession, PanelSettings,  # noqa: E402
-                       compose_instruction, describe_instruction, instruction_completions)
-from ..worker import WorkerError  # noqa: E402
-from .access import AccessPolicy, guard_http, guard_rpc, install_message_limit, new_token, read_token_file  # noqa: E402
-from .pacs_targets import PacsTargets  # noqa: E402
-from .uploads import MAX_UPLOAD_BYTES, UploadBuffers, UploadError, read_radiograph, save_uploads  # noqa: E402
+from instructx2x.errors import InstructX2XError
+from instructx2x.parameters import GUIDANCE_SCALE, IMAGE_GUIDANCE_SCALE
+
+from .. import scene as mrml
+from ..session import (
+    DEFAULT_QUOTA_BYTES,
+    MASK_SOURCES,
+    OPERATIONS,
+    PRESETS,
+    SIDES,
+    EditSession,
+    PanelSettings,
+    compose_instruction,
+    describe_instruction,
+    instruction_completions,
+)
+from ..worker import WorkerError
+from .access import AccessPolicy, guard_http, guard_rpc, install_message_limit, new_token, read_token_file
+from .pacs_targets import PacsTargets
+from .uploads import MAX_UPLOAD_BYTES, UploadBuffers, UploadError, read_radiograph, save_uploads
 
 __all__ = ["WebPanel", "main", "TOOLS", "POLL_INTERVAL_S"]
 
 logger = logging.getLogger("instructx2x.web")
 
-TOOLS = {"none": SegmentationEffectNoTool, "paint": SegmentationEffectPaint,
-         "erase": SegmentationEffectErase, "scissors": SegmentationEffectScissors}
+TOOLS = {
+    "none": SegmentationEffectNoTool,
+    "paint": SegmentationEffectPaint,
+    "erase": SegmentationEffectErase,
+    "scissors": SegmentationEffectScissors,
+}
 SEGMENTS = {"edit": ("Edit region", [0.1, 0.85, 0.3]), "keep": ("Keep region", [0.2, 0.5, 1.0])}
 POLL_INTERVAL_S = 0.2
 LAYOUT = "radiograph"
@@ -72,12 +92,31 @@ MESSAGE_OVERHEAD_BYTES = 2**20  # a message's room beyond an upload's bytes: nam
 # key, trame's own (trame__*) included, is the server's to set.
 NUMBER = (int, float)
 WRITABLE_STATE = {
-    "instruction": (str,), "compose_operation": (str,), "compose_finding": (str,), "compose_side": (str,),
-    "compose_zone": (str,), "compose_from": (str,), "compose_to": (str,), "mask_source": (str,),
-    "tool": (str,), "segment": (str,), "brush_mm": NUMBER, "scissors_fill": (bool,), "tau": NUMBER,
-    "opacity": NUMBER, "show_after": (bool,), "steps": (*NUMBER, str), "seed": (*NUMBER, str),
-    "model_guidance": (bool,), "guidance_scale": (*NUMBER, str), "image_guidance_scale": (*NUMBER, str),
-    "preset": (str,), "verify": (bool,), "include_demographics": (bool,), "pacs_target": (str,), "error": (str,),
+    "instruction": (str,),
+    "compose_operation": (str,),
+    "compose_finding": (str,),
+    "compose_side": (str,),
+    "compose_zone": (str,),
+    "compose_from": (str,),
+    "compose_to": (str,),
+    "mask_source": (str,),
+    "tool": (str,),
+    "segment": (str,),
+    "brush_mm": NUMBER,
+    "scissors_fill": (bool,),
+    "tau": NUMBER,
+    "opacity": NUMBER,
+    "show_after": (bool,),
+    "steps": (*NUMBER, str),
+    "seed": (*NUMBER, str),
+    "model_guidance": (bool,),
+    "guidance_scale": (*NUMBER, str),
+    "image_guidance_scale": (*NUMBER, str),
+    "preset": (str,),
+    "verify": (bool,),
+    "include_demographics": (bool,),
+    "pacs_target": (str,),
+    "error": (str,),
 }
 
 
@@ -85,22 +124,34 @@ class WebPanel:
     """The page's state and actions; every action is also a method, so the tests can drive the
     workflow without a browser (``poll`` then stands in for the page's timer)."""
 
-    def __init__(self, server=None, model: str = "demo", device: str = "auto",
-                 max_upload_bytes: int = MAX_UPLOAD_BYTES, worker_socket: str | None = None,
-                 access: AccessPolicy | None = None, pacs_targets: PacsTargets | None = None,
-                 quota_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        server=None,
+        model: str = "demo",
+        device: str = "auto",
+        max_upload_bytes: int = MAX_UPLOAD_BYTES,
+        worker_socket: str | None = None,
+        access: AccessPolicy | None = None,
+        pacs_targets: PacsTargets | None = None,
+        quota_bytes: int | None = None,
+    ) -> None:
         self.server = get_server(server, client_type="vue3")
         self.server.enable_module(trame_slicer_module)
-        self.server.enable_module({"serve": {"instructx2x": str(Path(__file__).with_name("serve"))},
-                                   "scripts": ["instructx2x/upload.js"]})
+        self.server.enable_module(
+            {
+                "serve": {"instructx2x": str(Path(__file__).with_name("serve"))},
+                "scripts": ["instructx2x/upload.js"],
+            }
+        )
         self.state, self.ctrl = self.server.state, self.server.controller
         self.slicer_app = SlicerApp()
         self.scene = self.slicer_app.scene
         mrml.prepare_scene(self.scene)
         register_rca_factories(self.slicer_app.view_manager, self.server, slice_view_ui_f=_no_view_gutter)
         self.layout_manager = LayoutManager(self.scene, self.slicer_app.view_manager, self.server)
-        self.layout_manager.register_layout(LAYOUT, Layout(LayoutDirection.Vertical, [
-            ViewLayoutDefinition.axial_view(label="Radiograph")]))
+        self.layout_manager.register_layout(
+            LAYOUT, Layout(LayoutDirection.Vertical, [ViewLayoutDefinition.axial_view(label="Radiograph")])
+        )
         self.layout_manager.set_layout(LAYOUT)
         self.editor = self.slicer_app.segmentation_editor
         self.session = EditSession(self.scene, worker_socket=worker_socket, quota_bytes=quota_bytes)
@@ -125,26 +176,55 @@ class WebPanel:
         self.ctrl.on_server_bind.add(self._bind)
         self.ctrl.on_error.add(_script_error)
         self.server.add_protocol_to_configure(
-            lambda protocol: protocol.registerLinkProtocol(_Connections(self)))
+            lambda protocol: protocol.registerLinkProtocol(_Connections(self))
+        )
 
     # -- state -----------------------------------------------------------------------------
     def _initial_state(self) -> None:
         defaults = PanelSettings(model=self.model, device=self.device)
-        self.state.update({
-            "trame__title": "InstructX2X", "loaded": False, "description": "", "error": "",
-            "status": "Open a DICOM radiograph (file or folder) or a PNG.",
-            "instruction": "", "parsed": describe_instruction(""), "completions": instruction_completions(),
-            **self._helper_state(),
-            "mask_source": MASK_SOURCES[0], "mask_sources": list(MASK_SOURCES),
-            "tool": "none", "segment": "edit", "brush_mm": 20.0, "scissors_fill": False,
-            "tau": defaults.tau, "opacity": 0.5, "show_after": True, "has_result": False, "has_preview": False,
-            "has_dicom": False, "running": False, "progress": 0, "progress_text": "", "queue_text": "",
-            "steps": defaults.steps, "seed": defaults.seed, "model_guidance": True,
-            "guidance_scale": GUIDANCE_SCALE, "image_guidance_scale": IMAGE_GUIDANCE_SCALE, "preset": defaults.preset,
-            "presets": list(PRESETS), "verify": defaults.verify, "include_demographics": False, "verification": "",
-            "pacs_target": self.pacs_targets.default, "pacs_names": self.pacs_targets.names, "pacs_message": "",
-            "max_upload_mb": self.max_upload_bytes // 2**20,
-        })
+        self.state.update(
+            {
+                "trame__title": "InstructX2X",
+                "loaded": False,
+                "description": "",
+                "error": "",
+                "status": "Open a DICOM radiograph (file or folder) or a PNG.",
+                "instruction": "",
+                "parsed": describe_instruction(""),
+                "completions": instruction_completions(),
+                **self._helper_state(),
+                "mask_source": MASK_SOURCES[0],
+                "mask_sources": list(MASK_SOURCES),
+                "tool": "none",
+                "segment": "edit",
+                "brush_mm": 20.0,
+                "scissors_fill": False,
+                "tau": defaults.tau,
+                "opacity": 0.5,
+                "show_after": True,
+                "has_result": False,
+                "has_preview": False,
+                "has_dicom": False,
+                "running": False,
+                "progress": 0,
+                "progress_text": "",
+                "queue_text": "",
+                "steps": defaults.steps,
+                "seed": defaults.seed,
+                "model_guidance": True,
+                "guidance_scale": GUIDANCE_SCALE,
+                "image_guidance_scale": IMAGE_GUIDANCE_SCALE,
+                "preset": defaults.preset,
+                "presets": list(PRESETS),
+                "verify": defaults.verify,
+                "include_demographics": False,
+                "verification": "",
+                "pacs_target": self.pacs_targets.default,
+                "pacs_names": self.pacs_targets.names,
+                "pacs_message": "",
+                "max_upload_mb": self.max_upload_bytes // 2**20,
+            }
+        )
         self.state.change("instruction")(self._on_instruction)
         self.state.change("tool", "segment", "brush_mm", "scissors_fill")(self._on_tool)
         self.state.change("tau")(self._on_tau)
@@ -155,31 +235,54 @@ class WebPanel:
         """The structured helper's choices, from the library's vocabulary."""
         from instructx2x.instructions import FINDINGS, LEVEL_WORDS, LUNG_ZONES
 
-        return {"operations": list(OPERATIONS), "findings": list(FINDINGS), "sides": list(SIDES),
-                "zones": ["", *LUNG_ZONES], "levels": ["", *LEVEL_WORDS], "compose_operation": OPERATIONS[0],
-                "compose_finding": "pleural effusion", "compose_side": "", "compose_zone": "", "compose_from": "",
-                "compose_to": ""}
+        return {
+            "operations": list(OPERATIONS),
+            "findings": list(FINDINGS),
+            "sides": list(SIDES),
+            "zones": ["", *LUNG_ZONES],
+            "levels": ["", *LEVEL_WORDS],
+            "compose_operation": OPERATIONS[0],
+            "compose_finding": "pleural effusion",
+            "compose_side": "",
+            "compose_zone": "",
+            "compose_from": "",
+            "compose_to": "",
+        }
 
     def compose(self) -> None:
         """The helper's choices as an instruction in the training set's wording."""
         state = self.state
         with state:
-            state.instruction = compose_instruction(state.compose_operation, state.compose_finding,
-                                                    state.compose_side or "", state.compose_from or "",
-                                                    state.compose_to or "", state.compose_zone or "")
+            state.instruction = compose_instruction(
+                state.compose_operation,
+                state.compose_finding,
+                state.compose_side or "",
+                state.compose_from or "",
+                state.compose_to or "",
+                state.compose_zone or "",
+            )
 
     def settings(self) -> PanelSettings:
         """The page's controls as the shared session's settings (the session checks ranges)."""
         state = self.state
-        return PanelSettings(instruction=state.instruction or "", mask_source=state.mask_source,
-                             tau=_number(state.tau, "tau", float), preset=state.preset,
-                             steps=_number(state.steps or 0, "Steps", int), seed=_number(state.seed or 0, "Seed", int),
-                             guidance_scale=None if state.model_guidance
-                             else _number(state.guidance_scale, "Text guidance s_T", float),
-                             image_guidance_scale=None if state.model_guidance
-                             else _number(state.image_guidance_scale, "Image guidance s_I", float),
-                             model=self.model, device=self.device, verify=bool(state.verify),
-                             include_demographics=bool(state.include_demographics))
+        return PanelSettings(
+            instruction=state.instruction or "",
+            mask_source=state.mask_source,
+            tau=_number(state.tau, "tau", float),
+            preset=state.preset,
+            steps=_number(state.steps or 0, "Steps", int),
+            seed=_number(state.seed or 0, "Seed", int),
+            guidance_scale=None
+            if state.model_guidance
+            else _number(state.guidance_scale, "Text guidance s_T", float),
+            image_guidance_scale=None
+            if state.model_guidance
+            else _number(state.image_guidance_scale, "Image guidance s_I", float),
+            model=self.model,
+            device=self.device,
+            verify=bool(state.verify),
+            include_demographics=bool(state.include_demographics),
+        )
 
     # -- loading ---------------------------------------------------------------------------
     def receive_chunk(self, files: list[dict]) -> None:
@@ -194,8 +297,9 @@ class WebPanel:
             if not isinstance(files, list):
                 return
             received = [ClientFile(f) for f in files if isinstance(f, dict)]
-            self.upload_buffers.add(client, [(str(f.name), f.content if isinstance(f.content, bytes) else b"")
-                                             for f in received])
+            self.upload_buffers.add(
+                client, [(str(f.name), f.content if isinstance(f.content, bytes) else b"") for f in received]
+            )
             return
         try:
             chunks = self.upload_buffers.finish(client)
@@ -212,7 +316,9 @@ class WebPanel:
         with self.state:
             try:
                 if self.session.busy:
-                    raise mrml.SceneError("a job is running on this radiograph: wait for it or cancel it first.")
+                    raise mrml.SceneError(
+                        "a job is running on this radiograph: wait for it or cancel it first."
+                    )
                 paths = save_uploads(files, folder, self.max_upload_bytes)
                 loaded = read_radiograph(paths)
             except Exception as error:  # noqa: BLE001 - every refusal is shown in the page (_message)
@@ -222,10 +328,18 @@ class WebPanel:
             if self.loaded is not None:
                 shutil.rmtree(self.loaded.path.parent, ignore_errors=True)
             self._show_radiograph(loaded)
-            self.state.update({"loaded": True, "description": loaded.description, "error": "",
-                               "has_dicom": loaded.sop_instance_uid is not None, "has_result": False,
-                               "has_preview": False, "verification": "",
-                               "status": "Type an instruction, paint a region if you wish, then Preview or Apply."})
+            self.state.update(
+                {
+                    "loaded": True,
+                    "description": loaded.description,
+                    "error": "",
+                    "has_dicom": loaded.sop_instance_uid is not None,
+                    "has_result": False,
+                    "has_preview": False,
+                    "verification": "",
+                    "status": "Type an instruction, paint a region if you wish, then Preview or Apply.",
+                }
+            )
         logger.info("Loaded a radiograph (%s).", loaded.description)
         return True
 
@@ -269,8 +383,9 @@ class WebPanel:
         if tool in ("paint", "erase"):
             effect.set_brush_diameter(float(brush_mm), BrushDiameterMode.Absolute)
         elif tool == "scissors":
-            effect.set_fill_mode(ScissorsEffectFillMode.FILL_INSIDE if scissors_fill
-                                 else ScissorsEffectFillMode.ERASE_INSIDE)
+            effect.set_fill_mode(
+                ScissorsEffectFillMode.FILL_INSIDE if scissors_fill else ScissorsEffectFillMode.ERASE_INSIDE
+            )
 
     def painted(self, segment: str) -> np.ndarray | None:
         """A painted segment as a mask on the radiograph's grid; None when nothing is painted."""
@@ -292,16 +407,29 @@ class WebPanel:
                     raise mrml.SceneError("open a radiograph first.")
                 settings = self.settings()
                 edit_mask = self.painted("edit") if settings.mask_source != MASK_SOURCES[0] else None
-                ticket = self.session.submit(kind, self.volume, settings, edit_mask, self.painted("keep"),
-                                             dicom_file_for=self._dicom_file_for)
+                ticket = self.session.submit(
+                    kind,
+                    self.volume,
+                    settings,
+                    edit_mask,
+                    self.painted("keep"),
+                    dicom_file_for=self._dicom_file_for,
+                )
             except Exception as error:  # noqa: BLE001 - every refusal is shown in the page (_message)
                 self.state.error = _message(error)
                 return False
             self.ticket, self.shared_ahead = ticket, 0
             self.started_at = time.monotonic()
-            self.state.update({"error": "", "running": True, "progress": 0, "progress_text": "",
-                               "queue_text": self._queue_text(),
-                               "status": "Editing…" if kind == "edit" else "Computing the guidance…"})
+            self.state.update(
+                {
+                    "error": "",
+                    "running": True,
+                    "progress": 0,
+                    "progress_text": "",
+                    "queue_text": self._queue_text(),
+                    "status": "Editing…" if kind == "edit" else "Computing the guidance…",
+                }
+            )
         return True
 
     def apply_or_cancel(self) -> None:
@@ -346,7 +474,9 @@ class WebPanel:
     def _queue_text(self) -> str:
         """How many jobs run or wait before the last one sent from this page: this page's own
         queue while the worker is busy or starting, then the shared worker's ``queued`` count."""
-        ahead = (self.session.queue_position(self.ticket) if self.ticket is not None else 0) or self.shared_ahead
+        ahead = (
+            self.session.queue_position(self.ticket) if self.ticket is not None else 0
+        ) or self.shared_ahead
         return f"Queued: {ahead} job(s) ahead." if ahead else ""
 
     def _show_event(self, event: dict) -> None:
@@ -357,12 +487,17 @@ class WebPanel:
             eta = event.get("eta_s")
             self.state.progress = round(100 * event["step"] / event["total"])
             self.state.progress_text = f"Step {event['step']} of {event['total']}" + (
-                f", about {eta:.0f} s left" if eta is not None else "")
+                f", about {eta:.0f} s left" if eta is not None else ""
+            )
         elif kind == "ready":
             self.show_model_defaults()
         elif kind in ("loading", "started", "decode", "export"):
-            self.state.status = {"loading": "Loading the model…", "started": "Working…",
-                                 "decode": "Decoding…", "export": "Writing the results…"}[kind]
+            self.state.status = {
+                "loading": "Loading the model…",
+                "started": "Working…",
+                "decode": "Decoding…",
+                "export": "Writing the results…",
+            }[kind]
         elif kind == "done" and event.get("id") == self.session.current.get("id"):
             self.state.progress = 100
             self.state.status = self.session.result_text
@@ -375,10 +510,14 @@ class WebPanel:
                     self.state.status += f" ({time.monotonic() - self.started_at:.1f} s)"
             self._on_layers()
         elif kind == "cancelled":
-            self.state.update({"status": "Cancelled: nothing was written.", "progress": 0, "progress_text": ""})
+            self.state.update(
+                {"status": "Cancelled: nothing was written.", "progress": 0, "progress_text": ""}
+            )
         elif kind == "error":
             self.state.error = event.get("message", "the worker failed.")
-            self.state.update({"status": "Failed: see the message above.", "progress": 0, "progress_text": ""})
+            self.state.update(
+                {"status": "Failed: see the message above.", "progress": 0, "progress_text": ""}
+            )
 
     def show_model_defaults(self, model_guidance: bool | None = None) -> None:
         """While the model's guidance scales are used, the (disabled) fields show the values the
@@ -389,8 +528,12 @@ class WebPanel:
         if model_guidance is None:
             model_guidance = self.state.model_guidance
         if model_guidance and defaults:
-            self.state.update({"guidance_scale": defaults["guidance_scale"],
-                               "image_guidance_scale": defaults["image_guidance_scale"]})
+            self.state.update(
+                {
+                    "guidance_scale": defaults["guidance_scale"],
+                    "image_guidance_scale": defaults["image_guidance_scale"],
+                }
+            )
 
     # -- display ---------------------------------------------------------------------------
     def _on_layers(self, **_):
@@ -466,8 +609,11 @@ class WebPanel:
         if self.access is None:
             return
         install_message_limit(self.max_upload_bytes + MESSAGE_OVERHEAD_BYTES)
-        wslink_server.app.middlewares.append(guard_http(self.access, cookie_secure=any(
-            origin.startswith("https:") for origin in self.access.origins)))
+        wslink_server.app.middlewares.append(
+            guard_http(
+                self.access, cookie_secure=any(origin.startswith("https:") for origin in self.access.origins)
+            )
+        )
         protocol = self.server.protocol
         protocol.updateSecret(self.access.token)
 
@@ -475,7 +621,7 @@ class WebPanel:
             return self.access.token_matches(secret)
 
         protocol.validateToken = validate  # wslink asks the protocol first, in place of its plain ==
-        for handler in wslink_server._ws_handlers:  # noqa: SLF001 - wslink keeps its RPC tables there
+        for handler in wslink_server._ws_handlers:
             guard_rpc(handler.functionMap, WRITABLE_STATE)
 
     def _start_polling(self, **_):
@@ -499,16 +645,25 @@ class WebPanel:
     # -- page ------------------------------------------------------------------------------
     def _build_ui(self) -> None:
         self.server.trigger(UPLOAD_TRIGGER)(self.receive_chunk)
-        self.server.trigger("download_dicom")(lambda: self.server.protocol.addAttachment(self.result_archive("dicom")))
-        self.server.trigger("download_png")(lambda: self.server.protocol.addAttachment(self.result_archive("png")))
+        self.server.trigger("download_dicom")(
+            lambda: self.server.protocol.addAttachment(self.result_archive("dicom"))
+        )
+        self.server.trigger("download_png")(
+            lambda: self.server.protocol.addAttachment(self.result_archive("png"))
+        )
         upload = f"error = window.instructx2x_upload($event, '{UPLOAD_TRIGGER}', max_upload_mb)"
         with SinglePageWithDrawerLayout(self.server, full_height=True) as layout:
             layout.title.set_text("InstructX2X")
             with layout.toolbar:
                 v3.VSpacer()
-                v3.VChip("SYNTHETIC counterfactual - NOT FOR DIAGNOSIS", color="error", variant="flat",
-                         v_show="has_result && show_after", raw_attrs=['data-testid="synthetic-banner"'],
-                         classes="mr-2")
+                v3.VChip(
+                    "SYNTHETIC counterfactual - NOT FOR DIAGNOSIS",
+                    color="error",
+                    variant="flat",
+                    v_show="has_result && show_after",
+                    raw_attrs=['data-testid="synthetic-banner"'],
+                    classes="mr-2",
+                )
                 html.Span("{{ description }}", classes="text-caption mr-4")
             with layout.drawer as drawer:
                 drawer.width = 400
@@ -518,46 +673,94 @@ class WebPanel:
                     self._run_ui()
                     self._results_ui()
             with layout.content:
-                with html.Div(style="position: relative; width: 100%; height: calc(100vh - 64px);",
-                              raw_attrs=['data-testid="slice-view"']):
+                with html.Div(
+                    style="position: relative; width: 100%; height: calc(100vh - 64px);",
+                    raw_attrs=['data-testid="slice-view"'],
+                ):
                     self.layout_manager.initialize_layout_grid(layout)
         self.ui = layout
 
     def _inputs_ui(self, upload: str) -> None:
-        v3.VAlert("{{ error }}", v_if="error", type="error", density="compact", closable=True,
-                  raw_attrs=['data-testid="error"'], classes="mb-2", click_close="error = ''")
+        v3.VAlert(
+            "{{ error }}",
+            v_if="error",
+            type="error",
+            density="compact",
+            closable=True,
+            raw_attrs=['data-testid="error"'],
+            classes="mb-2",
+            click_close="error = ''",
+        )
         with v3.VRow(dense=True):
             with v3.VCol():
-                v3.VFileInput(label="Open radiograph (DICOM, PNG)", multiple=True, density="compact",
-                              prepend_icon="mdi-file-upload", change=upload, hide_details=True,
-                              accept=".dcm,.dicom,.png,.jpg,.jpeg,application/dicom,image/png,image/jpeg",
-                              raw_attrs=['data-testid="open-file"'])
+                v3.VFileInput(
+                    label="Open radiograph (DICOM, PNG)",
+                    multiple=True,
+                    density="compact",
+                    prepend_icon="mdi-file-upload",
+                    change=upload,
+                    hide_details=True,
+                    accept=".dcm,.dicom,.png,.jpg,.jpeg,application/dicom,image/png,image/jpeg",
+                    raw_attrs=['data-testid="open-file"'],
+                )
             with v3.VCol(cols="auto"):
-                v3.VFileInput(label="Folder", density="compact", prepend_icon="mdi-folder-upload",
-                              change=upload, hide_input=True, hide_details=True,
-                              raw_attrs=["webkitdirectory", 'data-testid="open-folder"'])
-        v3.VCombobox(v_model=("instruction",), items=("completions",), label="Instruction", density="compact",
-                     hide_details=True, classes="mt-3", raw_attrs=['data-testid="instruction"'])
+                v3.VFileInput(
+                    label="Folder",
+                    density="compact",
+                    prepend_icon="mdi-folder-upload",
+                    change=upload,
+                    hide_input=True,
+                    hide_details=True,
+                    raw_attrs=["webkitdirectory", 'data-testid="open-folder"'],
+                )
+        v3.VCombobox(
+            v_model=("instruction",),
+            items=("completions",),
+            label="Instruction",
+            density="compact",
+            hide_details=True,
+            classes="mt-3",
+            raw_attrs=['data-testid="instruction"'],
+        )
         html.Div("{{ parsed }}", classes="text-caption mt-1 mb-2", raw_attrs=['data-testid="parsed"'])
         with v3.VExpansionPanels(classes="mb-2"):
             with v3.VExpansionPanel(title="Compose an instruction"):
                 with v3.VExpansionPanelText():
-                    for key, label, items in (("compose_operation", "Operation", "operations"),
-                                              ("compose_finding", "Finding", "findings"),
-                                              ("compose_side", "Side", "sides"),
-                                              ("compose_zone", "Lung zone (focal opacity)", "zones"),
-                                              ("compose_from", "From level (change)", "levels"),
-                                              ("compose_to", "To level (change; add: level)", "levels")):
-                        v3.VSelect(v_model=(key,), items=(items,), label=label, density="compact", hide_details=True,
-                                   classes="mb-1")
-                    v3.VBtn("Use this instruction", click=self.compose, block=True,
-                            raw_attrs=['data-testid="compose"'])
+                    for key, label, items in (
+                        ("compose_operation", "Operation", "operations"),
+                        ("compose_finding", "Finding", "findings"),
+                        ("compose_side", "Side", "sides"),
+                        ("compose_zone", "Lung zone (focal opacity)", "zones"),
+                        ("compose_from", "From level (change)", "levels"),
+                        ("compose_to", "To level (change; add: level)", "levels"),
+                    ):
+                        v3.VSelect(
+                            v_model=(key,),
+                            items=(items,),
+                            label=label,
+                            density="compact",
+                            hide_details=True,
+                            classes="mb-1",
+                        )
+                    v3.VBtn(
+                        "Use this instruction",
+                        click=self.compose,
+                        block=True,
+                        raw_attrs=['data-testid="compose"'],
+                    )
 
     def _mask_ui(self) -> None:
-        v3.VSelect(v_model=("mask_source",), items=("mask_sources",), label="Region to edit", density="compact",
-                   hide_details=True, raw_attrs=['data-testid="mask-source"'])
-        with v3.VBtnToggle(v_model=("tool",), mandatory=True, density="compact", classes="mt-2",
-                           disabled=("!loaded",)):
+        v3.VSelect(
+            v_model=("mask_source",),
+            items=("mask_sources",),
+            label="Region to edit",
+            density="compact",
+            hide_details=True,
+            raw_attrs=['data-testid="mask-source"'],
+        )
+        with v3.VBtnToggle(
+            v_model=("tool",), mandatory=True, density="compact", classes="mt-2", disabled=("!loaded",)
+        ):
             v3.VBtn(icon="mdi-cursor-default", value="none", raw_attrs=['data-testid="tool-none"'])
             v3.VBtn(icon="mdi-brush", value="paint", raw_attrs=['data-testid="tool-paint"'])
             v3.VBtn(icon="mdi-eraser", value="erase", raw_attrs=['data-testid="tool-erase"'])
@@ -565,76 +768,190 @@ class WebPanel:
         with v3.VBtnToggle(v_model=("segment",), mandatory=True, density="compact", classes="mt-2 ml-2"):
             v3.VBtn("Edit", value="edit", raw_attrs=['data-testid="segment-edit"'])
             v3.VBtn("Keep", value="keep", raw_attrs=['data-testid="segment-keep"'])
-        v3.VSlider(v_model=("brush_mm",), min=2, max=80, step=1, label="Brush (mm)", density="compact",
-                   hide_details=True, thumb_label=True, classes="mt-2", raw_attrs=['data-testid="brush"'])
-        v3.VCheckbox(v_model=("scissors_fill",), label="Scissors fill inside (else erase inside)",
-                     density="compact", hide_details=True)
+        v3.VSlider(
+            v_model=("brush_mm",),
+            min=2,
+            max=80,
+            step=1,
+            label="Brush (mm)",
+            density="compact",
+            hide_details=True,
+            thumb_label=True,
+            classes="mt-2",
+            raw_attrs=['data-testid="brush"'],
+        )
+        v3.VCheckbox(
+            v_model=("scissors_fill",),
+            label="Scissors fill inside (else erase inside)",
+            density="compact",
+            hide_details=True,
+        )
 
     def _run_ui(self) -> None:
         with v3.VRow(dense=True, classes="mt-2"):
             with v3.VCol():
-                v3.VBtn("Preview guidance", block=True, click=lambda: self.submit("preview"),
-                        disabled=("!loaded || running",), raw_attrs=['data-testid="preview"'])
+                v3.VBtn(
+                    "Preview guidance",
+                    block=True,
+                    click=lambda: self.submit("preview"),
+                    disabled=("!loaded || running",),
+                    raw_attrs=['data-testid="preview"'],
+                )
             with v3.VCol():
-                v3.VBtn("{{ running ? 'Cancel' : 'Apply' }}", block=True, color="primary",
-                        click=self.apply_or_cancel, disabled=("!loaded",), raw_attrs=['data-testid="apply"'])
-        v3.VSlider(v_model=("tau",), min=0, max=1, step=0.01, label="tau", thumb_label=True, density="compact",
-                   hide_details=True, classes="mt-2", raw_attrs=['data-testid="tau"'])
-        v3.VProgressLinear(model_value=("progress",), height=18, color="primary", classes="mt-1",
-                           raw_attrs=['data-testid="progress"'])
-        html.Div("{{ progress }} % {{ progress_text }}", classes="text-caption",
-                 raw_attrs=['data-testid="progress-text"'])
+                v3.VBtn(
+                    "{{ running ? 'Cancel' : 'Apply' }}",
+                    block=True,
+                    color="primary",
+                    click=self.apply_or_cancel,
+                    disabled=("!loaded",),
+                    raw_attrs=['data-testid="apply"'],
+                )
+        v3.VSlider(
+            v_model=("tau",),
+            min=0,
+            max=1,
+            step=0.01,
+            label="tau",
+            thumb_label=True,
+            density="compact",
+            hide_details=True,
+            classes="mt-2",
+            raw_attrs=['data-testid="tau"'],
+        )
+        v3.VProgressLinear(
+            model_value=("progress",),
+            height=18,
+            color="primary",
+            classes="mt-1",
+            raw_attrs=['data-testid="progress"'],
+        )
+        html.Div(
+            "{{ progress }} % {{ progress_text }}",
+            classes="text-caption",
+            raw_attrs=['data-testid="progress-text"'],
+        )
         html.Div("{{ queue_text }}", classes="text-caption", raw_attrs=['data-testid="queue"'])
         html.Div("{{ status }}", classes="text-body-2 mt-1", raw_attrs=['data-testid="status"'])
         with v3.VExpansionPanels(classes="mt-2"):
             with v3.VExpansionPanel(title="Advanced"):
                 with v3.VExpansionPanelText():
                     v3.VSelect(v_model=("preset",), items=("presets",), label="Quality", density="compact")
-                    v3.VTextField(v_model_number=("steps",), type="number", label="Steps (0: default)",
-                                  density="compact")
+                    v3.VTextField(
+                        v_model_number=("steps",),
+                        type="number",
+                        label="Steps (0: default)",
+                        density="compact",
+                    )
                     v3.VTextField(v_model_number=("seed",), type="number", label="Seed", density="compact")
-                    v3.VCheckbox(v_model=("model_guidance",), label="Model's guidance scales (its card's s_T, s_I)",
-                                 density="compact", update_modelValue=(self.show_model_defaults, "[$event]"),
-                                 raw_attrs=['data-testid="model-guidance"'])
-                    v3.VTextField(v_model_number=("guidance_scale",), type="number", label="Text guidance s_T",
-                                  density="compact", disabled=("model_guidance",),
-                                  raw_attrs=['data-testid="guidance-scale"'])
-                    v3.VTextField(v_model_number=("image_guidance_scale",), type="number",
-                                  label="Image guidance s_I", density="compact", disabled=("model_guidance",),
-                                  raw_attrs=['data-testid="image-guidance-scale"'])
-                    v3.VCheckbox(v_model=("verify",), label="Verify the edit with classifiers", density="compact")
-                    v3.VCheckbox(v_model=("include_demographics",), disabled=("!verify",), density="compact",
-                                 label="Include the classifiers' age, sex and race estimates in the report "
-                                       "(model estimates, not the patient's data)",
-                                 raw_attrs=['data-testid="include-demographics"'])
+                    v3.VCheckbox(
+                        v_model=("model_guidance",),
+                        label="Model's guidance scales (its card's s_T, s_I)",
+                        density="compact",
+                        update_modelValue=(self.show_model_defaults, "[$event]"),
+                        raw_attrs=['data-testid="model-guidance"'],
+                    )
+                    v3.VTextField(
+                        v_model_number=("guidance_scale",),
+                        type="number",
+                        label="Text guidance s_T",
+                        density="compact",
+                        disabled=("model_guidance",),
+                        raw_attrs=['data-testid="guidance-scale"'],
+                    )
+                    v3.VTextField(
+                        v_model_number=("image_guidance_scale",),
+                        type="number",
+                        label="Image guidance s_I",
+                        density="compact",
+                        disabled=("model_guidance",),
+                        raw_attrs=['data-testid="image-guidance-scale"'],
+                    )
+                    v3.VCheckbox(
+                        v_model=("verify",), label="Verify the edit with classifiers", density="compact"
+                    )
+                    v3.VCheckbox(
+                        v_model=("include_demographics",),
+                        disabled=("!verify",),
+                        density="compact",
+                        label="Include the classifiers' age, sex and race estimates in the report "
+                        "(model estimates, not the patient's data)",
+                        raw_attrs=['data-testid="include-demographics"'],
+                    )
 
     def _results_ui(self) -> None:
-        v3.VSlider(v_model=("opacity",), min=0, max=1, step=0.05, label="Guidance overlay", density="compact",
-                   hide_details=True, classes="mt-3", raw_attrs=['data-testid="opacity"'])
-        v3.VSwitch(v_model=("show_after",), label="After (counterfactual) / before (input)", density="compact",
-                   hide_details=True, disabled=("!has_result",), raw_attrs=['data-testid="before-after"'])
+        v3.VSlider(
+            v_model=("opacity",),
+            min=0,
+            max=1,
+            step=0.05,
+            label="Guidance overlay",
+            density="compact",
+            hide_details=True,
+            classes="mt-3",
+            raw_attrs=['data-testid="opacity"'],
+        )
+        v3.VSwitch(
+            v_model=("show_after",),
+            label="After (counterfactual) / before (input)",
+            density="compact",
+            hide_details=True,
+            disabled=("!has_result",),
+            raw_attrs=['data-testid="before-after"'],
+        )
         with v3.VRow(dense=True):
             with v3.VCol():
-                v3.VBtn("DICOM series", block=True, prepend_icon="mdi-download",
-                        disabled=("!has_result || !has_dicom",), raw_attrs=['data-testid="download-dicom"'],
-                        click="utils.download('instructx2x-dicom.zip', trigger('download_dicom'), 'application/zip')")
+                v3.VBtn(
+                    "DICOM series",
+                    block=True,
+                    prepend_icon="mdi-download",
+                    disabled=("!has_result || !has_dicom",),
+                    raw_attrs=['data-testid="download-dicom"'],
+                    click="utils.download('instructx2x-dicom.zip', trigger('download_dicom'), 'application/zip')",
+                )
             with v3.VCol():
-                v3.VBtn("PNGs", block=True, prepend_icon="mdi-download", disabled=("!has_result",),
-                        raw_attrs=['data-testid="download-png"'],
-                        click="utils.download('instructx2x-png.zip', trigger('download_png'), 'application/zip')")
-        html.Pre("{{ verification }}", v_if="verification", classes="text-caption mt-2",
-                 style="white-space: pre-wrap;", raw_attrs=['data-testid="verification"'])
+                v3.VBtn(
+                    "PNGs",
+                    block=True,
+                    prepend_icon="mdi-download",
+                    disabled=("!has_result",),
+                    raw_attrs=['data-testid="download-png"'],
+                    click="utils.download('instructx2x-png.zip', trigger('download_png'), 'application/zip')",
+                )
+        html.Pre(
+            "{{ verification }}",
+            v_if="verification",
+            classes="text-caption mt-2",
+            style="white-space: pre-wrap;",
+            raw_attrs=['data-testid="verification"'],
+        )
         with v3.VExpansionPanels(classes="mt-2"):
             with v3.VExpansionPanel(title="Send to PACS (C-STORE)"):
                 with v3.VExpansionPanelText():
-                    v3.VSelect(v_model=("pacs_target",), items=("pacs_names",), label="PACS (the server's list)",
-                               density="compact", no_data_text="The server names no PACS (--pacs).",
-                               raw_attrs=['data-testid="pacs-target"'])
-                    v3.VBtn("Test connection", click=lambda: self.pacs("echo"), classes="mr-2",
-                            raw_attrs=['data-testid="pacs-echo"'])
-                    v3.VBtn("Send", click=lambda: self.pacs("send"), disabled=("!has_result || !has_dicom",),
-                            raw_attrs=['data-testid="pacs-send"'])
-                    html.Div("{{ pacs_message }}", classes="text-caption mt-1", raw_attrs=['data-testid="pacs-message"'])
+                    v3.VSelect(
+                        v_model=("pacs_target",),
+                        items=("pacs_names",),
+                        label="PACS (the server's list)",
+                        density="compact",
+                        no_data_text="The server names no PACS (--pacs).",
+                        raw_attrs=['data-testid="pacs-target"'],
+                    )
+                    v3.VBtn(
+                        "Test connection",
+                        click=lambda: self.pacs("echo"),
+                        classes="mr-2",
+                        raw_attrs=['data-testid="pacs-echo"'],
+                    )
+                    v3.VBtn(
+                        "Send",
+                        click=lambda: self.pacs("send"),
+                        disabled=("!has_result || !has_dicom",),
+                        raw_attrs=['data-testid="pacs-send"'],
+                    )
+                    html.Div(
+                        "{{ pacs_message }}",
+                        classes="text-caption mt-1",
+                        raw_attrs=['data-testid="pacs-message"'],
+                    )
 
 
 class _Connections(LinkProtocol):
@@ -645,13 +962,14 @@ class _Connections(LinkProtocol):
     each socket in turn: a page that stops reading would hold every other page. A send that makes
     no progress for ``SEND_TIMEOUT_S`` cuts that connection off instead, and the others go on."""
 
-    def __init__(self, panel: "WebPanel") -> None:
+    def __init__(self, panel: WebPanel) -> None:
         super().__init__()
         self.panel = panel
 
-    def onConnect(self, request, client_id) -> None:  # noqa: N802 - wslink's hook name
-        sockets = [handler.connections.get(client_id) for handler in
-                   getattr(self.panel.wslink, "_ws_handlers", [])]  # noqa: SLF001 - wslink's connection table
+    def onConnect(self, request, client_id) -> None:
+        sockets = [
+            handler.connections.get(client_id) for handler in getattr(self.panel.wslink, "_ws_handlers", [])
+        ]
         socket = next((s for s in sockets if s is not None), None)
         if socket is None:
             return
@@ -666,7 +984,7 @@ class _Connections(LinkProtocol):
 
         socket.send_bytes = bounded_send
 
-    def onClose(self, client_id) -> None:  # noqa: N802 - wslink's hook name
+    def onClose(self, client_id) -> None:
         self.panel.upload_buffers.discard(client_id)
 
 
@@ -686,7 +1004,9 @@ def _number(value, label: str, kind: type):
     try:
         return kind(value)
     except (TypeError, ValueError):
-        raise ParameterError(f"{label} must be a{'n integer' if kind is int else ' number'}, got {value!r}.") from None
+        raise ParameterError(
+            f"{label} must be a{'n integer' if kind is int else ' number'}, got {value!r}."
+        ) from None
 
 
 def _message(error: Exception) -> str:
@@ -719,35 +1039,69 @@ def _unusable_address(host: str, port: int) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="instructx2x-web", description=(
-        "The InstructX2X panel in a browser (trame-slicer). Images it writes are SYNTHETIC, "
-        "not for diagnosis. The address it prints carries a token that every page must show."))
+    parser = argparse.ArgumentParser(
+        prog="instructx2x-web",
+        description=(
+            "The InstructX2X panel in a browser (trame-slicer). Images it writes are SYNTHETIC, "
+            "not for diagnosis. The address it prints carries a token that every page must show."
+        ),
+    )
     parser.add_argument("--model", default="demo", help="model folder, demo (default) or untrained-tiny")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     parser.add_argument("--port", type=int, default=8080, help="0 picks a free port")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="interface to listen on (default loopback; anything else exposes the page: put a "
-                             "reverse proxy with TLS and a login in front, docs/security.md)")
-    parser.add_argument("--origin", action="append", default=[], metavar="URL",
-                        help="an address the page is served under besides this server's own, e.g. "
-                             "https://xray.example.org behind a reverse proxy (repeatable)")
-    parser.add_argument("--token-file", metavar="PATH",
-                        help="read the access token from this file (first line, at least 32 characters) "
-                             "instead of drawing a new one")
-    parser.add_argument("--max-upload-mb", type=_positive, default=MAX_UPLOAD_BYTES // 2**20,
-                        help="largest upload in MB (default %(default)s)")
-    parser.add_argument("--quota-mb", type=_positive, default=DEFAULT_QUOTA_BYTES // 2**20,
-                        help="the most disk the session's uploads, jobs and results may take, in MB "
-                             "(default %(default)s)")
-    parser.add_argument("--max-connections", type=_positive, default=8,
-                        help="pages open at once (default %(default)s)")
-    parser.add_argument("--pacs", action="append", default=[], metavar="NAME=AET@HOST:PORT",
-                        help="a PACS the page may send results to (repeatable); the page chooses by name")
-    parser.add_argument("--pacs-config", metavar="PATH",
-                        help="a JSON file {NAME: \"AET@HOST:PORT\", ...} of PACS targets, beside --pacs")
-    parser.add_argument("--worker-socket", metavar="PATH",
-                        help="use the shared worker of instructx2x serve --socket PATH (one warm model for "
-                             "several servers; --model and --device are then the worker's)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to listen on (default loopback; anything else exposes the page: put a "
+        "reverse proxy with TLS and a login in front, docs/security.md)",
+    )
+    parser.add_argument(
+        "--origin",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="an address the page is served under besides this server's own, e.g. "
+        "https://xray.example.org behind a reverse proxy (repeatable)",
+    )
+    parser.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="read the access token from this file (first line, at least 32 characters) "
+        "instead of drawing a new one",
+    )
+    parser.add_argument(
+        "--max-upload-mb",
+        type=_positive,
+        default=MAX_UPLOAD_BYTES // 2**20,
+        help="largest upload in MB (default %(default)s)",
+    )
+    parser.add_argument(
+        "--quota-mb",
+        type=_positive,
+        default=DEFAULT_QUOTA_BYTES // 2**20,
+        help="the most disk the session's uploads, jobs and results may take, in MB (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-connections", type=_positive, default=8, help="pages open at once (default %(default)s)"
+    )
+    parser.add_argument(
+        "--pacs",
+        action="append",
+        default=[],
+        metavar="NAME=AET@HOST:PORT",
+        help="a PACS the page may send results to (repeatable); the page chooses by name",
+    )
+    parser.add_argument(
+        "--pacs-config",
+        metavar="PATH",
+        help='a JSON file {NAME: "AET@HOST:PORT", ...} of PACS targets, beside --pacs',
+    )
+    parser.add_argument(
+        "--worker-socket",
+        metavar="PATH",
+        help="use the shared worker of instructx2x serve --socket PATH (one warm model for "
+        "several servers; --model and --device are then the worker's)",
+    )
     return parser
 
 
@@ -761,16 +1115,23 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(framework).setLevel(logging.CRITICAL + 1)
     try:  # every setting checked before the model loads
         token = read_token_file(arguments.token_file) if arguments.token_file else new_token()
-        access = AccessPolicy(token, host=arguments.host, origins=tuple(arguments.origin),
-                              max_connections=arguments.max_connections)
+        access = AccessPolicy(
+            token,
+            host=arguments.host,
+            origins=tuple(arguments.origin),
+            max_connections=arguments.max_connections,
+        )
         pacs_targets = PacsTargets.from_arguments(arguments.pacs, arguments.pacs_config)
     except InstructX2XError as error:
         print(f"instructx2x-web: {error}", file=sys.stderr)
         return 2
     if arguments.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"WARNING: listening on {arguments.host}: whoever reaches this machine and learns the token can open "
-              "the page and its radiographs, over plain HTTP. Put a reverse proxy with TLS and a login in front "
-              "(docs/security.md), and name its address with --origin.", file=sys.stderr)
+        print(
+            f"WARNING: listening on {arguments.host}: whoever reaches this machine and learns the token can open "
+            "the page and its radiographs, over plain HTTP. Put a reverse proxy with TLS and a login in front "
+            "(docs/security.md), and name its address with --origin.",
+            file=sys.stderr,
+        )
     problem = _unusable_address(arguments.host, arguments.port)  # before the model loads
     if problem:
         print(f"instructx2x-web: {problem}", file=sys.stderr)
@@ -778,19 +1139,37 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (a service manager, a test) ends the server like Ctrl-C, so that the worker stops
     # and the session's temporary files are removed, at any moment from here on.
     signal.signal(signal.SIGTERM, _interrupt)
-    panel = WebPanel(model=arguments.model, device=arguments.device,
-                     max_upload_bytes=arguments.max_upload_mb * 2**20, worker_socket=arguments.worker_socket,
-                     access=access, pacs_targets=pacs_targets, quota_bytes=arguments.quota_mb * 2**20)
+    panel = WebPanel(
+        model=arguments.model,
+        device=arguments.device,
+        max_upload_bytes=arguments.max_upload_mb * 2**20,
+        worker_socket=arguments.worker_socket,
+        access=access,
+        pacs_targets=pacs_targets,
+        quota_bytes=arguments.quota_mb * 2**20,
+    )
     try:
         ready = panel.session.start_worker(panel.settings())  # the model loads before the page is served
         panel.show_model_defaults()
         logger.info("Model %s ready (%s).", ready["model"].get("name"), ready["precision"].get("dtype"))
-        panel.ctrl.on_server_ready.add(lambda **_: print(
-            f"InstructX2X web panel: {_announced_address(arguments.host, panel.server.port, token)}"
-            + "".join(f"\n  through {origin}: {origin.rstrip('/')}/?token={token}" for origin in arguments.origin),
-            flush=True))
-        panel.server.start(host=arguments.host, port=arguments.port, open_browser=False, show_connection_info=False,
-                           disable_logging=True, timeout=0)  # timeout 0: no shutdown when the last tab closes
+        panel.ctrl.on_server_ready.add(
+            lambda **_: print(
+                f"InstructX2X web panel: {_announced_address(arguments.host, panel.server.port, token)}"
+                + "".join(
+                    f"\n  through {origin}: {origin.rstrip('/')}/?token={token}"
+                    for origin in arguments.origin
+                ),
+                flush=True,
+            )
+        )
+        panel.server.start(
+            host=arguments.host,
+            port=arguments.port,
+            open_browser=False,
+            show_connection_info=False,
+            disable_logging=True,
+            timeout=0,
+        )  # timeout 0: no shutdown when the last tab closes
     except WorkerError as error:
         print(f"instructx2x-web: {error}", file=sys.stderr)
         return 2

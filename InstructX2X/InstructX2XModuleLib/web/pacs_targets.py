@@ -57,7 +57,7 @@ class PacsTargets:
         return self.targets[name]
 
     @classmethod
-    def from_arguments(cls, entries: list[str], config: str | None = None) -> "PacsTargets":
+    def from_arguments(cls, entries: list[str], config: str | None = None) -> PacsTargets:
         """From ``--pacs`` entries and an optional ``--pacs-config`` file.
 
         Raises
@@ -71,10 +71,12 @@ class PacsTargets:
             try:
                 loaded = json.loads(Path(config).read_text(encoding="utf-8"))
             except (OSError, ValueError) as error:
-                raise ParameterError(f"cannot read the PACS configuration {Path(config).name} "
-                                     f"({getattr(error, 'strerror', None) or type(error).__name__}).") from None
+                raise ParameterError(
+                    f"cannot read the PACS configuration {Path(config).name} "
+                    f"({getattr(error, 'strerror', None) or type(error).__name__})."
+                ) from None
             if not isinstance(loaded, dict) or not all(isinstance(v, str) for v in loaded.values()):
-                raise ParameterError(f"{Path(config).name} must hold a JSON object of NAME: \"AET@HOST:PORT\".")
+                raise ParameterError(f'{Path(config).name} must hold a JSON object of NAME: "AET@HOST:PORT".')
             pairs += list(loaded.items())
         for entry in entries:
             name, separator, target = entry.partition("=")
@@ -84,7 +86,9 @@ class PacsTargets:
         targets: dict[str, CStoreTarget] = {}
         for name, text in pairs:
             if not _NAME.match(name):
-                raise ParameterError(f"a PACS name has 1-40 letters, digits, spaces, '.', '_' or '-', got {name!r}.")
+                raise ParameterError(
+                    f"a PACS name has 1-40 letters, digits, spaces, '.', '_' or '-', got {name!r}."
+                )
             if name in targets:
                 raise ParameterError(f"the PACS name {name!r} is given twice.")
             match = _TARGET.match(text.strip())

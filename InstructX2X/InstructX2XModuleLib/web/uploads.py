@@ -14,8 +14,16 @@ import numpy as np
 
 from instructx2x.errors import InputError
 
-__all__ = ["UploadError", "LoadedRadiograph", "UploadBuffers", "save_uploads", "read_radiograph",
-           "MAX_UPLOAD_BYTES", "MAX_FILES", "ACCEPTED_SUFFIXES"]
+__all__ = [
+    "UploadError",
+    "LoadedRadiograph",
+    "UploadBuffers",
+    "save_uploads",
+    "read_radiograph",
+    "MAX_UPLOAD_BYTES",
+    "MAX_FILES",
+    "ACCEPTED_SUFFIXES",
+]
 
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # a CR is 5-20 MB; a folder of a few films fits
 MAX_FILES = 64
@@ -113,7 +121,9 @@ class UploadBuffers:
         return sum(len(content) for buffer in self.buffers.values() for _name, content in buffer)
 
 
-def save_uploads(files: list[tuple[str, bytes]], folder: Path, max_bytes: int = MAX_UPLOAD_BYTES) -> list[Path]:
+def save_uploads(
+    files: list[tuple[str, bytes]], folder: Path, max_bytes: int = MAX_UPLOAD_BYTES
+) -> list[Path]:
     """Check every upload, then write them into ``folder`` (created; nothing written on refusal)."""
     if not files:
         raise UploadError("no file was received.")
@@ -171,8 +181,14 @@ def read_radiograph(paths: list[Path]) -> LoadedRadiograph:
     image = read_image(paths[0])
     scale = 65535 if image.bits > 8 else 255
     rows, columns = image.pixels.shape
-    return LoadedRadiograph(paths[0], np.round(image.pixels * scale).astype(np.float32), None, None, False,
-                            f"{image.format.upper()} {columns} x {rows}, {image.bits}-bit")
+    return LoadedRadiograph(
+        paths[0],
+        np.round(image.pixels * scale).astype(np.float32),
+        None,
+        None,
+        False,
+        f"{image.format.upper()} {columns} x {rows}, {image.bits}-bit",
+    )
 
 
 DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
@@ -188,8 +204,9 @@ def _refuse_deflated(path: Path) -> None:
     except Exception:  # noqa: BLE001 - the library's reader says what is wrong with the file
         return
     if syntax == DEFLATED:
-        raise UploadError("deflated DICOM files are not accepted here; send the film uncompressed or "
-                          "JPEG-compressed.")
+        raise UploadError(
+            "deflated DICOM files are not accepted here; send the film uncompressed or JPEG-compressed."
+        )
 
 
 def _from_dicom(path: Path, image) -> LoadedRadiograph:
@@ -202,6 +219,11 @@ def _from_dicom(path: Path, image) -> LoadedRadiograph:
     described = f"{dataset.get('Modality', 'DICOM')} {columns} x {rows}"
     if values:
         described += f", {values[0]:.3g} mm ({spacing['attribute']})"
-    return LoadedRadiograph(path, modality_values(image.metadata["stored"], dataset), values,
-                            str(dataset.SOPInstanceUID),
-                            str(dataset.get("PhotometricInterpretation", "")) == "MONOCHROME1", described)
+    return LoadedRadiograph(
+        path,
+        modality_values(image.metadata["stored"], dataset),
+        values,
+        str(dataset.SOPInstanceUID),
+        str(dataset.get("PhotometricInterpretation", "")) == "MONOCHROME1",
+        described,
+    )

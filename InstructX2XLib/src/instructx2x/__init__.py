@@ -12,24 +12,38 @@ from __future__ import annotations
 
 import importlib
 
-from ._version import __version__
+from ._version import __version__ as __version__
 
 # public name -> module that defines it; imported on first attribute access
 _LAZY = {
-    "EditParameters": "parameters", "RegionMode": "parameters",
-    "EditResult": "editor", "InstructX2XEditor": "editor",
-    "DicomReadError": "dicom.read", "read_dicom": "dicom.read",
-    "export_dicom_edit": "dicom.export", "read_provenance": "provenance",
-    "Radiograph": "image_io", "read_image": "image_io",
-    "ParsedInstruction": "instructions", "parse_instruction": "instructions",
-    "ModelInfo": "loading", "load_pipeline": "loading",
-    "InstructX2XPipeline": "pipeline", "InstructX2XPipelineOutput": "pipeline",
-    "PriorSelection": "priors", "PriorSet": "priors",
+    "EditParameters": "parameters",
+    "RegionMode": "parameters",
+    "EditResult": "editor",
+    "InstructX2XEditor": "editor",
+    "DicomReadError": "dicom.read",
+    "read_dicom": "dicom.read",
+    "export_dicom_edit": "dicom.export",
+    "read_provenance": "provenance",
+    "Radiograph": "image_io",
+    "read_image": "image_io",
+    "ParsedInstruction": "instructions",
+    "parse_instruction": "instructions",
+    "ModelInfo": "loading",
+    "load_pipeline": "loading",
+    "InstructX2XPipeline": "pipeline",
+    "InstructX2XPipelineOutput": "pipeline",
+    "PriorSelection": "priors",
+    "PriorSet": "priors",
     "make_scheduler": "schedulers",
     "EditJob": "jobs",
-    "InstructX2XError": "errors", "InputError": "errors", "ParameterError": "errors",
-    "EmptyEditRegionError": "errors", "ModelLoadError": "errors", "ResourceError": "errors",
-    "PacsError": "errors", "EditCancelled": "errors",
+    "InstructX2XError": "errors",
+    "InputError": "errors",
+    "ParameterError": "errors",
+    "EmptyEditRegionError": "errors",
+    "ModelLoadError": "errors",
+    "ResourceError": "errors",
+    "PacsError": "errors",
+    "EditCancelled": "errors",
 }
 
 __all__ = sorted(_LAZY)

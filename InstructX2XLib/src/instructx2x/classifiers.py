@@ -26,9 +26,19 @@ from torch import nn
 
 from .errors import ModelLoadError
 
-__all__ = ["PATHOLOGIES", "FINDING_TO_PATHOLOGY", "RACES", "COHORT_SET_NAME", "Predictions", "resize_films",
-           "ClassifierSet", "CohortNetwork", "CohortClassifiers", "load_classifiers",
-           "save_cohort_classifiers"]
+__all__ = [
+    "PATHOLOGIES",
+    "FINDING_TO_PATHOLOGY",
+    "RACES",
+    "COHORT_SET_NAME",
+    "Predictions",
+    "resize_films",
+    "ClassifierSet",
+    "CohortNetwork",
+    "CohortClassifiers",
+    "load_classifiers",
+    "save_cohort_classifiers",
+]
 
 # The five pathologies the paper scores (torchxrayvision's names), in this order everywhere.
 PATHOLOGIES = ("Atelectasis", "Cardiomegaly", "Edema", "Effusion", "Pneumothorax")
@@ -98,8 +108,14 @@ class CohortNetwork(nn.Module):
         layers = [nn.Conv2d(1, width, 5, padding=2, stride=2), nn.BatchNorm2d(width), nn.SiLU()]
         channels = width
         for out in (width, 2 * width, 4 * width, 4 * width):
-            layers += [nn.Conv2d(channels, out, 3, padding=1), nn.BatchNorm2d(out), nn.SiLU(),
-                       nn.Conv2d(out, out, 3, padding=1, stride=2), nn.BatchNorm2d(out), nn.SiLU()]
+            layers += [
+                nn.Conv2d(channels, out, 3, padding=1),
+                nn.BatchNorm2d(out),
+                nn.SiLU(),
+                nn.Conv2d(out, out, 3, padding=1, stride=2),
+                nn.BatchNorm2d(out),
+                nn.SiLU(),
+            ]
             channels = out
         self.body = nn.Sequential(*layers)
         self.findings = nn.Linear(channels, len(PATHOLOGIES))
@@ -119,8 +135,13 @@ class CohortNetwork(nn.Module):
         scale = (high - low).clamp_min(1e-3)[:, None, None, None]
         normalised = (images - low[:, None, None, None]) / scale * 2 - 1
         features = self.body(normalised).mean(dim=(2, 3))
-        return {"findings": self.findings(features), "age": 55 + 20 * self.age(features)[:, 0],
-                "sex": self.sex(features)[:, 0], "race": self.race(features), "features": features}
+        return {
+            "findings": self.findings(features),
+            "age": 55 + 20 * self.age(features)[:, 0],
+            "sex": self.sex(features)[:, 0],
+            "race": self.race(features),
+            "features": features,
+        }
 
 
 def resize_films(images: list[np.ndarray] | np.ndarray, side: int) -> torch.Tensor:
@@ -147,7 +168,7 @@ class CohortClassifiers(ClassifierSet):
         self.resolution = int(card["resolution"])
 
     @classmethod
-    def from_folder(cls, folder: str | Path, name: str | None = None) -> "CohortClassifiers":
+    def from_folder(cls, folder: str | Path, name: str | None = None) -> CohortClassifiers:
         """A folder written by ``save_cohort_classifiers``.
 
         Raises
@@ -160,8 +181,10 @@ class CohortClassifiers(ClassifierSet):
         folder = Path(folder)
         for file_name in (CARD_NAME, WEIGHTS_NAME):
             if not (folder / file_name).is_file():
-                raise ModelLoadError(f"classifier set {folder.name}: {file_name} is missing (train one "
-                                     "with `instructx2x-train train-classifiers`).")
+                raise ModelLoadError(
+                    f"classifier set {folder.name}: {file_name} is missing (train one "
+                    "with `instructx2x-train train-classifiers`)."
+                )
         try:
             card = json.loads((folder / CARD_NAME).read_text())
             if card.get("format") != CARD_FORMAT:
@@ -176,10 +199,14 @@ class CohortClassifiers(ClassifierSet):
     def predict(self, images: list[np.ndarray] | np.ndarray, batch_size: int = 32) -> Predictions:
         parts: dict[str, list[np.ndarray]] = {}
         for start in range(0, len(images), batch_size):
-            out = self.network(resize_films(images[start:start + batch_size], self.resolution))
-            values = {"findings": torch.sigmoid(out["findings"]), "age": out["age"],
-                      "sex_female": torch.sigmoid(out["sex"]), "race": out["race"].softmax(-1),
-                      "features": out["features"]}
+            out = self.network(resize_films(images[start : start + batch_size], self.resolution))
+            values = {
+                "findings": torch.sigmoid(out["findings"]),
+                "age": out["age"],
+                "sex_female": torch.sigmoid(out["sex"]),
+                "race": out["race"].softmax(-1),
+                "features": out["features"],
+            }
             for key, value in values.items():
                 parts.setdefault(key, []).append(value.numpy())
         return Predictions(**{key: np.concatenate(value) for key, value in parts.items()})
@@ -192,8 +219,7 @@ def save_cohort_classifiers(network: CohortNetwork, card: dict, folder: Path) ->
     """Write a set (weights in safetensors, the card as JSON) into an existing empty folder."""
     from safetensors.torch import save_file
 
-    save_file({key: value.contiguous() for key, value in network.state_dict().items()},
-              folder / WEIGHTS_NAME)
+    save_file({key: value.contiguous() for key, value in network.state_dict().items()}, folder / WEIGHTS_NAME)
     (folder / CARD_NAME).write_text(json.dumps({"format": CARD_FORMAT, **card}, indent=2) + "\n")
 
 
@@ -218,5 +244,7 @@ def load_classifiers(spec: str, weights_dir: str | Path | None = None) -> Classi
         return TorchXRayVisionClassifiers.from_weights(weights_dir)
     if Path(spec).is_dir():
         return CohortClassifiers.from_folder(spec)
-    raise ModelLoadError(f"unknown classifier set {spec!r}: use {COHORT_SET_NAME}, torchxrayvision "
-                         "or a folder written by `instructx2x-train train-classifiers`.")
+    raise ModelLoadError(
+        f"unknown classifier set {spec!r}: use {COHORT_SET_NAME}, torchxrayvision "
+        "or a folder written by `instructx2x-train train-classifiers`."
+    )

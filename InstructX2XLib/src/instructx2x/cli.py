@@ -40,102 +40,194 @@ class InternalError(InstructX2XError):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
-    parser = argparse.ArgumentParser(prog="instructx2x", description=(
-        "Counterfactual chest X-ray editing with InstructX2X (Region-Specific Editing)."))
+    parser = argparse.ArgumentParser(
+        prog="instructx2x",
+        description=("Counterfactual chest X-ray editing with InstructX2X (Region-Specific Editing)."),
+    )
     parser.add_argument("--version", action="version", version=f"instructx2x {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     model = argparse.ArgumentParser(add_help=False)
-    model.add_argument("--model", default=os.environ.get(MODEL_ENV), help=(
-        "diffusers directory, .ckpt/.safetensors file, 'demo' (the bundled model trained on "
-        f"synthetic phantoms) or 'untrained-tiny' (default: ${MODEL_ENV}, else demo)"))
-    model.add_argument("--model-config", type=Path, help=(
-        "for a single-file checkpoint: directory with unet/, vae/, text_encoder/ config.json "
-        "(default: the shipped Stable Diffusion 1.x InstructPix2Pix configs)"))
-    model.add_argument("--allow-hub", action="store_true",
-                       help="allow downloading a hub model id (off: nothing is fetched)")
+    model.add_argument(
+        "--model",
+        default=os.environ.get(MODEL_ENV),
+        help=(
+            "diffusers directory, .ckpt/.safetensors file, 'demo' (the bundled model trained on "
+            f"synthetic phantoms) or 'untrained-tiny' (default: ${MODEL_ENV}, else demo)"
+        ),
+    )
+    model.add_argument(
+        "--model-config",
+        type=Path,
+        help=(
+            "for a single-file checkpoint: directory with unet/, vae/, text_encoder/ config.json "
+            "(default: the shipped Stable Diffusion 1.x InstructPix2Pix configs)"
+        ),
+    )
+    model.add_argument(
+        "--allow-hub", action="store_true", help="allow downloading a hub model id (off: nothing is fetched)"
+    )
     model.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    model.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                       help="auto: bf16 on GPUs and on CPUs with bf16 instructions, else fp32")
-    model.add_argument("--scheduler", default="auto", choices=["auto", *SCHEDULER_NAMES],
-                       help="sampler; auto: the authors' DDIM on CUDA, DPM-Solver++ elsewhere")
-    model.add_argument("--decode", default="auto", choices=["auto", "mask", "full"],
-                       help="VAE decode of the full grid (auto) or of the mask's region only (faster on "
-                            "CPU, approximate: see docs/benchmarks.md)")
-    model.add_argument("--priors", type=Path, help="directory of exact pseudo masks (from "
-                       "instructx2x-train pseudo-masks); default: the shipped approximation")
+    model.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="auto: bf16 on GPUs and on CPUs with bf16 instructions, else fp32",
+    )
+    model.add_argument(
+        "--scheduler",
+        default="auto",
+        choices=["auto", *SCHEDULER_NAMES],
+        help="sampler; auto: the authors' DDIM on CUDA, DPM-Solver++ elsewhere",
+    )
+    model.add_argument(
+        "--decode",
+        default="auto",
+        choices=["auto", "mask", "full"],
+        help="VAE decode of the full grid (auto) or of the mask's region only (faster on "
+        "CPU, approximate: see docs/benchmarks.md)",
+    )
+    model.add_argument(
+        "--priors",
+        type=Path,
+        help="directory of exact pseudo masks (from "
+        "instructx2x-train pseudo-masks); default: the shipped approximation",
+    )
 
     job = argparse.ArgumentParser(add_help=False)
-    job.add_argument("input", type=Path, nargs="?",
-                     help="radiograph: DICOM (CR, DX, SC) file or folder, or PNG/JPEG")
-    job.add_argument("-i", "--instruction",
-                     help='e.g. "Add the finding of pleural effusion"')
-    job.add_argument("--jobs", type=Path, metavar="FILE.csv", help=(
-        "many edits in one process: a CSV with columns image, instruction[, mask, keep_mask, "
-        "seed]; writes OUTPUT/NNNN-<image>/ per row and OUTPUT/results.csv"))
-    job.add_argument("--batch-size", type=int, default=1, metavar="N",
-                     help="with --jobs: edit up to N rows per pipeline call (default 1)")
-    job.add_argument("-o", "--output", type=Path, required=True,
-                     help="output folder (must not exist)")
+    job.add_argument(
+        "input", type=Path, nargs="?", help="radiograph: DICOM (CR, DX, SC) file or folder, or PNG/JPEG"
+    )
+    job.add_argument("-i", "--instruction", help='e.g. "Add the finding of pleural effusion"')
+    job.add_argument(
+        "--jobs",
+        type=Path,
+        metavar="FILE.csv",
+        help=(
+            "many edits in one process: a CSV with columns image, instruction[, mask, keep_mask, "
+            "seed]; writes OUTPUT/NNNN-<image>/ per row and OUTPUT/results.csv"
+        ),
+    )
+    job.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --jobs: edit up to N rows per pipeline call (default 1)",
+    )
+    job.add_argument("-o", "--output", type=Path, required=True, help="output folder (must not exist)")
     job.add_argument("--mode", default="rse", choices=[m.value for m in RegionMode])
     job.add_argument("--tau", type=float, default=0.1)
     job.add_argument("--relevance-timestep", type=int, default=800)
-    job.add_argument("--relevance-draws", type=int, metavar="K",
-                     help="noise draws averaged into the relevance map (default: the model card's, else 1)")
-    job.add_argument("--steps", type=int, dest="num_inference_steps", metavar="N",
-                     help="denoising steps (default: the model card's few_step_solver_steps, else 3, "
-                          "for dpm++ and unipc; 100 for the others)")
-    job.add_argument("--guidance-scale", type=float,
-                     help="text guidance s_T (default: the model card's, else 7.5)")
-    job.add_argument("--image-guidance-scale", type=float,
-                     help="image guidance s_I (default: the model card's, else 1.5)")
+    job.add_argument(
+        "--relevance-draws",
+        type=int,
+        metavar="K",
+        help="noise draws averaged into the relevance map (default: the model card's, else 1)",
+    )
+    job.add_argument(
+        "--steps",
+        type=int,
+        dest="num_inference_steps",
+        metavar="N",
+        help="denoising steps (default: the model card's few_step_solver_steps, else 3, "
+        "for dpm++ and unipc; 100 for the others)",
+    )
+    job.add_argument(
+        "--guidance-scale", type=float, help="text guidance s_T (default: the model card's, else 7.5)"
+    )
+    job.add_argument(
+        "--image-guidance-scale", type=float, help="image guidance s_I (default: the model card's, else 1.5)"
+    )
     job.add_argument("--eta", type=float, default=0.0)
     job.add_argument("--seed", type=int, default=0)
-    job.add_argument("--resolution", type=int,
-                     help="model grid in pixels (default: the model's native size)")
-    job.add_argument("--no-lateralize", action="store_true",
-                     help="do not narrow lung priors to the side the instruction names")
+    job.add_argument("--resolution", type=int, help="model grid in pixels (default: the model's native size)")
+    job.add_argument(
+        "--no-lateralize",
+        action="store_true",
+        help="do not narrow lung priors to the side the instruction names",
+    )
     job.add_argument("--mask", type=Path, help="edit mask, PNG or .npy (replaces the prior)")
     job.add_argument("--keep-mask", type=Path, help="mask of what must never change, PNG or .npy")
-    job.add_argument("--reference-mask", type=Path, help="a known lesion (e.g. a phantom's ground "
-                     "truth), outlined on figure.png; PNG or .npy")
-    job.add_argument("--aspect", default="squash", choices=list(ASPECT_MODES),
-                     help="squash to the square model grid (as trained) or pad to a square")
-    job.add_argument("--composite", default="change", choices=list(COMPOSITE_MODES),
-                     help="change: native image + the model's change inside the mask (keeps "
-                          "native detail); replace: the model's upsampled output inside it")
-    job.add_argument("--verify", nargs="?", const="auto", metavar="SET", help=(
-        "check the edit with classifiers and write verification.json/.txt: auto (default; the "
-        "set that fits the input), cohort-v2, torchxrayvision or a folder"))
-    job.add_argument("--include-demographics", action="store_true", help=(
-        "with --verify: also write the classifiers' age, sex and race estimates (model "
-        "estimates, not recorded patient data) into verification.json/.txt"))
+    job.add_argument(
+        "--reference-mask",
+        type=Path,
+        help="a known lesion (e.g. a phantom's ground truth), outlined on figure.png; PNG or .npy",
+    )
+    job.add_argument(
+        "--aspect",
+        default="squash",
+        choices=list(ASPECT_MODES),
+        help="squash to the square model grid (as trained) or pad to a square",
+    )
+    job.add_argument(
+        "--composite",
+        default="change",
+        choices=list(COMPOSITE_MODES),
+        help="change: native image + the model's change inside the mask (keeps "
+        "native detail); replace: the model's upsampled output inside it",
+    )
+    job.add_argument(
+        "--verify",
+        nargs="?",
+        const="auto",
+        metavar="SET",
+        help=(
+            "check the edit with classifiers and write verification.json/.txt: auto (default; the "
+            "set that fits the input), cohort-v2, torchxrayvision or a folder"
+        ),
+    )
+    job.add_argument(
+        "--include-demographics",
+        action="store_true",
+        help=(
+            "with --verify: also write the classifiers' age, sex and race estimates (model "
+            "estimates, not recorded patient data) into verification.json/.txt"
+        ),
+    )
     job.add_argument("--progress", default="bar", choices=["bar", "jsonl", "none"])
     dicom = job.add_argument_group("DICOM")
-    dicom.add_argument("--voi", default="first",
-                       help="display transform: first (VOI LUT or window), a window index, "
-                            "minmax or percentile")
-    dicom.add_argument("--allow-non-chest", action="store_true",
-                       help="accept images whose BodyPartExamined is not a chest")
-    dicom.add_argument("--feather", type=int, default=0, metavar="PX",
-                       help="blend band inside the mask at native resolution (pixels)")
-    dicom.add_argument("--push-cstore", metavar="HOST:PORT:AET",
-                       help="send the new series to a PACS with C-STORE")
+    dicom.add_argument(
+        "--voi",
+        default="first",
+        help="display transform: first (VOI LUT or window), a window index, minmax or percentile",
+    )
+    dicom.add_argument(
+        "--allow-non-chest", action="store_true", help="accept images whose BodyPartExamined is not a chest"
+    )
+    dicom.add_argument(
+        "--feather",
+        type=int,
+        default=0,
+        metavar="PX",
+        help="blend band inside the mask at native resolution (pixels)",
+    )
+    dicom.add_argument(
+        "--push-cstore", metavar="HOST:PORT:AET", help="send the new series to a PACS with C-STORE"
+    )
     dicom.add_argument("--push-stow", metavar="URL", help="send the new series with STOW-RS")
 
     commands.add_parser("edit", parents=[model, job], help="edit a radiograph")
-    commands.add_parser("preview", parents=[model, job],
-                        help="guidance maps and edit mask only (fast: no denoising)")
+    commands.add_parser(
+        "preview", parents=[model, job], help="guidance maps and edit mask only (fast: no denoising)"
+    )
     commands.add_parser("info", parents=[model], help="model, device, precision and versions")
-    serve = commands.add_parser("serve", parents=[model], help=(
-        "long-lived worker: load the model once, take jobs as JSON lines "
-        "(see instructx2x.serve)"))
+    serve = commands.add_parser(
+        "serve",
+        parents=[model],
+        help=("long-lived worker: load the model once, take jobs as JSON lines (see instructx2x.serve)"),
+    )
     transport = serve.add_mutually_exclusive_group(required=True)
-    transport.add_argument("--stdio", action="store_true",
-                           help="one client: JSON lines on stdin and stdout (what a panel starts)")
-    transport.add_argument("--socket", metavar="PATH",
-                           help="a shared worker on a Unix socket (mode 0600): several panels, one model, "
-                                "one job at a time")
+    transport.add_argument(
+        "--stdio",
+        action="store_true",
+        help="one client: JSON lines on stdin and stdout (what a panel starts)",
+    )
+    transport.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="a shared worker on a Unix socket (mode 0600): several panels, one model, one job at a time",
+    )
     push = commands.add_parser("push", help="send a written series (a folder's .dcm files) to a PACS")
     push.add_argument("folder", type=Path, help="the folder of the series' .dcm files")
     push.add_argument("--cstore", required=True, metavar="HOST:PORT:AET", help="the PACS, by C-STORE")
@@ -158,18 +250,32 @@ def main(argv: list[str] | None = None) -> int:
     except InstructX2XError as error:
         return _fail(emit, error, error.exit_code)
     except MemoryError:
-        return _fail(emit, ResourceError("out of memory: use a smaller --resolution, --dtype bf16 "
-                                         "or a machine with more memory."), ResourceError.exit_code)
+        return _fail(
+            emit,
+            ResourceError(
+                "out of memory: use a smaller --resolution, --dtype bf16 or a machine with more memory."
+            ),
+            ResourceError.exit_code,
+        )
     except Exception as error:  # noqa: BLE001 - the panel must always get a final event
         if isinstance(error, RuntimeError) and "out of memory" in str(error).lower():
             # torch.OutOfMemoryError and CPU allocator failures
-            return _fail(emit, ResourceError(f"out of memory on the device "
-                                             f"({str(error).splitlines()[0]})"), ResourceError.exit_code)
+            return _fail(
+                emit,
+                ResourceError(f"out of memory on the device ({str(error).splitlines()[0]})"),
+                ResourceError.exit_code,
+            )
         if os.environ.get("INSTRUCTX2X_DEBUG") == "1":
             traceback.print_exc()
-        return _fail(emit, InternalError(f"internal error, please report it ({type(error).__name__}: "
-                                         f"{str(error).splitlines()[0] if str(error) else ''}); "
-                                         "set INSTRUCTX2X_DEBUG=1 for the traceback"), EXIT_INTERNAL)
+        return _fail(
+            emit,
+            InternalError(
+                f"internal error, please report it ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}); "
+                "set INSTRUCTX2X_DEBUG=1 for the traceback"
+            ),
+            EXIT_INTERNAL,
+        )
 
 
 def _main(args: argparse.Namespace, emit) -> int:
@@ -179,8 +285,11 @@ def _main(args: argparse.Namespace, emit) -> int:
         from .loading import DEMO_MODEL_NAME
 
         args.model = DEMO_MODEL_NAME
-        print(f"no --model given: using the bundled demo model (trained on synthetic phantoms, "
-              f"not for clinical use); pass --model DIR or set ${MODEL_ENV} for your own.", file=sys.stderr)
+        print(
+            f"no --model given: using the bundled demo model (trained on synthetic phantoms, "
+            f"not for clinical use); pass --model DIR or set ${MODEL_ENV} for your own.",
+            file=sys.stderr,
+        )
     prepared = jobs = None
     if args.command == "serve" and args.socket:  # checked before the model loads
         from .serve import check_socket_path
@@ -188,8 +297,9 @@ def _main(args: argparse.Namespace, emit) -> int:
         check_socket_path(Path(args.socket))
     if args.command in ("edit", "preview") and args.jobs is not None:
         if args.input is not None or args.instruction is not None:
-            raise ParameterError("--jobs takes the images and instructions from the CSV; "
-                                 "give no input or -i with it.")
+            raise ParameterError(
+                "--jobs takes the images and instructions from the CSV; give no input or -i with it."
+            )
         if args.push_cstore or args.push_stow:
             raise ParameterError("--jobs does not push to a PACS; push each row's folder instead.")
         if args.reference_mask is not None:
@@ -210,9 +320,15 @@ def _main(args: argparse.Namespace, emit) -> int:
 
     emit({"event": "loading", "model": Path(args.model).name})
     priors = None if args.priors is None else PriorSet.from_directory(args.priors)
-    editor = InstructX2XEditor.from_model(args.model, device=args.device, dtype=args.dtype,
-                                          scheduler=args.scheduler, allow_hub=args.allow_hub,
-                                          single_file_config=args.model_config, decode=args.decode)
+    editor = InstructX2XEditor.from_model(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        scheduler=args.scheduler,
+        allow_hub=args.allow_hub,
+        single_file_config=args.model_config,
+        decode=args.decode,
+    )
     if priors is not None:
         editor.pipeline.prior_set = priors
     if args.command == "serve":
@@ -220,8 +336,9 @@ def _main(args: argparse.Namespace, emit) -> int:
 
         return serve_socket(editor, args.socket) if args.socket else serve(editor)
     if jobs is not None:
-        summary = run_jobs_file(jobs, args.output, editor, emit, progress_bar=args.progress == "bar",
-                                batch_size=args.batch_size)
+        summary = run_jobs_file(
+            jobs, args.output, editor, emit, progress_bar=args.progress == "bar", batch_size=args.batch_size
+        )
         if args.progress != "jsonl":
             print(to_json(summary))
         return 0
@@ -230,8 +347,9 @@ def _main(args: argparse.Namespace, emit) -> int:
         return 0
     if editor.model_info.trained is False:
         print(f"WARNING: {UNTRAINED_NOTICE}", file=sys.stderr)
-    summary = run_job(prepared, editor, emit, progress_bar=args.progress == "bar"
-                      and prepared.job.command == "edit")
+    summary = run_job(
+        prepared, editor, emit, progress_bar=args.progress == "bar" and prepared.job.command == "edit"
+    )
     if args.progress != "jsonl":
         print(to_json(summary))
     return 0
@@ -254,19 +372,37 @@ def _push(folder: Path, cstore: str) -> int:
 
 def _job(args: argparse.Namespace, source: Path, instruction: str) -> EditJob:
     parameters = EditParameters(
-        instruction=instruction, region_mode=args.mode, tau=args.tau,
-        relevance_timestep=args.relevance_timestep, relevance_draws=args.relevance_draws,
+        instruction=instruction,
+        region_mode=args.mode,
+        tau=args.tau,
+        relevance_timestep=args.relevance_timestep,
+        relevance_draws=args.relevance_draws,
         num_inference_steps=args.num_inference_steps,
-        guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale,
-        eta=args.eta, seed=args.seed, resolution=args.resolution,
-        lateralize_prior=not args.no_lateralize, aspect=args.aspect, composite=args.composite)
-    return EditJob(command=args.command, input=source, output=args.output,
-                   parameters=parameters, mask=args.mask, keep_mask=args.keep_mask,
-                   voi=int(args.voi) if args.voi.isdigit() else args.voi,
-                   allow_non_chest=args.allow_non_chest, feather_px=args.feather,
-                   push_cstore=args.push_cstore, push_stow=args.push_stow,
-                   reference_mask=args.reference_mask, verify=args.verify,
-                   include_demographics=args.include_demographics)
+        guidance_scale=args.guidance_scale,
+        image_guidance_scale=args.image_guidance_scale,
+        eta=args.eta,
+        seed=args.seed,
+        resolution=args.resolution,
+        lateralize_prior=not args.no_lateralize,
+        aspect=args.aspect,
+        composite=args.composite,
+    )
+    return EditJob(
+        command=args.command,
+        input=source,
+        output=args.output,
+        parameters=parameters,
+        mask=args.mask,
+        keep_mask=args.keep_mask,
+        voi=int(args.voi) if args.voi.isdigit() else args.voi,
+        allow_non_chest=args.allow_non_chest,
+        feather_px=args.feather,
+        push_cstore=args.push_cstore,
+        push_stow=args.push_stow,
+        reference_mask=args.reference_mask,
+        verify=args.verify,
+        include_demographics=args.include_demographics,
+    )
 
 
 def _fail(emit, error: Exception, code: int) -> int:
@@ -281,6 +417,7 @@ def _emitter(kind: str):
 
     def emit(event: dict) -> None:
         print(to_json(event, indent=None), flush=True)
+
     return emit
 
 
@@ -305,8 +442,11 @@ def _info(editor, model: str) -> dict:
         "cuda_available": torch.cuda.is_available(),
         "scheduler": type(editor.pipeline.scheduler).__name__,
         "priors": {"version": editor.prior_set.version, "source": editor.prior_set.source},
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "transformers": transformers.__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+        },
     }
 
 

@@ -9,8 +9,16 @@ import torch
 
 from .errors import ParameterError
 
-__all__ = ["resolve_device", "resolve_dtype", "needs_attention_slicing", "cpu_has_native_bf16",
-           "cpu_description", "DTYPES", "SLICING_FREE_MEMORY_BYTES", "CPU_BF16_MIN_PARAMETERS"]
+__all__ = [
+    "resolve_device",
+    "resolve_dtype",
+    "needs_attention_slicing",
+    "cpu_has_native_bf16",
+    "cpu_description",
+    "DTYPES",
+    "SLICING_FREE_MEMORY_BYTES",
+    "CPU_BF16_MIN_PARAMETERS",
+]
 
 # Below this much free accelerator memory, attention is sliced: an SD-1.5 edit at 512 px with
 # SDPA peaks near 3 GiB in half precision (benchmark target <= 4 GiB).
@@ -19,8 +27,7 @@ SLICING_FREE_MEMORY_BYTES = 4 * 2**30
 # Below this many UNet parameters fp32 is as fast as bf16 on CPU (the casts dominate).
 CPU_BF16_MIN_PARAMETERS = 100_000_000
 
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16,
-                                  "bf16": torch.bfloat16}
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -88,8 +95,11 @@ def cpu_description() -> str:
     return " ".join(filter(None, (vendor, platform.machine(), capability))) + bf16
 
 
-def resolve_dtype(dtype: str, device: torch.device, parameter_count: int | None = None,
-                  ) -> tuple[torch.dtype, str]:
+def resolve_dtype(
+    dtype: str,
+    device: torch.device,
+    parameter_count: int | None = None,
+) -> tuple[torch.dtype, str]:
     """Pick the compute precision and say why.
 
     ``auto``: fp16/bf16 on GPUs; on CPU, bf16 only when the CPU has bf16 instructions and
@@ -131,8 +141,10 @@ def resolve_dtype(dtype: str, device: torch.device, parameter_count: int | None 
     if not cpu_has_native_bf16():
         return torch.float32, "auto: fp32, this CPU has no bf16 instructions (bf16 would be emulated)"
     if parameter_count is not None and parameter_count < CPU_BF16_MIN_PARAMETERS:
-        return torch.float32, (f"auto: fp32, the UNet has {parameter_count / 1e6:.1f} M parameters "
-                               "(bf16 pays only for large models)")
+        return torch.float32, (
+            f"auto: fp32, the UNet has {parameter_count / 1e6:.1f} M parameters "
+            "(bf16 pays only for large models)"
+        )
     return torch.bfloat16, "auto: bf16, this CPU has bf16 instructions (AVX-512 BF16 or AMX)"
 
 

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import platform
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -24,8 +24,15 @@ from .guidance import resize_map
 from .image_io import Radiograph
 from .instructions import parse_instruction
 from .loading import ModelInfo, load_pipeline
-from .parameters import (ASPECT_MODES, GUIDANCE_SCALE, IMAGE_GUIDANCE_SCALE, EditParameters, RegionMode,
-                         check_masks, check_sampling)
+from .parameters import (
+    ASPECT_MODES,
+    GUIDANCE_SCALE,
+    IMAGE_GUIDANCE_SCALE,
+    EditParameters,
+    RegionMode,
+    check_masks,
+    check_sampling,
+)
 from .pipeline import InstructX2XPipeline
 from .priors import PriorSet
 from .schedulers import FEW_STEP_SOLVER_STEPS, default_scheduler, default_steps
@@ -93,13 +100,18 @@ class EditResult:
         edit does (nearest neighbour, crop, keep mask), so it equals the mask of an edit
         run at that ``tau`` with the same image, instruction, seed and model.
         """
-        check_sampling(tau=tau, relevance_timestep=0, num_inference_steps=None,
-                       guidance_scale=0.0, image_guidance_scale=0.0)
+        check_sampling(
+            tau=tau,
+            relevance_timestep=0,
+            num_inference_steps=None,
+            guidance_scale=0.0,
+            image_guidance_scale=0.0,
+        )
         side_rows, side_columns, top, left = self.canvas
         rows, columns = self.edit_mask.shape
         mask = torch.from_numpy((self.model_guidance >= tau).astype(np.float32))[None, None]
         mask = resize_map(mask, (side_rows, side_columns), mode="nearest")[0, 0].numpy() > 0.5
-        mask = mask[top:top + rows, left:left + columns]
+        mask = mask[top : top + rows, left : left + columns]
         return mask & ~(np.asarray(keep_mask) > 0) if keep_mask is not None else mask
 
     @property
@@ -127,8 +139,14 @@ class InstructX2XEditor:
         the edit masks' box, faster on CPU but approximate.
     """
 
-    def __init__(self, pipeline: InstructX2XPipeline, model_info: ModelInfo,
-                 device: str = "auto", dtype: str = "auto", decode: str = "auto") -> None:
+    def __init__(
+        self,
+        pipeline: InstructX2XPipeline,
+        model_info: ModelInfo,
+        device: str = "auto",
+        dtype: str = "auto",
+        decode: str = "auto",
+    ) -> None:
         self.device = resolve_device(device)
         if decode not in DECODE_CHOICES:
             raise ParameterError(f"decode must be one of {DECODE_CHOICES}, got {decode!r}.")
@@ -137,9 +155,12 @@ class InstructX2XEditor:
         self.decode = "full" if decode == "auto" else decode
         parameters = sum(p.numel() for p in pipeline.unet.parameters())
         self.dtype, reason = resolve_dtype(dtype, self.device, parameters)
-        self.precision = {"dtype": str(self.dtype).replace("torch.", ""), "reason": reason,
-                          "relevance_dtype": str(pipeline.relevance_dtype or self.dtype).replace("torch.", ""),
-                          "cpu": cpu_description() if self.device.type == "cpu" else None}
+        self.precision = {
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "reason": reason,
+            "relevance_dtype": str(pipeline.relevance_dtype or self.dtype).replace("torch.", ""),
+            "cpu": cpu_description() if self.device.type == "cpu" else None,
+        }
         self.model_info = model_info
         self.pipeline = pipeline.to(self.device, self.dtype)
         self.pipeline.set_progress_bar_config(disable=True)
@@ -154,20 +175,28 @@ class InstructX2XEditor:
             self.pipeline.vae.to(memory_format=torch.channels_last)
 
     @classmethod
-    def from_model(cls, model: str, *, device: str = "auto", dtype: str = "auto",
-                   scheduler: str = "auto", allow_hub: bool = False,
-                   single_file_config: str | None = None, decode: str = "auto") -> "InstructX2XEditor":
+    def from_model(
+        cls,
+        model: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        scheduler: str = "auto",
+        allow_hub: bool = False,
+        single_file_config: str | None = None,
+        decode: str = "auto",
+    ) -> InstructX2XEditor:
         """Load weights (see ``loading.load_pipeline``) and place them on the device.
 
         ``scheduler="auto"`` takes ``schedulers.default_scheduler`` for the device.
         """
         if scheduler == "auto":
             scheduler = default_scheduler(resolve_device(device))
-        pipeline, info = load_pipeline(model, allow_hub=allow_hub, scheduler=scheduler,
-                                       single_file_config=single_file_config)
+        pipeline, info = load_pipeline(
+            model, allow_hub=allow_hub, scheduler=scheduler, single_file_config=single_file_config
+        )
         if info.trained is False:
-            logger.warning("Model %s has random weights: its edits are meaningless noise.",
-                           info.name)
+            logger.warning("Model %s has random weights: its edits are meaningless noise.", info.name)
         return cls(pipeline, info, device=device, dtype=dtype, decode=decode)
 
     @property
@@ -183,7 +212,8 @@ class InstructX2XEditor:
         changes = {}
         if parameters.num_inference_steps is None:
             changes["num_inference_steps"] = default_steps(
-                self.pipeline.scheduler, card.get("few_step_solver_steps", FEW_STEP_SOLVER_STEPS))
+                self.pipeline.scheduler, card.get("few_step_solver_steps", FEW_STEP_SOLVER_STEPS)
+            )
         if parameters.guidance_scale is None:
             changes["guidance_scale"] = float(card.get("guidance_scale", GUIDANCE_SCALE))
         if parameters.image_guidance_scale is None:
@@ -199,18 +229,35 @@ class InstructX2XEditor:
         with (None: the defaults, as ``resolve`` fills them in from the model and the sampler),
         for reports."""
         resolved = self.resolve(parameters or EditParameters(instruction="-"))
-        return {name: getattr(resolved, name) for name in
-                ("num_inference_steps", "guidance_scale", "image_guidance_scale", "relevance_draws",
-                 "resolution")}
+        return {
+            name: getattr(resolved, name)
+            for name in (
+                "num_inference_steps",
+                "guidance_scale",
+                "image_guidance_scale",
+                "relevance_draws",
+                "resolution",
+            )
+        }
 
-    def preview(self, image: Radiograph, parameters: EditParameters,
-                mask: np.ndarray | None = None, keep_mask: np.ndarray | None = None) -> EditResult:
+    def preview(
+        self,
+        image: Radiograph,
+        parameters: EditParameters,
+        mask: np.ndarray | None = None,
+        keep_mask: np.ndarray | None = None,
+    ) -> EditResult:
         """Guidance maps and edit mask only: one UNet call per relevance draw and one VAE encode."""
         return self._run(image, parameters, mask, keep_mask, None, guidance_only=True)
 
-    def edit(self, image: Radiograph, parameters: EditParameters, mask: np.ndarray | None = None,
-             keep_mask: np.ndarray | None = None,
-             progress: ProgressCallback | None = None) -> EditResult:
+    def edit(
+        self,
+        image: Radiograph,
+        parameters: EditParameters,
+        mask: np.ndarray | None = None,
+        keep_mask: np.ndarray | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> EditResult:
         """Edit ``image`` as ``parameters.instruction`` says.
 
         Parameters
@@ -239,10 +286,14 @@ class InstructX2XEditor:
         """
         return self._run(image, parameters, mask, keep_mask, progress, guidance_only=False)
 
-    def edit_batch(self, images: list[Radiograph], parameters: list[EditParameters],
-                   masks: list[np.ndarray | None] | None = None,
-                   keep_masks: list[np.ndarray | None] | None = None,
-                   progress: ProgressCallback | None = None) -> list[EditResult]:
+    def edit_batch(
+        self,
+        images: list[Radiograph],
+        parameters: list[EditParameters],
+        masks: list[np.ndarray | None] | None = None,
+        keep_masks: list[np.ndarray | None] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> list[EditResult]:
         """Edit several radiographs in one pipeline call (one UNet batch per step).
 
         The parameters may differ only in instruction and seed; every element gets its own
@@ -258,18 +309,28 @@ class InstructX2XEditor:
         masks = [None] * count if masks is None else list(masks)
         keep_masks = [None] * count if keep_masks is None else list(keep_masks)
         if not count or not len(parameters) == len(masks) == len(keep_masks) == count:
-            raise ParameterError(f"give one parameter set, mask and keep mask per image: {count} "
-                                 f"images, {len(parameters)} parameter sets.")
+            raise ParameterError(
+                f"give one parameter set, mask and keep mask per image: {count} "
+                f"images, {len(parameters)} parameter sets."
+            )
         shared = [dataclasses.replace(self.resolve(p), instruction="-", seed=0) for p in parameters]
         if any(p != shared[0] for p in shared):
-            raise ParameterError("a batch shares every setting except instruction and seed; run "
-                                 "the others separately.")
+            raise ParameterError(
+                "a batch shares every setting except instruction and seed; run the others separately."
+            )
         if len({m is None for m in masks}) > 1:
             raise ParameterError("give an edit mask for every image of a batch or for none.")
         return self._run(images, parameters, masks, keep_masks, progress, guidance_only=False)
 
-    def _run(self, images: list[Radiograph] | Radiograph, parameters_list, masks, keep_masks,
-             progress: ProgressCallback | None, guidance_only: bool):
+    def _run(
+        self,
+        images: list[Radiograph] | Radiograph,
+        parameters_list,
+        masks,
+        keep_masks,
+        progress: ProgressCallback | None,
+        guidance_only: bool,
+    ):
         single = isinstance(images, Radiograph)
         if single:
             images, parameters_list, masks, keep_masks = [images], [parameters_list], [masks], [keep_masks]
@@ -279,8 +340,10 @@ class InstructX2XEditor:
             check_masks(image.pixels.shape, element, mask, keep_mask)
         size = (parameters.resolution, parameters.resolution)
         started = time.perf_counter()
-        frames = [self._frame(image, element, mask, keep_mask, size)
-                  for image, element, mask, keep_mask in zip(images, parameters_list, masks, keep_masks)]
+        frames = [
+            self._frame(image, element, mask, keep_mask, size)
+            for image, element, mask, keep_mask in zip(images, parameters_list, masks, keep_masks)
+        ]
 
         def stack(name):
             tensors = [getattr(frame, name) for frame in frames]
@@ -292,37 +355,53 @@ class InstructX2XEditor:
         generators = [torch.Generator(device="cpu").manual_seed(p.seed) for p in parameters_list]
         # A preview followed by the edit (same model input, instruction, seed and relevance draws)
         # shares the text encoding, VAE encode, noise draws and relevance map: reuse them.
-        key = (hashlib.sha256(model_input.numpy().tobytes()).hexdigest(),
-               tuple(p.instruction for p in parameters_list), tuple(p.seed for p in parameters_list),
-               parameters.relevance_draws)
+        key = (
+            hashlib.sha256(model_input.numpy().tobytes()).hexdigest(),
+            tuple(p.instruction for p in parameters_list),
+            tuple(p.seed for p in parameters_list),
+            parameters.relevance_draws,
+        )
         reused = self._guidance_cache is not None and self._guidance_cache[0] == key
 
         def callback(pipe, step, timestep, tensors):
             progress(step + 1, parameters.num_inference_steps)
             return {}
+
         change = parameters.composite == "change"
         output = self.pipeline(
-            [p.instruction for p in parameters_list], model_input, mask_image=stack("model_mask"),
-            keep_mask_image=stack("model_keep"), prior_mask=stack("model_prior"),
-            region_mode=parameters.region_mode, tau=parameters.tau,
+            [p.instruction for p in parameters_list],
+            model_input,
+            mask_image=stack("model_mask"),
+            keep_mask_image=stack("model_keep"),
+            prior_mask=stack("model_prior"),
+            region_mode=parameters.region_mode,
+            tau=parameters.tau,
             lateralize_prior=parameters.lateralize_prior,
-            relevance_timestep=parameters.relevance_timestep, relevance_draws=parameters.relevance_draws,
+            relevance_timestep=parameters.relevance_timestep,
+            relevance_draws=parameters.relevance_draws,
             num_inference_steps=parameters.num_inference_steps,
             guidance_scale=parameters.guidance_scale,
-            image_guidance_scale=parameters.image_guidance_scale, eta=parameters.eta,
-            generator=generators, guidance_only=guidance_only, output_type="pt",
-            return_reconstruction=change, callback_on_step_end=None if progress is None else callback,
+            image_guidance_scale=parameters.image_guidance_scale,
+            eta=parameters.eta,
+            generator=generators,
+            guidance_only=guidance_only,
+            output_type="pt",
+            return_reconstruction=change,
+            callback_on_step_end=None if progress is None else callback,
             decode_mask_region=self.decode == "mask",
-            guidance_state=self._guidance_cache[1] if reused else None)
+            guidance_state=self._guidance_cache[1] if reused else None,
+        )
         self._guidance_cache = (key, output.guidance_state)
         model_seconds = time.perf_counter() - started
-        results = [self._result(i, frame, image, element, output, guidance_only, reused, model_seconds,
-                                started)
-                   for i, (frame, image, element) in enumerate(zip(frames, images, parameters_list))]
+        results = [
+            self._result(i, frame, image, element, output, guidance_only, reused, model_seconds, started)
+            for i, (frame, image, element) in enumerate(zip(frames, images, parameters_list))
+        ]
         return results[0] if single else results
 
-    def _frame(self, image: Radiograph, parameters: EditParameters, mask, keep_mask,
-               size: tuple[int, int]) -> "_Frame":
+    def _frame(
+        self, image: Radiograph, parameters: EditParameters, mask, keep_mask, size: tuple[int, int]
+    ) -> _Frame:
         """One image (and its masks) on the model's grid, and how to map back."""
         rows, columns = image.pixels.shape
         source = torch.from_numpy(np.ascontiguousarray(image.pixels, dtype=np.float32))[None, None]
@@ -337,23 +416,41 @@ class InstructX2XEditor:
             if user is None and RegionMode(parameters.region_mode) in (RegionMode.RSE, RegionMode.PRIOR):
                 # The priors describe a PA film squashed to a square: put them on the image's
                 # own grid first, then pad them with the image, so they land where it lands.
-                selection = self.prior_set.select(parse_instruction(parameters.instruction),
-                                                  lateralize=parameters.lateralize_prior)
-                prior = resize_map(torch.from_numpy(selection.mask)[None, None], (rows, columns), mode="nearest")
+                selection = self.prior_set.select(
+                    parse_instruction(parameters.instruction), lateralize=parameters.lateralize_prior
+                )
+                prior = resize_map(
+                    torch.from_numpy(selection.mask)[None, None], (rows, columns), mode="nearest"
+                )
                 canvas_prior = _pad_square(prior, 0.0)[0]
         model_mask = None if canvas_user is None else (resize_map(canvas_user, size) >= 0.5).float()
         if model_mask is not None and not model_mask.any():
-            raise EmptyEditRegionError(f"{image.source}: the mask vanishes at the model's resolution: "
-                                       "paint a larger region.")
+            raise EmptyEditRegionError(
+                f"{image.source}: the mask vanishes at the model's resolution: paint a larger region."
+            )
         return _Frame(
-            model_input=resize_map(canvas, size).clamp(0, 1), model_mask=model_mask,
+            model_input=resize_map(canvas, size).clamp(0, 1),
+            model_mask=model_mask,
             model_keep=None if canvas_keep is None else (resize_map(canvas_keep, size) > 0).float(),
             model_prior=None if canvas_prior is None else resize_map(canvas_prior, size, mode="nearest"),
-            keep=keep, grid=tuple(canvas.shape[-2:]), crop=crop, selection=selection)
+            keep=keep,
+            grid=tuple(canvas.shape[-2:]),
+            crop=crop,
+            selection=selection,
+        )
 
-    def _result(self, index: int, frame: "_Frame", image: Radiograph, parameters: EditParameters,
-                output, guidance_only: bool, reused: bool, model_seconds: float,
-                started: float) -> EditResult:
+    def _result(
+        self,
+        index: int,
+        frame: _Frame,
+        image: Radiograph,
+        parameters: EditParameters,
+        output,
+        guidance_only: bool,
+        reused: bool,
+        model_seconds: float,
+        started: float,
+    ) -> EditResult:
         """Batch element ``index`` back on its input's grid. The mask is upsampled by nearest
         neighbour and the keep mask re-applied at full resolution, so every pixel outside it
         is the input's value."""
@@ -370,8 +467,10 @@ class InstructX2XEditor:
         edited = model_output = reconstruction = composite = None
         if output.images is not None:
             if not inside.any():
-                raise EmptyEditRegionError(f"{image.source}: the edit region vanishes on the input's "
-                                           "grid (the keep mask covers all of it).")
+                raise EmptyEditRegionError(
+                    f"{image.source}: the edit region vanishes on the input's "
+                    "grid (the keep mask covers all of it)."
+                )
             model_output = back(output.images)
             if parameters.composite == "change":
                 reconstruction = back(output.reconstructions)
@@ -382,17 +481,32 @@ class InstructX2XEditor:
             edited = np.where(inside, np.clip(composed, 0, 1), image.pixels).astype(np.float32)
             composite = {"mode": parameters.composite, "clipped_fraction": round(clipped, 6)}
         prior = output.prior[index] if isinstance(output.prior, list) else output.prior
-        manifest = self._manifest(image, parameters, frame.selection or prior, composite, guidance_only,
-                                  float(output.edit_masks[element].float().mean()), model_seconds,
-                                  time.perf_counter() - started)
+        manifest = self._manifest(
+            image,
+            parameters,
+            frame.selection or prior,
+            composite,
+            guidance_only,
+            float(output.edit_masks[element].float().mean()),
+            model_seconds,
+            time.perf_counter() - started,
+        )
         manifest["reused_guidance"] = reused
         return EditResult(
-            edited=edited, edit_mask=inside, guidance_map=back(output.guidance_maps),
-            relevance_map=back(output.relevance_maps), prior_mask=back(output.prior_masks),
-            manifest=manifest, model_output=model_output, reconstruction=reconstruction,
+            edited=edited,
+            edit_mask=inside,
+            guidance_map=back(output.guidance_maps),
+            relevance_map=back(output.relevance_maps),
+            prior_mask=back(output.prior_masks),
+            manifest=manifest,
+            model_output=model_output,
+            reconstruction=reconstruction,
             model_guidance=output.guidance_maps[index, 0].float().cpu().numpy(),
             canvas=(*grid, crop[2].start, crop[3].start),
-            model_grid_output=None if output.images is None else output.images[index, 0].float().cpu().numpy())
+            model_grid_output=None
+            if output.images is None
+            else output.images[index, 0].float().cpu().numpy(),
+        )
 
     @property
     def prior_set(self) -> PriorSet:
@@ -401,15 +515,27 @@ class InstructX2XEditor:
             self.pipeline.prior_set = PriorSet.default()
         return self.pipeline.prior_set
 
-    def _manifest(self, image: Radiograph, parameters: EditParameters, prior, composite: dict | None,
-                  preview: bool, edit_fraction: float, model_seconds: float,
-                  total_seconds: float) -> dict:
+    def _manifest(
+        self,
+        image: Radiograph,
+        parameters: EditParameters,
+        prior,
+        composite: dict | None,
+        preview: bool,
+        edit_fraction: float,
+        model_seconds: float,
+        total_seconds: float,
+    ) -> dict:
         import diffusers
 
         scheduler = self.pipeline.scheduler
         return {
-            "software": {"instructx2x": __version__, "torch": torch.__version__,
-                         "diffusers": diffusers.__version__, "python": platform.python_version()},
+            "software": {
+                "instructx2x": __version__,
+                "torch": torch.__version__,
+                "diffusers": diffusers.__version__,
+                "python": platform.python_version(),
+            },
             "model": self.model_info.to_dict(),
             "kind": "guidance_preview" if preview else "edit",
             "device": str(self.device),
@@ -422,9 +548,12 @@ class InstructX2XEditor:
             "instruction": parse_instruction(parameters.instruction).to_dict(),
             "prior": None if prior is None else prior.to_dict(),
             "input": image.identity(),
-            "geometry": {"model_size": [parameters.resolution] * 2,
-                         "model_native_size": self.native_resolution,
-                         "aspect_ratio": parameters.aspect, "mask_upsampling": "nearest"},
+            "geometry": {
+                "model_size": [parameters.resolution] * 2,
+                "model_native_size": self.native_resolution,
+                "aspect_ratio": parameters.aspect,
+                "mask_upsampling": "nearest",
+            },
             "composite": composite,
             "edit_fraction": edit_fraction,
             "timings_s": {"model": round(model_seconds, 3), "total": round(total_seconds, 3)},

@@ -49,7 +49,7 @@ def normalize_min_max(values: torch.Tensor) -> torch.Tensor:
     """Rescale each map of ``(B, H, W)`` to ``[0, 1]``; a constant map becomes all zeros."""
     flat = values.flatten(1).float()
     low = flat.min(dim=1).values.view(-1, 1, 1)
-    span = (flat.max(dim=1).values.view(-1, 1, 1) - low)
+    span = flat.max(dim=1).values.view(-1, 1, 1) - low
     safe_span = torch.where(span > 0, span, torch.ones_like(span))
     return ((values.float() - low) / safe_span).to(values.dtype)
 
@@ -107,12 +107,14 @@ def resize_map(values: torch.Tensor, size: tuple[int, int], mode: str = "bilinea
     if mode == "nearest":
         return F.interpolate(values, size=size, mode="nearest-exact")
     shrinking = size[0] < values.shape[-2] or size[1] < values.shape[-1]
-    return F.interpolate(values.float(), size=size, mode="bilinear", align_corners=False,
-                         antialias=shrinking).to(values.dtype)
+    return F.interpolate(
+        values.float(), size=size, mode="bilinear", align_corners=False, antialias=shrinking
+    ).to(values.dtype)
 
 
-def guidance_map(relevance: torch.Tensor | None, prior: torch.Tensor | None,
-                 mode: RegionMode | str) -> torch.Tensor:
+def guidance_map(
+    relevance: torch.Tensor | None, prior: torch.Tensor | None, mode: RegionMode | str
+) -> torch.Tensor:
     """Combine the relevance map and the prior as the region mode asks.
 
     Parameters
@@ -142,8 +144,9 @@ def guidance_map(relevance: torch.Tensor | None, prior: torch.Tensor | None,
         raise ValueError(f"mode {mode.value!r} needs a prior mask, got None.")
     if mode is RegionMode.RSE:
         if relevance.shape != prior.shape:
-            raise ValueError(f"relevance {tuple(relevance.shape)} and prior "
-                             f"{tuple(prior.shape)} must have the same shape.")
+            raise ValueError(
+                f"relevance {tuple(relevance.shape)} and prior {tuple(prior.shape)} must have the same shape."
+            )
         return relevance.float() * prior.float()
     if mode is RegionMode.RELEVANCE:
         return relevance.float()
@@ -171,6 +174,7 @@ def combine_masks(edit_mask: torch.Tensor, keep_mask: torch.Tensor | None) -> to
     if keep_mask is None:
         return edit_mask
     if keep_mask.shape != edit_mask.shape:
-        raise ValueError(f"keep mask {tuple(keep_mask.shape)} must match the edit mask "
-                         f"{tuple(edit_mask.shape)}.")
+        raise ValueError(
+            f"keep mask {tuple(keep_mask.shape)} must match the edit mask {tuple(edit_mask.shape)}."
+        )
     return edit_mask * (1.0 - (keep_mask > 0).to(edit_mask.dtype))

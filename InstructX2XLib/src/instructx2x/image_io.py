@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -19,8 +19,16 @@ from PIL import Image, UnidentifiedImageError
 from .errors import InputError, InputNotFoundError
 from .provenance import source_label
 
-__all__ = ["Radiograph", "ImageReadError", "register_reader", "read_image", "read_mask",
-           "is_dicom_file", "looks_like_dicom", "MAX_PIXELS"]
+__all__ = [
+    "Radiograph",
+    "ImageReadError",
+    "register_reader",
+    "read_image",
+    "read_mask",
+    "is_dicom_file",
+    "looks_like_dicom",
+    "MAX_PIXELS",
+]
 
 # Memory guard: 10^8 pixels is ~10k x 10k, larger than any detector.
 MAX_PIXELS = 100_000_000
@@ -64,9 +72,15 @@ class Radiograph:
         """What manifests record about the input (no pixel data, no patient data): a label
         from its hash (``provenance.source_label``), never its file name."""
         rows, columns = self.pixels.shape
-        return {"label": source_label(self.sha256), "sha256": self.sha256, "format": self.format,
-                "rows": rows, "columns": columns, "bits": self.bits,
-                "transforms": list(self.transforms)}
+        return {
+            "label": source_label(self.sha256),
+            "sha256": self.sha256,
+            "format": self.format,
+            "rows": rows,
+            "columns": columns,
+            "bits": self.bits,
+            "transforms": list(self.transforms),
+        }
 
 
 Reader = Callable[[Path, bytes], Radiograph]
@@ -96,8 +110,10 @@ def read_image(path: str | Path) -> Radiograph:
     for _, accepts, reader in _READERS:
         if accepts(path, head):
             return reader(path, head)
-    raise ImageReadError(f"{path.name}: not a supported image (PNG, JPEG"
-                         f"{', DICOM' if any(n == 'dicom' for n, _, _ in _READERS) else ''}).")
+    raise ImageReadError(
+        f"{path.name}: not a supported image (PNG, JPEG"
+        f"{', DICOM' if any(n == 'dicom' for n, _, _ in _READERS) else ''})."
+    )
 
 
 def looks_like_dicom(path: Path, head: bytes) -> bool:
@@ -117,8 +133,7 @@ def check_size(rows: int, columns: int, name: str) -> None:
     if rows < 8 or columns < 8:
         raise ImageReadError(f"{name}: {rows}x{columns} pixels is too small (at least 8x8).")
     if rows * columns > MAX_PIXELS:
-        raise ImageReadError(f"{name}: {rows}x{columns} pixels exceeds the limit of "
-                             f"{MAX_PIXELS} pixels.")
+        raise ImageReadError(f"{name}: {rows}x{columns} pixels exceeds the limit of {MAX_PIXELS} pixels.")
 
 
 def _read_raster(path: Path, head: bytes) -> Radiograph:
@@ -147,18 +162,24 @@ def _read_raster(path: Path, head: bytes) -> Radiograph:
                     transforms.append("RGB converted to luminance (ITU-R 601-2)")
                 bits, scale = 8, 255.0
             else:
-                raise ImageReadError(f"{path.name}: image mode {mode!r} is not a 2-D grayscale "
-                                     "or RGB image.")
+                raise ImageReadError(f"{path.name}: image mode {mode!r} is not a 2-D grayscale or RGB image.")
     except Image.DecompressionBombError:
-        raise ImageReadError(f"{path.name}: the header declares more than {MAX_PIXELS} pixels "
-                             "(a decompression bomb or a damaged file); refused unread.") from None
+        raise ImageReadError(
+            f"{path.name}: the header declares more than {MAX_PIXELS} pixels "
+            "(a decompression bomb or a damaged file); refused unread."
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ImageReadError(f"{path.name}: cannot decode the image ({error}).") from error
     if array.ndim != 2:
         raise ImageReadError(f"{path.name}: expected a 2-D image, got shape {array.shape}.")
-    return Radiograph(np.clip(array / scale, 0.0, 1.0).astype(np.float32), path.name,
-                      hashlib.sha256(content).hexdigest(), "jpeg" if fmt in ("jpeg", "mpo") else fmt, bits,
-                      transforms)
+    return Radiograph(
+        np.clip(array / scale, 0.0, 1.0).astype(np.float32),
+        path.name,
+        hashlib.sha256(content).hexdigest(),
+        "jpeg" if fmt in ("jpeg", "mpo") else fmt,
+        bits,
+        transforms,
+    )
 
 
 def _is_raster(path: Path, head: bytes) -> bool:
@@ -190,8 +211,9 @@ def read_mask(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
     else:
         pixels = read_image(path).pixels
     if pixels.shape != tuple(shape):
-        raise ImageReadError(f"mask {path.name} is {pixels.shape[0]}x{pixels.shape[1]} but the "
-                             f"image is {shape[0]}x{shape[1]}.")
+        raise ImageReadError(
+            f"mask {path.name} is {pixels.shape[0]}x{pixels.shape[1]} but the image is {shape[0]}x{shape[1]}."
+        )
     return pixels > 0
 
 
@@ -209,6 +231,7 @@ def _read_array_mask(path: Path, suffix: str) -> np.ndarray:
     if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
         array = array.squeeze(0 if array.shape[0] == 1 else -1)
     if array.ndim != 2 or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
-        raise ImageReadError(f"mask {path.name}: expected a 2-D numeric array (or one slice), got "
-                             f"{array.dtype} {array.shape}.")
+        raise ImageReadError(
+            f"mask {path.name}: expected a 2-D numeric array (or one slice), got {array.dtype} {array.shape}."
+        )
     return array

@@ -33,19 +33,56 @@ MAX_INSTRUCTION_CHARS = 300
 
 # The 30 finding names of MIMIC-Diff-VQA.
 FINDINGS: tuple[str, ...] = (
-    "pleural effusion", "atelectasis", "cardiomegaly", "enlargement of the cardiac silhouette",
-    "edema", "hernia", "vascular congestion", "hilar congestion", "pneumothorax",
-    "heart failure", "lung opacity", "pneumonia", "tortuosity of the descending aorta",
-    "scoliosis", "gastric distention", "hypoxemia", "hypertensive heart disease", "hematoma",
-    "tortuosity of the thoracic aorta", "contusion", "emphysema", "granuloma", "calcification",
-    "pleural thickening", "thymoma", "blunting of the costophrenic angle", "consolidation",
-    "fracture", "pneumomediastinum", "air collection",
+    "pleural effusion",
+    "atelectasis",
+    "cardiomegaly",
+    "enlargement of the cardiac silhouette",
+    "edema",
+    "hernia",
+    "vascular congestion",
+    "hilar congestion",
+    "pneumothorax",
+    "heart failure",
+    "lung opacity",
+    "pneumonia",
+    "tortuosity of the descending aorta",
+    "scoliosis",
+    "gastric distention",
+    "hypoxemia",
+    "hypertensive heart disease",
+    "hematoma",
+    "tortuosity of the thoracic aorta",
+    "contusion",
+    "emphysema",
+    "granuloma",
+    "calcification",
+    "pleural thickening",
+    "thymoma",
+    "blunting of the costophrenic angle",
+    "consolidation",
+    "fracture",
+    "pneumomediastinum",
+    "air collection",
 )
 
 LEVEL_WORDS: tuple[str, ...] = (
-    "moderately", "moderate", "acute", "mildly", "mild", "small", "severe", "moderate to large",
-    "moderate to severe", "mild to moderate", "minimal", "subtle", "massive", "minimally",
-    "increasing", "decreasing", "minor",
+    "moderately",
+    "moderate",
+    "acute",
+    "mildly",
+    "mild",
+    "small",
+    "severe",
+    "moderate to large",
+    "moderate to severe",
+    "mild to moderate",
+    "minimal",
+    "subtle",
+    "massive",
+    "minimally",
+    "increasing",
+    "decreasing",
+    "minor",
 )
 
 # The thirds of a lung's height that reports name ("left lower zone consolidation"), top down.
@@ -53,8 +90,14 @@ LUNG_ZONES: tuple[str, ...] = ("upper", "mid", "lower")
 
 # The eight MS-CXR categories that have an anatomical pseudo mask.
 PRIOR_CATEGORIES: tuple[str, ...] = (
-    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion",
-    "Lung Opacity", "Pneumonia", "Pneumothorax",
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Pleural Effusion",
+    "Lung Opacity",
+    "Pneumonia",
+    "Pneumothorax",
 )
 
 # Findings whose edit happens where one of the eight priors lies. The rest (aorta, spine,
@@ -130,22 +173,38 @@ class Laterality(str, enum.Enum):
 
 
 _LATERALITY_WORDS: dict[str, Laterality] = {
-    "left": Laterality.LEFT, "left-sided": Laterality.LEFT, "left sided": Laterality.LEFT,
-    "right": Laterality.RIGHT, "right-sided": Laterality.RIGHT,
-    "right sided": Laterality.RIGHT, "bilateral": Laterality.BILATERAL,
-    "bibasilar": Laterality.BILATERAL, "bibasal": Laterality.BILATERAL,
+    "left": Laterality.LEFT,
+    "left-sided": Laterality.LEFT,
+    "left sided": Laterality.LEFT,
+    "right": Laterality.RIGHT,
+    "right-sided": Laterality.RIGHT,
+    "right sided": Laterality.RIGHT,
+    "bilateral": Laterality.BILATERAL,
+    "bibasilar": Laterality.BILATERAL,
+    "bibasal": Laterality.BILATERAL,
     "both": Laterality.BILATERAL,
 }
 
 # Zone words of reports, lobes included as the nearest zone (the middle lobe and lingula
 # project onto the mid zone of a PA film).
 _ZONE_WORDS: dict[str, str] = {
-    **{f"{word} {noun}": zone for word, zone in (("upper", "upper"), ("mid", "mid"), ("middle", "mid"),
-                                                 ("lower", "lower"))
-       for noun in ("zone", "zones", "lobe", "lobes", "lung", "lungs")},
-    "mid-zone": "mid", "midzone": "mid", "lingula": "mid", "lingular": "mid",
-    "apex": "upper", "apices": "upper", "apical": "upper",
-    "base": "lower", "bases": "lower", "basal": "lower", "basilar": "lower", "bibasal": "lower",
+    **{
+        f"{word} {noun}": zone
+        for word, zone in (("upper", "upper"), ("mid", "mid"), ("middle", "mid"), ("lower", "lower"))
+        for noun in ("zone", "zones", "lobe", "lobes", "lung", "lungs")
+    },
+    "mid-zone": "mid",
+    "midzone": "mid",
+    "lingula": "mid",
+    "lingular": "mid",
+    "apex": "upper",
+    "apices": "upper",
+    "apical": "upper",
+    "base": "lower",
+    "bases": "lower",
+    "basal": "lower",
+    "basilar": "lower",
+    "bibasal": "lower",
     "bibasilar": "lower",
 }
 
@@ -245,21 +304,26 @@ def parse_instruction(text: str) -> ParsedInstruction:
     for position, character in enumerate(normalized):
         category = unicodedata.category(character)
         if category == "Cs":
-            raise ParameterError(f"instruction holds bytes that are not valid UTF-8 (at character "
-                                 f"{position + 1}); type it again as plain text.")
+            raise ParameterError(
+                f"instruction holds bytes that are not valid UTF-8 (at character "
+                f"{position + 1}); type it again as plain text."
+            )
         if category in ("Cc", "Cf"):
-            raise ParameterError(f"instruction holds the control character U+{ord(character):04X} "
-                                 f"at character {position + 1}; remove it.")
+            raise ParameterError(
+                f"instruction holds the control character U+{ord(character):04X} "
+                f"at character {position + 1}; remove it."
+            )
     if not normalized:
-        raise ParameterError("instruction is empty: say what to edit, e.g. "
-                         "'Add the finding of pleural effusion'.")
+        raise ParameterError(
+            "instruction is empty: say what to edit, e.g. 'Add the finding of pleural effusion'."
+        )
     if len(normalized) > MAX_INSTRUCTION_CHARS:
-        raise ParameterError(f"instruction has {len(normalized)} characters; at most "
-                         f"{MAX_INSTRUCTION_CHARS} are accepted.")
+        raise ParameterError(
+            f"instruction has {len(normalized)} characters; at most {MAX_INSTRUCTION_CHARS} are accepted."
+        )
     lowered = normalized.lower()
 
-    operation = next((op for op, pattern in _OPERATION_PATTERNS if pattern.search(lowered)),
-                     Operation.OTHER)
+    operation = next((op for op, pattern in _OPERATION_PATTERNS if pattern.search(lowered)), Operation.OTHER)
     findings = _unique(SYNONYMS.get(m, m) for m in _FINDING_PATTERN.findall(lowered))
     if operation is Operation.CHANGE_LEVEL and (change := _LEVEL_CHANGE.search(lowered)):
         levels = (change["before"].strip(), change["after"].strip())
@@ -294,8 +358,10 @@ def swap_sides(text: str) -> str:
     must become "right" (and "left-sided" "right-sided") or the pair teaches the model the
     wrong side. Bilateral words and capitalisation are kept.
     """
+
     def swap(match: re.Match[str]) -> str:
         word = match.group(1)
         other = _SIDE_SWAP[word.lower()]
         return other.capitalize() if word[0].isupper() else other
+
     return _SIDE_WORD.sub(swap, text)

@@ -13,14 +13,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import InputError, InputNotFoundError, InstructX2XError, PacsError, ParameterError
 from .parameters import EditParameters, check_masks
 
-__all__ = ["EditJob", "PreparedJob", "prepare", "run_job", "edit_images", "write_results", "write_into",
-           "read_jobs_file", "prepare_jobs", "run_jobs_file", "COMMANDS"]
+__all__ = [
+    "EditJob",
+    "PreparedJob",
+    "prepare",
+    "run_job",
+    "edit_images",
+    "write_results",
+    "write_into",
+    "read_jobs_file",
+    "prepare_jobs",
+    "run_jobs_file",
+    "COMMANDS",
+]
 
 COMMANDS = ("edit", "preview")
 Events = Callable[[dict], None]
@@ -89,13 +101,17 @@ class EditJob:
         if self.verify is not None and self.command != "edit":
             raise ParameterError("verification needs the edit command (a preview has no edited image).")
         if not isinstance(self.include_demographics, bool):
-            raise ParameterError(f"include_demographics must be true or false, got {self.include_demographics!r}.")
+            raise ParameterError(
+                f"include_demographics must be true or false, got {self.include_demographics!r}."
+            )
         if self.include_demographics and self.verify is None:
-            raise ParameterError("include_demographics needs verify: only the verification report has "
-                                 "age, sex and race estimates.")
+            raise ParameterError(
+                "include_demographics needs verify: only the verification report has "
+                "age, sex and race estimates."
+            )
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EditJob":
+    def from_dict(cls, data: dict[str, Any]) -> EditJob:
         """Build from JSON (the worker protocol): unknown keys are an error, not ignored."""
         if not isinstance(data, dict):
             raise ParameterError(f"a job must be a JSON object, got {type(data).__name__}.")
@@ -178,8 +194,9 @@ def prepare(job: EditJob) -> PreparedJob:
     return PreparedJob(job, images, mask, keep, target, reference)
 
 
-def run_job(prepared: PreparedJob, editor, emit: Events, progress_bar: bool = False,
-            float_maps: bool = False) -> dict:
+def run_job(
+    prepared: PreparedJob, editor, emit: Events, progress_bar: bool = False, float_maps: bool = False
+) -> dict:
     """Edit (or preview) every image of a prepared job, write the outputs atomically, push.
 
     Parameters
@@ -217,8 +234,7 @@ def edit_images(prepared: PreparedJob, editor, emit: Events, progress_bar: bool 
     parameters = editor.resolve(job.parameters)
     steps = parameters.num_inference_steps if job.command == "edit" else 0
     total = steps * len(prepared.images)
-    emit({"event": "started", "command": job.command, "total": total,
-          "images": len(prepared.images)})
+    emit({"event": "started", "command": job.command, "total": total, "images": len(prepared.images)})
     clock = _Eta(total)
     bar = None
     if progress_bar and total:
@@ -232,16 +248,21 @@ def edit_images(prepared: PreparedJob, editor, emit: Events, progress_bar: bool 
                 results.append(editor.preview(image, parameters, prepared.mask, prepared.keep_mask))
                 continue
 
-            def report(step: int, _: int, offset: int = index * steps) -> None:
+            def report(step: int, _: int, offset: int = index * steps, image_number: int = index + 1) -> None:
                 if bar is not None:
                     bar.update(1)
-                emit({"event": "progress", "step": offset + step, "total": total,
-                      "eta_s": clock.eta(offset + step)})
+                emit(
+                    {
+                        "event": "progress",
+                        "step": offset + step,
+                        "total": total,
+                        "eta_s": clock.eta(offset + step),
+                    }
+                )
                 if step == steps:
-                    emit({"event": "decode", "image": index + 1})
+                    emit({"event": "decode", "image": image_number})
 
-            results.append(editor.edit(image, parameters, prepared.mask, prepared.keep_mask,
-                                       progress=report))
+            results.append(editor.edit(image, parameters, prepared.mask, prepared.keep_mask, progress=report))
     finally:
         if bar is not None:
             bar.close()
@@ -254,8 +275,9 @@ def load_verifier(prepared: PreparedJob, editor) -> None:
     if prepared.job.verify is not None and prepared.verifiers is None:
         from .verification import choose_classifiers
 
-        prepared.verifiers = [choose_classifiers(prepared.job.verify, editor.model_info, image)
-                              for image in prepared.images]
+        prepared.verifiers = [
+            choose_classifiers(prepared.job.verify, editor.model_info, image) for image in prepared.images
+        ]
 
 
 def write_results(prepared: PreparedJob, results: list, emit: Events, float_maps: bool = False) -> dict:
@@ -267,10 +289,14 @@ def write_results(prepared: PreparedJob, results: list, emit: Events, float_maps
     emit({"event": "export", "output": str(job.output)})
     with atomic_output_dir(job.output) as staging:
         written = write_into(staging, prepared, results, float_maps)
-    summary = {"event": "done", "output": str(job.output), "files": written,
-               "prior": results[0].manifest["prior"],
-               "edit_fraction": results[0].manifest["edit_fraction"],
-               "untrained": results[0].untrained}
+    summary = {
+        "event": "done",
+        "output": str(job.output),
+        "files": written,
+        "prior": results[0].manifest["prior"],
+        "edit_fraction": results[0].manifest["edit_fraction"],
+        "untrained": results[0].untrained,
+    }
     if prepared.verifiers is not None:  # what the panels show beside the result
         first = next(name for name in written if name.endswith("verification.json"))
         summary["verification"] = json.loads((job.output / first).read_text())
@@ -305,8 +331,16 @@ def write_into(folder: Path, prepared: PreparedJob, results: list, float_maps: b
         if result.edited is not None:
             names += [write_figure(target, image, result, prepared.reference_mask).name]
         if prepared.verifiers is not None and result.edited is not None:
-            names += [p.name for p in write_verification(target, image, result, *prepared.verifiers[index],
-                                                         include_demographics=prepared.job.include_demographics)]
+            names += [
+                p.name
+                for p in write_verification(
+                    target,
+                    image,
+                    result,
+                    *prepared.verifiers[index],
+                    include_demographics=prepared.job.include_demographics,
+                )
+            ]
         if float_maps:
             names += [p.name for p in write_float_maps(target, image, result)]
         written += [str((target / n).relative_to(folder)) for n in names]
@@ -344,8 +378,10 @@ def read_jobs_file(path: Path, template: EditJob) -> list[EditJob]:
     unknown = sorted(set(columns) - set(JOBS_COLUMNS))
     missing = [c for c in ("image", "instruction") if c not in columns]
     if unknown or missing:
-        raise InputError(f"{path.name}: columns must be {', '.join(JOBS_COLUMNS)} (image and "
-                         f"instruction required); unknown {unknown}, missing {missing}.")
+        raise InputError(
+            f"{path.name}: columns must be {', '.join(JOBS_COLUMNS)} (image and "
+            f"instruction required); unknown {unknown}, missing {missing}."
+        )
     if not rows:
         raise InputError(f"{path.name}: no jobs (the file has a header only).")
     jobs = []
@@ -353,13 +389,25 @@ def read_jobs_file(path: Path, template: EditJob) -> list[EditJob]:
         try:
             image = path.parent / (row["image"] or "").strip()
             seed = (row.get("seed") or "").strip()
-            parameters = dataclasses.replace(template.parameters, instruction=row["instruction"] or "",
-                                             seed=int(seed) if seed else template.parameters.seed)
-            optional = {key: path.parent / row[key].strip() for key in ("mask", "keep_mask")
-                        if (row.get(key) or "").strip()}
-            jobs.append(dataclasses.replace(
-                template, input=image, output=template.output / f"{number:04d}-{image.stem}",
-                parameters=parameters, **optional))
+            parameters = dataclasses.replace(
+                template.parameters,
+                instruction=row["instruction"] or "",
+                seed=int(seed) if seed else template.parameters.seed,
+            )
+            optional = {
+                key: path.parent / row[key].strip()
+                for key in ("mask", "keep_mask")
+                if (row.get(key) or "").strip()
+            }
+            jobs.append(
+                dataclasses.replace(
+                    template,
+                    input=image,
+                    output=template.output / f"{number:04d}-{image.stem}",
+                    parameters=parameters,
+                    **optional,
+                )
+            )
         except (ParameterError, ValueError) as error:
             raise ParameterError(f"{path.name}, row {number}: {error}") from None
     return jobs
@@ -376,8 +424,14 @@ def prepare_jobs(jobs: list[EditJob]) -> list[PreparedJob]:
     return prepared
 
 
-def run_jobs_file(prepared: list[PreparedJob], output: Path, editor, emit: Events,
-                  progress_bar: bool = False, batch_size: int = 1) -> dict:
+def run_jobs_file(
+    prepared: list[PreparedJob],
+    output: Path,
+    editor,
+    emit: Events,
+    progress_bar: bool = False,
+    batch_size: int = 1,
+) -> dict:
     """Run many prepared jobs on one warm editor into one atomic folder, with ``results.csv``.
 
     The rows run in order (``prepare_jobs`` has checked them all before any model work), up
@@ -398,27 +452,42 @@ def run_jobs_file(prepared: list[PreparedJob], output: Path, editor, emit: Event
         for group in _batches(prepared, batch_size):
             first = len(rows) + 1
             if len(group) == 1:
-                results = [edit_images(group[0], editor, lambda e, n=first: emit({**e, "job": n}),
-                                       progress_bar)]
+                results = [
+                    edit_images(group[0], editor, lambda e, n=first: emit({**e, "job": n}), progress_bar)
+                ]
             else:
                 emit({"event": "batch", "jobs": list(range(first, first + len(group)))})
-                results = [[r] for r in editor.edit_batch(
-                    [item.images[0] for item in group], [item.job.parameters for item in group],
-                    None if group[0].mask is None else [item.mask for item in group],
-                    [item.keep_mask for item in group],
-                    progress=lambda step, total: emit({"event": "progress", "step": step, "total": total,
-                                                       "jobs": len(group)}))]
+                size = len(group)
+                results = [
+                    [r]
+                    for r in editor.edit_batch(
+                        [item.images[0] for item in group],
+                        [item.job.parameters for item in group],
+                        None if group[0].mask is None else [item.mask for item in group],
+                        [item.keep_mask for item in group],
+                        progress=lambda step, total, jobs=size: emit(
+                            {"event": "progress", "step": step, "total": total, "jobs": jobs}
+                        ),
+                    )
+                ]
             for item, item_results in zip(group, results):
                 folder = staging / item.job.output.name
                 folder.mkdir()
                 write_into(folder, item, item_results)
                 manifest = item_results[0].manifest
-                rows.append({"job": len(rows) + 1, "image": item.job.input.name,
-                             "instruction": item.job.parameters.instruction,
-                             "seed": item.job.parameters.seed, "output": folder.name,
-                             "edit_fraction": round(manifest["edit_fraction"], 6),
-                             "prior": ";".join(manifest["prior"]["categories"]) if manifest["prior"] else "",
-                             "seconds": manifest["timings_s"]["total"], "batch": len(group)})
+                rows.append(
+                    {
+                        "job": len(rows) + 1,
+                        "image": item.job.input.name,
+                        "instruction": item.job.parameters.instruction,
+                        "seed": item.job.parameters.seed,
+                        "output": folder.name,
+                        "edit_fraction": round(manifest["edit_fraction"], 6),
+                        "prior": ";".join(manifest["prior"]["categories"]) if manifest["prior"] else "",
+                        "seconds": manifest["timings_s"]["total"],
+                        "batch": len(group),
+                    }
+                )
         with open(staging / "results.csv", "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
@@ -433,8 +502,11 @@ def _batches(prepared: list[PreparedJob], size: int):
     presence of an edit mask; at most ``size``."""
     group: list[PreparedJob] = []
     for item in prepared:
-        fits = (len(item.images) == 1 and item.job.command == "edit"
-                and (not group or (item.mask is None) == (group[0].mask is None)))
+        fits = (
+            len(item.images) == 1
+            and item.job.command == "edit"
+            and (not group or (item.mask is None) == (group[0].mask is None))
+        )
         if group and (not fits or len(group) == size):
             yield group
             group = []

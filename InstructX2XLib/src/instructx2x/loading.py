@@ -34,8 +34,17 @@ from .pipeline import InstructX2XPipeline
 from .schedulers import make_scheduler
 from .untrained import UNTRAINED_MODEL_NAME, build_untrained_pipeline, load_clip_tokenizer
 
-__all__ = ["ModelInfo", "ModelLoadError", "load_pipeline", "save_model", "hash_modules",
-           "hash_files", "MODEL_CARD_NAME", "DEMO_MODEL_NAME", "demo_model_path"]
+__all__ = [
+    "ModelInfo",
+    "ModelLoadError",
+    "load_pipeline",
+    "save_model",
+    "hash_modules",
+    "hash_files",
+    "MODEL_CARD_NAME",
+    "DEMO_MODEL_NAME",
+    "demo_model_path",
+]
 
 logger = logging.getLogger(__name__)
 # diffusers' ModelMixin.to logs this for every dtype cast, also when the model keeps no module
@@ -66,6 +75,7 @@ def _quiet_notices_without_action() -> None:
 class ModelNotFoundError(ModelLoadError, FileNotFoundError):
     """The model path does not exist (and is not a hub id the user allowed)."""
 
+
 DEMO_MODEL_NAME = "demo"  # the bundled model trained on synthetic phantoms (Training/configs/demo.yaml)
 SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -77,9 +87,18 @@ MODEL_CARD_NAME = "model_card.json"
 # given (the authors' 7.5 / 1.5 otherwise); relevance_draws: the noise draws averaged into its
 # relevance map (the authors' one otherwise); classifiers: the classifier set that measures its
 # edits (verification.choose_classifiers)
-MODEL_CARD_FIELDS = ("name", "trained", "trained_on", "resolution", "intended_use",
-                     "few_step_solver_steps", "guidance_scale", "image_guidance_scale",
-                     "relevance_draws", "classifiers")
+MODEL_CARD_FIELDS = (
+    "name",
+    "trained",
+    "trained_on",
+    "resolution",
+    "intended_use",
+    "few_step_solver_steps",
+    "guidance_scale",
+    "image_guidance_scale",
+    "relevance_draws",
+    "classifiers",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,9 +155,13 @@ def hash_modules(*modules: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def load_pipeline(model: str | Path, *, allow_hub: bool = False, scheduler: str = "ddim",
-                  single_file_config: str | Path | None = None,
-                  ) -> tuple[InstructX2XPipeline, ModelInfo]:
+def load_pipeline(
+    model: str | Path,
+    *,
+    allow_hub: bool = False,
+    scheduler: str = "ddim",
+    single_file_config: str | Path | None = None,
+) -> tuple[InstructX2XPipeline, ModelInfo]:
     """Build the InstructX2X pipeline from weights on disk (or the hub, if allowed).
 
     Parameters
@@ -173,10 +196,13 @@ def load_pipeline(model: str | Path, *, allow_hub: bool = False, scheduler: str 
     if str(model) == UNTRAINED_MODEL_NAME:
         pipe = build_untrained_pipeline()
         pipe.scheduler = scheduler_instance
-        info = ModelInfo(UNTRAINED_MODEL_NAME, "untrained",
-                         hash_modules(pipe.unet, pipe.vae, pipe.text_encoder), False,
-                         {"name": UNTRAINED_MODEL_NAME, "trained": False,
-                          "intended_use": "software tests only"})
+        info = ModelInfo(
+            UNTRAINED_MODEL_NAME,
+            "untrained",
+            hash_modules(pipe.unet, pipe.vae, pipe.text_encoder),
+            False,
+            {"name": UNTRAINED_MODEL_NAME, "trained": False, "intended_use": "software tests only"},
+        )
         return pipe, info
     path = Path(model).expanduser()
     if str(model) == DEMO_MODEL_NAME:
@@ -205,8 +231,10 @@ def demo_model_path() -> Path:
     """
     path = Path(str(resources.files("instructx2x") / "resources" / "demo_model"))
     if not (path / "unet").is_dir():
-        raise ModelNotFoundError("the bundled demo model is missing from this installation; "
-                                 "reinstall instructx2x or pass --model DIR.")
+        raise ModelNotFoundError(
+            "the bundled demo model is missing from this installation; "
+            "reinstall instructx2x or pass --model DIR."
+        )
     return path
 
 
@@ -234,8 +262,7 @@ def save_model(pipe: InstructX2XPipeline, directory: str | Path, card: dict) -> 
     from .provenance import to_json
 
     if not isinstance(card.get("name"), str) or not isinstance(card.get("trained"), bool):
-        raise ParameterError("a model card needs 'name' (str) and 'trained' (bool), got "
-                             f"{sorted(card)}.")
+        raise ParameterError(f"a model card needs 'name' (str) and 'trained' (bool), got {sorted(card)}.")
     directory = Path(directory)
     with atomic_output_dir(directory) as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
@@ -246,8 +273,10 @@ def save_model(pipe: InstructX2XPipeline, directory: str | Path, card: dict) -> 
 def _load_directory(path: Path, scheduler_name: str) -> tuple[InstructX2XPipeline, ModelInfo]:
     missing = [c for c in COMPONENTS if not (path / c).is_dir()]
     if missing:
-        raise ModelLoadError(f"{path.name} is not a diffusers InstructPix2Pix directory: missing "
-                             f"sub-folder(s) {', '.join(missing)}.")
+        raise ModelLoadError(
+            f"{path.name} is not a diffusers InstructPix2Pix directory: missing "
+            f"sub-folder(s) {', '.join(missing)}."
+        )
     card = _read_json(path / MODEL_CARD_NAME, "model card")
     saved_scheduler = _read_json(path / "scheduler" / "scheduler_config.json", "scheduler config")
     scheduler = make_scheduler(scheduler_name, saved_scheduler)
@@ -261,33 +290,53 @@ def _load_directory(path: Path, scheduler_name: str) -> tuple[InstructX2XPipelin
     if (path / "tokenizer").is_dir():
         tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
     else:
-        logger.info("%s has no tokenizer/; using the Stable Diffusion CLIP tokenizer shipped "
-                    "with instructx2x.", path.name)
+        logger.info(
+            "%s has no tokenizer/; using the Stable Diffusion CLIP tokenizer shipped with instructx2x.",
+            path.name,
+        )
         tokenizer = load_clip_tokenizer()
-    pipe = InstructX2XPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                               unet=unet, scheduler=scheduler)
+    pipe = InstructX2XPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
+    )
     trained = None if card is None else card.get("trained")
     if card is None:
-        logger.warning("%s has no %s: its name, training data and whether it is trained are "
-                       "unknown to the manifest.", path.name, MODEL_CARD_NAME)
+        logger.warning(
+            "%s has no %s: its name, training data and whether it is trained are unknown to the manifest.",
+            path.name,
+            MODEL_CARD_NAME,
+        )
     elif not isinstance(trained, bool):
         raise ModelLoadError(f"{path.name}/{MODEL_CARD_NAME}: 'trained' must be true or false.")
     for name, most in (("few_step_solver_steps", 1000), ("relevance_draws", MAX_RELEVANCE_DRAWS)):
         count = (card or {}).get(name)
-        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= most):
-            raise ModelLoadError(f"{path.name}/{MODEL_CARD_NAME}: '{name}' must be an integer in "
-                                 f"1..{most}, got {count!r}.")
+        if count is not None and (
+            isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= most
+        ):
+            raise ModelLoadError(
+                f"{path.name}/{MODEL_CARD_NAME}: '{name}' must be an integer in 1..{most}, got {count!r}."
+            )
     for name in ("guidance_scale", "image_guidance_scale"):
         scale = (card or {}).get(name)
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                                  or not 0 <= scale <= MAX_GUIDANCE_SCALE):
-            raise ModelLoadError(f"{path.name}/{MODEL_CARD_NAME}: '{name}' must be a number in "
-                                 f"[0, {MAX_GUIDANCE_SCALE:g}], got {scale!r}.")
+        if scale is not None and (
+            isinstance(scale, bool)
+            or not isinstance(scale, (int, float))
+            or not 0 <= scale <= MAX_GUIDANCE_SCALE
+        ):
+            raise ModelLoadError(
+                f"{path.name}/{MODEL_CARD_NAME}: '{name}' must be a number in "
+                f"[0, {MAX_GUIDANCE_SCALE:g}], got {scale!r}."
+            )
     if not isinstance((card or {}).get("classifiers", ""), str):
         raise ModelLoadError(f"{path.name}/{MODEL_CARD_NAME}: 'classifiers' must name a classifier set.")
     card = None if card is None else {k: card[k] for k in MODEL_CARD_FIELDS if k in card}
-    return pipe, ModelInfo(path.name, "directory", hash_files(weight_files, path), trained, card,
-                           "model" if saved_scheduler is not None else "shipped")
+    return pipe, ModelInfo(
+        path.name,
+        "directory",
+        hash_files(weight_files, path),
+        trained,
+        card,
+        "model" if saved_scheduler is not None else "shipped",
+    )
 
 
 def _read_json(path: Path, what: str) -> dict | None:
@@ -302,11 +351,15 @@ def _read_json(path: Path, what: str) -> dict | None:
     return value
 
 
-def _load_single_file(path: Path, scheduler, config: str | Path | None,
-                      ) -> tuple[InstructX2XPipeline, ModelInfo]:
+def _load_single_file(
+    path: Path,
+    scheduler,
+    config: str | Path | None,
+) -> tuple[InstructX2XPipeline, ModelInfo]:
     if path.suffix not in SINGLE_FILE_SUFFIXES:
-        raise ModelLoadError(f"{path.name}: a single-file checkpoint must end in "
-                             f"{' or '.join(SINGLE_FILE_SUFFIXES)}.")
+        raise ModelLoadError(
+            f"{path.name}: a single-file checkpoint must end in {' or '.join(SINGLE_FILE_SUFFIXES)}."
+        )
     from diffusers import StableDiffusionInstructPix2PixPipeline
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
@@ -316,15 +369,31 @@ def _load_single_file(path: Path, scheduler, config: str | Path | None,
     try:
         with resources.as_file(config_root if config is None else Path(config)) as config_dir:
             converted = StableDiffusionInstructPix2PixPipeline.from_single_file(
-                str(path), config=str(config_dir), local_files_only=True,
-                tokenizer=load_clip_tokenizer(), scheduler=scheduler, safety_checker=None,
-                feature_extractor=None, requires_safety_checker=False)
-    except (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError,
-            SingleFileComponentError) as error:
+                str(path),
+                config=str(config_dir),
+                local_files_only=True,
+                tokenizer=load_clip_tokenizer(),
+                scheduler=scheduler,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+    except (
+        OSError,
+        ValueError,
+        RuntimeError,
+        KeyError,
+        pickle.UnpicklingError,
+        SingleFileComponentError,
+    ) as error:
         raise ModelLoadError(f"cannot convert the checkpoint {path.name}: {error}") from error
-    pipe = InstructX2XPipeline(vae=converted.vae, text_encoder=converted.text_encoder,
-                               tokenizer=converted.tokenizer, unet=converted.unet,
-                               scheduler=scheduler)
+    pipe = InstructX2XPipeline(
+        vae=converted.vae,
+        text_encoder=converted.text_encoder,
+        tokenizer=converted.tokenizer,
+        unet=converted.unet,
+        scheduler=scheduler,
+    )
     return pipe, ModelInfo(path.name, "single_file", hash_files([path], path.parent), True)
 
 
@@ -334,8 +403,9 @@ def _load_hub(model_id: str, scheduler) -> tuple[InstructX2XPipeline, ModelInfo]
     vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae")
     text_encoder = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder")
     tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer")
-    pipe = InstructX2XPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                               unet=unet, scheduler=scheduler)
+    pipe = InstructX2XPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
+    )
     return pipe, ModelInfo(model_id, "hub", hash_modules(unet, vae, text_encoder), True)
 
 
@@ -344,13 +414,18 @@ def _check_components(pipe: InstructX2XPipeline, name: str) -> None:
     unet = pipe.unet
     in_channels = unet.config.in_channels
     if in_channels != 8 or unet.conv_in.weight.shape[1] != 8:
-        raise ModelLoadError(f"{name}: the UNet takes {in_channels} input channels; an "
-                             "InstructPix2Pix model needs 8 (4 noisy + 4 image latents).")
+        raise ModelLoadError(
+            f"{name}: the UNet takes {in_channels} input channels; an "
+            "InstructPix2Pix model needs 8 (4 noisy + 4 image latents)."
+        )
     if pipe.vae.config.latent_channels != 4:
-        raise ModelLoadError(f"{name}: the VAE has {pipe.vae.config.latent_channels} latent "
-                             "channels; the UNet expects 4 + 4.")
+        raise ModelLoadError(
+            f"{name}: the VAE has {pipe.vae.config.latent_channels} latent channels; the UNet expects 4 + 4."
+        )
     width = pipe.text_encoder.config.hidden_size
     if width != unet.config.cross_attention_dim:
-        raise ModelLoadError(f"{name}: the text encoder is {width} wide but the UNet's cross-"
-                             f"attention expects {unet.config.cross_attention_dim}; the components "
-                             "come from different models.")
+        raise ModelLoadError(
+            f"{name}: the text encoder is {width} wide but the UNet's cross-"
+            f"attention expects {unet.config.cross_attention_dim}; the components "
+            "come from different models."
+        )

@@ -69,20 +69,26 @@ def folder_files(folder: Path) -> list[tuple[str, Path]]:
             for entry in entries:
                 relative = prefix + entry.name
                 if any(character in entry.name for character in "\n\r\\"):
-                    raise ModelLoadError(f"{relative!r} in {Path(folder).name}: file names with a newline, "
-                                         "carriage return or backslash are not supported in a model folder.")
+                    raise ModelLoadError(
+                        f"{relative!r} in {Path(folder).name}: file names with a newline, "
+                        "carriage return or backslash are not supported in a model folder."
+                    )
                 path = Path(entry.path)
                 if entry.is_dir(follow_symlinks=False):
                     pending.append((path, relative + "/"))
                 elif entry.is_symlink() and path.is_dir():
-                    raise ModelLoadError(f"{relative} in {Path(folder).name} is a link to a folder; a model "
-                                         "folder holds its files and sub-folders themselves.")
+                    raise ModelLoadError(
+                        f"{relative} in {Path(folder).name} is a link to a folder; a model "
+                        "folder holds its files and sub-folders themselves."
+                    )
                 elif entry.is_file():
                     if relative != CHECKSUM_NAME:
                         found.append((relative, path))
                 else:
-                    raise ModelLoadError(f"{relative} in {Path(folder).name} is not a regular file (a broken "
-                                         "link, FIFO, socket or device).")
+                    raise ModelLoadError(
+                        f"{relative} in {Path(folder).name} is not a regular file (a broken "
+                        "link, FIFO, socket or device)."
+                    )
     return sorted(found, key=lambda item: os.fsencode(item[0]))
 
 
@@ -123,7 +129,9 @@ def read_checksum(folder: str | Path) -> str | None:
         text = handle.read(_CHECKSUM_MAX_BYTES + 1)
     words = text.decode("ascii", errors="replace").split() if len(text) <= _CHECKSUM_MAX_BYTES else []
     if not words or not _DIGEST.fullmatch(words[0].lower()):
-        raise ModelLoadError(f"{Path(folder).name}/{CHECKSUM_NAME} does not start with a SHA-256 (64 "
-                             "hexadecimal digits); `instructx2x info` prints the folder's digest as "
-                             "folder_sha256.")
+        raise ModelLoadError(
+            f"{Path(folder).name}/{CHECKSUM_NAME} does not start with a SHA-256 (64 "
+            "hexadecimal digits); `instructx2x info` prints the folder's digest as "
+            "folder_sha256."
+        )
     return words[0].lower()

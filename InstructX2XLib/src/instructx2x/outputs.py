@@ -10,8 +10,9 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -24,13 +25,22 @@ from .provenance import to_json
 if TYPE_CHECKING:  # a type only: the panels use atomic_output_dir without torch
     from .editor import EditResult
 
-__all__ = ["check_new_output_folder", "atomic_output_dir", "remove_stale_staging", "write_png_result", "write_float_maps",
-           "write_figure", "UNTRAINED_NOTICE", "SYNTHETIC_PNG_TEXT"]
+__all__ = [
+    "check_new_output_folder",
+    "atomic_output_dir",
+    "remove_stale_staging",
+    "write_png_result",
+    "write_float_maps",
+    "write_figure",
+    "UNTRAINED_NOTICE",
+    "SYNTHETIC_PNG_TEXT",
+]
 
 # Every PNG we write says what it is in its text chunk, as every DICOM object does.
 SYNTHETIC_PNG_TEXT = "SYNTHETIC - made by InstructX2X - NOT FOR DIAGNOSIS"
-UNTRAINED_NOTICE = ("UNTRAINED MODEL: random weights, for testing the software only; "
-                    "this image shows no real edit.")
+UNTRAINED_NOTICE = (
+    "UNTRAINED MODEL: random weights, for testing the software only; this image shows no real edit."
+)
 
 
 def _umask() -> int:
@@ -98,14 +108,14 @@ def atomic_output_dir(target: Path) -> Iterator[Path]:
         staging.chmod(0o777 & ~_umask())
         yield staging
         if target.exists():
-            raise OutputExistsError(f"output folder {target.name} appeared while working; "
-                                    "nothing written.")
+            raise OutputExistsError(f"output folder {target.name} appeared while working; nothing written.")
         staging.rename(target)
     except OSError as error:
         if isinstance(error, InstructX2XError):
             raise
-        raise ResourceError(f"cannot write the output folder {target.name}: "
-                            f"{error.strerror or error}.") from error
+        raise ResourceError(
+            f"cannot write the output folder {target.name}: {error.strerror or error}."
+        ) from error
     finally:
         if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -130,7 +140,7 @@ def remove_stale_staging(target: Path) -> list[Path]:
     if not target.parent.is_dir():
         return removed
     for candidate in target.parent.iterdir():
-        pid = candidate.name[len(prefix):].split(".", 1)[0]
+        pid = candidate.name[len(prefix) :].split(".", 1)[0]
         if not (candidate.name.startswith(prefix) and pid.isdigit() and candidate.is_dir()):
             continue
         if int(pid) != os.getpid() and not _alive(int(pid)):
@@ -188,23 +198,36 @@ def write_png_result(directory: Path, image: Radiograph, result: EditResult) -> 
     return [directory / name for name in [*images, "manifest.json"]]
 
 
-def write_figure(directory: Path, image: Radiograph, result: EditResult,
-                 reference: np.ndarray | None = None) -> Path:
+def write_figure(
+    directory: Path, image: Radiograph, result: EditResult, reference: np.ndarray | None = None
+) -> Path:
     """``figure.png``: input, edit and guidance overlay side by side (``reference`` outlined)."""
     picture = side_by_side(image.pixels, result.edited, result.guidance_map, result.edit_mask, reference)
     Image.fromarray(picture).save(directory / "figure.png", pnginfo=_png_info())
     return directory / "figure.png"
 
 
-def write_verification(directory: Path, image: Radiograph, result: EditResult, classifiers,
-                       chosen_because: str, include_demographics: bool = False) -> list[Path]:
+def write_verification(
+    directory: Path,
+    image: Radiograph,
+    result: EditResult,
+    classifiers,
+    chosen_because: str,
+    include_demographics: bool = False,
+) -> list[Path]:
     """``verification.json`` and its readable ``verification.txt`` (``verification.verify_edit``);
     the classifiers' age, sex and race estimates only with ``include_demographics``, labelled
     as model estimates."""
     from .verification import verify_edit
 
-    report = verify_edit(image.pixels, result.edited, result.edit_mask,
-                         result.manifest["instruction"]["text"], classifiers, chosen_because=chosen_because)
+    report = verify_edit(
+        image.pixels,
+        result.edited,
+        result.edit_mask,
+        result.manifest["instruction"]["text"],
+        classifiers,
+        chosen_because=chosen_because,
+    )
     (directory / "verification.json").write_text(to_json(report.to_dict(include_demographics)) + "\n")
     (directory / "verification.txt").write_text(report.summary(include_demographics))
     return [directory / "verification.json", directory / "verification.txt"]
@@ -217,17 +240,23 @@ def write_float_maps(directory: Path, image: Radiograph, result: EditResult) -> 
     mode computes them), ``edit_mask.npy`` (bool), and ``maps.json`` with the geometry
     (rows, columns, pixel spacing when the input has one) and each file's meaning.
     """
-    maps = {"guidance_map": result.guidance_map, "relevance_map": result.relevance_map,
-            "prior_mask": result.prior_mask, "edit_mask": result.edit_mask}
+    maps = {
+        "guidance_map": result.guidance_map,
+        "relevance_map": result.relevance_map,
+        "prior_mask": result.prior_mask,
+        "edit_mask": result.edit_mask,
+    }
     written = []
     for name, array in maps.items():
         if array is not None:
             np.save(directory / f"{name}.npy", array)
             written.append(directory / f"{name}.npy")
     rows, columns = image.pixels.shape
-    geometry = {"rows": rows, "columns": columns,
-                "pixel_spacing": image.metadata.get("pixel_spacing"),
-                "files": {p.stem: ("bool" if p.stem == "edit_mask" else "float32 in [0, 1]")
-                          for p in written}}
+    geometry = {
+        "rows": rows,
+        "columns": columns,
+        "pixel_spacing": image.metadata.get("pixel_spacing"),
+        "files": {p.stem: ("bool" if p.stem == "edit_mask" else "float32 in [0, 1]") for p in written},
+    }
     (directory / "maps.json").write_text(to_json(geometry) + "\n")
     return [*written, directory / "maps.json"]

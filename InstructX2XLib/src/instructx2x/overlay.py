@@ -29,8 +29,9 @@ def colorize(values: np.ndarray) -> np.ndarray:
     return _TABLE[index]
 
 
-def guidance_overlay(image: np.ndarray, guidance: np.ndarray, mask: np.ndarray,
-                     opacity: float = 0.6) -> np.ndarray:
+def guidance_overlay(
+    image: np.ndarray, guidance: np.ndarray, mask: np.ndarray, opacity: float = 0.6
+) -> np.ndarray:
     """An 8-bit RGB picture of where the model edits.
 
     Parameters
@@ -50,8 +51,9 @@ def guidance_overlay(image: np.ndarray, guidance: np.ndarray, mask: np.ndarray,
         uint8 ``(H, W, 3)``.
     """
     if not image.shape == guidance.shape == mask.shape:
-        raise ValueError(f"image {image.shape}, guidance {guidance.shape} and mask {mask.shape} "
-                         "must have the same shape.")
+        raise ValueError(
+            f"image {image.shape}, guidance {guidance.shape} and mask {mask.shape} must have the same shape."
+        )
     gray = np.clip(image, 0, 1).astype(np.float32)[..., None]
     alpha = (opacity * np.clip(guidance, 0, 1)).astype(np.float32)[..., None]
     rgb = gray * (1 - alpha) + colorize(guidance) * alpha
@@ -70,8 +72,14 @@ def outline(mask: np.ndarray) -> np.ndarray:
     return inside & ~interior
 
 
-def side_by_side(image: np.ndarray, edited: np.ndarray, guidance: np.ndarray, mask: np.ndarray,
-                 reference: np.ndarray | None = None, height: int = 512) -> np.ndarray:
+def side_by_side(
+    image: np.ndarray,
+    edited: np.ndarray,
+    guidance: np.ndarray,
+    mask: np.ndarray,
+    reference: np.ndarray | None = None,
+    height: int = 512,
+) -> np.ndarray:
     """One picture of an edit: input | edit | guidance overlay, each labelled, for a report.
 
     ``reference`` (a known lesion, e.g. a phantom's ground truth) is outlined in green on the
@@ -83,9 +91,11 @@ def side_by_side(image: np.ndarray, edited: np.ndarray, guidance: np.ndarray, ma
     after = gray(edited)
     if reference is not None:
         after[outline(reference)] = (0.1, 1.0, 0.2)
-    panels = [("input", gray(image)),
-              ("edit" + (" (green: true lesion)" if reference is not None else ""), after),
-              ("guidance map, edit mask in cyan", guidance_overlay(image, guidance, mask) / 255.0)]
+    panels = [
+        ("input", gray(image)),
+        ("edit" + (" (green: true lesion)" if reference is not None else ""), after),
+        ("guidance map, edit mask in cyan", guidance_overlay(image, guidance, mask) / 255.0),
+    ]
     pictures = []
     for label, panel in panels:
         picture = Image.fromarray((np.clip(panel, 0, 1) * 255).round().astype(np.uint8))

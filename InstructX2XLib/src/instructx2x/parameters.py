@@ -16,9 +16,19 @@ import numpy as np
 from .errors import EmptyEditRegionError, ParameterError
 from .instructions import parse_instruction
 
-__all__ = ["RegionMode", "EditParameters", "ASPECT_MODES", "COMPOSITE_MODES", "SCHEDULER_NAMES",
-           "MAX_RESOLUTION", "MAX_RELEVANCE_DRAWS", "GUIDANCE_SCALE", "IMAGE_GUIDANCE_SCALE",
-           "check_sampling", "check_masks"]
+__all__ = [
+    "RegionMode",
+    "EditParameters",
+    "ASPECT_MODES",
+    "COMPOSITE_MODES",
+    "SCHEDULER_NAMES",
+    "MAX_RESOLUTION",
+    "MAX_RELEVANCE_DRAWS",
+    "GUIDANCE_SCALE",
+    "IMAGE_GUIDANCE_SCALE",
+    "check_sampling",
+    "check_masks",
+]
 
 # squash: resize to the square grid as the authors trained; pad: keep the aspect ratio by
 # padding to a square with black (air), never edited, and cropping the result back.
@@ -49,9 +59,17 @@ class RegionMode(str, enum.Enum):
     NONE = "none"  # whole image, plain InstructPix2Pix (ablation a)
 
 
-def check_sampling(*, tau: float, relevance_timestep: int, num_inference_steps: int | None,
-                   guidance_scale: float | None, image_guidance_scale: float | None, eta: float = 0.0,
-                   relevance_draws: int | None = None, train_timesteps: int = 1000) -> None:
+def check_sampling(
+    *,
+    tau: float,
+    relevance_timestep: int,
+    num_inference_steps: int | None,
+    guidance_scale: float | None,
+    image_guidance_scale: float | None,
+    eta: float = 0.0,
+    relevance_draws: int | None = None,
+    train_timesteps: int = 1000,
+) -> None:
     """Refuse out-of-range or non-finite sampling settings (None: the model's default, unchecked).
 
     Raises
@@ -59,9 +77,14 @@ def check_sampling(*, tau: float, relevance_timestep: int, num_inference_steps: 
     ParameterError
         Naming the setting and the value received.
     """
-    scales = {name: value for name, value in (("guidance_scale", guidance_scale),
-                                              ("image_guidance_scale", image_guidance_scale))
-              if value is not None}
+    scales = {
+        name: value
+        for name, value in (
+            ("guidance_scale", guidance_scale),
+            ("image_guidance_scale", image_guidance_scale),
+        )
+        if value is not None
+    }
     for name, value in (("tau", tau), *scales.items(), ("eta", eta)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ParameterError(f"{name} must be a finite number, got {value!r}.")
@@ -72,20 +95,30 @@ def check_sampling(*, tau: float, relevance_timestep: int, num_inference_steps: 
             raise ParameterError(f"{name} must lie in [0, {MAX_GUIDANCE_SCALE:g}], got {value}.")
     if not 0.0 <= eta <= 1.0:
         raise ParameterError(f"eta must lie in [0, 1], got {eta}.")
-    if isinstance(relevance_timestep, bool) or not isinstance(relevance_timestep, int) \
-            or not 0 <= relevance_timestep < train_timesteps:
-        raise ParameterError(f"relevance_timestep must be an integer in [0, {train_timesteps}), "
-                             f"got {relevance_timestep!r}.")
+    if (
+        isinstance(relevance_timestep, bool)
+        or not isinstance(relevance_timestep, int)
+        or not 0 <= relevance_timestep < train_timesteps
+    ):
+        raise ParameterError(
+            f"relevance_timestep must be an integer in [0, {train_timesteps}), got {relevance_timestep!r}."
+        )
     if relevance_draws is not None and (
-            isinstance(relevance_draws, bool) or not isinstance(relevance_draws, int)
-            or not 1 <= relevance_draws <= MAX_RELEVANCE_DRAWS):
-        raise ParameterError(f"relevance_draws must be an integer in [1, {MAX_RELEVANCE_DRAWS}], "
-                             f"got {relevance_draws!r}.")
+        isinstance(relevance_draws, bool)
+        or not isinstance(relevance_draws, int)
+        or not 1 <= relevance_draws <= MAX_RELEVANCE_DRAWS
+    ):
+        raise ParameterError(
+            f"relevance_draws must be an integer in [1, {MAX_RELEVANCE_DRAWS}], got {relevance_draws!r}."
+        )
     if num_inference_steps is not None and (
-            isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int)
-            or not 1 <= num_inference_steps <= train_timesteps):
-        raise ParameterError(f"num_inference_steps must be an integer in [1, {train_timesteps}], "
-                             f"got {num_inference_steps!r}.")
+        isinstance(num_inference_steps, bool)
+        or not isinstance(num_inference_steps, int)
+        or not 1 <= num_inference_steps <= train_timesteps
+    ):
+        raise ParameterError(
+            f"num_inference_steps must be an integer in [1, {train_timesteps}], got {num_inference_steps!r}."
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,18 +162,26 @@ class EditParameters:
         try:
             RegionMode(self.region_mode)
         except ValueError:
-            raise ParameterError(f"region_mode must be one of {[m.value for m in RegionMode]}, "
-                                 f"got {self.region_mode!r}.") from None
-        check_sampling(tau=self.tau, relevance_timestep=self.relevance_timestep,
-                       num_inference_steps=self.num_inference_steps,
-                       guidance_scale=self.guidance_scale,
-                       image_guidance_scale=self.image_guidance_scale, eta=self.eta,
-                       relevance_draws=self.relevance_draws)
+            raise ParameterError(
+                f"region_mode must be one of {[m.value for m in RegionMode]}, got {self.region_mode!r}."
+            ) from None
+        check_sampling(
+            tau=self.tau,
+            relevance_timestep=self.relevance_timestep,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            image_guidance_scale=self.image_guidance_scale,
+            eta=self.eta,
+            relevance_draws=self.relevance_draws,
+        )
         if self.resolution is not None and (
-                not isinstance(self.resolution, int) or self.resolution % 8
-                or not 64 <= self.resolution <= MAX_RESOLUTION):
-            raise ParameterError(f"resolution must be a multiple of 8 in [64, {MAX_RESOLUTION}], "
-                                 f"got {self.resolution!r}.")
+            not isinstance(self.resolution, int)
+            or self.resolution % 8
+            or not 64 <= self.resolution <= MAX_RESOLUTION
+        ):
+            raise ParameterError(
+                f"resolution must be a multiple of 8 in [64, {MAX_RESOLUTION}], got {self.resolution!r}."
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ParameterError(f"seed must be an integer in [0, 2**63), got {self.seed!r}.")
         if self.aspect not in ASPECT_MODES:
@@ -153,8 +194,9 @@ class EditParameters:
         return dataclasses.asdict(self)
 
 
-def check_masks(shape: tuple[int, int], parameters: EditParameters, mask: np.ndarray | None,
-                keep_mask: np.ndarray | None) -> None:
+def check_masks(
+    shape: tuple[int, int], parameters: EditParameters, mask: np.ndarray | None, keep_mask: np.ndarray | None
+) -> None:
     """Refuse masks that cannot work with this image and mode, before any model call.
 
     Raises
@@ -166,11 +208,12 @@ def check_masks(shape: tuple[int, int], parameters: EditParameters, mask: np.nda
     """
     for name, array in (("mask", mask), ("keep_mask", keep_mask)):
         if array is not None and np.asarray(array).shape != tuple(shape):
-            raise ParameterError(f"{name} is {np.asarray(array).shape} but the image is "
-                                 f"{tuple(shape)}.")
+            raise ParameterError(f"{name} is {np.asarray(array).shape} but the image is {tuple(shape)}.")
     if mask is not None and RegionMode(parameters.region_mode) in (RegionMode.RELEVANCE, RegionMode.NONE):
-        raise ParameterError(f"a painted mask replaces the prior, which region mode "
-                             f"{parameters.region_mode!r} does not use; choose 'rse' or 'prior'.")
+        raise ParameterError(
+            f"a painted mask replaces the prior, which region mode "
+            f"{parameters.region_mode!r} does not use; choose 'rse' or 'prior'."
+        )
     if mask is not None and not np.asarray(mask).any():
         raise EmptyEditRegionError("mask is empty: paint the region to edit, or pass no mask.")
     if keep_mask is not None and np.asarray(keep_mask).all():

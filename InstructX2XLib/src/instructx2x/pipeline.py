@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -51,8 +52,19 @@ EXAMPLE_DOC_STRING = """
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
 # Full scale of the PIL modes a radiograph or mask may come in; "F" is taken as [0, 1] already.
-_PIL_FULL_SCALE = {"1": 1.0, "L": 255.0, "LA": 255.0, "P": 255.0, "RGB": 255.0, "RGBA": 255.0,
-                   "I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "F": 1.0}
+_PIL_FULL_SCALE = {
+    "1": 1.0,
+    "L": 255.0,
+    "LA": 255.0,
+    "P": 255.0,
+    "RGB": 255.0,
+    "RGBA": 255.0,
+    "I;16": 65535.0,
+    "I;16B": 65535.0,
+    "I;16L": 65535.0,
+    "F": 1.0,
+}
+
 
 @dataclasses.dataclass
 class GuidanceState:
@@ -141,8 +153,9 @@ class InstructX2XPipeline(DiffusionPipeline):
         scheduler: KarrasDiffusionSchedulers,
     ):
         super().__init__()
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                              scheduler=scheduler)
+        self.register_modules(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
+        )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.prior_set: PriorSet | None = None  # loaded on first use; assign to swap sets
@@ -188,7 +201,7 @@ class InstructX2XPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> InstructX2XPipelineOutput | tuple:
         r"""
         Edit one radiograph as the instruction says, only inside the guidance mask.
@@ -257,7 +270,7 @@ class InstructX2XPipeline(DiffusionPipeline):
             callback_on_step_end (`Callable`, *optional*):
                 Called as `callback(pipe, step, timestep, callback_kwargs)` after every step; it may return
                 modified tensors and call `pipe.cancel()` to stop.
-            callback_on_step_end_tensor_inputs (`list[str]`):
+            callback_on_step_end_tensor_inputs (`Sequence[str]`):
                 Tensors passed to the callback, from `_callback_tensor_inputs`.
 
         Examples:
@@ -276,15 +289,28 @@ class InstructX2XPipeline(DiffusionPipeline):
 
         # 0. Check inputs
         region_mode, prompts = self.check_inputs(
-            prompt, image, region_mode, tau, relevance_timestep, num_inference_steps, guidance_scale,
-            image_guidance_scale, output_type, callback_on_step_end_tensor_inputs, generator,
+            prompt,
+            image,
+            region_mode,
+            tau,
+            relevance_timestep,
+            num_inference_steps,
+            guidance_scale,
+            image_guidance_scale,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+            generator,
             relevance_draws,
         )
         batch_size = len(prompts)
-        if (mask_image is not None or prior_mask is not None) and \
-                region_mode in (RegionMode.RELEVANCE, RegionMode.NONE):
-            raise ParameterError(f"`mask_image` and `prior_mask` replace the prior, which region_mode "
-                             f"{region_mode.value!r} does not use; choose 'rse' or 'prior'.")
+        if (mask_image is not None or prior_mask is not None) and region_mode in (
+            RegionMode.RELEVANCE,
+            RegionMode.NONE,
+        ):
+            raise ParameterError(
+                f"`mask_image` and `prior_mask` replace the prior, which region_mode "
+                f"{region_mode.value!r} does not use; choose 'rse' or 'prior'."
+            )
         self._interrupt = False
 
         # 1. Batch size and device
@@ -309,10 +335,14 @@ class InstructX2XPipeline(DiffusionPipeline):
         if state is not None and not isinstance(state, GuidanceState):
             raise TypeError(f"`guidance_state` must be a GuidanceState, got {type(state).__name__}.")
         if state is not None and len(state.relevance_noise) != relevance_draws - 1:
-            raise ParameterError(f"`guidance_state` was drawn for {len(state.relevance_noise) + 1} "
-                                 f"relevance draws, not {relevance_draws}.")
+            raise ParameterError(
+                f"`guidance_state` was drawn for {len(state.relevance_noise) + 1} "
+                f"relevance draws, not {relevance_draws}."
+            )
         if state is not None and tuple(state.source_latents.shape[-2:]) != (
-                height // self.vae_scale_factor, width // self.vae_scale_factor):
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        ):
             raise ParameterError("`guidance_state` comes from an image of another size.")
 
         # 3. Encode the instruction. CFG batch order: (text+image, image only, nothing).
@@ -327,14 +357,17 @@ class InstructX2XPipeline(DiffusionPipeline):
             image_latents, source_latents = self.prepare_image_latents(pixels, generator)
             # One noise draw serves the relevance map, the start point and every re-noising; the
             # relevance map's further draws come right after it, whatever the region mode.
-            noise, *relevance_noise = [randn_tensor(source_latents.shape, generator=generator,
-                                                    device=device, dtype=torch.float32)
-                                       for _ in range(relevance_draws)]
+            noise, *relevance_noise = [
+                randn_tensor(source_latents.shape, generator=generator, device=device, dtype=torch.float32)
+                for _ in range(relevance_draws)
+            ]
         else:
             image_latents, source_latents, noise = state.image_latents, state.source_latents, state.noise
             relevance_noise = state.relevance_noise
             if generator is not None and state.generator_state is not None:
-                _set_generator_states(generator, state.generator_state)  # later draws as if nothing was skipped
+                _set_generator_states(
+                    generator, state.generator_state
+                )  # later draws as if nothing was skipped
         generator_state = None if generator is None else _generator_states(generator)
         # Image-conditioning batch [c, c, 0], matching the text batch [emb(T), emb(""), emb("")].
         image_latents_cfg = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])
@@ -343,30 +376,59 @@ class InstructX2XPipeline(DiffusionPipeline):
         # 6. Relevance map R (one UNet call at t_rel per noise draw), prior M, guidance map G, masks m.
         relevance = None
         if region_mode in (RegionMode.RSE, RegionMode.RELEVANCE):
-            if state is not None and state.relevance is not None \
-                    and state.relevance_timestep == int(relevance_timestep):
+            if (
+                state is not None
+                and state.relevance is not None
+                and state.relevance_timestep == int(relevance_timestep)
+            ):
                 relevance = state.relevance
             else:
-                relevance = self.compute_relevance(source_latents, [noise, *relevance_noise],
-                                                   image_latents_cfg, prompt_embeds, relevance_timestep)
-        state = GuidanceState(prompt_embeds, image_latents, source_latents, noise, relevance_noise,
-                              relevance, int(relevance_timestep), generator_state)
+                relevance = self.compute_relevance(
+                    source_latents,
+                    [noise, *relevance_noise],
+                    image_latents_cfg,
+                    prompt_embeds,
+                    relevance_timestep,
+                )
+        state = GuidanceState(
+            prompt_embeds,
+            image_latents,
+            source_latents,
+            noise,
+            relevance_noise,
+            relevance,
+            int(relevance_timestep),
+            generator_state,
+        )
         prior, selection = None, None
         if region_mode in (RegionMode.RSE, RegionMode.PRIOR):
             explicit = None if prior_mask is None else self._to_batch(prior_mask, "prior_mask", 1, batch_size)
-            resolved = [self.resolve_prior(text, None if user_mask is None else user_mask[i:i + 1],
-                                           None if explicit is None else explicit[i:i + 1],
-                                           (height, width), device, lateralize_prior)
-                        for i, text in enumerate(prompts)]
+            resolved = [
+                self.resolve_prior(
+                    text,
+                    None if user_mask is None else user_mask[i : i + 1],
+                    None if explicit is None else explicit[i : i + 1],
+                    (height, width),
+                    device,
+                    lateralize_prior,
+                )
+                for i, text in enumerate(prompts)
+            ]
             prior = torch.cat([mask for mask, _ in resolved])
             selection = [chosen for _, chosen in resolved]
             selection = selection[0] if isinstance(prompt, str) else selection
         relevance_px = None if relevance is None else guidance.resize_map(relevance, (height, width))
         prior_latent = None if prior is None else guidance.resize_map(prior, latent_size)
-        guidance_latent = guidance.guidance_map(relevance, prior_latent, region_mode) \
-            if region_mode is not RegionMode.NONE else torch.ones(batch_size, 1, *latent_size, device=device)
-        guidance_px = guidance.guidance_map(relevance_px, prior, region_mode) \
-            if region_mode is not RegionMode.NONE else torch.ones(batch_size, 1, height, width, device=device)
+        guidance_latent = (
+            guidance.guidance_map(relevance, prior_latent, region_mode)
+            if region_mode is not RegionMode.NONE
+            else torch.ones(batch_size, 1, *latent_size, device=device)
+        )
+        guidance_px = (
+            guidance.guidance_map(relevance_px, prior, region_mode)
+            if region_mode is not RegionMode.NONE
+            else torch.ones(batch_size, 1, height, width, device=device)
+        )
         keep_latent = None if keep_mask is None else guidance.resize_map(keep_mask, latent_size)
         mask = guidance.combine_masks(guidance.threshold_mask(guidance_latent, tau), keep_latent)
         mask_px = guidance.combine_masks(guidance.threshold_mask(guidance_px, tau), keep_mask)
@@ -377,16 +439,23 @@ class InstructX2XPipeline(DiffusionPipeline):
             return InstructX2XPipelineOutput(*fields) if return_dict else fields
         for i in range(batch_size):
             if not (mask[i].any() and mask_px[i].any()):
-                raise EmptyEditRegionError(("" if batch_size == 1 else f"batch element {i}: ") + _empty_region_reason(
-                    None if relevance is None else relevance[i], guidance_latent[i],
-                    None if keep_latent is None else keep_latent[i], tau))
+                raise EmptyEditRegionError(
+                    ("" if batch_size == 1 else f"batch element {i}: ")
+                    + _empty_region_reason(
+                        None if relevance is None else relevance[i],
+                        guidance_latent[i],
+                        None if keep_latent is None else keep_latent[i],
+                        tau,
+                    )
+                )
 
         # 7. Start from the input latent noised to the first timestep (not from pure noise).
         if latents is None:
             latents = self.scheduler.add_noise(source_latents, noise, timesteps[:1])
         elif tuple(latents.shape) != tuple(source_latents.shape):
-            raise ParameterError(f"`latents` must have shape {tuple(source_latents.shape)}, got "
-                                 f"{tuple(latents.shape)}.")
+            raise ParameterError(
+                f"`latents` must have shape {tuple(source_latents.shape)}, got {tuple(latents.shape)}."
+            )
         else:
             latents = latents.to(device, torch.float32) * self.scheduler.init_noise_sigma
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
@@ -399,22 +468,29 @@ class InstructX2XPipeline(DiffusionPipeline):
                     raise EditCancelled(f"edit cancelled before step {i + 1} of {len(timesteps)}")
                 latent_model_input = self.scheduler.scale_model_input(torch.cat([latents] * 3), t)
                 latent_model_input = torch.cat([latent_model_input, image_latents_cfg.float()], dim=1)
-                noise_pred = self.unet(latent_model_input.to(model_dtype), t,
-                                       encoder_hidden_states=prompt_embeds, return_dict=False)[0].float()
+                noise_pred = self.unet(
+                    latent_model_input.to(model_dtype),
+                    t,
+                    encoder_hidden_states=prompt_embeds,
+                    return_dict=False,
+                )[0].float()
                 noise_pred_text, noise_pred_image, noise_pred_uncond = noise_pred.chunk(3)
                 # eps = eps_u + s_T (eps_text - eps_img) + s_I (eps_img - eps_u)
-                noise_pred = (noise_pred_uncond
-                              + guidance_scale * (noise_pred_text - noise_pred_image)
-                              + image_guidance_scale * (noise_pred_image - noise_pred_uncond))
-                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs,
-                                              return_dict=False)[0]
+                noise_pred = (
+                    noise_pred_uncond
+                    + guidance_scale * (noise_pred_text - noise_pred_image)
+                    + image_guidance_scale * (noise_pred_image - noise_pred_uncond)
+                )
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[
+                    0
+                ]
 
                 # Outside the mask, the latents are the input re-noised with the same noise to the
                 # level the latents now have (the next timestep; the clean input after the last).
                 # Adapted from diffusers StableDiffusionInpaintPipeline.__call__ (4-channel branch).
                 if blend:
                     if i < len(timesteps) - 1:
-                        background = self.scheduler.add_noise(source_latents, noise, timesteps[i + 1:i + 2])
+                        background = self.scheduler.add_noise(source_latents, noise, timesteps[i + 1 : i + 2])
                     else:
                         background = source_latents
                     latents = mask * latents + (1.0 - mask) * background
@@ -446,12 +522,16 @@ class InstructX2XPipeline(DiffusionPipeline):
         # the output is the input anyway.
         decoded = source.float().repeat(to_decode.shape[0] // batch_size, 1, 1, 1)
         scale = self.vae_scale_factor
-        decoded[..., rows.start * scale:rows.stop * scale, columns.start * scale:columns.stop * scale] = \
+        decoded[..., rows.start * scale : rows.stop * scale, columns.start * scale : columns.stop * scale] = (
             decoded_window
+        )
         reconstruction = decoded[batch_size:] if return_reconstruction else None
         edited = torch.where(mask_px > 0, decoded[:batch_size], source.float())
-        images = edited if output_type == "pt" else self.image_processor.postprocess(
-            edited, output_type=output_type, do_denormalize=[False])
+        images = (
+            edited
+            if output_type == "pt"
+            else self.image_processor.postprocess(edited, output_type=output_type, do_denormalize=[False])
+        )
 
         # 10. Offload all models
         self.maybe_free_model_hooks()
@@ -459,10 +539,21 @@ class InstructX2XPipeline(DiffusionPipeline):
         fields = (images, mask_px, mask, guidance_px, relevance_px, prior, selection, reconstruction, state)
         return InstructX2XPipelineOutput(*fields) if return_dict else fields
 
-    def check_inputs(self, prompt, image, region_mode, tau, relevance_timestep, num_inference_steps,
-                     guidance_scale, image_guidance_scale, output_type,
-                     callback_on_step_end_tensor_inputs, generator=None,
-                     relevance_draws: int = 1) -> tuple[RegionMode, list[str]]:
+    def check_inputs(
+        self,
+        prompt,
+        image,
+        region_mode,
+        tau,
+        relevance_timestep,
+        num_inference_steps,
+        guidance_scale,
+        image_guidance_scale,
+        output_type,
+        callback_on_step_end_tensor_inputs,
+        generator=None,
+        relevance_draws: int = 1,
+    ) -> tuple[RegionMode, list[str]]:
         """Validate every argument before any model runs; returns the region mode as an enum
         and the prompts as a list (the batch)."""
         prompts = [prompt] if isinstance(prompt, str) else prompt
@@ -471,41 +562,61 @@ class InstructX2XPipeline(DiffusionPipeline):
         for text in prompts:
             parse_instruction(text)  # empty or absurdly long instructions fail here
         if isinstance(generator, list) and len(generator) != len(prompts):
-            raise ParameterError(f"`generator` is a list of {len(generator)} but the batch has "
-                                 f"{len(prompts)} prompts; give one generator per prompt.")
+            raise ParameterError(
+                f"`generator` is a list of {len(generator)} but the batch has "
+                f"{len(prompts)} prompts; give one generator per prompt."
+            )
         if image is None:
             raise TypeError("`image` is required.")
         try:
             mode = RegionMode(region_mode)
         except ValueError:
-            raise ParameterError(f"`region_mode` must be one of {[m.value for m in RegionMode]}, "
-                             f"got {region_mode!r}.") from None
+            raise ParameterError(
+                f"`region_mode` must be one of {[m.value for m in RegionMode]}, got {region_mode!r}."
+            ) from None
         if None in (num_inference_steps, guidance_scale, image_guidance_scale):
-            raise ParameterError("the pipeline needs the step count and both guidance scales; "
-                                 "InstructX2XEditor.resolve fills in a model's defaults.")
-        check_sampling(tau=tau, relevance_timestep=relevance_timestep,
-                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                       image_guidance_scale=image_guidance_scale, relevance_draws=relevance_draws,
-                       train_timesteps=self.scheduler.config.num_train_timesteps)
+            raise ParameterError(
+                "the pipeline needs the step count and both guidance scales; "
+                "InstructX2XEditor.resolve fills in a model's defaults."
+            )
+        check_sampling(
+            tau=tau,
+            relevance_timestep=relevance_timestep,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            image_guidance_scale=image_guidance_scale,
+            relevance_draws=relevance_draws,
+            train_timesteps=self.scheduler.config.num_train_timesteps,
+        )
         if output_type not in ("pil", "np", "pt"):
             raise ParameterError(f"`output_type` must be 'pil', 'np' or 'pt', got {output_type!r}.")
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
-            raise ParameterError(f"`callback_on_step_end_tensor_inputs` has {unknown}; allowed: "
-                             f"{self._callback_tensor_inputs}.")
+            raise ParameterError(
+                f"`callback_on_step_end_tensor_inputs` has {unknown}; allowed: "
+                f"{self._callback_tensor_inputs}."
+            )
         if self.unet.config.in_channels != 2 * self.vae.config.latent_channels:
-            raise ParameterError(f"the UNet takes {self.unet.config.in_channels} input channels; InstructPix2Pix "
-                             f"needs {2 * self.vae.config.latent_channels} (noisy + image latents).")
+            raise ParameterError(
+                f"the UNet takes {self.unet.config.in_channels} input channels; InstructPix2Pix "
+                f"needs {2 * self.vae.config.latent_channels} (noisy + image latents)."
+            )
         return mode, prompts
 
     def encode_prompt(self, prompt: str | list[str], device: torch.device) -> torch.Tensor:
         """Text embeddings in CFG order ``[emb(prompts), emb("") x B, emb("") x B]``."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        tokens = self.tokenizer([*prompts, ""], padding="max_length", truncation=True,
-                                max_length=self.tokenizer.model_max_length, return_tensors="pt")
+        tokens = self.tokenizer(
+            [*prompts, ""],
+            padding="max_length",
+            truncation=True,
+            max_length=self.tokenizer.model_max_length,
+            return_tensors="pt",
+        )
         if any(len(ids) > self.tokenizer.model_max_length for ids in self.tokenizer(prompts).input_ids):
-            logger.warning("An instruction is longer than %d tokens and was truncated.",
-                           self.tokenizer.model_max_length)
+            logger.warning(
+                "An instruction is longer than %d tokens and was truncated.", self.tokenizer.model_max_length
+            )
         embeds = self.text_encoder(tokens.input_ids.to(device))[0].to(self.unet.dtype)
         empty = embeds[-1:].expand(len(prompts), -1, -1)
         return torch.cat([embeds[:-1], empty, empty])
@@ -517,8 +628,14 @@ class InstructX2XPipeline(DiffusionPipeline):
         source_latents = posterior.sample(generator).float() * self.vae.config.scaling_factor
         return image_latents, source_latents
 
-    def compute_relevance(self, source_latents, noises: list[torch.Tensor], image_latents_cfg,
-                          prompt_embeds, relevance_timestep: int) -> torch.Tensor:
+    def compute_relevance(
+        self,
+        source_latents,
+        noises: list[torch.Tensor],
+        image_latents_cfg,
+        prompt_embeds,
+        relevance_timestep: int,
+    ) -> torch.Tensor:
         """One UNet call at ``t_rel`` per noise draw; ``R`` at latent size (docs/method.md
         section 2, step 3, which takes one draw: ``guidance.relevance_map`` averages several).
 
@@ -545,9 +662,14 @@ class InstructX2XPipeline(DiffusionPipeline):
             for noise in noises:
                 noisy = alpha.sqrt() * source_latents + (1 - alpha).sqrt() * noise
                 model_input = torch.cat([torch.cat([noisy] * 2), image_latents_cfg[:members].float()], dim=1)
-                predictions.append(self.unet(model_input.to(dtype), timestep,
-                                             encoder_hidden_states=prompt_embeds[:members].to(dtype),
-                                             return_dict=False)[0].chunk(2))
+                predictions.append(
+                    self.unet(
+                        model_input.to(dtype),
+                        timestep,
+                        encoder_hidden_states=prompt_embeds[:members].to(dtype),
+                        return_dict=False,
+                    )[0].chunk(2)
+                )
         finally:
             if self.unet.dtype != model_dtype:
                 torch.nn.Module.to(self.unet, model_dtype)
@@ -557,20 +679,23 @@ class InstructX2XPipeline(DiffusionPipeline):
     def resolve_prior(self, prompt: str, user_mask, prior_mask, size, device, lateralize: bool = True):
         """``M``: the user's mask, else an explicit prior, else the instruction's pseudo masks."""
         if user_mask is not None:
-            selection = PriorSelection(user_mask[0, 0].cpu().numpy(), (), False,
-                                       "user-defined edit mask", "user")
+            selection = PriorSelection(
+                user_mask[0, 0].cpu().numpy(), (), False, "user-defined edit mask", "user"
+            )
             return user_mask, selection
         if prior_mask is not None:
             mask = self._to_tensor(prior_mask, "prior_mask", channels=1).to(device)
             mask = guidance.resize_map((mask > 0.5).float(), size, mode="nearest")
-            return mask, PriorSelection(mask[0, 0].cpu().numpy(), (), False, "explicit prior mask",
-                                        "explicit")
+            return mask, PriorSelection(
+                mask[0, 0].cpu().numpy(), (), False, "explicit prior mask", "explicit"
+            )
         if self.prior_set is None:
             self.prior_set = PriorSet.default()
         selection = self.prior_set.select(parse_instruction(prompt), lateralize=lateralize)
         if selection.full_image:
-            logger.warning("No anatomical prior applies (%s): editing with the full-image prior.",
-                           selection.reason)
+            logger.warning(
+                "No anatomical prior applies (%s): editing with the full-image prior.", selection.reason
+            )
         mask = torch.from_numpy(selection.mask)[None, None].to(device)
         return guidance.resize_map(mask, size, mode="nearest"), selection  # binary: the side stays exact
 
@@ -584,14 +709,17 @@ class InstructX2XPipeline(DiffusionPipeline):
             kwargs["generator"] = generator
         return kwargs
 
-    def _load_mask(self, mask, name: str, size: tuple[int, int], device,
-                   batch_size: int = 1) -> torch.Tensor | None:
+    def _load_mask(
+        self, mask, name: str, size: tuple[int, int], device, batch_size: int = 1
+    ) -> torch.Tensor | None:
         if mask is None:
             return None
         tensor = self._to_batch(mask, name, 1, batch_size)
         if tuple(tensor.shape[-2:]) != tuple(size):
-            raise ParameterError(f"`{name}` is {tuple(tensor.shape[-2:])} but the image is {tuple(size)}; "
-                             "masks must have the image's size.")
+            raise ParameterError(
+                f"`{name}` is {tuple(tensor.shape[-2:])} but the image is {tuple(size)}; "
+                "masks must have the image's size."
+            )
         return (tensor > 0.5).float().to(device)
 
     def _to_batch(self, value, name: str, channels: int | None, batch_size: int) -> torch.Tensor:
@@ -599,8 +727,10 @@ class InstructX2XPipeline(DiffusionPipeline):
         items = value if isinstance(value, list) else [value]
         tensors = [t for item in items for t in self._to_tensor(item, name, channels).split(1)]
         if len(tensors) != batch_size or len({tuple(t.shape) for t in tensors}) != 1:
-            raise ParameterError(f"`{name}` must give {batch_size} image(s) of one size (one per "
-                                 f"prompt), got {[tuple(t.shape[-2:]) for t in tensors]}.")
+            raise ParameterError(
+                f"`{name}` must give {batch_size} image(s) of one size (one per "
+                f"prompt), got {[tuple(t.shape[-2:]) for t in tensors]}."
+            )
         return torch.cat(tensors)
 
     # Not VaeImageProcessor.preprocess: it reads PIL images through 8 bits (a 16-bit film would
@@ -615,22 +745,26 @@ class InstructX2XPipeline(DiffusionPipeline):
             if value.ndim == 3:
                 value = value.permute(2, 0, 1)
         if not isinstance(value, torch.Tensor):
-            raise TypeError(f"`{name}` must be a PIL image, numpy array or torch tensor, "
-                            f"got {type(value).__name__}.")
+            raise TypeError(
+                f"`{name}` must be a PIL image, numpy array or torch tensor, got {type(value).__name__}."
+            )
         tensor = value.float()
         while tensor.ndim < 4:
             tensor = tensor.unsqueeze(0)
         if tensor.ndim != 4 or tensor.shape[1] not in (1, 3):
-            raise ParameterError(f"`{name}` must be 2-D grayscale or RGB image(s), got shape "
-                                 f"{tuple(value.shape)}.")
+            raise ParameterError(
+                f"`{name}` must be 2-D grayscale or RGB image(s), got shape {tuple(value.shape)}."
+            )
         if channels == 1 and tensor.shape[1] == 3:
             tensor = tensor.mean(dim=1, keepdim=True)
         if not torch.isfinite(tensor).all() or tensor.min() < 0 or tensor.max() > 1:
             raise ParameterError(f"`{name}` values must be finite and lie in [0, 1].")
         height, width = tensor.shape[-2:]
         if name == "image" and (height % 8 or width % 8 or height < 8 or width < 8):
-            raise ParameterError(f"`image` height and width must be multiples of 8, got {height}x{width}; "
-                             "resize it first (InstructX2XEditor does).")
+            raise ParameterError(
+                f"`image` height and width must be multiples of 8, got {height}x{width}; "
+                "resize it first (InstructX2XEditor does)."
+            )
         return tensor
 
 
@@ -668,8 +802,10 @@ def _pil_to_unit_array(image: PIL.Image.Image, name: str) -> np.ndarray:
         ParameterError: for modes whose full scale is unknown (32-bit integer "I", CMYK, ...).
     """
     if image.mode not in _PIL_FULL_SCALE:
-        raise ParameterError(f"`{name}` has PIL mode {image.mode!r}; give 8- or 16-bit grayscale, "
-                             "RGB, or float ('F', values in [0, 1]).")
+        raise ParameterError(
+            f"`{name}` has PIL mode {image.mode!r}; give 8- or 16-bit grayscale, "
+            "RGB, or float ('F', values in [0, 1])."
+        )
     scale = _PIL_FULL_SCALE[image.mode]
     if image.mode in ("LA", "P", "RGBA"):
         image = image.convert("RGB")
@@ -679,10 +815,14 @@ def _pil_to_unit_array(image: PIL.Image.Image, name: str) -> np.ndarray:
 def _empty_region_reason(relevance, guidance_latent, keep_latent, tau: float) -> str:
     """Why the edit mask came out empty, in words a user can act on."""
     if relevance is not None and not relevance.any():
-        return ("the relevance map is constant: the instruction does not change the model's noise "
-                "prediction anywhere, so no region can be chosen; use region mode 'prior' or a "
-                "painted mask, or check that the model reads the instruction.")
+        return (
+            "the relevance map is constant: the instruction does not change the model's noise "
+            "prediction anywhere, so no region can be chosen; use region mode 'prior' or a "
+            "painted mask, or check that the model reads the instruction."
+        )
     if keep_latent is not None and (keep_latent > 0).all():
         return "the keep mask covers the whole image: nothing may be edited."
-    return (f"no guidance value reaches tau={tau:g} (the largest is "
-            f"{float(guidance_latent.max()):.3g}): lower tau.")
+    return (
+        f"no guidance value reaches tau={tau:g} (the largest is "
+        f"{float(guidance_latent.max()):.3g}): lower tau."
+    )

@@ -66,8 +66,9 @@ def _superellipse_fraction(exponent: float) -> float:
     return math.gamma(1 + 1 / exponent) ** 2 / math.gamma(1 + 2 / exponent)
 
 
-def approximate_prior(coverage: float, rows: tuple[int, int], cols: tuple[int, int],
-                      size: int = PRIOR_SIZE) -> np.ndarray:
+def approximate_prior(
+    coverage: float, rows: tuple[int, int], cols: tuple[int, int], size: int = PRIOR_SIZE
+) -> np.ndarray:
     """A mask with the published extent and (approximately) the published coverage.
 
     The union of MS-CXR boxes is a rounded blob; a superellipse inscribed in the published
@@ -97,8 +98,7 @@ def approximate_prior(coverage: float, rows: tuple[int, int], cols: tuple[int, i
     return (inside & inside_box).astype(np.uint8)
 
 
-def write_prior_set(directory: Path, masks: dict[str, np.ndarray], *, version: str,
-                    source: str) -> Path:
+def write_prior_set(directory: Path, masks: dict[str, np.ndarray], *, version: str, source: str) -> Path:
     """Write a prior set in the format ``PriorSet.from_directory`` reads.
 
     Parameters
@@ -120,8 +120,7 @@ def write_prior_set(directory: Path, masks: dict[str, np.ndarray], *, version: s
         When the directory already holds a prior set.
     """
     if set(masks) != set(PRIOR_CATEGORIES):
-        raise ValueError(f"masks must cover exactly the categories {PRIOR_CATEGORIES}, "
-                         f"got {sorted(masks)}.")
+        raise ValueError(f"masks must cover exactly the categories {PRIOR_CATEGORIES}, got {sorted(masks)}.")
     for category, mask in masks.items():
         _check_mask(np.asarray(mask), category)
     directory = Path(directory)
@@ -133,16 +132,22 @@ def write_prior_set(directory: Path, masks: dict[str, np.ndarray], *, version: s
         name = category_file_name(category)
         Image.fromarray((np.asarray(masks[category]) > 0).astype(np.uint8) * 255).save(directory / name)
         files[category] = name
-    manifest = {"format": "instructx2x-priors/1", "version": version, "source": source,
-                "size": [PRIOR_SIZE, PRIOR_SIZE], "files": files}
+    manifest = {
+        "format": "instructx2x-priors/1",
+        "version": version,
+        "source": source,
+        "size": [PRIOR_SIZE, PRIOR_SIZE],
+        "files": files,
+    }
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return directory
 
 
 def _check_mask(mask: np.ndarray, category: str) -> None:
     if mask.shape != (PRIOR_SIZE, PRIOR_SIZE):
-        raise ValueError(f"prior mask {category!r} has shape {mask.shape}, expected "
-                         f"({PRIOR_SIZE}, {PRIOR_SIZE}).")
+        raise ValueError(
+            f"prior mask {category!r} has shape {mask.shape}, expected ({PRIOR_SIZE}, {PRIOR_SIZE})."
+        )
     if not np.isin(np.unique(mask), (0, 1, 255)).all():
         raise ValueError(f"prior mask {category!r} must be binary (0 and 1, or 0 and 255).")
 
@@ -176,8 +181,13 @@ class PriorSelection:
 
     def to_dict(self) -> dict:
         """JSON-ready description (without the mask itself)."""
-        return {"categories": list(self.categories), "full_image": self.full_image,
-                "reason": self.reason, "version": self.version, "laterality": self.laterality}
+        return {
+            "categories": list(self.categories),
+            "full_image": self.full_image,
+            "reason": self.reason,
+            "version": self.version,
+            "laterality": self.laterality,
+        }
 
 
 class PriorSet:
@@ -206,7 +216,7 @@ class PriorSet:
         return f"PriorSet(version={self.version!r}, categories={len(self.masks)})"
 
     @classmethod
-    def from_directory(cls, directory: str | Path) -> "PriorSet":
+    def from_directory(cls, directory: str | Path) -> PriorSet:
         """Load a prior set written by ``write_prior_set`` (or the training package).
 
         Raises
@@ -235,7 +245,7 @@ class PriorSet:
         return cls(masks, version=version, source=str(manifest.get("source", directory)))
 
     @classmethod
-    def default(cls) -> "PriorSet":
+    def default(cls) -> PriorSet:
         """The approximate prior set shipped with the package (no MS-CXR needed)."""
         root = resources.files("instructx2x") / "resources" / "priors" / DEFAULT_PRIOR_DIR
         with resources.as_file(root) as directory:
@@ -260,21 +270,20 @@ class PriorSet:
         """
         full = np.ones((PRIOR_SIZE, PRIOR_SIZE), dtype=np.float32)
         if not instruction.findings:
-            return PriorSelection(full, (), True, "the instruction names no known finding",
-                                  self.version)
+            return PriorSelection(full, (), True, "the instruction names no known finding", self.version)
         # docs/method.md section 2, step 4: a named finding without a prior may appear
         # anywhere, so the union with it is the full image ("effusion and fracture" must not
         # edit the effusion region only).
         uncovered = [f for f in instruction.findings if f not in FINDING_TO_PRIOR]
         if uncovered:
             return PriorSelection(
-                full, (), True,
-                f"no prior covers the finding(s) {', '.join(uncovered)}", self.version)
+                full, (), True, f"no prior covers the finding(s) {', '.join(uncovered)}", self.version
+            )
         missing = [c for c in instruction.prior_categories if c not in self.masks]
         if missing:
-            return PriorSelection(full, (), True,
-                                  f"prior set {self.version} has no mask for {', '.join(missing)}",
-                                  self.version)
+            return PriorSelection(
+                full, (), True, f"prior set {self.version} has no mask for {', '.join(missing)}", self.version
+            )
         union = np.zeros_like(full)
         side = instruction.laterality if lateralize else None
         for category in instruction.prior_categories:
@@ -286,8 +295,7 @@ class PriorSet:
         lateral = side.value if side in (Laterality.LEFT, Laterality.RIGHT) else None
         if lateral:
             reason += f", narrowed to the patient's {lateral} side"
-        return PriorSelection(union, instruction.prior_categories, False, reason, self.version,
-                              lateral)
+        return PriorSelection(union, instruction.prior_categories, False, reason, self.version, lateral)
 
 
 def _keep_patient_side(mask: np.ndarray, side: Laterality) -> np.ndarray:

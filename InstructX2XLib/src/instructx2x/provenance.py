@@ -12,8 +12,14 @@ from typing import Any
 
 from .errors import InputError
 
-__all__ = ["to_json", "read_provenance", "source_label", "PRIVATE_CREATOR", "PRIVATE_GROUP",
-           "PROVENANCE_ELEMENT"]
+__all__ = [
+    "to_json",
+    "read_provenance",
+    "source_label",
+    "PRIVATE_CREATOR",
+    "PRIVATE_GROUP",
+    "PROVENANCE_ELEMENT",
+]
 
 PRIVATE_CREATOR = "INSTRUCTX2X"
 PRIVATE_GROUP = 0x0071

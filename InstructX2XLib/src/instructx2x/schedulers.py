@@ -23,8 +23,16 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .errors import ParameterError
 
-__all__ = ["DDIM_CONFIG", "TRAINING_KEYS", "SCHEDULERS", "PAPER_STEPS", "FEW_STEP_SOLVER_STEPS", "make_scheduler",
-           "default_scheduler", "default_steps"]
+__all__ = [
+    "DDIM_CONFIG",
+    "TRAINING_KEYS",
+    "SCHEDULERS",
+    "PAPER_STEPS",
+    "FEW_STEP_SOLVER_STEPS",
+    "make_scheduler",
+    "default_scheduler",
+    "default_steps",
+]
 
 # Stable Diffusion 1.x betas with the authors' DDIM sampling settings.
 DDIM_CONFIG: dict = {
@@ -66,8 +74,14 @@ def default_steps(scheduler: SchedulerMixin, few_step_solver_steps: int = FEW_ST
 
 # What a model's own scheduler/ folder may set: how it was trained. How to sample (steps
 # offset, alpha-to-one, clipping) stays the authors'.
-TRAINING_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
-                 "trained_betas", "prediction_type")
+TRAINING_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+)
 
 
 def make_scheduler(name: str = "ddim", model_config: dict | None = None) -> SchedulerMixin:

@@ -77,8 +77,19 @@ from .errors import EditCancelled, InstructX2XError, ParameterError, ResourceErr
 from .jobs import EditJob, edit_images, prepare, write_results
 from .provenance import to_json
 
-__all__ = ["MAX_CLIENTS", "MAX_LINE_BYTES", "MAX_PENDING_EVENTS", "MAX_WAITING_PER_CLIENT", "PROTOCOL_VERSION",
-           "check_socket_path", "peer_uid", "read_lines", "serve", "serve_socket", "trusted_uid"]
+__all__ = [
+    "MAX_CLIENTS",
+    "MAX_LINE_BYTES",
+    "MAX_PENDING_EVENTS",
+    "MAX_WAITING_PER_CLIENT",
+    "PROTOCOL_VERSION",
+    "check_socket_path",
+    "peer_uid",
+    "read_lines",
+    "serve",
+    "serve_socket",
+    "trusted_uid",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +221,7 @@ class SocketClient(Client):
             if not poller.poll(SEND_STALL_S * 1000):
                 raise TimeoutError("the client takes no data")
             with contextlib.suppress(BlockingIOError):
-                view = view[self.connection.send(view, socket.MSG_DONTWAIT):]
+                view = view[self.connection.send(view, socket.MSG_DONTWAIT) :]
 
 
 def read_lines(stream: BinaryIO, limit: int = MAX_LINE_BYTES) -> Iterator[str]:
@@ -301,7 +312,9 @@ class Worker:
         client.close()
         with self.condition:
             self.clients.discard(client)
-            first = next((i for i, (c, _request) in enumerate(self.waiting) if c is client), len(self.waiting))
+            first = next(
+                (i for i, (c, _request) in enumerate(self.waiting) if c is client), len(self.waiting)
+            )
             self.waiting = collections.deque((c, r) for c, r in self.waiting if c is not client)
             moved, ahead = list(self.waiting)[first:], first + (self.running is not None)
             self.cancelled = {key for key in self.cancelled if key[0] != client.key}
@@ -332,9 +345,15 @@ class Worker:
                 ahead = len(self.waiting) - 1 + (self.running is not None)
                 self.condition.notify()
         if refused:
-            client.emit({"id": request_id, **_error(
-                f"{MAX_WAITING_PER_CLIENT} of your jobs already wait; send more when one ends.",
-                ResourceError)})
+            client.emit(
+                {
+                    "id": request_id,
+                    **_error(
+                        f"{MAX_WAITING_PER_CLIENT} of your jobs already wait; send more when one ends.",
+                        ResourceError,
+                    ),
+                }
+            )
         elif ahead and request.get("type") != "shutdown":
             client.emit({"id": request_id, "event": "queued", "position": ahead})
 
@@ -367,19 +386,31 @@ class Worker:
                 elif kind == "rethreshold":
                     self.rethreshold(client, request_id, request)
                 else:
-                    raise ParameterError(f"unknown request type {kind!r}; known: edit, preview, "
-                                         "rethreshold, cancel, shutdown.")
+                    raise ParameterError(
+                        f"unknown request type {kind!r}; known: edit, preview, rethreshold, cancel, shutdown."
+                    )
             except (EditCancelled, _Cancelled):
                 client.emit({"id": request_id, "event": "cancelled"})
             except InstructX2XError as error:
                 client.emit({"id": request_id, **_error(str(error), type(error))})
             except MemoryError:
-                client.emit({"id": request_id, **_error(
-                    "out of memory: use a smaller resolution or another device.", ResourceError)})
+                client.emit(
+                    {
+                        "id": request_id,
+                        **_error("out of memory: use a smaller resolution or another device.", ResourceError),
+                    }
+                )
             except Exception as error:  # noqa: BLE001 - a defect must not take the warm worker down
-                client.emit({"id": request_id, "event": "error", "kind": type(error).__name__, "exit_code": 1,
-                             "message": f"internal error, please report it ({type(error).__name__}: "
-                                        f"{str(error).splitlines()[0] if str(error) else ''})"})
+                client.emit(
+                    {
+                        "id": request_id,
+                        "event": "error",
+                        "kind": type(error).__name__,
+                        "exit_code": 1,
+                        "message": f"internal error, please report it ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''})",
+                    }
+                )
             finally:
                 with self.condition:
                     self.running = None
@@ -421,8 +452,10 @@ class Worker:
         with self.condition:
             cached = self.previews.get((client.key, str(request.get("preview"))))
         if cached is None:
-            raise ParameterError(f"no cached preview {request.get('preview')!r}; run a preview first "
-                                 f"(the worker keeps the last {MAX_CACHED_PREVIEWS}).")
+            raise ParameterError(
+                f"no cached preview {request.get('preview')!r}; run a preview first "
+                f"(the worker keeps the last {MAX_CACHED_PREVIEWS})."
+            )
         if "output" not in request:
             raise ParameterError("rethreshold needs an 'output' folder.")
         result, keep = cached
@@ -431,9 +464,16 @@ class Worker:
         with atomic_output_dir(output) as staging:
             np.save(staging / "edit_mask.npy", mask)
             Image.fromarray(mask.astype(np.uint8) * 255).save(staging / "edit_mask.png")
-        client.emit({"id": request_id, "event": "done", "output": str(output),
-                   "files": ["edit_mask.npy", "edit_mask.png"], "tau": request.get("tau"),
-                   "edit_fraction": float(mask.mean())})
+        client.emit(
+            {
+                "id": request_id,
+                "event": "done",
+                "output": str(output),
+                "files": ["edit_mask.npy", "edit_mask.png"],
+                "tau": request.get("tau"),
+                "edit_fraction": float(mask.mean()),
+            }
+        )
 
 
 def _announce(waiting: list[tuple[Client, dict]], ahead: int) -> None:
@@ -451,9 +491,14 @@ def ready_event(editor) -> dict:
     """The model, precision and sampling defaults (steps, s_T, s_I, relevance draws, resolution:
     the model card's where it sets them), so that a panel shows the values an edit runs with when
     none are given."""
-    return {"event": "ready", "protocol": PROTOCOL_VERSION, "model": editor.model_info.to_dict(),
-            "precision": editor.precision, "native_resolution": editor.native_resolution,
-            "defaults": editor.sampling()}
+    return {
+        "event": "ready",
+        "protocol": PROTOCOL_VERSION,
+        "model": editor.model_info.to_dict(),
+        "precision": editor.precision,
+        "native_resolution": editor.native_resolution,
+        "defaults": editor.sampling(),
+    }
 
 
 def serve(editor, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
@@ -522,8 +567,9 @@ def _listen(path: Path) -> socket.socket:
         os.link(staging, path)
     except OSError as error:
         listener.close()
-        raise ParameterError(f"cannot serve at {path.name} ({error.strerror}); another worker may be "
-                             "starting there.") from None
+        raise ParameterError(
+            f"cannot serve at {path.name} ({error.strerror}); another worker may be starting there."
+        ) from None
     finally:
         os.umask(previous_mask)
         if bound:
@@ -551,8 +597,10 @@ def _accept(listener: socket.socket, worker: Worker, stopping: threading.Event) 
         try:
             _welcome(connection, worker)
         except (OSError, RuntimeError) as error:  # RuntimeError: no thread could be started
-            logger.warning("could not serve a new client (%s)", errno.errorcode.get(
-                getattr(error, "errno", None), type(error).__name__))
+            logger.warning(
+                "could not serve a new client (%s)",
+                errno.errorcode.get(getattr(error, "errno", None), type(error).__name__),
+            )
             connection.close()
 
 
@@ -565,8 +613,13 @@ def _welcome(connection: socket.socket, worker: Worker) -> None:
         return
     client = SocketClient(connection)
     if not worker.admit(client):
-        client.emit(_error(f"the shared worker serves at most {MAX_CLIENTS} clients at a time; "
-                           "try again when one has closed.", ResourceError))
+        client.emit(
+            _error(
+                f"the shared worker serves at most {MAX_CLIENTS} clients at a time; "
+                "try again when one has closed.",
+                ResourceError,
+            )
+        )
         client.close()
         return
     client.emit(ready_event(worker.editor))

@@ -18,22 +18,44 @@ import functools
 
 import numpy as np
 
-from .classifiers import (COHORT_SET_NAME, FINDING_TO_PATHOLOGY, PATHOLOGIES, RACES, ClassifierSet, Predictions,
-                          load_classifiers)
+from .classifiers import (
+    COHORT_SET_NAME,
+    FINDING_TO_PATHOLOGY,
+    PATHOLOGIES,
+    RACES,
+    ClassifierSet,
+    Predictions,
+    load_classifiers,
+)
 from .dicom.read import PHANTOM_MANUFACTURER
-from .xrv_classifiers import torchxrayvision_ready
 from .errors import ModelLoadError, ParameterError, ResourceError
 from .instructions import Operation, parse_instruction
+from .xrv_classifiers import torchxrayvision_ready
 
-__all__ = ["VerificationMargins", "Verification", "expected_labels", "verify_edit", "lung_zones",
-           "choose_classifiers", "DEMOGRAPHIC_FIELDS", "DEMOGRAPHICS_LABEL"]
+__all__ = [
+    "VerificationMargins",
+    "Verification",
+    "expected_labels",
+    "verify_edit",
+    "lung_zones",
+    "choose_classifiers",
+    "DEMOGRAPHIC_FIELDS",
+    "DEMOGRAPHICS_LABEL",
+]
 
 ZONE_ROWS = ("upper", "middle", "lower")
 # The inferred demographics of a report, shown only when asked for.
-DEMOGRAPHIC_FIELDS = ("age_before", "age_after", "race_before", "race_after", "sex_female_before",
-                      "sex_female_after")
-DEMOGRAPHICS_LABEL = ("model estimates: the classifiers' reading of the images, not the patient's "
-                      "recorded age, sex or race")
+DEMOGRAPHIC_FIELDS = (
+    "age_before",
+    "age_after",
+    "race_before",
+    "race_after",
+    "sex_female_before",
+    "sex_female_after",
+)
+DEMOGRAPHICS_LABEL = (
+    "model estimates: the classifiers' reading of the images, not the patient's recorded age, sex or race"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +113,8 @@ def choose_classifiers(spec: str, model_info, image=None) -> tuple[ClassifierSet
     named = (getattr(model_info, "card", None) or {}).get("classifiers")
     if named:
         return _load_cached(named), "the model's card names it" + (
-            "" if refused is None else f"; torchxrayvision's weights are present but refused: {refused}")
+            "" if refused is None else f"; torchxrayvision's weights are present but refused: {refused}"
+        )
     return _load_cached("torchxrayvision"), "the default for real films"
 
 
@@ -172,39 +195,62 @@ class Verification:
         """A short readable report: verdict first, then the figures behind it (the age, sex and
         race estimates only with ``include_demographics``, labelled as model estimates)."""
         verdict = "PASSED" if self.passed else "FLAGGED"
-        lines = [f"Verification {verdict}: {self.instruction}",
-                 f"classifiers: {self.classifiers['name']}, {self.classifiers['chosen_because']} "
-                 f"({self.classifiers['caveat']})"]
+        lines = [
+            f"Verification {verdict}: {self.instruction}",
+            f"classifiers: {self.classifiers['name']}, {self.classifiers['chosen_because']} "
+            f"({self.classifiers['caveat']})",
+        ]
         if not self.instructed:
-            lines.append("- the instructed finding is not one of the five the classifiers read: only "
-                         "collateral change and the pixels outside the mask are checked")
+            lines.append(
+                "- the instructed finding is not one of the five the classifiers read: only "
+                "collateral change and the pixels outside the mask are checked"
+            )
         lines += [f"- failed edit: {item}" for item in self.failed]
         lines += [f"- collateral change: {item}" for item in self.collateral]
         if self.max_change_outside_mask != 0:
-            lines.append(f"- the image changed outside the edit mask (max {self.max_change_outside_mask:.3g})")
+            lines.append(
+                f"- the image changed outside the edit mask (max {self.max_change_outside_mask:.3g})"
+            )
         lines.append("findings (probability before -> after; * instructed):")
         for name in PATHOLOGIES:
             mark = "*" if name in self.instructed else " "
-            lines.append(f" {mark} {name:<13} {self.findings_before[name]:.2f} -> {self.findings_after[name]:.2f}"
-                         f"  (expected {'present' if self.expected[name] else 'absent'})")
+            lines.append(
+                f" {mark} {name:<13} {self.findings_before[name]:.2f} -> {self.findings_after[name]:.2f}"
+                f"  (expected {'present' if self.expected[name] else 'absent'})"
+            )
         if include_demographics:
             race = max(self.race_before, key=self.race_before.get)
             race_after = max(self.race_after, key=self.race_after.get)
-            lines.append(f"{DEMOGRAPHICS_LABEL}: age {self.age_before:.1f} -> {self.age_after:.1f} years; "
-                         f"race {race} -> {race_after}"
-                         + ("" if self.sex_female_before is None else
-                            f"; P(female) {self.sex_female_before:.2f} -> {self.sex_female_after:.2f}"))
+            lines.append(
+                f"{DEMOGRAPHICS_LABEL}: age {self.age_before:.1f} -> {self.age_after:.1f} years; "
+                f"race {race} -> {race_after}"
+                + (
+                    ""
+                    if self.sex_female_before is None
+                    else f"; P(female) {self.sex_female_before:.2f} -> {self.sex_female_after:.2f}"
+                )
+            )
         else:
-            lines.append("age, sex and race estimates: checked, values not shown (include_demographics shows them)")
+            lines.append(
+                "age, sex and race estimates: checked, values not shown (include_demographics shows them)"
+            )
         zone = max(self.zones, key=self.zones.get)
-        lines.append(f"edit mask: {100 * self.mask_fraction:.1f} % of the image, mostly {zone} "
-                     f"({100 * self.zones[zone]:.0f} %); change outside it: {self.max_change_outside_mask:.3g}")
+        lines.append(
+            f"edit mask: {100 * self.mask_fraction:.1f} % of the image, mostly {zone} "
+            f"({100 * self.zones[zone]:.0f} %); change outside it: {self.max_change_outside_mask:.3g}"
+        )
         return "\n".join(lines) + "\n"
 
 
-def verify_edit(source: np.ndarray, edited: np.ndarray, edit_mask: np.ndarray, instruction: str,
-                classifiers: ClassifierSet, margins: VerificationMargins = VerificationMargins(),
-                chosen_because: str = "asked for") -> Verification:
+def verify_edit(
+    source: np.ndarray,
+    edited: np.ndarray,
+    edit_mask: np.ndarray,
+    instruction: str,
+    classifiers: ClassifierSet,
+    margins: VerificationMargins = VerificationMargins(),
+    chosen_because: str = "asked for",
+) -> Verification:
     """Check one edit: ``source`` and ``edited`` float ``(rows, columns)`` in ``[0, 1]``,
     ``edit_mask`` bool on the same grid; ``chosen_because`` goes into the report beside the
     set's name (``choose_classifiers``).
@@ -223,38 +269,63 @@ def verify_edit(source: np.ndarray, edited: np.ndarray, edit_mask: np.ndarray, i
     source, edited = np.asarray(source, np.float32), np.asarray(edited, np.float32)
     edit_mask = np.asarray(edit_mask, dtype=bool)
     if not (source.shape == edited.shape == edit_mask.shape) or source.ndim != 2:
-        raise ParameterError(f"source, edited and mask must be one 2-D grid, got {source.shape}, "
-                         f"{edited.shape}, {edit_mask.shape}.")
+        raise ParameterError(
+            f"source, edited and mask must be one 2-D grid, got {source.shape}, "
+            f"{edited.shape}, {edit_mask.shape}."
+        )
     parsed = parse_instruction(instruction)
     predictions: Predictions = classifiers.predict([source, edited])
     before = dict(zip(PATHOLOGIES, predictions.findings[0].tolist()))
     after = dict(zip(PATHOLOGIES, predictions.findings[1].tolist()))
     expected = expected_labels({name: p >= 0.5 for name, p in before.items()}, instruction)
-    instructed = tuple(dict.fromkeys(FINDING_TO_PATHOLOGY[f] for f in parsed.findings if f in FINDING_TO_PATHOLOGY))
-    failed = tuple(f"{name}: expected {'present' if expected[name] else 'absent'}, "
-                   f"classifier says {after[name]:.2f}"
-                   for name in instructed if (after[name] >= 0.5) != expected[name])
-    collateral = [f"{name}: {before[name]:.2f} -> {after[name]:.2f}" for name in PATHOLOGIES
-                  if name not in instructed and (abs(after[name] - before[name]) > margins.probability
-                                                 or (after[name] >= 0.5) != (before[name] >= 0.5))]
+    instructed = tuple(
+        dict.fromkeys(FINDING_TO_PATHOLOGY[f] for f in parsed.findings if f in FINDING_TO_PATHOLOGY)
+    )
+    failed = tuple(
+        f"{name}: expected {'present' if expected[name] else 'absent'}, classifier says {after[name]:.2f}"
+        for name in instructed
+        if (after[name] >= 0.5) != expected[name]
+    )
+    collateral = [
+        f"{name}: {before[name]:.2f} -> {after[name]:.2f}"
+        for name in PATHOLOGIES
+        if name not in instructed
+        and (
+            abs(after[name] - before[name]) > margins.probability
+            or (after[name] >= 0.5) != (before[name] >= 0.5)
+        )
+    ]
     # inferred demographics: named without their values (the report shows those only when asked)
     ages = predictions.age.tolist()
     if abs(ages[1] - ages[0]) > margins.age_years:
         collateral.append(f"age estimate moved by more than {margins.age_years:g} years")
     races = predictions.race
     if np.abs(races[1] - races[0]).max() > margins.race_probability or races[0].argmax() != races[1].argmax():
-        collateral.append(f"race estimate changed (its most likely class, or a class probability by more "
-                          f"than {margins.race_probability:g})")
+        collateral.append(
+            f"race estimate changed (its most likely class, or a class probability by more "
+            f"than {margins.race_probability:g})"
+        )
     sex = None if predictions.sex_female is None else predictions.sex_female.tolist()
     if sex is not None and abs(sex[1] - sex[0]) > margins.probability:
         collateral.append(f"sex estimate: P(female) moved by more than {margins.probability:g}")
     outside = np.abs(edited - source)[~edit_mask]
     return Verification(
-        classifiers={**classifiers.describe(), "chosen_because": chosen_because}, instruction=parsed.text, instructed=instructed,
-        expected=expected, findings_before=before, findings_after=after,
-        age_before=ages[0], age_after=ages[1],
-        race_before=dict(zip(RACES, races[0].tolist())), race_after=dict(zip(RACES, races[1].tolist())),
-        sex_female_before=None if sex is None else sex[0], sex_female_after=None if sex is None else sex[1],
+        classifiers={**classifiers.describe(), "chosen_because": chosen_because},
+        instruction=parsed.text,
+        instructed=instructed,
+        expected=expected,
+        findings_before=before,
+        findings_after=after,
+        age_before=ages[0],
+        age_after=ages[1],
+        race_before=dict(zip(RACES, races[0].tolist())),
+        race_after=dict(zip(RACES, races[1].tolist())),
+        sex_female_before=None if sex is None else sex[0],
+        sex_female_after=None if sex is None else sex[1],
         max_change_outside_mask=float(outside.max()) if outside.size else 0.0,
-        mask_fraction=float(edit_mask.mean()), zones=lung_zones(edit_mask), failed=failed,
-        collateral=tuple(collateral), margins=margins)
+        mask_fraction=float(edit_mask.mean()),
+        zones=lung_zones(edit_mask),
+        failed=failed,
+        collateral=tuple(collateral),
+        margins=margins,
+    )

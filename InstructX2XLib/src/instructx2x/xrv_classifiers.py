@@ -36,8 +36,17 @@ import torch
 from .classifiers import PATHOLOGIES, RACES, ClassifierSet, Predictions
 from .errors import ModelLoadError, ResourceError
 
-__all__ = ["TorchXRayVisionClassifiers", "XRV_CACHE", "RACE_WEIGHTS", "AGE_WEIGHTS", "DENSENET_FILES",
-           "PINNED_SHA256", "DIGESTS_ENV", "required_files", "torchxrayvision_ready"]
+__all__ = [
+    "TorchXRayVisionClassifiers",
+    "XRV_CACHE",
+    "RACE_WEIGHTS",
+    "AGE_WEIGHTS",
+    "DENSENET_FILES",
+    "PINNED_SHA256",
+    "DIGESTS_ENV",
+    "required_files",
+    "torchxrayvision_ready",
+]
 
 # torchxrayvision's own cache: RaceModel and AgeModel read only this folder.
 XRV_CACHE = Path("~/.torchxrayvision/models_data")
@@ -45,8 +54,7 @@ RACE_WEIGHTS = "resnet_race_detection_val-loss_0.157_mimic_public.pt"
 AGE_WEIGHTS = "baseline_models_riken_xray_age_every_model_age_senet154_v2_tl_26_ft_7_fp32.pt"
 # each DenseNet's file in torchxrayvision's v1 release (the base name of its model_urls entry)
 DENSENET_FILES = {
-    "densenet121-res224-all":
-        "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt",
+    "densenet121-res224-all": "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt",
     "densenet121-res224-mimic_ch": "mimic_ch-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt",
 }
 DENSENET_WEIGHTS = tuple(DENSENET_FILES)
@@ -59,7 +67,9 @@ DENSENET_WEIGHTS = tuple(DENSENET_FILES)
 # The mimic_ch DenseNet, RaceModel and AgeModel have no digest in such a source: they load
 # only once the user pins them (DIGESTS_ENV).
 PINNED_SHA256 = {
-    DENSENET_FILES["densenet121-res224-all"]: "56524913dd16a906422e8d8b66a7a5c46be1d82eb7ac012d8103776f1aa68899",
+    DENSENET_FILES[
+        "densenet121-res224-all"
+    ]: "56524913dd16a906422e8d8b66a7a5c46be1d82eb7ac012d8103776f1aa68899",
 }
 DIGESTS_ENV = "INSTRUCTX2X_XRV_SHA256"
 PATHOLOGY_SIDE, DEMOGRAPHY_SIDE = 224, 320
@@ -74,7 +84,8 @@ def _import_xrv():
         raise ModelLoadError(
             "the torchxrayvision classifiers need torchxrayvision and a torchvision matched to "
             f"torch ({type(error).__name__}: {error}); install the eval extra as docs/evaluation.md "
-            "says.") from None
+            "says."
+        ) from None
     return torchxrayvision
 
 
@@ -93,8 +104,11 @@ def torchxrayvision_ready() -> bool:
 
 def required_files(densenet: str, weights_dir: Path) -> dict[str, Path]:
     """Where each weight file must lie: all three in ``weights_dir``."""
-    return {densenet: weights_dir / DENSENET_FILES[densenet],
-            "RaceModel": weights_dir / RACE_WEIGHTS, "AgeModel": weights_dir / AGE_WEIGHTS}
+    return {
+        densenet: weights_dir / DENSENET_FILES[densenet],
+        "RaceModel": weights_dir / RACE_WEIGHTS,
+        "AgeModel": weights_dir / AGE_WEIGHTS,
+    }
 
 
 def _user_digests(weights_dir: Path) -> dict[str, str]:
@@ -106,16 +120,19 @@ def _user_digests(weights_dir: Path) -> dict[str, str]:
     if not path.is_file():
         raise ModelLoadError(f"${DIGESTS_ENV} names {path}, which is not a file.")
     if path.resolve().is_relative_to(weights_dir.resolve()):
-        raise ModelLoadError(f"${DIGESTS_ENV} names {path}, inside the weights folder {weights_dir}: whoever can "
-                             "put a weight file there could change its digest too; keep the digest file elsewhere.")
+        raise ModelLoadError(
+            f"${DIGESTS_ENV} names {path}, inside the weights folder {weights_dir}: whoever can "
+            "put a weight file there could change its digest too; keep the digest file elsewhere."
+        )
     digests = {}
     for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         match = _DIGEST_LINE.fullmatch(line.strip())
         if match is None:
-            raise ModelLoadError(f"{path.name} line {number}: expected `<SHA-256>  <file name>` as sha256sum "
-                                 "prints it.")
+            raise ModelLoadError(
+                f"{path.name} line {number}: expected `<SHA-256>  <file name>` as sha256sum prints it."
+            )
         digests[os.path.basename(match.group(2))] = match.group(1).lower()
     return digests
 
@@ -129,7 +146,8 @@ def _expected_digests(files: dict[str, Path], weights_dir: Path) -> dict[str, st
             "these torchxrayvision weight files have no pinned SHA-256, and loading one runs code from it, "
             "so none is loaded: " + "; ".join(unpinned) + ". torchxrayvision publishes no digests: check "
             "each file (`sha256sum FILE`) against a copy or a digest from a source you trust, put the "
-            f"lines sha256sum prints into a file outside the weights folder, and name that file in ${DIGESTS_ENV}.")
+            f"lines sha256sum prints into a file outside the weights folder, and name that file in ${DIGESTS_ENV}."
+        )
     return {name: pinned[path.name] for name, path in files.items()}
 
 
@@ -153,8 +171,10 @@ def _verified_cache(files: dict[str, Path], expected: dict[str, str]):
             if digest != expected[name]:
                 mismatched.append(f"{name}: {path} has SHA-256 {digest}, not the pinned {expected[name]}")
         if mismatched:
-            raise ModelLoadError("torchxrayvision weight files that are not the pinned ones are never loaded (a "
-                                 "planted or damaged file): " + "; ".join(mismatched) + ".")
+            raise ModelLoadError(
+                "torchxrayvision weight files that are not the pinned ones are never loaded (a "
+                "planted or damaged file): " + "; ".join(mismatched) + "."
+            )
         previous = os.environ.get("HOME")
         os.environ["HOME"] = str(home)
         try:
@@ -176,8 +196,10 @@ def _copy_hashing(source: Path, copy: Path) -> str:
                 digest.update(block)
                 writer.write(block)
     except OSError as error:
-        raise ResourceError(f"copying {source.name} into a private temporary folder to check it failed: "
-                            f"{error.strerror or error}.") from None
+        raise ResourceError(
+            f"copying {source.name} into a private temporary folder to check it failed: "
+            f"{error.strerror or error}."
+        ) from None
     return digest.hexdigest()
 
 
@@ -192,8 +214,10 @@ def _to_xrv_input(xrv, images: list[np.ndarray] | np.ndarray, side: int) -> torc
 class TorchXRayVisionClassifiers(ClassifierSet):
     """DenseNet-121 pathologies and features, RaceModel, AgeModel; no sex model."""
 
-    caveat = ("torchxrayvision's published classifiers, trained on real adult chest films: their "
-              "figures mean little on phantoms")
+    caveat = (
+        "torchxrayvision's published classifiers, trained on real adult chest films: their "
+        "figures mean little on phantoms"
+    )
 
     def __init__(self, xrv, densenet, race_model, age_model, densenet_name: str) -> None:
         self.xrv = xrv
@@ -204,8 +228,9 @@ class TorchXRayVisionClassifiers(ClassifierSet):
             raise ModelLoadError(f"RaceModel classes {race_model.targets} are not {list(RACES)}.")
 
     @classmethod
-    def from_weights(cls, weights_dir: str | Path | None = None,
-                     densenet: str = DENSENET_WEIGHTS[0]) -> "TorchXRayVisionClassifiers":
+    def from_weights(
+        cls, weights_dir: str | Path | None = None, densenet: str = DENSENET_WEIGHTS[0]
+    ) -> TorchXRayVisionClassifiers:
         """Load the three models from files already on disk.
 
         Every file is checked against its pinned SHA-256 (module docstring) before any of
@@ -227,25 +252,31 @@ class TorchXRayVisionClassifiers(ClassifierSet):
         xrv = _import_xrv()
         named = os.path.basename(xrv.models.model_urls[densenet]["weights_url"])
         if named != DENSENET_FILES[densenet]:
-            raise ModelLoadError(f"this torchxrayvision loads {named} for {densenet}, not the v1 release file "
-                                 f"{DENSENET_FILES[densenet]} that this module checks.")
+            raise ModelLoadError(
+                f"this torchxrayvision loads {named} for {densenet}, not the v1 release file "
+                f"{DENSENET_FILES[densenet]} that this module checks."
+            )
         folder = Path(weights_dir).expanduser() if weights_dir else XRV_CACHE.expanduser()
         files = required_files(densenet, folder)
         missing = [f"{name}: {path}" for name, path in files.items() if not path.is_file()]
         if missing:
             raise ModelLoadError(
                 "torchxrayvision weights are missing, and they are never downloaded here; put "
-                "these files (from torchxrayvision's v1 release) where listed: " + "; ".join(missing))
+                "these files (from torchxrayvision's v1 release) where listed: " + "; ".join(missing)
+            )
         expected = _expected_digests(files, folder)
         # their constructors print progress and warnings on stdout: keep it out of reports
         with _verified_cache(files, expected) as cache, contextlib.redirect_stdout(io.StringIO()):
             try:
-                models = (xrv.models.DenseNet(weights=densenet, cache_dir=str(cache)),
-                          xrv.baseline_models.emory_hiti.RaceModel(),
-                          xrv.baseline_models.riken.AgeModel())
-            except Exception as error:  # their loaders raise bare Exception on a bad file
-                raise ModelLoadError(f"a torchxrayvision weight file cannot be loaded: "
-                                     f"{type(error).__name__}: {error}") from None
+                models = (
+                    xrv.models.DenseNet(weights=densenet, cache_dir=str(cache)),
+                    xrv.baseline_models.emory_hiti.RaceModel(),
+                    xrv.baseline_models.riken.AgeModel(),
+                )
+            except Exception as error:  # noqa: BLE001 - their loaders raise bare Exception on a bad file
+                raise ModelLoadError(
+                    f"a torchxrayvision weight file cannot be loaded: {type(error).__name__}: {error}"
+                ) from None
         return cls(xrv, *models, densenet_name=densenet)
 
     @torch.no_grad()
@@ -253,7 +284,7 @@ class TorchXRayVisionClassifiers(ClassifierSet):
         parts: dict[str, list[np.ndarray]] = {"findings": [], "age": [], "race": [], "features": []}
         with contextlib.redirect_stdout(io.StringIO()):
             for start in range(0, len(images), batch_size):
-                chunk = images[start:start + batch_size]
+                chunk = images[start : start + batch_size]
                 pathology_input = _to_xrv_input(self.xrv, chunk, PATHOLOGY_SIDE)
                 demography_input = _to_xrv_input(self.xrv, chunk, DEMOGRAPHY_SIDE)
                 parts["findings"].append(self.densenet(pathology_input)[:, self.columns].numpy())

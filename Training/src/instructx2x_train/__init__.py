@@ -1,3 +1,3 @@
 """Training package of InstructX2X: dataset builder, pseudo masks, synthetic cohort."""
 
-from instructx2x import __version__  # one version for the repository: the library's
+from instructx2x import __version__ as __version__  # one version for the repository: the library's

@@ -20,8 +20,16 @@ import re
 
 from instructx2x.instructions import LEVEL_WORDS
 
-__all__ = ["Change", "ChangeKind", "AnswerParseError", "format_answer", "parse_answer",
-           "to_instructions", "MULTI_FINDING_MODES", "NOTHING_CHANGED"]
+__all__ = [
+    "Change",
+    "ChangeKind",
+    "AnswerParseError",
+    "format_answer",
+    "parse_answer",
+    "to_instructions",
+    "MULTI_FINDING_MODES",
+    "NOTHING_CHANGED",
+]
 
 NOTHING_CHANGED = "nothing has changed."
 MULTI_FINDING_MODES = ("combined", "per-finding", "single-only")
@@ -63,8 +71,11 @@ def format_answer(changes: list[Change]) -> str:
     """The Diff-VQA answer for a list of changes (grouped as the dataset groups them)."""
     if not changes:
         return NOTHING_CHANGED
-    sentences = [f"the level of {c.finding} has changed from {c.before} to {c.after}. "
-                 for c in changes if c.kind is ChangeKind.LEVEL]
+    sentences = [
+        f"the level of {c.finding} has changed from {c.before} to {c.after}. "
+        for c in changes
+        if c.kind is ChangeKind.LEVEL
+    ]
     added = [c.finding for c in changes if c.kind is ChangeKind.ADD]
     removed = [c.finding for c in changes if c.kind is ChangeKind.REMOVE]
     if added:
@@ -72,16 +83,19 @@ def format_answer(changes: list[Change]) -> str:
         sentences.append(f"the main image has {noun} of {_join(added)} than the reference image. ")
     if removed:
         noun = "the finding" if len(removed) == 1 else "the findings"
-        sentences.append(f"the main image is missing {noun} of {_join(removed)} than the "
-                         "reference image. ")
+        sentences.append(f"the main image is missing {noun} of {_join(removed)} than the reference image. ")
     return "".join(sentences)
 
 
 _LEVEL = re.compile(r"^the level of (?P<finding>.+?) has changed from (?P<levels>.+ to .+)$")
-_ADDED = re.compile(r"^the main image has (?:an additional finding|additional findings) of "
-                    r"(?P<items>.+?) than the reference image$")
-_MISSING = re.compile(r"^the main image is missing (?:the finding|the findings) of "
-                      r"(?P<items>.+?) than the reference image$")
+_ADDED = re.compile(
+    r"^the main image has (?:an additional finding|additional findings) of "
+    r"(?P<items>.+?) than the reference image$"
+)
+_MISSING = re.compile(
+    r"^the main image is missing (?:the finding|the findings) of "
+    r"(?P<items>.+?) than the reference image$"
+)
 
 
 def parse_answer(answer: str) -> list[Change]:

@@ -22,8 +22,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from instructx2x.classifiers import (FINDING_TO_PATHOLOGY, PATHOLOGIES, RACES, CohortClassifiers, CohortNetwork, resize_films,
-                                     save_cohort_classifiers)
+from instructx2x.classifiers import (
+    FINDING_TO_PATHOLOGY,
+    PATHOLOGIES,
+    RACES,
+    CohortClassifiers,
+    CohortNetwork,
+    resize_films,
+    save_cohort_classifiers,
+)
 from instructx2x.errors import OutputExistsError
 from instructx2x.outputs import atomic_output_dir
 
@@ -32,8 +39,10 @@ from .phantom import Anatomy, FindingState, Pose, form_film, level_words, render
 __all__ = ["EVALUATED_FINDINGS", "ClassifierConfig", "train_classifiers", "draw_films", "held_out_figures"]
 
 # The five pathologies in the phantoms' finding names (the instruction vocabulary), PATHOLOGIES' order.
-EVALUATED_FINDINGS = tuple(next(finding for finding, pathology in FINDING_TO_PATHOLOGY.items() if pathology == name)
-                           for name in PATHOLOGIES)
+EVALUATED_FINDINGS = tuple(
+    next(finding for finding, pathology in FINDING_TO_PATHOLOGY.items() if pathology == name)
+    for name in PATHOLOGIES
+)
 HELD_OUT_STREAM = 1_000_003  # added to the seed: held-out films never repeat a training film
 
 
@@ -69,37 +78,70 @@ def _film(args: tuple[int, int, int, float, int]) -> tuple[np.ndarray, dict]:
     rng = np.random.default_rng([seed, index])
     age, sex, race = int(rng.integers(25, 90)), str(rng.choice(("F", "M"))), str(rng.choice(RACES))
     anatomy = Anatomy.draw(rng, age, sex, race)
-    present = [FindingState(name, str(rng.choice(level_words(name))), str(rng.choice(("left", "right"))),
-                            (float(rng.uniform(-1, 1)), float(rng.uniform(-1, 1))), int(rng.integers(0, 2**31)))
-               for name in EVALUATED_FINDINGS if rng.random() < finding_probability]
-    pose = Pose(float(rng.normal(0, 1.5)), float(rng.uniform(0.97, 1.03)), float(rng.normal(0, 0.02)),
-                float(rng.normal(0, 0.02)))
+    present = [
+        FindingState(
+            name,
+            str(rng.choice(level_words(name))),
+            str(rng.choice(("left", "right"))),
+            (float(rng.uniform(-1, 1)), float(rng.uniform(-1, 1))),
+            int(rng.integers(0, 2**31)),
+        )
+        for name in EVALUATED_FINDINGS
+        if rng.random() < finding_probability
+    ]
+    pose = Pose(
+        float(rng.normal(0, 1.5)),
+        float(rng.uniform(0.97, 1.03)),
+        float(rng.normal(0, 0.02)),
+        float(rng.normal(0, 0.02)),
+    )
     noise = rng.standard_normal((resolution, resolution)).astype(np.float32)
-    film = form_film(render_attenuation(resolution, resolution, anatomy, present, pose), noise,
-                     0.0012 * resolution)
+    film = form_film(
+        render_attenuation(resolution, resolution, anatomy, present, pose), noise, 0.0012 * resolution
+    )
     if size != resolution:
         film = resize_films([film], size)[0, 0].numpy()
     names = {finding.name for finding in present}
-    return film, {"findings": [float(name in names) for name in EVALUATED_FINDINGS], "age": float(age),
-                  "sex_female": float(sex == "F"), "race": RACES.index(race)}
+    return film, {
+        "findings": [float(name in names) for name in EVALUATED_FINDINGS],
+        "age": float(age),
+        "sex_female": float(sex == "F"),
+        "race": RACES.index(race),
+    }
 
 
-def draw_films(count: int, resolution: int, seed: int, finding_probability: float = 0.35,
-               workers: int = 1, size: int | None = None, progress_bar: bool = False) -> tuple[np.ndarray, list[dict]]:
+def draw_films(
+    count: int,
+    resolution: int,
+    seed: int,
+    finding_probability: float = 0.35,
+    workers: int = 1,
+    size: int | None = None,
+    progress_bar: bool = False,
+) -> tuple[np.ndarray, list[dict]]:
     """Films drawn at ``resolution`` (resized to ``size`` when given) with random demographics
     and findings, and their labels; the same bytes for any number of workers."""
     tasks = [(seed, index, resolution, finding_probability, size or resolution) for index in range(count)]
     with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
-        drawn = list(tqdm(pool.map(_film, tasks, chunksize=32) if pool else map(_film, tasks), total=count,
-                          desc="films", unit="film", disable=not progress_bar))
+        drawn = list(
+            tqdm(
+                pool.map(_film, tasks, chunksize=32) if pool else map(_film, tasks),
+                total=count,
+                desc="films",
+                unit="film",
+                disable=not progress_bar,
+            )
+        )
     return np.stack([film for film, _ in drawn]), [labels for _, labels in drawn]
 
 
 def _targets(labels: list[dict]) -> dict[str, torch.Tensor]:
-    return {"findings": torch.tensor([item["findings"] for item in labels]),
-            "age": torch.tensor([item["age"] for item in labels]),
-            "sex": torch.tensor([item["sex_female"] for item in labels]),
-            "race": torch.tensor([item["race"] for item in labels])}
+    return {
+        "findings": torch.tensor([item["findings"] for item in labels]),
+        "age": torch.tensor([item["age"] for item in labels]),
+        "sex": torch.tensor([item["sex_female"] for item in labels]),
+        "race": torch.tensor([item["race"] for item in labels]),
+    }
 
 
 def held_out_figures(classifiers: CohortClassifiers, films: np.ndarray, labels: list[dict]) -> dict:
@@ -107,12 +149,14 @@ def held_out_figures(classifiers: CohortClassifiers, films: np.ndarray, labels: 
     predicted = classifiers.predict(films)
     truth = {key: value.numpy() for key, value in _targets(labels).items()}
     correct = (predicted.findings >= 0.5) == truth["findings"].astype(bool)
-    return {"films": len(films),
-            "finding_accuracy": {name: float(correct[:, i].mean()) for i, name in enumerate(PATHOLOGIES)},
-            "age_mae_years": float(np.abs(predicted.age - truth["age"]).mean()),
-            "age_pearson_r": float(np.corrcoef(predicted.age, truth["age"])[0, 1]),
-            "sex_accuracy": float(((predicted.sex_female >= 0.5) == truth["sex"].astype(bool)).mean()),
-            "race_accuracy": float((predicted.race.argmax(-1) == truth["race"]).mean())}
+    return {
+        "films": len(films),
+        "finding_accuracy": {name: float(correct[:, i].mean()) for i, name in enumerate(PATHOLOGIES)},
+        "age_mae_years": float(np.abs(predicted.age - truth["age"]).mean()),
+        "age_pearson_r": float(np.corrcoef(predicted.age, truth["age"])[0, 1]),
+        "sex_accuracy": float(((predicted.sex_female >= 0.5) == truth["sex"].astype(bool)).mean()),
+        "race_accuracy": float((predicted.race.argmax(-1) == truth["race"]).mean()),
+    }
 
 
 def train_classifiers(output: str | Path, config: ClassifierConfig, progress_bar: bool = True) -> dict:
@@ -127,8 +171,15 @@ def train_classifiers(output: str | Path, config: ClassifierConfig, progress_bar
     if output.exists():
         raise OutputExistsError(f"output folder {output.name} already exists; choose a new one.")
     started = time.perf_counter()
-    films, labels = draw_films(config.films, config.render_resolution, config.seed, config.finding_probability,
-                               config.workers, size=config.resolution, progress_bar=progress_bar)
+    films, labels = draw_films(
+        config.films,
+        config.render_resolution,
+        config.seed,
+        config.finding_probability,
+        config.workers,
+        size=config.resolution,
+        progress_bar=progress_bar,
+    )
     targets = _targets(labels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -141,21 +192,33 @@ def train_classifiers(output: str | Path, config: ClassifierConfig, progress_bar
     for _ in tqdm(range(config.steps), desc="classifiers", unit="step", disable=not progress_bar):
         index = torch.randint(0, len(images), (config.batch,), generator=generator)
         out = network(images[index])
-        loss = (F.binary_cross_entropy_with_logits(out["findings"], targets["findings"][index])
-                + F.smooth_l1_loss(out["age"] / 20, targets["age"][index] / 20)
-                + F.binary_cross_entropy_with_logits(out["sex"], targets["sex"][index])
-                + F.cross_entropy(out["race"], targets["race"][index]))
+        loss = (
+            F.binary_cross_entropy_with_logits(out["findings"], targets["findings"][index])
+            + F.smooth_l1_loss(out["age"] / 20, targets["age"][index] / 20)
+            + F.binary_cross_entropy_with_logits(out["sex"], targets["sex"][index])
+            + F.cross_entropy(out["race"], targets["race"][index])
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
-    card = {"resolution": config.resolution, "width": config.width, "config": dataclasses.asdict(config),
-            "pathologies": list(PATHOLOGIES), "races": list(RACES),
-            "note": "trained on synthetic phantoms (cohort v2); meaningless on real films"}
+    card = {
+        "resolution": config.resolution,
+        "width": config.width,
+        "config": dataclasses.asdict(config),
+        "pathologies": list(PATHOLOGIES),
+        "races": list(RACES),
+        "note": "trained on synthetic phantoms (cohort v2); meaningless on real films",
+    }
     classifiers = CohortClassifiers(network, card, output.name)
-    test_films, test_labels = draw_films(config.held_out, config.render_resolution,
-                                         config.seed + HELD_OUT_STREAM, config.finding_probability, config.workers,
-                                         progress_bar=progress_bar)
+    test_films, test_labels = draw_films(
+        config.held_out,
+        config.render_resolution,
+        config.seed + HELD_OUT_STREAM,
+        config.finding_probability,
+        config.workers,
+        progress_bar=progress_bar,
+    )
     card["held_out"] = held_out_figures(classifiers, test_films, test_labels)
     card["training_seconds"] = round(time.perf_counter() - started, 1)
     with atomic_output_dir(output) as staging:

@@ -30,12 +30,18 @@ RESUME_HINTS = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser."""
-    parser = argparse.ArgumentParser(prog="instructx2x-train", description=(
-        "Training data for InstructX2X: MIMIC-EDIT-INSTRUCTION, pseudo masks, synthetic cohorts."))
+    parser = argparse.ArgumentParser(
+        prog="instructx2x-train",
+        description=(
+            "Training data for InstructX2X: MIMIC-EDIT-INSTRUCTION, pseudo masks, synthetic cohorts."
+        ),
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    cohort = commands.add_parser("synthetic-cohort", help="write a synthetic cohort in the "
-                                 "MIMIC-CXR-JPG / Diff-VQA / MS-CXR file formats")
+    cohort = commands.add_parser(
+        "synthetic-cohort",
+        help="write a synthetic cohort in the MIMIC-CXR-JPG / Diff-VQA / MS-CXR file formats",
+    )
     cohort.add_argument("output", type=Path)
     cohort.add_argument("--patients", type=int, default=20)
     cohort.add_argument("--seed", type=int, default=0)
@@ -45,8 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     cohort.add_argument("--plain-csv", action="store_true", help="write .csv, not .csv.gz")
     cohort.add_argument("--workers", type=int, default=1)
 
-    pure = commands.add_parser("pure-pairs", help="write pure counterfactual pairs (phantoms, or "
-                               "findings inserted into --backgrounds) as a training/test dataset")
+    pure = commands.add_parser(
+        "pure-pairs",
+        help="write pure counterfactual pairs (phantoms, or "
+        "findings inserted into --backgrounds) as a training/test dataset",
+    )
     pure.add_argument("output", type=Path)
     pure.add_argument("--pairs", type=int, default=1000)
     pure.add_argument("--seed", type=int, default=0, help="use a seed never used in training for a test set")
@@ -56,15 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
     pure.add_argument("--split", default="train", help="split name of the pairs (train, test, ...)")
     pure.add_argument("--validation-fraction", type=float, default=0.0)
     pure.add_argument("--other-finding-probability", type=float, default=0.25)
-    pure.add_argument("--backgrounds", type=Path, help="folder of real normal PA films (DICOM/PNG) "
-                      "to insert the findings into")
+    pure.add_argument(
+        "--backgrounds",
+        type=Path,
+        help="folder of real normal PA films (DICOM/PNG) to insert the findings into",
+    )
     pure.add_argument("--workers", type=int, default=1)
 
     build = commands.add_parser("build-dataset", help="build MIMIC-EDIT-INSTRUCTION")
     build.add_argument("output", type=Path)
     build.add_argument("--mimic-cxr", type=Path, required=True, help="MIMIC-CXR-JPG root")
-    build.add_argument("--diff-vqa", type=Path, required=True,
-                       help="folder with mimic_pair_questions.csv and mimic_all.csv")
+    build.add_argument(
+        "--diff-vqa", type=Path, required=True, help="folder with mimic_pair_questions.csv and mimic_all.csv"
+    )
     build.add_argument("--resolution", type=int, default=512)
     build.add_argument("--registration-threshold", type=float, default=0.6)
     build.add_argument("--no-finding-ratio", type=float, default=0.3)
@@ -73,32 +86,53 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--workers", type=int, default=1)
     build.add_argument("--seed", type=int, default=0)
 
-    fit = commands.add_parser("train", help="fine-tune InstructPix2Pix into InstructX2X "
-                              "(also under accelerate launch)")
+    fit = commands.add_parser(
+        "train", help="fine-tune InstructPix2Pix into InstructX2X (also under accelerate launch)"
+    )
     fit.add_argument("--config", type=Path, help="YAML or TOML recipe (see Training/configs)")
-    fit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key, e.g. --set optim.learning_rate=5e-5 (repeatable)")
+    fit.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set optim.learning_rate=5e-5 (repeatable)",
+    )
     fit.add_argument("--resume", metavar="latest|PATH", help="continue from a checkpoint")
     fit.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    accept = commands.add_parser("evaluate-demo", help="measure a model against the truth of held-out "
-                                 "pure pairs through the product's editor (the demo model's acceptance)")
+    accept = commands.add_parser(
+        "evaluate-demo",
+        help="measure a model against the truth of held-out "
+        "pure pairs through the product's editor (the demo model's acceptance)",
+    )
     accept.add_argument("output", type=Path)
     accept.add_argument("--model", default="demo")
-    accept.add_argument("--pairs", type=Path, help="a pure-pairs folder (default: generate --count "
-                        "pairs with --seed)")
+    accept.add_argument(
+        "--pairs", type=Path, help="a pure-pairs folder (default: generate --count pairs with --seed)"
+    )
     accept.add_argument("--seed", type=int, default=1000, help="held-out seed, never used in training")
     accept.add_argument("--count", type=int, default=160)
     accept.add_argument("--resolution", type=int, default=256)
-    accept.add_argument("--ablation-count", type=int, help="pairs for the region-mode and sampler "
-                        "tables (default: all)")
-    accept.add_argument("--guidance-scale", type=float, help="text guidance s_T of every edit "
-                        "(default: the model card's, else 7.5)")
-    accept.add_argument("--image-guidance-scale", type=float, help="image guidance s_I of every edit "
-                        "(default: the model card's, else 1.5)")
+    accept.add_argument(
+        "--ablation-count", type=int, help="pairs for the region-mode and sampler tables (default: all)"
+    )
+    accept.add_argument(
+        "--guidance-scale",
+        type=float,
+        help="text guidance s_T of every edit (default: the model card's, else 7.5)",
+    )
+    accept.add_argument(
+        "--image-guidance-scale",
+        type=float,
+        help="image guidance s_I of every edit (default: the model card's, else 1.5)",
+    )
 
-    classify = commands.add_parser("train-classifiers", help="train the synthetic-cohort classifiers "
-                                   "(five findings, age, sex, race) that evaluate edits of phantoms")
+    classify = commands.add_parser(
+        "train-classifiers",
+        help="train the synthetic-cohort classifiers "
+        "(five findings, age, sex, race) that evaluate edits of phantoms",
+    )
     classify.add_argument("output", type=Path)
     classify.add_argument("--films", type=int, default=4000)
     classify.add_argument("--held-out", type=int, default=500)
@@ -108,19 +142,34 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--seed", type=int, default=0)
     classify.add_argument("--workers", type=int, default=1)
 
-    assess = commands.add_parser("evaluate", help="CMIG / KL / FID and the region-mode ablation (the "
-                                 "paper's Tables 1-2) on a dataset split; also under accelerate launch")
+    assess = commands.add_parser(
+        "evaluate",
+        help="CMIG / KL / FID and the region-mode ablation (the "
+        "paper's Tables 1-2) on a dataset split; also under accelerate launch",
+    )
     assess.add_argument("output", type=Path, help="new folder, or an interrupted one to resume")
     assess.add_argument("--model", required=True)
-    assess.add_argument("--dataset", type=Path, required=True, help="MIMIC-EDIT-INSTRUCTION folder "
-                        "(build-dataset or pure-pairs)")
+    assess.add_argument(
+        "--dataset",
+        type=Path,
+        required=True,
+        help="MIMIC-EDIT-INSTRUCTION folder (build-dataset or pure-pairs)",
+    )
     assess.add_argument("--split", default="test")
-    assess.add_argument("--modes", help="comma-separated region modes (default: all four, none, "
-                        "relevance, prior, rse)")
-    assess.add_argument("--classifiers", default="cohort-v2", help="cohort-v2 (phantoms), "
-                        "torchxrayvision (real films) or a train-classifiers folder")
-    assess.add_argument("--weights-dir", type=Path, help="folder holding torchxrayvision's three weight "
-                        "files (default: its cache); nothing is downloaded")
+    assess.add_argument(
+        "--modes", help="comma-separated region modes (default: all four, none, relevance, prior, rse)"
+    )
+    assess.add_argument(
+        "--classifiers",
+        default="cohort-v2",
+        help="cohort-v2 (phantoms), torchxrayvision (real films) or a train-classifiers folder",
+    )
+    assess.add_argument(
+        "--weights-dir",
+        type=Path,
+        help="folder holding torchxrayvision's three weight "
+        "files (default: its cache); nothing is downloaded",
+    )
     assess.add_argument("--limit", type=int, help="evaluate the first N pairs only")
     assess.add_argument("--batch-size", type=int, default=4)
     assess.add_argument("--seed", type=int, default=0)
@@ -131,10 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     masks = commands.add_parser("pseudo-masks", help="build the 8 pseudo masks from MS-CXR")
     masks.add_argument("output", type=Path)
-    masks.add_argument("--ms-cxr", type=Path, required=True,
-                       help="MS_CXR_Local_Alignment_v1.1.0.csv")
-    masks.add_argument("--metadata", type=Path, required=True,
-                       help="mimic-cxr-2.0.0-metadata.csv(.gz)")
+    masks.add_argument("--ms-cxr", type=Path, required=True, help="MS_CXR_Local_Alignment_v1.1.0.csv")
+    masks.add_argument("--metadata", type=Path, required=True, help="mimic-cxr-2.0.0-metadata.csv(.gz)")
     return parser
 
 
@@ -144,61 +191,128 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "synthetic-cohort":
-            result = generate_cohort(args.output, CohortConfig(
-                patients=args.patients, seed=args.seed, rows=args.rows, columns=args.columns,
-                write_dicom=args.dicom, gzip_tables=not args.plain_csv, workers=args.workers))
+            result = generate_cohort(
+                args.output,
+                CohortConfig(
+                    patients=args.patients,
+                    seed=args.seed,
+                    rows=args.rows,
+                    columns=args.columns,
+                    write_dicom=args.dicom,
+                    gzip_tables=not args.plain_csv,
+                    workers=args.workers,
+                ),
+            )
         elif args.command == "pure-pairs":
-            result = write_pure_pairs(args.output, PurePairsConfig(
-                pairs=args.pairs, seed=args.seed, resolution=args.resolution,
-                findings=tuple(args.findings), operations=tuple(args.operations), split=args.split,
-                validation_fraction=args.validation_fraction,
-                other_finding_probability=args.other_finding_probability,
-                backgrounds=str(args.backgrounds or ""), workers=args.workers))
+            result = write_pure_pairs(
+                args.output,
+                PurePairsConfig(
+                    pairs=args.pairs,
+                    seed=args.seed,
+                    resolution=args.resolution,
+                    findings=tuple(args.findings),
+                    operations=tuple(args.operations),
+                    split=args.split,
+                    validation_fraction=args.validation_fraction,
+                    other_finding_probability=args.other_finding_probability,
+                    backgrounds=str(args.backgrounds or ""),
+                    workers=args.workers,
+                ),
+            )
         elif args.command == "build-dataset":
-            manifest = build_dataset(BuildConfig(
-                mimic_cxr=args.mimic_cxr, diff_vqa=args.diff_vqa, resolution=args.resolution,
-                registration_threshold=args.registration_threshold,
-                no_finding_ratio=args.no_finding_ratio, multi_finding=args.multi_finding,
-                workers=args.workers, seed=args.seed, image_format=args.image_format), args.output)
+            manifest = build_dataset(
+                BuildConfig(
+                    mimic_cxr=args.mimic_cxr,
+                    diff_vqa=args.diff_vqa,
+                    resolution=args.resolution,
+                    registration_threshold=args.registration_threshold,
+                    no_finding_ratio=args.no_finding_ratio,
+                    multi_finding=args.multi_finding,
+                    workers=args.workers,
+                    seed=args.seed,
+                    image_format=args.image_format,
+                ),
+                args.output,
+            )
             result = {k: manifest[k] for k in ("kept_pairs", "instructions", "counts", "per_split")}
         elif args.command == "train":
             from .train import train
             from .train_config import load_config
 
-            outcome = train(load_config(args.config, args.overrides), resume=args.resume,
-                            progress_bar=not args.no_progress)
-            result = {"model": str(outcome.model), "steps": outcome.steps,
-                      "final_loss": outcome.final_loss,
-                      "checkpoints": [str(p) for p in outcome.checkpoints]}
+            outcome = train(
+                load_config(args.config, args.overrides),
+                resume=args.resume,
+                progress_bar=not args.no_progress,
+            )
+            result = {
+                "model": str(outcome.model),
+                "steps": outcome.steps,
+                "final_loss": outcome.final_loss,
+                "checkpoints": [str(p) for p in outcome.checkpoints],
+            }
         elif args.command == "evaluate-demo":
             from .demo_acceptance import evaluate_demo
 
-            report = evaluate_demo(args.model, args.output, pairs=args.pairs, seed=args.seed,
-                                   count=args.count, resolution=args.resolution,
-                                   ablation_count=args.ablation_count, guidance_scale=args.guidance_scale,
-                                   image_guidance_scale=args.image_guidance_scale)
+            report = evaluate_demo(
+                args.model,
+                args.output,
+                pairs=args.pairs,
+                seed=args.seed,
+                count=args.count,
+                resolution=args.resolution,
+                ablation_count=args.ablation_count,
+                guidance_scale=args.guidance_scale,
+                image_guidance_scale=args.image_guidance_scale,
+            )
             result = {"verdicts": report["verdicts"], "report": str(args.output / "acceptance.md")}
         elif args.command == "train-classifiers":
             from .classifiers import ClassifierConfig, train_classifiers
 
-            card = train_classifiers(args.output, ClassifierConfig(
-                films=args.films, held_out=args.held_out, resolution=args.resolution, steps=args.steps,
-                batch=args.batch, seed=args.seed, workers=args.workers))
-            result = {"output": str(args.output), "held_out": card["held_out"],
-                      "training_seconds": card["training_seconds"]}
+            card = train_classifiers(
+                args.output,
+                ClassifierConfig(
+                    films=args.films,
+                    held_out=args.held_out,
+                    resolution=args.resolution,
+                    steps=args.steps,
+                    batch=args.batch,
+                    seed=args.seed,
+                    workers=args.workers,
+                ),
+            )
+            result = {
+                "output": str(args.output),
+                "held_out": card["held_out"],
+                "training_seconds": card["training_seconds"],
+            }
         elif args.command == "evaluate":
             from .evaluation import EvaluationConfig, evaluate
 
             modes = {} if args.modes is None else {"modes": tuple(m.strip() for m in args.modes.split(","))}
-            report = evaluate(args.output, EvaluationConfig(
-                model=args.model, dataset=str(args.dataset), split=args.split, **modes,
-                classifiers=args.classifiers, weights_dir=str(args.weights_dir) if args.weights_dir else None,
-                limit=args.limit, batch_size=args.batch_size, seed=args.seed, resolution=args.resolution,
-                steps=args.steps, bootstrap=args.bootstrap), progress_bar=not args.no_progress)
+            report = evaluate(
+                args.output,
+                EvaluationConfig(
+                    model=args.model,
+                    dataset=str(args.dataset),
+                    split=args.split,
+                    **modes,
+                    classifiers=args.classifiers,
+                    weights_dir=str(args.weights_dir) if args.weights_dir else None,
+                    limit=args.limit,
+                    batch_size=args.batch_size,
+                    seed=args.seed,
+                    resolution=args.resolution,
+                    steps=args.steps,
+                    bootstrap=args.bootstrap,
+                ),
+                progress_bar=not args.no_progress,
+            )
             if not report:  # a non-main process under accelerate launch
                 return 0
-            result = {"report": str(args.output / "evaluation.md"),
-                      "cmig": {name: row["cmig"] for name, row in report["rows"].items()}}
+            result = {
+                "report": str(args.output / "evaluation.md"),
+                "cmig": {name: row["cmig"] for name, row in report["rows"].items()},
+            }
         else:
             result = build_pseudo_masks(args.ms_cxr, args.metadata, args.output)
     except KeyboardInterrupt:

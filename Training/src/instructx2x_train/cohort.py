@@ -26,21 +26,48 @@ from instructx2x.dicom.read import PHANTOM_MANUFACTURER
 from instructx2x.outputs import atomic_output_dir
 
 from .answers import Change, ChangeKind, format_answer
-from .phantom import (RACES, RENDERED_FINDINGS, Anatomy, FindingState, Pose, draw_finding, level_words,
-                      render_frontal, render_lateral)
+from .phantom import (
+    RACES,
+    RENDERED_FINDINGS,
+    Anatomy,
+    FindingState,
+    Pose,
+    draw_finding,
+    level_words,
+    render_frontal,
+    render_lateral,
+)
 
 __all__ = ["CohortConfig", "generate_cohort", "write_cr", "CHEXPERT_LABELS", "CHEXPERT_OF", "MS_CXR_CATEGORY"]
 
 logger = logging.getLogger(__name__)
 
-CHEXPERT_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
-                   "Enlarged Cardiomediastinum", "Fracture", "Lung Lesion", "Lung Opacity",
-                   "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia", "Pneumothorax",
-                   "Support Devices")
-CHEXPERT_OF = {"pleural effusion": "Pleural Effusion", "cardiomegaly": "Cardiomegaly",
-               "pneumothorax": "Pneumothorax", "edema": "Edema", "atelectasis": "Atelectasis",
-               "consolidation": "Consolidation", "pneumonia": "Pneumonia",
-               "lung opacity": "Lung Opacity"}
+CHEXPERT_LABELS = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Enlarged Cardiomediastinum",
+    "Fracture",
+    "Lung Lesion",
+    "Lung Opacity",
+    "No Finding",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Pneumonia",
+    "Pneumothorax",
+    "Support Devices",
+)
+CHEXPERT_OF = {
+    "pleural effusion": "Pleural Effusion",
+    "cardiomegaly": "Cardiomegaly",
+    "pneumothorax": "Pneumothorax",
+    "edema": "Edema",
+    "atelectasis": "Atelectasis",
+    "consolidation": "Consolidation",
+    "pneumonia": "Pneumonia",
+    "lung opacity": "Lung Opacity",
+}
 MS_CXR_CATEGORY = CHEXPERT_OF  # MS-CXR uses the same eight category names
 DISTRACTOR_TYPES = ("abnormality", "presence", "view", "location", "level", "type")
 
@@ -138,8 +165,9 @@ def _patient(args: tuple[CohortConfig, int, Path]) -> dict[str, list[dict]]:
     for _ in range(int(rng.integers(0, 3))):
         finding = _new_finding(rng, present)
         present[finding.name] = finding
-    rows: dict[str, list[dict]] = {k: [] for k in ("metadata", "split", "chexpert", "questions",
-                                                   "all", "ms_cxr")}
+    rows: dict[str, list[dict]] = {
+        k: [] for k in ("metadata", "split", "chexpert", "questions", "all", "ms_cxr")
+    }
     date = datetime.date(2150, 1, 1) + datetime.timedelta(days=int(rng.integers(0, 3000)))
     previous_study = None
     for order in range(int(rng.integers(2, 5))):
@@ -151,13 +179,18 @@ def _patient(args: tuple[CohortConfig, int, Path]) -> dict[str, list[dict]]:
             views.append("LL")
         for view in views:
             dicom_id = _dicom_id(rng)
-            pose = Pose(float(rng.normal(0, 2.0)), float(rng.uniform(0.96, 1.04)),
-                        float(rng.normal(0, 0.03)), float(rng.normal(0, 0.03)))
+            pose = Pose(
+                float(rng.normal(0, 2.0)),
+                float(rng.uniform(0.96, 1.04)),
+                float(rng.normal(0, 0.03)),
+                float(rng.normal(0, 0.03)),
+            )
             if view == "LL":
                 image, masks = render_lateral(config.rows, config.columns, pose, rng), {}
             else:
-                image, masks = render_frontal(config.rows, config.columns, list(present.values()),
-                                              pose, rng, anatomy, view)
+                image, masks = render_frontal(
+                    config.rows, config.columns, list(present.values()), pose, rng, anatomy, view
+                )
             relative = Path("files") / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}"
             folder = root / relative
             folder.mkdir(parents=True, exist_ok=True)
@@ -166,58 +199,109 @@ def _patient(args: tuple[CohortConfig, int, Path]) -> dict[str, list[dict]]:
             # ground truth for evaluation, beside every image (empty when nothing is present)
             np.savez_compressed(folder / f"{dicom_id}.masks.npz", **masks)
             if config.write_dicom:
-                write_cr(folder / f"{dicom_id}.dcm", pixels, subject, study, dicom_id, view,
-                             date, sex, age)
-            rows["metadata"].append({
-                "dicom_id": dicom_id, "subject_id": subject, "study_id": study,
-                "PerformedProcedureStepDescription": "CHEST (PA AND LAT)", "ViewPosition": view,
-                "Rows": config.rows, "Columns": config.columns,
-                "StudyDate": int(date.strftime("%Y%m%d")), "StudyTime": 120000.0 + order,
-                "ProcedureCodeSequence_CodeMeaning": "CHEST (PA AND LAT)",
-                "ViewCodeSequence_CodeMeaning": {"PA": "postero-anterior", "AP": "antero-posterior",
-                                                 "LL": "left lateral"}[view],
-                "PatientOrientationCodeSequence_CodeMeaning": "Erect",
-                "age": age, "sex": sex, "race": race})
-            rows["split"].append({"dicom_id": dicom_id, "study_id": study, "subject_id": subject,
-                                  "split": official})
-            rows["all"].append({"study_id": study, "subject_id": subject, "dicom_id": dicom_id,
-                                "view": view, "study_date": int(date.strftime("%Y%m%d")),
-                                "study_order": order})
+                write_cr(folder / f"{dicom_id}.dcm", pixels, subject, study, dicom_id, view, date, sex, age)
+            rows["metadata"].append(
+                {
+                    "dicom_id": dicom_id,
+                    "subject_id": subject,
+                    "study_id": study,
+                    "PerformedProcedureStepDescription": "CHEST (PA AND LAT)",
+                    "ViewPosition": view,
+                    "Rows": config.rows,
+                    "Columns": config.columns,
+                    "StudyDate": int(date.strftime("%Y%m%d")),
+                    "StudyTime": 120000.0 + order,
+                    "ProcedureCodeSequence_CodeMeaning": "CHEST (PA AND LAT)",
+                    "ViewCodeSequence_CodeMeaning": {
+                        "PA": "postero-anterior",
+                        "AP": "antero-posterior",
+                        "LL": "left lateral",
+                    }[view],
+                    "PatientOrientationCodeSequence_CodeMeaning": "Erect",
+                    "age": age,
+                    "sex": sex,
+                    "race": race,
+                }
+            )
+            rows["split"].append(
+                {"dicom_id": dicom_id, "study_id": study, "subject_id": subject, "split": official}
+            )
+            rows["all"].append(
+                {
+                    "study_id": study,
+                    "subject_id": subject,
+                    "dicom_id": dicom_id,
+                    "view": view,
+                    "study_date": int(date.strftime("%Y%m%d")),
+                    "study_order": order,
+                }
+            )
             if view == "PA":
                 for name, mask in masks.items():
                     if not mask.any():
                         continue
                     ys, xs = np.nonzero(mask)
                     finding = present[name]
-                    rows["ms_cxr"].append({
-                        "dicom_id": dicom_id, "category_name": MS_CXR_CATEGORY[name],
-                        "label_text": f"{finding.level} {finding.side} {name}",
-                        "path": str(relative / f"{dicom_id}.jpg"), "x": int(xs.min()),
-                        "y": int(ys.min()), "w": int(xs.max() - xs.min() + 1),
-                        "h": int(ys.max() - ys.min() + 1), "image_width": config.columns,
-                        "image_height": config.rows, "split": official})
+                    rows["ms_cxr"].append(
+                        {
+                            "dicom_id": dicom_id,
+                            "category_name": MS_CXR_CATEGORY[name],
+                            "label_text": f"{finding.level} {finding.side} {name}",
+                            "path": str(relative / f"{dicom_id}.jpg"),
+                            "x": int(xs.min()),
+                            "y": int(ys.min()),
+                            "w": int(xs.max() - xs.min() + 1),
+                            "h": int(ys.max() - ys.min() + 1),
+                            "image_width": config.columns,
+                            "image_height": config.rows,
+                            "split": official,
+                        }
+                    )
         labels = {label: np.nan for label in CHEXPERT_LABELS}
         for name in present:
             labels[CHEXPERT_OF[name]] = 1.0
         labels["No Finding"] = np.nan if present else 1.0
         rows["chexpert"].append({"subject_id": subject, "study_id": study, **labels})
         if previous_study is not None:
-            question = {"study_id": study, "subject_id": subject, "ref_id": previous_study,
-                        "split": {"validate": "val"}.get(official, official)}
-            rows["questions"].append({**question, "question_type": "difference",
-                                      "question": "what has changed compared to the reference image?",
-                                      "answer": format_answer(changes)})
+            question = {
+                "study_id": study,
+                "subject_id": subject,
+                "ref_id": previous_study,
+                "split": {"validate": "val"}.get(official, official),
+            }
+            rows["questions"].append(
+                {
+                    **question,
+                    "question_type": "difference",
+                    "question": "what has changed compared to the reference image?",
+                    "answer": format_answer(changes),
+                }
+            )
             for kind in rng.choice(DISTRACTOR_TYPES, size=2, replace=False):
-                rows["questions"].append({**question, "question_type": str(kind),
-                                          "question": f"synthetic {kind} question",
-                                          "answer": "yes" if present else "no"})
+                rows["questions"].append(
+                    {
+                        **question,
+                        "question_type": str(kind),
+                        "question": f"synthetic {kind} question",
+                        "answer": "yes" if present else "no",
+                    }
+                )
         previous_study = study
     return rows
 
 
-def write_cr(path: Path, pixels: np.ndarray, subject: int | str, study: int, dicom_id: str,
-             view: str, date: datetime.date, sex: str, age: int,
-             spacing_mm: float | None = None) -> None:
+def write_cr(
+    path: Path,
+    pixels: np.ndarray,
+    subject: int | str,
+    study: int,
+    dicom_id: str,
+    view: str,
+    date: datetime.date,
+    sex: str,
+    age: int,
+    spacing_mm: float | None = None,
+) -> None:
     """A synthetic CR: 8-bit (uint8) or 12-bit (uint16 <= 4095) MONOCHROME2, UIDs derived
     from the ids so that a seed gives the same file."""
     from pydicom import Dataset
@@ -236,7 +320,12 @@ def write_cr(path: Path, pixels: np.ndarray, subject: int | str, study: int, dic
     ds.PatientID, ds.PatientName = str(subject), f"Synthetic^{subject}"
     ds.PatientSex, ds.PatientAge, ds.PatientBirthDate = sex, f"{age:03d}Y", ""
     ds.Manufacturer = PHANTOM_MANUFACTURER
-    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = date.strftime("%Y%m%d"), "120000", str(study), ""
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = (
+        date.strftime("%Y%m%d"),
+        "120000",
+        str(study),
+        "",
+    )
     ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CR", 1, 1
     ds.BodyPartExamined, ds.ViewPosition = "CHEST", view
     ds.PatientOrientation = ["L", "F"] if view in ("PA", "AP") else ["A", "F"]
@@ -291,9 +380,12 @@ def generate_cohort(output: str | Path, config: CohortConfig) -> dict[str, int]:
         _write_table(tables["questions"], staging / "mimic_pair_questions.csv", False)
         _write_table(tables["all"], staging / "mimic_all.csv", False)
         _write_table(tables["ms_cxr"], staging / "MS_CXR_Local_Alignment_v1.1.0.csv", False)
-    counts = {"patients": config.patients, "studies": len(tables["chexpert"]),
-              "images": len(tables["metadata"]),
-              "difference_questions": sum(q["question_type"] == "difference" for q in tables["questions"]),
-              "ms_cxr_boxes": len(tables["ms_cxr"])}
+    counts = {
+        "patients": config.patients,
+        "studies": len(tables["chexpert"]),
+        "images": len(tables["metadata"]),
+        "difference_questions": sum(q["question_type"] == "difference" for q in tables["questions"]),
+        "ms_cxr_boxes": len(tables["ms_cxr"]),
+    }
     logger.info("Synthetic cohort: %s", counts)
     return counts

@@ -28,18 +28,52 @@ from tqdm.auto import tqdm
 
 from instructx2x.outputs import atomic_output_dir
 
-from .phantom import (LATERALISED_FINDINGS, RACES, RENDERED_FINDINGS, ZONED_FINDINGS, Anatomy, FindingState,
-                      Pose, at_zone_centre, draw_finding, finding_masks, form_film, redraw_texture,
-                      render_attenuation)
+from .phantom import (
+    LATERALISED_FINDINGS,
+    RACES,
+    RENDERED_FINDINGS,
+    ZONED_FINDINGS,
+    Anatomy,
+    FindingState,
+    Pose,
+    at_zone_centre,
+    draw_finding,
+    finding_masks,
+    form_film,
+    redraw_texture,
+    render_attenuation,
+)
 
-__all__ = ["PurePairsConfig", "write_pure_pairs", "instruction_for", "OPERATIONS", "insert_finding",
-           "TRUTH_COLUMNS", "plausible_targets", "pairs_config", "pairs_settings"]
+__all__ = [
+    "PurePairsConfig",
+    "write_pure_pairs",
+    "instruction_for",
+    "OPERATIONS",
+    "insert_finding",
+    "TRUTH_COLUMNS",
+    "plausible_targets",
+    "pairs_config",
+    "pairs_settings",
+]
 
 logger = logging.getLogger(__name__)
 
 OPERATIONS = ("add", "remove")
-TRUTH_COLUMNS = ["pair_id", "split", "operation", "finding", "side", "zone", "level", "instruction", "age",
-                 "sex", "race", "background", "other_finding"]
+TRUTH_COLUMNS = [
+    "pair_id",
+    "split",
+    "operation",
+    "finding",
+    "side",
+    "zone",
+    "level",
+    "instruction",
+    "age",
+    "sex",
+    "race",
+    "background",
+    "other_finding",
+]
 _BACKGROUND_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg")
 
 
@@ -101,9 +135,13 @@ class PurePairsConfig:
             raise ValueError(f"resolution must be >= 64, got {self.resolution}.")
         unknown = [f for f in self.findings if f not in RENDERED_FINDINGS]
         if unknown or not self.findings:
-            raise ValueError(f"findings must be among {', '.join(RENDERED_FINDINGS)}; got {unknown or 'none'}.")
+            raise ValueError(
+                f"findings must be among {', '.join(RENDERED_FINDINGS)}; got {unknown or 'none'}."
+            )
         if not self.operations or any(o not in OPERATIONS for o in self.operations):
-            raise ValueError(f"operations must be among {', '.join(OPERATIONS)}; got {list(self.operations)}.")
+            raise ValueError(
+                f"operations must be among {', '.join(OPERATIONS)}; got {list(self.operations)}."
+            )
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}.")
         if self.workers < 1:
@@ -125,16 +163,23 @@ def _plan(config: PurePairsConfig, index: int, rng: np.random.Generator):
     other = None
     if rng.random() < config.other_finding_probability:
         choices = [f for f in RENDERED_FINDINGS if f != name]
-        other = at_zone_centre(draw_finding(rng, str(rng.choice(choices)), str(rng.choice(("left", "right")))))
+        other = at_zone_centre(
+            draw_finding(rng, str(rng.choice(choices)), str(rng.choice(("left", "right"))))
+        )
     return operation, target, other
 
 
-def _phantom_pair(config: PurePairsConfig, rng: np.random.Generator, target: FindingState,
-                  other: FindingState | None):
+def _phantom_pair(
+    config: PurePairsConfig, rng: np.random.Generator, target: FindingState, other: FindingState | None
+):
     age, sex, race = int(rng.integers(25, 90)), str(rng.choice(("F", "M"))), str(rng.choice(RACES))
     anatomy = Anatomy.draw(rng, age, sex, race)
-    pose = Pose(float(rng.normal(0, 1.5)), float(rng.uniform(0.97, 1.03)),
-                float(rng.normal(0, 0.02)), float(rng.normal(0, 0.02)))
+    pose = Pose(
+        float(rng.normal(0, 1.5)),
+        float(rng.uniform(0.97, 1.03)),
+        float(rng.normal(0, 0.02)),
+        float(rng.normal(0, 0.02)),
+    )
     size = config.resolution
     noise = rng.standard_normal((size, size)).astype(np.float32)
     blur = 0.0012 * size
@@ -149,8 +194,11 @@ def _phantom_pair(config: PurePairsConfig, rng: np.random.Generator, target: Fin
         masks_with[other.name] = finding_masks(film["with"], {other.name: alone})[other.name]
     masks_without = {k: v for k, v in masks_with.items() if k != target.name}
     with_finding = np.where(lesion, film["with"], film["without"])  # the same bytes outside
-    return (film["without"], masks_without), (with_finding, masks_with), \
-        {"age": age, "sex": sex, "race": race, "background": ""}
+    return (
+        (film["without"], masks_without),
+        (with_finding, masks_with),
+        {"age": age, "sex": sex, "race": race, "background": ""},
+    )
 
 
 def insert_finding(background: np.ndarray, finding: FindingState) -> tuple[np.ndarray, np.ndarray]:
@@ -168,14 +216,20 @@ def insert_finding(background: np.ndarray, finding: FindingState) -> tuple[np.nd
     rows, columns = background.shape
     flat = np.zeros((rows, columns), np.float32)
     anatomy, pose = Anatomy(), Pose()
-    change = (render_attenuation(rows, columns, anatomy, [finding], pose)
-              - render_attenuation(rows, columns, anatomy, [], pose))
+    change = render_attenuation(rows, columns, anatomy, [finding], pose) - render_attenuation(
+        rows, columns, anatomy, [], pose
+    )
     shown = np.clip(background.astype(np.float64), 0.01, 0.99)
     density = 0.72 + 0.28 * np.log(shown / (1 - shown))
     # the phantom's film curve without noise or blur, applied to the real film's densities
-    edited = form_film(np.clip(density + change, 0, None), flat, 0.0) \
-        - form_film(np.clip(density, 0, None), flat, 0.0) + background
-    lesion = finding_masks(edited.astype(np.float32), {finding.name: background.astype(np.float32)})[finding.name]
+    edited = (
+        form_film(np.clip(density + change, 0, None), flat, 0.0)
+        - form_film(np.clip(density, 0, None), flat, 0.0)
+        + background
+    )
+    lesion = finding_masks(edited.astype(np.float32), {finding.name: background.astype(np.float32)})[
+        finding.name
+    ]
     return np.where(lesion, np.clip(edited, 0, 1), background).astype(np.float32), lesion
 
 
@@ -195,8 +249,11 @@ def _background_pair(config: PurePairsConfig, index: int, target: FindingState, 
     film = np.asarray(Image.fromarray(film).resize((size, size), Image.Resampling.BOX), np.float32)
     film = np.round(np.clip(film, 0, 1) * 255) / 255  # the exact bytes written as "without"
     with_finding, lesion = insert_finding(film, target)
-    return (film, {}), (with_finding, {target.name: lesion}), \
-        {"age": "", "sex": "", "race": "", "background": path.name}
+    return (
+        (film, {}),
+        (with_finding, {target.name: lesion}),
+        {"age": "", "sex": "", "race": "", "background": path.name},
+    )
 
 
 def _render(config: PurePairsConfig, index: int, backgrounds: list[Path], redraw: int | None = None):
@@ -231,11 +288,18 @@ def _pair(args: tuple[PurePairsConfig, int, Path, str, list[Path]]) -> dict:
     for kind, (image, masks) in (("past", past), ("current", current)):
         Image.fromarray(_pixels(image)).save(root / kind / f"{pair_id}.png")
         np.savez_compressed(root / kind / f"{pair_id}.masks.npz", **masks)
-    return {"pair_id": pair_id, "split": split, "operation": operation, "finding": target.name,
-            "side": target.side if target.name in LATERALISED_FINDINGS else "",
-            "zone": target.zone if target.name in ZONED_FINDINGS else "",
-            "level": target.level, "instruction": instruction_for(operation, target), **who,
-            "other_finding": other.name if other else ""}
+    return {
+        "pair_id": pair_id,
+        "split": split,
+        "operation": operation,
+        "finding": target.name,
+        "side": target.side if target.name in LATERALISED_FINDINGS else "",
+        "zone": target.zone if target.name in ZONED_FINDINGS else "",
+        "level": target.level,
+        "instruction": instruction_for(operation, target),
+        **who,
+        "other_finding": other.name if other else "",
+    }
 
 
 def plausible_targets(config: PurePairsConfig, pair_id: str, draws: int) -> list[np.ndarray]:
@@ -252,16 +316,19 @@ def plausible_targets(config: PurePairsConfig, pair_id: str, draws: int) -> list
     if pair_id != _pair_id(config, index):
         raise ValueError(f"pair {pair_id} was not written with seed {config.seed}.")
     backgrounds = _background_files(config.backgrounds) if config.backgrounds else []
-    return [_pixels(_render(config, index, backgrounds, draw)[4][0]).astype(np.float32) / 255
-            for draw in range(draws)]
+    return [
+        _pixels(_render(config, index, backgrounds, draw)[4][0]).astype(np.float32) / 255
+        for draw in range(draws)
+    ]
 
 
 def pairs_settings(root: str | Path) -> dict:
     """The settings a pure-pairs folder's manifest records (seed, resolution, backgrounds, ...)."""
     manifest = Path(root) / "manifest.json"
     if not manifest.is_file():
-        raise FileNotFoundError(f"{Path(root).name} has no manifest.json: make the folder with "
-                                "`instructx2x-train pure-pairs`.")
+        raise FileNotFoundError(
+            f"{Path(root).name} has no manifest.json: make the folder with `instructx2x-train pure-pairs`."
+        )
     return json.loads(manifest.read_text())["settings"]
 
 
@@ -295,25 +362,45 @@ def write_pure_pairs(output: str | Path, config: PurePairsConfig) -> dict:
     with atomic_output_dir(Path(output)) as staging:
         for kind in ("past", "current"):
             (staging / kind).mkdir()
-        jobs = [(config, i, staging, "validation" if i < validation else config.split, backgrounds)
-                for i in range(config.pairs)]
+        jobs = [
+            (config, i, staging, "validation" if i < validation else config.split, backgrounds)
+            for i in range(config.pairs)
+        ]
         with ProcessPoolExecutor(config.workers) if config.workers > 1 else nullcontext() as pool:
             results = pool.map(_pair, jobs, chunksize=8) if pool else map(_pair, jobs)
             rows.extend(tqdm(results, total=config.pairs, desc="pairs", unit="pair"))
         truth = pd.DataFrame(rows, columns=TRUTH_COLUMNS)
         truth.to_csv(staging / "truth.csv", index=False)
-        table = pd.DataFrame({"split": truth.split, "past_dicom_id": truth.pair_id,
-                              "current_dicom_id": truth.pair_id, "instruction": truth.instruction})
+        table = pd.DataFrame(
+            {
+                "split": truth.split,
+                "past_dicom_id": truth.pair_id,
+                "current_dicom_id": truth.pair_id,
+                "instruction": truth.instruction,
+            }
+        )
         table.to_csv(staging / "instructions.csv", index=False)
-        settings = {**dataclasses.asdict(config), "findings": list(config.findings),
-                    "operations": list(config.operations), "image_format": "png",
-                    "backgrounds": Path(config.backgrounds).name if config.backgrounds else ""}
+        settings = {
+            **dataclasses.asdict(config),
+            "findings": list(config.findings),
+            "operations": list(config.operations),
+            "image_format": "png",
+            "backgrounds": Path(config.backgrounds).name if config.backgrounds else "",
+        }
         settings.pop("workers")
-        manifest = {"format": "mimic-edit-instruction/1", "kind": "pure-pairs/1", "complete": True,
-                    "settings": settings, "pairs": config.pairs,
-                    "counts": {f"{o} {f}": int(((truth.operation == o) & (truth.finding == f)).sum())
-                               for f in config.findings for o in config.operations},
-                    "per_split": {str(k): int(v) for k, v in truth.split.value_counts().items()}}
+        manifest = {
+            "format": "mimic-edit-instruction/1",
+            "kind": "pure-pairs/1",
+            "complete": True,
+            "settings": settings,
+            "pairs": config.pairs,
+            "counts": {
+                f"{o} {f}": int(((truth.operation == o) & (truth.finding == f)).sum())
+                for f in config.findings
+                for o in config.operations
+            },
+            "per_split": {str(k): int(v) for k, v in truth.split.value_counts().items()},
+        }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     logger.info("Pure pairs: %s", manifest["per_split"])
     return manifest

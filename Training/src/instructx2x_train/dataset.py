@@ -32,11 +32,15 @@ __all__ = ["BuildConfig", "build_dataset", "KNOWN_QUESTION_TYPES", "INCOMPLETE_M
 
 logger = logging.getLogger(__name__)
 
-KNOWN_QUESTION_TYPES = ("abnormality", "presence", "view", "location", "level", "type",
-                        "difference")
+KNOWN_QUESTION_TYPES = ("abnormality", "presence", "view", "location", "level", "type", "difference")
 INCOMPLETE_MARKER = "INCOMPLETE"
-SPLIT_NAMES = {"train": "train", "validate": "validation", "val": "validation",
-               "validation": "validation", "test": "test"}
+SPLIT_NAMES = {
+    "train": "train",
+    "validate": "validation",
+    "val": "validation",
+    "validation": "validation",
+    "test": "test",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +84,13 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         if self.multi_finding not in MULTI_FINDING_MODES:
-            raise ValueError(f"multi_finding must be one of {MULTI_FINDING_MODES}, got "
-                             f"{self.multi_finding!r}.")
+            raise ValueError(
+                f"multi_finding must be one of {MULTI_FINDING_MODES}, got {self.multi_finding!r}."
+            )
         if not -1.0 <= self.registration_threshold <= 1.0:
-            raise ValueError(f"registration_threshold must lie in [-1, 1], got "
-                             f"{self.registration_threshold}.")
+            raise ValueError(
+                f"registration_threshold must lie in [-1, 1], got {self.registration_threshold}."
+            )
         if not 0.0 <= self.no_finding_ratio <= 1.0:
             raise ValueError(f"no_finding_ratio must lie in [0, 1], got {self.no_finding_ratio}.")
         if self.resolution < 64:
@@ -96,8 +102,9 @@ class BuildConfig:
 
     def identity(self) -> dict:
         """The settings that decide the output (paths and workers excluded)."""
-        return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("mimic_cxr", "diff_vqa", "workers")}
+        return {
+            k: v for k, v in dataclasses.asdict(self).items() if k not in ("mimic_cxr", "diff_vqa", "workers")
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,8 +177,10 @@ def _plan(config: BuildConfig, output: Path, counts: collections.Counter) -> lis
         if current_id is None or past_id is None:
             counts["skipped_no_pa_view"] += 1
             continue
-        if row.study_id in no_finding and \
-                _stable_fraction(config.seed, current_id) >= config.no_finding_ratio:
+        if (
+            row.study_id in no_finding
+            and _stable_fraction(config.seed, current_id) >= config.no_finding_ratio
+        ):
             counts["dropped_no_finding_undersampling"] += 1
             continue
         instructions = to_instructions(changes, config.multi_finding)
@@ -187,15 +196,29 @@ def _plan(config: BuildConfig, output: Path, counts: collections.Counter) -> lis
         used_pasts.add(past_id)
         subject = int(row.subject_id)
         if subject not in subject_split:  # one split per subject, decided by its first pair
-            subject_split[subject] = "test" if str(subject).startswith(config.held_out_prefix) \
+            subject_split[subject] = (
+                "test"
+                if str(subject).startswith(config.held_out_prefix)
                 else SPLIT_NAMES.get(str(official.get(current_id, "train")), "train")
-        jobs.append(PairJob(
-            past_id, current_id, str(_image_path(config.mimic_cxr, subject, row.ref_id, past_id)),
-            str(_image_path(config.mimic_cxr, subject, row.study_id, current_id)),
-            subject_split[subject], subject, tuple(instructions),
-            tuple(c.kind.value for c in changes), tuple(c.finding for c in changes), str(output),
-            config.resolution, config.registration_threshold,
-            int(_stable_fraction(config.seed, past_id, current_id) * 2**31), config.image_format))
+            )
+        jobs.append(
+            PairJob(
+                past_id,
+                current_id,
+                str(_image_path(config.mimic_cxr, subject, row.ref_id, past_id)),
+                str(_image_path(config.mimic_cxr, subject, row.study_id, current_id)),
+                subject_split[subject],
+                subject,
+                tuple(instructions),
+                tuple(c.kind.value for c in changes),
+                tuple(c.finding for c in changes),
+                str(output),
+                config.resolution,
+                config.registration_threshold,
+                int(_stable_fraction(config.seed, past_id, current_id) * 2**31),
+                config.image_format,
+            )
+        )
     counts["pairs_planned"] = len(jobs)
     return jobs
 
@@ -226,9 +249,15 @@ def _process_pair(job: PairJob) -> dict:
     record_path = _record_path(output, job.current_id, job.past_id)
     if record_path.is_file():
         return json.loads(record_path.read_text())
-    record = {"past_id": job.past_id, "current_id": job.current_id, "split": job.split,
-              "subject_id": job.subject_id, "instructions": list(job.instructions),
-              "operations": list(job.operations), "findings": list(job.findings)}
+    record = {
+        "past_id": job.past_id,
+        "current_id": job.current_id,
+        "split": job.split,
+        "subject_id": job.subject_id,
+        "instructions": list(job.instructions),
+        "operations": list(job.operations),
+        "findings": list(job.findings),
+    }
     try:
         past, current = _load(job.past_path, job.resolution), _load(job.current_path, job.resolution)
     except FileNotFoundError:
@@ -244,12 +273,16 @@ def _process_pair(job: PairJob) -> dict:
             record["status"] = "kept"
             suffix = "jpg" if job.image_format == "jpg" else "png"
             options = {"quality": 95} if suffix == "jpg" else {}
-            for folder, name, array in (("past", job.past_id, result.registered),
-                                        ("current", job.current_id, current)):
+            for folder, name, array in (
+                ("past", job.past_id, result.registered),
+                ("current", job.current_id, current),
+            ):
                 target = output / folder / f"{name}.{suffix}"
                 pixels = Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
-                _write_atomic(target, lambda p: pixels.save(p, format=suffix.replace("jpg", "jpeg"),
-                                                            **options))
+                _write_atomic(
+                    target,
+                    lambda p, image=pixels: image.save(p, format=suffix.replace("jpg", "jpeg"), **options),
+                )
     _write_atomic(record_path, lambda p: p.write_text(json.dumps(record)))
     return record
 
@@ -275,8 +308,9 @@ def build_dataset(config: BuildConfig, output: str | Path) -> dict:
     settings = output / ".work" / "config.json"
     if output.exists():
         if not settings.is_file() or json.loads(settings.read_text()) != config.identity():
-            raise FileExistsError(f"{output} exists and is not a build with these settings; "
-                                  "choose a new folder.")
+            raise FileExistsError(
+                f"{output} exists and is not a build with these settings; choose a new folder."
+            )
     for folder in (".work/records", "past", "current"):
         (output / folder).mkdir(parents=True, exist_ok=True)
     settings.write_text(json.dumps(config.identity()))
@@ -292,8 +326,7 @@ def build_dataset(config: BuildConfig, output: str | Path) -> dict:
     return manifest
 
 
-def _assemble(config: BuildConfig, output: Path, records: list[dict],
-              counts: collections.Counter) -> dict:
+def _assemble(config: BuildConfig, output: Path, records: list[dict], counts: collections.Counter) -> dict:
     rows, scores = [], []
     per_operation: collections.Counter = collections.Counter()
     per_finding: collections.Counter = collections.Counter()
@@ -308,18 +341,30 @@ def _assemble(config: BuildConfig, output: Path, records: list[dict],
         for operation, finding in zip(record["operations"], record["findings"]):
             per_operation[operation] += 1
             per_finding[finding] += 1
-        rows += [{"split": record["split"], "past_dicom_id": record["past_id"],
-                  "current_dicom_id": record["current_id"], "instruction": text}
-                 for text in record["instructions"]]
+        rows += [
+            {
+                "split": record["split"],
+                "past_dicom_id": record["past_id"],
+                "current_dicom_id": record["current_id"],
+                "instruction": text,
+            }
+            for text in record["instructions"]
+        ]
     table = pd.DataFrame(rows, columns=["split", "past_dicom_id", "current_dicom_id", "instruction"])
     _write_atomic(output / "instructions.csv", lambda p: table.to_csv(p, index=False))
     manifest = {
-        "format": "mimic-edit-instruction/1", "complete": True, "settings": config.identity(),
-        "counts": dict(sorted(counts.items())), "kept_pairs": counts["kept"],
-        "instructions": len(rows), "per_operation": dict(sorted(per_operation.items())),
-        "per_finding": dict(sorted(per_finding.items())), "per_split": dict(sorted(per_split.items())),
-        "registration_score": {"min": min(scores), "median": float(np.median(scores)),
-                               "max": max(scores)} if scores else None,
+        "format": "mimic-edit-instruction/1",
+        "complete": True,
+        "settings": config.identity(),
+        "counts": dict(sorted(counts.items())),
+        "kept_pairs": counts["kept"],
+        "instructions": len(rows),
+        "per_operation": dict(sorted(per_operation.items())),
+        "per_finding": dict(sorted(per_finding.items())),
+        "per_split": dict(sorted(per_split.items())),
+        "registration_score": {"min": min(scores), "median": float(np.median(scores)), "max": max(scores)}
+        if scores
+        else None,
     }
     _write_atomic(output / "manifest.json", lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
     _write_atomic(output / "report.md", lambda p: p.write_text(_report(manifest)))
@@ -327,15 +372,23 @@ def _assemble(config: BuildConfig, output: Path, records: list[dict],
 
 
 def _report(manifest: dict) -> str:
-    lines = ["# MIMIC-EDIT-INSTRUCTION build report", "",
-             f"Kept pairs: {manifest['kept_pairs']}; instructions: {manifest['instructions']}.", "",
-             "| stage | count |", "|---|---|"]
+    lines = [
+        "# MIMIC-EDIT-INSTRUCTION build report",
+        "",
+        f"Kept pairs: {manifest['kept_pairs']}; instructions: {manifest['instructions']}.",
+        "",
+        "| stage | count |",
+        "|---|---|",
+    ]
     lines += [f"| {name} | {value} |" for name, value in manifest["counts"].items()]
     for title in ("per_split", "per_operation", "per_finding"):
         lines += ["", f"| {title.replace('_', ' ')} | pairs |", "|---|---|"]
         lines += [f"| {name} | {value} |" for name, value in manifest[title].items()]
     if manifest["registration_score"]:
         score = manifest["registration_score"]
-        lines += ["", f"Registration NCC: min {score['min']:.3f}, median {score['median']:.3f}, "
-                      f"max {score['max']:.3f} (threshold {manifest['settings']['registration_threshold']})."]
+        lines += [
+            "",
+            f"Registration NCC: min {score['min']:.3f}, median {score['median']:.3f}, "
+            f"max {score['max']:.3f} (threshold {manifest['settings']['registration_threshold']}).",
+        ]
     return "\n".join(lines) + "\n"

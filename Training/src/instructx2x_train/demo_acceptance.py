@@ -44,11 +44,24 @@ from instructx2x.outputs import atomic_output_dir
 from instructx2x.parameters import EditParameters, RegionMode
 from instructx2x.provenance import to_json
 
-from .counterfactuals import (TRUTH_COLUMNS, PurePairsConfig, pairs_config, pairs_settings, plausible_targets,
-                              write_pure_pairs)
+from .counterfactuals import (
+    TRUTH_COLUMNS,
+    PurePairsConfig,
+    pairs_config,
+    pairs_settings,
+    plausible_targets,
+    write_pure_pairs,
+)
 
-__all__ = ["AcceptanceTargets", "evaluate_demo", "measure_edit", "lesion_mask", "peak_in_lesion", "zone_summary",
-           "TARGETS"]
+__all__ = [
+    "AcceptanceTargets",
+    "evaluate_demo",
+    "measure_edit",
+    "lesion_mask",
+    "peak_in_lesion",
+    "zone_summary",
+    "TARGETS",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,15 +103,24 @@ def peak_in_lesion(guidance: np.ndarray, lesion: np.ndarray) -> tuple[float, int
     return float(lesion[peak].mean()), int(peak.sum())
 
 
-def measure_edit(past: np.ndarray, truth: np.ndarray, edited: np.ndarray, lesion: np.ndarray,
-                 edit_mask: np.ndarray | None = None, guidance: np.ndarray | None = None) -> dict:
+def measure_edit(
+    past: np.ndarray,
+    truth: np.ndarray,
+    edited: np.ndarray,
+    lesion: np.ndarray,
+    edit_mask: np.ndarray | None = None,
+    guidance: np.ndarray | None = None,
+) -> dict:
     """Figures of one edit against its pair's truth (all images float in [0, 1])."""
     true_change = float((truth - past)[lesion].mean())
     edit_change = float((edited - past)[lesion].mean())
     mirrored = lesion[:, ::-1] & ~lesion
     figures = {
-        "true_change": true_change, "edit_change": edit_change,
-        "direction_ok": bool(np.sign(true_change) * edit_change >= TARGETS.direction_fraction * abs(true_change)),
+        "true_change": true_change,
+        "edit_change": edit_change,
+        "direction_ok": bool(
+            np.sign(true_change) * edit_change >= TARGETS.direction_fraction * abs(true_change)
+        ),
         "error_unedited": float(np.abs(past - truth)[lesion].mean()),
         "error_edited": float(np.abs(edited - truth)[lesion].mean()),
         "change_in_lesion": float(np.abs(edited - past)[lesion].mean()),
@@ -106,9 +128,13 @@ def measure_edit(past: np.ndarray, truth: np.ndarray, edited: np.ndarray, lesion
         "change_outside_lesion": float(np.abs(edited - past)[~lesion].mean()),
     }
     if edit_mask is not None:
-        figures.update({"lesion_coverage": float(edit_mask[lesion].mean()),
-                        "image_coverage": float(edit_mask.mean()),
-                        "identical_outside_mask": bool(np.array_equal(edited[~edit_mask], past[~edit_mask]))})
+        figures.update(
+            {
+                "lesion_coverage": float(edit_mask[lesion].mean()),
+                "image_coverage": float(edit_mask.mean()),
+                "identical_outside_mask": bool(np.array_equal(edited[~edit_mask], past[~edit_mask])),
+            }
+        )
     if guidance is not None:
         figures["peak_in_lesion"], figures["peak_pixels"] = peak_in_lesion(guidance, lesion)
     return figures
@@ -122,9 +148,11 @@ def read_film(path: Path) -> np.ndarray:
 
 def _summary(frame: pd.DataFrame) -> dict:
     """Rates and means of a set of edits."""
-    out = {"edits": int(len(frame)),
-           "direction_rate": float(frame.direction_ok.mean()),
-           "accuracy_reduction": float(1 - frame.error_edited.mean() / frame.error_unedited.mean())}
+    out = {
+        "edits": int(len(frame)),
+        "direction_rate": float(frame.direction_ok.mean()),
+        "accuracy_reduction": float(1 - frame.error_edited.mean() / frame.error_unedited.mean()),
+    }
     for key in ("lesion_coverage", "image_coverage", "change_outside_lesion"):
         if key in frame:
             out[key] = float(frame[key].mean())
@@ -140,8 +168,12 @@ def _summary(frame: pd.DataFrame) -> dict:
 def zone_summary(edits: pd.DataFrame) -> dict:
     """``"add upper"``-style groups (operation, then the zone, apex to base) of the edits whose
     instruction names a lung zone; the other edits (empty ``zone``) are left out."""
-    return {f"{op} {zone}": _summary(group) for op, by_op in edits.groupby("operation", sort=True)
-            for zone in LUNG_ZONES if len(group := by_op[by_op.zone == zone])}
+    return {
+        f"{op} {zone}": _summary(group)
+        for op, by_op in edits.groupby("operation", sort=True)
+        for zone in LUNG_ZONES
+        if len(group := by_op[by_op.zone == zone])
+    }
 
 
 def _verdicts(overall: dict, per_group: dict, laterality: dict) -> dict:
@@ -151,24 +183,50 @@ def _verdicts(overall: dict, per_group: dict, laterality: dict) -> dict:
     items = {
         "direction (worst finding x operation)": (worst_direction, TARGETS.direction_rate, ">="),
         "counterfactual accuracy reduction (worst finding x operation)": (
-            worst_accuracy, TARGETS.accuracy_reduction, ">="),
+            worst_accuracy,
+            TARGETS.accuracy_reduction,
+            ">=",
+        ),
         "lesion coverage by the RSE mask": (overall["lesion_coverage"], TARGETS.lesion_coverage, ">="),
         "image coverage by the RSE mask": (overall["image_coverage"], TARGETS.image_coverage, "<="),
-        "guidance peak inside the lesion": (overall["peak_in_lesion_rate"], TARGETS.peak_in_lesion_rate, ">="),
+        "guidance peak inside the lesion": (
+            overall["peak_in_lesion_rate"],
+            TARGETS.peak_in_lesion_rate,
+            ">=",
+        ),
         "output equals input outside the mask": (overall["identical_outside_mask_rate"], 1.0, ">="),
     }
     if laterality:  # only pairs with a side measure it
-        items["laterality (worst finding, narrowing off)"] = (min(laterality.values()),
-                                                              TARGETS.laterality_rate, ">=")
-    return {name: {"measured": value, "target": target, "met": bool(value >= target if op == ">=" else value <= target)}
-            for name, (value, target, op) in items.items()}
+        items["laterality (worst finding, narrowing off)"] = (
+            min(laterality.values()),
+            TARGETS.laterality_rate,
+            ">=",
+        )
+    return {
+        name: {
+            "measured": value,
+            "target": target,
+            "met": bool(value >= target if op == ">=" else value <= target),
+        }
+        for name, (value, target, op) in items.items()
+    }
 
 
-def evaluate_demo(model: str, output: str | Path, *, pairs: str | Path | None = None, seed: int = 1000,
-                  count: int = 160, resolution: int = 256, ablation_count: int | None = None,
-                  samplers: tuple = SAMPLERS, guidance_scale: float | None = None,
-                  image_guidance_scale: float | None = None, perfect_model_draws: int = 4,
-                  progress_bar: bool = True) -> dict:
+def evaluate_demo(
+    model: str,
+    output: str | Path,
+    *,
+    pairs: str | Path | None = None,
+    seed: int = 1000,
+    count: int = 160,
+    resolution: int = 256,
+    ablation_count: int | None = None,
+    samplers: tuple = SAMPLERS,
+    guidance_scale: float | None = None,
+    image_guidance_scale: float | None = None,
+    perfect_model_draws: int = 4,
+    progress_bar: bool = True,
+) -> dict:
     """Measure ``model`` on held-out pure pairs and write ``acceptance.json``/``.md`` and figures.
 
     Parameters
@@ -197,19 +255,31 @@ def evaluate_demo(model: str, output: str | Path, *, pairs: str | Path | None = 
         raise FileExistsError(f"output folder {output.name} already exists; choose a new one.")
     if pairs is not None:
         if not (Path(pairs) / "truth.csv").is_file():
-            raise FileNotFoundError(f"{Path(pairs).name} is not a pure-pairs folder (no truth.csv): "
-                                    "make one with `instructx2x-train pure-pairs`.")
-        missing = [c for c in TRUTH_COLUMNS if c not in pd.read_csv(Path(pairs) / "truth.csv", nrows=0).columns]
+            raise FileNotFoundError(
+                f"{Path(pairs).name} is not a pure-pairs folder (no truth.csv): "
+                "make one with `instructx2x-train pure-pairs`."
+            )
+        missing = [
+            c for c in TRUTH_COLUMNS if c not in pd.read_csv(Path(pairs) / "truth.csv", nrows=0).columns
+        ]
         if missing:
-            raise ValueError(f"{Path(pairs).name}/truth.csv lacks the column(s) {', '.join(missing)}: "
-                             "it was written by an older `instructx2x-train pure-pairs`; write the pairs again.")
-    edit_parameters = functools.partial(EditParameters, guidance_scale=guidance_scale,
-                                        image_guidance_scale=image_guidance_scale)
+            raise ValueError(
+                f"{Path(pairs).name}/truth.csv lacks the column(s) {', '.join(missing)}: "
+                "it was written by an older `instructx2x-train pure-pairs`; write the pairs again."
+            )
+    edit_parameters = functools.partial(
+        EditParameters, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale
+    )
     edit_parameters(instruction="-")  # a bad scale is refused before the model loads
     if perfect_model_draws < 0:
         raise ValueError(f"perfect_model_draws must be >= 0, got {perfect_model_draws}.")
-    generated = PurePairsConfig(pairs=count, seed=seed, resolution=resolution, split="test",
-                                other_finding_probability=0.0) if pairs is None else None
+    generated = (
+        PurePairsConfig(
+            pairs=count, seed=seed, resolution=resolution, split="test", other_finding_probability=0.0
+        )
+        if pairs is None
+        else None
+    )
     written_by = (generated or pairs_config(pairs)) if perfect_model_draws else None
     # the seed the report names: the one given, else the one the folder's manifest records
     if pairs is None:
@@ -233,67 +303,134 @@ def evaluate_demo(model: str, output: str | Path, *, pairs: str | Path | None = 
             image = read_image(past_path)
             past, target = image.pixels, read_film(root / "current" / f"{pair.pair_id}.png")
             lesion = lesion_mask(root, pair.pair_id, pair.finding)
-            who = {"pair_id": pair.pair_id, "finding": pair.finding, "operation": pair.operation,
-                   "side": pair.side, "zone": pair.zone}
+            who = {
+                "pair_id": pair.pair_id,
+                "finding": pair.finding,
+                "operation": pair.operation,
+                "side": pair.side,
+                "zone": pair.zone,
+            }
             started = time.perf_counter()
             result = editor.edit(image, edit_parameters(instruction=pair.instruction))
             figures = measure_edit(past, target, result.edited, lesion, result.edit_mask, result.guidance_map)
             rows.append({**who, **figures, "seconds": time.perf_counter() - started})
             if written_by is not None:
-                perfect_rows += [{**who, **measure_edit(past, target, plausible, lesion, guidance=np.abs(plausible - past))}
-                                 for plausible in plausible_targets(written_by, pair.pair_id, perfect_model_draws)]
-            if len(figure) < 8 and pair.operation == "add" and len({f["finding"] for f in figure} | {pair.finding}) > len(figure):
-                figure.append({"finding": pair.finding, "past": past, "edited": result.edited,
-                               "truth": target, "guidance": result.guidance_map, "lesion": lesion})
+                perfect_rows += [
+                    {
+                        **who,
+                        **measure_edit(past, target, plausible, lesion, guidance=np.abs(plausible - past)),
+                    }
+                    for plausible in plausible_targets(written_by, pair.pair_id, perfect_model_draws)
+                ]
+            if (
+                len(figure) < 8
+                and pair.operation == "add"
+                and len({f["finding"] for f in figure} | {pair.finding}) > len(figure)
+            ):
+                figure.append(
+                    {
+                        "finding": pair.finding,
+                        "past": past,
+                        "edited": result.edited,
+                        "truth": target,
+                        "guidance": result.guidance_map,
+                        "lesion": lesion,
+                    }
+                )
             if pair.side:
-                unnarrowed = editor.edit(image, edit_parameters(instruction=pair.instruction,
-                                                                lateralize_prior=False))
+                unnarrowed = editor.edit(
+                    image, edit_parameters(instruction=pair.instruction, lateralize_prior=False)
+                )
                 lateral = measure_edit(past, target, unnarrowed.edited, lesion)
-                lateral_rows.append({**who, "change_in_lesion": lateral["change_in_lesion"],
-                                     "change_mirrored": lateral["change_mirrored"],
-                                     "ok": lateral["change_in_lesion"] > lateral["change_mirrored"]})
+                lateral_rows.append(
+                    {
+                        **who,
+                        "change_in_lesion": lateral["change_in_lesion"],
+                        "change_mirrored": lateral["change_mirrored"],
+                        "ok": lateral["change_in_lesion"] > lateral["change_mirrored"],
+                    }
+                )
             if pair.pair_id not in ablation_ids:
                 continue
             for mode in RegionMode:
-                edited = editor.edit(image, edit_parameters(instruction=pair.instruction, region_mode=mode.value))
-                mode_rows.append({**who, "mode": mode.value,
-                                  **measure_edit(past, target, edited.edited, lesion, edited.edit_mask)})
+                edited = editor.edit(
+                    image, edit_parameters(instruction=pair.instruction, region_mode=mode.value)
+                )
+                mode_rows.append(
+                    {
+                        **who,
+                        "mode": mode.value,
+                        **measure_edit(past, target, edited.edited, lesion, edited.edit_mask),
+                    }
+                )
             for name, steps in samplers:
                 editor.pipeline.scheduler = make_scheduler(name, dict(default_scheduler.config))
                 started = time.perf_counter()
-                edited = editor.edit(image, edit_parameters(instruction=pair.instruction, num_inference_steps=steps))
-                sampler_rows.append({**who, "sampler": f"{name} {steps}",
-                                     **measure_edit(past, target, edited.edited, lesion, edited.edit_mask),
-                                     "seconds": time.perf_counter() - started})
+                edited = editor.edit(
+                    image, edit_parameters(instruction=pair.instruction, num_inference_steps=steps)
+                )
+                sampler_rows.append(
+                    {
+                        **who,
+                        "sampler": f"{name} {steps}",
+                        **measure_edit(past, target, edited.edited, lesion, edited.edit_mask),
+                        "seconds": time.perf_counter() - started,
+                    }
+                )
             editor.pipeline.scheduler = default_scheduler
         edits = pd.DataFrame(rows)
-        per_group = {f"{op} {finding}": _summary(group)
-                     for (finding, op), group in edits.groupby(["finding", "operation"], sort=True)}
+        per_group = {
+            f"{op} {finding}": _summary(group)
+            for (finding, op), group in edits.groupby(["finding", "operation"], sort=True)
+        }
         laterality, laterality_by_operation = {}, {}
         if lateral_rows:
             lateral = pd.DataFrame(lateral_rows)
             for finding, group in lateral.groupby("finding"):
                 laterality[finding] = float(group.ok.mean())
-                laterality_by_operation[finding] = {op: float(trials.ok.mean())
-                                                    for op, trials in group.groupby("operation")}
+                laterality_by_operation[finding] = {
+                    op: float(trials.ok.mean()) for op, trials in group.groupby("operation")
+                }
         overall = _summary(edits)
         report = {
-            "model": editor.model_info.to_dict(), "precision": editor.precision,
-            "pairs": {"folder": root.name, "count": int(len(truth)), "seed": held_out_seed,
-                      "resolution": int(past.shape[0])},
-            "default_sampler": {"name": type(default_scheduler).__name__,
-                                **editor.sampling(edit_parameters(instruction="-"))},
-            "targets": dataclasses.asdict(TARGETS), "overall": overall, "per_finding_operation": per_group,
-            "perfect_model": {"draws": perfect_model_draws, "per_finding_operation": {
-                f"{op} {finding}": _summary(group)
-                for (finding, op), group in pd.DataFrame(perfect_rows).groupby(["finding", "operation"], sort=True)}}
-            if perfect_rows else {},
+            "model": editor.model_info.to_dict(),
+            "precision": editor.precision,
+            "pairs": {
+                "folder": root.name,
+                "count": int(len(truth)),
+                "seed": held_out_seed,
+                "resolution": int(past.shape[0]),
+            },
+            "default_sampler": {
+                "name": type(default_scheduler).__name__,
+                **editor.sampling(edit_parameters(instruction="-")),
+            },
+            "targets": dataclasses.asdict(TARGETS),
+            "overall": overall,
+            "per_finding_operation": per_group,
+            "perfect_model": {
+                "draws": perfect_model_draws,
+                "per_finding_operation": {
+                    f"{op} {finding}": _summary(group)
+                    for (finding, op), group in pd.DataFrame(perfect_rows).groupby(
+                        ["finding", "operation"], sort=True
+                    )
+                },
+            }
+            if perfect_rows
+            else {},
             "by_zone": zone_summary(edits),
-            "laterality_rate": laterality, "laterality_rate_by_operation": laterality_by_operation,
+            "laterality_rate": laterality,
+            "laterality_rate_by_operation": laterality_by_operation,
             "region_modes": {mode: _summary(group) for mode, group in pd.DataFrame(mode_rows).groupby("mode")}
-            if mode_rows else {},
-            "samplers": {name: _summary(group) for name, group in pd.DataFrame(sampler_rows).groupby("sampler", sort=False)}
-            if sampler_rows else {},
+            if mode_rows
+            else {},
+            "samplers": {
+                name: _summary(group)
+                for name, group in pd.DataFrame(sampler_rows).groupby("sampler", sort=False)
+            }
+            if sampler_rows
+            else {},
         }
         report["verdicts"] = _verdicts(overall, per_group, laterality)
         (staging / "acceptance.json").write_text(to_json(report) + "\n")
@@ -317,8 +454,17 @@ def _figure(examples: list[dict]) -> Image.Image:
         overlay[..., 0] += 0.4 * example["guidance"]
         edge = example["lesion"] & ~ndimage.binary_erosion(example["lesion"])
         overlay[edge] = (0.2, 1.0, 0.2)
-        columns.append(np.concatenate([grey(example["past"]), grey(example["edited"]),
-                                       grey(example["truth"]), np.clip(overlay, 0, 1)], 0))
+        columns.append(
+            np.concatenate(
+                [
+                    grey(example["past"]),
+                    grey(example["edited"]),
+                    grey(example["truth"]),
+                    np.clip(overlay, 0, 1),
+                ],
+                0,
+            )
+        )
     return Image.fromarray((np.concatenate(columns, 1) * 255).round().astype(np.uint8))
 
 
@@ -326,51 +472,87 @@ def acceptance_markdown(report: dict) -> str:
     """The report's tables, as they go into the model card."""
     draws = report["default_sampler"]["relevance_draws"]
     seed = "unknown" if report["pairs"]["seed"] is None else report["pairs"]["seed"]
-    lines = [f"Held-out pure pairs: {report['pairs']['count']} at {report['pairs']['resolution']} px "
-             f"(seed {seed}); default sampler {report['default_sampler']['name']} "
-             f"{report['default_sampler']['num_inference_steps']} steps, guidance s_T "
-             f"{report['default_sampler']['guidance_scale']:g} / s_I {report['default_sampler']['image_guidance_scale']:g}, "
-             f"relevance map of {draws} noise draw{'s' * (draws > 1)}; "
-             f"precision {report['precision']['dtype']}.", "",
-             "| target | measured | goal | met |", "|---|---|---|---|"]
+    lines = [
+        f"Held-out pure pairs: {report['pairs']['count']} at {report['pairs']['resolution']} px "
+        f"(seed {seed}); default sampler {report['default_sampler']['name']} "
+        f"{report['default_sampler']['num_inference_steps']} steps, guidance s_T "
+        f"{report['default_sampler']['guidance_scale']:g} / s_I {report['default_sampler']['image_guidance_scale']:g}, "
+        f"relevance map of {draws} noise draw{'s' * (draws > 1)}; "
+        f"precision {report['precision']['dtype']}.",
+        "",
+        "| target | measured | goal | met |",
+        "|---|---|---|---|",
+    ]
     for name, verdict in report["verdicts"].items():
-        lines.append(f"| {name} | {verdict['measured']:.3f} | {verdict['target']:.2f} | "
-                     f"{'yes' if verdict['met'] else 'NO'} |")
+        lines.append(
+            f"| {name} | {verdict['measured']:.3f} | {verdict['target']:.2f} | "
+            f"{'yes' if verdict['met'] else 'NO'} |"
+        )
     perfect = report["perfect_model"].get("per_finding_operation", {})
-    lines += ["", "| finding, operation | edits | direction | accuracy reduction | lesion coverage | "
-              "image coverage | peak in lesion |" + (" perfect model: direction / accuracy / peak |" if perfect else ""),
-              "|---|---|---|---|---|---|---|" + ("---|" if perfect else "")]
+    lines += [
+        "",
+        "| finding, operation | edits | direction | accuracy reduction | lesion coverage | "
+        "image coverage | peak in lesion |"
+        + (" perfect model: direction / accuracy / peak |" if perfect else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if perfect else ""),
+    ]
     for name, g in report["per_finding_operation"].items():
-        line = (f"| {name} | {g['edits']} | {g['direction_rate']:.2f} | {g['accuracy_reduction']:.2f} | "
-                f"{g['lesion_coverage']:.2f} | {g['image_coverage']:.2f} | {g['peak_in_lesion_rate']:.2f} |")
+        line = (
+            f"| {name} | {g['edits']} | {g['direction_rate']:.2f} | {g['accuracy_reduction']:.2f} | "
+            f"{g['lesion_coverage']:.2f} | {g['image_coverage']:.2f} | {g['peak_in_lesion_rate']:.2f} |"
+        )
         if perfect:
             p = perfect[name]
             line += f" {p['direction_rate']:.2f} / {p['accuracy_reduction']:.2f} / {p['peak_in_lesion_rate']:.2f} |"
         lines.append(line)
     if perfect:
-        lines += ["", f"Perfect model: {report['perfect_model']['draws']} targets a pair as right as the pair's "
-                  "own for its instruction (the finding with another texture, such as pneumonia's "
-                  "lobules), measured as edits; what the instruction leaves open bounds every model's figures."]
+        lines += [
+            "",
+            f"Perfect model: {report['perfect_model']['draws']} targets a pair as right as the pair's "
+            "own for its instruction (the finding with another texture, such as pneumonia's "
+            "lobules), measured as edits; what the instruction leaves open bounds every model's figures.",
+        ]
     if report["by_zone"]:
-        lines += ["", "| focal opacities, operation, zone named | edits | direction | accuracy reduction | "
-                  "peak in lesion |", "|---|---|---|---|---|"]
-        lines += [f"| {name} | {g['edits']} | {g['direction_rate']:.2f} | {g['accuracy_reduction']:.2f} | "
-                  f"{g['peak_in_lesion_rate']:.2f} |" for name, g in report["by_zone"].items()]
-        lines += ["", "Focal opacities (consolidation, pneumonia, lung opacity) by the lung zone their instruction "
-                  "names: a removal finds the site on the film, an addition must take it from the words alone."]
+        lines += [
+            "",
+            "| focal opacities, operation, zone named | edits | direction | accuracy reduction | "
+            "peak in lesion |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {name} | {g['edits']} | {g['direction_rate']:.2f} | {g['accuracy_reduction']:.2f} | "
+            f"{g['peak_in_lesion_rate']:.2f} |"
+            for name, g in report["by_zone"].items()
+        ]
+        lines += [
+            "",
+            "Focal opacities (consolidation, pneumonia, lung opacity) by the lung zone their instruction "
+            "names: a removal finds the site on the film, an addition must take it from the words alone.",
+        ]
     if report["laterality_rate"]:
         lines += ["", "| finding | laterality (narrowing off) | adding | removing |", "|---|---|---|---|"]
         for finding, rate in report["laterality_rate"].items():
             by_operation = report["laterality_rate_by_operation"][finding]
-            lines.append(f"| {finding} | {rate:.2f} | " + " | ".join(
-                format(by_operation[op], ".2f") if op in by_operation else "-" for op in ("add", "remove")) + " |")
+            lines.append(
+                f"| {finding} | {rate:.2f} | "
+                + " | ".join(
+                    format(by_operation[op], ".2f") if op in by_operation else "-" for op in ("add", "remove")
+                )
+                + " |"
+            )
     for title, key in (("region mode", "region_modes"), ("sampler", "samplers")):
         if report[key]:
-            lines += ["", f"| {title} | direction | accuracy reduction | lesion coverage | image coverage | "
-                      "change outside lesion | s/edit |", "|---|---|---|---|---|---|---|"]
+            lines += [
+                "",
+                f"| {title} | direction | accuracy reduction | lesion coverage | image coverage | "
+                "change outside lesion | s/edit |",
+                "|---|---|---|---|---|---|---|",
+            ]
             for name, g in report[key].items():
-                lines.append(f"| {name} | {g['direction_rate']:.2f} | {g['accuracy_reduction']:.2f} | "
-                             f"{g['lesion_coverage']:.2f} | {g['image_coverage']:.2f} | "
-                             f"{g['change_outside_lesion']:.4f} | "
-                             f"{format(g['seconds_per_edit'], '.2f') if 'seconds_per_edit' in g else '-'} |")
+                lines.append(
+                    f"| {name} | {g['direction_rate']:.2f} | {g['accuracy_reduction']:.2f} | "
+                    f"{g['lesion_coverage']:.2f} | {g['image_coverage']:.2f} | "
+                    f"{g['change_outside_lesion']:.4f} | "
+                    f"{format(g['seconds_per_edit'], '.2f') if 'seconds_per_edit' in g else '-'} |"
+                )
     return "\n".join(lines) + "\n"

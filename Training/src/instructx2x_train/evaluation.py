@@ -27,7 +27,13 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from instructx2x import read_image
-from instructx2x.classifiers import FINDING_TO_PATHOLOGY, PATHOLOGIES, ClassifierSet, Predictions, load_classifiers
+from instructx2x.classifiers import (
+    FINDING_TO_PATHOLOGY,
+    PATHOLOGIES,
+    ClassifierSet,
+    Predictions,
+    load_classifiers,
+)
 from instructx2x.errors import OutputExistsError, ParameterError
 from instructx2x.instructions import parse_instruction
 from instructx2x.parameters import EditParameters, RegionMode
@@ -46,8 +52,12 @@ REAL_ROW = "real images"
 INCOMPLETE = "INCOMPLETE"
 CONFIG_NAME = "evaluation-config.json"
 # the paper's names for the region modes (Table 2)
-MODE_LABELS = {"none": "none", "relevance": "relevance map only", "prior": "pseudo mask only",
-               "rse": "relevance map + pseudo mask (RSE)"}
+MODE_LABELS = {
+    "none": "none",
+    "relevance": "relevance map only",
+    "prior": "pseudo mask only",
+    "rse": "relevance map + pseudo mask (RSE)",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +88,13 @@ class EvaluationConfig:
 
 
 def _record(predictions: Predictions, row: int) -> dict:
-    return {"findings": predictions.findings[row].tolist(), "age": float(predictions.age[row]),
-            "race": predictions.race[row].tolist(), "features": predictions.features[row].tolist(),
-            "sex_female": None if predictions.sex_female is None else float(predictions.sex_female[row])}
+    return {
+        "findings": predictions.findings[row].tolist(),
+        "age": float(predictions.age[row]),
+        "race": predictions.race[row].tolist(),
+        "features": predictions.features[row].tolist(),
+        "sex_female": None if predictions.sex_female is None else float(predictions.sex_female[row]),
+    }
 
 
 def _read_records(folder: Path, name: str) -> dict[int, dict]:
@@ -102,8 +116,11 @@ def _source_labels(pairs: EditPairs, index: int, classifier_decisions: np.ndarra
     if masks.is_file():
         with np.load(masks) as stored:
             # the .masks.npz keys are finding names of the instruction vocabulary
-            present = {FINDING_TO_PATHOLOGY[name] for name in stored.files
-                       if name in FINDING_TO_PATHOLOGY and stored[name].any()}
+            present = {
+                FINDING_TO_PATHOLOGY[name]
+                for name in stored.files
+                if name in FINDING_TO_PATHOLOGY and stored[name].any()
+            }
         return {name: name in present for name in PATHOLOGIES}, "truth"
     return dict(zip(PATHOLOGIES, classifier_decisions.tolist())), "classifier"
 
@@ -113,11 +130,17 @@ def _prepare_output(output: Path, config: EvaluationConfig) -> bool:
     stored = output / CONFIG_NAME
     if output.exists():
         if not (output / INCOMPLETE).exists():
-            raise OutputExistsError(f"output folder {output.name} already exists and is not an unfinished "
-                                    "evaluation to resume; choose a new one.")
-        if not stored.is_file() or json.loads(stored.read_text()) != json.loads(to_json(dataclasses.asdict(config))):
-            raise OutputExistsError(f"output folder {output.name} holds an unfinished evaluation with other "
-                                    "settings; resume it with the same settings or choose a new folder.")
+            raise OutputExistsError(
+                f"output folder {output.name} already exists and is not an unfinished "
+                "evaluation to resume; choose a new one."
+            )
+        if not stored.is_file() or json.loads(stored.read_text()) != json.loads(
+            to_json(dataclasses.asdict(config))
+        ):
+            raise OutputExistsError(
+                f"output folder {output.name} holds an unfinished evaluation with other "
+                "settings; resume it with the same settings or choose a new folder."
+            )
         return True
     (output / "records").mkdir(parents=True)
     (output / INCOMPLETE).write_text("evaluation running or interrupted: rerun the same command to resume\n")
@@ -150,7 +173,9 @@ def evaluate(output: str | Path, config: EvaluationConfig, progress_bar: bool = 
     # as Accelerator does: `accelerate launch` on CPUs sets ACCELERATE_USE_CPU, without which
     # every process would think itself the only one
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    device = "auto" if state.num_processes == 1 else ("cpu" if state.device.type == "cpu" else str(state.device))
+    device = (
+        "auto" if state.num_processes == 1 else ("cpu" if state.device.type == "cpu" else str(state.device))
+    )
     editor = InstructX2XEditor.from_model(config.model, device=device)  # a bad model: nothing written yet
     resumed = _prepare_output(output, config) if state.is_main_process else True
     if state.is_main_process:
@@ -158,35 +183,65 @@ def evaluate(output: str | Path, config: EvaluationConfig, progress_bar: bool = 
     state.wait_for_everyone()
     started = time.perf_counter()
     records = output / "records"
-    mine = list(range(count))[state.process_index::state.num_processes]
+    mine = list(range(count))[state.process_index :: state.num_processes]
     rank = f"rank{state.process_index}"
-    bar = tqdm(total=len(mine) * (1 + len(config.modes)), desc="evaluation", unit="pair-mode",
-               disable=not progress_bar or not state.is_main_process)
-    _classify_real(pairs, mine, classifiers, records / f"real.{rank}.jsonl", _read_records(records, "real"), bar)
+    bar = tqdm(
+        total=len(mine) * (1 + len(config.modes)),
+        desc="evaluation",
+        unit="pair-mode",
+        disable=not progress_bar or not state.is_main_process,
+    )
+    _classify_real(
+        pairs, mine, classifiers, records / f"real.{rank}.jsonl", _read_records(records, "real"), bar
+    )
     for mode in config.modes:
         done = _read_records(records, mode)
         todo = [index for index in mine if index not in done]
         bar.update(len(mine) - len(todo))
         with _append(records / f"{mode}.{rank}.jsonl") as sink:
             for start in range(0, len(todo), config.batch_size):
-                batch = todo[start:start + config.batch_size]
+                batch = todo[start : start + config.batch_size]
                 images = [read_image(pairs.paths(index)[0]) for index in batch]
-                parameters = [EditParameters(instruction=pairs.table.iloc[index].instruction, region_mode=mode,
-                                             seed=config.seed + index, resolution=config.resolution,
-                                             num_inference_steps=config.steps) for index in batch]
+                parameters = [
+                    EditParameters(
+                        instruction=pairs.table.iloc[index].instruction,
+                        region_mode=mode,
+                        seed=config.seed + index,
+                        resolution=config.resolution,
+                        num_inference_steps=config.steps,
+                    )
+                    for index in batch
+                ]
                 results = editor.edit_batch(images, parameters)
                 predicted = classifiers.predict([result.edited for result in results])
                 for row, (index, result) in enumerate(zip(batch, results)):
-                    sink.write(json.dumps({"pair": index, "edit_fraction": float(result.edit_mask.mean()),
-                                           **_record(predicted, row)}) + "\n")
+                    sink.write(
+                        json.dumps(
+                            {
+                                "pair": index,
+                                "edit_fraction": float(result.edit_mask.mean()),
+                                **_record(predicted, row),
+                            }
+                        )
+                        + "\n"
+                    )
                 sink.flush()
                 bar.update(len(batch))
     bar.close()
     state.wait_for_everyone()
     if not state.is_main_process:
         return {}
-    report = _assemble(output, pairs, count, classifiers, editor, config, resumed,
-                       time.perf_counter() - started, progress_bar)
+    report = _assemble(
+        output,
+        pairs,
+        count,
+        classifiers,
+        editor,
+        config,
+        resumed,
+        time.perf_counter() - started,
+        progress_bar,
+    )
     (output / INCOMPLETE).unlink()
     return report
 
@@ -195,8 +250,9 @@ def _check_model_identity(output: Path, sha256: str) -> None:
     """A resumed run must edit with the same weights, not merely a model of the same name."""
     stored = output / "model-sha256.txt"
     if stored.is_file() and stored.read_text().strip() != sha256:
-        raise OutputExistsError(f"output folder {output.name} was started with other model weights; "
-                                "choose a new folder.")
+        raise OutputExistsError(
+            f"output folder {output.name} was started with other model weights; choose a new folder."
+        )
     stored.write_text(sha256 + "\n")
 
 
@@ -212,30 +268,48 @@ def _append(path: Path):
     return path.open("a")
 
 
-def _classify_real(pairs: EditPairs, mine: list[int], classifiers: ClassifierSet, path: Path,
-                   done: dict, bar) -> None:
+def _classify_real(
+    pairs: EditPairs, mine: list[int], classifiers: ClassifierSet, path: Path, done: dict, bar
+) -> None:
     """Source and real target readings (the same for every mode)."""
     todo = [index for index in mine if index not in done]
     bar.update(len(mine) - len(todo))
     with _append(path) as sink:
         for start in range(0, len(todo), 16):
-            batch = todo[start:start + 16]
+            batch = todo[start : start + 16]
             films = [read_image(path).pixels for index in batch for path in pairs.paths(index)]
             predicted = classifiers.predict(films)
             for row, index in enumerate(batch):
-                sink.write(json.dumps({"pair": index, "source": _record(predicted, 2 * row),
-                                       "target": _record(predicted, 2 * row + 1)}) + "\n")
+                sink.write(
+                    json.dumps(
+                        {
+                            "pair": index,
+                            "source": _record(predicted, 2 * row),
+                            "target": _record(predicted, 2 * row + 1),
+                        }
+                    )
+                    + "\n"
+                )
             sink.flush()
             bar.update(len(batch))
 
 
 def _stack(records: list[dict]) -> dict[str, np.ndarray]:
-    return {key: np.asarray([r[key] for r in records], dtype=np.float64)
-            for key in ("findings", "age", "race", "features")}
+    return {
+        key: np.asarray([r[key] for r in records], dtype=np.float64)
+        for key in ("findings", "age", "race", "features")
+    }
 
 
-def summarise(source: dict, target: dict, generated: dict | None, expected: np.ndarray,
-              instructed: np.ndarray, resamples: int = 1000, seed: int = 0) -> dict:
+def summarise(
+    source: dict,
+    target: dict,
+    generated: dict | None,
+    expected: np.ndarray,
+    instructed: np.ndarray,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict:
     """One table row: pathology accuracy, race and age preservation, CMIG (and for generated
     images KL and FID against the real targets), each with a bootstrap 95 % interval; and the
     accuracy on the instructed pathologies alone (``instructed``: ``(N, 5)`` bool), which the
@@ -254,10 +328,16 @@ def summarise(source: dict, target: dict, generated: dict | None, expected: np.n
             age = 100 * metrics.pearson(source["age"][index], scored["age"][index])
         except ValueError:  # a resample with a constant series
             age = float("nan")
-        out = {"pathology_accuracy": accuracy, "race_preservation": race, "age_preservation": age,
-               "cmig": metrics.cmig(accuracy, race, age) if np.isfinite(age) else float("nan")}
+        out = {
+            "pathology_accuracy": accuracy,
+            "race_preservation": race,
+            "age_preservation": age,
+            "cmig": metrics.cmig(accuracy, race, age) if np.isfinite(age) else float("nan"),
+        }
         if generated is not None:
-            out["kl"] = metrics.label_kl(target["findings"][index] >= 0.5, generated["findings"][index] >= 0.5)
+            out["kl"] = metrics.label_kl(
+                target["findings"][index] >= 0.5, generated["findings"][index] >= 0.5
+            )
             try:
                 out["fid"] = metrics.frechet_distance(target["features"][index], generated["features"][index])
             except ValueError:
@@ -270,21 +350,37 @@ def summarise(source: dict, target: dict, generated: dict | None, expected: np.n
     row["per_pathology_accuracy"] = dict(zip(PATHOLOGIES, (correct.mean(axis=0) * 100).tolist()))
     row["instructed_accuracy"] = float(correct[instructed].mean() * 100) if instructed.any() else float("nan")
     if resamples:
-        row["interval_95"] = {key: list(bounds) for key, bounds in metrics.bootstrap_intervals(
-            figures, len(everything), resamples=resamples, seed=seed).items()}
+        row["interval_95"] = {
+            key: list(bounds)
+            for key, bounds in metrics.bootstrap_intervals(
+                figures, len(everything), resamples=resamples, seed=seed
+            ).items()
+        }
     return row
 
 
-def _assemble(output: Path, pairs: EditPairs, count: int, classifiers: ClassifierSet, editor,
-              config: EvaluationConfig, resumed: bool, seconds: float, progress_bar: bool) -> dict:
+def _assemble(
+    output: Path,
+    pairs: EditPairs,
+    count: int,
+    classifiers: ClassifierSet,
+    editor,
+    config: EvaluationConfig,
+    resumed: bool,
+    seconds: float,
+    progress_bar: bool,
+) -> dict:
     records = output / "records"
     real = _read_records(records, "real")
     source = _stack([real[i]["source"] for i in range(count)])
     target = _stack([real[i]["target"] for i in range(count)])
-    labels, label_sources = zip(*(_source_labels(pairs, i, source["findings"][i] >= 0.5) for i in range(count)))
+    labels, label_sources = zip(
+        *(_source_labels(pairs, i, source["findings"][i] >= 0.5) for i in range(count))
+    )
     instructions = list(pairs.table.instruction[:count])
-    expected = np.asarray([[expected_labels(labels[i], instructions[i])[name] for name in PATHOLOGIES]
-                           for i in range(count)])
+    expected = np.asarray(
+        [[expected_labels(labels[i], instructions[i])[name] for name in PATHOLOGIES] for i in range(count)]
+    )
     named = [{FINDING_TO_PATHOLOGY.get(f) for f in parse_instruction(text).findings} for text in instructions]
     instructed = np.asarray([[name in names for name in PATHOLOGIES] for names in named])
     bar = tqdm(total=1 + len(config.modes), desc="tables (bootstrap)", unit="row", disable=not progress_bar)
@@ -293,25 +389,47 @@ def _assemble(output: Path, pairs: EditPairs, count: int, classifiers: Classifie
     per_pair = []
     for mode in config.modes:
         generated = _read_records(records, mode)
-        rows[mode] = summarise(source, target, _stack([generated[i] for i in range(count)]), expected,
-                               instructed, config.bootstrap, config.seed)
-        rows[mode]["mean_edit_fraction"] = float(np.mean([generated[i]["edit_fraction"] for i in range(count)]))
+        rows[mode] = summarise(
+            source,
+            target,
+            _stack([generated[i] for i in range(count)]),
+            expected,
+            instructed,
+            config.bootstrap,
+            config.seed,
+        )
+        rows[mode]["mean_edit_fraction"] = float(
+            np.mean([generated[i]["edit_fraction"] for i in range(count)])
+        )
         for i in range(count):
-            per_pair.append({"pair": i, "pair_id": pairs.table.iloc[i].past_dicom_id, "mode": mode,
-                             "instruction": pairs.table.iloc[i].instruction,
-                             **{f"expected_{name}": bool(expected[i, k]) for k, name in enumerate(PATHOLOGIES)},
-                             **{f"p_{name}": generated[i]["findings"][k] for k, name in enumerate(PATHOLOGIES)},
-                             "age_source": source["age"][i], "age_edited": generated[i]["age"],
-                             "edit_fraction": generated[i]["edit_fraction"]})
+            per_pair.append(
+                {
+                    "pair": i,
+                    "pair_id": pairs.table.iloc[i].past_dicom_id,
+                    "mode": mode,
+                    "instruction": pairs.table.iloc[i].instruction,
+                    **{f"expected_{name}": bool(expected[i, k]) for k, name in enumerate(PATHOLOGIES)},
+                    **{f"p_{name}": generated[i]["findings"][k] for k, name in enumerate(PATHOLOGIES)},
+                    "age_source": source["age"][i],
+                    "age_edited": generated[i]["age"],
+                    "edit_fraction": generated[i]["edit_fraction"],
+                }
+            )
         bar.update()
     bar.close()
-    report = {"settings": dataclasses.asdict(config), "model": editor.model_info.to_dict(),
-              "sampling": editor.sampling(EditParameters(instruction="-", resolution=config.resolution,
-                                                         num_inference_steps=config.steps)),
-              "classifiers": classifiers.describe(), "dataset": {"folder": Path(config.dataset).name,
-                                                                 "split": config.split, "pairs": count},
-              "source_labels": {kind: label_sources.count(kind) for kind in ("truth", "classifier")},
-              "resumed": resumed, "seconds": round(seconds, 1), "rows": rows}
+    report = {
+        "settings": dataclasses.asdict(config),
+        "model": editor.model_info.to_dict(),
+        "sampling": editor.sampling(
+            EditParameters(instruction="-", resolution=config.resolution, num_inference_steps=config.steps)
+        ),
+        "classifiers": classifiers.describe(),
+        "dataset": {"folder": Path(config.dataset).name, "split": config.split, "pairs": count},
+        "source_labels": {kind: label_sources.count(kind) for kind in ("truth", "classifier")},
+        "resumed": resumed,
+        "seconds": round(seconds, 1),
+        "rows": rows,
+    }
     (output / "evaluation.json").write_text(to_json(report) + "\n")
     (output / "evaluation.md").write_text(evaluation_markdown(report))
     _table_frame(rows).to_csv(output / "metrics.csv", index=False)
@@ -321,8 +439,15 @@ def _assemble(output: Path, pairs: EditPairs, count: int, classifiers: Classifie
 
 
 def _table_frame(rows: dict) -> pd.DataFrame:
-    columns = ("pathology_accuracy", "race_preservation", "age_preservation", "cmig", "kl", "fid",
-               "instructed_accuracy")
+    columns = (
+        "pathology_accuracy",
+        "race_preservation",
+        "age_preservation",
+        "cmig",
+        "kl",
+        "fid",
+        "instructed_accuracy",
+    )
     table = []
     for name, row in rows.items():
         entry = {"row": name}
@@ -336,13 +461,16 @@ def _table_frame(rows: dict) -> pd.DataFrame:
 
 def _sampling(sampling: dict) -> str:
     draws = sampling["relevance_draws"]
-    return (f"{sampling['num_inference_steps']} steps, guidance s_T {sampling['guidance_scale']:g} / "
-            f"s_I {sampling['image_guidance_scale']:g}, relevance map of {draws} noise draw{'s' * (draws > 1)}, "
-            f"{sampling['resolution']} px")
+    return (
+        f"{sampling['num_inference_steps']} steps, guidance s_T {sampling['guidance_scale']:g} / "
+        f"s_I {sampling['image_guidance_scale']:g}, relevance map of {draws} noise draw{'s' * (draws > 1)}, "
+        f"{sampling['resolution']} px"
+    )
 
 
 def evaluation_markdown(report: dict) -> str:
     """Tables 1-2 in the paper's layout, with 95 % intervals."""
+
     def cell(row: dict, key: str, digits: int = 2) -> str:
         if key not in row or not np.isfinite(row[key]):
             return "-"
@@ -351,28 +479,39 @@ def evaluation_markdown(report: dict) -> str:
         return f"{text} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]" if interval else text
 
     settings, rows = report["settings"], report["rows"]
-    lines = [f"Model {report['model']['name']} (sha256 {report['model']['sha256'][:12]}), "
-             f"{report['dataset']['pairs']} pairs (split {report['dataset']['split']} of dataset "
-             f"`{report['dataset']['folder']}`); classifiers: {report['classifiers']['name']} "
-             f"({report['classifiers']['caveat']}); source labels: {report['source_labels']['truth']} from "
-             f"ground truth, {report['source_labels']['classifier']} from the classifier; "
-             f"seed {settings['seed']}; {_sampling(report['sampling'])}; "
-             f"{report['seconds']:.0f} s to edit and classify.", "",
-             "| region mode | pathology acc. (%) | race (%) | age (r x100) | CMIG | KL | FID |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Model {report['model']['name']} (sha256 {report['model']['sha256'][:12]}), "
+        f"{report['dataset']['pairs']} pairs (split {report['dataset']['split']} of dataset "
+        f"`{report['dataset']['folder']}`); classifiers: {report['classifiers']['name']} "
+        f"({report['classifiers']['caveat']}); source labels: {report['source_labels']['truth']} from "
+        f"ground truth, {report['source_labels']['classifier']} from the classifier; "
+        f"seed {settings['seed']}; {_sampling(report['sampling'])}; "
+        f"{report['seconds']:.0f} s to edit and classify.",
+        "",
+        "| region mode | pathology acc. (%) | race (%) | age (r x100) | CMIG | KL | FID |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, row in rows.items():
         label = MODE_LABELS.get(name, name)
-        lines.append(f"| {label} | {cell(row, 'pathology_accuracy')} | {cell(row, 'race_preservation')} | "
-                     f"{cell(row, 'age_preservation')} | {cell(row, 'cmig')} | {cell(row, 'kl')} | "
-                     f"{cell(row, 'fid')} |")
-    lines += ["", "Accuracy (%) per pathology, on the instructed pathologies alone, and the mean edit area:", "",
-              "| region mode | " + " | ".join(PATHOLOGIES) + " | instructed | edit area |",
-              "|---|" + "---|" * (len(PATHOLOGIES) + 2)]
+        lines.append(
+            f"| {label} | {cell(row, 'pathology_accuracy')} | {cell(row, 'race_preservation')} | "
+            f"{cell(row, 'age_preservation')} | {cell(row, 'cmig')} | {cell(row, 'kl')} | "
+            f"{cell(row, 'fid')} |"
+        )
+    lines += [
+        "",
+        "Accuracy (%) per pathology, on the instructed pathologies alone, and the mean edit area:",
+        "",
+        "| region mode | " + " | ".join(PATHOLOGIES) + " | instructed | edit area |",
+        "|---|" + "---|" * (len(PATHOLOGIES) + 2),
+    ]
     for name, row in rows.items():
         area = f"{100 * row['mean_edit_fraction']:.1f} %" if "mean_edit_fraction" in row else "-"
-        lines.append(f"| {MODE_LABELS.get(name, name)} | "
-                     + " | ".join(f"{row['per_pathology_accuracy'][p]:.1f}" for p in PATHOLOGIES)
-                     + f" | {row['instructed_accuracy']:.1f} | {area} |")
+        lines.append(
+            f"| {MODE_LABELS.get(name, name)} | "
+            + " | ".join(f"{row['per_pathology_accuracy'][p]:.1f}" for p in PATHOLOGIES)
+            + f" | {row['instructed_accuracy']:.1f} | {area} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -385,8 +524,11 @@ def _plot(rows: dict, path: Path) -> None:
 
     modes = [name for name in rows if name != REAL_ROW]
     figure, axes = pyplot.subplots(1, 3, figsize=(11, 3.4))
-    for axis, key, title in zip(axes, ("cmig", "kl", "fid"), ("CMIG (higher is better)",
-                                                             "KL x100 (lower is better)", "FID (lower is better)")):
+    for axis, key, title in zip(
+        axes,
+        ("cmig", "kl", "fid"),
+        ("CMIG (higher is better)", "KL x100 (lower is better)", "FID (lower is better)"),
+    ):
         values = [rows[m][key] for m in modes]
         intervals = [rows[m].get("interval_95", {}).get(key, (v, v)) for m, v in zip(modes, values)]
         errors = np.abs(np.array([[v - low, high - v] for v, (low, high) in zip(values, intervals)]).T)

@@ -54,10 +54,11 @@ class LatentCache:
                 pass
         stored = torch.load(entry / "moments.pt", map_location="cpu", weights_only=True)
         index = 1 if flipped else 0
-        return stored["mean"][index:index + 1], stored["std"][index:index + 1]
+        return stored["mean"][index : index + 1], stored["std"][index : index + 1]
 
-    def pair(self, past_path: Path, past: torch.Tensor, current_path: Path, current: torch.Tensor,
-             flipped: bool) -> PairLatents:
+    def pair(
+        self, past_path: Path, past: torch.Tensor, current_path: Path, current: torch.Tensor, flipped: bool
+    ) -> PairLatents:
         """A pair's latents; the past image's mode is its mean (a Gaussian posterior)."""
         target_mean, target_std = self.moments(current_path, current, flipped)
         condition, _ = self.moments(past_path, past, flipped)

@@ -9,13 +9,22 @@ images; FID compares the classifier's pooled features. Every figure can carry a 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
+__all__ = [
+    "frechet_distance",
+    "kl_divergence",
+    "label_distribution",
+    "label_kl",
+    "geometric_mean",
+    "pearson",
+    "bootstrap_intervals",
+    "pathology_accuracy",
+    "cmig",
+]
 
-__all__ = ["frechet_distance", "kl_divergence", "label_distribution", "label_kl", "geometric_mean",
-           "pearson", "bootstrap_intervals", "pathology_accuracy", "cmig"]
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets ``(N, D)``.
@@ -84,16 +93,23 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     """Pearson correlation coefficient (age preservation: predicted ages, edited vs source)."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if x.shape != y.shape or len(x) < 2:
-        raise ValueError(f"two equally long series of at least 2 values are needed, got {x.shape}, {y.shape}.")
+        raise ValueError(
+            f"two equally long series of at least 2 values are needed, got {x.shape}, {y.shape}."
+        )
     dx, dy = x - x.mean(), y - y.mean()
-    denominator = math.sqrt(float((dx ** 2).sum() * (dy ** 2).sum()))
+    denominator = math.sqrt(float((dx**2).sum() * (dy**2).sum()))
     if denominator == 0:
         raise ValueError("a constant series has no correlation.")
     return float((dx * dy).sum() / denominator)
 
 
-def bootstrap_intervals(statistic: Callable[[np.ndarray], dict[str, float]], count: int,
-                        resamples: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float]]:
+def bootstrap_intervals(
+    statistic: Callable[[np.ndarray], dict[str, float]],
+    count: int,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap intervals of every figure ``statistic(index)`` returns.
 
     ``statistic`` receives an index array into the ``count`` test pairs; the rows of a pair
@@ -105,8 +121,10 @@ def bootstrap_intervals(statistic: Callable[[np.ndarray], dict[str, float]], cou
     draws = np.random.default_rng(seed).integers(0, count, (resamples, count))
     values = [statistic(index) for index in draws]
     tail = (1 - level) / 2 * 100
-    return {key: tuple(float(v) for v in np.nanpercentile([value[key] for value in values], [tail, 100 - tail]))
-            for key in values[0]}
+    return {
+        key: tuple(float(v) for v in np.nanpercentile([value[key] for value in values], [tail, 100 - tail]))
+        for key in values[0]
+    }
 
 
 def pathology_accuracy(predicted: np.ndarray, expected: np.ndarray) -> float:

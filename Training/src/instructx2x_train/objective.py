@@ -54,12 +54,13 @@ class PairLatents:
     condition: torch.Tensor
 
     @classmethod
-    def stack(cls, items: list["PairLatents"]) -> "PairLatents":
+    def stack(cls, items: list[PairLatents]) -> PairLatents:
         return cls(*(torch.cat([getattr(i, f.name) for i in items]) for f in dataclasses.fields(cls)))
 
 
-def change_weights(regions: torch.Tensor, latent_size: tuple[int, int], weight: float,
-                   mirror_weight: float = 0.0) -> torch.Tensor:
+def change_weights(
+    regions: torch.Tensor, latent_size: tuple[int, int], weight: float, mirror_weight: float = 0.0
+) -> torch.Tensor:
     """Per-cell loss weights ``(B, 1, h, w)``: 1 + ``weight`` on every latent cell that any
     pixel of the change region ``(B, 1, H, W)`` falls in, and 1 + ``mirror_weight`` on the
     cells of its mirror image across the film's vertical midline that the region itself does
@@ -82,9 +83,18 @@ def encode_pair(vae, past: torch.Tensor, current: torch.Tensor) -> PairLatents:
     return PairLatents(target.mean, target.std, condition)
 
 
-def training_loss(unet, text_encoder, tokenizer, noise_scheduler, latents: PairLatents,
-                  scaling_factor: float, instructions: list[str], generator: torch.Generator,
-                  dropout_probability: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+def training_loss(
+    unet,
+    text_encoder,
+    tokenizer,
+    noise_scheduler,
+    latents: PairLatents,
+    scaling_factor: float,
+    instructions: list[str],
+    generator: torch.Generator,
+    dropout_probability: float,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Epsilon-prediction MSE of one batch.
 
     Parameters
@@ -108,23 +118,32 @@ def training_loss(unet, text_encoder, tokenizer, noise_scheduler, latents: PairL
     target = (latents.target_mean.to(device) + latents.target_std.to(device) * sample_noise) * scaling_factor
     condition = latents.condition.to(device)
     noise = torch.randn(target.shape, generator=generator).to(device)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,),
-                              generator=generator).to(device)
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator
+    ).to(device)
     noisy = noise_scheduler.add_noise(target.float(), noise, timesteps)
 
-    drop_text, drop_image = conditioning_dropout(torch.rand(batch, generator=generator),
-                                                 dropout_probability)
+    drop_text, drop_image = conditioning_dropout(torch.rand(batch, generator=generator), dropout_probability)
     texts = ["" if dropped else text for text, dropped in zip(instructions, drop_text.tolist())]
-    tokens = tokenizer(texts, padding="max_length", truncation=True,
-                       max_length=tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
+    tokens = tokenizer(
+        texts,
+        padding="max_length",
+        truncation=True,
+        max_length=tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids.to(device)
     embeddings = text_encoder(tokens)[0]
     condition = condition * (~drop_image).to(device, condition.dtype)[:, None, None, None]
 
     model_input = torch.cat([noisy, condition.float()], dim=1).to(dtype)
-    prediction = unet(model_input, timesteps, encoder_hidden_states=embeddings.to(dtype),
-                      return_dict=False)[0]
-    goal = noise if noise_scheduler.config.prediction_type == "epsilon" \
+    prediction = unet(model_input, timesteps, encoder_hidden_states=embeddings.to(dtype), return_dict=False)[
+        0
+    ]
+    goal = (
+        noise
+        if noise_scheduler.config.prediction_type == "epsilon"
         else noise_scheduler.get_velocity(target.float(), noise, timesteps)
+    )
     if weights is None:
         return F.mse_loss(prediction.float(), goal.float(), reduction="mean")
     squared = F.mse_loss(prediction.float(), goal.float(), reduction="none")

@@ -45,8 +45,10 @@ class EditPairs:
         manifest_path = self.root / "manifest.json"
         table_path = self.root / "instructions.csv"
         if not manifest_path.is_file() or not table_path.is_file():
-            raise ConfigError(f"{self.root.name} is not a MIMIC-EDIT-INSTRUCTION folder: it needs "
-                              "manifest.json and instructions.csv (instructx2x-train build-dataset).")
+            raise ConfigError(
+                f"{self.root.name} is not a MIMIC-EDIT-INSTRUCTION folder: it needs "
+                "manifest.json and instructions.csv (instructx2x-train build-dataset)."
+            )
         manifest = json.loads(manifest_path.read_text())
         if not manifest.get("complete"):
             raise ConfigError(f"{self.root.name}: the dataset build has not finished.")
@@ -57,12 +59,17 @@ class EditPairs:
         table = table[table.split == split].reset_index(drop=True)
         if table.empty:
             raise ConfigError(f"{self.root.name} has no pairs in split {split!r}.")
-        missing = [p for row in table.itertuples() for p in (self._path("past", row.past_dicom_id),
-                                                               self._path("current", row.current_dicom_id))
-                   if not p.is_file()]
+        missing = [
+            p
+            for row in table.itertuples()
+            for p in (self._path("past", row.past_dicom_id), self._path("current", row.current_dicom_id))
+            if not p.is_file()
+        ]
         if missing:
-            raise ConfigError(f"{self.root.name}: {len(missing)} image(s) missing, e.g. "
-                              f"{', '.join(str(p.relative_to(self.root)) for p in missing[:3])}.")
+            raise ConfigError(
+                f"{self.root.name}: {len(missing)} image(s) missing, e.g. "
+                f"{', '.join(str(p.relative_to(self.root)) for p in missing[:3])}."
+            )
         self.table = table
         self.resolution = resolution
 
@@ -90,10 +97,12 @@ class EditPairs:
         """
         missing = [p for index in range(len(self)) for p in self._masks_paths(index) if not p.is_file()]
         if missing:
-            raise ConfigError(f"{self.root.name}: {len(missing)} masks file(s) missing, e.g. "
-                              f"{', '.join(str(p.relative_to(self.root)) for p in missing[:3])}; "
-                              "optim.change_region_weight and mirror_region_weight need a .masks.npz beside every image "
-                              "(instructx2x-train pure-pairs writes them).")
+            raise ConfigError(
+                f"{self.root.name}: {len(missing)} masks file(s) missing, e.g. "
+                f"{', '.join(str(p.relative_to(self.root)) for p in missing[:3])}; "
+                "optim.change_region_weight and mirror_region_weight need a .masks.npz beside every image "
+                "(instructx2x-train pure-pairs writes them)."
+            )
 
     def change_region(self, index: int, shape: tuple[int, int]) -> torch.Tensor:
         """``(1, *shape)`` bool: where pair ``index``'s ground-truth masks say its films differ,
@@ -107,8 +116,13 @@ class EditPairs:
             with np.load(masks_path) as masks:
                 stored.append({name: masks[name].astype(bool) for name in masks.files})
         past, current = stored
-        changed = [mask for name in set(past) | set(current) if not _same(past.get(name), current.get(name))
-                   for mask in (past.get(name), current.get(name)) if mask is not None]
+        changed = [
+            mask
+            for name in set(past) | set(current)
+            if not _same(past.get(name), current.get(name))
+            for mask in (past.get(name), current.get(name))
+            if mask is not None
+        ]
         if not changed:
             return torch.zeros((1, *shape), dtype=torch.bool)
         region = torch.from_numpy(np.logical_or.reduce(changed))[None, None].float()
@@ -116,16 +130,20 @@ class EditPairs:
 
     def __getitem__(self, index: int) -> dict:
         past, current = self.paths(index)
-        return {"past": self._load(past), "current": self._load(current),
-                "instruction": self.table.iloc[index].instruction}
+        return {
+            "past": self._load(past),
+            "current": self._load(current),
+            "instruction": self.table.iloc[index].instruction,
+        }
 
     def _load(self, path: Path) -> torch.Tensor:
         with Image.open(path) as image:
             array = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
         tensor = torch.from_numpy(array)[None]
         if self.resolution is not None and min(tensor.shape[-2:]) < self.resolution:
-            tensor = F.interpolate(tensor[None], size=(self.resolution,) * 2, mode="bilinear",
-                                   align_corners=False)[0]
+            tensor = F.interpolate(
+                tensor[None], size=(self.resolution,) * 2, mode="bilinear", align_corners=False
+            )[0]
         return tensor
 
 
@@ -134,8 +152,14 @@ def _same(before: np.ndarray | None, after: np.ndarray | None) -> bool:
     return before is not None and after is not None and np.array_equal(before, after)
 
 
-def augment_pair(past: torch.Tensor, current: torch.Tensor, instruction: str, config: DataConfig,
-                 generator: torch.Generator, masks: torch.Tensor | None = None):
+def augment_pair(
+    past: torch.Tensor,
+    current: torch.Tensor,
+    instruction: str,
+    config: DataConfig,
+    generator: torch.Generator,
+    masks: torch.Tensor | None = None,
+):
     """One random rotation, crop and flip, the same for both images (and masks).
 
     Parameters
@@ -167,8 +191,8 @@ def augment_pair(past: torch.Tensor, current: torch.Tensor, instruction: str, co
     if height < size or width < size:
         raise ValueError(f"images of {height}x{width} are smaller than the crop {size}.")
     top, left = int(top_fraction * (height - size + 1)), int(left_fraction * (width - size + 1))
-    stack = stack[:, top:top + size, left:left + size]
-    masks = None if masks is None else masks[:, top:top + size, left:left + size]
+    stack = stack[:, top : top + size, left : left + size]
+    masks = None if masks is None else masks[:, top : top + size, left : left + size]
     flipped = flip < config.flip_probability
     if flipped:
         stack = stack.flip(-1)
@@ -185,5 +209,4 @@ def _rotate(images: torch.Tensor, degrees: float, mode: str) -> torch.Tensor:
     aspect = width / height
     theta = torch.tensor([[cos, -sin / aspect, 0.0], [sin * aspect, cos, 0.0]], dtype=torch.float32)
     grid = F.affine_grid(theta[None], [1, images.shape[0], height, width], align_corners=False)
-    return F.grid_sample(images[None].float(), grid, mode=mode, padding_mode="zeros",
-                         align_corners=False)[0]
+    return F.grid_sample(images[None].float(), grid, mode=mode, padding_mode="zeros", align_corners=False)[0]

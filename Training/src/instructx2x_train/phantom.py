@@ -22,35 +22,71 @@ from scipy import ndimage
 
 from instructx2x.instructions import LUNG_ZONES
 
-__all__ = ["Pose", "Anatomy", "FindingState", "RENDERED_FINDINGS", "LATERALISED_FINDINGS",
-           "ZONED_FINDINGS", "LUNG_ZONES", "draw_finding", "at_zone_centre", "redraw_texture",
-           "LEVEL_FACTOR", "DEMOGRAPHIC_TRACES",
-           "render_frontal", "render_attenuation", "form_film", "finding_masks", "render_lateral",
-           "level_words", "RACES"]
+__all__ = [
+    "Pose",
+    "Anatomy",
+    "FindingState",
+    "RENDERED_FINDINGS",
+    "LATERALISED_FINDINGS",
+    "ZONED_FINDINGS",
+    "LUNG_ZONES",
+    "draw_finding",
+    "at_zone_centre",
+    "redraw_texture",
+    "LEVEL_FACTOR",
+    "DEMOGRAPHIC_TRACES",
+    "render_frontal",
+    "render_attenuation",
+    "form_film",
+    "finding_masks",
+    "render_lateral",
+    "level_words",
+    "RACES",
+]
 
 # Findings with a located rendering (the eight MS-CXR prior categories).
-RENDERED_FINDINGS = ("pleural effusion", "cardiomegaly", "pneumothorax", "edema", "atelectasis",
-                     "consolidation", "pneumonia", "lung opacity")
+RENDERED_FINDINGS = (
+    "pleural effusion",
+    "cardiomegaly",
+    "pneumothorax",
+    "edema",
+    "atelectasis",
+    "consolidation",
+    "pneumonia",
+    "lung opacity",
+)
 # Findings drawn on one side; cardiomegaly (midline) and edema (bilateral) have no side.
-LATERALISED_FINDINGS = ("pleural effusion", "pneumothorax", "atelectasis", "consolidation",
-                        "pneumonia", "lung opacity")
+LATERALISED_FINDINGS = (
+    "pleural effusion",
+    "pneumothorax",
+    "atelectasis",
+    "consolidation",
+    "pneumonia",
+    "lung opacity",
+)
 # Focal opacities drawn at a site anywhere in a lung; their instruction names the zone (upper,
 # mid or lower third of the lung's height on a frontal film), as reports and version 2 of the
 # authors' dataset do, so that an edit can know where the opacity goes. Atelectasis is basal.
 ZONED_FINDINGS = ("consolidation", "pneumonia", "lung opacity")
 _ZONE_CENTRE_V = {"upper": -0.52, "mid": -0.18, "lower": 0.16}  # apex -0.80, dome tops 0.38-0.42
 _ZONE_JITTER_V = 0.08
-LEVEL_FACTOR = {"minimal": 0.35, "small": 0.5, "mild": 0.5, "moderate": 0.75,
-                "moderate to large": 0.9, "large": 1.0, "severe": 1.0}
+LEVEL_FACTOR = {
+    "minimal": 0.35,
+    "small": 0.5,
+    "mild": 0.5,
+    "moderate": 0.75,
+    "moderate to large": 0.9,
+    "large": 1.0,
+    "severe": 1.0,
+}
 DEMOGRAPHIC_TRACES = {
     "age": "bone density falls 0.6 % a year after 25 (ribs, clavicles, spine); the aortic knob "
-           "widens (radius 0.040 + 0.0007 per year after 25, normalised units).",
+    "widens (radius 0.040 + 0.0007 per year after 25, normalised units).",
     "sex": "F: breast shadows over both lower zones and a 4 % smaller thorax; M: none.",
     "race": "arbitrary synthetic markers: Asian a 7 % narrower habitus, Black 15 % denser chest-wall "
-            "soft tissue, White neither (no claim about real anatomy).",
+    "soft tissue, White neither (no claim about real anatomy).",
 }
-LEVELS = {"pleural effusion": ("small", "moderate", "large"),
-          "pneumothorax": ("small", "moderate", "large")}
+LEVELS = {"pleural effusion": ("small", "moderate", "large"), "pneumothorax": ("small", "moderate", "large")}
 DEFAULT_LEVELS = ("mild", "moderate", "severe")
 RACES = ("Asian", "Black", "White")
 _CANVAS = 768  # body-space raster for thin structures (vessels, bronchograms, septal lines)
@@ -85,10 +121,13 @@ class Anatomy:
     seed: int = 0
 
     @classmethod
-    def draw(cls, rng: np.random.Generator, age: int, sex: str, race: str) -> "Anatomy":
+    def draw(cls, rng: np.random.Generator, age: int, sex: str, race: str) -> Anatomy:
         """Individual variation around the demographic traces."""
-        habitus = float(rng.uniform(0.94, 1.04)) * (0.96 if sex == "F" else 1.0) \
+        habitus = (
+            float(rng.uniform(0.94, 1.04))
+            * (0.96 if sex == "F" else 1.0)
             * (0.93 if race == "Asian" else 1.0)
+        )
         return cls(age, sex, race, float(rng.uniform(0.9, 1.1)), habitus, int(rng.integers(0, 2**31)))
 
     @property
@@ -135,8 +174,9 @@ def draw_finding(rng: np.random.Generator, name: str, side: str) -> FindingState
     the bundled set byte for byte)."""
     location = (float(rng.uniform(-1, 1)), float(rng.uniform(-1, 1)))
     zone = str(rng.choice(LUNG_ZONES))
-    return FindingState(name, str(rng.choice(level_words(name))), side, location,
-                        int(rng.integers(0, 2**31)), zone)
+    return FindingState(
+        name, str(rng.choice(level_words(name))), side, location, int(rng.integers(0, 2**31)), zone
+    )
 
 
 def at_zone_centre(finding: FindingState) -> FindingState:
@@ -201,10 +241,11 @@ def _lung_air(frame: _Frame, anatomy: Anatomy, side: int):
     scale = 0.96 if anatomy.sex == "F" else 1.0
     apex = -0.80 * scale
     centre = side * 0.40 * anatomy.habitus
-    half_width = 0.31 * anatomy.habitus * np.sqrt(np.clip((v - apex) / 0.45, 0, 1)) \
-        * (1 + 0.08 * np.clip(v, 0, 1))
+    half_width = (
+        0.31 * anatomy.habitus * np.sqrt(np.clip((v - apex) / 0.45, 0, 1)) * (1 + 0.08 * np.clip(v, 0, 1))
+    )
     across = (u - centre) / np.maximum(half_width, 1e-3)
-    profile = np.sqrt(np.clip(1 - across ** 2, 0, 1))
+    profile = np.sqrt(np.clip(1 - across**2, 0, 1))
     medial = _smooth_step(side * u - 0.11, 0.02)  # the mediastinum
     base = _smooth_step(_dome(anatomy, u, side) - v, 0.012)
     return _AIR_DEPTH * profile * medial * base * (v > apex)
@@ -223,7 +264,7 @@ def _heart(frame: _Frame, anatomy: Anatomy, scale: float):
 def _band(frame: _Frame, centre_v, half_width, lo_u, hi_u):
     """A tube along a curve v = centre_v(u): chord thickness, with a denser cortex."""
     d = np.abs(frame.v - centre_v) / half_width
-    tube = np.sqrt(np.clip(1 - d ** 2, 0, 1))
+    tube = np.sqrt(np.clip(1 - d**2, 0, 1))
     marrow = np.sqrt(np.clip(1 - (d / 0.7) ** 2, 0, 1))
     return (tube - 0.55 * marrow) * _smooth_step(frame.u - lo_u, 0.01) * _smooth_step(hi_u - frame.u, 0.01)
 
@@ -238,20 +279,50 @@ def _bones(frame: _Frame, anatomy: Anatomy, view: str):
         for k in range(10):  # posterior ribs: from the spine up-and-out, then arching down
             x = np.clip(su - 0.07, 0, None)
             start = -0.78 + 0.125 * k
-            curve = start - 0.10 * x + 0.75 * x ** 2 / wide
-            bone += (0.8 - 0.35 * np.clip(x / 0.8, 0, 1)) * _band(
-                frame, curve, 0.020 + 0.012 * x, side * 0.07 if side > 0 else -0.86 * wide,
-                0.86 * wide if side > 0 else -0.07) * (su > 0)
+            curve = start - 0.10 * x + 0.75 * x**2 / wide
+            bone += (
+                (0.8 - 0.35 * np.clip(x / 0.8, 0, 1))
+                * _band(
+                    frame,
+                    curve,
+                    0.020 + 0.012 * x,
+                    side * 0.07 if side > 0 else -0.86 * wide,
+                    0.86 * wide if side > 0 else -0.07,
+                )
+                * (su > 0)
+            )
         for k in range(6):  # anterior ribs: from the lateral wall down towards the sternum
             x = np.clip(su, 0.0, 0.85 * wide)
             start = -0.60 + 0.13 * k
             curve = start + 0.42 * (0.85 * wide - x) - 0.25 * (0.85 * wide - x) ** 2
-            bone += 0.25 * _band(frame, curve, 0.018, side * 0.2 if side > 0 else -0.84 * wide,
-                                 0.84 * wide if side > 0 else -0.2) * (su > 0)
-        clavicle_v = -0.72 - 0.10 * (su - 0.06) + 0.05 * np.sin(np.pi * np.clip(su, 0, 0.65) / 0.65) \
+            bone += (
+                0.25
+                * _band(
+                    frame,
+                    curve,
+                    0.018,
+                    side * 0.2 if side > 0 else -0.84 * wide,
+                    0.84 * wide if side > 0 else -0.2,
+                )
+                * (su > 0)
+            )
+        clavicle_v = (
+            -0.72
+            - 0.10 * (su - 0.06)
+            + 0.05 * np.sin(np.pi * np.clip(su, 0, 0.65) / 0.65)
             - (0.06 if view == "AP" else 0.0)
-        bone += 1.4 * _band(frame, clavicle_v, 0.026, 0.06 if side > 0 else -0.66 * wide,
-                            0.66 * wide if side > 0 else -0.06) * (su > 0)
+        )
+        bone += (
+            1.4
+            * _band(
+                frame,
+                clavicle_v,
+                0.026,
+                0.06 if side > 0 else -0.66 * wide,
+                0.66 * wide if side > 0 else -0.06,
+            )
+            * (su > 0)
+        )
         # scapula: a thin plate over the upper lateral lung; humeral head
         r = ((su - 0.66 * wide) / 0.13) ** 2 + ((v + 0.42) / 0.28) ** 2
         bone += 0.35 * np.clip(1 - r, 0, 1) ** 0.3
@@ -260,7 +331,9 @@ def _bones(frame: _Frame, anatomy: Anatomy, view: str):
     # spine: vertebral bodies with end plates, pedicles as rings, spinous processes
     level = (v + 0.95) / 0.118
     within = level - np.floor(level)
-    body = _smooth_step(0.072 - au, 0.012) * _smooth_step(within - 0.1, 0.05) * _smooth_step(0.9 - within, 0.05)
+    body = (
+        _smooth_step(0.072 - au, 0.012) * _smooth_step(within - 0.1, 0.05) * _smooth_step(0.9 - within, 0.05)
+    )
     bone += 0.3 * body * (v > -0.95)
     for side in (-1, 1):
         r = ((u - side * 0.052) / 0.016) ** 2 + ((within - 0.35) / 0.22) ** 2
@@ -293,8 +366,9 @@ def _branch(tubes: list, rng, start, direction, length, radius, depth) -> None:
     for turn in (-1, 1):
         theta = np.deg2rad(turn * rng.uniform(18, 34))
         rotation = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
-        _branch(tubes, rng, end, rotation @ direction, length * rng.uniform(0.68, 0.84),
-                radius * 0.72, depth - 1)
+        _branch(
+            tubes, rng, end, rotation @ direction, length * rng.uniform(0.68, 0.84), radius * 0.72, depth - 1
+        )
 
 
 def _draw_tubes(tubes: list) -> np.ndarray:
@@ -327,7 +401,7 @@ def _draw_tubes(tubes: list) -> np.ndarray:
         t = np.clip(((x - ax) * sx + (y - ay) * sy) / length2[batch, None, None], 0, 1)
         d = np.hypot(x - ax - t * sx, y - ay - t * sy) / scale
         r = r0[batch, None, None] + (r1 - r0)[batch, None, None] * t
-        chord = 2 * np.sqrt(np.clip(r ** 2 - d ** 2, 0, None))
+        chord = 2 * np.sqrt(np.clip(r**2 - d**2, 0, None))
         rows, cols = np.broadcast_to(y, inside.shape)[inside], np.broadcast_to(x, inside.shape)[inside]
         np.maximum.at(canvas, (rows, cols), chord[inside].astype(np.float32))
     return canvas
@@ -359,12 +433,15 @@ def _focal_geometry(finding: FindingState, anatomy: Anatomy) -> tuple[tuple[floa
     if finding.name == "atelectasis":
         return (side * 0.40 * anatomy.habitus, 0.30), 0.16
     du, dv = finding.location
-    return (side * (0.40 + 0.12 * du) * anatomy.habitus,
-            _ZONE_CENTRE_V[finding.zone] + _ZONE_JITTER_V * dv), 0.13
+    return (
+        side * (0.40 + 0.12 * du) * anatomy.habitus,
+        _ZONE_CENTRE_V[finding.zone] + _ZONE_JITTER_V * dv,
+    ), 0.13
 
 
-def _finding_attenuation(frame: _Frame, anatomy: Anatomy, finding: FindingState, air: dict,
-                         vessels: np.ndarray):
+def _finding_attenuation(
+    frame: _Frame, anatomy: Anatomy, finding: FindingState, air: dict, vessels: np.ndarray
+):
     """How a finding changes the attenuation map (positive: denser, negative: lucent)."""
     u, v = frame.u, frame.v
     f = finding.factor
@@ -389,7 +466,7 @@ def _finding_attenuation(frame: _Frame, anatomy: Anatomy, finding: FindingState,
         apex_depth = (v + 0.80) / 0.55
         inner = np.minimum(1 - lateral, apex_depth + 0.15 * np.abs(lateral))
         rim = _smooth_step(width - inner, 0.02) * (lung_air > 0.02) * _smooth_step(0.35 - v, 0.1)
-        line = np.exp(-((inner - width) / 0.012) ** 2) * (lung_air > 0.05) * _smooth_step(0.3 - v, 0.1)
+        line = np.exp(-(((inner - width) / 0.012) ** 2)) * (lung_air > 0.05) * _smooth_step(0.3 - v, 0.1)
         return -rim * (_PARENCHYMA * lung_air + 0.55 * vessels) + 0.05 * line
     if finding.name == "cardiomegaly":
         grown = _heart(frame, anatomy, 1.0 + 0.38 * f) - _heart(frame, anatomy, 1.0)
@@ -398,7 +475,7 @@ def _finding_attenuation(frame: _Frame, anatomy: Anatomy, finding: FindingState,
     if finding.name == "edema":  # perihilar (bat-wing) haze and septal lines
         haze = np.zeros(frame.shape, np.float32)
         for s in (-1, 1):
-            haze += np.exp(-((u - s * 0.22) / (0.14 + 0.08 * f)) ** 2 - ((v - 0.02) / 0.28) ** 2)
+            haze += np.exp(-(((u - s * 0.22) / (0.14 + 0.08 * f)) ** 2) - ((v - 0.02) / 0.28) ** 2)
         lines = frame.sample(_finding_canvas(finding, (0.0, 0.0), 0.0))
         lungs = air[-1] + air[1]
         return (0.55 * f * haze * lungs + 0.7 * lines * (lungs > 0.05)) * (_FLUID - _PARENCHYMA)
@@ -407,7 +484,7 @@ def _finding_attenuation(frame: _Frame, anatomy: Anatomy, finding: FindingState,
     if finding.name == "atelectasis":  # a plate above the dome, oblique
         a = (u - centre[0]) / (radius * 1.4)
         b = (v - centre[1] - 0.12 * side * (u - centre[0])) / (0.035 + 0.05 * f)
-        shape = np.exp(-(a ** 2 + b ** 2) ** 1.5)
+        shape = np.exp(-((a**2 + b**2) ** 1.5))
         fill = 0.85
     elif finding.name == "pneumonia":  # patchy: several lobules
         rng = np.random.default_rng([finding.seed, 13])
@@ -417,7 +494,7 @@ def _finding_attenuation(frame: _Frame, anatomy: Anatomy, finding: FindingState,
             shape = np.maximum(shape, np.exp(-((u - cu) ** 2 + (v - cv) ** 2) / (radius * 0.45) ** 2))
         fill = 0.65
     else:  # consolidation (dense, lobar-like), lung opacity (hazy ground glass)
-        shape = np.exp(-(((u - centre[0]) ** 2 + (v - centre[1]) ** 2) / radius ** 2) ** 1.6)
+        shape = np.exp(-((((u - centre[0]) ** 2 + (v - centre[1]) ** 2) / radius**2) ** 1.6))
         fill = 0.95 if finding.name == "consolidation" else 0.45
     opacity = fill * shape
     if finding.name in ("consolidation", "pneumonia"):
@@ -426,16 +503,17 @@ def _finding_attenuation(frame: _Frame, anatomy: Anatomy, finding: FindingState,
     return (_FLUID - _PARENCHYMA) * opacity * lung_air
 
 
-def render_attenuation(rows: int, columns: int, anatomy: Anatomy, findings: list[FindingState],
-                       pose: Pose, view: str = "PA") -> np.ndarray:
+def render_attenuation(
+    rows: int, columns: int, anatomy: Anatomy, findings: list[FindingState], pose: Pose, view: str = "PA"
+) -> np.ndarray:
     """The line-integral attenuation map of a frontal film (float32, >= 0)."""
     frame = _Frame(rows, columns, pose, 1.0 if view == "PA" else 1.04)
     u, v = frame.u, frame.v
     air = {side: _lung_air(frame, anatomy, side) for side in (-1, 1)}
     names = {f.name: f for f in findings}
-    heart_scale = (1.12 if view == "AP" else 1.0)
+    heart_scale = 1.12 if view == "AP" else 1.0
     heart = _heart(frame, anatomy, heart_scale)
-    knob_r = ((u - 0.10) ** 2 + (v + 0.36) ** 2) / anatomy.aortic_knob_radius ** 2
+    knob_r = ((u - 0.10) ** 2 + (v + 0.36) ** 2) / anatomy.aortic_knob_radius**2
     knob = 0.8 * np.clip(1 - knob_r, 0, 1) ** 0.25
     mediastinum = np.maximum(heart, knob)
     lungs = np.clip(air[-1] + air[1] - mediastinum, 0, None)
@@ -456,7 +534,14 @@ def render_attenuation(rows: int, columns: int, anatomy: Anatomy, findings: list
         along = side * (u - 0.01) / 0.16
         bronchus = _smooth_step(0.02 - np.abs(v + 0.30 - 0.22 * side * (u - 0.01)), 0.006)
         trachea = trachea + 0.2 * bronchus * (along > 0) * (along < 1)
-    attenuation = body - (1 - _PARENCHYMA) * lungs - trachea - stomach + 8.0 * vessels + 0.35 * _bones(frame, anatomy, view)
+    attenuation = (
+        body
+        - (1 - _PARENCHYMA) * lungs
+        - trachea
+        - stomach
+        + 8.0 * vessels
+        + 0.35 * _bones(frame, anatomy, view)
+    )
     for finding in names.values():
         attenuation = attenuation + _finding_attenuation(frame, anatomy, finding, air, 8.0 * vessels)
     return np.clip(attenuation, 0, None).astype(np.float32)
@@ -472,8 +557,9 @@ def form_film(attenuation: np.ndarray, noise: np.ndarray, blur_px: float) -> np.
     return (1 / (1 + np.exp(-(density - 0.72) / 0.28))).astype(np.float32)
 
 
-def finding_masks(film_with: np.ndarray, films_without: dict[str, np.ndarray],
-                  threshold: float = 0.01) -> dict[str, np.ndarray]:
+def finding_masks(
+    film_with: np.ndarray, films_without: dict[str, np.ndarray], threshold: float = 0.01
+) -> dict[str, np.ndarray]:
     """Ground truth of each finding: where removing it changes the film by > ``threshold``."""
     masks = {}
     for name, without in films_without.items():
@@ -482,9 +568,15 @@ def finding_masks(film_with: np.ndarray, films_without: dict[str, np.ndarray],
     return masks
 
 
-def render_frontal(rows: int, columns: int, findings: list[FindingState], pose: Pose,
-                   rng: np.random.Generator, anatomy: Anatomy | None = None,
-                   view: str = "PA") -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def render_frontal(
+    rows: int,
+    columns: int,
+    findings: list[FindingState],
+    pose: Pose,
+    rng: np.random.Generator,
+    anatomy: Anatomy | None = None,
+    view: str = "PA",
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """A frontal chest film and the ground-truth mask of every finding.
 
     Parameters
@@ -511,9 +603,14 @@ def render_frontal(rows: int, columns: int, findings: list[FindingState], pose: 
     noise = rng.standard_normal((rows, columns)).astype(np.float32)
     blur = 0.0012 * max(rows, columns)
     film = form_film(render_attenuation(rows, columns, anatomy, findings, pose, view), noise, blur)
-    without = {f.name: form_film(render_attenuation(rows, columns, anatomy,
-                                                    [g for g in findings if g is not f], pose, view),
-                                 noise, blur) for f in findings}
+    without = {
+        f.name: form_film(
+            render_attenuation(rows, columns, anatomy, [g for g in findings if g is not f], pose, view),
+            noise,
+            blur,
+        )
+        for f in findings
+    }
     return film, finding_masks(film, without)
 
 

@@ -39,8 +39,10 @@ def box_union_masks(boxes, size: int = PRIOR_SIZE) -> dict[str, np.ndarray]:
     masks = {category: np.zeros((size, size), np.uint8) for category in PRIOR_CATEGORIES}
     for row in boxes.itertuples(index=False):
         if row.category_name not in masks:
-            raise ValueError(f"unknown MS-CXR category {row.category_name!r}; expected one of "
-                             f"{', '.join(PRIOR_CATEGORIES)}.")
+            raise ValueError(
+                f"unknown MS-CXR category {row.category_name!r}; expected one of "
+                f"{', '.join(PRIOR_CATEGORIES)}."
+            )
         if row.image_width <= 0 or row.image_height <= 0:
             raise ValueError(f"image size must be positive, got {row.image_width}x{row.image_height}.")
         sx, sy = size / row.image_width, size / row.image_height
@@ -53,8 +55,9 @@ def box_union_masks(boxes, size: int = PRIOR_SIZE) -> dict[str, np.ndarray]:
     return masks
 
 
-def build_pseudo_masks(ms_cxr_csv: str | Path, metadata_csv: str | Path, output: str | Path,
-                       version: str = "ms-cxr-v1.1.0") -> dict:
+def build_pseudo_masks(
+    ms_cxr_csv: str | Path, metadata_csv: str | Path, output: str | Path, version: str = "ms-cxr-v1.1.0"
+) -> dict:
     """Build the prior set from MS-CXR into ``output`` (the format ``--priors`` loads).
 
     Returns
@@ -67,8 +70,15 @@ def build_pseudo_masks(ms_cxr_csv: str | Path, metadata_csv: str | Path, output:
     pa_ids = set(metadata.loc[metadata.ViewPosition == "PA", "dicom_id"])
     pa_boxes = boxes[boxes.dicom_id.isin(pa_ids)]
     masks = box_union_masks(pa_boxes)
-    write_prior_set(Path(output), masks, version=version,
-                    source=f"union of {len(pa_boxes)} PA boxes of {Path(ms_cxr_csv).name}")
-    return {"boxes_read": len(boxes), "pa_boxes": len(pa_boxes),
-            "per_category": pa_boxes.category_name.value_counts().sort_index().to_dict(),
-            "coverage": {c: round(float(m.mean()), 4) for c, m in masks.items()}}
+    write_prior_set(
+        Path(output),
+        masks,
+        version=version,
+        source=f"union of {len(pa_boxes)} PA boxes of {Path(ms_cxr_csv).name}",
+    )
+    return {
+        "boxes_read": len(boxes),
+        "pa_boxes": len(pa_boxes),
+        "per_category": pa_boxes.category_name.value_counts().sort_index().to_dict(),
+        "coverage": {c: round(float(m.mean()), 4) for c, m in masks.items()},
+    }

@@ -25,8 +25,7 @@ class RegistrationResult:
     parameters: tuple[float, ...]  # angle (rad), scale, translation x, y (pixels)
 
 
-def normalized_cross_correlation(a: np.ndarray, b: np.ndarray,
-                                 valid: np.ndarray | None = None) -> float:
+def normalized_cross_correlation(a: np.ndarray, b: np.ndarray, valid: np.ndarray | None = None) -> float:
     """NCC of two images over ``valid`` (all pixels by default); 0 for constant images."""
     if valid is None:
         valid = np.ones(a.shape, bool)
@@ -36,8 +35,9 @@ def normalized_cross_correlation(a: np.ndarray, b: np.ndarray,
     return float((x * y).sum() / denominator) if denominator > 0 else 0.0
 
 
-def register(past: np.ndarray, current: np.ndarray, *, seed: int = 0,
-             working_size: int = 128, iterations: int = 60) -> RegistrationResult:
+def register(
+    past: np.ndarray, current: np.ndarray, *, seed: int = 0, working_size: int = 128, iterations: int = 60
+) -> RegistrationResult:
     """Align ``past`` to ``current`` with a similarity transform.
 
     The transform is estimated on ``working_size`` copies (fast, and enough for a global
@@ -69,15 +69,16 @@ def register(past: np.ndarray, current: np.ndarray, *, seed: int = 0,
     moving = _shrink(moving_full, working_size, spacing)
 
     transform = sitk.CenteredTransformInitializer(
-        fixed, moving, sitk.Similarity2DTransform(), sitk.CenteredTransformInitializerFilter.GEOMETRY)
+        fixed, moving, sitk.Similarity2DTransform(), sitk.CenteredTransformInitializerFilter.GEOMETRY
+    )
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsCorrelation()
     method.SetMetricSamplingStrategy(method.RANDOM)
     method.SetMetricSamplingPercentage(0.5, seed)
     method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4,
-                                                    numberOfIterations=iterations,
-                                                    relaxationFactor=0.6)
+    method.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=1.0, minStep=1e-4, numberOfIterations=iterations, relaxationFactor=0.6
+    )
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetShrinkFactorsPerLevel([2, 1])
     method.SetSmoothingSigmasPerLevel([1.0, 0.0])
@@ -85,15 +86,26 @@ def register(past: np.ndarray, current: np.ndarray, *, seed: int = 0,
     method.Execute(fixed, moving)
 
     registered = sitk.GetArrayFromImage(
-        sitk.Resample(moving_full, fixed_full, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
-    coverage = sitk.GetArrayFromImage(sitk.Resample(
-        sitk.Image(moving_full.GetSize(), sitk.sitkUInt8) + 1, fixed_full, transform,
-        sitk.sitkNearestNeighbor, 0)) > 0
+        sitk.Resample(moving_full, fixed_full, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    )
+    coverage = (
+        sitk.GetArrayFromImage(
+            sitk.Resample(
+                sitk.Image(moving_full.GetSize(), sitk.sitkUInt8) + 1,
+                fixed_full,
+                transform,
+                sitk.sitkNearestNeighbor,
+                0,
+            )
+        )
+        > 0
+    )
     return RegistrationResult(
         registered=registered.astype(np.float32),
         score=normalized_cross_correlation(registered, current, coverage),
         score_before=normalized_cross_correlation(past, current),
-        parameters=tuple(float(p) for p in transform.GetParameters()))
+        parameters=tuple(float(p) for p in transform.GetParameters()),
+    )
 
 
 def _shrink(image: sitk.Image, size: int, spacing: tuple[float, float]) -> sitk.Image:

@@ -33,8 +33,8 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -70,8 +70,12 @@ class TrainResult:
     unet_sha256: str  # of this process's raw UNet weights: equal on every rank of a DDP run
 
 
-def train(config: TrainConfig, resume: str | None = None,
-          events: Callable[[dict], None] | None = None, progress_bar: bool = True) -> TrainResult:
+def train(
+    config: TrainConfig,
+    resume: str | None = None,
+    events: Callable[[dict], None] | None = None,
+    progress_bar: bool = True,
+) -> TrainResult:
     """Run (or resume) a training run.
 
     Parameters
@@ -98,10 +102,12 @@ def train(config: TrainConfig, resume: str | None = None,
 
     emit = events or (lambda event: None)
     output = Path(config.output)
-    accelerator = Accelerator(gradient_accumulation_steps=1,
-                              mixed_precision=mixed_precision(config.precision),
-                              log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None,
-                              project_dir=str(output))
+    accelerator = Accelerator(
+        gradient_accumulation_steps=1,
+        mixed_precision=mixed_precision(config.precision),
+        log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None,
+        project_dir=str(output),
+    )
     try:
         return _train(accelerator, config, resume, emit, progress_bar)
     finally:
@@ -115,18 +121,25 @@ def _train(accelerator, config: TrainConfig, resume: str | None, emit, progress_
     config.validate(devices=accelerator.num_processes)
     checkpoint = None
     if resume == "latest" and latest_checkpoint(output) is None and (output / "pretrained-vae").is_dir():
-        emit({"event": "restart", "reason": "stopped before the first checkpoint; the trained "
-                                            "autoencoder is kept"})
+        emit(
+            {
+                "event": "restart",
+                "reason": "stopped before the first checkpoint; the trained autoencoder is kept",
+            }
+        )
     elif resume:
         checkpoint = _resume_point(output, resume, config)
     elif output.exists() and any(output.iterdir()):
-        raise ConfigError(f"output folder {output.name} exists; pass --resume latest to continue it "
-                          "or choose a new folder.")
+        raise ConfigError(
+            f"output folder {output.name} exists; pass --resume latest to continue it or choose a new folder."
+        )
     data = EditPairs(config.data.dataset, config.data.split, config.data.resolution)
     if config.data.latent_cache and tuple(data[0]["past"].shape[-2:]) != (config.data.resolution,) * 2:
-        raise ConfigError(f"data.latent_cache needs the dataset's images at data.resolution "
-                          f"({config.data.resolution}); they are {tuple(data[0]['past'].shape[-2:])} "
-                          "(cropping happens in pixel space).")
+        raise ConfigError(
+            f"data.latent_cache needs the dataset's images at data.resolution "
+            f"({config.data.resolution}); they are {tuple(data[0]['past'].shape[-2:])} "
+            "(cropping happens in pixel space)."
+        )
     if config.optim.weighs_regions:
         data.require_masks()
 
@@ -142,15 +155,21 @@ def _train(accelerator, config: TrainConfig, resume: str | None, emit, progress_
         unet.enable_gradient_checkpointing()
     trained = [unet] + ([text_encoder] if config.model.train_text_encoder else [])
     parameters = [p for module in trained for p in module.parameters()]
-    optimizer = torch.optim.AdamW(parameters, lr=config.optim.learning_rate,
-                                  betas=(config.optim.adam_beta1, config.optim.adam_beta2),
-                                  weight_decay=config.optim.adam_weight_decay,
-                                  eps=config.optim.adam_epsilon)
+    optimizer = torch.optim.AdamW(
+        parameters,
+        lr=config.optim.learning_rate,
+        betas=(config.optim.adam_beta1, config.optim.adam_beta2),
+        weight_decay=config.optim.adam_weight_decay,
+        eps=config.optim.adam_epsilon,
+    )
     from diffusers.optimization import get_scheduler
 
-    lr_scheduler = get_scheduler(config.optim.lr_scheduler, optimizer,
-                                 num_warmup_steps=config.optim.lr_warmup_steps,
-                                 num_training_steps=config.steps)
+    lr_scheduler = get_scheduler(
+        config.optim.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.optim.lr_warmup_steps,
+        num_training_steps=config.steps,
+    )
     ema = make_ema(unet, config) if config.ema.enabled else None
     start = 0
     if checkpoint is not None:
@@ -160,9 +179,15 @@ def _train(accelerator, config: TrainConfig, resume: str | None, emit, progress_
         text_encoder = accelerator.prepare(text_encoder)
     vae.to(accelerator.device)
     text_encoder.to(accelerator.device)
-    cache = LatentCache(config.data.latent_cache_dir or output / "latent-cache", vae,
-                        mirrored=config.data.flip_probability > 0) \
-        if config.data.latent_cache else None
+    cache = (
+        LatentCache(
+            config.data.latent_cache_dir or output / "latent-cache",
+            vae,
+            mirrored=config.data.flip_probability > 0,
+        )
+        if config.data.latent_cache
+        else None
+    )
     if ema is not None:
         ema.to(accelerator.device)
 
@@ -175,9 +200,16 @@ def _train(accelerator, config: TrainConfig, resume: str | None, emit, progress_
 
     def validate(step: int) -> None:
         if accelerator.is_main_process and pairs:
-            grid = _validate(accelerator.unwrap_model(unet), pipe, ema, pairs,
-                             output / "validation" / f"step-{step:06d}.png", config.seed)
+            grid = _validate(
+                accelerator.unwrap_model(unet),
+                pipe,
+                ema,
+                pairs,
+                output / "validation" / f"step-{step:06d}.png",
+                config.seed,
+            )
             emit({"event": "validation", "step": step, "path": str(grid)})
+
     rank, world = accelerator.process_index, accelerator.num_processes
     accumulation = config.batch.gradient_accumulation_steps
     bar = _bar(progress_bar and accelerator.is_main_process, start, config.steps)
@@ -190,13 +222,23 @@ def _train(accelerator, config: TrainConfig, resume: str | None, emit, progress_
             for micro in range(accumulation):
                 generator = torch.Generator().manual_seed(_stream(config.seed, step, rank, micro))
                 # the frozen VAE encodes in its own precision, as the latent cache does
-                latents, instructions, weights = _batch(data, config, step, micro, rank, world,
-                                                        generator, vae, cache)
+                latents, instructions, weights = _batch(
+                    data, config, step, micro, rank, world, generator, vae, cache
+                )
                 sync = contextlib.nullcontext() if micro == accumulation - 1 else accelerator.no_sync(unet)
                 with sync, accelerator.autocast():
-                    loss = training_loss(unet, text_encoder, tokenizer, noise_scheduler, latents,
-                                         vae.config.scaling_factor, instructions, generator,
-                                         config.optim.conditioning_dropout_prob, weights)
+                    loss = training_loss(
+                        unet,
+                        text_encoder,
+                        tokenizer,
+                        noise_scheduler,
+                        latents,
+                        vae.config.scaling_factor,
+                        instructions,
+                        generator,
+                        config.optim.conditioning_dropout_prob,
+                        weights,
+                    )
                     accelerator.backward(loss / accumulation)
                 losses.append(loss.detach())
             grad_norm = accelerator.clip_grad_norm_(parameters, config.optim.max_grad_norm)
@@ -208,9 +250,14 @@ def _train(accelerator, config: TrainConfig, resume: str | None, emit, progress_
             completed = step
             loss_value = float(accelerator.gather(torch.stack(losses).mean()[None]).mean())
             seconds = time.perf_counter() - started
-            record = {"step": step, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0],
-                      "grad_norm": float(grad_norm), "samples_per_s": config.effective_batch(world) / seconds,
-                      "memory_gib": _memory_gib(accelerator.device)}
+            record = {
+                "step": step,
+                "loss": loss_value,
+                "lr": lr_scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "samples_per_s": config.effective_batch(world) / seconds,
+                "memory_gib": _memory_gib(accelerator.device),
+            }
             if accelerator.is_main_process and (step % config.log_every == 0 or step == config.steps):
                 _log(output / "log.csv", record)
                 accelerator.log(record, step=step)
@@ -221,8 +268,9 @@ def _train(accelerator, config: TrainConfig, resume: str | None, emit, progress_
                 bar.set_postfix(loss=f"{loss_value:.4f}")
                 bar.update(1)
             if step % config.checkpointing.every == 0 or step == config.steps:
-                checkpoints.append(_save(accelerator, config, step, pipe, unet, optimizer,
-                                         lr_scheduler, ema, trained, data))
+                checkpoints.append(
+                    _save(accelerator, config, step, pipe, unet, optimizer, lr_scheduler, ema, trained, data)
+                )
                 emit({"event": "checkpoint", "step": step, "path": str(checkpoints[-1])})
     except KeyboardInterrupt:  # Ctrl-C: a resumable checkpoint of the steps completed
         if completed > start and not (checkpoints and checkpoints[-1].name.endswith(f"{completed:06d}")):
@@ -251,15 +299,19 @@ def make_ema(unet, config: TrainConfig):
     without, it is ``decay`` from the second update on."""
     from diffusers.training_utils import EMAModel
 
-    return EMAModel(unet.parameters(), decay=config.ema.decay,
-                    min_decay=0.0 if config.ema.warmup else config.ema.decay)
+    return EMAModel(
+        unet.parameters(), decay=config.ema.decay, min_decay=0.0 if config.ema.warmup else config.ema.decay
+    )
 
 
 def latest_checkpoint(output: Path) -> Path | None:
     """The newest complete checkpoint of a run (staging folders are never complete)."""
     folder = Path(output) / CHECKPOINTS
-    found = sorted(p for p in folder.glob("checkpoint-*") if (p / STATE_FILE).is_file()) \
-        if folder.is_dir() else []
+    found = (
+        sorted(p for p in folder.glob("checkpoint-*") if (p / STATE_FILE).is_file())
+        if folder.is_dir()
+        else []
+    )
     return found[-1] if found else None
 
 
@@ -268,8 +320,7 @@ def _stream(seed: int, step: int, rank: int, micro: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + rank * 101 + micro) % (2**63)
 
 
-def sample_indices(config: TrainConfig, size: int, step: int, micro: int, rank: int,
-                   world: int) -> list[int]:
+def sample_indices(config: TrainConfig, size: int, step: int, micro: int, rank: int, world: int) -> list[int]:
     """Dataset indices of one rank's micro-batch: consecutive samples of a per-epoch
     permutation, ranks interleaved, so every rank sees different pairs and a step's samples
     never depend on where a run was resumed."""
@@ -283,9 +334,17 @@ def sample_indices(config: TrainConfig, size: int, step: int, micro: int, rank: 
     return indices
 
 
-def _batch(data: EditPairs, config: TrainConfig, step: int, micro: int, rank: int, world: int,
-           generator: torch.Generator, vae, cache: LatentCache | None
-           ) -> tuple[PairLatents, list[str], torch.Tensor | None]:
+def _batch(
+    data: EditPairs,
+    config: TrainConfig,
+    step: int,
+    micro: int,
+    rank: int,
+    world: int,
+    generator: torch.Generator,
+    vae,
+    cache: LatentCache | None,
+) -> tuple[PairLatents, list[str], torch.Tensor | None]:
     """This rank's micro-batch, augmented and encoded (from the latent cache when it is on),
     with its change-region loss weights when the recipe asks for them."""
     latents, instructions, regions = [], [], []
@@ -294,7 +353,8 @@ def _batch(data: EditPairs, config: TrainConfig, step: int, micro: int, rank: in
         item = data[index]
         region = data.change_region(index, tuple(item["past"].shape[-2:])) if weighted else None
         past, current, instruction, region, flipped = augment_pair(
-            item["past"], item["current"], item["instruction"], config.data, generator, region)
+            item["past"], item["current"], item["instruction"], config.data, generator, region
+        )
         if cache is None:
             latents.append(encode_pair(vae, past[None], current[None]))
         else:
@@ -303,16 +363,24 @@ def _batch(data: EditPairs, config: TrainConfig, step: int, micro: int, rank: in
         instructions.append(instruction)
         regions.append(region)
     stacked = PairLatents.stack(latents)
-    weights = change_weights(torch.stack(regions), tuple(stacked.condition.shape[-2:]),
-                             config.optim.change_region_weight,
-                             config.optim.mirror_region_weight) if weighted else None
+    weights = (
+        change_weights(
+            torch.stack(regions),
+            tuple(stacked.condition.shape[-2:]),
+            config.optim.change_region_weight,
+            config.optim.mirror_region_weight,
+        )
+        if weighted
+        else None
+    )
     return stacked, instructions, weights
 
 
 def _base_pipeline(config: TrainConfig) -> InstructX2XPipeline:
     if config.model.base != "fresh":
-        pipe, _ = load_pipeline(config.model.base, scheduler="ddim",
-                                single_file_config=config.model.single_file_config or None)
+        pipe, _ = load_pipeline(
+            config.model.base, scheduler="ddim", single_file_config=config.model.single_file_config or None
+        )
         return pipe
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -332,8 +400,13 @@ def _base_pipeline(config: TrainConfig) -> InstructX2XPipeline:
             text_encoder = CLIPTextModel(CLIPTextConfig(**fresh.fresh_text_encoder))
     except TypeError as error:
         raise ConfigError(f"model.fresh_*: {error}") from None
-    return InstructX2XPipeline(vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(),
-                               unet=unet, scheduler=make_scheduler("ddim"))
+    return InstructX2XPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=load_clip_tokenizer(),
+        unet=unet,
+        scheduler=make_scheduler("ddim"),
+    )
 
 
 def _pretrained_vae(accelerator, config: TrainConfig, data: EditPairs, output: Path, progress_bar: bool):
@@ -380,9 +453,11 @@ def _resume_point(output: Path, resume: str, config: TrainConfig) -> Path:
     saved = json.loads((checkpoint / "config.json").read_text())
     differences = [k for k in config_differences(saved, config.to_dict()) if k not in RESUME_COMPATIBLE_KEYS]
     if differences:
-        raise ConfigError(f"checkpoint {checkpoint.name} was made with another config: "
-                          f"{', '.join(differences)} differ. Only {', '.join(RESUME_COMPATIBLE_KEYS)} "
-                          "may change on resume.")
+        raise ConfigError(
+            f"checkpoint {checkpoint.name} was made with another config: "
+            f"{', '.join(differences)} differ. Only {', '.join(RESUME_COMPATIBLE_KEYS)} "
+            "may change on resume."
+        )
     return checkpoint
 
 
@@ -392,9 +467,11 @@ def _load_checkpoint(checkpoint: Path, trained, optimizer, lr_scheduler, ema) ->
     state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
     for module in trained:
         name = _module_name(module)
-        module.load_state_dict(load_file(checkpoint / name / "diffusion_pytorch_model.safetensors")
-                               if (checkpoint / name / "diffusion_pytorch_model.safetensors").is_file()
-                               else load_file(checkpoint / name / "model.safetensors"))
+        module.load_state_dict(
+            load_file(checkpoint / name / "diffusion_pytorch_model.safetensors")
+            if (checkpoint / name / "diffusion_pytorch_model.safetensors").is_file()
+            else load_file(checkpoint / name / "model.safetensors")
+        )
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if ema is not None:
@@ -408,8 +485,18 @@ def _module_name(module) -> str:
     return "unet" if isinstance(module, UNet2DConditionModel) else "text_encoder"
 
 
-def _save(accelerator, config: TrainConfig, step: int, pipe, unet, optimizer, lr_scheduler, ema,
-          trained, data: EditPairs) -> Path:
+def _save(
+    accelerator,
+    config: TrainConfig,
+    step: int,
+    pipe,
+    unet,
+    optimizer,
+    lr_scheduler,
+    ema,
+    trained,
+    data: EditPairs,
+) -> Path:
     """Write checkpoint-NNNNNN (staging folder, then rename) and keep the last K."""
     accelerator.wait_for_everyone()
     folder = Path(config.output) / CHECKPOINTS / f"checkpoint-{step:06d}"
@@ -417,13 +504,21 @@ def _save(accelerator, config: TrainConfig, step: int, pipe, unet, optimizer, lr
         raw = accelerator.unwrap_model(unet)
         with atomic_output_dir(folder) as staging:
             for module in trained:
-                (raw if _module_name(module) == "unet" else module).save_pretrained(staging / _module_name(module))
-            torch.save({"step": step, "optimizer": optimizer.state_dict(),
-                        "lr_scheduler": lr_scheduler.state_dict(),
-                        "ema": None if ema is None else ema.state_dict()}, staging / STATE_FILE)
+                (raw if _module_name(module) == "unet" else module).save_pretrained(
+                    staging / _module_name(module)
+                )
+            torch.save(
+                {
+                    "step": step,
+                    "optimizer": optimizer.state_dict(),
+                    "lr_scheduler": lr_scheduler.state_dict(),
+                    "ema": None if ema is None else ema.state_dict(),
+                },
+                staging / STATE_FILE,
+            )
             (staging / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
             _save_model(staging / "model", config, pipe, raw, ema, step, data)
-        for old in sorted((folder.parent).glob("checkpoint-*"))[:-config.checkpointing.keep]:
+        for old in sorted((folder.parent).glob("checkpoint-*"))[: -config.checkpointing.keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return folder
@@ -436,13 +531,21 @@ def _save_model(folder: Path, config: TrainConfig, pipe, unet, ema, step: int, d
     model_unet = copy.deepcopy(unet).eval()
     if ema is not None:
         ema.copy_to(model_unet.parameters())
-    model = InstructX2XPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                                unet=model_unet.to("cpu", torch.float32),
-                                scheduler=make_scheduler("ddim", dict(pipe.scheduler.config)))
-    card = {"name": config.model.name, "trained": True,
-            "trained_on": f"{Path(config.data.dataset).name} ({len(data)} {config.data.split} pairs), "
-                          f"{step} steps, effective batch {config.effective_batch()}",
-            "resolution": config.data.resolution, "intended_use": config.model.intended_use}
+    model = InstructX2XPipeline(
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        unet=model_unet.to("cpu", torch.float32),
+        scheduler=make_scheduler("ddim", dict(pipe.scheduler.config)),
+    )
+    card = {
+        "name": config.model.name,
+        "trained": True,
+        "trained_on": f"{Path(config.data.dataset).name} ({len(data)} {config.data.split} pairs), "
+        f"{step} steps, effective batch {config.effective_batch()}",
+        "resolution": config.data.resolution,
+        "intended_use": config.model.intended_use,
+    }
     save_model(model, folder, card)
 
 
@@ -453,8 +556,13 @@ def _validate(unet, pipe, ema, pairs: list[dict], path: Path, seed: int) -> Path
         ema.copy_to(unet.parameters())
     unet.eval()
     try:
-        model = InstructX2XPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder,
-                                    tokenizer=pipe.tokenizer, unet=unet, scheduler=pipe.scheduler)
+        model = InstructX2XPipeline(
+            vae=pipe.vae,
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+            unet=unet,
+            scheduler=pipe.scheduler,
+        )
         return validation_grid(model, pairs, path, seed)
     finally:
         unet.train()

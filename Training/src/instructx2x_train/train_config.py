@@ -13,8 +13,20 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "DataConfig", "ModelConfig", "OptimConfig", "BatchConfig", "EMAConfig",
-           "CheckpointConfig", "ValidationConfig", "VAEPretrainingConfig", "ConfigError", "load_config", "RESUME_COMPATIBLE_KEYS"]
+__all__ = [
+    "TrainConfig",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "BatchConfig",
+    "EMAConfig",
+    "CheckpointConfig",
+    "ValidationConfig",
+    "VAEPretrainingConfig",
+    "ConfigError",
+    "load_config",
+    "RESUME_COMPATIBLE_KEYS",
+]
 
 
 class ConfigError(ValueError):
@@ -169,31 +181,40 @@ class TrainConfig:
         if not self.data.dataset:
             raise ConfigError("data.dataset is required: a folder from instructx2x-train build-dataset.")
         if not self.model.base:
-            raise ConfigError("model.base is required: a diffusers folder, a single-file "
-                              "checkpoint, untrained-tiny or fresh.")
-        positive = {"steps": self.steps, "data.resolution": self.data.resolution,
-                    "batch.per_device": self.batch.per_device,
-                    "batch.gradient_accumulation_steps": self.batch.gradient_accumulation_steps,
-                    "checkpointing.every": self.checkpointing.every,
-                    "checkpointing.keep": self.checkpointing.keep, "log_every": self.log_every,
-                    "validation.pairs": self.validation.pairs}
+            raise ConfigError(
+                "model.base is required: a diffusers folder, a single-file "
+                "checkpoint, untrained-tiny or fresh."
+            )
+        positive = {
+            "steps": self.steps,
+            "data.resolution": self.data.resolution,
+            "batch.per_device": self.batch.per_device,
+            "batch.gradient_accumulation_steps": self.batch.gradient_accumulation_steps,
+            "checkpointing.every": self.checkpointing.every,
+            "checkpointing.keep": self.checkpointing.keep,
+            "log_every": self.log_every,
+            "validation.pairs": self.validation.pairs,
+        }
         for key, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{key} must be an integer >= 1, got {value!r}.")
         if self.data.resolution % 8:
             raise ConfigError(f"data.resolution must be a multiple of 8, got {self.data.resolution}.")
         if not 0 <= self.optim.conditioning_dropout_prob <= 1 / 3:
-            raise ConfigError("optim.conditioning_dropout_prob must lie in [0, 1/3] (the rule "
-                              f"uses 3p), got {self.optim.conditioning_dropout_prob}.")
+            raise ConfigError(
+                "optim.conditioning_dropout_prob must lie in [0, 1/3] (the rule "
+                f"uses 3p), got {self.optim.conditioning_dropout_prob}."
+            )
         for key in ("change_region_weight", "mirror_region_weight"):
             if not 0 <= getattr(self.optim, key) <= 100:
                 raise ConfigError(f"optim.{key} must lie in [0, 100], got {getattr(self.optim, key)}.")
         if not 0 <= self.data.flip_probability <= 1 or self.data.rotation_degrees < 0:
-            raise ConfigError("data.flip_probability must lie in [0, 1] and data.rotation_degrees "
-                              "be >= 0.")
+            raise ConfigError("data.flip_probability must lie in [0, 1] and data.rotation_degrees be >= 0.")
         if self.data.latent_cache and self.data.rotation_degrees:
-            raise ConfigError("data.latent_cache needs data.rotation_degrees 0 (rotation happens in "
-                              "pixel space, before the VAE).")
+            raise ConfigError(
+                "data.latent_cache needs data.rotation_degrees 0 (rotation happens in "
+                "pixel space, before the VAE)."
+            )
         if not 0 < self.ema.decay < 1:
             raise ConfigError(f"ema.decay must lie in (0, 1), got {self.ema.decay}.")
         if not isinstance(self.validation.every, int) or self.validation.every < 0:
@@ -201,13 +222,21 @@ class TrainConfig:
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}.")
         pretraining = self.vae_pretraining
-        if pretraining.steps < 0 or pretraining.batch < 1 or pretraining.learning_rate <= 0 \
-                or pretraining.crop < 8 or pretraining.crop % 8:
-            raise ConfigError("vae_pretraining needs steps >= 0, batch >= 1, learning_rate > 0 and "
-                              "crop a multiple of 8.")
+        if (
+            pretraining.steps < 0
+            or pretraining.batch < 1
+            or pretraining.learning_rate <= 0
+            or pretraining.crop < 8
+            or pretraining.crop % 8
+        ):
+            raise ConfigError(
+                "vae_pretraining needs steps >= 0, batch >= 1, learning_rate > 0 and crop a multiple of 8."
+            )
         if pretraining.steps and self.model.base != "fresh":
-            raise ConfigError("vae_pretraining.steps > 0 trains a new autoencoder: it needs "
-                              "model.base 'fresh' (a given model keeps its own VAE).")
+            raise ConfigError(
+                "vae_pretraining.steps > 0 trains a new autoencoder: it needs "
+                "model.base 'fresh' (a given model keeps its own VAE)."
+            )
         if self.optim.learning_rate <= 0:
             raise ConfigError(f"optim.learning_rate must be > 0, got {self.optim.learning_rate}.")
         product = self.batch.per_device * devices * self.batch.gradient_accumulation_steps
@@ -215,7 +244,8 @@ class TrainConfig:
             raise ConfigError(
                 f"batch.effective is {self.batch.effective} but per_device {self.batch.per_device} "
                 f"x {devices} device(s) x accumulation {self.batch.gradient_accumulation_steps} = "
-                f"{product}; change one so that they agree (paper: 576 = 8 x 8 x 9).")
+                f"{product}; change one so that they agree (paper: 576 = 8 x 8 x 9)."
+            )
 
     def effective_batch(self, devices: int = 1) -> int:
         """Samples per optimizer step."""
@@ -227,8 +257,14 @@ class TrainConfig:
 
 
 # A resumed run may differ from its checkpoint only in these (where to stop, how often to save).
-RESUME_COMPATIBLE_KEYS = ("steps", "log_every", "checkpointing.every", "checkpointing.keep",
-                          "validation.every", "validation.pairs")
+RESUME_COMPATIBLE_KEYS = (
+    "steps",
+    "log_every",
+    "checkpointing.every",
+    "checkpointing.keep",
+    "validation.every",
+    "validation.pairs",
+)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
@@ -293,7 +329,8 @@ def _yaml_loader():
     Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
         re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-        list("-+0123456789"))
+        list("-+0123456789"),
+    )
     return Loader
 
 
@@ -303,12 +340,16 @@ def _build(cls, data: dict, prefix: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; known: "
-                          f"{sorted(prefix + k for k in fields)}.")
+        raise ConfigError(
+            f"unknown config key(s) {[prefix + k for k in unknown]}; known: "
+            f"{sorted(prefix + k for k in fields)}."
+        )
     values = {}
     for name, value in data.items():
         default = getattr(cls(), name) if not dataclasses.is_dataclass(fields[name].type) else None
-        nested = fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None
+        nested = (
+            fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None
+        )
         if nested is not None and dataclasses.is_dataclass(nested):
             values[name] = _build(nested, value, f"{prefix}{name}.")
             continue
@@ -332,10 +373,14 @@ def _coerce(value: Any, default: Any, key: str) -> Any:
     else:
         ok = isinstance(value, type(default))
     if not ok:
-        kinds = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-                 dict: "a mapping"}
-        raise ConfigError(f"{key} must be {kinds.get(type(default), type(default).__name__)}, "
-                          f"got {value!r}.")
+        kinds = {
+            bool: "true or false",
+            int: "an integer",
+            float: "a number",
+            str: "a string",
+            dict: "a mapping",
+        }
+        raise ConfigError(f"{key} must be {kinds.get(type(default), type(default).__name__)}, got {value!r}.")
     return value
 
 
@@ -345,8 +390,11 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
     differences = []
     for key in keys:
         a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict) and key not in ("fresh_unet", "fresh_vae",
-                                                                        "fresh_text_encoder"):
+        if (
+            isinstance(a, dict)
+            and isinstance(b, dict)
+            and key not in ("fresh_unet", "fresh_vae", "fresh_text_encoder")
+        ):
             differences += config_differences(a, b, f"{prefix}{key}.")
         elif json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
             differences.append(prefix + key)

@@ -43,8 +43,14 @@ def _films(data: EditPairs) -> torch.Tensor:
     return torch.stack(films)
 
 
-def train_vae(data: EditPairs, architecture: dict, settings: VAEPretrainingConfig, seed: int,
-              output: Path, progress_bar: bool = True) -> Path:
+def train_vae(
+    data: EditPairs,
+    architecture: dict,
+    settings: VAEPretrainingConfig,
+    seed: int,
+    output: Path,
+    progress_bar: bool = True,
+) -> Path:
     """Train the autoencoder on the films of ``data``; write ``output`` (a diffusers VAE folder
     with ``vae_log.json``) atomically and return it.
 
@@ -73,8 +79,10 @@ def train_vae(data: EditPairs, architecture: dict, settings: VAEPretrainingConfi
         index = torch.randint(0, len(films), (config.batch,), generator=generator)
         images = films[index] * 2 - 1
         if config.crop < images.shape[-1]:  # the autoencoder is convolutional: crops train it faster
-            top, left = torch.randint(0, images.shape[-1] - config.crop + 1, (2,), generator=generator).tolist()
-            images = images[..., top:top + config.crop, left:left + config.crop]
+            top, left = torch.randint(
+                0, images.shape[-1] - config.crop + 1, (2,), generator=generator
+            ).tolist()
+            images = images[..., top : top + config.crop, left : left + config.crop]
         flip = torch.rand(config.batch, generator=generator) < 0.5
         images = torch.where(flip[:, None, None, None], images.flip(-1), images).repeat(1, 3, 1, 1)
         posterior = vae.encode(images).latent_dist
@@ -89,8 +97,14 @@ def train_vae(data: EditPairs, architecture: dict, settings: VAEPretrainingConfi
         schedule.step()
         if step % 50 == 0 or step == config.steps - 1:
             l1 = loss_l1.item()  # .item(): float() of a tensor that needs gradients warns
-            log.append({"step": step + 1, "l1": l1, "gradient": loss_gradient.item(),
-                        "seconds": time.perf_counter() - started})
+            log.append(
+                {
+                    "step": step + 1,
+                    "l1": l1,
+                    "gradient": loss_gradient.item(),
+                    "seconds": time.perf_counter() - started,
+                }
+            )
             bar.set_postfix(l1=f"{l1:.4f}")
     vae.eval()
     with torch.no_grad():  # latent scale: unit variance of scaled latents, like SD's 0.18215
@@ -102,10 +116,21 @@ def train_vae(data: EditPairs, architecture: dict, settings: VAEPretrainingConfi
     vae.register_to_config(scaling_factor=scale)
     with atomic_output_dir(output) as staging:
         vae.save_pretrained(staging, safe_serialization=True)
-        (staging / "vae_log.json").write_text(json.dumps(
-            {"settings": dataclasses.asdict(config), "architecture": architecture, "scaling_factor": scale,
-             "reconstruction_mae": mae, "log": log,
-             "films": int(len(films)), "parameters": int(sum(p.numel() for p in vae.parameters())),
-             "seconds": time.perf_counter() - started}, indent=2) + "\n")
+        (staging / "vae_log.json").write_text(
+            json.dumps(
+                {
+                    "settings": dataclasses.asdict(config),
+                    "architecture": architecture,
+                    "scaling_factor": scale,
+                    "reconstruction_mae": mae,
+                    "log": log,
+                    "films": int(len(films)),
+                    "parameters": int(sum(p.numel() for p in vae.parameters())),
+                    "seconds": time.perf_counter() - started,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     logger.info("VAE: reconstruction MAE %.4f (of [0, 1]), scale %.4f", mae, scale)
     return output

@@ -32,8 +32,9 @@ def validation_pairs(config: TrainConfig) -> list[dict]:
     pairs = []
     for index in range(min(config.validation.pairs, len(data))):
         item = data[index]
-        pairs.append({key: item[key][..., :size, :size] if key != "instruction" else item[key]
-                      for key in item})
+        pairs.append(
+            {key: item[key][..., :size, :size] if key != "instruction" else item[key] for key in item}
+        )
     return pairs
 
 
@@ -51,15 +52,22 @@ def validation_grid(pipe: InstructX2XPipeline, pairs: list[dict], path: Path, se
     rows = []
     try:
         for index, pair in enumerate(pairs):
-            out = pipe(pair["instruction"], pair["past"][None], output_type="pt",
-                       num_inference_steps=default_steps(pipe.scheduler),
-                       generator=torch.Generator().manual_seed(seed + index))
+            out = pipe(
+                pair["instruction"],
+                pair["past"][None],
+                output_type="pt",
+                num_inference_steps=default_steps(pipe.scheduler),
+                generator=torch.Generator().manual_seed(seed + index),
+            )
             past = pair["past"][0].numpy()
             edited = out.images[0, 0].float().cpu().numpy()
-            overlay = guidance_overlay(past, out.guidance_maps[0, 0].float().cpu().numpy(),
-                                       out.edit_masks[0, 0].bool().cpu().numpy())
-            gray = [np.repeat((np.clip(a, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=2)
-                    for a in (past, edited, pair["current"][0].numpy())]
+            overlay = guidance_overlay(
+                past, out.guidance_maps[0, 0].float().cpu().numpy(), out.edit_masks[0, 0].bool().cpu().numpy()
+            )
+            gray = [
+                np.repeat((np.clip(a, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=2)
+                for a in (past, edited, pair["current"][0].numpy())
+            ]
             rows.append(np.concatenate([gray[0], gray[1], overlay, gray[2]], axis=1))
     finally:
         pipe.scheduler = scheduler
@@ -84,8 +92,7 @@ def plot_loss(log_csv: Path, path: Path, size: tuple[int, int] = (640, 360)) -> 
     margin = 48
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
-    draw.line([(margin, margin // 2), (margin, height - margin), (width - 10, height - margin)],
-              fill="black")
+    draw.line([(margin, margin // 2), (margin, height - margin), (width - 10, height - margin)], fill="black")
     if rows:
         steps, losses = zip(*rows)
         low, high = min(losses), max(losses)
@@ -97,8 +104,9 @@ def plot_loss(log_csv: Path, path: Path, size: tuple[int, int] = (640, 360)) -> 
             y = height - margin - (loss - low) / span_loss * (height - 1.5 * margin)
             return x, y
 
-        draw.line([point(s, v) for s, v in rows] if len(rows) > 1 else [point(*rows[0])] * 2,
-                  fill="navy", width=2)
+        draw.line(
+            [point(s, v) for s, v in rows] if len(rows) > 1 else [point(*rows[0])] * 2, fill="navy", width=2
+        )
         draw.text((4, margin // 2 - 6), f"{high:.4f}", fill="black")
         draw.text((4, height - margin - 6), f"{low:.4f}", fill="black")
         draw.text((margin, height - margin + 6), f"step {min(steps)}", fill="black")

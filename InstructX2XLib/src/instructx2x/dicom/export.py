@@ -19,8 +19,9 @@ if TYPE_CHECKING:  # a type only: reading DICOM (``dicom.read``) must not import
 __all__ = ["export_dicom_edit", "write_dicom_edit"]
 
 
-def export_dicom_edit(image: Radiograph, result: EditResult, output: Path, *,
-                      feather_px: int = 0) -> dict[str, Path]:
+def export_dicom_edit(
+    image: Radiograph, result: EditResult, output: Path, *, feather_px: int = 0
+) -> dict[str, Path]:
     """Write the edit of a DICOM radiograph as a new series in the same study, atomically.
 
     Parameters
@@ -52,8 +53,9 @@ def export_dicom_edit(image: Radiograph, result: EditResult, output: Path, *,
     return {name: Path(output) / name for name in names}
 
 
-def write_dicom_edit(directory: Path, image: Radiograph, result: EditResult, *,
-                     feather_px: int = 0) -> list[str]:
+def write_dicom_edit(
+    directory: Path, image: Radiograph, result: EditResult, *, feather_px: int = 0
+) -> list[str]:
     """Build and write the edit's objects and ``provenance.json`` into an existing folder.
 
     Everything is built and validated before the first file is written. Returns the file
@@ -66,31 +68,40 @@ def write_dicom_edit(directory: Path, image: Radiograph, result: EditResult, *,
     source = image.metadata["dataset"]
     original = image.metadata["stored"]
     mapping = image.metadata["mapping"]
-    proposed = proposed_stored(original, mapping, result.edited, result.model_output,
-                               result.reconstruction)
-    stored, clipped = composite_stored(original, proposed, result.edit_mask, mapping.stored_range,
-                                       feather_px)
+    proposed = proposed_stored(original, mapping, result.edited, result.model_output, result.reconstruction)
+    stored, clipped = composite_stored(original, proposed, result.edit_mask, mapping.stored_range, feather_px)
     spacing = image.metadata["pixel_spacing"]
     provenance = dict(result.manifest)
-    provenance["input"] = dict(provenance["input"],
-                               sop_instance_uid=image.metadata["sop_instance_uid"],
-                               warnings=list(image.metadata["warnings"]))
-    provenance["native"] = {"rows": int(source.Rows), "columns": int(source.Columns),
-                            "bits_stored": int(source.BitsStored),
-                            "photometric_interpretation": str(source.PhotometricInterpretation),
-                            "feather_px": feather_px,
-                            "composite": "change" if result.reconstruction is not None else "replace",
-                            "clipped_fraction": round(clipped, 6),
-                            "pixel_spacing": spacing,
-                            "outside_mask": "stored values copied from the original"}
+    provenance["input"] = dict(
+        provenance["input"],
+        sop_instance_uid=image.metadata["sop_instance_uid"],
+        warnings=list(image.metadata["warnings"]),
+    )
+    provenance["native"] = {
+        "rows": int(source.Rows),
+        "columns": int(source.Columns),
+        "bits_stored": int(source.BitsStored),
+        "photometric_interpretation": str(source.PhotometricInterpretation),
+        "feather_px": feather_px,
+        "composite": "change" if result.reconstruction is not None else "replace",
+        "clipped_fraction": round(clipped, 6),
+        "pixel_spacing": spacing,
+        "outside_mask": "stored values copied from the original",
+    }
     overlay = guidance_overlay(image.pixels, result.guidance_map, result.edit_mask)
     objects: EditObjects = build_edit_objects(
-        source, stored, overlay, result.edit_mask, provenance,
-        None if spacing is None else (spacing["row_mm"], spacing["column_mm"]))
+        source,
+        stored,
+        overlay,
+        result.edit_mask,
+        provenance,
+        None if spacing is None else (spacing["row_mm"], spacing["column_mm"]),
+    )
     named = objects.named()
-    provenance["objects"] = {name: {"sop_instance_uid": str(ds.SOPInstanceUID),
-                                    "series_instance_uid": str(ds.SeriesInstanceUID)}
-                             for name, ds in named.items()}
+    provenance["objects"] = {
+        name: {"sop_instance_uid": str(ds.SOPInstanceUID), "series_instance_uid": str(ds.SeriesInstanceUID)}
+        for name, ds in named.items()
+    }
     directory = Path(directory)
     for name, dataset in named.items():
         dataset.save_as(directory / name, enforce_file_format=True)

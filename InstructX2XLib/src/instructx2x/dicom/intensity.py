@@ -50,8 +50,7 @@ class Window:
             raise NotImplementedError(f"VOI LUT function {self.function!r} is not supported.")
         minimum = 1.0 if self.function == "LINEAR" else 0.0
         if not self.width > minimum:
-            raise ValueError(f"window width must be > {minimum:g} for {self.function}, "
-                             f"got {self.width}.")
+            raise ValueError(f"window width must be > {minimum:g} for {self.function}, got {self.width}.")
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         c, w = self.center, self.width
@@ -194,8 +193,11 @@ def mapping_from_dataset(ds: Dataset, stored: np.ndarray, voi: str | int = "firs
             description.append(f"rescale slope {slope:g} intercept {intercept:g}")
     if slope == 0:
         raise ValueError("RescaleSlope is 0: the modality transform is not invertible.")
-    values = stored.astype(np.float64) * slope + intercept if modality_lut is None \
+    values = (
+        stored.astype(np.float64) * slope + intercept
+        if modality_lut is None
         else modality_lut.forward(stored)
+    )
 
     windows = _windows(ds)
     luts = list(ds.get("VOILUTSequence", []))
@@ -212,19 +214,21 @@ def mapping_from_dataset(ds: Dataset, stored: np.ndarray, voi: str | int = "firs
     if isinstance(voi, int):
         pool = luts if voi_kind == "lut" else windows
         if not 0 <= voi < len(pool):
-            raise ValueError(f"voi index {voi} does not exist: the image has {len(windows)} "
-                             f"window(s) and {len(luts)} VOI LUT(s).")
+            raise ValueError(
+                f"voi index {voi} does not exist: the image has {len(windows)} "
+                f"window(s) and {len(luts)} VOI LUT(s)."
+            )
         if voi_kind == "lut":
             voi_map = _lut_from_item(luts[voi], "VOILUTSequence")
             scale = float(2 ** int(luts[voi].LUTDescriptor[2]) - 1)
             description.append(f"VOI LUT {voi}")
         else:
             voi_map = windows[voi]
-            description.append(f"VOI window {voi}: center {voi_map.center:g} width "
-                               f"{voi_map.width:g} {voi_map.function}")
+            description.append(
+                f"VOI window {voi}: center {voi_map.center:g} width {voi_map.width:g} {voi_map.function}"
+            )
     elif voi in ("minmax", "percentile"):
-        low, high = (values.min(), values.max()) if voi == "minmax" \
-            else np.percentile(values, (0.5, 99.5))
+        low, high = (values.min(), values.max()) if voi == "minmax" else np.percentile(values, (0.5, 99.5))
         voi_map = Window(center=(low + high) / 2, width=max(high - low, 1e-3), function="LINEAR_EXACT")
         description.append(f"{voi} window {low:g}..{high:g}")
     else:
@@ -232,8 +236,9 @@ def mapping_from_dataset(ds: Dataset, stored: np.ndarray, voi: str | int = "firs
     invert = ds.PhotometricInterpretation == "MONOCHROME1"
     if invert:
         description.append("MONOCHROME1 inverted")
-    return IntensityMapping(bits_stored, signed, slope, intercept, modality_lut, voi_map, scale,
-                            invert, tuple(description))
+    return IntensityMapping(
+        bits_stored, signed, slope, intercept, modality_lut, voi_map, scale, invert, tuple(description)
+    )
 
 
 def _windows(ds: Dataset) -> list[Window]:

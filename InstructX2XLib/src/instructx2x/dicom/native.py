@@ -20,10 +20,11 @@ def _box_mean(values: np.ndarray, radius: int) -> np.ndarray:
     size = 2 * radius + 1
     padded = np.pad(values.astype(np.float32), radius, mode="edge")
     cumulative = np.cumsum(padded, axis=0)
-    rows = np.concatenate([cumulative[size - 1:size], cumulative[size:] - cumulative[:-size]])
+    rows = np.concatenate([cumulative[size - 1 : size], cumulative[size:] - cumulative[:-size]])
     cumulative = np.cumsum(rows, axis=1)
-    return np.concatenate([cumulative[:, size - 1:size], cumulative[:, size:] - cumulative[:, :-size]],
-                          axis=1) / (size * size)
+    return np.concatenate(
+        [cumulative[:, size - 1 : size], cumulative[:, size:] - cumulative[:, :-size]], axis=1
+    ) / (size * size)
 
 
 def feather_weights(mask: np.ndarray, feather_px: int) -> np.ndarray:
@@ -43,8 +44,13 @@ def feather_weights(mask: np.ndarray, feather_px: int) -> np.ndarray:
     return np.where(inside, np.clip(2.0 * local_mean - 1.0, 0.0, 1.0), 0.0)
 
 
-def composite_stored(original: np.ndarray, proposed: np.ndarray, mask: np.ndarray,
-                     stored_range: tuple[int, int], feather_px: int = 0) -> tuple[np.ndarray, float]:
+def composite_stored(
+    original: np.ndarray,
+    proposed: np.ndarray,
+    mask: np.ndarray,
+    stored_range: tuple[int, int],
+    feather_px: int = 0,
+) -> tuple[np.ndarray, float]:
     """Stored values of the counterfactual at the original grid.
 
     Parameters
@@ -72,8 +78,10 @@ def composite_stored(original: np.ndarray, proposed: np.ndarray, mask: np.ndarra
         When the shapes differ or ``feather_px`` is negative.
     """
     if not original.shape == proposed.shape == mask.shape:
-        raise ValueError(f"original {original.shape}, proposed {proposed.shape} and mask "
-                         f"{mask.shape} must have the same shape.")
+        raise ValueError(
+            f"original {original.shape}, proposed {proposed.shape} and mask "
+            f"{mask.shape} must have the same shape."
+        )
     weights = feather_weights(mask, feather_px)
     blended = np.rint(original + weights * (proposed - original.astype(np.float64)))
     low, high = stored_range
@@ -85,8 +93,13 @@ def composite_stored(original: np.ndarray, proposed: np.ndarray, mask: np.ndarra
     return result, clipped
 
 
-def proposed_stored(original: np.ndarray, mapping: IntensityMapping, edited: np.ndarray,
-                    model_output: np.ndarray | None, reconstruction: np.ndarray | None) -> np.ndarray:
+def proposed_stored(
+    original: np.ndarray,
+    mapping: IntensityMapping,
+    edited: np.ndarray,
+    model_output: np.ndarray | None,
+    reconstruction: np.ndarray | None,
+) -> np.ndarray:
     """Float stored values an edit proposes, before clipping and blending.
 
     With the model's output and its reconstruction of the input (composite ``change``): the

@@ -44,11 +44,12 @@ class CStoreTarget:
         for name in ("called_ae_title", "calling_ae_title"):
             value = getattr(self, name)
             if not _AE_TITLE.match(value) or not value.strip():
-                raise ParameterError(f"{name} {value!r} is not a valid AE title (1-16 characters, "
-                                 "no backslash).")
+                raise ParameterError(
+                    f"{name} {value!r} is not a valid AE title (1-16 characters, no backslash)."
+                )
 
     @classmethod
-    def parse(cls, text: str) -> "CStoreTarget":
+    def parse(cls, text: str) -> CStoreTarget:
         """Parse ``HOST:PORT:AET`` (the CLI's ``--push-cstore``)."""
         parts = text.rsplit(":", 2)
         if len(parts) != 3 or not parts[1].isdigit():
@@ -71,8 +72,10 @@ def echo(target: CStoreTarget, timeout: float = 10.0) -> None:
     ae.add_requested_context("1.2.840.10008.1.1")  # Verification
     association = ae.associate(target.host, target.port, ae_title=target.called_ae_title)
     if not association.is_established:
-        raise PacsError(f"association with {target.called_ae_title} at {target.host}:{target.port} "
-                        "was rejected or not answered.")
+        raise PacsError(
+            f"association with {target.called_ae_title} at {target.host}:{target.port} "
+            "was rejected or not answered."
+        )
     try:
         status = association.send_c_echo()
     finally:
@@ -95,13 +98,17 @@ def push_cstore(paths: list[Path], target: CStoreTarget, timeout: float = 30.0) 
     ae = AE(ae_title=target.calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
-        ae.add_requested_context(sop_class, [str(ds.file_meta.TransferSyntaxUID) for ds in datasets
-                                             if str(ds.SOPClassUID) == sop_class][:1]
-                                 + ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        ae.add_requested_context(
+            sop_class,
+            [str(ds.file_meta.TransferSyntaxUID) for ds in datasets if str(ds.SOPClassUID) == sop_class][:1]
+            + ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"],
+        )
     association = ae.associate(target.host, target.port, ae_title=target.called_ae_title)
     if not association.is_established:
-        raise PacsError(f"association with {target.called_ae_title} at {target.host}:{target.port} "
-                        "was rejected or not answered.")
+        raise PacsError(
+            f"association with {target.called_ae_title} at {target.host}:{target.port} "
+            "was rejected or not answered."
+        )
     try:
         for path, dataset in zip(paths, datasets):
             status = association.send_c_store(dataset)

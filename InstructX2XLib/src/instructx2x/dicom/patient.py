@@ -20,21 +20,45 @@ import functools
 
 from pydicom import Dataset
 
-__all__ = ["COPIED", "COPIED_IF_PRESENT", "DEIDENTIFICATION", "patient_study_attributes",
-           "apply_patient_policy", "patient_and_study_keywords"]
+__all__ = [
+    "COPIED",
+    "COPIED_IF_PRESENT",
+    "DEIDENTIFICATION",
+    "patient_study_attributes",
+    "apply_patient_policy",
+    "patient_and_study_keywords",
+]
 
 # Type 2 in the Patient and General Study modules: present in every object, empty when the
 # source has no value.
-COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-          "ReferringPhysicianName", "StudyID", "AccessionNumber")
+COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 # Copied when the source has them: the study's identity and what qualifies the IDs above.
-COPIED_IF_PRESENT = ("StudyInstanceUID", "IssuerOfPatientID", "IssuerOfAccessionNumberSequence",
-                     "StudyDescription")
+COPIED_IF_PRESENT = (
+    "StudyInstanceUID",
+    "IssuerOfPatientID",
+    "IssuerOfAccessionNumberSequence",
+    "StudyDescription",
+)
 # Copied together, and only when the source says its identity was removed and how.
 DEIDENTIFICATION = ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence")
 # The modules of the Patient and Study information entities of every image IOD we read or write.
-PATIENT_AND_STUDY_MODULES = ("patient", "clinical-trial-subject", "general-study", "patient-study",
-                             "clinical-trial-study")
+PATIENT_AND_STUDY_MODULES = (
+    "patient",
+    "clinical-trial-subject",
+    "general-study",
+    "patient-study",
+    "clinical-trial-study",
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -47,13 +71,19 @@ def patient_and_study_keywords() -> frozenset[str]:
     from highdicom._standard_utils import get_module_attribute_map
 
     table = get_module_attribute_map()
-    return frozenset(str(item["keyword"]) for module in PATIENT_AND_STUDY_MODULES
-                     for item in table[module] if len(item["path"]) == 0)
+    return frozenset(
+        str(item["keyword"])
+        for module in PATIENT_AND_STUDY_MODULES
+        for item in table[module]
+        if len(item["path"]) == 0
+    )
 
 
 def _deidentified(source: Dataset) -> bool:
     said = str(source.get("PatientIdentityRemoved", "") or "").strip().upper() == "YES"
-    return said and bool(source.get("DeidentificationMethod") or source.get("DeidentificationMethodCodeSequence"))
+    return said and bool(
+        source.get("DeidentificationMethod") or source.get("DeidentificationMethodCodeSequence")
+    )
 
 
 def patient_study_attributes(source: Dataset) -> Dataset:

@@ -22,8 +22,14 @@ from ..errors import InputNotFoundError
 from ..image_io import MAX_PIXELS, ImageReadError, Radiograph, looks_like_dicom, register_reader
 from .intensity import mapping_from_dataset
 
-__all__ = ["DicomReadError", "read_dicom", "pixel_spacing", "SUPPORTED_SOP_CLASSES",
-           "CHEST_BODY_PARTS", "PHANTOM_MANUFACTURER"]
+__all__ = [
+    "DicomReadError",
+    "read_dicom",
+    "pixel_spacing",
+    "SUPPORTED_SOP_CLASSES",
+    "CHEST_BODY_PARTS",
+    "PHANTOM_MANUFACTURER",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -39,16 +45,22 @@ CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG", "HEART", "RIB", "RIBS", "MEDIASTI
 LATERAL_VIEWS = {"LL", "RL", "LLD", "RLD", "LAT", "LATERAL"}
 # the Manufacturer the synthetic cohort writes: such a film is a phantom, not a patient's
 PHANTOM_MANUFACTURER = "InstructX2X synthetic cohort"
-REQUIRED = ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation",
-            "SamplesPerPixel", "PhotometricInterpretation")
+REQUIRED = (
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "PixelRepresentation",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+)
 
 
 class DicomReadError(ImageReadError):
     """A DICOM file that cannot be edited, with the reason."""
 
 
-def read_dicom(path: str | Path, *, voi: str | int = "first",
-               allow_non_chest: bool = False) -> Radiograph:
+def read_dicom(path: str | Path, *, voi: str | int = "first", allow_non_chest: bool = False) -> Radiograph:
     """Read a chest radiograph from a DICOM file.
 
     Parameters
@@ -90,8 +102,10 @@ def read_dicom(path: str | Path, *, voi: str | int = "first",
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class not in SUPPORTED_SOP_CLASSES:
         label = UID(sop_class).name if sop_class else "missing SOPClassUID"
-        raise DicomReadError(f"{name}: {label} is not a radiograph this tool edits (supported: CR, "
-                             "DX, grayscale Secondary Capture).")
+        raise DicomReadError(
+            f"{name}: {label} is not a radiograph this tool edits (supported: CR, "
+            "DX, grayscale Secondary Capture)."
+        )
     if "PixelData" not in ds:
         raise DicomReadError(f"{name}: the dataset has no pixel data.")
     missing = [keyword for keyword in REQUIRED if keyword not in ds]
@@ -99,17 +113,22 @@ def read_dicom(path: str | Path, *, voi: str | int = "first",
         raise DicomReadError(f"{name}: required attribute(s) missing: {', '.join(missing)}.")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames != 1:
-        raise DicomReadError(f"{name}: multi-frame images ({frames} frames) are not supported; "
-                             "export the radiograph as a single frame.")
+        raise DicomReadError(
+            f"{name}: multi-frame images ({frames} frames) are not supported; "
+            "export the radiograph as a single frame."
+        )
     photometric = str(ds.PhotometricInterpretation)
     if int(ds.SamplesPerPixel) != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise DicomReadError(f"{name}: photometric interpretation {photometric} with "
-                             f"{ds.SamplesPerPixel} sample(s) per pixel; a grayscale radiograph "
-                             "(MONOCHROME1 or MONOCHROME2) is expected.")
+        raise DicomReadError(
+            f"{name}: photometric interpretation {photometric} with "
+            f"{ds.SamplesPerPixel} sample(s) per pixel; a grayscale radiograph "
+            "(MONOCHROME1 or MONOCHROME2) is expected."
+        )
     rows, columns = int(ds.Rows), int(ds.Columns)
     if rows < 8 or columns < 8 or rows * columns > MAX_PIXELS:
-        raise DicomReadError(f"{name}: {rows}x{columns} pixels is outside the supported size "
-                             f"(8x8 to {MAX_PIXELS} pixels).")
+        raise DicomReadError(
+            f"{name}: {rows}x{columns} pixels is outside the supported size (8x8 to {MAX_PIXELS} pixels)."
+        )
     warnings = _check_view(ds, name, allow_non_chest)
     stored = _decode(ds, name)
     try:
@@ -119,12 +138,22 @@ def read_dicom(path: str | Path, *, voi: str | int = "first",
     header = ds.copy()
     del header.PixelData
     return Radiograph(
-        pixels=mapping.forward(stored), source=name, sha256=hashlib.sha256(content).hexdigest(), format="dicom",
-        bits=int(ds.BitsStored), transforms=list(mapping.description),
-        metadata={"dataset": header, "stored": stored, "mapping": mapping, "warnings": warnings,
-                  "pixel_spacing": pixel_spacing(ds),
-                  "transfer_syntax": str(ds.file_meta.get("TransferSyntaxUID", "")),
-                  "sop_instance_uid": str(ds.get("SOPInstanceUID", ""))})
+        pixels=mapping.forward(stored),
+        source=name,
+        sha256=hashlib.sha256(content).hexdigest(),
+        format="dicom",
+        bits=int(ds.BitsStored),
+        transforms=list(mapping.description),
+        metadata={
+            "dataset": header,
+            "stored": stored,
+            "mapping": mapping,
+            "warnings": warnings,
+            "pixel_spacing": pixel_spacing(ds),
+            "transfer_syntax": str(ds.file_meta.get("TransferSyntaxUID", "")),
+            "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
+        },
+    )
 
 
 def pixel_spacing(ds: Dataset) -> dict | None:
@@ -150,9 +179,11 @@ def _check_view(ds: Dataset, name: str, allow_non_chest: bool) -> list[str]:
     body_part = str(ds.get("BodyPartExamined", "") or "").upper()
     if body_part and body_part not in CHEST_BODY_PARTS:
         if not allow_non_chest:
-            raise DicomReadError(f"{name}: BodyPartExamined is {body_part!r}, not a chest; the "
-                                 "model and its priors are for chest films (override: "
-                                 "allow_non_chest / --allow-non-chest).")
+            raise DicomReadError(
+                f"{name}: BodyPartExamined is {body_part!r}, not a chest; the "
+                "model and its priors are for chest films (override: "
+                "allow_non_chest / --allow-non-chest)."
+            )
         warnings.append(f"body part {body_part} is not a chest (override given)")
     view = str(ds.get("ViewPosition", "") or "").upper()
     if view == "AP":
@@ -174,19 +205,22 @@ def _decode(ds: Dataset, name: str) -> np.ndarray:
     try:
         decoder = get_decoder(transfer_syntax)
     except NotImplementedError as error:
-        raise DicomReadError(f"{name}: transfer syntax {transfer_syntax.name} "
-                             f"({transfer_syntax}) cannot be decoded: {error}") from error
+        raise DicomReadError(
+            f"{name}: transfer syntax {transfer_syntax.name} ({transfer_syntax}) cannot be decoded: {error}"
+        ) from error
     if not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies)
-        raise DicomReadError(f"{name}: no installed decoder for {transfer_syntax.name}; install "
-                             f"one of: {missing}.")
+        raise DicomReadError(
+            f"{name}: no installed decoder for {transfer_syntax.name}; install one of: {missing}."
+        )
     try:
         stored = ds.pixel_array
     except Exception as error:  # truncated or corrupt pixel data
         raise DicomReadError(f"{name}: cannot decode the pixel data ({error}).") from error
     if stored.shape != (int(ds.Rows), int(ds.Columns)):
-        raise DicomReadError(f"{name}: decoded pixel data has shape {stored.shape}, expected "
-                             f"{int(ds.Rows)}x{int(ds.Columns)}.")
+        raise DicomReadError(
+            f"{name}: decoded pixel data has shape {stored.shape}, expected {int(ds.Rows)}x{int(ds.Columns)}."
+        )
     return stored
 
 

@@ -32,8 +32,16 @@ from ..errors import InputError
 from ..provenance import PRIVATE_CREATOR, PRIVATE_GROUP, PROVENANCE_ELEMENT, read_provenance, to_json
 from .patient import apply_patient_policy, patient_study_attributes
 
-__all__ = ["EditObjects", "build_edit_objects", "burned_in_annotation", "check_exportable", "series_numbers",
-           "SERIES_DESCRIPTION", "PRIVATE_CREATOR", "read_provenance"]
+__all__ = [
+    "EditObjects",
+    "build_edit_objects",
+    "burned_in_annotation",
+    "check_exportable",
+    "series_numbers",
+    "SERIES_DESCRIPTION",
+    "PRIVATE_CREATOR",
+    "read_provenance",
+]
 
 SERIES_DESCRIPTION = "SYNTHETIC - NOT FOR DIAGNOSIS"
 SEG_SERIES_DESCRIPTION = "SYNTHETIC EDIT REGION"
@@ -41,8 +49,10 @@ SEG_SERIES_DESCRIPTION = "SYNTHETIC EDIT REGION"
 PERSON_NAME_KEYWORDS = ("PatientName", "ReferringPhysicianName")
 # Transfer syntaxes whose compression loses information (PS3.5 section 8 and 10).
 LOSSY_TRANSFER_SYNTAXES = {
-    "1.2.840.10008.1.2.4.50": "ISO_10918_1", "1.2.840.10008.1.2.4.51": "ISO_10918_1",
-    "1.2.840.10008.1.2.4.81": "ISO_14495_1", "1.2.840.10008.1.2.4.91": "ISO_15444_1",
+    "1.2.840.10008.1.2.4.50": "ISO_10918_1",
+    "1.2.840.10008.1.2.4.51": "ISO_10918_1",
+    "1.2.840.10008.1.2.4.81": "ISO_14495_1",
+    "1.2.840.10008.1.2.4.91": "ISO_15444_1",
     "1.2.840.10008.1.2.4.203": "ISO_15444_15",
 }
 MANUFACTURER = "InstructX2X"
@@ -50,7 +60,9 @@ MANUFACTURER = "InstructX2X"
 # made by a generative model; the group is extensible, so a local coding scheme (a "99"
 # designator, PS3.16 section 8) states it, declared in every object that uses it.
 LOCAL_SCHEME = "99IX2X"
-GENERATED_FROM_SOURCE = Code("IX2X-GEN", LOCAL_SCHEME, "Synthesized by a generative model from the source image")
+GENERATED_FROM_SOURCE = Code(
+    "IX2X-GEN", LOCAL_SCHEME, "Synthesized by a generative model from the source image"
+)
 GUIDANCE_OVERLAY = Code("IX2X-OVERLAY", LOCAL_SCHEME, "Guidance map blended over the source image")
 # The counterfactual keeps the source's pixels outside the edit mask and the generated ones inside.
 COUNTERFACTUAL_DERIVATION = (GENERATED_FROM_SOURCE, codes.cid7203.PixelByPixelMask)
@@ -66,13 +78,21 @@ class EditObjects:
 
     def named(self) -> dict[str, Dataset]:
         """File name -> dataset, in writing order."""
-        return {"counterfactual.dcm": self.counterfactual, "guidance_overlay.dcm": self.overlay,
-                "edit_region_seg.dcm": self.segmentation}
+        return {
+            "counterfactual.dcm": self.counterfactual,
+            "guidance_overlay.dcm": self.overlay,
+            "edit_region_seg.dcm": self.segmentation,
+        }
 
 
-def build_edit_objects(source: Dataset, stored: np.ndarray, overlay_rgb: np.ndarray,
-                       edit_mask: np.ndarray, provenance: dict,
-                       pixel_spacing: tuple[float, float] | None = None) -> EditObjects:
+def build_edit_objects(
+    source: Dataset,
+    stored: np.ndarray,
+    overlay_rgb: np.ndarray,
+    edit_mask: np.ndarray,
+    provenance: dict,
+    pixel_spacing: tuple[float, float] | None = None,
+) -> EditObjects:
     """Build the counterfactual SC, the overlay SC and the edit-region SEG.
 
     Parameters
@@ -106,8 +126,9 @@ def build_edit_objects(source: Dataset, stored: np.ndarray, overlay_rgb: np.ndar
     if stored.shape != (rows, columns):
         raise ValueError(f"stored pixels {stored.shape} must match the source ({rows}, {columns}).")
     if overlay_rgb.shape != (rows, columns, 3) or overlay_rgb.dtype != np.uint8:
-        raise ValueError(f"overlay must be uint8 ({rows}, {columns}, 3), got {overlay_rgb.dtype} "
-                         f"{overlay_rgb.shape}.")
+        raise ValueError(
+            f"overlay must be uint8 ({rows}, {columns}, 3), got {overlay_rgb.dtype} {overlay_rgb.shape}."
+        )
     if edit_mask.shape != (rows, columns):
         raise ValueError(f"edit mask {edit_mask.shape} must match the source ({rows}, {columns}).")
     if not edit_mask.any():
@@ -128,38 +149,67 @@ def _build(source, stored, overlay_rgb, edit_mask, provenance, pixel_spacing) ->
     attributes = patient_study_attributes(source)
     reference = _reference_dataset(source, attributes)
     orientation = _patient_orientation(source)
-    coordinates = {"coordinate_system": "PATIENT", "patient_orientation": orientation} \
-        if orientation else {"coordinate_system": None}
+    coordinates = (
+        {"coordinate_system": "PATIENT", "patient_orientation": orientation}
+        if orientation
+        else {"coordinate_system": None}
+    )
     if pixel_spacing is not None:
         coordinates["pixel_spacing"] = tuple(float(v) for v in pixel_spacing)
     series_uid = hd.UID()
     sc_number, seg_number = series_numbers()
     description = _series_description(SERIES_DESCRIPTION, provenance)
     counterfactual, overlay = _build_secondary_captures(
-        reference, stored, overlay_rgb, str(source.PhotometricInterpretation), series_uid,
-        sc_number, coordinates)
+        reference,
+        stored,
+        overlay_rgb,
+        str(source.PhotometricInterpretation),
+        series_uid,
+        sc_number,
+        coordinates,
+    )
     text = _summary(provenance)
-    _mark_synthetic_derivative(counterfactual, source, provenance, description,
-                               text + " Counterfactual image.", COUNTERFACTUAL_DERIVATION)
+    _mark_synthetic_derivative(
+        counterfactual,
+        source,
+        provenance,
+        description,
+        text + " Counterfactual image.",
+        COUNTERFACTUAL_DERIVATION,
+    )
     _copy_grayscale_presentation(counterfactual, source)
-    _mark_synthetic_derivative(overlay, source, provenance, description,
-                               text + " Guidance map over the image.", (GUIDANCE_OVERLAY,))
+    _mark_synthetic_derivative(
+        overlay, source, provenance, description, text + " Guidance map over the image.", (GUIDANCE_OVERLAY,)
+    )
 
     segmentation = hd.seg.Segmentation(
-        source_images=[reference], pixel_array=edit_mask[None].astype(bool),
+        source_images=[reference],
+        pixel_array=edit_mask[None].astype(bool),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[hd.seg.SegmentDescription(
-            segment_number=1, segment_label="InstructX2X edit region",
-            segmented_property_category=codes.cid7150.SpatialAndRelationalConcept,
-            segmented_property_type=codes.DCM.ImageRegion,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=hd.AlgorithmIdentificationSequence(
-                name="InstructX2X Region-Specific Editing", version=__version__,
-                family=codes.cid7162.ArtificialIntelligence))],
-        series_instance_uid=hd.UID(), series_number=seg_number, sop_instance_uid=hd.UID(),
-        instance_number=1, manufacturer=MANUFACTURER, manufacturer_model_name="InstructX2X",
-        software_versions=__version__, device_serial_number="none",
-        series_description=_series_description(SEG_SERIES_DESCRIPTION, provenance))
+        segment_descriptions=[
+            hd.seg.SegmentDescription(
+                segment_number=1,
+                segment_label="InstructX2X edit region",
+                segmented_property_category=codes.cid7150.SpatialAndRelationalConcept,
+                segmented_property_type=codes.DCM.ImageRegion,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=hd.AlgorithmIdentificationSequence(
+                    name="InstructX2X Region-Specific Editing",
+                    version=__version__,
+                    family=codes.cid7162.ArtificialIntelligence,
+                ),
+            )
+        ],
+        series_instance_uid=hd.UID(),
+        series_number=seg_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name="InstructX2X",
+        software_versions=__version__,
+        device_serial_number="none",
+        series_description=_series_description(SEG_SERIES_DESCRIPTION, provenance),
+    )
     if orientation:
         segmentation.PatientOrientation = list(orientation)  # General Image, Type 2C
     segmentation.ContentDescription = "Region the counterfactual edit was allowed to change"
@@ -170,17 +220,39 @@ def _build(source, stored, overlay_rgb, edit_mask, provenance, pixel_spacing) ->
     return objects
 
 
-def _build_secondary_captures(reference: Dataset, stored: np.ndarray, overlay_rgb: np.ndarray,
-                              photometric: str, series_uid: str, series_number: int,
-                              coordinates: dict):
+def _build_secondary_captures(
+    reference: Dataset,
+    stored: np.ndarray,
+    overlay_rgb: np.ndarray,
+    photometric: str,
+    series_uid: str,
+    series_number: int,
+    coordinates: dict,
+):
     counterfactual = hd.sc.SCImage.from_ref_dataset(
-        reference, stored, photometric, stored.dtype.itemsize * 8,
-        series_instance_uid=series_uid, series_number=series_number, sop_instance_uid=hd.UID(),
-        instance_number=1, manufacturer=MANUFACTURER, **coordinates)
+        reference,
+        stored,
+        photometric,
+        stored.dtype.itemsize * 8,
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        **coordinates,
+    )
     overlay = hd.sc.SCImage.from_ref_dataset(
-        reference, overlay_rgb, "RGB", 8, series_instance_uid=series_uid,
-        series_number=series_number, sop_instance_uid=hd.UID(), instance_number=2,
-        manufacturer=MANUFACTURER, **coordinates)
+        reference,
+        overlay_rgb,
+        "RGB",
+        8,
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=2,
+        manufacturer=MANUFACTURER,
+        **coordinates,
+    )
     return counterfactual, overlay
 
 
@@ -208,19 +280,30 @@ def check_exportable(source: Dataset, name: str) -> None:
     for keyword in PERSON_NAME_KEYWORDS:
         element = source.get(keyword)
         if element is not None and source[keyword].VM > 1:
-            raise InputError(f"{name}: {keyword} holds {source[keyword].VM} values; the derived "
-                             "objects take one person name. Correct the source first.")
+            raise InputError(
+                f"{name}: {keyword} holds {source[keyword].VM} values; the derived "
+                "objects take one person name. Correct the source first."
+            )
     if int(source.get("PixelRepresentation", 0)) == 1:
-        raise InputError(f"{name}: signed stored values cannot be written as a Secondary "
-                         "Capture; export the radiograph unsigned first.")
+        raise InputError(
+            f"{name}: signed stored values cannot be written as a Secondary "
+            "Capture; export the radiograph unsigned first."
+        )
     rows, columns = int(source.Rows), int(source.Columns)
     dtype = np.uint8 if int(source.BitsAllocated) <= 8 else np.uint16
     try:
-        build_edit_objects(source, np.zeros((rows, columns), dtype), np.zeros((rows, columns, 3), np.uint8),
-                           np.ones((rows, columns), bool), {})
+        build_edit_objects(
+            source,
+            np.zeros((rows, columns), dtype),
+            np.zeros((rows, columns, 3), np.uint8),
+            np.ones((rows, columns), bool),
+            {},
+        )
     except (ValueError, TypeError, AttributeError, KeyError, NotImplementedError) as error:
-        raise InputError(f"{name}: the derived DICOM objects cannot be built from this "
-                         f"source ({type(error).__name__}: {_without_values(str(error))}).") from None
+        raise InputError(
+            f"{name}: the derived DICOM objects cannot be built from this "
+            f"source ({type(error).__name__}: {_without_values(str(error))})."
+        ) from None
 
 
 def _reference_dataset(source: Dataset, attributes: Dataset) -> Dataset:
@@ -249,10 +332,12 @@ def _patient_orientation(source: Dataset) -> tuple[str, str] | None:
 def _summary(provenance: dict) -> str:
     parameters = provenance.get("parameters", {})
     model = provenance.get("model", {})
-    return (f"SYNTHETIC image made by InstructX2X {__version__}, NOT FOR DIAGNOSIS. "
-            f"Instruction: {parameters.get('instruction', '')!s}. Model {model.get('name', '')} "
-            f"sha256 {str(model.get('sha256', ''))[:16]}; seed {parameters.get('seed')}, "
-            f"steps {parameters.get('num_inference_steps')}, tau {parameters.get('tau')}.")
+    return (
+        f"SYNTHETIC image made by InstructX2X {__version__}, NOT FOR DIAGNOSIS. "
+        f"Instruction: {parameters.get('instruction', '')!s}. Model {model.get('name', '')} "
+        f"sha256 {str(model.get('sha256', ''))[:16]}; seed {parameters.get('seed')}, "
+        f"steps {parameters.get('num_inference_steps')}, tau {parameters.get('tau')}."
+    )
 
 
 def _series_description(prefix: str, provenance: dict) -> str:
@@ -273,9 +358,14 @@ def _without_values(message: str) -> str:
     return message.split('"')[0].split("'")[0].strip() or "invalid attribute"
 
 
-def _mark_synthetic_derivative(dataset: Dataset, source: Dataset, provenance: dict,
-                               series_description: str, description: str,
-                               derivation: tuple[Code, ...]) -> None:
+def _mark_synthetic_derivative(
+    dataset: Dataset,
+    source: Dataset,
+    provenance: dict,
+    series_description: str,
+    description: str,
+    derivation: tuple[Code, ...],
+) -> None:
     """Attributes highdicom's SCImage leaves out or sets otherwise, by module."""
     # SC Equipment: a synthetic image, not a digitised one (highdicom writes DI)
     dataset.ConversionType = hd.sc.ConversionTypeValues.SYN.value
@@ -298,8 +388,11 @@ def _mark_synthetic_derivative(dataset: Dataset, source: Dataset, provenance: di
     source_item.ReferencedSOPInstanceUID = source.SOPInstanceUID
     dataset.SourceImageSequence = [source_item]
     # SOP Common: the local coding scheme of the derivation codes
-    dataset.CodingSchemeIdentificationSequence = [CodingSchemeIdentificationItem(
-        LOCAL_SCHEME, name="InstructX2X local codes", responsible_organization=MANUFACTURER)]
+    dataset.CodingSchemeIdentificationSequence = [
+        CodingSchemeIdentificationItem(
+            LOCAL_SCHEME, name="InstructX2X local codes", responsible_organization=MANUFACTURER
+        )
+    ]
     _add_provenance(dataset, provenance)
 
 
@@ -330,9 +423,17 @@ def _copy_grayscale_presentation(dataset: Dataset, source: Dataset) -> None:
     and measures alike (the stored values were composited in the source's stored domain)."""
     dataset.BitsStored = int(source.BitsStored)
     dataset.HighBit = int(source.BitsStored) - 1
-    for keyword in ("WindowCenter", "WindowWidth", "VOILUTFunction", "WindowCenterWidthExplanation",
-                    "VOILUTSequence", "ModalityLUTSequence", "RescaleIntercept", "RescaleSlope",
-                    "RescaleType"):
+    for keyword in (
+        "WindowCenter",
+        "WindowWidth",
+        "VOILUTFunction",
+        "WindowCenterWidthExplanation",
+        "VOILUTSequence",
+        "ModalityLUTSequence",
+        "RescaleIntercept",
+        "RescaleSlope",
+        "RescaleType",
+    ):
         if keyword in source:
             dataset[keyword] = source[keyword]
     if "RescaleSlope" in dataset and "RescaleType" not in dataset:
