@@ -38,6 +38,7 @@ from instructx2x.errors import OutputExistsError, ParameterError
 from instructx2x.instructions import parse_instruction
 from instructx2x.parameters import EditParameters, RegionMode
 from instructx2x.provenance import to_json
+from instructx2x.sharding import current_shard, open_record, read_records
 from instructx2x.verification import expected_labels
 
 from . import metrics
@@ -98,15 +99,7 @@ def _record(predictions: Predictions, row: int) -> dict:
 
 
 def _read_records(folder: Path, name: str) -> dict[int, dict]:
-    records = {}
-    for path in sorted(folder.glob(f"{name}.rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by an interruption: that pair runs again
-                continue
-            records[item["pair"]] = item
-    return records
+    return read_records(folder, name, key="pair")
 
 
 def _source_labels(pairs: EditPairs, index: int, classifier_decisions: np.ndarray) -> tuple[dict, str]:
@@ -159,9 +152,6 @@ def evaluate(output: str | Path, config: EvaluationConfig, progress_bar: bool = 
     dict
         The content of ``evaluation.json`` (settings, identities, the table rows).
     """
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
     from instructx2x.editor import InstructX2XEditor
 
     output = Path(output)
@@ -170,35 +160,28 @@ def evaluate(output: str | Path, config: EvaluationConfig, progress_bar: bool = 
     if count < 2:
         raise ParameterError(f"the {config.split} split has {count} pair(s); an evaluation needs at least 2.")
     classifiers = load_classifiers(config.classifiers, config.weights_dir)
-    # as Accelerator does: `accelerate launch` on CPUs sets ACCELERATE_USE_CPU, without which
-    # every process would think itself the only one
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    device = (
-        "auto" if state.num_processes == 1 else ("cpu" if state.device.type == "cpu" else str(state.device))
-    )
-    editor = InstructX2XEditor.from_model(config.model, device=device)  # a bad model: nothing written yet
-    resumed = _prepare_output(output, config) if state.is_main_process else True
-    if state.is_main_process:
+    shard = current_shard()
+    editor = InstructX2XEditor.from_model(config.model, device=shard.device)  # a bad model: nothing written
+    resumed = _prepare_output(output, config) if shard.is_main else True
+    if shard.is_main:
         _check_model_identity(output, editor.model_info.sha256)
-    state.wait_for_everyone()
+    shard.wait()
     started = time.perf_counter()
     records = output / "records"
-    mine = list(range(count))[state.process_index :: state.num_processes]
-    rank = f"rank{state.process_index}"
+    mine = shard.mine(range(count))
     bar = tqdm(
         total=len(mine) * (1 + len(config.modes)),
         desc="evaluation",
         unit="pair-mode",
-        disable=not progress_bar or not state.is_main_process,
+        disable=not progress_bar or not shard.is_main,
     )
-    _classify_real(
-        pairs, mine, classifiers, records / f"real.{rank}.jsonl", _read_records(records, "real"), bar
-    )
+    with open_record(records, "real", shard) as sink:
+        _classify_real(pairs, mine, classifiers, sink, _read_records(records, "real"), bar)
     for mode in config.modes:
         done = _read_records(records, mode)
         todo = [index for index in mine if index not in done]
         bar.update(len(mine) - len(todo))
-        with _append(records / f"{mode}.{rank}.jsonl") as sink:
+        with open_record(records, mode, shard) as sink:
             for start in range(0, len(todo), config.batch_size):
                 batch = todo[start : start + config.batch_size]
                 images = [read_image(pairs.paths(index)[0]) for index in batch]
@@ -228,8 +211,8 @@ def evaluate(output: str | Path, config: EvaluationConfig, progress_bar: bool = 
                 sink.flush()
                 bar.update(len(batch))
     bar.close()
-    state.wait_for_everyone()
-    if not state.is_main_process:
+    shard.wait()
+    if not shard.is_main:
         return {}
     report = _assemble(
         output,
@@ -256,42 +239,29 @@ def _check_model_identity(output: Path, sha256: str) -> None:
     stored.write_text(sha256 + "\n")
 
 
-def _append(path: Path):
-    """Open a record file for appending, first closing a line an interruption cut short (that
-    pair is not in the records and runs again)."""
-    sink = path.open("a+b")
-    if sink.tell():  # appending: the position is the end
-        sink.seek(-1, 2)
-        if sink.read(1) != b"\n":
-            sink.write(b"\n")
-    sink.close()
-    return path.open("a")
-
-
 def _classify_real(
-    pairs: EditPairs, mine: list[int], classifiers: ClassifierSet, path: Path, done: dict, bar
+    pairs: EditPairs, mine: list[int], classifiers: ClassifierSet, sink, done: dict, bar
 ) -> None:
     """Source and real target readings (the same for every mode)."""
     todo = [index for index in mine if index not in done]
     bar.update(len(mine) - len(todo))
-    with _append(path) as sink:
-        for start in range(0, len(todo), 16):
-            batch = todo[start : start + 16]
-            films = [read_image(path).pixels for index in batch for path in pairs.paths(index)]
-            predicted = classifiers.predict(films)
-            for row, index in enumerate(batch):
-                sink.write(
-                    json.dumps(
-                        {
-                            "pair": index,
-                            "source": _record(predicted, 2 * row),
-                            "target": _record(predicted, 2 * row + 1),
-                        }
-                    )
-                    + "\n"
+    for start in range(0, len(todo), 16):
+        batch = todo[start : start + 16]
+        films = [read_image(path).pixels for index in batch for path in pairs.paths(index)]
+        predicted = classifiers.predict(films)
+        for row, index in enumerate(batch):
+            sink.write(
+                json.dumps(
+                    {
+                        "pair": index,
+                        "source": _record(predicted, 2 * row),
+                        "target": _record(predicted, 2 * row + 1),
+                    }
                 )
-            sink.flush()
-            bar.update(len(batch))
+                + "\n"
+            )
+        sink.flush()
+        bar.update(len(batch))
 
 
 def _stack(records: list[dict]) -> dict[str, np.ndarray]:
