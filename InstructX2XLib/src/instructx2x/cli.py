@@ -20,8 +20,18 @@ from pathlib import Path
 
 from . import __version__
 from .errors import EditCancelled, InstructX2XError, ParameterError, ResourceError
-from .jobs import EditJob, prepare, prepare_jobs, read_jobs_file, run_job, run_jobs_file
-from .parameters import ASPECT_MODES, COMPOSITE_MODES, SCHEDULER_NAMES, EditParameters, RegionMode
+from .jobs import EditJob, prepare, run_job, run_jobs_file
+from .parameters import (
+    ASPECT_MODES,
+    COMPOSITE_MODES,
+    GUIDANCE_SCALE,
+    IMAGE_GUIDANCE_SCALE,
+    RELEVANCE_TIMESTEP,
+    SCHEDULER_NAMES,
+    TAU,
+    EditParameters,
+    RegionMode,
+)
 from .provenance import to_json
 
 __all__ = ["main", "build_parser"]
@@ -117,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     job.add_argument("-o", "--output", type=Path, required=True, help="output folder (must not exist)")
     job.add_argument("--mode", default="rse", choices=[m.value for m in RegionMode])
-    job.add_argument("--tau", type=float, default=0.1)
-    job.add_argument("--relevance-timestep", type=int, default=800)
+    job.add_argument("--tau", type=float, default=TAU)
+    job.add_argument("--relevance-timestep", type=int, default=RELEVANCE_TIMESTEP)
     job.add_argument(
         "--relevance-draws",
         type=int,
@@ -134,10 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
         "for dpm++ and unipc; 100 for the others)",
     )
     job.add_argument(
-        "--guidance-scale", type=float, help="text guidance s_T (default: the model card's, else 7.5)"
+        "--guidance-scale",
+        type=float,
+        help=f"text guidance s_T (default: the model card's, else {GUIDANCE_SCALE:g})",
     )
     job.add_argument(
-        "--image-guidance-scale", type=float, help="image guidance s_I (default: the model card's, else 1.5)"
+        "--image-guidance-scale",
+        type=float,
+        help=f"image guidance s_I (default: the model card's, else {IMAGE_GUIDANCE_SCALE:g})",
     )
     job.add_argument("--eta", type=float, default=0.0)
     job.add_argument("--seed", type=int, default=0)
@@ -206,6 +220,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--push-cstore", metavar="HOST:PORT:AET", help="send the new series to a PACS with C-STORE"
     )
     dicom.add_argument("--push-stow", metavar="URL", help="send the new series with STOW-RS")
+    cohort = job.add_argument_group(
+        "DICOMweb cohort (edit every radiograph a QIDO-RS query matches, with -i; docs/cli.md)"
+    )
+    cohort.add_argument("--dicomweb", metavar="URL", help="the DICOMweb service root (the only network use)")
+    cohort.add_argument("--dicomweb-study", metavar="UID", help="StudyInstanceUID to match")
+    cohort.add_argument("--dicomweb-series", metavar="UID", help="SeriesInstanceUID to match")
+    cohort.add_argument("--dicomweb-modality", metavar="CR|DX", help="Modality to match")
+    cohort.add_argument("--dicomweb-dates", metavar="YYYYMMDD[-YYYYMMDD]", help="StudyDate or range to match")
+    cohort.add_argument(
+        "--dicomweb-credentials",
+        type=Path,
+        metavar="FILE",
+        help="JSON file with username and password, or token (default: $INSTRUCTX2X_DICOMWEB_USER, "
+        "_PASSWORD or _TOKEN)",
+    )
+    cohort.add_argument(
+        "--dicomweb-store",
+        action="store_true",
+        help="store each row's DICOM objects back with STOW-RS (into the film's own study)",
+    )
 
     commands.add_parser("edit", parents=[model, job], help="edit a radiograph")
     commands.add_parser(
@@ -245,7 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         return _main(args, emit)
     except (KeyboardInterrupt, EditCancelled):
         emit({"event": "cancelled"})
-        print("cancelled: nothing was written.", file=sys.stderr)
+        if getattr(args, "jobs", None) or getattr(args, "dicomweb", None):
+            print(
+                "interrupted: the finished rows are kept; rerun the same command to resume.", file=sys.stderr
+            )
+        else:
+            print("cancelled: nothing was written.", file=sys.stderr)
         return EditCancelled.exit_code
     except InstructX2XError as error:
         return _fail(emit, error, error.exit_code)
@@ -295,21 +334,8 @@ def _main(args: argparse.Namespace, emit) -> int:
         from .serve import check_socket_path
 
         check_socket_path(Path(args.socket))
-    if args.command in ("edit", "preview") and args.jobs is not None:
-        if args.input is not None or args.instruction is not None:
-            raise ParameterError(
-                "--jobs takes the images and instructions from the CSV; give no input or -i with it."
-            )
-        if args.push_cstore or args.push_stow:
-            raise ParameterError("--jobs does not push to a PACS; push each row's folder instead.")
-        if args.reference_mask is not None:
-            raise ParameterError("--reference-mask outlines one image's lesion; give it without --jobs.")
-        from .outputs import check_new_output_folder
-
-        check_new_output_folder(args.output)
-        # every row read and checked before the model is loaded (the template's input and
-        # instruction are placeholders that each row replaces)
-        jobs = prepare_jobs(read_jobs_file(args.jobs, _job(args, Path("."), "placeholder")))
+    if args.command in ("edit", "preview") and (args.jobs is not None or args.dicomweb is not None):
+        jobs = _jobs_run(args)  # every row read and checked before the model is loaded
     elif args.command in ("edit", "preview"):
         if args.input is None or args.instruction is None:
             raise ParameterError("give an input radiograph and -i INSTRUCTION (or --jobs FILE.csv).")
@@ -322,7 +348,7 @@ def _main(args: argparse.Namespace, emit) -> int:
     priors = None if args.priors is None else PriorSet.from_directory(args.priors)
     editor = InstructX2XEditor.from_model(
         args.model,
-        device=args.device,
+        device=jobs.shard.device if jobs is not None and args.device == "auto" else args.device,
         dtype=args.dtype,
         scheduler=args.scheduler,
         allow_hub=args.allow_hub,
@@ -337,9 +363,17 @@ def _main(args: argparse.Namespace, emit) -> int:
         return serve_socket(editor, args.socket) if args.socket else serve(editor)
     if jobs is not None:
         summary = run_jobs_file(
-            jobs, args.output, editor, emit, progress_bar=args.progress == "bar", batch_size=args.batch_size
+            jobs.prepared,
+            args.output,
+            editor,
+            emit,
+            progress_bar=args.progress == "bar",
+            batch_size=args.batch_size,
+            shard=jobs.shard,
+            settings=jobs.settings,
+            after_row=jobs.after_row,
         )
-        if args.progress != "jsonl":
+        if summary and args.progress != "jsonl":  # printed by the main process alone
             print(to_json(summary))
         return 0
     if prepared is None:
@@ -353,6 +387,51 @@ def _main(args: argparse.Namespace, emit) -> int:
     if args.progress != "jsonl":
         print(to_json(summary))
     return 0
+
+
+def _jobs_run(args: argparse.Namespace):
+    """The rows of ``--jobs FILE.csv`` or of a ``--dicomweb`` cohort, checked (``job_sources``)."""
+    from .job_sources import prepare_jobs_run
+
+    if args.jobs is not None and args.dicomweb is not None:
+        raise ParameterError("give --jobs FILE.csv or --dicomweb URL, not both.")
+    source = "--jobs" if args.jobs is not None else "--dicomweb"
+    if args.input is not None or (args.jobs is not None and args.instruction is not None):
+        raise ParameterError(f"{source} takes the images from its source; give no input radiograph with it.")
+    if args.dicomweb is not None and args.instruction is None:
+        raise ParameterError("--dicomweb edits every film with one instruction: give -i INSTRUCTION.")
+    if args.push_cstore or args.push_stow:
+        raise ParameterError(f"{source} does not push with --push-*; use --dicomweb-store or push each row.")
+    if args.reference_mask is not None:
+        raise ParameterError(f"--reference-mask outlines one image's lesion; give it without {source}.")
+    cohort = credentials = None
+    if args.dicomweb is not None:
+        from .dicom.dicomweb import CohortQuery, read_credentials
+
+        cohort = CohortQuery(
+            args.dicomweb,
+            args.dicomweb_study,
+            args.dicomweb_series,
+            args.dicomweb_modality,
+            args.dicomweb_dates,
+        )
+        credentials = read_credentials(args.dicomweb_credentials)
+    elif args.dicomweb_store:
+        raise ParameterError("--dicomweb-store needs --dicomweb URL.")
+    # the template's input (and, for a CSV, instruction) are placeholders each row replaces
+    return prepare_jobs_run(
+        _job(args, Path("."), args.instruction or "placeholder"),
+        args.batch_size,
+        jobs_file=args.jobs,
+        cohort=cohort,
+        credentials=credentials,
+        store=args.dicomweb_store,
+        model=args.model,
+        scheduler=args.scheduler,
+        dtype=args.dtype,
+        decode=args.decode,
+        priors=None if args.priors is None else str(args.priors),
+    )
 
 
 def _push(folder: Path, cstore: str) -> int:

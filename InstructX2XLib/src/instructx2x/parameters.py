@@ -26,6 +26,8 @@ __all__ = [
     "MAX_RELEVANCE_DRAWS",
     "GUIDANCE_SCALE",
     "IMAGE_GUIDANCE_SCALE",
+    "TAU",
+    "RELEVANCE_TIMESTEP",
     "check_sampling",
     "check_masks",
 ]
@@ -45,6 +47,9 @@ MAX_GUIDANCE_SCALE = 100.0
 # The authors' s_T and s_I (docs/method.md section 2): used where the model's card names none.
 GUIDANCE_SCALE = 7.5
 IMAGE_GUIDANCE_SCALE = 1.5
+# The authors' relevance threshold tau and relevance timestep t_rel (docs/method.md section 2).
+TAU = 0.1
+RELEVANCE_TIMESTEP = 800
 # Noise draws averaged into the relevance map: the authors take one (docs/method.md section 2, step 3);
 # each more costs one UNet call on two members of the CFG batch.
 MAX_RELEVANCE_DRAWS = 16
@@ -144,8 +149,8 @@ class EditParameters:
 
     instruction: str
     region_mode: str = RegionMode.RSE.value
-    tau: float = 0.1
-    relevance_timestep: int = 800
+    tau: float = TAU
+    relevance_timestep: int = RELEVANCE_TIMESTEP
     relevance_draws: int | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
