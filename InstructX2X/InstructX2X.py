@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -37,13 +38,18 @@ packages.use_library_source(Path(__file__).resolve().parent)
 
 from InstructX2XModuleLib import scene as mrml
 from InstructX2XModuleLib.session import (
-    MASK_SOURCES,
-    OPERATIONS,
-    PRESETS,
+    GUIDANCE_SCALE,
+    IMAGE_GUIDANCE_SCALE,
+    MAX_GUIDANCE_SCALE,
+    RELEVANCE_TIMESTEP,
     SIDES,
-    WORKER_MODES,
+    TAU,
     EditSession,
+    MaskSource,
+    Operation,
     PanelSettings,
+    Preset,
+    WorkerMode,
     compose_instruction,
     describe_instruction,
     import_into_dicom_database,
@@ -91,15 +97,16 @@ class InstructX2XParameterNode:
 
     inputVolume: slicer.vtkMRMLScalarVolumeNode
     instruction: str = ""
-    maskSource: Annotated[str, Choice(list(MASK_SOURCES))] = MASK_SOURCES[0]
-    tau: Annotated[float, Minimum(0.0), Maximum(1.0)] = 0.1
+    # the choices by label (what scenes saved by every release hold); panelSettings maps them
+    maskSource: Annotated[str, Choice(MaskSource.labels())] = MaskSource.PRIOR.label
+    tau: Annotated[float, Minimum(0.0), Maximum(1.0)] = TAU
     overlayOpacity: Annotated[float, Minimum(0.0), Maximum(1.0)] = 0.5
-    preset: Annotated[str, Choice(list(PRESETS))] = PRESETS[0]
+    preset: Annotated[str, Choice(Preset.labels())] = Preset.FAST.label
     steps: Annotated[int, Minimum(0), Maximum(1000)] = 0
     modelGuidance: bool = True  # the model's s_T and s_I (its card's); off: the two boxes below
-    guidanceScale: Annotated[float, Minimum(0.0), Maximum(100.0)] = 7.5
-    imageGuidanceScale: Annotated[float, Minimum(0.0), Maximum(100.0)] = 1.5
-    relevanceTimestep: Annotated[int, Minimum(0), Maximum(999)] = 800
+    guidanceScale: Annotated[float, Minimum(0.0), Maximum(MAX_GUIDANCE_SCALE)] = GUIDANCE_SCALE
+    imageGuidanceScale: Annotated[float, Minimum(0.0), Maximum(MAX_GUIDANCE_SCALE)] = IMAGE_GUIDANCE_SCALE
+    relevanceTimestep: Annotated[int, Minimum(0), Maximum(999)] = RELEVANCE_TIMESTEP
     seed: Annotated[int, Minimum(0)] = 0
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     scheduler: Annotated[str, Choice(["auto", "ddim", "dpm++", "unipc"])] = "auto"
@@ -107,9 +114,7 @@ class InstructX2XParameterNode:
     model: str = DEFAULT_MODEL
     pacsTarget: str = ""
     verify: bool = True
-    workerMode: Annotated[str, Choice(list(WORKER_MODES))] = WORKER_MODES[
-        0
-    ]  # shared: a running worker's socket
+    workerMode: Annotated[str, Choice(WorkerMode.labels())] = WorkerMode.LOCAL.label
     workerSocket: str = ""
 
 
@@ -154,7 +159,10 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.beforeAfterButton.connect("toggled(bool)", lambda after: self.showResults())
         self.ui.differenceButton.connect("toggled(bool)", lambda difference: self.showResults())
         self.ui.installModelButton.connect("clicked(bool)", self.onInstallModel)
-        self.ui.workerModeCombo.connect("currentIndexChanged(int)", self.onWorkerModeChanged)
+        self.ui.workerModeCombo.connect("currentIndexChanged(int)", lambda index: self.onWorkerModeChanged())
+        if not sys.platform.startswith("linux"):  # a shared worker's socket peer is checked on Linux only
+            self.ui.workerModeCombo.enabled = False
+            self.ui.workerModeCombo.toolTip = _("A shared worker is available on Linux only.")
         self.ui.openSavedButton.connect("clicked(bool)", self.onOpenSaved)
         self.ui.tauSlider.connect("valueChanged(double)", self.onTauChanged)
         self.ui.opacitySlider.connect("valueChanged(double)", self.logic.setOverlayOpacity)
@@ -256,7 +264,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if parameterNode is not None:
             self._parameterNodeGuiTag = parameterNode.connectGui(self.ui)
             self.onModelGuidanceToggled(parameterNode.modelGuidance)
-            self.onWorkerModeChanged(WORKER_MODES.index(parameterNode.workerMode))
+            self.onWorkerModeChanged()
 
     # -- instruction ----------------------------------------------------------------------
     def _fillHelper(self) -> None:
@@ -269,7 +277,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         completer.setCaseSensitivity(qt.Qt.CaseInsensitive)
         completer.setFilterMode(qt.Qt.MatchContains)
         self.ui.instructionEdit.setCompleter(completer)
-        self.ui.operationCombo.addItems(list(OPERATIONS))
+        self.ui.operationCombo.addItems(Operation.labels())
         self.ui.findingCombo.addItems(list(FINDINGS))
         self.ui.sideCombo.addItems(list(SIDES))
         self.ui.zoneCombo.addItems(["", *LUNG_ZONES])
@@ -278,7 +286,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCompose(self) -> None:
         self.ui.instructionEdit.text = self.logic.composeInstruction(
-            self.ui.operationCombo.currentIndex,
+            self.ui.operationCombo.currentText,
             self.ui.findingCombo.currentText,
             self.ui.sideCombo.currentText,
             self.ui.fromLevelCombo.currentText,
@@ -376,8 +384,8 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.imageScaleSpinBox.enabled = not useModel
         defaults = self.logic.modelDefaults
         if useModel and defaults:
-            self.ui.textScaleSpinBox.value = defaults["guidance_scale"]
-            self.ui.imageScaleSpinBox.value = defaults["image_guidance_scale"]
+            self.ui.textScaleSpinBox.value = defaults.guidance_scale
+            self.ui.imageScaleSpinBox.value = defaults.image_guidance_scale
 
     def onExport(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Export failed."), waitCursor=True):
@@ -400,10 +408,10 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._parameterNode.model, digest = self.logic.installModel(folder)
                 self.ui.statusLabel.text = _("Model installed; folder SHA-256 {digest}").format(digest=digest)
 
-    def onWorkerModeChanged(self, index: int) -> None:
+    def onWorkerModeChanged(self) -> None:
         """Local: the panel starts its own worker with the model and device set here. Shared
         socket: the next job goes to the worker at the socket, whose model and device count."""
-        shared = index == WORKER_MODES.index("shared socket")
+        shared = self.ui.workerModeCombo.currentText == WorkerMode.SHARED.label
         self.ui.workerSocketEdit.enabled = shared
         for widget in (
             self.ui.modelEdit,
@@ -447,29 +455,13 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if kind == "progress":
                 self.ui.progressBar.maximum = event["total"]
                 self.ui.progressBar.value = event["step"]
-                eta = event.get("eta_s")
-                self.ui.statusLabel.text = _("Step {step} of {total}").format(**event) + (
-                    _(", about {seconds:.0f} s left").format(seconds=eta) if eta is not None else ""
-                )
             elif kind == "ready":
                 self.onModelGuidanceToggled(self.ui.modelGuidanceCheckBox.checked)
-                if self.logic.usesSharedWorker:
-                    self.ui.statusLabel.text = _(
-                        "Shared worker ready: its model {model} ({precision})."
-                    ).format(
-                        model=(event.get("model") or {}).get("name", "?"),
-                        precision=event.get("precision", "?"),
-                    )
-            elif kind in ("loading", "decode", "export", "started"):
-                self.ui.statusLabel.text = {
-                    "loading": _("Loading the model…"),
-                    "decode": _("Decoding…"),
-                    "export": _("Writing the results…"),
-                    "started": _("Working…"),
-                }[kind]
             elif kind == "error":
-                self.ui.statusLabel.text = _("Error: {message}").format(message=event.get("message", ""))
                 errors.append(event)
+            status = self.logic.statusText(event)
+            if status is not None:
+                self.ui.statusLabel.text = status
         if not self.logic.busy:
             self.timer.stop()
             self.ui.applyButton.text = _("Apply")
@@ -513,9 +505,10 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
     # -- instruction ----------------------------------------------------------------------
     @staticmethod
     def composeInstruction(
-        operation: int, finding: str, side: str, before: str, after: str, zone: str = ""
+        operation: str, finding: str, side: str, before: str, after: str, zone: str = ""
     ) -> str:
-        return compose_instruction(OPERATIONS[operation], finding, side, before, after, zone)
+        """``operation`` is an ``Operation`` label (the helper's combo box lists them)."""
+        return compose_instruction(Operation.from_label(operation), finding, side, before, after, zone)
 
     @staticmethod
     def describeInstruction(text: str) -> str:
@@ -536,19 +529,14 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
         return self.session.results if self.session is not None else {}
 
     @property
-    def modelDefaults(self) -> dict | None:
-        """Steps, s_T, s_I and resolution the loaded model edits with by default (None before
-        its worker is ready)."""
+    def modelDefaults(self):
+        """``session.SamplingDefaults``: steps, s_T, s_I and resolution the loaded model edits
+        with by default (None before its worker is ready)."""
         return self.session.model_defaults if self.session is not None else None
 
-    @property
-    def usesSharedWorker(self) -> bool:
-        """The session's worker is a shared one (``instructx2x serve --socket``)."""
-        return (
-            self.session is not None
-            and self.session.worker is not None
-            and bool(self.session.worker.socket_path)
-        )
+    def statusText(self, event: dict) -> str | None:
+        """The status line for a worker event (``session.status_text``; None: unchanged)."""
+        return self.session.status_text(event) if self.session is not None else None
 
     @property
     def lastResultText(self) -> str:
@@ -575,7 +563,7 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
         volume = parameters.inputVolume
         settings = panelSettings(parameters)
         editMask = keepMask = None
-        if settings.mask_source != MASK_SOURCES[0]:
+        if settings.mask_source is not MaskSource.PRIOR:
             if segmentId is None:
                 raise ValueError(
                     _("Paint the region to edit in the Segment Editor, or choose the anatomical prior.")
@@ -615,9 +603,7 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
         return (
             self.session is not None
             and bool(self.session.results)
-            and any(
-                e.get("event") == "done" and e.get("id") == self.session.current.get("id") for e in events
-            )
+            and any(self.session.is_current_result(event) for event in events)
         )
 
     # -- results --------------------------------------------------------------------------
@@ -629,7 +615,7 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
         guidance map as foreground at ``opacity``, the edit region as a label outline."""
         layers = mrml.result_layers(
             self.results,
-            self.session.current.get("volume") if self.session else None,
+            self.session.current.volume if self.session and self.session.current else None,
             after,
             difference,
             opacity,
@@ -783,9 +769,9 @@ def panelSettings(parameters) -> PanelSettings:
     """The parameter node as the shared session's settings (one mapping, one place)."""
     return PanelSettings(
         instruction=parameters.instruction,
-        mask_source=parameters.maskSource,
+        mask_source=MaskSource.from_label(parameters.maskSource),
         tau=parameters.tau,
-        preset=parameters.preset,
+        preset=Preset.from_label(parameters.preset),
         steps=parameters.steps,
         guidance_scale=None if parameters.modelGuidance else parameters.guidanceScale,
         image_guidance_scale=None if parameters.modelGuidance else parameters.imageGuidanceScale,
@@ -796,7 +782,9 @@ def panelSettings(parameters) -> PanelSettings:
         precision=parameters.precision,
         model=parameters.model,
         verify=parameters.verify,
-        worker_socket=worker_socket_setting(parameters.workerMode, parameters.workerSocket),
+        worker_socket=worker_socket_setting(
+            WorkerMode.from_label(parameters.workerMode), parameters.workerSocket
+        ),
     )
 
 
@@ -928,7 +916,7 @@ class InstructX2XTest(ScriptedLoadableModuleTest):
             parameters.verify = parameters.model == "demo"  # the tiny model has no classifier set
             parameters.device = "cpu"
             parameters.steps = 2
-            parameters.maskSource = MASK_SOURCES[1]
+            parameters.maskSource = MaskSource.PAINTED.label
             segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
             segmentation.CreateDefaultDisplayNodes()
             segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)

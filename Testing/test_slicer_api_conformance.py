@@ -154,7 +154,9 @@ def test_a_broken_ui_property_connection_or_binding_is_reported(apis, old, new, 
 
 def test_a_combo_bound_to_a_string_needs_its_choices(apis):
     """The parameterNodeWrapper binds a QComboBox to a str only with a Choice annotation."""
-    text = source().replace("preset: Annotated[str, Choice(list(PRESETS))] = PRESETS[0]", 'preset: str = ""')
+    text = source().replace(
+        "preset: Annotated[str, Choice(Preset.labels())] = Preset.FAST.label", 'preset: str = ""'
+    )
     assert text != source()
     problems = conformance.check(text, ui(), apis["v5.10.0"], PARAMETERS)
     assert any("needs the ['Choice'] annotation on preset" in p for p in problems), problems

@@ -204,7 +204,7 @@ def test_closing_the_scene_ends_the_edit_state_and_the_next_film_edits():
     scene.Clear(0)); then a new film is edited by the same warm worker (untrained-tiny)."""
     from workers import poll_until
 
-    from InstructX2XModuleLib.session import MASK_SOURCES, EditSession, PanelSettings
+    from InstructX2XModuleLib.session import EditSession, MaskSource, PanelSettings
 
     scene = slicer.vtkMRMLScene()
     layer.prepare_scene(scene)
@@ -244,7 +244,7 @@ def test_closing_the_scene_ends_the_edit_state_and_the_next_film_edits():
         mask = np.zeros((72, 64), bool)
         mask[30:60, 34:60] = True
         session.submit(
-            "edit", second, PanelSettings(**settings, steps=2, mask_source=MASK_SOURCES[1]), edit_mask=mask
+            "edit", second, PanelSettings(**settings, steps=2, mask_source=MaskSource.PAINTED), edit_mask=mask
         )
         poll_until(session, lambda e: any(x["event"] == "done" for x in e))
         assert session.worker.process.pid == worker  # the model stayed loaded

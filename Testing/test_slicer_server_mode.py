@@ -13,10 +13,10 @@ from workers import poll_until, radiograph, shared_worker
 
 from InstructX2XModuleLib import scene as layer
 from InstructX2XModuleLib.session import (
-    MASK_SOURCES,
-    WORKER_MODES,
     EditSession,
+    MaskSource,
     PanelSettings,
+    WorkerMode,
     worker_socket_setting,
 )
 from InstructX2XModuleLib.worker import WorkerError
@@ -84,7 +84,7 @@ def test_the_settings_socket_reaches_the_shared_worker_and_results_land_in_the_s
         poll_until(session, lambda e: any(x["event"] == "done" for x in e))
         assert session.has_preview and {"guidance", "mask"} <= set(session.results)
         session.submit(
-            "edit", volume, settings(worker_socket=str(path), mask_source=MASK_SOURCES[1]), edit_mask=mask
+            "edit", volume, settings(worker_socket=str(path), mask_source=MaskSource.PAINTED), edit_mask=mask
         )
         poll_until(session, lambda e: any(x["event"] == "done" for x in e))
         edited = layer.volume_to_array(session.results["counterfactual"])
@@ -165,15 +165,26 @@ def test_a_change_of_the_setting_takes_effect_on_the_next_job(session, tmp_path,
 
 
 def test_the_panels_worker_choice_becomes_the_settings_socket(tmp_path):
-    assert worker_socket_setting(WORKER_MODES[0], "/ignored.sock") == ""
-    assert worker_socket_setting(WORKER_MODES[1], " /tmp/ix2x.sock ") == "/tmp/ix2x.sock"
-    assert worker_socket_setting(WORKER_MODES[1], "~/ix2x.sock") == str(Path.home() / "ix2x.sock")
+    assert worker_socket_setting(WorkerMode.LOCAL, "/ignored.sock") == ""
+    assert worker_socket_setting(WorkerMode.SHARED, " /tmp/ix2x.sock ") == "/tmp/ix2x.sock"
+    assert worker_socket_setting(WorkerMode.SHARED, "~/ix2x.sock") == str(Path.home() / "ix2x.sock")
     with pytest.raises(layer.SceneError, match="give the shared worker's socket path"):
-        worker_socket_setting(WORKER_MODES[1], "  ")
+        worker_socket_setting(WorkerMode.SHARED, "  ")
     with pytest.raises(layer.SceneError, match="ix2x.sock is not an absolute path"):
-        worker_socket_setting(WORKER_MODES[1], "ix2x.sock")
+        worker_socket_setting(WorkerMode.SHARED, "ix2x.sock")
     with pytest.raises(layer.SceneError, match="108 bytes long; a Unix socket path holds at most 107"):
-        worker_socket_setting(WORKER_MODES[1], "/" + "s" * 107)
-    assert worker_socket_setting(WORKER_MODES[1], "/" + "s" * 106) == "/" + "s" * 106
-    with pytest.raises(layer.SceneError, match="unknown worker choice 'remote'"):
+        worker_socket_setting(WorkerMode.SHARED, "/" + "s" * 107)
+    assert worker_socket_setting(WorkerMode.SHARED, "/" + "s" * 106) == "/" + "s" * 106
+    with pytest.raises(layer.SceneError, match="unknown choice 'remote'"):
         worker_socket_setting("remote", "/tmp/ix2x.sock")
+    assert worker_socket_setting(WorkerMode.SHARED.label, "/tmp/ix2x.sock") == "/tmp/ix2x.sock"
+
+
+def test_a_shared_worker_is_refused_where_peer_credentials_are_not_checked(monkeypatch):
+    from InstructX2XModuleLib import session as session_layer
+
+    for platform in ("win32", "darwin"):
+        monkeypatch.setattr(session_layer.sys, "platform", platform)
+        with pytest.raises(layer.SceneError, match="only Linux offers"):
+            worker_socket_setting(WorkerMode.SHARED, "/tmp/ix2x.sock")
+        assert worker_socket_setting(WorkerMode.LOCAL, "/tmp/ix2x.sock") == ""

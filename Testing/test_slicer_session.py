@@ -7,11 +7,12 @@ from workers import poll_until, radiograph, shared_worker
 
 from InstructX2XModuleLib import scene as layer
 from InstructX2XModuleLib.session import (
-    MASK_SOURCES,
-    PRESETS,
     DicomImportError,
     EditSession,
+    MaskSource,
+    Operation,
     PanelSettings,
+    Preset,
     compose_instruction,
     describe_instruction,
     import_into_dicom_database,
@@ -38,7 +39,7 @@ def test_preview_rethreshold_and_queued_edit_land_in_the_scene(session):
     mask = np.zeros((72, 64), bool)
     mask[30:60, 34:60] = True
     preview = session.submit("preview", volume, settings())
-    edit = session.submit("edit", volume, settings(mask_source=MASK_SOURCES[1]), edit_mask=mask)
+    edit = session.submit("edit", volume, settings(mask_source=MaskSource.PAINTED), edit_mask=mask)
     assert session.queue_position(preview) == 0 and session.queue_position(edit) == 1  # worker still starting
     events = poll_until(session, lambda e: sum(x["event"] == "done" for x in e) == 2)
     assert [e["id"] for e in events if e["event"] == "done"] == ["1", "2"]
@@ -74,11 +75,13 @@ def test_cancel_drops_the_queue_and_stops_the_running_job(session):
 def test_bad_settings_are_refused_before_anything_is_queued(session):
     volume = radiograph(session.scene)
     with pytest.raises(layer.SceneError, match="paint the region"):
-        session.submit("edit", volume, settings(mask_source=MASK_SOURCES[2]))
+        session.submit("edit", volume, settings(mask_source=MaskSource.PAINTED_AND_PRIOR))
     with pytest.raises(ValueError, match="tau"):
         session.submit("edit", volume, settings(tau=1.5))
     with pytest.raises(layer.SceneError, match="does not match the radiograph's grid|the mask is"):
-        session.submit("edit", volume, settings(mask_source=MASK_SOURCES[1]), edit_mask=np.ones((5, 5), bool))
+        session.submit(
+            "edit", volume, settings(mask_source=MaskSource.PAINTED), edit_mask=np.ones((5, 5), bool)
+        )
     assert session.worker is None and session.queue == [] and list(session.folder.iterdir()) == []
     unreachable = EditSession(session.scene, worker_socket=str(session.folder / "no-worker.sock"))
     with pytest.raises(WorkerError, match="cannot reach the shared worker at no-worker.sock"):
@@ -112,16 +115,16 @@ def test_the_worker_reports_the_models_sampling_defaults(session, tmp_path):
     session.start_worker(settings(model=str(model)))
     defaults = session.model_defaults
     assert (
-        defaults["num_inference_steps"],
-        defaults["guidance_scale"],
-        defaults["image_guidance_scale"],
+        defaults.num_inference_steps,
+        defaults.guidance_scale,
+        defaults.image_guidance_scale,
     ) == (3, 3.0, 1.25)
 
 
 def test_settings_and_instruction_helpers():
-    assert settings(preset=PRESETS[1]).edit_parameters()["num_inference_steps"] == 100
-    assert settings(mask_source=MASK_SOURCES[1]).edit_parameters()["region_mode"] == "prior"
-    assert "region_mode" not in settings(mask_source=MASK_SOURCES[2]).edit_parameters()
+    assert settings(preset=Preset.PAPER).edit_parameters()["num_inference_steps"] == 100
+    assert settings(mask_source=MaskSource.PAINTED).edit_parameters()["region_mode"] == "prior"
+    assert "region_mode" not in settings(mask_source=MaskSource.PAINTED_AND_PRIOR).edit_parameters()
     # unset scales leave the choice to the worker's model (its card's s_T and s_I)
     assert not {"guidance_scale", "image_guidance_scale"} & set(settings().edit_parameters())
     assert (
@@ -129,18 +132,19 @@ def test_settings_and_instruction_helpers():
         == 0.0
     )
     assert (
-        compose_instruction("Change the level of", "edema", "", "mild", "")
+        compose_instruction(Operation.CHANGE_LEVEL, "edema", "", "mild", "")
         == "Change the level of edema from mild to severe"
     )
     assert (
-        compose_instruction("Remove", "pneumothorax", "right") == "Remove the finding of right pneumothorax"
+        compose_instruction(Operation.REMOVE, "pneumothorax", "right")
+        == "Remove the finding of right pneumothorax"
     )
     assert (
-        compose_instruction("Add", "consolidation", "left", "", "moderate", zone="lower")
+        compose_instruction(Operation.ADD, "consolidation", "left", "", "moderate", zone="lower")
         == "Add the finding of moderate left lower zone consolidation"
     )  # cohort v2's wording
     assert (
-        compose_instruction("Add", "pleural effusion", "left", "", "moderate")
+        compose_instruction(Operation.ADD, "pleural effusion", "left", "", "moderate")
         == "Add the finding of moderate left pleural effusion"
     )
     described = describe_instruction("Add the finding of left pleural effusion")
@@ -204,11 +208,11 @@ def test_the_paper_preset_loads_ddim_whatever_the_device(session):
     """ "paper (DDIM 100 steps)": on a CPU, where "auto" means DPM-Solver++, the worker still
     samples with DDIM (its default step count says which sampler it loaded: DDIM's 100, a
     few-step solver's 3)."""
-    paper = settings(preset=PRESETS[1], scheduler="auto", steps=0)
+    paper = settings(preset=Preset.PAPER, scheduler="auto", steps=0)
     assert paper.sampler() == "ddim" and paper.edit_parameters()["num_inference_steps"] == 100
     assert settings(scheduler="unipc").sampler() == "unipc"  # the fast preset keeps the choice
     session.start_worker(paper)
-    assert session.model_defaults["num_inference_steps"] == 100
+    assert session.model_defaults.num_inference_steps == 100
 
 
 def test_a_tau_asked_for_while_busy_waits_and_the_last_one_is_applied(session):
@@ -246,8 +250,9 @@ class IndexingDatabase:
     """Stands in for Slicer's ctkDICOMDatabase (which needs the Slicer application): what an
     importer indexed, found by SOP instance UID as ``fileForInstance`` does."""
 
-    def __init__(self):
+    def __init__(self, is_open: bool = True):
         self.files = {}
+        self.isOpen = is_open
 
     def fileForInstance(self, uid):
         return self.files.get(uid, "")
@@ -283,6 +288,9 @@ def test_an_export_into_the_dicom_database_is_checked(tmp_path):
     unused, calls = importer(indexed=True, result=True)
     with pytest.raises(DicomImportError, match="Slicer has no DICOM database"):
         import_into_dicom_database(tmp_path / "series", None, unused)
+    # slicer.dicomDatabase exists from the start, closed until the DICOM module opens one
+    with pytest.raises(DicomImportError, match="Slicer has no DICOM database"):
+        import_into_dicom_database(tmp_path / "series", IndexingDatabase(is_open=False), unused)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DicomImportError, match="empty holds no DICOM file"):
         import_into_dicom_database(tmp_path / "empty", database, unused)

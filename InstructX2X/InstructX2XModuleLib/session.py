@@ -17,6 +17,7 @@ refused while the folder holds more than the session's quota.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import itertools
 import shutil
 import sys
@@ -26,6 +27,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from instructx2x.parameters import (
+    GUIDANCE_SCALE,
+    IMAGE_GUIDANCE_SCALE,
+    MAX_GUIDANCE_SCALE,
+    RELEVANCE_TIMESTEP,
+    TAU,
+)
 
 from . import scene as mrml
 from .saved_edit import modality_values
@@ -43,28 +52,93 @@ __all__ = [
     "edited_pixels",
     "dicom_pixels",
     "modality_values",
-    "PRESETS",
-    "MASK_SOURCES",
-    "OPERATIONS",
+    "PanelChoice",
+    "MaskSource",
+    "Preset",
+    "Operation",
+    "WorkerMode",
     "SIDES",
-    "WORKER_MODES",
+    "GUIDANCE_SCALE",
+    "IMAGE_GUIDANCE_SCALE",
+    "MAX_GUIDANCE_SCALE",
+    "RELEVANCE_TIMESTEP",
+    "TAU",
+    "QueuedJob",
+    "SamplingDefaults",
+    "WorkerModel",
+    "status_text",
     "worker_socket_setting",
     "describe_instruction",
     "compose_instruction",
     "instruction_completions",
 ]
 
-MASK_SOURCES = ("anatomical prior", "painted segment", "painted segment and prior")
-PRESETS = ("fast (device default)", "paper (DDIM 100 steps)")
+
+class PanelChoice(enum.Enum):
+    """A choice both panels offer in a list; each member's value is the label they show (the
+    desktop parameter node stores it, the browser state holds it)."""
+
+    @property
+    def label(self) -> str:
+        return self.value
+
+    @classmethod
+    def labels(cls) -> list[str]:
+        """The labels in the order the panels list them."""
+        return [member.label for member in cls]
+
+    @classmethod
+    def from_label(cls, label: str) -> PanelChoice:
+        """The member a panel's label names.
+
+        Raises
+        ------
+        scene.SceneError
+            When no member has that label.
+        """
+        for member in cls:
+            if member.label == label:
+                return member
+        raise mrml.SceneError(f"unknown choice {label!r}; choose one of {', '.join(cls.labels())}.")
+
+
+class MaskSource(PanelChoice):
+    """Which region an edit may change."""
+
+    PRIOR = "anatomical prior"
+    PAINTED = "painted segment"  # the painted region replaces the prior; no relevance cut
+    PAINTED_AND_PRIOR = "painted segment and prior"
+
+
+class Preset(PanelChoice):
+    """Quality: the device's sampler and steps, or the paper's."""
+
+    FAST = "fast (device default)"
+    PAPER = "paper (DDIM 100 steps)"
+
+
+class Operation(PanelChoice):
+    """The structured helper's operations, in the training set's wording."""
+
+    ADD = "Add"
+    REMOVE = "Remove"
+    CHANGE_LEVEL = "Change the level of"
+
+
+class WorkerMode(PanelChoice):
+    """Where jobs run: a worker the panel starts, or a shared one at a Unix socket."""
+
+    LOCAL = "local"
+    SHARED = "shared socket"
+
+
 # The paper preset: the authors' sampler and step count (docs/method.md section 2), whatever the device
 PAPER_SCHEDULER, PAPER_STEPS = "ddim", 100
-OPERATIONS = ("Add", "Remove", "Change the level of")
 SIDES = ("", "left", "right", "bilateral")  # the structured helper's choices ("": no side)
 DEFAULT_QUOTA_BYTES = 2 * 2**30  # an upload, one job's inputs and one result take well under 1 GB
 # A shared worker says ``ready`` as soon as it accepts a connection (its model is loaded): a
 # socket that accepts and stays silent this long is not a worker that will answer
 SHARED_READY_TIMEOUT_S = 30.0
-WORKER_MODES = ("local", "shared socket")  # the panels' Worker choice
 SOCKET_PATH_BYTES = 107  # sun_path holds 108 bytes on Linux, its last a NUL
 
 
@@ -73,13 +147,14 @@ class PanelSettings:
     """What a panel's controls say (the desktop parameter node and the web state map onto it)."""
 
     instruction: str = ""
-    mask_source: str = MASK_SOURCES[0]
-    tau: float = 0.1
-    preset: str = PRESETS[0]
+    mask_source: MaskSource = MaskSource.PRIOR
+    tau: float = TAU
+    preset: Preset = Preset.FAST
     steps: int = 0  # 0: the sampler's default for the device
-    guidance_scale: float | None = None  # None: the model's default (its card's, else 7.5)
-    image_guidance_scale: float | None = None  # None: the model's default (its card's, else 1.5)
-    relevance_timestep: int = 800
+    # None: the model's default (its card's, else the library's GUIDANCE_SCALE, IMAGE_GUIDANCE_SCALE)
+    guidance_scale: float | None = None
+    image_guidance_scale: float | None = None
+    relevance_timestep: int = RELEVANCE_TIMESTEP
     seed: int = 0
     device: str = "auto"
     scheduler: str = "auto"
@@ -104,28 +179,121 @@ class PanelSettings:
                 values[name] = getattr(self, name)
         if self.steps:
             values["num_inference_steps"] = self.steps
-        if self.preset == PRESETS[1]:
+        if self.preset is Preset.PAPER:
             values["num_inference_steps"] = PAPER_STEPS
-        if self.mask_source == MASK_SOURCES[1]:
+        if self.mask_source is MaskSource.PAINTED:
             values["region_mode"] = "prior"  # the painted region replaces the prior; no relevance cut
         return values
 
     def sampler(self) -> str:
         """The scheduler the worker loads: DDIM under the paper preset (its steps are DDIM
         steps), else the one chosen (``auto``: the device's)."""
-        return PAPER_SCHEDULER if self.preset == PRESETS[1] else self.scheduler
+        return PAPER_SCHEDULER if self.preset is Preset.PAPER else self.scheduler
 
     def worker_key(self) -> tuple:
         return self.model, self.device, self.sampler(), self.precision
 
 
-def worker_socket_setting(mode: str, path: str) -> str:
+@dataclasses.dataclass(frozen=True)
+class SamplingDefaults:
+    """What the loaded model edits with when a setting is not given (its card's, else the
+    library's; ``instructx2x serve``'s ``ready`` event)."""
+
+    num_inference_steps: int
+    guidance_scale: float
+    image_guidance_scale: float
+    relevance_draws: int
+    resolution: int
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerModel:
+    """The model a worker has loaded, as its ``ready`` event says."""
+
+    name: str
+    dtype: str  # the precision it runs at
+    defaults: SamplingDefaults | None
+
+    @classmethod
+    def from_ready(cls, event: dict) -> WorkerModel:
+        model, precision, defaults = (
+            event.get("model") or {},
+            event.get("precision") or {},
+            event.get("defaults"),
+        )
+        return cls(
+            name=str(model.get("name", "?")),
+            dtype=str(precision.get("dtype", "?")),
+            defaults=SamplingDefaults(
+                **{field.name: defaults[field.name] for field in dataclasses.fields(SamplingDefaults)}
+            )
+            if defaults
+            else None,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class QueuedJob:
+    """A job of the session's queue; once sent, ``id`` is the worker's request id."""
+
+    ticket: int
+    kind: str  # preview, edit or rethreshold
+    volume: object  # the radiograph's vtkMRMLScalarVolumeNode
+    job: dict | None = None  # a preview's or an edit's job (``scene.build_job``)
+    fields: dict = dataclasses.field(default_factory=dict)  # a re-threshold's preview, tau and output
+    id: str | None = None
+
+    @property
+    def folder(self) -> Path:
+        """The folder its files go to (``job-NNN`` or ``tau-NNN``)."""
+        return Path(self.job["output"]).parent if self.job is not None else Path(self.fields["output"])
+
+
+PHASE_TEXT = {
+    "loading": "Loading the model…",
+    "started": "Working…",
+    "decode": "Decoding…",
+    "export": "Writing the results…",
+}
+
+
+def status_text(event: dict, shared_worker: bool = False) -> str | None:
+    """What a panel's status line says for a worker event (``instructx2x serve``'s protocol,
+    docs/cli.md), or None when the event is not said there: a ``done`` result is the session's
+    ``result_text``, a ``queued`` place its ``queue_position``.
+
+    Parameters
+    ----------
+    event: dict
+        One event from ``EditSession.poll``.
+    shared_worker: bool
+        The worker is a shared one (its ``ready`` names the model it serves).
+    """
+    kind = event.get("event")
+    if kind == "progress":
+        eta = event.get("eta_s")
+        return f"Step {event['step']} of {event['total']}" + (
+            f", about {eta:.0f} s left" if eta is not None else ""
+        )
+    if kind in PHASE_TEXT:
+        return PHASE_TEXT[kind]
+    if kind == "ready" and shared_worker:
+        model = WorkerModel.from_ready(event)
+        return f"Shared worker ready: its model {model.name} ({model.dtype})."
+    if kind == "cancelled":
+        return "Cancelled: nothing was written."
+    if kind == "error":
+        return f"Failed: {event.get('message') or 'the worker failed.'}"
+    return None
+
+
+def worker_socket_setting(mode: WorkerMode, path: str) -> str:
     """``PanelSettings.worker_socket`` from a panel's Worker choice and socket path field.
 
     Parameters
     ----------
-    mode: str
-        One of ``WORKER_MODES``.
+    mode: WorkerMode
+        Local or shared.
     path: str
         The shared worker's socket (``~`` is expanded); ignored for a local worker.
 
@@ -137,15 +305,20 @@ def worker_socket_setting(mode: str, path: str) -> str:
     Raises
     ------
     scene.SceneError
-        When the mode is unknown, or a shared worker is chosen with no path, a relative one
-        or one too long for a Unix socket.
+        When the choice is unknown, or a shared worker is chosen on a system other than Linux,
+        with no path, a relative one or one too long for a Unix socket.
     """
     import os
 
-    if mode not in WORKER_MODES:
-        raise mrml.SceneError(f"unknown worker choice {mode!r}; choose one of {', '.join(WORKER_MODES)}.")
-    if mode == WORKER_MODES[0]:
+    if not isinstance(mode, WorkerMode):
+        mode = WorkerMode.from_label(mode)
+    if mode is WorkerMode.LOCAL:
         return ""
+    if not sys.platform.startswith("linux"):
+        raise mrml.SceneError(
+            "a shared worker is reached through a Unix socket whose peer is checked, which only "
+            "Linux offers; on this system the panel runs its own worker (Worker: local)."
+        )
     path = os.path.expanduser(path.strip())
     if not path:
         raise mrml.SceneError(
@@ -185,24 +358,28 @@ def describe_instruction(text: str) -> str:
 
 
 def compose_instruction(
-    operation: str, finding: str, side: str = "", before: str = "", after: str = "", zone: str = ""
+    operation: Operation, finding: str, side: str = "", before: str = "", after: str = "", zone: str = ""
 ) -> str:
     """An instruction in the training set's wording from the structured helper's choices
     (``after`` is also the level of an added finding: "Add the finding of moderate left ...";
     ``zone`` names the lung zone of a focal opacity: "... left lower zone consolidation")."""
     where = " ".join(word for word in (side, f"{zone} zone" if zone else "", finding) if word)
-    if operation == OPERATIONS[2]:
-        return f"Change the level of {where} from {before or 'mild'} to {after or 'severe'}"
-    if operation == OPERATIONS[0] and after:
+    if operation is Operation.CHANGE_LEVEL:
+        return f"{operation.label} {where} from {before or 'mild'} to {after or 'severe'}"
+    if operation is Operation.ADD and after:
         where = f"{after} {where}"
-    return f"{operation} the finding of {where}"
+    return f"{operation.label} the finding of {where}"
 
 
 def instruction_completions() -> list[str]:
     """Every add/remove instruction the vocabulary knows (for completion lists)."""
     from instructx2x.instructions import FINDINGS
 
-    return [f"{operation} the finding of {finding}" for operation in OPERATIONS[:2] for finding in FINDINGS]
+    return [
+        f"{operation.label} the finding of {finding}"
+        for operation in (Operation.ADD, Operation.REMOVE)
+        for finding in FINDINGS
+    ]
 
 
 class EditSession:
@@ -246,8 +423,8 @@ class EditSession:
         self.shared_ready_timeout_s = SHARED_READY_TIMEOUT_S
         self._connected_at = 0.0  # when the shared worker was reached (monotonic clock)
         self.folder = Path(tempfile.mkdtemp(prefix="instructx2x-"))
-        self.queue: list[dict] = []
-        self.current: dict = {}
+        self.queue: list[QueuedJob] = []
+        self.current: QueuedJob | None = None  # the job sent last
         self.preview_id: str | None = None
         self.results: dict = {}
         self.output_folder: Path | None = None
@@ -266,12 +443,31 @@ class EditSession:
         )
 
     @property
-    def model_defaults(self) -> dict | None:
-        """The worker's sampling defaults (``num_inference_steps``, ``guidance_scale``,
-        ``image_guidance_scale``, ``relevance_draws``, ``resolution``) once its model is loaded,
-        else None."""
+    def model(self) -> WorkerModel | None:
+        """The worker's model once it is loaded, else None."""
         info = self.worker.info if self.worker is not None else None
-        return (info or {}).get("defaults")
+        return WorkerModel.from_ready(info) if info else None
+
+    @property
+    def model_defaults(self) -> SamplingDefaults | None:
+        """The worker's sampling defaults once its model is loaded, else None."""
+        model = self.model
+        return model.defaults if model is not None else None
+
+    @property
+    def uses_shared_worker(self) -> bool:
+        """The worker is a shared one (``instructx2x serve --socket``)."""
+        return self.worker is not None and bool(self.worker.socket_path)
+
+    def is_current_result(self, event: dict) -> bool:
+        """``event`` is the ``done`` of the job sent last."""
+        return (
+            event.get("event") == "done" and self.current is not None and event.get("id") == self.current.id
+        )
+
+    def status_text(self, event: dict) -> str | None:
+        """``status_text`` of a worker event for this session's worker."""
+        return status_text(event, self.uses_shared_worker)
 
     @property
     def has_preview(self) -> bool:
@@ -285,7 +481,7 @@ class EditSession:
             else 0
         )
         for index, request in enumerate(self.queue):
-            if request["ticket"] == ticket:
+            if request.ticket == ticket:
                 return index + ahead
         return 0
 
@@ -311,9 +507,9 @@ class EditSession:
         EditParameters(
             **parameters
         )  # the instruction parsed, every setting in range, before any file is written
-        if settings.mask_source != MASK_SOURCES[0] and edit_mask is None:
+        if settings.mask_source is not MaskSource.PRIOR and edit_mask is None:
             raise mrml.SceneError("paint the region to edit, or choose the anatomical prior.")
-        if settings.mask_source == MASK_SOURCES[0]:
+        if settings.mask_source is MaskSource.PRIOR:
             edit_mask = None
         self.check_quota()
         ticket = next(self._tickets)
@@ -334,27 +530,27 @@ class EditSession:
         except Exception:  # a refused job leaves no folder behind
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        self.queue.append({"ticket": ticket, "kind": kind, "job": job, "volume": volume})
+        self.queue.append(QueuedJob(ticket, kind, volume, job=job))
         self._send_next()
         return ticket
 
     def rethreshold(self, tau: float) -> int:
         """Re-cut the cached preview's relevance at ``tau`` (no model call)."""
-        if self.preview_id is None:
+        if self.preview_id is None or self.current is None:
             raise mrml.SceneError("preview the guidance first.")
         self.check_quota()
         ticket = next(self._tickets)
         self.queue.append(
-            {
-                "ticket": ticket,
-                "kind": "rethreshold",
-                "volume": self.current["volume"],
-                "fields": {
+            QueuedJob(
+                ticket,
+                "rethreshold",
+                self.current.volume,
+                fields={
                     "preview": self.preview_id,
                     "tau": tau,
                     "output": str(self.folder / f"tau-{ticket:03d}"),
                 },
-            }
+            )
         )
         self._send_next()
         return ticket
@@ -400,10 +596,8 @@ class EditSession:
         events = self.worker.poll()
         self._check_shared_ready()
         for event in events:
-            if (
-                event.get("event") == "done"
-                and event.get("id") == self.current.get("id")
-                and self.scene.IsNodePresent(self.current["volume"])
+            if self.is_current_result(event) and self.scene.IsNodePresent(
+                self.current.volume
             ):  # not closed or removed
                 self._import(event)
             if event.get("event") in ("done", "error", "cancelled"):
@@ -435,14 +629,13 @@ class EditSession:
     def prune(self) -> None:
         """Remove the job and tau folders nothing needs: all but the shown result's and those
         of jobs still queued or running (a tau folder is read into the scene when it arrives)."""
-        needed = {Path(request["job"]["output"]).parent for request in self.queue if "job" in request}
-        if self.worker is not None and self.worker.state in (WorkerState.RUNNING, WorkerState.CANCELLING):
-            running = self.current
-            needed.add(
-                Path(running["job"]["output"]).parent
-                if "job" in running
-                else Path(running["fields"]["output"])
-            )
+        needed = {request.folder for request in self.queue if request.job is not None}
+        if (
+            self.worker is not None
+            and self.worker.state in (WorkerState.RUNNING, WorkerState.CANCELLING)
+            and self.current is not None
+        ):
+            needed.add(self.current.folder)
         if self.output_folder is not None:
             needed.add(self.output_folder.parent)
         for folder in [*self.folder.glob("job-*"), *self.folder.glob("tau-*")]:
@@ -529,12 +722,12 @@ class EditSession:
         if not self.queue or self.worker is None or self.worker.state != WorkerState.READY:
             return
         request = self.queue.pop(0)
-        request_id = self.worker.submit(request["kind"], request.get("job"), **request.get("fields", {}))
-        self.current = {**request, "id": request_id}
+        request_id = self.worker.submit(request.kind, request.job, **request.fields)
+        self.current = dataclasses.replace(request, id=request_id)
 
     # -- results ----------------------------------------------------------------------------
     def _import(self, event: dict) -> None:
-        kind, volume = self.current["kind"], self.current["volume"]
+        kind, volume = self.current.kind, self.current.volume
         output = Path(event["output"])
         name = volume.GetName()
         if kind == "rethreshold":
@@ -556,7 +749,7 @@ class EditSession:
             self.scene.RemoveNode(old)
         self.results = mrml.import_result(self.scene, volume, edited, guidance, mask, name)
         if kind == "preview":
-            self.preview_id = self.current["id"]
+            self.preview_id = self.current.id
             for key in ("counterfactual", "difference"):  # a preview edits nothing
                 self.scene.RemoveNode(self.results.pop(key))
         self.output_folder = output
@@ -626,7 +819,8 @@ def import_into_dicom_database(folder: Path, database, import_dicom: Callable[[s
     import pydicom
 
     folder = Path(folder)
-    if database is None:
+    # Slicer always sets slicer.dicomDatabase; it is closed until the DICOM module makes one
+    if database is None or not database.isOpen:
         raise DicomImportError(
             "Slicer has no DICOM database: open the DICOM module once to create one, then export again."
         )

@@ -52,17 +52,18 @@ from trame_vuetify.ui.vuetify3 import SinglePageWithDrawerLayout
 from wslink.websocket import LinkProtocol
 
 from instructx2x.errors import InstructX2XError
-from instructx2x.parameters import GUIDANCE_SCALE, IMAGE_GUIDANCE_SCALE
+from instructx2x.parameters import GUIDANCE_SCALE, IMAGE_GUIDANCE_SCALE, TAU
 
 from .. import scene as mrml
 from ..session import (
     DEFAULT_QUOTA_BYTES,
-    MASK_SOURCES,
-    OPERATIONS,
-    PRESETS,
     SIDES,
     EditSession,
+    MaskSource,
+    Operation,
     PanelSettings,
+    Preset,
+    WorkerModel,
     compose_instruction,
     describe_instruction,
     instruction_completions,
@@ -193,8 +194,8 @@ class WebPanel:
                 "parsed": describe_instruction(""),
                 "completions": instruction_completions(),
                 **self._helper_state(),
-                "mask_source": MASK_SOURCES[0],
-                "mask_sources": list(MASK_SOURCES),
+                "mask_source": defaults.mask_source.label,
+                "mask_sources": MaskSource.labels(),
                 "tool": "none",
                 "segment": "edit",
                 "brush_mm": 20.0,
@@ -214,8 +215,8 @@ class WebPanel:
                 "model_guidance": True,
                 "guidance_scale": GUIDANCE_SCALE,
                 "image_guidance_scale": IMAGE_GUIDANCE_SCALE,
-                "preset": defaults.preset,
-                "presets": list(PRESETS),
+                "preset": defaults.preset.label,
+                "presets": Preset.labels(),
                 "verify": defaults.verify,
                 "include_demographics": False,
                 "verification": "",
@@ -236,12 +237,12 @@ class WebPanel:
         from instructx2x.instructions import FINDINGS, LEVEL_WORDS, LUNG_ZONES
 
         return {
-            "operations": list(OPERATIONS),
+            "operations": Operation.labels(),
             "findings": list(FINDINGS),
             "sides": list(SIDES),
             "zones": ["", *LUNG_ZONES],
             "levels": ["", *LEVEL_WORDS],
-            "compose_operation": OPERATIONS[0],
+            "compose_operation": Operation.ADD.label,
             "compose_finding": "pleural effusion",
             "compose_side": "",
             "compose_zone": "",
@@ -253,8 +254,13 @@ class WebPanel:
         """The helper's choices as an instruction in the training set's wording."""
         state = self.state
         with state:
+            try:
+                operation = Operation.from_label(state.compose_operation)
+            except mrml.SceneError as error:
+                state.error = _message(error)
+                return
             state.instruction = compose_instruction(
-                state.compose_operation,
+                operation,
                 state.compose_finding,
                 state.compose_side or "",
                 state.compose_from or "",
@@ -267,9 +273,9 @@ class WebPanel:
         state = self.state
         return PanelSettings(
             instruction=state.instruction or "",
-            mask_source=state.mask_source,
+            mask_source=MaskSource.from_label(state.mask_source),
             tau=_number(state.tau, "tau", float),
-            preset=state.preset,
+            preset=Preset.from_label(state.preset),
             steps=_number(state.steps or 0, "Steps", int),
             seed=_number(state.seed or 0, "Seed", int),
             guidance_scale=None
@@ -406,7 +412,7 @@ class WebPanel:
                 if self.volume is None:
                     raise mrml.SceneError("open a radiograph first.")
                 settings = self.settings()
-                edit_mask = self.painted("edit") if settings.mask_source != MASK_SOURCES[0] else None
+                edit_mask = self.painted("edit") if settings.mask_source is not MaskSource.PRIOR else None
                 ticket = self.session.submit(
                     kind,
                     self.volume,
@@ -443,7 +449,7 @@ class WebPanel:
         with self.state:
             self.state.status = "Cancelling…"
 
-    def _on_tau(self, tau=0.1, **_):
+    def _on_tau(self, tau=TAU, **_):
         if self.session.preview_id is None:
             return
         if self.session.busy:
@@ -480,44 +486,31 @@ class WebPanel:
         return f"Queued: {ahead} job(s) ahead." if ahead else ""
 
     def _show_event(self, event: dict) -> None:
-        kind = event.get("event")
+        kind, text = event.get("event"), self.session.status_text(event)
         if kind in ("queued", "started", "done", "cancelled", "error"):
             self.shared_ahead = event.get("position", 0)
         if kind == "progress":
-            eta = event.get("eta_s")
             self.state.progress = round(100 * event["step"] / event["total"])
-            self.state.progress_text = f"Step {event['step']} of {event['total']}" + (
-                f", about {eta:.0f} s left" if eta is not None else ""
-            )
-        elif kind == "ready":
+            self.state.progress_text = text
+            return
+        if text is not None:
+            self.state.status = text
+        if kind == "ready":
             self.show_model_defaults()
-        elif kind in ("loading", "started", "decode", "export"):
-            self.state.status = {
-                "loading": "Loading the model…",
-                "started": "Working…",
-                "decode": "Decoding…",
-                "export": "Writing the results…",
-            }[kind]
-        elif kind == "done" and event.get("id") == self.session.current.get("id"):
+        elif self.session.is_current_result(event):
             self.state.progress = 100
             self.state.status = self.session.result_text
-            kind_done = self.session.current.get("kind")
             self.state.has_preview = self.session.preview_id is not None
-            if kind_done != "rethreshold":
+            if self.session.current.kind != "rethreshold":
                 self.state.has_result = "counterfactual" in self.session.results
                 self.state.verification = self.session.verification_text
                 if self.started_at is not None:
                     self.state.status += f" ({time.monotonic() - self.started_at:.1f} s)"
             self._on_layers()
-        elif kind == "cancelled":
-            self.state.update(
-                {"status": "Cancelled: nothing was written.", "progress": 0, "progress_text": ""}
-            )
-        elif kind == "error":
-            self.state.error = event.get("message", "the worker failed.")
-            self.state.update(
-                {"status": "Failed: see the message above.", "progress": 0, "progress_text": ""}
-            )
+        elif kind in ("cancelled", "error"):
+            self.state.update({"progress": 0, "progress_text": ""})
+            if kind == "error":
+                self.state.error = event.get("message", "the worker failed.")
 
     def show_model_defaults(self, model_guidance: bool | None = None) -> None:
         """While the model's guidance scales are used, the (disabled) fields show the values the
@@ -530,8 +523,8 @@ class WebPanel:
         if model_guidance and defaults:
             self.state.update(
                 {
-                    "guidance_scale": defaults["guidance_scale"],
-                    "image_guidance_scale": defaults["image_guidance_scale"],
+                    "guidance_scale": defaults.guidance_scale,
+                    "image_guidance_scale": defaults.image_guidance_scale,
                 }
             )
 
@@ -1151,7 +1144,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ready = panel.session.start_worker(panel.settings())  # the model loads before the page is served
         panel.show_model_defaults()
-        logger.info("Model %s ready (%s).", ready["model"].get("name"), ready["precision"].get("dtype"))
+        model = WorkerModel.from_ready(ready)
+        logger.info("Model %s ready (%s).", model.name, model.dtype)
         panel.ctrl.on_server_ready.add(
             lambda **_: print(
                 f"InstructX2X web panel: {_announced_address(arguments.host, panel.server.port, token)}"
