@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .classifiers import PATHOLOGIES, RACES, ClassifierSet, Predictions
+from .classifier_set import PATHOLOGIES, RACES, ClassifierSet, Predictions
 from .errors import ModelLoadError, ResourceError
 
 __all__ = [
