@@ -737,3 +737,21 @@ def test_the_clis_sampler_choices_are_the_schedulers_that_exist():
     from instructx2x.schedulers import SCHEDULERS
 
     assert tuple(SCHEDULERS) == SCHEDULER_NAMES
+
+
+def test_gpu_out_of_memory_gives_exit_4_with_what_to_do(png, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from instructx2x.pipeline import InstructX2XPipeline
+
+    def out_of_memory(*_args, **_kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0)")
+
+    monkeypatch.setattr(InstructX2XPipeline, "__call__", out_of_memory)
+    assert main(args(png, tmp_path / "out", "--progress", "jsonl")) == 4
+    captured = capsys.readouterr()
+    assert "error: out of memory on the device (CUDA out of memory." in captured.err
+    assert "smaller resolution" in captured.err and "CPU" in captured.err
+    last = json.loads(captured.out.splitlines()[-1])
+    assert (last["event"], last["kind"], last["exit_code"]) == ("error", "ResourceError", 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chest.png"]

@@ -376,3 +376,47 @@ class process_like:
 
     def __init__(self, writer):
         self.stdin = writer
+
+
+OUT_OF_MEMORY_WORKER = """
+import sys
+
+import torch
+
+from instructx2x.cli import main
+from instructx2x.pipeline import InstructX2XPipeline
+
+
+def out_of_memory(*_args, **_kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0)")
+
+
+InstructX2XPipeline.__call__ = out_of_memory
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_gpu_out_of_memory_is_a_resource_error_and_the_worker_stays_up(png, tmp_path):
+    """The real worker over stdio, its pipeline made to fail as a full GPU does."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", OUT_OF_MEMORY_WORKER, "serve", "--stdio", "--model", "untrained-tiny"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert ready(process)["event"] == "ready"
+        send(process, {"type": "edit", "id": "oom", "job": job(png, tmp_path / "out")})
+        error = events_until(process, "oom")[-1]
+        assert (error["event"], error["kind"], error["exit_code"]) == ("error", "ResourceError", 4)
+        assert error["message"].startswith("out of memory on the device (CUDA out of memory.")
+        assert "smaller resolution" in error["message"] and "internal error" not in error["message"]
+        assert not (tmp_path / "out").exists()
+        send(process, {"type": "shutdown"})
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)

@@ -16,10 +16,11 @@ import logging
 import os
 import sys
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 from . import __version__
-from .errors import EditCancelled, InstructX2XError, ParameterError, ResourceError
+from .errors import EditCancelled, ErrorEvent, InternalError, ParameterError, error_event
 from .jobs import EditJob, prepare, run_job, run_jobs_file
 from .parameters import (
     ASPECT_MODES,
@@ -39,13 +40,6 @@ __all__ = ["main", "build_parser"]
 logger = logging.getLogger("instructx2x")
 
 MODEL_ENV = "INSTRUCTX2X_MODEL"
-EXIT_INTERNAL = 1
-
-
-class InternalError(InstructX2XError):
-    """A defect in this software (not the user's input): reported, never a bare traceback."""
-
-    exit_code = EXIT_INTERNAL
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -286,35 +280,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("cancelled: nothing was written.", file=sys.stderr)
         return EditCancelled.exit_code
-    except InstructX2XError as error:
-        return _fail(emit, error, error.exit_code)
-    except MemoryError:
-        return _fail(
-            emit,
-            ResourceError(
-                "out of memory: use a smaller --resolution, --dtype bf16 or a machine with more memory."
-            ),
-            ResourceError.exit_code,
-        )
     except Exception as error:  # noqa: BLE001 - the panel must always get a final event
-        if isinstance(error, RuntimeError) and "out of memory" in str(error).lower():
-            # torch.OutOfMemoryError and CPU allocator failures
-            return _fail(
-                emit,
-                ResourceError(f"out of memory on the device ({str(error).splitlines()[0]})"),
-                ResourceError.exit_code,
-            )
-        if os.environ.get("INSTRUCTX2X_DEBUG") == "1":
-            traceback.print_exc()
-        return _fail(
-            emit,
-            InternalError(
-                f"internal error, please report it ({type(error).__name__}: "
-                f"{str(error).splitlines()[0] if str(error) else ''}); "
-                "set INSTRUCTX2X_DEBUG=1 for the traceback"
-            ),
-            EXIT_INTERNAL,
-        )
+        event = error_event(error)
+        if event.kind == InternalError.__name__:
+            if os.environ.get("INSTRUCTX2X_DEBUG") == "1":
+                traceback.print_exc()
+            event = replace(event, message=f"{event.message}; set INSTRUCTX2X_DEBUG=1 for the traceback")
+        return _fail(emit, event)
 
 
 def _main(args: argparse.Namespace, emit) -> int:
@@ -484,10 +456,10 @@ def _job(args: argparse.Namespace, source: Path, instruction: str) -> EditJob:
     )
 
 
-def _fail(emit, error: Exception, code: int) -> int:
-    emit({"event": "error", "message": str(error), "kind": type(error).__name__, "exit_code": code})
-    print(f"error: {error}", file=sys.stderr)
-    return code
+def _fail(emit, event: ErrorEvent) -> int:
+    emit(event.to_dict())
+    print(f"error: {event.message}", file=sys.stderr)
+    return event.exit_code
 
 
 def _emitter(kind: str):

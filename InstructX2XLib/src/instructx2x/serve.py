@@ -73,7 +73,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
-from .errors import EditCancelled, InstructX2XError, ParameterError, ResourceError
+from .errors import EditCancelled, ErrorEvent, InstructX2XError, ParameterError, ResourceError, error_event
 from .jobs import EditJob, edit_images, prepare, write_results
 from .provenance import to_json
 
@@ -391,26 +391,8 @@ class Worker:
                     )
             except (EditCancelled, _Cancelled):
                 client.emit({"id": request_id, "event": "cancelled"})
-            except InstructX2XError as error:
-                client.emit({"id": request_id, **_error(str(error), type(error))})
-            except MemoryError:
-                client.emit(
-                    {
-                        "id": request_id,
-                        **_error("out of memory: use a smaller resolution or another device.", ResourceError),
-                    }
-                )
             except Exception as error:  # noqa: BLE001 - a defect must not take the warm worker down
-                client.emit(
-                    {
-                        "id": request_id,
-                        "event": "error",
-                        "kind": type(error).__name__,
-                        "exit_code": 1,
-                        "message": f"internal error, please report it ({type(error).__name__}: "
-                        f"{str(error).splitlines()[0] if str(error) else ''})",
-                    }
-                )
+                client.emit({"id": request_id, **error_event(error).to_dict()})
             finally:
                 with self.condition:
                     self.running = None
@@ -484,7 +466,7 @@ def _announce(waiting: list[tuple[Client, dict]], ahead: int) -> None:
 
 
 def _error(message: str, kind: type[InstructX2XError] = ParameterError) -> dict:
-    return {"event": "error", "message": message, "kind": kind.__name__, "exit_code": kind.exit_code}
+    return ErrorEvent(kind.__name__, message, kind.exit_code).to_dict()
 
 
 def ready_event(editor) -> dict:
