@@ -29,7 +29,7 @@ WEB_VENV := .venv-web
 WEB_STAMP := $(WEB_VENV)/.installed
 WEB_PORT ?= 8080
 
-.PHONY: install demo demo-model demo-model-estimate classifiers evaluation web test test-eval test-web \
+.PHONY: install demo demo-model demo-model-estimate classifiers evaluation web test lint test-eval test-web \
 	test-slicer-packages benchmark clean
 
 $(STAMP): constraints.txt InstructX2XLib/pyproject.toml Training/pyproject.toml InstructX2XLib/src/instructx2x/_version.py
@@ -124,8 +124,13 @@ evaluation: $(STAMP)
 	cp $(EVALUATION_WORK)/report/evaluation.md docs/evaluation-demo.md
 	cp $(EVALUATION_WORK)/report/ablation.png docs/figures/evaluation-demo-ablation.png
 
-test: $(STAMP) test-eval test-web
-	$(BIN)/python -m pytest -q InstructX2XLib/tests Training/tests Testing
+test: lint test-eval test-web
+	$(BIN)/python -m pytest -q
+
+# ruff's lint rules and formatting (the root pyproject.toml) on the whole tree; `make test` runs it first
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # the desktop module's worker package set, built on a stand-in for Slicer 5.10's Python (pyenv's
 # 3.12.1 with Slicer's pinned packages; a few minutes, torch with its CUDA libraries from PyPI);

@@ -138,7 +138,7 @@ def test_the_nvidia_driver_as_nvidia_smi_reports_it():
     ],
 )
 def test_torch_s_build_follows_the_gpu_driver(system, driver, backend):
-    build = packages.choose_torch(system, lambda: driver)
+    build = packages.choose_torch(system, lambda: driver, "arm64" if system == "Darwin" else "x86_64")
     assert build.backend == backend
     if backend == "index":
         assert build.index_url is None and build.pip_arguments("2.13.0") == []
@@ -150,6 +150,12 @@ def test_torch_s_build_follows_the_gpu_driver(system, driver, backend):
             f"torch==2.13.0+{backend}",
         ]
     assert ("older than" in build.reason) == (driver is not None and backend == "cpu")
+
+
+@pytest.mark.parametrize("machine", ["x86_64", "i386"])
+def test_an_intel_mac_is_told_that_torch_has_no_build_for_it(machine):
+    with pytest.raises(packages.PackageSetError, match=f"no build for macOS on {machine}"):
+        packages.choose_torch("Darwin", lambda: None, machine)
 
 
 # -- the set's marker --------------------------------------------------------------------------
@@ -206,10 +212,10 @@ def test_declining_installs_nothing_and_runs_nothing(shipped, tmp_path):
     ended = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
-    stale = folder.parent / f".build-{folder.name}-{int(ended.stdout)}-x1"  # its process has ended
+    stale = folder.parent / f"{packages.STAGING_PREFIX}{int(ended.stdout)}-x1"  # its process has ended
     (stale / "packages" / "torch").mkdir(parents=True)
     running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    live = folder.parent / f".build-{folder.name}-{running.pid}-x2"  # another Slicer's install, under way
+    live = folder.parent / f"{packages.STAGING_PREFIX}{running.pid}-x2"  # another Slicer's install, under way
     (live / "packages").mkdir(parents=True)
     questions = []
     with pytest.raises(packages.PackageSetError, match="nothing was installed. Press Preview or Apply again"):
@@ -257,7 +263,7 @@ def test_a_second_install_during_one_is_refused_and_a_silent_pip_still_reports_t
     def progress(stage):
         stages.append(stage)
         if "elapsed" in stage and not nested:  # the second Apply, while pip is silent
-            staging = list(folder.parent.glob(f".build-{folder.name}-{os.getpid()}-*"))
+            staging = list(folder.parent.glob(f"{packages.STAGING_PREFIX}{os.getpid()}-*"))
             try:
                 packages.ensure_package_set(
                     folder,

@@ -68,6 +68,9 @@ logger = logging.getLogger(__name__)
 # The first Slicer release whose Python (3.12) runs the worker: the library needs Python 3.10 or
 # later, and highdicom needs pydicom 3, which needs it too. Slicer 5.6 and 5.8 ship Python 3.9.
 SUPPORTED_SLICER = (5, 10)
+# an install's staging folder beside the set: ".b<pid>-<random>", short because torch's deepest
+# paths come close to Windows' 260 characters under Slicer's settings folder
+STAGING_PREFIX = ".b"
 MARKER = "instructx2x-package-set.json"
 MARKER_FORMAT = 1
 TORCH_INDEX = "https://download.pytorch.org/whl/{backend}"
@@ -348,7 +351,9 @@ def nvidia_driver_version(
 
 
 def choose_torch(
-    system: str | None = None, driver: Callable[[], tuple[int, ...] | None] = nvidia_driver_version
+    system: str | None = None,
+    driver: Callable[[], tuple[int, ...] | None] = nvidia_driver_version,
+    machine: str | None = None,
 ) -> TorchBuild:
     """The torch build the PyTorch extension would choose: a CUDA build when ``nvidia-smi``
     finds a driver new enough for one, else the CPU build (macOS: the package index's own).
@@ -359,12 +364,27 @@ def choose_torch(
         ``platform.system()``'s answer; None: this machine's.
     driver : Callable[[], tuple[int, ...] | None]
         The NVIDIA driver's version (``nvidia_driver_version``).
+    machine : str | None
+        ``platform.machine()``'s answer; None: this machine's.
 
     Returns
     -------
     TorchBuild
+
+    Raises
+    ------
+    PackageSetError
+        On an Intel Mac (or an x86_64 Slicer under Rosetta): torch publishes no macOS x86_64 build
+        of the version the worker needs.
     """
     system = system or platform.system()
+    machine = machine or platform.machine()
+    if system == "Darwin" and machine not in ("arm64", "aarch64"):
+        raise PackageSetError(
+            f"torch publishes no build for macOS on {machine} (Intel Macs, or Slicer under Rosetta); "
+            "run the worker on another machine (Server mode in the panel's Advanced settings) or use "
+            "the arm64 Slicer on an Apple silicon Mac."
+        )
     if system == "Darwin":
         return TorchBuild("index", None, "macOS: the package index's build (CPU and Apple GPU)")
     version = driver()
@@ -588,7 +608,7 @@ def _ensure(
             "installed. Press Preview or Apply again to install them."
         )
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging_root = Path(tempfile.mkdtemp(prefix=f".build-{folder.name}-{os.getpid()}-", dir=folder.parent))
+    staging_root = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=folder.parent))
     try:
         staging = staging_root / "packages"
         source = _copy_library(library, staging_root / "library")  # pip builds in it; the marker describes it
@@ -673,7 +693,7 @@ def _remove_stale_builds(folder: Path) -> bool:
     """Remove the staging folders beside ``folder`` whose install's process has ended (an
     interrupted install); True if any. A folder of a running process, or one whose name carries
     no process id, is left."""
-    prefix = f".build-{folder.name}-"
+    prefix = STAGING_PREFIX
     stale = []
     for path in folder.parent.glob(prefix + "*") if folder.parent.is_dir() else ():
         pid = path.name[len(prefix) :].split("-", 1)[0]

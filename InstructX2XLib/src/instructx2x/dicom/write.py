@@ -156,16 +156,14 @@ def _build(source, stored, overlay_rgb, edit_mask, provenance, pixel_spacing) ->
     )
     if pixel_spacing is not None:
         coordinates["pixel_spacing"] = tuple(float(v) for v in pixel_spacing)
-    series_uid = hd.UID()
-    sc_number, seg_number = series_numbers()
+    sc_number, overlay_number, seg_number = series_numbers()
     description = _series_description(SERIES_DESCRIPTION, provenance)
     counterfactual, overlay = _build_secondary_captures(
         reference,
         stored,
         overlay_rgb,
         str(source.PhotometricInterpretation),
-        series_uid,
-        sc_number,
+        (sc_number, overlay_number),
         coordinates,
     )
     text = _summary(provenance)
@@ -225,17 +223,18 @@ def _build_secondary_captures(
     stored: np.ndarray,
     overlay_rgb: np.ndarray,
     photometric: str,
-    series_uid: str,
-    series_number: int,
+    numbers: tuple[int, int],
     coordinates: dict,
 ):
+    # a series of its own each: a viewer (3D Slicer's scalar-volume loader among them) stacks the
+    # files of one series into one volume, and a grayscale and an RGB image do not stack
     counterfactual = hd.sc.SCImage.from_ref_dataset(
         reference,
         stored,
         photometric,
         stored.dtype.itemsize * 8,
-        series_instance_uid=series_uid,
-        series_number=series_number,
+        series_instance_uid=hd.UID(),
+        series_number=numbers[0],
         sop_instance_uid=hd.UID(),
         instance_number=1,
         manufacturer=MANUFACTURER,
@@ -246,24 +245,25 @@ def _build_secondary_captures(
         overlay_rgb,
         "RGB",
         8,
-        series_instance_uid=series_uid,
-        series_number=series_number,
+        series_instance_uid=hd.UID(),
+        series_number=numbers[1],
         sop_instance_uid=hd.UID(),
-        instance_number=2,
+        instance_number=1,
         manufacturer=MANUFACTURER,
         **coordinates,
     )
     return counterfactual, overlay
 
 
-def series_numbers(now: datetime.datetime | None = None) -> tuple[int, int]:
-    """Series numbers of one edit: day, hour, minute and second, then 1 (images) or 2 (SEG).
+def series_numbers(now: datetime.datetime | None = None) -> tuple[int, int, int]:
+    """Series numbers of one edit: day, hour, minute and second, then 1 (the counterfactual),
+    2 (the guidance overlay) or 3 (SEG).
 
     Repeated edits of one study get different numbers (and the instruction in their
     descriptions), so a viewer's series list tells them apart and sorts them in time.
     """
     stamp = int((now or datetime.datetime.now()).strftime("%d%H%M%S"))
-    return stamp * 10 + 1, stamp * 10 + 2
+    return stamp * 10 + 1, stamp * 10 + 2, stamp * 10 + 3
 
 
 def check_exportable(source: Dataset, name: str) -> None:
