@@ -141,6 +141,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(mrml.segment_editor_node(slicer.mrmlScene))
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.ui.segmentEditorWidget.setMRMLScene(slicer.mrmlScene)
+        self.ui.segmentEditorWidget.setMaximumNumberOfUndoStates(10)  # as Slicer's Segment Editor: Undo works
         self._fillHelper()
 
         # signals by full signature: PythonQt's choice among overloads (currentNodeChanged has
