@@ -360,3 +360,47 @@ def test_a_page_on_a_shared_worker_shows_its_place_in_the_queue(tmp_path):
         finally:
             panel.close()
             other.shutdown()
+
+
+OUT_OF_MEMORY_WORKER = """
+import sys
+
+import torch
+
+from instructx2x.cli import main
+from instructx2x.pipeline import InstructX2XPipeline
+
+
+def out_of_memory(*_args, **_kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0)")
+
+
+InstructX2XPipeline.__call__ = out_of_memory
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_gpu_out_of_memory_in_the_worker_is_shown_as_what_to_do(panel):
+    """The page's worker is the real one over stdio, its pipeline made to fail as a full GPU does."""
+    import sys
+
+    panel.session.executable = [sys.executable, "-c", OUT_OF_MEMORY_WORKER]
+    loaded(panel)
+    panel.state.update({"instruction": INSTRUCTION, "steps": 2, "verify": False})
+    assert panel.submit("preview")
+    poll_until(panel, lambda e: any(x["event"] == "error" for x in e))
+    assert panel.state.status.startswith("Failed: out of memory on the device (CUDA out of memory.")
+    assert "smaller resolution" in panel.state.status and "internal error" not in panel.state.status
+    assert not panel.state.running and not panel.state.has_preview
+
+
+def test_memory_exhaustion_in_the_page_is_a_resource_message_not_a_defect(panel, monkeypatch):
+    from InstructX2XModuleLib.web import app
+
+    def exhausted(_paths):
+        raise MemoryError()
+
+    monkeypatch.setattr(app, "read_radiograph", exhausted)
+    assert not panel.load([(SAMPLE.name, SAMPLE.read_bytes())])
+    assert panel.state.error.startswith("out of memory: use a smaller resolution")
+    assert not any(panel.session.folder.iterdir())

@@ -51,7 +51,7 @@ from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 from trame_vuetify.ui.vuetify3 import SinglePageWithDrawerLayout
 from wslink.websocket import LinkProtocol
 
-from instructx2x.errors import InstructX2XError
+from instructx2x.errors import InstructX2XError, InternalError, error_event
 from instructx2x.parameters import GUIDANCE_SCALE, IMAGE_GUIDANCE_SCALE, TAU
 
 from .. import scene as mrml
@@ -627,7 +627,7 @@ class WebPanel:
                 self.poll()
             except Exception as error:  # noqa: BLE001 - the page must keep answering
                 with self.state:
-                    self.state.error = f"internal error, please report it ({type(error).__name__})"
+                    self.state.error = _message(error)
 
     def close(self, **_) -> None:
         """Stop the worker and remove every temporary file (uploads, jobs, results)."""
@@ -1004,11 +1004,13 @@ def _number(value, label: str, kind: type):
 
 def _message(error: Exception) -> str:
     """What the page shows: the specific message of the library, the scene layer, the worker
-    client or the file system, never a traceback; anything else is a defect, said as such."""
-    from instructx2x.errors import InstructX2XError
-
-    if isinstance(error, (InstructX2XError, WorkerError, ValueError, OSError)):
+    client or the file system, never a traceback; running out of memory as the library says it
+    (``error_event``); anything else is a defect, said as such."""
+    if isinstance(error, (WorkerError, ValueError, OSError)):
         return str(error).strip() or type(error).__name__
+    event = error_event(error)
+    if event.kind != InternalError.__name__:
+        return event.message.strip() or event.kind
     logger.error("internal error (%s)", type(error).__name__)  # the type only: messages may quote data
     return f"internal error, please report it ({type(error).__name__})"
 
