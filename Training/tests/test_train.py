@@ -671,3 +671,18 @@ def test_change_region_weighting_trains_on_pure_pairs_and_needs_masks(built, pur
         assert not (tmp_path / "no-masks").exists()
         with pytest.raises(ConfigError, match=f"{key} must lie"):
             train(smoke(built, tmp_path / "negative", f"optim.{key}=-1"), progress_bar=False)
+
+
+@pytest.mark.parametrize("python", ["3.11+", "3.10"])
+def test_a_toml_config_reads_on_every_supported_python(tmp_path, monkeypatch, python):
+    """tomllib is in the standard library from 3.11; on 3.10 its backport tomli (a dependency
+    there) reads the file, stood in for here by the standard library's module."""
+    import tomllib
+
+    if python == "3.10":
+        monkeypatch.setitem(sys.modules, "tomllib", None)  # `import tomllib` fails as on 3.10
+        monkeypatch.setitem(sys.modules, "tomli", tomllib)
+    path = tmp_path / "run.toml"
+    path.write_text('output = "o"\nsteps = 7\n[data]\ndataset = "d"\n[model]\nbase = "m"\n')
+    config = load_config(path)
+    assert (config.output, config.steps, config.data.dataset, config.model.base) == ("o", 7, "d", "m")

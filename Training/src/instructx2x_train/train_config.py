@@ -267,6 +267,15 @@ RESUME_COMPATIBLE_KEYS = (
 )
 
 
+def _toml_loads(text: str) -> dict:
+    """Parse TOML with the standard library's tomllib (Python 3.11+) or tomli, its backport."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    return tomllib.loads(text)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) config and apply ``key=value`` overrides.
 
@@ -289,9 +298,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         text = path.read_text(encoding="utf-8")
         try:
             if path.suffix == ".toml":
-                import tomllib
-
-                data = tomllib.loads(text)
+                data = _toml_loads(text)
             elif path.suffix in (".yaml", ".yml"):
                 data = yaml.load(text, Loader=loader) or {}
             else:
