@@ -21,13 +21,16 @@ def free_port() -> int:
 
 
 class OrthancServer:
-    """Orthanc with a minimal configuration: loopback only, no authentication."""
+    """Orthanc with a minimal configuration: loopback only; HTTP basic authentication when
+    ``users`` (name: password) are given, else none."""
 
     aet = "ORTHANC"
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, users: dict[str, str] | None = None) -> None:
         self.executable = require_tool("Orthanc", "orthanc")
         self.directory = directory
+        self.users = users or {}
+        self.auth = next(iter(self.users.items()), None)
         self.http_port, self.dicom_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.process: subprocess.Popen | None = None
@@ -41,7 +44,8 @@ class OrthancServer:
             "StorageDirectory": str(self.directory / "storage"),
             "IndexDirectory": str(self.directory / "index"),
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
             "DicomAlwaysAllowStore": True,
             "DicomCheckCalledAet": True,
             "HttpsVerifyPeers": False,
@@ -50,7 +54,7 @@ class OrthancServer:
         }
         path = self.directory / "orthanc.json"
         path.write_text(json.dumps(config))
-        self.log = open(self.directory / "orthanc.log", "w")
+        self.log = open(self.directory / "orthanc.log", "a")
         self.process = subprocess.Popen(
             [self.executable, str(path)], stdout=self.log, stderr=subprocess.STDOUT
         )
@@ -59,7 +63,7 @@ class OrthancServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"Orthanc exited: {(self.directory / 'orthanc.log').read_text()[-2000:]}")
             try:
-                if requests.get(f"{self.url}/system", timeout=1).ok:
+                if requests.get(f"{self.url}/system", timeout=1, auth=self.auth).ok:
                     return self
             except requests.ConnectionError:
                 time.sleep(0.1)
@@ -71,13 +75,31 @@ class OrthancServer:
 
     def instance_file(self, sop_instance_uid: str) -> bytes:
         """The stored file of an instance, read back over Orthanc's REST API."""
-        found = requests.post(f"{self.url}/tools/lookup", data=sop_instance_uid, timeout=10).json()
+        found = requests.post(
+            f"{self.url}/tools/lookup", data=sop_instance_uid, timeout=10, auth=self.auth
+        ).json()
         ids = [item["ID"] for item in found if item["Type"] == "Instance"]
         assert ids, f"instance {sop_instance_uid} is not in Orthanc"
-        return requests.get(f"{self.url}/instances/{ids[0]}/file", timeout=30).content
+        return requests.get(f"{self.url}/instances/{ids[0]}/file", timeout=30, auth=self.auth).content
+
+    def study_instances(self, study_instance_uid: str) -> list[str]:
+        """The SOPInstanceUIDs Orthanc holds in a study."""
+        found = requests.post(
+            f"{self.url}/tools/find",
+            json={"Level": "Instance", "Query": {"StudyInstanceUID": study_instance_uid}, "Expand": True},
+            timeout=10,
+            auth=self.auth,
+        ).json()
+        return [item["MainDicomTags"]["SOPInstanceUID"] for item in found]
 
     def instance_count(self) -> int:
-        return len(requests.get(f"{self.url}/instances", timeout=10).json())
+        return len(requests.get(f"{self.url}/instances", timeout=10, auth=self.auth).json())
+
+    def upload(self, path: Path) -> None:
+        """Store a DICOM file through Orthanc's REST API."""
+        requests.post(
+            f"{self.url}/instances", data=Path(path).read_bytes(), timeout=30, auth=self.auth
+        ).raise_for_status()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -88,3 +110,4 @@ class OrthancServer:
                 self.process.kill()
                 self.process.wait()
         self.log.close()
+        self.process = None

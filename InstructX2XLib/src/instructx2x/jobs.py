@@ -19,6 +19,8 @@ from typing import Any
 
 from .errors import InputError, InputNotFoundError, InstructX2XError, PacsError, ParameterError
 from .parameters import EditParameters, check_masks
+from .provenance import to_json
+from .sharding import Shard, open_record, read_records
 
 __all__ = [
     "EditJob",
@@ -31,6 +33,10 @@ __all__ = [
     "read_jobs_file",
     "prepare_jobs",
     "run_jobs_file",
+    "jobs_settings",
+    "check_jobs_output",
+    "open_jobs_output",
+    "cohort_jobs",
     "COMMANDS",
 ]
 
@@ -413,6 +419,15 @@ def read_jobs_file(path: Path, template: EditJob) -> list[EditJob]:
     return jobs
 
 
+def cohort_jobs(films: list[Path], template: EditJob) -> list[EditJob]:
+    """One ``EditJob`` per film, each a copy of ``template`` (its instruction and seed) writing
+    to ``OUTPUT/NNNN-<film stem>/``: the rows of a cohort (e.g. from ``dicom.dicomweb``)."""
+    return [
+        dataclasses.replace(template, input=film, output=template.output / f"{number:04d}-{film.stem}")
+        for number, film in enumerate(films, start=1)
+    ]
+
+
 def prepare_jobs(jobs: list[EditJob]) -> list[PreparedJob]:
     """``prepare`` every row of a jobs file; the first bad row's error names its number."""
     prepared = []
@@ -424,6 +439,63 @@ def prepare_jobs(jobs: list[EditJob]) -> list[PreparedJob]:
     return prepared
 
 
+JOBS_SETTINGS = "jobs-settings.json"
+INCOMPLETE = "INCOMPLETE"
+RECORDS = "records"
+AfterRow = Callable[[PreparedJob, Path], dict]
+
+
+def jobs_settings(jobs: list[EditJob], batch_size: int, **extra: Any) -> dict:
+    """What a jobs run must keep to be resumed: every row, the batch size and ``extra`` (the
+    model and sampler the caller names); stored in ``OUTPUT/jobs-settings.json``."""
+    return json.loads(
+        to_json({"rows": [job.to_dict() for job in jobs], "batch_size": batch_size, **extra}, indent=None)
+    )
+
+
+def check_jobs_output(output: Path, settings: dict) -> bool:
+    """Check, creating nothing, that a jobs run can write to ``output``; True when it resumes
+    an unfinished run there (one with ``INCOMPLETE`` and the same settings).
+
+    Raises
+    ------
+    OutputExistsError
+        When ``output`` exists and is not an unfinished run, or holds one with other settings.
+    InputError
+        When no folder can be made there (``outputs.check_new_output_folder``).
+    """
+    from .errors import OutputExistsError
+    from .outputs import check_new_output_folder
+
+    if not output.is_dir() or not (output / INCOMPLETE).is_file():
+        check_new_output_folder(output)
+        return False
+    stored = output / JOBS_SETTINGS
+    if not stored.is_file() or json.loads(stored.read_text(encoding="utf-8")) != settings:
+        raise OutputExistsError(
+            f"output folder {output.name} holds an unfinished jobs run with other rows or "
+            "settings; resume it with the same command or choose a new folder."
+        )
+    return True
+
+
+def open_jobs_output(output: Path, settings: dict) -> bool:
+    """Create the folder of a jobs run (with ``INCOMPLETE``, the settings and ``records/``), or
+    accept an unfinished one with the same settings; True when it resumes one.
+
+    Raises
+    ------
+    OutputExistsError, InputError
+        As ``check_jobs_output``.
+    """
+    if check_jobs_output(output, settings):
+        return True
+    (output / RECORDS).mkdir(parents=True)
+    (output / JOBS_SETTINGS).write_text(to_json(settings) + "\n", encoding="utf-8")
+    (output / INCOMPLETE).write_text("jobs running or interrupted: rerun the same command to resume\n")
+    return False
+
+
 def run_jobs_file(
     prepared: list[PreparedJob],
     output: Path,
@@ -431,89 +503,131 @@ def run_jobs_file(
     emit: Events,
     progress_bar: bool = False,
     batch_size: int = 1,
+    shard: Shard | None = None,
+    settings: dict | None = None,
+    after_row: AfterRow | None = None,
 ) -> dict:
-    """Run many prepared jobs on one warm editor into one atomic folder, with ``results.csv``.
+    """Run many prepared jobs on one warm editor into ``output``, row by row, with ``results.csv``.
 
-    The rows run in order (``prepare_jobs`` has checked them all before any model work), up
-    to ``batch_size`` single-image rows per pipeline call (``InstructX2XEditor.edit_batch``);
-    the folder appears only when all are written.
+    Each row's folder is written atomically and recorded in ``OUTPUT/records/`` as soon as it
+    exists, so an interrupted run resumes with the rows not yet recorded (rerun the same
+    command); until ``results.csv`` is written the folder holds ``INCOMPLETE``. Under
+    ``accelerate launch`` (``shard``) every process edits its share of the rows and the main
+    process assembles ``results.csv``. Up to ``batch_size`` single-image rows share a pipeline
+    call (``InstructX2XEditor.edit_batch``). ``after_row(prepared_row, folder)`` runs once a
+    row is written (e.g. a PACS store) and returns extra columns; a row counts as done only
+    after it.
+
+    Returns
+    -------
+    dict
+        The ``done`` event on the main process; ``{}`` on the others.
     """
     import csv
+    import os
+    import shutil
 
     from .outputs import atomic_output_dir
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ParameterError(f"batch size must be an integer >= 1, got {batch_size!r}.")
-    emit({"event": "jobs", "count": len(prepared)})
-    for item in prepared:
+    shard = shard or Shard()
+    settings = settings if settings is not None else jobs_settings([p.job for p in prepared], batch_size)
+    if shard.is_main:
+        open_jobs_output(output, settings)
+    shard.wait()
+    records = output / RECORDS
+    done = read_records(records, "rows", key="job")
+    todo = [(n, item) for n, item in shard.mine(list(enumerate(prepared, start=1))) if n not in done]
+    emit({"event": "jobs", "count": len(prepared), "done": len(done), "todo": len(todo)})
+    for _, item in todo:
         load_verifier(item, editor)
-    rows = []
-    with atomic_output_dir(output) as staging:
-        for group in _batches(prepared, batch_size):
-            first = len(rows) + 1
-            if len(group) == 1:
+    with open_record(records, "rows", shard) as sink:
+        for group in _batches(todo, batch_size):
+            numbers = [number for number, _ in group]
+            items = [item for _, item in group]
+            if len(items) == 1:
                 results = [
-                    edit_images(group[0], editor, lambda e, n=first: emit({**e, "job": n}), progress_bar)
+                    edit_images(items[0], editor, lambda e, n=numbers[0]: emit({**e, "job": n}), progress_bar)
                 ]
             else:
-                emit({"event": "batch", "jobs": list(range(first, first + len(group)))})
-                size = len(group)
+                emit({"event": "batch", "jobs": numbers})
+                size = len(items)
                 results = [
                     [r]
                     for r in editor.edit_batch(
-                        [item.images[0] for item in group],
-                        [item.job.parameters for item in group],
-                        None if group[0].mask is None else [item.mask for item in group],
-                        [item.keep_mask for item in group],
+                        [item.images[0] for item in items],
+                        [item.job.parameters for item in items],
+                        None if items[0].mask is None else [item.mask for item in items],
+                        [item.keep_mask for item in items],
                         progress=lambda step, total, jobs=size: emit(
                             {"event": "progress", "step": step, "total": total, "jobs": jobs}
                         ),
                     )
                 ]
-            for item, item_results in zip(group, results):
-                folder = staging / item.job.output.name
-                folder.mkdir()
-                write_into(folder, item, item_results)
+            for number, item, item_results in zip(numbers, items, results):
+                folder = output / item.job.output.name
+                if os.path.lexists(folder):  # written by an interrupted run, never recorded
+                    shutil.rmtree(folder)
+                with atomic_output_dir(folder) as staging:
+                    write_into(staging, item, item_results)
                 manifest = item_results[0].manifest
-                rows.append(
-                    {
-                        "job": len(rows) + 1,
-                        "image": item.job.input.name,
-                        "instruction": item.job.parameters.instruction,
-                        "seed": item.job.parameters.seed,
-                        "output": folder.name,
-                        "edit_fraction": round(manifest["edit_fraction"], 6),
-                        "prior": ";".join(manifest["prior"]["categories"]) if manifest["prior"] else "",
-                        "seconds": manifest["timings_s"]["total"],
-                        "batch": len(group),
-                    }
-                )
-        with open(staging / "results.csv", "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    summary = {"event": "done", "output": str(output), "jobs": len(rows), "results": "results.csv"}
+                row = {
+                    "job": number,
+                    "image": item.job.input.name,
+                    "instruction": item.job.parameters.instruction,
+                    "seed": item.job.parameters.seed,
+                    "output": folder.name,
+                    "edit_fraction": round(manifest["edit_fraction"], 6),
+                    "prior": ";".join(manifest["prior"]["categories"]) if manifest["prior"] else "",
+                    "seconds": manifest["timings_s"]["total"],
+                    "batch": len(items),
+                }
+                if after_row is not None:
+                    row.update(after_row(item, folder))
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
+                emit({"event": "row", "job": number, "output": folder.name})
+    shard.wait()
+    if not shard.is_main:
+        return {}
+    rows = read_records(records, "rows", key="job")
+    ordered = [rows[number] for number in range(1, len(prepared) + 1)]
+    staged = output / ".results.csv.partial"
+    with open(staged, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(ordered[0]))
+        writer.writeheader()
+        writer.writerows(ordered)
+    staged.replace(output / "results.csv")
+    (output / INCOMPLETE).unlink()
+    summary = {
+        "event": "done",
+        "output": str(output),
+        "jobs": len(ordered),
+        "resumed_after": len(done),
+        "results": "results.csv",
+    }
     emit(summary)
     return summary
 
 
-def _batches(prepared: list[PreparedJob], size: int):
-    """Consecutive rows that can share a pipeline call: one image each, edits, the same
-    presence of an edit mask; at most ``size``."""
-    group: list[PreparedJob] = []
-    for item in prepared:
+def _batches(rows: list[tuple[int, PreparedJob]], size: int):
+    """Consecutive (number, row) pairs that can share a pipeline call: one image each, edits,
+    the same presence of an edit mask; at most ``size``."""
+    group: list[tuple[int, PreparedJob]] = []
+    for number, item in rows:
         fits = (
             len(item.images) == 1
             and item.job.command == "edit"
-            and (not group or (item.mask is None) == (group[0].mask is None))
+            and (not group or (item.mask is None) == (group[0][1].mask is None))
         )
         if group and (not fits or len(group) == size):
             yield group
             group = []
         if not fits:
-            yield [item]
+            yield [(number, item)]
             continue
-        group.append(item)
+        group.append((number, item))
     if group:
         yield group
 

@@ -9,10 +9,14 @@ import dataclasses
 import logging
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 
 from ..errors import PacsError, ParameterError
+
+if TYPE_CHECKING:
+    from .dicomweb import Credentials
 
 __all__ = ["PacsError", "CStoreTarget", "echo", "push_cstore", "push_stow"]
 
@@ -121,8 +125,9 @@ def push_cstore(paths: list[Path], target: CStoreTarget, timeout: float = 30.0) 
         association.release()
 
 
-def push_stow(paths: list[Path], url: str) -> None:
-    """Store every file with DICOMweb STOW-RS at ``url`` (the service root).
+def push_stow(paths: list[Path], url: str, credentials: Credentials | None = None) -> None:
+    """Store every file with DICOMweb STOW-RS at ``url`` (the service root), authenticated
+    with ``credentials`` (``dicomweb.read_credentials``) when given.
 
     Raises
     ------
@@ -133,10 +138,11 @@ def push_stow(paths: list[Path], url: str) -> None:
     """
     if not url.startswith(("http://", "https://")):
         raise ParameterError(f"STOW-RS URL must start with http:// or https://, got {url!r}.")
-    from dicomweb_client.api import DICOMwebClient
     from requests import RequestException
 
-    client = DICOMwebClient(url=url)
+    from .dicomweb import connect
+
+    client = connect(url, credentials)
     try:
         client.store_instances(datasets=[pydicom.dcmread(path) for path in paths])
     except (RequestException, RuntimeError, ValueError) as error:

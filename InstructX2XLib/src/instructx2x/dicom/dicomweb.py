@@ -1,0 +1,291 @@
+"""A cohort of radiographs from a PACS over DICOMweb: listed with QIDO-RS, fetched with WADO-RS.
+
+``CohortQuery`` names the server and what to match (study, series, modality, study dates);
+``list_films`` asks QIDO-RS for the matching instances and refuses, before any film is fetched
+or any model loaded, a query that matches nothing or matches images that are not radiographs;
+``retrieve_films`` fetches each film with WADO-RS into a folder (each file written whole or not
+at all); results go back with ``pacs.push_stow`` into the source study (the edit's DICOM
+objects already belong to it). Credentials come from the environment or a file
+(``read_credentials``), never from the command line; no message, log line or record carries
+them. Nothing here runs unless the user names a server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+
+from ..errors import InputError, InputNotFoundError, PacsError, ParameterError
+
+__all__ = [
+    "RADIOGRAPH_MODALITIES",
+    "CREDENTIAL_ENV",
+    "Credentials",
+    "CohortQuery",
+    "Film",
+    "read_credentials",
+    "connect",
+    "list_films",
+    "retrieve_films",
+    "store_folder",
+]
+
+# what the editor reads as a projection radiograph (computed and digital radiography)
+RADIOGRAPH_MODALITIES = ("CR", "DX")
+CREDENTIAL_ENV = {
+    "username": "INSTRUCTX2X_DICOMWEB_USER",
+    "password": "INSTRUCTX2X_DICOMWEB_PASSWORD",
+    "token": "INSTRUCTX2X_DICOMWEB_TOKEN",
+}
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_MODALITY = re.compile(r"^[A-Z0-9]{1,16}$")
+_DATES = re.compile(r"^(\d{8})?(-(\d{8})?)?$")
+_TAGS = {"study": "0020000D", "series": "0020000E", "instance": "00080018", "modality": "00080060"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Credentials:
+    """HTTP basic (``username`` and ``password``) or bearer (``token``) authentication; the
+    secret never shows in ``repr``."""
+
+    username: str | None = dataclasses.field(default=None)
+    password: str | None = dataclasses.field(default=None, repr=False)
+    token: str | None = dataclasses.field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        basic = self.username is not None or self.password is not None
+        if basic and not (self.username and self.password):
+            raise ParameterError("DICOMweb credentials need both a username and a password.")
+        if basic == (self.token is not None):
+            raise ParameterError(
+                "DICOMweb credentials are a username and password, or a token: one of the two."
+            )
+        if self.token is not None and not self.token:
+            raise ParameterError("DICOMweb token is empty.")
+
+
+@dataclasses.dataclass(frozen=True)
+class CohortQuery:
+    """Which films to take from a DICOMweb server.
+
+    Attributes
+    ----------
+    url: str
+        The service root (``https://pacs/dicom-web``).
+    study, series: str | None
+        StudyInstanceUID, SeriesInstanceUID to restrict to.
+    modality: str | None
+        e.g. ``CR`` or ``DX``; without it every instance matched must still be a radiograph.
+    dates: str | None
+        StudyDate: ``YYYYMMDD``, or a range ``YYYYMMDD-YYYYMMDD`` (either end may be open).
+    """
+
+    url: str
+    study: str | None = None
+    series: str | None = None
+    modality: str | None = None
+    dates: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise ParameterError("the DICOMweb URL must start with http:// or https://.")
+        if "@" in self.url.split("/", 3)[2]:
+            raise ParameterError(
+                "the DICOMweb URL carries credentials; give them in the environment or a "
+                "--dicomweb-credentials file instead (docs/cli.md)."
+            )
+        for name in ("study", "series"):
+            value = getattr(self, name)
+            if value is not None and (not _UID.match(value) or len(value) > 64):
+                raise ParameterError(
+                    f"--dicomweb-{name} must be a DICOM UID (digits and dots), got {value!r}."
+                )
+        if self.modality is not None and not _MODALITY.match(self.modality):
+            raise ParameterError(
+                f"--dicomweb-modality must be a DICOM modality such as DX, got {self.modality!r}."
+            )
+        if self.dates is not None and (not self.dates.strip("-") or not _DATES.match(self.dates)):
+            raise ParameterError(
+                f"--dicomweb-dates must read YYYYMMDD or YYYYMMDD-YYYYMMDD, got {self.dates!r}."
+            )
+
+    def describe(self) -> dict:
+        """The query as recorded with the results (no credentials)."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Film:
+    """One instance the query matched."""
+
+    study: str
+    series: str
+    instance: str
+    modality: str
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.instance}.dcm"
+
+
+def read_credentials(path: Path | None = None, environ: Mapping[str, str] = os.environ) -> Credentials | None:
+    """Credentials from a file (JSON: ``{"username": ..., "password": ...}`` or
+    ``{"token": ...}``), else from ``INSTRUCTX2X_DICOMWEB_USER``/``_PASSWORD`` or ``_TOKEN``;
+    ``None`` when neither is given.
+
+    Raises
+    ------
+    InputNotFoundError, InputError
+        A missing or malformed file (the message never quotes its content).
+    ParameterError
+        An incomplete pair, or both kinds at once.
+    """
+    if path is not None:
+        if not path.is_file():
+            raise InputNotFoundError(f"DICOMweb credentials file not found: {path.name}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise InputError(f"{path.name}: not a JSON object of username/password or token.") from None
+        if not isinstance(data, dict) or set(data) - set(CREDENTIAL_ENV) or not data:
+            raise InputError(f"{path.name}: keys must be username and password, or token.")
+        if not all(isinstance(value, str) for value in data.values()):
+            raise InputError(f"{path.name}: every value must be a string.")
+        return Credentials(**data)
+    found = {key: environ[name] for key, name in CREDENTIAL_ENV.items() if environ.get(name)}
+    return Credentials(**found) if found else None
+
+
+def connect(url: str, credentials: Credentials | None = None, timeout: float = 30.0):
+    """A ``dicomweb_client.DICOMwebClient`` for ``url`` with the credentials set on its session."""
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+
+    session = requests.Session()
+    if credentials is not None and credentials.token is not None:
+        session.headers["Authorization"] = f"Bearer {credentials.token}"
+    elif credentials is not None:
+        session.auth = (credentials.username, credentials.password)
+    return DICOMwebClient(url=url, session=session, timeout=timeout)
+
+
+def list_films(client, query: CohortQuery) -> list[Film]:
+    """Every instance the query matches, sorted by study, series and instance UID.
+
+    Raises
+    ------
+    InputError
+        Nothing matched, or some matches are not radiographs (the message counts them by
+        modality).
+    PacsError
+        The server refused or did not answer.
+    """
+    filters = {}
+    if query.modality is not None:
+        filters["Modality"] = query.modality
+    if query.dates is not None:
+        filters["StudyDate"] = query.dates
+    answer = _ask(
+        "QIDO-RS search",
+        client.search_for_instances,
+        study_instance_uid=query.study,
+        series_instance_uid=query.series,
+        fields=["Modality", "StudyInstanceUID", "SeriesInstanceUID"],
+        search_filters=filters,
+        get_remaining=True,
+    )
+    films = sorted(
+        {
+            Film(*(_value(item, _TAGS[key]) for key in ("study", "series", "instance", "modality")))
+            for item in answer
+        },
+        key=lambda film: (film.study, film.series, film.instance),
+    )
+    if not films:
+        raise InputError("the DICOMweb query matched no film; check the study, series, modality and dates.")
+    others = Counter(film.modality or "none" for film in films if film.modality not in RADIOGRAPH_MODALITIES)
+    if others:
+        counted = ", ".join(f"{count} {modality}" for modality, count in sorted(others.items()))
+        raise InputError(
+            f"the DICOMweb query matched {len(films)} images, of which {counted} are not radiographs "
+            f"({'/'.join(RADIOGRAPH_MODALITIES)}); narrow it, e.g. with --dicomweb-modality DX."
+        )
+    bad = [
+        film for film in films if not all(_UID.match(uid) for uid in (film.study, film.series, film.instance))
+    ]
+    if bad:
+        raise PacsError(f"the DICOMweb server answered {len(bad)} instance(s) without valid UIDs.")
+    return films
+
+
+def retrieve_films(client, films: list[Film], folder: Path) -> list[Path]:
+    """Fetch each film with WADO-RS into ``folder/<SOPInstanceUID>.dcm`` (one already there is
+    kept); each file appears whole or not at all.
+
+    Raises
+    ------
+    PacsError
+        The server refused or failed, or sent another instance than asked for.
+    """
+    import pydicom
+
+    paths = []
+    for film in films:
+        path = folder / film.file_name
+        if not path.is_file():
+            dataset = _ask(
+                "WADO-RS retrieve",
+                client.retrieve_instance,
+                film.study,
+                film.series,
+                film.instance,
+            )
+            if str(dataset.get("SOPInstanceUID", "")) != film.instance:
+                raise PacsError("the DICOMweb server sent another instance than the one asked for.")
+            partial = folder / f".{film.file_name}.partial"
+            pydicom.dcmwrite(partial, dataset, enforce_file_format=True)
+            partial.replace(path)
+        paths.append(path)
+    return paths
+
+
+def store_folder(folder: Path, url: str, credentials: Credentials | None = None) -> int:
+    """Send every ``.dcm`` file of a result folder with STOW-RS (into the source study, which
+    the edit's objects belong to); returns how many were sent.
+
+    Raises
+    ------
+    PacsError
+        The server refused them.
+    """
+    from .pacs import push_stow
+
+    files = sorted(folder.glob("*.dcm"))
+    if files:
+        push_stow(files, url, credentials)
+    return len(files)
+
+
+def _ask(what: str, call, *args, **kwargs):
+    from requests import RequestException
+
+    try:
+        return call(*args, **kwargs)
+    except RequestException as error:
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        reason = f"HTTP {status}" if status is not None else type(error).__name__
+        if status in (401, 403):
+            reason += " (check the credentials)"
+        raise PacsError(f"{what} on the DICOMweb server failed: {reason}.") from None
+    except (RuntimeError, ValueError) as error:
+        raise PacsError(f"{what} on the DICOMweb server failed: {type(error).__name__}.") from None
+
+
+def _value(item: dict, tag: str) -> str:
+    values = item.get(tag, {}).get("Value") or [""]
+    return str(values[0])

@@ -1,0 +1,105 @@
+"""`instructx2x edit --dicomweb`: a cohort queried (QIDO-RS), fetched (WADO-RS), edited and stored
+back (STOW-RS) against a real Orthanc with its DICOMweb plugin and HTTP basic authentication."""
+
+import csv
+import io
+import os
+import subprocess
+
+import pydicom
+import pytest
+from console import console_script
+from dicom_factory import make_radiograph
+from orthanc import OrthancServer
+
+PASSWORD = "s3cret-cohort-pw"
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc"), users={"radiology": PASSWORD}).start()
+    if not server.has_dicomweb:
+        server.stop()
+        pytest.skip("Orthanc's DICOMweb plugin (Debian package orthanc-dicomweb) is not installed")
+    films = tmp_path_factory.mktemp("films")
+    cr, ct = make_radiograph("CR"), make_radiograph("CR")
+    ct.Modality = "CT"  # a film of another modality in the same study: not a radiograph
+    ct.StudyInstanceUID = cr.StudyInstanceUID
+    for name, dataset in (("cr.dcm", cr), ("ct.dcm", ct)):
+        dataset.save_as(films / name, enforce_file_format=True)
+        server.upload(films / name)
+    server.cr = cr
+    yield server
+    server.stop()
+
+
+def edit(orthanc, output, *query, store=False, password=PASSWORD):
+    environment = {**os.environ, "INSTRUCTX2X_DICOMWEB_USER": "radiology"}
+    environment["INSTRUCTX2X_DICOMWEB_PASSWORD"] = password
+    return subprocess.run(
+        [
+            console_script("instructx2x"),
+            "edit",
+            "-i",
+            "Add the finding of edema",
+            "-o",
+            str(output),
+            "--model",
+            "untrained-tiny",
+            "--steps",
+            "2",
+            "--resolution",
+            "64",
+            "--progress",
+            "none",
+            "--dicomweb",
+            f"{orthanc.url}/dicom-web",
+            *query,
+            *(["--dicomweb-store"] if store else []),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=environment,
+    )
+
+
+def everything_written(folder):
+    return "".join(path.read_bytes().decode("latin-1") for path in folder.rglob("*") if path.is_file())
+
+
+def test_a_cohort_is_fetched_edited_and_stored_back_in_its_study(orthanc, tmp_path):
+    out = tmp_path / "cohort"
+    completed = edit(orthanc, out, "--dicomweb-modality", "CR", store=True)
+    assert completed.returncode == 0, completed.stderr
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 1
+    stored = [
+        pydicom.dcmread(io.BytesIO(orthanc.instance_file(uid)))
+        for uid in orthanc.study_instances(orthanc.cr.StudyInstanceUID)
+        if uid not in (orthanc.cr.SOPInstanceUID,)
+    ]
+    synthetic = [ds for ds in stored if ds.get("ConversionType") == "SYN" or ds.Modality == "SEG"]
+    assert len(synthetic) == 3  # counterfactual, overlay, SEG in the source's study
+    assert {ds.StudyInstanceUID for ds in synthetic} == {orthanc.cr.StudyInstanceUID}
+    for text in (completed.stdout, completed.stderr, everything_written(out)):
+        assert PASSWORD not in text
+
+
+@pytest.mark.parametrize(
+    "query, password, message",
+    [
+        (["--dicomweb-dates", "19000101-19000102"], PASSWORD, "matched no film"),
+        ([], PASSWORD, "CT"),
+        (["--dicomweb-modality", "CR"], "wrong-password", "401"),
+    ],
+)
+def test_a_cohort_that_cannot_be_edited_is_refused_before_any_folder(
+    orthanc, tmp_path, query, password, message
+):
+    out = tmp_path / "refused"
+    completed = edit(orthanc, out, *query, password=password)
+    assert completed.returncode == 2 or completed.returncode == 5, completed.stderr
+    assert message in completed.stderr
+    assert "Traceback" not in completed.stderr and password not in completed.stderr
+    assert not out.exists()
