@@ -14,7 +14,8 @@ from pydicom.data import get_testdata_file
 
 from instructx2x import EditParameters, InstructX2XEditor, read_dicom
 from instructx2x.dicom import export_dicom_edit
-from instructx2x.dicom.pacs import CStoreTarget, PacsError, echo, push_cstore, push_stow
+from instructx2x.dicom.dicomweb import push_stow
+from instructx2x.dicom.pacs import CStoreTarget, PacsError, echo, push_cstore
 from instructx2x.loading import load_pipeline
 
 RG1 = get_testdata_file("RG1_UNCR.dcm")

@@ -288,7 +288,8 @@ def load_verifier(prepared: PreparedJob, editor) -> None:
 
 def write_results(prepared: PreparedJob, results: list, emit: Events, float_maps: bool = False) -> dict:
     """The output part of ``run_job``: files in one atomic folder, then the PACS push."""
-    from .dicom.pacs import push_cstore, push_stow
+    from .dicom.dicomweb import push_stow
+    from .dicom.pacs import push_cstore
     from .outputs import atomic_output_dir
 
     job = prepared.job

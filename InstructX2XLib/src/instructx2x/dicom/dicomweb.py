@@ -1,10 +1,11 @@
-"""A cohort of radiographs from a PACS over DICOMweb: listed with QIDO-RS, fetched with WADO-RS.
+"""DICOMweb: a cohort of radiographs listed with QIDO-RS and fetched with WADO-RS; results
+stored with STOW-RS.
 
 ``CohortQuery`` names the server and what to match (study, series, modality, study dates);
 ``list_films`` asks QIDO-RS for the matching instances and refuses, before any film is fetched
 or any model loaded, a query that matches nothing or matches images that are not radiographs;
 ``retrieve_films`` fetches each film with WADO-RS into a folder (each file written whole or not
-at all); results go back with ``pacs.push_stow`` into the source study (the edit's DICOM
+at all); results go back with ``push_stow`` into the source study (the edit's DICOM
 objects already belong to it). Credentials come from the environment or a file
 (``read_credentials``), never from the command line; no message, log line or record carries
 them. Nothing here runs unless the user names a server.
@@ -32,6 +33,7 @@ __all__ = [
     "connect",
     "list_films",
     "retrieve_films",
+    "push_stow",
     "store_folder",
 ]
 
@@ -254,6 +256,29 @@ def retrieve_films(client, films: list[Film], folder: Path) -> list[Path]:
     return paths
 
 
+def push_stow(paths: list[Path], url: str, credentials: Credentials | None = None) -> None:
+    """Store every file with STOW-RS at ``url`` (the service root), authenticated with
+    ``credentials`` (``read_credentials``) when given.
+
+    Raises
+    ------
+    ParameterError
+        When the URL is not http(s).
+    PacsError
+        When the server answers with an error.
+    """
+    if not url.startswith(("http://", "https://")):
+        raise ParameterError(f"STOW-RS URL must start with http:// or https://, got {url!r}.")
+    import pydicom
+    from requests import RequestException
+
+    client = connect(url, credentials)
+    try:
+        client.store_instances(datasets=[pydicom.dcmread(path) for path in paths])
+    except (RequestException, RuntimeError, ValueError) as error:
+        raise PacsError(f"STOW-RS to the DICOMweb server failed: {error}") from error
+
+
 def store_folder(folder: Path, url: str, credentials: Credentials | None = None) -> int:
     """Send every ``.dcm`` file of a result folder with STOW-RS (into the source study, which
     the edit's objects belong to); returns how many were sent.
@@ -263,8 +288,6 @@ def store_folder(folder: Path, url: str, credentials: Credentials | None = None)
     PacsError
         The server refused them.
     """
-    from .pacs import push_stow
-
     files = sorted(folder.glob("*.dcm"))
     if files:
         push_stow(files, url, credentials)

@@ -1,4 +1,5 @@
-"""Send an edit's objects to a PACS: DIMSE C-STORE (pynetdicom) or DICOMweb STOW-RS.
+"""Send an edit's objects to a DICOM node with DIMSE: C-ECHO and C-STORE (pynetdicom).
+DICOMweb (STOW-RS) lives in ``dicomweb``.
 
 The only network traffic the library makes, and only when the user asks for it.
 """
@@ -9,16 +10,12 @@ import dataclasses
 import logging
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pydicom
 
 from ..errors import PacsError, ParameterError
 
-if TYPE_CHECKING:
-    from .dicomweb import Credentials
-
-__all__ = ["PacsError", "CStoreTarget", "echo", "push_cstore", "push_stow"]
+__all__ = ["PacsError", "CStoreTarget", "echo", "push_cstore"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,27 +120,3 @@ def push_cstore(paths: list[Path], target: CStoreTarget, timeout: float = 30.0) 
             logger.info("Stored %s on %s.", Path(path).name, target.called_ae_title)
     finally:
         association.release()
-
-
-def push_stow(paths: list[Path], url: str, credentials: Credentials | None = None) -> None:
-    """Store every file with DICOMweb STOW-RS at ``url`` (the service root), authenticated
-    with ``credentials`` (``dicomweb.read_credentials``) when given.
-
-    Raises
-    ------
-    ParameterError
-        When the URL is not http(s).
-    PacsError
-        When the server answers with an error.
-    """
-    if not url.startswith(("http://", "https://")):
-        raise ParameterError(f"STOW-RS URL must start with http:// or https://, got {url!r}.")
-    from requests import RequestException
-
-    from .dicomweb import connect
-
-    client = connect(url, credentials)
-    try:
-        client.store_instances(datasets=[pydicom.dcmread(path) for path in paths])
-    except (RequestException, RuntimeError, ValueError) as error:
-        raise PacsError(f"STOW-RS to the DICOMweb server failed: {error}") from error
