@@ -810,8 +810,10 @@ def ensureDependencies() -> None:
     """Build or update the worker's package set on first use, after asking (a self-test the user
     opted into with INSTRUCTX2X_SELFTEST_INSTALL=1 does not ask); Slicer's own Python is never
     changed. The work is ``packages.ensure_package_set``'s (one install at a time); here only its
-    Qt parts: the question, an application-modal progress dialog (no second Preview or Apply
-    while it runs) and Slicer's log."""
+    Qt parts: the question (asked with the normal cursor, though a Preview or Apply shows the
+    wait cursor), an application-modal progress dialog with a Cancel button (no second Preview
+    or Apply while it runs; the GUI is served every ``packages.CANCEL_POLL_S`` while pip runs)
+    and Slicer's log."""
     problem = packages.unsupported_slicer(slicer.app.majorVersion, slicer.app.minorVersion)
     if problem:
         raise RuntimeError(problem)
@@ -826,13 +828,27 @@ def ensureDependencies() -> None:
                     labelText=stage, maximum=0, windowModality=qt.Qt.ApplicationModal
                 )
             )
-            dialogs[0].setCancelButton(None)  # an install is finished or undone, never cut
+        if stage.startswith("Putting"):  # the last stage is a rename: finished or undone, never cut
+            dialogs[0].setCancelButton(None)
         dialogs[0].labelText = stage
         slicer.app.processEvents()
 
     def log(line: str) -> None:
         logging.info(line)
         slicer.app.processEvents()
+
+    def cancelled() -> bool:
+        slicer.app.processEvents()
+        return bool(dialogs) and dialogs[0].wasCanceled
+
+    def confirm(question: str) -> bool:
+        if optedIn:
+            return True
+        qt.QApplication.setOverrideCursor(qt.QCursor(qt.Qt.ArrowCursor))
+        try:
+            return slicer.util.confirmOkCancelDisplay(question)
+        finally:
+            qt.QApplication.restoreOverrideCursor()
 
     try:
         packages.ensure_package_set(
@@ -842,7 +858,8 @@ def ensureDependencies() -> None:
             moduleDir / "Resources" / "requirements.txt",
             progress=report,
             log=log,
-            confirm=lambda question: optedIn or slicer.util.confirmOkCancelDisplay(question),
+            confirm=confirm,
+            cancelled=cancelled,
         )
     finally:
         for dialog in dialogs:

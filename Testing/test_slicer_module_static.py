@@ -117,6 +117,20 @@ def test_the_before_after_button_starts_on_after():
     assert ui_property("beforeAfterButton", "checked") == "true"
 
 
+def test_the_extension_screenshots_and_contributors_are_as_the_extensions_index_wants():
+    """Slicer's extension index shows EXTENSION_SCREENSHOTURLS (space-separated) and lists
+    EXTENSION_CONTRIBUTORS as "Name (Affiliation)", comma-separated."""
+    top = (MODULE.parent / "CMakeLists.txt").read_text()
+    homepage = re.search(r'EXTENSION_HOMEPAGE "https://github.com/([^/"]+/[^/"]+)"', top).group(1)
+    urls = re.search(r'EXTENSION_SCREENSHOTURLS "([^"]*)"', top).group(1).split()
+    assert urls
+    for url in urls:
+        match = re.fullmatch(r"https://raw\.githubusercontent\.com/([^/]+/[^/]+)/main/(.+\.png)", url)
+        assert match and match.group(1) == homepage and (MODULE.parent / match.group(2)).is_file(), url
+    contributors = re.search(r'EXTENSION_CONTRIBUTORS "([^"]+)"', top).group(1)
+    assert all(re.fullmatch(r"[^(),]+ \([^()]+\)", name.strip()) for name in contributors.split(","))
+
+
 def test_the_extension_icon_url_names_the_modules_icon_in_this_repository():
     top = (MODULE.parent / "CMakeLists.txt").read_text()
     homepage = re.search(r'EXTENSION_HOMEPAGE "https://github.com/([^/"]+/[^/"]+)"', top).group(1)

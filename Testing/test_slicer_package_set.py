@@ -315,11 +315,60 @@ def test_a_second_install_during_one_is_refused_and_a_silent_pip_still_reports_t
         )
 
 
+LONG_PIP = """#!/bin/sh
+# pip downloading a large wheel for a minute, writing as it goes
+echo "Collecting torch==2.13.0"
+mkdir -p "$(dirname "$0")/pip-ran"
+sleep 60
+exit 0
+"""
+
+
+def test_cancel_stops_pip_at_once_and_leaves_the_set_as_it_was(shipped, tmp_path):
+    """The panel's Cancel button: pip is stopped within a poll, its staging folder removed, the
+    set in place untouched, and the message says what to do."""
+    library, requirements = shipped
+    folder = tmp_path / "settings" / "set"
+    folder.mkdir(parents=True)
+    (folder / "old_package.py").write_text("VALUE = 1\n")
+    python = tmp_path / "long-pip"
+    python.write_text(LONG_PIP)
+    python.chmod(0o755)
+    asked = []
+
+    def cancelled():
+        asked.append(time.monotonic())
+        return (tmp_path / "pip-ran").exists() and len(asked) > 5
+
+    started = time.monotonic()
+    with pytest.raises(
+        packages.PackageSetError, match="cancelled; nothing was installed. Press Preview or Apply"
+    ):
+        packages.ensure_package_set(
+            folder,
+            python,
+            library,
+            requirements,
+            confirm=lambda q: True,
+            progress=lambda s: None,
+            log=lambda line: None,
+            torch=lambda: packages.TorchBuild("index", None, "the test"),
+            cancelled=cancelled,
+        )
+    assert time.monotonic() - started < 20  # not the minute pip would take
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["set"]  # no staging left
+    assert [p.name for p in folder.iterdir()] == ["old_package.py"]
+
+
 def test_each_slicer_revision_has_its_own_set(tmp_path):
     first = packages.package_set_folder(tmp_path / "slicer.org" / "Slicer-33216.ini", (3, 12))
     second = packages.package_set_folder(tmp_path / "slicer.org" / "Slicer-34045.ini", (3, 12))
     assert first == tmp_path / "slicer.org" / "InstructX2X" / "worker-packages-Slicer-33216-py3.12"
     assert first != second and first.parent == second.parent
+    # Slicer --testing (settings disabled) names the revision's file Slicer-tmp-<rev>-tmp.ini
+    # (qSlicerCoreApplication::slicerRevisionUserSettingsFilePath): the same set, not a second one
+    testing = packages.package_set_folder(tmp_path / "slicer.org" / "Slicer-tmp-33216-tmp.ini", (3, 12))
+    assert testing == first
 
 
 def test_an_offline_install_leaves_the_set_in_place_as_it_was(shipped, tmp_path, monkeypatch):

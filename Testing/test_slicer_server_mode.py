@@ -1,7 +1,9 @@
 """Server mode: the panel's settings name a shared worker's socket (``instructx2x serve
 --socket``), as a GPU server reached through an SSH-forwarded socket is used."""
 
+import os
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -69,13 +71,28 @@ def silent_listener(tmp_path):
         connection.close()
 
 
-def test_the_settings_socket_reaches_the_shared_worker_and_results_land_in_the_scene(session, tmp_path):
+@pytest.fixture
+def panel_folder(tmp_path, monkeypatch):
+    """The panel's temporary folder (its session's files) in a folder of its own."""
+    folder = tmp_path / "panel"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="hiding the panel's files from the worker needs root")
+def test_the_settings_socket_reaches_the_shared_worker_and_results_land_in_the_scene(
+    panel_folder, session, tmp_path
+):
+    """The worker runs where the panel's files do not exist (a mount namespace that covers
+    them, as on another machine): the job's files and results travel over the socket."""
+    assert session.folder.parent == panel_folder
     path = tmp_path / "ix2x.sock"
     volume = radiograph(session.scene)
     before = layer.volume_to_array(volume).copy()
     mask = np.zeros((72, 64), bool)
     mask[30:60, 34:60] = True
-    with shared_worker(path) as server:
+    with shared_worker(path, hidden=panel_folder) as server:
         shared = settings(worker_socket=str(path))
         assert (
             session.start_worker(shared)["model"]["name"] == "untrained-tiny"
@@ -83,6 +100,9 @@ def test_the_settings_socket_reaches_the_shared_worker_and_results_land_in_the_s
         session.submit("preview", volume, shared)
         poll_until(session, lambda e: any(x["event"] == "done" for x in e))
         assert session.has_preview and {"guidance", "mask"} <= set(session.results)
+        assert session.request_rethreshold(0.5)  # the cached preview re-cut, its mask sent back
+        poll_until(session, lambda e: any(x["event"] == "done" for x in e))
+        assert "tau 0.5" in session.result_text
         session.submit(
             "edit", volume, settings(worker_socket=str(path), mask_source=MaskSource.PAINTED), edit_mask=mask
         )

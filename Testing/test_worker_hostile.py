@@ -2,6 +2,8 @@
 panels' client against a worker it must not trust: every attack runs on a real worker process
 with raw socket clients."""
 
+import base64
+import io
 import json
 import os
 import resource
@@ -9,8 +11,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -473,3 +477,123 @@ def test_the_worker_refuses_a_client_of_another_user(worker):
     assert answers["other"] == "closed"
     assert json.loads(answers["ours"])["event"] == "ready"
     assert "refused a client of another user" in worker.log.read_text()
+
+
+# -- files sent over the connection (``"transfer": true``) ------------------------------------
+
+
+def client_folders() -> set[str]:
+    """The shared worker's folders for transferred files (in its temporary folder, ours too)."""
+    return {path.name for path in Path(tempfile.gettempdir()).glob("instructx2x-client-*")}
+
+
+def upload(peer: Peer, request_id: str, name: str, data: bytes, offset: int = 0, final: bool = True) -> None:
+    peer.send(
+        {
+            "type": "upload",
+            "id": request_id,
+            "name": name,
+            "offset": offset,
+            "data": base64.b64encode(data).decode(),
+            "final": final,
+        }
+    )
+
+
+def test_a_transferred_job_runs_on_the_uploaded_film_and_sends_its_results_back(worker, film, tmp_path):
+    peer = ready(Peer(worker.path))
+    before = client_folders()
+    upload(peer, "u1", "input.png", film.read_bytes())
+    assert peer.event() == {
+        "id": "u1",
+        "event": "uploaded",
+        "name": "input.png",
+        "bytes": film.stat().st_size,
+    }
+    request = job("input.png", "ignored")
+    peer.send({"type": "preview", "id": "p", "job": request, "transfer": True})
+    events = peer.until("p", within=120)
+    done = events[-1]
+    assert done["event"] == "done" and done["output"] == ""
+    sent = {}
+    for event in events:
+        if event["event"] == "file":
+            assert event["offset"] == len(sent.get(event["name"], b""))
+            sent[event["name"]] = sent.get(event["name"], b"") + base64.b64decode(event["data"])
+    assert set(sent) == set(done["files"]) and "edit_mask.npy" in sent
+    mask = np.load(io.BytesIO(sent["edit_mask.npy"]))
+    assert mask.shape == (72, 64) and mask.dtype == bool
+    # a re-cut of the cached preview comes back the same way, nothing written at a client's path
+    peer.send({"type": "rethreshold", "id": "r", "preview": "p", "tau": 0.5, "transfer": True})
+    events = peer.until("r")
+    assert [e["name"] for e in events if e["event"] == "file" and e["final"]] == [
+        "edit_mask.npy",
+        "edit_mask.png",
+    ]
+    assert not (tmp_path / "ignored").exists() and not Path("ignored").exists()
+    (mine,) = client_folders() - before
+    peer.close()
+    deadline = time.monotonic() + 10
+    while mine in client_folders() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert mine not in client_folders()  # the client's folder goes with it
+
+
+@pytest.mark.parametrize(
+    "name, offset, data, message",
+    [
+        ("../escape.png", 0, "aGk=", "plain file name"),
+        ("/etc/passwd", 0, "aGk=", "plain file name"),
+        (".hidden", 0, "aGk=", "plain file name"),
+        ("input.png", 5, "aGk=", "does not follow byte 0"),
+        ("input.png", 0, "not base64!", "not base64"),
+        ("input.png", 0, 7, "base64 text"),
+    ],
+)
+def test_an_upload_out_of_shape_is_refused_and_the_connection_serves_on(worker, name, offset, data, message):
+    peer = ready(Peer(worker.path))
+    peer.send({"type": "upload", "id": "u", "name": name, "offset": offset, "data": data, "final": True})
+    refused = peer.event()
+    assert refused["event"] == "error" and refused["id"] == "u" and message in refused["message"]
+    assert refused["kind"] == "ParameterError"
+    assert not Path(tempfile.gettempdir(), "escape.png").exists()
+    upload(peer, "ok", "input.png", b"x")
+    assert peer.event()["event"] == "uploaded"
+    peer.close()
+
+
+def test_a_client_can_not_use_another_clients_upload_or_a_path(worker, film, tmp_path):
+    owner, other = ready(Peer(worker.path)), ready(Peer(worker.path))
+    upload(owner, "u", "input.png", film.read_bytes())
+    assert owner.event()["event"] == "uploaded"
+    for name in ("input.png", str(film)):
+        other.send({"type": "edit", "id": "e", "job": job(name, "x"), "transfer": True})
+        (refused,) = other.until("e")
+        assert refused["event"] == "error"
+    assert "was not uploaded" in refused["message"] or "plain file name" in refused["message"]
+    other.send(
+        {
+            "type": "edit",
+            "id": "push",
+            "job": {**job("input.png", "x"), "push_stow": "http://pacs/"},
+            "transfer": True,
+        }
+    )
+    assert "push" in other.until("push")[-1]["message"]
+    owner.close()
+    other.close()
+
+
+def test_uploads_are_bounded_per_client(worker):
+    from instructx2x.transfer import MAX_CLIENT_FILES
+
+    peer = ready(Peer(worker.path))
+    for index in range(MAX_CLIENT_FILES):
+        upload(peer, f"u{index}", f"f{index}", b"x")
+        assert peer.event()["event"] == "uploaded"
+    upload(peer, "over", "one-more", b"x")
+    refused = peer.event()
+    assert refused["kind"] == "ResourceError" and f"at most {MAX_CLIENT_FILES}" in refused["message"]
+    upload(peer, "again", "f0", b"yy")  # a name sent again replaces its file
+    assert peer.event() == {"id": "again", "event": "uploaded", "name": "f0", "bytes": 2}
+    peer.close()

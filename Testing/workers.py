@@ -23,22 +23,36 @@ def poll_until(source, until, timeout: float = 120) -> list[dict]:
 
 
 @contextmanager
-def shared_worker(path: Path, model: str = "untrained-tiny"):
+def shared_worker(path: Path, model: str = "untrained-tiny", hidden: Path | None = None):
     """``instructx2x serve --socket`` on the CPU, ready when its socket exists; stopped with
-    SIGTERM, which must end it cleanly."""
+    SIGTERM, which must end it cleanly. With ``hidden``, the worker runs in a mount namespace of
+    its own where an empty file system covers that folder: it sees none of the files there, as
+    a worker on another machine (needs root: ``unshare --mount``)."""
+    command = [
+        sys.executable,
+        "-m",
+        "instructx2x.cli",
+        "serve",
+        "--socket",
+        str(path),
+        "--model",
+        model,
+        "--device",
+        "cpu",
+    ]
+    if hidden is not None:
+        command = [
+            "unshare",
+            "--mount",
+            "sh",
+            "-c",
+            'mount -t tmpfs none "$1" && shift && exec "$@"',
+            "sh",
+            str(hidden),
+            *command,
+        ]
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "instructx2x.cli",
-            "serve",
-            "--socket",
-            str(path),
-            "--model",
-            model,
-            "--device",
-            "cpu",
-        ],
+        command,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -83,6 +83,7 @@ CUDA_BUILDS = (
 )
 NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0)  # Windows: no console window for pip
 HEARTBEAT_S = 1.0  # how often a silent pip (a large download) still reports the time it has taken
+CANCEL_POLL_S = 0.1  # how often a running pip asks whether the user cancelled
 # The set first on sys.path in place of the working folder, and no site-packages folder (Slicer's
 # numpy, scipy...) after it: the worker imports the standard library, Slicer's own paths and the set.
 _ISOLATE = (
@@ -235,7 +236,9 @@ def package_set_folder(settings_file: Path, version: Sequence[int] = sys.version
         Slicer's revision-specific settings file (``slicer.app.slicerRevisionUserSettingsFilePath``:
         ``Slicer-<revision>.ini`` in the installation's own settings folder, or in the user's
         shared one when Slicer is built to keep settings there): the set lies beside it, named
-        after it, so that each Slicer revision has its own.
+        after it, so that each Slicer revision has its own. With settings disabled (``--testing``,
+        ``--disable-settings``) Slicer names that file ``Slicer-tmp-<revision>-tmp.ini``; its
+        ``-tmp`` marks are dropped, so that a self-test uses the revision's one set.
     version : Sequence[int]
         The Python that runs the worker (major, minor, ...): one set per minor version.
 
@@ -244,11 +247,8 @@ def package_set_folder(settings_file: Path, version: Sequence[int] = sys.version
     Path
     """
     settings_file = Path(settings_file)
-    return (
-        settings_file.parent
-        / "InstructX2X"
-        / f"worker-packages-{settings_file.stem}-py{version[0]}.{version[1]}"
-    )
+    name = settings_file.stem.replace("-tmp", "")
+    return settings_file.parent / "InstructX2X" / f"worker-packages-{name}-py{version[0]}.{version[1]}"
 
 
 def worker_command(python: str | Path, folder: Path) -> list[str]:
@@ -510,6 +510,7 @@ def ensure_package_set(
     constraints: Sequence[Path] = (),
     torch: Callable[[], TorchBuild] = choose_torch,
     pip_options: Sequence[str] = (),
+    cancelled: Callable[[], bool] = lambda: False,
 ) -> Path:
     """Make ``folder`` hold the worker's packages for the shipped library and requirements.
 
@@ -540,6 +541,10 @@ def ensure_package_set(
         Chooses the torch build (``choose_torch``); called only when the set is (re)built.
     pip_options : Sequence[str]
         Further pip options (an index, ``--no-index`` and ``--find-links`` for a local mirror).
+    cancelled : Callable[[], bool]
+        Asked every ``CANCEL_POLL_S`` while pip runs and between stages, up to the last one
+        (putting the set in place, which is never cut); True stops pip, removes the staging
+        folder and raises ``PackageSetError``.
 
     Returns
     -------
@@ -549,8 +554,8 @@ def ensure_package_set(
     Raises
     ------
     PackageSetError
-        When the user declines, pip fails (offline, no matching build) or the new set does not
-        import; the message says what to do, and nothing was changed.
+        When the user declines or cancels, pip fails (offline, no matching build) or the new set
+        does not import; the message says what to do, and nothing was changed.
     """
     folder = Path(folder)
     if _installing:
@@ -560,7 +565,17 @@ def ensure_package_set(
     _installing.append(folder)
     try:
         return _ensure(
-            folder, python, library, requirements, confirm, progress, log, constraints, torch, pip_options
+            folder,
+            python,
+            library,
+            requirements,
+            confirm,
+            progress,
+            log,
+            constraints,
+            torch,
+            pip_options,
+            cancelled,
         )
     finally:
         _installing.clear()
@@ -577,6 +592,7 @@ def _ensure(
     constraints: Sequence[Path],
     torch: Callable[[], TorchBuild],
     pip_options: Sequence[str],
+    cancelled: Callable[[], bool],
 ) -> Path:
     """``ensure_package_set``'s work, one install at a time."""
     status = package_set_status(folder, library, requirements, constraints, torch)
@@ -633,7 +649,13 @@ def _ensure(
             shutil.copytree(folder, staging, copy_function=_link_or_copy)
             _remove_library(staging)
             progress("Installing the InstructX2X library…")
-            _pip(common + ["--no-deps", str(source)], log, progress, "Installing the InstructX2X library…")
+            _pip(
+                common + ["--no-deps", str(source)],
+                log,
+                progress,
+                "Installing the InstructX2X library…",
+                cancelled,
+            )
         else:
             log(f"torch {torch_version}: {_describe(build)}")
             stage = "Downloading and installing PyTorch, diffusers and the InstructX2X library…"
@@ -643,6 +665,7 @@ def _ensure(
                 log,
                 progress,
                 stage,
+                cancelled,
             )
             built_torch = {"backend": build.backend, "index_url": build.index_url}
         progress("Checking the new worker packages…")
@@ -650,6 +673,7 @@ def _ensure(
         (staging / MARKER).write_text(
             json.dumps({**wanted, "torch": built_torch}, indent=2), encoding="utf-8"
         )
+        _stop_if(cancelled)
         progress("Putting the worker packages in place…")
         _replace(staging, folder, staging_root / "previous")
     finally:
@@ -745,12 +769,24 @@ def _remove_library(staging: Path) -> None:
         script.unlink()
 
 
+def _stop_if(cancelled: Callable[[], bool]) -> None:
+    if cancelled():
+        raise PackageSetError(
+            "the install of InstructX2X's worker packages was cancelled; nothing was installed. "
+            "Press Preview or Apply to install them."
+        )
+
+
 def _pip(
-    command: list[str], log: Callable[[str], None], progress: Callable[[str], None], stage: str = ""
+    command: list[str],
+    log: Callable[[str], None],
+    progress: Callable[[str], None],
+    stage: str = "",
+    cancelled: Callable[[], bool] = lambda: False,
 ) -> None:
     """Run pip, every line to ``log``; while pip prints nothing (a large download), ``progress``
-    gets ``stage`` with the time taken every ``HEARTBEAT_S``. A failure says what to do, with pip's
-    last lines."""
+    gets ``stage`` with the time taken every ``HEARTBEAT_S``; ``cancelled`` is asked every
+    ``CANCEL_POLL_S`` (True kills pip). A failure says what to do, with pip's last lines."""
     tail: collections.deque = collections.deque(maxlen=15)
     try:
         process = subprocess.Popen(
@@ -773,16 +809,21 @@ def _pip(
         target=lambda: [*map(lines.put, _lines(process.stdout)), lines.put(None)], daemon=True
     ).start()
     started, shown = time.monotonic(), stage
+    heard = started
     try:
         while True:
+            _stop_if(cancelled)
             try:
-                line = lines.get(timeout=HEARTBEAT_S)
-            except queue.Empty:  # pip is silent: say that it still works
-                elapsed = int(time.monotonic() - started)
-                progress(f"{shown} ({elapsed // 60}:{elapsed % 60:02d} elapsed)")
+                line = lines.get(timeout=CANCEL_POLL_S)
+            except queue.Empty:
+                if time.monotonic() - heard >= HEARTBEAT_S:  # pip is silent: say that it still works
+                    heard = time.monotonic()
+                    elapsed = int(heard - started)
+                    progress(f"{shown} ({elapsed // 60}:{elapsed % 60:02d} elapsed)")
                 continue
             if line is None:
                 break
+            heard = time.monotonic()
             log(line)
             tail.append(line)
             if line.startswith(("Collecting ", "Installing collected packages")):
@@ -790,7 +831,7 @@ def _pip(
                 progress(shown)
         returncode = process.wait()
     finally:
-        if process.poll() is None:  # a log or progress callback raised: stop pip, remove its staging
+        if process.poll() is None:  # cancelled, or a callback raised: stop pip, remove its staging
             process.kill()
             process.wait()
     if returncode != 0:

@@ -20,6 +20,11 @@ With ``socket_path`` the client connects to a shared worker (``instructx2x serve
 instead of starting one: the model is the worker's, other panels' jobs may run first (the
 worker says how many with ``queued`` events), and stopping the client ends only the connection.
 The client talks only to a worker that runs as its own user or root (``SO_PEERCRED``).
+A shared worker may run on another machine (an SSH-forwarded socket), so the client sends it
+each job's files over the connection and receives the results the same way
+(``instructx2x.transfer``): the uploads go from a thread of their own, the results are written
+by the reader thread into a hidden folder that becomes the job's output on ``done``; the
+panel's timer sees only the small events.
 
 Whichever worker answers, a ``done`` counts only when its ``output`` is the folder the job
 asked for (or inside it); any other is turned into an ``error`` event, so that a panel never
@@ -107,6 +112,9 @@ class WorkerClient:
         The sampler and precision the model is loaded with (``auto``: the device's defaults).
     socket_path: str | None
         Connect to this shared worker instead of starting one (model and device are its own).
+    transfer: bool | None
+        Send the job's files over the connection (default: with a shared worker, which may
+        share no folder with the panel).
     """
 
     def __init__(
@@ -118,6 +126,7 @@ class WorkerClient:
         scheduler: str = "auto",
         dtype: str = "auto",
         socket_path: str | None = None,
+        transfer: bool | None = None,
     ) -> None:
         self.command = [
             *(executable or [sys.executable, "-m", "instructx2x.cli"]),
@@ -144,6 +153,12 @@ class WorkerClient:
         self.info: dict = {}
         self.last_error: str | None = None
         self._ids = itertools.count(1)
+        from instructx2x.transfer import Downloads  # the library's source is on the path by now
+
+        self.transfer = bool(socket_path) if transfer is None else transfer
+        self.downloads = Downloads()
+        self._send_lock = threading.Lock()
+        self._abandoned: set[str] = set()  # transferred jobs cancelled while their files go
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -202,17 +217,67 @@ class WorkerClient:
         if self.state != WorkerState.READY:
             raise WorkerError(f"the worker is {self.state.value}, not ready for a job.")
         request_id = str(next(self._ids))
-        self._send({"type": kind, "id": request_id, **({"job": job} if job is not None else {}), **fields})
+        output = (job or {}).get("output") or fields.get("output")
+        request = {"type": kind, "id": request_id, **({"job": job} if job is not None else {}), **fields}
+        if self.transfer:
+            uploads, request = self._transferred(request_id, request)
+            self.downloads.expect(request_id, Path(output))
+            threading.Thread(
+                target=self._send_with_files, args=(request_id, uploads, request), daemon=True
+            ).start()
+        else:
+            self._send(request)
         self.current = request_id
-        self.current_output = (job or {}).get("output") or fields.get("output")
+        self.current_output = output
         self.state = WorkerState.RUNNING
         return request_id
 
     def cancel(self) -> None:
         """Ask the running job to stop at its next step (nothing is written)."""
         if self.state == WorkerState.RUNNING and self.current is not None:
+            self._abandoned.add(self.current)
             self._send({"type": "cancel", "id": self.current})
             self.state = WorkerState.CANCELLING
+
+    def _transferred(self, request_id: str, request: dict) -> tuple[list[tuple[Path, str]], dict]:
+        """The files a request names, and the request naming them by their upload names."""
+        from instructx2x.transfer import JOB_FILE_FIELDS
+
+        if int(self.info.get("protocol", 1)) < 2:
+            raise WorkerError(
+                "the shared worker cannot receive files (protocol "
+                f"{self.info.get('protocol', 1)}); update InstructX2X where it runs."
+            )
+        request = {**request, "transfer": True}
+        request.pop("output", None)
+        uploads = []
+        if "job" in request:
+            job = {key: value for key, value in request["job"].items() if key != "output"}
+            for field in JOB_FILE_FIELDS:
+                if job.get(field) is not None:
+                    path = Path(job[field])
+                    if not path.is_file():
+                        raise WorkerError(f"{path.name} is not a file; a shared worker takes files only.")
+                    suffix = path.suffix if path.suffix[1:].isalnum() else ""
+                    job[field] = f"{field}{suffix[:16]}"
+                    uploads.append((path, job[field]))
+            request["job"] = job
+        return uploads, request
+
+    def _send_with_files(self, request_id: str, uploads: list[tuple[Path, str]], request: dict) -> None:
+        """Uploads, then the job (a thread of its own: a slow link never holds the panel)."""
+        from instructx2x.transfer import upload_requests
+
+        try:
+            for path, name in uploads:
+                for message in upload_requests(path, name, f"{request_id}:{name}"):
+                    if not self._send(message, unless_cancelled=request_id):
+                        return
+            self._send(request, unless_cancelled=request_id)
+        except (OSError, WorkerError) as error:
+            message = str(error) if isinstance(error, WorkerError) else f"cannot read {error.filename}"
+            self.downloads.discard(request_id)
+            self.events.put({"id": request_id, "event": "error", "kind": "WorkerError", "message": message})
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the running job, ask the worker to exit, and kill its process tree if it does
@@ -301,14 +366,22 @@ class WorkerClient:
         asked = Path(os.path.abspath(self.current_output))
         return Path(os.path.abspath(output)).is_relative_to(asked)
 
-    def _send(self, request: dict) -> None:
-        if self._writer is None or (self.process is not None and self.process.poll() is not None):
-            raise WorkerError("the worker is not running.")
-        try:
-            self._writer.write(json.dumps(request) + "\n")
-            self._writer.flush()
-        except OSError:
-            raise WorkerError("the worker is not running.") from None
+    def _send(self, request: dict, unless_cancelled: str | None = None) -> bool:
+        """Write one request; with ``unless_cancelled``, nothing once that job was cancelled
+        (then its ``cancelled`` event is ours to make). Returns whether it was written."""
+        with self._send_lock:  # the upload thread and the panel's cancel write whole lines
+            if unless_cancelled in self._abandoned:
+                self.events.put({"id": unless_cancelled, "event": "cancelled"})
+                self.downloads.discard(unless_cancelled)
+                return False
+            if self._writer is None or (self.process is not None and self.process.poll() is not None):
+                raise WorkerError("the worker is not running.")
+            try:
+                self._writer.write(json.dumps(request) + "\n")
+                self._writer.flush()
+            except (OSError, ValueError):  # ValueError: the stream was closed by a hang-up
+                raise WorkerError("the worker is not running.") from None
+        return True
 
     def _hang_up(self) -> None:
         try:
@@ -323,11 +396,14 @@ class WorkerClient:
         try:
             for line in stream:
                 try:
-                    self.events.put(json.loads(line))
+                    event = json.loads(line)
                 except ValueError:
                     continue  # a library printed a stray line: not an event
+                if isinstance(event, dict):
+                    self._arrived(event)
         except (OSError, ValueError):  # our own hang-up closed the stream
             pass
+        self.downloads.discard()
         if self.process is None:  # a shared worker: gone unless we hung up
             self.events.put(
                 {
@@ -341,6 +417,20 @@ class WorkerClient:
         returncode = self.process.wait()
         self._stderr_reader.join(timeout=5)
         self.events.put({"event": "exit", "returncode": returncode, "stderr": "".join(self.stderr_tail)})
+
+    def _arrived(self, event: dict) -> None:
+        """A transferred job's files are written here, on the reader's thread; its end settles
+        its folder; every other event goes to ``poll``."""
+        request_id, kind = str(event.get("id")), event.get("event")
+        if request_id in self.downloads.outputs:
+            if kind == "file":
+                self.downloads.receive(event)
+                return
+            if kind == "done":
+                event = self.downloads.finish(event)
+            elif kind in ("error", "cancelled"):
+                self.downloads.discard(request_id)
+        self.events.put(event)
 
     def _drain(self, stream) -> None:
         """The worker's stderr, line by line, into ``stderr_tail`` (lines cut to 1000 characters)."""

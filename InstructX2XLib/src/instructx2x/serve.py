@@ -15,6 +15,8 @@ different clients never collide)::
     {"type": "rethreshold", "id": "8", "preview": "7", "tau": 0.3, "output": "DIR"}
     {"type": "cancel", "id": "7"}          # the running job stops at its next step; a queued
                                            # one is dropped before it starts (never lost)
+    {"type": "upload", "id": "7:input", "name": "input.dcm", "offset": 0, "data": "<base64>",
+     "final": true}                        # a file for a job sent with "transfer": true
     {"type": "shutdown"}                   # stdio: ends the worker; socket: ends this connection
 
 Events: ``loading`` (before the model loads) and ``ready`` (after: model, precision, protocol;
@@ -27,6 +29,13 @@ memory so that ``rethreshold`` writes the edit mask at a new ``tau`` with no mod
 Every job writes float maps (``*.npy`` + ``maps.json`` with the geometry) beside its images.
 A job's folder appears whole, in one rename: a job cancelled (or whose client goes) before it
 starts writing, its ``export`` event, writes nothing; one cancelled while it writes finishes.
+
+A client that shares no folder with the worker (a panel on another machine, through an
+SSH-forwarded socket) sends ``"transfer": true`` with an ``edit``, ``preview`` or
+``rethreshold``: its files come as ``upload`` requests (handled as they arrive, beside a
+running job) and the job names them, and its results go back as ``file`` events before
+``done`` (``instructx2x.transfer``: formats and limits). Its files live in a folder of its own
+on the worker, removed when it goes.
 SIGTERM ends the worker as cleanly as ``shutdown``.
 
 A shared worker answers only its own user and root (the peer's uid as the kernel reports it,
@@ -40,6 +49,9 @@ others:
   ``error`` and the connection is closed;
 - at most ``MAX_WAITING_PER_CLIENT`` (8) of a client's jobs wait at a time; one more is refused
   with an ``error``;
+- a client's uploaded files hold at most ``transfer.MAX_CLIENT_FILES`` (8) files and
+  ``transfer.MAX_CLIENT_BYTES`` (256 MiB) at a time, in its own folder (0700), removed when it
+  goes; result files are sent while fewer than ``FILE_CHUNKS_AHEAD`` (8) of its events wait;
 - each client's events wait in their own queue, written by their own thread, so a client that
   stops reading delays nobody: when ``MAX_PENDING_EVENTS`` (1000) wait, or a write makes no
   progress for ``SEND_STALL_S`` (10) seconds, it is disconnected;
@@ -76,12 +88,14 @@ from typing import Any, BinaryIO, TextIO
 from .errors import EditCancelled, ErrorEvent, InstructX2XError, ParameterError, ResourceError, error_event
 from .jobs import EditJob, edit_images, prepare, write_results
 from .provenance import to_json
+from .transfer import Inbox, file_events, localize_job
 
 __all__ = [
     "MAX_CLIENTS",
     "MAX_LINE_BYTES",
     "MAX_PENDING_EVENTS",
     "MAX_WAITING_PER_CLIENT",
+    "FILE_CHUNKS_AHEAD",
     "PROTOCOL_VERSION",
     "check_socket_path",
     "peer_uid",
@@ -93,7 +107,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_CACHED_PREVIEWS = 4
 MAX_CLIENTS = 16
 MAX_LINE_BYTES = 1 << 20
@@ -103,6 +117,7 @@ SEND_STALL_S = 10.0
 ACCEPT_BACKOFF_S = 0.1
 SIGNAL_CHECK_S = 0.5
 SHUTDOWN_JOIN_S = 5.0
+FILE_CHUNKS_AHEAD = 8
 
 _END = object()  # the last item of a client's event queue
 _SOL_LOCAL, _LOCAL_PEERCRED = 0, 1  # <sys/un.h> on macOS and the BSDs; Python names neither
@@ -171,6 +186,9 @@ class Client:
         """Send nothing more."""
         self.connected = False
 
+    def wait_drained(self, most: int) -> None:
+        """Return once at most ``most`` events wait to be sent (written at once here)."""
+
 
 class SocketClient(Client):
     """A socket connection: events wait in a bounded queue that the client's own writer thread
@@ -190,6 +208,12 @@ class SocketClient(Client):
             self.pending.put_nowait((to_json(event, indent=None) + "\n").encode())
         except queue.Full:  # it stopped reading: it gets nothing more and its jobs stop
             self.close(flush=False)
+
+    def wait_drained(self, most: int) -> None:
+        """Return once at most ``most`` events wait, or the client is gone (a client that stops
+        reading is disconnected by its writer's stall limit)."""
+        while self.connected and self.pending.qsize() > most:
+            time.sleep(0.005)
 
     def close(self, flush: bool = True) -> None:
         """Stop sending; with ``flush``, what is queued goes out first (within the stall limit)."""
@@ -255,6 +279,7 @@ class Worker:
         self.clients: set[Client] = set()  # the socket clients connected now
         self.readers: set[threading.Thread] = set()  # their reader threads
         self.previews: dict[tuple[int, str], tuple[Any, Any]] = {}  # -> (EditResult, keep mask)
+        self.inboxes: dict[int, Inbox] = {}  # client key -> its transferred files
 
     def read(self, lines: Iterable[str], client: Client, shared: bool = False) -> None:
         """Reader thread: cancels act at once, everything else waits its turn. At the end of
@@ -276,6 +301,8 @@ class Worker:
                 kind = request.get("type")
                 if kind == "cancel":
                     self.cancel(client, str(request.get("id")))
+                elif kind == "upload":
+                    self.upload(client, request)
                 elif kind == "shutdown":
                     break
                 else:
@@ -322,7 +349,28 @@ class Worker:
                 del self.previews[key]
             if self.running is not None and self.running[0] == client.key:
                 self.editor.pipeline.cancel()
+            inbox = self.inboxes.pop(client.key, None)
         _announce(moved, ahead)  # the jobs that waited behind its jobs move up
+        if inbox is not None:  # its files go (a job of it still running fails to write, unheard)
+            inbox.close()
+
+    def upload(self, client: Client, request: dict) -> None:
+        """Store one chunk of a client's file (on the reader's thread, beside a running job)."""
+        request_id = str(request.get("id"))
+        try:
+            event = self.inbox(client).receive(request)
+        except InstructX2XError as error:
+            client.emit({"id": request_id, **error_event(error).to_dict()})
+            return
+        if event is not None:
+            client.emit({"id": request_id, **event})
+
+    def inbox(self, client: Client) -> Inbox:
+        """The client's folder for transferred files (made when first needed)."""
+        with self.condition:
+            if client.key not in self.inboxes:
+                self.inboxes[client.key] = Inbox()
+            return self.inboxes[client.key]
 
     def cancel(self, client: Client, request_id: str) -> None:
         key = (client.key, request_id)
@@ -382,12 +430,13 @@ class Worker:
                 if self._stopped(client, key):
                     raise _Cancelled()
                 if kind in ("edit", "preview"):
-                    self.run(client, request_id, kind, request.get("job"))
+                    self.run(client, request_id, kind, request.get("job"), request.get("transfer") is True)
                 elif kind == "rethreshold":
                     self.rethreshold(client, request_id, request)
                 else:
                     raise ParameterError(
-                        f"unknown request type {kind!r}; known: edit, preview, rethreshold, cancel, shutdown."
+                        f"unknown request type {kind!r}; known: edit, preview, rethreshold, upload, cancel, "
+                        "shutdown."
                     )
             except (EditCancelled, _Cancelled):
                 client.emit({"id": request_id, "event": "cancelled"})
@@ -402,9 +451,11 @@ class Worker:
         """Whether the job ``key`` was cancelled or its client is gone."""
         return key in self.cancelled or not client.connected
 
-    def run(self, client: Client, request_id: str, kind: str, job_data: Any) -> None:
+    def run(self, client: Client, request_id: str, kind: str, job_data: Any, transfer: bool = False) -> None:
         if not isinstance(job_data, dict):
             raise ParameterError("an edit or preview request needs a 'job' object.")
+        if transfer:
+            job_data = localize_job(job_data, self.inbox(client), request_id)
         job = EditJob.from_dict({**job_data, "command": kind})
         prepared = prepare(job)
 
@@ -415,6 +466,9 @@ class Worker:
             # raised here stops the loop and nothing is written.
             if event["event"] != "done" and self._stopped(client, key):
                 raise _Cancelled()
+            if event["event"] == "done" and transfer:
+                self.send_back(client, request_id, event)
+                return
             client.emit({"id": request_id, **event})
 
         results = edit_images(prepared, self.editor, emit)
@@ -438,24 +492,42 @@ class Worker:
                 f"no cached preview {request.get('preview')!r}; run a preview first "
                 f"(the worker keeps the last {MAX_CACHED_PREVIEWS})."
             )
-        if "output" not in request:
+        if "output" not in request and request.get("transfer") is not True:
             raise ParameterError("rethreshold needs an 'output' folder.")
         result, keep = cached
         mask = result.mask_at(request.get("tau"), keep)
-        output = Path(request["output"])
+        transfer = request.get("transfer") is True
+        output = self.inbox(client).results(request_id) if transfer else Path(request["output"])
         with atomic_output_dir(output) as staging:
             np.save(staging / "edit_mask.npy", mask)
             Image.fromarray(mask.astype(np.uint8) * 255).save(staging / "edit_mask.png")
-        client.emit(
-            {
-                "id": request_id,
-                "event": "done",
-                "output": str(output),
-                "files": ["edit_mask.npy", "edit_mask.png"],
-                "tau": request.get("tau"),
-                "edit_fraction": float(mask.mean()),
-            }
-        )
+        done = {
+            "event": "done",
+            "output": str(output),
+            "files": ["edit_mask.npy", "edit_mask.png"],
+            "tau": request.get("tau"),
+            "edit_fraction": float(mask.mean()),
+        }
+        if transfer:
+            self.send_back(client, request_id, done)
+        else:
+            client.emit({"id": request_id, **done})
+
+    def send_back(self, client: Client, request_id: str, done: dict) -> None:
+        """A transferred job's result files as ``file`` events, then its ``done`` (whose
+        ``output`` the client replaces with its own folder); the worker's copy is removed."""
+        import shutil
+
+        output = Path(done["output"])
+        try:
+            for event in file_events(output, list(done["files"]), request_id):
+                client.wait_drained(FILE_CHUNKS_AHEAD)
+                if not client.connected:
+                    return
+                client.emit(event)
+            client.emit({"id": request_id, **done, "output": ""})
+        finally:
+            shutil.rmtree(output, ignore_errors=True)
 
 
 def _announce(waiting: list[tuple[Client, dict]], ahead: int) -> None:

@@ -1,0 +1,313 @@
+"""Files carried over the worker's own connection, for a shared worker on another machine.
+
+A panel that talks to ``instructx2x serve --socket`` through an SSH-forwarded socket shares
+no folder with the worker. With ``"transfer": true`` on a job, the files travel inside the
+protocol instead of by path:
+
+1. the client sends each input file (radiograph, edit mask, keep mask, reference mask) as
+   ``upload`` requests of at most ``CHUNK_BYTES`` each (base64, so that a line stays under
+   the worker's line limit)::
+
+       {"type": "upload", "id": "7:input", "name": "input.dcm", "offset": 0,
+        "data": "<base64>", "final": false}
+
+   The worker appends each chunk to a file of that name in the client's private folder
+   (``Inbox``), answers ``uploaded`` once the final chunk is in, and refuses a name that is
+   not a plain file name, a chunk that does not continue the file, data that is not base64,
+   more than ``MAX_CLIENT_FILES`` files or more than ``MAX_CLIENT_BYTES`` at once;
+2. the job names those files instead of paths (``localize_job``); its results are written in
+   the client's folder on the worker, then sent back as ``file`` events of the same shape
+   (``file_events``) before ``done``, and removed from the worker;
+3. the client writes them into a hidden folder beside the output it asked for
+   (``Downloads``) and renames it to that output when ``done`` arrives: the results appear
+   whole, at the path the panel chose, or not at all.
+
+The client's folder on the worker is removed when the client goes. A transferred job cannot
+push to a PACS or name a classifier folder (both would be the worker's, not the panel's).
+Standard library only: the panels import it in Slicer's own Python.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import InputNotFoundError, ParameterError, ResourceError
+
+__all__ = [
+    "CHUNK_BYTES",
+    "MAX_CLIENT_BYTES",
+    "MAX_CLIENT_FILES",
+    "JOB_FILE_FIELDS",
+    "check_file_name",
+    "chunk_messages",
+    "upload_requests",
+    "file_events",
+    "Inbox",
+    "localize_job",
+    "Downloads",
+]
+
+CHUNK_BYTES = 512 * 1024  # ~700 KB once in base64: a message stays under serve.MAX_LINE_BYTES
+MAX_CLIENT_BYTES = 256 * 1024 * 1024  # what one client's uploaded files may hold at once
+MAX_CLIENT_FILES = 8
+JOB_FILE_FIELDS = ("input", "mask", "keep_mask", "reference_mask")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_CLASSIFIER_SETS = (None, "auto", "cohort-v2", "torchxrayvision")
+
+
+def check_file_name(name: object) -> str:
+    """A plain file name (letters, digits, ``._-``, at most 64, not starting with a dot).
+
+    Raises
+    ------
+    ParameterError
+        For anything else: a path, an empty or hidden name, another type.
+    """
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ParameterError(f"a transferred file needs a plain file name, got {str(name)[:80]!r}.")
+    return name
+
+
+def chunk_messages(path: Path, name: str, fields: dict) -> Iterator[dict]:
+    """``path`` as messages of ``fields`` plus name, offset, base64 data and final (one message
+    for an empty file)."""
+    check_file_name(name)
+    size = path.stat().st_size
+    with path.open("rb") as stream:
+        offset = 0
+        while True:
+            data = stream.read(CHUNK_BYTES)
+            final = offset + len(data) >= size
+            yield {
+                **fields,
+                "name": name,
+                "offset": offset,
+                "data": base64.b64encode(data).decode("ascii"),
+                "final": final,
+            }
+            offset += len(data)
+            if final:
+                return
+
+
+def upload_requests(path: Path, name: str, request_id: str) -> Iterator[dict]:
+    """The ``upload`` requests that send ``path`` to the worker as ``name``."""
+    return chunk_messages(path, name, {"type": "upload", "id": request_id})
+
+
+def file_events(folder: Path, names: list[str], request_id: str) -> Iterator[dict]:
+    """The ``file`` events that send a job's result files back to its client."""
+    for name in names:
+        yield from chunk_messages(folder / name, name, {"id": request_id, "event": "file"})
+
+
+def _chunk(message: dict, written: int) -> tuple[str, bytes, bool]:
+    """The checked name, data and final flag of an upload or file message."""
+    name = check_file_name(message.get("name"))
+    if message.get("offset") != written:
+        raise ParameterError(
+            f"{name}: a chunk at offset {message.get('offset')!r} does not follow byte {written}."
+        )
+    text = message.get("data")
+    if not isinstance(text, str):
+        raise ParameterError(f"{name}: a chunk's data must be base64 text.")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ParameterError(f"{name}: a chunk's data is not base64.") from None
+    if len(data) > CHUNK_BYTES:
+        raise ParameterError(f"{name}: a chunk holds at most {CHUNK_BYTES} bytes.")
+    return name, data, message.get("final") is True
+
+
+class Inbox:
+    """One client's private folder on the worker (mode 0700): its uploaded files and its jobs'
+    results until they are sent. ``close`` removes it."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="instructx2x-client-", dir=root))
+        self.files: dict[str, int] = {}  # name -> bytes received
+        self.complete: set[str] = set()
+
+    def receive(self, request: dict) -> dict | None:
+        """Store one ``upload`` chunk; the ``uploaded`` event once the file is whole.
+
+        Raises
+        ------
+        ParameterError
+            A bad name, offset or data (the file so far is removed).
+        ResourceError
+            Over ``MAX_CLIENT_FILES`` files or ``MAX_CLIENT_BYTES`` bytes (the file is removed).
+        """
+        name = check_file_name(request.get("name"))
+        uploads = self.folder / "uploads"
+        if request.get("offset") == 0:  # a new file, or a name sent again: it starts over
+            self._forget(name)
+            if len(self.files) >= MAX_CLIENT_FILES:
+                raise ResourceError(f"at most {MAX_CLIENT_FILES} uploaded files at a time.")
+        try:
+            name, data, final = _chunk(request, self.files.get(name, 0))
+            if name in self.complete:
+                raise ParameterError(f"{name} is complete; send it again from offset 0.")
+            if sum(self.files.values()) + len(data) > MAX_CLIENT_BYTES:
+                raise ResourceError(
+                    f"{name}: the uploaded files would exceed {MAX_CLIENT_BYTES // (1024 * 1024)} MiB."
+                )
+            uploads.mkdir(exist_ok=True)
+            with (uploads / name).open("ab") as stream:
+                stream.write(data)
+        except (ParameterError, ResourceError):
+            self._forget(name)
+            raise
+        except OSError as error:
+            self._forget(name)
+            raise ResourceError(f"cannot store {name} on the worker: {error.strerror or error}.") from None
+        self.files[name] = self.files.get(name, 0) + len(data)
+        if not final:
+            return None
+        self.complete.add(name)
+        return {"event": "uploaded", "name": name, "bytes": self.files[name]}
+
+    def path(self, name: object) -> Path:
+        """The uploaded file ``name``.
+
+        Raises
+        ------
+        InputNotFoundError
+            When no whole file of that name was uploaded.
+        """
+        name = check_file_name(name)
+        if name not in self.complete:
+            raise InputNotFoundError(
+                f"{name} was not uploaded (or not completely); upload it before the job."
+            )
+        return self.folder / "uploads" / name
+
+    def results(self, request_id: str) -> Path:
+        """A new folder name, not yet made, for one job's results."""
+        safe = re.sub(r"[^A-Za-z0-9_-]", "_", request_id)[:64]
+        index = 0
+        while (self.folder / "results" / f"{safe}-{index}").exists():
+            index += 1
+        (self.folder / "results").mkdir(exist_ok=True)
+        return self.folder / "results" / f"{safe}-{index}"
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _forget(self, name: str) -> None:
+        self.files.pop(name, None)
+        self.complete.discard(name)
+        (self.folder / "uploads" / name).unlink(missing_ok=True)
+
+
+def localize_job(job: dict, inbox: Inbox, request_id: str) -> dict:
+    """A transferred job's fields with its file names turned into the inbox's paths and its
+    output into a results folder of the inbox.
+
+    Raises
+    ------
+    ParameterError
+        A PACS push or a classifier folder asked of a transferred job.
+    InputNotFoundError
+        A file it names was not uploaded.
+    """
+    if job.get("push_cstore") or job.get("push_stow"):
+        raise ParameterError(
+            "a job sent with its files cannot push to a PACS from the worker; push from the panel."
+        )
+    if job.get("verify") not in _CLASSIFIER_SETS:
+        raise ParameterError(
+            "a job sent with its files verifies with a built-in classifier set (auto, cohort-v2 or torchxrayvision), not a folder."
+        )
+    local = {key: value for key, value in job.items() if key != "output"}
+    for field in JOB_FILE_FIELDS:
+        if job.get(field) is not None:
+            local[field] = str(inbox.path(job[field]))
+    local["output"] = str(inbox.results(request_id))
+    return local
+
+
+class Downloads:
+    """The client's side of a transferred job's results: each job's files go into a hidden
+    folder beside the output it asked for (``.<name>.<pid>.<random>``, the library's staging
+    name, so that a later writer of that output removes one left by a killed process), which
+    becomes the output when the job is done."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[str, Path] = {}
+        self.staging: dict[str, Path] = {}
+        self.sizes: dict[str, dict[str, int]] = {}
+        self.failures: dict[str, str] = {}
+
+    def expect(self, request_id: str, output: Path) -> None:
+        """Results of ``request_id`` go to ``output`` (which must not exist)."""
+        output = Path(os.path.abspath(output))
+        if os.path.lexists(output):
+            raise ParameterError(f"output folder {output.name} already exists; choose a new one.")
+        self.outputs[request_id] = output
+
+    def receive(self, event: dict) -> None:
+        """Write one ``file`` chunk; a bad one marks the job failed (said at ``done``)."""
+        request_id = str(event.get("id"))
+        if request_id not in self.outputs or request_id in self.failures:
+            return
+        try:
+            folder = self.staging.get(request_id)
+            if folder is None:
+                output = self.outputs[request_id]
+                output.parent.mkdir(parents=True, exist_ok=True)
+                folder = Path(tempfile.mkdtemp(prefix=f".{output.name}.{os.getpid()}.", dir=output.parent))
+                self.staging[request_id] = folder
+            sizes = self.sizes.setdefault(request_id, {})
+            name, data, _final = _chunk(event, sizes.get(str(event.get("name")), 0))
+            with (folder / name).open("ab") as stream:
+                stream.write(data)
+            sizes[name] = sizes.get(name, 0) + len(data)
+        except ParameterError as error:
+            self.failures[request_id] = f"the worker sent a damaged result file ({error})"
+        except OSError as error:
+            self.failures[request_id] = f"cannot write the results here: {error.strerror or error}"
+
+    def finish(self, event: dict) -> dict:
+        """The ``done`` event with ``output`` the folder the job asked for, now holding every
+        file the event lists; an ``error`` event if any is missing or was damaged."""
+        request_id = str(event.get("id"))
+        output, folder = self.outputs.pop(request_id), self.staging.pop(request_id, None)
+        sizes, failure = self.sizes.pop(request_id, {}), self.failures.pop(request_id, None)
+        files = event.get("files") if isinstance(event.get("files"), list) else []
+        missing = [name for name in files if name not in sizes]
+        if failure is None and missing:
+            failure = f"the worker did not send {', '.join(map(str, missing[:3]))}"
+        if failure is None:
+            try:
+                if folder is None:  # a job with no files
+                    output.mkdir(parents=True)
+                else:
+                    folder.rename(output)
+                    folder = None
+            except OSError as error:
+                failure = f"cannot write the output folder {output.name}: {error.strerror or error}"
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        if failure is not None:
+            return {"id": request_id, "event": "error", "kind": "WorkerError", "message": failure + "."}
+        return {**event, "output": str(output)}
+
+    def discard(self, request_id: str | None = None) -> None:
+        """Drop what arrived for one job (all jobs with None): it failed, was cancelled, or the
+        worker is gone."""
+        for key in [request_id] if request_id is not None else list(self.outputs):
+            self.outputs.pop(key, None)
+            self.sizes.pop(key, None)
+            self.failures.pop(key, None)
+            folder = self.staging.pop(key, None)
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
