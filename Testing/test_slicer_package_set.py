@@ -557,18 +557,36 @@ endmacro()
 """
 
 
-@pytest.fixture(scope="module")
-def installed_extension(tmp_path_factory):
-    """The extension configured from its own CMakeLists and installed into a staging folder."""
+# Slicer's and CTK's own macros, from checkouts named by these variables (neither is
+# installable here, nor copied into this repository): the same extension configured, built
+# (CTK byte-compiles each script) and installed by them must give the stand-in's layout.
+SLICER_SOURCE = os.environ.get("INSTRUCTX2X_SLICER_SOURCE")  # a Slicer checkout, 5.6 or later
+CTK_SOURCE = os.environ.get("INSTRUCTX2X_CTK_SOURCE")  # the CTK checkout Slicer builds with
+REAL_SLICER_USE = """
+set(CTK_CMAKE_DIR {ctk}/CMake)
+include(${{CTK_CMAKE_DIR}}/ctkFunctionExtractOptimizedLibrary.cmake)
+include(${{CTK_CMAKE_DIR}}/ctkMacroCompilePythonScript.cmake)
+include({slicer}/CMake/SlicerMacroBuildScriptedModule.cmake)
+set(Slicer_USE_PYTHONQT ON)
+set(Slicer_QTSCRIPTEDMODULES_LIB_DIR lib/Slicer-5.10/qt-scripted-modules)
+set(Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR ${{Slicer_QTSCRIPTEDMODULES_LIB_DIR}})
+macro(slicer_add_python_unittest)
+endmacro()
+"""
+
+
+def install_extension(root: Path, use_slicer: str, build: bool = False) -> Path:
+    """Configure the extension from its own CMakeLists with ``use_slicer`` as Slicer's use
+    file, optionally build it, and install it into ``root/staging``; returns the scripted
+    modules folder there."""
     cmake = shutil.which("cmake")
     if cmake is None:
         if REQUIRE_TOOLS:
             pytest.fail("cmake is missing (scripts/install-system-packages.sh installs it)")
         pytest.skip("cmake is missing")
-    root = tmp_path_factory.mktemp("extension")
     (root / "slicer").mkdir()
     (root / "slicer" / "SlicerConfig.cmake").write_text(FAKE_SLICER_CONFIG)
-    (root / "slicer" / "UseSlicer.cmake").write_text(FAKE_SLICER_USE)
+    (root / "slicer" / "UseSlicer.cmake").write_text(use_slicer)
     (root / "slicer" / "Nothing.cmake").write_text("")
     subprocess.run(
         [
@@ -579,16 +597,44 @@ def installed_extension(tmp_path_factory):
             str(root / "build"),
             f"-DSlicer_DIR={root / 'slicer'}",
             "-DBUILD_TESTING=OFF",
+            f"-DPYTHON_EXECUTABLE={sys.executable}",
         ],
         check=True,
         capture_output=True,
     )
+    if build:
+        subprocess.run([cmake, "--build", str(root / "build")], check=True, capture_output=True)
     subprocess.run(
         [cmake, "--install", str(root / "build"), "--prefix", str(root / "staging")],
         check=True,
         capture_output=True,
     )
     return root / "staging" / "lib" / "Slicer-5.10" / "qt-scripted-modules"
+
+
+@pytest.fixture(scope="module")
+def installed_extension(tmp_path_factory):
+    """The extension configured from its own CMakeLists and installed into a staging folder."""
+    return install_extension(tmp_path_factory.mktemp("extension"), FAKE_SLICER_USE)
+
+
+def files_under(folder: Path) -> set[str]:
+    return {str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.mark.skipif(
+    not (SLICER_SOURCE and CTK_SOURCE),
+    reason="set INSTRUCTX2X_SLICER_SOURCE and INSTRUCTX2X_CTK_SOURCE to Slicer and CTK checkouts",
+)
+def test_slicers_own_macros_install_the_stand_ins_layout(installed_extension, tmp_path):
+    real = install_extension(
+        tmp_path, REAL_SLICER_USE.format(slicer=SLICER_SOURCE, ctk=CTK_SOURCE), build=True
+    )
+    scripts = {name for name in files_under(real) if not name.endswith(".pyc")}
+    assert scripts == files_under(installed_extension)
+    assert {name for name in files_under(real) if name.endswith(".pyc")} == {
+        name + "c" for name in scripts if name.endswith(".py") and not name.startswith("Resources/")
+    }
 
 
 def imports(path: Path) -> set[tuple[str, str | None]]:
