@@ -160,8 +160,11 @@ class PreparedJob:
     verifiers: Any = None  # per image: (ClassifierSet, why it was chosen), loaded before the model works
 
 
-def prepare(job: EditJob) -> PreparedJob:
+def prepare(job: EditJob, new_output: bool = True) -> PreparedJob:
     """Read and check every input of ``job`` before any model work or any file is written.
+
+    ``new_output``: the output folder must not exist (a row of a jobs run is not checked: the
+    run's own folder is, and a rerun replaces a row's folder that was never recorded).
 
     Raises
     ------
@@ -175,7 +178,8 @@ def prepare(job: EditJob) -> PreparedJob:
     from .image_io import is_dicom_file, read_image, read_mask
     from .outputs import check_new_output_folder
 
-    check_new_output_folder(job.output)
+    if new_output:
+        check_new_output_folder(job.output)
     target = None if job.push_cstore is None else CStoreTarget.parse(job.push_cstore)
     paths = _input_files(job.input, is_dicom_file)
     if (job.mask or job.keep_mask or job.reference_mask) and len(paths) > 1:
@@ -434,7 +438,7 @@ def prepare_jobs(jobs: list[EditJob]) -> list[PreparedJob]:
     prepared = []
     for number, job in enumerate(jobs, start=1):
         try:
-            prepared.append(prepare(job))
+            prepared.append(prepare(job, new_output=False))
         except InstructX2XError as error:
             raise type(error)(f"job {number}: {error}") from None
     return prepared
