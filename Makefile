@@ -136,7 +136,7 @@ lint: $(STAMP)
 # 3.12.1 with Slicer's pinned packages; a few minutes, torch with its CUDA libraries from PyPI);
 # also part of `make test`
 test-slicer-packages: $(STAMP)
-	$(BIN)/python -m pytest -q Testing/test_slicer_package_set.py
+	$(BIN)/python -m pytest -q InstructX2X/Testing/Python/test_slicer_package_set.py
 
 # the torchxrayvision back-end, in its own environment
 test-eval: $(EVAL_STAMP)

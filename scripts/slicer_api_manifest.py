@@ -2,7 +2,7 @@
 """Write the API the InstructX2X Slicer module relies on, at each supported Slicer release, as JSON.
 
 Desktop 3D Slicer cannot be installed on a build machine, so the module is checked against
-manifests read from Slicer's own sources (``Testing/test_slicer_api_conformance.py``). For each
+manifests read from Slicer's own sources (``InstructX2X/Testing/Python/test_slicer_api_conformance.py``). For each
 supported release tag this script reads, with ``git show``, from a clone of Slicer/Slicer:
 
 - the functions, classes and parameters of the Python modules the panel calls
@@ -16,12 +16,12 @@ supported release tag this script reads, with ``git show``, from a clone of Slic
   the headers (CTK at the commit the release's ``SuperBuild/External_CTK.cmake`` pins);
 
 and, from a clone of fepegar/SlicerPyTorch, the PyTorchUtils logic class. Plain Qt classes are
-not in these repositories: ``Testing/slicer_api/qt-5.15.json`` lists them by hand.
+not in these repositories: ``InstructX2X/Testing/Python/slicer_api/qt-5.15.json`` lists them by hand.
 
 Usage::
 
     python scripts/slicer_api_manifest.py --slicer SLICER_GIT_DIR --ctk CTK_GIT_DIR \
-        --pytorch SLICERPYTORCH_GIT_DIR [--output Testing/slicer_api]
+        --pytorch SLICERPYTORCH_GIT_DIR [--output InstructX2X/Testing/Python/slicer_api]
 
 Each argument is a git directory (a bare clone works). The output is one
 ``slicer-<tag>.json`` per supported tag; the files are committed and the test reads them.
@@ -604,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slicer", type=Path, required=True, help="git directory of Slicer/Slicer")
     parser.add_argument("--ctk", type=Path, required=True, help="git directory of commontk/CTK")
     parser.add_argument("--pytorch", type=Path, required=True, help="git directory of fepegar/SlicerPyTorch")
-    parser.add_argument("--output", type=Path, default=ROOT / "Testing" / "slicer_api")
+    parser.add_argument("--output", type=Path, default=ROOT / "InstructX2X" / "Testing" / "Python" / "slicer_api")
     parser.add_argument("--tags", nargs="+", default=list(SUPPORTED_TAGS))
     args = parser.parse_args(argv)
     try:

@@ -9,7 +9,7 @@ from workers import poll_until
 from InstructX2XModuleLib import scene as layer
 from InstructX2XModuleLib.session import PanelSettings, dicom_pixels
 
-SAMPLE = Path(__file__).resolve().parents[1] / "Resources" / "Samples" / "phantom_pa.dcm"
+SAMPLE = Path(__file__).resolve().parents[3] / "Resources" / "Samples" / "phantom_pa.dcm"
 
 
 def test_demographic_estimates_reach_the_report_only_when_asked(session):

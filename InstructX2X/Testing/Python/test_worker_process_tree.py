@@ -11,7 +11,7 @@ import pytest
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
-MODULE = Path(__file__).resolve().parents[1] / "InstructX2X"
+MODULE = Path(__file__).resolve().parents[2]
 
 # PythonSlicer's part: start the real interpreter with the arguments, wait for it
 LAUNCHER = "import subprocess, sys\nsys.exit(subprocess.call(sys.argv[1:]))\n"

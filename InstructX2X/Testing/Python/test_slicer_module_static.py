@@ -5,7 +5,7 @@ import re
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
-MODULE = Path(__file__).resolve().parents[1] / "InstructX2X"
+MODULE = Path(__file__).resolve().parents[2]
 SOURCE = (MODULE / "InstructX2X.py").read_text()
 UI = ElementTree.parse(MODULE / "Resources" / "UI" / "InstructX2X.ui")
 
@@ -58,6 +58,7 @@ def test_cmakelists_lists_every_script_and_resource():
         and "__pycache__" not in p.parts
         and p.name != "CMakeLists.txt"
         and "web" not in p.parts  # the browser panel: pip, not the extension
+        and "Testing" not in p.parts  # the module's pytest tests: run from the repository, not shipped
         and not any(part.endswith(".egg-info") for part in p.parts)
     }
     assert listed == on_disk

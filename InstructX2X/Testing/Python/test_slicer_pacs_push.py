@@ -14,7 +14,7 @@ import pydicom
 import pytest
 from orthanc import OrthancServer, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 SAMPLE = ROOT / "Resources" / "Samples" / "phantom_pa.dcm"
 CLI = [sys.executable, "-m", "instructx2x.cli"]  # the worker's command, as worker_command gives it in Slicer
 

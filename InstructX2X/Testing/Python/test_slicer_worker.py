@@ -78,7 +78,7 @@ def test_the_panels_verified_edit_on_the_demo_model(tmp_path):
     and its readable text lies beside the result (classifiers named by the model's card)."""
     from pathlib import Path
 
-    sample = Path(__file__).resolve().parents[1] / "Resources" / "Samples" / "phantom_pa.dcm"
+    sample = Path(__file__).resolve().parents[3] / "Resources" / "Samples" / "phantom_pa.dcm"
     client = WorkerClient("demo", device="cpu")
     client.start()
     try:

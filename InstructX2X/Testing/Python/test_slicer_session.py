@@ -160,7 +160,7 @@ def test_the_panels_process_never_imports_torch():
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[3]
     code = (
         "import sys\n"
         "from InstructX2XModuleLib import scene, session\n"
@@ -237,7 +237,7 @@ def written_series(folder):
 
     import pydicom
 
-    sample = Path(__file__).resolve().parents[1] / "Resources" / "Samples" / "phantom_pa.dcm"
+    sample = Path(__file__).resolve().parents[3] / "Resources" / "Samples" / "phantom_pa.dcm"
     folder.mkdir()
     dataset = pydicom.dcmread(sample)
     dataset.save_as(folder / "a.dcm")

@@ -3,8 +3,8 @@
 The fast tests run the install routine's refusals and failures, the torch choice and the
 worker's start against real processes in this environment. ``test_the_package_set_on_slicers_python``
 builds a stand-in for Slicer 5.10's Python (pyenv's 3.12.1 with the packages Slicer's SuperBuild
-pins, Testing/constraints-slicer-5.10.0.txt), builds the worker's package set from the package
-index with the module's own install routine inside it (Testing/slicer_process.py), and runs a
+pins, constraints-slicer-5.10.0.txt beside it), builds the worker's package set from the package
+index with the module's own install routine inside it (slicer_process.py), and runs a
 preview and an edit on the demo model from that set (several minutes; needs the network).
 """
 
@@ -28,10 +28,11 @@ from instructx2x import __version__
 from InstructX2XModuleLib import packages
 from InstructX2XModuleLib.worker import WorkerClient, WorkerState
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
+HERE = Path(__file__).resolve().parent
 MODULE = REPO / "InstructX2X"
 REQUIREMENTS = MODULE / "Resources" / "requirements.txt"
-SLICER_CONSTRAINTS = REPO / "Testing" / "constraints-slicer-5.10.0.txt"
+SLICER_CONSTRAINTS = HERE / "constraints-slicer-5.10.0.txt"
 # Slicer 5.10 ships Python 3.12.10; pyenv's 3.12.1 stands in for it
 SLICER_PYTHON = Path(os.environ.get("INSTRUCTX2X_SLICER_PYTHON", "/root/.pyenv/versions/3.12.1/bin/python"))
 REQUIRE_TOOLS = os.environ.get("INSTRUCTX2X_REQUIRE_SYSTEM_TOOLS") == "1"
@@ -768,7 +769,7 @@ def test_the_package_set_on_slicers_python(slicer_python, tmp_path):
         result = subprocess.run(
             [
                 str(slicer_python),
-                str(REPO / "Testing" / "slicer_process.py"),
+                str(HERE / "slicer_process.py"),
                 str(checkout / "InstructX2X"),
                 str(folder),
                 str(tmp_path / "work"),

@@ -16,10 +16,10 @@ from InstructX2XModuleLib import scene as layer
 from InstructX2XModuleLib.saved_edit import read_saved_edit
 from InstructX2XModuleLib.session import EditSession, PanelSettings, dicom_pixels
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 SAMPLE = ROOT / "Resources" / "Samples" / "phantom_pa.dcm"
 SLICER_PYTHON = Path(os.environ.get("INSTRUCTX2X_SLICER_PYTHON", "/root/.pyenv/versions/3.12.1/bin/python3"))
-SLICER_CONSTRAINTS = ROOT / "Testing" / "constraints-slicer-5.10.0.txt"
+SLICER_CONSTRAINTS = Path(__file__).resolve().with_name("constraints-slicer-5.10.0.txt")
 DICOM_FILES = ("counterfactual.dcm", "guidance_overlay.dcm", "edit_region_seg.dcm")
 
 

@@ -15,7 +15,7 @@ from instructx2x.model_digest import CHECKSUM_NAME, folder_digest, read_checksum
 from InstructX2XModuleLib import model_install
 from InstructX2XModuleLib.model_install import Installed, UnpinnedModelError, install_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def write_model(folder: Path, pin: bool = True) -> Path:

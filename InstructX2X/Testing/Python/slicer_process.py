@@ -1,7 +1,7 @@
 """What the desktop module does in Slicer's process, run on a stand-in for Slicer's Python.
 
-Run by Testing/test_slicer_package_set.py with a venv that holds Slicer 5.10's bundled packages
-(Testing/constraints-slicer-5.10.0.txt): imports the module's Qt-free layers (no torch), builds
+Run by test_slicer_package_set.py with a venv that holds Slicer 5.10's bundled packages
+(constraints-slicer-5.10.0.txt beside it): imports the module's Qt-free layers (no torch), builds
 the worker's package set with the module's own install routine (``packages.ensure_package_set``,
 the panel's callbacks replaced by recorders), updates it as a newer library would, starts the
 worker from it and runs a preview and an edit on the demo model. Prints one JSON report.
@@ -20,7 +20,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-SAMPLE = Path(__file__).resolve().parents[1] / "Resources" / "Samples" / "phantom_pa.dcm"
+SAMPLE = Path(__file__).resolve().parents[3] / "Resources" / "Samples" / "phantom_pa.dcm"
 
 
 def installed() -> dict[str, str]:

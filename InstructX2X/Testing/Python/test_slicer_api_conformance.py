@@ -1,6 +1,6 @@
 """The Slicer module against the API of every supported Slicer release (no Slicer needed).
 
-The manifests in ``Testing/slicer_api`` are read from Slicer's, CTK's and SlicerPyTorch's own
+The manifests in ``slicer_api`` (beside this file) are read from Slicer's, CTK's and SlicerPyTorch's own
 sources by ``scripts/slicer_api_manifest.py``; ``slicer_api_check`` reads the module with
 ``ast`` and its .ui with ``xml.etree`` and lists what a release lacks.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import slicer_api_check as conformance
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 MODULE = ROOT / "InstructX2X" / "InstructX2X.py"
 UI_FILE = ROOT / "InstructX2X" / "Resources" / "UI" / "InstructX2X.ui"
 PARAMETERS = "InstructX2XParameterNode"

@@ -1,8 +1,8 @@
 """Check the Slicer module's Python and .ui against one Slicer release's API manifest.
 
-The manifests (``Testing/slicer_api/slicer-<tag>.json``, written by
+The manifests (``slicer_api/slicer-<tag>.json`` beside this file, written by
 ``scripts/slicer_api_manifest.py`` from Slicer's, CTK's and SlicerPyTorch's sources) and the
-hand-written Qt 5.15 list (``Testing/slicer_api/qt-5.15.json``) say what exists; this module
+hand-written Qt 5.15 list (``slicer_api/qt-5.15.json``) say what exists; this module
 reads the panel's source with ``ast`` and its .ui with ``xml.etree`` and lists every use that a
 release does not have:
 

@@ -1,0 +1,114 @@
+"""The panels' shared words, without a worker or a scene: what the status line says for each
+worker event (``status_text``) and the lists both panels offer (``PanelChoice``: a member's
+label, the labels in order, the member a label names, an unknown label refused)."""
+
+import pytest
+
+from InstructX2XModuleLib.scene import SceneError
+from InstructX2XModuleLib.session import (
+    MaskSource,
+    Operation,
+    PanelChoice,
+    Preset,
+    WorkerMode,
+    status_text,
+)
+
+SHARED_READY = {
+    "event": "ready",
+    "model": {"name": "demo", "trained": True},
+    "precision": {"dtype": "bfloat16", "reason": "AMX"},
+    "defaults": None,
+}
+
+
+@pytest.mark.parametrize(
+    "event,text",
+    [
+        ({"event": "progress", "step": 3, "total": 20, "eta_s": 12.4}, "Step 3 of 20, about 12 s left"),
+        ({"event": "progress", "step": 1, "total": 20, "eta_s": None}, "Step 1 of 20"),
+        ({"event": "progress", "step": 20, "total": 20}, "Step 20 of 20"),
+        ({"event": "loading"}, "Loading the model…"),
+        ({"id": "2", "event": "started"}, "Working…"),
+        ({"id": "2", "event": "decode"}, "Decoding…"),
+        ({"id": "2", "event": "export"}, "Writing the results…"),
+        ({"id": "2", "event": "cancelled"}, "Cancelled: nothing was written."),
+        (
+            {"id": "2", "event": "error", "message": "out of memory on the device"},
+            "Failed: out of memory on the device",
+        ),
+        ({"event": "error"}, "Failed: the worker failed."),
+        ({"event": "error", "message": ""}, "Failed: the worker failed."),
+    ],
+)
+def test_each_worker_event_has_its_status_line(event, text):
+    assert status_text(event) == text
+    assert status_text(event, shared_worker=True) == text  # only ready depends on the worker
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"id": "2", "event": "done", "output": "/tmp/job-002/edit"},  # the session's result_text
+        {"id": "2", "event": "queued", "position": 1},  # the session's queue_position
+        SHARED_READY,  # a local worker's model is the panel's own choice
+        {"event": "jobs"},
+        {},
+    ],
+)
+def test_results_places_and_a_local_ready_are_not_said_on_the_status_line(event):
+    assert status_text(event) is None
+
+
+def test_a_shared_workers_ready_names_the_model_it_serves():
+    assert status_text(SHARED_READY, shared_worker=True) == "Shared worker ready: its model demo (bfloat16)."
+    assert status_text({"event": "ready"}, shared_worker=True) == "Shared worker ready: its model ? (?)."
+
+
+CHOICES = {
+    MaskSource: ["anatomical prior", "painted segment", "painted segment and prior"],
+    Preset: ["fast (device default)", "paper (DDIM 100 steps)"],
+    Operation: ["Add", "Remove", "Change the level of"],
+    WorkerMode: ["local", "shared socket"],
+}
+
+
+@pytest.mark.parametrize("choice", CHOICES)
+def test_each_choice_lists_its_labels_in_order_and_finds_each_member_by_its_label(choice):
+    assert choice.labels() == CHOICES[choice]
+    assert [member.label for member in choice] == CHOICES[choice]
+    for member in choice:
+        assert choice.from_label(member.label) is member
+
+
+def test_the_members_the_panels_name_carry_their_labels():
+    assert MaskSource.PRIOR.label == "anatomical prior" and MaskSource.PAINTED.label == "painted segment"
+    assert MaskSource.PAINTED_AND_PRIOR.label == "painted segment and prior"
+    assert (Preset.FAST.label, Preset.PAPER.label) == ("fast (device default)", "paper (DDIM 100 steps)")
+    assert (Operation.ADD.label, Operation.REMOVE.label) == ("Add", "Remove")
+    assert Operation.CHANGE_LEVEL.label == "Change the level of"
+    assert (WorkerMode.LOCAL.label, WorkerMode.SHARED.label) == ("local", "shared socket")
+
+
+@pytest.mark.parametrize(
+    "choice,label",
+    [
+        (MaskSource, "painted"),  # a prefix of a label is not the label
+        (MaskSource, "Anatomical prior"),  # labels are compared exactly
+        (Preset, "paper"),
+        (Operation, "add"),
+        (Operation, "Local"),
+        (WorkerMode, "shared"),
+        (WorkerMode, "Add"),  # another choice's label
+        (WorkerMode, ""),
+        (Preset, None),
+    ],
+)
+def test_an_unknown_label_is_refused_with_the_choices_named(choice, label):
+    with pytest.raises(SceneError) as refused:
+        choice.from_label(label)
+    assert str(refused.value) == f"unknown choice {label!r}; choose one of {', '.join(CHOICES[choice])}."
+
+
+def test_every_panel_choice_is_tested_here():
+    assert set(PanelChoice.__subclasses__()) == set(CHOICES)
