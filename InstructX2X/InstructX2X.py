@@ -54,6 +54,7 @@ from InstructX2XModuleLib.session import (
     describe_instruction,
     import_into_dicom_database,
     instruction_completions,
+    shared_worker_available,
     worker_socket_setting,
 )
 
@@ -161,9 +162,12 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.differenceButton.connect("toggled(bool)", lambda difference: self.showResults())
         self.ui.installModelButton.connect("clicked(bool)", self.onInstallModel)
         self.ui.workerModeCombo.connect("currentIndexChanged(int)", lambda index: self.onWorkerModeChanged())
-        if not sys.platform.startswith("linux"):  # a shared worker's socket peer is checked on Linux only
+        if not shared_worker_available():  # no Unix socket peer check (Windows)
             self.ui.workerModeCombo.enabled = False
-            self.ui.workerModeCombo.toolTip = _("A shared worker is available on Linux only.")
+            self.ui.workerModeCombo.toolTip = _(
+                "A shared worker is reached from Linux and macOS; on Windows, open the GPU server's "
+                "browser panel instead (README, Server mode)."
+            )
         self.ui.openSavedButton.connect("clicked(bool)", self.onOpenSaved)
         self.ui.tauSlider.connect("valueChanged(double)", self.onTauChanged)
         self.ui.opacitySlider.connect("valueChanged(double)", self.logic.setOverlayOpacity)
@@ -184,9 +188,14 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = unsupported
             self.ui.previewButton.enabled = False
             self.ui.applyButton.enabled = False
+        if self.parent.isEntered:  # Reload while shown: Slicer calls setup() alone, not enter()
+            self.enter()
 
     def cleanup(self) -> None:
-        """The widget goes (application exit, or Reload): observers, timer, GUI binding, worker."""
+        """The widget goes (application exit, or Reload, which hides it and builds a new one):
+        its editor's effect, shortcuts and view observations, observers, timer, GUI binding,
+        worker."""
+        self._releaseEditor()
         self.removeObservers()
         if self.timer is not None:
             self.timer.stop()
@@ -207,19 +216,21 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Another module is shown: no editor effect left active, its shortcuts and view
         observations removed (as Slicer's Segment Editor module does), the GUI unbound. A job
         keeps running; the timer keeps polling it."""
+        self._releaseEditor()
+        if self._parameterNode is not None and self._parameterNodeGuiTag is not None:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+
+    def _releaseEditor(self) -> None:
         editor = self.ui.segmentEditorWidget
         editor.setActiveEffect(None)
         editor.uninstallKeyboardShortcuts()
         editor.removeViewObservations()
-        if self._parameterNode is not None and self._parameterNodeGuiTag is not None:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
 
     def onReload(self) -> None:
         """Reload the helper package's modules too (Slicer re-reads only this file): the session,
         which imports the others, last."""
         import importlib
-        import sys
 
         names = [
             name for name in sys.modules if name.startswith("InstructX2XModuleLib.") and name.count(".") == 1
@@ -245,7 +256,10 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.beforeAfterButton.checked = True
         self.ui.differenceButton.checked = False
         self.ui.progressBar.value = 0
-        self.ui.statusLabel.text = ""
+        # on a Slicer too old for the worker, why Preview and Apply stay off is said again
+        self.ui.statusLabel.text = (
+            packages.unsupported_slicer(slicer.app.majorVersion, slicer.app.minorVersion) or ""
+        )
         self.ui.verificationText.setPlainText("")
         self.ui.verificationText.setVisible(False)
         if self.parent.isEntered:
@@ -413,6 +427,9 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Local: the panel starts its own worker with the model and device set here. Shared
         socket: the next job goes to the worker at the socket, whose model and device count."""
         shared = self.ui.workerModeCombo.currentText == WorkerMode.SHARED.label
+        if shared and not shared_worker_available():  # a scene saved on Linux or macOS, opened here
+            self.ui.workerModeCombo.currentText = WorkerMode.LOCAL.label
+            return  # the combo's change signal calls this again
         self.ui.workerSocketEdit.enabled = shared
         for widget in (
             self.ui.modelEdit,
@@ -425,8 +442,8 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if shared:
             self.ui.workerNoteLabel.text = _(
                 "From the next job on, jobs go to the shared worker at this socket (instructx2x serve --socket); "
-                "its model, device, sampler and precision count, not the ones above. It reads and writes the "
-                "job's files by path: on another machine they must be at the same paths (README, Server mode)."
+                "its model, device, sampler and precision count, not the ones above. The job's files are sent "
+                "to it over the connection, so it may run on another machine (README, Server mode)."
             )
         else:
             self.ui.workerNoteLabel.text = _(
@@ -652,7 +669,13 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
             folder, database, lambda path: DICOMUtils.importDicom(path, database, copyFiles=True)
         )
         message = _("Imported into the DICOM database, same study, marked SYNTHETIC.")
-        if pacsTarget.strip():
+        if pacsTarget.strip() and self.session.uses_shared_worker:
+            # the push runs from the worker's package set, which a shared worker's panel never installs
+            message += " " + _(
+                "Not sent to {target}: with a shared worker, send the series from Slicer's DICOM module "
+                "(right-click the series, Send)."
+            ).format(target=pacsTarget.strip())
+        elif pacsTarget.strip():
             message += " " + self.pushToPacs(folder, pacsTarget.strip())
         return message
 

@@ -75,11 +75,12 @@ MARKER = "instructx2x-package-set.json"
 MARKER_FORMAT = 1
 TORCH_INDEX = "https://download.pytorch.org/whl/{backend}"
 # CUDA builds of the pinned torch on PyTorch's index, newest first, each with the oldest NVIDIA
-# driver its CUDA release runs on (Linux, Windows): the PyTorch extension's choice, made here.
+# driver it runs on (Linux, Windows) under CUDA's minor-version compatibility (a 12.x build runs
+# on any driver of 12.0's branch or later): the table the PyTorch extension's installer
+# (light-the-torch) chooses by, so the newest build the driver runs is taken.
 CUDA_BUILDS = (
-    ("cu130", (580, 65), (580, 88)),
-    ("cu128", (570, 26), (570, 65)),
-    ("cu126", (560, 28), (560, 76)),
+    ("cu130", (580, 65, 6), (580, 88)),
+    ("cu128", (525, 60, 13), (528, 33)),
 )
 NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0)  # Windows: no console window for pip
 HEARTBEAT_S = 1.0  # how often a silent pip (a large download) still reports the time it has taken
@@ -392,12 +393,13 @@ def choose_torch(
         return TorchBuild("cpu", TORCH_INDEX.format(backend="cpu"), "no NVIDIA GPU found")
     found = ".".join(map(str, version))
     for backend, linux, windows in CUDA_BUILDS:
-        if version[:2] >= (windows if system == "Windows" else linux):
+        if version >= (windows if system == "Windows" else linux):
             return TorchBuild(backend, TORCH_INDEX.format(backend=backend), f"NVIDIA driver {found}")
     return TorchBuild(
         "cpu",
         TORCH_INDEX.format(backend="cpu"),
-        f"NVIDIA driver {found} is older than any CUDA build of torch supports",
+        f"NVIDIA driver {found} is older than any CUDA build of torch runs on (525.60 on Linux, "
+        "528.33 on Windows); update the driver to use the GPU",
     )
 
 
@@ -605,7 +607,7 @@ def _ensure(
         version = package_set_fingerprint(library, requirements, constraints)["library_version"]
         question = (
             f"InstructX2X's worker packages in {folder} come from another version of its library; "
-            f"reinstall the library ({version}) into them? A few MB are downloaded; "
+            f"reinstall the library ({version}) into them? Nothing is downloaded; "
             "Slicer's own Python is not changed."
         )
     else:
@@ -649,8 +651,10 @@ def _ensure(
             shutil.copytree(folder, staging, copy_function=_link_or_copy)
             _remove_library(staging)
             progress("Installing the InstructX2X library…")
+            # built with Slicer's own setuptools (no build environment to download): an update
+            # of the library alone works offline
             _pip(
-                common + ["--no-deps", str(source)],
+                common + ["--no-deps", "--no-build-isolation", str(source)],
                 log,
                 progress,
                 "Installing the InstructX2X library…",
@@ -836,10 +840,28 @@ def _pip(
             process.wait()
     if returncode != 0:
         raise PackageSetError(
-            f"installing InstructX2X's worker packages failed (pip exit status {returncode}); nothing was changed. "
-            "Check the internet connection (the Python package index, and PyTorch's index for a CPU or CUDA "
-            "build) and press Preview or Apply again. pip's last lines:\n" + "\n".join(tail)
+            f"installing InstructX2X's worker packages failed (pip exit status {returncode}); nothing was "
+            f"changed. {_pip_advice(tail)} pip's last lines:\n" + "\n".join(tail)
         )
+
+
+def _pip_advice(lines: Iterable[str]) -> str:
+    """What to do about a failed pip, from what it printed last."""
+    text = "\n".join(lines)
+    if "No space left on device" in text or "[Errno 28]" in text:
+        return (
+            "The disk is full: free a few GB on the disk of Slicer's settings folder (the set needs "
+            "1 to 5 GB, twice that while it installs) and press Preview or Apply again."
+        )
+    if "[WinError 206]" in text or "[Errno 36]" in text or "File name too long" in text:
+        return (
+            "A path is too long for the system: on Windows, enable long paths (the LongPathsEnabled "
+            "setting) or install Slicer in a shorter folder, then press Preview or Apply again."
+        )
+    return (
+        "Check the internet connection (the Python package index, and PyTorch's index for a CPU or "
+        "CUDA build) and press Preview or Apply again."
+    )
 
 
 def _lines(stream: Iterable[str]) -> Iterable[str]:

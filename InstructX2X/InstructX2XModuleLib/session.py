@@ -67,6 +67,7 @@ __all__ = [
     "SamplingDefaults",
     "WorkerModel",
     "status_text",
+    "shared_worker_available",
     "worker_socket_setting",
     "describe_instruction",
     "compose_instruction",
@@ -287,6 +288,13 @@ def status_text(event: dict, shared_worker: bool = False) -> str | None:
     return None
 
 
+def shared_worker_available(platform: str | None = None) -> bool:
+    """Whether this system reaches a shared worker: a Unix socket whose peer's user the kernel
+    reports (Linux ``SO_PEERCRED``, macOS ``LOCAL_PEERCRED``). Windows has neither in Python."""
+    platform = platform or sys.platform
+    return platform.startswith("linux") or platform == "darwin"
+
+
 def worker_socket_setting(mode: WorkerMode, path: str) -> str:
     """``PanelSettings.worker_socket`` from a panel's Worker choice and socket path field.
 
@@ -305,8 +313,9 @@ def worker_socket_setting(mode: WorkerMode, path: str) -> str:
     Raises
     ------
     scene.SceneError
-        When the choice is unknown, or a shared worker is chosen on a system other than Linux,
-        with no path, a relative one or one too long for a Unix socket.
+        When the choice is unknown, or a shared worker is chosen on Windows
+        (``shared_worker_available``), with no path, a relative one or one too long for a Unix
+        socket.
     """
     import os
 
@@ -314,10 +323,11 @@ def worker_socket_setting(mode: WorkerMode, path: str) -> str:
         mode = WorkerMode.from_label(mode)
     if mode is WorkerMode.LOCAL:
         return ""
-    if not sys.platform.startswith("linux"):
+    if not shared_worker_available():
         raise mrml.SceneError(
-            "a shared worker is reached through a Unix socket whose peer is checked, which only "
-            "Linux offers; on this system the panel runs its own worker (Worker: local)."
+            "a shared worker is reached through a Unix socket whose peer is checked, which Linux and "
+            "macOS offer and Windows does not; here the panel runs its own worker (Worker: local), "
+            "or open the browser panel of the GPU server (README, Server mode)."
         )
     path = os.path.expanduser(path.strip())
     if not path:
@@ -748,6 +758,7 @@ class EditSession:
         for old in self.results.values():
             self.scene.RemoveNode(old)
         self.results = mrml.import_result(self.scene, volume, edited, guidance, mask, name)
+        self.preview_id = None  # an edit's region is its own: tau re-cuts only a preview shown
         if kind == "preview":
             self.preview_id = self.current.id
             for key in ("counterfactual", "difference"):  # a preview edits nothing

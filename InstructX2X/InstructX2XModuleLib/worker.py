@@ -312,7 +312,7 @@ class WorkerClient:
         self.process.wait(timeout=30)
         self.state = WorkerState.STOPPED
         if self.current_output:  # a kill during the second of writing leaves a staging folder
-            from instructx2x.outputs import remove_stale_staging
+            from instructx2x.staging import remove_stale_staging
 
             remove_stale_staging(Path(self.current_output))
 

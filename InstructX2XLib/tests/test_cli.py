@@ -301,6 +301,9 @@ def test_info(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["model"]["trained"] is False and info["device"] == "cpu"
     assert info["priors"]["version"] == "approx-v1"
+    from instructx2x.serve import PROTOCOL_VERSION
+
+    assert info["worker_protocol"] == PROTOCOL_VERSION == 2  # what a panel checks before sending files
 
 
 def test_info_and_edit_take_the_sampling_defaults_from_the_model_card(capsys, png, tmp_path):
@@ -570,8 +573,8 @@ def test_ctrl_c_during_imports_ends_cleanly(png, tmp_path):
     """An interrupt while torch and diffusers load gives the cancelled message, no traceback."""
     code = (
         "import signal, threading, os\n"
+        "from instructx2x.cli import main\n"  # light (no torch): main() imports torch and diffusers
         "threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
-        "from instructx2x.cli import main\n"
         f"raise SystemExit(main({args(png, tmp_path / 'out', '--steps', '400')!r}))\n"
     )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -706,7 +709,7 @@ def test_a_bad_row_stops_the_jobs_file_before_any_work(png, tmp_path, capsys):
 def test_stale_staging_of_a_killed_writer_is_removed(png, tmp_path):
     """A writer killed with SIGKILL mid-export leaves .<name>.<pid>.* behind; the next writer
     of that output removes it (a live process's staging is left alone)."""
-    from instructx2x.outputs import remove_stale_staging
+    from instructx2x.staging import remove_stale_staging
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import sys
 import sysconfig
 import time
@@ -89,7 +90,11 @@ def main(module: Path, folder: Path, work: Path, constraints: list[Path]) -> dic
     torch_init = folder / "torch" / "__init__.py"
     inode = torch_init.stat().st_ino
     marker.write_text(json.dumps({**built, "library_version": "0.0.1"}))
-    report["update_s"] = install()
+    os.environ["PIP_NO_INDEX"] = "1"  # offline: the library is built with Slicer's own setuptools
+    try:
+        report["update_s"] = install()
+    finally:
+        del os.environ["PIP_NO_INDEX"]
     report["update_question"] = questions[-1]
     report["torch_file_kept"] = torch_init.stat().st_ino == inode
     report["marker_after_update"] = json.loads(marker.read_text())["library_version"]

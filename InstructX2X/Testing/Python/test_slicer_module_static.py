@@ -211,3 +211,24 @@ def test_the_install_dialog_is_application_modal_and_the_self_test_installs_only
 
 def test_the_package_set_lies_beside_the_revisions_settings():
     assert "slicerRevisionUserSettingsFilePath" in ast.unparse(function("workerPackagesFolder"))
+
+
+def test_leaving_or_reloading_releases_the_editor_and_a_reload_while_shown_enters_again():
+    """Slicer's reloadScriptedModule hides the old widget and calls its cleanup(), then setup()
+    of the new one, never exit() or enter() (qSlicerScriptedLoadableModuleWidget::reload): the
+    old editor must let go of its effect, shortcuts and view observations in cleanup() as in
+    exit(), and the new one must enter when the module is shown."""
+    release = function("_releaseEditor")
+    assert [ast.unparse(c) for c in calls(release, "")] == [
+        "editor.setActiveEffect(None)",
+        "editor.uninstallKeyboardShortcuts()",
+        "editor.removeViewObservations()",
+    ]
+    for method in ("cleanup", "exit"):
+        assert calls(function(method), "self._releaseEditor"), method
+    entered = next(
+        n
+        for n in ast.walk(function("setup"))
+        if isinstance(n, ast.If) and ast.unparse(n.test) == "self.parent.isEntered"
+    )
+    assert calls(entered, "self.enter")

@@ -130,10 +130,13 @@ def test_the_nvidia_driver_as_nvidia_smi_reports_it():
         ("Linux", None, "cpu"),
         ("Linux", (580, 95, 5), "cu130"),
         ("Linux", (575, 51, 2), "cu128"),
-        ("Linux", (560, 35, 3), "cu126"),
-        ("Linux", (535, 104), "cpu"),
+        ("Linux", (535, 104), "cu128"),  # Ubuntu 22.04's: CUDA 12 minor-version compatibility
+        ("Linux", (525, 60, 13), "cu128"),
+        ("Linux", (525, 60, 12), "cpu"),
+        ("Linux", (470, 256), "cpu"),
         ("Windows", (580, 70), "cu128"),
-        ("Windows", (560, 70), "cpu"),
+        ("Windows", (528, 33), "cu128"),
+        ("Windows", (527, 41), "cpu"),
         ("Windows", None, "cpu"),
         ("Darwin", (580, 95), "index"),
     ],
@@ -314,6 +317,38 @@ def test_a_second_install_during_one_is_refused_and_a_silent_pip_still_reports_t
             log=lambda line: None,
             torch=lambda: packages.TorchBuild("index", None, "the test"),
         )
+
+
+@pytest.mark.parametrize(
+    "printed, advice",
+    [
+        ("OSError: [Errno 28] No space left on device", "The disk is full"),
+        ("OSError: [WinError 206] The filename or extension is too long", "enable long paths"),
+        (
+            "ERROR: Could not find a version that satisfies the requirement torch==2.13.0",
+            "internet connection",
+        ),
+    ],
+)
+def test_a_failed_pip_is_told_by_what_it_printed(shipped, tmp_path, printed, advice):
+    library, requirements = shipped
+    python = tmp_path / "failing-pip"
+    python.write_text(f"#!/bin/sh\necho 'Collecting torch==2.13.0'\necho '{printed}'\nexit 1\n")
+    python.chmod(0o755)
+    with pytest.raises(packages.PackageSetError) as error:
+        packages.ensure_package_set(
+            tmp_path / "settings" / "set",
+            python,
+            library,
+            requirements,
+            confirm=lambda q: True,
+            progress=lambda s: None,
+            log=lambda line: None,
+            torch=lambda: packages.TorchBuild("index", None, "the test"),
+        )
+    assert advice in str(error.value) and "nothing was changed" in str(error.value)
+    assert printed in str(error.value)  # pip's own words, last
+    assert list((tmp_path / "settings").iterdir()) == []  # no staging left
 
 
 LONG_PIP = """#!/bin/sh

@@ -203,8 +203,9 @@ def test_the_panels_worker_choice_becomes_the_settings_socket(tmp_path):
 def test_a_shared_worker_is_refused_where_peer_credentials_are_not_checked(monkeypatch):
     from InstructX2XModuleLib import session as session_layer
 
-    for platform in ("win32", "darwin"):
-        monkeypatch.setattr(session_layer.sys, "platform", platform)
-        with pytest.raises(layer.SceneError, match="only Linux offers"):
-            worker_socket_setting(WorkerMode.SHARED, "/tmp/ix2x.sock")
-        assert worker_socket_setting(WorkerMode.LOCAL, "/tmp/ix2x.sock") == ""
+    monkeypatch.setattr(session_layer.sys, "platform", "win32")
+    with pytest.raises(layer.SceneError, match="Windows does not; here the panel runs its own worker"):
+        worker_socket_setting(WorkerMode.SHARED, "/tmp/ix2x.sock")
+    assert worker_socket_setting(WorkerMode.LOCAL, "/tmp/ix2x.sock") == ""
+    monkeypatch.setattr(session_layer.sys, "platform", "darwin")  # LOCAL_PEERCRED (serve.peer_uid)
+    assert worker_socket_setting(WorkerMode.SHARED, "/tmp/ix2x.sock") == "/tmp/ix2x.sock"

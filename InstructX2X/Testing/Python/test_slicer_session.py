@@ -44,6 +44,10 @@ def test_preview_rethreshold_and_queued_edit_land_in_the_scene(session):
     events = poll_until(session, lambda e: sum(x["event"] == "done" for x in e) == 2)
     assert [e["id"] for e in events if e["event"] == "done"] == ["1", "2"]
     assert session.queue_position(edit) == 0 and not session.busy
+    # the edit's region is the one shown: tau re-cuts a preview only while it is the result
+    assert not session.has_preview
+    with pytest.raises(layer.SceneError, match="preview the guidance first"):
+        session.request_rethreshold(0.5)
     edited = layer.volume_to_array(session.results["counterfactual"])
     assert np.array_equal(edited[~mask], before[~mask]) and not np.array_equal(edited[mask], before[mask])
     assert before.min() <= edited.min() and edited.max() <= before.max()  # the volume's own values

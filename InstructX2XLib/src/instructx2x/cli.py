@@ -478,12 +478,14 @@ def _info(editor, model: str) -> dict:
     import transformers
 
     from .model_digest import folder_digest
+    from .serve import PROTOCOL_VERSION
 
     described = editor.model_info.to_dict()
     if Path(model).is_dir():  # what the folder's model.sha256 pins (model_digest)
         described["folder_sha256"] = folder_digest(model)
     return {
         "instructx2x": __version__,
+        "worker_protocol": PROTOCOL_VERSION,
         "model": described,
         "device": str(editor.device),
         "dtype": str(editor.dtype).replace("torch.", ""),

@@ -21,6 +21,7 @@ from .errors import InputError, InstructX2XError, OutputExistsError, ResourceErr
 from .image_io import Radiograph
 from .overlay import guidance_overlay, side_by_side
 from .provenance import to_json
+from .staging import remove_stale_staging, staging_prefix
 
 if TYPE_CHECKING:  # a type only: the panels use atomic_output_dir without torch
     from .editor import EditResult
@@ -28,7 +29,6 @@ if TYPE_CHECKING:  # a type only: the panels use atomic_output_dir without torch
 __all__ = [
     "check_new_output_folder",
     "atomic_output_dir",
-    "remove_stale_staging",
     "write_png_result",
     "write_float_maps",
     "write_figure",
@@ -104,7 +104,7 @@ def atomic_output_dir(target: Path) -> Iterator[Path]:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(target)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
+        staging = Path(tempfile.mkdtemp(prefix=staging_prefix(target), dir=target.parent))
         staging.chmod(0o777 & ~_umask())
         yield staging
         if target.exists():
@@ -119,44 +119,6 @@ def atomic_output_dir(target: Path) -> Iterator[Path]:
     finally:
         if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-
-
-def remove_stale_staging(target: Path) -> list[Path]:
-    """Remove staging folders of ``target`` left by a process that no longer runs.
-
-    A process killed with SIGKILL while it writes (the export's second or so) cannot clean
-    up; its staging folder carries its PID (``.<name>.<pid>.<random>``), so the next writer
-    of the same output, or a panel after killing its worker, removes it. Folders of live
-    processes are left alone.
-
-    Returns
-    -------
-    list[pathlib.Path]
-        The folders removed.
-    """
-    target = Path(os.path.abspath(target))
-    prefix = f".{target.name}."
-    removed = []
-    if not target.parent.is_dir():
-        return removed
-    for candidate in target.parent.iterdir():
-        pid = candidate.name[len(prefix) :].split(".", 1)[0]
-        if not (candidate.name.startswith(prefix) and pid.isdigit() and candidate.is_dir()):
-            continue
-        if int(pid) != os.getpid() and not _alive(int(pid)):
-            shutil.rmtree(candidate, ignore_errors=True)
-            removed.append(candidate)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 def _png_info():

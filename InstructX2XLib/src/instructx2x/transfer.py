@@ -39,6 +39,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import InputNotFoundError, ParameterError, ResourceError
+from .staging import staging_prefix
 
 __all__ = [
     "CHUNK_BYTES",
@@ -236,10 +237,10 @@ def localize_job(job: dict, inbox: Inbox, request_id: str) -> dict:
 
 
 class Downloads:
-    """The client's side of a transferred job's results: each job's files go into a hidden
-    folder beside the output it asked for (``.<name>.<pid>.<random>``, the library's staging
-    name, so that a later writer of that output removes one left by a killed process), which
-    becomes the output when the job is done."""
+    """The client's side of a transferred job's results: each job's files go into a staging
+    folder beside the output it asked for (``staging.staging_prefix``: a later writer of that
+    output removes one left by a killed process), which becomes the output when the job is
+    done."""
 
     def __init__(self) -> None:
         self.outputs: dict[str, Path] = {}
@@ -264,7 +265,7 @@ class Downloads:
             if folder is None:
                 output = self.outputs[request_id]
                 output.parent.mkdir(parents=True, exist_ok=True)
-                folder = Path(tempfile.mkdtemp(prefix=f".{output.name}.{os.getpid()}.", dir=output.parent))
+                folder = Path(tempfile.mkdtemp(prefix=staging_prefix(output), dir=output.parent))
                 self.staging[request_id] = folder
             sizes = self.sizes.setdefault(request_id, {})
             name, data, _final = _chunk(event, sizes.get(str(event.get("name")), 0))
