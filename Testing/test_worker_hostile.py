@@ -3,6 +3,7 @@ panels' client against a worker it must not trust: every attack runs on a real w
 with raw socket clients."""
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -390,7 +391,7 @@ def test_the_client_refuses_a_done_outside_the_folder_it_asked_for(tmp_path):
     fake = FakeWorker(
         tmp_path / "fake.sock", [str(tmp_path / "elsewhere"), str(asked / ".." / "elsewhere"), str(asked)]
     )
-    client = WorkerClient("the worker's", socket_path=str(tmp_path / "fake.sock"))
+    client = WorkerClient("the worker's", socket_path=str(tmp_path / "fake.sock"), transfer=False)
     client.start()
     try:
         poll_until(client, lambda e: client.state is WorkerState.READY, timeout=10)
@@ -483,8 +484,11 @@ def test_the_worker_refuses_a_client_of_another_user(worker):
 
 
 def client_folders() -> set[str]:
-    """The shared worker's folders for transferred files (in its temporary folder, ours too)."""
-    return {path.name for path in Path(tempfile.gettempdir()).glob("instructx2x-client-*")}
+    """The shared workers' folders for their clients' files (in the temporary folder)."""
+    return {
+        str(path.relative_to(tempfile.gettempdir()))
+        for path in Path(tempfile.gettempdir()).glob("instructx2x-worker-*/instructx2x-client-*")
+    }
 
 
 def upload(peer: Peer, request_id: str, name: str, data: bytes, offset: int = 0, final: bool = True) -> None:
@@ -532,6 +536,8 @@ def test_a_transferred_job_runs_on_the_uploaded_film_and_sends_its_results_back(
     ]
     assert not (tmp_path / "ignored").exists() and not Path("ignored").exists()
     (mine,) = client_folders() - before
+    assert not (Path(tempfile.gettempdir()) / mine / "uploads" / "input.png").exists()  # the job's uploads go
+    assert all(e.get("output") in (None, "") for e in events)  # the worker's folders are not told
     peer.close()
     deadline = time.monotonic() + 10
     while mine in client_folders() and time.monotonic() < deadline:
@@ -597,3 +603,199 @@ def test_uploads_are_bounded_per_client(worker):
     upload(peer, "again", "f0", b"yy")  # a name sent again replaces its file
     assert peer.event() == {"id": "again", "event": "uploaded", "name": "f0", "bytes": 2}
     peer.close()
+
+
+class ScriptedWorker:
+    """A worker of our own user (protocol 2) that answers each request with ``answer(request)``:
+    raw lines, as a broken or hostile worker would send them."""
+
+    def __init__(self, path, answer, ready: bytes = b'{"event": "ready", "protocol": 2}\n') -> None:
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(str(path))
+        self.listener.listen()
+        self.answer, self.ready = answer, ready
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        connection, _ = self.listener.accept()
+        with connection, connection.makefile("rb") as requests:
+            connection.sendall(self.ready)
+            while line := requests.readline():
+                request = json.loads(line)
+                if request.get("type") in ("edit", "preview", "rethreshold"):
+                    with contextlib.suppress(OSError):
+                        connection.sendall(self.answer(request))
+
+
+def chunk(request_id, name, data: bytes, offset=0, final=True) -> dict:
+    return {
+        "id": request_id,
+        "event": "file",
+        "name": name,
+        "offset": offset,
+        "data": base64.b64encode(data).decode(),
+        "final": final,
+    }
+
+
+def lines(*events) -> bytes:
+    return b"".join((json.dumps(event) + "\n").encode() for event in events)
+
+
+def against(tmp_path, answer, **options):
+    path = tmp_path / "scripted.sock"
+    fake = ScriptedWorker(path, answer, **options)
+    client = WorkerClient("the worker's", socket_path=str(path))
+    client.start()
+    poll_until(client, lambda e: client.state is not WorkerState.STARTING, timeout=10)
+    return client, fake
+
+
+def test_the_client_takes_only_the_listed_result_files_of_its_own_job(tmp_path):
+    def answer(request):
+        rid = request["id"]
+        return lines(
+            chunk("999", "stray.png", b"x"),  # no job of ours
+            chunk(rid, "edit_mask.npy", b"mask"),
+            chunk(rid, "extra.html", b"<script>"),  # sent, not listed
+            {"id": rid, "event": "done", "output": "", "files": ["edit_mask.npy"]},
+        )
+
+    client, fake = against(tmp_path, answer)
+    try:
+        output = tmp_path / "out"
+        client.submit("rethreshold", preview="1", tau=0.3, output=str(output))
+        events = poll_until(client, lambda e: client.state is WorkerState.READY, timeout=10)
+        assert [e["event"] for e in events] == ["done"] and events[-1]["output"] == str(output)
+        assert sorted(p.name for p in output.iterdir()) == ["edit_mask.npy"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "scripted.sock"]
+    finally:
+        client.shutdown()
+        fake.listener.close()
+
+
+@pytest.mark.parametrize(
+    "done",
+    [
+        {"event": "done", "output": "", "files": [["edit_mask.npy"]]},  # not names
+        {"event": "done", "output": "", "files": "edit_mask.npy"},
+        {"event": "done", "output": "", "files": ["edit_mask.npy", "never-sent.png"]},
+    ],
+)
+def test_a_malformed_done_is_the_jobs_error_and_leaves_nothing(tmp_path, done):
+    def answer(request):
+        return lines(chunk(request["id"], "edit_mask.npy", b"mask"), {"id": request["id"], **done})
+
+    client, fake = against(tmp_path, answer)
+    try:
+        client.submit("rethreshold", preview="1", tau=0.3, output=str(tmp_path / "out"))
+        events = poll_until(client, lambda e: client.state is WorkerState.READY, timeout=10)
+        assert events[-1]["event"] == "error" and events[-1]["kind"] == "WorkerError"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["scripted.sock"]
+        client.submit("rethreshold", preview="1", tau=0.3, output=str(tmp_path / "again"))  # still serving
+        poll_until(client, lambda e: client.state is WorkerState.READY, timeout=10)
+    finally:
+        client.shutdown()
+        fake.listener.close()
+
+
+def test_results_over_the_cap_fail_the_job_and_leave_nothing(tmp_path, monkeypatch):
+    from instructx2x import transfer
+
+    monkeypatch.setattr(transfer, "MAX_RESULT_FILES", 3)
+
+    def answer(request):
+        names = [f"f{i}.png" for i in range(5)]
+        return lines(
+            *(chunk(request["id"], n, b"x") for n in names),
+            {"id": request["id"], "event": "done", "output": "", "files": names},
+        )
+
+    client, fake = against(tmp_path, answer)
+    try:
+        client.submit("rethreshold", preview="1", tau=0.3, output=str(tmp_path / "out"))
+        events = poll_until(client, lambda e: client.state is WorkerState.READY, timeout=10)
+        assert events[-1]["event"] == "error" and "more than 3 result files" in events[-1]["message"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["scripted.sock"]
+    finally:
+        client.shutdown()
+        fake.listener.close()
+
+
+def test_an_over_long_line_from_a_worker_ends_the_connection_with_bounded_memory(tmp_path):
+    from InstructX2XModuleLib import worker as client_layer
+
+    def answer(request):
+        return b"x" * (client_layer.MAX_EVENT_CHARS + 10)
+
+    client, fake = against(tmp_path, answer)
+    try:
+        client.submit("rethreshold", preview="1", tau=0.3, output=str(tmp_path / "out"))
+        poll_until(client, lambda e: client.state is WorkerState.STOPPED, timeout=20)
+        assert "longer than any it sends" in client.last_error
+        assert not (tmp_path / "out").exists()
+    finally:
+        client.shutdown()
+        fake.listener.close()
+
+
+@pytest.mark.parametrize("protocol", [b'"two"', b"null", b"[2]", b"true", b"1"])
+def test_a_worker_that_cannot_take_files_is_said_before_the_job_leaves_the_queue(tmp_path, protocol):
+    ready = b'{"event": "ready", "protocol": ' + protocol + b"}\n"
+    client, fake = against(tmp_path, lambda request: b"", ready=ready)
+    try:
+        with pytest.raises(WorkerError, match="cannot receive files"):
+            client.submit("rethreshold", preview="1", tau=0.3, output=str(tmp_path / "out"))
+        assert client.state is WorkerState.READY
+    finally:
+        client.shutdown()
+        fake.listener.close()
+
+
+def test_an_over_long_or_odd_request_id_is_refused(worker):
+    peer = ready(Peer(worker.path))
+    for request_id in ("x" * 129, ["a"], {"a": 1}, True):
+        peer.send({"type": "cancel", "id": request_id})
+        refused = peer.event()
+        assert refused["event"] == "error" and "id" not in refused
+    peer.send({"type": "upload", "id": "ok", "name": "input.png", "offset": 0, "data": "", "final": True})
+    assert peer.event()["event"] == "uploaded"
+    peer.send({"type": "upload", "id": "f", "name": "a.png", "offset": 0, "data": "", "final": "true"})
+    assert "final must be true or false" in peer.event()["message"]
+    peer.send({"type": "upload", "id": "n", "name": "a.png\n", "offset": 0, "data": "", "final": True})
+    assert "plain file name" in peer.event()["message"]
+    peer.socket.sendall(b"[" * 200_000 + b"\n")  # nested too deeply for the JSON parser
+    assert "nested too deeply" in peer.event()["message"]
+    peer.close()
+
+
+def test_a_slow_reader_of_large_results_delays_no_one(worker, tmp_path):
+    """The results go from the slow client's own writer: another client's job runs and ends
+    while the first client's results are still on their way."""
+    big = tmp_path / "big.png"
+    yy, xx = np.mgrid[0:1536, 0:1536]
+    Image.fromarray((127 + 90 * np.sin(yy / 37) * np.cos(xx / 23)).astype(np.uint8)).save(big)
+    slow = ready(Peer(worker.path))
+    upload(slow, "u", "input.png", big.read_bytes())
+    assert slow.event()["event"] == "uploaded"
+    slow.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.send({"type": "preview", "id": "slow", "job": job("input.png", "x"), "transfer": True})
+    other = ready(Peer(worker.path))
+    time.sleep(1)  # the slow client's job runs first
+    Image.fromarray(np.full((72, 64), 90, np.uint8)).save(tmp_path / "film.png")
+    other.send({"type": "preview", "id": "quick", "job": job(str(tmp_path / "film.png"), tmp_path / "quick")})
+    stop = threading.Event()
+
+    def trickle():  # reads a little, often enough that the stall limit never cuts it off
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                slow.socket.recv(4096)
+            time.sleep(0.5)
+
+    reader = threading.Thread(target=trickle, daemon=True)
+    reader.start()
+    events = other.until("quick", within=120)
+    assert events[-1]["event"] == "done"
+    stop.set()
+    reader.join()
+    slow.close()

@@ -34,6 +34,7 @@ loads results from a folder it did not choose.
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import itertools
 import json
@@ -49,6 +50,7 @@ from pathlib import Path
 __all__ = ["WorkerState", "WorkerClient", "WorkerError", "kill_process_group"]
 
 STDERR_LINES = 200  # the worker's last stderr lines kept for the exit message
+MAX_EVENT_CHARS = 4 << 20  # the longest event line taken from a worker (a file chunk is ~0.7 MB)
 
 
 if sys.platform == "win32":
@@ -241,12 +243,13 @@ class WorkerClient:
 
     def _transferred(self, request_id: str, request: dict) -> tuple[list[tuple[Path, str]], dict]:
         """The files a request names, and the request naming them by their upload names."""
-        from instructx2x.transfer import JOB_FILE_FIELDS
+        from instructx2x.transfer import JOB_FILE_FIELDS, upload_name
 
-        if int(self.info.get("protocol", 1)) < 2:
+        protocol = self.info.get("protocol", 1)
+        if isinstance(protocol, bool) or not isinstance(protocol, int) or protocol < 2:
             raise WorkerError(
-                "the shared worker cannot receive files (protocol "
-                f"{self.info.get('protocol', 1)}); update InstructX2X where it runs."
+                f"the shared worker cannot receive files (protocol {str(protocol)[:20]}); update "
+                "InstructX2X where it runs."
             )
         request = {**request, "transfer": True}
         request.pop("output", None)
@@ -258,8 +261,7 @@ class WorkerClient:
                     path = Path(job[field])
                     if not path.is_file():
                         raise WorkerError(f"{path.name} is not a file; a shared worker takes files only.")
-                    suffix = path.suffix if path.suffix[1:].isalnum() else ""
-                    job[field] = f"{field}{suffix[:16]}"
+                    job[field] = upload_name(field, path)
                     uploads.append((path, job[field]))
             request["job"] = job
         return uploads, request
@@ -393,43 +395,78 @@ class WorkerClient:
         self.state = WorkerState.STOPPED
 
     def _read(self, stream) -> None:
+        """The reader thread: events into the queue until the worker is gone; a line longer
+        than ``MAX_EVENT_CHARS`` (a broken or hostile worker) ends the connection."""
+        message = None
         try:
-            for line in stream:
+            while line := stream.readline(MAX_EVENT_CHARS + 1):
+                if len(line) > MAX_EVENT_CHARS:
+                    message = "the worker sent an event longer than any it sends; disconnected."
+                    break
                 try:
                     event = json.loads(line)
-                except ValueError:
+                except (ValueError, RecursionError):
                     continue  # a library printed a stray line: not an event
                 if isinstance(event, dict):
                     self._arrived(event)
         except (OSError, ValueError):  # our own hang-up closed the stream
             pass
-        self.downloads.discard()
+        finally:
+            self.downloads.discard()
+            self._exited(message)
+
+    def _exited(self, message: str | None) -> None:
         if self.process is None:  # a shared worker: gone unless we hung up
+            if message is not None and self.connection is not None:
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
             self.events.put(
                 {
                     "event": "exit",
                     "returncode": None,
                     "stderr": "",
-                    "message": None if self._writer is None else "the shared worker closed the connection.",
+                    "message": message
+                    or (None if self._writer is None else "the shared worker closed the connection."),
                 }
             )
             return
+        if message is not None:
+            self.last_error = message
+            kill_process_group(self.process.pid)
         returncode = self.process.wait()
         self._stderr_reader.join(timeout=5)
         self.events.put({"event": "exit", "returncode": returncode, "stderr": "".join(self.stderr_tail)})
 
     def _arrived(self, event: dict) -> None:
         """A transferred job's files are written here, on the reader's thread; its end settles
-        its folder; every other event goes to ``poll``."""
+        its folder (an upload the worker refused gives the job's error its reason); ``file``
+        events of no job of ours are dropped; every other event goes to ``poll``."""
         request_id, kind = str(event.get("id")), event.get("event")
-        if request_id in self.downloads.outputs:
+        job_id = request_id.split(":", 1)[0]
+        try:
             if kind == "file":
-                self.downloads.receive(event)
+                if request_id in self.downloads.outputs:
+                    self.downloads.receive(event)
                 return
-            if kind == "done":
-                event = self.downloads.finish(event)
-            elif kind in ("error", "cancelled"):
-                self.downloads.discard(request_id)
+            if kind == "error" and ":" in request_id and job_id in self.downloads.outputs:
+                self.downloads.upload_failures[job_id] = str(event.get("message"))[:500]
+                return
+            if request_id in self.downloads.outputs:
+                refused = self.downloads.upload_failures.get(request_id)
+                if kind == "done":
+                    event = self.downloads.finish(event)
+                elif kind in ("error", "cancelled"):
+                    self.downloads.discard(request_id)
+                    if kind == "error" and refused is not None:
+                        event = {**event, "message": f"the worker refused the job's file: {refused}"}
+        except Exception as error:  # noqa: BLE001 - a worker's odd event ends its job, never this thread
+            self.downloads.discard(request_id)
+            event = {
+                "id": request_id,
+                "event": "error",
+                "kind": "WorkerError",
+                "message": f"the worker sent a malformed event ({type(error).__name__}).",
+            }
         self.events.put(event)
 
     def _drain(self, stream) -> None:

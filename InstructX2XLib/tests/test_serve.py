@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from instructx2x.parameters import EditParameters
+from instructx2x.serve import PROTOCOL_VERSION
 
 
 @pytest.fixture
@@ -76,7 +77,11 @@ def job(png, out, steps=2, **parameters):
 
 def test_preview_rethreshold_and_two_edits_on_one_warm_worker(worker, png, tmp_path):
     event = ready(worker)
-    assert event["event"] == "ready" and event["protocol"] == 1 and event["model"]["trained"] is False
+    assert (
+        event["event"] == "ready"
+        and event["protocol"] == PROTOCOL_VERSION == 2
+        and event["model"]["trained"] is False
+    )
     send(worker, {"type": "preview", "id": "p", "job": job(png, tmp_path / "preview")})
     done = events_until(worker, "p")[-1]
     assert done["event"] == "done" and "guidance_map.npy" in done["files"]

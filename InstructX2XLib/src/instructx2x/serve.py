@@ -49,12 +49,16 @@ others:
   ``error`` and the connection is closed;
 - at most ``MAX_WAITING_PER_CLIENT`` (8) of a client's jobs wait at a time; one more is refused
   with an ``error``;
+- a request's ``id`` is a string or number of at most ``MAX_ID_CHARS`` (128) characters;
 - a client's uploaded files hold at most ``transfer.MAX_CLIENT_FILES`` (8) files and
   ``transfer.MAX_CLIENT_BYTES`` (256 MiB) at a time, in its own folder (0700), removed when it
-  goes; result files are sent while fewer than ``FILE_CHUNKS_AHEAD`` (8) of its events wait;
+  goes; a job's uploads go when it ends; its results are read from disk and sent by the
+  client's own writer thread, so a client that reads slowly delays only itself; at most
+  ``MAX_RESULTS_SENDING`` (2) of its jobs' results wait to be sent before its next job runs;
 - each client's events wait in their own queue, written by their own thread, so a client that
-  stops reading delays nobody: when ``MAX_PENDING_EVENTS`` (1000) wait, or a write makes no
-  progress for ``SEND_STALL_S`` (10) seconds, it is disconnected;
+  stops reading delays nobody: when ``MAX_PENDING_EVENTS`` (1000) or ``MAX_PENDING_BYTES``
+  (16 MiB) wait, or a write makes no progress for ``SEND_STALL_S`` (10) seconds, it is
+  disconnected;
 - a client that disconnects, is disconnected or whose connection fails (reset, end of input)
   has its queued jobs dropped and its running job stopped: nothing of theirs is written;
 - a failing ``accept`` (out of descriptors, an aborted connection) is logged by its error
@@ -68,6 +72,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import errno
 import itertools
 import json
@@ -75,6 +80,7 @@ import logging
 import os
 import queue
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -85,17 +91,26 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
-from .errors import EditCancelled, ErrorEvent, InstructX2XError, ParameterError, ResourceError, error_event
+from .errors import (
+    EditCancelled,
+    ErrorEvent,
+    InputNotFoundError,
+    InstructX2XError,
+    ParameterError,
+    ResourceError,
+    error_event,
+)
 from .jobs import EditJob, edit_images, prepare, write_results
 from .provenance import to_json
-from .transfer import Inbox, file_events, localize_job
+from .transfer import JOB_FILE_FIELDS, Inbox, file_events, localize_job, worker_folder
 
 __all__ = [
     "MAX_CLIENTS",
     "MAX_LINE_BYTES",
     "MAX_PENDING_EVENTS",
     "MAX_WAITING_PER_CLIENT",
-    "FILE_CHUNKS_AHEAD",
+    "MAX_ID_CHARS",
+    "MAX_PENDING_BYTES",
     "PROTOCOL_VERSION",
     "check_socket_path",
     "peer_uid",
@@ -117,7 +132,9 @@ SEND_STALL_S = 10.0
 ACCEPT_BACKOFF_S = 0.1
 SIGNAL_CHECK_S = 0.5
 SHUTDOWN_JOIN_S = 5.0
-FILE_CHUNKS_AHEAD = 8
+MAX_PENDING_BYTES = 16 << 20  # what one client's unsent events may hold
+MAX_ID_CHARS = 128
+MAX_RESULTS_SENDING = 2  # a client's transferred results not yet sent, before its next job
 
 _END = object()  # the last item of a client's event queue
 _SOL_LOCAL, _LOCAL_PEERCRED = 0, 1  # <sys/un.h> on macOS and the BSDs; Python names neither
@@ -160,6 +177,23 @@ def trusted_uid(uid: int) -> bool:
     return uid in (os.getuid(), 0)
 
 
+@dataclasses.dataclass
+class _Results:
+    """A transferred job's result files (``folder``), sent as ``file`` events and then its
+    ``done``; the folder is removed once sent, or once the client is gone."""
+
+    folder: Path
+    request_id: str
+    done: dict
+
+    def events(self) -> Iterator[dict]:
+        yield from file_events(self.folder, list(self.done["files"]), self.request_id)
+        yield {"id": self.request_id, **self.done, "output": ""}
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 class Client:
     """One client's events, written at once (the stdio worker's only client). ``key`` keeps
     its request ids apart from other clients'."""
@@ -171,6 +205,7 @@ class Client:
         self.key = next(self._keys)
         self.lock = threading.Lock()
         self.connected = True
+        self.results_sending = 0  # transferred jobs' results not yet sent
 
     def emit(self, event: dict) -> None:
         if not self.connected:
@@ -182,38 +217,61 @@ class Client:
             except (OSError, ValueError):  # the client went away: its jobs are cancelled
                 self.connected = False
 
+    def send_results(self, results: _Results) -> None:
+        """A transferred job's files and ``done`` (here, at once)."""
+        try:
+            for event in results.events():
+                self.emit(event)
+        except OSError:  # the files went with the client's folder
+            self.connected = False
+        finally:
+            results.discard()
+
     def close(self, flush: bool = True) -> None:
         """Send nothing more."""
         self.connected = False
-
-    def wait_drained(self, most: int) -> None:
-        """Return once at most ``most`` events wait to be sent (written at once here)."""
 
 
 class SocketClient(Client):
     """A socket connection: events wait in a bounded queue that the client's own writer thread
     drains, so that ``emit`` never blocks. A client that stops reading is disconnected when its
-    queue is full or a write stalls; its reader then sees the end of input."""
+    queue is full (``MAX_PENDING_EVENTS`` events or ``MAX_PENDING_BYTES``) or a write stalls;
+    its reader then sees the end of input. Result files are read from disk by the writer as it
+    sends them."""
 
     def __init__(self, connection: socket.socket) -> None:
         super().__init__(out=None)
         self.connection = connection
         self.pending: queue.Queue = queue.Queue(MAX_PENDING_EVENTS)
+        self.pending_bytes = 0
         threading.Thread(target=self._write, daemon=True).start()
 
     def emit(self, event: dict) -> None:
         if not self.connected:
             return
+        data = (to_json(event, indent=None) + "\n").encode()
+        with self.lock:
+            full = self.pending_bytes + len(data) > MAX_PENDING_BYTES
+            if not full:
+                self.pending_bytes += len(data)
         try:
-            self.pending.put_nowait((to_json(event, indent=None) + "\n").encode())
+            if full:
+                raise queue.Full
+            self.pending.put_nowait(data)
         except queue.Full:  # it stopped reading: it gets nothing more and its jobs stop
             self.close(flush=False)
 
-    def wait_drained(self, most: int) -> None:
-        """Return once at most ``most`` events wait, or the client is gone (a client that stops
-        reading is disconnected by its writer's stall limit)."""
-        while self.connected and self.pending.qsize() > most:
-            time.sleep(0.005)
+    def send_results(self, results: _Results) -> None:
+        """Queue a transferred job's results for the writer (which reads the files as it sends)."""
+        with self.lock:
+            self.results_sending += 1
+        try:
+            if not self.connected:
+                raise queue.Full
+            self.pending.put_nowait(results)
+        except queue.Full:
+            self._sent(results)
+            self.close(flush=False)
 
     def close(self, flush: bool = True) -> None:
         """Stop sending; with ``flush``, what is queued goes out first (within the stall limit)."""
@@ -227,15 +285,36 @@ class SocketClient(Client):
 
     def _write(self) -> None:
         try:
-            while (data := self.pending.get()) is not _END:
-                self._send(data)
-        except OSError:  # gone, or not reading
+            while (item := self.pending.get()) is not _END:
+                if isinstance(item, _Results):
+                    try:
+                        for event in item.events():
+                            self._send((to_json(event, indent=None) + "\n").encode())
+                    finally:
+                        self._sent(item)
+                else:
+                    with self.lock:
+                        self.pending_bytes -= len(item)
+                    self._send(item)
+        except OSError:  # gone, or not reading (or its files went with it)
             pass
         finally:
             self.connected = False
             with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
             self.connection.close()  # the descriptor goes once the reader's file is closed too
+            while True:  # results never sent: their folders go
+                try:
+                    item = self.pending.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, _Results):
+                    self._sent(item)
+
+    def _sent(self, results: _Results) -> None:
+        results.discard()
+        with self.lock:
+            self.results_sending -= 1
 
     def _send(self, data: bytes) -> None:
         poller = select.poll()
@@ -280,6 +359,12 @@ class Worker:
         self.readers: set[threading.Thread] = set()  # their reader threads
         self.previews: dict[tuple[int, str], tuple[Any, Any]] = {}  # -> (EditResult, keep mask)
         self.inboxes: dict[int, Inbox] = {}  # client key -> its transferred files
+        self.folder: Path | None = None  # for the inboxes (transfer.worker_folder), made when needed
+
+    def close(self) -> None:
+        """The worker ends: its clients' files go."""
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def read(self, lines: Iterable[str], client: Client, shared: bool = False) -> None:
         """Reader thread: cancels act at once, everything else waits its turn. At the end of
@@ -295,8 +380,16 @@ class Worker:
                     request = json.loads(line)
                     if not isinstance(request, dict):
                         raise ValueError("a request must be a JSON object")
-                except ValueError as error:
-                    client.emit(_error(f"not a request: {error}"))
+                except (ValueError, RecursionError) as error:
+                    reason = "nested too deeply" if isinstance(error, RecursionError) else error
+                    client.emit(_error(f"not a request: {reason}"))
+                    continue
+                request_id = request.get("id")
+                if isinstance(request_id, bool) or not isinstance(request_id, (str, int, type(None))):
+                    client.emit(_error("a request's id must be a string or a number."))
+                    continue
+                if len(str(request_id)) > MAX_ID_CHARS:
+                    client.emit(_error(f"a request's id has at most {MAX_ID_CHARS} characters."))
                     continue
                 kind = request.get("type")
                 if kind == "cancel":
@@ -366,10 +459,21 @@ class Worker:
             client.emit({"id": request_id, **event})
 
     def inbox(self, client: Client) -> Inbox:
-        """The client's folder for transferred files (made when first needed)."""
+        """The client's folder for transferred files (made when first needed, never for a
+        client that is gone: ``drop`` removes it).
+
+        Raises
+        ------
+        InputNotFoundError
+            The client is gone.
+        """
         with self.condition:
+            if not client.connected:
+                raise InputNotFoundError("the client is gone; its files went with it.")
             if client.key not in self.inboxes:
-                self.inboxes[client.key] = Inbox()
+                if self.folder is None:
+                    self.folder = worker_folder()
+                self.inboxes[client.key] = Inbox(self.folder)
             return self.inboxes[client.key]
 
     def cancel(self, client: Client, request_id: str) -> None:
@@ -454,8 +558,23 @@ class Worker:
     def run(self, client: Client, request_id: str, kind: str, job_data: Any, transfer: bool = False) -> None:
         if not isinstance(job_data, dict):
             raise ParameterError("an edit or preview request needs a 'job' object.")
-        if transfer:
-            job_data = localize_job(job_data, self.inbox(client), request_id)
+        if not transfer:
+            self._run(client, request_id, kind, job_data, False)
+            return
+        inbox = self.inbox(client)
+        try:
+            if client.results_sending >= MAX_RESULTS_SENDING:
+                raise ResourceError(
+                    f"{client.results_sending} of your jobs' results are still being sent; "
+                    "send the next job when they have arrived."
+                )
+            self._run(client, request_id, kind, localize_job(job_data, inbox, request_id), True)
+        finally:  # the job's uploads have served
+            inbox.forget(
+                [job_data[field] for field in JOB_FILE_FIELDS if isinstance(job_data.get(field), str)]
+            )
+
+    def _run(self, client: Client, request_id: str, kind: str, job_data: dict, transfer: bool) -> None:
         job = EditJob.from_dict({**job_data, "command": kind})
         prepared = prepare(job)
 
@@ -466,18 +585,21 @@ class Worker:
             # raised here stops the loop and nothing is written.
             if event["event"] != "done" and self._stopped(client, key):
                 raise _Cancelled()
-            if event["event"] == "done" and transfer:
-                self.send_back(client, request_id, event)
+            if transfer and event["event"] == "done":
+                client.send_results(_Results(Path(event["output"]), request_id, event))
                 return
+            if transfer and "output" in event:  # the worker's folders are not the client's business
+                event = {**event, "output": ""}
             client.emit({"id": request_id, **event})
 
         results = edit_images(prepared, self.editor, emit)
         write_results(prepared, results, emit, float_maps=True)
         if kind == "preview" and len(results) == 1:
-            with self.condition:
+            with self.condition:  # each client's last MAX_CACHED_PREVIEWS
                 self.previews[key] = (results[0], prepared.keep_mask)
-                while len(self.previews) > MAX_CACHED_PREVIEWS:
-                    self.previews.pop(next(iter(self.previews)))
+                mine = [other for other in self.previews if other[0] == client.key]
+                for other in mine[:-MAX_CACHED_PREVIEWS]:
+                    del self.previews[other]
 
     def rethreshold(self, client: Client, request_id: str, request: dict) -> None:
         import numpy as np
@@ -509,25 +631,9 @@ class Worker:
             "edit_fraction": float(mask.mean()),
         }
         if transfer:
-            self.send_back(client, request_id, done)
+            client.send_results(_Results(output, request_id, done))
         else:
             client.emit({"id": request_id, **done})
-
-    def send_back(self, client: Client, request_id: str, done: dict) -> None:
-        """A transferred job's result files as ``file`` events, then its ``done`` (whose
-        ``output`` the client replaces with its own folder); the worker's copy is removed."""
-        import shutil
-
-        output = Path(done["output"])
-        try:
-            for event in file_events(output, list(done["files"]), request_id):
-                client.wait_drained(FILE_CHUNKS_AHEAD)
-                if not client.connected:
-                    return
-                client.emit(event)
-            client.emit({"id": request_id, **done, "output": ""})
-        finally:
-            shutil.rmtree(output, ignore_errors=True)
 
 
 def _announce(waiting: list[tuple[Client, dict]], ahead: int) -> None:
@@ -558,10 +664,13 @@ def ready_event(editor) -> dict:
 def serve(editor, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
     """Serve one client on stdin/stdout until ``shutdown``, end of input or SIGTERM."""
     worker, client = Worker(editor), Client(stdout)
-    with _sigterm_interrupts():
-        client.emit(ready_event(editor))
-        threading.Thread(target=worker.read, args=(stdin, client), daemon=True).start()
-        worker.loop()
+    try:
+        with _sigterm_interrupts():
+            client.emit(ready_event(editor))
+            threading.Thread(target=worker.read, args=(stdin, client), daemon=True).start()
+            worker.loop()
+    finally:
+        worker.close()
     return 0
 
 
@@ -604,6 +713,7 @@ def serve_socket(editor, path: str | Path) -> int:
             readers = list(worker.readers)
         for reader in readers:
             reader.join(SHUTDOWN_JOIN_S)
+        worker.close()
     return 0
 
 

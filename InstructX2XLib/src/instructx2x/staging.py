@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-__all__ = ["staging_prefix", "remove_stale_staging"]
+__all__ = ["staging_prefix", "remove_stale_staging", "process_alive"]
 
 
 def staging_prefix(target: Path) -> str:
@@ -42,13 +42,14 @@ def remove_stale_staging(target: Path) -> list[Path]:
         pid = candidate.name[len(prefix) :].split(".", 1)[0]
         if not (candidate.name.startswith(prefix) and pid.isdigit() and candidate.is_dir()):
             continue
-        if int(pid) != os.getpid() and not _alive(int(pid)):
+        if int(pid) != os.getpid() and not process_alive(int(pid)):
             shutil.rmtree(candidate, ignore_errors=True)
             removed.append(candidate)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -13,18 +13,22 @@ protocol instead of by path:
 
    The worker appends each chunk to a file of that name in the client's private folder
    (``Inbox``), answers ``uploaded`` once the final chunk is in, and refuses a name that is
-   not a plain file name, a chunk that does not continue the file, data that is not base64,
-   more than ``MAX_CLIENT_FILES`` files or more than ``MAX_CLIENT_BYTES`` at once;
+   not a plain file name, a chunk that does not continue the file (``offset`` an integer,
+   ``final`` a boolean), data that is not base64, more than ``MAX_CLIENT_FILES`` files or more
+   than ``MAX_CLIENT_BYTES`` at once;
 2. the job names those files instead of paths (``localize_job``); its results are written in
    the client's folder on the worker, then sent back as ``file`` events of the same shape
-   (``file_events``) before ``done``, and removed from the worker;
-3. the client writes them into a hidden folder beside the output it asked for
-   (``Downloads``) and renames it to that output when ``done`` arrives: the results appear
-   whole, at the path the panel chose, or not at all.
+   (``file_events``) before ``done``, and removed from the worker, as are the job's uploads;
+3. the client writes them into a staging folder beside the output it asked for
+   (``Downloads``: at most ``MAX_RESULT_FILES`` files and ``MAX_CLIENT_BYTES``, the files
+   ``done`` lists and no others) and renames it to that output when ``done`` arrives: the
+   results appear whole, at the path the panel chose, or not at all.
 
-The client's folder on the worker is removed when the client goes. A transferred job cannot
-push to a PACS or name a classifier folder (both would be the worker's, not the panel's).
-Standard library only: the panels import it in Slicer's own Python.
+Every client's folder lies in the worker's own folder (``worker_folder``:
+``instructx2x-worker-<pid>`` in the temporary folder, mode 0700), removed when the client
+goes; a worker's folder left by one that was killed is removed when the next one starts. A
+transferred job cannot push to a PACS or name a classifier folder (both would be the worker's,
+not the panel's). Standard library only: the panels import it in Slicer's own Python.
 """
 
 from __future__ import annotations
@@ -39,14 +43,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import InputNotFoundError, ParameterError, ResourceError
-from .staging import staging_prefix
+from .staging import process_alive, staging_prefix
 
 __all__ = [
     "CHUNK_BYTES",
     "MAX_CLIENT_BYTES",
     "MAX_CLIENT_FILES",
+    "MAX_RESULT_FILES",
     "JOB_FILE_FIELDS",
+    "UPLOAD_SUFFIXES",
     "check_file_name",
+    "upload_name",
+    "worker_folder",
     "chunk_messages",
     "upload_requests",
     "file_events",
@@ -58,8 +66,12 @@ __all__ = [
 CHUNK_BYTES = 512 * 1024  # ~700 KB once in base64: a message stays under serve.MAX_LINE_BYTES
 MAX_CLIENT_BYTES = 256 * 1024 * 1024  # what one client's uploaded files may hold at once
 MAX_CLIENT_FILES = 8
+MAX_RESULT_FILES = 64  # what one job's results may hold on the panel's side
 JOB_FILE_FIELDS = ("input", "mask", "keep_mask", "reference_mask")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# the suffixes the library reads by (a mask's format); any other file goes by its content
+UPLOAD_SUFFIXES = (".dcm", ".png", ".jpg", ".jpeg", ".npy", ".nrrd")
+WORKER_FOLDER_PREFIX = "instructx2x-worker-"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _CLASSIFIER_SETS = (None, "auto", "cohort-v2", "torchxrayvision")
 
 
@@ -71,9 +83,29 @@ def check_file_name(name: object) -> str:
     ParameterError
         For anything else: a path, an empty or hidden name, another type.
     """
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ParameterError(f"a transferred file needs a plain file name, got {str(name)[:80]!r}.")
     return name
+
+
+def upload_name(field: str, path: Path) -> str:
+    """The name a job's file travels under: its field, and its suffix where the library reads
+    by it (``input.dcm``, ``keep_mask.npy``; ``input`` for a DICOM file named by its UID)."""
+    suffix = Path(path).suffix.lower()
+    return field + (suffix if suffix in UPLOAD_SUFFIXES else "")
+
+
+def worker_folder(root: Path | None = None) -> Path:
+    """This worker's folder for its clients' files (``instructx2x-worker-<pid>``, 0700), made
+    after removing those of workers that no longer run."""
+    root = Path(root or tempfile.gettempdir())
+    for stale in root.glob(f"{WORKER_FOLDER_PREFIX}*"):
+        pid = stale.name[len(WORKER_FOLDER_PREFIX) :]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)) and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+    folder = root / f"{WORKER_FOLDER_PREFIX}{os.getpid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder
 
 
 def chunk_messages(path: Path, name: str, fields: dict) -> Iterator[dict]:
@@ -112,10 +144,13 @@ def file_events(folder: Path, names: list[str], request_id: str) -> Iterator[dic
 def _chunk(message: dict, written: int) -> tuple[str, bytes, bool]:
     """The checked name, data and final flag of an upload or file message."""
     name = check_file_name(message.get("name"))
-    if message.get("offset") != written:
+    offset = message.get("offset")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset != written:
         raise ParameterError(
-            f"{name}: a chunk at offset {message.get('offset')!r} does not follow byte {written}."
+            f"{name}: a chunk at offset {str(offset)[:20]!r} does not follow byte {written}."
         )
+    if not isinstance(message.get("final"), bool):
+        raise ParameterError(f"{name}: a chunk's final must be true or false.")
     text = message.get("data")
     if not isinstance(text, str):
         raise ParameterError(f"{name}: a chunk's data must be base64 text.")
@@ -125,7 +160,7 @@ def _chunk(message: dict, written: int) -> tuple[str, bytes, bool]:
         raise ParameterError(f"{name}: a chunk's data is not base64.") from None
     if len(data) > CHUNK_BYTES:
         raise ParameterError(f"{name}: a chunk holds at most {CHUNK_BYTES} bytes.")
-    return name, data, message.get("final") is True
+    return name, data, message["final"]
 
 
 class Inbox:
@@ -203,6 +238,11 @@ class Inbox:
     def close(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
+    def forget(self, names: list[str]) -> None:
+        """Remove uploaded files (a job that used them ended)."""
+        for name in names:
+            self._forget(name)
+
     def _forget(self, name: str) -> None:
         self.files.pop(name, None)
         self.complete.discard(name)
@@ -247,6 +287,7 @@ class Downloads:
         self.staging: dict[str, Path] = {}
         self.sizes: dict[str, dict[str, int]] = {}
         self.failures: dict[str, str] = {}
+        self.upload_failures: dict[str, str] = {}  # an upload the worker refused, by job
 
     def expect(self, request_id: str, output: Path) -> None:
         """Results of ``request_id`` go to ``output`` (which must not exist)."""
@@ -269,6 +310,10 @@ class Downloads:
                 self.staging[request_id] = folder
             sizes = self.sizes.setdefault(request_id, {})
             name, data, _final = _chunk(event, sizes.get(str(event.get("name")), 0))
+            if name not in sizes and len(sizes) >= MAX_RESULT_FILES:
+                raise ParameterError(f"more than {MAX_RESULT_FILES} result files")
+            if sum(sizes.values()) + len(data) > MAX_CLIENT_BYTES:
+                raise ParameterError(f"results over {MAX_CLIENT_BYTES // (1024 * 1024)} MiB")
             with (folder / name).open("ab") as stream:
                 stream.write(data)
             sizes[name] = sizes.get(name, 0) + len(data)
@@ -283,15 +328,21 @@ class Downloads:
         request_id = str(event.get("id"))
         output, folder = self.outputs.pop(request_id), self.staging.pop(request_id, None)
         sizes, failure = self.sizes.pop(request_id, {}), self.failures.pop(request_id, None)
-        files = event.get("files") if isinstance(event.get("files"), list) else []
+        self.upload_failures.pop(request_id, None)
+        files = event.get("files")
+        if failure is None and not (isinstance(files, list) and all(isinstance(name, str) for name in files)):
+            failure = "the worker's done event does not list its files"
+            files = []
         missing = [name for name in files if name not in sizes]
         if failure is None and missing:
-            failure = f"the worker did not send {', '.join(map(str, missing[:3]))}"
+            failure = f"the worker did not send {', '.join(missing[:3])}"
         if failure is None:
             try:
                 if folder is None:  # a job with no files
                     output.mkdir(parents=True)
                 else:
+                    for name in set(sizes) - set(files):  # sent, but not the job's
+                        (folder / name).unlink()
                     folder.rename(output)
                     folder = None
             except OSError as error:
@@ -307,6 +358,7 @@ class Downloads:
         worker is gone."""
         for key in [request_id] if request_id is not None else list(self.outputs):
             self.outputs.pop(key, None)
+            self.upload_failures.pop(key, None)
             self.sizes.pop(key, None)
             self.failures.pop(key, None)
             folder = self.staging.pop(key, None)
