@@ -22,7 +22,8 @@ from .image_io import Radiograph
 from .overlay import guidance_overlay, side_by_side
 from .provenance import to_json
 
-if TYPE_CHECKING:  # a type only: the panels use atomic_output_dir without torch
+if TYPE_CHECKING:  # types only: the panels use atomic_output_dir without torch
+    from .classifier_set import ClassifierSet
     from .editor import EditResult
 
 __all__ = [
@@ -136,7 +137,7 @@ def remove_stale_staging(target: Path) -> list[Path]:
     """
     target = Path(os.path.abspath(target))
     prefix = f".{target.name}."
-    removed = []
+    removed: list[Path] = []
     if not target.parent.is_dir():
         return removed
     for candidate in target.parent.iterdir():
@@ -202,7 +203,9 @@ def write_figure(
     directory: Path, image: Radiograph, result: EditResult, reference: np.ndarray | None = None
 ) -> Path:
     """``figure.png``: input, edit and guidance overlay side by side (``reference`` outlined)."""
-    picture = side_by_side(image.pixels, result.edited, result.guidance_map, result.edit_mask, reference)
+    picture = side_by_side(
+        image.pixels, result.edited_image(), result.guidance_map, result.edit_mask, reference
+    )
     Image.fromarray(picture).save(directory / "figure.png", pnginfo=_png_info())
     return directory / "figure.png"
 
@@ -211,7 +214,7 @@ def write_verification(
     directory: Path,
     image: Radiograph,
     result: EditResult,
-    classifiers,
+    classifiers: ClassifierSet,
     chosen_because: str,
     include_demographics: bool = False,
 ) -> list[Path]:
@@ -222,7 +225,7 @@ def write_verification(
 
     report = verify_edit(
         image.pixels,
-        result.edited,
+        result.edited_image(),
         result.edit_mask,
         result.manifest["instruction"]["text"],
         classifiers,
