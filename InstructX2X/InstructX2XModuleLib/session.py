@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -74,6 +75,9 @@ __all__ = [
 ]
 
 
+_Choice = TypeVar("_Choice", bound="PanelChoice")
+
+
 class PanelChoice(enum.Enum):
     """A choice both panels offer in a list; each member's value is the label they show (the
     desktop parameter node stores it, the browser state holds it)."""
@@ -88,7 +92,7 @@ class PanelChoice(enum.Enum):
         return [member.label for member in cls]
 
     @classmethod
-    def from_label(cls, label: str) -> PanelChoice:
+    def from_label(cls: type[_Choice], label: str) -> _Choice:
         """The member a panel's label names.
 
         Raises
@@ -238,7 +242,7 @@ class QueuedJob:
 
     ticket: int
     kind: str  # preview, edit or rethreshold
-    volume: object  # the radiograph's vtkMRMLScalarVolumeNode
+    volume: Any  # the radiograph's vtkMRMLScalarVolumeNode (Slicer's types are untyped)
     job: dict | None = None  # a preview's or an edit's job (``scene.build_job``)
     fields: dict = dataclasses.field(default_factory=dict)  # a re-threshold's preview, tau and output
     id: str | None = None
@@ -596,8 +600,10 @@ class EditSession:
         events = self.worker.poll()
         self._check_shared_ready()
         for event in events:
-            if self.is_current_result(event) and self.scene.IsNodePresent(
-                self.current.volume
+            if (
+                self.current is not None
+                and self.is_current_result(event)
+                and self.scene.IsNodePresent(self.current.volume)
             ):  # not closed or removed
                 self._import(event)
             if event.get("event") in ("done", "error", "cancelled"):
@@ -659,6 +665,7 @@ class EditSession:
         Returns the worker's ``ready`` event. Raises ``WorkerError`` with the worker's message.
         """
         self._ensure_worker(settings)
+        assert self.worker is not None  # _ensure_worker made it
         deadline = time.monotonic() + timeout
         while self.worker.state == WorkerState.STARTING and time.monotonic() < deadline:
             self.worker.poll()
@@ -727,6 +734,7 @@ class EditSession:
 
     # -- results ----------------------------------------------------------------------------
     def _import(self, event: dict) -> None:
+        assert self.current is not None  # event is its result
         kind, volume = self.current.kind, self.current.volume
         output = Path(event["output"])
         name = volume.GetName()

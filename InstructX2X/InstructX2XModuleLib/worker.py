@@ -40,12 +40,14 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import IO, Any
 
 __all__ = ["WorkerState", "WorkerClient", "WorkerError", "kill_process_group"]
 
 STDERR_LINES = 200  # the worker's last stderr lines kept for the exit message
 
 
+_OWN_GROUP: dict[str, Any]  # Popen's arguments for a process group of the worker's own
 if sys.platform == "win32":
     _OWN_GROUP = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
 else:
@@ -137,7 +139,7 @@ class WorkerClient:
         self.process: subprocess.Popen | None = None
         self.socket_path = socket_path
         self.connection: socket.socket | None = None
-        self._writer = None
+        self._writer: IO[str] | None = None
         self.events: queue.Queue = queue.Queue()
         self.current: str | None = None
         self.current_output: str | None = None
@@ -151,6 +153,7 @@ class WorkerClient:
         the model is loaded."""
         if self.state not in (WorkerState.IDLE, WorkerState.STOPPED):
             raise WorkerError(f"the worker is already {self.state.value}.")
+        reader: IO[str] | None  # the worker's events
         if self.socket_path:
             from instructx2x.serve import peer_uid, trusted_uid
 
@@ -218,7 +221,7 @@ class WorkerClient:
         """Stop the running job, ask the worker to exit, and kill its process tree if it does
         not within ``timeout`` seconds; a shared worker: hang up."""
         if self.connection is not None:
-            self._hang_up()
+            self._hang_up(self.connection)
             return
         if self.process is None or self.process.poll() is not None:
             self.state = WorkerState.STOPPED
@@ -235,7 +238,7 @@ class WorkerClient:
     def kill(self) -> None:
         """End the worker and every process it started (its process group)."""
         if self.connection is not None:  # a shared worker is not ours to kill: its jobs for us stop
-            self._hang_up()
+            self._hang_up(self.connection)
             return
         if self.process is None:
             return
@@ -310,12 +313,12 @@ class WorkerClient:
         except OSError:
             raise WorkerError("the worker is not running.") from None
 
-    def _hang_up(self) -> None:
+    def _hang_up(self, connection: socket.socket) -> None:
         try:
-            self.connection.shutdown(socket.SHUT_RDWR)  # the worker cancels this connection's jobs
+            connection.shutdown(socket.SHUT_RDWR)  # the worker cancels this connection's jobs
         except OSError:
             pass
-        self.connection.close()
+        connection.close()
         self._writer = None
         self.state = WorkerState.STOPPED
 
