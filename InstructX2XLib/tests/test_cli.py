@@ -355,6 +355,7 @@ def test_ctrl_c_stops_cleanly_and_writes_nothing(png, tmp_path):
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+    assert process.stdout is not None
     for line in process.stdout:
         if json.loads(line)["event"] == "progress":
             break

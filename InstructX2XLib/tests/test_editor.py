@@ -58,6 +58,8 @@ def test_manifest_records_everything_needed_to_reproduce(editor, radiograph):
 def test_preview_has_maps_but_no_image(editor, radiograph):
     preview = editor.preview(radiograph, params())
     assert preview.edited is None and preview.manifest["kind"] == "guidance_preview"
+    with pytest.raises(ParameterError, match="a guidance preview has no edited image"):
+        preview.edited_image()
     assert np.array_equal(preview.edit_mask, editor.edit(radiograph, params()).edit_mask)
 
 
