@@ -43,6 +43,7 @@ def shared_worker(path: Path, model: str = "untrained-tiny"):
         stderr=subprocess.PIPE,
         text=True,
     )
+    assert server.stderr is not None
     try:
         deadline = time.monotonic() + 120
         while not path.exists():

@@ -291,13 +291,13 @@ def status_text(event: dict, shared_worker: bool = False) -> str | None:
     return None
 
 
-def worker_socket_setting(mode: WorkerMode, path: str) -> str:
+def worker_socket_setting(mode: WorkerMode | str, path: str) -> str:
     """``PanelSettings.worker_socket`` from a panel's Worker choice and socket path field.
 
     Parameters
     ----------
-    mode: WorkerMode
-        Local or shared.
+    mode: WorkerMode | str
+        Local or shared (a member or its label).
     path: str
         The shared worker's socket (``~`` is expanded); ignored for a local worker.
 

@@ -64,8 +64,8 @@ def timed(function) -> float:
 
 def main() -> None:
     results: dict = {}
-    with tempfile.TemporaryDirectory() as scratch:
-        scratch = Path(scratch)
+    with tempfile.TemporaryDirectory() as scratch_name:
+        scratch = Path(scratch_name)
         reads = [timed(lambda: read_dicom(RG1)) for _ in range(5)]
         report(results, "read_s", statistics.median(reads))
         image = read_dicom(RG1)
