@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 from console import console_script
-from dicom_factory import dciodvfy_errors, testdata_file
+from dicom_factory import dciodvfy_errors, pydicom_data_file
 from orthanc import OrthancServer, free_port
 
 from instructx2x import EditParameters, InstructX2XEditor, read_dicom
@@ -17,7 +17,7 @@ from instructx2x.dicom.dicomweb import push_stow
 from instructx2x.dicom.pacs import CStoreTarget, PacsError, echo, push_cstore
 from instructx2x.loading import load_pipeline
 
-RG1 = testdata_file("RG1_UNCR.dcm")
+RG1 = pydicom_data_file("RG1_UNCR.dcm")
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ SOP_CLASSES = {
 }
 
 
-def testdata_file(name: str) -> str:
+def pydicom_data_file(name: str) -> str:
     """The path of a file of pydicom's test data (pydicom-data)."""
     path = get_testdata_file(name)
     if not isinstance(path, str):  # None: not found (a Dataset only with read=True)

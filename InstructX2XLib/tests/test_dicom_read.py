@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from dicom_factory import dcmtk_compress, make_radiograph, testdata_file, write
+from dicom_factory import dcmtk_compress, make_radiograph, pydicom_data_file, write
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -12,7 +12,7 @@ from pydicom.uid import (
 from instructx2x import read_image
 from instructx2x.dicom import DicomReadError, read_dicom
 
-RG1 = testdata_file("RG1_UNCR.dcm")
+RG1 = pydicom_data_file("RG1_UNCR.dcm")
 
 
 def test_real_cr_monochrome1_is_inverted_and_windowed():

@@ -208,11 +208,11 @@ def test_demographic_traces():
 
 
 def test_insertion_into_a_real_film_keeps_the_rest_bit_identical(tmp_path):
-    from dicom_factory import testdata_file
+    from dicom_factory import pydicom_data_file
 
     backgrounds = tmp_path / "normals"
     backgrounds.mkdir()
-    shutil.copy(testdata_file("RG1_UNCR.dcm"), backgrounds / "rg1.dcm")
+    shutil.copy(pydicom_data_file("RG1_UNCR.dcm"), backgrounds / "rg1.dcm")
     root = tmp_path / "inserted"
     write_pure_pairs(
         root,
