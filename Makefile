@@ -127,10 +127,14 @@ evaluation: $(STAMP)
 test: lint test-eval test-web
 	$(BIN)/python -m pytest -q
 
-# ruff's lint rules and formatting (the root pyproject.toml) on the whole tree; `make test` runs it first
+# ruff's lint rules and formatting and mypy's type check (the root pyproject.toml) on the whole
+# tree; `make test` runs it first. The conftest.py files share one module name: mypy takes each alone.
+CONFTESTS := $(wildcard conftest.py */conftest.py */tests/conftest.py)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	for file in $(CONFTESTS); do $(BIN)/mypy --no-warn-unused-configs $$file || exit 1; done
 
 # the desktop module's worker package set, built on a stand-in for Slicer 5.10's Python (pyenv's
 # 3.12.1 with Slicer's pinned packages; a few minutes, torch with its CUDA libraries from PyPI);

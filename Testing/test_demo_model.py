@@ -22,6 +22,7 @@ def test_loads_offline_and_says_what_it_is(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pipe, info = load_pipeline("demo")
     assert info.name == "demo" and info.source == "bundled" and info.trained is True
+    assert info.card is not None
     assert "not for clinical use" in info.card["intended_use"]
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == info.card["resolution"] == 128
     sizes = {p.name: p.stat().st_size for p in demo_model_path().rglob("*") if p.is_file()}

@@ -8,9 +8,8 @@ import numpy as np
 import pydicom
 import pytest
 from console import console_script
-from dicom_factory import dciodvfy_errors
+from dicom_factory import dciodvfy_errors, pydicom_data_file
 from orthanc import OrthancServer, free_port
-from pydicom.data import get_testdata_file
 
 from instructx2x import EditParameters, InstructX2XEditor, read_dicom
 from instructx2x.dicom import export_dicom_edit
@@ -18,7 +17,7 @@ from instructx2x.dicom.dicomweb import push_stow
 from instructx2x.dicom.pacs import CStoreTarget, PacsError, echo, push_cstore
 from instructx2x.loading import load_pipeline
 
-RG1 = get_testdata_file("RG1_UNCR.dcm")
+RG1 = pydicom_data_file("RG1_UNCR.dcm")
 
 
 @pytest.fixture(scope="module")

@@ -169,7 +169,7 @@ def test_the_evaluation_runs_on_torchxrayvision(home, tmp_path, monkeypatch):
 def test_auto_verification_reads_a_real_dicom_film_with_torchxrayvision_when_its_weights_pass(
     home, monkeypatch
 ):
-    from pydicom.data import get_testdata_file
+    from dicom_factory import pydicom_data_file
 
     from instructx2x.dicom.read import read_dicom
     from instructx2x.verification import _load_cached, _torchxrayvision_or_refusal, choose_classifiers
@@ -182,7 +182,7 @@ def test_auto_verification_reads_a_real_dicom_film_with_torchxrayvision_when_its
         _torchxrayvision_or_refusal.cache_clear()
 
     fresh_process()
-    film = read_dicom(get_testdata_file("RG1_UNCR.dcm"))
+    film = read_dicom(pydicom_data_file("RG1_UNCR.dcm"))
     assert choose_classifiers("auto", DemoCard(), film)[1] == "the model's card names it"  # no weights yet
     digests = write_xrv_weights(home / ".torchxrayvision" / "models_data")
     chosen, why = choose_classifiers("auto", DemoCard(), film)  # present, the stand-ins unpinned: refused

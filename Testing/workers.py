@@ -57,6 +57,7 @@ def shared_worker(path: Path, model: str = "untrained-tiny", hidden: Path | None
         stderr=subprocess.PIPE,
         text=True,
     )
+    assert server.stderr is not None
     try:
         deadline = time.monotonic() + 120
         while not path.exists():

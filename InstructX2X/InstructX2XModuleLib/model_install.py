@@ -101,12 +101,12 @@ def install_model(
             f"{', '.join(name + '/' for name in missing)}."
         )
     pinned = read_checksum(source)
-    if pinned is None and confirmed_digest is None:
-        raise UnpinnedModelError(source.name, folder_digest(source))
     confirmed = None if confirmed_digest is None else confirmed_digest.strip().lower()
     if pinned is not None and confirmed is not None and pinned != confirmed:
         raise ModelLoadError(f"{source.name}/{CHECKSUM_NAME} pins {pinned}, not the confirmed {confirmed}.")
-    expected = pinned or confirmed
+    expected = pinned if pinned is not None else confirmed
+    if expected is None:
+        raise UnpinnedModelError(source.name, folder_digest(source))
     against = f"its {CHECKSUM_NAME}" if pinned else "the confirmed digest"
     _check_digest(source, expected, f"{source.name} do not match {against}")
     target = Path(models_root).expanduser() / source.name

@@ -99,7 +99,7 @@ _BOOTSTRAP = (
 _CHECK = _ISOLATE + (
     "import torch, diffusers, transformers, pydicom, highdicom, instructx2x.cli; print(torch.__version__)"
 )
-_installing = []  # the folder an install in this process is building (one at a time)
+_installing: list[Path] = []  # the folder an install in this process is building (one at a time)
 
 
 class PackageSetError(WorkerError):
@@ -228,7 +228,7 @@ def find_slicer_python(which: Callable[[str], str | None] = shutil.which) -> str
     return python
 
 
-def package_set_folder(settings_file: Path, version: Sequence[int] = sys.version_info) -> Path:
+def package_set_folder(settings_file: Path, version: Sequence[int | str] = sys.version_info) -> Path:
     """Where the package set for this Slicer and Python lives.
 
     Parameters
@@ -240,7 +240,7 @@ def package_set_folder(settings_file: Path, version: Sequence[int] = sys.version
         after it, so that each Slicer revision has its own. With settings disabled (``--testing``,
         ``--disable-settings``) Slicer names that file ``Slicer-tmp-<revision>-tmp.ini``; its
         ``-tmp`` marks are dropped, so that a self-test uses the revision's one set.
-    version : Sequence[int]
+    version : Sequence[int | str]
         The Python that runs the worker (major, minor, ...): one set per minor version.
 
     Returns
@@ -431,7 +431,10 @@ def package_set_fingerprint(library: Path, requirements: Path, constraints: Sequ
         requirements, the constraints and the library's declared dependencies);
         ``library_version``; ``library_sha256`` (every file of the ``instructx2x`` package).
     """
-    import tomllib  # Python 3.11+: only reached on a supported Slicer
+    if sys.version_info >= (3, 11):  # a supported Slicer's Python (5.10: 3.12)
+        import tomllib
+    else:  # Python 3.10, where the panels' layers install with tomli
+        import tomli as tomllib
 
     project = tomllib.loads((library / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     wanted = hashlib.sha256(json.dumps(project.get("dependencies", [])).encode())
@@ -809,9 +812,15 @@ def _pip(
             f"({error.strerror}); nothing was changed."
         ) from None
     lines: queue.Queue = queue.Queue()
-    threading.Thread(
-        target=lambda: [*map(lines.put, _lines(process.stdout)), lines.put(None)], daemon=True
-    ).start()
+    output = process.stdout
+    assert output is not None  # stdout=PIPE
+
+    def forward() -> None:
+        for line in _lines(output):
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=forward, daemon=True).start()
     started, shown = time.monotonic(), stage
     heard = started
     try:

@@ -86,11 +86,11 @@ def read_saved_edit(folder: Path) -> SavedEdit:
     folder = Path(folder)
     if not folder.is_dir():
         raise SavedEditError(f"{folder.name} is not a folder.")
-    chosen = {
+    found = {
         part: next((folder / name for name in names if (folder / name).is_file()), None)
         for part, names in PART_FILES.items()
     }
-    chosen = {part: path for part, path in chosen.items() if path is not None}
+    chosen = {part: path for part, path in found.items() if path is not None}
     if not chosen:
         known = ", ".join(name for names in PART_FILES.values() for name in names)
         raise SavedEditError(f"{folder.name} holds no saved edit (none of {known}).")

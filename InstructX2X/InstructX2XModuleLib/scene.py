@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import slicer
@@ -442,7 +443,7 @@ def build_job(
     pixels = volume_to_array(volume)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    source = None
+    source: str | Path | None = None
     uids = volume.GetAttribute("DICOM.instanceUIDs")
     if uids and dicom_file_for is not None:
         source = dicom_file_for(uids.split()[0])
@@ -450,7 +451,7 @@ def build_job(
         low, step = png_domain(pixels)
         source = folder / "input.png"
         Image.fromarray(((pixels - low) / step).round().astype(np.uint16)).save(source)
-    job = {"input": str(source), "output": str(folder / kind), "parameters": dict(parameters)}
+    job: dict[str, Any] = {"input": str(source), "output": str(folder / kind), "parameters": dict(parameters)}
     if verify is not None:
         job["verify"] = verify
         job["include_demographics"] = include_demographics

@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -75,6 +76,9 @@ __all__ = [
 ]
 
 
+_Choice = TypeVar("_Choice", bound="PanelChoice")
+
+
 class PanelChoice(enum.Enum):
     """A choice both panels offer in a list; each member's value is the label they show (the
     desktop parameter node stores it, the browser state holds it)."""
@@ -89,7 +93,7 @@ class PanelChoice(enum.Enum):
         return [member.label for member in cls]
 
     @classmethod
-    def from_label(cls, label: str) -> PanelChoice:
+    def from_label(cls: type[_Choice], label: str) -> _Choice:
         """The member a panel's label names.
 
         Raises
@@ -239,7 +243,7 @@ class QueuedJob:
 
     ticket: int
     kind: str  # preview, edit or rethreshold
-    volume: object  # the radiograph's vtkMRMLScalarVolumeNode
+    volume: Any  # the radiograph's vtkMRMLScalarVolumeNode (Slicer's types are untyped)
     job: dict | None = None  # a preview's or an edit's job (``scene.build_job``)
     fields: dict = dataclasses.field(default_factory=dict)  # a re-threshold's preview, tau and output
     id: str | None = None
@@ -295,13 +299,13 @@ def shared_worker_available(platform: str | None = None) -> bool:
     return platform.startswith("linux") or platform == "darwin"
 
 
-def worker_socket_setting(mode: WorkerMode, path: str) -> str:
+def worker_socket_setting(mode: WorkerMode | str, path: str) -> str:
     """``PanelSettings.worker_socket`` from a panel's Worker choice and socket path field.
 
     Parameters
     ----------
-    mode: WorkerMode
-        Local or shared.
+    mode: WorkerMode | str
+        Local or shared (a member or its label).
     path: str
         The shared worker's socket (``~`` is expanded); ignored for a local worker.
 
@@ -606,8 +610,10 @@ class EditSession:
         events = self.worker.poll()
         self._check_shared_ready()
         for event in events:
-            if self.is_current_result(event) and self.scene.IsNodePresent(
-                self.current.volume
+            if (
+                self.current is not None
+                and self.is_current_result(event)
+                and self.scene.IsNodePresent(self.current.volume)
             ):  # not closed or removed
                 self._import(event)
             if event.get("event") in ("done", "error", "cancelled"):
@@ -669,6 +675,7 @@ class EditSession:
         Returns the worker's ``ready`` event. Raises ``WorkerError`` with the worker's message.
         """
         self._ensure_worker(settings)
+        assert self.worker is not None  # _ensure_worker made it
         deadline = time.monotonic() + timeout
         while self.worker.state == WorkerState.STARTING and time.monotonic() < deadline:
             self.worker.poll()
@@ -737,6 +744,7 @@ class EditSession:
 
     # -- results ----------------------------------------------------------------------------
     def _import(self, event: dict) -> None:
+        assert self.current is not None  # event is its result
         kind, volume = self.current.kind, self.current.volume
         output = Path(event["output"])
         name = volume.GetName()

@@ -46,6 +46,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import IO, Any
 
 __all__ = ["WorkerState", "WorkerClient", "WorkerError", "kill_process_group"]
 
@@ -53,6 +54,7 @@ STDERR_LINES = 200  # the worker's last stderr lines kept for the exit message
 MAX_EVENT_CHARS = 4 << 20  # the longest event line taken from a worker (a file chunk is ~0.7 MB)
 
 
+_OWN_GROUP: dict[str, Any]  # Popen's arguments for a process group of the worker's own
 if sys.platform == "win32":
     _OWN_GROUP = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
 else:
@@ -148,7 +150,7 @@ class WorkerClient:
         self.process: subprocess.Popen | None = None
         self.socket_path = socket_path
         self.connection: socket.socket | None = None
-        self._writer = None
+        self._writer: IO[str] | None = None
         self.events: queue.Queue = queue.Queue()
         self.current: str | None = None
         self.current_output: str | None = None
@@ -168,6 +170,7 @@ class WorkerClient:
         the model is loaded."""
         if self.state not in (WorkerState.IDLE, WorkerState.STOPPED):
             raise WorkerError(f"the worker is already {self.state.value}.")
+        reader: IO[str] | None  # the worker's events
         if self.socket_path:
             from instructx2x.serve import peer_uid, trusted_uid
 
@@ -222,6 +225,8 @@ class WorkerClient:
         output = (job or {}).get("output") or fields.get("output")
         request = {"type": kind, "id": request_id, **({"job": job} if job is not None else {}), **fields}
         if self.transfer:
+            if not isinstance(output, str):
+                raise WorkerError("a job sent with its files needs the output folder it is to arrive in.")
             uploads, request = self._transferred(request_id, request)
             self.downloads.expect(request_id, Path(output))
             threading.Thread(
@@ -277,15 +282,15 @@ class WorkerClient:
                         return
             self._send(request, unless_cancelled=request_id)
         except (OSError, WorkerError) as error:
-            message = str(error) if isinstance(error, WorkerError) else f"cannot read {error.filename}"
+            reason = str(error) if isinstance(error, WorkerError) else f"cannot read {error.filename}"
             self.downloads.discard(request_id)
-            self.events.put({"id": request_id, "event": "error", "kind": "WorkerError", "message": message})
+            self.events.put({"id": request_id, "event": "error", "kind": "WorkerError", "message": reason})
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the running job, ask the worker to exit, and kill its process tree if it does
         not within ``timeout`` seconds; a shared worker: hang up."""
         if self.connection is not None:
-            self._hang_up()
+            self._hang_up(self.connection)
             return
         if self.process is None or self.process.poll() is not None:
             self.state = WorkerState.STOPPED
@@ -302,7 +307,7 @@ class WorkerClient:
     def kill(self) -> None:
         """End the worker and every process it started (its process group)."""
         if self.connection is not None:  # a shared worker is not ours to kill: its jobs for us stop
-            self._hang_up()
+            self._hang_up(self.connection)
             return
         if self.process is None:
             return
@@ -385,12 +390,12 @@ class WorkerClient:
                 raise WorkerError("the worker is not running.") from None
         return True
 
-    def _hang_up(self) -> None:
+    def _hang_up(self, connection: socket.socket) -> None:
         try:
-            self.connection.shutdown(socket.SHUT_RDWR)  # the worker cancels this connection's jobs
+            connection.shutdown(socket.SHUT_RDWR)  # the worker cancels this connection's jobs
         except OSError:
             pass
-        self.connection.close()
+        connection.close()
         self._writer = None
         self.state = WorkerState.STOPPED
 

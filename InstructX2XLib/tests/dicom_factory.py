@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import Dataset
+from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 SOP_CLASSES = {
     "CR": "1.2.840.10008.5.1.4.1.1.1",
@@ -20,6 +21,14 @@ SOP_CLASSES = {
     "SC": "1.2.840.10008.5.1.4.1.1.7",
     "SR": "1.2.840.10008.5.1.4.1.1.88.11",
 }
+
+
+def pydicom_data_file(name: str) -> str:
+    """The path of a file of pydicom's test data (pydicom-data)."""
+    path = get_testdata_file(name)
+    if not isinstance(path, str):  # None: not found (a Dataset only with read=True)
+        raise FileNotFoundError(f"pydicom's test data has no {name}.")
+    return path
 
 
 def phantom(rows: int, columns: int, bits: int = 12) -> np.ndarray:
@@ -45,7 +54,7 @@ def make_radiograph(
     """A minimal valid image of the given kind, with patient and study attributes."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = SOP_CLASSES[kind]
+    ds.file_meta.MediaStorageSOPClassUID = UID(SOP_CLASSES[kind])
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID = SOP_CLASSES[kind]

@@ -358,6 +358,7 @@ def test_ctrl_c_stops_cleanly_and_writes_nothing(png, tmp_path):
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+    assert process.stdout is not None
     for line in process.stdout:
         if json.loads(line)["event"] == "progress":
             break
@@ -660,6 +661,18 @@ def test_jobs_file_runs_many_edits_in_one_process(png, tmp_path, capsys):
         pydicom.dcmread(out / "0003-img0" / "edit_region_seg.dcm").pixel_array,
         pydicom.dcmread(batched / "0002-img0" / "edit_region_seg.dcm").pixel_array,
     )
+
+
+def test_a_jobs_run_needs_a_jobs_file_or_a_cohort(tmp_path):
+    from instructx2x import EditParameters
+    from instructx2x.errors import ParameterError
+    from instructx2x.job_sources import prepare_jobs_run
+    from instructx2x.jobs import EditJob
+
+    template = EditJob("edit", tmp_path / "in.png", tmp_path / "out", EditParameters("Add edema"))
+    with pytest.raises(ParameterError, match="give a jobs file or a DICOMweb cohort"):
+        prepare_jobs_run(template, batch_size=1)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_bad_row_stops_the_jobs_file_before_any_work(png, tmp_path, capsys):

@@ -1,10 +1,10 @@
 import json
+from typing import Any
 
 import numpy as np
 import pydicom
 import pytest
-from dicom_factory import dciodvfy_errors, make_radiograph, write
-from pydicom.data import get_testdata_file
+from dicom_factory import dciodvfy_errors, make_radiograph, pydicom_data_file, write
 
 from instructx2x import EditParameters, InstructX2XEditor, read_dicom
 from instructx2x.dicom import export_dicom_edit
@@ -27,7 +27,7 @@ def params(**kwargs):
 
 @pytest.fixture(scope="module")
 def real_cr_export(editor, tmp_path_factory):
-    image = read_dicom(get_testdata_file("RG1_UNCR.dcm"))
+    image = read_dicom(pydicom_data_file("RG1_UNCR.dcm"))
     result = editor.edit(image, params(tau=0.2))
     out = tmp_path_factory.mktemp("export") / "edit"
     return image, result, export_dicom_edit(image, result, out, feather_px=6)
@@ -41,7 +41,7 @@ def test_every_object_passes_dciodvfy(real_cr_export):
 
 def test_counterfactual_keeps_geometry_depth_photometric_and_pixels_outside(real_cr_export):
     image, result, paths = real_cr_export
-    source = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    source = pydicom.dcmread(pydicom_data_file("RG1_UNCR.dcm"))
     sc = pydicom.dcmread(paths["counterfactual.dcm"])
     assert (sc.Rows, sc.Columns, sc.BitsStored, sc.PhotometricInterpretation) == (
         1955,
@@ -57,7 +57,7 @@ def test_counterfactual_keeps_geometry_depth_photometric_and_pixels_outside(real
 
 def test_series_is_synthetic_in_the_same_study_with_provenance(real_cr_export):
     image, result, paths = real_cr_export
-    source = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    source = pydicom.dcmread(pydicom_data_file("RG1_UNCR.dcm"))
     sc = pydicom.dcmread(paths["counterfactual.dcm"])
     overlay = pydicom.dcmread(paths["guidance_overlay.dcm"])
     seg = pydicom.dcmread(paths["edit_region_seg.dcm"])
@@ -135,7 +135,7 @@ def test_refusals_write_nothing(editor, tmp_path):
 
 def test_builder_checks_its_arguments():
     source = make_radiograph()
-    good = dict(
+    good: dict[str, Any] = dict(
         stored=np.zeros((72, 64), np.uint16),
         overlay_rgb=np.zeros((72, 64, 3), np.uint8),
         edit_mask=np.ones((72, 64), bool),
@@ -224,7 +224,7 @@ def test_monochrome1_display_matches_pydicoms_reference_chain():
     """RG1 (MONOCHROME1): our display values are pydicom's modality + VOI output, inverted."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    path = get_testdata_file("RG1_UNCR.dcm")
+    path = pydicom_data_file("RG1_UNCR.dcm")
     ds = pydicom.dcmread(path)
     image = read_dicom(path)
     values = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds).astype(np.float64)

@@ -86,7 +86,7 @@ def rich_source() -> Dataset:
 def patient_module(ds: Dataset) -> dict:
     """Every Patient and Study module attribute present, with its value."""
     keywords = patient_and_study_keywords() | set(NEVER_COPIED) | set(DEIDENTIFICATION)
-    return {k: ds[k].to_json_dict(None, None) for k in ds.dir() if k in keywords}
+    return {k: ds[k].to_json_dict(None, 1024) for k in ds.dir() if k in keywords}
 
 
 def test_patient_module_is_one_policy_across_all_three_objects(tmp_path):
@@ -98,7 +98,7 @@ def test_patient_module_is_one_policy_across_all_three_objects(tmp_path):
     modules = [patient_module(read[name]) for name in NAMES]
     assert modules[0] == modules[1] == modules[2]
     expected = {
-        k: source[k].to_json_dict(None, None)
+        k: source[k].to_json_dict(None, 1024)
         for k in (
             "PatientName",
             "PatientID",
@@ -272,7 +272,7 @@ def named_after_a_patient(tiny_pipe, tmp_path_factory):
             verify="cohort-v2",
             include_demographics=include,
         )
-        events = []
+        events: list[dict] = []
         done = run_job(prepare(job), editor, events.append)
         runs[include] = (job.output, done)
     return path, runs

@@ -1,13 +1,18 @@
 import numpy as np
 import pytest
-from dicom_factory import dcmtk_compress, make_radiograph, write
-from pydicom.data import get_testdata_file
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless
+from dicom_factory import dcmtk_compress, make_radiograph, pydicom_data_file, write
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+)
 
 from instructx2x import read_image
 from instructx2x.dicom import DicomReadError, read_dicom
 
-RG1 = get_testdata_file("RG1_UNCR.dcm")
+RG1 = pydicom_data_file("RG1_UNCR.dcm")
 
 
 def test_real_cr_monochrome1_is_inverted_and_windowed():
@@ -175,7 +180,7 @@ def test_truncated_and_non_dicom_files(tmp_path):
 
 def test_undecodable_transfer_syntax(tmp_path):
     ds = make_radiograph()
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2 video
+    ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.4.100")  # MPEG2 video
     ds["PixelData"].VR = "OB"
     from pydicom.encaps import encapsulate
 

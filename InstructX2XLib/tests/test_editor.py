@@ -1,7 +1,10 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
 from instructx2x import EditParameters, InstructX2XEditor, Radiograph
+from instructx2x.errors import ParameterError
 from instructx2x.loading import ModelInfo
 from instructx2x.schedulers import FEW_STEP_SOLVER_STEPS
 
@@ -55,7 +58,18 @@ def test_manifest_records_everything_needed_to_reproduce(editor, radiograph):
 def test_preview_has_maps_but_no_image(editor, radiograph):
     preview = editor.preview(radiograph, params())
     assert preview.edited is None and preview.manifest["kind"] == "guidance_preview"
+    with pytest.raises(ParameterError, match="a guidance preview has no edited image"):
+        preview.edited_image()
     assert np.array_equal(preview.edit_mask, editor.edit(radiograph, params()).edit_mask)
+
+
+def test_mask_at_rethresholds_an_editor_result_and_refuses_one_without_its_maps(editor, radiograph):
+    preview = editor.preview(radiograph, params(tau=0.3))
+    assert np.array_equal(preview.mask_at(0.3), preview.edit_mask)
+    assert preview.mask_at(0.05).sum() >= preview.edit_mask.sum() >= preview.mask_at(0.6).sum()
+    bare = dataclasses.replace(preview, model_guidance=None, canvas=None)
+    with pytest.raises(ParameterError, match="mask_at needs the model-grid guidance map"):
+        bare.mask_at(0.3)
 
 
 def test_progress_is_reported_every_step(editor, radiograph):

@@ -1,3 +1,5 @@
+from typing import Any
+
 import pytest
 
 from instructx2x.instructions import FINDINGS, MAX_INSTRUCTION_CHARS, Laterality, Operation, parse_instruction
@@ -61,8 +63,9 @@ def test_bad_instructions(text, message):
 
 
 def test_non_string_instruction():
+    not_text: Any = None
     with pytest.raises(TypeError, match="str"):
-        parse_instruction(None)
+        parse_instruction(not_text)
 
 
 def test_to_dict_is_json_ready():

@@ -323,6 +323,8 @@ def test_model_card_sets_the_relevance_draws(tmp_path, xray):
     assert by_card.manifest["parameters"]["relevance_draws"] == 4
     named = carded.preview(xray, EditParameters(prompt, num_inference_steps=2, relevance_draws=4))
     one = carded.preview(xray, EditParameters(prompt, num_inference_steps=2, relevance_draws=1))
+    assert by_card.relevance_map is not None and named.relevance_map is not None
+    assert one.relevance_map is not None
     assert np.array_equal(by_card.relevance_map, named.relevance_map)
     assert not np.array_equal(by_card.relevance_map, one.relevance_map)
     assert carded.sampling()["relevance_draws"] == 4
@@ -351,7 +353,7 @@ def test_diffusers_float32_notice_is_dropped_only_when_it_names_no_module():
         return bool(
             diffusers_logger.filter(
                 diffusers_logger.makeRecord(
-                    diffusers_logger.name, logging.WARNING, __file__, 0, message, None, None
+                    diffusers_logger.name, logging.WARNING, __file__, 0, message, (), None
                 )
             )
         )

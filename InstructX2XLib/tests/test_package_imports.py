@@ -74,7 +74,7 @@ def _runtime_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             found.append(node)
         children = list(ast.iter_child_nodes(node))
-        if _is_type_checking_block(node):
+        if isinstance(node, ast.If) and _is_type_checking_block(node):
             children = list(node.orelse)
         pending.extend(children)
     return found
@@ -89,7 +89,7 @@ def _import_graph(package_root: Path) -> dict[str, set[str]]:
     graph = {}
     for name, path in files.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        targets = set()
+        targets: set[str] = set()
         for node in _runtime_imports(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 targets.update(alias.name for alias in node.names)

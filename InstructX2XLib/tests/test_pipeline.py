@@ -75,7 +75,7 @@ def test_latents_outside_mask_are_renoised_input_after_every_step(tiny_pipe, xra
 
 
 def test_start_point_is_noised_input_not_pure_noise(tiny_pipe, xray):
-    captured = {}
+    captured: dict[str, torch.Tensor] = {}
 
     def first_input(module, args, kwargs):
         captured.setdefault("sample", args[0].clone())

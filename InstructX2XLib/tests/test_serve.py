@@ -197,13 +197,15 @@ def test_a_cancel_stops_the_model_before_its_next_step(png, tmp_path, monkeypatc
     from instructx2x.serve import Client, Worker
 
     editor = InstructX2XEditor.from_model("untrained-tiny", device="cpu")
-    unet_calls, at_cancel = [], []
+    unet_calls: list[int] = []
+    at_cancel: list[int] = []
     forward = editor.pipeline.unet.forward
-    monkeypatch.setattr(
-        editor.pipeline.unet,
-        "forward",
-        lambda *args, **kwargs: unet_calls.append(1) or forward(*args, **kwargs),
-    )
+
+    def counted(*args, **kwargs):
+        unet_calls.append(1)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(editor.pipeline.unet, "forward", counted)
     worker = Worker(editor)
 
     class Reader(io.StringIO):
@@ -215,11 +217,12 @@ def test_a_cancel_stops_the_model_before_its_next_step(png, tmp_path, monkeypatc
                 worker.cancel(client, "1") if stop == "cancel" else worker.drop(client)
             return super().write(text)
 
-    client = Client(Reader())
+    reader = Reader()
+    client = Client(reader)
     worker.put(client, {"type": "edit", "id": "1", "job": job(png, tmp_path / "edit", steps=20)})
     worker.put(Client(io.StringIO()), {"type": "shutdown"})  # a disconnected client's requests go
     worker.loop()
-    events = [json.loads(line) for line in client.out.getvalue().splitlines()]
+    events = [json.loads(line) for line in reader.getvalue().splitlines()]
     assert [e["step"] for e in events if e["event"] == "progress"] == [1]
     assert events[-1] == {"id": "1", "event": "cancelled"} or stop == "disconnect"  # it hears nothing more
     assert len(unet_calls) == at_cancel[0]  # no model call after the cancel
@@ -254,10 +257,13 @@ def test_a_client_that_stops_reading_is_cut_off_without_blocking_the_worker():
         client.emit({"id": "1", "event": "progress", "step": step})
         assert json.loads(reader.readline())["step"] == step
     sent = 20 * MAX_PENDING_EVENTS  # then it stops reading
+
+    def emit_the_rest() -> None:
+        for step in range(3, sent):
+            client.emit({"id": "1", "event": "progress", "step": step})
+
     emitting = threading.Thread(
-        target=lambda: [
-            client.emit({"id": "1", "event": "progress", "step": step}) for step in range(3, sent)
-        ],
+        target=emit_the_rest,
         daemon=True,
     )
     emitting.start()
@@ -288,10 +294,14 @@ def test_a_client_whose_socket_stays_full_is_cut_off_after_the_stall_limit(monke
         if client.pending.qsize() >= 10:
             break
     assert 10 <= client.pending.qsize() < MAX_PENDING_EVENTS and client.connected
+
+    def connected() -> bool:  # the client's writer thread disconnects it
+        return client.connected
+
     deadline = time.monotonic() + 5
-    while client.connected and time.monotonic() < deadline:
+    while connected() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not client.connected
+    assert not connected()
     theirs.close()
 
 
@@ -319,6 +329,7 @@ def test_a_shared_worker_serves_several_clients_one_job_at_a_time(png, tmp_path)
         stderr=subprocess.PIPE,
         text=True,
     )
+    assert process.stderr is not None
     try:
         deadline = time.monotonic() + 120
         while not path.exists():

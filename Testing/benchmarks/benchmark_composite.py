@@ -19,6 +19,7 @@ Usage: python benchmark_composite.py
 from __future__ import annotations
 
 import json
+from typing import cast
 
 import numpy as np
 
@@ -34,7 +35,8 @@ def detail(array: np.ndarray, mask: np.ndarray) -> float:
 def films() -> dict[str, Radiograph]:
     from pydicom.data import get_testdata_file
 
-    out = {"RG1_UNCR (real CR)": read_dicom(get_testdata_file("RG1_UNCR.dcm"))}
+    real = cast(str, get_testdata_file("RG1_UNCR.dcm"))  # a path (a Dataset only with read=True)
+    out = {"RG1_UNCR (real CR)": read_dicom(real)}
     try:
         from instructx2x_train.phantom import Pose, render_frontal
 

@@ -18,8 +18,8 @@ from instructx2x_train.dataset import BuildConfig, build_dataset
 
 def main() -> None:
     results: dict = {}
-    with tempfile.TemporaryDirectory() as scratch:
-        scratch = Path(scratch)
+    with tempfile.TemporaryDirectory() as scratch_name:
+        scratch = Path(scratch_name)
         start = time.perf_counter()
         counts = generate_cohort(scratch / "square", CohortConfig(patients=60, rows=512, columns=512))
         results["cohort_images_per_s_512px_1_process"] = counts["images"] / (time.perf_counter() - start)

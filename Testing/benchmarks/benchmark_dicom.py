@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from instructx2x.dicom import export_dicom_edit, read_dicom
 from instructx2x.dicom.pacs import CStoreTarget, push_cstore
 from instructx2x.editor import EditResult
 
-RG1 = get_testdata_file("RG1_UNCR.dcm")
+RG1 = cast(str, get_testdata_file("RG1_UNCR.dcm"))  # a path (a Dataset only with read=True)
 
 
 def report(results: dict, key: str, value: float, unit: str = "s") -> None:
@@ -63,8 +64,8 @@ def timed(function) -> float:
 
 def main() -> None:
     results: dict = {}
-    with tempfile.TemporaryDirectory() as scratch:
-        scratch = Path(scratch)
+    with tempfile.TemporaryDirectory() as scratch_name:
+        scratch = Path(scratch_name)
         reads = [timed(lambda: read_dicom(RG1)) for _ in range(5)]
         report(results, "read_s", statistics.median(reads))
         image = read_dicom(RG1)

@@ -152,8 +152,9 @@ def section_equivalence(results: dict, seeds: tuple[int, ...] = (0, 1, 2)) -> No
             output_type="pt",
         )
 
-    same_mask, mad = True, {"fast": [], "ddim10": [], "fp32": []}
-    iou = []
+    same_mask = True
+    mad: dict[str, list[float]] = {"fast": [], "ddim10": [], "fp32": []}
+    iou: list[float] = []
     for seed in seeds:
         paper = edit(PAPER, torch.bfloat16, seed)
         inside = paper.edit_masks > 0

@@ -86,8 +86,8 @@ def main() -> None:
 
     results: dict = {"cpu": cpu_description()}
     print(f"CPU: {results['cpu']}")
-    with tempfile.TemporaryDirectory() as scratch:
-        scratch = Path(scratch)
+    with tempfile.TemporaryDirectory() as scratch_name:
+        scratch = Path(scratch_name)
         server = WebServer(scratch / "server").start()
         try:
             report(results, "server_ready_s", server.start_s, "s (model load included)")

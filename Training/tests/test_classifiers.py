@@ -4,7 +4,7 @@ reads films it never saw."""
 import numpy as np
 import pytest
 
-from instructx2x.classifiers import COHORT_SET_NAME, PATHOLOGIES, load_classifiers
+from instructx2x.classifiers import COHORT_SET_NAME, PATHOLOGIES, CohortClassifiers, load_classifiers
 from instructx2x.errors import OutputExistsError
 from instructx2x_train.classifiers import ClassifierConfig, draw_films, held_out_figures, train_classifiers
 
@@ -21,6 +21,7 @@ def test_training_writes_a_set_the_library_loads(tmp_path):
     card = train_classifiers(tmp_path / "set", config, progress_bar=False)
     assert set(card["held_out"]["finding_accuracy"]) == set(PATHOLOGIES) and card["held_out"]["films"] == 16
     loaded = load_classifiers(str(tmp_path / "set"))
+    assert isinstance(loaded, CohortClassifiers)
     assert loaded.card["held_out"] == card["held_out"] and loaded.resolution == 64
     with pytest.raises(OutputExistsError):
         train_classifiers(tmp_path / "set", config)
@@ -32,6 +33,7 @@ def test_the_bundled_set_reads_films_it_never_saw():
     """Fresh films from a seed stream no training run uses; chance is 0.5 (findings, sex)
     and 1/3 (race)."""
     classifiers = load_classifiers(COHORT_SET_NAME)
+    assert isinstance(classifiers, CohortClassifiers)
     films, labels = draw_films(160, 256, seed=424242, workers=2)
     figures = held_out_figures(classifiers, films, labels)
     assert min(figures["finding_accuracy"].values()) >= 0.95, figures
@@ -52,5 +54,6 @@ def test_the_bundled_set_reads_the_main_jobs_dicom_sample_through_its_display_wi
     assert any("window" in step for step in image.transforms)
     predicted = load_classifiers(COHORT_SET_NAME).predict([image.pixels, 0.2 + 0.6 * image.pixels])
     assert (predicted.findings < 0.5).all(), predicted.findings
+    assert predicted.sex_female is not None
     assert abs(predicted.age[0] - 58) <= 6 and predicted.sex_female[0] >= 0.5
     assert np.allclose(predicted.findings[0], predicted.findings[1], atol=1e-3)

@@ -1,5 +1,6 @@
 import gzip
 import hashlib
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,7 +24,7 @@ def digest(root):
 
 
 def test_same_seed_same_cohort_whatever_the_workers(tmp_path):
-    config = dict(patients=6, seed=11, rows=96, columns=80)
+    config: dict[str, Any] = dict(patients=6, seed=11, rows=96, columns=80)
     generate_cohort(tmp_path / "a", CohortConfig(**config))
     generate_cohort(tmp_path / "b", CohortConfig(**config, workers=2))
     generate_cohort(tmp_path / "c", CohortConfig(**{**config, "seed": 12}))

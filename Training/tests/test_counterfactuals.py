@@ -97,7 +97,7 @@ def test_a_focal_opacity_lies_in_the_lung_zone_its_instruction_names(name, pairs
     """Upper above mid above lower for every draw, so that 'left upper zone' tells the model
     where to paint; the pairs' instructions and truth name the zone."""
     rng = np.random.default_rng(8)
-    rows = {zone: [] for zone in LUNG_ZONES}
+    rows: dict[str, list] = {zone: [] for zone in LUNG_ZONES}
     for index in range(24):
         finding = draw_finding(rng, name, "right")
         _, masks = render_frontal(
@@ -208,11 +208,11 @@ def test_demographic_traces():
 
 
 def test_insertion_into_a_real_film_keeps_the_rest_bit_identical(tmp_path):
-    from pydicom.data import get_testdata_file
+    from dicom_factory import pydicom_data_file
 
     backgrounds = tmp_path / "normals"
     backgrounds.mkdir()
-    shutil.copy(get_testdata_file("RG1_UNCR.dcm"), backgrounds / "rg1.dcm")
+    shutil.copy(pydicom_data_file("RG1_UNCR.dcm"), backgrounds / "rg1.dcm")
     root = tmp_path / "inserted"
     write_pure_pairs(
         root,

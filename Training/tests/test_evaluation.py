@@ -93,11 +93,12 @@ def test_an_interrupted_run_resumes_where_it_stopped(split, tmp_path, monkeypatc
         evaluate(tmp_path / "run", EvaluationConfig(model="demo", dataset=str(split), modes=("none",)))
     calls.clear()
     monkeypatch.setattr(InstructX2XEditor, "edit_batch", original)
-    monkeypatch.setattr(
-        InstructX2XEditor,
-        "edit_batch",
-        lambda self, images, *a, **k: calls.append(len(images)) or original(self, images, *a, **k),
-    )
+
+    def counted(self, images, *args, **kwargs):
+        calls.append(len(images))
+        return original(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(InstructX2XEditor, "edit_batch", counted)
     report = evaluate(tmp_path / "run", config, progress_bar=False)
     assert sum(calls) == 6 and report["resumed"] is True  # only the pairs not yet recorded
     assert not (tmp_path / "run" / "INCOMPLETE").exists()

@@ -78,8 +78,12 @@ def test_bootstrap_interval_covers_a_known_mean():
     trials = 200
     for trial in range(trials):
         sample = rng.normal(3.0, 2.0, 60)
+
+        def mean(index: np.ndarray, sample: np.ndarray = sample) -> dict[str, float]:
+            return {"mean": float(sample[index].mean())}
+
         low, high = bootstrap_intervals(
-            lambda index, sample=sample: {"mean": sample[index].mean()},
+            mean,
             len(sample),
             resamples=400,
             seed=trial,

@@ -8,7 +8,7 @@ from instructx2x_train.phantom import _CANVAS, _draw_tubes
 SCALE = (_CANVAS - 1) / 2  # body units [-1, 1] to canvas pixels
 
 
-def body(pixel: float) -> float:
+def body(pixel: np.ndarray) -> np.ndarray:
     return pixel / SCALE - 1
 
 

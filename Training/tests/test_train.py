@@ -32,10 +32,9 @@ def test_conditioning_dropout_frequencies():
     assert float(text.float().mean()) == pytest.approx(0.10, abs=0.002)
     assert float(image.float().mean()) == pytest.approx(0.10, abs=0.002)
     assert float((text & image).float().mean()) == pytest.approx(0.05, abs=0.002)
-    assert conditioning_dropout(torch.tensor([0.049, 0.05, 0.099, 0.1, 0.149, 0.15]), 0.05) == (
-        pytest.approx(torch.tensor([True, True, True, False, False, False])),
-        pytest.approx(torch.tensor([False, True, True, True, True, False])),
-    )
+    text, image = conditioning_dropout(torch.tensor([0.049, 0.05, 0.099, 0.1, 0.149, 0.15]), 0.05)
+    assert text.tolist() == [True, True, True, False, False, False]
+    assert image.tolist() == [False, True, True, True, True, False]
 
 
 @pytest.mark.parametrize("warmup", [True, False])
@@ -141,7 +140,8 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
 def test_resume_equals_an_uninterrupted_run(built, tmp_path):
     straight = train(smoke(built, tmp_path / "straight", "log_every=1"), progress_bar=False)
     first = train(smoke(built, tmp_path / "resumed", "steps=2", "log_every=1"), progress_bar=False)
-    assert first.steps == 2 and latest_checkpoint(tmp_path / "resumed").name == "checkpoint-000002"
+    checkpoint = latest_checkpoint(tmp_path / "resumed")
+    assert first.steps == 2 and checkpoint is not None and checkpoint.name == "checkpoint-000002"
     resumed = train(smoke(built, tmp_path / "resumed", "log_every=1"), resume="latest", progress_bar=False)
     assert resumed.final_loss == straight.final_loss
     log = [line.split(",")[:3] for line in (tmp_path / "straight" / "log.csv").read_text().splitlines()]
@@ -448,6 +448,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint(built, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
+    assert process.stderr is not None
     deadline = time.monotonic() + 120
     while not (output / "log.csv").is_file() or len((output / "log.csv").read_text().splitlines()) < 3:
         assert time.monotonic() < deadline and process.poll() is None, process.stderr.read()
@@ -457,6 +458,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint(built, tmp_path):
     assert process.returncode == 130, err
     assert "resumable checkpoint" in err and "Traceback" not in err
     checkpoint = latest_checkpoint(output)
+    assert checkpoint is not None
     done = int(checkpoint.name.split("-")[1])
     assert done >= 2 and (checkpoint / "model" / "model_card.json").is_file()
     assert not [p for p in (output / "checkpoints").iterdir() if p.name.startswith(".")]
@@ -676,12 +678,18 @@ def test_change_region_weighting_trains_on_pure_pairs_and_needs_masks(built, pur
 @pytest.mark.parametrize("python", ["3.11+", "3.10"])
 def test_a_toml_config_reads_on_every_supported_python(tmp_path, monkeypatch, python):
     """tomllib is in the standard library from 3.11; on 3.10 its backport tomli (a dependency
-    there) reads the file, stood in for here by the standard library's module."""
-    import tomllib
+    there) reads the file, stood in for here (from 3.11) by the standard library's module."""
+    if sys.version_info >= (3, 11):
+        import tomllib as toml
+    else:
+        import tomli as toml
 
+        if python == "3.11+":
+            pytest.skip("Python 3.10 has no tomllib")
     if python == "3.10":
+        monkeypatch.setattr(sys, "version_info", (3, 10, 13, "final", 0))
         monkeypatch.setitem(sys.modules, "tomllib", None)  # `import tomllib` fails as on 3.10
-        monkeypatch.setitem(sys.modules, "tomli", tomllib)
+        monkeypatch.setitem(sys.modules, "tomli", toml)
     path = tmp_path / "run.toml"
     path.write_text('output = "o"\nsteps = 7\n[data]\ndataset = "d"\n[model]\nbase = "m"\n')
     config = load_config(path)

@@ -33,7 +33,8 @@ def installed() -> dict[str, str]:
 
 
 def wait(client, states, timeout: float = 300) -> list[dict]:
-    events, deadline = [], time.monotonic() + timeout
+    events: list[dict] = []
+    deadline = time.monotonic() + timeout
     while client.state not in states:
         if time.monotonic() > deadline:
             raise TimeoutError(f"the worker stayed {client.state.value}: {events}")
@@ -54,7 +55,9 @@ def main(module: Path, folder: Path, work: Path, constraints: list[Path]) -> dic
         "described": session.describe_instruction("Add the finding of left pleural effusion"),
         "torch_imported_by_layers": "torch" in sys.modules,
     }
-    questions, stages, lines = [], [], []
+    questions: list[str] = []
+    stages: list = []
+    lines: list[str] = []
 
     def confirm(question: str) -> bool:
         questions.append(question)

@@ -154,7 +154,9 @@ def test_the_required_folders_are_the_ones_the_loader_needs():
 def test_a_pinned_folder_is_copied_whole_and_a_second_install_reports_it_installed(model, root):
     installed = install_model(model, root)
     target = root / "my-model"
-    assert installed == Installed(target, read_checksum(model), already_installed=False)
+    pinned = read_checksum(model)
+    assert pinned is not None
+    assert installed == Installed(target, pinned, already_installed=False)
     assert folder_digest(target) == folder_digest(model) == installed.digest
     assert listing(target) == listing(model)  # model.sha256 included
     assert os.listdir(root) == ["my-model"]  # no staging folder left beside it
@@ -166,7 +168,7 @@ def test_a_folder_that_does_not_match_its_model_sha256_is_refused_and_nothing_is
     (model / "tokenizer" / "vocab.json").write_text('{"b": 0}')  # after the checksum was written
     with pytest.raises(ModelLoadError, match="do not match its model.sha256") as caught:
         install_model(model, root)
-    assert folder_digest(model) in str(caught.value) and read_checksum(model) in str(caught.value)
+    assert folder_digest(model) in str(caught.value) and str(read_checksum(model)) in str(caught.value)
     assert not root.parent.exists()  # not even ~/.instructx2x
 
 
@@ -218,7 +220,7 @@ def test_what_is_not_a_model_folder_is_refused_before_anything_is_read(tmp_path,
 @pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
 def test_a_failure_mid_copy_leaves_nothing(model, root, monkeypatch, failure):
     (root / "other-model").mkdir(parents=True)
-    copied = []
+    copied: list = []
 
     def copy_then_fail(source, destination):
         if len(copied) == 3:

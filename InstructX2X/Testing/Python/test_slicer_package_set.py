@@ -20,13 +20,17 @@ import time
 from pathlib import Path
 
 import pytest
-import tomllib
 from packaging.requirements import Requirement
 from workers import poll_until
 
 from instructx2x import __version__
 from InstructX2XModuleLib import packages
 from InstructX2XModuleLib.worker import WorkerClient, WorkerState
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[3]
 HERE = Path(__file__).resolve().parent
@@ -207,6 +211,17 @@ def test_the_marker_says_what_a_set_was_built_from(shipped, tmp_path):
     assert packages.package_set_status(folder, library, requirements, torch=cuda) == "rebuild"
     marker.write_text(json.dumps(built))
     assert packages.package_set_status(folder, library, requirements, torch=cpu) == "rebuild"
+
+
+def test_the_fingerprint_reads_the_library_on_python_3_10(shipped, monkeypatch):
+    """Python 3.10 has no tomllib: its backport tomli (a dependency there) reads the library's
+    pyproject.toml, stood in for here (from 3.11) by the standard library's module."""
+    library, requirements = shipped
+    built = packages.package_set_fingerprint(library, requirements)
+    monkeypatch.setattr(sys, "version_info", (3, 10, 13, "final", 0))
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # `import tomllib` fails as on 3.10
+    monkeypatch.setitem(sys.modules, "tomli", tomllib)
+    assert packages.package_set_fingerprint(library, requirements) == {**built, "python": "3.10"}
 
 
 # -- refusals and failures change nothing ------------------------------------------------------

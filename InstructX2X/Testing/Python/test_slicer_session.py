@@ -118,6 +118,7 @@ def test_the_worker_reports_the_models_sampling_defaults(session, tmp_path):
     assert session.model_defaults is None  # no worker yet
     session.start_worker(settings(model=str(model)))
     defaults = session.model_defaults
+    assert defaults is not None
     assert (
         defaults.num_inference_steps,
         defaults.guidance_scale,
@@ -255,7 +256,7 @@ class IndexingDatabase:
     importer indexed, found by SOP instance UID as ``fileForInstance`` does."""
 
     def __init__(self, is_open: bool = True):
-        self.files = {}
+        self.files: dict[str, str] = {}
         self.isOpen = is_open
 
     def fileForInstance(self, uid):

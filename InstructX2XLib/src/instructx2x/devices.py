@@ -60,7 +60,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 @functools.lru_cache(maxsize=1)
 def _cpu_vendor_and_flags() -> tuple[str, frozenset[str]]:
     """The CPU's vendor ('Intel', 'AMD', or as /proc/cpuinfo spells it) and its flags."""
-    vendor, flags = "", frozenset()
+    vendor = ""
+    flags: frozenset[str] = frozenset()
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
             for line in handle:

@@ -13,6 +13,7 @@ import logging
 import platform
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,6 +94,18 @@ class EditResult:
     canvas: tuple[int, int, int, int] | None = None
     model_grid_output: np.ndarray | None = None
 
+    def edited_image(self) -> np.ndarray:
+        """``edited``, which every edit has and a guidance preview lacks.
+
+        Raises
+        ------
+        ParameterError
+            For a guidance preview.
+        """
+        if self.edited is None:
+            raise ParameterError("a guidance preview has no edited image.")
+        return self.edited
+
     def mask_at(self, tau: float, keep_mask: np.ndarray | None = None) -> np.ndarray:
         """The edit mask this result would have at another ``tau``, with no model call.
 
@@ -107,11 +120,16 @@ class EditResult:
             guidance_scale=0.0,
             image_guidance_scale=0.0,
         )
+        if self.canvas is None or self.model_guidance is None:
+            raise ParameterError(
+                "mask_at needs the model-grid guidance map and frame that InstructX2XEditor's "
+                "results carry; this result has none."
+            )
         side_rows, side_columns, top, left = self.canvas
         rows, columns = self.edit_mask.shape
-        mask = torch.from_numpy((self.model_guidance >= tau).astype(np.float32))[None, None]
-        mask = resize_map(mask, (side_rows, side_columns), mode="nearest")[0, 0].numpy() > 0.5
-        mask = mask[top : top + rows, left : left + columns]
+        model_mask = torch.from_numpy((self.model_guidance >= tau).astype(np.float32))[None, None]
+        canvas = resize_map(model_mask, (side_rows, side_columns), mode="nearest")[0, 0].numpy() > 0.5
+        mask = canvas[top : top + rows, left : left + columns]
         return mask & ~(np.asarray(keep_mask) > 0) if keep_mask is not None else mask
 
     @property
@@ -209,7 +227,7 @@ class InstructX2XEditor:
         relevance map's noise draws (the model card's, else the authors') and the resolution
         (the model's native size) filled in where they are None."""
         card = self.model_info.card or {}
-        changes = {}
+        changes: dict[str, Any] = {}
         if parameters.num_inference_steps is None:
             changes["num_inference_steps"] = default_steps(
                 self.pipeline.scheduler, card.get("few_step_solver_steps", FEW_STEP_SOLVER_STEPS)
@@ -248,7 +266,7 @@ class InstructX2XEditor:
         keep_mask: np.ndarray | None = None,
     ) -> EditResult:
         """Guidance maps and edit mask only: one UNet call per relevance draw and one VAE encode."""
-        return self._run(image, parameters, mask, keep_mask, None, guidance_only=True)
+        return self._run([image], [parameters], [mask], [keep_mask], None, guidance_only=True)[0]
 
     def edit(
         self,
@@ -284,7 +302,7 @@ class InstructX2XEditor:
             When a mask does not match the image, or a mask or mode leaves nothing to edit
             (``EmptyEditRegionError``); checked before any model call where the inputs tell.
         """
-        return self._run(image, parameters, mask, keep_mask, progress, guidance_only=False)
+        return self._run([image], [parameters], [mask], [keep_mask], progress, guidance_only=False)[0]
 
     def edit_batch(
         self,
@@ -324,21 +342,20 @@ class InstructX2XEditor:
 
     def _run(
         self,
-        images: list[Radiograph] | Radiograph,
-        parameters_list,
-        masks,
-        keep_masks,
+        images: list[Radiograph],
+        given: list[EditParameters],
+        masks: list[np.ndarray | None],
+        keep_masks: list[np.ndarray | None],
         progress: ProgressCallback | None,
         guidance_only: bool,
-    ):
-        single = isinstance(images, Radiograph)
-        if single:
-            images, parameters_list, masks, keep_masks = [images], [parameters_list], [masks], [keep_masks]
-        parameters_list = [self.resolve(p) for p in parameters_list]
+    ) -> list[EditResult]:
+        parameters_list = [self.resolve(p) for p in given]
         parameters = parameters_list[0]
+        steps, resolution = parameters.num_inference_steps, parameters.resolution
+        assert steps is not None and resolution is not None  # resolve() fills both in
         for image, element, mask, keep_mask in zip(images, parameters_list, masks, keep_masks):
             check_masks(image.pixels.shape, element, mask, keep_mask)
-        size = (parameters.resolution, parameters.resolution)
+        size = (resolution, resolution)
         started = time.perf_counter()
         frames = [
             self._frame(image, element, mask, keep_mask, size)
@@ -361,11 +378,8 @@ class InstructX2XEditor:
             tuple(p.seed for p in parameters_list),
             parameters.relevance_draws,
         )
-        reused = self._guidance_cache is not None and self._guidance_cache[0] == key
-
-        def callback(pipe, step, timestep, tensors):
-            progress(step + 1, parameters.num_inference_steps)
-            return {}
+        cached = self._guidance_cache
+        reused = cached is not None and cached[0] == key
 
         change = parameters.composite == "change"
         output = self.pipeline(
@@ -387,9 +401,9 @@ class InstructX2XEditor:
             guidance_only=guidance_only,
             output_type="pt",
             return_reconstruction=change,
-            callback_on_step_end=None if progress is None else callback,
+            callback_on_step_end=(None if progress is None else _step_callback(progress, steps)),
             decode_mask_region=self.decode == "mask",
-            guidance_state=self._guidance_cache[1] if reused else None,
+            guidance_state=cached[1] if cached is not None and reused else None,
         )
         self._guidance_cache = (key, output.guidance_state)
         model_seconds = time.perf_counter() - started
@@ -397,7 +411,7 @@ class InstructX2XEditor:
             self._result(i, frame, image, element, output, guidance_only, reused, model_seconds, started)
             for i, (frame, image, element) in enumerate(zip(frames, images, parameters_list))
         ]
-        return results[0] if single else results
+        return results
 
     def _frame(
         self, image: Radiograph, parameters: EditParameters, mask, keep_mask, size: tuple[int, int]
@@ -434,7 +448,7 @@ class InstructX2XEditor:
             model_keep=None if canvas_keep is None else (resize_map(canvas_keep, size) > 0).float(),
             model_prior=None if canvas_prior is None else resize_map(canvas_prior, size, mode="nearest"),
             keep=keep,
-            grid=tuple(canvas.shape[-2:]),
+            grid=(canvas.shape[-2], canvas.shape[-1]),
             crop=crop,
             selection=selection,
         )
@@ -572,6 +586,16 @@ class _Frame:
     grid: tuple[int, int]
     crop: tuple
     selection: object | None  # PriorSelection made on the image's own grid (pad mode)
+
+
+def _step_callback(progress: ProgressCallback, total: int) -> Callable:
+    """The pipeline's step-end callback: ``progress(step, total)`` after each denoising step."""
+
+    def callback(pipe, step, timestep, tensors):
+        progress(step + 1, total)
+        return {}
+
+    return callback
 
 
 def _as_float(array: np.ndarray) -> torch.Tensor:

@@ -112,6 +112,13 @@ def resize_map(values: torch.Tensor, size: tuple[int, int], mode: str = "bilinea
     ).to(values.dtype)
 
 
+def _needed(values: torch.Tensor | None, mode: RegionMode, what: str) -> torch.Tensor:
+    """``values``, which ``mode`` needs: a clear error when they are missing."""
+    if values is None:
+        raise ValueError(f"mode {mode.value!r} needs {what}, got None.")
+    return values
+
+
 def guidance_map(
     relevance: torch.Tensor | None, prior: torch.Tensor | None, mode: RegionMode | str
 ) -> torch.Tensor:
@@ -138,20 +145,18 @@ def guidance_map(
         When a map that the mode needs is missing, or the maps differ in shape.
     """
     mode = RegionMode(mode)
-    if mode in (RegionMode.RSE, RegionMode.RELEVANCE) and relevance is None:
-        raise ValueError(f"mode {mode.value!r} needs a relevance map, got None.")
-    if mode in (RegionMode.RSE, RegionMode.PRIOR) and prior is None:
-        raise ValueError(f"mode {mode.value!r} needs a prior mask, got None.")
     if mode is RegionMode.RSE:
+        relevance = _needed(relevance, mode, "a relevance map")
+        prior = _needed(prior, mode, "a prior mask")
         if relevance.shape != prior.shape:
             raise ValueError(
                 f"relevance {tuple(relevance.shape)} and prior {tuple(prior.shape)} must have the same shape."
             )
         return relevance.float() * prior.float()
     if mode is RegionMode.RELEVANCE:
-        return relevance.float()
+        return _needed(relevance, mode, "a relevance map").float()
     if mode is RegionMode.PRIOR:
-        return prior.float()
+        return _needed(prior, mode, "a prior mask").float()
     reference = relevance if relevance is not None else prior
     if reference is None:
         raise ValueError("mode 'none' needs either map to know the output shape.")

@@ -13,7 +13,7 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-from .errors import InstructX2XError, PacsError
+from .errors import InstructX2XError, PacsError, ParameterError
 from .jobs import (
     INCOMPLETE,
     AfterRow,
@@ -70,6 +70,8 @@ def prepare_jobs_run(
         check_new_output_folder(template.output)
     shard = current_shard()
     if cohort is None:
+        if jobs_file is None:
+            raise ParameterError("give a jobs file or a DICOMweb cohort.")
         jobs = read_jobs_file(jobs_file, template)
         prepared = prepare_jobs(jobs)
         run_settings = jobs_settings(jobs, batch_size, **settings)

@@ -15,12 +15,15 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import InputError, InputNotFoundError, InstructX2XError, PacsError, ParameterError
-from .parameters import EditParameters, check_masks
+from .parameters import EditParameters, check_masks, is_integer
 from .provenance import to_json
 from .sharding import Shard, open_record, read_records
+
+if TYPE_CHECKING:  # a type only: this module imports no torch
+    from .classifier_set import ClassifierSet
 
 __all__ = [
     "EditJob",
@@ -98,7 +101,7 @@ class EditJob:
     def __post_init__(self) -> None:
         if self.command not in COMMANDS:
             raise ParameterError(f"command must be one of {COMMANDS}, got {self.command!r}.")
-        if isinstance(self.feather_px, bool) or not isinstance(self.feather_px, int) or self.feather_px < 0:
+        if not is_integer(self.feather_px) or self.feather_px < 0:
             raise ParameterError(f"feather must be an integer >= 0, got {self.feather_px!r}.")
         if self.push_stow is not None and not self.push_stow.startswith(("http://", "https://")):
             raise ParameterError(f"push_stow must be an http(s) URL, got {self.push_stow!r}.")
@@ -157,7 +160,8 @@ class PreparedJob:
     keep_mask: Any
     cstore_target: Any
     reference_mask: Any = None
-    verifiers: Any = None  # per image: (ClassifierSet, why it was chosen), loaded before the model works
+    # per image: the classifiers and why they were chosen, loaded before the model works
+    verifiers: list[tuple[ClassifierSet, str]] | None = None
 
 
 def prepare(job: EditJob, new_output: bool = True) -> PreparedJob:
@@ -405,18 +409,16 @@ def read_jobs_file(path: Path, template: EditJob) -> list[EditJob]:
                 instruction=row["instruction"] or "",
                 seed=int(seed) if seed else template.parameters.seed,
             )
-            optional = {
-                key: path.parent / row[key].strip()
-                for key in ("mask", "keep_mask")
-                if (row.get(key) or "").strip()
-            }
+            mask = (row.get("mask") or "").strip()
+            keep_mask = (row.get("keep_mask") or "").strip()
             jobs.append(
                 dataclasses.replace(
                     template,
                     input=image,
                     output=template.output / f"{number:04d}-{image.stem}",
                     parameters=parameters,
-                    **optional,
+                    mask=path.parent / mask if mask else template.mask,
+                    keep_mask=path.parent / keep_mask if keep_mask else template.keep_mask,
                 )
             )
         except (ParameterError, ValueError) as error:
@@ -534,7 +536,7 @@ def run_jobs_file(
 
     from .outputs import atomic_output_dir
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_integer(batch_size) or batch_size < 1:
         raise ParameterError(f"batch size must be an integer >= 1, got {batch_size!r}.")
     shard = shard or Shard()
     settings = settings if settings is not None else jobs_settings([p.job for p in prepared], batch_size)
@@ -552,9 +554,7 @@ def run_jobs_file(
             numbers = [number for number, _ in group]
             items = [item for _, item in group]
             if len(items) == 1:
-                results = [
-                    edit_images(items[0], editor, lambda e, n=numbers[0]: emit({**e, "job": n}), progress_bar)
-                ]
+                results = [edit_images(items[0], editor, _with_job(emit, numbers[0]), progress_bar)]
             else:
                 emit({"event": "batch", "jobs": numbers})
                 size = len(items)
@@ -614,6 +614,11 @@ def run_jobs_file(
     }
     emit(summary)
     return summary
+
+
+def _with_job(emit: Events, number: int) -> Events:
+    """``emit`` with the job's row number added to each event."""
+    return lambda event: emit({**event, "job": number})
 
 
 def _batches(rows: list[tuple[int, PreparedJob]], size: int):

@@ -23,7 +23,8 @@ from .overlay import guidance_overlay, side_by_side
 from .provenance import to_json
 from .staging import remove_stale_staging, staging_prefix
 
-if TYPE_CHECKING:  # a type only: the panels use atomic_output_dir without torch
+if TYPE_CHECKING:  # types only: the panels use atomic_output_dir without torch
+    from .classifier_set import ClassifierSet
     from .editor import EditResult
 
 __all__ = [
@@ -164,7 +165,9 @@ def write_figure(
     directory: Path, image: Radiograph, result: EditResult, reference: np.ndarray | None = None
 ) -> Path:
     """``figure.png``: input, edit and guidance overlay side by side (``reference`` outlined)."""
-    picture = side_by_side(image.pixels, result.edited, result.guidance_map, result.edit_mask, reference)
+    picture = side_by_side(
+        image.pixels, result.edited_image(), result.guidance_map, result.edit_mask, reference
+    )
     Image.fromarray(picture).save(directory / "figure.png", pnginfo=_png_info())
     return directory / "figure.png"
 
@@ -173,7 +176,7 @@ def write_verification(
     directory: Path,
     image: Radiograph,
     result: EditResult,
-    classifiers,
+    classifiers: ClassifierSet,
     chosen_because: str,
     include_demographics: bool = False,
 ) -> list[Path]:
@@ -184,7 +187,7 @@ def write_verification(
 
     report = verify_edit(
         image.pixels,
-        result.edited,
+        result.edited_image(),
         result.edit_mask,
         result.manifest["instruction"]["text"],
         classifiers,

@@ -87,7 +87,10 @@ def side_by_side(
     """
     from PIL import Image, ImageDraw
 
-    gray = lambda a: np.repeat(np.clip(a, 0, 1)[..., None], 3, -1).astype(np.float32)  # noqa: E731
+    def gray(values: np.ndarray) -> np.ndarray:
+        """float32 RGB of a grayscale image in ``[0, 1]``."""
+        return np.repeat(np.clip(values, 0, 1)[..., None], 3, -1).astype(np.float32)
+
     after = gray(edited)
     if reference is not None:
         after[outline(reference)] = (0.1, 1.0, 0.2)

@@ -30,6 +30,8 @@ __all__ = [
     "RELEVANCE_TIMESTEP",
     "check_sampling",
     "check_masks",
+    "is_integer",
+    "is_number",
 ]
 
 # squash: resize to the square grid as the authors trained; pad: keep the aspect ratio by
@@ -53,6 +55,17 @@ RELEVANCE_TIMESTEP = 800
 # Noise draws averaged into the relevance map: the authors take one (docs/method.md section 2, step 3);
 # each more costs one UNet call on two members of the CFG batch.
 MAX_RELEVANCE_DRAWS = 16
+
+
+def is_integer(value: object) -> bool:
+    """An int and not a bool (JSON's and YAML's ``true`` is no count); ``value`` may be anything a
+    file or a client sent, whatever the field's annotation says."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """An int or a float and not a bool; ``value`` may be anything a file or a client sent."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class RegionMode(str, enum.Enum):
@@ -91,7 +104,7 @@ def check_sampling(
         if value is not None
     }
     for name, value in (("tau", tau), *scales.items(), ("eta", eta)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not is_number(value) or not math.isfinite(value):
             raise ParameterError(f"{name} must be a finite number, got {value!r}.")
     if not 0.0 <= tau <= 1.0:
         raise ParameterError(f"tau must lie in [0, 1], got {tau}.")
@@ -100,26 +113,18 @@ def check_sampling(
             raise ParameterError(f"{name} must lie in [0, {MAX_GUIDANCE_SCALE:g}], got {value}.")
     if not 0.0 <= eta <= 1.0:
         raise ParameterError(f"eta must lie in [0, 1], got {eta}.")
-    if (
-        isinstance(relevance_timestep, bool)
-        or not isinstance(relevance_timestep, int)
-        or not 0 <= relevance_timestep < train_timesteps
-    ):
+    if not is_integer(relevance_timestep) or not 0 <= relevance_timestep < train_timesteps:
         raise ParameterError(
             f"relevance_timestep must be an integer in [0, {train_timesteps}), got {relevance_timestep!r}."
         )
     if relevance_draws is not None and (
-        isinstance(relevance_draws, bool)
-        or not isinstance(relevance_draws, int)
-        or not 1 <= relevance_draws <= MAX_RELEVANCE_DRAWS
+        not is_integer(relevance_draws) or not 1 <= relevance_draws <= MAX_RELEVANCE_DRAWS
     ):
         raise ParameterError(
             f"relevance_draws must be an integer in [1, {MAX_RELEVANCE_DRAWS}], got {relevance_draws!r}."
         )
     if num_inference_steps is not None and (
-        isinstance(num_inference_steps, bool)
-        or not isinstance(num_inference_steps, int)
-        or not 1 <= num_inference_steps <= train_timesteps
+        not is_integer(num_inference_steps) or not 1 <= num_inference_steps <= train_timesteps
     ):
         raise ParameterError(
             f"num_inference_steps must be an integer in [1, {train_timesteps}], got {num_inference_steps!r}."
@@ -180,14 +185,14 @@ class EditParameters:
             relevance_draws=self.relevance_draws,
         )
         if self.resolution is not None and (
-            not isinstance(self.resolution, int)
+            not is_integer(self.resolution)
             or self.resolution % 8
             or not 64 <= self.resolution <= MAX_RESOLUTION
         ):
             raise ParameterError(
                 f"resolution must be a multiple of 8 in [64, {MAX_RESOLUTION}], got {self.resolution!r}."
             )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+        if not is_integer(self.seed) or not 0 <= self.seed < 2**63:
             raise ParameterError(f"seed must be an integer in [0, 2**63), got {self.seed!r}.")
         if self.aspect not in ASPECT_MODES:
             raise ParameterError(f"aspect must be one of {ASPECT_MODES}, got {self.aspect!r}.")

@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -103,8 +103,9 @@ class InstructX2XPipelineOutput(BaseOutput):
             Relevance maps `R` in pixel space; `None` in the `prior` and `none` modes.
         prior_masks (`torch.Tensor` or `None`):
             The prior (or user) masks `M` in pixel space; `None` in the `relevance` and `none` modes.
-        prior (`PriorSelection` or `None`):
-            Which prior was used and why (categories, full-image fallback reason).
+        prior (`PriorSelection`, `list[PriorSelection]` or `None`):
+            Which prior was used and why (categories, full-image fallback reason); one per prompt
+            for a list of prompts.
         reconstructions (`torch.Tensor` or `None`):
             The VAE's reconstruction of the input (decode of its latent mode), same layout as
             `images` in `"pt"`; only with `return_reconstruction=True`. `images - reconstructions`
@@ -117,7 +118,7 @@ class InstructX2XPipelineOutput(BaseOutput):
     guidance_maps: torch.Tensor
     relevance_maps: torch.Tensor | None
     prior_masks: torch.Tensor | None
-    prior: PriorSelection | None
+    prior: PriorSelection | list[PriorSelection] | None
     reconstructions: torch.Tensor | None = None
     guidance_state: GuidanceState | None = None
 
@@ -150,7 +151,7 @@ class InstructX2XPipeline(DiffusionPipeline):
         text_encoder: CLIPTextModel,
         tokenizer: CLIPTokenizer,
         unet: UNet2DConditionModel,
-        scheduler: KarrasDiffusionSchedulers,
+        scheduler: SchedulerMixin,
     ):
         super().__init__()
         self.register_modules(
@@ -400,7 +401,8 @@ class InstructX2XPipeline(DiffusionPipeline):
             int(relevance_timestep),
             generator_state,
         )
-        prior, selection = None, None
+        prior = None
+        selection: PriorSelection | list[PriorSelection] | None = None
         if region_mode in (RegionMode.RSE, RegionMode.PRIOR):
             explicit = None if prior_mask is None else self._to_batch(prior_mask, "prior_mask", 1, batch_size)
             resolved = [
@@ -415,8 +417,8 @@ class InstructX2XPipeline(DiffusionPipeline):
                 for i, text in enumerate(prompts)
             ]
             prior = torch.cat([mask for mask, _ in resolved])
-            selection = [chosen for _, chosen in resolved]
-            selection = selection[0] if isinstance(prompt, str) else selection
+            chosen = [selection for _, selection in resolved]
+            selection = chosen[0] if isinstance(prompt, str) else chosen
         relevance_px = None if relevance is None else guidance.resize_map(relevance, (height, width))
         prior_latent = None if prior is None else guidance.resize_map(prior, latent_size)
         guidance_latent = (
@@ -435,8 +437,8 @@ class InstructX2XPipeline(DiffusionPipeline):
 
         if guidance_only:
             self.maybe_free_model_hooks()
-            fields = (None, mask_px, mask, guidance_px, relevance_px, prior, selection, None, state)
-            return InstructX2XPipelineOutput(*fields) if return_dict else fields
+            preview = (None, mask_px, mask, guidance_px, relevance_px, prior, selection, None, state)
+            return InstructX2XPipelineOutput(*preview) if return_dict else preview
         for i in range(batch_size):
             if not (mask[i].any() and mask_px[i].any()):
                 raise EmptyEditRegionError(
@@ -621,7 +623,9 @@ class InstructX2XPipeline(DiffusionPipeline):
         empty = embeds[-1:].expand(len(prompts), -1, -1)
         return torch.cat([embeds[:-1], empty, empty])
 
-    def prepare_image_latents(self, pixels: torch.Tensor, generator: torch.Generator | None):
+    def prepare_image_latents(
+        self, pixels: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None
+    ):
         """Encode once: the posterior mode conditions the UNet, a scaled sample is ``z0``."""
         posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
         image_latents = posterior.mode().to(self.unet.dtype)
@@ -699,7 +703,9 @@ class InstructX2XPipeline(DiffusionPipeline):
         mask = torch.from_numpy(selection.mask)[None, None].to(device)
         return guidance.resize_map(mask, size, mode="nearest"), selection  # binary: the side stays exact
 
-    def prepare_extra_step_kwargs(self, generator: torch.Generator | None, eta: float) -> dict[str, Any]:
+    def prepare_extra_step_kwargs(
+        self, generator: torch.Generator | list[torch.Generator] | None, eta: float
+    ) -> dict[str, Any]:
         """Pass ``eta`` and ``generator`` only to schedulers whose ``step`` takes them."""
         parameters = set(inspect.signature(self.scheduler.step).parameters)
         kwargs: dict[str, Any] = {}

@@ -9,6 +9,8 @@ steps does (docs/benchmarks.md).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from diffusers import (
     DDIMScheduler,
@@ -19,6 +21,7 @@ from diffusers import (
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
+from diffusers.configuration_utils import ConfigMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .errors import ParameterError
@@ -46,7 +49,8 @@ DDIM_CONFIG: dict = {
     "prediction_type": "epsilon",
 }
 
-SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
+# Each class is a SchedulerMixin (the sampler) and a ConfigMixin (``from_config``).
+SCHEDULERS: dict[str, tuple[type[ConfigMixin], dict]] = {
     "ddim": (DDIMScheduler, {}),
     "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "unipc": (UniPCMultistepScheduler, {}),
@@ -109,4 +113,5 @@ def make_scheduler(name: str = "ddim", model_config: dict | None = None) -> Sche
         raise ParameterError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}.")
     scheduler_class, overrides = SCHEDULERS[name]
     trained = {k: v for k, v in (model_config or {}).items() if k in TRAINING_KEYS and v is not None}
-    return scheduler_class.from_config({**DDIM_CONFIG, **trained, **overrides})
+    # from_config returns the scheduler alone (a tuple only with return_unused_kwargs=True)
+    return cast(SchedulerMixin, scheduler_class.from_config({**DDIM_CONFIG, **trained, **overrides}))

@@ -208,7 +208,7 @@ class Client:
         self.results_sending = 0  # transferred jobs' results not yet sent
 
     def emit(self, event: dict) -> None:
-        if not self.connected:
+        if not self.connected or self.out is None:
             return
         with self.lock:
             try:
@@ -741,6 +741,16 @@ def _listen(path: Path) -> socket.socket:
     return listener
 
 
+def _error_name(error: Exception) -> str:
+    """The error number's name (``EMFILE``), else the exception's class name."""
+    number = getattr(error, "errno", None)
+    return (
+        errno.errorcode[number]
+        if isinstance(number, int) and number in errno.errorcode
+        else type(error).__name__
+    )
+
+
 def _accept(listener: socket.socket, worker: Worker, stopping: threading.Event) -> None:
     """Accept thread: survives every failing ``accept`` (out of descriptors, an aborted
     connection), logging each run of one error once, by its name."""
@@ -751,7 +761,7 @@ def _accept(listener: socket.socket, worker: Worker, stopping: threading.Event) 
         except OSError as error:
             if stopping.is_set():
                 return
-            name = errno.errorcode.get(error.errno, type(error).__name__)
+            name = _error_name(error)
             if name != failing:
                 logger.warning("accept failed (%s); retrying every %.1f s", name, ACCEPT_BACKOFF_S)
                 failing = name
@@ -763,7 +773,7 @@ def _accept(listener: socket.socket, worker: Worker, stopping: threading.Event) 
         except (OSError, RuntimeError) as error:  # RuntimeError: no thread could be started
             logger.warning(
                 "could not serve a new client (%s)",
-                errno.errorcode.get(getattr(error, "errno", None), type(error).__name__),
+                _error_name(error),
             )
             connection.close()
 

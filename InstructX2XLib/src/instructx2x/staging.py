@@ -35,7 +35,7 @@ def remove_stale_staging(target: Path) -> list[Path]:
     """
     target = Path(os.path.abspath(target))
     prefix = f".{target.name}."
-    removed = []
+    removed: list[Path] = []
     if not target.parent.is_dir():
         return removed
     for candidate in target.parent.iterdir():

@@ -329,10 +329,12 @@ class Downloads:
         output, folder = self.outputs.pop(request_id), self.staging.pop(request_id, None)
         sizes, failure = self.sizes.pop(request_id, {}), self.failures.pop(request_id, None)
         self.upload_failures.pop(request_id, None)
-        files = event.get("files")
-        if failure is None and not (isinstance(files, list) and all(isinstance(name, str) for name in files)):
+        listed = event.get("files")
+        files: list[str] = []
+        if isinstance(listed, list) and all(isinstance(name, str) for name in listed):
+            files = listed
+        elif failure is None:
             failure = "the worker's done event does not list its files"
-            files = []
         missing = [name for name in files if name not in sizes]
         if failure is None and missing:
             failure = f"the worker did not send {', '.join(missing[:3])}"

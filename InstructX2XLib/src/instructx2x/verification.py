@@ -219,8 +219,8 @@ class Verification:
                 f"  (expected {'present' if self.expected[name] else 'absent'})"
             )
         if include_demographics:
-            race = max(self.race_before, key=self.race_before.get)
-            race_after = max(self.race_after, key=self.race_after.get)
+            race = max(self.race_before, key=self.race_before.__getitem__)
+            race_after = max(self.race_after, key=self.race_after.__getitem__)
             lines.append(
                 f"{DEMOGRAPHICS_LABEL}: age {self.age_before:.1f} -> {self.age_after:.1f} years; "
                 f"race {race} -> {race_after}"
@@ -234,7 +234,7 @@ class Verification:
             lines.append(
                 "age, sex and race estimates: checked, values not shown (include_demographics shows them)"
             )
-        zone = max(self.zones, key=self.zones.get)
+        zone = max(self.zones, key=self.zones.__getitem__)
         lines.append(
             f"edit mask: {100 * self.mask_fraction:.1f} % of the image, mostly {zone} "
             f"({100 * self.zones[zone]:.0f} %); change outside it: {self.max_change_outside_mask:.3g}"

@@ -147,6 +147,7 @@ def _targets(labels: list[dict]) -> dict[str, torch.Tensor]:
 def held_out_figures(classifiers: CohortClassifiers, films: np.ndarray, labels: list[dict]) -> dict:
     """Accuracy per finding, sex and race, age error and correlation, on labelled films."""
     predicted = classifiers.predict(films)
+    assert predicted.sex_female is not None  # the cohort's classifiers estimate sex
     truth = {key: value.numpy() for key, value in _targets(labels).items()}
     correct = (predicted.findings >= 0.5) == truth["findings"].astype(bool)
     return {

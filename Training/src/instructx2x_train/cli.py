@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from instructx2x.errors import InstructX2XError
 
@@ -189,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    result: dict[str, Any]  # printed as JSON
     try:
         if args.command == "synthetic-cohort":
             result = generate_cohort(

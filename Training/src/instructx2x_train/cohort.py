@@ -16,6 +16,7 @@ import logging
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -164,7 +165,8 @@ def _patient(args: tuple[CohortConfig, int, Path]) -> dict[str, list[dict]]:
     present: dict[str, FindingState] = {}
     for _ in range(int(rng.integers(0, 3))):
         finding = _new_finding(rng, present)
-        present[finding.name] = finding
+        if finding is not None:
+            present[finding.name] = finding
     rows: dict[str, list[dict]] = {
         k: [] for k in ("metadata", "split", "chexpert", "questions", "all", "ms_cxr")
     }
@@ -185,6 +187,7 @@ def _patient(args: tuple[CohortConfig, int, Path]) -> dict[str, list[dict]]:
                 float(rng.normal(0, 0.03)),
                 float(rng.normal(0, 0.03)),
             )
+            masks: dict[str, Any]  # finding name -> mask, saved as the arrays of an .npz
             if view == "LL":
                 image, masks = render_lateral(config.rows, config.columns, pose, rng), {}
             else:
@@ -306,11 +309,11 @@ def write_cr(
     from the ids so that a seed gives the same file."""
     from pydicom import Dataset
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.1")
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[dicom_id])
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID

@@ -20,6 +20,7 @@ import logging
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -339,7 +340,9 @@ def pairs_config(root: str | Path) -> PurePairsConfig | None:
     if settings["backgrounds"]:
         return None
     fields = {f.name for f in dataclasses.fields(PurePairsConfig)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items() if k in fields}
+    values: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in settings.items() if k in fields
+    }
     return PurePairsConfig(**values)
 
 

@@ -229,7 +229,7 @@ def _image_path(root: Path, subject: int, study: int, dicom_id: str) -> Path:
 
 def _load(path: str, size: int) -> np.ndarray:
     with Image.open(path) as image:
-        gray = image.convert("L").resize((size, size), Image.BILINEAR)  # squash, as the paper
+        gray = image.convert("L").resize((size, size), Image.Resampling.BILINEAR)  # squash, as the paper
     return np.asarray(gray, dtype=np.float32) / 255.0
 
 

@@ -280,22 +280,27 @@ def evaluate_demo(
         if pairs is None
         else None
     )
-    written_by = (generated or pairs_config(pairs)) if perfect_model_draws else None
     # the seed the report names: the one given, else the one the folder's manifest records
+    held_out_seed: int | None
     if pairs is None:
+        written_by = generated if perfect_model_draws else None
         held_out_seed = seed
     else:
+        written_by = pairs_config(pairs) if perfect_model_draws else None
         held_out_seed = pairs_settings(pairs)["seed"] if (Path(pairs) / "manifest.json").is_file() else None
     editor = InstructX2XEditor.from_model(model)
     with atomic_output_dir(output) as staging:
+        root = staging / "pairs" if pairs is None else Path(pairs)
         if generated is not None:
-            write_pure_pairs(staging / "pairs", generated)
-            root = staging / "pairs"
-        else:
-            root = Path(pairs)
+            write_pure_pairs(root, generated)
         truth = pd.read_csv(root / "truth.csv", dtype=str, keep_default_na=False)
         ablation_ids = set(truth.pair_id[: len(truth) if ablation_count is None else ablation_count])
-        rows, perfect_rows, lateral_rows, mode_rows, sampler_rows, figure = [], [], [], [], [], []
+        rows: list[dict] = []
+        perfect_rows: list[dict] = []
+        lateral_rows: list[dict] = []
+        mode_rows: list[dict] = []
+        sampler_rows: list[dict] = []
+        figure: list[dict] = []
         default_scheduler = editor.pipeline.scheduler
         bar = tqdm(truth.itertuples(), total=len(truth), desc="edits", disable=not progress_bar)
         for pair in bar:
@@ -312,7 +317,9 @@ def evaluate_demo(
             }
             started = time.perf_counter()
             result = editor.edit(image, edit_parameters(instruction=pair.instruction))
-            figures = measure_edit(past, target, result.edited, lesion, result.edit_mask, result.guidance_map)
+            figures = measure_edit(
+                past, target, result.edited_image(), lesion, result.edit_mask, result.guidance_map
+            )
             rows.append({**who, **figures, "seconds": time.perf_counter() - started})
             if written_by is not None:
                 perfect_rows += [
@@ -331,7 +338,7 @@ def evaluate_demo(
                     {
                         "finding": pair.finding,
                         "past": past,
-                        "edited": result.edited,
+                        "edited": result.edited_image(),
                         "truth": target,
                         "guidance": result.guidance_map,
                         "lesion": lesion,
@@ -341,7 +348,7 @@ def evaluate_demo(
                 unnarrowed = editor.edit(
                     image, edit_parameters(instruction=pair.instruction, lateralize_prior=False)
                 )
-                lateral = measure_edit(past, target, unnarrowed.edited, lesion)
+                lateral = measure_edit(past, target, unnarrowed.edited_image(), lesion)
                 lateral_rows.append(
                     {
                         **who,
@@ -360,7 +367,7 @@ def evaluate_demo(
                     {
                         **who,
                         "mode": mode.value,
-                        **measure_edit(past, target, edited.edited, lesion, edited.edit_mask),
+                        **measure_edit(past, target, edited.edited_image(), lesion, edited.edit_mask),
                     }
                 )
             for name, steps in samplers:
@@ -373,7 +380,7 @@ def evaluate_demo(
                     {
                         **who,
                         "sampler": f"{name} {steps}",
-                        **measure_edit(past, target, edited.edited, lesion, edited.edit_mask),
+                        **measure_edit(past, target, edited.edited_image(), lesion, edited.edit_mask),
                         "seconds": time.perf_counter() - started,
                     }
                 )
@@ -385,8 +392,8 @@ def evaluate_demo(
         }
         laterality, laterality_by_operation = {}, {}
         if lateral_rows:
-            lateral = pd.DataFrame(lateral_rows)
-            for finding, group in lateral.groupby("finding"):
+            lateral_table = pd.DataFrame(lateral_rows)
+            for finding, group in lateral_table.groupby("finding"):
                 laterality[finding] = float(group.ok.mean())
                 laterality_by_operation[finding] = {
                     op: float(trials.ok.mean()) for op, trials in group.groupby("operation")
@@ -437,7 +444,7 @@ def evaluate_demo(
         (staging / "acceptance.md").write_text(acceptance_markdown(report))
         edits.to_csv(staging / "edits.csv", index=False)
         if lateral_rows:
-            lateral.to_csv(staging / "laterality.csv", index=False)
+            lateral_table.to_csv(staging / "laterality.csv", index=False)
         if figure:
             _figure(figure).save(staging / "examples.png")
     return report

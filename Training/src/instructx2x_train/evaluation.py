@@ -21,6 +21,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -196,7 +197,7 @@ def evaluate(output: str | Path, config: EvaluationConfig, progress_bar: bool = 
                     for index in batch
                 ]
                 results = editor.edit_batch(images, parameters)
-                predicted = classifiers.predict([result.edited for result in results])
+                predicted = classifiers.predict([result.edited_image() for result in results])
                 for row, (index, result) in enumerate(zip(batch, results)):
                     sink.write(
                         json.dumps(
@@ -315,7 +316,7 @@ def summarise(
         return out
 
     everything = np.arange(len(expected))
-    row = figures(everything)
+    row: dict[str, Any] = dict(figures(everything))
     correct = (scored["findings"] >= 0.5) == expected
     row["per_pathology_accuracy"] = dict(zip(PATHOLOGIES, (correct.mean(axis=0) * 100).tolist()))
     row["instructed_accuracy"] = float(correct[instructed].mean() * 100) if instructed.any() else float("nan")

@@ -9,9 +9,10 @@ images; FID compares the classifier's pooled features. Every figure can carry a 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = [
     "frechet_distance",
@@ -57,14 +58,14 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
 
 
-def kl_divergence(p: Sequence[float], q: Sequence[float], epsilon: float = 1e-6) -> float:
+def kl_divergence(p: ArrayLike, q: ArrayLike, epsilon: float = 1e-6) -> float:
     """KL(p || q) of two discrete distributions (renormalised; ``epsilon`` keeps empty bins finite)."""
-    p = np.asarray(p, dtype=np.float64) + epsilon
-    q = np.asarray(q, dtype=np.float64) + epsilon
-    if p.shape != q.shape:
-        raise ValueError(f"distributions must have the same support, got {p.shape} and {q.shape}.")
-    p, q = p / p.sum(), q / q.sum()
-    return float((p * np.log(p / q)).sum())
+    p_bins = np.asarray(p, dtype=np.float64) + epsilon
+    q_bins = np.asarray(q, dtype=np.float64) + epsilon
+    if p_bins.shape != q_bins.shape:
+        raise ValueError(f"distributions must have the same support, got {p_bins.shape} and {q_bins.shape}.")
+    p_bins, q_bins = p_bins / p_bins.sum(), q_bins / q_bins.sum()
+    return float((p_bins * np.log(p_bins / q_bins)).sum())
 
 
 def label_distribution(positive: np.ndarray) -> np.ndarray:
@@ -79,24 +80,24 @@ def label_kl(real_positive: np.ndarray, generated_positive: np.ndarray) -> float
     return 100.0 * kl_divergence(label_distribution(real_positive), label_distribution(generated_positive))
 
 
-def geometric_mean(values: Sequence[float]) -> float:
+def geometric_mean(values: ArrayLike) -> float:
     """Geometric mean of non-negative values (0 if any is 0)."""
-    values = np.asarray(values, dtype=np.float64)
-    if (values < 0).any():
-        raise ValueError(f"a geometric mean needs non-negative values, got {values.tolist()}.")
-    if (values == 0).any():
+    array = np.asarray(values, dtype=np.float64)
+    if (array < 0).any():
+        raise ValueError(f"a geometric mean needs non-negative values, got {array.tolist()}.")
+    if (array == 0).any():
         return 0.0
-    return float(np.exp(np.log(values).mean()))
+    return float(np.exp(np.log(array).mean()))
 
 
-def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+def pearson(x: ArrayLike, y: ArrayLike) -> float:
     """Pearson correlation coefficient (age preservation: predicted ages, edited vs source)."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if x.shape != y.shape or len(x) < 2:
+    xs, ys = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if xs.shape != ys.shape or len(xs) < 2:
         raise ValueError(
-            f"two equally long series of at least 2 values are needed, got {x.shape}, {y.shape}."
+            f"two equally long series of at least 2 values are needed, got {xs.shape}, {ys.shape}."
         )
-    dx, dy = x - x.mean(), y - y.mean()
+    dx, dy = xs - xs.mean(), ys - ys.mean()
     denominator = math.sqrt(float((dx**2).sum() * (dy**2).sum()))
     if denominator == 0:
         raise ValueError("a constant series has no correlation.")
@@ -121,10 +122,11 @@ def bootstrap_intervals(
     draws = np.random.default_rng(seed).integers(0, count, (resamples, count))
     values = [statistic(index) for index in draws]
     tail = (1 - level) / 2 * 100
-    return {
-        key: tuple(float(v) for v in np.nanpercentile([value[key] for value in values], [tail, 100 - tail]))
-        for key in values[0]
-    }
+    intervals = {}
+    for key in values[0]:
+        low, high = np.nanpercentile([value[key] for value in values], [tail, 100 - tail])
+        intervals[key] = (float(low), float(high))
+    return intervals
 
 
 def pathology_accuracy(predicted: np.ndarray, expected: np.ndarray) -> float:

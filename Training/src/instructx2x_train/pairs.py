@@ -126,7 +126,7 @@ class EditPairs:
         if not changed:
             return torch.zeros((1, *shape), dtype=torch.bool)
         region = torch.from_numpy(np.logical_or.reduce(changed))[None, None].float()
-        return resize_map(region, tuple(shape), mode="nearest")[0] > 0.5
+        return resize_map(region, shape, mode="nearest")[0] > 0.5
 
     def __getitem__(self, index: int) -> dict:
         past, current = self.paths(index)

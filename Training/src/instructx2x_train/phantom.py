@@ -347,7 +347,7 @@ def _bones(frame: _Frame, anatomy: Anatomy, view: str):
 def _vessel_canvas(seed: int, habitus: float) -> np.ndarray:
     """Pulmonary vessels: a branching tree from each hilum, thinning to the periphery."""
     rng = np.random.default_rng([seed, 7])
-    tubes = []
+    tubes: list[tuple[np.ndarray, np.ndarray, float, float]] = []
     for side in (-1, 1):
         hilum = np.array([side * 0.17 * habitus, -0.06])
         for angle in (-80, -50, -20, 10, 35, 60, 85):
@@ -449,9 +449,9 @@ def _finding_attenuation(
     lung_air = air[side]
     if finding.name == "pleural effusion":
         # fluid settles in the costophrenic angle; its meniscus rises towards the lateral wall
-        centre = side * 0.40 * anatomy.habitus
-        lateral = np.clip(side * (u - centre) / (0.31 * anatomy.habitus), -1, 1.2)
-        floor = float(np.max(_dome(anatomy, np.array([centre + side * 0.31 * anatomy.habitus]), side)))
+        lung_centre = side * 0.40 * anatomy.habitus
+        lateral = np.clip(side * (u - lung_centre) / (0.31 * anatomy.habitus), -1, 1.2)
+        floor = float(np.max(_dome(anatomy, np.array([lung_centre + side * 0.31 * anatomy.habitus]), side)))
         meniscus = floor - (0.10 + 0.50 * f) - 0.12 * np.clip(lateral, 0, 1) ** 2
         fill = _smooth_step(v - meniscus, 0.05) * np.clip((v - meniscus) / 0.25 + 0.3, 0, 1)
         support = np.clip(lung_air / (0.3 * _AIR_DEPTH), 0, 1) ** 0.5
@@ -459,10 +459,10 @@ def _finding_attenuation(
     if finding.name == "pneumothorax":
         # the lung falls away from the apex and lateral wall: a lucent rim without vessels,
         # bounded by the thin white visceral pleural line
-        centre = side * 0.40 * anatomy.habitus
+        lung_centre = side * 0.40 * anatomy.habitus
         half_width = 0.31 * anatomy.habitus
         width = 0.10 + 0.22 * f
-        lateral = side * (u - centre) / half_width
+        lateral = side * (u - lung_centre) / half_width
         apex_depth = (v + 0.80) / 0.55
         inner = np.minimum(1 - lateral, apex_depth + 0.15 * np.abs(lateral))
         rim = _smooth_step(width - inner, 0.02) * (lung_air > 0.02) * _smooth_step(0.35 - v, 0.1)

@@ -282,15 +282,16 @@ def _train(accelerator, config: TrainConfig, resume: str | None, emit, progress_
     validate(config.steps)
     model = output / "model"
     last = checkpoints[-1] if checkpoints else latest_checkpoint(output)
+    assert last is not None  # the last step is checkpointed, by this run or the run it resumes
     if accelerator.is_main_process:
         if model.exists():
             shutil.rmtree(model)
         shutil.copytree(last / "model", model)
         plot_loss(output / "log.csv", output / "loss.png")
     accelerator.wait_for_everyone()
-    weights = hash_modules(accelerator.unwrap_model(unet))
+    unet_sha256 = hash_modules(accelerator.unwrap_model(unet))
     accelerator.end_training()  # last: it also ends the process group of a distributed run
-    return TrainResult(output, model, config.steps, loss_value, checkpoints, weights)
+    return TrainResult(output, model, config.steps, loss_value, checkpoints, unet_sha256)
 
 
 def make_ema(unet, config: TrainConfig):
@@ -366,7 +367,7 @@ def _batch(
     weights = (
         change_weights(
             torch.stack(regions),
-            tuple(stacked.condition.shape[-2:]),
+            (stacked.condition.shape[-2], stacked.condition.shape[-1]),
             config.optim.change_region_weight,
             config.optim.mirror_region_weight,
         )

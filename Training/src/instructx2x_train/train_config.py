@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
+
+from instructx2x.parameters import is_integer
 
 __all__ = [
     "TrainConfig",
@@ -196,7 +199,7 @@ class TrainConfig:
             "validation.pairs": self.validation.pairs,
         }
         for key, value in positive.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ConfigError(f"{key} must be an integer >= 1, got {value!r}.")
         if self.data.resolution % 8:
             raise ConfigError(f"data.resolution must be a multiple of 8, got {self.data.resolution}.")
@@ -217,7 +220,7 @@ class TrainConfig:
             )
         if not 0 < self.ema.decay < 1:
             raise ConfigError(f"ema.decay must lie in (0, 1), got {self.ema.decay}.")
-        if not isinstance(self.validation.every, int) or self.validation.every < 0:
+        if not is_integer(self.validation.every) or self.validation.every < 0:
             raise ConfigError(f"validation.every must be an integer >= 0, got {self.validation.every!r}.")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}.")
@@ -269,10 +272,10 @@ RESUME_COMPATIBLE_KEYS = (
 
 def _toml_loads(text: str) -> dict:
     """Parse TOML with the standard library's tomllib (Python 3.11+) or tomli, its backport."""
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
+    else:
+        import tomli as tomllib
     return tomllib.loads(text)
 
 

@@ -88,7 +88,8 @@ def train_vae(
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.sample(generator)).sample
         loss_l1 = F.l1_loss(reconstruction, images)
-        loss_gradient = sum(F.l1_loss(a, b) for a, b in zip(_gradients(reconstruction), _gradients(images)))
+        (rows, columns), (true_rows, true_columns) = _gradients(reconstruction), _gradients(images)
+        loss_gradient = F.l1_loss(rows, true_rows) + F.l1_loss(columns, true_columns)
         loss = loss_l1 + config.gradient_weight * loss_gradient + config.kl_weight * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

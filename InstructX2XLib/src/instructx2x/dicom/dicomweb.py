@@ -70,6 +70,12 @@ class Credentials:
         if self.token is not None and not self.token:
             raise ParameterError("DICOMweb token is empty.")
 
+    def basic(self) -> tuple[str, str] | None:
+        """``(username, password)`` for HTTP basic authentication; None for a token."""
+        if self.username is None or self.password is None:
+            return None
+        return self.username, self.password
+
 
 @dataclasses.dataclass(frozen=True)
 class CohortQuery:
@@ -172,7 +178,7 @@ def connect(url: str, credentials: Credentials | None = None, timeout: float = 3
     if credentials is not None and credentials.token is not None:
         session.headers["Authorization"] = f"Bearer {credentials.token}"
     elif credentials is not None:
-        session.auth = (credentials.username, credentials.password)
+        session.auth = credentials.basic()
     return DICOMwebClient(url=url, session=session, timeout=timeout)
 
 

@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import datetime
 import warnings
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -149,7 +150,7 @@ def _build(source, stored, overlay_rgb, edit_mask, provenance, pixel_spacing) ->
     attributes = patient_study_attributes(source)
     reference = _reference_dataset(source, attributes)
     orientation = _patient_orientation(source)
-    coordinates = (
+    coordinates: dict[str, Any] = (
         {"coordinate_system": "PATIENT", "patient_orientation": orientation}
         if orientation
         else {"coordinate_system": None}
