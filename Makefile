@@ -129,7 +129,7 @@ test: lint test-eval test-web
 
 # ruff's lint rules and formatting and mypy's type check (the root pyproject.toml) on the whole
 # tree; `make test` runs it first. The conftest.py files share one module name: mypy takes each alone.
-CONFTESTS := $(wildcard conftest.py */conftest.py */tests/conftest.py)
+CONFTESTS := $(wildcard conftest.py */conftest.py */tests/conftest.py */Testing/Python/conftest.py)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
