@@ -52,7 +52,7 @@ def test_a_manifest_for_each_supported_release_read_at_that_release():
         # every .ui class is known: Slicer/CTK ones from the headers, the rest from the Qt list
         api = conformance.Api.load(tag)
         assert all(api.chain(name) is not None for name in ui_classes), tag
-        assert {name for name in ui_classes if name.startswith(("qMRML", "ctk"))} <= set(manifest["widgets"])
+        assert {name for name in ui_classes if name.startswith(("qMRML", "ctk"))} <= set(manifest["qobjects"])
 
 
 @pytest.mark.parametrize("tag", conformance.SUPPORTED_TAGS)
