@@ -69,6 +69,8 @@ PARENT_CLASSES = {
     "ScriptedLoadableModule": "qSlicerScriptedLoadableModule",
     "ScriptedLoadableModuleWidget": "qSlicerScriptedLoadableModuleWidget",
 }
+# qt names that are namespaces of enum values, not classes (their values are not checked)
+QT_NAMESPACES = {"Qt"}
 # Scene methods that return a node of the class named by their first argument
 NODES_BY_CLASS = {
     ("vtkMRMLScene", "AddNewNodeByClass"),
@@ -531,6 +533,14 @@ class SourceChecker:
         """Members used on objects whose class the source shows (see ``RECEIVERS``), in every
         function and method; names bound to anything else, or bound more than one way, are
         not followed."""
+        for leaf in ast.walk(self.tree):
+            if (
+                isinstance(leaf, ast.Attribute)
+                and dotted(leaf, self.aliases) == f"qt.{leaf.attr}"
+                and leaf.attr not in QT_NAMESPACES
+                and self.api.kind(leaf.attr) != "qt"
+            ):
+                self.report(leaf, f"qt.{leaf.attr} is no class of the Qt list (slicer_api/qt-5.15.json)")
         for node in self.tree.body:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 self._check_scope(node, None)
@@ -585,15 +595,24 @@ class SourceChecker:
     def _type(self, node: ast.AST, env: dict, parent: str | None) -> tuple[str, str] | None:
         """``("object", class)``, ``("list", class of its items)`` or ``("class", Qt class)``
         of an expression, None where it cannot be told."""
-        if isinstance(node, ast.Name) and node.id not in self.aliases:
-            return env.get(node.id)
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "self"
+            and node.attr == "parent"
+        ):
+            return ("object", parent) if parent is not None else None
+        head = node
+        while isinstance(head, ast.Attribute):
+            head = head.value
+        if isinstance(head, ast.Name) and (head.id in env or head.id not in self.aliases):
+            # a local name (a module's name bound in the function is no module there)
+            return env.get(node.id) if isinstance(node, ast.Name) else None
         name = dotted(node, self.aliases)
         if name in RECEIVERS:
             return "object", RECEIVERS[name]
         if name is not None and re.fullmatch(r"qt\.\w+", name) and self.api.kind(name[3:]) == "qt":
             return "class", name[3:]
-        if name == "self.parent" and parent is not None:
-            return "object", parent
         if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
             found = self._type(node.value, env, parent)
             return ("object", found[1]) if found is not None and found[0] == "list" else None
@@ -628,10 +647,10 @@ class SourceChecker:
         returned = self.api.returns(owner[1], call.func.attr)
         return ("object", returned) if returned is not None and self.api.kind(returned) else None
 
-    def _receiver_names(self, function: ast.AST, parent: str | None) -> dict[str, tuple[str, str]]:
-        """``{name: type}`` of the names in ``function`` (its inner functions included) that
-        are bound only to expressions of one type, or only to ``[]`` with items of one type
-        appended (and passed to nothing but ``bool`` and ``len``)."""
+    def _receiver_names(self, function: ast.AST, parent: str | None) -> dict[str, tuple[str, str] | None]:
+        """``{name: type}`` of every name bound in ``function`` (its inner functions included):
+        a type where it is bound only to expressions of one type, or only to ``[]`` with items
+        of one type appended (and passed to nothing but ``bool`` and ``len``); else None."""
         bindings: dict[str, list] = {}
 
         def unknown(target: ast.AST) -> None:
@@ -687,17 +706,18 @@ class SourceChecker:
                     bindings.setdefault(node.name, []).append(None)
             elif isinstance(node, (ast.Import, ast.ImportFrom)):
                 for alias in node.names:
-                    bindings.setdefault((alias.asname or alias.name).split(".")[0], []).append(None)
+                    name = (alias.asname or alias.name).split(".")[0]
+                    if name not in self.aliases:  # importing a module again binds the same module
+                        bindings.setdefault(name, []).append(None)
             elif isinstance(node, (ast.Global, ast.Nonlocal)):
                 for name in node.names:
                     bindings.setdefault(name, []).append(None)
-        env: dict[str, tuple[str, str]] = {}
+        env: dict[str, tuple[str, str] | None] = dict.fromkeys(bindings)
         for _ in range(len(bindings) + 1):
             updated = {}
             for name, found in bindings.items():
                 typed = {self._binding_type(b, env, parent, function, name) for b in found}
-                if len(typed) == 1 and None not in typed:
-                    updated[name] = typed.pop()
+                updated[name] = typed.pop() if len(typed) == 1 else None
             if updated == env:
                 break
             env = updated

@@ -8,6 +8,7 @@ sources by ``scripts/slicer_api_manifest.py``; ``slicer_api_check`` reads the mo
 import ast
 import importlib.util
 import json
+import re
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
@@ -118,6 +119,179 @@ def test_a_broken_call_signal_or_member_is_reported(apis, old, new, reported):
     assert old in text, f"the module no longer contains {old!r}: update the row"
     problems = conformance.check(text.replace(old, new, 1), ui(), apis[OLDEST], PARAMETERS)
     assert any(reported in p for p in problems), problems
+
+
+# Each row renames one member used on an object whose class the check tells from the source
+# (slicer.app, its commandOptions(), self.parent, slicer.dicomDatabase, createProgressDialog's
+# dialog, qt classes, MRML nodes and the scene): every supported release must report it.
+RECEIVER_BREAKS = [
+    (
+        "slicer.app.slicerRevisionUserSettingsFilePath",
+        "slicer.app.slicerRevisionUserSettingsPath",
+        "qSlicerApplication.slicerRevisionUserSettingsPath is no property, signal or method",
+    ),
+    (
+        "slicer.app.majorVersion",
+        "slicer.app.majorVer",
+        "qSlicerApplication.majorVer is no property, signal or method",
+    ),
+    (
+        "slicer.app.processEvents()",
+        "slicer.app.processEvent()",
+        "qSlicerApplication.processEvent() is no slot",
+    ),
+    (
+        "slicer.app.commandOptions().testingEnabled",
+        "slicer.app.commandOptions().testingEnable",
+        "qSlicerCommandOptions.testingEnable is no property, signal or method",
+    ),
+    (
+        "slicer.app.commandOptions()",
+        "slicer.app.commandOption()",
+        "qSlicerApplication.commandOption() is no slot",
+    ),
+    (
+        "if self.parent.isEntered:",
+        "if self.parent.isEnterd:",
+        "qSlicerScriptedLoadableModuleWidget.isEnterd is no property, signal or method",
+    ),
+    (
+        "self.parent.helpText =",
+        "self.parent.helpTxt =",
+        "qSlicerScriptedLoadableModule.helpTxt is no writable property",
+    ),
+    (
+        "database.fileForInstance",
+        "database.fileForInstanc",
+        "ctkDICOMDatabase.fileForInstanc is no property, signal or method",
+    ),
+    (
+        "dialogs[0].wasCanceled",
+        "dialogs[0].wasCancelled",
+        "QProgressDialog.wasCancelled is no property, signal or method",
+    ),
+    (
+        "dialogs[0].setCancelButton(None)",
+        "dialogs[0].setCancelBtn(None)",
+        "QProgressDialog.setCancelBtn() is no slot",
+    ),
+    ("dialogs[0].labelText =", "dialogs[0].labelTxt =", "QProgressDialog.labelTxt is no writable property"),
+    (
+        "progress.setCancelButton(None)",
+        "progress.setCancelBtn(None)",
+        "QProgressDialog.setCancelBtn() is no slot",
+    ),
+    (
+        "labelText=label, maximum=0, windowModality=",
+        "labelText=label, maximum=0, windowModal=",
+        "slicer.util.createProgressDialog: windowModal is no writable property of QProgressDialog",
+    ),
+    (
+        "qt.QFileDialog.getExistingDirectory(",
+        "qt.QFileDialog.getExistingDir(",
+        "qt.QFileDialog.getExistingDir() is no static or listed function",
+    ),
+    (
+        "qt.QApplication.setOverrideCursor(",
+        "qt.QApplication.setOverideCursor(",
+        "qt.QApplication.setOverideCursor() is no static or listed function",
+    ),
+    (
+        "qt.QApplication.restoreOverrideCursor()",
+        "qt.QApplication.restoreOverideCursor()",
+        "qt.QApplication.restoreOverideCursor() is no static or listed function",
+    ),
+    ("qt.QCursor(", "qt.QCursr(", "qt.QCursr is no class of the Qt list"),
+    (
+        "sliceNode.SetUseLabelOutline(True)",
+        "sliceNode.SetUseLabelOutlines(True)",
+        "vtkMRMLSliceNode.SetUseLabelOutlines is no method or constant",
+    ),
+    (
+        "segmentation.SetReferenceImageGeometryParameterFromVolumeNode(",
+        "segmentation.SetReferenceGeometryFromVolumeNode(",
+        "vtkMRMLSegmentationNode.SetReferenceGeometryFromVolumeNode is no method or constant",
+    ),
+    (
+        "segmentation.CreateDefaultDisplayNodes()",
+        "segmentation.CreateDefaultDisplayNode()",
+        "vtkMRMLSegmentationNode.CreateDefaultDisplayNode is no method or constant",
+    ),
+    (
+        "slicer.mrmlScene.StartCloseEvent",
+        "slicer.mrmlScene.StartClosingEvent",
+        "vtkMRMLScene.StartClosingEvent is no method or constant",
+    ),
+    (
+        'AddEmptySegment("edit")',
+        'AddEmptySegments("edit")',
+        "vtkSegmentation.AddEmptySegments is no method or constant",
+    ),
+]
+
+
+@pytest.mark.parametrize("old,new,reported", RECEIVER_BREAKS)
+def test_a_renamed_member_of_a_typed_receiver_is_reported_for_every_release(apis, old, new, reported):
+    text = source()
+    assert old in text, f"the module no longer contains {old!r}: update the row"
+    for tag, api in apis.items():
+        problems = conformance.check(text.replace(old, new, 1), ui(), api, PARAMETERS)
+        assert any(reported in p for p in problems), (tag, problems)
+
+
+def test_the_receivers_classes_are_known_in_every_release(apis):
+    """Each class the check types a receiver as resolves in every manifest (else its uses
+    would go unchecked), the vtkMRML classes the module names included."""
+    named = set(re.findall(r"\b(vtkMRML\w+)", source()))
+    classes = {*conformance.RECEIVERS.values(), *conformance.PARENT_CLASSES.values()}
+    for tag, api in apis.items():
+        assert {name: api.kind(name) for name in classes | {"qSlicerCommandOptions"}} == {
+            name: "qt" if name.startswith(("q", "ctk")) else "vtk"
+            for name in classes | {"qSlicerCommandOptions"}
+        }, tag
+        assert all(api.kind(name) == "vtk" for name in named | {"vtkSegmentation"}), tag
+        assert api.returns("qSlicerApplication", "commandOptions") == "qSlicerCommandOptions", tag
+        assert (
+            api.module("slicer.util")["functions"]["createProgressDialog"]["returns"] == "QProgressDialog"
+        ), tag
+
+
+RECEIVERS_UNTOLD = """
+import qt
+import slicer
+
+
+def either(flag, other):
+    application = slicer.app if flag else other
+    application.noSuchMember()
+    database = slicer.dicomDatabase
+    database = other
+    database.noSuchMember()
+    for node in (slicer.mrmlScene, other):
+        node.NoSuchMethod()
+    nodes = []
+    nodes.append(slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSliceNode"))
+    nodes.append(other)
+    nodes[0].NoSuchMethod()
+    slicer.mrmlScene.AddNewNodeByClass(other).NoSuchMethod()
+    qt.Qt.NoSuchValue
+
+
+def shadowed(slicer):
+    slicer.app.noSuchMember()
+"""
+
+
+def test_a_receiver_whose_class_cannot_be_told_is_not_checked(apis):
+    """Names bound more than one way, lists given items of unknown types, nodes made from a
+    class name held in a variable, a shadowed module: nothing is reported."""
+    assert conformance.SourceChecker(RECEIVERS_UNTOLD, ui(), apis[OLDEST]).run() == []
+    typed = RECEIVERS_UNTOLD.replace("    database = other\n", "").replace("    nodes.append(other)\n", "")
+    problems = conformance.SourceChecker(typed, ui(), apis[OLDEST]).run()
+    assert [p.split(": ", 2)[2] for p in problems] == [
+        "ctkDICOMDatabase.noSuchMember() is no slot, invokable or listed method in Slicer v5.6.2",
+        "vtkMRMLSliceNode.NoSuchMethod is no method or constant in Slicer v5.6.2",
+    ], problems
 
 
 UI_BREAKS = [
