@@ -619,7 +619,7 @@ def _sections(text: str):
 def _class_name(type_text: str) -> str | None:
     """The class a returned pointer or reference points to (``qSlicerCommandOptions*``), else None."""
     match = re.fullmatch(r"(?:const )?([A-Za-z_]\w*)\s*[*&]", type_text)
-    return match.group(1) if match else None
+    return match.group(1) if match and match.group(1) not in TYPE_WORDS else None
 
 
 def parse_header(text: str, class_name: str) -> dict:
@@ -723,9 +723,11 @@ def decorated_methods(text: str) -> dict[str, list[str]]:
     """``{class: [method]}`` a PythonQt decorator header adds: its public slot
     ``static_<class>_<name>`` is a static method, a slot whose first parameter is ``<class>*``
     an instance method (``new_``/``delete_`` slots are constructors)."""
-    _, body = _class_body(
-        _strip_comments(text), re.search(r"\bclass\s+(\w+)\s*:", _strip_comments(text)).group(1)
-    )
+    text = _strip_comments(text)
+    declared = re.search(r"\bclass\s+(\w+)\s*:", text)
+    if declared is None:
+        raise ManifestError("a PythonQt decorator header declares no class")
+    _, body = _class_body(text, declared.group(1))
     added: dict[str, set[str]] = {}
     for section, piece in _sections(_drop_bodies(_drop_calls(body, r"Q_[A-Z_]+"))):
         if section != "public slots":

@@ -8,6 +8,7 @@ sources by ``scripts/slicer_api_manifest.py``; ``slicer_api_check`` reads the mo
 import ast
 import importlib.util
 import json
+import os
 import re
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
@@ -384,3 +385,142 @@ def test_slicer_packaging_counts_only_where_the_release_has_it(apis):
     )
     reported = {tag: installer_problems(api, broken_else) for tag, api in apis.items()}
     assert [tag for tag, problems in reported.items() if problems] == ["v5.6.2", "v5.8.1", "v5.10.0"]
+
+
+# -- the manifest script's readers -------------------------------------------------------------
+
+
+def generator():
+    spec = importlib.util.spec_from_file_location(
+        "slicer_api_manifest", ROOT / "scripts" / "slicer_api_manifest.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+VTK_HEADER = """
+#define vtkMRMLMacro(x) \\
+  { return x; }
+class VTK_MRML_EXPORT vtkMRMLExampleNode : public vtkMRMLNode
+{
+public:
+  static vtkMRMLExampleNode* New();
+  vtkTypeMacro(vtkMRMLExampleNode, vtkMRMLNode);
+  enum { SliceEvent = 1000, OtherEvent };
+  vtkGetMacro(UseOutline, int);
+  vtkSetMacro(UseOutline, int);
+  vtkBooleanMacro(UseOutline, int);
+  vtkGetObjectMacro(Segmentation, vtkSegmentation);
+  virtual void SetReference(vtkMRMLScalarVolumeNode* volume);
+  const char* GetNodeTagName() override { return "a // b ("; }
+  VTK_NEWINSTANCE vtkMRMLNode* Copy(const char* name = "/*");
+protected:
+  void Hidden();
+  vtkSetMacro(HiddenValue, int);
+};
+"""
+
+
+def test_the_vtk_reader_takes_public_methods_macros_and_enum_values():
+    facts = generator().parse_vtk_header(VTK_HEADER, "vtkMRMLExampleNode")
+    assert facts["base"] == "vtkMRMLNode"
+    assert facts["methods"] == [
+        "Copy",
+        "GetNodeTagName",
+        "GetSegmentation",
+        "GetUseOutline",
+        "New",
+        "SetReference",
+        "SetUseOutline",
+        "UseOutlineOff",
+        "UseOutlineOn",
+    ]
+    assert facts["constants"] == ["OtherEvent", "SliceEvent"]
+    assert facts["returns"] == {
+        "Copy": "vtkMRMLNode",
+        "GetSegmentation": "vtkSegmentation",
+        "New": "vtkMRMLExampleNode",
+    }
+
+
+QT_HEADER = """
+class Q_EXAMPLE_EXPORT qSlicerExampleApplication : public qSlicerCoreApplication
+{
+  Q_OBJECT
+  Q_PROPERTY(int majorVersion READ majorVersion CONSTANT)
+public:
+  Q_INVOKABLE qSlicerCommandOptions* commandOptions() const;
+  Q_INVOKABLE QString url() const { return "https://example.org/(x"; }
+  QString notExposed() const;
+public slots:
+  void restart();
+};
+"""
+
+DECORATORS = """
+class qExampleDecorators : public QObject
+{
+  Q_OBJECT
+public slots:
+  bool static_qSlicerCoreApplication_testingEnabled() { return true; }
+  void processEvents(qSlicerCoreApplication* app) { app->processEvents(); }
+  qSlicerCoreApplication* new_qSlicerCoreApplication() { return nullptr; }
+};
+"""
+
+
+def test_the_qt_reader_takes_what_pythonqt_exposes_and_what_it_returns():
+    script = generator()
+    facts = script.parse_header(QT_HEADER, "qSlicerExampleApplication")
+    assert (facts["base"], list(facts["properties"])) == ("qSlicerCoreApplication", ["majorVersion"])
+    assert facts["invokables"] == ["commandOptions()", "url()"] and facts["slots"] == ["restart()"]
+    assert facts["returns"] == {"commandOptions": "qSlicerCommandOptions"}
+    assert script.decorated_methods(DECORATORS) == {
+        "qSlicerCoreApplication": ["processEvents", "testingEnabled"]
+    }
+
+
+PROGRESS = """
+def createDialog(parent=None, labelText="", **kwargs):
+    import qt
+
+    dialog = qt.QProgressDialog(parent)
+    dialog.labelText = labelText
+    for key, value in kwargs.items():
+        if hasattr(dialog, key):
+            setattr(dialog, key, value)
+    return dialog
+
+
+def other(**kwargs):
+    dialog = qt.QProgressDialog()
+    dialog = make()
+    return dialog
+"""
+
+
+def test_a_python_function_returning_a_qt_object_it_made_is_described_so():
+    functions = generator().describe_module(PROGRESS)["functions"]
+    assert functions["createDialog"]["returns"] == "QProgressDialog"
+    assert functions["createDialog"]["kwargs_set_as_properties"] is True
+    assert "returns" not in functions["other"]  # also bound to what make() returns
+
+
+GIT_DIRS = {
+    name: os.environ.get(f"INSTRUCTX2X_{name.upper()}_GIT") for name in ("slicer", "ctk", "slicerpytorch")
+}
+
+
+@pytest.mark.skipif(
+    not all(GIT_DIRS.values()),
+    reason="INSTRUCTX2X_SLICER_GIT, INSTRUCTX2X_CTK_GIT and INSTRUCTX2X_SLICERPYTORCH_GIT name git directories",
+)
+def test_the_committed_manifests_are_what_the_script_writes():
+    script = generator()
+    for tag in conformance.SUPPORTED_TAGS:
+        written = script.manifest(
+            Path(GIT_DIRS["slicer"]), Path(GIT_DIRS["ctk"]), Path(GIT_DIRS["slicerpytorch"]), tag
+        )
+        committed = json.loads((conformance.API_DIR / f"slicer-{tag}.json").read_text())
+        assert json.loads(json.dumps(written)) == committed, tag
