@@ -29,6 +29,8 @@ release does not have:
   to one such type (and lists only appended one). Qt objects are held to their properties,
   signals, slots, invokables, decorator methods and listed functions, VTK objects to their
   public methods and enum values. A name whose class cannot be told is not checked;
+- ``slicer.vtkMRML<Name>`` and the class names given to ``AddNewNodeByClass`` and the like:
+  each must be an MRML class of the manifest;
 - the keywords of a function that sets its ``**kwargs`` as properties of the Qt object it
   returns (``createProgressDialog``): each must be a writable property of that class;
 - in the .ui: every property set on a widget, every designer connection, and every
@@ -541,6 +543,12 @@ class SourceChecker:
                 and self.api.kind(leaf.attr) != "qt"
             ):
                 self.report(leaf, f"qt.{leaf.attr} is no class of the Qt list (slicer_api/qt-5.15.json)")
+            named = self._named_mrml_class(leaf)
+            if named is not None and self.api.kind(named) != "vtk":
+                self.report(
+                    leaf,
+                    f"{named} is no MRML class in Slicer {self.api.tag} (a newly named one needs the manifests regenerated)",
+                )
         for node in self.tree.body:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 self._check_scope(node, None)
@@ -549,6 +557,24 @@ class SourceChecker:
                 for item in node.body:
                     if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
                         self._check_scope(item, parent)
+
+    def _named_mrml_class(self, node: ast.AST) -> str | None:
+        """The MRML class ``slicer.vtkMRML<Name>`` names, or the class name a scene method or
+        ``getNodesByClass`` is given as a string (``AddNewNodeByClass("vtkMRMLSliceNode")``)."""
+        if isinstance(node, ast.Attribute) and node.attr.startswith("vtkMRML"):
+            return node.attr if dotted(node, self.aliases) == f"slicer.{node.attr}" else None
+        if not (
+            isinstance(node, ast.Call)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            return None
+        name = dotted(node.func, self.aliases) or ""
+        scene, _, method = name.rpartition(".")
+        if name in NODE_LISTS or (scene == "slicer.mrmlScene" and ("vtkMRMLScene", method) in NODES_BY_CLASS):
+            return node.args[0].value
+        return None
 
     def _parent_class(self, node: ast.ClassDef) -> str | None:
         """The Qt class of ``self.parent`` in a class deriving from a scripted-module base

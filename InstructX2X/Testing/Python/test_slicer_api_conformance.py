@@ -224,6 +224,17 @@ RECEIVER_BREAKS = [
         "vtkMRMLScene.StartClosingEvent is no method or constant",
     ),
     (
+        "slicer.vtkMRMLScalarVolumeNode",
+        "slicer.vtkMRMLScalarVolumNode",
+        "vtkMRMLScalarVolumNode is no MRML class",
+    ),
+    (
+        'getNodesByClass("vtkMRMLSliceNode")',
+        'getNodesByClass("vtkMRMLSlicesNode")',
+        "vtkMRMLSlicesNode is no MRML class",
+    ),
+    ('"vtkMRMLSegmentationNode", _(', '"vtkMRMLSegmentNode", _(', "vtkMRMLSegmentNode is no MRML class"),
+    (
         'AddEmptySegment("edit")',
         'AddEmptySegments("edit")',
         "vtkSegmentation.AddEmptySegments is no method or constant",
