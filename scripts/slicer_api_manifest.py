@@ -11,12 +11,23 @@ supported release tag this script reads, with ``git show``, from a clone of Slic
 - the names ``slicer.parameterNodeWrapper`` exports, the methods it adds to a wrapped class,
   and its GUI connectors (which widget classes bind to which Python types);
 - the Python hooks the C++ scripted-module classes call (``setup``, ``enter``, ``exit`` ...);
-- the Qt properties, signals, public slots and ``Q_INVOKABLE`` methods of each Slicer or CTK
-  widget class named in the module's ``.ui`` file and of their Slicer/CTK bases, read from
+- the Qt properties, signals, public slots and ``Q_INVOKABLE`` methods (with the class each
+  slot or invokable returns a pointer to) of each Slicer or CTK widget class named in the
+  module's ``.ui`` file, of the classes the module reaches through ``slicer.app``,
+  ``slicer.app.commandOptions()``, ``slicer.dicomDatabase`` and a scripted module's or module
+  widget's ``self.parent`` (``RECEIVER_CLASSES``), and of their Slicer/CTK bases, read from
   the headers (CTK at the commit the release's ``SuperBuild/External_CTK.cmake`` pins);
+- the methods every PythonQt decorator header of Slicer and CTK adds to a class
+  (``processEvents`` on ``qSlicerCoreApplication``);
+- the public methods (those the ``vtkSet``/``vtkGet``/``vtkBoolean`` macros make included),
+  enum values and returned classes of the VTK classes the module calls (``VTK_CLASSES`` and
+  every ``vtkMRML*`` class its source names) and of their Slicer bases;
+- for a Python function that returns a ``qt.<Class>(...)`` it made, that class, and whether it
+  sets its ``**kwargs`` on it as properties (``slicer.util.createProgressDialog``);
 
-and, from a clone of fepegar/SlicerPyTorch, the PyTorchUtils logic class. Plain Qt classes are
-not in these repositories: ``InstructX2X/Testing/Python/slicer_api/qt-5.15.json`` lists them by hand.
+and, from a clone of fepegar/SlicerPyTorch, the PyTorchUtils logic class. Plain Qt classes and
+VTK's vtkObject and vtkObjectBase are not in these repositories: ``qt-5.15.json`` and
+``vtk-9.json`` in ``InstructX2X/Testing/Python/slicer_api`` list them by hand.
 
 Usage::
 
@@ -40,6 +51,27 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 UI_FILE = ROOT / "InstructX2X" / "Resources" / "UI" / "InstructX2X.ui"
+MODULE_FILE = ROOT / "InstructX2X" / "InstructX2X.py"
+# Qt classes the module reaches outside its .ui: slicer.app and its commandOptions(), the
+# parent of a scripted module and of a scripted module widget, slicer.dicomDatabase
+RECEIVER_CLASSES = (
+    "qSlicerApplication",
+    "qSlicerCommandOptions",
+    "qSlicerScriptedLoadableModule",
+    "qSlicerScriptedLoadableModuleWidget",
+    "ctkDICOMDatabase",
+)
+# VTK classes the module calls methods of (slicer.mrmlScene, the nodes it makes or looks up by
+# class, what their methods return), besides every vtkMRML* class its source names
+VTK_CLASSES = (
+    "vtkMRMLScene",
+    "vtkMRMLSliceNode",
+    "vtkMRMLSliceCompositeNode",
+    "vtkMRMLSegmentationNode",
+    "vtkMRMLSegmentEditorNode",
+    "vtkMRMLScalarVolumeNode",
+    "vtkSegmentation",
+)
 # The releases the module supports: each must pass the conformance test.
 SUPPORTED_TAGS = ("v5.6.2", "v5.8.1", "v5.10.0", "v5.12.3")
 PYTHON_MODULES = {
@@ -58,6 +90,12 @@ PYTORCH_UTILS = "PyTorchUtils/PyTorchUtils.py"
 CTK_PIN = "SuperBuild/External_CTK.cmake"
 # C++ words that end a parameter's type, so they are never taken for its name
 TYPE_WORDS = {"int", "char", "short", "long", "double", "float", "bool", "unsigned", "signed", "void"}
+# words before a member function's name that are no part of its return type
+RETURN_SPECIFIERS = {"virtual", "static", "inline", "explicit", "const", "constexpr", "Q_INVOKABLE"}
+
+
+# (label, git directory, revision, {header file name: path}) of a source tree
+Tree = tuple[str, Path, str, dict[str, str]]
 
 
 class ManifestError(RuntimeError):
@@ -124,7 +162,62 @@ def signature(function: ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda) -> 
     decorators = sorted(
         {ast.unparse(d).split("(")[0].rsplit(".", 1)[-1] for d in getattr(function, "decorator_list", [])}
     )
-    return {"params": params, "decorators": decorators}
+    described = {"params": params, "decorators": decorators}
+    if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        described.update(_qt_result(function))
+    return described
+
+
+def _own_nodes(function: ast.FunctionDef | ast.AsyncFunctionDef):
+    """The nodes of a function's body, those of functions defined inside it left out."""
+    pending = list(function.body)
+    while pending:
+        node = pending.pop()
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            pending.extend(ast.iter_child_nodes(node))
+
+
+def _qt_result(function: ast.FunctionDef | ast.AsyncFunctionDef) -> dict:
+    """``{"returns": "QProgressDialog"}`` when every ``return`` gives back one local name that
+    is only ever assigned a ``qt.<Class>(...)``, with ``"kwargs_set_as_properties": True`` when
+    the function sets its ``**kwargs`` on that object by ``setattr`` (Qt properties)."""
+    nodes = list(_own_nodes(function))
+    returned = {
+        ast.unparse(n.value) if n.value is not None else None for n in nodes if isinstance(n, ast.Return)
+    }
+    if len(returned) != 1 or not re.fullmatch(r"[A-Za-z_]\w*", str(next(iter(returned)))):
+        return {}
+    name = returned.pop()
+    values = [
+        n.value
+        for n in nodes
+        if isinstance(n, (ast.Assign, ast.AnnAssign, ast.AugAssign, ast.NamedExpr))
+        and any(
+            isinstance(t, ast.Name) and t.id == name
+            for t in getattr(n, "targets", [getattr(n, "target", None)])
+        )
+    ]
+    classes = [
+        ast.unparse(v.func)
+        for v in values
+        if isinstance(v, ast.Call) and re.fullmatch(r"qt\.Q\w+", ast.unparse(v.func))
+    ]
+    if len(set(classes)) != 1 or len(classes) != len(values):
+        return {}
+    result: dict = {"returns": classes[0].split(".", 1)[1]}
+    kwargs = function.args.kwarg.arg if function.args.kwarg is not None else None
+    if kwargs is not None and any(
+        isinstance(n, ast.For)
+        and ast.unparse(n.iter) == f"{kwargs}.items()"
+        and any(
+            isinstance(c, ast.Call) and ast.unparse(c.func) == "setattr" and ast.unparse(c.args[0]) == name
+            for c in ast.walk(n)
+        )
+        for n in nodes
+    ):
+        result["kwargs_set_as_properties"] = True
+    return result
 
 
 def _statements(body: list[ast.stmt]):
@@ -376,9 +469,15 @@ def scripted_hooks(source: str) -> list[str]:
 
 
 def _strip_comments(text: str) -> str:
-    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
-    text = re.sub(r"//[^\n]*", "", text)
-    return re.sub(r"^\s*#[^\n]*", "", text, flags=re.M)
+    """C++ source without comments, preprocessor lines (continued ones included) and the
+    contents of string and character literals (which may hold ``//`` or brackets)."""
+
+    def blank(found: re.Match) -> str:
+        token = found.group(0)
+        return token[0] * 2 if token[0] in "\"'" else " "
+
+    text = re.sub(r'"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'|/\*.*?\*/|//[^\n]*', blank, text, flags=re.S)
+    return re.sub(r"^\s*#(?:[^\n]*\\\n)*[^\n]*", "", text, flags=re.M)
 
 
 def _closing(text: str, start: int, opening: str, closing: str) -> int:
@@ -441,8 +540,8 @@ def normalize_signature(text: str) -> str:
     return f"{name.strip()}({','.join(types)})"
 
 
-def _declaration(statement: str) -> tuple[str, list[tuple[str, bool]]] | None:
-    """``(name, [(type, has default)])`` of a member function declaration, else None."""
+def _declaration(statement: str) -> tuple[str, list[tuple[str, bool]], str] | None:
+    """``(name, [(type, has default)], return type)`` of a member function declaration, else None."""
     statement = " ".join(statement.split())
     start = statement.find("(")
     if start <= 0 or statement.startswith(("typedef", "using", "friend", "enum", "template")):
@@ -456,7 +555,14 @@ def _declaration(statement: str) -> tuple[str, list[tuple[str, bool]]] | None:
         for p in _split_top_level(statement[start + 1 : end])
         if p.strip() and p.strip() != "void"
     ]
-    return match.group(1), params
+    return match.group(1), params, _return_type(statement[: match.start()])
+
+
+def _return_type(text: str) -> str:
+    """A declaration's return type without its specifiers (``virtual``, ``static``, ``const``...),
+    spaces before ``*`` and ``&`` removed: ``qSlicerCommandOptions*``."""
+    words = [w for w in text.replace("*", " * ").replace("&", " & ").split() if w not in RETURN_SPECIFIERS]
+    return re.sub(r"\s*([*&])", r"\1", " ".join(words)).strip()
 
 
 def _signatures(name: str, params: list[tuple[str, bool]]) -> list[str]:
@@ -465,19 +571,62 @@ def _signatures(name: str, params: list[tuple[str, bool]]) -> list[str]:
     return [f"{name}({','.join(t for t, _ in params[:count])})" for count in range(required, len(params) + 1)]
 
 
-def parse_header(text: str, class_name: str) -> dict:
-    """Base class, properties, signals, public slots and public ``Q_INVOKABLE`` methods of
-    ``class_name`` as its header declares them."""
-    text = _strip_comments(text)
+def _class_body(text: str, class_name: str) -> tuple[list[str], str]:
+    """The public bases of ``class_name`` and its body, from a header without comments."""
     match = re.search(
-        r"\bclass\s+(?:[A-Z][A-Z0-9_]*\s+)?" + re.escape(class_name) + r"\s*(?::([^{;]*))?\{", text
+        r"\bclass\s+(?:[A-Z][A-Z0-9_]*\s+|\w+_EXPORT\s+)?" + re.escape(class_name) + r"\s*(?::([^{;]*))?\{",
+        text,
     )
     if match is None:
         raise ManifestError(f"class {class_name} is not declared in its header")
-    bases = re.findall(r"public\s+([\w:]+)", match.group(1) or "")
+    bases = re.findall(r"public\s+(?:virtual\s+)?([\w:]+)", match.group(1) or "")
     body_start = match.end() - 1
-    body = text[body_start + 1 : _closing(text, body_start, "{", "}")]
+    return bases, text[body_start + 1 : _closing(text, body_start, "{", "}")]
 
+
+def _drop_calls(text: str, pattern: str) -> str:
+    """``text`` without the macro calls whose name matches ``pattern`` (arguments included)."""
+    while True:
+        found = re.search(r"\b(?:" + pattern + r")\s*\(", text)
+        if found is None:
+            return text
+        end = _closing(text, found.end() - 1, "(", ")")
+        text = text[: found.start()] + " " + text[end + 1 :]
+
+
+def _drop_bodies(text: str) -> str:
+    """Every ``{...}`` (function bodies, nested types) as ``;``."""
+    while "{" in text:
+        start = text.index("{")
+        text = text[:start] + ";" + text[_closing(text, start, "{", "}") + 1 :]
+    return text
+
+
+def _sections(text: str):
+    """``(access, piece)`` for each access section of a class body (``public``,
+    ``public slots``, ``signals``...; ``private`` before the first label)."""
+    section = "private"
+    for piece in re.split(
+        r"\b((?:public|protected|private)\s*(?:slots|Q_SLOTS)?\s*:|(?:signals|Q_SIGNALS)\s*:)", text
+    ):
+        label = " ".join(piece.replace(":", " ").split())
+        if re.fullmatch(r"(public|protected|private)( slots| Q_SLOTS)?|signals|Q_SIGNALS", label):
+            section = label.replace("Q_SLOTS", "slots").replace("Q_SIGNALS", "signals")
+            continue
+        yield section, piece
+
+
+def _class_name(type_text: str) -> str | None:
+    """The class a returned pointer or reference points to (``qSlicerCommandOptions*``), else None."""
+    match = re.fullmatch(r"(?:const )?([A-Za-z_]\w*)\s*[*&]", type_text)
+    return match.group(1) if match and match.group(1) not in TYPE_WORDS else None
+
+
+def parse_header(text: str, class_name: str) -> dict:
+    """Base class, properties, signals, public slots and public ``Q_INVOKABLE`` methods of
+    ``class_name`` as its header declares them, and the class each slot or invokable returns
+    (a pointer or reference to a class; PythonQt follows the meta-object's first base only)."""
+    bases, body = _class_body(_strip_comments(text), class_name)
     properties = {}
     for found in re.finditer(r"\bQ_PROPERTY\s*\(", body):
         inner = body[found.end() : _closing(body, found.end() - 1, "(", ")")]
@@ -490,46 +639,110 @@ def parse_header(text: str, class_name: str) -> dict:
                 }
                 break
     # drop macros with arguments and function bodies, then read the access sections
-    cleaned = body
-    while True:
-        found = re.search(r"\b(?:Q_[A-Z_]+|QVTK_OBJECT|CTK_[A-Z_]+)\s*\(", cleaned)
-        if found is None:
-            break
-        end = _closing(cleaned, found.end() - 1, "(", ")")
-        cleaned = cleaned[: found.start()] + " " + cleaned[end + 1 :]
-    cleaned = re.sub(r"\b(?:Q_OBJECT|QVTK_OBJECT|Q_GADGET)\b", " ", cleaned)
-    while "{" in cleaned:
-        start = cleaned.index("{")
-        cleaned = cleaned[:start] + ";" + cleaned[_closing(cleaned, start, "{", "}") + 1 :]
-
+    cleaned = _drop_calls(body, r"Q_[A-Z_]+|QVTK_OBJECT|CTK_[A-Z_]+")
+    cleaned = _drop_bodies(re.sub(r"\b(?:Q_OBJECT|QVTK_OBJECT|Q_GADGET)\b", " ", cleaned))
     signals, slots, invokables = set(), set(), set()
-    section = "private"
-    for piece in re.split(
-        r"\b((?:public|protected|private)\s*(?:slots|Q_SLOTS)?\s*:|(?:signals|Q_SIGNALS)\s*:)", cleaned
-    ):
-        label = " ".join(piece.replace(":", " ").split())
-        if re.fullmatch(r"(public|protected|private)( slots| Q_SLOTS)?|signals|Q_SIGNALS", label):
-            section = label.replace("Q_SLOTS", "slots").replace("Q_SIGNALS", "signals")
-            continue
+    returns: dict[str, set[str | None]] = {}
+    for section, piece in _sections(cleaned):
         for statement in piece.split(";"):
             invokable = "Q_INVOKABLE" in statement.split()
             declaration = _declaration(statement.replace("Q_INVOKABLE", " "))
             if declaration is None or declaration[0] in (class_name, f"~{class_name}"):
                 continue
-            signatures = _signatures(*declaration)
+            name, params, returned = declaration
+            signatures = _signatures(name, params)
             if section == "signals":
                 signals.update(signatures)
-            elif section == "public slots":
-                slots.update(signatures)
-            elif invokable and section == "public":
-                invokables.update(signatures)
+            elif section == "public slots" or (invokable and section == "public"):
+                (slots if section == "public slots" else invokables).update(signatures)
+                returns.setdefault(name, set()).add(_class_name(returned))
     return {
         "base": bases[0] if bases else None,
         "properties": properties,
         "signals": sorted(signals),
         "slots": sorted(slots),
         "invokables": sorted(invokables),
+        # a name whose overloads return different things, or no class, has no entry
+        "returns": {
+            name: found.pop()
+            for name, found in sorted(returns.items())
+            if len(found) == 1 and None not in found
+        },
     }
+
+
+def parse_vtk_header(text: str, class_name: str) -> dict:
+    """Base class, public methods (those VTK's Python wrapping exposes: declared ones and the
+    ``Set``/``Get``/``On``/``Off`` methods of ``vtkSetMacro``, ``vtkGetObjectMacro``,
+    ``vtkBooleanMacro``...), public enum values, and the class each method returns, of a VTK
+    class as its header declares them."""
+    bases, body = _class_body(_strip_comments(text), class_name)
+    enums: list[list[str]] = []
+
+    def keep_enum(found: re.Match) -> str:
+        enums.append([item.split("=")[0].strip() for item in found.group(1).split(",") if item.strip()])
+        return f" __enum_{len(enums) - 1}__; "
+
+    body = re.sub(r"\benum\s*(?:class\s+)?\w*\s*(?::\s*[\w:]+\s*)?\{([^{}]*)\}", keep_enum, body)
+    body = _drop_bodies(body)
+    methods, constants = set(), set()
+    returns: dict[str, set[str | None]] = {}
+    for section, piece in _sections(body):
+        if section != "public":
+            continue
+        constants.update(
+            item for index in re.findall(r"__enum_(\d+)__", piece) for item in enums[int(index)] if item
+        )
+        for found in re.finditer(r"\bvtk(Set|Get)\w*Macro\s*\(\s*(\w+)", piece):
+            methods.add(found.group(1) + found.group(2))
+        for found in re.finditer(r"\bvtkGet(?:Object|SmartPointer)Macro\s*\(\s*(\w+)\s*,\s*(\w+)", piece):
+            returns.setdefault("Get" + found.group(1), set()).add(found.group(2))
+        for found in re.finditer(r"\bvtkBooleanMacro\s*\(\s*(\w+)", piece):
+            methods.update({found.group(1) + "On", found.group(1) + "Off"})
+        piece = _drop_calls(piece, r"vtk\w*Macro|VTK_\w+|\w+_DEPRECATED\w*")
+        piece = re.sub(r"\bVTK_\w+\b", " ", piece)
+        for statement in piece.split(";"):
+            declaration = _declaration(statement)
+            if declaration is None or declaration[0] in (class_name, f"~{class_name}"):
+                continue
+            methods.add(declaration[0])
+            returns.setdefault(declaration[0], set()).add(_class_name(declaration[2]))
+    return {
+        "base": bases[0] if bases else None,
+        "methods": sorted(methods),
+        "constants": sorted(constants),
+        "returns": {
+            name: found.pop()
+            for name, found in sorted(returns.items())
+            if len(found) == 1 and None not in found
+        },
+    }
+
+
+def decorated_methods(text: str) -> dict[str, list[str]]:
+    """``{class: [method]}`` a PythonQt decorator header adds: its public slot
+    ``static_<class>_<name>`` is a static method, a slot whose first parameter is ``<class>*``
+    an instance method (``new_``/``delete_`` slots are constructors)."""
+    text = _strip_comments(text)
+    declared = re.search(r"\bclass\s+(\w+)\s*:", text)
+    if declared is None:
+        raise ManifestError("a PythonQt decorator header declares no class")
+    _, body = _class_body(text, declared.group(1))
+    added: dict[str, set[str]] = {}
+    for section, piece in _sections(_drop_bodies(_drop_calls(body, r"Q_[A-Z_]+"))):
+        if section != "public slots":
+            continue
+        for statement in piece.split(";"):
+            declaration = _declaration(statement)
+            if declaration is None:
+                continue
+            name, params, _ = declaration
+            static = re.fullmatch(r"static_([A-Za-z]\w*?)_(\w+)", name)
+            if static:
+                added.setdefault(static.group(1), set()).add(static.group(2))
+            elif params and params[0][0].endswith("*") and not name.startswith(("new_", "delete_")):
+                added.setdefault(params[0][0].rstrip("*").strip(), set()).add(name)
+    return {name: sorted(methods) for name, methods in sorted(added.items())}
 
 
 def ui_classes(ui_file: Path) -> set[str]:
@@ -537,24 +750,40 @@ def ui_classes(ui_file: Path) -> set[str]:
     return {widget.get("class") for widget in ElementTree.parse(ui_file).iter("widget")}
 
 
-def widget_classes(slicer: Path, tag: str, ctk: Path, ctk_commit: str, names: set[str]) -> dict:
-    """Header facts for ``names`` and their Slicer/CTK bases; a class found in neither tree
-    (a Qt class) ends the chain."""
-    trees = [(slicer, tag, headers_by_name(slicer, tag)), (ctk, ctk_commit, headers_by_name(ctk, ctk_commit))]
+def header_classes(trees: list[Tree], names: set[str], parse) -> dict:
+    """``parse``'s facts for ``names`` and their bases, each read from the first tree that has
+    its header; a class found in no tree (a Qt or VTK class) ends the chain."""
     found, pending = {}, sorted(names)
     while pending:
         name = pending.pop()
         if name in found:
             continue
-        for git_dir, revision, headers in trees:
+        for label, git_dir, revision, headers in trees:
             if f"{name}.h" in headers:
-                described = parse_header(show(git_dir, revision, headers[f"{name}.h"]), name)
-                described["header"] = ("Slicer " if git_dir == slicer else "CTK ") + headers[f"{name}.h"]
+                described = parse(show(git_dir, revision, headers[f"{name}.h"]), name)
+                described["header"] = f"{label} {headers[f'{name}.h']}"
                 found[name] = described
                 if described["base"]:
                     pending.append(described["base"])
                 break
     return found
+
+
+def module_vtk_classes(module_file: Path) -> set[str]:
+    """The ``vtkMRML*`` classes the module's source names (``"vtkMRMLSliceNode"``,
+    ``slicer.vtkMRMLScalarVolumeNode``)."""
+    return set(re.findall(r"\b(vtkMRML\w+)", module_file.read_text()))
+
+
+def decorators(trees: list[Tree]) -> dict[str, list[str]]:
+    """``{class: [method]}`` from every PythonQt decorator header of the trees."""
+    added: dict[str, set[str]] = {}
+    for _, git_dir, revision, headers in trees:
+        for name, path in sorted(headers.items()):
+            if name.endswith("PythonQtDecorators.h"):
+                for class_name, methods in decorated_methods(show(git_dir, revision, path)).items():
+                    added.setdefault(class_name, set()).update(methods)
+    return {name: sorted(methods) for name, methods in sorted(added.items())}
 
 
 # -- manifest ------------------------------------------------------------------------------------
@@ -569,10 +798,16 @@ def ctk_commit_for(slicer: Path, tag: str) -> str:
     return match.group(1)
 
 
-def manifest(slicer: Path, ctk: Path, pytorch: Path, tag: str, ui_file: Path = UI_FILE) -> dict:
+def manifest(
+    slicer: Path, ctk: Path, pytorch: Path, tag: str, ui_file: Path = UI_FILE, module_file: Path = MODULE_FILE
+) -> dict:
     """Everything the conformance test checks, for one Slicer release."""
     slicer_commit = commit_of(slicer, tag)  # the tag must exist before anything is read at it
     ctk_commit = ctk_commit_for(slicer, tag)
+    trees = [
+        ("Slicer", slicer, tag, headers_by_name(slicer, tag)),
+        ("CTK", ctk, ctk_commit, headers_by_name(ctk, ctk_commit)),
+    ]
     modules = {}
     for name, path in PYTHON_MODULES.items():
         source = show(slicer, tag, path)
@@ -595,7 +830,9 @@ def manifest(slicer: Path, ctk: Path, pytorch: Path, tag: str, ui_file: Path = U
         "python": modules,
         "parameterNodeWrapper": parameter_node_wrapper(slicer, tag),
         "scripted_hooks": hooks,
-        "widgets": widget_classes(slicer, tag, ctk, ctk_commit, ui_classes(ui_file)),
+        "qobjects": header_classes(trees, ui_classes(ui_file) | set(RECEIVER_CLASSES), parse_header),
+        "vtk": header_classes(trees, set(VTK_CLASSES) | module_vtk_classes(module_file), parse_vtk_header),
+        "decorators": decorators(trees),
     }
 
 
@@ -627,7 +864,7 @@ def main(argv: list[str] | None = None) -> int:
         path = args.output / f"slicer-{tag}.json"
         path.write_text(json.dumps(content, indent=1, sort_keys=True) + "\n")
         print(
-            f"{path}: {len(content['widgets'])} widget classes, "
+            f"{path}: {len(content['qobjects'])} Qt classes, {len(content['vtk'])} VTK classes, "
             f"{sum(len(m['functions']) for m in content['python'].values())} functions"
         )
     return 0

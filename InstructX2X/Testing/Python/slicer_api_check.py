@@ -2,7 +2,8 @@
 
 The manifests (``slicer_api/slicer-<tag>.json`` beside this file, written by
 ``scripts/slicer_api_manifest.py`` from Slicer's, CTK's and SlicerPyTorch's sources) and the
-hand-written Qt 5.15 list (``slicer_api/qt-5.15.json``) say what exists; this module
+hand-written Qt 5.15 and VTK 9 lists (``slicer_api/qt-5.15.json``, ``slicer_api/vtk-9.json``)
+say what exists; this module
 reads the panel's source with ``ast`` and its .ui with ``xml.etree`` and lists every use that a
 release does not have:
 
@@ -18,6 +19,20 @@ release does not have:
   connected, by ``connect("signal(types)", ...)`` (the normalized signature must exist) or by
   ``.signal.connect(...)`` (refused where the name has overloads with other argument types:
   which overload PythonQt picks is not defined);
+- members used on objects whose class the source shows, in every function and method:
+  ``slicer.app`` (qSlicerApplication), ``slicer.dicomDatabase`` (ctkDICOMDatabase),
+  ``slicer.mrmlScene`` (vtkMRMLScene), ``self.parent`` in a scripted module or module widget,
+  what a slot, invokable or VTK method returns (``slicer.app.commandOptions()``), what
+  ``slicer.util`` returns (``createProgressDialog``: a QProgressDialog), nodes made or looked up
+  by class name (``AddNewNodeByClass("vtkMRMLSegmentationNode")``, ``getNodesByClass``),
+  ``qt.<Class>(...)`` and ``qt.<Class>.<static>()``; followed through local names bound only
+  to one such type (and lists only appended one). Qt objects are held to their properties,
+  signals, slots, invokables, decorator methods and listed functions, VTK objects to their
+  public methods and enum values. A name whose class cannot be told is not checked;
+- ``slicer.vtkMRML<Name>`` and the class names given to ``AddNewNodeByClass`` and the like:
+  each must be an MRML class of the manifest;
+- the keywords of a function that sets its ``**kwargs`` as properties of the Qt object it
+  returns (``createProgressDialog``): each must be a writable property of that class;
 - in the .ui: every property set on a widget, every designer connection, and every
   ``SlicerParameterName`` binding (a GUI connector must bind that widget class to the
   parameter's type, with the annotations the connector requires).
@@ -45,6 +60,28 @@ CHECKED_MODULES = (
 )
 # Widget methods Slicer's scripted widgets expect the panel to define
 LIFECYCLE_HOOKS = ("setup", "enter", "exit", "cleanup", "onReload")
+# What a name refers to in Slicer's Python: its class (the manifest's Qt or VTK classes)
+RECEIVERS = {
+    "slicer.app": "qSlicerApplication",
+    "slicer.dicomDatabase": "ctkDICOMDatabase",
+    "slicer.mrmlScene": "vtkMRMLScene",
+}
+# ``self.parent`` of a class deriving from these slicer.ScriptedLoadableModule classes
+PARENT_CLASSES = {
+    "ScriptedLoadableModule": "qSlicerScriptedLoadableModule",
+    "ScriptedLoadableModuleWidget": "qSlicerScriptedLoadableModuleWidget",
+}
+# qt names that are namespaces of enum values, not classes (their values are not checked)
+QT_NAMESPACES = {"Qt"}
+# Scene methods that return a node of the class named by their first argument
+NODES_BY_CLASS = {
+    ("vtkMRMLScene", "AddNewNodeByClass"),
+    ("vtkMRMLScene", "AddNewNodeByClassWithID"),
+    ("vtkMRMLScene", "CreateNodeByClass"),
+    ("vtkMRMLScene", "GetFirstNodeByClass"),
+}
+# Functions that return a list of the nodes of the class named by their first argument
+NODE_LISTS = {"slicer.util.getNodesByClass"}
 POSITIONAL = ("positional_only", "positional_or_keyword")
 TYPE_WORDS = {"int", "char", "short", "long", "double", "float", "bool", "unsigned", "signed", "void"}
 
@@ -80,17 +117,19 @@ def normalize_signature(text: str) -> str:
 class Api:
     """One release's manifest joined with the Qt 5.15 list."""
 
-    def __init__(self, manifest: dict, qt: dict) -> None:
+    def __init__(self, manifest: dict, qt: dict, vtk: dict) -> None:
         self.manifest = manifest
         self.tag = manifest["slicer"]["tag"]
         self.qt = qt["classes"]
         self.spacer_properties = qt["spacer_properties"]
+        self.vtk = {**vtk["classes"], **manifest["vtk"]}
         self._chains: dict = {}
 
     @classmethod
     def load(cls, tag: str, directory: Path = API_DIR) -> Api:
         qt = json.loads((directory / "qt-5.15.json").read_text())
-        return cls(json.loads((directory / f"slicer-{tag}.json").read_text()), qt)
+        vtk = json.loads((directory / "vtk-9.json").read_text())
+        return cls(json.loads((directory / f"slicer-{tag}.json").read_text()), qt, vtk)
 
     # -- Python modules -------------------------------------------------------------------
     def module(self, name: str) -> dict | None:
@@ -138,8 +177,8 @@ class Api:
     def _chain(self, class_name: str) -> list[tuple[str, dict, bool]] | None:
         chain, name = [], class_name
         while name is not None:
-            if name in self.manifest["widgets"]:
-                facts, is_qt = self.manifest["widgets"][name], False
+            if name in self.manifest["qobjects"]:
+                facts, is_qt = self.manifest["qobjects"][name], False
             elif name in self.qt:
                 facts, is_qt = self.qt[name], True
             else:
@@ -161,17 +200,53 @@ class Api:
         return {s for _, facts, _ in self.chain(class_name) for s in facts["slots"]}
 
     def callables(self, class_name: str) -> set[str]:
-        """Names callable from Python: slots and invokables, and on Qt classes the listed
-        public functions and the setters of writable properties."""
+        """Names callable from Python: slots, invokables and the methods PythonQt decorators
+        add, and on Qt classes the listed public functions and the setters of writable
+        properties."""
         names = set()
-        for _, facts, is_qt in self.chain(class_name):
+        for name, facts, is_qt in self.chain(class_name):
             names |= {s.split("(")[0] for s in [*facts["slots"], *facts.get("invokables", [])]}
+            names |= set(self.manifest["decorators"].get(name, []))
             if is_qt:
                 names |= set(facts["methods"])
                 names |= {
                     "set" + p[0].upper() + p[1:] for p, f in facts["properties"].items() if f["writable"]
                 }
         return names
+
+    def returns(self, class_name: str, member: str) -> str | None:
+        """The class a slot, invokable or VTK method returns (a pointer to it), None where
+        unknown."""
+        chain = self.chain(class_name) or self.vtk_chain(class_name) or []
+        for _, facts, _ in chain:
+            if member in facts.get("returns", {}):
+                return facts["returns"][member]
+        return None
+
+    def kind(self, class_name: str) -> str | None:
+        """``"qt"`` for a class whose chain the manifest and Qt list know to QObject (or to a
+        Qt class without bases), ``"vtk"`` for one known to vtkObjectBase, else None."""
+        if self.chain(class_name) is not None:
+            return "qt"
+        if self.vtk_chain(class_name) is not None:
+            return "vtk"
+        return None
+
+    def vtk_chain(self, class_name: str) -> list[tuple[str, dict, bool]] | None:
+        """``[(class, facts, False)]`` from a VTK class up to vtkObjectBase, None if a link is unknown."""
+        chain, name = [], class_name
+        while name is not None:
+            if name not in self.vtk:
+                return None
+            chain.append((name, self.vtk[name], False))
+            name = self.vtk[name]["base"]
+        return chain
+
+    def vtk_members(self, class_name: str) -> set[str]:
+        """Public methods (macro-made ones included) and enum values of a VTK class and its bases."""
+        return {
+            m for _, facts, _ in self.vtk_chain(class_name) for m in [*facts["methods"], *facts["constants"]]
+        }
 
     def connectors(self) -> list[dict]:
         return self.manifest["parameterNodeWrapper"]["connectors"]
@@ -277,6 +352,7 @@ class SourceChecker:
         for node in self.tree.body:
             if isinstance(node, ast.ClassDef):
                 self._check_class(node)
+        self._check_receivers()
         return self.problems
 
     # -- walking, with hasattr guards --------------------------------------------------------
@@ -408,6 +484,9 @@ class SourceChecker:
             if call is not None:
                 for problem in check_call(call, module["functions"][first], False, f"{module_name}.{first}"):
                     self.report(node, problem)
+                self._check_property_keywords(
+                    call, module["functions"][first], f"{module_name}.{first}", node
+                )
         elif first in module["classes"]:
             if member:
                 self._check_member((module_name, first), member.split(".")[0], node, call, instance=False)
@@ -418,6 +497,23 @@ class SourceChecker:
                         self.report(node, problem)
         elif first not in module["names"]:
             self.report(node, f"{module_name}.{first} does not exist in Slicer {self.api.tag}")
+
+    def _check_property_keywords(self, call: ast.Call, signature: dict, what: str, node: ast.AST) -> None:
+        """A function that sets its ``**kwargs`` as properties of the Qt object it returns
+        (``slicer.util.createProgressDialog``) ignores a keyword that is none: each must be a
+        writable property of that class."""
+        class_name = signature.get("returns")
+        if not signature.get("kwargs_set_as_properties") or self.api.kind(class_name) != "qt":
+            return
+        named = {p["name"] for p in signature["params"] if p["kind"] != "var_keyword"}
+        properties = self.api.properties(class_name)
+        for keyword in call.keywords:
+            if keyword.arg is not None and keyword.arg not in named:
+                if not properties.get(keyword.arg, {}).get("writable"):
+                    self.report(
+                        node,
+                        f"{what}: {keyword.arg} is no writable property of {class_name} in Slicer {self.api.tag}",
+                    )
 
     def _check_member(
         self, owner: tuple[str, str], member: str, node: ast.AST, call: ast.Call | None, instance: bool
@@ -433,6 +529,262 @@ class SourceChecker:
                     self.report(node, problem)
         elif member not in attributes:
             self.report(node, f"{what} does not exist in Slicer {self.api.tag}")
+
+    # -- typed receivers: slicer.app, slicer.dicomDatabase, self.parent, MRML nodes... --------
+    def _check_receivers(self) -> None:
+        """Members used on objects whose class the source shows (see ``RECEIVERS``), in every
+        function and method; names bound to anything else, or bound more than one way, are
+        not followed."""
+        for leaf in ast.walk(self.tree):
+            if (
+                isinstance(leaf, ast.Attribute)
+                and dotted(leaf, self.aliases) == f"qt.{leaf.attr}"
+                and leaf.attr not in QT_NAMESPACES
+                and self.api.kind(leaf.attr) != "qt"
+            ):
+                self.report(leaf, f"qt.{leaf.attr} is no class of the Qt list (slicer_api/qt-5.15.json)")
+            named = self._named_mrml_class(leaf)
+            if named is not None and self.api.kind(named) != "vtk":
+                self.report(
+                    leaf,
+                    f"{named} is no MRML class in Slicer {self.api.tag} (a newly named one needs the manifests regenerated)",
+                )
+        for node in self.tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                self._check_scope(node, None)
+            elif isinstance(node, ast.ClassDef):
+                parent = self._parent_class(node)
+                for item in node.body:
+                    if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                        self._check_scope(item, parent)
+
+    def _named_mrml_class(self, node: ast.AST) -> str | None:
+        """The MRML class ``slicer.vtkMRML<Name>`` names, or the class name a scene method or
+        ``getNodesByClass`` is given as a string (``AddNewNodeByClass("vtkMRMLSliceNode")``)."""
+        if isinstance(node, ast.Attribute) and node.attr.startswith("vtkMRML"):
+            return node.attr if dotted(node, self.aliases) == f"slicer.{node.attr}" else None
+        if not (
+            isinstance(node, ast.Call)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            return None
+        name = dotted(node.func, self.aliases) or ""
+        scene, _, method = name.rpartition(".")
+        if name in NODE_LISTS or (scene == "slicer.mrmlScene" and ("vtkMRMLScene", method) in NODES_BY_CLASS):
+            return node.args[0].value
+        return None
+
+    def _parent_class(self, node: ast.ClassDef) -> str | None:
+        """The Qt class of ``self.parent`` in a class deriving from a scripted-module base
+        (None where the class assigns ``self.parent`` itself)."""
+        if any(
+            isinstance(leaf, ast.Attribute)
+            and isinstance(leaf.ctx, ast.Store)
+            and isinstance(leaf.value, ast.Name)
+            and leaf.value.id == "self"
+            and leaf.attr == "parent"
+            for leaf in ast.walk(node)
+        ):
+            return None
+        for module, name in self._bases(node):
+            if module == "slicer.ScriptedLoadableModule" and name in PARENT_CLASSES:
+                return PARENT_CLASSES[name]
+        return None
+
+    def _check_scope(self, function: ast.AST, parent: str | None) -> None:
+        env = self._receiver_names(function, parent)
+        for leaf in ast.walk(function):
+            if not isinstance(leaf, ast.Attribute) or leaf.attr.startswith("__"):
+                continue
+            found = self._type(leaf.value, env, parent)
+            if found is None:
+                continue
+            kind, class_name = found
+            if kind == "object" and self.api.kind(class_name) == "qt":
+                self._check_widget_member(leaf, class_name)
+            elif kind == "object" and self.api.kind(class_name) == "vtk":
+                if not isinstance(leaf.ctx, ast.Store) and leaf.attr not in self.api.vtk_members(class_name):
+                    self.report(
+                        leaf, f"{class_name}.{leaf.attr} is no method or constant in Slicer {self.api.tag}"
+                    )
+            elif kind == "class":
+                call = self.parents.get(leaf)
+                if (
+                    isinstance(call, ast.Call)
+                    and call.func is leaf
+                    and leaf.attr not in self.api.callables(class_name)
+                ):
+                    self.report(leaf, f"qt.{class_name}.{leaf.attr}() is no static or listed function")
+
+    def _type(self, node: ast.AST, env: dict, parent: str | None) -> tuple[str, str] | None:
+        """``("object", class)``, ``("list", class of its items)`` or ``("class", Qt class)``
+        of an expression, None where it cannot be told."""
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "self"
+            and node.attr == "parent"
+        ):
+            return ("object", parent) if parent is not None else None
+        head = node
+        while isinstance(head, ast.Attribute):
+            head = head.value
+        if isinstance(head, ast.Name) and (head.id in env or head.id not in self.aliases):
+            # a local name (a module's name bound in the function is no module there)
+            return env.get(node.id) if isinstance(node, ast.Name) else None
+        name = dotted(node, self.aliases)
+        if name in RECEIVERS:
+            return "object", RECEIVERS[name]
+        if name is not None and re.fullmatch(r"qt\.\w+", name) and self.api.kind(name[3:]) == "qt":
+            return "class", name[3:]
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+            found = self._type(node.value, env, parent)
+            return ("object", found[1]) if found is not None and found[0] == "list" else None
+        if isinstance(node, ast.Call):
+            return self._call_type(node, env, parent)
+        return None
+
+    def _call_type(self, call: ast.Call, env: dict, parent: str | None) -> tuple[str, str] | None:
+        name = dotted(call.func, self.aliases) or ""
+        class_named = (
+            call.args[0].value
+            if call.args and isinstance(call.args[0], ast.Constant) and isinstance(call.args[0].value, str)
+            else None
+        )
+        if name in NODE_LISTS:
+            return ("list", class_named) if class_named is not None and self.api.kind(class_named) else None
+        found = split_module(name)
+        if found is not None:
+            function = (self.api.module(found[0]) or {}).get("functions", {}).get(found[1])
+            returned = function.get("returns") if function else None
+            return ("object", returned) if returned is not None and self.api.kind(returned) else None
+        constructed = self._type(call.func, env, parent)
+        if constructed is not None and constructed[0] == "class":
+            return "object", constructed[1]
+        if not isinstance(call.func, ast.Attribute):
+            return None
+        owner = self._type(call.func.value, env, parent)
+        if owner is None or owner[0] != "object":
+            return None
+        if (owner[1], call.func.attr) in NODES_BY_CLASS:
+            return ("object", class_named) if class_named is not None and self.api.kind(class_named) else None
+        returned = self.api.returns(owner[1], call.func.attr)
+        return ("object", returned) if returned is not None and self.api.kind(returned) else None
+
+    def _receiver_names(self, function: ast.AST, parent: str | None) -> dict[str, tuple[str, str] | None]:
+        """``{name: type}`` of every name bound in ``function`` (its inner functions included):
+        a type where it is bound only to expressions of one type, or only to ``[]`` with items
+        of one type appended (and passed to nothing but ``bool`` and ``len``); else None."""
+        bindings: dict[str, list] = {}
+
+        def unknown(target: ast.AST) -> None:
+            """The names a target binds (an attribute or item stored to binds none)."""
+            if isinstance(target, ast.Name):
+                bindings.setdefault(target.id, []).append(None)
+            elif isinstance(target, (ast.Tuple, ast.List)):
+                for element in target.elts:
+                    unknown(element)
+            elif isinstance(target, ast.Starred):
+                unknown(target.value)
+
+        for node in ast.walk(function):
+            if isinstance(node, (ast.Assign, ast.AnnAssign, ast.NamedExpr)):
+                targets = getattr(node, "targets", [getattr(node, "target", None)])
+                for target in targets:
+                    if isinstance(target, ast.Name) and node.value is not None:
+                        bindings.setdefault(target.id, []).append(("value", node.value))
+                    elif (
+                        isinstance(target, ast.Tuple)
+                        and isinstance(node.value, ast.Tuple)
+                        and len(target.elts) == len(node.value.elts)
+                        and all(isinstance(t, ast.Name) for t in target.elts)
+                    ):
+                        for element, value in zip(target.elts, node.value.elts):
+                            bindings.setdefault(element.id, []).append(("value", value))
+                    else:
+                        unknown(target)
+            elif isinstance(node, (ast.For, ast.AsyncFor, ast.comprehension)):
+                if isinstance(node.target, ast.Name):
+                    bindings.setdefault(node.target.id, []).append(("item", node.iter))
+                else:
+                    unknown(node.target)
+            elif isinstance(node, (ast.AugAssign, ast.Delete)):
+                for target in getattr(node, "targets", [getattr(node, "target", None)]):
+                    unknown(target)
+            elif isinstance(node, ast.withitem) and node.optional_vars is not None:
+                unknown(node.optional_vars)
+            elif isinstance(node, ast.ExceptHandler) and node.name:
+                bindings.setdefault(node.name, []).append(None)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                arguments = node.args
+                for argument in [
+                    *arguments.posonlyargs,
+                    *arguments.args,
+                    *arguments.kwonlyargs,
+                    arguments.vararg,
+                    arguments.kwarg,
+                ]:
+                    if argument is not None:
+                        bindings.setdefault(argument.arg, []).append(None)
+                if not isinstance(node, ast.Lambda) and node is not function:
+                    bindings.setdefault(node.name, []).append(None)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                for alias in node.names:
+                    name = (alias.asname or alias.name).split(".")[0]
+                    if name not in self.aliases:  # importing a module again binds the same module
+                        bindings.setdefault(name, []).append(None)
+            elif isinstance(node, (ast.Global, ast.Nonlocal)):
+                for name in node.names:
+                    bindings.setdefault(name, []).append(None)
+        env: dict[str, tuple[str, str] | None] = dict.fromkeys(bindings)
+        for _ in range(len(bindings) + 1):
+            updated = {}
+            for name, found in bindings.items():
+                typed = {self._binding_type(b, env, parent, function, name) for b in found}
+                updated[name] = typed.pop() if len(typed) == 1 else None
+            if updated == env:
+                break
+            env = updated
+        return env
+
+    def _binding_type(self, binding, env: dict, parent: str | None, function: ast.AST, name: str):
+        if binding is None:
+            return None
+        how, value = binding
+        if how == "item":
+            if isinstance(value, (ast.Tuple, ast.List)):
+                items = {self._type(element, env, parent) for element in value.elts}
+                found = items.pop() if len(items) == 1 else None
+                return found if found is not None and found[0] == "object" else None
+            found = self._type(value, env, parent)
+            return ("object", found[1]) if found is not None and found[0] == "list" else None
+        if isinstance(value, ast.List) and not value.elts:
+            return self._appended_type(function, name, env, parent)
+        return self._type(value, env, parent)
+
+    def _appended_type(self, function: ast.AST, name: str, env: dict, parent: str | None):
+        """``("list", class)`` for a list only appended items of one type, else None."""
+        items = set()
+        for leaf in ast.walk(function):
+            if isinstance(leaf, ast.Name) and leaf.id == name:
+                use = self.parents.get(leaf)
+                if isinstance(use, ast.Attribute):
+                    call = self.parents.get(use)
+                    if use.attr != "append" or not (isinstance(call, ast.Call) and len(call.args) == 1):
+                        return None
+                    found = self._type(call.args[0], env, parent)
+                    items.add(found[1] if found is not None and found[0] == "object" else None)
+                elif (
+                    isinstance(use, ast.Call)
+                    and leaf in use.args
+                    and dotted(use.func, {}) not in ("bool", "len")
+                ):
+                    return None
+                elif isinstance(use, ast.Subscript) and not isinstance(use.ctx, ast.Load):
+                    return None
+        return ("list", items.pop()) if len(items) == 1 and None not in items else None
 
     # -- classes: base members, hooks, widgets ------------------------------------------------
     def _bases(self, node: ast.ClassDef) -> list[tuple[str, str]]:

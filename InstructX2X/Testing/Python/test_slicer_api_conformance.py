@@ -8,6 +8,8 @@ sources by ``scripts/slicer_api_manifest.py``; ``slicer_api_check`` reads the mo
 import ast
 import importlib.util
 import json
+import os
+import re
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
@@ -52,7 +54,7 @@ def test_a_manifest_for_each_supported_release_read_at_that_release():
         # every .ui class is known: Slicer/CTK ones from the headers, the rest from the Qt list
         api = conformance.Api.load(tag)
         assert all(api.chain(name) is not None for name in ui_classes), tag
-        assert {name for name in ui_classes if name.startswith(("qMRML", "ctk"))} <= set(manifest["widgets"])
+        assert {name for name in ui_classes if name.startswith(("qMRML", "ctk"))} <= set(manifest["qobjects"])
 
 
 @pytest.mark.parametrize("tag", conformance.SUPPORTED_TAGS)
@@ -118,6 +120,190 @@ def test_a_broken_call_signal_or_member_is_reported(apis, old, new, reported):
     assert old in text, f"the module no longer contains {old!r}: update the row"
     problems = conformance.check(text.replace(old, new, 1), ui(), apis[OLDEST], PARAMETERS)
     assert any(reported in p for p in problems), problems
+
+
+# Each row renames one member used on an object whose class the check tells from the source
+# (slicer.app, its commandOptions(), self.parent, slicer.dicomDatabase, createProgressDialog's
+# dialog, qt classes, MRML nodes and the scene): every supported release must report it.
+RECEIVER_BREAKS = [
+    (
+        "slicer.app.slicerRevisionUserSettingsFilePath",
+        "slicer.app.slicerRevisionUserSettingsPath",
+        "qSlicerApplication.slicerRevisionUserSettingsPath is no property, signal or method",
+    ),
+    (
+        "slicer.app.majorVersion",
+        "slicer.app.majorVer",
+        "qSlicerApplication.majorVer is no property, signal or method",
+    ),
+    (
+        "slicer.app.processEvents()",
+        "slicer.app.processEvent()",
+        "qSlicerApplication.processEvent() is no slot",
+    ),
+    (
+        "slicer.app.commandOptions().testingEnabled",
+        "slicer.app.commandOptions().testingEnable",
+        "qSlicerCommandOptions.testingEnable is no property, signal or method",
+    ),
+    (
+        "slicer.app.commandOptions()",
+        "slicer.app.commandOption()",
+        "qSlicerApplication.commandOption() is no slot",
+    ),
+    (
+        "if self.parent.isEntered:",
+        "if self.parent.isEnterd:",
+        "qSlicerScriptedLoadableModuleWidget.isEnterd is no property, signal or method",
+    ),
+    (
+        "self.parent.helpText =",
+        "self.parent.helpTxt =",
+        "qSlicerScriptedLoadableModule.helpTxt is no writable property",
+    ),
+    (
+        "database.fileForInstance",
+        "database.fileForInstanc",
+        "ctkDICOMDatabase.fileForInstanc is no property, signal or method",
+    ),
+    (
+        "dialogs[0].wasCanceled",
+        "dialogs[0].wasCancelled",
+        "QProgressDialog.wasCancelled is no property, signal or method",
+    ),
+    (
+        "dialogs[0].setCancelButton(None)",
+        "dialogs[0].setCancelBtn(None)",
+        "QProgressDialog.setCancelBtn() is no slot",
+    ),
+    ("dialogs[0].labelText =", "dialogs[0].labelTxt =", "QProgressDialog.labelTxt is no writable property"),
+    (
+        "progress.setCancelButton(None)",
+        "progress.setCancelBtn(None)",
+        "QProgressDialog.setCancelBtn() is no slot",
+    ),
+    (
+        "labelText=label, maximum=0, windowModality=",
+        "labelText=label, maximum=0, windowModal=",
+        "slicer.util.createProgressDialog: windowModal is no writable property of QProgressDialog",
+    ),
+    (
+        "qt.QFileDialog.getExistingDirectory(",
+        "qt.QFileDialog.getExistingDir(",
+        "qt.QFileDialog.getExistingDir() is no static or listed function",
+    ),
+    (
+        "qt.QApplication.setOverrideCursor(",
+        "qt.QApplication.setOverideCursor(",
+        "qt.QApplication.setOverideCursor() is no static or listed function",
+    ),
+    (
+        "qt.QApplication.restoreOverrideCursor()",
+        "qt.QApplication.restoreOverideCursor()",
+        "qt.QApplication.restoreOverideCursor() is no static or listed function",
+    ),
+    ("qt.QCursor(", "qt.QCursr(", "qt.QCursr is no class of the Qt list"),
+    (
+        "sliceNode.SetUseLabelOutline(True)",
+        "sliceNode.SetUseLabelOutlines(True)",
+        "vtkMRMLSliceNode.SetUseLabelOutlines is no method or constant",
+    ),
+    (
+        "segmentation.SetReferenceImageGeometryParameterFromVolumeNode(",
+        "segmentation.SetReferenceGeometryFromVolumeNode(",
+        "vtkMRMLSegmentationNode.SetReferenceGeometryFromVolumeNode is no method or constant",
+    ),
+    (
+        "segmentation.CreateDefaultDisplayNodes()",
+        "segmentation.CreateDefaultDisplayNode()",
+        "vtkMRMLSegmentationNode.CreateDefaultDisplayNode is no method or constant",
+    ),
+    (
+        "slicer.mrmlScene.StartCloseEvent",
+        "slicer.mrmlScene.StartClosingEvent",
+        "vtkMRMLScene.StartClosingEvent is no method or constant",
+    ),
+    (
+        "slicer.vtkMRMLScalarVolumeNode",
+        "slicer.vtkMRMLScalarVolumNode",
+        "vtkMRMLScalarVolumNode is no MRML class",
+    ),
+    (
+        'getNodesByClass("vtkMRMLSliceNode")',
+        'getNodesByClass("vtkMRMLSlicesNode")',
+        "vtkMRMLSlicesNode is no MRML class",
+    ),
+    ('"vtkMRMLSegmentationNode", _(', '"vtkMRMLSegmentNode", _(', "vtkMRMLSegmentNode is no MRML class"),
+    (
+        'AddEmptySegment("edit")',
+        'AddEmptySegments("edit")',
+        "vtkSegmentation.AddEmptySegments is no method or constant",
+    ),
+]
+
+
+@pytest.mark.parametrize("old,new,reported", RECEIVER_BREAKS)
+def test_a_renamed_member_of_a_typed_receiver_is_reported_for_every_release(apis, old, new, reported):
+    text = source()
+    assert old in text, f"the module no longer contains {old!r}: update the row"
+    for tag, api in apis.items():
+        problems = conformance.check(text.replace(old, new, 1), ui(), api, PARAMETERS)
+        assert any(reported in p for p in problems), (tag, problems)
+
+
+def test_the_receivers_classes_are_known_in_every_release(apis):
+    """Each class the check types a receiver as resolves in every manifest (else its uses
+    would go unchecked), the vtkMRML classes the module names included."""
+    named = set(re.findall(r"\b(vtkMRML\w+)", source()))
+    classes = {*conformance.RECEIVERS.values(), *conformance.PARENT_CLASSES.values()}
+    for tag, api in apis.items():
+        assert {name: api.kind(name) for name in classes | {"qSlicerCommandOptions"}} == {
+            name: "qt" if name.startswith(("q", "ctk")) else "vtk"
+            for name in classes | {"qSlicerCommandOptions"}
+        }, tag
+        assert all(api.kind(name) == "vtk" for name in named | {"vtkSegmentation"}), tag
+        assert api.returns("qSlicerApplication", "commandOptions") == "qSlicerCommandOptions", tag
+        assert (
+            api.module("slicer.util")["functions"]["createProgressDialog"]["returns"] == "QProgressDialog"
+        ), tag
+
+
+RECEIVERS_UNTOLD = """
+import qt
+import slicer
+
+
+def either(flag, other):
+    application = slicer.app if flag else other
+    application.noSuchMember()
+    database = slicer.dicomDatabase
+    database = other
+    database.noSuchMember()
+    for node in (slicer.mrmlScene, other):
+        node.NoSuchMethod()
+    nodes = []
+    nodes.append(slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSliceNode"))
+    nodes.append(other)
+    nodes[0].NoSuchMethod()
+    slicer.mrmlScene.AddNewNodeByClass(other).NoSuchMethod()
+    qt.Qt.NoSuchValue
+
+
+def shadowed(slicer):
+    slicer.app.noSuchMember()
+"""
+
+
+def test_a_receiver_whose_class_cannot_be_told_is_not_checked(apis):
+    """Names bound more than one way, lists given items of unknown types, nodes made from a
+    class name held in a variable, a shadowed module: nothing is reported."""
+    assert conformance.SourceChecker(RECEIVERS_UNTOLD, ui(), apis[OLDEST]).run() == []
+    typed = RECEIVERS_UNTOLD.replace("    database = other\n", "").replace("    nodes.append(other)\n", "")
+    problems = conformance.SourceChecker(typed, ui(), apis[OLDEST]).run()
+    assert [p.split(": ", 2)[2] for p in problems] == [
+        "ctkDICOMDatabase.noSuchMember() is no slot, invokable or listed method in Slicer v5.6.2",
+        "vtkMRMLSliceNode.NoSuchMethod is no method or constant in Slicer v5.6.2",
+    ], problems
 
 
 UI_BREAKS = [
@@ -210,3 +396,142 @@ def test_slicer_packaging_counts_only_where_the_release_has_it(apis):
     )
     reported = {tag: installer_problems(api, broken_else) for tag, api in apis.items()}
     assert [tag for tag, problems in reported.items() if problems] == ["v5.6.2", "v5.8.1", "v5.10.0"]
+
+
+# -- the manifest script's readers -------------------------------------------------------------
+
+
+def generator():
+    spec = importlib.util.spec_from_file_location(
+        "slicer_api_manifest", ROOT / "scripts" / "slicer_api_manifest.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+VTK_HEADER = """
+#define vtkMRMLMacro(x) \\
+  { return x; }
+class VTK_MRML_EXPORT vtkMRMLExampleNode : public vtkMRMLNode
+{
+public:
+  static vtkMRMLExampleNode* New();
+  vtkTypeMacro(vtkMRMLExampleNode, vtkMRMLNode);
+  enum { SliceEvent = 1000, OtherEvent };
+  vtkGetMacro(UseOutline, int);
+  vtkSetMacro(UseOutline, int);
+  vtkBooleanMacro(UseOutline, int);
+  vtkGetObjectMacro(Segmentation, vtkSegmentation);
+  virtual void SetReference(vtkMRMLScalarVolumeNode* volume);
+  const char* GetNodeTagName() override { return "a // b ("; }
+  VTK_NEWINSTANCE vtkMRMLNode* Copy(const char* name = "/*");
+protected:
+  void Hidden();
+  vtkSetMacro(HiddenValue, int);
+};
+"""
+
+
+def test_the_vtk_reader_takes_public_methods_macros_and_enum_values():
+    facts = generator().parse_vtk_header(VTK_HEADER, "vtkMRMLExampleNode")
+    assert facts["base"] == "vtkMRMLNode"
+    assert facts["methods"] == [
+        "Copy",
+        "GetNodeTagName",
+        "GetSegmentation",
+        "GetUseOutline",
+        "New",
+        "SetReference",
+        "SetUseOutline",
+        "UseOutlineOff",
+        "UseOutlineOn",
+    ]
+    assert facts["constants"] == ["OtherEvent", "SliceEvent"]
+    assert facts["returns"] == {
+        "Copy": "vtkMRMLNode",
+        "GetSegmentation": "vtkSegmentation",
+        "New": "vtkMRMLExampleNode",
+    }
+
+
+QT_HEADER = """
+class Q_EXAMPLE_EXPORT qSlicerExampleApplication : public qSlicerCoreApplication
+{
+  Q_OBJECT
+  Q_PROPERTY(int majorVersion READ majorVersion CONSTANT)
+public:
+  Q_INVOKABLE qSlicerCommandOptions* commandOptions() const;
+  Q_INVOKABLE QString url() const { return "https://example.org/(x"; }
+  QString notExposed() const;
+public slots:
+  void restart();
+};
+"""
+
+DECORATORS = """
+class qExampleDecorators : public QObject
+{
+  Q_OBJECT
+public slots:
+  bool static_qSlicerCoreApplication_testingEnabled() { return true; }
+  void processEvents(qSlicerCoreApplication* app) { app->processEvents(); }
+  qSlicerCoreApplication* new_qSlicerCoreApplication() { return nullptr; }
+};
+"""
+
+
+def test_the_qt_reader_takes_what_pythonqt_exposes_and_what_it_returns():
+    script = generator()
+    facts = script.parse_header(QT_HEADER, "qSlicerExampleApplication")
+    assert (facts["base"], list(facts["properties"])) == ("qSlicerCoreApplication", ["majorVersion"])
+    assert facts["invokables"] == ["commandOptions()", "url()"] and facts["slots"] == ["restart()"]
+    assert facts["returns"] == {"commandOptions": "qSlicerCommandOptions"}
+    assert script.decorated_methods(DECORATORS) == {
+        "qSlicerCoreApplication": ["processEvents", "testingEnabled"]
+    }
+
+
+PROGRESS = """
+def createDialog(parent=None, labelText="", **kwargs):
+    import qt
+
+    dialog = qt.QProgressDialog(parent)
+    dialog.labelText = labelText
+    for key, value in kwargs.items():
+        if hasattr(dialog, key):
+            setattr(dialog, key, value)
+    return dialog
+
+
+def other(**kwargs):
+    dialog = qt.QProgressDialog()
+    dialog = make()
+    return dialog
+"""
+
+
+def test_a_python_function_returning_a_qt_object_it_made_is_described_so():
+    functions = generator().describe_module(PROGRESS)["functions"]
+    assert functions["createDialog"]["returns"] == "QProgressDialog"
+    assert functions["createDialog"]["kwargs_set_as_properties"] is True
+    assert "returns" not in functions["other"]  # also bound to what make() returns
+
+
+GIT_DIRS = {
+    name: os.environ.get(f"INSTRUCTX2X_{name.upper()}_GIT") for name in ("slicer", "ctk", "slicerpytorch")
+}
+
+
+@pytest.mark.skipif(
+    not all(GIT_DIRS.values()),
+    reason="INSTRUCTX2X_SLICER_GIT, INSTRUCTX2X_CTK_GIT and INSTRUCTX2X_SLICERPYTORCH_GIT name git directories",
+)
+def test_the_committed_manifests_are_what_the_script_writes():
+    script = generator()
+    for tag in conformance.SUPPORTED_TAGS:
+        written = script.manifest(
+            Path(GIT_DIRS["slicer"]), Path(GIT_DIRS["ctk"]), Path(GIT_DIRS["slicerpytorch"]), tag
+        )
+        committed = json.loads((conformance.API_DIR / f"slicer-{tag}.json").read_text())
+        assert json.loads(json.dumps(written)) == committed, tag
