@@ -169,6 +169,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 "browser panel instead (README, Server mode)."
             )
         self.ui.openSavedButton.connect("clicked(bool)", self.onOpenSaved)
+        self.ui.saveResultButton.connect("clicked(bool)", self.onSaveResult)
         self.ui.tauSlider.connect("valueChanged(double)", self.onTauChanged)
         self.ui.opacitySlider.connect("valueChanged(double)", self.logic.setOverlayOpacity)
         self.ui.modelGuidanceCheckBox.connect("toggled(bool)", self.onModelGuidanceToggled)
@@ -450,6 +451,16 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 "The panel starts its own worker with the model, device, sampler and precision above."
             )
 
+    def onSaveResult(self) -> None:
+        """Keep the last result's folder (the session's own is removed with the module)."""
+        folder = qt.QFileDialog.getExistingDirectory(None, _("Folder to save the edit in"))
+        if folder:
+            with slicer.util.tryWithErrorDisplay(_("The edit could not be saved."), waitCursor=True):
+                saved = self.logic.saveResult(Path(folder))
+                self.ui.statusLabel.text = _("Saved in {folder}; Open saved edit reads it back.").format(
+                    folder=saved
+                )
+
     def onOpenSaved(self) -> None:
         """Show a saved edit again from its result folder (the worker's, or an exported one)."""
         folder = qt.QFileDialog.getExistingDirectory(None, _("Saved edit folder"))
@@ -689,6 +700,12 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
             lambda: packages.push_series(command, folder, target),
         )
         return _("Sent to {target}.").format(target=target)
+
+    def saveResult(self, parent: Path) -> Path:
+        """The last result's folder copied into ``parent`` (``EditSession.save_result``)."""
+        if self.session is None:
+            raise ValueError(_("There is no result to save yet; preview or apply first."))
+        return self.session.save_result(parent)
 
     def openSavedEdit(self, folder: str, opacity: float = 0.5) -> str:
         """Bring a saved edit's folder back as nodes (``scene.import_saved_edit``: the

@@ -742,6 +742,35 @@ class EditSession:
         request_id = self.worker.submit(request.kind, request.job, **request.fields)
         self.current = dataclasses.replace(request, id=request_id)
 
+    def save_result(self, parent: Path) -> Path:
+        """Copy the last result's folder (the session's is temporary) into a new folder in
+        ``parent``, named after the radiograph and the time, whole or not at all; returns it.
+        *Open saved edit* reads it back.
+
+        Raises
+        ------
+        scene.SceneError
+            When there is no result, or ``parent`` is not a folder or cannot be written.
+        """
+        if self.output_folder is None or self.current is None:
+            raise mrml.SceneError("there is no result to save yet; preview or apply first.")
+        parent = Path(parent)
+        if not parent.is_dir():
+            raise mrml.SceneError(f"{parent.name or parent} is not a folder.")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in self.current.volume.GetName())[:40]
+        target = parent / f"{name or 'radiograph'}-edit-{stamp}"
+        staging = parent / f".{target.name}.partial"
+        try:
+            shutil.copytree(self.output_folder, staging)
+            staging.rename(target)
+        except OSError as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise mrml.SceneError(
+                f"cannot save the edit in {parent.name}: {error.strerror or error}."
+            ) from None
+        return target
+
     # -- results ----------------------------------------------------------------------------
     def _import(self, event: dict) -> None:
         assert self.current is not None  # event is its result

@@ -64,6 +64,30 @@ def test_preview_rethreshold_and_queued_edit_land_in_the_scene(session):
     assert "tau 0.9" in session.result_text
 
 
+def test_a_saved_result_folder_opens_again_after_the_session(session, tmp_path):
+    volume = radiograph(session.scene)
+    with pytest.raises(layer.SceneError, match="no result to save yet"):
+        session.save_result(tmp_path)
+    mask = np.zeros((72, 64), bool)
+    mask[30:60, 34:60] = True
+    session.submit("edit", volume, settings(mask_source=MaskSource.PAINTED), edit_mask=mask)
+    poll_until(session, lambda e: any(x["event"] == "done" for x in e))
+    edited = layer.volume_to_array(session.results["counterfactual"]).copy()
+    edit_region = layer.volume_to_array(session.results["mask"]) > 0
+    saved = session.save_result(tmp_path)
+    assert saved.parent == tmp_path and saved.name.startswith("chest-edit-")
+    assert [p.name for p in tmp_path.iterdir()] == [saved.name]  # no staging left
+    session.stop()  # the session's own folder goes; the saved one stays
+    scene = slicer.vtkMRMLScene()
+    layer.prepare_scene(scene)
+    nodes = layer.import_saved_edit(scene, saved)
+    reopened = layer.volume_to_array(nodes["counterfactual"])  # edited.png: the same picture, its own scale
+    assert reopened.shape == edited.shape and np.corrcoef(reopened.ravel(), edited.ravel())[0, 1] > 0.99
+    assert np.array_equal(layer.volume_to_array(nodes["mask"]) > 0, edit_region)
+    with pytest.raises(layer.SceneError, match="is not a folder"):
+        session.save_result(tmp_path / "missing")
+
+
 def test_cancel_drops_the_queue_and_stops_the_running_job(session):
     volume = radiograph(session.scene)
     session.submit("edit", volume, settings(steps=400))
