@@ -842,6 +842,7 @@ def workerPackagesStatus() -> str:
         workerPackagesFolder(),
         packages.library_source(moduleDir),
         moduleDir / "Resources" / "requirements.txt",
+        [moduleDir / "Resources" / "constraints.txt"],
         torch=packages.choose_torch,
     )
 
@@ -896,6 +897,7 @@ def ensureDependencies() -> None:
             packages.find_slicer_python(),
             packages.library_source(moduleDir),
             moduleDir / "Resources" / "requirements.txt",
+            constraints=[moduleDir / "Resources" / "constraints.txt"],
             progress=report,
             log=log,
             confirm=confirm,

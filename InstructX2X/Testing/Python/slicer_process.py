@@ -44,6 +44,7 @@ def wait(client, states, timeout: float = 300) -> list[dict]:
 
 
 def main(module: Path, folder: Path, work: Path, constraints: list[Path]) -> dict:
+    constraints = [module / "Resources" / "constraints.txt", *constraints]  # as the panel pins the set
     before = installed()
     sys.path.insert(0, str(module))
     from InstructX2XModuleLib import packages

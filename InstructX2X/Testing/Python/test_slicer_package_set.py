@@ -81,6 +81,18 @@ def test_requirements_pin_every_library_dependency_inside_its_range():
     assert pinned["torch"] == pins(REPO / "constraints.txt")["torch"]  # the torch the suite runs
 
 
+def test_the_shipped_constraints_pin_the_whole_set_as_the_requirements_do():
+    """Resources/constraints.txt (scripts/lock_worker_packages.py) pins every package the set
+    installs beside torch's build: the direct requirements at their versions, and what they
+    need (transformers' tokenizers, huggingface-hub, ...), so two installs get the same set."""
+    locked = pins(MODULE / "Resources" / "constraints.txt")
+    for name, version in pins(REQUIREMENTS).items():
+        if name != "torch":  # its build (CPU or CUDA) is chosen on the user's machine
+            assert locked.get(name) == version, name
+    assert {"tokenizers", "huggingface-hub", "urllib3", "pyjpegls"} <= set(locked)
+    assert not {"torch", "setuptools"} & set(locked) and not any(n.startswith("nvidia-") for n in locked)
+
+
 def test_slicer_constraints_hold_the_tag_s_pins():
     slicer = pins(SLICER_CONSTRAINTS)
     assert slicer["pydicom"] == "2.4.4" and slicer["numpy"] == "2.0.2" and slicer["pip"] == "25.1.1"
