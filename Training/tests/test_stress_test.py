@@ -151,6 +151,7 @@ def test_the_report_flags_the_drain_reader_and_not_the_lung_reader(finished):
     verdicts = {v["classifier"]: v for v in report["verdicts"]}
     assert verdicts["drain-reader"]["verdict"] == "shortcut suspected"
     assert verdicts["drain-reader"]["still_positive"] == 1.0
+    assert verdicts["drain-reader"]["mean_shift"] == pytest.approx(0.0, abs=1e-6)  # the drain kept as it was
     assert verdicts["rim-reader"]["verdict"] == "reads the finding", verdicts["rim-reader"]
     table = pd.read_csv(output / "stress-test.csv")
     assert {"mean_shift_low", "mean_shift_high", "flip_rate_low", "still_positive_high"} <= set(table.columns)
