@@ -14,6 +14,7 @@ from PIL import Image
 
 from instructx2x.errors import ModelLoadError, OutputExistsError, ParameterError
 from instructx2x_train.classifiers import DeviceDraw
+from instructx2x_train.cli import main
 from instructx2x_train.phantom import (
     DEVICES,
     Anatomy,
@@ -138,7 +139,7 @@ def test_the_report_flags_the_drain_reader_and_not_the_lung_reader(finished):
         "stress-test-config.json",
         "records",
     }
-    stored = json.loads((output / "stress-test.json").read_text())  # strict JSON
+    stored = json.loads((output / "stress-test.json").read_text(), parse_constant=pytest.fail)  # strict JSON
     assert (
         stored["seed"] == 0
         and stored["rows"] == 2
@@ -208,3 +209,13 @@ def test_bad_input_is_refused_before_any_model_work(films, toys, tmp_path):
     )
     with pytest.raises(ParameterError, match="exactly one finding"):
         StressEdit("Make it look better")
+
+
+def test_the_command_line_refuses_a_broken_classifier(films, tmp_path, capsys):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a module")
+    (tmp_path / "broken.json").write_text(json.dumps({"findings": ["pneumothorax"], "size": SIZE}))
+    argv = ["stress-test", str(tmp_path / "out"), "--films", str(films[0]), "--classifier", str(broken)]
+    assert main(argv) != 0
+    assert "broken.pt does not load as a TorchScript module" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
