@@ -34,9 +34,26 @@ from instructx2x.classifiers import (
 from instructx2x.errors import OutputExistsError
 from instructx2x.outputs import atomic_output_dir
 
-from .phantom import Anatomy, FindingState, Pose, form_film, level_words, render_attenuation
+from .phantom import (
+    DEVICES,
+    Anatomy,
+    DeviceState,
+    FindingState,
+    Pose,
+    device_masks,
+    form_film,
+    level_words,
+    render_attenuation,
+)
 
-__all__ = ["EVALUATED_FINDINGS", "ClassifierConfig", "train_classifiers", "draw_films", "held_out_figures"]
+__all__ = [
+    "EVALUATED_FINDINGS",
+    "ClassifierConfig",
+    "DeviceDraw",
+    "train_classifiers",
+    "draw_films",
+    "held_out_figures",
+]
 
 # The five pathologies in the phantoms' finding names (the instruction vocabulary), PATHOLOGIES' order.
 EVALUATED_FINDINGS = tuple(
@@ -44,6 +61,41 @@ EVALUATED_FINDINGS = tuple(
     for name in PATHOLOGIES
 )
 HELD_OUT_STREAM = 1_000_003  # added to the seed: held-out films never repeat a training film
+DEVICE_STREAM = 29  # a film's devices come from their own stream: films without devices stay as they were
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceDraw:
+    """How often films carry devices: a chest drain with probability ``drain_with_pneumothorax``
+    on films with a pneumothorax (on its side) and ``drain_without_pneumothorax`` on the others
+    (the two equal: a clean split; far apart: a split where the drain stands in for the finding);
+    a pacemaker, an ECG lead and a text marker each with probability ``others``."""
+
+    drain_with_pneumothorax: float = 0.0
+    drain_without_pneumothorax: float = 0.0
+    others: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name, value in dataclasses.asdict(self).items():
+            if not 0 <= value <= 1:
+                raise ValueError(f"{name.replace('_', ' ')} is a probability in [0, 1], got {value}.")
+
+    def draw(self, rng: np.random.Generator, present: list[FindingState]) -> tuple[DeviceState, ...]:
+        """The devices of one film, given its findings."""
+        pneumothorax = next((finding for finding in present if finding.name == "pneumothorax"), None)
+        drain = self.drain_with_pneumothorax if pneumothorax else self.drain_without_pneumothorax
+        draws = rng.random(len(DEVICES))
+        sides = [str(side) for side in rng.choice(("left", "right"), len(DEVICES))]
+        if pneumothorax:
+            sides[0] = pneumothorax.side
+        chances = (drain,) + (self.others,) * (len(DEVICES) - 1)
+        return tuple(
+            DeviceState(name, side, int(seed))
+            for name, side, chance, draw, seed in zip(
+                DEVICES, sides, chances, draws, rng.integers(0, 2**31, len(DEVICES))
+            )
+            if draw < chance
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +113,7 @@ class ClassifierConfig:
     seed: int = 0
     finding_probability: float = 0.35  # each of the five, independently
     workers: int = 1
+    devices: DeviceDraw = DeviceDraw()
 
     def __post_init__(self) -> None:
         if min(self.films, self.held_out, self.steps, self.batch, self.width, self.workers) < 1:
@@ -73,8 +126,8 @@ class ClassifierConfig:
             raise ValueError(f"finding_probability must lie in (0, 1), got {self.finding_probability}.")
 
 
-def _film(args: tuple[int, int, int, float, int]) -> tuple[np.ndarray, dict]:
-    seed, index, resolution, finding_probability, size = args
+def _film(args: tuple[int, int, int, float, int, DeviceDraw, bool]) -> tuple[np.ndarray, dict]:
+    seed, index, resolution, finding_probability, size, device_draw, with_masks = args
     rng = np.random.default_rng([seed, index])
     age, sex, race = int(rng.integers(25, 90)), str(rng.choice(("F", "M"))), str(rng.choice(RACES))
     anatomy = Anatomy.draw(rng, age, sex, race)
@@ -96,18 +149,32 @@ def _film(args: tuple[int, int, int, float, int]) -> tuple[np.ndarray, dict]:
         float(rng.normal(0, 0.02)),
     )
     noise = rng.standard_normal((resolution, resolution)).astype(np.float32)
+    devices = device_draw.draw(np.random.default_rng([seed, index, DEVICE_STREAM]), present)
     film = form_film(
-        render_attenuation(resolution, resolution, anatomy, present, pose), noise, 0.0012 * resolution
+        render_attenuation(resolution, resolution, anatomy, present, pose, devices=devices),
+        noise,
+        0.0012 * resolution,
     )
     if size != resolution:
         film = resize_films([film], size)[0, 0].numpy()
     names = {finding.name for finding in present}
-    return film, {
+    labels = {
         "findings": [float(name in names) for name in EVALUATED_FINDINGS],
         "age": float(age),
         "sex_female": float(sex == "F"),
         "race": RACES.index(race),
+        "devices": [device.name for device in devices],
     }
+    if with_masks:  # at the film's size: what a keep region of a stress test needs
+        masks = device_masks(resolution, resolution, anatomy, list(devices), pose)
+        if size != resolution:
+            masks = {
+                name: resize_films([mask.astype(np.float32)], size)[0, 0].numpy() > 0
+                for name, mask in masks.items()
+            }
+        labels["device_masks"] = masks
+        labels["present"] = present
+    return film, labels
 
 
 def draw_films(
@@ -118,10 +185,16 @@ def draw_films(
     workers: int = 1,
     size: int | None = None,
     progress_bar: bool = False,
+    devices: DeviceDraw = DeviceDraw(),
+    with_masks: bool = False,
 ) -> tuple[np.ndarray, list[dict]]:
-    """Films drawn at ``resolution`` (resized to ``size`` when given) with random demographics
-    and findings, and their labels; the same bytes for any number of workers."""
-    tasks = [(seed, index, resolution, finding_probability, size or resolution) for index in range(count)]
+    """Films drawn at ``resolution`` (resized to ``size`` when given) with random demographics,
+    findings and ``devices``, and their labels (with each device's mask and the findings drawn
+    when ``with_masks``); the same bytes for any number of workers."""
+    tasks = [
+        (seed, index, resolution, finding_probability, size or resolution, devices, with_masks)
+        for index in range(count)
+    ]
     with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
         drawn = list(
             tqdm(
@@ -180,6 +253,7 @@ def train_classifiers(output: str | Path, config: ClassifierConfig, progress_bar
         config.workers,
         size=config.resolution,
         progress_bar=progress_bar,
+        devices=config.devices,
     )
     targets = _targets(labels)
     with torch.random.fork_rng(devices=[]):
@@ -219,6 +293,7 @@ def train_classifiers(output: str | Path, config: ClassifierConfig, progress_bar
         config.finding_probability,
         config.workers,
         progress_bar=progress_bar,
+        devices=config.devices,
     )
     card["held_out"] = held_out_figures(classifiers, test_films, test_labels)
     card["training_seconds"] = round(time.perf_counter() - started, 1)

@@ -26,6 +26,7 @@ __all__ = ["main", "build_parser"]
 RESUME_HINTS = {
     "train": "interrupted: the steps completed are in a resumable checkpoint (--resume latest).",
     "evaluate": "interrupted: the pairs finished are recorded; rerun the same command to resume.",
+    "stress-test": "interrupted: the rows finished are recorded; rerun the same command to resume.",
 }
 
 
@@ -138,10 +139,29 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--films", type=int, default=4000)
     classify.add_argument("--held-out", type=int, default=500)
     classify.add_argument("--resolution", type=int, default=128)
+    classify.add_argument(
+        "--render-resolution", type=int, default=256, help="films are drawn at this size, then resized"
+    )
+    classify.add_argument("--width", type=int, default=32, help="channels of the first stage")
     classify.add_argument("--steps", type=int, default=2000)
     classify.add_argument("--batch", type=int, default=32)
     classify.add_argument("--seed", type=int, default=0)
     classify.add_argument("--workers", type=int, default=1)
+    classify.add_argument(
+        "--drain-with-pneumothorax",
+        type=float,
+        default=0.0,
+        help="share of pneumothorax films that carry a chest drain (with the next: a confounded split)",
+    )
+    classify.add_argument(
+        "--drain-without-pneumothorax", type=float, default=0.0, help="share of other films with a drain"
+    )
+    classify.add_argument(
+        "--other-devices",
+        type=float,
+        default=0.0,
+        help="chance of a pacemaker, an ECG lead and a text marker on a film (each)",
+    )
 
     assess = commands.add_parser(
         "evaluate",
@@ -178,6 +198,56 @@ def build_parser() -> argparse.ArgumentParser:
     assess.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     assess.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95 %% intervals")
     assess.add_argument("--no-progress", action="store_true")
+
+    stress = commands.add_parser(
+        "stress-test",
+        help="counterfactual edits that test whether classifiers read a finding or a shortcut "
+        "(a kept device); also under accelerate launch",
+    )
+    stress.add_argument("output", type=Path, help="new folder, or an interrupted one to resume")
+    stress.add_argument(
+        "--classifier",
+        dest="classifiers",
+        action="append",
+        metavar="SPEC",
+        help="cohort-v2 (default), torchxrayvision, a train-classifiers folder or a TorchScript "
+        "file with its JSON (docs/evaluation.md); repeat to read the same edits with several",
+    )
+    stress.add_argument("--model", default="demo")
+    stress.add_argument("--films", type=Path, help="folder of films (stress-films writes one)")
+    stress.add_argument(
+        "--dataset", type=Path, help="MIMIC-EDIT-INSTRUCTION folder: its split's source films"
+    )
+    stress.add_argument("--split", default="test")
+    stress.add_argument(
+        "--edits",
+        type=Path,
+        help='JSON list of edits, [{"instruction": "Remove the finding of pneumothorax", "keep": '
+        '"chest drain"}, ...] (default: add, remove and raise the level of each finding)',
+    )
+    stress.add_argument(
+        "--weights-dir", type=Path, help="torchxrayvision's weight files (nothing is downloaded)"
+    )
+    stress.add_argument("--limit", type=int, help="the first N films only")
+    stress.add_argument("--batch-size", type=int, default=4)
+    stress.add_argument("--seed", type=int, default=0)
+    stress.add_argument("--resolution", type=int, help="edit resolution (default: the model's own)")
+    stress.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    stress.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95 %% intervals")
+    stress.add_argument("--no-progress", action="store_true")
+
+    films = commands.add_parser(
+        "stress-films", help="phantom films with devices (chest drain, ...) and their masks, for stress-test"
+    )
+    films.add_argument("output", type=Path)
+    films.add_argument("--count", type=int, default=40)
+    films.add_argument("--seed", type=int, default=5000, help="a seed the classifiers never trained on")
+    films.add_argument("--resolution", type=int, default=128)
+    films.add_argument("--finding-probability", type=float, default=0.35)
+    films.add_argument("--drain-with-pneumothorax", type=float, default=1.0)
+    films.add_argument("--drain-without-pneumothorax", type=float, default=0.0)
+    films.add_argument("--other-devices", type=float, default=0.0)
+    films.add_argument("--workers", type=int, default=1)
 
     masks = commands.add_parser("pseudo-masks", help="build the 8 pseudo masks from MS-CXR")
     masks.add_argument("output", type=Path)
@@ -268,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             result = {"verdicts": report["verdicts"], "report": str(args.output / "acceptance.md")}
         elif args.command == "train-classifiers":
-            from .classifiers import ClassifierConfig, train_classifiers
+            from .classifiers import ClassifierConfig, DeviceDraw, train_classifiers
 
             card = train_classifiers(
                 args.output,
@@ -276,10 +346,15 @@ def main(argv: list[str] | None = None) -> int:
                     films=args.films,
                     held_out=args.held_out,
                     resolution=args.resolution,
+                    render_resolution=args.render_resolution,
+                    width=args.width,
                     steps=args.steps,
                     batch=args.batch,
                     seed=args.seed,
                     workers=args.workers,
+                    devices=DeviceDraw(
+                        args.drain_with_pneumothorax, args.drain_without_pneumothorax, args.other_devices
+                    ),
                 ),
             )
             result = {
@@ -315,6 +390,44 @@ def main(argv: list[str] | None = None) -> int:
                 "report": str(args.output / "evaluation.md"),
                 "cmig": {name: row["cmig"] for name, row in report["rows"].items()},
             }
+        elif args.command == "stress-test":
+            from .stress_test import StressConfig, read_edits, stress_test
+
+            report = stress_test(
+                args.output,
+                StressConfig(
+                    model=args.model,
+                    classifiers=tuple(args.classifiers or ("cohort-v2",)),
+                    films=str(args.films) if args.films else None,
+                    dataset=str(args.dataset) if args.dataset else None,
+                    split=args.split,
+                    edits=read_edits(args.edits) if args.edits else (),
+                    weights_dir=str(args.weights_dir) if args.weights_dir else None,
+                    limit=args.limit,
+                    batch_size=args.batch_size,
+                    seed=args.seed,
+                    resolution=args.resolution,
+                    steps=args.steps,
+                    bootstrap=args.bootstrap,
+                ),
+                progress_bar=not args.no_progress,
+            )
+            if not report:  # a non-main process under accelerate launch
+                return 0
+            result = {"report": str(args.output / "stress-test.md"), "verdicts": report["verdicts"]}
+        elif args.command == "stress-films":
+            from .classifiers import DeviceDraw
+            from .stress_test import write_stress_films
+
+            result = write_stress_films(
+                args.output,
+                args.count,
+                args.seed,
+                args.resolution,
+                args.finding_probability,
+                DeviceDraw(args.drain_with_pneumothorax, args.drain_without_pneumothorax, args.other_devices),
+                args.workers,
+            )
         else:
             result = build_pseudo_masks(args.ms_cxr, args.metadata, args.output)
     except KeyboardInterrupt:

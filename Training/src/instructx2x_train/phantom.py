@@ -42,6 +42,10 @@ __all__ = [
     "render_lateral",
     "level_words",
     "RACES",
+    "DEVICES",
+    "DeviceState",
+    "device_attenuation",
+    "device_masks",
 ]
 
 # Findings with a located rendering (the eight MS-CXR prior categories).
@@ -93,6 +97,9 @@ _CANVAS = 768  # body-space raster for thin structures (vessels, bronchograms, s
 _AIR_DEPTH = 0.8  # antero-posterior air column at a lung's centre, in body depths
 _PARENCHYMA = 0.22  # lung tissue attenuation relative to soft tissue
 _FLUID = 1.0  # fluid and consolidated lung attenuate like soft tissue
+# Devices and markers, drawn over the anatomy with their masks: the shortcuts a classifier can
+# learn instead of a finding (a chest drain beside a pneumothorax, a pacemaker beside cardiomegaly).
+DEVICES = ("chest drain", "pacemaker", "ecg lead", "text marker")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +173,24 @@ class FindingState:
     @property
     def factor(self) -> float:
         return LEVEL_FACTOR.get(self.level, 0.75)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceState:
+    """A device on a film: a chest drain (inserted on ``side``, the patient's side, and run up
+    towards the apex), a pacemaker (generator below the clavicle on ``side``, a lead to the right
+    ventricle), an ECG lead (an electrode and its wire) or a text marker (an "L" in the corner).
+    ``seed`` jitters its course."""
+
+    name: str
+    side: str = "left"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.name not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {self.name!r}.")
+        if self.side not in ("left", "right"):
+            raise ValueError(f"a device's side is left or right; got {self.side!r}.")
 
 
 def draw_finding(rng: np.random.Generator, name: str, side: str) -> FindingState:
@@ -503,10 +528,90 @@ def _finding_attenuation(
     return (_FLUID - _PARENCHYMA) * opacity * lung_air
 
 
+@functools.lru_cache(maxsize=64)
+def _device_canvas(device: DeviceState, habitus: float) -> np.ndarray:
+    """A device's tubes and wires as chords on a body-space canvas, weighted by their density."""
+    rng = np.random.default_rng([device.seed, 19])
+    side = 1 if device.side == "left" else -1
+    jitter = rng.uniform(-0.03, 0.03, 8)
+    if device.name == "chest drain":  # through the lateral chest wall, then up towards the apex
+        path = [
+            (side * (0.98 + jitter[0]) * habitus, 0.34 + jitter[1]),
+            (side * (0.70 + jitter[2]) * habitus, 0.24 + jitter[3]),
+            (side * (0.62 + jitter[4]) * habitus, -0.08 + jitter[5]),
+            (side * (0.50 + jitter[6]) * habitus, -0.58 + jitter[7]),
+        ]
+        wall = _polyline(path, 0.016) - _polyline(path, 0.010)  # a hollow tube
+        return 10.0 * wall + 0.6 * _polyline(path, 0.003) / 0.006  # and its radio-opaque stripe
+    if device.name == "pacemaker":  # a lead from the generator through the veins to the apex
+        path = [
+            (side * (0.52 + jitter[0]), -0.55 + jitter[1]),
+            (side * 0.22, -0.66 + jitter[2]),
+            (0.02 + jitter[3], -0.42),
+            (-0.04, 0.02 + jitter[4]),
+            (0.16 + jitter[5], 0.36),
+        ]
+        return 0.5 * _polyline(path, 0.005) / 0.010
+    if device.name == "ecg lead":  # a wire from an electrode on the chest out past the shoulder
+        start = (side * (0.58 + jitter[0]) * habitus, -0.62 + jitter[1])
+        path = [start, (side * 0.85 * habitus, -0.85 + jitter[2]), (side * 1.05 * habitus, -1.0)]
+        return 0.4 * _polyline(path, 0.004) / 0.008
+    return np.zeros((_CANVAS, _CANVAS), np.float32)
+
+
+def _polyline(points: list[tuple[float, float]], radius: float) -> np.ndarray:
+    return _draw_tubes([(np.array(a), np.array(b), radius, radius) for a, b in zip(points, points[1:])])
+
+
+def device_attenuation(frame: _Frame, device: DeviceState, habitus: float) -> np.ndarray:
+    """What a device adds to the attenuation map (>= 0): tubes and wires from their canvas, the
+    pacemaker's generator, the ECG electrode's disc and the marker's letter as solid shapes."""
+    u, v = frame.u, frame.v
+    side = 1 if device.side == "left" else -1
+    rng = np.random.default_rng([device.seed, 19])
+    jitter = rng.uniform(-0.03, 0.03, 8)
+    drawn = frame.sample(_device_canvas(device, round(habitus, 4)))
+    if device.name == "pacemaker":
+        a = (u - side * (0.58 + jitter[0])) / 0.09
+        b = (v + 0.55 + jitter[1]) / 0.065
+        drawn = drawn + 1.6 * _smooth_step(1 - np.maximum(np.abs(a), np.abs(b)) ** 4, 0.05)
+    elif device.name == "ecg lead":
+        r = np.hypot(u - side * (0.58 + jitter[0]) * habitus, v + 0.62 + jitter[1])
+        drawn = drawn + 0.25 * _smooth_step(0.045 - r, 0.004) + 1.2 * _smooth_step(0.012 - r, 0.003)
+    elif device.name == "text marker":  # an "L" in the upper corner of the patient's side
+        cu, cv = side * (0.82 + jitter[0]), -0.88 + jitter[1]
+        stem = _smooth_step(0.012 - np.abs(u - cu), 0.003) * _smooth_step(0.06 - np.abs(v - cv), 0.003)
+        foot = _smooth_step(0.012 - np.abs(v - cv - 0.05), 0.003) * _smooth_step(
+            0.035 - np.abs(u - cu - 0.023), 0.003
+        )
+        drawn = drawn + 2.0 * np.maximum(stem, foot)
+    return drawn.astype(np.float32)
+
+
+def device_masks(
+    rows: int, columns: int, anatomy: Anatomy, devices: list[DeviceState], pose: Pose, view: str = "PA"
+) -> dict[str, np.ndarray]:
+    """Each device's mask on the film: where it adds attenuation, grown by the system blur."""
+    frame = _Frame(rows, columns, pose, 1.0 if view == "PA" else 1.04)
+    grow = int(np.ceil(3 * 0.0012 * max(rows, columns))) + 1
+    return {
+        device.name: ndimage.binary_dilation(
+            device_attenuation(frame, device, anatomy.habitus) > 0.01, iterations=grow
+        )
+        for device in devices
+    }
+
+
 def render_attenuation(
-    rows: int, columns: int, anatomy: Anatomy, findings: list[FindingState], pose: Pose, view: str = "PA"
+    rows: int,
+    columns: int,
+    anatomy: Anatomy,
+    findings: list[FindingState],
+    pose: Pose,
+    view: str = "PA",
+    devices: tuple[DeviceState, ...] = (),
 ) -> np.ndarray:
-    """The line-integral attenuation map of a frontal film (float32, >= 0)."""
+    """The line-integral attenuation map of a frontal film (float32, >= 0), with its devices."""
     frame = _Frame(rows, columns, pose, 1.0 if view == "PA" else 1.04)
     u, v = frame.u, frame.v
     air = {side: _lung_air(frame, anatomy, side) for side in (-1, 1)}
@@ -544,6 +649,8 @@ def render_attenuation(
     )
     for finding in names.values():
         attenuation = attenuation + _finding_attenuation(frame, anatomy, finding, air, 8.0 * vessels)
+    for device in devices:
+        attenuation = attenuation + device_attenuation(frame, device, anatomy.habitus)
     return np.clip(attenuation, 0, None).astype(np.float32)
 
 

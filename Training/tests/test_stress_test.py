@@ -1,0 +1,221 @@
+"""``instructx2x-train stress-test`` on two phantoms with a large pneumothorax and a chest drain,
+with the demo model and two toy TorchScript classifiers: one reads only the drain's pixels (a
+shortcut), one reads the pneumothorax's lucent rim. Removing the pneumothorax with the drain kept
+must flag the first and not the second; bad classifiers, edits and film folders are refused
+before any model work, with nothing written."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from instructx2x.errors import ModelLoadError, OutputExistsError, ParameterError
+from instructx2x_train.classifiers import DeviceDraw
+from instructx2x_train.cli import main
+from instructx2x_train.phantom import (
+    DEVICES,
+    Anatomy,
+    DeviceState,
+    FindingState,
+    Pose,
+    device_masks,
+    finding_masks,
+    form_film,
+    render_attenuation,
+)
+from instructx2x_train.stress_test import StressConfig, StressEdit, stress_test
+
+SIZE = 128  # the films, and what the toy classifiers read
+REMOVE = StressEdit("Remove the finding of pneumothorax", keep="chest drain")
+
+
+class RegionReader(torch.nn.Module):
+    """The pneumothorax probability from the mean brightness of a region: ``sign`` +1 calls it
+    when the region is bright (a drain's tube), -1 when dark (the lucent rim of a pneumothorax)."""
+
+    def __init__(self, region: np.ndarray, threshold: float, sign: float, slope: float) -> None:
+        super().__init__()
+        self.register_buffer("region", torch.from_numpy(region.astype(np.float32)))
+        self.threshold = threshold
+        self.sign = sign
+        self.slope = slope
+
+    def forward(self, films: torch.Tensor) -> torch.Tensor:
+        mean = (films[:, 0] * self.region).sum(dim=(1, 2)) / self.region.sum()
+        return torch.sigmoid(self.slope * self.sign * (mean - self.threshold))[:, None]
+
+
+def _save(module: torch.nn.Module, folder, name: str, findings=("pneumothorax",), size=SIZE):
+    path = folder / f"{name}.pt"
+    torch.jit.script(module).save(str(path))
+    (folder / f"{name}.json").write_text(json.dumps({"findings": list(findings), "size": size}))
+    return str(path)
+
+
+def _mean(film: np.ndarray, region: np.ndarray) -> float:
+    return float(film[region].mean())
+
+
+@pytest.fixture(scope="module")
+def films(tmp_path_factory):
+    """Two films of one phantom with a large left pneumothorax and a drain on its side (the
+    drains' courses and the noise differ; films.csv gives them other demographics); each with its drain's
+    mask, its pneumothorax's mask and its film without the pneumothorax (for the toy thresholds)."""
+    root = tmp_path_factory.mktemp("stress") / "films"
+    root.mkdir()
+    truth = []
+    for index in range(2):
+        rng = np.random.default_rng([77, index])
+        anatomy = Anatomy.draw(np.random.default_rng(77), 55, "F", "White")  # one body, two exposures
+        drain = (DeviceState("chest drain", "left", index),)
+        noise = rng.standard_normal((SIZE, SIZE)).astype(np.float32)
+        pneumothorax = [FindingState("pneumothorax", "large", "left", seed=index)]
+        film, without = (
+            form_film(render_attenuation(SIZE, SIZE, anatomy, present, Pose(), devices=drain), noise, 0.15)
+            for present in (pneumothorax, [])
+        )
+        Image.fromarray(np.round(film * 255).astype(np.uint8)).save(root / f"film{index}.png")
+        keep = device_masks(SIZE, SIZE, anatomy, list(drain), Pose())
+        np.savez_compressed(root / f"film{index}.masks.npz", **keep)
+        rim = finding_masks(film, {"pneumothorax": without})["pneumothorax"] & ~keep["chest drain"]
+        truth.append((np.round(film * 255) / 255, np.round(without * 255) / 255, keep["chest drain"], rim))
+    table = (
+        "file,age,sex,race,findings\nfilm0.png,38,F,Asian,pneumothorax\nfilm1.png,71,M,Black,pneumothorax\n"
+    )
+    (root / "films.csv").write_text(table)
+    return root, truth
+
+
+@pytest.fixture(scope="module")
+def toys(films, tmp_path_factory):
+    """The drain reader calls a pneumothorax when the drains' pixels are bright; the rim reader
+    when the pneumothoraces' rims are dark, and calls it gone once a quarter of the way to the
+    film without the pneumothorax. Both call every source film positive."""
+    _, truth = films
+    folder = tmp_path_factory.mktemp("toys")
+    drains = np.logical_and.reduce([drain for _, _, drain, _ in truth])
+    assert drains.sum() >= 10
+    bright = min(_mean(film, drains) for film, *_ in truth)
+    drain = RegionReader(drains, bright - 0.05, 1.0, 100.0)
+    rims = np.logical_or.reduce([rim for *_, rim in truth])
+    dark = [(_mean(film, rims), _mean(without, rims)) for film, without, *_ in truth]
+    threshold = min(lucent + 0.25 * (filled - lucent) for lucent, filled in dark)
+    assert max(lucent for lucent, _ in dark) < threshold
+    rim = RegionReader(rims, threshold, -1.0, 2.2 / (threshold - min(lucent for lucent, _ in dark)))
+    return _save(drain, folder, "drain-reader"), _save(rim, folder, "rim-reader")
+
+
+@pytest.fixture(scope="module")
+def finished(films, toys, tmp_path_factory):
+    output = tmp_path_factory.mktemp("report") / "stress"
+    config = StressConfig(classifiers=toys, films=str(films[0]), edits=(REMOVE,), bootstrap=40, batch_size=2)
+    return output, stress_test(output, config, progress_bar=False)
+
+
+def test_devices_are_drawn_with_their_masks():
+    devices = [DeviceState(name, "left", 3) for name in DEVICES]
+    masks = device_masks(96, 96, Anatomy(), devices, Pose())
+    assert set(masks) == set(DEVICES) and all(mask.any() and mask.mean() < 0.2 for mask in masks.values())
+    drain = np.argwhere(masks["chest drain"])
+    assert drain[:, 1].mean() > 48  # the patient's left is the image's right
+    with pytest.raises(ValueError, match="device must be one of"):
+        DeviceState("stent")
+    rng = np.random.default_rng(0)
+    confounded = DeviceDraw(0.9, 0.05)
+    assert sum("chest drain" in [d.name for d in confounded.draw(rng, [])] for _ in range(400)) < 40
+
+
+def test_the_report_flags_the_drain_reader_and_not_the_lung_reader(finished):
+    output, report = finished
+    assert {p.name for p in output.iterdir()} == {
+        "stress-test.json",
+        "stress-test.md",
+        "stress-test.csv",
+        "rows.csv",
+        "stress-test.png",
+        "stress-test-config.json",
+        "records",
+    }
+    stored = json.loads((output / "stress-test.json").read_text(), parse_constant=pytest.fail)  # strict JSON
+    assert (
+        stored["seed"] == 0
+        and stored["rows"] == 2
+        and set(stored["classifiers"])
+        == {
+            "drain-reader",
+            "rim-reader",
+        }
+    )
+    verdicts = {v["classifier"]: v for v in report["verdicts"]}
+    assert verdicts["drain-reader"]["verdict"] == "shortcut suspected"
+    assert verdicts["drain-reader"]["still_positive"] == 1.0
+    assert verdicts["drain-reader"]["mean_shift"] == pytest.approx(0.0, abs=1e-6)  # the drain kept as it was
+    assert verdicts["rim-reader"]["verdict"] == "reads the finding", verdicts["rim-reader"]
+    table = pd.read_csv(output / "stress-test.csv")
+    assert {"mean_shift_low", "mean_shift_high", "flip_rate_low", "still_positive_high"} <= set(table.columns)
+    assert "all" in set(table.subgroup) and any(group.startswith("age ") for group in table.subgroup)
+    assert len(pd.read_csv(output / "rows.csv")) == 4  # 2 films x 2 classifiers
+    assert "shortcut suspected" in (output / "stress-test.md").read_text()
+
+
+def test_an_interrupted_run_resumes_and_a_finished_one_is_kept(films, toys, finished, tmp_path):
+    output, report = finished
+    config = StressConfig(classifiers=toys, films=str(films[0]), edits=(REMOVE,), bootstrap=40, batch_size=2)
+    with pytest.raises(OutputExistsError, match="not an unfinished stress test"):
+        stress_test(output, config, progress_bar=False)
+    copy = tmp_path / "resume"
+    copy.mkdir()
+    (copy / "records").mkdir()
+    lines = (output / "records" / "rows.rank0.jsonl").read_text().splitlines()
+    (copy / "records" / "rows.rank0.jsonl").write_text(lines[0] + '\n{"row": 1, "cut')
+    (copy / "stress-test-config.json").write_text((output / "stress-test-config.json").read_text())
+    (copy / "INCOMPLETE").write_text("")
+    resumed = stress_test(copy, config, progress_bar=False)
+    assert resumed["resumed"] is True and len(resumed["verdicts"]) == 2
+    for again, first in zip(resumed["verdicts"], report["verdicts"]):  # row 1 alone, not in a batch
+        assert again["verdict"] == first["verdict"] and again["still_positive"] == first["still_positive"]
+        assert again["mean_shift"] == pytest.approx(first["mean_shift"], abs=1e-3)
+    assert len((copy / "records" / "rows.rank0.jsonl").read_text().splitlines()) == 3  # row 1 once more
+
+
+def test_bad_input_is_refused_before_any_model_work(films, toys, tmp_path):
+    def refused(error, match, **settings):
+        config = {"classifiers": toys, "films": str(films[0]), "edits": (REMOVE,), **settings}
+        with pytest.raises(error, match=match):
+            stress_test(tmp_path / "out", StressConfig(**config), progress_bar=False)
+        assert not (tmp_path / "out").exists()
+
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a module")
+    (tmp_path / "broken.json").write_text(json.dumps({"findings": ["pneumothorax"], "size": SIZE}))
+    refused(ModelLoadError, "does not load as a TorchScript module", classifiers=(str(broken),))
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    module = RegionReader(np.ones((SIZE, SIZE), bool), 0.5, 1.0, 1.0)
+    torch.jit.script(module).save(str(lonely / "toy.pt"))
+    refused(ModelLoadError, "toy.json is missing", classifiers=(str(lonely / "toy.pt"),))
+    wrong = _save(module, tmp_path, "two", findings=("pneumothorax", "edema"))
+    refused(ModelLoadError, r"wrong interface.*\(2, 2\) probabilities", classifiers=(wrong,))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused(ParameterError, "no films in folder empty", films=str(empty))
+    refused(
+        ParameterError,
+        "applies to no film",
+        edits=(StressEdit("Remove the finding of edema", keep="pacemaker"),),
+    )
+    with pytest.raises(ParameterError, match="exactly one finding"):
+        StressEdit("Make it look better")
+
+
+def test_the_command_line_refuses_a_broken_classifier(films, tmp_path, capsys):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a module")
+    (tmp_path / "broken.json").write_text(json.dumps({"findings": ["pneumothorax"], "size": SIZE}))
+    argv = ["stress-test", str(tmp_path / "out"), "--films", str(films[0]), "--classifier", str(broken)]
+    assert main(argv) != 0
+    assert "broken.pt does not load as a TorchScript module" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
