@@ -43,6 +43,8 @@ class RegionReader(torch.nn.Module):
         self.sign = sign
         self.slope = slope
 
+    region: torch.Tensor
+
     def forward(self, films: torch.Tensor) -> torch.Tensor:
         mean = (films[:, 0] * self.region).sum(dim=(1, 2)) / self.region.sum()
         return torch.sigmoid(self.slope * self.sign * (mean - self.threshold))[:, None]
@@ -79,7 +81,7 @@ def films(tmp_path_factory):
         )
         Image.fromarray(np.round(film * 255).astype(np.uint8)).save(root / f"film{index}.png")
         keep = device_masks(SIZE, SIZE, anatomy, list(drain), Pose())
-        np.savez_compressed(root / f"film{index}.masks.npz", **keep)
+        np.savez_compressed(root / f"film{index}.masks.npz", **keep)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
         rim = finding_masks(film, {"pneumothorax": without})["pneumothorax"] & ~keep["chest drain"]
         truth.append((np.round(film * 255) / 255, np.round(without * 255) / 255, keep["chest drain"], rim))
     table = (

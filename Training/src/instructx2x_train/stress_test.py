@@ -323,6 +323,7 @@ def load_films(folder: str | None, dataset: str | None, split: str) -> list[Film
         films = [Film(path, _masked_findings(path)) for path in paths]
         where = f"split {split} of {Path(dataset).name}"
     else:
+        assert folder is not None  # one of the two, checked above
         root = Path(folder)
         if not root.is_dir():
             raise ParameterError(f"films folder {root} does not exist.")
@@ -478,7 +479,9 @@ def stress_test(output: str | Path, config: StressConfig, progress_bar: bool = T
             ]
             results = editor.edit_batch(images, parameters, keep_masks=keeps)
             before = {reader.name: reader.read([image.pixels for image in images]) for reader in readers}
-            after = {reader.name: reader.read([result.edited for result in results]) for reader in readers}
+            after = {
+                reader.name: reader.read([result.edited_image() for result in results]) for reader in readers
+            }
             for position, (row, result) in enumerate(zip(batch, results)):
                 record = {
                     "row": row,
@@ -551,8 +554,12 @@ def _assemble(output, films, edits, plan, readers, editor, config, resumed, seco
                     if config.bootstrap:
                         with warnings.catch_warnings():  # no source positive: still_positive is NaN
                             warnings.simplefilter("ignore", RuntimeWarning)
+
+                            def figures(index: np.ndarray, b=b, a=a, d=direction) -> dict:
+                                return _figures(b[index], a[index], d)
+
                             intervals = metrics.bootstrap_intervals(
-                                lambda index, b=b, a=a, d=direction: _figures(b[index], a[index], d),
+                                figures,
                                 len(members),
                                 resamples=config.bootstrap,
                                 seed=config.seed,
