@@ -15,7 +15,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, cast
 
 import qt
 import slicer
@@ -122,14 +122,16 @@ class InstructX2XParameterNode:
 class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The panel: binds widgets to the parameter node and drives the Logic from a timer."""
 
+    # made by setup() (cleanup() stops them only where setup() got that far)
+    logic: InstructX2XLogic
+    timer: qt.QTimer
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
+        self._parameterNode: InstructX2XParameterNode | None = None
         self._parameterNodeGuiTag = None
         self._observedSegmentation = None
-        self.timer = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -198,10 +200,10 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         worker."""
         self._releaseEditor()
         self.removeObservers()
-        if self.timer is not None:
+        if hasattr(self, "timer"):
             self.timer.stop()
         self.setParameterNode(None)
-        if self.logic is not None:
+        if hasattr(self, "logic"):
             self.logic.stopWorker()
 
     def enter(self) -> None:
@@ -405,6 +407,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onExport(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Export failed."), waitCursor=True):
+            assert self._parameterNode is not None, "enter() binds the parameter node"
             self.ui.statusLabel.text = self.logic.exportToDicom(self._parameterNode.pacsTarget)
 
     def showResults(self) -> None:
@@ -421,6 +424,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         folder = qt.QFileDialog.getExistingDirectory(None, _("Model folder"))
         if folder:
             with slicer.util.tryWithErrorDisplay(_("The model could not be installed."), waitCursor=True):
+                assert self._parameterNode is not None, "enter() binds the parameter node"
                 self._parameterNode.model, digest = self.logic.installModel(folder)
                 self.ui.statusLabel.text = _("Model installed; folder SHA-256 {digest}").format(digest=digest)
 
@@ -466,6 +470,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         folder = qt.QFileDialog.getExistingDirectory(None, _("Saved edit folder"))
         if folder:
             with slicer.util.tryWithErrorDisplay(_("The saved edit could not be opened."), waitCursor=True):
+                assert self._parameterNode is not None, "enter() binds the parameter node"
                 self.ui.statusLabel.text = self.logic.openSavedEdit(
                     folder, self._parameterNode.overlayOpacity
                 )
@@ -529,7 +534,8 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
         self.session: EditSession | None = None
 
     def getParameterNode(self):
-        return InstructX2XParameterNode(super().getParameterNode())
+        # parameterNodeWrapper gives the class its __init__(parameterNode); Slicer has no type information
+        return cast(Any, InstructX2XParameterNode)(super().getParameterNode())
 
     # -- instruction ----------------------------------------------------------------------
     @staticmethod
@@ -622,6 +628,7 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
     def rethreshold(self, tau: float) -> None:
         """Re-cut the preview at ``tau`` now, or when the worker is next idle (the last value
         asked for while it is busy)."""
+        assert self.session is not None, "a preview to re-cut comes from a session"
         self.session.request_rethreshold(tau)
 
     def poll(self) -> list[dict]:
@@ -680,6 +687,7 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
             folder, database, lambda path: DICOMUtils.importDicom(path, database, copyFiles=True)
         )
         message = _("Imported into the DICOM database, same study, marked SYNTHETIC.")
+        assert self.session is not None, "a result to export comes from a session"
         if pacsTarget.strip() and self.session.uses_shared_worker:
             # the push runs from the worker's package set, which a shared worker's panel never installs
             message += " " + _(
@@ -713,6 +721,7 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
         them; returns what was opened."""
         nodes = mrml.import_saved_edit(slicer.mrmlScene, Path(folder))
         layers = mrml.result_layers(nodes, None, opacity=opacity)
+        assert layers is not None, "a saved edit has at least one part (read_saved_edit)"
         # a preview's folder has no counterfactual: the background stays ("keep-current")
         slicer.util.setSliceViewerLayers(
             background=layers.background if layers.background is not None else "keep-current",
@@ -860,7 +869,7 @@ def ensureDependencies() -> None:
         raise RuntimeError(problem)
     moduleDir = Path(__file__).resolve().parent
     optedIn = slicer.app.commandOptions().testingEnabled and os.environ.get(SELFTEST_INSTALL) == "1"
-    dialogs = []
+    dialogs: list[qt.QProgressDialog] = []
 
     def report(stage: str) -> None:
         if not dialogs:
@@ -1008,11 +1017,11 @@ def _writeTestRadiograph(path: Path) -> None:
     import numpy as np
     import pydicom
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
     ds = pydicom.Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.1.1")
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID, ds.SOPInstanceUID = (

@@ -15,9 +15,16 @@ from orthanc import OrthancServer
 PASSWORD = "s3cret-cohort-pw"
 
 
+class CohortOrthanc(OrthancServer):
+    """The Orthanc the cohort is stored in; ``cr`` is its radiograph."""
+
+    cr: pydicom.Dataset
+
+
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
-    server = OrthancServer(tmp_path_factory.mktemp("orthanc"), users={"radiology": PASSWORD}).start()
+    server = CohortOrthanc(tmp_path_factory.mktemp("orthanc"), users={"radiology": PASSWORD})
+    server.start()
     if not server.has_dicomweb:
         server.stop()
         pytest.skip("Orthanc's DICOMweb plugin (Debian package orthanc-dicomweb) is not installed")

@@ -42,13 +42,21 @@ class Peer:
     def send(self, request: dict) -> None:
         self.socket.sendall((json.dumps(request) + "\n").encode())
 
-    def event(self) -> dict | None:
+    def event_or_end(self) -> dict | None:
+        """The next event, or None when the worker has closed the connection."""
         line = self.reader.readline()
         return json.loads(line) if line else None
 
+    def event(self) -> dict:
+        """The next event; the worker must not have closed the connection."""
+        event = self.event_or_end()
+        assert event is not None, "the worker closed the connection"
+        return event
+
     def until(self, request_id: str, within: float = 30) -> list[dict]:
         """Events until ``request_id`` ends, which must happen ``within`` seconds."""
-        events, deadline = [], time.monotonic() + within
+        events: list[dict] = []
+        deadline = time.monotonic() + within
         while (
             not events
             or events[-1].get("id") != request_id
@@ -56,7 +64,7 @@ class Peer:
         ):
             self.socket.settimeout(max(deadline - time.monotonic(), 0.01))
             try:
-                event = self.event()
+                event = self.event_or_end()
             except TimeoutError:
                 raise AssertionError(f"{request_id} did not end within {within} s: {events}") from None
             assert event is not None, f"the worker closed the connection: {events}"
@@ -189,7 +197,7 @@ def test_a_client_that_goes_mid_job_has_it_cancelled_and_nothing_written(worker,
         elif leave == "not utf-8":
             leaving.socket.sendall(b'{"type": "cancel", "id": "\xff"}\n')
             events = []
-            while (event := leaving.event()) is not None:
+            while (event := leaving.event_or_end()) is not None:
                 events.append(event)
             assert events[-1]["event"] == "error" and "not UTF-8" in events[-1]["message"], events
         else:
@@ -272,7 +280,7 @@ def test_clients_that_reset_give_their_slots_back(worker):
 
 def _fill(path) -> tuple[list[Peer], Peer | None, dict | None]:
     """Connect until one is refused (or one more than the limit is in)."""
-    peers = []
+    peers: list[Peer] = []
     for _ in range(MAX_CLIENTS + 1):
         peer = Peer(path)
         event = peer.event()
@@ -283,16 +291,20 @@ def _fill(path) -> tuple[list[Peer], Peer | None, dict | None]:
 
 
 def test_one_client_over_the_cap_hears_the_limit_and_is_closed(worker):
-    peers, refused, event = [], None, None
+    peers: list[Peer] = []
+    refused: Peer | None = None
+    event: dict | None = None
     try:
         for _attempt in range(20):  # clients of the tests before may still be leaving
             peers, refused, event = _fill(worker.path)
             if len(peers) >= MAX_CLIENTS:
                 break
+            assert refused is not None  # short of the limit: one was refused
             for peer in peers + [refused]:
                 peer.close()
             time.sleep(0.25)
         assert len(peers) == MAX_CLIENTS == 16 and refused is not None
+        assert event is not None
         assert event["event"] == "error" and event["kind"] == "ResourceError"
         assert "at most 16 clients" in event["message"]
         assert refused.closed()
@@ -307,7 +319,7 @@ def test_one_client_over_the_cap_hears_the_limit_and_is_closed(worker):
             assert time.monotonic() < deadline, "no slot freed within 10 s"
             time.sleep(0.1)
     finally:
-        for peer in peers + ([refused] if refused else []):
+        for peer in peers + ([refused] if refused is not None else []):
             peer.close()
 
 
@@ -399,7 +411,7 @@ def test_the_client_refuses_a_done_outside_the_folder_it_asked_for(tmp_path):
             request_id = client.submit("rethreshold", preview="1", tau=0.3, output=str(asked))
             events = poll_until(client, lambda e: client.state is WorkerState.READY, timeout=10)
             assert events[-1]["event"] == "error" and events[-1]["id"] == request_id
-            assert "outside the output folder" in client.last_error
+            assert client.last_error is not None and "outside the output folder" in client.last_error
         request_id = client.submit("rethreshold", preview="1", tau=0.3, output=str(asked))
         events = poll_until(client, lambda e: client.state is WorkerState.READY, timeout=10)
         assert events[-1] == {**events[-1], "id": request_id, "event": "done", "output": str(asked)}
@@ -429,7 +441,7 @@ def test_the_client_refuses_a_worker_of_another_user(tmp_path):
         text=True,
     )
     try:
-        assert process.stdout.readline() == "listening\n"
+        assert process.stdout is not None and process.stdout.readline() == "listening\n"
         client = WorkerClient("the worker's", socket_path=str(tmp_path / "foreign.sock"))
         with pytest.raises(WorkerError, match=f"runs as another user \\(uid {NOBODY}"):
             client.start()
@@ -519,7 +531,7 @@ def test_a_transferred_job_runs_on_the_uploaded_film_and_sends_its_results_back(
     events = peer.until("p", within=120)
     done = events[-1]
     assert done["event"] == "done" and done["output"] == ""
-    sent = {}
+    sent: dict[str, bytes] = {}
     for event in events:
         if event["event"] == "file":
             assert event["offset"] == len(sent.get(event["name"], b""))

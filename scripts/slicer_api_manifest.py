@@ -170,7 +170,7 @@ def signature(function: ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda) -> 
 
 def _own_nodes(function: ast.FunctionDef | ast.AsyncFunctionDef):
     """The nodes of a function's body, those of functions defined inside it left out."""
-    pending = list(function.body)
+    pending: list[ast.AST] = list(function.body)
     while pending:
         node = pending.pop()
         yield node
@@ -301,7 +301,11 @@ def module_all(source: str) -> list[str] | None:
         if isinstance(statement, ast.Assign) and any(
             isinstance(t, ast.Name) and t.id == "__all__" for t in statement.targets
         ):
-            return [element.value for element in statement.value.elts]
+            value = statement.value
+            if not isinstance(value, (ast.List, ast.Tuple)):
+                return None
+            names = [e.value for e in value.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+            return names if len(names) == len(value.elts) else None
     return None
 
 
@@ -350,14 +354,14 @@ def _dataclass_init(source: str, name: str) -> dict:
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ClassDef) and node.name == name:
             fields = [
-                item
+                (item.target, item.value)
                 for item in node.body
                 if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
             ]
             params = [{"name": "self", "kind": "positional_or_keyword", "default": False}]
             params += [
-                {"name": f.target.id, "kind": "positional_or_keyword", "default": f.value is not None}
-                for f in fields
+                {"name": target.id, "kind": "positional_or_keyword", "default": value is not None}
+                for target, value in fields
             ]
             return {"params": params, "decorators": []}
     raise ManifestError(f"class {name} not found")
@@ -641,7 +645,9 @@ def parse_header(text: str, class_name: str) -> dict:
     # drop macros with arguments and function bodies, then read the access sections
     cleaned = _drop_calls(body, r"Q_[A-Z_]+|QVTK_OBJECT|CTK_[A-Z_]+")
     cleaned = _drop_bodies(re.sub(r"\b(?:Q_OBJECT|QVTK_OBJECT|Q_GADGET)\b", " ", cleaned))
-    signals, slots, invokables = set(), set(), set()
+    signals: set[str] = set()
+    slots: set[str] = set()
+    invokables: set[str] = set()
     returns: dict[str, set[str | None]] = {}
     for section, piece in _sections(cleaned):
         for statement in piece.split(";"):
@@ -685,7 +691,8 @@ def parse_vtk_header(text: str, class_name: str) -> dict:
 
     body = re.sub(r"\benum\s*(?:class\s+)?\w*\s*(?::\s*[\w:]+\s*)?\{([^{}]*)\}", keep_enum, body)
     body = _drop_bodies(body)
-    methods, constants = set(), set()
+    methods: set[str] = set()
+    constants: set[str] = set()
     returns: dict[str, set[str | None]] = {}
     for section, piece in _sections(body):
         if section != "public":
@@ -747,7 +754,7 @@ def decorated_methods(text: str) -> dict[str, list[str]]:
 
 def ui_classes(ui_file: Path) -> set[str]:
     """The widget classes a .ui file instantiates (the top-level one included)."""
-    return {widget.get("class") for widget in ElementTree.parse(ui_file).iter("widget")}
+    return {widget.attrib["class"] for widget in ElementTree.parse(ui_file).iter("widget")}
 
 
 def header_classes(trees: list[Tree], names: set[str], parse) -> dict:
@@ -781,7 +788,10 @@ def decorators(trees: list[Tree]) -> dict[str, list[str]]:
     for _, git_dir, revision, headers in trees:
         for name, path in sorted(headers.items()):
             if name.endswith("PythonQtDecorators.h"):
-                for class_name, methods in decorated_methods(show(git_dir, revision, path)).items():
+                source = show(git_dir, revision, path)
+                if source is None:
+                    raise ManifestError(f"{revision}: {path} is listed but missing")
+                for class_name, methods in decorated_methods(source).items():
                     added.setdefault(class_name, set()).update(methods)
     return {name: sorted(methods) for name, methods in sorted(added.items())}
 

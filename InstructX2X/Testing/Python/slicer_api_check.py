@@ -187,24 +187,31 @@ class Api:
             name = facts["base"]
         return chain
 
+    def known_chain(self, class_name: str) -> list[tuple[str, dict, bool]]:
+        """``chain`` of a class the manifest and Qt list know to QObject (callers check that first)."""
+        chain = self.chain(class_name)
+        if chain is None:
+            raise KeyError(f"{class_name} is in neither the manifest nor the Qt list")
+        return chain
+
     def properties(self, class_name: str) -> dict:
         found = {}
-        for _, facts, _ in reversed(self.chain(class_name)):
+        for _, facts, _ in reversed(self.known_chain(class_name)):
             found.update(facts["properties"])
         return found
 
     def signals(self, class_name: str) -> set[str]:
-        return {s for _, facts, _ in self.chain(class_name) for s in facts["signals"]}
+        return {s for _, facts, _ in self.known_chain(class_name) for s in facts["signals"]}
 
     def slots(self, class_name: str) -> set[str]:
-        return {s for _, facts, _ in self.chain(class_name) for s in facts["slots"]}
+        return {s for _, facts, _ in self.known_chain(class_name) for s in facts["slots"]}
 
     def callables(self, class_name: str) -> set[str]:
         """Names callable from Python: slots, invokables and the methods PythonQt decorators
         add, and on Qt classes the listed public functions and the setters of writable
         properties."""
         names = set()
-        for name, facts, is_qt in self.chain(class_name):
+        for name, facts, is_qt in self.known_chain(class_name):
             names |= {s.split("(")[0] for s in [*facts["slots"], *facts.get("invokables", [])]}
             names |= set(self.manifest["decorators"].get(name, []))
             if is_qt:
@@ -243,10 +250,12 @@ class Api:
         return chain
 
     def vtk_members(self, class_name: str) -> set[str]:
-        """Public methods (macro-made ones included) and enum values of a VTK class and its bases."""
-        return {
-            m for _, facts, _ in self.vtk_chain(class_name) for m in [*facts["methods"], *facts["constants"]]
-        }
+        """Public methods (macro-made ones included) and enum values of a VTK class and its bases
+        (one known to vtkObjectBase: callers check that first)."""
+        chain = self.vtk_chain(class_name)
+        if chain is None:
+            raise KeyError(f"{class_name} is not known to vtkObjectBase")
+        return {m for _, facts, _ in chain for m in [*facts["methods"], *facts["constants"]]}
 
     def connectors(self) -> list[dict]:
         return self.manifest["parameterNodeWrapper"]["connectors"]
@@ -335,13 +344,15 @@ def split_module(name: str) -> tuple[str, str] | None:
 class SourceChecker:
     """Every problem of one module source against one release."""
 
-    def __init__(self, source: str, ui: ElementTree.ElementTree, api: Api) -> None:
+    def __init__(self, source: str, ui: ElementTree.ElementTree[ElementTree.Element], api: Api) -> None:
         self.tree = ast.parse(source)
         self.api = api
         self.aliases = _aliases(self.tree)
         self.parents = _parents(self.tree)
-        self.widgets = {w.get("name"): w.get("class") for w in ui.iter("widget")}
-        self.root_class = ui.getroot().find("widget").get("class")
+        self.widgets = {w.attrib["name"]: w.attrib["class"] for w in ui.iter("widget")}
+        root = ui.getroot().find("widget")
+        assert root is not None, "a .ui file holds its top-level widget"
+        self.root_class = root.attrib["class"]
         self.problems: list[str] = []
 
     def report(self, node: ast.AST, message: str) -> None:
@@ -364,6 +375,7 @@ class SourceChecker:
             and test.func.id == "hasattr"
             and len(test.args) == 2
             and isinstance(test.args[1], ast.Constant)
+            and isinstance(test.args[1].value, str)
         ):
             base = dotted(test.args[0], self.aliases)
             if base is not None:
@@ -503,7 +515,11 @@ class SourceChecker:
         (``slicer.util.createProgressDialog``) ignores a keyword that is none: each must be a
         writable property of that class."""
         class_name = signature.get("returns")
-        if not signature.get("kwargs_set_as_properties") or self.api.kind(class_name) != "qt":
+        if (
+            not signature.get("kwargs_set_as_properties")
+            or class_name is None
+            or self.api.kind(class_name) != "qt"
+        ):
             return
         named = {p["name"] for p in signature["params"] if p["kind"] != "var_keyword"}
         properties = self.api.properties(class_name)
@@ -702,7 +718,8 @@ class SourceChecker:
                         and all(isinstance(t, ast.Name) for t in target.elts)
                     ):
                         for element, value in zip(target.elts, node.value.elts):
-                            bindings.setdefault(element.id, []).append(("value", value))
+                            if isinstance(element, ast.Name):  # each is (checked above)
+                                bindings.setdefault(element.id, []).append(("value", value))
                     else:
                         unknown(target)
             elif isinstance(node, (ast.For, ast.AsyncFor, ast.comprehension)):
@@ -974,6 +991,7 @@ def parameter_types(source: str, class_name: str) -> dict[str, tuple[str, list[s
             continue
         annotation, extras = item.annotation, []
         if isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value).endswith("Annotated"):
+            assert isinstance(annotation.slice, ast.Tuple)  # Annotated[type, extra, ...]
             elements = annotation.slice.elts
             annotation = elements[0]
             extras = [ast.unparse(e).split("(")[0].rsplit(".", 1)[-1] for e in elements[1:]]
@@ -982,12 +1000,22 @@ def parameter_types(source: str, class_name: str) -> dict[str, tuple[str, list[s
     return fields
 
 
-def check_ui(ui: ElementTree.ElementTree, api: Api, fields: dict[str, tuple[str, list[str]]]) -> list[str]:
+def text(element: ElementTree.Element, path: str) -> str:
+    """The text of ``element``'s child at ``path``, which a .ui file has there."""
+    child = element.find(path)
+    if child is None or child.text is None:
+        raise ValueError(f"a <{element.tag}> without <{path}> text")
+    return child.text
+
+
+def check_ui(
+    ui: ElementTree.ElementTree[ElementTree.Element], api: Api, fields: dict[str, tuple[str, list[str]]]
+) -> list[str]:
     """Properties, designer connections and parameter bindings of the .ui in one release."""
     problems = []
-    widgets = {w.get("name"): w.get("class") for w in ui.iter("widget")}
+    widgets = {w.attrib["name"]: w.attrib["class"] for w in ui.iter("widget")}
     for widget in ui.iter("widget"):
-        name, class_name = widget.get("name"), widget.get("class")
+        name, class_name = widget.attrib["name"], widget.attrib["class"]
         if api.chain(class_name) is None:
             problems.append(
                 f"{api.tag}: {name}: widget class {class_name} is in neither the manifest nor the Qt list"
@@ -1003,9 +1031,7 @@ def check_ui(ui: ElementTree.ElementTree, api: Api, fields: dict[str, tuple[str,
                     f"{api.tag}: {name}: {class_name} has no writable property {prop.get('name')}"
                 )
         bound = [
-            p.find("string").text
-            for p in widget.findall("property")
-            if p.get("name") == "SlicerParameterName"
+            text(p, "string") for p in widget.findall("property") if p.get("name") == "SlicerParameterName"
         ]
         for parameter in bound:
             problems += _check_binding(api, name, class_name, parameter, fields)
@@ -1014,9 +1040,9 @@ def check_ui(ui: ElementTree.ElementTree, api: Api, fields: dict[str, tuple[str,
             if prop.get("name") not in api.spacer_properties:
                 problems.append(f"{api.tag}: spacer {spacer.get('name')}: no property {prop.get('name')}")
     for connection in ui.iter("connection"):
-        sender, receiver = connection.find("sender").text, connection.find("receiver").text
-        signal = normalize_signature(connection.find("signal").text)
-        slot = normalize_signature(connection.find("slot").text)
+        sender, receiver = text(connection, "sender"), text(connection, "receiver")
+        signal = normalize_signature(text(connection, "signal"))
+        slot = normalize_signature(text(connection, "slot"))
         if signal not in api.signals(widgets[sender]):
             problems.append(f"{api.tag}: connection: {widgets[sender]} has no signal {signal}")
         if slot not in api.slots(widgets[receiver]):
@@ -1042,7 +1068,9 @@ def _check_binding(api: Api, widget: str, class_name: str, parameter: str, field
     return [f"{api.tag}: {widget}: no GUI connector binds a {class_name} to {python_type} ({parameter})"]
 
 
-def check(source: str, ui: ElementTree.ElementTree, api: Api, parameter_class: str) -> list[str]:
+def check(
+    source: str, ui: ElementTree.ElementTree[ElementTree.Element], api: Api, parameter_class: str
+) -> list[str]:
     """Every problem of the module's source and .ui in one release."""
     return [
         *SourceChecker(source, ui, api).run(),

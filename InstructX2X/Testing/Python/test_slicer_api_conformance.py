@@ -5,11 +5,14 @@ sources by ``scripts/slicer_api_manifest.py``; ``slicer_api_check`` reads the mo
 ``ast`` and its .ui with ``xml.etree`` and lists what a release lacks.
 """
 
+from __future__ import annotations
+
 import ast
 import importlib.util
 import json
 import os
 import re
+import types
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
@@ -26,7 +29,7 @@ def source() -> str:
     return MODULE.read_text()
 
 
-def ui(text: str | None = None) -> ElementTree.ElementTree:
+def ui(text: str | None = None) -> ElementTree.ElementTree[ElementTree.Element]:
     if text is None:
         return ElementTree.parse(UI_FILE)
     return ElementTree.ElementTree(ElementTree.fromstring(text))
@@ -38,15 +41,10 @@ def apis() -> dict:
 
 
 def test_a_manifest_for_each_supported_release_read_at_that_release():
-    spec = importlib.util.spec_from_file_location(
-        "slicer_api_manifest", ROOT / "scripts" / "slicer_api_manifest.py"
-    )
-    generator = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generator)
-    assert generator.SUPPORTED_TAGS == conformance.SUPPORTED_TAGS
+    assert generator().SUPPORTED_TAGS == conformance.SUPPORTED_TAGS
     on_disk = sorted(p.name for p in conformance.API_DIR.glob("slicer-*.json"))
     assert on_disk == sorted(f"slicer-{tag}.json" for tag in conformance.SUPPORTED_TAGS)
-    ui_classes = {w.get("class") for w in ui().iter("widget")}
+    ui_classes = {w.attrib["class"] for w in ui().iter("widget")}
     for tag in conformance.SUPPORTED_TAGS:
         manifest = json.loads((conformance.API_DIR / f"slicer-{tag}.json").read_text())
         assert manifest["slicer"]["tag"] == tag and len(manifest["slicer"]["commit"]) == 40
@@ -401,10 +399,12 @@ def test_slicer_packaging_counts_only_where_the_release_has_it(apis):
 # -- the manifest script's readers -------------------------------------------------------------
 
 
-def generator():
+def generator() -> types.ModuleType:
+    """scripts/slicer_api_manifest.py, loaded as a module."""
     spec = importlib.util.spec_from_file_location(
         "slicer_api_manifest", ROOT / "scripts" / "slicer_api_manifest.py"
     )
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -519,7 +519,7 @@ def test_a_python_function_returning_a_qt_object_it_made_is_described_so():
 
 
 GIT_DIRS = {
-    name: os.environ.get(f"INSTRUCTX2X_{name.upper()}_GIT") for name in ("slicer", "ctk", "slicerpytorch")
+    name: os.environ.get(f"INSTRUCTX2X_{name.upper()}_GIT", "") for name in ("slicer", "ctk", "slicerpytorch")
 }
 
 

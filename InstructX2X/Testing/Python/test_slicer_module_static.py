@@ -11,7 +11,21 @@ UI = ElementTree.parse(MODULE / "Resources" / "UI" / "InstructX2X.ui")
 
 
 def widgets() -> dict[str, str]:
-    return {w.get("name"): w.get("class") for w in UI.iter("widget")}
+    return {w.attrib["name"]: w.attrib["class"] for w in UI.iter("widget")}
+
+
+def text(element: ElementTree.Element, path: str) -> str:
+    """The text of ``element``'s child at ``path``, which must be there."""
+    child = element.find(path)
+    assert child is not None and child.text is not None, path
+    return child.text
+
+
+def cmake_value(cmake: str, pattern: str) -> str:
+    """The first group of ``pattern``, which must match in ``cmake``."""
+    match = re.search(pattern, cmake)
+    assert match, pattern
+    return match.group(1)
 
 
 def test_every_widget_the_code_touches_exists_in_the_ui():
@@ -21,7 +35,7 @@ def test_every_widget_the_code_touches_exists_in_the_ui():
 
 def test_every_slicer_parameter_name_is_a_parameter_node_field():
     bound = {
-        prop.find("string").text
+        text(prop, "string")
         for widget in UI.iter("widget")
         for prop in widget.findall("property")
         if prop.get("name") == "SlicerParameterName"
@@ -32,7 +46,11 @@ def test_every_slicer_parameter_name_is_a_parameter_node_field():
         for node in tree.body
         if isinstance(node, ast.ClassDef) and node.name == "InstructX2XParameterNode"
     )
-    fields = {item.target.id for item in wrapper.body if isinstance(item, ast.AnnAssign)}
+    fields = {
+        item.target.id
+        for item in wrapper.body
+        if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
+    }
     assert bound and bound <= fields, sorted(bound - fields)
     assert fields - bound == set(), "every setting has a widget"
 
@@ -79,6 +97,7 @@ def top_level_imports(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             names |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            assert node.module is not None  # an absolute import names its module
             names.add(node.module.split(".")[0])
     return names
 
@@ -93,7 +112,7 @@ def test_importing_the_module_loads_neither_torch_nor_the_library():
 
 def test_ui_file_is_a_slicer_module_panel():
     root = UI.getroot()
-    assert root.find("class").text == "InstructX2X"
+    assert text(root, "class") == "InstructX2X"
     kinds = widgets()
     assert kinds["segmentEditorWidget"] == "qMRMLSegmentEditorWidget"
     assert kinds["inputSelector"] == "qMRMLNodeComboBox" and kinds["tauSlider"] == "ctkSliderWidget"
@@ -122,20 +141,20 @@ def test_the_extension_screenshots_and_contributors_are_as_the_extensions_index_
     """Slicer's extension index shows EXTENSION_SCREENSHOTURLS (space-separated) and lists
     EXTENSION_CONTRIBUTORS as "Name (Affiliation)", comma-separated."""
     top = (MODULE.parent / "CMakeLists.txt").read_text()
-    homepage = re.search(r'EXTENSION_HOMEPAGE "https://github.com/([^/"]+/[^/"]+)"', top).group(1)
-    urls = re.search(r'EXTENSION_SCREENSHOTURLS "([^"]*)"', top).group(1).split()
+    homepage = cmake_value(top, r'EXTENSION_HOMEPAGE "https://github.com/([^/"]+/[^/"]+)"')
+    urls = cmake_value(top, r'EXTENSION_SCREENSHOTURLS "([^"]*)"').split()
     assert urls
     for url in urls:
         match = re.fullmatch(r"https://raw\.githubusercontent\.com/([^/]+/[^/]+)/main/(.+\.png)", url)
         assert match and match.group(1) == homepage and (MODULE.parent / match.group(2)).is_file(), url
-    contributors = re.search(r'EXTENSION_CONTRIBUTORS "([^"]+)"', top).group(1)
+    contributors = cmake_value(top, r'EXTENSION_CONTRIBUTORS "([^"]+)"')
     assert all(re.fullmatch(r"[^(),]+ \([^()]+\)", name.strip()) for name in contributors.split(","))
 
 
 def test_the_extension_icon_url_names_the_modules_icon_in_this_repository():
     top = (MODULE.parent / "CMakeLists.txt").read_text()
-    homepage = re.search(r'EXTENSION_HOMEPAGE "https://github.com/([^/"]+/[^/"]+)"', top).group(1)
-    url = re.search(r'EXTENSION_ICONURL "([^"]+)"', top).group(1)
+    homepage = cmake_value(top, r'EXTENSION_HOMEPAGE "https://github.com/([^/"]+/[^/"]+)"')
+    url = cmake_value(top, r'EXTENSION_ICONURL "([^"]+)"')
     match = re.fullmatch(r"https://raw\.githubusercontent\.com/([^/]+/[^/]+)/main/(.+\.png)", url)
     assert match and match.group(1) == homepage, url
     assert (MODULE.parent / match.group(2)).is_file(), match.group(2)

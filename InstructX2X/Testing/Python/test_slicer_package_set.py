@@ -102,6 +102,7 @@ def test_slicer_constraints_hold_the_tag_s_pins():
 def test_supported_slicer_versions():
     assert packages.unsupported_slicer(5, 10) is None and packages.unsupported_slicer(6, 0) is None
     message = packages.unsupported_slicer(5, 8)
+    assert message is not None
     assert "5.10 or later" in message and "Slicer 5.8" in message
     assert packages.unsupported_slicer(4, 13) is not None
 
@@ -123,16 +124,16 @@ def test_the_worker_runs_only_on_slicers_python():
 
 
 # -- torch's build ---------------------------------------------------------------------------
-class Completed:
-    def __init__(self, returncode, stdout):
-        self.returncode, self.stdout = returncode, stdout
+def nvidia_smi(returncode: int, stdout: str) -> subprocess.CompletedProcess:
+    """What ``nvidia-smi`` returns: its exit code and output."""
+    return subprocess.CompletedProcess(["nvidia-smi"], returncode, stdout)
 
 
 def test_the_nvidia_driver_as_nvidia_smi_reports_it():
-    assert packages.nvidia_driver_version(lambda *a, **k: Completed(0, "580.95.05\n")) == (580, 95, 5)
-    assert packages.nvidia_driver_version(lambda *a, **k: Completed(0, "572.16\n572.16\n")) == (572, 16)
-    assert packages.nvidia_driver_version(lambda *a, **k: Completed(9, "580.95.05\n")) is None  # it failed
-    assert packages.nvidia_driver_version(lambda *a, **k: Completed(0, "No devices were found\n")) is None
+    assert packages.nvidia_driver_version(lambda *a, **k: nvidia_smi(0, "580.95.05\n")) == (580, 95, 5)
+    assert packages.nvidia_driver_version(lambda *a, **k: nvidia_smi(0, "572.16\n572.16\n")) == (572, 16)
+    assert packages.nvidia_driver_version(lambda *a, **k: nvidia_smi(9, "580.95.05\n")) is None  # it failed
+    assert packages.nvidia_driver_version(lambda *a, **k: nvidia_smi(0, "No devices were found\n")) is None
 
     def missing(*args, **kwargs):
         raise FileNotFoundError("nvidia-smi")
@@ -248,14 +249,19 @@ def test_declining_installs_nothing_and_runs_nothing(shipped, tmp_path):
     running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     live = folder.parent / f"{packages.STAGING_PREFIX}{running.pid}-x2"  # another Slicer's install, under way
     (live / "packages").mkdir(parents=True)
-    questions = []
+    questions: list[str] = []
+
+    def decline(question: str) -> bool:
+        questions.append(question)
+        return False
+
     with pytest.raises(packages.PackageSetError, match="nothing was installed. Press Preview or Apply again"):
         packages.ensure_package_set(
             folder,
             tmp_path / "no-such-python",
             library,
             requirements,
-            confirm=lambda q: questions.append(q) or False,
+            confirm=decline,
             progress=lambda stage: None,
             log=lambda line: None,
             torch=lambda: packages.TorchBuild("cpu", "https://example.invalid/cpu", "no GPU"),
@@ -289,7 +295,8 @@ def test_a_second_install_during_one_is_refused_and_a_silent_pip_still_reports_t
     python = tmp_path / "silent-pip"
     python.write_text(SILENT_PIP)
     python.chmod(0o755)
-    stages, nested = [], []
+    stages: list[str] = []
+    nested: list[tuple[str, int, bool]] = []
 
     def progress(stage):
         stages.append(stage)
@@ -445,7 +452,8 @@ def test_an_offline_install_leaves_the_set_in_place_as_it_was(shipped, tmp_path,
     empty.mkdir()
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # this machine's pip finds wheels on disk
     monkeypatch.setenv("PIP_FIND_LINKS", str(empty))
-    stages, lines = [], []
+    stages: list[str] = []
+    lines: list[str] = []
     with pytest.raises(packages.PackageSetError) as error:
         packages.ensure_package_set(
             folder,
@@ -556,6 +564,7 @@ def test_a_worker_that_logs_a_lot_still_starts_and_its_last_lines_explain_its_ex
         poll_until(client, lambda events: client.state is WorkerState.STOPPED, timeout=30)
     finally:
         client.kill()
+    assert client.last_error is not None
     assert "exit code 3" in client.last_error and client.last_error.endswith("the last line\n")
     assert len(client.stderr_tail) == 200 and client.stderr_tail[0].startswith("log line 19801")
 
@@ -703,7 +712,7 @@ def test_slicers_own_macros_install_the_stand_ins_layout(installed_extension, tm
 def imports(path: Path) -> set[tuple[str, str | None]]:
     """Every (module, name) a file imports, at the top or inside functions; name is None for
     ``import module``, relative imports resolved."""
-    found = set()
+    found: set[tuple[str, str | None]] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found |= {(alias.name, None) for alias in node.names}

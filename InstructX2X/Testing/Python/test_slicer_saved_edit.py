@@ -46,6 +46,7 @@ def written(tmp_path_factory):
         )
         poll_until(session, lambda e: any(x["event"] == "done" for x in e), timeout=300)
         folder = tmp_path_factory.mktemp("saved") / "edit-1"
+        assert session.output_folder is not None
         shutil.copytree(session.output_folder, folder)
     finally:
         session.stop()
@@ -97,6 +98,7 @@ def test_the_workers_folder_comes_back_as_counterfactual_guidance_and_edit_regio
     for node in nodes.values():
         assert spacing(node) == (pixel_spacing[1], pixel_spacing[0], 1.0)
     layers = layer.result_layers(nodes, None)
+    assert layers is not None
     assert (layers.background, layers.foreground, layers.label) == (
         nodes["counterfactual"],
         nodes["guidance"],

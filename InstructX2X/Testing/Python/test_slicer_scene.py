@@ -1,5 +1,7 @@
 """The module's scene layer against a real MRML scene (PyPI's slicer-core)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import slicer  # PyPI slicer-core, installed by the test extra
@@ -182,18 +184,25 @@ def test_result_layers_show_the_chosen_view_at_the_panels_opacity(mrml):
         np.ones(before.shape, bool),
         "edit 1",
     )
-    after = layer.result_layers(nodes, source, after=True, difference=False, opacity=0.8)
+
+    def shown(results: dict, **options) -> layer.SliceLayers:
+        """The layers for a result (``result_layers`` gives None only without one)."""
+        layers = layer.result_layers(results, source, **options)
+        assert layers is not None
+        return layers
+
+    after = shown(nodes, after=True, difference=False, opacity=0.8)
     assert (after.background, after.foreground, after.label) == (
         nodes["counterfactual"],
         nodes["guidance"],
         nodes["mask"],
     )
     assert after.foreground_opacity == 0.8
-    assert layer.result_layers(nodes, source, after=False, opacity=0.25).background is source
-    assert layer.result_layers(nodes, source, after=False, opacity=0.25).foreground_opacity == 0.25
-    assert layer.result_layers(nodes, source, difference=True).background is nodes["difference"]
+    assert shown(nodes, after=False, opacity=0.25).background is source
+    assert shown(nodes, after=False, opacity=0.25).foreground_opacity == 0.25
+    assert shown(nodes, difference=True).background is nodes["difference"]
     preview = {key: nodes[key] for key in ("guidance", "mask")}  # a preview edits nothing
-    assert layer.result_layers(preview, source, after=True, difference=True).background is source
+    assert shown(preview, after=True, difference=True).background is source
     assert layer.result_layers({}, source) is None
     with pytest.raises(ValueError, match="opacity must be within"):
         layer.result_layers(nodes, source, opacity=1.5)
@@ -210,7 +219,7 @@ def test_closing_the_scene_ends_the_edit_state_and_the_next_film_edits():
     layer.prepare_scene(scene)
     editor = layer.segment_editor_node(scene)
     session = EditSession(scene)
-    settings = dict(
+    settings = PanelSettings(
         instruction="Add the finding of left pleural effusion",
         model="untrained-tiny",
         device="cpu",
@@ -224,11 +233,12 @@ def test_closing_the_scene_ends_the_edit_state_and_the_next_film_edits():
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(first)
         segmentation.GetSegmentation().AddEmptySegment("edit")
         editor.SetAndObserveSegmentationNode(segmentation)
-        session.submit("preview", first, PanelSettings(**settings, steps=2))
+        session.submit("preview", first, dataclasses.replace(settings, steps=2))
         poll_until(session, lambda e: any(x["event"] == "done" for x in e))
         assert session.preview_id is not None and session.results
-        session.submit("edit", first, PanelSettings(**settings, steps=400))
+        session.submit("edit", first, dataclasses.replace(settings, steps=400))
         poll_until(session, lambda e: any(x["event"] == "progress" for x in e))
+        assert session.worker is not None and session.worker.process is not None
         worker = session.worker.process.pid
 
         scene.Clear(0)
@@ -244,7 +254,10 @@ def test_closing_the_scene_ends_the_edit_state_and_the_next_film_edits():
         mask = np.zeros((72, 64), bool)
         mask[30:60, 34:60] = True
         session.submit(
-            "edit", second, PanelSettings(**settings, steps=2, mask_source=MaskSource.PAINTED), edit_mask=mask
+            "edit",
+            second,
+            dataclasses.replace(settings, steps=2, mask_source=MaskSource.PAINTED),
+            edit_mask=mask,
         )
         poll_until(session, lambda e: any(x["event"] == "done" for x in e))
         assert session.worker.process.pid == worker  # the model stayed loaded

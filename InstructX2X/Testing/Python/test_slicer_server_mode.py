@@ -24,12 +24,20 @@ from InstructX2XModuleLib.session import (
 from InstructX2XModuleLib.worker import WorkerError
 
 
+class RecordingSession(EditSession):
+    """An edit session that records each install of a local worker's dependencies (a shared
+    worker needs none)."""
+
+    def __init__(self, scene) -> None:
+        self.installs: list[str] = []
+        super().__init__(scene, prepare_worker=lambda: self.installs.append("local"))
+
+
 @pytest.fixture
 def session():
     scene = slicer.vtkMRMLScene()
     layer.prepare_scene(scene)
-    session = EditSession(scene, prepare_worker=lambda: session.installs.append("local"))
-    session.installs = []  # a local worker's dependencies installed; a shared worker needs none
+    session = RecordingSession(scene)
     yield session
     session.stop()
     assert not session.folder.exists()
