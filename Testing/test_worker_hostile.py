@@ -247,10 +247,10 @@ def test_accept_survives_running_out_of_descriptors(worker, film, tmp_path):
             assert time.monotonic() < deadline, worker.log.read_text()[-2000:]
             time.sleep(0.05)
         time.sleep(5 * ACCEPT_BACKOFF_S)  # it retries meanwhile
-    finally:
+    finally:  # descriptors back first: the backlog's connections are then accepted, not refused again
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
         for connection in flood:
             connection.close()
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
     late = ready(Peer(worker.path))
     try:
         late.send({"type": "preview", "id": "late", "job": job(film, tmp_path / "late")})
