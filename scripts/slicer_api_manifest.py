@@ -604,7 +604,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slicer", type=Path, required=True, help="git directory of Slicer/Slicer")
     parser.add_argument("--ctk", type=Path, required=True, help="git directory of commontk/CTK")
     parser.add_argument("--pytorch", type=Path, required=True, help="git directory of fepegar/SlicerPyTorch")
-    parser.add_argument("--output", type=Path, default=ROOT / "InstructX2X" / "Testing" / "Python" / "slicer_api")
+    parser.add_argument(
+        "--output", type=Path, default=ROOT / "InstructX2X" / "Testing" / "Python" / "slicer_api"
+    )
     parser.add_argument("--tags", nargs="+", default=list(SUPPORTED_TAGS))
     args = parser.parse_args(argv)
     try:
