@@ -24,7 +24,7 @@ import sys
 
 from instructx2x.errors import InstructX2XError
 
-from ..session import DEFAULT_QUOTA_BYTES, WorkerModel
+from ..session import DEFAULT_QUOTA_BYTES
 from ..worker import WorkerError
 from .access import AccessPolicy, new_token, read_token_file
 from .messages import logger
@@ -164,11 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         quota_bytes=arguments.quota_mb * 2**20,
     )
     try:
-        ready = panel.session.start_worker(
-            panel.controls.settings()
-        )  # the model loads before the page is served
+        # the model loads before the page is served
+        model = panel.session.start_worker(panel.controls.settings())
         panel.jobs.show_model_defaults()
-        model = WorkerModel.from_ready(ready)
         logger.info("Model %s ready (%s).", model.name, model.dtype)
         panel.ctrl.on_server_ready.add(
             lambda **_: print(
