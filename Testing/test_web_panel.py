@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("trame_slicer")
 from workers import poll_until, shared_worker
 
-from InstructX2XModuleLib.web.app import WebPanel
+from InstructX2XModuleLib.web.panel import WebPanel
 from InstructX2XModuleLib.web.uploads import UploadError, save_uploads
 
 pytestmark = pytest.mark.web
@@ -32,7 +32,7 @@ def panel():
 
 
 def loaded(panel, path=SAMPLE):
-    assert panel.load([(path.name, path.read_bytes())]), panel.state.error
+    assert panel.loader.load([(path.name, path.read_bytes())]), panel.state.error
     view = panel.slicer_app.view_manager.get_slice_views()[0]
     view.render_window().SetSize(400, 400)
     view.reset_view()
@@ -53,27 +53,27 @@ def drag(view, points):
 
 
 def area(panel, segment="edit"):
-    mask = panel.painted(segment)
+    mask = panel.display.painted(segment)
     return 0 if mask is None else int(mask.sum())
 
 
 def test_paint_erase_and_scissors_change_the_masks(panel):
     view = loaded(panel)
     assert panel.state.description.startswith("CR 512 x 512")
-    panel._on_tool(tool="paint", segment="edit", brush_mm=30.0)
+    panel.display.on_tool(tool="paint", segment="edit", brush_mm=30.0)
     drag(view, [(200 + 5 * i, 150) for i in range(12)])
     painted = area(panel)
     assert painted > 1000 and area(panel, "keep") == 0
-    panel._on_tool(tool="erase", segment="edit", brush_mm=10.0)
+    panel.display.on_tool(tool="erase", segment="edit", brush_mm=10.0)
     drag(view, [(225, 150 + 2 * i) for i in range(5)])
     erased = area(panel)
     assert 0 < erased < painted
-    panel._on_tool(tool="scissors", segment="edit")
+    panel.display.on_tool(tool="scissors", segment="edit")
     drag(view, [(190, 120), (240, 120), (240, 180), (190, 180), (190, 120)])
     assert area(panel) < erased  # erase inside the outline
-    panel._on_tool(tool="scissors", segment="keep", scissors_fill=True)
+    panel.display.on_tool(tool="scissors", segment="keep", scissors_fill=True)
     drag(view, [(100, 300), (140, 300), (140, 340), (100, 340), (100, 300)])
-    keep = panel.painted("keep")
+    keep = panel.display.painted("keep")
     assert keep is not None and keep.sum() > 100
     rows, columns = np.nonzero(keep)
     assert rows.max() < 256 and columns.max() < 256  # upper left of the screen: upper left of the film
@@ -82,71 +82,77 @@ def test_paint_erase_and_scissors_change_the_masks(panel):
 def test_preview_rethreshold_apply_and_cancel(panel):
     view = loaded(panel)
     panel.state.update({"instruction": INSTRUCTION, "steps": 2, "verify": False})
-    assert panel.submit("preview")
+    assert panel.jobs.submit("preview")
     assert panel.state.running
-    poll_until(panel, lambda e: any(x["event"] == "done" for x in e))
+    poll_until(panel.jobs, lambda e: any(x["event"] == "done" for x in e))
     assert panel.state.has_preview and not panel.state.has_result and not panel.state.running
     assert view.get_foreground_volume_id() == panel.session.results["guidance"].GetID()
     before = panel.session.results["mask"]
-    panel._on_tau(tau=0.9)
-    poll_until(panel, lambda e: any(x["event"] == "done" for x in e))
+    panel.jobs.on_tau(tau=0.9)
+    poll_until(panel.jobs, lambda e: any(x["event"] == "done" for x in e))
     assert panel.session.results["mask"] is not before and "tau 0.9" in panel.state.status
 
-    panel._on_tool(tool="paint", segment="edit", brush_mm=40.0)
+    panel.display.on_tool(tool="paint", segment="edit", brush_mm=40.0)
     drag(view, [(260 + 5 * i, 140) for i in range(10)])
-    painted = panel.painted("edit")
+    painted = panel.display.painted("edit")
     panel.state.mask_source = "painted segment"
-    panel.apply_or_cancel()
-    events = poll_until(panel, lambda e: any(x["event"] == "done" for x in e))
+    panel.jobs.apply_or_cancel()
+    events = poll_until(panel.jobs, lambda e: any(x["event"] == "done" for x in e))
     assert [e["step"] for e in events if e["event"] == "progress"][-1] == 2 and panel.state.progress == 100
     assert panel.state.has_result and panel.state.has_dicom
     counterfactual = panel.session.results["counterfactual"]
     assert view.get_background_volume_id() == counterfactual.GetID()
     panel.state.show_after = False
-    panel._on_layers()
-    assert view.get_background_volume_id() == panel.volume.GetID()
+    panel.display.on_layers()
+    assert view.get_background_volume_id() == panel.display.volume.GetID()
     from InstructX2XModuleLib import scene
 
-    edited, original = scene.volume_to_array(counterfactual), scene.volume_to_array(panel.volume)
+    edited, original = scene.volume_to_array(counterfactual), scene.volume_to_array(panel.display.volume)
     region = (
         scene.volume_to_array(panel.session.results["mask"]) > 0
     )  # the painted region at the model's grid
     assert (painted & region).sum() / (painted | region).sum() > 0.9
     assert np.array_equal(edited[~region], original[~region]) and not np.array_equal(edited, original)
-    archive = panel.result_archive("dicom")
+    archive = panel.exports.result_archive("dicom")
     import io
     import zipfile
 
     names = zipfile.ZipFile(io.BytesIO(archive)).namelist()
     assert sorted(names) == ["counterfactual.dcm", "edit_region_seg.dcm", "guidance_overlay.dcm"]
-    pictures = zipfile.ZipFile(io.BytesIO(panel.result_archive("png"))).namelist()
+    pictures = zipfile.ZipFile(io.BytesIO(panel.exports.result_archive("png"))).namelist()
     assert {"edited.png", "guidance_overlay.png", "edit_mask.png", "manifest.json"} <= set(pictures)
 
     panel.state.seed = "twelve"
-    assert not panel.submit("edit") and panel.state.error == "Seed must be an integer, got 'twelve'."
+    assert not panel.jobs.submit("edit") and panel.state.error == "Seed must be an integer, got 'twelve'."
     panel.state.seed = 0
     panel.state.steps = 400
-    panel.apply_or_cancel()
-    poll_until(panel, lambda e: any(x["event"] == "progress" for x in e))
+    panel.jobs.apply_or_cancel()
+    poll_until(panel.jobs, lambda e: any(x["event"] == "progress" for x in e))
     assert panel.state.running
-    assert not panel.load([(SAMPLE.name, SAMPLE.read_bytes())])  # the running job's film stays
+    assert not panel.loader.load([(SAMPLE.name, SAMPLE.read_bytes())])  # the running job's film stays
     assert panel.state.error.startswith("a job is running on this radiograph")
-    panel.apply_or_cancel()  # the Apply button reads Cancel while running
-    poll_until(panel, lambda e: any(x["event"] == "cancelled" for x in e))
+    panel.jobs.apply_or_cancel()  # the Apply button reads Cancel while running
+    poll_until(panel.jobs, lambda e: any(x["event"] == "cancelled" for x in e))
     assert not panel.state.running and panel.state.status.startswith("Cancelled")
     assert panel.session.results["counterfactual"] is counterfactual  # the last result stays
 
 
 def test_the_guidance_scales_are_the_models_until_the_user_sets_them(panel):
     assert panel.state.model_guidance
-    assert (panel.settings().guidance_scale, panel.settings().image_guidance_scale) == (None, None)
+    assert (panel.controls.settings().guidance_scale, panel.controls.settings().image_guidance_scale) == (
+        None,
+        None,
+    )
     panel.state.update({"model_guidance": False, "guidance_scale": 4, "image_guidance_scale": "2.5"})
-    assert (panel.settings().guidance_scale, panel.settings().image_guidance_scale) == (4.0, 2.5)
+    assert (panel.controls.settings().guidance_scale, panel.controls.settings().image_guidance_scale) == (
+        4.0,
+        2.5,
+    )
     panel.state.image_guidance_scale = "lots"
     from instructx2x.errors import ParameterError
 
     with pytest.raises(ParameterError, match="Image guidance s_I must be a number"):
-        panel.settings()
+        panel.controls.settings()
 
 
 def test_the_disabled_guidance_fields_show_the_models_own_scales(tmp_path):
@@ -157,17 +163,17 @@ def test_the_disabled_guidance_fields_show_the_models_own_scales(tmp_path):
     model = save_model(build_untrained_pipeline(seed=3), tmp_path / "carded", card)
     panel = WebPanel(model=str(model), device="cpu")
     try:
-        panel.session.start_worker(panel.settings())
-        panel.show_model_defaults()  # what the command line does once the model is loaded
+        panel.session.start_worker(panel.controls.settings())
+        panel.jobs.show_model_defaults()  # what the command line does once the model is loaded
         assert (panel.state.guidance_scale, panel.state.image_guidance_scale) == (3.0, 1.25)
         panel.state.update({"model_guidance": False, "guidance_scale": 6})
-        panel.show_model_defaults()  # the user's own values stay while the box is off
-        assert panel.settings().guidance_scale == 6.0
-        panel.show_model_defaults(True)  # the box ticked again: the event carries its new value
+        panel.jobs.show_model_defaults()  # the user's own values stay while the box is off
+        assert panel.controls.settings().guidance_scale == 6.0
+        panel.jobs.show_model_defaults(True)  # the box ticked again: the event carries its new value
         assert panel.state.guidance_scale == 3.0
         panel.state.update({"model_guidance": True, "guidance_scale": 6})
-        panel.show_model_defaults()  # as on the worker's next ready event
-        assert panel.state.guidance_scale == 3.0 and panel.settings().guidance_scale is None
+        panel.jobs.show_model_defaults()  # as on the worker's next ready event
+        assert panel.state.guidance_scale == 3.0 and panel.controls.settings().guidance_scale is None
     finally:
         panel.close()
 
@@ -181,15 +187,15 @@ def test_the_structured_helper_writes_the_instruction_and_it_is_parsed_live(pane
             "compose_to": "moderate",
         }
     )
-    panel.compose()
+    panel.controls.compose()
     assert panel.state.instruction == "Add the finding of moderate left pleural effusion"
-    panel._on_instruction(instruction=panel.state.instruction)
+    panel.controls.on_instruction(instruction=panel.state.instruction)
     assert panel.state.parsed.startswith("add: pleural effusion (left)")
     assert "pleural effusion" in panel.state.findings and "moderate" in panel.state.levels
     panel.state.update({"compose_finding": "consolidation", "compose_zone": "lower"})
-    panel.compose()
+    panel.controls.compose()
     assert panel.state.instruction == "Add the finding of moderate left lower zone consolidation"
-    panel._on_instruction(instruction=panel.state.instruction)
+    panel.controls.on_instruction(instruction=panel.state.instruction)
     assert panel.state.parsed.startswith("add: consolidation (left, lower zone)")
     assert panel.state.zones == ["", "upper", "mid", "lower"]
 
@@ -197,9 +203,9 @@ def test_the_structured_helper_writes_the_instruction_and_it_is_parsed_live(pane
 def test_a_second_job_waits_with_its_position_shown(panel):
     loaded(panel)
     panel.state.update({"instruction": INSTRUCTION, "steps": 2, "verify": False})
-    assert panel.submit("preview") and panel.state.queue_text == ""
-    assert panel.submit("edit") and panel.state.queue_text == "Queued: 1 job(s) ahead."
-    events = poll_until(panel, lambda e: sum(x["event"] == "done" for x in e) == 2)
+    assert panel.jobs.submit("preview") and panel.state.queue_text == ""
+    assert panel.jobs.submit("edit") and panel.state.queue_text == "Queued: 1 job(s) ahead."
+    events = poll_until(panel.jobs, lambda e: sum(x["event"] == "done" for x in e) == 2)
     assert [e["id"] for e in events if e["event"] == "done"] == ["1", "2"]
     assert panel.state.queue_text == "" and panel.state.has_result and not panel.state.running
 
@@ -218,10 +224,10 @@ def test_a_second_job_waits_with_its_position_shown(panel):
 )
 def test_a_bad_upload_gets_its_message_and_changes_nothing(panel, name, content, message):
     view = loaded(panel)
-    volume = panel.volume
-    assert not panel.load([(name, content)])
+    volume = panel.display.volume
+    assert not panel.loader.load([(name, content)])
     assert message in panel.state.error and "Traceback" not in panel.state.error
-    assert panel.volume is volume and view.get_background_volume_id() == volume.GetID()
+    assert panel.display.volume is volume and view.get_background_volume_id() == volume.GetID()
     assert sorted(p.name for p in panel.session.folder.iterdir()) == ["upload-001"]
 
 
@@ -230,7 +236,7 @@ def test_a_png_is_shown_as_a_pa_film(panel):
     assert panel.state.description.startswith("PNG") and not panel.state.has_dicom
     from InstructX2XModuleLib import scene
 
-    pixels = scene.volume_to_array(panel.volume)
+    pixels = scene.volume_to_array(panel.display.volume)
     from PIL import Image
 
     assert np.array_equal(
@@ -244,8 +250,8 @@ def test_a_folder_opens_its_first_radiograph(panel):
         ("notes", b"not dicom"),
         (SAMPLE.name, SAMPLE.read_bytes()),
     ]
-    assert panel.load(files), panel.state.error
-    assert panel.state.has_dicom and panel.loaded.path.name == SAMPLE.name
+    assert panel.loader.load(files), panel.state.error
+    assert panel.state.has_dicom and panel.display.loaded.path.name == SAMPLE.name
 
 
 def test_upload_limits(tmp_path):
@@ -271,7 +277,7 @@ def test_test_connection_and_send_to_a_real_pacs(panel, tmp_path):
     (tmp_path / "orthanc").mkdir()
     orthanc = OrthancServer(tmp_path / "orthanc").start()
     try:
-        panel.pacs_targets = PacsTargets.from_arguments(
+        panel.exports.pacs_targets = PacsTargets.from_arguments(
             [
                 f"main={orthanc.aet}@127.0.0.1:{orthanc.dicom_port}",
                 f"wrong=WRONG@127.0.0.1:{orthanc.dicom_port}",
@@ -280,22 +286,22 @@ def test_test_connection_and_send_to_a_real_pacs(panel, tmp_path):
         loaded(panel)
         panel.state.update({"instruction": INSTRUCTION, "steps": 2, "verify": False})
         panel.state.pacs_target = "main"
-        asyncio.run(panel.pacs("send"))
+        asyncio.run(panel.exports.pacs("send"))
         assert panel.state.pacs_message == "Error: apply an edit to a DICOM radiograph first."
-        asyncio.run(panel.pacs("echo"))
+        asyncio.run(panel.exports.pacs("echo"))
         assert panel.state.pacs_message == f"{orthanc.aet} at 127.0.0.1:{orthanc.dicom_port} answers."
-        panel.apply_or_cancel()
-        poll_until(panel, lambda e: any(x["event"] == "done" for x in e))
-        asyncio.run(panel.pacs("send"))
+        panel.jobs.apply_or_cancel()
+        poll_until(panel.jobs, lambda e: any(x["event"] == "done" for x in e))
+        asyncio.run(panel.exports.pacs("send"))
         assert panel.state.pacs_message.startswith("Sent 3 objects") and orthanc.instance_count() == 3
         panel.state.pacs_target = "wrong"
-        asyncio.run(panel.pacs("echo"))
+        asyncio.run(panel.exports.pacs("echo"))
         assert "rejected or not answered" in panel.state.pacs_message
         with socket.create_server(("127.0.0.1", 0)) as listener:  # a port a client would like us to reach
             listener.settimeout(0.5)
             for typed in (f"127.0.0.1:{listener.getsockname()[1]}:ANY", "ANY@127.0.0.1:104", ""):
                 panel.state.pacs_target = typed
-                asyncio.run(panel.pacs("send"))
+                asyncio.run(panel.exports.pacs("send"))
                 assert panel.state.pacs_message == "Error: choose one of the PACS this server names."
             with pytest.raises(TimeoutError):
                 listener.accept()
@@ -351,11 +357,11 @@ def test_a_page_on_a_shared_worker_shows_its_place_in_the_queue(tmp_path):
         try:
             loaded(panel)
             panel.state.update({"instruction": INSTRUCTION, "steps": 2, "verify": False})
-            assert panel.submit("edit")
-            poll_until(panel, lambda e: any(x["event"] == "queued" for x in e))
+            assert panel.jobs.submit("edit")
+            poll_until(panel.jobs, lambda e: any(x["event"] == "queued" for x in e))
             assert panel.state.queue_text == "Queued: 1 job(s) ahead." and panel.state.running
             other.cancel()
-            poll_until(panel, lambda e: any(x["event"] == "done" for x in e))
+            poll_until(panel.jobs, lambda e: any(x["event"] == "done" for x in e))
             assert panel.state.queue_text == "" and panel.state.has_result
         finally:
             panel.close()
@@ -387,20 +393,20 @@ def test_gpu_out_of_memory_in_the_worker_is_shown_as_what_to_do(panel):
     panel.session.executable = [sys.executable, "-c", OUT_OF_MEMORY_WORKER]
     loaded(panel)
     panel.state.update({"instruction": INSTRUCTION, "steps": 2, "verify": False})
-    assert panel.submit("preview")
-    poll_until(panel, lambda e: any(x["event"] == "error" for x in e))
+    assert panel.jobs.submit("preview")
+    poll_until(panel.jobs, lambda e: any(x["event"] == "error" for x in e))
     assert panel.state.status.startswith("Failed: out of memory on the device (CUDA out of memory.")
     assert "smaller resolution" in panel.state.status and "internal error" not in panel.state.status
     assert not panel.state.running and not panel.state.has_preview
 
 
 def test_memory_exhaustion_in_the_page_is_a_resource_message_not_a_defect(panel, monkeypatch):
-    from InstructX2XModuleLib.web import app
+    from InstructX2XModuleLib.web import loading
 
     def exhausted(_paths):
         raise MemoryError()
 
-    monkeypatch.setattr(app, "read_radiograph", exhausted)
-    assert not panel.load([(SAMPLE.name, SAMPLE.read_bytes())])
+    monkeypatch.setattr(loading, "read_radiograph", exhausted)
+    assert not panel.loader.load([(SAMPLE.name, SAMPLE.read_bytes())])
     assert panel.state.error.startswith("out of memory: use a smaller resolution")
     assert not any(panel.session.folder.iterdir())

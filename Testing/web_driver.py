@@ -71,7 +71,9 @@ class WebServer:
                 raise TimeoutError(f"the server did not start within {timeout} s")
             time.sleep(0.05)
         self.start_s = time.monotonic() - started
-        self.url = re.search(r"InstructX2X web panel: (\S+)", self.log.read_text())[1]  # its token included
+        found = re.search(r"InstructX2X web panel: (\S+)", self.log.read_text())
+        assert found is not None, "the server printed no address"
+        self.url = found[1]  # its token included
         self.token = self.url.split("token=", 1)[1]
         self.cookie = session_cookie(self.url)
         return self
@@ -86,6 +88,7 @@ class WebServer:
         """Resident memory of the server and of its worker (the model's process)."""
         import psutil
 
+        assert self.process is not None, "the server is not started"
         server = psutil.Process(self.process.pid)
         workers = server.children(recursive=True)
         return {

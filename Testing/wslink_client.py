@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from typing import Any
 
 import aiohttp
 import msgpack
@@ -34,8 +35,8 @@ class WslinkClient:
         if host is not None:
             self.headers["Host"] = host
         self.token = token
-        self.session: aiohttp.ClientSession | None = None
-        self.socket = None
+        self.session: Any = None  # an aiohttp.ClientSession once entered
+        self.socket: Any = None  # its websocket
         self.unchunker = UnChunker()
         self.unchunker.set_max_message_size(2**31)
         self._ids = itertools.count(1)
@@ -66,17 +67,19 @@ class WslinkClient:
 
     async def receive(self, rpc_id: str, timeout: float = 30) -> dict:
         """The reply to ``rpc_id`` (published messages on the way are kept in ``published``)."""
-        async with asyncio.timeout(timeout):
-            while True:
-                message = await self.socket.receive()
-                if message.type != aiohttp.WSMsgType.BINARY:
-                    raise ConnectionError(f"the server closed the connection ({message.type.name})")
-                full = self.unchunker.process_chunk(message.data)
-                if full is None:
-                    continue
-                if full.get("id") == rpc_id:
-                    return full
-                self.published.append(full)
+        return await asyncio.wait_for(self._reply(rpc_id), timeout)
+
+    async def _reply(self, rpc_id: str) -> dict:
+        while True:
+            message = await self.socket.receive()
+            if message.type != aiohttp.WSMsgType.BINARY:
+                raise ConnectionError(f"the server closed the connection ({message.type.name})")
+            full = self.unchunker.process_chunk(message.data)
+            if full is None:
+                continue
+            if full.get("id") == rpc_id:
+                return full
+            self.published.append(full)
 
     async def call(self, method: str, *args, system: bool = False) -> dict:
         rpc_id = f"{'system' if system else 'rpc'}:c0:{next(self._ids)}"

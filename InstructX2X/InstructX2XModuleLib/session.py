@@ -65,6 +65,7 @@ __all__ = [
     "RELEVANCE_TIMESTEP",
     "TAU",
     "QueuedJob",
+    "Rethreshold",
     "SamplingDefaults",
     "WorkerModel",
     "status_text",
@@ -76,7 +77,7 @@ __all__ = [
 ]
 
 
-_Choice = TypeVar("_Choice", bound="PanelChoice")
+Choice = TypeVar("Choice", bound="PanelChoice")
 
 
 class PanelChoice(enum.Enum):
@@ -93,7 +94,7 @@ class PanelChoice(enum.Enum):
         return [member.label for member in cls]
 
     @classmethod
-    def from_label(cls: type[_Choice], label: str) -> _Choice:
+    def from_label(cls: type[Choice], label: str) -> Choice:
         """The member a panel's label names.
 
         Raises
@@ -238,20 +239,34 @@ class WorkerModel:
 
 
 @dataclasses.dataclass(frozen=True)
+class Rethreshold:
+    """A re-cut of a preview's relevance at another tau, with no model call (``instructx2x
+    serve``'s ``rethreshold`` request)."""
+
+    preview: str  # the preview's request id
+    tau: float
+    output: Path  # the folder the new edit mask goes to (``tau-NNN``)
+
+    def fields(self) -> dict[str, str | float]:
+        """The request's fields in the worker protocol."""
+        return {"preview": self.preview, "tau": self.tau, "output": str(self.output)}
+
+
+@dataclasses.dataclass(frozen=True)
 class QueuedJob:
     """A job of the session's queue; once sent, ``id`` is the worker's request id."""
 
     ticket: int
     kind: str  # preview, edit or rethreshold
-    volume: Any  # the radiograph's vtkMRMLScalarVolumeNode (Slicer's types are untyped)
-    job: dict | None = None  # a preview's or an edit's job (``scene.build_job``)
-    fields: dict = dataclasses.field(default_factory=dict)  # a re-threshold's preview, tau and output
+    volume: Any  # the radiograph's vtkMRMLScalarVolumeNode
+    # a preview's or an edit's job (``scene.build_job``, the worker's job format), or a re-threshold
+    job: dict | Rethreshold
     id: str | None = None
 
     @property
     def folder(self) -> Path:
         """The folder its files go to (``job-NNN`` or ``tau-NNN``)."""
-        return Path(self.job["output"]).parent if self.job is not None else Path(self.fields["output"])
+        return self.job.output if isinstance(self.job, Rethreshold) else Path(self.job["output"]).parent
 
 
 PHASE_TEXT = {
@@ -559,11 +574,7 @@ class EditSession:
                 ticket,
                 "rethreshold",
                 self.current.volume,
-                fields={
-                    "preview": self.preview_id,
-                    "tau": tau,
-                    "output": str(self.folder / f"tau-{ticket:03d}"),
-                },
+                job=Rethreshold(self.preview_id, tau, self.folder / f"tau-{ticket:03d}"),
             )
         )
         self._send_next()
@@ -610,12 +621,13 @@ class EditSession:
         events = self.worker.poll()
         self._check_shared_ready()
         for event in events:
+            current = self.current
             if (
-                self.current is not None
+                current is not None
                 and self.is_current_result(event)
-                and self.scene.IsNodePresent(self.current.volume)
+                and self.scene.IsNodePresent(current.volume)
             ):  # not closed or removed
-                self._import(event)
+                self._import(event, current)
             if event.get("event") in ("done", "error", "cancelled"):
                 self.prune()
         if self.worker.state == WorkerState.STOPPED:
@@ -645,7 +657,7 @@ class EditSession:
     def prune(self) -> None:
         """Remove the job and tau folders nothing needs: all but the shown result's and those
         of jobs still queued or running (a tau folder is read into the scene when it arrives)."""
-        needed = {request.folder for request in self.queue if request.job is not None}
+        needed = {request.folder for request in self.queue if not isinstance(request.job, Rethreshold)}
         if (
             self.worker is not None
             and self.worker.state in (WorkerState.RUNNING, WorkerState.CANCELLING)
@@ -668,25 +680,25 @@ class EditSession:
         finally:  # the radiograph's pixels never outlive the session, whatever stopping the worker did
             shutil.rmtree(self.folder, ignore_errors=True)
 
-    def start_worker(self, settings: PanelSettings, timeout: float = 600) -> dict:
+    def start_worker(self, settings: PanelSettings, timeout: float = 600) -> WorkerModel:
         """Start (or reach) the worker now and wait until its model is loaded, so that a bad
         model or an unreachable shared worker is said before anyone uses the panel.
 
-        Returns the worker's ``ready`` event. Raises ``WorkerError`` with the worker's message.
+        Returns the model the worker loaded (its ``ready`` event). Raises ``WorkerError`` with
+        the worker's message.
         """
-        self._ensure_worker(settings)
-        assert self.worker is not None  # _ensure_worker made it
+        worker = self._ensure_worker(settings)
         deadline = time.monotonic() + timeout
-        while self.worker.state == WorkerState.STARTING and time.monotonic() < deadline:
-            self.worker.poll()
+        while worker.state == WorkerState.STARTING and time.monotonic() < deadline:
+            worker.poll()
             self._check_shared_ready()
             time.sleep(0.05)
-        if self.worker.state != WorkerState.READY:
-            message = self.worker.last_error or f"the model did not load within {timeout:.0f} s."
-            self.worker.kill()
+        if worker.state != WorkerState.READY:
+            message = worker.last_error or f"the model did not load within {timeout:.0f} s."
+            worker.kill()
             self.worker = None
             raise WorkerError(message)
-        return self.worker.info
+        return WorkerModel.from_ready(worker.info)
 
     def _check_shared_ready(self) -> None:
         """Hang up on a shared worker that has not said ``ready`` within
@@ -706,7 +718,9 @@ class EditSession:
             "--socket running at the far end (of the SSH tunnel, if one)?"
         )
 
-    def _ensure_worker(self, settings: PanelSettings) -> None:
+    def _ensure_worker(self, settings: PanelSettings) -> WorkerClient:
+        """The worker for ``settings``: the current one when it serves them and is up, else a
+        new one, started."""
         socket_path = settings.worker_socket or self.worker_socket
         key = ("shared", socket_path) if socket_path else settings.worker_key()
         if (
@@ -714,7 +728,7 @@ class EditSession:
             and self.worker_key == key
             and self.worker.state not in (WorkerState.STOPPED, WorkerState.IDLE)
         ):
-            return
+            return self.worker
         if self.worker is not None:
             self.worker.shutdown()
             self.worker = None
@@ -734,12 +748,16 @@ class EditSession:
         self.worker = worker
         self._connected_at = time.monotonic()
         self.worker_key, self.preview_id = key, None
+        return worker
 
     def _send_next(self) -> None:
         if not self.queue or self.worker is None or self.worker.state != WorkerState.READY:
             return
         request = self.queue.pop(0)
-        request_id = self.worker.submit(request.kind, request.job, **request.fields)
+        if isinstance(request.job, Rethreshold):
+            request_id = self.worker.submit(request.kind, None, **request.job.fields())
+        else:
+            request_id = self.worker.submit(request.kind, request.job)
         self.current = dataclasses.replace(request, id=request_id)
 
     def save_result(self, parent: Path) -> Path:
@@ -772,9 +790,8 @@ class EditSession:
         return target
 
     # -- results ----------------------------------------------------------------------------
-    def _import(self, event: dict) -> None:
-        assert self.current is not None  # event is its result
-        kind, volume = self.current.kind, self.current.volume
+    def _import(self, event: dict, current: QueuedJob) -> None:
+        kind, volume = current.kind, current.volume
         output = Path(event["output"])
         name = volume.GetName()
         if kind == "rethreshold":
@@ -797,7 +814,7 @@ class EditSession:
         self.results = mrml.import_result(self.scene, volume, edited, guidance, mask, name)
         self.preview_id = None  # an edit's region is its own: tau re-cuts only a preview shown
         if kind == "preview":
-            self.preview_id = self.current.id
+            self.preview_id = current.id
             for key in ("counterfactual", "difference"):  # a preview edits nothing
                 self.scene.RemoveNode(self.results.pop(key))
         self.output_folder = output

@@ -103,7 +103,7 @@ def test_generated_sources_export_valid_objects(editor, tmp_path, kwargs):
         if name.endswith(".dcm"):
             assert dciodvfy_errors(file) == [], (name, kwargs)
     sc = pydicom.dcmread(paths["counterfactual.dcm"])
-    original = image.metadata["stored"]
+    original = image.dicom.stored
     assert sc.pixel_array.dtype == original.dtype
     assert np.array_equal(sc.pixel_array[~result.edit_mask], original[~result.edit_mask])
     provenance = json.loads(paths["provenance.json"].read_text())

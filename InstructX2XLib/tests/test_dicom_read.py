@@ -17,14 +17,14 @@ RG1 = pydicom_data_file("RG1_UNCR.dcm")
 
 def test_real_cr_monochrome1_is_inverted_and_windowed():
     image = read_dicom(RG1)
-    stored = image.metadata["stored"]
+    stored = image.dicom_source().stored
     assert image.pixels.shape == (1955, 1841) and image.bits == 15
     assert image.transforms == ["VOI window 0: center 15000 width 30000 LINEAR", "MONOCHROME1 inverted"]
     # MONOCHROME1: the highest stored value is the darkest display value
     assert image.pixels.flat[stored.argmax()] == image.pixels.min()
-    assert np.array_equal(image.metadata["mapping"].inverse(image.pixels), stored)
-    assert "PixelData" not in image.metadata["dataset"]
-    assert image.metadata["pixel_spacing"] is None  # RG1 stores PixelSpacing 0\\0: no spacing
+    assert np.array_equal(image.dicom_source().mapping.inverse(image.pixels), stored)
+    assert "PixelData" not in image.dicom_source().dataset
+    assert image.dicom_source().pixel_spacing is None  # RG1 stores PixelSpacing 0\\0: no spacing
     assert read_image(RG1).format == "dicom"
 
 
@@ -36,19 +36,48 @@ def test_supported_kinds(tmp_path, kind):
 
 def test_pixel_spacing_prefers_calibrated_values(tmp_path):
     ds = make_radiograph("DX")
-    assert (
-        read_dicom(write(ds, tmp_path / "a.dcm")).metadata["pixel_spacing"]["attribute"]
-        == "ImagerPixelSpacing"
-    )
+    first = read_dicom(write(ds, tmp_path / "a.dcm")).dicom_source().pixel_spacing
+    assert first is not None and first.attribute == "ImagerPixelSpacing"
     ds.PixelSpacing = [0.18, 0.19]
-    spacing = read_dicom(write(ds, tmp_path / "b.dcm")).metadata["pixel_spacing"]
-    assert spacing == {"attribute": "PixelSpacing", "row_mm": 0.18, "column_mm": 0.19}
+    spacing = read_dicom(write(ds, tmp_path / "b.dcm")).dicom_source().pixel_spacing
+    assert spacing is not None and spacing.to_dict() == {
+        "attribute": "PixelSpacing",
+        "row_mm": 0.18,
+        "column_mm": 0.19,
+    }
+
+
+def test_the_source_kept_for_the_export_is_a_record_and_only_dicom_has_one(tmp_path):
+    import dataclasses
+
+    from PIL import Image
+
+    from instructx2x.dicom.read import PixelSpacing
+    from instructx2x.errors import ParameterError
+
+    ds = make_radiograph("DX")
+    image = read_dicom(write(ds, tmp_path / "a.dcm"))
+    source = image.dicom_source()
+    assert source is image.dicom
+    assert source.sop_instance_uid == str(ds.SOPInstanceUID) and source.warnings == ()
+    assert source.dataset.StudyInstanceUID == ds.StudyInstanceUID and "PixelData" not in source.dataset
+    assert source.stored.shape == image.pixels.shape and source.transfer_syntax == str(
+        ds.file_meta.TransferSyntaxUID
+    )
+    assert source.pixel_spacing == PixelSpacing("ImagerPixelSpacing", *map(float, ds.ImagerPixelSpacing))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        source.stored = None  # type: ignore[misc, assignment]  # the point: it is read-only
+    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(tmp_path / "film.png")
+    film = read_image(tmp_path / "film.png")
+    assert film.dicom is None
+    with pytest.raises(ParameterError, match="film.png was not read from DICOM"):
+        film.dicom_source()
 
 
 def test_rescale_window_and_signed_values(tmp_path):
     ds = make_radiograph(rescale=(2.0, -1000.0), window=(3000.0, 6000.0), signed=True, bits_stored=12)
     image = read_dicom(write(ds, tmp_path / "x.dcm"))
-    stored = image.metadata["stored"]
+    stored = image.dicom_source().stored
     assert stored.dtype == np.int16 and stored.min() < 0
     assert "rescale slope 2 intercept -1000" in image.transforms
     expected = np.clip(((stored * 2.0 - 1000.0) - (3000 - 0.5)) / (6000 - 1) + 0.5, 0, 1)
@@ -78,7 +107,7 @@ def test_voi_lut_sequence(tmp_path):
     item.add_new(0x00283006, "US", [int(v) for v in np.minimum(np.arange(256) * 2, 255)])
     ds.VOILUTSequence = [item]
     image = read_dicom(write(ds, tmp_path / "x.dcm"))
-    stored = image.metadata["stored"]
+    stored = image.dicom_source().stored
     assert image.transforms == ["VOI LUT 0"]
     assert np.allclose(image.pixels, np.minimum(stored.astype(int) * 2, 255) / 255.0)
 
@@ -94,8 +123,8 @@ def test_lossless_transfer_syntaxes_decode_exactly(tmp_path, syntax):
     else:
         ds.file_meta.TransferSyntaxUID = syntax
     image = read_dicom(write(ds, tmp_path / "x.dcm"))
-    assert image.metadata["transfer_syntax"] == syntax
-    assert np.array_equal(image.metadata["stored"], reference.metadata["stored"])
+    assert image.dicom_source().transfer_syntax == syntax
+    assert np.array_equal(image.dicom_source().stored, reference.dicom_source().stored)
 
 
 @pytest.mark.parametrize(
@@ -111,16 +140,16 @@ def test_jpeg_family_through_installed_decoders(tmp_path, tool, options, lossles
     plain = write(ds, tmp_path / "plain.dcm")
     compressed = dcmtk_compress(plain, tmp_path / "c.dcm", tool, *options)
     image = read_dicom(compressed)
-    original = read_dicom(plain).metadata["stored"].astype(int)
-    difference = np.abs(image.metadata["stored"].astype(int) - original)
+    original = read_dicom(plain).dicom_source().stored.astype(int)
+    difference = np.abs(image.dicom_source().stored.astype(int) - original)
     assert difference.max() == 0 if lossless else difference.mean() < 3
 
 
 def test_lateral_and_ap_views_warn(tmp_path, caplog):
     lateral = read_dicom(write(make_radiograph(view="LL"), tmp_path / "l.dcm"))
-    assert "lateral view" in lateral.metadata["warnings"][0]
+    assert "lateral view" in lateral.dicom_source().warnings[0]
     ap = read_dicom(write(make_radiograph(view="AP"), tmp_path / "patient_smith.dcm"))
-    assert "AP view" in ap.metadata["warnings"][0]
+    assert "AP view" in ap.dicom_source().warnings[0]
     assert "AP view" in caplog.text and "PHANTOM" not in caplog.text and "smith" not in caplog.text
 
 
@@ -128,7 +157,7 @@ def test_non_chest_body_part_is_refused_unless_overridden(tmp_path):
     path = write(make_radiograph(body_part="KNEE"), tmp_path / "knee.dcm")
     with pytest.raises(DicomReadError, match="'KNEE', not a chest"):
         read_dicom(path)
-    assert read_dicom(path, allow_non_chest=True).metadata["warnings"]
+    assert read_dicom(path, allow_non_chest=True).dicom_source().warnings
 
 
 def _without(keyword):

@@ -22,7 +22,7 @@ by itself. From then on:
   views take only well-formed events and sizes for their own areas, and only trame's client
   life-cycle names are accepted: anything else is refused and logged by kind, never by value.
 
-Nothing here knows the panel: ``WebPanel`` hands in the keys and the limits.
+Nothing here knows the panel: ``connections.guard_server`` hands in the keys and the limits.
 """
 
 from __future__ import annotations
@@ -189,7 +189,9 @@ class AccessPolicy:
         names = set(LOOPBACK_NAMES)
         if self.host and not _is_wildcard(self.host):
             names.add(_bracketed(self.host.lower()))
-        names.update(_bracketed(urlsplit(origin).hostname.lower()) for origin in self.origins)
+        names.update(
+            _bracketed(host.lower()) for origin in self.origins if (host := urlsplit(origin).hostname)
+        )  # __post_init__ checked that every origin names a host
         return names
 
     def host_allowed(self, header: str | None, port: int) -> bool:
@@ -384,7 +386,8 @@ def guard_rpc(function_map: dict, writable: dict[str, tuple[type, ...]]) -> None
         ("trame.rca.video.negotiate", _codecs),
     ):
         if name in function_map:
-            function_map[name] = _checked_view_call(*function_map[name], check)
+            views, call = function_map[name]
+            function_map[name] = _checked_view_call(views, call, check)
 
 
 def _checked_view_call(views, call: Callable, check: Callable | None) -> tuple:

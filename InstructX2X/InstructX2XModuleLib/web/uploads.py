@@ -171,7 +171,7 @@ def read_radiograph(paths: list[Path]) -> LoadedRadiograph:
         try:
             _refuse_deflated(path)
             image = read_dicom(path)
-            check_exportable(image.metadata["dataset"], image.source)
+            check_exportable(image.dicom_source().dataset, image.source)
         except InputError as error:
             first_error = first_error or error
             continue
@@ -212,17 +212,16 @@ def _refuse_deflated(path: Path) -> None:
 def _from_dicom(path: Path, image) -> LoadedRadiograph:
     from ..session import modality_values
 
-    dataset = image.metadata["dataset"]
-    spacing = image.metadata.get("pixel_spacing")
-    values = (spacing["row_mm"], spacing["column_mm"]) if spacing else None
+    source = image.dicom_source()
+    dataset, spacing = source.dataset, source.pixel_spacing
     rows, columns = image.pixels.shape
     described = f"{dataset.get('Modality', 'DICOM')} {columns} x {rows}"
-    if values:
-        described += f", {values[0]:.3g} mm ({spacing['attribute']})"
+    if spacing is not None:
+        described += f", {spacing.row_mm:.3g} mm ({spacing.attribute})"
     return LoadedRadiograph(
         path,
-        modality_values(image.metadata["stored"], dataset),
-        values,
+        modality_values(source.stored, dataset),
+        None if spacing is None else (spacing.row_mm, spacing.column_mm),
         str(dataset.SOPInstanceUID),
         str(dataset.get("PhotometricInterpretation", "")) == "MONOCHROME1",
         described,

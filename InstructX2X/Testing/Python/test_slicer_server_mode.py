@@ -102,9 +102,7 @@ def test_the_settings_socket_reaches_the_shared_worker_and_results_land_in_the_s
     mask[30:60, 34:60] = True
     with shared_worker(path, hidden=panel_folder) as server:
         shared = settings(worker_socket=str(path))
-        assert (
-            session.start_worker(shared)["model"]["name"] == "untrained-tiny"
-        )  # the worker's, not the panel's
+        assert session.start_worker(shared).name == "untrained-tiny"  # the worker's, not the panel's
         session.submit("preview", volume, shared)
         poll_until(session, lambda e: any(x["event"] == "done" for x in e))
         assert session.has_preview and {"guidance", "mask"} <= set(session.results)

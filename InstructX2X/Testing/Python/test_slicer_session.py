@@ -122,8 +122,8 @@ def test_start_worker_waits_for_the_model_and_says_why_it_failed(session):
     with pytest.raises(WorkerError, match="model not found: no-such-model"):
         session.start_worker(settings(model="no-such-model"))
     assert session.worker is None and list(session.folder.iterdir()) == []
-    ready = session.start_worker(settings())
-    assert ready["event"] == "ready" and ready["model"]["name"] == "untrained-tiny"
+    model = session.start_worker(settings())
+    assert model.name == "untrained-tiny"
 
 
 def test_the_worker_reports_the_models_sampling_defaults(session, tmp_path):

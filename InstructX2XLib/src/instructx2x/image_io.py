@@ -12,12 +12,16 @@ import hashlib
 import io
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import InputError, InputNotFoundError
+from .errors import InputError, InputNotFoundError, ParameterError
 from .provenance import source_label
+
+if TYPE_CHECKING:  # a type only: the DICOM reader imports this module
+    from .dicom.read import DicomSource
 
 __all__ = [
     "Radiograph",
@@ -56,8 +60,8 @@ class Radiograph:
         Bit depth of the stored values (8 or 16 for PNG).
     transforms: list[str]
         Every intensity change applied while reading, in order.
-    metadata: dict
-        Format-specific extras (the DICOM reader keeps its dataset here).
+    dicom: DicomSource | None
+        What the DICOM reader keeps of the file for the export (None for PNG and JPEG).
     """
 
     pixels: np.ndarray
@@ -66,7 +70,19 @@ class Radiograph:
     format: str
     bits: int
     transforms: list[str] = dataclasses.field(default_factory=list)
-    metadata: dict = dataclasses.field(default_factory=dict)
+    dicom: DicomSource | None = None
+
+    def dicom_source(self) -> DicomSource:
+        """``dicom``, for a radiograph the DICOM reader returned.
+
+        Raises
+        ------
+        ParameterError
+            When it was read from another format.
+        """
+        if self.dicom is None:
+            raise ParameterError(f"{self.source} was not read from DICOM.")
+        return self.dicom
 
     def identity(self) -> dict:
         """What manifests record about the input (no pixel data, no patient data): a label

@@ -193,7 +193,7 @@ def prepare(job: EditJob, new_output: bool = True) -> PreparedJob:
         if dicom:
             image = read_dicom(path, voi=job.voi, allow_non_chest=job.allow_non_chest)
             if job.command == "edit":
-                check_exportable(image.metadata["dataset"], image.source)
+                check_exportable(image.dicom_source().dataset, image.source)
         else:
             image = read_image(path)
         images.append(image)

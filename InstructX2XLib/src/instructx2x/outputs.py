@@ -217,10 +217,11 @@ def write_float_maps(directory: Path, image: Radiograph, result: EditResult) -> 
             np.save(directory / f"{name}.npy", array)
             written.append(directory / f"{name}.npy")
     rows, columns = image.pixels.shape
+    spacing = image.dicom.pixel_spacing if image.dicom is not None else None
     geometry = {
         "rows": rows,
         "columns": columns,
-        "pixel_spacing": image.metadata.get("pixel_spacing"),
+        "pixel_spacing": None if spacing is None else spacing.to_dict(),
         "files": {p.stem: ("bool" if p.stem == "edit_mask" else "float32 in [0, 1]") for p in written},
     }
     (directory / "maps.json").write_text(to_json(geometry) + "\n")

@@ -102,7 +102,8 @@ def choose_classifiers(spec: str, model_info, image=None) -> tuple[ClassifierSet
     """
     if spec != "auto":
         return _load_cached(spec), "asked for"
-    dataset = (getattr(image, "metadata", None) or {}).get("dataset")
+    source = getattr(image, "dicom", None)
+    dataset = source.dataset if source is not None else None
     if dataset is not None and dataset.get("Manufacturer") == PHANTOM_MANUFACTURER:
         return _load_cached(COHORT_SET_NAME), "the input is a synthetic-cohort phantom"
     refused = None

@@ -27,7 +27,7 @@ def export_dicom_edit(
     Parameters
     ----------
     image: Radiograph
-        Read by ``read_dicom`` (its metadata holds the dataset, stored values and mapping).
+        Read by ``read_dicom`` (its ``dicom`` holds the dataset, stored values and mapping).
     result: EditResult
         ``InstructX2XEditor.edit`` of that image.
     output: pathlib.Path
@@ -61,21 +61,20 @@ def write_dicom_edit(
     Everything is built and validated before the first file is written. Returns the file
     names. Raises as ``export_dicom_edit``.
     """
-    if image.format != "dicom" or "dataset" not in image.metadata:
+    dicom = image.dicom
+    if image.format != "dicom" or dicom is None:
         raise ParameterError(f"{image.source} was not read from DICOM; use the PNG writer.")
     if result.edited is None:
         raise ParameterError("a guidance preview has no counterfactual image to export.")
-    source = image.metadata["dataset"]
-    original = image.metadata["stored"]
-    mapping = image.metadata["mapping"]
+    source, original, mapping = dicom.dataset, dicom.stored, dicom.mapping
     proposed = proposed_stored(original, mapping, result.edited, result.model_output, result.reconstruction)
     stored, clipped = composite_stored(original, proposed, result.edit_mask, mapping.stored_range, feather_px)
-    spacing = image.metadata["pixel_spacing"]
+    spacing = dicom.pixel_spacing
     provenance = dict(result.manifest)
     provenance["input"] = dict(
         provenance["input"],
-        sop_instance_uid=image.metadata["sop_instance_uid"],
-        warnings=list(image.metadata["warnings"]),
+        sop_instance_uid=dicom.sop_instance_uid,
+        warnings=list(dicom.warnings),
     )
     provenance["native"] = {
         "rows": int(source.Rows),
@@ -85,7 +84,7 @@ def write_dicom_edit(
         "feather_px": feather_px,
         "composite": "change" if result.reconstruction is not None else "replace",
         "clipped_fraction": round(clipped, 6),
-        "pixel_spacing": spacing,
+        "pixel_spacing": None if spacing is None else spacing.to_dict(),
         "outside_mask": "stored values copied from the original",
     }
     overlay = guidance_overlay(image.pixels, result.guidance_map, result.edit_mask)
@@ -95,7 +94,7 @@ def write_dicom_edit(
         overlay,
         result.edit_mask,
         provenance,
-        None if spacing is None else (spacing["row_mm"], spacing["column_mm"]),
+        None if spacing is None else (spacing.row_mm, spacing.column_mm),
     )
     named = objects.named()
     provenance["objects"] = {

@@ -7,6 +7,7 @@ where possible. Error and log messages name the file, never patient attributes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -20,10 +21,12 @@ from pydicom.uid import UID
 
 from ..errors import InputNotFoundError
 from ..image_io import MAX_PIXELS, ImageReadError, Radiograph, looks_like_dicom, register_reader
-from .intensity import mapping_from_dataset
+from .intensity import IntensityMapping, mapping_from_dataset
 
 __all__ = [
     "DicomReadError",
+    "DicomSource",
+    "PixelSpacing",
     "read_dicom",
     "pixel_spacing",
     "SUPPORTED_SOP_CLASSES",
@@ -76,9 +79,9 @@ def read_dicom(path: str | Path, *, voi: str | int = "first", allow_non_chest: b
     Returns
     -------
     Radiograph
-        ``pixels`` are display values in [0, 1]; ``metadata`` holds ``dataset`` (without pixel
-        data), ``stored`` (the stored values), ``mapping`` (display <-> stored) and
-        ``warnings``.
+        ``pixels`` are display values in [0, 1]; ``dicom`` is what the export needs of the
+        file (``DicomSource``: the attributes without pixel data, the stored values, the
+        mapping display <-> stored, the reader's warnings, the pixel spacing).
 
     Raises
     ------
@@ -144,19 +147,64 @@ def read_dicom(path: str | Path, *, voi: str | int = "first", allow_non_chest: b
         format="dicom",
         bits=int(ds.BitsStored),
         transforms=list(mapping.description),
-        metadata={
-            "dataset": header,
-            "stored": stored,
-            "mapping": mapping,
-            "warnings": warnings,
-            "pixel_spacing": pixel_spacing(ds),
-            "transfer_syntax": str(ds.file_meta.get("TransferSyntaxUID", "")),
-            "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
-        },
+        dicom=DicomSource(
+            dataset=header,
+            stored=stored,
+            mapping=mapping,
+            warnings=tuple(warnings),
+            pixel_spacing=pixel_spacing(ds),
+            transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
+            sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+        ),
     )
 
 
-def pixel_spacing(ds: Dataset) -> dict | None:
+@dataclasses.dataclass(frozen=True)
+class PixelSpacing:
+    """Row and column spacing in mm, and the attribute that gave it: ``PixelSpacing``
+    (calibrated to the patient) or ``ImagerPixelSpacing`` (at the detector)."""
+
+    attribute: str
+    row_mm: float
+    column_mm: float
+
+    def to_dict(self) -> dict[str, str | float]:
+        """As manifests record it."""
+        return {"attribute": self.attribute, "row_mm": self.row_mm, "column_mm": self.column_mm}
+
+
+@dataclasses.dataclass(frozen=True)
+class DicomSource:
+    """What a radiograph read from DICOM keeps of its file, for the export into its study.
+
+    Attributes
+    ----------
+    dataset: pydicom.Dataset
+        The file's attributes without its pixel data (patient, study, series, geometry).
+    stored: numpy.ndarray
+        The stored pixel values, which the export composites the edit into.
+    mapping: IntensityMapping
+        Stored values <-> the display values of ``Radiograph.pixels``.
+    warnings: tuple[str, ...]
+        What the reader accepted with a warning (an AP or lateral view, another body part).
+    pixel_spacing: PixelSpacing | None
+        None when the file gives no valid spacing.
+    transfer_syntax: str
+        The file's transfer syntax UID.
+    sop_instance_uid: str
+        The file's instance.
+    """
+
+    dataset: Dataset
+    stored: np.ndarray
+    mapping: IntensityMapping
+    warnings: tuple[str, ...]
+    pixel_spacing: PixelSpacing | None
+    transfer_syntax: str
+    sop_instance_uid: str
+
+
+def pixel_spacing(ds: Dataset) -> PixelSpacing | None:
     """Row and column spacing in mm, and which attribute gave it.
 
     PixelSpacing (calibrated to the patient) wins when it is valid; a projection radiograph
@@ -170,7 +218,7 @@ def pixel_spacing(ds: Dataset) -> dict | None:
         except (TypeError, ValueError):
             continue
         if len(spacing) == 2 and all(v > 0 for v in spacing):
-            return {"attribute": keyword, "row_mm": spacing[0], "column_mm": spacing[1]}
+            return PixelSpacing(keyword, spacing[0], spacing[1])
     return None
 
 
