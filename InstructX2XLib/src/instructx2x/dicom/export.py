@@ -1,4 +1,5 @@
-"""Export one DICOM edit: composite at native resolution, build, validate, write atomically."""
+"""Export a DICOM edit or a progression series: composite at native resolution, build, validate,
+write atomically."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ from ..outputs import atomic_output_dir
 from ..overlay import guidance_overlay
 from ..provenance import to_json
 from .native import composite_stored, proposed_stored
-from .write import EditObjects, build_edit_objects
+from .write import EditObjects, SeriesObjects, build_edit_objects, build_series_objects
 
 if TYPE_CHECKING:  # a type only: reading DICOM (``dicom.read``) must not import torch
-    from ..editor import EditResult
+    from ..editor import EditResult, SeriesResult
 
-__all__ = ["export_dicom_edit", "write_dicom_edit"]
+__all__ = ["export_dicom_edit", "write_dicom_edit", "write_dicom_series"]
 
 
 def export_dicom_edit(
@@ -61,16 +62,74 @@ def write_dicom_edit(
     Everything is built and validated before the first file is written. Returns the file
     names. Raises as ``export_dicom_edit``.
     """
-    if image.format != "dicom" or "dataset" not in image.metadata:
-        raise ParameterError(f"{image.source} was not read from DICOM; use the PNG writer.")
+    _check_dicom(image)
     if result.edited is None:
         raise ParameterError("a guidance preview has no counterfactual image to export.")
+    source = image.metadata["dataset"]
+    stored, provenance = _stored_with_provenance(image, result, feather_px)
+    spacing = image.metadata["pixel_spacing"]
+    overlay = guidance_overlay(image.pixels, result.guidance_map, result.edit_mask)
+    objects: EditObjects = build_edit_objects(
+        source,
+        stored,
+        overlay,
+        result.edit_mask,
+        provenance,
+        None if spacing is None else (spacing["row_mm"], spacing["column_mm"]),
+    )
+    return _save(directory, objects.named(), provenance)
+
+
+def write_dicom_series(
+    directory: Path, image: Radiograph, result: SeriesResult, *, feather_px: int = 0
+) -> list[str]:
+    """Write a progression series' objects and ``provenance.json`` into an existing folder.
+
+    ``step-01.dcm``, ``step-02.dcm``, ...: each step's counterfactual, one series with instance
+    numbers in step order, each with its own instruction and provenance; ``guidance_overlay.dcm``
+    and ``edit_region_seg.dcm``: the edit region the steps share. Everything is built and
+    validated before the first file is written. Returns the file names.
+
+    Raises
+    ------
+    ParameterError
+        When the image was not read from DICOM.
+    """
+    _check_dicom(image)
+    composed = [_stored_with_provenance(image, step, feather_px) for step in result.steps]
+    region = composed[result.series.region_step][1]
+    region_provenance = {**region, "series": {**result.series.to_dict(), "steps": len(result.steps)}}
+    spacing = image.metadata["pixel_spacing"]
+    objects: SeriesObjects = build_series_objects(
+        image.metadata["dataset"],
+        [stored for stored, _ in composed],
+        guidance_overlay(image.pixels, result.guidance_map, result.edit_mask),
+        result.edit_mask,
+        [provenance for _, provenance in composed],
+        region_provenance,
+        None if spacing is None else (spacing["row_mm"], spacing["column_mm"]),
+    )
+    record = {
+        "kind": "edit_series",
+        "series": region_provenance["series"],
+        "steps": [provenance for _, provenance in composed],
+    }
+    return _save(directory, objects.named(), record)
+
+
+def _check_dicom(image: Radiograph) -> None:
+    if image.format != "dicom" or "dataset" not in image.metadata:
+        raise ParameterError(f"{image.source} was not read from DICOM; use the PNG writer.")
+
+
+def _stored_with_provenance(image: Radiograph, result: EditResult, feather_px: int):
+    """The counterfactual's stored values (the model's change composited into the source's
+    stored values) and the provenance its objects carry."""
     source = image.metadata["dataset"]
     original = image.metadata["stored"]
     mapping = image.metadata["mapping"]
     proposed = proposed_stored(original, mapping, result.edited, result.model_output, result.reconstruction)
     stored, clipped = composite_stored(original, proposed, result.edit_mask, mapping.stored_range, feather_px)
-    spacing = image.metadata["pixel_spacing"]
     provenance = dict(result.manifest)
     provenance["input"] = dict(
         provenance["input"],
@@ -85,19 +144,14 @@ def write_dicom_edit(
         "feather_px": feather_px,
         "composite": "change" if result.reconstruction is not None else "replace",
         "clipped_fraction": round(clipped, 6),
-        "pixel_spacing": spacing,
+        "pixel_spacing": image.metadata["pixel_spacing"],
         "outside_mask": "stored values copied from the original",
     }
-    overlay = guidance_overlay(image.pixels, result.guidance_map, result.edit_mask)
-    objects: EditObjects = build_edit_objects(
-        source,
-        stored,
-        overlay,
-        result.edit_mask,
-        provenance,
-        None if spacing is None else (spacing["row_mm"], spacing["column_mm"]),
-    )
-    named = objects.named()
+    return stored, provenance
+
+
+def _save(directory: Path, named: dict, provenance: dict) -> list[str]:
+    """Write the datasets and ``provenance.json`` (with every object's UIDs)."""
     provenance["objects"] = {
         name: {"sop_instance_uid": str(ds.SOPInstanceUID), "series_instance_uid": str(ds.SeriesInstanceUID)}
         for name, ds in named.items()
