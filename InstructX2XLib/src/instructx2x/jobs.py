@@ -169,8 +169,6 @@ class EditJob:
         if unknown:
             raise ParameterError(f"unknown job field(s) {unknown}; known: {sorted(fields)}.")
         values = dict(data)
-        if not isinstance(values.get("parameters", {}), dict):
-            raise ParameterError("job parameters must be a JSON object.")
         try:
             values["parameters"] = EditParameters(**values.get("parameters", {}))
         except TypeError as error:
