@@ -771,3 +771,142 @@ def test_gpu_out_of_memory_gives_exit_4_with_what_to_do(png, tmp_path, capsys, m
     last = json.loads(captured.out.splitlines()[-1])
     assert (last["event"], last["kind"], last["exit_code"]) == ("error", "ResourceError", 4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chest.png"]
+
+
+def _series_args(source, out, *extra):
+    return [
+        "edit",
+        str(source),
+        "-o",
+        str(out),
+        "--model",
+        "untrained-tiny",
+        "--steps",
+        "2",
+        "--resolution",
+        "64",
+        "--tau",
+        "0.2",
+        "--seed",
+        "4",
+        "--progress",
+        "none",
+        *extra,
+    ]
+
+
+def test_a_series_of_levels_writes_one_dicom_series_in_order(tmp_path, capsys):
+    import pydicom
+    from dicom_factory import dciodvfy_errors, make_radiograph, write
+
+    from instructx2x.provenance import read_provenance
+
+    source = write(make_radiograph(kind="DX", rows=96, columns=80), tmp_path / "film.dcm")
+    out = tmp_path / "out"
+    template = [
+        "-i",
+        "Add the finding of {level} left pneumothorax",
+        "--series",
+        "small",
+        "moderate",
+        "large",
+    ]
+    assert main(_series_args(source, out, *template)) == 0
+    summary = json.loads(capsys.readouterr().out)
+    steps = [f"step-0{n}" for n in (1, 2, 3)]
+    assert sorted(summary["files"]) == sorted(
+        [f"{s}.dcm" for s in steps]
+        + [f"{s}.png" for s in steps]
+        + ["guidance_overlay.dcm", "edit_region_seg.dcm", "provenance.json"]
+        + ["guidance.png", "guidance_overlay.png", "edit_mask.png", "strip.png", "manifest.json"]
+    )
+    assert summary["series"]["levels"] == ["small", "moderate", "large"]
+    assert summary["series"]["step_files"][1] == ["step-02.dcm", "step-02.png"]
+    datasets = [pydicom.dcmread(out / f"{s}.dcm") for s in steps]
+    assert [ds.InstanceNumber for ds in datasets] == [1, 2, 3]
+    assert len({ds.SeriesInstanceUID for ds in datasets}) == 1
+    for ds, level in zip(datasets, ("small", "moderate", "large")):
+        instruction = f"Add the finding of {level} left pneumothorax"
+        assert f"Instruction: {instruction}." in ds.ImageComments and ds.ConversionType == "SYN"
+        assert read_provenance(ds)["parameters"]["instruction"] == instruction
+        assert read_provenance(ds)["parameters"]["seed"] == 4
+    for name in summary["files"]:
+        if name.endswith(".dcm"):
+            assert dciodvfy_errors(out / name) == [], name
+    manifest = json.loads(
+        (out / "manifest.json").read_text(),
+        parse_constant=lambda token: pytest.fail(f"not strict JSON: {token}"),
+    )
+    assert manifest["kind"] == "edit_series" and manifest["edit_region"]["shared"] is True
+    assert manifest["edit_region"]["from_instruction"] == "Add the finding of large left pneumothorax"
+    assert [step["series"]["step"] for step in manifest["steps"]] == [1, 2, 3]
+    assert [step["files"] for step in manifest["steps"]] == [[f"{s}.png"] for s in steps]
+    assert "SYNTHETIC" in Image.open(out / "strip.png").info["Description"]
+    assert Image.open(out / "strip.png").size[0] > 3 * Image.open(out / "strip.png").size[1]  # input + 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_a_series_of_instructions_on_a_png_shares_the_edit_mask(png, tmp_path, capsys):
+    out = tmp_path / "out"
+    steps = [
+        "Change the level of right pleural effusion from small to moderate",
+        "Change the level of right pleural effusion from small to large",
+    ]
+    assert main(_series_args(png, out, "--series", *steps)) == 0
+    mask = np.asarray(Image.open(out / "edit_mask.png")) > 0
+    original = np.asarray(Image.open(png))
+    assert mask.any() and not mask.all()
+    edits = [np.asarray(Image.open(out / f"step-0{n}.png")) for n in (1, 2)]
+    for edited in edits:
+        assert np.array_equal(edited[~mask], original[~mask])  # one region: untouched outside it
+    assert not np.array_equal(edits[0], edits[1])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["parameters"]["instruction"] for s in manifest["steps"]] == steps
+    assert manifest["series"]["region_instruction"] == steps[1]
+    assert {s["edit_fraction"] for s in manifest["steps"]} == {manifest["edit_region"]["edit_fraction"]}
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["-i", "Add the finding of {level} edema", "--series", "mild"], "at least two steps, got 1"),
+        (
+            ["-i", "Add the finding of {level} edema", "--series", "mild", "severe", "moderate"],
+            "series levels out of order: mild, severe, moderate",
+        ),
+        (["--series", "mild", "severe"], "series step 1 ('mild') is a level, not an instruction"),
+        (
+            ["-i", "Add the finding of edema", "--series", "mild", "severe"],
+            "-i is a template holding {level}",
+        ),
+        (
+            ["--series", "Add the finding of mild edema", "Add the finding of severe left pleural effusion"],
+            "series step 2 has finding pleural effusion, step 1 edema",
+        ),
+        (
+            ["-i", "Add the finding of {level} edema", "--series", "mild", "severe", "--verify"],
+            "verification checks one edit",
+        ),
+        (["-i", "Add the finding of {level} edema"], "holds {level}, a series' template"),
+    ],
+)
+def test_series_refusals_exit_2_and_write_nothing(png, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    assert main(_series_args(png, out, *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chest.png"]
+
+
+def test_series_refusals_of_other_commands_and_sources(png, tmp_path, capsys):
+    series = ["-i", "Add the finding of {level} edema", "--series", "mild", "severe"]
+    preview = ["preview", *_series_args(png, tmp_path / "out", *series)[1:]]
+    assert main(preview) == 2 and "a series needs the edit command" in capsys.readouterr().err
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text(f"image,instruction\n{png.name},Add the finding of edema\n")
+    with_jobs = _series_args(png, tmp_path / "out", *series)
+    with_jobs[1:2] = ["--jobs", str(jobs)]
+    assert main(with_jobs) == 2 and "--series edits one radiograph" in capsys.readouterr().err
+    folder = _dicom_folder(tmp_path, 2)
+    assert main(_series_args(folder, tmp_path / "out", *series)) == 2
+    assert "a series edits one radiograph; the input folder holds 2" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

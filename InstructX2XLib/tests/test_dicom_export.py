@@ -231,3 +231,61 @@ def test_monochrome1_display_matches_pydicoms_reference_chain():
     reference = values / (2 ** int(ds.BitsStored) - 1)  # pydicom windows onto the stored range
     assert ds.PhotometricInterpretation == "MONOCHROME1" and "WindowCenter" in ds
     assert np.abs(image.pixels - (1.0 - reference)).max() < 1e-3
+
+
+def test_a_progression_series_is_one_synthetic_series_in_step_order(editor, tmp_path):
+    from instructx2x.dicom.export import write_dicom_series
+    from instructx2x.instructions import parse_series
+
+    source_path = write(make_radiograph(kind="DX", rows=96, columns=80), tmp_path / "source.dcm")
+    image = read_dicom(source_path)
+    template = "Add the finding of {level} left pneumothorax"
+    series = parse_series(["small", "moderate", "large"], template)
+    result = editor.edit_series(
+        image, series, EditParameters(template, num_inference_steps=2, resolution=64, tau=0.2, seed=2)
+    )
+    folder = tmp_path / "series"
+    folder.mkdir()
+    names = write_dicom_series(folder, image, result, feather_px=2)
+    assert names == [
+        "step-01.dcm",
+        "step-02.dcm",
+        "step-03.dcm",
+        "guidance_overlay.dcm",
+        "edit_region_seg.dcm",
+        "provenance.json",
+    ]
+    for name in names[:-1]:
+        assert dciodvfy_errors(folder / name) == [], name
+    source = pydicom.dcmread(source_path)
+    steps = [pydicom.dcmread(folder / f"step-0{n}.dcm") for n in (1, 2, 3)]
+    overlay = pydicom.dcmread(folder / "guidance_overlay.dcm")
+    seg = pydicom.dcmread(folder / "edit_region_seg.dcm")
+    assert len({ds.SeriesInstanceUID for ds in steps}) == 1 and len({ds.SeriesNumber for ds in steps}) == 1
+    assert [ds.InstanceNumber for ds in steps] == [1, 2, 3]
+    assert len({ds.SOPInstanceUID for ds in steps}) == 3
+    assert steps[0].SeriesDescription == f"{SERIES_DESCRIPTION} - left pneumothorax small to large"
+    assert (overlay.SeriesNumber, seg.SeriesNumber) == (steps[0].SeriesNumber + 1, steps[0].SeriesNumber + 2)
+    assert len({steps[0].SeriesInstanceUID, overlay.SeriesInstanceUID, seg.SeriesInstanceUID}) == 3
+    original = image.metadata["stored"]
+    for number, (ds, instruction) in enumerate(zip(steps, series.instructions), start=1):
+        assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.PatientID == source.PatientID
+        assert ds.ConversionType == "SYN" and list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+        assert ds.SeriesDescription.startswith(SERIES_DESCRIPTION)
+        assert "NOT FOR DIAGNOSIS" in ds.ImageComments
+        assert f"Instruction: {instruction}." in ds.ImageComments
+        assert f"Step {number} of 3 of a progression series" in ds.ImageComments
+        assert instruction in ds.DerivationDescription
+        provenance = read_provenance(ds)
+        assert provenance["parameters"]["instruction"] == instruction
+        assert provenance["series"]["step"] == number and provenance["parameters"]["seed"] == 2
+        assert np.array_equal(ds.pixel_array[~result.edit_mask], original[~result.edit_mask])
+    assert not np.array_equal(steps[0].pixel_array, steps[2].pixel_array)
+    for ds in (overlay, seg):
+        assert read_provenance(ds)["series"]["instructions"] == list(series.instructions)
+        assert "left pneumothorax small to large" in ds.SeriesDescription
+    assert np.array_equal(seg.pixel_array.astype(bool), result.edit_mask)
+    sidecar = json.loads((folder / "provenance.json").read_text())
+    assert sidecar["kind"] == "edit_series" and len(sidecar["steps"]) == 3
+    assert set(sidecar["objects"]) == set(names[:-1])
+    assert sidecar["objects"]["step-02.dcm"]["sop_instance_uid"] == steps[1].SOPInstanceUID

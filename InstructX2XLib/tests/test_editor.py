@@ -288,3 +288,41 @@ def test_the_model_grid_output_comes_with_the_edit(editor, radiograph):
     expected = resize_map(torch.from_numpy(result.model_grid_output)[None, None], (90, 70))[0, 0].numpy()
     assert np.allclose(upsampled, np.clip(expected, 0, 1), atol=1e-6)
     assert editor.preview(radiograph, params()).model_grid_output is None
+
+
+def test_a_series_shares_seed_and_region_and_varies_only_the_level(editor, radiograph):
+    from instructx2x.instructions import parse_series
+
+    template = "Add the finding of {level} left pleural effusion"
+    series = parse_series(["small", "moderate", "large"], template)
+    calls = []
+    result = editor.edit_series(
+        radiograph,
+        series,
+        params(instruction=template, seed=3, tau=0.2),
+        progress=lambda s, t: calls.append(s),
+    )
+    assert calls == [1, 2, 3]  # one batch: one progress report a denoising step
+    assert [r.manifest["parameters"]["instruction"] for r in result.steps] == list(series.instructions)
+    assert [r.manifest["series"]["level"] for r in result.steps] == ["small", "moderate", "large"]
+    assert {r.manifest["parameters"]["seed"] for r in result.steps} == {3}
+    assert result.steps[1].manifest["series"] == {
+        "step": 2,
+        "steps": 3,
+        "level": "moderate",
+        "direction": "increasing",
+        "region_instruction": "Add the finding of large left pleural effusion",
+    }
+    for step in result.steps:
+        assert np.array_equal(step.edit_mask, result.edit_mask)
+        assert np.array_equal(step.guidance_map, result.guidance_map)
+        assert np.array_equal(step.edited[~step.edit_mask], radiograph.pixels[~step.edit_mask])
+    assert result.edit_mask.any() and not result.edit_mask.all()
+    assert not np.array_equal(result.steps[0].edited, result.steps[2].edited)
+    # the region is the region step's own: its guidance map alone, with the same seed
+    alone = editor.preview(radiograph, params(instruction=series.instructions[2], seed=3, tau=0.2))
+    assert np.allclose(result.guidance_map, alone.guidance_map, atol=1e-4)
+    first = editor.preview(radiograph, params(instruction=series.instructions[0], seed=3, tau=0.2))
+    assert not np.allclose(first.guidance_map, alone.guidance_map, atol=1e-2)  # it would differ
+    with pytest.raises(ValueError, match="neither a template holding \\{level\\} nor one of its steps"):
+        editor.edit_series(radiograph, series, params(instruction="Add the finding of edema"))

@@ -294,6 +294,8 @@ def test_interrupt_raises_and_returns_nothing(tiny_pipe, xray):
         ({"relevance_draws": 0}, ValueError, "relevance_draws must be an integer in \\[1, 16\\]"),
         ({"relevance_draws": 17}, ValueError, "relevance_draws"),
         ({"relevance_draws": True}, ValueError, "relevance_draws"),
+        ({"relevance_from": 1}, ValueError, "`relevance_from` must be a batch element, 0 to 0, got 1"),
+        ({"relevance_from": True}, ValueError, "relevance_from"),
         ({"guidance_scale": None}, ValueError, "both guidance scales"),  # the editor resolves None
         ({"output_type": "latent"}, ValueError, "output_type"),
         ({"callback_on_step_end_tensor_inputs": ["secret"]}, ValueError, "callback"),
@@ -555,6 +557,51 @@ def test_each_batch_element_equals_the_same_edit_alone(tiny_pipe):
         assert torch.allclose(alone.images, batch.images[i : i + 1], atol=1e-4)
         outside = batch.edit_masks[i] == 0
         assert torch.equal(batch.images[i][outside], images[i][outside])
+
+
+def test_relevance_from_one_element_gives_every_element_its_region(tiny_pipe, xray):
+    """A series: one image and seed at two instructions, relevance_from=1. One relevance call
+    (element 1's members), the same map, guidance and masks for both, that map equal to element
+    1's own; only the instruction changes the edits."""
+    prompts = [
+        "Add the finding of mild left pleural effusion",
+        "Add the finding of severe left pleural effusion",
+    ]
+    images = xray.repeat(2, 1, 1, 1)
+    sizes = []
+    handle = tiny_pipe.unet.register_forward_pre_hook(
+        lambda m, a: sizes.append((int(a[1]), a[0].shape[0])) if int(a[1]) == 800 else None
+    )
+    try:
+        out = tiny_pipe(
+            prompts,
+            images,
+            generator=[generator(5), generator(5)],
+            relevance_from=1,
+            relevance_draws=2,
+            tau=0.2,
+            num_inference_steps=3,
+            output_type="pt",
+        )
+    finally:
+        handle.remove()
+    assert sizes == [(800, 2), (800, 2)]  # two draws, each on one element's two members
+    assert torch.equal(out.relevance_maps[0], out.relevance_maps[1])
+    assert torch.equal(out.guidance_maps[0], out.guidance_maps[1])
+    assert torch.equal(out.edit_masks[0], out.edit_masks[1])
+    assert torch.equal(out.latent_edit_masks[0], out.latent_edit_masks[1])
+    assert torch.equal(out.guidance_state.noise[0], out.guidance_state.noise[1])  # the same noise
+    alone = tiny_pipe(
+        prompts[1], xray, generator=generator(5), relevance_draws=2, guidance_only=True, output_type="pt"
+    )
+    assert torch.allclose(out.relevance_maps[1:], alone.relevance_maps, atol=1e-4)
+    first = tiny_pipe(
+        prompts[0], xray, generator=generator(5), relevance_draws=2, guidance_only=True, output_type="pt"
+    )
+    assert (first.relevance_maps - alone.relevance_maps).abs().max() > 0.05  # a region of its own otherwise
+    assert not torch.equal(out.images[0], out.images[1])
+    outside = out.edit_masks[0] == 0
+    assert torch.equal(out.images[0][outside], xray[0][outside])
 
 
 def test_decoding_the_mask_region_only(tiny_pipe):

@@ -145,8 +145,48 @@ def test_job_round_trips_through_json(tmp_path):
 
     spec = EditJob("edit", tmp_path / "in.png", tmp_path / "out", EditParameters("Add edema", seed=3))
     assert EditJob.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    series = EditJob(
+        "edit",
+        tmp_path / "in.png",
+        tmp_path / "out",
+        EditParameters("Add the finding of {level} edema"),
+        series=("mild", "severe"),
+    )
+    assert EditJob.from_dict(json.loads(json.dumps(series.to_dict()))) == series
     with pytest.raises(ValueError, match="unknown job field"):
         EditJob.from_dict({**spec.to_dict(), "colour": "red"})
+
+
+def test_a_series_request_on_the_warm_worker(worker, png, tmp_path):
+    """An edit request whose job carries a series: one warm worker, progress over the batch's
+    steps, the steps' files named in the done event for a panel's slider, the shared maps as
+    float arrays; a bad series is an error event (exit code 2) and writes nothing."""
+    assert ready(worker)["event"] == "ready"
+    series_job = {
+        **job(
+            png, tmp_path / "series", instruction="Add the finding of {level} right pleural effusion", tau=0.2
+        ),
+        "series": ["small", "moderate", "large"],
+    }
+    send(worker, {"type": "edit", "id": "s", "job": series_job})
+    events = [e for e in events_until(worker, "s") if e["event"] != "queued"]
+    assert [e["event"] for e in events] == ["started", "progress", "progress", "decode", "export", "done"]
+    assert events[0]["series"] == 3 and events[0]["total"] == 2
+    done = events[-1]
+    assert done["series"]["levels"] == ["small", "moderate", "large"]
+    assert done["series"]["step_files"] == [["step-01.png"], ["step-02.png"], ["step-03.png"]]
+    assert {"strip.png", "manifest.json", "edit_mask.npy", "guidance_map.npy"} <= set(done["files"])
+    mask = np.load(tmp_path / "series" / "edit_mask.npy")
+    manifest = json.loads((tmp_path / "series" / "manifest.json").read_text())
+    assert manifest["edit_region"]["edit_fraction"] > 0 and mask.shape == (72, 60)
+    bad = {**series_job, "output": str(tmp_path / "bad"), "series": ["large", "small", "moderate"]}
+    send(worker, {"type": "edit", "id": "b", "job": bad})
+    error = events_until(worker, "b")[-1]
+    assert error["event"] == "error" and error["exit_code"] == 2
+    assert "series levels out of order: large, small, moderate" in error["message"]
+    assert not (tmp_path / "bad").exists()
+    send(worker, {"type": "shutdown"})
+    assert worker.wait(timeout=30) == 0
 
 
 def test_a_defect_in_one_job_does_not_take_the_warm_worker_down(png, tmp_path, monkeypatch):

@@ -396,12 +396,11 @@ def _checked_view_call(views, call: Callable, check: Callable | None) -> tuple:
 
     def checked(protocol, area=None, *args):
         areas = getattr(protocol, "_area_adapters", {})  # trame-rca's registered views
-        if (
-            not isinstance(area, str)
-            or area not in areas
-            or (check is not None and not (args and check(args[-1])))
-        ):
-            _refused("a view call that is not a page's")
+        if not isinstance(area, str) or area not in areas:
+            _refused("a view call for a view that is not a page's")
+            return None
+        if check is not None and not (args and check(args[-1])):
+            _refused(f"a malformed {getattr(check, '__name__', 'view').strip('_').replace('_', ' ')} call")
             return None
         return call(protocol, area, *args)
 

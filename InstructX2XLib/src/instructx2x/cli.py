@@ -104,6 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     job.add_argument("-i", "--instruction", help='e.g. "Add the finding of pleural effusion"')
     job.add_argument(
+        "--series",
+        nargs="+",
+        metavar="STEP",
+        help=(
+            "a progression series of one radiograph: instructions in order of severity, or levels "
+            'that fill the {level} of -i (-i "Add the finding of {level} edema" --series mild '
+            "moderate severe); one seed and one edit region for every step; writes step-NN.png "
+            "(and .dcm, one DICOM series), strip.png and manifest.json"
+        ),
+    )
+    job.add_argument(
         "--jobs",
         type=Path,
         metavar="FILE.csv",
@@ -309,9 +320,10 @@ def _main(args: argparse.Namespace, emit) -> int:
     if args.command in ("edit", "preview") and (args.jobs is not None or args.dicomweb is not None):
         jobs = _jobs_run(args)  # every row read and checked before the model is loaded
     elif args.command in ("edit", "preview"):
-        if args.input is None or args.instruction is None:
+        instruction = _series_instruction(args) if args.series else args.instruction
+        if args.input is None or instruction is None:
             raise ParameterError("give an input radiograph and -i INSTRUCTION (or --jobs FILE.csv).")
-        prepared = prepare(_job(args, args.input, args.instruction))  # checked before the model loads
+        prepared = prepare(_job(args, args.input, instruction))  # checked before the model loads
     from .editor import InstructX2XEditor
     from .outputs import UNTRAINED_NOTICE
     from .priors import PriorSet
@@ -361,6 +373,22 @@ def _main(args: argparse.Namespace, emit) -> int:
     return 0
 
 
+def _series_instruction(args: argparse.Namespace) -> str:
+    """The instruction of a ``--series`` job: -i, the template holding {level}, when the steps
+    are levels; else the first step (the steps checked first, so that their errors come first)."""
+    from .instructions import LEVEL_PLACEHOLDER, parse_series
+
+    if args.instruction is None:
+        return parse_series(args.series).instructions[0]
+    if LEVEL_PLACEHOLDER not in args.instruction:
+        raise ParameterError(
+            f"with --series, -i is a template holding {LEVEL_PLACEHOLDER} for the levels to fill "
+            f'(-i "Add the finding of {LEVEL_PLACEHOLDER} edema" --series mild severe); give '
+            "instructions to --series without -i."
+        )
+    return args.instruction
+
+
 def _jobs_run(args: argparse.Namespace):
     """The rows of ``--jobs FILE.csv`` or of a ``--dicomweb`` cohort, checked (``job_sources``)."""
     from .job_sources import prepare_jobs_run
@@ -368,6 +396,8 @@ def _jobs_run(args: argparse.Namespace):
     if args.jobs is not None and args.dicomweb is not None:
         raise ParameterError("give --jobs FILE.csv or --dicomweb URL, not both.")
     source = "--jobs" if args.jobs is not None else "--dicomweb"
+    if args.series:
+        raise ParameterError(f"--series edits one radiograph; give it without {source}.")
     if args.input is not None or (args.jobs is not None and args.instruction is not None):
         raise ParameterError(f"{source} takes the images from its source; give no input radiograph with it.")
     if args.dicomweb is not None and args.instruction is None:
@@ -453,6 +483,7 @@ def _job(args: argparse.Namespace, source: Path, instruction: str) -> EditJob:
         reference_mask=args.reference_mask,
         verify=args.verify,
         include_demographics=args.include_demographics,
+        series=tuple(args.series or ()),
     )
 
 

@@ -23,7 +23,7 @@ from .devices import cpu_description, needs_attention_slicing, resolve_device, r
 from .errors import EmptyEditRegionError, ParameterError
 from .guidance import resize_map
 from .image_io import Radiograph
-from .instructions import parse_instruction
+from .instructions import LEVEL_PLACEHOLDER, ParsedSeries, parse_instruction
 from .loading import ModelInfo, load_pipeline
 from .parameters import (
     ASPECT_MODES,
@@ -38,7 +38,7 @@ from .pipeline import InstructX2XPipeline
 from .priors import PriorSet
 from .schedulers import FEW_STEP_SOLVER_STEPS, default_scheduler, default_steps
 
-__all__ = ["EditParameters", "EditResult", "InstructX2XEditor", "ASPECT_MODES"]
+__all__ = ["EditParameters", "EditResult", "SeriesResult", "InstructX2XEditor", "ASPECT_MODES"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +137,38 @@ class EditResult:
         """True when a random-weight model made this result (its model card says so; a
         model without a card is not assumed untrained)."""
         return self.manifest["model"]["trained"] is False
+
+
+@dataclasses.dataclass
+class SeriesResult:
+    """A progression series: one ``EditResult`` per step, all of one image, seed and edit region.
+
+    Attributes
+    ----------
+    series: ParsedSeries
+        The steps as parsed, with the step whose relevance map gave the region.
+    steps: list[EditResult]
+        One edit per step, in order; each manifest's ``series`` says which step it is. Their
+        ``edit_mask``, ``guidance_map`` and ``relevance_map`` are the same arrays' values.
+    """
+
+    series: ParsedSeries
+    steps: list[EditResult]
+
+    @property
+    def edit_mask(self) -> np.ndarray:
+        """The edit region every step shares."""
+        return self.steps[0].edit_mask
+
+    @property
+    def guidance_map(self) -> np.ndarray:
+        """The guidance map every step shares."""
+        return self.steps[0].guidance_map
+
+    @property
+    def untrained(self) -> bool:
+        """True when a random-weight model made the series."""
+        return self.steps[0].untrained
 
 
 class InstructX2XEditor:
@@ -340,6 +372,74 @@ class InstructX2XEditor:
             raise ParameterError("give an edit mask for every image of a batch or for none.")
         return self._run(images, parameters, masks, keep_masks, progress, guidance_only=False)
 
+    def edit_series(
+        self,
+        image: Radiograph,
+        series: ParsedSeries,
+        parameters: EditParameters,
+        mask: np.ndarray | None = None,
+        keep_mask: np.ndarray | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> SeriesResult:
+        """Edit ``image`` once per step of a progression series, so that only the level varies.
+
+        Every step has the seed of ``parameters`` (the same autoencoder sample, noise and
+        relevance draws) and one edit region: the relevance map of the series' region step
+        (``series.region_step``), computed once, times the pseudo mask the steps share (or
+        ``mask``), less ``keep_mask`` (docs/method.md section 8.7). The steps run as one batch
+        (one UNet call per denoising step), as ``edit_batch`` runs films.
+
+        Parameters
+        ----------
+        image: Radiograph
+            The radiograph every step edits.
+        series: ParsedSeries
+            From ``instructions.parse_series``.
+        parameters: EditParameters
+            The settings of every step. Its instruction is the series' template (holding
+            ``{level}``) or one of its steps; each step's instruction takes its place.
+        mask, keep_mask, progress
+            As for ``edit``; the masks apply to every step.
+
+        Returns
+        -------
+        SeriesResult
+
+        Raises
+        ------
+        ParameterError
+            When the instruction of ``parameters`` is not the series' (checked before any
+            model call), or as ``edit``.
+        """
+        if (
+            LEVEL_PLACEHOLDER not in parameters.instruction
+            and parameters.instruction not in series.instructions
+        ):
+            raise ParameterError(
+                f"the series' settings name the instruction {parameters.instruction!r}, which is "
+                f"neither a template holding {LEVEL_PLACEHOLDER} nor one of its steps."
+            )
+        steps = [dataclasses.replace(parameters, instruction=text) for text in series.instructions]
+        count = len(steps)
+        results = self._run(
+            [image] * count,
+            steps,
+            [mask] * count,
+            [keep_mask] * count,
+            progress,
+            guidance_only=False,
+            relevance_from=series.region_step,
+        )
+        for number, (result, level) in enumerate(zip(results, series.levels), start=1):
+            result.manifest["series"] = {
+                "step": number,
+                "steps": count,
+                "level": level,
+                "direction": series.direction,
+                "region_instruction": series.instructions[series.region_step],
+            }
+        return SeriesResult(series, results)
+
     def _run(
         self,
         images: list[Radiograph],
@@ -348,6 +448,7 @@ class InstructX2XEditor:
         keep_masks: list[np.ndarray | None],
         progress: ProgressCallback | None,
         guidance_only: bool,
+        relevance_from: int | None = None,
     ) -> list[EditResult]:
         parameters_list = [self.resolve(p) for p in given]
         parameters = parameters_list[0]
@@ -377,6 +478,7 @@ class InstructX2XEditor:
             tuple(p.instruction for p in parameters_list),
             tuple(p.seed for p in parameters_list),
             parameters.relevance_draws,
+            relevance_from,
         )
         cached = self._guidance_cache
         reused = cached is not None and cached[0] == key
@@ -393,6 +495,7 @@ class InstructX2XEditor:
             lateralize_prior=parameters.lateralize_prior,
             relevance_timestep=parameters.relevance_timestep,
             relevance_draws=parameters.relevance_draws,
+            relevance_from=relevance_from,
             num_inference_steps=parameters.num_inference_steps,
             guidance_scale=parameters.guidance_scale,
             image_guidance_scale=parameters.image_guidance_scale,

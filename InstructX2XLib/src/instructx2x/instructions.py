@@ -12,12 +12,15 @@ import dataclasses
 import enum
 import re
 import unicodedata
+from collections.abc import Sequence
 
 from .errors import ParameterError
 
 __all__ = [
     "FINDINGS",
     "LEVEL_WORDS",
+    "LEVEL_GRADES",
+    "LEVEL_PLACEHOLDER",
     "LUNG_ZONES",
     "PRIOR_CATEGORIES",
     "FINDING_TO_PRIOR",
@@ -25,7 +28,9 @@ __all__ = [
     "Operation",
     "Laterality",
     "ParsedInstruction",
+    "ParsedSeries",
     "parse_instruction",
+    "parse_series",
     "swap_sides",
 ]
 
@@ -83,7 +88,30 @@ LEVEL_WORDS: tuple[str, ...] = (
     "increasing",
     "decreasing",
     "minor",
+    "large",  # the grade above moderate of pleural effusion and pneumothorax (cohort v2's films)
 )
+
+# Severity grades of the level words, least to most severe; words of one grade say the same
+# amount ("mild" and "small"). "acute", "increasing" and "decreasing" are no grade.
+LEVEL_GRADES: dict[str, int] = {
+    "minimal": 1,
+    "minimally": 1,
+    "subtle": 1,
+    "minor": 1,
+    "mild": 2,
+    "mildly": 2,
+    "small": 2,
+    "mild to moderate": 3,
+    "moderate": 4,
+    "moderately": 4,
+    "moderate to large": 5,
+    "moderate to severe": 5,
+    "severe": 6,
+    "large": 6,
+    "massive": 7,
+}
+# Where a series' levels go in its template ("Add the finding of {level} edema").
+LEVEL_PLACEHOLDER = "{level}"
 
 # The thirds of a lung's height that reports name ("left lower zone consolidation"), top down.
 LUNG_ZONES: tuple[str, ...] = ("upper", "mid", "lower")
@@ -345,6 +373,214 @@ def parse_instruction(text: str) -> ParsedInstruction:
 def _unique(items) -> tuple:
     """Items in first-seen order without repeats."""
     return tuple(dict.fromkeys(items))
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedSeries:
+    """A progression series: one finding, on one side, at levels in order of severity.
+
+    Every step edits the same input with the same seed and the same edit region, so that the
+    series differs only by the instructed level (docs/method.md section 8.7).
+
+    Attributes
+    ----------
+    steps: tuple[ParsedInstruction, ...]
+        The steps' instructions, parsed, in the order given.
+    levels: tuple[str, ...]
+        Each step's level: the level added, or the level changed to.
+    direction: str
+        ``increasing`` (least to most severe) or ``decreasing``.
+    region_step: int
+        The step (0-based) whose relevance map gives every step its edit region: the one
+        farthest in grade from the input's level (an added finding's input has none), the
+        later one of a tie.
+    """
+
+    steps: tuple[ParsedInstruction, ...]
+    levels: tuple[str, ...]
+    direction: str
+    region_step: int
+
+    @property
+    def instructions(self) -> tuple[str, ...]:
+        """The steps' instructions as the model sees them."""
+        return tuple(step.text for step in self.steps)
+
+    @property
+    def finding(self) -> str:
+        """The one finding every step names."""
+        return self.steps[0].findings[0]
+
+    def to_dict(self) -> dict:
+        """JSON-ready form for manifests."""
+        return {
+            "instructions": list(self.instructions),
+            "levels": list(self.levels),
+            "direction": self.direction,
+            "region_step": self.region_step,
+            "region_instruction": self.instructions[self.region_step],
+            "finding": self.finding,
+            "operation": self.steps[0].operation.value,
+            "laterality": None if self.steps[0].laterality is None else self.steps[0].laterality.value,
+            "zones": list(self.steps[0].zones),
+        }
+
+
+def parse_series(steps: Sequence[str], template: str | None = None) -> ParsedSeries:
+    """Read and check a progression series before any model work.
+
+    Parameters
+    ----------
+    steps: Sequence[str]
+        The steps in order: instructions ("Add the finding of mild edema", "Change the level of
+        edema from mild to severe"), or, with ``template``, level words ("mild", "severe").
+    template: str | None
+        An instruction holding ``{level}`` once; each level of ``steps`` takes its place.
+
+    Returns
+    -------
+    ParsedSeries
+
+    Raises
+    ------
+    ParameterError
+        Naming the problem and the step: fewer than two steps; a level where an instruction
+        belongs or the reverse; a step that is not "Add the finding of <level> X" or "Change
+        the level of X from A to B"; steps that differ in operation, finding, side or zone; a
+        level that is no severity grade (``LEVEL_GRADES``); level changes from different
+        levels, or to the level they start from; levels not strictly in order of severity,
+        increasing or decreasing.
+    """
+    if isinstance(steps, str) or not all(isinstance(step, str) for step in steps):
+        raise ParameterError("a series is a list of instructions or of levels, one string a step.")
+    if len(steps) < 2:
+        raise ParameterError(
+            f"a series needs at least two steps, got {len(steps)}"
+            + (f" ({steps[0]!r})" if steps else "")
+            + ": give the levels or instructions in order, e.g. mild moderate severe."
+        )
+    if template is not None:
+        instructions = _fill_template(template, steps)
+    else:
+        for number, step in enumerate(steps, start=1):
+            if " ".join(step.lower().split()) in LEVEL_GRADES:
+                raise ParameterError(
+                    f"series step {number} ({step!r}) is a level, not an instruction: give an "
+                    f"instruction holding {LEVEL_PLACEHOLDER} for the levels to fill."
+                )
+        instructions = list(steps)
+    parsed = []
+    for number, text in enumerate(instructions, start=1):
+        try:
+            parsed.append(parse_instruction(text))
+        except ParameterError as error:
+            raise ParameterError(f"series step {number}: {error}") from None
+    levels, start = _series_levels(parsed)
+    grades = [LEVEL_GRADES[level] for level in levels]
+    increasing = all(a < b for a, b in zip(grades, grades[1:]))
+    if not increasing and not all(a > b for a, b in zip(grades, grades[1:])):
+        same = next((i for i in range(1, len(grades)) if grades[i] == grades[i - 1]), None)
+        if same is not None:
+            raise ParameterError(
+                f"series steps {same} and {same + 1} are one grade ({levels[same - 1]!r} and "
+                f"{levels[same]!r}): each step must be more severe than the last, or each less."
+            )
+        raise ParameterError(
+            f"series levels out of order: {', '.join(levels)}; give them from least to most "
+            f"severe, or from most to least (grades: {_grades_text(levels)})."
+        )
+    origin = 0 if start is None else LEVEL_GRADES[start]
+    distances = [abs(grade - origin) for grade in grades]
+    region = max(range(len(grades)), key=lambda i: (distances[i], i))
+    return ParsedSeries(tuple(parsed), tuple(levels), "increasing" if increasing else "decreasing", region)
+
+
+def _fill_template(template: object, levels: Sequence[str]) -> list[str]:
+    """The series' instructions: each level in the template's ``{level}``."""
+    if not isinstance(template, str) or template.count(LEVEL_PLACEHOLDER) != 1:
+        raise ParameterError(
+            f"a series of levels needs an instruction holding {LEVEL_PLACEHOLDER} once, e.g. "
+            f"'Add the finding of {LEVEL_PLACEHOLDER} left pleural effusion'; got {template!r:.80}."
+        )
+    filled = []
+    for number, level in enumerate(levels, start=1):
+        word = " ".join(level.lower().split())
+        if word not in LEVEL_GRADES:
+            raise ParameterError(
+                f"series step {number} ({level!r}) is no severity grade; with a template the steps "
+                f"are levels: {_grades_text(sorted(LEVEL_GRADES, key=LEVEL_GRADES.__getitem__))}."
+            )
+        filled.append(template.replace(LEVEL_PLACEHOLDER, word))
+    return filled
+
+
+def _series_levels(parsed: list[ParsedInstruction]) -> tuple[list[str], str | None]:
+    """Each step's level and the level the steps change from (None for added findings), after
+    checking that the steps share operation, finding, side and zone."""
+    first = parsed[0]
+    for number, step in enumerate(parsed, start=1):
+        if step.operation not in (Operation.ADD, Operation.CHANGE_LEVEL):
+            raise ParameterError(
+                f"series step {number} ({step.text!r}) sets no level: a series steps through levels "
+                "of one finding with 'Add the finding of <level> X' or 'Change the level of X "
+                "from A to B'."
+            )
+        if len(step.findings) != 1:
+            named = ", ".join(step.findings) if step.findings else "no known finding"
+            raise ParameterError(f"series step {number} names {named}; a series follows one finding.")
+        for what, value, expected in (
+            ("operation", step.operation.value, first.operation.value),
+            ("finding", step.findings[0], first.findings[0]),
+            ("side", _side_text(step.laterality), _side_text(first.laterality)),
+            ("zone", ", ".join(step.zones) or "none", ", ".join(first.zones) or "none"),
+        ):
+            if value != expected:
+                raise ParameterError(
+                    f"series step {number} has {what} {value}, step 1 {expected}: one finding on one "
+                    "side throughout, only the level changes."
+                )
+    levels, starts = [], set()
+    for number, step in enumerate(parsed, start=1):
+        if step.operation is Operation.CHANGE_LEVEL:
+            if len(step.levels) != 2:
+                raise ParameterError(f"series step {number} ({step.text!r}) does not say 'from A to B'.")
+            before, after = step.levels
+            for level in (before, after):
+                _check_grade(number, level)
+            if before == after:
+                raise ParameterError(f"series step {number} changes nothing (from {before} to {after}).")
+            starts.add(before)
+            levels.append(after)
+        else:
+            if len(step.levels) != 1:
+                named = ", ".join(step.levels) if step.levels else "none"
+                raise ParameterError(
+                    f"series step {number} ({step.text!r}) names levels: {named}; each step names one."
+                )
+            _check_grade(number, step.levels[0])
+            levels.append(step.levels[0])
+    if len(starts) > 1:
+        raise ParameterError(
+            f"series steps change from different levels ({', '.join(sorted(starts))}): every step "
+            "edits the same input, so each changes from the input's level."
+        )
+    return levels, next(iter(starts), None)
+
+
+def _check_grade(number: int, level: str) -> None:
+    if level not in LEVEL_GRADES:
+        raise ParameterError(
+            f"series step {number}: {level!r} is no severity grade; use one of "
+            f"{_grades_text(sorted(LEVEL_GRADES, key=LEVEL_GRADES.__getitem__))}."
+        )
+
+
+def _grades_text(levels) -> str:
+    return ", ".join(f"{level} {LEVEL_GRADES[level]}" if level in LEVEL_GRADES else level for level in levels)
+
+
+def _side_text(laterality: Laterality | None) -> str:
+    return "none" if laterality is None else laterality.value
 
 
 _SIDE_SWAP = {"left": "right", "right": "left"}

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import InputError, InputNotFoundError, InstructX2XError, PacsError, ParameterError
+from .instructions import LEVEL_PLACEHOLDER, ParsedSeries, parse_series
 from .parameters import EditParameters, check_masks, is_integer
 from .provenance import to_json
 from .sharding import Shard, open_record, read_records
@@ -81,6 +82,11 @@ class EditJob:
         Also write the classifiers' age, sex and race estimates into the verification report,
         labelled as model estimates (needs ``verify``). Off: the report names which estimates
         moved, without their values.
+    series: tuple[str, ...]
+        A progression series (``instructions.parse_series``): its steps as instructions, or as
+        levels that fill the ``{level}`` of ``parameters.instruction``. Empty for one edit. With
+        instructions, ``parameters.instruction`` is one of them. Every step edits the one input
+        with the job's seed and one edit region (``InstructX2XEditor.edit_series``).
     """
 
     command: str
@@ -97,6 +103,7 @@ class EditJob:
     reference_mask: Path | None = None
     verify: str | None = None
     include_demographics: bool = False
+    series: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.command not in COMMANDS:
@@ -118,6 +125,42 @@ class EditJob:
                 "include_demographics needs verify: only the verification report has "
                 "age, sex and race estimates."
             )
+        if not isinstance(self.series, (list, tuple)):
+            raise ParameterError(f"series must be a list of instructions or levels, got {self.series!r:.80}.")
+        object.__setattr__(self, "series", tuple(self.series))
+        if self.series:
+            self.series_plan()  # refused here, before anything is read
+        elif LEVEL_PLACEHOLDER in self.parameters.instruction:
+            raise ParameterError(
+                f"the instruction holds {LEVEL_PLACEHOLDER}, a series' template: give the series' levels."
+            )
+
+    def series_plan(self) -> ParsedSeries | None:
+        """The series as parsed (None for one edit).
+
+        Raises
+        ------
+        ParameterError
+            As ``instructions.parse_series``; or when the job is not an edit, verifies, or names an
+            instruction that is neither the series' template nor one of its steps.
+        """
+        if not self.series:
+            return None
+        if self.command != "edit":
+            raise ParameterError(
+                "a series needs the edit command: preview its region with the preview of one step."
+            )
+        if self.verify is not None:
+            raise ParameterError("verification checks one edit; run a series without it.")
+        instruction = self.parameters.instruction
+        template = instruction if LEVEL_PLACEHOLDER in instruction else None
+        plan = parse_series(self.series, template)
+        if template is None and instruction not in plan.instructions:
+            raise ParameterError(
+                f"the series' instruction {instruction!r} is neither a template holding "
+                f"{LEVEL_PLACEHOLDER} nor one of its steps."
+            )
+        return plan
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EditJob:
@@ -147,6 +190,7 @@ class EditJob:
         for key in ("input", "output", "mask", "keep_mask", "reference_mask"):
             if data[key] is not None:
                 data[key] = str(data[key])
+        data["series"] = list(self.series)
         return data
 
 
@@ -188,6 +232,8 @@ def prepare(job: EditJob, new_output: bool = True) -> PreparedJob:
     paths = _input_files(job.input, is_dicom_file)
     if (job.mask or job.keep_mask or job.reference_mask) and len(paths) > 1:
         raise ParameterError("masks apply to one image; the input is a folder.")
+    if job.series and len(paths) > 1:
+        raise ParameterError(f"a series edits one radiograph; the input folder holds {len(paths)}.")
     images = []
     for path, dicom in paths:
         if dicom:
@@ -248,7 +294,11 @@ def edit_images(prepared: PreparedJob, editor, emit: Events, progress_bar: bool 
     parameters = editor.resolve(job.parameters)
     steps = parameters.num_inference_steps if job.command == "edit" else 0
     total = steps * len(prepared.images)
-    emit({"event": "started", "command": job.command, "total": total, "images": len(prepared.images)})
+    started = {"event": "started", "command": job.command, "total": total, "images": len(prepared.images)}
+    series = job.series_plan()
+    if series is not None:
+        started["series"] = len(series.steps)
+    emit(started)
     clock = _Eta(total)
     bar = None
     if progress_bar and total:
@@ -276,6 +326,11 @@ def edit_images(prepared: PreparedJob, editor, emit: Events, progress_bar: bool 
                 if step == steps:
                     emit({"event": "decode", "image": image_number})
 
+            if series is not None:  # one batch: its steps share every denoising step
+                results.append(
+                    editor.edit_series(image, series, parameters, prepared.mask, prepared.keep_mask, report)
+                )
+                continue
             results.append(editor.edit(image, parameters, prepared.mask, prepared.keep_mask, progress=report))
     finally:
         if bar is not None:
@@ -304,14 +359,24 @@ def write_results(prepared: PreparedJob, results: list, emit: Events, float_maps
     emit({"event": "export", "output": str(job.output)})
     with atomic_output_dir(job.output) as staging:
         written = write_into(staging, prepared, results, float_maps)
+    series = job.series_plan()
+    first = results[0] if series is None else results[0].steps[series.region_step]
     summary = {
         "event": "done",
         "output": str(job.output),
         "files": written,
-        "prior": results[0].manifest["prior"],
-        "edit_fraction": results[0].manifest["edit_fraction"],
-        "untrained": results[0].untrained,
+        "prior": first.manifest["prior"],
+        "edit_fraction": first.manifest["edit_fraction"],
+        "untrained": first.untrained,
     }
+    if series is not None:  # what a panel's slider steps through
+        summary["series"] = {
+            **series.to_dict(),
+            "step_files": [
+                [name for name in written if name.startswith(f"step-{number:02d}.")]
+                for number in range(1, len(series.steps) + 1)
+            ],
+        }
     if prepared.verifiers is not None:  # what the panels show beside the result
         first = next(name for name in written if name.endswith("verification.json"))
         summary["verification"] = json.loads((job.output / first).read_text())
@@ -332,9 +397,24 @@ def write_results(prepared: PreparedJob, results: list, emit: Events, float_maps
 
 def write_into(folder: Path, prepared: PreparedJob, results: list, float_maps: bool = False) -> list[str]:
     """Write a job's results into an existing (staging) folder; returns the relative names."""
-    from .dicom.export import write_dicom_edit
-    from .outputs import write_figure, write_float_maps, write_png_result, write_verification
+    from .dicom.export import write_dicom_edit, write_dicom_series
+    from .outputs import (
+        write_figure,
+        write_float_maps,
+        write_png_result,
+        write_series_result,
+        write_verification,
+    )
 
+    if prepared.job.series:  # one image, one SeriesResult
+        image, result = prepared.images[0], results[0]
+        names = []
+        if image.format == "dicom":
+            names += write_dicom_series(folder, image, result, feather_px=prepared.job.feather_px)
+        names += [p.name for p in write_series_result(folder, image, result, prepared.reference_mask)]
+        if float_maps:  # the maps the steps share
+            names += [p.name for p in write_float_maps(folder, image, result.steps[0])]
+        return names
     written = []
     for index, (image, result) in enumerate(zip(prepared.images, results)):
         target = folder if len(prepared.images) == 1 else folder / f"image-{index + 1:03d}"

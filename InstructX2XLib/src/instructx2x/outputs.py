@@ -19,13 +19,13 @@ from PIL import Image
 
 from .errors import InputError, InstructX2XError, OutputExistsError, ResourceError
 from .image_io import Radiograph
-from .overlay import guidance_overlay, side_by_side
+from .overlay import guidance_overlay, series_strip, side_by_side
 from .provenance import to_json
 from .staging import remove_stale_staging, staging_prefix
 
 if TYPE_CHECKING:  # types only: the panels use atomic_output_dir without torch
     from .classifier_set import ClassifierSet
-    from .editor import EditResult
+    from .editor import EditResult, SeriesResult
 
 __all__ = [
     "check_new_output_folder",
@@ -33,6 +33,8 @@ __all__ = [
     "write_png_result",
     "write_float_maps",
     "write_figure",
+    "write_series_result",
+    "series_manifest",
     "UNTRAINED_NOTICE",
     "SYNTHETIC_PNG_TEXT",
 ]
@@ -226,3 +228,52 @@ def write_float_maps(directory: Path, image: Radiograph, result: EditResult) -> 
     }
     (directory / "maps.json").write_text(to_json(geometry) + "\n")
     return [*written, directory / "maps.json"]
+
+
+def series_manifest(result: SeriesResult, files: list[str], step_files: list[list[str]]) -> dict:
+    """The manifest of a progression series: the series as parsed, the edit region the steps
+    share, and each step's own manifest with its files."""
+    region = result.steps[result.series.region_step].manifest
+    manifest = {
+        "kind": "edit_series",
+        "series": {**result.series.to_dict(), "steps": len(result.steps)},
+        "edit_region": {
+            "shared": True,
+            "from_instruction": result.series.instructions[result.series.region_step],
+            "edit_fraction": region["edit_fraction"],
+            "prior": region["prior"],
+        },
+        "files": files,
+        "steps": [{**step.manifest, "files": names} for step, names in zip(result.steps, step_files)],
+    }
+    if result.untrained:
+        manifest["notice"] = UNTRAINED_NOTICE
+    return manifest
+
+
+def write_series_result(
+    directory: Path, image: Radiograph, result: SeriesResult, reference: np.ndarray | None = None
+) -> list[Path]:
+    """Write a progression series as PNGs, its strip figure and ``manifest.json``.
+
+    Files: ``step-01.png``, ``step-02.png``, ... (each step's edit at the input's bit depth),
+    the edit region the steps share as ``guidance.png``, ``guidance_overlay.png`` and
+    ``edit_mask.png``, ``strip.png`` (the input, then each step, labelled; ``reference``
+    outlined in green) and ``manifest.json`` (``series_manifest``, strict JSON).
+    """
+    steps = [f"step-{number:02d}.png" for number in range(1, len(result.steps) + 1)]
+    for name, step in zip(steps, result.steps):
+        _save_gray(step.edited_image(), image.bits, directory / name)
+    _save_gray(result.guidance_map, 8, directory / "guidance.png")
+    overlay = guidance_overlay(image.pixels, result.guidance_map, result.edit_mask)
+    Image.fromarray(overlay).save(directory / "guidance_overlay.png", pnginfo=_png_info())
+    Image.fromarray(result.edit_mask.astype(np.uint8) * 255).save(directory / "edit_mask.png")
+    labels = [f"{number}: {level}" for number, level in enumerate(result.series.levels, start=1)]
+    strip = series_strip(
+        image.pixels, [step.edited_image() for step in result.steps], labels, result.edit_mask, reference
+    )
+    Image.fromarray(strip).save(directory / "strip.png", pnginfo=_png_info())
+    files = [*steps, "guidance.png", "guidance_overlay.png", "edit_mask.png", "strip.png"]
+    manifest = series_manifest(result, files, [[name] for name in steps])
+    (directory / "manifest.json").write_text(to_json(manifest) + "\n")
+    return [directory / name for name in [*files, "manifest.json"]]

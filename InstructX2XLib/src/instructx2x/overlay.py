@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["colorize", "guidance_overlay", "outline", "side_by_side"]
+__all__ = ["colorize", "guidance_overlay", "outline", "side_by_side", "series_strip"]
 
 # Anchors of a perceptually ordered black-red-yellow-white ramp ("hot"), value -> RGB.
 _RAMP = np.array([[0.0, 0.0, 0.0], [0.85, 0.1, 0.05], [1.0, 0.8, 0.1], [1.0, 1.0, 1.0]])
@@ -85,20 +85,51 @@ def side_by_side(
     ``reference`` (a known lesion, e.g. a phantom's ground truth) is outlined in green on the
     edit. Panels are resized to ``height`` rows (aspect kept). Returns uint8 RGB.
     """
-    from PIL import Image, ImageDraw
-
-    def gray(values: np.ndarray) -> np.ndarray:
-        """float32 RGB of a grayscale image in ``[0, 1]``."""
-        return np.repeat(np.clip(values, 0, 1)[..., None], 3, -1).astype(np.float32)
-
-    after = gray(edited)
+    after = _gray(edited)
     if reference is not None:
         after[outline(reference)] = (0.1, 1.0, 0.2)
     panels = [
-        ("input", gray(image)),
+        ("input", _gray(image)),
         ("edit" + (" (green: true lesion)" if reference is not None else ""), after),
         ("guidance map, edit mask in cyan", guidance_overlay(image, guidance, mask) / 255.0),
     ]
+    return _labelled(panels, height)
+
+
+def series_strip(
+    image: np.ndarray,
+    steps: list[np.ndarray],
+    labels: list[str],
+    mask: np.ndarray,
+    reference: np.ndarray | None = None,
+    height: int = 384,
+) -> np.ndarray:
+    """One picture of a progression series: the input, then each step, each labelled.
+
+    The edit region the steps share is outlined in cyan on every step, ``reference`` (a known
+    lesion) in green. Panels are resized to ``height`` rows (aspect kept). Returns uint8 RGB.
+    """
+    if len(steps) != len(labels):
+        raise ValueError(f"{len(steps)} steps and {len(labels)} labels: give one label a step.")
+    panels = [("input", _gray(image))]
+    for label, edited in zip(labels, steps):
+        picture = _gray(edited)
+        picture[outline(mask)] = (0.0, 1.0, 1.0)
+        if reference is not None:
+            picture[outline(reference)] = (0.1, 1.0, 0.2)
+        panels.append((label, picture))
+    return _labelled(panels, height)
+
+
+def _gray(array: np.ndarray) -> np.ndarray:
+    return np.repeat(np.clip(array, 0, 1)[..., None], 3, -1).astype(np.float32)
+
+
+def _labelled(panels: list[tuple[str, np.ndarray]], height: int) -> np.ndarray:
+    """Float RGB panels in [0, 1], each resized to ``height`` rows with its label in a black box
+    at the top left, side by side."""
+    from PIL import Image, ImageDraw
+
     pictures = []
     for label, panel in panels:
         picture = Image.fromarray((np.clip(panel, 0, 1) * 255).round().astype(np.uint8))

@@ -26,7 +26,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from . import guidance
 from .errors import EditCancelled, EmptyEditRegionError, ParameterError
 from .instructions import parse_instruction
-from .parameters import GUIDANCE_SCALE, IMAGE_GUIDANCE_SCALE, RegionMode, check_sampling
+from .parameters import GUIDANCE_SCALE, IMAGE_GUIDANCE_SCALE, RegionMode, check_sampling, is_integer
 from .priors import PriorSelection, PriorSet
 
 __all__ = ["InstructX2XPipeline", "InstructX2XPipelineOutput", "GuidanceState", "EditCancelled"]
@@ -189,6 +189,7 @@ class InstructX2XPipeline(DiffusionPipeline):
         lateralize_prior: bool = True,
         relevance_timestep: int = 800,
         relevance_draws: int = 1,
+        relevance_from: int | None = None,
         num_inference_steps: int = 100,
         guidance_scale: float = GUIDANCE_SCALE,
         image_guidance_scale: float = IMAGE_GUIDANCE_SCALE,
@@ -234,6 +235,10 @@ class InstructX2XPipeline(DiffusionPipeline):
                 Noise draws whose relevance maps (each clipped and normalised) are averaged; the authors
                 take one. The first is the noise of the start point and the re-noising, the others
                 are drawn right after it, so the generator's later draws depend on this number.
+            relevance_from (`int`, *optional*):
+                The batch element whose relevance map every element uses: computed once, from that
+                element's instruction, image and noise. A progression series (one image and seed at
+                several levels) so shares one edit region; the other elements' maps are not computed.
             num_inference_steps (`int`, defaults to 100):
                 Denoising steps.
             guidance_scale (`float`, defaults to 7.5):
@@ -253,8 +258,8 @@ class InstructX2XPipeline(DiffusionPipeline):
                 preview for tuning `tau`.
             guidance_state (`GuidanceState`, *optional*):
                 The `guidance_state` of an earlier call on the same image, prompt, seed and model
-                (e.g. a preview) with the same `relevance_draws`: its embeddings, latents, noise
-                and relevance map are reused.
+                (e.g. a preview) with the same `relevance_draws` and `relevance_from`: its embeddings,
+                latents, noise and relevance map are reused.
             decode_mask_region (`bool`, defaults to `False`):
                 Decode only the latents over the edit masks' bounding box (plus a margin of
                 `DECODE_MARGIN` latent cells) instead of the whole grid: the decoder's cost falls
@@ -304,6 +309,12 @@ class InstructX2XPipeline(DiffusionPipeline):
             relevance_draws,
         )
         batch_size = len(prompts)
+        if relevance_from is not None and (
+            not is_integer(relevance_from) or not 0 <= relevance_from < batch_size
+        ):
+            raise ParameterError(
+                f"`relevance_from` must be a batch element, 0 to {batch_size - 1}, got {relevance_from!r}."
+            )
         if (mask_image is not None or prior_mask is not None) and region_mode in (
             RegionMode.RELEVANCE,
             RegionMode.NONE,
@@ -383,7 +394,7 @@ class InstructX2XPipeline(DiffusionPipeline):
                 and state.relevance_timestep == int(relevance_timestep)
             ):
                 relevance = state.relevance
-            else:
+            elif relevance_from is None:
                 relevance = self.compute_relevance(
                     source_latents,
                     [noise, *relevance_noise],
@@ -391,6 +402,16 @@ class InstructX2XPipeline(DiffusionPipeline):
                     prompt_embeds,
                     relevance_timestep,
                 )
+            else:  # one element's map for all: its (text + image, image only) members
+                one = slice(relevance_from, relevance_from + 1)
+                members = [relevance_from, batch_size + relevance_from]
+                relevance = self.compute_relevance(
+                    source_latents[one],
+                    [draw[one] for draw in (noise, *relevance_noise)],
+                    image_latents_cfg[members],
+                    prompt_embeds[members],
+                    relevance_timestep,
+                ).repeat(batch_size, 1, 1, 1)
         state = GuidanceState(
             prompt_embeds,
             image_latents,

@@ -12,6 +12,9 @@ Requests (one JSON object per line; ``id`` is the caller's, echoed in every even
 different clients never collide)::
 
     {"type": "edit" | "preview", "id": "7", "job": {EditJob.to_dict() fields}}
+    {"type": "edit", "id": "9", "job": {..., "series": ["mild", "severe"]}}   # a progression
+        # series (EditJob.series): its "started" says how many steps, its "done" carries
+        # "series" (levels, instructions, region step, each step's files in "step_files")
     {"type": "rethreshold", "id": "8", "preview": "7", "tau": 0.3, "output": "DIR"}
     {"type": "cancel", "id": "7"}          # the running job stops at its next step; a queued
                                            # one is dropped before it starts (never lost)

@@ -1,4 +1,5 @@
-"""Export one DICOM edit: composite at native resolution, build, validate, write atomically."""
+"""Export a DICOM edit or a progression series: composite at native resolution, build, validate,
+write atomically."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from ..outputs import atomic_output_dir
 from ..overlay import guidance_overlay
 from ..provenance import to_json
 from .native import composite_stored, proposed_stored
-from .write import EditObjects, build_edit_objects
+from .write import EditObjects, SeriesObjects, build_edit_objects, build_series_objects
 
 if TYPE_CHECKING:  # a type only: reading DICOM (``dicom.read``) must not import torch
-    from ..editor import EditResult
+    from ..editor import EditResult, SeriesResult
+    from .read import DicomSource
 
-__all__ = ["export_dicom_edit", "write_dicom_edit"]
+__all__ = ["export_dicom_edit", "write_dicom_edit", "write_dicom_series"]
 
 
 def export_dicom_edit(
@@ -61,15 +63,75 @@ def write_dicom_edit(
     Everything is built and validated before the first file is written. Returns the file
     names. Raises as ``export_dicom_edit``.
     """
-    dicom = image.dicom
-    if image.format != "dicom" or dicom is None:
-        raise ParameterError(f"{image.source} was not read from DICOM; use the PNG writer.")
+    dicom = _dicom(image)
     if result.edited is None:
         raise ParameterError("a guidance preview has no counterfactual image to export.")
-    source, original, mapping = dicom.dataset, dicom.stored, dicom.mapping
-    proposed = proposed_stored(original, mapping, result.edited, result.model_output, result.reconstruction)
-    stored, clipped = composite_stored(original, proposed, result.edit_mask, mapping.stored_range, feather_px)
+    stored, provenance = _stored_with_provenance(dicom, result, feather_px)
     spacing = dicom.pixel_spacing
+    overlay = guidance_overlay(image.pixels, result.guidance_map, result.edit_mask)
+    objects: EditObjects = build_edit_objects(
+        dicom.dataset,
+        stored,
+        overlay,
+        result.edit_mask,
+        provenance,
+        None if spacing is None else (spacing.row_mm, spacing.column_mm),
+    )
+    return _save(directory, objects.named(), provenance)
+
+
+def write_dicom_series(
+    directory: Path, image: Radiograph, result: SeriesResult, *, feather_px: int = 0
+) -> list[str]:
+    """Write a progression series' objects and ``provenance.json`` into an existing folder.
+
+    ``step-01.dcm``, ``step-02.dcm``, ...: each step's counterfactual, one series with instance
+    numbers in step order, each with its own instruction and provenance; ``guidance_overlay.dcm``
+    and ``edit_region_seg.dcm``: the edit region the steps share. Everything is built and
+    validated before the first file is written. Returns the file names.
+
+    Raises
+    ------
+    ParameterError
+        When the image was not read from DICOM.
+    """
+    dicom = _dicom(image)
+    composed = [_stored_with_provenance(dicom, step, feather_px) for step in result.steps]
+    region = composed[result.series.region_step][1]
+    region_provenance = {**region, "series": {**result.series.to_dict(), "steps": len(result.steps)}}
+    spacing = dicom.pixel_spacing
+    objects: SeriesObjects = build_series_objects(
+        dicom.dataset,
+        [stored for stored, _ in composed],
+        guidance_overlay(image.pixels, result.guidance_map, result.edit_mask),
+        result.edit_mask,
+        [provenance for _, provenance in composed],
+        region_provenance,
+        None if spacing is None else (spacing.row_mm, spacing.column_mm),
+    )
+    record = {
+        "kind": "edit_series",
+        "series": region_provenance["series"],
+        "steps": [provenance for _, provenance in composed],
+    }
+    return _save(directory, objects.named(), record)
+
+
+def _dicom(image: Radiograph) -> DicomSource:
+    if image.format != "dicom" or image.dicom is None:
+        raise ParameterError(f"{image.source} was not read from DICOM; use the PNG writer.")
+    return image.dicom
+
+
+def _stored_with_provenance(dicom: DicomSource, result: EditResult, feather_px: int):
+    """The counterfactual's stored values (the model's change composited into the source's
+    stored values) and the provenance its objects carry."""
+    source, original, mapping = dicom.dataset, dicom.stored, dicom.mapping
+    spacing = dicom.pixel_spacing
+    proposed = proposed_stored(
+        original, mapping, result.edited_image(), result.model_output, result.reconstruction
+    )
+    stored, clipped = composite_stored(original, proposed, result.edit_mask, mapping.stored_range, feather_px)
     provenance = dict(result.manifest)
     provenance["input"] = dict(
         provenance["input"],
@@ -87,16 +149,11 @@ def write_dicom_edit(
         "pixel_spacing": None if spacing is None else spacing.to_dict(),
         "outside_mask": "stored values copied from the original",
     }
-    overlay = guidance_overlay(image.pixels, result.guidance_map, result.edit_mask)
-    objects: EditObjects = build_edit_objects(
-        source,
-        stored,
-        overlay,
-        result.edit_mask,
-        provenance,
-        None if spacing is None else (spacing.row_mm, spacing.column_mm),
-    )
-    named = objects.named()
+    return stored, provenance
+
+
+def _save(directory: Path, named: dict, provenance: dict) -> list[str]:
+    """Write the datasets and ``provenance.json`` (with every object's UIDs)."""
     provenance["objects"] = {
         name: {"sop_instance_uid": str(ds.SOPInstanceUID), "series_instance_uid": str(ds.SeriesInstanceUID)}
         for name, ds in named.items()

@@ -7,7 +7,9 @@ Per edit, in the source's study:
   over the image as an RGB Secondary Capture (instance 2);
 * series B (Modality SEG): the binary edit region as a DICOM Segmentation of the source.
 
-A series holds one modality, so the SEG cannot share series A. Every object says it is
+A series holds one modality, so the SEG cannot share series A. A progression series
+(``build_series_objects``) writes every step's counterfactual as one series, instance numbers in
+step order, with the overlay and the SEG of the edit region the steps share. Every object says it is
 synthetic (ConversionType SYN, SeriesDescription, ImageComments, a coded derivation) and
 carries the provenance manifest in a private block. All three carry the same patient and
 study attributes (``patient.apply_patient_policy``).
@@ -19,7 +21,6 @@ import copy
 import dataclasses
 import datetime
 import warnings
-from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -35,7 +36,9 @@ from .patient import apply_patient_policy, patient_study_attributes
 
 __all__ = [
     "EditObjects",
+    "SeriesObjects",
     "build_edit_objects",
+    "build_series_objects",
     "burned_in_annotation",
     "check_exportable",
     "series_numbers",
@@ -86,6 +89,25 @@ class EditObjects:
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class SeriesObjects:
+    """The datasets of a progression series: one counterfactual per step (one series), the
+    guidance overlay and the SEG of the edit region they share."""
+
+    steps: tuple[Dataset, ...]
+    overlay: Dataset
+    segmentation: Dataset
+
+    def named(self) -> dict[str, Dataset]:
+        """File name -> dataset, in writing order: ``step-01.dcm``, ``step-02.dcm``, ..., then the
+        overlay and the SEG."""
+        return {
+            **{f"step-{number:02d}.dcm": step for number, step in enumerate(self.steps, start=1)},
+            "guidance_overlay.dcm": self.overlay,
+            "edit_region_seg.dcm": self.segmentation,
+        }
+
+
 def build_edit_objects(
     source: Dataset,
     stored: np.ndarray,
@@ -123,9 +145,97 @@ def build_edit_objects(
     NotImplementedError
         For signed stored values, which Secondary Capture in highdicom does not take.
     """
+    _check_arrays(source, [stored], overlay_rgb, edit_mask)
+    with warnings.catch_warnings():
+        # highdicom's checks of the copied person names quote the name itself in their
+        # warnings (SC and SEG alike); patient and physician names must not reach logs.
+        warnings.filterwarnings("ignore", message=".*person name", category=UserWarning)
+        return _build(source, stored, overlay_rgb, edit_mask, provenance, pixel_spacing)
+
+
+def build_series_objects(
+    source: Dataset,
+    stored_steps: list[np.ndarray],
+    overlay_rgb: np.ndarray,
+    edit_mask: np.ndarray,
+    provenances: list[dict],
+    region_provenance: dict,
+    pixel_spacing: tuple[float, float] | None = None,
+) -> SeriesObjects:
+    """Build a progression series: one counterfactual SC per step, in one series with instance
+    numbers in step order, and the overlay SC and SEG of the edit region the steps share.
+
+    Parameters
+    ----------
+    source: pydicom.Dataset
+        The original radiograph's dataset.
+    stored_steps: list[numpy.ndarray]
+        Each step's counterfactual stored values, as ``build_edit_objects`` takes one.
+    overlay_rgb, edit_mask, pixel_spacing
+        As for ``build_edit_objects``; the overlay and mask the steps share.
+    provenances: list[dict]
+        Each step's manifest (its instruction and its ``series`` entry), stored in its object and
+        stated in its ImageComments and DerivationDescription.
+    region_provenance: dict
+        The manifest of the overlay and the SEG; its ``series`` entry (``ParsedSeries.to_dict``)
+        names the series in every SeriesDescription.
+
+    Returns
+    -------
+    SeriesObjects
+
+    Raises
+    ------
+    ValueError
+        As ``build_edit_objects``, or when the steps and their manifests differ in number.
+    NotImplementedError
+        As ``build_edit_objects``.
+    """
+    if len(stored_steps) != len(provenances) or not stored_steps:
+        raise ValueError(
+            f"{len(stored_steps)} steps' pixels and {len(provenances)} manifests: give one each."
+        )
+    _check_arrays(source, stored_steps, overlay_rgb, edit_mask)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*person name", category=UserWarning)  # as above
+        context = _Context.of(source, pixel_spacing)
+        sc_number, overlay_number, seg_number = series_numbers()
+        text = _series_text(region_provenance.get("series", {}))
+        description = _series_description(SERIES_DESCRIPTION, text)
+        series_uid = hd.UID()
+        steps = tuple(
+            _counterfactual(
+                context,
+                stored,
+                provenance,
+                description,
+                _summary(provenance) + f" Step {number} of {len(stored_steps)} of a progression series "
+                f"({text}); counterfactual image.",
+                (series_uid, sc_number, number),
+            )
+            for number, (stored, provenance) in enumerate(zip(stored_steps, provenances), start=1)
+        )
+        overlay, segmentation = _region_objects(
+            context,
+            overlay_rgb,
+            edit_mask,
+            region_provenance,
+            (description, _series_description(SEG_SERIES_DESCRIPTION, text)),
+            _summary(region_provenance) + f" The edit region every step of the series ({text}) shares.",
+            (overlay_number, seg_number),
+        )
+        objects = SeriesObjects(steps, overlay, segmentation)
+        context.apply_policy(objects.named().values())
+        return objects
+
+
+def _check_arrays(
+    source: Dataset, stored_steps: list[np.ndarray], overlay_rgb: np.ndarray, edit_mask
+) -> None:
     rows, columns = int(source.Rows), int(source.Columns)
-    if stored.shape != (rows, columns):
-        raise ValueError(f"stored pixels {stored.shape} must match the source ({rows}, {columns}).")
+    for stored in stored_steps:
+        if stored.shape != (rows, columns):
+            raise ValueError(f"stored pixels {stored.shape} must match the source ({rows}, {columns}).")
     if overlay_rgb.shape != (rows, columns, 3) or overlay_rgb.dtype != np.uint8:
         raise ValueError(
             f"overlay must be uint8 ({rows}, {columns}, 3), got {overlay_rgb.dtype} {overlay_rgb.shape}."
@@ -136,53 +246,127 @@ def build_edit_objects(
         raise ValueError("the edit mask is empty: there is no edit region to export.")
     if int(source.get("PixelRepresentation", 0)) == 1:
         raise NotImplementedError("signed stored values cannot be written as Secondary Capture.")
-    if stored.dtype not in (np.uint8, np.uint16):
-        raise ValueError(f"stored pixels must be uint8 or uint16, got {stored.dtype}.")
+    for stored in stored_steps:
+        if stored.dtype not in (np.uint8, np.uint16):
+            raise ValueError(f"stored pixels must be uint8 or uint16, got {stored.dtype}.")
 
-    with warnings.catch_warnings():
-        # highdicom's checks of the copied person names quote the name itself in their
-        # warnings (SC and SEG alike); patient and physician names must not reach logs.
-        warnings.filterwarnings("ignore", message=".*person name", category=UserWarning)
-        return _build(source, stored, overlay_rgb, edit_mask, provenance, pixel_spacing)
+
+@dataclasses.dataclass(frozen=True)
+class _Context:
+    """What every object of one edit or series takes from the source."""
+
+    source: Dataset
+    attributes: Dataset  # the patient and study attributes of the policy
+    reference: Dataset  # the source header as the builders see it
+    orientation: tuple[str, str] | None
+    coordinates: dict
+
+    @classmethod
+    def of(cls, source: Dataset, pixel_spacing: tuple[float, float] | None) -> _Context:
+        attributes = patient_study_attributes(source)
+        orientation = _patient_orientation(source)
+        coordinates: dict = (
+            {"coordinate_system": "PATIENT", "patient_orientation": orientation}
+            if orientation
+            else {"coordinate_system": None}
+        )
+        if pixel_spacing is not None:
+            coordinates["pixel_spacing"] = tuple(float(v) for v in pixel_spacing)
+        return cls(source, attributes, _reference_dataset(source, attributes), orientation, coordinates)
+
+    def apply_policy(self, datasets) -> None:
+        for dataset in datasets:  # the SCs take fewer attributes than the policy
+            apply_patient_policy(dataset, self.attributes)
 
 
 def _build(source, stored, overlay_rgb, edit_mask, provenance, pixel_spacing) -> EditObjects:
-    attributes = patient_study_attributes(source)
-    reference = _reference_dataset(source, attributes)
-    orientation = _patient_orientation(source)
-    coordinates: dict[str, Any] = (
-        {"coordinate_system": "PATIENT", "patient_orientation": orientation}
-        if orientation
-        else {"coordinate_system": None}
-    )
-    if pixel_spacing is not None:
-        coordinates["pixel_spacing"] = tuple(float(v) for v in pixel_spacing)
+    context = _Context.of(source, pixel_spacing)
     sc_number, overlay_number, seg_number = series_numbers()
-    description = _series_description(SERIES_DESCRIPTION, provenance)
-    counterfactual, overlay = _build_secondary_captures(
-        reference,
-        stored,
-        overlay_rgb,
-        str(source.PhotometricInterpretation),
-        (sc_number, overlay_number),
-        coordinates,
-    )
+    instruction = _instruction_text(provenance)
+    description = _series_description(SERIES_DESCRIPTION, instruction)
     text = _summary(provenance)
-    _mark_synthetic_derivative(
-        counterfactual,
-        source,
+    counterfactual = _counterfactual(
+        context, stored, provenance, description, text + " Counterfactual image.", (hd.UID(), sc_number, 1)
+    )
+    overlay, segmentation = _region_objects(
+        context,
+        overlay_rgb,
+        edit_mask,
         provenance,
-        description,
-        text + " Counterfactual image.",
-        COUNTERFACTUAL_DERIVATION,
+        (description, _series_description(SEG_SERIES_DESCRIPTION, instruction)),
+        text,
+        (overlay_number, seg_number),
     )
-    _copy_grayscale_presentation(counterfactual, source)
-    _mark_synthetic_derivative(
-        overlay, source, provenance, description, text + " Guidance map over the image.", (GUIDANCE_OVERLAY,)
-    )
+    objects = EditObjects(counterfactual, overlay, segmentation)
+    context.apply_policy(objects.named().values())
+    return objects
 
+
+def _counterfactual(
+    context: _Context,
+    stored: np.ndarray,
+    provenance: dict,
+    description: str,
+    comments: str,
+    placement: tuple[str, int, int],
+) -> Dataset:
+    """The counterfactual SC at ``placement`` (series UID, series number, instance number)."""
+    series_uid, series_number, instance_number = placement
+    counterfactual = hd.sc.SCImage.from_ref_dataset(
+        context.reference,
+        stored,
+        str(context.source.PhotometricInterpretation),
+        stored.dtype.itemsize * 8,
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        **context.coordinates,
+    )
+    _mark_synthetic_derivative(
+        counterfactual, context.source, provenance, description, comments, COUNTERFACTUAL_DERIVATION
+    )
+    _copy_grayscale_presentation(counterfactual, context.source)
+    return counterfactual
+
+
+def _region_objects(
+    context: _Context,
+    overlay_rgb: np.ndarray,
+    edit_mask: np.ndarray,
+    provenance: dict,
+    descriptions: tuple[str, str],
+    text: str,
+    numbers: tuple[int, int],
+) -> tuple[Dataset, Dataset]:
+    """The guidance overlay SC and the edit-region SEG, each a series of its own: a viewer (3D
+    Slicer's scalar-volume loader among them) stacks the files of one series into one volume,
+    and a grayscale and an RGB image do not stack."""
+    overlay_description, seg_description = descriptions
+    overlay_number, seg_number = numbers
+    overlay = hd.sc.SCImage.from_ref_dataset(
+        context.reference,
+        overlay_rgb,
+        "RGB",
+        8,
+        series_instance_uid=hd.UID(),
+        series_number=overlay_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        **context.coordinates,
+    )
+    _mark_synthetic_derivative(
+        overlay,
+        context.source,
+        provenance,
+        overlay_description,
+        text + " Guidance map over the image.",
+        (GUIDANCE_OVERLAY,),
+    )
     segmentation = hd.seg.Segmentation(
-        source_images=[reference],
+        source_images=[context.reference],
         pixel_array=edit_mask[None].astype(bool),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[
@@ -207,53 +391,13 @@ def _build(source, stored, overlay_rgb, edit_mask, provenance, pixel_spacing) ->
         manufacturer_model_name="InstructX2X",
         software_versions=__version__,
         device_serial_number="none",
-        series_description=_series_description(SEG_SERIES_DESCRIPTION, provenance),
+        series_description=seg_description,
     )
-    if orientation:
-        segmentation.PatientOrientation = list(orientation)  # General Image, Type 2C
+    if context.orientation:
+        segmentation.PatientOrientation = list(context.orientation)  # General Image, Type 2C
     segmentation.ContentDescription = "Region the counterfactual edit was allowed to change"
     _add_provenance(segmentation, provenance)
-    objects = EditObjects(counterfactual, overlay, segmentation)
-    for dataset in objects.named().values():  # the SCs take fewer attributes than the policy
-        apply_patient_policy(dataset, attributes)
-    return objects
-
-
-def _build_secondary_captures(
-    reference: Dataset,
-    stored: np.ndarray,
-    overlay_rgb: np.ndarray,
-    photometric: str,
-    numbers: tuple[int, int],
-    coordinates: dict,
-):
-    # a series of its own each: a viewer (3D Slicer's scalar-volume loader among them) stacks the
-    # files of one series into one volume, and a grayscale and an RGB image do not stack
-    counterfactual = hd.sc.SCImage.from_ref_dataset(
-        reference,
-        stored,
-        photometric,
-        stored.dtype.itemsize * 8,
-        series_instance_uid=hd.UID(),
-        series_number=numbers[0],
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        **coordinates,
-    )
-    overlay = hd.sc.SCImage.from_ref_dataset(
-        reference,
-        overlay_rgb,
-        "RGB",
-        8,
-        series_instance_uid=hd.UID(),
-        series_number=numbers[1],
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        **coordinates,
-    )
-    return counterfactual, overlay
+    return overlay, segmentation
 
 
 def series_numbers(now: datetime.datetime | None = None) -> tuple[int, int, int]:
@@ -341,16 +485,28 @@ def _summary(provenance: dict) -> str:
     )
 
 
-def _series_description(prefix: str, provenance: dict) -> str:
+def _instruction_text(provenance: dict) -> str:
+    return str(provenance.get("parameters", {}).get("instruction", "") or "")
+
+
+def _series_text(series: dict) -> str:
+    """A progression series in a few words, the finding first (a long one leaves the levels
+    to be cut by the 64 characters of a description): "left pneumothorax small to large"."""
+    levels = list(series.get("levels") or [])
+    side = series.get("laterality")
+    finding = f"{side} {series.get('finding', '')}" if side else str(series.get("finding", ""))
+    return f"{finding} {levels[0]} to {levels[-1]}" if levels else finding
+
+
+def _series_description(prefix: str, text: str) -> str:
     """The fixed synthetic marking plus the instruction, within LO's 64 characters.
 
     The template words ("the finding of", "the level of") are dropped so that the finding
     itself fits: "SYNTHETIC - NOT FOR DIAGNOSIS - Add left pleural effusion".
     """
-    instruction = str(provenance.get("parameters", {}).get("instruction", "") or "")
     for words in ("the finding of ", "the findings of ", "the level of "):
-        instruction = instruction.replace(words, "")
-    text = f"{prefix} - {instruction}" if instruction else prefix
+        text = text.replace(words, "")
+    text = f"{prefix} - {text}" if text else prefix
     return text if len(text) <= 64 else text[:63] + "~"
 
 
