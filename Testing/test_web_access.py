@@ -64,3 +64,26 @@ def test_a_reverse_proxy_origin_and_an_exposed_host():
     for origin in ("xray.example.org", "ftp://x.example", "https://x.example/path", "https://user@x.example"):
         with pytest.raises(ParameterError, match="--origin must read"):
             AccessPolicy(TOKEN, origins=(origin,))
+
+
+def test_the_pages_own_view_events_pass_the_event_check():
+    """Events as trame-rca's page sends them (a key release over the slice view, as chromium
+    sent it, carries firstRenderer null): taken; a mistyped field still refused."""
+    from InstructX2XModuleLib.web.access import _view_event
+
+    key_up = {
+        "w": 998,
+        "h": 834,
+        "type": "KeyUp",
+        "pokedRenderer": 1,
+        "firstRenderer": None,
+        "key": "ArrowRight",
+        "keyCode": 0,
+        "controlKey": False,
+        "altKey": False,
+        "shiftKey": False,
+    }
+    assert _view_event(key_up)
+    assert _view_event({"type": "MouseMove", "x": 10.5, "y": 3, "buttonLeft": True})
+    assert not _view_event({**key_up, "firstRenderer": [1]})
+    assert not _view_event({"type": "MouseMove", "x": "a", "y": 1})

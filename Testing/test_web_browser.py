@@ -64,9 +64,9 @@ def test_the_whole_workflow_in_chromium(page, server, tmp_path):
     page.get_by_test_id("mask-source").click()
     page.get_by_role("option", name="painted segment and prior").click()
     page.get_by_test_id("tool-paint").click()
-    page.get_by_test_id("brush").get_by_role("slider").focus()
-    for _ in range(25):
-        page.keyboard.press("ArrowRight")  # 45 mm
+    brush = page.get_by_test_id("brush").get_by_role("slider")
+    for _ in range(25):  # to the slider itself: a key that reaches the slice view moves its slice
+        brush.press("ArrowRight")  # 45 mm
     box = page.get_by_test_id("slice-view").bounding_box()
     x, y = box["x"] + box["width"] * 0.68, box["y"] + box["height"] * 0.70  # towards the patient's left base
     page.mouse.move(x, y)

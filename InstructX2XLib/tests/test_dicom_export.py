@@ -267,7 +267,7 @@ def test_a_progression_series_is_one_synthetic_series_in_step_order(editor, tmp_
     assert steps[0].SeriesDescription == f"{SERIES_DESCRIPTION} - left pneumothorax small to large"
     assert (overlay.SeriesNumber, seg.SeriesNumber) == (steps[0].SeriesNumber + 1, steps[0].SeriesNumber + 2)
     assert len({steps[0].SeriesInstanceUID, overlay.SeriesInstanceUID, seg.SeriesInstanceUID}) == 3
-    original = image.metadata["stored"]
+    original = image.dicom_source().stored
     for number, (ds, instruction) in enumerate(zip(steps, series.instructions), start=1):
         assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.PatientID == source.PatientID
         assert ds.ConversionType == "SYN" and list(ds.ImageType) == ["DERIVED", "SECONDARY"]

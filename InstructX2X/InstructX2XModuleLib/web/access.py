@@ -458,7 +458,8 @@ def _view_event(event: Any) -> bool:
             ):
                 return False
         elif not (
-            isinstance(value, bool)
+            value is None  # a field the page leaves unset (a key event's firstRenderer)
+            or isinstance(value, bool)
             or _finite(value, -1e5, 1e5)
             or (isinstance(value, str) and len(value) <= 32)
         ):
