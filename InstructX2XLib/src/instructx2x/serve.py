@@ -550,6 +550,7 @@ def ready_event(editor) -> dict:
         "protocol": PROTOCOL_VERSION,
         "model": editor.model_info.to_dict(),
         "precision": editor.precision,
+        "backend": editor.backend_info,
         "native_resolution": editor.native_resolution,
         "defaults": editor.sampling(),
     }
