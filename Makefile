@@ -37,7 +37,7 @@ $(STAMP): constraints.txt InstructX2XLib/pyproject.toml Training/pyproject.toml 
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch pulls gigabytes of CUDA packages on CPU machines
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e "InstructX2XLib[test]" -e "Training[test]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e "InstructX2XLib[test,openvino]" -e "Training[test]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -165,6 +165,7 @@ class PanelSettings:
     device: str = "auto"
     scheduler: str = "auto"
     precision: str = "auto"
+    backend: str = "auto"  # what runs the networks: auto, torch or openvino (instructx2x serve --backend)
     model: str = "demo"
     verify: bool = True
     include_demographics: bool = False  # the classifiers' age/sex/race estimates in the report (verify only)
@@ -197,7 +198,7 @@ class PanelSettings:
         return PAPER_SCHEDULER if self.preset is Preset.PAPER else self.scheduler
 
     def worker_key(self) -> tuple:
-        return self.model, self.device, self.sampler(), self.precision
+        return self.model, self.device, self.sampler(), self.precision, self.backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +220,7 @@ class WorkerModel:
     name: str
     dtype: str  # the precision it runs at
     defaults: SamplingDefaults | None
+    backend: str = "torch"  # what runs its networks: torch or openvino
 
     @classmethod
     def from_ready(cls, event: dict) -> WorkerModel:
@@ -235,6 +237,7 @@ class WorkerModel:
             )
             if defaults
             else None,
+            backend=str((event.get("backend") or {}).get("name", "torch")),
         )
 
 
@@ -299,7 +302,7 @@ def status_text(event: dict, shared_worker: bool = False) -> str | None:
         return PHASE_TEXT[kind]
     if kind == "ready" and shared_worker:
         model = WorkerModel.from_ready(event)
-        return f"Shared worker ready: its model {model.name} ({model.dtype})."
+        return f"Shared worker ready: its model {model.name} ({model.dtype}, {model.backend})."
     if kind == "cancelled":
         return "Cancelled: nothing was written."
     if kind == "error":
@@ -412,7 +415,7 @@ def instruction_completions() -> list[str]:
 
 
 class EditSession:
-    """Edits of one panel on one scene, one worker per model/device/sampler/precision.
+    """Edits of one panel on one scene, one worker per model/device/sampler/precision/backend.
 
     Parameters
     ----------
@@ -742,6 +745,7 @@ class EditSession:
             executable=self.executable,
             scheduler=settings.sampler(),
             dtype=settings.precision,
+            backend=settings.backend,
             socket_path=socket_path or None,
         )
         worker.start()  # a WorkerError (e.g. no shared worker at the socket) keeps no client

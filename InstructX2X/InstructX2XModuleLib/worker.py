@@ -114,6 +114,9 @@ class WorkerClient:
         Extra environment variables (e.g. ``CUDA_VISIBLE_DEVICES=-1`` to force the CPU).
     scheduler, dtype: str
         The sampler and precision the model is loaded with (``auto``: the device's defaults).
+    backend: str
+        What runs the networks: ``auto``, ``torch`` or ``openvino`` (``instructx2x serve
+        --backend``; ``auto``: what measured fastest on this CPU kind).
     socket_path: str | None
         Connect to this shared worker instead of starting one (model and device are its own).
     transfer: bool | None
@@ -131,6 +134,7 @@ class WorkerClient:
         dtype: str = "auto",
         socket_path: str | None = None,
         transfer: bool | None = None,
+        backend: str = "auto",
     ) -> None:
         self.command = [
             *(executable or [sys.executable, "-m", "instructx2x.cli"]),
@@ -144,6 +148,8 @@ class WorkerClient:
             scheduler,
             "--dtype",
             dtype,
+            "--backend",
+            backend,
         ]
         self.environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(environment or {})}
         self.state = WorkerState.IDLE

@@ -338,3 +338,24 @@ def test_a_result_for_a_radiograph_no_longer_in_the_scene_is_not_imported(sessio
         session.results == {}
         and session.scene.GetNodesByClass("vtkMRMLScalarVolumeNode").GetNumberOfItems() == 0
     )
+
+
+def test_the_backend_setting_picks_the_worker_and_a_missing_openvino_is_named(session, tmp_path, monkeypatch):
+    """Advanced > backend: a worker per backend (``serve --backend``); its ``ready`` says which
+    runs the networks; without OpenVINO the panel hears which extra installs it."""
+    assert settings(backend="openvino").worker_key() != settings().worker_key()
+    hidden = tmp_path / "hidden"
+    (hidden / "openvino").mkdir(parents=True)
+    (hidden / "openvino" / "__init__.py").write_text("raise ImportError('hidden by this test')\n")
+    monkeypatch.setenv("PYTHONPATH", str(hidden))
+    with pytest.raises(WorkerError, match=r"instructx2x\[openvino\]"):
+        session.start_worker(settings(backend="openvino"))
+    monkeypatch.delenv("PYTHONPATH")
+    monkeypatch.setenv("INSTRUCTX2X_CACHE", str(tmp_path / "cache"))
+    ready = session.start_worker(settings(backend="openvino"))
+    assert ready["backend"]["name"] == "openvino" and session.model.backend == "openvino"
+    session.submit("preview", radiograph(session.scene), settings(backend="openvino"))
+    poll_until(session, lambda e: any(x["event"] == "done" for x in e), timeout=600)
+    assert session.has_preview and list((tmp_path / "cache" / "openvino").iterdir())
+    backend = session.start_worker(settings())["backend"]  # auto: the tiny UNet runs on torch
+    assert backend["name"] == "torch" and "1.4 M parameters" in backend["reason"]

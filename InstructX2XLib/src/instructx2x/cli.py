@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: bf16 on GPUs and on CPUs with bf16 instructions, else fp32",
     )
     model.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "openvino"],
+        help="what runs the networks: openvino (the CPU; converted once per model into "
+        "$INSTRUCTX2X_CACHE/openvino or ~/.cache/instructx2x/openvino), torch, or auto: what "
+        "measured fastest on this CPU kind (instructx2x info says which and why)",
+    )
+    model.add_argument(
         "--scheduler",
         default="auto",
         choices=["auto", *SCHEDULER_NAMES],
@@ -313,6 +321,9 @@ def _main(args: argparse.Namespace, emit) -> int:
             file=sys.stderr,
         )
     prepared = jobs = None
+    from .backends import check_backend
+
+    check_backend(args.backend, args.device)  # the package and the cache, before any input is read
     if args.command == "serve" and args.socket:  # checked before the model loads
         from .serve import check_socket_path
 
@@ -338,6 +349,7 @@ def _main(args: argparse.Namespace, emit) -> int:
         allow_hub=args.allow_hub,
         single_file_config=args.model_config,
         decode=args.decode,
+        backend=args.backend,
     )
     if priors is not None:
         editor.pipeline.prior_set = priors
@@ -432,6 +444,7 @@ def _jobs_run(args: argparse.Namespace):
         scheduler=args.scheduler,
         dtype=args.dtype,
         decode=args.decode,
+        backend=args.backend,
         priors=None if args.priors is None else str(args.priors),
     )
 
@@ -521,6 +534,7 @@ def _info(editor, model: str) -> dict:
         "device": str(editor.device),
         "dtype": str(editor.dtype).replace("torch.", ""),
         "precision": editor.precision,
+        "backend": editor.backend_info,
         "native_resolution": editor.native_resolution,
         "defaults": editor.sampling(),
         "cuda_available": torch.cuda.is_available(),

@@ -15,6 +15,7 @@ __all__ = [
     "needs_attention_slicing",
     "cpu_has_native_bf16",
     "cpu_description",
+    "cpu_kind",
     "DTYPES",
     "SLICING_FREE_MEMORY_BYTES",
     "CPU_BF16_MIN_PARAMETERS",
@@ -82,6 +83,18 @@ def cpu_has_native_bf16() -> bool:
     (docs/benchmarks.md section 1).
     """
     return bool(_cpu_vendor_and_flags()[1] & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_kind() -> str:
+    """The CPU kind of docs/benchmarks.md section 1 from the CPU's flags: ``amx`` (AMX, which
+    comes with AVX-512 BF16), ``avx512_bf16``, ``avx2`` (neither) or ``other`` (no AVX2, or no
+    /proc/cpuinfo to read)."""
+    flags = _cpu_vendor_and_flags()[1]
+    if "amx_bf16" in flags:
+        return "amx"
+    if "avx512_bf16" in flags:
+        return "avx512_bf16"
+    return "avx2" if "avx2" in flags else "other"
 
 
 def cpu_description() -> str:

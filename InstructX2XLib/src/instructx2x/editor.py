@@ -13,18 +13,21 @@ import logging
 import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from . import __version__
+from .backends import check_backend, resolve_backend
 from .devices import cpu_description, needs_attention_slicing, resolve_device, resolve_dtype
 from .errors import EmptyEditRegionError, ParameterError
 from .guidance import resize_map
 from .image_io import Radiograph
 from .instructions import LEVEL_PLACEHOLDER, ParsedSeries, parse_instruction
 from .loading import ModelInfo, load_pipeline
+from .openvino_runtime import OpenVINORuntime
 from .parameters import (
     ASPECT_MODES,
     GUIDANCE_SCALE,
@@ -187,6 +190,11 @@ class InstructX2XEditor:
     decode: str
         ``full`` (``auto``) decodes the whole latent grid; ``mask`` only the latents over
         the edit masks' box, faster on CPU but approximate.
+    backend: str
+        ``auto``, ``torch`` or ``openvino``: what runs the networks (see
+        ``backends.resolve_backend``); ``openvino`` runs on the CPU.
+    openvino_cache: str | pathlib.Path | None
+        The OpenVINO backend's cache folder (``backends.cache_folder``).
     """
 
     def __init__(
@@ -196,8 +204,10 @@ class InstructX2XEditor:
         device: str = "auto",
         dtype: str = "auto",
         decode: str = "auto",
+        backend: str = "auto",
+        openvino_cache: str | Path | None = None,
     ) -> None:
-        self.device = resolve_device(device)
+        self.device = resolve_device("cpu" if backend == "openvino" and device == "auto" else device)
         if decode not in DECODE_CHOICES:
             raise ParameterError(f"decode must be one of {DECODE_CHOICES}, got {decode!r}.")
         # "mask" saves up to a quarter of a CPU edit but is not exact (the decoder's group
@@ -205,6 +215,7 @@ class InstructX2XEditor:
         self.decode = "full" if decode == "auto" else decode
         parameters = sum(p.numel() for p in pipeline.unet.parameters())
         self.dtype, reason = resolve_dtype(dtype, self.device, parameters)
+        self.backend, backend_reason = resolve_backend(backend, self.device.type, parameters, openvino_cache)
         self.precision = {
             "dtype": str(self.dtype).replace("torch.", ""),
             "reason": reason,
@@ -212,15 +223,25 @@ class InstructX2XEditor:
             "cpu": cpu_description() if self.device.type == "cpu" else None,
         }
         self.model_info = model_info
+        self.runtime: OpenVINORuntime | None = None
+        if self.backend == "openvino":
+            native = int(pipeline.unet.config.sample_size) * pipeline.vae_scale_factor
+            self.runtime = OpenVINORuntime(
+                pipeline, model_info.sha256, native, openvino_cache, name=model_info.name
+            )
+            self.runtime.install(pipeline)  # the torch networks go; their stand-ins call OpenVINO
+        self.backend_info = {"name": self.backend, "reason": backend_reason}
+        if self.runtime is not None:
+            self.backend_info.update(self.runtime.describe())
         self.pipeline = pipeline.to(self.device, self.dtype)
         self.pipeline.set_progress_bar_config(disable=True)
-        self.attention = "sdpa"
+        self.attention = "sdpa" if self.runtime is None else "openvino"
         if needs_attention_slicing(self.device):
             logger.warning("Little GPU memory is free: slicing attention (slower, smaller).")
             self.pipeline.unet.set_attention_slice("auto")
             self.attention = "sliced"
         self._guidance_cache: tuple | None = None  # (key, GuidanceState) of the last call
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and self.runtime is None:
             # oneDNN runs the VAE's large convolutions ~15 % faster channels-last (benchmarks).
             self.pipeline.vae.to(memory_format=torch.channels_last)
 
@@ -235,11 +256,17 @@ class InstructX2XEditor:
         allow_hub: bool = False,
         single_file_config: str | None = None,
         decode: str = "auto",
+        backend: str = "auto",
+        openvino_cache: str | Path | None = None,
     ) -> InstructX2XEditor:
-        """Load weights (see ``loading.load_pipeline``) and place them on the device.
+        """Load weights (see ``loading.load_pipeline``) and place them on the device, their
+        networks run by ``backend`` (checked before the weights load).
 
         ``scheduler="auto"`` takes ``schedulers.default_scheduler`` for the device.
         """
+        check_backend(backend, device, openvino_cache)
+        if backend == "openvino" and device == "auto":
+            device = "cpu"
         if scheduler == "auto":
             scheduler = default_scheduler(resolve_device(device))
         pipeline, info = load_pipeline(
@@ -247,7 +274,15 @@ class InstructX2XEditor:
         )
         if info.trained is False:
             logger.warning("Model %s has random weights: its edits are meaningless noise.", info.name)
-        return cls(pipeline, info, device=device, dtype=dtype, decode=decode)
+        return cls(
+            pipeline,
+            info,
+            device=device,
+            dtype=dtype,
+            decode=decode,
+            backend=backend,
+            openvino_cache=openvino_cache,
+        )
 
     @property
     def native_resolution(self) -> int:
@@ -452,6 +487,12 @@ class InstructX2XEditor:
     ) -> list[EditResult]:
         parameters_list = [self.resolve(p) for p in given]
         parameters = parameters_list[0]
+        if self.runtime is not None and parameters.resolution != self.runtime.resolution:
+            raise ParameterError(
+                f"the OpenVINO backend runs this model at its own {self.runtime.resolution} px (its "
+                f"networks are converted for that grid); a {parameters.resolution} px edit needs "
+                "--backend torch."
+            )
         steps, resolution = parameters.num_inference_steps, parameters.resolution
         assert steps is not None and resolution is not None  # resolve() fills both in
         for image, element, mask, keep_mask in zip(images, parameters_list, masks, keep_masks):
@@ -646,18 +687,22 @@ class InstructX2XEditor:
         import diffusers
 
         scheduler = self.pipeline.scheduler
+        software = {
+            "instructx2x": __version__,
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "python": platform.python_version(),
+        }
+        if self.runtime is not None:
+            software["openvino"] = self.runtime.version
         return {
-            "software": {
-                "instructx2x": __version__,
-                "torch": torch.__version__,
-                "diffusers": diffusers.__version__,
-                "python": platform.python_version(),
-            },
+            "software": software,
             "model": self.model_info.to_dict(),
             "kind": "guidance_preview" if preview else "edit",
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "precision": self.precision,
+            "backend": self.backend_info,
             "attention": self.attention,
             "decode": self.decode,
             "scheduler": {"class": type(scheduler).__name__, "config": dict(scheduler.config)},

@@ -22,7 +22,7 @@ different clients never collide)::
      "final": true}                        # a file for a job sent with "transfer": true
     {"type": "shutdown"}                   # stdio: ends the worker; socket: ends this connection
 
-Events: ``loading`` (before the model loads) and ``ready`` (after: model, precision, protocol;
+Events: ``loading`` (before the model loads) and ``ready`` (after: model, precision, backend, protocol;
 a socket client gets ``ready`` when it connects), ``queued`` (position: how many jobs run or
 wait ahead of it; sent on arrival and whenever it moves up), then per job ``started``,
 ``progress`` (step, total, eta_s), ``decode``, ``export``, ``done`` (output, files), or
@@ -651,7 +651,7 @@ def _error(message: str, kind: type[InstructX2XError] = ParameterError) -> dict:
 
 
 def ready_event(editor) -> dict:
-    """The model, precision and sampling defaults (steps, s_T, s_I, relevance draws, resolution:
+    """The model, precision, backend and sampling defaults (steps, s_T, s_I, relevance draws, resolution:
     the model card's where it sets them), so that a panel shows the values an edit runs with when
     none are given."""
     return {
@@ -659,6 +659,7 @@ def ready_event(editor) -> dict:
         "protocol": PROTOCOL_VERSION,
         "model": editor.model_info.to_dict(),
         "precision": editor.precision,
+        "backend": editor.backend_info,
         "native_resolution": editor.native_resolution,
         "defaults": editor.sampling(),
     }

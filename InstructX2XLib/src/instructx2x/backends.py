@@ -1,0 +1,195 @@
+"""What runs the pipeline's networks: torch, or OpenVINO on the CPU (``--backend``).
+
+The choice and its checks, without torch or OpenVINO, so that the CLI refuses a backend that
+cannot run before it reads any input or loads a model. ``openvino_runtime`` holds the OpenVINO
+path itself.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import ParameterError, ResourceError
+
+__all__ = [
+    "BACKENDS",
+    "CACHE_ENV",
+    "MEASURED_SPEEDUP",
+    "OPENVINO_EXTRA",
+    "OPENVINO_MIN_PARAMETERS",
+    "cache_folder",
+    "check_backend",
+    "check_cache_folder",
+    "openvino_available",
+    "require_openvino",
+    "resolve_backend",
+]
+
+BACKENDS = ("auto", "torch", "openvino")
+OPENVINO_EXTRA = "pip install 'instructx2x[openvino]'"
+CACHE_ENV = "INSTRUCTX2X_CACHE"
+# The UNet size from which OpenVINO is the faster runtime (docs/benchmarks.md section 3): below
+# it, torch's eager calls are as fast and a first load would pay a conversion for nothing.
+OPENVINO_MIN_PARAMETERS = 100_000_000
+# The warm SD-1.5-size edit, torch against OpenVINO in one run, by CPU kind (devices.cpu_kind;
+# docs/benchmarks.md section 3): where OpenVINO measured faster, ``auto`` takes it.
+MEASURED_SPEEDUP: dict[str, str] = {}
+
+
+def openvino_available() -> bool:
+    """Whether the ``openvino`` package imports (a third of a second the first time)."""
+    try:
+        import openvino  # noqa: F401
+    except (ImportError, OSError):  # not installed, or its libraries do not load
+        return False
+    return True
+
+
+def require_openvino() -> None:
+    """Refuse the OpenVINO backend where the package is missing or does not import.
+
+    Raises
+    ------
+    ParameterError
+        Naming the optional extra that installs it.
+    """
+    if not openvino_available():
+        raise ParameterError(
+            f"--backend openvino needs the OpenVINO runtime, which is not installed (or does not "
+            f"import): {OPENVINO_EXTRA} (or choose --backend torch)."
+        )
+
+
+def cache_folder(folder: str | Path | None = None) -> Path:
+    """Where converted models are kept: ``folder``, else ``$INSTRUCTX2X_CACHE/openvino``, else
+    ``openvino`` in the user's cache folder (``$XDG_CACHE_HOME/instructx2x`` or
+    ``~/.cache/instructx2x``; ``%LOCALAPPDATA%\\instructx2x\\cache`` on Windows)."""
+    if folder is not None:
+        return Path(folder).expanduser()
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        return Path(root).expanduser() / "openvino"
+    if sys.platform == "win32" and os.environ.get("LOCALAPPDATA"):
+        return Path(os.environ["LOCALAPPDATA"]) / "instructx2x" / "cache" / "openvino"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "instructx2x" / "openvino"
+
+
+def check_cache_folder(folder: str | Path | None = None) -> Path:
+    """Make the cache folder if needed and check that files can be written in it.
+
+    Returns
+    -------
+    pathlib.Path
+        The folder.
+
+    Raises
+    ------
+    ResourceError
+        When it cannot be made or written, with the folder, the reason and the way out.
+    """
+    path = cache_folder(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
+            pass
+    except OSError as error:
+        raise ResourceError(
+            f"the OpenVINO cache folder {path} is not writable ({error.strerror or error}): set "
+            f"{CACHE_ENV} to a writable folder, or use --backend torch."
+        ) from None
+    return path
+
+
+def check_backend(backend: str, device: str = "auto", folder: str | Path | None = None) -> None:
+    """Refuse a backend that cannot run here, before any model loads.
+
+    Parameters
+    ----------
+    backend: str
+        ``auto``, ``torch`` or ``openvino``.
+    device: str
+        The device asked for (``auto``, ``cpu``, ``cuda``...).
+    folder: str | pathlib.Path | None
+        The OpenVINO cache folder (``cache_folder``).
+
+    Raises
+    ------
+    ParameterError
+        An unknown backend; ``openvino`` with a GPU device or without the OpenVINO package.
+    ResourceError
+        ``openvino`` with a cache folder that cannot be written.
+    """
+    if backend not in BACKENDS:
+        raise ParameterError(f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}.")
+    if backend != "openvino":
+        return
+    if device not in ("auto", "cpu"):
+        raise ParameterError(
+            f"the OpenVINO backend runs the model on the CPU, not on {device!r}: give --device cpu "
+            "(or auto), or --backend torch."
+        )
+    require_openvino()
+    check_cache_folder(folder)
+
+
+def resolve_backend(
+    backend: str,
+    device_type: str,
+    parameter_count: int,
+    folder: str | Path | None = None,
+) -> tuple[str, str]:
+    """Pick the runtime of the networks and say why.
+
+    ``auto`` takes OpenVINO on a CPU whose kind measured it faster (``MEASURED_SPEEDUP``) for
+    a UNet of at least ``OPENVINO_MIN_PARAMETERS``, when it is installed and its cache folder
+    is writable; torch otherwise.
+
+    Parameters
+    ----------
+    backend: str
+        ``auto``, ``torch`` or ``openvino``.
+    device_type: str
+        The resolved device's type (``cpu``, ``cuda``, ``mps``).
+    parameter_count: int
+        The UNet's parameters.
+    folder: str | pathlib.Path | None
+        The OpenVINO cache folder (``cache_folder``).
+
+    Returns
+    -------
+    tuple[str, str]
+        ``torch`` or ``openvino``, and a sentence for manifests and ``instructx2x info``.
+
+    Raises
+    ------
+    ParameterError, ResourceError
+        As ``check_backend``, for an explicit ``openvino``.
+    """
+    check_backend(backend, device_type, folder)
+    if backend != "auto":
+        return backend, f"{backend} as requested"
+    if device_type != "cpu":
+        return "torch", f"auto: torch on {device_type} (the OpenVINO backend runs on CPUs)"
+    if parameter_count < OPENVINO_MIN_PARAMETERS:
+        return "torch", (
+            f"auto: torch, the UNet has {parameter_count / 1e6:.1f} M parameters (OpenVINO pays "
+            f"from {OPENVINO_MIN_PARAMETERS / 1e6:.0f} M)"
+        )
+    from .devices import cpu_kind
+
+    kind = cpu_kind()
+    if kind not in MEASURED_SPEEDUP:
+        return "torch", f"auto: torch, OpenVINO has not measured faster on this CPU kind ({kind})"
+    if not openvino_available():
+        return "torch", (
+            f"auto: torch, OpenVINO ({MEASURED_SPEEDUP[kind]} on {kind}) is not installed: {OPENVINO_EXTRA}"
+        )
+    try:
+        check_cache_folder(folder)
+    except ResourceError as error:
+        return "torch", f"auto: torch; {error}"
+    return "openvino", f"auto: OpenVINO, {MEASURED_SPEEDUP[kind]} on this CPU kind ({kind})"
