@@ -134,7 +134,7 @@ def run(editor: InstructX2XEditor, count: int, seed: int, size: int) -> tuple[li
             started = time.perf_counter()
             result = editor.edit_series(image, series, EditParameters(series.instructions[0], seed=number))
             seconds = time.perf_counter() - started
-            edited = [step.edited for step in result.steps]
+            edited = [step.edited_image() for step in result.steps]
             model = measures(edited, without, lesion, sign, name)
             truth = measures(patient["truths"], without, lesion, sign, name)
             row = {
