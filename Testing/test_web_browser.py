@@ -25,9 +25,11 @@ from web_driver import (
     chromium_page,
     new_page,
     open_file,
+    segment_pixels,
     set_steps,
     text,
     type_instruction,
+    wait_for,
     wait_text,
     warm_pixels,
 )
@@ -76,6 +78,9 @@ def test_the_whole_workflow_in_chromium(page, server, tmp_path):
         time.sleep(0.05)
     page.mouse.up()
     page.get_by_test_id("tool-none").click()
+    # the view applies a stroke as it renders, after the events that made it: Preview reads the
+    # segment once the stroke shows in the view, as a reader does
+    wait_for(lambda: segment_pixels(page) > 0, "the painted stroke")
 
     page.get_by_test_id("preview").click()
     assert "user-defined edit mask" in wait_text(page, "status", r"^Done")  # the painted region went in

@@ -159,6 +159,23 @@ def warm_pixels(page) -> int:
     return int(((shot[..., 0] - shot[..., 2] > 80) & (shot[..., 0] > 150)).sum())
 
 
+def segment_pixels(page) -> int:
+    """Pixels of the slice view in the painted segment's green outline (the grey film has none)."""
+    from PIL import Image
+
+    shot = np.asarray(
+        Image.open(io.BytesIO(page.get_by_test_id("slice-view").screenshot())).convert("RGB"), dtype=int
+    )
+    return int(((shot[..., 1] - shot[..., 0] > 80) & (shot[..., 1] - shot[..., 2] > 80)).sum())
+
+
+def wait_for(condition, what: str, timeout: float = 60, poll_s: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
+        time.sleep(poll_s)
+
+
 def open_file(page, path: Path) -> None:
     page.get_by_test_id("open-file").locator("input[type=file]").set_input_files(str(path))
 
