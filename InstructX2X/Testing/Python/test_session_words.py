@@ -61,8 +61,18 @@ def test_results_places_and_a_local_ready_are_not_said_on_the_status_line(event)
 
 
 def test_a_shared_workers_ready_names_the_model_it_serves():
-    assert status_text(SHARED_READY, shared_worker=True) == "Shared worker ready: its model demo (bfloat16)."
-    assert status_text({"event": "ready"}, shared_worker=True) == "Shared worker ready: its model ? (?)."
+    assert (
+        status_text(SHARED_READY, shared_worker=True)
+        == "Shared worker ready: its model demo (bfloat16, torch)."
+    )
+    openvino = {**SHARED_READY, "backend": {"name": "openvino"}}
+    assert (
+        status_text(openvino, shared_worker=True)
+        == "Shared worker ready: its model demo (bfloat16, openvino)."
+    )
+    assert (
+        status_text({"event": "ready"}, shared_worker=True) == "Shared worker ready: its model ? (?, torch)."
+    )
 
 
 CHOICES = {
