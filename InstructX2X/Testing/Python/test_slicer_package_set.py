@@ -69,6 +69,18 @@ def pins(path: Path) -> dict[str, str]:
     return found
 
 
+def install(folder, python, library, requirements, **options):
+    """``packages.ensure_package_set`` as the panel calls it, answering yes, recording nothing and
+    taking torch from the package index; ``options`` replace any of these."""
+    defaults = {
+        "confirm": lambda question: True,
+        "progress": lambda stage: None,
+        "log": lambda line: None,
+        "torch": lambda: packages.TorchBuild("index", None, "the test"),
+    }
+    return packages.ensure_package_set(folder, python, library, requirements, **{**defaults, **options})
+
+
 # -- what the module ships ---------------------------------------------------------------------
 def test_requirements_pin_every_library_dependency_inside_its_range():
     project = tomllib.loads((REPO / "InstructX2XLib" / "pyproject.toml").read_text())["project"]
@@ -256,14 +268,13 @@ def test_declining_installs_nothing_and_runs_nothing(shipped, tmp_path):
         return False
 
     with pytest.raises(packages.PackageSetError, match="nothing was installed. Press Preview or Apply again"):
-        packages.ensure_package_set(
+        install(
             folder,
             tmp_path / "no-such-python",
             library,
             requirements,
             confirm=decline,
             progress=lambda stage: None,
-            log=lambda line: None,
             torch=lambda: packages.TorchBuild("cpu", "https://example.invalid/cpu", "no GPU"),
         )
     assert (
@@ -303,29 +314,22 @@ def test_a_second_install_during_one_is_refused_and_a_silent_pip_still_reports_t
         if "elapsed" in stage and not nested:  # the second Apply, while pip is silent
             staging = list(folder.parent.glob(f"{packages.STAGING_PREFIX}{os.getpid()}-*"))
             try:
-                packages.ensure_package_set(
+                install(
                     folder,
                     python,
                     library,
                     requirements,
-                    confirm=lambda q: True,
-                    progress=lambda s: None,
-                    log=lambda line: None,
-                    torch=lambda: packages.TorchBuild("index", None, "the test"),
                 )
             except packages.PackageSetError as error:
                 nested.append((str(error), len(staging), all(path.is_dir() for path in staging)))
 
     with pytest.raises(packages.PackageSetError, match="pip exit status 1"):
-        packages.ensure_package_set(
+        install(
             folder,
             python,
             library,
             requirements,
-            confirm=lambda q: True,
             progress=progress,
-            log=lambda line: None,
-            torch=lambda: packages.TorchBuild("index", None, "the test"),
         )
     assert nested == [
         (
@@ -341,15 +345,11 @@ def test_a_second_install_during_one_is_refused_and_a_silent_pip_still_reports_t
     assert list(folder.parent.iterdir()) == []  # the failed install's staging is gone
     # the guard is released: the next install runs (and fails the same way)
     with pytest.raises(packages.PackageSetError, match="pip exit status 1"):
-        packages.ensure_package_set(
+        install(
             folder,
             python,
             library,
             requirements,
-            confirm=lambda q: True,
-            progress=lambda s: None,
-            log=lambda line: None,
-            torch=lambda: packages.TorchBuild("index", None, "the test"),
         )
 
 
@@ -370,15 +370,11 @@ def test_a_failed_pip_is_told_by_what_it_printed(shipped, tmp_path, printed, adv
     python.write_text(f"#!/bin/sh\necho 'Collecting torch==2.13.0'\necho '{printed}'\nexit 1\n")
     python.chmod(0o755)
     with pytest.raises(packages.PackageSetError) as error:
-        packages.ensure_package_set(
+        install(
             tmp_path / "settings" / "set",
             python,
             library,
             requirements,
-            confirm=lambda q: True,
-            progress=lambda s: None,
-            log=lambda line: None,
-            torch=lambda: packages.TorchBuild("index", None, "the test"),
         )
     assert advice in str(error.value) and "nothing was changed" in str(error.value)
     assert printed in str(error.value)  # pip's own words, last
@@ -414,15 +410,11 @@ def test_cancel_stops_pip_at_once_and_leaves_the_set_as_it_was(shipped, tmp_path
     with pytest.raises(
         packages.PackageSetError, match="cancelled; nothing was installed. Press Preview or Apply"
     ):
-        packages.ensure_package_set(
+        install(
             folder,
             python,
             library,
             requirements,
-            confirm=lambda q: True,
-            progress=lambda s: None,
-            log=lambda line: None,
-            torch=lambda: packages.TorchBuild("index", None, "the test"),
             cancelled=cancelled,
         )
     assert time.monotonic() - started < 20  # not the minute pip would take
@@ -455,16 +447,14 @@ def test_an_offline_install_leaves_the_set_in_place_as_it_was(shipped, tmp_path,
     stages: list[str] = []
     lines: list[str] = []
     with pytest.raises(packages.PackageSetError) as error:
-        packages.ensure_package_set(
+        install(
             folder,
             sys.executable,
             library,
             requirements,
-            confirm=lambda q: True,
             progress=stages.append,
             log=lines.append,
             pip_options=["--no-index"],
-            torch=lambda: packages.TorchBuild("index", None, "the test"),
         )
     message = str(error.value)
     assert "nothing was changed" in message and "Check the internet connection" in message
@@ -482,15 +472,12 @@ def test_a_python_that_does_not_run_is_said_and_changes_nothing(shipped, tmp_pat
     library, requirements = shipped
     folder = tmp_path / "settings" / "set"
     with pytest.raises(packages.PackageSetError, match="cannot run no-such-python .*nothing was changed"):
-        packages.ensure_package_set(
+        install(
             folder,
             tmp_path / "no-such-python",
             library,
             requirements,
-            confirm=lambda q: True,
             progress=lambda stage: None,
-            log=lambda line: None,
-            torch=lambda: packages.TorchBuild("index", None, "the test"),
         )
     assert list(folder.parent.iterdir()) == []
 
