@@ -221,13 +221,15 @@ class WorkerModel:
     dtype: str  # the precision it runs at
     defaults: SamplingDefaults | None
     backend: str = "torch"  # what runs its networks: torch or openvino
+    backend_reason: str = ""  # why the worker chose it
 
     @classmethod
     def from_ready(cls, event: dict) -> WorkerModel:
-        model, precision, defaults = (
+        model, precision, defaults, backend = (
             event.get("model") or {},
             event.get("precision") or {},
             event.get("defaults"),
+            event.get("backend") or {},
         )
         return cls(
             name=str(model.get("name", "?")),
@@ -237,7 +239,8 @@ class WorkerModel:
             )
             if defaults
             else None,
-            backend=str((event.get("backend") or {}).get("name", "torch")),
+            backend=str(backend.get("name", "torch")),
+            backend_reason=str(backend.get("reason", "")),
         )
 
 

@@ -352,10 +352,9 @@ def test_the_backend_setting_picks_the_worker_and_a_missing_openvino_is_named(se
         session.start_worker(settings(backend="openvino"))
     monkeypatch.delenv("PYTHONPATH")
     monkeypatch.setenv("INSTRUCTX2X_CACHE", str(tmp_path / "cache"))
-    ready = session.start_worker(settings(backend="openvino"))
-    assert ready["backend"]["name"] == "openvino" and session.model.backend == "openvino"
+    assert session.start_worker(settings(backend="openvino")).backend == "openvino"
     session.submit("preview", radiograph(session.scene), settings(backend="openvino"))
     poll_until(session, lambda e: any(x["event"] == "done" for x in e), timeout=600)
     assert session.has_preview and list((tmp_path / "cache" / "openvino").iterdir())
-    backend = session.start_worker(settings())["backend"]  # auto: the tiny UNet runs on torch
-    assert backend["name"] == "torch" and "1.4 M parameters" in backend["reason"]
+    model = session.start_worker(settings())  # auto: the tiny UNet runs on torch
+    assert model.backend == "torch" and "1.4 M parameters" in model.backend_reason

@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--classifier",
         dest="classifiers",
         action="append",
-        metavar="SPEC",
+        metavar="CLASSIFIER",
         help="cohort-v2 (default), torchxrayvision, a train-classifiers folder or a TorchScript "
         "file with its JSON (docs/evaluation.md); repeat to read the same edits with several",
     )
