@@ -15,18 +15,34 @@ Sections (and the figure each aims for):
   gpu         100-step edit seconds and peak memory when CUDA is present.
   batch       images per second through InstructX2XEditor.edit_batch at batch 1, 4 and 16
               (tiny model, its native 256 px, the default CPU sampler).
+  backends    torch against OpenVINO (--backend), the SD-1.5-size model at 512 px with every
+              other default `instructx2x edit` picks: setup (OpenVINO: conversion into a fresh
+              cache), first and warm edit, peak resident memory, each in a process of its own;
+              then OpenVINO from its cache in a new process; then both with torch's, oneDNN's and
+              OpenVINO's kernels limited to AVX2 (ATEN_CPU_CAPABILITY=avx2,
+              ONEDNN_MAX_CPU_ISA=AVX2, OV_CPU_MAX_ISA=AVX2) in fp32, as an AVX2-only CPU runs,
+              where the two edits are also compared (the same edit within a tolerance).
+              Targets: warm edit <= 60 s and >= 2x faster than torch. Not in the default
+              sections (about 15 minutes on 2 idle AMX cores).
 
-Usage: python benchmark_pipeline.py [--sections overhead,preview,equivalence,sd15,gpu]
+Usage: python benchmark_pipeline.py [--sections overhead,preview,equivalence,sd15,gpu,backends]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from importlib import resources
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from instructx2x import EditParameters, InstructX2XEditor, Radiograph, make_scheduler
@@ -325,13 +341,137 @@ def section_batch(results: dict) -> None:
         report(results, f"batch.{size}_images_per_s", rate, f"img/s ({rate / single:.2f}x batch 1)")
 
 
+# An AVX2-only CPU, emulated: torch's own kernels, both oneDNN copies (torch's and OpenVINO's) and
+# OpenVINO's kernels limited to AVX2. OpenVINO 2026.4 needs OV_CPU_MAX_ISA beside
+# ONEDNN_MAX_CPU_ISA: with the latter alone its CPU plugin fails to start.
+AVX2_LIMITS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OV_CPU_MAX_ISA": "AVX2"}
+
+
+def backend_child(backend: str, dtype: str, cache: str, output: str) -> None:
+    """One backend in this process: setup, first and warm edit, memory; the result as JSON on
+    the last line of stdout and the edit in ``output`` (npz)."""
+    load = os.getloadavg()[0]
+    pipe = build_sd15_pipeline()
+    started, cpu_start = time.perf_counter(), cpu_seconds()
+    editor = InstructX2XEditor(
+        pipe, SD15_INFO, device="cpu", dtype=dtype, backend=backend, openvino_cache=cache
+    )
+    del pipe
+    editor.pipeline.scheduler = make_scheduler(default_scheduler(editor.device))
+    setup, setup_cpu = time.perf_counter() - started, cpu_seconds() - cpu_start
+    radiograph = Radiograph(smooth_image(512)[0, 0].numpy(), "smooth.png", "0" * 64, "png", 8)
+    parameters = editor.resolve(EditParameters(PROMPT))
+    times, cpu_times, result = [], [], None
+    for _ in range(2):
+        editor._guidance_cache = None  # a full edit: nothing reused from the previous one
+        start, cpu_start = time.perf_counter(), cpu_seconds()
+        result = editor.edit(radiograph, parameters)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(cpu_seconds() - cpu_start)
+    np.savez(output, edited=result.edited, mask=result.edit_mask)
+    with open("/proc/self/status") as handle:  # anonymous memory: what the file cache cannot give back
+        anonymous = next(int(line.split()[1]) for line in handle if line.startswith("RssAnon:")) * 1024
+    runtime = editor.runtime
+    figures = {
+        "cpu": cpu_description(),
+        "settings": describe(editor, parameters),
+        "backend": editor.backend_info,
+        "setup_s": setup,
+        "setup_cpu_s": setup_cpu,
+        "convert_s": None if runtime is None else runtime.convert_seconds,
+        "compile_s": None if runtime is None else runtime.compile_seconds,
+        "first_edit_s": times[0],
+        "warm_edit_s": times[1],
+        "first_edit_cpu_s": cpu_times[0],
+        "warm_edit_cpu_s": cpu_times[1],
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
+        "anonymous_after_gib": anonymous / 2**30,
+        "load_average": [load, os.getloadavg()[0]],
+    }
+    Path(output).with_suffix(".json").write_text(json.dumps(figures))
+    print(json.dumps(figures))
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process, all threads: on a machine shared with other work it grows as
+    the work does, where wall time grows with the others' load too."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def section_backends(results: dict) -> None:
+    """torch and OpenVINO side by side, each run in a child process (own memory, own ISA)."""
+    folder = Path(tempfile.mkdtemp(prefix="instructx2x-backends-"))
+    runs = [
+        ("native", "torch", "auto", "fresh"),
+        ("native", "openvino", "auto", "fresh"),
+        ("native", "openvino", "auto", "cached"),
+        ("avx2", "torch", "fp32", "fresh"),
+        ("avx2", "openvino", "fp32", "fresh"),
+    ]
+    for isa, backend, dtype, cache in runs:
+        name = f"backends.{isa}.{backend}" + (".from_cache" if cache == "cached" else "")
+        cache_folder = folder / f"cache-{isa}"  # a fresh one per ISA: no compiled blob crosses
+        output = folder / f"{isa}-{backend}-{cache}.npz"
+        environment = {**os.environ, **(AVX2_LIMITS if isa == "avx2" else {})}
+        command = [sys.executable, __file__, "--child", f"{backend},{dtype},{cache_folder},{output}"]
+        done = subprocess.run(command, env=environment, capture_output=True, text=True)
+        if done.returncode:
+            report(results, name, f"failed: {done.stderr.strip().splitlines()[-1:]}")
+            continue
+        figures = json.loads(done.stdout.strip().splitlines()[-1])
+        for key in ("cpu", "settings"):
+            report(results, f"{name}.{key}", figures[key])
+        report(results, f"{name}.reason", figures["backend"]["reason"])
+        for key, unit in (
+            ("setup_s", "s (OpenVINO: cache check and conversion)"),
+            ("setup_cpu_s", "CPU s"),
+            ("convert_s", "s"),
+            ("compile_s", "s (during the edits)"),
+            ("first_edit_s", "s"),
+            ("first_edit_cpu_s", "CPU s"),
+            ("warm_edit_s", "s (target <= 60)"),
+            ("warm_edit_cpu_s", "CPU s (all threads)"),
+            ("peak_rss_gib", "GiB"),
+            ("anonymous_after_gib", "GiB anonymous after the edits (mapped files aside)"),
+        ):
+            if figures[key] is not None:
+                report(results, f"{name}.{key}", figures[key], unit)
+        report(results, f"{name}.load_average", figures["load_average"], "(1 min, start and end)")
+    for isa in ("native", "avx2"):
+        torch_warm = results.get(f"backends.{isa}.torch.warm_edit_s")
+        openvino_warm = results.get(f"backends.{isa}.openvino.warm_edit_s")
+        if isinstance(torch_warm, float) and isinstance(openvino_warm, float):
+            report(results, f"backends.{isa}.speedup_warm", torch_warm / openvino_warm, "x (target >= 2)")
+            cpu = [results[f"backends.{isa}.{backend}.warm_edit_cpu_s"] for backend in ("torch", "openvino")]
+            report(results, f"backends.{isa}.speedup_warm_cpu_time", cpu[0] / cpu[1], "x, in CPU time")
+        edits = [folder / f"{isa}-{backend}-fresh.npz" for backend in ("torch", "openvino")]
+        if all(path.is_file() for path in edits):
+            ours, theirs = (np.load(path) for path in edits)
+            report(
+                results, f"backends.{isa}.masks_identical", bool(np.array_equal(ours["mask"], theirs["mask"]))
+            )
+            difference = np.abs(ours["edited"] - theirs["edited"])
+            report(
+                results,
+                f"backends.{isa}.edited_max_abs_difference",
+                float(difference.max()),
+                "(intensity 0-1)",
+            )
+            report(results, f"backends.{isa}.edited_mean_abs_difference", float(difference.mean()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sections", default="overhead,preview,equivalence,batch,sd15,gpu")
     parser.add_argument(
         "--baseline-steps", type=int, default=2, help="UNet steps timed for the fp32 baseline (sd15 section)"
     )
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # backend,dtype,cache,output: one run of backends
     args = parser.parse_args()
+    if args.child:
+        backend_child(*args.child.split(","))
+        return
     results: dict = {"torch_threads": torch.get_num_threads(), "cpu": CPU}
     sections = {
         "overhead": section_overhead,
@@ -340,6 +480,7 @@ def main() -> None:
         "gpu": section_gpu,
         "batch": section_batch,
         "sd15": lambda r: section_sd15(r, args.baseline_steps),
+        "backends": section_backends,
     }
     for name in args.sections.split(","):
         sections[name](results)

@@ -229,7 +229,7 @@ class InstructX2XEditor:
             self.runtime = OpenVINORuntime(
                 pipeline, model_info.sha256, native, openvino_cache, name=model_info.name
             )
-            self.runtime.install(pipeline)  # the torch networks go; their stand-ins call OpenVINO
+            self.runtime.install(pipeline, self.dtype)  # the torch networks go; stand-ins call OpenVINO
         self.backend_info = {"name": self.backend, "reason": backend_reason}
         if self.runtime is not None:
             self.backend_info.update(self.runtime.describe())

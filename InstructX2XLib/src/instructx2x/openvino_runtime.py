@@ -21,8 +21,11 @@ editor's own code.
   the resolution, the weight format and the versions of OpenVINO, torch, diffusers and
   transformers. An entry is written whole (a folder renamed into place) with the size and
   SHA-256 of every file; one that does not match its record, or whose key differs, is never
-  used: it is removed and converted again. OpenVINO's own compiled-model cache lives inside
-  the entry, so a second process pays neither the conversion nor most of the compilation.
+  used: it is removed and converted again. A new process compiles from the entry (about 12 s
+  for both UNets of an SD-1.5-size model); OpenVINO's own compiled-model cache (``CACHE_DIR``)
+  is not used: it imported slower than this compiles, held 3 GB more at its peak and took
+  7 GB of disk (docs/benchmarks.md section 3), and OpenVINO 2026.4 keys its blobs without the
+  inference precision (a bf16 text encoder imported from an f32 blob gave NaN).
 
 ``import instructx2x.openvino_runtime`` does not import OpenVINO; only a runtime does.
 """
@@ -56,7 +59,6 @@ logger = logging.getLogger(__name__)
 # How this module exports the networks; a change of it makes every cache entry stale.
 EXPORT_FORMAT = 1
 ENTRY_RECORD = "entry.json"
-COMPILED_FOLDER = "compiled"  # OpenVINO's compiled-model cache (CACHE_DIR) inside an entry
 NETWORKS = ("text_encoder", "vae_encoder", "vae_decoder", "unet")
 PRECISION_HINTS = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
@@ -261,11 +263,24 @@ def _array(tensor: torch.Tensor) -> np.ndarray:
 
 
 class OpenVINOUNet(_CompiledNetwork):
-    """``UNet2DConditionModel.forward`` for the pipeline's calls."""
+    """``UNet2DConditionModel.forward`` for the pipeline's calls.
+
+    A call at the model's own precision whose batch is not a multiple of three (the relevance
+    call's two members a film, when it runs at the precision of the guidance batch's three) is
+    padded with copies of its last member, whose predictions are dropped: one compiled UNet
+    serves both calls, where a second would hold another copy of the weights (3.4 GB in f32 at
+    SD-1.5 size). Each member's prediction is its own; the padding changes none.
+    """
 
     def forward(self, sample, timestep, encoder_hidden_states, return_dict: bool = True):
         time_array = np.full([1], float(timestep), dtype=np.float32)
-        output = self._infer("unet", _array(sample), time_array, _array(encoder_hidden_states))
+        sample, states = _array(sample), _array(encoder_hidden_states)
+        count = sample.shape[0]
+        if self.dtype == self.runtime.model_dtype and count % 3:
+            extra = 3 - count % 3
+            sample = np.concatenate([sample, np.repeat(sample[-1:], extra, axis=0)])
+            states = np.concatenate([states, np.repeat(states[-1:], extra, axis=0)])
+        output = self._infer("unet", sample, time_array, states)[:count]
         if return_dict:
             from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
@@ -367,6 +382,7 @@ class OpenVINORuntime:
             self._convert(pipeline, root)
         self._compiled: dict[tuple, Any] = {}
         self.compile_seconds = 0.0
+        self.model_dtype = torch.float32
 
     # -- conversion --------------------------------------------------------------------------
     def _convert(self, pipeline, root: Path) -> None:
@@ -431,8 +447,8 @@ class OpenVINORuntime:
         self, network: str, dtype: torch.dtype, shapes: list[tuple[int, ...]], dynamic: bool = False
     ):
         """The compiled model of ``network`` for inputs of ``shapes`` at ``dtype``'s precision
-        (compiled on first use; OpenVINO's cache in the entry keeps it for later processes).
-        ``dynamic`` leaves the spatial dimensions free (the decoder's windows)."""
+        (compiled on first use in this process). ``dynamic`` leaves the spatial dimensions free
+        (the decoder's windows)."""
         try:
             hint = PRECISION_HINTS[dtype]
         except KeyError:
@@ -449,10 +465,6 @@ class OpenVINORuntime:
                 "INFERENCE_PRECISION_HINT": hint,
                 "PERFORMANCE_HINT": "LATENCY",
                 "INFERENCE_NUM_THREADS": self.threads,
-                # one folder per precision: OpenVINO 2026.4 imports a blob compiled at one
-                # precision for a model asked for at the other (a bf16 text encoder from an
-                # f32 blob gave NaN), so the precisions never share a folder
-                "CACHE_DIR": str(self.entry / COMPILED_FOLDER / hint),
             }
             try:
                 self._compiled[key] = self.core.compile_model(model, "CPU", config)
@@ -465,8 +477,10 @@ class OpenVINORuntime:
         return self._compiled[key]
 
     # -- the pipeline ------------------------------------------------------------------------
-    def install(self, pipeline) -> None:
-        """Put the stand-ins in place of the pipeline's torch networks (which it then drops)."""
+    def install(self, pipeline, dtype: torch.dtype = torch.float32) -> None:
+        """Put the stand-ins in place of the pipeline's torch networks (which it then drops);
+        ``dtype`` is the precision the pipeline will run at (its ``.to(dtype)``)."""
+        self.model_dtype = dtype
         pipeline.unet = OpenVINOUNet(self, pipeline.unet.config)
         pipeline.vae = OpenVINOAutoencoder(self, pipeline.vae.config)
         pipeline.text_encoder = OpenVINOTextEncoder(self, pipeline.text_encoder.config)
