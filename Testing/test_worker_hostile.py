@@ -99,17 +99,17 @@ class SharedWorker:
             return next(int(line.split()[1]) for line in status if line.startswith(f"{field}:"))
 
 
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-    """One real worker for the module (its stderr in a file); every test leaves it serving."""
-    folder = tmp_path_factory.mktemp("shared")
+@contextlib.contextmanager
+def serving(folder: Path, prelude: str = ""):
+    """A real worker in ``folder`` (its stderr in a file), with ``prelude`` run before its CLI;
+    it must still serve at the end."""
     path, log = folder / "worker.sock", folder / "worker.log"
     with open(log, "w") as stderr:
         process = subprocess.Popen(
             [
                 sys.executable,
-                "-m",
-                "instructx2x.cli",
+                "-c",
+                f"{prelude}\nfrom instructx2x.cli import main\nraise SystemExit(main())",
                 "serve",
                 "--socket",
                 str(path),
@@ -133,6 +133,13 @@ def worker(tmp_path_factory):
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0, log.read_text()[-2000:]
     assert "Traceback" not in log.read_text(), log.read_text()[-2000:]
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    """One real worker for the module; every test leaves it serving."""
+    with serving(tmp_path_factory.mktemp("shared")) as shared:
+        yield shared
 
 
 @pytest.fixture(scope="module")
@@ -549,6 +556,7 @@ def test_a_transferred_job_runs_on_the_uploaded_film_and_sends_its_results_back(
     assert not (tmp_path / "ignored").exists() and not Path("ignored").exists()
     (mine,) = client_folders() - before
     assert not (Path(tempfile.gettempdir()) / mine / "uploads" / "input.png").exists()  # the job's uploads go
+    assert list((Path(tempfile.gettempdir()) / mine / "jobs").iterdir()) == []
     assert all(e.get("output") in (None, "") for e in events)  # the worker's folders are not told
     peer.close()
     deadline = time.monotonic() + 10
@@ -600,6 +608,94 @@ def test_a_client_can_not_use_another_clients_upload_or_a_path(worker, film, tmp
     assert "push" in other.until("push")[-1]["message"]
     owner.close()
     other.close()
+
+
+def test_a_waiting_job_runs_on_its_files_as_they_were_when_it_was_sent(worker, film, tmp_path):
+    """A job takes its uploads when it is sent: the same name uploaded again while it waits (here
+    not an image) is a new file for a later job. A waiting job that is cancelled, and the job
+    that runs, leave none of the files they took."""
+    blocker = ready(Peer(worker.path))
+    blocker.send({"type": "edit", "id": "long", "job": job(film, tmp_path / "long", LONG)})
+    while blocker.event()["event"] != "started":
+        pass
+    peer = ready(Peer(worker.path))
+    before = client_folders()
+    upload(peer, "u1", "input.png", film.read_bytes())
+    assert peer.event()["event"] == "uploaded"
+    peer.send({"type": "preview", "id": "kept", "job": job("input.png", "x"), "transfer": True})
+    assert peer.event() == {"id": "kept", "event": "queued", "position": 1}
+    upload(peer, "u2", "input.png", b"not an image")
+    assert peer.event()["event"] == "uploaded"
+    peer.send({"type": "preview", "id": "dropped", "job": job("input.png", "x"), "transfer": True})
+    assert peer.event()["event"] == "queued"
+    peer.send({"type": "cancel", "id": "dropped"})
+    upload(peer, "u3", "input.png", b"not an image either")
+    assert peer.event()["event"] == "uploaded"
+    (mine,) = client_folders() - before
+    folder = Path(tempfile.gettempdir()) / mine
+    assert len(list((folder / "jobs").iterdir())) == 2  # each waiting job's own files
+    blocker.send({"type": "cancel", "id": "long"})
+    assert blocker.until("long")[-1]["event"] == "cancelled"
+    events = peer.until("kept", within=120)
+    assert events[-1]["event"] == "done", events[-1]
+    mask = b"".join(
+        base64.b64decode(e["data"]) for e in events if e["event"] == "file" and e["name"] == "edit_mask.npy"
+    )
+    assert np.load(io.BytesIO(mask)).shape == (72, 64)  # the film's, not the bytes sent after
+    assert peer.until("dropped")[-1]["event"] == "cancelled"
+    assert list((folder / "jobs").iterdir()) == []
+    assert (folder / "uploads" / "input.png").read_bytes() == b"not an image either"  # a later job's
+    blocker.close()
+    peer.close()
+
+
+def send_file(peer: Peer, request_id: str, name: str, data: bytes) -> dict:
+    """Upload ``data`` in chunks as the panel does; the worker's answer."""
+    from instructx2x.transfer import CHUNK_BYTES
+
+    for offset in range(0, len(data), CHUNK_BYTES):
+        upload(
+            peer,
+            request_id,
+            name,
+            data[offset : offset + CHUNK_BYTES],
+            offset,
+            offset + CHUNK_BYTES >= len(data),
+        )
+    return peer.event()
+
+
+def test_the_uploads_of_all_clients_share_one_budget(tmp_path):
+    """Two clients hold at most MAX_WORKER_BYTES of uploads together (1 MiB here): a chunk over
+    it is refused with a ResourceError and its file removed; the bytes come back when a job that
+    took its files ends and when a client goes; both clients keep working."""
+    noise = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (800, 760), np.uint8)).save(noise, "PNG")
+    film = noise.getvalue()
+    assert 600_000 < len(film) < 650_000  # over half the budget
+    with serving(tmp_path, "from instructx2x import transfer; transfer.MAX_WORKER_BYTES = 1 << 20") as shared:
+        first, second = ready(Peer(shared.path)), ready(Peer(shared.path))
+        assert send_file(first, "a", "input.png", film)["event"] == "uploaded"
+        upload(second, "b", "input.png", b"y" * 300_000, final=False)
+        upload(second, "b", "input.png", b"y" * 300_000, offset=300_000)
+        refused = second.event()
+        assert refused == {**refused, "id": "b", "event": "error", "kind": "ResourceError"}, refused
+        assert "all its clients' together, would exceed 1 MiB" in refused["message"]
+        uploads = Path(tempfile.gettempdir(), f"instructx2x-worker-{shared.process.pid}")
+        assert [p.stat().st_size for p in uploads.glob("*/uploads/*")] == [len(film)]  # the partial file went
+        assert send_file(second, "c", "tiny", b"z" * 100)["event"] == "uploaded"
+        first.send({"type": "preview", "id": "p", "job": job("input.png", "x"), "transfer": True})
+        assert first.until("p", within=120)[-1]["event"] == "done"
+        assert (
+            send_file(second, "d", "big", b"y" * 700_000)["event"] == "uploaded"
+        )  # the job's bytes came back
+        assert send_file(first, "e", "more", b"m" * 400_000)["kind"] == "ResourceError"
+        second.close()
+        deadline = time.monotonic() + 10
+        while (answer := send_file(first, "f", "more", b"m" * 400_000))["event"] != "uploaded":
+            assert time.monotonic() < deadline, answer  # the client that went gave its bytes back
+            time.sleep(0.05)
+        first.close()
 
 
 def test_uploads_are_bounded_per_client(worker):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -547,9 +548,10 @@ def ensure_package_set(
     pip_options : Sequence[str]
         Further pip options (an index, ``--no-index`` and ``--find-links`` for a local mirror).
     cancelled : Callable[[], bool]
-        Asked every ``CANCEL_POLL_S`` while pip runs and between stages, up to the last one
-        (putting the set in place, which is never cut); True stops pip, removes the staging
-        folder and raises ``PackageSetError``.
+        Asked every ``CANCEL_POLL_S`` while pip or the check of the new set runs, before each
+        file of a set in place is copied and between stages, up to the last one (putting the
+        set in place, which is never cut); True stops pip, the check or the copy, removes the
+        staging folder and raises ``PackageSetError``.
 
     Returns
     -------
@@ -651,7 +653,9 @@ def _ensure(
         if build is None:
             progress("Copying the worker's packages…")
             built_torch = json.loads((folder / MARKER).read_text(encoding="utf-8")).get("torch", {})
-            shutil.copytree(folder, staging, copy_function=_link_or_copy)
+            shutil.copytree(
+                folder, staging, copy_function=functools.partial(_link_or_copy, cancelled=cancelled)
+            )
             _remove_library(staging)
             progress("Installing the InstructX2X library…")
             # built with Slicer's own setuptools (no build environment to download): an update
@@ -676,7 +680,7 @@ def _ensure(
             )
             built_torch = {"backend": build.backend, "index_url": build.index_url}
         progress("Checking the new worker packages…")
-        built_torch["version"] = _check(python, staging, log)
+        built_torch["version"] = _check(python, staging, log, cancelled)
         (staging / MARKER).write_text(
             json.dumps({**wanted, "torch": built_torch}, indent=2), encoding="utf-8"
         )
@@ -761,7 +765,10 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _link_or_copy(source: str, target: str) -> None:
+def _link_or_copy(source: str, target: str, cancelled: Callable[[], bool]) -> None:
+    """``copytree``'s copy function for a set in place: ``cancelled`` is asked first (True stops
+    the copy), then ``target`` is made a hard link of ``source`` (a copy where links fail)."""
+    _stop_if(cancelled)
     try:
         os.link(source, target)
     except OSError:
@@ -880,26 +887,41 @@ def _lines(stream: Iterable[str]) -> Iterable[str]:
             yield line
 
 
-def _check(python: str | Path, staging: Path, log: Callable[[str], None]) -> str:
-    """Import what the worker needs from the new set; returns torch's version."""
-    result = subprocess.run(
+def _check(
+    python: str | Path, staging: Path, log: Callable[[str], None], cancelled: Callable[[], bool]
+) -> str:
+    """Import what the worker needs from the new set; returns torch's version. ``cancelled`` is
+    asked every ``CANCEL_POLL_S`` (True kills the check)."""
+    with subprocess.Popen(
         [str(python), "-s", "-c", _CHECK, str(staging)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         encoding="utf-8",
         errors="replace",
         stdin=subprocess.DEVNULL,
         creationflags=NO_WINDOW,
-    )
-    for line in (result.stdout + result.stderr).splitlines():
+    ) as process:
+        try:
+            while True:
+                _stop_if(cancelled)
+                try:
+                    stdout, stderr = process.communicate(timeout=CANCEL_POLL_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        finally:
+            if process.poll() is None:  # cancelled, or a callback raised: the check stops
+                process.kill()
+    for line in (stdout + stderr).splitlines():
         log(line)
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["(no message)"])[-1]
+    if process.returncode != 0:
+        last = (stderr.strip().splitlines() or ["(no message)"])[-1]
         raise PackageSetError(
             f"the new worker packages do not import ({last}); nothing was changed. Press "
             "Preview or Apply to try again; if this repeats, report it with Slicer's log."
         )
-    return result.stdout.strip().splitlines()[-1]
+    return stdout.strip().splitlines()[-1]
 
 
 def _replace(staging: Path, folder: Path, previous: Path) -> None:

@@ -2,6 +2,7 @@
 
 import base64
 import os
+from pathlib import Path
 
 import pytest
 
@@ -30,7 +31,7 @@ def test_a_file_in_chunks_arrives_whole(inbox, tmp_path, monkeypatch):
         "name": "input.dcm",
         "bytes": 2500,
     }
-    assert inbox.path("input.dcm").read_bytes() == source.read_bytes()
+    assert (inbox.take(["input.dcm"], "1") / "input.dcm").read_bytes() == source.read_bytes()
     assert oct(inbox.folder.stat().st_mode & 0o777) == "0o700"
 
 
@@ -46,7 +47,7 @@ def test_a_half_sent_file_can_not_be_used(inbox):
         {"name": "input.png", "offset": 0, "data": base64.b64encode(b"abc").decode(), "final": False}
     )
     with pytest.raises(InputNotFoundError, match="not uploaded"):
-        inbox.path("input.png")
+        inbox.take(["input.png"], "1")
 
 
 def test_the_bytes_a_client_holds_are_bounded(inbox, monkeypatch):
@@ -59,11 +60,32 @@ def test_the_bytes_a_client_holds_are_bounded(inbox, monkeypatch):
     inbox.receive({"name": "a", "offset": 0, "data": chunk, "final": True})  # replacing frees its bytes
 
 
-def test_a_job_names_only_its_own_uploads(inbox):
+def test_all_clients_uploads_share_one_budget(tmp_path, monkeypatch):
+    monkeypatch.setattr(transfer, "MAX_WORKER_BYTES", 10)
+    budget = transfer.UploadBudget()
+    first, second = Inbox(tmp_path, budget), Inbox(tmp_path, budget)
+    chunk = base64.b64encode(b"123456").decode()
+    first.receive({"name": "a", "offset": 0, "data": chunk, "final": True})
+    second.receive({"name": "b", "offset": 0, "data": chunk[:4], "final": False})  # 3 bytes
+    with pytest.raises(ResourceError, match="all its clients' together, would exceed"):
+        second.receive({"name": "b", "offset": 3, "data": chunk[:4], "final": True})
+    assert not (second.folder / "uploads" / "b").exists() and budget.used == 6
+    first.close()
+    second.receive({"name": "b", "offset": 0, "data": chunk, "final": True})
+    assert budget.used == 6
+    second.close()
+    assert budget.used == 0
+
+
+def test_a_job_names_only_its_own_uploads_and_takes_them(inbox):
     inbox.receive({"name": "input.png", "offset": 0, "data": "", "final": True})
     local = localize_job({"input": "input.png", "output": "/anywhere", "mask": None}, inbox, "7")
-    assert local["input"] == str(inbox.folder / "uploads" / "input.png")
-    assert local["output"].startswith(str(inbox.folder)) and local["mask"] is None
+    assert Path(local["input"]).parent.parent == inbox.folder / "jobs" and local["mask"] is None
+    assert "output" not in local and not (inbox.folder / "uploads" / "input.png").exists()
+    with pytest.raises(InputNotFoundError, match="not uploaded"):  # taken: a next job sends it again
+        localize_job({"input": "input.png"}, inbox, "8")
+    inbox.release(local)
+    assert not Path(local["input"]).parent.exists()
     with pytest.raises(ParameterError, match="plain file name"):
         localize_job({"input": "/etc/passwd", "output": "o"}, inbox, "7")
     with pytest.raises(ParameterError, match="classifier"):

@@ -425,6 +425,72 @@ def test_cancel_stops_pip_at_once_and_leaves_the_set_as_it_was(shipped, tmp_path
     assert [p.name for p in folder.iterdir()] == ["old_package.py"]
 
 
+HANGING_CHECK = """#!/bin/sh
+# pip installs at once; the check of the new set hangs (an import that never returns)
+if [ "$2" = "pip" ]; then exit 0; fi
+mkdir -p "$(dirname "$0")/check-ran"
+exec sleep 60
+"""
+
+
+def test_cancel_stops_the_check_of_the_new_set_and_leaves_the_set_as_it_was(shipped, tmp_path):
+    library, requirements = shipped
+    folder = tmp_path / "settings" / "set"
+    folder.mkdir(parents=True)
+    (folder / packages.MARKER).write_text(json.dumps({"format": 1, "python": "2.7"}))  # rebuilt
+    (folder / "old_package.py").write_text("VALUE = 1\n")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    python = tmp_path / "hanging-check"
+    python.write_text(HANGING_CHECK)
+    python.chmod(0o755)
+    stages: list[str] = []
+    started = time.monotonic()
+    with pytest.raises(packages.PackageSetError, match="cancelled; nothing was installed"):
+        install(
+            folder,
+            python,
+            library,
+            requirements,
+            progress=stages.append,
+            cancelled=lambda: (tmp_path / "check-ran").exists(),
+        )
+    assert time.monotonic() - started < 20  # not the minute the check would take
+    assert stages[-1] == "Checking the new worker packages…"
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["set"]  # no staging left
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_cancel_stops_the_copy_of_the_set_in_place_and_leaves_it_as_it_was(shipped, tmp_path):
+    """A newer library alone is installed into a hard-linked copy of the set: Cancel stops the
+    copy between two files, before pip runs, and no file of the set keeps a second link."""
+    library, requirements = shipped
+    folder = tmp_path / "settings" / "set"
+    for index in range(200):
+        (folder / f"package{index // 20}").mkdir(parents=True, exist_ok=True)
+        (folder / f"package{index // 20}" / f"module{index}.py").write_text(f"VALUE = {index}\n")
+    built = packages.package_set_fingerprint(library, requirements)
+    marker = {**built, "library_version": "0.0.1", "torch": {"backend": "index"}}
+    (folder / packages.MARKER).write_text(json.dumps(marker))
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    python = tmp_path / "long-pip"
+    python.write_text(LONG_PIP)
+    python.chmod(0o755)
+    asked: list[int] = []
+    stages: list[str] = []
+
+    def cancelled() -> bool:
+        asked.append(1)
+        return len(asked) >= 50
+
+    with pytest.raises(packages.PackageSetError, match="cancelled; nothing was installed"):
+        install(folder, python, library, requirements, progress=stages.append, cancelled=cancelled)
+    assert len(asked) == 50 and stages[-1] == "Copying the worker's packages…"
+    assert not (tmp_path / "pip-ran").exists()
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["set"]  # no staging left
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    assert all(p.stat().st_nlink == 1 for p in before)
+
+
 def test_each_slicer_revision_has_its_own_set(tmp_path):
     first = packages.package_set_folder(tmp_path / "slicer.org" / "Slicer-33216.ini", (3, 12))
     second = packages.package_set_folder(tmp_path / "slicer.org" / "Slicer-34045.ini", (3, 12))

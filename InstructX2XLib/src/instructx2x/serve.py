@@ -55,9 +55,12 @@ others:
 - a request's ``id`` is a string or number of at most ``MAX_ID_CHARS`` (128) characters;
 - a client's uploaded files hold at most ``transfer.MAX_CLIENT_FILES`` (8) files and
   ``transfer.MAX_CLIENT_BYTES`` (256 MiB) at a time, in its own folder (0700), removed when it
-  goes; a job's uploads go when it ends; its results are read from disk and sent by the
-  client's own writer thread, so a client that reads slowly delays only itself; at most
-  ``MAX_RESULTS_SENDING`` (2) of its jobs' results wait to be sent before its next job runs;
+  goes, and all clients' together at most ``transfer.MAX_WORKER_BYTES`` (1 GiB): a chunk over
+  either is refused with an ``error`` and its file removed; a job takes its uploads when it is
+  sent (it runs on them as they were then) and they go when it ends; its results are read from
+  disk and sent by the client's own writer thread, so a client that reads slowly delays only
+  itself; at most ``MAX_RESULTS_SENDING`` (2) of its jobs' results wait to be sent before its
+  next job runs;
 - each client's events wait in their own queue, written by their own thread, so a client that
   stops reading delays nobody: when ``MAX_PENDING_EVENTS`` (1000) or ``MAX_PENDING_BYTES``
   (16 MiB) wait, or a write makes no progress for ``SEND_STALL_S`` (10) seconds, it is
@@ -105,7 +108,7 @@ from .errors import (
 )
 from .jobs import EditJob, edit_images, prepare, write_results
 from .provenance import to_json
-from .transfer import JOB_FILE_FIELDS, Inbox, file_events, localize_job, worker_folder
+from .transfer import Inbox, UploadBudget, file_events, localize_job, worker_folder
 
 __all__ = [
     "MAX_CLIENTS",
@@ -362,6 +365,7 @@ class Worker:
         self.readers: set[threading.Thread] = set()  # their reader threads
         self.previews: dict[tuple[int, str], tuple[Any, Any]] = {}  # -> (EditResult, keep mask)
         self.inboxes: dict[int, Inbox] = {}  # client key -> its transferred files
+        self.budget = UploadBudget()  # the bytes of all the inboxes' uploads
         self.folder: Path | None = None  # for the inboxes (transfer.worker_folder), made when needed
 
     def close(self) -> None:
@@ -476,7 +480,7 @@ class Worker:
             if client.key not in self.inboxes:
                 if self.folder is None:
                     self.folder = worker_folder()
-                self.inboxes[client.key] = Inbox(self.folder)
+                self.inboxes[client.key] = Inbox(self.folder, self.budget)
             return self.inboxes[client.key]
 
     def cancel(self, client: Client, request_id: str) -> None:
@@ -490,6 +494,12 @@ class Worker:
 
     def put(self, client: Client, request: dict) -> None:
         request_id = str(request.get("id"))
+        if _takes_files(request):  # the job runs on its files as they are now
+            try:
+                request = {**request, "job": localize_job(request["job"], self.inbox(client), request_id)}
+            except InstructX2XError as error:
+                client.emit({"id": request_id, **error_event(error).to_dict()})
+                return
         with self.condition:
             mine = sum(c is client for c, _request in self.waiting)
             if mine >= MAX_WAITING_PER_CLIENT and request.get("type") != "shutdown":
@@ -500,6 +510,7 @@ class Worker:
                 ahead = len(self.waiting) - 1 + (self.running is not None)
                 self.condition.notify()
         if refused:
+            self._release(client, request)
             client.emit(
                 {
                     "id": request_id,
@@ -550,9 +561,17 @@ class Worker:
             except Exception as error:  # noqa: BLE001 - a defect must not take the warm worker down
                 client.emit({"id": request_id, **error_event(error).to_dict()})
             finally:
+                self._release(client, request)
                 with self.condition:
                     self.running = None
                     self.cancelled.discard(key)
+
+    def _release(self, client: Client, request: dict) -> None:
+        """Remove the files a transferred job took when it was sent (it ended, or never runs)."""
+        with self.condition:
+            inbox = self.inboxes.get(client.key)
+        if inbox is not None and _takes_files(request):
+            inbox.release(request["job"])
 
     def _stopped(self, client: Client, key: tuple[int, str]) -> bool:
         """Whether the job ``key`` was cancelled or its client is gone."""
@@ -564,18 +583,13 @@ class Worker:
         if not transfer:
             self._run(client, request_id, kind, job_data, False)
             return
-        inbox = self.inbox(client)
-        try:
-            if client.results_sending >= MAX_RESULTS_SENDING:
-                raise ResourceError(
-                    f"{client.results_sending} of your jobs' results are still being sent; "
-                    "send the next job when they have arrived."
-                )
-            self._run(client, request_id, kind, localize_job(job_data, inbox, request_id), True)
-        finally:  # the job's uploads have served
-            inbox.forget(
-                [job_data[field] for field in JOB_FILE_FIELDS if isinstance(job_data.get(field), str)]
+        if client.results_sending >= MAX_RESULTS_SENDING:
+            raise ResourceError(
+                f"{client.results_sending} of your jobs' results are still being sent; "
+                "send the next job when they have arrived."
             )
+        output = self.inbox(client).results(request_id)
+        self._run(client, request_id, kind, {**job_data, "output": str(output)}, True)
 
     def _run(self, client: Client, request_id: str, kind: str, job_data: dict, transfer: bool) -> None:
         job = EditJob.from_dict({**job_data, "command": kind})
@@ -637,6 +651,15 @@ class Worker:
             client.send_results(_Results(output, request_id, done))
         else:
             client.emit({"id": request_id, **done})
+
+
+def _takes_files(request: dict) -> bool:
+    """Whether a request is a transferred job, which takes the uploads it names (``localize_job``)."""
+    return (
+        request.get("type") in ("edit", "preview")
+        and request.get("transfer") is True
+        and isinstance(request.get("job"), dict)
+    )
 
 
 def _announce(waiting: list[tuple[Client, dict]], ahead: int) -> None:

@@ -15,10 +15,16 @@ protocol instead of by path:
    (``Inbox``), answers ``uploaded`` once the final chunk is in, and refuses a name that is
    not a plain file name, a chunk that does not continue the file (``offset`` an integer,
    ``final`` a boolean), data that is not base64, more than ``MAX_CLIENT_FILES`` files or more
-   than ``MAX_CLIENT_BYTES`` at once;
-2. the job names those files instead of paths (``localize_job``); its results are written in
-   the client's folder on the worker, then sent back as ``file`` events of the same shape
-   (``file_events``) before ``done``, and removed from the worker, as are the job's uploads;
+   than ``MAX_CLIENT_BYTES`` at once, and any chunk that would take the uploaded files of all
+   the worker's clients together over ``MAX_WORKER_BYTES`` (``UploadBudget``); a refused
+   file is removed;
+2. the job names those files instead of paths (``localize_job``). When it is sent, the worker
+   moves them out of the uploads into a folder of the job's own (``Inbox.take``): the job runs
+   on the bytes uploaded before it was sent, whatever is uploaded under those names while it
+   waits (a later job sends its files again). Its results are written in the client's folder on
+   the worker, then sent back as ``file`` events of the same shape (``file_events``) before
+   ``done``, and removed from the worker; the job's own files go when it ends, or is dropped
+   before it starts;
 3. the client writes them into a staging folder beside the output it asked for
    (``Downloads``: at most ``MAX_RESULT_FILES`` files and ``MAX_CLIENT_BYTES``, the files
    ``done`` lists and no others) and renames it to that output when ``done`` arrives: the
@@ -39,6 +45,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,6 +56,7 @@ __all__ = [
     "CHUNK_BYTES",
     "MAX_CLIENT_BYTES",
     "MAX_CLIENT_FILES",
+    "MAX_WORKER_BYTES",
     "MAX_RESULT_FILES",
     "JOB_FILE_FIELDS",
     "UPLOAD_SUFFIXES",
@@ -58,6 +66,7 @@ __all__ = [
     "chunk_messages",
     "upload_requests",
     "file_events",
+    "UploadBudget",
     "Inbox",
     "localize_job",
     "Downloads",
@@ -66,6 +75,7 @@ __all__ = [
 CHUNK_BYTES = 512 * 1024  # ~700 KB once in base64: a message stays under serve.MAX_LINE_BYTES
 MAX_CLIENT_BYTES = 256 * 1024 * 1024  # what one client's uploaded files may hold at once
 MAX_CLIENT_FILES = 8
+MAX_WORKER_BYTES = 1024 * 1024 * 1024  # what the uploaded files of all a worker's clients may hold at once
 MAX_RESULT_FILES = 64  # what one job's results may hold on the panel's side
 JOB_FILE_FIELDS = ("input", "mask", "keep_mask", "reference_mask")
 # the suffixes the library reads by (a mask's format); any other file goes by its content
@@ -163,14 +173,44 @@ def _chunk(message: dict, written: int) -> tuple[str, bytes, bool]:
     return name, data, message["final"]
 
 
-class Inbox:
-    """One client's private folder on the worker (mode 0700): its uploaded files and its jobs'
-    results until they are sent. ``close`` removes it."""
+class UploadBudget:
+    """The bytes that the uploaded files of all a worker's clients hold together, at most
+    ``MAX_WORKER_BYTES``; their inboxes count them in and out. Thread-safe: each client uploads
+    on a thread of its own."""
 
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self) -> None:
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bool:
+        """Count ``size`` more bytes in; False, counting nothing, when that would pass
+        ``MAX_WORKER_BYTES``."""
+        with self._lock:
+            if self.used + size > MAX_WORKER_BYTES:
+                return False
+            self.used += size
+            return True
+
+    def give_back(self, size: int) -> None:
+        """Count ``size`` bytes out (their files are removed)."""
+        with self._lock:
+            self.used -= size
+
+
+class Inbox:
+    """One client's private folder on the worker (mode 0700): its uploaded files, the files its
+    jobs took (``take``) and its jobs' results until they are sent. Uploaded and taken files
+    count against ``MAX_CLIENT_BYTES`` and the worker's ``budget`` until they are removed;
+    ``close`` removes everything. Thread-safe: the client's reader stores uploads and sends jobs
+    while the worker runs one of them."""
+
+    def __init__(self, root: Path | None = None, budget: UploadBudget | None = None) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="instructx2x-client-", dir=root))
+        self.budget = budget or UploadBudget()
         self.files: dict[str, int] = {}  # name -> bytes received
         self.complete: set[str] = set()
+        self.jobs: dict[Path, int] = {}  # a job's folder of files (``take``) -> their bytes
+        self._lock = threading.Lock()
 
     def receive(self, request: dict) -> dict | None:
         """Store one ``upload`` chunk; the ``uploaded`` event once the file is whole.
@@ -180,83 +220,135 @@ class Inbox:
         ParameterError
             A bad name, offset or data (the file so far is removed).
         ResourceError
-            Over ``MAX_CLIENT_FILES`` files or ``MAX_CLIENT_BYTES`` bytes (the file is removed).
+            Over ``MAX_CLIENT_FILES`` files or ``MAX_CLIENT_BYTES`` bytes, or over the worker's
+            ``MAX_WORKER_BYTES`` for all its clients (the file so far is removed).
         """
         name = check_file_name(request.get("name"))
         uploads = self.folder / "uploads"
-        if request.get("offset") == 0:  # a new file, or a name sent again: it starts over
-            self._forget(name)
-            if len(self.files) >= MAX_CLIENT_FILES:
-                raise ResourceError(f"at most {MAX_CLIENT_FILES} uploaded files at a time.")
-        try:
-            name, data, final = _chunk(request, self.files.get(name, 0))
-            if name in self.complete:
-                raise ParameterError(f"{name} is complete; send it again from offset 0.")
-            if sum(self.files.values()) + len(data) > MAX_CLIENT_BYTES:
+        with self._lock:
+            if request.get("offset") == 0:  # a new file, or a name sent again: it starts over
+                self._forget(name)
+                if len(self.files) >= MAX_CLIENT_FILES:
+                    raise ResourceError(f"at most {MAX_CLIENT_FILES} uploaded files at a time.")
+            try:
+                name, data, final = _chunk(request, self.files.get(name, 0))
+                if name in self.complete:
+                    raise ParameterError(f"{name} is complete; send it again from offset 0.")
+                if self._held() + len(data) > MAX_CLIENT_BYTES:
+                    raise ResourceError(
+                        f"{name}: the uploaded files would exceed {MAX_CLIENT_BYTES // (1024 * 1024)} MiB."
+                    )
+                if not self.budget.take(len(data)):
+                    raise ResourceError(
+                        f"{name}: the worker's uploaded files, all its clients' together, would exceed "
+                        f"{MAX_WORKER_BYTES // (1024 * 1024)} MiB; send it again when other jobs have ended."
+                    )
+                self.files[name] = self.files.get(name, 0) + len(data)
+                uploads.mkdir(exist_ok=True)
+                with (uploads / name).open("ab") as stream:
+                    stream.write(data)
+            except (ParameterError, ResourceError):
+                self._forget(name)
+                raise
+            except OSError as error:
+                self._forget(name)
                 raise ResourceError(
-                    f"{name}: the uploaded files would exceed {MAX_CLIENT_BYTES // (1024 * 1024)} MiB."
-                )
-            uploads.mkdir(exist_ok=True)
-            with (uploads / name).open("ab") as stream:
-                stream.write(data)
-        except (ParameterError, ResourceError):
-            self._forget(name)
-            raise
-        except OSError as error:
-            self._forget(name)
-            raise ResourceError(f"cannot store {name} on the worker: {error.strerror or error}.") from None
-        self.files[name] = self.files.get(name, 0) + len(data)
-        if not final:
-            return None
-        self.complete.add(name)
-        return {"event": "uploaded", "name": name, "bytes": self.files[name]}
+                    f"cannot store {name} on the worker: {error.strerror or error}."
+                ) from None
+            if not final:
+                return None
+            self.complete.add(name)
+            return {"event": "uploaded", "name": name, "bytes": self.files[name]}
 
-    def path(self, name: object) -> Path:
-        """The uploaded file ``name``.
+    def take(self, names: list[str], request_id: str) -> Path:
+        """Move the whole uploaded files ``names`` into a new folder of one job's own, returned:
+        the job keeps the bytes it was sent with, and the names are free for new uploads. The
+        files count until ``release``.
 
         Raises
         ------
         InputNotFoundError
-            When no whole file of that name was uploaded.
+            When a name is not a whole uploaded file (nothing is moved).
+        ResourceError
+            When a file cannot be moved (the job's folder is removed).
         """
-        name = check_file_name(name)
-        if name not in self.complete:
-            raise InputNotFoundError(
-                f"{name} was not uploaded (or not completely); upload it before the job."
-            )
-        return self.folder / "uploads" / name
+        with self._lock:
+            for name in names:
+                if name not in self.complete:
+                    raise InputNotFoundError(
+                        f"{name} was not uploaded (or not completely); upload it before the job."
+                    )
+            folder = _unused(self.folder / "jobs", request_id)
+            self.jobs[folder] = 0
+            try:
+                folder.mkdir(parents=True)
+                for name in dict.fromkeys(names):
+                    (self.folder / "uploads" / name).rename(folder / name)
+                    self.complete.discard(name)
+                    self.jobs[folder] += self.files.pop(name)
+            except OSError as error:
+                self._release(folder)
+                raise ResourceError(
+                    f"cannot keep the job's files on the worker: {error.strerror or error}."
+                ) from None
+            return folder
+
+    def release(self, job: dict) -> None:
+        """Remove the files a job took (``localize_job``'s job: the folder its files lie in,
+        when that is one of this inbox's): the job ended, or will never run."""
+        folders = {Path(job[field]).parent for field in JOB_FILE_FIELDS if isinstance(job.get(field), str)}
+        with self._lock:
+            for folder in folders:
+                self._release(folder)
 
     def results(self, request_id: str) -> Path:
         """A new folder name, not yet made, for one job's results."""
-        safe = re.sub(r"[^A-Za-z0-9_-]", "_", request_id)[:64]
-        index = 0
-        while (self.folder / "results" / f"{safe}-{index}").exists():
-            index += 1
         (self.folder / "results").mkdir(exist_ok=True)
-        return self.folder / "results" / f"{safe}-{index}"
+        return _unused(self.folder / "results", request_id)
 
     def close(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """Remove the folder and everything in it (the client is gone)."""
+        with self._lock:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.budget.give_back(self._held())
+            self.files.clear()
+            self.complete.clear()
+            self.jobs.clear()
 
-    def forget(self, names: list[str]) -> None:
-        """Remove uploaded files (a job that used them ended)."""
-        for name in names:
-            self._forget(name)
+    def _held(self) -> int:
+        return sum(self.files.values()) + sum(self.jobs.values())
 
     def _forget(self, name: str) -> None:
-        self.files.pop(name, None)
-        self.complete.discard(name)
         (self.folder / "uploads" / name).unlink(missing_ok=True)
+        self.budget.give_back(self.files.pop(name, 0))
+        self.complete.discard(name)
+
+    def _release(self, folder: Path) -> None:
+        size = self.jobs.pop(folder, None)
+        if size is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+            self.budget.give_back(size)
+
+
+def _unused(parent: Path, request_id: str) -> Path:
+    """A name in ``parent``, not yet taken, for one job's folder."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", request_id)[:64]
+    index = 0
+    while (parent / f"{safe}-{index}").exists():
+        index += 1
+    return parent / f"{safe}-{index}"
 
 
 def localize_job(job: dict, inbox: Inbox, request_id: str) -> dict:
-    """A transferred job's fields with its file names turned into the inbox's paths and its
-    output into a results folder of the inbox.
+    """A transferred job's fields as it is sent: the uploads it names taken into a folder of its
+    own (``Inbox.take``) and named by their paths there, and no output (``Inbox.results`` gives
+    it one when it runs). ``Inbox.release`` removes its files.
 
     Raises
     ------
     ParameterError
-        A PACS push or a classifier folder asked of a transferred job.
+        A PACS push or a classifier folder asked of a transferred job, or a file name that is
+        not a plain one.
     InputNotFoundError
         A file it names was not uploaded.
     """
@@ -268,11 +360,11 @@ def localize_job(job: dict, inbox: Inbox, request_id: str) -> dict:
         raise ParameterError(
             "a job sent with its files verifies with a built-in classifier set (auto, cohort-v2 or torchxrayvision), not a folder."
         )
+    names = {field: check_file_name(job[field]) for field in JOB_FILE_FIELDS if job.get(field) is not None}
     local = {key: value for key, value in job.items() if key != "output"}
-    for field in JOB_FILE_FIELDS:
-        if job.get(field) is not None:
-            local[field] = str(inbox.path(job[field]))
-    local["output"] = str(inbox.results(request_id))
+    if names:
+        folder = inbox.take(list(names.values()), request_id)
+        local.update({field: str(folder / name) for field, name in names.items()})
     return local
 
 
