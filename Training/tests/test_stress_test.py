@@ -283,3 +283,19 @@ def test_the_command_line_refuses_a_broken_classifier(films, tmp_path, capsys):
     assert main(argv) != 0
     assert "broken.pt does not load as a TorchScript module" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        (["--dicomweb-modality", "CR"], "--dicomweb-modality needs --dicomweb URL"),
+        (["--dicomweb", "http://127.0.0.1:9/dicom-web"], "one of the three"),
+        (["--dicomweb", "http://radiology:pw@pacs.example.org/dicom-web"], "carries credentials"),
+    ],
+)
+def test_the_command_line_refuses_a_dicomweb_source_it_cannot_use(films, tmp_path, capsys, source, message):
+    """Each before any request: the server at port 9 is never asked."""
+    argv = ["stress-test", str(tmp_path / "out"), "--films", str(films[0]), *source]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
