@@ -49,6 +49,7 @@ from InstructX2XModuleLib.session import (
     Operation,
     PanelSettings,
     Preset,
+    SeriesView,
     WorkerMode,
     compose_instruction,
     describe_instruction,
@@ -594,7 +595,7 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
         return self.session.results if self.session is not None else {}
 
     @property
-    def series(self):
+    def series(self) -> SeriesView | None:
         """``session.SeriesView`` of the last result when it is a progression series, else None."""
         return self.session.series if self.session is not None else None
 
