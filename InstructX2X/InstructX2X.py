@@ -49,6 +49,7 @@ from InstructX2XModuleLib.session import (
     Operation,
     PanelSettings,
     Preset,
+    SeriesView,
     WorkerMode,
     compose_instruction,
     describe_instruction,
@@ -98,6 +99,7 @@ class InstructX2XParameterNode:
 
     inputVolume: slicer.vtkMRMLScalarVolumeNode
     instruction: str = ""
+    series: str = ""  # a progression series' levels or instructions (session.plan_series)
     # the choices by label (what scenes saved by every release hold); panelSettings maps them
     maskSource: Annotated[str, Choice(MaskSource.labels())] = MaskSource.PRIOR.label
     tau: Annotated[float, Minimum(0.0), Maximum(1.0)] = TAU
@@ -159,6 +161,8 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.loadFileButton.connect("clicked(bool)", lambda: slicer.util.openAddVolumeDialog())
         self.ui.previewButton.connect("clicked(bool)", self.onPreview)
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
+        self.ui.seriesButton.connect("clicked(bool)", self.onApplySeries)
+        self.ui.seriesSlider.connect("valueChanged(double)", self.onSeriesStep)
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
         self.ui.beforeAfterButton.connect("toggled(bool)", lambda after: self.showResults())
         self.ui.differenceButton.connect("toggled(bool)", lambda difference: self.showResults())
@@ -191,6 +195,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = unsupported
             self.ui.previewButton.enabled = False
             self.ui.applyButton.enabled = False
+            self.ui.seriesButton.enabled = False
         if self.parent.isEntered:  # Reload while shown: Slicer calls setup() alone, not enter()
             self.enter()
 
@@ -265,6 +270,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         self.ui.verificationText.setPlainText("")
         self.ui.verificationText.setVisible(False)
+        self.showSeriesStep()
         if self.parent.isEntered:
             self.initializeParameterNode()
             self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(mrml.segment_editor_node(slicer.mrmlScene))
@@ -361,13 +367,13 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._submit("preview")
 
     def _submit(self, kind: str) -> None:
-        """Queue the job; Preview and Apply stay disabled while it starts (a first use installs the
-        worker's packages behind a modal dialog first)."""
-        self.ui.previewButton.enabled = self.ui.applyButton.enabled = False
+        """Queue the job (a preview, an edit or a series); Preview, Apply and Apply series stay
+        disabled while it starts (a first use installs the worker's packages behind a modal
+        dialog first)."""
+        self.ui.previewButton.enabled = self.ui.applyButton.enabled = self.ui.seriesButton.enabled = False
+        failed = {"preview": _("Preview failed."), "edit": _("Edit failed."), "series": _("Series failed.")}
         try:
-            with slicer.util.tryWithErrorDisplay(
-                _("Preview failed.") if kind == "preview" else _("Edit failed."), waitCursor=True
-            ):
+            with slicer.util.tryWithErrorDisplay(failed[kind], waitCursor=True):
                 self.logic.submit(
                     kind,
                     self._parameterNode,
@@ -378,7 +384,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._running()
         finally:
             self.ui.applyButton.enabled = True  # Apply cancels a running job
-            self.ui.previewButton.enabled = not self.logic.busy
+            self.ui.previewButton.enabled = self.ui.seriesButton.enabled = not self.logic.busy
 
     def onApply(self) -> None:
         if self.logic.busy:
@@ -386,6 +392,30 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Cancelling…")
             return
         self._submit("edit")
+
+    def onApplySeries(self) -> None:
+        """The Series field's steps as one job (Apply cancels it while it runs)."""
+        if not self.logic.busy:
+            self._submit("series")
+
+    def onSeriesStep(self, value: float) -> None:
+        """Show the slider's step of the series: its counterfactual over the shared region."""
+        if self.logic.series is not None:
+            with slicer.util.tryWithErrorDisplay(_("The series step could not be shown.")):
+                self.ui.seriesStepLabel.text = self.logic.selectSeriesStep(round(value) - 1)
+                self.showResults()
+
+    def showSeriesStep(self) -> None:
+        """The slider over the last result's series from its first step, or off when the last
+        result is no series."""
+        series = self.logic.series
+        slider = self.ui.seriesSlider
+        wasBlocked = slider.blockSignals(True)
+        slider.maximum = len(series.steps) if series is not None else 1
+        slider.value = series.index + 1 if series is not None else 1
+        slider.blockSignals(wasBlocked)
+        slider.enabled = series is not None
+        self.ui.seriesStepLabel.text = series.step_text() if series is not None else _("Series step:")
 
     def onTauChanged(self, value: float) -> None:
         """Re-cut the preview at the released slider's value; while the worker is busy the
@@ -478,11 +508,12 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onTimer(self) -> None:
         events, errors = self.logic.poll(), []
         if self.logic.resultArrived(events):
-            # a new result opens on "after", without the difference
+            # a new result opens on "after", without the difference (a series on its first step)
             for button, checked in ((self.ui.beforeAfterButton, True), (self.ui.differenceButton, False)):
                 wasBlocked = button.blockSignals(True)
                 button.checked = checked
                 button.blockSignals(wasBlocked)
+            self.showSeriesStep()
             self.showResults()
         for event in events:
             kind = event.get("event")
@@ -499,7 +530,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.logic.busy:
             self.timer.stop()
             self.ui.applyButton.text = _("Apply")
-            self.ui.previewButton.enabled = True
+            self.ui.previewButton.enabled = self.ui.seriesButton.enabled = True
             if self.logic.lastResultText:
                 self.ui.statusLabel.text = self.logic.lastResultText
             self.ui.verificationText.setPlainText(self.logic.lastVerificationText)
@@ -514,7 +545,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _running(self) -> None:
         self.ui.applyButton.text = _("Cancel")
-        self.ui.previewButton.enabled = False
+        self.ui.previewButton.enabled = self.ui.seriesButton.enabled = False
         self.ui.progressBar.value = 0
         self.timer.start()
 
@@ -564,6 +595,16 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
         return self.session.results if self.session is not None else {}
 
     @property
+    def series(self) -> SeriesView | None:
+        """``session.SeriesView`` of the last result when it is a progression series, else None."""
+        return self.session.series if self.session is not None else None
+
+    def selectSeriesStep(self, index: int) -> str:
+        """Make step ``index`` (from 0) of the series the result shown; returns what it is."""
+        assert self.session is not None, "a series comes from a session"
+        return self.session.select_series_step(index)
+
+    @property
     def modelDefaults(self):
         """``session.SamplingDefaults``: steps, s_T, s_I and resolution the loaded model edits
         with by default (None before its worker is ready)."""
@@ -594,7 +635,8 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
         segmentId: str | None = None,
         keepSegmentId: str | None = None,
     ) -> None:
-        """Masks from the painted segments, then the job on the session's warm worker."""
+        """Masks from the painted segments, then the job (``preview``, ``edit`` or ``series``:
+        the parameter node's Series field) on the session's warm worker."""
         volume = parameters.inputVolume
         settings = panelSettings(parameters)
         editMask = keepMask = None
@@ -619,6 +661,7 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
             editMask,
             keepMask,
             dicom_file_for=database.fileForInstance if database is not None else None,
+            series=parameters.series if kind == "series" else "",
         )
 
     def cancel(self) -> None:
@@ -671,7 +714,7 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
         """Import the written series (SC + overlay SC + SEG) into Slicer's DICOM database, and
         push it to a PACS when a target is given (the only network traffic, on request)."""
         folder = self.session.output_folder if self.session is not None else None
-        if folder is None or not (folder / "counterfactual.dcm").is_file():
+        if folder is None or not any(folder.glob("*.dcm")):  # an edit's or a series' objects
             raise ValueError(
                 _(
                     "Load the radiograph from DICOM and apply an edit first: the DICOM "

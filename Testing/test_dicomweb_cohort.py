@@ -1,8 +1,10 @@
 """`instructx2x edit --dicomweb`: a cohort queried (QIDO-RS), fetched (WADO-RS), edited and stored
-back (STOW-RS) against a real Orthanc with its DICOMweb plugin and HTTP basic authentication."""
+back (STOW-RS) against a real Orthanc with its DICOMweb plugin and HTTP basic authentication;
+`instructx2x-train stress-test --dicomweb`: the films of a stress test from the same query."""
 
 import csv
 import io
+import json
 import os
 import subprocess
 
@@ -108,5 +110,77 @@ def test_a_cohort_that_cannot_be_edited_is_refused_before_any_folder(
     completed = edit(orthanc, out, *query, password=password)
     assert completed.returncode == 2 or completed.returncode == 5, completed.stderr
     assert message in completed.stderr
+    assert "Traceback" not in completed.stderr and password not in completed.stderr
+    assert not out.exists()
+
+
+def stress(orthanc, output, edits, *query, password=PASSWORD, model="untrained-tiny", credentials=None):
+    """``stress-test`` on the films the query matches; the password from the environment, or
+    from a credentials file when ``credentials`` names one."""
+    environment = {**os.environ, "INSTRUCTX2X_DICOMWEB_USER": "radiology"}
+    environment["INSTRUCTX2X_DICOMWEB_PASSWORD"] = password
+    if credentials is not None:
+        credentials.write_text(json.dumps({"username": "radiology", "password": password}))
+        environment = {k: v for k, v in environment.items() if not k.startswith("INSTRUCTX2X_DICOMWEB")}
+        query = (*query, "--dicomweb-credentials", str(credentials))
+    return subprocess.run(
+        [
+            console_script("instructx2x-train"),
+            "stress-test",
+            str(output),
+            "--edits",
+            str(edits),
+            *("--model", model, "--steps", "2", "--resolution", "64", "--bootstrap", "20", "--no-progress"),
+            "--dicomweb",
+            f"{orthanc.url}/dicom-web",
+            *query,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=environment,
+    )
+
+
+@pytest.fixture
+def edits(tmp_path):
+    path = tmp_path / "edits.json"
+    path.write_text(json.dumps([{"instruction": "Add the finding of edema"}]))
+    return path
+
+
+def test_a_stress_test_reads_the_films_a_query_matches(orthanc, tmp_path, edits):
+    out = tmp_path / "stress"
+    completed = stress(orthanc, out, edits, "--dicomweb-modality", "CR", credentials=tmp_path / "login.json")
+    assert completed.returncode == 0, completed.stderr
+    film = f"{orthanc.cr.SOPInstanceUID}.dcm"
+    assert [path.name for path in (out / "films").iterdir()] == [film]  # fetched with WADO-RS
+    assert pydicom.dcmread(out / "films" / film).SOPInstanceUID == orthanc.cr.SOPInstanceUID
+    with (out / "rows.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["classifier"], row["film"]) for row in rows] == [("cohort-v2", film)]
+    report = json.loads((out / "stress-test.json").read_text())
+    assert report["films"] == {"count": 1, "source": f"{orthanc.url}/dicom-web"}
+    assert report["settings"]["dicomweb"]["modality"] == "CR"
+    for text in (completed.stdout, completed.stderr, everything_written(out)):
+        assert PASSWORD not in text
+
+
+@pytest.mark.parametrize(
+    "query, password, message, code",
+    [
+        (["--dicomweb-dates", "19000101-19000102"], PASSWORD, "matched no film", 2),
+        ([], PASSWORD, "are not radiographs", 2),
+        (["--dicomweb-modality", "CR"], "wrong-password", "HTTP 401", 5),
+    ],
+)
+def test_a_stress_test_query_that_gives_no_films_is_refused_before_the_model(
+    orthanc, tmp_path, edits, query, password, message, code
+):
+    """A model that does not exist: the query's error comes first, so it was asked first."""
+    out = tmp_path / "refused"
+    completed = stress(orthanc, out, edits, *query, password=password, model=str(tmp_path / "no-model"))
+    assert completed.returncode == code, completed.stderr
+    assert message in completed.stderr and "no-model" not in completed.stderr
     assert "Traceback" not in completed.stderr and password not in completed.stderr
     assert not out.exists()

@@ -5,12 +5,11 @@ the same edits as one process does; a rerun after an interruption resumes row by
 import csv
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+from launch import launch
 from PIL import Image
 
 ROWS = 5
@@ -31,50 +30,10 @@ def jobs_file(folder: Path) -> Path:
 
 
 def edit_jobs(jobs: Path, output: Path, processes: int) -> subprocess.CompletedProcess:
-    arguments = [
-        "edit",
-        "--jobs",
-        str(jobs),
-        "-o",
-        str(output),
-        "--model",
-        "untrained-tiny",
-        "--steps",
-        "2",
-        "--resolution",
-        "64",
-        "--progress",
-        "none",
-    ]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if processes == 1:
-        command = [sys.executable, "-m", "instructx2x.cli", *arguments]
-    else:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        command = [
-            str(Path(sys.executable).parent / "accelerate"),
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(processes),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_ip",
-            "127.0.0.1",
-            "--main_process_port",
-            str(port),
-            "-m",
-            "instructx2x.cli",
-            *arguments,
-        ]
-        environment["ACCELERATE_USE_CPU"] = "true"
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
+    arguments = ["--jobs", str(jobs), "-o", str(output), "--model", "untrained-tiny", "--steps", "2"]
+    return launch(
+        ["-m", "instructx2x.cli", "edit", *arguments, "--resolution", "64", "--progress", "none"], processes
+    )
 
 
 def rows(output: Path) -> list[dict]:

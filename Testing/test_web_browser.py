@@ -13,6 +13,7 @@ import re
 import time
 import zipfile
 
+import numpy as np
 import pytest
 
 pytest.importorskip("trame_slicer")
@@ -29,6 +30,7 @@ from web_driver import (
     set_steps,
     text,
     type_instruction,
+    view_pixels,
     wait_for,
     wait_text,
     warm_pixels,
@@ -143,6 +145,48 @@ def test_the_whole_workflow_in_chromium(page, server, tmp_path):
         if dataset.Modality != "SEG":
             assert dataset.ConversionType == "SYN" and "SYNTHETIC" in str(dataset.SeriesDescription).upper()
     print(f"server ready in {server.start_s:.1f} s; cancel answered in {cancel_s:.2f} s")
+
+
+def test_a_series_is_applied_as_one_job_and_its_slider_steps_through_it(page, tmp_path):
+    """After the workflow above (the sample open, a region painted): the Series field's levels
+    as one job on the demo model; the slider puts each step's counterfactual in the view, under
+    the guidance overlay the steps share; the series downloads as one DICOM series."""
+    set_steps(page, 0)  # the model's own steps again
+    type_instruction(page, "Add the finding of left pleural effusion")
+    field = page.get_by_test_id("series").locator("input")
+    field.fill("small, moderate, large")
+    field.press("Tab")
+    page.get_by_test_id("apply-series").click()
+    wait_text(page, "status", r"^Done: a series of 3 steps \(small, moderate, large\)")
+    assert text(page, "series-text") == "Step 1 of 3: small"
+    time.sleep(1)  # the view streams the new layers
+    shots = [view_pixels(page)]
+    slider = page.get_by_test_id("series-step").get_by_role("slider")
+    for number, level in ((2, "moderate"), (3, "large")):
+        slider.focus()
+        page.keyboard.press("ArrowRight")
+        wait_text(page, "series-text", f"Step {number} of 3: {level}")
+        wait_for(lambda: not np.array_equal(view_pixels(page), shots[-1]), f"step {number} in the view")
+        time.sleep(1)
+        shots.append(view_pixels(page))
+        page.screenshot(path=ARTIFACTS / f"5-series-step-{number}.png")
+        assert warm_pixels(page) > 200  # the overlay over every step
+    changed = np.abs(shots[2] - shots[0]).max(axis=-1) > 8
+    print(f"large against small: {changed.mean():.2%} of the view's pixels differ")
+    assert changed.mean() > 0.001
+    with page.expect_download() as download:
+        page.get_by_test_id("download-dicom").click()
+    archive = tmp_path / "series.zip"
+    download.value.save_as(archive)
+    with zipfile.ZipFile(archive) as files:
+        names = sorted(files.namelist())
+    assert names == [
+        "edit_region_seg.dcm",
+        "guidance_overlay.dcm",
+        "step-01.dcm",
+        "step-02.dcm",
+        "step-03.dcm",
+    ]
 
 
 def test_a_bad_file_gets_its_message_in_the_page(page, tmp_path):

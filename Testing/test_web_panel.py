@@ -137,6 +137,49 @@ def test_preview_rethreshold_apply_and_cancel(panel):
     assert panel.session.results["counterfactual"] is counterfactual  # the last result stays
 
 
+def test_a_series_is_one_job_and_its_slider_shows_each_step(panel):
+    """Apply series sends the Series field's levels as one job (unverified, whatever the box
+    says: verification checks one edit); the slider's step is the view's background, over the
+    guidance map the steps share; a plain edit afterwards takes the slider away."""
+    import io
+    import zipfile
+
+    view = loaded(panel)
+    panel.state.update(
+        {"instruction": INSTRUCTION, "series": "small, moderate, large", "steps": 2, "verify": True}
+    )
+    assert panel.jobs.submit("series"), panel.state.error
+    assert panel.state.status == "Editing the series…"
+    events = poll_until(panel.jobs, lambda e: any(x["event"] in ("done", "error") for x in e))
+    assert [e["event"] for e in events].count("done") == 1, events
+    assert panel.state.has_result and panel.state.series_count == 3
+    assert panel.state.series_text == "Step 1 of 3: small"
+    series = panel.session.series
+    guidance = panel.session.results["guidance"].GetID()
+    assert view.get_background_volume_id() == series.steps[0]["counterfactual"].GetID()
+    for number, level in ((3, "large"), (2, "moderate")):
+        panel.jobs.on_series_step(series_step=number)
+        assert view.get_background_volume_id() == series.steps[number - 1]["counterfactual"].GetID()
+        assert view.get_foreground_volume_id() == guidance
+        assert panel.state.series_text == f"Step {number} of 3: {level}"
+    names = zipfile.ZipFile(io.BytesIO(panel.exports.result_archive("dicom"))).namelist()
+    assert sorted(names) == [
+        "edit_region_seg.dcm",
+        "guidance_overlay.dcm",
+        "step-01.dcm",
+        "step-02.dcm",
+        "step-03.dcm",
+    ]
+
+    panel.state.series = "large"
+    assert not panel.jobs.submit("series") and "at least two steps" in panel.state.error
+    panel.state.verify = False
+    assert panel.jobs.submit("edit")
+    poll_until(panel.jobs, lambda e: any(x["event"] == "done" for x in e))
+    assert panel.state.series_count == 0 and panel.session.series is None
+    assert view.get_background_volume_id() == panel.session.results["counterfactual"].GetID()
+
+
 def test_the_guidance_scales_are_the_models_until_the_user_sets_them(panel):
     assert panel.state.model_guidance
     assert (panel.controls.settings().guidance_scale, panel.controls.settings().image_guidance_scale) == (

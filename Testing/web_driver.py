@@ -149,23 +149,24 @@ def wait_text(page, test_id: str, pattern: str, timeout: float = 120, poll_s: fl
     raise AssertionError(f"{test_id}: {text(page, test_id)!r} never matched {pattern!r}")
 
 
-def warm_pixels(page) -> int:
-    """Pixels of the slice view in the guidance overlay's colours (the grey film has none)."""
+def view_pixels(page) -> np.ndarray:
+    """The slice view as the page shows it: an RGB screenshot, as ints."""
     from PIL import Image
 
-    shot = np.asarray(
+    return np.asarray(
         Image.open(io.BytesIO(page.get_by_test_id("slice-view").screenshot())).convert("RGB"), dtype=int
     )
+
+
+def warm_pixels(page) -> int:
+    """Pixels of the slice view in the guidance overlay's colours (the grey film has none)."""
+    shot = view_pixels(page)
     return int(((shot[..., 0] - shot[..., 2] > 80) & (shot[..., 0] > 150)).sum())
 
 
 def segment_pixels(page) -> int:
     """Pixels of the slice view in the painted segment's green outline (the grey film has none)."""
-    from PIL import Image
-
-    shot = np.asarray(
-        Image.open(io.BytesIO(page.get_by_test_id("slice-view").screenshot())).convert("RGB"), dtype=int
-    )
+    shot = view_pixels(page)
     return int(((shot[..., 1] - shot[..., 0] > 80) & (shot[..., 1] - shot[..., 2] > 80)).sum())
 
 

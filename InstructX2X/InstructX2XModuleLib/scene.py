@@ -25,6 +25,7 @@ __all__ = [
     "array_to_volume",
     "segment_to_mask",
     "import_result",
+    "import_series",
     "import_saved_edit",
     "build_job",
     "png_domain",
@@ -203,24 +204,64 @@ def import_result(
         ``guidance`` (scalar volume in [0, 1] with a heat colour table, for the foreground
         layer), ``mask`` (labelmap with a one-label colour table, shown as an outline).
     """
+    return {
+        **_edited_volumes(scene, volume, edited, name),
+        "guidance": _guidance_volume(scene, guidance, name, volume),
+        "mask": _edit_region_volume(scene, edit_mask, name, volume),
+    }
+
+
+def import_series(
+    scene,
+    volume,
+    steps: list[np.ndarray],
+    labels: list[str],
+    guidance: np.ndarray,
+    edit_mask: np.ndarray,
+    name: str,
+) -> tuple[dict, list[dict]]:
+    """Add a progression series' outputs next to the input (which is never overwritten).
+
+    Parameters
+    ----------
+    steps: list[np.ndarray]
+        Each step's edited pixels, in step order, on the input's grid.
+    labels: list[str]
+        Each step's label (its level), named in its volumes.
+    guidance, edit_mask: np.ndarray
+        The guidance map and the edit region the steps share.
+
+    Returns
+    -------
+    tuple[dict, list[dict]]
+        The shared ``guidance`` and ``mask`` volumes (as ``import_result``'s), and per step its
+        ``counterfactual`` and ``difference`` volumes.
+    """
+    shared = {
+        "guidance": _guidance_volume(scene, guidance, name, volume),
+        "mask": _edit_region_volume(scene, edit_mask, name, volume),
+    }
+    nodes = [
+        _edited_volumes(scene, volume, edited, f"{name} step {number} {label}")
+        for number, (edited, label) in enumerate(zip(steps, labels), start=1)
+    ]
+    return shared, nodes
+
+
+def _edited_volumes(scene, volume, edited: np.ndarray, name: str) -> dict:
+    """The counterfactual (the input's geometry and window) and its difference from the input
+    (edited - input, 0 at mid-grey)."""
     counterfactual = array_to_volume(scene, edited.astype(np.float32), f"{name} (SYNTHETIC)", volume)
     source_display = volume.GetDisplayNode()
     if source_display is not None:
         counterfactual.GetDisplayNode().SetAutoWindowLevel(False)
         counterfactual.GetDisplayNode().SetWindowLevel(source_display.GetWindow(), source_display.GetLevel())
-    guidance_node = _guidance_volume(scene, guidance, name, volume)
-    mask_node = _edit_region_volume(scene, edit_mask, name, volume)
     difference = edited.astype(np.float32) - volume_to_array(volume)
     difference_node = array_to_volume(scene, difference, f"{name} difference", volume)
     spread = float(np.abs(difference).max()) or 1.0
     difference_node.GetDisplayNode().SetAutoWindowLevel(False)
     difference_node.GetDisplayNode().SetWindowLevelMinMax(-spread, spread)  # 0 = mid-gray
-    return {
-        "counterfactual": counterfactual,
-        "guidance": guidance_node,
-        "mask": mask_node,
-        "difference": difference_node,
-    }
+    return {"counterfactual": counterfactual, "difference": difference_node}
 
 
 def _guidance_volume(scene, guidance: np.ndarray, name: str, reference):

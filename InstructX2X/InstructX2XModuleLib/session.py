@@ -8,6 +8,10 @@ never runs in the panel's process (``worker.WorkerClient`` starts ``instructx2x 
 Jobs wait in a first-in-first-out queue while the worker is busy; ``queue_position`` says
 where a job stands, so a panel can show "queued, 2nd" instead of a frozen button.
 
+A progression series (``plan_series``: levels that fill the instruction's level, or several
+instructions) is one job; its steps come back as one volume each over the edit region they
+share, and ``select_series_step`` puts a step's counterfactual in the results a panel shows.
+
 The session's files live in one private temporary folder: a job's inputs and outputs in
 ``job-NNN``, a re-thresholded mask in ``tau-NNN``. Once a result is in the scene, every folder
 but the latest result's and those of jobs still queued or running is removed, and a job is
@@ -19,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import itertools
+import re
 import shutil
 import sys
 import tempfile
@@ -66,6 +71,8 @@ __all__ = [
     "TAU",
     "QueuedJob",
     "Rethreshold",
+    "SeriesView",
+    "plan_series",
     "SamplingDefaults",
     "WorkerModel",
     "status_text",
@@ -268,11 +275,32 @@ class QueuedJob:
     # a preview's or an edit's job (``scene.build_job``, the worker's job format), or a re-threshold
     job: dict | Rethreshold
     id: str | None = None
+    # kind is also "series": an edit job with its "series" (the worker's "edit" request)
 
     @property
     def folder(self) -> Path:
         """The folder its files go to (``job-NNN`` or ``tau-NNN``)."""
         return self.job.output if isinstance(self.job, Rethreshold) else Path(self.job["output"]).parent
+
+
+@dataclasses.dataclass
+class SeriesView:
+    """A progression series in the scene: each step's label (its level) and volumes
+    (``counterfactual``, ``difference``), the shared ``guidance`` and ``mask``, and the step
+    shown (``index``, from 0)."""
+
+    labels: list[str]
+    steps: list[dict]
+    shared: dict
+    index: int = 0
+
+    def step_text(self) -> str:
+        """What a panel says beside its slider: "Step 2 of 3: moderate"."""
+        return f"Step {self.index + 1} of {len(self.steps)}: {self.labels[self.index]}"
+
+    def nodes(self) -> list:
+        """Every volume of the series."""
+        return [*self.shared.values(), *(node for step in self.steps for node in step.values())]
 
 
 PHASE_TEXT = {
@@ -406,6 +434,89 @@ def compose_instruction(
     return f"{operation.label} the finding of {where}"
 
 
+# the steps a panel's Series field holds: levels (mild, moderate, severe) or instructions, one
+# after another, separated by commas, semicolons or new lines
+SERIES_SEPARATORS = re.compile(r"[,;\n]")
+
+
+def plan_series(instruction: str, series: str) -> tuple[str, tuple[str, ...]]:
+    """A panel's Series field as a worker job's instruction and ``series``
+    (``instructx2x.jobs.EditJob.series``), checked as the worker checks it.
+
+    Parameters
+    ----------
+    instruction: str
+        The instruction field. With levels, the instruction whose level they fill: one holding
+        ``{level}``, "Change the level of X from A to B" (each level replaces B), "Add the
+        finding of <level> X" (each replaces the level) or "Add the finding of X" (each goes
+        before X). With instructions, unused.
+    series: str
+        The steps in order, separated by commas, semicolons or new lines: severity levels
+        ("small, moderate, large") or instructions.
+
+    Returns
+    -------
+    tuple[str, tuple[str, ...]]
+        The job's instruction (the template holding ``{level}``, or the first step's
+        instruction) and its steps.
+
+    Raises
+    ------
+    instructx2x.errors.ParameterError
+        An empty field, an instruction whose level cannot be filled, or a series that
+        ``instructions.parse_series`` refuses (fewer than two steps, mixed findings, levels out
+        of order, ...), naming the step.
+    """
+    from instructx2x.errors import ParameterError
+    from instructx2x.instructions import LEVEL_GRADES, parse_series
+
+    steps = tuple(step.strip() for step in SERIES_SEPARATORS.split(series) if step.strip())
+    if not steps:
+        raise ParameterError(
+            "type the series' steps: levels such as small, moderate, large, or instructions separated by ;."
+        )
+    if not all(" ".join(step.lower().split()) in LEVEL_GRADES for step in steps):
+        parse_series(steps)
+        return steps[0], steps
+    template = _level_template(instruction)
+    parse_series(steps, template)
+    return template, steps
+
+
+def _level_template(instruction: str) -> str:
+    """The instruction with ``{level}`` where a series' levels go."""
+    from instructx2x.errors import ParameterError
+    from instructx2x.instructions import LEVEL_PLACEHOLDER, parse_instruction
+    from instructx2x.instructions import Operation as ParsedOperation
+
+    text = " ".join(instruction.split())
+    if LEVEL_PLACEHOLDER in text:
+        return text
+    if not text:
+        raise ParameterError(
+            "a series of levels fills the instruction's level: type the instruction first, e.g. "
+            "Add the finding of left pleural effusion."
+        )
+    parsed = parse_instruction(text)
+    if parsed.operation is ParsedOperation.CHANGE_LEVEL and len(parsed.levels) == 2:
+        # the level it changes to, the last one named ("from A to B")
+        found = list(re.finditer(rf"\b{re.escape(parsed.levels[1])}\b", text, re.IGNORECASE))
+        if found:
+            return text[: found[-1].start()] + LEVEL_PLACEHOLDER + text[found[-1].end() :]
+    elif parsed.operation is ParsedOperation.ADD and parsed.levels:
+        found = list(re.finditer(rf"\b{re.escape(parsed.levels[0])}\b", text, re.IGNORECASE))
+        if found:
+            return text[: found[0].start()] + LEVEL_PLACEHOLDER + text[found[0].end() :]
+    elif parsed.operation is ParsedOperation.ADD:
+        added = re.match(r"(?i)add the finding of\s+", text)
+        if added:
+            return text[: added.end()] + LEVEL_PLACEHOLDER + " " + text[added.end() :]
+    raise ParameterError(
+        f"a series of levels needs an instruction whose level they fill: 'Add the finding of X' or "
+        f"'Change the level of X from A to B', not {text!r}; or give the steps as instructions."
+    )
+
+
 def instruction_completions() -> list[str]:
     """Every add/remove instruction the vocabulary knows (for completion lists)."""
     from instructx2x.instructions import FINDINGS
@@ -462,6 +573,7 @@ class EditSession:
         self.current: QueuedJob | None = None  # the job sent last
         self.preview_id: str | None = None
         self.results: dict = {}
+        self.series: SeriesView | None = None  # the last result, when it is a series
         self.output_folder: Path | None = None
         self.result_text = ""
         self.verification_text = ""
@@ -529,16 +641,26 @@ class EditSession:
         edit_mask: np.ndarray | None = None,
         keep_mask: np.ndarray | None = None,
         dicom_file_for: Callable[[str], str | None] | None = None,
+        series: str = "",
     ) -> int:
         """Check the inputs, write them to the session's folder and queue the job.
+
+        ``kind`` is ``preview``, ``edit`` or ``series``: a progression series, whose steps
+        ``series`` gives as a panel's Series field holds them (``plan_series``); it is not
+        verified (verification checks one edit).
 
         Returns a ticket for ``queue_position``. Raises ``scene.SceneError`` or the library's
         ``ParameterError`` with a message for the user before anything is queued.
         """
         from instructx2x.parameters import EditParameters
 
+        if kind not in ("preview", "edit", "series"):
+            raise ValueError(f"a job is a preview, an edit or a series, not {kind!r}.")
         mrml.volume_to_array(volume)  # one slice, or a clear message
         parameters = settings.edit_parameters()
+        steps: tuple[str, ...] = ()
+        if kind == "series":
+            parameters["instruction"], steps = plan_series(settings.instruction, series)
         EditParameters(
             **parameters
         )  # the instruction parsed, every setting in range, before any file is written
@@ -561,6 +683,8 @@ class EditSession:
                 verify="auto" if settings.verify and kind == "edit" else None,
                 include_demographics=settings.include_demographics and settings.verify and kind == "edit",
             )
+            if steps:
+                job["series"] = list(steps)
             self._ensure_worker(settings)
         except Exception:  # a refused job leaves no folder behind
             shutil.rmtree(folder, ignore_errors=True)
@@ -608,7 +732,7 @@ class EditSession:
         up, its model loaded, for the next radiograph."""
         self.cancel()
         self.pending_tau = None
-        self.results, self.preview_id, self.output_folder = {}, None, None
+        self.results, self.series, self.preview_id, self.output_folder = {}, None, None, None
         self.result_text = self.verification_text = ""
 
     def _on_scene_close(self, caller=None, event=None) -> None:
@@ -763,8 +887,8 @@ class EditSession:
         request = self.queue.pop(0)
         if isinstance(request.job, Rethreshold):
             request_id = self.worker.submit(request.kind, None, **request.job.fields())
-        else:
-            request_id = self.worker.submit(request.kind, request.job)
+        else:  # a series is an edit whose job carries its steps
+            request_id = self.worker.submit("edit" if request.kind == "series" else request.kind, request.job)
         self.current = dataclasses.replace(request, id=request_id)
 
     def save_result(self, parent: Path) -> Path:
@@ -815,16 +939,20 @@ class EditSession:
             return
         guidance = np.load(output / "guidance_map.npy")
         mask = np.load(output / "edit_mask.npy")
-        edited = edited_pixels(output, volume, mask) if kind == "edit" else mrml.volume_to_array(volume)
-        for old in self.results.values():
-            self.scene.RemoveNode(old)
-        self.results = mrml.import_result(self.scene, volume, edited, guidance, mask, name)
+        self.clear_results()
         self.preview_id = None  # an edit's region is its own: tau re-cuts only a preview shown
+        self.verification_text = ""
+        if kind == "series":
+            self._import_series(event, volume, guidance, mask)
+            self.output_folder = output
+            return
+        edited = edited_pixels(output, volume, mask) if kind == "edit" else mrml.volume_to_array(volume)
+        self.results = mrml.import_result(self.scene, volume, edited, guidance, mask, name)
+        self.output_folder = output
         if kind == "preview":
             self.preview_id = current.id
             for key in ("counterfactual", "difference"):  # a preview edits nothing
                 self.scene.RemoveNode(self.results.pop(key))
-        self.output_folder = output
         self.result_text = (
             f"Done: edit region {event.get('edit_fraction', 0):.1%} of the image "
             f"({(event.get('prior') or {}).get('reason', '')})."
@@ -832,24 +960,86 @@ class EditSession:
         report = output / "verification.txt"
         self.verification_text = report.read_text() if kind == "edit" and report.is_file() else ""
 
+    def _import_series(self, event: dict, volume, guidance: np.ndarray, mask: np.ndarray) -> None:
+        """Each step's counterfactual over the shared region; the first step shown."""
+        output, plan = Path(event["output"]), event["series"]
+        labels = plan["levels"]  # distinct: a series' levels rise or fall strictly
+        steps = [step_pixels(output, files, volume, mask) for files in plan["step_files"]]
+        shared, nodes = mrml.import_series(
+            self.scene, volume, steps, labels, guidance, mask, volume.GetName()
+        )
+        self.series = SeriesView(list(labels), nodes, shared)
+        self.select_series_step(0)
+        self.result_text = (
+            f"Done: a series of {len(steps)} steps ({', '.join(labels)}), one edit region of "
+            f"{event.get('edit_fraction', 0):.1%} of the image ({(event.get('prior') or {}).get('reason', '')})."
+        )
+
+    def select_series_step(self, index: int) -> str:
+        """Show step ``index`` (from 0) of the series: its counterfactual and difference become
+        the results' ``counterfactual`` and ``difference``, over the shared guidance and edit
+        region. Returns what the step is (``SeriesView.step_text``).
+
+        Raises
+        ------
+        scene.SceneError
+            When the last result is no series, or it has no such step.
+        """
+        series = self.series
+        if series is None:
+            raise mrml.SceneError("the last result is not a series; apply a series first.")
+        if not 0 <= index < len(series.steps):
+            raise mrml.SceneError(f"the series has steps 1 to {len(series.steps)}, not {index + 1}.")
+        series.index = index
+        self.results = {**series.shared, **series.steps[index]}
+        return series.step_text()
+
+    def result_nodes(self) -> list:
+        """Every volume the session's last result put in the scene (a series' every step)."""
+        nodes = list(self.results.values()) + (self.series.nodes() if self.series is not None else [])
+        return list({id(node): node for node in nodes}.values())
+
+    def clear_results(self) -> None:
+        """Remove the last result's volumes from the scene and forget them."""
+        for node in self.result_nodes():
+            if self.scene.IsNodePresent(node):
+                self.scene.RemoveNode(node)
+        self.results, self.series = {}, None
+
     def _replace(self, key: str, node) -> None:
         if key in self.results:
             self.scene.RemoveNode(self.results[key])
         self.results[key] = node
 
 
-def edited_pixels(output: Path, volume, edit_mask: np.ndarray) -> np.ndarray:
-    """The counterfactual's pixels in the input volume's own values (DICOM: rescaled values;
-    PNG: mapped back through ``scene.png_domain``, and outside the edit mask the volume's own
-    values, which the 16-bit transport of a float volume would otherwise round)."""
-    if (output / "counterfactual.dcm").is_file():
-        return dicom_pixels(output / "counterfactual.dcm")
+def edited_pixels(
+    output: Path,
+    volume,
+    edit_mask: np.ndarray,
+    dicom_name: str | None = "counterfactual.dcm",
+    png_name: str = "edited.png",
+) -> np.ndarray:
+    """The counterfactual's pixels in the input volume's own values (DICOM, ``dicom_name``:
+    rescaled values; PNG, ``png_name``: mapped back through ``scene.png_domain``, and outside
+    the edit mask the volume's own values, which the 16-bit transport of a float volume would
+    otherwise round)."""
+    if dicom_name is not None and (output / dicom_name).is_file():
+        return dicom_pixels(output / dicom_name)
     from PIL import Image
 
     original = mrml.volume_to_array(volume)
     low, step = mrml.png_domain(original)
-    with Image.open(output / "edited.png") as image:
+    with Image.open(output / png_name) as image:
         return np.where(edit_mask, np.asarray(image, dtype=np.float32) * step + low, original)
+
+
+def step_pixels(output: Path, files: list[str], volume, edit_mask: np.ndarray) -> np.ndarray:
+    """A series step's counterfactual (``edited_pixels``) from its files (``step-NN.dcm`` for a
+    DICOM input, ``step-NN.png``), as the worker's ``done`` lists them."""
+    by_suffix = {Path(name).suffix: name for name in files}
+    if ".png" not in by_suffix:
+        raise mrml.SceneError(f"the worker wrote no PNG for a series step ({', '.join(files) or 'nothing'}).")
+    return edited_pixels(output, volume, edit_mask, by_suffix.get(".dcm"), by_suffix[".png"])
 
 
 def dicom_pixels(path: Path) -> np.ndarray:

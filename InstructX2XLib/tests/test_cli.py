@@ -195,6 +195,8 @@ def test_an_edit_prints_no_library_notice_that_asks_nothing(tmp_path, model):
         (["--steps", "0"], "num_inference_steps"),
         (["--guidance-scale", "-2"], "guidance_scale"),
         (["--mask", "missing.png"], "not found"),
+        (["--dicomweb-modality", "CR"], "--dicomweb-modality needs --dicomweb URL"),
+        (["--dicomweb-store"], "--dicomweb-store needs --dicomweb URL"),
     ],
 )
 def test_bad_input_writes_nothing(png, tmp_path, capsys, extra, message):

@@ -2,9 +2,11 @@
 every table and the plot, the real-image row, resuming, and refusals that write nothing."""
 
 import json
+import re
 
 import pandas as pd
 import pytest
+from launch import launch
 
 from instructx2x.errors import ModelLoadError, OutputExistsError, ParameterError
 from instructx2x_train.counterfactuals import PurePairsConfig, write_pure_pairs
@@ -123,34 +125,9 @@ def test_bad_settings_are_refused_before_anything_is_written(split, tmp_path):
 def test_two_processes_under_accelerate_launch_share_the_pairs(split, finished, tmp_path):
     """Each rank edits its own share of the pairs and records it; the main process assembles
     the same tables as one process does (up to the last bits of batched arithmetic)."""
-    import os
-    import re
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     output = tmp_path / "sharded"
-    completed = subprocess.run(
+    completed = launch(
         [
-            str(Path(sys.executable).parent / "accelerate"),
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_ip",
-            "127.0.0.1",
-            "--main_process_port",
-            str(port),
             "-m",
             "instructx2x_train.cli",
             "evaluate",
@@ -163,10 +140,7 @@ def test_two_processes_under_accelerate_launch_share_the_pairs(split, finished, 
             "40",
             "--no-progress",
         ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
+        processes=2,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert re.search(r'"report": ".*evaluation.md"', completed.stdout)  # printed once, by the main process

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from launch import launch
 from PIL import Image
 
 from instructx2x.errors import ModelLoadError, OutputExistsError, ParameterError
@@ -183,6 +184,67 @@ def test_an_interrupted_run_resumes_and_a_finished_one_is_kept(films, toys, fini
     assert len((copy / "records" / "rows.rank0.jsonl").read_text().splitlines()) == 3  # row 1 once more
 
 
+def test_two_processes_share_the_rows_give_the_one_process_report_and_resume(films, toys, tmp_path):
+    """Under ``accelerate launch`` (two CPU processes, gloo) each rank edits and records every
+    other row and the main one writes the report: the same rows.csv and stress-test.csv as one
+    process. A sharded run cut short in one rank's last row resumes with that row alone."""
+    edits = tmp_path / "edits.json"
+    declared = [
+        {"instruction": REMOVE.instruction, "keep": REMOVE.keep},
+        {"instruction": "Add the finding of edema"},
+        {"instruction": "Change the level of pneumothorax from small to large"},
+    ]
+    edits.write_text(json.dumps(declared))  # 3 edits x 2 films: 6 rows
+
+    def run(output, processes):
+        completed = launch(
+            [
+                "-m",
+                "instructx2x_train.cli",
+                "stress-test",
+                str(output),
+                "--films",
+                str(films[0]),
+                "--edits",
+                str(edits),
+                *("--classifier", toys[0], "--classifier", toys[1]),
+                *("--model", "untrained-tiny", "--steps", "2", "--resolution", "64"),
+                *("--batch-size", "1", "--bootstrap", "20", "--no-progress"),
+            ],
+            processes,
+        )
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        assert completed.stdout.count('"verdicts"') == 1  # printed by the main process alone
+        return completed
+
+    def tables(output):
+        return [(output / name).read_text() for name in ("rows.csv", "stress-test.csv")]
+
+    alone, sharded = tmp_path / "alone", tmp_path / "sharded"
+    run(alone, 1)
+    run(sharded, 2)
+    records = sharded / "records"
+    shares = {
+        rank: [json.loads(line)["row"] for line in (records / f"rows.rank{rank}.jsonl").open()]
+        for rank in (0, 1)
+    }
+    assert shares == {0: [0, 2, 4], 1: [1, 3, 5]}
+    assert tables(sharded) == tables(alone)
+    # as if interrupted in rank 1's last row: its line cut short, no report yet
+    first = (records / "rows.rank0.jsonl").read_text()
+    lines = (records / "rows.rank1.jsonl").read_text().splitlines()
+    (records / "rows.rank1.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:12])
+    for name in ("rows.csv", "stress-test.csv", "stress-test.json", "stress-test.md", "stress-test.png"):
+        (sharded / name).unlink()
+    (sharded / "INCOMPLETE").write_text("interrupted\n")
+    run(sharded, 2)
+    assert json.loads((sharded / "stress-test.json").read_text())["resumed"] is True
+    assert (records / "rows.rank0.jsonl").read_text() == first  # rank 0 had nothing left
+    again = [line for line in (records / "rows.rank1.jsonl").read_text().splitlines() if line.endswith("}")]
+    assert [json.loads(line)["row"] for line in again] == [1, 3, 5]  # row 5 once more, alone
+    assert tables(sharded) == tables(alone) and not (sharded / "INCOMPLETE").exists()
+
+
 def test_bad_input_is_refused_before_any_model_work(films, toys, tmp_path):
     def refused(error, match, **settings):
         config = {"classifiers": toys, "films": str(films[0]), "edits": (REMOVE,), **settings}
@@ -220,4 +282,20 @@ def test_the_command_line_refuses_a_broken_classifier(films, tmp_path, capsys):
     argv = ["stress-test", str(tmp_path / "out"), "--films", str(films[0]), "--classifier", str(broken)]
     assert main(argv) != 0
     assert "broken.pt does not load as a TorchScript module" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        (["--dicomweb-modality", "CR"], "--dicomweb-modality needs --dicomweb URL"),
+        (["--dicomweb", "http://127.0.0.1:9/dicom-web"], "one of the three"),
+        (["--dicomweb", "http://radiology:pw@pacs.example.org/dicom-web"], "carries credentials"),
+    ],
+)
+def test_the_command_line_refuses_a_dicomweb_source_it_cannot_use(films, tmp_path, capsys, source, message):
+    """Each before any request: the server at port 9 is never asked."""
+    argv = ["stress-test", str(tmp_path / "out"), "--films", str(films[0]), *source]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch import launch
 
 from instructx2x_train.objective import change_weights, conditioning_dropout, encode_pair, training_loss
 from instructx2x_train.pairs import EditPairs, augment_pair
@@ -244,35 +245,13 @@ def test_validation_grids_and_loss_plot(built, tmp_path):
 def test_two_cpu_processes_under_accelerate_launch_stay_in_sync(built, tmp_path):
     """DDP over gloo: the ranks train on different pairs, hold identical weights after each
     step (gradients are averaged), and only the main process writes the checkpoint."""
-    import os
-    import socket
-
     from instructx2x_train.train import sample_indices
 
     config = smoke(built, tmp_path / "ddp", "steps=2", "checkpointing.every=1", "batch.effective=8")
     assert sample_indices(config, 40, 1, 0, 0, 2) != sample_indices(config, 40, 1, 0, 1, 2)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    launcher = Path(sys.executable).parent / "accelerate"
     _, dataset, _ = built
-    completed = subprocess.run(
+    completed = launch(
         [
-            str(launcher),
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_ip",
-            "127.0.0.1",
-            "--main_process_port",
-            str(port),
             str(Path(__file__).parent / "ddp_driver.py"),
             str(CONFIGS / "smoke.yaml"),
             f"data.dataset={dataset}",
@@ -281,10 +260,7 @@ def test_two_cpu_processes_under_accelerate_launch_stay_in_sync(built, tmp_path)
             "checkpointing.every=1",
             "batch.effective=8",
         ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
+        processes=2,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     # the two ranks print at once: their lines may interleave

@@ -35,6 +35,7 @@ Number = TypeVar("Number", int, float)
 NUMBER: tuple[type, ...] = (int, float)
 WRITABLE_STATE: dict[str, tuple[type, ...]] = {
     "instruction": (str,),
+    "series": (str,),
     "compose_operation": (str,),
     "compose_finding": (str,),
     "compose_side": (str,),
@@ -49,6 +50,7 @@ WRITABLE_STATE: dict[str, tuple[type, ...]] = {
     "tau": NUMBER,
     "opacity": NUMBER,
     "show_after": (bool,),
+    "series_step": NUMBER,
     "steps": (*NUMBER, str),
     "seed": (*NUMBER, str),
     "model_guidance": (bool,),
@@ -76,6 +78,10 @@ def initial_state(
         "status": "Open a DICOM radiograph (file or folder) or a PNG.",
         "instruction": "",
         "parsed": describe_instruction(""),
+        "series": "",  # a progression series' levels or instructions (session.plan_series)
+        "series_count": 0,  # the steps of the series shown (0: the result is no series)
+        "series_step": 1,
+        "series_text": "",
         "completions": instruction_completions(),
         **_helper_state(),
         "mask_source": defaults.mask_source.label,

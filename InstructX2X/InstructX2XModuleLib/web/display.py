@@ -63,10 +63,11 @@ class RadiographDisplay:
     def show(self, loaded: LoadedRadiograph) -> None:
         """Replace what is shown (radiograph, segments, results) by ``loaded``, with empty Edit
         and Keep segments and the chosen tool."""
-        for node in [self.volume, self.segmentation, self.outline, *self.session.results.values()]:
+        self.session.clear_results()
+        for node in [self.volume, self.segmentation, self.outline]:
             if node is not None and self.scene.IsNodePresent(node):
                 self.scene.RemoveNode(node)
-        self.session.results, self.session.preview_id, self.outline = {}, None, None
+        self.session.preview_id, self.outline = None, None
         self.loaded = loaded
         volume = self.volume = mrml.array_to_volume(self.scene, loaded.pixels, "Radiograph")
         if loaded.spacing:

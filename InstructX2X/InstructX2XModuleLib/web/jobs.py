@@ -1,5 +1,6 @@
-"""The page's jobs: Preview, Apply and Cancel through the shared session, tau re-cuts of the
-preview, and the worker's events (progress, place in the queue, results) moved into the page."""
+"""The page's jobs: Preview, Apply, Apply series and Cancel through the shared session, tau
+re-cuts of the preview, the step of a series shown, and the worker's events (progress, place in
+the queue, results) moved into the page."""
 
 from __future__ import annotations
 
@@ -15,6 +16,12 @@ from .display import RadiographDisplay
 from .messages import message
 
 __all__ = ["PageJobs"]
+
+STARTED_TEXT = {
+    "preview": "Computing the guidance…",
+    "edit": "Editing…",
+    "series": "Editing the series…",
+}
 
 
 class PageJobs:
@@ -55,7 +62,8 @@ class PageJobs:
         self.shared_ahead = 0
 
     def submit(self, kind: str) -> bool:
-        """Preview or Apply with the page's settings and painted masks."""
+        """Preview, Apply or Apply series (the Series field's steps: ``session.plan_series``)
+        with the page's settings and painted masks."""
         with self.state:
             try:
                 if self.display.volume is None:
@@ -71,6 +79,7 @@ class PageJobs:
                     edit_mask,
                     self.display.painted("keep"),
                     dicom_file_for=self.display.dicom_file_for,
+                    series=(self.state.series or "") if kind == "series" else "",
                 )
             except Exception as error:  # noqa: BLE001 - every refusal is shown in the page (message)
                 self.state.error = message(error)
@@ -84,7 +93,7 @@ class PageJobs:
                     "progress": 0,
                     "progress_text": "",
                     "queue_text": self.queue_text(),
-                    "status": "Editing…" if kind == "edit" else "Computing the guidance…",
+                    "status": STARTED_TEXT[kind],
                 }
             )
         return True
@@ -100,6 +109,19 @@ class PageJobs:
         self.session.cancel()
         with self.state:
             self.state.status = "Cancelling…"
+
+    def on_series_step(self, series_step: float = 1, **_: Any) -> None:
+        """Show the slider's step of the series (from 1): its counterfactual over the shared
+        guidance and edit region."""
+        if self.session.series is None:
+            return
+        with self.state:
+            try:
+                self.state.series_text = self.session.select_series_step(round(float(series_step)) - 1)
+            except Exception as error:  # noqa: BLE001 - shown in the page (message)
+                self.state.error = message(error)
+                return
+            self.display.on_layers()
 
     def on_tau(self, tau: float = TAU, **_: Any) -> None:
         """Re-cut the preview at the slider's tau: now, or once the worker is idle."""
@@ -153,6 +175,14 @@ class PageJobs:
             if current.kind != "rethreshold":
                 self.state.has_result = "counterfactual" in self.session.results
                 self.state.verification = self.session.verification_text
+                series = self.session.series  # shown from its first step
+                self.state.update(
+                    {
+                        "series_count": len(series.steps) if series is not None else 0,
+                        "series_step": 1,
+                        "series_text": series.step_text() if series is not None else "",
+                    }
+                )
                 if self.started_at is not None:
                     self.state.status += f" ({time.monotonic() - self.started_at:.1f} s)"
             self.display.on_layers()

@@ -189,6 +189,23 @@ def _run(jobs: PageJobs) -> None:
                 disabled=("!loaded",),
                 raw_attrs=['data-testid="apply"'],
             )
+    with v3.VRow(dense=True, classes="mt-1"):
+        with v3.VCol(cols=8):
+            v3.VTextField(
+                v_model=("series",),
+                label="Series: levels (small, moderate, large) or instructions (;)",
+                density="compact",
+                hide_details=True,
+                raw_attrs=['data-testid="series"'],
+            )
+        with v3.VCol(cols=4):
+            v3.VBtn(
+                "Apply series",
+                block=True,
+                click=lambda: jobs.submit("series"),
+                disabled=("!loaded || running",),
+                raw_attrs=['data-testid="apply-series"'],
+            )
     v3.VSlider(
         v_model=("tau",),
         min=0,
@@ -261,6 +278,19 @@ def _run(jobs: PageJobs) -> None:
 
 
 def _results(exports: ResultExports) -> None:
+    with html.Div(v_if="series_count > 1", classes="mt-3"):
+        v3.VSlider(
+            v_model=("series_step",),
+            min=1,
+            max=("series_count",),
+            step=1,
+            show_ticks="always",
+            label="Series step",
+            density="compact",
+            hide_details=True,
+            raw_attrs=['data-testid="series-step"'],
+        )
+        html.Div("{{ series_text }}", classes="text-caption", raw_attrs=['data-testid="series-text"'])
     v3.VSlider(
         v_model=("opacity",),
         min=0,

@@ -101,6 +101,8 @@ class RadiographLoader:
                     "has_result": False,
                     "has_preview": False,
                     "verification": "",
+                    "series_count": 0,
+                    "series_text": "",
                     "status": "Type an instruction, paint a region if you wish, then Preview or Apply.",
                 }
             )

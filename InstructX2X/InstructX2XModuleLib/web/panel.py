@@ -4,7 +4,7 @@ trame-slicer application.
 - ``controls``: the page's inputs, its starting state and the session's settings;
 - ``display``: the slice view (radiograph, painted segments and their tools, result layers);
 - ``loading``: the Open button's uploads;
-- ``jobs``: Preview, Apply, Cancel, tau, and the worker's events in the page;
+- ``jobs``: Preview, Apply, Apply series, Cancel, tau, the series' step, and the worker's events in the page;
 - ``exports``: downloads and the PACS box;
 - ``layout``: the page's widgets; ``connections``: the access policy and bounded sends.
 """
@@ -92,6 +92,7 @@ class WebPanel:
         self.state.change("instruction")(self.controls.on_instruction)
         self.state.change("tool", "segment", "brush_mm", "scissors_fill")(self.display.on_tool)
         self.state.change("tau")(self.jobs.on_tau)
+        self.state.change("series_step")(self.jobs.on_series_step)
         self.state.change("opacity", "show_after")(self.display.on_layers)
         self.ui = build_page(
             self.server, self.layout_manager, self.controls, self.loader, self.jobs, self.exports

@@ -11,6 +11,7 @@ from InstructX2XModuleLib.session import (
     PanelChoice,
     Preset,
     WorkerMode,
+    plan_series,
     status_text,
 )
 
@@ -122,3 +123,45 @@ def test_an_unknown_label_is_refused_with_the_choices_named(choice, label):
 
 def test_every_panel_choice_is_tested_here():
     assert set(PanelChoice.__subclasses__()) == set(CHOICES)
+
+
+@pytest.mark.parametrize(
+    "instruction, series, job",
+    [
+        (
+            "Change the level of left pleural effusion from small to large",
+            "moderate, large",
+            ("Change the level of left pleural effusion from small to {level}", ("moderate", "large")),
+        ),
+        (
+            "Add the finding of moderate edema",
+            "mild; moderate\nsevere",
+            ("Add the finding of {level} edema", ("mild", "moderate", "severe")),
+        ),
+        (
+            "Add the finding of left lower zone consolidation",
+            "severe, mild",  # a falling series
+            ("Add the finding of {level} left lower zone consolidation", ("severe", "mild")),
+        ),
+        (
+            "Add the finding of {level} right pneumothorax",
+            "small,large",
+            ("Add the finding of {level} right pneumothorax", ("small", "large")),
+        ),
+        (
+            "ignored when the steps are instructions",
+            "Change the level of edema from mild to moderate\nChange the level of edema from mild to severe",
+            (
+                "Change the level of edema from mild to moderate",
+                (
+                    "Change the level of edema from mild to moderate",
+                    "Change the level of edema from mild to severe",
+                ),
+            ),
+        ),
+    ],
+)
+def test_a_series_field_becomes_the_workers_instruction_and_steps(instruction, series, job):
+    """Levels fill the instruction's level: the one it changes to, the one it adds, or before
+    the finding it adds; instructions are the steps themselves."""
+    assert plan_series(instruction, series) == job

@@ -5,6 +5,7 @@ import pytest
 import slicer
 from workers import poll_until, radiograph, shared_worker
 
+from instructx2x.errors import ParameterError
 from InstructX2XModuleLib import scene as layer
 from InstructX2XModuleLib.session import (
     DicomImportError,
@@ -62,6 +63,78 @@ def test_preview_rethreshold_and_queued_edit_land_in_the_scene(session):
     poll_until(session, lambda e: any(x["event"] == "done" for x in e))
     assert layer.volume_to_array(session.results["mask"]).mean() < low
     assert "tau 0.9" in session.result_text
+
+
+def test_a_series_is_one_job_whose_steps_show_one_at_a_time_over_one_region(session):
+    """Levels that fill the instruction's level go to the worker as one series job; each step
+    comes back as its own counterfactual, over the guidance and edit region the steps share,
+    and selecting a step puts it in the results the panels show."""
+    volume = radiograph(session.scene)
+    before = layer.volume_to_array(volume).copy()
+    session.submit("series", volume, settings(), series="small, moderate,large")
+    events = poll_until(session, lambda e: any(x["event"] == "done" for x in e))
+    assert [e["event"] for e in events].count("started") == 1  # one job
+    done = next(e for e in events if e["event"] == "done")
+    assert done["series"]["instructions"] == [
+        f"Add the finding of {level} left pleural effusion" for level in ("small", "moderate", "large")
+    ]
+    series = session.series
+    assert series is not None and series.labels == ["small", "moderate", "large"] and series.index == 0
+    assert "a series of 3 steps (small, moderate, large)" in session.result_text
+    region = layer.volume_to_array(session.results["mask"]) > 0
+    assert region.any() and not region.all()
+    shown = []
+    for index, level in enumerate(series.labels):
+        assert session.select_series_step(index) == f"Step {index + 1} of 3: {level}"
+        counterfactual = session.results["counterfactual"]
+        assert counterfactual is series.steps[index]["counterfactual"]
+        assert f"step {index + 1} {level} (SYNTHETIC)" in counterfactual.GetName()
+        assert session.results["guidance"] is series.shared["guidance"]  # one region for every step
+        layers = layer.result_layers(session.results, volume)
+        assert layers is not None and layers.background is counterfactual
+        edited = layer.volume_to_array(counterfactual)
+        assert np.array_equal(edited[~region], before[~region])  # the steps differ only inside it
+        difference = layer.volume_to_array(session.results["difference"])
+        assert np.allclose(difference, edited - before)
+        shown.append(edited.copy())
+    assert not np.array_equal(shown[0][region], shown[2][region])
+    with pytest.raises(layer.SceneError, match="steps 1 to 3, not 4"):
+        session.select_series_step(3)
+    assert np.array_equal(layer.volume_to_array(volume), before)
+
+    nodes = session.result_nodes()
+    assert len(nodes) == 2 + 3 * 2  # the shared guidance and region, each step's two volumes
+    session.submit("preview", volume, settings())
+    poll_until(session, lambda e: any(x["event"] == "done" for x in e))
+    assert session.series is None and not any(session.scene.IsNodePresent(node) for node in nodes)
+    with pytest.raises(layer.SceneError, match="not a series"):
+        session.select_series_step(0)
+
+
+@pytest.mark.parametrize(
+    "instruction, series, message",
+    [
+        ("Add the finding of left pleural effusion", " , ", "type the series' steps"),
+        ("Add the finding of left pleural effusion", "moderate", "at least two steps"),
+        ("Add the finding of left pleural effusion", "small, mild", "one grade"),
+        ("Add the finding of left pleural effusion", "small, huge", "is no severity grade|is a level"),
+        ("Remove the finding of edema", "mild, severe", "an instruction whose level they fill"),
+        ("", "mild, severe", "type the instruction first"),
+        (
+            "",
+            "Add the finding of mild edema; Add the finding of severe cardiomegaly",
+            "has finding cardiomegaly, step 1 edema",
+        ),
+        ("Change the level of edema from mild to severe", "moderate, mild", "to the level they start|from"),
+    ],
+)
+def test_a_series_the_worker_would_refuse_is_refused_before_anything_is_queued(
+    session, instruction, series, message
+):
+    volume = radiograph(session.scene)
+    with pytest.raises(ParameterError, match=message):
+        session.submit("series", volume, settings(instruction=instruction), series=series)
+    assert session.worker is None and session.queue == [] and list(session.folder.iterdir()) == []
 
 
 def test_a_saved_result_folder_opens_again_after_the_session(session, tmp_path):

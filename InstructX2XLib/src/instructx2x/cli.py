@@ -44,6 +44,8 @@ MODEL_ENV = "INSTRUCTX2X_MODEL"
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
+    from .dicomweb_options import add_query_arguments
+
     parser = argparse.ArgumentParser(
         prog="instructx2x",
         description=("Counterfactual chest X-ray editing with InstructX2X (Region-Specific Editing)."),
@@ -236,18 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     cohort = job.add_argument_group(
         "DICOMweb cohort (edit every radiograph a QIDO-RS query matches, with -i; docs/cli.md)"
     )
-    cohort.add_argument("--dicomweb", metavar="URL", help="the DICOMweb service root (the only network use)")
-    cohort.add_argument("--dicomweb-study", metavar="UID", help="StudyInstanceUID to match")
-    cohort.add_argument("--dicomweb-series", metavar="UID", help="SeriesInstanceUID to match")
-    cohort.add_argument("--dicomweb-modality", metavar="CR|DX", help="Modality to match")
-    cohort.add_argument("--dicomweb-dates", metavar="YYYYMMDD[-YYYYMMDD]", help="StudyDate or range to match")
-    cohort.add_argument(
-        "--dicomweb-credentials",
-        type=Path,
-        metavar="FILE",
-        help="JSON file with username and password, or token (default: $INSTRUCTX2X_DICOMWEB_USER, "
-        "_PASSWORD or _TOKEN)",
-    )
+    add_query_arguments(cohort)
     cohort.add_argument(
         "--dicomweb-store",
         action="store_true",
@@ -331,6 +322,7 @@ def _main(args: argparse.Namespace, emit) -> int:
     if args.command in ("edit", "preview") and (args.jobs is not None or args.dicomweb is not None):
         jobs = _jobs_run(args)  # every row read and checked before the model is loaded
     elif args.command in ("edit", "preview"):
+        _refuse_cohort_options(args)
         instruction = _series_instruction(args) if args.series else args.instruction
         if args.input is None or instruction is None:
             raise ParameterError("give an input radiograph and -i INSTRUCTION (or --jobs FILE.csv).")
@@ -401,6 +393,15 @@ def _series_instruction(args: argparse.Namespace) -> str:
     return args.instruction
 
 
+def _refuse_cohort_options(args: argparse.Namespace) -> None:
+    """A DICOMweb cohort's options without ``--dicomweb URL`` are refused, not ignored."""
+    from .dicomweb_options import query_from_arguments
+
+    query_from_arguments(args)
+    if args.dicomweb_store:
+        raise ParameterError("--dicomweb-store needs --dicomweb URL.")
+
+
 def _jobs_run(args: argparse.Namespace):
     """The rows of ``--jobs FILE.csv`` or of a ``--dicomweb`` cohort, checked (``job_sources``)."""
     from .job_sources import prepare_jobs_run
@@ -418,20 +419,11 @@ def _jobs_run(args: argparse.Namespace):
         raise ParameterError(f"{source} does not push with --push-*; use --dicomweb-store or push each row.")
     if args.reference_mask is not None:
         raise ParameterError(f"--reference-mask outlines one image's lesion; give it without {source}.")
-    cohort = credentials = None
-    if args.dicomweb is not None:
-        from .dicom.dicomweb import CohortQuery, read_credentials
+    from .dicomweb_options import query_from_arguments
 
-        cohort = CohortQuery(
-            args.dicomweb,
-            args.dicomweb_study,
-            args.dicomweb_series,
-            args.dicomweb_modality,
-            args.dicomweb_dates,
-        )
-        credentials = read_credentials(args.dicomweb_credentials)
-    elif args.dicomweb_store:
-        raise ParameterError("--dicomweb-store needs --dicomweb URL.")
+    if args.dicomweb is None:
+        _refuse_cohort_options(args)
+    cohort, credentials = query_from_arguments(args)
     # the template's input (and, for a CSV, instruction) are placeholders each row replaces
     return prepare_jobs_run(
         _job(args, Path("."), args.instruction or "placeholder"),

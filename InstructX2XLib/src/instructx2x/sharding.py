@@ -5,7 +5,7 @@ takes every ``count``-th item from its ``index`` (``Shard.mine``), appends one J
 finished item to its own record file (``open_record``: ``<name>.rank<index>.jsonl``), and the
 main process reads all of them back (``read_records``) once every process is done
 (``Shard.wait``). A line cut short by an interruption is ignored, so that item runs again.
-``instructx2x edit --jobs`` and ``instructx2x-train evaluate`` share items this way.
+``instructx2x edit --jobs``, ``instructx2x-train evaluate`` and ``stress-test`` share items this way.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from instructx2x.dicomweb_options import add_query_arguments, query_from_arguments
 from instructx2x.errors import InstructX2XError
 
 from .answers import MULTI_FINDING_MODES
@@ -219,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset", type=Path, help="MIMIC-EDIT-INSTRUCTION folder: its split's source films"
     )
     stress.add_argument("--split", default="test")
+    add_query_arguments(
+        stress.add_argument_group(
+            "DICOMweb films (every radiograph a QIDO-RS query matches, fetched into OUTPUT/films; "
+            "docs/evaluation.md)"
+        )
+    )
     stress.add_argument(
         "--edits",
         type=Path,
@@ -393,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "stress-test":
             from .stress_test import StressConfig, read_edits, stress_test
 
+            query, credentials = query_from_arguments(args)
             report = stress_test(
                 args.output,
                 StressConfig(
@@ -401,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                     films=str(args.films) if args.films else None,
                     dataset=str(args.dataset) if args.dataset else None,
                     split=args.split,
+                    dicomweb=query,
                     edits=read_edits(args.edits) if args.edits else (),
                     weights_dir=str(args.weights_dir) if args.weights_dir else None,
                     limit=args.limit,
@@ -411,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                     bootstrap=args.bootstrap,
                 ),
                 progress_bar=not args.no_progress,
+                credentials=credentials,
             )
             if not report:  # a non-main process under accelerate launch
                 return 0

@@ -24,15 +24,17 @@ Films: a folder of films (PNG, JPEG, DICOM) with an optional ``films.csv`` (``fi
 ``age``, ``sex``, ``race``, ``findings`` separated by ``;``) and an optional ``<stem>.masks.npz``
 per film whose arrays name the regions an edit may keep (``stress-films`` writes such a folder
 of phantoms with devices); or the source films of a dataset split (``.masks.npz`` beside them
-name the findings present). Where a film's findings are known an edit applies to the films it
-makes sense on (a removal to films with the finding, an addition to films without); where they
-are not, to every film.
+name the findings present); or the radiographs a DICOMweb query matches (QIDO-RS, listed before
+the model loads, fetched with WADO-RS by the main process into ``OUTPUT/films/``). Where a film's
+findings are known an edit applies to the films it makes sense on (a removal to films with the
+finding, an addition to films without); where they are not, to every film.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -44,7 +46,8 @@ from tqdm.auto import tqdm
 
 from instructx2x import read_image
 from instructx2x.classifiers import ClassifierSet, load_classifiers, resize_films
-from instructx2x.errors import ModelLoadError, OutputExistsError, ParameterError
+from instructx2x.dicom.dicomweb import CohortQuery, Credentials
+from instructx2x.errors import InstructX2XError, ModelLoadError, OutputExistsError, ParameterError
 from instructx2x.instructions import FINDINGS, Operation, parse_instruction
 from instructx2x.outputs import atomic_output_dir
 from instructx2x.parameters import EditParameters
@@ -71,6 +74,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 INCOMPLETE = "INCOMPLETE"
 CONFIG_NAME = "stress-test-config.json"
 FILMS_TABLE = "films.csv"
+FETCHED = "films"  # a DICOMweb cohort's films, in the output folder
 AGE_BANDS = ((0, 45, "age <45"), (45, 65, "age 45-64"), (65, 200, "age >=65"))
 DRAIN_WITH_PNEUMOTHORAX = DeviceDraw(drain_with_pneumothorax=1.0)
 OPERATIONS = {Operation.ADD: "add", Operation.REMOVE: "remove", Operation.CHANGE_LEVEL: "change level"}
@@ -361,6 +365,7 @@ class StressConfig:
     films: str | None = None
     dataset: str | None = None
     split: str = "test"
+    dicomweb: CohortQuery | None = None  # the query (no credentials: stress_test takes them apart)
     edits: tuple[StressEdit, ...] = ()  # empty: default_edits of the first classifier's findings
     weights_dir: str | None = None
     limit: int | None = None
@@ -373,6 +378,11 @@ class StressConfig:
     def __post_init__(self) -> None:
         if not self.classifiers:
             raise ParameterError("name at least one classifier.")
+        if sum(source is not None for source in (self.films, self.dataset, self.dicomweb)) != 1:
+            raise ParameterError(
+                "give the films as a folder (--films), a dataset split (--dataset) or a DICOMweb "
+                "query (--dicomweb): one of the three."
+            )
         if self.limit is not None and self.limit < 1:
             raise ParameterError(f"limit must be >= 1, got {self.limit}.")
         if self.batch_size < 1 or self.bootstrap < 0:
@@ -421,11 +431,17 @@ def _prepare_output(output: Path, settings: dict) -> bool:
     return False
 
 
-def stress_test(output: str | Path, config: StressConfig, progress_bar: bool = True) -> dict:
+def stress_test(
+    output: str | Path,
+    config: StressConfig,
+    progress_bar: bool = True,
+    credentials: Credentials | None = None,
+) -> dict:
     """Edit, read and score every planned row; write the report.
 
-    Settings, films, edits and classifiers are checked before the model loads or anything is
-    written.
+    Settings, films (a DICOMweb query's list), edits and classifiers are checked before the
+    model loads or anything is written; ``credentials`` authenticate to the DICOMweb server and
+    are never recorded.
 
     Returns
     -------
@@ -435,7 +451,14 @@ def stress_test(output: str | Path, config: StressConfig, progress_bar: bool = T
     from instructx2x.editor import InstructX2XEditor
 
     output = Path(output)
-    films = load_films(config.films, config.dataset, config.split)[: config.limit]
+    listed = []
+    if config.dicomweb is not None:
+        from instructx2x.dicom.dicomweb import connect, list_films
+
+        listed = list_films(connect(config.dicomweb.url, credentials), config.dicomweb)[: config.limit]
+        films = [Film(output / FETCHED / film.file_name, None) for film in listed]
+    else:
+        films = load_films(config.films, config.dataset, config.split)[: config.limit]
     readers = [load_reader(spec, config.weights_dir) for spec in config.classifiers]
     names = [reader.name for reader in readers]
     if len(set(names)) != len(names):
@@ -446,6 +469,9 @@ def stress_test(output: str | Path, config: StressConfig, progress_bar: bool = T
     shard = current_shard()
     editor = InstructX2XEditor.from_model(config.model, device=shard.device)  # a bad model: nothing written
     resumed = _prepare_output(output, settings) if shard.is_main else True
+    if listed and shard.is_main:
+        assert config.dicomweb is not None  # listed only for a query
+        _fetch(output, listed, config.dicomweb, credentials, resumed)
     shard.wait()
     started = time.perf_counter()
     records = output / "records"
@@ -503,6 +529,20 @@ def stress_test(output: str | Path, config: StressConfig, progress_bar: bool = T
     )
     (output / INCOMPLETE).unlink()
     return report
+
+
+def _fetch(output: Path, listed: list, query: CohortQuery, credentials, resumed: bool) -> None:
+    """Fetch the query's films (WADO-RS) into ``output/films`` (those already there are kept);
+    a failure in a new run removes the folder it created, so nothing is left half written."""
+    from instructx2x.dicom.dicomweb import connect, retrieve_films
+
+    try:
+        (output / FETCHED).mkdir(exist_ok=True)
+        retrieve_films(connect(query.url, credentials), listed, output / FETCHED)
+    except (InstructX2XError, KeyboardInterrupt):
+        if not resumed:
+            shutil.rmtree(output, ignore_errors=True)
+        raise
 
 
 def _figures(before: np.ndarray, after: np.ndarray, direction: int | None) -> dict[str, float]:
@@ -586,12 +626,7 @@ def _assemble(output, films, edits, plan, readers, editor, config, resumed, seco
             EditParameters(instruction="-", resolution=config.resolution, num_inference_steps=config.steps)
         ),
         "classifiers": {reader.name: reader.description for reader in readers},
-        "films": {
-            "count": len(films),
-            "source": Path(config.films).name
-            if config.films
-            else f"{Path(config.dataset).name}:{config.split}",
-        },
+        "films": {"count": len(films), "source": _source(config)},
         "rows": len(plan),
         "resumed": resumed,
         "seconds": round(seconds, 1),
@@ -608,6 +643,16 @@ def _assemble(output, films, edits, plan, readers, editor, config, resumed, seco
         path.replace(output / path.name)
     (output / "report").rmdir()
     return report
+
+
+def _source(config: StressConfig) -> str:
+    """Where the films came from: the folder's name, the dataset's split or the DICOMweb URL."""
+    if config.films:
+        return Path(config.films).name
+    if config.dataset:
+        return f"{Path(config.dataset).name}:{config.split}"
+    assert config.dicomweb is not None  # one of the three, checked by StressConfig
+    return config.dicomweb.url
 
 
 def _group_order(group: str) -> tuple[int, str]:
