@@ -282,13 +282,13 @@ def test_the_cli_refuses_openvino_without_the_package_before_reading_anything(mo
     ],
 )
 def test_auto_picks_by_device_size_and_cpu_kind(backend, device, parameters, kind, expected, monkeypatch):
-    monkeypatch.setattr("instructx2x.devices.cpu_kind", lambda: kind)
+    monkeypatch.setattr(backends, "cpu_kind", lambda: kind)
     name, reason = backends.resolve_backend(backend, device, parameters)
     assert name == expected[0] and expected[1] in reason
 
 
 def test_auto_takes_openvino_where_it_measured_faster(monkeypatch, tmp_path):
-    monkeypatch.setattr("instructx2x.devices.cpu_kind", lambda: "amx")
+    monkeypatch.setattr(backends, "cpu_kind", lambda: "amx")
     monkeypatch.setattr(backends, "MEASURED_SPEEDUP", {"amx": "2.5x faster"})
     monkeypatch.setattr(backends, "openvino_available", lambda: True)
     name, reason = backends.resolve_backend("auto", "cpu", 10**9, tmp_path)
