@@ -420,7 +420,7 @@ class OpenVINORuntime:
         for key in self._stale_keys(root).values():
             versions = key.get("versions") if isinstance(key.get("versions"), dict) else {}
             changed = [
-                f"{name} {versions.get(name, '?')}"
+                f"{name} {_release(versions.get(name, '?'))}"
                 for name, version in wanted.items()
                 if versions.get(name) != version
             ]
@@ -430,7 +430,7 @@ class OpenVINORuntime:
         if not others:
             return None
         note = (
-            f"converted again for OpenVINO {wanted['openvino']}: the cache held this model converted "
+            f"converted again for OpenVINO {_release(wanted['openvino'])}: the cache held this model converted "
             f"with {'; '.join(sorted(set(others)))}, which is not used"
         )
         logger.warning("%s; converting takes a while, once.", note[0].upper() + note[1:])
@@ -554,6 +554,11 @@ class OpenVINORuntime:
             "cache": self.cache_note,
             "threads": self.threads,
         }
+
+
+def _release(version: Any) -> str:
+    """A version as its release number (OpenVINO's carries its build: 2026.4.1-22982-...)."""
+    return str(version).split("-")[0]
 
 
 def _first_line(error: BaseException) -> str:
