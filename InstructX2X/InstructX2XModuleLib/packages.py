@@ -706,11 +706,16 @@ def _ensure(
             {"included": True, "reason": choice.reason} if add_openvino else built.get("openvino")
         )
         version = package_set_fingerprint(library, requirements, constraints)["library_version"]
-        changes = [f"reinstall its library ({version}), nothing downloaded"] if status == "library" else []
+        changes = []
+        if status == "library":
+            changes.append(
+                f"they come from another version of its library: reinstall the library ({version}), "
+                "nothing downloaded"
+            )
         if add_openvino:
-            changes.append(f"add OpenVINO, {OPENVINO_SIZE} downloaded ({choice.reason})")
+            changes.append(f"add OpenVINO ({OPENVINO_SIZE} downloaded: {choice.reason})")
         question = (
-            f"Update InstructX2X's worker packages in {folder}: {'; '.join(changes)}? "
+            f"Update InstructX2X's worker packages in {folder}: {'; and '.join(changes)}? "
             "Slicer's own Python is not changed."
         )
     else:
