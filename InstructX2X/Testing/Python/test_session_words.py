@@ -83,16 +83,14 @@ def test_a_shared_workers_ready_names_the_model_it_serves():
 
 
 def test_the_model_line_says_what_runs_it_and_why():
-    ready = {
-        **SHARED_READY,
-        "backend": {
-            "name": "openvino",
-            "reason": "auto: OpenVINO, measured 1.8x less CPU time on this CPU kind (amx)",
-            "cache": "converted again for OpenVINO 2026.4.1: the cache held this model converted with openvino 2025.0.0",
-        },
-    }
-    model = WorkerModel.from_ready(ready)
-    assert (model.backend, model.backend_cache) == ("openvino", ready["backend"]["cache"])
+    cache = (
+        "converted again for OpenVINO 2026.4.1: the cache held this model converted with openvino 2025.0.0"
+    )
+    reason = "auto: OpenVINO, measured 1.8x less CPU time on this CPU kind (amx)"
+    model = WorkerModel.from_ready(
+        {**SHARED_READY, "backend": {"name": "openvino", "reason": reason, "cache": cache}}
+    )
+    assert (model.backend, model.backend_reason, model.backend_cache) == ("openvino", reason, cache)
     assert model.describe() == (
         "Model demo (bfloat16) runs on OpenVINO: auto: OpenVINO, measured 1.8x less CPU time on this "
         "CPU kind (amx) (converted again for OpenVINO 2026.4.1: the cache held this model converted "

@@ -70,6 +70,7 @@ def test_each_bound_combo_lists_exactly_its_parameters_choices():
     for item in wrapper.body:
         if not isinstance(item, ast.AnnAssign) or "Choice(" not in ast.unparse(item.annotation):
             continue
+        assert isinstance(item.target, ast.Name)
         call = next(
             n
             for n in ast.walk(item.annotation)

@@ -377,8 +377,13 @@ def test_choosing_openvino_adds_it_to_the_set_in_place(shipped, tmp_path, record
         torch=lambda: CPU,
         openvino=lambda build: packages.choose_openvino(build, "openvino"),
     )
+
+    def decline(question: str) -> bool:
+        questions.append(question)
+        return False
+
     with pytest.raises(packages.PackageSetError) as refused:
-        add(confirm=lambda question: questions.append(question) and False)
+        add(confirm=decline)
     assert str(refused.value) == (
         "Backend: OpenVINO needs the OpenVINO runtime, which InstructX2X's worker packages do not hold yet; "
         "nothing was installed. Press Preview or Apply again to add it (about 180 MB), or choose Backend: "
@@ -421,12 +426,17 @@ def test_a_new_set_holds_openvino_where_auto_takes_it_and_says_so(
     python, calls = recording_python
     folder = tmp_path / "settings" / "set"
     questions: list[str] = []
+
+    def accept(question: str) -> bool:
+        questions.append(question)
+        return True
+
     install(
         folder,
         python,
         library,
         requirements,
-        confirm=lambda question: not questions.append(question),
+        confirm=accept,
         torch=lambda: CPU,
         openvino=lambda build: packages.choose_openvino(build, "auto", lambda: kind),
     )

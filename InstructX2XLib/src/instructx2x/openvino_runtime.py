@@ -418,7 +418,9 @@ class OpenVINORuntime:
         wanted = self.key["versions"]
         others = []
         for key in self._stale_keys(root).values():
-            versions = key.get("versions") if isinstance(key.get("versions"), dict) else {}
+            versions = key.get("versions")
+            if not isinstance(versions, dict):
+                versions = {}
             changed = [
                 f"{name} {_release(versions.get(name, '?'))}"
                 for name, version in wanted.items()
