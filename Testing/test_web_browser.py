@@ -145,36 +145,36 @@ def test_the_whole_workflow_in_chromium(page, server, tmp_path):
     print(f"server ready in {server.start_s:.1f} s; cancel answered in {cancel_s:.2f} s")
 
 
-def test_choosing_openvino_in_the_page_starts_a_worker_on_it(tmp_path, monkeypatch):
-    """Advanced > Backend on the tiny model: the page shows the worker the server started
-    (auto keeps PyTorch for a small UNet, and says so), then the OpenVINO worker the choice
-    starts, with why and where its networks came from; PyTorch again is one choice away."""
+def test_choosing_openvino_in_the_page_starts_a_worker_on_it(page, tmp_path, monkeypatch):
+    """Advanced > Backend on the tiny model, in a tab of its own on a second server: the page
+    shows the worker the server started (auto keeps PyTorch for a small UNet, and says so), then
+    the OpenVINO worker the choice starts, with why and where its networks came from; PyTorch
+    again is one choice away."""
     monkeypatch.setenv("INSTRUCTX2X_CACHE", str(tmp_path / "cache"))  # the server's worker inherits it
     server = WebServer(tmp_path / "web", "untrained-tiny").start()
+    tab = new_page(page.context.browser, server.url)
     try:
-        with chromium_page(server.url, require_tool("chromium", "chromium")) as page:
-            page.get_by_text("Advanced").click()
-            wait_text(
-                page,
-                "worker-status",
-                r"^Model untrained-tiny \(float32\) runs on PyTorch: auto: torch, the UNet",
-            )
+        tab.get_by_text("Advanced").click()
+        wait_text(
+            tab, "worker-status", r"^Model untrained-tiny \(float32\) runs on PyTorch: auto: torch, the UNet"
+        )
 
-            def choose(label: str) -> None:
-                page.get_by_test_id("backend").locator(".v-field").click()  # the field, not its hint
-                page.get_by_role("option", name=label, exact=True).click()
+        def choose(label: str) -> None:
+            tab.get_by_test_id("backend").locator(".v-field").click()  # the field, not its hint
+            tab.get_by_role("option", name=label, exact=True).click()
 
-            choose("OpenVINO")
-            shown = wait_text(page, "worker-status", "runs on OpenVINO", timeout=300)
-            assert shown == (
-                "Model untrained-tiny (float32) runs on OpenVINO: openvino as requested (converted on this first use)."
-            )
-            page.screenshot(path=ARTIFACTS / "5-openvino.png")
-            assert list((tmp_path / "cache" / "openvino").iterdir())  # its converted networks
-            choose("PyTorch")
-            wait_text(page, "worker-status", r"runs on PyTorch: torch as requested\.$")
-            assert page.get_by_test_id("error").count() == 0  # no error shown on the way
+        choose("OpenVINO")
+        shown = wait_text(tab, "worker-status", "runs on OpenVINO", timeout=300)
+        assert shown == (
+            "Model untrained-tiny (float32) runs on OpenVINO: openvino as requested (converted on this first use)."
+        )
+        tab.screenshot(path=ARTIFACTS / "5-openvino.png")
+        assert list((tmp_path / "cache" / "openvino").iterdir())  # its converted networks
+        choose("PyTorch")
+        wait_text(tab, "worker-status", r"runs on PyTorch: torch as requested\.$")
+        assert tab.get_by_test_id("error").count() == 0  # no error shown on the way
     finally:
+        tab.close()
         assert server.stop() == 0
 
 
