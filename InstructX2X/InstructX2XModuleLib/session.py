@@ -570,13 +570,13 @@ class EditSession:
     @property
     def worker_status(self) -> str:
         """What the panels say about the worker: none yet, loading, or its model and what runs
-        it and why (``WorkerModel.describe``)."""
+        it and why (``WorkerModel.describe``, in the panel's words: ``panel_message``)."""
         if self.worker is None:
             return "No model loaded yet: the first Preview or Apply loads it."
         if self.worker.state == WorkerState.STARTING:
             return "Loading the model…"
         model = self.model
-        return model.describe() if model is not None else "The worker has stopped."
+        return self._words(model.describe()) if model is not None else "The worker has stopped."
 
     @property
     def uses_shared_worker(self) -> bool:

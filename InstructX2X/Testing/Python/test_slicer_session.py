@@ -1,10 +1,14 @@
 """The panels' shared editing session: a real MRML scene, a real worker, the queue."""
 
+from types import SimpleNamespace
+from typing import Any, cast
+
 import numpy as np
 import pytest
 import slicer
 from workers import poll_until, radiograph, shared_worker
 
+from instructx2x import backends
 from InstructX2XModuleLib import scene as layer
 from InstructX2XModuleLib.session import (
     Backend,
@@ -18,7 +22,7 @@ from InstructX2XModuleLib.session import (
     describe_instruction,
     import_into_dicom_database,
 )
-from InstructX2XModuleLib.worker import WorkerError
+from InstructX2XModuleLib.worker import WorkerError, WorkerState
 
 
 def settings(**overrides):
@@ -378,6 +382,32 @@ def test_the_backend_setting_picks_the_worker_and_a_missing_openvino_is_named(tm
         assert session.worker_status.startswith("Model untrained-tiny (float32) runs on PyTorch: auto: torch")
         assert prepared == [Backend.OPENVINO, Backend.OPENVINO, Backend.AUTO]
     finally:
+        session.stop()
+
+
+def test_the_worker_line_says_auto_s_reason_in_the_panels_words(monkeypatch):
+    """Auto on an AMX CPU whose worker lacks OpenVINO runs PyTorch and says why: the panel's
+    line names the panel's way to OpenVINO, not pip (the reason is the library's own)."""
+    monkeypatch.setattr(backends, "cpu_kind", lambda: "amx")
+    monkeypatch.setattr(backends, "openvino_available", lambda: False)
+    name, reason = backends.resolve_backend("auto", "cpu", 10**9)
+    assert name == "torch" and backends.OPENVINO_EXTRA in reason
+    scene = slicer.vtkMRMLScene()
+    session = EditSession(scene, openvino_hint="choose Backend: OpenVINO and press Preview")
+    try:
+        ready = {"event": "ready", "model": {"name": "big"}, "precision": {"dtype": "bfloat16"}}
+        session.worker = cast(
+            Any,
+            SimpleNamespace(
+                state=WorkerState.READY, info={**ready, "backend": {"name": name, "reason": reason}}
+            ),
+        )
+        assert session.worker_status.startswith(
+            "Model big (bfloat16) runs on PyTorch: auto: torch, OpenVINO ("
+        )
+        assert session.worker_status.endswith("is not installed: choose Backend: OpenVINO and press Preview.")
+    finally:
+        session.worker = None
         session.stop()
 
 
