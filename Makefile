@@ -52,12 +52,13 @@ $(EVAL_STAMP): constraints-eval.txt InstructX2XLib/pyproject.toml Training/pypro
 	touch $(EVAL_STAMP)
 
 # The browser panel needs trame-slicer, which pins an older slicer-core than .venv's: its own
-# environment (constraints-web.txt), with Playwright for its browser tests (Debian's chromium).
+# environment (constraints-web.txt), with Playwright for its browser tests (Debian's chromium)
+# and OpenVINO for the page's Backend choice.
 $(WEB_STAMP): constraints-web.txt InstructX2XLib/pyproject.toml InstructX2X/pyproject.toml InstructX2XLib/src/instructx2x/_version.py
 	$(PYTHON) -m venv $(WEB_VENV)
 	$(WEB_VENV)/bin/python -m pip install -q --upgrade pip
 	$(WEB_VENV)/bin/python -m pip install -q -c constraints-web.txt torch==2.13.0
-	$(WEB_VENV)/bin/python -m pip install -q -c constraints-web.txt -e "InstructX2XLib[test]" -e "InstructX2X[web,test]"
+	$(WEB_VENV)/bin/python -m pip install -q -c constraints-web.txt -e "InstructX2XLib[test,openvino]" -e "InstructX2X[web,test]"
 	touch $(WEB_STAMP)
 
 web: $(WEB_STAMP)

@@ -44,6 +44,7 @@ from InstructX2XModuleLib.session import (
     RELEVANCE_TIMESTEP,
     SIDES,
     TAU,
+    Backend,
     EditSession,
     MaskSource,
     Operation,
@@ -65,6 +66,12 @@ DEFAULT_MODEL = "demo"
 TIMER_INTERVAL_MS = 200
 # set to 1 to let the self-test install the worker's packages (1 to 5 GB) when they are not current
 SELFTEST_INSTALL = "INSTRUCTX2X_SELFTEST_INSTALL"
+# what the panel says where the worker's Python lacks OpenVINO (session.panel_message)
+OPENVINO_HINT = (
+    "InstructX2X adds it to its worker packages when you press Preview or Apply with Backend: "
+    "OpenVINO; if they hold it and it still does not load, remove the folder {folder} and press "
+    "Preview again to install them afresh"
+)
 
 
 class InstructX2X(ScriptedLoadableModule):
@@ -114,6 +121,7 @@ class InstructX2XParameterNode:
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     scheduler: Annotated[str, Choice(["auto", "ddim", "dpm++", "unipc"])] = "auto"
     precision: Annotated[str, Choice(["auto", "fp32", "bf16", "fp16"])] = "auto"
+    backend: Annotated[str, Choice(Backend.labels())] = Backend.AUTO.label
     model: str = DEFAULT_MODEL
     pacsTarget: str = ""
     verify: bool = True
@@ -289,6 +297,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = parameterNode.connectGui(self.ui)
             self.onModelGuidanceToggled(parameterNode.modelGuidance)
             self.onWorkerModeChanged()
+            self.ui.workerStatusLabel.text = self.logic.workerStatus
 
     # -- instruction ----------------------------------------------------------------------
     def _fillHelper(self) -> None:
@@ -472,17 +481,18 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.deviceCombo,
             self.ui.schedulerCombo,
             self.ui.precisionCombo,
+            self.ui.backendCombo,
         ):
             widget.enabled = not shared
         if shared:
             self.ui.workerNoteLabel.text = _(
                 "From the next job on, jobs go to the shared worker at this socket (instructx2x serve --socket); "
-                "its model, device, sampler and precision count, not the ones above. The job's files are sent "
-                "to it over the connection, so it may run on another machine (README, Server mode)."
+                "its model, device, sampler, precision and backend count, not the ones above. The job's files "
+                "are sent to it over the connection, so it may run on another machine (README, Server mode)."
             )
         else:
             self.ui.workerNoteLabel.text = _(
-                "The panel starts its own worker with the model, device, sampler and precision above."
+                "The panel starts its own worker with the model, device, sampler, precision and backend above."
             )
 
     def onSaveResult(self) -> None:
@@ -507,6 +517,7 @@ class InstructX2XWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onTimer(self) -> None:
         events, errors = self.logic.poll(), []
+        self.ui.workerStatusLabel.text = self.logic.workerStatus
         if self.logic.resultArrived(events):
             # a new result opens on "after", without the difference (a series on its first step)
             for button, checked in ((self.ui.beforeAfterButton, True), (self.ui.differenceButton, False)):
@@ -610,6 +621,13 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
         with by default (None before its worker is ready)."""
         return self.session.model_defaults if self.session is not None else None
 
+    @property
+    def workerStatus(self) -> str:
+        """The worker's model, what runs it and why (``EditSession.worker_status``)."""
+        if self.session is None:
+            return _("No model loaded yet: the first Preview or Apply loads it.")
+        return self.session.worker_status
+
     def statusText(self, event: dict) -> str | None:
         """The status line for a worker event (``session.status_text``; None: unchanged)."""
         return self.session.status_text(event) if self.session is not None else None
@@ -651,7 +669,10 @@ class InstructX2XLogic(ScriptedLoadableModuleLogic):
         if self.session is None:  # the worker: Slicer's Python with the module's own package set first
             executable = packages.worker_command(packages.find_slicer_python(), workerPackagesFolder())
             self.session = EditSession(
-                slicer.mrmlScene, executable=executable, prepare_worker=ensureDependencies
+                slicer.mrmlScene,
+                executable=executable,
+                prepare_worker=ensureDependencies,
+                openvino_hint=OPENVINO_HINT.format(folder=workerPackagesFolder()),
             )
         database = slicer.dicomDatabase
         self.session.submit(
@@ -873,6 +894,7 @@ def panelSettings(parameters) -> PanelSettings:
         device=parameters.device,
         scheduler=parameters.scheduler,
         precision=parameters.precision,
+        backend=Backend.from_label(parameters.backend),
         model=parameters.model,
         verify=parameters.verify,
         worker_socket=worker_socket_setting(
@@ -896,13 +918,16 @@ def workerPackagesStatus() -> str:
         moduleDir / "Resources" / "requirements.txt",
         [moduleDir / "Resources" / "constraints.txt"],
         torch=packages.choose_torch,
+        openvino=packages.choose_openvino,
     )
 
 
-def ensureDependencies() -> None:
+def ensureDependencies(settings: PanelSettings | None = None) -> None:
     """Build or update the worker's package set on first use, after asking (a self-test the user
     opted into with INSTRUCTX2X_SELFTEST_INSTALL=1 does not ask); Slicer's own Python is never
-    changed. The work is ``packages.ensure_package_set``'s (one install at a time); here only its
+    changed. OpenVINO is in the set where ``auto`` takes it, and is added when ``settings``
+    choose the OpenVINO backend (``packages.choose_openvino``).
+    The work is ``packages.ensure_package_set``'s (one install at a time); here only its
     Qt parts: the question (asked with the normal cursor, though a Preview or Apply shows the
     wait cursor), an application-modal progress dialog with a Cancel button (no second Preview
     or Apply while it runs; the GUI is served every ``packages.CANCEL_POLL_S`` while pip runs)
@@ -911,6 +936,7 @@ def ensureDependencies() -> None:
     if problem:
         raise RuntimeError(problem)
     moduleDir = Path(__file__).resolve().parent
+    backend = settings.backend if settings is not None else Backend.AUTO
     optedIn = slicer.app.commandOptions().testingEnabled and os.environ.get(SELFTEST_INSTALL) == "1"
     dialogs: list[qt.QProgressDialog] = []
 
@@ -954,6 +980,7 @@ def ensureDependencies() -> None:
             log=log,
             confirm=confirm,
             cancelled=cancelled,
+            openvino=lambda build: packages.choose_openvino(build, backend.option),
         )
     finally:
         for dialog in dialogs:

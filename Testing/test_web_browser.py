@@ -189,6 +189,39 @@ def test_a_series_is_applied_as_one_job_and_its_slider_steps_through_it(page, tm
     ]
 
 
+def test_choosing_openvino_in_the_page_starts_a_worker_on_it(page, tmp_path, monkeypatch):
+    """Advanced > Backend on the tiny model, in a tab of its own on a second server: the page
+    shows the worker the server started (auto keeps PyTorch for a small UNet, and says so), then
+    the OpenVINO worker the choice starts, with why and where its networks came from; PyTorch
+    again is one choice away."""
+    monkeypatch.setenv("INSTRUCTX2X_CACHE", str(tmp_path / "cache"))  # the server's worker inherits it
+    server = WebServer(tmp_path / "web", "untrained-tiny").start()
+    tab = new_page(page.context.browser, server.url)
+    try:
+        tab.get_by_text("Advanced").click()
+        wait_text(
+            tab, "worker-status", r"^Model untrained-tiny \(float32\) runs on PyTorch: auto: torch, the UNet"
+        )
+
+        def choose(label: str) -> None:
+            tab.get_by_test_id("backend").locator(".v-field").click()  # the field, not its hint
+            tab.get_by_role("option", name=label, exact=True).click()
+
+        choose("OpenVINO")
+        shown = wait_text(tab, "worker-status", "runs on OpenVINO", timeout=300)
+        assert shown == (
+            "Model untrained-tiny (float32) runs on OpenVINO: openvino as requested (converted on this first use)."
+        )
+        tab.screenshot(path=ARTIFACTS / "6-openvino.png")
+        assert list((tmp_path / "cache" / "openvino").iterdir())  # its converted networks
+        choose("PyTorch")
+        wait_text(tab, "worker-status", r"runs on PyTorch: torch as requested\.$")
+        assert tab.get_by_test_id("error").count() == 0  # no error shown on the way
+    finally:
+        tab.close()
+        assert server.stop() == 0
+
+
 def test_a_bad_file_gets_its_message_in_the_page(page, tmp_path):
     bad = tmp_path / "report.dcm"
     bad.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)

@@ -57,6 +57,31 @@ def area(panel, segment="edit"):
     return 0 if mask is None else int(mask.sum())
 
 
+def test_choosing_openvino_where_the_server_lacks_it_says_how_to_get_it(panel, tmp_path, monkeypatch):
+    """The page's Backend choice starts its worker at once; a server environment without
+    OpenVINO is told how to get it, in the page's words, and PyTorch stays the way to edit."""
+    hidden = tmp_path / "hidden"
+    (hidden / "openvino").mkdir(parents=True)
+    (hidden / "openvino" / "__init__.py").write_text("raise ImportError('hidden by this test')\n")
+    monkeypatch.setenv("PYTHONPATH", str(hidden))
+    panel.state.backend = "OpenVINO"
+    panel.jobs.on_backend(backend="OpenVINO")
+    assert panel.state.worker_status == "Loading the model…"
+    poll_until(panel.jobs, lambda e: panel.session.worker is None)
+    assert panel.state.error == (
+        "Backend: OpenVINO needs the OpenVINO runtime, which is not installed (or does not import): install it "
+        "into the Python environment this server runs in (pip install 'instructx2x[openvino]') and start the "
+        "server again (or choose Backend: PyTorch)."
+    )
+    assert panel.state.worker_status == "No model loaded yet: the first Preview or Apply loads it."
+    monkeypatch.delenv("PYTHONPATH")
+    panel.state.update({"backend": "PyTorch", "error": ""})
+    panel.jobs.on_backend(backend="PyTorch")
+    poll_until(panel.jobs, lambda e: any(x["event"] == "ready" for x in e))
+    assert panel.state.worker_status == "Model untrained-tiny (float32) runs on PyTorch: torch as requested."
+    assert panel.state.error == ""
+
+
 def test_paint_erase_and_scissors_change_the_masks(panel):
     view = loaded(panel)
     assert panel.state.description.startswith("CR 512 x 512")

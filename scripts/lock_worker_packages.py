@@ -1,6 +1,6 @@
 """Write InstructX2X/Resources/constraints.txt: every package the Slicer module's worker package
-set installs, pinned, as pip resolves InstructX2X/Resources/requirements.txt and the library for
-Slicer's Python.
+set installs, pinned, as pip resolves InstructX2X/Resources/requirements.txt and the library with
+its OpenVINO extra (in the set where packages.choose_openvino says so) for Slicer's Python.
 
     python3.12 scripts/lock_worker_packages.py    # the Python Slicer 5.10 ships (pyenv: 3.12.1)
 
@@ -38,7 +38,7 @@ def resolved() -> dict[str, str]:
                 str(report),
                 "-r",
                 str(RESOURCES / "requirements.txt"),
-                str(REPO / "InstructX2XLib"),
+                f"{REPO / 'InstructX2XLib'}[openvino]",  # OpenVINO where the set holds it (packages.py)
             ],
             check=True,
         )

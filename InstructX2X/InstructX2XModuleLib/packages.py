@@ -7,8 +7,14 @@ The worker (``instructx2x serve``) runs on Slicer's Python with a folder of its 
 set, never Slicer's numpy or scipy); that folder, the package set, is built with
 ``<python> -m pip install --target`` beside Slicer's revision-specific settings, one per Slicer
 revision and Python minor version, and records in a marker file what it was built from (library
-version and source digest, requirements digest, Python, torch build). A set whose torch build is
-not the one ``choose_torch`` picks now (a driver update) is rebuilt.
+version and source digest, requirements digest, Python, torch build, whether OpenVINO is in it).
+A set whose torch build is not the one ``choose_torch`` picks now (a driver update) is rebuilt.
+
+OpenVINO (``--backend openvino``, about 180 MB) is in the set where the worker's ``auto``
+backend takes it: the CPU build of torch (no NVIDIA GPU) on a CPU kind where OpenVINO measured
+faster (``instructx2x.backends.auto_takes_openvino``: AMX). Elsewhere ``auto`` keeps PyTorch, so
+the set leaves it out until the panel's backend is OpenVINO; then it is added to the set in
+place (``choose_openvino``).
 
 ``ensure_package_set`` is the one install routine: the panel and the tests call it with their
 own confirmation, progress and log callbacks. It builds in a staging folder beside the set and
@@ -50,6 +56,7 @@ __all__ = [
     "SUPPORTED_SLICER",
     "PackageSetError",
     "TorchBuild",
+    "OpenVINOChoice",
     "unsupported_slicer",
     "library_source",
     "use_library_source",
@@ -58,6 +65,7 @@ __all__ = [
     "worker_command",
     "nvidia_driver_version",
     "choose_torch",
+    "choose_openvino",
     "package_set_fingerprint",
     "package_set_status",
     "ensure_package_set",
@@ -96,10 +104,15 @@ _ISOLATE = (
 _BOOTSTRAP = (
     _ISOLATE + "import runpy; runpy.run_module('instructx2x.cli', run_name='__main__', alter_sys=True)"
 )
-# What a finished set must import before it replaces the one in place.
+# What a finished set must import before it replaces the one in place (``{extra}``: OpenVINO's
+# import where the set holds it).
 _CHECK = _ISOLATE + (
-    "import torch, diffusers, transformers, pydicom, highdicom, instructx2x.cli; print(torch.__version__)"
+    "import torch, diffusers, transformers, pydicom, highdicom, instructx2x.cli{extra}; print(torch.__version__)"
 )
+# OpenVINO's packages in the set: the runtime and what it needs beside numpy (pinned in
+# Resources/constraints.txt); about 180 MB installed.
+OPENVINO_PACKAGES = ("openvino", "openvino-telemetry")
+OPENVINO_SIZE = "about 180 MB"
 _installing: list[Path] = []  # the folder an install in this process is building (one at a time)
 
 
@@ -130,6 +143,15 @@ class TorchBuild:
         if self.index_url is None:
             return []
         return ["--extra-index-url", self.index_url, f"torch=={version}+{self.backend}"]
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenVINOChoice:
+    """Whether the set gets OpenVINO, and why (for the confirmation and the marker)."""
+
+    include: bool  # a set built now holds it
+    reason: str
+    chosen: bool = False  # the panel's backend is OpenVINO: a set without it gets it added
 
 
 def unsupported_slicer(major: int, minor: int) -> str | None:
@@ -404,6 +426,52 @@ def choose_torch(
     )
 
 
+def choose_openvino(
+    build: TorchBuild, backend: str = "auto", cpu_kind: Callable[[], str] | None = None
+) -> OpenVINOChoice:
+    """Whether the set holds OpenVINO: where the panel's backend is OpenVINO (a set without it
+    gets it added), and where ``auto`` takes it (torch's CPU build, no NVIDIA GPU, on a CPU kind
+    where OpenVINO measured faster: a set built there holds it; one without it stays, as
+    ``auto`` then runs PyTorch and says why).
+
+    Parameters
+    ----------
+    build : TorchBuild
+        The set's torch build (``choose_torch``).
+    backend : str
+        The panel's backend: ``auto``, ``torch`` or ``openvino``.
+    cpu_kind : Callable[[], str] | None
+        This CPU's kind (``amx``, ``avx512_bf16``, ``avx2``, ``other``); None:
+        ``instructx2x.backends.cpu_kind`` (the library's source is on ``sys.path`` by then).
+
+    Returns
+    -------
+    OpenVINOChoice
+    """
+    from instructx2x.backends import MEASURED_SPEEDUP, auto_takes_openvino
+
+    if backend == "openvino":
+        return OpenVINOChoice(True, "the panel's backend is OpenVINO", chosen=True)
+    if build.backend.startswith("cu"):
+        return OpenVINOChoice(False, f"PyTorch runs the model on the NVIDIA GPU ({_describe(build)})")
+    if cpu_kind is None:
+        from instructx2x.backends import cpu_kind as library_cpu_kind
+
+        cpu_kind = library_cpu_kind
+    kind = cpu_kind()
+    if auto_takes_openvino(kind):
+        return OpenVINOChoice(
+            True,
+            f"on this CPU ({kind}) the auto backend takes OpenVINO for a full-size model: it "
+            f"{MEASURED_SPEEDUP[kind]}",
+        )
+    return OpenVINOChoice(
+        False,
+        f"on this CPU ({kind}) the auto backend keeps PyTorch, as OpenVINO has not measured faster "
+        "there; choosing Backend: OpenVINO adds it",
+    )
+
+
 def _library_version(library: Path) -> str:
     """The library's version as ``src/instructx2x/_version.py`` writes it (its one place; the
     library's pyproject.toml reads it from there), read without importing the library."""
@@ -460,6 +528,7 @@ def package_set_status(
     requirements: Path,
     constraints: Sequence[Path] = (),
     torch: Callable[[], TorchBuild] | None = None,
+    openvino: Callable[[TorchBuild], OpenVINOChoice] | None = None,
 ) -> str:
     """How the set in ``folder`` compares with what the module ships.
 
@@ -476,13 +545,18 @@ def package_set_status(
     torch : Callable[[], TorchBuild] | None
         Chooses the torch build now (``choose_torch``); a set built with another is rebuilt.
         None: the torch build is not compared.
+    openvino : Callable[[TorchBuild], OpenVINOChoice] | None
+        Whether the set should hold OpenVINO (``choose_openvino``), compared with ``torch``'s
+        build; None: not compared.
 
     Returns
     -------
     str
         ``current``; ``library`` (built from these requirements but another library: the
-        library alone is reinstalled); ``rebuild`` (other requirements, another Python,
-        another torch build or a damaged marker); ``missing``.
+        library alone is reinstalled, and OpenVINO added where it is chosen and missing);
+        ``openvino`` (current, but OpenVINO is chosen and not in it: it is added);
+        ``rebuild`` (other requirements, another Python, another torch build or a damaged
+        marker); ``missing``.
     """
     try:
         built = json.loads((folder / MARKER).read_text(encoding="utf-8"))
@@ -496,12 +570,22 @@ def package_set_status(
     ):
         return "rebuild"
     built_torch = built.get("torch")
-    if torch is not None and (
-        not isinstance(built_torch, dict) or built_torch.get("backend") != torch().backend
+    build = torch() if torch is not None else None
+    if build is not None and (
+        not isinstance(built_torch, dict) or built_torch.get("backend") != build.backend
     ):
         return "rebuild"
-    same_library = all(built.get(key) == wanted[key] for key in ("library_version", "library_sha256"))
-    return "current" if same_library else "library"
+    if not all(built.get(key) == wanted[key] for key in ("library_version", "library_sha256")):
+        return "library"
+    if build is not None and openvino is not None and openvino(build).chosen and not _holds_openvino(built):
+        return "openvino"
+    return "current"
+
+
+def _holds_openvino(built: dict) -> bool:
+    """Whether a set's marker says it holds OpenVINO."""
+    record = built.get("openvino")
+    return isinstance(record, dict) and record.get("included") is True
 
 
 def ensure_package_set(
@@ -517,6 +601,7 @@ def ensure_package_set(
     torch: Callable[[], TorchBuild] = choose_torch,
     pip_options: Sequence[str] = (),
     cancelled: Callable[[], bool] = lambda: False,
+    openvino: Callable[[TorchBuild], OpenVINOChoice] = choose_openvino,
 ) -> Path:
     """Make ``folder`` hold the worker's packages for the shipped library and requirements.
 
@@ -552,6 +637,10 @@ def ensure_package_set(
         file of a set in place is copied and between stages, up to the last one (putting the
         set in place, which is never cut); True stops pip, the check or the copy, removes the
         staging folder and raises ``PackageSetError``.
+    openvino : Callable[[TorchBuild], OpenVINOChoice]
+        Whether the set holds OpenVINO (``choose_openvino`` with the panel's backend): a set
+        built now holds it where this says so; a set in place gets it added where the panel's
+        backend is OpenVINO.
 
     Returns
     -------
@@ -583,6 +672,7 @@ def ensure_package_set(
             torch,
             pip_options,
             cancelled,
+            openvino,
         )
     finally:
         _installing.clear()
@@ -600,32 +690,56 @@ def _ensure(
     torch: Callable[[], TorchBuild],
     pip_options: Sequence[str],
     cancelled: Callable[[], bool],
+    openvino: Callable[[TorchBuild], OpenVINOChoice],
 ) -> Path:
     """``ensure_package_set``'s work, one install at a time."""
-    status = package_set_status(folder, library, requirements, constraints, torch)
+    build = torch()
+    choice = openvino(build)
+    status = package_set_status(folder, library, requirements, constraints, lambda: build, lambda _: choice)
     if status == "current":
         return folder
     torch_version = _pinned_torch(requirements)
     stale = _remove_stale_builds(folder)
-    if status == "library":
-        build = None
+    update = status in ("library", "openvino")  # the set in place, changed in a copy
+    if update:
+        built = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+        add_openvino = choice.chosen and not _holds_openvino(built)
+        openvino_record = (
+            {"included": True, "reason": choice.reason} if add_openvino else built.get("openvino")
+        )
         version = package_set_fingerprint(library, requirements, constraints)["library_version"]
+        changes = []
+        if status == "library":
+            changes.append(
+                f"they come from another version of its library: reinstall the library ({version}), "
+                "nothing downloaded"
+            )
+        if add_openvino:
+            changes.append(f"add OpenVINO ({OPENVINO_SIZE} downloaded: {choice.reason})")
         question = (
-            f"InstructX2X's worker packages in {folder} come from another version of its library; "
-            f"reinstall the library ({version}) into them? Nothing is downloaded; "
+            f"Update InstructX2X's worker packages in {folder}: {'; and '.join(changes)}? "
             "Slicer's own Python is not changed."
         )
     else:
-        build = torch()
+        add_openvino = choice.include
+        openvino_record = {"included": choice.include, "reason": choice.reason}
         size = "about 1 GB" if build.backend == "cpu" else "about 5 GB"
         question = (
             f"InstructX2X runs its model in a separate process with packages of its own: PyTorch "
-            f"{torch_version} ({_describe(build)}), diffusers, transformers, highdicom and the InstructX2X "
-            f"library, {size} downloaded into {folder}. Slicer's own Python is not changed. Install now?"
+            f"{torch_version} ({_describe(build)}), diffusers, transformers, highdicom"
+            f"{', OpenVINO' if choice.include else ''} and the InstructX2X library, {size} downloaded "
+            f"into {folder}. OpenVINO is {'included' if choice.include else 'left out'}: {choice.reason}. "
+            "Slicer's own Python is not changed. Install now?"
         )
     if stale:
         question += " (An earlier install did not finish; it was removed.)"
     if not confirm(question):
+        if status == "openvino":
+            raise PackageSetError(
+                "Backend: OpenVINO needs the OpenVINO runtime, which InstructX2X's worker packages do not "
+                f"hold yet; nothing was installed. Press Preview or Apply again to add it ({OPENVINO_SIZE}), "
+                "or choose Backend: PyTorch or auto."
+            )
         raise PackageSetError(
             "InstructX2X cannot run its model without its worker packages; nothing was "
             "installed. Press Preview or Apply again to install them."
@@ -650,29 +764,43 @@ def _ensure(
             *pip_options,
             *(option for path in constraints for option in ("-c", str(path))),
         ]
-        if build is None:
+        if update:
             progress("Copying the worker's packages…")
-            built_torch = json.loads((folder / MARKER).read_text(encoding="utf-8")).get("torch", {})
+            built_torch = built.get("torch", {})
             shutil.copytree(
                 folder, staging, copy_function=functools.partial(_link_or_copy, cancelled=cancelled)
             )
-            _remove_library(staging)
-            progress("Installing the InstructX2X library…")
-            # built with Slicer's own setuptools (no build environment to download): an update
-            # of the library alone works offline
-            _pip(
-                common + ["--no-deps", "--no-build-isolation", str(source)],
-                log,
-                progress,
-                "Installing the InstructX2X library…",
-                cancelled,
-            )
+            if status == "library":
+                _remove_library(staging)
+                progress("Installing the InstructX2X library…")
+                # built with Slicer's own setuptools (no build environment to download): an update
+                # of the library alone works offline
+                _pip(
+                    common + ["--no-deps", "--no-build-isolation", str(source)],
+                    log,
+                    progress,
+                    "Installing the InstructX2X library…",
+                    cancelled,
+                )
+            if add_openvino:
+                stage = "Downloading and installing OpenVINO…"
+                progress(stage)
+                # its one dependency beside these, numpy, is in the set already
+                _pip(common + ["--no-deps", *OPENVINO_PACKAGES], log, progress, stage, cancelled)
         else:
             log(f"torch {torch_version}: {_describe(build)}")
+            log(f"OpenVINO {'included' if add_openvino else 'left out'}: {choice.reason}")
             stage = "Downloading and installing PyTorch, diffusers and the InstructX2X library…"
             progress(stage)
             _pip(
-                common + ["-r", str(requirements), *build.pip_arguments(torch_version), str(source)],
+                common
+                + [
+                    "-r",
+                    str(requirements),
+                    *build.pip_arguments(torch_version),
+                    *(OPENVINO_PACKAGES if add_openvino else ()),
+                    str(source),
+                ],
                 log,
                 progress,
                 stage,
@@ -680,9 +808,11 @@ def _ensure(
             )
             built_torch = {"backend": build.backend, "index_url": build.index_url}
         progress("Checking the new worker packages…")
-        built_torch["version"] = _check(python, staging, log, cancelled)
+        holds_openvino = isinstance(openvino_record, dict) and openvino_record.get("included") is True
+        built_torch["version"] = _check(python, staging, log, cancelled, holds_openvino)
         (staging / MARKER).write_text(
-            json.dumps({**wanted, "torch": built_torch}, indent=2), encoding="utf-8"
+            json.dumps({**wanted, "torch": built_torch, "openvino": openvino_record}, indent=2),
+            encoding="utf-8",
         )
         _stop_if(cancelled)
         progress("Putting the worker packages in place…")
@@ -888,12 +1018,16 @@ def _lines(stream: Iterable[str]) -> Iterable[str]:
 
 
 def _check(
-    python: str | Path, staging: Path, log: Callable[[str], None], cancelled: Callable[[], bool]
+    python: str | Path,
+    staging: Path,
+    log: Callable[[str], None],
+    cancelled: Callable[[], bool],
+    openvino: bool = False,
 ) -> str:
-    """Import what the worker needs from the new set; returns torch's version. ``cancelled`` is
-    asked every ``CANCEL_POLL_S`` (True kills the check)."""
+    """Import what the worker needs from the new set (OpenVINO too where it holds it); returns
+    torch's version. ``cancelled`` is asked every ``CANCEL_POLL_S`` (True kills the check)."""
     with subprocess.Popen(
-        [str(python), "-s", "-c", _CHECK, str(staging)],
+        [str(python), "-s", "-c", _CHECK.format(extra=", openvino" if openvino else ""), str(staging)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -59,6 +59,7 @@ __all__ = [
     "dicom_pixels",
     "modality_values",
     "PanelChoice",
+    "Backend",
     "MaskSource",
     "Preset",
     "Operation",
@@ -76,6 +77,7 @@ __all__ = [
     "SamplingDefaults",
     "WorkerModel",
     "status_text",
+    "panel_message",
     "shared_worker_available",
     "worker_socket_setting",
     "describe_instruction",
@@ -138,6 +140,34 @@ class Operation(PanelChoice):
     CHANGE_LEVEL = "Change the level of"
 
 
+class Backend(PanelChoice):
+    """What runs the model's networks (``instructx2x serve --backend``): ``auto`` takes OpenVINO
+    where it measured faster (a large model on an AMX CPU) and PyTorch elsewhere."""
+
+    AUTO = "auto"
+    TORCH = "PyTorch"
+    OPENVINO = "OpenVINO"
+
+    @property
+    def option(self) -> str:
+        """The worker's ``--backend`` value: ``auto``, ``torch`` or ``openvino``."""
+        return self.name.lower()
+
+    @classmethod
+    def from_option(cls, option: str) -> Backend:
+        """The member a ``--backend`` value (or a worker's ``ready``) names.
+
+        Raises
+        ------
+        scene.SceneError
+            When no member has that value.
+        """
+        for member in cls:
+            if member.option == option:
+                return member
+        raise mrml.SceneError(f"unknown backend {option!r}; choose one of {', '.join(cls.labels())}.")
+
+
 class WorkerMode(PanelChoice):
     """Where jobs run: a worker the panel starts, or a shared one at a Unix socket."""
 
@@ -172,7 +202,7 @@ class PanelSettings:
     device: str = "auto"
     scheduler: str = "auto"
     precision: str = "auto"
-    backend: str = "auto"  # what runs the networks: auto, torch or openvino (instructx2x serve --backend)
+    backend: Backend = Backend.AUTO  # what runs the networks (instructx2x serve --backend)
     model: str = "demo"
     verify: bool = True
     include_demographics: bool = False  # the classifiers' age/sex/race estimates in the report (verify only)
@@ -229,6 +259,7 @@ class WorkerModel:
     defaults: SamplingDefaults | None
     backend: str = "torch"  # what runs its networks: torch or openvino
     backend_reason: str = ""  # why the worker chose it
+    backend_cache: str = ""  # OpenVINO: where its converted networks came from (converted now, or the cache)
 
     @classmethod
     def from_ready(cls, event: dict) -> WorkerModel:
@@ -248,7 +279,18 @@ class WorkerModel:
             else None,
             backend=str(backend.get("name", "torch")),
             backend_reason=str(backend.get("reason", "")),
+            backend_cache=str(backend.get("cache", "")),
         )
+
+    def describe(self) -> str:
+        """The panels' line about the loaded model: its name, precision, what runs it and why."""
+        try:
+            runtime = Backend.from_option(self.backend).label
+        except mrml.SceneError:  # a worker of a later release may name another runtime
+            runtime = self.backend
+        reason = f": {self.backend_reason}" if self.backend_reason else ""
+        cache = f" ({self.backend_cache})" if self.backend_cache else ""
+        return f"Model {self.name} ({self.dtype}) runs on {runtime}{reason}{cache}."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,6 +381,36 @@ def status_text(event: dict, shared_worker: bool = False) -> str | None:
     if kind == "error":
         return f"Failed: {event.get('message') or 'the worker failed.'}"
     return None
+
+
+# The library's advice names command-line options; a panel names its own controls.
+_PANEL_WORDS = (
+    ("give --device cpu", "choose Device: cpu"),
+    ("--device cpu", "Device: cpu"),
+    ("--backend torch", "Backend: PyTorch"),
+    ("--backend openvino", "Backend: OpenVINO"),
+)
+
+
+def panel_message(message: str, openvino_hint: str | None = None) -> str:
+    """A worker's message in a panel's words: its Advanced controls for the command line's
+    options, and ``openvino_hint`` (how this panel gets the OpenVINO runtime) for the library's
+    ``pip install 'instructx2x[openvino]'``.
+
+    Parameters
+    ----------
+    message: str
+        An ``error`` event's message, or why the worker stopped.
+    openvino_hint: str | None
+        What to do where the worker lacks OpenVINO; None keeps the library's pip command.
+    """
+    from instructx2x.backends import OPENVINO_EXTRA
+
+    if openvino_hint is not None:
+        message = message.replace(OPENVINO_EXTRA, openvino_hint)
+    for option, control in _PANEL_WORDS:
+        message = message.replace(option, control)
+    return message
 
 
 def shared_worker_available(platform: str | None = None) -> bool:
@@ -537,9 +609,10 @@ class EditSession:
         Where the results go (the input volume is never modified).
     executable: list[str] | None
         The command that runs the library's CLI (``PythonSlicer -m instructx2x.cli`` in Slicer).
-    prepare_worker: Callable[[], None] | None
-        Called before a local worker is started (the desktop module installs dependencies);
-        never for a shared one.
+    prepare_worker: Callable[[PanelSettings], None] | None
+        Called with the job's settings before a local worker is started (the desktop module
+        installs the worker's packages, OpenVINO among them for its backend); never for a
+        shared one.
     worker_socket: str | None
         Use the shared worker on this Unix socket (``instructx2x serve --socket``) instead of
         starting one; the model and device are then the worker's. A job whose settings name a
@@ -547,15 +620,19 @@ class EditSession:
     quota_bytes: int | None
         The most the session's folder may hold before a job is refused (default
         ``DEFAULT_QUOTA_BYTES``).
+    openvino_hint: str | None
+        How this panel gets the OpenVINO runtime, said in place of the library's pip command
+        when the worker lacks it (``panel_message``).
     """
 
     def __init__(
         self,
         scene,
         executable: list[str] | None = None,
-        prepare_worker: Callable[[], None] | None = None,
+        prepare_worker: Callable[[PanelSettings], None] | None = None,
         worker_socket: str | None = None,
         quota_bytes: int | None = None,
+        openvino_hint: str | None = None,
     ) -> None:
         self.scene = scene
         # closing the scene (Slicer's Close Scene, scene.Clear) ends what this session shows
@@ -564,6 +641,7 @@ class EditSession:
         self.worker_socket = worker_socket
         self.executable = executable or [sys.executable, "-m", "instructx2x.cli"]
         self.prepare_worker = prepare_worker
+        self.openvino_hint = openvino_hint
         self.worker: WorkerClient | None = None
         self.worker_key: tuple | None = None
         self.shared_ready_timeout_s = SHARED_READY_TIMEOUT_S
@@ -600,6 +678,17 @@ class EditSession:
         """The worker's sampling defaults once its model is loaded, else None."""
         model = self.model
         return model.defaults if model is not None else None
+
+    @property
+    def worker_status(self) -> str:
+        """What the panels say about the worker: none yet, loading, or its model and what runs
+        it and why (``WorkerModel.describe``, in the panel's words: ``panel_message``)."""
+        if self.worker is None:
+            return "No model loaded yet: the first Preview or Apply loads it."
+        if self.worker.state == WorkerState.STARTING:
+            return "Loading the model…"
+        model = self.model
+        return self._words(model.describe()) if model is not None else "The worker has stopped."
 
     @property
     def uses_shared_worker(self) -> bool:
@@ -748,7 +837,7 @@ class EditSession:
         """Worker events since the last call; imports results into the scene on ``done``."""
         if self.worker is None:
             return []
-        events = self.worker.poll()
+        events = [self._in_panel_words(event) for event in self.worker.poll()]
         self._check_shared_ready()
         for event in events:
             current = self.current
@@ -762,7 +851,7 @@ class EditSession:
                 self.prune()
         if self.worker.state == WorkerState.STOPPED:
             if self.worker.last_error:
-                events.append({"event": "error", "message": self.worker.last_error})
+                events.append({"event": "error", "message": self._words(self.worker.last_error)})
             self.worker, self.queue = None, []
             self.prune()  # the folders of the jobs that will not run
         self._send_next()
@@ -827,8 +916,27 @@ class EditSession:
             message = worker.last_error or f"the model did not load within {timeout:.0f} s."
             worker.kill()
             self.worker = None
-            raise WorkerError(message)
+            raise WorkerError(self._words(message))
         return WorkerModel.from_ready(worker.info)
+
+    def start_worker_soon(self, settings: PanelSettings) -> bool:
+        """Start the worker for ``settings`` now unless a job is queued or running (a changed
+        backend then counts from the next job), without waiting: ``poll`` reports its ``ready``
+        or why it failed. Returns whether the worker for ``settings`` is the current one or
+        starting."""
+        if self.busy and self.worker_key != settings.worker_key():
+            return False
+        self._ensure_worker(settings)
+        return True
+
+    def _words(self, message: str) -> str:
+        return panel_message(message, self.openvino_hint)
+
+    def _in_panel_words(self, event: dict) -> dict:
+        """An ``error`` event's message in the panel's words (``panel_message``)."""
+        if event.get("event") == "error" and isinstance(event.get("message"), str):
+            return {**event, "message": self._words(event["message"])}
+        return event
 
     def _check_shared_ready(self) -> None:
         """Hang up on a shared worker that has not said ``ready`` within
@@ -863,7 +971,7 @@ class EditSession:
             self.worker.shutdown()
             self.worker = None
         if self.prepare_worker is not None and not socket_path:  # a shared worker needs nothing here
-            self.prepare_worker()
+            self.prepare_worker(settings)
         environment = {"CUDA_VISIBLE_DEVICES": "-1"} if settings.device == "cpu" else {}
         worker = WorkerClient(
             settings.model,
@@ -872,7 +980,7 @@ class EditSession:
             executable=self.executable,
             scheduler=settings.sampler(),
             dtype=settings.precision,
-            backend=settings.backend,
+            backend=settings.backend.option,
             socket_path=socket_path or None,
         )
         worker.start()  # a WorkerError (e.g. no shared worker at the socket) keeps no client

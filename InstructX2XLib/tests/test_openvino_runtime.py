@@ -1,7 +1,7 @@
 """The OpenVINO backend: the same edit as the torch fp32 path, its cache, and what it refuses.
 
 The tiny random model is converted once for the module (about 15 s on an idle 2-core machine);
-one test converts it a second time (an entry another OpenVINO version wrote is not used).
+two tests convert it again (an entry another OpenVINO version wrote is not used).
 """
 
 import json
@@ -182,6 +182,56 @@ def test_an_entry_of_another_version_is_converted_again_and_stale_ones_removed(r
 
 
 @needs_openvino
+def test_an_openvino_update_is_named_converts_once_and_leaves_no_stale_entry(runtime, tmp_path, caplog):
+    """The cache as an earlier OpenVINO left it (its entry under that version's key): the
+    conversion says why it runs, in the log and in the backend's cache note, and the old entry
+    goes; the next load takes the new one."""
+    cache = tmp_path / "cache"
+    old = cache / "untrained-tiny-256px-0123456789abcdef01234567"  # the old key's digest
+    shutil.copytree(runtime.entry, old)
+    record = json.loads((old / ovr.ENTRY_RECORD).read_text())
+    record["key"]["versions"]["openvino"] = "2025.0.0"
+    (old / ovr.ENTRY_RECORD).write_text(json.dumps(record))
+    with caplog.at_level("WARNING", logger=ovr.__name__):
+        again = ovr.OpenVINORuntime(
+            build_untrained_pipeline(seed=0), runtime.key["weights_sha256"], 256, cache, name="untrained-tiny"
+        )
+    release = runtime.version.split("-")[0]  # 2026.4.1 of 2026.4.1-22982-...
+    note = (
+        f"converted again for OpenVINO {release}: the cache held this model converted with openvino 2025.0.0"
+    )
+    assert again.converted and again.describe()["cache"] == note + ", which is not used"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"C{note[1:]}, which is not used; converting takes a while, once."
+    ]
+    assert [path.name for path in cache.iterdir()] == [runtime.entry.name]  # the old entry is gone
+    later = ovr.OpenVINORuntime(
+        build_untrained_pipeline(seed=0), runtime.key["weights_sha256"], 256, cache, name="untrained-tiny"
+    )
+    assert not later.converted and later.describe()["cache"] == "from the cache"
+
+
+@needs_openvino
+def test_an_unusable_entry_that_cannot_be_removed_is_refused_with_its_path(runtime, tmp_path, monkeypatch):
+    """A damaged entry another user wrote in a shared cache folder: it is never used, and the
+    message names it instead of a disk that is not full."""
+    cache = tmp_path / "cache"
+    entry = cache / runtime.entry.name
+    shutil.copytree(runtime.entry, entry)
+    _flip_a_byte(entry / "unet.bin")
+    monkeypatch.setattr(ovr.shutil, "rmtree", lambda *args, **kwargs: None)  # as another user's files
+    monkeypatch.setattr(ovr.OpenVINORuntime, "_convert", lambda *a: pytest.fail("converted"))
+    with pytest.raises(ResourceError) as refused:
+        ovr.OpenVINORuntime(
+            build_untrained_pipeline(seed=0), runtime.key["weights_sha256"], 256, cache, name="untrained-tiny"
+        )
+    assert str(refused.value) == (
+        f"the OpenVINO cache entry {entry} is not usable (unet.bin does not match its SHA-256) and "
+        f"cannot be removed: remove it, set {backends.CACHE_ENV} to a folder of your own, or use --backend torch."
+    )
+
+
+@needs_openvino
 @pytest.mark.parametrize(
     "damage,reason",
     [
@@ -282,13 +332,13 @@ def test_the_cli_refuses_openvino_without_the_package_before_reading_anything(mo
     ],
 )
 def test_auto_picks_by_device_size_and_cpu_kind(backend, device, parameters, kind, expected, monkeypatch):
-    monkeypatch.setattr("instructx2x.devices.cpu_kind", lambda: kind)
+    monkeypatch.setattr(backends, "cpu_kind", lambda: kind)
     name, reason = backends.resolve_backend(backend, device, parameters)
     assert name == expected[0] and expected[1] in reason
 
 
 def test_auto_takes_openvino_where_it_measured_faster(monkeypatch, tmp_path):
-    monkeypatch.setattr("instructx2x.devices.cpu_kind", lambda: "amx")
+    monkeypatch.setattr(backends, "cpu_kind", lambda: "amx")
     monkeypatch.setattr(backends, "MEASURED_SPEEDUP", {"amx": "2.5x faster"})
     monkeypatch.setattr(backends, "openvino_available", lambda: True)
     name, reason = backends.resolve_backend("auto", "cpu", 10**9, tmp_path)

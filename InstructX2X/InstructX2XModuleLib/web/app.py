@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         # the model loads before the page is served
         model = panel.session.start_worker(panel.controls.settings())
         panel.jobs.show_model_defaults()
-        logger.info("Model %s ready (%s).", model.name, model.dtype)
+        panel.jobs.show_worker()
+        logger.info("%s", model.describe())
         panel.ctrl.on_server_ready.add(
             lambda **_: print(
                 f"InstructX2X web panel: {_announced_address(arguments.host, panel.server.port, token)}"

@@ -15,6 +15,7 @@ from instructx2x.parameters import GUIDANCE_SCALE, IMAGE_GUIDANCE_SCALE
 from .. import scene as mrml
 from ..session import (
     SIDES,
+    Backend,
     MaskSource,
     Operation,
     PanelSettings,
@@ -57,6 +58,7 @@ WRITABLE_STATE: dict[str, tuple[type, ...]] = {
     "guidance_scale": (*NUMBER, str),
     "image_guidance_scale": (*NUMBER, str),
     "preset": (str,),
+    "backend": (str,),
     "verify": (bool,),
     "include_demographics": (bool,),
     "pacs_target": (str,),
@@ -65,10 +67,11 @@ WRITABLE_STATE: dict[str, tuple[type, ...]] = {
 
 
 def initial_state(
-    model: str, device: str, pacs_targets: PacsTargets, max_upload_bytes: int
+    model: str, device: str, pacs_targets: PacsTargets, max_upload_bytes: int, shared_worker: bool = False
 ) -> dict[str, Any]:
     """The page's state before anything is opened: the session's default settings, the lists
-    the page offers, and nothing loaded, running or shown."""
+    the page offers, and nothing loaded, running or shown (``shared_worker``: the server uses a
+    shared worker, whose backend is its own)."""
     defaults = PanelSettings(model=model, device=device)
     return {
         "trame__title": "InstructX2X",
@@ -107,6 +110,10 @@ def initial_state(
         "image_guidance_scale": IMAGE_GUIDANCE_SCALE,
         "preset": defaults.preset.label,
         "presets": Preset.labels(),
+        "backend": defaults.backend.label,
+        "backends": Backend.labels(),
+        "shared_worker": shared_worker,
+        "worker_status": "",
         "verify": defaults.verify,
         "include_demographics": False,
         "verification": "",
@@ -198,6 +205,7 @@ class Controls:
             else _number(state.image_guidance_scale, "Image guidance s_I", float),
             model=self.model,
             device=self.device,
+            backend=Backend.from_label(state.backend),
             verify=bool(state.verify),
             include_demographics=bool(state.include_demographics),
         )

@@ -132,12 +132,32 @@ class PageJobs:
         else:
             self.session.rethreshold(float(tau))
 
+    def on_backend(self, backend: str = "", **_: Any) -> None:
+        """Advanced > Backend: the worker for it starts now (its ``ready``, or why it failed,
+        comes through ``poll``), or with the next job while one is queued or running."""
+        with self.state:
+            try:
+                started = self.session.start_worker_soon(self.settings())
+            except Exception as error:  # noqa: BLE001 - every refusal is shown in the page (message)
+                self.state.error = message(error)
+                return
+            if not started:
+                self.state.status = f"Backend {backend}: from the next Preview or Apply."
+            self.show_worker()
+
+    def show_worker(self) -> None:
+        """The worker's model, what runs it and why, in the page (``EditSession.worker_status``)."""
+        text = self.session.worker_status
+        if self.state.worker_status != text:
+            self.state.worker_status = text
+
     def poll(self) -> list[dict]:
         """Move the worker's events into the page (the page's timer calls this)."""
         events = self.session.poll()
         if not events and not self.session.busy and self.pending_tau is None:
             return events
         with self.state:
+            self.show_worker()
             for event in events:
                 self._show_event(event)
             if not self.session.busy and self.pending_tau is not None:

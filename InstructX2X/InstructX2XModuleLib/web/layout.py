@@ -236,6 +236,22 @@ def _run(jobs: PageJobs) -> None:
         with v3.VExpansionPanel(title="Advanced"):
             with v3.VExpansionPanelText():
                 v3.VSelect(v_model=("preset",), items=("presets",), label="Quality", density="compact")
+                v3.VSelect(
+                    v_model=("backend",),
+                    items=("backends",),
+                    label="Backend",
+                    density="compact",
+                    disabled=("shared_worker",),
+                    hint="auto: OpenVINO where it measured faster (a large model on an AMX CPU), "
+                    "else PyTorch; with a shared worker, the worker's own",
+                    persistent_hint=True,
+                    raw_attrs=['data-testid="backend"'],
+                )
+                html.Div(
+                    "{{ worker_status }}",
+                    classes="text-caption mb-2",
+                    raw_attrs=['data-testid="worker-status"'],
+                )
                 v3.VTextField(
                     v_model_number=("steps",),
                     type="number",

@@ -39,6 +39,11 @@ __all__ = ["WebPanel", "POLL_INTERVAL_S"]
 
 POLL_INTERVAL_S = 0.2
 LAYOUT = "radiograph"
+# what the page says where the worker's Python lacks OpenVINO (session.panel_message)
+OPENVINO_HINT = (
+    "install it into the Python environment this server runs in (pip install 'instructx2x[openvino]') "
+    "and start the server again"
+)
 
 
 class WebPanel:
@@ -75,7 +80,10 @@ class WebPanel:
         )
         self.layout_manager.set_layout(LAYOUT)
         self.session = EditSession(
-            self.slicer_app.scene, worker_socket=worker_socket, quota_bytes=quota_bytes
+            self.slicer_app.scene,
+            worker_socket=worker_socket,
+            quota_bytes=quota_bytes,
+            openvino_hint=OPENVINO_HINT,
         )
         self.access, self.max_upload_bytes = access, max_upload_bytes
         self.wslink: Any = None  # the web server, once bound (its last_active_client_id names a caller)
@@ -88,8 +96,11 @@ class WebPanel:
         self.jobs = PageJobs(self.state, self.session, self.display, self.controls.settings)
         self.exports = ResultExports(self.state, self.session, pacs_targets)
         self._poller: asyncio.Task | None = None
-        self.state.update(initial_state(model, device, pacs_targets, max_upload_bytes))
+        self.state.update(
+            initial_state(model, device, pacs_targets, max_upload_bytes, shared_worker=bool(worker_socket))
+        )
         self.state.change("instruction")(self.controls.on_instruction)
+        self.state.change("backend")(self.jobs.on_backend)
         self.state.change("tool", "segment", "brush_mm", "scissors_fill")(self.display.on_tool)
         self.state.change("tau")(self.jobs.on_tau)
         self.state.change("series_step")(self.jobs.on_series_step)

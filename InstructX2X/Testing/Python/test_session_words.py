@@ -1,16 +1,23 @@
 """The panels' shared words, without a worker or a scene: what the status line says for each
-worker event (``status_text``) and the lists both panels offer (``PanelChoice``: a member's
-label, the labels in order, the member a label names, an unknown label refused)."""
+worker event (``status_text``), the line about the loaded model (``WorkerModel.describe``), the
+library's advice in the panels' words (``panel_message``) and the lists both panels offer
+(``PanelChoice``: a member's label, the labels in order, the member a label names, an unknown
+label refused)."""
 
 import pytest
 
+from instructx2x import backends
+from instructx2x.errors import InstructX2XError
 from InstructX2XModuleLib.scene import SceneError
 from InstructX2XModuleLib.session import (
+    Backend,
     MaskSource,
     Operation,
     PanelChoice,
     Preset,
     WorkerMode,
+    WorkerModel,
+    panel_message,
     plan_series,
     status_text,
 )
@@ -76,9 +83,71 @@ def test_a_shared_workers_ready_names_the_model_it_serves():
     )
 
 
+def test_the_model_line_says_what_runs_it_and_why():
+    cache = (
+        "converted again for OpenVINO 2026.4.1: the cache held this model converted with openvino 2025.0.0"
+    )
+    reason = "auto: OpenVINO, measured 1.8x less CPU time on this CPU kind (amx)"
+    model = WorkerModel.from_ready(
+        {**SHARED_READY, "backend": {"name": "openvino", "reason": reason, "cache": cache}}
+    )
+    assert (model.backend, model.backend_reason, model.backend_cache) == ("openvino", reason, cache)
+    assert model.describe() == (
+        "Model demo (bfloat16) runs on OpenVINO: auto: OpenVINO, measured 1.8x less CPU time on this "
+        "CPU kind (amx) (converted again for OpenVINO 2026.4.1: the cache held this model converted "
+        "with openvino 2025.0.0)."
+    )
+    torch = WorkerModel.from_ready(
+        {**SHARED_READY, "backend": {"name": "torch", "reason": "torch as requested"}}
+    )
+    assert torch.describe() == "Model demo (bfloat16) runs on PyTorch: torch as requested."
+    assert WorkerModel.from_ready({"event": "ready"}).describe() == "Model ? (?) runs on PyTorch."
+    later = WorkerModel.from_ready({**SHARED_READY, "backend": {"name": "onnx"}})
+    assert later.describe() == "Model demo (bfloat16) runs on onnx."  # a later worker's runtime, by its name
+
+
+def refusal(call) -> str:
+    with pytest.raises(InstructX2XError) as refused:
+        call()
+    return str(refused.value)
+
+
+def test_the_librarys_advice_is_said_with_the_panels_controls(monkeypatch, tmp_path):
+    """The worker's messages name command-line options and pip; a panel says its own controls
+    and how it gets OpenVINO (the messages are the library's own, raised here)."""
+    monkeypatch.setattr(backends, "openvino_available", lambda: False)
+    missing = refusal(lambda: backends.check_backend("openvino"))
+    assert backends.OPENVINO_EXTRA in missing and "--backend torch" in missing
+    hint = "press Preview with Backend: OpenVINO to add it"
+    assert panel_message(missing, hint) == (
+        "Backend: OpenVINO needs the OpenVINO runtime, which is not installed (or does not import): "
+        "press Preview with Backend: OpenVINO to add it (or choose Backend: PyTorch)."
+    )
+    assert backends.OPENVINO_EXTRA in panel_message(missing)  # no hint: the pip command stays
+    monkeypatch.undo()
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    unwritable = panel_message(refusal(lambda: backends.check_cache_folder(blocked)), hint)
+    assert unwritable.startswith(f"the OpenVINO cache folder {blocked} is not writable")
+    assert unwritable.endswith(f"set {backends.CACHE_ENV} to a writable folder, or use Backend: PyTorch.")
+    on_gpu = panel_message(refusal(lambda: backends.check_backend("openvino", "cuda")), hint)
+    assert on_gpu.endswith("not on 'cuda': choose Device: cpu (or auto), or Backend: PyTorch.")
+    for text in (missing, unwritable, on_gpu):
+        assert "--" not in panel_message(text, hint)
+
+
+def test_the_backend_choice_names_the_workers_option():
+    assert [member.option for member in Backend] == list(backends.BACKENDS)
+    for member in Backend:
+        assert Backend.from_option(member.option) is member
+    with pytest.raises(SceneError, match="unknown backend 'onnx'; choose one of auto, PyTorch, OpenVINO"):
+        Backend.from_option("onnx")
+
+
 CHOICES = {
     MaskSource: ["anatomical prior", "painted segment", "painted segment and prior"],
     Preset: ["fast (device default)", "paper (DDIM 100 steps)"],
+    Backend: ["auto", "PyTorch", "OpenVINO"],
     Operation: ["Add", "Remove", "Change the level of"],
     WorkerMode: ["local", "shared socket"],
 }
@@ -110,6 +179,7 @@ def test_the_members_the_panels_name_carry_their_labels():
         (Operation, "add"),
         (Operation, "Local"),
         (WorkerMode, "shared"),
+        (Backend, "openvino"),  # the worker's option is not the label
         (WorkerMode, "Add"),  # another choice's label
         (WorkerMode, ""),
         (Preset, None),

@@ -55,6 +55,44 @@ def test_every_slicer_parameter_name_is_a_parameter_node_field():
     assert fields - bound == set(), "every setting has a widget"
 
 
+def test_each_bound_combo_lists_exactly_its_parameters_choices():
+    """The parameter node binds a QComboBox by its text: an item that is not a choice, or a
+    choice with no item, cannot be shown or chosen. Choices of a panel enum are its labels."""
+    from InstructX2XModuleLib import session
+
+    tree = ast.parse(SOURCE)
+    wrapper = next(
+        node
+        for node in tree.body
+        if isinstance(node, ast.ClassDef) and node.name == "InstructX2XParameterNode"
+    )
+    choices = {}
+    for item in wrapper.body:
+        if not isinstance(item, ast.AnnAssign) or "Choice(" not in ast.unparse(item.annotation):
+            continue
+        assert isinstance(item.target, ast.Name)
+        call = next(
+            n
+            for n in ast.walk(item.annotation)
+            if isinstance(n, ast.Call) and ast.unparse(n.func) == "Choice"
+        )
+        argument = call.args[0]
+        if isinstance(argument, ast.List):
+            choices[item.target.id] = [ast.literal_eval(element) for element in argument.elts]
+        else:  # Choice(SomeChoice.labels()): the panels' enum in session
+            choices[item.target.id] = getattr(session, ast.unparse(argument).split(".")[0]).labels()
+    combos = {}
+    for widget in UI.iter("widget"):
+        bound = [prop for prop in widget.findall("property") if prop.get("name") == "SlicerParameterName"]
+        if widget.get("class") == "QComboBox" and bound:
+            combos[text(bound[0], "string")] = [
+                text(item, "property/string") for item in widget.findall("item")
+            ]
+    assert "backend" in choices and set(combos) == set(choices)
+    for name, labels in choices.items():
+        assert combos[name] == labels, name
+
+
 def test_the_module_file_holds_only_module_widget_logic_and_test_classes():
     classes = [node.name for node in ast.parse(SOURCE).body if isinstance(node, ast.ClassDef)]
     assert classes == [

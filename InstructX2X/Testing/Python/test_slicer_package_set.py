@@ -11,6 +11,7 @@ preview and an edit on the demo model from that set (several minutes; needs the 
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import os
 import shutil
@@ -239,6 +240,229 @@ def test_the_marker_says_what_a_set_was_built_from(shipped, tmp_path):
     assert packages.package_set_status(folder, library, requirements, torch=cuda) == "rebuild"
     marker.write_text(json.dumps(built))
     assert packages.package_set_status(folder, library, requirements, torch=cpu) == "rebuild"
+
+
+# -- OpenVINO in the set ---------------------------------------------------------------------
+CPU = packages.TorchBuild("cpu", "https://download.pytorch.org/whl/cpu", "no NVIDIA GPU found")
+CUDA = packages.TorchBuild("cu130", "https://download.pytorch.org/whl/cu130", "NVIDIA driver 580.95.5")
+MAC = packages.TorchBuild("index", None, "macOS")
+
+
+@pytest.mark.parametrize(
+    "build, kind, backend, include, chosen, reason",
+    [
+        (CPU, "amx", "auto", True, False, "on this CPU (amx) the auto backend takes OpenVINO"),
+        (
+            CPU,
+            "amx",
+            "torch",
+            True,
+            False,
+            "measured 1.8x less CPU time",
+        ),  # the machine's rule, not the choice
+        (
+            CPU,
+            "avx512_bf16",
+            "auto",
+            False,
+            False,
+            "on this CPU (avx512_bf16) the auto backend keeps PyTorch",
+        ),
+        (CPU, "avx2", "auto", False, False, "choosing Backend: OpenVINO adds it"),
+        (MAC, "other", "auto", False, False, "on this CPU (other)"),  # no /proc/cpuinfo: no kind known
+        (CUDA, None, "auto", False, False, "PyTorch runs the model on the NVIDIA GPU (CUDA build cu130"),
+        (CUDA, None, "openvino", True, True, "the panel's backend is OpenVINO"),
+        (CPU, "avx2", "openvino", True, True, "the panel's backend is OpenVINO"),
+    ],
+)
+def test_openvino_is_in_the_set_where_auto_takes_it_or_the_panel_chooses_it(
+    build, kind, backend, include, chosen, reason
+):
+    """The CPU's kind is injected (None: not to be asked), as ``choose_torch``'s driver is."""
+
+    def cpu_kind() -> str:
+        if kind is None:
+            pytest.fail("the CPU's kind was asked")
+        return kind
+
+    choice = packages.choose_openvino(build, backend, cpu_kind)
+    assert (choice.include, choice.chosen) == (include, chosen) and reason in choice.reason
+
+
+def test_the_cpu_kind_is_the_one_auto_reads(monkeypatch):
+    """Without an injected kind the set follows the library's own reading of this CPU's flags."""
+    from instructx2x import backends
+
+    monkeypatch.setattr(backends, "cpu_vendor_and_flags", lambda: ("Intel", frozenset({"avx2", "amx_bf16"})))
+    assert packages.choose_openvino(CPU).include
+    monkeypatch.setattr(backends, "cpu_vendor_and_flags", lambda: ("AMD", frozenset({"avx2", "avx512_bf16"})))
+    assert not packages.choose_openvino(CPU).include
+
+
+def test_a_set_without_openvino_gets_it_added_only_when_it_is_chosen(shipped, tmp_path):
+    library, requirements = shipped
+    folder = tmp_path / "set"
+    folder.mkdir()
+    built = packages.package_set_fingerprint(library, requirements)
+    marker = folder / packages.MARKER
+    marker.write_text(json.dumps({**built, "torch": {"backend": "cpu"}}))  # an older marker: no record
+    status = functools.partial(packages.package_set_status, folder, library, requirements, torch=lambda: CPU)
+    on_amx = lambda build: packages.choose_openvino(build, "auto", lambda: "amx")  # noqa: E731
+    chosen = lambda build: packages.choose_openvino(build, "openvino", lambda: "avx2")  # noqa: E731
+    assert status(openvino=on_amx) == "current"  # auto runs PyTorch and says why: nothing to ask
+    assert status(openvino=chosen) == "openvino"
+    assert status() == "current"  # not compared
+    marker.write_text(json.dumps({**built, "torch": {"backend": "cpu"}, "openvino": {"included": False}}))
+    assert status(openvino=chosen) == "openvino"
+    marker.write_text(json.dumps({**built, "torch": {"backend": "cpu"}, "openvino": {"included": True}}))
+    assert status(openvino=chosen) == "current"
+    (library / "src" / "instructx2x" / "errors.py").write_text("# another library\n")
+    assert status(openvino=chosen) == "library"  # reinstalled, and OpenVINO added in the same copy
+
+
+# A stand-in for Slicer's Python: pip and the import check, each call recorded (no download).
+RECORDING_PYTHON = """#!{python}
+import json, sys
+from pathlib import Path
+here = Path(sys.argv[0]).parent
+with open(here / "calls.jsonl", "a") as calls:
+    calls.write(json.dumps(sys.argv[1:]) + "\\n")
+if sys.argv[1:3] == ["-m", "pip"]:
+    target = Path(sys.argv[sys.argv.index("--target") + 1])
+    for name in sys.argv[sys.argv.index("install") + 1 :]:
+        if name in ("openvino", "openvino-telemetry"):
+            (target / name.replace("-", "_")).mkdir(parents=True)
+    target.mkdir(parents=True, exist_ok=True)
+    print("Installing collected packages: " + " ".join(sys.argv[-2:]))
+else:
+    print("2.13.0+cpu")
+"""
+
+
+@pytest.fixture
+def recording_python(tmp_path):
+    python = tmp_path / "python" / "python3"
+    python.parent.mkdir()
+    python.write_text(RECORDING_PYTHON.format(python=sys.executable))
+    python.chmod(0o755)
+
+    def calls() -> list[list[str]]:
+        return [json.loads(line) for line in (python.parent / "calls.jsonl").read_text().splitlines()]
+
+    return python, calls
+
+
+def test_choosing_openvino_adds_it_to_the_set_in_place(shipped, tmp_path, recording_python):
+    library, requirements = shipped
+    constraints = MODULE / "Resources" / "constraints.txt"
+    python, calls = recording_python
+    folder = tmp_path / "settings" / "set"
+    folder.mkdir(parents=True)
+    (folder / "torch").mkdir()
+    built = {
+        **packages.package_set_fingerprint(library, requirements, [constraints]),
+        "torch": {"backend": "cpu"},
+    }
+    (folder / packages.MARKER).write_text(
+        json.dumps({**built, "openvino": {"included": False, "reason": "avx2"}})
+    )
+    questions: list[str] = []
+    add = functools.partial(
+        install,
+        folder,
+        python,
+        library,
+        requirements,
+        constraints=[constraints],
+        torch=lambda: CPU,
+        openvino=lambda build: packages.choose_openvino(build, "openvino"),
+    )
+
+    def decline(question: str) -> bool:
+        questions.append(question)
+        return False
+
+    with pytest.raises(packages.PackageSetError) as refused:
+        add(confirm=decline)
+    assert str(refused.value) == (
+        "Backend: OpenVINO needs the OpenVINO runtime, which InstructX2X's worker packages do not hold yet; "
+        "nothing was installed. Press Preview or Apply again to add it (about 180 MB), or choose Backend: "
+        "PyTorch or auto."
+    )
+    assert questions == [
+        f"Update InstructX2X's worker packages in {folder}: add OpenVINO (about 180 MB downloaded: the "
+        "panel's backend is OpenVINO)? Slicer's own Python is not changed."
+    ]
+    assert not (python.parent / "calls.jsonl").exists() and sorted(p.name for p in folder.iterdir()) == [
+        packages.MARKER,
+        "torch",
+    ]
+    add(confirm=lambda question: True)
+    pip, check = calls()
+    assert pip[:5] == ["-m", "pip", "install", "--target", pip[4]] and pip[-3:] == [
+        "--no-deps",
+        "openvino",
+        "openvino-telemetry",
+    ]
+    assert ["-c", str(constraints)] == pip[pip.index("-c") : pip.index("-c") + 2]  # pinned by the lock
+    assert "instructx2x.cli, openvino; print(torch.__version__)" in check[2]  # it must import
+    assert sorted(p.name for p in folder.iterdir()) == [
+        packages.MARKER,
+        "openvino",
+        "openvino_telemetry",
+        "torch",
+    ]
+    marker = json.loads((folder / packages.MARKER).read_text())
+    assert marker["openvino"] == {"included": True, "reason": "the panel's backend is OpenVINO"}
+    assert marker["torch"] == {"backend": "cpu", "version": "2.13.0+cpu"}
+    assert list(folder.parent.iterdir()) == [folder]  # no staging left
+
+
+@pytest.mark.parametrize("kind, included", [("amx", True), ("avx2", False)])
+def test_a_new_set_holds_openvino_where_auto_takes_it_and_says_so(
+    shipped, tmp_path, recording_python, kind, included
+):
+    library, requirements = shipped
+    python, calls = recording_python
+    folder = tmp_path / "settings" / "set"
+    questions: list[str] = []
+
+    def accept(question: str) -> bool:
+        questions.append(question)
+        return True
+
+    install(
+        folder,
+        python,
+        library,
+        requirements,
+        confirm=accept,
+        torch=lambda: CPU,
+        openvino=lambda build: packages.choose_openvino(build, "auto", lambda: kind),
+    )
+    (question,) = questions
+    assert ("highdicom, OpenVINO and the InstructX2X library" in question) is included
+    assert (
+        f"OpenVINO is {'included' if included else 'left out'}: on this CPU ({kind}) the auto backend"
+        in question
+    )
+    pip, check = calls()
+    assert ("openvino" in pip and "openvino-telemetry" in pip) is included
+    assert ("openvino;" in check[2]) is included
+    marker = json.loads((folder / packages.MARKER).read_text())
+    assert marker["openvino"]["included"] is included and kind in marker["openvino"]["reason"]
+
+
+def test_the_set_pins_openvino_and_all_it_needs_beside_the_set():
+    """Added alone (``--no-deps``), OpenVINO finds what it imports in the set: its requirements
+    are its own packages or the set's, and the lock pins them at the versions the suite runs."""
+    from importlib.metadata import requires
+
+    locked = pins(MODULE / "Resources" / "constraints.txt")
+    needed = {Requirement(line).name.lower() for line in requires("openvino") or [] if "extra ==" not in line}
+    assert needed <= set(packages.OPENVINO_PACKAGES) | set(pins(REQUIREMENTS))
+    for name in packages.OPENVINO_PACKAGES:
+        assert locked[name] == pins(REPO / "constraints.txt")[name], name
 
 
 def test_the_fingerprint_reads_the_library_on_python_3_10(shipped, monkeypatch):
@@ -952,6 +1176,9 @@ def test_the_package_set_on_slicers_python(slicer_python, tmp_path):
     assert report["questions_after_again"] == 1 and report["again_s"] < 10
     assert report["marker"]["library_version"] == __version__ and report["marker"]["python"] == "3.12"
     assert report["marker"]["torch"]["version"].startswith("2.13.0")
+    # OpenVINO in the set where auto takes it on this CPU (then imported by the check, pinned by the lock)
+    on_this_cpu = packages.choose_openvino(packages.TorchBuild("index", None, "the test's package index"))
+    assert report["marker"]["openvino"] == {"included": on_this_cpu.include, "reason": on_this_cpu.reason}
     assert report["stages"][0].startswith("Downloading and installing PyTorch")
     # a set from an older library: the library alone reinstalled, torch's files kept
     assert "another version of its library" in report["update_question"]

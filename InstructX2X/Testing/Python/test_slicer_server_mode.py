@@ -30,7 +30,7 @@ class RecordingSession(EditSession):
 
     def __init__(self, scene) -> None:
         self.installs: list[str] = []
-        super().__init__(scene, prepare_worker=lambda: self.installs.append("local"))
+        super().__init__(scene, prepare_worker=lambda settings: self.installs.append("local"))
 
 
 @pytest.fixture

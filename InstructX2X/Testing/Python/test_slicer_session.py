@@ -1,13 +1,18 @@
 """The panels' shared editing session: a real MRML scene, a real worker, the queue."""
 
+from types import SimpleNamespace
+from typing import Any, cast
+
 import numpy as np
 import pytest
 import slicer
 from workers import poll_until, radiograph, shared_worker
 
+from instructx2x import backends
 from instructx2x.errors import ParameterError
 from InstructX2XModuleLib import scene as layer
 from InstructX2XModuleLib.session import (
+    Backend,
     DicomImportError,
     EditSession,
     MaskSource,
@@ -18,7 +23,7 @@ from InstructX2XModuleLib.session import (
     describe_instruction,
     import_into_dicom_database,
 )
-from InstructX2XModuleLib.worker import WorkerError
+from InstructX2XModuleLib.worker import WorkerError, WorkerState
 
 
 def settings(**overrides):
@@ -413,21 +418,84 @@ def test_a_result_for_a_radiograph_no_longer_in_the_scene_is_not_imported(sessio
     )
 
 
-def test_the_backend_setting_picks_the_worker_and_a_missing_openvino_is_named(session, tmp_path, monkeypatch):
-    """Advanced > backend: a worker per backend (``serve --backend``); its ``ready`` says which
-    runs the networks; without OpenVINO the panel hears which extra installs it."""
-    assert settings(backend="openvino").worker_key() != settings().worker_key()
-    hidden = tmp_path / "hidden"
-    (hidden / "openvino").mkdir(parents=True)
-    (hidden / "openvino" / "__init__.py").write_text("raise ImportError('hidden by this test')\n")
-    monkeypatch.setenv("PYTHONPATH", str(hidden))
-    with pytest.raises(WorkerError, match=r"instructx2x\[openvino\]"):
-        session.start_worker(settings(backend="openvino"))
-    monkeypatch.delenv("PYTHONPATH")
-    monkeypatch.setenv("INSTRUCTX2X_CACHE", str(tmp_path / "cache"))
-    assert session.start_worker(settings(backend="openvino")).backend == "openvino"
-    session.submit("preview", radiograph(session.scene), settings(backend="openvino"))
-    poll_until(session, lambda e: any(x["event"] == "done" for x in e), timeout=600)
-    assert session.has_preview and list((tmp_path / "cache" / "openvino").iterdir())
-    model = session.start_worker(settings())  # auto: the tiny UNet runs on torch
-    assert model.backend == "torch" and "1.4 M parameters" in model.backend_reason
+def test_the_backend_setting_picks_the_worker_and_a_missing_openvino_is_named(tmp_path, monkeypatch):
+    """Advanced > Backend: a worker per backend (``serve --backend``), prepared with the job's
+    settings; its ``ready`` says which runs the networks and why; without OpenVINO the panel
+    says how it gets it, in its own words."""
+    assert settings(backend=Backend.OPENVINO).worker_key() != settings().worker_key()
+    scene = slicer.vtkMRMLScene()
+    layer.prepare_scene(scene)
+    prepared: list[Backend] = []
+    session = EditSession(
+        scene,
+        prepare_worker=lambda chosen: prepared.append(chosen.backend),
+        openvino_hint="the panel's way to OpenVINO",
+    )
+    try:
+        assert session.worker_status == "No model loaded yet: the first Preview or Apply loads it."
+        hidden = tmp_path / "hidden"
+        (hidden / "openvino").mkdir(parents=True)
+        (hidden / "openvino" / "__init__.py").write_text("raise ImportError('hidden by this test')\n")
+        monkeypatch.setenv("PYTHONPATH", str(hidden))
+        with pytest.raises(WorkerError) as refused:
+            session.start_worker(settings(backend=Backend.OPENVINO))
+        assert "not installed (or does not import): the panel's way to OpenVINO" in str(refused.value)
+        assert "(or choose Backend: PyTorch)" in str(refused.value) and "pip" not in str(refused.value)
+        monkeypatch.delenv("PYTHONPATH")
+        monkeypatch.setenv("INSTRUCTX2X_CACHE", str(tmp_path / "cache"))
+        assert session.start_worker(settings(backend=Backend.OPENVINO)).backend == "openvino"
+        assert session.worker_status == (
+            "Model untrained-tiny (float32) runs on OpenVINO: openvino as requested (converted on this first use)."
+        )
+        session.submit("preview", radiograph(session.scene), settings(backend=Backend.OPENVINO))
+        poll_until(session, lambda e: any(x["event"] == "done" for x in e), timeout=600)
+        assert session.has_preview and list((tmp_path / "cache" / "openvino").iterdir())
+        model = session.start_worker(settings())  # auto: the tiny UNet runs on torch
+        assert model.backend == "torch" and "1.4 M parameters" in model.backend_reason
+        assert session.worker_status.startswith("Model untrained-tiny (float32) runs on PyTorch: auto: torch")
+        assert prepared == [Backend.OPENVINO, Backend.OPENVINO, Backend.AUTO]
+    finally:
+        session.stop()
+
+
+def test_the_worker_line_says_auto_s_reason_in_the_panels_words(monkeypatch):
+    """Auto on an AMX CPU whose worker lacks OpenVINO runs PyTorch and says why: the panel's
+    line names the panel's way to OpenVINO, not pip (the reason is the library's own)."""
+    monkeypatch.setattr(backends, "cpu_kind", lambda: "amx")
+    monkeypatch.setattr(backends, "openvino_available", lambda: False)
+    name, reason = backends.resolve_backend("auto", "cpu", 10**9)
+    assert name == "torch" and backends.OPENVINO_EXTRA in reason
+    scene = slicer.vtkMRMLScene()
+    session = EditSession(scene, openvino_hint="choose Backend: OpenVINO and press Preview")
+    try:
+        ready = {"event": "ready", "model": {"name": "big"}, "precision": {"dtype": "bfloat16"}}
+        session.worker = cast(
+            Any,
+            SimpleNamespace(
+                state=WorkerState.READY, info={**ready, "backend": {"name": name, "reason": reason}}
+            ),
+        )
+        assert session.worker_status.startswith(
+            "Model big (bfloat16) runs on PyTorch: auto: torch, OpenVINO ("
+        )
+        assert session.worker_status.endswith("is not installed: choose Backend: OpenVINO and press Preview.")
+    finally:
+        session.worker = None
+        session.stop()
+
+
+def test_an_unwritable_openvino_cache_is_said_and_pytorch_still_runs(session, tmp_path, monkeypatch):
+    """A reading-room PC whose cache folder cannot be written: Backend: OpenVINO is refused
+    before the model loads, in the panel's words; Backend: PyTorch edits as before."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("INSTRUCTX2X_CACHE", str(blocked))
+    with pytest.raises(WorkerError) as refused:
+        session.start_worker(settings(backend=Backend.OPENVINO))
+    assert f"the OpenVINO cache folder {blocked}/openvino is not writable" in str(refused.value)
+    assert str(refused.value).endswith("set INSTRUCTX2X_CACHE to a writable folder, or use Backend: PyTorch.")
+    assert session.worker is None and session.worker_status.startswith("No model loaded yet")
+    assert session.start_worker(settings(backend=Backend.TORCH)).backend == "torch"
+    session.submit("preview", radiograph(session.scene), settings(backend=Backend.TORCH))
+    poll_until(session, lambda e: any(x["event"] == "done" for x in e))
+    assert session.has_preview and blocked.read_text() == "not a folder"

@@ -7,6 +7,7 @@ path itself.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import tempfile
@@ -20,9 +21,13 @@ __all__ = [
     "MEASURED_SPEEDUP",
     "OPENVINO_EXTRA",
     "OPENVINO_MIN_PARAMETERS",
+    "auto_takes_openvino",
     "cache_folder",
     "check_backend",
     "check_cache_folder",
+    "cpu_kind",
+    "cpu_kind_of",
+    "cpu_vendor_and_flags",
     "openvino_available",
     "require_openvino",
     "resolve_backend",
@@ -34,11 +39,52 @@ CACHE_ENV = "INSTRUCTX2X_CACHE"
 # The UNet size from which OpenVINO is the faster runtime (docs/benchmarks.md section 3): below
 # it, torch's eager calls are as fast and a first load would pay a conversion for nothing.
 OPENVINO_MIN_PARAMETERS = 100_000_000
-# The warm SD-1.5-size edit, torch against OpenVINO in one run, by CPU kind (devices.cpu_kind;
+# The warm SD-1.5-size edit, torch against OpenVINO in one run, by CPU kind (cpu_kind;
 # docs/benchmarks.md section 3): where OpenVINO measured faster, ``auto`` takes it.
 MEASURED_SPEEDUP: dict[str, str] = {
     "amx": "measured 1.8x less CPU time than torch for an SD-1.5-size edit (bf16, 41 s)",
 }
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_vendor_and_flags() -> tuple[str, frozenset[str]]:
+    """The CPU's vendor ('Intel', 'AMD', or as /proc/cpuinfo spells it) and its flags (none
+    where there is no /proc/cpuinfo: Windows, macOS)."""
+    vendor = ""
+    flags: frozenset[str] = frozenset()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("vendor_id") and not vendor:
+                    vendor = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = frozenset(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return {"GenuineIntel": "Intel", "AuthenticAMD": "AMD"}.get(vendor, vendor), flags
+
+
+def cpu_kind_of(flags: frozenset[str] | set[str]) -> str:
+    """The CPU kind of docs/benchmarks.md section 1 from a CPU's flags: ``amx`` (AMX, which
+    comes with AVX-512 BF16), ``avx512_bf16``, ``avx2`` (neither) or ``other`` (no AVX2, or no
+    flags known)."""
+    if "amx_bf16" in flags:
+        return "amx"
+    if "avx512_bf16" in flags:
+        return "avx512_bf16"
+    return "avx2" if "avx2" in flags else "other"
+
+
+def cpu_kind() -> str:
+    """This CPU's kind (``cpu_kind_of`` its flags)."""
+    return cpu_kind_of(cpu_vendor_and_flags()[1])
+
+
+def auto_takes_openvino(kind: str) -> bool:
+    """Whether ``auto`` takes OpenVINO on a CPU of this kind (for a UNet of at least
+    ``OPENVINO_MIN_PARAMETERS``): where it measured faster (``MEASURED_SPEEDUP``)."""
+    return kind in MEASURED_SPEEDUP
 
 
 def openvino_available() -> bool:
@@ -181,10 +227,8 @@ def resolve_backend(
             f"auto: torch, the UNet has {parameter_count / 1e6:.1f} M parameters (OpenVINO pays "
             f"from {OPENVINO_MIN_PARAMETERS / 1e6:.0f} M)"
         )
-    from .devices import cpu_kind
-
     kind = cpu_kind()
-    if kind not in MEASURED_SPEEDUP:
+    if not auto_takes_openvino(kind):
         return "torch", f"auto: torch, OpenVINO has not measured faster on this CPU kind ({kind})"
     if not openvino_available():
         return "torch", (

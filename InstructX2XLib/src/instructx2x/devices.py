@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import platform
 
 import torch
 
+from .backends import cpu_kind  # the CPU kind of docs/benchmarks.md section 1, from its flags
+from .backends import cpu_vendor_and_flags as _cpu_vendor_and_flags
 from .errors import ParameterError
 
 __all__ = [
@@ -58,24 +59,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     return resolved
 
 
-@functools.lru_cache(maxsize=1)
-def _cpu_vendor_and_flags() -> tuple[str, frozenset[str]]:
-    """The CPU's vendor ('Intel', 'AMD', or as /proc/cpuinfo spells it) and its flags."""
-    vendor = ""
-    flags: frozenset[str] = frozenset()
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
-            for line in handle:
-                if line.startswith("vendor_id") and not vendor:
-                    vendor = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = frozenset(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    return {"GenuineIntel": "Intel", "AuthenticAMD": "AMD"}.get(vendor, vendor), flags
-
-
 def cpu_has_native_bf16() -> bool:
     """True when this CPU computes bf16 in hardware (AVX-512 BF16 or AMX), from its flags.
 
@@ -83,18 +66,6 @@ def cpu_has_native_bf16() -> bool:
     (docs/benchmarks.md section 1).
     """
     return bool(_cpu_vendor_and_flags()[1] & {"avx512_bf16", "amx_bf16"})
-
-
-def cpu_kind() -> str:
-    """The CPU kind of docs/benchmarks.md section 1 from the CPU's flags: ``amx`` (AMX, which
-    comes with AVX-512 BF16), ``avx512_bf16``, ``avx2`` (neither) or ``other`` (no AVX2, or no
-    /proc/cpuinfo to read)."""
-    flags = _cpu_vendor_and_flags()[1]
-    if "amx_bf16" in flags:
-        return "amx"
-    if "avx512_bf16" in flags:
-        return "avx512_bf16"
-    return "avx2" if "avx2" in flags else "other"
 
 
 def cpu_description() -> str:

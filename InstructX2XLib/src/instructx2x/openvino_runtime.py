@@ -21,7 +21,11 @@ editor's own code.
   the resolution, the weight format and the versions of OpenVINO, torch, diffusers and
   transformers. An entry is written whole (a folder renamed into place) with the size and
   SHA-256 of every file; one that does not match its record, or whose key differs, is never
-  used: it is removed and converted again. A new process compiles from the entry (about 12 s
+  used: it is removed and converted again (an entry that cannot be removed is a
+  ``ResourceError`` naming it). Entries of the same weights that other versions wrote (an
+  OpenVINO update) are named in a warning before the conversion and removed after it; the
+  runtime's ``cache`` note (``describe``: the panels show it) says how this load got its
+  networks. A new process compiles from the entry (about 12 s
   for both UNets of an SD-1.5-size model); OpenVINO's own compiled-model cache (``CACHE_DIR``)
   is not used: it imported slower than this compiles, held 3 GB more at its peak and took
   7 GB of disk (docs/benchmarks.md section 3), and OpenVINO 2026.4 keys its blobs without the
@@ -335,6 +339,8 @@ class OpenVINORuntime:
     ----------
     converted: bool
         Whether this load converted the networks (False: they came from the cache).
+    cache_note: str
+        How: from the cache, converted on first use, or converted again and why.
     entry: pathlib.Path
         The cache entry in use.
     version: str
@@ -345,7 +351,8 @@ class OpenVINORuntime:
     ModelLoadError
         When a network does not convert (an operation or shape OpenVINO cannot take).
     ResourceError
-        When the cache cannot be written (disk full, read-only).
+        When the cache cannot be written (disk full, read-only), or holds an unusable entry
+        that cannot be removed.
     """
 
     def __init__(
@@ -369,20 +376,81 @@ class OpenVINORuntime:
         self.entry = root / f"{safe_name}-{self.resolution}px-{_digest(self.key)[:24]}"
         self.converted = False
         self.convert_seconds = 0.0
+        self.cache_note = "from the cache"  # how this load got its networks, for the panels
+        unusable = None
         if self.entry.exists():
             problem = entry_problem(self.entry, self.key)
             if problem is not None:
-                logger.warning(
-                    "The OpenVINO cache entry %s is not used (%s): converting again.",
-                    self.entry.name,
-                    problem,
-                )
-                shutil.rmtree(self.entry, ignore_errors=True)
+                self._set_aside(problem)
+                unusable = f"converted again: the cached entry was not usable ({problem})"
         if not self.entry.exists():
+            self.cache_note = self._stale_note(root) or unusable or "converted on this first use"
             self._convert(pipeline, root)
         self._compiled: dict[tuple, Any] = {}
         self.compile_seconds = 0.0
         self.model_dtype = torch.float32
+
+    # -- the cache ---------------------------------------------------------------------------
+    def _set_aside(self, problem: str) -> None:
+        """Remove the entry at ``self.entry``, which must not be used (``problem`` says why).
+
+        Raises
+        ------
+        ResourceError
+            When it cannot be removed (another user's files in a shared cache folder).
+        """
+        logger.warning(
+            "The OpenVINO cache entry %s is not used (%s): converting again.", self.entry.name, problem
+        )
+        shutil.rmtree(self.entry, ignore_errors=True)
+        if self.entry.exists():
+            raise ResourceError(
+                f"the OpenVINO cache entry {self.entry} is not usable ({problem}) and cannot be removed: "
+                f"remove it, set {CACHE_ENV} to a folder of your own, or use --backend torch."
+            )
+
+    def _stale_note(self, root: Path) -> str | None:
+        """Why this model is converted again although the cache holds it: entries of the same
+        weights, resolution and weight format written by other versions (OpenVINO's, torch's...)
+        or another export format. Logged as a warning, since the conversion takes minutes; the
+        entries are removed once the new one is in place (``_remove_stale``). None when there
+        are none."""
+        wanted = self.key["versions"]
+        others = []
+        for key in self._stale_keys(root).values():
+            versions = key.get("versions")
+            if not isinstance(versions, dict):
+                versions = {}
+            changed = [
+                f"{name} {_release(versions.get(name, '?'))}"
+                for name, version in wanted.items()
+                if versions.get(name) != version
+            ]
+            if key.get("format") != EXPORT_FORMAT:
+                changed.append(f"export format {key.get('format')}")
+            others.append(", ".join(changed) or "other networks' configs")
+        if not others:
+            return None
+        note = (
+            f"converted again for OpenVINO {_release(wanted['openvino'])}: the cache held this model converted "
+            f"with {'; '.join(sorted(set(others)))}, which is not used"
+        )
+        logger.warning("%s; converting takes a while, once.", note[0].upper() + note[1:])
+        return note
+
+    def _stale_keys(self, root: Path) -> dict[Path, dict]:
+        """The entries in ``root`` of the same weights, resolution and weight format whose key
+        is not this one, by folder: they are never used again."""
+        same = {name: self.key[name] for name in ("weights_sha256", "resolution", "weights")}
+        found = {}
+        for folder in root.iterdir():
+            if folder == self.entry or not folder.is_dir():
+                continue
+            with contextlib.suppress(OSError, ValueError, AttributeError, KeyError, TypeError):
+                key = json.loads((folder / ENTRY_RECORD).read_text(encoding="utf-8"))["key"]
+                if all(key.get(name) == value for name, value in same.items()) and key != self.key:
+                    found[folder] = key
+        return found
 
     # -- conversion --------------------------------------------------------------------------
     def _convert(self, pipeline, root: Path) -> None:
@@ -431,16 +499,10 @@ class OpenVINORuntime:
 
     def _remove_stale(self, root: Path) -> None:
         """Remove the entries of the same weights, resolution and weight format that another
-        export format or another version wrote: they are never used again."""
-        same = {name: self.key[name] for name in ("weights_sha256", "resolution", "weights")}
-        for folder in root.iterdir():
-            if folder == self.entry or not folder.is_dir():
-                continue
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                key = json.loads((folder / ENTRY_RECORD).read_text(encoding="utf-8"))["key"]
-                if all(key.get(name) == value for name, value in same.items()) and key != self.key:
-                    logger.info("Removing the stale OpenVINO cache entry %s.", folder.name)
-                    shutil.rmtree(folder, ignore_errors=True)
+        export format or another version wrote (``_stale_keys``): they are never used again."""
+        for folder in self._stale_keys(root):
+            logger.info("Removing the stale OpenVINO cache entry %s.", folder.name)
+            shutil.rmtree(folder, ignore_errors=True)
 
     # -- compilation -------------------------------------------------------------------------
     def compiled(
@@ -491,8 +553,14 @@ class OpenVINORuntime:
             "openvino": self.version,
             "cache_entry": str(self.entry),
             "converted_on_load": self.converted,
+            "cache": self.cache_note,
             "threads": self.threads,
         }
+
+
+def _release(version: Any) -> str:
+    """A version as its release number (OpenVINO's carries its build: 2026.4.1-22982-...)."""
+    return str(version).split("-")[0]
 
 
 def _first_line(error: BaseException) -> str:
