@@ -12,7 +12,7 @@ from launch import launch
 
 from instructx2x_train.objective import change_weights, conditioning_dropout, encode_pair, training_loss
 from instructx2x_train.pairs import EditPairs, augment_pair
-from instructx2x_train.train import latest_checkpoint, make_ema, train
+from instructx2x_train.train import fresh_unet_parameters, latest_checkpoint, make_ema, mixed_precision, train
 from instructx2x_train.train_config import ConfigError, DataConfig, TrainConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -670,3 +670,19 @@ def test_a_toml_config_reads_on_every_supported_python(tmp_path, monkeypatch, py
     path.write_text('output = "o"\nsteps = 7\n[data]\ndataset = "d"\n[model]\nbase = "m"\n')
     config = load_config(path)
     assert (config.output, config.steps, config.data.dataset, config.model.base) == ("o", 7, "d", "m")
+
+
+def test_auto_precision_on_a_cpu_follows_the_inference_rule(monkeypatch):
+    """On a CPU with bf16 instructions, ``auto`` trains the demo recipe's small UNet in fp32 (bf16
+    autocast costs more in casts than it saves there) and a large or unknown UNet in bf16."""
+    from instructx2x import devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    demo = fresh_unet_parameters(load_config(CONFIGS / "demo.yaml"))
+    assert demo is not None and demo < devices.CPU_BF16_MIN_PARAMETERS
+    assert mixed_precision("auto", demo) == "no"
+    assert mixed_precision("auto", None) == "bf16" and mixed_precision("auto", 860_000_000) == "bf16"
+    assert mixed_precision("bf16", demo) == "bf16"  # asked for: kept
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    assert mixed_precision("auto", None) == "no"

@@ -104,7 +104,7 @@ def train(
     output = Path(config.output)
     accelerator = Accelerator(
         gradient_accumulation_steps=1,
-        mixed_precision=mixed_precision(config.precision),
+        mixed_precision=mixed_precision(config.precision, fresh_unet_parameters(config)),
         log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None,
         project_dir=str(output),
     )
@@ -432,8 +432,10 @@ def _noise_scheduler(pipe: InstructX2XPipeline):
     return DDPMScheduler.from_config({**dict(pipe.scheduler.config), "clip_sample": False})
 
 
-def mixed_precision(precision: str) -> str:
-    """accelerate's name: bf16/fp16 on GPUs, bf16 on CPUs with bf16 instructions, else none."""
+def mixed_precision(precision: str, unet_parameters: int | None = None) -> str:
+    """accelerate's name: bf16/fp16 on GPUs; on CPUs bf16 where the CPU has bf16 instructions
+    and the UNet is large enough for it to pay (the rule inference follows,
+    ``instructx2x.devices.CPU_BF16_MIN_PARAMETERS``; None: a large UNet), else none."""
     if precision == "fp32":
         return "no"
     if precision != "auto":
@@ -442,9 +444,27 @@ def mixed_precision(precision: str) -> str:
         return precision
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    from instructx2x.devices import cpu_has_native_bf16
+    from instructx2x.devices import CPU_BF16_MIN_PARAMETERS, cpu_has_native_bf16
 
-    return "bf16" if cpu_has_native_bf16() else "no"
+    if not cpu_has_native_bf16():
+        return "no"
+    return "no" if unet_parameters is not None and unet_parameters < CPU_BF16_MIN_PARAMETERS else "bf16"
+
+
+def fresh_unet_parameters(config: TrainConfig) -> int | None:
+    """The parameters of a ``fresh`` model's UNet, counted without allocating its weights; None
+    for a base model read from disk (known only once loaded) or a UNet config that does not build
+    (``_base_pipeline`` says why)."""
+    if config.model.base != "fresh" or not config.model.fresh_unet:
+        return None
+    from diffusers import UNet2DConditionModel
+
+    try:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**config.model.fresh_unet)
+    except (TypeError, ValueError):
+        return None
+    return sum(parameter.numel() for parameter in unet.parameters())
 
 
 def _resume_point(output: Path, resume: str, config: TrainConfig) -> Path:
