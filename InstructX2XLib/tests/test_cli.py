@@ -349,7 +349,8 @@ def test_info_and_edit_take_the_sampling_defaults_from_the_model_card(capsys, pn
     assert [(p["guidance_scale"], p["image_guidance_scale"]) for p in ran] == [(3.0, 1.25), (3.0, 2.0)]
 
 
-def test_ctrl_c_stops_cleanly_and_writes_nothing(png, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_cleanly_and_writes_nothing(png, tmp_path, stop):
     out = tmp_path / "out"
     argv = args(png, out, "--steps", "400")
     argv[argv.index("--progress") + 1] = "jsonl"
@@ -364,7 +365,7 @@ def test_ctrl_c_stops_cleanly_and_writes_nothing(png, tmp_path):
     for line in process.stdout:
         if json.loads(line)["event"] == "progress":
             break
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     remaining, _ = process.communicate(timeout=60)
     assert process.returncode == 130
     assert '"cancelled"' in remaining

@@ -14,8 +14,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -279,6 +282,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
     emit = _emitter("jsonl" if args.command == "serve" else getattr(args, "progress", "none"))
+    if args.command == "serve" or threading.current_thread() is not threading.main_thread():
+        return _run(args, emit)  # serve handles SIGTERM itself
+    # a service manager's stop (SIGTERM) cancels like Ctrl-C, for this call only
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return _run(args, emit)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace, emit: Callable[[dict], None]) -> int:
+    """``_main`` with every way it can end turned into an exit code and a final event."""
     try:
         return _main(args, emit)
     except (KeyboardInterrupt, EditCancelled):
