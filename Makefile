@@ -1,7 +1,7 @@
 # Two commands do all set-up on a fresh machine (see README.md):
-#   make demo   - install into .venv, then edit the bundled chest radiograph
+#   make demo   - install into .venv, then edit the bundled chest radiograph (the main job)
 #   make test   - install into .venv (and .venv-eval, .venv-web), then run the whole test suite
-#   make web    - the browser panel on http://127.0.0.1:8080/ (demo model)
+# Beyond set-up, `make web` serves the browser panel on http://127.0.0.1:8080/ (demo model).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -32,6 +32,9 @@ WEB_PORT ?= 8080
 .PHONY: install demo demo-model demo-model-estimate classifiers evaluation web test lint test-eval test-web \
 	test-slicer-packages benchmark clean
 
+# torch==2.13.0 takes the build pip finds (on the machines here, a local CPU wheel). PyPI's Linux
+# torch is the CUDA build; for the CPU build elsewhere run
+# PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu make install (2.13.0+cpu meets the pin).
 $(STAMP): constraints.txt InstructX2XLib/pyproject.toml Training/pyproject.toml InstructX2XLib/src/instructx2x/_version.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
@@ -106,8 +109,9 @@ demo-model: $(STAMP)
 		$(BIN)/instructx2x-train evaluate-demo $(DEMO_WORK)/acceptance --model demo --ablation-count 48
 	$(BIN)/python Training/scripts/bundle_demo_model.py $(DEMO_WORK)
 
-# Retrain the bundled synthetic-cohort classifiers (about 10 minutes on 2 CPU cores; their card,
-# InstructX2XLib/src/instructx2x/resources/cohort_classifiers/classifiers.json, has the held-out figures).
+# Retrain the bundled synthetic-cohort classifiers (14.4-16.5 minutes on 2 AMX cores: docs/benchmarks.md,
+# section 11). Their card,
+# InstructX2XLib/src/instructx2x/resources/cohort_classifiers/classifiers.json, has the held-out figures.
 classifiers: $(STAMP)
 	rm -rf out/cohort-classifiers
 	$(BIN)/instructx2x-train train-classifiers out/cohort-classifiers --films 6000 --held-out 500 \
