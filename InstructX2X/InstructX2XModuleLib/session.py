@@ -457,11 +457,11 @@ def worker_socket_setting(mode: WorkerMode | str, path: str) -> str:
     path = os.path.expanduser(path.strip())
     if not path:
         raise mrml.SceneError(
-            "give the shared worker's socket path (e.g. /tmp/ix2x.sock), or choose a local worker."
+            "give the shared worker's socket path (e.g. /run/user/1000/ix2x.sock, forwarded by ssh -L), or choose a local worker."
         )
     if not os.path.isabs(path):
         raise mrml.SceneError(
-            f"the worker socket {path} is not an absolute path; give the whole path (e.g. /tmp/ix2x.sock)."
+            f"the worker socket {path} is not an absolute path; give the whole path (e.g. /run/user/1000/ix2x.sock)."
         )
     if len(os.fsencode(path)) > SOCKET_PATH_BYTES:
         raise mrml.SceneError(
