@@ -602,6 +602,20 @@ def test_import_is_light():
     assert float(seconds) < 1.0
 
 
+def test_a_missing_input_is_refused_before_torch_loads(tmp_path):
+    """With the demo model by default, a mistyped input path is said at once: nothing of torch,
+    diffusers or the model is loaded first."""
+    code = (
+        "import sys\nfrom instructx2x.cli import main\n"
+        f"code = main(['edit', {str(tmp_path / 'typo.png')!r}, '-i', 'Add the finding of left pleural effusion', "
+        f"'-o', {str(tmp_path / 'out')!r}])\n"
+        "print(code, 'torch' in sys.modules, 'diffusers' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["2", "False", "False"]
+    assert "input image not found: typo.png" in result.stderr and not list(tmp_path.iterdir())
+
+
 def test_jobs_file_runs_many_edits_in_one_process(png, tmp_path, capsys):
     """PNG and DICOM rows alike, each with its own instruction, mask and seed."""
     _dicom_folder(tmp_path, 1)

@@ -318,7 +318,7 @@ def _main(args: argparse.Namespace, emit) -> int:
     if args.command == "push":
         return _push(args.folder, args.cstore)
     if args.model is None:
-        from .loading import DEMO_MODEL_NAME
+        from .parameters import DEMO_MODEL_NAME
 
         args.model = DEMO_MODEL_NAME
         print(

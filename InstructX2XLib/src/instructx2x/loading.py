@@ -29,7 +29,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .errors import ModelLoadError, ParameterError
-from .parameters import MAX_GUIDANCE_SCALE, MAX_RELEVANCE_DRAWS
+from .parameters import DEMO_MODEL_NAME, MAX_GUIDANCE_SCALE, MAX_RELEVANCE_DRAWS
 from .pipeline import InstructX2XPipeline
 from .schedulers import make_scheduler
 from .untrained import UNTRAINED_MODEL_NAME, build_untrained_pipeline, load_clip_tokenizer
@@ -42,7 +42,6 @@ __all__ = [
     "hash_modules",
     "hash_files",
     "MODEL_CARD_NAME",
-    "DEMO_MODEL_NAME",
     "demo_model_path",
 ]
 
@@ -76,7 +75,6 @@ class ModelNotFoundError(ModelLoadError, FileNotFoundError):
     """The model path does not exist (and is not a hub id the user allowed)."""
 
 
-DEMO_MODEL_NAME = "demo"  # the bundled model trained on synthetic phantoms (Training/configs/demo.yaml)
 SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 COMPONENTS = ("unet", "vae", "text_encoder")

@@ -17,6 +17,7 @@ from .errors import EmptyEditRegionError, ParameterError
 from .instructions import parse_instruction
 
 __all__ = [
+    "DEMO_MODEL_NAME",
     "RegionMode",
     "EditParameters",
     "ASPECT_MODES",
@@ -33,6 +34,10 @@ __all__ = [
     "is_integer",
     "is_number",
 ]
+
+# the model an edit runs when none is named: the bundled one, trained on synthetic phantoms
+# (Training/configs/demo.yaml); light to import, so that a command checks its input first
+DEMO_MODEL_NAME = "demo"
 
 # squash: resize to the square grid as the authors trained; pad: keep the aspect ratio by
 # padding to a square with black (air), never edited, and cropping the result back.
