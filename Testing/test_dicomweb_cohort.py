@@ -1,6 +1,8 @@
 """`instructx2x edit --dicomweb`: a cohort queried (QIDO-RS), fetched (WADO-RS), edited and stored
 back (STOW-RS) against a real Orthanc with its DICOMweb plugin and HTTP basic authentication;
-`instructx2x-train stress-test --dicomweb`: the films of a stress test from the same query."""
+`instructx2x-train stress-test --dicomweb`: the films of a stress test from the same query;
+`instructx2x-train evaluate --dicomweb`: an evaluation of a series of two films, its edits stored
+back and read again."""
 
 import csv
 import io
@@ -11,16 +13,18 @@ import subprocess
 import pydicom
 import pytest
 from console import console_script
-from dicom_factory import make_radiograph
+from dicom_factory import make_radiograph, phantom
 from orthanc import OrthancServer
 
 PASSWORD = "s3cret-cohort-pw"
 
 
 class CohortOrthanc(OrthancServer):
-    """The Orthanc the cohort is stored in; ``cr`` is its radiograph."""
+    """The Orthanc the cohort is stored in; ``cr`` is its radiograph (beside a CT in its study),
+    ``dx`` the two radiographs of a series in another study."""
 
     cr: pydicom.Dataset
+    dx: list[pydicom.Dataset]
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +38,14 @@ def orthanc(tmp_path_factory):
     cr, ct = make_radiograph("CR"), make_radiograph("CR")
     ct.Modality = "CT"  # a film of another modality in the same study: not a radiograph
     ct.StudyInstanceUID = cr.StudyInstanceUID
-    for name, dataset in (("cr.dcm", cr), ("ct.dcm", ct)):
+    # a series of two different radiographs in a study of their own
+    dx = [make_radiograph("DX"), make_radiograph("DX", pixels=phantom(72, 64)[:, ::-1] * 3 // 4)]
+    dx[1].StudyInstanceUID, dx[1].SeriesInstanceUID = dx[0].StudyInstanceUID, dx[0].SeriesInstanceUID
+    dx[1].InstanceNumber = 2
+    for name, dataset in (("cr.dcm", cr), ("ct.dcm", ct), ("dx1.dcm", dx[0]), ("dx2.dcm", dx[1])):
         dataset.save_as(films / name, enforce_file_format=True)
         server.upload(films / name)
-    server.cr = cr
+    server.cr, server.dx = cr, dx
     yield server
     server.stop()
 
@@ -180,6 +188,96 @@ def test_a_stress_test_query_that_gives_no_films_is_refused_before_the_model(
     """A model that does not exist: the query's error comes first, so it was asked first."""
     out = tmp_path / "refused"
     completed = stress(orthanc, out, edits, *query, password=password, model=str(tmp_path / "no-model"))
+    assert completed.returncode == code, completed.stderr
+    assert message in completed.stderr and "no-model" not in completed.stderr
+    assert "Traceback" not in completed.stderr and password not in completed.stderr
+    assert not out.exists()
+
+
+def assess(orthanc, output, *query, password=PASSWORD, model="untrained-tiny", store=False):
+    """``evaluate`` of the films the query matches, each edited with "Add the finding of edema"
+    in two region modes; the password from the environment."""
+    environment = {**os.environ, "INSTRUCTX2X_DICOMWEB_USER": "radiology"}
+    environment["INSTRUCTX2X_DICOMWEB_PASSWORD"] = password
+    return subprocess.run(
+        [
+            console_script("instructx2x-train"),
+            "evaluate",
+            str(output),
+            *("--model", model, "--modes", "none,rse", "-i", "Add the finding of edema"),
+            *("--steps", "2", "--resolution", "64", "--bootstrap", "20", "--no-progress"),
+            "--dicomweb",
+            f"{orthanc.url}/dicom-web",
+            *query,
+            *(["--dicomweb-store"] if store else []),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=environment,
+    )
+
+
+def test_an_evaluation_of_a_query_stores_its_edits_in_each_study(orthanc, tmp_path):
+    out = tmp_path / "evaluation"
+    completed = assess(orthanc, out, "--dicomweb-series", orthanc.dx[0].SeriesInstanceUID, store=True)
+    assert completed.returncode == 0, completed.stderr
+    films = sorted(f"{ds.SOPInstanceUID}.dcm" for ds in orthanc.dx)
+    assert sorted(path.name for path in (out / "films").iterdir()) == films  # fetched with WADO-RS
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["dicomweb"] == {
+        "url": f"{orthanc.url}/dicom-web",
+        "films": 2,
+        "instructions": 1,
+        "pairs": 2,
+        "stored": 12,  # 2 films x 2 modes x (counterfactual, overlay, SEG)
+    }
+    assert report["settings"]["dicomweb"]["series"] == orthanc.dx[0].SeriesInstanceUID
+    assert list(report["rows"]) == ["none", "rse"]  # no real-image row: there is no true counterfactual
+    assert set(report["not_measured"]) == {"real images", "kl", "fid"}
+    assert report["source_labels"] == {"truth": 0, "classifier": 2}
+    for row in report["rows"].values():
+        assert "kl" not in row and "fid" not in row
+        assert 0 <= row["pathology_accuracy"] <= 100 and 0 <= row["race_preservation"] <= 100
+    assert "Not measured on DICOMweb films" in (out / "evaluation.md").read_text()
+    with (out / "pairs.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(f"{row['pair_id']}.dcm" for row in rows if row["mode"] == "none") == films
+    assert not (out / "INCOMPLETE").exists()
+    # read back: each edit's objects are in the study of the film it edits
+    study = orthanc.dx[0].StudyInstanceUID
+    originals = {ds.SOPInstanceUID for ds in orthanc.dx}
+    stored = [
+        pydicom.dcmread(io.BytesIO(orthanc.instance_file(uid)))
+        for uid in orthanc.study_instances(study)
+        if uid not in originals
+    ]
+    assert len(stored) == 12 and {ds.StudyInstanceUID for ds in stored} == {study}
+    written = {
+        json.loads(path.read_text())["objects"]["counterfactual.dcm"]["sop_instance_uid"]
+        for path in (out / "dicom").glob("*/provenance.json")
+    }
+    assert len(written) == 4 and written <= {ds.SOPInstanceUID for ds in stored}
+    for text in (completed.stdout, completed.stderr, everything_written(out)):
+        assert PASSWORD not in text
+
+
+@pytest.mark.parametrize(
+    "query, password, message, code",
+    [
+        (["--dicomweb-dates", "19000101-19000102"], PASSWORD, "matched no film", 2),
+        ([], PASSWORD, "are not radiographs", 2),
+        (["--dicomweb-study", "1.2.3.4.5"], PASSWORD, "matched no film", 2),
+        (["--dicomweb-modality", "CR"], PASSWORD, "matched 1 film(s): 1 pair(s)", 2),
+        (["--dicomweb-modality", "DX"], "wrong-password", "HTTP 401", 5),
+    ],
+)
+def test_an_evaluation_query_that_gives_no_pairs_is_refused_before_the_model(
+    orthanc, tmp_path, query, password, message, code
+):
+    """A model that does not exist: the query's error comes first, so it was asked first."""
+    out = tmp_path / "refused"
+    completed = assess(orthanc, out, *query, password=password, model=str(tmp_path / "no-model"), store=True)
     assert completed.returncode == code, completed.stderr
     assert message in completed.stderr and "no-model" not in completed.stderr
     assert "Traceback" not in completed.stderr and password not in completed.stderr

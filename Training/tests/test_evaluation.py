@@ -9,6 +9,7 @@ import pytest
 from launch import launch
 
 from instructx2x.errors import ModelLoadError, OutputExistsError, ParameterError
+from instructx2x_train.cli import main
 from instructx2x_train.counterfactuals import PurePairsConfig, write_pure_pairs
 from instructx2x_train.evaluation import MODES, REAL_ROW, EvaluationConfig, evaluate
 
@@ -119,6 +120,33 @@ def test_bad_settings_are_refused_before_anything_is_written(split, tmp_path):
         )
     with pytest.raises(ModelLoadError):
         evaluate(tmp_path / "c", EvaluationConfig(model=str(tmp_path / "no-such-model"), dataset=str(split)))
+    assert list(tmp_path.iterdir()) == []
+
+
+NOWHERE = "http://127.0.0.1:9/dicom-web"  # never asked: each refusal comes before any request
+EDEMA = ["-i", "Add the finding of edema"]
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        (["--dataset", "pairs", "--dicomweb-modality", "CR"], "--dicomweb-modality needs --dicomweb URL"),
+        (["--dataset", "pairs", "--dicomweb-store"], "--dicomweb-store needs --dicomweb URL"),
+        (["--dataset", "pairs", "--dicomweb", NOWHERE, *EDEMA], "one of the two"),
+        ([], "one of the two"),
+        (["--dicomweb", NOWHERE], "carries no instruction: give one or more with --instruction"),
+        (["--dataset", "pairs", *EDEMA], "--instruction and --dicomweb-store are for a DICOMweb cohort"),
+        (["--dicomweb", NOWHERE, *EDEMA, "--split", "test"], "--split names a dataset's split"),
+        (["--dicomweb", "http://radiology:pw@pacs.example.org/dicom-web", *EDEMA], "carries credentials"),
+        (["--dicomweb", NOWHERE, *EDEMA, "-i", "Add the finding of \x07edema"], "control character"),
+    ],
+)
+def test_the_command_line_refuses_a_dicomweb_source_it_cannot_use(tmp_path, capsys, source, message):
+    """Each before any request, dataset read or model load (the model does not exist)."""
+    argv = ["evaluate", str(tmp_path / "out"), "--model", str(tmp_path / "no-model"), *source]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "no-model" not in err and "pw@" not in err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -241,11 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     cohort = job.add_argument_group(
         "DICOMweb cohort (edit every radiograph a QIDO-RS query matches, with -i; docs/cli.md)"
     )
-    add_query_arguments(cohort)
-    cohort.add_argument(
-        "--dicomweb-store",
-        action="store_true",
-        help="store each row's DICOM objects back with STOW-RS (into the film's own study)",
+    add_query_arguments(
+        cohort, store="store each row's DICOM objects back with STOW-RS (into the film's own study)"
     )
 
     commands.add_parser("edit", parents=[model, job], help="edit a radiograph")
@@ -337,7 +334,9 @@ def _main(args: argparse.Namespace, emit) -> int:
     if args.command in ("edit", "preview") and (args.jobs is not None or args.dicomweb is not None):
         jobs = _jobs_run(args)  # every row read and checked before the model is loaded
     elif args.command in ("edit", "preview"):
-        _refuse_cohort_options(args)
+        from .dicomweb_options import query_from_arguments
+
+        query_from_arguments(args)  # a DICOMweb cohort's options without --dicomweb URL: refused
         instruction = _series_instruction(args) if args.series else args.instruction
         if args.input is None or instruction is None:
             raise ParameterError("give an input radiograph and -i INSTRUCTION (or --jobs FILE.csv).")
@@ -408,15 +407,6 @@ def _series_instruction(args: argparse.Namespace) -> str:
     return args.instruction
 
 
-def _refuse_cohort_options(args: argparse.Namespace) -> None:
-    """A DICOMweb cohort's options without ``--dicomweb URL`` are refused, not ignored."""
-    from .dicomweb_options import query_from_arguments
-
-    query_from_arguments(args)
-    if args.dicomweb_store:
-        raise ParameterError("--dicomweb-store needs --dicomweb URL.")
-
-
 def _jobs_run(args: argparse.Namespace):
     """The rows of ``--jobs FILE.csv`` or of a ``--dicomweb`` cohort, checked (``job_sources``)."""
     from .job_sources import prepare_jobs_run
@@ -436,9 +426,7 @@ def _jobs_run(args: argparse.Namespace):
         raise ParameterError(f"--reference-mask outlines one image's lesion; give it without {source}.")
     from .dicomweb_options import query_from_arguments
 
-    if args.dicomweb is None:
-        _refuse_cohort_options(args)
-    cohort, credentials = query_from_arguments(args)
+    cohort, credentials = query_from_arguments(args)  # cohort options without --dicomweb: refused
     # the template's input (and, for a CSV, instruction) are placeholders each row replaces
     return prepare_jobs_run(
         _job(args, Path("."), args.instruction or "placeholder"),

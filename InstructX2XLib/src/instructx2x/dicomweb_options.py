@@ -1,5 +1,6 @@
-"""The command-line options that name a DICOMweb cohort, shared by ``instructx2x edit`` and
-``instructx2x-train stress-test``: ``add_query_arguments`` puts them on a parser and
+"""The command-line options that name a DICOMweb cohort, shared by ``instructx2x edit``,
+``instructx2x-train evaluate`` and ``instructx2x-train stress-test``: ``add_query_arguments``
+puts them on a parser (with ``--dicomweb-store`` for the commands that store results back) and
 ``query_from_arguments`` reads them back as a ``dicom.dicomweb.CohortQuery`` and its
 credentials. Adding the options imports no DICOM library; reading them does.
 """
@@ -23,10 +24,10 @@ __all__ = ["add_query_arguments", "query_from_arguments"]
 _QUERY_OPTIONS = ("study", "series", "modality", "dates", "credentials")
 
 
-def add_query_arguments(group: argparse._ActionsContainer) -> None:
+def add_query_arguments(group: argparse._ActionsContainer, store: str | None = None) -> None:
     """Add ``--dicomweb URL``, ``--dicomweb-study``, ``--dicomweb-series``,
     ``--dicomweb-modality``, ``--dicomweb-dates`` and ``--dicomweb-credentials FILE`` to a parser
-    or argument group."""
+    or argument group; with ``store`` (its help text) also the flag ``--dicomweb-store``."""
     group.add_argument("--dicomweb", metavar="URL", help="the DICOMweb service root (the only network use)")
     group.add_argument("--dicomweb-study", metavar="UID", help="StudyInstanceUID to match")
     group.add_argument("--dicomweb-series", metavar="UID", help="SeriesInstanceUID to match")
@@ -39,6 +40,8 @@ def add_query_arguments(group: argparse._ActionsContainer) -> None:
         help="JSON file with username and password, or token (default: $INSTRUCTX2X_DICOMWEB_USER, "
         "_PASSWORD or _TOKEN)",
     )
+    if store is not None:
+        group.add_argument("--dicomweb-store", action="store_true", help=store)
 
 
 def query_from_arguments(
@@ -51,7 +54,8 @@ def query_from_arguments(
     Raises
     ------
     ParameterError
-        A query option or a credentials file without ``--dicomweb``; a malformed query.
+        A query option, a credentials file or ``--dicomweb-store`` without ``--dicomweb``; a
+        malformed query.
     InputNotFoundError, InputError
         A missing or malformed credentials file.
     """
@@ -59,6 +63,8 @@ def query_from_arguments(
         for name in _QUERY_OPTIONS:
             if getattr(args, f"dicomweb_{name}") is not None:
                 raise ParameterError(f"--dicomweb-{name} needs --dicomweb URL.")
+        if getattr(args, "dicomweb_store", False):
+            raise ParameterError("--dicomweb-store needs --dicomweb URL.")
         return None, None
     from .dicom.dicomweb import CohortQuery, read_credentials
 

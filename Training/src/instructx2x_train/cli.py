@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from instructx2x.dicomweb_options import add_query_arguments, query_from_arguments
-from instructx2x.errors import InstructX2XError
+from instructx2x.errors import InstructX2XError, ParameterError
 
 from .answers import MULTI_FINDING_MODES
 from .cohort import CohortConfig, generate_cohort
@@ -167,17 +167,33 @@ def build_parser() -> argparse.ArgumentParser:
     assess = commands.add_parser(
         "evaluate",
         help="CMIG / KL / FID and the region-mode ablation (the "
-        "paper's Tables 1-2) on a dataset split; also under accelerate launch",
+        "paper's Tables 1-2) on a dataset split, or what needs no ground truth on DICOMweb films; "
+        "also under accelerate launch",
     )
     assess.add_argument("output", type=Path, help="new folder, or an interrupted one to resume")
     assess.add_argument("--model", required=True)
     assess.add_argument(
         "--dataset",
         type=Path,
-        required=True,
         help="MIMIC-EDIT-INSTRUCTION folder (build-dataset or pure-pairs)",
     )
-    assess.add_argument("--split", default="test")
+    assess.add_argument("--split", help="the dataset's split (default: test)")
+    pacs = assess.add_argument_group(
+        "DICOMweb films (every radiograph a QIDO-RS query matches, fetched into OUTPUT/films and "
+        "edited with each --instruction; no real-image row, KL or FID: docs/evaluation.md)"
+    )
+    add_query_arguments(
+        pacs,
+        store="store every edit's DICOM objects back with STOW-RS (into the film's own study)",
+    )
+    pacs.add_argument(
+        "-i",
+        "--instruction",
+        dest="instructions",
+        action="append",
+        metavar="INSTRUCTION",
+        help="an edit of every DICOMweb film; repeat for several",
+    )
     assess.add_argument(
         "--modes", help="comma-separated region modes (default: all four, none, relevance, prior, rse)"
     )
@@ -373,12 +389,18 @@ def main(argv: list[str] | None = None) -> int:
             from .evaluation import EvaluationConfig, evaluate
 
             modes = {} if args.modes is None else {"modes": tuple(m.strip() for m in args.modes.split(","))}
+            query, credentials = query_from_arguments(args)
+            if query is not None and args.split is not None:
+                raise ParameterError("--split names a dataset's split; DICOMweb films have none.")
             report = evaluate(
                 args.output,
                 EvaluationConfig(
                     model=args.model,
-                    dataset=str(args.dataset),
-                    split=args.split,
+                    dataset=str(args.dataset) if args.dataset else None,
+                    split=args.split or "test",
+                    dicomweb=query,
+                    instructions=tuple(args.instructions or ()),
+                    store=args.dicomweb_store,
                     **modes,
                     classifiers=args.classifiers,
                     weights_dir=str(args.weights_dir) if args.weights_dir else None,
@@ -390,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
                     bootstrap=args.bootstrap,
                 ),
                 progress_bar=not args.no_progress,
+                credentials=credentials,
             )
             if not report:  # a non-main process under accelerate launch
                 return 0

@@ -1,5 +1,6 @@
 """``instructx2x-train evaluate``: the paper's Tables 1-2 (CMIG, KL, FID and the ablation) on a
-MIMIC-EDIT-INSTRUCTION split (docs/method.md section 7; docs/evaluation.md has every definition).
+MIMIC-EDIT-INSTRUCTION split (docs/method.md section 7; docs/evaluation.md has every definition),
+or the part of them that needs no ground truth on the radiographs a DICOMweb query matches.
 
 For every test pair and region mode the counterfactual comes from the inference library's
 editor (batched); a classifier set (``instructx2x.classifiers``) then reads the source, the
@@ -13,12 +14,22 @@ The expected labels of an edit are the source's labels changed as the instructio
 source's labels are its ground truth where the dataset carries it (a ``.masks.npz`` beside the
 image names the findings present, as in the synthetic cohort and pure pairs), otherwise the
 classifier's own decisions on the source film.
+
+A DICOMweb cohort (``EvaluationConfig.dicomweb``) has films but no pairs: each film is edited
+with each of the given instructions, and its source labels are the classifier's. It has no true
+counterfactual, so the figures measured against one (the real-image row, KL and FID) are not
+computed and the report says so (``NOT_MEASURED``); pathology accuracy, race and age
+preservation and CMIG read the edits alone. The films are listed (QIDO-RS) before the model
+loads and fetched (WADO-RS) into ``OUTPUT/films/``; with ``store`` every edit's DICOM objects
+(counterfactual, overlay, SEG) are also written to ``OUTPUT/dicom/`` and stored back with
+STOW-RS into the film's own study. Credentials are an argument of ``evaluate``, never recorded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +46,8 @@ from instructx2x.classifiers import (
     Predictions,
     load_classifiers,
 )
-from instructx2x.errors import OutputExistsError, ParameterError
+from instructx2x.dicom.dicomweb import CohortQuery, Credentials
+from instructx2x.errors import OutputExistsError, PacsError, ParameterError
 from instructx2x.instructions import parse_instruction
 from instructx2x.parameters import EditParameters, RegionMode
 from instructx2x.provenance import to_json
@@ -43,9 +55,9 @@ from instructx2x.sharding import current_shard, open_record, read_records
 from instructx2x.verification import expected_labels
 
 from . import metrics
-from .pairs import EditPairs
+from .dicomweb_films import FETCHED, fetch_cohort, list_cohort
 
-__all__ = ["EvaluationConfig", "evaluate", "MODES", "REAL_ROW", "summarise"]
+__all__ = ["EvaluationConfig", "evaluate", "MODES", "REAL_ROW", "NOT_MEASURED", "summarise"]
 
 # the region modes in the order of the paper's Table 2
 MODES = ("none", "relevance", "prior", "rse")
@@ -53,6 +65,13 @@ assert set(MODES) == {mode.value for mode in RegionMode}
 REAL_ROW = "real images"
 INCOMPLETE = "INCOMPLETE"
 CONFIG_NAME = "evaluation-config.json"
+STORED = "dicom"  # a DICOMweb cohort's edits as DICOM objects, one folder per pair and mode
+# what a DICOMweb cohort's report leaves out, and why
+NOT_MEASURED = {
+    REAL_ROW: "needs the true counterfactual of each film",
+    "kl": "compares the edits' label distribution with the true counterfactuals'",
+    "fid": "compares the edits' features with the true counterfactuals'",
+}
 # the paper's names for the region modes (Table 2)
 MODE_LABELS = {
     "none": "none",
@@ -67,8 +86,11 @@ class EvaluationConfig:
     """What an evaluation measures; stored with the results and compared on resume."""
 
     model: str
-    dataset: str
+    dataset: str | None = None
     split: str = "test"
+    dicomweb: CohortQuery | None = None  # the query (no credentials: evaluate takes them apart)
+    instructions: tuple[str, ...] = ()  # a DICOMweb cohort's: each film is edited with each
+    store: bool = False  # a DICOMweb cohort's edits stored back with STOW-RS
     modes: tuple[str, ...] = MODES
     classifiers: str = "cohort-v2"
     weights_dir: str | None = None
@@ -80,6 +102,24 @@ class EvaluationConfig:
     bootstrap: int = 1000
 
     def __post_init__(self) -> None:
+        if (self.dataset is None) == (self.dicomweb is None):
+            raise ParameterError(
+                "give the pairs as a dataset split (--dataset) or a DICOMweb query (--dicomweb): "
+                "one of the two."
+            )
+        if self.dicomweb is not None and not self.instructions:
+            raise ParameterError(
+                "a DICOMweb film carries no instruction: give one or more with --instruction."
+            )
+        if self.dataset is not None and (self.instructions or self.store):
+            raise ParameterError(
+                "--instruction and --dicomweb-store are for a DICOMweb cohort; a dataset's pairs "
+                "carry their own instructions."
+            )
+        if len(set(self.instructions)) != len(self.instructions):
+            raise ParameterError("the instructions must be distinct.")
+        for instruction in self.instructions:
+            parse_instruction(instruction)
         unknown = [mode for mode in self.modes if mode not in MODES]
         if unknown or not self.modes or len(set(self.modes)) != len(self.modes):
             raise ParameterError(f"modes must be distinct names from {list(MODES)}, got {list(self.modes)}.")
@@ -103,10 +143,50 @@ def _read_records(folder: Path, name: str) -> dict[int, dict]:
     return read_records(folder, name, key="pair")
 
 
-def _source_labels(pairs: EditPairs, index: int, classifier_decisions: np.ndarray) -> tuple[dict, str]:
+@dataclasses.dataclass(frozen=True)
+class _Pairs:
+    """What an evaluation edits: per pair its source film, its true counterfactual (none for a
+    DICOMweb cohort), its instruction and its id (the dataset's past image, or the film's
+    SOPInstanceUID)."""
+
+    sources: list[Path]
+    targets: list[Path] | None
+    instructions: list[str]
+    ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+
+def _dataset_pairs(dataset: str, split: str, limit: int | None) -> _Pairs:
+    from .pairs import EditPairs
+
+    pairs = EditPairs(dataset, split)
+    count = len(pairs) if limit is None else min(limit, len(pairs))
+    paths = [pairs.paths(index) for index in range(count)]
+    table = pairs.table.iloc[:count]
+    return _Pairs(
+        [past for past, _ in paths],
+        [current for _, current in paths],
+        list(table.instruction),
+        list(table.past_dicom_id),
+    )
+
+
+def _cohort_pairs(output: Path, films: list, instructions: tuple[str, ...], limit: int | None) -> _Pairs:
+    """Each film with each instruction, film by film; the first ``limit`` pairs."""
+    pairs = [(film, instruction) for film in films for instruction in instructions][:limit]
+    return _Pairs(
+        [output / FETCHED / film.file_name for film, _ in pairs],
+        None,
+        [instruction for _, instruction in pairs],
+        [film.instance for film, _ in pairs],
+    )
+
+
+def _source_labels(pairs: _Pairs, index: int, classifier_decisions: np.ndarray) -> tuple[dict, str]:
     """The source's labels: its ``.masks.npz`` when present (ground truth), else the classifier's."""
-    past, _ = pairs.paths(index)
-    masks = past.with_suffix(".masks.npz")
+    masks = pairs.sources[index].with_suffix(".masks.npz")
     if masks.is_file():
         with np.load(masks) as stored:
             # the .masks.npz keys are finding names of the instruction vocabulary
@@ -142,30 +222,60 @@ def _prepare_output(output: Path, config: EvaluationConfig) -> bool:
     return False
 
 
-def evaluate(output: str | Path, config: EvaluationConfig, progress_bar: bool = True) -> dict:
-    """Generate, classify and score every pair of the split; write the tables and the plot.
+def evaluate(
+    output: str | Path,
+    config: EvaluationConfig,
+    progress_bar: bool = True,
+    credentials: Credentials | None = None,
+) -> dict:
+    """Generate, classify and score every pair of the split (or every film of a DICOMweb
+    cohort with every instruction); write the tables and the plot.
 
-    Everything that can be refused (settings, dataset, classifier weights, an existing
-    folder) is checked before the model loads or anything is written.
+    Everything that can be refused (settings, dataset or DICOMweb query, classifier weights, an
+    existing folder) is checked before the model loads or anything is written; ``credentials``
+    authenticate to the DICOMweb server and are never recorded.
 
     Returns
     -------
     dict
-        The content of ``evaluation.json`` (settings, identities, the table rows).
+        The content of ``evaluation.json`` (settings, identities, the table rows); empty in a
+        process other than the main one.
     """
     from instructx2x.editor import InstructX2XEditor
 
     output = Path(output)
-    pairs = EditPairs(config.dataset, config.split)
-    count = len(pairs) if config.limit is None else min(config.limit, len(pairs))
+    listed = []
+    if config.dicomweb is not None:
+        listed = list_cohort(config.dicomweb, credentials)
+        pairs = _cohort_pairs(output, listed, config.instructions, config.limit)
+        where = (
+            f"the DICOMweb query matched {len(listed)} film(s): {len(pairs)} pair(s) with "
+            f"{len(config.instructions)} instruction(s)"
+        )
+        listed = listed[: -(-len(pairs) // len(config.instructions))]  # the films the pairs edit
+    else:
+        assert config.dataset is not None  # one of the two, checked by EvaluationConfig
+        pairs = _dataset_pairs(config.dataset, config.split, config.limit)
+        where = f"the {config.split} split has {len(pairs)} pair(s)"
+    count = len(pairs)
     if count < 2:
-        raise ParameterError(f"the {config.split} split has {count} pair(s); an evaluation needs at least 2.")
+        raise ParameterError(f"{where}; an evaluation needs at least 2 pairs.")
     classifiers = load_classifiers(config.classifiers, config.weights_dir)
     shard = current_shard()
     editor = InstructX2XEditor.from_model(config.model, device=shard.device)  # a bad model: nothing written
     resumed = _prepare_output(output, config) if shard.is_main else True
     if shard.is_main:
         _check_model_identity(output, editor.model_info.sha256)
+        if listed:
+            assert config.dicomweb is not None  # listed only for a query
+            fetch_cohort(
+                output,
+                listed,
+                config.dicomweb,
+                credentials,
+                resumed,
+                _check_exportable if config.store else None,
+            )
     shard.wait()
     started = time.perf_counter()
     records = output / "records"
@@ -178,6 +288,7 @@ def evaluate(output: str | Path, config: EvaluationConfig, progress_bar: bool = 
     )
     with open_record(records, "real", shard) as sink:
         _classify_real(pairs, mine, classifiers, sink, _read_records(records, "real"), bar)
+    store = _store_edit(output, config.dicomweb, credentials) if config.store else None
     for mode in config.modes:
         done = _read_records(records, mode)
         todo = [index for index in mine if index not in done]
@@ -185,10 +296,10 @@ def evaluate(output: str | Path, config: EvaluationConfig, progress_bar: bool = 
         with open_record(records, mode, shard) as sink:
             for start in range(0, len(todo), config.batch_size):
                 batch = todo[start : start + config.batch_size]
-                images = [read_image(pairs.paths(index)[0]) for index in batch]
+                images = [read_image(pairs.sources[index]) for index in batch]
                 parameters = [
                     EditParameters(
-                        instruction=pairs.table.iloc[index].instruction,
+                        instruction=pairs.instructions[index],
                         region_mode=mode,
                         seed=config.seed + index,
                         resolution=config.resolution,
@@ -198,13 +309,15 @@ def evaluate(output: str | Path, config: EvaluationConfig, progress_bar: bool = 
                 ]
                 results = editor.edit_batch(images, parameters)
                 predicted = classifiers.predict([result.edited_image() for result in results])
-                for row, (index, result) in enumerate(zip(batch, results)):
+                for row, (index, image, result) in enumerate(zip(batch, images, results)):
+                    stored = {} if store is None else {"stored": store(f"{index:04d}-{mode}", image, result)}
                     sink.write(
                         json.dumps(
                             {
                                 "pair": index,
                                 "edit_fraction": float(result.edit_mask.mean()),
                                 **_record(predicted, row),
+                                **stored,
                             }
                         )
                         + "\n"
@@ -230,6 +343,42 @@ def evaluate(output: str | Path, config: EvaluationConfig, progress_bar: bool = 
     return report
 
 
+def _check_exportable(films: list[Path]) -> None:
+    """Every fetched film reads as a radiograph whose edit's DICOM objects can be built."""
+    from instructx2x.dicom.write import check_exportable
+
+    for path in films:
+        image = read_image(path)
+        check_exportable(image.dicom_source().dataset, path.name)
+
+
+def _store_edit(output: Path, query: CohortQuery | None, credentials: Credentials | None):
+    """A function that writes one edit's DICOM objects to ``output/dicom/<name>/`` (atomically; a
+    folder left by an interrupted run is replaced) and stores them with STOW-RS into the
+    film's own study; it returns how many objects were stored."""
+    from instructx2x.dicom.dicomweb import store_folder
+    from instructx2x.dicom.export import write_dicom_edit
+    from instructx2x.outputs import atomic_output_dir
+
+    assert query is not None  # store only for a query, checked by EvaluationConfig
+
+    def store(name: str, image, result) -> int:
+        folder = output / STORED / name
+        if folder.exists():  # written, then interrupted before its record: edited again
+            shutil.rmtree(folder)
+        with atomic_output_dir(folder) as staging:
+            write_dicom_edit(staging, image, result)
+        try:
+            return store_folder(folder, query.url, credentials)
+        except PacsError as error:
+            raise PacsError(
+                f"{STORED}/{name} written but not stored ({error}); the edits before it are kept: "
+                "rerun the same command to resume."
+            ) from None
+
+    return store
+
+
 def _check_model_identity(output: Path, sha256: str) -> None:
     """A resumed run must edit with the same weights, not merely a model of the same name."""
     stored = output / "model-sha256.txt"
@@ -240,27 +389,25 @@ def _check_model_identity(output: Path, sha256: str) -> None:
     stored.write_text(sha256 + "\n")
 
 
-def _classify_real(
-    pairs: EditPairs, mine: list[int], classifiers: ClassifierSet, sink, done: dict, bar
-) -> None:
-    """Source and real target readings (the same for every mode)."""
+def _classify_real(pairs: _Pairs, mine: list[int], classifiers: ClassifierSet, sink, done: dict, bar) -> None:
+    """Source and real target readings (the same for every mode); the source alone where there
+    is no true counterfactual."""
     todo = [index for index in mine if index not in done]
     bar.update(len(mine) - len(todo))
+    per_pair = 1 if pairs.targets is None else 2
     for start in range(0, len(todo), 16):
         batch = todo[start : start + 16]
-        films = [read_image(path).pixels for index in batch for path in pairs.paths(index)]
-        predicted = classifiers.predict(films)
+        paths = [
+            path
+            for index in batch
+            for path in (pairs.sources[index], *([] if pairs.targets is None else [pairs.targets[index]]))
+        ]
+        predicted = classifiers.predict([read_image(path).pixels for path in paths])
         for row, index in enumerate(batch):
-            sink.write(
-                json.dumps(
-                    {
-                        "pair": index,
-                        "source": _record(predicted, 2 * row),
-                        "target": _record(predicted, 2 * row + 1),
-                    }
-                )
-                + "\n"
-            )
+            readings = {"pair": index, "source": _record(predicted, per_pair * row)}
+            if pairs.targets is not None:
+                readings["target"] = _record(predicted, per_pair * row + 1)
+            sink.write(json.dumps(readings) + "\n")
         sink.flush()
         bar.update(len(batch))
 
@@ -274,7 +421,7 @@ def _stack(records: list[dict]) -> dict[str, np.ndarray]:
 
 def summarise(
     source: dict,
-    target: dict,
+    target: dict | None,
     generated: dict | None,
     expected: np.ndarray,
     instructed: np.ndarray,
@@ -287,9 +434,11 @@ def summarise(
     other four, mostly unchanged, labels do not dilute.
 
     ``source``/``target``/``generated`` hold stacked readings (``findings``, ``age``, ``race``,
-    ``features``); the real-image row passes ``generated=None`` and scores the targets.
+    ``features``); the real-image row passes ``generated=None`` and scores the targets; without
+    true counterfactuals (``target=None``) there is no KL or FID.
     """
-    scored = target if generated is None else generated
+    scored = generated if generated is not None else target
+    assert scored is not None  # the targets, the generated images or both
 
     def figures(index: np.ndarray) -> dict[str, float]:
         index = np.asarray(index, dtype=int)
@@ -305,7 +454,7 @@ def summarise(
             "age_preservation": age,
             "cmig": metrics.cmig(accuracy, race, age) if np.isfinite(age) else float("nan"),
         }
-        if generated is not None:
+        if generated is not None and target is not None:
             out["kl"] = metrics.label_kl(
                 target["findings"][index] >= 0.5, generated["findings"][index] >= 0.5
             )
@@ -332,7 +481,7 @@ def summarise(
 
 def _assemble(
     output: Path,
-    pairs: EditPairs,
+    pairs: _Pairs,
     count: int,
     classifiers: ClassifierSet,
     editor,
@@ -344,20 +493,28 @@ def _assemble(
     records = output / "records"
     real = _read_records(records, "real")
     source = _stack([real[i]["source"] for i in range(count)])
-    target = _stack([real[i]["target"] for i in range(count)])
+    target = None if pairs.targets is None else _stack([real[i]["target"] for i in range(count)])
     labels, label_sources = zip(
         *(_source_labels(pairs, i, source["findings"][i] >= 0.5) for i in range(count))
     )
-    instructions = list(pairs.table.instruction[:count])
+    instructions = pairs.instructions
     expected = np.asarray(
         [[expected_labels(labels[i], instructions[i])[name] for name in PATHOLOGIES] for i in range(count)]
     )
     named = [{FINDING_TO_PATHOLOGY.get(f) for f in parse_instruction(text).findings} for text in instructions]
     instructed = np.asarray([[name in names for name in PATHOLOGIES] for names in named])
-    bar = tqdm(total=1 + len(config.modes), desc="tables (bootstrap)", unit="row", disable=not progress_bar)
-    rows = {REAL_ROW: summarise(source, target, None, expected, instructed, config.bootstrap, config.seed)}
-    bar.update()
+    bar = tqdm(
+        total=(target is not None) + len(config.modes),
+        desc="tables (bootstrap)",
+        unit="row",
+        disable=not progress_bar,
+    )
+    rows = {}
+    if target is not None:
+        rows[REAL_ROW] = summarise(source, target, None, expected, instructed, config.bootstrap, config.seed)
+        bar.update()
     per_pair = []
+    stored = 0
     for mode in config.modes:
         generated = _read_records(records, mode)
         rows[mode] = summarise(
@@ -372,13 +529,14 @@ def _assemble(
         rows[mode]["mean_edit_fraction"] = float(
             np.mean([generated[i]["edit_fraction"] for i in range(count)])
         )
+        stored += sum(generated[i].get("stored", 0) for i in range(count))
         for i in range(count):
             per_pair.append(
                 {
                     "pair": i,
-                    "pair_id": pairs.table.iloc[i].past_dicom_id,
+                    "pair_id": pairs.ids[i],
                     "mode": mode,
-                    "instruction": pairs.table.iloc[i].instruction,
+                    "instruction": instructions[i],
                     **{f"expected_{name}": bool(expected[i, k]) for k, name in enumerate(PATHOLOGIES)},
                     **{f"p_{name}": generated[i]["findings"][k] for k, name in enumerate(PATHOLOGIES)},
                     "age_source": source["age"][i],
@@ -395,12 +553,23 @@ def _assemble(
             EditParameters(instruction="-", resolution=config.resolution, num_inference_steps=config.steps)
         ),
         "classifiers": classifiers.describe(),
-        "dataset": {"folder": Path(config.dataset).name, "split": config.split, "pairs": count},
         "source_labels": {kind: label_sources.count(kind) for kind in ("truth", "classifier")},
         "resumed": resumed,
         "seconds": round(seconds, 1),
         "rows": rows,
     }
+    if config.dicomweb is None:
+        assert config.dataset is not None  # one of the two, checked by EvaluationConfig
+        report["dataset"] = {"folder": Path(config.dataset).name, "split": config.split, "pairs": count}
+    else:
+        report["dicomweb"] = {
+            "url": config.dicomweb.url,
+            "films": len(dict.fromkeys(pairs.ids)),
+            "instructions": len(config.instructions),
+            "pairs": count,
+            "stored": stored if config.store else None,
+        }
+        report["not_measured"] = NOT_MEASURED
     (output / "evaluation.json").write_text(to_json(report) + "\n")
     (output / "evaluation.md").write_text(evaluation_markdown(report))
     _table_frame(rows).to_csv(output / "metrics.csv", index=False)
@@ -450,10 +619,21 @@ def evaluation_markdown(report: dict) -> str:
         return f"{text} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]" if interval else text
 
     settings, rows = report["settings"], report["rows"]
+    if "dataset" in report:
+        pairs = (
+            f"{report['dataset']['pairs']} pairs (split {report['dataset']['split']} of dataset "
+            f"`{report['dataset']['folder']}`)"
+        )
+    else:
+        cohort = report["dicomweb"]
+        stored = "" if cohort["stored"] is None else f", {cohort['stored']} DICOM objects stored back"
+        pairs = (
+            f"{cohort['pairs']} pairs ({cohort['films']} films of DICOMweb server {cohort['url']} x "
+            f"{cohort['instructions']} instructions{stored})"
+        )
     lines = [
         f"Model {report['model']['name']} (sha256 {report['model']['sha256'][:12]}), "
-        f"{report['dataset']['pairs']} pairs (split {report['dataset']['split']} of dataset "
-        f"`{report['dataset']['folder']}`); classifiers: {report['classifiers']['name']} "
+        f"{pairs}; classifiers: {report['classifiers']['name']} "
         f"({report['classifiers']['caveat']}); source labels: {report['source_labels']['truth']} from "
         f"ground truth, {report['source_labels']['classifier']} from the classifier; "
         f"seed {settings['seed']}; {_sampling(report['sampling'])}; "
@@ -469,6 +649,13 @@ def evaluation_markdown(report: dict) -> str:
             f"{cell(row, 'age_preservation')} | {cell(row, 'cmig')} | {cell(row, 'kl')} | "
             f"{cell(row, 'fid')} |"
         )
+    if "not_measured" in report:
+        lines += [
+            "",
+            "Not measured on DICOMweb films, which have no true counterfactual: "
+            + "; ".join(f"{name} ({why})" for name, why in report["not_measured"].items())
+            + ". The source labels are the classifier's readings of each film.",
+        ]
     lines += [
         "",
         "Accuracy (%) per pathology, on the instructed pathologies alone, and the mean edit area:",
@@ -487,19 +674,20 @@ def evaluation_markdown(report: dict) -> str:
 
 
 def _plot(rows: dict, path: Path) -> None:
-    """CMIG, KL and FID per region mode with their intervals; the real-image CMIG as a line."""
+    """CMIG, KL and FID per region mode with their intervals; the real-image CMIG as a line.
+    Without true counterfactuals (no real-image row): CMIG alone."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
     modes = [name for name in rows if name != REAL_ROW]
-    figure, axes = pyplot.subplots(1, 3, figsize=(11, 3.4))
-    for axis, key, title in zip(
-        axes,
-        ("cmig", "kl", "fid"),
-        ("CMIG (higher is better)", "KL x100 (lower is better)", "FID (lower is better)"),
-    ):
+    panels = [("cmig", "CMIG (higher is better)")] + [
+        ("kl", "KL x100 (lower is better)"),
+        ("fid", "FID (lower is better)"),
+    ] * (REAL_ROW in rows)
+    figure, axes = pyplot.subplots(1, len(panels), figsize=(11 * len(panels) / 3 + 0.5, 3.4), squeeze=False)
+    for axis, (key, title) in zip(axes[0], panels):
         values = [rows[m][key] for m in modes]
         intervals = [rows[m].get("interval_95", {}).get(key, (v, v)) for m, v in zip(modes, values)]
         errors = np.abs(np.array([[v - low, high - v] for v, (low, high) in zip(values, intervals)]).T)
@@ -507,9 +695,11 @@ def _plot(rows: dict, path: Path) -> None:
         axis.set_xticks(range(len(modes)), modes)
         axis.set_title(title)
         if key == "cmig":
-            axis.axhline(rows[REAL_ROW]["cmig"], color="black", linestyle="--", label="real images")
-            axis.set_ylim(max(0.0, min(low for low, _ in intervals) - 5), 100)
-            axis.legend(loc="lower right")
+            lows = [low for low, _ in intervals if np.isfinite(low)]
+            axis.set_ylim(max(0.0, min(lows, default=5.0) - 5), 100)
+            if REAL_ROW in rows:
+                axis.axhline(rows[REAL_ROW]["cmig"], color="black", linestyle="--", label="real images")
+                axis.legend(loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     pyplot.close(figure)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -47,7 +46,7 @@ from tqdm.auto import tqdm
 from instructx2x import read_image
 from instructx2x.classifiers import ClassifierSet, load_classifiers, resize_films
 from instructx2x.dicom.dicomweb import CohortQuery, Credentials
-from instructx2x.errors import InstructX2XError, ModelLoadError, OutputExistsError, ParameterError
+from instructx2x.errors import ModelLoadError, OutputExistsError, ParameterError
 from instructx2x.instructions import FINDINGS, Operation, parse_instruction
 from instructx2x.outputs import atomic_output_dir
 from instructx2x.parameters import EditParameters
@@ -56,6 +55,7 @@ from instructx2x.sharding import current_shard, open_record, read_records
 
 from . import metrics
 from .classifiers import EVALUATED_FINDINGS, DeviceDraw, draw_films
+from .dicomweb_films import FETCHED, fetch_cohort, list_cohort
 from .phantom import LEVEL_FACTOR, RACES
 
 __all__ = [
@@ -74,7 +74,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 INCOMPLETE = "INCOMPLETE"
 CONFIG_NAME = "stress-test-config.json"
 FILMS_TABLE = "films.csv"
-FETCHED = "films"  # a DICOMweb cohort's films, in the output folder
 AGE_BANDS = ((0, 45, "age <45"), (45, 65, "age 45-64"), (65, 200, "age >=65"))
 DRAIN_WITH_PNEUMOTHORAX = DeviceDraw(drain_with_pneumothorax=1.0)
 OPERATIONS = {Operation.ADD: "add", Operation.REMOVE: "remove", Operation.CHANGE_LEVEL: "change level"}
@@ -453,9 +452,7 @@ def stress_test(
     output = Path(output)
     listed = []
     if config.dicomweb is not None:
-        from instructx2x.dicom.dicomweb import connect, list_films
-
-        listed = list_films(connect(config.dicomweb.url, credentials), config.dicomweb)[: config.limit]
+        listed = list_cohort(config.dicomweb, credentials)[: config.limit]
         films = [Film(output / FETCHED / film.file_name, None) for film in listed]
     else:
         films = load_films(config.films, config.dataset, config.split)[: config.limit]
@@ -471,7 +468,7 @@ def stress_test(
     resumed = _prepare_output(output, settings) if shard.is_main else True
     if listed and shard.is_main:
         assert config.dicomweb is not None  # listed only for a query
-        _fetch(output, listed, config.dicomweb, credentials, resumed)
+        fetch_cohort(output, listed, config.dicomweb, credentials, resumed)
     shard.wait()
     started = time.perf_counter()
     records = output / "records"
@@ -529,20 +526,6 @@ def stress_test(
     )
     (output / INCOMPLETE).unlink()
     return report
-
-
-def _fetch(output: Path, listed: list, query: CohortQuery, credentials, resumed: bool) -> None:
-    """Fetch the query's films (WADO-RS) into ``output/films`` (those already there are kept);
-    a failure in a new run removes the folder it created, so nothing is left half written."""
-    from instructx2x.dicom.dicomweb import connect, retrieve_films
-
-    try:
-        (output / FETCHED).mkdir(exist_ok=True)
-        retrieve_films(connect(query.url, credentials), listed, output / FETCHED)
-    except (InstructX2XError, KeyboardInterrupt):
-        if not resumed:
-            shutil.rmtree(output, ignore_errors=True)
-        raise
 
 
 def _figures(before: np.ndarray, after: np.ndarray, direction: int | None) -> dict[str, float]:

@@ -198,11 +198,14 @@ def list_films(client, query: CohortQuery) -> list[Film]:
         filters["Modality"] = query.modality
     if query.dates is not None:
         filters["StudyDate"] = query.dates
+    if query.series is not None and query.study is None:
+        # a series in the path needs its study there too: without one, a filter
+        filters["SeriesInstanceUID"] = query.series
     answer = _ask(
         "QIDO-RS search",
         client.search_for_instances,
         study_instance_uid=query.study,
-        series_instance_uid=query.series,
+        series_instance_uid=query.series if query.study is not None else None,
         fields=["Modality", "StudyInstanceUID", "SeriesInstanceUID"],
         search_filters=filters,
         get_remaining=True,
