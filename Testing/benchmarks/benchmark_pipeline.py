@@ -16,16 +16,21 @@ Sections (and the figure each aims for):
   batch       images per second through InstructX2XEditor.edit_batch at batch 1, 4 and 16
               (tiny model, its native 256 px, the default CPU sampler).
   backends    torch against OpenVINO (--backend), the SD-1.5-size model at 512 px with every
-              other default `instructx2x edit` picks: setup (OpenVINO: conversion into a fresh
-              cache), first and warm edit, peak resident memory, each in a process of its own;
-              then OpenVINO from its cache in a new process; then both with torch's, oneDNN's and
-              OpenVINO's kernels limited to AVX2 (ATEN_CPU_CAPABILITY=avx2,
-              ONEDNN_MAX_CPU_ISA=AVX2, OV_CPU_MAX_ISA=AVX2) in fp32, as an AVX2-only CPU runs,
-              where the two edits are also compared (the same edit within a tolerance).
-              Targets: warm edit <= 60 s and >= 2x faster than torch. Not in the default
-              sections (about 15 minutes on 2 idle AMX cores).
+              default `instructx2x edit` picks: setup (OpenVINO: conversion into a fresh
+              cache, or --openvino-cache), first and warm edit with the wall and CPU time of
+              each network's calls and of the rest, peak resident memory, each in a process
+              of its own; then OpenVINO from its cache in a new process; then both with
+              torch's, MKL's, oneDNN's and OpenVINO's kernels limited to AVX2 (AVX2_LIMITS), as
+              an AVX2-only CPU runs (fp32), where the two edits are also compared (the same
+              edit within a tolerance). --backends-runs picks some of the runs. Targets: warm
+              edit <= 60 s and >= 2x faster than torch. Not in the default sections (about 15
+              minutes on 2 idle AMX cores, conversion included).
+  openvino-unet
+              one guidance-batch call of the SD-1.5-size UNet by OpenVINO per precision and
+              weight format (float32; int8 by NNCF weight compression when nncf is installed):
+              CPU time, the layers' shares, int8's distance to float32. Not in the defaults.
 
-Usage: python benchmark_pipeline.py [--sections overhead,preview,equivalence,sd15,gpu,backends]
+Usage: python benchmark_pipeline.py [--sections overhead,preview,equivalence,sd15,gpu,backends,openvino-unet]
 """
 
 from __future__ import annotations
@@ -536,6 +541,73 @@ def section_backends(results: dict, runs: tuple[str, ...] = BACKEND_RUNS, cache:
             report(results, f"backends.{isa}.edited_mean_abs_difference", float(difference.mean()))
 
 
+def section_openvino_unet(results: dict, cache: Path | None) -> None:
+    """One guidance-batch call of the SD-1.5-size UNet by OpenVINO, per precision (bf16 where
+    the CPU plugin has it, f32) and weight format: float32, and int8 (NNCF's INT8_ASYM weight
+    compression, when nncf is installed); CPU time, the share of each kind of layer, and how far
+    int8's prediction is from float32's."""
+    import openvino
+
+    from instructx2x.openvino_runtime import OpenVINORuntime
+
+    runtime = OpenVINORuntime(build_sd15_pipeline(), SD15_INFO.sha256, 512, cache, name=SD15_INFO.name)
+    inputs = [
+        torch.rand(3, 8, 64, 64, generator=torch.Generator().manual_seed(0)).numpy(),
+        np.array([500.0], dtype=np.float32),
+        torch.rand(3, 77, 768, generator=torch.Generator().manual_seed(1)).numpy(),
+    ]
+    formats = ["f32"]
+    try:
+        import nncf
+    except ImportError:
+        report(results, "openvino_unet.int8", "skipped: nncf is not installed")
+    else:
+        formats.append("int8")
+    for precision in ("bf16", "f32") if runtime.bf16 else ("f32",):
+        predictions = {}
+        for weights in formats:
+            name = f"openvino_unet.{precision}.{weights}_weights"
+            model = runtime.core.read_model(runtime.entry / "unet.xml")
+            if weights == "int8":
+                started = time.perf_counter()
+                model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+                report(results, f"{name}.compress_s", time.perf_counter() - started, "s")
+            model.reshape({index: openvino.PartialShape(list(x.shape)) for index, x in enumerate(inputs)})
+            started = time.perf_counter()
+            config = {
+                "INFERENCE_PRECISION_HINT": precision,
+                "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_NUM_THREADS": runtime.threads,
+                "PERF_COUNT": True,
+            }
+            request = runtime.core.compile_model(model, "CPU", config).create_infer_request()
+            report(results, f"{name}.compile_s", time.perf_counter() - started, "s")
+            request.infer(inputs)  # warm-up
+            start, cpu_start = time.perf_counter(), cpu_seconds()
+            request.infer(inputs)
+            report(results, f"{name}.call_s", time.perf_counter() - start, "s, one guidance-batch call")
+            report(results, f"{name}.call_cpu_s", cpu_seconds() - cpu_start, "CPU s")
+            layers: dict[str, float] = {}
+            for layer in request.profiling_info:
+                kind = f"{layer.node_type} ({layer.exec_type})"
+                layers[kind] = layers.get(kind, 0.0) + layer.real_time.total_seconds()
+            total = sum(layers.values())
+            shares = sorted(layers.items(), key=lambda item: -item[1])[:5]
+            report(
+                results, f"{name}.layers", ", ".join(f"{kind} {100 * t / total:.0f} %" for kind, t in shares)
+            )
+            predictions[weights] = np.array(request.get_output_tensor(0).data, copy=True)
+            del request, model
+        if len(predictions) == 2:
+            difference = np.abs(predictions["int8"] - predictions["f32"])
+            report(
+                results,
+                f"openvino_unet.{precision}.int8_vs_f32_weights",
+                f"max {difference.max():.4f}, mean {difference.mean():.4f} "
+                f"(mean |prediction| {np.abs(predictions['f32']).mean():.3f})",
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sections", default="overhead,preview,equivalence,batch,sd15,gpu")
@@ -550,7 +622,7 @@ def main() -> None:
     parser.add_argument(
         "--openvino-cache",
         type=Path,
-        help="backends section: OpenVINO cache folder to convert into or take the model from "
+        help="backends and openvino-unet sections: OpenVINO cache folder to convert into or take the model from "
         "(default: a fresh one per ISA, so the first OpenVINO run converts)",
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)  # backend,dtype,cache,output: one run of backends
@@ -572,6 +644,7 @@ def main() -> None:
         "batch": section_batch,
         "sd15": lambda r: section_sd15(r, args.baseline_steps),
         "backends": lambda r: section_backends(r, runs, args.openvino_cache),
+        "openvino-unet": lambda r: section_openvino_unet(r, args.openvino_cache),
     }
     for name in args.sections.split(","):
         sections[name](results)
