@@ -5,7 +5,10 @@ two tests convert it again (an entry another OpenVINO version wrote is not used)
 """
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -147,6 +150,46 @@ def test_bf16_runs_the_relevance_call_in_f32(runtime, tmp_path):
     ours = editor("openvino", cache)
     ours.edit(radiograph(), parameters)
     assert [shapes[0][0] for network, _, shapes in ours.runtime._compiled if network == "unet"] == [3]
+
+
+# An edit in a process whose kernels are capped at AVX2: OpenVINO's CPU plugin has no bf16 there.
+CAPPED_EDIT = """
+import json, sys
+import numpy as np
+from instructx2x import EditParameters, InstructX2XEditor, Radiograph, backends
+editor = InstructX2XEditor.from_model(
+    "untrained-tiny", device="cpu", dtype="bf16", backend="openvino", openvino_cache=sys.argv[1]
+)
+pixels = np.linspace(0.2, 0.8, 256 * 256, dtype=np.float32).reshape(256, 256)
+result = editor.edit(Radiograph(pixels, "ramp.png", "f" * 64, "png", 8), EditParameters(sys.argv[2], num_inference_steps=2))
+assert np.isfinite(result.edited).all()
+print(json.dumps({"kind": backends.cpu_kind(), "bf16": editor.runtime.bf16, "compiled": editor.runtime.compiled_description()}))
+"""
+
+
+@needs_openvino
+def test_without_bf16_kernels_a_bf16_edit_keeps_one_f32_unet(runtime, tmp_path):
+    """Where OpenVINO's CPU plugin has no bf16 (here its kernels capped at AVX2, as an AVX2-only
+    CPU runs) it compiles bf16 as f32: the guidance batch and the padded relevance call share
+    one f32 UNet, as in an f32 edit, where two would hold the same weights twice."""
+    cache = tmp_path / "cache"
+    shutil.copytree(runtime.entry, cache / runtime.entry.name)
+    capped = {**os.environ, "OV_CPU_MAX_ISA": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    done = subprocess.run(
+        [sys.executable, "-c", CAPPED_EDIT, str(cache), PROMPT],
+        env=capped,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["kind"] == "avx2" and report["bf16"] is False
+    assert [(c["precision"], c["shapes"][0][0]) for c in report["compiled"] if c["network"] == "unet"] == [
+        ("f32", 3)
+    ]
+    assert {c["precision"] for c in report["compiled"]} == {"f32"}
+    assert {(c["threads"], c["streams"]) for c in report["compiled"]} == {(torch.get_num_threads(), 1)}
 
 
 @needs_openvino
@@ -335,6 +378,24 @@ def test_auto_picks_by_device_size_and_cpu_kind(backend, device, parameters, kin
     monkeypatch.setattr(backends, "cpu_kind", lambda: kind)
     name, reason = backends.resolve_backend(backend, device, parameters)
     assert name == expected[0] and expected[1] in reason
+
+
+@pytest.mark.parametrize(
+    "caps,kind",
+    [
+        ({}, "amx"),
+        ({"ONEDNN_MAX_CPU_ISA": "AVX2", "OV_CPU_MAX_ISA": "AVX2"}, "avx2"),
+        ({"ONEDNN_MAX_CPU_ISA": "avx512_core_bf16"}, "avx512_bf16"),
+        ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX", "OV_CPU_MAX_ISA": "avx512_core_vnni"}, "avx2"),
+        ({"ONEDNN_MAX_CPU_ISA": "AVX"}, "other"),
+        ({"ONEDNN_MAX_CPU_ISA": "ALL"}, "amx"),
+    ],
+)
+def test_an_isa_cap_makes_the_cpu_the_kind_its_kernels_run_as(caps, kind):
+    """Kernels capped below bf16 emulate it (torch) or run f32 (OpenVINO): the CPU kind, bf16
+    choice and ``auto`` backend follow the cap, not /proc/cpuinfo."""
+    amx = frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    assert backends.cpu_kind_of(backends.limited_flags(amx, caps)) == kind
 
 
 def test_auto_takes_openvino_where_it_measured_faster(monkeypatch, tmp_path):

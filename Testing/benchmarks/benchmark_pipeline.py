@@ -16,16 +16,21 @@ Sections (and the figure each aims for):
   batch       images per second through InstructX2XEditor.edit_batch at batch 1, 4 and 16
               (tiny model, its native 256 px, the default CPU sampler).
   backends    torch against OpenVINO (--backend), the SD-1.5-size model at 512 px with every
-              other default `instructx2x edit` picks: setup (OpenVINO: conversion into a fresh
-              cache), first and warm edit, peak resident memory, each in a process of its own;
-              then OpenVINO from its cache in a new process; then both with torch's, oneDNN's and
-              OpenVINO's kernels limited to AVX2 (ATEN_CPU_CAPABILITY=avx2,
-              ONEDNN_MAX_CPU_ISA=AVX2, OV_CPU_MAX_ISA=AVX2) in fp32, as an AVX2-only CPU runs,
-              where the two edits are also compared (the same edit within a tolerance).
-              Targets: warm edit <= 60 s and >= 2x faster than torch. Not in the default
-              sections (about 15 minutes on 2 idle AMX cores).
+              default `instructx2x edit` picks: setup (OpenVINO: conversion into a fresh
+              cache, or --openvino-cache), first and warm edit with the wall and CPU time of
+              each network's calls and of the rest, peak resident memory, each in a process
+              of its own; then OpenVINO from its cache in a new process; then both with
+              torch's, MKL's, oneDNN's and OpenVINO's kernels limited to AVX2 (AVX2_LIMITS), as
+              an AVX2-only CPU runs (fp32), where the two edits are also compared (the same
+              edit within a tolerance). --backends-runs picks some of the runs. Targets: warm
+              edit <= 60 s and >= 2x faster than torch. Not in the default sections (about 15
+              minutes on 2 idle AMX cores, conversion included).
+  openvino-unet
+              one guidance-batch call of the SD-1.5-size UNet by OpenVINO per precision and
+              weight format (float32; int8 by NNCF weight compression when nncf is installed):
+              CPU time, the layers' shares, int8's distance to float32. Not in the defaults.
 
-Usage: python benchmark_pipeline.py [--sections overhead,preview,equivalence,sd15,gpu,backends]
+Usage: python benchmark_pipeline.py [--sections overhead,preview,equivalence,sd15,gpu,backends,openvino-unet]
 """
 
 from __future__ import annotations
@@ -341,29 +346,97 @@ def section_batch(results: dict) -> None:
         report(results, f"batch.{size}_images_per_s", rate, f"img/s ({rate / single:.2f}x batch 1)")
 
 
-# An AVX2-only CPU, emulated: torch's own kernels, both oneDNN copies (torch's and OpenVINO's) and
-# OpenVINO's kernels limited to AVX2. OpenVINO 2026.4 needs OV_CPU_MAX_ISA beside
-# ONEDNN_MAX_CPU_ISA: with the latter alone its CPU plugin fails to start.
-AVX2_LIMITS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OV_CPU_MAX_ISA": "AVX2"}
+# An AVX2-only CPU, emulated: torch's own kernels, MKL (torch's fp32 matrix products, in linear
+# layers and attention), both oneDNN copies (torch's and OpenVINO's) and OpenVINO's kernels
+# limited to AVX2. OpenVINO 2026.4 needs OV_CPU_MAX_ISA beside ONEDNN_MAX_CPU_ISA: with the
+# latter alone its CPU plugin fails to start. Not capped: the MLAS matrix products of OpenVINO's
+# f32 linear layers (docs/benchmarks.md section 3).
+AVX2_LIMITS = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "OV_CPU_MAX_ISA": "AVX2",
+}
+BACKEND_RUNS = (
+    "native.torch",
+    "native.openvino",
+    "native.openvino.from_cache",
+    "avx2.torch",
+    "avx2.openvino",
+)
+
+
+class NetworkClock:
+    """Wall and CPU seconds (all threads) spent inside each network's calls, by call: the UNet by
+    batch size (three: the guidance batch; two: the relevance call), the autoencoder's encode
+    and decode, the text encoder. What an edit spends outside them is the pipeline's own work
+    (schedulers, guidance, relevance map, composite) and, with torch, the relevance call's casts."""
+
+    def __init__(self, pipeline) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.wrap(pipeline.unet, "forward", lambda sample, *_, **__: f"unet_batch_{sample.shape[0]}")
+        self.wrap(pipeline.vae, "encode", lambda *_, **__: "vae_encode")
+        self.wrap(pipeline.vae, "decode", lambda latents, *_, **__: f"vae_decode_batch_{latents.shape[0]}")
+        self.wrap(pipeline.text_encoder, "forward", lambda *_, **__: "text_encoder")
+
+    def wrap(self, owner, attribute: str, name_of) -> None:
+        original = getattr(owner, attribute)
+
+        def timed_call(*args, **kwargs):
+            name = name_of(*args, **kwargs)
+            start, cpu_start = time.perf_counter(), cpu_seconds()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - start
+                self.cpu[name] = self.cpu.get(name, 0.0) + cpu_seconds() - cpu_start
+                self.calls[name] = self.calls.get(name, 0) + 1
+
+        setattr(owner, attribute, timed_call)  # the instance's attribute: nn.Module.__call__ finds it
+
+    def reset(self) -> None:
+        self.wall, self.cpu, self.calls = {}, {}, {}
+
+    def figures(self, wall: float, cpu: float) -> dict:
+        """Each call's total seconds and count, and the rest of an edit of ``wall`` / ``cpu`` s."""
+        figures = {
+            name: {"calls": self.calls[name], "wall_s": self.wall[name], "cpu_s": self.cpu[name]}
+            for name in sorted(self.wall)
+        }
+        figures["outside_networks"] = {
+            "calls": 0,
+            "wall_s": wall - sum(self.wall.values()),
+            "cpu_s": cpu - sum(self.cpu.values()),
+        }
+        return figures
 
 
 def backend_child(backend: str, dtype: str, cache: str, output: str) -> None:
-    """One backend in this process: setup, first and warm edit, memory; the result as JSON on
-    the last line of stdout and the edit in ``output`` (npz)."""
+    """One backend in this process: setup, first and warm edit with each network's share,
+    memory; the result as JSON on the last line of stdout and the edit in ``output`` (npz)."""
     load = os.getloadavg()[0]
     pipe = build_sd15_pipeline()
     started, cpu_start = time.perf_counter(), cpu_seconds()
     editor = InstructX2XEditor(
-        pipe, SD15_INFO, device="cpu", dtype=dtype, backend=backend, openvino_cache=cache
+        pipe,
+        SD15_INFO,
+        device="cpu",
+        dtype=dtype,
+        backend=backend,
+        openvino_cache=cache,
     )
     del pipe
     editor.pipeline.scheduler = make_scheduler(default_scheduler(editor.device))
     setup, setup_cpu = time.perf_counter() - started, cpu_seconds() - cpu_start
     radiograph = Radiograph(smooth_image(512)[0, 0].numpy(), "smooth.png", "0" * 64, "png", 8)
     parameters = editor.resolve(EditParameters(PROMPT))
+    clock = NetworkClock(editor.pipeline)
     times, cpu_times, results = [], [], []
     for _ in range(2):
         editor._guidance_cache = None  # a full edit: nothing reused from the previous one
+        clock.reset()
         start, cpu_start = time.perf_counter(), cpu_seconds()
         results.append(editor.edit(radiograph, parameters))
         times.append(time.perf_counter() - start)
@@ -385,6 +458,8 @@ def backend_child(backend: str, dtype: str, cache: str, output: str) -> None:
         "warm_edit_s": times[1],
         "first_edit_cpu_s": cpu_times[0],
         "warm_edit_cpu_s": cpu_times[1],
+        "warm_edit_networks": clock.figures(times[1], cpu_times[1]),
+        "compiled": None if runtime is None else runtime.compiled_description(),
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
         "anonymous_after_gib": anonymous / 2**30,
         "load_average": [load, os.getloadavg()[0]],
@@ -400,22 +475,18 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def section_backends(results: dict) -> None:
-    """torch and OpenVINO side by side, each run in a child process (own memory, own ISA)."""
+def section_backends(results: dict, runs: tuple[str, ...] = BACKEND_RUNS, cache: Path | None = None) -> None:
+    """torch and OpenVINO side by side, each run in a child process (own memory, own ISA);
+    ``runs`` picks some of ``BACKEND_RUNS``; ``cache``: an OpenVINO cache folder to convert
+    into, or to take the converted model from (none: a fresh one per ISA)."""
     folder = Path(tempfile.mkdtemp(prefix="instructx2x-backends-"))
-    runs = [
-        ("native", "torch", "auto", "fresh"),
-        ("native", "openvino", "auto", "fresh"),
-        ("native", "openvino", "auto", "cached"),
-        ("avx2", "torch", "fp32", "fresh"),
-        ("avx2", "openvino", "fp32", "fresh"),
-    ]
-    for isa, backend, dtype, cache in runs:
-        name = f"backends.{isa}.{backend}" + (".from_cache" if cache == "cached" else "")
-        cache_folder = folder / f"cache-{isa}"  # a fresh one per ISA: no compiled blob crosses
-        output = folder / f"{isa}-{backend}-{cache}.npz"
+    for run in runs:
+        isa, backend = run.split(".")[:2]
+        name = f"backends.{run}"
+        cache_folder = cache or folder / f"cache-{isa}"
+        output = folder / f"{run}.npz"
         environment = {**os.environ, **(AVX2_LIMITS if isa == "avx2" else {})}
-        command = [sys.executable, __file__, "--child", f"{backend},{dtype},{cache_folder},{output}"]
+        command = [sys.executable, __file__, "--child", f"{backend},auto,{cache_folder},{output}"]
         done = subprocess.run(command, env=environment, capture_output=True, text=True)
         if done.returncode:
             report(results, name, f"failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -439,6 +510,14 @@ def section_backends(results: dict) -> None:
             if figures[key] is not None:
                 report(results, f"{name}.{key}", figures[key], unit)
         report(results, f"{name}.load_average", figures["load_average"], "(1 min, start and end)")
+        for network, shares in figures["warm_edit_networks"].items():
+            report(
+                results,
+                f"{name}.warm_edit.{network}",
+                f"{shares['wall_s']:.1f} s wall, {shares['cpu_s']:.1f} CPU s, {shares['calls']} calls",
+            )
+        if figures["compiled"]:
+            report(results, f"{name}.compiled", figures["compiled"])
     for isa in ("native", "avx2"):
         torch_warm = results.get(f"backends.{isa}.torch.warm_edit_s")
         openvino_warm = results.get(f"backends.{isa}.openvino.warm_edit_s")
@@ -446,7 +525,7 @@ def section_backends(results: dict) -> None:
             report(results, f"backends.{isa}.speedup_warm", torch_warm / openvino_warm, "x (target >= 2)")
             cpu = [results[f"backends.{isa}.{backend}.warm_edit_cpu_s"] for backend in ("torch", "openvino")]
             report(results, f"backends.{isa}.speedup_warm_cpu_time", cpu[0] / cpu[1], "x, in CPU time")
-        edits = [folder / f"{isa}-{backend}-fresh.npz" for backend in ("torch", "openvino")]
+        edits = [folder / f"{isa}.{backend}.npz" for backend in ("torch", "openvino")]
         if all(path.is_file() for path in edits):
             ours, theirs = (np.load(path) for path in edits)
             report(
@@ -462,14 +541,97 @@ def section_backends(results: dict) -> None:
             report(results, f"backends.{isa}.edited_mean_abs_difference", float(difference.mean()))
 
 
+def section_openvino_unet(results: dict, cache: Path | None) -> None:
+    """One guidance-batch call of the SD-1.5-size UNet by OpenVINO, per precision (bf16 where
+    the CPU plugin has it, f32) and weight format: float32, and int8 (NNCF's INT8_ASYM weight
+    compression, when nncf is installed); CPU time, the share of each kind of layer, and how far
+    int8's prediction is from float32's."""
+    import openvino
+
+    from instructx2x.openvino_runtime import OpenVINORuntime
+
+    runtime = OpenVINORuntime(build_sd15_pipeline(), SD15_INFO.sha256, 512, cache, name=SD15_INFO.name)
+    inputs = [
+        torch.rand(3, 8, 64, 64, generator=torch.Generator().manual_seed(0)).numpy(),
+        np.array([500.0], dtype=np.float32),
+        torch.rand(3, 77, 768, generator=torch.Generator().manual_seed(1)).numpy(),
+    ]
+    formats = ["f32"]
+    try:
+        import nncf
+    except ImportError:
+        report(results, "openvino_unet.int8", "skipped: nncf is not installed")
+    else:
+        formats.append("int8")
+    for precision in ("bf16", "f32") if runtime.bf16 else ("f32",):
+        predictions = {}
+        for weights in formats:
+            name = f"openvino_unet.{precision}.{weights}_weights"
+            model = runtime.core.read_model(runtime.entry / "unet.xml")
+            if weights == "int8":
+                started = time.perf_counter()
+                model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+                report(results, f"{name}.compress_s", time.perf_counter() - started, "s")
+            model.reshape({index: openvino.PartialShape(list(x.shape)) for index, x in enumerate(inputs)})
+            started = time.perf_counter()
+            config = {
+                "INFERENCE_PRECISION_HINT": precision,
+                "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_NUM_THREADS": runtime.threads,
+                "PERF_COUNT": True,
+            }
+            request = runtime.core.compile_model(model, "CPU", config).create_infer_request()
+            report(results, f"{name}.compile_s", time.perf_counter() - started, "s")
+            request.infer(inputs)  # warm-up
+            start, cpu_start = time.perf_counter(), cpu_seconds()
+            request.infer(inputs)
+            report(results, f"{name}.call_s", time.perf_counter() - start, "s, one guidance-batch call")
+            report(results, f"{name}.call_cpu_s", cpu_seconds() - cpu_start, "CPU s")
+            layers: dict[str, float] = {}
+            for layer in request.profiling_info:
+                kind = f"{layer.node_type} ({layer.exec_type})"
+                layers[kind] = layers.get(kind, 0.0) + layer.real_time.total_seconds()
+            total = sum(layers.values())
+            shares = sorted(layers.items(), key=lambda item: -item[1])[:5]
+            report(
+                results, f"{name}.layers", ", ".join(f"{kind} {100 * t / total:.0f} %" for kind, t in shares)
+            )
+            predictions[weights] = np.array(request.get_output_tensor(0).data, copy=True)
+            del request, model
+        if len(predictions) == 2:
+            difference = np.abs(predictions["int8"] - predictions["f32"])
+            report(
+                results,
+                f"openvino_unet.{precision}.int8_vs_f32_weights",
+                f"max {difference.max():.4f}, mean {difference.mean():.4f} "
+                f"(mean |prediction| {np.abs(predictions['f32']).mean():.3f})",
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sections", default="overhead,preview,equivalence,batch,sd15,gpu")
     parser.add_argument(
         "--baseline-steps", type=int, default=2, help="UNet steps timed for the fp32 baseline (sd15 section)"
     )
+    parser.add_argument(
+        "--backends-runs",
+        default=",".join(BACKEND_RUNS),
+        help=f"the backends section's runs, some of {','.join(BACKEND_RUNS)}",
+    )
+    parser.add_argument(
+        "--openvino-cache",
+        type=Path,
+        help="backends and openvino-unet sections: OpenVINO cache folder to convert into or take the model from "
+        "(default: a fresh one per ISA, so the first OpenVINO run converts)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)  # backend,dtype,cache,output: one run of backends
     args = parser.parse_args()
+    runs = tuple(args.backends_runs.split(","))
+    if set(runs) - set(BACKEND_RUNS):
+        parser.error(
+            f"unknown backends runs {sorted(set(runs) - set(BACKEND_RUNS))}; choose from {BACKEND_RUNS}"
+        )
     if args.child:
         backend_child(*args.child.split(","))
         return
@@ -481,7 +643,8 @@ def main() -> None:
         "gpu": section_gpu,
         "batch": section_batch,
         "sd15": lambda r: section_sd15(r, args.baseline_steps),
-        "backends": section_backends,
+        "backends": lambda r: section_backends(r, runs, args.openvino_cache),
+        "openvino-unet": lambda r: section_openvino_unet(r, args.openvino_cache),
     }
     for name in args.sections.split(","):
         sections[name](results)

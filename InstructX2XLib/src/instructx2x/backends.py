@@ -11,6 +11,7 @@ import functools
 import os
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import ParameterError, ResourceError
@@ -28,6 +29,8 @@ __all__ = [
     "cpu_kind",
     "cpu_kind_of",
     "cpu_vendor_and_flags",
+    "ISA_LIMIT_ENVS",
+    "limited_flags",
     "openvino_available",
     "require_openvino",
     "resolve_backend",
@@ -46,10 +49,46 @@ MEASURED_SPEEDUP: dict[str, str] = {
 }
 
 
+# The variables that cap the instruction sets oneDNN (torch's and OpenVINO's copies) and
+# OpenVINO's own kernels use, and the caps' order by what they allow of the flags that pick a
+# CPU kind and bf16: AVX2, AVX-512 BF16, AMX. Names as oneDNN spells them (any case).
+ISA_LIMIT_ENVS = ("ONEDNN_MAX_CPU_ISA", "OV_CPU_MAX_ISA")
+_ISA_RANKS = {
+    "SSE41": 0,
+    "SSE42": 0,
+    "AVX": 1,
+    "AVX2": 2,
+    "AVX2_VNNI": 2,
+    "AVX2_VNNI_2": 2,
+    "AVX512_CORE": 2,
+    "AVX512_CORE_VNNI": 2,
+    "AVX512_CORE_BF16": 3,
+    "AVX512_CORE_FP16": 3,
+}
+# the flags a cap below each rank takes away
+_FLAGS_ABOVE_RANK = {
+    2: {"avx2"},
+    3: {"avx512_bf16"},
+    4: {"amx_bf16", "amx_int8", "amx_tile", "amx_fp16"},
+}
+
+
+def limited_flags(flags: frozenset[str], environment: Mapping[str, str]) -> frozenset[str]:
+    """``flags`` less what the strictest cap of ``ISA_LIMIT_ENVS`` in ``environment`` forbids
+    the kernels: under ``ONEDNN_MAX_CPU_ISA=AVX2`` an AMX CPU runs as an AVX2-only one (no bf16
+    instructions), so it is that kind here too. Unknown values, ``ALL`` and ``DEFAULT`` cap
+    nothing."""
+    ranks = [_ISA_RANKS.get(environment.get(name, "").strip().upper(), 4) for name in ISA_LIMIT_ENVS]
+    rank = min(ranks)
+    removed = set().union(*(names for above, names in _FLAGS_ABOVE_RANK.items() if rank < above))
+    return frozenset(flags - removed)
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_vendor_and_flags() -> tuple[str, frozenset[str]]:
-    """The CPU's vendor ('Intel', 'AMD', or as /proc/cpuinfo spells it) and its flags (none
-    where there is no /proc/cpuinfo: Windows, macOS)."""
+    """The CPU's vendor ('Intel', 'AMD', or as /proc/cpuinfo spells it) and the flags its
+    kernels may use: /proc/cpuinfo's, less those an ISA cap forbids (``limited_flags``); none
+    where there is no /proc/cpuinfo (Windows, macOS)."""
     vendor = ""
     flags: frozenset[str] = frozenset()
     try:
@@ -62,7 +101,9 @@ def cpu_vendor_and_flags() -> tuple[str, frozenset[str]]:
                     break
     except OSError:
         pass
-    return {"GenuineIntel": "Intel", "AuthenticAMD": "AMD"}.get(vendor, vendor), flags
+    return {"GenuineIntel": "Intel", "AuthenticAMD": "AMD"}.get(vendor, vendor), limited_flags(
+        flags, os.environ
+    )
 
 
 def cpu_kind_of(flags: frozenset[str] | set[str]) -> str:

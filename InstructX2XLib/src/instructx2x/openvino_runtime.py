@@ -14,7 +14,10 @@ editor's own code.
 - **Precision.** A stand-in follows ``Module.to(dtype)`` as a torch module does, so the
   editor's ``--dtype`` and the pipeline's fp32 relevance call (a cast of the UNet to float32 and
   back) pick the compiled model's inference precision: ``f32`` or ``bf16``, set explicitly
-  (OpenVINO defaults to bf16 on CPUs that have it). Weights are saved in float32.
+  (OpenVINO defaults to bf16 on CPUs that have it). Where OpenVINO's CPU plugin has no bf16
+  (no AVX-512 BF16 or AMX, or its kernels capped below them: ``OV_CPU_MAX_ISA`` with
+  ``ONEDNN_MAX_CPU_ISA``) it compiles bf16 as f32, and so does this runtime: a bf16 pipeline
+  then keeps one f32 UNet for both calls, as an f32 one does. Weights are saved in float32.
 - **Cache.** Converting an SD-1.5-size model takes minutes, so the converted models are kept
   in a cache folder (``backends.cache_folder``: ``$INSTRUCTX2X_CACHE/openvino``, else the
   user's cache folder) under a key of the weights' SHA-256 (``ModelInfo.sha256``), the networks' configs,
@@ -280,7 +283,8 @@ class OpenVINOUNet(_CompiledNetwork):
         time_array = np.full([1], float(timestep), dtype=np.float32)
         sample, states = _array(sample), _array(encoder_hidden_states)
         count = sample.shape[0]
-        if self.dtype == self.runtime.model_dtype and count % 3:
+        same = self.runtime.precision(self.dtype) == self.runtime.precision(self.runtime.model_dtype)
+        if same and count % 3:
             extra = 3 - count % 3
             sample = np.concatenate([sample, np.repeat(sample[-1:], extra, axis=0)])
             states = np.concatenate([states, np.repeat(states[-1:], extra, axis=0)])
@@ -369,6 +373,8 @@ class OpenVINORuntime:
         self.scale_factor = int(pipeline.vae_scale_factor)
         self.version = openvino.__version__
         self.core = openvino.Core()
+        # BF16 is missing where the CPU lacks it or the kernels are capped below it
+        self.bf16 = "BF16" in self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         self.threads = torch.get_num_threads()
         root = check_cache_folder(folder)
         self.key = cache_key(pipeline, sha256, self.resolution)
@@ -505,16 +511,42 @@ class OpenVINORuntime:
             shutil.rmtree(folder, ignore_errors=True)
 
     # -- compilation -------------------------------------------------------------------------
+    def precision(self, dtype: torch.dtype) -> str:
+        """The inference precision a network at ``dtype`` compiles to: ``f32`` or ``bf16``, and
+        ``f32`` for bf16 where the CPU plugin has no bf16 (``self.bf16``).
+
+        Raises
+        ------
+        ParameterError
+            For a dtype other than float32 and bfloat16.
+        """
+        try:
+            hint = PRECISION_HINTS[dtype]
+        except KeyError:
+            raise ParameterError(f"the OpenVINO backend runs fp32 or bf16, not {dtype}.") from None
+        return hint if self.bf16 else "f32"
+
+    def compiled_description(self) -> list[dict]:
+        """The compiled models of this process: network, input shapes, and the precision,
+        threads and streams each runs with, as OpenVINO reports them."""
+        return [
+            {
+                "network": network,
+                "shapes": [list(shape) for shape in shapes],
+                "precision": model.get_property("INFERENCE_PRECISION_HINT").get_type_name(),
+                "threads": int(model.get_property("INFERENCE_NUM_THREADS")),
+                "streams": int(model.get_property("NUM_STREAMS")),
+            }
+            for (network, _, shapes), model in self._compiled.items()
+        ]
+
     def compiled(
         self, network: str, dtype: torch.dtype, shapes: list[tuple[int, ...]], dynamic: bool = False
     ):
         """The compiled model of ``network`` for inputs of ``shapes`` at ``dtype``'s precision
         (compiled on first use in this process). ``dynamic`` leaves the spatial dimensions free
         (the decoder's windows)."""
-        try:
-            hint = PRECISION_HINTS[dtype]
-        except KeyError:
-            raise ParameterError(f"the OpenVINO backend runs fp32 or bf16, not {dtype}.") from None
+        hint = self.precision(dtype)
         fixed = [tuple(shape[:2]) + (-1,) * (len(shape) - 2) if dynamic else tuple(shape) for shape in shapes]
         key = (network, hint, tuple(fixed))
         if key not in self._compiled:
