@@ -70,8 +70,8 @@ def test_choosing_openvino_where_the_server_lacks_it_says_how_to_get_it(panel, t
     poll_until(panel.jobs, lambda e: panel.session.worker is None)
     assert panel.state.error == (
         "Backend: OpenVINO needs the OpenVINO runtime, which is not installed (or does not import): install it "
-        "into the Python environment this server runs in (pip install 'instructx2x[openvino]') and start the "
-        "server again (or choose Backend: PyTorch)."
+        "into the Python environment this server runs in (from a clone: pip install -c constraints.txt -e "
+        "'./InstructX2XLib[openvino]') and start the server again (or choose Backend: PyTorch)."
     )
     assert panel.state.worker_status == "No model loaded yet: the first Preview or Apply loads it."
     monkeypatch.delenv("PYTHONPATH")

@@ -395,7 +395,7 @@ _PANEL_WORDS = (
 def panel_message(message: str, openvino_hint: str | None = None) -> str:
     """A worker's message in a panel's words: its Advanced controls for the command line's
     options, and ``openvino_hint`` (how this panel gets the OpenVINO runtime) for the library's
-    ``pip install 'instructx2x[openvino]'``.
+    advice, ``backends.OPENVINO_EXTRA``.
 
     Parameters
     ----------

@@ -22,7 +22,7 @@ from instructx2x.untrained import build_untrained_pipeline
 
 needs_openvino = pytest.mark.skipif(
     not backends.openvino_available(),
-    reason="openvino is not installed (pip install 'instructx2x[openvino]'; make install puts it in .venv)",
+    reason="openvino is not installed (make install puts it in .venv)",
 )
 
 PROMPT = "Add the finding of left pleural effusion"
@@ -363,7 +363,7 @@ def test_the_cli_refuses_openvino_without_the_package_before_reading_anything(mo
     missing = tmp_path / "missing.png"
     for command in (["info"], ["edit", str(missing), "-i", PROMPT, "-o", str(tmp_path / "out")]):
         assert main([*command, "--model", "untrained-tiny", "--backend", "openvino"]) == 2
-        assert "pip install 'instructx2x[openvino]'" in capsys.readouterr().err
+        assert "pip install -c constraints.txt -e './InstructX2XLib[openvino]'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -41,7 +41,8 @@ POLL_INTERVAL_S = 0.2
 LAYOUT = "radiograph"
 # what the page says where the worker's Python lacks OpenVINO (session.panel_message)
 OPENVINO_HINT = (
-    "install it into the Python environment this server runs in (pip install 'instructx2x[openvino]') "
+    "install it into the Python environment this server runs in (from a clone: pip install -c "
+    "constraints.txt -e './InstructX2XLib[openvino]') "
     "and start the server again"
 )
 

@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "torch", "openvino")
-OPENVINO_EXTRA = "pip install 'instructx2x[openvino]'"
+OPENVINO_EXTRA = "install the extra instructx2x[openvino] (from a clone: pip install -c constraints.txt -e './InstructX2XLib[openvino]')"
 CACHE_ENV = "INSTRUCTX2X_CACHE"
 # The UNet size from which OpenVINO is the faster runtime (docs/benchmarks.md section 3): below
 # it, torch's eager calls are as fast and a first load would pay a conversion for nothing.
