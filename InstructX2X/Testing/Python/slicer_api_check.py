@@ -41,6 +41,7 @@ release does not have:
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import re
 import unittest
@@ -83,29 +84,20 @@ NODES_BY_CLASS = {
 # Functions that return a list of the nodes of the class named by their first argument
 NODE_LISTS = {"slicer.util.getNodesByClass"}
 POSITIONAL = ("positional_only", "positional_or_keyword")
-TYPE_WORDS = {"int", "char", "short", "long", "double", "float", "bool", "unsigned", "signed", "void"}
 
 
-def normalize_type(text: str) -> str:
-    """A C++ parameter type as Qt's normalized signatures write it (the same rules as
-    ``scripts/slicer_api_manifest.py``, which normalized the manifests' signatures)."""
-    text = " ".join(text.split("=")[0].split())
-    match = re.match(r"^(.*?[\w>*&\s])\s*\b([A-Za-z_]\w*)$", text)
-    if (
-        match
-        and match.group(2) not in TYPE_WORDS
-        and match.group(1).strip()
-        not in ("const", "unsigned", "signed", "volatile", "struct", "enum", "class")
-    ):
-        text = match.group(1).strip()
-    text = re.sub(r"\s*([*&])", r"\1", text)
-    if re.fullmatch(r"const [^*]+&", text):
-        text = text[len("const ") : -1]
-    elif re.fullmatch(r"[^*]+ const&", text):
-        text = text[: -len(" const&")]
-    elif text.startswith("const ") and not text.endswith(("*", "&")):
-        text = text[len("const ") :]
-    return text.strip()
+def _load_manifest_script():
+    """``scripts/slicer_api_manifest.py``, whose rules normalized the manifests' signatures: the
+    module's calls are normalized by the same function."""
+    path = Path(__file__).resolve().parents[3] / "scripts" / "slicer_api_manifest.py"
+    spec = importlib.util.spec_from_file_location("slicer_api_manifest", path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+normalize_type = _load_manifest_script().normalize_type
 
 
 def normalize_signature(text: str) -> str:
