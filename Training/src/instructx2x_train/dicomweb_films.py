@@ -1,7 +1,10 @@
 """The films of a DICOMweb cohort for ``evaluate`` and ``stress-test``: listed with QIDO-RS
 before the model loads (``list_cohort``), fetched with WADO-RS by the main process into
-``OUTPUT/films/`` once the output folder exists (``fetch_cohort``). The query, the client and
-the checks are the library's (``instructx2x.dicom.dicomweb``).
+``OUTPUT/films/`` once the output folder exists (``fetch_cohort``), then checked to be
+radiographs the editor reads (``check_readable``) before any film is edited or classified. The
+query, the client and the checks are the library's (``instructx2x.dicom.dicomweb``). A film's
+local name is its SOPInstanceUID: it finds the film again in the PACS and carries nothing of
+the patient (no name, ID, date, age or sex).
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from pathlib import Path
 
 from instructx2x.dicom.dicomweb import CohortQuery, Credentials, Film
 from instructx2x.errors import InstructX2XError
+from instructx2x.image_io import ImageReadError
 
-__all__ = ["FETCHED", "list_cohort", "fetch_cohort"]
+__all__ = ["FETCHED", "list_cohort", "fetch_cohort", "check_readable"]
 
 FETCHED = "films"  # a DICOMweb cohort's films, in the output folder
 
@@ -49,3 +53,24 @@ def fetch_cohort(
             shutil.rmtree(output, ignore_errors=True)
         raise
     return paths
+
+
+def check_readable(paths: list[Path]) -> None:
+    """Every fetched film reads as a radiograph the editor takes (``read_image``).
+
+    Raises
+    ------
+    ImageReadError
+        The first film that does not (no pixel data, not a chest, a photometric interpretation,
+        size or transfer syntax it cannot take, ...), named by its file and the reason.
+    """
+    from instructx2x import read_image
+
+    for path in paths:
+        try:
+            read_image(path)
+        except ImageReadError as error:
+            raise ImageReadError(
+                f"the DICOMweb query matched a film that cannot be edited: {error} Leave it out "
+                "with a narrower query (--dicomweb-series, --dicomweb-modality, --dicomweb-dates)."
+            ) from None

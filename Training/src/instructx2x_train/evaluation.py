@@ -31,6 +31,7 @@ import dataclasses
 import json
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,8 @@ from instructx2x.sharding import current_shard, open_record, read_records
 from instructx2x.verification import expected_labels
 
 from . import metrics
-from .dicomweb_films import FETCHED, fetch_cohort, list_cohort
+from .dicomweb_films import FETCHED, check_readable, fetch_cohort, list_cohort
+from .subgroups import group_order, subgroups
 
 __all__ = ["EvaluationConfig", "evaluate", "MODES", "REAL_ROW", "NOT_MEASURED", "summarise"]
 
@@ -274,7 +276,7 @@ def evaluate(
                 config.dicomweb,
                 credentials,
                 resumed,
-                _check_exportable if config.store else None,
+                _check_exportable if config.store else check_readable,
             )
     shard.wait()
     started = time.perf_counter()
@@ -515,17 +517,27 @@ def _assemble(
         bar.update()
     per_pair = []
     stored = 0
+    groups = _film_subgroups(pairs) if config.dicomweb is not None else {}
+    by_group: dict[str, dict] = {}
     for mode in config.modes:
         generated = _read_records(records, mode)
-        rows[mode] = summarise(
-            source,
-            target,
-            _stack([generated[i] for i in range(count)]),
-            expected,
-            instructed,
-            config.bootstrap,
-            config.seed,
-        )
+        edited = _stack([generated[i] for i in range(count)])
+        rows[mode] = summarise(source, target, edited, expected, instructed, config.bootstrap, config.seed)
+        by_group[mode] = {}
+        for group, members in groups.items():
+            index = np.asarray(members)
+            with warnings.catch_warnings():  # a small subgroup: age and CMIG may be undefined (NaN)
+                warnings.simplefilter("ignore", RuntimeWarning)
+                summary = summarise(
+                    _subset(source, index),
+                    None,
+                    _subset(edited, index),
+                    expected[index],
+                    instructed[index],
+                    config.bootstrap,
+                    config.seed,
+                )
+            by_group[mode][group] = {"pairs": len(members), **summary}
         rows[mode]["mean_edit_fraction"] = float(
             np.mean([generated[i]["edit_fraction"] for i in range(count)])
         )
@@ -570,12 +582,30 @@ def _assemble(
             "stored": stored if config.store else None,
         }
         report["not_measured"] = NOT_MEASURED
+        report["subgroups"] = by_group
     (output / "evaluation.json").write_text(to_json(report) + "\n")
     (output / "evaluation.md").write_text(evaluation_markdown(report))
     _table_frame(rows).to_csv(output / "metrics.csv", index=False)
     pd.DataFrame(per_pair).to_csv(output / "pairs.csv", index=False)
     _plot(rows, output / "ablation.png")
     return report
+
+
+def _film_subgroups(pairs: _Pairs) -> dict[str, list[int]]:
+    """The pairs of each subgroup but "all" (age band, sex) that the DICOM films state, in
+    ``group_order``; a film that states neither is in none."""
+    from instructx2x.dicom.demographics import read_demographics
+
+    stated = {path: read_demographics(path) for path in dict.fromkeys(pairs.sources)}
+    groups: dict[str, list[int]] = {}
+    for index, path in enumerate(pairs.sources):
+        for group in subgroups(stated[path].age, stated[path].sex, None)[1:]:
+            groups.setdefault(group, []).append(index)
+    return dict(sorted(groups.items(), key=lambda item: group_order(item[0])))
+
+
+def _subset(stacked: dict[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarray]:
+    return {key: values[index] for key, values in stacked.items()}
 
 
 def _table_frame(rows: dict) -> pd.DataFrame:
@@ -656,6 +686,24 @@ def evaluation_markdown(report: dict) -> str:
             + "; ".join(f"{name} ({why})" for name, why in report["not_measured"].items())
             + ". The source labels are the classifier's readings of each film.",
         ]
+    if "subgroups" in report:
+        lines += ["", "By subgroup (age band and sex as each film's DICOM attributes state them):", ""]
+        if any(report["subgroups"].values()):
+            lines += [
+                "| region mode | subgroup | pairs | pathology acc. (%) | instructed acc. (%) | race (%) "
+                "| age (r x100) | CMIG |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for name, groups in report["subgroups"].items():
+                for group, row in groups.items():
+                    lines.append(
+                        f"| {MODE_LABELS.get(name, name)} | {group} | {row['pairs']} | "
+                        f"{cell(row, 'pathology_accuracy')} | {cell(row, 'instructed_accuracy', 1)} | "
+                        f"{cell(row, 'race_preservation')} | {cell(row, 'age_preservation')} | "
+                        f"{cell(row, 'cmig')} |"
+                    )
+        else:
+            lines.append("No film states its age or sex.")
     lines += [
         "",
         "Accuracy (%) per pathology, on the instructed pathologies alone, and the mean edit area:",

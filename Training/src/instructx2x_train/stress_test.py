@@ -55,8 +55,9 @@ from instructx2x.sharding import current_shard, open_record, read_records
 
 from . import metrics
 from .classifiers import EVALUATED_FINDINGS, DeviceDraw, draw_films
-from .dicomweb_films import FETCHED, fetch_cohort, list_cohort
+from .dicomweb_films import FETCHED, check_readable, fetch_cohort, list_cohort
 from .phantom import LEVEL_FACTOR, RACES
+from .subgroups import group_order, subgroups
 
 __all__ = [
     "StressEdit",
@@ -74,7 +75,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 INCOMPLETE = "INCOMPLETE"
 CONFIG_NAME = "stress-test-config.json"
 FILMS_TABLE = "films.csv"
-AGE_BANDS = ((0, 45, "age <45"), (45, 65, "age 45-64"), (65, 200, "age >=65"))
 DRAIN_WITH_PNEUMOTHORAX = DeviceDraw(drain_with_pneumothorax=1.0)
 OPERATIONS = {Operation.ADD: "add", Operation.REMOVE: "remove", Operation.CHANGE_LEVEL: "change level"}
 
@@ -286,14 +286,15 @@ class Film:
             return stored[name].astype(bool) if name in stored.files and stored[name].any() else None
 
     def subgroups(self) -> list[str]:
-        groups = ["all"]
-        if self.age is not None:
-            groups += [label for low, high, label in AGE_BANDS if low <= self.age < high]
-        if self.sex:
-            groups.append(f"sex {self.sex}")
-        if self.race:
-            groups.append(f"race {self.race}")
-        return groups
+        return subgroups(self.age, self.sex, self.race)
+
+
+def _with_demographics(film: Film) -> Film:
+    """A fetched DICOM film with the age and sex it states (``instructx2x.dicom.demographics``)."""
+    from instructx2x.dicom.demographics import read_demographics
+
+    stated = read_demographics(film.path)
+    return dataclasses.replace(film, age=stated.age, sex=stated.sex)
 
 
 def _masked_findings(path: Path) -> frozenset[str] | None:
@@ -468,7 +469,8 @@ def stress_test(
     resumed = _prepare_output(output, settings) if shard.is_main else True
     if listed and shard.is_main:
         assert config.dicomweb is not None  # listed only for a query
-        fetch_cohort(output, listed, config.dicomweb, credentials, resumed)
+        fetch_cohort(output, listed, config.dicomweb, credentials, resumed, check_readable)
+        films = [_with_demographics(film) for film in films]
     shard.wait()
     started = time.perf_counter()
     records = output / "records"
@@ -558,7 +560,7 @@ def _assemble(output, films, edits, plan, readers, editor, config, resumed, seco
                     groups.setdefault(group, []).append(i)
             for k, finding in enumerate(reader.findings):
                 instructed = finding == edit.finding
-                for group, members in sorted(groups.items(), key=lambda item: _group_order(item[0])):
+                for group, members in sorted(groups.items(), key=lambda item: group_order(item[0])):
                     b, a = before[members, k], after[members, k]
                     direction = edit.direction if instructed else None
                     row = {
@@ -636,16 +638,6 @@ def _source(config: StressConfig) -> str:
         return f"{Path(config.dataset).name}:{config.split}"
     assert config.dicomweb is not None  # one of the three, checked by StressConfig
     return config.dicomweb.url
-
-
-def _group_order(group: str) -> tuple[int, str]:
-    """All films first, then age bands in order, then sex, then race."""
-    bands = [label for _, _, label in AGE_BANDS]
-    if group == "all":
-        return (0, "")
-    if group in bands:
-        return (1, str(bands.index(group)))
-    return (2, group)
 
 
 def _verdicts(table: list[dict]) -> list[dict]:
