@@ -279,13 +279,10 @@ def push_stow(paths: list[Path], url: str, credentials: Credentials | None = Non
     if not url.startswith(("http://", "https://")):
         raise ParameterError(f"STOW-RS URL must start with http:// or https://, got {url!r}.")
     import pydicom
-    from requests import RequestException
 
     client = connect(url, credentials)
-    try:
-        client.store_instances(datasets=[pydicom.dcmread(path) for path in paths])
-    except (RequestException, RuntimeError, ValueError) as error:
-        raise PacsError(f"STOW-RS to the DICOMweb server failed: {error}") from error
+    datasets = [pydicom.dcmread(path) for path in paths]
+    _ask("STOW-RS store", client.store_instances, datasets=datasets)
 
 
 def store_folder(folder: Path, url: str, credentials: Credentials | None = None) -> int:
@@ -304,7 +301,10 @@ def store_folder(folder: Path, url: str, credentials: Credentials | None = None)
 
 
 def _ask(what: str, call, *args, **kwargs):
+    """``call(*args, **kwargs)``; a refusal or failure of the server as a ``PacsError`` that
+    names the HTTP status (never the URL's query or the credentials)."""
     from requests import RequestException
+    from retrying import RetryError  # dicomweb_client's: its last retry of 429, 503 or 504
 
     try:
         return call(*args, **kwargs)
@@ -314,6 +314,13 @@ def _ask(what: str, call, *args, **kwargs):
         if status in (401, 403):
             reason += " (check the credentials)"
         raise PacsError(f"{what} on the DICOMweb server failed: {reason}.") from None
+    except RetryError as error:
+        attempt = error.last_attempt
+        status = None if attempt.has_exception else getattr(attempt.value, "status_code", None)
+        reason = f"HTTP {status}" if status is not None else type(attempt.value[1]).__name__
+        raise PacsError(
+            f"{what} on the DICOMweb server failed: {reason} after {attempt.attempt_number} attempts."
+        ) from None
     except (RuntimeError, ValueError) as error:
         raise PacsError(f"{what} on the DICOMweb server failed: {type(error).__name__}.") from None
 
