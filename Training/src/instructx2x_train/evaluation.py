@@ -248,7 +248,7 @@ def evaluate(
     output = Path(output)
     listed = []
     if config.dicomweb is not None:
-        listed = list_cohort(config.dicomweb, credentials)
+        listed = list_cohort(config.dicomweb, credentials, output)
         pairs = _cohort_pairs(output, listed, config.instructions, config.limit)
         where = (
             f"the DICOMweb query matched {len(listed)} film(s): {len(pairs)} pair(s) with "

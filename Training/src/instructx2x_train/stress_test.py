@@ -453,7 +453,7 @@ def stress_test(
     output = Path(output)
     listed = []
     if config.dicomweb is not None:
-        listed = list_cohort(config.dicomweb, credentials)[: config.limit]
+        listed = list_cohort(config.dicomweb, credentials, output)[: config.limit]
         films = [Film(output / FETCHED / film.file_name, None) for film in listed]
     else:
         films = load_films(config.films, config.dataset, config.split)[: config.limit]
