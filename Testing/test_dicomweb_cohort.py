@@ -14,17 +14,45 @@ import pydicom
 import pytest
 from console import console_script
 from dicom_factory import make_radiograph, phantom
+from dicomweb_proxy import FailingProxy
 from orthanc import OrthancServer
 
 PASSWORD = "s3cret-cohort-pw"
 
 
+# the study dates of the cohorts that have a month of their own (queried with --dicomweb-dates)
+PEOPLE, UNREADABLE, FAILING = "20250301-20250331", "20250401-20250430", "20250501-20250531"
+
+
 class CohortOrthanc(OrthancServer):
     """The Orthanc the cohort is stored in; ``cr`` is its radiograph (beside a CT in its study),
-    ``dx`` the two radiographs of a series in another study."""
+    ``dx`` the two radiographs of a series in another study; ``people`` three radiographs of
+    March 2025 that state a woman of 70 (PatientAge), a man of 35 (birth and study dates) and
+    nothing; ``unreadable`` a radiograph and one without pixel data of April 2025; ``failing``
+    two radiographs of May 2025."""
 
     cr: pydicom.Dataset
     dx: list[pydicom.Dataset]
+    people: list[pydicom.Dataset]
+    unreadable: list[pydicom.Dataset]
+    failing: list[pydicom.Dataset]
+
+
+def patient(number: int, study_date: str, **attributes) -> pydicom.Dataset:
+    """A DX film of a patient of its own, in a study of its own on ``study_date``; the patient
+    attributes in ``attributes`` (None: absent)."""
+    dataset = make_radiograph("DX", pixels=phantom(72, 64)[:, :: (-1) ** number])
+    dataset.PatientID, dataset.PatientName, dataset.StudyDate = (
+        f"COHORT-{number}",
+        f"Cohort^{number}",
+        study_date,
+    )
+    for keyword, value in attributes.items():
+        if value is None:
+            delattr(dataset, keyword)
+        else:
+            setattr(dataset, keyword, value)
+    return dataset
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +70,20 @@ def orthanc(tmp_path_factory):
     dx = [make_radiograph("DX"), make_radiograph("DX", pixels=phantom(72, 64)[:, ::-1] * 3 // 4)]
     dx[1].StudyInstanceUID, dx[1].SeriesInstanceUID = dx[0].StudyInstanceUID, dx[0].SeriesInstanceUID
     dx[1].InstanceNumber = 2
-    for name, dataset in (("cr.dcm", cr), ("ct.dcm", ct), ("dx1.dcm", dx[0]), ("dx2.dcm", dx[1])):
-        dataset.save_as(films / name, enforce_file_format=True)
-        server.upload(films / name)
+    people = [
+        patient(1, "20250310", PatientAge="070Y", PatientSex="F", PatientBirthDate=None),
+        patient(2, "20250311", PatientBirthDate="19900615", PatientSex="M"),
+        patient(3, "20250312", PatientBirthDate=None, PatientSex=""),
+    ]
+    unreadable = [patient(4, "20250410"), patient(5, "20250411", PixelData=None)]
+    failing = [patient(6, "20250510"), patient(7, "20250511")]
+    cohort = {"cr": cr, "ct": ct, "dx1": dx[0], "dx2": dx[1]}
+    cohort |= {f"p{number}": dataset for number, dataset in enumerate(people + unreadable + failing)}
+    for name, dataset in cohort.items():
+        dataset.save_as(films / f"{name}.dcm", enforce_file_format=True)
+        server.upload(films / f"{name}.dcm")
     server.cr, server.dx = cr, dx
+    server.people, server.unreadable, server.failing = people, unreadable, failing
     yield server
     server.stop()
 
@@ -81,8 +119,13 @@ def edit(orthanc, output, *query, store=False, password=PASSWORD):
     )
 
 
-def everything_written(folder):
-    return "".join(path.read_bytes().decode("latin-1") for path in folder.rglob("*") if path.is_file())
+def everything_written(folder, but=()):
+    """The names and contents of every file under ``folder``, but those in its subfolders ``but``."""
+    paths = [path for path in folder.rglob("*") if not set(path.relative_to(folder).parts[:-1]) & set(but)]
+    return "".join(
+        str(path.relative_to(folder)) + (path.read_bytes().decode("latin-1") if path.is_file() else "")
+        for path in paths
+    )
 
 
 def test_a_cohort_is_fetched_edited_and_stored_back_in_its_study(orthanc, tmp_path):
@@ -122,7 +165,9 @@ def test_a_cohort_that_cannot_be_edited_is_refused_before_any_folder(
     assert not out.exists()
 
 
-def stress(orthanc, output, edits, *query, password=PASSWORD, model="untrained-tiny", credentials=None):
+def stress(
+    orthanc, output, edits, *query, password=PASSWORD, model="untrained-tiny", credentials=None, url=None
+):
     """``stress-test`` on the films the query matches; the password from the environment, or
     from a credentials file when ``credentials`` names one."""
     environment = {**os.environ, "INSTRUCTX2X_DICOMWEB_USER": "radiology"}
@@ -140,7 +185,7 @@ def stress(orthanc, output, edits, *query, password=PASSWORD, model="untrained-t
             str(edits),
             *("--model", model, "--steps", "2", "--resolution", "64", "--bootstrap", "20", "--no-progress"),
             "--dicomweb",
-            f"{orthanc.url}/dicom-web",
+            url or f"{orthanc.url}/dicom-web",
             *query,
         ],
         capture_output=True,
@@ -194,9 +239,19 @@ def test_a_stress_test_query_that_gives_no_films_is_refused_before_the_model(
     assert not out.exists()
 
 
-def assess(orthanc, output, *query, password=PASSWORD, model="untrained-tiny", store=False):
+def assess(
+    orthanc,
+    output,
+    *query,
+    password=PASSWORD,
+    model="untrained-tiny",
+    store=False,
+    modes="none,rse",
+    url=None,
+):
     """``evaluate`` of the films the query matches, each edited with "Add the finding of edema"
-    in two region modes; the password from the environment."""
+    in the region modes; the password from the environment; Orthanc's service root unless
+    ``url`` names another."""
     environment = {**os.environ, "INSTRUCTX2X_DICOMWEB_USER": "radiology"}
     environment["INSTRUCTX2X_DICOMWEB_PASSWORD"] = password
     return subprocess.run(
@@ -204,10 +259,10 @@ def assess(orthanc, output, *query, password=PASSWORD, model="untrained-tiny", s
             console_script("instructx2x-train"),
             "evaluate",
             str(output),
-            *("--model", model, "--modes", "none,rse", "-i", "Add the finding of edema"),
+            *("--model", model, "--modes", modes, "-i", "Add the finding of edema"),
             *("--steps", "2", "--resolution", "64", "--bootstrap", "20", "--no-progress"),
             "--dicomweb",
-            f"{orthanc.url}/dicom-web",
+            url or f"{orthanc.url}/dicom-web",
             *query,
             *(["--dicomweb-store"] if store else []),
         ],
@@ -282,3 +337,131 @@ def test_an_evaluation_query_that_gives_no_pairs_is_refused_before_the_model(
     assert message in completed.stderr and "no-model" not in completed.stderr
     assert "Traceback" not in completed.stderr and password not in completed.stderr
     assert not out.exists()
+
+
+def identifying(dataset: pydicom.Dataset) -> list[str]:
+    """What of a film's patient must stay out of logs, names and the report's files."""
+    values = (
+        dataset.PatientName,
+        dataset.PatientID,
+        dataset.get("PatientBirthDate"),
+        dataset.get("PatientAge"),
+    )
+    return [str(value) for value in values if value]
+
+
+def test_a_stress_test_reports_the_subgroups_each_film_states(orthanc, tmp_path, edits):
+    out = tmp_path / "stress"
+    completed = stress(orthanc, out, edits, "--dicomweb-dates", PEOPLE)
+    assert completed.returncode == 0, completed.stderr
+    report = json.loads((out / "stress-test.json").read_text())
+    instructed = [row for row in report["table"] if row["role"] == "instructed"]
+    # the woman of 70, the man of 35; the film that states nothing is in "all" alone
+    assert [(row["subgroup"], row["films"]) for row in instructed] == [
+        ("all", 3),
+        ("age <45", 1),
+        ("age >=65", 1),
+        ("sex F", 1),
+        ("sex M", 1),
+    ]
+    assert "## Subgroups" in (out / "stress-test.md").read_text()
+    names = sorted(path.name for path in (out / "films").iterdir())
+    assert names == sorted(f"{ds.SOPInstanceUID}.dcm" for ds in orthanc.people)
+    for text in (completed.stdout, completed.stderr, everything_written(out, but=("films",))):
+        for value in (value for ds in orthanc.people for value in identifying(ds)):
+            assert value not in text
+
+
+def test_an_evaluation_reports_the_subgroups_each_film_states(orthanc, tmp_path):
+    out = tmp_path / "evaluation"
+    completed = assess(orthanc, out, "--dicomweb-dates", PEOPLE, modes="none")
+    assert completed.returncode == 0, completed.stderr
+    report = json.loads((out / "evaluation.json").read_text())
+    groups = report["subgroups"]["none"]
+    assert list(groups) == ["age <45", "age >=65", "sex F", "sex M"]  # never a guess for the third film
+    assert all(group["pairs"] == 1 for group in groups.values())
+    for group in groups.values():
+        assert (
+            0 <= group["pathology_accuracy"] <= 100 and group["age_preservation"] == "nan"
+        )  # one pair: no correlation
+    assert report["dicomweb"]["films"] == 3
+    markdown = (out / "evaluation.md").read_text()
+    assert "| none | age >=65 | 1 |" in markdown and "| none | sex M | 1 |" in markdown
+    for text in (completed.stdout, completed.stderr, everything_written(out, but=("films",))):
+        for value in (value for ds in orthanc.people for value in identifying(ds)):
+            assert value not in text
+
+
+@pytest.mark.parametrize("command", ["evaluate", "stress-test"])
+def test_a_film_that_cannot_be_edited_stops_a_new_run_before_any_edit(orthanc, tmp_path, edits, command):
+    """A radiograph without pixel data: found once fetched, before any edit or reading; the
+    folder the run created is gone."""
+    out = tmp_path / "refused"
+    if command == "evaluate":
+        completed = assess(orthanc, out, "--dicomweb-dates", UNREADABLE, modes="none")
+    else:
+        completed = stress(orthanc, out, edits, "--dicomweb-dates", UNREADABLE)
+    assert completed.returncode == 2, completed.stderr
+    film = f"{orthanc.unreadable[1].SOPInstanceUID}.dcm"
+    assert f"cannot be edited: {film}: the dataset has no pixel data" in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert not out.exists()
+
+
+@pytest.fixture
+def proxy(orthanc):
+    server = FailingProxy(orthanc.url)
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "stress-test"])
+def test_a_server_that_fails_while_the_films_are_fetched_leaves_nothing(
+    orthanc, proxy, tmp_path, edits, command
+):
+    """WADO-RS answers the first film and then HTTP 503: the new run's folder is gone."""
+    out, url = tmp_path / "failed", f"{proxy.url}/dicom-web"
+    proxy.fail_after("retrieve", 1)
+    if command == "evaluate":
+        completed = assess(orthanc, out, "--dicomweb-dates", PEOPLE, modes="none", url=url)
+    else:
+        completed = stress(orthanc, out, edits, "--dicomweb-dates", PEOPLE, url=url)
+    assert completed.returncode == 5, completed.stderr
+    assert "WADO-RS retrieve on the DICOMweb server failed: HTTP 503" in completed.stderr
+    assert "Traceback" not in completed.stderr and proxy.passed["retrieve"] == 1
+    assert not out.exists()
+
+
+def test_a_server_that_fails_mid_cohort_keeps_the_stored_edits_and_the_run_resumes(orthanc, proxy, tmp_path):
+    """STOW-RS stores the first film's edit and then answers HTTP 503: the run stops with the
+    first pair recorded and stored, the second written whole but not stored and not recorded;
+    the same command, once the server answers again, edits and stores the second alone (the
+    query now also matches the first edit's objects: the resumed run edits the films it started
+    with, recorded in cohort.json, without asking again)."""
+    out, url = tmp_path / "evaluation", f"{proxy.url}/dicom-web"
+    first, second = orthanc.failing
+    proxy.fail_after("store", 1)
+    completed = assess(orthanc, out, "--dicomweb-dates", FAILING, modes="none", store=True, url=url)
+    assert completed.returncode == 5, completed.stderr
+    assert "dicom/0001-none written but not stored" in completed.stderr
+    assert "rerun the same command to resume" in completed.stderr and "Traceback" not in completed.stderr
+    assert (out / "INCOMPLETE").exists() and not (out / "evaluation.json").exists()
+    recorded_films = json.loads((out / "cohort.json").read_text())
+    assert [film["instance"] for film in recorded_films] == sorted(
+        ds.SOPInstanceUID for ds in orthanc.failing
+    )
+    recorded = [json.loads(line) for line in (out / "records" / "none.rank0.jsonl").read_text().splitlines()]
+    assert [(row["pair"], row["stored"]) for row in recorded] == [(0, 3)]
+    assert sorted(path.name for path in (out / "dicom").iterdir()) == ["0000-none", "0001-none"]
+    assert len(orthanc.study_instances(first.StudyInstanceUID)) == 1 + 3
+    assert orthanc.study_instances(second.StudyInstanceUID) == [second.SOPInstanceUID]
+
+    proxy.heal()
+    completed = assess(orthanc, out, "--dicomweb-dates", FAILING, modes="none", store=True, url=url)
+    assert completed.returncode == 0, completed.stderr
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["resumed"] is True and report["dicomweb"]["stored"] == 6
+    assert not (out / "INCOMPLETE").exists()
+    # each film's edit stored once, in its own study
+    assert len(orthanc.study_instances(first.StudyInstanceUID)) == 1 + 3
+    assert len(orthanc.study_instances(second.StudyInstanceUID)) == 1 + 3
