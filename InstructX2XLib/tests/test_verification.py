@@ -174,6 +174,19 @@ def test_a_saved_set_round_trips_and_broken_sets_are_refused(tmp_path):
     with torch.no_grad():
         direct = torch.sigmoid(network.eval()(torch.from_numpy(film)[None, None])["findings"]).numpy()
     assert np.allclose(loaded.predict([film]).findings, direct, atol=1e-6)
+    # weights of another width: the card's network does not take them
+    other = tmp_path / "other"
+    other.mkdir()
+    save_cohort_classifiers(CohortNetwork(4), {"resolution": 64, "width": 4}, other)
+    (other / "classifiers.safetensors").replace(folder / "classifiers.safetensors")
+    fit = r"do not fit the network of width 8 its card describes: 58 tensor\(s\) of another shape"
+    with pytest.raises(
+        ModelLoadError, match=fit + r".*first: body.0.weight \(4, 1, 5, 5\) for \(8, 1, 5, 5\)"
+    ):
+        load_classifiers(str(folder))
+    (folder / "classifiers.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelLoadError, match="classifier set set cannot be read: .*header"):
+        load_classifiers(str(folder))
     (folder / "classifiers.safetensors").unlink()
     with pytest.raises(ModelLoadError, match="classifiers.safetensors is missing"):
         load_classifiers(str(folder))

@@ -122,6 +122,7 @@ class CohortClassifiers(ClassifierSet):
         ModelLoadError
             Naming the missing or unreadable file.
         """
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         folder = Path(folder)
@@ -136,8 +137,10 @@ class CohortClassifiers(ClassifierSet):
             if card.get("format") != CARD_FORMAT:
                 raise ValueError(f"format {card.get('format')!r} is not {CARD_FORMAT}")
             network = CohortNetwork(int(card["width"]))
-            network.load_state_dict(load_file(folder / WEIGHTS_NAME))
-        except (ValueError, KeyError, RuntimeError, OSError) as error:
+            weights = load_file(folder / WEIGHTS_NAME)
+            _check_fit(network, weights, int(card["width"]))
+            network.load_state_dict(weights)
+        except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as error:
             raise ModelLoadError(f"classifier set {folder.name} cannot be read: {error}") from None
         return cls(network, card, name or folder.name)
 
@@ -159,6 +162,25 @@ class CohortClassifiers(ClassifierSet):
 
     def describe(self) -> dict:
         return {**super().describe(), "held_out": self.card.get("held_out")}
+
+
+def _check_fit(network: torch.nn.Module, weights: dict[str, torch.Tensor], width: int) -> None:
+    """Raise ValueError, in one line, when the weights are not the network's tensors."""
+    expected = network.state_dict()
+    misfits = [
+        f"{key} {tuple(weights[key].shape)} for {tuple(value.shape)}"
+        for key, value in expected.items()
+        if key in weights and weights[key].shape != value.shape
+    ]
+    missing = [key for key in expected if key not in weights]
+    unexpected = [key for key in weights if key not in expected]
+    if misfits or missing or unexpected:
+        example = (misfits or missing or unexpected)[0]
+        raise ValueError(
+            f"its weights do not fit the network of width {width} its card describes: "
+            f"{len(misfits)} tensor(s) of another shape, {len(missing)} missing, {len(unexpected)} "
+            f"unexpected (first: {example})"
+        )
 
 
 def save_cohort_classifiers(network: CohortNetwork, card: dict, folder: Path) -> None:
