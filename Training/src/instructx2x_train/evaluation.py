@@ -19,8 +19,10 @@ A DICOMweb cohort (``EvaluationConfig.dicomweb``) has films but no pairs: each f
 with each of the given instructions, and its source labels are the classifier's. It has no true
 counterfactual, so the figures measured against one (the real-image row, KL and FID) are not
 computed and the report says so (``NOT_MEASURED``); pathology accuracy, race and age
-preservation and CMIG read the edits alone. The films are listed (QIDO-RS) before the model
-loads and fetched (WADO-RS) into ``OUTPUT/films/``; with ``store`` every edit's DICOM objects
+preservation and CMIG read the edits alone, also per subgroup (the age band and sex each film's
+DICOM states: ``instructx2x.dicom.demographics``). The films are listed (QIDO-RS) before the
+model loads, fetched (WADO-RS) into ``OUTPUT/films/`` and read once before any edit (a resumed
+run takes the films of ``OUTPUT/cohort.json``); with ``store`` every edit's DICOM objects
 (counterfactual, overlay, SEG) are also written to ``OUTPUT/dicom/`` and stored back with
 STOW-RS into the film's own study. Credentials are an argument of ``evaluate``, never recorded.
 """

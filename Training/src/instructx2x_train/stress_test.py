@@ -25,7 +25,9 @@ Films: a folder of films (PNG, JPEG, DICOM) with an optional ``films.csv`` (``fi
 per film whose arrays name the regions an edit may keep (``stress-films`` writes such a folder
 of phantoms with devices); or the source films of a dataset split (``.masks.npz`` beside them
 name the findings present); or the radiographs a DICOMweb query matches (QIDO-RS, listed before
-the model loads, fetched with WADO-RS by the main process into ``OUTPUT/films/``). Where a film's
+the model loads, fetched with WADO-RS by the main process into ``OUTPUT/films/`` and read once
+before any edit; their age and sex from their own DICOM, ``instructx2x.dicom.demographics``;
+a resumed run takes the films of ``OUTPUT/cohort.json``). Where a film's
 findings are known an edit applies to the films it makes sense on (a removal to films with the
 finding, an addition to films without); where they are not, to every film.
 """
