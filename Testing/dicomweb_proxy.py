@@ -1,7 +1,8 @@
 """A DICOMweb server that fails mid-cohort, for the tests: a loopback HTTP proxy in front of a
 real Orthanc that passes every request through until told to fail, then answers one kind of
-request (``fail``: ``"store"`` for STOW-RS, ``"retrieve"`` for WADO-RS) with HTTP 503 after
-``after`` of them went through; ``heal`` passes everything again."""
+request (``fail``: ``"store"`` for STOW-RS, ``"retrieve"`` for WADO-RS) with an HTTP error
+(503 by default, which dicomweb_client retries; 500, which it does not) after ``after`` of them
+went through; ``heal`` passes everything again."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ class FailingProxy:
         self.upstream = upstream.rstrip("/")
         self.fail: str | None = None
         self.after = 0
+        self.status = 503
         self.passed = {"store": 0, "retrieve": 0}
         self.lock = threading.Lock()
         proxy = self
@@ -37,9 +39,10 @@ class FailingProxy:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def fail_after(self, kind: str, after: int) -> None:
+    def fail_after(self, kind: str, after: int, status: int = 503) -> None:
         with self.lock:
-            self.fail, self.after, self.passed = kind, after, {"store": 0, "retrieve": 0}
+            self.fail, self.after, self.status = kind, after, status
+            self.passed = {"store": 0, "retrieve": 0}
 
     def heal(self) -> None:
         with self.lock:
@@ -53,7 +56,7 @@ class FailingProxy:
                 self.passed[kind] += 1
         body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
         if failing:
-            handler.send_response(503)
+            handler.send_response(self.status)
             handler.send_header("Content-Length", "0")
             handler.end_headers()
             return
