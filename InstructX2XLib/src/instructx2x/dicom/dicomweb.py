@@ -304,7 +304,7 @@ def _ask(what: str, call, *args, **kwargs):
     """``call(*args, **kwargs)``; a refusal or failure of the server as a ``PacsError`` that
     names the HTTP status (never the URL's query or the credentials)."""
     from requests import RequestException
-    from retrying import RetryError  # dicomweb_client's: its last retry of 429, 503 or 504
+    from retrying import RetryError  # dicomweb_client's: its last retry of 408, 429, 503 or 504
 
     try:
         return call(*args, **kwargs)
