@@ -51,15 +51,15 @@ def test_held_out_auroc_ranks_the_films_by_the_classifiers_probability():
             count = len(self.findings)
             return Predictions(
                 findings=self.findings,
-                age=np.full(count, 50.0),
+                age=np.linspace(40.0, 60.0, count),
                 race=np.eye(3)[[0] * count],
                 features=np.zeros((count, 4)),
                 sex_female=np.full(count, 0.9),
             )
 
     labels = [
-        {"findings": [0.0, 0.0, 0.0, 0.0, float(positive)], "age": 50.0, "sex_female": 1.0, "race": 0}
-        for positive in (1, 1, 1, 0, 0, 0)
+        {"findings": [0.0, 0.0, 0.0, 0.0, float(positive)], "age": 40.0 + 4 * k, "sex_female": 1.0, "race": 0}
+        for k, positive in enumerate((1, 1, 1, 0, 0, 0))
     ]
     findings = np.zeros((6, 5))
     findings[:, 4] = [0.40, 0.30, 0.20, 0.20, 0.10, 0.05]  # 8 of 9 pairs won, one tie: 8.5 / 9

@@ -13,6 +13,7 @@ the evaluation and the per-edit verification use.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -53,6 +54,8 @@ __all__ = [
     "EVALUATED_FINDINGS",
     "ClassifierConfig",
     "DeviceDraw",
+    "PhantomDraw",
+    "draw_phantom",
     "train_classifiers",
     "draw_films",
     "held_out_figures",
@@ -132,12 +135,55 @@ class ClassifierConfig:
             raise ValueError(f"finding_probability must lie in (0, 1), got {self.finding_probability}.")
 
 
-def _film(args: tuple[int, int, int, float, int, DeviceDraw, bool]) -> tuple[np.ndarray, dict]:
-    seed, index, resolution, finding_probability, size, device_draw, with_masks = args
+@dataclasses.dataclass(frozen=True)
+class PhantomDraw:
+    """One film's phantom as ``draw_films`` draws it: the body (with its demographics), the
+    findings present, the pose, the devices and the quantum noise field (the film's own stream).
+    ``render`` films it with these findings or others, everything else the same."""
+
+    anatomy: Anatomy
+    findings: tuple[FindingState, ...]
+    pose: Pose
+    devices: tuple[DeviceState, ...]
+    noise: np.ndarray = dataclasses.field(repr=False, compare=False)
+
+    def render(self, findings: tuple[FindingState, ...] | None = None) -> np.ndarray:
+        """The film (float32 in [0, 1], at the noise field's size) with ``findings`` (default:
+        its own)."""
+        size = self.noise.shape[0]
+        attenuation = render_attenuation(
+            size,
+            size,
+            self.anatomy,
+            list(self.findings if findings is None else findings),
+            self.pose,
+            devices=self.devices,
+        )
+        return form_film(attenuation, self.noise, 0.0012 * size)
+
+    def record(self) -> dict:
+        """The phantom's parameters as JSON values (the noise field is the film's stream's)."""
+        return json.loads(
+            json.dumps(
+                {
+                    "anatomy": dataclasses.asdict(self.anatomy),
+                    "findings": [dataclasses.asdict(finding) for finding in self.findings],
+                    "pose": dataclasses.asdict(self.pose),
+                    "devices": [dataclasses.asdict(device) for device in self.devices],
+                }
+            )
+        )
+
+
+def draw_phantom(
+    seed: int, index: int, resolution: int, finding_probability: float, device_draw: DeviceDraw
+) -> PhantomDraw:
+    """Film ``index`` of the stream ``seed``: its phantom from ``default_rng([seed, index])``, its
+    devices from their own stream."""
     rng = np.random.default_rng([seed, index])
     age, sex, race = int(rng.integers(25, 90)), str(rng.choice(("F", "M"))), str(rng.choice(RACES))
     anatomy = Anatomy.draw(rng, age, sex, race)
-    present = [
+    present = tuple(
         FindingState(
             name,
             str(rng.choice(level_words(name))),
@@ -147,7 +193,7 @@ def _film(args: tuple[int, int, int, float, int, DeviceDraw, bool]) -> tuple[np.
         )
         for name in EVALUATED_FINDINGS
         if rng.random() < finding_probability
-    ]
+    )
     pose = Pose(
         float(rng.normal(0, 1.5)),
         float(rng.uniform(0.97, 1.03)),
@@ -155,12 +201,16 @@ def _film(args: tuple[int, int, int, float, int, DeviceDraw, bool]) -> tuple[np.
         float(rng.normal(0, 0.02)),
     )
     noise = rng.standard_normal((resolution, resolution)).astype(np.float32)
-    devices = device_draw.draw(np.random.default_rng([seed, index, DEVICE_STREAM]), present)
-    film = form_film(
-        render_attenuation(resolution, resolution, anatomy, present, pose, devices=devices),
-        noise,
-        0.0012 * resolution,
-    )
+    devices = device_draw.draw(np.random.default_rng([seed, index, DEVICE_STREAM]), list(present))
+    return PhantomDraw(anatomy, present, pose, devices, noise)
+
+
+def _film(args: tuple[int, int, int, float, int, DeviceDraw, bool]) -> tuple[np.ndarray, dict]:
+    seed, index, resolution, finding_probability, size, device_draw, with_masks = args
+    phantom = draw_phantom(seed, index, resolution, finding_probability, device_draw)
+    anatomy, present, pose, devices = phantom.anatomy, phantom.findings, phantom.pose, phantom.devices
+    age, sex, race = anatomy.age, anatomy.sex, anatomy.race
+    film = phantom.render()
     if size != resolution:
         film = resize_films([film], size)[0, 0].numpy()
     names = {finding.name for finding in present}
@@ -179,7 +229,7 @@ def _film(args: tuple[int, int, int, float, int, DeviceDraw, bool]) -> tuple[np.
                 for name, mask in masks.items()
             }
         labels["device_masks"] = masks
-        labels["present"] = present
+        labels["present"] = list(present)
     return film, labels
 
 
@@ -274,9 +324,9 @@ def held_out_markdown(card: dict) -> str:
         "",
         f"{figures['films']} held-out films (seed {card['config']['seed'] + HELD_OUT_STREAM}, never used in "
         f"training), drawn like the {card['config']['films']} training films: each finding with probability "
-        f"{card['config']['finding_probability']}; a chest drain on {devices['drain_with_pneumothorax']:.0%} "
-        f"of the films with a pneumothorax and {devices['drain_without_pneumothorax']:.0%} of the others; "
-        f"a pacemaker, an ECG lead and a text marker each on {devices['others']:.0%}. "
+        f"{card['config']['finding_probability']}; a chest drain on {devices['drain_with_pneumothorax'] * 100:.0f} % "
+        f"of the films with a pneumothorax and {devices['drain_without_pneumothorax'] * 100:.0f} % of the others; "
+        f"a pacemaker, an ECG lead and a text marker each on {devices['others'] * 100:.0f} %. "
         f"AUROC intervals: percentile bootstrap over the films, {bootstrap['resamples']} resamples, "
         f"seed {bootstrap['seed']}. Trained on synthetic phantoms: meaningless on real films.",
         "",
