@@ -505,11 +505,9 @@ def stress_test(
     settings = {**dataclasses.asdict(config), "edits": [dataclasses.asdict(edit) for edit in edits]}
     shard = current_shard()
     editor = None
-    if truth is None:
+    if truth is None:  # a bad model: nothing written
         assert config.model is not None  # demo unless named, set by StressConfig
-        editor = InstructX2XEditor.from_model(
-            config.model, device=shard.device
-        )  # a bad model: nothing written
+        editor = InstructX2XEditor.from_model(config.model, device=shard.device)
     resumed = _prepare_output(output, settings) if shard.is_main else True
     if listed and shard.is_main:
         assert config.dicomweb is not None  # listed only for a query
