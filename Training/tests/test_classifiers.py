@@ -4,6 +4,7 @@ reads films it never saw."""
 import numpy as np
 import pytest
 
+from instructx2x.classifier_set import Predictions
 from instructx2x.classifiers import COHORT_SET_NAME, PATHOLOGIES, CohortClassifiers, load_classifiers
 from instructx2x.errors import OutputExistsError
 from instructx2x_train.classifiers import ClassifierConfig, draw_films, held_out_figures, train_classifiers
@@ -19,7 +20,16 @@ def test_films_are_the_same_bytes_with_one_or_two_workers():
 def test_training_writes_a_set_the_library_loads(tmp_path):
     config = ClassifierConfig(films=48, held_out=16, resolution=64, steps=6, batch=8, width=8, seed=2)
     card = train_classifiers(tmp_path / "set", config, progress_bar=False)
-    assert set(card["held_out"]["finding_accuracy"]) == set(PATHOLOGIES) and card["held_out"]["films"] == 16
+    held_out = card["held_out"]
+    assert set(held_out["finding_accuracy"]) == set(PATHOLOGIES) and held_out["films"] == 16
+    assert set(held_out["finding_auroc"]) == set(PATHOLOGIES) == set(held_out["finding_auroc_95"])
+    assert held_out["auroc_bootstrap"] == {"resamples": 1000, "seed": 2}
+    for name, value in held_out["finding_auroc"].items():
+        low, high = held_out["finding_auroc_95"][name]
+        assert value is None or low is None or 0 <= low <= high <= 1
+    markdown = (tmp_path / "set" / "classifiers.md").read_text()
+    assert "| finding | accuracy (0.5) | AUROC [95 % interval] |" in markdown
+    assert all(f"| {name} |" in markdown for name in PATHOLOGIES)
     loaded = load_classifiers(str(tmp_path / "set"))
     assert isinstance(loaded, CohortClassifiers)
     assert loaded.card["held_out"] == card["held_out"] and loaded.resolution == 64
@@ -27,6 +37,40 @@ def test_training_writes_a_set_the_library_loads(tmp_path):
         train_classifiers(tmp_path / "set", config)
     with pytest.raises(ValueError, match="multiple of 16"):
         ClassifierConfig(resolution=100)
+
+
+def test_held_out_auroc_ranks_the_films_by_the_classifiers_probability():
+    """Films whose pneumothorax probability ranks every positive above every negative but one
+    tie: AUROC from the ranking, not from the 0.5 decision (every film here is called negative)."""
+
+    class Fixed(CohortClassifiers):
+        def __init__(self, findings: np.ndarray) -> None:
+            self.findings = findings
+
+        def predict(self, images, batch_size=32):
+            count = len(self.findings)
+            return Predictions(
+                findings=self.findings,
+                age=np.linspace(40.0, 60.0, count),
+                race=np.eye(3)[[0] * count],
+                features=np.zeros((count, 4)),
+                sex_female=np.full(count, 0.9),
+            )
+
+    labels = [
+        {"findings": [0.0, 0.0, 0.0, 0.0, float(positive)], "age": 40.0 + 4 * k, "sex_female": 1.0, "race": 0}
+        for k, positive in enumerate((1, 1, 1, 0, 0, 0))
+    ]
+    findings = np.zeros((6, 5))
+    findings[:, 4] = [0.40, 0.30, 0.20, 0.20, 0.10, 0.05]  # 8 of 9 pairs won, one tie: 8.5 / 9
+    figures = held_out_figures(Fixed(findings), np.zeros((6, 8, 8)), labels, seed=3)
+    assert figures["finding_accuracy"]["Pneumothorax"] == pytest.approx(0.5)
+    assert figures["finding_auroc"]["Pneumothorax"] == pytest.approx(8.5 / 9)
+    assert figures["finding_auroc"]["Edema"] is None  # no film with edema
+    low, high = figures["finding_auroc_95"]["Pneumothorax"]
+    assert 0.5 <= low <= 8.5 / 9 <= high == 1.0
+    again = held_out_figures(Fixed(findings), np.zeros((6, 8, 8)), labels, seed=3)
+    assert again["finding_auroc_95"] == figures["finding_auroc_95"]  # seeded
 
 
 def test_the_bundled_set_reads_films_it_never_saw():

@@ -8,6 +8,7 @@ import pytest
 from instructx2x.classifiers import PATHOLOGIES
 from instructx2x.verification import expected_labels
 from instructx2x_train.metrics import (
+    auroc,
     bootstrap_intervals,
     cmig,
     frechet_distance,
@@ -69,6 +70,22 @@ def test_geometric_mean_and_pearson():
 def test_cmig_is_the_geometric_mean_of_the_three_scores():
     assert cmig(64.0, 100.0, 0.25 * 100) == pytest.approx((64 * 100 * 25) ** (1 / 3))
     assert cmig(90, 90, -0.2) == 0.0  # a negative age correlation preserves nothing
+
+
+def test_auroc_counts_every_positive_negative_pair_a_tie_half():
+    # positives 0.9, 0.4, 0.2 against negatives 0.1, 0.4: 0.9 wins twice, 0.4 wins once and
+    # ties once, 0.2 wins once and loses once: 4.5 of 6 pairs
+    assert auroc([1, 0, 1, 0, 1], [0.9, 0.1, 0.4, 0.4, 0.2]) == pytest.approx(0.75)
+    assert auroc([1, 1, 0, 0], [0.5, 0.5, 0.5, 0.5]) == pytest.approx(0.5)
+    rng = np.random.default_rng(4)
+    labels, scores = rng.random(200) < 0.3, rng.integers(0, 12, 200).astype(float)  # many ties
+    wins = (scores[labels][:, None] > scores[~labels][None, :]).mean()
+    ties = (scores[labels][:, None] == scores[~labels][None, :]).mean()
+    assert auroc(labels, scores) == pytest.approx(wins + ties / 2)
+    assert auroc(labels, -scores) == pytest.approx(1 - auroc(labels, scores))
+    assert math.isnan(auroc([1, 1], [0.2, 0.3]))
+    with pytest.raises(ValueError, match="equally long"):
+        auroc([1, 0, 1], [0.2, 0.3])
 
 
 def test_bootstrap_interval_covers_a_known_mean():

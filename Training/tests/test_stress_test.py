@@ -2,9 +2,12 @@
 with the demo model and two toy TorchScript classifiers: one reads only the drain's pixels (a
 shortcut), one reads the pneumothorax's lucent rim. Removing the pneumothorax with the drain kept
 must flag the first and not the second; bad classifiers, edits and film folders are refused
-before any model work, with nothing written."""
+before any model work, with nothing written. The same on stress-films phantoms with
+``--counterfactuals truth`` (each film rendered again without the finding, no model), and what
+the truth cannot render refused before any model or classifier work."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -27,7 +30,8 @@ from instructx2x_train.phantom import (
     form_film,
     render_attenuation,
 )
-from instructx2x_train.stress_test import StressConfig, StressEdit, stress_test
+from instructx2x_train.stress_test import StressConfig, StressEdit, stress_test, write_stress_films
+from instructx2x_train.stress_truth import PhantomTruth
 
 SIZE = 128  # the films, and what the toy classifiers read
 REMOVE = StressEdit("Remove the finding of pneumothorax", keep="chest drain")
@@ -299,3 +303,154 @@ def test_the_command_line_refuses_a_dicomweb_source_it_cannot_use(films, tmp_pat
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+TRUTH_SIZE = 64
+
+
+class ContrastReader(torch.nn.Module):
+    """The pneumothorax probability from how much darker a region is than its mirror image
+    across the film's midline (the same place in the other lung): a lucent rim without vessels."""
+
+    def __init__(self, region: np.ndarray, threshold: float, slope: float) -> None:
+        super().__init__()
+        self.register_buffer("region", torch.from_numpy(region.astype(np.float32)))
+        self.register_buffer("mirror", torch.from_numpy(region[:, ::-1].copy().astype(np.float32)))
+        self.threshold = threshold
+        self.slope = slope
+
+    region: torch.Tensor
+    mirror: torch.Tensor
+
+    def forward(self, films: torch.Tensor) -> torch.Tensor:
+        inside = (films[:, 0] * self.region).sum(dim=(1, 2)) / self.region.sum()
+        across = (films[:, 0] * self.mirror).sum(dim=(1, 2)) / self.mirror.sum()
+        return torch.sigmoid(self.slope * (across - inside - self.threshold))[:, None]
+
+
+def _contrast(film: np.ndarray, region: np.ndarray) -> float:
+    return float(film[region[:, ::-1]].mean() - film[region].mean())
+
+
+@pytest.fixture(scope="module")
+def phantom_films(tmp_path_factory):
+    """Nine stress-films phantoms (64 px, seed 5000: two with a moderate right pneumothorax and
+    its drain), and two toy readers built from their phantoms: one calls a pneumothorax where the
+    drains are bright (the union of the drains' masks), one where the pneumothoraces' rims are
+    dark against the other lung (the union of the rims and its mirror image)."""
+    root = tmp_path_factory.mktemp("truth")
+    folder = root / "films"
+    summary = write_stress_films(folder, 9, 5000, resolution=TRUTH_SIZE, finding_probability=0.5)
+    assert summary["with pneumothorax"] == summary["with chest drain"] == 2
+    truth = PhantomTruth.load(folder, sorted(p.name for p in folder.glob("*.png")))
+    drains, rims, films = [], [], []
+    for name, phantom in truth.phantoms.items():
+        if "pneumothorax" not in {finding.name for finding in phantom.findings}:
+            continue
+        with np.load(folder / name.replace(".png", ".masks.npz")) as masks:
+            drains.append(masks["chest drain"])
+        without = phantom.render(tuple(f for f in phantom.findings if f.name != "pneumothorax"))
+        film = np.asarray(Image.open(folder / name), np.float32) / 255
+        rims.append(finding_masks(phantom.render(), {"pneumothorax": without})["pneumothorax"] & ~drains[-1])
+        films.append((film, np.round(without * 255) / 255))
+    drain_region, rim_region = np.logical_or.reduce(drains), np.logical_or.reduce(rims)
+    bright = min(_mean(film, drain_region) for film, _ in films)
+    dark = [(_contrast(film, rim_region), _contrast(without, rim_region)) for film, without in films]
+    threshold = min(lucent - 0.25 * (lucent - filled) for lucent, filled in dark)
+    assert max(filled for _, filled in dark) < threshold
+    slope = 2.2 / (min(lucent for lucent, _ in dark) - threshold)
+    readers = root / "readers"
+    readers.mkdir()
+    toys = (
+        _save(
+            RegionReader(drain_region, bright - 0.05, 1.0, 100.0), readers, "drain-reader", size=TRUTH_SIZE
+        ),
+        _save(ContrastReader(rim_region, threshold, slope), readers, "rim-reader", size=TRUTH_SIZE),
+    )
+    return folder, toys
+
+
+def test_stress_films_record_phantoms_that_render_their_films_byte_for_byte(phantom_films):
+    folder, _ = phantom_films
+    names = sorted(p.name for p in folder.glob("*.png"))
+    truth = PhantomTruth.load(folder, names)
+    for name in names:
+        png = np.asarray(Image.open(folder / name))
+        assert np.array_equal(
+            np.round(np.clip(truth.phantoms[name].render(), 0, 1) * 255).astype(np.uint8), png
+        )
+
+
+def test_the_truth_removes_the_pneumothorax_and_keeps_the_drain(phantom_films, tmp_path, monkeypatch):
+    """Re-rendered without the pneumothorax, the rim reader's probability falls on every film
+    and the drain reader's does not (the drain's pixels are the source's): the first reads the
+    finding, the second is flagged. No model loads."""
+    from instructx2x.editor import InstructX2XEditor
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a truth stress test loads no model")
+
+    monkeypatch.setattr(InstructX2XEditor, "from_model", no_model)
+    folder, toys = phantom_films
+    edits = (REMOVE, StressEdit("Add the finding of moderate right pneumothorax"))
+    config = StressConfig(
+        classifiers=toys, films=str(folder), edits=edits, bootstrap=40, counterfactuals="truth"
+    )
+    report = stress_test(tmp_path / "truth", config, progress_bar=False)
+    assert report["counterfactuals"] == "truth" and report["model"] is None
+    stored = json.loads((tmp_path / "truth" / "stress-test-config.json").read_text())
+    assert stored["counterfactuals"] == "truth" and stored["model"] is None
+    assert (tmp_path / "truth" / "stress-test.md").read_text().startswith("True counterfactuals")
+    verdicts = {v["classifier"]: v for v in report["verdicts"]}
+    assert verdicts["drain-reader"]["verdict"] == "shortcut suspected"
+    assert verdicts["drain-reader"]["still_positive"] == 1.0
+    assert verdicts["drain-reader"]["mean_shift"] >= -1e-6
+    assert verdicts["rim-reader"]["verdict"] == "reads the finding"
+    assert verdicts["rim-reader"]["still_positive"] == 0.0 and verdicts["rim-reader"]["mean_shift"] < -0.5
+    rows = pd.read_csv(tmp_path / "truth" / "rows.csv")
+    removed = rows[(rows.edit == REMOVE.label) & (rows.classifier == "rim-reader")]
+    assert len(removed) == 2 and (removed.after_pneumothorax < removed.before_pneumothorax).all()
+    added = rows[(rows.edit == edits[1].label) & (rows.classifier == "rim-reader")]
+    assert len(added) == 7 and (added.after_pneumothorax >= added.before_pneumothorax).all()  # darker rim
+    assert (removed.edit_fraction > 0).all() and (removed.edit_fraction < 0.5).all()
+
+
+def test_the_truth_refuses_what_it_cannot_render_before_any_work(
+    films, phantom_films, toys, tmp_path, capsys
+):
+    folder, truth_toys = phantom_films
+    broken = tmp_path / "broken.pt"  # a classifier that would fail to load: the refusal comes first
+    broken.write_bytes(b"not a module")
+    (tmp_path / "broken.json").write_text(json.dumps({"findings": ["pneumothorax"], "size": TRUTH_SIZE}))
+
+    def refused(match, edits=(REMOVE,), **settings):
+        config = {"classifiers": (str(broken),), "films": str(folder), "counterfactuals": "truth", **settings}
+        with pytest.raises(ParameterError, match=match):
+            stress_test(tmp_path / "out", StressConfig(edits=edits, **config), progress_bar=False)
+        assert not (tmp_path / "out").exists()
+
+    refused(r"folder films has none \(films that are not phantoms", films=str(films[0]))
+    refused("a dataset split or a DICOMweb server cannot", films=None, dataset=str(tmp_path))
+    refused("loads no model", model="demo")
+    refused("loads no model", steps=4)
+    refused("an addition names the level", edits=(StressEdit("Add the finding of pneumothorax"),))
+    refused(
+        "grades pneumothorax small, moderate, large",
+        edits=(StressEdit("Change the level of pneumothorax from mild to severe"),),
+    )
+    refused("the phantom draws", edits=(StressEdit("Remove the finding of fracture"),))
+    refused("names its zone", edits=(StressEdit("Add the finding of moderate left consolidation"),))
+    tampered = tmp_path / "tampered"
+    shutil.copytree(folder, tampered)
+    manifest = json.loads((tampered / "phantoms.json").read_text())
+    manifest["films"]["5000-00003.png"]["findings"][0]["level"] = "severe"
+    (tampered / "phantoms.json").write_text(json.dumps(manifest))
+    refused(
+        "the phantom recorded for 5000-00003.png is not what seed 5000, index 3 draws", films=str(tampered)
+    )
+    argv = ["stress-test", str(tmp_path / "out"), "--counterfactuals", "truth", "--films", str(films[0])]
+    assert main([*argv, "--classifier", truth_toys[0]]) == 2
+    assert "has none" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    argv = ["stress-test", str(tmp_path / "out"), "--counterfactuals", "truth"]
+    assert main([*argv, "--dicomweb", "http://127.0.0.1:9/dicom-web"]) == 2
+    assert "cannot be rendered again" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -4,7 +4,8 @@ The paper measures edits with torchxrayvision's classifiers (docs/method.md sect
 mean nothing, so the same measurements run with a small network trained here on cohort v2
 films: the five evaluated findings (multi-label), age (years), sex and race, as the phantoms
 render them. Films are drawn fresh from the phantom (film i from ``default_rng([seed, i])``);
-the held-out films come from another seed stream, and their accuracy goes into the set's card.
+the held-out films come from another seed stream, and their accuracy and AUROC (with bootstrap
+95 % intervals) go into the set's card (``classifiers.json``) and ``classifiers.md``.
 The network and its loader live in the inference library (``instructx2x.classifiers``), which
 the evaluation and the per-edit verification use.
 """
@@ -12,7 +13,9 @@ the evaluation and the per-edit verification use.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -34,6 +37,7 @@ from instructx2x.classifiers import (
 from instructx2x.errors import OutputExistsError
 from instructx2x.outputs import atomic_output_dir
 
+from . import metrics
 from .phantom import (
     DEVICES,
     Anatomy,
@@ -50,9 +54,12 @@ __all__ = [
     "EVALUATED_FINDINGS",
     "ClassifierConfig",
     "DeviceDraw",
+    "PhantomDraw",
+    "draw_phantom",
     "train_classifiers",
     "draw_films",
     "held_out_figures",
+    "held_out_markdown",
 ]
 
 # The five pathologies in the phantoms' finding names (the instruction vocabulary), PATHOLOGIES' order.
@@ -60,6 +67,8 @@ EVALUATED_FINDINGS = tuple(
     next(finding for finding, pathology in FINDING_TO_PATHOLOGY.items() if pathology == name)
     for name in PATHOLOGIES
 )
+AUROC_RESAMPLES = 1000
+MARKDOWN_NAME = "classifiers.md"
 HELD_OUT_STREAM = 1_000_003  # added to the seed: held-out films never repeat a training film
 DEVICE_STREAM = 29  # a film's devices come from their own stream: films without devices stay as they were
 
@@ -126,12 +135,55 @@ class ClassifierConfig:
             raise ValueError(f"finding_probability must lie in (0, 1), got {self.finding_probability}.")
 
 
-def _film(args: tuple[int, int, int, float, int, DeviceDraw, bool]) -> tuple[np.ndarray, dict]:
-    seed, index, resolution, finding_probability, size, device_draw, with_masks = args
+@dataclasses.dataclass(frozen=True)
+class PhantomDraw:
+    """One film's phantom as ``draw_films`` draws it: the body (with its demographics), the
+    findings present, the pose, the devices and the quantum noise field (the film's own stream).
+    ``render`` films it with these findings or others, everything else the same."""
+
+    anatomy: Anatomy
+    findings: tuple[FindingState, ...]
+    pose: Pose
+    devices: tuple[DeviceState, ...]
+    noise: np.ndarray = dataclasses.field(repr=False, compare=False)
+
+    def render(self, findings: tuple[FindingState, ...] | None = None) -> np.ndarray:
+        """The film (float32 in [0, 1], at the noise field's size) with ``findings`` (default:
+        its own)."""
+        size = self.noise.shape[0]
+        attenuation = render_attenuation(
+            size,
+            size,
+            self.anatomy,
+            list(self.findings if findings is None else findings),
+            self.pose,
+            devices=self.devices,
+        )
+        return form_film(attenuation, self.noise, 0.0012 * size)
+
+    def record(self) -> dict:
+        """The phantom's parameters as JSON values (the noise field is the film's stream's)."""
+        return json.loads(
+            json.dumps(
+                {
+                    "anatomy": dataclasses.asdict(self.anatomy),
+                    "findings": [dataclasses.asdict(finding) for finding in self.findings],
+                    "pose": dataclasses.asdict(self.pose),
+                    "devices": [dataclasses.asdict(device) for device in self.devices],
+                }
+            )
+        )
+
+
+def draw_phantom(
+    seed: int, index: int, resolution: int, finding_probability: float, device_draw: DeviceDraw
+) -> PhantomDraw:
+    """Film ``index`` of the stream ``seed``: its phantom from ``default_rng([seed, index])``, its
+    devices from their own stream."""
     rng = np.random.default_rng([seed, index])
     age, sex, race = int(rng.integers(25, 90)), str(rng.choice(("F", "M"))), str(rng.choice(RACES))
     anatomy = Anatomy.draw(rng, age, sex, race)
-    present = [
+    present = tuple(
         FindingState(
             name,
             str(rng.choice(level_words(name))),
@@ -141,7 +193,7 @@ def _film(args: tuple[int, int, int, float, int, DeviceDraw, bool]) -> tuple[np.
         )
         for name in EVALUATED_FINDINGS
         if rng.random() < finding_probability
-    ]
+    )
     pose = Pose(
         float(rng.normal(0, 1.5)),
         float(rng.uniform(0.97, 1.03)),
@@ -149,12 +201,16 @@ def _film(args: tuple[int, int, int, float, int, DeviceDraw, bool]) -> tuple[np.
         float(rng.normal(0, 0.02)),
     )
     noise = rng.standard_normal((resolution, resolution)).astype(np.float32)
-    devices = device_draw.draw(np.random.default_rng([seed, index, DEVICE_STREAM]), present)
-    film = form_film(
-        render_attenuation(resolution, resolution, anatomy, present, pose, devices=devices),
-        noise,
-        0.0012 * resolution,
-    )
+    devices = device_draw.draw(np.random.default_rng([seed, index, DEVICE_STREAM]), list(present))
+    return PhantomDraw(anatomy, present, pose, devices, noise)
+
+
+def _film(args: tuple[int, int, int, float, int, DeviceDraw, bool]) -> tuple[np.ndarray, dict]:
+    seed, index, resolution, finding_probability, size, device_draw, with_masks = args
+    phantom = draw_phantom(seed, index, resolution, finding_probability, device_draw)
+    anatomy, present, pose, devices = phantom.anatomy, phantom.findings, phantom.pose, phantom.devices
+    age, sex, race = anatomy.age, anatomy.sex, anatomy.race
+    film = phantom.render()
     if size != resolution:
         film = resize_films([film], size)[0, 0].numpy()
     names = {finding.name for finding in present}
@@ -173,7 +229,7 @@ def _film(args: tuple[int, int, int, float, int, DeviceDraw, bool]) -> tuple[np.
                 for name, mask in masks.items()
             }
         labels["device_masks"] = masks
-        labels["present"] = present
+        labels["present"] = list(present)
     return film, labels
 
 
@@ -217,15 +273,35 @@ def _targets(labels: list[dict]) -> dict[str, torch.Tensor]:
     }
 
 
-def held_out_figures(classifiers: CohortClassifiers, films: np.ndarray, labels: list[dict]) -> dict:
-    """Accuracy per finding, sex and race, age error and correlation, on labelled films."""
+def held_out_figures(
+    classifiers: CohortClassifiers, films: np.ndarray, labels: list[dict], seed: int = 0
+) -> dict:
+    """Accuracy and AUROC per finding (the AUROC with a percentile bootstrap 95 % interval over
+    the films, ``AUROC_RESAMPLES`` draws seeded with ``seed``; None where the films lack a
+    positive or a negative), sex and race accuracy, age error and correlation, on labelled films."""
     predicted = classifiers.predict(films)
     assert predicted.sex_female is not None  # the cohort's classifiers estimate sex
     truth = {key: value.numpy() for key, value in _targets(labels).items()}
     correct = (predicted.findings >= 0.5) == truth["findings"].astype(bool)
+    positive = truth["findings"].astype(bool)
+
+    def aurocs(index: np.ndarray) -> dict[str, float]:
+        return {
+            name: metrics.auroc(positive[index, i], predicted.findings[index, i])
+            for i, name in enumerate(PATHOLOGIES)
+        }
+
+    with warnings.catch_warnings():  # a draw without a positive or a negative has no AUROC
+        warnings.simplefilter("ignore", RuntimeWarning)
+        intervals = metrics.bootstrap_intervals(aurocs, len(films), AUROC_RESAMPLES, seed=seed)
     return {
         "films": len(films),
         "finding_accuracy": {name: float(correct[:, i].mean()) for i, name in enumerate(PATHOLOGIES)},
+        "finding_auroc": {name: _defined(value) for name, value in aurocs(np.arange(len(films))).items()},
+        "finding_auroc_95": {
+            name: [_defined(low), _defined(high)] for name, (low, high) in intervals.items()
+        },
+        "auroc_bootstrap": {"resamples": AUROC_RESAMPLES, "seed": seed},
         "age_mae_years": float(np.abs(predicted.age - truth["age"]).mean()),
         "age_pearson_r": float(np.corrcoef(predicted.age, truth["age"])[0, 1]),
         "sex_accuracy": float(((predicted.sex_female >= 0.5) == truth["sex"].astype(bool)).mean()),
@@ -233,8 +309,48 @@ def held_out_figures(classifiers: CohortClassifiers, films: np.ndarray, labels: 
     }
 
 
+def _defined(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
+
+
+def held_out_markdown(card: dict) -> str:
+    """The set's held-out figures as a markdown card: the films, then per finding its accuracy
+    and AUROC with the 95 % interval, then sex, race and age."""
+    figures = card["held_out"]
+    devices = card["config"]["devices"]
+    bootstrap = figures["auroc_bootstrap"]
+    lines = [
+        "# Classifier set: held-out figures",
+        "",
+        f"{figures['films']} held-out films (seed {card['config']['seed'] + HELD_OUT_STREAM}, never used in "
+        f"training), drawn like the {card['config']['films']} training films: each finding with probability "
+        f"{card['config']['finding_probability']}; a chest drain on {devices['drain_with_pneumothorax'] * 100:.0f} % "
+        f"of the films with a pneumothorax and {devices['drain_without_pneumothorax'] * 100:.0f} % of the others; "
+        f"a pacemaker, an ECG lead and a text marker each on {devices['others'] * 100:.0f} %. "
+        f"AUROC intervals: percentile bootstrap over the films, {bootstrap['resamples']} resamples, "
+        f"seed {bootstrap['seed']}. Trained on synthetic phantoms: meaningless on real films.",
+        "",
+        "| finding | accuracy (0.5) | AUROC [95 % interval] |",
+        "|---|---|---|",
+    ]
+    for name in card["pathologies"]:
+        value, (low, high) = figures["finding_auroc"][name], figures["finding_auroc_95"][name]
+        auroc = "-" if value is None else f"{value:.3f}"
+        if value is not None and low is not None:
+            auroc += f" [{low:.3f}, {high:.3f}]"
+        lines.append(f"| {name} | {figures['finding_accuracy'][name]:.3f} | {auroc} |")
+    lines += [
+        "",
+        f"Sex accuracy {figures['sex_accuracy']:.3f}, race accuracy {figures['race_accuracy']:.3f}, age "
+        f"mean absolute error {figures['age_mae_years']:.1f} years (Pearson r {figures['age_pearson_r']:.3f}); "
+        f"{card['training_seconds']:.0f} s to draw, train and measure.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def train_classifiers(output: str | Path, config: ClassifierConfig, progress_bar: bool = True) -> dict:
-    """Draw films, train, measure on held-out films, write the set (atomically).
+    """Draw films, train, measure on held-out films, write the set and its ``classifiers.md``
+    (atomically).
 
     Raises
     ------
@@ -295,8 +411,9 @@ def train_classifiers(output: str | Path, config: ClassifierConfig, progress_bar
         progress_bar=progress_bar,
         devices=config.devices,
     )
-    card["held_out"] = held_out_figures(classifiers, test_films, test_labels)
+    card["held_out"] = held_out_figures(classifiers, test_films, test_labels, seed=config.seed)
     card["training_seconds"] = round(time.perf_counter() - started, 1)
     with atomic_output_dir(output) as staging:
         save_cohort_classifiers(network, card, staging)
+        (staging / MARKDOWN_NAME).write_text(held_out_markdown(card))
     return card

@@ -230,7 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="cohort-v2 (default), torchxrayvision, a train-classifiers folder or a TorchScript "
         "file with its JSON (docs/evaluation.md); repeat to read the same edits with several",
     )
-    stress.add_argument("--model", default="demo")
+    stress.add_argument(
+        "--counterfactuals",
+        choices=("model", "truth"),
+        default="model",
+        help="model: the editing model's edits (default); truth: each stress-films phantom rendered "
+        "again with the edit, the true counterfactual (no model loads)",
+    )
+    stress.add_argument("--model", help="the editing model (default: demo; not with --counterfactuals truth)")
     stress.add_argument("--films", type=Path, help="folder of films (stress-films writes one)")
     stress.add_argument(
         "--dataset", type=Path, help="MIMIC-EDIT-INSTRUCTION folder: its split's source films"
@@ -441,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                     resolution=args.resolution,
                     steps=args.steps,
                     bootstrap=args.bootstrap,
+                    counterfactuals=args.counterfactuals,
                 ),
                 progress_bar=not args.no_progress,
                 credentials=credentials,

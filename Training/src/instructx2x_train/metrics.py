@@ -21,6 +21,7 @@ __all__ = [
     "label_kl",
     "geometric_mean",
     "pearson",
+    "auroc",
     "bootstrap_intervals",
     "pathology_accuracy",
     "cmig",
@@ -102,6 +103,24 @@ def pearson(x: ArrayLike, y: ArrayLike) -> float:
     if denominator == 0:
         raise ValueError("a constant series has no correlation.")
     return float((dx * dy).sum() / denominator)
+
+
+def auroc(labels: ArrayLike, scores: ArrayLike) -> float:
+    """Area under the ROC curve: the chance that a positive scores above a negative, a tie
+    counted half (the Mann-Whitney U over both counts); NaN without a positive or a negative."""
+    from scipy.stats import rankdata
+
+    positive = np.asarray(labels).astype(bool)
+    values = np.asarray(scores, dtype=np.float64)
+    if positive.shape != values.shape or positive.ndim != 1:
+        raise ValueError(
+            f"labels and scores must be equally long 1-D series, got {positive.shape}, {values.shape}."
+        )
+    positives, negatives = int(positive.sum()), int((~positive).sum())
+    if not positives or not negatives:
+        return float("nan")
+    ranks = rankdata(values)  # tied scores share their mean rank: half a win each way
+    return float((ranks[positive].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
 def bootstrap_intervals(

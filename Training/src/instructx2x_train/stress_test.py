@@ -11,6 +11,13 @@ the kept device instead of the finding keeps calling it). Written as ``stress-te
 ``stress-test.csv`` (the table), ``rows.csv`` (every reading), ``stress-test.json`` (strict
 JSON: settings, seed, identities, table, verdicts) and ``stress-test.png``.
 
+The counterfactuals come from the editing model (``--counterfactuals model``, the default) or,
+for a folder ``stress-films`` wrote, from the phantoms themselves (``--counterfactuals truth``,
+``stress_truth``): each film rendered again with the finding removed, added or at the new level
+and everything else the same, which no model loads for. The truth separates what a classifier
+reads from what an editor manages to change; films that cannot be rendered again and edits the
+phantom cannot render are refused before any model or classifier work.
+
 Each edited row is appended to a JSON-lines record as soon as it exists, so an interrupted run
 resumes row by row (same folder, same settings); under ``accelerate launch`` every process
 takes its share of the rows and the main process assembles the report, as ``evaluate`` does.
@@ -60,6 +67,7 @@ from .classifiers import EVALUATED_FINDINGS, DeviceDraw, draw_films
 from .dicomweb_films import FETCHED, check_readable, fetch_cohort, list_cohort
 from .phantom import LEVEL_FACTOR, RACES
 from .subgroups import group_order, subgroups
+from .stress_truth import PHANTOMS_NAME, PhantomTruth, phantoms_manifest
 
 __all__ = [
     "StressEdit",
@@ -358,11 +366,18 @@ def load_films(folder: str | None, dataset: str | None, split: str) -> list[Film
     return films
 
 
+COUNTERFACTUALS = ("model", "truth")
+
+
 @dataclasses.dataclass(frozen=True)
 class StressConfig:
-    """What a stress test runs; stored with the results and compared on resume."""
+    """What a stress test runs; stored with the results and compared on resume.
 
-    model: str = "demo"
+    ``counterfactuals``: ``model`` edits every film with ``model`` (default ``demo``); ``truth``
+    renders each ``stress-films`` phantom again with the edit (``stress_truth``) and loads no
+    model, so ``model``, ``resolution`` and ``steps`` stay unset."""
+
+    model: str | None = None
     classifiers: tuple[str, ...] = ("cohort-v2",)
     films: str | None = None
     dataset: str | None = None
@@ -376,8 +391,26 @@ class StressConfig:
     resolution: int | None = None
     steps: int | None = None
     bootstrap: int = 1000
+    counterfactuals: str = "model"
 
     def __post_init__(self) -> None:
+        if self.counterfactuals not in COUNTERFACTUALS:
+            raise ParameterError(
+                f"counterfactuals must be one of {', '.join(COUNTERFACTUALS)}, got {self.counterfactuals!r}."
+            )
+        if self.counterfactuals == "model" and self.model is None:
+            object.__setattr__(self, "model", "demo")
+        if self.counterfactuals == "truth":
+            if self.films is None:
+                raise ParameterError(
+                    "--counterfactuals truth renders stress-films phantoms again: give their folder "
+                    "(--films); the films of a dataset split or a DICOMweb server cannot be rendered again."
+                )
+            if self.model is not None or self.resolution is not None or self.steps is not None:
+                raise ParameterError(
+                    "--counterfactuals truth loads no model: --model, --resolution and --steps "
+                    "set the editing model's counterfactuals (--counterfactuals model)."
+                )
         if not self.classifiers:
             raise ParameterError("name at least one classifier.")
         if sum(source is not None for source in (self.films, self.dataset, self.dicomweb)) != 1:
@@ -459,15 +492,25 @@ def stress_test(
         films = [Film(output / FETCHED / film.file_name, None) for film in listed]
     else:
         films = load_films(config.films, config.dataset, config.split)[: config.limit]
+    truth = None
+    if config.counterfactuals == "truth":
+        assert config.films is not None  # checked by StressConfig
+        truth = PhantomTruth.load(Path(config.films), [film.path.name for film in films])
+        truth.check(config.edits)
     readers = [load_reader(spec, config.weights_dir) for spec in config.classifiers]
     names = [reader.name for reader in readers]
     if len(set(names)) != len(names):
         raise ParameterError(f"the classifiers need distinct names, got {names}.")
     edits = config.edits or default_edits(readers[0].findings)
+    if truth is not None:
+        truth.check(edits)
     plan = _plan(films, edits)
     settings = {**dataclasses.asdict(config), "edits": [dataclasses.asdict(edit) for edit in edits]}
     shard = current_shard()
-    editor = InstructX2XEditor.from_model(config.model, device=shard.device)  # a bad model: nothing written
+    editor = None
+    if truth is None:  # a bad model: nothing written
+        assert config.model is not None  # demo unless named, set by StressConfig
+        editor = InstructX2XEditor.from_model(config.model, device=shard.device)
     resumed = _prepare_output(output, settings) if shard.is_main else True
     if listed and shard.is_main:
         assert config.dicomweb is not None  # listed only for a query
@@ -495,26 +538,36 @@ def stress_test(
                 None if edit.keep is None else films[plan[row][0]].mask(edit.keep)
                 for row, edit in zip(batch, row_edits)
             ]
-            parameters = [
-                EditParameters(
-                    instruction=edit.instruction,
-                    seed=config.seed + row,
-                    resolution=config.resolution,
-                    num_inference_steps=config.steps,
-                )
-                for row, edit in zip(batch, row_edits)
-            ]
-            results = editor.edit_batch(images, parameters, keep_masks=keeps)
+            if editor is None:
+                assert truth is not None  # one of the two counterfactual sources
+                edited = [
+                    truth.counterfactual(
+                        films[plan[row][0]].path.name, edit, image.pixels, keep, config.seed + row
+                    )
+                    for row, edit, image, keep in zip(batch, row_edits, images, keeps)
+                ]
+                fractions = [float((new != image.pixels).mean()) for new, image in zip(edited, images)]
+            else:
+                parameters = [
+                    EditParameters(
+                        instruction=edit.instruction,
+                        seed=config.seed + row,
+                        resolution=config.resolution,
+                        num_inference_steps=config.steps,
+                    )
+                    for row, edit in zip(batch, row_edits)
+                ]
+                results = editor.edit_batch(images, parameters, keep_masks=keeps)
+                edited = [result.edited_image() for result in results]
+                fractions = [float(result.edit_mask.mean()) for result in results]
             before = {reader.name: reader.read([image.pixels for image in images]) for reader in readers}
-            after = {
-                reader.name: reader.read([result.edited_image() for result in results]) for reader in readers
-            }
-            for position, (row, result) in enumerate(zip(batch, results)):
+            after = {reader.name: reader.read(edited) for reader in readers}
+            for position, (row, fraction) in enumerate(zip(batch, fractions)):
                 record = {
                     "row": row,
                     "film": films[plan[row][0]].path.name,
                     "edit": plan[row][1],
-                    "edit_fraction": float(result.edit_mask.mean()),
+                    "edit_fraction": fraction,
                     "before": {name: values[position].tolist() for name, values in before.items()},
                     "after": {name: values[position].tolist() for name, values in after.items()},
                 }
@@ -608,8 +661,11 @@ def _assemble(output, films, edits, plan, readers, editor, config, resumed, seco
     report = {
         "settings": {**dataclasses.asdict(config), "edits": [dataclasses.asdict(edit) for edit in edits]},
         "seed": config.seed,
-        "model": editor.model_info.to_dict(),
-        "sampling": editor.sampling(
+        "counterfactuals": config.counterfactuals,
+        "model": None if editor is None else editor.model_info.to_dict(),
+        "sampling": None
+        if editor is None
+        else editor.sampling(
             EditParameters(instruction="-", resolution=config.resolution, num_inference_steps=config.steps)
         ),
         "classifiers": {reader.name: reader.description for reader in readers},
@@ -687,12 +743,16 @@ def _interval(row: dict, key: str, digits: int = 2) -> str:
 def stress_markdown(report: dict) -> str:
     """The instructed responses, what should not move, the kept-region verdicts and subgroups."""
     table = report["table"]
+    source = (
+        "True counterfactuals: each film's phantom rendered again with the edit (no model)"
+        if report["counterfactuals"] == "truth"
+        else f"Model {report['model']['name']} (sha256 {report['model']['sha256'][:12]})"
+    )
     lines = [
-        f"Model {report['model']['name']} (sha256 {report['model']['sha256'][:12]}); "
-        f"{report['films']['count']} films from {report['films']['source']}, {report['rows']} edited rows; "
+        f"{source}; {report['films']['count']} films from {report['films']['source']}, {report['rows']} edited rows; "
         f"classifiers {', '.join(report['classifiers'])}; seed {report['seed']}; "
         f"{report['settings']['bootstrap']} bootstrap resamples for the 95 % intervals; "
-        f"{report['seconds']:.0f} s to edit and read.",
+        f"{report['seconds']:.0f} s to {'render' if report['counterfactuals'] == 'truth' else 'edit'} and read.",
         "",
         "## Response to the instructed change",
         "",
@@ -808,8 +868,9 @@ def write_stress_films(
     workers: int = 1,
 ) -> dict:
     """Phantom films with devices, ready for ``stress-test``: 8-bit PNGs, a ``films.csv`` with
-    each film's age, sex, race, findings and devices, and a ``<stem>.masks.npz`` with each
-    device's mask (the keep regions). Written atomically.
+    each film's age, sex, race, findings and devices, a ``<stem>.masks.npz`` with each device's
+    mask (the keep regions), and ``phantoms.json`` with each film's phantom (what
+    ``--counterfactuals truth`` renders again). Written atomically.
 
     Raises
     ------
@@ -826,7 +887,8 @@ def write_stress_films(
     films, labels = draw_films(
         count, resolution, seed, finding_probability, workers, devices=devices, with_masks=True
     )
-    table = []
+    table: list[dict[str, str | int]] = []
+    files: list[str] = []
     with atomic_output_dir(output) as staging:
         for index, (film, label) in enumerate(zip(films, labels)):
             stem = f"{seed:04d}-{index:05d}"
@@ -834,6 +896,7 @@ def write_stress_films(
                 staging / f"{stem}.png"
             )
             np.savez_compressed(staging / f"{stem}.masks.npz", **label["device_masks"])
+            files.append(f"{stem}.png")
             table.append(
                 {
                     "file": f"{stem}.png",
@@ -846,6 +909,8 @@ def write_stress_films(
                 }
             )
         pd.DataFrame(table).to_csv(staging / FILMS_TABLE, index=False)
+        manifest = phantoms_manifest(seed, resolution, finding_probability, devices, files)
+        (staging / PHANTOMS_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
     frame = pd.DataFrame(table)
     return {
         "films": count,
