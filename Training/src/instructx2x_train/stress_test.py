@@ -66,8 +66,8 @@ from . import metrics
 from .classifiers import EVALUATED_FINDINGS, DeviceDraw, draw_films
 from .dicomweb_films import FETCHED, check_readable, fetch_cohort, list_cohort
 from .phantom import LEVEL_FACTOR, RACES
-from .subgroups import group_order, subgroups
 from .stress_truth import PHANTOMS_NAME, PhantomTruth, phantoms_manifest
+from .subgroups import group_order, subgroups
 
 __all__ = [
     "StressEdit",
