@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from instructx2x import read_image
 from instructx2x.classifiers import ClassifierSet, load_classifiers, resize_films
-from instructx2x.dicom.dicomweb import CohortQuery, Credentials
+from instructx2x.dicom.dicomweb import CohortQuery, Credentials, cohort_films
 from instructx2x.errors import ModelLoadError, OutputExistsError, ParameterError
 from instructx2x.instructions import FINDINGS, Operation, parse_instruction
 from instructx2x.outputs import atomic_output_dir
@@ -57,7 +57,7 @@ from instructx2x.sharding import current_shard, open_record, read_records
 
 from . import metrics
 from .classifiers import EVALUATED_FINDINGS, DeviceDraw, draw_films
-from .dicomweb_films import FETCHED, check_readable, fetch_cohort, list_cohort
+from .dicomweb_films import FETCHED, check_readable, fetch_cohort
 from .phantom import LEVEL_FACTOR, RACES
 from .subgroups import group_order, subgroups
 
@@ -455,7 +455,7 @@ def stress_test(
     output = Path(output)
     listed = []
     if config.dicomweb is not None:
-        listed = list_cohort(config.dicomweb, credentials, output)[: config.limit]
+        listed = cohort_films(config.dicomweb, credentials, output)[: config.limit]
         films = [Film(output / FETCHED / film.file_name, None) for film in listed]
     else:
         films = load_films(config.films, config.dataset, config.split)[: config.limit]
