@@ -21,9 +21,10 @@ module (``.pt``/``.ts``) with a JSON of the same stem beside it, ``{"findings": 
 len(findings))`` probabilities in [0, 1]; the findings are instruction vocabulary names.
 
 Films: a folder of films (PNG, JPEG, DICOM) with an optional ``films.csv`` (``file`` and any of
-``age``, ``sex``, ``race``, ``findings`` separated by ``;``) and an optional ``<stem>.masks.npz``
-per film whose arrays name the regions an edit may keep (``stress-films`` writes such a folder
-of phantoms with devices); or the source films of a dataset split (``.masks.npz`` beside them
+``age``, ``sex``, ``race``, ``findings`` separated by ``;``; a ``.dcm`` film's age and sex, where
+``films.csv`` does not state them, from its own DICOM, ``instructx2x.dicom.demographics``) and
+an optional ``<stem>.masks.npz`` per film whose arrays name the regions an edit may keep
+(``stress-films`` writes such a folder of phantoms with devices); or the source films of a dataset split (``.masks.npz`` beside them
 name the findings present); or the radiographs a DICOMweb query matches (QIDO-RS, listed before
 the model loads, fetched with WADO-RS by the main process into ``OUTPUT/films/`` and read once
 before any edit; their age and sex from their own DICOM, ``instructx2x.dicom.demographics``;
@@ -292,11 +293,22 @@ class Film:
 
 
 def _with_demographics(film: Film) -> Film:
-    """A fetched DICOM film with the age and sex it states (``instructx2x.dicom.demographics``)."""
+    """A DICOM film with the age and sex its DICOM states (``instructx2x.dicom.demographics``)
+    where the film has none yet (a folder's ``films.csv`` wins where it states them).
+
+    Raises
+    ------
+    ImageReadError
+        The file is not DICOM.
+    """
     from instructx2x.dicom.demographics import read_demographics
 
     stated = read_demographics(film.path)
-    return dataclasses.replace(film, age=stated.age, sex=stated.sex)
+    return dataclasses.replace(
+        film,
+        age=stated.age if film.age is None else film.age,
+        sex=stated.sex if film.sex is None else film.sex,
+    )
 
 
 def _masked_findings(path: Path) -> frozenset[str] | None:
@@ -312,12 +324,15 @@ def _cell(value) -> str | None:
 
 
 def load_films(folder: str | None, dataset: str | None, split: str) -> list[Film]:
-    """The films of a folder (with its ``films.csv`` where present) or a dataset split.
+    """The films of a folder (with its ``films.csv`` where present; a ``.dcm`` film's age and
+    sex, where ``films.csv`` does not state them, from its own DICOM) or a dataset split.
 
     Raises
     ------
     ParameterError
         Neither or both sources, a missing folder, or no film.
+    ImageReadError
+        A ``.dcm`` film that is not DICOM.
     """
     if (folder is None) == (dataset is None):
         raise ParameterError("give the films as a folder or as a dataset split (one of the two).")
@@ -345,11 +360,12 @@ def load_films(folder: str | None, dataset: str | None, split: str) -> list[Film
                 else _masked_findings(path)
             )
             age = _cell(row.get("age"))
-            films.append(
-                Film(
-                    path, present, float(age) if age else None, _cell(row.get("sex")), _cell(row.get("race"))
-                )
+            film = Film(
+                path, present, float(age) if age else None, _cell(row.get("sex")), _cell(row.get("race"))
             )
+            if path.suffix.lower() == ".dcm" and (film.age is None or film.sex is None):
+                film = _with_demographics(film)
+            films.append(film)
         where = f"folder {root.name}"
     if not films:
         raise ParameterError(
