@@ -65,8 +65,9 @@ def prepare_jobs_run(
     Raises
     ------
     InstructX2XError
-        ``InputError`` (no film, a non-radiograph, a bad row), ``ParameterError``,
-        ``OutputExistsError``, ``PacsError`` (the server failed; nothing left behind).
+        ``InputError`` (no film, a non-radiograph, a bad row, a malformed ``cohort.json``),
+        ``ParameterError``, ``OutputExistsError``, ``PacsError`` (the server failed; nothing left
+        behind).
     """
     if not (template.output / INCOMPLETE).is_file():  # a new folder: checked before any source is read
         check_new_output_folder(template.output)
