@@ -2,7 +2,8 @@
 real Orthanc that passes every request through until told to fail, then answers one kind of
 request (``fail``: ``"store"`` for STOW-RS, ``"retrieve"`` for WADO-RS) with an HTTP error
 (503 by default, which dicomweb_client retries; 500, which it does not) after ``after`` of them
-went through; ``heal`` passes everything again."""
+went through; ``heal`` passes everything again. ``passed`` counts the requests of each kind that
+went through, QIDO-RS searches (``"search"``) too."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ class FailingProxy:
         self.fail: str | None = None
         self.after = 0
         self.status = 503
-        self.passed = {"store": 0, "retrieve": 0}
+        self.passed = {"store": 0, "retrieve": 0, "search": 0}
         self.lock = threading.Lock()
         proxy = self
 
@@ -42,17 +43,17 @@ class FailingProxy:
     def fail_after(self, kind: str, after: int, status: int = 503) -> None:
         with self.lock:
             self.fail, self.after, self.status = kind, after, status
-            self.passed = {"store": 0, "retrieve": 0}
+            self.passed = {"store": 0, "retrieve": 0, "search": 0}
 
     def heal(self) -> None:
         with self.lock:
             self.fail = None
 
     def forward(self, handler: BaseHTTPRequestHandler, method: str) -> None:
-        kind = "store" if method == "POST" else "retrieve" if "/instances/" in handler.path else None
+        kind = "store" if method == "POST" else "retrieve" if "/instances/" in handler.path else "search"
         with self.lock:
-            failing = kind is not None and kind == self.fail and self.passed[kind] >= self.after
-            if kind is not None and not failing:
+            failing = kind == self.fail and self.passed[kind] >= self.after
+            if not failing:
                 self.passed[kind] += 1
         body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
         if failing:

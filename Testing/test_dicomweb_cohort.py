@@ -29,13 +29,14 @@ class CohortOrthanc(OrthancServer):
     ``dx`` the two radiographs of a series in another study; ``people`` three radiographs of
     March 2025 that state a woman of 70 (PatientAge), a man of 35 (birth and study dates) and
     nothing; ``unreadable`` a radiograph and one without pixel data of April 2025; ``failing``
-    two radiographs of May 2025."""
+    two radiographs of May 2025; ``resuming`` the two radiographs of a study of their own."""
 
     cr: pydicom.Dataset
     dx: list[pydicom.Dataset]
     people: list[pydicom.Dataset]
     unreadable: list[pydicom.Dataset]
     failing: list[pydicom.Dataset]
+    resuming: list[pydicom.Dataset]
 
 
 def patient(number: int, study_date: str, **attributes) -> pydicom.Dataset:
@@ -77,18 +78,23 @@ def orthanc(tmp_path_factory):
     ]
     unreadable = [patient(4, "20250410"), patient(5, "20250411", PixelData=None)]
     failing = [patient(6, "20250510"), patient(7, "20250511")]
+    resuming = [patient(8, "20250610"), patient(9, "20250610")]
+    resuming[1].PatientID, resuming[1].PatientName = resuming[0].PatientID, resuming[0].PatientName
+    resuming[1].StudyInstanceUID = resuming[0].StudyInstanceUID
     cohort = {"cr": cr, "ct": ct, "dx1": dx[0], "dx2": dx[1]}
-    cohort |= {f"p{number}": dataset for number, dataset in enumerate(people + unreadable + failing)}
+    cohort |= {
+        f"p{number}": dataset for number, dataset in enumerate(people + unreadable + failing + resuming)
+    }
     for name, dataset in cohort.items():
         dataset.save_as(films / f"{name}.dcm", enforce_file_format=True)
         server.upload(films / f"{name}.dcm")
     server.cr, server.dx = cr, dx
-    server.people, server.unreadable, server.failing = people, unreadable, failing
+    server.people, server.unreadable, server.failing, server.resuming = people, unreadable, failing, resuming
     yield server
     server.stop()
 
 
-def edit(orthanc, output, *query, store=False, password=PASSWORD):
+def edit(orthanc, output, *query, store=False, password=PASSWORD, url=None):
     environment = {**os.environ, "INSTRUCTX2X_DICOMWEB_USER": "radiology"}
     environment["INSTRUCTX2X_DICOMWEB_PASSWORD"] = password
     return subprocess.run(
@@ -108,7 +114,7 @@ def edit(orthanc, output, *query, store=False, password=PASSWORD):
             "--progress",
             "none",
             "--dicomweb",
-            f"{orthanc.url}/dicom-web",
+            url or f"{orthanc.url}/dicom-web",
             *query,
             *(["--dicomweb-store"] if store else []),
         ],
@@ -470,3 +476,42 @@ def test_a_server_that_fails_mid_cohort_keeps_the_stored_edits_and_the_run_resum
     # each film's edit stored once, in its own study
     assert len(orthanc.study_instances(first.StudyInstanceUID)) == 1 + 3
     assert len(orthanc.study_instances(second.StudyInstanceUID)) == 1 + 3
+
+
+def test_an_edit_run_whose_store_fails_mid_cohort_resumes_with_the_films_it_started_with(
+    orthanc, proxy, tmp_path
+):
+    """`instructx2x edit --dicomweb-study --dicomweb-store`: STOW-RS stores the first film's edit
+    and then answers HTTP 500, so the run stops with the first row recorded and stored. The same
+    command, once the server answers again, edits and stores the second film alone; it takes the
+    films from cohort.json and does not ask the server again (the study now also holds the first
+    edit's objects, which are not radiographs)."""
+    out, url = tmp_path / "cohort", f"{proxy.url}/dicom-web"
+    study = orthanc.resuming[0].StudyInstanceUID
+    first, second = sorted(orthanc.resuming, key=lambda ds: (ds.SeriesInstanceUID, ds.SOPInstanceUID))
+    proxy.fail_after("store", 1, 500)
+    completed = edit(orthanc, out, "--dicomweb-study", study, store=True, url=url)
+    assert completed.returncode == 5, completed.stderr
+    assert f"0002-{second.SOPInstanceUID} written but not stored" in completed.stderr
+    assert "rerun the same command to resume" in completed.stderr and "Traceback" not in completed.stderr
+    assert (out / "INCOMPLETE").exists() and not (out / "results.csv").exists()
+    recorded_films = json.loads((out / "cohort.json").read_text())
+    assert [film["instance"] for film in recorded_films] == [first.SOPInstanceUID, second.SOPInstanceUID]
+    assert len(orthanc.study_instances(study)) == 2 + 3  # the first edit's three objects
+    searched = proxy.passed["search"]  # the query (dicomweb_client asks for more until none)
+    assert searched >= 1 and proxy.passed["store"] == 1
+
+    proxy.heal()
+    completed = edit(orthanc, out, "--dicomweb-study", study, store=True, url=url)
+    assert completed.returncode == 0, completed.stderr
+    assert proxy.passed["search"] == searched  # not asked again
+    assert proxy.passed["store"] == 2  # the second edit alone
+    with (out / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["image"], row["stored"]) for row in rows] == [
+        (f"{first.SOPInstanceUID}.dcm", "3"),
+        (f"{second.SOPInstanceUID}.dcm", "3"),
+    ]
+    assert not (out / "INCOMPLETE").exists()
+    assert sorted(path.name for path in (out / "films").iterdir()) == sorted(row["image"] for row in rows)
+    assert len(orthanc.study_instances(study)) == 2 + 3 + 3  # each film's edit stored once

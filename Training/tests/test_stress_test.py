@@ -17,6 +17,7 @@ from launch import launch
 from PIL import Image
 
 from instructx2x.errors import ModelLoadError, OutputExistsError, ParameterError
+from instructx2x.image_io import ImageReadError
 from instructx2x_train.classifiers import DeviceDraw
 from instructx2x_train.cli import main
 from instructx2x_train.phantom import (
@@ -454,3 +455,50 @@ def test_the_truth_refuses_what_it_cannot_render_before_any_work(
     argv = ["stress-test", str(tmp_path / "out"), "--counterfactuals", "truth"]
     assert main([*argv, "--dicomweb", "http://127.0.0.1:9/dicom-web"]) == 2
     assert "cannot be rendered again" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_dicom_films_report_the_subgroups_films_csv_or_their_dicom_states(tmp_path):
+    """A folder of three DICOM films: a woman of 70 by PatientAge; a man of 35 by his birth and
+    study dates whom films.csv makes 50 (films.csv wins where it states a value, the DICOM fills
+    in the sex it leaves out); one that states nothing, in "all" alone. A .dcm file that is not
+    DICOM is refused before any model work."""
+    from dicom_factory import make_radiograph, phantom
+
+    root = tmp_path / "films"
+    root.mkdir()
+    stated: dict[str, dict[str, str | None]] = {
+        "woman": {"PatientAge": "070Y", "PatientSex": "F", "PatientBirthDate": None},
+        "man": {"PatientBirthDate": "19900615", "StudyDate": "20250311", "PatientSex": "M"},
+        "nobody": {"PatientBirthDate": None, "PatientSex": ""},
+    }
+    for number, (name, attributes) in enumerate(stated.items()):
+        dataset = make_radiograph("DX", pixels=phantom(72, 64)[:, :: (-1) ** number])
+        for keyword, value in attributes.items():
+            if value is None:
+                delattr(dataset, keyword)
+            else:
+                setattr(dataset, keyword, value)
+        dataset.save_as(root / f"{name}.dcm", enforce_file_format=True)
+    (root / "films.csv").write_text("file,age,sex\nman.dcm,50,\n")
+    config = StressConfig(
+        model="untrained-tiny",
+        films=str(root),
+        edits=(StressEdit("Add the finding of edema"),),
+        steps=2,
+        resolution=64,
+        bootstrap=20,
+    )
+    report = stress_test(tmp_path / "stress", config, progress_bar=False)
+    instructed = [row for row in report["table"] if row["role"] == "instructed"]
+    assert [(row["subgroup"], row["films"]) for row in instructed] == [
+        ("all", 3),
+        ("age 45-64", 1),
+        ("age >=65", 1),
+        ("sex F", 1),
+        ("sex M", 1),
+    ]
+
+    (root / "broken.dcm").write_bytes(b"not a DICOM file")
+    with pytest.raises(ImageReadError, match=r"broken.dcm: not a readable DICOM file"):
+        stress_test(tmp_path / "refused", StressConfig(model=str(tmp_path / "no-model"), films=str(root)))
+    assert not (tmp_path / "refused").exists()

@@ -2,9 +2,11 @@
 
 ``prepare_jobs_run`` turns either source into prepared rows, this process's shard, the settings
 a resume must match and, for a cohort stored back, the STOW-RS step run after each row; all
-before the model loads, so a bad source costs no model work. A cohort's films are fetched
-(by the main process) into ``OUTPUT/films/``; a failure before any row is edited removes an
-output folder this run created, so nothing is left half written.
+before the model loads, so a bad source costs no model work. A cohort's films are recorded in
+``OUTPUT/cohort.json`` and fetched (by the main process) into ``OUTPUT/films/``; a resumed run
+edits the films it recorded, without asking the server again (which by then also holds the
+edits the run stored). A failure before any row is edited removes an output folder this run
+created, so nothing is left half written.
 """
 
 from __future__ import annotations
@@ -63,8 +65,9 @@ def prepare_jobs_run(
     Raises
     ------
     InstructX2XError
-        ``InputError`` (no film, a non-radiograph, a bad row), ``ParameterError``,
-        ``OutputExistsError``, ``PacsError`` (the server failed; nothing left behind).
+        ``InputError`` (no film, a non-radiograph, a bad row, a malformed ``cohort.json``),
+        ``ParameterError``, ``OutputExistsError``, ``PacsError`` (the server failed; nothing left
+        behind).
     """
     if not (template.output / INCOMPLETE).is_file():  # a new folder: checked before any source is read
         check_new_output_folder(template.output)
@@ -77,16 +80,17 @@ def prepare_jobs_run(
         run_settings = jobs_settings(jobs, batch_size, **settings)
         check_jobs_output(template.output, run_settings)
         return JobsRun(prepared, run_settings, shard)
-    from .dicom.dicomweb import connect, list_films, retrieve_films, store_folder
+    from .dicom.dicomweb import cohort_films, connect, record_films, retrieve_films, store_folder
 
     output = template.output
-    films = list_films(connect(cohort.url, credentials), cohort)
+    films = cohort_films(cohort, credentials, output)
     jobs = cohort_jobs([output / FILMS / film.file_name for film in films], template)
     run_settings = jobs_settings(jobs, batch_size, dicomweb=cohort.describe(), store=store, **settings)
     created = False
     try:
         if shard.is_main:
             created = not open_jobs_output(output, run_settings)
+            record_films(output, films)
             (output / FILMS).mkdir(exist_ok=True)
             retrieve_films(connect(cohort.url, credentials), films, output / FILMS)
         shard.wait()

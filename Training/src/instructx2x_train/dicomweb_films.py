@@ -1,18 +1,16 @@
 """The films of a DICOMweb cohort for ``evaluate`` and ``stress-test``: listed with QIDO-RS
-before the model loads (``list_cohort``), fetched with WADO-RS by the main process into
-``OUTPUT/films/`` once the output folder exists (``fetch_cohort``, which records the list in
-``OUTPUT/cohort.json``: a resumed run edits the films it started with, whatever the server
-holds by then, its own stored edits included), then checked to be
-radiographs the editor reads (``check_readable``) before any film is edited or classified. The
-query, the client and the checks are the library's (``instructx2x.dicom.dicomweb``). A film's
-local name is its SOPInstanceUID: it finds the film again in the PACS and carries nothing of
-the patient (no name, ID, date, age or sex).
+before the model loads (``dicomweb.cohort_films``: a resumed run takes the films it recorded in
+``OUTPUT/cohort.json``, whatever the server holds by then, its own stored edits included),
+recorded and fetched with WADO-RS by the main process into ``OUTPUT/films/`` once the output
+folder exists (``fetch_cohort``), then checked to be radiographs the editor reads
+(``check_readable``) before any film is edited or classified. The query, the record, the client
+and the checks are the library's (``instructx2x.dicom.dicomweb``), shared with ``instructx2x
+edit --dicomweb``. A film's local name is its SOPInstanceUID: it finds the film again in the
+PACS and carries nothing of the patient (no name, ID, date, age or sex).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -21,21 +19,9 @@ from instructx2x.dicom.dicomweb import CohortQuery, Credentials, Film
 from instructx2x.errors import InstructX2XError
 from instructx2x.image_io import ImageReadError
 
-__all__ = ["FETCHED", "COHORT", "list_cohort", "fetch_cohort", "check_readable"]
+__all__ = ["FETCHED", "fetch_cohort", "check_readable"]
 
 FETCHED = "films"  # a DICOMweb cohort's films, in the output folder
-COHORT = "cohort.json"  # the films a run started with, in the output folder
-
-
-def list_cohort(query: CohortQuery, credentials: Credentials | None, output: Path) -> list[Film]:
-    """The films ``output/cohort.json`` records (a run to resume), else every radiograph the
-    query matches (``dicomweb.list_films``: no film, a non-radiograph or a refusal by the server
-    raise before anything is fetched)."""
-    from instructx2x.dicom.dicomweb import connect, list_films
-
-    if (output / COHORT).is_file():
-        return [Film(**film) for film in json.loads((output / COHORT).read_text())]
-    return list_films(connect(query.url, credentials), query)
 
 
 def fetch_cohort(
@@ -46,17 +32,14 @@ def fetch_cohort(
     resumed: bool,
     check: Callable[[list[Path]], None] | None = None,
 ) -> list[Path]:
-    """Record the films in ``output/cohort.json`` (a new run), fetch them into ``output/films``
-    (those already there are kept), then ``check`` them; a failure in a new run removes the
-    output folder it created, so nothing is left half written. Returns the films' paths, in the
-    order of ``films``."""
-    from instructx2x.dicom.dicomweb import connect, retrieve_films
+    """Record the films in ``output/cohort.json`` (a new run: ``dicomweb.record_films``), fetch
+    them into ``output/films`` (those already there are kept), then ``check`` them; a failure in
+    a new run removes the output folder it created, so nothing is left half written. Returns the
+    films' paths, in the order of ``films``."""
+    from instructx2x.dicom.dicomweb import connect, record_films, retrieve_films
 
     try:
-        if not (output / COHORT).is_file():
-            partial = output / f".{COHORT}.partial"
-            partial.write_text(json.dumps([dataclasses.asdict(film) for film in films], indent=1) + "\n")
-            partial.replace(output / COHORT)
+        record_films(output, films)
         (output / FETCHED).mkdir(exist_ok=True)
         paths = retrieve_films(connect(query.url, credentials), films, output / FETCHED)
         if check is not None:

@@ -49,7 +49,7 @@ from instructx2x.classifiers import (
     Predictions,
     load_classifiers,
 )
-from instructx2x.dicom.dicomweb import CohortQuery, Credentials
+from instructx2x.dicom.dicomweb import CohortQuery, Credentials, cohort_films
 from instructx2x.errors import OutputExistsError, PacsError, ParameterError
 from instructx2x.instructions import parse_instruction
 from instructx2x.parameters import EditParameters, RegionMode
@@ -58,7 +58,7 @@ from instructx2x.sharding import current_shard, open_record, read_records
 from instructx2x.verification import expected_labels
 
 from . import metrics
-from .dicomweb_films import FETCHED, check_readable, fetch_cohort, list_cohort
+from .dicomweb_films import FETCHED, check_readable, fetch_cohort
 from .subgroups import group_order, subgroups
 
 __all__ = ["EvaluationConfig", "evaluate", "MODES", "REAL_ROW", "NOT_MEASURED", "summarise"]
@@ -250,7 +250,7 @@ def evaluate(
     output = Path(output)
     listed = []
     if config.dicomweb is not None:
-        listed = list_cohort(config.dicomweb, credentials, output)
+        listed = cohort_films(config.dicomweb, credentials, output)
         pairs = _cohort_pairs(output, listed, config.instructions, config.limit)
         where = (
             f"the DICOMweb query matched {len(listed)} film(s): {len(pairs)} pair(s) with "

@@ -28,9 +28,10 @@ module (``.pt``/``.ts``) with a JSON of the same stem beside it, ``{"findings": 
 len(findings))`` probabilities in [0, 1]; the findings are instruction vocabulary names.
 
 Films: a folder of films (PNG, JPEG, DICOM) with an optional ``films.csv`` (``file`` and any of
-``age``, ``sex``, ``race``, ``findings`` separated by ``;``) and an optional ``<stem>.masks.npz``
-per film whose arrays name the regions an edit may keep (``stress-films`` writes such a folder
-of phantoms with devices); or the source films of a dataset split (``.masks.npz`` beside them
+``age``, ``sex``, ``race``, ``findings`` separated by ``;``; a ``.dcm`` film's age and sex, where
+``films.csv`` does not state them, from its own DICOM, ``instructx2x.dicom.demographics``) and
+an optional ``<stem>.masks.npz`` per film whose arrays name the regions an edit may keep
+(``stress-films`` writes such a folder of phantoms with devices); or the source films of a dataset split (``.masks.npz`` beside them
 name the findings present); or the radiographs a DICOMweb query matches (QIDO-RS, listed before
 the model loads, fetched with WADO-RS by the main process into ``OUTPUT/films/`` and read once
 before any edit; their age and sex from their own DICOM, ``instructx2x.dicom.demographics``;
@@ -54,7 +55,7 @@ from tqdm.auto import tqdm
 
 from instructx2x import read_image
 from instructx2x.classifiers import ClassifierSet, load_classifiers, resize_films
-from instructx2x.dicom.dicomweb import CohortQuery, Credentials
+from instructx2x.dicom.dicomweb import CohortQuery, Credentials, cohort_films
 from instructx2x.errors import ModelLoadError, OutputExistsError, ParameterError
 from instructx2x.instructions import FINDINGS, Operation, parse_instruction
 from instructx2x.outputs import atomic_output_dir
@@ -64,7 +65,7 @@ from instructx2x.sharding import current_shard, open_record, read_records
 
 from . import metrics
 from .classifiers import EVALUATED_FINDINGS, DeviceDraw, draw_films
-from .dicomweb_films import FETCHED, check_readable, fetch_cohort, list_cohort
+from .dicomweb_films import FETCHED, check_readable, fetch_cohort
 from .phantom import LEVEL_FACTOR, RACES
 from .stress_truth import PHANTOMS_NAME, PhantomTruth, phantoms_manifest
 from .subgroups import group_order, subgroups
@@ -300,11 +301,22 @@ class Film:
 
 
 def _with_demographics(film: Film) -> Film:
-    """A fetched DICOM film with the age and sex it states (``instructx2x.dicom.demographics``)."""
+    """A DICOM film with the age and sex its DICOM states (``instructx2x.dicom.demographics``)
+    where the film has none yet (a folder's ``films.csv`` wins where it states them).
+
+    Raises
+    ------
+    ImageReadError
+        The file is not DICOM.
+    """
     from instructx2x.dicom.demographics import read_demographics
 
     stated = read_demographics(film.path)
-    return dataclasses.replace(film, age=stated.age, sex=stated.sex)
+    return dataclasses.replace(
+        film,
+        age=stated.age if film.age is None else film.age,
+        sex=stated.sex if film.sex is None else film.sex,
+    )
 
 
 def _masked_findings(path: Path) -> frozenset[str] | None:
@@ -320,12 +332,15 @@ def _cell(value) -> str | None:
 
 
 def load_films(folder: str | None, dataset: str | None, split: str) -> list[Film]:
-    """The films of a folder (with its ``films.csv`` where present) or a dataset split.
+    """The films of a folder (with its ``films.csv`` where present; a ``.dcm`` film's age and
+    sex, where ``films.csv`` does not state them, from its own DICOM) or a dataset split.
 
     Raises
     ------
     ParameterError
         Neither or both sources, a missing folder, or no film.
+    ImageReadError
+        A ``.dcm`` film that is not DICOM.
     """
     if (folder is None) == (dataset is None):
         raise ParameterError("give the films as a folder or as a dataset split (one of the two).")
@@ -353,11 +368,12 @@ def load_films(folder: str | None, dataset: str | None, split: str) -> list[Film
                 else _masked_findings(path)
             )
             age = _cell(row.get("age"))
-            films.append(
-                Film(
-                    path, present, float(age) if age else None, _cell(row.get("sex")), _cell(row.get("race"))
-                )
+            film = Film(
+                path, present, float(age) if age else None, _cell(row.get("sex")), _cell(row.get("race"))
             )
+            if path.suffix.lower() == ".dcm" and (film.age is None or film.sex is None):
+                film = _with_demographics(film)
+            films.append(film)
         where = f"folder {root.name}"
     if not films:
         raise ParameterError(
@@ -488,7 +504,7 @@ def stress_test(
     output = Path(output)
     listed = []
     if config.dicomweb is not None:
-        listed = list_cohort(config.dicomweb, credentials, output)[: config.limit]
+        listed = cohort_films(config.dicomweb, credentials, output)[: config.limit]
         films = [Film(output / FETCHED / film.file_name, None) for film in listed]
     else:
         films = load_films(config.films, config.dataset, config.split)[: config.limit]

@@ -41,10 +41,23 @@ def demographics(dataset: Dataset) -> Demographics:
 
 
 def read_demographics(path: str | Path) -> Demographics:
-    """``demographics`` of a DICOM file, read without its pixel data."""
+    """``demographics`` of a DICOM file, read without its pixel data.
+
+    Raises
+    ------
+    ImageReadError
+        The file is not DICOM, or is damaged before its pixel data.
+    """
     import pydicom
 
-    return demographics(pydicom.dcmread(path, stop_before_pixels=True))
+    from ..image_io import ImageReadError
+
+    try:
+        return demographics(pydicom.dcmread(path, stop_before_pixels=True))
+    except Exception as error:  # pydicom raises many types on damaged files
+        raise ImageReadError(
+            f"{Path(path).name}: not a readable DICOM file ({type(error).__name__})."
+        ) from error
 
 
 def _age(dataset: Dataset) -> float | None:

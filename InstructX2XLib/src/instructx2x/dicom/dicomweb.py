@@ -6,7 +6,10 @@ stored with STOW-RS.
 or any model loaded, a query that matches nothing or matches images that are not radiographs;
 ``retrieve_films`` fetches each film with WADO-RS into a folder (each file written whole or not
 at all); results go back with ``push_stow`` into the source study (the edit's DICOM
-objects already belong to it). Credentials come from the environment or a file
+objects already belong to it). A run records the films it starts with in its output folder
+(``record_films``, ``OUTPUT/cohort.json``) and a resumed run edits those (``cohort_films``)
+without asking the server again: by then the query may also match the run's own stored edits,
+or other films. Credentials come from the environment or a file
 (``read_credentials``), never from the command line; no message, log line or record carries
 them. Nothing here runs unless the user names a server.
 """
@@ -29,9 +32,12 @@ __all__ = [
     "Credentials",
     "CohortQuery",
     "Film",
+    "COHORT_RECORD",
     "read_credentials",
     "connect",
     "list_films",
+    "record_films",
+    "cohort_films",
     "retrieve_films",
     "push_stow",
     "store_folder",
@@ -47,6 +53,7 @@ CREDENTIAL_ENV = {
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _MODALITY = re.compile(r"^[A-Z0-9]{1,16}$")
 _DATES = re.compile(r"^(\d{8})?(-(\d{8})?)?$")
+COHORT_RECORD = "cohort.json"  # the films a run started with, in its output folder
 _TAGS = {"study": "0020000D", "series": "0020000E", "instance": "00080018", "modality": "00080060"}
 
 
@@ -231,6 +238,54 @@ def list_films(client, query: CohortQuery) -> list[Film]:
     ]
     if bad:
         raise PacsError(f"the DICOMweb server answered {len(bad)} instance(s) without valid UIDs.")
+    return films
+
+
+def record_films(output: Path, films: list[Film]) -> None:
+    """Record ``films`` in ``output/cohort.json`` (written whole or not at all) unless a record is
+    there already: the films a run starts with, for ``cohort_films`` when it resumes."""
+    path = output / COHORT_RECORD
+    if path.is_file():
+        return
+    partial = output / f".{COHORT_RECORD}.partial"
+    partial.write_text(json.dumps([dataclasses.asdict(film) for film in films], indent=1) + "\n")
+    partial.replace(path)
+
+
+def cohort_films(query: CohortQuery, credentials: Credentials | None, output: Path) -> list[Film]:
+    """The films ``output/cohort.json`` records (``record_films``: a run to resume), else every
+    radiograph the query matches (``list_films``, asked of the server).
+
+    Raises
+    ------
+    InputError
+        A record that is not a list of films; as ``list_films``.
+    PacsError
+        As ``list_films``.
+    """
+    path = output / COHORT_RECORD
+    if not path.is_file():
+        return list_films(connect(query.url, credentials), query)
+    fields = {field.name for field in dataclasses.fields(Film)}
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(recorded, list) or not recorded:
+            raise ValueError
+        films = []
+        for item in recorded:
+            if not isinstance(item, dict) or set(item) != fields:
+                raise ValueError
+            if not all(isinstance(value, str) for value in item.values()):
+                raise ValueError
+            film = Film(**item)
+            if not all(_UID.match(uid) for uid in (film.study, film.series, film.instance)):
+                raise ValueError
+            films.append(film)
+    except (UnicodeDecodeError, ValueError):
+        raise InputError(
+            f"{output.name}/{COHORT_RECORD} is not the list of films this run started with; "
+            "choose a new output folder."
+        ) from None
     return films
 
 
