@@ -450,7 +450,6 @@ def main(argv: list[str] | None = None) -> int:
                     resolution=args.resolution,
                     steps=args.steps,
                     bootstrap=args.bootstrap,
-                    backend=args.backend,
                 ),
                 progress_bar=not args.no_progress,
                 credentials=credentials,
