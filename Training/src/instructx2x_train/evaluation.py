@@ -617,8 +617,11 @@ def _sampling(sampling: dict) -> str:
 
 
 def _runtime(backend: dict) -> str:
-    """The networks' runtime where it is not torch (the default): OpenVINO and its version."""
-    return f"networks run by OpenVINO {backend['openvino']}; " if backend["name"] == "openvino" else ""
+    """The networks' runtime where it is not torch (the default): OpenVINO and its release
+    (its version less the build: 2026.4.1)."""
+    if backend["name"] != "openvino":
+        return ""
+    return f"networks run by OpenVINO {backend['openvino'].split('-')[0]}; "
 
 
 def evaluation_markdown(report: dict) -> str:
