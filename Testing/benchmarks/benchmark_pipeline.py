@@ -20,15 +20,19 @@ Sections (and the figure each aims for):
               cache, or --openvino-cache), first and warm edit with the wall and CPU time of
               each network's calls and of the rest, peak resident memory, each in a process
               of its own; then OpenVINO from its cache in a new process; then both with
-              torch's, MKL's, oneDNN's and OpenVINO's kernels limited to AVX2 (AVX2_LIMITS), as
-              an AVX2-only CPU runs (fp32), where the two edits are also compared (the same
-              edit within a tolerance). --backends-runs picks some of the runs. Targets: warm
-              edit <= 60 s and >= 2x faster than torch. Not in the default sections (about 15
-              minutes on 2 idle AMX cores, conversion included).
+              oneDNN's and OpenVINO's kernels limited to AVX-512 BF16 (AVX512_BF16_LIMITS: no
+              AMX), as an AVX-512 BF16 CPU runs (bf16); then with torch's, MKL's, oneDNN's and
+              OpenVINO's kernels limited to AVX2 (AVX2_LIMITS), as an AVX2-only CPU runs
+              (fp32). The two edits of each ISA are compared (the same edit within a
+              tolerance). --backends-runs picks some of the runs. Targets: warm
+              edit <= 60 s and >= 2x faster than torch. Not in the default sections (the native
+              and AVX2 runs took about 15 minutes on 2 idle AMX cores, conversion included).
   openvino-unet
               one guidance-batch call of the SD-1.5-size UNet by OpenVINO per precision and
-              weight format (float32; int8 by NNCF weight compression when nncf is installed):
-              CPU time, the layers' shares, int8's distance to float32. Not in the defaults.
+              format (--unet-formats: float32; int8 weights by NNCF's weight compression; int8
+              activations and weights by NNCF's post-training quantization, calibrated on
+              guidance-batch inputs; the int8 formats need nncf): CPU time, the layers'
+              shares, each int8 prediction's distance to float32's. Not in the defaults.
 
 Usage: python benchmark_pipeline.py [--sections overhead,preview,equivalence,sd15,gpu,backends,openvino-unet]
 """
@@ -357,10 +361,20 @@ AVX2_LIMITS = {
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "OV_CPU_MAX_ISA": "AVX2",
 }
+# An AMX CPU run as an AVX-512 BF16 one (bf16 in AVX-512 instructions, no AMX tiles): both
+# oneDNN copies and OpenVINO's kernels capped below AMX. torch's own kernels (ATen's AVX-512)
+# and MKL's fp32 products use no AMX either way, so they are left alone.
+AVX512_BF16_LIMITS = {
+    "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16",
+    "OV_CPU_MAX_ISA": "AVX512_CORE_BF16",
+}
+ISA_LIMITS = {"native": {}, "avx512bf16": AVX512_BF16_LIMITS, "avx2": AVX2_LIMITS}
 BACKEND_RUNS = (
     "native.torch",
     "native.openvino",
     "native.openvino.from_cache",
+    "avx512bf16.torch",
+    "avx512bf16.openvino",
     "avx2.torch",
     "avx2.openvino",
 )
@@ -485,7 +499,7 @@ def section_backends(results: dict, runs: tuple[str, ...] = BACKEND_RUNS, cache:
         name = f"backends.{run}"
         cache_folder = cache or folder / f"cache-{isa}"
         output = folder / f"{run}.npz"
-        environment = {**os.environ, **(AVX2_LIMITS if isa == "avx2" else {})}
+        environment = {**os.environ, **ISA_LIMITS[isa]}
         command = [sys.executable, __file__, "--child", f"{backend},auto,{cache_folder},{output}"]
         done = subprocess.run(command, env=environment, capture_output=True, text=True)
         if done.returncode:
@@ -518,7 +532,7 @@ def section_backends(results: dict, runs: tuple[str, ...] = BACKEND_RUNS, cache:
             )
         if figures["compiled"]:
             report(results, f"{name}.compiled", figures["compiled"])
-    for isa in ("native", "avx2"):
+    for isa in ISA_LIMITS:
         torch_warm = results.get(f"backends.{isa}.torch.warm_edit_s")
         openvino_warm = results.get(f"backends.{isa}.openvino.warm_edit_s")
         if isinstance(torch_warm, float) and isinstance(openvino_warm, float):
@@ -541,34 +555,116 @@ def section_backends(results: dict, runs: tuple[str, ...] = BACKEND_RUNS, cache:
             report(results, f"backends.{isa}.edited_mean_abs_difference", float(difference.mean()))
 
 
-def section_openvino_unet(results: dict, cache: Path | None) -> None:
+UNET_FORMATS = ("f32", "int8-weights", "int8")
+# the int8 UNet's calibration: guidance-batch inputs at each of the default sampler's timesteps,
+# for these noise seeds; the timed call's noise seed is none of them
+CALIBRATION_SEEDS = (0, 1)
+TIMED_SEED = 99
+
+
+def guidance_batch_inputs(pipe, seeds: tuple[int, ...]) -> list[list[np.ndarray]]:
+    """One guidance-batch UNet call's inputs per seed and default-sampler timestep, built as
+    the pipeline builds them (``InstructX2XPipeline.__call__``): the smooth film's latents
+    noised to the timestep, with its posterior mode as the image latents, and the prompt's and
+    the empty prompt's embeddings, from the model's own autoencoder and text encoder."""
+    cpu = torch.device("cpu")
+    scheduler = make_scheduler(default_scheduler(cpu))
+    scheduler.set_timesteps(FEW_STEP_SOLVER_STEPS)
+    pixels = (smooth_image(512) * 2 - 1).expand(1, 3, 512, 512)
+    with torch.no_grad():
+        states = pipe.encode_prompt(PROMPT, cpu).float().numpy()
+        image_latents, source = pipe.prepare_image_latents(pixels, torch.Generator().manual_seed(0))
+    image = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)]).float()
+    inputs = []
+    for seed in seeds:
+        noise = torch.randn(source.shape, generator=torch.Generator().manual_seed(seed))
+        for timestep in scheduler.timesteps:
+            latents = scheduler.add_noise(source, noise, timestep.reshape(1))
+            sample = torch.cat(
+                [scheduler.scale_model_input(torch.cat([latents] * 3), timestep), image], dim=1
+            )
+            inputs.append([sample.numpy(), np.array([float(timestep)], dtype=np.float32), states])
+    return inputs
+
+
+def quantized_unet(runtime, calibration: list[list[np.ndarray]], folder: Path | None, results: dict):
+    """The UNet with int8 activations and weights in its convolutions and linear layers (NNCF's
+    post-training quantization, ``nncf.quantize``, calibrated on ``calibration``; attention
+    stays float), read from ``folder`` when it holds this entry's, else quantized (and kept
+    there when ``folder`` is given)."""
+    import nncf
+    import openvino
+
+    record = {"entry": runtime.entry.name, "nncf": nncf.__version__, "seeds": list(CALIBRATION_SEEDS)}
+    if folder is not None and (folder / "unet-int8.json").is_file():
+        kept = json.loads((folder / "unet-int8.json").read_text())
+        if kept != record:
+            raise SystemExit(
+                f"{folder} holds an int8 UNet of other settings ({kept}); choose another folder."
+            )
+        return runtime.core.read_model(folder / "unet-int8.xml")
+    model = runtime.core.read_model(runtime.entry / "unet.xml")
+    model.reshape({index: openvino.PartialShape(list(x.shape)) for index, x in enumerate(calibration[0])})
+    started, cpu_start = time.perf_counter(), cpu_seconds()
+    model = nncf.quantize(
+        model,
+        nncf.Dataset(calibration),
+        model_type=nncf.ModelType.TRANSFORMER,
+        subset_size=len(calibration),
+        ignored_scope=nncf.IgnoredScope(types=["ScaledDotProductAttention"]),
+    )
+    report(
+        results,
+        "openvino_unet.int8.quantize_s",
+        time.perf_counter() - started,
+        f"s ({cpu_seconds() - cpu_start:.0f} CPU s, {len(calibration)} calibration calls)",
+    )
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        openvino.save_model(model, folder / "unet-int8.xml", compress_to_fp16=False)
+        (folder / "unet-int8.json").write_text(json.dumps(record))
+    return model
+
+
+def section_openvino_unet(
+    results: dict,
+    cache: Path | None,
+    formats: tuple[str, ...] = UNET_FORMATS,
+    int8_folder: Path | None = None,
+) -> None:
     """One guidance-batch call of the SD-1.5-size UNet by OpenVINO, per precision (bf16 where
-    the CPU plugin has it, f32) and weight format: float32, and int8 (NNCF's INT8_ASYM weight
-    compression, when nncf is installed); CPU time, the share of each kind of layer, and how far
-    int8's prediction is from float32's."""
+    the CPU plugin has it, f32) and format: float32; int8 weights (NNCF's INT8_ASYM weight
+    compression); int8 activations and weights (``quantized_unet``). CPU time, the share of
+    each kind of layer, and how far each int8 prediction is from float32's. The int8 formats
+    need nncf (``pip install nncf==3.4.0 -c constraints.txt``)."""
     import openvino
 
     from instructx2x.openvino_runtime import OpenVINORuntime
 
-    runtime = OpenVINORuntime(build_sd15_pipeline(), SD15_INFO.sha256, 512, cache, name=SD15_INFO.name)
-    inputs = [
-        torch.rand(3, 8, 64, 64, generator=torch.Generator().manual_seed(0)).numpy(),
-        np.array([500.0], dtype=np.float32),
-        torch.rand(3, 77, 768, generator=torch.Generator().manual_seed(1)).numpy(),
-    ]
-    formats = ["f32"]
-    try:
-        import nncf
-    except ImportError:
-        report(results, "openvino_unet.int8", "skipped: nncf is not installed")
-    else:
-        formats.append("int8")
+    pipe = build_sd15_pipeline()
+    runtime = OpenVINORuntime(pipe, SD15_INFO.sha256, 512, cache, name=SD15_INFO.name)
+    inputs = guidance_batch_inputs(pipe, (TIMED_SEED,))[1]  # the middle timestep
+    calibration = guidance_batch_inputs(pipe, CALIBRATION_SEEDS) if "int8" in formats else []
+    del pipe
+    if set(formats) - {"f32"}:
+        try:
+            import nncf
+        except ImportError:
+            raise SystemExit(
+                f"the UNet formats {sorted(set(formats) - {'f32'})} need nncf: "
+                "pip install nncf==3.4.0 -c constraints.txt (or --unet-formats f32)"
+            ) from None
+    quantized = quantized_unet(runtime, calibration, int8_folder, results) if "int8" in formats else None
     for precision in ("bf16", "f32") if runtime.bf16 else ("f32",):
         predictions = {}
         for weights in formats:
-            name = f"openvino_unet.{precision}.{weights}_weights"
-            model = runtime.core.read_model(runtime.entry / "unet.xml")
+            name = f"openvino_unet.{precision}.{weights}"
             if weights == "int8":
+                assert quantized is not None  # quantized above when int8 is a format
+                model = quantized.clone()
+            else:
+                model = runtime.core.read_model(runtime.entry / "unet.xml")
+            if weights == "int8-weights":
                 started = time.perf_counter()
                 model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
                 report(results, f"{name}.compress_s", time.perf_counter() - started, "s")
@@ -587,25 +683,27 @@ def section_openvino_unet(results: dict, cache: Path | None) -> None:
             request.infer(inputs)
             report(results, f"{name}.call_s", time.perf_counter() - start, "s, one guidance-batch call")
             report(results, f"{name}.call_cpu_s", cpu_seconds() - cpu_start, "CPU s")
+            report(results, f"{name}.load_average", os.getloadavg()[0], "(1 min)")
             layers: dict[str, float] = {}
             for layer in request.profiling_info:
                 kind = f"{layer.node_type} ({layer.exec_type})"
                 layers[kind] = layers.get(kind, 0.0) + layer.real_time.total_seconds()
             total = sum(layers.values())
-            shares = sorted(layers.items(), key=lambda item: -item[1])[:5]
+            shares = sorted(layers.items(), key=lambda item: -item[1])[:6]
             report(
                 results, f"{name}.layers", ", ".join(f"{kind} {100 * t / total:.0f} %" for kind, t in shares)
             )
             predictions[weights] = np.array(request.get_output_tensor(0).data, copy=True)
             del request, model
-        if len(predictions) == 2:
-            difference = np.abs(predictions["int8"] - predictions["f32"])
-            report(
-                results,
-                f"openvino_unet.{precision}.int8_vs_f32_weights",
-                f"max {difference.max():.4f}, mean {difference.mean():.4f} "
-                f"(mean |prediction| {np.abs(predictions['f32']).mean():.3f})",
-            )
+        for weights in set(predictions) - {"f32"}:
+            if "f32" in predictions:
+                difference = np.abs(predictions[weights] - predictions["f32"])
+                report(
+                    results,
+                    f"openvino_unet.{precision}.{weights}_vs_f32",
+                    f"max {difference.max():.4f}, mean {difference.mean():.4f} "
+                    f"(mean |prediction| {np.abs(predictions['f32']).mean():.3f})",
+                )
 
 
 def main() -> None:
@@ -625,12 +723,29 @@ def main() -> None:
         help="backends and openvino-unet sections: OpenVINO cache folder to convert into or take the model from "
         "(default: a fresh one per ISA, so the first OpenVINO run converts)",
     )
+    parser.add_argument(
+        "--unet-formats",
+        default=",".join(UNET_FORMATS),
+        help=f"openvino-unet section: the UNet formats to time, some of {','.join(UNET_FORMATS)} "
+        "(the int8 ones need nncf)",
+    )
+    parser.add_argument(
+        "--int8-unet",
+        type=Path,
+        help="openvino-unet section: folder to keep the int8 UNet in, or to take it from "
+        "(default: quantized in every run)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)  # backend,dtype,cache,output: one run of backends
     args = parser.parse_args()
     runs = tuple(args.backends_runs.split(","))
     if set(runs) - set(BACKEND_RUNS):
         parser.error(
             f"unknown backends runs {sorted(set(runs) - set(BACKEND_RUNS))}; choose from {BACKEND_RUNS}"
+        )
+    formats = tuple(args.unet_formats.split(","))
+    if set(formats) - set(UNET_FORMATS):
+        parser.error(
+            f"unknown UNet formats {sorted(set(formats) - set(UNET_FORMATS))}; choose from {UNET_FORMATS}"
         )
     if args.child:
         backend_child(*args.child.split(","))
@@ -644,7 +759,7 @@ def main() -> None:
         "batch": section_batch,
         "sd15": lambda r: section_sd15(r, args.baseline_steps),
         "backends": lambda r: section_backends(r, runs, args.openvino_cache),
-        "openvino-unet": lambda r: section_openvino_unet(r, args.openvino_cache),
+        "openvino-unet": lambda r: section_openvino_unet(r, args.openvino_cache, formats, args.int8_unet),
     }
     for name in args.sections.split(","):
         sections[name](results)

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from launch import launch
 
+from instructx2x import backends
 from instructx2x.errors import ModelLoadError, OutputExistsError, ParameterError
 from instructx2x_train.cli import main
 from instructx2x_train.counterfactuals import PurePairsConfig, write_pure_pairs
@@ -186,3 +187,56 @@ def test_two_processes_under_accelerate_launch_share_the_pairs(split, finished, 
         assert sharded["rows"][mode]["pathology_accuracy"] == pytest.approx(
             single["rows"][mode]["pathology_accuracy"], abs=2.5
         )
+
+
+needs_openvino = pytest.mark.skipif(
+    not backends.openvino_available(), reason="openvino is not installed (make install puts it in .venv)"
+)
+
+
+@needs_openvino
+def test_the_backend_option_runs_the_networks_with_openvino(split, finished, tmp_path, monkeypatch, capsys):
+    """``--backend openvino`` reaches the editor: the report names the runtime, and its edits
+    read as torch's do (the demo model converted into a fresh cache)."""
+    monkeypatch.setenv(backends.CACHE_ENV, str(tmp_path / "cache"))
+    output = tmp_path / "openvino"
+    argv = ["evaluate", str(output), "--model", "demo", "--dataset", str(split), "--modes", "rse"]
+    assert main([*argv, "--bootstrap", "10", "--backend", "openvino", "--no-progress"]) == 0
+    report = json.loads((output / "evaluation.json").read_text())
+    assert report["settings"]["backend"] == "openvino"
+    assert report["backend"]["name"] == "openvino" and report["backend"]["converted_on_load"] is True
+    release = report["backend"]["openvino"].split("-")[0]  # 2026.4.1-22982-...: 2026.4.1
+    assert re.fullmatch(r"\d+\.\d+\.\d+", release)
+    assert f"networks run by OpenVINO {release};" in (output / "evaluation.md").read_text()
+    ours = pd.read_csv(output / "pairs.csv").sort_values("pair").reset_index(drop=True)
+    theirs = pd.read_csv(finished[0] / "pairs.csv")
+    theirs = theirs[theirs["mode"] == "rse"].sort_values("pair").reset_index(drop=True)
+    probabilities = [c for c in ours.columns if c.startswith("p_")]
+    assert (ours[probabilities] - theirs[probabilities]).abs().to_numpy().max() < 0.02
+    assert (ours.edit_fraction - theirs.edit_fraction).abs().max() < 0.01
+    assert "networks run by" not in (finished[0] / "evaluation.md").read_text()  # torch, the default
+
+
+def test_a_backend_that_cannot_run_is_refused_before_any_work(split, tmp_path, monkeypatch, capsys):
+    """An unknown name, and OpenVINO where it does not import: refused before the classifiers
+    or the model load (neither exists here) and before anything is written."""
+    with pytest.raises(ParameterError, match="unknown backend 'onnx'; choose auto, torch, openvino"):
+        EvaluationConfig(model="demo", dataset=str(split), backend="onnx")
+    argv = ["evaluate", str(tmp_path / "out"), "--model", str(tmp_path / "no-model"), "--dataset", str(split)]
+    with pytest.raises(SystemExit):
+        main([*argv, "--backend", "onnx"])
+    assert "invalid choice: 'onnx'" in capsys.readouterr().err
+    monkeypatch.setattr(backends, "openvino_available", lambda: False)
+    with pytest.raises(ParameterError, match="--backend openvino needs the OpenVINO runtime"):
+        evaluate(
+            tmp_path / "out",
+            EvaluationConfig(
+                model=str(tmp_path / "no-model"),
+                dataset=str(split),
+                classifiers="no-such-set",
+                backend="openvino",
+            ),
+        )
+    assert main([*argv, "--backend", "openvino"]) == 2
+    assert "needs the OpenVINO runtime" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

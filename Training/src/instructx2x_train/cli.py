@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from instructx2x.backends import BACKENDS
 from instructx2x.dicomweb_options import add_query_arguments, query_from_arguments
 from instructx2x.errors import InstructX2XError, ParameterError
 
@@ -214,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     assess.add_argument("--resolution", type=int, help="edit resolution (default: the model's own)")
     assess.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     assess.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95 %% intervals")
+    assess.add_argument(
+        "--backend",
+        default="auto",
+        choices=BACKENDS,
+        help="what runs the networks, as instructx2x edit --backend: openvino (the CPU), torch, or "
+        "auto: what measured fastest on this CPU kind",
+    )
     assess.add_argument("--no-progress", action="store_true")
 
     stress = commands.add_parser(
@@ -417,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
                     resolution=args.resolution,
                     steps=args.steps,
                     bootstrap=args.bootstrap,
+                    backend=args.backend,
                 ),
                 progress_bar=not args.no_progress,
                 credentials=credentials,

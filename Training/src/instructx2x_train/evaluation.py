@@ -42,6 +42,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from instructx2x import read_image
+from instructx2x.backends import BACKENDS, check_backend
 from instructx2x.classifiers import (
     FINDING_TO_PATHOLOGY,
     PATHOLOGIES,
@@ -104,8 +105,11 @@ class EvaluationConfig:
     resolution: int | None = None
     steps: int | None = None
     bootstrap: int = 1000
+    backend: str = "auto"  # what runs the networks (instructx2x.backends): auto, torch or openvino
 
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ParameterError(f"unknown backend {self.backend!r}; choose {', '.join(BACKENDS)}.")
         if (self.dataset is None) == (self.dicomweb is None):
             raise ParameterError(
                 "give the pairs as a dataset split (--dataset) or a DICOMweb query (--dicomweb): "
@@ -235,8 +239,8 @@ def evaluate(
     """Generate, classify and score every pair of the split (or every film of a DICOMweb
     cohort with every instruction); write the tables and the plot.
 
-    Everything that can be refused (settings, dataset or DICOMweb query, classifier weights, an
-    existing folder) is checked before the model loads or anything is written; ``credentials``
+    Everything that can be refused (settings, the backend, dataset or DICOMweb query, classifier
+    weights, an existing folder) is checked before the model loads or anything is written; ``credentials``
     authenticate to the DICOMweb server and are never recorded.
 
     Returns
@@ -248,6 +252,8 @@ def evaluate(
     from instructx2x.editor import InstructX2XEditor
 
     output = Path(output)
+    shard = current_shard()
+    check_backend(config.backend, shard.device)  # the OpenVINO package and cache, before any work
     listed = []
     if config.dicomweb is not None:
         listed = cohort_films(config.dicomweb, credentials, output)
@@ -265,8 +271,9 @@ def evaluate(
     if count < 2:
         raise ParameterError(f"{where}; an evaluation needs at least 2 pairs.")
     classifiers = load_classifiers(config.classifiers, config.weights_dir)
-    shard = current_shard()
-    editor = InstructX2XEditor.from_model(config.model, device=shard.device)  # a bad model: nothing written
+    editor = InstructX2XEditor.from_model(  # a bad model: nothing written
+        config.model, device=shard.device, backend=config.backend
+    )
     resumed = _prepare_output(output, config) if shard.is_main else True
     if shard.is_main:
         _check_model_identity(output, editor.model_info.sha256)
@@ -566,6 +573,7 @@ def _assemble(
         "sampling": editor.sampling(
             EditParameters(instruction="-", resolution=config.resolution, num_inference_steps=config.steps)
         ),
+        "backend": editor.backend_info,
         "classifiers": classifiers.describe(),
         "source_labels": {kind: label_sources.count(kind) for kind in ("truth", "classifier")},
         "resumed": resumed,
@@ -640,6 +648,14 @@ def _sampling(sampling: dict) -> str:
     )
 
 
+def _runtime(backend: dict) -> str:
+    """The networks' runtime where it is not torch (the default): OpenVINO and its release
+    (its version less the build: 2026.4.1)."""
+    if backend["name"] != "openvino":
+        return ""
+    return f"networks run by OpenVINO {backend['openvino'].split('-')[0]}; "
+
+
 def evaluation_markdown(report: dict) -> str:
     """Tables 1-2 in the paper's layout, with 95 % intervals."""
 
@@ -668,7 +684,7 @@ def evaluation_markdown(report: dict) -> str:
         f"{pairs}; classifiers: {report['classifiers']['name']} "
         f"({report['classifiers']['caveat']}); source labels: {report['source_labels']['truth']} from "
         f"ground truth, {report['source_labels']['classifier']} from the classifier; "
-        f"seed {settings['seed']}; {_sampling(report['sampling'])}; "
+        f"seed {settings['seed']}; {_sampling(report['sampling'])}; {_runtime(report['backend'])}"
         f"{report['seconds']:.0f} s to edit and classify.",
         "",
         "| region mode | pathology acc. (%) | race (%) | age (r x100) | CMIG | KL | FID |",
