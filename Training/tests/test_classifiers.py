@@ -1,13 +1,22 @@
 """Synthetic-cohort classifiers: training writes a set the library loads, and the bundled set
 reads films it never saw."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from instructx2x.classifier_set import Predictions
 from instructx2x.classifiers import COHORT_SET_NAME, PATHOLOGIES, CohortClassifiers, load_classifiers
 from instructx2x.errors import OutputExistsError
-from instructx2x_train.classifiers import ClassifierConfig, draw_films, held_out_figures, train_classifiers
+from instructx2x_train.classifiers import (
+    ClassifierConfig,
+    DeviceDraw,
+    draw_films,
+    held_out_figures,
+    held_out_splits,
+    train_classifiers,
+)
 
 
 def test_films_are_the_same_bytes_with_one_or_two_workers():
@@ -18,9 +27,17 @@ def test_films_are_the_same_bytes_with_one_or_two_workers():
 
 
 def test_training_writes_a_set_the_library_loads(tmp_path):
-    config = ClassifierConfig(films=48, held_out=16, resolution=64, steps=6, batch=8, width=8, seed=2)
+    config = ClassifierConfig(
+        films=48, held_out=16, resolution=64, steps=6, batch=8, width=8, seed=2, devices=DeviceDraw(1, 0, 0.2)
+    )
     card = train_classifiers(tmp_path / "set", config, progress_bar=False)
-    held_out = card["held_out"]
+    held_out, independent = card["held_out"], card["held_out_devices_independent"]
+    assert independent["devices"] == {
+        "drain_with_pneumothorax": 0.35,
+        "drain_without_pneumothorax": 0.35,
+        "others": 0.2,
+    }
+    assert independent["films"] == 16 and set(independent["finding_auroc"]) == set(PATHOLOGIES)
     assert set(held_out["finding_accuracy"]) == set(PATHOLOGIES) and held_out["films"] == 16
     assert set(held_out["finding_auroc"]) == set(PATHOLOGIES) == set(held_out["finding_auroc_95"])
     assert held_out["auroc_bootstrap"] == {"resamples": 1000, "seed": 2}
@@ -28,15 +45,47 @@ def test_training_writes_a_set_the_library_loads(tmp_path):
         low, high = held_out["finding_auroc_95"][name]
         assert value is None or low is None or 0 <= low <= high <= 1
     markdown = (tmp_path / "set" / "classifiers.md").read_text()
-    assert "| finding | accuracy (0.5) | AUROC [95 % interval] |" in markdown
+    assert (
+        "| finding | accuracy (0.5) | AUROC [95 % interval] | accuracy, devices independent | "
+        "AUROC, devices independent |"
+    ) in markdown
+    assert "a chest drain on 35 % of all films" in markdown
     assert all(f"| {name} |" in markdown for name in PATHOLOGIES)
     loaded = load_classifiers(str(tmp_path / "set"))
     assert isinstance(loaded, CohortClassifiers)
     assert loaded.card["held_out"] == card["held_out"] and loaded.resolution == 64
+    assert loaded.card["held_out_devices_independent"] == independent
     with pytest.raises(OutputExistsError):
         train_classifiers(tmp_path / "set", config)
     with pytest.raises(ValueError, match="multiple of 16"):
         ClassifierConfig(resolution=100)
+
+
+def test_the_devices_independent_split_is_the_held_out_films_with_the_drain_drawn_apart_from_the_finding():
+    """On a confounded split's held-out films a drain marks every pneumothorax and nothing else;
+    the devices-independent split keeps every phantom and its findings and puts a drain on as
+    many films, with and without a pneumothorax alike."""
+    confounded = ClassifierConfig(
+        held_out=40,
+        resolution=64,
+        render_resolution=64,
+        finding_probability=0.5,
+        devices=DeviceDraw(1, 0, 0.2),
+    )
+    splits = held_out_splits(confounded)
+    (own_draw, own_films, own), (draw, films, independent) = (
+        splits["held_out"],
+        splits["held_out_devices_independent"],
+    )
+    assert own_draw == confounded.devices and draw == DeviceDraw(0.5, 0.5, 0.2)
+    pneumothorax = [labels["findings"][PATHOLOGIES.index("Pneumothorax")] == 1 for labels in own]
+    drain = [["chest drain" in labels["devices"] for labels in split] for split in (own, independent)]
+    assert drain[0] == pneumothorax
+    assert [labels["findings"] for labels in independent] == [labels["findings"] for labels in own]
+    assert set(zip(pneumothorax, drain[1])) == {(True, True), (True, False), (False, True), (False, False)}
+    assert not np.array_equal(films, own_films)
+    clean = held_out_splits(dataclasses.replace(confounded, devices=DeviceDraw(0.3, 0.3, 0.2)))
+    assert clean["held_out_devices_independent"][1] is clean["held_out"][1]  # the same films, drawn once
 
 
 def test_held_out_auroc_ranks_the_films_by_the_classifiers_probability():

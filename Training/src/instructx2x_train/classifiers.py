@@ -5,7 +5,10 @@ mean nothing, so the same measurements run with a small network trained here on 
 films: the five evaluated findings (multi-label), age (years), sex and race, as the phantoms
 render them. Films are drawn fresh from the phantom (film i from ``default_rng([seed, i])``);
 the held-out films come from another seed stream, and their accuracy and AUROC (with bootstrap
-95 % intervals) go into the set's card (``classifiers.json``) and ``classifiers.md``.
+95 % intervals) go into the set's card (``classifiers.json``) and ``classifiers.md``, twice: on
+films whose devices are drawn as in training, and on the same films with each device drawn
+independently of the findings, where a classifier that reads a drain for a pneumothorax it
+learned on a confounded split loses what the drain gave it.
 The network and its loader live in the inference library (``instructx2x.classifiers``), which
 the evaluation and the per-edit verification use.
 """
@@ -60,6 +63,7 @@ __all__ = [
     "draw_films",
     "held_out_figures",
     "held_out_markdown",
+    "held_out_splits",
 ]
 
 # The five pathologies in the phantoms' finding names (the instruction vocabulary), PATHOLOGIES' order.
@@ -105,6 +109,18 @@ class DeviceDraw:
             )
             if draw < chance
         )
+
+    def independent(self, finding_probability: float) -> DeviceDraw:
+        """The same devices as often, each drawn independently of the findings: a chest drain on
+        the share of films this draw gives one when each film has a pneumothorax with probability
+        ``finding_probability`` (the drain on the pneumothorax's side where there is one). A draw
+        whose drain does not depend on the pneumothorax is its own independent draw."""
+        if self.drain_with_pneumothorax == self.drain_without_pneumothorax:
+            return self
+        drain = self.drain_with_pneumothorax * finding_probability + self.drain_without_pneumothorax * (
+            1 - finding_probability
+        )
+        return DeviceDraw(drain, drain, self.others)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,10 +331,22 @@ def _defined(value: float) -> float | None:
 
 def held_out_markdown(card: dict) -> str:
     """The set's held-out figures as a markdown card: the films, then per finding its accuracy
-    and AUROC with the 95 % interval, then sex, race and age."""
-    figures = card["held_out"]
+    and AUROC with the 95 % interval on the held-out split and on the same films with devices
+    independent of the findings, then sex, race and age."""
+    figures, independent = card["held_out"], card["held_out_devices_independent"]
     devices = card["config"]["devices"]
     bootstrap = figures["auroc_bootstrap"]
+    if devices == independent["devices"]:
+        independence = (
+            "Its devices are drawn independently of the findings already: the two columns are the same films."
+        )
+    else:
+        independence = (
+            f"The last two columns: the same films with each device drawn independently of the findings (a chest "
+            f"drain on {independent['devices']['drain_with_pneumothorax'] * 100:.0f} % of all films, as many as "
+            "the training split has); a classifier that reads the drain for the pneumothorax scores lower there "
+            "than on its own split."
+        )
     lines = [
         "# Classifier set: held-out figures",
         "",
@@ -326,19 +354,20 @@ def held_out_markdown(card: dict) -> str:
         f"training), drawn like the {card['config']['films']} training films: each finding with probability "
         f"{card['config']['finding_probability']}; a chest drain on {devices['drain_with_pneumothorax'] * 100:.0f} % "
         f"of the films with a pneumothorax and {devices['drain_without_pneumothorax'] * 100:.0f} % of the others; "
-        f"a pacemaker, an ECG lead and a text marker each on {devices['others'] * 100:.0f} %. "
+        f"a pacemaker, an ECG lead and a text marker each on {devices['others'] * 100:.0f} %. {independence} "
         f"AUROC intervals: percentile bootstrap over the films, {bootstrap['resamples']} resamples, "
         f"seed {bootstrap['seed']}. Trained on synthetic phantoms: meaningless on real films.",
         "",
-        "| finding | accuracy (0.5) | AUROC [95 % interval] |",
-        "|---|---|---|",
+        "| finding | accuracy (0.5) | AUROC [95 % interval] | accuracy, devices independent | "
+        "AUROC, devices independent |",
+        "|---|---|---|---|---|",
     ]
     for name in card["pathologies"]:
-        value, (low, high) = figures["finding_auroc"][name], figures["finding_auroc_95"][name]
-        auroc = "-" if value is None else f"{value:.3f}"
-        if value is not None and low is not None:
-            auroc += f" [{low:.3f}, {high:.3f}]"
-        lines.append(f"| {name} | {figures['finding_accuracy'][name]:.3f} | {auroc} |")
+        cells = [
+            f"{split['finding_accuracy'][name]:.3f} | {_auroc_cell(split, name)}"
+            for split in (figures, independent)
+        ]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
     lines += [
         "",
         f"Sex accuracy {figures['sex_accuracy']:.3f}, race accuracy {figures['race_accuracy']:.3f}, age "
@@ -346,6 +375,39 @@ def held_out_markdown(card: dict) -> str:
         f"{card['training_seconds']:.0f} s to draw, train and measure.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _auroc_cell(figures: dict, name: str) -> str:
+    value, (low, high) = figures["finding_auroc"][name], figures["finding_auroc_95"][name]
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if low is None else f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def held_out_splits(
+    config: ClassifierConfig, progress_bar: bool = False
+) -> dict[str, tuple[DeviceDraw, np.ndarray, list[dict]]]:
+    """The held-out films (the seed stream ``seed + HELD_OUT_STREAM``) by split, each with its
+    device draw: ``held_out`` with the devices drawn as in training, ``held_out_devices_independent``
+    the same phantoms with each device drawn independently of the findings (the same films when
+    the training draw is independent already)."""
+    independent = config.devices.independent(config.finding_probability)
+    splits: dict[str, tuple[DeviceDraw, np.ndarray, list[dict]]] = {}
+    for key, devices in (("held_out", config.devices), ("held_out_devices_independent", independent)):
+        if key != "held_out" and devices == config.devices:
+            splits[key] = (devices, *splits["held_out"][1:])
+            continue
+        films, labels = draw_films(
+            config.held_out,
+            config.render_resolution,
+            config.seed + HELD_OUT_STREAM,
+            config.finding_probability,
+            config.workers,
+            progress_bar=progress_bar,
+            devices=devices,
+        )
+        splits[key] = (devices, films, labels)
+    return splits
 
 
 def train_classifiers(output: str | Path, config: ClassifierConfig, progress_bar: bool = True) -> dict:
@@ -402,16 +464,9 @@ def train_classifiers(output: str | Path, config: ClassifierConfig, progress_bar
         "note": "trained on synthetic phantoms (cohort v2); meaningless on real films",
     }
     classifiers = CohortClassifiers(network, card, output.name)
-    test_films, test_labels = draw_films(
-        config.held_out,
-        config.render_resolution,
-        config.seed + HELD_OUT_STREAM,
-        config.finding_probability,
-        config.workers,
-        progress_bar=progress_bar,
-        devices=config.devices,
-    )
-    card["held_out"] = held_out_figures(classifiers, test_films, test_labels, seed=config.seed)
+    for key, (devices, test_films, test_labels) in held_out_splits(config, progress_bar).items():
+        figures = held_out_figures(classifiers, test_films, test_labels, seed=config.seed)
+        card[key] = figures if key == "held_out" else {**figures, "devices": dataclasses.asdict(devices)}
     card["training_seconds"] = round(time.perf_counter() - started, 1)
     with atomic_output_dir(output) as staging:
         save_cohort_classifiers(network, card, staging)

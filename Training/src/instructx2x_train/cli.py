@@ -139,7 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     classify.add_argument("output", type=Path)
     classify.add_argument("--films", type=int, default=4000)
-    classify.add_argument("--held-out", type=int, default=500)
+    classify.add_argument(
+        "--held-out",
+        type=int,
+        default=500,
+        help="held-out films, measured with their devices drawn as in training and drawn independently of the findings",
+    )
     classify.add_argument("--resolution", type=int, default=128)
     classify.add_argument(
         "--render-resolution", type=int, default=256, help="films are drawn at this size, then resized"
@@ -398,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             result = {
                 "output": str(args.output),
                 "held_out": card["held_out"],
+                "held_out_devices_independent": card["held_out_devices_independent"],
                 "training_seconds": card["training_seconds"],
             }
         elif args.command == "evaluate":
