@@ -6,8 +6,13 @@ before any model work, with nothing written. The same on stress-films phantoms w
 ``--counterfactuals truth`` (each film rendered again without the finding, no model), and what
 the truth cannot render refused before any model or classifier work."""
 
+import dataclasses
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -181,6 +186,9 @@ def test_an_interrupted_run_resumes_and_a_finished_one_is_kept(films, toys, fini
     (copy / "records" / "rows.rank0.jsonl").write_text(lines[0] + '\n{"row": 1, "cut')
     (copy / "stress-test-config.json").write_text((output / "stress-test-config.json").read_text())
     (copy / "INCOMPLETE").write_text("")
+    other = dataclasses.replace(config, bootstrap=80)
+    with pytest.raises(OutputExistsError, match=r"other settings \(bootstrap\)"):
+        stress_test(copy, other, progress_bar=False)
     resumed = stress_test(copy, config, progress_bar=False)
     assert resumed["resumed"] is True and len(resumed["verdicts"]) == 2
     for again, first in zip(resumed["verdicts"], report["verdicts"]):  # row 1 alone, not in a batch
@@ -288,6 +296,29 @@ def test_the_command_line_refuses_a_broken_classifier(films, tmp_path, capsys):
     assert main(argv) != 0
     assert "broken.pt does not load as a TorchScript module" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does_and_keeps_it_resumable(films, toys, tmp_path):
+    """A service manager's stop (SIGTERM) once the run has begun: exit 130, the resume hint, the
+    folder marked unfinished with its settings, and no report."""
+    output = tmp_path / "stress"
+    edits = tmp_path / "edits.json"
+    edits.write_text(json.dumps([{"instruction": REMOVE.instruction, "keep": REMOVE.keep}]))
+    command = [sys.executable, "-m", "instructx2x_train.cli", "stress-test", str(output)]
+    command += ["--films", str(films[0]), "--edits", str(edits), "--steps", "400", "--no-progress"]
+    for toy in toys:
+        command += ["--classifier", toy]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (output / "records").is_dir() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # into the model's load or its first edit
+    process.send_signal(signal.SIGTERM)
+    _, errors = process.communicate(timeout=120)
+    assert process.returncode == 130, errors
+    assert "rerun the same command to resume" in errors
+    assert (output / "INCOMPLETE").is_file() and (output / "stress-test-config.json").is_file()
+    assert not (output / "stress-test.md").exists()
 
 
 @pytest.mark.parametrize(

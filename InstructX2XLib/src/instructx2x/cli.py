@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
-import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import replace
@@ -37,6 +35,7 @@ from .parameters import (
     RegionMode,
 )
 from .provenance import to_json
+from .termination import sigterm_cancels
 
 __all__ = ["main", "build_parser"]
 
@@ -279,14 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
     emit = _emitter("jsonl" if args.command == "serve" else getattr(args, "progress", "none"))
-    if args.command == "serve" or threading.current_thread() is not threading.main_thread():
+    if args.command == "serve":
         return _run(args, emit)  # serve handles SIGTERM itself
-    # a service manager's stop (SIGTERM) cancels like Ctrl-C, for this call only
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
+    with sigterm_cancels():
         return _run(args, emit)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(args: argparse.Namespace, emit: Callable[[dict], None]) -> int:

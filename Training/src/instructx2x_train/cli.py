@@ -13,6 +13,7 @@ from typing import Any
 from instructx2x.backends import BACKENDS
 from instructx2x.dicomweb_options import add_query_arguments, query_from_arguments
 from instructx2x.errors import InstructX2XError, ParameterError
+from instructx2x.termination import sigterm_cancels
 
 from .answers import MULTI_FINDING_MODES
 from .cohort import CohortConfig, generate_cohort
@@ -300,9 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code."""
+    """Run the CLI; returns the exit code. SIGTERM cancels as Ctrl-C does."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    with sigterm_cancels():
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
+    """The command ``args`` names, with every way it can end turned into an exit code."""
     result: dict[str, Any]  # printed as JSON
     try:
         if args.command == "synthetic-cohort":

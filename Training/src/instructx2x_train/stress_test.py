@@ -470,10 +470,15 @@ def _prepare_output(output: Path, settings: dict) -> bool:
                 f"output folder {output.name} already exists and is not an unfinished stress test "
                 "to resume; choose a new one."
             )
-        if not stored.is_file() or json.loads(stored.read_text()) != json.loads(to_json(settings)):
+        previous = json.loads(stored.read_text()) if stored.is_file() else {}
+        current = json.loads(to_json(settings))
+        if previous != current:
+            differing = sorted(
+                key for key in previous.keys() | current.keys() if previous.get(key) != current.get(key)
+            )
             raise OutputExistsError(
-                f"output folder {output.name} holds an unfinished stress test with other settings; "
-                "resume it with the same settings or choose a new folder."
+                f"output folder {output.name} holds an unfinished stress test with other settings "
+                f"({', '.join(differing)}); resume it with the same settings or choose a new folder."
             )
         return True
     (output / "records").mkdir(parents=True)
