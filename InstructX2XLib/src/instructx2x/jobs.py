@@ -21,7 +21,7 @@ from .errors import InputError, InputNotFoundError, InstructX2XError, PacsError,
 from .instructions import LEVEL_PLACEHOLDER, ParsedSeries, parse_series
 from .parameters import EditParameters, check_masks, is_integer
 from .provenance import to_json
-from .sharding import Shard, open_record, read_records
+from .sharding import INCOMPLETE, RECORDS, Shard, changed_settings, open_record, read_records
 
 if TYPE_CHECKING:  # a type only: this module imports no torch
     from .classifier_set import ClassifierSet
@@ -527,8 +527,6 @@ def prepare_jobs(jobs: list[EditJob]) -> list[PreparedJob]:
 
 
 JOBS_SETTINGS = "jobs-settings.json"
-INCOMPLETE = "INCOMPLETE"
-RECORDS = "records"
 AfterRow = Callable[[PreparedJob, Path], dict]
 
 
@@ -558,10 +556,12 @@ def check_jobs_output(output: Path, settings: dict) -> bool:
         check_new_output_folder(output)
         return False
     stored = output / JOBS_SETTINGS
-    if not stored.is_file() or json.loads(stored.read_text(encoding="utf-8")) != settings:
+    previous = json.loads(stored.read_text(encoding="utf-8")) if stored.is_file() else {}
+    if previous != settings:
         raise OutputExistsError(
             f"output folder {output.name} holds an unfinished jobs run with other rows or "
-            "settings; resume it with the same command or choose a new folder."
+            f"settings ({', '.join(changed_settings(previous, settings))}); resume it with the same "
+            "command or choose a new folder."
         )
     return True
 

@@ -6,6 +6,10 @@ finished item to its own record file (``open_record``: ``<name>.rank<index>.json
 main process reads all of them back (``read_records``) once every process is done
 (``Shard.wait``). A line cut short by an interruption is ignored, so that item runs again.
 ``instructx2x edit --jobs``, ``instructx2x-train evaluate`` and ``stress-test`` share items this way.
+
+Their output folder holds ``INCOMPLETE`` and the run's settings until the run ends; a rerun with
+the same settings resumes it (``open_run_folder``), one with other settings is refused with the
+settings that differ (``changed_settings``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-__all__ = ["Shard", "current_shard", "open_record", "read_records"]
+from .errors import OutputExistsError
+from .provenance import to_json
+
+__all__ = [
+    "INCOMPLETE",
+    "RECORDS",
+    "Shard",
+    "current_shard",
+    "open_record",
+    "read_records",
+    "changed_settings",
+    "open_run_folder",
+]
+
+INCOMPLETE = "INCOMPLETE"  # in a run's folder until its results are written
+RECORDS = "records"  # the folder of the processes' record files
 
 Item = TypeVar("Item")
 
@@ -97,3 +116,41 @@ def read_records(folder: Path, name: str, key: str) -> dict[Any, dict]:
                 continue
             records[item[key]] = item
     return records
+
+
+def changed_settings(stored: dict, current: dict) -> list[str]:
+    """The top-level settings whose values differ between a stored run and this one, sorted."""
+    return sorted(key for key in stored.keys() | current.keys() if stored.get(key) != current.get(key))
+
+
+def open_run_folder(output: Path, settings_file: str, settings: dict, run: str) -> bool:
+    """Create a resumable run's folder (``records/``, ``INCOMPLETE`` and ``settings`` as
+    ``settings_file``), or accept an unfinished ``run`` there with the same settings; True when
+    it resumes one.
+
+    Raises
+    ------
+    OutputExistsError
+        When ``output`` exists and is not an unfinished ``run``, or holds one with other
+        settings (they are named).
+    """
+    current = json.loads(to_json(settings))
+    stored = output / settings_file
+    if output.exists():
+        if not (output / INCOMPLETE).exists():
+            raise OutputExistsError(
+                f"output folder {output.name} already exists and is not an unfinished {run} to resume; "
+                "choose a new one."
+            )
+        previous = json.loads(stored.read_text(encoding="utf-8")) if stored.is_file() else {}
+        if previous != current:
+            raise OutputExistsError(
+                f"output folder {output.name} holds an unfinished {run} with other settings "
+                f"({', '.join(changed_settings(previous, current))}); resume it with the same settings "
+                "or choose a new folder."
+            )
+        return True
+    (output / RECORDS).mkdir(parents=True)
+    (output / INCOMPLETE).write_text(f"{run} running or interrupted: rerun the same command to resume\n")
+    stored.write_text(to_json(settings) + "\n", encoding="utf-8")
+    return False

@@ -55,7 +55,14 @@ from instructx2x.errors import OutputExistsError, PacsError, ParameterError
 from instructx2x.instructions import parse_instruction
 from instructx2x.parameters import EditParameters, RegionMode
 from instructx2x.provenance import to_json
-from instructx2x.sharding import current_shard, open_record, read_records
+from instructx2x.sharding import (
+    INCOMPLETE,
+    RECORDS,
+    current_shard,
+    open_record,
+    open_run_folder,
+    read_records,
+)
 from instructx2x.verification import expected_labels
 
 from . import metrics
@@ -68,7 +75,6 @@ __all__ = ["EvaluationConfig", "evaluate", "MODES", "REAL_ROW", "NOT_MEASURED", 
 MODES = ("none", "relevance", "prior", "rse")
 assert set(MODES) == {mode.value for mode in RegionMode}
 REAL_ROW = "real images"
-INCOMPLETE = "INCOMPLETE"
 CONFIG_NAME = "evaluation-config.json"
 STORED = "dicom"  # a DICOMweb cohort's edits as DICOM objects, one folder per pair and mode
 # what a DICOMweb cohort's report leaves out, and why
@@ -207,29 +213,6 @@ def _source_labels(pairs: _Pairs, index: int, classifier_decisions: np.ndarray) 
     return dict(zip(PATHOLOGIES, classifier_decisions.tolist())), "classifier"
 
 
-def _prepare_output(output: Path, config: EvaluationConfig) -> bool:
-    """Create the folder, or accept it for a resume; True when resuming."""
-    stored = output / CONFIG_NAME
-    if output.exists():
-        if not (output / INCOMPLETE).exists():
-            raise OutputExistsError(
-                f"output folder {output.name} already exists and is not an unfinished "
-                "evaluation to resume; choose a new one."
-            )
-        if not stored.is_file() or json.loads(stored.read_text()) != json.loads(
-            to_json(dataclasses.asdict(config))
-        ):
-            raise OutputExistsError(
-                f"output folder {output.name} holds an unfinished evaluation with other "
-                "settings; resume it with the same settings or choose a new folder."
-            )
-        return True
-    (output / "records").mkdir(parents=True)
-    (output / INCOMPLETE).write_text("evaluation running or interrupted: rerun the same command to resume\n")
-    stored.write_text(to_json(dataclasses.asdict(config)) + "\n")
-    return False
-
-
 def evaluate(
     output: str | Path,
     config: EvaluationConfig,
@@ -274,7 +257,11 @@ def evaluate(
     editor = InstructX2XEditor.from_model(  # a bad model: nothing written
         config.model, device=shard.device, backend=config.backend
     )
-    resumed = _prepare_output(output, config) if shard.is_main else True
+    resumed = (
+        open_run_folder(output, CONFIG_NAME, dataclasses.asdict(config), "evaluation")
+        if shard.is_main
+        else True
+    )
     if shard.is_main:
         _check_model_identity(output, editor.model_info.sha256)
         if listed:
@@ -289,7 +276,7 @@ def evaluate(
             )
     shard.wait()
     started = time.perf_counter()
-    records = output / "records"
+    records = output / RECORDS
     mine = shard.mine(range(count))
     bar = tqdm(
         total=len(mine) * (1 + len(config.modes)),
@@ -501,7 +488,7 @@ def _assemble(
     seconds: float,
     progress_bar: bool,
 ) -> dict:
-    records = output / "records"
+    records = output / RECORDS
     real = _read_records(records, "real")
     source = _stack([real[i]["source"] for i in range(count)])
     target = None if pairs.targets is None else _stack([real[i]["target"] for i in range(count)])

@@ -61,7 +61,14 @@ from instructx2x.instructions import FINDINGS, Operation, parse_instruction
 from instructx2x.outputs import atomic_output_dir
 from instructx2x.parameters import EditParameters
 from instructx2x.provenance import to_json
-from instructx2x.sharding import current_shard, open_record, read_records
+from instructx2x.sharding import (
+    INCOMPLETE,
+    RECORDS,
+    current_shard,
+    open_record,
+    open_run_folder,
+    read_records,
+)
 
 from . import metrics
 from .classifiers import EVALUATED_FINDINGS, DeviceDraw, draw_films
@@ -83,7 +90,6 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
-INCOMPLETE = "INCOMPLETE"
 CONFIG_NAME = "stress-test-config.json"
 FILMS_TABLE = "films.csv"
 DRAIN_WITH_PNEUMOTHORAX = DeviceDraw(drain_with_pneumothorax=1.0)
@@ -461,32 +467,6 @@ def _plan(films: list[Film], edits: tuple[StressEdit, ...]) -> list[tuple[int, i
     return sorted(rows)
 
 
-def _prepare_output(output: Path, settings: dict) -> bool:
-    """Create the folder, or accept an unfinished one with the same settings; True when resuming."""
-    stored = output / CONFIG_NAME
-    if output.exists():
-        if not (output / INCOMPLETE).exists():
-            raise OutputExistsError(
-                f"output folder {output.name} already exists and is not an unfinished stress test "
-                "to resume; choose a new one."
-            )
-        previous = json.loads(stored.read_text()) if stored.is_file() else {}
-        current = json.loads(to_json(settings))
-        if previous != current:
-            differing = sorted(
-                key for key in previous.keys() | current.keys() if previous.get(key) != current.get(key)
-            )
-            raise OutputExistsError(
-                f"output folder {output.name} holds an unfinished stress test with other settings "
-                f"({', '.join(differing)}); resume it with the same settings or choose a new folder."
-            )
-        return True
-    (output / "records").mkdir(parents=True)
-    (output / INCOMPLETE).write_text("stress test running or interrupted: rerun the same command to resume\n")
-    stored.write_text(to_json(settings) + "\n")
-    return False
-
-
 def stress_test(
     output: str | Path,
     config: StressConfig,
@@ -532,14 +512,14 @@ def stress_test(
     if truth is None:  # a bad model: nothing written
         assert config.model is not None  # demo unless named, set by StressConfig
         editor = InstructX2XEditor.from_model(config.model, device=shard.device)
-    resumed = _prepare_output(output, settings) if shard.is_main else True
+    resumed = open_run_folder(output, CONFIG_NAME, settings, "stress test") if shard.is_main else True
     if listed and shard.is_main:
         assert config.dicomweb is not None  # listed only for a query
         fetch_cohort(output, listed, config.dicomweb, credentials, resumed, check_readable)
         films = [_with_demographics(film) for film in films]
     shard.wait()
     started = time.perf_counter()
-    records = output / "records"
+    records = output / RECORDS
     mine = shard.mine(range(len(plan)))
     done = read_records(records, "rows", key="row")
     todo = [row for row in mine if row not in done]
@@ -622,7 +602,7 @@ def _figures(before: np.ndarray, after: np.ndarray, direction: int | None) -> di
 
 
 def _assemble(output, films, edits, plan, readers, editor, config, resumed, seconds) -> dict:
-    rows = read_records(output / "records", "rows", key="row")
+    rows = read_records(output / RECORDS, "rows", key="row")
     readings = [rows[row] for row in range(len(plan))]
     table, per_row = [], []
     for reader in readers:
